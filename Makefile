@@ -1,0 +1,34 @@
+# gtvp: the two commands the README starts with.
+#   make demo   set up this machine and run the local trusted pool
+#   make test   set up this machine and run every check and test
+SHELL := /bin/bash
+CACHE ?= $(or $(GTVP_CACHE),$(HOME)/.cache/gtvp)
+VENV  ?= $(or $(GTVP_VENV),$(CACHE)/venv)
+BIN   := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint typecheck down
+
+setup:
+	@.ci/setup-machine
+
+demo: setup
+	@$(BIN)/gtvp local up
+
+down:
+	@$(BIN)/gtvp local down
+
+lint:
+	@echo "[check] ruff (lint, format)"
+	@$(BIN)/ruff check operator attestation-agent tests
+	@$(BIN)/ruff format --check operator attestation-agent tests
+	@echo "[check] import contracts (lint-imports)"
+	@$(BIN)/lint-imports
+
+typecheck:
+	@echo "[check] mypy --strict"
+	@$(BIN)/mypy
+
+test: setup lint typecheck
+	@echo "[test] pytest (unit, integration on the real API server, e2e)"
+	@$(BIN)/pytest $(PYTEST_ARGS)

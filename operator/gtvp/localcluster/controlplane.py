@@ -1,0 +1,309 @@
+"""A real etcd + kube-apiserver on loopback, with client-certificate users and gtvp's CRDs.
+
+This is the control plane behind `gtvp local up` and the test suite. It is a real
+Kubernetes API server (built from the release's Go modules by `toolchain`), never a mock:
+RBAC is on, users are client certificates (admin in `system:masters`, the operator and one
+agent per node each with its own identity), service-account tokens are signed.
+
+There is no kube-controller-manager: no garbage collection and no namespace finalization;
+`finalize_namespace` does the latter for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gtvp.localcluster import pki
+from gtvp.localcluster.processes import ProcessTable, port_in_use
+from gtvp.localcluster.toolchain import Binaries
+
+ADMIN_USER = "gtvp:admin"
+OPERATOR_USER = "gtvp:operator"
+OPERATOR_GROUP = "gtvp:operators"
+AGENT_GROUP = "gtvp:agents"
+AGENT_USER_PREFIX = "gtvp:agent:"
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be started or reached; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of one control plane."""
+
+    etcd_client: int = 22379
+    etcd_peer: int = 22380
+    apiserver: int = 26443
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A client-certificate user of the API server."""
+
+    user: str
+    groups: tuple[str, ...]
+    stem: str
+
+
+def agent_identity(node: str) -> Identity:
+    """The identity the agent on `node` uses; the VAP keys its rights on this user name."""
+    return Identity(f"{AGENT_USER_PREFIX}{node}", (AGENT_GROUP,), f"agent-{node}")
+
+
+ADMIN = Identity(ADMIN_USER, ("system:masters",), "admin")
+OPERATOR = Identity(OPERATOR_USER, (OPERATOR_GROUP,), "operator")
+
+
+class ControlPlane:
+    """One local control plane rooted at a state directory."""
+
+    def __init__(self, state: Path, binaries: Binaries, ports: Ports | None = None) -> None:
+        self.state = state
+        self.bin = binaries
+        self.ports = ports or Ports()
+        self.procs = ProcessTable(state)
+        self.pki_dir = state / "pki"
+
+    # ----- paths -----------------------------------------------------------------------------
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        return self.state / "kubeconfig"
+
+    def kubeconfig_for(self, identity: Identity) -> Path:
+        """Write (once) and return a kubeconfig for a client-certificate identity."""
+        if identity.stem == ADMIN.stem:
+            path = self.admin_kubeconfig
+        else:
+            path = self.state / "kubeconfigs" / f"{identity.stem}.kubeconfig"
+        if path.exists():
+            return path
+        ca = pki.ensure_ca(self.pki_dir, "gtvp-local-ca")
+        pair = pki.issue(
+            ca,
+            self.pki_dir / "users",
+            identity.stem,
+            common_name=identity.user,
+            organizations=identity.groups,
+        )
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "gtvp-local",
+                    "cluster": {"server": self.server, "certificate-authority": str(ca.cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": identity.user,
+                    "user": {
+                        "client-certificate": str(pair.cert),
+                        "client-key": str(pair.key),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": "gtvp-local",
+                    "context": {"cluster": "gtvp-local", "user": identity.user},
+                }
+            ],
+            "current-context": "gtvp-local",
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
+        return path
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def running(self) -> dict[str, bool]:
+        return {
+            name: bool(t and t.alive())
+            for name, t in (
+                ("etcd", self.procs.get("etcd")),
+                ("kube-apiserver", self.procs.get("kube-apiserver")),
+            )
+        }
+
+    def start(self, *, timeout: float = 90.0) -> None:
+        """Start etcd and kube-apiserver (cleaning a half-started previous run) and wait."""
+        state = self.running()
+        if all(state.values()) and self.ready():
+            return
+        if any(state.values()):
+            # half-started: stop what is left before starting afresh
+            self.stop()
+        for name, port in asdict(self.ports).items():
+            if port_in_use(port):
+                raise ControlPlaneError(
+                    f"port {port} ({name}) on 127.0.0.1 is in use by another program. "
+                    f"Stop it, or run `gtvp local down` if it is a previous gtvp control plane "
+                    f"started from another state directory, or pick other ports."
+                )
+        self.state.mkdir(parents=True, exist_ok=True)
+        ca = pki.ensure_ca(self.pki_dir, "gtvp-local-ca")
+        serving = pki.issue(
+            ca,
+            self.pki_dir,
+            "apiserver",
+            common_name="kube-apiserver",
+            server_ips=("127.0.0.1",),
+            server_dns=("localhost", "kubernetes", "kubernetes.default.svc"),
+        )
+        sa_key = pki.ensure_service_account_key(self.pki_dir)
+        self.kubeconfig_for(ADMIN)
+        self._start_etcd()
+        self._wait(self._etcd_healthy, "etcd", "etcd", timeout)
+        self.procs.start(
+            "kube-apiserver",
+            [
+                str(self.bin.kube_apiserver),
+                f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports.apiserver}",
+                f"--cert-dir={self.pki_dir}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
+                f"--client-ca-file={ca.cert}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={sa_key.cert}",
+                f"--service-account-signing-key-file={sa_key.key}",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                "--enable-priority-and-fairness=false",
+                "--max-requests-inflight=2000",
+                "--max-mutating-requests-inflight=1000",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._wait(self.ready, "kube-apiserver", "kube-apiserver", timeout)
+
+    def _start_etcd(self) -> None:
+        data = self.state / "etcd-data"
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
+        c, p = self.ports.etcd_client, self.ports.etcd_peer
+        self.procs.start(
+            "etcd",
+            [
+                str(self.bin.etcd),
+                "--name=gtvp-local",
+                f"--data-dir={data}",
+                f"--listen-client-urls=http://127.0.0.1:{c}",
+                f"--advertise-client-urls=http://127.0.0.1:{c}",
+                f"--listen-peer-urls=http://127.0.0.1:{p}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{p}",
+                f"--initial-cluster=gtvp-local=http://127.0.0.1:{p}",
+                "--listen-metrics-urls=",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+                "--quota-backend-bytes=8589934592",
+            ],
+        )
+
+    def _wait(self, probe: Callable[[], bool], what: str, proc: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if probe():
+                return
+            tracked = self.procs.get(proc)
+            if tracked is None or not tracked.alive():
+                raise ControlPlaneError(
+                    f"{what} exited while starting. Last lines of "
+                    f"{self.procs.logs / (proc + '.log')}:\n{self.procs.log_tail(proc)}"
+                )
+            time.sleep(0.2)
+        raise ControlPlaneError(
+            f"{what} did not become ready within {timeout:.0f}s. Last lines of its log:\n"
+            f"{self.procs.log_tail(proc)}"
+        )
+
+    def _etcd_healthy(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.ports.etcd_client}/health"
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return bool(json.loads(r.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
+        admin = self.pki_dir / "users"
+        ctx.load_cert_chain(str(admin / "admin.crt"), str(admin / "admin.key"))
+        return ctx
+
+    def ready(self) -> bool:
+        """True when kube-apiserver answers /readyz for the admin."""
+        try:
+            req = urllib.request.Request(f"{self.server}/readyz")  # noqa: S310
+            with urllib.request.urlopen(req, timeout=2, context=self._ssl_context()) as r:  # noqa: S310
+                return bool(r.status == 200)
+        except (OSError, ValueError, ssl.SSLError, urllib.error.URLError):
+            return False
+
+    def stop(self) -> list[str]:
+        """Stop everything this state directory started; return the names that were running."""
+        stopped = []
+        for name in ("kube-apiserver", "etcd"):
+            if self.procs.stop(name):
+                stopped.append(name)
+        for t in self.procs.all():
+            if self.procs.stop(t.name):
+                stopped.append(t.name)
+        return stopped
+
+    # ----- kubectl ---------------------------------------------------------------------------
+    def kubectl(
+        self,
+        *args: str,
+        identity: Identity = ADMIN,
+        input_text: str | None = None,
+        check: bool = True,
+        timeout: float = 120.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real kubectl against this control plane as `identity`."""
+        cmd = [str(self.bin.kubectl), f"--kubeconfig={self.kubeconfig_for(identity)}", *args]
+        proc = subprocess.run(
+            cmd, input=input_text, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise ControlPlaneError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def apply_crds(self, paths: Sequence[Path], *, timeout: float = 60.0) -> list[str]:
+        """Server-side apply CRD files and wait until every one is Established."""
+        names: list[str] = []
+        for path in paths:
+            out = self.kubectl(
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=gtvp-local",
+                "-o",
+                "name",
+                "-f",
+                str(path),
+            )
+            names += [n for n in out.stdout.split() if n]
+        if names:
+            self.kubectl(
+                "wait", "--for=condition=Established", f"--timeout={int(timeout)}s", *names
+            )
+        return names

@@ -1,0 +1,145 @@
+"""Start, find and stop the local control plane's background processes.
+
+Each process is started in its own session, its pid recorded in `<state>/pids/<name>.pid`
+together with the binary it runs, so that `gtvp local down` (or a later `up` cleaning a
+half-started run) stops exactly what gtvp started and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """A process gtvp started: its name, pid and the binary it runs."""
+
+    name: str
+    pid: int
+    binary: str
+
+    def alive(self) -> bool:
+        """True while the pid runs the recorded binary (a reused pid does not count)."""
+        try:
+            exe = os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return False
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        return exe.removesuffix(" (deleted)") == self.binary
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for tests that run beside `gtvp local up`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ProcessTable:
+    """The pid files under one state directory."""
+
+    def __init__(self, state: Path) -> None:
+        self.dir = state / "pids"
+        self.logs = state / "logs"
+
+    def _file(self, name: str) -> Path:
+        return self.dir / f"{name}.pid"
+
+    def get(self, name: str) -> Tracked | None:
+        path = self._file(name)
+        try:
+            data = json.loads(path.read_text())
+            return Tracked(name, int(data["pid"]), str(data["binary"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def all(self) -> list[Tracked]:
+        if not self.dir.is_dir():
+            return []
+        found = (self.get(p.stem) for p in sorted(self.dir.glob("*.pid")))
+        return [t for t in found if t is not None]
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Tracked:
+        """Start `argv` detached, logging to `<state>/logs/<name>.log`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("ab")
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+            )
+        finally:
+            log.close()
+        binary = os.path.realpath(argv[0])
+        tracked = Tracked(name, proc.pid, binary)
+        self._file(name).write_text(json.dumps({"pid": proc.pid, "binary": binary}))
+        return tracked
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self, name: str, *, timeout: float = 10.0) -> bool:
+        """Stop one tracked process (TERM, then KILL); True if one was running."""
+        tracked = self.get(name)
+        was_running = False
+        if tracked is not None and tracked.alive():
+            was_running = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(tracked.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while tracked.alive() and time.monotonic() < deadline:
+                _reap(tracked.pid)
+                time.sleep(0.05)
+            if tracked.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(tracked.pid, signal.SIGKILL)
+                while tracked.alive():
+                    _reap(tracked.pid)
+                    time.sleep(0.05)
+            _reap(tracked.pid)
+        with contextlib.suppress(FileNotFoundError):
+            self._file(name).unlink()
+        return was_running
+
+
+def _reap(pid: int) -> None:
+    """Collect a child's exit status if we are its parent (tests start processes directly)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)

@@ -1,0 +1,282 @@
+"""The four CRDs on the real API server, through the real kubectl.
+
+Samples are accepted as written; invalid objects are refused by the API server itself
+(schema, CEL) with a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gtvp.localcluster.controlplane import ControlPlane
+
+pytestmark = pytest.mark.controlplane
+
+
+def _load_samples(repo: Path) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((repo / "crds" / "samples").glob("*.yaml")):
+        out[path.name] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return out
+
+
+def _sample(repo: Path, kind: str) -> dict[str, Any]:
+    for docs in _load_samples(repo).values():
+        for d in docs:
+            if d["kind"] == kind:
+                return copy.deepcopy(d)
+    raise AssertionError(f"no sample of kind {kind}")
+
+
+def test_every_sample_is_accepted(control_plane: ControlPlane, repo: Path) -> None:
+    samples = sorted((repo / "crds" / "samples").glob("*.yaml"))
+    assert len(samples) >= 4
+    applied: list[str] = []
+    try:
+        for path in samples:
+            out = control_plane.kubectl("create", "-f", str(path), "-o", "name")
+            applied += out.stdout.split()
+        kinds = {n.split("/")[0] for n in applied}
+        assert {
+            "member.gtvp.io",
+            "securitypolicy.gtvp.io",
+            "oscomponent.gtvp.io",
+            "lazybox.gtvp.io",
+        } <= kinds
+        got = control_plane.kubectl("get", "members", "-o", "wide").stdout
+        assert "IDENTITY" in got
+        assert "sample-node-a" in got
+    finally:
+        for path in reversed(samples):
+            control_plane.kubectl(
+                "delete", "-f", str(path), "--ignore-not-found", "--wait=false", check=False
+            )
+
+
+def _unique(obj: dict[str, Any]) -> dict[str, Any]:
+    obj = copy.deepcopy(obj)
+    obj["metadata"] = {"name": f"{obj['metadata']['name']}-{uuid.uuid4().hex[:6]}"}
+    return obj
+
+
+def _policy(repo: Path, **changes: Any) -> dict[str, Any]:
+    p = _unique(_sample(repo, "SecurityPolicy"))
+    p["spec"].update(changes)
+    return p
+
+
+def _component(repo: Path, **changes: Any) -> dict[str, Any]:
+    c = _unique(_sample(repo, "OSComponent"))
+    c["spec"].update(changes)
+    return c
+
+
+def _box(repo: Path, **changes: Any) -> dict[str, Any]:
+    b = _sample(repo, "LazyBox")
+    b["metadata"] = {"name": f"box-{uuid.uuid4().hex[:6]}"}
+    b["spec"].update(changes)
+    return b
+
+
+def _member(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "Member",
+        "metadata": {"name": f"node-{uuid.uuid4().hex[:6]}"},
+        "spec": spec,
+    }
+
+
+def _levels(**attestation: Any) -> list[dict[str, Any]]:
+    att = {"interval": "30s", "validFor": "90s", "maxUses": 10} | attestation
+    return [{"level": 1, "name": "standard", "attestation": att}]
+
+
+INVALID: list[tuple[str, Any, list[str]]] = [
+    (
+        "member identity above 9",
+        lambda r: _member(identity=12),
+        ["spec.identity", "less than or equal to 9"],
+    ),
+    (
+        "member approval fingerprint not hex",
+        lambda r: _member(approval={"ekSHA256": "not-a-fingerprint", "approvedBy": "alice"}),
+        ["spec.approval.ekSHA256"],
+    ),
+    (
+        "member unknown field",
+        lambda r: _member(identity=1, trusted=True),
+        ['unknown field "spec.trusted"'],
+    ),
+    (
+        "policy validFor shorter than interval",
+        lambda r: _policy(r, levels=_levels(interval="60s", validFor="30s")),
+        ["spec.levels[0].attestation", "validFor must be longer than interval"],
+    ),
+    (
+        "policy interval not a duration",
+        lambda r: _policy(r, levels=_levels(interval="soon")),
+        ["spec.levels[0].attestation.interval"],
+    ),
+    (
+        "policy duplicate level names",
+        lambda r: _policy(
+            r,
+            levels=[
+                {
+                    "level": 1,
+                    "name": "same",
+                    "attestation": {"interval": "10s", "validFor": "30s", "maxUses": 1},
+                },
+                {
+                    "level": 2,
+                    "name": "same",
+                    "attestation": {"interval": "10s", "validFor": "30s", "maxUses": 1},
+                },
+            ],
+        ),
+        ["spec.levels", "level names must be unique"],
+    ),
+    (
+        "policy PCR index 24",
+        lambda r: _policy(r, pcrSelection={"pcrs": [0, 24]}),
+        ["spec.pcrSelection.pcrs[1]", "less than or equal to 23"],
+    ),
+    (
+        "policy golden PCR key out of range",
+        lambda r: _policy(r, memberClasses=[{"name": "x", "goldenPCRs": {"30": "00" * 32}}]),
+        ["spec.memberClasses[0].goldenPCRs", "PCR indices 0 to 23"],
+    ),
+    (
+        "policy onUntrusted unknown",
+        lambda r: _policy(r, levels=[_levels()[0] | {"onUntrusted": "Explode"}]),
+        ["spec.levels[0].onUntrusted", "Unsupported value"],
+    ),
+    (
+        "policy balancing watermarks inverted",
+        lambda r: _policy(r, balancing={"enabled": True, "highWatermark": 50, "lowWatermark": 70}),
+        ["spec.balancing", "lowWatermark must be below highWatermark"],
+    ),
+    (
+        "policy CA bundle not PEM",
+        lambda r: _policy(r, ekTrust={"caBundle": "trust me"}),
+        ["spec.ekTrust.caBundle", "caBundle must hold PEM certificates"],
+    ),
+    (
+        "component image without digest",
+        lambda r: _component(r, image="registry.example.com/x:latest"),
+        ["spec", "image must be pinned by the same digest"],
+    ),
+    ("component digest malformed", lambda r: _component(r, digest="md5:abc"), ["spec.digest"]),
+    (
+        "component type unknown",
+        lambda r: _component(r, type="firmware"),
+        ["spec.type", "Unsupported value"],
+    ),
+    (
+        "component conflicts with itself",
+        lambda r: _component(r, conflicts=[{"name": "linux"}]),
+        ["spec", "cannot conflict with itself"],
+    ),
+    (
+        "component signature not base64",
+        lambda r: _component(
+            r, signature={"publisher": "p", "algorithm": "Ed25519", "value": "!!"}
+        ),
+        ["spec.signature.value"],
+    ),
+    (
+        "box memory not a quantity",
+        lambda r: _box(r, resources={"cpu": "1", "memory": "lots"}),
+        ["spec.resources.memory", "memory must be a Kubernetes quantity"],
+    ),
+    ("box level 0", lambda r: _box(r, level=0), ["spec.level", "greater than or equal to 1"]),
+    (
+        "box depends on its own application",
+        lambda r: _box(r, dependencies=[{"name": "nginx"}]),
+        ["spec", "dependencies must not repeat the application"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "expected"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_object_is_refused_naming_the_field(
+    control_plane: ControlPlane,
+    repo: Path,
+    namespace: str,
+    case: str,
+    make: Any,
+    expected: list[str],
+) -> None:
+    obj = make(repo)
+    ns_args = ["-n", namespace] if obj["kind"] == "LazyBox" else []
+    out = control_plane.kubectl(
+        "create", *ns_args, "-f", "-", input_text=json.dumps(obj), check=False
+    )
+    if out.returncode == 0:  # never leave an accepted object behind
+        control_plane.kubectl(
+            "delete", *ns_args, "-f", "-", input_text=json.dumps(obj), check=False
+        )
+    assert out.returncode != 0, f"{case}: the API server accepted it"
+    for needle in expected:
+        assert needle in out.stderr, f"{case}: {needle!r} not in {out.stderr!r}"
+
+
+def test_component_is_immutable(
+    control_plane: ControlPlane, repo: Path, cluster_names: list[str]
+) -> None:
+    comp = _component(repo)
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(comp))
+    cluster_names.append(f"oscomponent/{comp['metadata']['name']}")
+    out = control_plane.kubectl(
+        "patch",
+        "oscomponent",
+        comp["metadata"]["name"],
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"sizeBytes": 1}}),
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "an OSComponent is immutable" in out.stderr
+
+
+def test_printer_columns_show_trust_at_a_glance(
+    control_plane: ControlPlane, cluster_names: list[str]
+) -> None:
+    m = _member(identity=2)
+    name = m["metadata"]["name"]
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(m))
+    cluster_names.append(f"member/{name}")
+    status = {
+        "status": {
+            "phase": "Trusted",
+            "level": 2,
+            "trust": {
+                "verdict": "Trusted",
+                "reason": "QuoteVerified",
+                "verifiedAt": "2026-01-01T00:00:00Z",
+                "usesLeft": 7,
+            },
+        }
+    }
+    control_plane.kubectl(
+        "patch", "member", name, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+    )
+    out = control_plane.kubectl("get", "member", name).stdout.splitlines()
+    header, row = out[0].split(), out[1].split()
+    assert header[:5] == ["NAME", "PHASE", "LEVEL", "REASON", "VERIFIED"]
+    assert row[:4] == [name, "Trusted", "2", "QuoteVerified"]
+
+
+def test_server_reports_the_built_kubernetes_version(control_plane: ControlPlane) -> None:
+    out = json.loads(control_plane.kubectl("version", "-o", "json").stdout)
+    assert out["serverVersion"]["gitVersion"].startswith("v1.36.")
+    assert out["clientVersion"]["gitVersion"] == out["serverVersion"]["gitVersion"]

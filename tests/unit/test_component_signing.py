@@ -1,0 +1,124 @@
+"""Publisher signatures on OS components: what is covered, and every way a check fails."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gtvp.core.component_signing import ComponentSignatureError, canonical_bytes, sign, verify
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def _spec() -> dict[str, Any]:
+    return {
+        "componentName": "openssl",
+        "version": "3.3.2",
+        "type": "library",
+        "image": f"registry.example.com/openssl@{DIGEST}",
+        "digest": DIGEST,
+        "sizeBytes": 7_400_000,
+        "requires": [{"name": "libc", "versions": ""}],
+        "level": 2,
+    }
+
+
+def _keys(kind: str) -> tuple[bytes, str]:
+    key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+    key = ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else ec.generate_private_key(
+        ec.SECP256R1()
+    )
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return priv, pub.decode()
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "p256"])
+def test_signed_component_verifies(kind: str) -> None:
+    priv, pub = _keys(kind)
+    spec = _spec()
+    spec["signature"] = sign(spec, priv, "acme")
+    verify(spec, {"acme": pub})
+
+
+def test_server_defaults_do_not_break_a_signature() -> None:
+    priv, pub = _keys("ed25519")
+    spec = _spec()
+    spec["requires"] = [{"name": "libc"}]  # the API server fills versions: ""
+    del spec["level"]
+    spec["signature"] = sign(spec, priv, "acme")
+    stored = copy.deepcopy(spec)
+    stored["requires"][0]["versions"] = ""
+    stored["level"] = 1
+    verify(stored, {"acme": pub})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("image", f"evil.example.com/openssl@{DIGEST}"), ("digest", "sha256:" + "cd" * 32),
+     ("version", "3.3.3"), ("requires", []), ("level", 9), ("sizeBytes", 1),
+     ("conflicts", [{"name": "glibc", "versions": ""}])],
+)
+def test_any_changed_field_breaks_the_signature(field: str, value: Any) -> None:
+    priv, pub = _keys("ed25519")
+    spec = _spec()
+    spec["signature"] = sign(spec, priv, "acme")
+    spec[field] = value
+    with pytest.raises(ComponentSignatureError) as err:
+        verify(spec, {"acme": pub})
+    assert err.value.reason == "BadSignature"
+
+
+def test_unknown_publisher_is_refused() -> None:
+    priv, pub = _keys("ed25519")
+    spec = _spec()
+    spec["signature"] = sign(spec, priv, "acme")
+    with pytest.raises(ComponentSignatureError) as err:
+        verify(spec, {"other": pub})
+    assert err.value.reason == "UnknownPublisher"
+
+
+def test_key_of_another_type_is_an_algorithm_mismatch() -> None:
+    priv, _ = _keys("ed25519")
+    _, p256_pub = _keys("p256")
+    spec = _spec()
+    spec["signature"] = sign(spec, priv, "acme")
+    with pytest.raises(ComponentSignatureError) as err:
+        verify(spec, {"acme": p256_pub})
+    assert err.value.reason == "AlgorithmMismatch"
+
+
+def test_missing_and_malformed_signatures_have_their_own_reasons() -> None:
+    _, pub = _keys("ed25519")
+    with pytest.raises(ComponentSignatureError) as err:
+        verify(_spec(), {"acme": pub})
+    assert err.value.reason == "MissingSignature"
+    spec = _spec() | {"signature": {"publisher": "acme", "algorithm": "Ed25519", "value": "%%"}}
+    with pytest.raises(ComponentSignatureError) as err:
+        verify(spec, {"acme": pub})
+    assert err.value.reason == "MalformedSignature"
+
+
+@given(st.binary(max_size=96))
+def test_random_signature_bytes_never_verify(raw: bytes) -> None:
+    import base64
+
+    _, pub = _keys("ed25519")
+    spec = _spec() | {"signature": {"publisher": "acme", "algorithm": "Ed25519",
+                                    "value": base64.b64encode(raw).decode()}}
+    with pytest.raises(ComponentSignatureError):
+        verify(spec, {"acme": pub})
+
+
+def test_canonical_bytes_ignore_order_of_lists() -> None:
+    a = _spec() | {"provides": ["x", "y"], "requires": [{"name": "b"}, {"name": "a"}]}
+    b = _spec() | {"provides": ["y", "x"], "requires": [{"name": "a"}, {"name": "b"}]}
+    assert canonical_bytes(a) == canonical_bytes(b)
