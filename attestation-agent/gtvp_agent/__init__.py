@@ -1,4 +1,4 @@
-"""gtvp-agent: runs on every node, reads its TPM 2.0 and answers the operator through the API server.
+"""gtvp-agent: on every node, reads its TPM 2.0 and answers the operator via the API server.
 
 The only package in gtvp that talks to a TPM (import-linter keeps the operator out of it).
 """

@@ -31,13 +31,17 @@ def _spec() -> dict[str, Any]:
 
 def _keys(kind: str) -> tuple[bytes, str]:
     key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
-    key = ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else ec.generate_private_key(
-        ec.SECP256R1()
+    key = (
+        ed25519.Ed25519PrivateKey.generate()
+        if kind == "ed25519"
+        else ec.generate_private_key(ec.SECP256R1())
     )
-    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    priv = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return priv, pub.decode()
 
 
@@ -63,9 +67,15 @@ def test_server_defaults_do_not_break_a_signature() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("image", f"evil.example.com/openssl@{DIGEST}"), ("digest", "sha256:" + "cd" * 32),
-     ("version", "3.3.3"), ("requires", []), ("level", 9), ("sizeBytes", 1),
-     ("conflicts", [{"name": "glibc", "versions": ""}])],
+    [
+        ("image", f"evil.example.com/openssl@{DIGEST}"),
+        ("digest", "sha256:" + "cd" * 32),
+        ("version", "3.3.3"),
+        ("requires", []),
+        ("level", 9),
+        ("sizeBytes", 1),
+        ("conflicts", [{"name": "glibc", "versions": ""}]),
+    ],
 )
 def test_any_changed_field_breaks_the_signature(field: str, value: Any) -> None:
     priv, pub = _keys("ed25519")
@@ -112,8 +122,13 @@ def test_random_signature_bytes_never_verify(raw: bytes) -> None:
     import base64
 
     _, pub = _keys("ed25519")
-    spec = _spec() | {"signature": {"publisher": "acme", "algorithm": "Ed25519",
-                                    "value": base64.b64encode(raw).decode()}}
+    spec = _spec() | {
+        "signature": {
+            "publisher": "acme",
+            "algorithm": "Ed25519",
+            "value": base64.b64encode(raw).decode(),
+        }
+    }
     with pytest.raises(ComponentSignatureError):
         verify(spec, {"acme": pub})
 

@@ -7,8 +7,11 @@ Everything it starts listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from gtvp.localcluster import layout, toolchain
@@ -17,11 +20,21 @@ from gtvp.localcluster.processes import ProcessTable
 
 
 def state_dir() -> Path:
-    return toolchain.cache_dir() / "local"
+    """The pool's state (`GTVP_LOCAL_STATE` overrides; default `<cache>/local`)."""
+    env = os.environ.get("GTVP_LOCAL_STATE")
+    return Path(env).resolve() if env else toolchain.cache_dir() / "local"
 
 
-def _control_plane() -> ControlPlane:
-    return ControlPlane(state_dir(), toolchain.binaries(), Ports())
+def _saved_ports() -> Ports:
+    try:
+        data = json.loads((state_dir() / "ports.json").read_text())
+        return Ports(**{k: int(v) for k, v in data.items()})
+    except (OSError, ValueError, TypeError):
+        return Ports()
+
+
+def _control_plane(ports: Ports | None = None) -> ControlPlane:
+    return ControlPlane(state_dir(), toolchain.binaries(), ports or _saved_ports())
 
 
 def _say(msg: str) -> None:
@@ -32,12 +45,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     _say("gtvp local: a trusted pool on this machine (loopback only)")
     _say("step 1/4: programs (etcd, kube-apiserver, kubectl, kwok, helm), built from Go modules")
-    bins = toolchain.ensure_all()
-    cp = ControlPlane(state_dir(), bins, Ports())
+    toolchain.ensure_all()
+    saved = _saved_ports()
+    ports = Ports(
+        etcd_client=args.etcd_port or saved.etcd_client,
+        etcd_peer=(args.etcd_port + 1) if args.etcd_port else saved.etcd_peer,
+        apiserver=args.apiserver_port or saved.apiserver,
+    )
+    cp = _control_plane(ports)
     _say(
         f"step 2/4: control plane: etcd {toolchain.ETCD_VERSION} + kube-apiserver "
         f"{toolchain.KUBERNETES_VERSION} on {cp.server}"
     )
+    if any(cp.running().values()) and ports != saved:
+        raise ControlPlaneError(
+            "a local control plane from this state directory runs on other ports; "
+            "run `gtvp local down` first"
+        )
+    state_dir().mkdir(parents=True, exist_ok=True)
+    (state_dir() / "ports.json").write_text(json.dumps(asdict(ports)))
     cp.start()
     _say(
         "step 3/4: CRDs: gtvp.io (Member, SecurityPolicy, OSComponent, LazyBox) and KubeVirt's "
@@ -117,6 +143,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lsub = local.add_subparsers(dest="local_cmd", required=True)
     up = lsub.add_parser("up", help="build (first time), start, install CRDs and samples")
     up.add_argument("--no-samples", action="store_true", help="do not apply crds/samples")
+    up.add_argument("--apiserver-port", type=int, help="kube-apiserver port (default 26443)")
+    up.add_argument(
+        "--etcd-port",
+        type=int,
+        help="etcd client port; the peer port is the next one (default 22379)",
+    )
     up.set_defaults(func=cmd_up)
     lsub.add_parser("build", help="build the programs only (cached)").set_defaults(func=cmd_build)
     lsub.add_parser("down", help="stop everything gtvp local started").set_defaults(func=cmd_down)

@@ -1,0 +1,89 @@
+"""`gtvp local up | status | down` as a user runs them: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gtvp.localcluster.processes import ProcessTable, free_port, port_in_use
+
+pytestmark = pytest.mark.controlplane
+
+
+def _gtvp(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, GTVP_LOCAL_STATE=str(state))
+    return subprocess.run(
+        [sys.executable, "-m", "gtvp.cli", "local", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    state = tmp_path / "local"
+    etcd, api = free_port(), free_port()
+    while etcd + 1 == api or port_in_use(etcd + 1):
+        etcd = free_port()
+    yield state, ["--etcd-port", str(etcd), "--apiserver-port", str(api)]
+    _gtvp(state, "down")
+
+
+def test_up_status_down_round_trip(pool: tuple[Path, list[str]]) -> None:
+    state, ports = pool
+    up = _gtvp(state, "up", *ports)
+    assert up.returncode == 0, up.stderr
+    assert "v1.36.3 is up" in up.stdout
+    assert "$ kubectl get members" in up.stdout
+    assert "sample-node-a" in up.stdout
+    assert f"export KUBECONFIG={state}/kubeconfig" in up.stdout
+
+    status = _gtvp(state, "status")
+    assert status.returncode == 0
+    assert "kube-apiserver" in status.stdout
+    assert ": ready" in status.stdout
+
+    api_port = int(ports[3])
+    down = _gtvp(state, "down")
+    assert down.returncode == 0
+    assert "kube-apiserver" in down.stdout
+    assert not port_in_use(api_port)
+    assert not port_in_use(int(ports[1]))
+    assert _gtvp(state, "status").returncode == 1
+    assert "nothing was running" in _gtvp(state, "down").stdout
+
+
+def test_port_in_use_is_a_clear_error(pool: tuple[Path, list[str]]) -> None:
+    state, ports = pool
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", int(ports[3])))
+        blocker.listen()
+        up = _gtvp(state, "up", "--no-samples", *ports)
+    assert up.returncode == 2
+    assert f"port {ports[3]} (apiserver) on 127.0.0.1 is in use" in up.stderr
+    assert "Traceback" not in up.stderr
+    assert not ProcessTable(state).all() or not any(t.alive() for t in ProcessTable(state).all())
+
+
+def test_half_started_run_is_cleaned_and_restarted(pool: tuple[Path, list[str]]) -> None:
+    state, ports = pool
+    assert _gtvp(state, "up", "--no-samples", *ports).returncode == 0
+    table = ProcessTable(state)
+    api = table.get("kube-apiserver")
+    assert api is not None
+    table.stop("kube-apiserver")  # etcd is left running: a half-started pool
+    etcd = table.get("etcd")
+    assert etcd is not None
+    assert etcd.alive()
+    again = _gtvp(state, "up", "--no-samples", *ports)
+    assert again.returncode == 0, again.stderr
+    assert _gtvp(state, "status").returncode == 0
