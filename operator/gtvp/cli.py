@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gtvp import __version__
+from gtvp import __version__, quote_cli
 from gtvp.localcluster import commands as local_commands
 
 
@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gtvp {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     local_commands.register(sub)
+    quote_cli.register(sub)
     return p
 
 

@@ -19,25 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None if it is gone or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
 @dataclass(frozen=True)
 class Tracked:
-    """A process gtvp started: its name, pid and the binary it runs."""
+    """A process gtvp started: its name, pid, start time and command."""
 
     name: str
     pid: int
     binary: str
+    started: int = 0
 
     def alive(self) -> bool:
-        """True while the pid runs the recorded binary (a reused pid does not count)."""
-        try:
-            exe = os.readlink(f"/proc/{self.pid}/exe")
-        except OSError:
-            return False
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        return exe.removesuffix(" (deleted)") == self.binary
+        """True while that very process runs (a reused pid has another start time)."""
+        return _start_time(self.pid) == self.started
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -69,7 +73,7 @@ class ProcessTable:
         path = self._file(name)
         try:
             data = json.loads(path.read_text())
-            return Tracked(name, int(data["pid"]), str(data["binary"]))
+            return Tracked(name, int(data["pid"]), str(data["binary"]), int(data["started"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -104,8 +108,10 @@ class ProcessTable:
         finally:
             log.close()
         binary = os.path.realpath(argv[0])
-        tracked = Tracked(name, proc.pid, binary)
-        self._file(name).write_text(json.dumps({"pid": proc.pid, "binary": binary}))
+        tracked = Tracked(name, proc.pid, binary, _start_time(proc.pid) or 0)
+        self._file(name).write_text(
+            json.dumps({"pid": proc.pid, "binary": binary, "started": tracked.started})
+        )
         return tracked
 
     def log_tail(self, name: str, lines: int = 15) -> str:

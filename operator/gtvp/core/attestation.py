@@ -1,0 +1,516 @@
+"""One step of a member's attestation cycle: from what the agent wrote to the operator's answer.
+
+Pure: `attestation_step` takes the Member (spec, status, the Node's labels), the parsed
+policy, the time and fresh random bytes, and returns the operator-owned part of the status
+to write (verdict and next challenge together, so a cycle costs one write each way), the
+events to record and when to look again. It never trusts what the agent wrote beyond what
+the TPM signed: the EK certificate path, the credential activation and the quote are all
+checked here.
+
+Cycle: Pending (no agent) -> Enrolling (EK checked, credential challenge, activation) ->
+nonce challenge -> quote verified -> Trusted, with the next nonce whose `answerAfter` is one
+interval away. A verdict expires `validFor` after the nonce it answered was issued; an
+expired verdict is Untrusted whatever the cause (fail closed).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gtvp.core import errors
+from gtvp.core.enrolment import (
+    check_activation,
+    check_ek_pin,
+    check_ek_public,
+    ek_fingerprint,
+    make_activation_challenge,
+    verify_ek_certificate,
+)
+from gtvp.core.policy import MemberPolicy, Policy, member_policy
+from gtvp.core.quote import (
+    ClockState,
+    Evidence,
+    Expectation,
+    check_ak_attributes,
+    verify_quote,
+)
+from gtvp.core.tpm_wire import PublicArea, ak_qualified_name, parse_public
+
+ENTROPY_BYTES = 64
+RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """The operator's answer: status fields to write, events, metric outcome, next look."""
+
+    status: dict[str, Any]
+    events: tuple[Event, ...] = ()
+    outcome: str | None = None  # "Verified" or a failure reason, when evidence was judged
+    answered_nonce: bytes | None = None
+    recheck_after: dt.timedelta = field(default=dt.timedelta(seconds=30))
+
+    @property
+    def phase(self) -> str:
+        return str(self.status.get("phase", ""))
+
+
+def _ts(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ts(s: Any) -> dt.datetime | None:
+    if not isinstance(s, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _b64(value: Any, what: str, limit: int = 4 * 1024 * 1024) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise errors.MalformedEvidence(f"{what} is missing")
+    if len(value) > limit * 4 // 3 + 4:
+        raise errors.MalformedEvidence(f"{what} is larger than {limit} bytes")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise errors.MalformedEvidence(f"{what} is not valid base64") from exc
+
+
+def _hex(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise errors.MalformedEvidence(f"{what} is missing")
+    try:
+        return bytes.fromhex(value)
+    except ValueError as exc:
+        raise errors.MalformedEvidence(f"{what} is not hex") from exc
+
+
+def _conditions(
+    previous: list[dict[str, Any]], now: dt.datetime, updates: dict[str, tuple[bool, str, str]]
+) -> list[dict[str, Any]]:
+    """Standard conditions; lastTransitionTime moves only when status flips."""
+    old = {c.get("type"): c for c in previous if isinstance(c, dict)}
+    out = []
+    for ctype, (ok, reason, message) in updates.items():
+        status = "True" if ok else "False"
+        prev = old.get(ctype)
+        changed = prev is None or prev.get("status") != status
+        out.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message[:2000],
+                "lastTransitionTime": (
+                    _ts(now) if changed or prev is None else prev.get("lastTransitionTime")
+                ),
+            }
+        )
+    return out
+
+
+def _nonce_challenge(
+    policy: Policy, entropy: bytes, now: dt.datetime, answer_after: dt.datetime
+) -> dict[str, Any]:
+    return {
+        "nonce": hashlib.sha256(b"nonce" + entropy).hexdigest(),
+        "pcrBank": policy.pcr_bank,
+        "pcrs": list(policy.pcrs),
+        "issuedAt": _ts(now),
+        "answerAfter": _ts(answer_after),
+    }
+
+
+@dataclass(frozen=True)
+class _Keys:
+    ek: PublicArea
+    ak: PublicArea
+    ek_area: bytes
+    fingerprint: str
+    ak_name: str
+
+
+def _check_enrolment(
+    enrollment: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    trust: Mapping[str, Any],
+    policy: Policy,
+    now: dt.datetime,
+) -> _Keys:
+    ek_area = _b64(enrollment.get("ekPublic"), "enrollment.ekPublic", 2048)
+    ek = parse_public(ek_area)
+    check_ek_public(ek)
+    fp = ek_fingerprint(ek)
+    approval = spec.get("approval") or {}
+    approved = approval.get("ekSHA256") if isinstance(approval, Mapping) else None
+    check_ek_pin(pinned=trust.get("ekSHA256"), current=fp, approved=approved)
+    cert = enrollment.get("ekCertificate")
+    if cert:
+        chain = [
+            _b64(c, "enrollment.ekCertificateChain[]", 16384)
+            for c in enrollment.get("ekCertificateChain") or []
+        ]
+        verify_ek_certificate(
+            ek=ek,
+            certificate=_b64(cert, "enrollment.ekCertificate", 16384),
+            presented_chain=chain,
+            ca_bundle_pem=policy.ca_bundle_pem,
+            now=now,
+        )
+    elif not (policy.allow_uncertified_with_approval and approved == fp):
+        raise errors.EkCertificateMissing(
+            "the TPM has no EK certificate; the policy admits such a TPM only with "
+            "ekTrust.allowUncertifiedWithApproval and an administrator's approval of EK "
+            f"{fp} (Member.spec.approval.ekSHA256)"
+        )
+    ak = parse_public(_b64(enrollment.get("akPublic"), "enrollment.akPublic", 2048))
+    check_ak_attributes(ak)
+    reported = str(enrollment.get("akName", ""))
+    if ak.name.hex() != reported:
+        raise errors.AkNameMismatch(
+            f"the agent reports AK name {reported[:20]}…, the AK public area's name is "
+            f"{ak.name.hex()[:20]}…"
+        )
+    return _Keys(ek, ak, ek_area, fp, reported)
+
+
+def _evidence(raw: Mapping[str, Any]) -> Evidence:
+    values: dict[int, bytes] = {}
+    pcr_values = raw.get("pcrValues") or {}
+    if not isinstance(pcr_values, Mapping):
+        raise errors.MalformedEvidence("evidence.pcrValues is not a map")
+    for k, v in pcr_values.items():
+        try:
+            idx = int(k)
+        except ValueError as exc:
+            raise errors.MalformedEvidence(
+                f"evidence.pcrValues key {k!r} is not a PCR index"
+            ) from exc
+        values[idx] = _hex(v, f"evidence.pcrValues[{k}]")
+    log = raw.get("eventLog")
+    return Evidence(
+        attest=_b64(raw.get("attest"), "evidence.attest", 8192),
+        signature=_b64(raw.get("signature"), "evidence.signature", 8192),
+        pcr_bank=str(raw.get("pcrBank", "")),
+        pcr_values=values,
+        event_log=_b64(log, "evidence.eventLog") if log else None,
+    )
+
+
+def _last_clock(trust: Mapping[str, Any]) -> ClockState | None:
+    try:
+        return ClockState(int(trust["clock"]), int(trust["resetCount"]), int(trust["restartCount"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def attestation_step(
+    *,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    labels: Mapping[str, str],
+    policy: Policy,
+    now: dt.datetime,
+    entropy: bytes,
+    answered_nonces: frozenset[bytes] = frozenset(),
+) -> Step:
+    """Decide the operator's next write for one member."""
+    if len(entropy) < ENTROPY_BYTES:
+        raise ValueError("attestation_step needs 64 bytes of fresh randomness")
+    mp = member_policy(
+        policy,
+        identity=int(spec.get("identity", 1)),
+        member_class=spec.get("memberClass"),
+        labels=labels,
+    )
+    agent = status.get("agent") or {}
+    trust: dict[str, Any] = dict(status.get("trust") or {})
+    challenge: dict[str, Any] = dict(status.get("challenge") or {})
+    conditions_before = list(status.get("conditions") or [])
+    maintenance = bool(spec.get("maintenance", False))
+    enrollment = agent.get("enrollment") or {}
+    interval = mp.attestation.interval
+
+    def finish(
+        *,
+        verdict_ok: bool | None,
+        reason: str,
+        message: str,
+        bound: bool,
+        events: tuple[Event, ...] = (),
+        outcome: str | None = None,
+        answered: bytes | None = None,
+        recheck: dt.timedelta = interval,
+    ) -> Step:
+        expires = _parse_ts(trust.get("expiresAt"))
+        trusted = trust.get("verdict") == "Trusted" and expires is not None and now < expires
+        if verdict_ok is None:
+            phase = "Pending" if not bound and not enrollment else "Enrolling"
+        else:
+            phase = "Trusted" if trusted else "Untrusted"
+        if maintenance:
+            phase = "Maintenance"
+        new_status: dict[str, Any] = {
+            "phase": phase,
+            "level": mp.level if trusted and not maintenance else 0,
+            "trust": trust,
+            "challenge": challenge,
+            "effectivePolicy": {
+                "policy": policy.name,
+                "memberClass": mp.member_class.name,
+                "level": mp.level,
+                "interval": f"{int(interval.total_seconds())}s",
+                "validFor": f"{int(mp.attestation.valid_for.total_seconds())}s",
+                "maxUses": mp.attestation.max_uses,
+                "onUntrusted": mp.attestation.on_untrusted,
+            },
+            "conditions": _conditions(
+                conditions_before,
+                now,
+                {
+                    "Ready": (
+                        phase == "Trusted",
+                        reason if phase != "Trusted" else "Trusted",
+                        message,
+                    ),
+                    "Enrolled": (
+                        bound,
+                        "AkBound" if bound else reason,
+                        "AK bound to the EK by credential activation" if bound else message,
+                    ),
+                    "Attested": (
+                        trusted,
+                        trust.get("reason", reason) or reason,
+                        str(trust.get("message", message)),
+                    ),
+                },
+            ),
+        }
+        if trusted and expires is not None:
+            recheck = min(recheck, max(expires - now, dt.timedelta(seconds=1)))
+        return Step(new_status, events, outcome, answered, recheck)
+
+    def untrusted(err: errors.VerificationError) -> None:
+        trust.update(
+            verdict="Untrusted",
+            reason=err.reason,
+            message=err.message[:2000],
+            verifiedAt=_ts(now),
+            usesLeft=0,
+        )
+        trust.pop("expiresAt", None)
+
+    # --- no agent yet -------------------------------------------------------------------
+    if not enrollment.get("ekPublic") or not enrollment.get("akPublic"):
+        return finish(
+            verdict_ok=None,
+            reason="AwaitingAgent",
+            message="no agent has enrolled this member's TPM yet",
+            bound=False,
+        )
+
+    # --- enrolment: EK certificate, EK pin, AK -------------------------------------------
+    try:
+        keys = _check_enrolment(enrollment, spec, trust, policy, now)
+    except errors.VerificationError as err:
+        untrusted(err)
+        challenge = {}
+        return finish(
+            verdict_ok=False,
+            reason=err.reason,
+            message=err.message,
+            bound=False,
+            events=(Event("Warning", err.reason, err.message),),
+            outcome=err.reason,
+        )
+
+    bound = trust.get("akName") == keys.ak_name and trust.get("ekSHA256") == keys.fingerprint
+    if not bound:
+        cred = challenge.get("credential") or {}
+        activation = enrollment.get("activation") or {}
+        if cred and activation.get("challengeId") == cred.get("id"):
+            try:
+                check_activation(
+                    proof=_b64(activation.get("secret"), "activation.secret", 256),
+                    secret_sha256=str(cred.get("secretSHA256", "")),
+                )
+            except errors.VerificationError as err:
+                untrusted(err)
+                challenge = {"credential": _credential(keys, entropy)}
+                return finish(
+                    verdict_ok=False,
+                    reason=err.reason,
+                    message=err.message,
+                    bound=False,
+                    events=(Event("Warning", err.reason, err.message),),
+                    outcome=err.reason,
+                    recheck=RETRY_AFTER_FAILURE,
+                )
+            for k in ("clock", "resetCount", "restartCount"):
+                trust.pop(k, None)
+            trust.update(akName=keys.ak_name, ekSHA256=keys.fingerprint)
+            challenge = _nonce_challenge(policy, entropy, now, now)
+            return finish(
+                verdict_ok=None,
+                reason="AkBound",
+                message="AK bound to the EK; waiting for the first quote",
+                bound=True,
+                events=(
+                    Event(
+                        "Normal",
+                        "AkBound",
+                        f"AK {keys.ak_name[:16]}… bound to EK {keys.fingerprint[:16]}…",
+                    ),
+                ),
+                recheck=interval,
+            )
+        if not cred or cred.get("akName", keys.ak_name) != keys.ak_name:
+            challenge = {"credential": _credential(keys, entropy)}
+        return finish(
+            verdict_ok=None,
+            reason="AwaitingActivation",
+            message="waiting for the agent to answer the credential challenge",
+            bound=False,
+            recheck=interval,
+        )
+
+    # --- attestation ----------------------------------------------------------------------
+    nonce_hex = challenge.get("nonce")
+    if not nonce_hex:
+        challenge = _nonce_challenge(policy, entropy, now, now)
+        return finish(
+            verdict_ok=None,
+            reason="AwaitingQuote",
+            message="waiting for the first quote",
+            bound=True,
+        )
+    evidence = agent.get("evidence") or {}
+    if evidence.get("nonce") == nonce_hex:
+        nonce = bytes.fromhex(str(nonce_hex))
+        issued = _parse_ts(challenge.get("issuedAt")) or now
+        try:
+            result = verify_quote(
+                _evidence(evidence),
+                Expectation(
+                    ak=keys.ak,
+                    nonce=nonce,
+                    pcr_bank=str(challenge.get("pcrBank")),
+                    pcrs=tuple(int(p) for p in challenge.get("pcrs") or ()),
+                    signer=ak_qualified_name(keys.ek, keys.ak),
+                    answered_nonces=answered_nonces,
+                    last_clock=_last_clock(trust),
+                    golden=mp.member_class.golden,
+                    event_log_required=mp.member_class.event_log_required,
+                    forbidden_digests=mp.member_class.forbidden_digests,
+                ),
+            )
+        except errors.VerificationError as err:
+            untrusted(err)
+            retry = now + RETRY_AFTER_FAILURE
+            if isinstance(err, errors.Rebooted) and isinstance(err.clock, ClockState):
+                trust.update(
+                    clock=err.clock.clock,
+                    resetCount=err.clock.reset_count,
+                    restartCount=err.clock.restart_count,
+                )
+                retry = now
+            challenge = _nonce_challenge(policy, entropy, now, retry)
+            return finish(
+                verdict_ok=False,
+                reason=err.reason,
+                message=err.message,
+                bound=True,
+                events=(Event("Warning", err.reason, err.message),),
+                outcome=err.reason,
+                answered=nonce,
+                recheck=RETRY_AFTER_FAILURE,
+            )
+        was_trusted = trust.get("verdict") == "Trusted"
+        trust.update(
+            verdict="Trusted",
+            reason="QuoteVerified",
+            message=(
+                "quote verified against "
+                + ("the event log" if result.used_event_log else "golden values")
+                + f" ({policy.pcr_bank}:{list(policy.pcrs)})"
+            ),
+            verifiedAt=_ts(now),
+            expiresAt=_ts(issued + mp.attestation.valid_for),
+            usesLeft=mp.attestation.max_uses,
+            clock=result.clock.clock,
+            resetCount=result.clock.reset_count,
+            restartCount=result.clock.restart_count,
+        )
+        challenge = _nonce_challenge(policy, entropy, now, now + interval)
+        events = (
+            ()
+            if was_trusted
+            else (Event("Normal", "Trusted", f"quote verified; level {mp.level}"),)
+        )
+        return finish(
+            verdict_ok=True,
+            reason="QuoteVerified",
+            message=trust["message"],
+            bound=True,
+            events=events,
+            outcome="Verified",
+            answered=nonce,
+            recheck=interval,
+        )
+
+    # --- nothing new: has the verdict expired? --------------------------------------------
+    expires = _parse_ts(trust.get("expiresAt"))
+    if trust.get("verdict") == "Trusted" and expires is not None and now >= expires:
+        message = (
+            f"no fresh quote verified within validFor ({mp.attestation.valid_for}): agent "
+            "stopped, network partition, TPM gone or operator down"
+        )
+        trust.update(verdict="Untrusted", reason="VerdictExpired", message=message, usesLeft=0)
+        trust.pop("expiresAt", None)
+        return finish(
+            verdict_ok=False,
+            reason="VerdictExpired",
+            message=message,
+            bound=True,
+            events=(Event("Warning", "VerdictExpired", message),),
+            outcome="VerdictExpired",
+        )
+    return finish(
+        verdict_ok=None if "verdict" not in trust else trust["verdict"] == "Trusted",
+        reason=str(trust.get("reason", "AwaitingQuote")),
+        message=str(trust.get("message", "waiting for the next quote")),
+        bound=True,
+    )
+
+
+def _credential(keys: _Keys, entropy: bytes) -> dict[str, Any]:
+    secret = hashlib.sha256(b"secret" + entropy).digest()
+    ch = make_activation_challenge(
+        ek_public_area=keys.ek_area, ak_name=bytes.fromhex(keys.ak_name), secret=secret
+    )
+    return {
+        "id": hashlib.sha256(b"id" + entropy).hexdigest()[:32],
+        "akName": keys.ak_name,
+        "credentialBlob": base64.b64encode(ch.credential_blob).decode(),
+        "secret": base64.b64encode(ch.encrypted_secret).decode(),
+        "secretSHA256": ch.secret_sha256,
+    }
+
+
+__all__ = ["ENTROPY_BYTES", "Event", "MemberPolicy", "Step", "attestation_step"]

@@ -1,0 +1,229 @@
+"""Enrolment checks: the EK certificate path, the EK pin, the AK, credential activation.
+
+Pure functions over bytes and `cryptography` objects:
+- `verify_ek_certificate` builds the path from the EK certificate to an anchor in the
+  policy's CA bundle. Certificates the node presents may serve as intermediates but never
+  as anchors; each step checks signature, validity and CA constraints; the leaf must be a
+  TCG EK certificate (EKU 2.23.133.8.1 when present, not a CA) for exactly this EK.
+- `check_ek_pin` refuses an EK that changed under a known member unless an administrator
+  approved the new one (identity takeover).
+- `make_activation_challenge` / `check_activation` bind the AK to the EK (MakeCredential in
+  software with tpm2-pytss; the agent's TPM can only answer if it holds both keys).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
+
+from gtvp.core import errors
+from gtvp.core.tpm_wire import (
+    ADMIN_WITH_POLICY,
+    DECRYPT,
+    FIXED_PARENT,
+    FIXED_TPM,
+    RESTRICTED,
+    SIGN_ENCRYPT,
+    PublicArea,
+)
+
+EK_CERTIFICATE_EKU = ObjectIdentifier("2.23.133.8.1")
+MAX_CHAIN = 6
+
+
+def spki_der(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def ek_fingerprint(ek: PublicArea) -> str:
+    """SHA-256 of the EK's SubjectPublicKeyInfo, hex: what Member.spec.approval names."""
+    return hashlib.sha256(spki_der(ek.key)).hexdigest()
+
+
+def check_ek_public(ek: PublicArea) -> None:
+    """The EK must be a restricted decryption key that cannot leave its TPM."""
+    need = RESTRICTED | DECRYPT | FIXED_TPM | FIXED_PARENT | ADMIN_WITH_POLICY
+    if ek.attributes & need != need or ek.attributes & SIGN_ENCRYPT:
+        raise errors.EkCertificateInvalid(
+            "the reported EK is not a TCG endorsement key (restricted, decrypt, fixedTPM, "
+            "fixedParent, adminWithPolicy; not sign)"
+        )
+
+
+def load_bundle(pem: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError as exc:
+        raise errors.EkCertificateUntrusted(
+            f"the policy's ekTrust.caBundle cannot be read: {exc}"
+        ) from exc
+    return certs
+
+
+def _load_der(der: bytes, what: str) -> x509.Certificate:
+    if len(der) > 16384:
+        raise errors.MalformedEvidence(f"{what} is {len(der)} bytes, more than 16384 allowed")
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise errors.EkCertificateInvalid(f"{what} is not a DER X.509 certificate: {exc}") from exc
+
+
+def _valid_at(cert: x509.Certificate, now: datetime.datetime, what: str) -> None:
+    if now < cert.not_valid_before_utc:
+        raise errors.EkCertificateInvalid(
+            f"{what} ({cert.subject.rfc4514_string() or 'no subject'}) is not valid before "
+            f"{cert.not_valid_before_utc.isoformat()}"
+        )
+    if now > cert.not_valid_after_utc:
+        raise errors.EkCertificateInvalid(
+            f"{what} ({cert.subject.rfc4514_string() or 'no subject'}) expired on "
+            f"{cert.not_valid_after_utc.isoformat()}"
+        )
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
+    except x509.ExtensionNotFound:
+        return False
+    if not isinstance(bc, x509.BasicConstraints) or not bc.ca:
+        return False
+    try:
+        ku = cert.extensions.get_extension_for_oid(ExtensionOID.KEY_USAGE).value
+    except x509.ExtensionNotFound:
+        return True
+    return isinstance(ku, x509.KeyUsage) and ku.key_cert_sign
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def verify_ek_certificate(
+    *,
+    ek: PublicArea,
+    certificate: bytes,
+    presented_chain: Sequence[bytes],
+    ca_bundle_pem: str,
+    now: datetime.datetime,
+) -> x509.Certificate:
+    """Check the EK certificate and its path to the policy's CA bundle; return the anchor."""
+    leaf = _load_der(certificate, "the EK certificate")
+    _valid_at(leaf, now, "the EK certificate")
+    if _is_ca(leaf):
+        raise errors.EkCertificateInvalid("the EK certificate is a CA certificate, not an EK's")
+    try:
+        eku = leaf.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if isinstance(eku, x509.ExtendedKeyUsage) and EK_CERTIFICATE_EKU not in eku:
+        raise errors.EkCertificateInvalid(
+            "the certificate's extended key usage lacks tcg-kp-EKCertificate (2.23.133.8.1)"
+        )
+    leaf_key = leaf.public_key()
+    if not isinstance(leaf_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) or (
+        spki_der(leaf_key) != spki_der(ek.key)
+    ):
+        raise errors.EkCertificateInvalid(
+            "the EK certificate certifies another key than the EK the agent reported"
+        )
+    anchors = load_bundle(ca_bundle_pem)
+    anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
+    presented = [_load_der(d, f"presented certificate {i}") for i, d in enumerate(presented_chain)]
+    intermediates = anchors + presented
+    current = leaf
+    for _depth in range(MAX_CHAIN):
+        for anchor in anchors:
+            if _issued_by(current, anchor):
+                _valid_at(anchor, now, "the trusted CA")
+                return anchor
+        parent = next(
+            (
+                c
+                for c in intermediates
+                if c is not current and c.subject == current.issuer and _issued_by(current, c)
+            ),
+            None,
+        )
+        if parent is None:
+            raise errors.EkCertificateUntrusted(
+                f"no path from the EK certificate (issuer {current.issuer.rfc4514_string()}) "
+                "to a CA in the policy's ekTrust.caBundle; add the TPM vendor's CA to the "
+                "bundle if this TPM is genuine"
+            )
+        if parent.subject == parent.issuer and (
+            parent.public_bytes(serialization.Encoding.DER) not in anchor_der
+        ):
+            raise errors.EkCertificateUntrusted(
+                f"the chain ends at a root the node presented ({parent.subject.rfc4514_string()}"
+                "); roots come only from the policy's ekTrust.caBundle"
+            )
+        if not _is_ca(parent):
+            raise errors.EkCertificateUntrusted(
+                f"{parent.subject.rfc4514_string()} signs the chain but is not a CA"
+            )
+        _valid_at(parent, now, "an intermediate CA")
+        current = parent
+    raise errors.EkCertificateUntrusted(f"the EK certificate chain is longer than {MAX_CHAIN}")
+
+
+def check_ek_pin(*, pinned: str | None, current: str, approved: str | None) -> None:
+    """Refuse an EK that changed under a known member, unless approved by fingerprint."""
+    if pinned is None or pinned == current:
+        return
+    if approved is not None and hmac.compare_digest(approved, current):
+        return
+    raise errors.EkChanged(
+        f"the member's EK changed from {pinned[:16]}… to {current[:16]}…: refused as a possible "
+        f"identity takeover. If the TPM was really replaced, approve it: "
+        f"kubectl patch member NAME --type=merge -p "
+        f'\'{{"spec":{{"approval":{{"ekSHA256":"{current}","approvedBy":"YOU"}}}}}}\''
+    )
+
+
+@dataclass(frozen=True)
+class ActivationChallenge:
+    """What the agent receives (blob, secret) and what the operator keeps (a hash)."""
+
+    credential_blob: bytes
+    encrypted_secret: bytes
+    secret_sha256: str
+
+
+def make_activation_challenge(
+    *, ek_public_area: bytes, ak_name: bytes, secret: bytes
+) -> ActivationChallenge:
+    """MakeCredential in software: only the TPM holding this EK and this AK can unwrap it."""
+    from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
+    from tpm2_pytss.utils import make_credential
+
+    ek_pub, _ = TPM2B_PUBLIC.unmarshal(ek_public_area)
+    blob, enc = make_credential(ek_pub, secret, TPM2B_NAME(ak_name))
+    return ActivationChallenge(
+        credential_blob=bytes(blob.marshal()),
+        encrypted_secret=bytes(enc.marshal()),
+        secret_sha256=hashlib.sha256(secret).hexdigest(),
+    )
+
+
+def check_activation(*, proof: bytes, secret_sha256: str) -> None:
+    if not hmac.compare_digest(hashlib.sha256(proof).hexdigest(), secret_sha256):
+        raise errors.ActivationFailed(
+            "the agent's ActivateCredential answer is wrong: its AK and EK are not in one TPM"
+        )

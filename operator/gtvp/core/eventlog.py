@@ -1,0 +1,145 @@
+"""Parse and replay a TCG crypto-agile (TPM 2.0) firmware event log.
+
+The log Linux exposes as `/sys/kernel/security/tpm0/binary_bios_measurements`: a legacy
+SHA-1 header event carrying the "Spec ID Event03" structure (which digests each event
+has), then TCG_PCR_EVENT2 records. Replaying extends each PCR with each event's digest and
+must reproduce what the TPM quoted. Little-endian throughout (it is the firmware's format,
+not the TPM's). Bounded: a log larger than MAX_LOG_BYTES or with more than MAX_EVENTS
+events, a truncated record or an unknown digest algorithm is `MalformedEvidence`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gtvp.core.errors import MalformedEvidence
+from gtvp.core.tpm_wire import HASH_NAMES, HASH_SIZES
+
+MAX_LOG_BYTES = 4 * 1024 * 1024
+MAX_EVENTS = 20000
+MAX_EVENT_DATA = 1024 * 1024
+EV_NO_ACTION = 0x00000003
+SPEC_ID_SIGNATURE = b"Spec ID Event03\0"
+STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\0"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One TCG_PCR_EVENT2 record."""
+
+    pcr: int
+    event_type: int
+    digests: Mapping[str, bytes]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EventLog:
+    """A parsed log: its events and the PCR values a replay gives per bank."""
+
+    events: tuple[Event, ...]
+    pcrs: Mapping[str, Mapping[int, bytes]] = field(default_factory=dict)
+
+    def all_digests(self, bank: str) -> frozenset[str]:
+        return frozenset(e.digests[bank].hex() for e in self.events if bank in e.digests)
+
+
+def _u32(data: bytes, off: int, what: str) -> int:
+    if off + 4 > len(data):
+        raise MalformedEvidence(f"event log truncated in {what} at offset {off}")
+    v: int = struct.unpack_from("<I", data, off)[0]
+    return v
+
+
+def parse_event_log(data: bytes) -> EventLog:
+    """Parse a crypto-agile event log and replay it into per-bank PCR values."""
+    if len(data) > MAX_LOG_BYTES:
+        raise MalformedEvidence(
+            f"event log is {len(data)} bytes, more than the {MAX_LOG_BYTES} allowed"
+        )
+    if len(data) < 32 + 16:
+        raise MalformedEvidence(
+            f"event log of {len(data)} bytes is too short to hold the TCG header event"
+        )
+    # header: TCG_PCClientPCREvent with a SHA-1 digest field
+    off = 0
+    _pcr = _u32(data, off, "header")
+    ev_type = _u32(data, off + 4, "header")
+    off += 8 + 20
+    size = _u32(data, off, "header")
+    off += 4
+    if ev_type != EV_NO_ACTION or size > 4096 or off + size > len(data):
+        raise MalformedEvidence(
+            "this is not a TCG crypto-agile event log (the first event is not the "
+            "EV_NO_ACTION Spec ID event)"
+        )
+    spec = data[off : off + size]
+    off += size
+    if not spec.startswith(SPEC_ID_SIGNATURE):
+        raise MalformedEvidence("event log header lacks the 'Spec ID Event03' signature")
+    if len(spec) < 28:
+        raise MalformedEvidence("event log Spec ID event is truncated")
+    (n_algs,) = struct.unpack_from("<I", spec, 24)
+    if n_algs == 0 or n_algs > 8 or len(spec) < 28 + 4 * n_algs:
+        raise MalformedEvidence(f"event log Spec ID event lists {n_algs} algorithms")
+    sizes: dict[int, int] = {}
+    for i in range(n_algs):
+        alg, dsize = struct.unpack_from("<HH", spec, 28 + 4 * i)
+        if alg in HASH_SIZES and HASH_SIZES[alg] != dsize:
+            raise MalformedEvidence(f"event log: algorithm 0x{alg:04x} with digest size {dsize}")
+        sizes[alg] = dsize
+
+    banks = {HASH_NAMES[a]: s for a, s in sizes.items() if a in HASH_NAMES}
+    pcrs: dict[str, dict[int, bytes]] = {b: {} for b in banks}
+    events: list[Event] = []
+    while off < len(data):
+        if len(events) >= MAX_EVENTS:
+            raise MalformedEvidence(f"event log has more than {MAX_EVENTS} events")
+        pcr = _u32(data, off, "event")
+        ev_type = _u32(data, off + 4, "event")
+        count = _u32(data, off + 8, "event")
+        off += 12
+        if pcr > 23 and ev_type != EV_NO_ACTION:
+            raise MalformedEvidence(f"event {len(events)} extends PCR {pcr}")
+        if count > 8:
+            raise MalformedEvidence(f"event {len(events)} claims {count} digests")
+        digests: dict[str, bytes] = {}
+        for _ in range(count):
+            if off + 2 > len(data):
+                raise MalformedEvidence(f"event log truncated in event {len(events)}")
+            (alg,) = struct.unpack_from("<H", data, off)
+            off += 2
+            if alg not in sizes:
+                raise MalformedEvidence(
+                    f"event {len(events)} has a digest of algorithm 0x{alg:04x} that the "
+                    "header did not announce"
+                )
+            dsize = sizes[alg]
+            if off + dsize > len(data):
+                raise MalformedEvidence(f"event log truncated in event {len(events)}")
+            if alg in HASH_NAMES:
+                digests[HASH_NAMES[alg]] = data[off : off + dsize]
+            off += dsize
+        esize = _u32(data, off, "event")
+        off += 4
+        if esize > MAX_EVENT_DATA or off + esize > len(data):
+            raise MalformedEvidence(
+                f"event {len(events)} claims {esize} bytes of data, {max(0, len(data) - off)} left"
+            )
+        edata = data[off : off + esize]
+        off += esize
+        events.append(Event(pcr, ev_type, digests, edata))
+        if ev_type == EV_NO_ACTION:
+            if edata.startswith(STARTUP_LOCALITY_SIGNATURE) and len(edata) >= 17 and pcr == 0:
+                for bank, dsize in banks.items():
+                    pcrs[bank][0] = b"\0" * (dsize - 1) + bytes([edata[16]])
+            continue
+        for bank, dsize in banks.items():
+            if bank not in digests:
+                raise MalformedEvidence(f"event {len(events) - 1} lacks its {bank} digest")
+            current = pcrs[bank].get(pcr, b"\0" * dsize)
+            pcrs[bank][pcr] = hashlib.new(bank, current + digests[bank]).digest()
+    return EventLog(tuple(events), pcrs)

@@ -1,0 +1,295 @@
+"""Verify a TPM 2.0 quote: pure, ordered, stopping at the first failure with a named reason.
+
+Order (each step raises its own `VerificationError` subclass):
+1. the AK is a restricted signing key (an unrestricted key can sign forged attestations);
+2. signature by the AK over the TPMS_ATTEST bytes (ECDSA, RSASSA, RSAPSS; hash as signed;
+   SHA-1 refused);
+3. magic = TPM_GENERATED_VALUE; 4. type = ATTEST_QUOTE;
+5. qualifiedSigner = the AK's qualified name under the member's EK;
+6. extraData = the outstanding nonce (a nonce answers once: an answered one is a replay);
+7. the quoted PCR selection is the one asked for, and the reported values cover it;
+8. PCR digest = hash of the reported PCR values;
+9. clock, resetCount, restartCount never go back; a reset is reported as a reboot;
+10. PCR values: the class's golden values, or an event-log replay that reproduces them and
+    whose events the policy accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from gtvp.core import errors
+from gtvp.core.eventlog import EventLog, parse_event_log
+from gtvp.core.tpm_wire import (
+    ALG_ECDSA,
+    ALG_NULL,
+    ALG_RSAPSS,
+    ALG_RSASSA,
+    ALG_SHA1,
+    HASH_BY_NAME,
+    HASH_NAMES,
+    HASH_SIZES,
+    TPM_GENERATED_VALUE,
+    TPM_ST_ATTEST_QUOTE,
+    Attest,
+    PcrSelection,
+    PublicArea,
+    Signature,
+    parse_attest,
+    parse_signature,
+)
+
+_HASHES: dict[int, type[hashes.HashAlgorithm]] = {
+    HASH_BY_NAME["sha256"]: hashes.SHA256,
+    HASH_BY_NAME["sha384"]: hashes.SHA384,
+    HASH_BY_NAME["sha512"]: hashes.SHA512,
+}
+
+
+@dataclass(frozen=True)
+class ClockState:
+    """The TPM's clock and counters as seen in an accepted quote."""
+
+    clock: int
+    reset_count: int
+    restart_count: int
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the agent sent: the signed bytes, the signature, PCR values, the event log."""
+
+    attest: bytes
+    signature: bytes
+    pcr_bank: str
+    pcr_values: Mapping[int, bytes]
+    event_log: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the verifier expects of one quote."""
+
+    ak: PublicArea
+    nonce: bytes
+    pcr_bank: str
+    pcrs: tuple[int, ...]
+    signer: bytes | None
+    """The AK's qualified name (`ak_qualified_name(ek, ak)`); None skips the check (the CLI
+    without --ek-public)."""
+    answered_nonces: frozenset[bytes] = frozenset()
+    last_clock: ClockState | None = None
+    golden: Mapping[int, bytes] | None = field(default_factory=dict)
+    """Expected PCR values; None skips step 10 (`gtvp verify-quote` without --golden)."""
+    ak_attributes_known: bool = True
+    """False when the AK came as a bare PEM key, which carries no TPM attributes."""
+    event_log_required: bool = False
+    forbidden_digests: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class QuoteResult:
+    """A verified quote."""
+
+    clock: ClockState
+    pcrs: Mapping[int, bytes]
+    used_event_log: bool
+
+
+REQUIRED_AK_ATTRIBUTES = {
+    "restricted": 1 << 16,
+    "sign": 1 << 18,
+    "fixedTPM": 1 << 1,
+    "fixedParent": 1 << 4,
+    "sensitiveDataOrigin": 1 << 5,
+}
+FORBIDDEN_AK_ATTRIBUTES = {"decrypt": 1 << 17}
+
+
+def check_ak_attributes(ak: PublicArea) -> None:
+    """An AK must be a restricted, non-duplicable, TPM-generated signing-only key."""
+    missing = [n for n, bit in REQUIRED_AK_ATTRIBUTES.items() if not ak.attributes & bit]
+    extra = [n for n, bit in FORBIDDEN_AK_ATTRIBUTES.items() if ak.attributes & bit]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks {', '.join(missing)}")
+        if extra:
+            parts.append(f"has {', '.join(extra)}")
+        raise errors.AkAttributesInvalid(
+            f"the AK {' and '.join(parts)}: only a restricted signing key that cannot leave "
+            "its TPM can vouch for a quote; re-enrol the agent (it creates a proper AK)"
+        )
+    if isinstance(ak.key, rsa.RSAPublicKey) and ak.key.key_size < 2048:
+        raise errors.AkAttributesInvalid(
+            f"the AK is RSA-{ak.key.key_size}; at least 2048 is needed"
+        )
+
+
+def check_signature(ak: PublicArea, sig: Signature, message: bytes) -> None:
+    """Raise unless `sig` is the AK's signature over `message`."""
+    if sig.hash_alg == ALG_SHA1 or sig.hash_alg not in _HASHES:
+        raise errors.WeakHashAlgorithm(
+            f"the quote is signed with {HASH_NAMES.get(sig.hash_alg, hex(sig.hash_alg))}; "
+            "gtvp accepts SHA-256, SHA-384 and SHA-512"
+        )
+    if ak.scheme != ALG_NULL and (ak.scheme != sig.scheme or ak.scheme_hash != sig.hash_alg):
+        raise errors.BadSignature("the signature's scheme is not the one the AK is restricted to")
+    h = _HASHES[sig.hash_alg]()
+    try:
+        if sig.scheme == ALG_ECDSA and isinstance(ak.key, ec.EllipticCurvePublicKey):
+            ak.key.verify(encode_dss_signature(sig.r, sig.s), message, ec.ECDSA(h))
+        elif sig.scheme == ALG_RSASSA and isinstance(ak.key, rsa.RSAPublicKey):
+            ak.key.verify(sig.rsa_sig, message, padding.PKCS1v15(), h)
+        elif sig.scheme == ALG_RSAPSS and isinstance(ak.key, rsa.RSAPublicKey):
+            pss = padding.PSS(mgf=padding.MGF1(h), salt_length=padding.PSS.AUTO)
+            ak.key.verify(sig.rsa_sig, message, pss, h)
+        else:
+            raise errors.BadSignature(
+                "the signature's algorithm does not match the AK's key type (another key?)"
+            )
+    except InvalidSignature as exc:
+        raise errors.BadSignature(
+            "the signature does not verify with the member's AK: the quote was altered or "
+            "signed by another key"
+        ) from exc
+
+
+def pcr_digest(values: list[bytes], hash_alg: int) -> bytes:
+    return hashlib.new(HASH_NAMES[hash_alg], b"".join(values)).digest()
+
+
+@functools.lru_cache(maxsize=512)
+def _replay(event_log: bytes) -> EventLog:
+    return parse_event_log(event_log)
+
+
+def _check_counters(a: Attest, last: ClockState | None) -> ClockState:
+    now = ClockState(a.clock, a.reset_count, a.restart_count)
+    if last is None:
+        return now
+    if a.reset_count < last.reset_count:
+        raise errors.CounterWentBack(
+            f"TPM resetCount went from {last.reset_count} to {a.reset_count}: an old quote or "
+            "another TPM"
+        )
+    if a.reset_count > last.reset_count:
+        raise errors.Rebooted(
+            f"the host rebooted (TPM resetCount {last.reset_count} -> {a.reset_count}); its "
+            "new boot is verified by the next quote",
+            clock=now,
+        )
+    if a.restart_count < last.restart_count:
+        raise errors.CounterWentBack(
+            f"TPM restartCount went from {last.restart_count} to {a.restart_count}"
+        )
+    if a.clock < last.clock:
+        raise errors.ClockWentBack(
+            f"TPM clock went back from {last.clock} ms to {a.clock} ms without a reset"
+        )
+    return now
+
+
+def _check_pcr_values(ev: Evidence, exp: Expectation) -> bool:
+    log: EventLog | None = None
+    if ev.event_log:
+        log = _replay(ev.event_log)
+        if exp.forbidden_digests:
+            bad = log.all_digests(exp.pcr_bank) & exp.forbidden_digests
+            if bad:
+                raise errors.ForbiddenEvent(
+                    f"the event log measures {sorted(bad)[0]}, which the policy forbids"
+                )
+    elif exp.event_log_required:
+        raise errors.EventLogMissing(
+            "the policy requires an event log and the agent sent none (is "
+            "/sys/kernel/security/tpm0/binary_bios_measurements readable by the agent?)"
+        )
+    used_log = False
+    size = HASH_SIZES[HASH_BY_NAME[exp.pcr_bank]]
+    golden = exp.golden or {}
+    for p in exp.pcrs:
+        got = ev.pcr_values[p]
+        want = golden.get(p)
+        if want is not None:
+            if not hmac.compare_digest(got, want):
+                raise errors.PcrMismatch(
+                    f"PCR {p} ({exp.pcr_bank}) is {got.hex()}, the golden value is {want.hex()}"
+                )
+            continue
+        if log is None:
+            raise errors.UnexplainedPcr(
+                f"PCR {p} has no golden value in the member's class and no event log explains it"
+            )
+        if exp.pcr_bank not in log.pcrs:
+            raise errors.EventLogMismatch(f"the event log has no {exp.pcr_bank} digests")
+        replayed = log.pcrs[exp.pcr_bank].get(p, b"\0" * size)
+        if not hmac.compare_digest(got, replayed):
+            raise errors.EventLogMismatch(
+                f"PCR {p} is {got.hex()} but replaying the event log gives {replayed.hex()}: "
+                "something was measured that the log does not show"
+            )
+        used_log = True
+    return used_log
+
+
+def verify_quote(ev: Evidence, exp: Expectation) -> QuoteResult:
+    """Verify one quote against what is expected; raise the first failure."""
+    if exp.ak_attributes_known:
+        check_ak_attributes(exp.ak)
+    sig = parse_signature(ev.signature)
+    check_signature(exp.ak, sig, ev.attest)
+    a = parse_attest(ev.attest)
+    if a.magic != TPM_GENERATED_VALUE:
+        raise errors.NotTpmGenerated(
+            f"magic is 0x{a.magic:08x}, not TPM_GENERATED_VALUE: the TPM did not make these bytes"
+        )
+    if a.type != TPM_ST_ATTEST_QUOTE:
+        raise errors.NotAQuote(f"attestation type is 0x{a.type:04x}, not a quote (0x8018)")
+    if exp.signer is not None and not hmac.compare_digest(a.qualified_signer, exp.signer):
+        raise errors.SignerMismatch(
+            f"the quote names signer {a.qualified_signer.hex()}, not the member's AK under its "
+            f"EK ({exp.signer.hex()})"
+        )
+    if not hmac.compare_digest(a.extra_data, exp.nonce):
+        if a.extra_data in exp.answered_nonces:
+            raise errors.NonceReplayed(
+                f"nonce {a.extra_data.hex()} was already answered: a replayed quote"
+            )
+        raise errors.NonceMismatch(
+            f"the quote answers nonce {a.extra_data.hex() or '(none)'}, the outstanding nonce "
+            f"is {exp.nonce.hex()}"
+        )
+    wanted = (PcrSelection(HASH_BY_NAME[exp.pcr_bank], tuple(sorted(exp.pcrs))),)
+    if a.pcr_selections != wanted:
+        raise errors.PcrSelectionMismatch(
+            "the quote covers "
+            + ", ".join(f"{HASH_NAMES[s.hash_alg]}:{list(s.pcrs)}" for s in a.pcr_selections)
+            + f", the challenge asked for {exp.pcr_bank}:{sorted(exp.pcrs)}"
+        )
+    if ev.pcr_bank != exp.pcr_bank or set(ev.pcr_values) != set(exp.pcrs):
+        raise errors.PcrSelectionMismatch(
+            f"the agent reported {ev.pcr_bank}:{sorted(ev.pcr_values)}, the quote covers "
+            f"{exp.pcr_bank}:{sorted(exp.pcrs)}"
+        )
+    size = HASH_SIZES[HASH_BY_NAME[exp.pcr_bank]]
+    if any(len(ev.pcr_values[p]) != size for p in exp.pcrs):
+        raise errors.MalformedEvidence(f"a reported {exp.pcr_bank} PCR value is not {size} bytes")
+    values = [ev.pcr_values[p] for p in sorted(exp.pcrs)]
+    if not hmac.compare_digest(pcr_digest(values, sig.hash_alg), a.pcr_digest):
+        raise errors.PcrDigestMismatch(
+            "the reported PCR values do not hash to the digest the TPM signed: they were "
+            "changed after the quote, or read at another time"
+        )
+    clock = _check_counters(a, exp.last_clock)
+    used_log = _check_pcr_values(ev, exp) if exp.golden is not None else False
+    return QuoteResult(clock, {p: ev.pcr_values[p] for p in exp.pcrs}, used_log)

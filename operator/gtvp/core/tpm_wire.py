@@ -1,0 +1,444 @@
+"""Parse the TPM 2.0 wire structures gtvp verifies: TPMS_ATTEST, TPMT_SIGNATURE, TPMT_PUBLIC.
+
+A strict, bounded, pure-Python reader (big-endian, as the TPM marshals them): every length is
+checked against what remains and against a ceiling, trailing bytes are an error, and
+unknown algorithm identifiers are refused. Anything wrong raises `MalformedEvidence` or
+`UnsupportedAlgorithm` — never another exception, never a partial result.
+
+Independent of tpm2-pytss on purpose: the tests cross-check names and fields against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from gtvp.core.errors import MalformedEvidence, UnsupportedAlgorithm
+
+MAX_STRUCT = 8192  # larger than any attest, signature or public area a TPM produces
+
+# TPM_ALG_ID
+ALG_RSA: Final = 0x0001
+ALG_SHA1: Final = 0x0004
+ALG_HMAC: Final = 0x0005
+ALG_AES: Final = 0x0006
+ALG_KEYEDHASH: Final = 0x0008
+ALG_XOR: Final = 0x000A
+ALG_SHA256: Final = 0x000B
+ALG_SHA384: Final = 0x000C
+ALG_SHA512: Final = 0x000D
+ALG_NULL: Final = 0x0010
+ALG_RSASSA: Final = 0x0014
+ALG_RSAES: Final = 0x0015
+ALG_RSAPSS: Final = 0x0016
+ALG_OAEP: Final = 0x0017
+ALG_ECDSA: Final = 0x0018
+ALG_ECDH: Final = 0x0019
+ALG_ECDAA: Final = 0x001A
+ALG_SM2: Final = 0x001B
+ALG_ECSCHNORR: Final = 0x001C
+ALG_KDF1_SP800_56A: Final = 0x0020
+ALG_KDF1_SP800_108: Final = 0x0022
+ALG_ECC: Final = 0x0023
+ALG_SYMCIPHER: Final = 0x0025
+ALG_CFB: Final = 0x0043
+
+HASH_SIZES: Final[dict[int, int]] = {ALG_SHA1: 20, ALG_SHA256: 32, ALG_SHA384: 48, ALG_SHA512: 64}
+HASH_NAMES: Final[dict[int, str]] = {
+    ALG_SHA1: "sha1",
+    ALG_SHA256: "sha256",
+    ALG_SHA384: "sha384",
+    ALG_SHA512: "sha512",
+}
+HASH_BY_NAME: Final[dict[str, int]] = {v: k for k, v in HASH_NAMES.items()}
+
+TPM_GENERATED_VALUE: Final = 0xFF544347
+TPM_ST_ATTEST_QUOTE: Final = 0x8018
+
+# TPMA_OBJECT bits
+FIXED_TPM: Final = 1 << 1
+FIXED_PARENT: Final = 1 << 4
+SENSITIVE_DATA_ORIGIN: Final = 1 << 5
+USER_WITH_AUTH: Final = 1 << 6
+ADMIN_WITH_POLICY: Final = 1 << 7
+RESTRICTED: Final = 1 << 16
+DECRYPT: Final = 1 << 17
+SIGN_ENCRYPT: Final = 1 << 18
+
+TPM_ECC_CURVES: Final[dict[int, ec.EllipticCurve]] = {
+    0x0003: ec.SECP256R1(),
+    0x0004: ec.SECP384R1(),
+    0x0005: ec.SECP521R1(),
+}
+
+
+class Reader:
+    """A bounded big-endian cursor over bytes."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def _take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise MalformedEvidence(
+                f"{self.what} is truncated: needs {n} bytes at offset {self.pos}, "
+                f"{len(self.data) - self.pos} left"
+            )
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u16(self) -> int:
+        v: int = struct.unpack(">H", self._take(2))[0]
+        return v
+
+    def u32(self) -> int:
+        v: int = struct.unpack(">I", self._take(4))[0]
+        return v
+
+    def u64(self) -> int:
+        v: int = struct.unpack(">Q", self._take(8))[0]
+        return v
+
+    def raw(self, n: int) -> bytes:
+        return self._take(n)
+
+    def tpm2b(self, limit: int = MAX_STRUCT) -> bytes:
+        size = self.u16()
+        if size > limit:
+            raise MalformedEvidence(
+                f"{self.what}: a sized field at offset {self.pos - 2} claims {size} bytes "
+                f"(at most {limit} allowed)"
+            )
+        return self._take(size)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise MalformedEvidence(
+                f"{self.what} has {len(self.data) - self.pos} unexpected trailing bytes"
+            )
+
+
+def _check_size(data: bytes, what: str) -> None:
+    if not data:
+        raise MalformedEvidence(f"{what} is empty")
+    if len(data) > MAX_STRUCT:
+        raise MalformedEvidence(f"{what} is {len(data)} bytes, more than the {MAX_STRUCT} allowed")
+
+
+def _hash_alg(alg: int, what: str) -> int:
+    if alg not in HASH_SIZES:
+        raise UnsupportedAlgorithm(f"{what}: hash algorithm 0x{alg:04x} is not supported")
+    return alg
+
+
+# ----- PCR selections ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PcrSelection:
+    """One bank and the PCR indices selected in it, in ascending order."""
+
+    hash_alg: int
+    pcrs: tuple[int, ...]
+
+
+def read_pcr_selections(r: Reader) -> tuple[PcrSelection, ...]:
+    count = r.u32()
+    if count > 16:
+        raise MalformedEvidence(f"{r.what}: {count} PCR banks selected (at most 16)")
+    out = []
+    for _ in range(count):
+        alg = _hash_alg(r.u16(), r.what)
+        size = r.u8()
+        if size > 4:
+            raise MalformedEvidence(f"{r.what}: PCR bitmap of {size} bytes (at most 4)")
+        bitmap = r.raw(size)
+        pcrs = tuple(
+            byte * 8 + bit for byte in range(size) for bit in range(8) if bitmap[byte] & (1 << bit)
+        )
+        out.append(PcrSelection(alg, pcrs))
+    return tuple(out)
+
+
+def marshal_pcr_selections(selections: tuple[PcrSelection, ...]) -> bytes:
+    out = struct.pack(">I", len(selections))
+    for sel in selections:
+        bitmap = bytearray(max([3, *(p // 8 + 1 for p in sel.pcrs)]))
+        for p in sel.pcrs:
+            bitmap[p // 8] |= 1 << (p % 8)
+        out += struct.pack(">HB", sel.hash_alg, len(bitmap)) + bytes(bitmap)
+    return out
+
+
+# ----- TPMS_ATTEST ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attest:
+    """A parsed TPMS_ATTEST of type quote."""
+
+    magic: int
+    type: int
+    qualified_signer: bytes
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+    firmware_version: int
+    pcr_selections: tuple[PcrSelection, ...]
+    pcr_digest: bytes
+
+
+def parse_attest(data: bytes) -> Attest:
+    """Parse TPMS_ATTEST bytes (what the TPM signs). Only quotes carry PCR fields."""
+    _check_size(data, "TPMS_ATTEST")
+    r = Reader(data, "TPMS_ATTEST")
+    magic = r.u32()
+    typ = r.u16()
+    signer = r.tpm2b(2 + 64)
+    extra = r.tpm2b(64)
+    clock = r.u64()
+    reset_count = r.u32()
+    restart_count = r.u32()
+    safe = r.u8()
+    if safe > 1:
+        raise MalformedEvidence(f"TPMS_ATTEST: clockInfo.safe is {safe}, not a boolean")
+    firmware = r.u64()
+    selections: tuple[PcrSelection, ...] = ()
+    digest = b""
+    if typ == TPM_ST_ATTEST_QUOTE:
+        selections = read_pcr_selections(r)
+        digest = r.tpm2b(64)
+        r.end()
+    return Attest(
+        magic=magic,
+        type=typ,
+        qualified_signer=signer,
+        extra_data=extra,
+        clock=clock,
+        reset_count=reset_count,
+        restart_count=restart_count,
+        safe=bool(safe),
+        firmware_version=firmware,
+        pcr_selections=selections,
+        pcr_digest=digest,
+    )
+
+
+# ----- TPMT_SIGNATURE ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A parsed TPMT_SIGNATURE: scheme, hash, and either (r, s) or an RSA signature."""
+
+    scheme: int
+    hash_alg: int
+    r: int = 0
+    s: int = 0
+    rsa_sig: bytes = b""
+
+
+def parse_signature(data: bytes) -> Signature:
+    _check_size(data, "TPMT_SIGNATURE")
+    r = Reader(data, "TPMT_SIGNATURE")
+    scheme = r.u16()
+    if scheme in (ALG_ECDSA,):
+        h = _hash_alg(r.u16(), "TPMT_SIGNATURE")
+        sig_r = int.from_bytes(r.tpm2b(66), "big")
+        sig_s = int.from_bytes(r.tpm2b(66), "big")
+        r.end()
+        return Signature(scheme, h, r=sig_r, s=sig_s)
+    if scheme in (ALG_RSASSA, ALG_RSAPSS):
+        h = _hash_alg(r.u16(), "TPMT_SIGNATURE")
+        sig = r.tpm2b(512)
+        r.end()
+        return Signature(scheme, h, rsa_sig=sig)
+    raise UnsupportedAlgorithm(
+        f"TPMT_SIGNATURE: signature scheme 0x{scheme:04x} is not supported "
+        "(ECDSA, RSASSA and RSAPSS are)"
+    )
+
+
+# ----- TPMT_PUBLIC ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublicArea:
+    """A parsed TPMT_PUBLIC (RSA or ECC) with its marshalled bytes, for name computation."""
+
+    type: int
+    name_alg: int
+    attributes: int
+    scheme: int
+    scheme_hash: int
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    symmetric: int
+    marshalled: bytes
+
+    @property
+    def name(self) -> bytes:
+        """The TPM name: nameAlg || H_nameAlg(TPMT_PUBLIC)."""
+        h = hashlib.new(HASH_NAMES[self.name_alg], self.marshalled).digest()
+        return struct.pack(">H", self.name_alg) + h
+
+
+TPM_RH_ENDORSEMENT: Final = 0x4000000B
+
+
+def qualified_name(parent_qualified_name: bytes, child: PublicArea) -> bytes:
+    """QN(child) = nameAlg || H_nameAlg(QN(parent) || Name(child)), as TPMS_ATTEST names signers."""
+    h = hashlib.new(HASH_NAMES[child.name_alg], parent_qualified_name + child.name).digest()
+    return struct.pack(">H", child.name_alg) + h
+
+
+def ak_qualified_name(ek: PublicArea, ak: PublicArea) -> bytes:
+    """The qualified name of an AK created under a primary EK in the endorsement hierarchy."""
+    ek_qn = qualified_name(struct.pack(">I", TPM_RH_ENDORSEMENT), ek)
+    return qualified_name(ek_qn, ak)
+
+
+def _read_symmetric(r: Reader) -> int:
+    alg = r.u16()
+    if alg == ALG_NULL:
+        return alg
+    if alg not in (ALG_AES,):
+        raise UnsupportedAlgorithm(f"{r.what}: symmetric algorithm 0x{alg:04x}")
+    r.u16()  # keyBits
+    mode = r.u16()
+    if mode != ALG_CFB:
+        raise UnsupportedAlgorithm(f"{r.what}: symmetric mode 0x{mode:04x}")
+    return alg
+
+
+def _read_scheme(r: Reader) -> tuple[int, int]:
+    scheme = r.u16()
+    if scheme == ALG_NULL:
+        return scheme, ALG_NULL
+    if scheme not in (ALG_ECDSA, ALG_RSASSA, ALG_RSAPSS, ALG_OAEP, ALG_ECDH, ALG_RSAES):
+        raise UnsupportedAlgorithm(f"{r.what}: scheme 0x{scheme:04x}")
+    if scheme == ALG_RSAES:
+        return scheme, ALG_NULL
+    return scheme, _hash_alg(r.u16(), r.what)
+
+
+def parse_public(data: bytes) -> PublicArea:
+    """Parse a TPM2B_PUBLIC (size-prefixed) or a bare TPMT_PUBLIC."""
+    _check_size(data, "TPM2B_PUBLIC")
+    if len(data) >= 2 and struct.unpack(">H", data[:2])[0] == len(data) - 2:
+        # a size prefix that covers exactly the rest: TPM2B_PUBLIC
+        data = data[2:]
+    r = Reader(data, "TPMT_PUBLIC")
+    typ = r.u16()
+    name_alg = _hash_alg(r.u16(), "TPMT_PUBLIC nameAlg")
+    attributes = r.u32()
+    r.tpm2b(64)  # authPolicy
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    if typ == ALG_RSA:
+        sym = _read_symmetric(r)
+        scheme, scheme_hash = _read_scheme(r)
+        bits = r.u16()
+        exponent = r.u32() or 65537
+        modulus = r.tpm2b(512)
+        if bits not in (1024, 2048, 3072, 4096) or len(modulus) * 8 != bits:
+            raise MalformedEvidence(f"TPMT_PUBLIC: RSA modulus of {len(modulus)} bytes for {bits}")
+        try:
+            key = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+        except ValueError as exc:
+            raise MalformedEvidence(f"TPMT_PUBLIC: not an RSA key: {exc}") from exc
+    elif typ == ALG_ECC:
+        sym = _read_symmetric(r)
+        scheme, scheme_hash = _read_scheme(r)
+        curve_id = r.u16()
+        kdf = r.u16()
+        if kdf != ALG_NULL:
+            r.u16()
+        x = r.tpm2b(66)
+        y = r.tpm2b(66)
+        curve = TPM_ECC_CURVES.get(curve_id)
+        if curve is None:
+            raise UnsupportedAlgorithm(f"TPMT_PUBLIC: ECC curve 0x{curve_id:04x}")
+        try:
+            key = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve
+            ).public_key()
+        except ValueError as exc:
+            raise MalformedEvidence(f"TPMT_PUBLIC: ECC point is not on the curve: {exc}") from exc
+    else:
+        raise UnsupportedAlgorithm(f"TPMT_PUBLIC: key type 0x{typ:04x} (RSA and ECC are)")
+    r.end()
+    return PublicArea(
+        type=typ,
+        name_alg=name_alg,
+        attributes=attributes,
+        scheme=scheme,
+        scheme_hash=scheme_hash,
+        key=key,
+        symmetric=sym,
+        marshalled=data,
+    )
+
+
+# ----- tpm2-tools PCR files ---------------------------------------------------------------------
+
+_TOOLS_SEL_SIZE = 4 + 16 * 8  # TPML_PCR_SELECTION as the C struct tpm2-tools writes
+_TOOLS_DIGEST_LIST = 4 + 8 * 66  # TPML_DIGEST
+
+
+def parse_tools_pcrs(data: bytes) -> dict[str, dict[int, bytes]]:
+    """Parse the PCR file `tpm2_quote -o` writes (its default, serialized format).
+
+    tpm2-tools dumps its C structures in host (little-endian) order: a TPML_PCR_SELECTION,
+    a UINT32 count of TPML_DIGEST lists, then the lists. Returns bank -> {pcr: value}.
+    """
+    if len(data) < _TOOLS_SEL_SIZE + 4 or len(data) > _TOOLS_SEL_SIZE + 4 + 64 * _TOOLS_DIGEST_LIST:
+        raise MalformedEvidence(f"PCR file of {len(data)} bytes is not tpm2-tools' format")
+    (count,) = struct.unpack_from("<I", data, 0)
+    if count > 16:
+        raise MalformedEvidence(f"PCR file selects {count} banks")
+    wanted: list[tuple[str, int]] = []
+    for i in range(count):
+        alg, size = struct.unpack_from("<HB", data, 4 + i * 8)
+        if alg not in HASH_NAMES or size > 4:
+            raise MalformedEvidence(f"PCR file: bank {i} has algorithm 0x{alg:04x}, size {size}")
+        bitmap = data[4 + i * 8 + 3 : 4 + i * 8 + 3 + size]
+        for byte in range(size):
+            for bit in range(8):
+                if bitmap[byte] & (1 << bit):
+                    wanted.append((HASH_NAMES[alg], byte * 8 + bit))
+    (lists,) = struct.unpack_from("<I", data, _TOOLS_SEL_SIZE)
+    if len(data) != _TOOLS_SEL_SIZE + 4 + lists * _TOOLS_DIGEST_LIST:
+        raise MalformedEvidence(f"PCR file length does not match its {lists} digest lists")
+    digests: list[bytes] = []
+    for li in range(lists):
+        base = _TOOLS_SEL_SIZE + 4 + li * _TOOLS_DIGEST_LIST
+        (n,) = struct.unpack_from("<I", data, base)
+        if n > 8:
+            raise MalformedEvidence(f"PCR file: digest list {li} claims {n} digests")
+        for d in range(n):
+            (size,) = struct.unpack_from("<H", data, base + 4 + d * 66)
+            if size > 64:
+                raise MalformedEvidence(f"PCR file: digest of {size} bytes")
+            off = base + 4 + d * 66 + 2
+            digests.append(data[off : off + size])
+    if len(digests) != len(wanted):
+        raise MalformedEvidence(
+            f"PCR file selects {len(wanted)} PCRs but holds {len(digests)} values"
+        )
+    out: dict[str, dict[int, bytes]] = {}
+    for (bank, pcr), value in zip(wanted, digests, strict=True):
+        if len(value) != HASH_SIZES[HASH_BY_NAME[bank]]:
+            raise MalformedEvidence(f"PCR file: {bank} PCR {pcr} has {len(value)} bytes")
+        out.setdefault(bank, {})[pcr] = value
+    return out

@@ -1,0 +1,70 @@
+"""Every kopf handler of gtvp-operator, registered in this one place.
+
+Each handler is a few lines that hand the object to the module owning its logic
+(`members`, ...), which in turn calls the pure core. Importing this module registers the
+handlers; `gtvp.operator_main` does that and runs kopf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from gtvp import kube
+from gtvp.handlers import members
+
+log = logging.getLogger("gtvp.handlers")
+GROUP, VERSION = "gtvp.io", "v1alpha1"
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # gtvp writes its own Events on transitions; kopf's per-handler log events would cost
+    # one API write per handler run.
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+
+
+@kopf.on.event(GROUP, VERSION, "securitypolicies")
+async def policy_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    name = body.metadata.name or ""
+    members.set_policy(name, None if type == "DELETED" else dict(body.spec))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    name = body.metadata.name or ""
+    if type == "DELETED":
+        members.STATE.node_labels.pop(name, None)
+    else:
+        members.STATE.node_labels[name] = dict(body.metadata.labels or {})
+
+
+@kopf.on.event(GROUP, VERSION, "members")
+async def member_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    if members.observe(dict(body), type or ""):
+        await members.reconcile(body.metadata.name or "")
+
+
+_loop_task: asyncio.Task[None] | None = None
+_stop = asyncio.Event()
+
+
+@kopf.on.startup()
+async def start_recheck_loop(**_: Any) -> None:
+    global _loop_task  # noqa: PLW0603 - one background loop per operator process
+    if members.STATE.clients is None:
+        members.STATE.clients = kube.make_clients()
+    _loop_task = asyncio.create_task(members.recheck_loop(_stop))
+
+
+@kopf.on.cleanup()
+async def stop_recheck_loop(**_: Any) -> None:
+    _stop.set()
+    if _loop_task is not None:
+        await asyncio.wait([_loop_task], timeout=5)

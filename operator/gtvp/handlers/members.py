@@ -1,0 +1,200 @@
+"""Member attestation: run the pure `attestation_step` on each change and when a verdict is due.
+
+The kopf event handler feeds every Member change here; a single background loop re-checks
+members whose verdict expires or whose next look is due (one loop for the whole pool rather
+than a timer per member). Each member is handled under its own lock, and a body older
+than our last answer (its nonce already consumed) is skipped, so a verdict is never judged
+twice. The only writes: one status merge patch per decision, and an Event on transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import heapq
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gtvp import kube
+from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
+from gtvp.core.policy import Policy, PolicyError, parse_policy
+from gtvp.metrics import METRICS
+
+log = logging.getLogger("gtvp.members")
+
+OPERATOR_FIELDS = ("phase", "level", "trust", "challenge", "effectivePolicy", "conditions")
+
+
+@dataclass
+class PoolState:
+    """What the operator keeps in memory: latest bodies, policy, node labels, due times."""
+
+    clients: kube.Clients | None = None
+    policy_name: str = "default"
+    policy: Policy | None = None
+    policy_error: str | None = None
+    node_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    answered: dict[str, collections.deque[bytes]] = field(default_factory=dict)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    due: list[tuple[float, str]] = field(default_factory=list)
+    next_due: dict[str, float] = field(default_factory=dict)
+    wakeup: asyncio.Event | None = None
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self.locks.setdefault(name, asyncio.Lock())
+
+    def schedule(self, name: str, after: dt.timedelta) -> None:
+        """Look at `name` again after `after`; replaces any earlier plan for it."""
+        at = time.monotonic() + max(after.total_seconds(), 0.05)
+        self.next_due[name] = at
+        heapq.heappush(self.due, (at, name))
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    def pop_due(self, now: float) -> set[str]:
+        names = set()
+        while self.due and self.due[0][0] <= now:
+            at, name = heapq.heappop(self.due)
+            if self.next_due.get(name) == at:  # stale plans were replaced
+                del self.next_due[name]
+                names.add(name)
+        return names
+
+
+STATE = PoolState()
+
+
+def set_policy(name: str, spec: Mapping[str, Any] | None) -> None:
+    if name != STATE.policy_name:
+        return
+    if spec is None:
+        STATE.policy, STATE.policy_error = None, f"SecurityPolicy {name!r} does not exist"
+        return
+    try:
+        STATE.policy, STATE.policy_error = parse_policy(name, spec), None
+        log.info(
+            "SecurityPolicy %s loaded: levels %s, PCRs %s:%s",
+            name,
+            [lv.level for lv in STATE.policy.levels],
+            STATE.policy.pcr_bank,
+            list(STATE.policy.pcrs),
+        )
+    except PolicyError as exc:
+        STATE.policy, STATE.policy_error = None, str(exc)
+        log.error("SecurityPolicy %s is unusable: %s; every member is Untrusted", name, exc)
+    for member in list(STATE.bodies):
+        STATE.schedule(member, dt.timedelta(0))
+
+
+def _no_policy_status(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Without a usable policy nothing can be verified: every member is Untrusted."""
+    status = dict(body.get("status") or {})
+    trust = dict(status.get("trust") or {})
+    message = f"no usable SecurityPolicy: {STATE.policy_error}"
+    trust.update(verdict="Untrusted", reason="NoPolicy", message=message[:2000], usesLeft=0)
+    trust.pop("expiresAt", None)
+    return {
+        "phase": "Untrusted",
+        "level": 0,
+        "trust": trust,
+        "challenge": status.get("challenge") or {},
+    }
+
+
+async def reconcile(name: str) -> None:
+    """Decide and write the next status of one member (no-op when nothing changes)."""
+    c = STATE.clients
+    if c is None:
+        return
+    async with STATE.lock(name):
+        body = STATE.bodies.get(name)
+        if body is None:
+            return
+        status = body.get("status") or {}
+        challenge = status.get("challenge") or {}
+        seen = STATE.answered.setdefault(name, collections.deque(maxlen=32))
+        nonce = challenge.get("nonce")
+        if nonce and bytes.fromhex(str(nonce)) in seen:
+            return  # a body from before our last answer; the newer one is on its way
+        step: Step | None = None
+        if STATE.policy is None:
+            new = _no_policy_status(body)
+        else:
+            started = time.perf_counter()
+            step = attestation_step(
+                spec=body.get("spec") or {},
+                status=status,
+                labels=STATE.node_labels.get(
+                    name, (body.get("metadata") or {}).get("labels") or {}
+                ),
+                policy=STATE.policy,
+                now=dt.datetime.now(dt.UTC),
+                entropy=secrets.token_bytes(ENTROPY_BYTES),
+                answered_nonces=frozenset(seen),
+            )
+            if step.outcome is not None:
+                METRICS.observe_attestation(step.outcome, time.perf_counter() - started)
+            new = step.status
+            if step.answered_nonce is not None:
+                seen.append(step.answered_nonce)
+        old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
+        patch = kube.merge_patch_for(old, new)
+        if patch:
+            log.debug("member %s: status patch %s", name, patch)
+            result = await asyncio.to_thread(kube.patch_member_status, c, name, patch)
+            STATE.bodies[name] = dict(result) if isinstance(result, Mapping) else body
+        if step is not None:
+            for ev in step.events:
+                meta = body.get("metadata") or {}
+                await asyncio.to_thread(
+                    kube.post_event,
+                    c,
+                    kind="Member",
+                    name=name,
+                    uid=str(meta.get("uid", "")),
+                    namespace=None,
+                    type_=ev.type,
+                    reason=ev.reason,
+                    message=ev.message,
+                )
+                log.info("member %s: %s: %s", name, ev.reason, ev.message)
+            STATE.schedule(name, step.recheck_after)
+        else:
+            STATE.schedule(name, dt.timedelta(seconds=30))
+        METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
+
+
+def observe(body: Mapping[str, Any], event_type: str) -> bool:
+    """Record the latest body; False when the member is gone."""
+    name = str((body.get("metadata") or {}).get("name", ""))
+    if event_type == "DELETED":
+        STATE.bodies.pop(name, None)
+        STATE.answered.pop(name, None)
+        STATE.next_due.pop(name, None)
+        METRICS.forget_member(name)
+        return False
+    STATE.bodies[name] = dict(body)
+    return True
+
+
+async def recheck_loop(stop: asyncio.Event) -> None:
+    """Wake members whose next look is due (expiry, answerAfter): one loop for the pool."""
+    STATE.wakeup = asyncio.Event()
+    while not stop.is_set():
+        for name in STATE.pop_due(time.monotonic()):
+            try:
+                await reconcile(name)
+            except Exception:
+                log.exception("re-checking member %s failed; retrying in 5s", name)
+                STATE.schedule(name, dt.timedelta(seconds=5))
+        timeout = (STATE.due[0][0] - time.monotonic()) if STATE.due else 30.0
+        STATE.wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(STATE.wakeup.wait(), timeout=max(0.05, min(timeout, 30.0)))

@@ -1,0 +1,97 @@
+"""Thin access to the API server for the operator: clients, status patches, events.
+
+Everything here is I/O with no decisions in it. The kubernetes client is synchronous; the
+async handlers call it through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+
+log = logging.getLogger("gtvp.kube")
+
+GROUP, VERSION = "gtvp.io", "v1alpha1"
+
+
+@dataclass
+class Clients:
+    api: client.ApiClient
+    custom: client.CustomObjectsApi
+    core: client.CoreV1Api
+
+
+def make_clients(kubeconfig: str | None = None) -> Clients:
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    if path:
+        api = config.new_client_from_config(config_file=path)
+    else:
+        config.load_incluster_config()
+        api = client.ApiClient()
+    return Clients(api, client.CustomObjectsApi(api), client.CoreV1Api(api))
+
+
+def merge_patch_for(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new` (keys gone from `new` become null)."""
+    patch: dict[str, Any] = {}
+    for k, v in new.items():
+        o = old.get(k)
+        if isinstance(v, Mapping) and isinstance(o, Mapping):
+            sub = merge_patch_for(o, v)
+            if sub:
+                patch[k] = sub
+        elif v != o:
+            patch[k] = v
+    for k in old:
+        if k not in new:
+            patch[k] = None
+    return patch
+
+
+def patch_member_status(c: Clients, name: str, status_patch: Mapping[str, Any]) -> Any:
+    return c.custom.patch_cluster_custom_object_status(
+        GROUP, VERSION, "members", name, {"status": dict(status_patch)}
+    )
+
+
+def post_event(
+    c: Clients,
+    *,
+    kind: str,
+    name: str,
+    uid: str,
+    namespace: str | None,
+    type_: str,
+    reason: str,
+    message: str,
+) -> None:
+    """Record a core/v1 Event about an object (cluster-scoped ones go to `default`)."""
+    now = dt.datetime.now(dt.UTC)
+    ns = namespace or "default"
+    body = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=ns),
+        involved_object=client.V1ObjectReference(
+            api_version=f"{GROUP}/{VERSION}",
+            kind=kind,
+            name=name,
+            uid=uid,
+            namespace=namespace,
+        ),
+        type=type_,
+        reason=reason,
+        message=message[:1024],
+        source=client.V1EventSource(component="gtvp-operator"),
+        first_timestamp=now,
+        last_timestamp=now,
+        count=1,
+    )
+    try:
+        c.core.create_namespaced_event(ns, body)
+    except client.exceptions.ApiException as exc:  # events are best effort
+        log.warning("could not record event %s on %s/%s: %s", reason, kind, name, exc.reason)

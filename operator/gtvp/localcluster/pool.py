@@ -1,0 +1,222 @@
+"""A local trusted pool on a running control plane: policy, members, swtpms, agents, operator.
+
+Used by `gtvp local up` and by the tests. Each member gets its own swtpm (EK certificate from
+the pool's private swtpm CA), its own client identity and its own `gtvp-agent` process; the
+operator runs as a `gtvp-operator` process with the operator identity. The pool's policy
+trusts the swtpm CA and pins PCRs 0-7 to the values a fresh swtpm has (no firmware runs in
+an emulator, so they are all zero): extending one of them is the "tamper" of the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gtvp.localcluster.controlplane import OPERATOR, ControlPlane, agent_identity
+from gtvp.localcluster.processes import ProcessTable, free_port
+from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+
+GOLDEN_PCRS = tuple(range(8))
+ZERO = "00" * 32
+
+
+def manifests() -> list[Path]:
+    base = resources.files("gtvp") / "manifests"
+    return [Path(str(base / n)) for n in ("rbac.yaml", "agent-vap.yaml", "local-bindings.yaml")]
+
+
+def pool_policy(
+    ca: SwtpmCA,
+    *,
+    name: str = "default",
+    interval: str = "5s",
+    valid_for: str = "15s",
+    max_uses: int = 50,
+) -> dict[str, Any]:
+    """A SecurityPolicy for a pool of swtpm members."""
+
+    def level(n: int, lname: str, on_untrusted: str) -> dict[str, Any]:
+        return {
+            "level": n,
+            "name": lname,
+            "onUntrusted": on_untrusted,
+            "attestation": {"interval": interval, "validFor": valid_for, "maxUses": max_uses},
+        }
+
+    return {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "SecurityPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "levels": [
+                level(1, "standard", "Keep"),
+                level(2, "sensitive", "Migrate"),
+                level(3, "restricted", "Migrate"),
+            ],
+            "pcrSelection": {"hashAlgorithm": "sha256", "pcrs": list(GOLDEN_PCRS)},
+            "memberClasses": [{"name": "swtpm", "goldenPCRs": {str(p): ZERO for p in GOLDEN_PCRS}}],
+            "defaultMemberClass": "swtpm",
+            # every member may carry up to its identity (the administrator's ceiling)
+            "transitions": [{"matchLabels": {}, "level": 3}],
+            "ekTrust": {"caBundle": ca.bundle_pem()},
+        },
+    }
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    found = str(exe) if exe.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} is not installed in this environment (pip install -e .)")
+    return found
+
+
+class Pool:
+    """Members, their swtpms and agents, and the operator, on one control plane."""
+
+    def __init__(self, cp: ControlPlane, directory: Path) -> None:
+        self.cp = cp
+        self.dir = directory.resolve()
+        self.procs = ProcessTable(self.dir)
+        self.ca = SwtpmCA(self.dir / "swtpm-ca")
+        self.tpms: dict[str, Swtpm] = {}
+        self.metrics_port: int | None = None
+
+    # ----- cluster objects ------------------------------------------------------------------
+    def install_access(self) -> None:
+        """RBAC for the operator and agents, and the agent-writes admission policy."""
+        for m in manifests():
+            self.cp.kubectl("apply", "-f", str(m))
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        self.cp.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=gtvp-local",
+            "-f",
+            "-",
+            input_text=json.dumps(obj),
+        )
+
+    def put(self, obj: dict[str, Any]) -> None:
+        """Create or replace an object whole (no fields left over from another writer)."""
+        text = json.dumps(obj)
+        out = self.cp.kubectl("create", "-f", "-", input_text=text, check=False)
+        if out.returncode != 0:
+            if "AlreadyExists" not in out.stderr:
+                raise RuntimeError(out.stderr.strip())
+            current = json.loads(
+                self.cp.kubectl("get", "-f", "-", "-o", "json", input_text=text).stdout
+            )
+            obj = {
+                **obj,
+                "metadata": {
+                    **obj["metadata"],
+                    "resourceVersion": current["metadata"]["resourceVersion"],
+                },
+            }
+            self.cp.kubectl("replace", "-f", "-", input_text=json.dumps(obj))
+
+    def apply_policy(self, **kwargs: Any) -> None:
+        self.ca.ensure()
+        self.put(pool_policy(self.ca, **kwargs))
+
+    # ----- members --------------------------------------------------------------------------
+    def tpm(self, name: str) -> Swtpm:
+        if name not in self.tpms:
+            self.tpms[name] = Swtpm(name, self.dir / "tpm" / name, self.procs)
+        return self.tpms[name]
+
+    def add_member(self, name: str, *, identity: int = 3, start_agent: bool = True) -> Swtpm:
+        tpm = self.tpm(name)
+        tpm.manufacture(self.ca.ensure())
+        tpm.start()
+        self.apply(
+            {
+                "apiVersion": "gtvp.io/v1alpha1",
+                "kind": "Member",
+                "metadata": {"name": name},
+                "spec": {"identity": identity},
+            }
+        )
+        if start_agent:
+            self.start_agent(name)
+        return tpm
+
+    def start_agent(self, name: str) -> None:
+        tpm = self.tpm(name)
+        kubeconfig = self.cp.kubeconfig_for(agent_identity(name))
+        self.procs.start(
+            f"agent-{name}",
+            [
+                _bin("gtvp-agent"),
+                "--node",
+                name,
+                "--tpm",
+                tpm.tcti,
+                "--kubeconfig",
+                str(kubeconfig),
+                "--state-dir",
+                str(self.dir / "agent-state"),
+                "--no-event-log",
+            ],
+        )
+
+    def stop_agent(self, name: str) -> None:
+        self.procs.stop(f"agent-{name}")
+
+    # ----- operator -------------------------------------------------------------------------
+    def start_operator(self, *, metrics_port: int | None = None) -> None:
+        self.metrics_port = metrics_port or self.metrics_port or free_port()
+        self.procs.start(
+            "operator",
+            [
+                _bin("gtvp-operator"),
+                "--kubeconfig",
+                str(self.cp.kubeconfig_for(OPERATOR)),
+                "--metrics-port",
+                str(self.metrics_port),
+            ],
+        )
+
+    def stop_operator(self) -> None:
+        self.procs.stop("operator")
+
+    # ----- observation ----------------------------------------------------------------------
+    def member(self, name: str) -> dict[str, Any]:
+        out = self.cp.kubectl("get", "member", name, "-o", "json")
+        obj: dict[str, Any] = json.loads(out.stdout)
+        return obj
+
+    def wait_phase(
+        self, name: str, phases: set[str] | str, *, timeout: float = 60.0, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Wait until the member's phase (and optionally trust.reason) is as asked."""
+        want = {phases} if isinstance(phases, str) else phases
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            last = self.member(name)
+            status = last.get("status") or {}
+            trust = status.get("trust") or {}
+            if status.get("phase") in want and (reason is None or trust.get("reason") == reason):
+                return last
+            time.sleep(0.2)
+        status = last.get("status") or {}
+        raise TimeoutError(
+            f"member {name} did not reach {sorted(want)}"
+            f"{' with reason ' + reason if reason else ''} in {timeout:.0f}s: phase "
+            f"{status.get('phase')}, trust {json.dumps(status.get('trust'))[:400]}; "
+            f"operator log:\n{self.procs.log_tail('operator', 10)}\nagent log:\n"
+            f"{self.procs.log_tail('agent-' + name, 10)}"
+        )
+
+    def stop(self) -> None:
+        for t in self.procs.all():
+            self.procs.stop(t.name)

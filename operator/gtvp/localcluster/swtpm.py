@@ -1,0 +1,173 @@
+"""Real TPM 2.0 emulators (swtpm, from Debian) for the local pool and the tests.
+
+`SwtpmCA` is a private instance of swtpm's local CA (`swtpm_localca`: a root and an
+intermediate "swtpm-localca" that issues EK certificates), kept in its own directory so
+that tests and pools never share or touch /var/lib/swtpm-localca. `Swtpm` manufactures one
+TPM with `swtpm_setup --create-ek-cert` (EK certificates in NV, issued by that CA) and runs
+it as `swtpm socket` on loopback, tracked like every other local process. State paths are
+absolute (swtpm leaves its working directory).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from gtvp.localcluster.processes import ProcessTable, free_port, port_in_use
+
+
+def _port_pair() -> int:
+    """A free port whose successor is free too (command and control channel)."""
+    for _ in range(100):
+        port = free_port()
+        if port < 65535 and not port_in_use(port + 1):
+            return port
+    raise RuntimeError("no two adjacent free loopback ports found")
+
+
+class SwtpmError(RuntimeError):
+    """swtpm is missing or failed; the message says what to do."""
+
+
+def _require(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise SwtpmError(
+            f"{binary} was not found: install Debian's swtpm and swtpm-tools packages "
+            "(make setup does)"
+        )
+    return path
+
+
+class SwtpmCA:
+    """A private swtpm-localca: the EK certificate issuer a test or pool policy trusts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory.resolve()
+
+    @property
+    def setup_config(self) -> Path:
+        return self.dir / "swtpm_setup.conf"
+
+    def ensure(self) -> SwtpmCA:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        localca = self.dir / "swtpm-localca.conf"
+        if not localca.exists():
+            localca.write_text(
+                f"statedir = {self.dir}\n"
+                f"signingkey = {self.dir}/signkey.pem\n"
+                f"issuercert = {self.dir}/issuercert.pem\n"
+                f"certserial = {self.dir}/certserial\n"
+            )
+            (self.dir / "swtpm-localca.options").write_text(
+                "--platform-manufacturer gtvp\n--platform-version 2.1\n--platform-model swtpm\n"
+            )
+            self.setup_config.write_text(
+                f"create_certs_tool = {_require('swtpm_localca')}\n"
+                f"create_certs_tool_config = {localca}\n"
+                f"create_certs_tool_options = {self.dir}/swtpm-localca.options\n"
+                "active_pcr_banks = sha256\n"
+            )
+        return self
+
+    def bundle_pem(self) -> str:
+        """The root and the issuing intermediate, PEM: what a policy's caBundle holds."""
+        root = self.dir / "swtpm-localca-rootca-cert.pem"
+        issuer = self.dir / "issuercert.pem"
+        if not root.exists() or not issuer.exists():
+            raise SwtpmError(f"the swtpm CA in {self.dir} has not issued a certificate yet")
+        return issuer.read_text() + root.read_text()
+
+
+class Swtpm:
+    """One emulated TPM 2.0 on a loopback port."""
+
+    def __init__(
+        self, name: str, state: Path, procs: ProcessTable, port: int | None = None
+    ) -> None:
+        self.name = name
+        self.state = state.resolve()
+        self.procs = procs
+        self.port = port or _port_pair()
+        self.ctrl_port = self.port + 1  # the swtpm TCTI expects the control port next to it
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    @property
+    def proc_name(self) -> str:
+        return f"swtpm-{self.name}"
+
+    def manufacture(self, ca: SwtpmCA) -> None:
+        """Create the TPM's state with RSA and ECC EKs and their certificates (once)."""
+        if (self.state / "tpm2-00.permall").exists():
+            return
+        self.state.mkdir(parents=True, exist_ok=True)
+        ca.ensure()
+        proc = subprocess.run(
+            [
+                _require("swtpm_setup"),
+                "--tpm2",
+                "--tpmstate",
+                str(self.state),
+                "--create-ek-cert",
+                "--config",
+                str(ca.setup_config),
+                "--overwrite",
+                "--pcr-banks",
+                "sha256",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise SwtpmError(f"swtpm_setup for {self.name} failed: {proc.stderr.strip()[-800:]}")
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        tracked = self.procs.get(self.proc_name)
+        if tracked is not None and tracked.alive():
+            return
+        for attempt in range(5):
+            if attempt:  # a port taken between choosing and binding: choose again
+                self.port = _port_pair()
+                self.ctrl_port = self.port + 1
+            if self._start_once(timeout):
+                return
+        raise SwtpmError(f"swtpm {self.name} did not start: {self.procs.log_tail(self.proc_name)}")
+
+    def _start_once(self, timeout: float) -> bool:
+        self.procs.start(
+            self.proc_name,
+            [
+                _require("swtpm"),
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state}",
+                "--server",
+                f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={self.ctrl_port},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+            ],
+        )
+        deadline = time.monotonic() + timeout
+        while not port_in_use(self.port):
+            t = self.procs.get(self.proc_name)
+            if t is None or not t.alive():
+                if "Address already in use" in self.procs.log_tail(self.proc_name, 3):
+                    return False
+                raise SwtpmError(f"swtpm {self.name} exited: {self.procs.log_tail(self.proc_name)}")
+            if time.monotonic() > deadline:
+                raise SwtpmError(f"swtpm {self.name} did not listen within {timeout:.0f}s")
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        self.procs.stop(self.proc_name)
