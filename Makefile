@@ -7,7 +7,7 @@ VENV  ?= $(or $(GTVP_VENV),$(CACHE)/venv)
 BIN   := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck down
+.PHONY: setup demo test lint typecheck down bench
 
 setup:
 	@.ci/setup-machine
@@ -32,3 +32,7 @@ typecheck:
 test: setup lint typecheck
 	@echo "[test] pytest (unit, integration on the real API server, e2e)"
 	@$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: setup
+	@echo "[bench] figures are ratios against a baseline measured in the same run"
+	@$(BIN)/python -m tests.bench.bench_verify

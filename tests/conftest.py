@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from gtvp.localcluster import layout, toolchain
 from gtvp.localcluster.controlplane import ControlPlane, Ports
-from gtvp.localcluster.processes import free_port
+from gtvp.localcluster.processes import ProcessTable, free_port
+from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +87,41 @@ def cluster_names(control_plane: ControlPlane) -> Iterator[list[str]]:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return layout.repo_root()
+
+
+# ----- TPMs: real swtpm emulators with EK certificates from a private swtpm CA ----------------
+
+
+@pytest.fixture(scope="session")
+def tpm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tpms")
+
+
+@pytest.fixture(scope="session")
+def swtpm_ca(tpm_dir: Path) -> SwtpmCA:
+    return SwtpmCA(tpm_dir / "ca").ensure()
+
+
+@pytest.fixture(scope="session")
+def make_tpm(tpm_dir: Path, swtpm_ca: SwtpmCA) -> Iterator[Callable[..., Swtpm]]:
+    """Manufacture and start a fresh swtpm (EK certificate from `swtpm_ca` unless told)."""
+    procs = ProcessTable(tpm_dir)
+    made: list[Swtpm] = []
+
+    def make(name: str | None = None, ca: SwtpmCA | None = None) -> Swtpm:
+        name = name or f"tpm-{uuid.uuid4().hex[:8]}"
+        tpm = Swtpm(name, tpm_dir / "state" / name, procs)
+        tpm.manufacture(ca or swtpm_ca)
+        tpm.start()
+        made.append(tpm)
+        return tpm
+
+    yield make
+    for tpm in made:
+        tpm.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_tpm(make_tpm: Callable[..., Swtpm]) -> Swtpm:
+    """One swtpm for tests that only read from it (never extend its PCRs here)."""
+    return make_tpm("shared")

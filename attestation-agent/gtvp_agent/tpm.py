@@ -270,11 +270,11 @@ class Tpm:
         """Extend a PCR (used by `gtvp local tamper` and the tamper tests on an swtpm)."""
         import hashlib
 
-        from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA
+        from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
 
         digest = hashlib.new(bank, data).digest()
         alg = getattr(TPM2_ALG, bank.upper())
-        values = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=alg, digest=digest)])
+        values = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=alg, digest=TPMU_HA(**{bank: digest}))])
         self._e.pcr_extend(ESYS_TR.PCR0 + pcr, values)
 
 

@@ -80,8 +80,12 @@ def _load_der(der: bytes, what: str) -> x509.Certificate:
         raise errors.EkCertificateInvalid(f"{what} is not a DER X.509 certificate: {exc}") from exc
 
 
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+"""Tolerance for a certificate issued moments ago by a clock slightly ahead of ours."""
+
+
 def _valid_at(cert: x509.Certificate, now: datetime.datetime, what: str) -> None:
-    if now < cert.not_valid_before_utc:
+    if now + CLOCK_SKEW < cert.not_valid_before_utc:
         raise errors.EkCertificateInvalid(
             f"{what} ({cert.subject.rfc4514_string() or 'no subject'}) is not valid before "
             f"{cert.not_valid_before_utc.isoformat()}"

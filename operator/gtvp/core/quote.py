@@ -32,6 +32,7 @@ from gtvp.core.eventlog import EventLog, parse_event_log
 from gtvp.core.tpm_wire import (
     ALG_ECDSA,
     ALG_NULL,
+    ALG_RSA,
     ALG_RSAPSS,
     ALG_RSASSA,
     ALG_SHA1,
@@ -48,11 +49,12 @@ from gtvp.core.tpm_wire import (
     parse_signature,
 )
 
-_HASHES: dict[int, type[hashes.HashAlgorithm]] = {
-    HASH_BY_NAME["sha256"]: hashes.SHA256,
-    HASH_BY_NAME["sha384"]: hashes.SHA384,
-    HASH_BY_NAME["sha512"]: hashes.SHA512,
+_HASHES: dict[int, hashes.HashAlgorithm] = {
+    HASH_BY_NAME["sha256"]: hashes.SHA256(),
+    HASH_BY_NAME["sha384"]: hashes.SHA384(),
+    HASH_BY_NAME["sha512"]: hashes.SHA512(),
 }
+_ECDSA = {alg: ec.ECDSA(h) for alg, h in _HASHES.items()}
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ class Expectation:
     event_log_required: bool = False
     forbidden_digests: frozenset[str] = frozenset()
 
+    @functools.cached_property
+    def wanted_selection(self) -> tuple[PcrSelection, ...]:
+        return (PcrSelection(HASH_BY_NAME[self.pcr_bank], tuple(sorted(self.pcrs))),)
+
+    @functools.cached_property
+    def digest_size(self) -> int:
+        return HASH_SIZES[HASH_BY_NAME[self.pcr_bank]]
+
 
 @dataclass(frozen=True)
 class QuoteResult:
@@ -115,8 +125,18 @@ REQUIRED_AK_ATTRIBUTES = {
 FORBIDDEN_AK_ATTRIBUTES = {"decrypt": 1 << 17}
 
 
+_REQUIRED_MASK = sum(REQUIRED_AK_ATTRIBUTES.values())
+_FORBIDDEN_MASK = sum(FORBIDDEN_AK_ATTRIBUTES.values())
+
+
 def check_ak_attributes(ak: PublicArea) -> None:
     """An AK must be a restricted, non-duplicable, TPM-generated signing-only key."""
+    if (
+        ak.attributes & _REQUIRED_MASK == _REQUIRED_MASK
+        and not ak.attributes & _FORBIDDEN_MASK
+        and (ak.type != ALG_RSA or ak.key.key_size >= 2048)
+    ):
+        return
     missing = [n for n, bit in REQUIRED_AK_ATTRIBUTES.items() if not ak.attributes & bit]
     extra = [n for n, bit in FORBIDDEN_AK_ATTRIBUTES.items() if ak.attributes & bit]
     if missing or extra:
@@ -144,10 +164,10 @@ def check_signature(ak: PublicArea, sig: Signature, message: bytes) -> None:
         )
     if ak.scheme != ALG_NULL and (ak.scheme != sig.scheme or ak.scheme_hash != sig.hash_alg):
         raise errors.BadSignature("the signature's scheme is not the one the AK is restricted to")
-    h = _HASHES[sig.hash_alg]()
+    h = _HASHES[sig.hash_alg]
     try:
         if sig.scheme == ALG_ECDSA and isinstance(ak.key, ec.EllipticCurvePublicKey):
-            ak.key.verify(encode_dss_signature(sig.r, sig.s), message, ec.ECDSA(h))
+            ak.key.verify(encode_dss_signature(sig.r, sig.s), message, _ECDSA[sig.hash_alg])
         elif sig.scheme == ALG_RSASSA and isinstance(ak.key, rsa.RSAPublicKey):
             ak.key.verify(sig.rsa_sig, message, padding.PKCS1v15(), h)
         elif sig.scheme == ALG_RSAPSS and isinstance(ak.key, rsa.RSAPublicKey):
@@ -227,9 +247,7 @@ def _check_pcr_values(ev: Evidence, exp: Expectation) -> bool:
                 )
             continue
         if log is None:
-            raise errors.UnexplainedPcr(
-                f"PCR {p} has no golden value in the member's class and no event log explains it"
-            )
+            raise errors.UnexplainedPcr(f"PCR {p} has no golden value and no event log explains it")
         if exp.pcr_bank not in log.pcrs:
             raise errors.EventLogMismatch(f"the event log has no {exp.pcr_bank} digests")
         replayed = log.pcrs[exp.pcr_bank].get(p, b"\0" * size)
@@ -269,7 +287,7 @@ def verify_quote(ev: Evidence, exp: Expectation) -> QuoteResult:
             f"the quote answers nonce {a.extra_data.hex() or '(none)'}, the outstanding nonce "
             f"is {exp.nonce.hex()}"
         )
-    wanted = (PcrSelection(HASH_BY_NAME[exp.pcr_bank], tuple(sorted(exp.pcrs))),)
+    wanted = exp.wanted_selection
     if a.pcr_selections != wanted:
         raise errors.PcrSelectionMismatch(
             "the quote covers "
@@ -281,10 +299,10 @@ def verify_quote(ev: Evidence, exp: Expectation) -> QuoteResult:
             f"the agent reported {ev.pcr_bank}:{sorted(ev.pcr_values)}, the quote covers "
             f"{exp.pcr_bank}:{sorted(exp.pcrs)}"
         )
-    size = HASH_SIZES[HASH_BY_NAME[exp.pcr_bank]]
-    if any(len(ev.pcr_values[p]) != size for p in exp.pcrs):
+    size = exp.digest_size
+    values = [ev.pcr_values[p] for p in wanted[0].pcrs]
+    if any(len(v) != size for v in values):
         raise errors.MalformedEvidence(f"a reported {exp.pcr_bank} PCR value is not {size} bytes")
-    values = [ev.pcr_values[p] for p in sorted(exp.pcrs)]
     if not hmac.compare_digest(pcr_digest(values, sig.hash_alg), a.pcr_digest):
         raise errors.PcrDigestMismatch(
             "the reported PCR values do not hash to the digest the TPM signed: they were "

@@ -10,6 +10,7 @@ Independent of tpm2-pytss on purpose: the tests cross-check names and fields aga
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -152,21 +153,30 @@ class PcrSelection:
     pcrs: tuple[int, ...]
 
 
+_SEL_HEAD = struct.Struct(">HB")
+
+
+@functools.lru_cache(maxsize=256)
+def _bitmap_pcrs(bitmap: bytes) -> tuple[int, ...]:
+    bits = int.from_bytes(bitmap, "little")
+    return tuple(i for i in range(len(bitmap) * 8) if bits >> i & 1)
+
+
 def read_pcr_selections(r: Reader) -> tuple[PcrSelection, ...]:
     count = r.u32()
     if count > 16:
         raise MalformedEvidence(f"{r.what}: {count} PCR banks selected (at most 16)")
     out = []
+    data = r.data
     for _ in range(count):
-        alg = _hash_alg(r.u16(), r.what)
-        size = r.u8()
+        if r.pos + 3 > len(data):
+            raise MalformedEvidence(f"{r.what} is truncated in a PCR selection")
+        alg, size = _SEL_HEAD.unpack_from(data, r.pos)
+        r.pos += 3
+        _hash_alg(alg, r.what)
         if size > 4:
             raise MalformedEvidence(f"{r.what}: PCR bitmap of {size} bytes (at most 4)")
-        bitmap = r.raw(size)
-        pcrs = tuple(
-            byte * 8 + bit for byte in range(size) for bit in range(8) if bitmap[byte] & (1 << bit)
-        )
-        out.append(PcrSelection(alg, pcrs))
+        out.append(PcrSelection(alg, _bitmap_pcrs(r.raw(size))))
     return tuple(out)
 
 
@@ -200,24 +210,51 @@ class Attest:
     pcr_digest: bytes
 
 
+_ATTEST_HEAD = struct.Struct(">IHH")  # magic, type, qualifiedSigner.size
+_CLOCK_INFO = struct.Struct(">QIIBQ")  # clock, resetCount, restartCount, safe, firmware
+_U16 = struct.Struct(">H")
+
+
 def parse_attest(data: bytes) -> Attest:
-    """Parse TPMS_ATTEST bytes (what the TPM signs). Only quotes carry PCR fields."""
+    """Parse TPMS_ATTEST bytes (what the TPM signs). Only quotes carry PCR fields.
+
+    Offsets are checked once per field with struct.unpack_from: this runs for every quote
+    of every member, so it avoids a call per byte.
+    """
     _check_size(data, "TPMS_ATTEST")
-    r = Reader(data, "TPMS_ATTEST")
-    magic = r.u32()
-    typ = r.u16()
-    signer = r.tpm2b(2 + 64)
-    extra = r.tpm2b(64)
-    clock = r.u64()
-    reset_count = r.u32()
-    restart_count = r.u32()
-    safe = r.u8()
+    n = len(data)
+
+    def need(off: int, size: int, what: str) -> None:
+        if off + size > n:
+            raise MalformedEvidence(
+                f"TPMS_ATTEST is truncated in {what}: needs {size} bytes at offset {off}, "
+                f"{max(0, n - off)} left"
+            )
+
+    need(0, 8, "the header")
+    magic, typ, signer_size = _ATTEST_HEAD.unpack_from(data, 0)
+    if signer_size > 2 + 64:
+        raise MalformedEvidence(f"TPMS_ATTEST: qualifiedSigner claims {signer_size} bytes")
+    off = 8
+    need(off, signer_size + 2, "qualifiedSigner")
+    signer = data[off : off + signer_size]
+    off += signer_size
+    (extra_size,) = _U16.unpack_from(data, off)
+    off += 2
+    if extra_size > 64:
+        raise MalformedEvidence(f"TPMS_ATTEST: extraData claims {extra_size} bytes (at most 64)")
+    need(off, extra_size + _CLOCK_INFO.size, "extraData/clockInfo")
+    extra = data[off : off + extra_size]
+    off += extra_size
+    clock, reset_count, restart_count, safe, firmware = _CLOCK_INFO.unpack_from(data, off)
+    off += _CLOCK_INFO.size
     if safe > 1:
         raise MalformedEvidence(f"TPMS_ATTEST: clockInfo.safe is {safe}, not a boolean")
-    firmware = r.u64()
     selections: tuple[PcrSelection, ...] = ()
     digest = b""
     if typ == TPM_ST_ATTEST_QUOTE:
+        r = Reader(data, "TPMS_ATTEST")
+        r.pos = off
         selections = read_pcr_selections(r)
         digest = r.tpm2b(64)
         r.end()
@@ -250,25 +287,30 @@ class Signature:
     rsa_sig: bytes = b""
 
 
+_SIG_HEAD = struct.Struct(">HH")
+
+
 def parse_signature(data: bytes) -> Signature:
     _check_size(data, "TPMT_SIGNATURE")
+    if len(data) < 4:
+        raise MalformedEvidence(f"TPMT_SIGNATURE is truncated: {len(data)} bytes")
+    scheme, h = _SIG_HEAD.unpack_from(data, 0)
+    if scheme not in (ALG_ECDSA, ALG_RSASSA, ALG_RSAPSS):
+        raise UnsupportedAlgorithm(
+            f"TPMT_SIGNATURE: signature scheme 0x{scheme:04x} is not supported "
+            "(ECDSA, RSASSA and RSAPSS are)"
+        )
+    _hash_alg(h, "TPMT_SIGNATURE")
     r = Reader(data, "TPMT_SIGNATURE")
-    scheme = r.u16()
-    if scheme in (ALG_ECDSA,):
-        h = _hash_alg(r.u16(), "TPMT_SIGNATURE")
+    r.pos = 4
+    if scheme == ALG_ECDSA:
         sig_r = int.from_bytes(r.tpm2b(66), "big")
         sig_s = int.from_bytes(r.tpm2b(66), "big")
         r.end()
         return Signature(scheme, h, r=sig_r, s=sig_s)
-    if scheme in (ALG_RSASSA, ALG_RSAPSS):
-        h = _hash_alg(r.u16(), "TPMT_SIGNATURE")
-        sig = r.tpm2b(512)
-        r.end()
-        return Signature(scheme, h, rsa_sig=sig)
-    raise UnsupportedAlgorithm(
-        f"TPMT_SIGNATURE: signature scheme 0x{scheme:04x} is not supported "
-        "(ECDSA, RSASSA and RSAPSS are)"
-    )
+    sig = r.tpm2b(512)
+    r.end()
+    return Signature(scheme, h, rsa_sig=sig)
 
 
 # ----- TPMT_PUBLIC ------------------------------------------------------------------------------

@@ -9,8 +9,11 @@ an emulator, so they are all zero): extending one of them is the "tamper" of the
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from importlib import resources
@@ -79,8 +82,9 @@ def _bin(name: str) -> str:
 class Pool:
     """Members, their swtpms and agents, and the operator, on one control plane."""
 
-    def __init__(self, cp: ControlPlane, directory: Path) -> None:
+    def __init__(self, cp: ControlPlane, directory: Path, *, policy: str = "default") -> None:
         self.cp = cp
+        self.policy_name = policy
         self.dir = directory.resolve()
         self.procs = ProcessTable(self.dir)
         self.ca = SwtpmCA(self.dir / "swtpm-ca")
@@ -125,7 +129,7 @@ class Pool:
 
     def apply_policy(self, **kwargs: Any) -> None:
         self.ca.ensure()
-        self.put(pool_policy(self.ca, **kwargs))
+        self.put(pool_policy(self.ca, name=self.policy_name, **kwargs))
 
     # ----- members --------------------------------------------------------------------------
     def tpm(self, name: str) -> Swtpm:
@@ -182,6 +186,8 @@ class Pool:
                 str(self.cp.kubeconfig_for(OPERATOR)),
                 "--metrics-port",
                 str(self.metrics_port),
+                "--policy",
+                self.policy_name,
             ],
         )
 
@@ -216,6 +222,30 @@ class Pool:
             f"operator log:\n{self.procs.log_tail('operator', 10)}\nagent log:\n"
             f"{self.procs.log_tail('agent-' + name, 10)}"
         )
+
+    def extend_pcr(self, name: str, pcr: int, data: bytes) -> None:
+        """Tamper with a member: extend one of its PCRs (as a rogue boot component would),
+        with tpm2-tools' tpm2_pcrextend talking to the member's swtpm."""
+        digest = hashlib.sha256(data).hexdigest()
+        tool = shutil.which("tpm2_pcrextend")
+        if tool is None:
+            raise FileNotFoundError("tpm2_pcrextend not found: install Debian's tpm2-tools")
+        out = subprocess.run(
+            [tool, f"{pcr}:sha256={digest}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TPM2TOOLS_TCTI": self.tpm(name).tcti, "TSS2_LOG": "all+NONE"},
+            timeout=30,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"tpm2_pcrextend on {name}'s swtpm failed: {out.stderr.strip()}")
+
+    def delete_members(self) -> None:
+        for name in self.tpms:
+            self.cp.kubectl(
+                "delete", "member", name, "--ignore-not-found", "--wait=false", check=False
+            )
 
     def stop(self) -> None:
         for t in self.procs.all():

@@ -1,0 +1,186 @@
+"""Agents on real swtpms enrol through the real API server; the operator verifies them.
+
+Everything here is a real process: kube-apiserver + etcd, one `gtvp-agent` per member with
+its own swtpm and client identity, `gtvp-operator` with its own identity. Who may write
+which part of a Member is the API server's decision (RBAC + ValidatingAdmissionPolicy).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from gtvp.localcluster.controlplane import ControlPlane, agent_identity
+from gtvp.localcluster.pool import Pool
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.tpm]
+
+
+@pytest.fixture(scope="module")
+def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    p = Pool(control_plane, tmp_path_factory.mktemp("pool"), policy=f"p-{uuid.uuid4().hex[:6]}")
+    p.install_access()
+    prefix = f"n{uuid.uuid4().hex[:4]}"
+    names = [f"{prefix}-a", f"{prefix}-b", f"{prefix}-c"]
+    for name in names:
+        p.add_member(name, identity=2, start_agent=False)
+    p.apply_policy(interval="2s", valid_for="6s")
+    p.start_operator()
+    for name in names:
+        p.start_agent(name)
+    try:
+        yield p
+    finally:
+        p.stop()
+        p.delete_members()
+        control_plane.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
+
+
+def _names(pool: Pool) -> list[str]:
+    return sorted(pool.tpms)
+
+
+def test_agents_enrol_and_their_quotes_verify(pool: Pool) -> None:
+    for name in _names(pool):
+        m = pool.wait_phase(name, "Trusted", timeout=60)
+        trust = m["status"]["trust"]
+        assert trust["reason"] == "QuoteVerified"
+        assert m["status"]["level"] == 2
+        assert trust["akName"] == m["status"]["agent"]["enrollment"]["akName"]
+    out = pool.cp.kubectl("get", "members", *_names(pool)).stdout
+    assert out.count("Trusted") == 3
+
+
+def test_quotes_keep_coming_and_each_nonce_is_answered_once(pool: Pool) -> None:
+    name = _names(pool)[0]
+    pool.wait_phase(name, "Trusted", timeout=60)
+    first = pool.member(name)["status"]["trust"]["verifiedAt"]
+    nonce = pool.member(name)["status"]["challenge"]["nonce"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        st = pool.member(name)["status"]
+        if st["trust"]["verifiedAt"] != first and st["challenge"]["nonce"] != nonce:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("no second verification within 20s")
+    assert st["phase"] == "Trusted"
+
+
+def test_agent_may_not_write_another_members_status(pool: Pool) -> None:
+    a, b = _names(pool)[:2]
+    out = pool.cp.kubectl(
+        "patch",
+        "member",
+        b,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"agent": {"agentVersion": "forged"}}}),
+        identity=agent_identity(a),
+        check=False,
+    )
+    assert out.returncode != 0
+    assert f"may write only the Member of its own node {a}, not {b}" in out.stderr
+
+
+def test_agent_may_not_write_a_verdict(pool: Pool) -> None:
+    a = _names(pool)[0]
+    for forged in (
+        {"trust": {"verdict": "Trusted", "reason": "ForgedByAgent"}},
+        {"phase": "Maintenance"},
+        {"level": 3},
+        {"challenge": {"nonce": "00"}},
+    ):
+        out = pool.cp.kubectl(
+            "patch",
+            "member",
+            a,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": forged}),
+            identity=agent_identity(a),
+            check=False,
+        )
+        assert out.returncode != 0, forged
+        assert "may write only status.agent" in out.stderr
+
+
+def test_agent_may_not_change_spec_or_delete(pool: Pool) -> None:
+    a = _names(pool)[0]
+    spec = pool.cp.kubectl(
+        "patch",
+        "member",
+        a,
+        "--type=merge",
+        "-p",
+        '{"spec":{"identity":9}}',
+        identity=agent_identity(a),
+        check=False,
+    )
+    assert spec.returncode != 0
+    assert "forbidden" in spec.stderr
+    gone = pool.cp.kubectl("delete", "member", a, identity=agent_identity(a), check=False)
+    assert gone.returncode != 0
+
+
+def test_tampered_member_turns_untrusted_with_the_pcr_named(pool: Pool) -> None:
+    name = _names(pool)[2]
+    pool.wait_phase(name, "Trusted", timeout=60)
+    pool.extend_pcr(name, 7, b"a bootloader the policy never saw")
+    m = pool.wait_phase(name, "Untrusted", reason="PcrMismatch", timeout=20)
+    assert "PCR 7" in m["status"]["trust"]["message"]
+    assert m["status"]["level"] == 0
+    events = pool.cp.kubectl(
+        "get", "events", "-n", "default", "--field-selector", f"involvedObject.name={name}"
+    ).stdout
+    assert "PcrMismatch" in events
+
+
+def test_stopped_agent_turns_untrusted_when_the_verdict_expires(pool: Pool) -> None:
+    name = _names(pool)[1]
+    pool.wait_phase(name, "Trusted", timeout=60)
+    pool.stop_agent(name)
+    started = time.monotonic()
+    m = pool.wait_phase(name, "Untrusted", reason="VerdictExpired", timeout=20)
+    assert time.monotonic() - started <= 8  # validFor 6s after the last nonce, plus slack
+    assert "no fresh quote" in m["status"]["trust"]["message"]
+    pool.start_agent(name)  # the agent comes back: trusted again without a human
+    pool.wait_phase(name, "Trusted", timeout=30)
+
+
+def test_operator_restart_keeps_verdicts_and_resumes(pool: Pool) -> None:
+    name = _names(pool)[0]
+    pool.wait_phase(name, "Trusted", timeout=60)
+    pool.stop_operator()
+    pool.start_operator()
+    before = pool.member(name)["status"]["trust"]["verifiedAt"]
+    deadline = time.monotonic() + 30
+    while pool.member(name)["status"]["trust"]["verifiedAt"] == before:
+        assert time.monotonic() < deadline, "the restarted operator verified nothing"
+        time.sleep(0.3)
+    assert pool.member(name)["status"]["phase"] == "Trusted"
+
+
+def test_operator_metrics_count_attestations(pool: Pool) -> None:
+    import urllib.request
+
+    pool.wait_phase(_names(pool)[0], "Trusted", timeout=60)
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{pool.metrics_port}/metrics",
+        timeout=5,
+    ) as r:
+        text = r.read().decode()
+    verified = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('gtvp_attestations_total{reason="QuoteVerified",result="verified"}')
+    ]
+    assert verified
+    assert float(verified[0].split()[-1]) >= 1
+    assert 'gtvp_members{level="2",phase="Trusted"}' in text

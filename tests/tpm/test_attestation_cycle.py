@@ -1,0 +1,222 @@
+"""The pure attestation cycle driven with a real TPM: enrol, activate, quote, expire, recover.
+
+`attestation_step` is a pure function; here its inputs are what a real agent on a real
+swtpm produces, and the member status is carried from one step to the next as the API
+server would store it (operator fields replaced, agent fields merged).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
+from gtvp.core.policy import parse_policy
+from gtvp.localcluster.pool import pool_policy
+from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+from gtvp_agent.tpm import Tpm
+
+pytestmark = pytest.mark.tpm
+
+T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+
+class Member:
+    """A Member as the API server would hold it, with an agent on a real TPM."""
+
+    def __init__(self, tpm: Swtpm, state: Path, ca: SwtpmCA, identity: int = 3) -> None:
+        self.tpm, self.state = tpm, state
+        self.spec: dict[str, Any] = {"identity": identity}
+        self.status: dict[str, Any] = {}
+        self.policy = parse_policy(
+            "default", pool_policy(ca, interval="10s", valid_for="30s")["spec"]
+        )
+        self.answered: set[bytes] = set()
+
+    def operator(self, now: dt.datetime) -> Step:
+        step = attestation_step(
+            spec=self.spec,
+            status=self.status,
+            labels={},
+            policy=self.policy,
+            now=now,
+            entropy=secrets.token_bytes(ENTROPY_BYTES),
+            answered_nonces=frozenset(self.answered),
+        )
+        self.status = {**step.status, "agent": self.status.get("agent", {})}
+        if step.answered_nonce:
+            self.answered.add(step.answered_nonce)
+        return step
+
+    def agent(self, *, quote: bool = True) -> None:
+        agent = self.status.setdefault("agent", {})
+        ch = self.status.get("challenge") or {}
+        with Tpm.open(self.tpm.tcti, self.state) as t:
+            en = t.enrolment()
+            agent.setdefault("enrollment", {}).update(
+                ekPublic=base64.b64encode(en.ek_public).decode(),
+                ekCertificate=base64.b64encode(en.ek_certificate or b"").decode(),
+                akPublic=base64.b64encode(en.ak_public).decode(),
+                akName=en.ak_name.hex(),
+            )
+            cred = ch.get("credential")
+            if cred:
+                secret = t.activate_credential(
+                    base64.b64decode(cred["credentialBlob"]), base64.b64decode(cred["secret"])
+                )
+                agent["enrollment"]["activation"] = {
+                    "challengeId": cred["id"],
+                    "secret": base64.b64encode(secret).decode(),
+                }
+            if quote and ch.get("nonce"):
+                q = t.quote(bytes.fromhex(ch["nonce"]), ch["pcrBank"], ch["pcrs"])
+                agent["evidence"] = {
+                    "nonce": ch["nonce"],
+                    "attest": base64.b64encode(q.attest).decode(),
+                    "signature": base64.b64encode(q.signature).decode(),
+                    "pcrBank": q.pcr_bank,
+                    "pcrValues": {str(p): v.hex() for p, v in q.pcr_values.items()},
+                }
+
+    @property
+    def phase(self) -> str:
+        return str(self.status.get("phase"))
+
+    @property
+    def reason(self) -> str:
+        return str((self.status.get("trust") or {}).get("reason"))
+
+
+def _enrolled(tpm: Swtpm, tpm_dir: Path, ca: SwtpmCA, name: str) -> Member:
+    m = Member(tpm, tpm_dir / f"agent-{name}", ca)
+    assert m.operator(T0).phase == "Pending"
+    m.agent()
+    assert m.operator(T0).phase == "Enrolling"  # credential challenge issued
+    m.agent()
+    step = m.operator(T0)
+    assert step.phase == "Enrolling"
+    assert [e.reason for e in step.events] == ["AkBound"]
+    m.agent()
+    step = m.operator(T0 + dt.timedelta(seconds=1))
+    assert m.phase == "Trusted", m.status.get("trust")
+    return m
+
+
+def test_member_enrols_and_becomes_trusted_at_its_level(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "a")
+    assert m.status["level"] == 3
+    trust = m.status["trust"]
+    assert trust["usesLeft"] == 50
+    assert trust["expiresAt"] == "2030-01-01T00:00:30Z"  # validFor after the nonce was issued
+    assert m.status["challenge"]["answerAfter"] == "2030-01-01T00:00:11Z"  # one interval on
+    ready = {c["type"]: c["status"] for c in m.status["conditions"]}
+    assert ready == {"Ready": "True", "Enrolled": "True", "Attested": "True"}
+
+
+def test_verdict_expires_without_a_fresh_quote(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "b")
+    step = m.operator(T0 + dt.timedelta(seconds=29))
+    assert m.phase == "Trusted"
+    assert step.recheck_after <= dt.timedelta(seconds=1)  # look again right at expiry
+    m.operator(T0 + dt.timedelta(seconds=31))
+    assert (m.phase, m.reason) == ("Untrusted", "VerdictExpired")
+    assert m.status["level"] == 0
+
+
+def test_tampered_member_turns_untrusted_and_recovers_only_by_a_clean_quote(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    tpm = make_tpm()
+    m = _enrolled(tpm, tpm_dir, swtpm_ca, "c")
+    with Tpm.open(tpm.tcti, m.state) as t:
+        t.extend_pcr(4, b"unsigned kernel")
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=12))
+    assert (m.phase, m.reason) == ("Untrusted", "PcrMismatch")
+    assert "PCR 4" in m.status["trust"]["message"]
+    m.agent()  # every later quote shows the same PCR: it stays Untrusted
+    m.operator(T0 + dt.timedelta(seconds=20))
+    assert m.reason == "PcrMismatch"
+
+
+def test_replayed_evidence_is_refused(make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "d")
+    old = dict(m.status["agent"]["evidence"])
+    # a compromised agent claims the new nonce but sends the old, genuine quote
+    m.status["agent"]["evidence"] = {**old, "nonce": m.status["challenge"]["nonce"]}
+    m.operator(T0 + dt.timedelta(seconds=12))
+    assert (m.phase, m.reason) == ("Untrusted", "NonceReplayed")
+
+
+def test_ek_swapped_under_a_known_member_is_refused_until_approved(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "e")
+    m.tpm = make_tpm()  # the host now presents another TPM
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=12))
+    assert (m.phase, m.reason) == ("Untrusted", "EkChanged")
+    assert m.status["challenge"] == {}  # nothing is asked of an unknown TPM
+    new_fp = m.status["trust"]["message"].split("approve it: ")[1]
+    assert "ekSHA256" in new_fp
+    from gtvp.core.enrolment import ek_fingerprint
+    from gtvp.core.tpm_wire import parse_public
+
+    fp = ek_fingerprint(parse_public(base64.b64decode(m.status["agent"]["enrollment"]["ekPublic"])))
+    m.spec["approval"] = {"ekSHA256": fp, "approvedBy": "admin"}
+    m.operator(T0 + dt.timedelta(seconds=13))  # approved: a new credential challenge
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=14))  # AK of the new TPM bound
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=15))
+    assert m.phase == "Trusted"
+    assert m.status["trust"]["ekSHA256"] == fp
+
+
+def test_agent_answer_with_wrong_secret_fails_activation(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = Member(make_tpm(), tpm_dir / "agent-f", swtpm_ca)
+    m.agent()
+    m.operator(T0)
+    m.agent()
+    m.status["agent"]["enrollment"]["activation"]["secret"] = base64.b64encode(
+        b"guessed" * 4
+    ).decode()
+    m.operator(T0)
+    assert (m.phase, m.reason) == ("Untrusted", "ActivationFailed")
+    assert m.status["challenge"]["credential"]  # a new challenge to try again
+
+
+def test_reboot_is_reported_then_trusted_again(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    tpm = make_tpm()
+    m = _enrolled(tpm, tpm_dir, swtpm_ca, "g")
+    tpm.stop()
+    tpm.start()
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=12))
+    assert (m.phase, m.reason) == ("Untrusted", "Rebooted")
+    assert m.status["challenge"]["answerAfter"] == "2030-01-01T00:00:12Z"  # re-asked at once
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=13))
+    assert m.phase == "Trusted"
+
+
+def test_maintenance_takes_a_trusted_member_out(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "h")
+    m.spec["maintenance"] = True
+    m.operator(T0 + dt.timedelta(seconds=2))
+    assert (m.phase, m.status["level"]) == ("Maintenance", 0)
