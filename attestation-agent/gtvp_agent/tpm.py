@@ -38,6 +38,7 @@ from tpm2_pytss.types import (
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPML_DIGEST,
     TPML_PCR_SELECTION,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
@@ -46,6 +47,18 @@ from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 log = logging.getLogger("gtvp_agent.tpm")
 
+# TCG EK Credential Profile, high-range templates, SHA-384 branches of the EK authPolicy:
+# PolicySecret(TPM_RH_ENDORSEMENT) and PolicyAuthorizeNV(0x01C07F02).
+EK_POLICY_OR_SHA384 = (
+    bytes.fromhex(
+        "8bbf2266537c171cb56e403c4dc1d4b64f432611dc386e6f532050c3278c930e"
+        "143e8bb1133824ccb431053871c6db53"
+    ),
+    bytes.fromhex(
+        "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5"
+        "b4947c2d73e63005eed2dc2b3593d165"
+    ),
+)
 EK_TYPES = {"rsa": ("EK-RSA2048", 0x01C00002), "ecc": ("EK-HIGH-ECC384", 0x01C00016)}
 AK_TEMPLATES = {"ecc": "ecc256:ecdsa-sha256:null", "rsa": "rsa2048:rsassa-sha256:null"}
 AK_ATTRIBUTES = (
@@ -144,16 +157,25 @@ class Tpm:
 
     @contextlib.contextmanager
     def _ek_session(self) -> Iterator[ESYS_TR]:
-        """A policy session satisfying the EK's PolicySecret(TPM_RH_ENDORSEMENT)."""
+        """A policy session satisfying the EK's authPolicy.
+
+        Low-range templates (RSA-2048): PolicySecret(TPM_RH_ENDORSEMENT) with SHA-256.
+        High-range templates (ECC P-384, TCG EK Credential Profile): SHA-384, and the policy
+        is PolicyOR(PolicySecret(endorsement), PolicyAuthorizeNV(0x01C07F02)); satisfying
+        the first branch and OR-ing with both branch digests gives the EK's authPolicy.
+        """
+        high = self.ek_type == "ecc"
         s = self._e.start_auth_session(
             ESYS_TR.NONE,
             ESYS_TR.NONE,
             TPM2_SE.POLICY,
             TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-            TPM2_ALG.SHA256,
+            TPM2_ALG.SHA384 if high else TPM2_ALG.SHA256,
         )
         with self._transient(s):
             self._e.policy_secret(ESYS_TR.ENDORSEMENT, s, b"", b"", b"", 0)
+            if high:
+                self._e.policy_or(s, TPML_DIGEST([TPM2B_DIGEST(d) for d in EK_POLICY_OR_SHA384]))
             yield s
 
     # ----- EK -------------------------------------------------------------------------------

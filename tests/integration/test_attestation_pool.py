@@ -154,6 +154,20 @@ def test_stopped_agent_turns_untrusted_when_the_verdict_expires(pool: Pool) -> N
     pool.wait_phase(name, "Trusted", timeout=30)
 
 
+def test_tpm_that_disappears_is_reported_and_fails_closed(pool: Pool) -> None:
+    name = _names(pool)[1]
+    pool.wait_phase(name, "Trusted", timeout=60)
+    pool.tpm(name).stop()
+    deadline = time.monotonic() + 20
+    while "cannot open the TPM" not in pool.member(name)["status"]["agent"].get("error", ""):
+        assert time.monotonic() < deadline, "the agent did not report the lost TPM"
+        time.sleep(0.3)
+    pool.wait_phase(name, "Untrusted", reason="VerdictExpired", timeout=20)
+    pool.tpm(name).start()  # it comes back (rebooted): trusted again, error cleared
+    pool.wait_phase(name, "Trusted", timeout=90)
+    assert not pool.member(name)["status"]["agent"].get("error")
+
+
 def test_operator_restart_keeps_verdicts_and_resumes(pool: Pool) -> None:
     name = _names(pool)[0]
     pool.wait_phase(name, "Trusted", timeout=60)

@@ -29,8 +29,17 @@ T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 class Member:
     """A Member as the API server would hold it, with an agent on a real TPM."""
 
-    def __init__(self, tpm: Swtpm, state: Path, ca: SwtpmCA, identity: int = 3) -> None:
+    def __init__(
+        self,
+        tpm: Swtpm,
+        state: Path,
+        ca: SwtpmCA,
+        identity: int = 3,
+        ek: str = "rsa",
+        ak: str = "ecc",
+    ) -> None:
         self.tpm, self.state = tpm, state
+        self.ek_type, self.ak_type = ek, ak
         self.spec: dict[str, Any] = {"identity": identity}
         self.status: dict[str, Any] = {}
         self.policy = parse_policy(
@@ -56,7 +65,7 @@ class Member:
     def agent(self, *, quote: bool = True) -> None:
         agent = self.status.setdefault("agent", {})
         ch = self.status.get("challenge") or {}
-        with Tpm.open(self.tpm.tcti, self.state) as t:
+        with Tpm.open(self.tpm.tcti, self.state, ek_type=self.ek_type, ak_type=self.ak_type) as t:
             en = t.enrolment()
             agent.setdefault("enrollment", {}).update(
                 ekPublic=base64.b64encode(en.ek_public).decode(),
@@ -92,8 +101,10 @@ class Member:
         return str((self.status.get("trust") or {}).get("reason"))
 
 
-def _enrolled(tpm: Swtpm, tpm_dir: Path, ca: SwtpmCA, name: str) -> Member:
-    m = Member(tpm, tpm_dir / f"agent-{name}", ca)
+def _enrolled(
+    tpm: Swtpm, tpm_dir: Path, ca: SwtpmCA, name: str, ek: str = "rsa", ak: str = "ecc"
+) -> Member:
+    m = Member(tpm, tpm_dir / f"agent-{name}", ca, ek=ek, ak=ak)
     assert m.operator(T0).phase == "Pending"
     m.agent()
     assert m.operator(T0).phase == "Enrolling"  # credential challenge issued
@@ -220,3 +231,23 @@ def test_maintenance_takes_a_trusted_member_out(
     m.spec["maintenance"] = True
     m.operator(T0 + dt.timedelta(seconds=2))
     assert (m.phase, m.status["level"]) == ("Maintenance", 0)
+
+
+@pytest.mark.parametrize(("ek", "ak"), [("ecc", "ecc"), ("rsa", "rsa"), ("ecc", "rsa")])
+def test_every_ek_and_ak_type_enrols(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA, ek: str, ak: str
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, f"types-{ek}-{ak}", ek=ek, ak=ak)
+    assert m.status["trust"]["reason"] == "QuoteVerified"
+
+
+def test_restarted_agent_reuses_its_ak(make_tpm: Any, tpm_dir: Path) -> None:
+    tpm = make_tpm()
+    with Tpm.open(tpm.tcti, tpm_dir / "agent-reuse") as t:
+        first = t.enrolment()
+    tpm.stop()
+    tpm.start()  # even across a TPM reboot the AK blobs load under the same EK
+    with Tpm.open(tpm.tcti, tpm_dir / "agent-reuse") as t:
+        again = t.enrolment()
+    assert again.ak_name == first.ak_name
+    assert again.ek_public == first.ek_public
