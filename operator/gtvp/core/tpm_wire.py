@@ -193,7 +193,7 @@ def marshal_pcr_selections(selections: tuple[PcrSelection, ...]) -> bytes:
 # ----- TPMS_ATTEST ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Attest:
     """A parsed TPMS_ATTEST of type quote."""
 
@@ -276,7 +276,7 @@ def parse_attest(data: bytes) -> Attest:
 # ----- TPMT_SIGNATURE ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Signature:
     """A parsed TPMT_SIGNATURE: scheme, hash, and either (r, s) or an RSA signature."""
 
