@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from gtvp.core import errors
 from gtvp.core.quote import Evidence, Expectation, verify_quote
 from gtvp.core.tpm_wire import (
+    ALG_ECC,
+    ALG_RSA,
     ALG_NULL,
     ALG_SHA256,
     HASH_SIZES,
@@ -53,7 +55,7 @@ def load_ak(data: bytes) -> tuple[PublicArea, bool]:
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             raise InputError("--ak-public must be an RSA or ECC key")
         area = PublicArea(
-            type=0,
+            type=ALG_ECC if isinstance(key, ec.EllipticCurvePublicKey) else ALG_RSA,
             name_alg=ALG_SHA256,
             attributes=0,
             scheme=ALG_NULL,

@@ -234,9 +234,14 @@ def _check_counters(a: Attest, last: ClockState | None) -> ClockState:
 
 def _check_pcr_values(ev: Evidence, exp: Expectation, values: list[bytes]) -> bool:
     whole = exp.golden_concatenated
-    if whole is not None and not ev.event_log and not exp.event_log_required:
-        if hmac.compare_digest(b"".join(values), whole):
-            return False  # the common case: every PCR has its golden value
+    if (
+        whole is not None
+        and not ev.event_log
+        and not exp.event_log_required
+        and hmac.compare_digest(b"".join(values), whole)
+    ):
+        return False  # the common case: every PCR has its golden value
+
     log: EventLog | None = None
     if ev.event_log:
         log = _replay(ev.event_log)
