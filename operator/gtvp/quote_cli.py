@@ -23,8 +23,8 @@ from gtvp.core import errors
 from gtvp.core.quote import Evidence, Expectation, verify_quote
 from gtvp.core.tpm_wire import (
     ALG_ECC,
-    ALG_RSA,
     ALG_NULL,
+    ALG_RSA,
     ALG_SHA256,
     HASH_SIZES,
     PublicArea,
