@@ -52,6 +52,18 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.admissions = Counter(
+            "gtvp_admission_decisions",
+            "Admission decisions by kind and outcome",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.evacuations = Counter(
+            "gtvp_evacuation_migrations",
+            "Evacuation migrations by state (started, finished, aborted)",
+            ["state"],
+            registry=self.registry,
+        )
         self.registry.register(_MemberCollector(self))
         for reason in ALL_REASONS:  # every reason is visible from the start, at 0
             self.attestations.labels("failed", reason)
@@ -64,7 +76,14 @@ class Metrics:
             self.attestations.labels("failed", outcome).inc()
         self.verification_seconds.observe(seconds)
 
+    def admission(self, kind: str, outcome: str) -> None:
+        self.admissions.labels(kind, outcome).inc()
+
+    def evacuation(self, state: str) -> None:
+        self.evacuations.labels(state).inc()
+
     def set_member(self, name: str, phase: str, level: int) -> None:
+
         self.members[name] = (phase, level)
 
     def forget_member(self, name: str) -> None:

@@ -38,6 +38,34 @@ def parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address /metrics listens on (0.0.0.0 in a pod)",
     )
+    p.add_argument(
+        "--webhook-port",
+        type=int,
+        default=int(os.environ.get("GTVP_WEBHOOK_PORT", "9443")),
+        help="port of the admission webhooks (0 disables)",
+    )
+    p.add_argument(
+        "--webhook-address",
+        default="127.0.0.1",
+        help="address the webhooks listen on (0.0.0.0 in a pod)",
+    )
+    p.add_argument(
+        "--webhook-cert",
+        default=os.environ.get("GTVP_WEBHOOK_CERT"),
+        help="serving certificate (PEM) the API server trusts",
+    )
+    p.add_argument(
+        "--webhook-key", default=os.environ.get("GTVP_WEBHOOK_KEY"), help="its private key (PEM)"
+    )
+    p.add_argument(
+        "--no-create-members", action="store_true", help="do not create a Member for each Node"
+    )
+    p.add_argument(
+        "--default-identity",
+        type=int,
+        default=1,
+        help="identity (level ceiling) of Members created for new Nodes",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -57,6 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gtvp.metrics import METRICS
 
     members.STATE.policy_name = args.policy
+    members.STATE.create_members = not args.no_create_members
+    members.STATE.default_identity = args.default_identity
+    if args.webhook_port:
+        if not (args.webhook_cert and args.webhook_key):
+            print(
+                "gtvp-operator: --webhook-cert and --webhook-key are required to serve the "
+                "admission webhooks (or --webhook-port 0 to disable them)",
+                file=sys.stderr,
+            )
+            return 2
+        members.STATE.webhook_server = kopf.WebhookServer(
+            addr=args.webhook_address,
+            port=args.webhook_port,
+            certfile=args.webhook_cert,
+            pkeyfile=args.webhook_key,
+        )
     members.STATE.policy_error = f"SecurityPolicy {args.policy!r} not seen yet"
     try:
         members.STATE.clients = kube.make_clients(args.kubeconfig)

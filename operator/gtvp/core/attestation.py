@@ -474,8 +474,18 @@ def attestation_step(
             recheck=interval,
         )
 
-    # --- nothing new: has the verdict expired? --------------------------------------------
+    # --- nothing new: has the verdict expired, or been spent? -----------------------------
     expires = _parse_ts(trust.get("expiresAt"))
+    answer_after = _parse_ts(challenge.get("answerAfter"))
+    if (
+        trust.get("verdict") == "Trusted"
+        and int(trust.get("usesLeft", 0) or 0) <= 0
+        and answer_after is not None
+        and answer_after > now
+    ):
+        # maxUses decisions backed by this verdict: ask for a fresh quote now
+        challenge["answerAfter"] = _ts(now)
+
     if trust.get("verdict") == "Trusted" and expires is not None and now >= expires:
         message = (
             f"no fresh quote verified within validFor ({mp.attestation.valid_for}): agent "

@@ -8,15 +8,17 @@ handlers; `gtvp.operator_main` does that and runs kopf.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from typing import Any
 
 import kopf
 
 from gtvp import kube
-from gtvp.handlers import members
+from gtvp.handlers import kubevirt, members, webhooks
 
 log = logging.getLogger("gtvp.handlers")
+__all__ = ["webhooks"]  # imported for its @kopf.on.mutate / @kopf.on.validate handlers
 GROUP, VERSION = "gtvp.io", "v1alpha1"
 
 
@@ -28,6 +30,11 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    # webhook configurations are rendered statically (gtvp.webhook_config, the Helm chart);
+    # kopf only serves the handlers, it never rewrites or removes the configurations
+    settings.admission.managed = None
+    if members.STATE.webhook_server is not None:
+        settings.admission.server = members.STATE.webhook_server
 
 
 @kopf.on.event(GROUP, VERSION, "securitypolicies")
@@ -41,8 +48,28 @@ async def node_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     name = body.metadata.name or ""
     if type == "DELETED":
         members.STATE.node_labels.pop(name, None)
-    else:
-        members.STATE.node_labels[name] = dict(body.metadata.labels or {})
+        members.STATE.nodes.pop(name, None)
+        return
+    members.STATE.node_labels[name] = dict(body.metadata.labels or {})
+    members.STATE.nodes[name] = dict(body)
+    if name not in members.STATE.bodies and members.STATE.create_members:
+        await members.ensure_member(name)
+    await members.sync_node(name)
+
+
+@kopf.on.event("kubevirt.io", "v1", "virtualmachineinstances")
+async def vmi_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    kubevirt.observe("vmi", dict(body), type or "")
+
+
+@kopf.on.event("kubevirt.io", "v1", "virtualmachineinstancemigrations")
+async def migration_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    kubevirt.observe("migration", dict(body), type or "")
+    if type != "DELETED":
+        await kubevirt.judge_migration(dict(body))
+        source = ((body.get("status") or {}).get("migrationState") or {}).get("sourceNode")
+        if source and source in members.STATE.bodies:
+            members.STATE.schedule(str(source), dt.timedelta(0))  # continue an evacuation
 
 
 @kopf.on.event(GROUP, VERSION, "members")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import heapq
 import logging
@@ -21,9 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from gtvp import kube
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.policy import Policy, PolicyError, parse_policy
+from gtvp.core.trust import node_patch
+from gtvp.handlers import kubevirt
 from gtvp.metrics import METRICS
 
 log = logging.getLogger("gtvp.members")
@@ -40,12 +45,16 @@ class PoolState:
     policy: Policy | None = None
     policy_error: str | None = None
     node_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
     answered: dict[str, collections.deque[bytes]] = field(default_factory=dict)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     due: list[tuple[float, str]] = field(default_factory=list)
     next_due: dict[str, float] = field(default_factory=dict)
     wakeup: asyncio.Event | None = None
+    create_members: bool = True
+    default_identity: int = 1
+    webhook_server: Any = None
 
     def lock(self, name: str) -> asyncio.Lock:
         return self.locks.setdefault(name, asyncio.Lock())
@@ -150,6 +159,22 @@ async def reconcile(name: str) -> None:
             log.debug("member %s: status patch %s", name, patch)
             result = await asyncio.to_thread(kube.patch_member_status, c, name, patch)
             STATE.bodies[name] = dict(result) if isinstance(result, Mapping) else body
+        await sync_node(name)
+        phase = str(new.get("phase", ""))
+        if phase in ("Untrusted", "Maintenance") and step is not None:
+            trust = new.get("trust") or {}
+            incident = f"{trust.get('reason')}@{trust.get('verifiedAt')}"
+            action = (
+                "Migrate"
+                if phase == "Maintenance"
+                else str((new.get("effectivePolicy") or {}).get("onUntrusted", "Migrate"))
+            )
+            remaining = await kubevirt.evacuate(name, incident, action)
+            if remaining and action == "Migrate":
+                STATE.schedule(name, dt.timedelta(seconds=1))
+                step = dataclasses.replace(
+                    step, recheck_after=min(step.recheck_after, dt.timedelta(seconds=1))
+                )
         if step is not None:
             for ev in step.events:
                 meta = body.get("metadata") or {}
@@ -169,6 +194,77 @@ async def reconcile(name: str) -> None:
         else:
             STATE.schedule(name, dt.timedelta(seconds=30))
         METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
+
+
+async def sync_node(name: str) -> None:
+    """Bring the Node's gtvp labels and taint in line with its Member's verdict."""
+    c = STATE.clients
+    node = STATE.nodes.get(name)
+    body = STATE.bodies.get(name)
+    if c is None or node is None:
+        return
+    status = (body or {}).get("status") or {}
+    meta = node.get("metadata") or {}
+    patch = node_patch(
+        meta.get("labels") or {},
+        (node.get("spec") or {}).get("taints") or [],
+        str(status.get("phase", "")) if body else "",
+        int(status.get("level", 0) or 0),
+    )
+    if patch is None:
+        return
+    try:
+        result = await asyncio.to_thread(c.core.patch_node, name, patch)
+        STATE.nodes[name] = result.to_dict() if hasattr(result, "to_dict") else node
+        log.info(
+            "node %s: %s",
+            name,
+            "trusted labels set"
+            if status.get("phase") == "Trusted"
+            else "trust labels removed, tainted gtvp.io/untrusted:NoSchedule",
+        )
+    except ApiException as exc:
+        log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
+
+
+async def ensure_member(name: str) -> None:
+    """Every Node is a member: create its Member (identity from --default-identity)."""
+    c = STATE.clients
+    if c is None:
+        return
+    body = {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "Member",
+        "metadata": {"name": name},
+        "spec": {"identity": STATE.default_identity},
+    }
+    try:
+        await asyncio.to_thread(
+            c.custom.create_cluster_custom_object, "gtvp.io", "v1alpha1", "members", body
+        )
+        log.info("node %s joined: Member created (identity %d)", name, STATE.default_identity)
+    except ApiException as exc:
+        if exc.status != 409:
+            log.warning("could not create Member %s: %s %s", name, exc.status, exc.reason)
+
+
+async def spend_use(name: str) -> None:
+    """One placement or migration decision backed by this member's verdict."""
+    c = STATE.clients
+    if c is None:
+        return
+    async with STATE.lock(name):
+        body = STATE.bodies.get(name)
+        trust = ((body or {}).get("status") or {}).get("trust") or {}
+        left = int(trust.get("usesLeft", 0) or 0)
+        if body is None or left <= 0:
+            return
+        result = await asyncio.to_thread(
+            kube.patch_member_status, c, name, {"trust": {"usesLeft": left - 1}}
+        )
+        STATE.bodies[name] = dict(result) if isinstance(result, Mapping) else body
+    if left - 1 <= 0:
+        STATE.schedule(name, dt.timedelta(0))
 
 
 def observe(body: Mapping[str, Any], event_type: str) -> bool:

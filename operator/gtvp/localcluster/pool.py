@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gtvp import webhook_config
+from gtvp.localcluster import pki
 from gtvp.localcluster.controlplane import OPERATOR, ControlPlane, agent_identity
 from gtvp.localcluster.processes import ProcessTable, free_port
 from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
@@ -90,6 +92,7 @@ class Pool:
         self.ca = SwtpmCA(self.dir / "swtpm-ca")
         self.tpms: dict[str, Swtpm] = {}
         self.metrics_port: int | None = None
+        self.webhook_port: int | None = None
 
     # ----- cluster objects ------------------------------------------------------------------
     def install_access(self) -> None:
@@ -137,7 +140,73 @@ class Pool:
             self.tpms[name] = Swtpm(name, self.dir / "tpm" / name, self.procs)
         return self.tpms[name]
 
-    def add_member(self, name: str, *, identity: int = 3, start_agent: bool = True) -> Swtpm:
+    def start_kwok(self) -> None:
+        """SIMULATION: kwok (upstream's Node simulator) keeps the pool's Nodes Ready."""
+        stages = Path(
+            str(resources.files("gtvp.localcluster") / "stages" / "kwok-node-stages.yaml")
+        )
+        self.procs.start(
+            "kwok",
+            [
+                str(self.cp.bin.kwok),
+                f"--kubeconfig={self.cp.admin_kubeconfig}",
+                "--manage-nodes-with-label-selector=gtvp.io/simulated-node=kwok",
+                f"--config={stages}",
+                "--node-ip=127.0.0.1",
+                "--server-address=127.0.0.1:0",
+            ],
+        )
+
+    def start_virtsim(self) -> None:
+        """SIMULATION: the stand-in for KubeVirt's virt-controller (see virtsim.py)."""
+        self.procs.start(
+            "virtsim",
+            [
+                sys.executable,
+                "-m",
+                "gtvp.localcluster.virtsim",
+                "--kubeconfig",
+                str(self.cp.admin_kubeconfig),
+            ],
+        )
+
+    def install_webhooks(self) -> None:
+        """gtvp's admission webhooks, served by the operator on a loopback port."""
+        self.webhook_port = self.webhook_port or free_port()
+        ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
+        for obj in webhook_config.webhook_configurations(
+            f"https://127.0.0.1:{self.webhook_port}", ca.cert.read_bytes()
+        ):
+            self.put(obj)
+
+    def webhook_cert(self) -> pki.KeyPair:
+        ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
+        return pki.issue(
+            ca,
+            self.dir / "pki",
+            "webhook",
+            common_name="gtvp-webhooks",
+            server_ips=("127.0.0.1",),
+            server_dns=("localhost",),
+        )
+
+    def add_node(self, name: str) -> None:
+        """SIMULATION: a Node object kwok keeps Ready (there is no kubelet here)."""
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "labels": {"kubernetes.io/hostname": name, "gtvp.io/simulated-node": "kwok"},
+                    "annotations": {"kwok.x-k8s.io/node": "fake"},
+                },
+            }
+        )
+
+    def add_member(
+        self, name: str, *, identity: int = 3, start_agent: bool = True, node: bool = False
+    ) -> Swtpm:
         tpm = self.tpm(name)
         tpm.manufacture(self.ca.ensure())
         tpm.start()
@@ -149,6 +218,8 @@ class Pool:
                 "spec": {"identity": identity},
             }
         )
+        if node:
+            self.add_node(name)
         if start_agent:
             self.start_agent(name)
         return tpm
@@ -178,6 +249,17 @@ class Pool:
     # ----- operator -------------------------------------------------------------------------
     def start_operator(self, *, metrics_port: int | None = None) -> None:
         self.metrics_port = metrics_port or self.metrics_port or free_port()
+        webhook: list[str] = ["--webhook-port", "0"]
+        if self.webhook_port:
+            cert = self.webhook_cert()
+            webhook = [
+                "--webhook-port",
+                str(self.webhook_port),
+                "--webhook-cert",
+                str(cert.cert),
+                "--webhook-key",
+                str(cert.key),
+            ]
         self.procs.start(
             "operator",
             [
@@ -188,6 +270,7 @@ class Pool:
                 str(self.metrics_port),
                 "--policy",
                 self.policy_name,
+                *webhook,
             ],
         )
 

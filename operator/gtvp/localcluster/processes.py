@@ -41,7 +41,14 @@ class Tracked:
 
     def alive(self) -> bool:
         """True while that very process runs (a reused pid has another start time)."""
-        return _start_time(self.pid) == self.started
+        if self.started:
+            return _start_time(self.pid) == self.started
+        # a pid file written before start times were recorded: match the command line
+        try:
+            argv0 = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            return False
+        return _start_time(self.pid) is not None and os.path.realpath(argv0) == self.binary
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -73,7 +80,7 @@ class ProcessTable:
         path = self._file(name)
         try:
             data = json.loads(path.read_text())
-            return Tracked(name, int(data["pid"]), str(data["binary"]), int(data["started"]))
+            return Tracked(name, int(data["pid"]), str(data["binary"]), int(data.get("started", 0)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

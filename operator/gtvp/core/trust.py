@@ -1,0 +1,106 @@
+"""What a member's verdict means for its Node and for the workloads that may land on it.
+
+Pure. Labels live under `node-restriction.kubernetes.io/`, which a node's own kubelet may
+not set (the NodeRestriction admission plugin), so a compromised node cannot claim trust.
+A Trusted node of level L carries `gtvp-trusted=true` and `gtvp-level-1` … `gtvp-level-L`
+(each `true`): a workload of level N selects `gtvp-level-N=true`, which means "level ≥ N"
+with a plain nodeSelector. A node that is not Trusted loses them all at once and gets the
+`gtvp.io/untrusted:NoSchedule` taint (never NoExecute: that would kill VMs instead of
+letting gtvp migrate them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "node-restriction.kubernetes.io/"
+TRUSTED_LABEL = f"{PREFIX}gtvp-trusted"
+LEVEL_LABEL = f"{PREFIX}gtvp-level-"
+TAINT_KEY = "gtvp.io/untrusted"
+MAX_LEVEL = 9
+VM_LEVEL_LABEL = "gtvp.io/level"
+"""Label a KubeVirt VM/VMI carries to opt in to gating; its value is the level it needs."""
+
+
+def trust_selector(level: int) -> dict[str, str]:
+    """The nodeSelector that admits only Trusted nodes of at least `level`."""
+    return {TRUSTED_LABEL: "true", f"{LEVEL_LABEL}{max(level, 1)}": "true"}
+
+
+def desired_labels(phase: str, level: int) -> dict[str, str | None]:
+    """gtvp's node labels for a member (None = remove)."""
+    trusted = phase == "Trusted" and level > 0
+    out: dict[str, str | None] = {TRUSTED_LABEL: "true" if trusted else None}
+    for n in range(1, MAX_LEVEL + 1):
+        out[f"{LEVEL_LABEL}{n}"] = "true" if trusted and n <= level else None
+    return out
+
+
+def node_patch(
+    node_labels: Mapping[str, str],
+    node_taints: Sequence[Mapping[str, Any]],
+    phase: str,
+    level: int,
+) -> dict[str, Any] | None:
+    """A merge patch bringing a Node's gtvp labels and taint in line; None when it already is."""
+    labels = {
+        k: v
+        for k, v in desired_labels(phase, level).items()
+        if node_labels.get(k) != v and not (v is None and k not in node_labels)
+    }
+    want_taint = phase != "Trusted"
+    others = [dict(t) for t in node_taints if t.get("key") != TAINT_KEY]
+    has_taint = any(t.get("key") == TAINT_KEY for t in node_taints)
+    patch: dict[str, Any] = {}
+    if labels:
+        patch["metadata"] = {"labels": labels}
+    if want_taint != has_taint:
+        taints = others + (
+            [{"key": TAINT_KEY, "value": phase or "Unknown", "effect": "NoSchedule"}]
+            if want_taint
+            else []
+        )
+        patch["spec"] = {"taints": taints}
+    return patch or None
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """What an admission decision needs to know about one member."""
+
+    name: str
+    phase: str
+    level: int
+    expires_at: dt.datetime | None
+    uses_left: int
+
+    def usable(self, now: dt.datetime, level: int) -> bool:
+        """Trusted, fresh, with uses left and at least `level`."""
+        return (
+            self.phase == "Trusted"
+            and self.level >= level
+            and self.expires_at is not None
+            and now < self.expires_at
+            and self.uses_left > 0
+        )
+
+
+def member_view(name: str, status: Mapping[str, Any]) -> MemberView:
+    trust = status.get("trust") or {}
+    expires = trust.get("expiresAt")
+    try:
+        expires_at = (
+            dt.datetime.fromisoformat(str(expires).replace("Z", "+00:00")) if expires else None
+        )
+    except ValueError:
+        expires_at = None
+    return MemberView(
+        name=name,
+        phase=str(status.get("phase", "")),
+        level=int(status.get("level", 0) or 0),
+        expires_at=expires_at,
+        uses_left=int(trust.get("usesLeft", 0) or 0),
+    )

@@ -1,0 +1,199 @@
+"""KubeVirt side of trust: evacuate untrusted members, abort migrations to lost targets.
+
+Keeps an in-memory view of VMIs and migrations (kopf watches), and:
+- `evacuate(member)` creates the migrations `plan_evacuation` asks for (deterministic names:
+  AlreadyExists means a previous run started it), or stops the VMs when the member's policy
+  says Stop;
+- a migration seen `Scheduled` or later whose target member is not usable for the VMI's
+  level is aborted by deleting it; a usable target spends one use of its verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from gtvp import kube
+from gtvp.core.evacuation import Vmi, migration_view, plan_evacuation
+from gtvp.core.gating import GatingError, level_of
+from gtvp.core.trust import member_view
+from gtvp.metrics import METRICS
+
+log = logging.getLogger("gtvp.kubevirt")
+KV = ("kubevirt.io", "v1")
+
+
+@dataclass
+class KubeVirtState:
+    vmis: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    migrations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    judged: set[str] = field(default_factory=set)  # migration uids whose target was checked
+
+
+STATE = KubeVirtState()
+
+
+def observe(kind: str, body: dict[str, Any], event_type: str) -> None:
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+    store = STATE.vmis if kind == "vmi" else STATE.migrations
+    if event_type == "DELETED":
+        store.pop(key, None)
+    else:
+        store[key] = body
+
+
+def gated_level(vmi: dict[str, Any]) -> int | None:
+    try:
+        return level_of((vmi.get("metadata") or {}).get("labels") or {})
+    except GatingError:
+        return 9  # an unreadable level is treated as the strictest
+
+
+def lookup_vmi(namespace: str, name: str) -> dict[str, Any] | None:
+    """A VMI from the watch cache, else from the API server (admission must not fail open)."""
+    cached = STATE.vmis.get((namespace, name))
+    if cached is not None:
+        return cached
+    from gtvp.handlers.members import STATE as MEMBERS
+
+    if MEMBERS.clients is None:
+        raise RuntimeError("no API client")
+    try:
+        obj: dict[str, Any] = MEMBERS.clients.custom.get_namespaced_custom_object(
+            *KV, namespace, "virtualmachineinstances", name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return obj
+
+
+async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
+    """Act on a member that is not trusted; returns how many gated VMIs are still on it."""
+    from gtvp.handlers.members import STATE as MEMBERS
+
+    c = MEMBERS.clients
+    policy = MEMBERS.policy
+    if c is None or policy is None:
+        return 0
+    on_member = [
+        Vmi(ns, name, member, lvl)
+        for (ns, name), body in STATE.vmis.items()
+        if (body.get("status") or {}).get("nodeName") == member
+        and (lvl := gated_level(body)) is not None
+    ]
+    if not on_member or on_untrusted == "Keep":
+        return len(on_member)
+    if on_untrusted == "Stop":
+        for vmi in on_member:
+            await asyncio.to_thread(_stop_vm, c, vmi)
+        return len(on_member)
+    views = [migration_view(m) for m in STATE.migrations.values()]
+    for obj in plan_evacuation(
+        member=member, incident=incident, vmis=on_member, migrations=views, limits=policy.migration
+    ):
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            await asyncio.to_thread(_create_migration, c, ns, obj)
+            METRICS.evacuation("started")
+            log.info(
+                "evacuating %s/%s from %s: migration %s", ns, obj["spec"]["vmiName"], member, name
+            )
+        except ApiException as exc:
+            if exc.status == 409:  # started before (e.g. by this operator before a restart)
+                continue
+            log.warning("could not start migration %s/%s: %s %s", ns, name, exc.status, exc.reason)
+    return len(on_member)
+
+
+def _create_migration(c: kube.Clients, namespace: str, obj: dict[str, Any]) -> None:
+    c.custom.create_namespaced_custom_object(
+        *KV, namespace, "virtualmachineinstancemigrations", obj
+    )
+
+
+def _delete_migration(c: kube.Clients, namespace: str, name: str) -> None:
+    c.custom.delete_namespaced_custom_object(
+        *KV, namespace, "virtualmachineinstancemigrations", name
+    )
+
+
+def _stop_vm(c: kube.Clients, vmi: Vmi) -> None:
+    body = STATE.vmis.get((vmi.namespace, vmi.name)) or {}
+    owners = (body.get("metadata") or {}).get("ownerReferences") or []
+    owner = next((o for o in owners if o.get("kind") == "VirtualMachine"), None)
+    try:
+        if owner:
+            c.custom.patch_namespaced_custom_object(
+                *KV, vmi.namespace, "virtualmachines", owner["name"], {"spec": {"running": False}}
+            )
+        else:
+            c.custom.delete_namespaced_custom_object(
+                *KV, vmi.namespace, "virtualmachineinstances", vmi.name
+            )
+        log.info(
+            "stopped %s/%s on untrusted member %s (policy: Stop)", vmi.namespace, vmi.name, vmi.node
+        )
+    except ApiException as exc:
+        log.warning("could not stop %s/%s: %s", vmi.namespace, vmi.name, exc.reason)
+
+
+async def judge_migration(body: dict[str, Any]) -> None:
+    """Abort a migration whose target lost trust; spend one use of a good target's verdict."""
+    from gtvp.handlers.members import STATE as MEMBERS
+    from gtvp.handlers.members import spend_use
+
+    view = migration_view(body)
+    uid = str((body.get("metadata") or {}).get("uid", ""))
+    if view.phase in ("Succeeded", "Failed"):
+        labels = (body.get("metadata") or {}).get("labels") or {}
+        if (
+            view.phase == "Succeeded"
+            and labels.get("gtvp.io/evacuation")
+            and (uid + "/done" not in STATE.judged)
+        ):
+            METRICS.evacuation("finished")
+            STATE.judged.add(uid + "/done")
+        return
+    if view.target is None or view.phase not in (
+        "Scheduled",
+        "PreparingTarget",
+        "TargetReady",
+        "Running",
+    ):
+        return
+    vmi = STATE.vmis.get((view.namespace, view.vmi)) or {}
+    level = gated_level(vmi)
+    if level is None:
+        return
+    target = MEMBERS.bodies.get(view.target)
+    now = dt.datetime.now(dt.UTC)
+    usable = target is not None and member_view(view.target, target.get("status") or {}).usable(
+        now, level
+    )
+    c = MEMBERS.clients
+    if not usable and c is not None:
+        log.warning(
+            "aborting migration %s/%s: target %s may not receive a level-%d VM",
+            view.namespace,
+            view.name,
+            view.target,
+            level,
+        )
+        try:
+            await asyncio.to_thread(_delete_migration, c, view.namespace, view.name)
+            METRICS.evacuation("aborted")
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("could not abort %s: %s", view.name, exc.reason)
+        return
+    if uid not in STATE.judged:
+        STATE.judged.add(uid)
+        await spend_use(view.target)

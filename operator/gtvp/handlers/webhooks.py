@@ -1,0 +1,161 @@
+"""Admission webhooks for KubeVirt objects: thin kopf handlers over `gtvp.core.gating`.
+
+The members' verdicts come from the operator's in-memory view (kept current by the Member
+watch), so a decision costs no API call. A refusal is raised as `kopf.AdmissionError`,
+which reaches the user through kubectl with the message (which member, and why).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import kopf
+
+from gtvp.core.gating import (
+    Decision,
+    GatingError,
+    level_of,
+    selector_patch,
+    validate_instance,
+    validate_migration,
+    vm_template_labels,
+)
+from gtvp.core.trust import MemberView, member_view
+from gtvp.handlers import kubevirt, members
+from gtvp.metrics import METRICS
+
+log = logging.getLogger("gtvp.webhooks")
+KV = ("kubevirt.io", "v1")
+
+
+def _spec(body: kopf.Body) -> dict[str, Any]:
+    return dict(body.get("spec") or {})
+
+
+def _members() -> list[MemberView]:
+    return [
+        member_view(name, body.get("status") or {}) for name, body in members.STATE.bodies.items()
+    ]
+
+
+def _decide(kind: str, decision: Decision) -> None:
+    METRICS.admission(kind, "allowed" if decision.allowed else "denied")
+    if not decision.allowed:
+        log.info("denied %s: %s", kind, decision.message)
+        raise kopf.AdmissionError(decision.message, code=403)
+
+
+def _level(labels: Any, what: str) -> int | None:
+    try:
+        return level_of(dict(labels or {}))
+    except GatingError as exc:
+        METRICS.admission(what, "denied")
+        raise kopf.AdmissionError(str(exc), code=422) from exc
+
+
+@kopf.on.mutate(*KV, "virtualmachines", id="gtvp-mutate-vm")
+def mutate_vm(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    labels = {**dict(body.metadata.labels or {}), **vm_template_labels(dict(body))}
+    level = _level(labels, "VirtualMachine")
+    if level is None:
+        return
+    tmpl = _spec(body).get("template") or {}
+    selector = ((tmpl.get("spec") or {}).get("nodeSelector")) or {}
+    missing = selector_patch(selector, level)
+    tmpl_labels = ((tmpl.get("metadata") or {}).get("labels")) or {}
+    spec_patch: dict[str, Any] = {}
+    if missing:
+        spec_patch["spec"] = {"nodeSelector": missing}
+    if tmpl_labels.get("gtvp.io/level") != str(level):
+        spec_patch["metadata"] = {"labels": {"gtvp.io/level": str(level)}}
+    if spec_patch:
+        patch.spec["template"] = spec_patch
+    METRICS.admission("VirtualMachine", "mutated" if spec_patch else "unchanged")
+
+
+@kopf.on.mutate(*KV, "virtualmachineinstances", id="gtvp-mutate-vmi", operation="CREATE")
+def mutate_vmi(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    level = _level(body.metadata.labels, "VirtualMachineInstance")
+    if level is None:
+        return
+    missing = selector_patch(_spec(body).get("nodeSelector"), level)
+    if missing:
+        patch.spec["nodeSelector"] = missing
+    METRICS.admission("VirtualMachineInstance", "mutated" if missing else "unchanged")
+
+
+@kopf.on.mutate(
+    *KV, "virtualmachineinstancemigrations", id="gtvp-mutate-migration", operation="CREATE"
+)
+def mutate_migration(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    ns = body.metadata.namespace or ""
+    vmi = kubevirt.STATE.vmis.get((ns, str(_spec(body).get("vmiName", ""))))
+    level = _level((vmi or {}).get("metadata", {}).get("labels"), "VirtualMachineInstanceMigration")
+    if level is None:
+        return
+    missing = selector_patch(_spec(body).get("addedNodeSelector"), level)
+    if missing:
+        patch.spec["addedNodeSelector"] = missing
+    METRICS.admission("VirtualMachineInstanceMigration", "mutated" if missing else "unchanged")
+
+
+@kopf.on.validate(*KV, "virtualmachines", id="gtvp-validate-vm")
+def validate_vm(body: kopf.Body, **_: Any) -> None:
+    labels = vm_template_labels(dict(body))
+    level = _level(labels, "VirtualMachine")
+    if level is None:
+        return
+    tmpl = _spec(body).get("template") or {}
+    missing = selector_patch((tmpl.get("spec") or {}).get("nodeSelector"), level)
+    _decide(
+        "VirtualMachine",
+        Decision(
+            not missing,
+            (
+                f"VirtualMachine {body.metadata.name} needs level {level} but its template's "
+                f"nodeSelector lacks {', '.join(f'{k}={v}' for k, v in missing.items())}: it could "
+                "run on an untrusted node"
+            ),
+        ),
+    )
+
+
+@kopf.on.validate(*KV, "virtualmachineinstances", id="gtvp-validate-vmi", operation="CREATE")
+def validate_vmi(body: kopf.Body, **_: Any) -> None:
+    _level(body.metadata.labels, "VirtualMachineInstance")
+    _decide(
+        "VirtualMachineInstance",
+        validate_instance(
+            name=f"VirtualMachineInstance {body.metadata.namespace}/{body.metadata.name}",
+            labels=dict(body.metadata.labels or {}),
+            node_selector=_spec(body).get("nodeSelector"),
+            members=_members(),
+            now=dt.datetime.now(dt.UTC),
+        ),
+    )
+
+
+@kopf.on.validate(
+    *KV, "virtualmachineinstancemigrations", id="gtvp-validate-migration", operation="CREATE"
+)
+def validate_migration_(body: kopf.Body, **_: Any) -> None:
+    ns = body.metadata.namespace or ""
+    vmi_name = str(_spec(body).get("vmiName", ""))
+    vmi = kubevirt.STATE.vmis.get((ns, vmi_name)) or {}
+    labels = (vmi.get("metadata") or {}).get("labels") or {}
+    _level(labels, "VirtualMachineInstanceMigration")
+    source = (vmi.get("status") or {}).get("nodeName")
+    _decide(
+        "VirtualMachineInstanceMigration",
+        validate_migration(
+            name=str(body.metadata.name),
+            vmi_name=f"{ns}/{vmi_name}",
+            vmi_labels=labels,
+            source=source,
+            added_selector=_spec(body).get("addedNodeSelector"),
+            members=_members(),
+            now=dt.datetime.now(dt.UTC),
+        ),
+    )

@@ -1,0 +1,260 @@
+"""SIMULATION: a small stand-in for KubeVirt's virt-controller, for the local pool and tests.
+
+No KubeVirt runs on a machine without a kubelet, so this process does the part of
+virt-controller's job that gtvp observes, against KubeVirt's real CRDs on the real API
+server: it creates a VirtualMachineInstance for each VirtualMachine that should run and
+"schedules" it onto a Ready node that satisfies its nodeSelector and does not carry an
+untolerated NoSchedule taint (as kube-scheduler would place the virt-launcher pod), and it
+moves each VirtualMachineInstanceMigration through Pending → Scheduling → Scheduled →
+Running → Succeeded, choosing a target node the same way (VMI nodeSelector plus the
+migration's addedNodeSelector, never the source) and then setting the VMI's node.
+
+It is named as a simulation wherever it appears, and the Helm chart never installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger("gtvp.virtsim")
+KV = ("kubevirt.io", "v1")
+BANNER = "[SIMULATED virt-controller]"
+
+
+def node_fits(
+    node: Mapping[str, Any],
+    selector: Mapping[str, str],
+    tolerations: Sequence[Mapping[str, Any]] = (),
+) -> bool:
+    meta = node.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if any(labels.get(k) != v for k, v in selector.items()):
+        return False
+    conditions = (node.get("status") or {}).get("conditions") or []
+    if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+        return False
+    tolerated = {t.get("key") for t in tolerations}
+    for taint in (node.get("spec") or {}).get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and taint.get("key") not in tolerated:
+            return False
+    return True
+
+
+def choose_node(
+    nodes: Sequence[Mapping[str, Any]],
+    selector: Mapping[str, str],
+    tolerations: Sequence[Mapping[str, Any]],
+    exclude: str | None,
+    load: Mapping[str, int],
+) -> str | None:
+    fits = [
+        n["metadata"]["name"]
+        for n in nodes
+        if n["metadata"]["name"] != exclude and node_fits(n, selector, tolerations)
+    ]
+    if not fits:
+        return None
+    best: str = min(fits, key=lambda n: (load.get(n, 0), n))
+    return best
+
+
+class VirtSim:
+    def __init__(self, api: Any, core: Any, step_delay: float = 0.3) -> None:
+        self.api = api
+        self.core = core
+        self.delay = step_delay
+        self.last_step: dict[str, float] = {}
+
+    def _list(self, plural: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.api.list_cluster_custom_object(*KV, plural)["items"]
+        return items
+
+    def tick(self) -> None:
+        # to_dict() is snake_case; every field read here is a single word, so it is the same
+        nodes = [n.to_dict() for n in self.core.list_node().items]
+        vms = self._list("virtualmachines")
+        vmis = {
+            (i["metadata"]["namespace"], i["metadata"]["name"]): i
+            for i in self._list("virtualmachineinstances")
+        }
+        load: dict[str, int] = {}
+        for i in vmis.values():
+            node = (i.get("status") or {}).get("nodeName")
+            if node:
+                load[node] = load.get(node, 0) + 1
+        for vm in vms:
+            self._reconcile_vm(vm, vmis, nodes, load)
+        for vmi in vmis.values():
+            if (vmi.get("status") or {}).get("phase") in (None, "", "Pending", "Scheduling"):
+                self._schedule_vmi(vmi, nodes, load)
+        for mig in self._list("virtualmachineinstancemigrations"):
+            self._advance_migration(mig, vmis, nodes, load)
+
+    def _reconcile_vm(
+        self,
+        vm: Mapping[str, Any],
+        vmis: Mapping[tuple[str, str], Any],
+        nodes: Sequence[Mapping[str, Any]],
+        load: dict[str, int],
+    ) -> None:
+        meta, spec = vm["metadata"], vm.get("spec") or {}
+        key = (meta["namespace"], meta["name"])
+        should_run = spec.get("running") is True or spec.get("runStrategy") in (
+            "Always",
+            "RerunOnFailure",
+        )
+        if should_run and key not in vmis:
+            tmpl = spec.get("template") or {}
+            body = {
+                "apiVersion": "kubevirt.io/v1",
+                "kind": "VirtualMachineInstance",
+                "metadata": {
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "labels": dict((tmpl.get("metadata") or {}).get("labels") or {}),
+                    "annotations": dict((tmpl.get("metadata") or {}).get("annotations") or {}),
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "kubevirt.io/v1",
+                            "kind": "VirtualMachine",
+                            "name": meta["name"],
+                            "uid": meta["uid"],
+                            "controller": True,
+                        }
+                    ],
+                },
+                "spec": tmpl.get("spec") or {"domain": {"devices": {}}},
+            }
+            created = self.api.create_namespaced_custom_object(
+                *KV, meta["namespace"], "virtualmachineinstances", body
+            )
+            log.info("%s created VMI %s/%s", BANNER, *key)
+            self._schedule_vmi(created, nodes, load)
+        elif not should_run and key in vmis:
+            self.api.delete_namespaced_custom_object(
+                *KV, meta["namespace"], "virtualmachineinstances", meta["name"]
+            )
+            log.info("%s stopped VMI %s/%s", BANNER, *key)
+
+    def _schedule_vmi(
+        self, vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], load: dict[str, int]
+    ) -> None:
+        meta, spec = vmi["metadata"], vmi.get("spec") or {}
+        node = choose_node(
+            nodes, spec.get("nodeSelector") or {}, spec.get("tolerations") or [], None, load
+        )
+        status: dict[str, Any]
+        if node is None:
+            status = {"phase": "Scheduling", "reason": "no node fits the nodeSelector (simulated)"}
+        else:
+            load[node] = load.get(node, 0) + 1
+            status = {"phase": "Running", "nodeName": node}
+            log.info("%s VMI %s/%s runs on %s", BANNER, meta["namespace"], meta["name"], node)
+        if (vmi.get("status") or {}).get("phase") != status["phase"] or node:
+            self.api.patch_namespaced_custom_object(
+                *KV, meta["namespace"], "virtualmachineinstances", meta["name"], {"status": status}
+            )
+
+    def _advance_migration(
+        self,
+        mig: Mapping[str, Any],
+        vmis: Mapping[tuple[str, str], Any],
+        nodes: Sequence[Mapping[str, Any]],
+        load: dict[str, int],
+    ) -> None:
+        meta, spec = mig["metadata"], mig.get("spec") or {}
+        status = dict(mig.get("status") or {})
+        phase = status.get("phase") or ""
+        if phase in ("Succeeded", "Failed"):
+            return
+        uid = meta["uid"]
+        if time.monotonic() - self.last_step.get(uid, 0.0) < self.delay:
+            return
+        self.last_step[uid] = time.monotonic()
+        vmi = vmis.get((meta["namespace"], spec.get("vmiName", "")))
+        state = dict(status.get("migrationState") or {})
+
+        def write(new_phase: str, **fields: Any) -> None:
+            state.update(fields)
+            self.api.patch_namespaced_custom_object_status(
+                *KV,
+                meta["namespace"],
+                "virtualmachineinstancemigrations",
+                meta["name"],
+                {"status": {"phase": new_phase, "migrationState": state}},
+            )
+
+            log.info(
+                "%s migration %s/%s: %s %s",
+                BANNER,
+                meta["namespace"],
+                meta["name"],
+                new_phase,
+                state.get("targetNode") or "",
+            )
+
+        if vmi is None:
+            write("Failed", failed=True, failureReason="VMI not found (simulated)")
+            return
+        source = (vmi.get("status") or {}).get("nodeName")
+        if phase in ("", "Pending"):
+            write("Scheduling", sourceNode=source)
+        elif phase == "Scheduling":
+            vspec = vmi.get("spec") or {}
+            selector = {
+                **(vspec.get("nodeSelector") or {}),
+                **(spec.get("addedNodeSelector") or {}),
+            }
+            target = choose_node(nodes, selector, vspec.get("tolerations") or [], source, load)
+            if target is not None:
+                write("Scheduled", targetNode=target, sourceNode=source)
+        elif phase == "Scheduled":
+            write("Running")
+        elif phase == "Running":
+            target = state.get("targetNode")
+            vmeta = vmi["metadata"]
+            self.api.patch_namespaced_custom_object(
+                *KV,
+                vmeta["namespace"],
+                "virtualmachineinstances",
+                vmeta["name"],
+                {
+                    "status": {
+                        "nodeName": target,
+                        "migrationState": {
+                            "sourceNode": source,
+                            "targetNode": target,
+                            "completed": True,
+                        },
+                    }
+                },
+            )
+            write("Succeeded", completed=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gtvp-virtsim", description=__doc__)
+    p.add_argument("--kubeconfig", required=True)
+    p.add_argument("--interval", type=float, default=0.25)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=args.kubeconfig)
+    sim = VirtSim(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client))
+    log.info("%s started: a SIMULATION of KubeVirt's virt-controller for the local pool", BANNER)
+    while True:
+        try:
+            sim.tick()
+        except Exception as exc:  # noqa: BLE001 - a simulator keeps going through API hiccups
+            log.warning("%s tick failed: %s", BANNER, exc)
+        time.sleep(args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

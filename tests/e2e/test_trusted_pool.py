@@ -1,0 +1,227 @@
+"""The trusted pool end to end on the local control plane.
+
+Real: kube-apiserver + etcd, KubeVirt's CRDs, one gtvp-agent per member on its own swtpm,
+gtvp-operator with its admission webhooks (called by the real API server over TLS), kubectl.
+Simulated (no kubelet or KubeVirt here): Nodes by kwok, and KubeVirt's virt-controller by
+gtvp's stand-in (`gtvp.localcluster.virtsim`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
+from gtvp.localcluster.controlplane import ControlPlane
+from gtvp.localcluster.pool import Pool
+
+pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
+
+
+@pytest.fixture(scope="module")
+def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    p = Pool(control_plane, tmp_path_factory.mktemp("e2e"), policy=f"e2e-{uuid.uuid4().hex[:6]}")
+    p.install_access()
+    p.install_webhooks()
+    prefix = f"e{uuid.uuid4().hex[:4]}"
+    identities = {f"{prefix}-a": 3, f"{prefix}-b": 3, f"{prefix}-c": 1}
+    for name, identity in identities.items():
+        p.add_member(name, identity=identity, start_agent=False, node=True)
+    p.apply_policy(interval="2s", valid_for="6s", max_uses=50)
+    p.start_kwok()
+    p.start_virtsim()
+    p.start_operator()
+    for name in identities:
+        p.start_agent(name)
+    try:
+        for name in identities:
+            p.wait_phase(name, "Trusted", timeout=60)
+        yield p
+    finally:
+        p.stop()
+        p.delete_members()
+        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
+            control_plane.kubectl("delete", kind, "gtvp", "--ignore-not-found")
+        control_plane.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
+
+
+def _names(pool: Pool) -> list[str]:
+    return sorted(pool.tpms)
+
+
+def _wait(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.25)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _node(pool: Pool, name: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(pool.cp.kubectl("get", "node", name, "-o", "json").stdout)
+    return out
+
+
+def _vm(name: str, level: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name, "labels": {"gtvp.io/level": str(level)}},
+        "spec": {
+            "running": True,
+            "template": {
+                "metadata": {"labels": {"gtvp.io/level": str(level)}},
+                "spec": {
+                    "domain": {"devices": {}, "memory": {"guest": "128Mi"}},
+                    "evictionStrategy": "External",
+                },
+            },
+        },
+    }
+
+
+def _vmi(pool: Pool, ns: str, name: str) -> dict[str, Any]:
+    out = pool.cp.kubectl("get", "vmi", name, "-n", ns, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def test_trusted_nodes_carry_labels_and_no_taint(pool: Pool) -> None:
+    a, _b, c = _names(pool)
+    node = _wait(
+        "labels on a", lambda: (n := _node(pool, a))["metadata"]["labels"].get(TRUSTED_LABEL) and n
+    )
+    labels = node["metadata"]["labels"]
+    assert labels["node-restriction.kubernetes.io/gtvp-level-3"] == "true"
+    assert not any(t["key"] == TAINT_KEY for t in node["spec"].get("taints") or [])
+    low = _wait(
+        "labels on c", lambda: (n := _node(pool, c))["metadata"]["labels"].get(TRUSTED_LABEL) and n
+    )
+    assert "node-restriction.kubernetes.io/gtvp-level-2" not in low["metadata"]["labels"]
+
+
+def test_vm_lands_only_on_a_trusted_node_of_a_sufficient_level(pool: Pool, namespace: str) -> None:
+    a, b, _c = _names(pool)
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm("web", 3)))
+    vm = json.loads(pool.cp.kubectl("get", "vm", "web", "-n", namespace, "-o", "json").stdout)
+    selector = vm["spec"]["template"]["spec"]["nodeSelector"]
+    assert selector == {
+        TRUSTED_LABEL: "true",
+        "node-restriction.kubernetes.io/gtvp-level-3": "true",
+    }
+    vmi = _wait(
+        "VMI running",
+        lambda: (v := _vmi(pool, namespace, "web")).get("status", {}).get("nodeName") and v,
+    )
+    assert vmi["status"]["nodeName"] in {a, b}  # never c (level 1)
+
+
+def test_vmi_without_the_trust_selector_is_refused(pool: Pool, namespace: str) -> None:
+    # a VMI that bypasses the mutating webhook's selector (e.g. written by a buggy tool)
+    vmi = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": "bare", "labels": {"gtvp.io/level": "2"}},
+        "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}},
+    }
+    out = pool.cp.kubectl(
+        "create", "-n", namespace, "-f", "-", input_text=json.dumps(vmi), check=False
+    )
+    # the mutating webhook adds the selector, so it is admitted with it
+    assert out.returncode == 0, out.stderr
+    got = _vmi(pool, namespace, "bare")
+    assert got["spec"]["nodeSelector"][TRUSTED_LABEL] == "true"
+
+
+def test_vm_of_a_level_no_member_has_is_refused_at_its_instance(pool: Pool, namespace: str) -> None:
+    vmi = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": "secret", "labels": {"gtvp.io/level": "5"}},
+        "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}},
+    }
+    out = pool.cp.kubectl(
+        "create", "-n", namespace, "-f", "-", input_text=json.dumps(vmi), check=False
+    )
+    assert out.returncode != 0
+    assert "needs level 5 and no Trusted member of level >= 5 can take it now" in out.stderr
+
+
+def test_migration_aimed_at_an_untrusted_node_is_refused(pool: Pool, namespace: str) -> None:
+    a, b, c = _names(pool)
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm("db", 1)))
+    _wait("db running", lambda: _vmi(pool, namespace, "db").get("status", {}).get("nodeName"))
+    source = _vmi(pool, namespace, "db")["status"]["nodeName"]
+    mig = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": "to-nowhere"},
+        "spec": {"vmiName": "db", "addedNodeSelector": {"kubernetes.io/hostname": "no-such"}},
+    }
+    out = pool.cp.kubectl(
+        "create", "-n", namespace, "-f", "-", input_text=json.dumps(mig), check=False
+    )
+    assert out.returncode != 0
+    assert "is aimed at no-such, which may not receive a level-1 VM" in out.stderr
+    assert source in {a, b, c}
+
+
+def test_migration_gets_the_trust_selector(pool: Pool, namespace: str) -> None:
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm("app", 2)))
+    _wait("app running", lambda: _vmi(pool, namespace, "app").get("status", {}).get("nodeName"))
+    mig = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": "move-app"},
+        "spec": {"vmiName": "app"},
+    }
+    pool.cp.kubectl("create", "-n", namespace, "-f", "-", input_text=json.dumps(mig))
+    got = json.loads(
+        pool.cp.kubectl("get", "vmim", "move-app", "-n", namespace, "-o", "json").stdout
+    )
+    assert got["spec"]["addedNodeSelector"][TRUSTED_LABEL] == "true"
+    assert got["spec"]["addedNodeSelector"]["node-restriction.kubernetes.io/gtvp-level-2"] == (
+        "true"
+    )
+
+
+def test_tampered_member_is_quarantined_and_evacuated(pool: Pool, namespace: str) -> None:
+    a, b, _c = _names(pool)
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm("victim", 3)))
+    host = _wait(
+        "victim running", lambda: _vmi(pool, namespace, "victim").get("status", {}).get("nodeName")
+    )
+    other = b if host == a else a
+    pool.extend_pcr(host, 7, b"rootkit")
+    pool.wait_phase(host, "Untrusted", reason="PcrMismatch", timeout=20)
+    node = _wait(
+        "taint",
+        lambda: (
+            (n := _node(pool, host))
+            and any(
+                t["key"] == TAINT_KEY and t["effect"] == "NoSchedule"
+                for t in n["spec"].get("taints") or []
+            )
+            and n
+        ),
+    )
+    assert TRUSTED_LABEL not in node["metadata"]["labels"]
+    moved = _wait(
+        "evacuation",
+        lambda: _vmi(pool, namespace, "victim").get("status", {}).get("nodeName") == other,
+        timeout=30,
+    )
+    assert moved
+    migs = json.loads(
+        pool.cp.kubectl(
+            "get", "vmim", "-n", namespace, "-l", f"gtvp.io/evacuation={host}", "-o", "json"
+        ).stdout
+    )
+    assert len(migs["items"]) == 1
+    assert migs["items"][0]["metadata"]["name"].startswith("gtvp-evac-victim-")
