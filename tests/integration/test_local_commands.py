@@ -40,7 +40,7 @@ def pool(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
 
 def test_up_status_down_round_trip(pool: tuple[Path, list[str]]) -> None:
     state, ports = pool
-    up = _gtvp(state, "up", *ports)
+    up = _gtvp(state, "up", "--members", "0", *ports)
     assert up.returncode == 0, up.stderr
     assert "v1.36.3 is up" in up.stdout
     assert "$ kubectl get members" in up.stdout
@@ -67,7 +67,7 @@ def test_port_in_use_is_a_clear_error(pool: tuple[Path, list[str]]) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", int(ports[3])))
         blocker.listen()
-        up = _gtvp(state, "up", "--no-samples", *ports)
+        up = _gtvp(state, "up", "--no-samples", "--members", "0", *ports)
     assert up.returncode == 2
     assert f"port {ports[3]} (apiserver) on 127.0.0.1 is in use" in up.stderr
     assert "Traceback" not in up.stderr
@@ -76,7 +76,7 @@ def test_port_in_use_is_a_clear_error(pool: tuple[Path, list[str]]) -> None:
 
 def test_half_started_run_is_cleaned_and_restarted(pool: tuple[Path, list[str]]) -> None:
     state, ports = pool
-    assert _gtvp(state, "up", "--no-samples", *ports).returncode == 0
+    assert _gtvp(state, "up", "--no-samples", "--members", "0", *ports).returncode == 0
     table = ProcessTable(state)
     api = table.get("kube-apiserver")
     assert api is not None
@@ -84,6 +84,43 @@ def test_half_started_run_is_cleaned_and_restarted(pool: tuple[Path, list[str]])
     etcd = table.get("etcd")
     assert etcd is not None
     assert etcd.alive()
-    again = _gtvp(state, "up", "--no-samples", *ports)
+    again = _gtvp(state, "up", "--no-samples", "--members", "0", *ports)
     assert again.returncode == 0, again.stderr
     assert _gtvp(state, "status").returncode == 0
+
+
+@pytest.mark.tpm
+@pytest.mark.e2e
+def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
+    pool: tuple[Path, list[str]],
+) -> None:
+    """The README's main job: a pool whose members turn Trusted, a gated VM placed on one,
+    and `gtvp local tamper` quarantining that member and moving the VM."""
+    state, ports = pool
+    up = _gtvp(state, "up", "--members", "3", "--no-samples", *ports)
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr
+    assert "Members: 3 of 3 trusted" in up.stdout
+    assert "SIMULATION: kwok" in up.stdout
+    assert "SIMULATION: a stand-in for KubeVirt's virt-controller" in up.stdout
+    host = up.stdout.split("gtvp-demo/demo-web runs on ")[1].split()[0]
+    assert host in {"node-1", "node-2"}  # level 3: never node-3 (identity 2)
+    tamper = _gtvp(state, "tamper", host)
+    assert tamper.returncode == 0, tamper.stdout[-2000:] + tamper.stderr
+    assert f"{host} Untrusted: PcrMismatch: PCR 7" in tamper.stdout
+    assert "tainted gtvp.io/untrusted:NoSchedule" in tamper.stdout
+    assert "evacuation started" in tamper.stdout
+    assert "Members: 2 of 3 trusted" in tamper.stdout
+    other = {"node-1", "node-2"} - {host}
+    assert f"demo-web now runs on {other.pop()}" in tamper.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "gtvp.cli", "status", "--kubeconfig", str(state / "kubeconfig")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert status.returncode == 0
+    assert f"! {host}: PCR 7" in status.stdout
+    down = _gtvp(state, "down")
+    assert "agent-node-1" in down.stdout
+    assert "swtpm-node-1" in down.stdout

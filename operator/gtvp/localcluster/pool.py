@@ -93,6 +93,35 @@ class Pool:
         self.tpms: dict[str, Swtpm] = {}
         self.metrics_port: int | None = None
         self.webhook_port: int | None = None
+        self._load()
+
+    # ----- persisted layout (so `gtvp local tamper` finds a member's swtpm later) -----------
+    def _state_file(self) -> Path:
+        return self.dir / "pool.json"
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self._state_file().read_text())
+        except (OSError, ValueError):
+            return
+        for name, port in (data.get("tpms") or {}).items():
+            self.tpms[name] = Swtpm(name, self.dir / "tpm" / name, self.procs, port=int(port))
+        self.metrics_port = data.get("metricsPort")
+        self.webhook_port = data.get("webhookPort")
+        self.policy_name = data.get("policy", self.policy_name)
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._state_file().write_text(
+            json.dumps(
+                {
+                    "tpms": {n: t.port for n, t in self.tpms.items()},
+                    "metricsPort": self.metrics_port,
+                    "webhookPort": self.webhook_port,
+                    "policy": self.policy_name,
+                }
+            )
+        )
 
     # ----- cluster objects ------------------------------------------------------------------
     def install_access(self) -> None:
@@ -140,6 +169,9 @@ class Pool:
             self.tpms[name] = Swtpm(name, self.dir / "tpm" / name, self.procs)
         return self.tpms[name]
 
+    def members(self) -> list[str]:
+        return sorted(self.tpms)
+
     def start_kwok(self) -> None:
         """SIMULATION: kwok (upstream's Node simulator) keeps the pool's Nodes Ready."""
         stages = Path(
@@ -178,6 +210,7 @@ class Pool:
             f"https://127.0.0.1:{self.webhook_port}", ca.cert.read_bytes()
         ):
             self.put(obj)
+        self.save()
 
     def webhook_cert(self) -> pki.KeyPair:
         ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
@@ -220,6 +253,7 @@ class Pool:
         )
         if node:
             self.add_node(name)
+        self.save()
         if start_agent:
             self.start_agent(name)
         return tpm
@@ -249,6 +283,7 @@ class Pool:
     # ----- operator -------------------------------------------------------------------------
     def start_operator(self, *, metrics_port: int | None = None) -> None:
         self.metrics_port = metrics_port or self.metrics_port or free_port()
+        self.save()
         webhook: list[str] = ["--webhook-port", "0"]
         if self.webhook_port:
             cert = self.webhook_cert()
