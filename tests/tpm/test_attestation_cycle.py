@@ -251,3 +251,31 @@ def test_restarted_agent_reuses_its_ak(make_tpm: Any, tpm_dir: Path) -> None:
         again = t.enrolment()
     assert again.ak_name == first.ak_name
     assert again.ek_public == first.ek_public
+
+
+def test_strict_level_waits_for_a_human_after_a_failure(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    tpm = make_tpm()
+    m = _enrolled(tpm, tpm_dir, swtpm_ca, "strict")
+    spec = pool_policy(swtpm_ca, interval="10s", valid_for="30s")["spec"]
+    spec["levels"][2]["autoRecover"] = False  # level 3, this member's level
+    m.policy = parse_policy("default", spec)
+    m.operator(T0 + dt.timedelta(seconds=40))  # verdict expired (e.g. agent was down)
+    assert (m.phase, m.reason) == ("Untrusted", "VerdictExpired")
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=41))
+    assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
+    assert "gtvp.io/readmit" in m.status["trust"]["message"]
+    m.agent()
+    step = attestation_step(
+        spec=m.spec,
+        status=m.status,
+        labels={},
+        policy=m.policy,
+        now=T0 + dt.timedelta(seconds=42),
+        entropy=secrets.token_bytes(ENTROPY_BYTES),
+        readmit="ticket-42",
+    )
+    assert step.phase == "Trusted"
+    assert step.status["trust"]["readmitToken"] == "ticket-42"

@@ -229,8 +229,14 @@ def attestation_step(
     now: dt.datetime,
     entropy: bytes,
     answered_nonces: frozenset[bytes] = frozenset(),
+    readmit: str | None = None,
 ) -> Step:
-    """Decide the operator's next write for one member."""
+    """Decide the operator's next write for one member.
+
+    `readmit` is the value of the Member's `gtvp.io/readmit` annotation: on a level whose
+    policy says `autoRecover: false`, a member that failed stays Untrusted
+    (AwaitingReadmission) after clean quotes until an administrator sets a new value.
+    """
     if len(entropy) < ENTROPY_BYTES:
         raise ValueError("attestation_step needs 64 bytes of fresh randomness")
     mp = member_policy(
@@ -307,6 +313,8 @@ def attestation_step(
         return Step(new_status, events, outcome, answered, recheck)
 
     def untrusted(err: errors.VerificationError) -> None:
+        if not mp.attestation.auto_recover:
+            trust["awaitingReadmission"] = True
         trust.update(
             verdict="Untrusted",
             reason=err.reason,
@@ -442,6 +450,17 @@ def attestation_step(
                 recheck=RETRY_AFTER_FAILURE,
             )
         was_trusted = trust.get("verdict") == "Trusted"
+        held = _hold_for_readmission(trust, readmit, mp, now, result.clock)
+        if held is not None:
+            challenge = _nonce_challenge(policy, entropy, now, now + interval)
+            return finish(
+                verdict_ok=False,
+                reason="AwaitingReadmission",
+                message=held,
+                bound=True,
+                outcome="AwaitingReadmission",
+                answered=nonce,
+            )
         trust.update(
             verdict="Trusted",
             reason="QuoteVerified",
@@ -476,15 +495,7 @@ def attestation_step(
 
     # --- nothing new: has the verdict expired, or been spent? -----------------------------
     expires = _parse_ts(trust.get("expiresAt"))
-    answer_after = _parse_ts(challenge.get("answerAfter"))
-    if (
-        trust.get("verdict") == "Trusted"
-        and int(trust.get("usesLeft", 0) or 0) <= 0
-        and answer_after is not None
-        and answer_after > now
-    ):
-        # maxUses decisions backed by this verdict: ask for a fresh quote now
-        challenge["answerAfter"] = _ts(now)
+    _ask_now_if_spent(trust, challenge, now, interval)
 
     if trust.get("verdict") == "Trusted" and expires is not None and now >= expires:
         message = (
@@ -492,6 +503,8 @@ def attestation_step(
             "stopped, network partition, TPM gone or operator down"
         )
         trust.update(verdict="Untrusted", reason="VerdictExpired", message=message, usesLeft=0)
+        if not mp.attestation.auto_recover:
+            trust["awaitingReadmission"] = True
         trust.pop("expiresAt", None)
         return finish(
             verdict_ok=False,
@@ -507,6 +520,62 @@ def attestation_step(
         message=str(trust.get("message", "waiting for the next quote")),
         bound=True,
     )
+
+
+def _ask_now_if_spent(
+    trust: Mapping[str, Any],
+    challenge: dict[str, Any],
+    now: dt.datetime,
+    interval: dt.timedelta,
+) -> None:
+    """A verdict that backed maxUses decisions is spent: ask for the next quote now. A
+    challenge issued under a longer interval (the policy changed) is brought forward."""
+    answer_after = _parse_ts(challenge.get("answerAfter"))
+    if answer_after is not None and answer_after > now + interval:
+        challenge["answerAfter"] = _ts(now + interval)
+    if (
+        trust.get("verdict") == "Trusted"
+        and int(trust.get("usesLeft", 0) or 0) <= 0
+        and answer_after is not None
+        and answer_after > now
+    ):
+        challenge["answerAfter"] = _ts(now)
+
+
+def _hold_for_readmission(
+    trust: dict[str, Any],
+    readmit: str | None,
+    mp: MemberPolicy,
+    now: dt.datetime,
+    clock: ClockState,
+) -> str | None:
+    """Keep a member that failed at a no-autoRecover level Untrusted until readmitted.
+
+    Returns the message when it is held (and updates `trust`), None when it may be Trusted.
+    """
+    if not trust.get("awaitingReadmission"):
+        return None
+    if readmit and readmit != trust.get("readmitToken"):
+        trust.pop("awaitingReadmission", None)
+        trust["readmitToken"] = readmit
+        return None
+    message = (
+        f"a fresh quote verified, but level {mp.attestation.level} ({mp.attestation.name}) "
+        "does not recover without a human: after checking the host, run kubectl annotate "
+        'member NAME gtvp.io/readmit="$(date +%s)" --overwrite'
+    )
+    trust.update(
+        verdict="Untrusted",
+        reason="AwaitingReadmission",
+        message=message,
+        verifiedAt=_ts(now),
+        usesLeft=0,
+        clock=clock.clock,
+        resetCount=clock.reset_count,
+        restartCount=clock.restart_count,
+    )
+    trust.pop("expiresAt", None)
+    return message
 
 
 def _credential(keys: _Keys, entropy: bytes) -> dict[str, Any]:

@@ -147,6 +147,9 @@ async def reconcile(name: str) -> None:
                 now=dt.datetime.now(dt.UTC),
                 entropy=secrets.token_bytes(ENTROPY_BYTES),
                 answered_nonces=frozenset(seen),
+                readmit=((body.get("metadata") or {}).get("annotations") or {}).get(
+                    "gtvp.io/readmit"
+                ),
             )
             if step.outcome is not None:
                 METRICS.observe_attestation(step.outcome, time.perf_counter() - started)

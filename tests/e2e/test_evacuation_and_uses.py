@@ -1,0 +1,139 @@
+"""Evacuation that survives an operator crash, and maxUses forcing a fresh quote.
+
+Same real/simulated split as test_trusted_pool: real API server, agents, swtpms, operator and
+webhooks; Nodes by kwok and virt-controller by gtvp's stand-in (SIMULATED).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gtvp.localcluster.controlplane import ControlPlane
+from gtvp.localcluster.pool import Pool
+from tests.e2e.test_trusted_pool import _vm, _vmi, _wait
+
+pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
+
+
+@pytest.fixture(scope="module")
+def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    p = Pool(
+        control_plane, tmp_path_factory.mktemp("e2e-evac"), policy=f"evac-{uuid.uuid4().hex[:6]}"
+    )
+    p.install_access()
+    p.install_webhooks()
+    prefix = f"v{uuid.uuid4().hex[:4]}"
+    for suffix in ("a", "b", "c"):
+        p.add_member(f"{prefix}-{suffix}", identity=3, start_agent=False, node=True)
+    p.apply_policy(interval="2s", valid_for="6s", max_uses=50)
+    p.start_kwok()
+    p.start_virtsim()
+    p.start_operator()
+    for name in p.members():
+        p.start_agent(name)
+    try:
+        for name in p.members():
+            p.wait_phase(name, "Trusted", timeout=60)
+        yield p
+    finally:
+        p.stop()
+        p.delete_members()
+        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
+            control_plane.kubectl("delete", kind, "gtvp", "--ignore-not-found")
+        control_plane.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
+
+
+def _placements(pool: Pool, ns: str, names: list[str]) -> dict[str, str]:
+    return {n: (_vmi(pool, ns, n).get("status") or {}).get("nodeName", "") for n in names}
+
+
+def _migrations(pool: Pool, ns: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(
+        pool.cp.kubectl("get", "vmim", "-n", ns, "-o", "json").stdout
+    )["items"]
+    return items
+
+
+def test_maxuses_forces_a_fresh_quote(pool: Pool, namespace: str) -> None:
+    pool.apply_policy(interval="60s", valid_for="180s", max_uses=1)
+    name = pool.members()[0]
+    time.sleep(4)  # the current challenge (2s interval) is answered; the next is 60s away
+    before = pool.member(name)["status"]
+    assert before["trust"]["usesLeft"] == 1
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm("one", 3)))
+    host = _wait(
+        "one running", lambda: _vmi(pool, namespace, "one").get("status", {}).get("nodeName")
+    )
+    target = next(n for n in pool.members() if n != host)
+    mig = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": "one-moves"},
+        "spec": {"vmiName": "one", "addedNodeSelector": {"kubernetes.io/hostname": target}},
+    }
+    verified = pool.member(target)["status"]["trust"]["verifiedAt"]
+    pool.cp.kubectl("create", "-n", namespace, "-f", "-", input_text=json.dumps(mig))
+    # the migration spends the target's only use; a fresh quote follows at once, not in 60s
+    fresh = _wait(
+        "a fresh verdict for the target",
+        lambda: (t := pool.member(target)["status"]["trust"])["verifiedAt"] != verified and t,
+        timeout=15,
+    )
+    assert fresh["usesLeft"] == 1
+    assert fresh["reason"] == "QuoteVerified"
+    pool.apply_policy(interval="2s", valid_for="6s", max_uses=50)
+
+
+def test_operator_killed_mid_evacuation_starts_no_duplicate_and_loses_no_vm(
+    pool: Pool, namespace: str
+) -> None:
+    names = [f"vm{i}" for i in range(4)]
+    for n in names:
+        pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm(n, 3)))
+    _wait("all running", lambda: all(_placements(pool, namespace, names).values()))
+    placed = _placements(pool, namespace, names)
+    host = max(set(placed.values()), key=list(placed.values()).count)
+    on_host = sorted(n for n, node in placed.items() if node == host)
+    pool.procs.stop("virtsim")  # freeze migrations where they are (SIMULATED controller)
+    pool.extend_pcr(host, 7, b"rootkit")
+    pool.wait_phase(host, "Untrusted", reason="PcrMismatch", timeout=20)
+    first = _wait(
+        "evacuation migrations",
+        lambda: sorted(
+            m["metadata"]["name"]
+            for m in _migrations(pool, namespace)
+            if m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
+        ),
+    )
+    operator = pool.procs.get("operator")
+    assert operator is not None
+    import os
+
+    os.kill(operator.pid, signal.SIGKILL)  # mid-evacuation, no goodbye
+    pool.procs.stop("operator")
+    pool.start_operator()
+    time.sleep(6)  # the restarted operator re-plans the evacuation
+    again = sorted(
+        m["metadata"]["name"]
+        for m in _migrations(pool, namespace)
+        if m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
+    )
+    assert again == first  # the same migrations, none started twice
+    assert len({m["spec"]["vmiName"] for m in _migrations(pool, namespace)}) == len(
+        _migrations(pool, namespace)
+    )
+    pool.start_virtsim()
+    _wait(
+        "every VM off the tampered member",
+        lambda: all(node and node != host for node in _placements(pool, namespace, names).values()),
+        timeout=60,
+    )
+    assert set(_placements(pool, namespace, names)) == set(names)  # no VM lost
+    assert len(on_host) >= 1
