@@ -36,3 +36,4 @@ test: setup lint typecheck
 bench: setup
 	@echo "[bench] figures are ratios against a baseline measured in the same run"
 	@$(BIN)/python -m tests.bench.bench_verify
+	@$(BIN)/python -m tests.bench.bench_quarantine

@@ -1,0 +1,176 @@
+"""The Helm chart: linted and rendered by the real helm, accepted by the real API server,
+and in step with the manifests the tests run against; its alerts checked by promtool."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gtvp.localcluster import toolchain
+from gtvp.localcluster.controlplane import ControlPlane
+
+pytestmark = pytest.mark.controlplane
+
+CHART = Path(__file__).parents[2] / "charts" / "gtvp"
+REPO = Path(__file__).parents[2]
+
+
+def _helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(toolchain.binaries().helm), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def _render(*sets: str) -> list[dict[str, Any]]:
+    out = _helm(
+        "template",
+        "gtvp",
+        str(CHART),
+        "--namespace",
+        "gtvp-system",
+        "--kube-version",
+        "v1.36.3",
+        *(a for s in sets for a in ("--set", s)),
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_chart_lints(control_plane: ControlPlane) -> None:
+    out = _helm("lint", str(CHART), "--kube-version", "v1.36.3", "--strict")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bad_values_are_refused_by_the_schema(control_plane: ControlPlane) -> None:
+    out = _helm("template", "gtvp", str(CHART), "--set", "agent.ekType=dsa")
+    assert out.returncode != 0
+    assert "ekType" in out.stderr
+
+
+def test_rendered_chart_is_accepted_by_the_api_server(control_plane: ControlPlane) -> None:
+    docs = _render()
+    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
+    text = "\n---\n".join(json.dumps(d) for d in docs)
+    out = control_plane.kubectl(
+        "apply",
+        "--dry-run=server",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input_text=text,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("(server dry run)") == len(docs)
+
+
+def test_chart_crds_and_access_rules_match_the_repositorys(control_plane: ControlPlane) -> None:
+    for name in ("member.yaml", "securitypolicy.yaml", "oscomponent.yaml", "lazybox.yaml"):
+        assert (CHART / "files" / "crds" / name).read_text() == (REPO / "crds" / name).read_text()
+    manifests = REPO / "operator" / "gtvp" / "manifests"
+    for name in ("rbac.yaml", "agent-vap.yaml"):
+        assert (CHART / "files" / name).read_text() == (manifests / name).read_text()
+
+
+def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: ControlPlane) -> None:
+    docs = _render()
+    hooks = [h for d in docs if d["kind"].endswith("WebhookConfiguration") for h in d["webhooks"]]
+    assert len(hooks) == 6
+    assert all(h["failurePolicy"] == "Fail" for h in hooks)
+    agent = next(d for d in docs if d["kind"] == "DaemonSet")
+    tolerations = agent["spec"]["template"]["spec"]["tolerations"]
+    assert {"key": "gtvp.io/untrusted", "operator": "Exists"} in tolerations
+    assert "NoExecute" not in json.dumps(docs)
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert all(d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for d in crds)
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dashboard["data"]["gtvp.json"])["panels"]
+    exported = (
+        "gtvp_members",
+        "gtvp_attestations_total",
+        "gtvp_verification_seconds_bucket",
+        "gtvp_admission_decisions_total",
+        "gtvp_evacuation_migrations_total",
+    )
+    for panel in panels:
+        for target in panel["targets"]:
+            assert any(m in target["expr"] for m in exported), target["expr"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus)")
+def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
+    rule = next(
+        d
+        for d in _render("monitoring.prometheusRule.enabled=true")
+        if d["kind"] == "PrometheusRule"
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rule["spec"]))
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    for r in rule["spec"]["groups"][0]["rules"]:
+        assert r["annotations"]["runbook_url"].startswith("https://")
+    test = tmp_path / "test.yaml"
+    test.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(rules)],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": [
+                            {
+                                "series": 'gtvp_members{phase="Untrusted",level="0"}',
+                                "values": "1x5",
+                            },
+                            {"series": 'gtvp_members{phase="Trusted",level="2"}', "values": "2x5"},
+                        ],
+                        "alert_rule_test": [
+                            {
+                                "eval_time": "3m",
+                                "alertname": "GtvpMemberUntrusted",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {"severity": "warning", "phase": "Untrusted"},
+                                        "exp_annotations": {
+                                            "summary": "1 gtvp member(s) are Untrusted",
+                                            "description": rule["spec"]["groups"][0]["rules"][0][
+                                                "annotations"
+                                            ]["description"],
+                                            "runbook_url": rule["spec"]["groups"][0]["rules"][0][
+                                                "annotations"
+                                            ]["runbook_url"],
+                                        },
+                                    }
+                                ],
+                            },
+                            {
+                                "eval_time": "3m",
+                                "alertname": "GtvpNoTrustedMembers",
+                                "exp_alerts": [],
+                            },
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    run = subprocess.run(
+        ["promtool", "test", "rules", str(test)], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
