@@ -68,7 +68,11 @@ AK_ATTRIBUTES = (
     | TPMA_OBJECT.FIXEDPARENT
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
     | TPMA_OBJECT.USERWITHAUTH
+    # The AK has an empty authValue: dictionary-attack protection guards nothing here, and
+    # after unclean restarts (a crash, a power cut) it would lock the AK out of quoting.
+    | TPMA_OBJECT.NODA
 )
+
 
 
 class TpmUnavailable(RuntimeError):

@@ -33,6 +33,7 @@ class KubeVirtState:
     vmis: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     migrations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     judged: set[str] = field(default_factory=set)  # migration uids whose target was checked
+    waiting: dict[str, list[str]] = field(default_factory=dict)  # member -> VMIs with no target
 
 
 STATE = KubeVirtState()
@@ -96,8 +97,21 @@ async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
             await asyncio.to_thread(_stop_vm, c, vmi)
         return len(on_member)
     views = [migration_view(m) for m in STATE.migrations.values()]
+    now = dt.datetime.now(dt.UTC)
+    members = [member_view(n, (b.get("status") or {})) for n, b in MEMBERS.bodies.items()]
+    movable = [
+        v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
+    ]
+    stuck = sorted(f"{v.namespace}/{v.name}" for v in on_member if v not in movable)
+    if stuck and STATE.waiting.get(member) != stuck:
+        STATE.waiting[member] = stuck  # say it once, not every second
+        log.warning(
+            "evacuation of %s waits: no trusted member of a sufficient level can take %s yet",
+            member,
+            ", ".join(stuck),
+        )
     for obj in plan_evacuation(
-        member=member, incident=incident, vmis=on_member, migrations=views, limits=policy.migration
+        member=member, incident=incident, vmis=movable, migrations=views, limits=policy.migration
     ):
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
