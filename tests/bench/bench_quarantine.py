@@ -15,9 +15,9 @@ server's floor for any reaction). Prints p50/p99 of both and the ratio; target p
 from __future__ import annotations
 
 import argparse
-import json
 import base64
 import contextlib
+import json
 import statistics
 import sys
 import tempfile

@@ -1,0 +1,332 @@
+"""Benchmark: the operator at 1,000 (and 10,000) members, interval 60 s.
+
+Run: `python -m tests.bench.bench_scale --members 1000 [--cycles 2]`. Members are simulated
+at the API level: a load generator stands in for the agents and answers every challenge with
+a real quote signed by one of a few swtpm AKs (TPM-derived keys; several members share one
+TPM). Everything else is real: the API server, the operator process with its watches.
+
+Reported: evidence-to-verdict latency (the load generator's evidence write until it sees the
+verdict for that nonce) p50/p99; operator CPU (cores, over the measured cycles) and peak RSS;
+Member status writes per member per cycle, counted at the API server
+(`apiserver_request_total`), against the design's 2 (one each way). Baseline, same run: a
+status write seen by another client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import heapq
+import os
+import queue
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gtvp.localcluster import layout, toolchain
+from gtvp.localcluster.controlplane import ControlPlane, Ports
+from gtvp.localcluster.pool import Pool
+from gtvp.localcluster.processes import free_port
+from gtvp_agent.tpm import Tpm
+
+G, V, P = "gtvp.io", "v1alpha1", "members"
+
+
+def _api(pool: Pool) -> Any:
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=str(pool.cp.admin_kubeconfig))
+    api.configuration.connection_pool_maxsize = 32
+    return client.CustomObjectsApi(api)
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _patch_count(cp: ControlPlane) -> float:
+    ctx = ssl.create_default_context(cafile=str(cp.pki_dir / "ca.crt"))
+    users = cp.pki_dir / "users"
+    ctx.load_cert_chain(str(users / "admin.crt"), str(users / "admin.key"))
+    with urllib.request.urlopen(f"{cp.server}/metrics", context=ctx, timeout=10) as r:  # noqa: S310
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("apiserver_request_total{")
+            and 'resource="members"' in line
+            and 'subresource="status"' in line
+            and ('verb="PATCH"' in line or 'verb="UPDATE"' in line)
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class LoadGenerator:
+    """Answers every member's challenges, as agents would, with a few real TPMs."""
+
+    def __init__(self, pool: Pool, tpms: int) -> None:
+        self.pool = pool
+        self.names = [f"tpm{i}" for i in range(tpms)]
+        self.work: list[queue.Queue[tuple[str, dict[str, Any]]]] = [
+            queue.Queue() for _ in self.names
+        ]
+        self.enrolment: dict[int, dict[str, str]] = {}
+        self.sent: dict[str, float] = {}  # nonce -> time evidence was written
+        self.latencies: list[float] = []
+        self.answered: set[str] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    def member_tpm(self, member: str) -> int:
+        return int(member.rsplit("-", 1)[1]) % len(self.names)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        threads = [
+            threading.Thread(target=self._worker, args=(i,), daemon=True)
+            for i in range(len(self.names))
+        ]
+        for t in threads:
+            t.start()
+        yield
+        self.stop.set()
+        for t in threads:
+            t.join(timeout=10)
+
+    def _worker(self, i: int) -> None:
+        api = _api(self.pool)
+        tpm = self.pool.tpm(self.names[i])
+        with Tpm.open(tpm.tcti, self.pool.dir / "lg" / self.names[i]) as t, t.session() as s:
+            while not self.stop.is_set():
+                try:
+                    member, ch = self.work[i].get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                agent: dict[str, Any] = {}
+                cred = ch.get("credential")
+                if cred:
+                    secret = s.activate_credential(
+                        base64.b64decode(cred["credentialBlob"]), base64.b64decode(cred["secret"])
+                    )
+                    agent["enrollment"] = {
+                        "activation": {"challengeId": cred["id"], "secret": _b64(secret)}
+                    }
+                elif ch.get("nonce"):
+                    q = s.quote(bytes.fromhex(ch["nonce"]), ch["pcrBank"], ch["pcrs"])
+                    agent["evidence"] = {
+                        "nonce": ch["nonce"],
+                        "attest": _b64(q.attest),
+                        "signature": _b64(q.signature),
+                        "pcrBank": q.pcr_bank,
+                        "pcrValues": {str(p): v.hex() for p, v in q.pcr_values.items()},
+                    }
+                api.patch_cluster_custom_object_status(
+                    G, V, P, member, {"status": {"agent": agent}}
+                )
+                if "evidence" in agent:
+                    with self.lock:
+                        self.sent[ch["nonce"]] = time.perf_counter()
+
+    def enrol_info(self, i: int) -> dict[str, str]:
+        if i not in self.enrolment:
+            tpm = self.pool.tpm(self.names[i])
+            with Tpm.open(tpm.tcti, self.pool.dir / "lg" / self.names[i]) as t:
+                en = t.enrolment()
+            self.enrolment[i] = {
+                "ekPublic": _b64(en.ek_public),
+                "ekCertificate": _b64(en.ek_certificate or b""),
+                "akPublic": _b64(en.ak_public),
+                "akName": en.ak_name.hex(),
+            }
+        return self.enrolment[i]
+
+    def observe(self, member: dict[str, Any], due: list[tuple[float, str, str]]) -> None:
+        name = member["metadata"]["name"]
+        st = member.get("status") or {}
+        ch = st.get("challenge") or {}
+        trust = st.get("trust") or {}
+        mine = st.get("agent") or {}
+        # a verdict for a nonce we answered: latency
+        answered = (mine.get("evidence") or {}).get("nonce")
+        if answered and trust.get("verifiedAt") and ch.get("nonce") != answered:
+            with self.lock:
+                sent = self.sent.pop(answered, None)
+            if sent is not None:
+                self.latencies.append(time.perf_counter() - sent)
+        cred = ch.get("credential")
+        if (
+            cred
+            and (mine.get("enrollment") or {}).get("activation", {}).get("challengeId")
+            != cred["id"]
+            and cred["id"] not in self.answered
+        ):
+            self.answered.add(cred["id"])
+            self.work[self.member_tpm(name)].put((name, {"credential": cred}))
+        nonce = ch.get("nonce")
+        if nonce and nonce != answered and nonce not in self.answered:
+            self.answered.add(nonce)
+            after = ch.get("answerAfter", "")
+            import datetime as dt
+
+            at = (
+                dt.datetime.fromisoformat(after.replace("Z", "+00:00")).timestamp()
+                if after
+                else 0.0
+            )
+            heapq.heappush(due, (at, name, nonce))
+            self._pending[nonce] = {k: ch[k] for k in ("nonce", "pcrBank", "pcrs")}
+
+    def release(self, due: list[tuple[float, str, str]]) -> None:
+        now = time.time()
+        while due and due[0][0] <= now:
+            _, name, nonce = heapq.heappop(due)
+            ch = self._pending.pop(nonce, None)
+            if ch is not None:
+                self.work[self.member_tpm(name)].put((name, ch))
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
+
+
+def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[str, float]:
+    from kubernetes import watch
+
+    with tempfile.TemporaryDirectory() as d:
+        cp = ControlPlane(
+            Path(d) / "cp", toolchain.ensure_all(), Ports(free_port(), free_port(), free_port())
+        )
+        cp.start()
+        pool = Pool(cp, Path(d) / "pool")
+        try:
+            cp.apply_crds(layout.gtvp_crds())
+            pool.install_access()
+            lg = LoadGenerator(pool, tpms)
+            for name in lg.names:  # the few TPMs whose keys every member's quotes use
+                pool.tpm(name).manufacture(pool.ca.ensure())
+                pool.tpm(name).start()
+            pool.apply_policy(interval=f"{interval}s", valid_for=f"{interval * 3}s", max_uses=100)
+            api = _api(pool)
+            started = time.perf_counter()
+            for i in range(members):
+                name = f"m-{i}"
+                api.create_cluster_custom_object(
+                    G,
+                    V,
+                    P,
+                    {
+                        "apiVersion": f"{G}/{V}",
+                        "kind": "Member",
+                        "metadata": {"name": name},
+                        "spec": {"identity": 2},
+                    },
+                )
+                api.patch_cluster_custom_object_status(
+                    G, V, P, name, {"status": {"agent": {"enrollment": lg.enrol_info(i % tpms)}}}
+                )
+            print(
+                f"bench_scale: {members} members created in {time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
+            pool.start_operator()
+            op = pool.procs.get("operator")
+            assert op is not None
+            due: list[tuple[float, str, str]] = []
+            trusted_at: float | None = None
+            window: dict[str, float] = {}
+            measure_from = 0.0
+            with lg.running():
+                rv = None
+                end = None
+                while end is None or time.perf_counter() < end:
+                    w = watch.Watch()
+                    kwargs: dict[str, Any] = {"timeout_seconds": 2}
+                    if rv:
+                        kwargs["resource_version"] = rv
+                    try:
+                        for ev in w.stream(api.list_cluster_custom_object, G, V, P, **kwargs):
+                            obj = ev["object"]
+                            rv = obj["metadata"]["resourceVersion"]
+                            lg.observe(obj, due)
+                            lg.release(due)
+                    except Exception:  # noqa: BLE001 - an expired watch is restarted
+                        rv = None
+                    lg.release(due)
+                    if trusted_at is None:
+                        items = api.list_cluster_custom_object(G, V, P)["items"]
+                        n = sum(
+                            1 for m in items if (m.get("status") or {}).get("phase") == "Trusted"
+                        )
+                        if n == members:
+                            trusted_at = time.perf_counter()
+                            print(
+                                f"  all {members} Trusted after "
+                                f"{trusted_at - started:.0f}s (enrolment included)",
+                                flush=True,
+                            )
+                            lg.latencies.clear()
+                            measure_from = time.perf_counter()
+                            window = {"patches": _patch_count(cp), "cpu": _cpu_seconds(op.pid)}
+                            end = measure_from + cycles * interval
+            elapsed = time.perf_counter() - measure_from
+            patches = _patch_count(cp) - window["patches"]
+            cpu = (_cpu_seconds(op.pid) - window["cpu"]) / elapsed
+            rss = _rss_mb(op.pid)
+        finally:
+            pool.stop()
+            cp.stop()
+    cycles_done = elapsed / interval
+    per_member_cycle = patches / (members * cycles_done)
+    result = {
+        "p50": pct(lg.latencies, 0.5),
+        "p99": pct(lg.latencies, 0.99),
+        "cpu": cpu,
+        "rss": rss,
+        "writes": per_member_cycle,
+    }
+    print(
+        f"  evidence-to-verdict over {len(lg.latencies)} verdicts: p50 "
+        f"{result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms (target p99 < 1 s)"
+    )
+    print(f"  operator CPU {cpu:.2f} cores (target <= 1), peak RSS {rss:.0f} MiB")
+    print(
+        f"  Member status writes per member per cycle: {per_member_cycle:.2f} "
+        "(design: 2, one each way)"
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--members", type=int, default=1000)
+    p.add_argument("--cycles", type=int, default=2)
+    p.add_argument("--interval", type=int, default=60)
+    args = p.parse_args(argv)
+    run(args.members, args.cycles, interval=args.interval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
