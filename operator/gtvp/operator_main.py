@@ -95,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        from gtvp.handlers import webhooks
+
+        del webhooks  # imported for its @kopf.on.mutate / @kopf.on.validate handlers
         members.STATE.webhook_server = kopf.WebhookServer(
             addr=args.webhook_address,
             port=args.webhook_port,

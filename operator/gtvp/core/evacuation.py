@@ -60,8 +60,14 @@ def plan_evacuation(
     """The VirtualMachineInstanceMigration objects to create now for `member`."""
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
+    here = {(v.namespace, v.name) for v in vmis if v.node == member}
     budget_cluster = limits.max_parallel - len(active)
-    budget_out = limits.max_outbound_per_node - sum(1 for m in active if m.source == member)
+    # a migration leaves this member if its VMI runs here: KubeVirt may not have recorded a
+    # sourceNode yet, so the VMI's node, not the migration's state, decides
+    budget_out = limits.max_outbound_per_node - sum(
+        1 for m in active if m.source == member or (m.namespace, m.vmi) in here
+    )
+
     out: list[dict[str, Any]] = []
     for vmi in sorted(vmis, key=lambda v: (-v.level, v.namespace, v.name)):
         if vmi.node != member or (vmi.namespace, vmi.name) in busy_vmis:

@@ -15,10 +15,11 @@ from typing import Any
 import kopf
 
 from gtvp import kube
-from gtvp.handlers import kubevirt, members, webhooks
+from gtvp.handlers import kubevirt, members
 
 log = logging.getLogger("gtvp.handlers")
-__all__ = ["webhooks"]  # imported for its @kopf.on.mutate / @kopf.on.validate handlers
+# gtvp.handlers.webhooks registers the admission handlers; gtvp.operator_main imports it
+# only when it serves webhooks (kopf refuses admission handlers without a server).
 GROUP, VERSION = "gtvp.io", "v1alpha1"
 
 

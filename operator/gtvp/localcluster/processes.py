@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -58,12 +59,24 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+_FREE_RANGE = (20000, 32000)
+"""Below Linux's ephemeral range (32768-60999), so outgoing connections never take a port
+between choosing it and a server binding it."""
+
+
 def free_port() -> int:
     """A port nothing listens on right now (for tests that run beside `gtvp local up`)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*_FREE_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if not port_in_use(port):
+            return port
+    raise RuntimeError(f"no free loopback port in {_FREE_RANGE}")
 
 
 class ProcessTable:
