@@ -27,6 +27,7 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp_agent import __version__
 from gtvp_agent.tpm import Enrolment, Tpm, TpmUnavailable
 
@@ -39,19 +40,6 @@ MAX_EVENT_LOG = 1024 * 1024
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _ts(t: dt.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_ts(s: Any) -> dt.datetime | None:
-    if not isinstance(s, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def _b64(b: bytes) -> str:
@@ -104,7 +92,7 @@ class Agent:
             raise
 
     def _patch(self, agent_part: dict[str, Any]) -> None:
-        agent_part = {**agent_part, "agentVersion": __version__, "heartbeatTime": _ts(_now())}
+        agent_part = {**agent_part, "agentVersion": __version__, "heartbeatTime": format_ts(_now())}
         self.api.patch_cluster_custom_object_status(
             GROUP, VERSION, PLURAL, self.cfg.node, {"status": {"agent": agent_part}}
         )
@@ -177,7 +165,7 @@ class Agent:
             nonce = challenge.get("nonce")
             answered = (mine.get("evidence") or {}).get("nonce")
             if nonce and nonce != answered and nonce not in self._answered:
-                after = _parse_ts(challenge.get("answerAfter"))
+                after = parse_ts(challenge.get("answerAfter"))
                 remaining = (after - _now()).total_seconds() if after else 0.0
                 if remaining > 0:
                     wait = min(wait, remaining)
@@ -199,7 +187,7 @@ class Agent:
             "signature": _b64(q.signature),
             "pcrBank": q.pcr_bank,
             "pcrValues": {str(p): v.hex() for p, v in sorted(q.pcr_values.items())},
-            "producedAt": _ts(_now()),
+            "producedAt": format_ts(_now()),
             "eventLog": None,
         }
         log_bytes = self._event_log()

@@ -15,15 +15,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import LEVEL_LABEL, TAINT_KEY, TRUSTED_LABEL, VM_LEVEL_LABEL
 
 
 def _age(ts: Any, now: dt.datetime) -> str:
-    if not isinstance(ts, str):
-        return "-"
-    try:
-        t = dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
+    t = parse_ts(ts)
+    if t is None:
         return "-"
     secs = int((now - t).total_seconds())
     sign = "" if secs >= 0 else "in "

@@ -40,6 +40,7 @@ from gtvp.core.quote import (
     check_ak_attributes,
     verify_quote,
 )
+from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import PublicArea, ak_qualified_name, parse_public
 
 ENTROPY_BYTES = 64
@@ -66,19 +67,6 @@ class Step:
     @property
     def phase(self) -> str:
         return str(self.status.get("phase", ""))
-
-
-def _ts(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_ts(s: Any) -> dt.datetime | None:
-    if not isinstance(s, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def _b64(value: Any, what: str, limit: int = 4 * 1024 * 1024) -> bytes:
@@ -118,7 +106,7 @@ def _conditions(
                 "reason": reason,
                 "message": message[:2000],
                 "lastTransitionTime": (
-                    _ts(now) if changed or prev is None else prev.get("lastTransitionTime")
+                    format_ts(now) if changed or prev is None else prev.get("lastTransitionTime")
                 ),
             }
         )
@@ -132,8 +120,8 @@ def _nonce_challenge(
         "nonce": hashlib.sha256(b"nonce" + entropy).hexdigest(),
         "pcrBank": policy.pcr_bank,
         "pcrs": list(policy.pcrs),
-        "issuedAt": _ts(now),
-        "answerAfter": _ts(answer_after),
+        "issuedAt": format_ts(now),
+        "answerAfter": format_ts(answer_after),
     }
 
 
@@ -264,7 +252,7 @@ def attestation_step(
         answered: bytes | None = None,
         recheck: dt.timedelta = interval,
     ) -> Step:
-        expires = _parse_ts(trust.get("expiresAt"))
+        expires = parse_ts(trust.get("expiresAt"))
         trusted = trust.get("verdict") == "Trusted" and expires is not None and now < expires
         if verdict_ok is None:
             phase = "Pending" if not bound and not enrollment else "Enrolling"
@@ -312,6 +300,18 @@ def attestation_step(
             recheck = min(recheck, max(expires - now, dt.timedelta(seconds=1)))
         return Step(new_status, events, outcome, answered, recheck)
 
+    def failed(err: errors.VerificationError, **kwargs: Any) -> Step:
+        """Untrusted with the error's reason; a Warning event, the reason as the outcome."""
+        untrusted(err)
+        return finish(
+            verdict_ok=False,
+            reason=err.reason,
+            message=err.message,
+            events=(Event("Warning", err.reason, err.message),),
+            outcome=err.reason,
+            **kwargs,
+        )
+
     def untrusted(err: errors.VerificationError) -> None:
         if not mp.attestation.auto_recover:
             trust["awaitingReadmission"] = True
@@ -319,7 +319,7 @@ def attestation_step(
             verdict="Untrusted",
             reason=err.reason,
             message=err.message[:2000],
-            verifiedAt=_ts(now),
+            verifiedAt=format_ts(now),
             usesLeft=0,
         )
         trust.pop("expiresAt", None)
@@ -337,16 +337,8 @@ def attestation_step(
     try:
         keys = _check_enrolment(enrollment, spec, trust, policy, now)
     except errors.VerificationError as err:
-        untrusted(err)
         challenge = {}
-        return finish(
-            verdict_ok=False,
-            reason=err.reason,
-            message=err.message,
-            bound=False,
-            events=(Event("Warning", err.reason, err.message),),
-            outcome=err.reason,
-        )
+        return failed(err, bound=False)
 
     bound = trust.get("akName") == keys.ak_name and trust.get("ekSHA256") == keys.fingerprint
     if not bound:
@@ -359,17 +351,8 @@ def attestation_step(
                     secret_sha256=str(cred.get("secretSHA256", "")),
                 )
             except errors.VerificationError as err:
-                untrusted(err)
                 challenge = {"credential": _credential(keys, entropy)}
-                return finish(
-                    verdict_ok=False,
-                    reason=err.reason,
-                    message=err.message,
-                    bound=False,
-                    events=(Event("Warning", err.reason, err.message),),
-                    outcome=err.reason,
-                    recheck=RETRY_AFTER_FAILURE,
-                )
+                return failed(err, bound=False, recheck=RETRY_AFTER_FAILURE)
             for k in ("clock", "resetCount", "restartCount"):
                 trust.pop(k, None)
             trust.update(akName=keys.ak_name, ekSHA256=keys.fingerprint)
@@ -411,7 +394,7 @@ def attestation_step(
     evidence = agent.get("evidence") or {}
     if evidence.get("nonce") == nonce_hex:
         nonce = bytes.fromhex(str(nonce_hex))
-        issued = _parse_ts(challenge.get("issuedAt")) or now
+        issued = parse_ts(challenge.get("issuedAt")) or now
         try:
             result = verify_quote(
                 _evidence(evidence),
@@ -429,7 +412,6 @@ def attestation_step(
                 ),
             )
         except errors.VerificationError as err:
-            untrusted(err)
             retry = now + RETRY_AFTER_FAILURE
             if isinstance(err, errors.Rebooted) and isinstance(err.clock, ClockState):
                 trust.update(
@@ -439,16 +421,7 @@ def attestation_step(
                 )
                 retry = now
             challenge = _nonce_challenge(policy, entropy, now, retry)
-            return finish(
-                verdict_ok=False,
-                reason=err.reason,
-                message=err.message,
-                bound=True,
-                events=(Event("Warning", err.reason, err.message),),
-                outcome=err.reason,
-                answered=nonce,
-                recheck=RETRY_AFTER_FAILURE,
-            )
+            return failed(err, bound=True, answered=nonce, recheck=RETRY_AFTER_FAILURE)
         was_trusted = trust.get("verdict") == "Trusted"
         held = _hold_for_readmission(trust, readmit, mp, now, result.clock)
         if held is not None:
@@ -469,8 +442,8 @@ def attestation_step(
                 + ("the event log" if result.used_event_log else "golden values")
                 + f" ({policy.pcr_bank}:{list(policy.pcrs)})"
             ),
-            verifiedAt=_ts(now),
-            expiresAt=_ts(issued + mp.attestation.valid_for),
+            verifiedAt=format_ts(now),
+            expiresAt=format_ts(issued + mp.attestation.valid_for),
             usesLeft=mp.attestation.max_uses,
             clock=result.clock.clock,
             resetCount=result.clock.reset_count,
@@ -494,7 +467,7 @@ def attestation_step(
         )
 
     # --- nothing new: has the verdict expired, or been spent? -----------------------------
-    expires = _parse_ts(trust.get("expiresAt"))
+    expires = parse_ts(trust.get("expiresAt"))
     _ask_now_if_spent(trust, challenge, now, interval)
 
     if trust.get("verdict") == "Trusted" and expires is not None and now >= expires:
@@ -530,16 +503,16 @@ def _ask_now_if_spent(
 ) -> None:
     """A verdict that backed maxUses decisions is spent: ask for the next quote now. A
     challenge issued under a longer interval (the policy changed) is brought forward."""
-    answer_after = _parse_ts(challenge.get("answerAfter"))
+    answer_after = parse_ts(challenge.get("answerAfter"))
     if answer_after is not None and answer_after > now + interval:
-        challenge["answerAfter"] = _ts(now + interval)
+        challenge["answerAfter"] = format_ts(now + interval)
     if (
         trust.get("verdict") == "Trusted"
         and int(trust.get("usesLeft", 0) or 0) <= 0
         and answer_after is not None
         and answer_after > now
     ):
-        challenge["answerAfter"] = _ts(now)
+        challenge["answerAfter"] = format_ts(now)
 
 
 def _hold_for_readmission(
@@ -568,7 +541,7 @@ def _hold_for_readmission(
         verdict="Untrusted",
         reason="AwaitingReadmission",
         message=message,
-        verifiedAt=_ts(now),
+        verifiedAt=format_ts(now),
         usesLeft=0,
         clock=clock.clock,
         resetCount=clock.reset_count,

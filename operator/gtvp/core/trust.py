@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtvp.core.timestamps import parse_ts
+
 PREFIX = "node-restriction.kubernetes.io/"
 TRUSTED_LABEL = f"{PREFIX}gtvp-trusted"
 LEVEL_LABEL = f"{PREFIX}gtvp-level-"
@@ -90,17 +92,10 @@ class MemberView:
 
 def member_view(name: str, status: Mapping[str, Any]) -> MemberView:
     trust = status.get("trust") or {}
-    expires = trust.get("expiresAt")
-    try:
-        expires_at = (
-            dt.datetime.fromisoformat(str(expires).replace("Z", "+00:00")) if expires else None
-        )
-    except ValueError:
-        expires_at = None
     return MemberView(
         name=name,
         phase=str(status.get("phase", "")),
         level=int(status.get("level", 0) or 0),
-        expires_at=expires_at,
+        expires_at=parse_ts(trust.get("expiresAt")),
         uses_left=int(trust.get("usesLeft", 0) or 0),
     )

@@ -1,0 +1,25 @@
+"""RFC 3339 timestamps as the API server stores them (`2026-01-01T00:00:00Z`).
+
+One place for writing and reading the times in Member status, shared by the operator's core,
+`gtvp status` and the agent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def format_ts(t: dt.datetime) -> str:
+    """A timestamp in UTC, to the second, with a Z."""
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_ts(s: Any) -> dt.datetime | None:
+    """The time in a status field, or None when it is missing or not a timestamp."""
+    if not isinstance(s, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
