@@ -34,6 +34,20 @@ class _MemberCollector(Collector):
         yield g
 
 
+class _BoxCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("gtvp_lazyboxes", "Lazy Boxes by phase", labels=["phase"])
+        counts: dict[str, int] = {}
+        for phase in self.m.boxes.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase, n in sorted(counts.items()):
+            g.add_metric([phase], n)
+        yield g
+
+
 class Metrics:
     """The operator's metrics, registered in their own registry."""
 
@@ -64,7 +78,27 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.components = Counter(
+            "gtvp_component_verifications",
+            "OSComponent verifications by result and reason",
+            ["result", "reason"],
+            registry=self.registry,
+        )
+        self.placements = Counter(
+            "gtvp_lazybox_placements",
+            "Lazy Box placement decisions by outcome (placed, pending)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.placement_cached_ratio = Histogram(
+            "gtvp_lazybox_placement_cached_ratio",
+            "Share of a placed box's component bytes already cached on the chosen member",
+            buckets=(0.0, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=self.registry,
+        )
+        self.boxes: dict[str, str] = {}
         self.registry.register(_MemberCollector(self))
+        self.registry.register(_BoxCollector(self))
         for reason in ALL_REASONS:  # every reason is visible from the start, at 0
             self.attestations.labels("failed", reason)
         self.attestations.labels("verified", "QuoteVerified")

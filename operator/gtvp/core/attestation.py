@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gtvp.core import errors
+from gtvp.core.conditions import merge_conditions as _conditions
 from gtvp.core.enrolment import (
     check_activation,
     check_ek_pin,
@@ -87,30 +88,6 @@ def _hex(value: Any, what: str) -> bytes:
         return bytes.fromhex(value)
     except ValueError as exc:
         raise errors.MalformedEvidence(f"{what} is not hex") from exc
-
-
-def _conditions(
-    previous: list[dict[str, Any]], now: dt.datetime, updates: dict[str, tuple[bool, str, str]]
-) -> list[dict[str, Any]]:
-    """Standard conditions; lastTransitionTime moves only when status flips."""
-    old = {c.get("type"): c for c in previous if isinstance(c, dict)}
-    out = []
-    for ctype, (ok, reason, message) in updates.items():
-        status = "True" if ok else "False"
-        prev = old.get(ctype)
-        changed = prev is None or prev.get("status") != status
-        out.append(
-            {
-                "type": ctype,
-                "status": status,
-                "reason": reason,
-                "message": message[:2000],
-                "lastTransitionTime": (
-                    format_ts(now) if changed or prev is None else prev.get("lastTransitionTime")
-                ),
-            }
-        )
-    return out
 
 
 def _nonce_challenge(

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from gtvp import kube
-from gtvp.handlers import kubevirt, members
+from gtvp.handlers import kubevirt, lazyboxes, members
 
 log = logging.getLogger("gtvp.handlers")
 # gtvp.handlers.webhooks registers the admission handlers; gtvp.operator_main imports it
@@ -42,6 +42,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 async def policy_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     name = body.metadata.name or ""
     members.set_policy(name, None if type == "DELETED" else dict(body.spec))
+    if name == members.STATE.policy_name:
+        await asyncio.to_thread(lazyboxes.verify_all)
+        lazyboxes.STATE.touch()
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -56,16 +59,19 @@ async def node_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if name not in members.STATE.bodies and members.STATE.create_members:
         await members.ensure_member(name)
     await members.sync_node(name)
+    lazyboxes.touch_waiting()
 
 
 @kopf.on.event("kubevirt.io", "v1", "virtualmachineinstances")
 async def vmi_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     kubevirt.observe("vmi", dict(body), type or "")
+    lazyboxes.observe_kubevirt(dict(body))
 
 
 @kopf.on.event("kubevirt.io", "v1", "virtualmachineinstancemigrations")
 async def migration_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     kubevirt.observe("migration", dict(body), type or "")
+    lazyboxes.observe_kubevirt(dict(body))
     if type != "DELETED":
         await kubevirt.judge_migration(dict(body))
         source = ((body.get("status") or {}).get("migrationState") or {}).get("sourceNode")
@@ -77,9 +83,32 @@ async def migration_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 async def member_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if members.observe(dict(body), type or ""):
         await members.reconcile(body.metadata.name or "")
+        lazyboxes.touch_waiting()
+
+
+@kopf.on.event("kubevirt.io", "v1", "virtualmachines")
+async def vm_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    kubevirt.observe("vm", dict(body), type or "")
+    lazyboxes.observe_kubevirt(dict(body))
+
+
+@kopf.on.event(GROUP, VERSION, "oscomponents")
+async def component_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    name = lazyboxes.observe_component(dict(body), type or "")
+    if name is not None:
+        await asyncio.to_thread(lazyboxes.verify_component, name)
+        lazyboxes.STATE.touch()
+
+
+@kopf.on.event(GROUP, VERSION, "lazyboxes")
+async def box_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    if lazyboxes.observe_box(dict(body), type or ""):
+        key = (body.metadata.namespace or "", body.metadata.name or "")
+        await asyncio.to_thread(lazyboxes.delete_vm, key)
 
 
 _loop_task: asyncio.Task[None] | None = None
+_box_tasks: list[asyncio.Task[None]] = []
 _stop = asyncio.Event()
 
 
@@ -89,10 +118,12 @@ async def start_recheck_loop(**_: Any) -> None:
     if members.STATE.clients is None:
         members.STATE.clients = kube.make_clients()
     _loop_task = asyncio.create_task(members.recheck_loop(_stop))
+    _box_tasks.append(asyncio.create_task(lazyboxes.box_loop(_stop)))
 
 
 @kopf.on.cleanup()
 async def stop_recheck_loop(**_: Any) -> None:
     _stop.set()
-    if _loop_task is not None:
-        await asyncio.wait([_loop_task], timeout=5)
+    tasks = [t for t in (_loop_task, *_box_tasks) if t is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)

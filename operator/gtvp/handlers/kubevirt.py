@@ -30,6 +30,7 @@ KV = ("kubevirt.io", "v1")
 
 @dataclass
 class KubeVirtState:
+    vms: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     vmis: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     migrations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     judged: set[str] = field(default_factory=set)  # migration uids whose target was checked
@@ -42,7 +43,7 @@ STATE = KubeVirtState()
 def observe(kind: str, body: dict[str, Any], event_type: str) -> None:
     meta = body.get("metadata") or {}
     key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
-    store = STATE.vmis if kind == "vmi" else STATE.migrations
+    store = {"vm": STATE.vms, "vmi": STATE.vmis}.get(kind, STATE.migrations)
     if event_type == "DELETED":
         store.pop(key, None)
     else:

@@ -16,12 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gtvp import webhook_config
-from gtvp.localcluster import pki
+from gtvp.localcluster import layout, pki
 from gtvp.localcluster.controlplane import OPERATOR, ControlPlane, agent_identity
 from gtvp.localcluster.processes import ProcessTable, free_port
 from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
@@ -42,8 +45,15 @@ def pool_policy(
     interval: str = "5s",
     valid_for: str = "15s",
     max_uses: int = 50,
+    publisher_keys: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A SecurityPolicy for a pool of swtpm members."""
+    """A SecurityPolicy for a pool of swtpm members.
+
+    Component publishers: `publisher_keys` (name -> PEM public key), by default those of
+    the sample policy, so the signed sample catalogue verifies in the local pool.
+    """
+    if publisher_keys is None:
+        publisher_keys = sample_publisher_keys()
 
     def level(n: int, lname: str, on_untrusted: str) -> dict[str, Any]:
         return {
@@ -69,8 +79,20 @@ def pool_policy(
             # every member may carry up to its identity (the administrator's ceiling)
             "transitions": [{"matchLabels": {}, "level": 3}],
             "ekTrust": {"caBundle": ca.bundle_pem()},
+            "publisherKeys": [
+                {"name": n, "publicKey": pem} for n, pem in sorted(publisher_keys.items())
+            ],
         },
     }
+
+
+def sample_publisher_keys() -> dict[str, str]:
+    """The publisher keys of crds/samples/securitypolicy.yaml (they sign the sample catalogue)."""
+    path = layout.repo_root() / "crds" / "samples" / "securitypolicy.yaml"
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") == "SecurityPolicy":
+            return {k["name"]: k["publicKey"] for k in doc["spec"].get("publisherKeys") or []}
+    return {}
 
 
 def _bin(name: str) -> str:
@@ -223,8 +245,9 @@ class Pool:
             server_dns=("localhost",),
         )
 
-    def add_node(self, name: str) -> None:
-        """SIMULATION: a Node object kwok keeps Ready (there is no kubelet here)."""
+    def add_node(self, name: str, *, cpu: str = "16", memory: str = "64Gi") -> None:
+        """SIMULATION: a Node object kwok keeps Ready (there is no kubelet here), with the
+        capacity a kubelet would report."""
         self.apply(
             {
                 "apiVersion": "v1",
@@ -235,6 +258,26 @@ class Pool:
                     "annotations": {"kwok.x-k8s.io/node": "fake"},
                 },
             }
+        )
+        room = {"cpu": cpu, "memory": memory, "pods": "110"}
+        self.patch_node_status(name, {"allocatable": room, "capacity": room})
+
+    def patch_node_status(self, name: str, status: Mapping[str, Any]) -> None:
+        self.cp.kubectl(
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": status}),
+        )
+
+    def set_node_images(self, name: str, images: Sequence[str], size: int = 1) -> None:
+        """SIMULATION: the node's image cache, written as its kubelet would report it
+        (`status.images`); kwok nodes have no container runtime."""
+        self.patch_node_status(
+            name, {"images": [{"names": [ref], "sizeBytes": size} for ref in images]}
         )
 
     def add_member(

@@ -21,6 +21,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gtvp.core.compose import preferred_node
+
 log = logging.getLogger("gtvp.virtsim")
 KV = ("kubevirt.io", "v1")
 BANNER = "[SIMULATED virt-controller]"
@@ -51,6 +53,8 @@ def choose_node(
     tolerations: Sequence[Mapping[str, Any]],
     exclude: str | None,
     load: Mapping[str, int],
+    *,
+    preferred: str | None = None,
 ) -> str | None:
     fits = [
         n["metadata"]["name"]
@@ -59,6 +63,8 @@ def choose_node(
     ]
     if not fits:
         return None
+    if preferred in fits:  # a preferred node affinity, as kube-scheduler weighs it
+        return preferred
     best: str = min(fits, key=lambda n: (load.get(n, 0), n))
     return best
 
@@ -89,6 +95,20 @@ class VirtSim:
                 load[node] = load.get(node, 0) + 1
         for vm in vms:
             self._reconcile_vm(vm, vmis, nodes, load)
+        present = {(v["metadata"]["namespace"], v["metadata"]["name"]) for v in vms}
+        for key, vmi in list(vmis.items()):
+            owners = (vmi.get("metadata") or {}).get("ownerReferences") or []
+            if any(o.get("kind") == "VirtualMachine" for o in owners) and key not in present:
+                # what the garbage collector does once a VM is gone
+                self.api.delete_namespaced_custom_object(
+                    *KV, key[0], "virtualmachineinstances", key[1]
+                )
+                log.info(
+                    "%s deleted VMI %s/%s: its VM is gone (as the garbage collector would)",
+                    BANNER,
+                    *key,
+                )
+                del vmis[key]
         for vmi in vmis.values():
             if (vmi.get("status") or {}).get("phase") in (None, "", "Pending", "Scheduling"):
                 self._schedule_vmi(vmi, nodes, load)
@@ -146,7 +166,12 @@ class VirtSim:
     ) -> None:
         meta, spec = vmi["metadata"], vmi.get("spec") or {}
         node = choose_node(
-            nodes, spec.get("nodeSelector") or {}, spec.get("tolerations") or [], None, load
+            nodes,
+            spec.get("nodeSelector") or {},
+            spec.get("tolerations") or [],
+            None,
+            load,
+            preferred=preferred_node(spec),
         )
         status: dict[str, Any]
         if node is None:

@@ -1,0 +1,329 @@
+"""The Lazy Box lifecycle: from a box, its resolution and what is running, to what to do.
+
+`plan_box` is pure. The shell (gtvp.handlers.lazyboxes) resolves the box, makes sure each
+resolved component has a fresh verification check, builds the placement hosts and the
+observed VM/VMI state, calls `plan_box`, and carries out the decision: one status write,
+at most one VM write, possibly a VMI delete (restart) and an Event.
+
+Phases: Pending (no member qualifies), Resolving/Verifying (a step is waiting),
+Placing (VM written, VMI not running yet), Running, Migrating, Failed (cannot resolve, a
+component failed verification, or the composition is not bootable).
+Upgrades: when the resolved set differs from the VM's composition, the box rolls onto the
+new set as `upgradePolicy` says — Restart rewrites the VM and restarts its VMI; LiveUpdate
+rewrites the VM and leaves the running VMI alone with `RestartRequired` (KubeVirt cannot
+swap a kernel or container disk in a running VM). A purely additive change of libraries or
+applications with `onMissingDependency: HotPlug` is attached as hot-pluggable DataVolumes
+(the only disks KubeVirt hot-plugs) without a restart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gtvp.core.component_checks import Check
+from gtvp.core.components import Component
+from gtvp.core.compose import BoxRef, CompositionError, compose_vm
+from gtvp.core.conditions import merge_conditions
+from gtvp.core.placement import Host, Placement, place
+from gtvp.core.quantity import cpu_millis, memory_bytes
+from gtvp.core.resolve import describe
+from gtvp.core.timestamps import format_ts
+
+BOOTED_ANNOTATION = "gtvp.io/components"
+HOTPLUGGED_ANNOTATION = "gtvp.io/hotplugged"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What runs for the box now (from the VM, VMI and migration caches)."""
+
+    vm_exists: bool = False
+    booted: tuple[str, ...] = ()  # component object names the VM boots with
+    hotplugged: tuple[str, ...] = ()
+    vm_node: str | None = None  # the member the VM prefers
+    vm_running: bool = True
+    vmi_phase: str | None = None
+    vmi_node: str | None = None
+    migrating: bool = False
+    vm_boot: str | None = None  # composition the VM template boots (BOOT_ANNOTATION)
+    vmi_boot: str | None = None  # composition the running VMI booted
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: dict[str, Any]
+    vm: dict[str, Any] | None = None  # write (create or replace) this VM
+    restart: bool = False  # delete the VMI so that the new template boots
+    uses: tuple[str, ...] = ()  # components whose use to spend (their object names)
+    event: tuple[str, str, str] | None = None  # type, reason, message
+    placement: Placement | None = None
+
+
+@dataclass(frozen=True)
+class BoxInput:
+    ref: BoxRef
+    spec: Mapping[str, Any]
+    generation: int
+    status: Mapping[str, Any]
+    components: Sequence[Component] | None  # None: resolution failed
+    failure: tuple[str, str] | None = None  # (reason, message) when resolution failed
+    checks: Mapping[str, Check] = field(default_factory=dict)
+    hosts: Sequence[Host] = ()
+    observed: Observed = Observed()
+
+
+def _resolved(components: Sequence[Component]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": c.name,
+            "version": str(c.version),
+            "digest": c.digest,
+            "type": c.type,
+            "sizeBytes": c.size,
+        }
+        for c in components
+    ]
+
+
+def _status(
+    inp: BoxInput,
+    now: dt.datetime,
+    phase: str,
+    message: str,
+    conditions: dict[str, tuple[bool, str, str]],
+    **extra: Any,
+) -> dict[str, Any]:
+    prev = list(inp.status.get("conditions") or [])
+    out: dict[str, Any] = {
+        "observedGeneration": inp.generation,
+        "phase": phase,
+        "message": message[:4000],
+        "conditions": merge_conditions(prev, now, conditions),
+    }
+    out.update(extra)
+    return out
+
+
+def _failed(inp: BoxInput, now: dt.datetime, reason: str, message: str, cond: str) -> Decision:
+    conds = {cond: (False, reason, message), "Ready": (False, reason, message)}
+    status = _status(inp, now, "Failed", message, conds)
+    changed = inp.status.get("phase") != "Failed" or inp.status.get("message") != message[:4000]
+    return Decision(status, event=("Warning", reason, message) if changed else None)
+
+
+def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
+    """Decide the box's next status and actions (see the module docstring)."""
+    if inp.components is None:
+        reason, message = inp.failure or ("Unsatisfiable", "the box cannot be resolved")
+        return _failed(inp, now, reason, message, "Resolved")
+    comps = list(inp.components)
+    missing = [c for c in comps if c.object_name not in inp.checks]
+    if missing:
+        msg = "waiting for verification of " + describe(missing)
+        return Decision(_status(inp, now, "Verifying", msg, {"Verified": (False, "Pending", msg)}))
+    bad = [c for c in comps if not inp.checks[c.object_name].ok]
+    if bad:
+        c = bad[0]
+        chk = inp.checks[c.object_name]
+        message = (
+            f"component {c.label} (OSComponent {c.object_name}) failed verification: "
+            f"{chk.reason}: {chk.message}; it is never used"
+        )
+        if inp.observed.vm_exists:  # keep what runs; the upgrade is blocked
+            return _observe(inp, now, blocked=(chk.reason, message))
+        return _failed(inp, now, "ComponentFailedVerification", message, "Verified")
+    try:
+        cpu, mem = (
+            cpu_millis(inp.spec["resources"]["cpu"]),
+            memory_bytes(inp.spec["resources"]["memory"]),
+        )
+    except (KeyError, ValueError) as exc:
+        return _failed(inp, now, "InvalidResources", f"spec.resources: {exc}", "Placed")
+    target = {c.object_name for c in comps}
+    current = set(inp.observed.booted) | set(inp.observed.hotplugged)
+    if inp.observed.vm_exists and target == current:
+        return _observe(inp, now)
+    if not inp.observed.vm_exists:
+        return _first_placement(inp, now, comps, cpu, mem)
+    return _upgrade(inp, now, comps)
+
+
+def _first_placement(
+    inp: BoxInput, now: dt.datetime, comps: list[Component], cpu: int, mem: int
+) -> Decision:
+    level = int(inp.spec["level"])
+    decision = place(comps, level, cpu, mem, inp.hosts)
+    resolved = _resolved(comps)
+    if decision.node is None:
+        msg = f"waiting for a Trusted member of level >= {level}: {decision.reason}"
+        conds = {
+            "Resolved": (True, "Resolved", describe(comps)),
+            "Verified": (True, "Verified", "every component verified"),
+            "Placed": (False, "NoQualifiedMember", decision.reason),
+            "Ready": (False, "Pending", msg),
+        }
+        status = _status(inp, now, "Pending", msg, conds, resolved=resolved)
+        changed = inp.status.get("phase") != "Pending"
+        ev = ("Normal", "Waiting", msg) if changed else None
+        return Decision(status, event=ev, placement=decision)
+    try:
+        vm = compose_vm(inp.ref, inp.spec, comps, decision.node)
+    except CompositionError as exc:
+        return _failed(inp, now, "NotBootable", str(exc), "Composed")
+    _annotate(vm, comps, ())
+    conds = {
+        "Resolved": (True, "Resolved", describe(comps)),
+        "Verified": (True, "Verified", "every component verified"),
+        "Placed": (True, "Placed", decision.reason),
+        "Ready": (False, "Starting", "the VM is starting"),
+    }
+    status = _status(
+        inp,
+        now,
+        "Placing",
+        f"placed on {decision.node}",
+        conds,
+        resolved=resolved,
+        vm={"name": inp.ref.name},
+        node=decision.node,
+        placement={
+            "node": decision.node,
+            "reason": decision.reason,
+            "cachedBytes": decision.cached_bytes,
+            "decidedAt": format_ts(now),
+        },
+    )
+    return Decision(
+        status,
+        vm=vm,
+        uses=tuple(c.object_name for c in comps),
+        event=("Normal", "Placed", f"composed {describe(comps)}; {decision.reason}"),
+        placement=decision,
+    )
+
+
+def _annotate(vm: dict[str, Any], booted: Sequence[Component], hot: Sequence[Component]) -> None:
+    ann = vm["metadata"].setdefault("annotations", {})
+    ann[BOOTED_ANNOTATION] = ",".join(c.object_name for c in booted)
+    if hot:
+        ann[HOTPLUGGED_ANNOTATION] = ",".join(c.object_name for c in hot)
+
+
+def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision:
+    obs = inp.observed
+    old_resolved = list(inp.status.get("resolved") or [])
+    old_text = ", ".join(f"{r.get('name')} {r.get('version')}" for r in old_resolved) or ", ".join(
+        obs.booted
+    )
+    new_text = describe(comps)
+    booted_set = set(obs.booted)
+    added = [c for c in comps if c.object_name not in booted_set]
+    removed = booted_set - {c.object_name for c in comps}
+    hotplug = (
+        inp.spec.get("onMissingDependency") == "HotPlug"
+        and not removed
+        and all(c.type in ("library", "application") for c in added)
+        and obs.vmi_phase == "Running"
+    )
+    node = obs.vmi_node or obs.vm_node
+    try:
+        if hotplug:
+            booted = [c for c in comps if c.object_name in booted_set]
+            vm = compose_vm(inp.ref, inp.spec, booted, node, hotplugged=added)
+            _annotate(vm, booted, added)
+        else:
+            vm = compose_vm(inp.ref, inp.spec, comps, node)
+            _annotate(vm, comps, ())
+    except CompositionError as exc:
+        return _failed(inp, now, "NotBootable", str(exc), "Composed")
+    policy = inp.spec.get("upgradePolicy", "Restart")
+    restart = not hotplug and policy == "Restart" and obs.vmi_phase is not None
+    how = (
+        "hot-plugged " + describe(added)
+        if hotplug
+        else ("restarting onto it" if restart else "the VM boots it on its next restart")
+    )
+    conds: dict[str, tuple[bool, str, str]] = {
+        "Resolved": (True, "Resolved", new_text),
+        "Verified": (True, "Verified", "every component verified"),
+        "Placed": (True, "Placed", f"on {node}"),
+        "Ready": (False, "Upgrading", f"{old_text} -> {new_text}"),
+    }
+    if not hotplug and not restart:
+        conds["RestartRequired"] = (
+            True,
+            "LiveUpdateNotPossible",
+            "KubeVirt cannot swap a kernel or container disk in a running VM; restart the box "
+            "to boot the new composition",
+        )
+    status = _status(
+        inp,
+        now,
+        "Placing" if restart else _running_phase(obs),
+        f"upgrade {old_text} -> {new_text}: {how}",
+        conds,
+        resolved=_resolved(comps),
+        vm={"name": inp.ref.name},
+        node=node,
+        upgrade={"from": old_text, "to": new_text, "at": format_ts(now)},
+    )
+    return Decision(
+        status,
+        vm=vm,
+        restart=restart,
+        uses=tuple(c.object_name for c in added),
+        event=("Normal", "Upgrading", f"{old_text} -> {new_text}: {how}"),
+    )
+
+
+def _running_phase(obs: Observed) -> str:
+    if obs.migrating:
+        return "Migrating"
+    if obs.vmi_phase == "Running":
+        return "Running"
+    return "Placing"
+
+
+def _observe(inp: BoxInput, now: dt.datetime, blocked: tuple[str, str] | None = None) -> Decision:
+    """The box's VM matches its resolution: report what runs."""
+    obs = inp.observed
+    phase = _running_phase(obs) if obs.vm_running else "Running"
+    node = obs.vmi_node or inp.status.get("node")
+    if not obs.vm_running:
+        msg = "stopped (spec.running is false)"
+    elif phase == "Running":
+        msg = f"running on {node}"
+    elif phase == "Migrating":
+        msg = f"live-migrating from {node}"
+    else:
+        msg = "the VM is starting"
+    prev = {c.get("type"): c for c in inp.status.get("conditions") or []}
+    conds: dict[str, tuple[bool, str, str]] = {}
+    for t in ("Resolved", "Verified", "Placed"):
+        p = prev.get(t)
+        conds[t] = (
+            (p.get("status") == "True", str(p.get("reason")), str(p.get("message", "")))
+            if p
+            else (True, t, "")
+        )
+    if blocked is not None:
+        conds["Verified"] = (False, blocked[0], blocked[1])
+        msg += f"; upgrade blocked: {blocked[1]}"
+    ready = phase in ("Running", "Migrating") and obs.vmi_phase == "Running"
+    conds["Ready"] = (ready, phase, msg)
+    if obs.vmi_boot is not None and obs.vm_boot is not None and obs.vmi_boot != obs.vm_boot:
+        conds["RestartRequired"] = (
+            True,
+            "LiveUpdateNotPossible",
+            "the running VM booted an older composition; restart the box to boot "
+            + ", ".join(obs.booted),
+        )
+    extra: dict[str, Any] = {"node": node} if node else {}
+    status = _status(inp, now, phase, msg, conds, **extra)
+    event = None
+    if inp.status.get("phase") != phase or (node and inp.status.get("node") != node):
+        event = ("Normal", phase, msg)
+    return Decision(status, event=event)

@@ -1,0 +1,79 @@
+"""Verification state of OSComponents: check one, and decide whether a use needs a re-check.
+
+A component is usable only while its status says Verified. With `maxUses` set, each box
+composition that uses it spends one use; when none is left the component is verified
+again (against the policy's publisher keys as they are now) before its next use — the
+paper's component attestation count. Pure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gtvp.core.component_signing import ComponentSignatureError, verify
+from gtvp.core.components import ComponentError, parse_component
+from gtvp.core.timestamps import format_ts
+
+
+@dataclass(frozen=True)
+class Check:
+    state: str  # Verified | Failed
+    reason: str
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "Verified"
+
+
+def check_component(obj: Mapping[str, Any], publisher_keys: Mapping[str, str]) -> Check:
+    """Verify one OSComponent object against the trusted publisher keys."""
+    try:
+        comp = parse_component(obj)
+    except ComponentError as exc:
+        return Check("Failed", "MalformedComponent", str(exc))
+    try:
+        verify(obj.get("spec") or {}, publisher_keys)
+    except ComponentSignatureError as exc:
+        return Check("Failed", exc.reason, exc.message)
+    if not comp.image.endswith("@" + comp.digest):
+        return Check("Failed", "DigestMismatch", "image is not pinned by spec.digest")
+    publisher = (obj.get("spec") or {}).get("signature", {}).get("publisher", "")
+    return Check("Verified", "SignatureValid", f"signed by {publisher}")
+
+
+def verification_status(check: Check, max_uses: int | None, now: dt.datetime) -> dict[str, Any]:
+    """The `status.verification` block for a fresh check."""
+    out: dict[str, Any] = {
+        "state": check.state,
+        "reason": check.reason,
+        "message": check.message,
+        "verifiedAt": format_ts(now),
+    }
+    if max_uses is not None and check.ok:
+        out["usesLeft"] = max_uses
+    return out
+
+
+@dataclass(frozen=True)
+class Use:
+    """What using a component once requires: a re-check first or not, and the status after."""
+
+    recheck: bool
+    status: dict[str, Any] | None  # the new status.verification to write (None: no write)
+
+
+def spend_use(
+    verification: Mapping[str, Any] | None,
+    max_uses: int | None,
+) -> Use:
+    """Spend one use of a Verified component, or ask for a re-check when none is left."""
+    if max_uses is None:
+        return Use(recheck=False, status=None)
+    left = int((verification or {}).get("usesLeft", 0) or 0)
+    if left <= 0:
+        return Use(recheck=True, status=None)
+    return Use(recheck=False, status={**dict(verification or {}), "usesLeft": left - 1})

@@ -1,0 +1,222 @@
+"""Composition: a KubeVirt VirtualMachine built from a Lazy Box's resolved components.
+
+Conventions for component images (docs/lazyboxes.md):
+- the kernel component's image is a KubeVirt kernel-boot container with the kernel at
+  `/boot/vmlinuz`; KubeVirt loads kernel and initrd from one image, so a kernel that ships
+  its initrd says so by providing `initrd` (then `/boot/initrd.img` is used); a separate
+  initrd component is attached as a container disk for the guest to read;
+- the rootfs component is the first container disk and the boot disk (`root=/dev/vda`);
+- every other component is a container disk whose serial is the component name, which
+  cloud-init mounts read-only at `/opt/gtvp/<name>`; the application's
+  `/opt/gtvp/<name>/start` is run last.
+
+The VM carries the trust node selector of the box's level (a hard requirement, so it can
+only run or migrate onto Trusted members of that level), a *preferred* node affinity for
+the member placement chose (a hard one would forbid every live migration),
+`evictionStrategy: External` (gtvp owns evacuations), the gtvp level label (so the
+admission webhooks gate it) and an owner reference to the box. Pure: returns a dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gtvp.core.components import Component
+from gtvp.core.trust import VM_LEVEL_LABEL, trust_selector
+
+BOX_LABEL = "gtvp.io/lazybox"
+COMPOSITION_ANNOTATION = "gtvp.io/composition"
+BOOT_ANNOTATION = "gtvp.io/boot-composition"  # on the template, so the VMI carries it
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+MOUNT_ROOT = "/opt/gtvp"
+
+
+class CompositionError(ValueError):
+    """The resolved set cannot be turned into a bootable VM."""
+
+
+@dataclass(frozen=True)
+class BoxRef:
+    name: str
+    namespace: str
+    uid: str
+
+
+def composition_id(components: Sequence[Component], hotplugged: Sequence[Component] = ()) -> str:
+    """A short, stable fingerprint of a composition (changes iff a component changes)."""
+    body = [(c.object_name, c.digest) for c in components] + [
+        ("+" + c.object_name, c.digest) for c in hotplugged
+    ]
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+
+
+def _disk_name(c: Component) -> str:
+    return ("c-" + c.name.replace(".", "-"))[:63].rstrip("-")
+
+
+def cloud_init(components: Sequence[Component]) -> str:
+    """cloud-config that mounts each component disk and starts the application."""
+    mounts = []
+    cmds = []
+    app = next((c for c in components if c.type == "application"), None)
+    for c in components:
+        if c.type in ("kernel", "rootfs"):
+            continue
+        path = f"{MOUNT_ROOT}/{c.name}"
+        mounts.append(f"  - [/dev/disk/by-id/virtio-{c.name[:20]}, {path}, auto, 'ro,nofail']")
+    lines = ["#cloud-config", "# composed by gtvp from verified OS components"]
+    lines += ["mounts:", *mounts] if mounts else []
+    if app is not None:
+        cmds.append(f"  - [{MOUNT_ROOT}/{app.name}/start]")
+    lines += ["runcmd:", *cmds] if cmds else []
+    return "\n".join(lines) + "\n"
+
+
+def compose_vm(
+    box: BoxRef,
+    spec: Mapping[str, Any],
+    components: Sequence[Component],
+    node: str | None,
+    hotplugged: Sequence[Component] = (),
+) -> dict[str, Any]:
+    """The VirtualMachine for a box (name = box name, in the box's namespace)."""
+    kernels = [c for c in components if c.type == "kernel"]
+    roots = [c for c in components if c.type == "rootfs"]
+    if len(kernels) != 1 or len(roots) != 1:
+        raise CompositionError(
+            f"a box needs exactly one kernel and one rootfs, resolved {len(kernels)} kernel(s) "
+            f"and {len(roots)} rootfs"
+        )
+    kernel, root = kernels[0], roots[0]
+    level = int(spec["level"])
+    resources = spec.get("resources") or {}
+    container: dict[str, Any] = {
+        "image": kernel.image,
+        "kernelPath": "/boot/vmlinuz",
+        "imagePullPolicy": "IfNotPresent",
+    }
+    if "initrd" in kernel.provides:
+        container["initrdPath"] = "/boot/initrd.img"
+    others = [c for c in components if c.type not in ("kernel", "rootfs")]
+    disks: list[dict[str, Any]] = [{"name": "rootfs", "disk": {"bus": "virtio"}, "bootOrder": 1}]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "rootfs",
+            "containerDisk": {"image": root.image, "imagePullPolicy": "IfNotPresent"},
+        }
+    ]
+    for c in others:
+        disks.append({"name": _disk_name(c), "disk": {"bus": "virtio"}, "serial": c.name[:20]})
+        volumes.append(
+            {
+                "name": _disk_name(c),
+                "containerDisk": {"image": c.image, "imagePullPolicy": "IfNotPresent"},
+            }
+        )
+    disks.append({"name": "cloudinit", "disk": {"bus": "virtio"}})
+    volumes.append({"name": "cloudinit", "cloudInitNoCloud": {"userData": cloud_init(components)}})
+    dv_templates: list[dict[str, Any]] = []
+    for c in hotplugged:
+        dv_name = f"{box.name}-{_disk_name(c)}"[:63].rstrip("-")
+        dv_templates.append(
+            {
+                "metadata": {"name": dv_name, "labels": {BOX_LABEL: box.name}},
+                "spec": {
+                    "source": {"registry": {"url": f"docker://{c.image}"}},
+                    "storage": {"resources": {"requests": {"storage": _storage_for(c.size)}}},
+                },
+            }
+        )
+        volumes.append(
+            {"name": _disk_name(c), "dataVolume": {"name": dv_name, "hotpluggable": True}}
+        )
+        disks.append({"name": _disk_name(c), "disk": {"bus": "scsi"}, "serial": c.name[:20]})
+    labels = {VM_LEVEL_LABEL: str(level), BOX_LABEL: box.name}
+    template_spec: dict[str, Any] = {
+        "domain": {
+            "firmware": {
+                "kernelBoot": {
+                    "container": container,
+                    "kernelArgs": "console=ttyS0 root=/dev/vda ro",
+                }
+            },
+            "devices": {"disks": disks},
+            "resources": {
+                "requests": {"cpu": str(resources["cpu"]), "memory": str(resources["memory"])}
+            },
+        },
+        "nodeSelector": trust_selector(level),
+        "evictionStrategy": "External",
+        "volumes": volumes,
+    }
+    if node:
+        template_spec["affinity"] = {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "preference": {
+                            "matchExpressions": [
+                                {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}
+                            ]
+                        },
+                    }
+                ]
+            }
+        }
+    vm_spec: dict[str, Any] = {
+        "runStrategy": "Always" if spec.get("running", True) else "Halted",
+        "template": {
+            "metadata": {
+                "labels": dict(labels),
+                "annotations": {BOOT_ANNOTATION: composition_id(components)},
+            },
+            "spec": template_spec,
+        },
+    }
+    if dv_templates:
+        vm_spec["dataVolumeTemplates"] = dv_templates
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {
+            "name": box.name,
+            "namespace": box.namespace,
+            "labels": labels,
+            "annotations": {COMPOSITION_ANNOTATION: composition_id(components, hotplugged)},
+            "ownerReferences": [
+                {
+                    "apiVersion": "gtvp.io/v1alpha1",
+                    "kind": "LazyBox",
+                    "name": box.name,
+                    "uid": box.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": vm_spec,
+    }
+
+
+def _storage_for(size: int) -> str:
+    mib = max(64, -(-size * 12 // 10 // (1024 * 1024)))  # 20 % headroom, at least 64Mi
+    return f"{mib}Mi"
+
+
+def preferred_node(template_spec: Mapping[str, Any]) -> str | None:
+    """The member a composed VM prefers (the inverse of the affinity compose_vm writes)."""
+    prefs = ((template_spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ) or []
+    for p in prefs:
+        for expr in (p.get("preference") or {}).get("matchExpressions") or []:
+            if expr.get("key") == HOSTNAME_LABEL and expr.get("operator") == "In":
+                values = expr.get("values") or []
+                if values:
+                    return str(values[0])
+    return None

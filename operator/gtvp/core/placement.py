@@ -1,0 +1,117 @@
+"""Placement of a Lazy Box on a member of the trusted pool.
+
+Candidates are members that are Trusted with a fresh verdict and uses left, at a level at
+least the box's, with room for the box's CPU and memory requests next to what is already
+placed there. Among them the score is, in order: most bytes of the box's components
+already in the node's image cache (`Node.status.images`), then lowest load after placing,
+then name — so the decision is deterministic for the same state. Pure; the shell builds
+`Host`s from Members, Nodes and the boxes already placed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gtvp.core.components import Component
+from gtvp.core.quantity import human_bytes
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    usable: bool  # Trusted, fresh, uses left
+    phase: str
+    level: int
+    cpu_millis: int  # allocatable
+    memory_bytes: int
+    cpu_used: int
+    memory_used: int
+    images: frozenset[str]
+
+    def load_after(self, cpu: int, memory: int) -> float:
+        return max(
+            (self.cpu_used + cpu) / max(self.cpu_millis, 1),
+            (self.memory_used + memory) / max(self.memory_bytes, 1),
+        )
+
+    def fits(self, cpu: int, memory: int) -> bool:
+        return (
+            self.cpu_used + cpu <= self.cpu_millis
+            and self.memory_used + memory <= self.memory_bytes
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: str | None
+    reason: str
+    cached_bytes: int = 0
+    total_bytes: int = 0
+
+
+def cached_bytes(components: Sequence[Component], images: frozenset[str]) -> int:
+    return sum(c.size for c in components if c.digest in images)
+
+
+def place(
+    components: Sequence[Component],
+    level: int,
+    cpu: int,
+    memory: int,
+    hosts: Sequence[Host],
+) -> Placement:
+    """Choose a member for a box, or say why none qualifies."""
+    total = sum(c.size for c in components)
+    untrusted = [h for h in hosts if not h.usable]
+    low = [h for h in hosts if h.usable and h.level < level]
+    full = [h for h in hosts if h.usable and h.level >= level and not h.fits(cpu, memory)]
+    fit = [h for h in hosts if h.usable and h.level >= level and h.fits(cpu, memory)]
+    if not fit:
+        why = []
+        if not hosts:
+            why.append("the pool has no members")
+        if untrusted:
+            phases = _few(untrusted, lambda h: h.phase or "no verdict")
+            why.append(f"{len(untrusted)} not Trusted ({phases})")
+        if low:
+            why.append(
+                f"{len(low)} below level {level} ({_few(low, lambda h: f'level {h.level}')})"
+            )
+        if full:
+            why.append(
+                f"{len(full)} without room for {cpu}m CPU / {human_bytes(memory)} "
+                f"({_few(full, _free)})"
+            )
+        return Placement(None, "no member qualifies: " + "; ".join(why), 0, total)
+    scored = sorted(
+        fit, key=lambda h: (-cached_bytes(components, h.images), h.load_after(cpu, memory), h.name)
+    )
+    best = scored[0]
+    cached = cached_bytes(components, best.images)
+    share = f" ({100 * cached // total} %)" if total else ""
+    runner = ""
+    if len(scored) > 1:
+        nxt = scored[1]
+        runner = (
+            f"; next best {nxt.name} caches {human_bytes(cached_bytes(components, nxt.images))}"
+        )
+    reason = (
+        f"{best.name}: Trusted at level {best.level} (box needs {level}), caches "
+        f"{human_bytes(cached)} of {human_bytes(total)}{share}, load after placing "
+        f"{best.load_after(cpu, memory):.0%}; {len(scored)} candidate(s){runner}"
+    )
+    return Placement(best.name, reason, cached, total)
+
+
+def _free(h: Host) -> str:
+    return (
+        f"{h.cpu_millis - h.cpu_used}m CPU / "
+        f"{human_bytes(max(h.memory_bytes - h.memory_used, 0))} free"
+    )
+
+
+def _few(hosts: Sequence[Host], what: Callable[[Host], str]) -> str:
+    shown = [f"{h.name}: {what(h)}" for h in hosts[:3]]
+    more = f", +{len(hosts) - 3} more" if len(hosts) > 3 else ""
+    return ", ".join(shown) + more

@@ -1,0 +1,272 @@
+"""Composition, placement and the Lazy Box lifecycle decisions (pure core)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gtvp.core.boxes import BoxInput, Observed, plan_box
+from gtvp.core.component_checks import Check, check_component, spend_use
+from gtvp.core.components import Component, parse_component
+from gtvp.core.compose import BoxRef, compose_vm, preferred_node
+from gtvp.core.placement import Host, place
+from gtvp.core.resolve import BoxRequest, resolve
+from gtvp.core.trust import trust_selector
+from tests.catalogue import Publisher
+
+PUB = Publisher()
+OBJS = PUB.web_catalogue()
+CAT = [parse_component(o) for o in OBJS]
+SPEC: dict[str, Any] = {
+    "application": {"name": "nginx"},
+    "dependencies": [{"name": "debian-minimal"}],
+    "level": 2,
+    "resources": {"cpu": "1", "memory": "512Mi"},
+    "upgradePolicy": "Restart",
+    "onMissingDependency": "Recompose",
+}
+REF = BoxRef("web", "apps", "uid-1")
+NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
+COMPS = resolve(BoxRequest.from_spec(SPEC), CAT)
+OK = {c.object_name: Check("Verified", "SignatureValid", "") for c in CAT}
+
+
+def host(
+    name: str,
+    *,
+    level: int = 3,
+    usable: bool = True,
+    images: frozenset[str] = frozenset(),
+    used: int = 0,
+) -> Host:
+    return Host(
+        name, usable, "Trusted" if usable else "Untrusted", level, 8000, 32 * 2**30, used, 0, images
+    )
+
+
+def digests(*names: str) -> frozenset[str]:
+    return frozenset(c.digest for c in COMPS if c.name in names)
+
+
+# -- composition ----------------------------------------------------------------------------
+
+
+def test_vm_boots_the_kernel_and_carries_trust_selector_and_owner() -> None:
+    vm = compose_vm(REF, SPEC, COMPS, "node-2")
+    tmpl = vm["spec"]["template"]["spec"]
+    kernel = next(c for c in COMPS if c.type == "kernel")
+    assert tmpl["domain"]["firmware"]["kernelBoot"]["container"]["image"] == kernel.image
+    assert tmpl["nodeSelector"] == trust_selector(2)
+    assert tmpl["evictionStrategy"] == "External"
+    assert vm["metadata"]["ownerReferences"][0]["kind"] == "LazyBox"
+    assert vm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert preferred_node(tmpl) == "node-2"
+    images = [v["containerDisk"]["image"] for v in tmpl["volumes"] if "containerDisk" in v]
+    assert {c.image for c in COMPS if c.type != "kernel"} == set(images)
+    user_data = next(v for v in tmpl["volumes"] if "cloudInitNoCloud" in v)["cloudInitNoCloud"][
+        "userData"
+    ]
+    assert "/opt/gtvp/nginx/start" in user_data
+    assert "/opt/gtvp/openssl" in user_data
+    assert tmpl["domain"]["resources"]["requests"] == {"cpu": "1", "memory": "512Mi"}
+
+
+def test_vm_is_valid_yaml_for_kubectl() -> None:
+    text = yaml.safe_dump(compose_vm(REF, SPEC, COMPS, None))
+    assert "affinity" not in text  # no placement yet: no preference
+
+
+# -- placement ------------------------------------------------------------------------------
+
+
+def test_prefers_the_member_that_caches_most_bytes() -> None:
+    hosts = [
+        host("a"),
+        host("b", images=digests("debian-minimal")),
+        host("c", images=digests("nginx")),
+    ]
+    got = place(COMPS, 2, 1000, 2**29, hosts)
+    assert got.node == "b"
+    assert got.cached_bytes == 95_000_000
+    assert "caches 90.6 MiB" in got.reason
+
+
+def test_never_an_untrusted_or_lower_level_member() -> None:
+    hosts = [
+        host("warm-untrusted", usable=False, images=digests("debian-minimal", "nginx")),
+        host("warm-low", level=1, images=digests("debian-minimal")),
+        host("cold"),
+    ]
+    assert place(COMPS, 2, 1000, 2**29, hosts).node == "cold"
+
+
+def test_pending_reason_names_each_obstacle() -> None:
+    hosts = [host("u", usable=False), host("low", level=1), host("full", used=7900)]
+    got = place(COMPS, 2, 1000, 2**29, hosts)
+    assert got.node is None
+    assert "1 not Trusted (u: Untrusted)" in got.reason
+    assert "1 below level 2 (low: level 1)" in got.reason
+    assert "1 without room" in got.reason
+    assert "full: 100m CPU" in got.reason
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.integers(1, 3),
+            st.integers(0, 8000),
+            st.sets(st.sampled_from(range(5))),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_placement_properties(specs: list[tuple[bool, int, int, set[int]]]) -> None:
+    hosts = [
+        host(
+            f"m{i}", usable=u, level=lv, used=used, images=frozenset(COMPS[j].digest for j in imgs)
+        )
+        for i, (u, lv, used, imgs) in enumerate(specs)
+    ]
+    got = place(COMPS, 2, 1000, 2**29, hosts)
+    assert place(COMPS, 2, 1000, 2**29, list(reversed(hosts))).node == got.node  # order-free
+    ok = [h for h in hosts if h.usable and h.level >= 2 and h.fits(1000, 2**29)]
+    if not ok:
+        assert got.node is None
+        return
+    chosen = next(h for h in hosts if h.name == got.node)
+    assert chosen in ok
+    best = max(sum(c.size for c in COMPS if c.digest in h.images) for h in ok)
+    assert got.cached_bytes == best
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def inp(**kw: Any) -> BoxInput:
+    base: dict[str, Any] = {
+        "ref": REF,
+        "spec": SPEC,
+        "generation": 1,
+        "status": {},
+        "components": COMPS,
+        "checks": OK,
+        "hosts": [host("node-1"), host("node-2", images=digests("debian-minimal"))],
+    }
+    base.update(kw)
+    return BoxInput(**base)
+
+
+def test_first_placement_writes_vm_and_status() -> None:
+    d = plan_box(inp(), NOW)
+    assert d.vm is not None
+    assert d.status["phase"] == "Placing"
+    assert d.status["node"] == "node-2"
+    assert [r["name"] for r in d.status["resolved"]] == [c.name for c in COMPS]
+    assert set(d.uses) == {c.object_name for c in COMPS}
+
+
+def test_waits_pending_without_a_qualified_member() -> None:
+    d = plan_box(inp(hosts=[host("node-1", usable=False)]), NOW)
+    assert d.vm is None
+    assert d.status["phase"] == "Pending"
+    assert "no member qualifies" in d.status["message"]
+
+
+def test_failed_component_blocks_the_box_with_its_reason() -> None:
+    nginx = next(c for c in COMPS if c.name == "nginx")
+    checks = {**OK, nginx.object_name: Check("Failed", "BadSignature", "does not match")}
+    d = plan_box(inp(checks=checks), NOW)
+    assert d.vm is None
+    assert d.status["phase"] == "Failed"
+    assert "nginx 1.26.2" in d.status["message"]
+    assert "BadSignature" in d.status["message"]
+
+
+def _running(comps: list[Component]) -> Observed:
+    return Observed(
+        vm_exists=True,
+        booted=tuple(c.object_name for c in comps),
+        vm_node="node-2",
+        vmi_phase="Running",
+        vmi_node="node-2",
+        vm_boot="x",
+        vmi_boot="x",
+    )
+
+
+def test_component_bump_restarts_onto_the_new_composition() -> None:
+    old = resolve(
+        BoxRequest.from_spec({**SPEC, "application": {"name": "nginx", "versions": "<1.25"}}), CAT
+    )
+    status = {"resolved": [{"name": c.name, "version": str(c.version)} for c in old]}
+    d = plan_box(inp(observed=_running(old), status=status), NOW)
+    assert d.vm is not None
+    assert d.restart
+    assert d.status["upgrade"]["from"].endswith("nginx 1.22.1")
+    assert d.status["upgrade"]["to"].endswith("nginx 1.26.2")
+
+
+def test_live_update_keeps_the_vmi_and_says_restart_required() -> None:
+    old = [c for c in COMPS if c.name != "nginx"] + [
+        next(c for c in CAT if c.label == "nginx 1.22.1")
+    ]
+    d = plan_box(inp(spec={**SPEC, "upgradePolicy": "LiveUpdate"}, observed=_running(old)), NOW)
+    assert d.vm is not None
+    assert not d.restart
+    assert any(
+        c["type"] == "RestartRequired" and c["status"] == "True" for c in d.status["conditions"]
+    )
+
+
+def test_missing_dependency_hot_plugged_as_datavolume() -> None:
+    curl = parse_component(PUB.component("curl", "8.0.0", requires=["libc"]))
+    spec = {**SPEC, "onMissingDependency": "HotPlug", "requestedComponents": [{"name": "curl"}]}
+    waiting = plan_box(inp(spec=spec, components=[*COMPS, curl], observed=_running(COMPS)), NOW)
+    assert waiting.vm is None
+    assert waiting.status["phase"] == "Verifying"
+    checks = {**OK, curl.object_name: Check("Verified", "SignatureValid", "")}
+    d = plan_box(
+        inp(spec=spec, components=[*COMPS, curl], checks=checks, observed=_running(COMPS)), NOW
+    )
+    assert d.vm is not None
+    assert not d.restart
+    vols = d.vm["spec"]["template"]["spec"]["volumes"]
+    assert any(v.get("dataVolume", {}).get("hotpluggable") for v in vols)
+    assert d.vm["spec"]["dataVolumeTemplates"][0]["spec"]["source"]["registry"]["url"].endswith(
+        curl.digest
+    )
+    assert d.uses == (curl.object_name,)
+
+
+def test_unchanged_box_reports_running_without_writing_vm() -> None:
+    d = plan_box(inp(observed=_running(COMPS), status={"phase": "Placing"}), NOW)
+    assert d.vm is None
+    assert d.status["phase"] == "Running"
+
+
+# -- component checks -----------------------------------------------------------------------
+
+
+def test_tampered_component_fails_and_max_uses_forces_recheck() -> None:
+    obj = PUB.component("nginx", "9.9.9", "application", max_uses=2)
+    assert check_component(obj, PUB.keys).ok
+    tampered = {
+        **obj,
+        "spec": {**obj["spec"], "image": obj["spec"]["image"].replace("nginx@", "evil@")},
+    }
+    bad = check_component(tampered, PUB.keys)
+    assert bad.state == "Failed"
+    assert bad.reason == "BadSignature"
+    assert check_component(obj, {}).reason == "UnknownPublisher"
+    first = spend_use({"state": "Verified", "usesLeft": 2}, 2)
+    assert first.status == {"state": "Verified", "usesLeft": 1}
+    assert not first.recheck
+    assert spend_use({"state": "Verified", "usesLeft": 0}, 2).recheck
+    assert spend_use({"state": "Verified"}, None).status is None
