@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gtvp import __version__, quote_cli, status_cli
+from gtvp import __version__, component_cli, quote_cli, status_cli
 from gtvp.localcluster import commands as local_commands
 
 
@@ -21,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     local_commands.register(sub)
     quote_cli.register(sub)
+    component_cli.register(sub)
     status_cli.register(sub)
     return p
 
