@@ -98,6 +98,7 @@ def _status(
 ) -> dict[str, Any]:
     prev = list(inp.status.get("conditions") or [])
     out: dict[str, Any] = {
+        **inp.status,  # what earlier steps recorded (resolved set, placement, upgrade) stays
         "observedGeneration": inp.generation,
         "phase": phase,
         "message": message[:4000],

@@ -1,0 +1,246 @@
+"""Lazy Boxes end to end: resolved, verified, composed, placed, upgraded, moved, deleted.
+
+Real: kube-apiserver + etcd, KubeVirt's CRDs, one gtvp-agent per member on its own swtpm,
+gtvp-operator, kubectl. Simulated (no kubelet or KubeVirt here): Nodes by kwok with their
+image cache written into `status.images` as a kubelet would report it, and KubeVirt's
+virt-controller by gtvp's stand-in (`gtvp.localcluster.virtsim`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from gtvp.localcluster.controlplane import ControlPlane
+from gtvp.localcluster.pool import Pool
+from tests.catalogue import Publisher
+
+pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
+PUB = Publisher()
+
+
+def _wait(what: str, fn: Callable[[], Any], timeout: float = 40.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _clear_components(cp: ControlPlane) -> None:
+    cp.kubectl("delete", "oscomponents", "--all", "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    _clear_components(control_plane)
+    p = Pool(control_plane, tmp_path_factory.mktemp("boxes"), policy=f"box-{uuid.uuid4().hex[:6]}")
+    p.install_access()
+    p.install_webhooks()
+    prefix = f"l{uuid.uuid4().hex[:4]}"
+    identities = {f"{prefix}-a": 3, f"{prefix}-b": 3, f"{prefix}-c": 1}
+    for name, identity in identities.items():
+        p.add_member(name, identity=identity, start_agent=False, node=True)
+    p.apply_policy(interval="2s", valid_for="6s", max_uses=50, publisher_keys=PUB.keys)
+    apply(p, PUB.web_catalogue())
+    p.start_kwok()
+    p.start_virtsim()
+    p.start_operator()
+    for name in identities:
+        p.start_agent(name)
+    try:
+        for name in identities:
+            p.wait_phase(name, "Trusted", timeout=60)
+        yield p
+    finally:
+        p.stop()
+        p.delete_members()
+        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
+            control_plane.kubectl("delete", kind, "gtvp", "--ignore-not-found")
+        control_plane.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
+        _clear_components(control_plane)
+
+
+def apply(pool: Pool, objs: list[dict[str, Any]]) -> None:
+    pool.cp.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}),
+    )
+
+
+def names(pool: Pool) -> list[str]:
+    return sorted(pool.tpms)
+
+
+def box(
+    name: str, app: str = "nginx", level: int = 2, cpu: str = "1", **spec: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "LazyBox",
+        "metadata": {"name": name},
+        "spec": {
+            "application": {"name": app},
+            "dependencies": [{"name": "debian-minimal"}],
+            "level": level,
+            "resources": {"cpu": cpu, "memory": "512Mi"},
+            **spec,
+        },
+    }
+
+
+def get(pool: Pool, kind: str, ns: str, name: str) -> dict[str, Any]:
+    out = pool.cp.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def status(pool: Pool, ns: str, name: str) -> dict[str, Any]:
+    got: dict[str, Any] = get(pool, "lazybox", ns, name).get("status") or {}
+    return got
+
+
+def running(pool: Pool, ns: str, name: str) -> dict[str, Any] | None:
+    st = status(pool, ns, name)
+    vmi = get(pool, "vmi", ns, name)
+    if st.get("phase") == "Running" and (vmi.get("status") or {}).get("phase") == "Running":
+        return st
+    return None
+
+
+def digests_of(*labels: str) -> list[str]:
+    out = []
+    for obj in PUB.web_catalogue():
+        spec = obj["spec"]
+        if f"{spec['componentName']} {spec['version']}" in labels:
+            out.append(spec["image"])
+    return out
+
+
+def test_box_lands_on_a_trusted_member_that_caches_it(pool: Pool, namespace: str) -> None:
+    a, b, c = names(pool)
+    warm = digests_of("debian-minimal 12.7.0", "nginx 1.26.2", "linux 6.6.52")
+    pool.set_node_images(b, warm)
+    pool.set_node_images(c, warm + digests_of("glibc 2.36.0"))  # warmer, but only level 1
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("web")))
+    st = _wait("the box to run", lambda: running(pool, namespace, "web"))
+    assert st["node"] == b
+    assert get(pool, "vmi", namespace, "web")["status"]["nodeName"] == b
+    assert st["placement"]["cachedBytes"] == 95_000_000 + 3_700_000 + 15_500_000
+    assert f"{b}: Trusted at level 3" in st["placement"]["reason"]
+    assert [r["name"] for r in st["resolved"]] == [
+        "linux",
+        "debian-minimal",
+        "glibc",
+        "openssl",
+        "nginx",
+    ]
+    vm = get(pool, "vm", namespace, "web")
+    assert vm["metadata"]["ownerReferences"][0]["kind"] == "LazyBox"
+    assert vm["spec"]["template"]["spec"]["evictionStrategy"] == "External"
+    events = pool.cp.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    assert "Placed" in events
+    # the printer columns say where it runs
+    table = pool.cp.kubectl("get", "lazybox", "web", "-n", namespace).stdout
+    assert "Running" in table
+    assert b in table
+    # deleting the box removes its VM (and so its VMI), and nothing else
+    pool.cp.kubectl("delete", "lazybox", "web", "-n", namespace)
+    _wait("the VM to go", lambda: not get(pool, "vm", namespace, "web"))
+    _wait("the VMI to go", lambda: not get(pool, "vmi", namespace, "web"))
+    assert "nginx-1-26-2" in pool.cp.kubectl("get", "oscomponents", "-o", "name").stdout
+    assert a  # the cold member stays a candidate for the next tests
+
+
+def test_box_waits_until_a_member_qualifies(pool: Pool, namespace: str) -> None:
+    big = box("big", cpu="24")  # no member has 24 CPUs yet
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(big))
+    st = _wait(
+        "Pending", lambda: (s := status(pool, namespace, "big")).get("phase") == "Pending" and s
+    )
+    assert "without room for 24000m CPU" in st["message"]
+    assert "below level 2" in st["message"]
+    assert not get(pool, "vm", namespace, "big")
+    newcomer = f"{names(pool)[0]}-new"
+    pool.add_member(newcomer, identity=3, node=True)
+    pool.patch_node_status(
+        newcomer, {"allocatable": {"cpu": "32", "memory": "64Gi", "pods": "110"}}
+    )
+    st = _wait("placement on the new member", lambda: running(pool, namespace, "big"), timeout=60)
+    assert st["node"] == newcomer
+
+
+def test_component_bump_upgrades_the_box(pool: Pool, namespace: str) -> None:
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("up")))
+    _wait("the box to run", lambda: running(pool, namespace, "up"))
+    vmi_uid = get(pool, "vmi", namespace, "up")["metadata"]["uid"]
+    bump = PUB.component(
+        "nginx", "1.27.0", "application", requires=["openssl>=3.3", "libc"], max_uses=1
+    )
+    apply(pool, [bump])
+
+    def upgraded() -> dict[str, Any] | None:
+        st = running(pool, namespace, "up")
+        if st and "nginx 1.27.0" in (st.get("upgrade") or {}).get("to", ""):
+            vmi = get(pool, "vmi", namespace, "up")
+            return st if vmi["metadata"]["uid"] != vmi_uid else None
+        return None
+
+    st = _wait("the upgrade", upgraded, timeout=60)
+    assert "nginx 1.26.2" in st["upgrade"]["from"]
+    vm = get(pool, "vm", namespace, "up")
+    images = json.dumps(vm["spec"]["template"]["spec"]["volumes"])
+    assert bump["spec"]["image"] in images
+    # maxUses 1: the upgrade spent the component's only use; the next box re-verifies it
+    comp = lambda: get(pool, "osc", "", "nginx-1-27-0")["status"]["verification"]  # noqa: E731
+    first = _wait("the use to be spent", lambda: (v := comp()).get("usesLeft") == 0 and v)
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("up2")))
+    _wait("the second box to run", lambda: running(pool, namespace, "up2"))
+    again = comp()
+    assert again["verifiedAt"] >= first["verifiedAt"]
+    assert again["usesLeft"] == 0
+    assert again["state"] == "Verified"
+
+
+def test_tampered_component_blocks_the_box(pool: Pool, namespace: str) -> None:
+    obj = PUB.component("editor", "1.0.0", "application", requires=["libc"])
+    obj["spec"]["image"] = obj["spec"]["image"].replace("/editor@", "/evil-editor@")
+    apply(pool, [obj])
+    pool.cp.kubectl(
+        "apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("ed", app="editor"))
+    )
+    st = _wait(
+        "Failed", lambda: (s := status(pool, namespace, "ed")).get("phase") == "Failed" and s
+    )
+    assert "editor 1.0.0" in st["message"]
+    assert "BadSignature" in st["message"]
+    assert "never used" in st["message"]
+    ver = get(pool, "osc", "", "editor-1-0-0")["status"]["verification"]
+    assert ver["state"] == "Failed"
+    assert ver["reason"] == "BadSignature"
+    assert not get(pool, "vm", namespace, "ed")
+
+
+def test_box_leaves_a_member_that_loses_trust(pool: Pool, namespace: str) -> None:
+    a, b, _c = names(pool)[:3]
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("mover")))
+    st = _wait("the box to run", lambda: running(pool, namespace, "mover"))
+    source = st["node"]
+    pool.extend_pcr(source, 7, b"e2e tamper")
+    pool.wait_phase(source, "Untrusted", timeout=30)
+
+    def moved() -> dict[str, Any] | None:
+        s = running(pool, namespace, "mover")
+        return s if s and s.get("node") != source else None
+
+    st = _wait("the box to move", moved, timeout=60)
+    assert st["node"] in {a, b} - {source} or st["node"].endswith("-new")
