@@ -44,6 +44,7 @@ def render(
     vmis: Sequence[Mapping[str, Any]],
     migrations: Sequence[Mapping[str, Any]],
     now: dt.datetime,
+    lazyboxes: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     out: list[str] = []
     rows = [["MEMBER", "PHASE", "LEVEL", "REASON", "VERIFIED", "EXPIRES", "USES LEFT"]]
@@ -105,6 +106,10 @@ def render(
         )
     out.append("Gated VMs:")
     out.append(_table(rows) if len(rows) > 1 else "  (none)")
+    if lazyboxes:
+        out.append("")
+        out.append("Lazy Boxes:")
+        out.append(_boxes(lazyboxes))
     active = [
         m for m in migrations if (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
     ]
@@ -120,6 +125,29 @@ def render(
             f"{state.get('targetNode', '?')}"
         )
     return "\n".join(out)
+
+
+def _boxes(boxes: Sequence[Mapping[str, Any]]) -> str:
+    rows = [["BOX", "LEVEL", "PHASE", "NODE", "COMPONENTS"]]
+    notes = []
+    for b in sorted(boxes, key=lambda b: (b["metadata"]["namespace"], b["metadata"]["name"])):
+        st = b.get("status") or {}
+        name = f"{b['metadata']['namespace']}/{b['metadata']['name']}"
+        comps = ", ".join(f"{r.get('name')} {r.get('version')}" for r in st.get("resolved") or [])
+        rows.append(
+            [
+                name,
+                str((b.get("spec") or {}).get("level", "-")),
+                str(st.get("phase", "-")),
+                str(st.get("node", "-")),
+                comps or "-",
+            ]
+        )
+        if st.get("phase") in ("Pending", "Failed"):
+            notes.append(f"  ! {name}: {str(st.get('message', '')).splitlines()[0][:300]}")
+        elif (st.get("placement") or {}).get("reason"):
+            notes.append(f"  {name} placed on {st['placement']['reason']}")
+    return "\n".join([_table(rows), *notes])
 
 
 def collect(kubeconfig: str) -> dict[str, list[dict[str, Any]]]:
@@ -146,6 +174,7 @@ def collect(kubeconfig: str) -> dict[str, list[dict[str, Any]]]:
         "nodes": nodes,
         "vmis": items("kubevirt.io", "v1", "virtualmachineinstances"),
         "migrations": items("kubevirt.io", "v1", "virtualmachineinstancemigrations"),
+        "lazyboxes": items("gtvp.io", "v1alpha1", "lazyboxes"),
     }
 
 

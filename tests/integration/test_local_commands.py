@@ -94,24 +94,36 @@ def test_half_started_run_is_cleaned_and_restarted(pool: tuple[Path, list[str]])
 def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     pool: tuple[Path, list[str]],
 ) -> None:
-    """The README's main job: a pool whose members turn Trusted, a gated VM placed on one,
-    and `gtvp local tamper` quarantining that member and moving the VM."""
+    """The README's main job: a pool whose members turn Trusted, a gated VM and the sample
+    Lazy Box placed (the box on the member that caches its components), and
+    `gtvp local tamper` quarantining the box's member and moving the box."""
     state, ports = pool
-    up = _gtvp(state, "up", "--members", "3", "--no-samples", *ports)
+    up = _gtvp(state, "up", "--members", "3", *ports)
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr
     assert "Members: 3 of 3 trusted" in up.stdout
     assert "SIMULATION: kwok" in up.stdout
     assert "SIMULATION: a stand-in for KubeVirt's virt-controller" in up.stdout
-    host = up.stdout.split("gtvp-demo/demo-web runs on ")[1].split()[0]
-    assert host in {"node-1", "node-2"}  # level 3: never node-3 (identity 2)
+    assert "SIMULATION: node-2's image cache" in up.stdout
+    vm_host = up.stdout.split("gtvp-demo/demo-web runs on ")[1].split()[0]
+    assert vm_host in {"node-1", "node-2"}  # level 3: never node-3 (identity 2)
+    assert "resolved and verified" in up.stdout
+    assert (
+        "linux 6.6.52, debian-minimal 12.7.0, glibc 2.36.0, openssl 3.3.2, nginx 1.26.2"
+        in up.stdout
+    )
+    assert "placed on node-2: Trusted at level 3" in up.stdout
+    assert "gtvp local tamper node-2" in up.stdout
+    host = "node-2"
     tamper = _gtvp(state, "tamper", host)
     assert tamper.returncode == 0, tamper.stdout[-2000:] + tamper.stderr
     assert f"{host} Untrusted: PcrMismatch: PCR 7" in tamper.stdout
     assert "tainted gtvp.io/untrusted:NoSchedule" in tamper.stdout
-    assert "evacuation started" in tamper.stdout
     assert "Members: 2 of 3 trusted" in tamper.stdout
-    other = {"node-1", "node-2"} - {host}
-    assert f"demo-web now runs on {other.pop()}" in tamper.stdout
+    assert "Lazy Box gtvp-samples/web live-migrated to node-" in tamper.stdout
+    assert "Lazy Boxes:" in tamper.stdout
+    if vm_host == host:
+        assert "evacuation started" in tamper.stdout
+        assert "demo-web now runs on node-1" in tamper.stdout
     status = subprocess.run(
         [sys.executable, "-m", "gtvp.cli", "status", "--kubeconfig", str(state / "kubeconfig")],
         capture_output=True,

@@ -12,9 +12,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from gtvp.localcluster import layout, toolchain
 from gtvp.localcluster.controlplane import ControlPlane, ControlPlaneError, Ports
@@ -45,6 +48,8 @@ def _say(msg: str) -> None:
 
 
 DEMO_NAMESPACE = "gtvp-demo"
+BOX_NAMESPACE, BOX_NAME = "gtvp-samples", "web"  # crds/samples/lazybox.yaml
+WARM_COMPONENTS = ("linux 6.6.52", "debian-minimal 12.7.0", "nginx 1.26.2")
 
 
 def _pool(cp: ControlPlane) -> Pool:
@@ -73,11 +78,34 @@ def _demo_vm(level: int) -> dict[str, object]:
     }
 
 
-def _vmi_node(cp: ControlPlane, name: str = "demo-web") -> str | None:
+def _vmi_node(
+    cp: ControlPlane, name: str = "demo-web", namespace: str = DEMO_NAMESPACE
+) -> str | None:
     out = cp.kubectl(
-        "get", "vmi", name, "-n", DEMO_NAMESPACE, "-o", "jsonpath={.status.nodeName}", check=False
+        "get", "vmi", name, "-n", namespace, "-o", "jsonpath={.status.nodeName}", check=False
     )
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _box(cp: ControlPlane) -> dict[str, Any]:
+    out = cp.kubectl("get", "lazybox", BOX_NAME, "-n", BOX_NAMESPACE, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def _box_running_on(cp: ControlPlane) -> str | None:
+    st = _box(cp).get("status") or {}
+    node = st.get("node") if st.get("phase") == "Running" else None
+    return str(node) if node and _vmi_node(cp, BOX_NAME, BOX_NAMESPACE) == node else None
+
+
+def _sample_images(labels: Sequence[str]) -> list[str]:
+    path = layout.repo_root() / "crds" / "samples" / "oscomponents.yaml"
+    out = []
+    for doc in yaml.safe_load_all(path.read_text()):
+        spec = (doc or {}).get("spec") or {}
+        if f"{spec.get('componentName')} {spec.get('version')}" in labels:
+            out.append(str(spec["image"]))
+    return out
 
 
 def _wait_for(what: str, probe: Callable[[], object], timeout: float) -> object:
@@ -104,6 +132,12 @@ def start_pool(cp: ControlPlane, members: int) -> Pool:
             f"identity {identity}"
         )
         pool.add_member(name, identity=identity, start_agent=False, node=True)
+    if len(names) >= 2:
+        _say(
+            f"  SIMULATION: {names[1]}'s image cache already holds {', '.join(WARM_COMPONENTS)} "
+            "(written into Node status.images as its kubelet would report it)"
+        )
+        pool.set_node_images(names[1], _sample_images(WARM_COMPONENTS))
     pool.apply_policy()
     _say("  SIMULATION: kwok keeps the Nodes Ready (no kubelet here)")
     pool.start_kwok()
@@ -124,6 +158,22 @@ def start_pool(cp: ControlPlane, members: int) -> Pool:
             "(EK certificate checked, AK bound by credential activation, quote verified)"
         )
     return pool
+
+
+def _show_box(cp: ControlPlane) -> None:
+    _say(
+        f"  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} (crds/samples/lazybox.yaml): nginx and its "
+        "dependencies, level 2"
+    )
+    _wait_for(f"Lazy Box {BOX_NAME} to run", lambda: _box_running_on(cp), 60)
+    st = _box(cp)["status"]
+    comps = ", ".join(f"{r['name']} {r['version']}" for r in st.get("resolved") or [])
+    _say(f"    resolved and verified (signed by the sample publisher): {comps}")
+    _say(
+        f"    composed into VirtualMachine {BOX_NAMESPACE}/{st['vm']['name']} (kernel boot, "
+        "container disks, cloud-init)"
+    )
+    _say(f"    placed on {st['placement']['reason']}")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -164,6 +214,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         for sample in layout.samples():
             if args.members and sample.name == "members.yaml":
                 continue  # the pool's own members stand in for the sample ones
+            if args.members and sample.name == "lazybox.yaml":
+                continue  # applied once the pool is trusted, so that placement has a choice
             cp.kubectl("apply", "--server-side", "--field-manager=gtvp-samples", "-f", str(sample))
     if args.members:
         _say(f"step {steps}/{steps}: the trusted pool: {args.members} members")
@@ -175,6 +227,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         cp.kubectl("apply", "-f", "-", input_text=json.dumps(_demo_vm(3)))
         node = _wait_for("demo-web to run", lambda: _vmi_node(cp), 30)
         _say(f"  {DEMO_NAMESPACE}/demo-web runs on {node}")
+        if not args.no_samples:
+            cp.kubectl(
+                "apply",
+                "--server-side",
+                "--field-manager=gtvp-samples",
+                "-f",
+                str(layout.repo_root() / "crds" / "samples" / "lazybox.yaml"),
+            )
+            _show_box(cp)
     _say("")
     version = cp.kubectl("version", "-o", "yaml").stdout
     server_line = next((ln.strip() for ln in version.splitlines() if "gitVersion" in ln), "")
@@ -196,7 +257,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"  export KUBECONFIG={cp.admin_kubeconfig}")
     _say(f"  {toolchain.binaries().kubectl} get members   # the same kubectl gtvp built")
     if args.members:
-        node = _vmi_node(cp) or "node-1"
+        node = _box_running_on(cp) or _vmi_node(cp) or "node-1"
         _say(f"  gtvp local tamper {node}     # extend a PCR on its swtpm: quarantine + evacuation")
         _say("  gtvp status                  # the pool at a glance")
     _say("Stop it: gtvp local down")
@@ -213,6 +274,7 @@ def cmd_tamper(args: argparse.Namespace) -> int:
             f"{args.member} is not a member of the local pool ({', '.join(pool.members())})"
         )
     before = _vmi_node(cp)
+    box_before = _box_running_on(cp)
     _say(
         f"tampering with {args.member}: extending PCR {args.pcr} on its swtpm "
         "(as a rogue boot component would, with tpm2-tools' tpm2_pcrextend)"
@@ -258,6 +320,18 @@ def cmd_tamper(args: argparse.Namespace) -> int:
         _say(f"{elapsed()}  {DEMO_NAMESPACE}/demo-web now runs on {node} (trusted, level 3)")
     else:
         _say(f"  ({DEMO_NAMESPACE}/demo-web runs on {before}, so nothing had to move)")
+    if box_before == args.member:
+        node = _wait_for(
+            "the Lazy Box to move",
+            lambda: (n := _box_running_on(cp)) != args.member and n,
+            60,
+        )
+        _say(
+            f"{elapsed()}  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} live-migrated to {node} "
+            "(trusted, level >= 2)"
+        )
+    elif box_before:
+        _say(f"  (Lazy Box {BOX_NAMESPACE}/{BOX_NAME} runs on {box_before}, so it stays)")
     from gtvp import status_cli
 
     _say("")
