@@ -7,7 +7,7 @@ VENV  ?= $(or $(GTVP_VENV),$(CACHE)/venv)
 BIN   := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck down bench
+.PHONY: setup demo test lint typecheck down bench bench-scale
 
 setup:
 	@.ci/setup-machine
@@ -37,3 +37,10 @@ bench: setup
 	@echo "[bench] figures are ratios against a baseline measured in the same run"
 	@$(BIN)/python -m tests.bench.bench_verify
 	@$(BIN)/python -m tests.bench.bench_quarantine
+	@$(BIN)/python -m tests.bench.bench_box_plan
+	@$(BIN)/python -m tests.bench.bench_box_placement
+
+# several minutes each: 1,000 and 10,000 members at a 60 s interval
+bench-scale: setup
+	@$(BIN)/python -m tests.bench.bench_scale --members 1000 --cycles 3
+	@$(BIN)/python -m tests.bench.bench_scale --members 10000 --cycles 3

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +211,59 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
 
 
-def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[str, float]:
+def create_members(api: Any, lg: LoadGenerator, members: int) -> None:
+    """Members at the API level, each enrolled with one of the load generator's TPMs."""
+    tpms = len(lg.names)
+    for i in range(members):
+        name = f"m-{i}"
+        api.create_cluster_custom_object(
+            G,
+            V,
+            P,
+            {
+                "apiVersion": f"{G}/{V}",
+                "kind": "Member",
+                "metadata": {"name": name},
+                "spec": {"identity": 2},
+            },
+        )
+        api.patch_cluster_custom_object_status(
+            G, V, P, name, {"status": {"agent": {"enrollment": lg.enrol_info(i % tpms)}}}
+        )
+
+
+def answer(
+    lg: LoadGenerator, api: Any, stop: threading.Event, tick: Callable[[], None] | None = None
+) -> None:
+    """Watch Members and answer their challenges until `stop`; `tick` runs between watches."""
     from kubernetes import watch
 
+    due: list[tuple[float, str, str]] = []
+    rv = None
+    while not stop.is_set():
+        w = watch.Watch()
+        kwargs: dict[str, Any] = {"timeout_seconds": 2}
+        if rv:
+            kwargs["resource_version"] = rv
+        try:
+            for ev in w.stream(api.list_cluster_custom_object, G, V, P, **kwargs):
+                obj = ev["object"]
+                rv = obj["metadata"]["resourceVersion"]
+                lg.observe(obj, due)
+                lg.release(due)
+        except Exception:  # noqa: BLE001 - an expired watch is restarted
+            rv = None
+        lg.release(due)
+        if tick is not None:
+            tick()
+
+
+def all_trusted(api: Any, members: int) -> bool:
+    items = api.list_cluster_custom_object(G, V, P)["items"]
+    return sum(1 for m in items if (m.get("status") or {}).get("phase") == "Trusted") >= members
+
+
+def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         cp = ControlPlane(
             Path(d) / "cp", toolchain.ensure_all(), Ports(free_port(), free_port(), free_port())
@@ -230,22 +280,7 @@ def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[st
             pool.apply_policy(interval=f"{interval}s", valid_for=f"{interval * 3}s", max_uses=100)
             api = _api(pool)
             started = time.perf_counter()
-            for i in range(members):
-                name = f"m-{i}"
-                api.create_cluster_custom_object(
-                    G,
-                    V,
-                    P,
-                    {
-                        "apiVersion": f"{G}/{V}",
-                        "kind": "Member",
-                        "metadata": {"name": name},
-                        "spec": {"identity": 2},
-                    },
-                )
-                api.patch_cluster_custom_object_status(
-                    G, V, P, name, {"status": {"agent": {"enrollment": lg.enrol_info(i % tpms)}}}
-                )
+            create_members(api, lg, members)
             print(
                 f"bench_scale: {members} members created in {time.perf_counter() - started:.0f}s",
                 flush=True,
@@ -253,44 +288,28 @@ def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[st
             pool.start_operator()
             op = pool.procs.get("operator")
             assert op is not None
-            due: list[tuple[float, str, str]] = []
-            trusted_at: float | None = None
             window: dict[str, float] = {}
-            measure_from = 0.0
+            stop = threading.Event()
+
+            def tick() -> None:
+                if not window and all_trusted(api, members):
+                    print(
+                        f"  all {members} Trusted after "
+                        f"{time.perf_counter() - started:.0f}s (enrolment included)",
+                        flush=True,
+                    )
+                    lg.latencies.clear()
+                    window.update(
+                        start=time.perf_counter(),
+                        patches=_patch_count(cp),
+                        cpu=_cpu_seconds(op.pid),
+                    )
+                if window and time.perf_counter() >= window["start"] + cycles * interval:
+                    stop.set()
+
             with lg.running():
-                rv = None
-                end = None
-                while end is None or time.perf_counter() < end:
-                    w = watch.Watch()
-                    kwargs: dict[str, Any] = {"timeout_seconds": 2}
-                    if rv:
-                        kwargs["resource_version"] = rv
-                    try:
-                        for ev in w.stream(api.list_cluster_custom_object, G, V, P, **kwargs):
-                            obj = ev["object"]
-                            rv = obj["metadata"]["resourceVersion"]
-                            lg.observe(obj, due)
-                            lg.release(due)
-                    except Exception:  # noqa: BLE001 - an expired watch is restarted
-                        rv = None
-                    lg.release(due)
-                    if trusted_at is None:
-                        items = api.list_cluster_custom_object(G, V, P)["items"]
-                        n = sum(
-                            1 for m in items if (m.get("status") or {}).get("phase") == "Trusted"
-                        )
-                        if n == members:
-                            trusted_at = time.perf_counter()
-                            print(
-                                f"  all {members} Trusted after "
-                                f"{trusted_at - started:.0f}s (enrolment included)",
-                                flush=True,
-                            )
-                            lg.latencies.clear()
-                            measure_from = time.perf_counter()
-                            window = {"patches": _patch_count(cp), "cpu": _cpu_seconds(op.pid)}
-                            end = measure_from + cycles * interval
-            elapsed = time.perf_counter() - measure_from
+                answer(lg, api, stop, tick)
+            elapsed = time.perf_counter() - window["start"]
             patches = _patch_count(cp) - window["patches"]
             cpu = (_cpu_seconds(op.pid) - window["cpu"]) / elapsed
             rss = _rss_mb(op.pid)

@@ -29,3 +29,23 @@ def test_quarantine_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     p50, p99 = bench_quarantine.run(runs=2)
     assert 0 < p50 <= p99
     assert "ratio quarantine/baseline" in capsys.readouterr().out
+
+
+def test_box_plan_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_box_plan
+
+    got = bench_box_plan.run(components=80, members=30, boxes=10)
+    assert got["median"] > 0
+    assert got["cache_ratio"] >= 1.0  # cache-aware never caches less than a random pick
+    out = capsys.readouterr().out
+    assert "ratio" in out
+
+
+@pytest.mark.controlplane
+@pytest.mark.e2e
+def test_box_placement_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_box_placement
+
+    got = bench_box_placement.run(members=8, boxes=8, components=80)
+    assert got["placed"] == 8
+    assert "boxes placed in" in capsys.readouterr().out
