@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +47,7 @@ log = logging.getLogger("gtvp.lazyboxes")
 G, V = "gtvp.io", "v1alpha1"
 KV = ("kubevirt.io", "v1")
 Key = tuple[str, str]
+WRITERS = 4  # boxes reconciled at once: planning is serialised, API writes overlap
 ACTIVE_MIGRATION = (
     "",
     "Pending",
@@ -64,6 +67,17 @@ class BoxState:
     decided_node: dict[Key, str] = field(default_factory=dict)
     dirty: set[Key] = field(default_factory=set)
     wakeup: asyncio.Event | None = None
+    # caches keyed by resourceVersion, so each object is parsed once per change
+    parsed: dict[str, tuple[str, Component | None]] = field(default_factory=dict)
+    catalogue_version: int = 0
+    catalogue_cache: tuple[int, list[Component]] = (-1, [])
+    host_cache: dict[str, tuple[tuple[str, str], Any]] = field(default_factory=dict)
+    request_cache: dict[Key, tuple[str, tuple[int, int]]] = field(default_factory=dict)
+    pool_cache: tuple[Any, frozenset[str]] = (None, frozenset())
+    resolutions: dict[tuple[str, int, frozenset[str]], list[Component] | Unresolvable] = field(
+        default_factory=dict
+    )
+    plan_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def touch(self, *keys: Key) -> None:
         self.dirty.update(keys or self.boxes.keys())
@@ -104,14 +118,18 @@ def observe_box(body: dict[str, Any], event_type: str) -> bool:
         STATE.decided_node.pop(key, None)
         METRICS.boxes.pop(f"{key[0]}/{key[1]}", None)
         return True
+    known = STATE.boxes.get(key)
+    rv = (body.get("metadata") or {}).get("resourceVersion")
     STATE.boxes[key] = body
-    STATE.touch(key)
+    if known is None or (known.get("metadata") or {}).get("resourceVersion") != rv:
+        STATE.touch(key)  # not the echo of our own status write
     return False
 
 
 def observe_component(body: dict[str, Any], event_type: str) -> str | None:
     """Record a component event (event loop); returns the name to verify, if any."""
     name = str((body.get("metadata") or {}).get("name", ""))
+    STATE.catalogue_version += 1
     STATE.touch()
     if event_type == "DELETED":
         STATE.components.pop(name, None)
@@ -189,7 +207,7 @@ def _write_component_status(name: str, verification: dict[str, Any]) -> None:
         out = c.custom.patch_cluster_custom_object_status(
             G, V, "oscomponents", name, {"status": {"verification": verification}}
         )
-        STATE.components[name] = out
+        STATE.components[name] = out  # a status write changes no resolution input
     except ApiException as exc:
         log.warning("cannot write OSComponent %s status: %s", name, exc.reason)
 
@@ -225,21 +243,60 @@ def spend(names: tuple[str, ...]) -> list[str]:
 
 
 def _catalogue() -> list[Component]:
+    """Every readable component (parsed once per change; unreadable ones are never used)."""
+    version, cached = STATE.catalogue_cache
+    if version == STATE.catalogue_version:
+        return cached
     out = []
-    for body in list(STATE.components.values()):
-        try:
-            out.append(parse_component(body))
-        except ComponentError:
-            continue  # its status says why; it is never used
+    for name, body in list(STATE.components.items()):
+        rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        hit = STATE.parsed.get(name)
+        if hit is None or hit[0] != rv:
+            try:
+                comp: Component | None = parse_component(body)
+            except ComponentError:
+                comp = None  # its status says why
+            hit = (rv, comp)
+            STATE.parsed[name] = hit
+        if hit[1] is not None:
+            out.append(hit[1])
+    out.sort(key=lambda c: c.object_name)
+    STATE.catalogue_cache = (STATE.catalogue_version, out)
     return out
 
 
-def _requests(spec: Mapping[str, Any]) -> tuple[int, int]:
-    res = spec.get("resources") or {}
+def _requests(key: Key, box: Mapping[str, Any]) -> tuple[int, int]:
+    rv = str((box.get("metadata") or {}).get("resourceVersion", ""))
+    hit = STATE.request_cache.get(key)
+    if hit is not None and hit[0] == rv:
+        return hit[1]
+    res = (box.get("spec") or {}).get("resources") or {}
     try:
-        return cpu_millis(res.get("cpu", "0")), memory_bytes(res.get("memory", "0"))
+        got = cpu_millis(res.get("cpu", "0")), memory_bytes(res.get("memory", "0"))
     except ValueError:
-        return 0, 0
+        got = (0, 0)
+    STATE.request_cache[key] = (rv, got)
+    return got
+
+
+def _host_base(name: str, body: Mapping[str, Any], node: Mapping[str, Any]) -> Any:
+    """Member view, allocatable and image digests of one member (cached per change)."""
+    rvs = (
+        str((body.get("metadata") or {}).get("resourceVersion", "")),
+        str((node.get("metadata") or {}).get("resourceVersion", "")),
+    )
+    hit = STATE.host_cache.get(name)
+    if hit is not None and hit[0] == rvs:
+        return hit[1]
+    view = member_view(name, body.get("status") or {})
+    alloc = (node.get("status") or {}).get("allocatable") or {}
+    try:
+        cpu, mem = cpu_millis(alloc.get("cpu", "0")), memory_bytes(alloc.get("memory", "0"))
+    except ValueError:
+        cpu, mem = 0, 0
+    base = (view, cpu, mem, image_digests((node.get("status") or {}).get("images")))
+    STATE.host_cache[name] = (rvs, base)
+    return base
 
 
 def hosts(now: dt.datetime, exclude: Key | None = None) -> list[Host]:
@@ -252,7 +309,7 @@ def hosts(now: dt.datetime, exclude: Key | None = None) -> list[Host]:
             continue
         node = STATE.decided_node.get(key) or (box.get("status") or {}).get("node")
         if node:
-            cpu, mem = _requests(box.get("spec") or {})
+            cpu, mem = _requests(key, box)
             u = used.setdefault(str(node), [0, 0])
             u[0] += cpu
             u[1] += mem
@@ -261,12 +318,7 @@ def hosts(now: dt.datetime, exclude: Key | None = None) -> list[Host]:
         node = MEMBERS.nodes.get(name)
         if node is None:
             continue
-        view = member_view(name, body.get("status") or {})
-        alloc = (node.get("status") or {}).get("allocatable") or {}
-        try:
-            cpu, mem = cpu_millis(alloc.get("cpu", "0")), memory_bytes(alloc.get("memory", "0"))
-        except ValueError:
-            cpu, mem = 0, 0
+        view, cpu, mem, images = _host_base(name, body, node)
         u = used.get(name, [0, 0])
         out.append(
             Host(
@@ -278,10 +330,43 @@ def hosts(now: dt.datetime, exclude: Key | None = None) -> list[Host]:
                 memory_bytes=mem,
                 cpu_used=u[0],
                 memory_used=u[1],
-                images=image_digests((node.get("status") or {}).get("images")),
+                images=images,
             )
         )
     return out
+
+
+def pool_cache(host_list: list[Host]) -> frozenset[str]:
+    """Digests cached on any usable member (resolution prefers them where it is free to)."""
+    sig = tuple(h.name for h in host_list if h.usable), tuple(id(h.images) for h in host_list)
+    if STATE.pool_cache[0] == sig:
+        return STATE.pool_cache[1]
+    union = frozenset().union(*(h.images for h in host_list if h.usable))
+    STATE.pool_cache = (sig, union)
+    return union
+
+
+def resolve_cached(spec: Mapping[str, Any], cached: frozenset[str]) -> list[Component]:
+    """`resolve`, remembered per (request, catalogue version, pool cache)."""
+    request = BoxRequest.from_spec(spec)
+    fields = ("application", "dependencies", "requestedComponents", "level")
+    key = (
+        json.dumps({f: spec.get(f) for f in fields}, sort_keys=True),
+        STATE.catalogue_version,
+        cached,
+    )
+    hit = STATE.resolutions.get(key)
+    if hit is None:
+        try:
+            hit = resolve(request, _catalogue(), cached)
+        except Unresolvable as exc:
+            hit = exc
+        if len(STATE.resolutions) > 4096:
+            STATE.resolutions.clear()
+        STATE.resolutions[key] = hit
+    if isinstance(hit, Unresolvable):
+        raise hit
+    return list(hit)
 
 
 def observed(key: Key) -> Observed:
@@ -329,9 +414,7 @@ def box_input(key: Key, now: dt.datetime) -> BoxInput:
         "observed": observed(key),
     }
     try:
-        request = BoxRequest.from_spec(spec)
-        cached = frozenset().union(*(h.images for h in host_list if h.usable))
-        comps = resolve(request, _catalogue(), cached)
+        comps = resolve_cached(spec, pool_cache(host_list))
     except Unresolvable as exc:
         return BoxInput(components=None, failure=(exc.reason, exc.message), **common)
     checks = {
@@ -344,12 +427,15 @@ def reconcile_box(key: Key) -> Decision | None:
     """Plan and carry out one box's next step (blocking: run it in a thread)."""
     if key not in STATE.boxes:
         return None
-    now = dt.datetime.now(dt.UTC)
-    decision = plan_box(box_input(key, now), now)
-    if decision.uses:
-        failed = spend(decision.uses)
-        if failed:  # a component failed its re-check: plan again, it is now blocked
-            decision = plan_box(box_input(key, now), now)
+    with STATE.plan_lock:  # placements see each other's reservations
+        now = dt.datetime.now(dt.UTC)
+        decision = plan_box(box_input(key, now), now)
+        if decision.uses:
+            failed = spend(decision.uses)
+            if failed:  # a component failed its re-check: plan again, it is now blocked
+                decision = plan_box(box_input(key, now), now)
+        if decision.placement is not None and decision.placement.node:
+            STATE.decided_node[key] = decision.placement.node
     c = _clients()
     if decision.vm is not None and not _write_vm(c, key, decision.vm):
         return decision
@@ -361,7 +447,6 @@ def reconcile_box(key: Key) -> Decision | None:
                 raise
     if decision.placement is not None:
         if decision.placement.node:
-            STATE.decided_node[key] = decision.placement.node
             METRICS.placements.labels("placed").inc()
             total = decision.placement.total_bytes or 1
             METRICS.placement_cached_ratio.observe(decision.placement.cached_bytes / total)
@@ -483,6 +568,7 @@ def sweep_orphans() -> None:
 async def box_loop(stop: asyncio.Event, period: float = 5.0) -> None:
     """Reconcile dirty boxes; every `period` seconds look at all of them again."""
     STATE.wakeup = asyncio.Event()
+    limit = asyncio.Semaphore(WRITERS)
     loop = asyncio.get_running_loop()
     next_full = loop.time() + period
     while not stop.is_set():
@@ -496,12 +582,16 @@ async def box_loop(stop: asyncio.Event, period: float = 5.0) -> None:
             await asyncio.to_thread(_sweep_safely)
         batch = sorted(STATE.dirty)
         STATE.dirty.clear()
-        for key in batch:
-            try:
-                await asyncio.to_thread(reconcile_box, key)
-            except Exception:  # one box must not stop the others
-                log.exception("reconciling LazyBox %s/%s failed; retrying", *key)
-                STATE.dirty.add(key)
+        await asyncio.gather(*(_reconcile_safely(key, limit) for key in batch))
+
+
+async def _reconcile_safely(key: Key, limit: asyncio.Semaphore) -> None:
+    async with limit:
+        try:
+            await asyncio.to_thread(reconcile_box, key)
+        except Exception:  # one box must not stop the others
+            log.exception("reconciling LazyBox %s/%s failed; retrying", *key)
+            STATE.dirty.add(key)
 
 
 def _sweep_safely() -> None:
