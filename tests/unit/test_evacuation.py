@@ -47,3 +47,43 @@ def test_cluster_limit_holds() -> None:
         plan_evacuation(member="bad", incident="x", vmis=_vmis(3), migrations=busy, limits=LIMITS)
         == []
     )
+
+
+def test_inbound_limit_holds_and_targets_are_spread() -> None:
+    limits = MigrationLimits(max_parallel=10, max_outbound_per_node=10, max_inbound_per_node=2)
+    targets = [("t1", 3), ("t2", 3), ("low", 1)]
+    plan = plan_evacuation(
+        member="bad", incident="x", vmis=_vmis(6), migrations=[], limits=limits, targets=targets
+    )
+    pinned = [m["spec"]["addedNodeSelector"]["kubernetes.io/hostname"] for m in plan]
+    assert sorted(pinned) == ["t1", "t1", "t2", "t2"]  # 2 each; "low" cannot take level 3
+    assert plan[0]["spec"]["addedNodeSelector"]["node-restriction.kubernetes.io/gtvp-level-3"]
+    # pinned but not yet Scheduled migrations count as inbound: nothing more goes to t1/t2
+    in_flight = [
+        Migration("ns", m["metadata"]["name"], m["spec"]["vmiName"], None, None, "Pending", p)
+        for m, p in zip(plan, pinned, strict=True)
+    ]
+    more = plan_evacuation(
+        member="bad",
+        incident="x",
+        vmis=_vmis(6),
+        migrations=in_flight,
+        limits=limits,
+        targets=targets,
+    )
+    assert more == []
+    # a finished migration frees its target's inbound slot
+    in_flight[0] = Migration("ns", "done", "vm0", "bad", pinned[0], "Succeeded", pinned[0])
+    assert (
+        len(
+            plan_evacuation(
+                member="bad",
+                incident="x",
+                vmis=_vmis(6),
+                migrations=in_flight,
+                limits=limits,
+                targets=targets,
+            )
+        )
+        == 1
+    )

@@ -4,8 +4,11 @@ Pure. Given the VMIs on the member, the migrations already in flight and the pol
 limits, returns the VirtualMachineInstanceMigrations to create now. Names are
 deterministic (VMI, source member, the incident), so an operator restarted halfway never
 starts the same migration twice: creating it again answers AlreadyExists. KubeVirt limits
-parallel migrations per cluster and outbound per node but not inbound, so the plan also
-holds inbound migrations per target within the policy's limit.
+parallel migrations per cluster and outbound per node but not inbound, so when the
+caller names the usable targets the plan picks, for each VMI, the eligible target with the
+fewest inbound migrations and pins it (`kubernetes.io/hostname` in `addedNodeSelector`,
+next to the trust selector); a VMI whose every eligible target is full waits for the next
+plan. A pinned target counts as inbound before KubeVirt records it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from gtvp.core.policy import MigrationLimits
 from gtvp.core.trust import trust_selector
 
 EVACUATION_LABEL = "gtvp.io/evacuation"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 FINISHED = {"Succeeded", "Failed"}
 
 
@@ -38,10 +42,15 @@ class Migration:
     source: str | None
     target: str | None
     phase: str
+    pinned: str | None = None  # the target named in addedNodeSelector, if any
 
     @property
     def active(self) -> bool:
         return self.phase not in FINISHED
+
+    @property
+    def inbound_to(self) -> str | None:
+        return self.target or self.pinned
 
 
 def migration_name(vmi: Vmi, incident: str) -> str:
@@ -56,8 +65,13 @@ def plan_evacuation(
     vmis: Sequence[Vmi],
     migrations: Sequence[Migration],
     limits: MigrationLimits,
+    targets: Sequence[tuple[str, int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The VirtualMachineInstanceMigration objects to create now for `member`."""
+    """The VirtualMachineInstanceMigration objects to create now for `member`.
+
+    `targets`: the usable members (name, level) that may receive VMIs; with them the
+    inbound limit holds and each migration is pinned to one target.
+    """
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
     here = {(v.namespace, v.name) for v in vmis if v.node == member}
@@ -68,12 +82,30 @@ def plan_evacuation(
         1 for m in active if m.source == member or (m.namespace, m.vmi) in here
     )
 
+    inbound: dict[str, int] = {}
+    for m in active:
+        if m.inbound_to:
+            inbound[m.inbound_to] = inbound.get(m.inbound_to, 0) + 1
     out: list[dict[str, Any]] = []
     for vmi in sorted(vmis, key=lambda v: (-v.level, v.namespace, v.name)):
         if vmi.node != member or (vmi.namespace, vmi.name) in busy_vmis:
             continue
         if budget_cluster <= 0 or budget_out <= 0:
             break
+        selector = trust_selector(vmi.level)
+        if targets is not None:
+            room = [
+                name
+                for name, level in targets
+                if name != member
+                and level >= vmi.level
+                and inbound.get(name, 0) < limits.max_inbound_per_node
+            ]
+            if not room:
+                continue  # every eligible target is receiving its limit: wait
+            target = min(room, key=lambda n: (inbound.get(n, 0), n))
+            inbound[target] = inbound.get(target, 0) + 1
+            selector = {**selector, HOSTNAME_LABEL: target}
         out.append(
             {
                 "apiVersion": "kubevirt.io/v1",
@@ -84,19 +116,12 @@ def plan_evacuation(
                     "labels": {EVACUATION_LABEL: member},
                     "annotations": {"gtvp.io/reason": f"member {member} is no longer trusted"},
                 },
-                "spec": {"vmiName": vmi.name, "addedNodeSelector": trust_selector(vmi.level)},
+                "spec": {"vmiName": vmi.name, "addedNodeSelector": selector},
             }
         )
         budget_cluster -= 1
         budget_out -= 1
     return out
-
-
-def inbound_full(target: str, migrations: Sequence[Migration], limits: MigrationLimits) -> bool:
-    """True when `target` already receives as many migrations as the policy allows."""
-    return sum(1 for m in migrations if m.active and m.target == target) >= (
-        limits.max_inbound_per_node
-    )
 
 
 def migration_view(obj: Mapping[str, Any]) -> Migration:
@@ -110,4 +135,5 @@ def migration_view(obj: Mapping[str, Any]) -> Migration:
         source=state.get("sourceNode"),
         target=state.get("targetNode"),
         phase=str(status.get("phase", "Pending")),
+        pinned=((obj.get("spec") or {}).get("addedNodeSelector") or {}).get(HOSTNAME_LABEL),
     )

@@ -111,8 +111,18 @@ async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
             member,
             ", ".join(stuck),
         )
+    targets = [
+        (m.name, m.level)
+        for m in members
+        if m.name != member and m.name in MEMBERS.nodes and m.usable(now, 1)
+    ]
     for obj in plan_evacuation(
-        member=member, incident=incident, vmis=movable, migrations=views, limits=policy.migration
+        member=member,
+        incident=incident,
+        vmis=movable,
+        migrations=views,
+        limits=policy.migration,
+        targets=targets,
     ):
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
