@@ -124,6 +124,7 @@ def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     for r in rule["spec"]["groups"][0]["rules"]:
         assert r["annotations"]["runbook_url"].startswith("https://")
+    by_name = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
     test = tmp_path / "test.yaml"
     test.write_text(
         yaml.safe_dump(
@@ -165,7 +166,29 @@ def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
                                 "exp_alerts": [],
                             },
                         ],
-                    }
+                    },
+                    {
+                        "interval": "1m",
+                        "input_series": [
+                            {"series": 'gtvp_lazyboxes{phase="Failed"}', "values": "1x10"},
+                        ],
+                        "alert_rule_test": [
+                            {"eval_time": "3m", "alertname": "GtvpLazyBoxFailed", "exp_alerts": []},
+                            {
+                                "eval_time": "7m",
+                                "alertname": "GtvpLazyBoxFailed",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {"severity": "warning"},
+                                        "exp_annotations": {
+                                            **by_name["GtvpLazyBoxFailed"]["annotations"],
+                                            "summary": "1 Lazy Box(es) cannot be assembled",
+                                        },
+                                    }
+                                ],
+                            },
+                        ],
+                    },
                 ],
             }
         )
