@@ -97,7 +97,11 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
                 pool.tpm(name).manufacture(pool.ca.ensure())
                 pool.tpm(name).start()
             pool.apply_policy(
-                interval="60s", valid_for="180s", max_uses=100000, publisher_keys=pub.keys
+                interval="60s",
+                valid_for="180s",
+                max_uses=100000,
+                publisher_keys=pub.keys,
+                allow_shared_ek=True,  # members share the load generator's few TPMs
             )
             api = _api(pool)
             for obj in catalogue:

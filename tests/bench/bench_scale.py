@@ -277,7 +277,13 @@ def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[st
             for name in lg.names:  # the few TPMs whose keys every member's quotes use
                 pool.tpm(name).manufacture(pool.ca.ensure())
                 pool.tpm(name).start()
-            pool.apply_policy(interval=f"{interval}s", valid_for=f"{interval * 3}s", max_uses=100)
+            # several members share one TPM here: the policy must allow a shared EK
+            pool.apply_policy(
+                interval=f"{interval}s",
+                valid_for=f"{interval * 3}s",
+                max_uses=100,
+                allow_shared_ek=True,
+            )
             api = _api(pool)
             started = time.perf_counter()
             create_members(api, lg, members)

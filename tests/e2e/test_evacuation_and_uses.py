@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,36 +17,21 @@ import pytest
 from gtvp.localcluster.controlplane import ControlPlane
 from gtvp.localcluster.pool import Pool
 from tests.e2e.test_trusted_pool import _vm, _vmi, _wait
+from tests.pools import trusted_pool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
 
 
 @pytest.fixture(scope="module")
 def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    p = Pool(
-        control_plane, tmp_path_factory.mktemp("e2e-evac"), policy=f"evac-{uuid.uuid4().hex[:6]}"
-    )
-    p.install_access()
-    p.install_webhooks()
-    prefix = f"v{uuid.uuid4().hex[:4]}"
-    for suffix in ("a", "b", "c"):
-        p.add_member(f"{prefix}-{suffix}", identity=3, start_agent=False, node=True)
-    p.apply_policy(interval="2s", valid_for="6s", max_uses=50)
-    p.start_kwok()
-    p.start_virtsim()
-    p.start_operator()
-    for name in p.members():
-        p.start_agent(name)
-    try:
-        for name in p.members():
-            p.wait_phase(name, "Trusted", timeout=60)
+    with trusted_pool(
+        control_plane,
+        tmp_path_factory.mktemp("e2e-evac"),
+        tag="evac",
+        identities={"a": 3, "b": 3, "c": 3},
+        policy={"interval": "2s", "valid_for": "6s", "max_uses": 50},
+    ) as p:
         yield p
-    finally:
-        p.stop()
-        p.delete_members()
-        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
-            control_plane.kubectl("delete", kind, "gtvp", "--ignore-not-found")
-        control_plane.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
 
 
 def _placements(pool: Pool, ns: str, names: list[str]) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 from gtvp.localcluster.controlplane import ControlPlane
 from gtvp.localcluster.pool import Pool
 from tests.catalogue import Publisher
+from tests.pools import trusted_pool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
 PUB = Publisher()
@@ -42,30 +42,18 @@ def _clear_components(cp: ControlPlane) -> None:
 @pytest.fixture(scope="module")
 def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     _clear_components(control_plane)
-    p = Pool(control_plane, tmp_path_factory.mktemp("boxes"), policy=f"box-{uuid.uuid4().hex[:6]}")
-    p.install_access()
-    p.install_webhooks()
-    prefix = f"l{uuid.uuid4().hex[:4]}"
-    identities = {f"{prefix}-a": 3, f"{prefix}-b": 3, f"{prefix}-c": 1}
-    for name, identity in identities.items():
-        p.add_member(name, identity=identity, start_agent=False, node=True)
-    p.apply_policy(interval="2s", valid_for="6s", max_uses=50, publisher_keys=PUB.keys)
-    apply(p, PUB.web_catalogue())
-    p.start_kwok()
-    p.start_virtsim()
-    p.start_operator()
-    for name in identities:
-        p.start_agent(name)
+    policy = {"interval": "2s", "valid_for": "6s", "max_uses": 50, "publisher_keys": PUB.keys}
     try:
-        for name in identities:
-            p.wait_phase(name, "Trusted", timeout=60)
-        yield p
+        with trusted_pool(
+            control_plane,
+            tmp_path_factory.mktemp("boxes"),
+            tag="lbox",
+            identities={"a": 3, "b": 3, "c": 1},
+            policy=policy,
+            before_start=lambda p: apply(p, PUB.web_catalogue()),
+        ) as p:
+            yield p
     finally:
-        p.stop()
-        p.delete_members()
-        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
-            control_plane.kubectl("delete", kind, "gtvp", "--ignore-not-found")
-        control_plane.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
         _clear_components(control_plane)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,35 +18,21 @@ import pytest
 from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
 from gtvp.localcluster.controlplane import ControlPlane
 from gtvp.localcluster.pool import Pool
+from tests.pools import trusted_pool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
 
 
 @pytest.fixture(scope="module")
 def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    p = Pool(control_plane, tmp_path_factory.mktemp("e2e"), policy=f"e2e-{uuid.uuid4().hex[:6]}")
-    p.install_access()
-    p.install_webhooks()
-    prefix = f"e{uuid.uuid4().hex[:4]}"
-    identities = {f"{prefix}-a": 3, f"{prefix}-b": 3, f"{prefix}-c": 1}
-    for name, identity in identities.items():
-        p.add_member(name, identity=identity, start_agent=False, node=True)
-    p.apply_policy(interval="2s", valid_for="6s", max_uses=50)
-    p.start_kwok()
-    p.start_virtsim()
-    p.start_operator()
-    for name in identities:
-        p.start_agent(name)
-    try:
-        for name in identities:
-            p.wait_phase(name, "Trusted", timeout=60)
+    with trusted_pool(
+        control_plane,
+        tmp_path_factory.mktemp("e2e"),
+        tag="e2e",
+        identities={"a": 3, "b": 3, "c": 1},
+        policy={"interval": "2s", "valid_for": "6s", "max_uses": 50},
+    ) as p:
         yield p
-    finally:
-        p.stop()
-        p.delete_members()
-        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
-            control_plane.kubectl("delete", kind, "gtvp", "--ignore-not-found")
-        control_plane.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
 
 
 def _names(pool: Pool) -> list[str]:

@@ -8,6 +8,7 @@ server would store it (operator fields replaced, agent fields merged).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import secrets
 from pathlib import Path
@@ -46,6 +47,7 @@ class Member:
             "default", pool_policy(ca, interval="10s", valid_for="30s")["spec"]
         )
         self.answered: set[bytes] = set()
+        self.ek_holders: dict[str, str] = {}  # EKs other members are bound to
 
     def operator(self, now: dt.datetime) -> Step:
         step = attestation_step(
@@ -56,6 +58,7 @@ class Member:
             now=now,
             entropy=secrets.token_bytes(ENTROPY_BYTES),
             answered_nonces=frozenset(self.answered),
+            ek_holders=self.ek_holders,
         )
         self.status = {**step.status, "agent": self.status.get("agent", {})}
         if step.answered_nonce:
@@ -279,3 +282,29 @@ def test_strict_level_waits_for_a_human_after_a_failure(
     )
     assert step.phase == "Trusted"
     assert step.status["trust"]["readmitToken"] == "ticket-42"
+
+
+def test_second_member_with_the_same_ek_is_refused(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    tpm = make_tpm()
+    first = _enrolled(tpm, tpm_dir, swtpm_ca, "first")
+    ek = first.status["trust"]["ekSHA256"]
+    twin = Member(tpm, tpm_dir / "agent-twin", swtpm_ca)
+    twin.ek_holders = {ek: "first"}
+    twin.operator(T0)
+    twin.agent()
+    step = twin.operator(T0)
+    assert twin.phase == "Untrusted"
+    assert twin.reason == "DuplicateEk"
+    assert "member first already presents this EK" in twin.status["trust"]["message"]
+    assert [e.reason for e in step.events] == ["DuplicateEk"]
+    assert not twin.status.get("challenge")  # no credential challenge for a duplicate
+    # a load-test policy may allow it
+    twin.policy = dataclasses.replace(twin.policy, allow_shared_ek=True)
+    twin.operator(T0)
+    twin.agent()
+    twin.operator(T0)
+    twin.agent()
+    twin.operator(T0 + dt.timedelta(seconds=1))
+    assert twin.phase == "Trusted"

@@ -117,11 +117,19 @@ def _check_enrolment(
     trust: Mapping[str, Any],
     policy: Policy,
     now: dt.datetime,
+    *,
+    ek_holders: Mapping[str, str] | None = None,
 ) -> _Keys:
     ek_area = _b64(enrollment.get("ekPublic"), "enrollment.ekPublic", 2048)
     ek = parse_public(ek_area)
     check_ek_public(ek)
     fp = ek_fingerprint(ek)
+    holder = (ek_holders or {}).get(fp)
+    if holder is not None and not policy.allow_shared_ek:
+        raise errors.DuplicateEk(
+            f"member {holder} already presents this EK (SHA-256 {fp[:16]}…); "
+            "one TPM cannot prove two hosts"
+        )
     approval = spec.get("approval") or {}
     approved = approval.get("ekSHA256") if isinstance(approval, Mapping) else None
     check_ek_pin(pinned=trust.get("ekSHA256"), current=fp, approved=approved)
@@ -195,12 +203,15 @@ def attestation_step(
     entropy: bytes,
     answered_nonces: frozenset[bytes] = frozenset(),
     readmit: str | None = None,
+    ek_holders: Mapping[str, str] | None = None,
 ) -> Step:
     """Decide the operator's next write for one member.
 
     `readmit` is the value of the Member's `gtvp.io/readmit` annotation: on a level whose
     policy says `autoRecover: false`, a member that failed stays Untrusted
     (AwaitingReadmission) after clean quotes until an administrator sets a new value.
+    `ek_holders` maps the EK fingerprints other members are bound to onto their names: a
+    member presenting one of them is refused (DuplicateEk) unless the policy allows sharing.
     """
     if len(entropy) < ENTROPY_BYTES:
         raise ValueError("attestation_step needs 64 bytes of fresh randomness")
@@ -312,7 +323,7 @@ def attestation_step(
 
     # --- enrolment: EK certificate, EK pin, AK -------------------------------------------
     try:
-        keys = _check_enrolment(enrollment, spec, trust, policy, now)
+        keys = _check_enrolment(enrollment, spec, trust, policy, now, ek_holders=ek_holders)
     except errors.VerificationError as err:
         challenge = {}
         return failed(err, bound=False)

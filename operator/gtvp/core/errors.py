@@ -189,6 +189,12 @@ class EkChanged(VerificationError):
     reason = "EkChanged"
 
 
+class DuplicateEk(VerificationError):
+    """Another member already presents this EK: one TPM cannot prove two hosts."""
+
+    reason = "DuplicateEk"
+
+
 ALL_REASONS: tuple[str, ...] = tuple(
     sorted(
         c.reason

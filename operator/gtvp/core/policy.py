@@ -108,6 +108,7 @@ class Policy:
     transitions: tuple[Transition, ...]
     migration: MigrationLimits
     balancing: Balancing
+    allow_shared_ek: bool = False
 
     def level(self, number: int) -> Level | None:
         return next((lv for lv in self.levels if lv.level == number), None)
@@ -215,6 +216,7 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
         default_member_class=default_class,
         ca_bundle_pem=bundle,
         allow_uncertified_with_approval=bool(_get(ek, "allowUncertifiedWithApproval", False)),
+        allow_shared_ek=bool(_get(ek, "allowSharedEk", False)),
         publisher_keys=keys,
         transitions=tuple(transitions),
         migration=MigrationLimits(

@@ -18,7 +18,7 @@ import heapq
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,8 @@ class PoolState:
     create_members: bool = True
     default_identity: int = 1
     webhook_server: Any = None
+    ek_of: dict[str, str] = field(default_factory=dict)
+    ek_holders: dict[str, set[str]] = field(default_factory=dict)
 
     def lock(self, name: str) -> asyncio.Lock:
         return self.locks.setdefault(name, asyncio.Lock())
@@ -150,6 +152,7 @@ async def reconcile(name: str) -> None:
                 readmit=((body.get("metadata") or {}).get("annotations") or {}).get(
                     "gtvp.io/readmit"
                 ),
+                ek_holders=OtherHolders(name),
             )
             if step.outcome is not None:
                 METRICS.observe_attestation(step.outcome, time.perf_counter() - started)
@@ -161,7 +164,7 @@ async def reconcile(name: str) -> None:
         if patch:
             log.debug("member %s: status patch %s", name, patch)
             result = await asyncio.to_thread(kube.patch_member_status, c, name, patch)
-            STATE.bodies[name] = dict(result) if isinstance(result, Mapping) else body
+            remember(name, dict(result) if isinstance(result, Mapping) else body)
         await sync_node(name)
         phase = str(new.get("phase", ""))
         if phase in ("Untrusted", "Maintenance") and step is not None:
@@ -265,7 +268,7 @@ async def spend_use(name: str) -> None:
         result = await asyncio.to_thread(
             kube.patch_member_status, c, name, {"trust": {"usesLeft": left - 1}}
         )
-        STATE.bodies[name] = dict(result) if isinstance(result, Mapping) else body
+        remember(name, dict(result) if isinstance(result, Mapping) else body)
     if left - 1 <= 0:
         STATE.schedule(name, dt.timedelta(0))
 
@@ -275,12 +278,54 @@ def observe(body: Mapping[str, Any], event_type: str) -> bool:
     name = str((body.get("metadata") or {}).get("name", ""))
     if event_type == "DELETED":
         STATE.bodies.pop(name, None)
+        _index_ek(name, None)
         STATE.answered.pop(name, None)
         STATE.next_due.pop(name, None)
         METRICS.forget_member(name)
         return False
-    STATE.bodies[name] = dict(body)
+    remember(name, dict(body))
     return True
+
+
+def remember(name: str, body: dict[str, Any]) -> None:
+    STATE.bodies[name] = body
+    ek = ((body.get("status") or {}).get("trust") or {}).get("ekSHA256")
+    _index_ek(name, str(ek) if ek else None)
+
+
+def _index_ek(name: str, fingerprint: str | None) -> None:
+    """Which members are bound to which EK (so a second member with the same EK is refused)."""
+    old = STATE.ek_of.get(name)
+    if old == fingerprint:
+        return
+    if old is not None:
+        holders = STATE.ek_holders.get(old, set())
+        holders.discard(name)
+        if not holders:
+            STATE.ek_holders.pop(old, None)
+        del STATE.ek_of[name]
+    if fingerprint is not None:
+        STATE.ek_of[name] = fingerprint
+        STATE.ek_holders.setdefault(fingerprint, set()).add(name)
+
+
+class OtherHolders(Mapping[str, str]):
+    """EK fingerprint -> another member bound to it (a view; nothing is copied)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, fingerprint: str) -> str:
+        others = STATE.ek_holders.get(fingerprint, set()) - {self.name}
+        if not others:
+            raise KeyError(fingerprint)
+        return min(others)
+
+    def __iter__(self) -> Iterator[str]:
+        return (fp for fp in list(STATE.ek_holders) if fp in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 async def recheck_loop(stop: asyncio.Event) -> None:

@@ -46,6 +46,7 @@ def pool_policy(
     valid_for: str = "15s",
     max_uses: int = 50,
     publisher_keys: Mapping[str, str] | None = None,
+    allow_shared_ek: bool = False,
 ) -> dict[str, Any]:
     """A SecurityPolicy for a pool of swtpm members.
 
@@ -78,7 +79,7 @@ def pool_policy(
             "defaultMemberClass": "swtpm",
             # every member may carry up to its identity (the administrator's ceiling)
             "transitions": [{"matchLabels": {}, "level": 3}],
-            "ekTrust": {"caBundle": ca.bundle_pem()},
+            "ekTrust": {"caBundle": ca.bundle_pem(), "allowSharedEk": allow_shared_ek},
             "publisherKeys": [
                 {"name": n, "publicKey": pem} for n, pem in sorted(publisher_keys.items())
             ],
