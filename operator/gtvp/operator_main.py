@@ -77,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
+    if args.log_level.upper() == "INFO":
+        # kopf logs a line per handled event ("Handler ... succeeded"): at thousands of
+        # members that is most of the operator's output and a good share of its CPU;
+        # gtvp logs what changed itself. --log-level debug brings them back.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     import kopf
     from prometheus_client import start_http_server
 

@@ -31,7 +31,7 @@ from gtvp.localcluster import layout, toolchain
 from gtvp.localcluster.controlplane import ControlPlane, Ports
 from gtvp.localcluster.pool import Pool
 from gtvp.localcluster.processes import free_port
-from tests.bench.bench_scale import LoadGenerator, _api, all_trusted, answer, create_members
+from tests.bench.bench_scale import LoadGenerator, _api, answer, create_members
 from tests.catalogue import Publisher, synthetic
 
 G, V = "gtvp.io", "v1alpha1"
@@ -115,7 +115,7 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
             with lg.running():
                 answerer = threading.Thread(target=answer, args=(lg, api, stop), daemon=True)
                 answerer.start()
-                while not all_trusted(api, members):
+                while lg.trusted() < members:
                     time.sleep(1)
                 took = time.perf_counter() - t0
                 print(f"bench_box_placement: {members} members Trusted after {took:.0f}s")

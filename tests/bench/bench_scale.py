@@ -97,6 +97,10 @@ class LoadGenerator:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._pending: dict[str, dict[str, Any]] = {}
+        self.phases: dict[str, str] = {}  # every member's phase, from the watch
+
+    def trusted(self) -> int:
+        return sum(1 for p in list(self.phases.values()) if p == "Trusted")
 
     def member_tpm(self, member: str) -> int:
         return int(member.rsplit("-", 1)[1]) % len(self.names)
@@ -164,6 +168,7 @@ class LoadGenerator:
     def observe(self, member: dict[str, Any], due: list[tuple[float, str, str]]) -> None:
         name = member["metadata"]["name"]
         st = member.get("status") or {}
+        self.phases[name] = str(st.get("phase", ""))
         ch = st.get("challenge") or {}
         trust = st.get("trust") or {}
         mine = st.get("agent") or {}
@@ -235,32 +240,49 @@ def create_members(api: Any, lg: LoadGenerator, members: int) -> None:
 def answer(
     lg: LoadGenerator, api: Any, stop: threading.Event, tick: Callable[[], None] | None = None
 ) -> None:
-    """Watch Members and answer their challenges until `stop`; `tick` runs between watches."""
+    """List Members once, then watch them and answer their challenges until `stop`.
+
+    Like an informer: the watch resumes from the last resourceVersion (bookmarks keep it
+    fresh) and only an expired one (410) costs a new list, which at 10,000 members is tens
+    of megabytes. `tick` runs between watch requests.
+    """
     from kubernetes import watch
+    from kubernetes.client.exceptions import ApiException
 
     due: list[tuple[float, str, str]] = []
-    rv = None
+    rv: str | None = None
     while not stop.is_set():
+        if rv is None:
+            listing = api.list_cluster_custom_object(G, V, P)
+            rv = listing["metadata"]["resourceVersion"]
+            for obj in listing["items"]:
+                lg.observe(obj, due)
         w = watch.Watch()
-        kwargs: dict[str, Any] = {"timeout_seconds": 2}
-        if rv:
-            kwargs["resource_version"] = rv
         try:
-            for ev in w.stream(api.list_cluster_custom_object, G, V, P, **kwargs):
+            for ev in w.stream(
+                api.list_cluster_custom_object,
+                G,
+                V,
+                P,
+                resource_version=rv,
+                timeout_seconds=2,
+                allow_watch_bookmarks=True,
+            ):
                 obj = ev["object"]
                 rv = obj["metadata"]["resourceVersion"]
-                lg.observe(obj, due)
+                if ev["type"] != "BOOKMARK":
+                    lg.observe(obj, due)
                 lg.release(due)
-        except Exception:  # noqa: BLE001 - an expired watch is restarted
-            rv = None
+                if stop.is_set():
+                    break
+        except ApiException as exc:
+            if exc.status == 410:
+                rv = None  # too old: list again
+        except Exception:  # noqa: BLE001, S110 - a dropped watch resumes from rv
+            pass
         lg.release(due)
         if tick is not None:
             tick()
-
-
-def all_trusted(api: Any, members: int) -> bool:
-    items = api.list_cluster_custom_object(G, V, P)["items"]
-    return sum(1 for m in items if (m.get("status") or {}).get("phase") == "Trusted") >= members
 
 
 def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[str, float]:
@@ -298,7 +320,7 @@ def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[st
             stop = threading.Event()
 
             def tick() -> None:
-                if not window and all_trusted(api, members):
+                if not window and lg.trusted() >= members:
                     print(
                         f"  all {members} Trusted after "
                         f"{time.perf_counter() - started:.0f}s (enrolment included)",
@@ -348,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--members", type=int, default=1000)
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--interval", type=int, default=60)
+    p.add_argument("--tpms", type=int, default=4, help="swtpm AKs the load generator quotes with")
     args = p.parse_args(argv)
-    run(args.members, args.cycles, interval=args.interval)
+    run(args.members, args.cycles, tpms=args.tpms, interval=args.interval)
     return 0
 
 

@@ -266,7 +266,10 @@ def test_strict_level_waits_for_a_human_after_a_failure(
     m.policy = parse_policy("default", spec)
     m.operator(T0 + dt.timedelta(seconds=40))  # verdict expired (e.g. agent was down)
     assert (m.phase, m.reason) == ("Untrusted", "VerdictExpired")
-    m.agent()
+    m.agent()  # the agent is back, but answers the nonce issued before it went away
+    m.operator(T0 + dt.timedelta(seconds=41))
+    assert (m.phase, m.reason) == ("Untrusted", "EvidenceTooLate")
+    m.agent()  # a fresh nonce, answered in time: clean, but this level waits for a human
     m.operator(T0 + dt.timedelta(seconds=41))
     assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
     assert "gtvp.io/readmit" in m.status["trust"]["message"]
@@ -308,3 +311,21 @@ def test_second_member_with_the_same_ek_is_refused(
     twin.agent()
     twin.operator(T0 + dt.timedelta(seconds=1))
     assert twin.phase == "Trusted"
+
+
+def test_evidence_that_arrives_after_validfor_asks_again_at_once(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "late")
+    m.agent()  # answers the nonce issued at T0+1s (validFor 30s)
+    late = T0 + dt.timedelta(seconds=45)
+    step = m.operator(late)
+    assert m.phase == "Untrusted"
+    assert m.reason == "EvidenceTooLate"
+    assert "issued 44s ago" in m.status["trust"]["message"]
+    assert [e.reason for e in step.events] == ["EvidenceTooLate"]
+    assert m.status["challenge"]["answerAfter"] == "2030-01-01T00:00:45Z"  # at once
+    assert not m.status["trust"].get("awaitingReadmission")
+    m.agent()
+    m.operator(late + dt.timedelta(seconds=1))
+    assert m.phase == "Trusted"

@@ -90,6 +90,33 @@ def _hex(value: Any, what: str) -> bytes:
         raise errors.MalformedEvidence(f"{what} is not hex") from exc
 
 
+def _retry_at(
+    err: errors.VerificationError, trust: dict[str, Any], now: dt.datetime
+) -> dt.datetime:
+    """When to ask for the next quote after a failure (records a reboot's new baseline)."""
+    if isinstance(err, errors.Rebooted) and isinstance(err.clock, ClockState):
+        trust.update(
+            clock=err.clock.clock,
+            resetCount=err.clock.reset_count,
+            restartCount=err.clock.restart_count,
+        )
+        return now
+    if isinstance(err, errors.EvidenceTooLate):
+        return now
+    return now + RETRY_AFTER_FAILURE
+
+
+def _raise_if_late(issued: dt.datetime, valid_for: dt.timedelta, now: dt.datetime) -> None:
+    """A verdict lasts validFor from its nonce's issue: evidence arriving later cannot make
+    one (the agent or the operator was too slow; a fresh nonce is asked for at once)."""
+    if now >= issued + valid_for:
+        age = int((now - issued).total_seconds())
+        raise errors.EvidenceTooLate(
+            f"the quote verified, but it answered a nonce issued {age}s ago, longer than "
+            f"validFor ({valid_for}); a fresh quote was asked for"
+        )
+
+
 def _nonce_challenge(
     policy: Policy, entropy: bytes, now: dt.datetime, answer_after: dt.datetime
 ) -> dict[str, Any]:
@@ -301,7 +328,8 @@ def attestation_step(
         )
 
     def untrusted(err: errors.VerificationError) -> None:
-        if not mp.attestation.auto_recover:
+        # lateness is no sign of tampering: it never waits for a human
+        if not mp.attestation.auto_recover and not isinstance(err, errors.EvidenceTooLate):
             trust["awaitingReadmission"] = True
         trust.update(
             verdict="Untrusted",
@@ -399,16 +427,10 @@ def attestation_step(
                     forbidden_digests=mp.member_class.forbidden_digests,
                 ),
             )
+            _raise_if_late(issued, mp.attestation.valid_for, now)
         except errors.VerificationError as err:
-            retry = now + RETRY_AFTER_FAILURE
-            if isinstance(err, errors.Rebooted) and isinstance(err.clock, ClockState):
-                trust.update(
-                    clock=err.clock.clock,
-                    resetCount=err.clock.reset_count,
-                    restartCount=err.clock.restart_count,
-                )
-                retry = now
-            challenge = _nonce_challenge(policy, entropy, now, retry)
+            # a reboot (new clock baseline) or a late answer is asked again at once
+            challenge = _nonce_challenge(policy, entropy, now, _retry_at(err, trust, now))
             return failed(err, bound=True, answered=nonce, recheck=RETRY_AFTER_FAILURE)
         was_trusted = trust.get("verdict") == "Trusted"
         held = _hold_for_readmission(trust, readmit, mp, now, result.clock)

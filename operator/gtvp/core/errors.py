@@ -189,6 +189,13 @@ class EkChanged(VerificationError):
     reason = "EkChanged"
 
 
+class EvidenceTooLate(VerificationError):
+    """Evidence that verified, but arrived after the verdict it would make had expired
+    (validFor counts from the nonce's issue); not a sign of tampering."""
+
+    reason = "EvidenceTooLate"
+
+
 class DuplicateEk(VerificationError):
     """Another member already presents this EK: one TPM cannot prove two hosts."""
 

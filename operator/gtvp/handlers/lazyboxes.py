@@ -47,6 +47,8 @@ log = logging.getLogger("gtvp.lazyboxes")
 G, V = "gtvp.io", "v1alpha1"
 KV = ("kubevirt.io", "v1")
 Key = tuple[str, str]
+WAITING_PHASES = (None, "Pending", "Verifying", "Failed", "Resolving")
+POOL_CACHE_SECONDS = 2.0
 WRITERS = 4  # boxes reconciled at once: planning is serialised, API writes overlap
 ACTIVE_MIGRATION = (
     "",
@@ -73,7 +75,7 @@ class BoxState:
     catalogue_cache: tuple[int, list[Component]] = (-1, [])
     host_cache: dict[str, tuple[tuple[str, str], Any]] = field(default_factory=dict)
     request_cache: dict[Key, tuple[str, tuple[int, int]]] = field(default_factory=dict)
-    pool_cache: tuple[Any, frozenset[str]] = (None, frozenset())
+    pool_cache: tuple[dt.datetime | None, frozenset[str]] = (None, frozenset())
     resolutions: dict[tuple[str, int, frozenset[str]], list[Component] | Unresolvable] = field(
         default_factory=dict
     )
@@ -336,13 +338,23 @@ def hosts(now: dt.datetime, exclude: Key | None = None) -> list[Host]:
     return out
 
 
-def pool_cache(host_list: list[Host]) -> frozenset[str]:
-    """Digests cached on any usable member (resolution prefers them where it is free to)."""
-    sig = tuple(h.name for h in host_list if h.usable), tuple(id(h.images) for h in host_list)
-    if STATE.pool_cache[0] == sig:
-        return STATE.pool_cache[1]
-    union = frozenset().union(*(h.images for h in host_list if h.usable))
-    STATE.pool_cache = (sig, union)
+def pool_cache(now: dt.datetime) -> frozenset[str]:
+    """Digests cached on any usable member (resolution prefers them where it is free to);
+    recomputed at most every POOL_CACHE_SECONDS."""
+    from gtvp.handlers.members import STATE as MEMBERS
+
+    at, union = STATE.pool_cache
+    if at is not None and (now - at).total_seconds() < POOL_CACHE_SECONDS:
+        return union
+    sets = []
+    for name, body in list(MEMBERS.bodies.items()):
+        node = MEMBERS.nodes.get(name)
+        if node is not None:
+            view, _cpu, _mem, images = _host_base(name, body, node)
+            if view.usable(now, 1):
+                sets.append(images)
+    union = frozenset().union(*sets)
+    STATE.pool_cache = (now, union)
     return union
 
 
@@ -404,17 +416,18 @@ def box_input(key: Key, now: dt.datetime) -> BoxInput:
     box = STATE.boxes[key]
     meta, spec = box.get("metadata") or {}, box.get("spec") or {}
     ref = BoxRef(key[1], key[0], str(meta.get("uid", "")))
-    host_list = hosts(now, exclude=key)
+    seen = observed(key)
     common: dict[str, Any] = {
         "ref": ref,
         "spec": spec,
         "generation": int(meta.get("generation", 0) or 0),
         "status": box.get("status") or {},
-        "hosts": host_list,
-        "observed": observed(key),
+        # placement hosts matter only before the first placement (the costly part)
+        "hosts": [] if seen.vm_exists else hosts(now, exclude=key),
+        "observed": seen,
     }
     try:
-        comps = resolve_cached(spec, pool_cache(host_list))
+        comps = resolve_cached(spec, pool_cache(now))
     except Unresolvable as exc:
         return BoxInput(components=None, failure=(exc.reason, exc.message), **common)
     checks = {
@@ -576,8 +589,12 @@ async def box_loop(stop: asyncio.Event, period: float = 5.0) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(STATE.wakeup.wait(), timeout=timeout)
         STATE.wakeup.clear()
-        if loop.time() >= next_full:
-            STATE.dirty.update(STATE.boxes.keys())
+        if loop.time() >= next_full:  # time-driven changes matter to boxes still waiting
+            STATE.dirty.update(
+                k
+                for k, b in list(STATE.boxes.items())
+                if (b.get("status") or {}).get("phase") in WAITING_PHASES
+            )
             next_full = loop.time() + period
             await asyncio.to_thread(_sweep_safely)
         batch = sorted(STATE.dirty)
