@@ -103,6 +103,9 @@ def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: Con
         "gtvp_verification_seconds_bucket",
         "gtvp_admission_decisions_total",
         "gtvp_evacuation_migrations_total",
+        "gtvp_lazyboxes",
+        "gtvp_lazybox_placement_cached_ratio_bucket",
+        "gtvp_component_verifications_total",
     )
     for panel in panels:
         for target in panel["targets"]:
