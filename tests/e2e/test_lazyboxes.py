@@ -199,6 +199,28 @@ def test_component_bump_upgrades_the_box(pool: Pool, namespace: str) -> None:
     assert again["state"] == "Verified"
 
 
+def test_component_asked_for_at_run_time_is_recomposed(pool: Pool, namespace: str) -> None:
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("ask")))
+    _wait("the box to run", lambda: running(pool, namespace, "ask"))
+    vmi_uid = get(pool, "vmi", namespace, "ask")["metadata"]["uid"]
+    apply(pool, [PUB.component("curl", "8.0.0", requires=["libc"])])
+    patch = {"spec": {"requestedComponents": [{"name": "curl"}]}}
+    pool.cp.kubectl(
+        "patch", "lazybox", "ask", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+    )
+
+    def recomposed() -> dict[str, Any] | None:
+        st = running(pool, namespace, "ask")
+        names = [r["name"] for r in (st or {}).get("resolved") or []]
+        vmi = get(pool, "vmi", namespace, "ask")
+        return st if "curl" in names and vmi["metadata"]["uid"] != vmi_uid else None
+
+    st = _wait("the box to be recomposed with curl and restarted", recomposed, timeout=60)
+    assert "curl 8.0.0" in st["upgrade"]["to"]
+    vm = get(pool, "vm", namespace, "ask")
+    assert "curl" in json.dumps(vm["spec"]["template"]["spec"]["volumes"])
+
+
 def test_tampered_component_blocks_the_box(pool: Pool, namespace: str) -> None:
     obj = PUB.component("editor", "1.0.0", "application", requires=["libc"])
     obj["spec"]["image"] = obj["spec"]["image"].replace("/editor@", "/evil-editor@")

@@ -270,3 +270,24 @@ def test_tampered_component_fails_and_max_uses_forces_recheck() -> None:
     assert not first.recheck
     assert spend_use({"state": "Verified", "usesLeft": 0}, 2).recheck
     assert spend_use({"state": "Verified"}, None).status is None
+
+
+def test_missing_dependency_recomposed_restarts_even_with_live_update() -> None:
+    curl = parse_component(PUB.component("curl", "8.0.0", requires=["libc"]))
+    spec = {
+        **SPEC,
+        "upgradePolicy": "LiveUpdate",
+        "onMissingDependency": "Recompose",
+        "requestedComponents": [{"name": "curl"}],
+    }
+    checks = {**OK, curl.object_name: Check("Verified", "SignatureValid", "")}
+    d = plan_box(
+        inp(spec=spec, components=[*COMPS, curl], checks=checks, observed=_running(COMPS)), NOW
+    )
+    assert d.vm is not None
+    assert d.restart  # the application needs it now: recompose and restart
+    assert not d.vm["spec"].get("dataVolumeTemplates")
+    assert (
+        d.status["upgrade"]["to"].endswith("curl 8.0.0")
+        or "curl 8.0.0" in d.status["upgrade"]["to"]
+    )

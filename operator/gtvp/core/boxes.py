@@ -223,9 +223,12 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
     booted_set = set(obs.booted)
     added = [c for c in comps if c.object_name not in booted_set]
     removed = booted_set - {c.object_name for c in comps}
+    # a dependency-missing fault: the box asked for components at run time and nothing
+    # goes away; its own policy (HotPlug or Recompose-and-restart) decides, not upgradePolicy
+    fault = not removed and bool(inp.spec.get("requestedComponents"))
     hotplug = (
-        inp.spec.get("onMissingDependency") == "HotPlug"
-        and not removed
+        fault
+        and inp.spec.get("onMissingDependency") == "HotPlug"
         and all(c.type in ("library", "application") for c in added)
         and obs.vmi_phase == "Running"
     )
@@ -241,7 +244,7 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
     except CompositionError as exc:
         return _failed(inp, now, "NotBootable", str(exc), "Composed")
     policy = inp.spec.get("upgradePolicy", "Restart")
-    restart = not hotplug and policy == "Restart" and obs.vmi_phase is not None
+    restart = not hotplug and (fault or policy == "Restart") and obs.vmi_phase is not None
     how = (
         "hot-plugged " + describe(added)
         if hotplug
