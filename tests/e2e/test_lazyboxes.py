@@ -9,8 +9,7 @@ virt-controller by gtvp's stand-in (`gtvp.localcluster.virtsim`).
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,20 +18,10 @@ from gtvp.localcluster.controlplane import ControlPlane
 from gtvp.localcluster.pool import Pool
 from tests.catalogue import Publisher
 from tests.pools import trusted_pool
+from tests.pools import wait_for as _wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
 PUB = Publisher()
-
-
-def _wait(what: str, fn: Callable[[], Any], timeout: float = 40.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def _clear_components(cp: ControlPlane) -> None:

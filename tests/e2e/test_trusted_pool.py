@@ -9,8 +9,7 @@ gtvp's stand-in (`gtvp.localcluster.virtsim`).
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
 from gtvp.localcluster.controlplane import ControlPlane
 from gtvp.localcluster.pool import Pool
 from tests.pools import trusted_pool
+from tests.pools import wait_for as _wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
 
@@ -37,16 +37,6 @@ def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
 
 def _names(pool: Pool) -> list[str]:
     return sorted(pool.tpms)
-
-
-def _wait(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def _node(pool: Pool, name: str) -> dict[str, Any]:

@@ -117,6 +117,20 @@ def _raise_if_late(issued: dt.datetime, valid_for: dt.timedelta, now: dt.datetim
         )
 
 
+JITTER = 0.1  # share of an interval a routine quote may come early
+FIRST_SPREAD = 0.5  # after a member's first verdict: anywhere in the interval's second half
+
+
+def _next_quote(
+    now: dt.datetime, interval: dt.timedelta, entropy: bytes, spread: float
+) -> dt.datetime:
+    """One interval on, minus a share of it drawn from this step's entropy, so that members
+    that enrolled together (a mass reboot, a new cluster) do not quote together forever.
+    Only ever earlier: a verdict never outlives validFor because of it."""
+    u = int.from_bytes(hashlib.sha256(b"jitter" + entropy).digest()[:4], "big") / 2**32
+    return now + interval * (1 - spread * u)
+
+
 def _nonce_challenge(
     policy: Policy, entropy: bytes, now: dt.datetime, answer_after: dt.datetime
 ) -> dict[str, Any]:
@@ -459,7 +473,10 @@ def attestation_step(
             resetCount=result.clock.reset_count,
             restartCount=result.clock.restart_count,
         )
-        challenge = _nonce_challenge(policy, entropy, now, now + interval)
+        spread = JITTER if was_trusted else FIRST_SPREAD
+        challenge = _nonce_challenge(
+            policy, entropy, now, _next_quote(now, interval, entropy, spread)
+        )
         events = (
             ()
             if was_trusted
