@@ -243,3 +243,34 @@ def test_box_leaves_a_member_that_loses_trust(pool: Pool, namespace: str) -> Non
 
     st = _wait("the box to move", moved, timeout=60)
     assert st["node"] in {a, b} - {source} or st["node"].endswith("-new")
+
+
+def test_box_is_stopped_when_its_member_is_lost_under_policy_stop(
+    pool: Pool, namespace: str
+) -> None:
+    pool.apply_policy(
+        interval="2s",
+        valid_for="6s",
+        max_uses=50,
+        publisher_keys=PUB.keys,
+        on_untrusted={1: "Stop", 2: "Stop", 3: "Stop"},
+    )
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("stopper")))
+    st = _wait("the box to run", lambda: running(pool, namespace, "stopper"))
+    host = st["node"]
+    pool.extend_pcr(host, 7, b"e2e tamper, policy Stop")
+    pool.wait_phase(host, "Untrusted", timeout=30)
+    vm = _wait(
+        "the VM to be halted",
+        lambda: (
+            (v := get(pool, "vm", namespace, "stopper"))["spec"].get("runStrategy") == "Halted"
+            and v
+        ),
+    )
+    assert "running" not in vm["spec"]  # KubeVirt refuses running next to runStrategy
+    _wait("the VMI to go", lambda: not get(pool, "vmi", namespace, "stopper"))
+    st = _wait(
+        "the box to say it is stopped",
+        lambda: (s := status(pool, namespace, "stopper")).get("phase") == "Pending" and s,
+    )
+    assert "stopped" in st["message"]

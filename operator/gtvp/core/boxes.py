@@ -294,10 +294,14 @@ def _running_phase(obs: Observed) -> str:
 def _observe(inp: BoxInput, now: dt.datetime, blocked: tuple[str, str] | None = None) -> Decision:
     """The box's VM matches its resolution: report what runs."""
     obs = inp.observed
-    phase = _running_phase(obs) if obs.vm_running else "Running"
+    # a halted VM (spec.running false, or stopped by a member's onUntrusted: Stop) waits
+    phase = _running_phase(obs) if obs.vm_running else "Pending"
     node = obs.vmi_node or inp.status.get("node")
     if not obs.vm_running:
-        msg = "stopped (spec.running is false)"
+        msg = (
+            "stopped: the VM is halted (spec.running false, or its member lost trust "
+            "under onUntrusted: Stop)"
+        )
     elif phase == "Running":
         msg = f"running on {node}"
     elif phase == "Migrating":

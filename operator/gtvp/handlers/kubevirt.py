@@ -156,8 +156,15 @@ def _stop_vm(c: kube.Clients, vmi: Vmi) -> None:
     owner = next((o for o in owners if o.get("kind") == "VirtualMachine"), None)
     try:
         if owner:
+            vm = STATE.vms.get((vmi.namespace, owner["name"])) or {}
+            # KubeVirt refuses `running` next to `runStrategy` (gtvp composes with the latter)
+            halt = (
+                {"runStrategy": "Halted"}
+                if "runStrategy" in (vm.get("spec") or {})
+                else {"running": False}
+            )
             c.custom.patch_namespaced_custom_object(
-                *KV, vmi.namespace, "virtualmachines", owner["name"], {"spec": {"running": False}}
+                *KV, vmi.namespace, "virtualmachines", owner["name"], {"spec": halt}
             )
         else:
             c.custom.delete_namespaced_custom_object(

@@ -47,6 +47,7 @@ def pool_policy(
     max_uses: int = 50,
     publisher_keys: Mapping[str, str] | None = None,
     allow_shared_ek: bool = False,
+    on_untrusted: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
     """A SecurityPolicy for a pool of swtpm members.
 
@@ -56,11 +57,11 @@ def pool_policy(
     if publisher_keys is None:
         publisher_keys = sample_publisher_keys()
 
-    def level(n: int, lname: str, on_untrusted: str) -> dict[str, Any]:
+    def level(n: int, lname: str, default: str) -> dict[str, Any]:
         return {
             "level": n,
             "name": lname,
-            "onUntrusted": on_untrusted,
+            "onUntrusted": (on_untrusted or {}).get(n, default),
             "attestation": {"interval": interval, "validFor": valid_for, "maxUses": max_uses},
         }
 
