@@ -54,6 +54,22 @@ def merge_patch_for(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str,
     return patch
 
 
+def list_all(c: Clients, group: str, version: str, plural: str) -> list[dict[str, Any]]:
+    """Every object of a cluster-wide or namespaced custom resource; [] if the API lacks it."""
+    try:
+        got = c.custom.list_cluster_custom_object(group, version, plural)
+    except client.exceptions.ApiException as exc:
+        if exc.status == 404:  # the CRD is not installed (e.g. KubeVirt not yet there)
+            return []
+        raise
+    items: list[dict[str, Any]] = got.get("items") or []
+    kind = str(got.get("kind", "")).removesuffix("List")
+    for item in items:  # a list's items carry no apiVersion/kind; the handlers expect them
+        item.setdefault("apiVersion", f"{group}/{version}")
+        item.setdefault("kind", kind)
+    return items
+
+
 def patch_member_status(c: Clients, name: str, status_patch: Mapping[str, Any]) -> Any:
     return c.custom.patch_cluster_custom_object_status(
         GROUP, VERSION, "members", name, {"status": dict(status_patch)}

@@ -1,6 +1,7 @@
 """`gtvp-operator`: run the operator (kopf) against the cluster in the kubeconfig or in-cluster.
 
-Runs standalone (one active replica). Serves Prometheus metrics on --metrics-port.
+Runs standalone (one active replica). Serves Prometheus metrics and the /healthz and /readyz
+probes on --metrics-port.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=int(os.environ.get("GTVP_METRICS_PORT", "9090")),
-        help="port of /metrics (0 disables)",
+        help="port of /metrics, /healthz and /readyz (0 disables)",
     )
     p.add_argument(
         "--metrics-address",
@@ -83,9 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # gtvp logs what changed itself. --log-level debug brings them back.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     import kopf
-    from prometheus_client import start_http_server
 
-    from gtvp import handlers, kube
+    from gtvp import handlers, http_endpoints, kube
     from gtvp.handlers import members
     from gtvp.metrics import METRICS
 
@@ -116,7 +116,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gtvp-operator: cannot configure the API client: {exc}", file=sys.stderr)
         return 2
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.metrics_address, registry=METRICS.registry)
+
+        def probe() -> http_endpoints.Probe:
+            return http_endpoints.Probe(
+                loaded=members.STATE.loaded,
+                loop_started=members.STATE.heartbeat > 0,
+                loop_idle_seconds=http_endpoints.idle_since(members.STATE.heartbeat),
+            )
+
+        try:
+            http_endpoints.serve(args.metrics_port, args.metrics_address, METRICS.registry, probe)
+        except OSError as exc:
+            print(
+                f"gtvp-operator: cannot serve /metrics, /healthz, /readyz on "
+                f"{args.metrics_address}:{args.metrics_port}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
     logging.getLogger("gtvp").info(
         "gtvp-operator %s enforcing SecurityPolicy %r (handlers: %s)",
         __version__,

@@ -94,6 +94,12 @@ def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: Con
     assert "NoExecute" not in json.dumps(docs)
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
     assert all(d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for d in crds)
+    # admission requests reach only an operator that has loaded the pool (its /readyz)
+    operator = next(d for d in docs if d["kind"] == "Deployment")
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     panels = json.loads(dashboard["data"]["gtvp.json"])["panels"]

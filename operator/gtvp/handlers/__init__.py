@@ -113,10 +113,51 @@ _stop = asyncio.Event()
 
 
 @kopf.on.startup()
-async def start_recheck_loop(**_: Any) -> None:
-    global _loop_task  # noqa: PLW0603 - one background loop per operator process
+async def load_caches(**_: Any) -> None:
+    """List members, VMs, VMIs and migrations before kopf serves the webhooks.
+
+    kopf starts its watches and the admission server only after every startup handler has
+    finished, so the webhooks never judge against an empty view of the pool (which would
+    refuse every gated VM with a misleading reason, or, for a migration whose VMI was not
+    yet seen, leave out the trust selector). Retries until the API server answers.
+    """
     if members.STATE.clients is None:
         members.STATE.clients = kube.make_clients()
+    c = members.STATE.clients
+    delay = 1.0
+    while True:
+        try:
+            listed = {
+                what: await asyncio.to_thread(kube.list_all, c, *api)
+                for what, api in LISTED.items()
+            }
+            break
+        except Exception as exc:  # noqa: BLE001 - any failure: say so and try again
+            log.warning(
+                "loading the pool from the API server failed (%s); retry in %.0fs", exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    for body in listed["member"]:
+        members.observe(body, "ADDED")
+    for kind in ("vm", "vmi", "migration"):
+        for body in listed[kind]:
+            kubevirt.observe(kind, body, "ADDED")
+    members.STATE.loaded = True
+    log.info("loaded %s", ", ".join(f"{len(items)} {what}s" for what, items in listed.items()))
+
+
+LISTED = {
+    "member": (GROUP, VERSION, "members"),
+    "vm": ("kubevirt.io", "v1", "virtualmachines"),
+    "vmi": ("kubevirt.io", "v1", "virtualmachineinstances"),
+    "migration": ("kubevirt.io", "v1", "virtualmachineinstancemigrations"),
+}
+
+
+@kopf.on.startup()
+async def start_recheck_loop(**_: Any) -> None:
+    global _loop_task  # noqa: PLW0603 - one background loop per operator process
     _loop_task = asyncio.create_task(members.recheck_loop(_stop))
     _box_tasks.append(asyncio.create_task(lazyboxes.box_loop(_stop)))
 

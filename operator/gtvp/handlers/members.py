@@ -57,6 +57,11 @@ class PoolState:
     webhook_server: Any = None
     ek_of: dict[str, str] = field(default_factory=dict)
     ek_holders: dict[str, set[str]] = field(default_factory=dict)
+    # True once the members, VMIs and migrations have been listed at start-up: until then
+    # the webhooks refuse what needs a verdict and /readyz says not ready.
+    loaded: bool = False
+    # monotonic time of the recheck loop's last turn (/healthz: the event loop is alive)
+    heartbeat: float = 0.0
 
     def lock(self, name: str) -> asyncio.Lock:
         return self.locks.setdefault(name, asyncio.Lock())
@@ -332,6 +337,7 @@ async def recheck_loop(stop: asyncio.Event) -> None:
     """Wake members whose next look is due (expiry, answerAfter): one loop for the pool."""
     STATE.wakeup = asyncio.Event()
     while not stop.is_set():
+        STATE.heartbeat = time.monotonic()
         for name in STATE.pop_due(time.monotonic()):
             try:
                 await reconcile(name)

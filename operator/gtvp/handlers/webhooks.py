@@ -40,6 +40,29 @@ def _members() -> list[MemberView]:
     ]
 
 
+def _require_loaded(kind: str) -> None:
+    """Refuse (fail closed) while the operator has not yet loaded the members' verdicts."""
+    if not members.STATE.loaded:
+        METRICS.admission(kind, "denied")
+        raise kopf.AdmissionError(
+            "gtvp-operator is starting and has not loaded the members' verdicts yet; "
+            "retry in a few seconds",
+            code=503,
+        )
+
+
+def _vmi(namespace: str, name: str, kind: str) -> dict[str, Any]:
+    """The migrated VMI (watch cache, else a GET): a VMI not yet seen must not skip gating."""
+    try:
+        return kubevirt.lookup_vmi(namespace, name) or {}
+    except Exception as exc:
+        METRICS.admission(kind, "denied")
+        raise kopf.AdmissionError(
+            f"cannot read VirtualMachineInstance {namespace}/{name} to judge this migration: {exc}",
+            code=503,
+        ) from exc
+
+
 def _decide(kind: str, decision: Decision) -> None:
     METRICS.admission(kind, "allowed" if decision.allowed else "denied")
     if not decision.allowed:
@@ -91,8 +114,8 @@ def mutate_vmi(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 )
 def mutate_migration(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     ns = body.metadata.namespace or ""
-    vmi = kubevirt.STATE.vmis.get((ns, str(_spec(body).get("vmiName", ""))))
-    level = _level((vmi or {}).get("metadata", {}).get("labels"), "VirtualMachineInstanceMigration")
+    vmi = _vmi(ns, str(_spec(body).get("vmiName", "")), "VirtualMachineInstanceMigration")
+    level = _level(vmi.get("metadata", {}).get("labels"), "VirtualMachineInstanceMigration")
     if level is None:
         return
     missing = selector_patch(_spec(body).get("addedNodeSelector"), level)
@@ -124,7 +147,8 @@ def validate_vm(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.validate(*KV, "virtualmachineinstances", id="gtvp-validate-vmi", operation="CREATE")
 def validate_vmi(body: kopf.Body, **_: Any) -> None:
-    _level(body.metadata.labels, "VirtualMachineInstance")
+    if _level(body.metadata.labels, "VirtualMachineInstance") is not None:
+        _require_loaded("VirtualMachineInstance")
     _decide(
         "VirtualMachineInstance",
         validate_instance(
@@ -143,9 +167,10 @@ def validate_vmi(body: kopf.Body, **_: Any) -> None:
 def validate_migration_(body: kopf.Body, **_: Any) -> None:
     ns = body.metadata.namespace or ""
     vmi_name = str(_spec(body).get("vmiName", ""))
-    vmi = kubevirt.STATE.vmis.get((ns, vmi_name)) or {}
+    vmi = _vmi(ns, vmi_name, "VirtualMachineInstanceMigration")
     labels = (vmi.get("metadata") or {}).get("labels") or {}
-    _level(labels, "VirtualMachineInstanceMigration")
+    if _level(labels, "VirtualMachineInstanceMigration") is not None:
+        _require_loaded("VirtualMachineInstanceMigration")
     source = (vmi.get("status") or {}).get("nodeName")
     _decide(
         "VirtualMachineInstanceMigration",

@@ -21,7 +21,7 @@ import yaml
 
 from gtvp.localcluster import layout, toolchain
 from gtvp.localcluster.controlplane import ControlPlane, ControlPlaneError, Ports
-from gtvp.localcluster.pool import Pool
+from gtvp.localcluster.pool import Pool, PoolError
 from gtvp.localcluster.processes import ProcessTable
 
 
@@ -428,6 +428,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 ERRORS: tuple[type[Exception], ...] = (
     toolchain.ToolchainError,
     ControlPlaneError,
+    PoolError,
     layout.LayoutError,
     TimeoutError,
     FileNotFoundError,

@@ -9,6 +9,7 @@ an emulator, so they are all zero): extending one of them is the "tamper" of the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -28,6 +30,11 @@ from gtvp.localcluster import layout, pki
 from gtvp.localcluster.controlplane import OPERATOR, ControlPlane, agent_identity
 from gtvp.localcluster.processes import ProcessTable, free_port
 from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+
+
+class PoolError(RuntimeError):
+    """The local pool could not do what was asked (the message says what and why)."""
+
 
 GOLDEN_PCRS = tuple(range(8))
 ZERO = "00" * 32
@@ -326,7 +333,8 @@ class Pool:
         self.procs.stop(f"agent-{name}")
 
     # ----- operator -------------------------------------------------------------------------
-    def start_operator(self, *, metrics_port: int | None = None) -> None:
+    def start_operator(self, *, metrics_port: int | None = None, wait: float = 60.0) -> None:
+        """Start gtvp-operator and wait (up to `wait` s, 0: not) until its /readyz says ready."""
         self.metrics_port = metrics_port or self.metrics_port or free_port()
         self.save()
         webhook: list[str] = ["--webhook-port", "0"]
@@ -353,6 +361,29 @@ class Pool:
                 *webhook,
             ],
         )
+        if wait:
+            self.wait_operator_ready(wait)
+
+    def wait_operator_ready(self, timeout: float) -> None:
+        """Until the operator has loaded the pool and serves its webhooks (its /readyz)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+        deadline = time.monotonic() + timeout
+        while True:
+            tracked = self.procs.get("operator")
+            if tracked is None or not tracked.alive():
+                raise PoolError(
+                    "gtvp-operator exited while starting; its log ends with:\n"
+                    + self.procs.log_tail("operator")
+                )
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise PoolError(
+                    f"gtvp-operator not ready after {timeout:.0f}s ({url}); its log ends with:\n"
+                    + self.procs.log_tail("operator")
+                )
+            time.sleep(0.1)
 
     def stop_operator(self) -> None:
         self.procs.stop("operator")

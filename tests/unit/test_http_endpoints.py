@@ -1,0 +1,63 @@
+"""The operator's /readyz, /healthz and /metrics, served over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from gtvp import http_endpoints
+from gtvp.http_endpoints import Probe
+from gtvp.localcluster.processes import free_port
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[str, list[Probe]]]:
+    registry = CollectorRegistry()
+    Counter("gtvp_test_total", "a counter", registry=registry).inc(3)
+    state = [Probe(loaded=False, loop_started=False, loop_idle_seconds=0.0)]
+    port = free_port()
+    server = http_endpoints.serve(port, "127.0.0.1", registry, lambda: state[0])
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - http on loopback
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_not_ready_until_the_pool_is_loaded(served: tuple[str, list[Probe]]) -> None:
+    base, state = served
+    code, text = _get(f"{base}/readyz")
+    assert code == 503
+    assert "still loading" in text
+    state[0] = Probe(loaded=True, loop_started=True, loop_idle_seconds=1.0)
+    assert _get(f"{base}/readyz")[0] == 200
+
+
+def test_healthz_fails_when_the_recheck_loop_stalls(served: tuple[str, list[Probe]]) -> None:
+    base, state = served
+    assert _get(f"{base}/healthz")[0] == 200  # still starting: not a reason to restart
+    state[0] = Probe(loaded=True, loop_started=True, loop_idle_seconds=10.0)
+    assert _get(f"{base}/healthz")[0] == 200
+    state[0] = Probe(loaded=True, loop_started=True, loop_idle_seconds=300.0)
+    code, text = _get(f"{base}/healthz")
+    assert code == 503
+    assert "has not turned for 300s" in text
+
+
+def test_metrics_still_served(served: tuple[str, list[Probe]]) -> None:
+    base, _ = served
+    code, text = _get(f"{base}/metrics")
+    assert code == 200
+    assert "gtvp_test_total 3.0" in text
