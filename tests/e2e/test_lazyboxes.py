@@ -138,6 +138,37 @@ def test_box_lands_on_a_trusted_member_that_caches_it(pool: Pool, namespace: str
     assert a  # the cold member stays a candidate for the next tests
 
 
+def test_box_counts_the_other_vms_on_a_member(pool: Pool, namespace: str) -> None:
+    """A warm member whose memory is taken by a VM that is no box is not chosen."""
+    a, b, _c = names(pool)
+    hog = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "hog"},
+        "spec": {
+            "runStrategy": "Always",
+            "template": {
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": b},
+                    "domain": {
+                        "devices": {},
+                        "resources": {"requests": {"cpu": "2", "memory": "65300Mi"}},
+                    },
+                },
+            },
+        },
+    }
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(hog))
+    _wait(
+        "the hog to run on the warm member",
+        lambda: (get(pool, "vmi", namespace, "hog").get("status") or {}).get("nodeName") == b,
+    )
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("web2")))
+    st = _wait("the box to run", lambda: running(pool, namespace, "web2"))
+    assert st["node"] == a  # b caches the box's components but has no memory left
+    pool.cp.kubectl("delete", "vm", "hog", "-n", namespace)
+
+
 def test_box_waits_until_a_member_qualifies(pool: Pool, namespace: str) -> None:
     big = box("big", cpu="24")  # no member has 24 CPUs yet
     pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(big))

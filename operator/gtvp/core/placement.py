@@ -1,11 +1,11 @@
 """Placement of a Lazy Box on a member of the trusted pool.
 
 Candidates are members that are Trusted with a fresh verdict and uses left, at a level at
-least the box's, with room for the box's CPU and memory requests next to what is already
-placed there. Among them the score is, in order: most bytes of the box's components
-already in the node's image cache (`Node.status.images`), then lowest load after placing,
-then name — so the decision is deterministic for the same state. Pure; the shell builds
-`Host`s from Members, Nodes and the boxes already placed.
+least the box's, with room for the box's CPU and memory requests next to what already runs
+there (other boxes and other VMIs). Among them the score is, in order: most bytes of the
+box's components already in the node's image cache (`Node.status.images`), then lowest
+load after placing, then name, so the decision is deterministic for the same state. Pure;
+the shell builds `Host`s from Members, Nodes, boxes and other VMIs (`core.footprint`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.core.evacuation import Vmi, migration_view, plan_evacuation
+from gtvp.core.footprint import Footprint, usage_by_node, vmi_footprint
 from gtvp.core.gating import GatingError, level_of
 from gtvp.core.trust import member_view
 from gtvp.metrics import METRICS
@@ -35,6 +36,15 @@ class KubeVirtState:
     migrations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     judged: set[str] = field(default_factory=set)  # migration uids whose target was checked
     waiting: dict[str, list[str]] = field(default_factory=dict)  # member -> VMIs with no target
+    # room taken by VMIs that are not Lazy Boxes, and its sum per node (None: to recompute)
+    footprints: dict[tuple[str, str], Footprint] = field(default_factory=dict)
+    usage: dict[str, tuple[int, int]] | None = None
+
+    def foreign_usage(self) -> dict[str, tuple[int, int]]:
+        """(CPU millicores, memory bytes) per node taken by VMIs that are not boxes."""
+        if self.usage is None:
+            self.usage = usage_by_node(self.footprints)
+        return self.usage
 
 
 STATE = KubeVirtState()
@@ -48,6 +58,14 @@ def observe(kind: str, body: dict[str, Any], event_type: str) -> None:
         store.pop(key, None)
     else:
         store[key] = body
+    if kind == "vmi":
+        fp = None if event_type == "DELETED" else vmi_footprint(body)
+        if STATE.footprints.get(key) != fp:
+            if fp is None:
+                del STATE.footprints[key]
+            else:
+                STATE.footprints[key] = fp
+            STATE.usage = None
 
 
 def gated_level(vmi: dict[str, Any]) -> int | None:

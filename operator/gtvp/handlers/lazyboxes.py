@@ -305,7 +305,7 @@ def hosts(now: dt.datetime, exclude: Key | None = None) -> list[Host]:
     """Placement hosts from Members, their Nodes and the boxes already placed."""
     from gtvp.handlers.members import STATE as MEMBERS
 
-    used: dict[str, list[int]] = {}
+    used = {node: [cpu, mem] for node, (cpu, mem) in kubevirt.STATE.foreign_usage().items()}
     for key, box in list(STATE.boxes.items()):
         if key == exclude:
             continue

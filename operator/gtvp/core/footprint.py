@@ -1,0 +1,51 @@
+"""What a running VMI that is not a Lazy Box takes from its node (for placement's room).
+
+Placement counts the boxes it placed itself; VMs that people run next to them take room
+too. A VMI's footprint is its `spec.domain.resources.requests` (CPU and memory), with the
+guest memory (`spec.domain.memory.guest`) when no memory is requested. Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gtvp.core.compose import BOX_LABEL
+from gtvp.core.quantity import cpu_millis, memory_bytes
+
+FINISHED = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass(frozen=True)
+class Footprint:
+    node: str
+    cpu_millis: int
+    memory_bytes: int
+
+
+def vmi_footprint(vmi: Mapping[str, Any]) -> Footprint | None:
+    """The room a VMI takes on its node; None for a box's VMI, an unplaced or finished one."""
+    meta = vmi.get("metadata") or {}
+    if BOX_LABEL in (meta.get("labels") or {}):
+        return None
+    status = vmi.get("status") or {}
+    node = status.get("nodeName")
+    if not node or status.get("phase") in FINISHED:
+        return None
+    domain = (vmi.get("spec") or {}).get("domain") or {}
+    requests = (domain.get("resources") or {}).get("requests") or {}
+    memory = requests.get("memory") or (domain.get("memory") or {}).get("guest") or "0"
+    try:
+        return Footprint(str(node), cpu_millis(requests.get("cpu") or "0"), memory_bytes(memory))
+    except ValueError:
+        return Footprint(str(node), 0, 0)  # KubeVirt's own schema refuses such quantities
+
+
+def usage_by_node(footprints: Mapping[Any, Footprint]) -> dict[str, tuple[int, int]]:
+    """Summed (CPU millicores, memory bytes) per node."""
+    out: dict[str, tuple[int, int]] = {}
+    for fp in footprints.values():
+        cpu, mem = out.get(fp.node, (0, 0))
+        out[fp.node] = (cpu + fp.cpu_millis, mem + fp.memory_bytes)
+    return out

@@ -1,0 +1,50 @@
+"""Room taken by VMIs that are not Lazy Boxes: what placement subtracts from a node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gtvp.core.footprint import Footprint, usage_by_node, vmi_footprint
+
+
+def _vmi(
+    node: str | None = "n1",
+    *,
+    labels: dict[str, str] | None = None,
+    requests: dict[str, str] | None = None,
+    guest: str | None = None,
+    phase: str = "Running",
+) -> dict[str, Any]:
+    domain: dict[str, Any] = {"devices": {}}
+    if requests is not None:
+        domain["resources"] = {"requests": requests}
+    if guest is not None:
+        domain["memory"] = {"guest": guest}
+    status: dict[str, Any] = {"phase": phase}
+    if node:
+        status["nodeName"] = node
+    return {"metadata": {"labels": labels or {}}, "spec": {"domain": domain}, "status": status}
+
+
+def test_requests_count_on_the_node_the_vmi_runs_on() -> None:
+    got = vmi_footprint(_vmi(requests={"cpu": "1500m", "memory": "2Gi"}))
+    assert got == Footprint("n1", 1500, 2 * 2**30)
+
+
+def test_guest_memory_counts_when_no_memory_is_requested() -> None:
+    assert vmi_footprint(_vmi(guest="512Mi")) == Footprint("n1", 0, 512 * 2**20)
+
+
+def test_boxes_unplaced_and_finished_vmis_take_no_extra_room() -> None:
+    assert vmi_footprint(_vmi(labels={"gtvp.io/lazybox": "web"}, guest="1Gi")) is None
+    assert vmi_footprint(_vmi(node=None, guest="1Gi")) is None
+    assert vmi_footprint(_vmi(phase="Succeeded", guest="1Gi")) is None
+
+
+def test_usage_sums_per_node() -> None:
+    fps = {
+        "a": Footprint("n1", 100, 10),
+        "b": Footprint("n1", 200, 20),
+        "c": Footprint("n2", 1, 1),
+    }
+    assert usage_by_node(fps) == {"n1": (300, 30), "n2": (1, 1)}
