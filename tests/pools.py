@@ -8,14 +8,16 @@ member identities, policy settings, and anything to publish before the operator 
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from gtvp.localcluster.controlplane import ControlPlane
+from gtvp.localcluster.polling import wait_for
 from gtvp.localcluster.pool import Pool
+
+__all__ = ["trusted_pool", "wait_for"]
 
 
 @contextlib.contextmanager
@@ -54,14 +56,3 @@ def trusted_pool(
         for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
             cp.kubectl("delete", kind, "gtvp", "--ignore-not-found")
         cp.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 40.0) -> Any:
-    """Poll `fn` until it returns something truthy; TimeoutError naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out waiting for {what}")

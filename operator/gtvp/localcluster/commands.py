@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import yaml
 
 from gtvp.localcluster import layout, toolchain
 from gtvp.localcluster.controlplane import ControlPlane, ControlPlaneError, Ports
+from gtvp.localcluster.polling import wait_for
 from gtvp.localcluster.pool import Pool, PoolError
 from gtvp.localcluster.processes import ProcessTable
 
@@ -108,16 +109,6 @@ def _sample_images(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def _wait_for(what: str, probe: Callable[[], object], timeout: float) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise ControlPlaneError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def start_pool(cp: ControlPlane, members: int) -> Pool:
     """Members with their own swtpm and agent, kwok, the virt-controller stand-in, the
     operator with its webhooks; waits until every member is Trusted."""
@@ -165,7 +156,7 @@ def _show_box(cp: ControlPlane) -> None:
         f"  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} (crds/samples/lazybox.yaml): nginx and its "
         "dependencies, level 2"
     )
-    _wait_for(f"Lazy Box {BOX_NAME} to run", lambda: _box_running_on(cp), 60)
+    wait_for(f"Lazy Box {BOX_NAME} to run", lambda: _box_running_on(cp), 60)
     st = _box(cp)["status"]
     comps = ", ".join(f"{r['name']} {r['version']}" for r in st.get("resolved") or [])
     _say(f"    resolved and verified (signed by the sample publisher): {comps}")
@@ -225,7 +216,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "  a VM that needs level 3 (label gtvp.io/level=3): the webhook adds the trust selector"
         )
         cp.kubectl("apply", "-f", "-", input_text=json.dumps(_demo_vm(3)))
-        node = _wait_for("demo-web to run", lambda: _vmi_node(cp), 30)
+        node = wait_for("demo-web to run", lambda: _vmi_node(cp), 30)
         _say(f"  {DEMO_NAMESPACE}/demo-web runs on {node}")
         if not args.no_samples:
             cp.kubectl(
@@ -288,7 +279,7 @@ def cmd_tamper(args: argparse.Namespace) -> int:
     m = pool.wait_phase(args.member, "Untrusted", timeout=60)
     trust = m["status"]["trust"]
     _say(f"{elapsed()}  {args.member} Untrusted: {trust.get('reason')}: {trust.get('message')}")
-    _wait_for(
+    wait_for(
         "the taint",
         lambda: (
             "gtvp.io/untrusted"
@@ -314,14 +305,14 @@ def cmd_tamper(args: argparse.Namespace) -> int:
                 "name",
             ).stdout.split()
 
-        _wait_for("an evacuation migration", evacuations, 30)
+        wait_for("an evacuation migration", evacuations, 30)
         _say(f"{elapsed()}  evacuation started: {', '.join(evacuations())}")
-        node = _wait_for("demo-web to move", lambda: (n := _vmi_node(cp)) != args.member and n, 60)
+        node = wait_for("demo-web to move", lambda: (n := _vmi_node(cp)) != args.member and n, 60)
         _say(f"{elapsed()}  {DEMO_NAMESPACE}/demo-web now runs on {node} (trusted, level 3)")
     else:
         _say(f"  ({DEMO_NAMESPACE}/demo-web runs on {before}, so nothing had to move)")
     if box_before == args.member:
-        node = _wait_for(
+        node = wait_for(
             "the Lazy Box to move",
             lambda: (n := _box_running_on(cp)) != args.member and n,
             60,
