@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -94,6 +94,16 @@ class Metrics:
             "gtvp_lazybox_placement_cached_ratio",
             "Share of a placed box's component bytes already cached on the chosen member",
             buckets=(0.0, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=self.registry,
+        )
+        self.balancing_moves = Counter(
+            "gtvp_balancing_migrations",
+            "Live migrations the balancer started to relieve overloaded members",
+            registry=self.registry,
+        )
+        self.overloaded = Gauge(
+            "gtvp_members_overloaded",
+            "Trusted members above the policy's high watermark (balancing.highWatermark)",
             registry=self.registry,
         )
         self.boxes: dict[str, str] = {}

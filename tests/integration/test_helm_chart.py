@@ -112,6 +112,8 @@ def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: Con
         "gtvp_lazyboxes",
         "gtvp_lazybox_placement_cached_ratio_bucket",
         "gtvp_component_verifications_total",
+        "gtvp_members_overloaded",
+        "gtvp_balancing_migrations_total",
     )
     for panel in panels:
         for target in panel["targets"]:
@@ -192,6 +194,33 @@ def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
                                         "exp_annotations": {
                                             **by_name["GtvpLazyBoxFailed"]["annotations"],
                                             "summary": "1 Lazy Box(es) cannot be assembled",
+                                        },
+                                    }
+                                ],
+                            },
+                        ],
+                    },
+                    {
+                        "interval": "1m",
+                        "input_series": [
+                            {"series": "gtvp_members_overloaded", "values": "0 0 2x30"},
+                        ],
+                        "alert_rule_test": [
+                            {
+                                "eval_time": "10m",
+                                "alertname": "GtvpMembersOverloaded",
+                                "exp_alerts": [],
+                            },
+                            {
+                                "eval_time": "20m",
+                                "alertname": "GtvpMembersOverloaded",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {"severity": "warning"},
+                                        "exp_annotations": {
+                                            **by_name["GtvpMembersOverloaded"]["annotations"],
+                                            "summary": "2 trusted member(s) stay above the "
+                                            "balancing high watermark",
                                         },
                                     }
                                 ],

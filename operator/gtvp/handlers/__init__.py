@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from gtvp import kube
-from gtvp.handlers import kubevirt, lazyboxes, members
+from gtvp.handlers import balancing, kubevirt, lazyboxes, members
 
 log = logging.getLogger("gtvp.handlers")
 # gtvp.handlers.webhooks registers the admission handlers; gtvp.operator_main imports it
@@ -160,6 +160,7 @@ async def start_recheck_loop(**_: Any) -> None:
     global _loop_task  # noqa: PLW0603 - one background loop per operator process
     _loop_task = asyncio.create_task(members.recheck_loop(_stop))
     _box_tasks.append(asyncio.create_task(lazyboxes.box_loop(_stop)))
+    _box_tasks.append(asyncio.create_task(balancing.balance_loop(_stop)))
 
 
 @kopf.on.cleanup()

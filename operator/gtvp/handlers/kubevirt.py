@@ -144,7 +144,7 @@ async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
     ):
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
-            await asyncio.to_thread(_create_migration, c, ns, obj)
+            await asyncio.to_thread(create_migration, c, ns, obj)
             METRICS.evacuation("started")
             log.info(
                 "evacuating %s/%s from %s: migration %s", ns, obj["spec"]["vmiName"], member, name
@@ -156,7 +156,7 @@ async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
     return len(on_member)
 
 
-def _create_migration(c: kube.Clients, namespace: str, obj: dict[str, Any]) -> None:
+def create_migration(c: kube.Clients, namespace: str, obj: dict[str, Any]) -> None:
     c.custom.create_namespaced_custom_object(
         *KV, namespace, "virtualmachineinstancemigrations", obj
     )

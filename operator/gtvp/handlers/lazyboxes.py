@@ -267,7 +267,7 @@ def _catalogue() -> list[Component]:
     return out
 
 
-def _requests(key: Key, box: Mapping[str, Any]) -> tuple[int, int]:
+def box_requests(key: Key, box: Mapping[str, Any]) -> tuple[int, int]:
     rv = str((box.get("metadata") or {}).get("resourceVersion", ""))
     hit = STATE.request_cache.get(key)
     if hit is not None and hit[0] == rv:
@@ -311,7 +311,7 @@ def hosts(now: dt.datetime, exclude: Key | None = None) -> list[Host]:
             continue
         node = STATE.decided_node.get(key) or (box.get("status") or {}).get("node")
         if node:
-            cpu, mem = _requests(key, box)
+            cpu, mem = box_requests(key, box)
             u = used.setdefault(str(node), [0, 0])
             u[0] += cpu
             u[1] += mem

@@ -55,6 +55,7 @@ def pool_policy(
     publisher_keys: Mapping[str, str] | None = None,
     allow_shared_ek: bool = False,
     on_untrusted: Mapping[int, str] | None = None,
+    balancing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A SecurityPolicy for a pool of swtpm members.
 
@@ -91,6 +92,7 @@ def pool_policy(
             "publisherKeys": [
                 {"name": n, "publicKey": pem} for n, pem in sorted(publisher_keys.items())
             ],
+            **({"balancing": dict(balancing)} if balancing else {}),
         },
     }
 

@@ -1,0 +1,141 @@
+"""The balancer's shell: every few seconds plan with `gtvp.core.balance`, start migrations.
+
+Reads only the operator's in-memory view (members, Nodes, boxes, VMIs, migrations); the
+cool-down survives a restart because it is read from the balancing migrations themselves
+(their creation time), and the overload clock simply starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from gtvp import kube
+from gtvp.core.balance import BALANCE_LABEL, Move, PlacedBox, plan_balance
+from gtvp.core.evacuation import migration_view
+from gtvp.core.timestamps import parse_ts
+from gtvp.handlers import kubevirt, lazyboxes, members
+from gtvp.metrics import METRICS
+
+log = logging.getLogger("gtvp.balancing")
+PERIOD = 5.0
+
+Key = tuple[str, str]
+
+
+class BalanceState:
+    def __init__(self) -> None:
+        self.over_since: dict[str, dt.datetime] = {}
+        self.said: dict[str, str] = {}  # source -> why it could not be relieved (logged once)
+
+
+STATE = BalanceState()
+
+
+def placed_boxes() -> list[PlacedBox]:
+    """Boxes whose VMI runs on a node, with their requests and resolved components."""
+    out = []
+    for key, box in list(lazyboxes.STATE.boxes.items()):
+        vmi = kubevirt.STATE.vmis.get(key) or {}
+        status = vmi.get("status") or {}
+        node = status.get("nodeName")
+        if not node or status.get("phase") != "Running":
+            continue
+        cpu, mem = lazyboxes.box_requests(key, box)
+        resolved = (box.get("status") or {}).get("resolved") or []
+        parts = tuple((str(r.get("digest", "")), int(r.get("sizeBytes", 0) or 0)) for r in resolved)
+        level = int((box.get("spec") or {}).get("level", 1) or 1)
+        out.append(PlacedBox(key[0], key[1], str(node), level, cpu, mem, parts))
+    return out
+
+
+def last_moved() -> dict[Key, dt.datetime]:
+    """When each box last started a balancing migration (from the migrations themselves)."""
+    out: dict[Key, dt.datetime] = {}
+    for (ns, _), m in list(kubevirt.STATE.migrations.items()):
+        meta = m.get("metadata") or {}
+        if BALANCE_LABEL not in (meta.get("labels") or {}):
+            continue
+        at = parse_ts(meta.get("creationTimestamp"))
+        key = (ns, str((m.get("spec") or {}).get("vmiName", "")))
+        if at is not None and (key not in out or at > out[key]):
+            out[key] = at
+    return out
+
+
+async def balance_once(now: dt.datetime | None = None) -> list[Move]:
+    policy = members.STATE.policy
+    c = members.STATE.clients
+    if policy is None or c is None:
+        return []
+    now = now or dt.datetime.now(dt.UTC)
+    plan = plan_balance(
+        hosts=lazyboxes.hosts(now),
+        boxes=placed_boxes(),
+        migrations=[migration_view(m) for m in list(kubevirt.STATE.migrations.values())],
+        last_moved=last_moved(),
+        over_since=STATE.over_since,
+        settings=policy.balancing,
+        limits=policy.migration,
+        now=now,
+    )
+    STATE.over_since = plan.over_since
+    METRICS.overloaded.set(len(plan.over_since))
+    for source, why in plan.stuck.items():
+        if STATE.said.get(source) != why:
+            log.warning("member %s stays overloaded: %s", source, why)
+    STATE.said = dict(plan.stuck)
+    for move in plan.moves:
+        await _start(c, move)
+    return list(plan.moves)
+
+
+async def _start(c: kube.Clients, move: Move) -> None:
+    box = move.box
+    try:
+        await asyncio.to_thread(kubevirt.create_migration, c, box.namespace, move.migration)
+    except ApiException as exc:
+        if exc.status != 409:  # 409: already started (an earlier run of the same plan)
+            log.warning(
+                "balancing %s/%s to %s refused: %s %s",
+                box.namespace,
+                box.name,
+                move.target,
+                exc.status,
+                exc.reason,
+            )
+            return
+    METRICS.balancing_moves.inc()
+    message = f"moving to {move.target}: {move.reason}"
+    log.info("LazyBox %s/%s: %s", box.namespace, box.name, message)
+    body: dict[str, Any] = lazyboxes.STATE.boxes.get((box.namespace, box.name)) or {}
+    with contextlib.suppress(ApiException):
+        await asyncio.to_thread(
+            kube.post_event,
+            c,
+            kind="LazyBox",
+            name=box.name,
+            uid=str((body.get("metadata") or {}).get("uid", "")),
+            namespace=box.namespace,
+            type_="Normal",
+            reason="Balancing",
+            message=message,
+        )
+
+
+async def balance_loop(stop: asyncio.Event, period: float = PERIOD) -> None:
+    """Plan every `period` seconds until `stop`."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=period)
+        if stop.is_set():
+            return
+        try:
+            await balance_once()
+        except Exception:  # the next round tries again
+            log.exception("balancing round failed")
