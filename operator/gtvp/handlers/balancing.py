@@ -16,14 +16,16 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.core.balance import BALANCE_LABEL, Move, PlacedBox, plan_balance
+from gtvp.core.balance import BALANCE_LABEL, BalancePlan, Move, PlacedBox, plan_balance
 from gtvp.core.evacuation import migration_view
+from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
 from gtvp.handlers import kubevirt, lazyboxes, members
 from gtvp.metrics import METRICS
 
 log = logging.getLogger("gtvp.balancing")
 PERIOD = 5.0
+IDLE_PERIOD = 30.0
 
 Key = tuple[str, str]
 
@@ -68,13 +70,9 @@ def last_moved() -> dict[Key, dt.datetime]:
     return out
 
 
-async def balance_once(now: dt.datetime | None = None) -> list[Move]:
-    policy = members.STATE.policy
-    c = members.STATE.clients
-    if policy is None or c is None:
-        return []
-    now = now or dt.datetime.now(dt.UTC)
-    plan = plan_balance(
+def plan_now(policy: Policy, now: dt.datetime) -> BalancePlan:
+    """Plan from the operator's view (blocking: tens of ms at 10,000 members, run in a thread)."""
+    return plan_balance(
         hosts=lazyboxes.hosts(now),
         boxes=placed_boxes(),
         migrations=[migration_view(m) for m in list(kubevirt.STATE.migrations.values())],
@@ -84,6 +82,15 @@ async def balance_once(now: dt.datetime | None = None) -> list[Move]:
         limits=policy.migration,
         now=now,
     )
+
+
+async def balance_once(now: dt.datetime | None = None) -> list[Move]:
+    policy = members.STATE.policy
+    c = members.STATE.clients
+    if policy is None or c is None:
+        return []
+    now = now or dt.datetime.now(dt.UTC)
+    plan = await asyncio.to_thread(plan_now, policy, now)
     STATE.over_since = plan.over_since
     METRICS.overloaded.set(len(plan.over_since))
     for source, why in plan.stuck.items():
@@ -129,12 +136,21 @@ async def _start(c: kube.Clients, move: Move) -> None:
 
 
 async def balance_loop(stop: asyncio.Event, period: float = PERIOD) -> None:
-    """Plan every `period` seconds until `stop`."""
+    """Plan every `period` seconds until `stop` (every IDLE_PERIOD while balancing is off:
+    then only `gtvp_members_overloaded` is kept current). A policy that turns balancing on
+    is noticed within a second."""
+    loop = asyncio.get_running_loop()
+    last = loop.time()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=period)
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
         if stop.is_set():
             return
+        policy = members.STATE.policy
+        on = policy is not None and policy.balancing.enabled
+        if loop.time() - last < (period if on else IDLE_PERIOD):
+            continue
+        last = loop.time()
         try:
             await balance_once()
         except Exception:  # the next round tries again
