@@ -27,13 +27,22 @@ class Clients:
     core: client.CoreV1Api
 
 
+# Concurrent API calls: the handlers call the (blocking) client through asyncio.to_thread,
+# so the event loop's default executor and the client's connection pool are sized together
+# (Python's default executor has cpu+4 threads: at 10,000 members the status writes queued
+# behind six of them while the API server had room for more).
+API_THREADS = 32
+
+
 def make_clients(kubeconfig: str | None = None) -> Clients:
     path = kubeconfig or os.environ.get("KUBECONFIG")
+    cfg = client.Configuration()
     if path:
-        api = config.new_client_from_config(config_file=path)
+        config.load_kube_config(config_file=path, client_configuration=cfg)
     else:
-        config.load_incluster_config()
-        api = client.ApiClient()
+        config.load_incluster_config(client_configuration=cfg)
+    cfg.connection_pool_maxsize = API_THREADS
+    api = client.ApiClient(cfg)
     return Clients(api, client.CustomObjectsApi(api), client.CoreV1Api(api))
 
 

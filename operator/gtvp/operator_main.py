@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from gtvp import __version__
 
@@ -139,7 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.policy,
         handlers.__name__,
     )
-    asyncio.run(kopf.operator(clusterwide=True, standalone=True))
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=kube.API_THREADS, thread_name_prefix="gtvp-api")
+        )
+        await kopf.operator(clusterwide=True, standalone=True)
+
+    asyncio.run(run())
     return 0
 
 
