@@ -104,6 +104,24 @@ def digests_of(*labels: str) -> list[str]:
     return out
 
 
+def ordinary_vm(name: str, node: str, requests: dict[str, str]) -> dict[str, Any]:
+    """A VM that is no Lazy Box and not gated, pinned to `node`."""
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {
+            "runStrategy": "Always",
+            "template": {
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "domain": {"devices": {}, "resources": {"requests": requests}},
+                },
+            },
+        },
+    }
+
+
 def test_box_lands_on_a_trusted_member_that_caches_it(pool: Pool, namespace: str) -> None:
     a, b, c = names(pool)
     warm = digests_of("debian-minimal 12.7.0", "nginx 1.26.2", "linux 6.6.52")
@@ -142,23 +160,7 @@ def test_box_lands_on_a_trusted_member_that_caches_it(pool: Pool, namespace: str
 def test_box_counts_the_other_vms_on_a_member(pool: Pool, namespace: str) -> None:
     """A warm member whose memory is taken by a VM that is no box is not chosen."""
     a, b, _c = names(pool)
-    hog = {
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": "hog"},
-        "spec": {
-            "runStrategy": "Always",
-            "template": {
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": b},
-                    "domain": {
-                        "devices": {},
-                        "resources": {"requests": {"cpu": "2", "memory": "65300Mi"}},
-                    },
-                },
-            },
-        },
-    }
+    hog = ordinary_vm("hog", b, {"cpu": "2", "memory": "65300Mi"})
     pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(hog))
     _wait(
         "the hog to run on the warm member",
@@ -271,20 +273,7 @@ def test_box_leaves_a_member_that_stays_overloaded(pool: Pool, namespace: str) -
     pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("calm")))
     source = _wait("the box to run", lambda: running(pool, namespace, "calm"))["node"]
     # an ordinary VM takes the member to 84 % of its memory; with the box it is at 85.2 %
-    crowd = {
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": "crowd"},
-        "spec": {
-            "runStrategy": "Always",
-            "template": {
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": source},
-                    "domain": {"devices": {}, "resources": {"requests": {"memory": "54Gi"}}},
-                },
-            },
-        },
-    }
+    crowd = ordinary_vm("crowd", source, {"memory": "54Gi"})
     pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(crowd))
     _wait(
         "the crowd to run next to the box",
