@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gtvp.core.evacuation import HOSTNAME_LABEL, Migration
+from gtvp.core.evacuation import HOSTNAME_LABEL, Migration, migration_object
 from gtvp.core.placement import Host
 from gtvp.core.policy import Balancing, MigrationLimits
 from gtvp.core.quantity import human_bytes
@@ -233,20 +233,14 @@ def _pick(
 
 
 def _migration(box: PlacedBox, target: str, since: dt.datetime, reason: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachineInstanceMigration",
-        "metadata": {
-            "name": migration_name(box, target, since),
-            "namespace": box.namespace,
-            "labels": {BALANCE_LABEL: box.node},
-            "annotations": {"gtvp.io/reason": f"balancing: {reason}"},
-        },
-        "spec": {
-            "vmiName": box.name,
-            "addedNodeSelector": {**trust_selector(box.level), HOSTNAME_LABEL: target},
-        },
-    }
+    return migration_object(
+        name=migration_name(box, target, since),
+        namespace=box.namespace,
+        vmi=box.name,
+        label=(BALANCE_LABEL, box.node),
+        reason=f"balancing: {reason}",
+        selector={**trust_selector(box.level), HOSTNAME_LABEL: target},
+    )
 
 
 def _human(d: dt.timedelta) -> str:

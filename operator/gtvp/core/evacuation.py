@@ -107,21 +107,42 @@ def plan_evacuation(
             inbound[target] = inbound.get(target, 0) + 1
             selector = {**selector, HOSTNAME_LABEL: target}
         out.append(
-            {
-                "apiVersion": "kubevirt.io/v1",
-                "kind": "VirtualMachineInstanceMigration",
-                "metadata": {
-                    "name": migration_name(vmi, incident),
-                    "namespace": vmi.namespace,
-                    "labels": {EVACUATION_LABEL: member},
-                    "annotations": {"gtvp.io/reason": f"member {member} is no longer trusted"},
-                },
-                "spec": {"vmiName": vmi.name, "addedNodeSelector": selector},
-            }
+            migration_object(
+                name=migration_name(vmi, incident),
+                namespace=vmi.namespace,
+                vmi=vmi.name,
+                label=(EVACUATION_LABEL, member),
+                reason=f"member {member} is no longer trusted",
+                selector=selector,
+            )
         )
         budget_cluster -= 1
         budget_out -= 1
     return out
+
+
+def migration_object(
+    *,
+    name: str,
+    namespace: str,
+    vmi: str,
+    label: tuple[str, str],
+    reason: str,
+    selector: Mapping[str, str],
+) -> dict[str, Any]:
+    """A VirtualMachineInstanceMigration gtvp starts: labelled with why (evacuation or
+    balancing, and the source member), its reason annotated, its targets restricted."""
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {label[0]: label[1]},
+            "annotations": {"gtvp.io/reason": reason},
+        },
+        "spec": {"vmiName": vmi, "addedNodeSelector": dict(selector)},
+    }
 
 
 def migration_view(obj: Mapping[str, Any]) -> Migration:
