@@ -28,6 +28,7 @@ import yaml
 from gtvp import webhook_config
 from gtvp.localcluster import layout, pki
 from gtvp.localcluster.controlplane import OPERATOR, ControlPlane, agent_identity
+from gtvp.localcluster.polling import wait_for
 from gtvp.localcluster.processes import ProcessTable, free_port
 from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
 
@@ -369,8 +370,8 @@ class Pool:
     def wait_operator_ready(self, timeout: float) -> None:
         """Until the operator has loaded the pool and serves its webhooks (its /readyz)."""
         url = f"http://127.0.0.1:{self.metrics_port}/readyz"
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def ready() -> bool:
             tracked = self.procs.get("operator")
             if tracked is None or not tracked.alive():
                 raise PoolError(
@@ -378,14 +379,15 @@ class Pool:
                     + self.procs.log_tail("operator")
                 )
             with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise PoolError(
-                    f"gtvp-operator not ready after {timeout:.0f}s ({url}); its log ends with:\n"
-                    + self.procs.log_tail("operator")
-                )
-            time.sleep(0.1)
+                return bool(resp.status == 200)
+            return False
+
+        try:
+            wait_for(f"gtvp-operator to be ready ({url})", ready, timeout, every=0.1)
+        except TimeoutError as exc:
+            raise PoolError(
+                f"{exc}; its log ends with:\n{self.procs.log_tail('operator')}"
+            ) from exc
 
     def stop_operator(self) -> None:
         self.procs.stop("operator")
