@@ -77,7 +77,7 @@ class Member:
                 akName=en.ak_name.hex(),
             )
             cred = ch.get("credential")
-            if cred:
+            if cred and cred.get("akName") == en.ak_name.hex():  # as the real agent does
                 secret = t.activate_credential(
                     base64.b64decode(cred["credentialBlob"]), base64.b64decode(cred["secret"])
                 )
@@ -331,3 +331,82 @@ def test_evidence_that_arrives_after_validfor_asks_again_at_once(
     m.agent()
     m.operator(late + dt.timedelta(seconds=1))
     assert m.phase == "Trusted"
+
+
+# ----- an agent that tries to freeze its member out of expiry (issue: the guarantee) ------------
+
+
+def test_agent_withdrawing_its_enrolment_loses_the_verdict_at_once(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "withdraw")
+    # the node's own agent identity may write status.agent: it patches its enrolment and
+    # evidence to null (a merge patch: the API server then holds neither)
+    m.status["agent"] = {}
+    step = m.operator(T0 + dt.timedelta(seconds=2))
+    assert (m.phase, m.reason) == ("Untrusted", "EnrolmentChanged")
+    assert m.status["level"] == 0
+    assert [e.reason for e in step.events] == ["EnrolmentChanged"]
+    assert m.status["trust"]["ekSHA256"]  # the EK pin stays; only the AK must be bound anew
+    # paused for good: it never drifts back to Pending, and nothing is left to expire
+    m.operator(T0 + dt.timedelta(seconds=300))
+    assert m.phase == "Untrusted"
+    # the same TPM enrols again: credential activation, then a fresh quote
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=301))
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=302))
+    assert m.phase == "Untrusted"  # bound again, still waiting for a quote
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=303))
+    assert m.phase == "Trusted"
+
+
+def test_agent_publishing_a_software_ak_loses_the_verdict_at_once(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    from tests.tpmkit import soft_ak
+
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "softak")
+    _key, ak = soft_ak()
+    enrollment = m.status["agent"]["enrollment"]
+    enrollment["akPublic"] = base64.b64encode(
+        len(ak.marshalled).to_bytes(2, "big") + ak.marshalled
+    ).decode()
+    enrollment["akName"] = ak.name.hex()
+    step = m.operator(T0 + dt.timedelta(seconds=2))
+    assert (m.phase, m.reason) == ("Untrusted", "EnrolmentChanged")
+    assert [e.reason for e in step.events] == ["EnrolmentChanged"]
+    assert m.status["challenge"]["credential"]["akName"] == ak.name.hex()
+    # the software key can never activate the credential (only the EK's TPM can): it stays
+    # Untrusted however long it waits, and expiry has nothing left to protect
+    for seconds in (10, 40, 400):
+        m.operator(T0 + dt.timedelta(seconds=seconds))
+        assert m.phase == "Untrusted"
+
+
+def test_expiry_applies_while_the_agent_withholds_evidence(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "withhold")
+    del m.status["agent"]["evidence"]  # enrolment kept, evidence withheld
+    m.operator(T0 + dt.timedelta(seconds=29))
+    assert m.phase == "Trusted"
+    step = m.operator(T0 + dt.timedelta(seconds=31))
+    assert (m.phase, m.reason) == ("Untrusted", "VerdictExpired")
+    assert [e.reason for e in step.events] == ["VerdictExpired"]
+
+
+def test_the_same_failing_quote_is_one_event_not_one_a_cycle(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    tpm = make_tpm()
+    m = _enrolled(tpm, tpm_dir, swtpm_ca, "repeat")
+    with Tpm.open(tpm.tcti, m.state) as t:
+        t.extend_pcr(4, b"unsigned kernel")
+    reasons: list[str] = []
+    for i in range(4):
+        m.agent()
+        reasons += [e.reason for e in m.operator(T0 + dt.timedelta(seconds=12 + 6 * i)).events]
+        assert m.reason == "PcrMismatch"
+    assert reasons == ["PcrMismatch"]

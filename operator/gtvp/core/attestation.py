@@ -38,6 +38,7 @@ from gtvp.core.quote import (
     ClockState,
     Evidence,
     Expectation,
+    QuoteResult,
     check_ak_attributes,
     verify_quote,
 )
@@ -253,6 +254,10 @@ def attestation_step(
     (AwaitingReadmission) after clean quotes until an administrator sets a new value.
     `ek_holders` maps the EK fingerprints other members are bound to onto their names: a
     member presenting one of them is refused (DuplicateEk) unless the policy allows sharing.
+
+    The steps, in order: no agent (or its enrolment withdrawn), enrolment checks, AK binding
+    by credential activation, judging a quote, and otherwise waiting. Expiry is applied on
+    every path (`_Cycle.finish`), so no agent write can hold a verdict past its expiresAt.
     """
     if len(entropy) < ENTROPY_BYTES:
         raise ValueError("attestation_step needs 64 bytes of fresh randomness")
@@ -262,54 +267,264 @@ def attestation_step(
         member_class=spec.get("memberClass"),
         labels=labels,
     )
-    agent = status.get("agent") or {}
-    trust: dict[str, Any] = dict(status.get("trust") or {})
-    challenge: dict[str, Any] = dict(status.get("challenge") or {})
-    conditions_before = list(status.get("conditions") or [])
-    maintenance = bool(spec.get("maintenance", False))
-    enrollment = agent.get("enrollment") or {}
-    interval = mp.attestation.interval
+    cycle = _Cycle(spec=spec, status=status, policy=policy, mp=mp, now=now, entropy=entropy)
+    enrollment = cycle.enrollment
+    if not enrollment.get("ekPublic") or not enrollment.get("akPublic"):
+        return cycle.no_agent()
+    try:
+        keys = _check_enrolment(enrollment, spec, cycle.trust, policy, now, ek_holders=ek_holders)
+    except errors.VerificationError as err:
+        cycle.challenge = {}
+        return cycle.failed(err, bound=False)
+    trust = cycle.trust
+    if trust.get("akName") != keys.ak_name or trust.get("ekSHA256") != keys.fingerprint:
+        return cycle.bind(keys)
+    evidence = (status.get("agent") or {}).get("evidence") or {}
+    nonce_hex = cycle.challenge.get("nonce")
+    if nonce_hex and evidence.get("nonce") == nonce_hex:
+        return cycle.judge_quote(keys, evidence, answered_nonces, readmit)
+    return cycle.wait()
+
+
+class _Cycle:
+    """The state one `attestation_step` works on: the operator's trust and challenge as it
+    rewrites them, and how to turn them into a Step."""
+
+    def __init__(
+        self,
+        *,
+        spec: Mapping[str, Any],
+        status: Mapping[str, Any],
+        policy: Policy,
+        mp: MemberPolicy,
+        now: dt.datetime,
+        entropy: bytes,
+    ) -> None:
+        self.policy, self.mp, self.now, self.entropy = policy, mp, now, entropy
+        self.enrollment: Mapping[str, Any] = (status.get("agent") or {}).get("enrollment") or {}
+        self.trust: dict[str, Any] = dict(status.get("trust") or {})
+        self.challenge: dict[str, Any] = dict(status.get("challenge") or {})
+        self.conditions_before = list(status.get("conditions") or [])
+        self.maintenance = bool(spec.get("maintenance", False))
+        self.interval = mp.attestation.interval
+
+    # --- the steps ---------------------------------------------------------------------------
+
+    def no_agent(self) -> Step:
+        """No enrolment published: never enrolled, or withdrawn after the AK was bound."""
+        if not self.trust.get("akName"):
+            return self.finish(
+                reason="AwaitingAgent",
+                message="no agent has enrolled this member's TPM yet",
+                bound=False,
+            )
+        self.challenge = {}
+        return self.failed(
+            errors.EnrolmentChanged(
+                "the agent withdrew its enrolment (no EK or AK published) after the AK "
+                "was bound; the member is Untrusted until it enrols again and a fresh "
+                "quote verifies"
+            ),
+            bound=False,
+            unbind=True,
+        )
+
+    def bind(self, keys: _Keys) -> Step:
+        """An AK that is not (or no longer) the bound one: bind it by credential activation."""
+        trust = self.trust
+        if trust.get("akName"):
+            # another AK than the bound one: nothing it signs is ours to trust until bound
+            old = str(trust["akName"])
+            self.challenge = {"credential": _credential(keys, self.entropy)}
+            return self.failed(
+                errors.EnrolmentChanged(
+                    f"the agent published AK {keys.ak_name[:16]}… instead of the bound AK "
+                    f"{old[:16]}…; the member is Untrusted until the new AK is bound by "
+                    "credential activation and a fresh quote verifies"
+                ),
+                bound=False,
+                unbind=True,
+                recheck=RETRY_AFTER_FAILURE,
+            )
+        cred = self.challenge.get("credential") or {}
+        activation = self.enrollment.get("activation") or {}
+        if not cred or activation.get("challengeId") != cred.get("id"):
+            if not cred or cred.get("akName", keys.ak_name) != keys.ak_name:
+                self.challenge = {"credential": _credential(keys, self.entropy)}
+            return self.finish(
+                reason="AwaitingActivation",
+                message="waiting for the agent to answer the credential challenge",
+                bound=False,
+            )
+        try:
+            check_activation(
+                proof=_b64(activation.get("secret"), "activation.secret", 256),
+                secret_sha256=str(cred.get("secretSHA256", "")),
+            )
+        except errors.VerificationError as err:
+            self.challenge = {"credential": _credential(keys, self.entropy)}
+            return self.failed(err, bound=False, recheck=RETRY_AFTER_FAILURE)
+        for k in ("clock", "resetCount", "restartCount"):
+            trust.pop(k, None)
+        trust.update(akName=keys.ak_name, ekSHA256=keys.fingerprint)
+        self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+        bound_msg = f"AK {keys.ak_name[:16]}… bound to EK {keys.fingerprint[:16]}…"
+        return self.finish(
+            reason="AkBound",
+            message="AK bound to the EK; waiting for the first quote",
+            bound=True,
+            events=(Event("Normal", "AkBound", bound_msg),),
+        )
+
+    def judge_quote(
+        self,
+        keys: _Keys,
+        evidence: Mapping[str, Any],
+        answered_nonces: frozenset[bytes],
+        readmit: str | None,
+    ) -> Step:
+        """Evidence answering the outstanding nonce: verify it and make the verdict."""
+        mp, now, trust = self.mp, self.now, self.trust
+        nonce = bytes.fromhex(str(self.challenge["nonce"]))
+        issued = parse_ts(self.challenge.get("issuedAt")) or now
+        try:
+            result = verify_quote(
+                _evidence(evidence),
+                self.expectation(keys, nonce, answered_nonces),
+            )
+            _raise_if_late(issued, mp.attestation.valid_for, now)
+        except errors.VerificationError as err:
+            # a reboot (new clock baseline) or a late answer is asked again at once
+            self.challenge = _nonce_challenge(
+                self.policy, self.entropy, now, _retry_at(err, trust, now)
+            )
+            return self.failed(err, bound=True, answered=nonce, recheck=RETRY_AFTER_FAILURE)
+        was_trusted = trust.get("verdict") == "Trusted"
+        held = _hold_for_readmission(trust, readmit, mp, now, result.clock)
+        if held is not None:
+            self.challenge = _nonce_challenge(self.policy, self.entropy, now, now + self.interval)
+            return self.finish(
+                reason="AwaitingReadmission",
+                message=held,
+                bound=True,
+                outcome="AwaitingReadmission",
+                answered=nonce,
+            )
+        _record_verdict(trust, result=result, policy=self.policy, mp=mp, now=now, issued=issued)
+        spread = JITTER if was_trusted else FIRST_SPREAD
+        self.challenge = _nonce_challenge(
+            self.policy, self.entropy, now, _next_quote(now, self.interval, self.entropy, spread)
+        )
+        events = (
+            ()
+            if was_trusted
+            else (Event("Normal", "Trusted", f"quote verified; level {mp.level}"),)
+        )
+        return self.finish(
+            reason="QuoteVerified",
+            message=trust["message"],
+            bound=True,
+            events=events,
+            outcome="Verified",
+            answered=nonce,
+        )
+
+    def wait(self) -> Step:
+        """Nothing new from the agent: ask for a first quote, or bring a spent one forward."""
+        if not self.challenge.get("nonce"):
+            self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+            return self.finish(
+                reason="AwaitingQuote", message="waiting for the first quote", bound=True
+            )
+        _ask_now_if_spent(self.trust, self.challenge, self.now, self.interval)
+        return self.finish(
+            reason=str(self.trust.get("reason", "AwaitingQuote")),
+            message=str(self.trust.get("message", "waiting for the next quote")),
+            bound=True,
+        )
+
+    # --- shared ------------------------------------------------------------------------------
+
+    def expectation(
+        self, keys: _Keys, nonce: bytes, answered_nonces: frozenset[bytes]
+    ) -> Expectation:
+        mc = self.mp.member_class
+        return Expectation(
+            ak=keys.ak,
+            nonce=nonce,
+            pcr_bank=str(self.challenge.get("pcrBank")),
+            pcrs=tuple(int(p) for p in self.challenge.get("pcrs") or ()),
+            signer=ak_qualified_name(keys.ek, keys.ak),
+            answered_nonces=answered_nonces,
+            last_clock=_last_clock(self.trust),
+            golden=mc.golden,
+            event_log_required=mc.event_log_required,
+            forbidden_digests=mc.forbidden_digests,
+        )
+
+    def failed(self, err: errors.VerificationError, *, unbind: bool = False, **kw: Any) -> Step:
+        """Untrusted with the error's reason and the reason as the outcome; a Warning event
+        on the transition only (the same failure every cycle is one event, not one a cycle)."""
+        trust = self.trust
+        repeat = trust.get("verdict") == "Untrusted" and trust.get("reason") == err.reason
+        # lateness is no sign of tampering: it never waits for a human
+        if not self.mp.attestation.auto_recover and not isinstance(err, errors.EvidenceTooLate):
+            trust["awaitingReadmission"] = True
+        trust.update(
+            verdict="Untrusted",
+            reason=err.reason,
+            message=err.message[:2000],
+            verifiedAt=format_ts(self.now),
+            usesLeft=0,
+        )
+        trust.pop("expiresAt", None)
+        if unbind:  # the EK pin (ekSHA256) stays: only the AK must be bound again
+            for k in ("akName", "clock", "resetCount", "restartCount"):
+                trust.pop(k, None)
+        return self.finish(
+            reason=err.reason,
+            message=err.message,
+            events=() if repeat else (Event("Warning", err.reason, err.message),),
+            outcome=err.reason,
+            **kw,
+        )
 
     def finish(
+        self,
         *,
-        verdict_ok: bool | None,
         reason: str,
         message: str,
         bound: bool,
         events: tuple[Event, ...] = (),
         outcome: str | None = None,
         answered: bytes | None = None,
-        recheck: dt.timedelta = interval,
+        recheck: dt.timedelta | None = None,
     ) -> Step:
+        """The Step: phase from the verdict, expiry applied whatever path led here."""
+        now, trust = self.now, self.trust
+        # expiry applies in every phase: whatever the agent wrote (or withdrew), a verdict
+        # past its expiresAt is Untrusted (fail closed)
+        expired = _expire_if_due(trust, self.mp, now)
+        if expired is not None:
+            events = (*events, expired)
+            outcome = outcome or expired.reason
+            reason, message = expired.reason, expired.message
         expires = parse_ts(trust.get("expiresAt"))
         trusted = trust.get("verdict") == "Trusted" and expires is not None and now < expires
-        if verdict_ok is None:
-            phase = "Pending" if not bound and not enrollment else "Enrolling"
-        else:
-            phase = "Trusted" if trusted else "Untrusted"
-        if maintenance:
-            phase = "Maintenance"
+        phase = self.phase(trusted=trusted, bound=bound)
         new_status: dict[str, Any] = {
             "phase": phase,
-            "level": mp.level if trusted and not maintenance else 0,
+            "level": self.mp.level if trusted and not self.maintenance else 0,
             "trust": trust,
-            "challenge": challenge,
-            "effectivePolicy": {
-                "policy": policy.name,
-                "memberClass": mp.member_class.name,
-                "level": mp.level,
-                "interval": f"{int(interval.total_seconds())}s",
-                "validFor": f"{int(mp.attestation.valid_for.total_seconds())}s",
-                "maxUses": mp.attestation.max_uses,
-                "onUntrusted": mp.attestation.on_untrusted,
-            },
+            "challenge": self.challenge,
+            "effectivePolicy": _effective_policy(self.policy, self.mp),
             "conditions": _conditions(
-                conditions_before,
+                self.conditions_before,
                 now,
                 {
                     "Ready": (
                         phase == "Trusted",
-                        reason if phase != "Trusted" else "Trusted",
+                        "Trusted" if phase == "Trusted" else reason,
                         message,
                     ),
                     "Enrolled": (
@@ -325,201 +540,70 @@ def attestation_step(
                 },
             ),
         }
+        recheck = recheck or self.interval
         if trusted and expires is not None:
             recheck = min(recheck, max(expires - now, dt.timedelta(seconds=1)))
         return Step(new_status, events, outcome, answered, recheck)
 
-    def failed(err: errors.VerificationError, **kwargs: Any) -> Step:
-        """Untrusted with the error's reason; a Warning event, the reason as the outcome."""
-        untrusted(err)
-        return finish(
-            verdict_ok=False,
-            reason=err.reason,
-            message=err.message,
-            events=(Event("Warning", err.reason, err.message),),
-            outcome=err.reason,
-            **kwargs,
-        )
+    def phase(self, *, trusted: bool, bound: bool) -> str:
+        if self.maintenance:
+            return "Maintenance"
+        if trusted:
+            return "Trusted"
+        if self.trust.get("verdict") and self.trust.get("reason") != "NoPolicy":
+            return "Untrusted"  # it held or was refused a verdict: never back to Pending
+        return "Pending" if not bound and not self.enrollment else "Enrolling"
 
-    def untrusted(err: errors.VerificationError) -> None:
-        # lateness is no sign of tampering: it never waits for a human
-        if not mp.attestation.auto_recover and not isinstance(err, errors.EvidenceTooLate):
-            trust["awaitingReadmission"] = True
-        trust.update(
-            verdict="Untrusted",
-            reason=err.reason,
-            message=err.message[:2000],
-            verifiedAt=format_ts(now),
-            usesLeft=0,
-        )
-        trust.pop("expiresAt", None)
 
-    # --- no agent yet -------------------------------------------------------------------
-    if not enrollment.get("ekPublic") or not enrollment.get("akPublic"):
-        return finish(
-            verdict_ok=None,
-            reason="AwaitingAgent",
-            message="no agent has enrolled this member's TPM yet",
-            bound=False,
-        )
+def _effective_policy(policy: Policy, mp: MemberPolicy) -> dict[str, Any]:
+    return {
+        "policy": policy.name,
+        "memberClass": mp.member_class.name,
+        "level": mp.level,
+        "interval": f"{int(mp.attestation.interval.total_seconds())}s",
+        "validFor": f"{int(mp.attestation.valid_for.total_seconds())}s",
+        "maxUses": mp.attestation.max_uses,
+        "onUntrusted": mp.attestation.on_untrusted,
+    }
 
-    # --- enrolment: EK certificate, EK pin, AK -------------------------------------------
-    try:
-        keys = _check_enrolment(enrollment, spec, trust, policy, now, ek_holders=ek_holders)
-    except errors.VerificationError as err:
-        challenge = {}
-        return failed(err, bound=False)
 
-    bound = trust.get("akName") == keys.ak_name and trust.get("ekSHA256") == keys.fingerprint
-    if not bound:
-        cred = challenge.get("credential") or {}
-        activation = enrollment.get("activation") or {}
-        if cred and activation.get("challengeId") == cred.get("id"):
-            try:
-                check_activation(
-                    proof=_b64(activation.get("secret"), "activation.secret", 256),
-                    secret_sha256=str(cred.get("secretSHA256", "")),
-                )
-            except errors.VerificationError as err:
-                challenge = {"credential": _credential(keys, entropy)}
-                return failed(err, bound=False, recheck=RETRY_AFTER_FAILURE)
-            for k in ("clock", "resetCount", "restartCount"):
-                trust.pop(k, None)
-            trust.update(akName=keys.ak_name, ekSHA256=keys.fingerprint)
-            challenge = _nonce_challenge(policy, entropy, now, now)
-            return finish(
-                verdict_ok=None,
-                reason="AkBound",
-                message="AK bound to the EK; waiting for the first quote",
-                bound=True,
-                events=(
-                    Event(
-                        "Normal",
-                        "AkBound",
-                        f"AK {keys.ak_name[:16]}… bound to EK {keys.fingerprint[:16]}…",
-                    ),
-                ),
-                recheck=interval,
-            )
-        if not cred or cred.get("akName", keys.ak_name) != keys.ak_name:
-            challenge = {"credential": _credential(keys, entropy)}
-        return finish(
-            verdict_ok=None,
-            reason="AwaitingActivation",
-            message="waiting for the agent to answer the credential challenge",
-            bound=False,
-            recheck=interval,
-        )
-
-    # --- attestation ----------------------------------------------------------------------
-    nonce_hex = challenge.get("nonce")
-    if not nonce_hex:
-        challenge = _nonce_challenge(policy, entropy, now, now)
-        return finish(
-            verdict_ok=None,
-            reason="AwaitingQuote",
-            message="waiting for the first quote",
-            bound=True,
-        )
-    evidence = agent.get("evidence") or {}
-    if evidence.get("nonce") == nonce_hex:
-        nonce = bytes.fromhex(str(nonce_hex))
-        issued = parse_ts(challenge.get("issuedAt")) or now
-        try:
-            result = verify_quote(
-                _evidence(evidence),
-                Expectation(
-                    ak=keys.ak,
-                    nonce=nonce,
-                    pcr_bank=str(challenge.get("pcrBank")),
-                    pcrs=tuple(int(p) for p in challenge.get("pcrs") or ()),
-                    signer=ak_qualified_name(keys.ek, keys.ak),
-                    answered_nonces=answered_nonces,
-                    last_clock=_last_clock(trust),
-                    golden=mp.member_class.golden,
-                    event_log_required=mp.member_class.event_log_required,
-                    forbidden_digests=mp.member_class.forbidden_digests,
-                ),
-            )
-            _raise_if_late(issued, mp.attestation.valid_for, now)
-        except errors.VerificationError as err:
-            # a reboot (new clock baseline) or a late answer is asked again at once
-            challenge = _nonce_challenge(policy, entropy, now, _retry_at(err, trust, now))
-            return failed(err, bound=True, answered=nonce, recheck=RETRY_AFTER_FAILURE)
-        was_trusted = trust.get("verdict") == "Trusted"
-        held = _hold_for_readmission(trust, readmit, mp, now, result.clock)
-        if held is not None:
-            challenge = _nonce_challenge(policy, entropy, now, now + interval)
-            return finish(
-                verdict_ok=False,
-                reason="AwaitingReadmission",
-                message=held,
-                bound=True,
-                outcome="AwaitingReadmission",
-                answered=nonce,
-            )
-        trust.update(
-            verdict="Trusted",
-            reason="QuoteVerified",
-            message=(
-                "quote verified against "
-                + ("the event log" if result.used_event_log else "golden values")
-                + f" ({policy.pcr_bank}:{list(policy.pcrs)})"
-            ),
-            verifiedAt=format_ts(now),
-            expiresAt=format_ts(issued + mp.attestation.valid_for),
-            usesLeft=mp.attestation.max_uses,
-            clock=result.clock.clock,
-            resetCount=result.clock.reset_count,
-            restartCount=result.clock.restart_count,
-        )
-        spread = JITTER if was_trusted else FIRST_SPREAD
-        challenge = _nonce_challenge(
-            policy, entropy, now, _next_quote(now, interval, entropy, spread)
-        )
-        events = (
-            ()
-            if was_trusted
-            else (Event("Normal", "Trusted", f"quote verified; level {mp.level}"),)
-        )
-        return finish(
-            verdict_ok=True,
-            reason="QuoteVerified",
-            message=trust["message"],
-            bound=True,
-            events=events,
-            outcome="Verified",
-            answered=nonce,
-            recheck=interval,
-        )
-
-    # --- nothing new: has the verdict expired, or been spent? -----------------------------
-    expires = parse_ts(trust.get("expiresAt"))
-    _ask_now_if_spent(trust, challenge, now, interval)
-
-    if trust.get("verdict") == "Trusted" and expires is not None and now >= expires:
-        message = (
-            f"no fresh quote verified within validFor ({mp.attestation.valid_for}): agent "
-            "stopped, network partition, TPM gone or operator down"
-        )
-        trust.update(verdict="Untrusted", reason="VerdictExpired", message=message, usesLeft=0)
-        if not mp.attestation.auto_recover:
-            trust["awaitingReadmission"] = True
-        trust.pop("expiresAt", None)
-        return finish(
-            verdict_ok=False,
-            reason="VerdictExpired",
-            message=message,
-            bound=True,
-            events=(Event("Warning", "VerdictExpired", message),),
-            outcome="VerdictExpired",
-        )
-    return finish(
-        verdict_ok=None if "verdict" not in trust else trust["verdict"] == "Trusted",
-        reason=str(trust.get("reason", "AwaitingQuote")),
-        message=str(trust.get("message", "waiting for the next quote")),
-        bound=True,
+def _record_verdict(
+    trust: dict[str, Any],
+    *,
+    result: QuoteResult,
+    policy: Policy,
+    mp: MemberPolicy,
+    now: dt.datetime,
+    issued: dt.datetime,
+) -> None:
+    against = "the event log" if result.used_event_log else "golden values"
+    trust.update(
+        verdict="Trusted",
+        reason="QuoteVerified",
+        message=f"quote verified against {against} ({policy.pcr_bank}:{list(policy.pcrs)})",
+        verifiedAt=format_ts(now),
+        expiresAt=format_ts(issued + mp.attestation.valid_for),
+        usesLeft=mp.attestation.max_uses,
+        clock=result.clock.clock,
+        resetCount=result.clock.reset_count,
+        restartCount=result.clock.restart_count,
     )
+
+
+def _expire_if_due(trust: dict[str, Any], mp: MemberPolicy, now: dt.datetime) -> Event | None:
+    """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`)."""
+    expires = parse_ts(trust.get("expiresAt"))
+    if trust.get("verdict") != "Trusted" or (expires is not None and now < expires):
+        return None
+    message = (
+        f"no fresh quote verified within validFor ({mp.attestation.valid_for}): agent "
+        "stopped, network partition, TPM gone or operator down"
+    )
+    trust.update(verdict="Untrusted", reason="VerdictExpired", message=message, usesLeft=0)
+    if not mp.attestation.auto_recover:
+        trust["awaitingReadmission"] = True
+    trust.pop("expiresAt", None)
+    return Event("Warning", "VerdictExpired", message)
 
 
 def _ask_now_if_spent(

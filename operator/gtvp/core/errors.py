@@ -202,6 +202,13 @@ class DuplicateEk(VerificationError):
     reason = "DuplicateEk"
 
 
+class EnrolmentChanged(VerificationError):
+    """The agent withdrew its enrolment or published another AK while the member held a
+    verdict: the verdict is dropped at once and the member re-enrols from Untrusted."""
+
+    reason = "EnrolmentChanged"
+
+
 ALL_REASONS: tuple[str, ...] = tuple(
     sorted(
         c.reason
