@@ -6,7 +6,6 @@ async handlers call it through `asyncio.to_thread`.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from collections.abc import Mapping
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, config
+
+from gtvp.event_recorder import EventRecorder, ObjectRef
 
 log = logging.getLogger("gtvp.kube")
 
@@ -85,6 +86,25 @@ def patch_member_status(c: Clients, name: str, status_patch: Mapping[str, Any]) 
     )
 
 
+def delete_member(c: Clients, name: str) -> None:
+    """Delete a Member; one already gone is fine."""
+    try:
+        c.custom.delete_cluster_custom_object("gtvp.io", "v1alpha1", "members", name)
+    except client.exceptions.ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def patch_policy_status(c: Clients, name: str, status_patch: Mapping[str, Any]) -> Any:
+    return c.custom.patch_cluster_custom_object_status(
+        GROUP, VERSION, "securitypolicies", name, {"status": dict(status_patch)}
+    )
+
+
+EVENTS = EventRecorder(component="gtvp-operator")
+"""The operator's Events: a repeat of a recent Event counts on it instead of adding one."""
+
+
 def post_event(
     c: Clients,
     *,
@@ -95,28 +115,16 @@ def post_event(
     type_: str,
     reason: str,
     message: str,
+    api_version: str = f"{GROUP}/{VERSION}",
 ) -> None:
-    """Record a core/v1 Event about an object (cluster-scoped ones go to `default`)."""
-    now = dt.datetime.now(dt.UTC)
-    ns = namespace or "default"
-    body = client.CoreV1Event(
-        metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=ns),
-        involved_object=client.V1ObjectReference(
-            api_version=f"{GROUP}/{VERSION}",
-            kind=kind,
-            name=name,
-            uid=uid,
-            namespace=namespace,
-        ),
-        type=type_,
-        reason=reason,
-        message=message[:1024],
-        source=client.V1EventSource(component="gtvp-operator"),
-        first_timestamp=now,
-        last_timestamp=now,
-        count=1,
-    )
+    """Record a core/v1 Event about an object (cluster-scoped ones go to `default`);
+    `api_version` is the object's: gtvp's own kinds unless told (e.g. `kubevirt.io/v1`).
+
+    A repeat (same object, type, reason and message within 10 minutes) increments the
+    existing Event's count and lastTimestamp, as client-go's recorder does.
+    """
+    obj = ObjectRef(api_version, kind, name, uid, namespace)
     try:
-        c.core.create_namespaced_event(ns, body)
+        EVENTS.record(c.core, obj, type_=type_, reason=reason, message=message)
     except client.exceptions.ApiException as exc:  # events are best effort
         log.warning("could not record event %s on %s/%s: %s", reason, kind, name, exc.reason)
