@@ -106,6 +106,18 @@ class Metrics:
             "Trusted members above the policy's high watermark (balancing.highWatermark)",
             registry=self.registry,
         )
+        self.drain_migrations = Counter(
+            "gtvp_drain_migrations",
+            "Live migrations gtvp started for drained nodes (evacuationNodeName, External), "
+            "by state (started, finished)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.drain_waiting = Gauge(
+            "gtvp_drain_waiting",
+            "VMIs of a node being drained that no Trusted, schedulable member can take yet",
+            registry=self.registry,
+        )
         self.boxes: dict[str, str] = {}
         self.registry.register(_MemberCollector(self))
         self.registry.register(_BoxCollector(self))

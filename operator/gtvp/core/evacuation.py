@@ -9,15 +9,23 @@ caller names the usable targets the plan picks, for each VMI, the eligible targe
 fewest inbound migrations and pins it (`kubernetes.io/hostname` in `addedNodeSelector`,
 next to the trust selector); a VMI whose every eligible target is full waits for the next
 plan. A pinned target counts as inbound before KubeVirt records it.
+
+Drains (`plan_drains`): gtvp is the external eviction controller for the gated VMIs with
+`evictionStrategy: External` (Lazy Boxes among them) that KubeVirt marks with
+`status.evacuationNodeName` when `kubectl drain` evicts their virt-launcher pod; the same
+limits and pinning apply, cordoned members receive nothing, and a VMI no member can take
+gets a reason instead of a migration.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtvp.core.compose import BOX_LABEL
+from gtvp.core.gating import GatingError, level_of
 from gtvp.core.policy import MigrationLimits
 from gtvp.core.trust import trust_selector
 
@@ -158,3 +166,218 @@ def migration_view(obj: Mapping[str, Any]) -> Migration:
         phase=str(status.get("phase", "Pending")),
         pinned=((obj.get("spec") or {}).get("addedNodeSelector") or {}).get(HOSTNAME_LABEL),
     )
+
+
+# ----- drains: gtvp is the external eviction controller ---------------------------------
+#
+# On `kubectl drain`, KubeVirt's virt-api refuses the eviction of a virt-launcher pod whose
+# VMI has `evictionStrategy: External` (429, so drain retries) and only sets the VMI's
+# `status.evacuationNodeName` to the pod's node; KubeVirt's own evacuation controller
+# migrates LiveMigrate VMIs but leaves External ones to an external controller. For the VMIs
+# gtvp gates (Lazy Boxes always are), gtvp is that controller: it live-migrates them to a
+# usable target, and virt-handler clears the field once the VMI runs on the target, so the
+# drain's next eviction attempt succeeds. Ungated VMIs with External belong to whoever chose
+# External (cluster-api-provider-kubevirt tears such VMs down): gtvp leaves them alone.
+
+DRAIN_LABEL = "gtvp.io/drain"
+DRAIN_ATTEMPT_ANNOTATION = "gtvp.io/drain-attempt"
+MAX_DRAIN_FAILURES = 3  # consecutive failed drain migrations of one VMI before gtvp waits
+_STRICTEST = 9  # an unreadable level label is treated as the strictest level
+
+
+@dataclass(frozen=True)
+class Evacuee:
+    """A gated VMI that KubeVirt marked for evacuation from the node it runs on."""
+
+    namespace: str
+    name: str
+    node: str
+    level: int
+    box: bool = False  # a Lazy Box's VMI
+
+
+@dataclass(frozen=True)
+class DrainTarget:
+    """A member that might receive a VMI: its level, verdict and whether it is cordoned."""
+
+    name: str
+    level: int
+    trusted: bool  # Trusted with a fresh verdict that has uses left
+    cordoned: bool = False  # Node.spec.unschedulable (kubectl cordon / drain)
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    migrations: tuple[dict[str, Any], ...]
+    waiting: Mapping[tuple[str, str], str]  # (namespace, VMI) -> why it cannot move yet
+
+
+def drain_evacuee(vmi: Mapping[str, Any]) -> Evacuee | None:
+    """The VMI as an Evacuee if gtvp must move it off a node being drained, else None.
+
+    gtvp's: a running VMI with `spec.evictionStrategy: External` that opts in to gating
+    (`gtvp.io/level`; every Lazy Box does) and whose `status.evacuationNodeName` names the
+    node it runs on. Once it runs elsewhere the mark is history (KubeVirt clears it).
+    """
+    meta = vmi.get("metadata") or {}
+    spec = vmi.get("spec") or {}
+    status = vmi.get("status") or {}
+    node = status.get("nodeName")
+    if not node or status.get("evacuationNodeName") != node:
+        return None
+    if spec.get("evictionStrategy") != "External" or status.get("phase") != "Running":
+        return None
+    if meta.get("deletionTimestamp"):
+        return None
+    labels = meta.get("labels") or {}
+    try:
+        level = level_of(labels)
+    except GatingError:
+        level = _STRICTEST
+    if level is None:
+        return None
+    return Evacuee(
+        str(meta.get("namespace", "")),
+        str(meta.get("name", "")),
+        str(node),
+        level,
+        box=BOX_LABEL in labels,
+    )
+
+
+DrainHistory = Mapping[tuple[str, str, str], Sequence[tuple[int, str]]]
+
+
+def drain_history(
+    migrations: Iterable[Mapping[str, Any]],
+) -> dict[tuple[str, str, str], list[tuple[int, str]]]:
+    """(namespace, VMI, drained node) -> [(attempt, phase)] of gtvp's drain migrations."""
+    out: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
+    for m in migrations:
+        meta = m.get("metadata") or {}
+        node = (meta.get("labels") or {}).get(DRAIN_LABEL)
+        if not node:
+            continue
+        raw = str((meta.get("annotations") or {}).get(DRAIN_ATTEMPT_ANNOTATION, "0"))
+        attempt = int(raw) if raw.isdigit() else 0
+        key = (str(meta.get("namespace", "")), str((m.get("spec") or {}).get("vmiName", "")), node)
+        out.setdefault(key, []).append(
+            (attempt, str((m.get("status") or {}).get("phase", "Pending")))
+        )
+    return out
+
+
+def drain_migration_name(vmi: Evacuee, attempt: int) -> str:
+    digest = hashlib.sha256(f"{vmi.namespace}/{vmi.name}@{vmi.node}#drain{attempt}".encode())
+    return f"gtvp-drain-{vmi.name[:36]}-{digest.hexdigest()[:8]}"
+
+
+def plan_drains(
+    *,
+    evacuees: Sequence[Evacuee],
+    migrations: Sequence[Migration],
+    history: DrainHistory,
+    node_of: Mapping[tuple[str, str], str],
+    limits: MigrationLimits,
+    targets: Sequence[DrainTarget],
+) -> DrainPlan:
+    """The drain migrations to create now, and why the VMIs that cannot move yet wait.
+
+    `node_of`: where each VMI runs (a migration whose source KubeVirt has not recorded yet
+    leaves its VMI's node). Each migration is pinned to the eligible target (Trusted, level
+    at least the VMI's, not cordoned, not the drained node) with the fewest arrivals; the
+    policy's cluster, outbound and inbound limits hold, counting every active migration.
+    A VMI that only the limits hold back is not 'waiting': the next plan moves it.
+    """
+    active = [m for m in migrations if m.active]
+    busy = {(m.namespace, m.vmi) for m in active}
+    budget = limits.max_parallel - len(active)
+    outbound: dict[str, int] = {}
+    inbound: dict[str, int] = {}
+    for m in active:
+        source = m.source or node_of.get((m.namespace, m.vmi))
+        if source:
+            outbound[source] = outbound.get(source, 0) + 1
+        if m.inbound_to:
+            inbound[m.inbound_to] = inbound.get(m.inbound_to, 0) + 1
+    out: list[dict[str, Any]] = []
+    waiting: dict[tuple[str, str], str] = {}
+    for vmi in sorted(evacuees, key=lambda v: (-v.level, v.namespace, v.name)):
+        if (vmi.namespace, vmi.name) in busy:
+            continue
+        past = sorted(history.get((vmi.namespace, vmi.name, vmi.node), ()))
+        eligible = [t.name for t in targets if _can_take(t, vmi)]
+        why = _failed_too_often(vmi, past) or (None if eligible else _no_target(vmi, targets))
+        if why is not None:
+            waiting[(vmi.namespace, vmi.name)] = why
+            continue
+        room = [n for n in eligible if inbound.get(n, 0) < limits.max_inbound_per_node]
+        if budget <= 0 or outbound.get(vmi.node, 0) >= limits.max_outbound_per_node or not room:
+            continue  # the limits hold it back: the next plan
+        target = min(room, key=lambda n: (inbound.get(n, 0), n))
+        inbound[target] = inbound.get(target, 0) + 1
+        outbound[vmi.node] = outbound.get(vmi.node, 0) + 1
+        budget -= 1
+        out.append(_drain_migration(vmi, target, max((a for a, _ in past), default=-1) + 1))
+    return DrainPlan(tuple(out), waiting)
+
+
+def _can_take(target: DrainTarget, vmi: Evacuee) -> bool:
+    return (
+        target.trusted
+        and not target.cordoned
+        and target.name != vmi.node
+        and target.level >= vmi.level
+    )
+
+
+def _failed_too_often(vmi: Evacuee, past: Sequence[tuple[int, str]]) -> str | None:
+    failed = 0
+    for _, phase in reversed(past):
+        if phase != "Failed":
+            break
+        failed += 1
+    if failed < MAX_DRAIN_FAILURES:
+        return None
+    return (
+        f"the last {failed} drain migrations off {vmi.node} failed; gtvp tries again once "
+        f"they are deleted (kubectl delete vmim -n {vmi.namespace} -l {DRAIN_LABEL}={vmi.node})"
+    )
+
+
+def _no_target(vmi: Evacuee, targets: Sequence[DrainTarget]) -> str:
+    """Why no member can take `vmi`, one clause per obstacle (names, at most 3 each)."""
+    obstacles: dict[str, list[str]] = {"cordoned": [], "not Trusted": [], "below": []}
+    for t in sorted(targets, key=lambda t: t.name):
+        if t.name == vmi.node:
+            continue
+        if not t.trusted:
+            obstacles["not Trusted"].append(t.name)
+        elif t.level < vmi.level:
+            obstacles["below"].append(f"{t.name}: level {t.level}")
+        elif t.cordoned:
+            obstacles["cordoned"].append(t.name)
+    clauses = []
+    for what, names in obstacles.items():
+        if names:
+            label = f"below level {vmi.level}" if what == "below" else what
+            shown = ", ".join(names[:3]) + (f", {len(names) - 3} more" if len(names) > 3 else "")
+            clauses.append(f"{len(names)} {label} ({shown})")
+    why = "; ".join(clauses) if clauses else "no other member"
+    return (
+        f"node {vmi.node} is being drained, but no Trusted, schedulable member of level >= "
+        f"{vmi.level} can take the VM: {why}"
+    )
+
+
+def _drain_migration(vmi: Evacuee, target: str, attempt: int) -> dict[str, Any]:
+    obj = migration_object(
+        name=drain_migration_name(vmi, attempt),
+        namespace=vmi.namespace,
+        vmi=vmi.name,
+        label=(DRAIN_LABEL, vmi.node),
+        reason=f"node {vmi.node} is being drained (evacuationNodeName, evictionStrategy External)",
+        selector={**trust_selector(vmi.level), HOSTNAME_LABEL: target},
+    )
+    obj["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] = str(attempt)
+    return obj

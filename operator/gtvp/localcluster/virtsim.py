@@ -7,7 +7,20 @@ server: it creates a VirtualMachineInstance for each VirtualMachine that should 
 untolerated NoSchedule taint (as kube-scheduler would place the virt-launcher pod), and it
 moves each VirtualMachineInstanceMigration through Pending → Scheduling → Scheduled →
 Running → Succeeded, choosing a target node the same way (VMI nodeSelector plus the
-migration's addedNodeSelector, never the source) and then setting the VMI's node.
+migration's addedNodeSelector, never the source) and then setting the VMI's node (and
+clearing `status.evacuationNodeName`, as virt-handler does when a migration completes).
+
+It also SIMULATES what KubeVirt's virt-api does on `kubectl drain`. Here a drain is a cordon:
+kwok nodes run no virt-launcher pods, so `kubectl drain` has nothing to evict. For each VMI
+on a cordoned (`spec.unschedulable`) node whose eviction strategy is External, LiveMigrate or
+LiveMigrateIfPossible, the stand-in does what virt-api's pod-eviction webhook does when the
+drain tries to evict that VMI's virt-launcher pod: it sets `status.evacuationNodeName` to
+the node (and would refuse the eviction with 429). For LiveMigrate* VMIs it then creates a
+migration as virt-controller's evacuation controller does (`kubevirt-evacuation-…`, annotated
+`kubevirt.io/evacuationMigration`); External ones are left to an external controller (gtvp,
+for the VMIs it gates). Uncordoning clears nothing: in KubeVirt the mark stays until the VMI
+has migrated (or `virtctl evacuate-cancel`). Cordoned nodes receive no VMI and no migration
+target (kube-scheduler's NodeUnschedulable rule).
 
 It is named as a simulation wherever it appears, and the Helm chart never installs it.
 """
@@ -26,6 +39,9 @@ from gtvp.core.compose import preferred_node
 log = logging.getLogger("gtvp.virtsim")
 KV = ("kubevirt.io", "v1")
 BANNER = "[SIMULATED virt-controller]"
+API_BANNER = "[SIMULATED virt-api]"
+MARKED_ON_EVICTION = ("External", "LiveMigrate", "LiveMigrateIfPossible")
+EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
 
 
 def node_fits(
@@ -37,6 +53,8 @@ def node_fits(
     labels = meta.get("labels") or {}
     if any(labels.get(k) != v for k, v in selector.items()):
         return False
+    if (node.get("spec") or {}).get("unschedulable"):
+        return False  # cordoned: kube-scheduler places no pod there
     conditions = (node.get("status") or {}).get("conditions") or []
     if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
         return False
@@ -112,8 +130,79 @@ class VirtSim:
         for vmi in vmis.values():
             if (vmi.get("status") or {}).get("phase") in (None, "", "Pending", "Scheduling"):
                 self._schedule_vmi(vmi, nodes, load)
-        for mig in self._list("virtualmachineinstancemigrations"):
+        migrations = self._list("virtualmachineinstancemigrations")
+        self._simulate_drains(nodes, vmis, migrations)
+        for mig in migrations:
             self._advance_migration(mig, vmis, nodes, load)
+
+    def _simulate_drains(
+        self,
+        nodes: Sequence[Mapping[str, Any]],
+        vmis: Mapping[tuple[str, str], Any],
+        migrations: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """SIMULATION of `kubectl drain` meeting virt-api's pod-eviction webhook (and, for
+        LiveMigrate, virt-controller's evacuation controller) on cordoned nodes."""
+        cordoned = {
+            n["metadata"]["name"] for n in nodes if (n.get("spec") or {}).get("unschedulable")
+        }
+        if not cordoned:
+            return
+        migrating = {
+            (m["metadata"]["namespace"], (m.get("spec") or {}).get("vmiName"))
+            for m in migrations
+            if (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        }
+        for key, vmi in vmis.items():
+            status, spec = vmi.get("status") or {}, vmi.get("spec") or {}
+            node = status.get("nodeName")
+            strategy = spec.get("evictionStrategy")
+            if node not in cordoned or status.get("phase") != "Running":
+                continue
+            if strategy not in MARKED_ON_EVICTION:
+                continue
+            if not status.get("evacuationNodeName"):
+                self.api.patch_namespaced_custom_object(
+                    *KV,
+                    key[0],
+                    "virtualmachineinstances",
+                    key[1],
+                    {"status": {"evacuationNodeName": node}},
+                )
+                log.info(
+                    "%s drain of %s: eviction of the virt-launcher pod of VMI %s/%s refused "
+                    "(429), status.evacuationNodeName=%s (evictionStrategy %s)",
+                    API_BANNER,
+                    node,
+                    *key,
+                    node,
+                    strategy,
+                )
+            if strategy != "External" and key not in migrating:
+                self._evacuation_migration(key, str(node))
+
+    def _evacuation_migration(self, key: tuple[str, str], node: str) -> None:
+        """SIMULATION of virt-controller's evacuation controller for LiveMigrate VMIs."""
+        body = {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstanceMigration",
+            "metadata": {
+                "generateName": "kubevirt-evacuation-",
+                "annotations": {EVACUATION_ANNOTATION: node},
+            },
+            "spec": {"vmiName": key[1]},
+        }
+        created = self.api.create_namespaced_custom_object(
+            *KV, key[0], "virtualmachineinstancemigrations", body
+        )
+        log.info(
+            "%s evacuation of %s: migration %s/%s for VMI %s",
+            BANNER,
+            node,
+            key[0],
+            created["metadata"]["name"],
+            key[1],
+        )
 
     def _reconcile_vm(
         self,
@@ -241,25 +330,21 @@ class VirtSim:
         elif phase == "Scheduled":
             write("Running")
         elif phase == "Running":
-            target = state.get("targetNode")
-            vmeta = vmi["metadata"]
-            self.api.patch_namespaced_custom_object(
-                *KV,
-                vmeta["namespace"],
-                "virtualmachineinstances",
-                vmeta["name"],
-                {
-                    "status": {
-                        "nodeName": target,
-                        "migrationState": {
-                            "sourceNode": source,
-                            "targetNode": target,
-                            "completed": True,
-                        },
-                    }
-                },
-            )
+            self._land(vmi, source, state.get("targetNode"))
             write("Succeeded", completed=True)
+
+    def _land(self, vmi: Mapping[str, Any], source: str | None, target: str | None) -> None:
+        """The migration completed: the VMI runs on the target. virt-handler on the target
+        also clears `status.evacuationNodeName` then (the drain mark)."""
+        vmeta = vmi["metadata"]
+        state = {"sourceNode": source, "targetNode": target, "completed": True}
+        self.api.patch_namespaced_custom_object(
+            *KV,
+            vmeta["namespace"],
+            "virtualmachineinstances",
+            vmeta["name"],
+            {"status": {"nodeName": target, "evacuationNodeName": None, "migrationState": state}},
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

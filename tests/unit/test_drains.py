@@ -1,0 +1,281 @@
+"""Planning drains: gtvp moves the gated External VMIs KubeVirt marks for evacuation.
+
+`kubectl drain` makes KubeVirt set `status.evacuationNodeName` on a VMI whose eviction
+strategy is External and then waits for an external controller; for gated VMIs (Lazy Boxes
+always are) gtvp is that controller. These tests pin down which VMIs are gtvp's, that the
+policy's migration limits hold, that only Trusted, schedulable members of a sufficient level
+receive, and that a VMI nobody can take gets a reason instead of a migration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gtvp.core.evacuation import (
+    DRAIN_ATTEMPT_ANNOTATION,
+    DRAIN_LABEL,
+    MAX_DRAIN_FAILURES,
+    DrainTarget,
+    Evacuee,
+    Migration,
+    drain_evacuee,
+    drain_history,
+    migration_view,
+    plan_drains,
+)
+from gtvp.core.policy import MigrationLimits
+
+LIMITS = MigrationLimits(max_parallel=5, max_outbound_per_node=2, max_inbound_per_node=2)
+HOST = "kubernetes.io/hostname"
+
+
+def vmi_body(
+    name: str = "web",
+    *,
+    node: str = "n1",
+    marked: str | None = "n1",
+    strategy: str | None = "External",
+    labels: dict[str, str] | None = None,
+    phase: str = "Running",
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase, "nodeName": node}
+    if marked is not None:
+        status["evacuationNodeName"] = marked
+    spec: dict[str, Any] = {"domain": {"devices": {}}}
+    if strategy is not None:
+        spec["evictionStrategy"] = strategy
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": name,
+            "labels": {"gtvp.io/level": "2"} if labels is None else labels,
+        },
+        "spec": spec,
+        "status": status,
+    }
+
+
+def evacuees(n: int, node: str = "n1", level: int = 2) -> list[Evacuee]:
+    return [Evacuee("ns", f"vm{i}", node, level) for i in range(n)]
+
+
+def targets(*specs: tuple[str, int]) -> list[DrainTarget]:
+    return [DrainTarget(name, level, trusted=True) for name, level in specs]
+
+
+def plan(
+    vmis: list[Evacuee],
+    tgts: list[DrainTarget],
+    migrations: list[Migration] | None = None,
+    limits: MigrationLimits = LIMITS,
+    history: dict[tuple[str, str, str], list[tuple[int, str]]] | None = None,
+) -> Any:
+    return plan_drains(
+        evacuees=vmis,
+        migrations=migrations or [],
+        history=history or {},
+        node_of={(v.namespace, v.name): v.node for v in vmis},
+        limits=limits,
+        targets=tgts,
+    )
+
+
+def test_a_marked_gated_external_vmi_is_gtvps_to_move() -> None:
+    assert drain_evacuee(vmi_body()) == Evacuee("ns", "web", "n1", 2)
+    box = drain_evacuee(vmi_body(labels={"gtvp.io/level": "3", "gtvp.io/lazybox": "web"}))
+    assert box == Evacuee("ns", "web", "n1", 3, box=True)
+
+
+def test_vmis_that_are_not_gtvps_to_move_are_left_alone() -> None:
+    assert drain_evacuee(vmi_body(marked=None)) is None  # not being drained
+    assert drain_evacuee(vmi_body(marked="n0")) is None  # already left the drained node
+    assert drain_evacuee(vmi_body(strategy="LiveMigrate")) is None  # KubeVirt moves it
+    assert drain_evacuee(vmi_body(strategy=None)) is None
+    assert drain_evacuee(vmi_body(labels={})) is None  # ungated: the admin's controller
+    assert drain_evacuee(vmi_body(phase="Scheduling")) is None
+
+
+def test_an_unreadable_level_is_treated_as_the_strictest() -> None:
+    got = drain_evacuee(vmi_body(labels={"gtvp.io/level": "high"}))
+    assert got is not None
+    assert got.level == 9
+
+
+def test_the_vmi_is_pinned_to_a_trusted_schedulable_target_of_its_level() -> None:
+    tgts = [
+        DrainTarget("n1", 3, trusted=True),  # the drained node itself
+        DrainTarget("a-low", 1, trusted=True),
+        DrainTarget("b-cordoned", 3, trusted=True, cordoned=True),
+        DrainTarget("c-untrusted", 3, trusted=False),
+        DrainTarget("d-good", 2, trusted=True),
+    ]
+    got = plan(evacuees(1), tgts)
+    assert not got.waiting
+    (mig,) = got.migrations
+    assert mig["spec"]["vmiName"] == "vm0"
+    selector = mig["spec"]["addedNodeSelector"]
+    assert selector[HOST] == "d-good"
+    assert selector["node-restriction.kubernetes.io/gtvp-level-2"] == "true"
+    assert mig["metadata"]["labels"] == {DRAIN_LABEL: "n1"}
+    assert mig["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "0"
+
+
+def test_with_no_eligible_target_the_vmi_waits_with_a_reason_per_obstacle() -> None:
+    tgts = [
+        DrainTarget("a", 1, trusted=True),
+        DrainTarget("b", 3, trusted=True, cordoned=True),
+        DrainTarget("c", 3, trusted=False),
+    ]
+    got = plan(evacuees(1), tgts)
+    assert got.migrations == ()
+    why = got.waiting[("ns", "vm0")]
+    assert "node n1 is being drained" in why
+    assert "level >= 2" in why
+    assert "1 cordoned (b)" in why
+    assert "1 not Trusted (c)" in why
+    assert "1 below level 2 (a: level 1)" in why
+    assert "no other member" in plan(evacuees(1), targets(("n1", 3))).waiting[("ns", "vm0")]
+
+
+def test_cluster_outbound_and_inbound_limits_hold() -> None:
+    wide = MigrationLimits(max_parallel=10, max_outbound_per_node=10, max_inbound_per_node=2)
+    spread = plan(evacuees(6), targets(("t1", 3), ("t2", 3)), limits=wide)
+    pinned = sorted(m["spec"]["addedNodeSelector"][HOST] for m in spread.migrations)
+    assert pinned == ["t1", "t1", "t2", "t2"]  # two each, the rest waits for the next plan
+    assert not spread.waiting  # held back by the limits only: no reason to report
+    many = targets(*((f"t{i}", 3) for i in range(10)))
+    assert len(plan(evacuees(6), many).migrations) == 2  # outbound per node
+    busy = [Migration("x", f"m{i}", f"o{i}", "far", None, "Running") for i in range(4)]
+    two_nodes = evacuees(2) + evacuees(2, node="n2")
+    assert len(plan(two_nodes, many, migrations=busy).migrations) == 1  # cluster: 5
+
+
+def test_a_migration_without_a_source_yet_counts_as_outbound_from_its_vmis_node() -> None:
+    vmis = evacuees(3)
+    first = plan(vmis, targets(("t1", 3), ("t2", 3), ("t3", 3)))
+    assert len(first.migrations) == 2
+    in_flight = [migration_view(m) for m in first.migrations]  # Pending, no source yet
+    again = plan(vmis, targets(("t1", 3), ("t2", 3), ("t3", 3)), migrations=in_flight)
+    assert again.migrations == ()  # the first two still leave n1, and are not started twice
+
+
+def test_a_pinned_target_counts_as_inbound_before_kubevirt_records_it() -> None:
+    tight = MigrationLimits(max_parallel=10, max_outbound_per_node=10, max_inbound_per_node=1)
+    first = plan(evacuees(1, node="n1"), targets(("t1", 3)), limits=tight)
+    in_flight = [migration_view(m) for m in first.migrations]
+    other = plan(evacuees(1, node="n2"), targets(("t1", 3)), in_flight, limits=tight)
+    assert other.migrations == ()
+
+
+def test_names_are_deterministic_and_a_new_attempt_gets_a_new_name() -> None:
+    tgts = targets(("t1", 3))
+    one = plan(evacuees(1), tgts).migrations[0]["metadata"]["name"]
+    assert one == plan(evacuees(1), tgts).migrations[0]["metadata"]["name"]  # a restart
+    assert one.startswith("gtvp-drain-vm0-")
+    done = {("ns", "vm0", "n1"): [(0, "Succeeded")]}  # it came back and is drained again
+    again = plan(evacuees(1), tgts, history=done).migrations[0]
+    assert again["metadata"]["name"] != one
+    assert again["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "1"
+
+
+def test_after_repeated_failures_the_vmi_waits_with_a_reason() -> None:
+    tgts = targets(("t1", 3))
+    failures = [(i, "Failed") for i in range(MAX_DRAIN_FAILURES)]
+    stuck = plan(evacuees(1), tgts, history={("ns", "vm0", "n1"): failures})
+    assert stuck.migrations == ()
+    assert (
+        f"the last {MAX_DRAIN_FAILURES} drain migrations off n1 failed"
+        in (stuck.waiting[("ns", "vm0")])
+    )
+    one_failed = {("ns", "vm0", "n1"): [(0, "Succeeded"), (1, "Failed")]}
+    retry = plan(evacuees(1), tgts, history=one_failed).migrations
+    assert retry[0]["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "2"
+
+
+def test_a_vmi_already_migrating_is_not_planned_again() -> None:
+    busy = [Migration("ns", "any", "vm0", "n1", "t1", "Running")]
+    assert plan(evacuees(1), targets(("t1", 3), ("t2", 3)), migrations=busy).migrations == ()
+
+
+def test_history_reads_gtvps_drain_migrations_only() -> None:
+    plan_out = plan(evacuees(1), targets(("t1", 3))).migrations[0]
+    finished = {**plan_out, "status": {"phase": "Failed"}}
+    other = {"metadata": {"namespace": "ns", "name": "x"}, "spec": {"vmiName": "vm0"}}
+    assert drain_history([finished, other]) == {("ns", "vm0", "n1"): [(0, "Failed")]}
+
+
+def test_higher_levels_go_first() -> None:
+    vmis = [Evacuee("ns", "low", "n1", 1), Evacuee("ns", "high", "n1", 3)]
+    vmis.append(Evacuee("ns", "mid", "n1", 2))
+    got = plan(vmis, targets(("t1", 3), ("t2", 3)))
+    assert [m["spec"]["vmiName"] for m in got.migrations] == ["high", "mid"]
+
+
+NODES = ["n0", "n1", "n2", "n3"]
+evacuee_st = st.builds(
+    Evacuee,
+    namespace=st.just("ns"),
+    name=st.sampled_from([f"vm{i}" for i in range(8)]),
+    node=st.sampled_from(NODES),
+    level=st.integers(1, 3),
+)
+target_st = st.builds(
+    DrainTarget,
+    name=st.sampled_from(NODES),
+    level=st.integers(0, 3),
+    trusted=st.booleans(),
+    cordoned=st.booleans(),
+)
+active_st = st.builds(
+    Migration,
+    namespace=st.just("other"),
+    name=st.sampled_from([f"m{i}" for i in range(6)]),
+    vmi=st.sampled_from([f"x{i}" for i in range(6)]),
+    source=st.sampled_from(NODES),
+    target=st.sampled_from([*NODES, None]),
+    phase=st.sampled_from(["Pending", "Running", "Succeeded"]),
+)
+limits_st = st.builds(
+    MigrationLimits,
+    max_parallel=st.integers(0, 6),
+    max_outbound_per_node=st.integers(0, 3),
+    max_inbound_per_node=st.integers(0, 3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(evacuee_st, max_size=8, unique_by=lambda e: e.name),
+    st.lists(target_st, max_size=4, unique_by=lambda t: t.name),
+    st.lists(active_st, max_size=6, unique_by=lambda m: m.name),
+    limits_st,
+)
+def test_plans_keep_every_limit_and_pin_only_eligible_targets(
+    vmis: list[Evacuee],
+    tgts: list[DrainTarget],
+    busy: list[Migration],
+    limits: MigrationLimits,
+) -> None:
+    got = plan(vmis, tgts, migrations=busy, limits=limits)
+    after = busy + [migration_view(m) for m in got.migrations]
+    active = [m for m in after if m.active]
+    by_name = {v.name: v for v in vmis}
+    assert len(active) <= max(limits.max_parallel, len([m for m in busy if m.active]))
+    for mig in got.migrations:
+        vmi = by_name[mig["spec"]["vmiName"]]
+        target = next(t for t in tgts if t.name == mig["spec"]["addedNodeSelector"][HOST])
+        assert target.trusted
+        assert not target.cordoned
+        assert target.name != vmi.node
+        assert target.level >= vmi.level
+        assert (vmi.namespace, vmi.name) not in got.waiting
+    for node in NODES:
+        planned_out = sum(1 for m in got.migrations if by_name[m["spec"]["vmiName"]].node == node)
+        already_out = sum(1 for m in busy if m.active and m.source == node)
+        assert planned_out == 0 or planned_out + already_out <= limits.max_outbound_per_node
+        planned_in = sum(1 for m in got.migrations if m["spec"]["addedNodeSelector"][HOST] == node)
+        already_in = sum(1 for m in busy if m.active and m.inbound_to == node)
+        assert planned_in == 0 or planned_in + already_in <= limits.max_inbound_per_node
