@@ -101,9 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        from gtvp.handlers import webhooks
+        from gtvp.handlers import policy_admission, webhooks
 
-        del webhooks  # imported for its @kopf.on.mutate / @kopf.on.validate handlers
+        # imported for their @kopf.on.mutate / @kopf.on.validate handlers
+        del policy_admission, webhooks
         members.STATE.webhook_server = kopf.WebhookServer(
             addr=args.webhook_address,
             port=args.webhook_port,

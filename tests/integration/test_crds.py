@@ -170,6 +170,62 @@ INVALID: list[tuple[str, Any, list[str]]] = [
         ["spec.ekTrust.caBundle", "caBundle must hold PEM certificates"],
     ),
     (
+        "policy golden value of 31 bytes",
+        lambda r: _policy(
+            r, memberClasses=[{"name": "generic-uefi", "goldenPCRs": {"7": "ab" * 31}}]
+        ),
+        ["spec.memberClasses[0].goldenPCRs[7]", "a golden PCR value must be a whole digest"],
+    ),
+    (
+        "policy sha1 bank with sha256 golden values",
+        lambda r: _policy(
+            r,
+            pcrSelection={"hashAlgorithm": "sha1", "pcrs": [0]},
+            memberClasses=[{"name": "generic-uefi", "goldenPCRs": {"0": "00" * 32}}],
+        ),
+        [
+            "spec.memberClasses",
+            "every goldenPCRs value must be a sha1 digest, 40 hex digits, since "
+            "spec.pcrSelection.hashAlgorithm is sha1",
+        ],
+    ),
+    (
+        "policy default member class missing",
+        lambda r: _policy(r, defaultMemberClass="generic-bios"),
+        ["spec.defaultMemberClass", "no member class named generic-bios in spec.memberClasses"],
+    ),
+    (
+        "policy transition to a missing member class",
+        lambda r: _policy(r, transitions=[{"matchLabels": {}, "level": 2, "memberClass": "nope"}]),
+        ["spec.transitions", "every transitions[].memberClass must name an entry"],
+    ),
+    (
+        "policy transition on a label a kubelet can set on itself",
+        lambda r: _policy(
+            r, transitions=[{"matchLabels": {"gtvp.io/hardware": "confidential"}, "level": 3}]
+        ),
+        [
+            "spec.transitions[0].matchLabels",
+            "label gtvp.io/hardware is not under node-restriction.kubernetes.io/",
+            "raise its own level",
+        ],
+    ),
+    (
+        "policy transition on gtvp's own trust label",
+        lambda r: _policy(
+            r,
+            transitions=[
+                {"matchLabels": {"node-restriction.kubernetes.io/gtvp-level-3": "true"}, "level": 3}
+            ],
+        ),
+        ["spec.transitions[0].matchLabels", "gtvp writes it from the member's verdict"],
+    ),
+    (
+        "policy balancing sustainFor not a duration",
+        lambda r: _policy(r, balancing={"sustainFor": "0s"}),
+        ["spec.balancing.sustainFor", "sustainFor must be a positive duration"],
+    ),
+    (
         "component image without digest",
         lambda r: _component(r, image="registry.example.com/x:latest"),
         ["spec", "image must be pinned by the same digest"],

@@ -1,15 +1,22 @@
 """The SecurityPolicy as typed values, and what it means for one member.
 
 `parse_policy` turns a SecurityPolicy spec (as the API server stores it, after the CRD's
-schema and CEL rules) into frozen dataclasses, and refuses what the schema cannot express
-(unreadable CA bundle or publisher key, a golden value of the wrong length, a member class
-named twice, a default class that does not exist) with `PolicyError` naming the field.
+schema and CEL rules) into frozen dataclasses, and refuses what the operator could not
+enforce with `PolicyError` naming the field and the fix: a CA bundle or publisher key that
+is not PEM over valid DER (or a key type components are never signed with), a golden value
+or forbidden digest whose length is not the bank's, a member class named twice or referred
+to but missing, and a transition rule on a label that a node's kubelet may set on itself
+(anything not under `node-restriction.kubernetes.io/`, and gtvp's own trust labels there).
+The CRD's CEL rules refuse what CEL can check of this at the API server; the operator's
+SecurityPolicy webhook runs this very function for the rest.
 `member_policy` gives the level, attestation settings and golden values that apply to one
 member, from its identity, its class and the transition rules.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,8 +25,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gtvp.core.tpm_wire import HASH_BY_NAME, HASH_SIZES
+from gtvp.core.trust import LEVEL_LABEL, PREFIX, TRUSTED_LABEL
 
 
 class PolicyError(ValueError):
@@ -123,6 +132,145 @@ def _get(d: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default if v is None else v
 
 
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)(?:-----END \1-----|\Z)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class _PemBlock:
+    label: str
+    line: int  # 1-based line of its BEGIN in the field's text
+    der: bytes | None  # None: not valid base64
+    terminated: bool
+
+
+def _pem_blocks(text: str) -> list[_PemBlock]:
+    """The PEM blocks of `text`, in order (text between blocks is ignored, as PEM allows)."""
+    blocks = []
+    for m in _PEM_BLOCK.finditer(text):
+        label = m.group(1)
+        body = "".join(m.group(2).split())
+        try:
+            der: bytes | None = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            der = None
+        blocks.append(
+            _PemBlock(
+                label=label,
+                line=text.count("\n", 0, m.start()) + 1,
+                der=der,
+                terminated=m.group(0).endswith(f"-----END {label}-----"),
+            )
+        )
+    return blocks
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).split(" See https://")[0].strip()[:200]
+
+
+def _ca_bundle(text: str) -> str:
+    """The EK trust anchors as given, once every block is a readable X.509 certificate."""
+    path = "spec.ekTrust.caBundle"
+    certs = [b for b in _pem_blocks(text) if b.label == "CERTIFICATE"]
+    if not certs:
+        raise PolicyError(
+            path,
+            "holds no PEM certificate (-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----):"
+            " put the PEM certificates of the TPM manufacturers' EK root CAs here",
+        )
+    for i, block in enumerate(certs, 1):
+        where = f"certificate {i} of {len(certs)} (line {block.line})"
+        if not block.terminated:
+            raise PolicyError(
+                path, f"{where}: -----BEGIN CERTIFICATE----- without its -----END CERTIFICATE-----"
+            )
+        if block.der is None:
+            raise PolicyError(path, f"{where} is not valid base64: paste the PEM block unchanged")
+        try:
+            x509.load_der_x509_certificate(block.der)
+        except ValueError as exc:
+            raise PolicyError(
+                path,
+                f"{where} is not a DER X.509 certificate ({_short(exc)}): paste the CA's PEM "
+                "certificate unchanged",
+            ) from exc
+    return text
+
+
+def _publisher_key(text: str, path: str, publisher: str) -> str:
+    """A publisher's PEM key, once it is one Ed25519 or ECDSA P-256 public key."""
+    what = f"publisher {publisher!r}"
+    blocks = [b for b in _pem_blocks(text) if b.label == "PUBLIC KEY"]
+    if len(blocks) != 1:
+        raise PolicyError(
+            path,
+            f"{what}: holds {len(blocks)} PEM public keys (-----BEGIN PUBLIC KEY-----), "
+            "one is needed",
+        )
+    block = blocks[0]
+    if not block.terminated:
+        raise PolicyError(
+            path, f"{what}: -----BEGIN PUBLIC KEY----- without its -----END PUBLIC KEY-----"
+        )
+    if block.der is None:
+        raise PolicyError(path, f"{what}: the PEM block is not valid base64")
+    try:
+        key = serialization.load_der_public_key(block.der)
+    except (ValueError, TypeError) as exc:
+        raise PolicyError(
+            path,
+            f"{what}: the PEM block is not a DER SubjectPublicKeyInfo ({_short(exc)}); export "
+            "it with `openssl pkey -pubout`",
+        ) from exc
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return text
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return text
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        kind = f"an ECDSA {key.curve.name}"
+    elif isinstance(key, rsa.RSAPublicKey):
+        kind = "an RSA"
+    else:
+        kind = f"a {type(key).__name__.removeprefix('_').removesuffix('PublicKey')}"
+    raise PolicyError(
+        path,
+        f"{what}: {kind} key, but OSComponents are signed with Ed25519 or ECDSA P-256 keys "
+        "only (gtvp component sign): no signature could ever verify with it",
+    )
+
+
+def _label_problem(key: str) -> str | None:
+    """Why a transition rule must not match on label `key` (None: it may)."""
+    if key == TRUSTED_LABEL or key.startswith(LEVEL_LABEL):
+        return (
+            f"label {key!r}: gtvp writes it from the member's verdict, so a rule on it would "
+            "make a member's level depend on itself"
+        )
+    if not key.startswith(PREFIX):
+        return (
+            f"label {key!r} is not under {PREFIX}: a node's kubelet may set it on itself, so "
+            "a rule on it would let a node raise its own level; label Nodes under "
+            f"{PREFIX} (a kubelet cannot set those) or raise the Member's spec.identity"
+        )
+    return None
+
+
+def _hex_digest(text: Any, path: str, bank: str, size: int, *, what: str, note: str = "") -> bytes:
+    """A digest of the policy's bank (`what`: what it is, `note`: why its length matters)."""
+    try:
+        value = bytes.fromhex(str(text))
+    except ValueError as exc:
+        raise PolicyError(path, f"{str(text)[:80]!r} is not hex") from exc
+    if len(value) != size:
+        raise PolicyError(
+            path,
+            f"{len(value)} bytes ({2 * len(value)} hex digits), but a {bank} {what} has "
+            f"{size} bytes ({2 * size} hex digits){note}: give the {bank} value, the bank "
+            "spec.pcrSelection.hashAlgorithm names",
+        )
+    return value
+
+
 def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
     """Typed policy from a SecurityPolicy spec; PolicyError names what is unusable."""
     raw_levels = _get(spec, "levels", [])
@@ -161,50 +309,52 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
         cname = str(mc["name"])
         if cname in classes:
             raise PolicyError(f"{path}.name", f"class {cname!r} is defined twice")
-        golden: dict[int, bytes] = {}
-        for k, v in _get(mc, "goldenPCRs", {}).items():
-            try:
-                value = bytes.fromhex(str(v))
-            except ValueError as exc:
-                raise PolicyError(f"{path}.goldenPCRs[{k}]", "not hex") from exc
-            if len(value) != size:
-                raise PolicyError(
-                    f"{path}.goldenPCRs[{k}]",
-                    f"{len(value)} bytes, but a {bank} PCR value has {size}",
-                )
-            golden[int(k)] = value
+        golden = {
+            int(k): _hex_digest(v, f"{path}.goldenPCRs[{k}]", bank, size, what="PCR value")
+            for k, v in _get(mc, "goldenPCRs", {}).items()
+        }
         log = _get(mc, "eventLog", {})
+        forbidden = []
+        for j, d in enumerate(_get(log, "forbiddenDigests", [])):
+            dpath = f"{path}.eventLog.forbiddenDigests[{j}]"
+            _hex_digest(d, dpath, bank, size, what="event digest", note=", so it would never match")
+            forbidden.append(str(d).lower())
         classes[cname] = MemberClass(
             name=cname,
             golden=golden,
             event_log_required=bool(_get(log, "required", False)),
-            forbidden_digests=frozenset(str(d).lower() for d in _get(log, "forbiddenDigests", [])),
+            forbidden_digests=frozenset(forbidden),
         )
-    default_class = spec.get("defaultMemberClass") or None
-    if default_class is not None and default_class not in classes:
-        raise PolicyError("spec.defaultMemberClass", f"no member class named {default_class!r}")
+
+    def known_class(value: Any, path: str) -> str | None:
+        if not value:
+            return None
+        if str(value) not in classes:
+            have = ", ".join(sorted(classes)) or "none"
+            raise PolicyError(
+                path,
+                f"no member class named {str(value)!r} in spec.memberClasses (there: {have})",
+            )
+        return str(value)
+
+    default_class = known_class(spec.get("defaultMemberClass"), "spec.defaultMemberClass")
     ek = _get(spec, "ekTrust", {})
-    bundle = str(_get(ek, "caBundle", ""))
-    try:
-        if not x509.load_pem_x509_certificates(bundle.encode()):
-            raise ValueError("no certificate")
-    except ValueError as exc:
-        raise PolicyError("spec.ekTrust.caBundle", f"cannot read the certificates: {exc}") from exc
+    bundle = _ca_bundle(str(_get(ek, "caBundle", "")))
     keys: dict[str, str] = {}
     for i, pk in enumerate(_get(spec, "publisherKeys", [])):
-        try:
-            serialization.load_pem_public_key(str(pk["publicKey"]).encode())
-        except (ValueError, TypeError) as exc:
-            raise PolicyError(f"spec.publisherKeys[{i}].publicKey", f"unreadable: {exc}") from exc
-        keys[str(pk["name"])] = str(pk["publicKey"])
+        pname = str(pk.get("name", ""))
+        keys[pname] = _publisher_key(
+            str(pk.get("publicKey", "")), f"spec.publisherKeys[{i}].publicKey", pname
+        )
     transitions = []
     for i, t in enumerate(_get(spec, "transitions", [])):
-        mc = t.get("memberClass")
-        if mc and mc not in classes:
-            raise PolicyError(f"spec.transitions[{i}].memberClass", f"no member class {mc!r}")
-        transitions.append(
-            Transition(dict(_get(t, "matchLabels", {})), int(t.get("level", 0)), mc or None)
-        )
+        mc = known_class(t.get("memberClass"), f"spec.transitions[{i}].memberClass")
+        match = {str(k): str(v) for k, v in _get(t, "matchLabels", {}).items()}
+        for key in match:
+            problem = _label_problem(key)
+            if problem:
+                raise PolicyError(f"spec.transitions[{i}].matchLabels[{key}]", problem)
+        transitions.append(Transition(match, int(t.get("level", 0)), mc))
     mig = _get(spec, "migration", {})
     bal = _get(spec, "balancing", {})
     return Policy(
@@ -229,7 +379,9 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
             enabled=bool(_get(bal, "enabled", False)),
             high_watermark=int(_get(bal, "highWatermark", 85)),
             low_watermark=int(_get(bal, "lowWatermark", 60)),
-            sustain_for=parse_duration(str(_get(bal, "sustainFor", "2m")), "spec.balancing"),
+            sustain_for=parse_duration(
+                str(_get(bal, "sustainFor", "2m")), "spec.balancing.sustainFor"
+            ),
             cooldown=parse_duration(str(_get(bal, "cooldown", "5m")), "spec.balancing.cooldown"),
         ),
     )

@@ -1,0 +1,38 @@
+"""Admission webhook for SecurityPolicies: refuse, at the API server, a policy the operator
+could not enforce (what the CRD's CEL rules cannot check: PEM and DER, digest lengths per
+bank, labels a kubelet may set on itself), with `gtvp.core.policy.parse_policy`'s message.
+
+The webhook is an early, clear answer, not the safety net: its configuration is
+`failurePolicy: Ignore` (an operator that is down never keeps an administrator from editing
+the policy), and a policy that gets in unusable anyway never replaces the last accepted one
+(`gtvp.handlers.policies`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from gtvp.core.policy import PolicyError, parse_policy
+from gtvp.metrics import METRICS
+from gtvp.webhook_config import POLICY_HOOK
+
+log = logging.getLogger("gtvp.webhooks")
+
+
+@kopf.on.validate(
+    "gtvp.io", "v1alpha1", "securitypolicies", id=POLICY_HOOK, operations=["CREATE", "UPDATE"]
+)
+def validate_policy(body: kopf.Body, **_: Any) -> None:
+    name = body.metadata.name or ""
+    try:
+        parse_policy(name, dict(body.get("spec") or {}))
+    except PolicyError as exc:
+        METRICS.admission("SecurityPolicy", "denied")
+        log.info("denied SecurityPolicy %s: %s", name, exc)
+        raise kopf.AdmissionError(
+            f"SecurityPolicy {name} would be unusable, {exc.field}: {exc.message}", code=422
+        ) from exc
+    METRICS.admission("SecurityPolicy", "allowed")

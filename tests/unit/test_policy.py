@@ -1,0 +1,228 @@
+"""parse_policy refuses what the operator could not enforce, naming the field and the fix.
+
+Each case starts from the sample policy (which parses) and breaks one thing the CRD's
+schema lets through or cannot check (PEM and DER, digest lengths per bank, names that
+refer to other entries, labels a kubelet may set on itself).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from gtvp.core.policy import PolicyError, parse_policy
+
+SAMPLE = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
+
+
+def _sample() -> dict[str, Any]:
+    doc = next(d for d in yaml.safe_load_all(SAMPLE.read_text()) if d)
+    spec: dict[str, Any] = copy.deepcopy(doc["spec"])
+    return spec
+
+
+def _pem(label: str, der: bytes) -> str:
+    body = base64.b64encode(der).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----", ""])
+
+
+def _public_pem(key: Any) -> str:
+    return str(
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def _refused(spec: dict[str, Any]) -> PolicyError:
+    with pytest.raises(PolicyError) as info:
+        parse_policy("p", spec)
+    return info.value
+
+
+def test_the_sample_policy_parses() -> None:
+    policy = parse_policy("example", _sample())
+    assert [lv.level for lv in policy.levels] == [1, 2, 3]
+    assert policy.default_member_class == "generic-uefi"
+
+
+def test_golden_value_of_31_bytes_in_a_sha256_bank_is_refused() -> None:
+    spec = _sample()
+    spec["memberClasses"][0]["goldenPCRs"] = {"7": "ab" * 31}
+    err = _refused(spec)
+    assert err.field == "spec.memberClasses[0].goldenPCRs[7]"
+    assert "31 bytes (62 hex digits)" in err.message
+    assert "a sha256 PCR value has 32 bytes (64 hex digits)" in err.message
+    assert "spec.pcrSelection.hashAlgorithm" in err.message
+
+
+def test_sha1_bank_with_32_byte_golden_values_is_refused() -> None:
+    spec = _sample()
+    spec["pcrSelection"]["hashAlgorithm"] = "sha1"
+    spec["memberClasses"][0]["goldenPCRs"] = {"0": "00" * 32}
+    err = _refused(spec)
+    assert err.field == "spec.memberClasses[0].goldenPCRs[0]"
+    assert "32 bytes (64 hex digits)" in err.message
+    assert "a sha1 PCR value has 20 bytes (40 hex digits)" in err.message
+
+
+def test_forbidden_digest_of_another_bank_is_refused() -> None:
+    spec = _sample()
+    spec["memberClasses"][0]["eventLog"] = {"forbiddenDigests": ["aa" * 20]}
+    err = _refused(spec)
+    assert err.field == "spec.memberClasses[0].eventLog.forbiddenDigests[0]"
+    assert "20 bytes" in err.message
+    assert "sha256" in err.message
+    assert "would never match" in err.message
+
+
+def test_ca_bundle_with_bad_der_is_refused() -> None:
+    spec = _sample()
+    spec["ekTrust"]["caBundle"] = _pem("CERTIFICATE", b"\x30\x03\x02\x01\x01")
+    err = _refused(spec)
+    assert err.field == "spec.ekTrust.caBundle"
+    assert "certificate 1 of 1 (line 1)" in err.message
+    assert "is not a DER X.509 certificate" in err.message
+
+
+def test_ca_bundle_with_bad_pem_is_refused() -> None:
+    spec = _sample()
+    good = spec["ekTrust"]["caBundle"]
+    spec["ekTrust"]["caBundle"] = (
+        good + "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+    )
+    err = _refused(spec)
+    assert err.field == "spec.ekTrust.caBundle"
+    assert "certificate 2 of 2" in err.message
+    assert "not valid base64" in err.message
+
+
+def test_ca_bundle_with_an_unterminated_block_is_refused() -> None:
+    spec = _sample()
+    spec["ekTrust"]["caBundle"] = spec["ekTrust"]["caBundle"].replace(
+        "-----END CERTIFICATE-----", ""
+    )
+    err = _refused(spec)
+    assert err.field == "spec.ekTrust.caBundle"
+    assert "-----BEGIN CERTIFICATE----- without its -----END CERTIFICATE-----" in err.message
+
+
+def test_ca_bundle_holding_a_key_instead_of_a_certificate_is_refused() -> None:
+    spec = _sample()
+    spec["ekTrust"]["caBundle"] = spec["publisherKeys"][0]["publicKey"]
+    err = _refused(spec)
+    assert err.field == "spec.ekTrust.caBundle"
+    assert "holds no PEM certificate" in err.message
+
+
+def test_publisher_key_with_bad_pem_is_refused() -> None:
+    spec = _sample()
+    spec["publisherKeys"][0]["publicKey"] = _pem("PUBLIC KEY", b"\x30\x03\x02\x01\x01")
+    err = _refused(spec)
+    assert err.field == "spec.publisherKeys[0].publicKey"
+    assert "publisher 'gtvp-demo-publisher'" in err.message
+    assert "not a DER SubjectPublicKeyInfo" in err.message
+
+
+def test_publisher_key_of_an_unsupported_type_is_refused() -> None:
+    spec = _sample()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    spec["publisherKeys"][0]["publicKey"] = _public_pem(key)
+    err = _refused(spec)
+    assert err.field == "spec.publisherKeys[0].publicKey"
+    assert "an RSA key" in err.message
+    assert "Ed25519 or ECDSA P-256" in err.message
+
+
+def test_publisher_keys_of_the_supported_types_are_accepted() -> None:
+    spec = _sample()
+    spec["publisherKeys"] = [
+        {"name": "ed", "publicKey": _public_pem(ed25519.Ed25519PrivateKey.generate())},
+        {"name": "p256", "publicKey": _public_pem(ec.generate_private_key(ec.SECP256R1()))},
+    ]
+    assert set(parse_policy("p", spec).publisher_keys) == {"ed", "p256"}
+
+
+def test_missing_default_class_is_refused() -> None:
+    spec = _sample()
+    spec["defaultMemberClass"] = "generic-bios"
+    err = _refused(spec)
+    assert err.field == "spec.defaultMemberClass"
+    assert "no member class named 'generic-bios'" in err.message
+    assert "generic-uefi" in err.message  # says which classes there are
+
+
+def test_transition_to_a_missing_class_is_refused() -> None:
+    spec = _sample()
+    spec["transitions"][0]["memberClass"] = "nope"
+    err = _refused(spec)
+    assert err.field == "spec.transitions[0].memberClass"
+    assert "no member class named 'nope'" in err.message
+
+
+KUBELET_SETTABLE = [
+    "gtvp.io/hardware",
+    "kubernetes.io/hostname",
+    "node.kubernetes.io/instance-type",
+    "topology.kubernetes.io/zone",
+    "confidential",
+]
+
+
+@pytest.mark.parametrize("key", KUBELET_SETTABLE)
+def test_transition_on_a_label_a_kubelet_can_set_is_refused(key: str) -> None:
+    spec = _sample()
+    spec["transitions"] = [{"matchLabels": {key: "x"}, "level": 3}]
+    err = _refused(spec)
+    assert err.field == f"spec.transitions[0].matchLabels[{key}]"
+    assert f"label {key!r} is not under node-restriction.kubernetes.io/" in err.message
+    assert "a node's kubelet may set it on itself" in err.message
+    assert "raise its own level" in err.message
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["node-restriction.kubernetes.io/gtvp-trusted", "node-restriction.kubernetes.io/gtvp-level-3"],
+)
+def test_transition_on_gtvps_own_trust_labels_is_refused(key: str) -> None:
+    spec = _sample()
+    spec["transitions"] = [{"matchLabels": {key: "true"}, "level": 3}]
+    err = _refused(spec)
+    assert err.field == f"spec.transitions[0].matchLabels[{key}]"
+    assert "gtvp writes it from the member's verdict" in err.message
+
+
+def test_transitions_on_node_restriction_labels_are_accepted() -> None:
+    spec = _sample()
+    spec["transitions"] = [
+        {"matchLabels": {"node-restriction.kubernetes.io/hardware": "confidential"}, "level": 3},
+        {"matchLabels": {}, "level": 2},
+    ]
+    policy = parse_policy("p", spec)
+    assert policy.transitions[0].match_labels == {
+        "node-restriction.kubernetes.io/hardware": "confidential"
+    }
+
+
+BAD_DURATIONS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+    ("spec.balancing.sustainFor", lambda s: s["balancing"].update(sustainFor="soon")),
+    ("spec.balancing.cooldown", lambda s: s["balancing"].update(cooldown="0")),
+]
+
+
+@pytest.mark.parametrize(("field", "change"), BAD_DURATIONS, ids=[b[0] for b in BAD_DURATIONS])
+def test_balancing_durations_name_their_field(
+    field: str, change: Callable[[dict[str, Any]], None]
+) -> None:
+    spec = _sample()
+    change(spec)
+    assert _refused(spec).field == field
