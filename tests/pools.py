@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gtvp import webhook_config
 from gtvp.localcluster.controlplane import ControlPlane
 from gtvp.localcluster.polling import wait_for
 from gtvp.localcluster.pool import Pool
@@ -55,4 +56,10 @@ def trusted_pool(
         p.delete_members()
         for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
             cp.kubectl("delete", kind, "gtvp", "--ignore-not-found")
+        cp.kubectl(
+            "delete",
+            "validatingwebhookconfiguration",
+            webhook_config.POLICY_CONFIGURATION,
+            "--ignore-not-found",
+        )
         cp.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")

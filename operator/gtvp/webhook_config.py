@@ -3,67 +3,190 @@
 kopf can manage webhook configurations itself, but it rewrites them on every change and
 removes them on shutdown, which would open the security gate during each rollout. gtvp
 renders them once (here for a URL, as `gtvp local` and the tests use; the Helm chart
-renders the same rules against its Service) with `failurePolicy: Fail`: when the operator
-is down, gated objects are refused, never admitted unchecked.
+renders the same hooks against its Service, and a test keeps the two equal) with
+`failurePolicy: Fail`: when the operator is down, gated objects are refused, never admitted
+unchecked.
+
+Scope, so that an operator outage stops only what gtvp gates: the API server itself skips
+`kube-system` and gtvp's own namespace (namespaceSelector), and, by `matchConditions`
+(CEL, in manifests/webhook-conditions.yaml, which the chart shares), every VM and VMI that
+neither carries nor carried (oldObject, on UPDATE) the label `gtvp.io/level` - on the VM or
+on its template - nor, for a VMI, a trust selector. A VMI UPDATE reaches gtvp only when it
+changes that label or the nodeSelector (KubeVirt writes VMI status through the main
+resource, and those writes must not depend on gtvp). Migrations always reach gtvp: the
+level of the migrated VMI is only known there.
 """
 
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
-KUBEVIRT = {"apiGroups": ["kubevirt.io"], "apiVersions": ["v1"]}
+import yaml
 
-# (handler id, resource, operations) - the id is the URL path kopf serves the handler on
-MUTATING = (
-    ("gtvp-mutate-vm", "virtualmachines", ["CREATE", "UPDATE"]),
-    ("gtvp-mutate-vmi", "virtualmachineinstances", ["CREATE"]),
-    ("gtvp-mutate-migration", "virtualmachineinstancemigrations", ["CREATE"]),
+OWN_NAMESPACE = "gtvp-system"
+"""The operator's namespace (the chart's `.Release.Namespace`); the local pool's operator runs
+outside the cluster, so locally it only has to name a namespace no test uses."""
+EXCLUDED_NAMESPACES = ("kube-system",)
+"""Namespaces gtvp never gates (besides its own): an outage of gtvp must not stop them."""
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One webhook: the kopf handler id (also the URL path it is served on) and what it sees."""
+
+    id: str
+    group: str
+    version: str
+    resource: str
+    operations: tuple[str, ...]
+    scope: str = "Namespaced"
+    match_conditions: tuple[str, ...] = ()  # names in webhook-conditions.yaml; all must hold
+
+
+def match_conditions() -> dict[str, str]:
+    """The CEL conditions by name (manifests/webhook-conditions.yaml, shared with the chart)."""
+    text = (resources.files("gtvp") / "manifests" / "webhook-conditions.yaml").read_text()
+    loaded: dict[str, str] = yaml.safe_load(text)
+    return loaded
+
+
+def _kubevirt(hook_id: str, resource: str, operations: tuple[str, ...], *conditions: str) -> Hook:
+    return Hook(hook_id, "kubevirt.io", "v1", resource, operations, match_conditions=conditions)
+
+
+CREATE, UPDATE = "CREATE", "UPDATE"
+VM, VMI, MIGRATION = (
+    "virtualmachines",
+    "virtualmachineinstances",
+    "virtualmachineinstancemigrations",
 )
-VALIDATING = (
-    ("gtvp-validate-vm", "virtualmachines", ["CREATE", "UPDATE"]),
-    ("gtvp-validate-vmi", "virtualmachineinstances", ["CREATE"]),
-    ("gtvp-validate-migration", "virtualmachineinstancemigrations", ["CREATE"]),
+MUTATING: tuple[Hook, ...] = (
+    _kubevirt("gtvp-mutate-vm", VM, (CREATE, UPDATE), "gated-vm"),
+    _kubevirt("gtvp-mutate-vmi", VMI, (CREATE,), "gated-vmi"),
+    _kubevirt("gtvp-mutate-migration", MIGRATION, (CREATE,)),
 )
+VALIDATING: tuple[Hook, ...] = (
+    _kubevirt("gtvp-validate-vm", VM, (CREATE, UPDATE), "gated-vm"),
+    _kubevirt("gtvp-validate-vmi", VMI, (CREATE, UPDATE), "gated-vmi", "level-or-selector-change"),
+    _kubevirt("gtvp-validate-migration", MIGRATION, (CREATE,)),
+)
+
+
+def namespace_selector(namespace: str = OWN_NAMESPACE) -> dict[str, Any]:
+    """Every namespace but kube-system and gtvp's own (ignored for cluster-scoped objects)."""
+    return {
+        "matchExpressions": [
+            {
+                "key": "kubernetes.io/metadata.name",
+                "operator": "NotIn",
+                "values": [*EXCLUDED_NAMESPACES, namespace],
+            }
+        ]
+    }
 
 
 def _hooks(
-    entries: tuple[tuple[str, str, list[str]], ...], url: str, ca_pem: bytes
+    hooks: tuple[Hook, ...], url: str, ca_pem: bytes, namespace: str
 ) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": f"{hid}.gtvp.io",
+    cel = match_conditions()
+    out = []
+    for h in hooks:
+        hook: dict[str, Any] = {
+            "name": f"{h.id}.gtvp.io",
             "admissionReviewVersions": ["v1"],
             "sideEffects": "None",
             "failurePolicy": "Fail",
             "timeoutSeconds": 10,
             "matchPolicy": "Equivalent",
             "clientConfig": {
-                "url": f"{url.rstrip('/')}/{hid}",
+                "url": f"{url.rstrip('/')}/{h.id}",
                 "caBundle": base64.b64encode(ca_pem).decode(),
             },
             "rules": [
-                {**KUBEVIRT, "resources": [resource], "operations": ops, "scope": "Namespaced"}
+                {
+                    "apiGroups": [h.group],
+                    "apiVersions": [h.version],
+                    "resources": [h.resource],
+                    "operations": list(h.operations),
+                    "scope": h.scope,
+                }
             ],
         }
-        for hid, resource, ops in entries
-    ]
+        if h.scope == "Namespaced":
+            hook["namespaceSelector"] = namespace_selector(namespace)
+        if h.match_conditions:
+            hook["matchConditions"] = [
+                {"name": name, "expression": cel[name]} for name in h.match_conditions
+            ]
+        out.append(hook)
+    return out
 
 
-def webhook_configurations(url: str, ca_pem: bytes) -> list[dict[str, Any]]:
-    """MutatingWebhookConfiguration and ValidatingWebhookConfiguration for `url`."""
+def webhook_configurations(
+    url: str, ca_pem: bytes, *, namespace: str = OWN_NAMESPACE
+) -> list[dict[str, Any]]:
+    """MutatingWebhookConfiguration and ValidatingWebhookConfiguration for `url`; `namespace`
+    is the operator's own (not gated)."""
     labels = {"app.kubernetes.io/part-of": "gtvp"}
     return [
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
             "metadata": {"name": "gtvp", "labels": labels},
-            "webhooks": _hooks(MUTATING, url, ca_pem),
+            "webhooks": _hooks(MUTATING, url, ca_pem, namespace),
         },
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingWebhookConfiguration",
             "metadata": {"name": "gtvp", "labels": labels},
-            "webhooks": _hooks(VALIDATING, url, ca_pem),
+            "webhooks": _hooks(VALIDATING, url, ca_pem, namespace),
         },
+        policy_webhook_configuration(url, ca_pem),
     ]
+
+
+# ----- SecurityPolicy ----------------------------------------------------------------------
+# A separate configuration with `failurePolicy: Ignore`: it refuses an unusable policy early
+# with a clear message (gtvp.handlers.policy_admission), but it is not the safety net (an
+# unusable policy that gets in never replaces the last accepted one, gtvp.handlers.policies),
+# so an operator that is down must not keep an administrator from editing the policy.
+POLICY_HOOK = "gtvp-validate-securitypolicy"
+POLICY_CONFIGURATION = "gtvp-securitypolicy"
+
+
+def policy_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
+    """The ValidatingWebhookConfiguration for SecurityPolicies, served at `url`."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {
+            "name": POLICY_CONFIGURATION,
+            "labels": {"app.kubernetes.io/part-of": "gtvp"},
+        },
+        "webhooks": [
+            {
+                "name": f"{POLICY_HOOK}.gtvp.io",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Ignore",
+                "timeoutSeconds": 5,
+                "matchPolicy": "Equivalent",
+                "clientConfig": {
+                    "url": f"{url.rstrip('/')}/{POLICY_HOOK}",
+                    "caBundle": base64.b64encode(ca_pem).decode(),
+                },
+                "rules": [
+                    {
+                        "apiGroups": ["gtvp.io"],
+                        "apiVersions": ["v1alpha1"],
+                        "resources": ["securitypolicies"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "scope": "Cluster",
+                    }
+                ],
+            }
+        ],
+    }

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gtvp import webhook_config
 from gtvp.localcluster import toolchain
 from gtvp.localcluster.controlplane import ControlPlane
 
@@ -79,14 +80,20 @@ def test_chart_crds_and_access_rules_match_the_repositorys(control_plane: Contro
     for name in ("member.yaml", "securitypolicy.yaml", "oscomponent.yaml", "lazybox.yaml"):
         assert (CHART / "files" / "crds" / name).read_text() == (REPO / "crds" / name).read_text()
     manifests = REPO / "operator" / "gtvp" / "manifests"
-    for name in ("rbac.yaml", "agent-vap.yaml"):
+    for name in ("rbac.yaml", "agent-vap.yaml", "webhook-conditions.yaml"):
         assert (CHART / "files" / name).read_text() == (manifests / name).read_text()
 
 
 def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: ControlPlane) -> None:
     docs = _render()
-    hooks = [h for d in docs if d["kind"].endswith("WebhookConfiguration") for h in d["webhooks"]]
-    assert len(hooks) == 6
+    hooks = [
+        h
+        for d in docs
+        if d["kind"].endswith("WebhookConfiguration")
+        and d["metadata"]["name"] != webhook_config.POLICY_CONFIGURATION  # not a gate
+        for h in d["webhooks"]
+    ]
+    assert len(hooks) == len(webhook_config.MUTATING) + len(webhook_config.VALIDATING)
     assert all(h["failurePolicy"] == "Fail" for h in hooks)
     agent = next(d for d in docs if d["kind"] == "DaemonSet")
     tolerations = agent["spec"]["template"]["spec"]["tolerations"]
@@ -118,6 +125,71 @@ def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: Con
     for panel in panels:
         for target in panel["targets"]:
             assert any(m in target["expr"] for m in exported), target["expr"]
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A webhook configuration without where it is served and how long it may take."""
+    return {
+        "kind": config["kind"],
+        "webhooks": [
+            {k: v for k, v in h.items() if k not in ("clientConfig", "timeoutSeconds")}
+            for h in config["webhooks"]
+        ],
+    }
+
+
+def test_chart_webhooks_are_the_ones_the_tests_run_against(control_plane: ControlPlane) -> None:
+    """Same hooks, rules, namespace exclusions and matchConditions as gtvp.webhook_config."""
+
+    def gating(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            d
+            for d in docs
+            if d["kind"].endswith("WebhookConfiguration") and d["metadata"]["name"] == "gtvp"
+        ]
+
+    rendered = gating(_render())
+    local = gating(webhook_config.webhook_configurations("https://x", b"ca"))
+    assert len(rendered) == 2
+    assert [_comparable(d) for d in rendered] == [_comparable(d) for d in local]
+    for hook in (h for d in rendered for h in d["webhooks"]):
+        assert hook["clientConfig"]["service"]["namespace"] == "gtvp-system"
+        if hook["rules"][0]["apiGroups"] != ["kubevirt.io"]:
+            continue
+        excluded = hook["namespaceSelector"]["matchExpressions"][0]
+        assert excluded["operator"] == "NotIn"
+        assert excluded["values"] == ["kube-system", "gtvp-system"]  # the release's namespace
+        if "migration" in hook["name"]:
+            assert "matchConditions" not in hook  # the migrated VMI's level is only known to gtvp
+        else:
+            assert any(c["name"].startswith("gated-") for c in hook["matchConditions"])
+
+
+def test_policy_webhook_refuses_early_but_never_blocks_policy_edits(
+    control_plane: ControlPlane,
+) -> None:
+    """The SecurityPolicy hook is Ignore: an unusable policy that gets in anyway never
+    replaces the last accepted one, so a down operator must not block editing the policy."""
+    configs = [d for d in _render() if d["kind"] == "ValidatingWebhookConfiguration"]
+    policy = next(d for d in configs if d["metadata"]["name"] == "gtvp-securitypolicy")
+    (hook,) = policy["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["clientConfig"]["service"]["path"] == f"/{webhook_config.POLICY_HOOK}"
+    assert hook["rules"] == [
+        {
+            "apiGroups": ["gtvp.io"],
+            "apiVersions": ["v1alpha1"],
+            "resources": ["securitypolicies"],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Cluster",
+        }
+    ]
+    rbac = [d for d in _render() if d["kind"] == "ClusterRole"]
+    operator = next(d for d in rbac if d["metadata"]["name"] == "gtvp-operator")
+    allowed = {
+        (r, v) for rule in operator["rules"] for r in rule["resources"] for v in rule["verbs"]
+    }
+    assert {("securitypolicies/status", "patch"), ("events", "create")} <= allowed
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus)")

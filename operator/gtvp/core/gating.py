@@ -1,24 +1,42 @@
 """Admission decisions for KubeVirt objects: pure functions of the object and the members.
 
-- VirtualMachine / VirtualMachineInstance that opt in (label `gtvp.io/level: "N"`) get the
-  trust selector for level N in their nodeSelector (mutation), and are refused when their
-  placement could reach an untrusted node or no member could take them (validation).
+- VirtualMachine / VirtualMachineInstance that opt in (label `gtvp.io/level: "N"`, N one
+  digit from 1 to 9, nothing else) get the trust selector for level N in their nodeSelector
+  (mutation), and are refused when their placement could reach an untrusted node or no
+  member could take them (validation). A VM's own label and its template's must agree.
+- The level an object was admitted with sticks: an UPDATE may not remove or lower it, nor
+  remove or change the trust selector of a VMI (`validate_vm_update`,
+  `validate_instance_update`); to run at a lower level or ungated, delete and recreate.
 - VirtualMachineInstanceMigration: every migration of a gated VMI gets the trust selector
   in `addedNodeSelector` (mutation), and is refused when no Trusted member of a sufficient
   level other than the source could take it, or when it pins a member that is not trusted.
+  A VMI is judged by its admitted level (`admitted_level`: its label, or the level its trust
+  selector carries, whichever is higher), so a label lost anyhow does not free it.
 Decisions read the members' verdicts (fresh, with uses left), not node labels.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gtvp.core.trust import VM_LEVEL_LABEL, MemberView, trust_selector
+from gtvp.core.trust import (
+    LEVEL_LABEL,
+    MAX_LEVEL,
+    PREFIX,
+    VM_LEVEL_LABEL,
+    MemberView,
+    trust_selector,
+)
 
 HOSTNAME = "kubernetes.io/hostname"
+LEVELS = {str(n): n for n in range(1, MAX_LEVEL + 1)}
+"""The only spellings of a level: one ASCII digit, so that every tool reads the same number."""
+TRUST_KEYS = f"{PREFIX}gtvp-"
+"""Prefix of the nodeSelector entries gtvp's trust selector consists of."""
 
 
 class GatingError(ValueError):
@@ -31,14 +49,62 @@ class Decision:
     message: str = ""
 
 
+def _loose(raw: str) -> int | None:
+    """A level written loosely ("03", "+3", " 3"): for hints, and for objects admitted
+    before levels were strict; None when no level in range can be read."""
+    s = raw.strip().removeprefix("+")
+    if not s.isascii() or not s.isdigit() or not 1 <= int(s) <= MAX_LEVEL:
+        return None
+    return int(s)
+
+
+def _strict(raw: str, where: str = "") -> int:
+    if raw in LEVELS:
+        return LEVELS[raw]
+    loose = _loose(raw)
+    hint = f' (write "{loose}", not {json.dumps(raw)})' if loose is not None else ""
+    raise GatingError(
+        f"label {VM_LEVEL_LABEL}={json.dumps(raw)}{where} must be a single digit from 1 to "
+        f"{MAX_LEVEL}{hint}"
+    )
+
+
 def level_of(labels: Mapping[str, str] | None) -> int | None:
-    """The level a VM/VMI asks for, or None when it does not opt in."""
+    """The level a VM/VMI asks for, or None when it does not opt in; anything but "1" … "9"
+    is refused (GatingError), with the canonical spelling when there is one."""
     if not labels or VM_LEVEL_LABEL not in labels:
         return None
-    raw = labels[VM_LEVEL_LABEL]
-    if not raw.isdigit() or not 1 <= int(raw) <= 9:
-        raise GatingError(f"label {VM_LEVEL_LABEL}={raw!r} must be a level from 1 to 9")
-    return int(raw)
+    return _strict(labels[VM_LEVEL_LABEL])
+
+
+def _old_level(labels: Mapping[str, str] | None) -> int | None:
+    """The level an existing object carries, read loosely (it may predate strict levels)."""
+    if not labels or VM_LEVEL_LABEL not in labels:
+        return None
+    return _loose(labels[VM_LEVEL_LABEL])
+
+
+def selector_level(node_selector: Mapping[str, str] | None) -> int | None:
+    """The highest level whose trust label the selector requires, None when it requires none."""
+    levels = [
+        LEVELS[k.removeprefix(LEVEL_LABEL)]
+        for k, v in (node_selector or {}).items()
+        if k.startswith(LEVEL_LABEL) and k.removeprefix(LEVEL_LABEL) in LEVELS and v == "true"
+    ]
+    return max(levels, default=None)
+
+
+def admitted_level(
+    labels: Mapping[str, str] | None, node_selector: Mapping[str, str] | None
+) -> int | None:
+    """The level an existing VMI was admitted with: its label (read loosely, it may predate
+    strict levels) or the level of the trust selector it carries, whichever is higher.
+    GatingError when its label cannot be read as a level at all."""
+    label = _old_level(labels)
+    if labels and VM_LEVEL_LABEL in labels and label is None:
+        _strict(labels[VM_LEVEL_LABEL])  # raises, with the message
+    found = [n for n in (label, selector_level(node_selector)) if n is not None]
+    return max(found) if found else None
 
 
 def selector_patch(current: Mapping[str, str] | None, level: int) -> dict[str, str]:
@@ -113,9 +179,14 @@ def validate_migration(
     added_selector: Mapping[str, str] | None,
     members: Sequence[MemberView],
     now: dt.datetime,
+    vmi_node_selector: Mapping[str, str] | None = None,
 ) -> Decision:
-    """Refuse a migration of a gated VMI that could only land on an untrusted member."""
-    level = level_of(vmi_labels)
+    """Refuse a migration of a gated VMI that could only land on an untrusted member; the
+    VMI is judged by its admitted level (label or trust selector, whichever is higher)."""
+    try:
+        level = admitted_level(vmi_labels, vmi_node_selector)
+    except GatingError as exc:
+        return Decision(False, f"migration {name} of {vmi_name}: {exc}")
     if level is None:
         return Decision(True)
     missing = selector_patch(added_selector, level)
@@ -157,3 +228,170 @@ def vm_template_labels(vm: Mapping[str, Any]) -> dict[str, str]:
     spec = vm.get("spec") or {}
     tmpl = spec.get("template") or {}
     return dict((tmpl.get("metadata") or {}).get("labels") or {})
+
+
+def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _node_selector(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("spec") or {}).get("nodeSelector") or {})
+
+
+def _template_selector(vm: Mapping[str, Any]) -> dict[str, str]:
+    tmpl = (vm.get("spec") or {}).get("template") or {}
+    return dict((tmpl.get("spec") or {}).get("nodeSelector") or {})
+
+
+def _title(kind: str, obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{kind} {ns}/{meta.get('name', '')}" if ns else f"{kind} {meta.get('name', '')}"
+
+
+def vm_level(vm: Mapping[str, Any]) -> int | None:
+    """The level a VirtualMachine asks for: its own label and its template's (what its
+    instances get); GatingError when either is not a level or they disagree."""
+    title = _title("VirtualMachine", vm)
+    meta, tmpl = _labels(vm).get(VM_LEVEL_LABEL), vm_template_labels(vm).get(VM_LEVEL_LABEL)
+    try:
+        own = None if meta is None else _strict(meta, " on the VirtualMachine")
+        inner = None if tmpl is None else _strict(tmpl, " on its template")
+    except GatingError as exc:
+        raise GatingError(f"{title}: {exc}") from exc
+    if own is not None and inner is not None and own != inner:
+        raise GatingError(
+            f"{title}: label {VM_LEVEL_LABEL} is {json.dumps(meta)} on the VirtualMachine but "
+            f"{json.dumps(tmpl)} on its template; they must agree (its instances get the "
+            "template's)"
+        )
+    return own if own is not None else inner
+
+
+def validate_vm(vm: Mapping[str, Any]) -> Decision:
+    """A gated VM's levels agree and its template selects only Trusted members of its level."""
+    try:
+        level = vm_level(vm)
+    except GatingError as exc:
+        return Decision(False, str(exc))
+    if level is None:
+        return Decision(True)
+    missing = selector_patch(_template_selector(vm), level)
+    if missing:
+        return Decision(
+            False,
+            (
+                f"{_title('VirtualMachine', vm)} needs level {level} but its template's "
+                f"nodeSelector lacks {_pairs(missing)}: it could run on an untrusted node"
+            ),
+        )
+    return Decision(True)
+
+
+def validate_vm_update(*, old: Mapping[str, Any], new: Mapping[str, Any]) -> Decision:
+    """The level a VM was admitted with sticks: not removed, not lowered (raising is fine:
+    its next instance is admitted at the new level, its running one keeps its own)."""
+    title = _title("VirtualMachine", new)
+    old_meta, old_tmpl = _old_level(_labels(old)), _old_level(vm_template_labels(old))
+    was = max((n for n in (old_meta, old_tmpl) if n is not None), default=None)
+    try:
+        level = vm_level(new)
+    except GatingError as exc:
+        return Decision(False, str(exc))
+    if was is None:
+        return Decision(True)
+    instead = (
+        "; its running instance keeps the level it was admitted with. To run it {}, delete the "
+        "VirtualMachine and create it again {}"
+    )
+    if level is None or (old_meta is not None and VM_LEVEL_LABEL not in _labels(new)):
+        return Decision(
+            False,
+            f"{title} was admitted at level {was}: {VM_LEVEL_LABEL} cannot be removed from it"
+            + instead.format("ungated", "without the label"),
+        )
+    if level < was:
+        return Decision(
+            False,
+            f"{title} was admitted at level {was}: {VM_LEVEL_LABEL} cannot be lowered (to {level})"
+            + instead.format(f"at level {level}", "with that level"),
+        )
+    return Decision(True)
+
+
+def _trust_entries(selector: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in sorted(selector.items()) if k.startswith(TRUST_KEYS)}
+
+
+def validate_instance_update(
+    *,
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    members: Sequence[MemberView],
+    now: dt.datetime,
+) -> Decision:
+    """The level a VMI was admitted with sticks: its label may not be removed or lowered, and
+    no entry of its trust selector removed or changed. Raising the level is allowed only when
+    the VMI selects Trusted members of the new level and runs on one now."""
+    title = _title("VirtualMachineInstance", new)
+    old_labels, new_labels = _labels(old), _labels(new)
+    try:
+        level = level_of(new_labels)
+    except GatingError as exc:
+        return Decision(False, f"{title}: {exc}")
+    old_label = _old_level(old_labels)
+    was = max(
+        (n for n in (old_label, selector_level(_node_selector(old))) if n is not None),
+        default=None,
+    )
+    instead = "; to run it {}, delete it (or its VirtualMachine) and create it again {}"
+    if VM_LEVEL_LABEL in old_labels and level is None:
+        return Decision(
+            False,
+            (
+                f"{title} was admitted at level {was}: its label {VM_LEVEL_LABEL} cannot be "
+                "removed (it would then migrate ungated)"
+                + instead.format("ungated", "without the label")
+            ),
+        )
+    if was is not None and level is not None and level < was:
+        return Decision(
+            False,
+            (
+                f"{title} was admitted at level {was}: its label {VM_LEVEL_LABEL} cannot be "
+                f"lowered (to {level})" + instead.format(f"at level {level}", "with that level")
+            ),
+        )
+    kept = _trust_entries(_node_selector(old))
+    selector = _node_selector(new)
+    lost = {k: v for k, v in kept.items() if selector.get(k) != v}
+    if lost:
+        return Decision(
+            False,
+            (
+                f"{title} was admitted with the trust selector {_pairs(kept)}: removing or "
+                f"changing {_pairs(lost)} would let it run on or migrate to untrusted members. "
+                "The trust selector of a running VirtualMachineInstance is fixed: delete it and "
+                "create it again to change where it may run"
+            ),
+        )
+    if level is not None and level > (old_label or 0):
+        decided = validate_instance(
+            name=title, labels=new_labels, node_selector=selector, members=members, now=now
+        )
+        if not decided.allowed:
+            return decided
+        node = (new.get("status") or {}).get("nodeName")
+        if node:
+            here = [m for m in members if m.name == node]
+            if not here or not here[0].usable(now, level):
+                state = _describe(here, now) if here else f"{node}: not a member"
+                return Decision(
+                    False,
+                    (
+                        f"{title} runs on {node}, which may not run a level-{level} VM ({state}); "
+                        f"to raise its level, set {VM_LEVEL_LABEL} on its VirtualMachine and "
+                        "restart it"
+                    ),
+                )
+    return Decision(True)

@@ -3,6 +3,8 @@
 The members' verdicts come from the operator's in-memory view (kept current by the Member
 watch), so a decision costs no API call. A refusal is raised as `kopf.AdmissionError`,
 which reaches the user through kubectl with the message (which member, and why).
+On UPDATE (VMs, and VMIs whose level or nodeSelector changes: `gtvp.webhook_config` scopes
+what reaches these handlers) the old object is judged too: the admitted level sticks.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import kopf
 from gtvp.core.gating import (
     Decision,
     GatingError,
+    admitted_level,
     level_of,
     selector_patch,
     validate_instance,
+    validate_instance_update,
     validate_migration,
-    vm_template_labels,
+    validate_vm,
+    validate_vm_update,
+    vm_level,
 )
-from gtvp.core.trust import MemberView, member_view
+from gtvp.core.trust import VM_LEVEL_LABEL, MemberView, member_view
 from gtvp.handlers import kubevirt, members
 from gtvp.metrics import METRICS
 
@@ -78,10 +84,13 @@ def _level(labels: Any, what: str) -> int | None:
         raise kopf.AdmissionError(str(exc), code=422) from exc
 
 
-@kopf.on.mutate(*KV, "virtualmachines", id="gtvp-mutate-vm")
+@kopf.on.mutate(*KV, "virtualmachines", id="gtvp-mutate-vm", operations=["CREATE", "UPDATE"])
 def mutate_vm(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    labels = {**dict(body.metadata.labels or {}), **vm_template_labels(dict(body))}
-    level = _level(labels, "VirtualMachine")
+    try:
+        level = vm_level(dict(body))
+    except GatingError as exc:
+        METRICS.admission("VirtualMachine", "denied")
+        raise kopf.AdmissionError(str(exc), code=422) from exc
     if level is None:
         return
     tmpl = _spec(body).get("template") or {}
@@ -91,14 +100,14 @@ def mutate_vm(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     spec_patch: dict[str, Any] = {}
     if missing:
         spec_patch["spec"] = {"nodeSelector": missing}
-    if tmpl_labels.get("gtvp.io/level") != str(level):
-        spec_patch["metadata"] = {"labels": {"gtvp.io/level": str(level)}}
+    if tmpl_labels.get(VM_LEVEL_LABEL) != str(level):
+        spec_patch["metadata"] = {"labels": {VM_LEVEL_LABEL: str(level)}}
     if spec_patch:
         patch.spec["template"] = spec_patch
     METRICS.admission("VirtualMachine", "mutated" if spec_patch else "unchanged")
 
 
-@kopf.on.mutate(*KV, "virtualmachineinstances", id="gtvp-mutate-vmi", operation="CREATE")
+@kopf.on.mutate(*KV, "virtualmachineinstances", id="gtvp-mutate-vmi", operations=["CREATE"])
 def mutate_vmi(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     level = _level(body.metadata.labels, "VirtualMachineInstance")
     if level is None:
@@ -109,13 +118,24 @@ def mutate_vmi(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     METRICS.admission("VirtualMachineInstance", "mutated" if missing else "unchanged")
 
 
+def _migrated_level(vmi: dict[str, Any]) -> int | None:
+    """The admitted level of the migrated VMI (label or trust selector, the higher)."""
+    try:
+        return admitted_level(
+            (vmi.get("metadata") or {}).get("labels"), (vmi.get("spec") or {}).get("nodeSelector")
+        )
+    except GatingError as exc:
+        METRICS.admission("VirtualMachineInstanceMigration", "denied")
+        raise kopf.AdmissionError(str(exc), code=422) from exc
+
+
 @kopf.on.mutate(
-    *KV, "virtualmachineinstancemigrations", id="gtvp-mutate-migration", operation="CREATE"
+    *KV, "virtualmachineinstancemigrations", id="gtvp-mutate-migration", operations=["CREATE"]
 )
 def mutate_migration(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     ns = body.metadata.namespace or ""
     vmi = _vmi(ns, str(_spec(body).get("vmiName", "")), "VirtualMachineInstanceMigration")
-    level = _level(vmi.get("metadata", {}).get("labels"), "VirtualMachineInstanceMigration")
+    level = _migrated_level(vmi)
     if level is None:
         return
     missing = selector_patch(_spec(body).get("addedNodeSelector"), level)
@@ -124,29 +144,32 @@ def mutate_migration(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     METRICS.admission("VirtualMachineInstanceMigration", "mutated" if missing else "unchanged")
 
 
-@kopf.on.validate(*KV, "virtualmachines", id="gtvp-validate-vm")
-def validate_vm(body: kopf.Body, **_: Any) -> None:
-    labels = vm_template_labels(dict(body))
-    level = _level(labels, "VirtualMachine")
-    if level is None:
-        return
-    tmpl = _spec(body).get("template") or {}
-    missing = selector_patch((tmpl.get("spec") or {}).get("nodeSelector"), level)
-    _decide(
-        "VirtualMachine",
-        Decision(
-            not missing,
-            (
-                f"VirtualMachine {body.metadata.name} needs level {level} but its template's "
-                f"nodeSelector lacks {', '.join(f'{k}={v}' for k, v in missing.items())}: it could "
-                "run on an untrusted node"
+@kopf.on.validate(*KV, "virtualmachines", id="gtvp-validate-vm", operations=["CREATE", "UPDATE"])
+def validate_vm_(body: kopf.Body, **kwargs: Any) -> None:
+    vm = dict(body)
+    old = kwargs.get("old")  # kopf passes the request's oldObject (None on CREATE)
+    if kwargs.get("operation") == "UPDATE" and old is not None:
+        sticky = validate_vm_update(old=dict(old), new=vm)
+        if not sticky.allowed:
+            _decide("VirtualMachine", sticky)
+    _decide("VirtualMachine", validate_vm(vm))
+
+
+@kopf.on.validate(
+    *KV, "virtualmachineinstances", id="gtvp-validate-vmi", operations=["CREATE", "UPDATE"]
+)
+def validate_vmi(body: kopf.Body, **kwargs: Any) -> None:
+    old = kwargs.get("old")  # kopf passes the request's oldObject (None on CREATE)
+    if kwargs.get("operation") == "UPDATE" and old is not None:
+        # only changes of the level or the nodeSelector of a gated VMI get here (matchConditions)
+        _require_loaded("VirtualMachineInstance")
+        _decide(
+            "VirtualMachineInstance",
+            validate_instance_update(
+                old=dict(old), new=dict(body), members=_members(), now=dt.datetime.now(dt.UTC)
             ),
-        ),
-    )
-
-
-@kopf.on.validate(*KV, "virtualmachineinstances", id="gtvp-validate-vmi", operation="CREATE")
-def validate_vmi(body: kopf.Body, **_: Any) -> None:
+        )
+        return
     if _level(body.metadata.labels, "VirtualMachineInstance") is not None:
         _require_loaded("VirtualMachineInstance")
     _decide(
@@ -162,23 +185,22 @@ def validate_vmi(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.validate(
-    *KV, "virtualmachineinstancemigrations", id="gtvp-validate-migration", operation="CREATE"
+    *KV, "virtualmachineinstancemigrations", id="gtvp-validate-migration", operations=["CREATE"]
 )
 def validate_migration_(body: kopf.Body, **_: Any) -> None:
     ns = body.metadata.namespace or ""
     vmi_name = str(_spec(body).get("vmiName", ""))
     vmi = _vmi(ns, vmi_name, "VirtualMachineInstanceMigration")
-    labels = (vmi.get("metadata") or {}).get("labels") or {}
-    if _level(labels, "VirtualMachineInstanceMigration") is not None:
+    if _migrated_level(vmi) is not None:
         _require_loaded("VirtualMachineInstanceMigration")
-    source = (vmi.get("status") or {}).get("nodeName")
     _decide(
         "VirtualMachineInstanceMigration",
         validate_migration(
             name=str(body.metadata.name),
             vmi_name=f"{ns}/{vmi_name}",
-            vmi_labels=labels,
-            source=source,
+            vmi_labels=(vmi.get("metadata") or {}).get("labels") or {},
+            vmi_node_selector=(vmi.get("spec") or {}).get("nodeSelector"),
+            source=(vmi.get("status") or {}).get("nodeName"),
             added_selector=_spec(body).get("addedNodeSelector"),
             members=_members(),
             now=dt.datetime.now(dt.UTC),
