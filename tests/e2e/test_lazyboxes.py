@@ -355,3 +355,26 @@ def test_box_is_stopped_when_its_member_is_lost_under_policy_stop(
         lambda: (s := status(pool, namespace, "stopper")).get("phase") == "Pending" and s,
     )
     assert "stopped" in st["message"]
+
+
+def test_placing_and_starting_a_box_each_spend_a_use(pool: Pool, namespace: str) -> None:
+    """Placement and the VMI's start are two decisions resting on the host's verdict."""
+    base = {"interval": "2s", "valid_for": "6s", "max_uses": 50, "publisher_keys": PUB.keys}
+    pool.apply_policy(**{**base, "interval": "60s", "valid_for": "180s", "max_uses": 10})
+    try:
+        _wait(
+            "uses at 10",
+            lambda: all(
+                pool.member(n)["status"]["trust"].get("usesLeft") == 10 for n in names(pool)
+            ),
+            timeout=20,
+        )
+        pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("spend")))
+        host = _wait("the box to run", lambda: running(pool, namespace, "spend"))["node"]
+        _wait(
+            "two uses spent",
+            lambda: pool.member(host)["status"]["trust"]["usesLeft"] == 8,
+            timeout=10,
+        )
+    finally:
+        pool.apply_policy(**base)

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from gtvp import kube
-from gtvp.handlers import balancing, kubevirt, lazyboxes, members
+from gtvp.handlers import balancing, drains, kubevirt, lazyboxes, members, policies
 
 log = logging.getLogger("gtvp.handlers")
 # gtvp.handlers.webhooks registers the admission handlers; gtvp.operator_main imports it
@@ -40,9 +40,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.event(GROUP, VERSION, "securitypolicies")
 async def policy_event(body: kopf.Body, type: str | None, **_: Any) -> None:
-    name = body.metadata.name or ""
-    members.set_policy(name, None if type == "DELETED" else dict(body.spec))
-    if name == members.STATE.policy_name:
+    if await policies.observe(dict(body), type or ""):  # what the pool runs under changed
         await asyncio.to_thread(lazyboxes.verify_all)
         lazyboxes.STATE.touch()
 
@@ -53,6 +51,7 @@ async def node_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if type == "DELETED":
         members.STATE.node_labels.pop(name, None)
         members.STATE.nodes.pop(name, None)
+        await members.forget_node(name)
         return
     members.STATE.node_labels[name] = dict(body.metadata.labels or {})
     members.STATE.nodes[name] = dict(body)
@@ -60,18 +59,22 @@ async def node_event(body: kopf.Body, type: str | None, **_: Any) -> None:
         await members.ensure_member(name)
     await members.sync_node(name)
     lazyboxes.touch_waiting()
+    drains.touch()  # a cordon, or a cordoned target freed
 
 
 @kopf.on.event("kubevirt.io", "v1", "virtualmachineinstances")
 async def vmi_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     kubevirt.observe("vmi", dict(body), type or "")
     lazyboxes.observe_kubevirt(dict(body))
+    drains.observe_vmi(dict(body), type or "")  # status.evacuationNodeName: a drain
+    await kubevirt.judge_vmi_start(dict(body), type or "")
 
 
 @kopf.on.event("kubevirt.io", "v1", "virtualmachineinstancemigrations")
 async def migration_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     kubevirt.observe("migration", dict(body), type or "")
     lazyboxes.observe_kubevirt(dict(body))
+    drains.observe_migration(dict(body), type or "")
     if type != "DELETED":
         await kubevirt.judge_migration(dict(body))
         source = ((body.get("status") or {}).get("migrationState") or {}).get("sourceNode")
@@ -84,6 +87,7 @@ async def member_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if members.observe(dict(body), type or ""):
         await members.reconcile(body.metadata.name or "")
         lazyboxes.touch_waiting()
+        drains.touch()
 
 
 @kopf.on.event("kubevirt.io", "v1", "virtualmachines")
@@ -138,16 +142,20 @@ async def load_caches(**_: Any) -> None:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+    for body in listed["secpol"]:  # before any member is judged: no NoPolicy at restart
+        await policies.observe(body, "ADDED")
     for body in listed["member"]:
         members.observe(body, "ADDED")
     for kind in ("vm", "vmi", "migration"):
         for body in listed[kind]:
             kubevirt.observe(kind, body, "ADDED")
+    kubevirt.mark_started(listed["vmi"])
     members.STATE.loaded = True
     log.info("loaded %s", ", ".join(f"{len(items)} {what}s" for what, items in listed.items()))
 
 
 LISTED = {
+    "secpol": (GROUP, VERSION, "securitypolicies"),
     "member": (GROUP, VERSION, "members"),
     "vm": ("kubevirt.io", "v1", "virtualmachines"),
     "vmi": ("kubevirt.io", "v1", "virtualmachineinstances"),
@@ -161,6 +169,7 @@ async def start_recheck_loop(**_: Any) -> None:
     _loop_task = asyncio.create_task(members.recheck_loop(_stop))
     _box_tasks.append(asyncio.create_task(lazyboxes.box_loop(_stop)))
     _box_tasks.append(asyncio.create_task(balancing.balance_loop(_stop)))
+    _box_tasks.append(asyncio.create_task(drains.drain_loop(_stop)))
 
 
 @kopf.on.cleanup()

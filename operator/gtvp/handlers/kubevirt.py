@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from gtvp import kube
 from gtvp.core.evacuation import Vmi, migration_view, plan_evacuation
 from gtvp.core.footprint import Footprint, usage_by_node, vmi_footprint
-from gtvp.core.gating import GatingError, level_of
+from gtvp.core.gating import GatingError, admitted_level
 from gtvp.core.trust import member_view
 from gtvp.metrics import METRICS
 
@@ -39,6 +39,20 @@ class KubeVirtState:
     # room taken by VMIs that are not Lazy Boxes, and its sum per node (None: to recompute)
     footprints: dict[tuple[str, str], Footprint] = field(default_factory=dict)
     usage: dict[str, tuple[int, int]] | None = None
+    on_node: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # node -> VMIs
+    node_of: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def place(self, key: tuple[str, str], node: str | None) -> None:
+        """Index which VMIs run on which node (evacuation looks at one node's VMIs)."""
+        old = self.node_of.get(key)
+        if old == node:
+            return
+        if old is not None:
+            self.on_node.get(old, set()).discard(key)
+            del self.node_of[key]
+        if node:
+            self.node_of[key] = node
+            self.on_node.setdefault(node, set()).add(key)
 
     def foreign_usage(self) -> dict[str, tuple[int, int]]:
         """(CPU millicores, memory bytes) per node taken by VMIs that are not boxes."""
@@ -59,6 +73,8 @@ def observe(kind: str, body: dict[str, Any], event_type: str) -> None:
     else:
         store[key] = body
     if kind == "vmi":
+        node = None if event_type == "DELETED" else (body.get("status") or {}).get("nodeName")
+        STATE.place(key, str(node) if node else None)
         fp = None if event_type == "DELETED" else vmi_footprint(body)
         if STATE.footprints.get(key) != fp:
             if fp is None:
@@ -69,8 +85,12 @@ def observe(kind: str, body: dict[str, Any], event_type: str) -> None:
 
 
 def gated_level(vmi: dict[str, Any]) -> int | None:
+    """The level a VMI was admitted with (its label or its trust selector, the higher)."""
     try:
-        return level_of((vmi.get("metadata") or {}).get("labels") or {})
+        return admitted_level(
+            (vmi.get("metadata") or {}).get("labels") or {},
+            (vmi.get("spec") or {}).get("nodeSelector") or {},
+        )
     except GatingError:
         return 9  # an unreadable level is treated as the strictest
 
@@ -95,8 +115,9 @@ def lookup_vmi(namespace: str, name: str) -> dict[str, Any] | None:
     return obj
 
 
-async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
-    """Act on a member that is not trusted; returns how many gated VMIs are still on it."""
+async def evacuate(member: str, incident: str, on_untrusted: str, keep_level: int = 0) -> int:
+    """Act on the gated VMIs on `member` that need more than `keep_level` (0: the member is
+    not trusted, every gated VMI must go); returns how many of them are still on it."""
     from gtvp.handlers.members import STATE as MEMBERS
 
     c = MEMBERS.clients
@@ -105,9 +126,8 @@ async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
         return 0
     on_member = [
         Vmi(ns, name, member, lvl)
-        for (ns, name), body in STATE.vmis.items()
-        if (body.get("status") or {}).get("nodeName") == member
-        and (lvl := gated_level(body)) is not None
+        for (ns, name) in sorted(STATE.on_node.get(member, ()))
+        if (lvl := gated_level(STATE.vmis.get((ns, name)) or {})) is not None and lvl > keep_level
     ]
     if not on_member or on_untrusted == "Keep":
         return len(on_member)
@@ -145,6 +165,7 @@ async def evacuate(member: str, incident: str, on_untrusted: str) -> int:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
             await asyncio.to_thread(create_migration, c, ns, obj)
+            observe("migration", obj, "ADDED")  # a drain planned next sees it at once
             METRICS.evacuation("started")
             log.info(
                 "evacuating %s/%s from %s: migration %s", ns, obj["spec"]["vmiName"], member, name
@@ -195,6 +216,42 @@ def _stop_vm(c: kube.Clients, vmi: Vmi) -> None:
         log.warning("could not stop %s/%s: %s", vmi.namespace, vmi.name, exc.reason)
 
 
+RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
+
+
+async def rejudge_migrations_to(member: str) -> None:
+    """A member's verdict changed: re-judge the migrations heading there now (an in-flight
+    migration to a member that lost trust is aborted at once, not at its next event)."""
+    for body in list(STATE.migrations.values()):
+        view = migration_view(body)
+        if view.phase in RUNNING_PHASES and member in (view.target, view.pinned):
+            await judge_migration(body)
+
+
+async def judge_vmi_start(body: dict[str, Any], event_type: str) -> None:
+    """A gated VMI that KubeVirt scheduled onto a member spends one use of its verdict
+    (each start is a decision that relies on it); once per VMI."""
+    meta = body.get("metadata") or {}
+    node = (body.get("status") or {}).get("nodeName")
+    uid = str(meta.get("uid", ""))
+    if event_type == "DELETED" or not node or not uid or f"start/{uid}" in STATE.judged:
+        return
+    if gated_level(body) is None:
+        return
+    STATE.judged.add(f"start/{uid}")
+    from gtvp.handlers.members import spend_use
+
+    await spend_use(str(node))
+
+
+def mark_started(bodies: list[dict[str, Any]]) -> None:
+    """VMIs already running when the operator starts spent their use before (no recount)."""
+    for body in bodies:
+        uid = (body.get("metadata") or {}).get("uid")
+        if uid and (body.get("status") or {}).get("phase") == "Running":
+            STATE.judged.add(f"start/{uid}")
+
+
 async def judge_migration(body: dict[str, Any]) -> None:
     """Abort a migration whose target lost trust; spend one use of a good target's verdict."""
     from gtvp.handlers.members import STATE as MEMBERS
@@ -212,12 +269,7 @@ async def judge_migration(body: dict[str, Any]) -> None:
             METRICS.evacuation("finished")
             STATE.judged.add(uid + "/done")
         return
-    if view.target is None or view.phase not in (
-        "Scheduled",
-        "PreparingTarget",
-        "TargetReady",
-        "Running",
-    ):
+    if view.target is None or view.phase not in RUNNING_PHASES:
         return
     vmi = STATE.vmis.get((view.namespace, view.vmi)) or {}
     level = gated_level(vmi)

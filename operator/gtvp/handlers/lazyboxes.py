@@ -39,7 +39,7 @@ from gtvp.core.compose import BOOT_ANNOTATION, BOX_LABEL, BoxRef, preferred_node
 from gtvp.core.placement import Host
 from gtvp.core.quantity import cpu_millis, memory_bytes
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
-from gtvp.core.trust import member_view
+from gtvp.core.trust import VM_LEVEL_LABEL, member_view
 from gtvp.handlers import kubevirt
 from gtvp.metrics import METRICS
 
@@ -483,8 +483,21 @@ def reconcile_box(key: Key) -> Decision | None:
     return decision
 
 
+def _level_label(vm: Mapping[str, Any]) -> int:
+    raw = str(((vm.get("metadata") or {}).get("labels") or {}).get(VM_LEVEL_LABEL, "0"))
+    return int(raw) if raw.isdigit() else 9
+
+
 def _write_vm(c: kube.Clients, key: Key, vm: dict[str, Any]) -> bool:
     current = kubevirt.STATE.vms.get(key)
+    if current is not None and _level_label(vm) < _level_label(current):
+        # the admitted level sticks (the webhooks refuse lowering it on an update): a box
+        # whose level went down gets a new VM, which restarts it
+        log.info("box %s/%s: level lowered, its VirtualMachine is created anew", *key)
+        with contextlib.suppress(ApiException):
+            c.custom.delete_namespaced_custom_object(*KV, key[0], "virtualmachines", key[1])
+        kubevirt.STATE.vms.pop(key, None)
+        current = None
     try:
         if current is None:
             try:
@@ -605,7 +618,13 @@ async def box_loop(stop: asyncio.Event, period: float = 5.0) -> None:
 async def _reconcile_safely(key: Key, limit: asyncio.Semaphore) -> None:
     async with limit:
         try:
-            await asyncio.to_thread(reconcile_box, key)
+            decision = await asyncio.to_thread(reconcile_box, key)
+            if decision is not None and decision.placement is not None:
+                node = decision.placement.node
+                if node:  # a placement is a decision that relies on the member's verdict
+                    from gtvp.handlers.members import spend_use as spend_verdict_use
+
+                    await spend_verdict_use(node)
         except Exception:  # one box must not stop the others
             log.exception("reconciling LazyBox %s/%s failed; retrying", *key)
             STATE.dirty.add(key)

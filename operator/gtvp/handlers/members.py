@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
-from gtvp.core.policy import Policy, PolicyError, parse_policy
+from gtvp.core.policy import Policy
 from gtvp.core.trust import node_patch
 from gtvp.handlers import kubevirt
 from gtvp.metrics import METRICS
@@ -87,26 +87,33 @@ class PoolState:
 STATE = PoolState()
 
 
-def set_policy(name: str, spec: Mapping[str, Any] | None) -> None:
+def set_policy(name: str, policy: Policy | None, error: str | None = None) -> bool:
+    """Run the pool under `policy` if `name` is the policy this operator enforces.
+
+    `policy` is the generation `gtvp.handlers.policies` chose (the current one, or the last
+    accepted one while the current is unusable); None, with `error` saying why, when no
+    usable generation is known: every member turns Untrusted (NoPolicy), fail closed.
+    True when that changed what the pool runs under (every member is looked at again).
+    """
     if name != STATE.policy_name:
-        return
-    if spec is None:
-        STATE.policy, STATE.policy_error = None, f"SecurityPolicy {name!r} does not exist"
-        return
-    try:
-        STATE.policy, STATE.policy_error = parse_policy(name, spec), None
+        return False
+    error = None if policy is not None else (error or f"SecurityPolicy {name!r} is unusable")
+    if policy == STATE.policy and error == STATE.policy_error:
+        return False
+    STATE.policy, STATE.policy_error = policy, error
+    if policy is not None:
         log.info(
-            "SecurityPolicy %s loaded: levels %s, PCRs %s:%s",
+            "SecurityPolicy %s in force: levels %s, PCRs %s:%s",
             name,
-            [lv.level for lv in STATE.policy.levels],
-            STATE.policy.pcr_bank,
-            list(STATE.policy.pcrs),
+            [lv.level for lv in policy.levels],
+            policy.pcr_bank,
+            list(policy.pcrs),
         )
-    except PolicyError as exc:
-        STATE.policy, STATE.policy_error = None, str(exc)
-        log.error("SecurityPolicy %s is unusable: %s; every member is Untrusted", name, exc)
+    else:
+        log.error("no usable SecurityPolicy: %s; every member is Untrusted", error)
     for member in list(STATE.bodies):
         STATE.schedule(member, dt.timedelta(0))
+    return True
 
 
 def _no_policy_status(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,21 +178,10 @@ async def reconcile(name: str) -> None:
             result = await asyncio.to_thread(kube.patch_member_status, c, name, patch)
             remember(name, dict(result) if isinstance(result, Mapping) else body)
         await sync_node(name)
-        phase = str(new.get("phase", ""))
-        if phase in ("Untrusted", "Maintenance") and step is not None:
-            trust = new.get("trust") or {}
-            incident = f"{trust.get('reason')}@{trust.get('verifiedAt')}"
-            action = (
-                "Migrate"
-                if phase == "Maintenance"
-                else str((new.get("effectivePolicy") or {}).get("onUntrusted", "Migrate"))
-            )
-            remaining = await kubevirt.evacuate(name, incident, action)
-            if remaining and action == "Migrate":
-                STATE.schedule(name, dt.timedelta(seconds=1))
-                step = dataclasses.replace(
-                    step, recheck_after=min(step.recheck_after, dt.timedelta(seconds=1))
-                )
+        if status.get("phase") != new.get("phase") or status.get("level") != new.get("level"):
+            await kubevirt.rejudge_migrations_to(name)
+        if step is not None:
+            step = await _move_vms_off(name, new, step)
         if step is not None:
             for ev in step.events:
                 meta = body.get("metadata") or {}
@@ -205,6 +201,31 @@ async def reconcile(name: str) -> None:
         else:
             STATE.schedule(name, dt.timedelta(seconds=30))
         METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
+
+
+async def _move_vms_off(name: str, new: Mapping[str, Any], step: Step) -> Step:
+    """Apply onUntrusted to the gated VMs the member may no longer hold: all of them in
+    every phase but Trusted (Pending, Enrolling, Untrusted, Maintenance alike), those that
+    need more than its level when Trusted at a lower level than before."""
+    phase = str(new.get("phase", ""))
+    trust = new.get("trust") or {}
+    if phase == "Trusted":
+        keep = int(new.get("level", 0) or 0)
+        incident, action = f"level-{keep}", "Migrate"
+    else:
+        keep = 0
+        incident = f"{trust.get('reason') or phase}@{trust.get('verifiedAt') or phase}"
+        action = (
+            "Migrate"
+            if phase == "Maintenance"
+            else str((new.get("effectivePolicy") or {}).get("onUntrusted", "Migrate"))
+        )
+    remaining = await kubevirt.evacuate(name, incident, action, keep_level=keep)
+    if remaining and action == "Migrate":
+        return dataclasses.replace(
+            step, recheck_after=min(step.recheck_after, dt.timedelta(seconds=1))
+        )
+    return step
 
 
 async def sync_node(name: str) -> None:
@@ -246,7 +267,7 @@ async def ensure_member(name: str) -> None:
     body = {
         "apiVersion": "gtvp.io/v1alpha1",
         "kind": "Member",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {NODE_MEMBER_LABEL: "true"}},
         "spec": {"identity": STATE.default_identity},
     }
     try:
@@ -257,6 +278,37 @@ async def ensure_member(name: str) -> None:
     except ApiException as exc:
         if exc.status != 409:
             log.warning("could not create Member %s: %s %s", name, exc.status, exc.reason)
+
+
+NODE_MEMBER_LABEL = "gtvp.io/node-member"
+"""On the Members the operator created for a Node: they leave with their Node."""
+
+
+async def forget_node(name: str) -> None:
+    """A Node was deleted: the Member the operator made for it goes too (no orphan left
+    counted, listed or offered as a target). A Member an administrator created stays, with
+    a Warning, since it may carry an approval meant for a node that is coming back."""
+    c = STATE.clients
+    body = STATE.bodies.get(name)
+    if c is None or body is None:
+        return
+    meta = body.get("metadata") or {}
+    if (meta.get("labels") or {}).get(NODE_MEMBER_LABEL) == "true":
+        await asyncio.to_thread(kube.delete_member, c, name)
+        log.info("node %s left: its Member was deleted", name)
+        return
+    message = f"Node {name} was deleted; this Member (created by an administrator) has no Node"
+    await asyncio.to_thread(
+        kube.post_event,
+        c,
+        kind="Member",
+        name=name,
+        uid=str(meta.get("uid", "")),
+        namespace=None,
+        type_="Warning",
+        reason="NodeGone",
+        message=message,
+    )
 
 
 async def spend_use(name: str) -> None:
