@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import json
 import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.policy import parse_policy
@@ -60,6 +62,7 @@ class Member:
             answered_nonces=frozenset(self.answered),
             ek_holders=self.ek_holders,
         )
+        _as_stored(step.status)
         self.status = {**step.status, "agent": self.status.get("agent", {})}
         if step.answered_nonce:
             self.answered.add(step.answered_nonce)
@@ -102,6 +105,14 @@ class Member:
     @property
     def reason(self) -> str:
         return str((self.status.get("trust") or {}).get("reason"))
+
+
+def _as_stored(status: dict[str, Any]) -> None:
+    """The operator's status is what the API server stores: plain JSON and YAML values (the
+    phase and the verdict are written as strings, not as core's StrEnums)."""
+    assert type(status["phase"]) is str
+    assert type((status.get("trust") or {}).get("verdict", "")) is str
+    assert yaml.safe_load(yaml.safe_dump(status)) == json.loads(json.dumps(status)) == status
 
 
 def _enrolled(

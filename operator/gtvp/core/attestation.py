@@ -21,7 +21,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 from gtvp.core import errors
 from gtvp.core.conditions import merge_conditions as _conditions
@@ -32,6 +32,13 @@ from gtvp.core.enrolment import (
     ek_fingerprint,
     make_activation_challenge,
     verify_ek_certificate,
+)
+from gtvp.core.phases import (
+    ChallengeStatus,
+    CredentialChallenge,
+    MemberPhase,
+    TrustStatus,
+    Verdict,
 )
 from gtvp.core.policy import MemberPolicy, Policy, member_policy
 from gtvp.core.quote import (
@@ -91,15 +98,15 @@ def _hex(value: Any, what: str) -> bytes:
         raise errors.MalformedEvidence(f"{what} is not hex") from exc
 
 
-def _retry_at(
-    err: errors.VerificationError, trust: dict[str, Any], now: dt.datetime
-) -> dt.datetime:
+def _retry_at(err: errors.VerificationError, trust: TrustStatus, now: dt.datetime) -> dt.datetime:
     """When to ask for the next quote after a failure (records a reboot's new baseline)."""
     if isinstance(err, errors.Rebooted) and isinstance(err.clock, ClockState):
         trust.update(
-            clock=err.clock.clock,
-            resetCount=err.clock.reset_count,
-            restartCount=err.clock.restart_count,
+            {
+                "clock": err.clock.clock,
+                "resetCount": err.clock.reset_count,
+                "restartCount": err.clock.restart_count,
+            }
         )
         return now
     if isinstance(err, errors.EvidenceTooLate):
@@ -134,7 +141,7 @@ def _next_quote(
 
 def _nonce_challenge(
     policy: Policy, entropy: bytes, now: dt.datetime, answer_after: dt.datetime
-) -> dict[str, Any]:
+) -> ChallengeStatus:
     return {
         "nonce": hashlib.sha256(b"nonce" + entropy).hexdigest(),
         "pcrBank": policy.pcr_bank,
@@ -156,7 +163,7 @@ class _Keys:
 def _check_enrolment(
     enrollment: Mapping[str, Any],
     spec: Mapping[str, Any],
-    trust: Mapping[str, Any],
+    trust: TrustStatus,
     policy: Policy,
     now: dt.datetime,
     *,
@@ -228,7 +235,7 @@ def _evidence(raw: Mapping[str, Any]) -> Evidence:
     )
 
 
-def _last_clock(trust: Mapping[str, Any]) -> ClockState | None:
+def _last_clock(trust: TrustStatus) -> ClockState | None:
     try:
         return ClockState(int(trust["clock"]), int(trust["resetCount"]), int(trust["restartCount"]))
     except (KeyError, TypeError, ValueError):
@@ -302,8 +309,8 @@ class _Cycle:
     ) -> None:
         self.policy, self.mp, self.now, self.entropy = policy, mp, now, entropy
         self.enrollment: Mapping[str, Any] = (status.get("agent") or {}).get("enrollment") or {}
-        self.trust: dict[str, Any] = dict(status.get("trust") or {})
-        self.challenge: dict[str, Any] = dict(status.get("challenge") or {})
+        self.trust = cast(TrustStatus, dict(status.get("trust") or {}))
+        self.challenge = cast(ChallengeStatus, dict(status.get("challenge") or {}))
         self.conditions_before = list(status.get("conditions") or [])
         self.maintenance = bool(spec.get("maintenance", False))
         self.interval = mp.attestation.interval
@@ -364,9 +371,8 @@ class _Cycle:
         except errors.VerificationError as err:
             self.challenge = {"credential": _credential(keys, self.entropy)}
             return self.failed(err, bound=False, recheck=RETRY_AFTER_FAILURE)
-        for k in ("clock", "resetCount", "restartCount"):
-            trust.pop(k, None)
-        trust.update(akName=keys.ak_name, ekSHA256=keys.fingerprint)
+        _forget(trust, _CLOCK_KEYS)
+        trust.update({"akName": keys.ak_name, "ekSHA256": keys.fingerprint})
         self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
         bound_msg = f"AK {keys.ak_name[:16]}… bound to EK {keys.fingerprint[:16]}…"
         return self.finish(
@@ -399,7 +405,7 @@ class _Cycle:
                 self.policy, self.entropy, now, _retry_at(err, trust, now)
             )
             return self.failed(err, bound=True, answered=nonce, recheck=RETRY_AFTER_FAILURE)
-        was_trusted = trust.get("verdict") == "Trusted"
+        was_trusted = trust.get("verdict") == Verdict.TRUSTED
         held = _hold_for_readmission(trust, readmit, mp, now, result.clock)
         if held is not None:
             self.challenge = _nonce_challenge(self.policy, self.entropy, now, now + self.interval)
@@ -466,21 +472,22 @@ class _Cycle:
         """Untrusted with the error's reason and the reason as the outcome; a Warning event
         on the transition only (the same failure every cycle is one event, not one a cycle)."""
         trust = self.trust
-        repeat = trust.get("verdict") == "Untrusted" and trust.get("reason") == err.reason
+        repeat = trust.get("verdict") == Verdict.UNTRUSTED and trust.get("reason") == err.reason
         # lateness is no sign of tampering: it never waits for a human
         if not self.mp.attestation.auto_recover and not isinstance(err, errors.EvidenceTooLate):
             trust["awaitingReadmission"] = True
         trust.update(
-            verdict="Untrusted",
-            reason=err.reason,
-            message=err.message[:2000],
-            verifiedAt=format_ts(self.now),
-            usesLeft=0,
+            {
+                "verdict": Verdict.UNTRUSTED.value,
+                "reason": err.reason,
+                "message": err.message[:2000],
+                "verifiedAt": format_ts(self.now),
+                "usesLeft": 0,
+            }
         )
         trust.pop("expiresAt", None)
         if unbind:  # the EK pin (ekSHA256) stays: only the AK must be bound again
-            for k in ("akName", "clock", "resetCount", "restartCount"):
-                trust.pop(k, None)
+            _forget(trust, ("akName", *_CLOCK_KEYS))
         return self.finish(
             reason=err.reason,
             message=err.message,
@@ -510,10 +517,10 @@ class _Cycle:
             outcome = outcome or expired.reason
             reason, message = expired.reason, expired.message
         expires = parse_ts(trust.get("expiresAt"))
-        trusted = trust.get("verdict") == "Trusted" and expires is not None and now < expires
+        trusted = trust.get("verdict") == Verdict.TRUSTED and expires is not None and now < expires
         phase = self.phase(trusted=trusted, bound=bound)
         new_status: dict[str, Any] = {
-            "phase": phase,
+            "phase": phase.value,
             "level": self.mp.level if trusted and not self.maintenance else 0,
             "trust": trust,
             "challenge": self.challenge,
@@ -523,8 +530,8 @@ class _Cycle:
                 now,
                 {
                     "Ready": (
-                        phase == "Trusted",
-                        "Trusted" if phase == "Trusted" else reason,
+                        phase == MemberPhase.TRUSTED,
+                        phase.value if phase == MemberPhase.TRUSTED else reason,
                         message,
                     ),
                     "Enrolled": (
@@ -545,14 +552,17 @@ class _Cycle:
             recheck = min(recheck, max(expires - now, dt.timedelta(seconds=1)))
         return Step(new_status, events, outcome, answered, recheck)
 
-    def phase(self, *, trusted: bool, bound: bool) -> str:
+    def phase(self, *, trusted: bool, bound: bool) -> MemberPhase:
         if self.maintenance:
-            return "Maintenance"
+            return MemberPhase.MAINTENANCE
         if trusted:
-            return "Trusted"
+            return MemberPhase.TRUSTED
         if self.trust.get("verdict") and self.trust.get("reason") != "NoPolicy":
-            return "Untrusted"  # it held or was refused a verdict: never back to Pending
-        return "Pending" if not bound and not self.enrollment else "Enrolling"
+            # it held or was refused a verdict: never back to Pending
+            return MemberPhase.UNTRUSTED
+        if not bound and not self.enrollment:
+            return MemberPhase.PENDING
+        return MemberPhase.ENROLLING
 
 
 def _effective_policy(policy: Policy, mp: MemberPolicy) -> dict[str, Any]:
@@ -568,7 +578,7 @@ def _effective_policy(policy: Policy, mp: MemberPolicy) -> dict[str, Any]:
 
 
 def _record_verdict(
-    trust: dict[str, Any],
+    trust: TrustStatus,
     *,
     result: QuoteResult,
     policy: Policy,
@@ -578,28 +588,39 @@ def _record_verdict(
 ) -> None:
     against = "the event log" if result.used_event_log else "golden values"
     trust.update(
-        verdict="Trusted",
-        reason="QuoteVerified",
-        message=f"quote verified against {against} ({policy.pcr_bank}:{list(policy.pcrs)})",
-        verifiedAt=format_ts(now),
-        expiresAt=format_ts(issued + mp.attestation.valid_for),
-        usesLeft=mp.attestation.max_uses,
-        clock=result.clock.clock,
-        resetCount=result.clock.reset_count,
-        restartCount=result.clock.restart_count,
+        {
+            "verdict": Verdict.TRUSTED.value,
+            "reason": "QuoteVerified",
+            "message": (
+                f"quote verified against {against} ({policy.pcr_bank}:{list(policy.pcrs)})"
+            ),
+            "verifiedAt": format_ts(now),
+            "expiresAt": format_ts(issued + mp.attestation.valid_for),
+            "usesLeft": mp.attestation.max_uses,
+            "clock": result.clock.clock,
+            "resetCount": result.clock.reset_count,
+            "restartCount": result.clock.restart_count,
+        }
     )
 
 
-def _expire_if_due(trust: dict[str, Any], mp: MemberPolicy, now: dt.datetime) -> Event | None:
+def _expire_if_due(trust: TrustStatus, mp: MemberPolicy, now: dt.datetime) -> Event | None:
     """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`)."""
     expires = parse_ts(trust.get("expiresAt"))
-    if trust.get("verdict") != "Trusted" or (expires is not None and now < expires):
+    if trust.get("verdict") != Verdict.TRUSTED or (expires is not None and now < expires):
         return None
     message = (
         f"no fresh quote verified within validFor ({mp.attestation.valid_for}): agent "
         "stopped, network partition, TPM gone or operator down"
     )
-    trust.update(verdict="Untrusted", reason="VerdictExpired", message=message, usesLeft=0)
+    trust.update(
+        {
+            "verdict": Verdict.UNTRUSTED.value,
+            "reason": "VerdictExpired",
+            "message": message,
+            "usesLeft": 0,
+        }
+    )
     if not mp.attestation.auto_recover:
         trust["awaitingReadmission"] = True
     trust.pop("expiresAt", None)
@@ -607,8 +628,8 @@ def _expire_if_due(trust: dict[str, Any], mp: MemberPolicy, now: dt.datetime) ->
 
 
 def _ask_now_if_spent(
-    trust: Mapping[str, Any],
-    challenge: dict[str, Any],
+    trust: TrustStatus,
+    challenge: ChallengeStatus,
     now: dt.datetime,
     interval: dt.timedelta,
 ) -> None:
@@ -618,7 +639,7 @@ def _ask_now_if_spent(
     if answer_after is not None and answer_after > now + interval:
         challenge["answerAfter"] = format_ts(now + interval)
     if (
-        trust.get("verdict") == "Trusted"
+        trust.get("verdict") == Verdict.TRUSTED
         and int(trust.get("usesLeft", 0) or 0) <= 0
         and answer_after is not None
         and answer_after > now
@@ -627,7 +648,7 @@ def _ask_now_if_spent(
 
 
 def _hold_for_readmission(
-    trust: dict[str, Any],
+    trust: TrustStatus,
     readmit: str | None,
     mp: MemberPolicy,
     now: dt.datetime,
@@ -649,20 +670,31 @@ def _hold_for_readmission(
         'member NAME gtvp.io/readmit="$(date +%s)" --overwrite'
     )
     trust.update(
-        verdict="Untrusted",
-        reason="AwaitingReadmission",
-        message=message,
-        verifiedAt=format_ts(now),
-        usesLeft=0,
-        clock=clock.clock,
-        resetCount=clock.reset_count,
-        restartCount=clock.restart_count,
+        {
+            "verdict": Verdict.UNTRUSTED.value,
+            "reason": "AwaitingReadmission",
+            "message": message,
+            "verifiedAt": format_ts(now),
+            "usesLeft": 0,
+            "clock": clock.clock,
+            "resetCount": clock.reset_count,
+            "restartCount": clock.restart_count,
+        }
     )
     trust.pop("expiresAt", None)
     return message
 
 
-def _credential(keys: _Keys, entropy: bytes) -> dict[str, Any]:
+_TrustKey = Literal["akName", "clock", "resetCount", "restartCount"]
+_CLOCK_KEYS: tuple[_TrustKey, ...] = ("clock", "resetCount", "restartCount")
+
+
+def _forget(trust: TrustStatus, keys: tuple[_TrustKey, ...]) -> None:
+    for k in keys:
+        trust.pop(k, None)
+
+
+def _credential(keys: _Keys, entropy: bytes) -> CredentialChallenge:
     secret = hashlib.sha256(b"secret" + entropy).digest()
     ch = make_activation_challenge(
         ek_public_area=keys.ek_area, ak_name=bytes.fromhex(keys.ak_name), secret=secret

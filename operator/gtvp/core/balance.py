@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gtvp.core.evacuation import HOSTNAME_LABEL, Migration, migration_object
+from gtvp.core.migration_budget import MigrationBudget, recorded_source
+from gtvp.core.phases import MemberPhase
 from gtvp.core.placement import Host
 from gtvp.core.policy import Balancing, MigrationLimits
 from gtvp.core.quantity import human_bytes
@@ -88,139 +90,190 @@ def plan_balance(
     now: dt.datetime,
 ) -> BalancePlan:
     """The migrations to start now, and the overload bookkeeping for the next call."""
-    high, low = settings.high_watermark / 100, settings.low_watermark / 100
-    used = {h.name: [h.cpu_used, h.memory_used] for h in hosts}
-    by_name = {h.name: h for h in hosts}
-
-    def now_load(name: str) -> float:
-        return load(used[name][0], used[name][1], by_name[name])
-
+    loads = _Loads.of(hosts)
+    high = settings.high_watermark / 100
     since = {
         h.name: over_since.get(h.name, now)
         for h in hosts
         # members that are not Trusted are emptied by evacuation, not balanced (a Trusted
         # member waiting for a fresh quote after spending its uses keeps its clock)
-        if h.phase == "Trusted" and h.cpu_millis > 0 and now_load(h.name) > high
+        if h.phase == MemberPhase.TRUSTED and h.cpu_millis > 0 and loads.load(h.name) > high
     }
     if not settings.enabled:
         return BalancePlan((), since, {})
-
     active = [m for m in migrations if m.active]
-    busy = {(m.namespace, m.vmi) for m in active}
-    by_key = {(b.namespace, b.name): b for b in boxes}
-    budget = limits.max_parallel - len(active)
-    outbound: dict[str, int] = {}
-    inbound: dict[str, int] = {}
-    for m in active:
-        moving = by_key.get((m.namespace, m.vmi))
-        src = m.source or (moving.node if moving else None)
-        if src:
-            outbound[src] = outbound.get(src, 0) + 1
-        if m.inbound_to:
-            inbound[m.inbound_to] = inbound.get(m.inbound_to, 0) + 1
-            if moving is not None and m.inbound_to in used and m.inbound_to != moving.node:
-                # a box on its way counts at its target too (and at its source until it left)
-                used[m.inbound_to][0] += moving.cpu_millis
-                used[m.inbound_to][1] += moving.memory_bytes
-
+    loads.count_arrivals(active, {(b.namespace, b.name): b for b in boxes})
+    balancer = _Balancer(
+        settings=settings,
+        now=now,
+        since=since,
+        loads=loads,
+        budget=MigrationBudget.of(
+            limits, active, recorded_source({(b.namespace, b.name): b.node for b in boxes})
+        ),
+        boxes=boxes,
+        busy=frozenset((m.namespace, m.vmi) for m in active),
+        last_moved=last_moved,
+    )
     sources = sorted(
         (n for n, t in since.items() if now - t >= settings.sustain_for),
-        key=lambda n: (-now_load(n), n),
+        key=lambda n: (-loads.load(n), n),
     )
-    moves: list[Move] = []
     stuck: dict[str, str] = {}
     for source in sources:
-        host = by_name[source]
-        movable = [
+        why = balancer.relieve(source)
+        if loads.load(source) > high and not any(m.box.node == source for m in balancer.moves):
+            stuck[source] = why
+    return BalancePlan(tuple(balancer.moves), since, stuck)
+
+
+@dataclass
+class _Loads:
+    """What each member commits (CPU millis, memory bytes), as the plan moves boxes."""
+
+    hosts: Mapping[str, Host]
+    used: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, hosts: Sequence[Host]) -> _Loads:
+        return cls({h.name: h for h in hosts}, {h.name: [h.cpu_used, h.memory_used] for h in hosts})
+
+    def load(self, name: str) -> float:
+        return load(self.used[name][0], self.used[name][1], self.hosts[name])
+
+    def add(self, name: str, box: PlacedBox, sign: int = 1) -> None:
+        self.used[name][0] += sign * box.cpu_millis
+        self.used[name][1] += sign * box.memory_bytes
+
+    def count_arrivals(self, active: Sequence[Migration], boxes: Mapping[Key, PlacedBox]) -> None:
+        """A box on its way counts at its target too (and at its source until it left)."""
+        for m in active:
+            moving = boxes.get((m.namespace, m.vmi))
+            target = m.inbound_to
+            if target and moving is not None and target in self.used and target != moving.node:
+                self.add(target, moving)
+
+
+class _Balancer:
+    """One plan's state: the loads and migration budget as moves are decided, the moves."""
+
+    def __init__(
+        self,
+        *,
+        settings: Balancing,
+        now: dt.datetime,
+        since: Mapping[str, dt.datetime],
+        loads: _Loads,
+        budget: MigrationBudget,
+        boxes: Sequence[PlacedBox],
+        busy: frozenset[Key],
+        last_moved: Mapping[Key, dt.datetime],
+    ) -> None:
+        self.settings, self.now, self.since = settings, now, since
+        self.loads, self.budget = loads, budget
+        self.boxes, self.busy, self.last_moved = boxes, busy, last_moved
+        self.high = settings.high_watermark / 100
+        self.low = settings.low_watermark / 100
+        self.moves: list[Move] = []
+
+    def movable(self, source: str) -> list[PlacedBox]:
+        """The boxes on `source` that may move: not migrating, not moved within cooldown."""
+        never = dt.datetime.min.replace(tzinfo=dt.UTC)
+        return [
             b
-            for b in boxes
+            for b in self.boxes
             if b.node == source
-            and (b.namespace, b.name) not in busy
-            and now - last_moved.get((b.namespace, b.name), dt.datetime.min.replace(tzinfo=dt.UTC))
-            >= settings.cooldown
+            and (b.namespace, b.name) not in self.busy
+            and self.now - self.last_moved.get((b.namespace, b.name), never)
+            >= self.settings.cooldown
         ]
-        why = (
-            f"no box on {source} may move now (migrating, or moved less than "
-            f"{_human(settings.cooldown)} ago)"
-            if any(b.node == source for b in boxes)
-            else f"no Lazy Box runs on {source} (gtvp moves only boxes)"
-        )
-        while now_load(source) > high and movable:
-            if budget <= 0:
-                why = f"the cluster runs {limits.max_parallel} migrations already"
-                break
-            if outbound.get(source, 0) >= limits.max_outbound_per_node:
-                why = f"{source} already sends {limits.max_outbound_per_node} migrations"
-                break
-            picked = _pick(
-                source=source,
-                movable=movable,
-                used=used,
-                host=host,
-                high=high,
-                low=low,
-                hosts=by_name,
-                inbound=inbound,
-                limits=limits,
+
+    def relieve(self, source: str) -> str:
+        """Move boxes off `source` until it is at or under the high watermark; returns why
+        it may stay above (what held the last move back)."""
+        movable = self.movable(source)
+        while self.loads.load(source) > self.high and movable:
+            held = self._held_back(source)
+            picked = (
+                None
+                if held
+                else _pick(
+                    source=source,
+                    movable=movable,
+                    loads=self.loads,
+                    high=self.high,
+                    low=self.low,
+                    budget=self.budget,
+                )
             )
             if picked is None:
-                why = (
+                return held or (
                     f"no Trusted member of a sufficient level stays at or under "
-                    f"{settings.low_watermark} % with any of its {len(movable)} movable boxes"
+                    f"{self.settings.low_watermark} % with any of its {len(movable)} movable "
+                    "boxes"
                 )
-                break
-            box, target, cached = picked
-            before = now_load(source)
-            used[source][0] -= box.cpu_millis
-            used[source][1] -= box.memory_bytes
-            used[target][0] += box.cpu_millis
-            used[target][1] += box.memory_bytes
-            movable.remove(box)
-            budget -= 1
-            outbound[source] = outbound.get(source, 0) + 1
-            inbound[target] = inbound.get(target, 0) + 1
-            reason = (
-                f"{source} at {before:.1%} (> {settings.high_watermark} % for "
-                f"{_human(now - since[source])}); {target} at {now_load(target):.1%} with the box, "
-                f"{human_bytes(cached)} of its components cached"
+            self._move(source, *picked)
+            movable.remove(picked[0])
+        if any(b.node == source for b in self.boxes):
+            return (
+                f"no box on {source} may move now (migrating, or moved less than "
+                f"{_human(self.settings.cooldown)} ago)"
             )
-            moves.append(Move(box, target, reason, _migration(box, target, since[source], reason)))
-        if now_load(source) > high and not any(m.box.node == source for m in moves):
-            stuck[source] = why
-    return BalancePlan(tuple(moves), since, stuck)
+        return f"no Lazy Box runs on {source} (gtvp moves only boxes)"
+
+    def _held_back(self, source: str) -> str | None:
+        """Why the migration limits allow no move off `source` now (None: they allow one)."""
+        limits = self.budget.limits
+        if not self.budget.cluster_allows():
+            return f"the cluster runs {limits.max_parallel} migrations already"
+        if not self.budget.sends(source):
+            return f"{source} already sends {limits.max_outbound_per_node} migrations"
+        return None
+
+    def _move(self, source: str, box: PlacedBox, target: str, cached: int) -> None:
+        before = self.loads.load(source)
+        self.loads.add(source, box, -1)
+        self.loads.add(target, box)
+        self.budget.take(source, target)
+        reason = (
+            f"{source} at {before:.1%} (> {self.settings.high_watermark} % for "
+            f"{_human(self.now - self.since[source])}); {target} at "
+            f"{self.loads.load(target):.1%} with the box, "
+            f"{human_bytes(cached)} of its components cached"
+        )
+        migration = _migration(box, target, self.since[source], reason)
+        self.moves.append(Move(box, target, reason, migration))
 
 
 def _pick(
     *,
     source: str,
     movable: Sequence[PlacedBox],
-    used: Mapping[str, list[int]],
-    host: Host,
+    loads: _Loads,
     high: float,
     low: float,
-    hosts: Mapping[str, Host],
-    inbound: Mapping[str, int],
-    limits: MigrationLimits,
+    budget: MigrationBudget,
 ) -> tuple[PlacedBox, str, int] | None:
     """The box to move off `source` and where: smallest that suffices, else the largest."""
+    host = loads.hosts[source]
 
     def size(b: PlacedBox) -> float:
         return load(b.cpu_millis, b.memory_bytes, host)
 
     def relieves(b: PlacedBox) -> bool:
-        cpu, mem = used[source]
+        cpu, mem = loads.used[source]
         return load(cpu - b.cpu_millis, mem - b.memory_bytes, host) <= high
 
     enough = sorted((b for b in movable if relieves(b)), key=lambda b: (size(b), b.name))
     rest = sorted((b for b in movable if not relieves(b)), key=lambda b: (-size(b), b.name))
     for box in (*enough, *rest):
         best: tuple[int, float, str] | None = None
-        for name, h in hosts.items():
+        for name, h in loads.hosts.items():
             if name == source or not h.usable or h.level < box.level:
                 continue
-            if inbound.get(name, 0) >= limits.max_inbound_per_node:
+            if not budget.receives(name):
                 continue
-            cpu, mem = used[name][0] + box.cpu_millis, used[name][1] + box.memory_bytes
+            cpu, mem = loads.used[name][0] + box.cpu_millis, loads.used[name][1] + box.memory_bytes
             after = load(cpu, mem, h)
             if after > low or cpu > h.cpu_millis or mem > h.memory_bytes:
                 continue

@@ -121,21 +121,9 @@ def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
         reason, message = inp.failure or ("Unsatisfiable", "the box cannot be resolved")
         return _failed(inp, now, reason, message, "Resolved")
     comps = list(inp.components)
-    missing = [c for c in comps if c.object_name not in inp.checks]
-    if missing:
-        msg = "waiting for verification of " + describe(missing)
-        return Decision(_status(inp, now, "Verifying", msg, {"Verified": (False, "Pending", msg)}))
-    bad = [c for c in comps if not inp.checks[c.object_name].ok]
-    if bad:
-        c = bad[0]
-        chk = inp.checks[c.object_name]
-        message = (
-            f"component {c.label} (OSComponent {c.object_name}) failed verification: "
-            f"{chk.reason}: {chk.message}; it is never used"
-        )
-        if inp.observed.vm_exists:  # keep what runs; the upgrade is blocked
-            return _observe(inp, now, blocked=(chk.reason, message))
-        return _failed(inp, now, "ComponentFailedVerification", message, "Verified")
+    unverified = _unverified(inp, now, comps)
+    if unverified is not None:
+        return unverified
     try:
         cpu, mem = (
             cpu_millis(inp.spec["resources"]["cpu"]),
@@ -150,6 +138,27 @@ def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     if not inp.observed.vm_exists:
         return _first_placement(inp, now, comps, cpu, mem)
     return _upgrade(inp, now, comps)
+
+
+def _unverified(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:
+    """The decision while a component waits for verification or failed it (None: every
+    component verified)."""
+    missing = [c for c in comps if c.object_name not in inp.checks]
+    if missing:
+        msg = "waiting for verification of " + describe(missing)
+        return Decision(_status(inp, now, "Verifying", msg, {"Verified": (False, "Pending", msg)}))
+    bad = [c for c in comps if not inp.checks[c.object_name].ok]
+    if not bad:
+        return None
+    c = bad[0]
+    chk = inp.checks[c.object_name]
+    message = (
+        f"component {c.label} (OSComponent {c.object_name}) failed verification: "
+        f"{chk.reason}: {chk.message}; it is never used"
+    )
+    if inp.observed.vm_exists:  # keep what runs; the upgrade is blocked
+        return _observe(inp, now, blocked=(chk.reason, message))
+    return _failed(inp, now, "ComponentFailedVerification", message, "Verified")
 
 
 def _first_placement(
@@ -213,15 +222,31 @@ def _annotate(vm: dict[str, Any], booted: Sequence[Component], hot: Sequence[Com
         ann[HOTPLUGGED_ANNOTATION] = ",".join(c.object_name for c in hot)
 
 
-def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision:
+@dataclass(frozen=True)
+class _Change:
+    """An upgrade of a running box: from what, to what, and how it is carried out."""
+
+    old_text: str
+    new_text: str
+    added: tuple[Component, ...]
+    hotplug: bool  # attach the added components to the running VM
+    restart: bool  # restart the VMI onto the new composition
+
+    @property
+    def how(self) -> str:
+        if self.hotplug:
+            return "hot-plugged " + describe(self.added)
+        return "restarting onto it" if self.restart else "the VM boots it on its next restart"
+
+
+def _change(inp: BoxInput, comps: list[Component]) -> _Change:
     obs = inp.observed
     old_resolved = list(inp.status.get("resolved") or [])
     old_text = ", ".join(f"{r.get('name')} {r.get('version')}" for r in old_resolved) or ", ".join(
         obs.booted
     )
-    new_text = describe(comps)
     booted_set = set(obs.booted)
-    added = [c for c in comps if c.object_name not in booted_set]
+    added = tuple(c for c in comps if c.object_name not in booted_set)
     removed = booted_set - {c.object_name for c in comps}
     # a dependency-missing fault: the box asked for components at run time and nothing
     # goes away; its own policy (HotPlug or Recompose-and-restart) decides, not upgradePolicy
@@ -232,54 +257,66 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
         and all(c.type in ("library", "application") for c in added)
         and obs.vmi_phase == "Running"
     )
-    node = obs.vmi_node or obs.vm_node
-    try:
-        if hotplug:
-            booted = [c for c in comps if c.object_name in booted_set]
-            vm = compose_vm(inp.ref, inp.spec, booted, node, hotplugged=added)
-            _annotate(vm, booted, added)
-        else:
-            vm = compose_vm(inp.ref, inp.spec, comps, node)
-            _annotate(vm, comps, ())
-    except CompositionError as exc:
-        return _failed(inp, now, "NotBootable", str(exc), "Composed")
     policy = inp.spec.get("upgradePolicy", "Restart")
     restart = not hotplug and (fault or policy == "Restart") and obs.vmi_phase is not None
-    how = (
-        "hot-plugged " + describe(added)
-        if hotplug
-        else ("restarting onto it" if restart else "the VM boots it on its next restart")
-    )
+    return _Change(old_text, describe(comps), added, hotplug, restart)
+
+
+def _upgraded_vm(
+    inp: BoxInput, comps: list[Component], change: _Change, node: str | None
+) -> dict[str, Any]:
+    """The VM for the new composition: booting all of it, or what it booted plus the added
+    components hot-plugged."""
+    if change.hotplug:
+        booted_set = set(inp.observed.booted)
+        booted = [c for c in comps if c.object_name in booted_set]
+        vm = compose_vm(inp.ref, inp.spec, booted, node, hotplugged=change.added)
+        _annotate(vm, booted, change.added)
+    else:
+        vm = compose_vm(inp.ref, inp.spec, comps, node)
+        _annotate(vm, comps, ())
+    return vm
+
+
+def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision:
+    obs = inp.observed
+    change = _change(inp, comps)
+    node = obs.vmi_node or obs.vm_node
+    try:
+        vm = _upgraded_vm(inp, comps, change, node)
+    except CompositionError as exc:
+        return _failed(inp, now, "NotBootable", str(exc), "Composed")
     conds: dict[str, tuple[bool, str, str]] = {
-        "Resolved": (True, "Resolved", new_text),
+        "Resolved": (True, "Resolved", change.new_text),
         "Verified": (True, "Verified", "every component verified"),
         "Placed": (True, "Placed", f"on {node}"),
-        "Ready": (False, "Upgrading", f"{old_text} -> {new_text}"),
+        "Ready": (False, "Upgrading", f"{change.old_text} -> {change.new_text}"),
     }
-    if not hotplug and not restart:
+    if not change.hotplug and not change.restart:
         conds["RestartRequired"] = (
             True,
             "LiveUpdateNotPossible",
             "KubeVirt cannot swap a kernel or container disk in a running VM; restart the box "
             "to boot the new composition",
         )
+    summary = f"{change.old_text} -> {change.new_text}: {change.how}"
     status = _status(
         inp,
         now,
-        "Placing" if restart else _running_phase(obs),
-        f"upgrade {old_text} -> {new_text}: {how}",
+        "Placing" if change.restart else _running_phase(obs),
+        f"upgrade {summary}",
         conds,
         resolved=_resolved(comps),
         vm={"name": inp.ref.name},
         node=node,
-        upgrade={"from": old_text, "to": new_text, "at": format_ts(now)},
+        upgrade={"from": change.old_text, "to": change.new_text, "at": format_ts(now)},
     )
     return Decision(
         status,
         vm=vm,
-        restart=restart,
-        uses=tuple(c.object_name for c in added),
-        event=("Normal", "Upgrading", f"{old_text} -> {new_text}: {how}"),
+        restart=change.restart,
+        uses=tuple(c.object_name for c in change.added),
+        event=("Normal", "Upgrading", summary),
     )
 
 

@@ -84,90 +84,16 @@ def compose_vm(
     hotplugged: Sequence[Component] = (),
 ) -> dict[str, Any]:
     """The VirtualMachine for a box (name = box name, in the box's namespace)."""
-    kernels = [c for c in components if c.type == "kernel"]
-    roots = [c for c in components if c.type == "rootfs"]
-    if len(kernels) != 1 or len(roots) != 1:
-        raise CompositionError(
-            f"a box needs exactly one kernel and one rootfs, resolved {len(kernels)} kernel(s) "
-            f"and {len(roots)} rootfs"
-        )
-    kernel, root = kernels[0], roots[0]
+    kernel, root = _kernel_and_rootfs(components)
     level = int(spec["level"])
-    resources = spec.get("resources") or {}
-    container: dict[str, Any] = {
-        "image": kernel.image,
-        "kernelPath": "/boot/vmlinuz",
-        "imagePullPolicy": "IfNotPresent",
-    }
-    if "initrd" in kernel.provides:
-        container["initrdPath"] = "/boot/initrd.img"
-    others = [c for c in components if c.type not in ("kernel", "rootfs")]
-    disks: list[dict[str, Any]] = [{"name": "rootfs", "disk": {"bus": "virtio"}, "bootOrder": 1}]
-    volumes: list[dict[str, Any]] = [
-        {
-            "name": "rootfs",
-            "containerDisk": {"image": root.image, "imagePullPolicy": "IfNotPresent"},
-        }
-    ]
-    for c in others:
-        disks.append({"name": _disk_name(c), "disk": {"bus": "virtio"}, "serial": c.name[:20]})
-        volumes.append(
-            {
-                "name": _disk_name(c),
-                "containerDisk": {"image": c.image, "imagePullPolicy": "IfNotPresent"},
-            }
-        )
-    disks.append({"name": "cloudinit", "disk": {"bus": "virtio"}})
-    volumes.append({"name": "cloudinit", "cloudInitNoCloud": {"userData": cloud_init(components)}})
-    dv_templates: list[dict[str, Any]] = []
-    for c in hotplugged:
-        dv_name = f"{box.name}-{_disk_name(c)}"[:63].rstrip("-")
-        dv_templates.append(
-            {
-                "metadata": {"name": dv_name, "labels": {BOX_LABEL: box.name}},
-                "spec": {
-                    "source": {"registry": {"url": f"docker://{c.image}"}},
-                    "storage": {"resources": {"requests": {"storage": _storage_for(c.size)}}},
-                },
-            }
-        )
-        volumes.append(
-            {"name": _disk_name(c), "dataVolume": {"name": dv_name, "hotpluggable": True}}
-        )
-        disks.append({"name": _disk_name(c), "disk": {"bus": "scsi"}, "serial": c.name[:20]})
+    disks, volumes = _container_disks(root, components)
+    dv_templates = _hotplug_disks(box, hotplugged, disks=disks, volumes=volumes)
     labels = {VM_LEVEL_LABEL: str(level), BOX_LABEL: box.name}
-    template_spec: dict[str, Any] = {
-        "domain": {
-            "firmware": {
-                "kernelBoot": {
-                    "container": container,
-                    "kernelArgs": "console=ttyS0 root=/dev/vda ro",
-                }
-            },
-            "devices": {"disks": disks},
-            "resources": {
-                "requests": {"cpu": str(resources["cpu"]), "memory": str(resources["memory"])}
-            },
-        },
-        "nodeSelector": trust_selector(level),
-        "evictionStrategy": "External",
-        "volumes": volumes,
-    }
+    template_spec = _template_spec(
+        kernel, level, spec.get("resources") or {}, disks=disks, volumes=volumes
+    )
     if node:
-        template_spec["affinity"] = {
-            "nodeAffinity": {
-                "preferredDuringSchedulingIgnoredDuringExecution": [
-                    {
-                        "weight": 100,
-                        "preference": {
-                            "matchExpressions": [
-                                {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}
-                            ]
-                        },
-                    }
-                ]
-            }
-        }
+        template_spec["affinity"] = _preferred_node_affinity(node)
     vm_spec: dict[str, Any] = {
         "runStrategy": "Always" if spec.get("running", True) else "Halted",
         "template": {
@@ -188,18 +114,140 @@ def compose_vm(
             "namespace": box.namespace,
             "labels": labels,
             "annotations": {COMPOSITION_ANNOTATION: composition_id(components, hotplugged)},
-            "ownerReferences": [
-                {
-                    "apiVersion": "gtvp.io/v1alpha1",
-                    "kind": "LazyBox",
-                    "name": box.name,
-                    "uid": box.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [_owner_reference(box)],
         },
         "spec": vm_spec,
+    }
+
+
+def _kernel_and_rootfs(components: Sequence[Component]) -> tuple[Component, Component]:
+    """The one kernel and the one rootfs a bootable composition has."""
+    kernels = [c for c in components if c.type == "kernel"]
+    roots = [c for c in components if c.type == "rootfs"]
+    if len(kernels) != 1 or len(roots) != 1:
+        raise CompositionError(
+            f"a box needs exactly one kernel and one rootfs, resolved {len(kernels)} kernel(s) "
+            f"and {len(roots)} rootfs"
+        )
+    return kernels[0], roots[0]
+
+
+def _container_disks(
+    root: Component, components: Sequence[Component]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Disks and volumes: the rootfs (boot disk), every other non-kernel component as a
+    container disk with its name as serial, then cloud-init."""
+    disks: list[dict[str, Any]] = [{"name": "rootfs", "disk": {"bus": "virtio"}, "bootOrder": 1}]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "rootfs",
+            "containerDisk": {"image": root.image, "imagePullPolicy": "IfNotPresent"},
+        }
+    ]
+    for c in components:
+        if c.type in ("kernel", "rootfs"):
+            continue
+        disks.append({"name": _disk_name(c), "disk": {"bus": "virtio"}, "serial": c.name[:20]})
+        volumes.append(
+            {
+                "name": _disk_name(c),
+                "containerDisk": {"image": c.image, "imagePullPolicy": "IfNotPresent"},
+            }
+        )
+    disks.append({"name": "cloudinit", "disk": {"bus": "virtio"}})
+    volumes.append({"name": "cloudinit", "cloudInitNoCloud": {"userData": cloud_init(components)}})
+    return disks, volumes
+
+
+def _hotplug_disks(
+    box: BoxRef,
+    hotplugged: Sequence[Component],
+    *,
+    disks: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The DataVolume templates for hot-plugged components; appends their disks (SCSI, the
+    bus KubeVirt hot-plugs) and volumes."""
+    dv_templates: list[dict[str, Any]] = []
+    for c in hotplugged:
+        dv_name = f"{box.name}-{_disk_name(c)}"[:63].rstrip("-")
+        dv_templates.append(
+            {
+                "metadata": {"name": dv_name, "labels": {BOX_LABEL: box.name}},
+                "spec": {
+                    "source": {"registry": {"url": f"docker://{c.image}"}},
+                    "storage": {"resources": {"requests": {"storage": _storage_for(c.size)}}},
+                },
+            }
+        )
+        volumes.append(
+            {"name": _disk_name(c), "dataVolume": {"name": dv_name, "hotpluggable": True}}
+        )
+        disks.append({"name": _disk_name(c), "disk": {"bus": "scsi"}, "serial": c.name[:20]})
+    return dv_templates
+
+
+def _template_spec(
+    kernel: Component,
+    level: int,
+    resources: Mapping[str, Any],
+    *,
+    disks: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The VMI template's spec: kernel boot, disks, requests, the trust selector."""
+    container: dict[str, Any] = {
+        "image": kernel.image,
+        "kernelPath": "/boot/vmlinuz",
+        "imagePullPolicy": "IfNotPresent",
+    }
+    if "initrd" in kernel.provides:
+        container["initrdPath"] = "/boot/initrd.img"
+    return {
+        "domain": {
+            "firmware": {
+                "kernelBoot": {
+                    "container": container,
+                    "kernelArgs": "console=ttyS0 root=/dev/vda ro",
+                }
+            },
+            "devices": {"disks": disks},
+            "resources": {
+                "requests": {"cpu": str(resources["cpu"]), "memory": str(resources["memory"])}
+            },
+        },
+        "nodeSelector": trust_selector(level),
+        "evictionStrategy": "External",
+        "volumes": volumes,
+    }
+
+
+def _preferred_node_affinity(node: str) -> dict[str, Any]:
+    """Prefer `node` (a hard affinity would forbid every live migration)."""
+    return {
+        "nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "preference": {
+                        "matchExpressions": [
+                            {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}
+                        ]
+                    },
+                }
+            ]
+        }
+    }
+
+
+def _owner_reference(box: BoxRef) -> dict[str, Any]:
+    return {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "LazyBox",
+        "name": box.name,
+        "uid": box.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
     }
 
 

@@ -129,6 +129,15 @@ def verify_ek_certificate(
 ) -> x509.Certificate:
     """Check the EK certificate and its path to the policy's CA bundle; return the anchor."""
     leaf = _load_der(certificate, "the EK certificate")
+    _check_leaf(leaf, ek, now)
+    anchors = load_bundle(ca_bundle_pem)
+    presented = [_load_der(d, f"presented certificate {i}") for i, d in enumerate(presented_chain)]
+    return _path_to_anchor(leaf, anchors=anchors, presented=presented, now=now)
+
+
+def _check_leaf(leaf: x509.Certificate, ek: PublicArea, now: datetime.datetime) -> None:
+    """The leaf is a valid TCG EK certificate (not a CA; EKU 2.23.133.8.1 when it has an
+    EKU) for exactly this EK."""
     _valid_at(leaf, now, "the EK certificate")
     if _is_ca(leaf):
         raise errors.EkCertificateInvalid("the EK certificate is a CA certificate, not an EK's")
@@ -147,9 +156,18 @@ def verify_ek_certificate(
         raise errors.EkCertificateInvalid(
             "the EK certificate certifies another key than the EK the agent reported"
         )
-    anchors = load_bundle(ca_bundle_pem)
+
+
+def _path_to_anchor(
+    leaf: x509.Certificate,
+    *,
+    anchors: list[x509.Certificate],
+    presented: list[x509.Certificate],
+    now: datetime.datetime,
+) -> x509.Certificate:
+    """Walk up from the leaf, at most MAX_CHAIN steps, to the anchor that issued the path;
+    presented certificates serve as intermediates only."""
     anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
-    presented = [_load_der(d, f"presented certificate {i}") for i, d in enumerate(presented_chain)]
     intermediates = anchors + presented
     current = leaf
     for _depth in range(MAX_CHAIN):
@@ -157,34 +175,47 @@ def verify_ek_certificate(
             if _issued_by(current, anchor):
                 _valid_at(anchor, now, "the trusted CA")
                 return anchor
-        parent = next(
-            (
-                c
-                for c in intermediates
-                if c is not current and c.subject == current.issuer and _issued_by(current, c)
-            ),
-            None,
+        current = _intermediate_parent(
+            current, intermediates=intermediates, anchor_der=anchor_der, now=now
         )
-        if parent is None:
-            raise errors.EkCertificateUntrusted(
-                f"no path from the EK certificate (issuer {current.issuer.rfc4514_string()}) "
-                "to a CA in the policy's ekTrust.caBundle; add the TPM vendor's CA to the "
-                "bundle if this TPM is genuine"
-            )
-        if parent.subject == parent.issuer and (
-            parent.public_bytes(serialization.Encoding.DER) not in anchor_der
-        ):
-            raise errors.EkCertificateUntrusted(
-                f"the chain ends at a root the node presented ({parent.subject.rfc4514_string()}"
-                "); roots come only from the policy's ekTrust.caBundle"
-            )
-        if not _is_ca(parent):
-            raise errors.EkCertificateUntrusted(
-                f"{parent.subject.rfc4514_string()} signs the chain but is not a CA"
-            )
-        _valid_at(parent, now, "an intermediate CA")
-        current = parent
     raise errors.EkCertificateUntrusted(f"the EK certificate chain is longer than {MAX_CHAIN}")
+
+
+def _intermediate_parent(
+    current: x509.Certificate,
+    *,
+    intermediates: list[x509.Certificate],
+    anchor_der: set[bytes],
+    now: datetime.datetime,
+) -> x509.Certificate:
+    """The valid intermediate CA that issued `current` (a self-signed one must be an anchor)."""
+    parent = next(
+        (
+            c
+            for c in intermediates
+            if c is not current and c.subject == current.issuer and _issued_by(current, c)
+        ),
+        None,
+    )
+    if parent is None:
+        raise errors.EkCertificateUntrusted(
+            f"no path from the EK certificate (issuer {current.issuer.rfc4514_string()}) "
+            "to a CA in the policy's ekTrust.caBundle; add the TPM vendor's CA to the "
+            "bundle if this TPM is genuine"
+        )
+    if parent.subject == parent.issuer and (
+        parent.public_bytes(serialization.Encoding.DER) not in anchor_der
+    ):
+        raise errors.EkCertificateUntrusted(
+            f"the chain ends at a root the node presented ({parent.subject.rfc4514_string()}"
+            "); roots come only from the policy's ekTrust.caBundle"
+        )
+    if not _is_ca(parent):
+        raise errors.EkCertificateUntrusted(
+            f"{parent.subject.rfc4514_string()} signs the chain but is not a CA"
+        )
+    _valid_at(parent, now, "an intermediate CA")
+    return parent
 
 
 def check_ek_pin(*, pinned: str | None, current: str, approved: str | None) -> None:

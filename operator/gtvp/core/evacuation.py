@@ -8,7 +8,8 @@ parallel migrations per cluster and outbound per node but not inbound, so when t
 caller names the usable targets the plan picks, for each VMI, the eligible target with the
 fewest inbound migrations and pins it (`kubernetes.io/hostname` in `addedNodeSelector`,
 next to the trust selector); a VMI whose every eligible target is full waits for the next
-plan. A pinned target counts as inbound before KubeVirt records it.
+plan. A pinned target counts as inbound before KubeVirt records it. The limits are counted
+by `core.migration_budget.MigrationBudget`, which drains and balancing share.
 
 Drains (`plan_drains`): gtvp is the external eviction controller for the gated VMIs with
 `evictionStrategy: External` (Lazy Boxes among them) that KubeVirt marks with
@@ -26,6 +27,7 @@ from typing import Any
 
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.gating import GatingError, level_of
+from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorded_source
 from gtvp.core.policy import MigrationLimits
 from gtvp.core.trust import trust_selector
 
@@ -83,36 +85,27 @@ def plan_evacuation(
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
     here = {(v.namespace, v.name) for v in vmis if v.node == member}
-    budget_cluster = limits.max_parallel - len(active)
-    # a migration leaves this member if its VMI runs here: KubeVirt may not have recorded a
-    # sourceNode yet, so the VMI's node, not the migration's state, decides
-    budget_out = limits.max_outbound_per_node - sum(
-        1 for m in active if m.source == member or (m.namespace, m.vmi) in here
-    )
 
-    inbound: dict[str, int] = {}
-    for m in active:
-        if m.inbound_to:
-            inbound[m.inbound_to] = inbound.get(m.inbound_to, 0) + 1
+    def source_of(m: ActiveMigration) -> str | None:
+        # a migration leaves this member if its VMI runs here: KubeVirt may not have
+        # recorded a sourceNode yet, so the VMI's node, not the migration's state, decides
+        return member if m.source == member or (m.namespace, m.vmi) in here else m.source
+
+    budget = MigrationBudget.of(limits, active, source_of)
     out: list[dict[str, Any]] = []
     for vmi in sorted(vmis, key=lambda v: (-v.level, v.namespace, v.name)):
         if vmi.node != member or (vmi.namespace, vmi.name) in busy_vmis:
             continue
-        if budget_cluster <= 0 or budget_out <= 0:
+        if not budget.allows(member):
             break
         selector = trust_selector(vmi.level)
+        target = None
         if targets is not None:
-            room = [
-                name
-                for name, level in targets
-                if name != member
-                and level >= vmi.level
-                and inbound.get(name, 0) < limits.max_inbound_per_node
-            ]
-            if not room:
+            target = budget.least_busy(
+                name for name, level in targets if name != member and level >= vmi.level
+            )
+            if target is None:
                 continue  # every eligible target is receiving its limit: wait
-            target = min(room, key=lambda n: (inbound.get(n, 0), n))
-            inbound[target] = inbound.get(target, 0) + 1
             selector = {**selector, HOSTNAME_LABEL: target}
         out.append(
             migration_object(
@@ -124,8 +117,7 @@ def plan_evacuation(
                 selector=selector,
             )
         )
-        budget_cluster -= 1
-        budget_out -= 1
+        budget.take(member, target)
     return out
 
 
@@ -289,17 +281,8 @@ def plan_drains(
     policy's cluster, outbound and inbound limits hold, counting every active migration.
     A VMI that only the limits hold back is not 'waiting': the next plan moves it.
     """
-    active = [m for m in migrations if m.active]
-    busy = {(m.namespace, m.vmi) for m in active}
-    budget = limits.max_parallel - len(active)
-    outbound: dict[str, int] = {}
-    inbound: dict[str, int] = {}
-    for m in active:
-        source = m.source or node_of.get((m.namespace, m.vmi))
-        if source:
-            outbound[source] = outbound.get(source, 0) + 1
-        if m.inbound_to:
-            inbound[m.inbound_to] = inbound.get(m.inbound_to, 0) + 1
+    busy = {(m.namespace, m.vmi) for m in migrations if m.active}
+    budget = MigrationBudget.of(limits, migrations, recorded_source(node_of))
     out: list[dict[str, Any]] = []
     waiting: dict[tuple[str, str], str] = {}
     for vmi in sorted(evacuees, key=lambda v: (-v.level, v.namespace, v.name)):
@@ -311,13 +294,10 @@ def plan_drains(
         if why is not None:
             waiting[(vmi.namespace, vmi.name)] = why
             continue
-        room = [n for n in eligible if inbound.get(n, 0) < limits.max_inbound_per_node]
-        if budget <= 0 or outbound.get(vmi.node, 0) >= limits.max_outbound_per_node or not room:
+        target = budget.least_busy(eligible)
+        if target is None or not budget.allows(vmi.node):
             continue  # the limits hold it back: the next plan
-        target = min(room, key=lambda n: (inbound.get(n, 0), n))
-        inbound[target] = inbound.get(target, 0) + 1
-        outbound[vmi.node] = outbound.get(vmi.node, 0) + 1
-        budget -= 1
+        budget.take(vmi.node, target)
         out.append(_drain_migration(vmi, target, max((a for a, _ in past), default=-1) + 1))
     return DrainPlan(tuple(out), waiting)
 

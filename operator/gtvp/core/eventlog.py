@@ -64,7 +64,23 @@ def parse_event_log(data: bytes) -> EventLog:
         raise MalformedEvidence(
             f"event log of {len(data)} bytes is too short to hold the TCG header event"
         )
-    # header: TCG_PCClientPCREvent with a SHA-1 digest field
+    spec, off = _header_event(data)
+    sizes = _digest_sizes(spec)
+    banks = {HASH_NAMES[a]: s for a, s in sizes.items() if a in HASH_NAMES}
+    pcrs: dict[str, dict[int, bytes]] = {b: {} for b in banks}
+    events: list[Event] = []
+    while off < len(data):
+        if len(events) >= MAX_EVENTS:
+            raise MalformedEvidence(f"event log has more than {MAX_EVENTS} events")
+        event, off = _event(data, off, index=len(events), sizes=sizes)
+        events.append(event)
+        _replay(pcrs, banks, event, index=len(events) - 1)
+    return EventLog(tuple(events), pcrs)
+
+
+def _header_event(data: bytes) -> tuple[bytes, int]:
+    """The Spec ID event's data (a TCG_PCClientPCREvent with a SHA-1 digest field) and the
+    offset of the first TCG_PCR_EVENT2 after it."""
     off = 0
     _pcr = _u32(data, off, "header")
     ev_type = _u32(data, off + 4, "header")
@@ -82,6 +98,11 @@ def parse_event_log(data: bytes) -> EventLog:
         raise MalformedEvidence("event log header lacks the 'Spec ID Event03' signature")
     if len(spec) < 28:
         raise MalformedEvidence("event log Spec ID event is truncated")
+    return spec, off
+
+
+def _digest_sizes(spec: bytes) -> dict[int, int]:
+    """Algorithm -> digest size, as the Spec ID event announces them."""
     (n_algs,) = struct.unpack_from("<I", spec, 24)
     if n_algs == 0 or n_algs > 8 or len(spec) < 28 + 4 * n_algs:
         raise MalformedEvidence(f"event log Spec ID event lists {n_algs} algorithms")
@@ -91,55 +112,66 @@ def parse_event_log(data: bytes) -> EventLog:
         if alg in HASH_SIZES and HASH_SIZES[alg] != dsize:
             raise MalformedEvidence(f"event log: algorithm 0x{alg:04x} with digest size {dsize}")
         sizes[alg] = dsize
+    return sizes
 
-    banks = {HASH_NAMES[a]: s for a, s in sizes.items() if a in HASH_NAMES}
-    pcrs: dict[str, dict[int, bytes]] = {b: {} for b in banks}
-    events: list[Event] = []
-    while off < len(data):
-        if len(events) >= MAX_EVENTS:
-            raise MalformedEvidence(f"event log has more than {MAX_EVENTS} events")
-        pcr = _u32(data, off, "event")
-        ev_type = _u32(data, off + 4, "event")
-        count = _u32(data, off + 8, "event")
-        off += 12
-        if pcr > 23 and ev_type != EV_NO_ACTION:
-            raise MalformedEvidence(f"event {len(events)} extends PCR {pcr}")
-        if count > 8:
-            raise MalformedEvidence(f"event {len(events)} claims {count} digests")
-        digests: dict[str, bytes] = {}
-        for _ in range(count):
-            if off + 2 > len(data):
-                raise MalformedEvidence(f"event log truncated in event {len(events)}")
-            (alg,) = struct.unpack_from("<H", data, off)
-            off += 2
-            if alg not in sizes:
-                raise MalformedEvidence(
-                    f"event {len(events)} has a digest of algorithm 0x{alg:04x} that the "
-                    "header did not announce"
-                )
-            dsize = sizes[alg]
-            if off + dsize > len(data):
-                raise MalformedEvidence(f"event log truncated in event {len(events)}")
-            if alg in HASH_NAMES:
-                digests[HASH_NAMES[alg]] = data[off : off + dsize]
-            off += dsize
-        esize = _u32(data, off, "event")
-        off += 4
-        if esize > MAX_EVENT_DATA or off + esize > len(data):
+
+def _event(data: bytes, off: int, *, index: int, sizes: Mapping[int, int]) -> tuple[Event, int]:
+    """The TCG_PCR_EVENT2 at `off` (the `index`th) and the offset after it."""
+    pcr = _u32(data, off, "event")
+    ev_type = _u32(data, off + 4, "event")
+    count = _u32(data, off + 8, "event")
+    off += 12
+    if pcr > 23 and ev_type != EV_NO_ACTION:
+        raise MalformedEvidence(f"event {index} extends PCR {pcr}")
+    if count > 8:
+        raise MalformedEvidence(f"event {index} claims {count} digests")
+    digests, off = _digests(data, off, count=count, index=index, sizes=sizes)
+    esize = _u32(data, off, "event")
+    off += 4
+    if esize > MAX_EVENT_DATA or off + esize > len(data):
+        raise MalformedEvidence(
+            f"event {index} claims {esize} bytes of data, {max(0, len(data) - off)} left"
+        )
+    return Event(pcr, ev_type, digests, data[off : off + esize]), off + esize
+
+
+def _digests(
+    data: bytes, off: int, *, count: int, index: int, sizes: Mapping[int, int]
+) -> tuple[dict[str, bytes], int]:
+    """An event's TPML_DIGEST_VALUES (digests of algorithms gtvp knows, by bank name)."""
+    digests: dict[str, bytes] = {}
+    for _ in range(count):
+        if off + 2 > len(data):
+            raise MalformedEvidence(f"event log truncated in event {index}")
+        (alg,) = struct.unpack_from("<H", data, off)
+        off += 2
+        if alg not in sizes:
             raise MalformedEvidence(
-                f"event {len(events)} claims {esize} bytes of data, {max(0, len(data) - off)} left"
+                f"event {index} has a digest of algorithm 0x{alg:04x} that the "
+                "header did not announce"
             )
-        edata = data[off : off + esize]
-        off += esize
-        events.append(Event(pcr, ev_type, digests, edata))
-        if ev_type == EV_NO_ACTION:
-            if edata.startswith(STARTUP_LOCALITY_SIGNATURE) and len(edata) >= 17 and pcr == 0:
-                for bank, dsize in banks.items():
-                    pcrs[bank][0] = b"\0" * (dsize - 1) + bytes([edata[16]])
-            continue
-        for bank, dsize in banks.items():
-            if bank not in digests:
-                raise MalformedEvidence(f"event {len(events) - 1} lacks its {bank} digest")
-            current = pcrs[bank].get(pcr, b"\0" * dsize)
-            pcrs[bank][pcr] = hashlib.new(bank, current + digests[bank]).digest()
-    return EventLog(tuple(events), pcrs)
+        dsize = sizes[alg]
+        if off + dsize > len(data):
+            raise MalformedEvidence(f"event log truncated in event {index}")
+        if alg in HASH_NAMES:
+            digests[HASH_NAMES[alg]] = data[off : off + dsize]
+        off += dsize
+    return digests, off
+
+
+def _replay(
+    pcrs: dict[str, dict[int, bytes]], banks: Mapping[str, int], event: Event, *, index: int
+) -> None:
+    """Extend each bank's PCR with the event's digest (EV_NO_ACTION extends nothing, but a
+    StartupLocality event sets PCR 0's starting value)."""
+    data = event.data
+    if event.event_type == EV_NO_ACTION:
+        if data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(data) >= 17 and event.pcr == 0:
+            for bank, dsize in banks.items():
+                pcrs[bank][0] = b"\0" * (dsize - 1) + bytes([data[16]])
+        return
+    for bank, dsize in banks.items():
+        if bank not in event.digests:
+            raise MalformedEvidence(f"event {index} lacks its {bank} digest")
+        current = pcrs[bank].get(event.pcr, b"\0" * dsize)
+        pcrs[bank][event.pcr] = hashlib.new(bank, current + event.digests[bank]).digest()

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtvp.core.phases import MemberPhase
 from gtvp.core.trust import (
     LEVEL_LABEL,
     MAX_LEVEL,
@@ -122,8 +123,8 @@ def _describe(members: Sequence[MemberView], now: dt.datetime) -> str:
         return "there are no members"
     parts = []
     for m in sorted(members, key=lambda m: m.name)[:8]:
-        if m.phase != "Trusted":
-            state = m.phase or "Pending"
+        if m.phase != MemberPhase.TRUSTED:
+            state = m.phase or MemberPhase.PENDING.value
         elif m.expires_at is None or now >= m.expires_at:
             state = "verdict expired"
         elif m.uses_left <= 0:
@@ -199,29 +200,42 @@ def validate_migration(
                 f"{_pairs(missing)}"
             ),
         )
-    pinned = (added_selector or {}).get(HOSTNAME)
+    problem = _migration_target_problem(
+        f"migration {name} of {vmi_name}",
+        level=level,
+        source=source,
+        pinned=(added_selector or {}).get(HOSTNAME),
+        members=members,
+        now=now,
+    )
+    return Decision(True) if problem is None else Decision(False, problem)
+
+
+def _migration_target_problem(
+    what: str,
+    *,
+    level: int,
+    source: str | None,
+    pinned: str | None,
+    members: Sequence[MemberView],
+    now: dt.datetime,
+) -> str | None:
+    """Why the migration `what` has nowhere trusted to go (None: it has): the member it pins
+    may not receive it, or no Trusted member but its source could."""
     if pinned is not None:
         target = next((m for m in members if m.name == pinned), None)
         if target is None or not target.usable(now, level):
             state = _describe([target], now) if target else f"{pinned}: not a member"
-            return Decision(
-                False,
-                (
-                    f"migration {name} of {vmi_name} is aimed at {pinned}, which may not receive a "
-                    f"level-{level} VM ({state})"
-                ),
+            return (
+                f"{what} is aimed at {pinned}, which may not receive a level-{level} VM ({state})"
             )
-        return Decision(True)
-    targets = [m for m in members if m.name != source and m.usable(now, level)]
-    if not targets:
-        return Decision(
-            False,
-            (
-                f"migration {name} of {vmi_name} has no trusted target of level >= {level} other "
-                f"than its source {source or '?'} ({_describe(members, now)})"
-            ),
+        return None
+    if not any(m.name != source and m.usable(now, level) for m in members):
+        return (
+            f"{what} has no trusted target of level >= {level} other than its source "
+            f"{source or '?'} ({_describe(members, now)})"
         )
-    return Decision(True)
+    return None
 
 
 def vm_template_labels(vm: Mapping[str, Any]) -> dict[str, str]:
@@ -339,59 +353,90 @@ def validate_instance_update(
         level = level_of(new_labels)
     except GatingError as exc:
         return Decision(False, f"{title}: {exc}")
-    old_label = _old_level(old_labels)
+    problem = _level_dropped(
+        title, old_labels=old_labels, old_selector=_node_selector(old), level=level
+    ) or _trust_selector_changed(title, old=_node_selector(old), new=_node_selector(new))
+    if problem is not None:
+        return Decision(False, problem)
+    if level is not None and level > (_old_level(old_labels) or 0):
+        return _validate_raise(title, new, level=level, members=members, now=now)
+    return Decision(True)
+
+
+def _level_dropped(
+    title: str,
+    *,
+    old_labels: Mapping[str, str],
+    old_selector: Mapping[str, str],
+    level: int | None,
+) -> str | None:
+    """Why the VMI's new level label drops the level it was admitted with (None: it keeps
+    it): removed, or lowered below its old label or its trust selector's level."""
     was = max(
-        (n for n in (old_label, selector_level(_node_selector(old))) if n is not None),
+        (n for n in (_old_level(old_labels), selector_level(old_selector)) if n is not None),
         default=None,
     )
     instead = "; to run it {}, delete it (or its VirtualMachine) and create it again {}"
     if VM_LEVEL_LABEL in old_labels and level is None:
-        return Decision(
-            False,
-            (
-                f"{title} was admitted at level {was}: its label {VM_LEVEL_LABEL} cannot be "
-                "removed (it would then migrate ungated)"
-                + instead.format("ungated", "without the label")
-            ),
+        return (
+            f"{title} was admitted at level {was}: its label {VM_LEVEL_LABEL} cannot be "
+            "removed (it would then migrate ungated)"
+            + instead.format("ungated", "without the label")
         )
     if was is not None and level is not None and level < was:
-        return Decision(
-            False,
-            (
-                f"{title} was admitted at level {was}: its label {VM_LEVEL_LABEL} cannot be "
-                f"lowered (to {level})" + instead.format(f"at level {level}", "with that level")
-            ),
+        return (
+            f"{title} was admitted at level {was}: its label {VM_LEVEL_LABEL} cannot be "
+            f"lowered (to {level})" + instead.format(f"at level {level}", "with that level")
         )
-    kept = _trust_entries(_node_selector(old))
-    selector = _node_selector(new)
-    lost = {k: v for k, v in kept.items() if selector.get(k) != v}
-    if lost:
-        return Decision(
-            False,
-            (
-                f"{title} was admitted with the trust selector {_pairs(kept)}: removing or "
-                f"changing {_pairs(lost)} would let it run on or migrate to untrusted members. "
-                "The trust selector of a running VirtualMachineInstance is fixed: delete it and "
-                "create it again to change where it may run"
-            ),
-        )
-    if level is not None and level > (old_label or 0):
-        decided = validate_instance(
-            name=title, labels=new_labels, node_selector=selector, members=members, now=now
-        )
-        if not decided.allowed:
-            return decided
-        node = (new.get("status") or {}).get("nodeName")
-        if node:
-            here = [m for m in members if m.name == node]
-            if not here or not here[0].usable(now, level):
-                state = _describe(here, now) if here else f"{node}: not a member"
-                return Decision(
-                    False,
-                    (
-                        f"{title} runs on {node}, which may not run a level-{level} VM ({state}); "
-                        f"to raise its level, set {VM_LEVEL_LABEL} on its VirtualMachine and "
-                        "restart it"
-                    ),
-                )
-    return Decision(True)
+    return None
+
+
+def _trust_selector_changed(
+    title: str, *, old: Mapping[str, str], new: Mapping[str, str]
+) -> str | None:
+    """Why the VMI's new nodeSelector loses part of its trust selector (None: it keeps it)."""
+    kept = _trust_entries(old)
+    lost = {k: v for k, v in kept.items() if new.get(k) != v}
+    if not lost:
+        return None
+    return (
+        f"{title} was admitted with the trust selector {_pairs(kept)}: removing or "
+        f"changing {_pairs(lost)} would let it run on or migrate to untrusted members. "
+        "The trust selector of a running VirtualMachineInstance is fixed: delete it and "
+        "create it again to change where it may run"
+    )
+
+
+def _validate_raise(
+    title: str,
+    new: Mapping[str, Any],
+    *,
+    level: int,
+    members: Sequence[MemberView],
+    now: dt.datetime,
+) -> Decision:
+    """A VMI raising its level must select Trusted members of it and run on one now."""
+    decided = validate_instance(
+        name=title,
+        labels=_labels(new),
+        node_selector=_node_selector(new),
+        members=members,
+        now=now,
+    )
+    if not decided.allowed:
+        return decided
+    node = (new.get("status") or {}).get("nodeName")
+    if not node:
+        return Decision(True)
+    here = [m for m in members if m.name == node]
+    if here and here[0].usable(now, level):
+        return Decision(True)
+    state = _describe(here, now) if here else f"{node}: not a member"
+    return Decision(
+        False,
+        (
+            f"{title} runs on {node}, which may not run a level-{level} VM ({state}); "
+            f"to raise its level, set {VM_LEVEL_LABEL} on its VirtualMachine and "
+            "restart it"
+        ),
+    )

@@ -273,7 +273,33 @@ def _hex_digest(text: Any, path: str, bank: str, size: int, *, what: str, note: 
 
 def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
     """Typed policy from a SecurityPolicy spec; PolicyError names what is unusable."""
-    raw_levels = _get(spec, "levels", [])
+    levels = _levels(_get(spec, "levels", []))
+    bank, pcrs = _pcr_selection(_get(spec, "pcrSelection", {}))
+    classes = _member_classes(_get(spec, "memberClasses", []), bank)
+    default_class = _known_class(classes, spec.get("defaultMemberClass"), "spec.defaultMemberClass")
+    ek = _get(spec, "ekTrust", {})
+    bundle = _ca_bundle(str(_get(ek, "caBundle", "")))
+    keys = _publisher_keys(_get(spec, "publisherKeys", []))
+    transitions = _transitions(_get(spec, "transitions", []), classes)
+    return Policy(
+        name=name,
+        levels=levels,
+        pcr_bank=bank,
+        pcrs=pcrs,
+        member_classes=classes,
+        default_member_class=default_class,
+        ca_bundle_pem=bundle,
+        allow_uncertified_with_approval=bool(_get(ek, "allowUncertifiedWithApproval", False)),
+        allow_shared_ek=bool(_get(ek, "allowSharedEk", False)),
+        publisher_keys=keys,
+        transitions=transitions,
+        migration=_migration_limits(_get(spec, "migration", {})),
+        balancing=_balancing(_get(spec, "balancing", {})),
+    )
+
+
+def _levels(raw_levels: Any) -> tuple[Level, ...]:
+    """spec.levels, lowest first; each level's validFor longer than its interval."""
     if not raw_levels:
         raise PolicyError("spec.levels", "at least one level is needed")
     levels = []
@@ -295,16 +321,25 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
                 auto_recover=bool(_get(lv, "autoRecover", True)),
             )
         )
-    sel = _get(spec, "pcrSelection", {})
+    return tuple(levels)
+
+
+def _pcr_selection(sel: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """spec.pcrSelection: a known bank and at least one PCR."""
     bank = str(_get(sel, "hashAlgorithm", "sha256"))
     if bank not in HASH_BY_NAME:
         raise PolicyError("spec.pcrSelection.hashAlgorithm", f"unknown bank {bank!r}")
     pcrs = tuple(sorted({int(p) for p in _get(sel, "pcrs", [])}))
     if not pcrs:
         raise PolicyError("spec.pcrSelection.pcrs", "select at least one PCR")
+    return bank, pcrs
+
+
+def _member_classes(raw: Any, bank: str) -> dict[str, MemberClass]:
+    """spec.memberClasses by name: each named once, its digests of the bank's length."""
     size = HASH_SIZES[HASH_BY_NAME[bank]]
     classes: dict[str, MemberClass] = {}
-    for i, mc in enumerate(_get(spec, "memberClasses", [])):
+    for i, mc in enumerate(raw):
         path = f"spec.memberClasses[{i}]"
         cname = str(mc["name"])
         if cname in classes:
@@ -325,65 +360,63 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
             event_log_required=bool(_get(log, "required", False)),
             forbidden_digests=frozenset(forbidden),
         )
+    return classes
 
-    def known_class(value: Any, path: str) -> str | None:
-        if not value:
-            return None
-        if str(value) not in classes:
-            have = ", ".join(sorted(classes)) or "none"
-            raise PolicyError(
-                path,
-                f"no member class named {str(value)!r} in spec.memberClasses (there: {have})",
-            )
-        return str(value)
 
-    default_class = known_class(spec.get("defaultMemberClass"), "spec.defaultMemberClass")
-    ek = _get(spec, "ekTrust", {})
-    bundle = _ca_bundle(str(_get(ek, "caBundle", "")))
+def _known_class(classes: Mapping[str, MemberClass], value: Any, path: str) -> str | None:
+    """A member class a field refers to (None when it names none); it must exist."""
+    if not value:
+        return None
+    if str(value) not in classes:
+        have = ", ".join(sorted(classes)) or "none"
+        raise PolicyError(
+            path,
+            f"no member class named {str(value)!r} in spec.memberClasses (there: {have})",
+        )
+    return str(value)
+
+
+def _publisher_keys(raw: Any) -> dict[str, str]:
+    """spec.publisherKeys: publisher name -> its PEM key, once the key is usable."""
     keys: dict[str, str] = {}
-    for i, pk in enumerate(_get(spec, "publisherKeys", [])):
+    for i, pk in enumerate(raw):
         pname = str(pk.get("name", ""))
         keys[pname] = _publisher_key(
             str(pk.get("publicKey", "")), f"spec.publisherKeys[{i}].publicKey", pname
         )
+    return keys
+
+
+def _transitions(raw: Any, classes: Mapping[str, MemberClass]) -> tuple[Transition, ...]:
+    """spec.transitions: rules on labels a kubelet cannot set, naming known classes."""
     transitions = []
-    for i, t in enumerate(_get(spec, "transitions", [])):
-        mc = known_class(t.get("memberClass"), f"spec.transitions[{i}].memberClass")
+    for i, t in enumerate(raw):
+        mc = _known_class(classes, t.get("memberClass"), f"spec.transitions[{i}].memberClass")
         match = {str(k): str(v) for k, v in _get(t, "matchLabels", {}).items()}
         for key in match:
             problem = _label_problem(key)
             if problem:
                 raise PolicyError(f"spec.transitions[{i}].matchLabels[{key}]", problem)
         transitions.append(Transition(match, int(t.get("level", 0)), mc))
-    mig = _get(spec, "migration", {})
-    bal = _get(spec, "balancing", {})
-    return Policy(
-        name=name,
-        levels=tuple(levels),
-        pcr_bank=bank,
-        pcrs=pcrs,
-        member_classes=classes,
-        default_member_class=default_class,
-        ca_bundle_pem=bundle,
-        allow_uncertified_with_approval=bool(_get(ek, "allowUncertifiedWithApproval", False)),
-        allow_shared_ek=bool(_get(ek, "allowSharedEk", False)),
-        publisher_keys=keys,
-        transitions=tuple(transitions),
-        migration=MigrationLimits(
-            max_parallel=int(_get(mig, "maxParallel", 5)),
-            max_outbound_per_node=int(_get(mig, "maxOutboundPerNode", 2)),
-            max_inbound_per_node=int(_get(mig, "maxInboundPerNode", 2)),
-            allow_to_lower_level=bool(_get(mig, "allowToLowerLevel", False)),
-        ),
-        balancing=Balancing(
-            enabled=bool(_get(bal, "enabled", False)),
-            high_watermark=int(_get(bal, "highWatermark", 85)),
-            low_watermark=int(_get(bal, "lowWatermark", 60)),
-            sustain_for=parse_duration(
-                str(_get(bal, "sustainFor", "2m")), "spec.balancing.sustainFor"
-            ),
-            cooldown=parse_duration(str(_get(bal, "cooldown", "5m")), "spec.balancing.cooldown"),
-        ),
+    return tuple(transitions)
+
+
+def _migration_limits(mig: Mapping[str, Any]) -> MigrationLimits:
+    return MigrationLimits(
+        max_parallel=int(_get(mig, "maxParallel", 5)),
+        max_outbound_per_node=int(_get(mig, "maxOutboundPerNode", 2)),
+        max_inbound_per_node=int(_get(mig, "maxInboundPerNode", 2)),
+        allow_to_lower_level=bool(_get(mig, "allowToLowerLevel", False)),
+    )
+
+
+def _balancing(bal: Mapping[str, Any]) -> Balancing:
+    return Balancing(
+        enabled=bool(_get(bal, "enabled", False)),
+        high_watermark=int(_get(bal, "highWatermark", 85)),
+        low_watermark=int(_get(bal, "lowWatermark", 60)),
+        sustain_for=parse_duration(str(_get(bal, "sustainFor", "2m")), "spec.balancing.sustainFor"),
+        cooldown=parse_duration(str(_get(bal, "cooldown", "5m")), "spec.balancing.cooldown"),
     )
 
 

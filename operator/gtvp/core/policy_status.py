@@ -118,26 +118,12 @@ def assess_policy(
     except PolicyError as exc:
         error = exc
         accepted = _last_accepted(name, status, remembered)
-    if error is None and accepted is not None:
-        ok, reason = True, "Valid"
-        message = f"generation {generation} is usable: {_summary(accepted.policy)}"
-    else:
-        ok, reason = False, "Invalid"
-        message = f"generation {generation} is unusable: {error}; "
-        if accepted is not None:
-            where = "the pool goes on" if enforced else "an operator enforcing it goes on"
-            message += (
-                f"{where} under generation {accepted.generation}, the last one accepted "
-                "(status.acceptedSpec)"
-            )
-        else:
-            message += "no generation of it was accepted before"
-            if enforced:
-                message += ", so every member is Untrusted (NoPolicy) until it is fixed"
+    ok = error is None and accepted is not None
+    message = _message(generation, accepted, error, enforced=enforced)
     previous = [c for c in (status.get("conditions") or []) if isinstance(c, Mapping)]
     before = next((c for c in previous if c.get("type") == "Accepted"), None)
     conditions = merge_conditions(
-        [dict(c) for c in previous], now, {"Accepted": (ok, reason, message)}
+        [dict(c) for c in previous], now, {"Accepted": (ok, "Valid" if ok else "Invalid", message)}
     )
     for c in conditions:
         c["observedGeneration"] = generation
@@ -159,3 +145,23 @@ def assess_policy(
             "Normal" if ok else "Warning", "PolicyAccepted" if ok else "PolicyInvalid", message
         )
     return PolicyAssessment(generation, accepted, error, new, event, message)
+
+
+def _message(
+    generation: int, accepted: Accepted | None, error: PolicyError | None, *, enforced: bool
+) -> str:
+    """The Accepted condition's message: usable (with a summary), or why not and what the
+    pool runs under instead."""
+    if error is None and accepted is not None:
+        return f"generation {generation} is usable: {_summary(accepted.policy)}"
+    message = f"generation {generation} is unusable: {error}; "
+    if accepted is not None:
+        where = "the pool goes on" if enforced else "an operator enforcing it goes on"
+        return message + (
+            f"{where} under generation {accepted.generation}, the last one accepted "
+            "(status.acceptedSpec)"
+        )
+    message += "no generation of it was accepted before"
+    if enforced:
+        message += ", so every member is Untrusted (NoPolicy) until it is fixed"
+    return message

@@ -446,6 +446,22 @@ def parse_tools_pcrs(data: bytes) -> dict[str, dict[int, bytes]]:
     """
     if len(data) < _TOOLS_SEL_SIZE + 4 or len(data) > _TOOLS_SEL_SIZE + 4 + 64 * _TOOLS_DIGEST_LIST:
         raise MalformedEvidence(f"PCR file of {len(data)} bytes is not tpm2-tools' format")
+    wanted = _tools_selection(data)
+    digests = _tools_digests(data)
+    if len(digests) != len(wanted):
+        raise MalformedEvidence(
+            f"PCR file selects {len(wanted)} PCRs but holds {len(digests)} values"
+        )
+    out: dict[str, dict[int, bytes]] = {}
+    for (bank, pcr), value in zip(wanted, digests, strict=True):
+        if len(value) != HASH_SIZES[HASH_BY_NAME[bank]]:
+            raise MalformedEvidence(f"PCR file: {bank} PCR {pcr} has {len(value)} bytes")
+        out.setdefault(bank, {})[pcr] = value
+    return out
+
+
+def _tools_selection(data: bytes) -> list[tuple[str, int]]:
+    """The (bank, PCR) pairs the file's TPML_PCR_SELECTION selects, in order."""
     (count,) = struct.unpack_from("<I", data, 0)
     if count > 16:
         raise MalformedEvidence(f"PCR file selects {count} banks")
@@ -459,6 +475,11 @@ def parse_tools_pcrs(data: bytes) -> dict[str, dict[int, bytes]]:
             for bit in range(8):
                 if bitmap[byte] & (1 << bit):
                     wanted.append((HASH_NAMES[alg], byte * 8 + bit))
+    return wanted
+
+
+def _tools_digests(data: bytes) -> list[bytes]:
+    """The values of the file's TPML_DIGEST lists, in order."""
     (lists,) = struct.unpack_from("<I", data, _TOOLS_SEL_SIZE)
     if len(data) != _TOOLS_SEL_SIZE + 4 + lists * _TOOLS_DIGEST_LIST:
         raise MalformedEvidence(f"PCR file length does not match its {lists} digest lists")
@@ -474,13 +495,4 @@ def parse_tools_pcrs(data: bytes) -> dict[str, dict[int, bytes]]:
                 raise MalformedEvidence(f"PCR file: digest of {size} bytes")
             off = base + 4 + d * 66 + 2
             digests.append(data[off : off + size])
-    if len(digests) != len(wanted):
-        raise MalformedEvidence(
-            f"PCR file selects {len(wanted)} PCRs but holds {len(digests)} values"
-        )
-    out: dict[str, dict[int, bytes]] = {}
-    for (bank, pcr), value in zip(wanted, digests, strict=True):
-        if len(value) != HASH_SIZES[HASH_BY_NAME[bank]]:
-            raise MalformedEvidence(f"PCR file: {bank} PCR {pcr} has {len(value)} bytes")
-        out.setdefault(bank, {})[pcr] = value
-    return out
+    return digests

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtvp.core.phases import MemberPhase
 from gtvp.core.timestamps import parse_ts
 
 PREFIX = "node-restriction.kubernetes.io/"
@@ -34,7 +35,7 @@ def trust_selector(level: int) -> dict[str, str]:
 
 def desired_labels(phase: str, level: int) -> dict[str, str | None]:
     """gtvp's node labels for a member (None = remove)."""
-    trusted = phase == "Trusted" and level > 0
+    trusted = phase == MemberPhase.TRUSTED and level > 0
     out: dict[str, str | None] = {TRUSTED_LABEL: "true" if trusted else None}
     for n in range(1, MAX_LEVEL + 1):
         out[f"{LEVEL_LABEL}{n}"] = "true" if trusted and n <= level else None
@@ -53,7 +54,7 @@ def node_patch(
         for k, v in desired_labels(phase, level).items()
         if node_labels.get(k) != v and not (v is None and k not in node_labels)
     }
-    want_taint = phase != "Trusted"
+    want_taint = phase != MemberPhase.TRUSTED
     others = [dict(t) for t in node_taints if t.get("key") != TAINT_KEY]
     has_taint = any(t.get("key") == TAINT_KEY for t in node_taints)
     patch: dict[str, Any] = {}
@@ -82,7 +83,7 @@ class MemberView:
     def usable(self, now: dt.datetime, level: int) -> bool:
         """Trusted, fresh, with uses left and at least `level`."""
         return (
-            self.phase == "Trusted"
+            self.phase == MemberPhase.TRUSTED
             and self.level >= level
             and self.expires_at is not None
             and now < self.expires_at

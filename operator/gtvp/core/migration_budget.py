@@ -1,0 +1,114 @@
+"""What the policy's migration limits still allow, shared by evacuations, drains and balancing.
+
+The limits (`spec.migration`): at most `maxParallel` active migrations in the cluster,
+`maxOutboundPerNode` leaving any one member and `maxInboundPerNode` arriving at any one.
+Every active migration counts, whoever started it. A migration leaves the node its caller
+says (`source_of`: KubeVirt's `sourceNode`, or the node its VMI runs on before KubeVirt
+records one) and arrives at its target, or at the member it is pinned to before KubeVirt
+records a target. A plan `take`s a slot for each migration it starts, so the migrations it
+plans together keep the limits too. Pure; the only mutable state is the plan's own count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gtvp.core.policy import MigrationLimits
+
+
+class ActiveMigration(Protocol):
+    """A VirtualMachineInstanceMigration as the budget reads it (core.evacuation.Migration)."""
+
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def vmi(self) -> str: ...
+
+    @property
+    def source(self) -> str | None: ...
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def inbound_to(self) -> str | None: ...
+
+
+SourceOf = Callable[[ActiveMigration], str | None]
+
+
+def recorded_source(node_of: Mapping[tuple[str, str], str]) -> SourceOf:
+    """KubeVirt's sourceNode, else the node the VMI runs on (`node_of`: (namespace, VMI) ->
+    node), for a migration KubeVirt has not recorded a source for yet."""
+
+    def source_of(m: ActiveMigration) -> str | None:
+        return m.source or node_of.get((m.namespace, m.vmi))
+
+    return source_of
+
+
+@dataclass
+class MigrationBudget:
+    """The migrations in flight against the policy's limits; `take` counts a new one."""
+
+    limits: MigrationLimits
+    running: int = 0  # active migrations in the cluster
+    outbound: dict[str, int] = field(default_factory=dict)  # member -> migrations leaving it
+    inbound: dict[str, int] = field(default_factory=dict)  # member -> migrations arriving
+
+    @classmethod
+    def of(
+        cls,
+        limits: MigrationLimits,
+        migrations: Iterable[ActiveMigration],
+        source_of: SourceOf = lambda m: m.source,
+    ) -> MigrationBudget:
+        """The budget left by the active ones among `migrations` (finished ones free theirs)."""
+        budget = cls(limits)
+        for m in migrations:
+            if m.active:
+                budget.take(source_of(m), m.inbound_to)
+        return budget
+
+    def leaving(self, node: str) -> int:
+        return self.outbound.get(node, 0)
+
+    def arriving(self, node: str) -> int:
+        return self.inbound.get(node, 0)
+
+    def cluster_allows(self) -> bool:
+        """The cluster runs fewer migrations than maxParallel."""
+        return self.running < self.limits.max_parallel
+
+    def sends(self, source: str) -> bool:
+        """`source` may send one more (fewer than maxOutboundPerNode leave it)."""
+        return self.leaving(source) < self.limits.max_outbound_per_node
+
+    def receives(self, target: str) -> bool:
+        """`target` may receive one more (fewer than maxInboundPerNode arrive at it)."""
+        return self.arriving(target) < self.limits.max_inbound_per_node
+
+    def allows(self, source: str, target: str | None = None) -> bool:
+        """One more migration from `source` (to `target`, when pinned) keeps every limit."""
+        return (
+            self.cluster_allows()
+            and self.sends(source)
+            and (target is None or self.receives(target))
+        )
+
+    def least_busy(self, targets: Iterable[str]) -> str | None:
+        """The target among `targets` that may receive, with the fewest arrivals (then by
+        name); None when each is receiving its limit."""
+        room = [t for t in targets if self.receives(t)]
+        return min(room, key=lambda t: (self.arriving(t), t), default=None)
+
+    def take(self, source: str | None, target: str | None = None) -> None:
+        """Count one more migration leaving `source` (if known) for `target` (if pinned)."""
+        self.running += 1
+        if source:
+            self.outbound[source] = self.outbound.get(source, 0) + 1
+        if target:
+            self.inbound[target] = self.inbound.get(target, 0) + 1

@@ -1,0 +1,69 @@
+"""The words of a Member's status: its phase, its verdict, and the shapes of `status.trust`
+and `status.challenge` as the operator writes them.
+
+`MemberPhase` and `Verdict` are `StrEnum`s, so they compare equal to the strings the API
+server holds (`status.phase == MemberPhase.TRUSTED` whether phase came from a watch or from
+core). What core writes into a status is the plain string (`.value`): a status must dump
+as JSON and YAML alike, and YAML's safe dumper refuses str subclasses.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TypedDict
+
+
+class MemberPhase(StrEnum):
+    """`Member.status.phase` (docs/attestation.md has the machine)."""
+
+    PENDING = "Pending"  # no agent has enrolled the member's TPM
+    ENROLLING = "Enrolling"  # enrolment under way: EK checked, AK not yet bound or quoted
+    TRUSTED = "Trusted"  # a fresh verdict of Trusted
+    UNTRUSTED = "Untrusted"  # held or was refused a verdict: never back to Pending
+    MAINTENANCE = "Maintenance"  # spec.maintenance: level 0 whatever the verdict
+
+
+class Verdict(StrEnum):
+    """`Member.status.trust.verdict`: the outcome of the last verification."""
+
+    TRUSTED = "Trusted"
+    UNTRUSTED = "Untrusted"
+
+
+class TrustStatus(TypedDict, total=False):
+    """`Member.status.trust`: the operator's verdict and what it is pinned to."""
+
+    verdict: str  # a Verdict
+    reason: str
+    message: str
+    verifiedAt: str
+    expiresAt: str
+    usesLeft: int
+    ekSHA256: str
+    akName: str
+    resetCount: int
+    restartCount: int
+    clock: int
+    awaitingReadmission: bool
+    readmitToken: str
+
+
+class CredentialChallenge(TypedDict, total=False):
+    """`Member.status.challenge.credential`: MakeCredential binding the AK to the EK."""
+
+    id: str
+    akName: str
+    credentialBlob: str
+    secret: str
+    secretSHA256: str
+
+
+class ChallengeStatus(TypedDict, total=False):
+    """`Member.status.challenge`: what the operator asks of the agent next."""
+
+    nonce: str
+    pcrBank: str
+    pcrs: list[int]
+    issuedAt: str
+    answerAfter: str
+    credential: CredentialChallenge

@@ -1,0 +1,115 @@
+"""The migration budget evacuations, drains and balancing share: every active migration
+counts against the cluster, its source and its target, finished ones free their slots."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gtvp.core.evacuation import Migration
+from gtvp.core.migration_budget import MigrationBudget, recorded_source
+from gtvp.core.policy import MigrationLimits
+
+LIMITS = MigrationLimits(max_parallel=3, max_outbound_per_node=2, max_inbound_per_node=1)
+NODES = ["a", "b", "c"]
+
+
+def mig(
+    name: str,
+    *,
+    vmi: str = "vm",
+    source: str | None = None,
+    target: str | None = None,
+    phase: str = "Running",
+    pinned: str | None = None,
+) -> Migration:
+    return Migration("ns", name, vmi, source, target, phase, pinned)
+
+
+def test_an_empty_budget_allows_what_the_limits_allow() -> None:
+    budget = MigrationBudget.of(LIMITS, [])
+    assert budget.running == 0
+    assert budget.allows("a", "b")
+    budget.take("a", "b")
+    assert not budget.receives("b")  # inbound limit 1
+    assert not budget.allows("c", "b")
+    assert budget.allows("a", "c")
+    budget.take("a", "c")
+    assert not budget.sends("a")  # outbound limit 2
+    assert budget.allows("b")
+    budget.take("b")
+    assert not budget.cluster_allows()  # cluster limit 3
+    assert not budget.allows("c")
+    assert (budget.leaving("a"), budget.arriving("b"), budget.arriving("c")) == (2, 1, 1)
+
+
+def test_active_migrations_count_and_finished_ones_do_not() -> None:
+    budget = MigrationBudget.of(
+        LIMITS,
+        [
+            mig("m1", source="a", target="b"),
+            mig("m2", source="a", phase="Pending", pinned="c"),  # pinned: inbound before Scheduled
+            mig("m3", source="a", target="b", phase="Succeeded"),
+            mig("m4", source="b", target="c", phase="Failed"),
+        ],
+    )
+    assert budget.running == 2
+    assert budget.outbound == {"a": 2}
+    assert budget.inbound == {"b": 1, "c": 1}
+
+
+def test_the_source_is_the_callers_to_name() -> None:
+    without = mig("m1", vmi="vm1", phase="Pending")  # KubeVirt has not recorded a source yet
+    recorded = mig("m2", vmi="vm2", source="b")
+    node_of = {("ns", "vm1"): "a", ("ns", "vm2"): "a"}
+    plain = MigrationBudget.of(LIMITS, [without, recorded])
+    assert plain.outbound == {"b": 1}
+    assert plain.running == 2
+    by_vmi = MigrationBudget.of(LIMITS, [without, recorded], recorded_source(node_of))
+    assert by_vmi.outbound == {"a": 1, "b": 1}  # KubeVirt's sourceNode wins when recorded
+
+
+def test_the_least_busy_target_with_room_is_chosen_by_arrivals_then_name() -> None:
+    limits = MigrationLimits(max_parallel=10, max_outbound_per_node=10, max_inbound_per_node=2)
+    budget = MigrationBudget.of(limits, [mig("m1", target="a"), mig("m2", target="c")])
+    assert budget.least_busy(["c", "b", "a"]) == "b"
+    budget.take("x", "b")
+    assert budget.least_busy(["c", "b", "a"]) == "a"  # all at 1: by name
+    budget.take("x", "a")
+    budget.take("x", "b")
+    assert budget.least_busy(["a", "b"]) is None  # both at the limit
+    assert budget.least_busy([]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([*NODES, None]),
+            st.sampled_from([*NODES, None]),
+            st.sampled_from(["Pending", "Running", "Succeeded", "Failed"]),
+        ),
+        max_size=8,
+    ),
+    st.lists(st.tuples(st.sampled_from(NODES), st.sampled_from(NODES)), max_size=10),
+)
+def test_taking_only_what_is_allowed_keeps_every_limit(
+    existing: list[tuple[str | None, str | None, str]], wanted: list[tuple[str, str]]
+) -> None:
+    migrations = [mig(f"m{i}", source=s, target=t, phase=p) for i, (s, t, p) in enumerate(existing)]
+    budget = MigrationBudget.of(LIMITS, migrations)
+    before = MigrationBudget.of(LIMITS, migrations)
+    taken: list[tuple[str, str]] = []
+    for source, target in wanted:
+        if budget.allows(source, target):
+            budget.take(source, target)
+            taken.append((source, target))
+    assert budget.running == before.running + len(taken)
+    assert len(taken) <= max(0, LIMITS.max_parallel - before.running)
+    for node in NODES:
+        out = sum(1 for s, _ in taken if s == node)
+        into = sum(1 for _, t in taken if t == node)
+        assert out == 0 or before.leaving(node) + out <= LIMITS.max_outbound_per_node
+        assert into == 0 or before.arriving(node) + into <= LIMITS.max_inbound_per_node
+        assert budget.leaving(node) == before.leaving(node) + out
+        assert budget.arriving(node) == before.arriving(node) + into
