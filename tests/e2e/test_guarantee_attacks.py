@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -211,3 +212,29 @@ def test_deleted_node_takes_its_member_along(pool: Pool) -> None:
         lambda: pool.cp.kubectl("get", "member", name, check=False).returncode != 0,
         timeout=15,
     )
+
+
+def test_a_member_failing_every_cycle_posts_one_event_not_one_a_cycle(pool: Pool) -> None:
+    name = pool.members()[-1]
+    pool.extend_pcr(name, 7, b"persistent rootkit")  # every later quote fails the same way
+    pool.wait_phase(name, "Untrusted", reason="PcrMismatch", timeout=20)
+    first = pool.member(name)["status"]["trust"]["verifiedAt"]
+    time.sleep(12)  # a retry every 5 s after a failure: at least two more refusals
+    assert pool.member(name)["status"]["trust"]["verifiedAt"] != first
+    events = json.loads(
+        pool.cp.kubectl(
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            f"involvedObject.name={name},reason=PcrMismatch",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    assert len(events) == 1, [e["message"] for e in events]
+    pool.tpm(name).stop()  # a reboot clears the rogue measurement
+    pool.tpm(name).start()
+    pool.stop_agent(name)
+    _recover(pool, name)
