@@ -39,6 +39,7 @@ bench: setup
 	@$(BIN)/python -m tests.bench.bench_quarantine
 	@$(BIN)/python -m tests.bench.bench_box_plan
 	@$(BIN)/python -m tests.bench.bench_box_placement
+	@$(BIN)/python -m tests.bench.bench_cli_startup
 
 # several minutes each: 1,000 and 10,000 members at a 60 s interval
 bench-scale: setup

@@ -16,24 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from gtvp.localcluster import layout, toolchain
-from gtvp.localcluster.controlplane import ControlPlane, Ports
-from gtvp.localcluster.processes import ProcessTable, free_port
+from gtvp.localcluster import layout
+from gtvp.localcluster.controlplane import ControlPlane, ephemeral_control_plane
+from gtvp.localcluster.processes import ProcessTable
 from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
 
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    bins = toolchain.ensure_all()
-    state = tmp_path_factory.mktemp("controlplane")
-    ports = Ports(etcd_client=free_port(), etcd_peer=free_port(), apiserver=free_port())
-    cp = ControlPlane(state, bins, ports)
-    try:
-        cp.start()
-        cp.apply_crds(layout.gtvp_crds() + layout.kubevirt_crds())
+    with ephemeral_control_plane(tmp_path_factory.mktemp("controlplane")) as cp:
         yield cp
-    finally:
-        cp.stop()
 
 
 def _finalize(cp: ControlPlane, ns: str) -> None:

@@ -1,19 +1,22 @@
 """The e2e pool every end-to-end module starts: members with their own swtpm and agent,
 kwok, the virt-controller stand-in, the operator with its webhooks, all Trusted.
 
-One place for the set-up and the clean-up, so that modules differ only in what they say:
-member identities, policy settings, and anything to publish before the operator starts.
+The recipe is `gtvp.localcluster.pool.trusted_pool` (the one `gtvp local up` and the
+benchmarks run too); here, only what the session's shared control plane asks for: names
+unique to the module (members and policy), so that modules never see each other's pools.
+Modules differ only in what they say: member identities, policy settings, and anything to
+publish before the operator starts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from gtvp import webhook_config
+from gtvp.localcluster import pool as local_pool
 from gtvp.localcluster.controlplane import ControlPlane
 from gtvp.localcluster.polling import wait_for
 from gtvp.localcluster.pool import Pool
@@ -21,45 +24,16 @@ from gtvp.localcluster.pool import Pool
 __all__ = ["trusted_pool", "wait_for"]
 
 
-@contextlib.contextmanager
 def trusted_pool(
-    cp: ControlPlane,
-    directory: Path,
-    *,
-    tag: str,
-    identities: Mapping[str, int],
-    policy: Mapping[str, Any],
-    before_start: Callable[[Pool], None] | None = None,
-) -> Iterator[Pool]:
-    """A running pool whose members (suffix -> identity) are Trusted; removed afterwards."""
-    p = Pool(cp, directory, policy=f"{tag}-{uuid.uuid4().hex[:6]}")
-    p.install_access()
-    p.install_webhooks()
+    cp: ControlPlane, directory: Path, *, tag: str, identities: Mapping[str, int], **start: Any
+) -> AbstractContextManager[Pool]:
+    """A running pool whose members (suffix -> identity) are Trusted; removed afterwards.
+
+    `start`: the recipe's settings (`policy`, `before_start`), as for
+    `gtvp.localcluster.pool.trusted_pool`.
+    """
     prefix = f"{tag[0]}{uuid.uuid4().hex[:4]}"
-    names = [f"{prefix}-{suffix}" for suffix in identities]
-    for name, identity in zip(names, identities.values(), strict=True):
-        p.add_member(name, identity=identity, start_agent=False, node=True)
-    p.apply_policy(**policy)
-    if before_start is not None:
-        before_start(p)
-    p.start_kwok()
-    p.start_virtsim()
-    p.start_operator()
-    for name in names:
-        p.start_agent(name)
-    try:
-        for name in names:
-            p.wait_phase(name, "Trusted", timeout=60)
-        yield p
-    finally:
-        p.stop()
-        p.delete_members()
-        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
-            cp.kubectl("delete", kind, "gtvp", "--ignore-not-found")
-        cp.kubectl(
-            "delete",
-            "validatingwebhookconfiguration",
-            webhook_config.POLICY_CONFIGURATION,
-            "--ignore-not-found",
-        )
-        cp.kubectl("delete", "securitypolicy", p.policy_name, "--ignore-not-found")
+    members = {f"{prefix}-{suffix}": identity for suffix, identity in identities.items()}
+    return local_pool.trusted_pool(
+        cp, directory, members, policy_name=f"{tag}-{uuid.uuid4().hex[:6]}", **start
+    )

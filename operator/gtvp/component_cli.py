@@ -106,10 +106,9 @@ def run_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "component", help="sign or verify OSComponent manifests", description=__doc__
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    """`gtvp component`'s sub-commands and arguments (gtvp.cli names the command)."""
+    p.description = __doc__
     csub = p.add_subparsers(dest="component_cmd", required=True)
     s = csub.add_parser("sign", help="sign OSComponent manifests with a publisher key")
     s.add_argument("manifest", help="YAML file with OSComponent manifests, - for stdin")

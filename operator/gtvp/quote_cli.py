@@ -19,28 +19,15 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from typing import TYPE_CHECKING, Any
 
 from gtvp.core import errors
-from gtvp.core.quote import Evidence, Expectation, QuoteResult, verify_quote
-from gtvp.core.tpm_wire import (
-    ALG_ECC,
-    ALG_NULL,
-    ALG_RSA,
-    ALG_SHA256,
-    HASH_BY_NAME,
-    HASH_NAMES,
-    HASH_SIZES,
-    PublicArea,
-    ak_qualified_name,
-    parse_attest,
-    parse_public,
-    parse_tools_pcrs,
-)
+
+# The verifier (gtvp.core.quote and tpm_wire, which load cryptography) and YAML are imported
+# in the functions that use them: `gtvp verify-quote --help` and option errors stay cheap.
+if TYPE_CHECKING:
+    from gtvp.core.quote import QuoteResult
+    from gtvp.core.tpm_wire import PublicArea
 
 
 class InputError(Exception):
@@ -56,7 +43,12 @@ def _read(path: str, what: str) -> bytes:
 
 def load_ak(data: bytes) -> tuple[PublicArea, bool]:
     """The AK from TPM2B_PUBLIC (attributes known) or PEM (attributes unknown)."""
+    from gtvp.core.tpm_wire import ALG_ECC, ALG_NULL, ALG_RSA, ALG_SHA256, PublicArea, parse_public
+
     if data.lstrip().startswith(b"-----BEGIN"):
+        from cryptography.hazmat.primitives import serialization  # PEM only (it is costly)
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         try:
             key = serialization.load_pem_public_key(data)
         except ValueError as exc:
@@ -106,6 +98,8 @@ _MAX_PCR = 23  # PCR 0-23: the PC Client platform's PCRs
 
 def parse_selection(text: str) -> Selection:
     """`BANK:LIST`, LIST of indices and ranges: `sha256:0-7`, `sha256:0,1,2,7`, `sha384:0-3,7`."""
+    from gtvp.core.tpm_wire import HASH_BY_NAME
+
     bank, sep, spec = text.strip().lower().partition(":")
     if not sep or bank not in HASH_BY_NAME:
         raise argparse.ArgumentTypeError(
@@ -127,6 +121,8 @@ def parse_selection(text: str) -> Selection:
 
 
 def _hex_value(pcr: int, value: str, bank: str) -> bytes:
+    from gtvp.core.tpm_wire import HASH_BY_NAME, HASH_SIZES
+
     size = HASH_SIZES[HASH_BY_NAME[bank]]
     try:
         raw = bytes.fromhex(value.strip().lower().removeprefix("0x"))
@@ -139,6 +135,8 @@ def _hex_value(pcr: int, value: str, bank: str) -> bytes:
 
 def _golden_map(doc: Any, bank: str) -> dict[Any, Any]:
     """The PCR map in a golden document: flat, under `pcrs:`, or under a bank's name."""
+    from gtvp.core.tpm_wire import HASH_BY_NAME
+
     if isinstance(doc, dict) and isinstance(doc.get("pcrs"), dict):
         doc = doc["pcrs"]
     if not isinstance(doc, dict):
@@ -155,6 +153,8 @@ def _golden_map(doc: Any, bank: str) -> dict[Any, Any]:
 
 def load_golden(data: bytes, bank: str) -> dict[int, bytes]:
     """A map PCR -> value, or bank -> {PCR -> value} (tpm2_pcrread / tpm2_eventlog style)."""
+    import yaml  # here: only --golden needs it, and it costs start-up time
+
     try:
         # BaseLoader keeps every scalar a string: 0x... stays hex text of its real length
         doc = yaml.load(data, Loader=yaml.BaseLoader)  # noqa: S506 (builds only str/list/dict)
@@ -171,6 +171,8 @@ def load_golden(data: bytes, bank: str) -> dict[int, bytes]:
 
 
 def _read_pcrs(args: argparse.Namespace) -> tuple[str, dict[int, bytes]]:
+    from gtvp.core.tpm_wire import parse_tools_pcrs
+
     pcr_file = parse_tools_pcrs(_read(args.pcrs, "--pcrs"))
     if len(pcr_file) != 1:
         raise InputError(f"--pcrs holds {len(pcr_file)} banks; quote one bank")
@@ -189,6 +191,8 @@ def _expected_selection(args: argparse.Namespace) -> Selection:
 
 def _selection_reason(attest: bytes, sel: Selection, in_file: Selection, allow_sha1: bool) -> str:
     """A PcrSelectionMismatch said in the CLI's terms (the quote parsed: it got that far)."""
+    from gtvp.core.tpm_wire import HASH_NAMES, parse_attest
+
     signed = [
         Selection(HASH_NAMES[s.hash_alg], s.pcrs) for s in parse_attest(attest).pcr_selections
     ]
@@ -217,6 +221,9 @@ class Checked:
 
 def verify(args: argparse.Namespace) -> Checked:
     """Verify the files named in `args`; raise InputError or VerificationError."""
+    from gtvp.core.quote import Evidence, Expectation, verify_quote
+    from gtvp.core.tpm_wire import ak_qualified_name, parse_public
+
     sel = _expected_selection(args)
     ak, attrs_known = load_ak(_read(args.ak_public, "--ak-public"))
     file_bank, values = _read_pcrs(args)
@@ -297,13 +304,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "verify-quote",
-        help="verify a tpm2-tools quote with gtvp's verifier",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    """`gtvp verify-quote`'s arguments (gtvp.cli names the command)."""
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--ak-public", required=True, help="AK public: TPM2B_PUBLIC or PEM")
     p.add_argument("--message", required=True, help="TPMS_ATTEST (tpm2_quote -m)")
     p.add_argument("--signature", required=True, help="TPMT_SIGNATURE (tpm2_quote -s)")
@@ -312,7 +316,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--pcr-selection",
         type=parse_selection,
-        default=parse_selection(DEFAULT_SELECTION),
+        default=DEFAULT_SELECTION,  # a string: argparse converts it with parse_selection
         metavar="BANK:PCRS",
         help="the selection the signed quote must cover, e.g. sha256:0-7 or sha384:0,2,4-7 "
         f"(default {DEFAULT_SELECTION}); the unsigned --pcrs file never chooses it",

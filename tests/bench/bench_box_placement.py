@@ -18,20 +18,15 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BoxRef, compose_vm
 from gtvp.core.resolve import BoxRequest, resolve
-from gtvp.localcluster import layout, toolchain
-from gtvp.localcluster.controlplane import ControlPlane, Ports
 from gtvp.localcluster.pool import Pool
-from gtvp.localcluster.processes import free_port
-from tests.bench.bench_scale import LoadGenerator, _api, answer, create_members
+from tests.bench.bench_scale import _api, answer, create_members, load_generator_pool
 from tests.catalogue import Publisher, synthetic
 
 G, V = "gtvp.io", "v1alpha1"
@@ -82,27 +77,12 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
     catalogue = synthetic(pub, components, seed)
     parsed = [parse_component(o) for o in catalogue]
     apps = sorted({c.name for c in parsed if c.type == "application"})
-    with tempfile.TemporaryDirectory() as d:
-        cp = ControlPlane(
-            Path(d) / "cp", toolchain.ensure_all(), Ports(free_port(), free_port(), free_port())
-        )
-        cp.start()
-        pool = Pool(cp, Path(d) / "pool")
-        stop = threading.Event()
+    stop = threading.Event()
+    with load_generator_pool(
+        4, kubevirt=True, interval="60s", valid_for="180s", max_uses=100000, publisher_keys=pub.keys
+    ) as (pool, lg):
+        cp = pool.cp
         try:
-            cp.apply_crds(layout.gtvp_crds() + layout.kubevirt_crds())
-            pool.install_access()
-            lg = LoadGenerator(pool, 4)
-            for name in lg.names:
-                pool.tpm(name).manufacture(pool.ca.ensure())
-                pool.tpm(name).start()
-            pool.apply_policy(
-                interval="60s",
-                valid_for="180s",
-                max_uses=100000,
-                publisher_keys=pub.keys,
-                allow_shared_ek=True,  # members share the load generator's few TPMs
-            )
             api = _api(pool)
             for obj in catalogue:
                 api.create_cluster_custom_object(G, V, "oscomponents", obj)
@@ -155,8 +135,6 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
             ]
         finally:
             stop.set()
-            pool.stop()
-            cp.stop()
     print(
         f"  {placed} of {boxes} boxes placed in {elapsed:.1f}s "
         f"(creating them took {created:.1f}s); target < 60 s"

@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
-from gtvp.localcluster import layout, toolchain
-from gtvp.localcluster.controlplane import ControlPlane, Ports, agent_identity
-from gtvp.localcluster.pool import Pool
-from gtvp.localcluster.processes import free_port
+from gtvp.localcluster.controlplane import agent_identity, ephemeral_control_plane
+from gtvp.localcluster.pool import Pool, trusted_pool
 from gtvp_agent.tpm import Tpm
 
 NS = "bench"
@@ -38,30 +36,19 @@ NS = "bench"
 
 @contextlib.contextmanager
 def bench_pool(members: int = 2) -> Iterator[Pool]:
-    with tempfile.TemporaryDirectory() as d:
-        cp = ControlPlane(
-            Path(d) / "cp", toolchain.ensure_all(), Ports(free_port(), free_port(), free_port())
-        )
-        cp.start()
-        pool = Pool(cp, Path(d) / "pool")
-        try:
-            cp.apply_crds(layout.gtvp_crds() + layout.kubevirt_crds())
-            pool.install_access()
-            pool.install_webhooks()
-            for i in range(members):
-                pool.add_member(f"m{i}", identity=3, start_agent=False, node=True)
-            pool.apply_policy(interval="2s", valid_for="8s", max_uses=1000)
-            pool.start_kwok()
-            pool.start_virtsim()
-            pool.start_operator()
-            for name in pool.members():
-                pool.start_agent(name)
-            for name in pool.members():
-                pool.wait_phase(name, "Trusted", timeout=90)
-            yield pool
-        finally:
-            pool.stop()
-            cp.stop()
+    """A throwaway control plane and a trusted pool of `members` members of level 3."""
+    with (
+        tempfile.TemporaryDirectory() as d,
+        ephemeral_control_plane(Path(d) / "cp") as cp,
+        trusted_pool(
+            cp,
+            Path(d) / "pool",
+            {f"m{i}": 3 for i in range(members)},
+            policy={"interval": "2s", "valid_for": "8s", "max_uses": 1000},
+            timeout=90,
+        ) as pool,
+    ):
+        yield pool
 
 
 def _clients(pool: Pool, identity: Any = None) -> Any:

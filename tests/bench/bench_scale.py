@@ -40,10 +40,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gtvp.localcluster import layout, toolchain
-from gtvp.localcluster.controlplane import ControlPlane, Ports
+from gtvp.localcluster.controlplane import ControlPlane, ephemeral_control_plane
 from gtvp.localcluster.pool import Pool
-from gtvp.localcluster.processes import free_port
 from gtvp_agent.tpm import Tpm
 
 G, V, P = "gtvp.io", "v1alpha1", "members"
@@ -256,6 +254,30 @@ def create_members(api: Any, lg: LoadGenerator, members: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def load_generator_pool(
+    tpms: int, *, kubevirt: bool, **policy: Any
+) -> Iterator[tuple[Pool, LoadGenerator]]:
+    """A throwaway control plane and a pool without agents: the load generator answers for
+    every member with `tpms` swtpm AKs, so the policy (`apply_policy`'s settings) allows a
+    shared EK. Members are created by the caller (`create_members`)."""
+    with (
+        tempfile.TemporaryDirectory() as d,
+        ephemeral_control_plane(Path(d) / "cp", kubevirt=kubevirt) as cp,
+    ):
+        pool = Pool(cp, Path(d) / "pool")
+        try:
+            pool.install_access()
+            lg = LoadGenerator(pool, tpms)
+            for name in lg.names:  # the few TPMs whose keys every member's quotes use
+                pool.tpm(name).manufacture(pool.ca.ensure())
+                pool.tpm(name).start()
+            pool.apply_policy(allow_shared_ek=True, **policy)
+            yield pool, lg
+        finally:
+            pool.stop()
+
+
 def answer(
     lg: LoadGenerator, api: Any, stop: threading.Event, tick: Callable[[], None] | None = None
 ) -> None:
@@ -305,65 +327,50 @@ def answer(
 
 
 def run(members: int, cycles: int, tpms: int = 4, interval: int = 60) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as d:
-        cp = ControlPlane(
-            Path(d) / "cp", toolchain.ensure_all(), Ports(free_port(), free_port(), free_port())
+    with load_generator_pool(
+        tpms,
+        kubevirt=False,
+        interval=f"{interval}s",
+        valid_for=f"{interval * 3}s",
+        max_uses=100,
+    ) as (pool, lg):
+        cp = pool.cp
+        api = _api(pool)
+        started = time.perf_counter()
+        create_members(api, lg, members)
+        print(
+            f"bench_scale: {members} members created in {time.perf_counter() - started:.0f}s",
+            flush=True,
         )
-        cp.start()
-        pool = Pool(cp, Path(d) / "pool")
-        try:
-            cp.apply_crds(layout.gtvp_crds())
-            pool.install_access()
-            lg = LoadGenerator(pool, tpms)
-            for name in lg.names:  # the few TPMs whose keys every member's quotes use
-                pool.tpm(name).manufacture(pool.ca.ensure())
-                pool.tpm(name).start()
-            # several members share one TPM here: the policy must allow a shared EK
-            pool.apply_policy(
-                interval=f"{interval}s",
-                valid_for=f"{interval * 3}s",
-                max_uses=100,
-                allow_shared_ek=True,
-            )
-            api = _api(pool)
-            started = time.perf_counter()
-            create_members(api, lg, members)
-            print(
-                f"bench_scale: {members} members created in {time.perf_counter() - started:.0f}s",
-                flush=True,
-            )
-            pool.start_operator()
-            op = pool.procs.get("operator")
-            assert op is not None
-            window: dict[str, float] = {}
-            stop = threading.Event()
+        pool.start_operator()
+        op = pool.procs.get("operator")
+        assert op is not None
+        window: dict[str, float] = {}
+        stop = threading.Event()
 
-            def tick() -> None:
-                if not window and lg.trusted() >= members:
-                    print(
-                        f"  all {members} Trusted after "
-                        f"{time.perf_counter() - started:.0f}s (enrolment included)",
-                        flush=True,
-                    )
-                    lg.latencies.clear()
-                    lg.echoes.clear()
-                    window.update(
-                        start=time.perf_counter(),
-                        patches=_patch_count(cp),
-                        cpu=_cpu_seconds(op.pid),
-                    )
-                if window and time.perf_counter() >= window["start"] + cycles * interval:
-                    stop.set()
+        def tick() -> None:
+            if not window and lg.trusted() >= members:
+                print(
+                    f"  all {members} Trusted after "
+                    f"{time.perf_counter() - started:.0f}s (enrolment included)",
+                    flush=True,
+                )
+                lg.latencies.clear()
+                lg.echoes.clear()
+                window.update(
+                    start=time.perf_counter(),
+                    patches=_patch_count(cp),
+                    cpu=_cpu_seconds(op.pid),
+                )
+            if window and time.perf_counter() >= window["start"] + cycles * interval:
+                stop.set()
 
-            with lg.running():
-                answer(lg, api, stop, tick)
-            elapsed = time.perf_counter() - window["start"]
-            patches = _patch_count(cp) - window["patches"]
-            cpu = (_cpu_seconds(op.pid) - window["cpu"]) / elapsed
-            rss = _rss_mb(op.pid)
-        finally:
-            pool.stop()
-            cp.stop()
+        with lg.running():
+            answer(lg, api, stop, tick)
+        elapsed = time.perf_counter() - window["start"]
+        patches = _patch_count(cp) - window["patches"]
+        cpu = (_cpu_seconds(op.pid) - window["cpu"]) / elapsed
+        rss = _rss_mb(op.pid)
     # a cycle is one verdict: members quote up to 10 % early (the jittered schedule), so they
     # complete slightly more cycles than elapsed / interval; count the cycles themselves
     per_member_cycle = patches / max(len(lg.latencies), 1)

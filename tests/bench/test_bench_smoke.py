@@ -49,3 +49,12 @@ def test_box_placement_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> Non
     got = bench_box_placement.run(members=8, boxes=8, components=80)
     assert got["placed"] == 8
     assert "boxes placed in" in capsys.readouterr().out
+
+
+def test_cli_startup_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_cli_startup
+
+    got = bench_cli_startup.run(runs=2)
+    assert got["gtvp --help"]["median"] > 0
+    assert "gtvp verify-quote (real quote)" in got  # swtpm and tpm2-tools: the tpm mark
+    assert "vs 120 ms" in capsys.readouterr().out

@@ -1,24 +1,24 @@
-"""`gtvp local up | down | status`: the local trusted pool on this machine.
+"""`gtvp local up | down | status | tamper | build`: the local trusted pool on this machine.
 
-Thin shell around `toolchain` (build once), `controlplane` (start, CRDs) and kubectl.
+Thin shell around `toolchain` (build once), `controlplane` (start, CRDs), `pool` (the trusted
+pool), `gtvp.pool_status` (the summary it ends with) and kubectl.
 Everything it starts listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gtvp import local_state, pool_status
 from gtvp.localcluster import layout, toolchain
 from gtvp.localcluster.controlplane import ControlPlane, ControlPlaneError, Ports
 from gtvp.localcluster.polling import wait_for
@@ -26,22 +26,16 @@ from gtvp.localcluster.pool import Pool, PoolError
 from gtvp.localcluster.processes import ProcessTable
 
 
-def state_dir() -> Path:
-    """The pool's state (`GTVP_LOCAL_STATE` overrides; default `<cache>/local`)."""
-    env = os.environ.get("GTVP_LOCAL_STATE")
-    return Path(env).resolve() if env else toolchain.cache_dir() / "local"
-
-
 def _saved_ports() -> Ports:
     try:
-        data = json.loads((state_dir() / "ports.json").read_text())
+        data = json.loads((local_state.state_dir() / "ports.json").read_text())
         return Ports(**{k: int(v) for k, v in data.items()})
     except (OSError, ValueError, TypeError):
         return Ports()
 
 
 def _control_plane(ports: Ports | None = None) -> ControlPlane:
-    return ControlPlane(state_dir(), toolchain.binaries(), ports or _saved_ports())
+    return ControlPlane(local_state.state_dir(), toolchain.binaries(), ports or _saved_ports())
 
 
 def _say(msg: str) -> None:
@@ -54,7 +48,7 @@ WARM_COMPONENTS = ("linux 6.6.52", "debian-minimal 12.7.0", "nginx 1.26.2")
 
 
 def _pool(cp: ControlPlane) -> Pool:
-    return Pool(cp, state_dir() / "pool")
+    return Pool(cp, local_state.state_dir() / "pool")
 
 
 def _demo_vm(level: int) -> dict[str, object]:
@@ -109,45 +103,27 @@ def _sample_images(labels: Sequence[str]) -> list[str]:
     return out
 
 
+def _apply_sample(cp: ControlPlane, path: Path) -> None:
+    cp.kubectl("apply", "--server-side", "--field-manager=gtvp-samples", "-f", str(path))
+
+
 def start_pool(cp: ControlPlane, members: int) -> Pool:
-    """Members with their own swtpm and agent, kwok, the virt-controller stand-in, the
-    operator with its webhooks; waits until every member is Trusted."""
+    """Members with their own swtpm and agent (node-1 and node-2 of identity 3, the others
+    2), kwok, the virt-controller stand-in, the operator with its webhooks; node-2's image
+    cache already holds most of the sample Lazy Box. Waits until every member is Trusted."""
+    identities = {f"node-{i}": 3 if i <= 2 else 2 for i in range(1, members + 1)}
+    warm = ["node-2"] if members >= 2 else []
+
+    def warm_image_cache(pool: Pool) -> None:
+        for name in warm:
+            _say(
+                f"  SIMULATION: {name}'s image cache already holds {', '.join(WARM_COMPONENTS)} "
+                "(written into Node status.images as its kubelet would report it)"
+            )
+            pool.set_node_images(name, _sample_images(WARM_COMPONENTS))
+
     pool = _pool(cp)
-    pool.install_access()
-    pool.install_webhooks()
-    names = [f"node-{i}" for i in range(1, members + 1)]
-    for i, name in enumerate(names):
-        identity = 3 if i < 2 else 2
-        _say(
-            f"  member {name}: swtpm with an EK certificate from the pool's swtpm CA, "
-            f"identity {identity}"
-        )
-        pool.add_member(name, identity=identity, start_agent=False, node=True)
-    if len(names) >= 2:
-        _say(
-            f"  SIMULATION: {names[1]}'s image cache already holds {', '.join(WARM_COMPONENTS)} "
-            "(written into Node status.images as its kubelet would report it)"
-        )
-        pool.set_node_images(names[1], _sample_images(WARM_COMPONENTS))
-    pool.apply_policy()
-    _say("  SIMULATION: kwok keeps the Nodes Ready (no kubelet here)")
-    pool.start_kwok()
-    _say("  SIMULATION: a stand-in for KubeVirt's virt-controller runs VMIs and migrations")
-    pool.start_virtsim()
-    pool.start_operator()
-    _say(
-        f"  gtvp-operator (webhooks on 127.0.0.1:{pool.webhook_port}, metrics on "
-        f"127.0.0.1:{pool.metrics_port}/metrics)"
-    )
-    for name in names:
-        pool.start_agent(name)
-    started = time.monotonic()
-    for name in names:
-        pool.wait_phase(name, "Trusted", timeout=90)
-        _say(
-            f"  {name}: Trusted after {time.monotonic() - started:.1f}s "
-            "(EK certificate checked, AK bound by credential activation, quote verified)"
-        )
+    pool.start_trusted(identities, before_start=warm_image_cache, timeout=90, say=_say)
     return pool
 
 
@@ -167,15 +143,9 @@ def _show_box(cp: ControlPlane) -> None:
     _say(f"    placed on {st['placement']['reason']}")
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    steps = 5 if args.members else 4
-    _say("gtvp local: a trusted pool on this machine (loopback only)")
-    _say(
-        f"step 1/{steps}: programs (etcd, kube-apiserver, kubectl, kwok, helm), built from "
-        "Go modules"
-    )
-    toolchain.ensure_all()
+# ----- gtvp local up, step by step -----------------------------------------------------------
+def _start_control_plane(args: argparse.Namespace, steps: int) -> ControlPlane:
+    """etcd and kube-apiserver on the ports asked for, else on those of the last run."""
     saved = _saved_ports()
     ports = Ports(
         etcd_client=args.etcd_port or saved.etcd_client,
@@ -192,41 +162,47 @@ def cmd_up(args: argparse.Namespace) -> int:
             "a local control plane from this state directory runs on other ports; "
             "run `gtvp local down` first"
         )
-    state_dir().mkdir(parents=True, exist_ok=True)
-    (state_dir() / "ports.json").write_text(json.dumps(asdict(ports)))
+    state = local_state.state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "ports.json").write_text(json.dumps(asdict(ports)))
     cp.start()
+    return cp
+
+
+def _install_crds(cp: ControlPlane, steps: int) -> None:
     _say(
         f"step 3/{steps}: CRDs: gtvp.io (Member, SecurityPolicy, OSComponent, LazyBox) and "
         "KubeVirt's own schemas (kubevirt.io; no KubeVirt runs here)"
     )
     cp.apply_crds(layout.gtvp_crds() + layout.kubevirt_crds())
-    if not args.no_samples:
-        _say(f"step 4/{steps}: samples from crds/samples/")
-        for sample in layout.samples():
-            if args.members and sample.name == "members.yaml":
-                continue  # the pool's own members stand in for the sample ones
-            if args.members and sample.name == "lazybox.yaml":
-                continue  # applied once the pool is trusted, so that placement has a choice
-            cp.kubectl("apply", "--server-side", "--field-manager=gtvp-samples", "-f", str(sample))
-    if args.members:
-        _say(f"step {steps}/{steps}: the trusted pool: {args.members} members")
-        start_pool(cp, args.members)
-        cp.kubectl("create", "namespace", DEMO_NAMESPACE, check=False)
-        _say(
-            "  a VM that needs level 3 (label gtvp.io/level=3): the webhook adds the trust selector"
-        )
-        cp.kubectl("apply", "-f", "-", input_text=json.dumps(_demo_vm(3)))
-        node = wait_for("demo-web to run", lambda: _vmi_node(cp), 30)
-        _say(f"  {DEMO_NAMESPACE}/demo-web runs on {node}")
-        if not args.no_samples:
-            cp.kubectl(
-                "apply",
-                "--server-side",
-                "--field-manager=gtvp-samples",
-                "-f",
-                str(layout.repo_root() / "crds" / "samples" / "lazybox.yaml"),
-            )
-            _show_box(cp)
+
+
+def _apply_samples(cp: ControlPlane, steps: int, *, with_pool: bool) -> None:
+    _say(f"step 4/{steps}: samples from crds/samples/")
+    for sample in layout.samples():
+        if with_pool and sample.name == "members.yaml":
+            continue  # the pool's own members stand in for the sample ones
+        if with_pool and sample.name == "lazybox.yaml":
+            continue  # applied once the pool is trusted, so that placement has a choice
+        _apply_sample(cp, sample)
+
+
+def _run_trusted_pool(cp: ControlPlane, members: int, steps: int, *, box: bool) -> None:
+    """The pool, a VM that needs level 3 and (with the samples) the sample Lazy Box."""
+    _say(f"step {steps}/{steps}: the trusted pool: {members} members")
+    start_pool(cp, members)
+    cp.kubectl("create", "namespace", DEMO_NAMESPACE, check=False)
+    _say("  a VM that needs level 3 (label gtvp.io/level=3): the webhook adds the trust selector")
+    cp.kubectl("apply", "-f", "-", input_text=json.dumps(_demo_vm(3)))
+    node = wait_for("demo-web to run", lambda: _vmi_node(cp), 30)
+    _say(f"  {DEMO_NAMESPACE}/demo-web runs on {node}")
+    if box:
+        _apply_sample(cp, layout.repo_root() / "crds" / "samples" / "lazybox.yaml")
+        _show_box(cp)
+
+
+def _show_what_runs(cp: ControlPlane, started: float, *, with_pool: bool) -> None:
+    """The server's version, then the pool's summary (or, without a pool, the samples)."""
     _say("")
     version = cp.kubectl("version", "-o", "yaml").stdout
     server_line = next((ln.strip() for ln in version.splitlines() if "gitVersion" in ln), "")
@@ -234,25 +210,117 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"server {server_line.split(':', 1)[-1].strip() or '?'} is up "
         f"({time.monotonic() - started:.0f}s)"
     )
-    if args.members:
-        from gtvp import status_cli
-
-        objs = status_cli.collect(str(cp.admin_kubeconfig))
+    if with_pool:
         _say("")
-        _say(status_cli.render(now=dt.datetime.now(dt.UTC), **objs))
-    else:
-        for kind in ("securitypolicies", "members", "oscomponents", "lazyboxes -A"):
-            out = cp.kubectl("get", *kind.split())
-            _say(f"\n$ kubectl get {kind}\n{out.stdout.rstrip() or out.stderr.strip()}")
+        _say(pool_status.summary(str(cp.admin_kubeconfig)))
+        return
+    for kind in ("securitypolicies", "members", "oscomponents", "lazyboxes -A"):
+        out = cp.kubectl("get", *kind.split())
+        _say(f"\n$ kubectl get {kind}\n{out.stdout.rstrip() or out.stderr.strip()}")
+
+
+def _show_how_to_use(cp: ControlPlane, *, with_pool: bool) -> None:
     _say("\nUse it:")
     _say(f"  export KUBECONFIG={cp.admin_kubeconfig}")
     _say(f"  {toolchain.binaries().kubectl} get members   # the same kubectl gtvp built")
-    if args.members:
+    if with_pool:
         node = _box_running_on(cp) or _vmi_node(cp) or "node-1"
         _say(f"  gtvp local tamper {node}     # extend a PCR on its swtpm: quarantine + evacuation")
         _say("  gtvp status                  # the pool at a glance")
     _say("Stop it: gtvp local down")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    with_pool = bool(args.members)
+    steps = 5 if with_pool else 4
+    _say("gtvp local: a trusted pool on this machine (loopback only)")
+    _say(
+        f"step 1/{steps}: programs (etcd, kube-apiserver, kubectl, kwok, helm), built from "
+        "Go modules"
+    )
+    toolchain.ensure_all()
+    cp = _start_control_plane(args, steps)
+    _install_crds(cp, steps)
+    if not args.no_samples:
+        _apply_samples(cp, steps, with_pool=with_pool)
+    if with_pool:
+        _run_trusted_pool(cp, args.members, steps, box=not args.no_samples)
+    _show_what_runs(cp, started, with_pool=with_pool)
+    _show_how_to_use(cp, with_pool=with_pool)
     return 0
+
+
+# ----- gtvp local tamper, step by step -------------------------------------------------------
+def _stopwatch() -> Callable[[], str]:
+    """Time since now, as the lines of `gtvp local tamper` begin (`t+ 2.7s`)."""
+    t0 = time.monotonic()
+    return lambda: f"t+{time.monotonic() - t0:4.1f}s"
+
+
+def _watch_quarantine(
+    cp: ControlPlane, pool: Pool, member: str, elapsed: Callable[[], str]
+) -> None:
+    """Until the member is Untrusted and its Node tainted."""
+    m = pool.wait_phase(member, "Untrusted", timeout=60)
+    trust = m["status"]["trust"]
+    _say(f"{elapsed()}  {member} Untrusted: {trust.get('reason')}: {trust.get('message')}")
+    wait_for(
+        "the taint",
+        lambda: (
+            "gtvp.io/untrusted"
+            in cp.kubectl("get", "node", member, "-o", "jsonpath={.spec.taints[*].key}").stdout
+        ),
+        30,
+    )
+    _say(
+        f"{elapsed()}  node {member}: trust labels removed, tainted "
+        "gtvp.io/untrusted:NoSchedule (never NoExecute: VMs are migrated, not killed)"
+    )
+
+
+def _watch_vm(
+    cp: ControlPlane, member: str, before: str | None, elapsed: Callable[[], str]
+) -> None:
+    """Until the demo VM left the member, if it ran there."""
+    if before != member:
+        _say(f"  ({DEMO_NAMESPACE}/demo-web runs on {before}, so nothing had to move)")
+        return
+
+    def evacuations() -> list[str]:
+        return cp.kubectl(
+            "get",
+            "vmim",
+            "-n",
+            DEMO_NAMESPACE,
+            "-l",
+            f"gtvp.io/evacuation={member}",
+            "-o",
+            "name",
+        ).stdout.split()
+
+    wait_for("an evacuation migration", evacuations, 30)
+    _say(f"{elapsed()}  evacuation started: {', '.join(evacuations())}")
+    node = wait_for("demo-web to move", lambda: (n := _vmi_node(cp)) != member and n, 60)
+    _say(f"{elapsed()}  {DEMO_NAMESPACE}/demo-web now runs on {node} (trusted, level 3)")
+
+
+def _watch_box(
+    cp: ControlPlane, member: str, before: str | None, elapsed: Callable[[], str]
+) -> None:
+    """Until the sample Lazy Box left the member, if it ran there."""
+    if before == member:
+        node = wait_for(
+            "the Lazy Box to move",
+            lambda: (n := _box_running_on(cp)) != member and n,
+            60,
+        )
+        _say(
+            f"{elapsed()}  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} live-migrated to {node} "
+            "(trusted, level >= 2)"
+        )
+    elif before:
+        _say(f"  (Lazy Box {BOX_NAMESPACE}/{BOX_NAME} runs on {before}, so it stays)")
 
 
 def cmd_tamper(args: argparse.Namespace) -> int:
@@ -264,80 +332,25 @@ def cmd_tamper(args: argparse.Namespace) -> int:
         raise ControlPlaneError(
             f"{args.member} is not a member of the local pool ({', '.join(pool.members())})"
         )
-    before = _vmi_node(cp)
-    box_before = _box_running_on(cp)
+    vm_before, box_before = _vmi_node(cp), _box_running_on(cp)
     _say(
         f"tampering with {args.member}: extending PCR {args.pcr} on its swtpm "
         "(as a rogue boot component would, with tpm2-tools' tpm2_pcrextend)"
     )
-    t0 = time.monotonic()
+    elapsed = _stopwatch()
     pool.extend_pcr(args.member, args.pcr, b"gtvp local tamper")
-
-    def elapsed() -> str:
-        return f"t+{time.monotonic() - t0:4.1f}s"
-
-    m = pool.wait_phase(args.member, "Untrusted", timeout=60)
-    trust = m["status"]["trust"]
-    _say(f"{elapsed()}  {args.member} Untrusted: {trust.get('reason')}: {trust.get('message')}")
-    wait_for(
-        "the taint",
-        lambda: (
-            "gtvp.io/untrusted"
-            in cp.kubectl("get", "node", args.member, "-o", "jsonpath={.spec.taints[*].key}").stdout
-        ),
-        30,
-    )
-    _say(
-        f"{elapsed()}  node {args.member}: trust labels removed, tainted "
-        "gtvp.io/untrusted:NoSchedule (never NoExecute: VMs are migrated, not killed)"
-    )
-    if before == args.member:
-
-        def evacuations() -> list[str]:
-            return cp.kubectl(
-                "get",
-                "vmim",
-                "-n",
-                DEMO_NAMESPACE,
-                "-l",
-                f"gtvp.io/evacuation={args.member}",
-                "-o",
-                "name",
-            ).stdout.split()
-
-        wait_for("an evacuation migration", evacuations, 30)
-        _say(f"{elapsed()}  evacuation started: {', '.join(evacuations())}")
-        node = wait_for("demo-web to move", lambda: (n := _vmi_node(cp)) != args.member and n, 60)
-        _say(f"{elapsed()}  {DEMO_NAMESPACE}/demo-web now runs on {node} (trusted, level 3)")
-    else:
-        _say(f"  ({DEMO_NAMESPACE}/demo-web runs on {before}, so nothing had to move)")
-    if box_before == args.member:
-        node = wait_for(
-            "the Lazy Box to move",
-            lambda: (n := _box_running_on(cp)) != args.member and n,
-            60,
-        )
-        _say(
-            f"{elapsed()}  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} live-migrated to {node} "
-            "(trusted, level >= 2)"
-        )
-    elif box_before:
-        _say(f"  (Lazy Box {BOX_NAMESPACE}/{BOX_NAME} runs on {box_before}, so it stays)")
-    from gtvp import status_cli
-
+    _watch_quarantine(cp, pool, args.member, elapsed)
+    _watch_vm(cp, args.member, vm_before, elapsed)
+    _watch_box(cp, args.member, box_before, elapsed)
     _say("")
-    _say(
-        status_cli.render(
-            now=dt.datetime.now(dt.UTC), **status_cli.collect(str(cp.admin_kubeconfig))
-        )
-    )
+    _say(pool_status.summary(str(cp.admin_kubeconfig)))
     return 0
 
 
 def cmd_build(_args: argparse.Namespace) -> int:
     missing = [c.name for c in toolchain.COMPONENTS if not c.is_built()]
     if not missing:
-        _say(f"programs cached in {toolchain.cache_dir() / 'bin'}")
+        _say(f"programs cached in {local_state.cache_dir() / 'bin'}")
         return 0
     _say(f"building from Go modules: {', '.join(missing)} (first time only; a few minutes each)")
     toolchain.ensure_all()
@@ -346,7 +359,7 @@ def cmd_build(_args: argparse.Namespace) -> int:
 
 def cmd_down(_args: argparse.Namespace) -> int:
     cp = _control_plane()
-    pool_procs = ProcessTable(state_dir() / "pool")
+    pool_procs = ProcessTable(local_state.state_dir() / "pool")
     stopped = [t.name for t in pool_procs.all() if pool_procs.stop(t.name)]
     stopped += cp.stop()
     if stopped:
@@ -358,10 +371,10 @@ def cmd_down(_args: argparse.Namespace) -> int:
 
 def cmd_status(_args: argparse.Namespace) -> int:
     cp = _control_plane()
-    table = ProcessTable(state_dir())
-    tracked = table.all() + ProcessTable(state_dir() / "pool").all()
+    table = ProcessTable(local_state.state_dir())
+    tracked = table.all() + ProcessTable(local_state.state_dir() / "pool").all()
     if not tracked:
-        _say(f"gtvp local: nothing runs (state in {state_dir()})")
+        _say(f"gtvp local: nothing runs (state in {local_state.state_dir()})")
         return 1
     for t in tracked:
         _say(f"{t.name:16} pid {t.pid:<8} {'running' if t.alive() else 'NOT RUNNING'}")
@@ -381,10 +394,8 @@ def cmd_regen_gomod(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    local = sub.add_parser(
-        "local", help="run a local trusted pool (real control plane on loopback)"
-    )
+def register(local: argparse.ArgumentParser) -> None:
+    """`gtvp local`'s sub-commands and arguments (gtvp.cli names the command)."""
     lsub = local.add_subparsers(dest="local_cmd", required=True)
     up = lsub.add_parser("up", help="build (first time), start, install CRDs and samples")
     up.add_argument("--no-samples", action="store_true", help="do not apply crds/samples")

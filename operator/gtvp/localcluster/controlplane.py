@@ -5,24 +5,28 @@ Kubernetes API server (built from the release's Go modules by `toolchain`), neve
 RBAC is on, users are client certificates (admin in `system:masters`, the operator and one
 agent per node each with its own identity), service-account tokens are signed.
 
-There is no kube-controller-manager: no garbage collection and no namespace finalization;
-`finalize_namespace` does the latter for tests.
+There is no kube-controller-manager: no garbage collection and no namespace finalization
+(the test fixtures finalize their namespaces themselves).
+
+`ephemeral_control_plane` is the throwaway one the tests and benchmarks run on: free ports,
+its own state directory, gtvp's and KubeVirt's CRDs, stopped when the `with` block ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gtvp.localcluster import pki
-from gtvp.localcluster.processes import ProcessTable, port_in_use
+from gtvp.localcluster import layout, pki, toolchain
+from gtvp.localcluster.processes import ProcessTable, free_port, port_in_use
 from gtvp.localcluster.toolchain import Binaries
 
 ADMIN_USER = "gtvp:admin"
@@ -311,3 +315,18 @@ class ControlPlane:
                 "wait", "--for=condition=Established", f"--timeout={int(timeout)}s", *names
             )
         return names
+
+
+@contextlib.contextmanager
+def ephemeral_control_plane(state: Path, *, kubevirt: bool = True) -> Iterator[ControlPlane]:
+    """A control plane for one `with` block: built programs (a cold cache builds them, with
+    progress), free loopback ports, state under `state`, gtvp's CRDs and (unless `kubevirt`
+    is false) KubeVirt's installed and Established; stopped afterwards."""
+    ports = Ports(etcd_client=free_port(), etcd_peer=free_port(), apiserver=free_port())
+    cp = ControlPlane(state, toolchain.ensure_all(), ports)
+    try:
+        cp.start()
+        cp.apply_crds(layout.gtvp_crds() + (layout.kubevirt_crds() if kubevirt else []))
+        yield cp
+    finally:
+        cp.stop()

@@ -1,10 +1,14 @@
 """A local trusted pool on a running control plane: policy, members, swtpms, agents, operator.
 
-Used by `gtvp local up` and by the tests. Each member gets its own swtpm (EK certificate from
-the pool's private swtpm CA), its own client identity and its own `gtvp-agent` process; the
-operator runs as a `gtvp-operator` process with the operator identity. The pool's policy
-trusts the swtpm CA and pins PCRs 0-7 to the values a fresh swtpm has (no firmware runs in
-an emulator, so they are all zero): extending one of them is the "tamper" of the demo.
+Used by `gtvp local up`, the tests and the benchmarks. Each member gets its own swtpm (EK
+certificate from the pool's private swtpm CA), its own client identity and its own
+`gtvp-agent` process; the operator runs as a `gtvp-operator` process with the operator
+identity. The pool's policy trusts the swtpm CA and pins PCRs 0-7 to the values a fresh swtpm
+has (no firmware runs in an emulator, so they are all zero): extending one of them is the
+"tamper" of the demo.
+
+`Pool.start_trusted` is the one recipe for a whole pool (every member Trusted); `trusted_pool`
+runs it for as long as a `with` block lasts and removes the pool afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -105,6 +109,10 @@ def sample_publisher_keys() -> dict[str, str]:
         if doc and doc.get("kind") == "SecurityPolicy":
             return {k["name"]: k["publicKey"] for k in doc["spec"].get("publisherKeys") or []}
     return {}
+
+
+def _quiet(_line: str) -> None:
+    """Narration nobody reads (tests and benchmarks)."""
 
 
 def _bin(name: str) -> str:
@@ -448,3 +456,84 @@ class Pool:
     def stop(self) -> None:
         for t in self.procs.all():
             self.procs.stop(t.name)
+
+    # ----- the whole pool -------------------------------------------------------------------
+    def start_trusted(
+        self,
+        members: Mapping[str, int],
+        *,
+        policy: Mapping[str, Any] | None = None,
+        before_start: Callable[[Pool], None] | None = None,
+        timeout: float = 60.0,
+        say: Callable[[str], None] = _quiet,
+    ) -> None:
+        """Start a trusted pool and wait until every member (name -> identity) is Trusted.
+
+        In order: access rules and webhooks; each member with its own swtpm and a Node; the
+        policy (`policy`: `apply_policy`'s settings); `before_start` (anything the operator
+        should find when it starts); then, SIMULATED, kwok and the virt-controller stand-in;
+        the operator; the agents. `say` narrates each step (`gtvp local up` prints it).
+        """
+        self.install_access()
+        self.install_webhooks()
+        for name, identity in members.items():
+            say(
+                f"  member {name}: swtpm with an EK certificate from the pool's swtpm CA, "
+                f"identity {identity}"
+            )
+            self.add_member(name, identity=identity, start_agent=False, node=True)
+        self.apply_policy(**(policy or {}))
+        if before_start is not None:
+            before_start(self)
+        say("  SIMULATION: kwok keeps the Nodes Ready (no kubelet here)")
+        self.start_kwok()
+        say("  SIMULATION: a stand-in for KubeVirt's virt-controller runs VMIs and migrations")
+        self.start_virtsim()
+        self.start_operator()
+        say(
+            f"  gtvp-operator (webhooks on 127.0.0.1:{self.webhook_port}, metrics on "
+            f"127.0.0.1:{self.metrics_port}/metrics)"
+        )
+        for name in members:
+            self.start_agent(name)
+        started = time.monotonic()
+        for name in members:
+            self.wait_phase(name, "Trusted", timeout=timeout)
+            say(
+                f"  {name}: Trusted after {time.monotonic() - started:.1f}s "
+                "(EK certificate checked, AK bound by credential activation, quote verified)"
+            )
+
+    def uninstall(self) -> None:
+        """Stop the pool's processes and remove what it put in the cluster: its members, the
+        webhook configurations and its policy (the control plane may serve others next)."""
+        self.stop()
+        self.delete_members()
+        for kind, name in (
+            ("mutatingwebhookconfiguration", "gtvp"),
+            ("validatingwebhookconfiguration", "gtvp"),
+            ("validatingwebhookconfiguration", webhook_config.POLICY_CONFIGURATION),
+        ):
+            self.cp.kubectl("delete", kind, name, "--ignore-not-found")
+        self.cp.kubectl("delete", "securitypolicy", self.policy_name, "--ignore-not-found")
+
+
+@contextlib.contextmanager
+def trusted_pool(
+    cp: ControlPlane,
+    directory: Path,
+    members: Mapping[str, int],
+    *,
+    policy_name: str = "default",
+    policy: Mapping[str, Any] | None = None,
+    before_start: Callable[[Pool], None] | None = None,
+    timeout: float = 60.0,
+) -> Iterator[Pool]:
+    """A pool started by `Pool.start_trusted` (every member Trusted) for the `with` block;
+    stopped and removed from the cluster afterwards, also when it failed to start."""
+    pool = Pool(cp, directory, policy=policy_name)
+    try:
+        pool.start_trusted(members, policy=policy, before_start=before_start, timeout=timeout)
+        yield pool
+    finally:
+        pool.uninstall()

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from gtvp.local_state import cache_dir
+
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
@@ -33,15 +35,6 @@ HELM_VERSION = "v3.22.0"
 
 class ToolchainError(RuntimeError):
     """A component could not be built; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Where gtvp caches builds and local state (`GTVP_CACHE` overrides)."""
-    env = os.environ.get("GTVP_CACHE")
-    if env:
-        return Path(env).expanduser().resolve()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gtvp"
 
 
 def _k8s_ldflags() -> list[str]:

@@ -1,0 +1,205 @@
+"""The trusted pool at a glance: what `gtvp status` prints, and `gtvp local` after up and tamper.
+
+Members with their verdicts, what their Nodes carry, the gated VMs and where they run, the
+Lazy Boxes, and migrations in flight. `collect` reads the objects from a cluster; `render` is a
+pure function of them (tested on its own); `summary` is both.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gtvp.api_resources import (
+    LAZY_BOXES,
+    MEMBERS,
+    MIGRATIONS,
+    VIRTUAL_MACHINE_INSTANCES,
+    ApiResource,
+)
+from gtvp.core.timestamps import parse_ts
+from gtvp.core.trust import LEVEL_LABEL, TAINT_KEY, TRUSTED_LABEL, VM_LEVEL_LABEL
+
+Objects = Sequence[Mapping[str, Any]]
+
+
+def _age(ts: Any, now: dt.datetime) -> str:
+    t = parse_ts(ts)
+    if t is None:
+        return "-"
+    secs = int((now - t).total_seconds())
+    sign = "" if secs >= 0 else "in "
+    secs = abs(secs)
+    text = f"{secs}s" if secs < 120 else f"{secs // 60}m" if secs < 7200 else f"{secs // 3600}h"
+    return f"{sign}{text}" + (" ago" if not sign else "")
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _table_or_none(rows: Sequence[Sequence[str]]) -> str:
+    """The table, or `(none)` when it has only its header."""
+    return _table(rows) if len(rows) > 1 else "  (none)"
+
+
+def _phase(obj: Mapping[str, Any]) -> Any:
+    return (obj.get("status") or {}).get("phase")
+
+
+def _members(members: Objects, now: dt.datetime) -> list[str]:
+    rows = [["MEMBER", "PHASE", "LEVEL", "REASON", "VERIFIED", "EXPIRES", "USES LEFT"]]
+    for m in sorted(members, key=lambda m: m["metadata"]["name"]):
+        st = m.get("status") or {}
+        trust = st.get("trust") or {}
+        rows.append(
+            [
+                m["metadata"]["name"],
+                str(st.get("phase", "Pending")),
+                str(st.get("level", 0)),
+                str(trust.get("reason", "-")),
+                _age(trust.get("verifiedAt"), now),
+                _age(trust.get("expiresAt"), now),
+                str(trust.get("usesLeft", "-")),
+            ]
+        )
+    trusted = sum(1 for m in members if _phase(m) == "Trusted")
+    out = [f"Members: {trusted} of {len(members)} trusted", _table_or_none(rows)]
+    for m in members:
+        if _phase(m) == "Untrusted":
+            trust = (m.get("status") or {}).get("trust") or {}
+            out.append(f"  ! {m['metadata']['name']}: {trust.get('message', '')}")
+    return out
+
+
+def _nodes(nodes: Objects) -> list[str]:
+    rows = [["NODE", "TRUST LABELS", "TAINT"]]
+    for n in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        labels = n["metadata"].get("labels") or {}
+        levels = sorted(int(k[len(LEVEL_LABEL) :]) for k in labels if k.startswith(LEVEL_LABEL))
+        label_text = (
+            f"trusted, level {max(levels)}"
+            if labels.get(TRUSTED_LABEL) == "true" and levels
+            else "none"
+        )
+        taints = [t for t in (n.get("spec") or {}).get("taints") or [] if t.get("key") == TAINT_KEY]
+        rows.append(
+            [
+                n["metadata"]["name"],
+                label_text,
+                f"{TAINT_KEY}:{taints[0].get('effect')}" if taints else "-",
+            ]
+        )
+    return ["Nodes:", _table_or_none(rows)]
+
+
+def _gated_vms(vmis: Objects) -> list[str]:
+    rows = [["VM", "LEVEL", "PHASE", "NODE"]]
+    for v in sorted(vmis, key=lambda v: (v["metadata"]["namespace"], v["metadata"]["name"])):
+        labels = v["metadata"].get("labels") or {}
+        if VM_LEVEL_LABEL not in labels:
+            continue
+        st = v.get("status") or {}
+        rows.append(
+            [
+                f"{v['metadata']['namespace']}/{v['metadata']['name']}",
+                labels[VM_LEVEL_LABEL],
+                str(st.get("phase", "-")),
+                str(st.get("nodeName", "-")),
+            ]
+        )
+    return ["Gated VMs:", _table_or_none(rows)]
+
+
+def _boxes(boxes: Objects) -> str:
+    rows = [["BOX", "LEVEL", "PHASE", "NODE", "COMPONENTS"]]
+    notes = []
+    for b in sorted(boxes, key=lambda b: (b["metadata"]["namespace"], b["metadata"]["name"])):
+        st = b.get("status") or {}
+        name = f"{b['metadata']['namespace']}/{b['metadata']['name']}"
+        comps = ", ".join(f"{r.get('name')} {r.get('version')}" for r in st.get("resolved") or [])
+        rows.append(
+            [
+                name,
+                str((b.get("spec") or {}).get("level", "-")),
+                str(st.get("phase", "-")),
+                str(st.get("node", "-")),
+                comps or "-",
+            ]
+        )
+        if st.get("phase") in ("Pending", "Failed"):
+            notes.append(f"  ! {name}: {str(st.get('message', '')).splitlines()[0][:300]}")
+        elif (st.get("placement") or {}).get("reason"):
+            notes.append(f"  {name} placed on {st['placement']['reason']}")
+    return "\n".join([_table(rows), *notes])
+
+
+def _migrations(migrations: Objects) -> list[str]:
+    active = [m for m in migrations if _phase(m) not in ("Succeeded", "Failed")]
+    done = len(migrations) - len(active)
+    out = [f"Migrations: {len(active)} in flight, {done} finished"]
+    for m in active:
+        st = m.get("status") or {}
+        state = st.get("migrationState") or {}
+        out.append(
+            f"  {m['metadata']['namespace']}/{m['metadata']['name']}: "
+            f"{st.get('phase', 'Pending')} {state.get('sourceNode', '?')} -> "
+            f"{state.get('targetNode', '?')}"
+        )
+    return out
+
+
+def render(
+    *,
+    members: Objects,
+    nodes: Objects,
+    vmis: Objects,
+    migrations: Objects,
+    now: dt.datetime,
+    lazyboxes: Objects = (),
+) -> str:
+    out = [*_members(members, now), "", *_nodes(nodes), "", *_gated_vms(vmis)]
+    if lazyboxes:
+        out += ["", "Lazy Boxes:", _boxes(lazyboxes)]
+    out += ["", *_migrations(migrations)]
+    return "\n".join(out)
+
+
+def collect(kubeconfig: str) -> dict[str, list[dict[str, Any]]]:
+    """The objects `render` shows, read from the cluster in `kubeconfig`; a resource whose
+    CRD is not installed reads as none."""
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=kubeconfig)
+    custom = client.CustomObjectsApi(api)
+    core = client.CoreV1Api(api)
+
+    def items(resource: ApiResource) -> list[dict[str, Any]]:
+        try:
+            got: list[dict[str, Any]] = custom.list_cluster_custom_object(*resource.coordinates)[
+                "items"
+            ]
+            return got
+        except client.exceptions.ApiException as exc:
+            if exc.status == 404:
+                return []
+            raise
+
+    nodes = [api.sanitize_for_serialization(n) for n in core.list_node().items]
+    return {
+        "members": items(MEMBERS),
+        "nodes": nodes,
+        "vmis": items(VIRTUAL_MACHINE_INSTANCES),
+        "migrations": items(MIGRATIONS),
+        "lazyboxes": items(LAZY_BOXES),
+    }
+
+
+def summary(kubeconfig: str) -> str:
+    """The pool in the cluster at `kubeconfig`, rendered as of the moment it was read."""
+    objs = collect(kubeconfig)
+    return render(now=dt.datetime.now(dt.UTC), **objs)

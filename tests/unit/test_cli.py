@@ -1,0 +1,116 @@
+"""`gtvp`'s entry point: what it imports, what `--help` lists, how errors come out.
+
+Start-up time itself is measured in tests/bench/bench_cli_startup.py, never asserted here;
+these tests pin what start-up depends on: a command loads only its own module, so
+`gtvp --help` and `gtvp verify-quote` never load the Kubernetes client, the local-cluster
+code or the agent's TPM library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gtvp import cli
+from gtvp.localcluster.processes import free_port
+from gtvp.quote_cli import Selection
+
+# heavy for a command line, and none of them needed to print help or verify a quote
+NEVER_AT_START = ("kubernetes", "kopf", "tpm2_pytss", "gtvp.localcluster", "gtvp_agent")
+COMMAND_MODULES = tuple(module for module, _ in cli.COMMANDS.values())
+# input files that do not exist: a run stops at reading them, exit 2
+VERIFY_QUOTE_ARGS = ["--ak-public", "a", "--message", "m", "--signature", "s", "--pcrs", "p"]
+VERIFY_QUOTE_ARGS += ["--nonce", "00"]
+
+
+def _loaded_after(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """Top-level packages and gtvp modules loaded by `code` in a fresh interpreter."""
+    probe = (
+        "import json, sys\n"
+        f"{code}\n"
+        "print(json.dumps(sorted(m for m in sys.modules)), file=sys.__stdout__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+    )
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def _packages(loaded: set[str], names: tuple[str, ...]) -> set[str]:
+    return {m for m in loaded for n in names if m == n or m.startswith(n + ".")}
+
+
+def test_the_top_level_parser_loads_no_command_module() -> None:
+    loaded = _loaded_after("from gtvp import cli\ncli.parser()")
+    assert not _packages(loaded, NEVER_AT_START)
+    assert not _packages(loaded, COMMAND_MODULES)
+    assert not _packages(loaded, ("yaml", "cryptography", "gtvp.core"))
+
+
+def test_verify_quote_loads_neither_the_cluster_code_nor_yaml() -> None:
+    # --help, and a run that gets as far as reading its (missing) input files
+    loaded = _loaded_after("from gtvp import cli\ncli.parser('verify-quote')")
+    assert not _packages(loaded, (*NEVER_AT_START, "yaml", "cryptography"))
+    run = f"from gtvp import cli\nassert cli.main(['verify-quote', *{VERIFY_QUOTE_ARGS}]) == 2"
+    loaded = _loaded_after(run)
+    assert "gtvp.quote_cli" in loaded
+    assert not _packages(loaded, (*NEVER_AT_START, "yaml"))
+    assert not _packages(loaded, tuple(m for m in COMMAND_MODULES if m != "gtvp.quote_cli"))
+
+
+def test_help_lists_every_command_with_its_one_line_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
+    assert set(cli.COMMANDS) == {"local", "verify-quote", "component", "status"}
+    for name, (_, help_text) in cli.COMMANDS.items():
+        assert f"{name} {help_text}" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "func"),
+    [
+        (["local", "down"], "cmd_down"),
+        (["local", "up", "--members", "0"], "cmd_up"),
+        (["component", "verify", "x.yaml", "--policy", "p.yaml"], "run_verify"),
+        (["status"], "run"),
+        (["verify-quote", *VERIFY_QUOTE_ARGS], "run"),
+    ],
+)
+def test_each_command_registers_its_arguments(argv: list[str], func: str) -> None:
+    args = cli.parser(argv[0]).parse_args(argv)
+    assert args.func.__module__ == cli.COMMANDS[argv[0]][0]
+    assert args.func.__name__ == func
+    if argv[0] == "verify-quote":  # the default selection is parsed like a given one
+        assert args.pcr_selection == Selection("sha256", tuple(range(8)))
+
+
+def test_a_local_pool_error_is_one_line(tmp_path: Path) -> None:
+    # no pool runs in this state directory (and nothing listens on its API port)
+    state = tmp_path / "local"
+    state.mkdir()
+    ports = {"etcd_client": free_port(), "etcd_peer": free_port(), "apiserver": free_port()}
+    (state / "ports.json").write_text(json.dumps(ports))
+    out = subprocess.run(
+        [sys.executable, "-m", "gtvp.cli", "local", "tamper", "node-1"],
+        env=dict(os.environ, GTVP_LOCAL_STATE=str(state)),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr == "gtvp local: the local pool is not running: gtvp local up\n"
