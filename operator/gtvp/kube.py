@@ -14,11 +14,10 @@ from typing import Any
 
 from kubernetes import client, config
 
+from gtvp.api_resources import GTVP_API_VERSION, MEMBERS, SECURITY_POLICIES, ApiResource
 from gtvp.event_recorder import EventRecorder, ObjectRef
 
 log = logging.getLogger("gtvp.kube")
-
-GROUP, VERSION = "gtvp.io", "v1alpha1"
 
 
 @dataclass
@@ -64,10 +63,10 @@ def merge_patch_for(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str,
     return patch
 
 
-def list_all(c: Clients, group: str, version: str, plural: str) -> list[dict[str, Any]]:
+def list_all(c: Clients, res: ApiResource) -> list[dict[str, Any]]:
     """Every object of a cluster-wide or namespaced custom resource; [] if the API lacks it."""
     try:
-        got = c.custom.list_cluster_custom_object(group, version, plural)
+        got = c.custom.list_cluster_custom_object(*res.coordinates)
     except client.exceptions.ApiException as exc:
         if exc.status == 404:  # the CRD is not installed (e.g. KubeVirt not yet there)
             return []
@@ -75,30 +74,151 @@ def list_all(c: Clients, group: str, version: str, plural: str) -> list[dict[str
     items: list[dict[str, Any]] = got.get("items") or []
     kind = str(got.get("kind", "")).removesuffix("List")
     for item in items:  # a list's items carry no apiVersion/kind; the handlers expect them
-        item.setdefault("apiVersion", f"{group}/{version}")
+        item.setdefault("apiVersion", res.api_version)
         item.setdefault("kind", kind)
     return items
 
 
+def _where(res: ApiResource, namespace: str | None) -> tuple[str, ...]:
+    """The leading positional arguments of the custom-objects API for `res`."""
+    if res.namespaced:
+        return (res.group, res.version, namespace or "", res.plural)
+    return (res.group, res.version, res.plural)
+
+
+def _call(c: Clients, verb: str, res: ApiResource, namespace: str | None, *args: Any) -> Any:
+    """`c.custom.<verb>_{namespaced|cluster}_custom_object[_status](...)` for `res`
+    (`verb` "patch_status" patches the status subresource)."""
+    scope = "namespaced" if res.namespaced else "cluster"
+    verb, _, sub = verb.partition("_")
+    method = getattr(c.custom, f"{verb}_{scope}_custom_object" + (f"_{sub}" if sub else ""))
+    return method(*_where(res, namespace), *args)
+
+
+def _namespace_and_name(body: Mapping[str, Any]) -> tuple[str | None, str]:
+    meta = body.get("metadata") or {}
+    return meta.get("namespace"), str(meta.get("name", ""))
+
+
+def get_if_present(
+    c: Clients, res: ApiResource, name: str, namespace: str | None = None
+) -> dict[str, Any] | None:
+    """The object, or None when it does not exist (404)."""
+    try:
+        got: dict[str, Any] = _call(c, "get", res, namespace, name)
+    except client.exceptions.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return got
+
+
+def create_unless_present(c: Clients, res: ApiResource, body: Mapping[str, Any]) -> bool:
+    """Create the object; False when one of that name exists already (409), left as it is."""
+    namespace, _ = _namespace_and_name(body)
+    try:
+        _call(c, "create", res, namespace, dict(body))
+    except client.exceptions.ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+    return True
+
+
+def create_or_replace(
+    c: Clients,
+    res: ApiResource,
+    body: dict[str, Any],
+    *,
+    resource_version: str | None = None,
+) -> dict[str, Any]:
+    """Create the object, or replace the one of that name.
+
+    `resource_version` is that of the version the caller knows (None: it knows none, so
+    creating comes first). A conflict (409: it exists, or changed since) reads the object
+    again and replaces that version, once.
+    """
+    namespace, name = _namespace_and_name(body)
+    if resource_version is None:
+        try:
+            created: dict[str, Any] = _call(c, "create", res, namespace, body)
+        except client.exceptions.ApiException as exc:
+            if exc.status != 409:
+                raise
+        else:
+            return created
+        resource_version = _call(c, "get", res, namespace, name)["metadata"]["resourceVersion"]
+    body["metadata"]["resourceVersion"] = resource_version
+    try:
+        replaced: dict[str, Any] = _call(c, "replace", res, namespace, name, body)
+    except client.exceptions.ApiException as exc:
+        if exc.status != 409:
+            raise
+        fresh = _call(c, "get", res, namespace, name)
+        body["metadata"]["resourceVersion"] = fresh["metadata"]["resourceVersion"]
+        replaced = _call(c, "replace", res, namespace, name, body)
+    return replaced
+
+
+def delete_if_present(
+    c: Clients, res: ApiResource, name: str, namespace: str | None = None
+) -> bool:
+    """Delete the object; False when it was already gone (404)."""
+    try:
+        _call(c, "delete", res, namespace, name)
+    except client.exceptions.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def patch_status(
+    c: Clients,
+    res: ApiResource,
+    name: str,
+    status_patch: Mapping[str, Any],
+    namespace: str | None = None,
+) -> Any:
+    """Merge-patch the status subresource; returns the object as written."""
+    return _call(c, "patch_status", res, namespace, name, {"status": dict(status_patch)})
+
+
+def patch_status_if_present(
+    c: Clients,
+    res: ApiResource,
+    name: str,
+    status_patch: Mapping[str, Any],
+    namespace: str | None = None,
+) -> dict[str, Any] | None:
+    """`patch_status`; None when the object is gone (404)."""
+    try:
+        got: dict[str, Any] = patch_status(c, res, name, status_patch, namespace)
+    except client.exceptions.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return got
+
+
+def patch_object(
+    c: Clients, res: ApiResource, name: str, patch: Mapping[str, Any], namespace: str | None = None
+) -> Any:
+    """Merge-patch the object itself (not its status)."""
+    return _call(c, "patch", res, namespace, name, dict(patch))
+
+
 def patch_member_status(c: Clients, name: str, status_patch: Mapping[str, Any]) -> Any:
-    return c.custom.patch_cluster_custom_object_status(
-        GROUP, VERSION, "members", name, {"status": dict(status_patch)}
-    )
+    return patch_status(c, MEMBERS, name, status_patch)
 
 
 def delete_member(c: Clients, name: str) -> None:
     """Delete a Member; one already gone is fine."""
-    try:
-        c.custom.delete_cluster_custom_object("gtvp.io", "v1alpha1", "members", name)
-    except client.exceptions.ApiException as exc:
-        if exc.status != 404:
-            raise
+    delete_if_present(c, MEMBERS, name)
 
 
 def patch_policy_status(c: Clients, name: str, status_patch: Mapping[str, Any]) -> Any:
-    return c.custom.patch_cluster_custom_object_status(
-        GROUP, VERSION, "securitypolicies", name, {"status": dict(status_patch)}
-    )
+    return patch_status(c, SECURITY_POLICIES, name, status_patch)
 
 
 EVENTS = EventRecorder(component="gtvp-operator")
@@ -115,7 +235,7 @@ def post_event(
     type_: str,
     reason: str,
     message: str,
-    api_version: str = f"{GROUP}/{VERSION}",
+    api_version: str = GTVP_API_VERSION,
 ) -> None:
     """Record a core/v1 Event about an object (cluster-scoped ones go to `default`);
     `api_version` is the object's: gtvp's own kinds unless told (e.g. `kubevirt.io/v1`).

@@ -54,6 +54,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.members: dict[str, tuple[str, int]] = {}
+        self.boxes: dict[str, str] = {}
+        self._attestation_metrics()
+        self._admission_and_migration_metrics()
+        self._lazybox_metrics()
+        self.registry.register(_MemberCollector(self))
+        self.registry.register(_BoxCollector(self))
+
+    def _attestation_metrics(self) -> None:
         self.attestations = Counter(
             "gtvp_attestations",
             "Evidence judged by the verifier, by result and reason",
@@ -66,6 +74,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        for reason in ALL_REASONS:  # every reason is visible from the start, at 0
+            self.attestations.labels("failed", reason)
+        self.attestations.labels("verified", "QuoteVerified")
+
+    def _admission_and_migration_metrics(self) -> None:
         self.admissions = Counter(
             "gtvp_admission_decisions",
             "Admission decisions by kind and outcome",
@@ -78,6 +91,20 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.drain_migrations = Counter(
+            "gtvp_drain_migrations",
+            "Live migrations gtvp started for drained nodes (evacuationNodeName, External), "
+            "by state (started, finished)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.drain_waiting = Gauge(
+            "gtvp_drain_waiting",
+            "VMIs of a node being drained that no Trusted, schedulable member can take yet",
+            registry=self.registry,
+        )
+
+    def _lazybox_metrics(self) -> None:
         self.components = Counter(
             "gtvp_component_verifications",
             "OSComponent verifications by result and reason",
@@ -106,24 +133,6 @@ class Metrics:
             "Trusted members above the policy's high watermark (balancing.highWatermark)",
             registry=self.registry,
         )
-        self.drain_migrations = Counter(
-            "gtvp_drain_migrations",
-            "Live migrations gtvp started for drained nodes (evacuationNodeName, External), "
-            "by state (started, finished)",
-            ["state"],
-            registry=self.registry,
-        )
-        self.drain_waiting = Gauge(
-            "gtvp_drain_waiting",
-            "VMIs of a node being drained that no Trusted, schedulable member can take yet",
-            registry=self.registry,
-        )
-        self.boxes: dict[str, str] = {}
-        self.registry.register(_MemberCollector(self))
-        self.registry.register(_BoxCollector(self))
-        for reason in ALL_REASONS:  # every reason is visible from the start, at 0
-            self.attestations.labels("failed", reason)
-        self.attestations.labels("verified", "QuoteVerified")
 
     def observe_attestation(self, outcome: str, seconds: float) -> None:
         if outcome == "Verified":
@@ -139,7 +148,6 @@ class Metrics:
         self.evacuations.labels(state).inc()
 
     def set_member(self, name: str, phase: str, level: int) -> None:
-
         self.members[name] = (phase, level)
 
     def forget_member(self, name: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from gtvp import __version__
+from gtvp.runtime import OperatorSettings, Runtime
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,84 +73,115 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+def settings_from(args: argparse.Namespace) -> OperatorSettings:
+    return OperatorSettings(
+        policy_name=args.policy,
+        create_members=not args.no_create_members,
+        default_identity=args.default_identity,
+        kubeconfig=args.kubeconfig,
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+        webhook_port=args.webhook_port,
+        webhook_address=args.webhook_address,
+        webhook_cert=args.webhook_cert,
+        webhook_key=args.webhook_key,
+        log_level=args.log_level.upper(),
     )
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig
-    if args.log_level.upper() == "INFO":
+
+
+def _configure_logging(settings: OperatorSettings) -> None:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.log_level == "INFO":
         # kopf logs a line per handled event ("Handler ... succeeded"): at thousands of
         # members that is most of the operator's output and a good share of its CPU;
         # gtvp logs what changed itself. --log-level debug brings them back.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    import kopf
 
-    from gtvp import handlers, http_endpoints, kube
-    from gtvp.handlers import members
+
+def _fail(message: str) -> int:
+    print(f"gtvp-operator: {message}", file=sys.stderr)
+    return 2
+
+
+def _serve_probes(rt: Runtime) -> None:
+    """/metrics, /healthz and /readyz on a thread (OSError when the port is taken)."""
+    from gtvp import http_endpoints
     from gtvp.metrics import METRICS
 
-    members.STATE.policy_name = args.policy
-    members.STATE.create_members = not args.no_create_members
-    members.STATE.default_identity = args.default_identity
-    if args.webhook_port:
-        if not (args.webhook_cert and args.webhook_key):
-            print(
-                "gtvp-operator: --webhook-cert and --webhook-key are required to serve the "
-                "admission webhooks (or --webhook-port 0 to disable them)",
-                file=sys.stderr,
-            )
-            return 2
-        from gtvp.handlers import policy_admission, webhooks
-
-        # imported for their @kopf.on.mutate / @kopf.on.validate handlers
-        del policy_admission, webhooks
-        members.STATE.webhook_server = kopf.WebhookServer(
-            addr=args.webhook_address,
-            port=args.webhook_port,
-            certfile=args.webhook_cert,
-            pkeyfile=args.webhook_key,
+    def probe() -> http_endpoints.Probe:
+        return http_endpoints.Probe(
+            loaded=rt.view.loaded,
+            loop_started=rt.schedule.heartbeat > 0,
+            loop_idle_seconds=http_endpoints.idle_since(rt.schedule.heartbeat),
         )
-    members.STATE.policy_error = f"SecurityPolicy {args.policy!r} not seen yet"
+
+    settings = rt.settings
+    http_endpoints.serve(settings.metrics_port, settings.metrics_address, METRICS.registry, probe)
+
+
+def _runtime(settings: OperatorSettings) -> Runtime:
+    """The runtime every handler is handed (ValueError, OSError... on a bad configuration)."""
+    import kopf
+
+    from gtvp import kube
+
+    rt = Runtime(settings=settings, clients=kube.make_clients(settings.kubeconfig))
+    if settings.webhook_port:
+        rt.webhook_server = kopf.WebhookServer(
+            addr=settings.webhook_address,
+            port=settings.webhook_port,
+            certfile=settings.webhook_cert,
+            pkeyfile=settings.webhook_key,
+        )
+    return rt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from(parser().parse_args(argv))
+    _configure_logging(settings)
+    if settings.kubeconfig:
+        # before the kubernetes client is imported: it reads its default path at import,
+        # and kopf's login (`kopf.login_via_client`) uses that default
+        os.environ["KUBECONFIG"] = settings.kubeconfig
+    if settings.webhook_port and not (settings.webhook_cert and settings.webhook_key):
+        return _fail(
+            "--webhook-cert and --webhook-key are required to serve the "
+            "admission webhooks (or --webhook-port 0 to disable them)"
+        )
     try:
-        members.STATE.clients = kube.make_clients(args.kubeconfig)
+        rt = _runtime(settings)
     except Exception as exc:  # noqa: BLE001 - one clear line for any configuration problem
-        print(f"gtvp-operator: cannot configure the API client: {exc}", file=sys.stderr)
-        return 2
-    if args.metrics_port:
-
-        def probe() -> http_endpoints.Probe:
-            return http_endpoints.Probe(
-                loaded=members.STATE.loaded,
-                loop_started=members.STATE.heartbeat > 0,
-                loop_idle_seconds=http_endpoints.idle_since(members.STATE.heartbeat),
-            )
-
+        return _fail(f"cannot configure the API client: {exc}")
+    if settings.metrics_port:
         try:
-            http_endpoints.serve(args.metrics_port, args.metrics_address, METRICS.registry, probe)
+            _serve_probes(rt)
         except OSError as exc:
-            print(
-                f"gtvp-operator: cannot serve /metrics, /healthz, /readyz on "
-                f"{args.metrics_address}:{args.metrics_port}: {exc}",
-                file=sys.stderr,
+            return _fail(
+                f"cannot serve /metrics, /healthz, /readyz on "
+                f"{settings.metrics_address}:{settings.metrics_port}: {exc}"
             )
-            return 2
     logging.getLogger("gtvp").info(
-        "gtvp-operator %s enforcing SecurityPolicy %r (handlers: %s)",
-        __version__,
-        args.policy,
-        handlers.__name__,
+        "gtvp-operator %s enforcing SecurityPolicy %r", __version__, settings.policy_name
     )
-
-    async def run() -> None:
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=kube.API_THREADS, thread_name_prefix="gtvp-api")
-        )
-        await kopf.operator(clusterwide=True, standalone=True)
-
-    asyncio.run(run())
+    asyncio.run(_run(rt))
     return 0
+
+
+async def _run(rt: Runtime) -> None:
+    import kopf
+
+    from gtvp import handlers, kube
+
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=kube.API_THREADS, thread_name_prefix="gtvp-api")
+    )
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, admission_webhooks=rt.webhook_server is not None)
+    await kopf.operator(
+        registry=registry, memo=kopf.Memo(runtime=rt), clusterwide=True, standalone=True
+    )
 
 
 if __name__ == "__main__":

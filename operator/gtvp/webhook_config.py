@@ -26,6 +26,14 @@ from typing import Any
 
 import yaml
 
+from gtvp.api_resources import (
+    MIGRATIONS,
+    SECURITY_POLICIES,
+    VIRTUAL_MACHINE_INSTANCES,
+    VIRTUAL_MACHINES,
+    ApiResource,
+)
+
 OWN_NAMESPACE = "gtvp-system"
 """The operator's namespace (the chart's `.Release.Namespace`); the local pool's operator runs
 outside the cluster, so locally it only has to name a namespace no test uses."""
@@ -53,16 +61,16 @@ def match_conditions() -> dict[str, str]:
     return loaded
 
 
-def _kubevirt(hook_id: str, resource: str, operations: tuple[str, ...], *conditions: str) -> Hook:
-    return Hook(hook_id, "kubevirt.io", "v1", resource, operations, match_conditions=conditions)
+def _kubevirt(
+    hook_id: str, res: ApiResource, operations: tuple[str, ...], *conditions: str
+) -> Hook:
+    return Hook(
+        hook_id, res.group, res.version, res.plural, operations, match_conditions=conditions
+    )
 
 
 CREATE, UPDATE = "CREATE", "UPDATE"
-VM, VMI, MIGRATION = (
-    "virtualmachines",
-    "virtualmachineinstances",
-    "virtualmachineinstancemigrations",
-)
+VM, VMI, MIGRATION = VIRTUAL_MACHINES, VIRTUAL_MACHINE_INSTANCES, MIGRATIONS
 MUTATING: tuple[Hook, ...] = (
     _kubevirt("gtvp-mutate-vm", VM, (CREATE, UPDATE), "gated-vm"),
     _kubevirt("gtvp-mutate-vmi", VMI, (CREATE,), "gated-vmi"),
@@ -155,6 +163,14 @@ def webhook_configurations(
 # so an operator that is down must not keep an administrator from editing the policy.
 POLICY_HOOK = "gtvp-validate-securitypolicy"
 POLICY_CONFIGURATION = "gtvp-securitypolicy"
+POLICY: Hook = Hook(
+    POLICY_HOOK,
+    SECURITY_POLICIES.group,
+    SECURITY_POLICIES.version,
+    SECURITY_POLICIES.plural,
+    (CREATE, UPDATE),
+    scope="Cluster",
+)
 
 
 def policy_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
@@ -180,11 +196,11 @@ def policy_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
                 },
                 "rules": [
                     {
-                        "apiGroups": ["gtvp.io"],
-                        "apiVersions": ["v1alpha1"],
-                        "resources": ["securitypolicies"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "scope": "Cluster",
+                        "apiGroups": [POLICY.group],
+                        "apiVersions": [POLICY.version],
+                        "resources": [POLICY.resource],
+                        "operations": list(POLICY.operations),
+                        "scope": POLICY.scope,
                     }
                 ],
             }

@@ -16,39 +16,31 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
+from gtvp.api_resources import LAZY_BOXES, MIGRATIONS
+from gtvp.cluster_view import Key
 from gtvp.core.balance import BALANCE_LABEL, BalancePlan, Move, PlacedBox, plan_balance
 from gtvp.core.evacuation import migration_view
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
-from gtvp.handlers import kubevirt, lazyboxes, members
+from gtvp.handlers.box_hosts import box_requests, hosts
 from gtvp.metrics import METRICS
+from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.balancing")
 PERIOD = 5.0
 IDLE_PERIOD = 30.0
 
-Key = tuple[str, str]
 
-
-class BalanceState:
-    def __init__(self) -> None:
-        self.over_since: dict[str, dt.datetime] = {}
-        self.said: dict[str, str] = {}  # source -> why it could not be relieved (logged once)
-
-
-STATE = BalanceState()
-
-
-def placed_boxes() -> list[PlacedBox]:
+def placed_boxes(rt: Runtime) -> list[PlacedBox]:
     """Boxes whose VMI runs on a node, with their requests and resolved components."""
     out = []
-    for key, box in list(lazyboxes.STATE.boxes.items()):
-        vmi = kubevirt.STATE.vmis.get(key) or {}
+    for key, box in list(rt.view.boxes.items()):
+        vmi = rt.view.vmis.get(key) or {}
         status = vmi.get("status") or {}
         node = status.get("nodeName")
         if not node or status.get("phase") != "Running":
             continue
-        cpu, mem = lazyboxes.box_requests(key, box)
+        cpu, mem = box_requests(rt, key, box)
         resolved = (box.get("status") or {}).get("resolved") or []
         parts = tuple((str(r.get("digest", "")), int(r.get("sizeBytes", 0) or 0)) for r in resolved)
         level = int((box.get("spec") or {}).get("level", 1) or 1)
@@ -56,10 +48,10 @@ def placed_boxes() -> list[PlacedBox]:
     return out
 
 
-def last_moved() -> dict[Key, dt.datetime]:
+def last_moved(rt: Runtime) -> dict[Key, dt.datetime]:
     """When each box last started a balancing migration (from the migrations themselves)."""
     out: dict[Key, dt.datetime] = {}
-    for (ns, _), m in list(kubevirt.STATE.migrations.items()):
+    for (ns, _), m in list(rt.view.migrations.items()):
         meta = m.get("metadata") or {}
         if BALANCE_LABEL not in (meta.get("labels") or {}):
             continue
@@ -70,62 +62,61 @@ def last_moved() -> dict[Key, dt.datetime]:
     return out
 
 
-def plan_now(policy: Policy, now: dt.datetime) -> BalancePlan:
+def plan_now(rt: Runtime, policy: Policy, now: dt.datetime) -> BalancePlan:
     """Plan from the operator's view (blocking: tens of ms at 10,000 members, run in a thread)."""
     return plan_balance(
-        hosts=lazyboxes.hosts(now),
-        boxes=placed_boxes(),
-        migrations=[migration_view(m) for m in list(kubevirt.STATE.migrations.values())],
-        last_moved=last_moved(),
-        over_since=STATE.over_since,
+        hosts=hosts(rt, now),
+        boxes=placed_boxes(rt),
+        migrations=[migration_view(m) for m in list(rt.view.migrations.values())],
+        last_moved=last_moved(rt),
+        over_since=rt.balance.over_since,
         settings=policy.balancing,
         limits=policy.migration,
         now=now,
     )
 
 
-async def balance_once(now: dt.datetime | None = None) -> list[Move]:
-    policy = members.STATE.policy
-    c = members.STATE.clients
-    if policy is None or c is None:
+async def balance_once(rt: Runtime, now: dt.datetime | None = None) -> list[Move]:
+    policy = rt.view.policy
+    if policy is None:
         return []
     now = now or dt.datetime.now(dt.UTC)
-    plan = await asyncio.to_thread(plan_now, policy, now)
-    STATE.over_since = plan.over_since
+    plan = await asyncio.to_thread(plan_now, rt, policy, now)
+    rt.balance.over_since = plan.over_since
     METRICS.overloaded.set(len(plan.over_since))
     for source, why in plan.stuck.items():
-        if STATE.said.get(source) != why:
+        if rt.balance.said.get(source) != why:
             log.warning("member %s stays overloaded: %s", source, why)
-    STATE.said = dict(plan.stuck)
+    rt.balance.said = dict(plan.stuck)
     for move in plan.moves:
-        await _start(c, move)
+        await _start(rt, move)
     return list(plan.moves)
 
 
-async def _start(c: kube.Clients, move: Move) -> None:
+async def _start(rt: Runtime, move: Move) -> None:
     box = move.box
     try:
-        await asyncio.to_thread(kubevirt.create_migration, c, box.namespace, move.migration)
+        # False: already started (an earlier run of the same plan); counted as started
+        await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, move.migration)
     except ApiException as exc:
-        if exc.status != 409:  # 409: already started (an earlier run of the same plan)
-            log.warning(
-                "balancing %s/%s to %s refused: %s %s",
-                box.namespace,
-                box.name,
-                move.target,
-                exc.status,
-                exc.reason,
-            )
-            return
+        log.warning(
+            "balancing %s/%s to %s refused: %s %s",
+            box.namespace,
+            box.name,
+            move.target,
+            exc.status,
+            exc.reason,
+        )
+        return
     METRICS.balancing_moves.inc()
     message = f"moving to {move.target}: {move.reason}"
     log.info("LazyBox %s/%s: %s", box.namespace, box.name, message)
-    body: dict[str, Any] = lazyboxes.STATE.boxes.get((box.namespace, box.name)) or {}
+    body: dict[str, Any] = rt.view.boxes.get((box.namespace, box.name)) or {}
     with contextlib.suppress(ApiException):
         await asyncio.to_thread(
             kube.post_event,
-            c,
-            kind="LazyBox",
+            rt.clients,
+            kind=LAZY_BOXES.kind,
             name=box.name,
             uid=str((body.get("metadata") or {}).get("uid", "")),
             namespace=box.namespace,
@@ -135,23 +126,24 @@ async def _start(c: kube.Clients, move: Move) -> None:
         )
 
 
-async def balance_loop(stop: asyncio.Event, period: float = PERIOD) -> None:
+async def balance_loop(rt: Runtime, period: float = PERIOD) -> None:
     """Plan every `period` seconds until `stop` (every IDLE_PERIOD while balancing is off:
     then only `gtvp_members_overloaded` is kept current). A policy that turns balancing on
     is noticed within a second."""
     loop = asyncio.get_running_loop()
     last = loop.time()
+    stop = rt.stop
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         if stop.is_set():
             return
-        policy = members.STATE.policy
+        policy = rt.view.policy
         on = policy is not None and policy.balancing.enabled
         if loop.time() - last < (period if on else IDLE_PERIOD):
             continue
         last = loop.time()
         try:
-            await balance_once()
+            await balance_once(rt)
         except Exception:  # the next round tries again
             log.exception("balancing round failed")

@@ -21,12 +21,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
+from gtvp.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
+from gtvp.cluster_view import Key, key_of
 from gtvp.core.evacuation import (
     DRAIN_LABEL,
     DrainPlan,
@@ -38,78 +39,61 @@ from gtvp.core.evacuation import (
     plan_drains,
 )
 from gtvp.core.trust import member_view
-from gtvp.handlers import kubevirt, lazyboxes, members
 from gtvp.metrics import METRICS
+from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.drains")
 PERIOD = 2.0  # plan again this often while a drain is outstanding
 DEBOUNCE = 0.5  # at most one event-driven plan per this many seconds
 IDLE_PERIOD = 30.0  # rescan every VMI this often (a missed event, a restarted operator)
 
-Key = tuple[str, str]
 
-
-@dataclass
-class DrainState:
-    marked: set[Key] = field(default_factory=set)  # VMIs with status.evacuationNodeName
-    said: dict[Key, str] = field(default_factory=dict)  # waiting reason last reported
-    finished: set[str] = field(default_factory=set)  # drain migration uids counted as done
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-STATE = DrainState()
-
-
-def _key(body: dict[str, Any]) -> Key:
-    meta = body.get("metadata") or {}
-    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
-
-
-def observe_vmi(body: dict[str, Any], event_type: str) -> None:
+def observe_vmi(rt: Runtime, body: dict[str, Any], event_type: str) -> None:
     """Track the VMIs KubeVirt marked for evacuation; wake the loop when that changes."""
-    key = _key(body)
+    key, memory = key_of(body), rt.drains
     marked = event_type != "DELETED" and bool((body.get("status") or {}).get("evacuationNodeName"))
     if marked:
-        STATE.marked.add(key)
-        STATE.wake.set()
-    elif key in STATE.marked:
-        STATE.marked.discard(key)
-        STATE.wake.set()
+        memory.marked.add(key)
+        memory.wake.set()
+    elif key in memory.marked:
+        memory.marked.discard(key)
+        memory.wake.set()
 
 
-def observe_migration(body: dict[str, Any], event_type: str) -> None:
+def observe_migration(rt: Runtime, body: dict[str, Any], event_type: str) -> None:
     """Count finished drain migrations; a migration's progress frees limits: plan again."""
     meta = body.get("metadata") or {}
     uid = str(meta.get("uid", ""))
     labels = meta.get("labels") or {}
     phase = (body.get("status") or {}).get("phase")
-    if DRAIN_LABEL in labels and phase == "Succeeded" and uid and uid not in STATE.finished:
-        STATE.finished.add(uid)
+    finished = rt.drains.finished
+    if DRAIN_LABEL in labels and phase == "Succeeded" and uid and uid not in finished:
+        finished.add(uid)
         METRICS.drain_migrations.labels("finished").inc()
     if event_type == "DELETED":
-        STATE.finished.discard(uid)
-    touch()
+        finished.discard(uid)
+    touch(rt)
 
 
-def touch() -> None:
+def touch(rt: Runtime) -> None:
     """Something a drain plan depends on changed (a member, a Node, a migration)."""
-    if STATE.marked:
-        STATE.wake.set()
+    if rt.drains.marked:
+        rt.drains.wake.set()
 
 
-def rescan() -> None:
-    STATE.marked = {
+def rescan(rt: Runtime) -> None:
+    rt.drains.marked = {
         key
-        for key, body in list(kubevirt.STATE.vmis.items())
+        for key, body in list(rt.view.vmis.items())
         if (body.get("status") or {}).get("evacuationNodeName")
     }
 
 
-def drain_targets(now: dt.datetime) -> list[DrainTarget]:
+def drain_targets(rt: Runtime, now: dt.datetime) -> list[DrainTarget]:
     """Every member with a Node: its level, whether it may receive now, whether cordoned."""
     out = []
-    for name, body in list(members.STATE.bodies.items()):
-        node = members.STATE.nodes.get(name)
+    for name, body in list(rt.view.members.items()):
+        node = rt.view.nodes.get(name)
         if node is None:
             continue
         view = member_view(name, body.get("status") or {})
@@ -118,14 +102,16 @@ def drain_targets(now: dt.datetime) -> list[DrainTarget]:
     return out
 
 
-def plan_now(now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacuee]]:
+def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacuee]]:
     """Plan from the operator's view (blocking; run it in a thread)."""
-    policy = members.STATE.policy
-    vmis = kubevirt.STATE.vmis
-    found = [e for k in list(STATE.marked) if (e := drain_evacuee(vmis.get(k) or {})) is not None]
+    policy = rt.view.policy
+    vmis = rt.view.vmis
+    found = [
+        e for k in list(rt.drains.marked) if (e := drain_evacuee(vmis.get(k) or {})) is not None
+    ]
     if policy is None or not found:
         return DrainPlan((), {}), {}
-    raw = list(kubevirt.STATE.migrations.values())
+    raw = list(rt.view.migrations.values())
     node_of = {
         key: str(node)
         for key, body in list(vmis.items())
@@ -137,99 +123,97 @@ def plan_now(now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacuee]]:
         history=drain_history(raw),
         node_of=node_of,
         limits=policy.migration,
-        targets=drain_targets(now),
+        targets=drain_targets(rt, now),
     )
     return plan, {(e.namespace, e.name): e for e in found}
 
 
-async def drain_once(now: dt.datetime | None = None) -> DrainPlan:
+async def drain_once(rt: Runtime, now: dt.datetime | None = None) -> DrainPlan:
     """One round: start the planned migrations, report the VMIs that wait."""
-    c = members.STATE.clients
-    if c is None:
-        return DrainPlan((), {})
-    plan, evacuees = await asyncio.to_thread(plan_now, now or dt.datetime.now(dt.UTC))
+    plan, evacuees = await asyncio.to_thread(plan_now, rt, now or dt.datetime.now(dt.UTC))
     for obj in plan.migrations:
         key = (obj["metadata"]["namespace"], obj["spec"]["vmiName"])
-        await _start(c, obj, evacuees[key])
+        await _start(rt, obj, evacuees[key])
     for key, why in plan.waiting.items():
-        if STATE.said.get(key) != why:
-            await _say(c, evacuees[key], "Warning", "DrainWaiting", why)
-    STATE.said = dict(plan.waiting)
+        if rt.drains.said.get(key) != why:
+            await _say(rt, evacuees[key], "Warning", "DrainWaiting", why)
+    rt.drains.said = dict(plan.waiting)
     METRICS.drain_waiting.set(len(plan.waiting))
     return plan
 
 
-async def _start(c: kube.Clients, obj: dict[str, Any], vmi: Evacuee) -> None:
+async def _start(rt: Runtime, obj: dict[str, Any], vmi: Evacuee) -> None:
     name = obj["metadata"]["name"]
     target = obj["spec"]["addedNodeSelector"].get("kubernetes.io/hostname")
     try:
-        await asyncio.to_thread(kubevirt.create_migration, c, vmi.namespace, obj)
+        started = await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, obj)
     except ApiException as exc:
-        if exc.status != 409:  # 409: started before (this plan, before a restart)
-            log.warning(
-                "drain of %s: could not start migration %s/%s: %s %s",
-                vmi.node,
-                vmi.namespace,
-                name,
-                exc.status,
-                exc.reason,
-            )
+        log.warning(
+            "drain of %s: could not start migration %s/%s: %s %s",
+            vmi.node,
+            vmi.namespace,
+            name,
+            exc.status,
+            exc.reason,
+        )
         return
-    kubevirt.observe("migration", obj, "ADDED")  # the next plan counts it before its event
+    if not started:  # started before (this plan, before a restart)
+        return
+    rt.view.observe_migration(obj, "ADDED")  # the next plan counts it before its event
     METRICS.drain_migrations.labels("started").inc()
     message = f"node {vmi.node} is being drained: live-migrating to {target} (migration {name})"
-    await _say(c, vmi, "Normal", "DrainMigration", message)
+    await _say(rt, vmi, "Normal", "DrainMigration", message)
 
 
-async def _say(c: kube.Clients, vmi: Evacuee, type_: str, reason: str, message: str) -> None:
+async def _say(rt: Runtime, vmi: Evacuee, type_: str, reason: str, message: str) -> None:
     """Log and record an Event on the VMI, and on its LazyBox when it is a box's."""
     logger = log.warning if type_ == "Warning" else log.info
     logger("%s/%s: %s", vmi.namespace, vmi.name, message)
-    body = kubevirt.STATE.vmis.get((vmi.namespace, vmi.name)) or {}
-    about = [("VirtualMachineInstance", "kubevirt.io/v1", body)]
+    key = (vmi.namespace, vmi.name)
+    about = [(VIRTUAL_MACHINE_INSTANCES, rt.view.vmis.get(key) or {})]
     if vmi.box:
-        box = lazyboxes.STATE.boxes.get((vmi.namespace, vmi.name)) or {}
-        about.append(("LazyBox", f"{kube.GROUP}/{kube.VERSION}", box))
-    for kind, api_version, obj in about:
+        about.append((LAZY_BOXES, rt.view.boxes.get(key) or {}))
+    for res, obj in about:
         with contextlib.suppress(ApiException):
             await asyncio.to_thread(
                 kube.post_event,
-                c,
-                kind=kind,
+                rt.clients,
+                kind=res.kind,
                 name=vmi.name,
                 uid=str((obj.get("metadata") or {}).get("uid", "")),
                 namespace=vmi.namespace,
                 type_=type_,
                 reason=reason,
                 message=message,
-                api_version=api_version,
+                api_version=res.api_version,
             )
 
 
-async def drain_loop(stop: asyncio.Event, period: float = PERIOD) -> None:
+async def drain_loop(rt: Runtime, period: float = PERIOD) -> None:
     """Plan when woken (at most every DEBOUNCE s) and every `period` s while a drain is
     outstanding; rescan every VMI every IDLE_PERIOD s. Notices `stop` within a second."""
     loop = asyncio.get_running_loop()
-    STATE.wake = asyncio.Event()  # bound to this loop (events may have set the old one)
-    rescan()
+    memory, stop = rt.drains, rt.stop
+    memory.wake = asyncio.Event()  # bound to this loop (events may have set the old one)
+    rescan(rt)
     last_plan = last_scan = loop.time()
-    pending = bool(STATE.marked)
+    pending = bool(memory.marked)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(STATE.wake.wait(), timeout=DEBOUNCE)
-        pending = pending or STATE.wake.is_set()
-        STATE.wake.clear()
+            await asyncio.wait_for(memory.wake.wait(), timeout=DEBOUNCE)
+        pending = pending or memory.wake.is_set()
+        memory.wake.clear()
         now = loop.time()
         if now - last_scan >= IDLE_PERIOD:
-            rescan()
-            last_scan, pending = now, pending or bool(STATE.marked)
+            rescan(rt)
+            last_scan, pending = now, pending or bool(memory.marked)
         due = (pending and now - last_plan >= DEBOUNCE) or (
-            STATE.marked and now - last_plan >= period
+            memory.marked and now - last_plan >= period
         )
         if not due or stop.is_set():
             continue
         last_plan, pending = now, False
         try:
-            await drain_once()
+            await drain_once(rt)
         except Exception:  # the next round tries again
             log.exception("drain round failed")

@@ -2,7 +2,7 @@
 
 Thin: `gtvp.core.policy_status.assess_policy` decides. This module remembers the last
 generation of each policy it accepted (status.acceptedSpec holds it too, for a restarted
-operator), hands the generation to run under to `members.set_policy`, writes the policy's
+operator), puts the generation to run under in the cluster view (`set_policy`), writes the policy's
 status (one merge patch, only when it changes) and posts an Event when the verdict for a
 generation changes: an unusable policy is never silent, and never replaces a good one.
 """
@@ -18,23 +18,53 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.core.policy_status import STATUS_FIELDS, Accepted, assess_policy
-from gtvp.handlers import members
+from gtvp.api_resources import SECURITY_POLICIES
+from gtvp.core.policy import Policy
+from gtvp.core.policy_status import STATUS_FIELDS, PolicyAssessment, assess_policy
+from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.policies")
 
-# policy name -> (uid, the last generation this process accepted)
-_ACCEPTED: dict[str, tuple[str, Accepted]] = {}
+
+def set_policy(rt: Runtime, name: str, policy: Policy | None, error: str | None = None) -> bool:
+    """Run the pool under `policy` if `name` is the policy this operator enforces.
+
+    `policy` is the generation `assess_policy` chose (the current one, or the last accepted
+    one while the current is unusable); None, with `error` saying why, when no usable
+    generation is known: every member turns Untrusted (NoPolicy), fail closed.
+    True when that changed what the pool runs under (every member is looked at again).
+    """
+    view = rt.view
+    if name != rt.settings.policy_name:
+        return False
+    error = None if policy is not None else (error or f"SecurityPolicy {name!r} is unusable")
+    if policy == view.policy and error == view.policy_error:
+        return False
+    view.policy, view.policy_error = policy, error
+    if policy is not None:
+        log.info(
+            "SecurityPolicy %s in force: levels %s, PCRs %s:%s",
+            name,
+            [lv.level for lv in policy.levels],
+            policy.pcr_bank,
+            list(policy.pcrs),
+        )
+    else:
+        log.error("no usable SecurityPolicy: %s; every member is Untrusted", error)
+    for member in list(view.members):
+        rt.schedule.schedule(member, dt.timedelta(0))
+    return True
 
 
-async def observe(body: Mapping[str, Any], type_: str) -> bool:
+async def observe(rt: Runtime, body: Mapping[str, Any], type_: str) -> bool:
     """Handle one SecurityPolicy event; True when what the pool runs under changed."""
     meta = body.get("metadata") or {}
     name, uid = str(meta.get("name", "")), str(meta.get("uid", ""))
+    accepted = rt.accepted_policies
     if type_ == "DELETED":
-        _ACCEPTED.pop(name, None)
-        return members.set_policy(name, None, f"SecurityPolicy {name!r} does not exist")
-    kept = _ACCEPTED.get(name)
+        accepted.pop(name, None)
+        return set_policy(rt, name, None, f"SecurityPolicy {name!r} does not exist")
+    kept = accepted.get(name)
     status = body.get("status") or {}
     a = assess_policy(
         name,
@@ -43,11 +73,11 @@ async def observe(body: Mapping[str, Any], type_: str) -> bool:
         status=status,
         now=dt.datetime.now(dt.UTC),
         remembered=kept[1] if kept is not None and kept[0] == uid else None,
-        enforced=name == members.STATE.policy_name,
+        enforced=name == rt.settings.policy_name,
     )
     if a.accepted is not None:
-        _ACCEPTED[name] = (uid, a.accepted)
-    changed = members.set_policy(name, a.policy, f"SecurityPolicy {name!r} {a.message}")
+        accepted[name] = (uid, a.accepted)
+    changed = set_policy(rt, name, a.policy, f"SecurityPolicy {name!r} {a.message}")
     if a.event is not None:
         log.log(
             logging.INFO if a.error is None else logging.ERROR,
@@ -55,9 +85,15 @@ async def observe(body: Mapping[str, Any], type_: str) -> bool:
             name,
             a.message,
         )
-    c = members.STATE.clients
-    if c is None:
-        return changed
+    await _write(rt, name, uid, status, a)
+    return changed
+
+
+async def _write(
+    rt: Runtime, name: str, uid: str, status: Mapping[str, Any], a: PolicyAssessment
+) -> None:
+    """The policy's status (when it changed) and the Event of a new verdict."""
+    c = rt.clients
     old = {k: status[k] for k in STATUS_FIELDS if k in status}
     patch = kube.merge_patch_for(old, a.status)
     if patch:
@@ -69,7 +105,7 @@ async def observe(body: Mapping[str, Any], type_: str) -> bool:
         await asyncio.to_thread(
             kube.post_event,
             c,
-            kind="SecurityPolicy",
+            kind=SECURITY_POLICIES.kind,
             name=name,
             uid=uid,
             namespace=None,
@@ -77,4 +113,3 @@ async def observe(body: Mapping[str, Any], type_: str) -> bool:
             reason=a.event.reason,
             message=f"SecurityPolicy {name} {a.event.message}",
         )
-    return changed

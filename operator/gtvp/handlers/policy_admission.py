@@ -5,7 +5,8 @@ bank, labels a kubelet may set on itself), with `gtvp.core.policy.parse_policy`'
 The webhook is an early, clear answer, not the safety net: its configuration is
 `failurePolicy: Ignore` (an operator that is down never keeps an administrator from editing
 the policy), and a policy that gets in unusable anyway never replaces the last accepted one
-(`gtvp.handlers.policies`).
+(`gtvp.handlers.policies`). Registered by `gtvp.handlers.register` for
+`gtvp.webhook_config.POLICY`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ import kopf
 
 from gtvp.core.policy import PolicyError, parse_policy
 from gtvp.metrics import METRICS
-from gtvp.webhook_config import POLICY_HOOK
 
 log = logging.getLogger("gtvp.webhooks")
 
 
-@kopf.on.validate(
-    "gtvp.io", "v1alpha1", "securitypolicies", id=POLICY_HOOK, operations=["CREATE", "UPDATE"]
-)
 def validate_policy(body: kopf.Body, **_: Any) -> None:
     name = body.metadata.name or ""
     try:

@@ -1,54 +1,61 @@
-"""Admission webhooks for KubeVirt objects: thin kopf handlers over `gtvp.core.gating`.
+"""Admission webhooks for KubeVirt objects: thin handlers over `gtvp.core.gating`.
 
 The members' verdicts come from the operator's in-memory view (kept current by the Member
 watch), so a decision costs no API call. A refusal is raised as `kopf.AdmissionError`,
 which reaches the user through kubectl with the message (which member, and why).
 On UPDATE (VMs, and VMIs whose level or nodeSelector changes: `gtvp.webhook_config` scopes
 what reaches these handlers) the old object is judged too: the admitted level sticks.
+`gtvp.handlers.register` registers them (`HANDLERS`, by the hook ids of
+`gtvp.webhook_config`) when the operator serves webhooks; a test calls them directly with a
+body and a memo.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
+from gtvp import kube
+from gtvp.api_resources import VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.gating import (
     Decision,
     GatingError,
     admitted_level,
     level_of,
     selector_patch,
-    validate_instance,
-    validate_instance_update,
-    validate_migration,
-    validate_vm,
     validate_vm_update,
     vm_level,
 )
-from gtvp.core.trust import VM_LEVEL_LABEL, MemberView, member_view
-from gtvp.handlers import kubevirt, members
+from gtvp.core.gating import (
+    validate_instance as judge_instance,
+)
+from gtvp.core.gating import (
+    validate_instance_update as judge_instance_update,
+)
+from gtvp.core.gating import (
+    validate_migration as judge_migration,
+)
+from gtvp.core.gating import (
+    validate_vm as judge_vm,
+)
+from gtvp.core.trust import VM_LEVEL_LABEL
 from gtvp.metrics import METRICS
+from gtvp.runtime import Runtime, runtime_of
 
 log = logging.getLogger("gtvp.webhooks")
-KV = ("kubevirt.io", "v1")
 
 
 def _spec(body: kopf.Body) -> dict[str, Any]:
     return dict(body.get("spec") or {})
 
 
-def _members() -> list[MemberView]:
-    return [
-        member_view(name, body.get("status") or {}) for name, body in members.STATE.bodies.items()
-    ]
-
-
-def _require_loaded(kind: str) -> None:
+def _require_loaded(rt: Runtime, kind: str) -> None:
     """Refuse (fail closed) while the operator has not yet loaded the members' verdicts."""
-    if not members.STATE.loaded:
+    if not rt.view.loaded:
         METRICS.admission(kind, "denied")
         raise kopf.AdmissionError(
             "gtvp-operator is starting and has not loaded the members' verdicts yet; "
@@ -57,10 +64,13 @@ def _require_loaded(kind: str) -> None:
         )
 
 
-def _vmi(namespace: str, name: str, kind: str) -> dict[str, Any]:
+def _vmi(rt: Runtime, namespace: str, name: str, kind: str) -> dict[str, Any]:
     """The migrated VMI (watch cache, else a GET): a VMI not yet seen must not skip gating."""
+    cached = rt.view.vmis.get((namespace, name))
+    if cached is not None:
+        return cached
     try:
-        return kubevirt.lookup_vmi(namespace, name) or {}
+        return kube.get_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, name, namespace) or {}
     except Exception as exc:
         METRICS.admission(kind, "denied")
         raise kopf.AdmissionError(
@@ -84,8 +94,8 @@ def _level(labels: Any, what: str) -> int | None:
         raise kopf.AdmissionError(str(exc), code=422) from exc
 
 
-@kopf.on.mutate(*KV, "virtualmachines", id="gtvp-mutate-vm", operations=["CREATE", "UPDATE"])
 def mutate_vm(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Add the trust selector and the level label to a gated VM's template."""
     try:
         level = vm_level(dict(body))
     except GatingError as exc:
@@ -107,8 +117,8 @@ def mutate_vm(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     METRICS.admission("VirtualMachine", "mutated" if spec_patch else "unchanged")
 
 
-@kopf.on.mutate(*KV, "virtualmachineinstances", id="gtvp-mutate-vmi", operations=["CREATE"])
 def mutate_vmi(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Add the trust selector of a gated VMI's level."""
     level = _level(body.metadata.labels, "VirtualMachineInstance")
     if level is None:
         return
@@ -129,12 +139,12 @@ def _migrated_level(vmi: dict[str, Any]) -> int | None:
         raise kopf.AdmissionError(str(exc), code=422) from exc
 
 
-@kopf.on.mutate(
-    *KV, "virtualmachineinstancemigrations", id="gtvp-mutate-migration", operations=["CREATE"]
-)
-def mutate_migration(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+def mutate_migration(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Add the trust selector of the migrated VMI's admitted level to the target's."""
     ns = body.metadata.namespace or ""
-    vmi = _vmi(ns, str(_spec(body).get("vmiName", "")), "VirtualMachineInstanceMigration")
+    vmi = _vmi(
+        runtime_of(memo), ns, str(_spec(body).get("vmiName", "")), "VirtualMachineInstanceMigration"
+    )
     level = _migrated_level(vmi)
     if level is None:
         return
@@ -144,65 +154,78 @@ def mutate_migration(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     METRICS.admission("VirtualMachineInstanceMigration", "mutated" if missing else "unchanged")
 
 
-@kopf.on.validate(*KV, "virtualmachines", id="gtvp-validate-vm", operations=["CREATE", "UPDATE"])
-def validate_vm_(body: kopf.Body, **kwargs: Any) -> None:
+def validate_vm(body: kopf.Body, **kwargs: Any) -> None:
+    """A gated VM's level is one digit, its template's agrees, and it sticks on UPDATE."""
     vm = dict(body)
     old = kwargs.get("old")  # kopf passes the request's oldObject (None on CREATE)
     if kwargs.get("operation") == "UPDATE" and old is not None:
         sticky = validate_vm_update(old=dict(old), new=vm)
         if not sticky.allowed:
             _decide("VirtualMachine", sticky)
-    _decide("VirtualMachine", validate_vm(vm))
+    _decide("VirtualMachine", judge_vm(vm))
 
 
-@kopf.on.validate(
-    *KV, "virtualmachineinstances", id="gtvp-validate-vmi", operations=["CREATE", "UPDATE"]
-)
-def validate_vmi(body: kopf.Body, **kwargs: Any) -> None:
+def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A gated VMI may start only where a member of its level is trusted; on UPDATE its
+    admitted level and trust selector stick."""
+    rt = runtime_of(memo)
     old = kwargs.get("old")  # kopf passes the request's oldObject (None on CREATE)
     if kwargs.get("operation") == "UPDATE" and old is not None:
         # only changes of the level or the nodeSelector of a gated VMI get here (matchConditions)
-        _require_loaded("VirtualMachineInstance")
+        _require_loaded(rt, "VirtualMachineInstance")
         _decide(
             "VirtualMachineInstance",
-            validate_instance_update(
-                old=dict(old), new=dict(body), members=_members(), now=dt.datetime.now(dt.UTC)
+            judge_instance_update(
+                old=dict(old),
+                new=dict(body),
+                members=rt.view.member_views(),
+                now=dt.datetime.now(dt.UTC),
             ),
         )
         return
     if _level(body.metadata.labels, "VirtualMachineInstance") is not None:
-        _require_loaded("VirtualMachineInstance")
+        _require_loaded(rt, "VirtualMachineInstance")
     _decide(
         "VirtualMachineInstance",
-        validate_instance(
+        judge_instance(
             name=f"VirtualMachineInstance {body.metadata.namespace}/{body.metadata.name}",
             labels=dict(body.metadata.labels or {}),
             node_selector=_spec(body).get("nodeSelector"),
-            members=_members(),
+            members=rt.view.member_views(),
             now=dt.datetime.now(dt.UTC),
         ),
     )
 
 
-@kopf.on.validate(
-    *KV, "virtualmachineinstancemigrations", id="gtvp-validate-migration", operations=["CREATE"]
-)
-def validate_migration_(body: kopf.Body, **_: Any) -> None:
+def validate_migration(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A migration of a gated VMI may only target members trusted at its admitted level."""
+    rt = runtime_of(memo)
     ns = body.metadata.namespace or ""
     vmi_name = str(_spec(body).get("vmiName", ""))
-    vmi = _vmi(ns, vmi_name, "VirtualMachineInstanceMigration")
+    vmi = _vmi(rt, ns, vmi_name, "VirtualMachineInstanceMigration")
     if _migrated_level(vmi) is not None:
-        _require_loaded("VirtualMachineInstanceMigration")
+        _require_loaded(rt, "VirtualMachineInstanceMigration")
     _decide(
         "VirtualMachineInstanceMigration",
-        validate_migration(
+        judge_migration(
             name=str(body.metadata.name),
             vmi_name=f"{ns}/{vmi_name}",
             vmi_labels=(vmi.get("metadata") or {}).get("labels") or {},
             vmi_node_selector=(vmi.get("spec") or {}).get("nodeSelector"),
             source=(vmi.get("status") or {}).get("nodeName"),
             added_selector=_spec(body).get("addedNodeSelector"),
-            members=_members(),
+            members=rt.view.member_views(),
             now=dt.datetime.now(dt.UTC),
         ),
     )
+
+
+HANDLERS: dict[str, Callable[..., None]] = {
+    "gtvp-mutate-vm": mutate_vm,
+    "gtvp-mutate-vmi": mutate_vmi,
+    "gtvp-mutate-migration": mutate_migration,
+    "gtvp-validate-vm": validate_vm,
+    "gtvp-validate-vmi": validate_vmi,
+    "gtvp-validate-migration": validate_migration,
+}
+"""The handler of each hook of `gtvp.webhook_config` (which says what reaches it)."""

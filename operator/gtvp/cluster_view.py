@@ -1,0 +1,198 @@
+"""The operator's view of the cluster: the latest body of every object it watches.
+
+Kept by the watches (`gtvp.handlers` feeds every event here, after a start-up listing), read
+by every decision, so that a decision costs no API call: members and their EK index, nodes,
+VMs, VMIs (indexed by node, with the room they take) and migrations, Lazy Boxes, OSComponents
+and the SecurityPolicy in force. Bookkeeping only: no I/O, no decisions, no kopf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gtvp.core.footprint import Footprint, usage_by_node, vmi_footprint
+from gtvp.core.policy import Policy
+from gtvp.core.trust import MemberView, member_view
+
+Key = tuple[str, str]
+"""(namespace, name) of a namespaced object."""
+
+
+def key_of(body: Mapping[str, Any]) -> Key:
+    meta = body.get("metadata") or {}
+    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
+
+
+def name_of(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("name", ""))
+
+
+@dataclass
+class ClusterView:
+    """The latest bodies by name (cluster-scoped) or (namespace, name), and indexes on them."""
+
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    node_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    vms: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    vmis: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    migrations: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    boxes: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    policy: Policy | None = None
+    """The generation of the enforced SecurityPolicy the pool runs under (None: none usable)."""
+    policy_error: str | None = None
+    """Why no policy is usable (every member is Untrusted, NoPolicy)."""
+    loaded: bool = False
+    """True once the start-up listing is in: until then the webhooks refuse what needs a
+    verdict and /readyz says not ready."""
+    # EK fingerprint index: which members are bound to which EK
+    ek_of: dict[str, str] = field(default_factory=dict)
+    ek_holders: dict[str, set[str]] = field(default_factory=dict)
+    # which VMIs run on which node (evacuation looks at one node's VMIs)
+    on_node: dict[str, set[Key]] = field(default_factory=dict)
+    node_of: dict[Key, str] = field(default_factory=dict)
+    # room taken by VMIs that are not Lazy Boxes, and its sum per node (None: to recompute)
+    footprints: dict[Key, Footprint] = field(default_factory=dict)
+    usage: dict[str, tuple[int, int]] | None = None
+
+    # -- members and nodes ----------------------------------------------------------------
+
+    def observe_member(self, body: Mapping[str, Any], event_type: str) -> bool:
+        """Record a Member event; False when the member is gone."""
+        name = name_of(body)
+        if event_type == "DELETED":
+            self.members.pop(name, None)
+            self._index_ek(name, None)
+            return False
+        self.remember_member(name, dict(body))
+        return True
+
+    def remember_member(self, name: str, body: dict[str, Any]) -> None:
+        """The latest body of a member (from a watch event or our own write)."""
+        self.members[name] = body
+        ek = ((body.get("status") or {}).get("trust") or {}).get("ekSHA256")
+        self._index_ek(name, str(ek) if ek else None)
+
+    def _index_ek(self, name: str, fingerprint: str | None) -> None:
+        old = self.ek_of.get(name)
+        if old == fingerprint:
+            return
+        if old is not None:
+            holders = self.ek_holders.get(old, set())
+            holders.discard(name)
+            if not holders:
+                self.ek_holders.pop(old, None)
+            del self.ek_of[name]
+        if fingerprint is not None:
+            self.ek_of[name] = fingerprint
+            self.ek_holders.setdefault(fingerprint, set()).add(name)
+
+    def other_ek_holders(self, name: str) -> Mapping[str, str]:
+        """EK fingerprint -> another member bound to it (so a second one is refused)."""
+        return OtherHolders(self, name)
+
+    def member_views(self) -> list[MemberView]:
+        return [member_view(n, b.get("status") or {}) for n, b in list(self.members.items())]
+
+    def observe_node(self, body: Mapping[str, Any], event_type: str) -> bool:
+        """Record a Node event; False when the node is gone."""
+        name = name_of(body)
+        if event_type == "DELETED":
+            self.node_labels.pop(name, None)
+            self.nodes.pop(name, None)
+            return False
+        self.node_labels[name] = dict((body.get("metadata") or {}).get("labels") or {})
+        self.nodes[name] = dict(body)
+        return True
+
+    # -- KubeVirt -------------------------------------------------------------------------
+
+    def observe_vm(self, body: dict[str, Any], event_type: str) -> None:
+        self._store(self.vms, body, event_type)
+
+    def observe_migration(self, body: dict[str, Any], event_type: str) -> None:
+        self._store(self.migrations, body, event_type)
+
+    def observe_vmi(self, body: dict[str, Any], event_type: str) -> None:
+        key = self._store(self.vmis, body, event_type)
+        gone = event_type == "DELETED"
+        node = None if gone else (body.get("status") or {}).get("nodeName")
+        self._place(key, str(node) if node else None)
+        fp = None if gone else vmi_footprint(body)
+        if self.footprints.get(key) != fp:
+            if fp is None:
+                del self.footprints[key]
+            else:
+                self.footprints[key] = fp
+            self.usage = None
+
+    @staticmethod
+    def _store(store: dict[Key, dict[str, Any]], body: dict[str, Any], event_type: str) -> Key:
+        key = key_of(body)
+        if event_type == "DELETED":
+            store.pop(key, None)
+        else:
+            store[key] = body
+        return key
+
+    def _place(self, key: Key, node: str | None) -> None:
+        old = self.node_of.get(key)
+        if old == node:
+            return
+        if old is not None:
+            self.on_node.get(old, set()).discard(key)
+            del self.node_of[key]
+        if node:
+            self.node_of[key] = node
+            self.on_node.setdefault(node, set()).add(key)
+
+    def foreign_usage(self) -> dict[str, tuple[int, int]]:
+        """(CPU millicores, memory bytes) per node taken by VMIs that are not boxes."""
+        if self.usage is None:
+            self.usage = usage_by_node(self.footprints)
+        return self.usage
+
+    # -- Lazy Boxes and components --------------------------------------------------------
+
+    def observe_box(self, body: dict[str, Any], event_type: str) -> bool:
+        """Record a LazyBox event; True when it is new or changed (not the echo of a status
+        write that left its resourceVersion as we knew it)."""
+        key = key_of(body)
+        if event_type == "DELETED":
+            return self.boxes.pop(key, None) is not None
+        known = self.boxes.get(key)
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        self.boxes[key] = body
+        return known is None or (known.get("metadata") or {}).get("resourceVersion") != rv
+
+    def observe_component(self, body: dict[str, Any], event_type: str) -> bool:
+        """Record an OSComponent event; False when it is gone."""
+        name = name_of(body)
+        if event_type == "DELETED":
+            self.components.pop(name, None)
+            return False
+        self.components[name] = body
+        return True
+
+
+class OtherHolders(Mapping[str, str]):
+    """EK fingerprint -> another member bound to it (a view; nothing is copied)."""
+
+    def __init__(self, view: ClusterView, name: str) -> None:
+        self.view = view
+        self.name = name
+
+    def __getitem__(self, fingerprint: str) -> str:
+        others = self.view.ek_holders.get(fingerprint, set()) - {self.name}
+        if not others:
+            raise KeyError(fingerprint)
+        return min(others)
+
+    def __iter__(self) -> Iterator[str]:
+        return (fp for fp in list(self.view.ek_holders) if fp in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -1,0 +1,179 @@
+"""Member attestation: run the pure `attestation_step` on each change and when a verdict is due.
+
+The kopf event handler feeds every Member change here; a single background loop re-checks
+members whose verdict expires or whose next look is due (one loop for the whole pool rather
+than a timer per member). Each member is handled under its own lock, and a body older
+than our last answer (its nonce already consumed) is skipped, so a verdict is never judged
+twice. The only writes: one status merge patch per decision, and an Event on transitions;
+then the member's Node follows the verdict and the VMs it may no longer hold are moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from gtvp import kube
+from gtvp.api_resources import MEMBERS
+from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
+from gtvp.core.policy import Policy
+from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
+from gtvp.handlers.node_trust import sync_node
+from gtvp.metrics import METRICS
+from gtvp.runtime import Runtime
+
+log = logging.getLogger("gtvp.members")
+
+OPERATOR_FIELDS = ("phase", "level", "trust", "challenge", "effectivePolicy", "conditions")
+
+
+def observe(rt: Runtime, body: Mapping[str, Any], event_type: str) -> bool:
+    """Record a Member event; False when the member is gone (and forgotten)."""
+    if rt.view.observe_member(body, event_type):
+        return True
+    name = str((body.get("metadata") or {}).get("name", ""))
+    rt.attestation.answered.pop(name, None)
+    rt.schedule.forget(name)
+    METRICS.forget_member(name)
+    return False
+
+
+def _no_policy_status(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Without a usable policy nothing can be verified: every member is Untrusted."""
+    status = dict(body.get("status") or {})
+    trust = dict(status.get("trust") or {})
+    message = f"no usable SecurityPolicy: {rt.view.policy_error}"
+    trust.update(verdict="Untrusted", reason="NoPolicy", message=message[:2000], usesLeft=0)
+    trust.pop("expiresAt", None)
+    return {
+        "phase": "Untrusted",
+        "level": 0,
+        "trust": trust,
+        "challenge": status.get("challenge") or {},
+    }
+
+
+def _step(rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy) -> Step:
+    """The attestation step for this body under `policy` (pure, timed)."""
+    meta = body.get("metadata") or {}
+    seen = rt.attestation.seen(name)
+    started = time.perf_counter()
+    step = attestation_step(
+        spec=body.get("spec") or {},
+        status=body.get("status") or {},
+        labels=rt.view.node_labels.get(name, meta.get("labels") or {}),
+        policy=policy,
+        now=dt.datetime.now(dt.UTC),
+        entropy=secrets.token_bytes(ENTROPY_BYTES),
+        answered_nonces=frozenset(seen),
+        readmit=(meta.get("annotations") or {}).get("gtvp.io/readmit"),
+        ek_holders=rt.view.other_ek_holders(name),
+    )
+    if step.outcome is not None:
+        METRICS.observe_attestation(step.outcome, time.perf_counter() - started)
+    if step.answered_nonce is not None:
+        seen.append(step.answered_nonce)
+    return step
+
+
+def _already_answered(rt: Runtime, name: str, status: Mapping[str, Any]) -> bool:
+    """A body from before our last answer (its nonce consumed); the newer one is on its way."""
+    nonce = (status.get("challenge") or {}).get("nonce")
+    return bool(nonce) and bytes.fromhex(str(nonce)) in rt.attestation.seen(name)
+
+
+async def reconcile(rt: Runtime, name: str) -> None:
+    """Decide and write the next status of one member (no-op when nothing changes)."""
+    async with rt.attestation.lock(name):
+        body = rt.view.members.get(name)
+        if body is None:
+            return
+        status = body.get("status") or {}
+        if _already_answered(rt, name, status):
+            return
+        policy = rt.view.policy
+        step = _step(rt, name, body, policy) if policy is not None else None
+        new = step.status if step is not None else _no_policy_status(rt, body)
+        old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
+        patch = kube.merge_patch_for(old, new)
+        if patch:
+            log.debug("member %s: status patch %s", name, patch)
+            result = await asyncio.to_thread(kube.patch_member_status, rt.clients, name, patch)
+            rt.view.remember_member(name, dict(result) if isinstance(result, Mapping) else body)
+        await sync_node(rt, name)
+        if status.get("phase") != new.get("phase") or status.get("level") != new.get("level"):
+            await rejudge_migrations_to(rt, name)
+        if step is not None:
+            step = await _move_vms_off(rt, name, new, step)
+            await _post_events(rt, name, body, step)
+            rt.schedule.schedule(name, step.recheck_after)
+        else:
+            rt.schedule.schedule(name, dt.timedelta(seconds=30))
+        METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
+
+
+async def _post_events(rt: Runtime, name: str, body: Mapping[str, Any], step: Step) -> None:
+    meta = body.get("metadata") or {}
+    for ev in step.events:
+        await asyncio.to_thread(
+            kube.post_event,
+            rt.clients,
+            kind=MEMBERS.kind,
+            name=name,
+            uid=str(meta.get("uid", "")),
+            namespace=None,
+            type_=ev.type,
+            reason=ev.reason,
+            message=ev.message,
+        )
+        log.info("member %s: %s: %s", name, ev.reason, ev.message)
+
+
+async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any], step: Step) -> Step:
+    """Apply onUntrusted to the gated VMs the member may no longer hold: all of them in
+    every phase but Trusted (Pending, Enrolling, Untrusted, Maintenance alike), those that
+    need more than its level when Trusted at a lower level than before."""
+    phase = str(new.get("phase", ""))
+    trust = new.get("trust") or {}
+    if phase == "Trusted":
+        keep = int(new.get("level", 0) or 0)
+        incident, action = f"level-{keep}", "Migrate"
+    else:
+        keep = 0
+        incident = f"{trust.get('reason') or phase}@{trust.get('verifiedAt') or phase}"
+        action = (
+            "Migrate"
+            if phase == "Maintenance"
+            else str((new.get("effectivePolicy") or {}).get("onUntrusted", "Migrate"))
+        )
+    remaining = await evacuate(rt, name, incident, action, keep_level=keep)
+    if remaining and action == "Migrate":
+        return dataclasses.replace(
+            step, recheck_after=min(step.recheck_after, dt.timedelta(seconds=1))
+        )
+    return step
+
+
+async def recheck_loop(rt: Runtime) -> None:
+    """Wake members whose next look is due (expiry, answerAfter): one loop for the pool."""
+    schedule = rt.schedule
+    schedule.wakeup = asyncio.Event()
+    while not rt.stop.is_set():
+        schedule.heartbeat = time.monotonic()
+        for name in schedule.pop_due(time.monotonic()):
+            try:
+                await reconcile(rt, name)
+            except Exception:
+                log.exception("re-checking member %s failed; retrying in 5s", name)
+                schedule.schedule(name, dt.timedelta(seconds=5))
+        timeout = (schedule.due[0][0] - time.monotonic()) if schedule.due else 30.0
+        schedule.wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(schedule.wakeup.wait(), timeout=max(0.05, min(timeout, 30.0)))

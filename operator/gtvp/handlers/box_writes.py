@@ -1,0 +1,108 @@
+"""What the box loop writes: a box's VirtualMachine, its status, and the deletions.
+
+I/O only, each result put back into the cluster view (the next plan sees it before its watch
+event). Deleting a box deletes its VM (the owner reference lets a cluster's garbage
+collector do the same); VMs whose box is gone are swept after confirming with the API
+server that the box really is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from gtvp import kube
+from gtvp.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
+from gtvp.cluster_view import Key
+from gtvp.core.trust import VM_LEVEL_LABEL
+from gtvp.runtime import Runtime
+
+log = logging.getLogger("gtvp.lazyboxes")
+
+
+def _level_label(vm: Mapping[str, Any]) -> int:
+    raw = str(((vm.get("metadata") or {}).get("labels") or {}).get(VM_LEVEL_LABEL, "0"))
+    return int(raw) if raw.isdigit() else 9
+
+
+def write_vm(rt: Runtime, key: Key, vm: dict[str, Any]) -> bool:
+    """Create or replace the box's VM; False (and the box Failed) when the API server
+    refuses it."""
+    current = rt.view.vms.get(key)
+    if current is not None and _level_label(vm) < _level_label(current):
+        # the admitted level sticks (the webhooks refuse lowering it on an update): a box
+        # whose level went down gets a new VM, which restarts it
+        log.info("box %s/%s: level lowered, its VirtualMachine is created anew", *key)
+        try:
+            kube.delete_if_present(rt.clients, VIRTUAL_MACHINES, key[1], key[0])
+        except ApiException as exc:
+            log.warning("box %s/%s: cannot delete its VirtualMachine: %s", *key, exc.reason)
+        rt.view.vms.pop(key, None)
+        current = None
+    known = None if current is None else str(current["metadata"]["resourceVersion"])
+    try:
+        out = kube.create_or_replace(rt.clients, VIRTUAL_MACHINES, vm, resource_version=known)
+    except ApiException as exc:
+        message = f"the API server refused the composed VirtualMachine: {exc.status} {exc.body}"
+        log.error("box %s/%s: %s", *key, message)
+        write_status(rt, key, {"phase": "Failed", "message": message[:4000]})
+        return False
+    rt.view.vms[key] = out
+    return True
+
+
+def restart_vmi(rt: Runtime, key: Key) -> None:
+    """Delete the box's VMI: its VM starts a new one (with the new boot)."""
+    kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, key[1], key[0])
+
+
+def write_status(rt: Runtime, key: Key, status: dict[str, Any]) -> None:
+    """Merge-patch the box's status (nothing when unchanged; forgotten when it is gone)."""
+    box = rt.view.boxes.get(key)
+    if box is None:
+        return
+    patch = kube.merge_patch_for(box.get("status") or {}, status)
+    if not patch:
+        return
+    out = kube.patch_status_if_present(rt.clients, LAZY_BOXES, key[1], patch, key[0])
+    if out is None:
+        rt.view.boxes.pop(key, None)
+    else:
+        rt.view.boxes[key] = out
+
+
+def delete_vm(rt: Runtime, key: Key) -> None:
+    """The box is gone: delete its VM (and nothing else)."""
+    vm = rt.view.vms.pop(key, None)
+    if vm is None:
+        return
+    owners = (vm.get("metadata") or {}).get("ownerReferences") or []
+    if not any(o.get("kind") == LAZY_BOXES.kind for o in owners):
+        return
+    try:
+        if kube.delete_if_present(rt.clients, VIRTUAL_MACHINES, key[1], key[0]):
+            log.info("LazyBox %s/%s deleted: deleted its VirtualMachine", *key)
+    except ApiException as exc:
+        log.warning("cannot delete VM %s/%s: %s", *key, exc.reason)
+
+
+def sweep_orphans(rt: Runtime) -> None:
+    """Delete VMs of boxes that no longer exist (confirmed with the API server)."""
+    for key, vm in list(rt.view.vms.items()):
+        owners = [
+            o
+            for o in (vm.get("metadata") or {}).get("ownerReferences") or []
+            if o.get("kind") == LAZY_BOXES.kind
+        ]
+        if not owners or key in rt.view.boxes:
+            continue
+        try:
+            box = kube.get_if_present(rt.clients, LAZY_BOXES, owners[0]["name"], key[0])
+        except ApiException:
+            continue
+        if box is not None and box["metadata"]["uid"] == owners[0].get("uid"):
+            continue
+        delete_vm(rt, key)

@@ -1,0 +1,182 @@
+"""Evacuation: move gated VMs off members that may no longer hold them, abort migrations to
+members that lost trust.
+
+- `evacuate(member)` creates the migrations `plan_evacuation` asks for (deterministic names:
+  one that exists already was started by a previous run), or stops the VMs when the member's
+  policy says Stop;
+- a migration seen `Scheduled` or later whose target member is not usable for the VMI's
+  level is aborted by deleting it; a usable target spends one use of its verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from gtvp import kube
+from gtvp.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
+from gtvp.core.evacuation import Vmi, migration_view, plan_evacuation
+from gtvp.core.trust import member_view
+from gtvp.handlers.verdict_uses import gated_level, spend_use
+from gtvp.metrics import METRICS
+from gtvp.runtime import Runtime
+
+log = logging.getLogger("gtvp.evacuation")
+RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
+
+
+def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
+    """The gated VMIs on `member` that need more than `keep_level`."""
+    return [
+        Vmi(ns, name, member, lvl)
+        for (ns, name) in sorted(rt.view.on_node.get(member, ()))
+        if (lvl := gated_level(rt.view.vmis.get((ns, name)) or {})) is not None and lvl > keep_level
+    ]
+
+
+async def evacuate(
+    rt: Runtime, member: str, incident: str, on_untrusted: str, keep_level: int = 0
+) -> int:
+    """Act on the gated VMIs on `member` that need more than `keep_level` (0: the member is
+    not trusted, every gated VMI must go); returns how many of them are still on it."""
+    policy = rt.view.policy
+    if policy is None:
+        return 0
+    on_member = _gated_on(rt, member, keep_level)
+    if not on_member or on_untrusted == "Keep":
+        return len(on_member)
+    if on_untrusted == "Stop":
+        for vmi in on_member:
+            await asyncio.to_thread(_stop_vm, rt, vmi)
+        return len(on_member)
+    now = dt.datetime.now(dt.UTC)
+    members = rt.view.member_views()
+    movable = [
+        v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
+    ]
+    stuck = sorted(f"{v.namespace}/{v.name}" for v in on_member if v not in movable)
+    if stuck and rt.evacuation.waiting.get(member) != stuck:
+        rt.evacuation.waiting[member] = stuck  # say it once, not every second
+        log.warning(
+            "evacuation of %s waits: no trusted member of a sufficient level can take %s yet",
+            member,
+            ", ".join(stuck),
+        )
+    targets = [
+        (m.name, m.level)
+        for m in members
+        if m.name != member and m.name in rt.view.nodes and m.usable(now, 1)
+    ]
+    for obj in plan_evacuation(
+        member=member,
+        incident=incident,
+        vmis=movable,
+        migrations=[migration_view(m) for m in rt.view.migrations.values()],
+        limits=policy.migration,
+        targets=targets,
+    ):
+        await _start(rt, member, obj)
+    return len(on_member)
+
+
+async def _start(rt: Runtime, member: str, obj: dict[str, Any]) -> None:
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    try:
+        started = await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, obj)
+    except ApiException as exc:
+        log.warning("could not start migration %s/%s: %s %s", ns, name, exc.status, exc.reason)
+        return
+    if not started:  # started before (e.g. by this operator before a restart)
+        return
+    rt.view.observe_migration(obj, "ADDED")  # a drain planned next sees it at once
+    METRICS.evacuation("started")
+    log.info("evacuating %s/%s from %s: migration %s", ns, obj["spec"]["vmiName"], member, name)
+
+
+def _stop_vm(rt: Runtime, vmi: Vmi) -> None:
+    body = rt.view.vmis.get((vmi.namespace, vmi.name)) or {}
+    owners = (body.get("metadata") or {}).get("ownerReferences") or []
+    owner = next((o for o in owners if o.get("kind") == "VirtualMachine"), None)
+    try:
+        if owner:
+            vm = rt.view.vms.get((vmi.namespace, owner["name"])) or {}
+            # KubeVirt refuses `running` next to `runStrategy` (gtvp composes with the latter)
+            halt = (
+                {"runStrategy": "Halted"}
+                if "runStrategy" in (vm.get("spec") or {})
+                else {"running": False}
+            )
+            kube.patch_object(
+                rt.clients, VIRTUAL_MACHINES, owner["name"], {"spec": halt}, vmi.namespace
+            )
+        else:
+            kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
+        log.info(
+            "stopped %s/%s on untrusted member %s (policy: Stop)", vmi.namespace, vmi.name, vmi.node
+        )
+    except ApiException as exc:
+        log.warning("could not stop %s/%s: %s", vmi.namespace, vmi.name, exc.reason)
+
+
+async def rejudge_migrations_to(rt: Runtime, member: str) -> None:
+    """A member's verdict changed: re-judge the migrations heading there now (an in-flight
+    migration to a member that lost trust is aborted at once, not at its next event)."""
+    for body in list(rt.view.migrations.values()):
+        view = migration_view(body)
+        if view.phase in RUNNING_PHASES and member in (view.target, view.pinned):
+            await judge_migration(rt, body)
+
+
+def _count_finished(rt: Runtime, body: dict[str, Any], phase: str) -> None:
+    meta = body.get("metadata") or {}
+    done = f"{meta.get('uid', '')}/done"
+    labels = meta.get("labels") or {}
+    if (
+        phase == "Succeeded"
+        and labels.get("gtvp.io/evacuation")
+        and done not in rt.evacuation.judged
+    ):
+        METRICS.evacuation("finished")
+        rt.evacuation.judged.add(done)
+
+
+async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
+    """Abort a migration whose target lost trust; spend one use of a good target's verdict."""
+    view = migration_view(body)
+    uid = str((body.get("metadata") or {}).get("uid", ""))
+    if view.phase in ("Succeeded", "Failed"):
+        _count_finished(rt, body, view.phase)
+        return
+    if view.target is None or view.phase not in RUNNING_PHASES:
+        return
+    level = gated_level(rt.view.vmis.get((view.namespace, view.vmi)) or {})
+    if level is None:
+        return
+    target = rt.view.members.get(view.target)
+    now = dt.datetime.now(dt.UTC)
+    usable = target is not None and member_view(view.target, target.get("status") or {}).usable(
+        now, level
+    )
+    if not usable:
+        log.warning(
+            "aborting migration %s/%s: target %s may not receive a level-%d VM",
+            view.namespace,
+            view.name,
+            view.target,
+            level,
+        )
+        try:
+            if await asyncio.to_thread(
+                kube.delete_if_present, rt.clients, MIGRATIONS, view.name, view.namespace
+            ):
+                METRICS.evacuation("aborted")
+        except ApiException as exc:
+            log.warning("could not abort %s: %s", view.name, exc.reason)
+        return
+    if uid not in rt.evacuation.judged:
+        rt.evacuation.judged.add(uid)
+        await spend_use(rt, view.target)

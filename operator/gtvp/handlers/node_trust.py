@@ -1,0 +1,91 @@
+"""Nodes and their Members: the Node carries its Member's verdict (labels and taint), every
+Node gets a Member, and the Member the operator made for a Node leaves with it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kubernetes.client.exceptions import ApiException
+
+from gtvp import kube
+from gtvp.api_resources import GTVP_API_VERSION, MEMBERS
+from gtvp.core.trust import node_patch
+from gtvp.runtime import Runtime
+
+log = logging.getLogger("gtvp.members")
+
+NODE_MEMBER_LABEL = "gtvp.io/node-member"
+"""On the Members the operator created for a Node: they leave with their Node."""
+
+
+async def sync_node(rt: Runtime, name: str) -> None:
+    """Bring the Node's gtvp labels and taint in line with its Member's verdict."""
+    node = rt.view.nodes.get(name)
+    body = rt.view.members.get(name)
+    if node is None:
+        return
+    status = (body or {}).get("status") or {}
+    meta = node.get("metadata") or {}
+    patch = node_patch(
+        meta.get("labels") or {},
+        (node.get("spec") or {}).get("taints") or [],
+        str(status.get("phase", "")) if body else "",
+        int(status.get("level", 0) or 0),
+    )
+    if patch is None:
+        return
+    try:
+        result = await asyncio.to_thread(rt.clients.core.patch_node, name, patch)
+        rt.view.nodes[name] = result.to_dict() if hasattr(result, "to_dict") else node
+        log.info(
+            "node %s: %s",
+            name,
+            "trusted labels set"
+            if status.get("phase") == "Trusted"
+            else "trust labels removed, tainted gtvp.io/untrusted:NoSchedule",
+        )
+    except ApiException as exc:
+        log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
+
+
+async def ensure_member(rt: Runtime, name: str) -> None:
+    """Every Node is a member: create its Member (identity from --default-identity)."""
+    identity = rt.settings.default_identity
+    body = {
+        "apiVersion": GTVP_API_VERSION,
+        "kind": MEMBERS.kind,
+        "metadata": {"name": name, "labels": {NODE_MEMBER_LABEL: "true"}},
+        "spec": {"identity": identity},
+    }
+    try:
+        if await asyncio.to_thread(kube.create_unless_present, rt.clients, MEMBERS, body):
+            log.info("node %s joined: Member created (identity %d)", name, identity)
+    except ApiException as exc:
+        log.warning("could not create Member %s: %s %s", name, exc.status, exc.reason)
+
+
+async def forget_node(rt: Runtime, name: str) -> None:
+    """A Node was deleted: the Member the operator made for it goes too (no orphan left
+    counted, listed or offered as a target). A Member an administrator created stays, with
+    a Warning, since it may carry an approval meant for a node that is coming back."""
+    body = rt.view.members.get(name)
+    if body is None:
+        return
+    meta = body.get("metadata") or {}
+    if (meta.get("labels") or {}).get(NODE_MEMBER_LABEL) == "true":
+        await asyncio.to_thread(kube.delete_member, rt.clients, name)
+        log.info("node %s left: its Member was deleted", name)
+        return
+    message = f"Node {name} was deleted; this Member (created by an administrator) has no Node"
+    await asyncio.to_thread(
+        kube.post_event,
+        rt.clients,
+        kind=MEMBERS.kind,
+        name=name,
+        uid=str(meta.get("uid", "")),
+        namespace=None,
+        type_="Warning",
+        reason="NodeGone",
+        message=message,
+    )

@@ -1,0 +1,108 @@
+"""Start-up and clean-up: kopf's settings, the pool listed before anything is served, and the
+background loops (recheck, boxes, balancing, drains) started and stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from gtvp import kube
+from gtvp.api_resources import (
+    MEMBERS,
+    MIGRATIONS,
+    SECURITY_POLICIES,
+    VIRTUAL_MACHINE_INSTANCES,
+    VIRTUAL_MACHINES,
+    ApiResource,
+)
+from gtvp.handlers import attestation, balancing, drains, lazyboxes, policies, verdict_uses
+from gtvp.runtime import Runtime, runtime_of
+
+log = logging.getLogger("gtvp.handlers")
+
+LISTED: dict[str, ApiResource] = {
+    "secpol": SECURITY_POLICIES,
+    "member": MEMBERS,
+    "vm": VIRTUAL_MACHINES,
+    "vmi": VIRTUAL_MACHINE_INSTANCES,
+    "migration": MIGRATIONS,
+}
+
+
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # gtvp writes its own Events on transitions; kopf's per-handler log events would cost
+    # one API write per handler run.
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    # webhook configurations are rendered statically (gtvp.webhook_config, the Helm chart);
+    # kopf only serves the handlers, it never rewrites or removes the configurations
+    settings.admission.managed = None
+    server = runtime_of(memo).webhook_server
+    if server is not None:
+        settings.admission.server = server
+
+
+async def _list_pool(rt: Runtime) -> dict[str, list[dict[str, Any]]]:
+    """Every listed kind, retrying until the API server answers."""
+    delay = 1.0
+    while True:
+        try:
+            return {
+                what: await asyncio.to_thread(kube.list_all, rt.clients, res)
+                for what, res in LISTED.items()
+            }
+        except Exception as exc:  # noqa: BLE001 - any failure: say so and try again
+            log.warning(
+                "loading the pool from the API server failed (%s); retry in %.0fs", exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def load_pool(memo: kopf.Memo, **_: Any) -> None:
+    """List members, VMs, VMIs and migrations before kopf serves the webhooks.
+
+    kopf starts its watches and the admission server only after every startup handler has
+    finished, so the webhooks never judge against an empty view of the pool (which would
+    refuse every gated VM with a misleading reason, or, for a migration whose VMI was not
+    yet seen, leave out the trust selector). Retries until the API server answers.
+    """
+    rt = runtime_of(memo)
+    listed = await _list_pool(rt)
+    for body in listed["secpol"]:  # before any member is judged: no NoPolicy at restart
+        await policies.observe(rt, body, "ADDED")
+    for body in listed["member"]:
+        attestation.observe(rt, body, "ADDED")
+    for body in listed["vm"]:
+        rt.view.observe_vm(body, "ADDED")
+    for body in listed["vmi"]:
+        rt.view.observe_vmi(body, "ADDED")
+    for body in listed["migration"]:
+        rt.view.observe_migration(body, "ADDED")
+    verdict_uses.mark_started(rt, listed["vmi"])
+    rt.view.loaded = True
+    log.info("loaded %s", ", ".join(f"{len(items)} {what}s" for what, items in listed.items()))
+
+
+async def start_loops(memo: kopf.Memo, **_: Any) -> None:
+    """One recheck loop for the pool, the box loop, the balancer and the drain loop."""
+    rt = runtime_of(memo)
+    for loop in (
+        attestation.recheck_loop,
+        lazyboxes.box_loop,
+        balancing.balance_loop,
+        drains.drain_loop,
+    ):
+        rt.tasks.append(asyncio.create_task(loop(rt)))
+
+
+async def stop_loops(memo: kopf.Memo, **_: Any) -> None:
+    rt = runtime_of(memo)
+    rt.stop.set()
+    if rt.tasks:
+        await asyncio.wait(rt.tasks, timeout=5)

@@ -1,0 +1,276 @@
+"""The operator's handlers driven in-process against the real API server (no operator process).
+
+A `Runtime` with the operator's own client identity and a cluster view filled by the test
+stands in for what `gtvp-operator` builds and its watches keep; the handlers are called
+directly, as kopf would call them, and what they decide is read back from the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import kopf
+import pytest
+
+from gtvp import kube
+from gtvp.api_resources import MEMBERS, VIRTUAL_MACHINES
+from gtvp.core.policy import parse_policy
+from gtvp.core.trust import TRUSTED_LABEL, trust_selector
+from gtvp.handlers import admission, attestation, policies
+from gtvp.localcluster.controlplane import OPERATOR, ControlPlane
+from gtvp.localcluster.pool import manifests, pool_policy
+from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+from gtvp.runtime import OperatorSettings, Runtime
+
+pytestmark = [pytest.mark.controlplane]
+
+POLICY = "inprocess"
+
+
+@pytest.fixture(scope="module")
+def operator_clients(control_plane: ControlPlane) -> kube.Clients:
+    """The operator's identity, with the RBAC the chart and `gtvp local` give it."""
+    for m in manifests():
+        control_plane.kubectl("apply", "-f", str(m))
+    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
+
+
+@pytest.fixture
+def rt(operator_clients: kube.Clients) -> Runtime:
+    """A fresh runtime per test (its locks and events belong to that test's event loop)."""
+    runtime = Runtime(settings=OperatorSettings(policy_name=POLICY), clients=operator_clients)
+    runtime.view.loaded = True
+    return runtime
+
+
+def _memo(rt: Runtime) -> kopf.Memo:
+    return kopf.Memo(runtime=rt)
+
+
+def _trusted(name: str, level: int, *, uses: int = 5) -> dict[str, Any]:
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "phase": "Trusted",
+            "level": level,
+            "trust": {"expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ"), "usesLeft": uses},
+        },
+    }
+
+
+def _vmi(name: str, level: int, *, selector: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": name, "namespace": "ns", "labels": {"gtvp.io/level": str(level)}},
+        "spec": {
+            "domain": {"devices": {}, "memory": {"guest": "64Mi"}},
+            **({"nodeSelector": trust_selector(level)} if selector else {}),
+        },
+    }
+
+
+def _admit_vmi(rt: Runtime, vmi: dict[str, Any]) -> dict[str, Any]:
+    """Run the mutating then the validating hook, as the API server does; the admitted VMI."""
+    patch = kopf.Patch()
+    admission.mutate_vmi(body=kopf.Body(vmi), patch=patch, memo=_memo(rt))
+    admitted = json.loads(json.dumps(vmi))
+    admitted["spec"].setdefault("nodeSelector", {}).update(
+        patch.get("spec", {}).get("nodeSelector", {})
+    )
+    admission.validate_vmi(body=kopf.Body(admitted), memo=_memo(rt), operation="CREATE", old=None)
+    return admitted
+
+
+# ----- webhook decisions --------------------------------------------------------------------
+
+
+def test_gated_vmi_gets_the_trust_selector_and_is_admitted_where_its_level_is_trusted(
+    rt: Runtime,
+) -> None:
+    rt.view.observe_member(_trusted("high", 3), "ADDED")
+    admitted = _admit_vmi(rt, _vmi("web", 3))
+    assert admitted["spec"]["nodeSelector"] == trust_selector(3)
+
+
+def test_gated_vmi_is_refused_when_no_member_of_its_level_is_trusted(rt: Runtime) -> None:
+    rt.view.observe_member(_trusted("low", 1), "ADDED")
+    with pytest.raises(kopf.AdmissionError) as refused:
+        _admit_vmi(rt, _vmi("secret", 3))
+    assert refused.value.code == 403
+    assert "needs level 3 and no Trusted member of level >= 3 can take it now" in str(refused.value)
+    assert "low: Trusted, level 1" in str(refused.value)
+
+
+def test_a_spent_verdict_admits_nothing(rt: Runtime) -> None:
+    rt.view.observe_member(_trusted("spent", 3, uses=0), "ADDED")
+    with pytest.raises(kopf.AdmissionError, match="verdict spent"):
+        _admit_vmi(rt, _vmi("web", 2))
+
+
+def test_an_operator_still_loading_refuses_gated_vmis_but_not_others(rt: Runtime) -> None:
+    rt.view.loaded = False
+    with pytest.raises(kopf.AdmissionError) as refused:
+        _admit_vmi(rt, _vmi("web", 1))
+    assert refused.value.code == 503
+    ungated = _vmi("plain", 1)
+    del ungated["metadata"]["labels"]
+    _admit_vmi(rt, ungated)  # no level: nothing to judge, admitted
+
+
+def test_lowering_a_vms_level_is_refused(rt: Runtime) -> None:
+    def vm(level: int) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "db", "labels": {"gtvp.io/level": str(level)}},
+            "spec": {
+                "template": {
+                    "metadata": {"labels": {"gtvp.io/level": str(level)}},
+                    "spec": {"nodeSelector": trust_selector(level)},
+                }
+            },
+        }
+
+    with pytest.raises(kopf.AdmissionError, match="delete"):
+        admission.validate_vm(body=kopf.Body(vm(1)), operation="UPDATE", old=vm(3))
+    admission.validate_vm(body=kopf.Body(vm(3)), operation="UPDATE", old=vm(1))  # raising it: fine
+
+
+def test_migration_of_a_vmi_the_watch_has_not_delivered_is_judged_on_a_get(
+    rt: Runtime, control_plane: ControlPlane, namespace: str
+) -> None:
+    vmi = _vmi("db", 2, selector=True)
+    vmi["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(vmi))
+    assert not rt.view.vmis  # the view has never seen it
+    migration = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": "move-db", "namespace": namespace},
+        "spec": {"vmiName": "db"},
+    }
+    patch = kopf.Patch()
+    admission.mutate_migration(body=kopf.Body(migration), patch=patch, memo=_memo(rt))
+    assert patch["spec"]["addedNodeSelector"] == trust_selector(2)
+    migration["spec"]["addedNodeSelector"] = patch["spec"]["addedNodeSelector"]
+    with pytest.raises(kopf.AdmissionError) as refused:  # no member of level 2 is trusted
+        admission.validate_migration(body=kopf.Body(migration), memo=_memo(rt))
+    assert refused.value.code == 403
+    rt.view.observe_member(_trusted("target", 2), "ADDED")
+    admission.validate_migration(body=kopf.Body(migration), memo=_memo(rt))
+
+
+def test_migration_of_a_vmi_that_does_not_exist_is_not_gated(rt: Runtime, namespace: str) -> None:
+    migration = {
+        "metadata": {"name": "m", "namespace": namespace},
+        "spec": {"vmiName": "nowhere"},
+    }
+    patch = kopf.Patch()
+    admission.mutate_migration(body=kopf.Body(migration), patch=patch, memo=_memo(rt))
+    assert TRUSTED_LABEL not in json.dumps(dict(patch))
+    admission.validate_migration(body=kopf.Body(migration), memo=_memo(rt))
+
+
+# ----- member reconcile ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def member(control_plane: ControlPlane, rt: Runtime) -> Iterator[str]:
+    """A Member on the API server (no agent, no Node), in the runtime's view."""
+    name = f"inproc-{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": MEMBERS.api_version,
+        "kind": MEMBERS.kind,
+        "metadata": {"name": name},
+        "spec": {"identity": 2},
+    }
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    try:
+        got = kube.get_if_present(rt.clients, MEMBERS, name)
+        assert got is not None
+        attestation.observe(rt, got, "ADDED")
+        yield name
+    finally:
+        control_plane.kubectl("delete", "member", name, "--ignore-not-found", "--wait=false")
+
+
+def _status(rt: Runtime, name: str) -> dict[str, Any]:
+    got = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert got is not None
+    status: dict[str, Any] = got.get("status") or {}
+    return status
+
+
+def test_without_a_policy_the_reconcile_writes_untrusted_no_policy(
+    rt: Runtime, member: str
+) -> None:
+    asyncio.run(attestation.reconcile(rt, member))
+    status = _status(rt, member)
+    assert status["phase"] == "Untrusted"
+    assert status["level"] == 0
+    assert status["trust"]["reason"] == "NoPolicy"
+    assert f"SecurityPolicy {POLICY!r} not seen yet" in status["trust"]["message"]
+    assert member in rt.schedule.next_due  # looked at again (in 30 s)
+
+
+@pytest.mark.tpm
+def test_under_a_policy_a_new_member_is_asked_to_enrol(
+    rt: Runtime, member: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
+) -> None:
+    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
+    spec = pool_policy(swtpm_ca, name=POLICY)["spec"]
+    assert policies.set_policy(rt, POLICY, parse_policy(POLICY, spec))
+    asyncio.run(attestation.reconcile(rt, member))
+    status = _status(rt, member)
+    assert status["phase"] == "Pending"
+    assert status.get("level", 0) == 0
+    assert rt.view.members[member]["status"] == status  # the view holds what was written
+    # a second run with nothing new writes nothing (no new resourceVersion)
+    before = rt.view.members[member]["metadata"]["resourceVersion"]
+    asyncio.run(attestation.reconcile(rt, member))
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    assert got["metadata"]["resourceVersion"] == before
+
+
+def test_a_policy_for_another_name_changes_nothing(rt: Runtime) -> None:
+    assert not policies.set_policy(rt, "someone-else", None, "gone")
+    assert rt.view.policy_error == f"SecurityPolicy {POLICY!r} not seen yet"
+
+
+# ----- the write adapters every handler goes through ----------------------------------------
+
+
+def test_writes_are_idempotent_create_replace_and_delete(rt: Runtime, namespace: str) -> None:
+    def vm(label: str) -> dict[str, Any]:
+        return {
+            "apiVersion": VIRTUAL_MACHINES.api_version,
+            "kind": VIRTUAL_MACHINES.kind,
+            "metadata": {"name": "box", "namespace": namespace, "labels": {"v": label}},
+            "spec": {
+                "runStrategy": "Halted",
+                "template": {"spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}}},
+            },
+        }
+
+    c = rt.clients
+    first = kube.create_or_replace(c, VIRTUAL_MACHINES, vm("1"))
+    # it exists (409): read and replaced, though the caller knew no version
+    second = kube.create_or_replace(c, VIRTUAL_MACHINES, vm("2"))
+    assert second["metadata"]["labels"]["v"] == "2"
+    # a stale version (409 Conflict): read again and replaced once
+    stale = first["metadata"]["resourceVersion"]
+    third = kube.create_or_replace(c, VIRTUAL_MACHINES, vm("3"), resource_version=stale)
+    assert third["metadata"]["labels"]["v"] == "3"
+    assert not kube.create_unless_present(c, VIRTUAL_MACHINES, vm("4"))  # left as it is
+    got = kube.get_if_present(c, VIRTUAL_MACHINES, "box", namespace)
+    assert got is not None
+    assert got["metadata"]["labels"]["v"] == "3"
+    assert kube.delete_if_present(c, VIRTUAL_MACHINES, "box", namespace)
+    assert not kube.delete_if_present(c, VIRTUAL_MACHINES, "box", namespace)
+    assert kube.get_if_present(c, VIRTUAL_MACHINES, "box", namespace) is None

@@ -1,0 +1,80 @@
+"""The cluster view's bookkeeping: the EK index, VMIs by node, the room they take, box echoes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gtvp.cluster_view import ClusterView
+
+
+def _member(name: str, ek: str | None) -> dict[str, Any]:
+    trust = {"ekSHA256": ek} if ek else {}
+    return {"metadata": {"name": name}, "status": {"trust": trust}}
+
+
+def _vmi(name: str, node: str | None, cpu: str = "1") -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": "ns", "name": name},
+        "spec": {"domain": {"resources": {"requests": {"cpu": cpu, "memory": "1Gi"}}}},
+        "status": {"nodeName": node} if node else {},
+    }
+
+
+def test_a_second_member_with_the_same_ek_sees_the_first() -> None:
+    view = ClusterView()
+    view.observe_member(_member("a", "ek1"), "ADDED")
+    view.observe_member(_member("b", "ek1"), "ADDED")
+    assert dict(view.other_ek_holders("b")) == {"ek1": "a"}
+    assert dict(view.other_ek_holders("a")) == {"ek1": "b"}
+    view.observe_member(_member("a", "ek2"), "MODIFIED")  # a re-enrolled with another TPM
+    assert "ek1" not in view.other_ek_holders("b")
+    assert view.other_ek_holders("b")["ek2"] == "a"
+    view.observe_member(_member("a", None), "DELETED")
+    assert view.ek_holders == {"ek1": {"b"}}
+    assert "a" not in view.members
+
+
+def test_vmis_are_indexed_by_the_node_they_run_on() -> None:
+    view = ClusterView()
+    view.observe_vmi(_vmi("x", None), "ADDED")
+    assert view.on_node == {}
+    view.observe_vmi(_vmi("x", "n1"), "MODIFIED")
+    view.observe_vmi(_vmi("y", "n1"), "ADDED")
+    assert view.on_node["n1"] == {("ns", "x"), ("ns", "y")}
+    view.observe_vmi(_vmi("x", "n2"), "MODIFIED")  # migrated
+    assert view.on_node["n1"] == {("ns", "y")}
+    assert view.node_of[("ns", "x")] == "n2"
+    view.observe_vmi(_vmi("y", "n1"), "DELETED")
+    assert view.on_node["n1"] == set()
+    assert ("ns", "y") not in view.vmis
+
+
+def test_the_room_vmis_take_is_summed_again_only_after_a_change() -> None:
+    view = ClusterView()
+    view.observe_vmi(_vmi("x", "n1", cpu="2"), "ADDED")
+    first = view.foreign_usage()
+    assert view.foreign_usage() is first  # cached
+    view.observe_vmi(_vmi("x", "n1", cpu="2"), "MODIFIED")  # same footprint: still cached
+    assert view.foreign_usage() is first
+    view.observe_vmi(_vmi("x", "n1", cpu="3"), "MODIFIED")
+    assert view.foreign_usage() is not first
+
+
+def test_a_box_status_echo_is_not_a_change() -> None:
+    view = ClusterView()
+    box = {"metadata": {"namespace": "ns", "name": "b", "resourceVersion": "1"}}
+    assert view.observe_box(box, "ADDED")
+    assert not view.observe_box(dict(box), "MODIFIED")  # the echo of our own write
+    assert view.observe_box({"metadata": {**box["metadata"], "resourceVersion": "2"}}, "MODIFIED")
+    assert view.observe_box(box, "DELETED")
+    assert not view.observe_box(box, "DELETED")  # already gone
+
+
+def test_nodes_keep_their_labels_until_deleted() -> None:
+    view = ClusterView()
+    node = {"metadata": {"name": "n1", "labels": {"a": "b"}}}
+    assert view.observe_node(node, "ADDED")
+    assert view.node_labels["n1"] == {"a": "b"}
+    assert not view.observe_node(node, "DELETED")
+    assert "n1" not in view.nodes
+    assert "n1" not in view.node_labels
