@@ -14,7 +14,7 @@ from typing import Any
 
 from kubernetes import client, config
 
-from gtvp.api_resources import GTVP_API_VERSION, MEMBERS, SECURITY_POLICIES, ApiResource
+from gtvp.core.api_resources import GTVP_API_VERSION, MEMBERS, SECURITY_POLICIES, ApiResource
 from gtvp.event_recorder import EventRecorder, ObjectRef
 
 log = logging.getLogger("gtvp.kube")

@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gtvp.api_resources import (
+from gtvp.core.api_resources import (
     LAZY_BOXES,
     MEMBERS,
     MIGRATIONS,

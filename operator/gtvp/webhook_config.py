@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from gtvp.api_resources import (
+from gtvp.core.api_resources import (
     MIGRATIONS,
     SECURITY_POLICIES,
     VIRTUAL_MACHINE_INSTANCES,

@@ -18,7 +18,7 @@ import kopf
 import pytest
 
 from gtvp import kube
-from gtvp.api_resources import MEMBERS, VIRTUAL_MACHINES
+from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
 from gtvp.core.trust import TRUSTED_LABEL, trust_selector
 from gtvp.handlers import admission, attestation, policies

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES
 from gtvp.core.components import Component
 from gtvp.core.trust import VM_LEVEL_LABEL, trust_selector
 
@@ -107,8 +108,8 @@ def compose_vm(
     if dv_templates:
         vm_spec["dataVolumeTemplates"] = dv_templates
     return {
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachine",
+        "apiVersion": VIRTUAL_MACHINES.api_version,
+        "kind": VIRTUAL_MACHINES.kind,
         "metadata": {
             "name": box.name,
             "namespace": box.namespace,
@@ -242,8 +243,8 @@ def _preferred_node_affinity(node: str) -> dict[str, Any]:
 
 def _owner_reference(box: BoxRef) -> dict[str, Any]:
     return {
-        "apiVersion": "gtvp.io/v1alpha1",
-        "kind": "LazyBox",
+        "apiVersion": LAZY_BOXES.api_version,
+        "kind": LAZY_BOXES.kind,
         "name": box.name,
         "uid": box.uid,
         "controller": True,

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtvp.core.api_resources import MIGRATIONS
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.gating import GatingError, level_of
 from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorded_source
@@ -133,8 +134,8 @@ def migration_object(
     """A VirtualMachineInstanceMigration gtvp starts: labelled with why (evacuation or
     balancing, and the source member), its reason annotated, its targets restricted."""
     return {
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachineInstanceMigration",
+        "apiVersion": MIGRATIONS.api_version,
+        "kind": MIGRATIONS.kind,
         "metadata": {
             "name": name,
             "namespace": namespace,

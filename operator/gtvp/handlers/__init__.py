@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import kopf
 
-from gtvp.api_resources import (
+from gtvp.core.api_resources import (
     LAZY_BOXES,
     MEMBERS,
     MIGRATIONS,

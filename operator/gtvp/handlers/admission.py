@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from gtvp import kube
-from gtvp.api_resources import VIRTUAL_MACHINE_INSTANCES
+from gtvp.core.api_resources import VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.gating import (
     Decision,
     GatingError,

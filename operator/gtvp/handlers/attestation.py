@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gtvp import kube
-from gtvp.api_resources import MEMBERS
+from gtvp.core.api_resources import MEMBERS
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.policy import Policy
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to

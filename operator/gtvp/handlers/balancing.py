@@ -16,8 +16,8 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.api_resources import LAZY_BOXES, MIGRATIONS
 from gtvp.cluster_view import Key
+from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS
 from gtvp.core.balance import BALANCE_LABEL, BalancePlan, Move, PlacedBox, plan_balance
 from gtvp.core.evacuation import migration_view
 from gtvp.core.policy import Policy

@@ -15,8 +15,8 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
 from gtvp.cluster_view import Key
+from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
 from gtvp.core.trust import VM_LEVEL_LABEL
 from gtvp.runtime import Runtime
 

@@ -14,7 +14,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.api_resources import OS_COMPONENTS
+from gtvp.core.api_resources import OS_COMPONENTS
 from gtvp.core.component_checks import Check, check_component, spend_use, verification_status
 from gtvp.core.components import ComponentError, parse_component
 from gtvp.metrics import METRICS

@@ -26,8 +26,8 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
 from gtvp.cluster_view import Key, key_of
+from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.evacuation import (
     DRAIN_LABEL,
     DrainPlan,

@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
+from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
 from gtvp.core.evacuation import Vmi, migration_view, plan_evacuation
 from gtvp.core.trust import member_view
 from gtvp.handlers.verdict_uses import gated_level, spend_use

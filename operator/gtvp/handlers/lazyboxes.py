@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from gtvp import kube
-from gtvp.api_resources import LAZY_BOXES
 from gtvp.cluster_view import Key, key_of
+from gtvp.core.api_resources import LAZY_BOXES
 from gtvp.core.boxes import (
     BOOTED_ANNOTATION,
     HOTPLUGGED_ANNOTATION,

@@ -9,7 +9,7 @@ import logging
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.api_resources import GTVP_API_VERSION, MEMBERS
+from gtvp.core.api_resources import GTVP_API_VERSION, MEMBERS
 from gtvp.core.trust import node_patch
 from gtvp.runtime import Runtime
 

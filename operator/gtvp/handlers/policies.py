@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.api_resources import SECURITY_POLICIES
+from gtvp.core.api_resources import SECURITY_POLICIES
 from gtvp.core.policy import Policy
 from gtvp.core.policy_status import STATUS_FIELDS, PolicyAssessment, assess_policy
 from gtvp.runtime import Runtime

@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from gtvp import kube
-from gtvp.api_resources import (
+from gtvp.core.api_resources import (
     MEMBERS,
     MIGRATIONS,
     SECURITY_POLICIES,

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from gtvp import local_state, pool_status
+from gtvp.core.api_resources import KUBEVIRT_API_VERSION
 from gtvp.localcluster import layout, toolchain
 from gtvp.localcluster.controlplane import ControlPlane, ControlPlaneError, Ports
 from gtvp.localcluster.polling import wait_for
@@ -53,7 +54,7 @@ def _pool(cp: ControlPlane) -> Pool:
 
 def _demo_vm(level: int) -> dict[str, object]:
     return {
-        "apiVersion": "kubevirt.io/v1",
+        "apiVersion": KUBEVIRT_API_VERSION,
         "kind": "VirtualMachine",
         "metadata": {
             "name": "demo-web",

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from gtvp import webhook_config
+from gtvp.core.api_resources import GTVP_API_VERSION
 from gtvp.localcluster import layout, pki
 from gtvp.localcluster.controlplane import OPERATOR, ControlPlane, agent_identity
 from gtvp.localcluster.polling import wait_for
@@ -79,7 +80,7 @@ def pool_policy(
         }
 
     return {
-        "apiVersion": "gtvp.io/v1alpha1",
+        "apiVersion": GTVP_API_VERSION,
         "kind": "SecurityPolicy",
         "metadata": {"name": name},
         "spec": {
@@ -308,7 +309,7 @@ class Pool:
         tpm.start()
         self.apply(
             {
-                "apiVersion": "gtvp.io/v1alpha1",
+                "apiVersion": GTVP_API_VERSION,
                 "kind": "Member",
                 "metadata": {"name": name},
                 "spec": {"identity": identity},

@@ -34,10 +34,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.compose import preferred_node
 
 log = logging.getLogger("gtvp.virtsim")
-KV = ("kubevirt.io", "v1")
+KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
 BANNER = "[SIMULATED virt-controller]"
 API_BANNER = "[SIMULATED virt-api]"
 MARKED_ON_EVICTION = ("External", "LiveMigrate", "LiveMigrateIfPossible")
@@ -184,7 +185,7 @@ class VirtSim:
     def _evacuation_migration(self, key: tuple[str, str], node: str) -> None:
         """SIMULATION of virt-controller's evacuation controller for LiveMigrate VMIs."""
         body = {
-            "apiVersion": "kubevirt.io/v1",
+            "apiVersion": KUBEVIRT_API_VERSION,
             "kind": "VirtualMachineInstanceMigration",
             "metadata": {
                 "generateName": "kubevirt-evacuation-",
@@ -220,7 +221,7 @@ class VirtSim:
         if should_run and key not in vmis:
             tmpl = spec.get("template") or {}
             body = {
-                "apiVersion": "kubevirt.io/v1",
+                "apiVersion": KUBEVIRT_API_VERSION,
                 "kind": "VirtualMachineInstance",
                 "metadata": {
                     "name": meta["name"],
@@ -229,7 +230,7 @@ class VirtSim:
                     "annotations": dict((tmpl.get("metadata") or {}).get("annotations") or {}),
                     "ownerReferences": [
                         {
-                            "apiVersion": "kubevirt.io/v1",
+                            "apiVersion": KUBEVIRT_API_VERSION,
                             "kind": "VirtualMachine",
                             "name": meta["name"],
                             "uid": meta["uid"],
