@@ -20,8 +20,8 @@ down:
 
 lint:
 	@echo "[check] ruff (lint, format)"
-	@$(BIN)/ruff check operator attestation-agent tests
-	@$(BIN)/ruff format --check operator attestation-agent tests
+	@$(BIN)/ruff check operator attestation-agent local tests
+	@$(BIN)/ruff format --check operator attestation-agent local tests
 	@echo "[check] import contracts (lint-imports)"
 	@$(BIN)/lint-imports
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gtvp.localcluster import layout
-from gtvp.localcluster.controlplane import ControlPlane, ephemeral_control_plane
-from gtvp.localcluster.processes import ProcessTable
-from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+from gtvp_local import layout
+from gtvp_local.controlplane import ControlPlane, ephemeral_control_plane
+from gtvp_local.processes import ProcessTable
+from gtvp_local.swtpm import Swtpm, SwtpmCA
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The e2e pool every end-to-end module starts: members with their own swtpm and agent,
 kwok, the virt-controller stand-in, the operator with its webhooks, all Trusted.
 
-The recipe is `gtvp.localcluster.pool.trusted_pool` (the one `gtvp local up` and the
+The recipe is `gtvp_local.pool.trusted_pool` (the one `gtvp local up` and the
 benchmarks run too); here, only what the session's shared control plane asks for: names
 unique to the module (members and policy), so that modules never see each other's pools.
 Modules differ only in what they say: member identities, policy settings, and anything to
@@ -16,10 +16,10 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from gtvp.localcluster import pool as local_pool
-from gtvp.localcluster.controlplane import ControlPlane
-from gtvp.localcluster.polling import wait_for
-from gtvp.localcluster.pool import Pool
+from gtvp_local import pool as local_pool
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.polling import wait_for
+from gtvp_local.pool import Pool
 
 __all__ = ["trusted_pool", "wait_for"]
 
@@ -30,7 +30,7 @@ def trusted_pool(
     """A running pool whose members (suffix -> identity) are Trusted; removed afterwards.
 
     `start`: the recipe's settings (`policy`, `before_start`), as for
-    `gtvp.localcluster.pool.trusted_pool`.
+    `gtvp_local.pool.trusted_pool`.
     """
     prefix = f"{tag[0]}{uuid.uuid4().hex[:4]}"
     members = {f"{prefix}-{suffix}": identity for suffix, identity in identities.items()}

@@ -23,7 +23,7 @@ from gtvp import __version__
 # name -> (module that registers its arguments and runs it, one-line help for `gtvp --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "local": (
-        "gtvp.localcluster.commands",
+        "gtvp_local.commands",
         "run a local trusted pool (real control plane on loopback)",
     ),
     "verify-quote": ("gtvp.quote_cli", "verify a tpm2-tools quote with gtvp's verifier"),
@@ -54,8 +54,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 LOCAL_MISSING = (
-    "gtvp local: not installed here (the operator's image leaves the local cluster out); "
-    "it runs from a clone of the gtvp repository (pip install -e .)"
+    "gtvp local: not installed here (it is a distribution of its own, gtvp-local, which the "
+    "operator's image leaves out); from a clone of the gtvp repository: pip install -e ./local"
 )
 
 
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         p = parser(_command_in(argv))
     except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("gtvp.localcluster"):
+        if not (exc.name or "").startswith("gtvp_local"):
             raise
         print(LOCAL_MISSING, file=sys.stderr)
         return 2

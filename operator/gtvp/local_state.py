@@ -1,6 +1,6 @@
 """Where gtvp keeps its build cache and where `gtvp local` keeps its pool: paths only.
 
-Shared by `gtvp.localcluster` (which builds into the cache and runs the pool from the state
+Shared by `gtvp_local` (which builds into the cache and runs the pool from the state
 directory) and `gtvp status` (whose default cluster is the local pool's), so that the command
 line finds the local pool without loading any local-cluster code.
 """

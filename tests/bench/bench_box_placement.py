@@ -25,7 +25,7 @@ from typing import Any
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BoxRef, compose_vm
 from gtvp.core.resolve import BoxRequest, resolve
-from gtvp.localcluster.pool import Pool
+from gtvp_local.pool import Pool
 from tests.bench.bench_scale import _api, answer, create_members, load_generator_pool
 from tests.catalogue import Publisher, synthetic
 

@@ -50,8 +50,8 @@ def _tools(tcti: str, cwd: Path, *argv: str) -> str:
 
 def make_quote(d: Path) -> list[str]:
     """A quote from a fresh swtpm, made with tpm2-tools; `gtvp verify-quote`'s arguments."""
-    from gtvp.localcluster.processes import ProcessTable
-    from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+    from gtvp_local.processes import ProcessTable
+    from gtvp_local.swtpm import Swtpm, SwtpmCA
 
     tpm = Swtpm("bench-cli", d / "tpm", ProcessTable(d))
     tpm.manufacture(SwtpmCA(d / "ca").ensure())

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
-from gtvp.localcluster.controlplane import agent_identity, ephemeral_control_plane
-from gtvp.localcluster.pool import Pool, trusted_pool
 from gtvp_agent.tpm import Tpm
+from gtvp_local.controlplane import agent_identity, ephemeral_control_plane
+from gtvp_local.pool import Pool, trusted_pool
 
 NS = "bench"
 

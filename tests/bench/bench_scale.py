@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gtvp.localcluster.controlplane import ControlPlane, ephemeral_control_plane
-from gtvp.localcluster.pool import Pool
 from gtvp_agent.tpm import Tpm
+from gtvp_local.controlplane import ControlPlane, ephemeral_control_plane
+from gtvp_local.pool import Pool
 
 G, V, P = "gtvp.io", "v1alpha1", "members"
 

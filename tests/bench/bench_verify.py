@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from gtvp.core.quote import verify_quote
 from gtvp.core.tpm_wire import parse_signature
-from gtvp.localcluster.processes import ProcessTable
-from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+from gtvp_local.processes import ProcessTable
+from gtvp_local.swtpm import Swtpm, SwtpmCA
 from tests.tpmkit import real_quote
 
 

@@ -24,8 +24,8 @@ import pytest
 
 from gtvp import webhook_config
 from gtvp.core.trust import TAINT_KEY
-from gtvp.localcluster.controlplane import ControlPlane
-from gtvp.localcluster.pool import Pool
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import Pool
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
 

@@ -8,7 +8,7 @@ VMI runs there (KubeVirt clears the field). LiveMigrate VMIs stay KubeVirt's to 
 Real: kube-apiserver + etcd, KubeVirt's CRDs, one gtvp-agent per member on its own swtpm,
 gtvp-operator with its webhooks, `kubectl cordon`. SIMULATED (no kubelet or KubeVirt here):
 Nodes by kwok, and KubeVirt's virt-controller/virt-api by gtvp's stand-in
-(`gtvp.localcluster.virtsim`), which on a cordoned node does what virt-api's pod-eviction
+(`gtvp_local.virtsim`), which on a cordoned node does what virt-api's pod-eviction
 webhook does when a drain evicts a virt-launcher pod (kwok nodes run no pods, so `kubectl
 drain` would evict nothing: a cordon plus this simulated eviction is what runs).
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from gtvp.localcluster.controlplane import ControlPlane
-from gtvp.localcluster.pool import Pool
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import Pool
 from tests.e2e.test_lazyboxes import PUB, _clear_components, apply, box, get, ordinary_vm, running
 from tests.e2e.test_trusted_pool import _vm
 from tests.pools import trusted_pool

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from gtvp.localcluster.controlplane import ControlPlane
-from gtvp.localcluster.pool import Pool
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import Pool
 from tests.e2e.test_trusted_pool import _vm, _vmi, _wait
 from tests.pools import trusted_pool
 

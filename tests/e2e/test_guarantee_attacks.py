@@ -4,7 +4,7 @@ without a fresh verdict.
 Each test is named after the attack or accident it plays. Real: kube-apiserver + etcd, the
 agents (each with its own client identity) on their own swtpm, the operator and its
 webhooks, kubectl. Simulated (no kubelet or KubeVirt here): Nodes by kwok, virt-controller by
-gtvp's stand-in (`gtvp.localcluster.virtsim`, SIMULATED).
+gtvp's stand-in (`gtvp_local.virtsim`, SIMULATED).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from gtvp.localcluster.controlplane import ControlPlane, agent_identity
-from gtvp.localcluster.pool import Pool
+from gtvp_local.controlplane import ControlPlane, agent_identity
+from gtvp_local.pool import Pool
 from tests.e2e.test_trusted_pool import _vm, _vmi
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
-from gtvp.localcluster import layout
-from gtvp.localcluster.controlplane import ControlPlane
-from gtvp.localcluster.pool import Pool
-from gtvp.localcluster.processes import free_port
+from gtvp_local import layout
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import Pool
+from gtvp_local.processes import free_port
 from tests.pools import trusted_pool, wait_for
 
 pytestmark = [

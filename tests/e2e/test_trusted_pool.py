@@ -3,7 +3,7 @@
 Real: kube-apiserver + etcd, KubeVirt's CRDs, one gtvp-agent per member on its own swtpm,
 gtvp-operator with its admission webhooks (called by the real API server over TLS), kubectl.
 Simulated (no kubelet or KubeVirt here): Nodes by kwok, and KubeVirt's virt-controller by
-gtvp's stand-in (`gtvp.localcluster.virtsim`).
+gtvp's stand-in (`gtvp_local.virtsim`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
-from gtvp.localcluster.controlplane import ControlPlane
-from gtvp.localcluster.pool import Pool
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import Pool
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from gtvp.localcluster.controlplane import ControlPlane, agent_identity
-from gtvp.localcluster.pool import Pool
+from gtvp_local.controlplane import ControlPlane, agent_identity
+from gtvp_local.pool import Pool
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.tpm]
 

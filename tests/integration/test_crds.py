@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gtvp.localcluster.controlplane import ControlPlane
+from gtvp_local.controlplane import ControlPlane
 
 pytestmark = pytest.mark.controlplane
 

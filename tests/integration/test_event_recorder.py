@@ -15,8 +15,8 @@ import pytest
 
 from gtvp import kube
 from gtvp.event_recorder import EventRecorder, ObjectRef
-from gtvp.localcluster.controlplane import OPERATOR, ControlPlane
-from gtvp.localcluster.pool import manifests
+from gtvp_local.controlplane import OPERATOR, ControlPlane
+from gtvp_local.pool import manifests
 
 pytestmark = pytest.mark.controlplane
 

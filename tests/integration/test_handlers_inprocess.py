@@ -22,10 +22,10 @@ from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
 from gtvp.core.trust import TRUSTED_LABEL, trust_selector
 from gtvp.handlers import admission, attestation, policies
-from gtvp.localcluster.controlplane import OPERATOR, ControlPlane
-from gtvp.localcluster.pool import manifests, pool_policy
-from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
 from gtvp.runtime import OperatorSettings, Runtime
+from gtvp_local.controlplane import OPERATOR, ControlPlane
+from gtvp_local.pool import manifests, pool_policy
+from gtvp_local.swtpm import Swtpm, SwtpmCA
 
 pytestmark = [pytest.mark.controlplane]
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from gtvp import webhook_config
-from gtvp.localcluster import toolchain
-from gtvp.localcluster.controlplane import ControlPlane
+from gtvp_local import toolchain
+from gtvp_local.controlplane import ControlPlane
 
 pytestmark = pytest.mark.controlplane
 

@@ -21,9 +21,9 @@ from gtvp.core.component_checks import check_component
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BoxRef, compose_vm
 from gtvp.core.resolve import BoxRequest, resolve
-from gtvp.localcluster import layout
-from gtvp.localcluster.controlplane import ControlPlane
-from gtvp.localcluster.pool import sample_publisher_keys
+from gtvp_local import layout
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import sample_publisher_keys
 from tests.catalogue import Publisher
 
 pytestmark = [pytest.mark.controlplane]

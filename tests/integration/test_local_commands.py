@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gtvp.localcluster.processes import ProcessTable, free_port, port_in_use
+from gtvp_local.processes import ProcessTable, free_port, port_in_use
 
 pytestmark = pytest.mark.controlplane
 

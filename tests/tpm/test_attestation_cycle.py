@@ -20,9 +20,9 @@ import yaml
 
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.policy import parse_policy
-from gtvp.localcluster.pool import pool_policy
-from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
 from gtvp_agent.tpm import Tpm
+from gtvp_local.pool import pool_policy
+from gtvp_local.swtpm import Swtpm, SwtpmCA
 
 pytestmark = pytest.mark.tpm
 

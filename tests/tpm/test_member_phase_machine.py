@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from gtvp.core.timestamps import parse_ts
-from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+from gtvp_local.swtpm import Swtpm, SwtpmCA
 from tests.tpm.test_attestation_cycle import T0, Member
 from tests.tpmkit import soft_ak
 

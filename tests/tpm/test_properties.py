@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gtvp.core.errors import VerificationError
 from gtvp.core.quote import verify_quote
-from gtvp.localcluster.swtpm import Swtpm
+from gtvp_local.swtpm import Swtpm
 from tests.tpmkit import RealQuote, real_quote
 
 pytestmark = pytest.mark.tpm

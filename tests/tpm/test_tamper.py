@@ -31,8 +31,8 @@ from gtvp.core.enrolment import (
 )
 from gtvp.core.quote import ClockState, verify_quote
 from gtvp.core.tpm_wire import ALG_SHA1, ALG_SHA384, RESTRICTED, parse_public
-from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
 from gtvp_agent.tpm import Enrolment, Tpm, TpmUnavailable
+from gtvp_local.swtpm import Swtpm, SwtpmCA
 from tests.tpmkit import PCRS, RealQuote, craft_attest, real_quote, soft_ak, soft_sign
 
 pytestmark = pytest.mark.tpm

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gtvp.localcluster.swtpm import Swtpm
+from gtvp_local.swtpm import Swtpm
 
 pytestmark = pytest.mark.tpm
 

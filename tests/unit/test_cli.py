@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from gtvp import cli
-from gtvp.localcluster.processes import free_port
 from gtvp.quote_cli import Selection
+from gtvp_local.processes import free_port
 
 # heavy for a command line, and none of them needed to print help or verify a quote
-NEVER_AT_START = ("kubernetes", "kopf", "tpm2_pytss", "gtvp.localcluster", "gtvp_agent")
+NEVER_AT_START = ("kubernetes", "kopf", "tpm2_pytss", "gtvp_local", "gtvp_agent")
 COMMAND_MODULES = tuple(module for module, _ in cli.COMMANDS.values())
 # input files that do not exist: a run stops at reading them, exit 2
 VERIFY_QUOTE_ARGS = ["--ak-public", "a", "--message", "m", "--signature", "s", "--pcrs", "p"]
@@ -114,3 +114,23 @@ def test_a_local_pool_error_is_one_line(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert out.stderr == "gtvp local: the local pool is not running: gtvp local up\n"
+
+
+def test_gtvp_local_without_the_gtvp_local_distribution_says_how_to_get_it() -> None:
+    """The operator's image installs only the gtvp distribution: `gtvp local` says so."""
+    script = (
+        "import importlib.abc, sys\n"
+        "class NoLocal(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'gtvp_local':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoLocal())\n"
+        "from gtvp import cli\n"
+        "sys.exit(cli.main(['local', 'down']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == cli.LOCAL_MISSING
+    assert "pip install -e ./local" in out.stderr

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gtvp import http_endpoints
 from gtvp.http_endpoints import Probe
-from gtvp.localcluster.processes import free_port
+from gtvp_local.processes import free_port
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gtvp.localcluster.toolchain import ToolchainError, kubernetes_gomod
+from gtvp_local.toolchain import ToolchainError, kubernetes_gomod
 
 KK_GOMOD = """module k8s.io/kubernetes
 
@@ -38,7 +38,7 @@ def test_a_gomod_without_staging_replaces_is_an_error() -> None:
 def test_committed_kubernetes_gomod_matches_the_generator() -> None:
     from importlib import resources
 
-    committed = resources.files("gtvp.localcluster") / "gobuild" / "kubernetes" / "go.mod"
+    committed = resources.files("gtvp_local") / "gobuild" / "kubernetes" / "go.mod"
     text = committed.read_text()
     replaces = [ln.strip() for ln in text.splitlines() if "=> k8s.io/" in ln]
     assert len(replaces) == 33

@@ -65,7 +65,7 @@ class Component:
     """(go's output name, our name) where they differ: etcd's main package builds `server`."""
 
     def _sources(self) -> tuple[bytes, bytes]:
-        base = resources.files("gtvp.localcluster") / "gobuild" / self.name
+        base = resources.files("gtvp_local") / "gobuild" / self.name
         return (base / "go.mod").read_bytes(), (base / "go.sum").read_bytes()
 
     def fingerprint(self) -> str:
@@ -256,7 +256,7 @@ def regenerate(comp: Component, destination: Path) -> None:
     """Re-pin one component: write a fresh go.mod (generated, for kubernetes) and go.sum.
 
     A maintainer's tool (`gtvp local regen-gomod`): the result is committed under
-    `operator/gtvp/localcluster/gobuild/<name>/`.
+    `local/gtvp_local/gobuild/<name>/`.
     """
     go = _find_go()
     destination.mkdir(parents=True, exist_ok=True)

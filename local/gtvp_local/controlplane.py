@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gtvp.localcluster import layout, pki, toolchain
-from gtvp.localcluster.processes import ProcessTable, free_port, port_in_use
-from gtvp.localcluster.toolchain import Binaries
+from gtvp_local import layout, pki, toolchain
+from gtvp_local.processes import ProcessTable, free_port, port_in_use
+from gtvp_local.toolchain import Binaries
 
 ADMIN_USER = "gtvp:admin"
 OPERATOR_USER = "gtvp:operator"

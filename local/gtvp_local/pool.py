@@ -31,11 +31,11 @@ import yaml
 
 from gtvp import webhook_config
 from gtvp.core.api_resources import GTVP_API_VERSION
-from gtvp.localcluster import layout, pki
-from gtvp.localcluster.controlplane import OPERATOR, ControlPlane, agent_identity
-from gtvp.localcluster.polling import wait_for
-from gtvp.localcluster.processes import ProcessTable, free_port
-from gtvp.localcluster.swtpm import Swtpm, SwtpmCA
+from gtvp_local import layout, pki
+from gtvp_local.controlplane import OPERATOR, ControlPlane, agent_identity
+from gtvp_local.polling import wait_for
+from gtvp_local.processes import ProcessTable, free_port
+from gtvp_local.swtpm import Swtpm, SwtpmCA
 
 
 class PoolError(RuntimeError):
@@ -217,9 +217,7 @@ class Pool:
 
     def start_kwok(self) -> None:
         """SIMULATION: kwok (upstream's Node simulator) keeps the pool's Nodes Ready."""
-        stages = Path(
-            str(resources.files("gtvp.localcluster") / "stages" / "kwok-node-stages.yaml")
-        )
+        stages = Path(str(resources.files("gtvp_local") / "stages" / "kwok-node-stages.yaml"))
         self.procs.start(
             "kwok",
             [
@@ -239,7 +237,7 @@ class Pool:
             [
                 sys.executable,
                 "-m",
-                "gtvp.localcluster.virtsim",
+                "gtvp_local.virtsim",
                 "--kubeconfig",
                 str(self.cp.admin_kubeconfig),
             ],

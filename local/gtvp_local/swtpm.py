@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from gtvp.localcluster.processes import ProcessTable, free_port, port_in_use
+from gtvp_local.processes import ProcessTable, free_port, port_in_use
 
 
 def _port_pair() -> int:

@@ -20,11 +20,11 @@ import yaml
 
 from gtvp import local_state, pool_status
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION
-from gtvp.localcluster import layout, toolchain
-from gtvp.localcluster.controlplane import ControlPlane, ControlPlaneError, Ports
-from gtvp.localcluster.polling import wait_for
-from gtvp.localcluster.pool import Pool, PoolError
-from gtvp.localcluster.processes import ProcessTable
+from gtvp_local import layout, toolchain
+from gtvp_local.controlplane import ControlPlane, ControlPlaneError, Ports
+from gtvp_local.polling import wait_for
+from gtvp_local.pool import Pool, PoolError
+from gtvp_local.processes import ProcessTable
 
 
 def _saved_ports() -> Ports:
