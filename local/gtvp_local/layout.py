@@ -17,11 +17,11 @@ class LayoutError(RuntimeError):
 
 def repo_root() -> Path:
     env = os.environ.get("GTVP_REPO")
-    root = Path(env).resolve() if env else Path(__file__).resolve().parents[3]
+    root = Path(env).resolve() if env else Path(__file__).resolve().parents[2]
     if not (root / "crds" / "member.yaml").is_file():
         raise LayoutError(
             f"gtvp's manifests were not found under {root}/crds. `gtvp local` runs from a clone "
-            "of the gtvp repository (pip install -e .); set GTVP_REPO to the clone's path."
+            "of the gtvp repository (pip install -e . -e ./local); set GTVP_REPO to the clone's path."
         )
     return root
 
