@@ -179,9 +179,21 @@ def patch_status(
     name: str,
     status_patch: Mapping[str, Any],
     namespace: str | None = None,
+    *,
+    resource_version: str | None = None,
 ) -> Any:
-    """Merge-patch the status subresource; returns the object as written."""
-    return _call(c, "patch_status", res, namespace, name, {"status": dict(status_patch)})
+    """Merge-patch the status subresource; returns the object as written. With
+    `resource_version`, only if the object is still at that version (else 409 Conflict:
+    optimistic concurrency, as a read-modify-write across replicas needs)."""
+    body: dict[str, Any] = {"status": dict(status_patch)}
+    if resource_version is not None:
+        body["metadata"] = {"resourceVersion": resource_version}
+    return _call(c, "patch_status", res, namespace, name, body)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A write refused because the object changed since it was read (HTTP 409)."""
+    return isinstance(exc, client.exceptions.ApiException) and exc.status == 409
 
 
 def patch_status_if_present(

@@ -21,7 +21,7 @@ from gtvp import kube
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
 from gtvp.core.trust import TRUSTED_LABEL, trust_selector
-from gtvp.handlers import admission, attestation, policies
+from gtvp.handlers import admission, attestation, policies, verdict_uses
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane
 from gtvp_local.pool import manifests, pool_policy
@@ -274,3 +274,57 @@ def test_writes_are_idempotent_create_replace_and_delete(rt: Runtime, namespace:
     assert kube.delete_if_present(c, VIRTUAL_MACHINES, "box", namespace)
     assert not kube.delete_if_present(c, VIRTUAL_MACHINES, "box", namespace)
     assert kube.get_if_present(c, VIRTUAL_MACHINES, "box", namespace) is None
+
+
+# ----- verdict uses, spent by two replicas at once --------------------------------------------
+
+
+def test_two_replicas_spending_at_once_lose_no_use_and_spend_none_twice(
+    control_plane: ControlPlane, operator_clients: kube.Clients, member: str
+) -> None:
+    # the member holds a verdict with 20 uses; two operator replicas both saw it that way
+    control_plane.kubectl(
+        "patch",
+        "member",
+        member,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": _trusted(member, 2, uses=20)["status"]}),
+    )
+    seen = kube.get_if_present(operator_clients, MEMBERS, member)
+    assert seen is not None
+    replicas = []
+    for _ in range(2):
+        replica = Runtime(settings=OperatorSettings(policy_name=POLICY), clients=operator_clients)
+        replica.view.remember_member(member, json.loads(json.dumps(seen)))
+        replicas.append(replica)
+
+    async def both_spend() -> None:
+        # each replica decides 6 times (VMI starts, placements) on its own, stale view
+        await asyncio.gather(
+            *(verdict_uses.spend_use(r, member) for r in replicas for _ in range(6))
+        )
+
+    asyncio.run(both_spend())
+    got = kube.get_if_present(operator_clients, MEMBERS, member)
+    assert got is not None
+    assert got["status"]["trust"]["usesLeft"] == 20 - 12
+
+
+def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
+    control_plane: ControlPlane, rt: Runtime, member: str
+) -> None:
+    stale = {"status": _trusted(member, 2, uses=3)["status"]}
+    control_plane.kubectl(
+        "patch", "member", member, "--subresource=status", "--type=merge", "-p", json.dumps(stale)
+    )
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    rt.view.remember_member(member, got)  # the replica's view: 3 uses left
+    fresh = {"status": _trusted(member, 2, uses=50)["status"]}  # meanwhile, a new verdict
+    control_plane.kubectl(
+        "patch", "member", member, "--subresource=status", "--type=merge", "-p", json.dumps(fresh)
+    )
+    asyncio.run(verdict_uses.spend_use(rt, member))
+    assert _status(rt, member)["trust"]["usesLeft"] == 49  # not 2 written over the new 50

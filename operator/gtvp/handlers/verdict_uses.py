@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from gtvp import kube
+from gtvp.core.api_resources import MEMBERS
 from gtvp.core.gating import GatingError, admitted_level
 from gtvp.runtime import Runtime
+
+log = logging.getLogger("gtvp.verdict_uses")
 
 
 def gated_level(vmi: Mapping[str, Any]) -> int | None:
@@ -29,20 +33,50 @@ def gated_level(vmi: Mapping[str, Any]) -> int | None:
         return 9  # an unreadable level is treated as the strictest
 
 
+SPEND_ATTEMPTS = 8
+
+
 async def spend_use(rt: Runtime, name: str) -> None:
-    """One placement or migration decision backed by this member's verdict."""
+    """One decision backed by this member's verdict: `usesLeft` - 1, written only if the
+    Member is still as read (its resourceVersion). Another replica's spend, or a new verdict,
+    in between makes the write fail with a conflict; the member is read again and the use
+    spent on what is there now, so no use is spent twice and none is lost."""
     async with rt.attestation.lock(name):
-        body = rt.view.members.get(name)
-        trust = ((body or {}).get("status") or {}).get("trust") or {}
-        left = int(trust.get("usesLeft", 0) or 0)
-        if body is None or left <= 0:
-            return
-        result = await asyncio.to_thread(
-            kube.patch_member_status, rt.clients, name, {"trust": {"usesLeft": left - 1}}
-        )
-        rt.view.remember_member(name, dict(result) if isinstance(result, Mapping) else body)
-    if left - 1 <= 0:
+        left = await _spend_on_latest(rt, name)
+    if left is not None and left <= 0:
         rt.schedule.schedule(name, dt.timedelta(0))
+
+
+async def _spend_on_latest(rt: Runtime, name: str) -> int | None:
+    """The uses left after spending one (None: nothing to spend or the member is gone)."""
+    body = rt.view.members.get(name)
+    for _ in range(SPEND_ATTEMPTS):
+        if body is None:
+            return None
+        left = int((((body.get("status") or {}).get("trust") or {}).get("usesLeft", 0)) or 0)
+        if left <= 0:
+            return None
+        version = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
+        try:
+            written = await asyncio.to_thread(
+                kube.patch_status,
+                rt.clients,
+                MEMBERS,
+                name,
+                {"trust": {"usesLeft": left - 1}},
+                resource_version=version,
+            )
+        except Exception as exc:
+            if not kube.is_conflict(exc):
+                raise
+            body = await asyncio.to_thread(kube.get_if_present, rt.clients, MEMBERS, name)
+            if body is not None:
+                rt.view.remember_member(name, body)
+            continue
+        rt.view.remember_member(name, dict(written) if isinstance(written, Mapping) else body)
+        return left - 1
+    log.warning("member %s: could not spend a verdict use after %d conflicts", name, SPEND_ATTEMPTS)
+    return None
 
 
 async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str) -> None:
