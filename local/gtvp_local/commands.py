@@ -20,6 +20,7 @@ import yaml
 
 from gtvp import local_state, pool_status
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION
+from gtvp.core.phases import MemberPhase
 from gtvp_local import layout, toolchain
 from gtvp_local.controlplane import ControlPlane, ControlPlaneError, Ports
 from gtvp_local.polling import wait_for
@@ -263,7 +264,7 @@ def _watch_quarantine(
     cp: ControlPlane, pool: Pool, member: str, elapsed: Callable[[], str]
 ) -> None:
     """Until the member is Untrusted and its Node tainted."""
-    m = pool.wait_phase(member, "Untrusted", timeout=60)
+    m = pool.wait_phase(member, MemberPhase.UNTRUSTED, timeout=60)
     trust = m["status"]["trust"]
     _say(f"{elapsed()}  {member} Untrusted: {trust.get('reason')}: {trust.get('message')}")
     wait_for(

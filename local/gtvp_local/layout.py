@@ -21,7 +21,8 @@ def repo_root() -> Path:
     if not (root / "crds" / "member.yaml").is_file():
         raise LayoutError(
             f"gtvp's manifests were not found under {root}/crds. `gtvp local` runs from a clone "
-            "of the gtvp repository (pip install -e . -e ./local); set GTVP_REPO to the clone's path."
+            "of the gtvp repository (pip install -e . -e ./local); set GTVP_REPO to the "
+            "clone's path."
         )
     return root
 

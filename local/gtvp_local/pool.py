@@ -31,6 +31,7 @@ import yaml
 
 from gtvp import webhook_config
 from gtvp.core.api_resources import GTVP_API_VERSION
+from gtvp.core.phases import MemberPhase
 from gtvp_local import layout, pki
 from gtvp_local.controlplane import OPERATOR, ControlPlane, agent_identity
 from gtvp_local.polling import wait_for
@@ -497,7 +498,7 @@ class Pool:
             self.start_agent(name)
         started = time.monotonic()
         for name in members:
-            self.wait_phase(name, "Trusted", timeout=timeout)
+            self.wait_phase(name, MemberPhase.TRUSTED, timeout=timeout)
             say(
                 f"  {name}: Trusted after {time.monotonic() - started:.1f}s "
                 "(EK certificate checked, AK bound by credential activation, quote verified)"

@@ -18,6 +18,7 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINE_INSTANCES,
     ApiResource,
 )
+from gtvp.core.phases import MemberPhase
 from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import LEVEL_LABEL, TAINT_KEY, TRUSTED_LABEL, VM_LEVEL_LABEL
 
@@ -59,7 +60,7 @@ def _members(members: Objects, now: dt.datetime) -> list[str]:
         rows.append(
             [
                 m["metadata"]["name"],
-                str(st.get("phase", "Pending")),
+                str(st.get("phase", MemberPhase.PENDING.value)),
                 str(st.get("level", 0)),
                 str(trust.get("reason", "-")),
                 _age(trust.get("verifiedAt"), now),
@@ -67,10 +68,10 @@ def _members(members: Objects, now: dt.datetime) -> list[str]:
                 str(trust.get("usesLeft", "-")),
             ]
         )
-    trusted = sum(1 for m in members if _phase(m) == "Trusted")
+    trusted = sum(1 for m in members if _phase(m) == MemberPhase.TRUSTED)
     out = [f"Members: {trusted} of {len(members)} trusted", _table_or_none(rows)]
     for m in members:
-        if _phase(m) == "Untrusted":
+        if _phase(m) == MemberPhase.UNTRUSTED:
             trust = (m.get("status") or {}).get("trust") or {}
             out.append(f"  ! {m['metadata']['name']}: {trust.get('message', '')}")
     return out

@@ -23,6 +23,7 @@ from typing import Any
 from gtvp import kube
 from gtvp.core.api_resources import MEMBERS
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
+from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import sync_node
@@ -50,10 +51,12 @@ def _no_policy_status(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
     status = dict(body.get("status") or {})
     trust = dict(status.get("trust") or {})
     message = f"no usable SecurityPolicy: {rt.view.policy_error}"
-    trust.update(verdict="Untrusted", reason="NoPolicy", message=message[:2000], usesLeft=0)
+    trust.update(
+        verdict=Verdict.UNTRUSTED.value, reason="NoPolicy", message=message[:2000], usesLeft=0
+    )
     trust.pop("expiresAt", None)
     return {
-        "phase": "Untrusted",
+        "phase": MemberPhase.UNTRUSTED.value,
         "level": 0,
         "trust": trust,
         "challenge": status.get("challenge") or {},
@@ -142,7 +145,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any], step: St
     need more than its level when Trusted at a lower level than before."""
     phase = str(new.get("phase", ""))
     trust = new.get("trust") or {}
-    if phase == "Trusted":
+    if phase == MemberPhase.TRUSTED:
         keep = int(new.get("level", 0) or 0)
         incident, action = f"level-{keep}", "Migrate"
     else:
@@ -150,7 +153,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any], step: St
         incident = f"{trust.get('reason') or phase}@{trust.get('verifiedAt') or phase}"
         action = (
             "Migrate"
-            if phase == "Maintenance"
+            if phase == MemberPhase.MAINTENANCE
             else str((new.get("effectivePolicy") or {}).get("onUntrusted", "Migrate"))
         )
     remaining = await evacuate(rt, name, incident, action, keep_level=keep)

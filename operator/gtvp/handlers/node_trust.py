@@ -10,6 +10,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.core.api_resources import GTVP_API_VERSION, MEMBERS
+from gtvp.core.phases import MemberPhase
 from gtvp.core.trust import node_patch
 from gtvp.runtime import Runtime
 
@@ -42,7 +43,7 @@ async def sync_node(rt: Runtime, name: str) -> None:
             "node %s: %s",
             name,
             "trusted labels set"
-            if status.get("phase") == "Trusted"
+            if status.get("phase") == MemberPhase.TRUSTED
             else "trust labels removed, tainted gtvp.io/untrusted:NoSchedule",
         )
     except ApiException as exc:
