@@ -260,3 +260,20 @@ def post_event(
         EVENTS.record(c.core, obj, type_=type_, reason=reason, message=message)
     except client.exceptions.ApiException as exc:  # events are best effort
         log.warning("could not record event %s on %s/%s: %s", reason, kind, name, exc.reason)
+
+
+def post_member_event(
+    c: Clients, body: Mapping[str, Any], *, type_: str, reason: str, message: str
+) -> None:
+    """`post_event` about a Member (cluster-scoped: its Events go to `default`)."""
+    meta = body.get("metadata") or {}
+    post_event(
+        c,
+        kind=MEMBERS.kind,
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        namespace=None,
+        type_=type_,
+        reason=reason,
+        message=message,
+    )

@@ -151,17 +151,10 @@ def register(registry: kopf.OperatorRegistry, *, admission_webhooks: bool) -> No
     if not admission_webhooks:
         return
     hooks = {**admission.HANDLERS, POLICY.id: policy_admission.validate_policy}
-    for hook in MUTATING:
-        kopf.on.mutate(
-            hook.group,
-            hook.version,
-            hook.resource,
-            id=hook.id,
-            operations=_operations(hook),
-            registry=registry,
-        )(hooks[hook.id])
-    for hook in (*VALIDATING, POLICY):
-        kopf.on.validate(
+    kinds = [(kopf.on.mutate, hook) for hook in MUTATING]
+    kinds += [(kopf.on.validate, hook) for hook in (*VALIDATING, POLICY)]
+    for decorate, hook in kinds:
+        decorate(
             hook.group,
             hook.version,
             hook.resource,

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from gtvp import kube
-from gtvp.core.api_resources import MEMBERS
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
@@ -123,15 +122,11 @@ async def reconcile(rt: Runtime, name: str) -> None:
 
 
 async def _post_events(rt: Runtime, name: str, body: Mapping[str, Any], step: Step) -> None:
-    meta = body.get("metadata") or {}
     for ev in step.events:
         await asyncio.to_thread(
-            kube.post_event,
+            kube.post_member_event,
             rt.clients,
-            kind=MEMBERS.kind,
-            name=name,
-            uid=str(meta.get("uid", "")),
-            namespace=None,
+            body,
             type_=ev.type,
             reason=ev.reason,
             message=ev.message,

@@ -80,12 +80,9 @@ async def forget_node(rt: Runtime, name: str) -> None:
         return
     message = f"Node {name} was deleted; this Member (created by an administrator) has no Node"
     await asyncio.to_thread(
-        kube.post_event,
+        kube.post_member_event,
         rt.clients,
-        kind=MEMBERS.kind,
-        name=name,
-        uid=str(meta.get("uid", "")),
-        namespace=None,
+        body,
         type_="Warning",
         reason="NodeGone",
         message=message,
