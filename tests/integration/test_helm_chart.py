@@ -299,6 +299,27 @@ def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
                             },
                         ],
                     },
+                    {
+                        "interval": "1m",
+                        "input_series": [{"series": "gtvp_drain_waiting", "values": "0 1x30"}],
+                        "alert_rule_test": [
+                            {"eval_time": "10m", "alertname": "GtvpDrainBlocked", "exp_alerts": []},
+                            {
+                                "eval_time": "20m",
+                                "alertname": "GtvpDrainBlocked",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {"severity": "warning"},
+                                        "exp_annotations": {
+                                            **by_name["GtvpDrainBlocked"]["annotations"],
+                                            "summary": "1 VM(s) hold up a node drain: no "
+                                            "trusted member can take them",
+                                        },
+                                    }
+                                ],
+                            },
+                        ],
+                    },
                 ],
             }
         )
