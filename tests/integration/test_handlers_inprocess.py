@@ -328,3 +328,40 @@ def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
     )
     asyncio.run(verdict_uses.spend_use(rt, member))
     assert _status(rt, member)["trust"]["usesLeft"] == 49  # not 2 written over the new 50
+
+
+# ----- a verdict the API server will not take ------------------------------------------------
+
+
+@pytest.mark.tpm
+def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+) -> None:
+    """The write of an Untrusted verdict fails (here: the Member is gone on the server, a
+    404; an API server restart or an oversized object fail alike): the Node must not keep
+    its trust labels, and the member must be looked at again (not dropped from the loop)."""
+    del shared_tpm
+    name = f"unwritten-{uuid.uuid4().hex[:6]}"
+    labels = dict.fromkeys(trust_selector(2), "true") | {
+        "node-restriction.kubernetes.io/gtvp-level-1": "true"
+    }
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(node))
+    cluster_names.append(f"node/{name}")
+    rt.view.nodes[name] = json.loads(
+        control_plane.kubectl("get", "node", name, "-o", "json").stdout
+    )
+    expired = _trusted(name, 2)
+    expired["status"]["trust"]["expiresAt"] = "2020-01-01T00:00:00Z"
+    rt.view.observe_member(expired, "ADDED")  # in the view, but not on the server
+    spec = pool_policy(swtpm_ca, name=POLICY)["spec"]
+    assert policies.set_policy(rt, POLICY, parse_policy(POLICY, spec))
+    asyncio.run(attestation.reconcile(rt, name))  # must not raise
+    got = json.loads(control_plane.kubectl("get", "node", name, "-o", "json").stdout)
+    assert TRUSTED_LABEL not in got["metadata"].get("labels", {})
+    assert any(t["key"] == "gtvp.io/untrusted" for t in got["spec"].get("taints") or [])
+    assert name in rt.schedule.next_due  # retried soon, not forgotten

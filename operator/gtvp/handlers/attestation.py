@@ -65,7 +65,6 @@ def _no_policy_status(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
 def _step(rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy) -> Step:
     """The attestation step for this body under `policy` (pure, timed)."""
     meta = body.get("metadata") or {}
-    seen = rt.attestation.seen(name)
     started = time.perf_counter()
     step = attestation_step(
         spec=body.get("spec") or {},
@@ -74,14 +73,12 @@ def _step(rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy) -> St
         policy=policy,
         now=dt.datetime.now(dt.UTC),
         entropy=secrets.token_bytes(ENTROPY_BYTES),
-        answered_nonces=frozenset(seen),
+        answered_nonces=frozenset(rt.attestation.seen(name)),
         readmit=(meta.get("annotations") or {}).get("gtvp.io/readmit"),
         ek_holders=rt.view.other_ek_holders(name),
     )
     if step.outcome is not None:
         METRICS.observe_attestation(step.outcome, time.perf_counter() - started)
-    if step.answered_nonce is not None:
-        seen.append(step.answered_nonce)
     return step
 
 
@@ -103,12 +100,15 @@ async def reconcile(rt: Runtime, name: str) -> None:
         policy = rt.view.policy
         step = _step(rt, name, body, policy) if policy is not None else None
         new = step.status if step is not None else _no_policy_status(rt, body)
-        old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
-        patch = kube.merge_patch_for(old, new)
-        if patch:
-            log.debug("member %s: status patch %s", name, patch)
-            result = await asyncio.to_thread(kube.patch_member_status, rt.clients, name, patch)
-            rt.view.remember_member(name, dict(result) if isinstance(result, Mapping) else body)
+        if not await _write(rt, name, body, new):
+            # fail closed: the Node loses trust on the verdict reached, even unwritten, and
+            # the member is looked at again soon (its nonce is not taken as answered)
+            if new.get("phase") != MemberPhase.TRUSTED:
+                await sync_node(rt, name, status_override=new)
+            rt.schedule.schedule(name, WRITE_RETRY)
+            return
+        if step is not None and step.answered_nonce is not None:
+            rt.attestation.seen(name).append(step.answered_nonce)
         await sync_node(rt, name)
         if status.get("phase") != new.get("phase") or status.get("level") != new.get("level"):
             await rejudge_migrations_to(rt, name)
@@ -119,6 +119,33 @@ async def reconcile(rt: Runtime, name: str) -> None:
         else:
             rt.schedule.schedule(name, dt.timedelta(seconds=30))
         METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
+
+
+WRITE_RETRY = dt.timedelta(seconds=2)
+
+
+async def _write(rt: Runtime, name: str, body: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Write the operator's part of the status (nothing when unchanged); False when the API
+    server refused or failed (said in the log; the caller retries)."""
+    status = body.get("status") or {}
+    old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
+    patch = kube.merge_patch_for(old, new)
+    if not patch:
+        return True
+    log.debug("member %s: status patch %s", name, patch)
+    try:
+        result = await asyncio.to_thread(kube.patch_member_status, rt.clients, name, patch)
+    except Exception as exc:  # noqa: BLE001 - any failure: fail closed and retry
+        log.warning(
+            "member %s: writing the verdict failed (%s); the Node follows the verdict "
+            "anyway when it lowers trust, and the member is looked at again in %ss",
+            name,
+            getattr(exc, "reason", None) or exc,
+            int(WRITE_RETRY.total_seconds()),
+        )
+        return False
+    rt.view.remember_member(name, dict(result) if isinstance(result, Mapping) else dict(body))
+    return True
 
 
 async def _post_events(rt: Runtime, name: str, body: Mapping[str, Any], step: Step) -> None:

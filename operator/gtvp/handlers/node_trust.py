@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -20,12 +22,17 @@ NODE_MEMBER_LABEL = "gtvp.io/node-member"
 """On the Members the operator created for a Node: they leave with their Node."""
 
 
-async def sync_node(rt: Runtime, name: str) -> None:
-    """Bring the Node's gtvp labels and taint in line with its Member's verdict."""
+async def sync_node(
+    rt: Runtime, name: str, status_override: Mapping[str, Any] | None = None
+) -> None:
+    """Bring the Node's gtvp labels and taint in line with its Member's verdict (or with
+    `status_override`: a verdict the operator reached but could not write)."""
     node = rt.view.nodes.get(name)
     body = rt.view.members.get(name)
     if node is None:
         return
+    if status_override is not None:
+        body = {**(body or {}), "status": status_override}
     status = (body or {}).get("status") or {}
     meta = node.get("metadata") or {}
     patch = node_patch(
