@@ -390,3 +390,15 @@ def test_migration_of_a_vmi_with_an_unreadable_level_is_refused() -> None:
     decision = _migration(vmi_labels={"gtvp.io/level": "high"})
     assert not decision.allowed
     assert "must be a single digit from 1 to 9" in decision.message
+
+
+def test_a_gated_vm_is_never_sent_out_of_the_pool_by_a_decentralized_migration() -> None:
+    """spec.sendTo moves the running VM to a receiver gtvp cannot judge (another cluster or
+    namespace, an ungated VM waiting with spec.receive)."""
+    out = _migration(send_to="https://receiver.example:443")
+    assert not out.allowed
+    assert "would send the running VM to https://receiver.example:443 (spec.sendTo)" in (
+        out.message
+    )
+    assert "only within the pool" in out.message
+    assert _migration(vmi_labels={}, added_selector=None, send_to="https://x").allowed

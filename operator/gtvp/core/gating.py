@@ -181,15 +181,27 @@ def validate_migration(
     members: Sequence[MemberView],
     now: dt.datetime,
     vmi_node_selector: Mapping[str, str] | None = None,
+    send_to: str | None = None,
 ) -> Decision:
     """Refuse a migration of a gated VMI that could only land on an untrusted member; the
-    VMI is judged by its admitted level (label or trust selector, whichever is higher)."""
+    VMI is judged by its admitted level (label or trust selector, whichever is higher).
+    `send_to` is the connectURL of a decentralized migration (`spec.sendTo`): the state
+    leaves for a receiver gtvp cannot judge, so a gated VMI is never sent that way."""
     try:
         level = admitted_level(vmi_labels, vmi_node_selector)
     except GatingError as exc:
         return Decision(False, f"migration {name} of {vmi_name}: {exc}")
     if level is None:
         return Decision(True)
+    if send_to is not None:
+        return Decision(
+            False,
+            (
+                f"migration {name} of {vmi_name} (level {level}) would send the running VM to "
+                f"{send_to or 'a receiver'} (spec.sendTo): gtvp cannot check that the receiver "
+                "runs on a Trusted member, so a gated VM migrates only within the pool"
+            ),
+        )
     missing = selector_patch(added_selector, level)
     if missing:
         return Decision(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -197,6 +197,14 @@ def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     )
 
 
+def _send_to(spec: Mapping[str, Any]) -> str | None:
+    """The receiver of a decentralized migration (`spec.sendTo`), None for an ordinary one."""
+    send_to = spec.get("sendTo")
+    if send_to is None:
+        return None
+    return str(send_to.get("connectURL", "")) if isinstance(send_to, Mapping) else ""
+
+
 def validate_migration(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A migration of a gated VMI may only target members trusted at its admitted level."""
     rt = runtime_of(memo)
@@ -214,6 +222,7 @@ def validate_migration(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             vmi_node_selector=(vmi.get("spec") or {}).get("nodeSelector"),
             source=(vmi.get("status") or {}).get("nodeName"),
             added_selector=_spec(body).get("addedNodeSelector"),
+            send_to=_send_to(_spec(body)),
             members=rt.view.member_views(),
             now=dt.datetime.now(dt.UTC),
         ),
