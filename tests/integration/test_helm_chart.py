@@ -328,3 +328,27 @@ def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
         ["promtool", "test", "rules", str(test)], capture_output=True, text=True, check=False
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_operator_runs_alone_and_off_the_nodes_that_host_tenant_vms(
+    control_plane: ControlPlane,
+) -> None:
+    """Its token can write verdicts: never on a pool member running VMs by default (root
+    there could read it), never two replicas (competing verdicts), not even in a rollout."""
+    deployment = next(
+        d
+        for d in _render()
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "gtvp-operator"
+    )
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"node-role.kubernetes.io/control-plane": ""}
+    assert {
+        "key": "node-role.kubernetes.io/control-plane",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+    } in pod["tolerations"]
+    two = _helm("template", "gtvp", str(CHART), "--set", "operator.replicas=2")
+    assert two.returncode != 0
+    assert "replicas" in two.stderr
