@@ -79,6 +79,13 @@ def list_all(c: Clients, res: ApiResource) -> list[dict[str, Any]]:
     return items
 
 
+def list_nodes(c: Clients) -> list[dict[str, Any]]:
+    """Every Node, as the plain dicts a watch delivers (camelCase keys)."""
+    got = c.api.sanitize_for_serialization(c.core.list_node())
+    items: list[dict[str, Any]] = got.get("items") or []
+    return items
+
+
 def _where(res: ApiResource, namespace: str | None) -> tuple[str, ...]:
     """The leading positional arguments of the custom-objects API for `res`."""
     if res.namespaced:

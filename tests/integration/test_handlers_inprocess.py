@@ -21,7 +21,7 @@ from gtvp import kube
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
 from gtvp.core.trust import TRUSTED_LABEL, trust_selector
-from gtvp.handlers import admission, attestation, policies, verdict_uses
+from gtvp.handlers import admission, attestation, policies, startup, verdict_uses
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane
 from gtvp_local.pool import manifests, pool_policy
@@ -365,3 +365,24 @@ def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
     assert TRUSTED_LABEL not in got["metadata"].get("labels", {})
     assert any(t["key"] == "gtvp.io/untrusted" for t in got["spec"].get("taints") or [])
     assert name in rt.schedule.next_due  # retried soon, not forgotten
+
+
+def test_start_up_loads_the_nodes_before_any_member_is_judged(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+) -> None:
+    """Transition rules read Node labels: a restarted operator must know them before its
+    first verdict, or a label-raised level would drop and flap (and start evacuations)."""
+    name = f"listed-{uuid.uuid4().hex[:6]}"
+    label = "node-restriction.kubernetes.io/hardware"
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {label: "tdx"}},
+    }
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(node))
+    cluster_names.append(f"node/{name}")
+    rt.view.loaded = False
+    asyncio.run(startup.load_pool(memo=_memo(rt)))
+    assert rt.view.loaded
+    assert rt.view.node_labels[name][label] == "tdx"
+    assert rt.view.nodes[name]["metadata"]["name"] == name

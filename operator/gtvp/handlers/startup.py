@@ -52,10 +52,12 @@ async def _list_pool(rt: Runtime) -> dict[str, list[dict[str, Any]]]:
     delay = 1.0
     while True:
         try:
-            return {
+            listed = {
                 what: await asyncio.to_thread(kube.list_all, rt.clients, res)
                 for what, res in LISTED.items()
             }
+            listed["node"] = await asyncio.to_thread(kube.list_nodes, rt.clients)
+            return listed
         except Exception as exc:  # noqa: BLE001 - any failure: say so and try again
             log.warning(
                 "loading the pool from the API server failed (%s); retry in %.0fs", exc, delay
@@ -65,7 +67,7 @@ async def _list_pool(rt: Runtime) -> dict[str, list[dict[str, Any]]]:
 
 
 async def load_pool(memo: kopf.Memo, **_: Any) -> None:
-    """List members, VMs, VMIs and migrations before kopf serves the webhooks.
+    """List policies, Nodes, members, VMs, VMIs and migrations before kopf serves the webhooks.
 
     kopf starts its watches and the admission server only after every startup handler has
     finished, so the webhooks never judge against an empty view of the pool (which would
@@ -76,6 +78,8 @@ async def load_pool(memo: kopf.Memo, **_: Any) -> None:
     listed = await _list_pool(rt)
     for body in listed["secpol"]:  # before any member is judged: no NoPolicy at restart
         await policies.observe(rt, body, "ADDED")
+    for body in listed["node"]:  # their labels decide transitions: no level flaps at restart
+        rt.view.observe_node(body, "ADDED")
     for body in listed["member"]:
         attestation.observe(rt, body, "ADDED")
     for body in listed["vm"]:
