@@ -21,7 +21,7 @@ from gtvp import kube
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
 from gtvp.core.trust import TRUSTED_LABEL, trust_selector
-from gtvp.handlers import admission, attestation, policies, startup, verdict_uses
+from gtvp.handlers import admission, attestation, node_trust, policies, startup, verdict_uses
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane
 from gtvp_local.pool import manifests, pool_policy
@@ -386,3 +386,43 @@ def test_start_up_loads_the_nodes_before_any_member_is_judged(
     assert rt.view.loaded
     assert rt.view.node_labels[name][label] == "tdx"
     assert rt.view.nodes[name]["metadata"]["name"] == name
+
+
+def test_a_deleted_node_does_not_take_along_the_member_that_pins_its_ek(
+    control_plane: ControlPlane, rt: Runtime
+) -> None:
+    """Deleting the Node must not reset the EK pin: a host returning under that name with
+    another TPM would otherwise be enrolled afresh."""
+    name = f"pinned-{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": MEMBERS.api_version,
+        "kind": MEMBERS.kind,
+        "metadata": {"name": name, "labels": {node_trust.NODE_MEMBER_LABEL: "true"}},
+        "spec": {"identity": 1},
+    }
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    try:
+        pin = {"status": {"trust": {"ekSHA256": "ab" * 32, "verdict": "Trusted"}}}
+        control_plane.kubectl(
+            "patch", "member", name, "--subresource=status", "--type=merge", "-p", json.dumps(pin)
+        )
+        got = kube.get_if_present(rt.clients, MEMBERS, name)
+        assert got is not None
+        rt.view.remember_member(name, got)
+        asyncio.run(node_trust.forget_node(rt, name))
+        assert kube.get_if_present(rt.clients, MEMBERS, name) is not None
+        events = json.loads(
+            control_plane.kubectl(
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                f"involvedObject.name={name},reason=NodeGone",
+                "-o",
+                "json",
+            ).stdout
+        )["items"]
+        assert "it pins EK abababababababab" in events[0]["message"]
+    finally:
+        control_plane.kubectl("delete", "member", name, "--ignore-not-found", "--wait=false")

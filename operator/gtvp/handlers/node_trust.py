@@ -75,17 +75,23 @@ async def ensure_member(rt: Runtime, name: str) -> None:
 
 async def forget_node(rt: Runtime, name: str) -> None:
     """A Node was deleted: the Member the operator made for it goes too (no orphan left
-    counted, listed or offered as a target). A Member an administrator created stays, with
-    a Warning, since it may carry an approval meant for a node that is coming back."""
+    counted, listed or offered as a target) unless it pins an EK or carries an
+    administrator's approval: deleting it would let a host that comes back under this name
+    enrol another TPM. Such a Member (and one an administrator created) stays, with a
+    Warning saying why and what to do when the host is decommissioned."""
     body = rt.view.members.get(name)
     if body is None:
         return
-    meta = body.get("metadata") or {}
-    if (meta.get("labels") or {}).get(NODE_MEMBER_LABEL) == "true":
+    reason = _why_kept(body)
+    if reason is None:
         await asyncio.to_thread(kube.delete_member, rt.clients, name)
         log.info("node %s left: its Member was deleted", name)
         return
-    message = f"Node {name} was deleted; this Member (created by an administrator) has no Node"
+    message = (
+        f"Node {name} was deleted; this Member is kept: {reason}. A host that joins as "
+        f"{name} must present the same TPM; delete the Member when the host is decommissioned"
+    )
+    log.warning("%s", message)
     await asyncio.to_thread(
         kube.post_member_event,
         rt.clients,
@@ -94,3 +100,16 @@ async def forget_node(rt: Runtime, name: str) -> None:
         reason="NodeGone",
         message=message,
     )
+
+
+def _why_kept(body: Mapping[str, Any]) -> str | None:
+    """Why a Member must outlive its Node (None: it may go with it)."""
+    meta = body.get("metadata") or {}
+    if (meta.get("labels") or {}).get(NODE_MEMBER_LABEL) != "true":
+        return "an administrator created it"
+    if (body.get("spec") or {}).get("approval"):
+        return "it carries an administrator's EK approval"
+    ek = (((body.get("status") or {}).get("trust") or {}).get("ekSHA256")) or ""
+    if ek:
+        return f"it pins EK {str(ek)[:16]}…"
+    return None
