@@ -1,11 +1,27 @@
-"""Planning evacuations: limits hold even before KubeVirt records a migration's source."""
+"""Planning evacuations: limits hold even before KubeVirt records a migration's source,
+only gtvp's own migrations count against them, and a failed or squatted name is retried
+under another name."""
 
 from __future__ import annotations
 
-from gtvp.core.evacuation import Migration, Vmi, migration_name, plan_evacuation
+from typing import Any
+
+from gtvp.core.evacuation import (
+    EVACUATION_ATTEMPT_ANNOTATION,
+    MAX_EVACUATION_FAILURES,
+    Migration,
+    Vmi,
+    drain_history,
+    evacuation_stalled,
+    is_planned_migration,
+    migration_name,
+    migration_view,
+    plan_evacuation,
+)
 from gtvp.core.policy import MigrationLimits
 
 LIMITS = MigrationLimits(max_parallel=5, max_outbound_per_node=2, max_inbound_per_node=2)
+ATTEMPT = EVACUATION_ATTEMPT_ANNOTATION
 
 
 def _vmis(n: int, node: str = "bad") -> list[Vmi]:
@@ -41,12 +57,182 @@ def test_finished_migrations_free_the_budget_and_higher_levels_go_first() -> Non
     assert selector["node-restriction.kubernetes.io/gtvp-level-3"] == "true"
 
 
+def _body(
+    name: str,
+    vmi: str,
+    *,
+    namespace: str = "ns",
+    labels: dict[str, str] | None = None,
+    phase: str | None = None,
+    pinned: str | None = None,
+) -> dict[str, Any]:
+    """A VirtualMachineInstanceMigration as the API server holds it."""
+    spec: dict[str, Any] = {"vmiName": vmi}
+    if pinned:
+        spec["addedNodeSelector"] = {"kubernetes.io/hostname": pinned}
+    obj: dict[str, Any] = {
+        "metadata": {"namespace": namespace, "name": name, "labels": labels or {}},
+        "spec": spec,
+    }
+    if phase:
+        obj["status"] = {"phase": phase}
+    return obj
+
+
+def _finished(planned: dict[str, Any], phase: str) -> Migration:
+    return migration_view({**planned, "status": {"phase": phase}})
+
+
 def test_cluster_limit_holds() -> None:
-    busy = [Migration("ns", f"m{i}", f"x{i}", "elsewhere", None, "Running") for i in range(5)]
+    """gtvp's own migrations (evacuation, drain, balancing) fill the cluster limit."""
+    kinds = ["gtvp.io/evacuation", "gtvp.io/drain", "gtvp.io/balancing"]
+    busy = [
+        migration_view(_body(f"m{i}", f"x{i}", labels={kinds[i % 3]: "elsewhere"}, phase="Running"))
+        for i in range(5)
+    ]
     assert (
         plan_evacuation(member="bad", incident="x", vmis=_vmis(3), migrations=busy, limits=LIMITS)
         == []
     )
+
+
+def test_foreign_pending_migrations_do_not_block_a_security_evacuation() -> None:
+    """A tenant's migrations that never schedule (pinned to a host that does not exist) are
+    KubeVirt's to queue: they do not use up the policy's limits for gtvp's evacuations."""
+    stuck = [
+        migration_view(_body(f"hog{i}", f"tiny{i}", namespace="tenant", pinned="nowhere"))
+        for i in range(5)
+    ]
+    plan = plan_evacuation(
+        member="bad",
+        incident="x",
+        vmis=_vmis(3),
+        migrations=stuck,
+        limits=LIMITS,
+        targets=[("good", 3)],
+    )
+    assert [m["spec"]["vmiName"] for m in plan] == ["vm0", "vm1"]  # the outbound limit: 2
+
+
+def test_a_failed_evacuation_is_retried_under_a_new_name() -> None:
+    vmis = _vmis(1)
+    first = plan_evacuation(member="bad", incident="x", vmis=vmis, migrations=[], limits=LIMITS)
+    failed = [_finished(first[0], "Failed")]
+    again = plan_evacuation(member="bad", incident="x", vmis=vmis, migrations=failed, limits=LIMITS)
+    assert len(again) == 1
+    assert again[0]["metadata"]["name"] != first[0]["metadata"]["name"]
+    assert again[0]["metadata"]["annotations"][ATTEMPT] == "1"
+    # deterministic: an operator restarted now plans the same retry
+    assert again == plan_evacuation(
+        member="bad", incident="x", vmis=vmis, migrations=failed, limits=LIMITS
+    )
+
+
+def test_an_evacuation_that_succeeded_before_does_not_block_the_next_one() -> None:
+    """The VMI came back to the member, which loses its level again (the same incident)."""
+    vmis = _vmis(1)
+    first = plan_evacuation(
+        member="bad", incident="level-2", vmis=vmis, migrations=[], limits=LIMITS
+    )
+    done = [_finished(first[0], "Succeeded")]
+    again = plan_evacuation(
+        member="bad", incident="level-2", vmis=vmis, migrations=done, limits=LIMITS
+    )
+    assert [m["metadata"]["name"] for m in again] != [first[0]["metadata"]["name"]]
+    assert len(again) == 1
+
+
+def test_a_name_held_by_a_migration_gtvp_did_not_start_is_not_read_as_started() -> None:
+    vmis = _vmis(1)
+    planned = plan_evacuation(member="bad", incident="x", vmis=vmis, migrations=[], limits=LIMITS)
+    name = planned[0]["metadata"]["name"]
+    squatters = [
+        migration_view(_body(name, "decoy", phase="Pending")),  # no label, another VMI
+        migration_view(_body(name, "vm0", phase="Succeeded")),  # its VMI, but no gtvp label
+        migration_view(  # a gtvp label, but another VMI
+            _body(name, "decoy", labels={"gtvp.io/evacuation": "bad"}, phase="Failed")
+        ),
+    ]
+    for squatter in squatters:
+        plan = plan_evacuation(
+            member="bad", incident="x", vmis=vmis, migrations=[squatter], limits=LIMITS
+        )
+        assert len(plan) == 1, squatter
+        assert plan[0]["metadata"]["name"] != name, squatter
+    # several names held: the plan moves on until one is free
+    held = [migration_view(_body(name, "decoy"))]
+    for _ in range(3):
+        nxt = plan_evacuation(
+            member="bad", incident="x", vmis=vmis, migrations=held, limits=LIMITS
+        )[0]["metadata"]["name"]
+        assert nxt not in {m.name for m in held}
+        held.append(migration_view(_body(nxt, "decoy")))
+
+
+def test_an_existing_name_is_read_as_started_only_when_it_is_this_attempt() -> None:
+    """On AlreadyExists the handler reads the object holding the name: only gtvp's own
+    migration of this VMI, member and attempt is one 'started before'."""
+    failed = [
+        _finished(
+            plan_evacuation(
+                member="bad", incident="x", vmis=_vmis(1), migrations=[], limits=LIMITS
+            )[0],
+            "Failed",
+        )
+    ]
+    planned = plan_evacuation(
+        member="bad", incident="x", vmis=_vmis(1), migrations=failed, limits=LIMITS
+    )[0]
+    name = planned["metadata"]["name"]
+    assert is_planned_migration({**planned, "status": {"phase": "Running"}}, planned)
+    labels = {"gtvp.io/evacuation": "bad"}
+    not_it = [
+        _body(name, "vm0"),  # no gtvp label
+        _body(name, "vm0", labels={"gtvp.io/drain": "bad"}),
+        _body(name, "decoy", labels=labels),  # another VMI
+        _body(name, "vm0", labels={"gtvp.io/evacuation": "good"}),  # another member
+        _body(name, "vm0", labels=labels),  # attempt 0 (no annotation), not attempt 1
+    ]
+    for held in not_it:
+        assert not is_planned_migration(held, planned), held
+
+
+def test_a_tenants_attempt_annotation_cannot_break_the_plan() -> None:
+    """Annotations are anyone's to write: one int() refuses reads as attempt 0."""
+    for raw in ["\u00b2", "9" * 5000, "-1", "1e3", ""]:
+        meta = {"annotations": {ATTEMPT: raw, "gtvp.io/drain-attempt": raw}}
+        body = {**_body("x", "vm0", labels={"gtvp.io/evacuation": "bad"}), "metadata": meta}
+        assert migration_view(body).attempt == 0
+        drain = {**body, "metadata": {**meta, "labels": {"gtvp.io/drain": "bad"}}}
+        assert drain_history([drain]) == {("", "vm0", "bad"): [(0, "Pending")]}
+
+
+def test_after_repeated_failures_the_vmi_waits() -> None:
+    """Three failed evacuation migrations in a row: no fourth one a second later."""
+    vmis = _vmis(1)
+    history: list[Migration] = []
+    for attempt in range(MAX_EVACUATION_FAILURES):
+        plan = plan_evacuation(
+            member="bad", incident="x", vmis=vmis, migrations=history, limits=LIMITS
+        )
+        assert plan[0]["metadata"]["annotations"][ATTEMPT] == str(attempt)
+        history.append(_finished(plan[0], "Failed"))
+    assert (
+        plan_evacuation(member="bad", incident="x", vmis=vmis, migrations=history, limits=LIMITS)
+        == []
+    )
+    why = evacuation_stalled(member="bad", vmis=vmis, migrations=history)[("ns", "vm0")]
+    assert why.startswith("the last 3 evacuation migrations of ns/vm0 off bad failed")
+    assert all(m.name in why for m in history)  # what to delete to try again
+    assert evacuation_stalled(member="bad", vmis=vmis, migrations=history[:2]) == {}
+    # a new incident does not reset the count: the host is as untrusted as before
+    assert (
+        plan_evacuation(member="bad", incident="y", vmis=vmis, migrations=history, limits=LIMITS)
+        == []
+    )
+    # a migration gtvp did not start failing does not count against the VMI
+    other = [*history[:2], migration_view(_body("mine", "vm0", phase="Failed"))]
+    assert plan_evacuation(member="bad", incident="x", vmis=vmis, migrations=other, limits=LIMITS)
 
 
 def test_inbound_limit_holds_and_targets_are_spread() -> None:

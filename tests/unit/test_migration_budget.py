@@ -1,12 +1,20 @@
-"""The migration budget evacuations, drains and balancing share: every active migration
-counts against the cluster, its source and its target, finished ones free their slots."""
+"""The migration budget evacuations, drains and balancing share: every active migration gtvp
+started counts against the cluster, its source and its target, finished ones free their
+slots; migrations gtvp did not start are KubeVirt's to queue and count for nothing."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gtvp.core.evacuation import Migration
+from gtvp.core.balance import BALANCE_LABEL
+from gtvp.core.evacuation import (
+    DRAIN_LABEL,
+    EVACUATION_LABEL,
+    GTVP_MIGRATION_LABELS,
+    Migration,
+    migration_view,
+)
 from gtvp.core.migration_budget import MigrationBudget, recorded_source
 from gtvp.core.policy import MigrationLimits
 
@@ -56,6 +64,27 @@ def test_active_migrations_count_and_finished_ones_do_not() -> None:
     assert budget.running == 2
     assert budget.outbound == {"a": 2}
     assert budget.inbound == {"b": 1, "c": 1}
+
+
+def test_only_the_migrations_gtvp_started_count() -> None:
+    def body(name: str, labels: dict[str, str]) -> dict[str, object]:
+        return {
+            "metadata": {"namespace": "ns", "name": name, "labels": labels},
+            "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": "b"}},
+            "status": {"phase": "Scheduling", "migrationState": {"sourceNode": "a"}},
+        }
+
+    ours = [
+        migration_view(body(f"m-{label}", {label: "a"}))
+        for label in (EVACUATION_LABEL, DRAIN_LABEL, BALANCE_LABEL)
+    ]
+    tenants = [migration_view(body(f"t{i}", {"app": "x"})) for i in range(5)]
+    assert set(GTVP_MIGRATION_LABELS) == {EVACUATION_LABEL, DRAIN_LABEL, BALANCE_LABEL}
+    assert [m.foreign for m in ours] == [False, False, False]
+    assert all(m.foreign for m in tenants)
+    budget = MigrationBudget.of(LIMITS, [*ours, *tenants])
+    assert (budget.running, budget.outbound, budget.inbound) == (3, {"a": 3}, {"b": 3})
+    assert MigrationBudget.of(LIMITS, tenants).allows("a", "b")
 
 
 def test_the_source_is_the_callers_to_name() -> None:

@@ -1,15 +1,23 @@
 """Plan the migrations that empty a member that is no longer trusted.
 
-Pure. Given the VMIs on the member, the migrations already in flight and the policy's
+Pure. Given the VMIs on the member, the migrations the operator sees and the policy's
 limits, returns the VirtualMachineInstanceMigrations to create now. Names are
-deterministic (VMI, source member, the incident), so an operator restarted halfway never
-starts the same migration twice: creating it again answers AlreadyExists. KubeVirt limits
+deterministic, derived from what is seen: VMI, source member, the incident and the attempt
+(gtvp's finished evacuation migrations of that VMI from that member, labelled
+`gtvp.io/evacuation` and annotated `gtvp.io/evacuation-attempt`, plus one), so an operator
+restarted halfway never starts the same migration twice (creating it again answers
+AlreadyExists, and `is_planned_migration` tells the one gtvp started), while a failed
+migration is retried under a new name, three times in a row at most
+(`evacuation_stalled` says why a VMI then waits). A name held by an object gtvp did not
+start (a co-tenant's, which could be created in advance: the names are predictable) is
+skipped for the next spare name of the same attempt. KubeVirt limits
 parallel migrations per cluster and outbound per node but not inbound, so when the
 caller names the usable targets the plan picks, for each VMI, the eligible target with the
 fewest inbound migrations and pins it (`kubernetes.io/hostname` in `addedNodeSelector`,
 next to the trust selector); a VMI whose every eligible target is full waits for the next
 plan. A pinned target counts as inbound before KubeVirt records it. The limits are counted
-by `core.migration_budget.MigrationBudget`, which drains and balancing share.
+by `core.migration_budget.MigrationBudget`, which drains and balancing share; they bound
+gtvp's own migrations only (others are KubeVirt's to queue).
 
 Drains (`plan_drains`): gtvp is the external eviction controller for the gated VMIs with
 `evictionStrategy: External` (Lazy Boxes among them) that KubeVirt marks with
@@ -32,7 +40,14 @@ from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorde
 from gtvp.core.policy import MigrationLimits
 from gtvp.core.trust import trust_selector
 
-EVACUATION_LABEL = "gtvp.io/evacuation"
+EVACUATION_LABEL = "gtvp.io/evacuation"  # value: the member gtvp empties
+DRAIN_LABEL = "gtvp.io/drain"  # value: the node being drained
+BALANCING_LABEL = "gtvp.io/balancing"  # core.balance.BALANCE_LABEL (it imports this module)
+GTVP_MIGRATION_LABELS = (EVACUATION_LABEL, DRAIN_LABEL, BALANCING_LABEL)
+"""The labels on the migrations gtvp starts; a migration without any of them is foreign,
+and the policy's migration limits do not count it."""
+EVACUATION_ATTEMPT_ANNOTATION = "gtvp.io/evacuation-attempt"
+MAX_EVACUATION_FAILURES = 3  # failed evacuation migrations of a VMI in a row before it waits
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 FINISHED = {"Succeeded", "Failed"}
 
@@ -54,6 +69,9 @@ class Migration:
     target: str | None
     phase: str
     pinned: str | None = None  # the target named in addedNodeSelector, if any
+    evacuates: str | None = None  # gtvp.io/evacuation: the member gtvp empties with it
+    attempt: int = 0  # gtvp.io/evacuation-attempt (0 when absent)
+    foreign: bool = False  # none of gtvp's labels: gtvp did not start it
 
     @property
     def active(self) -> bool:
@@ -64,9 +82,73 @@ class Migration:
         return self.target or self.pinned
 
 
-def migration_name(vmi: Vmi, incident: str) -> str:
-    digest = hashlib.sha256(f"{vmi.namespace}/{vmi.name}@{vmi.node}#{incident}".encode())
+def migration_name(vmi: Vmi, incident: str, attempt: int = 0, spare: int = 0) -> str:
+    """The name of `vmi`'s evacuation off its node: the first attempt's (0) is the name gtvp
+    gave before it counted attempts; `spare` numbers the names tried while another object
+    holds the name."""
+    key = f"{vmi.namespace}/{vmi.name}@{vmi.node}#{incident}"
+    if attempt or spare:
+        key += f"#attempt{attempt}.{spare}"
+    digest = hashlib.sha256(key.encode())
     return f"gtvp-evac-{vmi.name[:36]}-{digest.hexdigest()[:8]}"
+
+
+History = Mapping[tuple[str, str, str], Sequence[tuple[int, str, str]]]
+"""(namespace, VMI, member) -> [(attempt, phase, name)] of gtvp's finished evacuations."""
+
+
+def evacuation_history(migrations: Iterable[Migration]) -> History:
+    """(namespace, VMI, member) -> [(attempt, phase, name)] of gtvp's finished evacuation
+    migrations of that VMI off that member, oldest attempt first."""
+    out: dict[tuple[str, str, str], list[tuple[int, str, str]]] = {}
+    for m in migrations:
+        if m.evacuates and not m.active:
+            out.setdefault((m.namespace, m.vmi, m.evacuates), []).append(
+                (m.attempt, m.phase, m.name)
+            )
+    return {key: sorted(past) for key, past in out.items()}
+
+
+def _failed_in_a_row(past: Sequence[tuple[int, str, str]]) -> list[str]:
+    """The names of the failed attempts at the end of `past`."""
+    failed: list[str] = []
+    for _, phase, name in reversed(past):
+        if phase != "Failed":
+            break
+        failed.append(name)
+    return failed
+
+
+def _free_name(vmi: Vmi, incident: str, attempt: int, taken: set[tuple[str, str]]) -> str:
+    """The attempt's name, or its next spare one while an object of that name exists (one
+    gtvp did not start: gtvp's own of this attempt would have ended it or made it busy)."""
+    spare = 0
+    name = migration_name(vmi, incident, attempt)
+    while (vmi.namespace, name) in taken:
+        spare += 1
+        name = migration_name(vmi, incident, attempt, spare)
+    return name
+
+
+def evacuation_stalled(
+    *, member: str, vmis: Sequence[Vmi], migrations: Sequence[Migration]
+) -> dict[tuple[str, str], str]:
+    """(namespace, VMI) -> why gtvp starts no more evacuation migrations for it off `member`:
+    the last MAX_EVACUATION_FAILURES of them failed. Deleting those retries."""
+    return _stalled(member, vmis, evacuation_history(migrations))
+
+
+def _stalled(member: str, vmis: Sequence[Vmi], history: History) -> dict[tuple[str, str], str]:
+    out: dict[tuple[str, str], str] = {}
+    for vmi in vmis:
+        failed = _failed_in_a_row(history.get((vmi.namespace, vmi.name, member), ()))
+        if vmi.node == member and len(failed) >= MAX_EVACUATION_FAILURES:
+            out[(vmi.namespace, vmi.name)] = (
+                f"the last {len(failed)} evacuation migrations of {vmi.namespace}/{vmi.name} "
+                f"off {member} failed; gtvp tries again once they are deleted (kubectl delete "
+                f"vmim -n {vmi.namespace} {' '.join(sorted(failed))})"
+            )
+    return out
 
 
 def plan_evacuation(
@@ -80,12 +162,17 @@ def plan_evacuation(
 ) -> list[dict[str, Any]]:
     """The VirtualMachineInstanceMigration objects to create now for `member`.
 
-    `targets`: the usable members (name, level) that may receive VMIs; with them the
-    inbound limit holds and each migration is pinned to one target.
+    `migrations`: every migration the operator sees (active ones make their VMI busy,
+    gtvp's own count against the limits, finished ones of gtvp's number the next attempt,
+    and every name is taken). `targets`: the usable members (name, level) that may receive
+    VMIs; with them the inbound limit holds and each migration is pinned to one target.
     """
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
     here = {(v.namespace, v.name) for v in vmis if v.node == member}
+    taken = {(m.namespace, m.name) for m in migrations}
+    history = evacuation_history(migrations)
+    stalled = _stalled(member, vmis, history)
 
     def source_of(m: ActiveMigration) -> str | None:
         # a migration leaves this member if its VMI runs here: KubeVirt may not have
@@ -95,7 +182,8 @@ def plan_evacuation(
     budget = MigrationBudget.of(limits, active, source_of)
     out: list[dict[str, Any]] = []
     for vmi in sorted(vmis, key=lambda v: (-v.level, v.namespace, v.name)):
-        if vmi.node != member or (vmi.namespace, vmi.name) in busy_vmis:
+        key = (vmi.namespace, vmi.name)
+        if vmi.node != member or key in busy_vmis or key in stalled:
             continue
         if not budget.allows(member):
             break
@@ -108,18 +196,43 @@ def plan_evacuation(
             if target is None:
                 continue  # every eligible target is receiving its limit: wait
             selector = {**selector, HOSTNAME_LABEL: target}
-        out.append(
-            migration_object(
-                name=migration_name(vmi, incident),
-                namespace=vmi.namespace,
-                vmi=vmi.name,
-                label=(EVACUATION_LABEL, member),
-                reason=f"member {member} is no longer trusted",
-                selector=selector,
-            )
-        )
+        past = history.get((vmi.namespace, vmi.name, member), ())
+        attempt = max((a for a, _, _ in past), default=-1) + 1
+        name = _free_name(vmi, incident, attempt, taken)
+        out.append(_evacuation_migration(vmi, name, attempt, selector))
         budget.take(member, target)
     return out
+
+
+def _evacuation_migration(
+    vmi: Vmi, name: str, attempt: int, selector: Mapping[str, str]
+) -> dict[str, Any]:
+    obj = migration_object(
+        name=name,
+        namespace=vmi.namespace,
+        vmi=vmi.name,
+        label=(EVACUATION_LABEL, vmi.node),
+        reason=f"member {vmi.node} is no longer trusted",
+        selector=selector,
+    )
+    obj["metadata"]["annotations"][EVACUATION_ATTEMPT_ANNOTATION] = str(attempt)
+    return obj
+
+
+def is_planned_migration(held: Mapping[str, Any], planned: Mapping[str, Any]) -> bool:
+    """Whether `held`, the object found under a planned evacuation migration's name
+    (AlreadyExists), is that migration started before (by this operator before a restart,
+    or by a plan whose result the watch had not delivered yet): a migration of the same VMI
+    labelled for the same member and attempt. Anything else holding the name was not started
+    by gtvp for this VMI and must not pass for it; seen by the next plan, it takes another
+    name."""
+    h, p = migration_view(held), migration_view(planned)
+    return h.evacuates is not None and (h.namespace, h.vmi, h.evacuates, h.attempt) == (
+        p.namespace,
+        p.vmi,
+        p.evacuates,
+        p.attempt,
+    )
 
 
 def migration_object(
@@ -146,18 +259,30 @@ def migration_object(
     }
 
 
+def attempt_of(meta: Mapping[str, Any], annotation: str) -> int:
+    """The attempt number in `annotation` (0 when absent or not a plain number: anyone who
+    may create a migration writes its annotations, and `int()` refuses "²" or 5000 digits)."""
+    raw = str((meta.get("annotations") or {}).get(annotation, "0"))
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else 0
+
+
 def migration_view(obj: Mapping[str, Any]) -> Migration:
     meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     state = status.get("migrationState") or {}
     return Migration(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
-        vmi=str((obj.get("spec") or {}).get("vmiName", "")),
+        vmi=str(spec.get("vmiName", "")),
         source=state.get("sourceNode"),
         target=state.get("targetNode"),
         phase=str(status.get("phase", "Pending")),
-        pinned=((obj.get("spec") or {}).get("addedNodeSelector") or {}).get(HOSTNAME_LABEL),
+        pinned=(spec.get("addedNodeSelector") or {}).get(HOSTNAME_LABEL),
+        evacuates=str(labels[EVACUATION_LABEL]) if labels.get(EVACUATION_LABEL) else None,
+        attempt=attempt_of(meta, EVACUATION_ATTEMPT_ANNOTATION),
+        foreign=not any(label in labels for label in GTVP_MIGRATION_LABELS),
     )
 
 
@@ -172,7 +297,6 @@ def migration_view(obj: Mapping[str, Any]) -> Migration:
 # drain's next eviction attempt succeeds. Ungated VMIs with External belong to whoever chose
 # External (cluster-api-provider-kubevirt tears such VMs down): gtvp leaves them alone.
 
-DRAIN_LABEL = "gtvp.io/drain"
 DRAIN_ATTEMPT_ANNOTATION = "gtvp.io/drain-attempt"
 MAX_DRAIN_FAILURES = 3  # consecutive failed drain migrations of one VMI before gtvp waits
 _STRICTEST = 9  # an unreadable level label is treated as the strictest level
@@ -251,8 +375,7 @@ def drain_history(
         node = (meta.get("labels") or {}).get(DRAIN_LABEL)
         if not node:
             continue
-        raw = str((meta.get("annotations") or {}).get(DRAIN_ATTEMPT_ANNOTATION, "0"))
-        attempt = int(raw) if raw.isdigit() else 0
+        attempt = attempt_of(meta, DRAIN_ATTEMPT_ANNOTATION)
         key = (str(meta.get("namespace", "")), str((m.get("spec") or {}).get("vmiName", "")), node)
         out.setdefault(key, []).append(
             (attempt, str((m.get("status") or {}).get("phase", "Pending")))
@@ -279,7 +402,8 @@ def plan_drains(
     `node_of`: where each VMI runs (a migration whose source KubeVirt has not recorded yet
     leaves its VMI's node). Each migration is pinned to the eligible target (Trusted, level
     at least the VMI's, not cordoned, not the drained node) with the fewest arrivals; the
-    policy's cluster, outbound and inbound limits hold, counting every active migration.
+    policy's cluster, outbound and inbound limits hold, counting gtvp's active migrations
+    (evacuations, drains, balancing; others are KubeVirt's to queue).
     A VMI that only the limits hold back is not 'waiting': the next plan moves it.
     """
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}

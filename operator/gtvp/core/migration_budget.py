@@ -2,7 +2,11 @@
 
 The limits (`spec.migration`): at most `maxParallel` active migrations in the cluster,
 `maxOutboundPerNode` leaving any one member and `maxInboundPerNode` arriving at any one.
-Every active migration counts, whoever started it. A migration leaves the node its caller
+They bound the migrations gtvp itself starts: only active migrations labelled
+`gtvp.io/evacuation`, `gtvp.io/drain` or `gtvp.io/balancing` count. A migration someone
+else created (`foreign`) is KubeVirt's to queue under its own `parallelMigrationsPerCluster`
+and `parallelOutboundMigrationsPerNode`; counting it here would let any tenant stop every
+evacuation by keeping a few migrations pending. A migration leaves the node its caller
 says (`source_of`: KubeVirt's `sourceNode`, or the node its VMI runs on before KubeVirt
 records one) and arrives at its target, or at the member it is pinned to before KubeVirt
 records a target. A plan `take`s a slot for each migration it starts, so the migrations it
@@ -36,6 +40,11 @@ class ActiveMigration(Protocol):
     @property
     def inbound_to(self) -> str | None: ...
 
+    @property
+    def foreign(self) -> bool:
+        """Not started by gtvp (none of `core.evacuation.GTVP_MIGRATION_LABELS`): the limits
+        do not count it."""
+
 
 SourceOf = Callable[[ActiveMigration], str | None]
 
@@ -55,7 +64,7 @@ class MigrationBudget:
     """The migrations in flight against the policy's limits; `take` counts a new one."""
 
     limits: MigrationLimits
-    running: int = 0  # active migrations in the cluster
+    running: int = 0  # gtvp's active migrations in the cluster
     outbound: dict[str, int] = field(default_factory=dict)  # member -> migrations leaving it
     inbound: dict[str, int] = field(default_factory=dict)  # member -> migrations arriving
 
@@ -66,10 +75,11 @@ class MigrationBudget:
         migrations: Iterable[ActiveMigration],
         source_of: SourceOf = lambda m: m.source,
     ) -> MigrationBudget:
-        """The budget left by the active ones among `migrations` (finished ones free theirs)."""
+        """The budget left by gtvp's active ones among `migrations` (finished ones free
+        theirs; foreign ones never held any)."""
         budget = cls(limits)
         for m in migrations:
-            if m.active:
+            if m.active and not m.foreign:
                 budget.take(source_of(m), m.inbound_to)
         return budget
 
@@ -80,7 +90,7 @@ class MigrationBudget:
         return self.inbound.get(node, 0)
 
     def cluster_allows(self) -> bool:
-        """The cluster runs fewer migrations than maxParallel."""
+        """gtvp runs fewer migrations in the cluster than maxParallel."""
         return self.running < self.limits.max_parallel
 
     def sends(self, source: str) -> bool:

@@ -1,9 +1,12 @@
 """Evacuation: move gated VMs off members that may no longer hold them, abort migrations to
 members that lost trust.
 
-- `evacuate(member)` creates the migrations `plan_evacuation` asks for (deterministic names:
-  one that exists already was started by a previous run), or stops the VMs when the member's
-  policy says Stop;
+- `evacuate(member)` creates the migrations `plan_evacuation` asks for, or stops the VMs when
+  the member's policy says Stop. Names are deterministic: one that exists already is read
+  back, and only gtvp's own migration of that VMI, member and attempt counts as started by
+  a previous run; anything else holding the name goes into the view, so the next plan (a
+  second later) picks another name. A VMI whose last evacuation migrations failed
+  (`evacuation_stalled`) waits with a Warning Event instead of a new one every second;
 - a migration seen `Scheduled` or later whose target member is not usable for the VMI's
   level is aborted by deleting it; a usable target spends one use of its verdict.
 """
@@ -19,7 +22,15 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
-from gtvp.core.evacuation import Vmi, migration_view, plan_evacuation
+from gtvp.core.evacuation import (
+    EVACUATION_LABEL,
+    Migration,
+    Vmi,
+    evacuation_stalled,
+    is_planned_migration,
+    migration_view,
+    plan_evacuation,
+)
 from gtvp.core.trust import member_view
 from gtvp.handlers.verdict_uses import gated_level, spend_use
 from gtvp.metrics import METRICS
@@ -71,11 +82,13 @@ async def evacuate(
         for m in members
         if m.name != member and m.name in rt.view.nodes and m.usable(now, 1)
     ]
+    migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
+    await _say_stalled(rt, member, movable, migrations)
     for obj in plan_evacuation(
         member=member,
         incident=incident,
         vmis=movable,
-        migrations=[migration_view(m) for m in rt.view.migrations.values()],
+        migrations=migrations,
         limits=policy.migration,
         targets=targets,
     ):
@@ -83,18 +96,76 @@ async def evacuate(
     return len(on_member)
 
 
+async def _say_stalled(
+    rt: Runtime, member: str, vmis: list[Vmi], migrations: list[Migration]
+) -> None:
+    """A Warning (log and Event on the VMI) for each VMI whose evacuation migrations off
+    `member` kept failing, once per change."""
+    stalled = evacuation_stalled(member=member, vmis=vmis, migrations=migrations)
+    said_key = f"{member}#failed"  # kept next to the member's own entry in `waiting`
+    said = set(rt.evacuation.waiting.pop(said_key, ()))
+    if stalled:
+        rt.evacuation.waiting[said_key] = sorted(f"{ns}/{name}" for ns, name in stalled)
+    for (ns, name), why in sorted(stalled.items()):
+        if f"{ns}/{name}" in said:
+            continue
+        log.warning("evacuation of %s/%s waits: %s", ns, name, why)
+        uid = str(((rt.view.vmis.get((ns, name)) or {}).get("metadata") or {}).get("uid", ""))
+        await asyncio.to_thread(
+            kube.post_event,
+            rt.clients,
+            kind=VIRTUAL_MACHINE_INSTANCES.kind,
+            name=name,
+            uid=uid,
+            namespace=ns,
+            type_="Warning",
+            reason="EvacuationFailed",
+            message=why,
+            api_version=VIRTUAL_MACHINE_INSTANCES.api_version,
+        )
+
+
 async def _start(rt: Runtime, member: str, obj: dict[str, Any]) -> None:
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
         started = await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, obj)
+        held = (
+            None
+            if started
+            else await asyncio.to_thread(kube.get_if_present, rt.clients, MIGRATIONS, name, ns)
+        )
     except ApiException as exc:
         log.warning("could not start migration %s/%s: %s %s", ns, name, exc.status, exc.reason)
         return
-    if not started:  # started before (e.g. by this operator before a restart)
-        return
+    if not started:
+        if held is not None:
+            _name_held(rt, member, obj, held)
+        return  # (gone again: the next plan creates it)
     rt.view.observe_migration(obj, "ADDED")  # a drain planned next sees it at once
     METRICS.evacuation("started")
     log.info("evacuating %s/%s from %s: migration %s", ns, obj["spec"]["vmiName"], member, name)
+
+
+def _name_held(rt: Runtime, member: str, planned: dict[str, Any], held: dict[str, Any]) -> None:
+    """A planned name exists already. gtvp's own migration of this attempt was started
+    before (e.g. by this operator before a restart); anything else is not a migration
+    started, and once in the view the next plan takes another name."""
+    rt.view.observe_migration(held, "ADDED")
+    if is_planned_migration(held, planned):
+        return
+    view = migration_view(held)
+    log.warning(
+        "evacuation of %s/%s off %s: migration name %s is held by a migration gtvp did not "
+        "start for it (VMI %r, %s); the next plan uses another name",
+        view.namespace,
+        planned["spec"]["vmiName"],
+        member,
+        view.name,
+        view.vmi,
+        "no gtvp label"
+        if view.foreign
+        else f"gtvp.io/evacuation={view.evacuates or '-'}, attempt {view.attempt}",
+    )
 
 
 def _stop_vm(rt: Runtime, vmi: Vmi) -> None:
@@ -135,11 +206,7 @@ def _count_finished(rt: Runtime, body: dict[str, Any], phase: str) -> None:
     meta = body.get("metadata") or {}
     done = f"{meta.get('uid', '')}/done"
     labels = meta.get("labels") or {}
-    if (
-        phase == "Succeeded"
-        and labels.get("gtvp.io/evacuation")
-        and done not in rt.evacuation.judged
-    ):
+    if phase == "Succeeded" and labels.get(EVACUATION_LABEL) and done not in rt.evacuation.judged:
         METRICS.evacuation("finished")
         rt.evacuation.judged.add(done)
 
