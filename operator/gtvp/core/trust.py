@@ -42,6 +42,16 @@ def desired_labels(phase: str, level: int) -> dict[str, str | None]:
     return out
 
 
+def label_level(status: Mapping[str, Any]) -> int:
+    """The level a Node's labels may advertise for new placements: the member's level while
+    its verdict is Trusted with uses left, else 0. A spent verdict (maxUses decisions made)
+    takes the labels off until the fresh quote it asks for verifies, so the scheduler cannot
+    keep placing gated VMs on a member whose agent withholds that quote; VMs already there
+    stay (labels only steer scheduling; no taint is set for it)."""
+    uses = int(((status.get("trust") or {}).get("usesLeft", 0)) or 0)
+    return int(status.get("level", 0) or 0) if uses > 0 else 0
+
+
 def node_patch(
     node_labels: Mapping[str, str],
     node_taints: Sequence[Mapping[str, Any]],

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from gtvp import kube
 from gtvp.core.api_resources import GTVP_API_VERSION, MEMBERS
 from gtvp.core.phases import MemberPhase
-from gtvp.core.trust import node_patch
+from gtvp.core.trust import label_level, node_patch
 from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.members")
@@ -39,22 +39,24 @@ async def sync_node(
         meta.get("labels") or {},
         (node.get("spec") or {}).get("taints") or [],
         str(status.get("phase", "")) if body else "",
-        int(status.get("level", 0) or 0),
+        label_level(status),
     )
     if patch is None:
         return
     try:
         result = await asyncio.to_thread(rt.clients.core.patch_node, name, patch)
         rt.view.nodes[name] = result.to_dict() if hasattr(result, "to_dict") else node
-        log.info(
-            "node %s: %s",
-            name,
-            "trusted labels set"
-            if status.get("phase") == MemberPhase.TRUSTED
-            else "trust labels removed, tainted gtvp.io/untrusted:NoSchedule",
-        )
+        log.info("node %s: %s", name, _what_changed(status))
     except ApiException as exc:
         log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
+
+
+def _what_changed(status: Mapping[str, Any]) -> str:
+    if status.get("phase") != MemberPhase.TRUSTED:
+        return "trust labels removed, tainted gtvp.io/untrusted:NoSchedule"
+    if label_level(status) == 0:
+        return "trust labels removed until a fresh quote verifies (verdict spent)"
+    return "trusted labels set"
 
 
 async def ensure_member(rt: Runtime, name: str) -> None:

@@ -1,0 +1,40 @@
+"""What a member's verdict puts on its Node: labels steer new placements, the taint marks
+an untrusted host; a spent verdict stops new placements without tainting."""
+
+from __future__ import annotations
+
+from gtvp.core.trust import LEVEL_LABEL, TAINT_KEY, TRUSTED_LABEL, label_level, node_patch
+
+
+def _trusted(level: int, uses: int) -> dict[str, object]:
+    return {"phase": "Trusted", "level": level, "trust": {"usesLeft": uses}}
+
+
+def test_a_trusted_member_with_uses_left_advertises_its_level() -> None:
+    status = _trusted(3, 5)
+    patch = node_patch({}, [], "Trusted", label_level(status))
+    assert patch is not None
+    labels = patch["metadata"]["labels"]
+    assert labels[TRUSTED_LABEL] == "true"
+    assert labels[f"{LEVEL_LABEL}3"] == "true"
+    assert "spec" not in patch  # no taint
+
+
+def test_a_spent_verdict_takes_the_labels_off_but_taints_nothing() -> None:
+    """maxUses decisions made: nothing new lands until the fresh quote verifies, while the
+    VMs already there stay (no NoSchedule taint, no evacuation)."""
+    on = {TRUSTED_LABEL: "true", f"{LEVEL_LABEL}1": "true", f"{LEVEL_LABEL}2": "true"}
+    status = _trusted(2, 0)
+    assert label_level(status) == 0
+    patch = node_patch(on, [], "Trusted", label_level(status))
+    assert patch is not None
+    assert all(v is None for v in patch["metadata"]["labels"].values())
+    assert "spec" not in patch
+    assert not any(t.get("key") == TAINT_KEY for t in patch.get("spec", {}).get("taints", []))
+
+
+def test_an_untrusted_member_loses_its_labels_and_is_tainted() -> None:
+    patch = node_patch({TRUSTED_LABEL: "true"}, [], "Untrusted", 0)
+    assert patch is not None
+    assert patch["metadata"]["labels"][TRUSTED_LABEL] is None
+    assert patch["spec"]["taints"][0]["key"] == TAINT_KEY
