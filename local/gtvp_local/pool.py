@@ -49,7 +49,10 @@ ZERO = "00" * 32
 
 def manifests() -> list[Path]:
     base = resources.files("gtvp") / "manifests"
-    return [Path(str(base / n)) for n in ("rbac.yaml", "agent-vap.yaml", "local-bindings.yaml")]
+    return [
+        Path(str(base / n))
+        for n in ("rbac.yaml", "agent-vap.yaml", "migration-labels-vap.yaml", "local-bindings.yaml")
+    ]
 
 
 def pool_policy(

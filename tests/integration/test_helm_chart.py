@@ -352,3 +352,38 @@ def test_the_operator_runs_alone_and_off_the_nodes_that_host_tenant_vms(
     two = _helm("template", "gtvp", str(CHART), "--set", "operator.replicas=2")
     assert two.returncode != 0
     assert "replicas" in two.stderr
+
+
+def test_chart_reserves_gtvps_migration_labels_as_the_local_pool_does(
+    control_plane: ControlPlane,
+) -> None:
+    """The same policy as operator/gtvp/manifests/migration-labels-vap.yaml, exempting the
+    release's operator service account instead of the local pool's operator user."""
+    local = [
+        d
+        for d in yaml.safe_load_all(
+            (REPO / "operator" / "gtvp" / "manifests" / "migration-labels-vap.yaml").read_text()
+        )
+        if d
+    ]
+    rendered = [
+        d
+        for d in _render()
+        if d["kind"].startswith("ValidatingAdmissionPolicy")
+        and d["metadata"]["name"] == "gtvp-migration-labels"
+    ]
+    chart_policy = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy")
+    local_policy = next(d for d in local if d["kind"] == "ValidatingAdmissionPolicy")
+    assert chart_policy["spec"]["matchConditions"] == [
+        {
+            "name": "not-the-operator",
+            "expression": "request.userInfo.username != "
+            "'system:serviceaccount:gtvp-system:gtvp-operator'",
+        }
+    ]
+    chart_policy["spec"]["matchConditions"] = local_policy["spec"]["matchConditions"]
+    assert chart_policy["spec"] == local_policy["spec"]
+    assert {d["kind"] for d in rendered} == {
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
