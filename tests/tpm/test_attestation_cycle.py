@@ -20,6 +20,7 @@ import yaml
 
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.policy import parse_policy
+from gtvp.core.timestamps import format_ts
 from gtvp_agent.tpm import Tpm
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import Swtpm, SwtpmCA
@@ -50,12 +51,13 @@ class Member:
         )
         self.answered: set[bytes] = set()
         self.ek_holders: dict[str, str] = {}  # EKs other members are bound to
+        self.labels: dict[str, str] = {}  # its Node's labels
 
     def operator(self, now: dt.datetime) -> Step:
         step = attestation_step(
             spec=self.spec,
             status=self.status,
-            labels={},
+            labels=self.labels,
             policy=self.policy,
             now=now,
             entropy=secrets.token_bytes(ENTROPY_BYTES),
@@ -116,9 +118,16 @@ def _as_stored(status: dict[str, Any]) -> None:
 
 
 def _enrolled(
-    tpm: Swtpm, tpm_dir: Path, ca: SwtpmCA, name: str, ek: str = "rsa", ak: str = "ecc"
+    tpm: Swtpm,
+    tpm_dir: Path,
+    ca: SwtpmCA,
+    name: str,
+    ek: str = "rsa",
+    ak: str = "ecc",
+    *,
+    identity: int = 3,
 ) -> Member:
-    m = Member(tpm, tpm_dir / f"agent-{name}", ca, ek=ek, ak=ak)
+    m = Member(tpm, tpm_dir / f"agent-{name}", ca, identity=identity, ek=ek, ak=ak)
     assert m.operator(T0).phase == "Pending"
     m.agent()
     assert m.operator(T0).phase == "Enrolling"  # credential challenge issued
@@ -421,3 +430,188 @@ def test_the_same_failing_quote_is_one_event_not_one_a_cycle(
         reasons += [e.reason for e in m.operator(T0 + dt.timedelta(seconds=12 + 6 * i)).events]
         assert m.reason == "PcrMismatch"
     assert reasons == ["PcrMismatch"]
+
+
+# ----- the member class: resolved, or no verdict at all --------------------------------------
+
+
+def _policy_spec(ca: SwtpmCA) -> dict[str, Any]:
+    spec: dict[str, Any] = pool_policy(ca, interval="10s", valid_for="30s")["spec"]
+    return spec
+
+
+def test_a_member_whose_class_is_unknown_is_never_trusted(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    # a typo in spec.memberClass would mean no golden values and no event-log requirement:
+    # any self-consistent event log (a modified bootloader's real one) would "replay"
+    m = Member(make_tpm(), tpm_dir / "agent-typo", swtpm_ca)
+    m.spec["memberClass"] = "typo"
+    seen = []
+    for i in range(6):
+        step = m.operator(T0 + dt.timedelta(seconds=i))
+        seen.append(m.phase)
+        assert step.outcome in (None, "UnknownMemberClass")
+        assert m.status["level"] == 0
+        m.agent()
+    assert "Trusted" not in seen
+    assert (m.phase, m.reason) == ("Untrusted", "UnknownMemberClass")
+    message = m.status["trust"]["message"]
+    assert "'typo'" in message
+    assert "swtpm" in message  # the classes the policy has
+    ready = {c["type"]: c["reason"] for c in m.status["conditions"]}
+    assert ready["Ready"] == "UnknownMemberClass"
+    # fixed: it enrols and is judged under the class it names
+    m.spec["memberClass"] = "swtpm"
+    m.operator(T0 + dt.timedelta(seconds=6))
+    assert (m.phase, m.reason) == ("Untrusted", "AwaitingQuote")  # no stale refusal
+    for i in range(6, 10):
+        m.operator(T0 + dt.timedelta(seconds=i))
+        m.agent()
+    assert m.phase == "Trusted", m.status["trust"]
+
+
+def test_a_policy_without_a_default_class_leaves_classless_members_untrusted(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "nodefault")
+    spec = _policy_spec(swtpm_ca)
+    del spec["defaultMemberClass"]  # optional in the CRD
+    m.policy = parse_policy("default", spec)
+    step = m.operator(T0 + dt.timedelta(seconds=2))  # at once, not at the next quote
+    assert (m.phase, m.reason) == ("Untrusted", "UnknownMemberClass")
+    assert m.status["level"] == 0
+    assert [e.reason for e in step.events] == ["UnknownMemberClass"]
+    assert "no defaultMemberClass" in m.status["trust"]["message"]
+    m.agent()  # a quote that would verify is not judged
+    before = {k: v for k, v in m.status.items() if k != "agent"}
+    step = m.operator(T0 + dt.timedelta(seconds=3))
+    assert (m.phase, m.reason) == ("Untrusted", "UnknownMemberClass")
+    assert step.answered_nonce is None
+    assert step.outcome is None
+    assert step.events == ()  # one event, not one a cycle
+    assert {k: v for k, v in m.status.items() if k != "agent"} == before  # nothing to write
+
+
+def test_a_class_removed_by_a_policy_edit_turns_its_members_untrusted(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "renamed")
+    m.spec["memberClass"] = "swtpm"
+    m.operator(T0 + dt.timedelta(seconds=2))
+    assert m.phase == "Trusted"
+    spec = _policy_spec(swtpm_ca)
+    spec["memberClasses"][0]["name"] = "swtpm-v2"  # renamed: the member still names swtpm
+    spec["defaultMemberClass"] = "swtpm-v2"
+    spec["levels"][2]["autoRecover"] = False  # a configuration slip is no tampering
+    m.policy = parse_policy("default", spec)
+    m.operator(T0 + dt.timedelta(seconds=3))
+    assert (m.phase, m.reason) == ("Untrusted", "UnknownMemberClass")
+    assert "'swtpm'" in m.status["trust"]["message"]
+    assert "swtpm-v2" in m.status["trust"]["message"]
+    assert not m.status["trust"].get("awaitingReadmission")
+    m.spec["memberClass"] = "swtpm-v2"
+    for i in range(4, 8):
+        m.agent()
+        m.operator(T0 + dt.timedelta(seconds=i))
+    assert m.phase == "Trusted", m.status["trust"]
+
+
+# ----- a new level or class needs a quote judged under it ---------------------------------
+
+
+def _asks_now(m: Member, now: dt.datetime) -> bool:
+    return bool(m.status["challenge"]["answerAfter"] <= format_ts(now))
+
+
+def test_a_raised_identity_applies_only_after_a_fresh_quote(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "raise", identity=2)
+    assert m.status["level"] == 2
+    expires = m.status["trust"]["expiresAt"]
+    m.spec["identity"] = 3
+    now = T0 + dt.timedelta(seconds=2)
+    m.operator(now)
+    assert (m.phase, m.status["level"]) == ("Trusted", 2)  # the verdict was judged at 2
+    assert (m.status["trust"]["memberClass"], m.status["trust"]["level"]) == ("swtpm", 2)
+    assert m.status["trust"]["expiresAt"] == expires
+    assert _asks_now(m, now)  # a fresh quote at once
+    assert m.status["effectivePolicy"]["level"] == 3
+    m.operator(now + dt.timedelta(seconds=1))  # still no quote: still 2
+    assert m.status["level"] == 2
+    m.agent()
+    m.operator(now + dt.timedelta(seconds=2))
+    assert (m.phase, m.status["level"]) == ("Trusted", 3)
+    assert m.status["trust"]["level"] == 3
+
+
+def test_a_node_label_raising_the_level_waits_for_a_fresh_quote(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "label")
+    spec = _policy_spec(swtpm_ca)
+    label = "node-restriction.kubernetes.io/hardware"
+    spec["transitions"] = [{"matchLabels": {label: "confidential"}, "level": 3}]
+    m.policy = parse_policy("default", spec)  # a policy edit lowers it at once
+    m.operator(T0 + dt.timedelta(seconds=2))
+    assert (m.phase, m.status["level"]) == ("Trusted", 1)
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=3))  # judged at level 1 now
+    assert m.status["level"] == 1
+    m.labels = {label: "confidential"}
+    now = T0 + dt.timedelta(seconds=4)
+    m.operator(now)
+    assert (m.phase, m.status["level"]) == ("Trusted", 1)
+    assert m.status["trust"]["level"] == 1
+    assert _asks_now(m, now)
+    m.agent()
+    m.operator(now + dt.timedelta(seconds=1))
+    assert (m.phase, m.status["level"]) == ("Trusted", 3)
+
+
+def test_a_lower_level_applies_at_once_and_the_judged_one_may_come_back(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "lower")
+    answer_after = m.status["challenge"]["answerAfter"]
+    m.spec["identity"] = 1
+    m.operator(T0 + dt.timedelta(seconds=2))
+    assert (m.phase, m.status["level"]) == ("Trusted", 1)
+    assert m.status["challenge"]["answerAfter"] == answer_after  # no quote needed
+    assert m.status["trust"]["level"] == 3
+    m.spec["identity"] = 3  # back to the level the verdict was judged at
+    m.operator(T0 + dt.timedelta(seconds=3))
+    assert (m.phase, m.status["level"]) == ("Trusted", 3)
+
+
+def test_a_new_class_is_judged_by_a_fresh_quote(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "reclass")
+    spec = _policy_spec(swtpm_ca)
+    strict = {"name": "strict", "goldenPCRs": {"0": "11" * 32}}  # this TPM's PCR 0 is zero
+    spec["memberClasses"].append(strict)
+    spec["levels"][0]["attestation"] = {"interval": "20s", "validFor": "60s", "maxUses": 5}
+    m.policy = parse_policy("default", spec)
+    m.spec["memberClass"] = "strict"
+    m.spec["identity"] = 1  # a lower level, but under a class its verdict was not judged by
+    now = T0 + dt.timedelta(seconds=2)
+    m.operator(now)
+    assert (m.phase, m.status["level"]) == ("Trusted", 1)
+    assert _asks_now(m, now)
+    m.agent()
+    m.operator(now + dt.timedelta(seconds=1))
+    assert (m.phase, m.reason) == ("Untrusted", "PcrMismatch")
+
+
+def test_a_verdict_from_before_the_judged_level_was_recorded_stands(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "upgrade")
+    answer_after = m.status["challenge"]["answerAfter"]
+    del m.status["trust"]["memberClass"], m.status["trust"]["level"]  # an older operator's
+    m.operator(T0 + dt.timedelta(seconds=2))
+    assert (m.phase, m.status["level"]) == ("Trusted", 3)
+    assert m.status["challenge"]["answerAfter"] == answer_after  # no disruption
+    assert (m.status["trust"]["memberClass"], m.status["trust"]["level"]) == ("swtpm", 3)

@@ -18,7 +18,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gtvp.core.policy import PolicyError, parse_policy
+from gtvp.core.policy import PolicyError, member_policy, parse_policy
 
 SAMPLE = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
 
@@ -167,6 +167,55 @@ def test_transition_to_a_missing_class_is_refused() -> None:
     err = _refused(spec)
     assert err.field == "spec.transitions[0].memberClass"
     assert "no member class named 'nope'" in err.message
+
+
+VERIFIES_NOTHING: list[dict[str, Any]] = [
+    {"name": "lax"},
+    {"name": "lax", "goldenPCRs": {}},
+    {"name": "lax", "eventLog": {"required": False}},
+    {"name": "lax", "eventLog": {"forbiddenDigests": ["aa" * 32]}},
+]
+
+
+@pytest.mark.parametrize("cls", VERIFIES_NOTHING, ids=["bare", "no-golden", "log-optional", "deny"])
+def test_a_member_class_that_would_verify_nothing_is_refused(cls: dict[str, Any]) -> None:
+    # no golden value and no event log required: any self-consistent event log (a modified
+    # bootloader's real one) would "explain" every PCR
+    spec = _sample()
+    spec["memberClasses"].append(cls)
+    err = _refused(spec)
+    assert err.field == "spec.memberClasses[1]"
+    assert "member class 'lax' verifies nothing" in err.message
+    assert "goldenPCRs" in err.message
+    assert "eventLog.required: true" in err.message
+
+
+def test_a_class_with_golden_values_or_a_required_event_log_is_accepted() -> None:
+    spec = _sample()
+    spec["memberClasses"] += [
+        {"name": "golden", "goldenPCRs": {"0": "00" * 32}},
+        {"name": "logged", "eventLog": {"required": True}},
+    ]
+    assert set(parse_policy("p", spec).member_classes) == {"generic-uefi", "golden", "logged"}
+
+
+def test_a_member_class_that_cannot_be_resolved_has_no_class() -> None:
+    # a typo in Member.spec.memberClass: no golden values and no log requirement at all
+    # would verify anything, so it resolves to no class (the member is refused a verdict)
+    policy = parse_policy("p", _sample())
+    mp = member_policy(policy, identity=3, member_class="typo", labels={})
+    assert mp.member_class is None
+    assert mp.class_name == "typo"
+    # no memberClass and no defaultMemberClass (optional in the CRD)
+    spec = _sample()
+    del spec["defaultMemberClass"]
+    mp = member_policy(parse_policy("p", spec), identity=3, member_class=None, labels={})
+    assert mp.member_class is None
+    assert mp.class_name is None
+    # the default still resolves
+    mp = member_policy(policy, identity=3, member_class=None, labels={})
+    assert mp.member_class is not None
+    assert mp.member_class.name == "generic-uefi"
 
 
 KUBELET_SETTABLE = [

@@ -10,7 +10,10 @@ checked here.
 Cycle: Pending (no agent) -> Enrolling (EK checked, credential challenge, activation) ->
 nonce challenge -> quote verified -> Trusted, with the next nonce whose `answerAfter` is one
 interval away. A verdict expires `validFor` after the nonce it answered was issued; an
-expired verdict is Untrusted whatever the cause (fail closed).
+expired verdict is Untrusted whatever the cause (fail closed). A verdict records the member
+class and level it was judged under: another class or a higher level asks for a fresh quote
+at once and is not published before one verifies under it. A member whose class cannot be
+resolved is Untrusted (UnknownMemberClass) and no quote of it is judged.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from gtvp.core.phases import (
     TrustStatus,
     Verdict,
 )
-from gtvp.core.policy import MemberPolicy, Policy, member_policy
+from gtvp.core.policy import MemberClass, MemberPolicy, Policy, member_policy
 from gtvp.core.quote import (
     ClockState,
     Evidence,
@@ -54,6 +57,8 @@ from gtvp.core.tpm_wire import PublicArea, ak_qualified_name, parse_public
 
 ENTROPY_BYTES = 64
 RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
+# failures that are no sign of tampering: they never wait for gtvp.io/readmit
+_NOT_TAMPERING = (errors.EvidenceTooLate, errors.UnknownMemberClass)
 
 
 @dataclass(frozen=True)
@@ -275,6 +280,8 @@ def attestation_step(
         labels=labels,
     )
     cycle = _Cycle(spec=spec, status=status, policy=policy, mp=mp, now=now, entropy=entropy)
+    if mp.member_class is None:  # no reference values: nothing to judge a quote by
+        return cycle.unresolved()
     enrollment = cycle.enrollment
     if not enrollment.get("ekPublic") or not enrollment.get("akPublic"):
         return cycle.no_agent()
@@ -314,6 +321,8 @@ class _Cycle:
         self.conditions_before = list(status.get("conditions") or [])
         self.maintenance = bool(spec.get("maintenance", False))
         self.interval = mp.attestation.interval
+        if mp.member_class is not None:
+            _class_resolved(self.trust, mp.member_class, mp.level)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -335,6 +344,16 @@ class _Cycle:
             bound=False,
             unbind=True,
         )
+
+    def unresolved(self) -> Step:
+        """The member's class cannot be resolved: Untrusted, and no quote is judged."""
+        err, trust = self.unknown_class(), self.trust
+        bound = bool(trust.get("akName"))
+        if trust.get("verdict") == Verdict.UNTRUSTED and trust.get("reason") == err.reason:
+            # refused already: nothing changes (no write, no second event)
+            trust["message"] = err.message
+            return self.finish(reason=err.reason, message=err.message, bound=bound)
+        return self.failed(err, bound=bound)
 
     def bind(self, keys: _Keys) -> Step:
         """An AK that is not (or no longer) the bound one: bind it by credential activation."""
@@ -394,9 +413,10 @@ class _Cycle:
         nonce = bytes.fromhex(str(self.challenge["nonce"]))
         issued = parse_ts(self.challenge.get("issuedAt")) or now
         try:
+            cls = self.member_class()
             result = verify_quote(
                 _evidence(evidence),
-                self.expectation(keys, nonce, answered_nonces),
+                self.expectation(keys, nonce, answered_nonces, cls),
             )
             _raise_if_late(issued, mp.attestation.valid_for, now)
         except errors.VerificationError as err:
@@ -417,6 +437,7 @@ class _Cycle:
                 answered=nonce,
             )
         _record_verdict(trust, result=result, policy=self.policy, mp=mp, now=now, issued=issued)
+        trust.update({"memberClass": cls.name, "level": mp.level})
         spread = JITTER if was_trusted else FIRST_SPREAD
         self.challenge = _nonce_challenge(
             self.policy, self.entropy, now, _next_quote(now, self.interval, self.entropy, spread)
@@ -443,6 +464,8 @@ class _Cycle:
                 reason="AwaitingQuote", message="waiting for the first quote", bound=True
             )
         _ask_now_if_spent(self.trust, self.challenge, self.now, self.interval)
+        if self.judged_elsewhere():
+            _ask_now(self.challenge, self.now)
         return self.finish(
             reason=str(self.trust.get("reason", "AwaitingQuote")),
             message=str(self.trust.get("message", "waiting for the next quote")),
@@ -451,10 +474,52 @@ class _Cycle:
 
     # --- shared ------------------------------------------------------------------------------
 
-    def expectation(
-        self, keys: _Keys, nonce: bytes, answered_nonces: frozenset[bytes]
-    ) -> Expectation:
+    def member_class(self) -> MemberClass:
+        """The member's class; one that cannot be resolved judges nothing (fail closed)."""
+        if self.mp.member_class is None:
+            raise self.unknown_class()
+        return self.mp.member_class
+
+    def unknown_class(self) -> errors.UnknownMemberClass:
+        name, policy = self.mp.class_name, self.policy
+        have = ", ".join(sorted(policy.member_classes)) or "none"
+        what = (
+            f"member class {name!r} is not defined in SecurityPolicy {policy.name}"
+            if name
+            else f"the Member names no memberClass and SecurityPolicy {policy.name} has no "
+            "defaultMemberClass"
+        )
+        return errors.UnknownMemberClass(
+            f"{what} (its classes: {have}), so there are no reference values to judge a "
+            "quote by and none is judged: set Member.spec.memberClass to one of them (or give "
+            "the policy that class or a defaultMemberClass)"
+        )
+
+    def judged_level(self) -> int:
+        """The level the Trusted verdict was judged at (the current one when unrecorded)."""
+        try:
+            return int(self.trust.get("level", self.mp.level))
+        except (TypeError, ValueError):
+            return 0
+
+    def judged_elsewhere(self) -> bool:
+        """A Trusted verdict judged under another class or a lower level than applies now:
+        the new ones need a fresh quote judged under them."""
         mc = self.mp.member_class
+        if self.trust.get("verdict") != Verdict.TRUSTED or mc is None:
+            return False
+        judged_class = self.trust.get("memberClass", mc.name)
+        return judged_class != mc.name or self.mp.level > self.judged_level()
+
+    def published_level(self) -> int:
+        """The member's level while Trusted: never above the level its verdict was judged
+        at (a higher one waits for a fresh quote); a lower one applies at once."""
+        ceiling = min(self.mp.level, self.judged_level())
+        return max((lv.level for lv in self.policy.levels if lv.level <= ceiling), default=0)
+
+    def expectation(
+        self, keys: _Keys, nonce: bytes, answered_nonces: frozenset[bytes], mc: MemberClass
+    ) -> Expectation:
         return Expectation(
             ak=keys.ak,
             nonce=nonce,
@@ -473,8 +538,8 @@ class _Cycle:
         on the transition only (the same failure every cycle is one event, not one a cycle)."""
         trust = self.trust
         repeat = trust.get("verdict") == Verdict.UNTRUSTED and trust.get("reason") == err.reason
-        # lateness is no sign of tampering: it never waits for a human
-        if not self.mp.attestation.auto_recover and not isinstance(err, errors.EvidenceTooLate):
+        # lateness and a configuration slip are no sign of tampering: never wait for a human
+        if not self.mp.attestation.auto_recover and not isinstance(err, _NOT_TAMPERING):
             trust["awaitingReadmission"] = True
         trust.update(
             {
@@ -521,7 +586,7 @@ class _Cycle:
         phase = self.phase(trusted=trusted, bound=bound)
         new_status: dict[str, Any] = {
             "phase": phase.value,
-            "level": self.mp.level if trusted and not self.maintenance else 0,
+            "level": self.published_level() if trusted and not self.maintenance else 0,
             "trust": trust,
             "challenge": self.challenge,
             "effectivePolicy": _effective_policy(self.policy, self.mp),
@@ -566,9 +631,13 @@ class _Cycle:
 
 
 def _effective_policy(policy: Policy, mp: MemberPolicy) -> dict[str, Any]:
+    if mp.member_class is not None:
+        cls = mp.member_class.name
+    else:
+        cls = f"{mp.class_name} (not in the policy)" if mp.class_name else "(none)"
     return {
         "policy": policy.name,
-        "memberClass": mp.member_class.name,
+        "memberClass": cls,
         "level": mp.level,
         "interval": f"{int(mp.attestation.interval.total_seconds())}s",
         "validFor": f"{int(mp.attestation.valid_for.total_seconds())}s",
@@ -627,6 +696,27 @@ def _expire_if_due(trust: TrustStatus, mp: MemberPolicy, now: dt.datetime) -> Ev
     return Event("Warning", "VerdictExpired", message)
 
 
+def _class_resolved(trust: TrustStatus, cls: MemberClass, level: int) -> None:
+    """The member's class resolves: a verdict from before the class and level it was judged
+    under were recorded is taken as judged under these; a refusal for want of a class is
+    replaced by waiting for a quote judged under it (the member stays Untrusted)."""
+    if trust.get("verdict") == Verdict.TRUSTED:
+        trust.setdefault("memberClass", cls.name)
+        trust.setdefault("level", level)
+    elif trust.get("reason") == errors.UnknownMemberClass.reason:
+        trust["reason"] = "AwaitingQuote"
+        trust["message"] = (
+            f"member class {cls.name!r} applies now; waiting for a quote judged by it"
+        )
+
+
+def _ask_now(challenge: ChallengeStatus, now: dt.datetime) -> None:
+    """Bring the next quote forward to now (never later than it already is)."""
+    answer_after = parse_ts(challenge.get("answerAfter"))
+    if answer_after is not None and answer_after > now:
+        challenge["answerAfter"] = format_ts(now)
+
+
 def _ask_now_if_spent(
     trust: TrustStatus,
     challenge: ChallengeStatus,
@@ -638,13 +728,8 @@ def _ask_now_if_spent(
     answer_after = parse_ts(challenge.get("answerAfter"))
     if answer_after is not None and answer_after > now + interval:
         challenge["answerAfter"] = format_ts(now + interval)
-    if (
-        trust.get("verdict") == Verdict.TRUSTED
-        and int(trust.get("usesLeft", 0) or 0) <= 0
-        and answer_after is not None
-        and answer_after > now
-    ):
-        challenge["answerAfter"] = format_ts(now)
+    if trust.get("verdict") == Verdict.TRUSTED and int(trust.get("usesLeft", 0) or 0) <= 0:
+        _ask_now(challenge, now)
 
 
 def _hold_for_readmission(

@@ -209,6 +209,15 @@ class EnrolmentChanged(VerificationError):
     reason = "EnrolmentChanged"
 
 
+class UnknownMemberClass(VerificationError):
+    """The member's class cannot be resolved (spec.memberClass names no class of the policy,
+    or neither it nor the policy's defaultMemberClass names one): there are no reference
+    values to judge a quote by, so none is judged (fail closed). A configuration slip, not
+    a sign of tampering."""
+
+    reason = "UnknownMemberClass"
+
+
 ALL_REASONS: tuple[str, ...] = tuple(
     sorted(
         c.reason

@@ -46,6 +46,8 @@ class TrustStatus(TypedDict, total=False):
     clock: int
     awaitingReadmission: bool
     readmitToken: str
+    memberClass: str  # the member class the Trusted verdict's quote was judged under
+    level: int  # the level it was judged at (the published level never exceeds it)
 
 
 class CredentialChallenge(TypedDict, total=False):

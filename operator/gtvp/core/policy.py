@@ -5,12 +5,14 @@ schema and CEL rules) into frozen dataclasses, and refuses what the operator cou
 enforce with `PolicyError` naming the field and the fix: a CA bundle or publisher key that
 is not PEM over valid DER (or a key type components are never signed with), a golden value
 or forbidden digest whose length is not the bank's, a member class named twice or referred
-to but missing, and a transition rule on a label that a node's kubelet may set on itself
+to but missing, a member class that would verify nothing (neither golden values nor a
+required event log), and a transition rule on a label that a node's kubelet may set on itself
 (anything not under `node-restriction.kubernetes.io/`, and gtvp's own trust labels there).
 The CRD's CEL rules refuse what CEL can check of this at the API server; the operator's
 SecurityPolicy webhook runs this very function for the rest.
 `member_policy` gives the level, attestation settings and golden values that apply to one
-member, from its identity, its class and the transition rules.
+member, from its identity, its class and the transition rules (no class at all when the
+member's cannot be resolved: such a member is refused a verdict).
 """
 
 from __future__ import annotations
@@ -354,10 +356,19 @@ def _member_classes(raw: Any, bank: str) -> dict[str, MemberClass]:
             dpath = f"{path}.eventLog.forbiddenDigests[{j}]"
             _hex_digest(d, dpath, bank, size, what="event digest", note=", so it would never match")
             forbidden.append(str(d).lower())
+        required = bool(_get(log, "required", False))
+        if not golden and not required:
+            raise PolicyError(
+                path,
+                f"member class {cname!r} verifies nothing: it has no goldenPCRs and does not "
+                "require an event log, so any self-consistent event log (a modified "
+                "bootloader's or kernel's own) would explain every PCR; give goldenPCRs or "
+                "set eventLog.required: true",
+            )
         classes[cname] = MemberClass(
             name=cname,
             golden=golden,
-            event_log_required=bool(_get(log, "required", False)),
+            event_log_required=required,
             forbidden_digests=frozenset(forbidden),
         )
     return classes
@@ -422,11 +433,17 @@ def _balancing(bal: Mapping[str, Any]) -> Balancing:
 
 @dataclass(frozen=True)
 class MemberPolicy:
-    """What applies to one member: its level while Trusted, attestation settings, golden."""
+    """What applies to one member: its level while Trusted, attestation settings, golden.
+
+    `member_class` is None when the member's class cannot be resolved (`class_name`, from
+    its spec, the first matching transition or the policy's default, names no class of the
+    policy, or no class is named at all): nothing can be verified, so no quote is judged.
+    """
 
     level: int
     attestation: Level
-    member_class: MemberClass
+    member_class: MemberClass | None
+    class_name: str | None = None
 
 
 def member_policy(
@@ -450,6 +467,7 @@ def member_policy(
     level = available[-1].level if available else 0
     attestation = available[-1] if available else policy.lowest
     cls_name = member_class or (rule.member_class if rule else None) or policy.default_member_class
-    # an unknown class has no golden values: its PCRs must be explained by an event log
-    cls = policy.member_classes.get(cls_name or "") or MemberClass(name=cls_name or "(none)")
-    return MemberPolicy(level=level, attestation=attestation, member_class=cls)
+    # fail closed: a class that is not the policy's (a typo, a class renamed or removed, no
+    # default) has no reference values, so it resolves to none and nothing is judged
+    cls = policy.member_classes.get(cls_name) if cls_name else None
+    return MemberPolicy(level=level, attestation=attestation, member_class=cls, class_name=cls_name)
