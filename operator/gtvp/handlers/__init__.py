@@ -59,11 +59,15 @@ async def policy_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: 
 async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime_of(memo)
     name = body.metadata.name or ""
+    labels_before = rt.view.node_labels.get(name)
     if not rt.view.observe_node(dict(body), type or ""):
         await node_trust.forget_node(rt, name)
         return
     if name not in rt.view.members and rt.settings.create_members:
         await node_trust.ensure_member(rt, name)
+    elif labels_before is not None and labels_before != rt.view.node_labels.get(name):
+        # transition rules read Node labels: a new level or class is judged now
+        rt.schedule.schedule(name, dt.timedelta(0))
     await node_trust.sync_node(rt, name)
     lazyboxes.touch_waiting(rt)
     drains.touch(rt)  # a cordon, or a cordoned target freed
