@@ -190,6 +190,11 @@ def test_policy_webhook_refuses_early_but_never_blocks_policy_edits(
         (r, v) for rule in operator["rules"] for r in rule["resources"] for v in rule["verbs"]
     }
     assert {("securitypolicies/status", "patch"), ("events", "create")} <= allowed
+    # what an administrator writes stays the administrator's: no spec of gtvp's objects
+    for plural in ("securitypolicies", "oscomponents", "lazyboxes", "members"):
+        assert (plural, "patch") not in allowed
+        assert (plural, "update") not in allowed
+    assert ("members", "create") in allowed
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus)")
