@@ -1,5 +1,5 @@
 # gtvp: the two commands the README starts with.
-#   make demo   set up this machine and run the local trusted pool
+#   make demo   set up this machine and run the local trusted pool (placed, tampered, moved)
 #   make test   set up this machine and run every check and test
 SHELL := /bin/bash
 CACHE ?= $(or $(GTVP_CACHE),$(HOME)/.cache/gtvp)
@@ -12,8 +12,13 @@ PYTEST_ARGS ?=
 setup:
 	@.ci/setup-machine
 
+# the main job: a fresh trusted pool with a gated VM and a Lazy Box placed, then the member
+# running the box tampered with: quarantined, and the box live-migrated off it
 demo: setup
+	@$(BIN)/gtvp local down --purge >/dev/null   # a fresh pool every time
 	@$(BIN)/gtvp local up
+	@echo
+	@$(BIN)/gtvp local tamper
 
 down:
 	@$(BIN)/gtvp local down

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -330,20 +331,24 @@ def cmd_tamper(args: argparse.Namespace) -> int:
     if not cp.ready():
         raise ControlPlaneError("the local pool is not running: gtvp local up")
     pool = _pool(cp)
-    if args.member not in pool.members():
-        raise ControlPlaneError(
-            f"{args.member} is not a member of the local pool ({', '.join(pool.members())})"
-        )
     vm_before, box_before = _vmi_node(cp), _box_running_on(cp)
+    member = args.member or box_before or vm_before
+    if member is None or member not in pool.members():
+        raise ControlPlaneError(
+            f"{member or 'no member runs the sample Lazy Box or the demo VM; name one: it'} "
+            f"is not a member of the local pool ({', '.join(pool.members())})"
+        )
     _say(
-        f"tampering with {args.member}: extending PCR {args.pcr} on its swtpm "
+        f"tampering with {member}"
+        + ("" if args.member else " (it runs the sample Lazy Box)" if box_before else "")
+        + f": extending PCR {args.pcr} on its swtpm "
         "(as a rogue boot component would, with tpm2-tools' tpm2_pcrextend)"
     )
     elapsed = _stopwatch()
-    pool.extend_pcr(args.member, args.pcr, b"gtvp local tamper")
-    _watch_quarantine(cp, pool, args.member, elapsed)
-    _watch_vm(cp, args.member, vm_before, elapsed)
-    _watch_box(cp, args.member, box_before, elapsed)
+    pool.extend_pcr(member, args.pcr, b"gtvp local tamper")
+    _watch_quarantine(cp, pool, member, elapsed)
+    _watch_vm(cp, member, vm_before, elapsed)
+    _watch_box(cp, member, box_before, elapsed)
     _say("")
     _say(pool_status.summary(str(cp.admin_kubeconfig)))
     return 0
@@ -359,7 +364,7 @@ def cmd_build(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_down(_args: argparse.Namespace) -> int:
+def cmd_down(args: argparse.Namespace) -> int:
     cp = _control_plane()
     pool_procs = ProcessTable(local_state.state_dir() / "pool")
     stopped = [t.name for t in pool_procs.all() if pool_procs.stop(t.name)]
@@ -368,6 +373,10 @@ def cmd_down(_args: argparse.Namespace) -> int:
         _say(f"stopped: {', '.join(stopped)}")
     else:
         _say("nothing was running")
+    if getattr(args, "purge", False) and local_state.state_dir().exists():
+        # the pool's etcd data, TPMs, certificates and kubeconfigs: the next `up` starts anew
+        shutil.rmtree(local_state.state_dir())
+        _say(f"removed the pool's state ({local_state.state_dir()}); the next up starts fresh")
     return 0
 
 
@@ -418,10 +427,20 @@ def register(local: argparse.ArgumentParser) -> None:
     tamper = lsub.add_parser(
         "tamper", help="extend a PCR on a member's swtpm and watch it be quarantined and evacuated"
     )
-    tamper.add_argument("member")
+    tamper.add_argument(
+        "member",
+        nargs="?",
+        help="the member to tamper with (default: the one running the sample Lazy Box)",
+    )
     tamper.add_argument("--pcr", type=int, default=7, help="PCR to extend (default 7)")
     tamper.set_defaults(func=cmd_tamper)
-    lsub.add_parser("down", help="stop everything gtvp local started").set_defaults(func=cmd_down)
+    down = lsub.add_parser("down", help="stop everything gtvp local started")
+    down.add_argument(
+        "--purge",
+        action="store_true",
+        help="also remove the pool's state (etcd data, TPMs, certificates): start fresh",
+    )
+    down.set_defaults(func=cmd_down)
     lsub.add_parser("status", help="what runs").set_defaults(func=cmd_status)
     regen = lsub.add_parser("regen-gomod", help="maintainers: re-pin the Go builds")
     regen.add_argument("--out", required=True, help="directory to write <component>/go.mod into")

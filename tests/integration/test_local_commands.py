@@ -60,6 +60,11 @@ def test_up_status_down_round_trip(pool: tuple[Path, list[str]]) -> None:
     assert not port_in_use(int(ports[1]))
     assert _gtvp(state, "status").returncode == 1
     assert "nothing was running" in _gtvp(state, "down").stdout
+    assert state.exists()  # a plain down keeps the pool's state for the next up
+    purged = _gtvp(state, "down", "--purge")
+    assert purged.returncode == 0
+    assert "the next up starts fresh" in purged.stdout
+    assert not state.exists()
 
 
 def test_port_in_use_is_a_clear_error(pool: tuple[Path, list[str]]) -> None:
@@ -114,8 +119,9 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     assert "placed on node-2: Trusted at level 3" in up.stdout
     assert "gtvp local tamper node-2" in up.stdout
     host = "node-2"
-    tamper = _gtvp(state, "tamper", host)
+    tamper = _gtvp(state, "tamper")  # as `make demo` runs it: the member running the box
     assert tamper.returncode == 0, tamper.stdout[-2000:] + tamper.stderr
+    assert f"tampering with {host} (it runs the sample Lazy Box)" in tamper.stdout
     assert f"{host} Untrusted: PcrMismatch: PCR 7" in tamper.stdout
     assert "tainted gtvp.io/untrusted:NoSchedule" in tamper.stdout
     assert "Members: 2 of 3 trusted" in tamper.stdout
