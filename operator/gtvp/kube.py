@@ -269,18 +269,29 @@ def post_event(
         log.warning("could not record event %s on %s/%s: %s", reason, kind, name, exc.reason)
 
 
-def post_member_event(
-    c: Clients, body: Mapping[str, Any], *, type_: str, reason: str, message: str
+def post_object_event(
+    c: Clients,
+    res: ApiResource,
+    body: Mapping[str, Any],
+    *,
+    type_: str,
+    reason: str,
+    message: str,
+    name: str | None = None,
+    namespace: str | None = None,
 ) -> None:
-    """`post_event` about a Member (cluster-scoped: its Events go to `default`)."""
+    """`post_event` about an object of `res`: kind and apiVersion from `res`, the uid from
+    `body` (the view's latest copy; empty when unknown), name and namespace from the body
+    unless given (cluster-scoped objects' Events go to `default`)."""
     meta = body.get("metadata") or {}
     post_event(
         c,
-        kind=MEMBERS.kind,
-        name=str(meta.get("name", "")),
+        kind=res.kind,
+        name=name or str(meta.get("name", "")),
         uid=str(meta.get("uid", "")),
-        namespace=None,
+        namespace=(namespace or meta.get("namespace")) if res.namespaced else None,
         type_=type_,
         reason=reason,
         message=message,
+        api_version=res.api_version,
     )

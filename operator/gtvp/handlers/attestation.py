@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gtvp import kube
+from gtvp.core.api_resources import MEMBERS
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
@@ -151,8 +152,9 @@ async def _write(rt: Runtime, name: str, body: Mapping[str, Any], new: Mapping[s
 async def _post_events(rt: Runtime, name: str, body: Mapping[str, Any], step: Step) -> None:
     for ev in step.events:
         await asyncio.to_thread(
-            kube.post_member_event,
+            kube.post_object_event,
             rt.clients,
+            MEMBERS,
             body,
             type_=ev.type,
             reason=ev.reason,

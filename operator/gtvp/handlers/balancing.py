@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -111,14 +110,13 @@ async def _start(rt: Runtime, move: Move) -> None:
     METRICS.balancing_moves.inc()
     message = f"moving to {move.target}: {move.reason}"
     log.info("LazyBox %s/%s: %s", box.namespace, box.name, message)
-    body: dict[str, Any] = rt.view.boxes.get((box.namespace, box.name)) or {}
     with contextlib.suppress(ApiException):
         await asyncio.to_thread(
-            kube.post_event,
+            kube.post_object_event,
             rt.clients,
-            kind=LAZY_BOXES.kind,
+            LAZY_BOXES,
+            rt.view.boxes.get((box.namespace, box.name)) or {},
             name=box.name,
-            uid=str((body.get("metadata") or {}).get("uid", "")),
             namespace=box.namespace,
             type_="Normal",
             reason="Balancing",

@@ -176,16 +176,15 @@ async def _say(rt: Runtime, vmi: Evacuee, type_: str, reason: str, message: str)
     for res, obj in about:
         with contextlib.suppress(ApiException):
             await asyncio.to_thread(
-                kube.post_event,
+                kube.post_object_event,
                 rt.clients,
-                kind=res.kind,
+                res,
+                obj,
                 name=vmi.name,
-                uid=str((obj.get("metadata") or {}).get("uid", "")),
                 namespace=vmi.namespace,
                 type_=type_,
                 reason=reason,
                 message=message,
-                api_version=res.api_version,
             )
 
 

@@ -110,18 +110,16 @@ async def _say_stalled(
         if f"{ns}/{name}" in said:
             continue
         log.warning("evacuation of %s/%s waits: %s", ns, name, why)
-        uid = str(((rt.view.vmis.get((ns, name)) or {}).get("metadata") or {}).get("uid", ""))
         await asyncio.to_thread(
-            kube.post_event,
+            kube.post_object_event,
             rt.clients,
-            kind=VIRTUAL_MACHINE_INSTANCES.kind,
+            VIRTUAL_MACHINE_INSTANCES,
+            rt.view.vmis.get((ns, name)) or {},
             name=name,
-            uid=uid,
             namespace=ns,
             type_="Warning",
             reason="EvacuationFailed",
             message=why,
-            api_version=VIRTUAL_MACHINE_INSTANCES.api_version,
         )
 
 

@@ -232,13 +232,12 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
     box_writes.write_status(rt, key, decision.status)
     METRICS.boxes[f"{key[0]}/{key[1]}"] = str(decision.status.get("phase"))
     if decision.event is not None:
-        box = rt.view.boxes.get(key) or {}
         etype, reason, message = decision.event
-        kube.post_event(
+        kube.post_object_event(
             rt.clients,
-            kind=LAZY_BOXES.kind,
+            LAZY_BOXES,
+            rt.view.boxes.get(key) or {},
             name=key[1],
-            uid=str((box.get("metadata") or {}).get("uid", "")),
             namespace=key[0],
             type_=etype,
             reason=reason,

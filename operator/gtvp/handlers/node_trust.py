@@ -95,8 +95,9 @@ async def forget_node(rt: Runtime, name: str) -> None:
     )
     log.warning("%s", message)
     await asyncio.to_thread(
-        kube.post_member_event,
+        kube.post_object_event,
         rt.clients,
+        MEMBERS,
         body,
         type_="Warning",
         reason="NodeGone",
