@@ -3,7 +3,14 @@ an untrusted host; a spent verdict stops new placements without tainting."""
 
 from __future__ import annotations
 
-from gtvp.core.trust import LEVEL_LABEL, TAINT_KEY, TRUSTED_LABEL, label_level, node_patch
+from gtvp.core.trust import (
+    LEVEL_LABEL,
+    TAINT_KEY,
+    TRUSTED_LABEL,
+    label_level,
+    node_patch,
+    rule_labels,
+)
 
 
 def _trusted(level: int, uses: int) -> dict[str, object]:
@@ -38,3 +45,14 @@ def test_an_untrusted_member_loses_its_labels_and_is_tainted() -> None:
     assert patch is not None
     assert patch["metadata"]["labels"][TRUSTED_LABEL] is None
     assert patch["spec"]["taints"][0]["key"] == TAINT_KEY
+
+
+def test_transition_rules_see_every_label_but_gtvps_own() -> None:
+    """gtvp's own label writes follow each verdict; they are no reason to judge again."""
+    node = {
+        TRUSTED_LABEL: "true",
+        f"{LEVEL_LABEL}2": "true",
+        "node-restriction.kubernetes.io/hardware": "tdx",
+    }
+    assert rule_labels(node) == {"node-restriction.kubernetes.io/hardware": "tdx"}
+    assert rule_labels(None) == {}

@@ -42,6 +42,17 @@ def desired_labels(phase: str, level: int) -> dict[str, str | None]:
     return out
 
 
+def rule_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """A Node's labels less gtvp's own trust labels: what transition rules may match (the
+    policy refuses rules on gtvp's labels), so a change of gtvp's own labels is no reason
+    to judge the member again."""
+    return {
+        k: v
+        for k, v in (labels or {}).items()
+        if k != TRUSTED_LABEL and not k.startswith(LEVEL_LABEL)
+    }
+
+
 def label_level(status: Mapping[str, Any]) -> int:
     """The level a Node's labels may advertise for new placements: the member's level while
     its verdict is Trusted with uses left, else 0. A spent verdict (maxUses decisions made)

@@ -31,6 +31,7 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINE_INSTANCES,
     VIRTUAL_MACHINES,
 )
+from gtvp.core.trust import rule_labels
 from gtvp.handlers import (
     admission,
     attestation,
@@ -65,8 +66,11 @@ async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
         return
     if name not in rt.view.members and rt.settings.create_members:
         await node_trust.ensure_member(rt, name)
-    elif labels_before is not None and labels_before != rt.view.node_labels.get(name):
-        # transition rules read Node labels: a new level or class is judged now
+    elif labels_before is not None and rule_labels(labels_before) != rule_labels(
+        rt.view.node_labels.get(name)
+    ):
+        # transition rules read Node labels: a new level or class is judged now (gtvp's
+        # own label writes, which follow each verdict, are not such a change)
         rt.schedule.schedule(name, dt.timedelta(0))
     await node_trust.sync_node(rt, name)
     lazyboxes.touch_waiting(rt)
