@@ -52,6 +52,8 @@ class Hook:
     operations: tuple[str, ...]
     scope: str = "Namespaced"
     match_conditions: tuple[str, ...] = ()  # names in webhook-conditions.yaml; all must hold
+    failure_policy: str = "Fail"  # a gate fails closed; only an early-warning hook may not
+    timeout_seconds: int = 10
 
 
 def match_conditions() -> dict[str, str]:
@@ -106,8 +108,8 @@ def _hooks(
             "name": f"{h.id}.gtvp.io",
             "admissionReviewVersions": ["v1"],
             "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10,
+            "failurePolicy": h.failure_policy,
+            "timeoutSeconds": h.timeout_seconds,
             "matchPolicy": "Equivalent",
             "clientConfig": {
                 "url": f"{url.rstrip('/')}/{h.id}",
@@ -170,6 +172,8 @@ POLICY: Hook = Hook(
     SECURITY_POLICIES.plural,
     (CREATE, UPDATE),
     scope="Cluster",
+    failure_policy="Ignore",
+    timeout_seconds=5,
 )
 
 
@@ -182,27 +186,5 @@ def policy_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
             "name": POLICY_CONFIGURATION,
             "labels": {"app.kubernetes.io/part-of": "gtvp"},
         },
-        "webhooks": [
-            {
-                "name": f"{POLICY_HOOK}.gtvp.io",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Ignore",
-                "timeoutSeconds": 5,
-                "matchPolicy": "Equivalent",
-                "clientConfig": {
-                    "url": f"{url.rstrip('/')}/{POLICY_HOOK}",
-                    "caBundle": base64.b64encode(ca_pem).decode(),
-                },
-                "rules": [
-                    {
-                        "apiGroups": [POLICY.group],
-                        "apiVersions": [POLICY.version],
-                        "resources": [POLICY.resource],
-                        "operations": list(POLICY.operations),
-                        "scope": POLICY.scope,
-                    }
-                ],
-            }
-        ],
+        "webhooks": _hooks((POLICY,), url, ca_pem, OWN_NAMESPACE),
     }
