@@ -24,9 +24,8 @@ import pytest
 
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.pool import Pool
-from tests.e2e.test_lazyboxes import PUB, _clear_components, apply, box, get, ordinary_vm, running
+from tests.e2e.test_lazyboxes import box, box_pool, get, ordinary_vm, running
 from tests.e2e.test_trusted_pool import _vm
-from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
@@ -35,20 +34,8 @@ DRAIN = "gtvp.io/drain"
 
 @pytest.fixture(scope="module")
 def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    _clear_components(control_plane)
-    policy = {"interval": "2s", "valid_for": "6s", "max_uses": 50, "publisher_keys": PUB.keys}
-    try:
-        with trusted_pool(
-            control_plane,
-            tmp_path_factory.mktemp("drains"),
-            tag="drain",
-            identities={"a": 3, "b": 3, "c": 1},
-            policy=policy,
-            before_start=lambda p: apply(p, PUB.web_catalogue()),
-        ) as p:
-            yield p
-    finally:
-        _clear_components(control_plane)
+    with box_pool(control_plane, tmp_path_factory.mktemp("drains"), tag="drain") as p:
+        yield p
 
 
 @pytest.fixture

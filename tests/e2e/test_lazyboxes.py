@@ -8,9 +8,11 @@ virt-controller by gtvp's stand-in (`gtvp_local.virtsim`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,22 +31,29 @@ def _clear_components(cp: ControlPlane) -> None:
     cp.kubectl("delete", "oscomponents", "--all", "--wait=false", check=False)
 
 
-@pytest.fixture(scope="module")
-def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    _clear_components(control_plane)
+@contextlib.contextmanager
+def box_pool(cp: ControlPlane, directory: Path, *, tag: str) -> Iterator[Pool]:
+    """Members a, b (level 3) and c (level 1) with the signed sample catalogue published."""
+    _clear_components(cp)
     policy = {"interval": "2s", "valid_for": "6s", "max_uses": 50, "publisher_keys": PUB.keys}
     try:
         with trusted_pool(
-            control_plane,
-            tmp_path_factory.mktemp("boxes"),
-            tag="lbox",
+            cp,
+            directory,
+            tag=tag,
             identities={"a": 3, "b": 3, "c": 1},
             policy=policy,
             before_start=lambda p: apply(p, PUB.web_catalogue()),
         ) as p:
             yield p
     finally:
-        _clear_components(control_plane)
+        _clear_components(cp)
+
+
+@pytest.fixture(scope="module")
+def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    with box_pool(control_plane, tmp_path_factory.mktemp("boxes"), tag="lbox") as p:
+        yield p
 
 
 def apply(pool: Pool, objs: list[dict[str, Any]]) -> None:
