@@ -1,8 +1,9 @@
 """The operator's plain-HTTP endpoints: `/metrics`, `/healthz` (liveness), `/readyz` (readiness).
 
 `/readyz` answers 200 only once the operator has loaded the members' verdicts, VMs, VMIs and
-migrations (before that its webhooks are not yet served), so a Service sends admission
-requests only to a replica that can judge them. `/healthz` answers 200 while the recheck
+migrations (before that its webhooks are not yet served), and only while its presence Lease
+is renewed and it is not shutting down, so a Service sends admission requests only to a
+replica that can judge them. `/healthz` answers 200 while the recheck
 loop keeps turning (it wakes at least every 30 s); a wedged event loop gets the pod
 restarted. Both say why in their body.
 """
@@ -29,14 +30,18 @@ class Probe:
     loaded: bool
     loop_started: bool
     loop_idle_seconds: float
+    unready_because: str | None = None
+    """Why this replica must not answer admission although loaded (None: nothing)."""
 
 
 def answer(path: str, probe: Probe) -> tuple[int, str] | None:
     """(HTTP status, text) for a probe path; None for any other path."""
     if path == "/readyz":
-        if probe.loaded:
-            return 200, "ready: members, VMs, VMIs and migrations loaded\n"
-        return 503, "not ready: still loading the pool from the API server\n"
+        if not probe.loaded:
+            return 503, "not ready: still loading the pool from the API server\n"
+        if probe.unready_because is not None:
+            return 503, f"not ready: {probe.unready_because}\n"
+        return 200, "ready: members, VMs, VMIs and migrations loaded\n"
     if path == "/healthz":
         if probe.loop_started and probe.loop_idle_seconds > STALL_AFTER:
             return 503, (

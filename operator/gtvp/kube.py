@@ -25,6 +25,9 @@ class Clients:
     api: client.ApiClient
     custom: client.CustomObjectsApi
     core: client.CoreV1Api
+    coordination: client.CoordinationV1Api
+    field_manager: str = "gtvp-operator"
+    """Named in managedFields of what this process writes (one per replica)."""
 
 
 # Concurrent API calls: the handlers call the (blocking) client through asyncio.to_thread,
@@ -34,7 +37,7 @@ class Clients:
 API_THREADS = 32
 
 
-def make_clients(kubeconfig: str | None = None) -> Clients:
+def make_clients(kubeconfig: str | None = None, *, field_manager: str = "gtvp-operator") -> Clients:
     path = kubeconfig or os.environ.get("KUBECONFIG")
     cfg = client.Configuration()
     if path:
@@ -43,7 +46,13 @@ def make_clients(kubeconfig: str | None = None) -> Clients:
         config.load_incluster_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = API_THREADS
     api = client.ApiClient(cfg)
-    return Clients(api, client.CustomObjectsApi(api), client.CoreV1Api(api))
+    return Clients(
+        api,
+        client.CustomObjectsApi(api),
+        client.CoreV1Api(api),
+        client.CoordinationV1Api(api),
+        field_manager,
+    )
 
 
 def merge_patch_for(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,8 +236,21 @@ def patch_object(
     return _call(c, "patch", res, namespace, name, dict(patch))
 
 
-def patch_member_status(c: Clients, name: str, status_patch: Mapping[str, Any]) -> Any:
-    return patch_status(c, MEMBERS, name, status_patch)
+def patch_member_status(
+    c: Clients,
+    name: str,
+    status_patch: Mapping[str, Any],
+    *,
+    resource_version: str | None = None,
+) -> Any:
+    """Merge-patch a Member's status as this replica's field manager; with
+    `resource_version`, only if the Member is still at that version (409 otherwise)."""
+    body: dict[str, Any] = {"status": dict(status_patch)}
+    if resource_version is not None:
+        body["metadata"] = {"resourceVersion": resource_version}
+    return c.custom.patch_cluster_custom_object_status(
+        *MEMBERS.coordinates, name, body, field_manager=c.field_manager
+    )
 
 
 def delete_member(c: Clients, name: str) -> None:
@@ -295,3 +317,63 @@ def post_object_event(
         message=message,
         api_version=res.api_version,
     )
+
+
+# ----- Leases (coordination.k8s.io/v1): the replicas' presence, shards and leadership -------
+LEASE_LABEL = "gtvp.io/lease"
+
+
+def list_leases(c: Clients, namespace: str) -> list[dict[str, Any]]:
+    """gtvp's Leases in `namespace`, as plain dicts (camelCase keys)."""
+    got = c.api.sanitize_for_serialization(
+        c.coordination.list_namespaced_lease(namespace, label_selector=LEASE_LABEL)
+    )
+    items: list[dict[str, Any]] = got.get("items") or []
+    return items
+
+
+def create_lease(c: Clients, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Create a Lease; None when one of that name exists already (409)."""
+    try:
+        got = c.coordination.create_namespaced_lease(
+            namespace, dict(body), field_manager=c.field_manager
+        )
+    except client.exceptions.ApiException as exc:
+        if exc.status == 409:
+            return None
+        raise
+    out: dict[str, Any] = c.api.sanitize_for_serialization(got)
+    return out
+
+
+def replace_lease(c: Clients, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Replace a Lease at the resourceVersion in `body`; None when it changed meanwhile
+    (409) or is gone (404): somebody else moved first."""
+    name = str(body["metadata"]["name"])
+    try:
+        got = c.coordination.replace_namespaced_lease(
+            name, namespace, dict(body), field_manager=c.field_manager
+        )
+    except client.exceptions.ApiException as exc:
+        if exc.status in (404, 409):
+            return None
+        raise
+    out: dict[str, Any] = c.api.sanitize_for_serialization(got)
+    return out
+
+
+def delete_lease(c: Clients, namespace: str, name: str, resource_version: str) -> bool:
+    """Delete a Lease if still at `resource_version`; False when gone or changed."""
+    try:
+        c.coordination.delete_namespaced_lease(
+            name,
+            namespace,
+            body=client.V1DeleteOptions(
+                preconditions=client.V1Preconditions(resource_version=resource_version)
+            ),
+        )
+    except client.exceptions.ApiException as exc:
+        if exc.status in (404, 409):
+            return False
+        raise
+    return True

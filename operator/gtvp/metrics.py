@@ -58,6 +58,7 @@ class Metrics:
         self._attestation_metrics()
         self._admission_and_migration_metrics()
         self._lazybox_metrics()
+        self._coordination_metrics()
         self.registry.register(_MemberCollector(self))
         self.registry.register(_BoxCollector(self))
 
@@ -134,6 +135,25 @@ class Metrics:
             registry=self.registry,
         )
 
+    def _coordination_metrics(self) -> None:
+        self.shards_held = Gauge(
+            "gtvp_shards_held",
+            "Member shards this replica writes for (challenges, verdicts, Node labels)",
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "gtvp_leader",
+            "1 on the replica running the singleton loops (evacuation, boxes, balancing, "
+            "drains), else 0",
+            registry=self.registry,
+        )
+        self.lease_renewal_failures = Counter(
+            "gtvp_lease_renewal_failures",
+            "Presence Lease renewals that failed (past the renew deadline the replica "
+            "writes nothing and reports unready)",
+            registry=self.registry,
+        )
+
     def observe_attestation(self, outcome: str, seconds: float) -> None:
         if outcome == "Verified":
             self.attestations.labels("verified", "QuoteVerified").inc()
@@ -146,6 +166,13 @@ class Metrics:
 
     def evacuation(self, state: str) -> None:
         self.evacuations.labels(state).inc()
+
+    def set_coordination(self, shards: int, leading: bool) -> None:
+        self.shards_held.set(shards)
+        self.leader.set(1 if leading else 0)
+
+    def lease_renewal_failed(self) -> None:
+        self.lease_renewal_failures.inc()
 
     def set_member(self, name: str, phase: str, level: int) -> None:
         self.members[name] = (phase, level)

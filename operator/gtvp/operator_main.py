@@ -1,7 +1,9 @@
 """`gtvp-operator`: run the operator (kopf) against the cluster in the kubeconfig or in-cluster.
 
-Runs standalone (one active replica). Serves Prometheus metrics and the /healthz and /readyz
-probes on --metrics-port.
+Several replicas share the pool through Leases in --lease-namespace (see docs/architecture.md,
+"High availability"): every replica answers admission, each member shard has one writer,
+one replica leads the singleton loops. Serves Prometheus metrics and the /healthz and
+/readyz probes on --metrics-port.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from gtvp import __version__
+from gtvp.coordination import Coordination
+from gtvp.core.shards import SHARDS, LeaseTiming
 from gtvp.runtime import OperatorSettings, Runtime
 
 
@@ -70,7 +75,37 @@ def parser() -> argparse.ArgumentParser:
         help="identity (level ceiling) of Members created for new Nodes",
     )
     p.add_argument("--log-level", default="INFO")
+    _lease_arguments(p)
     return p
+
+
+def _lease_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("high availability (Leases)")
+    g.add_argument(
+        "--identity",
+        default=os.environ.get("GTVP_IDENTITY") or f"{socket.gethostname()}-{os.getpid()}",
+        help="this replica's name in the Leases (default: hostname-pid; the pod name in a pod)",
+    )
+    g.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("GTVP_LEASE_NAMESPACE", "gtvp-system"),
+        help="namespace of the replicas' Leases (default: gtvp-system)",
+    )
+    g.add_argument("--shards", type=int, default=SHARDS, help=f"member shards (default {SHARDS})")
+    g.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default 15)")
+    g.add_argument("--renew-deadline", type=float, default=10.0, help="seconds (default 10)")
+    g.add_argument("--retry-period", type=float, default=2.0, help="seconds (default 2)")
+    g.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="after SIGTERM: seconds of answering admission while unready (default 5)",
+    )
+    g.add_argument(
+        "--no-leases",
+        action="store_true",
+        help="run as the only replica: no Leases (never with more than one replica)",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> OperatorSettings:
@@ -86,6 +121,12 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
         log_level=args.log_level.upper(),
+        identity=args.identity,
+        lease_namespace=args.lease_namespace,
+        shards=args.shards,
+        lease_timing=LeaseTiming(args.lease_duration, args.renew_deadline, args.retry_period),
+        shutdown_grace=args.shutdown_grace,
+        coordinate=not args.no_leases,
     )
 
 
@@ -111,10 +152,18 @@ def _serve_probes(rt: Runtime) -> None:
     from gtvp.metrics import METRICS
 
     def probe() -> http_endpoints.Probe:
+        co = rt.coordination
         return http_endpoints.Probe(
             loaded=rt.view.loaded,
             loop_started=rt.schedule.heartbeat > 0,
             loop_idle_seconds=http_endpoints.idle_since(rt.schedule.heartbeat),
+            unready_because=(
+                None
+                if co.ready()
+                else "shutting down"
+                if co.stopping
+                else co.refused or "its presence Lease is not renewed yet"
+            ),
         )
 
     settings = rt.settings
@@ -127,7 +176,20 @@ def _runtime(settings: OperatorSettings) -> Runtime:
 
     from gtvp import kube
 
-    rt = Runtime(settings=settings, clients=kube.make_clients(settings.kubeconfig))
+    clients = kube.make_clients(
+        settings.kubeconfig, field_manager=f"gtvp-operator/{settings.identity}"[:128]
+    )
+    coordination = (
+        Coordination(
+            identity=settings.identity,
+            namespace=settings.lease_namespace,
+            shards=settings.shards,
+            timing=settings.lease_timing,
+        )
+        if settings.coordinate
+        else Coordination.sole()
+    )
+    rt = Runtime(settings=settings, clients=clients, coordination=coordination)
     if settings.webhook_port:
         rt.webhook_server = kopf.WebhookServer(
             addr=settings.webhook_address,
@@ -139,7 +201,10 @@ def _runtime(settings: OperatorSettings) -> Runtime:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = settings_from(parser().parse_args(argv))
+    try:
+        settings = settings_from(parser().parse_args(argv))
+    except ValueError as exc:  # inconsistent lease timing
+        return _fail(str(exc))
     _configure_logging(settings)
     if settings.kubeconfig:
         # before the kubernetes client is imported: it reads its default path at import,
@@ -163,7 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{settings.metrics_address}:{settings.metrics_port}: {exc}"
             )
     logging.getLogger("gtvp").info(
-        "gtvp-operator %s enforcing SecurityPolicy %r", __version__, settings.policy_name
+        "gtvp-operator %s enforcing SecurityPolicy %r as replica %r%s",
+        __version__,
+        settings.policy_name,
+        settings.identity,
+        f" (Leases in namespace {settings.lease_namespace})" if settings.coordinate else "",
     )
     asyncio.run(_run(rt))
     return 0
@@ -179,8 +248,15 @@ async def _run(rt: Runtime) -> None:
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, admission_webhooks=rt.webhook_server is not None)
+    rt.stop_flag = asyncio.Event()
+    # standalone: kopf's own peering would pause every replica but one; gtvp's replicas
+    # divide the work through their Leases instead (gtvp.handlers.leases)
     await kopf.operator(
-        registry=registry, memo=kopf.Memo(runtime=rt), clusterwide=True, standalone=True
+        registry=registry,
+        memo=kopf.Memo(runtime=rt),
+        clusterwide=True,
+        standalone=True,
+        stop_flag=rt.stop_flag,
     )
 
 

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gtvp.cluster_view import ClusterView, Key
+from gtvp.coordination import Coordination
 from gtvp.core.component_checks import Check
 from gtvp.core.components import Component
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import Unresolvable
+from gtvp.core.shards import SHARDS, LeaseTiming
 
 if TYPE_CHECKING:  # importing kubernetes fixes its default kubeconfig path (gtvp-operator
     # sets KUBECONFIG from --kubeconfig first, then imports the client)
@@ -51,6 +53,15 @@ class OperatorSettings:
     """Serving certificate (PEM) the API server trusts."""
     webhook_key: str | None = None
     log_level: str = "INFO"
+    identity: str = "gtvp-operator"
+    """This replica's name in the Leases (the pod's name in a cluster)."""
+    lease_namespace: str = "gtvp-system"
+    shards: int = SHARDS
+    lease_timing: LeaseTiming = field(default_factory=LeaseTiming)
+    shutdown_grace: float = 5.0
+    """After SIGTERM: seconds of answering admission while unready, before stopping."""
+    coordinate: bool = True
+    """Share the pool with other replicas through Leases (False: the only replica)."""
 
 
 @dataclass
@@ -166,6 +177,12 @@ class Runtime:
     balance: BalanceMemory = field(default_factory=BalanceMemory)
     webhook_server: Any = None
     """kopf's WebhookServer when the admission webhooks are served."""
+    coordination: Coordination = field(default_factory=Coordination.sole)
+    """Which members' writes and which singleton loops are this replica's now."""
+    lease_keeper: Any = None
+    """`handlers.leases.LeaseKeeper` while Leases are kept."""
+    stop_flag: asyncio.Event | None = None
+    """Set to stop kopf (the graceful SIGTERM path sets it after handing Leases back)."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 

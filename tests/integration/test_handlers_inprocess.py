@@ -18,8 +18,10 @@ import kopf
 import pytest
 
 from gtvp import kube
+from gtvp.coordination import Coordination
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
+from gtvp.core.shards import SHARDS, shard_of
 from gtvp.core.trust import TRUSTED_LABEL, trust_selector
 from gtvp.handlers import admission, attestation, node_trust, policies, startup, verdict_uses
 from gtvp.runtime import OperatorSettings, Runtime
@@ -426,3 +428,44 @@ def test_a_deleted_node_does_not_take_along_the_member_that_pins_its_ek(
         assert "it pins EK abababababababab" in events[0]["message"]
     finally:
         control_plane.kubectl("delete", "member", name, "--ignore-not-found", "--wait=false")
+
+
+def _replica_holding(rt: Runtime, *, shards: set[int]) -> Coordination:
+    """`rt` as one replica among several, holding `shards` (renewed just now)."""
+    co = Coordination("replica-under-test")
+    co.renewed(co.clock())
+    co.held |= shards
+    rt.coordination = co
+    return co
+
+
+def test_a_replica_writes_only_for_the_members_whose_shard_it_holds(
+    rt: Runtime, member: str
+) -> None:
+    co = _replica_holding(rt, shards=set(range(SHARDS)) - {shard_of(member)})
+    asyncio.run(attestation.reconcile(rt, member))
+    assert _status(rt, member) == {}  # another replica holds this member: nothing written
+    co.held.add(shard_of(member))
+    asyncio.run(attestation.reconcile(rt, member))
+    assert _status(rt, member)["trust"]["reason"] == "NoPolicy"
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    managers = {f.get("manager") for f in got["metadata"].get("managedFields") or []}
+    assert "gtvp-operator" in managers  # the replica's field manager names the writer
+
+
+def test_a_verdict_judged_on_a_stale_body_never_overwrites_a_newer_one(
+    rt: Runtime, member: str, control_plane: ControlPlane
+) -> None:
+    stale = rt.view.members[member]  # what this replica judged
+    newer = {"status": {"phase": "Trusted", "trust": {"reason": "WrittenByTheNewHolder"}}}
+    control_plane.kubectl(
+        "patch", "member", member, "--subresource=status", "--type=merge",
+        "-p", json.dumps(newer),
+    )  # fmt: skip
+    rt.view.members[member] = stale  # the watch has not delivered the newer body yet
+    asyncio.run(attestation.reconcile(rt, member))
+    status = _status(rt, member)
+    assert status["trust"]["reason"] == "WrittenByTheNewHolder"  # 409: not overwritten
+    assert status["phase"] == "Trusted"
+    assert member in rt.schedule.next_due  # judged again once the newer body arrives

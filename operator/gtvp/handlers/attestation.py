@@ -2,17 +2,19 @@
 
 The kopf event handler feeds every Member change here; a single background loop re-checks
 members whose verdict expires or whose next look is due (one loop for the whole pool rather
-than a timer per member). Each member is handled under its own lock, and a body older
-than our last answer (its nonce already consumed) is skipped, so a verdict is never judged
-twice. The only writes: one status merge patch per decision, and an Event on transitions;
-then the member's Node follows the verdict and the VMs it may no longer hold are moved.
+than a timer per member). Only the replica holding the member's shard judges it (see
+`gtvp.coordination`). Each member is handled under its own lock, and a body older than our
+last answer (its nonce already consumed) is skipped, so a verdict is never judged twice. The
+only writes: one status merge patch per decision, at the resourceVersion judged (a replica
+that lost the shard meanwhile cannot overwrite its new holder), and an Event on
+transitions; then the member's Node follows the verdict. The leader moves the VMs the
+verdict no longer allows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -90,53 +92,80 @@ def _already_answered(rt: Runtime, name: str, status: Mapping[str, Any]) -> bool
 
 
 async def reconcile(rt: Runtime, name: str) -> None:
-    """Decide and write the next status of one member (no-op when nothing changes)."""
+    """Look at one member: the holder of its shard decides and writes its next status (a
+    no-op when nothing changes); the leader moves the VMs its verdict no longer allows."""
+    co = rt.coordination
     async with rt.attestation.lock(name):
-        body = rt.view.members.get(name)
-        if body is None:
-            return
-        status = body.get("status") or {}
-        if _already_answered(rt, name, status):
-            return
-        policy = rt.view.policy
-        step = _step(rt, name, body, policy) if policy is not None else None
-        new = step.status if step is not None else _no_policy_status(rt, body)
-        if not await _write(rt, name, body, new):
-            # fail closed: the Node loses trust on the verdict reached, even unwritten, and
-            # the member is looked at again soon (its nonce is not taken as answered)
-            if new.get("phase") != MemberPhase.TRUSTED:
-                await sync_node(rt, name, status_override=new)
-            rt.schedule.schedule(name, WRITE_RETRY)
-            return
-        if step is not None and step.answered_nonce is not None:
-            rt.attestation.seen(name).append(step.answered_nonce)
-        await sync_node(rt, name)
-        if status.get("phase") != new.get("phase") or status.get("level") != new.get("level"):
-            await rejudge_migrations_to(rt, name)
-        if step is not None:
-            step = await _move_vms_off(rt, name, new, step)
-            await _post_events(rt, name, body, step)
-            rt.schedule.schedule(name, step.recheck_after)
-        else:
-            rt.schedule.schedule(name, dt.timedelta(seconds=30))
-        METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
+        if co.holds(name):
+            await _judge(rt, name)
+        if co.leads() and name in rt.view.members:
+            status = rt.view.members[name].get("status") or {}
+            if await _move_vms_off(rt, name, status):
+                rt.schedule.schedule(name, EVACUATION_RECHECK)
+
+
+EVACUATION_RECHECK = dt.timedelta(seconds=1)
+
+
+async def _judge(rt: Runtime, name: str) -> None:
+    body = rt.view.members.get(name)
+    if body is None:
+        return
+    status = body.get("status") or {}
+    if _already_answered(rt, name, status):
+        return
+    policy = rt.view.policy
+    step = _step(rt, name, body, policy) if policy is not None else None
+    new = step.status if step is not None else _no_policy_status(rt, body)
+    written = await _write(rt, name, body, new)
+    if written is not True:
+        # fail closed: the Node loses trust on the verdict reached, even unwritten (not when
+        # another replica wrote first: it holds the member now, or the body was stale), and
+        # the member is looked at again soon (its nonce is not taken as answered)
+        if written is False and new.get("phase") != MemberPhase.TRUSTED:
+            await sync_node(rt, name, status_override=new)
+        rt.schedule.schedule(name, WRITE_RETRY)
+        return
+    if step is not None and step.answered_nonce is not None:
+        rt.attestation.seen(name).append(step.answered_nonce)
+    await sync_node(rt, name)
+    if status.get("phase") != new.get("phase") or status.get("level") != new.get("level"):
+        await rejudge_migrations_to(rt, name)
+    if step is not None:
+        await _post_events(rt, name, body, step)
+        rt.schedule.schedule(name, step.recheck_after)
+    else:
+        rt.schedule.schedule(name, dt.timedelta(seconds=30))
+    METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
 
 
 WRITE_RETRY = dt.timedelta(seconds=2)
 
 
-async def _write(rt: Runtime, name: str, body: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Write the operator's part of the status (nothing when unchanged); False when the API
-    server refused or failed (said in the log; the caller retries)."""
+async def _write(
+    rt: Runtime, name: str, body: Mapping[str, Any], new: Mapping[str, Any]
+) -> bool | None:
+    """Write the operator's part of the status (nothing when unchanged) at the version that
+    was judged. False when the API server refused or failed (said in the log; the caller
+    retries); None when the Member changed since (a newer body is on its way) or this
+    replica no longer holds the member's shard (fenced: it writes nothing)."""
     status = body.get("status") or {}
     old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
     patch = kube.merge_patch_for(old, new)
     if not patch:
         return True
+    if not rt.coordination.holds(name):
+        return None
     log.debug("member %s: status patch %s", name, patch)
+    version = (body.get("metadata") or {}).get("resourceVersion")
     try:
-        result = await asyncio.to_thread(kube.patch_member_status, rt.clients, name, patch)
+        result = await asyncio.to_thread(
+            kube.patch_member_status, rt.clients, name, patch, resource_version=version
+        )
     except Exception as exc:  # noqa: BLE001 - any failure: fail closed and retry
+        if kube.is_conflict(exc):
+            log.debug("member %s changed since it was judged; judging the newer body", name)
+            return None
         log.warning(
             "member %s: writing the verdict failed (%s); the Node follows the verdict "
             "anyway when it lowers trust, and the member is looked at again in %ss",
@@ -163,10 +192,11 @@ async def _post_events(rt: Runtime, name: str, body: Mapping[str, Any], step: St
         log.info("member %s: %s: %s", name, ev.reason, ev.message)
 
 
-async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any], step: Step) -> Step:
+async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
     """Apply onUntrusted to the gated VMs the member may no longer hold: all of them in
     every phase but Trusted (Pending, Enrolling, Untrusted, Maintenance alike), those that
-    need more than its level when Trusted at a lower level than before."""
+    need more than its level when Trusted at a lower level than before. True when some
+    are still to be moved (look again soon)."""
     phase = str(new.get("phase", ""))
     trust = new.get("trust") or {}
     if phase == MemberPhase.TRUSTED:
@@ -181,11 +211,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any], step: St
             else str((new.get("effectivePolicy") or {}).get("onUntrusted", "Migrate"))
         )
     remaining = await evacuate(rt, name, incident, action, keep_level=keep)
-    if remaining and action == "Migrate":
-        return dataclasses.replace(
-            step, recheck_after=min(step.recheck_after, dt.timedelta(seconds=1))
-        )
-    return step
+    return bool(remaining) and action == "Migrate"
 
 
 async def recheck_loop(rt: Runtime) -> None:

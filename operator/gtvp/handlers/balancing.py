@@ -138,7 +138,7 @@ async def balance_loop(rt: Runtime, period: float = PERIOD) -> None:
             return
         policy = rt.view.policy
         on = policy is not None and policy.balancing.enabled
-        if loop.time() - last < (period if on else IDLE_PERIOD):
+        if loop.time() - last < (period if on else IDLE_PERIOD) or not rt.coordination.leads():
             continue
         last = loop.time()
         try:

@@ -209,7 +209,7 @@ async def drain_loop(rt: Runtime, period: float = PERIOD) -> None:
         due = (pending and now - last_plan >= DEBOUNCE) or (
             memory.marked and now - last_plan >= period
         )
-        if not due or stop.is_set():
+        if not due or stop.is_set() or not rt.coordination.leads():
             continue
         last_plan, pending = now, False
         try:

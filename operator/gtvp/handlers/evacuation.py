@@ -214,10 +214,13 @@ async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
     view = migration_view(body)
     uid = str((body.get("metadata") or {}).get("uid", ""))
     if view.phase in ("Succeeded", "Failed"):
-        _count_finished(rt, body, view.phase)
+        if rt.coordination.leads():  # the leader started the evacuations, it counts them
+            _count_finished(rt, body, view.phase)
         return
     if view.target is None or view.phase not in RUNNING_PHASES:
         return
+    if not rt.coordination.holds(view.target):
+        return  # the replica holding the target's shard judges it (it wrote its verdict)
     level = gated_level(rt.view.vmis.get((view.namespace, view.vmi)) or {})
     if level is None:
         return

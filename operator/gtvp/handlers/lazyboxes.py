@@ -261,6 +261,9 @@ async def box_loop(rt: Runtime, period: float = 5.0) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(memory.wakeup.wait(), timeout=timeout)
         memory.wakeup.clear()
+        if not rt.coordination.leads():  # the leader places boxes (it is told when it leads)
+            memory.dirty.clear()
+            continue
         if loop.time() >= next_full:  # time-driven changes matter to boxes still waiting
             memory.dirty.update(
                 k

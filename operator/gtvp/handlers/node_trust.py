@@ -26,10 +26,11 @@ async def sync_node(
     rt: Runtime, name: str, status_override: Mapping[str, Any] | None = None
 ) -> None:
     """Bring the Node's gtvp labels and taint in line with its Member's verdict (or with
-    `status_override`: a verdict the operator reached but could not write)."""
+    `status_override`: a verdict the operator reached but could not write). Only the
+    replica holding the member's shard writes its Node."""
     node = rt.view.nodes.get(name)
     body = rt.view.members.get(name)
-    if node is None:
+    if node is None or not rt.coordination.holds(name):
         return
     if status_override is not None:
         body = {**(body or {}), "status": status_override}
@@ -60,7 +61,10 @@ def _what_changed(status: Mapping[str, Any]) -> str:
 
 
 async def ensure_member(rt: Runtime, name: str) -> None:
-    """Every Node is a member: create its Member (identity from --default-identity)."""
+    """Every Node is a member: create its Member (identity from --default-identity); by the
+    replica holding the name's shard (the others would only meet AlreadyExists)."""
+    if not rt.coordination.holds(name):
+        return
     identity = rt.settings.default_identity
     body = {
         "apiVersion": GTVP_API_VERSION,
@@ -82,7 +86,7 @@ async def forget_node(rt: Runtime, name: str) -> None:
     enrol another TPM. Such a Member (and one an administrator created) stays, with a
     Warning saying why and what to do when the host is decommissioned."""
     body = rt.view.members.get(name)
-    if body is None:
+    if body is None or not rt.coordination.holds(name):
         return
     reason = _why_kept(body)
     if reason is None:

@@ -101,7 +101,7 @@ async def _write(
             await asyncio.to_thread(kube.patch_policy_status, c, name, patch)
         except ApiException as exc:  # the next event (or restart) writes it again
             log.warning("could not write the status of SecurityPolicy %s: %s", name, exc.reason)
-    if a.event is not None:
+    if a.event is not None and rt.coordination.leads():  # one Event, not one per replica
         await asyncio.to_thread(
             kube.post_event,
             c,

@@ -18,7 +18,15 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINES,
     ApiResource,
 )
-from gtvp.handlers import attestation, balancing, drains, lazyboxes, policies, verdict_uses
+from gtvp.handlers import (
+    attestation,
+    balancing,
+    drains,
+    lazyboxes,
+    leases,
+    policies,
+    verdict_uses,
+)
 from gtvp.runtime import Runtime, runtime_of
 
 log = logging.getLogger("gtvp.handlers")
@@ -94,9 +102,14 @@ async def load_pool(memo: kopf.Memo, **_: Any) -> None:
 
 
 async def start_loops(memo: kopf.Memo, **_: Any) -> None:
-    """One recheck loop for the pool, the box loop, the balancer and the drain loop."""
+    """The Lease rounds, one recheck loop for the pool, the box loop, the balancer and the
+    drain loop; SIGTERM from now on goes through the graceful stop (kopf installed its own
+    signal handlers before the startup handlers ran: these replace them)."""
     rt = runtime_of(memo)
+    if rt.stop_flag is not None:
+        leases.install_graceful_stop(rt, rt.stop_flag)
     for loop in (
+        leases.lease_loop,
         attestation.recheck_loop,
         lazyboxes.box_loop,
         balancing.balance_loop,

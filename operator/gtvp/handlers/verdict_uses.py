@@ -81,7 +81,8 @@ async def _spend_on_latest(rt: Runtime, name: str) -> int | None:
 
 async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str) -> None:
     """A gated VMI that KubeVirt scheduled onto a member spends one use of its verdict
-    (each start is a decision that relies on it); once per VMI."""
+    (each start is a decision that relies on it); once per VMI, by the replica holding
+    the member's shard (every replica marks it, so a later holder does not spend again)."""
     meta = body.get("metadata") or {}
     node = (body.get("status") or {}).get("nodeName")
     uid = str(meta.get("uid", ""))
@@ -90,7 +91,8 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
     if gated_level(body) is None:
         return
     rt.spent_starts.add(uid)
-    await spend_use(rt, str(node))
+    if rt.coordination.holds(str(node)):  # once across replicas: the member's shard holder
+        await spend_use(rt, str(node))
 
 
 def mark_started(rt: Runtime, bodies: list[dict[str, Any]]) -> None:
