@@ -165,7 +165,7 @@ def build(comp: Component, *, verbose: bool = True) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     (work / "go.mod").write_bytes(mod)
     (work / "go.sum").write_bytes(summ)
-    staging = work / "out"
+    staging = work / f"out-{os.getpid()}"  # two builds at once (two test runs) never share it
     staging.mkdir(exist_ok=True)
     label = f"{comp.name} {comp.version}"
     if verbose:
@@ -206,7 +206,8 @@ def build(comp: Component, *, verbose: bool = True) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     built_names = {ours: go_name for go_name, ours in comp.built_as}
     for b in comp.binaries:
-        shutil.move(str(staging / built_names.get(b, b)), str(dest / b))
+        os.replace(staging / built_names.get(b, b), dest / b)  # atomic: a reader sees a whole file
+    shutil.rmtree(staging, ignore_errors=True)
     if verbose:
         print(f"built {label} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     return dest
