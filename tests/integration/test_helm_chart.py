@@ -14,7 +14,7 @@ import yaml
 
 from gtvp import webhook_config
 from gtvp_local import toolchain
-from gtvp_local.controlplane import ControlPlane
+from gtvp_local.controlplane import ADMIN, ControlPlane
 
 pytestmark = pytest.mark.controlplane
 
@@ -32,19 +32,39 @@ def _helm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _render(*sets: str) -> list[dict[str, Any]]:
-    out = _helm(
+def _template(*sets: str, namespace: str = "gtvp-system") -> subprocess.CompletedProcess[str]:
+    return _helm(
         "template",
         "gtvp",
         str(CHART),
         "--namespace",
-        "gtvp-system",
+        namespace,
         "--kube-version",
         "v1.36.3",
         *(a for s in sets for a in ("--set", s)),
     )
+
+
+def _render(*sets: str, namespace: str = "gtvp-system") -> list[dict[str, Any]]:
+    out = _template(*sets, namespace=namespace)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _refused(*sets: str) -> str:
+    """What `helm template` says when it refuses these values (it must refuse them)."""
+    out = _template(*sets)
+    assert out.returncode != 0, f"rendered with {sets}"
+    return out.stderr
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    return found
+
+
+def _operator(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(docs, "Deployment", "gtvp-operator")
 
 
 def test_chart_lints(control_plane: ControlPlane) -> None:
@@ -335,28 +355,357 @@ def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_the_operator_runs_alone_and_off_the_nodes_that_host_tenant_vms(
+def test_the_operator_runs_off_the_nodes_that_host_tenant_vms(
     control_plane: ControlPlane,
 ) -> None:
     """Its token can write verdicts: never on a pool member running VMs by default (root
-    there could read it), never two replicas (competing verdicts), not even in a rollout."""
-    deployment = next(
-        d
-        for d in _render()
-        if d["kind"] == "Deployment" and d["metadata"]["name"] == "gtvp-operator"
-    )
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    pod = deployment["spec"]["template"]["spec"]
+    there could read it), every replica of it alike."""
+    pod = _operator(_render())["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"node-role.kubernetes.io/control-plane": ""}
     assert {
         "key": "node-role.kubernetes.io/control-plane",
         "operator": "Exists",
         "effect": "NoSchedule",
     } in pod["tolerations"]
-    two = _helm("template", "gtvp", str(CHART), "--set", "operator.replicas=2")
-    assert two.returncode != 0
-    assert "replicas" in two.stderr
+
+
+# ----- high availability: replicas sharing the pool through Leases (issue #12) ---------------
+
+
+def test_three_replicas_on_different_nodes_replaced_one_at_a_time(
+    control_plane: ControlPlane,
+) -> None:
+    """A fail-closed webhook needs more than one replica: three by default, kept apart by
+    node, rolled one at a time (never fewer than two Ready, never a fourth pod that would
+    not fit beside three on three control-plane nodes)."""
+    deployment = _operator(_render())
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+    }
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    anti = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert anti == {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": selector},
+                },
+            }
+        ]
+    }
+    required = _operator(_render("operator.antiAffinity=required"))
+    assert required["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"] == {
+        "requiredDuringSchedulingIgnoredDuringExecution": [
+            {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}}
+        ]
+    }
+    assert "antiAffinity" in _refused("operator.antiAffinity=sometimes")
+    assert "replicas" in _refused("operator.replicas=0")
+    five = _operator(_render("operator.replicas=5"))
+    assert five["spec"]["replicas"] == 5
+
+
+def test_a_disruption_budget_keeps_two_operator_replicas_through_drains(
+    control_plane: ControlPlane,
+) -> None:
+    """policy/v1, minAvailable 2, selecting exactly the operator's pods: the Deployment's
+    selector, which its pods carry and the agents' do not."""
+    docs = _render()
+    deployment = _operator(docs)
+    pdb = _one(docs, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == "gtvp-system"
+    assert pdb["spec"]["minAvailable"] == 2
+    selector = pdb["spec"]["selector"]
+    assert selector == deployment["spec"]["selector"]
+    assert (
+        selector["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    agent_labels = _one(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert not selector["matchLabels"].items() <= agent_labels.items()
+    # the webhook Service reaches the same pods
+    assert _one(docs, "Service")["spec"]["selector"] == selector["matchLabels"]
+    # a replica that is not Ready answers nothing: evicting it must not hold up a drain
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert (
+        _one(_render("operator.podDisruptionBudget.minAvailable=1"), "PodDisruptionBudget")["spec"][
+            "minAvailable"
+        ]
+        == 1
+    )
+
+
+def test_a_single_replica_gets_no_budget_that_would_block_drains(
+    control_plane: ControlPlane,
+) -> None:
+    """One replica: no PodDisruptionBudget (one keeping its only pod would block every drain
+    of its node), and its replacement starts before it stops."""
+    docs = _render("operator.replicas=1")
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    deployment = _operator(docs)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_a_budget_that_needs_every_replica_is_refused(control_plane: ControlPlane) -> None:
+    """minAvailable 2 of 2 replicas would keep every node running one from being drained."""
+    said = _refused("operator.replicas=2")
+    assert "operator.podDisruptionBudget.minAvailable (2) must be less than" in said
+    assert "operator.replicas (2)" in said
+    assert "set it to at most 1" in said
+    pdb = _one(
+        _render("operator.replicas=2", "operator.podDisruptionBudget.minAvailable=1"),
+        "PodDisruptionBudget",
+    )
+    assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_the_operator_runs_above_ordinary_workloads(control_plane: ControlPlane) -> None:
+    """A preempted operator refuses every gated VM: a PriorityClass the chart creates, or one
+    that exists already (then the chart creates none)."""
+    docs = _render()
+    pod = _operator(docs)["spec"]["template"]["spec"]
+    created = _one(docs, "PriorityClass")
+    assert pod["priorityClassName"] == created["metadata"]["name"] == "gtvp-gtvp-operator"
+    assert created["value"] == 1000000
+    assert created["globalDefault"] is False
+
+    existing = _render("operator.priorityClassName=system-cluster-critical")
+    assert not [d for d in existing if d["kind"] == "PriorityClass"]
+    assert _operator(existing)["spec"]["template"]["spec"]["priorityClassName"] == (
+        "system-cluster-critical"
+    )
+
+    none = _render("operator.priorityClass.create=false")
+    assert not [d for d in none if d["kind"] == "PriorityClass"]
+    assert "priorityClassName" not in _operator(none)["spec"]["template"]["spec"]
+
+
+def _lease_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in rules
+        if {"coordination.k8s.io", "*"} & set(r.get("apiGroups", []))
+        and {"leases", "*"} & set(r.get("resources", []))
+    ]
+
+
+def test_replicas_may_use_leases_in_their_own_namespace_only(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """A Role in the release's namespace (the one the replicas are told to use), bound to
+    the operator's service account; no cluster-wide Lease rights. Checked by the real API
+    server's authorizer, not only by reading the render."""
+    docs = _render(namespace=namespace)
+    role = _one(docs, "Role", "gtvp-operator-leases")
+    assert role["metadata"]["namespace"] == namespace
+    assert _lease_rules(role["rules"]) == role["rules"]
+    assert [sorted(r["verbs"]) for r in role["rules"]] == [
+        sorted(["get", "list", "watch", "create", "update", "delete"])
+    ]
+    binding = _one(docs, "RoleBinding", "gtvp-operator-leases")
+    assert binding["metadata"]["namespace"] == namespace
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "gtvp-operator-leases",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "gtvp-operator", "namespace": namespace}
+    ]
+    for cluster_role in (d for d in docs if d["kind"] == "ClusterRole"):
+        assert not _lease_rules(cluster_role["rules"]), cluster_role["metadata"]["name"]
+    # the same rights the local pool's operators get (manifests/local-bindings.yaml)
+    local = yaml.safe_load_all((REPO / "operator/gtvp/manifests/local-bindings.yaml").read_text())
+    assert role["rules"] == _one([d for d in local if d], "Role", "gtvp-operator-leases")["rules"]
+    env = _operator(docs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {
+        "name": "GTVP_LEASE_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    } in env
+
+    control_plane.kubectl(
+        "apply", "-f", "-", input_text="\n---\n".join(json.dumps(d) for d in (role, binding))
+    )
+    operator_sa = f"system:serviceaccount:{namespace}:gtvp-operator"
+    try:
+
+        def can(verb: str, where: str) -> bool:
+            out = control_plane.kubectl(
+                "auth",
+                "can-i",
+                verb,
+                "leases.coordination.k8s.io",
+                *where.split(),
+                f"--as={operator_sa}",
+                check=False,
+            )
+            return out.stdout.strip() == "yes"
+
+        for verb in ("get", "list", "watch", "create", "update", "delete"):
+            assert can(verb, f"-n {namespace}"), verb
+        assert not can("patch", f"-n {namespace}")
+        assert not can("update", "-n kube-system")
+        assert not can("list", "--all-namespaces")
+    finally:
+        control_plane.kubectl(
+            "delete", "role,rolebinding", "gtvp-operator-leases", "-n", namespace, check=False
+        )
+
+
+def test_each_replica_is_named_by_its_pod_in_the_leases(control_plane: ControlPlane) -> None:
+    """Replica identity = pod name (unique, and a restarted pod is a new replica); the lease
+    timing and the shutdown grace come from the values; the pod is given longer than the
+    grace to hand its Leases back."""
+    container = _operator(_render())["spec"]["template"]["spec"]["containers"][0]
+    assert {
+        "name": "GTVP_IDENTITY",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    } in container["env"]
+    args = container["args"]
+    assert "--identity=$(GTVP_IDENTITY)" in args
+    assert "--lease-namespace=$(GTVP_LEASE_NAMESPACE)" in args
+    for flag in ("--lease-duration=15", "--renew-deadline=10", "--retry-period=2"):
+        assert flag in args
+    assert "--shutdown-grace=5" in args
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+    tuned = _operator(
+        _render(
+            "operator.leases.duration=30",
+            "operator.leases.renewDeadline=20",
+            "operator.leases.retryPeriod=3",
+            "operator.shutdownGraceSeconds=10",
+            "operator.terminationGracePeriodSeconds=40",
+        )
+    )
+    pod = tuned["spec"]["template"]["spec"]
+    for flag in (
+        "--lease-duration=30",
+        "--renew-deadline=20",
+        "--retry-period=3",
+        "--shutdown-grace=10",
+    ):
+        assert flag in pod["containers"][0]["args"]
+    assert pod["terminationGracePeriodSeconds"] == 40
+    assert _operator(_render())["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 5
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        pytest.param(
+            ["operator.leases.renewDeadline=15"],
+            "operator.leases.renewDeadline (15) must be less than operator.leases.duration (15)",
+            id="renew-deadline-not-below-duration",
+        ),
+        pytest.param(
+            ["operator.leases.duration=8"],
+            "operator.leases.renewDeadline (10) must be less than operator.leases.duration (8)",
+            id="duration-below-renew-deadline",
+        ),
+        pytest.param(
+            ["operator.leases.retryPeriod=10"],
+            "operator.leases.retryPeriod (10) must be less than operator.leases.renewDeadline (10)",
+            id="retry-period-not-below-renew-deadline",
+        ),
+        pytest.param(
+            ["operator.shutdownGraceSeconds=30"],
+            "operator.terminationGracePeriodSeconds (30) must be at least "
+            "operator.shutdownGraceSeconds (30) + 5",
+            id="no-time-to-hand-leases-back",
+        ),
+        pytest.param(
+            ["operator.leases.retryPeriod=0"],
+            "/operator/leases/retryPeriod",
+            id="schema-whole-seconds-from-1",
+        ),
+    ],
+)
+def test_lease_timing_that_cannot_fence_is_refused(
+    control_plane: ControlPlane, values: list[str], message: str
+) -> None:
+    """A holder must stop writing before its Lease can be taken (renew deadline < duration),
+    get more than one try to renew (retry period < renew deadline), and get time to hand its
+    Leases back after the shutdown grace; `helm template` says which value to change."""
+    assert message in _refused(*values)
+
+
+def test_an_upgrade_from_the_single_writer_operator_stops_it_before_starting_replicas(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """The operator from before the Leases writes for every member: rolled like a replica,
+    it would run beside the new ones (two writers, competing nonces). Over such a
+    Deployment the chart recreates once; over its own, it rolls."""
+
+    def strategy_over_the_live_deployment() -> dict[str, Any]:
+        out = _helm(
+            "template",
+            "gtvp",
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--dry-run=server",  # lets the chart look the live Deployment up
+            "--kube-version",
+            "v1.36.3",
+            "--kubeconfig",
+            str(control_plane.kubeconfig_for(ADMIN)),
+        )
+        assert out.returncode == 0, out.stderr
+        docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+        return _operator(docs)["spec"]["strategy"]
+
+    single_writer = _operator(_render(namespace=namespace))
+    single_writer["metadata"].pop("annotations", None)  # the old chart set none
+    single_writer["spec"].update(replicas=1, strategy={"type": "Recreate"})
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(single_writer))
+    try:
+        assert strategy_over_the_live_deployment() == {"type": "Recreate"}
+        control_plane.kubectl(
+            "annotate",
+            "deployment",
+            "gtvp-operator",
+            "-n",
+            namespace,
+            "gtvp.io/replicas-share-leases=true",
+        )
+        assert strategy_over_the_live_deployment()["type"] == "RollingUpdate"
+    finally:
+        control_plane.kubectl("delete", "deployment", "gtvp-operator", "-n", namespace)
+
+
+def test_the_highly_available_operator_is_accepted_by_the_api_server(
+    control_plane: ControlPlane,
+) -> None:
+    """The budget, the priority class, the Lease Role and the anti-affinity (both kinds) as
+    the real API server validates them."""
+    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
+    for sets in ((), ("operator.antiAffinity=required",)):
+        docs = _render(*sets)
+        out = control_plane.kubectl(
+            "apply",
+            "--dry-run=server",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "-",
+            input_text="\n---\n".join(json.dumps(d) for d in docs),
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        for applied in (
+            "poddisruptionbudget.policy/gtvp-operator",
+            "priorityclass.scheduling.k8s.io/gtvp-gtvp-operator",
+            "role.rbac.authorization.k8s.io/gtvp-operator-leases",
+            "rolebinding.rbac.authorization.k8s.io/gtvp-operator-leases",
+            "deployment.apps/gtvp-operator",
+        ):
+            assert f"{applied} serverside-applied (server dry run)" in out.stdout, out.stdout
 
 
 def test_chart_reserves_gtvps_migration_labels_as_the_local_pool_does(
