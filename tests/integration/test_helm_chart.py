@@ -217,6 +217,54 @@ def test_policy_webhook_refuses_early_but_never_blocks_policy_edits(
     assert ("members", "create") in allowed
 
 
+def _ha_alert_tests(by_name: dict[str, Any]) -> list[dict[str, Any]]:
+    """Three replicas: one dies holding 21 shards and the leadership; nobody takes over."""
+    replicas = [
+        {"series": f'gtvp_shards_held{{pod="op-{i}"}}', "values": v}
+        for i, v in enumerate(("22x10", "21x10", "21 21 0x8"))
+    ]
+    leader = [
+        {"series": 'gtvp_leader{pod="op-0"}', "values": "0x10"},
+        {"series": 'gtvp_leader{pod="op-2"}', "values": "1 1 0x8"},
+    ]
+
+    def fired(name: str, summary: str) -> dict[str, Any]:
+        annotations = {**by_name[name]["annotations"], "summary": summary}
+        return {"exp_labels": {"severity": "critical"}, "exp_annotations": annotations}
+
+    return [
+        {
+            "interval": "1m",
+            "input_series": replicas + leader,
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "GtvpShardsWithoutWriter", "exp_alerts": []},
+                {"eval_time": "1m", "alertname": "GtvpNoLeader", "exp_alerts": []},
+                {
+                    "eval_time": "6m",
+                    "alertname": "GtvpShardsWithoutWriter",
+                    "exp_alerts": [
+                        fired(
+                            "GtvpShardsWithoutWriter",
+                            "Only 43 of 64 member shards have a writer: their members get "
+                            "no new verdicts",
+                        )
+                    ],
+                },
+                {
+                    "eval_time": "6m",
+                    "alertname": "GtvpNoLeader",
+                    "exp_alerts": [
+                        fired(
+                            "GtvpNoLeader",
+                            by_name["GtvpNoLeader"]["annotations"]["summary"],
+                        )
+                    ],
+                },
+            ],
+        }
+    ]
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus)")
 def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
     rule = next(
@@ -324,6 +372,7 @@ def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
                             },
                         ],
                     },
+                    *_ha_alert_tests(by_name),
                     {
                         "interval": "1m",
                         "input_series": [{"series": "gtvp_drain_waiting", "values": "0 1x30"}],
