@@ -104,10 +104,13 @@ def _where(res: ApiResource, namespace: str | None) -> tuple[str, ...]:
 
 def _call(c: Clients, verb: str, res: ApiResource, namespace: str | None, *args: Any) -> Any:
     """`c.custom.<verb>_{namespaced|cluster}_custom_object[_status](...)` for `res`
-    (`verb` "patch_status" patches the status subresource)."""
+    (`verb` "patch_status" patches the status subresource); writes name this process's
+    field manager (managedFields tell which replica wrote what)."""
     scope = "namespaced" if res.namespaced else "cluster"
     verb, _, sub = verb.partition("_")
     method = getattr(c.custom, f"{verb}_{scope}_custom_object" + (f"_{sub}" if sub else ""))
+    if verb in ("create", "patch", "replace"):
+        return method(*_where(res, namespace), *args, field_manager=c.field_manager)
     return method(*_where(res, namespace), *args)
 
 

@@ -46,9 +46,10 @@ class LeaseTiming:
             )
 
     def failover_bound(self) -> float:
-        """Longest time a dead holder's members wait for another writer: the lease must go
-        unrenewed for `duration` as seen by a survivor, which looks every `retry_period`."""
-        return self.duration + self.retry_period
+        """Longest time a dead holder's members wait for another writer: a survivor sees the
+        last renewal up to one retry period late, waits `duration`, and takes over in its
+        next round (one more retry period)."""
+        return self.duration + 2 * self.retry_period
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,9 @@ async def sync_node(
     if patch is None:
         return
     try:
-        result = await asyncio.to_thread(rt.clients.core.patch_node, name, patch)
+        result = await asyncio.to_thread(
+            rt.clients.core.patch_node, name, patch, field_manager=rt.clients.field_manager
+        )
         rt.view.nodes[name] = result.to_dict() if hasattr(result, "to_dict") else node
         log.info("node %s: %s", name, _what_changed(status))
     except ApiException as exc:
