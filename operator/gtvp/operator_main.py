@@ -172,8 +172,6 @@ def _serve_probes(rt: Runtime) -> None:
 
 def _runtime(settings: OperatorSettings) -> Runtime:
     """The runtime every handler is handed (ValueError, OSError... on a bad configuration)."""
-    import kopf
-
     from gtvp import kube
 
     clients = kube.make_clients(
@@ -191,11 +189,14 @@ def _runtime(settings: OperatorSettings) -> Runtime:
     )
     rt = Runtime(settings=settings, clients=clients, coordination=coordination)
     if settings.webhook_port:
-        rt.webhook_server = kopf.WebhookServer(
+        from gtvp.webhook_server import DrainingWebhookServer
+
+        rt.webhook_server = DrainingWebhookServer(
             addr=settings.webhook_address,
             port=settings.webhook_port,
             certfile=settings.webhook_cert,
             pkeyfile=settings.webhook_key,
+            closing=lambda: rt.coordination.stopping,
         )
     return rt
 
