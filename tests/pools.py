@@ -6,10 +6,16 @@ benchmarks run too); here, only what the session's shared control plane asks for
 unique to the module (members and policy), so that modules never see each other's pools.
 Modules differ only in what they say: member identities, policy settings, and anything to
 publish before the operator starts.
+
+The operator runs as `E2E_REPLICAS` replica(s) unless a module asks for more (`replicas=`):
+one by default, with its Leases (the path a replicated operator runs, at the cost of one
+process); tests/e2e/test_ha.py runs two and breaks them. Each pool's replicas have
+identities of their own (its member prefix), so no pool inherits another's Leases.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -21,7 +27,10 @@ from gtvp_local.controlplane import ControlPlane
 from gtvp_local.polling import wait_for
 from gtvp_local.pool import Pool
 
-__all__ = ["trusted_pool", "wait_for"]
+__all__ = ["E2E_REPLICAS", "trusted_pool", "wait_for"]
+
+E2E_REPLICAS = int(os.environ.get("GTVP_E2E_REPLICAS", "1"))
+"""Operator replicas of an e2e pool that does not say (GTVP_E2E_REPLICAS overrides)."""
 
 
 def trusted_pool(
@@ -29,11 +38,13 @@ def trusted_pool(
 ) -> AbstractContextManager[Pool]:
     """A running pool whose members (suffix -> identity) are Trusted; removed afterwards.
 
-    `start`: the recipe's settings (`policy`, `before_start`), as for
-    `gtvp_local.pool.trusted_pool`.
+    `start`: the recipe's settings (`policy`, `before_start`, `replicas`, `timings`), as
+    for `gtvp_local.pool.trusted_pool`.
     """
     prefix = f"{tag[0]}{uuid.uuid4().hex[:4]}"
     members = {f"{prefix}-{suffix}": identity for suffix, identity in identities.items()}
+    start.setdefault("replicas", E2E_REPLICAS)
+    start.setdefault("identity_prefix", f"op-{prefix}")
     return local_pool.trusted_pool(
         cp, directory, members, policy_name=f"{tag}-{uuid.uuid4().hex[:6]}", **start
     )

@@ -22,7 +22,7 @@ import yaml
 from gtvp import local_state, pool_status
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION
 from gtvp.core.phases import MemberPhase
-from gtvp_local import layout, toolchain
+from gtvp_local import layout, replicas, toolchain
 from gtvp_local.controlplane import ControlPlane, ControlPlaneError, Ports
 from gtvp_local.polling import wait_for
 from gtvp_local.pool import Pool, PoolError
@@ -50,8 +50,9 @@ BOX_NAMESPACE, BOX_NAME = "gtvp-samples", "web"  # crds/samples/lazybox.yaml
 WARM_COMPONENTS = ("linux 6.6.52", "debian-minimal 12.7.0", "nginx 1.26.2")
 
 
-def _pool(cp: ControlPlane) -> Pool:
-    return Pool(cp, local_state.state_dir() / "pool")
+def _pool(cp: ControlPlane, replicas: int | None = None) -> Pool:
+    """The local pool (its replicas as saved, unless `replicas` says how many to run)."""
+    return Pool(cp, local_state.state_dir() / "pool", replicas=replicas)
 
 
 def _demo_vm(level: int) -> dict[str, object]:
@@ -110,10 +111,11 @@ def _apply_sample(cp: ControlPlane, path: Path) -> None:
     cp.kubectl("apply", "--server-side", "--field-manager=gtvp-samples", "-f", str(path))
 
 
-def start_pool(cp: ControlPlane, members: int) -> Pool:
+def start_pool(cp: ControlPlane, members: int, replicas: int = 2) -> Pool:
     """Members with their own swtpm and agent (node-1 and node-2 of identity 3, the others
-    2), kwok, the virt-controller stand-in, the operator with its webhooks; node-2's image
-    cache already holds most of the sample Lazy Box. Waits until every member is Trusted."""
+    2), kwok, the virt-controller stand-in, the operator's `replicas` with their webhooks
+    (behind a SIMULATED Service when there are several); node-2's image cache already holds
+    most of the sample Lazy Box. Waits until every member is Trusted."""
     identities = {f"node-{i}": 3 if i <= 2 else 2 for i in range(1, members + 1)}
     warm = ["node-2"] if members >= 2 else []
 
@@ -125,7 +127,7 @@ def start_pool(cp: ControlPlane, members: int) -> Pool:
             )
             pool.set_node_images(name, _sample_images(WARM_COMPONENTS))
 
-    pool = _pool(cp)
+    pool = _pool(cp, replicas)
     pool.start_trusted(identities, before_start=warm_image_cache, timeout=90, say=_say)
     return pool
 
@@ -190,10 +192,14 @@ def _apply_samples(cp: ControlPlane, steps: int, *, with_pool: bool) -> None:
         _apply_sample(cp, sample)
 
 
-def _run_trusted_pool(cp: ControlPlane, members: int, steps: int, *, box: bool) -> None:
+def _run_trusted_pool(
+    cp: ControlPlane, members: int, steps: int, *, box: bool, replicas: int
+) -> None:
     """The pool, a VM that needs level 3 and (with the samples) the sample Lazy Box."""
-    _say(f"step {steps}/{steps}: the trusted pool: {members} members")
-    start_pool(cp, members)
+    _say(
+        f"step {steps}/{steps}: the trusted pool: {members} members, {replicas} operator replica(s)"
+    )
+    start_pool(cp, members, replicas)
     cp.kubectl("create", "namespace", DEMO_NAMESPACE, check=False)
     _say("  a VM that needs level 3 (label gtvp.io/level=3): the webhook adds the trust selector")
     cp.kubectl("apply", "-f", "-", input_text=json.dumps(_demo_vm(3)))
@@ -234,6 +240,8 @@ def _show_how_to_use(cp: ControlPlane, *, with_pool: bool) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        raise PoolError("--replicas: the pool runs at least one operator replica")
     started = time.monotonic()
     with_pool = bool(args.members)
     steps = 5 if with_pool else 4
@@ -248,7 +256,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.no_samples:
         _apply_samples(cp, steps, with_pool=with_pool)
     if with_pool:
-        _run_trusted_pool(cp, args.members, steps, box=not args.no_samples)
+        _run_trusted_pool(cp, args.members, steps, box=not args.no_samples, replicas=args.replicas)
     _show_what_runs(cp, started, with_pool=with_pool)
     _show_how_to_use(cp, with_pool=with_pool)
     return 0
@@ -380,6 +388,32 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replica_lines(cp: ControlPlane) -> list[str]:
+    """Which replica holds which shards, leads, and is ready (empty without replicas)."""
+    pool = _pool(cp)
+    if not pool.replicas:
+        return []
+    out = cp.kubectl("get", "members", "-o", "jsonpath={.items[*].metadata.name}", check=False)
+    running = {}
+    for r in pool.replicas:
+        tracked = pool.procs.get(r.process)
+        running[r.identity] = bool(tracked and tracked.alive())
+    lines = replicas.report(
+        pool.leases(),
+        pool.replicas,
+        running=running,
+        ready={r.identity: pool.replica_ready(r.index) for r in pool.replicas},
+        members=out.stdout.split() if out.returncode == 0 else [],
+        shards=pool.timings.shards,
+    )
+    if pool.replica_count > 1 and pool.webhook_port:
+        lines.append(
+            f"  webhooks: 127.0.0.1:{pool.webhook_port}, a SIMULATED Service "
+            "(gtvp_local.frontend) in front of the ready replicas"
+        )
+    return lines
+
+
 def cmd_status(_args: argparse.Namespace) -> int:
     cp = _control_plane()
     table = ProcessTable(local_state.state_dir())
@@ -391,6 +425,9 @@ def cmd_status(_args: argparse.Namespace) -> int:
         _say(f"{t.name:16} pid {t.pid:<8} {'running' if t.alive() else 'NOT RUNNING'}")
     ready = cp.ready()
     _say(f"kube-apiserver {cp.server}: {'ready' if ready else 'not ready'}")
+    if ready:
+        for line in _replica_lines(cp):
+            _say(line)
     _say(f"KUBECONFIG={cp.admin_kubeconfig}")
     return 0 if ready else 1
 
@@ -415,6 +452,12 @@ def register(local: argparse.ArgumentParser) -> None:
         type=int,
         default=3,
         help="members, each with its own swtpm and agent (default 3; 0: only the control plane)",
+    )
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="gtvp-operator replicas sharing the members through Leases (default 2)",
     )
     up.add_argument("--apiserver-port", type=int, help="kube-apiserver port (default 26443)")
     up.add_argument(

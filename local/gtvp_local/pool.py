@@ -9,6 +9,11 @@ has (no firmware runs in an emulator, so they are all zero): extending one of th
 
 `Pool.start_trusted` is the one recipe for a whole pool (every member Trusted); `trusted_pool`
 runs it for as long as a `with` block lasts and removes the pool afterwards.
+
+The operator runs as `replicas` processes (`gtvp_local.replicas`: each with its own identity,
+ports and ServiceAccount token), sharing the members through Leases. With more than one, a
+SIMULATION of a Service (`gtvp_local.frontend`) listens on the pool's webhook port and sends
+each connection to a ready replica; a single replica serves that port itself, as before.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,9 +40,11 @@ from gtvp import webhook_config
 from gtvp.core.api_resources import GTVP_API_VERSION
 from gtvp.core.phases import MemberPhase
 from gtvp_local import layout, pki
-from gtvp_local.controlplane import OPERATOR, ControlPlane, agent_identity
+from gtvp_local import replicas as rep
+from gtvp_local.controlplane import ControlPlane, agent_identity
 from gtvp_local.polling import wait_for
-from gtvp_local.processes import ProcessTable, free_port
+from gtvp_local.processes import ProcessTable, Tracked, free_port
+from gtvp_local.replicas import LeaseTable, LeaseTimings, Replica
 from gtvp_local.swtpm import Swtpm, SwtpmCA
 
 
@@ -116,6 +125,15 @@ def sample_publisher_keys() -> dict[str, str]:
     return {}
 
 
+FRONTEND = "webhook-frontend"
+"""The process name of the SIMULATED Service in front of the replicas' webhooks."""
+
+
+def _ha_args(replica: Replica, timings: LeaseTimings) -> list[str]:
+    """The replica's identity and lease settings on gtvp-operator's command line."""
+    return ["--identity", replica.identity, *timings.args()]
+
+
 def _quiet(_line: str) -> None:
     """Narration nobody reads (tests and benchmarks)."""
 
@@ -131,16 +149,39 @@ def _bin(name: str) -> str:
 class Pool:
     """Members, their swtpms and agents, and the operator, on one control plane."""
 
-    def __init__(self, cp: ControlPlane, directory: Path, *, policy: str = "default") -> None:
+    def __init__(
+        self,
+        cp: ControlPlane,
+        directory: Path,
+        *,
+        policy: str = "default",
+        replicas: int | None = None,
+        identity_prefix: str = "local",
+        timings: LeaseTimings | None = None,
+    ) -> None:
+        """`replicas` operator processes (None: as many as the pool saved in `directory`
+        was started with, else one), identities `<identity_prefix>-N`."""
+        if replicas is not None and replicas < 1:
+            raise PoolError("a pool runs at least one operator replica")
         self.cp = cp
         self.policy_name = policy
         self.dir = directory.resolve()
         self.procs = ProcessTable(self.dir)
         self.ca = SwtpmCA(self.dir / "swtpm-ca")
         self.tpms: dict[str, Swtpm] = {}
-        self.metrics_port: int | None = None
         self.webhook_port: int | None = None
+        self.timings = timings or LeaseTimings()
+        self.replica_count = replicas or 1
+        self.identity_prefix = identity_prefix
+        self.replicas: list[Replica] = []
         self._load()
+        if replicas is not None:
+            self.replica_count = replicas
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Replica 0's metrics port (what callers from before replicas read)."""
+        return self.replicas[0].metrics_port if self.replicas else None
 
     # ----- persisted layout (so `gtvp local tamper` finds a member's swtpm later) -----------
     def _state_file(self) -> Path:
@@ -153,9 +194,12 @@ class Pool:
             return
         for name, port in (data.get("tpms") or {}).items():
             self.tpms[name] = Swtpm(name, self.dir / "tpm" / name, self.procs, port=int(port))
-        self.metrics_port = data.get("metricsPort")
         self.webhook_port = data.get("webhookPort")
         self.policy_name = data.get("policy", self.policy_name)
+        self.replicas = [Replica.from_json(r) for r in data.get("replicas") or []]
+        if self.replicas:
+            self.replica_count = len(self.replicas)
+            self.identity_prefix = data.get("identityPrefix", self.identity_prefix)
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -163,16 +207,18 @@ class Pool:
             json.dumps(
                 {
                     "tpms": {n: t.port for n, t in self.tpms.items()},
-                    "metricsPort": self.metrics_port,
                     "webhookPort": self.webhook_port,
                     "policy": self.policy_name,
+                    "replicas": [r.to_json() for r in self.replicas],
+                    "identityPrefix": self.identity_prefix,
                 }
             )
         )
 
     # ----- cluster objects ------------------------------------------------------------------
     def install_access(self) -> None:
-        """RBAC for the operator and agents, and the agent-writes admission policy."""
+        """The lease namespace, RBAC for the operator and agents, and the admission policies."""
+        rep.ensure_namespace(self.cp)
         for m in manifests():
             self.cp.kubectl("apply", "-f", str(m))
 
@@ -346,62 +392,238 @@ class Pool:
     def stop_agent(self, name: str) -> None:
         self.procs.stop(f"agent-{name}")
 
-    # ----- operator -------------------------------------------------------------------------
-    def start_operator(self, *, metrics_port: int | None = None, wait: float = 60.0) -> None:
-        """Start gtvp-operator and wait (up to `wait` s, 0: not) until its /readyz says ready."""
-        self.metrics_port = metrics_port or self.metrics_port or free_port()
+    # ----- operator replicas ----------------------------------------------------------------
+    def _plan_replicas(self, metrics_port: int | None) -> None:
+        """Ports and identities, chosen once and kept across restarts (saved in pool.json)."""
+        n = self.replica_count
+        serving = bool(self.webhook_port)
+        planned = len(self.replicas) == n and all(
+            bool(r.webhook_port) == serving for r in self.replicas
+        )
+        if planned and not (metrics_port and metrics_port != self.metrics_port):
+            return
+
+        def webhook(i: int) -> int:
+            if not self.webhook_port:
+                return 0
+            return self.webhook_port if n == 1 else free_port()
+
+        self.replicas = [
+            Replica(
+                i,
+                f"{self.identity_prefix}-{i}",
+                rep.process_name(i, n),
+                (metrics_port if i == 0 and metrics_port else free_port()),
+                webhook(i),
+            )
+            for i in range(n)
+        ]
         self.save()
-        webhook: list[str] = ["--webhook-port", "0"]
-        if self.webhook_port:
-            cert = self.webhook_cert()
-            webhook = [
-                "--webhook-port",
-                str(self.webhook_port),
-                "--webhook-cert",
-                str(cert.cert),
-                "--webhook-key",
-                str(cert.key),
-            ]
+
+    def _webhook_args(self, replica: Replica) -> list[str]:
+        if not replica.webhook_port:
+            return ["--webhook-port", "0"]
+        cert = self.webhook_cert()
+        return [
+            "--webhook-port",
+            str(replica.webhook_port),
+            "--webhook-cert",
+            str(cert.cert),
+            "--webhook-key",
+            str(cert.key),
+        ]
+
+    def start_replica(self, index: int, *, wait: float = 60.0) -> Replica:
+        """Start one replica with a fresh credential (a new ServiceAccount token; a revoked
+        replica gets its ServiceAccount back); wait (`wait` s, 0: not) for its /readyz."""
+        replica = self.replicas[index]
+        kubeconfig = rep.issue_credential(self.cp, replica, self.dir)
         self.procs.start(
-            "operator",
+            replica.process,
             [
                 _bin("gtvp-operator"),
                 "--kubeconfig",
-                str(self.cp.kubeconfig_for(OPERATOR)),
+                str(kubeconfig),
                 "--metrics-port",
-                str(self.metrics_port),
+                str(replica.metrics_port),
                 "--policy",
                 self.policy_name,
-                *webhook,
+                *_ha_args(replica, self.timings),
+                *self._webhook_args(replica),
             ],
         )
         if wait:
+            self.wait_replica_ready(index, wait)
+        return replica
+
+    def start_frontend(self) -> None:
+        """SIMULATION of a Service in front of the replicas' webhooks (gtvp_local.frontend);
+        only with more than one replica (a single one serves the pool's webhook port)."""
+        if self.replica_count == 1 or not self.webhook_port:
+            return
+        backends = [f"{r.webhook_port}:{r.metrics_port}" for r in self.replicas]
+        self.procs.start(
+            FRONTEND,
+            [
+                sys.executable,
+                "-m",
+                "gtvp_local.frontend",
+                "--listen",
+                str(self.webhook_port),
+                *(a for b in backends for a in ("--backend", b)),
+            ],
+        )
+
+    def start_operator(self, *, metrics_port: int | None = None, wait: float = 60.0) -> None:
+        """Start every replica (and the SIMULATED Service in front of them) and wait (up to
+        `wait` s, 0: not) until each one's /readyz says ready. `metrics_port`: replica 0's."""
+        self._plan_replicas(metrics_port)
+        for replica in self.replicas:
+            self.start_replica(replica.index, wait=0)
+        self.start_frontend()
+        if wait:
             self.wait_operator_ready(wait)
 
-    def wait_operator_ready(self, timeout: float) -> None:
-        """Until the operator has loaded the pool and serves its webhooks (its /readyz)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+    def replica_ready(self, index: int) -> bool:
+        """The replica's /readyz answers 200."""
+        url = f"http://127.0.0.1:{self.replicas[index].metrics_port}/readyz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+        return False
 
-        def ready() -> bool:
-            tracked = self.procs.get("operator")
-            if tracked is None or not tracked.alive():
+    def wait_replica_ready(self, index: int, timeout: float, *, ready: bool = True) -> None:
+        """Until the replica's /readyz says ready (or, `ready=False`, no longer does)."""
+        replica = self.replicas[index]
+
+        def check() -> bool:
+            tracked = self.procs.get(replica.process)
+            if ready and (tracked is None or not tracked.alive()):
                 raise PoolError(
-                    "gtvp-operator exited while starting; its log ends with:\n"
-                    + self.procs.log_tail("operator")
+                    f"gtvp-operator {replica.identity} exited while starting; its log ends "
+                    f"with:\n{self.procs.log_tail(replica.process)}"
                 )
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
-            return False
+            return self.replica_ready(index) == ready
 
+        what = f"gtvp-operator {replica.identity} to {'be' if ready else 'stop being'} ready"
         try:
-            wait_for(f"gtvp-operator to be ready ({url})", ready, timeout, every=0.1)
+            wait_for(f"{what} (127.0.0.1:{replica.metrics_port}/readyz)", check, timeout, 0.1)
         except TimeoutError as exc:
             raise PoolError(
-                f"{exc}; its log ends with:\n{self.procs.log_tail('operator')}"
+                f"{exc}; its log ends with:\n{self.procs.log_tail(replica.process)}"
             ) from exc
 
+    def wait_operator_ready(self, timeout: float) -> None:
+        """Until every replica has loaded the pool and serves its webhooks (its /readyz)."""
+        deadline = time.monotonic() + timeout
+        for replica in self.replicas:
+            self.wait_replica_ready(replica.index, max(deadline - time.monotonic(), 0.1))
+
+    def stop_replica(self, index: int) -> None:
+        """SIGTERM (its /readyz turns 503, webhooks answer for the shutdown grace, it hands
+        its Leases back), SIGKILL if it is still there after the grace and 10 s more."""
+        self.procs.stop(self.replicas[index].process, timeout=self.timings.shutdown_grace + 10.0)
+
+    def _signal(self, index: int, sig: signal.Signals) -> Tracked:
+        tracked = self.procs.get(self.replicas[index].process)
+        if tracked is None or not tracked.alive():
+            raise PoolError(f"gtvp-operator {self.replicas[index].identity} is not running")
+        rep.signal_process(tracked.pid, sig)
+        return tracked
+
+    def kill_replica(self, index: int) -> None:
+        """`kill -9`: no goodbye, its Leases stay until they expire."""
+        tracked = self._signal(index, signal.SIGKILL)
+        wait_for("the killed replica to be gone", lambda: not tracked.alive(), 10, 0.05)
+
+    def freeze_replica(self, index: int) -> None:
+        """SIGSTOP: the process keeps its sockets and memory but runs no code."""
+        self._signal(index, signal.SIGSTOP)
+
+    def thaw_replica(self, index: int) -> None:
+        """SIGCONT after freeze_replica."""
+        self._signal(index, signal.SIGCONT)
+
+    def rolling_restart(self, *, timeout: float = 60.0) -> None:
+        """Each replica in turn: SIGTERM, wait until it exited, start its replacement, wait
+        until that one is ready; then the next."""
+        for replica in self.replicas:
+            self.stop_replica(replica.index)
+            self.start_replica(replica.index, wait=timeout)
+
+    def revoke_replica(self, index: int) -> None:
+        """Revoke one replica's credential (its ServiceAccount is deleted: 401 from then on)."""
+        rep.revoke_credential(self.cp, self.replicas[index])
+
     def stop_operator(self) -> None:
-        self.procs.stop("operator")
+        """Stop every replica at once (each hands its Leases back), then the SIMULATED
+        Service in front of them."""
+        with ThreadPoolExecutor(max_workers=max(len(self.replicas), 1)) as ex:
+            list(ex.map(self.stop_replica, [r.index for r in self.replicas]))
+        self.procs.stop(FRONTEND)
+
+    def operator_logs(self, lines: int = 10) -> str:
+        return "\n".join(
+            f"[{r.identity}]\n{self.procs.log_tail(r.process, lines)}" for r in self.replicas
+        )
+
+    def describe_operator(self) -> list[str]:
+        """What `gtvp local up` says about the operator: its replicas and how they are reached."""
+        lines = [
+            f"  gtvp-operator {r.identity} (process {r.process}, metrics on "
+            f"127.0.0.1:{r.metrics_port}/metrics"
+            + (f", webhooks on 127.0.0.1:{r.webhook_port}" if r.webhook_port else "")
+            + f", ServiceAccount {rep.LEASE_NAMESPACE}/{r.service_account})"
+            for r in self.replicas
+        ]
+        if self.replica_count > 1 and self.webhook_port:
+            lines.append(
+                f"  SIMULATION: a Service (gtvp_local.frontend) on 127.0.0.1:{self.webhook_port} "
+                f"sends each webhook connection to a ready replica (no kube-proxy here)"
+            )
+        lines.append(
+            f"  {self.replica_count} replica(s) share the members through Leases in "
+            f"{rep.LEASE_NAMESPACE} ({self.timings.shards} shards, lease "
+            f"{self.timings.duration}s, renew deadline {self.timings.renew_deadline}s, retry "
+            f"{self.timings.retry_period}s)"
+        )
+        return lines
+
+    # ----- leases ------------------------------------------------------------------------------
+    def leases(self) -> LeaseTable:
+        """The replicas' Leases as they are now."""
+        return LeaseTable.read(self.cp)
+
+    def shard_holders(self, *, live_only: bool = True) -> dict[int, str | None]:
+        """Shard -> the identity holding it (None: nobody); see LeaseTable.shard_holders."""
+        return self.leases().shard_holders(live_only=live_only, shards=self.timings.shards)
+
+    def leader(self) -> str | None:
+        return self.leases().leader()
+
+    def replica_index(self, identity: str) -> int:
+        return next(r.index for r in self.replicas if r.identity == identity)
+
+    def _remove_replicas(self) -> None:
+        """The replicas' ServiceAccounts and bindings, and the Leases they held."""
+        ours = {r.identity for r in self.replicas}
+        presence = {f"gtvp-replica-{i}" for i in ours}
+        names = [
+            name
+            for name, lease in self.leases().by_name.items()
+            if lease.holder in ours or name in presence
+        ]
+        if names:
+            self.cp.kubectl(
+                "delete",
+                "lease",
+                *names,
+                "-n",
+                rep.LEASE_NAMESPACE,
+                "--ignore-not-found",
+                check=False,
+            )
+        for replica in self.replicas:
+            rep.remove_credential(self.cp, replica)
 
     # ----- observation ----------------------------------------------------------------------
     def member(self, name: str) -> dict[str, Any]:
@@ -428,7 +650,7 @@ class Pool:
             f"member {name} did not reach {sorted(want)}"
             f"{' with reason ' + reason if reason else ''} in {timeout:.0f}s: phase "
             f"{status.get('phase')}, trust {json.dumps(status.get('trust'))[:400]}; "
-            f"operator log:\n{self.procs.log_tail('operator', 10)}\nagent log:\n"
+            f"operator log:\n{self.operator_logs(10)}\nagent log:\n"
             f"{self.procs.log_tail('agent-' + name, 10)}"
         )
 
@@ -457,6 +679,8 @@ class Pool:
             )
 
     def stop(self) -> None:
+        """Stop every process of the pool, the operator's replicas first."""
+        self.stop_operator()
         for t in self.procs.all():
             self.procs.stop(t.name)
 
@@ -493,10 +717,8 @@ class Pool:
         say("  SIMULATION: a stand-in for KubeVirt's virt-controller runs VMIs and migrations")
         self.start_virtsim()
         self.start_operator()
-        say(
-            f"  gtvp-operator (webhooks on 127.0.0.1:{self.webhook_port}, metrics on "
-            f"127.0.0.1:{self.metrics_port}/metrics)"
-        )
+        for line in self.describe_operator():
+            say(line)
         for name in members:
             self.start_agent(name)
         started = time.monotonic()
@@ -512,6 +734,7 @@ class Pool:
         webhook configurations and its policy (the control plane may serve others next)."""
         self.stop()
         self.delete_members()
+        self._remove_replicas()
         for kind, name in (
             ("mutatingwebhookconfiguration", "gtvp"),
             ("validatingwebhookconfiguration", "gtvp"),
@@ -531,10 +754,21 @@ def trusted_pool(
     policy: Mapping[str, Any] | None = None,
     before_start: Callable[[Pool], None] | None = None,
     timeout: float = 60.0,
+    replicas: int | None = None,
+    identity_prefix: str = "local",
+    timings: LeaseTimings | None = None,
 ) -> Iterator[Pool]:
     """A pool started by `Pool.start_trusted` (every member Trusted) for the `with` block;
-    stopped and removed from the cluster afterwards, also when it failed to start."""
-    pool = Pool(cp, directory, policy=policy_name)
+    stopped and removed from the cluster afterwards, also when it failed to start.
+    `replicas`, `identity_prefix`, `timings`: the operator's replicas (see Pool)."""
+    pool = Pool(
+        cp,
+        directory,
+        policy=policy_name,
+        replicas=replicas,
+        identity_prefix=identity_prefix,
+        timings=timings,
+    )
     try:
         pool.start_trusted(members, policy=policy, before_start=before_start, timeout=timeout)
         yield pool

@@ -7,10 +7,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from gtvp_local import replicas
 from gtvp_local.processes import ProcessTable, free_port, port_in_use
 
 pytestmark = pytest.mark.controlplane
@@ -94,6 +96,25 @@ def test_half_started_run_is_cleaned_and_restarted(pool: tuple[Path, list[str]])
     assert _gtvp(state, "status").returncode == 0
 
 
+def _assert_two_replicas(state: Path, up: str) -> None:
+    """Two operator replicas (the default) behind the SIMULATED Service share the members:
+    `up` names them, `status` shows each one ready, its shards, and one leader."""
+    assert "3 members, 2 operator replica(s)" in up
+    assert "gtvp-operator local-0 (process operator-0" in up
+    assert "gtvp-operator local-1 (process operator-1" in up
+    assert "SIMULATION: a Service (gtvp_local.frontend)" in up
+    status = _gtvp(state, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "operator replicas (Leases in gtvp-system, 64 shards):" in status.stdout
+    rows = [ln for ln in status.stdout.splitlines() if ln.startswith("  local-")]
+    assert len(rows) == 2, status.stdout
+    assert all(" ready " in row and "NOT" not in row for row in rows), status.stdout
+    written = sum(int(row.split("writes for ")[1].split()[0]) for row in rows)
+    assert written == 3, status.stdout  # each member has exactly one writer
+    assert sum("leader" in row for row in rows) == 1, status.stdout
+    assert "webhook-frontend" in status.stdout
+
+
 @pytest.mark.tpm
 @pytest.mark.e2e
 def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
@@ -118,6 +139,7 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     )
     assert "placed on node-2: Trusted at level 3" in up.stdout
     assert "gtvp local tamper node-2" in up.stdout
+    _assert_two_replicas(state, up.stdout)
     host = "node-2"
     tamper = _gtvp(state, "tamper")  # as `make demo` runs it: the member running the box
     assert tamper.returncode == 0, tamper.stdout[-2000:] + tamper.stderr
@@ -142,3 +164,44 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     down = _gtvp(state, "down")
     assert "agent-node-1" in down.stdout
     assert "swtpm-node-1" in down.stdout
+
+
+def test_replica_report_names_holders_shards_and_leader() -> None:
+    """What `gtvp local status` prints about the replicas, from a fixed set of Leases."""
+    now = 1_000_000.0
+    stamp = datetime.fromtimestamp(now - 1, UTC).isoformat()
+
+    def lease(name: str, holder: str, kind: str) -> dict[str, object]:
+        return {
+            "metadata": {"name": name, "labels": {"gtvp.io/lease": kind}},
+            "spec": {"holderIdentity": holder, "renewTime": stamp, "leaseDurationSeconds": 6},
+        }
+
+    leases = [lease("gtvp-replica-a", "a", "replica"), lease("gtvp-replica-b", "b", "replica")]
+    leases += [lease(f"gtvp-shard-{n:02d}", "a" if n < 3 else "b", "shard") for n in range(4)]
+    leases += [lease("gtvp-shard-04", "gone", "shard"), lease("gtvp-leader", "b", "leader")]
+    table = replicas.LeaseTable(leases, now=now)
+    assert table.shard_holders(shards=5) == {0: "a", 1: "a", 2: "a", 3: "b", 4: None}
+    assert table.shard_holders(shards=5, live_only=False)[4] == "gone"
+    members = [f"m{i}" for i in range(20)]
+    lines = replicas.report(
+        table,
+        [
+            replicas.Replica(0, "a", "operator-0", 1, 2),
+            replicas.Replica(1, "b", "operator-1", 3, 4),
+        ],
+        running={"a": True, "b": True},
+        ready={"a": True, "b": False},
+        members=members,
+        shards=5,
+    )
+    text = "\n".join(lines)
+    assert "a            operator-0   ready        3 shards" in text
+    assert "shards 0-2" in text
+    assert "NOT ready    1 shards" in text
+    assert "leader" in lines[2]
+    assert "leader" not in lines[1]
+    counts = [int(ln.split("writes for ")[1].split()[0]) for ln in lines[1:3]]
+    unheld = int(text.split("no writer: 1 shard(s) (4), ")[1].split()[0])
+    assert sum(counts) + unheld == 20
+    assert replicas.shard_ranges([9, 0, 1, 2, 5, 7, 8]) == "0-2,5,7-9"
