@@ -1,20 +1,50 @@
 """Prometheus metrics of the operator (`/metrics`).
 
-Members by phase and level are computed at scrape time from the operator's view (a custom
-collector, no counters sprinkled around); attestation outcomes and verification latency
-are counted where verification happens. Names and labels are documented in
+Members by phase and level, and each member's verdict expiry, are computed at scrape time
+from what this replica reported (custom collectors, no counters sprinkled around);
+attestation outcomes and verification latency are counted where verification happens.
+Every labelled counter is exported at 0 for each label value it can take from the start,
+so that its first occurrence is an increase that `increase()`/`rate()` (and the alerts
+built on them) see. No `_created` series; `gtvp_build_info` and the process collector's
+`process_*` series sit in the same registry. Names and labels are documented in
 docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gtvp import __version__
+from gtvp.core.component_checks import COMPONENT_FAILURE_REASONS, COMPONENT_VERIFIED_REASON
 from gtvp.core.errors import ALL_REASONS
+
+disable_created_metrics()  # type: ignore[no-untyped-call] # a `_created` series per counter doubles the series for nothing
+
+ADMISSION_KINDS = (
+    "VirtualMachine",
+    "VirtualMachineInstance",
+    "VirtualMachineInstanceMigration",
+    "SecurityPolicy",
+)
+"""What the admission webhooks judge (`kind` of gtvp_admission_decisions_total)."""
+MUTATED_KINDS = ADMISSION_KINDS[:3]
+"""The kinds the mutating webhook sees (outcomes `mutated`, `unchanged`)."""
+EVACUATION_STATES = ("started", "finished", "aborted")
+DRAIN_STATES = ("started", "finished")
+PLACEMENT_OUTCOMES = ("placed", "pending")
 
 
 class _MemberCollector(Collector):
@@ -32,6 +62,15 @@ class _MemberCollector(Collector):
         for (phase_label, level_label), n in sorted(counts.items()):
             g.add_metric([phase_label, level_label], n)
         yield g
+        expiry = GaugeMetricFamily(
+            "gtvp_member_verdict_expiry_timestamp_seconds",
+            "When each member's current verdict expires (Unix time), reported by the replica "
+            "holding its shard; no series for a member without an unexpired verdict",
+            labels=["member"],
+        )
+        for name, expires_at in sorted(self.m.expiries.items()):
+            expiry.add_metric([name], expires_at)
+        yield expiry
 
 
 class _BoxCollector(Collector):
@@ -54,13 +93,24 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.members: dict[str, tuple[str, int]] = {}
+        self.expiries: dict[str, float] = {}
         self.boxes: dict[str, str] = {}
+        self._process_metrics()
         self._attestation_metrics()
         self._admission_and_migration_metrics()
         self._lazybox_metrics()
         self._coordination_metrics()
         self.registry.register(_MemberCollector(self))
         self.registry.register(_BoxCollector(self))
+
+    def _process_metrics(self) -> None:
+        """`gtvp_build_info` and the process collector (`process_cpu_seconds_total`,
+        `process_resident_memory_bytes`, open fds, start time)."""
+        self.build_info = Info(
+            "gtvp_build", "gtvp-operator's version and Python", registry=self.registry
+        )
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        ProcessCollector(registry=self.registry)
 
     def _attestation_metrics(self) -> None:
         self.attestations = Counter(
@@ -86,6 +136,12 @@ class Metrics:
             ["kind", "outcome"],
             registry=self.registry,
         )
+        for kind in ADMISSION_KINDS:
+            for outcome in ("allowed", "denied"):
+                self.admissions.labels(kind, outcome)
+        for kind in MUTATED_KINDS:
+            for outcome in ("mutated", "unchanged"):
+                self.admissions.labels(kind, outcome)
         self.evacuations = Counter(
             "gtvp_evacuation_migrations",
             "Evacuation migrations by state (started, finished, aborted)",
@@ -99,6 +155,10 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        for state in EVACUATION_STATES:
+            self.evacuations.labels(state)
+        for state in DRAIN_STATES:
+            self.drain_migrations.labels(state)
         self.drain_waiting = Gauge(
             "gtvp_drain_waiting",
             "VMIs of a node being drained that no Trusted, schedulable member can take yet",
@@ -118,6 +178,11 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.components.labels("verified", COMPONENT_VERIFIED_REASON)
+        for reason in COMPONENT_FAILURE_REASONS:
+            self.components.labels("failed", reason)
+        for outcome in PLACEMENT_OUTCOMES:
+            self.placements.labels(outcome)
         self.placement_cached_ratio = Histogram(
             "gtvp_lazybox_placement_cached_ratio",
             "Share of a placed box's component bytes already cached on the chosen member",
@@ -174,11 +239,21 @@ class Metrics:
     def lease_renewal_failed(self) -> None:
         self.lease_renewal_failures.inc()
 
-    def set_member(self, name: str, phase: str, level: int) -> None:
+    def set_member(
+        self, name: str, phase: str, level: int, expires_at: float | None = None
+    ) -> None:
+        """What this replica, as the holder of the member's shard, last wrote for it:
+        phase, level and when its verdict expires (None: it has no current verdict)."""
         self.members[name] = (phase, level)
+        if expires_at is None:
+            self.expiries.pop(name, None)
+        else:
+            self.expiries[name] = expires_at
 
     def forget_member(self, name: str) -> None:
+        """The member is gone, or its shard moved to another replica: no series for it."""
         self.members.pop(name, None)
+        self.expiries.pop(name, None)
 
 
 METRICS = Metrics()

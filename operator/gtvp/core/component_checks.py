@@ -17,6 +17,20 @@ from gtvp.core.component_signing import ComponentSignatureError, verify
 from gtvp.core.components import ComponentError, parse_component
 from gtvp.core.timestamps import format_ts
 
+COMPONENT_VERIFIED_REASON = "SignatureValid"
+COMPONENT_FAILURE_REASONS: tuple[str, ...] = (
+    "AlgorithmMismatch",
+    "BadSignature",
+    "DigestMismatch",
+    "MalformedComponent",
+    "MalformedSignature",
+    "MissingSignature",
+    "UnknownPublisher",
+    "UnreadableKey",
+    "UnsupportedKey",
+)
+"""Every reason `check_component` can fail with (gtvp.metrics exports each at 0)."""
+
 
 @dataclass(frozen=True)
 class Check:
@@ -42,7 +56,7 @@ def check_component(obj: Mapping[str, Any], publisher_keys: Mapping[str, str]) -
     if not comp.image.endswith("@" + comp.digest):
         return Check("Failed", "DigestMismatch", "image is not pinned by spec.digest")
     publisher = (obj.get("spec") or {}).get("signature", {}).get("publisher", "")
-    return Check("Verified", "SignatureValid", f"signed by {publisher}")
+    return Check("Verified", COMPONENT_VERIFIED_REASON, f"signed by {publisher}")
 
 
 def verification_status(check: Check, max_uses: int | None, now: dt.datetime) -> dict[str, Any]:

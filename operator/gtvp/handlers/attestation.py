@@ -27,6 +27,7 @@ from gtvp.core.api_resources import MEMBERS
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
+from gtvp.core.timestamps import parse_ts
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import sync_node
 from gtvp.metrics import METRICS
@@ -136,7 +137,18 @@ async def _judge(rt: Runtime, name: str) -> None:
         rt.schedule.schedule(name, step.recheck_after)
     else:
         rt.schedule.schedule(name, dt.timedelta(seconds=30))
-    METRICS.set_member(name, str(new.get("phase", "")), int(new.get("level", 0) or 0))
+    METRICS.set_member(
+        name, str(new.get("phase", "")), int(new.get("level", 0) or 0), _verdict_expiry(new)
+    )
+
+
+def _verdict_expiry(status: Mapping[str, Any]) -> float | None:
+    """When the Trusted verdict in `status` expires (Unix time); None without one."""
+    trust = status.get("trust") or {}
+    expires = parse_ts(trust.get("expiresAt"))
+    if trust.get("verdict") != Verdict.TRUSTED.value or expires is None:
+        return None
+    return expires.timestamp()
 
 
 WRITE_RETRY = dt.timedelta(seconds=2)
