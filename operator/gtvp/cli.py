@@ -38,18 +38,44 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def plain(doc: str) -> str:
+    """A docstring as `--help` shows it: Markdown's backticks dropped."""
+    return doc.replace("`", "")
+
+
+def _name_missing_commands(p: argparse.ArgumentParser) -> None:
+    """A parser with sub-commands, run without one, says so in words, naming them
+    (argparse's own message names the internal `dest`); the same for nested ones."""
+    for action in p._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        action.required = False  # our default below answers instead of argparse's message
+        names = list(action.choices)
+        listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+        def missing(
+            _args: argparse.Namespace, p: argparse.ArgumentParser = p, listed: str = listed
+        ) -> int:
+            p.error(f"a command is missing: {listed} (see {p.prog} --help)")
+
+        p.set_defaults(func=missing)
+        for child in action.choices.values():
+            _name_missing_commands(child)
+
+
 def parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, complete for `command` (its module imported and its arguments added);
     the other sub-commands carry only their name and help."""
-    p = argparse.ArgumentParser(prog="gtvp", description=__doc__.splitlines()[0].replace("`", ""))
+    p = argparse.ArgumentParser(prog="gtvp", description=plain(__doc__.splitlines()[0]))
     p.add_argument("--version", action="version", version=f"gtvp {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
         if name == command:
             register: Callable[[argparse.ArgumentParser], None]
             register = importlib.import_module(module).register
             register(cmd)
+    _name_missing_commands(p)
     return p
 
 

@@ -108,7 +108,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """`gtvp component`'s sub-commands and arguments (gtvp.cli names the command)."""
-    p.description = __doc__
+    p.description = __doc__.replace("`", "")  # --help is plain text, not Markdown
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the examples, line by line
     csub = p.add_subparsers(dest="component_cmd", required=True)
     s = csub.add_parser("sign", help="sign OSComponent manifests with a publisher key")
     s.add_argument("manifest", help="YAML file with OSComponent manifests, - for stdin")

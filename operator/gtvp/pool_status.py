@@ -2,7 +2,8 @@
 
 Members with their verdicts, what their Nodes carry, the gated VMs and where they run, the
 Lazy Boxes, and migrations in flight. `collect` reads the objects from a cluster; `render` is a
-pure function of them (tested on its own); `summary` is both.
+pure function of them (tested on its own); `summary` is both. `report` is the same view as
+data (`gtvp status -o json|yaml`), also pure.
 """
 
 from __future__ import annotations
@@ -168,6 +169,88 @@ def render(
         out += ["", "Lazy Boxes:", _boxes(lazyboxes)]
     out += ["", *_migrations(migrations)]
     return "\n".join(out)
+
+
+def _node_report(n: Mapping[str, Any]) -> dict[str, Any]:
+    labels = n["metadata"].get("labels") or {}
+    levels = sorted(int(k[len(LEVEL_LABEL) :]) for k in labels if k.startswith(LEVEL_LABEL))
+    taints = [t for t in (n.get("spec") or {}).get("taints") or [] if t.get("key") == TAINT_KEY]
+    trusted = labels.get(TRUSTED_LABEL) == "true" and bool(levels)
+    return {
+        "name": n["metadata"]["name"],
+        "trusted": trusted,
+        "level": max(levels) if trusted else 0,
+        "taint": f"{TAINT_KEY}:{taints[0].get('effect')}" if taints else None,
+    }
+
+
+def _ref(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {"namespace": obj["metadata"].get("namespace"), "name": obj["metadata"]["name"]}
+
+
+def _member_report(m: Mapping[str, Any]) -> dict[str, Any]:
+    st = m.get("status") or {}
+    trust = st.get("trust") or {}
+    keep = ("reason", "message", "verifiedAt", "expiresAt", "usesLeft")
+    return {
+        "name": m["metadata"]["name"],
+        "phase": str(st.get("phase", MemberPhase.PENDING.value)),
+        "level": int(st.get("level", 0) or 0),
+        **{k: trust[k] for k in keep if k in trust},
+    }
+
+
+def _vm_report(v: Mapping[str, Any]) -> dict[str, Any]:
+    st = v.get("status") or {}
+    level = v["metadata"]["labels"][VM_LEVEL_LABEL]
+    return {**_ref(v), "level": level, "phase": st.get("phase"), "node": st.get("nodeName")}
+
+
+def _box_report(b: Mapping[str, Any]) -> dict[str, Any]:
+    st = b.get("status") or {}
+    return {
+        **_ref(b),
+        "level": (b.get("spec") or {}).get("level"),
+        "phase": st.get("phase"),
+        "node": st.get("node"),
+        "components": [f"{r.get('name')} {r.get('version')}" for r in st.get("resolved") or []],
+        "message": st.get("message"),
+    }
+
+
+def _migration_report(m: Mapping[str, Any]) -> dict[str, Any]:
+    st = m.get("status") or {}
+    state = st.get("migrationState") or {}
+    return {
+        **_ref(m),
+        "phase": st.get("phase", "Pending"),
+        "sourceNode": state.get("sourceNode"),
+        "targetNode": state.get("targetNode"),
+    }
+
+
+def report(
+    *,
+    members: Objects,
+    nodes: Objects,
+    vmis: Objects,
+    migrations: Objects,
+    lazyboxes: Objects = (),
+) -> dict[str, Any]:
+    """What `render` shows, as data for scripts: members with their verdicts, Nodes with
+    their trust labels and taint, gated VMs, Lazy Boxes and migrations in flight."""
+    by_name = sorted(members, key=lambda m: m["metadata"]["name"])
+    done = [m for m in migrations if _phase(m) in ("Succeeded", "Failed")]
+    return {
+        "members": [_member_report(m) for m in by_name],
+        "nodes": [_node_report(n) for n in sorted(nodes, key=lambda n: n["metadata"]["name"])],
+        "gatedVMs": [
+            _vm_report(v) for v in vmis if VM_LEVEL_LABEL in (v["metadata"].get("labels") or {})
+        ],
+        "lazyBoxes": [_box_report(b) for b in lazyboxes],
+        "migrations": [_migration_report(m) for m in migrations if m not in done],
+        "migrationsFinished": len(done),
+    }
 
 
 def collect(kubeconfig: str) -> dict[str, list[dict[str, Any]]]:

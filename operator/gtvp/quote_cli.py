@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """`gtvp verify-quote`'s arguments (gtvp.cli names the command)."""
-    p.description = __doc__
+    p.description = __doc__.replace("`", "")  # --help is plain text, not Markdown
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--ak-public", required=True, help="AK public: TPM2B_PUBLIC or PEM")
     p.add_argument("--message", required=True, help="TPMS_ATTEST (tpm2_quote -m)")

@@ -134,3 +134,104 @@ def test_gtvp_local_without_the_gtvp_local_distribution_says_how_to_get_it() -> 
     assert out.returncode == 2
     assert out.stderr.strip() == cli.LOCAL_MISSING
     assert "pip install -e ./local" in out.stderr
+
+
+def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gtvp.cli", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        ([], "local, verify-quote, component or status (see gtvp --help)"),
+        (["local"], "up, build, tamper, down, status or regen-gomod (see gtvp local --help)"),
+        (["component"], "sign or verify (see gtvp component --help)"),
+    ],
+)
+def test_a_missing_command_is_named_in_words(argv: list[str], named: str) -> None:
+    out = _run(*argv)
+    assert out.returncode == 2
+    assert f"error: a command is missing: {named}" in out.stderr
+    assert "cmd" not in out.stderr.split("error:")[1]
+
+
+HELPS = [[], ["local"], ["verify-quote"], ["component"], ["status"]]
+HELPS += [["local", c] for c in ("up", "build", "tamper", "down", "status", "regen-gomod")]
+HELPS += [["component", "sign"], ["component", "verify"]]
+
+
+@pytest.mark.parametrize("argv", HELPS, ids=lambda a: " ".join(a) or "gtvp")
+def test_help_is_plain_text_without_markdown_backticks(argv: list[str]) -> None:
+    out = _run(*argv, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "`" not in out.stdout
+
+
+@pytest.mark.parametrize("members", ["-1", "-3", "three"])
+def test_local_up_refuses_a_negative_or_unreadable_member_count(
+    members: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.parser("local").parse_args(["local", "up", "--members", members])
+    assert exited.value.code == 2
+    assert "--members" in capsys.readouterr().err
+    assert cli.parser("local").parse_args(["local", "up", "--members", "0"]).members == 0
+
+
+def test_status_names_a_kubeconfig_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.kubeconfig"
+    out = _run("status", "--kubeconfig", str(missing))
+    assert out.returncode == 2
+    assert out.stderr == f"gtvp status: --kubeconfig {missing}: no such file\n"
+    env = dict(os.environ, KUBECONFIG=str(missing))
+    out = _run("status", env=env)
+    assert out.returncode == 2
+    assert out.stderr == f"gtvp status: KUBECONFIG={missing}: no such file\n"
+
+
+def test_status_output_formats_are_offered() -> None:
+    args = cli.parser("status").parse_args(["status", "-o", "json"])
+    assert args.output == "json"
+    assert cli.parser("status").parse_args(["status", "--output", "yaml"]).output == "yaml"
+    assert cli.parser("status").parse_args(["status"]).output == "text"
+
+
+def test_the_gtvp_that_local_up_prints_runs_from_the_users_shell(tmp_path: Path) -> None:
+    """`make demo` runs gtvp from its virtualenv, on no PATH: `gtvp local up` then prints
+    the command that works from the user's shell, and that command runs."""
+    from gtvp_local.commands import gtvp_command
+
+    mine = Path(sys.executable).parent / "gtvp"
+    if not mine.is_file():
+        pytest.skip("gtvp is not installed beside this interpreter")
+    bare = "/usr/local/bin:/usr/bin:/bin"
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "gtvp").write_text("#!/bin/sh\nexit 7\n")  # another installation, first on PATH
+    (other / "gtvp").chmod(0o755)
+    cases = {
+        bare: str(mine),
+        f"{mine.parent}:{bare}": "gtvp",
+        f"{other}:{mine.parent}:{bare}": str(mine),
+    }
+    for path, expected in cases.items():
+        printed = gtvp_command(path=path)
+        assert printed == expected, path
+        run = subprocess.run(  # noqa: S602 - as the user's shell runs what was printed
+            f"{printed} --version",
+            shell=True,
+            env=dict(os.environ, PATH=path),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert run.returncode == 0, (path, run.stderr)
+        assert run.stdout.startswith("gtvp ")

@@ -93,3 +93,65 @@ def test_an_empty_cluster_says_none_and_leaves_out_lazy_boxes() -> None:
         "",
         "Migrations: 0 in flight, 0 finished",
     ]
+
+
+def test_the_same_view_as_data_for_gtvp_status_output_json() -> None:
+    from gtvp.pool_status import report
+
+    members = [
+        _member("b", "Untrusted", reason="PcrMismatch", message="PCR 7 differs"),
+        _member("a", "Trusted", reason="QuoteVerified", expiresAt="2026-01-01T00:00:06Z"),
+    ]
+    nodes = [
+        {"metadata": {"name": "a", "labels": {TRUSTED_LABEL: "true", f"{LEVEL_LABEL}3": "true"}}},
+        {
+            "metadata": {"name": "b"},
+            "spec": {"taints": [{"key": TAINT_KEY, "effect": "NoSchedule"}]},
+        },
+    ]
+    vmis = [
+        {
+            "metadata": {"name": "web", "namespace": "n", "labels": {"gtvp.io/level": "3"}},
+            "status": {"phase": "Running", "nodeName": "a"},
+        },
+        {"metadata": {"name": "ungated", "namespace": "n"}},
+    ]
+    migrations = [
+        {"metadata": {"name": "m0", "namespace": "n"}, "status": {"phase": "Succeeded"}},
+        {
+            "metadata": {"name": "m1", "namespace": "n"},
+            "status": {
+                "phase": "Running",
+                "migrationState": {"sourceNode": "b", "targetNode": "a"},
+            },
+        },
+    ]
+    data = report(members=members, nodes=nodes, vmis=vmis, migrations=migrations)
+    assert data["members"] == [
+        {
+            "name": "a",
+            "phase": "Trusted",
+            "level": 3,
+            "reason": "QuoteVerified",
+            "expiresAt": "2026-01-01T00:00:06Z",
+        },
+        {
+            "name": "b",
+            "phase": "Untrusted",
+            "level": 0,
+            "reason": "PcrMismatch",
+            "message": "PCR 7 differs",
+        },
+    ]
+    assert data["nodes"] == [
+        {"name": "a", "trusted": True, "level": 3, "taint": None},
+        {"name": "b", "trusted": False, "level": 0, "taint": f"{TAINT_KEY}:NoSchedule"},
+    ]
+    assert data["gatedVMs"] == [
+        {"namespace": "n", "name": "web", "level": "3", "phase": "Running", "node": "a"}
+    ]
+    assert data["migrations"] == [
+        {"namespace": "n", "name": "m1", "phase": "Running", "sourceNode": "b", "targetNode": "a"}
+    ]
+    assert data["migrationsFinished"] == 1
+    assert data["lazyBoxes"] == []
