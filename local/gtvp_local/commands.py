@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -26,7 +27,7 @@ from gtvp_local import layout, replicas, toolchain
 from gtvp_local.controlplane import ControlPlane, ControlPlaneError, Ports
 from gtvp_local.polling import wait_for
 from gtvp_local.pool import Pool, PoolError
-from gtvp_local.processes import ProcessTable
+from gtvp_local.processes import ProcessTable, stop_pid, strays
 
 
 def _saved_ports() -> Ports:
@@ -228,20 +229,60 @@ def _show_what_runs(cp: ControlPlane, started: float, *, with_pool: bool) -> Non
         _say(f"\n$ kubectl get {kind}\n{out.stdout.rstrip() or out.stderr.strip()}")
 
 
+def gtvp_command(path: str | None = None, running: str | None = None) -> str:
+    """How to run this very `gtvp` from a shell whose PATH is `path` ($PATH by default):
+    `gtvp` when that finds this installation, else its full path (`make demo` runs the one
+    in gtvp's virtualenv, which is on no PATH unless its bin directory is)."""
+    mine = Path(running or Path(sys.executable).parent / "gtvp")
+    if not mine.is_file():
+        return "gtvp"  # not run from an installed entry point (python -m gtvp.cli)
+    found = shutil.which("gtvp", path=os.environ.get("PATH", "") if path is None else path)
+    if found and Path(found).resolve() == mine.resolve():
+        return "gtvp"
+    return str(mine)
+
+
 def _show_how_to_use(cp: ControlPlane, *, with_pool: bool) -> None:
+    gtvp = gtvp_command()
     _say("\nUse it:")
     _say(f"  export KUBECONFIG={cp.admin_kubeconfig}")
     _say(f"  {toolchain.binaries().kubectl} get members   # the same kubectl gtvp built")
     if with_pool:
         node = _box_running_on(cp) or _vmi_node(cp) or "node-1"
-        _say(f"  gtvp local tamper {node}     # extend a PCR on its swtpm: quarantine + evacuation")
-        _say("  gtvp status                  # the pool at a glance")
-    _say("Stop it: gtvp local down")
+        _say(
+            f"  {gtvp} local tamper {node}     # extend a PCR on its swtpm: quarantine + evacuation"
+        )
+        _say(f"  {gtvp} status                  # the pool at a glance")
+    _say(f"Stop it: {gtvp} local down")
+    if gtvp != "gtvp":
+        _say(
+            "  (gtvp is not on your PATH; to type just `gtvp`: "
+            f'export PATH="{Path(gtvp).parent}:$PATH")'
+        )
+
+
+def _refuse_a_running_pool() -> None:
+    """`up` on a pool that runs would start a second kwok, stand-in and operator beside
+    the first: say so instead. A half-started one (something of it dead) is cleaned."""
+    cp = _control_plane()
+    tracked = ProcessTable(local_state.state_dir()).all()
+    tracked += ProcessTable(local_state.state_dir() / "pool").all()
+    alive = [t.name for t in tracked if t.alive()]
+    if alive and len(alive) == len(tracked) and cp.ready():
+        raise PoolError(
+            f"the local pool already runs ({', '.join(alive)}; API server {cp.server}). "
+            "`gtvp local status` shows it; `gtvp local down` stops it (add --purge to start "
+            "from a fresh pool)"
+        )
+    if alive:
+        _say(f"a half-started previous run is left ({', '.join(alive)}): stopping it first")
+        _stop_everything()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise PoolError("--replicas: the pool runs at least one operator replica")
+    _refuse_a_running_pool()
     started = time.monotonic()
     with_pool = bool(args.members)
     steps = 5 if with_pool else 4
@@ -372,11 +413,26 @@ def cmd_build(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_down(args: argparse.Namespace) -> int:
+def _stop_everything() -> list[str]:
+    """Stop what this state directory started: the pool's processes, the control plane,
+    then strays (processes marked with this state directory that no pid file names, as a
+    pid file overwritten by a second `up` leaves behind). Returns what was running."""
     cp = _control_plane()
     pool_procs = ProcessTable(local_state.state_dir() / "pool")
     stopped = [t.name for t in pool_procs.all() if pool_procs.stop(t.name)]
     stopped += cp.stop()
+    for pid in strays(local_state.state_dir(), known=set()):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            name = "?"
+        stop_pid(pid)
+        stopped.append(f"{name} (stray, pid {pid})")
+    return stopped
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = _stop_everything()
     if stopped:
         _say(f"stopped: {', '.join(stopped)}")
     else:
@@ -421,15 +477,18 @@ def cmd_status(_args: argparse.Namespace) -> int:
     if not tracked:
         _say(f"gtvp local: nothing runs (state in {local_state.state_dir()})")
         return 1
+    down = [t.name for t in tracked if not t.alive()]
     for t in tracked:
-        _say(f"{t.name:16} pid {t.pid:<8} {'running' if t.alive() else 'NOT RUNNING'}")
+        _say(f"{t.name:16} pid {t.pid:<8} {'NOT RUNNING' if t.name in down else 'running'}")
     ready = cp.ready()
     _say(f"kube-apiserver {cp.server}: {'ready' if ready else 'not ready'}")
     if ready:
         for line in _replica_lines(cp):
             _say(line)
     _say(f"KUBECONFIG={cp.admin_kubeconfig}")
-    return 0 if ready else 1
+    if down:
+        _say(f"not running: {', '.join(down)} (gtvp local down, then gtvp local up, restarts all)")
+    return 0 if ready and not down else 1
 
 
 def cmd_regen_gomod(args: argparse.Namespace) -> int:
@@ -442,6 +501,17 @@ def cmd_regen_gomod(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A number of members: 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: a pool cannot have fewer than 0 members")
+    return n
+
+
 def register(local: argparse.ArgumentParser) -> None:
     """`gtvp local`'s sub-commands and arguments (gtvp.cli names the command)."""
     lsub = local.add_subparsers(dest="local_cmd", required=True)
@@ -449,7 +519,7 @@ def register(local: argparse.ArgumentParser) -> None:
     up.add_argument("--no-samples", action="store_true", help="do not apply crds/samples")
     up.add_argument(
         "--members",
-        type=int,
+        type=_count,
         default=3,
         help="members, each with its own swtpm and agent (default 3; 0: only the control plane)",
     )

@@ -2,7 +2,9 @@
 
 Each process is started in its own session, its pid recorded in `<state>/pids/<name>.pid`
 together with the binary it runs, so that `gtvp local down` (or a later `up` cleaning a
-half-started run) stops exactly what gtvp started and nothing else.
+half-started run) stops exactly what gtvp started and nothing else. Each also carries its
+state directory in its environment (`GTVP_LOCAL_OWNER`), so that a process whose pid file
+was lost or overwritten (a stray) is still found and stopped: by that mark, never by name.
 """
 
 from __future__ import annotations
@@ -29,6 +31,53 @@ def _start_time(pid: int) -> int | None:
     if fields[0] == "Z":
         return None
     return int(fields[19])
+
+
+OWNER_ENV = "GTVP_LOCAL_OWNER"
+"""Set in the environment of every process a ProcessTable starts: its state directory."""
+
+
+def owned_by(state: Path, environ: bytes) -> bool:
+    """True when a process environment (`/proc/PID/environ`) carries the mark of `state` or
+    of a directory under it."""
+    root = str(state.resolve())
+    for entry in environ.split(b"\0"):
+        key, _, value = entry.decode(errors="replace").partition("=")
+        if key == OWNER_ENV:
+            return value == root or value.startswith(root + "/")
+    return False
+
+
+def strays(state: Path, known: set[int]) -> list[int]:
+    """Pids of live processes marked as started under `state` that no pid file names."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in known or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue  # gone, or another user's
+        if owned_by(state, environ) and _start_time(int(proc.name)) is not None:
+            found.append(int(proc.name))
+    return sorted(found)
+
+
+def stop_pid(pid: int, *, timeout: float = 10.0) -> None:
+    """Stop one process that no pid file tracks (TERM, then KILL after `timeout`)."""
+    started = _start_time(pid)
+    if started is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _start_time(pid) == started and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.05)
+    if _start_time(pid) == started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _reap(pid)
 
 
 @dataclass(frozen=True)
@@ -83,6 +132,7 @@ class ProcessTable:
     """The pid files under one state directory."""
 
     def __init__(self, state: Path) -> None:
+        self.state = state
         self.dir = state / "pids"
         self.logs = state / "logs"
 
@@ -122,7 +172,9 @@ class ProcessTable:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=dict(env) if env is not None else None,
+                env=dict(
+                    os.environ if env is None else env, **{OWNER_ENV: str(self.state.resolve())}
+                ),
                 cwd=cwd,
             )
         finally:

@@ -12,6 +12,8 @@ downloads prebuilt binaries.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -155,13 +157,50 @@ def _progress(label: str, stop: threading.Event, out: Sequence[str] = ()) -> Non
         print(f"  ... still building {label} ({mins}m{secs:02d}s)", file=sys.stderr, flush=True)
 
 
+def work_dir(comp: Component) -> Path:
+    """Where `comp` is built (its go.mod, go.sum and the per-process output directories)."""
+    return cache_dir() / "build" / f"{comp.name}-{comp.version}-{comp.fingerprint()}"
+
+
+@contextlib.contextmanager
+def build_lock(comp: Component, *, verbose: bool = False) -> Iterator[None]:
+    """Hold `comp`'s build lock (an flock on `<work dir>.lock`): a second `gtvp local build`
+    (or test run) waits for the first instead of rewriting the go.mod it is building from;
+    the lock goes with the process that holds it, however it ends."""
+    lock = work_dir(comp).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if verbose:
+                print(
+                    f"waiting for another build of {comp.name} {comp.version} to finish",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build(comp: Component, *, verbose: bool = True) -> Path:
-    """Build one component unless its binaries are cached; return its bin directory."""
+    """Build one component unless its binaries are cached; return its bin directory. One
+    build of a component at a time (`build_lock`); whoever waited finds it built."""
     if comp.is_built():
         return comp.bin_dir()
+    with build_lock(comp, verbose=verbose):
+        if comp.is_built():  # built by the run we waited for
+            return comp.bin_dir()
+        return _build_locked(comp, verbose=verbose)
+
+
+def _build_locked(comp: Component, *, verbose: bool) -> Path:
     go = _find_go()
     mod, summ = comp._sources()
-    work = cache_dir() / "build" / f"{comp.name}-{comp.version}-{comp.fingerprint()}"
+    work = work_dir(comp)
     work.mkdir(parents=True, exist_ok=True)
     (work / "go.mod").write_bytes(mod)
     (work / "go.sum").write_bytes(summ)

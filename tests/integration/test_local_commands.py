@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gtvp_local import replicas
+from gtvp_local.polling import wait_for
 from gtvp_local.processes import ProcessTable, free_port, port_in_use
 
 pytestmark = pytest.mark.controlplane
@@ -205,3 +208,69 @@ def test_replica_report_names_holders_shards_and_leader() -> None:
     unheld = int(text.split("no writer: 1 shard(s) (4), ")[1].split()[0])
     assert sum(counts) + unheld == 20
     assert replicas.shard_ranges([9, 0, 1, 2, 5, 7, 8]) == "0-2,5,7-9"
+
+
+def _printed_gtvp(up: str) -> str:
+    """The gtvp command `gtvp local up` told the user to run (`Stop it: <gtvp> local down`)."""
+    line = next(ln for ln in up.splitlines() if ln.startswith("Stop it: "))
+    return line.removeprefix("Stop it: ").removesuffix(" local down")
+
+
+def test_the_commands_up_prints_work_as_printed(pool: tuple[Path, list[str]]) -> None:
+    state, ports = pool
+    env = dict(os.environ, GTVP_LOCAL_STATE=str(state))
+    env["PATH"] = ":".join(  # the user's shell: gtvp's virtualenv is on no PATH
+        d for d in env.get("PATH", "").split(":") if Path(sys.executable).parent != Path(d)
+    )
+    up = _gtvp(state, "up", "--no-samples", "--members", "0", *ports)
+    assert up.returncode == 0, up.stderr
+    gtvp = _printed_gtvp(up.stdout)
+    status = subprocess.run(  # noqa: S602 - as the user's shell runs what was printed
+        f"{gtvp} local status", shell=True, env=env, capture_output=True, text=True, check=False
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert ": ready" in status.stdout
+
+
+def test_up_on_a_running_pool_says_so_and_starts_nothing(pool: tuple[Path, list[str]]) -> None:
+    state, ports = pool
+    assert _gtvp(state, "up", "--no-samples", "--members", "0", *ports).returncode == 0
+    pids = {t.name: t.pid for t in ProcessTable(state).all()}
+    again = _gtvp(state, "up", "--no-samples", "--members", "0", *ports)
+    assert again.returncode == 2
+    assert "the local pool already runs (" in again.stderr
+    assert "`gtvp local down` stops it" in again.stderr
+    assert {t.name: t.pid for t in ProcessTable(state).all()} == pids  # untouched
+    assert all(t.alive() for t in ProcessTable(state).all())
+
+
+def test_status_fails_when_a_process_is_down(pool: tuple[Path, list[str]]) -> None:
+    state, ports = pool
+    assert _gtvp(state, "up", "--no-samples", "--members", "0", *ports).returncode == 0
+    died = ProcessTable(state / "pool").start("virtsim", ["true"])  # a pool process that died
+    wait_for("the process to end", lambda: not died.alive(), 10)
+    status = _gtvp(state, "status")
+    assert status.returncode == 1, status.stdout
+    assert "virtsim          pid" in status.stdout
+    assert "not running: virtsim" in status.stdout
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(died.pid, 0)
+
+
+def test_down_stops_strays(pool: tuple[Path, list[str]]) -> None:
+    state, ports = pool
+    assert _gtvp(state, "up", "--no-samples", "--members", "0", *ports).returncode == 0
+    pool_procs = ProcessTable(state / "pool")
+    stray = pool_procs.start("kwok", ["sleep", "600"])  # a pool process whose pid file ...
+    (pool_procs.dir / "kwok.pid").unlink()  # ... a second `up` overwrote, say
+    try:
+        down = _gtvp(state, "down")
+        assert down.returncode == 0
+        assert f"sleep (stray, pid {stray.pid})" in down.stdout
+        assert "kube-apiserver" in down.stdout
+        assert not stray.alive()
+    finally:
+        if stray.alive():  # not stopped: do not leave it behind
+            os.kill(stray.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(stray.pid, 0)
