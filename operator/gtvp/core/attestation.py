@@ -14,6 +14,16 @@ expired verdict is Untrusted whatever the cause (fail closed). A verdict records
 class and level it was judged under: another class or a higher level asks for a fresh quote
 at once and is not published before one verifies under it. A member whose class cannot be
 resolved is Untrusted (UnknownMemberClass) and no quote of it is judged.
+
+Per cycle, a quote costs one parse and one signature check: what does not change between
+cycles is worked out once and memoized by its exact content (bounded `functools.lru_cache`
+of pure functions, so a result never depends on what happens to be cached): the EK's facts
+and its certificate path once per EK, certificate, presented chain and CA bundle
+(`enrolment.ek_facts`, `enrolment.check_ek_certificate`, which still checks validity
+against the time on every call), the AK's public key once per AK public area
+(`enrolment.ak_facts`), and the quote reference (PCR selection, golden values) once per policy
+generation (`quote.quote_reference`). A changed byte in any of them is another key,
+checked from scratch.
 """
 
 from __future__ import annotations
@@ -29,12 +39,13 @@ from typing import Any, Literal, cast
 from gtvp.core import errors
 from gtvp.core.conditions import merge_conditions as _conditions
 from gtvp.core.enrolment import (
+    EkFacts,
+    ak_facts,
     check_activation,
+    check_ek_certificate,
     check_ek_pin,
-    check_ek_public,
-    ek_fingerprint,
+    ek_facts,
     make_activation_challenge,
-    verify_ek_certificate,
 )
 from gtvp.core.phases import (
     ChallengeStatus,
@@ -49,11 +60,11 @@ from gtvp.core.quote import (
     Evidence,
     Expectation,
     QuoteResult,
-    check_ak_attributes,
+    quote_reference,
     verify_quote,
 )
 from gtvp.core.timestamps import format_ts, parse_ts
-from gtvp.core.tpm_wire import PublicArea, ak_qualified_name, parse_public
+from gtvp.core.tpm_wire import PublicArea, qualified_signer
 
 ENTROPY_BYTES = 64
 RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
@@ -158,11 +169,12 @@ def _nonce_challenge(
 
 @dataclass(frozen=True)
 class _Keys:
-    ek: PublicArea
+    ek: EkFacts
     ak: PublicArea
     ek_area: bytes
     fingerprint: str
     ak_name: str
+    signer: bytes  # the AK's qualified name under this EK
 
 
 def _check_enrolment(
@@ -175,10 +187,11 @@ def _check_enrolment(
     ek_holders: Mapping[str, str] | None = None,
 ) -> _Keys:
     ek_area = _b64(enrollment.get("ekPublic"), "enrollment.ekPublic", 2048)
-    ek = parse_public(ek_area)
-    check_ek_public(ek)
-    fp = ek_fingerprint(ek)
-    holder = (ek_holders or {}).get(fp)
+    ek = ek_facts(ek_area)
+    fp = ek.fingerprint
+    # one lookup: never `ek_holders or {}`, whose truth test takes len() of a view of the
+    # whole pool (the operator passes a lazy Mapping over every member's EK)
+    holder = ek_holders.get(fp) if ek_holders is not None else None
     if holder is not None and not policy.allow_shared_ek:
         raise errors.DuplicateEk(
             f"member {holder} already presents this EK (SHA-256 {fp[:16]}…); "
@@ -193,8 +206,8 @@ def _check_enrolment(
             _b64(c, "enrollment.ekCertificateChain[]", 16384)
             for c in enrollment.get("ekCertificateChain") or []
         ]
-        verify_ek_certificate(
-            ek=ek,
+        check_ek_certificate(
+            ek_spki=ek.spki,
             certificate=_b64(cert, "enrollment.ekCertificate", 16384),
             presented_chain=chain,
             ca_bundle_pem=policy.ca_bundle_pem,
@@ -206,18 +219,20 @@ def _check_enrolment(
             "ekTrust.allowUncertifiedWithApproval and an administrator's approval of EK "
             f"{fp} (Member.spec.approval.ekSHA256)"
         )
-    ak = parse_public(_b64(enrollment.get("akPublic"), "enrollment.akPublic", 2048))
-    check_ak_attributes(ak)
+    ak = ak_facts(_b64(enrollment.get("akPublic"), "enrollment.akPublic", 2048))
     reported = str(enrollment.get("akName", ""))
-    if ak.name.hex() != reported:
+    if ak.name != reported:
         raise errors.AkNameMismatch(
             f"the agent reports AK name {reported[:20]}…, the AK public area's name is "
-            f"{ak.name.hex()[:20]}…"
+            f"{ak.name[:20]}…"
         )
-    return _Keys(ek, ak, ek_area, fp, reported)
+    signer = qualified_signer(ek.name, ak.public.name)
+    return _Keys(ek, ak.public, ek_area, fp, reported, signer)
 
 
-def _evidence(raw: Mapping[str, Any]) -> Evidence:
+def parse_evidence(raw: Mapping[str, Any]) -> Evidence:
+    """The evidence as the agent writes it (`status.agent.evidence`): base64 TPMS_ATTEST and
+    TPMT_SIGNATURE, hex PCR values, an optional base64 event log."""
     values: dict[int, bytes] = {}
     pcr_values = raw.get("pcrValues") or {}
     if not isinstance(pcr_values, Mapping):
@@ -415,7 +430,7 @@ class _Cycle:
         try:
             cls = self.member_class()
             result = verify_quote(
-                _evidence(evidence),
+                parse_evidence(evidence),
                 self.expectation(keys, nonce, answered_nonces, cls),
             )
             _raise_if_late(issued, mp.attestation.valid_for, now)
@@ -520,17 +535,20 @@ class _Cycle:
     def expectation(
         self, keys: _Keys, nonce: bytes, answered_nonces: frozenset[bytes], mc: MemberClass
     ) -> Expectation:
-        return Expectation(
-            ak=keys.ak,
-            nonce=nonce,
+        reference = quote_reference(
             pcr_bank=str(self.challenge.get("pcrBank")),
             pcrs=tuple(int(p) for p in self.challenge.get("pcrs") or ()),
-            signer=ak_qualified_name(keys.ek, keys.ak),
-            answered_nonces=answered_nonces,
-            last_clock=_last_clock(self.trust),
             golden=mc.golden,
             event_log_required=mc.event_log_required,
             forbidden_digests=mc.forbidden_digests,
+        )
+        return Expectation.of(
+            reference,
+            ak=keys.ak,
+            nonce=nonce,
+            signer=keys.signer,
+            answered_nonces=answered_nonces,
+            last_clock=_last_clock(self.trust),
         )
 
     def failed(self, err: errors.VerificationError, *, unbind: bool = False, **kw: Any) -> Step:
@@ -793,4 +811,4 @@ def _credential(keys: _Keys, entropy: bytes) -> CredentialChallenge:
     }
 
 
-__all__ = ["ENTROPY_BYTES", "Event", "MemberPolicy", "Step", "attestation_step"]
+__all__ = ["ENTROPY_BYTES", "Event", "MemberPolicy", "Step", "attestation_step", "parse_evidence"]

@@ -5,6 +5,16 @@ Pure functions over bytes and `cryptography` objects:
   policy's CA bundle. Certificates the node presents may serve as intermediates but never
   as anchors; each step checks signature, validity and CA constraints; the leaf must be a
   TCG EK certificate (EKU 2.23.133.8.1 when present, not a CA) for exactly this EK.
+- `ek_facts` parses and checks an EK public area once (fingerprint, SPKI, TPM name);
+  `ak_facts` parses an AK public area and checks its attributes once.
+
+Once per binding, not once per cycle: the path is worked out once for the exact bytes of
+the EK's key, its certificate, the presented chain and the CA bundle (a bounded
+`functools.lru_cache`, so correctness never depends on what is cached: any other byte in
+any of them is another key and is checked from scratch). What depends on the time, each
+certificate's validity, is kept out of the cache: the path records the validity windows in
+the order the walk meets them and they are checked against `now` on every call, so an
+expired certificate is refused the moment it expires, exactly as an uncached check would.
 - `check_ek_pin` refuses an EK that changed under a known member unless an administrator
   approved the new one (identity takeover).
 - `make_activation_challenge` / `check_activation` bind the AK to the EK (MakeCredential in
@@ -14,6 +24,7 @@ Pure functions over bytes and `cryptography` objects:
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -26,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
 
 from gtvp.core import errors
+from gtvp.core.quote import check_ak_attributes
 from gtvp.core.tpm_wire import (
     ADMIN_WITH_POLICY,
     DECRYPT,
@@ -34,10 +46,15 @@ from gtvp.core.tpm_wire import (
     RESTRICTED,
     SIGN_ENCRYPT,
     PublicArea,
+    parse_public,
 )
 
 EK_CERTIFICATE_EKU = ObjectIdentifier("2.23.133.8.1")
 MAX_CHAIN = 6
+CACHE_SIZE = 1 << 15
+"""Entries of each per-member cache (EK facts, EK certificate paths): more than the members
+one operator replica verifies, so a cycle through all of them never evicts what the next
+cycle needs (a cache smaller than the pool would miss every time under LRU)."""
 
 
 def spki_der(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
@@ -51,6 +68,42 @@ def ek_fingerprint(ek: PublicArea) -> str:
     return hashlib.sha256(spki_der(ek.key)).hexdigest()
 
 
+@dataclass(frozen=True)
+class EkFacts:
+    """What every cycle needs of an EK, worked out once per EK public area."""
+
+    fingerprint: str  # SHA-256 of the SubjectPublicKeyInfo, hex
+    spki: bytes  # the SubjectPublicKeyInfo, DER: what its certificate must certify
+    name: bytes  # the TPM name (nameAlg || H(TPMT_PUBLIC))
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def ek_facts(ek_area: bytes) -> EkFacts:
+    """Parse an EK public area and check it is a TCG endorsement key; raises as
+    `parse_public` and `check_ek_public` do (failures are not cached)."""
+    ek = parse_public(ek_area)
+    check_ek_public(ek)
+    spki = spki_der(ek.key)
+    return EkFacts(fingerprint=hashlib.sha256(spki).hexdigest(), spki=spki, name=ek.name)
+
+
+@dataclass(frozen=True)
+class AkFacts:
+    """An AK's parsed public area (its key, for every quote's signature) and name."""
+
+    public: PublicArea
+    name: str  # hex, as the agent reports it (enrollment.akName)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def ak_facts(ak_area: bytes) -> AkFacts:
+    """Parse an AK public area and check it is a restricted signing key that cannot leave
+    its TPM; raises as `parse_public` and `check_ak_attributes` do (not cached)."""
+    ak = parse_public(ak_area)
+    check_ak_attributes(ak)
+    return AkFacts(ak, ak.name.hex())
+
+
 def check_ek_public(ek: PublicArea) -> None:
     """The EK must be a restricted decryption key that cannot leave its TPM."""
     need = RESTRICTED | DECRYPT | FIXED_TPM | FIXED_PARENT | ADMIN_WITH_POLICY
@@ -61,14 +114,16 @@ def check_ek_public(ek: PublicArea) -> None:
         )
 
 
-def load_bundle(pem: str) -> list[x509.Certificate]:
+@functools.lru_cache(maxsize=8)
+def load_bundle(pem: str) -> tuple[x509.Certificate, ...]:
+    """The policy's EK trust anchors (parsed once per bundle text)."""
     try:
         certs = x509.load_pem_x509_certificates(pem.encode())
     except ValueError as exc:
         raise errors.EkCertificateUntrusted(
             f"the policy's ekTrust.caBundle cannot be read: {exc}"
         ) from exc
-    return certs
+    return tuple(certs)
 
 
 def _load_der(der: bytes, what: str) -> x509.Certificate:
@@ -84,17 +139,28 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 """Tolerance for a certificate issued moments ago by a clock slightly ahead of ours."""
 
 
-def _valid_at(cert: x509.Certificate, now: datetime.datetime, what: str) -> None:
-    if now + CLOCK_SKEW < cert.not_valid_before_utc:
-        raise errors.EkCertificateInvalid(
-            f"{what} ({cert.subject.rfc4514_string() or 'no subject'}) is not valid before "
-            f"{cert.not_valid_before_utc.isoformat()}"
-        )
-    if now > cert.not_valid_after_utc:
-        raise errors.EkCertificateInvalid(
-            f"{what} ({cert.subject.rfc4514_string() or 'no subject'}) expired on "
-            f"{cert.not_valid_after_utc.isoformat()}"
-        )
+@dataclass(frozen=True)
+class _Validity:
+    """One certificate's validity window on the path, checked against the time every call."""
+
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    what: str  # "the EK certificate (CN=…)"
+
+    def check(self, now: datetime.datetime) -> None:
+        if now + CLOCK_SKEW < self.not_before:
+            raise errors.EkCertificateInvalid(
+                f"{self.what} is not valid before {self.not_before.isoformat()}"
+            )
+        if now > self.not_after:
+            raise errors.EkCertificateInvalid(
+                f"{self.what} expired on {self.not_after.isoformat()}"
+            )
+
+
+def _validity(cert: x509.Certificate, what: str) -> _Validity:
+    subject = cert.subject.rfc4514_string() or "no subject"
+    return _Validity(cert.not_valid_before_utc, cert.not_valid_after_utc, f"{what} ({subject})")
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -128,17 +194,69 @@ def verify_ek_certificate(
     now: datetime.datetime,
 ) -> x509.Certificate:
     """Check the EK certificate and its path to the policy's CA bundle; return the anchor."""
-    leaf = _load_der(certificate, "the EK certificate")
-    _check_leaf(leaf, ek, now)
-    anchors = load_bundle(ca_bundle_pem)
-    presented = [_load_der(d, f"presented certificate {i}") for i, d in enumerate(presented_chain)]
-    return _path_to_anchor(leaf, anchors=anchors, presented=presented, now=now)
+    return check_ek_certificate(
+        ek_spki=spki_der(ek.key),
+        certificate=certificate,
+        presented_chain=presented_chain,
+        ca_bundle_pem=ca_bundle_pem,
+        now=now,
+    )
 
 
-def _check_leaf(leaf: x509.Certificate, ek: PublicArea, now: datetime.datetime) -> None:
+def check_ek_certificate(
+    *,
+    ek_spki: bytes,
+    certificate: bytes,
+    presented_chain: Sequence[bytes],
+    ca_bundle_pem: str,
+    now: datetime.datetime,
+) -> x509.Certificate:
+    """`verify_ek_certificate` for an EK given by its SubjectPublicKeyInfo (`EkFacts.spki`).
+
+    The path is worked out once for these exact bytes (`_ek_path`); the validity of every
+    certificate on it is checked against `now` here, in the order the walk met them.
+    """
+    path = _ek_path(ek_spki, certificate, tuple(presented_chain), ca_bundle_pem)
+    for validity in path.validity:
+        validity.check(now)
+    if path.anchor is None:
+        refusal, message = path.refusal
+        raise refusal(message)
+    return path.anchor
+
+
+@dataclass(frozen=True)
+class _EkPath:
+    """The walk from an EK certificate to the CA bundle, apart from the time: the validity
+    windows met on the way, in order, then the anchor reached or the refusal."""
+
+    validity: tuple[_Validity, ...]
+    anchor: x509.Certificate | None
+    refusal: tuple[type[errors.VerificationError], str] = (errors.EkCertificateUntrusted, "")
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _ek_path(
+    ek_spki: bytes, certificate: bytes, presented_chain: tuple[bytes, ...], ca_bundle_pem: str
+) -> _EkPath:
+    met: list[_Validity] = []
+    try:
+        leaf = _load_der(certificate, "the EK certificate")
+        _check_leaf(leaf, ek_spki, met)
+        anchors = load_bundle(ca_bundle_pem)
+        presented = [
+            _load_der(d, f"presented certificate {i}") for i, d in enumerate(presented_chain)
+        ]
+        anchor = _path_to_anchor(leaf, anchors=anchors, presented=presented, met=met)
+    except errors.VerificationError as err:
+        return _EkPath(tuple(met), None, (type(err), err.message))
+    return _EkPath(tuple(met), anchor)
+
+
+def _check_leaf(leaf: x509.Certificate, ek_spki: bytes, met: list[_Validity]) -> None:
     """The leaf is a valid TCG EK certificate (not a CA; EKU 2.23.133.8.1 when it has an
     EKU) for exactly this EK."""
-    _valid_at(leaf, now, "the EK certificate")
+    met.append(_validity(leaf, "the EK certificate"))
     if _is_ca(leaf):
         raise errors.EkCertificateInvalid("the EK certificate is a CA certificate, not an EK's")
     try:
@@ -151,7 +269,7 @@ def _check_leaf(leaf: x509.Certificate, ek: PublicArea, now: datetime.datetime) 
         )
     leaf_key = leaf.public_key()
     if not isinstance(leaf_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) or (
-        spki_der(leaf_key) != spki_der(ek.key)
+        spki_der(leaf_key) != ek_spki
     ):
         raise errors.EkCertificateInvalid(
             "the EK certificate certifies another key than the EK the agent reported"
@@ -161,23 +279,22 @@ def _check_leaf(leaf: x509.Certificate, ek: PublicArea, now: datetime.datetime) 
 def _path_to_anchor(
     leaf: x509.Certificate,
     *,
-    anchors: list[x509.Certificate],
+    anchors: tuple[x509.Certificate, ...],
     presented: list[x509.Certificate],
-    now: datetime.datetime,
+    met: list[_Validity],
 ) -> x509.Certificate:
     """Walk up from the leaf, at most MAX_CHAIN steps, to the anchor that issued the path;
     presented certificates serve as intermediates only."""
     anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
-    intermediates = anchors + presented
+    intermediates = [*anchors, *presented]
     current = leaf
     for _depth in range(MAX_CHAIN):
         for anchor in anchors:
             if _issued_by(current, anchor):
-                _valid_at(anchor, now, "the trusted CA")
+                met.append(_validity(anchor, "the trusted CA"))
                 return anchor
-        current = _intermediate_parent(
-            current, intermediates=intermediates, anchor_der=anchor_der, now=now
-        )
+        current = _intermediate_parent(current, intermediates=intermediates, anchor_der=anchor_der)
+        met.append(_validity(current, "an intermediate CA"))
     raise errors.EkCertificateUntrusted(f"the EK certificate chain is longer than {MAX_CHAIN}")
 
 
@@ -186,9 +303,9 @@ def _intermediate_parent(
     *,
     intermediates: list[x509.Certificate],
     anchor_der: set[bytes],
-    now: datetime.datetime,
 ) -> x509.Certificate:
-    """The valid intermediate CA that issued `current` (a self-signed one must be an anchor)."""
+    """The intermediate CA that issued `current` (a self-signed one must be an anchor); its
+    validity is the caller's to record."""
     parent = next(
         (
             c
@@ -214,7 +331,6 @@ def _intermediate_parent(
         raise errors.EkCertificateUntrusted(
             f"{parent.subject.rfc4514_string()} signs the chain but is not a CA"
         )
-    _valid_at(parent, now, "an intermediate CA")
     return parent
 
 

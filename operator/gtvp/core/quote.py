@@ -79,6 +79,75 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class QuoteReference:
+    """What one policy generation expects of every quote of one member class under one PCR
+    selection: built once (`quote_reference`, keyed by its content) and shared by every
+    member and every cycle, with what is derived from it worked out on first use."""
+
+    pcr_bank: str
+    pcrs: tuple[int, ...]
+    golden: Mapping[int, bytes] | None
+    event_log_required: bool = False
+    forbidden_digests: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def wanted_selection(self) -> tuple[PcrSelection, ...]:
+        return (PcrSelection(HASH_BY_NAME[self.pcr_bank], tuple(sorted(self.pcrs))),)
+
+    @functools.cached_property
+    def digest_size(self) -> int:
+        return HASH_SIZES[HASH_BY_NAME[self.pcr_bank]]
+
+    @functools.cached_property
+    def pcr_set(self) -> frozenset[int]:
+        return frozenset(self.pcrs)
+
+    @functools.cached_property
+    def golden_concatenated(self) -> bytes | None:
+        """All selected PCRs' golden values in order, when golden covers every one."""
+        golden = self.golden or {}
+        if not all(p in golden for p in self.pcrs):
+            return None
+        return b"".join(golden[p] for p in sorted(self.pcrs))
+
+
+@functools.lru_cache(maxsize=256)
+def _reference(
+    pcr_bank: str,
+    pcrs: tuple[int, ...],
+    golden: tuple[tuple[int, bytes], ...] | None,
+    event_log_required: bool,
+    forbidden_digests: frozenset[str],
+) -> QuoteReference:
+    return QuoteReference(
+        pcr_bank,
+        pcrs,
+        None if golden is None else dict(golden),
+        event_log_required,
+        forbidden_digests,
+    )
+
+
+def quote_reference(
+    *,
+    pcr_bank: str,
+    pcrs: tuple[int, ...],
+    golden: Mapping[int, bytes] | None,
+    event_log_required: bool = False,
+    forbidden_digests: frozenset[str] = frozenset(),
+) -> QuoteReference:
+    """The shared `QuoteReference` for exactly this content (another golden value, bank or
+    PCR is another key: a changed policy never finds the old generation's reference)."""
+    return _reference(
+        pcr_bank,
+        tuple(pcrs),
+        None if golden is None else tuple(golden.items()),
+        event_log_required,
+        forbidden_digests,
+    )
+
+
+@dataclass(frozen=True)
 class Expectation:
     """What the verifier expects of one quote."""
 
@@ -97,22 +166,68 @@ class Expectation:
     """False when the AK came as a bare PEM key, which carries no TPM attributes."""
     event_log_required: bool = False
     forbidden_digests: frozenset[str] = frozenset()
+    reference: QuoteReference | None = field(default=None, compare=False, repr=False)
+    """The shared reference these fields were taken from (`Expectation.of`); one that does
+    not hold exactly these values is ignored."""
+
+    @classmethod
+    def of(
+        cls,
+        reference: QuoteReference,
+        *,
+        ak: PublicArea,
+        nonce: bytes,
+        signer: bytes | None,
+        answered_nonces: frozenset[bytes] = frozenset(),
+        last_clock: ClockState | None = None,
+    ) -> Expectation:
+        """An expectation for one quote under a shared reference (one policy generation)."""
+        return cls(
+            ak=ak,
+            nonce=nonce,
+            pcr_bank=reference.pcr_bank,
+            pcrs=reference.pcrs,
+            signer=signer,
+            answered_nonces=answered_nonces,
+            last_clock=last_clock,
+            golden=reference.golden,
+            event_log_required=reference.event_log_required,
+            forbidden_digests=reference.forbidden_digests,
+            reference=reference,
+        )
 
     @functools.cached_property
+    def ref(self) -> QuoteReference:
+        r = self.reference
+        if (
+            r is not None
+            and r.golden is self.golden
+            and r.pcr_bank == self.pcr_bank
+            and r.pcrs == self.pcrs
+            and r.event_log_required == self.event_log_required
+            and r.forbidden_digests == self.forbidden_digests
+        ):
+            return r
+        return QuoteReference(
+            self.pcr_bank,
+            tuple(self.pcrs),
+            self.golden,
+            self.event_log_required,
+            self.forbidden_digests,
+        )
+
+    @property
     def wanted_selection(self) -> tuple[PcrSelection, ...]:
-        return (PcrSelection(HASH_BY_NAME[self.pcr_bank], tuple(sorted(self.pcrs))),)
+        return self.ref.wanted_selection
 
-    @functools.cached_property
+    @property
     def digest_size(self) -> int:
-        return HASH_SIZES[HASH_BY_NAME[self.pcr_bank]]
+        return self.ref.digest_size
 
-    @functools.cached_property
+    @property
     def golden_concatenated(self) -> bytes | None:
         """All selected PCRs' golden values in order, when golden covers every one."""
-        golden = self.golden or {}
-        if not all(p in golden for p in self.pcrs):
-            return None
-        return b"".join(golden[p] for p in sorted(self.pcrs))
+        return self.ref.golden_concatenated
 
 
 @dataclass(frozen=True)
@@ -197,8 +312,21 @@ def check_signature(ak: PublicArea, sig: Signature, message: bytes) -> None:
         ) from exc
 
 
+_HASH_FUNCTIONS = {
+    alg: getattr(hashlib, name) for alg, name in HASH_NAMES.items() if alg in _HASHES
+}
+
+
 def pcr_digest(values: list[bytes], hash_alg: int) -> bytes:
-    return hashlib.new(HASH_NAMES[hash_alg], b"".join(values)).digest()
+    return _digest(b"".join(values), hash_alg)
+
+
+def _digest(data: bytes, hash_alg: int) -> bytes:
+    fn = _HASH_FUNCTIONS.get(hash_alg)
+    if fn is None:
+        return hashlib.new(HASH_NAMES[hash_alg], data).digest()
+    digest: bytes = fn(data).digest()
+    return digest
 
 
 @functools.lru_cache(maxsize=512)
@@ -232,13 +360,14 @@ def _check_counters(a: Attest, last: ClockState | None) -> ClockState:
     return now
 
 
-def _check_pcr_values(ev: Evidence, exp: Expectation, values: list[bytes]) -> bool:
+def _check_pcr_values(ev: Evidence, exp: Expectation, joined: bytes) -> bool:
+    """Step 12; `joined` is the reported values of the selected PCRs, in order."""
     whole = exp.golden_concatenated
     if (
         whole is not None
         and not ev.event_log
         and not exp.event_log_required
-        and hmac.compare_digest(b"".join(values), whole)
+        and hmac.compare_digest(joined, whole)
     ):
         return False  # the common case: every PCR has its golden value
 
@@ -309,27 +438,33 @@ def verify_quote(ev: Evidence, exp: Expectation) -> QuoteResult:
             f"the quote answers nonce {a.extra_data.hex() or '(none)'}, the outstanding nonce "
             f"is {exp.nonce.hex()}"
         )
-    wanted = exp.wanted_selection
+    ref = exp.ref
+    wanted = ref.wanted_selection
     if a.pcr_selections != wanted:
         raise errors.PcrSelectionMismatch(
             "the quote covers "
             + ", ".join(f"{HASH_NAMES[s.hash_alg]}:{list(s.pcrs)}" for s in a.pcr_selections)
             + f", the challenge asked for {exp.pcr_bank}:{sorted(exp.pcrs)}"
         )
-    if ev.pcr_bank != exp.pcr_bank or set(ev.pcr_values) != set(exp.pcrs):
+    reported = ev.pcr_values
+    if ev.pcr_bank != exp.pcr_bank or reported.keys() != ref.pcr_set:
         raise errors.PcrSelectionMismatch(
-            f"the agent reported {ev.pcr_bank}:{sorted(ev.pcr_values)}, the quote covers "
+            f"the agent reported {ev.pcr_bank}:{sorted(reported)}, the quote covers "
             f"{exp.pcr_bank}:{sorted(exp.pcrs)}"
         )
-    size = exp.digest_size
-    values = [ev.pcr_values[p] for p in wanted[0].pcrs]
-    if any(len(v) != size for v in values):
-        raise errors.MalformedEvidence(f"a reported {exp.pcr_bank} PCR value is not {size} bytes")
-    if not hmac.compare_digest(pcr_digest(values, sig.hash_alg), a.pcr_digest):
+    size = ref.digest_size
+    values = [reported[p] for p in wanted[0].pcrs]
+    joined = b"".join(values)
+    for v in values:
+        if len(v) != size:
+            raise errors.MalformedEvidence(
+                f"a reported {exp.pcr_bank} PCR value is not {size} bytes"
+            )
+    if not hmac.compare_digest(_digest(joined, sig.hash_alg), a.pcr_digest):
         raise errors.PcrDigestMismatch(
             "the reported PCR values do not hash to the digest the TPM signed: they were "
             "changed after the quote, or read at another time"
         )
     clock = _check_counters(a, exp.last_clock)
-    used_log = _check_pcr_values(ev, exp, values) if exp.golden is not None else False
+    used_log = _check_pcr_values(ev, exp, joined) if exp.golden is not None else False
     return QuoteResult(clock, {p: ev.pcr_values[p] for p in exp.pcrs}, used_log)

@@ -253,11 +253,7 @@ def parse_attest(data: bytes) -> Attest:
     selections: tuple[PcrSelection, ...] = ()
     digest = b""
     if typ == TPM_ST_ATTEST_QUOTE:
-        r = Reader(data, "TPMS_ATTEST")
-        r.pos = off
-        selections = read_pcr_selections(r)
-        digest = r.tpm2b(64)
-        r.end()
+        selections, digest = _quote_fields(data, off)
     return Attest(
         magic=magic,
         type=typ,
@@ -271,6 +267,35 @@ def parse_attest(data: bytes) -> Attest:
         pcr_selections=selections,
         pcr_digest=digest,
     )
+
+
+_ONE_BANK = struct.Struct(">IHB")  # TPML_PCR_SELECTION.count, hash, sizeofSelect
+
+
+@functools.lru_cache(maxsize=256)
+def _one_selection(hash_alg: int, bitmap: bytes) -> tuple[PcrSelection, ...]:
+    return (PcrSelection(hash_alg, _bitmap_pcrs(bitmap)),)
+
+
+def _quote_fields(data: bytes, off: int) -> tuple[tuple[PcrSelection, ...], bytes]:
+    """TPMS_QUOTE_INFO at `off`, to the end: the PCR selection and the PCR digest. One bank,
+    the common case, is read in place; anything else goes through the Reader, which
+    refuses what is wrong with its precise message."""
+    n = len(data)
+    if off + _ONE_BANK.size <= n:
+        count, alg, size = _ONE_BANK.unpack_from(data, off)
+        sel_end = off + _ONE_BANK.size + size
+        if count == 1 and alg in HASH_SIZES and size <= 4 and sel_end + 2 <= n:
+            (digest_size,) = _U16.unpack_from(data, sel_end)
+            if digest_size <= 64 and sel_end + 2 + digest_size == n:
+                bitmap = data[off + _ONE_BANK.size : sel_end]
+                return _one_selection(alg, bitmap), data[sel_end + 2 :]
+    r = Reader(data, "TPMS_ATTEST")
+    r.pos = off
+    selections = read_pcr_selections(r)
+    digest = r.tpm2b(64)
+    r.end()
+    return selections, digest
 
 
 # ----- TPMT_SIGNATURE ---------------------------------------------------------------------------
@@ -301,6 +326,20 @@ def parse_signature(data: bytes) -> Signature:
             "(ECDSA, RSASSA and RSAPSS are)"
         )
     _hash_alg(h, "TPMT_SIGNATURE")
+    n = len(data)
+    if scheme == ALG_ECDSA and n >= 8:
+        # the common case, read in place; anything irregular takes the Reader below,
+        # which refuses it with the precise message
+        (r_size,) = _U16.unpack_from(data, 4)
+        if r_size <= 66 and n >= 8 + r_size:
+            (s_size,) = _U16.unpack_from(data, 6 + r_size)
+            if s_size <= 66 and n == 8 + r_size + s_size:
+                return Signature(
+                    scheme,
+                    h,
+                    r=int.from_bytes(data[6 : 6 + r_size], "big"),
+                    s=int.from_bytes(data[8 + r_size :], "big"),
+                )
     r = Reader(data, "TPMT_SIGNATURE")
     r.pos = 4
     if scheme == ALG_ECDSA:
@@ -329,7 +368,7 @@ class PublicArea:
     symmetric: int
     marshalled: bytes
 
-    @property
+    @functools.cached_property
     def name(self) -> bytes:
         """The TPM name: nameAlg || H_nameAlg(TPMT_PUBLIC)."""
         h = hashlib.new(HASH_NAMES[self.name_alg], self.marshalled).digest()
@@ -339,16 +378,27 @@ class PublicArea:
 TPM_RH_ENDORSEMENT: Final = 0x4000000B
 
 
+def _qualify(parent_qualified_name: bytes, name: bytes) -> bytes:
+    """QN(child) from QN(parent) and the child's name (whose first 2 bytes are its nameAlg)."""
+    (name_alg,) = _U16.unpack_from(name, 0)
+    return name[:2] + hashlib.new(HASH_NAMES[name_alg], parent_qualified_name + name).digest()
+
+
 def qualified_name(parent_qualified_name: bytes, child: PublicArea) -> bytes:
     """QN(child) = nameAlg || H_nameAlg(QN(parent) || Name(child)), as TPMS_ATTEST names signers."""
-    h = hashlib.new(HASH_NAMES[child.name_alg], parent_qualified_name + child.name).digest()
-    return struct.pack(">H", child.name_alg) + h
+    return _qualify(parent_qualified_name, child.name)
 
 
 def ak_qualified_name(ek: PublicArea, ak: PublicArea) -> bytes:
     """The qualified name of an AK created under a primary EK in the endorsement hierarchy."""
-    ek_qn = qualified_name(struct.pack(">I", TPM_RH_ENDORSEMENT), ek)
-    return qualified_name(ek_qn, ak)
+    return qualified_signer(ek.name, ak.name)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def qualified_signer(ek_name: bytes, ak_name: bytes) -> bytes:
+    """`ak_qualified_name` from the two keys' TPM names (what a quote's qualifiedSigner
+    must be); memoized by the names, which are digests of the whole public areas."""
+    return _qualify(_qualify(struct.pack(">I", TPM_RH_ENDORSEMENT), ek_name), ak_name)
 
 
 def _read_symmetric(r: Reader) -> int:
