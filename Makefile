@@ -7,7 +7,7 @@ VENV  ?= $(or $(GTVP_VENV),$(CACHE)/venv)
 BIN   := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck down bench bench-scale
+.PHONY: setup demo test lint typecheck down bench bench-scale images
 
 setup:
 	@.ci/setup-machine
@@ -23,6 +23,12 @@ demo: setup
 down:
 	@$(BIN)/gtvp local down
 
+# gtvp's container image (operator + agent), built here without a Docker engine: debootstrap,
+# pip, umoci; cached in $(CACHE)/images by a fingerprint of its inputs (docs/images.md).
+# Prints the digest, runs the image's programs (runc) and imports it when containerd runs.
+images: setup
+	@$(BIN)/gtvp local images
+
 lint:
 	@echo "[check] ruff (lint, format)"
 	@$(BIN)/ruff check operator attestation-agent local tests
@@ -34,7 +40,7 @@ typecheck:
 	@echo "[check] mypy --strict"
 	@$(BIN)/mypy
 
-test: setup lint typecheck
+test: setup lint typecheck images
 	@echo "[test] pytest (unit, integration on the real API server, e2e)"
 	@$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -45,6 +51,7 @@ bench: setup
 	@$(BIN)/python -m tests.bench.bench_box_plan
 	@$(BIN)/python -m tests.bench.bench_box_placement
 	@$(BIN)/python -m tests.bench.bench_cli_startup
+	@$(BIN)/python -m tests.bench.bench_failover --members 1000
 
 # several minutes each: 1,000 and 10,000 members at a 60 s interval
 bench-scale: setup

@@ -4,7 +4,8 @@ Run: `python -m tests.bench.bench_box_placement [--members 1000 --boxes 1000]`.
 
 Real: kube-apiserver + etcd, KubeVirt's CRDs, gtvp-operator, a 500-component signed
 catalogue verified by the operator; members attested for real by the scale benchmark's load
-generator (a few swtpm AKs answer every member's challenges). Nodes are plain Node objects
+generator (4 members on a swtpm each, the others on software-held TPM keys, all through
+gtvp-agent's own code and the operator's full enrolment). Nodes are plain Node objects
 with allocatable room and a random image cache (no kubelet, no kwok: nothing runs the VMs).
 
 Measured: from the first LazyBox created until every box has a VM written and
@@ -79,7 +80,12 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
     apps = sorted({c.name for c in parsed if c.type == "application"})
     stop = threading.Event()
     with load_generator_pool(
-        4, kubevirt=True, interval="60s", valid_for="180s", max_uses=100000, publisher_keys=pub.keys
+        4,  # members with a swtpm each
+        kubevirt=True,
+        interval="60s",
+        valid_for="180s",
+        max_uses=100000,
+        publisher_keys=pub.keys,
     ) as (pool, lg):
         cp = pool.cp
         try:

@@ -16,9 +16,12 @@ pytestmark = pytest.mark.tpm
 def test_verification_benchmark_runs_and_reports_a_ratio(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    ratio = bench_verify.run(iterations=20)
-    assert ratio > 0
-    assert "ratio full/baseline" in capsys.readouterr().out
+    ratios = bench_verify.run(iterations=20)
+    assert ratios["full"] > 0
+    assert ratios["agent"] > 0
+    out = capsys.readouterr().out
+    assert "ratio full/baseline" in out
+    assert "ratio agent-bytes/baseline" in out
 
 
 @pytest.mark.controlplane
@@ -58,3 +61,15 @@ def test_cli_startup_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert got["gtvp --help"]["median"] > 0
     assert "gtvp verify-quote (real quote)" in got  # swtpm and tpm2-tools: the tpm mark
     assert "vs 120 ms" in capsys.readouterr().out
+
+
+@pytest.mark.controlplane
+@pytest.mark.e2e
+def test_failover_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from gtvp_local.replicas import LeaseTimings
+    from tests.bench import bench_failover
+
+    got = bench_failover.run(members=12, interval=6, timings=LeaseTimings(4, 2.5, 0.5))
+    assert got["orphans"] > 0
+    assert got["failover"] > 0
+    assert "ratio failover/baseline" in capsys.readouterr().out
