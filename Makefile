@@ -40,7 +40,11 @@ typecheck:
 	@echo "[check] mypy --strict"
 	@$(BIN)/mypy
 
-test: setup lint typecheck images
+# the image is built (or found cached) before pytest, with progress; tests/integration/
+# test_image.py then runs it from the cache (both need root: debootstrap, chroot, runc)
+test: setup lint typecheck
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/gtvp local images; \
+	 else echo "[test] not root: the image is not built and tests/integration/test_image.py skips"; fi
 	@echo "[test] pytest (unit, integration on the real API server, e2e)"
 	@$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -56,4 +60,5 @@ bench: setup
 # several minutes each: 1,000 and 10,000 members at a 60 s interval
 bench-scale: setup
 	@$(BIN)/python -m tests.bench.bench_scale --members 1000 --cycles 3
+	@$(BIN)/python -m tests.bench.bench_scale --members 1000 --cycles 3 --replicas 2
 	@$(BIN)/python -m tests.bench.bench_scale --members 10000 --cycles 3

@@ -46,6 +46,7 @@ from gtvp_agent.agent import Agent, AgentConfig
 from gtvp_agent.tpm import Enrolment, LoadedKeys, Quote, Tpm
 from gtvp_local.controlplane import ControlPlane, ephemeral_control_plane
 from gtvp_local.pool import Pool, pool_policy
+from gtvp_local.replicas import LeaseTimings
 from tests.softtpm import SoftCA, SoftTpm
 
 G, V, P = "gtvp.io", "v1alpha1", "members"
@@ -465,7 +466,12 @@ class _Window:
 
 
 def run(
-    members: int, cycles: int, real: int = 8, interval: int = 60, soft_workers: int = 4
+    members: int,
+    cycles: int,
+    real: int = 8,
+    interval: int = 60,
+    soft_workers: int = 4,
+    replicas: int = 1,
 ) -> dict[str, float]:
     load_before = _load()
     print(f"bench_scale: load average before (1/5/15 min): {load_before}", flush=True)
@@ -477,6 +483,8 @@ def run(
         max_uses=100,
     ) as (pool, lg):
         lg.soft_workers = soft_workers
+        # the operator's own lease timing (the chart's), not the local pool's short one
+        pool.replica_count, pool.timings = replicas, LeaseTimings(15, 10, 2)
         api = _api(pool)
         started = time.perf_counter()
         create_members(api, lg, members)
@@ -559,9 +567,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=int, default=60)
     p.add_argument("--real", type=int, default=8, help="members that quote with a swtpm each")
     p.add_argument("--workers", type=int, default=4, help="load generator threads (soft TPMs)")
+    p.add_argument(
+        "--replicas", type=int, default=1, help="gtvp-operator processes sharing the pool"
+    )
     args = p.parse_args(argv)
     run(
-        args.members, args.cycles, real=args.real, interval=args.interval, soft_workers=args.workers
+        args.members,
+        args.cycles,
+        real=args.real,
+        interval=args.interval,
+        soft_workers=args.workers,
+        replicas=args.replicas,
     )
     return 0
 
