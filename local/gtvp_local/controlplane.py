@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from gtvp_local import layout, pki, toolchain
 from gtvp_local.processes import ProcessTable, free_port, port_in_use
@@ -86,6 +87,42 @@ class ControlPlane:
     def admin_kubeconfig(self) -> Path:
         return self.state / "kubeconfig"
 
+    def write_kubeconfig(self, path: Path, user_name: str, user: dict[str, str]) -> None:
+        """A kubeconfig (mode 0600) for this API server, as `user_name` with credentials
+        `user` (client certificate and key, or a token)."""
+        ca = pki.ensure_ca(self.pki_dir, "gtvp-local-ca")
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "gtvp-local",
+                    "cluster": {"server": self.server, "certificate-authority": str(ca.cert)},
+                }
+            ],
+            "users": [{"name": user_name, "user": user}],
+            "contexts": [
+                {"name": "gtvp-local", "context": {"cluster": "gtvp-local", "user": user_name}}
+            ],
+            "current-context": "gtvp-local",
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(json.dumps(config, indent=2))
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        """Server-side apply of one object as gtvp-local (its fields, nobody else's)."""
+        self.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=gtvp-local",
+            "-f",
+            "-",
+            input_text=json.dumps(obj),
+        )
+
     def kubeconfig_for(self, identity: Identity) -> Path:
         """Write (once) and return a kubeconfig for a client-certificate identity."""
         if identity.stem == ADMIN.stem:
@@ -102,35 +139,8 @@ class ControlPlane:
             common_name=identity.user,
             organizations=identity.groups,
         )
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "gtvp-local",
-                    "cluster": {"server": self.server, "certificate-authority": str(ca.cert)},
-                }
-            ],
-            "users": [
-                {
-                    "name": identity.user,
-                    "user": {
-                        "client-certificate": str(pair.cert),
-                        "client-key": str(pair.key),
-                    },
-                }
-            ],
-            "contexts": [
-                {
-                    "name": "gtvp-local",
-                    "context": {"cluster": "gtvp-local", "user": identity.user},
-                }
-            ],
-            "current-context": "gtvp-local",
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2))
-        path.chmod(0o600)
+        user = {"client-certificate": str(pair.cert), "client-key": str(pair.key)}
+        self.write_kubeconfig(path, identity.user, user)
         return path
 
     # ----- lifecycle -------------------------------------------------------------------------

@@ -223,15 +223,7 @@ class Pool:
             self.cp.kubectl("apply", "-f", str(m))
 
     def apply(self, obj: dict[str, Any]) -> None:
-        self.cp.kubectl(
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=gtvp-local",
-            "-f",
-            "-",
-            input_text=json.dumps(obj),
-        )
+        self.cp.apply(obj)
 
     def put(self, obj: dict[str, Any]) -> None:
         """Create or replace an object whole (no fields left over from another writer)."""

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from gtvp.core.shards import shard_of
-from gtvp_local import pki
 from gtvp_local.controlplane import ControlPlane
 
 LEASE_NAMESPACE = "gtvp-system"
@@ -154,15 +153,7 @@ def issue_credential(cp: ControlPlane, replica: Replica, directory: Path) -> Pat
         "metadata": {"name": replica.service_account, "namespace": LEASE_NAMESPACE},
     }
     for obj in (sa, *_bindings(replica)):
-        cp.kubectl(
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=gtvp-local",
-            "-f",
-            "-",
-            input_text=json.dumps(obj),
-        )
+        cp.apply(obj)
     token = cp.kubectl(
         "create",
         "token",
@@ -171,25 +162,9 @@ def issue_credential(cp: ControlPlane, replica: Replica, directory: Path) -> Pat
         LEASE_NAMESPACE,
         f"--duration={TOKEN_DURATION}",
     ).stdout.strip()
-    ca = pki.ensure_ca(cp.pki_dir, "gtvp-local-ca")
     user = f"system:serviceaccount:{LEASE_NAMESPACE}:{replica.service_account}"
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "gtvp-local",
-                "cluster": {"server": cp.server, "certificate-authority": str(ca.cert)},
-            }
-        ],
-        "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "gtvp-local", "context": {"cluster": "gtvp-local", "user": user}}],
-        "current-context": "gtvp-local",
-    }
     path = directory / "kubeconfigs" / f"{replica.process}.kubeconfig"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(config, indent=2))
+    cp.write_kubeconfig(path, user, {"token": token})
     return path
 
 
