@@ -222,3 +222,23 @@ def test_resolution_is_valid_and_complete(cat: list[Component], app: str, level:
         return
     assert valid(got, request, cat)
     assert resolve(request, cat) == got  # deterministic
+
+
+def test_a_dependency_cycle_left_behind_by_backtracking_resolves() -> None:
+    """a 1.2 needs b, b needs a < 1.2 and c, c needs b: resolvelib backtracks to a 1.0 and
+    its own graph walk then recursed forever on the b <-> c cycle (RecursionError; found by
+    the property test below)."""
+    cat = catalogue(
+        [
+            PUB.component("k", "1.0", "kernel", provides=["kernel"]),
+            PUB.component("r", "1.0", "rootfs", requires=["kernel"]),
+            PUB.component("a", "1.0", level=1),
+            PUB.component("a", "1.2", level=1, requires=["b"]),
+            PUB.component("b", "1.0", level=1, requires=["a<1.2", "c"]),
+            PUB.component("c", "1.0", level=1, requires=["b"]),
+        ]
+    )
+    request = box("a", level=1)
+    got = resolve(request, cat)
+    assert valid(got, request, cat)
+    assert "a 1.0" in [f"{c.name} {c.version.text}" for c in got]

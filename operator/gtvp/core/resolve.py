@@ -23,8 +23,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from resolvelib import AbstractProvider, BaseReporter, Resolver
-from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep
+from resolvelib import AbstractProvider, BaseReporter
+from resolvelib.resolvers import Resolution, ResolutionImpossible, ResolutionTooDeep
 from resolvelib.structs import RequirementInformation
 
 from gtvp.core.components import TYPES, Component, Dependency
@@ -197,11 +197,15 @@ def resolve(
 ) -> list[Component]:
     """The components of one box, kernel first, application last; or raise Unresolvable."""
     by_ident = index(catalogue, request.level)
-    resolver: Resolver[Requirement, Candidate, str] = Resolver(
+    # resolvelib's Resolver.resolve, after resolving, builds a dependency graph with a
+    # recursive walk that never ends on a dependency cycle no longer connected to the root
+    # (RecursionError; found by the property test in tests/unit/test_resolve.py). gtvp needs
+    # only the chosen candidates, so it runs the resolution itself and skips the graph.
+    resolution: Resolution[Requirement, Candidate, str] = Resolution(
         _Provider(by_ident, cached), BaseReporter()
     )
     try:
-        result = resolver.resolve(request.needs, max_rounds=MAX_ROUNDS)
+        result = resolution.resolve(request.needs, max_rounds=MAX_ROUNDS)
     except ResolutionImpossible as exc:
         raise Unresolvable(
             "Unsatisfiable", explain(request, catalogue, by_ident, list(exc.causes))
