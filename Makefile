@@ -7,7 +7,7 @@ VENV  ?= $(or $(GTVP_VENV),$(CACHE)/venv)
 BIN   := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck down bench bench-scale
+.PHONY: setup demo test lint typecheck down bench bench-scale images
 
 setup:
 	@.ci/setup-machine
@@ -23,6 +23,12 @@ demo: setup
 down:
 	@$(BIN)/gtvp local down
 
+# gtvp's container image (operator + agent), built here without a Docker engine: debootstrap,
+# pip, umoci; cached in $(CACHE)/images by a fingerprint of its inputs (docs/images.md).
+# Prints the digest, runs the image's programs (runc) and imports it when containerd runs.
+images: setup
+	@$(BIN)/gtvp local images
+
 lint:
 	@echo "[check] ruff (lint, format)"
 	@$(BIN)/ruff check operator attestation-agent local tests
@@ -34,7 +40,11 @@ typecheck:
 	@echo "[check] mypy --strict"
 	@$(BIN)/mypy
 
+# the image is built (or found cached) before pytest, with progress; tests/integration/
+# test_image.py then runs it from the cache (both need root: debootstrap, chroot, runc)
 test: setup lint typecheck
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/gtvp local images; \
+	 else echo "[test] not root: the image is not built and tests/integration/test_image.py skips"; fi
 	@echo "[test] pytest (unit, integration on the real API server, e2e)"
 	@$(BIN)/pytest $(PYTEST_ARGS)
 

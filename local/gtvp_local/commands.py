@@ -23,7 +23,7 @@ import yaml
 from gtvp import local_state, pool_status
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION
 from gtvp.core.phases import MemberPhase
-from gtvp_local import layout, replicas, toolchain
+from gtvp_local import images, layout, replicas, toolchain
 from gtvp_local.controlplane import ControlPlane, ControlPlaneError, Ports
 from gtvp_local.polling import wait_for
 from gtvp_local.pool import Pool, PoolError
@@ -413,6 +413,26 @@ def cmd_build(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    """Build (or find cached) the image, run its programs in it, import it into containerd."""
+    from gtvp_local import imagecheck
+
+    started = time.monotonic()
+    image = images.build(layout.repo_root(), refresh=args.refresh)
+    how = "cached" if image.cached else f"built in {image.seconds:.0f}s"
+    _say(f"image {image.reference} ({how})")
+    _say(f"  archive: {image.archive} (OCI image layout, {image.size / 2**20:.1f} MiB)")
+    _say(f"  digest:  {image.digest}")
+    if not args.no_check:
+        _say(f"  run in the image ({imagecheck.runner_name()}):")
+        for line in imagecheck.check(image):
+            _say(f"    {line}")
+    if not args.no_import:
+        _say(f"  {imagecheck.import_into_containerd(image, args.containerd_address)}")
+    _say(f"done in {time.monotonic() - started:.1f}s")
+    return 0
+
+
 def _stop_everything() -> list[str]:
     """Stop what this state directory started: the pool's processes, the control plane,
     then strays (processes marked with this state directory that no pid file names, as a
@@ -555,6 +575,19 @@ def register(local: argparse.ArgumentParser) -> None:
     )
     down.set_defaults(func=cmd_down)
     lsub.add_parser("status", help="what runs").set_defaults(func=cmd_status)
+    img = lsub.add_parser(
+        "images",
+        help="build gtvp's container image (debootstrap + umoci, cached), run it, import it",
+    )
+    img.add_argument("--refresh", action="store_true", help="rebuild from a fresh debootstrap")
+    img.add_argument("--no-check", action="store_true", help="do not run the image's programs")
+    img.add_argument("--no-import", action="store_true", help="do not import into containerd")
+    img.add_argument(
+        "--containerd-address",
+        default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"),
+        help="containerd's socket (the import is skipped when it does not exist)",
+    )
+    img.set_defaults(func=cmd_images)
     regen = lsub.add_parser("regen-gomod", help="maintainers: re-pin the Go builds")
     regen.add_argument("--out", required=True, help="directory to write <component>/go.mod into")
     regen.add_argument("--component", help="only this component")
@@ -563,6 +596,7 @@ def register(local: argparse.ArgumentParser) -> None:
 
 ERRORS: tuple[type[Exception], ...] = (
     toolchain.ToolchainError,
+    images.ImageError,
     ControlPlaneError,
     PoolError,
     layout.LayoutError,

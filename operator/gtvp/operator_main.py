@@ -25,6 +25,7 @@ from gtvp.runtime import OperatorSettings, Runtime
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gtvp-operator", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--kubeconfig",
         default=os.environ.get("KUBECONFIG"),

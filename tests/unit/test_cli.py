@@ -151,7 +151,10 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     ("argv", "named"),
     [
         ([], "local, verify-quote, component or status (see gtvp --help)"),
-        (["local"], "up, build, tamper, down, status or regen-gomod (see gtvp local --help)"),
+        (
+            ["local"],
+            "up, build, tamper, down, status, images or regen-gomod (see gtvp local --help)",
+        ),
         (["component"], "sign or verify (see gtvp component --help)"),
     ],
 )

@@ -49,6 +49,8 @@ def test_bare_debian_gets_venv_toolchain_and_headers_and_go_instructions(tmp_pat
     install = next(ln.split() for ln in apt_log.read_text().splitlines() if "install" in ln)
     for package in ("python3-venv", "python3-dev", "gcc", "libc6-dev", "libtss2-dev", "swtpm"):
         assert package in install
+    for package in ("debootstrap", "umoci", "runc", "containerd"):  # `make images`
+        assert package in install
     assert f"Go 1.22.5 at {bin_dir}/go is too old" in run.stderr
     assert "curl -fsSLO https://go.dev/dl/go1.26.8.linux-arm64.tar.gz" in run.stderr
     assert "sudo tar -C /usr/local -xzf go1.26.8.linux-arm64.tar.gz" in run.stderr
