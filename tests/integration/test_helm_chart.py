@@ -32,7 +32,9 @@ def _helm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _template(*sets: str, namespace: str = "gtvp-system") -> subprocess.CompletedProcess[str]:
+def _template(
+    *sets: str, namespace: str = "gtvp-system", api_versions: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     return _helm(
         "template",
         "gtvp",
@@ -42,11 +44,14 @@ def _template(*sets: str, namespace: str = "gtvp-system") -> subprocess.Complete
         "--kube-version",
         "v1.36.3",
         *(a for s in sets for a in ("--set", s)),
+        *(a for v in api_versions for a in ("--api-versions", v)),
     )
 
 
-def _render(*sets: str, namespace: str = "gtvp-system") -> list[dict[str, Any]]:
-    out = _template(*sets, namespace=namespace)
+def _render(
+    *sets: str, namespace: str = "gtvp-system", api_versions: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    out = _template(*sets, namespace=namespace, api_versions=api_versions)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -269,7 +274,7 @@ def _ha_alert_tests(by_name: dict[str, Any]) -> list[dict[str, Any]]:
 def test_alerts_pass_promtool_and_fire(tmp_path: Path) -> None:
     rule = next(
         d
-        for d in _render("monitoring.prometheusRule.enabled=true")
+        for d in _render("monitoring.prometheusRule.enabled=true", api_versions=(_RULE_API,))
         if d["kind"] == "PrometheusRule"
     )
     rules = tmp_path / "rules.yaml"
@@ -790,3 +795,298 @@ def test_chart_reserves_gtvps_migration_labels_as_the_local_pool_does(
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
     }
+
+
+# ----- the chart as cert-manager and CloudNativePG users expect it (issue #13, section 4) -----
+
+_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
+_MONITOR_APIS = (
+    _RULE_API,
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PodMonitor",
+)
+
+# every toggle and every optional value on: what a full render looks like
+_ALL_ON: dict[str, Any] = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "operator": {
+        "podLabels": {"team": "infra", "app.kubernetes.io/component": "not-the-operator"},
+        "podAnnotations": {"example.com/owner": "infra"},
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+            }
+        ],
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}},
+    },
+    "agent": {
+        "podLabels": {"team": "infra"},
+        "podAnnotations": {"example.com/owner": "infra"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {
+                                    "key": "kubevirt.io/schedulable",
+                                    "operator": "In",
+                                    "values": ["true"],
+                                }
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "kubevirt"}],
+        "resources": {"limits": {"cpu": "300m", "memory": "300Mi"}},
+    },
+    "monitoring": {
+        "prometheusRule": {"enabled": True, "additionalLabels": {"release": "kps"}},
+        "serviceMonitor": {
+            "enabled": True,
+            "additionalLabels": {"release": "kps"},
+            "interval": "15s",
+        },
+        "podMonitor": {"enabled": True, "additionalLabels": {"release": "kps"}, "interval": "20s"},
+        "dashboards": {"enabled": True},
+    },
+}
+
+
+def _values_file(tmp_path: Path, values: dict[str, Any]) -> Path:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _render_all_on(tmp_path: Path) -> list[dict[str, Any]]:
+    out = _helm(
+        "template",
+        "gtvp",
+        str(CHART),
+        "--namespace",
+        "gtvp-system",
+        "--kube-version",
+        "v1.36.3",
+        "--values",
+        str(_values_file(tmp_path, _ALL_ON)),
+        *(a for v in _MONITOR_APIS for a in ("--api-versions", v)),
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_chart_lints_strictly_with_every_toggle_on(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    out = _helm(
+        "lint",
+        str(CHART),
+        "--kube-version",
+        "v1.36.3",
+        "--strict",
+        "--values",
+        str(_values_file(tmp_path, _ALL_ON)),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_notes_say_what_was_installed_how_to_check_it_and_what_comes_next(
+    control_plane: ControlPlane,
+) -> None:
+    """helm install prints NOTES.txt: the components, the readiness check for the operator
+    replicas, the SecurityPolicy to apply, the docs; and a monitor it had to skip."""
+    out = _helm(
+        "install",
+        "gtvp",
+        str(CHART),
+        "--namespace",
+        "notes-ns",
+        "--dry-run=client",
+        "--take-ownership",  # of the CRDs earlier tests left on this API server (nothing applied)
+        "--kubeconfig",
+        str(control_plane.kubeconfig_for(ADMIN)),
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+    )
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    assert "Deployment gtvp-operator (3 replica(s))" in notes
+    assert "DaemonSet gtvp-agent" in notes
+    assert "kubectl -n notes-ns rollout status deployment/gtvp-operator" in notes
+    assert "app.kubernetes.io/component=operator" in notes
+    assert 'SecurityPolicy the operator enforces. It is named "default"' in notes
+    assert "kubectl apply -f securitypolicy.yaml" in notes
+    assert "https://github.com/gtvp/gtvp" in notes
+    assert "docs/chart.md" in notes
+    # this API server serves no monitoring.coreos.com: the enabled ServiceMonitor was skipped
+    assert "ServiceMonitor is enabled but this cluster does not serve" in notes
+    assert "PodMonitor is enabled" not in notes
+
+
+def test_every_object_carries_the_recommended_labels(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """app.kubernetes.io/* on every document of a full render, ClusterRoles, admission
+    policies, webhook configurations and CRDs included; podLabels never override them."""
+    docs = _render_all_on(tmp_path)
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+        "PrometheusRule",
+        "ServiceMonitor",
+        "PodMonitor",
+        "ConfigMap",
+        "PriorityClass",
+        "PodDisruptionBudget",
+    } <= kinds
+    objects = [(d["kind"], d["metadata"]) for d in docs]
+    objects += [
+        (d["kind"] + " pods", d["spec"]["template"]["metadata"])
+        for d in docs
+        if d["kind"] in ("Deployment", "DaemonSet")
+    ]
+    for kind, meta in objects:
+        labels = meta.get("labels", {})
+        assert labels.get("app.kubernetes.io/name") == "gtvp", (
+            kind,
+            meta.get("name", ""),
+        )
+        assert labels.get("app.kubernetes.io/instance") == "gtvp", kind
+        assert labels.get("app.kubernetes.io/version") == "0.1.0", kind
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm", kind
+        assert labels.get("app.kubernetes.io/part-of") == "gtvp", kind
+        assert labels.get("app.kubernetes.io/component"), kind
+    operator_pods = _operator(docs)["spec"]["template"]["metadata"]
+    assert operator_pods["labels"]["app.kubernetes.io/component"] == "operator"
+    assert operator_pods["labels"]["team"] == "infra"
+    assert (
+        _one(docs, "ClusterRole", "gtvp-agent")["metadata"]["labels"]["app.kubernetes.io/component"]
+        == "agent"
+    )
+
+
+def test_monitoring_objects_only_where_prometheus_operator_serves_them(
+    control_plane: ControlPlane,
+) -> None:
+    """PrometheusRule, ServiceMonitor and PodMonitor: each rendered when enabled and the
+    cluster has its CRD, carrying additionalLabels (kube-prometheus-stack's selectors)."""
+    sets = (
+        "monitoring.prometheusRule.enabled=true",
+        "monitoring.prometheusRule.additionalLabels.release=kps",
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.serviceMonitor.additionalLabels.release=kps",
+        "monitoring.serviceMonitor.interval=15s",
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.podMonitor.additionalLabels.release=kps",
+    )
+    kinds = ("PrometheusRule", "ServiceMonitor", "PodMonitor")
+    assert not [d for d in _render(*sets) if d["kind"] in kinds]  # no CRD, nothing to break
+    assert not [
+        d for d in _render(api_versions=_MONITOR_APIS) if d["kind"] in kinds
+    ]  # off by default
+    only_rules = _render(*sets, api_versions=(_RULE_API,))
+    assert [d["kind"] for d in only_rules if d["kind"] in kinds] == ["PrometheusRule"]
+    docs = _render(*sets, api_versions=_MONITOR_APIS)
+    for kind in kinds:
+        assert _one(docs, kind)["metadata"]["labels"]["release"] == "kps"
+    service = _one(docs, "Service", "gtvp-webhooks")
+    monitor = _one(docs, "ServiceMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["namespaceSelector"] == {"matchNames": ["gtvp-system"]}
+    assert monitor["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    pods = _one(docs, "PodMonitor")["spec"]
+    pod_labels = _operator(docs)["spec"]["template"]["metadata"]["labels"]
+    assert pods["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pods["podMetricsEndpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s"}
+    ]
+    assert "interval" in _refused("monitoring.serviceMonitor.interval=soon")
+
+
+def test_pods_take_pull_secrets_labels_annotations_placement_and_resources(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    docs = _render_all_on(tmp_path)
+    operator = _operator(docs)["spec"]["template"]
+    agent = _one(docs, "DaemonSet")["spec"]["template"]
+    for pod in (operator, agent):
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["metadata"]["annotations"]["example.com/owner"] == "infra"
+        assert pod["metadata"]["labels"]["team"] == "infra"
+    # the chart's own annotations stay
+    assert operator["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    (spread,) = operator["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["labelSelector"] == {
+        "matchLabels": {
+            "app.kubernetes.io/component": "operator",
+            "app.kubernetes.io/instance": "gtvp",
+        }
+    }
+    operator_resources = operator["spec"]["containers"][0]["resources"]
+    assert operator_resources["requests"] == {"cpu": "200m", "memory": "256Mi"}
+    agent_resources = agent["spec"]["containers"][0]["resources"]
+    assert agent_resources["limits"] == {"cpu": "300m", "memory": "300Mi"}
+    assert agent["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert agent["spec"]["affinity"] == _ALL_ON["agent"]["affinity"]
+    # gtvp's own taint stays tolerated whatever agent.tolerations says
+    tolerations = agent["spec"]["tolerations"]
+    assert {"key": "gtvp.io/untrusted", "operator": "Exists"} in tolerations
+    assert {"key": "dedicated", "operator": "Equal", "value": "kubevirt"} in tolerations
+
+
+def test_agents_attest_tainted_nodes_by_default(control_plane: ControlPlane) -> None:
+    """A KubeVirt node tainted for VMs only is still a pool member: by default the agent
+    tolerates every taint; agent.tolerations=[] keeps only gtvp's own ones."""
+    agent = _one(_render(), "DaemonSet")["spec"]["template"]["spec"]
+    assert {"operator": "Exists"} in agent["tolerations"]
+    assert agent["priorityClassName"] == "system-node-critical"
+    assert "imagePullSecrets" not in agent
+    narrow = _one(_render("agent.tolerations=null"), "DaemonSet")["spec"]["template"]["spec"]
+    assert {"operator": "Exists"} not in narrow["tolerations"]
+    assert {"key": "gtvp.io/untrusted", "operator": "Exists"} in narrow["tolerations"]
+
+
+def test_unknown_values_are_refused(control_plane: ControlPlane) -> None:
+    for bad in (
+        "agent.tolerationz[0].operator=Exists",
+        "operator.podLabelz.a=b",
+        "monitoring.serviceMonitor.enabeld=true",
+        "imagePullSecrets[0].nme=x",
+    ):
+        assert "additional properties" in _refused(bad).lower(), bad
+
+
+def test_the_chart_with_every_toggle_on_is_accepted_by_the_api_server(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    docs = [
+        d
+        for d in _render_all_on(tmp_path)
+        if d["apiVersion"] != "monitoring.coreos.com/v1"  # this API server has no such CRDs
+    ]
+    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
+    out = control_plane.kubectl(
+        "apply",
+        "--dry-run=server",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input_text="\n---\n".join(json.dumps(d) for d in docs),
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("(server dry run)") == len(docs)

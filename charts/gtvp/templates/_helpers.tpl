@@ -2,8 +2,31 @@
 app.kubernetes.io/name: gtvp
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: gtvp
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- /* gtvp.labels plus app.kubernetes.io/component: include "gtvp.componentLabels" (list . "operator") */}}
+{{- define "gtvp.componentLabels" -}}
+{{ include "gtvp.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- /* A pod template's labels: the chart's (which win: the selectors rely on them) over
+     podLabels. include "gtvp.podLabels" (list . "operator" .Values.operator.podLabels) */}}
+{{- define "gtvp.podLabels" -}}
+{{- $own := include "gtvp.componentLabels" (list (index . 0) (index . 1)) | fromYaml -}}
+{{- toYaml (merge $own (index . 2 | default dict)) -}}
+{{- end -}}
+
+{{- /* Sets the chart's labels on an object read from files/ (kept byte-equal to the
+     repository's manifests), over whatever labels it has. */}}
+{{- define "gtvp.withLabels" -}}
+{{- $obj := index . 0 -}}
+{{- $own := include "gtvp.componentLabels" (list (index . 1) (index . 2)) | fromYaml -}}
+{{- $_ := set $obj.metadata "labels" (merge $own ($obj.metadata.labels | default dict)) -}}
+{{- toYaml $obj -}}
 {{- end -}}
 
 {{- define "gtvp.image" -}}
