@@ -22,8 +22,12 @@ from tests.softtpm import SoftCA, SoftTpm
 
 pytestmark = pytest.mark.tpm
 
-# behind the agent's clock (every answerAfter has passed), within the EK certificates' skew
-T1 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+
+def _t1() -> dt.datetime:
+    """Behind the agent's clock (every answerAfter has passed), within the EK certificates'
+    skew of the TPM made in the test: taken when the test runs (a module-level time was
+    20 minutes old by the time a full run reached this module, before the certificates)."""
+    return dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
 
 
 def _shape(value: Any) -> Any:
@@ -47,7 +51,7 @@ def test_soft_and_real_members_write_the_same_format(
         real = AgentMember(t, policy, name="real")
         soft = AgentMember(SoftTpm(soft_ca), policy, name="soft")
         for m in (real, soft):
-            step = m.enrol(T1)
+            step = m.enrol(_t1())
             assert (m.phase, step.outcome) == ("Trusted", "Verified"), m.status.get("trust")
             m.agent_step()  # the next quote, not yet judged
     r, s = real.status["agent"], soft.status["agent"]
@@ -92,7 +96,7 @@ def test_only_a_policy_holding_the_software_ca_admits_a_simulated_member(
     swtpm = make_tpm()
     swtpm_only = policy_trusting(swtpm_ca.bundle_pem())
     soft = AgentMember(SoftTpm(SoftCA()), swtpm_only, name="soft")
-    assert soft.enrol(T1).outcome == "EkCertificateUntrusted"
+    assert soft.enrol(_t1()).outcome == "EkCertificateUntrusted"
     with Tpm.open(swtpm.tcti, tpm_dir / "agent-swtpm-only") as t:
         real = AgentMember(t, swtpm_only, name="real")
-        assert real.enrol(T1).outcome == "Verified"
+        assert real.enrol(_t1()).outcome == "Verified"
