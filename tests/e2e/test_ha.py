@@ -17,7 +17,6 @@ change of holder, with the etcd revision (resourceVersion) that orders them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -96,14 +95,29 @@ class Recorder:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
+    def _list(self) -> str:
+        """The current state (recorded) and the collection's resourceVersion to watch from.
+        (An object's own resourceVersion is no place to resume: a watch from the oldest
+        object's version replays every later event, long before the test began.)"""
+        listing = self.list_call(*self.args)
+        listing = listing if isinstance(listing, dict) else _SANITIZE(listing)
+        for obj in listing.get("items") or []:
+            if self.keep(obj):
+                self.events.append((_rv(obj), time.time(), obj))
+        return str(listing["metadata"]["resourceVersion"])
+
     def _run(self) -> None:
         rv: str | None = None
         while not self._stop.is_set():
+            if rv is None:
+                try:
+                    rv = self._list()
+                except Exception:  # noqa: BLE001 - the API server is busy: list again
+                    time.sleep(0.2)
+                continue
             w = watch.Watch()
-            kwargs: dict[str, Any] = {"timeout_seconds": 2}
-            if rv:
-                kwargs["resource_version"] = rv
-            with contextlib.suppress(Exception):
+            kwargs: dict[str, Any] = {"timeout_seconds": 2, "resource_version": rv}
+            try:
                 for ev in w.stream(self.list_call, *self.args, **kwargs):
                     obj = ev["object"]
                     obj = obj if isinstance(obj, dict) else _SANITIZE(obj)
@@ -112,6 +126,11 @@ class Recorder:
                         self.events.append((_rv(obj), time.time(), obj))
                     if self._stop.is_set():
                         w.stop()
+            except client.ApiException as exc:
+                if exc.status == 410:  # too old: the current state again
+                    rv = None
+            except Exception:  # noqa: BLE001, S110 - a dropped watch resumes from rv
+                pass
 
     def __enter__(self) -> Recorder:
         self._thread = threading.Thread(target=self._run, daemon=True)
