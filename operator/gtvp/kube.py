@@ -246,14 +246,8 @@ def patch_member_status(
     *,
     resource_version: str | None = None,
 ) -> Any:
-    """Merge-patch a Member's status as this replica's field manager; with
-    `resource_version`, only if the Member is still at that version (409 otherwise)."""
-    body: dict[str, Any] = {"status": dict(status_patch)}
-    if resource_version is not None:
-        body["metadata"] = {"resourceVersion": resource_version}
-    return c.custom.patch_cluster_custom_object_status(
-        *MEMBERS.coordinates, name, body, field_manager=c.field_manager
-    )
+    """`patch_status` of a Member (with `resource_version`: 409 if it changed since)."""
+    return patch_status(c, MEMBERS, name, status_patch, resource_version=resource_version)
 
 
 def delete_member(c: Clients, name: str) -> None:
