@@ -77,6 +77,11 @@ class LeaseKeeper:
         """One round at a time; the hand-back waits for a round in flight."""
 
     # ----- one round ------------------------------------------------------------------
+    async def _leases(self) -> dict[str, dict[str, Any]]:
+        """gtvp's Leases in the lease namespace, by name."""
+        items = await asyncio.to_thread(kube.list_leases, self.rt.clients, self.co.namespace)
+        return {str(item["metadata"]["name"]): item for item in items}
+
     async def round(self) -> None:
         async with self.busy:
             if not self.co.stopping:
@@ -86,10 +91,7 @@ class LeaseKeeper:
     async def _round(self) -> None:
         co = self.co
         try:
-            leases = {
-                str(item["metadata"]["name"]): item
-                for item in await asyncio.to_thread(kube.list_leases, self.rt.clients, co.namespace)
-            }
+            leases = await self._leases()
             sent = co.clock()
             if not await self._renew_presence(leases.get(lease_name(PRESENCE, co.identity))):
                 return
@@ -279,10 +281,7 @@ class LeaseKeeper:
         co.held.clear()
         co.leading = False
         try:
-            leases = {
-                str(i["metadata"]["name"]): i
-                for i in await asyncio.to_thread(kube.list_leases, self.rt.clients, co.namespace)
-            }
+            leases = await self._leases()
             named = {n: x for n, x in leases.items() if _holder(x) == co.identity}
             await asyncio.gather(
                 *(
