@@ -24,11 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gtvp.core.shards import shard_of
+from gtvp.core.shards import SHARDS, LeaseTiming, shard_of
 from gtvp_local.controlplane import ControlPlane
 
 LEASE_NAMESPACE = "gtvp-system"
-SHARDS = 64
 TOKEN_DURATION = "8760h"  # noqa: S105 (a duration, not a secret)
 
 
@@ -67,9 +66,9 @@ class LeaseTimings:
         ]
 
     def failover_bound(self) -> float:
-        """How long a dead replica's shards may stay without a writer (as the operator's
-        `LeaseTiming.failover_bound`)."""
-        return float(self.duration + 2 * self.retry_period)
+        """How long a dead replica's shards may stay without a writer: the operator's own
+        `LeaseTiming.failover_bound` for these settings."""
+        return LeaseTiming(self.duration, self.renew_deadline, self.retry_period).failover_bound()
 
 
 @dataclass(frozen=True)
