@@ -1,20 +1,26 @@
 """Enrolment checks: the EK certificate path, the EK pin, the AK, credential activation.
 
 Pure functions over bytes and `cryptography` objects:
-- `verify_ek_certificate` builds the path from the EK certificate to an anchor in the
-  policy's CA bundle. Certificates the node presents may serve as intermediates but never
-  as anchors; each step checks signature, validity and CA constraints; the leaf must be a
-  TCG EK certificate (EKU 2.23.133.8.1 when present, not a CA) for exactly this EK.
+- `verify_ek_certificate` validates the path from the EK certificate to an anchor in the
+  policy's CA bundle with `cryptography.x509.verification` (RFC 5280: signatures, validity
+  at the time given, basicConstraints cA, pathLenConstraint, name constraints, keyCertSign,
+  no unknown critical extension on a CA). Certificates the node presents may serve as
+  intermediates but never as anchors. EK certificates are not WebPKI end entities, so any
+  EE extensions pass the validation and gtvp checks the leaf itself: a TCG EK certificate
+  (EKU 2.23.133.8.1 when present, not a CA) for exactly this EK. A refusal names the
+  certificate and why.
 - `ek_facts` parses and checks an EK public area once (fingerprint, SPKI, TPM name);
   `ak_facts` parses an AK public area and checks its attributes once.
 
-Once per binding, not once per cycle: the path is worked out once for the exact bytes of
-the EK's key, its certificate, the presented chain and the CA bundle (a bounded
+Once per binding, not once per cycle: the leaf checks are worked out once for the exact
+bytes of the EK's key, its certificate, the presented chain and the CA bundle (a bounded
 `functools.lru_cache`, so correctness never depends on what is cached: any other byte in
-any of them is another key and is checked from scratch). What depends on the time, each
-certificate's validity, is kept out of the cache: the path records the validity windows in
-the order the walk meets them and they are checked against `now` on every call, so an
-expired certificate is refused the moment it expires, exactly as an uncached check would.
+any of them is another key and is checked from scratch), and the path validated for them
+is kept with the validity windows of its CAs. What depends on the time is checked against
+`now` on every call: the EK certificate's validity, then the kept path's windows; once one
+of them no longer holds, the path is validated afresh at `now`, so an expired certificate
+is refused the moment it expires, exactly as an uncached check would. A failed path
+validation is never kept.
 - `check_ek_pin` refuses an EK that changed under a known member unless an administrator
   approved the new one (identity takeover).
 - `make_activation_challenge` / `check_activation` bind the AK to the EK (MakeCredential in
@@ -27,14 +33,23 @@ import datetime
 import functools
 import hashlib
 import hmac
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from gtvp.core import errors
 from gtvp.core.quote import check_ak_attributes
@@ -157,18 +172,31 @@ class _Validity:
                 f"{self.what} expired on {self.not_after.isoformat()}"
             )
 
+    def holds(self, now: datetime.datetime) -> bool:
+        return self.not_before <= now + CLOCK_SKEW and now <= self.not_after
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "no subject"
+
 
 def _validity(cert: x509.Certificate, what: str) -> _Validity:
-    subject = cert.subject.rfc4514_string() or "no subject"
-    return _Validity(cert.not_valid_before_utc, cert.not_valid_after_utc, f"{what} ({subject})")
+    return _Validity(
+        cert.not_valid_before_utc, cert.not_valid_after_utc, f"{what} ({_subject(cert)})"
+    )
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
     try:
         bc = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
     except x509.ExtensionNotFound:
-        return False
-    if not isinstance(bc, x509.BasicConstraints) or not bc.ca:
+        return None
+    return bc if isinstance(bc, x509.BasicConstraints) else None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    bc = _basic_constraints(cert)
+    if bc is None or not bc.ca:
         return False
     try:
         ku = cert.extensions.get_extension_for_oid(ExtensionOID.KEY_USAGE).value
@@ -213,50 +241,73 @@ def check_ek_certificate(
 ) -> x509.Certificate:
     """`verify_ek_certificate` for an EK given by its SubjectPublicKeyInfo (`EkFacts.spki`).
 
-    The path is worked out once for these exact bytes (`_ek_path`); the validity of every
-    certificate on it is checked against `now` here, in the order the walk met them.
+    The leaf checks are worked out once for these exact bytes (`_ek_path`); the EK
+    certificate's validity is checked against `now` on every call, then the path: the one
+    `cryptography` built last time for these bytes while each of its certificates is still
+    valid at `now`, otherwise a new path validation at `now` (a failed one is never kept).
     """
     path = _ek_path(ek_spki, certificate, tuple(presented_chain), ca_bundle_pem)
-    for validity in path.validity:
-        validity.check(now)
-    if path.anchor is None:
+    if path.leaf_validity is not None:
+        path.leaf_validity.check(now)
+    if path.leaf is None:
         refusal, message = path.refusal
         raise refusal(message)
-    return path.anchor
+    known = path.verified[-1] if path.verified else None
+    if known is not None and all(v.holds(now) for v in known.validity):
+        return known.anchor
+    chain = _validate_path(path.leaf, path, now)
+    path.verified[:] = [chain]
+    return chain.anchor
 
 
 @dataclass(frozen=True)
-class _EkPath:
-    """The walk from an EK certificate to the CA bundle, apart from the time: the validity
-    windows met on the way, in order, then the anchor reached or the refusal."""
+class _Chain:
+    """A path `cryptography` validated: its anchor and the validity windows of the CAs on it."""
 
+    anchor: x509.Certificate
     validity: tuple[_Validity, ...]
-    anchor: x509.Certificate | None
+
+
+@dataclass(frozen=True, eq=False)
+class _EkPath:
+    """What does not depend on the time, per exact bytes: the EK certificate checked as a TCG
+    EK certificate for this EK (or the refusal), the parsed anchors and presented
+    certificates, and the last path validated for them (`verified`, at most one)."""
+
+    leaf_validity: _Validity | None
+    leaf: x509.Certificate | None
     refusal: tuple[type[errors.VerificationError], str] = (errors.EkCertificateUntrusted, "")
+    anchors: tuple[x509.Certificate, ...] = ()
+    presented: tuple[x509.Certificate, ...] = ()
+    verified: list[_Chain] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _ek_path(
     ek_spki: bytes, certificate: bytes, presented_chain: tuple[bytes, ...], ca_bundle_pem: str
 ) -> _EkPath:
-    met: list[_Validity] = []
+    leaf_validity: _Validity | None = None
     try:
         leaf = _load_der(certificate, "the EK certificate")
-        _check_leaf(leaf, ek_spki, met)
-        anchors = load_bundle(ca_bundle_pem)
-        presented = [
+        leaf_validity = _validity(leaf, "the EK certificate")
+        _check_leaf(leaf, ek_spki)
+        # an EK certificate in the bundle is no anchor (`cryptography` would trust it as one)
+        anchors = tuple(a for a in load_bundle(ca_bundle_pem) if a != leaf)
+        if not anchors:
+            raise errors.EkCertificateUntrusted(
+                "the policy's ekTrust.caBundle holds no CA (an EK certificate is not an anchor)"
+            )
+        presented = tuple(
             _load_der(d, f"presented certificate {i}") for i, d in enumerate(presented_chain)
-        ]
-        anchor = _path_to_anchor(leaf, anchors=anchors, presented=presented, met=met)
+        )
     except errors.VerificationError as err:
-        return _EkPath(tuple(met), None, (type(err), err.message))
-    return _EkPath(tuple(met), anchor)
+        return _EkPath(leaf_validity, None, (type(err), err.message))
+    return _EkPath(leaf_validity, leaf, anchors=anchors, presented=presented)
 
 
-def _check_leaf(leaf: x509.Certificate, ek_spki: bytes, met: list[_Validity]) -> None:
-    """The leaf is a valid TCG EK certificate (not a CA; EKU 2.23.133.8.1 when it has an
-    EKU) for exactly this EK."""
-    met.append(_validity(leaf, "the EK certificate"))
+def _check_leaf(leaf: x509.Certificate, ek_spki: bytes) -> None:
+    """The leaf is a TCG EK certificate (not a CA; EKU 2.23.133.8.1 when it has an EKU) for
+    exactly this EK. gtvp's own checks: the path validation accepts any EE extensions."""
     if _is_ca(leaf):
         raise errors.EkCertificateInvalid("the EK certificate is a CA certificate, not an EK's")
     try:
@@ -276,47 +327,152 @@ def _check_leaf(leaf: x509.Certificate, ek_spki: bytes, met: list[_Validity]) ->
         )
 
 
+def _ca_key_usage(_policy: Policy, _cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+    if ku is not None and not ku.key_cert_sign:
+        raise ValueError("its keyUsage lacks keyCertSign")
+
+
+_EE_POLICY = ExtensionPolicy.permit_all()
+"""TPM EK certificates are not WebPKI end entities (empty subject, a critical directoryName
+subjectAltName, EKU 2.23.133.8.1 or none, keyUsage keyEncipherment or keyAgreement): the
+path validation accepts any EE extensions, `_check_leaf` checks what gtvp needs of them."""
+
+_CA_POLICY = (
+    ExtensionPolicy.webpki_defaults_ca()
+    # RFC 5280 wants it critical; TPM vendors' CAs are not WebPKI CAs, the cA bit and
+    # pathLenConstraint are enforced either way
+    .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+    # keyCertSign when keyUsage is present (as gtvp has always required); TPM CAs vary
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
+    # TPM intermediates may carry the TCG EKU or none, and any form of AKI
+    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+)
+"""CAs keep the WebPKI path checks: basicConstraints cA, pathLenConstraint, name
+constraints, signatures, validity at the time, no unknown critical extension."""
+
+
+@functools.lru_cache(maxsize=8)
+def _store(anchors: tuple[x509.Certificate, ...]) -> Store:
+    return Store(list(anchors))
+
+
+def _validate_path(leaf: x509.Certificate, path: _EkPath, now: datetime.datetime) -> _Chain:
+    """RFC 5280 path validation by `cryptography` at `now` (and at `now + CLOCK_SKEW` if a
+    certificate only becomes valid within it); on failure, the refusal names the
+    certificate and why (`_refusal`)."""
+    certs = (leaf, *path.presented, *path.anchors)
+    times = [now]
+    if any(now < c.not_valid_before_utc <= now + CLOCK_SKEW for c in certs):
+        times.append(now + CLOCK_SKEW)
+    reason = ""
+    for at in times:
+        verifier = (
+            PolicyBuilder()
+            .store(_store(path.anchors))
+            .time(at)
+            .max_chain_depth(MAX_CHAIN - 1)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(leaf, list(path.presented))
+        except VerificationError as exc:
+            reason = reason or str(exc)
+            continue
+        ca = verified.chain[1:]
+        kinds = ["an intermediate CA"] * (len(ca) - 1) + ["the trusted CA"]
+        return _Chain(ca[-1], tuple(_validity(c, k) for c, k in zip(ca, kinds, strict=True)))
+    raise _refusal(leaf, path, now, reason)
+
+
+def _refusal(
+    leaf: x509.Certificate, path: _EkPath, now: datetime.datetime, reason: str
+) -> errors.VerificationError:
+    """Why the path validation failed, naming the certificate: the path is retraced by
+    issuer name and signature and each CA on it checked in turn (validity, cA,
+    pathLenConstraint, name constraints); else `cryptography`'s reason."""
+    for prefix in ("validation failed: ", "candidates exhausted: ", "fatal error: "):
+        reason = reason.removeprefix(prefix)
+    try:
+        steps = _path_to_anchor(leaf, anchors=path.anchors, presented=path.presented)
+        for cert, what in steps:
+            _validity(cert, what).check(now)
+    except errors.VerificationError as err:
+        return err
+    for below, (cert, what) in enumerate(steps):
+        who = f"{what} ({_subject(cert)})"
+        bc = _basic_constraints(cert)
+        if bc is None or not _is_ca(cert):
+            return errors.EkCertificateUntrusted(f"{who} signs the chain but is not a CA")
+        if bc.path_length is not None and below > bc.path_length:
+            return errors.EkCertificateUntrusted(
+                f"{who} allows {bc.path_length} intermediate CA(s) below it "
+                f"(pathLenConstraint), the EK certificate's path has {below}"
+            )
+        if _NAME_CONSTRAINTS.search(reason) and _has_name_constraints(cert):
+            return errors.EkCertificateUntrusted(
+                f"the EK certificate's path violates the name constraints of {who}: {reason}"
+            )
+    names = " <- ".join(_subject(c) for c in (leaf, *(c for c, _ in steps)))
+    return errors.EkCertificateUntrusted(
+        f"the EK certificate's path ({names}) fails X.509 path validation: {reason}"
+    )
+
+
+_NAME_CONSTRAINTS = re.compile(r"name ?constraint", re.IGNORECASE)
+
+
+def _has_name_constraints(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_oid(ExtensionOID.NAME_CONSTRAINTS)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
 def _path_to_anchor(
     leaf: x509.Certificate,
     *,
     anchors: tuple[x509.Certificate, ...],
-    presented: list[x509.Certificate],
-    met: list[_Validity],
-) -> x509.Certificate:
-    """Walk up from the leaf, at most MAX_CHAIN steps, to the anchor that issued the path;
-    presented certificates serve as intermediates only."""
+    presented: tuple[x509.Certificate, ...],
+) -> list[tuple[x509.Certificate, str]]:
+    """The CAs above the leaf, by issuer name and signature, up to the anchor that issued
+    the path (at most MAX_CHAIN steps); presented certificates serve as intermediates only.
+    Only to explain a refusal: the path validation is `cryptography`'s."""
     anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
-    intermediates = [*anchors, *presented]
+    steps: list[tuple[x509.Certificate, str]] = []
     current = leaf
     for _depth in range(MAX_CHAIN):
         for anchor in anchors:
             if _issued_by(current, anchor):
-                met.append(_validity(anchor, "the trusted CA"))
-                return anchor
-        current = _intermediate_parent(current, intermediates=intermediates, anchor_der=anchor_der)
-        met.append(_validity(current, "an intermediate CA"))
+                return [*steps, (anchor, "the trusted CA")]
+        current = _intermediate_parent(
+            current, leaf=leaf, intermediates=[*anchors, *presented], anchor_der=anchor_der
+        )
+        steps.append((current, "an intermediate CA"))
     raise errors.EkCertificateUntrusted(f"the EK certificate chain is longer than {MAX_CHAIN}")
 
 
 def _intermediate_parent(
     current: x509.Certificate,
     *,
+    leaf: x509.Certificate,
     intermediates: list[x509.Certificate],
     anchor_der: set[bytes],
 ) -> x509.Certificate:
-    """The intermediate CA that issued `current` (a self-signed one must be an anchor); its
-    validity is the caller's to record."""
-    parent = next(
-        (
-            c
-            for c in intermediates
-            if c is not current and c.subject == current.issuer and _issued_by(current, c)
-        ),
-        None,
-    )
+    """The intermediate CA that issued `current` (a self-signed one must be an anchor)."""
+    named = [c for c in intermediates if c is not current and c.subject == current.issuer]
+    parent = next((c for c in named if _issued_by(current, c)), None)
     if parent is None:
+        what = "the EK certificate" if current is leaf else f"intermediate {_subject(current)}"
+        if named:
+            raise errors.EkCertificateUntrusted(
+                f"the signature on {what} does not verify with the key of its issuer "
+                f"{current.issuer.rfc4514_string()}"
+            )
         raise errors.EkCertificateUntrusted(
-            f"no path from the EK certificate (issuer {current.issuer.rfc4514_string()}) "
+            f"no path from {what} (issuer {current.issuer.rfc4514_string()}) "
             "to a CA in the policy's ekTrust.caBundle; add the TPM vendor's CA to the "
             "bundle if this TPM is genuine"
         )
@@ -326,10 +482,6 @@ def _intermediate_parent(
         raise errors.EkCertificateUntrusted(
             f"the chain ends at a root the node presented ({parent.subject.rfc4514_string()}"
             "); roots come only from the policy's ekTrust.caBundle"
-        )
-    if not _is_ca(parent):
-        raise errors.EkCertificateUntrusted(
-            f"{parent.subject.rfc4514_string()} signs the chain but is not a CA"
         )
     return parent
 
