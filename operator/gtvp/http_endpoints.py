@@ -1,4 +1,9 @@
-"""The operator's plain-HTTP endpoints: `/metrics`, `/healthz` (liveness), `/readyz` (readiness).
+"""The operator's HTTP endpoints: `/metrics`, `/healthz` (liveness), `/readyz` (readiness).
+
+Plain HTTP by default (on loopback: a local pool, or a proxy sidecar in a pod). Given a TLS
+context and a guard (`gtvp.metrics_auth.Guard`), served over HTTPS and every path but the
+two probes (which the kubelet asks for without credentials, and which tell nothing about
+the pool) answered only to a caller the guard lets through.
 
 `/readyz` answers 200 only once the operator has loaded the members' verdicts, VMs, VMIs and
 migrations (before that its webhooks are not yet served), and only while its presence Lease
@@ -10,11 +15,12 @@ restarted. Both say why in their body.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -56,14 +62,70 @@ class _Quiet(WSGIRequestHandler):
         """Probes come every few seconds: no access log."""
 
 
+class Refused(Protocol):
+    """An answer instead of the page (`gtvp.metrics_auth.Refusal`)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+
+
+Guard = Callable[[str | None, str, str], Refused | None]
+"""(Authorization header, path, method) -> None to serve, else the refusal to answer."""
+
+HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0
+"""Seconds a TLS connection may sit without sending or taking data (its thread is freed)."""
+
+
+class _TlsServer(ThreadingWSGIServer):
+    """TLS on each connection's own thread (a slow handshake holds up no other client),
+    with the context asked for again on every connection (a renewed certificate is used)."""
+
+    tls: Callable[[], ssl.SSLContext]
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            wrapped = self.tls().wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            return  # a client that does not speak TLS (or hangs up): nothing to answer
+        try:
+            wrapped.settimeout(IDLE_TIMEOUT)
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()
+
+
 def serve(
-    port: int, address: str, registry: CollectorRegistry, read: Callable[[], Probe]
+    port: int,
+    address: str,
+    registry: CollectorRegistry,
+    read: Callable[[], Probe],
+    *,
+    tls: Callable[[], ssl.SSLContext] | None = None,
+    guard: Guard | None = None,
 ) -> ThreadingWSGIServer:
-    """Serve the three endpoints on a daemon thread; returns the server (for tests)."""
+    """Serve the three endpoints on a daemon thread; returns the server (for tests).
+    `tls`: serve HTTPS with the context it returns; `guard`: who may read past the probes."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
-        got = answer(str(environ.get("PATH_INFO", "")), read())
+        path = str(environ.get("PATH_INFO", ""))
+        got = answer(path, read())
+        if got is None and guard is not None:
+            refused = guard(
+                environ.get("HTTP_AUTHORIZATION"), path, str(environ.get("REQUEST_METHOD", "GET"))
+            )
+            if refused is not None:
+                headers = [("Content-Type", "text/plain; charset=utf-8")]
+                if refused.status == 401:
+                    headers.append(("WWW-Authenticate", 'Bearer realm="gtvp-operator"'))
+                start(f"{refused.status} {refused.reason}", headers)
+                return [refused.text.encode()]
         if got is None:
             result: Iterable[bytes] = metrics(environ, start)
             return result
@@ -72,7 +134,13 @@ def serve(
         start(f"{status} {reason}", [("Content-Type", "text/plain; charset=utf-8")])
         return [text.encode()]
 
-    server = make_server(address, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+    if tls is None:
+        server = make_server(address, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+    else:
+        tls()  # a certificate that cannot be loaded fails now, not at the first scrape
+        secure = make_server(address, port, app, _TlsServer, handler_class=_Quiet)
+        secure.tls = tls
+        server = secure
     threading.Thread(target=server.serve_forever, name="gtvp-http", daemon=True).start()
     return server
 

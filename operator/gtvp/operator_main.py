@@ -3,7 +3,9 @@
 Several replicas share the pool through Leases in --lease-namespace (see docs/architecture.md,
 "High availability"): every replica answers admission, each member shard has one writer,
 one replica leads the singleton loops. Serves Prometheus metrics and the /healthz and
-/readyz probes on --metrics-port.
+/readyz probes on --metrics-port: plain HTTP on loopback by default; with --metrics-secure,
+HTTPS with every /metrics request's bearer token reviewed by the API server (TokenReview,
+then SubjectAccessReview for `get` on the non-resource URL /metrics).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from gtvp import __version__
 from gtvp.coordination import Coordination
@@ -45,7 +48,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-address",
         default="127.0.0.1",
-        help="address /metrics listens on (0.0.0.0 in a pod)",
+        help="address /metrics listens on (default 127.0.0.1; another one needs --metrics-secure)",
+    )
+    p.add_argument(
+        "--metrics-secure",
+        action="store_true",
+        help="serve /metrics over HTTPS to callers the API server authenticates and allows "
+        "(get on the non-resource URL /metrics); the probes stay open",
+    )
+    p.add_argument(
+        "--metrics-cert",
+        default=os.environ.get("GTVP_METRICS_CERT"),
+        help="serving certificate for --metrics-secure (default: --webhook-cert)",
+    )
+    p.add_argument(
+        "--metrics-key",
+        default=os.environ.get("GTVP_METRICS_KEY"),
+        help="its private key (default: --webhook-key)",
     )
     p.add_argument(
         "--webhook-port",
@@ -131,6 +150,38 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
     )
 
 
+@dataclass(frozen=True)
+class MetricsServing:
+    """How /metrics is served: plain HTTP (loopback only) or HTTPS with reviewed tokens."""
+
+    secure: bool = False
+    cert: str | None = None
+    key: str | None = None
+
+
+def metrics_serving_from(args: argparse.Namespace) -> MetricsServing:
+    """ValueError when the flags would serve unauthenticated metrics beyond loopback, or
+    secure metrics without a certificate."""
+    from gtvp.metrics_auth import plain_http_allowed
+
+    if not args.metrics_secure:
+        if args.metrics_port and not plain_http_allowed(args.metrics_address):
+            raise ValueError(
+                f"--metrics-address {args.metrics_address} without --metrics-secure would serve "
+                "/metrics in plain HTTP to anyone who can reach it: use --metrics-secure, or "
+                "127.0.0.1 behind a proxy"
+            )
+        return MetricsServing()
+    cert = args.metrics_cert or args.webhook_cert
+    key = args.metrics_key or args.webhook_key
+    if not (cert and key):
+        raise ValueError(
+            "--metrics-secure needs a serving certificate: --metrics-cert and --metrics-key "
+            "(or --webhook-cert and --webhook-key)"
+        )
+    return MetricsServing(secure=True, cert=cert, key=key)
+
+
 def _configure_logging(settings: OperatorSettings) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -147,9 +198,12 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _serve_probes(rt: Runtime) -> None:
-    """/metrics, /healthz and /readyz on a thread (OSError when the port is taken)."""
-    from gtvp import http_endpoints
+def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
+    """/metrics, /healthz and /readyz on a thread (OSError when the port is taken or the
+    certificate cannot be read)."""
+    import time
+
+    from gtvp import http_endpoints, metrics_auth
     from gtvp.metrics import METRICS
 
     def probe() -> http_endpoints.Probe:
@@ -168,7 +222,21 @@ def _serve_probes(rt: Runtime) -> None:
         )
 
     settings = rt.settings
-    http_endpoints.serve(settings.metrics_port, settings.metrics_address, METRICS.registry, probe)
+    if not serving.secure or serving.cert is None or serving.key is None:
+        http_endpoints.serve(
+            settings.metrics_port, settings.metrics_address, METRICS.registry, probe
+        )
+        return
+    review_token, review_access = metrics_auth.api_reviewer(rt.clients.api)
+    guard = metrics_auth.Guard(review_token, review_access, clock=time.monotonic)
+    http_endpoints.serve(
+        settings.metrics_port,
+        settings.metrics_address,
+        METRICS.registry,
+        probe,
+        tls=metrics_auth.TlsFiles(serving.cert, serving.key).context,
+        guard=guard.check,
+    )
 
 
 def _runtime(settings: OperatorSettings) -> Runtime:
@@ -203,9 +271,11 @@ def _runtime(settings: OperatorSettings) -> Runtime:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
-        settings = settings_from(parser().parse_args(argv))
-    except ValueError as exc:  # inconsistent lease timing
+        settings = settings_from(args)
+        serving = metrics_serving_from(args)
+    except ValueError as exc:  # inconsistent lease timing, unauthenticated metrics off loopback
         return _fail(str(exc))
     _configure_logging(settings)
     if settings.kubeconfig:
@@ -223,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot configure the API client: {exc}")
     if settings.metrics_port:
         try:
-            _serve_probes(rt)
+            _serve_probes(rt, serving)
         except OSError as exc:
             return _fail(
                 f"cannot serve /metrics, /healthz, /readyz on "
