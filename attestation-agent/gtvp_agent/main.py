@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gtvp_agent.agent import EVENT_LOG, Agent, AgentConfig
@@ -21,8 +22,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tpm",
-        default=os.environ.get("GTVP_TPM", "device:/dev/tpmrm0"),
-        help="TCTI: device:/dev/tpmrm0 (default) or swtpm:host=127.0.0.1,port=N",
+        default=os.environ.get("GTVP_TPM"),
+        help=f"TCTI: {DEFAULT_TCTI} (default without --tpm-per-node) or "
+        "swtpm:host=127.0.0.1,port=N",
+    )
+    p.add_argument(
+        "--tpm-per-node",
+        type=Path,
+        default=os.environ.get("GTVP_TPM_PER_NODE"),
+        help="JSON object node name -> TCTI (test rigs with a swtpm per node): this node's "
+        "entry, else --tpm; no entry and no --tpm is an error",
     )
     p.add_argument(
         "--state-dir",
@@ -53,6 +62,39 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+
+
+def choose_tcti(node: str, per_node: Mapping[str, str] | None, default: str | None) -> str:
+    """This node's TPM: its entry in the per-node map, else the default (--tpm), else (with
+    no map) the TPM device. ValueError naming the node when the map has no entry for it and
+    there is no default."""
+    if per_node is not None:
+        tcti = per_node.get(node)
+        if tcti:
+            return tcti
+        if default:
+            return default
+        raise ValueError(
+            f"no TPM for node {node!r}: the per-node TPM map has no entry for it "
+            f"(it has {', '.join(sorted(per_node)) or 'none'}) and no --tpm default is given"
+        )
+    return default or DEFAULT_TCTI
+
+
+def read_tpm_map(text: str) -> dict[str, str]:
+    """The per-node TPM map (a JSON object of strings); ValueError on anything else."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise ValueError("not a JSON object of node name -> TCTI strings")
+    return data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -60,6 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.node:
         print("gtvp-agent: --node (or $NODE_NAME) is required", file=sys.stderr)
+        return 2
+    try:
+        per_node = (
+            None if args.tpm_per_node is None else read_tpm_map(args.tpm_per_node.read_text())
+        )
+    except (OSError, ValueError) as exc:
+        print(f"gtvp-agent: cannot read --tpm-per-node {args.tpm_per_node}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        tcti = choose_tcti(args.node, per_node, args.tpm)
+    except ValueError as exc:
+        print(f"gtvp-agent: {exc} ({args.tpm_per_node})", file=sys.stderr)
         return 2
     from kubernetes import client, config
 
@@ -74,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfg = AgentConfig(
         node=args.node,
-        tcti=args.tpm,
+        tcti=tcti,
         state_dir=args.state_dir / args.node,
         ek_type=args.ek,
         ak_type=args.ak,

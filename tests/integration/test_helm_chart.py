@@ -129,8 +129,16 @@ def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: Con
     # admission requests reach only an operator that has loaded the pool (its /readyz)
     operator = next(d for d in docs if d["kind"] == "Deployment")
     container = operator["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": "/readyz",
+        "port": "metrics",
+        "scheme": "HTTPS",
+    }
+    assert container["livenessProbe"]["httpGet"] == {
+        "path": "/healthz",
+        "port": "metrics",
+        "scheme": "HTTPS",
+    }
     assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -712,7 +720,8 @@ def test_an_upgrade_from_the_single_writer_operator_stops_it_before_starting_rep
         )
         assert out.returncode == 0, out.stderr
         docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-        return _operator(docs)["spec"]["strategy"]
+        strategy: dict[str, Any] = _operator(docs)["spec"]["strategy"]
+        return strategy
 
     single_writer = _operator(_render(namespace=namespace))
     single_writer["metadata"].pop("annotations", None)  # the old chart set none
@@ -853,7 +862,14 @@ _ALL_ON: dict[str, Any] = {
             "interval": "15s",
         },
         "podMonitor": {"enabled": True, "additionalLabels": {"release": "kps"}, "interval": "20s"},
-        "dashboards": {"enabled": True},
+        "bearerTokenSecret": {"name": "prometheus-gtvp-token", "key": "token"},
+        "dashboards": {
+            "enabled": True,
+            "namespace": "grafana",
+            "label": "grafana_dashboard",
+            "labelValue": "gtvp",
+            "annotations": {"grafana_folder": "gtvp"},
+        },
     },
 }
 
@@ -990,6 +1006,7 @@ def test_monitoring_objects_only_where_prometheus_operator_serves_them(
         "monitoring.serviceMonitor.interval=15s",
         "monitoring.podMonitor.enabled=true",
         "monitoring.podMonitor.additionalLabels.release=kps",
+        "monitoring.bearerTokenSecret.name=prometheus-gtvp-token",
     )
     kinds = ("PrometheusRule", "ServiceMonitor", "PodMonitor")
     assert not [d for d in _render(*sets) if d["kind"] in kinds]  # no CRD, nothing to break
@@ -1005,13 +1022,21 @@ def test_monitoring_objects_only_where_prometheus_operator_serves_them(
     monitor = _one(docs, "ServiceMonitor")["spec"]
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["namespaceSelector"] == {"matchNames": ["gtvp-system"]}
-    assert monitor["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    (endpoint,) = monitor["endpoints"]
+    assert {k: endpoint[k] for k in ("port", "path", "interval")} == {
+        "port": "metrics",
+        "path": "/metrics",
+        "interval": "15s",
+    }
     pods = _one(docs, "PodMonitor")["spec"]
     pod_labels = _operator(docs)["spec"]["template"]["metadata"]["labels"]
     assert pods["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert pods["podMetricsEndpoints"] == [
-        {"port": "metrics", "path": "/metrics", "interval": "30s"}
-    ]
+    (pod_endpoint,) = pods["podMetricsEndpoints"]
+    assert {k: pod_endpoint[k] for k in ("port", "path", "interval")} == {
+        "port": "metrics",
+        "path": "/metrics",
+        "interval": "30s",
+    }
     assert "interval" in _refused("monitoring.serviceMonitor.interval=soon")
 
 
@@ -1078,6 +1103,7 @@ def test_the_chart_with_every_toggle_on_is_accepted_by_the_api_server(
         if d["apiVersion"] != "monitoring.coreos.com/v1"  # this API server has no such CRDs
     ]
     control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
+    control_plane.kubectl("create", "namespace", "grafana", check=False)  # the dashboard's
     out = control_plane.kubectl(
         "apply",
         "--dry-run=server",
@@ -1090,3 +1116,498 @@ def test_the_chart_with_every_toggle_on_is_accepted_by_the_api_server(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("(server dry run)") == len(docs)
+
+
+# ----- metrics behind authentication, cert-manager, the dashboard, the agent's TPM (§4) ------
+
+
+def _accepted_by_the_api_server(control_plane: ControlPlane, docs: list[dict[str, Any]]) -> None:
+    """Server-side dry run of every document this API server can serve (no cert-manager
+    or prometheus-operator CRDs here)."""
+    served = [
+        d for d in docs if d["apiVersion"] not in ("monitoring.coreos.com/v1", "cert-manager.io/v1")
+    ]
+    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
+    out = control_plane.kubectl(
+        "apply",
+        "--dry-run=server",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input_text="\n---\n".join(json.dumps(d) for d in served),
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("(server dry run)") == len(served)
+
+
+def _lints(tmp_path: Path, values: dict[str, Any]) -> None:
+    out = _helm(
+        "lint",
+        str(CHART),
+        "--kube-version",
+        "v1.36.3",
+        "--strict",
+        "--values",
+        str(_values_file(tmp_path, values)),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _metrics_args(docs: list[dict[str, Any]]) -> list[str]:
+    args = _operator(docs)["spec"]["template"]["spec"]["containers"][0]["args"]
+    return [a for a in args if a.startswith("--metrics")]
+
+
+def test_metrics_are_served_over_https_to_reviewed_tokens_by_default(
+    control_plane: ControlPlane,
+) -> None:
+    """As controller-runtime's WithAuthenticationAndAuthorization: HTTPS with the webhook
+    serving certificate, TokenReview + SubjectAccessReview (the operator may create both),
+    a metrics-reader ClusterRole for Prometheus; the monitors scrape in https with a token.
+    The operator's answers are tested in tests/integration/test_metrics_auth.py."""
+    docs = _render(
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.bearerTokenSecret.name=prometheus-gtvp-token",
+        api_versions=_MONITOR_APIS,
+    )
+    assert _metrics_args(docs) == [
+        "--metrics-address=0.0.0.0",
+        "--metrics-secure",
+        "--metrics-port=9090",
+    ]
+    container = _operator(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert "--webhook-cert=/certs/tls.crt" in container["args"]  # what --metrics-secure uses
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    pod = _operator(docs)["spec"]["template"]["metadata"]
+    assert pod["annotations"]["prometheus.io/scheme"] == "https"
+
+    reader = _one(docs, "ClusterRole", "gtvp-metrics-reader")
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    auth = _one(docs, "ClusterRole", "gtvp-metrics-auth")
+    assert auth["rules"] == [
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
+        {
+            "apiGroups": ["authorization.k8s.io"],
+            "resources": ["subjectaccessreviews"],
+            "verbs": ["create"],
+        },
+    ]
+    binding = _one(docs, "ClusterRoleBinding", "gtvp-metrics-auth")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "gtvp-operator", "namespace": "gtvp-system"}
+    ]
+    assert binding["roleRef"]["name"] == "gtvp-metrics-auth"
+
+    tls = {
+        "serverName": "gtvp-webhooks.gtvp-system.svc",
+        "ca": {"secret": {"name": "gtvp-webhook-tls", "key": "ca.crt"}},
+    }
+    (endpoint,) = _one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == tls
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "prometheus-gtvp-token", "key": "token"},
+    }
+    (pod_endpoint,) = _one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert pod_endpoint["scheme"] == "https"
+    assert pod_endpoint["tlsConfig"] == tls
+    assert pod_endpoint["authorization"] == endpoint["authorization"]
+    # the webhook Secret's certificate names the Service the ServiceMonitor scrapes through
+    secret = _one(docs, "Secret", "gtvp-webhook-tls")
+    assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+
+    # without a token Secret: Prometheus' own service-account token (ServiceMonitor); a
+    # PodMonitor cannot send one, so it is refused with the value to set
+    (own,) = _one(
+        _render("monitoring.serviceMonitor.enabled=true", api_versions=_MONITOR_APIS),
+        "ServiceMonitor",
+    )["spec"]["endpoints"]
+    assert own["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert "authorization" not in own
+    out = _template("monitoring.podMonitor.enabled=true", api_versions=_MONITOR_APIS)
+    assert out.returncode != 0
+    assert "monitoring.bearerTokenSecret.name" in out.stderr
+    _accepted_by_the_api_server(control_plane, docs)
+
+
+def test_plain_metrics_only_on_loopback_for_a_proxy_sidecar(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """operator.metrics.secure=false: plain HTTP bound to 127.0.0.1 (never the pod's IP),
+    probes from inside the container, no review rights, the sidecar added and reached by
+    the Service's `metrics` port."""
+    sidecar = {
+        "name": "kube-rbac-proxy",
+        "image": "quay.io/brancz/kube-rbac-proxy:v0.18.1",
+        "args": ["--secure-listen-address=0.0.0.0:8443", "--upstream=http://127.0.0.1:9090/"],
+        "ports": [{"name": "metrics", "containerPort": 8443}],
+    }
+    values = {"operator": {"metrics": {"secure": False, "sidecars": [sidecar]}}}
+    out = _helm(
+        "template",
+        "gtvp",
+        str(CHART),
+        "--namespace",
+        "gtvp-system",
+        "--kube-version",
+        "v1.36.3",
+        "--values",
+        str(_values_file(tmp_path, values)),
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+        *(a for v in _MONITOR_APIS for a in ("--api-versions", v)),
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert _metrics_args(docs) == ["--metrics-address=127.0.0.1", "--metrics-port=9090"]
+    pod = _operator(docs)["spec"]["template"]["spec"]
+    operator, proxy = pod["containers"]
+    assert proxy == sidecar
+    assert all(p["name"] != "metrics" for p in operator["ports"])  # nothing on the pod's IP
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        command = operator[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"]
+        assert f"http://127.0.0.1:9090{path}" in command[2]
+    assert not [d for d in docs if d["metadata"]["name"] == "gtvp-metrics-auth"]
+    _one(docs, "ClusterRole", "gtvp-metrics-reader")  # what the proxy checks too
+    (endpoint,) = _one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert "scheme" not in endpoint  # whatever the proxy serves: configure it there
+    _accepted_by_the_api_server(control_plane, docs)
+    _lints(tmp_path, values)
+
+
+def test_no_render_serves_plain_metrics_beyond_loopback(control_plane: ControlPlane) -> None:
+    for sets in ((), ("operator.metrics.secure=false",), ("operator.replicas=1",)):
+        args = _metrics_args(_render(*sets))
+        assert "--metrics-secure" in args or "--metrics-address=127.0.0.1" in args, sets
+
+
+def test_cert_manager_issues_the_webhook_certificate_when_asked(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """webhooks.certManager.enabled: a Certificate writes the serving Secret (the chart
+    renders none), the webhook configurations get cert-manager.io/inject-ca-from instead of
+    an inline caBundle; by default a self-signed Issuer bootstraps a CA Issuer; issuerRef
+    names an existing issuer instead."""
+    docs = _render("webhooks.certManager.enabled=true")
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    serving = _one(docs, "Certificate", "gtvp-webhook-tls")["spec"]
+    assert serving["secretName"] == "gtvp-webhook-tls"
+    assert serving["dnsNames"][:3] == [
+        "gtvp-webhooks",
+        "gtvp-webhooks.gtvp-system",
+        "gtvp-webhooks.gtvp-system.svc",
+    ]
+    assert serving["issuerRef"] == {
+        "name": "gtvp-webhook-ca",
+        "kind": "Issuer",
+        "group": "cert-manager.io",
+    }
+    ca = _one(docs, "Certificate", "gtvp-webhook-ca")["spec"]
+    assert ca["isCA"] is True
+    assert ca["issuerRef"]["name"] == "gtvp-selfsigned"
+    assert _one(docs, "Issuer", "gtvp-selfsigned")["spec"] == {"selfSigned": {}}
+    assert _one(docs, "Issuer", "gtvp-webhook-ca")["spec"] == {
+        "ca": {"secretName": "gtvp-webhook-ca"}
+    }
+    configs = [d for d in docs if d["kind"].endswith("WebhookConfiguration")]
+    assert len(configs) == 3
+    for config in configs:
+        assert config["metadata"]["annotations"] == {
+            "cert-manager.io/inject-ca-from": "gtvp-system/gtvp-webhook-tls"
+        }
+        for hook in config["webhooks"]:
+            assert "caBundle" not in hook["clientConfig"]
+    volumes = _operator(docs)["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "certs", "secret": {"secretName": "gtvp-webhook-tls"}} in volumes
+
+    own = _render(
+        "webhooks.certManager.enabled=true",
+        "webhooks.certManager.issuerRef.name=corp-ca",
+        "webhooks.certManager.issuerRef.kind=ClusterIssuer",
+    )
+    (certificate,) = [d for d in own if d["kind"] == "Certificate"]
+    assert certificate["spec"]["issuerRef"] == {
+        "name": "corp-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+    assert not [d for d in own if d["kind"] == "Issuer"]
+    assert "issuerRef" in _refused(
+        "webhooks.certManager.enabled=true", "webhooks.certManager.issuerRef.kind=Vault"
+    )
+
+    # the default stays the chart's own CA, inline in every webhook
+    default = _render()
+    ca_crt = _one(default, "Secret", "gtvp-webhook-tls")["data"]["ca.crt"]
+    for config in (d for d in default if d["kind"].endswith("WebhookConfiguration")):
+        assert "annotations" not in config["metadata"]
+        assert all(h["clientConfig"]["caBundle"] == ca_crt for h in config["webhooks"])
+    _accepted_by_the_api_server(control_plane, docs)
+    _lints(tmp_path, {"webhooks": {"certManager": {"enabled": True}}})
+
+
+def test_an_upgrade_keeps_the_generated_webhook_ca(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """helm upgrade renders against the live Secret (lookup): the same CA, certificate and
+    key, so the caBundle the API server trusts does not change under running replicas."""
+    first = _render(namespace=namespace)
+    secret = _one(first, "Secret", "gtvp-webhook-tls")
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(secret))
+    out = _helm(
+        "template",
+        "gtvp",
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--dry-run=server",  # lets the chart look the live Secret up
+        "--kube-version",
+        "v1.36.3",
+        "--kubeconfig",
+        str(control_plane.kubeconfig_for(ADMIN)),
+    )
+    assert out.returncode == 0, out.stderr
+    again = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert _one(again, "Secret", "gtvp-webhook-tls")["data"] == secret["data"]
+    for config in (d for d in again if d["kind"].endswith("WebhookConfiguration")):
+        assert all(
+            h["clientConfig"]["caBundle"] == secret["data"]["ca.crt"] for h in config["webhooks"]
+        )
+    # a fresh render (no live Secret) generates another CA
+    assert (
+        _one(_render(namespace=namespace), "Secret", "gtvp-webhook-tls")["data"] != (secret["data"])
+    )
+
+
+def _dashboard(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(docs, "ConfigMap", "gtvp-dashboard")
+
+
+def test_the_dashboard_picks_its_data_source_and_is_found_by_the_sidecar(
+    control_plane: ControlPlane,
+) -> None:
+    """A ${datasource} variable every panel and target uses, unique panel ids, a unit on
+    every panel, tags; the ConfigMap's namespace, sidecar label and annotations from values."""
+    config = _dashboard(_render())
+    assert config["metadata"]["namespace"] == "gtvp-system"
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(config["data"]["gtvp.json"])
+    assert board["tags"]
+    (variable,) = [v for v in board["templating"]["list"] if v["name"] == "datasource"]
+    assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+    source = {"type": "prometheus", "uid": "${datasource}"}
+    panels = board["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(set(ids)) == len(ids)
+    for panel in panels:
+        assert panel["datasource"] == source, panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == source, panel["title"]
+            assert "$" not in target["expr"]  # queries stay plain PromQL (tests/e2e evaluates them)
+    assert (CHART / "files" / "dashboard.json").read_text() == config["data"]["gtvp.json"] + "\n"
+
+    moved = _dashboard(
+        _render(
+            "monitoring.dashboards.namespace=grafana",
+            "monitoring.dashboards.label=my_dashboards",
+            "monitoring.dashboards.labelValue=yes",
+            "monitoring.dashboards.annotations.grafana_folder=gtvp",
+        )
+    )
+    assert moved["metadata"]["namespace"] == "grafana"
+    assert moved["metadata"]["labels"]["my_dashboards"] == "yes"
+    assert "grafana_dashboard" not in moved["metadata"]["labels"]
+    assert moved["metadata"]["labels"]["app.kubernetes.io/component"] == "monitoring"
+    assert moved["metadata"]["annotations"] == {"grafana_folder": "gtvp"}
+    assert not [
+        d for d in _render("monitoring.dashboards.enabled=false") if d["kind"] == "ConfigMap"
+    ]
+
+
+def _agent(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def _volume_names(pod: dict[str, Any]) -> set[str]:
+    return {v["name"] for v in pod["volumes"]}
+
+
+_UNPRIVILEGED = ("agent.privileged=false", "agent.tpmGroup=106", "agent.sendEventLog=false")
+
+
+def test_the_default_agent_is_privileged_with_the_hostpath_device(
+    control_plane: ControlPlane,
+) -> None:
+    pod = _agent(_render())
+    (agent,) = pod["containers"]
+    assert agent["securityContext"]["privileged"] is True
+    assert "--tpm=device:/dev/tpmrm0" in agent["args"]
+    assert {"name": "tpm", "hostPath": {"path": "/dev/tpmrm0", "type": "CharDevice"}} in pod[
+        "volumes"
+    ]
+    assert "securityfs" in _volume_names(pod)
+    assert "initContainers" not in pod
+
+
+def test_an_unprivileged_agent_opens_the_tpm_through_its_group(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """agent.privileged=false: non-root, no privileges, every capability dropped, read-only
+    root; the tss group as a supplemental group; the device from the hostPath or from a
+    device plugin's resource; the state directory handed over by a CHOWN-only init step."""
+    docs = _render(*_UNPRIVILEGED)
+    pod = _agent(docs)
+    (agent,) = pod["containers"]
+    assert agent["securityContext"] == {
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 106,
+        "supplementalGroups": [106],
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert "--no-event-log" in agent["args"]
+    assert "securityfs" not in _volume_names(pod)
+    assert "tpm" in _volume_names(pod)
+    (init,) = pod["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert "privileged" not in init["securityContext"]
+    assert "chown -R 65532:106 /var/lib/gtvp-agent" in init["command"][2]
+    assert "privileged: true" not in yaml.safe_dump(_one(docs, "DaemonSet"))
+    _accepted_by_the_api_server(control_plane, docs)
+
+    plugin = _agent(_render(*_UNPRIVILEGED, "agent.tpmResource=squat.ai/tpmrm0"))
+    (agent,) = plugin["containers"]
+    assert agent["resources"]["limits"]["squat.ai/tpmrm0"] == "1"
+    assert agent["resources"]["requests"]["squat.ai/tpmrm0"] == "1"
+    assert "tpm" not in _volume_names(plugin)  # the device plugin puts the node there
+    assert plugin["securityContext"]["supplementalGroups"] == [106]
+    _lints(
+        tmp_path,
+        {
+            "agent": {
+                "privileged": False,
+                "tpmGroup": 106,
+                "sendEventLog": False,
+                "tpmResource": "squat.ai/tpmrm0",
+            }
+        },
+    )
+
+    assert "agent.tpmGroup" in _refused("agent.privileged=false", "agent.sendEventLog=false")
+    assert "readable by root only" in _refused("agent.privileged=false", "agent.tpmGroup=106")
+    assert "tpmResource" in _refused(*_UNPRIVILEGED, "agent.tpmResource=not a resource")
+
+
+def test_a_test_rig_tpm_needs_no_device_and_no_privileges(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """agent.tpm = a swtpm TCTI: used as is, nothing mounted from /dev, unprivileged, no event
+    log (the node's log does not describe the emulator)."""
+    tcti = "swtpm:host=10.1.2.3,port=2321"
+    out = _helm(
+        "template",
+        "gtvp",
+        str(CHART),
+        "--namespace",
+        "gtvp-system",
+        "--kube-version",
+        "v1.36.3",
+        "--values",
+        str(_values_file(tmp_path, {"agent": {"tpm": tcti}})),
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    pod = _agent(docs)
+    (agent,) = pod["containers"]
+    assert f"--tpm={tcti}" in agent["args"]
+    assert "--no-event-log" in agent["args"]
+    assert _volume_names(pod) == {"state"}
+    assert agent["securityContext"]["privileged"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert "supplementalGroups" not in pod["securityContext"]
+    _accepted_by_the_api_server(control_plane, docs)
+
+
+def test_every_node_of_a_rig_can_have_its_own_swtpm(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """agent.tpmPerNode: a ConfigMap the agent reads (its NODE_NAME's entry), then agent.tpm,
+    then the device; with tpmDevice "" a node without an entry has no TPM (the agent says
+    which node)."""
+    rig = {"node-1": "swtpm:host=10.0.0.1,port=2321", "node-2": "mssim:host=10.0.0.2,port=2321"}
+
+    def render(agent: dict[str, Any]) -> list[dict[str, Any]]:
+        out = _helm(
+            "template",
+            "gtvp",
+            str(CHART),
+            "--namespace",
+            "gtvp-system",
+            "--kube-version",
+            "v1.36.3",
+            "--values",
+            str(_values_file(tmp_path, {"agent": agent})),
+        )
+        assert out.returncode == 0, out.stderr
+        return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+    docs = render({"tpmPerNode": rig, "tpmDevice": ""})
+    config = _one(docs, "ConfigMap", "gtvp-agent-tpm")
+    assert json.loads(config["data"]["tpm-per-node.json"]) == rig
+    pod = _agent(docs)
+    (agent,) = pod["containers"]
+    assert "--tpm-per-node=/etc/gtvp-agent/tpm-per-node.json" in agent["args"]
+    assert not [a for a in agent["args"] if a.startswith("--tpm=")]  # no default: named error
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in (
+        agent["env"]
+    )
+    assert {"name": "tpm-per-node", "configMap": {"name": "gtvp-agent-tpm"}} in pod["volumes"]
+    assert "tpm" not in _volume_names(pod)
+    assert agent["securityContext"]["privileged"] is False
+    _accepted_by_the_api_server(control_plane, docs)
+
+    fallback = _agent(render({"tpmPerNode": rig, "tpm": "swtpm:host=10.0.0.9,port=2321"}))
+    assert "--tpm=swtpm:host=10.0.0.9,port=2321" in fallback["containers"][0]["args"]
+    assert "tpm" not in _volume_names(fallback)
+
+    device = _agent(render({"tpmPerNode": rig}))  # nodes without an entry use their device
+    (agent,) = device["containers"]
+    assert "--tpm=device:/dev/tpmrm0" in agent["args"]
+    assert "--no-event-log" in agent["args"]
+    assert agent["securityContext"]["privileged"] is True
+    # privileged containers see the node's devices; a rig node without one still starts
+    assert "tpm" not in _volume_names(device)
+
+    for bad in ("device:tpmrm0", "tcp:host=x", "swtpm: host=x"):
+        out = _helm(
+            "template",
+            "gtvp",
+            str(CHART),
+            "--kube-version",
+            "v1.36.3",
+            "--values",
+            str(_values_file(tmp_path, {"agent": {"tpmPerNode": {"node-3": bad}}})),
+        )
+        assert out.returncode != 0, bad
+        assert 'agent.tpmPerNode["node-3"]' in out.stderr
+        assert "is not a TCTI the agent can use" in out.stderr
+    assert "agent.tpm (" in _refused("agent.tpm=/dev/tpmrm0")
+    assert "names a TPM" in _refused("agent.tpmDevice=")
+    _lints(tmp_path, {"agent": {"tpmPerNode": rig, "tpmDevice": ""}})
