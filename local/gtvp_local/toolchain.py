@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,20 @@ def _k8s_ldflags() -> list[str]:
             f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
         ]
     return flags
+
+
+def _helm_ldflags() -> tuple[str, ...]:
+    """helm's version, and the Kubernetes version `helm template` and `helm lint` assume
+    without --kube-version: as helm's Makefile sets it, from the client-go it is built with
+    (v0.N -> 1.N), else helm assumes 1.20 and refuses charts that need newer."""
+    gomod = (resources.files("gtvp_local") / "gobuild" / "helm" / "go.mod").read_text()
+    found = re.search(r"k8s\.io/client-go v0\.(\d+)\.", gomod)
+    if found is None:
+        raise ToolchainError("gobuild/helm/go.mod names no k8s.io/client-go v0.N version")
+    flags = [f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"]
+    for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        flags += [f"-X {pkg}.k8sVersionMajor=1", f"-X {pkg}.k8sVersionMinor={found.group(1)}"]
+    return tuple(flags)
 
 
 @dataclass(frozen=True)
@@ -97,14 +112,23 @@ COMPONENTS: tuple[Component, ...] = (
         ("kube-apiserver", "kubectl"),
         tuple(_k8s_ldflags()),
     ),
-    Component("kwok", KWOK_VERSION, ("sigs.k8s.io/kwok/cmd/kwok",), ("kwok",)),
+    # the real node's programs (`gtvp_local.realnode`): a separate build so that the control
+    # plane's stays cached; the same k8s.io/kubernetes pin, its go.sum grown by the kubelet's
+    # extra modules (cadvisor, cri-api, ...)
     Component(
-        "helm",
-        HELM_VERSION,
-        ("helm.sh/helm/v3/cmd/helm",),
-        ("helm",),
-        (f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+        "kubernetes-node",
+        KUBERNETES_VERSION,
+        (
+            "k8s.io/kubernetes/cmd/kubelet",
+            "k8s.io/kubernetes/cmd/kube-proxy",
+            "k8s.io/kubernetes/cmd/kube-scheduler",
+            "k8s.io/kubernetes/cmd/kube-controller-manager",
+        ),
+        ("kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager"),
+        tuple(_k8s_ldflags()),
     ),
+    Component("kwok", KWOK_VERSION, ("sigs.k8s.io/kwok/cmd/kwok",), ("kwok",)),
+    Component("helm", HELM_VERSION, ("helm.sh/helm/v3/cmd/helm",), ("helm",), _helm_ldflags()),
 )
 
 
@@ -262,7 +286,9 @@ def ensure_all(*, verbose: bool = True) -> Binaries:
     return binaries()
 
 
-def kubernetes_gomod(kubernetes_gomod_text: str, *, version: str = KUBERNETES_VERSION) -> str:
+def kubernetes_gomod(
+    kubernetes_gomod_text: str, *, version: str = KUBERNETES_VERSION, name: str = "kubernetes"
+) -> str:
     """A go.mod that builds k8s.io/kubernetes at `version` with every staging module replaced.
 
     k/k's own go.mod points its staging modules at `./staging/...`, which `go install`
@@ -278,7 +304,7 @@ def kubernetes_gomod(kubernetes_gomod_text: str, *, version: str = KUBERNETES_VE
     if not mods:
         raise ToolchainError("no `=> ./staging/` replace lines found in k8s.io/kubernetes go.mod")
     lines = [
-        "module gtvp.local/build/kubernetes",
+        f"module gtvp.local/build/{name}",
         "",
         "go 1.26.0",
         "",
@@ -303,7 +329,7 @@ def regenerate(comp: Component, destination: Path) -> None:
     for f in ("go.mod", "go.sum"):
         (destination / f).unlink(missing_ok=True)
     module = f"gtvp.local/build/{comp.name}"
-    if comp.name == "kubernetes":
+    if comp.name in ("kubernetes", "kubernetes-node"):
         dl = subprocess.run(
             [go, "mod", "download", "-json", f"k8s.io/kubernetes@{comp.version}"],
             capture_output=True,
@@ -312,7 +338,7 @@ def regenerate(comp: Component, destination: Path) -> None:
             cwd=destination,
         )
         kk = Path(json.loads(dl.stdout)["Dir"]) / "go.mod"
-        text = kubernetes_gomod(kk.read_text(), version=comp.version)
+        text = kubernetes_gomod(kk.read_text(), version=comp.version, name=comp.name)
     else:
         text = f"module {module}\n\ngo 1.26.0\n"
     (destination / "go.mod").write_text(text)
