@@ -77,6 +77,16 @@ def test_chart_lints(control_plane: ControlPlane) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_template_and_lint_need_no_kube_version() -> None:
+    """helm is built knowing the Kubernetes version it links (toolchain's ldflags), so a
+    newcomer's plain `helm template`/`helm lint` meet the chart's kubeVersion (>= 1.30)."""
+    out = _helm("template", "gtvp", str(CHART))
+    assert out.returncode == 0, out.stderr
+    assert "kind: Deployment" in out.stdout
+    out = _helm("lint", str(CHART))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_bad_values_are_refused_by_the_schema(control_plane: ControlPlane) -> None:
     out = _helm("template", "gtvp", str(CHART), "--set", "agent.ekType=dsa")
     assert out.returncode != 0
