@@ -23,11 +23,12 @@ import yaml
 from gtvp import local_state, pool_status
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION
 from gtvp.core.phases import MemberPhase
-from gtvp_local import images, layout, replicas, toolchain
+from gtvp_local import images, installation, layout, realnode, realpool, replicas, toolchain
 from gtvp_local.controlplane import ControlPlane, ControlPlaneError, Ports
 from gtvp_local.polling import wait_for
 from gtvp_local.pool import Pool, PoolError
-from gtvp_local.processes import ProcessTable, stop_pid, strays
+from gtvp_local.processes import ProcessTable, Tracked, stop_pid, strays
+from gtvp_local.swtpm import extend_pcr
 
 
 def _saved_ports() -> Ports:
@@ -38,8 +39,22 @@ def _saved_ports() -> Ports:
         return Ports()
 
 
+def _installed_dir() -> Path:
+    """Where `up --install helm` keeps the real node, its swtpm and the Installation."""
+    return local_state.state_dir() / "installed"
+
+
+def _helm_mode() -> bool:
+    return (_installed_dir() / "mode").is_file()
+
+
 def _control_plane(ports: Ports | None = None) -> ControlPlane:
-    return ControlPlane(local_state.state_dir(), toolchain.binaries(), ports or _saved_ports())
+    return ControlPlane(
+        local_state.state_dir(),
+        toolchain.binaries(),
+        ports or _saved_ports(),
+        node_ip=realnode.NODE_IP if _helm_mode() else None,
+    )
 
 
 def _say(msg: str) -> None:
@@ -261,12 +276,18 @@ def _show_how_to_use(cp: ControlPlane, *, with_pool: bool) -> None:
         )
 
 
+def _tracked() -> list[Tracked]:
+    """Every process `gtvp local` started: control plane, pool, real node and its swtpm."""
+    state = local_state.state_dir()
+    dirs = (state, state / "pool", _installed_dir(), _installed_dir() / "node")
+    return [t for d in dirs for t in ProcessTable(d).all()]
+
+
 def _refuse_a_running_pool() -> None:
     """`up` on a pool that runs would start a second kwok, stand-in and operator beside
     the first: say so instead. A half-started one (something of it dead) is cleaned."""
     cp = _control_plane()
-    tracked = ProcessTable(local_state.state_dir()).all()
-    tracked += ProcessTable(local_state.state_dir() / "pool").all()
+    tracked = _tracked()
     alive = [t.name for t in tracked if t.alive()]
     if alive and len(alive) == len(tracked) and cp.ready():
         raise PoolError(
@@ -279,10 +300,52 @@ def _refuse_a_running_pool() -> None:
         _stop_everything()
 
 
+def _up_installed(args: argparse.Namespace) -> int:
+    """`up --install helm`: gtvp installed by its chart, its pods on this machine's real node."""
+    started = time.monotonic()
+    _say("gtvp local: gtvp installed by its Helm chart on a real node of this machine")
+    _say(
+        "step 1/4: programs (etcd, kube-apiserver, kubectl, kubelet, kube-proxy, kube-scheduler, "
+        "kube-controller-manager, helm), built from Go modules"
+    )
+    toolchain.ensure_all()
+    missing = realnode.missing_programs()
+    if missing:
+        raise PoolError("the real node needs: " + "; ".join(missing) + " (make setup)")
+    _installed_dir().mkdir(parents=True, exist_ok=True)
+    (_installed_dir() / "mode").write_text("helm\n")
+    cp = _start_control_plane(args, 4)
+    _say(
+        f"  (it listens on {realnode.NODE_IP} too, the node's address: the pods reach it "
+        "through the kubernetes Service)"
+    )
+    _say("step 3/4: KubeVirt's CRDs (kubevirt.io schemas; gtvp's CRDs come with the chart)")
+    cp.apply_crds(layout.kubevirt_crds())
+    _say("step 4/4: gtvp by Helm on the real node")
+    realpool.install(cp, _installed_dir(), replicas=args.replicas, say=_say)
+    _say("")
+    _say(f"up in {time.monotonic() - started:.0f}s; nothing here is simulated:")
+    pods = cp.kubectl("get", "pods", "-n", installation.NAMESPACE, "-o", "wide")
+    _say(f"$ kubectl get pods -n {installation.NAMESPACE} -o wide\n{pods.stdout.rstrip()}")
+    _say("")
+    _say(pool_status.summary(str(cp.admin_kubeconfig)))
+    gtvp = gtvp_command()
+    _say("\nUse it:")
+    _say(f"  export KUBECONFIG={cp.admin_kubeconfig}")
+    _say(f"  {toolchain.binaries().kubectl} -n {installation.NAMESPACE} logs ds/gtvp-agent")
+    _say(f"  {gtvp} local tamper {realnode.NODE_NAME}   # extend a PCR on its swtpm: quarantine")
+    _say(f"  {gtvp} status")
+    _say(f"Stop it: {gtvp} local down")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise PoolError("--replicas: the pool runs at least one operator replica")
     _refuse_a_running_pool()
+    if args.install == "helm":
+        return _up_installed(args)
+    shutil.rmtree(_installed_dir(), ignore_errors=True)  # not a helm pool (any more)
     started = time.monotonic()
     with_pool = bool(args.members)
     steps = 5 if with_pool else 4
@@ -311,11 +374,19 @@ def _stopwatch() -> Callable[[], str]:
 
 
 def _watch_quarantine(
-    cp: ControlPlane, pool: Pool, member: str, elapsed: Callable[[], str]
+    cp: ControlPlane,
+    status: Callable[[], dict[str, Any]],
+    member: str,
+    elapsed: Callable[[], str],
 ) -> None:
     """Until the member is Untrusted and its Node tainted."""
-    m = pool.wait_phase(member, MemberPhase.UNTRUSTED, timeout=60)
-    trust = m["status"]["trust"]
+
+    def untrusted() -> dict[str, Any] | None:
+        now = status()
+        return now if now.get("phase") == MemberPhase.UNTRUSTED else None
+
+    got = wait_for(f"{member} Untrusted", untrusted, 60)
+    trust = (got or {}).get("trust") or {}
     _say(f"{elapsed()}  {member} Untrusted: {trust.get('reason')}: {trust.get('message')}")
     wait_for(
         "the taint",
@@ -375,10 +446,39 @@ def _watch_box(
         _say(f"  (Lazy Box {BOX_NAMESPACE}/{BOX_NAME} runs on {before}, so it stays)")
 
 
+def _tamper_installed(cp: ControlPlane, args: argparse.Namespace) -> int:
+    inst = installation.Installation.load(_installed_dir() / "installation.json")
+    member = args.member or realnode.NODE_NAME
+    if member not in inst.members:
+        raise ControlPlaneError(
+            f"{member} is not a member of the installed pool ({', '.join(inst.members)})"
+        )
+    _say(
+        f"tampering with {member}: extending PCR {args.pcr} on its swtpm "
+        f"({inst.members[member]}), which the agent pod quotes"
+    )
+    elapsed = _stopwatch()
+    extend_pcr(inst.members[member], args.pcr, b"gtvp local tamper")
+    _watch_quarantine(cp, lambda: _member_status(cp, member), member, elapsed)
+    _say("")
+    _say(pool_status.summary(str(cp.admin_kubeconfig)))
+    return 0
+
+
+def _member_status(cp: ControlPlane, member: str) -> dict[str, Any]:
+    got = cp.kubectl("get", "member", member, "-o", "json", check=False)
+    if got.returncode != 0:
+        return {}
+    status: dict[str, Any] = json.loads(got.stdout).get("status") or {}
+    return status
+
+
 def cmd_tamper(args: argparse.Namespace) -> int:
     cp = _control_plane()
     if not cp.ready():
         raise ControlPlaneError("the local pool is not running: gtvp local up")
+    if _helm_mode():
+        return _tamper_installed(cp, args)
     pool = _pool(cp)
     vm_before, box_before = _vmi_node(cp), _box_running_on(cp)
     member = args.member or box_before or vm_before
@@ -395,7 +495,7 @@ def cmd_tamper(args: argparse.Namespace) -> int:
     )
     elapsed = _stopwatch()
     pool.extend_pcr(member, args.pcr, b"gtvp local tamper")
-    _watch_quarantine(cp, pool, member, elapsed)
+    _watch_quarantine(cp, lambda: pool.member(member).get("status") or {}, member, elapsed)
     _watch_vm(cp, member, vm_before, elapsed)
     _watch_box(cp, member, box_before, elapsed)
     _say("")
@@ -440,6 +540,8 @@ def _stop_everything() -> list[str]:
     cp = _control_plane()
     pool_procs = ProcessTable(local_state.state_dir() / "pool")
     stopped = [t.name for t in pool_procs.all() if pool_procs.stop(t.name)]
+    if _installed_dir().is_dir():
+        stopped += realpool.stop(cp, _installed_dir())  # the node before its API server
     stopped += cp.stop()
     for pid in strays(local_state.state_dir(), known=set()):
         try:
@@ -492,8 +594,7 @@ def _replica_lines(cp: ControlPlane) -> list[str]:
 
 def cmd_status(_args: argparse.Namespace) -> int:
     cp = _control_plane()
-    table = ProcessTable(local_state.state_dir())
-    tracked = table.all() + ProcessTable(local_state.state_dir() / "pool").all()
+    tracked = _tracked()
     if not tracked:
         _say(f"gtvp local: nothing runs (state in {local_state.state_dir()})")
         return 1
@@ -548,6 +649,14 @@ def register(local: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="gtvp-operator replicas sharing the members through Leases (default 2)",
+    )
+    up.add_argument(
+        "--install",
+        choices=("processes", "helm"),
+        default="processes",
+        help="processes (default): the operator and agents as processes beside kwok Nodes "
+        "(simulated); helm: the chart with images built here, its pods on a real kubelet node "
+        "of this machine (root; --members does not apply)",
     )
     up.add_argument("--apiserver-port", type=int, help="kube-apiserver port (default 26443)")
     up.add_argument(

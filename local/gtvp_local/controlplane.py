@@ -35,6 +35,8 @@ OPERATOR_USER = "gtvp:operator"
 OPERATOR_GROUP = "gtvp:operators"
 AGENT_GROUP = "gtvp:agents"
 AGENT_USER_PREFIX = "gtvp:agent:"
+SERVICE_CIDR = "10.96.0.0/16"
+KUBERNETES_SERVICE_IP = "10.96.0.1"
 
 
 class ControlPlaneError(RuntimeError):
@@ -71,10 +73,21 @@ OPERATOR = Identity(OPERATOR_USER, (OPERATOR_GROUP,), "operator")
 class ControlPlane:
     """One local control plane rooted at a state directory."""
 
-    def __init__(self, state: Path, binaries: Binaries, ports: Ports | None = None) -> None:
+    def __init__(
+        self,
+        state: Path,
+        binaries: Binaries,
+        ports: Ports | None = None,
+        *,
+        node_ip: str | None = None,
+    ) -> None:
         self.state = state
         self.bin = binaries
         self.ports = ports or Ports()
+        self.node_ip = node_ip
+        """When set, pods on a real node (`gtvp_local.realnode`) reach this API server: it
+        listens on every address, advertises `node_ip` for the `kubernetes` Service, and calls
+        webhooks at their endpoints (pod IPs) instead of Service IPs."""
         self.procs = ProcessTable(state)
         self.pki_dir = state / "pki"
 
@@ -170,14 +183,34 @@ class ControlPlane:
                 )
         self.state.mkdir(parents=True, exist_ok=True)
         ca = pki.ensure_ca(self.pki_dir, "gtvp-local-ca")
+        node_ips = (self.node_ip, KUBERNETES_SERVICE_IP) if self.node_ip else ()
         serving = pki.issue(
             ca,
             self.pki_dir,
-            "apiserver",
+            f"apiserver-{self.node_ip}" if self.node_ip else "apiserver",
             common_name="kube-apiserver",
-            server_ips=("127.0.0.1",),
+            server_ips=("127.0.0.1", *node_ips),
             server_dns=("localhost", "kubernetes", "kubernetes.default.svc"),
         )
+        if self.node_ip:
+            # the API server's client certificate at kubelets (logs, exec, port-forward)
+            kubelet_client = pki.issue(
+                ca,
+                self.pki_dir,
+                "apiserver-kubelet-client",
+                common_name="kube-apiserver-kubelet-client",
+                organizations=("system:masters",),
+            )
+            network = [
+                "--bind-address=0.0.0.0",
+                f"--advertise-address={self.node_ip}",
+                "--enable-aggregator-routing=true",
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
+            ]
+        else:
+            network = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"]
         sa_key = pki.ensure_service_account_key(self.pki_dir)
         self.kubeconfig_for(ADMIN)
         self._start_etcd()
@@ -187,18 +220,20 @@ class ControlPlane:
             [
                 str(self.bin.kube_apiserver),
                 f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                *network,
                 f"--secure-port={self.ports.apiserver}",
                 f"--cert-dir={self.pki_dir}",
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",
                 f"--client-ca-file={ca.cert}",
-                "--service-cluster-ip-range=10.96.0.0/16",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={sa_key.cert}",
                 f"--service-account-signing-key-file={sa_key.key}",
-                "--authorization-mode=RBAC",
+                # the Node authorizer and NodeRestriction bound what a kubelet (group
+                # system:nodes) may write: never another node, never node-restriction labels
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
                 # no kube-controller-manager removes the not-ready taint this plugin puts on
                 # new Nodes, so simulated Nodes would never take a VM; gtvp's own taint is
                 # what matters here
@@ -328,15 +363,20 @@ class ControlPlane:
 
 
 @contextlib.contextmanager
-def ephemeral_control_plane(state: Path, *, kubevirt: bool = True) -> Iterator[ControlPlane]:
+def ephemeral_control_plane(
+    state: Path, *, kubevirt: bool = True, gtvp: bool = True, node_ip: str | None = None
+) -> Iterator[ControlPlane]:
     """A control plane for one `with` block: built programs (a cold cache builds them, with
-    progress), free loopback ports, state under `state`, gtvp's CRDs and (unless `kubevirt`
-    is false) KubeVirt's installed and Established; stopped afterwards."""
+    progress), free loopback ports, state under `state`, gtvp's CRDs (unless `gtvp` is false:
+    a chart brings them) and KubeVirt's (unless `kubevirt` is false) installed and
+    Established; `node_ip`: reachable by a real node's pods (ControlPlane); stopped after."""
     ports = Ports(etcd_client=free_port(), etcd_peer=free_port(), apiserver=free_port())
-    cp = ControlPlane(state, toolchain.ensure_all(), ports)
+    cp = ControlPlane(state, toolchain.ensure_all(), ports, node_ip=node_ip)
     try:
         cp.start()
-        cp.apply_crds(layout.gtvp_crds() + (layout.kubevirt_crds() if kubevirt else []))
+        cp.apply_crds(
+            (layout.gtvp_crds() if gtvp else []) + (layout.kubevirt_crds() if kubevirt else [])
+        )
         yield cp
     finally:
         cp.stop()

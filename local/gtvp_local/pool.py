@@ -19,12 +19,9 @@ each connection to a ready replica; a single replica serves that port itself, as
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -45,7 +42,7 @@ from gtvp_local.controlplane import ControlPlane, agent_identity
 from gtvp_local.polling import wait_for
 from gtvp_local.processes import ProcessTable, Tracked, free_port
 from gtvp_local.replicas import LeaseTable, LeaseTimings, Replica
-from gtvp_local.swtpm import Swtpm, SwtpmCA
+from gtvp_local.swtpm import Swtpm, SwtpmCA, extend_pcr
 
 
 class PoolError(RuntimeError):
@@ -647,22 +644,8 @@ class Pool:
         )
 
     def extend_pcr(self, name: str, pcr: int, data: bytes) -> None:
-        """Tamper with a member: extend one of its PCRs (as a rogue boot component would),
-        with tpm2-tools' tpm2_pcrextend talking to the member's swtpm."""
-        digest = hashlib.sha256(data).hexdigest()
-        tool = shutil.which("tpm2_pcrextend")
-        if tool is None:
-            raise FileNotFoundError("tpm2_pcrextend not found: install Debian's tpm2-tools")
-        out = subprocess.run(
-            [tool, f"{pcr}:sha256={digest}"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "TPM2TOOLS_TCTI": self.tpm(name).tcti, "TSS2_LOG": "all+NONE"},
-            timeout=30,
-            check=False,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"tpm2_pcrextend on {name}'s swtpm failed: {out.stderr.strip()}")
+        """Tamper with a member: extend one of its PCRs (`swtpm.extend_pcr`)."""
+        extend_pcr(self.tpm(name).tcti, pcr, data)
 
     def delete_members(self) -> None:
         for name in self.tpms:

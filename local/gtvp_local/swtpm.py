@@ -10,6 +10,8 @@ absolute (swtpm leaves its working directory).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import subprocess
 import time
@@ -82,12 +84,20 @@ class SwtpmCA:
 
 
 class Swtpm:
-    """One emulated TPM 2.0 on a loopback port."""
+    """One emulated TPM 2.0 on a TCP port (loopback unless `host` names another address of
+    this machine, as the real node's bridge address for an agent running in a pod)."""
 
     def __init__(
-        self, name: str, state: Path, procs: ProcessTable, port: int | None = None
+        self,
+        name: str,
+        state: Path,
+        procs: ProcessTable,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
     ) -> None:
         self.name = name
+        self.host = host
         self.state = state.resolve()
         self.procs = procs
         self.port = port or _port_pair()
@@ -95,7 +105,7 @@ class Swtpm:
 
     @property
     def tcti(self) -> str:
-        return f"swtpm:host=127.0.0.1,port={self.port}"
+        return f"swtpm:host={self.host},port={self.port}"
 
     @property
     def proc_name(self) -> str:
@@ -150,15 +160,15 @@ class Swtpm:
                 "--tpmstate",
                 f"dir={self.state}",
                 "--server",
-                f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                f"type=tcp,port={self.port},bindaddr={self.host}",
                 "--ctrl",
-                f"type=tcp,port={self.ctrl_port},bindaddr=127.0.0.1",
+                f"type=tcp,port={self.ctrl_port},bindaddr={self.host}",
                 "--flags",
                 "not-need-init,startup-clear",
             ],
         )
         deadline = time.monotonic() + timeout
-        while not port_in_use(self.port):
+        while not port_in_use(self.port, self.host):
             t = self.procs.get(self.proc_name)
             if t is None or not t.alive():
                 if "Address already in use" in self.procs.log_tail(self.proc_name, 3):
@@ -171,3 +181,21 @@ class Swtpm:
 
     def stop(self) -> None:
         self.procs.stop(self.proc_name)
+
+
+def extend_pcr(tcti: str, pcr: int, data: bytes) -> None:
+    """Tamper with a TPM: extend one of its sha256 PCRs by sha256(`data`) (as a rogue boot
+    component would), with tpm2-tools' tpm2_pcrextend on `tcti`."""
+    tool = shutil.which("tpm2_pcrextend")
+    if tool is None:
+        raise FileNotFoundError("tpm2_pcrextend not found: install Debian's tpm2-tools")
+    out = subprocess.run(
+        [tool, f"{pcr}:sha256={hashlib.sha256(data).hexdigest()}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TPM2TOOLS_TCTI": tcti, "TSS2_LOG": "all+NONE"},
+        timeout=30,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise SwtpmError(f"tpm2_pcrextend on {tcti} failed: {out.stderr.strip()}")

@@ -51,7 +51,46 @@ def test_bare_debian_gets_venv_toolchain_and_headers_and_go_instructions(tmp_pat
         assert package in install
     for package in ("debootstrap", "umoci", "runc", "containerd"):  # `make images`
         assert package in install
+    for package in ("iptables", "containernetworking-plugins"):  # the real node
+        assert package in install
     assert f"Go 1.22.5 at {bin_dir}/go is too old" in run.stderr
     assert "curl -fsSLO https://go.dev/dl/go1.26.8.linux-arm64.tar.gz" in run.stderr
     assert "sudo tar -C /usr/local -xzf go1.26.8.linux-arm64.tar.gz" in run.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_a_docker_host_keeps_dockers_containerd_and_runc(tmp_path: Path) -> None:
+    """Docker's containerd.io provides containerd and runc: asking apt for Debian's would
+    replace it and remove Docker (kind/e2e.sh runs make images on Docker hosts)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apt_log = tmp_path / "apt.log"
+    _tool(
+        bin_dir,
+        "dpkg-query",
+        'for p in "$@"; do case "$p" in containerd.io) echo "install ok installed";; esac; done\n'
+        "exit 1",
+    )
+    _tool(bin_dir, "dpkg", "echo amd64")
+    _tool(bin_dir, "apt-get", f'echo "$@" >> {apt_log}')
+    _tool(bin_dir, "go", 'test "$1 $2" = "env GOVERSION" && echo go1.22.5')
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:/usr/bin:/bin",
+        GTVP_CACHE=str(tmp_path / "cache"),
+        GTVP_VENV=str(tmp_path / "venv"),
+    )
+    run = subprocess.run(
+        [str(ROOT / ".ci" / "setup-machine")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr  # stops at the old Go
+    install = next(ln.split() for ln in apt_log.read_text().splitlines() if "install" in ln)
+    assert "swtpm" in install
+    assert "debootstrap" in install
+    assert "containerd" not in install
+    assert "runc" not in install
