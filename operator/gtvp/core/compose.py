@@ -8,7 +8,11 @@ Conventions for component images (docs/lazyboxes.md):
 - the rootfs component is the first container disk and the boot disk (`root=/dev/vda`);
 - every other component is a container disk whose serial is the component name, which
   cloud-init mounts read-only at `/opt/gtvp/<name>`; the application's
-  `/opt/gtvp/<name>/start` is run last.
+  `/opt/gtvp/<name>/start` is run last;
+- the kernel command line also pins every component disk for gtvp's box init
+  (`gtvp.disks=<serial>:<sha256>,…`, rootfs first, application last): the init refuses a
+  disk whose bytes differ from its component's digest and overlays the others read-only,
+  later ones above earlier ones (docs/lazyboxes.md, "How a box boots").
 
 The VM carries the trust node selector of the box's level (a hard requirement, so it can
 only run or migrate onto Trusted members of that level), a *preferred* node affinity for
@@ -91,7 +95,12 @@ def compose_vm(
     dv_templates = _hotplug_disks(box, hotplugged, disks=disks, volumes=volumes)
     labels = {VM_LEVEL_LABEL: str(level), BOX_LABEL: box.name}
     template_spec = _template_spec(
-        kernel, level, spec.get("resources") or {}, disks=disks, volumes=volumes
+        kernel,
+        level,
+        spec.get("resources") or {},
+        disks=disks,
+        volumes=volumes,
+        cmdline=kernel_args(box.name, components),
     )
     if node:
         template_spec["affinity"] = _preferred_node_affinity(node)
@@ -121,6 +130,48 @@ def compose_vm(
     }
 
 
+_TYPE_RANK = {"rootfs": 0, "library": 1, "application": 2}
+
+
+def _serial(c: Component) -> str:
+    return c.name[:20]  # virtio-blk serials are at most 20 bytes
+
+
+def overlay_order(components: Sequence[Component]) -> list[Component]:
+    """The component disks in the order the box init stacks them: the rootfs first, then
+    libraries (each after the components in the box it requires), the application last.
+    Kernels and initrd components are not file system layers."""
+    pending = sorted(
+        (c for c in components if c.type in _TYPE_RANK), key=lambda c: _TYPE_RANK[c.type]
+    )
+    out: list[Component] = []
+    while pending:
+        rank = _TYPE_RANK[pending[0].type]
+        ready = [
+            c
+            for c in pending
+            if _TYPE_RANK[c.type] == rank
+            and not any(o is not c and o.offers(d.name) for d in c.requires for o in pending)
+        ]
+        nxt = ready[0] if ready else pending[0]  # a requirement cycle: keep the type order
+        out.append(nxt)
+        pending.remove(nxt)
+    return out
+
+
+def kernel_args(box_name: str, components: Sequence[Component]) -> str:
+    """The kernel command line: the serial console, and for gtvp's box init the box, the
+    application and every component disk with the sha256 its component pins."""
+    app = next((c for c in components if c.type == "application"), None)
+    disks = ",".join(
+        f"{_serial(c)}:{c.digest.removeprefix('sha256:')}" for c in overlay_order(components)
+    )
+    words = ["console=ttyS0", "root=/dev/vda", "ro", f"gtvp.box={box_name}"]
+    if app is not None:
+        words += [f"gtvp.app={app.name}", f"gtvp.version={app.version}"]
+    return " ".join([*words, f"gtvp.disks={disks}"])
+
+
 def _kernel_and_rootfs(components: Sequence[Component]) -> tuple[Component, Component]:
     """The one kernel and the one rootfs a bootable composition has."""
     kernels = [c for c in components if c.type == "kernel"]
@@ -138,7 +189,9 @@ def _container_disks(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Disks and volumes: the rootfs (boot disk), every other non-kernel component as a
     container disk with its name as serial, then cloud-init."""
-    disks: list[dict[str, Any]] = [{"name": "rootfs", "disk": {"bus": "virtio"}, "bootOrder": 1}]
+    disks: list[dict[str, Any]] = [
+        {"name": "rootfs", "disk": {"bus": "virtio"}, "bootOrder": 1, "serial": _serial(root)}
+    ]
     volumes: list[dict[str, Any]] = [
         {
             "name": "rootfs",
@@ -148,7 +201,7 @@ def _container_disks(
     for c in components:
         if c.type in ("kernel", "rootfs"):
             continue
-        disks.append({"name": _disk_name(c), "disk": {"bus": "virtio"}, "serial": c.name[:20]})
+        disks.append({"name": _disk_name(c), "disk": {"bus": "virtio"}, "serial": _serial(c)})
         volumes.append(
             {
                 "name": _disk_name(c),
@@ -195,6 +248,7 @@ def _template_spec(
     *,
     disks: list[dict[str, Any]],
     volumes: list[dict[str, Any]],
+    cmdline: str,
 ) -> dict[str, Any]:
     """The VMI template's spec: kernel boot, disks, requests, the trust selector."""
     container: dict[str, Any] = {
@@ -209,7 +263,7 @@ def _template_spec(
             "firmware": {
                 "kernelBoot": {
                     "container": container,
-                    "kernelArgs": "console=ttyS0 root=/dev/vda ro",
+                    "kernelArgs": cmdline,
                 }
             },
             "devices": {"disks": disks},

@@ -1,0 +1,59 @@
+"""Compose a box from the built catalogue and boot it under qemu (the test harness).
+
+The composed VirtualMachine is exactly what the operator writes (`compose_vm` over the
+components parsed from the artifacts' OSComponent manifests); `resolver` maps its image
+references back to the artifacts' local files, as a container runtime would pull them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gtvp.core.components import parse_component
+from gtvp.core.compose import BoxRef, compose_vm
+from gtvp_local.guest.build import APP_NAME, Artifact, component_manifest
+from gtvp_local.guest.qemu import Resolver
+
+
+class UnknownImage(LookupError):
+    """An image reference (or a path in it) that no built artifact answers."""
+
+
+def resolver(catalogue: Mapping[str, Artifact], overrides: Mapping[str, Path] = {}) -> Resolver:
+    """image (+ path inside a kernel-boot container) → local file. `overrides` replaces the
+    file behind an image (a test's tampered copy)."""
+    by_image = {a.image: a for a in catalogue.values()}
+
+    def resolve(image: str, path: str | None) -> Path:
+        a = by_image.get(image)
+        if a is None:
+            raise UnknownImage(f"no artifact for image {image}")
+        if path is None:
+            return overrides.get(image, a.path)
+        try:
+            return a.files[path]
+        except KeyError:
+            raise UnknownImage(f"{image} holds no {path}") from None
+
+    return resolve
+
+
+def compose_box(
+    catalogue: Mapping[str, Artifact],
+    *,
+    box: str = "hello",
+    memory: str = "256Mi",
+    cpu: str = "1",
+) -> dict[str, Any]:
+    """The VirtualMachine the operator would compose for a box running the application."""
+    comps = [parse_component(component_manifest(a)) for a in catalogue.values()]
+    spec = {
+        "application": {"name": APP_NAME},
+        "level": 3,
+        "resources": {"cpu": cpu, "memory": memory},
+    }
+    return compose_vm(
+        BoxRef(box, "default", "00000000-0000-4000-8000-000000000000"), spec, comps, None
+    )

@@ -1,0 +1,387 @@
+"""Real Lazy Box components, built reproducibly from Debian packages on this machine.
+
+    build_catalogue(cache) -> {name: Artifact}
+
+- `linux` (kernel): a KubeVirt kernel-boot container's layer, a tar holding the Debian cloud
+  kernel (`/boot/vmlinuz`) and the box init initramfs built for it (`/boot/initrd.img`:
+  busybox-static, the generated `/init`, the kernel modules the init needs). The init
+  carries that kernel's modules, so it ships with the kernel; the component provides
+  `kernel` and `initrd` and compose passes both to the VM.
+- `busybox-base` (rootfs): a squashfs with busybox-static and its applet links, `/etc`
+  (passwd, group, hosts) and the network bring-up stage 2 runs.
+- `hello-web` (application): a squashfs with `/opt/gtvp/hello-web/start`, which starts
+  busybox httpd on port 8080 (a page naming the box and version) and a counter that prints
+  `gtvp-uptime <seconds>` on the serial console every second.
+
+Every artifact is a pure function of its inputs (the kernel package, busybox-static, this
+code): fixed mtimes, root-owned, sorted entries, so its sha256 (the OSComponent's pinned
+digest) is the same on every build. Inputs and outputs live in `<cache>/guest`.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gtvp_local.guest.initscript import Module, init_script
+from gtvp_local.guest.reproducible import (
+    Tree,
+    cpio_newc,
+    gzip_fixed,
+    sha256_file,
+    squashfs,
+    tar_fixed,
+)
+
+IMAGE_REPO = "registry.gtvp.local/gtvp-components"
+KERNEL_META = "linux-image-cloud-amd64"
+BUSYBOX = Path("/usr/bin/busybox")
+BASE_NAME, BASE_VERSION = "busybox-base", "1.0.0"
+APP_NAME, APP_VERSION = "hello-web", "1.0.0"
+# what the init needs from the kernel, in load order (dependencies are added before each)
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "overlay")
+
+
+class BuildError(RuntimeError):
+    """An input is missing or a build step failed; the message says which."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One built component: the file its OSComponent pins (sha256 = the digest)."""
+
+    name: str
+    version: str
+    type: str
+    path: Path
+    sha256: str
+    size: int
+    provides: tuple[str, ...] = ()
+    requires: tuple[tuple[str, str], ...] = ()
+    files: Mapping[str, Path] = field(default_factory=dict)  # container path → local file
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self.sha256}"
+
+    @property
+    def image(self) -> str:
+        return f"{IMAGE_REPO}/{self.name}@{self.digest}"
+
+
+def guest_cache(cache: Path) -> Path:
+    d = cache / "guest"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# --- the kernel --------------------------------------------------------------------------
+
+
+def kernel_package() -> str:
+    """The Debian cloud kernel package to use (`GTVP_GUEST_KERNEL_PACKAGE` overrides)."""
+    env = os.environ.get("GTVP_GUEST_KERNEL_PACKAGE")
+    if env:
+        return env
+    out = subprocess.run(
+        ["apt-cache", "depends", KERNEL_META], capture_output=True, text=True, check=False
+    )
+    m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", out.stdout)
+    if not m:
+        raise BuildError(f"apt-cache knows no {KERNEL_META} (is a Debian archive configured?)")
+    return m.group(1)
+
+
+def fetch_kernel(gcache: Path) -> Path:
+    """The kernel .deb in the cache: one already there, else `apt-get download`."""
+    debs = gcache / "debs"
+    debs.mkdir(exist_ok=True)
+    have = sorted(debs.glob("linux-image-*-cloud-amd64*_amd64.deb"))
+    if have and not os.environ.get("GTVP_GUEST_KERNEL_PACKAGE"):
+        return have[-1]
+    pkg = kernel_package()
+    found = sorted(debs.glob(f"{pkg}_*_amd64.deb"))
+    if found:
+        return found[-1]
+    out = subprocess.run(
+        ["apt-get", "download", pkg], cwd=debs, capture_output=True, text=True, check=False
+    )
+    found = sorted(debs.glob(f"{pkg}_*_amd64.deb"))
+    if out.returncode != 0 or not found:
+        raise BuildError(f"apt-get download {pkg} failed: {out.stderr.strip()[-500:]}")
+    return found[-1]
+
+
+def extract_deb(deb: Path, gcache: Path) -> Path:
+    target = gcache / "kernel" / deb.stem
+    if not (target / ".done").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+        (target / ".done").write_text("")
+    return target
+
+
+def deb_version(deb: Path) -> str:
+    out = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def component_version(debian_version: str) -> str:
+    """`6.1.192-3` → `6.1.192` (gtvp versions read `-x` as a pre-release)."""
+    m = re.match(r"^(\d+(?:\.\d+){0,3})", debian_version)
+    if not m:
+        raise BuildError(f"cannot read a version from {debian_version!r}")
+    return m.group(1)
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The `depends=` of a module's .modinfo."""
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko)
+    return [d for d in (m.group(1).decode().split(",") if m else []) if d]
+
+
+def read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    return data
+
+
+def kernel_modules(root: Path, builtin: set[str] | None = None) -> list[tuple[str, bytes]]:
+    """The modules the init loads (WANTED_MODULES and their dependencies), in load order;
+    empty for what the kernel has built in."""
+    mods_dirs = sorted((root / "lib" / "modules").glob("*"))
+    if not mods_dirs:
+        raise BuildError(f"no lib/modules in {root}")
+    by_name: dict[str, Path] = {}
+    for p in sorted(mods_dirs[0].rglob("*.ko*")):
+        by_name.setdefault(re.sub(r"\.ko(\.xz|\.zst|\.gz)?$", "", p.name).replace("-", "_"), p)
+    order: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        path = by_name.get(name)
+        if path is None:  # built in (or absent: the init says so when it loads nothing)
+            return
+        data = read_module(path)
+        for dep in module_depends(data):
+            visit(dep)
+        order.append((name, data))
+
+    for name in WANTED_MODULES:
+        visit(name)
+    return order
+
+
+# --- trees -------------------------------------------------------------------------------
+
+
+def busybox_links(tree: Tree, busybox: Path) -> None:
+    """busybox at /bin/busybox and one symlink per applet where busybox puts it."""
+    tree.file("bin/busybox", busybox.read_bytes(), 0o755)
+    out = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True)
+    for rel in sorted(set(out.stdout.split())):
+        if rel == "bin/busybox":
+            continue
+        depth = rel.count("/")
+        tree.symlink(rel, "../" * depth + "bin/busybox")
+
+
+def initramfs_tree(busybox: Path, modules: list[tuple[str, bytes]]) -> Tree:
+    tree = Tree()
+    for d in ("proc", "sys", "dev", "lower", "newroot", "rw", "run", "tmp"):
+        tree.dir(d)
+    tree.chardev("dev/console", 5, 1)
+    tree.chardev("dev/null", 1, 3, 0o666)
+    busybox_links(tree, busybox)
+    for name, data in modules:
+        tree.file(f"lib/gtvp/{name}.ko", data)
+    tree.file("init", init_script([Module(n) for n, _ in modules]), 0o755)
+    return tree
+
+
+NET_UP = """#!/bin/sh
+# bring up loopback and the first NIC (DHCP, else QEMU user networking's fixed address)
+ip link set lo up
+for nic in /sys/class/net/eth*; do
+  [ -e "$nic" ] || continue
+  n="${nic##*/}"
+  ip link set "$n" up
+  udhcpc -i "$n" -n -q -t 4 -T 1 -s /etc/gtvp/udhcpc.script >/dev/null 2>&1 || {
+    ip addr add 10.0.2.15/24 dev "$n"; ip route add default via 10.0.2.2; }
+  break
+done
+"""
+
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    for r in $router; do ip route add default via "$r" dev "$interface"; break; done ;;
+esac
+"""
+
+
+def base_tree(busybox: Path) -> Tree:
+    tree = Tree()
+    for d in ("proc", "sys", "dev", "run", "root", "var", "etc/gtvp", "opt/gtvp", "usr/bin"):
+        tree.dir(d)
+    tree.dir("tmp", 0o1777)
+    busybox_links(tree, busybox)
+    tree.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nwww:x:33:33:www:/var/www:/bin/false\n")
+    tree.file("etc/group", "root:x:0:\nwww:x:33:\n")
+    tree.file("etc/hosts", "127.0.0.1 localhost\n")
+    tree.file("etc/os-release", f'NAME="gtvp {BASE_NAME}"\nVERSION_ID="{BASE_VERSION}"\n')
+    tree.file("etc/gtvp/net-up", NET_UP, 0o755)
+    tree.file("etc/gtvp/udhcpc.script", UDHCPC_SCRIPT, 0o755)
+    return tree
+
+
+APP_START = """#!/bin/sh
+# hello-web: a page naming the box and version on :8080, and the guest's uptime every second
+. /etc/gtvp-box
+here=/opt/gtvp/hello-web
+mkdir -p /run/hello-web
+cat >/run/hello-web/index.html <<EOF
+<html><body><h1>gtvp Lazy Box $GTVP_BOX</h1>
+<p>hello-web $GTVP_VERSION on $(uname -r)</p></body></html>
+EOF
+httpd -p 8080 -h /run/hello-web || exit 1
+"$here/uptime" </dev/null >/dev/console 2>&1 &
+exit 0
+"""
+
+APP_UPTIME = """#!/bin/sh
+# the guest's uptime once a second: a live migration keeps counting, a reboot starts over
+while :; do
+  read -r up _ </proc/uptime
+  echo "gtvp-uptime ${up%.*}"
+  sleep 1
+done
+"""
+
+
+def app_tree() -> Tree:
+    tree = Tree()
+    tree.file(f"opt/gtvp/{APP_NAME}/start", APP_START, 0o755)
+    tree.file(f"opt/gtvp/{APP_NAME}/uptime", APP_UPTIME, 0o755)
+    tree.file(f"opt/gtvp/{APP_NAME}/VERSION", APP_VERSION + "\n")
+    return tree
+
+
+# --- the catalogue -----------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes) -> None:
+    if path.exists() and path.read_bytes() == data:
+        return
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    part.replace(path)
+
+
+def _artifact(name: str, version: str, kind: str, path: Path, **kw: Any) -> Artifact:
+    return Artifact(name, version, kind, path, sha256_file(path), path.stat().st_size, **kw)
+
+
+def build_catalogue(cache: Path, *, busybox: Path = BUSYBOX) -> dict[str, Artifact]:
+    """Build (or rebuild: same bytes) every component; {component name: artifact}."""
+    if not busybox.exists():
+        raise BuildError(f"{busybox} is missing (apt-get install busybox-static)")
+    gcache = guest_cache(cache)
+    out = gcache / "artifacts"
+    out.mkdir(exist_ok=True)
+    deb = fetch_kernel(gcache)
+    kroot = extract_deb(deb, gcache)
+    vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))
+    if not vmlinuz:
+        raise BuildError(f"{deb.name} holds no boot/vmlinuz-*")
+    kversion = component_version(deb_version(deb))
+    initrd = gzip_fixed(cpio_newc(initramfs_tree(busybox, kernel_modules(kroot))))
+    kernel_files = {"boot/vmlinuz": vmlinuz[0].read_bytes(), "boot/initrd.img": initrd}
+    kdir = out / f"linux-{kversion}"
+    kdir.mkdir(exist_ok=True)
+    for rel, data in kernel_files.items():
+        (kdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        _write(kdir / rel, data)
+    _write(out / f"linux-{kversion}.tar", tar_fixed(kernel_files))
+    kernel = _artifact(
+        "linux",
+        kversion,
+        "kernel",
+        out / f"linux-{kversion}.tar",
+        provides=("kernel", "initrd"),
+        files={f"/{rel}": kdir / rel for rel in kernel_files},
+    )
+    base_path = out / f"{BASE_NAME}-{BASE_VERSION}.squashfs"
+    squashfs(base_tree(busybox), base_path)
+    base = _artifact(
+        BASE_NAME,
+        BASE_VERSION,
+        "rootfs",
+        base_path,
+        provides=("rootfs", "busybox"),
+        requires=(("kernel", ">=5.10"),),
+    )
+    app_path = out / f"{APP_NAME}-{APP_VERSION}.squashfs"
+    squashfs(app_tree(), app_path)
+    app = _artifact(
+        APP_NAME,
+        APP_VERSION,
+        "application",
+        app_path,
+        requires=((BASE_NAME, ">=1.0"),),
+    )
+    catalogue = {a.name: a for a in (kernel, base, app)}
+    index = {
+        "inputs": {"kernelPackage": deb.name, "busybox": sha256_file(busybox)},
+        "artifacts": {
+            n: {"path": str(a.path), "sha256": a.sha256, "size": a.size, "image": a.image}
+            for n, a in catalogue.items()
+        },
+    }
+    _write(gcache / "catalogue.json", (json.dumps(index, indent=2) + "\n").encode())
+    return catalogue
+
+
+def component_spec(a: Artifact, *, level: int = 3) -> dict[str, Any]:
+    """The (unsigned) OSComponent spec that pins `a`; sign it with
+    `gtvp.core.component_signing.sign` or `gtvp component sign`."""
+    spec: dict[str, Any] = {
+        "componentName": a.name,
+        "version": a.version,
+        "type": a.type,
+        "image": a.image,
+        "digest": a.digest,
+        "sizeBytes": a.size,
+        "level": level,
+    }
+    if a.provides:
+        spec["provides"] = list(a.provides)
+    if a.requires:
+        spec["requires"] = [{"name": n, "versions": v} for n, v in a.requires]
+    return spec
+
+
+def component_manifest(a: Artifact, *, level: int = 3) -> dict[str, Any]:
+    return {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "OSComponent",
+        "metadata": {"name": f"{a.name}-{a.version.replace('.', '-')}"},
+        "spec": component_spec(a, level=level),
+    }
