@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +35,83 @@ def _helm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@contextmanager
+def _values_args(values: dict[str, Any] | None) -> Iterator[tuple[str, ...]]:
+    """`--values <file>` for these values (none for None), the file kept while in use."""
+    if values is None:
+        yield ()
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "values.yaml"
+        path.write_text(yaml.safe_dump(values))
+        yield ("--values", str(path))
+
+
 def _template(
-    *sets: str, namespace: str = "gtvp-system", api_versions: tuple[str, ...] = ()
+    *sets: str,
+    namespace: str = "gtvp-system",
+    api_versions: Sequence[str] = (),
+    values: dict[str, Any] | None = None,
+    kubeconfig: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return _helm(
-        "template",
-        "gtvp",
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--kube-version",
-        "v1.36.3",
-        *(a for s in sets for a in ("--set", s)),
-        *(a for v in api_versions for a in ("--api-versions", v)),
-    )
+    """`helm template` of the chart; values go through a values file, a kubeconfig makes it
+    render against that API server (--dry-run=server: the chart's lookups see live objects)."""
+    server: tuple[str, ...] = ()
+    if kubeconfig is not None:
+        server = ("--dry-run=server", "--kubeconfig", str(kubeconfig))
+    with _values_args(values) as values_args:
+        return _helm(
+            "template",
+            "gtvp",
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            "v1.36.3",
+            *server,
+            *values_args,
+            *(a for s in sets for a in ("--set", s)),
+            *(a for v in api_versions for a in ("--api-versions", v)),
+        )
 
 
-def _render(
-    *sets: str, namespace: str = "gtvp-system", api_versions: tuple[str, ...] = ()
-) -> list[dict[str, Any]]:
-    out = _template(*sets, namespace=namespace, api_versions=api_versions)
+def _render(*sets: str, **options: Any) -> list[dict[str, Any]]:
+    """The documents `_template(*sets, **options)` renders (it must render)."""
+    out = _template(*sets, **options)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def _refused(*sets: str) -> str:
+def _refused(*sets: str, **options: Any) -> str:
     """What `helm template` says when it refuses these values (it must refuse them)."""
-    out = _template(*sets)
-    assert out.returncode != 0, f"rendered with {sets}"
+    out = _template(*sets, **options)
+    assert out.returncode != 0, f"rendered with {sets} {options}"
     return out.stderr
+
+
+def _lints(values: dict[str, Any] | None = None) -> None:
+    """`helm lint --strict` passes, with these values if any."""
+    with _values_args(values) as values_args:
+        out = _helm("lint", str(CHART), "--kube-version", "v1.36.3", "--strict", *values_args)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _dry_run_apply(
+    control_plane: ControlPlane, docs: list[dict[str, Any]]
+) -> subprocess.CompletedProcess[str]:
+    """Server-side apply of these documents, as a dry run (nothing is stored), with the
+    release's namespace in place."""
+    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
+    return control_plane.kubectl(
+        "apply",
+        "--dry-run=server",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input_text="\n---\n".join(json.dumps(d) for d in docs),
+        check=False,
+    )
 
 
 def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -73,8 +124,7 @@ def _operator(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_chart_lints(control_plane: ControlPlane) -> None:
-    out = _helm("lint", str(CHART), "--kube-version", "v1.36.3", "--strict")
-    assert out.returncode == 0, out.stdout + out.stderr
+    _lints()
 
 
 def test_template_and_lint_need_no_kube_version() -> None:
@@ -95,18 +145,7 @@ def test_bad_values_are_refused_by_the_schema(control_plane: ControlPlane) -> No
 
 def test_rendered_chart_is_accepted_by_the_api_server(control_plane: ControlPlane) -> None:
     docs = _render()
-    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
-    text = "\n---\n".join(json.dumps(d) for d in docs)
-    out = control_plane.kubectl(
-        "apply",
-        "--dry-run=server",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        "-",
-        input_text=text,
-        check=False,
-    )
+    out = _dry_run_apply(control_plane, docs)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("(server dry run)") == len(docs)
 
@@ -716,20 +755,8 @@ def test_an_upgrade_from_the_single_writer_operator_stops_it_before_starting_rep
     Deployment the chart recreates once; over its own, it rolls."""
 
     def strategy_over_the_live_deployment() -> dict[str, Any]:
-        out = _helm(
-            "template",
-            "gtvp",
-            str(CHART),
-            "--namespace",
-            namespace,
-            "--dry-run=server",  # lets the chart look the live Deployment up
-            "--kube-version",
-            "v1.36.3",
-            "--kubeconfig",
-            str(control_plane.kubeconfig_for(ADMIN)),
-        )
-        assert out.returncode == 0, out.stderr
-        docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+        # the kubeconfig lets the chart look the live Deployment up
+        docs = _render(namespace=namespace, kubeconfig=control_plane.kubeconfig_for(ADMIN))
         strategy: dict[str, Any] = _operator(docs)["spec"]["strategy"]
         return strategy
 
@@ -757,19 +784,8 @@ def test_the_highly_available_operator_is_accepted_by_the_api_server(
 ) -> None:
     """The budget, the priority class, the Lease Role and the anti-affinity (both kinds) as
     the real API server validates them."""
-    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
     for sets in ((), ("operator.antiAffinity=required",)):
-        docs = _render(*sets)
-        out = control_plane.kubectl(
-            "apply",
-            "--dry-run=server",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            "-",
-            input_text="\n---\n".join(json.dumps(d) for d in docs),
-            check=False,
-        )
+        out = _dry_run_apply(control_plane, _render(*sets))
         assert out.returncode == 0, out.stderr
         for applied in (
             "poddisruptionbudget.policy/gtvp-operator",
@@ -884,42 +900,14 @@ _ALL_ON: dict[str, Any] = {
 }
 
 
-def _values_file(tmp_path: Path, values: dict[str, Any]) -> Path:
-    path = tmp_path / "values.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def _render_all_on(tmp_path: Path) -> list[dict[str, Any]]:
-    out = _helm(
-        "template",
-        "gtvp",
-        str(CHART),
-        "--namespace",
-        "gtvp-system",
-        "--kube-version",
-        "v1.36.3",
-        "--values",
-        str(_values_file(tmp_path, _ALL_ON)),
-        *(a for v in _MONITOR_APIS for a in ("--api-versions", v)),
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+def _render_all_on() -> list[dict[str, Any]]:
+    return _render(values=_ALL_ON, api_versions=_MONITOR_APIS)
 
 
 def test_chart_lints_strictly_with_every_toggle_on(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
-    out = _helm(
-        "lint",
-        str(CHART),
-        "--kube-version",
-        "v1.36.3",
-        "--strict",
-        "--values",
-        str(_values_file(tmp_path, _ALL_ON)),
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    _lints(_ALL_ON)
 
 
 def test_notes_say_what_was_installed_how_to_check_it_and_what_comes_next(
@@ -956,11 +944,11 @@ def test_notes_say_what_was_installed_how_to_check_it_and_what_comes_next(
 
 
 def test_every_object_carries_the_recommended_labels(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
     """app.kubernetes.io/* on every document of a full render, ClusterRoles, admission
     policies, webhook configurations and CRDs included; podLabels never override them."""
-    docs = _render_all_on(tmp_path)
+    docs = _render_all_on()
     kinds = {d["kind"] for d in docs}
     assert {
         "CustomResourceDefinition",
@@ -1051,9 +1039,9 @@ def test_monitoring_objects_only_where_prometheus_operator_serves_them(
 
 
 def test_pods_take_pull_secrets_labels_annotations_placement_and_resources(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
-    docs = _render_all_on(tmp_path)
+    docs = _render_all_on()
     operator = _operator(docs)["spec"]["template"]
     agent = _one(docs, "DaemonSet")["spec"]["template"]
     for pod in (operator, agent):
@@ -1105,25 +1093,15 @@ def test_unknown_values_are_refused(control_plane: ControlPlane) -> None:
 
 
 def test_the_chart_with_every_toggle_on_is_accepted_by_the_api_server(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
     docs = [
         d
-        for d in _render_all_on(tmp_path)
+        for d in _render_all_on()
         if d["apiVersion"] != "monitoring.coreos.com/v1"  # this API server has no such CRDs
     ]
-    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
     control_plane.kubectl("create", "namespace", "grafana", check=False)  # the dashboard's
-    out = control_plane.kubectl(
-        "apply",
-        "--dry-run=server",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        "-",
-        input_text="\n---\n".join(json.dumps(d) for d in docs),
-        check=False,
-    )
+    out = _dry_run_apply(control_plane, docs)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("(server dry run)") == len(docs)
 
@@ -1137,32 +1115,9 @@ def _accepted_by_the_api_server(control_plane: ControlPlane, docs: list[dict[str
     served = [
         d for d in docs if d["apiVersion"] not in ("monitoring.coreos.com/v1", "cert-manager.io/v1")
     ]
-    control_plane.kubectl("create", "namespace", "gtvp-system", check=False)
-    out = control_plane.kubectl(
-        "apply",
-        "--dry-run=server",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        "-",
-        input_text="\n---\n".join(json.dumps(d) for d in served),
-        check=False,
-    )
+    out = _dry_run_apply(control_plane, served)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("(server dry run)") == len(served)
-
-
-def _lints(tmp_path: Path, values: dict[str, Any]) -> None:
-    out = _helm(
-        "lint",
-        str(CHART),
-        "--kube-version",
-        "v1.36.3",
-        "--strict",
-        "--values",
-        str(_values_file(tmp_path, values)),
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _metrics_args(docs: list[dict[str, Any]]) -> list[str]:
@@ -1249,7 +1204,7 @@ def test_metrics_are_served_over_https_to_reviewed_tokens_by_default(
 
 
 def test_plain_metrics_only_on_loopback_for_a_proxy_sidecar(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
     """operator.metrics.secure=false: plain HTTP bound to 127.0.0.1 (never the pod's IP),
     probes from inside the container, no review rights, the sidecar added and reached by
@@ -1261,22 +1216,9 @@ def test_plain_metrics_only_on_loopback_for_a_proxy_sidecar(
         "ports": [{"name": "metrics", "containerPort": 8443}],
     }
     values = {"operator": {"metrics": {"secure": False, "sidecars": [sidecar]}}}
-    out = _helm(
-        "template",
-        "gtvp",
-        str(CHART),
-        "--namespace",
-        "gtvp-system",
-        "--kube-version",
-        "v1.36.3",
-        "--values",
-        str(_values_file(tmp_path, values)),
-        "--set",
-        "monitoring.serviceMonitor.enabled=true",
-        *(a for v in _MONITOR_APIS for a in ("--api-versions", v)),
+    docs = _render(
+        "monitoring.serviceMonitor.enabled=true", values=values, api_versions=_MONITOR_APIS
     )
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert _metrics_args(docs) == ["--metrics-address=127.0.0.1", "--metrics-port=9090"]
     pod = _operator(docs)["spec"]["template"]["spec"]
     operator, proxy = pod["containers"]
@@ -1291,7 +1233,7 @@ def test_plain_metrics_only_on_loopback_for_a_proxy_sidecar(
     (endpoint,) = _one(docs, "ServiceMonitor")["spec"]["endpoints"]
     assert "scheme" not in endpoint  # whatever the proxy serves: configure it there
     _accepted_by_the_api_server(control_plane, docs)
-    _lints(tmp_path, values)
+    _lints(values)
 
 
 def test_no_render_serves_plain_metrics_beyond_loopback(control_plane: ControlPlane) -> None:
@@ -1301,7 +1243,7 @@ def test_no_render_serves_plain_metrics_beyond_loopback(control_plane: ControlPl
 
 
 def test_cert_manager_issues_the_webhook_certificate_when_asked(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
     """webhooks.certManager.enabled: a Certificate writes the serving Secret (the chart
     renders none), the webhook configurations get cert-manager.io/inject-ca-from instead of
@@ -1362,7 +1304,7 @@ def test_cert_manager_issues_the_webhook_certificate_when_asked(
         assert "annotations" not in config["metadata"]
         assert all(h["clientConfig"]["caBundle"] == ca_crt for h in config["webhooks"])
     _accepted_by_the_api_server(control_plane, docs)
-    _lints(tmp_path, {"webhooks": {"certManager": {"enabled": True}}})
+    _lints({"webhooks": {"certManager": {"enabled": True}}})
 
 
 def test_an_upgrade_keeps_the_generated_webhook_ca(
@@ -1373,20 +1315,8 @@ def test_an_upgrade_keeps_the_generated_webhook_ca(
     first = _render(namespace=namespace)
     secret = _one(first, "Secret", "gtvp-webhook-tls")
     control_plane.kubectl("create", "-f", "-", input_text=json.dumps(secret))
-    out = _helm(
-        "template",
-        "gtvp",
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--dry-run=server",  # lets the chart look the live Secret up
-        "--kube-version",
-        "v1.36.3",
-        "--kubeconfig",
-        str(control_plane.kubeconfig_for(ADMIN)),
-    )
-    assert out.returncode == 0, out.stderr
-    again = [d for d in yaml.safe_load_all(out.stdout) if d]
+    # the kubeconfig lets the chart look the live Secret up
+    again = _render(namespace=namespace, kubeconfig=control_plane.kubeconfig_for(ADMIN))
     assert _one(again, "Secret", "gtvp-webhook-tls")["data"] == secret["data"]
     for config in (d for d in again if d["kind"].endswith("WebhookConfiguration")):
         assert all(
@@ -1471,7 +1401,7 @@ def test_the_default_agent_is_privileged_with_the_hostpath_device(
 
 
 def test_an_unprivileged_agent_opens_the_tpm_through_its_group(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
     """agent.privileged=false: non-root, no privileges, every capability dropped, read-only
     root; the tss group as a supplemental group; the device from the hostPath or from a
@@ -1509,7 +1439,6 @@ def test_an_unprivileged_agent_opens_the_tpm_through_its_group(
     assert "tpm" not in _volume_names(plugin)  # the device plugin puts the node there
     assert plugin["securityContext"]["supplementalGroups"] == [106]
     _lints(
-        tmp_path,
         {
             "agent": {
                 "privileged": False,
@@ -1526,24 +1455,12 @@ def test_an_unprivileged_agent_opens_the_tpm_through_its_group(
 
 
 def test_a_test_rig_tpm_needs_no_device_and_no_privileges(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
     """agent.tpm = a swtpm TCTI: used as is, nothing mounted from /dev, unprivileged, no event
     log (the node's log does not describe the emulator)."""
     tcti = "swtpm:host=10.1.2.3,port=2321"
-    out = _helm(
-        "template",
-        "gtvp",
-        str(CHART),
-        "--namespace",
-        "gtvp-system",
-        "--kube-version",
-        "v1.36.3",
-        "--values",
-        str(_values_file(tmp_path, {"agent": {"tpm": tcti}})),
-    )
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    docs = _render(values={"agent": {"tpm": tcti}})
     pod = _agent(docs)
     (agent,) = pod["containers"]
     assert f"--tpm={tcti}" in agent["args"]
@@ -1556,7 +1473,7 @@ def test_a_test_rig_tpm_needs_no_device_and_no_privileges(
 
 
 def test_every_node_of_a_rig_can_have_its_own_swtpm(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane,
 ) -> None:
     """agent.tpmPerNode: a ConfigMap the agent reads (its NODE_NAME's entry), then agent.tpm,
     then the device; with tpmDevice "" a node without an entry has no TPM (the agent says
@@ -1564,19 +1481,7 @@ def test_every_node_of_a_rig_can_have_its_own_swtpm(
     rig = {"node-1": "swtpm:host=10.0.0.1,port=2321", "node-2": "mssim:host=10.0.0.2,port=2321"}
 
     def render(agent: dict[str, Any]) -> list[dict[str, Any]]:
-        out = _helm(
-            "template",
-            "gtvp",
-            str(CHART),
-            "--namespace",
-            "gtvp-system",
-            "--kube-version",
-            "v1.36.3",
-            "--values",
-            str(_values_file(tmp_path, {"agent": agent})),
-        )
-        assert out.returncode == 0, out.stderr
-        return [d for d in yaml.safe_load_all(out.stdout) if d]
+        return _render(values={"agent": agent})
 
     docs = render({"tpmPerNode": rig, "tpmDevice": ""})
     config = _one(docs, "ConfigMap", "gtvp-agent-tpm")
@@ -1606,18 +1511,9 @@ def test_every_node_of_a_rig_can_have_its_own_swtpm(
     assert "tpm" not in _volume_names(device)
 
     for bad in ("device:tpmrm0", "tcp:host=x", "swtpm: host=x"):
-        out = _helm(
-            "template",
-            "gtvp",
-            str(CHART),
-            "--kube-version",
-            "v1.36.3",
-            "--values",
-            str(_values_file(tmp_path, {"agent": {"tpmPerNode": {"node-3": bad}}})),
-        )
-        assert out.returncode != 0, bad
-        assert 'agent.tpmPerNode["node-3"]' in out.stderr
-        assert "is not a TCTI the agent can use" in out.stderr
+        said = _refused(values={"agent": {"tpmPerNode": {"node-3": bad}}})
+        assert 'agent.tpmPerNode["node-3"]' in said
+        assert "is not a TCTI the agent can use" in said
     assert "agent.tpm (" in _refused("agent.tpm=/dev/tpmrm0")
     assert "names a TPM" in _refused("agent.tpmDevice=")
-    _lints(tmp_path, {"agent": {"tpmPerNode": rig, "tpmDevice": ""}})
+    _lints({"agent": {"tpmPerNode": rig, "tpmDevice": ""}})
