@@ -155,11 +155,18 @@ class Pool:
         replicas: int | None = None,
         identity_prefix: str = "local",
         timings: LeaseTimings | None = None,
+        vms: str | None = None,
     ) -> None:
         """`replicas` operator processes (None: as many as the pool saved in `directory`
-        was started with, else one), identities `<identity_prefix>-N`."""
+        was started with, else one), identities `<identity_prefix>-N`. `vms`: "phases"
+        (the stand-in only moves VMIs through their phases) or "qemu" (each VMI a real VM
+        in its member's network namespace: gtvp_local.vmruntime.launcher); None: as saved,
+        else phases."""
         if replicas is not None and replicas < 1:
             raise PoolError("a pool runs at least one operator replica")
+        if vms not in (None, "phases", "qemu"):
+            raise PoolError(f"vms must be phases or qemu, not {vms!r}")
+        self.vms = "phases"
         self.cp = cp
         self.policy_name = policy
         self.dir = directory.resolve()
@@ -174,6 +181,8 @@ class Pool:
         self._load()
         if replicas is not None:
             self.replica_count = replicas
+        if vms is not None:
+            self.vms = vms
 
     @property
     def metrics_port(self) -> int | None:
@@ -193,6 +202,7 @@ class Pool:
             self.tpms[name] = Swtpm(name, self.dir / "tpm" / name, self.procs, port=int(port))
         self.webhook_port = data.get("webhookPort")
         self.policy_name = data.get("policy", self.policy_name)
+        self.vms = data.get("vms", self.vms)
         self.replicas = [Replica.from_json(r) for r in data.get("replicas") or []]
         if self.replicas:
             self.replica_count = len(self.replicas)
@@ -208,6 +218,7 @@ class Pool:
                     "policy": self.policy_name,
                     "replicas": [r.to_json() for r in self.replicas],
                     "identityPrefix": self.identity_prefix,
+                    "vms": self.vms,
                 }
             )
         )
@@ -270,7 +281,9 @@ class Pool:
         )
 
     def start_virtsim(self) -> None:
-        """SIMULATION: the stand-in for KubeVirt's virt-controller (see virtsim.py)."""
+        """SIMULATION: the stand-in for KubeVirt's virt-controller (see virtsim.py), and with
+        `vms="qemu"` for virt-handler/virt-launcher (real VMs, real live migrations)."""
+        real = ["--vms", "qemu", "--state", str(self.dir)] if self.vms == "qemu" else []
         self.procs.start(
             "virtsim",
             [
@@ -279,8 +292,16 @@ class Pool:
                 "gtvp_local.virtsim",
                 "--kubeconfig",
                 str(self.cp.admin_kubeconfig),
+                *real,
             ],
         )
+
+    def vm_console(self, namespace: str, name: str) -> str:
+        """The serial console of a VMI's VM (with `vms="qemu"`; empty otherwise)."""
+        from gtvp_local.vmruntime.launcher import vm_id
+        from gtvp_local.vmruntime.runtime import Runtime
+
+        return Runtime(self.dir).console(vm_id(namespace, name))
 
     def install_webhooks(self) -> None:
         """gtvp's admission webhooks, served by the operator on a loopback port."""
@@ -654,10 +675,15 @@ class Pool:
             )
 
     def stop(self) -> None:
-        """Stop every process of the pool, the operator's replicas first."""
+        """Stop every process of the pool, the operator's replicas first, then its VMs and
+        their member namespaces (with `vms="qemu"`)."""
         self.stop_operator()
         for t in self.procs.all():
             self.procs.stop(t.name)
+        if self.vms == "qemu":
+            from gtvp_local.vmruntime import runtime
+
+            runtime.cleanup(self.dir)
 
     # ----- the whole pool -------------------------------------------------------------------
     def start_trusted(
@@ -732,6 +758,7 @@ def trusted_pool(
     replicas: int | None = None,
     identity_prefix: str = "local",
     timings: LeaseTimings | None = None,
+    vms: str | None = None,
 ) -> Iterator[Pool]:
     """A pool started by `Pool.start_trusted` (every member Trusted) for the `with` block;
     stopped and removed from the cluster afterwards, also when it failed to start.
@@ -743,6 +770,7 @@ def trusted_pool(
         replicas=replicas,
         identity_prefix=identity_prefix,
         timings=timings,
+        vms=vms,
     )
     try:
         pool.start_trusted(members, policy=policy, before_start=before_start, timeout=timeout)

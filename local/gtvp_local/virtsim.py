@@ -22,6 +22,14 @@ for the VMIs it gates). Uncordoning clears nothing: in KubeVirt the mark stays u
 has migrated (or `virtctl evacuate-cancel`). Cordoned nodes receive no VMI and no migration
 target (kube-scheduler's NodeUnschedulable rule).
 
+With `--vms qemu` it also SIMULATES virt-handler/virt-launcher with real VMs
+(`gtvp_local.vmruntime.launcher`): a VMI placed on a member runs as a qemu process in that
+member's network namespace (a composed Lazy Box from its component artifacts, other VMIs a
+tiny test guest), goes Scheduled → Running only when the guest prints GTVP-READY, Failed
+with the console's last words when the VM ends; a migration is a qemu live migration to the
+target member's namespace, Succeeded or Failed as qemu reports (the VM stays on the source
+when it fails).
+
 It is named as a simulation wherever it appears, and the Helm chart never installs it.
 """
 
@@ -32,15 +40,18 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.compose import preferred_node
+from gtvp_local.vmruntime.launcher import Launcher, vm_id
 
 log = logging.getLogger("gtvp.virtsim")
 KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
 BANNER = "[SIMULATED virt-controller]"
 API_BANNER = "[SIMULATED virt-api]"
+HANDLER_BANNER = "[SIMULATED virt-handler]"
 MARKED_ON_EVICTION = ("External", "LiveMigrate", "LiveMigrateIfPossible")
 EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
 
@@ -89,11 +100,16 @@ def choose_node(
 
 
 class VirtSim:
-    def __init__(self, api: Any, core: Any, step_delay: float = 0.3) -> None:
+    def __init__(
+        self, api: Any, core: Any, step_delay: float = 0.3, launcher: Launcher | None = None
+    ) -> None:
         self.api = api
         self.core = core
         self.delay = step_delay
         self.last_step: dict[str, float] = {}
+        self.launcher = launcher
+        """With a launcher (`--vms qemu`), VMIs run as real VMs and migrations are real
+        live migrations (gtvp_local.vmruntime.launcher); without, phases only."""
 
     def _list(self, plural: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.api.list_cluster_custom_object(*KV, plural)["items"]
@@ -131,6 +147,8 @@ class VirtSim:
         for vmi in vmis.values():
             if (vmi.get("status") or {}).get("phase") in (None, "", "Pending", "Scheduling"):
                 self._schedule_vmi(vmi, nodes, load)
+        if self.launcher is not None:
+            self._follow_vms(self.launcher, vmis)
         migrations = self._list("virtualmachineinstancemigrations")
         self._simulate_drains(nodes, vmis, migrations)
         for mig in migrations:
@@ -251,6 +269,33 @@ class VirtSim:
             )
             log.info("%s stopped VMI %s/%s", BANNER, *key)
 
+    def _follow_vms(self, launcher: Launcher, vmis: Mapping[tuple[str, str], Any]) -> None:
+        """SIMULATED virt-handler: a VMI is Running once its guest said GTVP-READY, Failed
+        when its VM ended (with the console's last words); VMs whose VMI is gone stop."""
+        for (ns, name), vmi in vmis.items():
+            phase = (vmi.get("status") or {}).get("phase")
+            if phase not in ("Scheduled", "Running"):
+                continue
+            ended = launcher.ended(ns, name)
+            if ended is not None:
+                status: dict[str, Any] = {"phase": "Failed", "reason": ended}
+            elif phase == "Scheduled" and launcher.ready(ns, name):
+                status = {"phase": "Running"}
+            else:
+                continue
+            self.api.patch_namespaced_custom_object(
+                *KV, ns, "virtualmachineinstances", name, {"status": status}
+            )
+            log.info("%s VMI %s/%s: %s %s", HANDLER_BANNER, ns, name, status["phase"],
+                     status.get("reason", "(the guest said GTVP-READY)"))  # fmt: skip
+        # listed again: VMIs created during this tick have their VMs already
+        present = {
+            vm_id(i["metadata"]["namespace"], i["metadata"]["name"])
+            for i in self._list("virtualmachineinstances")
+        }
+        for vm in launcher.known() - present:
+            launcher.stop_vm(vm)
+
     def _schedule_vmi(
         self, vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], load: dict[str, int]
     ) -> None:
@@ -266,6 +311,17 @@ class VirtSim:
         status: dict[str, Any]
         if node is None:
             status = {"phase": "Scheduling", "reason": "no node fits the nodeSelector (simulated)"}
+        elif self.launcher is not None:
+            load[node] = load.get(node, 0) + 1
+            try:
+                self.launcher.start(meta["namespace"], meta["name"], node, spec)
+                status = {"phase": "Scheduled", "nodeName": node}
+                log.info("%s VMI %s/%s: a VM starts on %s", HANDLER_BANNER, meta["namespace"],
+                         meta["name"], node)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - any reason the VM cannot start is its status
+                status = {"phase": "Failed", "nodeName": node, "reason": f"cannot start: {exc}"}
+                log.warning("%s VMI %s/%s cannot start on %s: %s", HANDLER_BANNER,
+                            meta["namespace"], meta["name"], node, exc)  # fmt: skip
         else:
             load[node] = load.get(node, 0) + 1
             status = {"phase": "Running", "nodeName": node}
@@ -329,10 +385,45 @@ class VirtSim:
             if target is not None:
                 write("Scheduled", targetNode=target, sourceNode=source)
         elif phase == "Scheduled":
+            if self.launcher is not None:  # a real live migration, in a worker thread
+                self.launcher.migrate(meta["namespace"], spec["vmiName"], state["targetNode"])
             write("Running")
+        elif phase == "Running" and self.launcher is not None:
+            self._real_migration(self.launcher, vmi, source, state, write)
         elif phase == "Running":
             self._land(vmi, source, state.get("targetNode"))
             write("Succeeded", completed=True)
+
+    def _real_migration(
+        self,
+        launcher: Launcher,
+        vmi: Mapping[str, Any],
+        source: str | None,
+        state: Mapping[str, Any],
+        write: Any,
+    ) -> None:
+        """Follow qemu's migration: Succeeded (the VMI lands on the target) or Failed (it
+        keeps running on the source, qemu's reason in failureReason)."""
+        ns, name = vmi["metadata"]["namespace"], vmi["metadata"]["name"]
+        future = launcher.migrate(ns, name, state["targetNode"])
+        if not future.done():
+            return
+        launcher.finish_migration(ns, name)
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - the VM was not there to migrate
+            write("Failed", failed=True, failureReason=f"not migrated: {exc}")
+            return
+        log.info(
+            "%s migration of %s/%s to %s: %s in %.0f ms, downtime %s ms, %d bytes on the link%s",
+            HANDLER_BANNER, ns, name, result.target, result.status, result.total_ms,
+            result.downtime_ms, result.link_bytes, f" ({result.reason})" if result.reason else "",
+        )  # fmt: skip
+        if result.completed:
+            self._land(vmi, source, state.get("targetNode"))
+            write("Succeeded", completed=True)
+        else:
+            write("Failed", failed=True, failureReason=result.reason or "qemu failed")
 
     def _land(self, vmi: Mapping[str, Any], source: str | None, target: str | None) -> None:
         """The migration completed: the VMI runs on the target. virt-handler on the target
@@ -348,16 +439,41 @@ class VirtSim:
         )
 
 
+def _launcher(state: Path) -> Launcher:
+    """Real VMs: the component artifacts built here (cached) back the boxes' images."""
+    from gtvp.local_state import cache_dir
+    from gtvp_local.guest.box import resolver
+    from gtvp_local.guest.build import build_catalogue
+    from gtvp_local.vmruntime import runtime
+
+    launcher = Launcher(state, resolver(build_catalogue(cache_dir())))
+    accel = launcher.runtime.accel(runtime.guest_spec())
+    log.info("%s VMs run under qemu (%s), one network namespace per member", HANDLER_BANNER, accel)
+    return launcher
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gtvp-virtsim", description=__doc__)
     p.add_argument("--kubeconfig", required=True)
     p.add_argument("--interval", type=float, default=0.25)
+    p.add_argument(
+        "--vms",
+        choices=("phases", "qemu"),
+        default="phases",
+        help="phases: VMIs and migrations only move through their phases; qemu: each VMI "
+        "runs as a VM in its member's network namespace, migrations are live migrations",
+    )
+    p.add_argument("--state", type=Path, help="with --vms qemu: the runtime's state directory")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from kubernetes import client, config
 
+    if args.vms == "qemu" and args.state is None:
+        p.error("--vms qemu needs --state")
+    launcher = _launcher(args.state) if args.vms == "qemu" else None
     api_client = config.new_client_from_config(config_file=args.kubeconfig)
-    sim = VirtSim(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client))
+    sim = VirtSim(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client),
+                  launcher=launcher)  # fmt: skip
     log.info("%s started: a SIMULATION of KubeVirt's virt-controller for the local pool", BANNER)
     while True:
         try:

@@ -1,0 +1,126 @@
+"""SIMULATION of KubeVirt's virt-handler/virt-launcher for the local pool: VMIs as real VMs.
+
+The stand-in virt-controller (`gtvp_local.virtsim`) asks this launcher to run each VMI it
+places on a member, and to live-migrate it when a migration reaches its turn:
+
+- a composed Lazy Box (a kernel-boot VMI) runs the way virt-launcher would run it: the
+  kernel, gtvp's box init and one read-only virtio disk per component, translated from the
+  VMI spec by `gtvp_local.guest.qemu.machine_spec` with the image references resolved to
+  the component artifacts built here (`gtvp_local.guest.build`);
+- any other VMI boots the runtime's tiny test guest (`vmruntime.guest`) with the VMI's
+  memory (at least 128 MiB);
+- the VMI is Running only once its console says `GTVP-READY`; a VM that ends (its init
+  refused a disk, the kernel panicked) is Failed with the console's last words;
+- a migration is `Runtime.migrate` to the target member's namespace in a worker thread
+  (the stand-in polls the future), so its phases follow qemu's migration status.
+
+Only the local pool and the tests use it; the Helm chart never installs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from gtvp_local.guest import qemu as box_qemu
+from gtvp_local.vmruntime import runtime as rt
+from gtvp_local.vmruntime.machine import MachineSpec
+
+log = logging.getLogger("gtvp.vmruntime")
+MIN_MEMORY_MIB = 128
+Resolver = Callable[[str, "str | None"], Path]
+
+
+def vm_id(namespace: str, name: str) -> str:
+    """The runtime's name of a VMI (one per VMI; a migration keeps it)."""
+    return f"{namespace}.{name}"
+
+
+def is_composed(vmi_spec: Mapping[str, Any]) -> bool:
+    kb = ((vmi_spec.get("domain") or {}).get("firmware") or {}).get("kernelBoot") or {}
+    return bool((kb.get("container") or {}).get("image"))
+
+
+def machine_for(
+    vmi_spec: Mapping[str, Any], resolve: Resolver | None, test_guest: Callable[[int], MachineSpec]
+) -> MachineSpec:
+    """What qemu runs for this VMI spec (module docstring). A composed box without a
+    resolver (no component artifacts here) is refused with a TranslationError."""
+    if is_composed(vmi_spec):
+        if resolve is None:
+            raise box_qemu.TranslationError("no component store: composed boxes cannot run here")
+        spec = box_qemu.machine_spec({"spec": vmi_spec}, resolve, network=False)
+        return spec if spec.memory_mib >= MIN_MEMORY_MIB else _with_memory(spec, MIN_MEMORY_MIB)
+    try:
+        mib = box_qemu.guest_memory_mib(vmi_spec)
+    except box_qemu.TranslationError:
+        mib = MIN_MEMORY_MIB
+    return test_guest(max(mib, MIN_MEMORY_MIB))
+
+
+def _with_memory(spec: MachineSpec, mib: int) -> MachineSpec:
+    return MachineSpec.from_json({**spec.to_json(), "memory_mib": mib})
+
+
+_REASON = re.compile(r"(gtvp-init: .*|Kernel panic.*)")
+
+
+def last_words(console: str) -> str:
+    """Why a VM ended, from its console: the init's or the kernel's own last line."""
+    found = _REASON.findall(console)
+    if found:
+        return str(found[-1]).strip()
+    lines = [ln for ln in console.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "the VM ended before its console said anything"
+
+
+class Launcher:
+    """VMIs (by namespace/name) as VMs of a `Runtime` rooted at `state`."""
+
+    def __init__(self, state: Path, resolve: Resolver | None = None) -> None:
+        self.runtime = rt.Runtime(state)
+        self.resolve = resolve
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gtvp-migrate")
+        self._migrations: dict[str, Future[rt.MigrationResult]] = {}
+
+    def start(self, namespace: str, name: str, member: str, vmi_spec: Mapping[str, Any]) -> None:
+        """Start the VMI's VM on `member` (raises with the reason when it cannot start)."""
+        spec = machine_for(vmi_spec, self.resolve, rt.guest_spec)
+        self.runtime.start(vm_id(namespace, name), member, spec)
+
+    def known(self) -> set[str]:
+        return set(self.runtime.vms())
+
+    def ready(self, namespace: str, name: str) -> bool:
+        return self.runtime.ready(vm_id(namespace, name))
+
+    def ended(self, namespace: str, name: str) -> str | None:
+        """Why the VM is gone, or None while it runs."""
+        vm = vm_id(namespace, name)
+        if self.runtime.running(vm) or vm in self._migrations:
+            return None
+        return last_words(self.runtime.console(vm))
+
+    def console(self, namespace: str, name: str) -> str:
+        return self.runtime.console(vm_id(namespace, name))
+
+    def stop_vm(self, vm: str) -> None:
+        if self.runtime.stop(vm):
+            log.info("[SIMULATED virt-handler] stopped VM %s", vm)
+
+    def migrate(self, namespace: str, name: str, target: str) -> Future[rt.MigrationResult]:
+        """The migration of the VMI to `target`, started once (later calls: the same one)."""
+        vm = vm_id(namespace, name)
+        if vm not in self._migrations:
+            self._migrations[vm] = self._pool.submit(self.runtime.migrate, vm, target, 120.0)
+        return self._migrations[vm]
+
+    def finish_migration(self, namespace: str, name: str) -> None:
+        self._migrations.pop(vm_id(namespace, name), None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

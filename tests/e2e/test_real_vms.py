@@ -1,0 +1,178 @@
+"""Lazy Boxes as real VMs: a box boots from its components and is live-migrated for real.
+
+Real: kube-apiserver + etcd, gtvp-operator, a gtvp-agent per member on its own swtpm, the
+box's components built here from Debian packages (kernel, gtvp's box init, busybox rootfs,
+hello-web application; signed in this test), qemu running the composed VM in its member's
+network namespace, and a qemu live migration over the link between two members.
+Simulated: Nodes by kwok; KubeVirt's virt-controller and virt-handler/virt-launcher by
+gtvp's stand-in (`gtvp_local.virtsim --vms qemu`, `gtvp_local.vmruntime.launcher`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gtvp.core import component_signing
+from gtvp.local_state import cache_dir
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.guest.build import APP_NAME, BuildError, build_catalogue, component_manifest
+from gtvp_local.pool import Pool
+from tests.catalogue import Publisher
+from tests.pools import trusted_pool
+from tests.pools import wait_for as _wait
+
+pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
+PUB = Publisher()
+NS = "default"
+UPTIME = re.compile(r"gtvp-uptime (\d+(?:\.\d+)?)")
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def _signed_catalogue() -> list[dict[str, Any]]:
+    missing = [t for t in ("qemu-system-x86_64", "busybox", "mksquashfs") if not shutil.which(t)]
+    if missing:
+        _unavailable(f"real VMs need {', '.join(missing)} (make setup)")
+    try:
+        catalogue = build_catalogue(cache_dir())
+    except BuildError as exc:
+        _unavailable(f"cannot build the box components: {exc}")
+        raise
+    docs = []
+    for artifact in catalogue.values():
+        doc = component_manifest(artifact)
+        doc["spec"]["signature"] = component_signing.sign(doc["spec"], PUB.private_pem, PUB.name)
+        docs.append(doc)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    components = _signed_catalogue()
+    policy = {"interval": "2s", "valid_for": "8s", "max_uses": 50, "publisher_keys": PUB.keys}
+    try:
+        with trusted_pool(
+            control_plane,
+            tmp_path_factory.mktemp("realvms"),
+            tag="vm",
+            identities={"a": 3, "b": 3},
+            policy=policy,
+            vms="qemu",
+            before_start=lambda p: p.cp.kubectl(
+                "apply",
+                "-f",
+                "-",
+                input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": components}),
+            ),
+        ) as p:
+            yield p
+    finally:
+        control_plane.kubectl("delete", "oscomponents", "--all", "--wait=false", check=False)
+
+
+def _get(pool: Pool, kind: str, name: str) -> dict[str, Any]:
+    out = pool.cp.kubectl("get", kind, name, "-n", NS, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def _diagnosis(pool: Pool, name: str) -> str:
+    """What a user would look at when a box does not run."""
+    return (
+        f"box status: {json.dumps(_get(pool, 'lazybox', name).get('status'))[:1500]}\n"
+        f"VMI status: {json.dumps(_get(pool, 'vmi', name).get('status'))[:800]}\n"
+        f"stand-in log:\n{pool.procs.log_tail('virtsim', 25)}\n"
+        f"console:\n{pool.vm_console(NS, name)[-1500:]}"
+    )
+
+
+def _uptimes(console: str) -> list[float]:
+    return [float(u) for u in UPTIME.findall(console)]
+
+
+@pytest.fixture(scope="module")
+def hello(pool: Pool) -> Iterator[str]:
+    box = {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "LazyBox",
+        "metadata": {"name": "hello", "namespace": NS},
+        "spec": {
+            "application": {"name": APP_NAME},
+            "level": 2,
+            "resources": {"cpu": "1", "memory": "192Mi"},
+        },
+    }
+    pool.cp.kubectl("apply", "-f", "-", input_text=json.dumps(box))
+    yield "hello"
+    pool.cp.kubectl("delete", "lazybox", "hello", "-n", NS, "--wait=false", check=False)
+
+
+def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_says_so(
+    pool: Pool, hello: str
+) -> None:
+    def running() -> tuple[dict[str, Any], str] | None:
+        box = _get(pool, "lazybox", hello)
+        if (box.get("status") or {}).get("phase") != "Running":
+            return None
+        return box, pool.vm_console(NS, hello)  # read right when Running is first seen
+
+    try:
+        box, console = _wait("the box Running", running, timeout=150)
+    except TimeoutError as exc:
+        raise AssertionError(_diagnosis(pool, hello)) from exc
+    assert f"GTVP-READY {hello}" in console  # the guest said so before the box was Running
+    assert "gtvp-init: refused" not in console
+    # the init checked every pinned disk before mounting it
+    vmi = _get(pool, "vmi", hello)
+    disks = vmi["spec"]["domain"]["firmware"]["kernelBoot"]["kernelArgs"]
+    for pin in re.findall(r"gtvp\.disks=(\S+)", disks)[0].split(","):
+        serial, digest = pin.split(":")
+        assert f"gtvp-init: verified and mounted {serial} " in console
+        assert f"sha256 {digest}" in console
+    assert box["status"]["node"] == vmi["status"]["nodeName"]
+
+
+def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hello: str) -> None:
+    vmi = _wait(
+        "the box's VMI Running",
+        lambda: (v := _get(pool, "vmi", hello)).get("status", {}).get("phase") == "Running" and v,
+        timeout=150,
+    )
+    source = vmi["status"]["nodeName"]
+    _wait("the guest counting", lambda: len(_uptimes(pool.vm_console(NS, hello))) >= 2, 30)
+    before = _uptimes(pool.vm_console(NS, hello))[-1]
+    pool.extend_pcr(source, 7, b"rootkit")
+    moved = _wait(
+        "the box live-migrated off the tampered member",
+        lambda: (
+            (v := _get(pool, "vmi", hello)).get("status", {}).get("nodeName") not in (None, source)
+            and v
+        ),
+        timeout=120,
+    )
+    migs = json.loads(
+        pool.cp.kubectl(
+            "get", "vmim", "-n", NS, "-l", f"gtvp.io/evacuation={source}", "-o", "json"
+        ).stdout
+    )["items"]
+    assert [m["status"]["phase"] for m in migs] == ["Succeeded"]
+    _wait(
+        "the guest counting on the target",
+        lambda: _uptimes(pool.vm_console(NS, hello))[-1] > before + 2,
+        30,
+    )
+    console = pool.vm_console(NS, hello)
+    assert console.count(f"GTVP-READY {hello}") == 1  # never rebooted: one boot, one console
+    after = _uptimes(console)
+    assert after == sorted(after)  # the guest's clock went on across the move
+    assert moved["status"]["phase"] == "Running"
