@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
 import yaml
@@ -252,6 +253,21 @@ def test_unchanged_box_reports_running_without_writing_vm() -> None:
 
 
 # -- component checks -----------------------------------------------------------------------
+
+
+def test_a_failed_vm_fails_the_box_with_the_vms_own_reason() -> None:
+    """A VM whose box init refused a disk (its bytes differ from the pin) ends: the box says
+    Failed with that reason, not "the VM is starting" forever."""
+    comps = resolve(BoxRequest.from_spec(SPEC), CAT)
+    refused = "gtvp-init: refused nginx: sha256 00ff != pinned 4a1b"
+    observed = replace(_running(comps), vmi_phase="Failed", vmi_reason=refused)
+    d = plan_box(inp(observed=observed, status={"phase": "Running"}), NOW)
+    assert d.status["phase"] == "Failed"
+    assert d.status["message"] == f"the VM failed on node-2: {refused}"
+    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "VMFailed")
+    assert d.event == ("Warning", "VMFailed", d.status["message"])
+    assert d.vm is None  # nothing rewritten: the failure is the VM's, for a person to see
 
 
 def test_tampered_component_fails_and_max_uses_forces_recheck() -> None:

@@ -7,7 +7,8 @@ at most one VM write, possibly a VMI delete (restart) and an Event.
 
 Phases: Pending (no member qualifies), Resolving/Verifying (a step is waiting),
 Placing (VM written, VMI not running yet), Running, Migrating, Failed (cannot resolve, a
-component failed verification, or the composition is not bootable).
+component failed verification, the composition is not bootable, or its VM failed: the
+VMI's reason, e.g. the box init refusing a disk whose bytes differ from their pin).
 Upgrades: when the resolved set differs from the VM's composition, the box rolls onto the
 new set as `upgradePolicy` says — Restart rewrites the VM and restarts its VMI; LiveUpdate
 rewrites the VM and leaves the running VMI alone with `RestartRequired` (KubeVirt cannot
@@ -46,6 +47,7 @@ class Observed:
     vm_node: str | None = None  # the member the VM prefers
     vm_running: bool = True
     vmi_phase: str | None = None
+    vmi_reason: str | None = None  # why the VMI failed (its status.reason)
     vmi_node: str | None = None
     migrating: bool = False
     vm_boot: str | None = None  # composition the VM template boots (BOOT_ANNOTATION)
@@ -334,6 +336,9 @@ def _observe(inp: BoxInput, now: dt.datetime, blocked: tuple[str, str] | None = 
     # a halted VM (spec.running false, or stopped by a member's onUntrusted: Stop) waits
     phase = _running_phase(obs) if obs.vm_running else "Pending"
     node = obs.vmi_node or inp.status.get("node")
+    if obs.vm_running and obs.vmi_phase == "Failed":
+        message = f"the VM failed on {node}: {obs.vmi_reason or 'no reason given'}"
+        return _failed(inp, now, "VMFailed", message, "Ready")
     if not obs.vm_running:
         msg = (
             "stopped: the VM is halted (spec.running false, or its member lost trust "

@@ -169,6 +169,7 @@ def observed(rt: Runtime, key: Key) -> Observed:
         vm_node=preferred_node(tmpl.get("spec") or {}),
         vm_running=spec.get("runStrategy", "Always") != "Halted",
         vmi_phase=vmi_status.get("phase") if vmi else None,
+        vmi_reason=vmi_status.get("reason") if vmi else None,
         vmi_node=vmi_status.get("nodeName") if vmi else None,
         migrating=_migrating(rt, key),
         vm_boot=((tmpl.get("metadata") or {}).get("annotations") or {}).get(BOOT_ANNOTATION),
