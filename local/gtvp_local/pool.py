@@ -296,6 +296,14 @@ class Pool:
             ],
         )
 
+    @property
+    def component_store(self) -> Path:
+        """With `vms="qemu"`: what the pool's registry mirror serves for an image, by its
+        digest's hex (a file here replaces the built artifact: a test's lying mirror)."""
+        from gtvp_local.vmruntime.launcher import STORE
+
+        return self.dir / STORE
+
     def vm_console(self, namespace: str, name: str) -> str:
         """The serial console of a VMI's VM (with `vms="qemu"`; empty otherwise)."""
         from gtvp_local.vmruntime.launcher import vm_id

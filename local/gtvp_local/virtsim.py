@@ -45,7 +45,7 @@ from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.compose import preferred_node
-from gtvp_local.vmruntime.launcher import Launcher, vm_id
+from gtvp_local.vmruntime.launcher import STORE, Launcher, vm_id, with_store
 
 log = logging.getLogger("gtvp.virtsim")
 KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
@@ -446,7 +446,7 @@ def _launcher(state: Path) -> Launcher:
     from gtvp_local.guest.build import build_catalogue
     from gtvp_local.vmruntime import runtime
 
-    launcher = Launcher(state, resolver(build_catalogue(cache_dir())))
+    launcher = Launcher(state, with_store(resolver(build_catalogue(cache_dir())), state / STORE))
     accel = launcher.runtime.accel(runtime.guest_spec())
     log.info("%s VMs run under qemu (%s), one network namespace per member", HANDLER_BANNER, accel)
     return launcher

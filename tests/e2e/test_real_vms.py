@@ -176,3 +176,46 @@ def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hel
     after = _uptimes(console)
     assert after == sorted(after)  # the guest's clock went on across the move
     assert moved["status"]["phase"] == "Running"
+
+
+def test_a_disk_the_mirror_altered_stops_the_box_with_the_inits_reason(pool: Pool) -> None:
+    """The pool's registry mirror serves other bytes for the application's image than its
+    signed digest: the box init refuses the disk before mounting it, nothing of the box
+    runs, and the box says why."""
+    vm = _get(pool, "vm", "hello")  # the composition the operator wrote
+    volumes = vm["spec"]["template"]["spec"]["volumes"]
+    app_image = next(v["containerDisk"]["image"] for v in volumes if APP_NAME in v.get("name", ""))
+    digest = app_image.rsplit("@sha256:", 1)[1]
+    original = next(a.path for a in build_catalogue(cache_dir()).values() if a.image == app_image)
+    pool.component_store.mkdir(parents=True, exist_ok=True)
+    altered = bytearray(original.read_bytes())
+    altered[100] ^= 0xFF  # one byte: a backdoored start script, as far as sha256 can tell
+    (pool.component_store / digest).write_bytes(bytes(altered))
+    box = {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "LazyBox",
+        "metadata": {"name": "altered", "namespace": NS},
+        "spec": {
+            "application": {"name": APP_NAME},
+            "level": 2,
+            "resources": {"cpu": "1", "memory": "192Mi"},
+        },
+    }
+    pool.cp.kubectl("apply", "-f", "-", input_text=json.dumps(box))
+    try:
+        failed = _wait(
+            "the box Failed",
+            lambda: (
+                (s := _get(pool, "lazybox", "altered").get("status") or {}).get("phase") == "Failed"
+                and s
+            ),
+            timeout=150,
+        )
+        assert f"gtvp-init: refused {APP_NAME}: sha256 " in failed["message"]
+        assert f"!= pinned {digest}" in failed["message"]
+        console = pool.vm_console(NS, "altered")
+        assert "GTVP-READY" not in console  # the application never started
+        assert "gtvp-uptime" not in console
+    finally:
+        pool.cp.kubectl("delete", "lazybox", "altered", "-n", NS, "--wait=false", check=False)
+        (pool.component_store / digest).unlink(missing_ok=True)

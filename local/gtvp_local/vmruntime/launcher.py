@@ -62,18 +62,44 @@ def machine_for(
     return test_guest(max(mib, MIN_MEMORY_MIB))
 
 
+STORE = "component-store"
+"""Under the pool's state: what the pool's registry mirror serves, by image digest."""
+
+
+def with_store(resolve: Resolver, store: Path) -> Resolver:
+    """Disk images from the pool's component store first: a file named by the image's
+    sha256 hex is what the (possibly lying) registry mirror serves for that image; the
+    artifacts built here otherwise. The box init, not this lookup, decides whether the
+    bytes are the pinned ones."""
+
+    def resolve_from_store(image: str, path: str | None) -> Path:
+        if path is None and "@sha256:" in image:
+            served = store / image.rsplit("@sha256:", 1)[1]
+            if served.is_file():
+                return served
+        return resolve(image, path)
+
+    return resolve_from_store
+
+
 def _with_memory(spec: MachineSpec, mib: int) -> MachineSpec:
     return MachineSpec.from_json({**spec.to_json(), "memory_mib": mib})
 
 
-_REASON = re.compile(r"(gtvp-init: .*|Kernel panic.*)")
+_REASONS = (
+    re.compile(r"gtvp-init: refused .*"),  # a disk's bytes differ from its pin
+    re.compile(r"Kernel panic.*"),
+    re.compile(r"gtvp-init: halting: .*"),
+)
 
 
 def last_words(console: str) -> str:
-    """Why a VM ended, from its console: the init's or the kernel's own last line."""
-    found = _REASON.findall(console)
-    if found:
-        return str(found[-1]).strip()
+    """Why a VM ended, from its console: the box init's refusal, a kernel panic, the init's
+    reason to halt, else the last line."""
+    for reason in _REASONS:
+        found = reason.findall(console)
+        if found:
+            return str(found[-1]).strip()
     lines = [ln for ln in console.splitlines() if ln.strip()]
     return lines[-1].strip() if lines else "the VM ended before its console said anything"
 
