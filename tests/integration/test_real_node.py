@@ -138,3 +138,27 @@ def test_the_pause_image_is_the_same_every_build() -> None:
         index = json.loads(member.read())
     annotations = index["manifests"][0]["annotations"]
     assert annotations["io.containerd.image.name"] == pause.PAUSE_REFERENCE
+
+
+def test_a_kubelet_cannot_give_its_node_gtvps_trust_labels_nor_touch_another_node(
+    cp: ControlPlane,
+) -> None:
+    """The real node's kubelet identity (group system:nodes) is bounded by the Node
+    authorizer and NodeRestriction: root on a member cannot label itself trusted."""
+    for name in (realnode.NODE_NAME, "another-node"):
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+        cp.kubectl("apply", "-f", "-", input_text=json.dumps(node))
+
+    def as_kubelet(*args: str) -> subprocess.CompletedProcess[str]:
+        return cp.kubectl(*args, identity=realnode.KUBELET, check=False)
+
+    own = as_kubelet("label", "node", realnode.NODE_NAME, "gtvp.example/harmless=yes")
+    assert own.returncode == 0, own.stderr  # its own Node, a label kubelets may set
+    trusted = as_kubelet(
+        "label", "node", realnode.NODE_NAME, "node-restriction.kubernetes.io/gtvp-level-3=true"
+    )
+    assert trusted.returncode != 0
+    assert "node-restriction.kubernetes.io" in trusted.stderr
+    other = as_kubelet("label", "node", "another-node", "gtvp.example/harmless=yes")
+    assert other.returncode != 0
+    assert "forbidden" in other.stderr.lower()
