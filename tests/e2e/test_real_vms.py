@@ -100,12 +100,12 @@ def _uptimes(console: str) -> list[float]:
     return [float(u) for u in UPTIME.findall(console)]
 
 
-@pytest.fixture(scope="module")
-def hello(pool: Pool) -> Iterator[str]:
+def _apply_box(pool: Pool, name: str) -> None:
+    """A box running the hello-web application at level 2 (the real components)."""
     box = {
         "apiVersion": "gtvp.io/v1alpha1",
         "kind": "LazyBox",
-        "metadata": {"name": "hello", "namespace": NS},
+        "metadata": {"name": name, "namespace": NS},
         "spec": {
             "application": {"name": APP_NAME},
             "level": 2,
@@ -113,6 +113,11 @@ def hello(pool: Pool) -> Iterator[str]:
         },
     }
     pool.cp.kubectl("apply", "-f", "-", input_text=json.dumps(box))
+
+
+@pytest.fixture(scope="module")
+def hello(pool: Pool) -> Iterator[str]:
+    _apply_box(pool, "hello")
     yield "hello"
     pool.cp.kubectl("delete", "lazybox", "hello", "-n", NS, "--wait=false", check=False)
 
@@ -191,17 +196,7 @@ def test_a_disk_the_mirror_altered_stops_the_box_with_the_inits_reason(pool: Poo
     altered = bytearray(original.read_bytes())
     altered[100] ^= 0xFF  # one byte: a backdoored start script, as far as sha256 can tell
     (pool.component_store / digest).write_bytes(bytes(altered))
-    box = {
-        "apiVersion": "gtvp.io/v1alpha1",
-        "kind": "LazyBox",
-        "metadata": {"name": "altered", "namespace": NS},
-        "spec": {
-            "application": {"name": APP_NAME},
-            "level": 2,
-            "resources": {"cpu": "1", "memory": "192Mi"},
-        },
-    }
-    pool.cp.kubectl("apply", "-f", "-", input_text=json.dumps(box))
+    _apply_box(pool, "altered")
     try:
         failed = _wait(
             "the box Failed",

@@ -21,6 +21,24 @@ def _tool(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
+def _setup_machine(tmp_path: Path, bin_dir: Path) -> subprocess.CompletedProcess[str]:
+    """.ci/setup-machine with the stand-in tools first on PATH and a scratch cache."""
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:/usr/bin:/bin",
+        GTVP_CACHE=str(tmp_path / "cache"),
+        GTVP_VENV=str(tmp_path / "venv"),
+    )
+    return subprocess.run(
+        [str(ROOT / ".ci" / "setup-machine")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
 def test_bare_debian_gets_venv_toolchain_and_headers_and_go_instructions(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -31,20 +49,7 @@ def test_bare_debian_gets_venv_toolchain_and_headers_and_go_instructions(tmp_pat
     _tool(bin_dir, "sudo", 'exec "$@"')
     _tool(bin_dir, "go", 'test "$1 $2" = "env GOVERSION" && echo go1.22.5')
     _tool(bin_dir, "python3", "exit 3")  # never reached: no virtualenv is made here
-    env = dict(
-        os.environ,
-        PATH=f"{bin_dir}:/usr/bin:/bin",
-        GTVP_CACHE=str(tmp_path / "cache"),
-        GTVP_VENV=str(tmp_path / "venv"),
-    )
-    run = subprocess.run(
-        [str(ROOT / ".ci" / "setup-machine")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    run = _setup_machine(tmp_path, bin_dir)
     assert run.returncode == 2, run.stdout + run.stderr
     install = next(ln.split() for ln in apt_log.read_text().splitlines() if "install" in ln)
     for package in ("python3-venv", "python3-dev", "gcc", "libc6-dev", "libtss2-dev", "swtpm"):
@@ -74,20 +79,7 @@ def test_a_docker_host_keeps_dockers_containerd_and_runc(tmp_path: Path) -> None
     _tool(bin_dir, "dpkg", "echo amd64")
     _tool(bin_dir, "apt-get", f'echo "$@" >> {apt_log}')
     _tool(bin_dir, "go", 'test "$1 $2" = "env GOVERSION" && echo go1.22.5')
-    env = dict(
-        os.environ,
-        PATH=f"{bin_dir}:/usr/bin:/bin",
-        GTVP_CACHE=str(tmp_path / "cache"),
-        GTVP_VENV=str(tmp_path / "venv"),
-    )
-    run = subprocess.run(
-        [str(ROOT / ".ci" / "setup-machine")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    run = _setup_machine(tmp_path, bin_dir)
     assert run.returncode == 2, run.stdout + run.stderr  # stops at the old Go
     install = next(ln.split() for ln in apt_log.read_text().splitlines() if "install" in ln)
     assert "swtpm" in install
