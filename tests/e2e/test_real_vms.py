@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +26,7 @@ from gtvp.local_state import cache_dir
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.guest.build import APP_NAME, BuildError, build_catalogue, component_manifest
 from gtvp_local.pool import Pool
+from gtvp_local.vmruntime.network import member_net
 from tests.catalogue import Publisher
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
@@ -100,8 +103,10 @@ def _uptimes(console: str) -> list[float]:
     return [float(u) for u in UPTIME.findall(console)]
 
 
-def _apply_box(pool: Pool, name: str) -> None:
-    """A box running the hello-web application at level 2 (the real components)."""
+def _apply_box(pool: Pool, name: str, *, serve: bool = True) -> None:
+    """A box running the hello-web application at level 2 (the real components), its port
+    8080 served on its member's address when `serve` (one box per member may serve it:
+    the members' addresses stand in for pod IPs)."""
     box = {
         "apiVersion": "gtvp.io/v1alpha1",
         "kind": "LazyBox",
@@ -110,9 +115,26 @@ def _apply_box(pool: Pool, name: str) -> None:
             "application": {"name": APP_NAME},
             "level": 2,
             "resources": {"cpu": "1", "memory": "192Mi"},
+            **({"ports": [{"name": "http", "port": 8080}]} if serve else {}),
         },
     }
     pool.cp.kubectl("apply", "-f", "-", input_text=json.dumps(box))
+
+
+def _page(pool: Pool, member: str, deadline_s: float = 30) -> str:
+    """The box's web page, fetched from this host at the member's own address (the VM's
+    pod network interface forwards the box's port there)."""
+    net = member_net(pool.dir, member)
+    assert net is not None, f"{member} has no network namespace"
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{net.address}:8080/", timeout=3) as answer:
+                return str(answer.read().decode())
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +167,9 @@ def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_sa
         assert f"gtvp-init: verified and mounted {serial} " in console
         assert f"sha256 {digest}" in console
     assert box["status"]["node"] == vmi["status"]["nodeName"]
+    page = _page(pool, vmi["status"]["nodeName"])  # the service answers from the host
+    assert f"gtvp Lazy Box {hello}" in page
+    assert "hello-web 1.0.0" in page
 
 
 def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hello: str) -> None:
@@ -181,6 +206,8 @@ def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hel
     after = _uptimes(console)
     assert after == sorted(after)  # the guest's clock went on across the move
     assert moved["status"]["phase"] == "Running"
+    target = moved["status"]["nodeName"]
+    assert f"gtvp Lazy Box {hello}" in _page(pool, target)  # it answers again, where it runs
 
 
 def test_a_disk_the_mirror_altered_stops_the_box_with_the_inits_reason(pool: Pool) -> None:
@@ -196,7 +223,7 @@ def test_a_disk_the_mirror_altered_stops_the_box_with_the_inits_reason(pool: Poo
     altered = bytearray(original.read_bytes())
     altered[100] ^= 0xFF  # one byte: a backdoored start script, as far as sha256 can tell
     (pool.component_store / digest).write_bytes(bytes(altered))
-    _apply_box(pool, "altered")
+    _apply_box(pool, "altered", serve=False)
     try:
         failed = _wait(
             "the box Failed",

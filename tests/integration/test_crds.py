@@ -255,6 +255,12 @@ INVALID: list[tuple[str, Any, list[str]]] = [
     ),
     ("box level 0", lambda r: _box(r, level=0), ["spec.level", "greater than or equal to 1"]),
     (
+        "box port twice",
+        lambda r: _box(r, ports=[{"port": 8080}, {"name": "again", "port": 8080}]),
+        ["spec.ports", "each port appears once"],
+    ),
+    ("box port 0", lambda r: _box(r, ports=[{"port": 0}]), ["spec.ports[0].port"]),
+    (
         "box depends on its own application",
         lambda r: _box(r, dependencies=[{"name": "nginx"}]),
         ["spec", "dependencies must not repeat the application"],

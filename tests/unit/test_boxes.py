@@ -76,6 +76,22 @@ def test_vm_boots_the_kernel_and_carries_trust_selector_and_owner() -> None:
     assert tmpl["domain"]["resources"]["requests"] == {"cpu": "1", "memory": "512Mi"}
 
 
+def test_the_applications_ports_are_forwarded_by_the_pod_network_interface() -> None:
+    vm = compose_vm(REF, {**SPEC, "ports": [{"name": "http", "port": 8080}]}, COMPS, None)
+    tmpl = vm["spec"]["template"]["spec"]
+    assert tmpl["networks"] == [{"name": "default", "pod": {}}]
+    assert tmpl["domain"]["devices"]["interfaces"] == [
+        {
+            "name": "default",
+            "masquerade": {},
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }
+    ]
+    plain = compose_vm(REF, SPEC, COMPS, None)["spec"]["template"]["spec"]
+    assert "networks" not in plain  # no ports: the VM's spec stays as before
+    assert "interfaces" not in plain["domain"]["devices"]
+
+
 def test_vm_is_valid_yaml_for_kubectl() -> None:
     text = yaml.safe_dump(compose_vm(REF, SPEC, COMPS, None))
     assert "affinity" not in text  # no placement yet: no preference

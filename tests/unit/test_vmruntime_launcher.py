@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from gtvp_local.guest.qemu import TranslationError
-from gtvp_local.vmruntime.launcher import last_words, machine_for, vm_id, with_store
+from gtvp_local.vmruntime.launcher import (
+    forwarded_ports,
+    last_words,
+    machine_for,
+    vm_id,
+    with_store,
+)
 from gtvp_local.vmruntime.machine import MachineSpec
 
 REFUSED = "gtvp-init: refused hello-web: sha256 00ff != pinned 4a1b"
@@ -71,3 +77,19 @@ def test_a_composed_box_without_a_component_store_is_refused() -> None:
 
 def test_vm_names_keep_namespace_and_name() -> None:
     assert vm_id("default", "hello") == "default.hello"
+
+
+def test_the_masquerade_interfaces_tcp_ports_are_forwarded() -> None:
+    spec = {
+        "domain": {
+            "devices": {
+                "interfaces": [
+                    {"name": "default", "masquerade": {}, "ports": [{"port": 8080}]},
+                    {"name": "udp", "masquerade": {}, "ports": [{"port": 53, "protocol": "UDP"}]},
+                    {"name": "br", "bridge": {}, "ports": [{"port": 22}]},
+                ]
+            }
+        }
+    }
+    assert forwarded_ports(spec) == [8080]
+    assert forwarded_ports({"domain": {}}) == []

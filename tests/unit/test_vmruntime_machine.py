@@ -109,3 +109,20 @@ def test_qmp_sockets_fit_a_unix_socket_address(tmp_path: Path) -> None:
     assert long_dir.name.startswith("gtvpvm-")
     assert long_dir == socket_dir(deep)  # stable for one state
     assert len(str(long_dir / "gtvpvm-web.0.qmp")) <= SUN_PATH_MAX
+
+
+def test_forwarded_ports_are_served_on_the_members_address() -> None:
+    spec = MachineSpec(kernel=Path("/k"), forwards=(8080, 9090))
+    argv = qemu_argv(
+        spec, name="web", accel="tcg", qmp=Path("/q"), console=Path("/c"), address="10.77.0.3"
+    )
+    assert _opt(argv, "-netdev") == (
+        "user,id=net0,hostfwd=tcp:10.77.0.3:8080-:8080,hostfwd=tcp:10.77.0.3:9090-:9090"
+    )
+    assert _opt(argv, "-device") == "virtio-net-pci,netdev=net0"
+    assert "-nic" not in argv
+    assert MachineSpec.from_json(spec.to_json()) == spec  # a migration target gets them too
+    with pytest.raises(ValueError, match="address"):
+        qemu_argv(spec, name="web", accel="tcg", qmp=Path("/q"), console=Path("/c"))
+    no_ports = qemu_argv(SPEC, name="web", accel="tcg", qmp=Path("/q"), console=Path("/c"))
+    assert _opt(no_ports, "-nic") == "none"

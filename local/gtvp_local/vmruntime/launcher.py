@@ -54,7 +54,13 @@ def machine_for(
         if resolve is None:
             raise box_qemu.TranslationError("no component store: composed boxes cannot run here")
         spec = box_qemu.machine_spec({"spec": vmi_spec}, resolve, network=False)
-        return spec if spec.memory_mib >= MIN_MEMORY_MIB else _with_memory(spec, MIN_MEMORY_MIB)
+        return MachineSpec.from_json(
+            {
+                **spec.to_json(),
+                "memory_mib": max(spec.memory_mib, MIN_MEMORY_MIB),
+                "forwards": forwarded_ports(vmi_spec),
+            }
+        )
     try:
         mib = box_qemu.guest_memory_mib(vmi_spec)
     except box_qemu.TranslationError:
@@ -82,8 +88,19 @@ def with_store(resolve: Resolver, store: Path) -> Resolver:
     return resolve_from_store
 
 
-def _with_memory(spec: MachineSpec, mib: int) -> MachineSpec:
-    return MachineSpec.from_json({**spec.to_json(), "memory_mib": mib})
+def forwarded_ports(vmi_spec: Mapping[str, Any]) -> list[int]:
+    """The TCP ports the VMI's masquerade interfaces forward (as virt-launcher's nftables
+    rules would), served here on the member's address."""
+    interfaces = (vmi_spec.get("domain") or {}).get("devices", {}).get("interfaces") or []
+    return sorted(
+        {
+            int(p["port"])
+            for i in interfaces
+            if "masquerade" in i
+            for p in i.get("ports") or []
+            if p.get("protocol", "TCP") == "TCP"
+        }
+    )
 
 
 _REASONS = (

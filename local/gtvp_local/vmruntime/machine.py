@@ -24,6 +24,9 @@ class MachineSpec:
     cpus: int = 1
     machine: str = "pc"
     extra: tuple[str, ...] = field(default_factory=tuple)
+    forwards: tuple[int, ...] = ()
+    """Guest TCP ports served on the member's address (one virtio NIC on qemu's user
+    network, `hostfwd` bound to the address of whichever member runs the VM)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -34,6 +37,7 @@ class MachineSpec:
             "cpus": self.cpus,
             "machine": self.machine,
             "extra": list(self.extra),
+            "forwards": list(self.forwards),
         }
 
     @classmethod
@@ -47,6 +51,7 @@ class MachineSpec:
             cpus=int(data.get("cpus", 1)),
             machine=str(data.get("machine", "pc")),
             extra=tuple(str(a) for a in data.get("extra", ())),
+            forwards=tuple(int(p) for p in data.get("forwards", ())),
         )
 
 
@@ -59,11 +64,14 @@ def qemu_argv(
     console: Path,
     incoming: str | None = None,
     binary: str = QEMU,
+    address: str | None = None,
 ) -> list[str]:
     """The qemu command line: no default devices, no reboot (a guest that reboots or panics
     ends its qemu), no display, no NIC; the serial console appended to `console` (a
     migration target appends to the same file, so the VM has one console log), QMP on the
-    unix socket `qmp`; `incoming="defer"` for a target that waits for `migrate-incoming`."""
+    unix socket `qmp`; `incoming="defer"` for a target that waits for `migrate-incoming`;
+    the spec's `forwards` served on `address` (the member's: a migration target binds its
+    own, so the service answers where the VM runs)."""
     if accel not in ACCELS:
         raise ValueError(f"accel {accel!r} is not one of {ACCELS}")
     if spec.memory_mib < 16 or spec.cpus < 1:
@@ -78,7 +86,6 @@ def qemu_argv(
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-reboot", "-no-user-config",
         "-display", "none",
-        "-nic", "none",
         "-chardev", f"file,id=console,path={console},append=on",
         "-serial", "chardev:console",
         "-qmp", f"unix:{qmp},server=on,wait=off",
@@ -89,6 +96,13 @@ def qemu_argv(
         argv += ["-initrd", str(spec.initrd)]
     if spec.append:
         argv += ["-append", spec.append]
+    if spec.forwards:
+        if address is None:
+            raise ValueError("forwarded ports need the member's address")
+        fwd = "".join(f",hostfwd=tcp:{address}:{p}-:{p}" for p in spec.forwards)
+        argv += ["-netdev", f"user,id=net0{fwd}", "-device", "virtio-net-pci,netdev=net0"]
+    else:
+        argv += ["-nic", "none"]
     argv += list(spec.extra)
     if incoming is not None:
         argv += ["-incoming", incoming]

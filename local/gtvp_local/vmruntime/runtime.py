@@ -209,6 +209,7 @@ class Runtime:
             console=console,
             incoming=incoming,
             binary=self.binary,
+            address=net.address,
         )
         tracked = self.table.start(
             names.process_name(vm, generation), in_netns(net.netns, argv, ip=_IP)

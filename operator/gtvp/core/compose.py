@@ -101,6 +101,7 @@ def compose_vm(
         disks=disks,
         volumes=volumes,
         cmdline=kernel_args(box.name, components),
+        ports=spec.get("ports") or (),
     )
     if node:
         template_spec["affinity"] = _preferred_node_affinity(node)
@@ -249,6 +250,7 @@ def _template_spec(
     disks: list[dict[str, Any]],
     volumes: list[dict[str, Any]],
     cmdline: str,
+    ports: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The VMI template's spec: kernel boot, disks, requests, the trust selector."""
     container: dict[str, Any] = {
@@ -258,7 +260,24 @@ def _template_spec(
     }
     if "initrd" in kernel.provides:
         container["initrdPath"] = "/boot/initrd.img"
+    devices: dict[str, Any] = {"disks": disks}
+    template: dict[str, Any] = {}
+    if ports:
+        # the pod network, its masquerade interface forwarding the application's ports
+        devices["interfaces"] = [
+            {
+                "name": "default",
+                "masquerade": {},
+                "ports": [
+                    {**({"name": p["name"]} if p.get("name") else {}), "port": int(p["port"]),
+                     "protocol": "TCP"}
+                    for p in ports
+                ],
+            }
+        ]  # fmt: skip
+        template["networks"] = [{"name": "default", "pod": {}}]
     return {
+        **template,
         "domain": {
             "firmware": {
                 "kernelBoot": {
@@ -266,7 +285,7 @@ def _template_spec(
                     "kernelArgs": cmdline,
                 }
             },
-            "devices": {"disks": disks},
+            "devices": devices,
             "resources": {
                 "requests": {"cpu": str(resources["cpu"]), "memory": str(resources["memory"])}
             },
