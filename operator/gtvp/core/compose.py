@@ -12,7 +12,8 @@ Conventions for component images (docs/lazyboxes.md):
 - the kernel command line also pins every component disk for gtvp's box init
   (`gtvp.disks=<serial>:<sha256>,…`, rootfs first, application last): the init refuses a
   disk whose bytes differ from its component's digest and overlays the others read-only,
-  later ones above earlier ones (docs/lazyboxes.md, "How a box boots").
+  later ones above earlier ones (docs/lazyboxes.md, "How a box boots");
+- the box's `ports`, when it has any, on the pod network's masquerade interface.
 
 The VM carries the trust node selector of the box's level (a hard requirement, so it can
 only run or migrate onto Trusted members of that level), a *preferred* node affinity for
