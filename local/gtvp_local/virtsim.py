@@ -52,6 +52,9 @@ KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
 BANNER = "[SIMULATED virt-controller]"
 API_BANNER = "[SIMULATED virt-api]"
 HANDLER_BANNER = "[SIMULATED virt-handler]"
+SLOW_LINK_ANNOTATION = "gtvp.io/simulated-link-bytes-per-second"
+"""On a migration, with --vms qemu: the member link's speed for it (a slow link, so that a
+test can watch, or break, a migration in flight). A knob of the simulation only."""
 MARKED_ON_EVICTION = ("External", "LiveMigrate", "LiveMigrateIfPossible")
 EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
 
@@ -386,7 +389,13 @@ class VirtSim:
                 write("Scheduled", targetNode=target, sourceNode=source)
         elif phase == "Scheduled":
             if self.launcher is not None:  # a real live migration, in a worker thread
-                self.launcher.migrate(meta["namespace"], spec["vmiName"], state["targetNode"])
+                slow = (meta.get("annotations") or {}).get(SLOW_LINK_ANNOTATION)
+                self.launcher.migrate(
+                    meta["namespace"],
+                    spec["vmiName"],
+                    state["targetNode"],
+                    max_bandwidth=int(slow) if slow and slow.isdigit() else None,
+                )
             write("Running")
         elif phase == "Running" and self.launcher is not None:
             self._real_migration(self.launcher, vmi, source, state, write)

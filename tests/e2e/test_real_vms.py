@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +27,12 @@ from gtvp.local_state import cache_dir
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.guest.build import APP_NAME, BuildError, build_catalogue, component_manifest
 from gtvp_local.pool import Pool
+from gtvp_local.processes import ProcessTable
+from gtvp_local.virtsim import SLOW_LINK_ANNOTATION
+from gtvp_local.vmruntime import names
+from gtvp_local.vmruntime.launcher import vm_id
 from gtvp_local.vmruntime.network import member_net
+from gtvp_local.vmruntime.runtime import Runtime, runtime_dir
 from tests.catalogue import Publisher
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
@@ -170,6 +176,63 @@ def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_sa
     page = _page(pool, vmi["status"]["nodeName"])  # the service answers from the host
     assert f"gtvp Lazy Box {hello}" in page
     assert "hello-web 1.0.0" in page
+
+
+def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_was(
+    pool: Pool, hello: str
+) -> None:
+    vmi = _wait(
+        "the box's VMI Running",
+        lambda: (v := _get(pool, "vmi", hello)).get("status", {}).get("phase") == "Running" and v,
+        timeout=150,
+    )
+    source = vmi["status"]["nodeName"]
+    vm = vm_id(NS, hello)
+    runtime = Runtime(pool.dir)
+    handle = runtime.handle(vm)
+    assert handle is not None
+    mig = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {
+            "name": "slow-move",
+            # a slow member link, so the migration is still in flight when its target dies
+            "annotations": {SLOW_LINK_ANNOTATION: str(2 * 1024 * 1024)},
+        },
+        "spec": {"vmiName": hello},
+    }
+    pool.cp.kubectl("create", "-n", NS, "-f", "-", input_text=json.dumps(mig))
+    target_process = names.process_name(vm, handle.generation + 1)
+    table = ProcessTable(runtime_dir(pool.dir))
+    target = _wait(
+        "the migration's target qemu",
+        lambda: (t := table.get(target_process)) is not None and t.alive() and t,
+        timeout=60,
+    )
+    os.kill(target.pid, signal.SIGKILL)  # the target host dies mid-migration
+    failed = _wait(
+        "the migration Failed",
+        lambda: (
+            (m := _get(pool, "vmim", "slow-move").get("status") or {}).get("phase") == "Failed"
+            and m
+        ),
+        timeout=60,
+    )
+    assert failed["migrationState"]["failed"] is True
+    assert "target" in failed["migrationState"]["failureReason"]
+    after = _get(pool, "vmi", hello)
+    assert after["status"]["nodeName"] == source  # it never left
+    assert after["status"]["phase"] == "Running"
+    still = runtime.handle(vm)
+    assert still is not None
+    assert still.process.pid == handle.process.pid  # the same qemu, never restarted
+    counted = _uptimes(pool.vm_console(NS, hello))[-1]
+    _wait(
+        "the guest still counting on the source",
+        lambda: _uptimes(pool.vm_console(NS, hello))[-1] > counted + 1,
+        30,
+    )
+    pool.cp.kubectl("delete", "vmim", "slow-move", "-n", NS, check=False)
 
 
 def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hello: str) -> None:

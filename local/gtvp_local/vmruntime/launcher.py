@@ -155,11 +155,16 @@ class Launcher:
         if self.runtime.stop(vm):
             log.info("[SIMULATED virt-handler] stopped VM %s", vm)
 
-    def migrate(self, namespace: str, name: str, target: str) -> Future[rt.MigrationResult]:
-        """The migration of the VMI to `target`, started once (later calls: the same one)."""
+    def migrate(
+        self, namespace: str, name: str, target: str, max_bandwidth: int | None = None
+    ) -> Future[rt.MigrationResult]:
+        """The migration of the VMI to `target`, started once (later calls: the same one);
+        `max_bandwidth` (bytes/s) makes the link slow for this migration."""
         vm = vm_id(namespace, name)
         if vm not in self._migrations:
-            self._migrations[vm] = self._pool.submit(self.runtime.migrate, vm, target, 120.0)
+            self._migrations[vm] = self._pool.submit(
+                self.runtime.migrate, vm, target, 120.0, max_bandwidth=max_bandwidth
+            )
         return self._migrations[vm]
 
     def finish_migration(self, namespace: str, name: str) -> None:
