@@ -36,6 +36,7 @@ from gtvp_local.vmruntime.runtime import Runtime, runtime_dir
 from tests.catalogue import Publisher
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
+from tests.prerequisites import unavailable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
 PUB = Publisher()
@@ -43,21 +44,14 @@ NS = "default"
 UPTIME = re.compile(r"gtvp-uptime (\d+(?:\.\d+)?)")
 
 
-def _unavailable(why: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(why)
-    pytest.skip(why)
-
-
 def _signed_catalogue() -> list[dict[str, Any]]:
     missing = [t for t in ("qemu-system-x86_64", "busybox", "mksquashfs") if not shutil.which(t)]
     if missing:
-        _unavailable(f"real VMs need {', '.join(missing)} (make setup)")
+        unavailable(f"real VMs need {', '.join(missing)} (make setup)")
     try:
         catalogue = build_catalogue(cache_dir())
     except BuildError as exc:
-        _unavailable(f"cannot build the box components: {exc}")
-        raise
+        unavailable(f"cannot build the box components: {exc}")
     docs = []
     for artifact in catalogue.values():
         doc = component_manifest(artifact)

@@ -35,30 +35,24 @@ from gtvp_local.guest.build import (
 from gtvp_local.guest.initscript import READY_MARKER, REFUSED_MARKER
 from gtvp_local.guest.qemu import QEMU, Boot, QemuOptions, probe_accel, qemu_argv
 from tests.catalogue import Publisher
+from tests.prerequisites import unavailable
 
 TOOLS = (QEMU, "busybox", "mksquashfs", "dpkg-deb", "apt-get")
 BOOT_TIMEOUT_S = 60
-
-
-def _unavailable(why: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
 def catalogue() -> dict[str, Artifact]:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        _unavailable(
+        unavailable(
             f"booting a box needs {', '.join(missing)} "
             "(Debian: qemu-system-x86, busybox-static, squashfs-tools)"
         )
     try:
         return build_catalogue(cache_dir())
     except BuildError as exc:
-        _unavailable(f"cannot build the guest components: {exc}")
-        raise
+        unavailable(f"cannot build the guest components: {exc}")
 
 
 @pytest.fixture(scope="module")

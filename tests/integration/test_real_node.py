@@ -9,7 +9,6 @@ a user who runs `gtvp local down` expects all of it gone.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -21,6 +20,7 @@ import pytest
 from gtvp_local import pause, realnode
 from gtvp_local.controlplane import ControlPlane, ephemeral_control_plane
 from gtvp_local.polling import wait_for
+from tests.prerequisites import unavailable
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.installed]
 
@@ -63,9 +63,7 @@ def _cmdline(proc: Path) -> bytes:
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     missing = realnode.missing_programs()
     if missing:
-        if os.environ.get("CI"):
-            pytest.fail("the real node needs: " + "; ".join(missing))
-        pytest.skip("the real node needs: " + "; ".join(missing))
+        unavailable("the real node needs: " + "; ".join(missing))
     state = tmp_path_factory.mktemp("realnode")
     with ephemeral_control_plane(
         state / "cp", kubevirt=False, gtvp=False, node_ip=realnode.NODE_IP

@@ -28,6 +28,7 @@ import pytest
 from gtvp_local.processes import owned_by
 from gtvp_local.vmruntime import MachineSpec, Runtime, cleanup, guest_spec, names, network
 from gtvp_local.vmruntime.guest import BUSYBOX
+from tests.prerequisites import unavailable
 
 MEMORY_MIB = 256
 UPTIME = re.compile(r"^gtvp-uptime (\d+(?:\.\d+)?)\s*$", re.MULTILINE)
@@ -42,12 +43,6 @@ def _missing() -> str | None:
     if not BUSYBOX.exists():
         return f"{BUSYBOX} is missing (apt-get install busybox-static)"
     return None
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"the VM runtime cannot run under CI: {reason}")
-    pytest.skip(reason)
 
 
 @dataclass
@@ -83,11 +78,11 @@ def _leftovers(state: Path) -> list[str]:
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     reason = _missing()
     if reason:
-        _unavailable(reason)
+        unavailable(reason)
     try:
         spec = guest_spec(MEMORY_MIB)
     except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
-        _unavailable(f"the test guest could not be built (kernel or initramfs): {exc}")
+        unavailable(f"the test guest could not be built (kernel or initramfs): {exc}")
     state = tmp_path_factory.mktemp("vmruntime")
     tag = uuid.uuid4().hex[:6]
     a, b = f"t{tag}-a", f"t{tag}-b"
