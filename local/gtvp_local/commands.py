@@ -373,16 +373,11 @@ def _stopwatch() -> Callable[[], str]:
     return lambda: f"t+{time.monotonic() - t0:4.1f}s"
 
 
-def _watch_quarantine(
-    cp: ControlPlane,
-    status: Callable[[], dict[str, Any]],
-    member: str,
-    elapsed: Callable[[], str],
-) -> None:
+def _watch_quarantine(cp: ControlPlane, member: str, elapsed: Callable[[], str]) -> None:
     """Until the member is Untrusted and its Node tainted."""
 
     def untrusted() -> dict[str, Any] | None:
-        now = status()
+        now = _member_status(cp, member)
         return now if now.get("phase") == MemberPhase.UNTRUSTED else None
 
     got = wait_for(f"{member} Untrusted", untrusted, 60)
@@ -459,7 +454,7 @@ def _tamper_installed(cp: ControlPlane, args: argparse.Namespace) -> int:
     )
     elapsed = _stopwatch()
     extend_pcr(inst.members[member], args.pcr, b"gtvp local tamper")
-    _watch_quarantine(cp, lambda: _member_status(cp, member), member, elapsed)
+    _watch_quarantine(cp, member, elapsed)
     _say("")
     _say(pool_status.summary(str(cp.admin_kubeconfig)))
     return 0
@@ -495,7 +490,7 @@ def cmd_tamper(args: argparse.Namespace) -> int:
     )
     elapsed = _stopwatch()
     pool.extend_pcr(member, args.pcr, b"gtvp local tamper")
-    _watch_quarantine(cp, lambda: pool.member(member).get("status") or {}, member, elapsed)
+    _watch_quarantine(cp, member, elapsed)
     _watch_vm(cp, member, vm_before, elapsed)
     _watch_box(cp, member, box_before, elapsed)
     _say("")
