@@ -27,7 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,23 +96,24 @@ def missing_programs() -> list[str]:
     return missing
 
 
+def _command_lines() -> Iterator[tuple[int, list[bytes]]]:
+    """Every process of this machine with its argv (processes that end meanwhile skipped)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                yield int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")
+
+
 def other_node_kubelet(root: Path) -> int | None:
     """The pid of a kubelet of another real node (another state directory) on this machine:
     the bridge, node IP and kubelet port are the machine's, so only one node can run."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, args in _command_lines():
         if (
-            args
-            and args[0].endswith(b"kubelet")
+            args[0].endswith(b"kubelet")
             and f"--node-ip={NODE_IP}".encode() in args
             and f"--root-dir={root}".encode() not in args
         ):
-            return int(proc.name)
+            return pid
     return None
 
 
@@ -437,13 +438,10 @@ class RealNode:
     def _kill_shims(self) -> None:
         """containerd's shims outlive it (their own sessions): kill the ones of this node."""
         needle = str(self.socket).encode()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                cmd = (proc / "cmdline").read_bytes()
-                if b"containerd-shim" in cmd and needle in cmd:
-                    os.kill(int(proc.name), signal.SIGKILL)
+        for pid, args in _command_lines():
+            if b"containerd-shim" in args[0] and needle in args:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _unmount(self) -> None:
         roots = (str(self.kubelet_root), str(self.state / "containerd"), str(self.run_dir))

@@ -30,17 +30,14 @@ def _quiet(_msg: str) -> None:
 
 def node_tpm(directory: Path) -> Swtpm:
     """The real node's swtpm, on the node's address (reachable from its pods)."""
-    tpm = Swtpm(
+    saved = directory / "tpm-port"
+    return Swtpm(
         realnode.NODE_NAME,
         directory / "tpms" / realnode.NODE_NAME,
         ProcessTable(directory),
+        int(saved.read_text()) if saved.is_file() else None,  # the port of the last start
         host=realnode.NODE_IP,
     )
-    saved = directory / "tpm-port"
-    if saved.is_file():
-        tpm.port = int(saved.read_text())
-        tpm.ctrl_port = tpm.port + 1
-    return tpm
 
 
 def install(
