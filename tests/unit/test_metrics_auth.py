@@ -1,29 +1,22 @@
-"""Who may read /metrics: the pure decisions of gtvp.metrics_auth, the cache, the operator's
-flags, and the HTTPS server with a guard (reviews faked here; the real API server's answers
-are in tests/integration/test_metrics_auth.py)."""
+"""Who may read /metrics: the pure parts of gtvp.metrics_auth (the bearer token, the review
+bodies, the decisions from plain review statuses, the TLS files) and the operator's flags.
+Everything that needs the API server's answers (the guard, its cache, the 503, the HTTPS
+server) is in tests/integration/test_metrics_auth.py, on the real API server."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import ssl
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from prometheus_client import CollectorRegistry, Counter
 
-from gtvp import http_endpoints, metrics_auth, operator_main
-from gtvp.http_endpoints import Probe
-from gtvp.metrics_auth import Guard, Identity, Refusal, ReviewCache
-from gtvp_local.processes import free_port
+from gtvp import metrics_auth, operator_main
+from gtvp.metrics_auth import Identity, Refusal, ReviewCache
 
 ALICE = {
     "authenticated": True,
@@ -74,109 +67,26 @@ def test_reviews_carry_the_token_then_the_identity_path_and_verb() -> None:
     assert not metrics_auth.allowed({"allowed": True, "denied": True})
 
 
-def _status(refusal: Refusal | None) -> int:
-    return 200 if refusal is None else refusal.status
-
-
-class FakeApi:
-    """Counts the reviews; tokens 'good' and 'viewer' authenticate, only 'good' may read."""
-
-    def __init__(self) -> None:
-        self.token_reviews = 0
-        self.access_reviews = 0
-        self.now = 1000.0
-        self.down = False
-
-    def clock(self) -> float:
-        return self.now
-
-    def review_token(self, body: dict[str, Any]) -> Mapping[str, Any]:
-        self.token_reviews += 1
-        if self.down:
-            raise ConnectionError("connection refused")
-        token = body["spec"]["token"]
-        if token in ("good", "viewer"):
-            return {"authenticated": True, "user": {"username": token, "groups": ["g"]}}
-        return {"authenticated": False}
-
-    def review_access(self, body: dict[str, Any]) -> Mapping[str, Any]:
-        self.access_reviews += 1
-        spec = body["spec"]
-        ok = spec["user"] == "good" and spec["nonResourceAttributes"] == {
-            "path": "/metrics",
-            "verb": "get",
-        }
-        return {"allowed": ok}
-
-    def guard(self, size: int = metrics_auth.CACHE_SIZE) -> Guard:
-        return Guard(self.review_token, self.review_access, self.clock, ReviewCache(size))
-
-
-def test_no_token_or_a_bad_one_is_401_not_allowed_403_allowed_served() -> None:
-    api = FakeApi()
-    guard = api.guard()
-    no_token = guard.check(None, "/metrics", "GET")
-    assert _status(no_token) == 401
-    assert api.token_reviews == 0  # nothing to ask the API server
-    bad = guard.check("Bearer forged", "/metrics", "GET")
-    assert _status(bad) == 401
-    assert api.access_reviews == 0  # no identity, no access review
-    viewer = guard.check("Bearer viewer", "/metrics", "GET")
-    assert viewer == Refusal(403, 'Forbidden: user "viewer" may not get /metrics\n')
-    assert guard.check("Bearer good", "/metrics", "GET") is None
-    other = guard.check("Bearer good", "/debug", "GET")  # the path is what is authorized
-    assert _status(other) == 403
-
-
-def test_answers_are_cached_briefly_so_scrapes_do_not_each_cost_two_reviews() -> None:
-    api = FakeApi()
-    guard = api.guard()
-    for _ in range(4):  # a minute of scrapes every 15 s
-        assert guard.check("Bearer good", "/metrics", "GET") is None
-        api.now += 14.9
-    assert (api.token_reviews, api.access_reviews) == (1, 1)
-    api.now += 1.0  # past ALLOWED_TTL since the first review
-    assert guard.check("Bearer good", "/metrics", "GET") is None
-    assert (api.token_reviews, api.access_reviews) == (2, 2)
-    # refusals are kept for a shorter time: a binding just created is seen soon
-    assert guard.check("Bearer viewer", "/metrics", "GET") is not None
-    assert guard.check("Bearer viewer", "/metrics", "GET") is not None
-    assert api.token_reviews == 3
-    api.now += metrics_auth.REFUSED_TTL
-    assert guard.check("Bearer viewer", "/metrics", "GET") is not None
-    assert api.token_reviews == 4
-
-
-def test_the_cache_is_bounded_and_forgets_the_least_recently_used() -> None:
-    api = FakeApi()
-    guard = api.guard(size=3)
-    for token in ("a", "b", "c", "d", "e"):
-        guard.check(f"Bearer {token}", "/metrics", "GET")
-    assert len(guard.cache) == 3
-    guard.check("Bearer good", "/metrics", "GET")
-    guard.check("Bearer c", "/metrics", "GET")  # still cached: refreshed as recently used
-    reviews = api.token_reviews
-    guard.check("Bearer x", "/metrics", "GET")
-    guard.check("Bearer c", "/metrics", "GET")
-    assert api.token_reviews == reviews + 1
-    assert len(guard.cache) == 3
+def test_no_identity_is_401_an_identity_not_allowed_403_an_allowed_one_served() -> None:
+    who = Identity(user="system:serviceaccount:monitoring:prometheus")
+    assert metrics_auth.verdict("/metrics", "get", None, may=False) == Refusal(
+        401, "Unauthorized: no valid bearer token\n"
+    )
+    forbidden = metrics_auth.verdict("/metrics", "get", who, may=False)
+    assert forbidden == Refusal(
+        403, 'Forbidden: user "system:serviceaccount:monitoring:prometheus" may not get /metrics\n'
+    )
+    assert metrics_auth.verdict("/metrics", "get", who, may=True) is None
+    assert [Refusal(s, "").reason for s in (401, 403, 503)] == [
+        "Unauthorized",
+        "Forbidden",
+        "Service Unavailable",
+    ]
 
 
 def test_the_cache_never_holds_the_token_itself() -> None:
     key = ReviewCache.key("secret-token", "/metrics", "get")
     assert "secret-token" not in repr(key)
-
-
-def test_an_api_server_that_cannot_review_is_a_503_and_not_remembered() -> None:
-    api = FakeApi()
-    guard = api.guard()
-    api.down = True
-    down = guard.check("Bearer good", "/metrics", "GET")
-    assert _status(down) == 503
-    assert down is not None
-    assert "connection refused" in down.text
-    api.down = False
-    assert guard.check("Bearer good", "/metrics", "GET") is None
 
 
 def test_plain_http_only_on_loopback() -> None:
@@ -237,67 +147,6 @@ def _self_signed(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
         )
     )
     return crt, pem
-
-
-@pytest.fixture
-def secure(tmp_path: Path) -> Iterator[tuple[str, ssl.SSLContext, FakeApi]]:
-    registry = CollectorRegistry()
-    Counter("gtvp_test_total", "a counter", registry=registry).inc(3)
-    crt, key = _self_signed(tmp_path)
-    api = FakeApi()
-    port = free_port()
-    server = http_endpoints.serve(
-        port,
-        "127.0.0.1",
-        registry,
-        lambda: Probe(loaded=True, loop_started=True, loop_idle_seconds=1.0),
-        tls=metrics_auth.TlsFiles(str(crt), str(key)).context,
-        guard=api.guard().check,
-    )
-    client = ssl.create_default_context(cafile=str(crt))
-    try:
-        yield f"https://localhost:{port}", client, api
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _get(
-    url: str, context: ssl.SSLContext, token: str | None = None
-) -> tuple[int, str, dict[str, str]]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - https on loopback
-    try:
-        with urllib.request.urlopen(request, timeout=5, context=context) as resp:  # noqa: S310
-            return int(resp.status), resp.read().decode(), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(), dict(exc.headers)
-
-
-def test_https_metrics_need_an_allowed_token_and_probes_stay_open(
-    secure: tuple[str, ssl.SSLContext, FakeApi],
-) -> None:
-    base, context, _ = secure
-    code, _, headers = _get(f"{base}/metrics", context)
-    assert code == 401
-    assert headers["WWW-Authenticate"].startswith("Bearer")
-    assert _get(f"{base}/metrics", context, "forged")[0] == 401
-    assert _get(f"{base}/metrics", context, "viewer")[0] == 403
-    code, text, _ = _get(f"{base}/metrics", context, "good")
-    assert code == 200
-    assert "gtvp_test_total 3.0" in text
-    # the kubelet's probes carry no token
-    assert _get(f"{base}/readyz", context)[0] == 200
-    assert _get(f"{base}/healthz", context)[0] == 200
-
-
-def test_plain_http_is_not_answered_on_the_https_port(
-    secure: tuple[str, ssl.SSLContext, FakeApi],
-) -> None:
-    base, context, _ = secure
-    with pytest.raises((urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(base.replace("https", "http") + "/metrics", timeout=5)  # noqa: S310
-    assert _get(f"{base}/readyz", context)[0] == 200  # and the server still answers
 
 
 def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
