@@ -2,7 +2,8 @@
 
 The components are built reproducibly from this machine's Debian packages (the cloud
 kernel is downloaded once into `<cache>/guest`); the VM is what the operator composes for
-the box, translated to qemu as virt-launcher would. One VM at a time, 256 MiB, 1 vCPU.
+the box, translated to qemu as virt-launcher would (the newest hello-web, 1.1.0; the
+tampered box runs 1.0.0). One VM at a time, 256 MiB, 1 vCPU.
 Skipped when qemu, busybox-static, squashfs-tools or the kernel package are unavailable,
 except under CI, where that is a failure.
 """
@@ -26,6 +27,10 @@ from gtvp.local_state import cache_dir
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.guest.box import compose_box, resolver
 from gtvp_local.guest.build import (
+    APP_MARKER,
+    APP_NAME,
+    APP_UPGRADE,
+    APP_VERSION,
     Artifact,
     BuildError,
     build_catalogue,
@@ -105,7 +110,7 @@ def test_the_composed_box_boots_serves_and_counts(
         vm, resolver(catalogue), QemuOptions(console=console, accel=accel, hostfwd=[(port, 8080)])
     )
     with Boot(argv, console) as boot:
-        ready = boot.wait_for(f"{READY_MARKER} hello 1.0.0", BOOT_TIMEOUT_S)
+        ready = boot.wait_for(f"{READY_MARKER} hello {APP_UPGRADE}", BOOT_TIMEOUT_S)
         assert ready is not None, (
             f"no {READY_MARKER} within {BOOT_TIMEOUT_S}s ({accel}):\n"
             f"{boot.text()[-3000:]}\n{boot.qemu_output()}"
@@ -113,7 +118,7 @@ def test_the_composed_box_boots_serves_and_counts(
         print(f"{READY_MARKER} after {ready:.1f}s under {accel}")
         page = http_get(port, 20)
         assert "gtvp Lazy Box hello" in page
-        assert "hello-web 1.0.0" in page
+        assert f"hello-web {APP_UPGRADE}" in page
         end = time.monotonic() + 15
         while time.monotonic() < end and len(uptimes(boot.text())) < 3:
             time.sleep(0.5)
@@ -122,6 +127,7 @@ def test_the_composed_box_boots_serves_and_counts(
         assert counted == sorted(counted), counted  # one boot: the uptime only grows
         assert counted[-1] > counted[0], counted
         text = boot.text()
+    assert f"{APP_MARKER} {APP_NAME} {APP_UPGRADE}" in text  # the application, in its words
     for serial in ("busybox-base", "hello-web"):
         assert f"gtvp-init: verified and mounted {serial}" in text
     assert REFUSED_MARKER not in text
@@ -130,13 +136,13 @@ def test_the_composed_box_boots_serves_and_counts(
 def test_a_disk_that_differs_from_its_pin_is_refused(
     catalogue: Mapping[str, Artifact], accel: str, tmp_path: Path
 ) -> None:
-    app = catalogue["hello-web"]
+    app = catalogue[f"{APP_NAME}@{APP_VERSION}"]
     tampered = tmp_path / "hello-web.squashfs"
     data = bytearray(app.path.read_bytes())
     data[100] ^= 0xFF
     tampered.write_bytes(bytes(data))
     console = tmp_path / "console.log"
-    vm = compose_box(catalogue, box="tampered", memory="256Mi")
+    vm = compose_box(catalogue, box="tampered", memory="256Mi", app_version=APP_VERSION)
     argv = qemu_argv(
         vm, resolver(catalogue, {app.image: tampered}), QemuOptions(console=console, accel=accel)
     )

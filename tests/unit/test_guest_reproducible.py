@@ -158,6 +158,54 @@ def test_app_tree_names_its_start_and_counter() -> None:
     assert b"gtvp-uptime" in entries["opt/gtvp/hello-web/uptime"].data
 
 
+def test_the_app_versions_differ_only_in_their_version_file() -> None:
+    old, new = build.app_tree(build.APP_VERSION).entries, build.app_tree(build.APP_UPGRADE).entries
+    assert old.keys() == new.keys()
+    differ = sorted(k for k in old if old[k] != new[k])
+    assert differ == ["opt/gtvp/hello-web/VERSION"]
+    assert new["opt/gtvp/hello-web/VERSION"].data == b"1.1.0\n"
+    start = new["opt/gtvp/hello-web/start"].data
+    # the application says its own version on the console, read from its VERSION file
+    assert b'read -r version <"$here/VERSION"' in start
+    assert b'echo "gtvp-app hello-web $version" >/dev/console' in start
+    assert b"hello-web $version on" in start  # and on its page
+
+
+def test_both_app_versions_squash_to_distinct_reproducible_images(tmp_path: Path) -> None:
+    if shutil.which("mksquashfs") is None:
+        pytest.skip("mksquashfs is not installed")
+    digests = {}
+    for version in build.APP_VERSIONS:
+        a, b = tmp_path / f"{version}-a.sqfs", tmp_path / f"{version}-b.sqfs"
+        squashfs(build.app_tree(version), a)
+        squashfs(build.app_tree(version), b)
+        assert sha256_file(a) == sha256_file(b)
+        digests[version] = sha256_file(a)
+    assert len(set(digests.values())) == 2
+
+
+def _art(name: str, version: str, kind: str = "application") -> build.Artifact:
+    return build.Artifact(name, version, kind, Path(f"/{name}-{version}"), "0" * 64, 1)
+
+
+def test_composition_takes_the_newest_of_each_component_unless_told() -> None:
+    arts = [
+        _art("linux", "6.1.192", "kernel"),
+        _art("hello-web", "1.10.0"),
+        _art("hello-web", "1.9.0"),
+        _art("busybox-base", "1.0.0", "rootfs"),
+    ]
+    catalogue = {a.key: a for a in arts}
+    assert list(catalogue) == ["linux@6.1.192", "hello-web@1.10.0", "hello-web@1.9.0",
+                               "busybox-base@1.0.0"]  # fmt: skip
+    chosen = build.composition(catalogue)
+    assert [a.key for a in chosen] == ["linux@6.1.192", "hello-web@1.10.0", "busybox-base@1.0.0"]
+    older = build.composition(catalogue, {"hello-web": "1.9.0"})
+    assert [a.key for a in older] == ["linux@6.1.192", "hello-web@1.9.0", "busybox-base@1.0.0"]
+    with pytest.raises(build.BuildError, match=r"holds no hello-web 2\.0\.0"):
+        build.composition(catalogue, {"hello-web": "2.0.0"})
+
+
 def test_a_built_artifact_is_signable_and_its_digest_is_covered(tmp_path: Path) -> None:
     path = tmp_path / "app.squashfs"
     path.write_bytes(b"\0" * 4096)

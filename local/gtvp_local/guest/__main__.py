@@ -3,8 +3,9 @@
 build [--manifests] [--key PEM --publisher NAME]   build the components, print digests
                                                     (or their OSComponent manifests,
                                                     signed when a key is given)
-boot [--box NAME] [--port PORT] [--seconds N]       compose a box from them, boot it
-                                                    under qemu, show its console
+boot [--box NAME] [--port PORT] [--seconds N]       compose a box from them (hello-web
+     [--app-version V]                              at V, else its newest), boot it under
+                                                    qemu, show its console
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _boot(args: argparse.Namespace) -> int:
     work = guest_cache(cache_dir())
     accel = probe_accel()
     console = work / f"{args.box}.console"
-    vm = compose_box(catalogue, box=args.box)
+    vm = compose_box(catalogue, box=args.box, app_version=args.app_version)
     opts = QemuOptions(console=console, accel=accel, hostfwd=[(args.port, 8080)])
     argv = qemu_argv(vm, resolver(catalogue), opts)
     print(f"accel {accel}; console {console}\n{' '.join(argv)}", file=sys.stderr)
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--box", default="hello")
     r.add_argument("--port", type=int, default=18080)
     r.add_argument("--seconds", type=float, default=5, help="keep it running this long")
+    r.add_argument("--app-version", help="the hello-web version to boot (default: newest)")
     args = parser.parse_args(argv)
     if args.key and not args.manifests:
         parser.error("--key signs manifests: add --manifests")

@@ -1,8 +1,9 @@
 """Compose a box from the built catalogue and boot it under qemu (the test harness).
 
 The composed VirtualMachine is exactly what the operator writes (`compose_vm` over the
-components parsed from the artifacts' OSComponent manifests); `resolver` maps its image
-references back to the artifacts' local files, as a container runtime would pull them.
+components parsed from the artifacts' OSComponent manifests: one version of each, the
+newest unless told otherwise); `resolver` maps the image references of every artifact built
+(every version) back to their local files, as a container runtime would pull them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BoxRef, compose_vm
-from gtvp_local.guest.build import APP_NAME, Artifact, component_manifest
+from gtvp_local.guest.build import APP_NAME, Artifact, component_manifest, composition
 from gtvp_local.guest.qemu import Resolver
 
 
@@ -46,9 +47,12 @@ def compose_box(
     box: str = "hello",
     memory: str = "256Mi",
     cpu: str = "1",
+    app_version: str | None = None,
 ) -> dict[str, Any]:
-    """The VirtualMachine the operator would compose for a box running the application."""
-    comps = [parse_component(component_manifest(a)) for a in catalogue.values()]
+    """The VirtualMachine the operator would compose for a box running the application (at
+    `app_version`, else its newest), with the newest of every other component."""
+    pinned = {} if app_version is None else {APP_NAME: app_version}
+    comps = [parse_component(component_manifest(a)) for a in composition(catalogue, pinned)]
     spec = {
         "application": {"name": APP_NAME},
         "level": 3,

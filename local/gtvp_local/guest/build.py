@@ -1,6 +1,7 @@
 """Real Lazy Box components, built reproducibly from Debian packages on this machine.
 
-    build_catalogue(cache) -> {name: Artifact}
+    build_catalogue(cache) -> {"<name>@<version>": Artifact}
+    composition(catalogue, {name: version}) -> one artifact per component (newest by default)
 
 - `linux` (kernel): a KubeVirt kernel-boot container's layer, a tar holding the Debian cloud
   kernel (`/boot/vmlinuz`) and the box init initramfs built for it (`/boot/initrd.img`:
@@ -9,9 +10,11 @@
   `kernel` and `initrd` and compose passes both to the VM.
 - `busybox-base` (rootfs): a squashfs with busybox-static and its applet links, `/etc`
   (passwd, group, hosts) and the network bring-up stage 2 runs.
-- `hello-web` (application): a squashfs with `/opt/gtvp/hello-web/start`, which starts
-  busybox httpd on port 8080 (a page naming the box and version) and a counter that prints
-  `gtvp-uptime <seconds>` on the serial console every second.
+- `hello-web` (application), in two versions (1.0.0 and its upgrade 1.1.0: the same code,
+  the version in `/opt/gtvp/hello-web/VERSION`): a squashfs with `/opt/gtvp/hello-web/start`,
+  which announces `gtvp-app hello-web <version>` (read from its VERSION file) on the serial
+  console, starts busybox httpd on port 8080 (a page naming the box and that version) and a
+  counter that prints `gtvp-uptime <seconds>` on the serial console every second.
 
 Every artifact is a pure function of its inputs (the kernel package, busybox-static, this
 code): fixed mtimes, root-owned, sorted entries, so its sha256 (the OSComponent's pinned
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
 import re
 import subprocess
 from collections.abc import Mapping
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gtvp.core.versions import Version
+from gtvp_local.guest import pins
 from gtvp_local.guest.initscript import Module, init_script
 from gtvp_local.guest.reproducible import (
     Tree,
@@ -41,10 +45,10 @@ from gtvp_local.guest.reproducible import (
 )
 
 IMAGE_REPO = "registry.gtvp.local/gtvp-components"
-KERNEL_META = "linux-image-cloud-amd64"
-BUSYBOX = Path("/usr/bin/busybox")
 BASE_NAME, BASE_VERSION = "busybox-base", "1.0.0"
-APP_NAME, APP_VERSION = "hello-web", "1.0.0"
+APP_NAME, APP_VERSION, APP_UPGRADE = "hello-web", "1.0.0", "1.1.0"
+APP_VERSIONS = (APP_VERSION, APP_UPGRADE)  # every hello-web built; boxes boot the first
+APP_MARKER = "gtvp-app"  # `gtvp-app <name> <version>`: the application says what it is
 # what the init needs from the kernel, in load order (dependencies are added before each)
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "overlay")
 
@@ -68,6 +72,11 @@ class Artifact:
     files: Mapping[str, Path] = field(default_factory=dict)  # container path → local file
 
     @property
+    def key(self) -> str:
+        """Its key in the catalogue: `<name>@<version>`."""
+        return f"{self.name}@{self.version}"
+
+    @property
     def digest(self) -> str:
         return f"sha256:{self.sha256}"
 
@@ -85,42 +94,29 @@ def guest_cache(cache: Path) -> Path:
 # --- the kernel --------------------------------------------------------------------------
 
 
-def kernel_package() -> str:
-    """The Debian cloud kernel package to use (`GTVP_GUEST_KERNEL_PACKAGE` overrides)."""
-    env = os.environ.get("GTVP_GUEST_KERNEL_PACKAGE")
-    if env:
-        return env
-    out = subprocess.run(
-        ["apt-cache", "depends", KERNEL_META], capture_output=True, text=True, check=False
-    )
-    m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", out.stdout)
-    if not m:
-        raise BuildError(f"apt-cache knows no {KERNEL_META} (is a Debian archive configured?)")
-    return m.group(1)
-
-
 def fetch_kernel(gcache: Path) -> Path:
-    """The kernel .deb in the cache: one already there, else `apt-get download`."""
-    debs = gcache / "debs"
-    debs.mkdir(exist_ok=True)
-    have = sorted(debs.glob("linux-image-*-cloud-amd64*_amd64.deb"))
-    if have and not os.environ.get("GTVP_GUEST_KERNEL_PACKAGE"):
-        return have[-1]
-    pkg = kernel_package()
-    found = sorted(debs.glob(f"{pkg}_*_amd64.deb"))
-    if found:
-        return found[-1]
-    out = subprocess.run(
-        ["apt-get", "download", pkg], cwd=debs, capture_output=True, text=True, check=False
-    )
-    found = sorted(debs.glob(f"{pkg}_*_amd64.deb"))
-    if out.returncode != 0 or not found:
-        raise BuildError(f"apt-get download {pkg} failed: {out.stderr.strip()[-500:]}")
-    return found[-1]
+    """The pinned kernel .deb in the cache (`pins.KERNEL`, downloaded and checked once)."""
+    try:
+        return pins.fetch(pins.KERNEL, gcache / "debs")
+    except pins.PinError as exc:
+        raise BuildError(str(exc)) from None
+
+
+def pinned_busybox(gcache: Path) -> Path:
+    """busybox from the pinned busybox-static .deb (`pins.BUSYBOX`), not the host's: the
+    components' digests must not move with whatever busybox this machine has installed."""
+    try:
+        deb = pins.fetch(pins.BUSYBOX, gcache / "debs")
+    except pins.PinError as exc:
+        raise BuildError(str(exc)) from None
+    binary = extract_deb(deb, gcache) / "bin" / "busybox"
+    if not binary.is_file():
+        raise BuildError(f"{deb.name} holds no bin/busybox")
+    return binary
 
 
 def extract_deb(deb: Path, gcache: Path) -> Path:
-    target = gcache / "kernel" / deb.stem
+    target = gcache / "extracted" / deb.stem
     if not (target / ".done").exists():
         target.mkdir(parents=True, exist_ok=True)
         subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
@@ -253,18 +249,21 @@ def base_tree(busybox: Path) -> Tree:
 
 
 APP_START = """#!/bin/sh
-# hello-web: a page naming the box and version on :8080, and the guest's uptime every second
+# hello-web: says its version (its own VERSION file) on the console, serves a page naming
+# the box and that version on :8080, and prints the guest's uptime every second
 . /etc/gtvp-box
 here=/opt/gtvp/hello-web
+read -r version <"$here/VERSION"
+echo "@MARKER@ hello-web $version" >/dev/console
 mkdir -p /run/hello-web
 cat >/run/hello-web/index.html <<EOF
 <html><body><h1>gtvp Lazy Box $GTVP_BOX</h1>
-<p>hello-web $GTVP_VERSION on $(uname -r)</p></body></html>
+<p>hello-web $version on $(uname -r)</p></body></html>
 EOF
 httpd -p 8080 -h /run/hello-web || exit 1
 "$here/uptime" </dev/null >/dev/console 2>&1 &
 exit 0
-"""
+""".replace("@MARKER@", APP_MARKER)
 
 APP_UPTIME = """#!/bin/sh
 # the guest's uptime once a second: a live migration keeps counting, a reboot starts over
@@ -276,11 +275,12 @@ done
 """
 
 
-def app_tree() -> Tree:
+def app_tree(version: str = APP_VERSION) -> Tree:
+    """hello-web at `version`: the versions differ only in their VERSION file."""
     tree = Tree()
     tree.file(f"opt/gtvp/{APP_NAME}/start", APP_START, 0o755)
     tree.file(f"opt/gtvp/{APP_NAME}/uptime", APP_UPTIME, 0o755)
-    tree.file(f"opt/gtvp/{APP_NAME}/VERSION", APP_VERSION + "\n")
+    tree.file(f"opt/gtvp/{APP_NAME}/VERSION", version + "\n")
     return tree
 
 
@@ -299,11 +299,16 @@ def _artifact(name: str, version: str, kind: str, path: Path, **kw: Any) -> Arti
     return Artifact(name, version, kind, path, sha256_file(path), path.stat().st_size, **kw)
 
 
-def build_catalogue(cache: Path, *, busybox: Path = BUSYBOX) -> dict[str, Artifact]:
-    """Build (or rebuild: same bytes) every component; {component name: artifact}."""
-    if not busybox.exists():
-        raise BuildError(f"{busybox} is missing (apt-get install busybox-static)")
+def build_catalogue(cache: Path, *, busybox: Path | None = None) -> dict[str, Artifact]:
+    """Build (or rebuild: same bytes) every component version; {`<name>@<version>`:
+    artifact} (`Artifact.key`; `composition` picks one per component).
+    `busybox`: a binary to build with instead of the pinned one (the digests then differ
+    from the sample catalogue's)."""
     gcache = guest_cache(cache)
+    if busybox is None:
+        busybox = pinned_busybox(gcache)
+    elif not busybox.exists():
+        raise BuildError(f"{busybox} is missing")
     out = gcache / "artifacts"
     out.mkdir(exist_ok=True)
     deb = fetch_kernel(gcache)
@@ -338,16 +343,15 @@ def build_catalogue(cache: Path, *, busybox: Path = BUSYBOX) -> dict[str, Artifa
         provides=("rootfs", "busybox"),
         requires=(("kernel", ">=5.10"),),
     )
-    app_path = out / f"{APP_NAME}-{APP_VERSION}.squashfs"
-    squashfs(app_tree(), app_path)
-    app = _artifact(
-        APP_NAME,
-        APP_VERSION,
-        "application",
-        app_path,
-        requires=((BASE_NAME, ">=1.0"),),
-    )
-    catalogue = {a.name: a for a in (kernel, base, app)}
+    apps = []
+    for version in APP_VERSIONS:
+        app_path = out / f"{APP_NAME}-{version}.squashfs"
+        squashfs(app_tree(version), app_path)
+        app = _artifact(
+            APP_NAME, version, "application", app_path, requires=((BASE_NAME, ">=1.0"),)
+        )
+        apps.append(app)
+    catalogue = {a.key: a for a in (kernel, base, *apps)}
     index = {
         "inputs": {"kernelPackage": deb.name, "busybox": sha256_file(busybox)},
         "artifacts": {
@@ -357,6 +361,26 @@ def build_catalogue(cache: Path, *, busybox: Path = BUSYBOX) -> dict[str, Artifa
     }
     _write(gcache / "catalogue.json", (json.dumps(index, indent=2) + "\n").encode())
     return catalogue
+
+
+def composition(
+    catalogue: Mapping[str, Artifact], versions: Mapping[str, str] = {}
+) -> list[Artifact]:
+    """One artifact per component name, in catalogue order: the version `versions` names,
+    else the newest (as a box whose version ranges are empty resolves)."""
+    chosen: dict[str, Artifact] = {}
+    for a in catalogue.values():
+        if a.name in versions:
+            if a.version == versions[a.name]:
+                chosen[a.name] = a
+            continue
+        have = chosen.get(a.name)
+        if have is None or Version.parse(a.version) > Version.parse(have.version):
+            chosen[a.name] = a
+    missing = sorted(f"{n} {v}" for n, v in versions.items() if n not in chosen)
+    if missing:
+        raise BuildError(f"the catalogue holds no {', '.join(missing)}")
+    return list(chosen.values())
 
 
 def component_spec(a: Artifact, *, level: int = 3) -> dict[str, Any]:

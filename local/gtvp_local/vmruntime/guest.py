@@ -5,7 +5,8 @@
 - a busybox initramfs whose init prints `GTVP-READY test`, then `gtvp-uptime <seconds>`
   every second on the console (ttyS0), read from /proc/uptime; written with
   `gtvp_local.guest.reproducible` (fixed owners and times, gzip without a time stamp), so
-  the same busybox gives the same bytes.
+  the same busybox (the pinned busybox-static, `gtvp_local.guest.pins`) gives the same
+  bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from gtvp.local_state import cache_dir
 from gtvp_local.guest import build
 from gtvp_local.guest.reproducible import Tree, cpio_newc, gzip_fixed
 
-BUSYBOX = Path("/usr/bin/busybox")
 READY = "GTVP-READY"
 INIT = """#!/bin/sh
 export PATH=/bin
@@ -56,12 +56,20 @@ def ensure_initramfs(cache: Path | None = None) -> Path:
     cache = cache or vm_cache()
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / "test-initramfs.cpio.gz"
-    data = build_initramfs(BUSYBOX.read_bytes())
+    data = build_initramfs(pinned_busybox().read_bytes())
     if not path.exists() or path.read_bytes() != data:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         tmp.write_bytes(data)
         tmp.replace(path)
     return path
+
+
+def pinned_busybox() -> Path:
+    """The busybox the Lazy Box components are built with (the pinned busybox-static)."""
+    gcache = build.guest_cache(cache_dir())
+    with (gcache / "kernel.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build.pinned_busybox(gcache)
 
 
 def ensure_kernel() -> Path:
@@ -78,5 +86,5 @@ def ensure_kernel() -> Path:
 
 
 def cached_kernel() -> Path | None:
-    found = sorted((build.guest_cache(cache_dir()) / "kernel").glob("*/boot/vmlinuz-*"))
+    found = sorted((build.guest_cache(cache_dir()) / "extracted").glob("*/boot/vmlinuz-*"))
     return found[-1] if found else None
