@@ -27,7 +27,6 @@ import pytest
 
 from gtvp_local.processes import owned_by
 from gtvp_local.vmruntime import MachineSpec, Runtime, cleanup, guest_spec, names, network
-from gtvp_local.vmruntime.guest import BUSYBOX
 from tests.prerequisites import unavailable
 
 MEMORY_MIB = 256
@@ -40,8 +39,6 @@ def _missing() -> str | None:
     for tool in ("qemu-system-x86_64", "ip", "apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
-    if not BUSYBOX.exists():
-        return f"{BUSYBOX} is missing (apt-get install busybox-static)"
     return None
 
 
@@ -130,6 +127,31 @@ def test_network_is_idempotent(pool: Pool) -> None:
         check=True,
     ).stdout
     assert f" {one.address}/24" in inside
+
+
+def test_a_namespace_left_by_an_earlier_run_loses_its_stale_link(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """A run killed without teardown leaves the member's namespace with its old veth (and
+    address); a new run of the same member must not route through it, or the traffic it
+    counts on the member's link goes elsewhere."""
+    first = network.ensure_member(tmp_path / "earlier", pool.a + "x")
+    try:
+        (tmp_path / "earlier" / "vmruntime" / "network.json").unlink()  # state lost
+        again = network.ensure_member(pool.state, pool.a + "x")
+        assert again.netns == first.netns
+        links = subprocess.run(
+            ["ip", "-n", again.netns, "-o", "link", "show"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert again.member_veth != first.member_veth  # the old octet's link still existed
+        assert first.member_veth not in links
+        assert not Path(f"/sys/class/net/{first.host_veth}").exists()
+        assert again.member_veth in links
+    finally:
+        network.teardown(pool.state)
 
 
 def test_vm_boots_in_member_namespace(pool: Pool) -> None:

@@ -112,6 +112,10 @@ def ensure_member(state: Path, member: str) -> MemberNet:
         if net.netns not in _netns():
             _ip("netns", "add", net.netns)
         _ip("-n", net.netns, "link", "set", "lo", "up")
+        for stale in _stale_veths(_ip("-n", net.netns, "-o", "link", "show").stdout, net):
+            # a namespace left by a run that was not torn down: its old link would carry
+            # this member's traffic past the veth whose bytes are counted
+            _ip("-n", net.netns, "link", "del", stale, check=False)
         inside = _ip("-n", net.netns, "-o", "link", "show").stdout
         if net.member_veth not in inside:
             if net.host_veth in links:  # a half-made pair whose other end was lost
@@ -129,6 +133,19 @@ def ensure_member(state: Path, member: str) -> MemberNet:
             )  # fmt: skip
         _ip("-n", net.netns, "link", "set", net.member_veth, "up")
         return net
+
+
+def _stale_veths(ip_link_show: str, net: MemberNet) -> list[str]:
+    """Member-side veths in the namespace (`ip -o link show` inside it) other than `net`'s."""
+    prefix = f"{names.PREFIX}-m"
+    found = []
+    for line in ip_link_show.splitlines():
+        if ":" not in line:
+            continue
+        name = line.split(":")[1].strip().split("@", 1)[0]
+        if name.startswith(prefix) and name != net.member_veth:
+            found.append(name)
+    return found
 
 
 def member_net(state: Path, member: str) -> MemberNet | None:
