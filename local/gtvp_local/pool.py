@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -43,6 +43,9 @@ from gtvp_local.polling import wait_for
 from gtvp_local.processes import ProcessTable, Tracked, free_port
 from gtvp_local.replicas import LeaseTable, LeaseTimings, Replica
 from gtvp_local.swtpm import Swtpm, SwtpmCA, extend_pcr
+
+if TYPE_CHECKING:
+    from gtvp_local.vmruntime.cache import FetchReport
 
 
 class PoolError(RuntimeError):
@@ -348,6 +351,10 @@ class Pool:
         )
         room = {"cpu": cpu, "memory": memory, "pods": "110"}
         self.patch_node_status(name, {"allocatable": room, "capacity": room})
+        if self.vms == "qemu":  # its (empty) component cache: status.images comes from it
+            from gtvp_local.vmruntime import cache
+
+            cache.ensure(self.dir, name)
 
     def patch_node_status(self, name: str, status: Mapping[str, Any]) -> None:
         self.cp.kubectl(
@@ -361,11 +368,39 @@ class Pool:
         )
 
     def set_node_images(self, name: str, images: Sequence[str], size: int = 1) -> None:
-        """SIMULATION: the node's image cache, written as its kubelet would report it
-        (`status.images`); kwok nodes have no container runtime."""
+        """SIMULATION (`vms="phases"` pools only): the node's image cache, written as its
+        kubelet would report it (`status.images`); kwok nodes have no container runtime.
+        A `vms="qemu"` pool's members have real component caches: `warm_cache`."""
+        if self.vms == "qemu":
+            raise PoolError(
+                f"{name} has a real component cache (vms=qemu): fill it with warm_cache, "
+                "its status.images follows"
+            )
         self.patch_node_status(
             name, {"images": [{"names": [ref], "sizeBytes": size} for ref in images]}
         )
+
+    def warm_cache(self, name: str, images: Sequence[str]) -> list[FetchReport]:
+        """With `vms="qemu"`: the member fetches the `images` its component cache lacks
+        from the pool's registry mirror, across its own link (`vmruntime.cache`), as if it
+        had run them before; then its `status.images` is written from what the cache
+        holds (in place of a kubelet, truthfully). Returns what was fetched."""
+        from gtvp_local.vmruntime import cache
+        from gtvp_local.vmruntime.launcher import pool_mirror
+
+        if self.vms != "qemu":
+            raise PoolError("only a vms=qemu pool has component caches (else set_node_images)")
+        resolve = pool_mirror(self.dir)
+        with cache.Mirror(lambda image: resolve(image, None)) as mirror:
+            fetched = cache.fetch_missing(self.dir, name, images, mirror)
+        self.patch_node_status(name, {"images": cache.listing(self.dir, name)})
+        return fetched
+
+    def cached_images(self, name: str) -> list[dict[str, Any]]:
+        """With `vms="qemu"`: what the member's component cache holds, as status.images."""
+        from gtvp_local.vmruntime import cache
+
+        return cache.listing(self.dir, name)
 
     def add_member(
         self, name: str, *, identity: int = 3, start_agent: bool = True, node: bool = False
@@ -724,6 +759,12 @@ class Pool:
         say("  SIMULATION: kwok keeps the Nodes Ready (no kubelet here)")
         self.start_kwok()
         say("  SIMULATION: a stand-in for KubeVirt's virt-controller runs VMIs and migrations")
+        if self.vms == "qemu":
+            say(
+                "  SIMULATION of virt-handler/virt-launcher (gtvp_local.vmruntime): each VMI is a "
+                "real qemu VM in its member's network namespace, each migration a real qemu "
+                "live migration between members"
+            )
         self.start_virtsim()
         self.start_operator()
         for line in self.describe_operator():

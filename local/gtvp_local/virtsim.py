@@ -24,11 +24,15 @@ target (kube-scheduler's NodeUnschedulable rule).
 
 With `--vms qemu` it also SIMULATES virt-handler/virt-launcher with real VMs
 (`gtvp_local.vmruntime.launcher`): a VMI placed on a member runs as a qemu process in that
-member's network namespace (a composed Lazy Box from its component artifacts, other VMIs a
+member's network namespace (a composed Lazy Box from its components, other VMIs a
 tiny test guest), goes Scheduled → Running only when the guest prints GTVP-READY, Failed
 with the console's last words when the VM ends; a migration is a qemu live migration to the
 target member's namespace, Succeeded or Failed as qemu reports (the VM stays on the source
-when it fails).
+when it fails). Each member then has a component cache (`gtvp_local.vmruntime.cache`): a
+composed box's member fetches the images it lacks over its own link before the VM starts
+(a migration's target before the migration), and the stand-in writes each member's
+`Node.status.images` from what its cache holds, at startup and after each fetch: in place
+of a kubelet (SIMULATION), but truthfully.
 
 It is named as a simulation wherever it appears, and the Helm chart never installs it.
 """
@@ -45,13 +49,14 @@ from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.compose import preferred_node
-from gtvp_local.vmruntime.launcher import STORE, Launcher, vm_id, with_store
+from gtvp_local.vmruntime.launcher import Launcher, pool_mirror, vm_id
 
 log = logging.getLogger("gtvp.virtsim")
 KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
 BANNER = "[SIMULATED virt-controller]"
 API_BANNER = "[SIMULATED virt-api]"
 HANDLER_BANNER = "[SIMULATED virt-handler]"
+KUBELET_BANNER = "[SIMULATED kubelet]"
 SLOW_LINK_ANNOTATION = "gtvp.io/simulated-link-bytes-per-second"
 """On a migration, with --vms qemu: the member link's speed for it (a slow link, so that a
 test can watch, or break, a migration in flight). A knob of the simulation only."""
@@ -119,6 +124,8 @@ class VirtSim:
         return items
 
     def tick(self) -> None:
+        if self.launcher is not None:
+            self._report_caches(self.launcher)
         # to_dict() is snake_case; every field read here is a single word, so it is the same
         nodes = [n.to_dict() for n in self.core.list_node().items]
         vms = self._list("virtualmachines")
@@ -299,6 +306,29 @@ class VirtSim:
         for vm in launcher.known() - present:
             launcher.stop_vm(vm)
 
+    def _report_caches(self, launcher: Launcher) -> None:
+        """SIMULATED kubelet: each member whose component cache changed (or that was not
+        reported yet) gets `status.images` from what its cache holds."""
+        from kubernetes.client.rest import ApiException
+
+        for member in launcher.changed_caches():
+            images = launcher.node_images(member)
+            try:
+                self.core.patch_node_status(
+                    member,
+                    {"status": {"images": images}},
+                    _content_type="application/merge-patch+json",
+                )
+            except ApiException as exc:
+                if exc.status != 404:  # no Node (yet): nothing to report on
+                    launcher.cache_changed(member)  # again next tick
+                    log.warning("%s node %s: status.images not written: %s",
+                                KUBELET_BANNER, member, exc.reason)  # fmt: skip
+                continue
+            log.info("%s node %s: status.images from its component cache: %d images, %d bytes",
+                     KUBELET_BANNER, member, len(images),
+                     sum(i["sizeBytes"] for i in images))  # fmt: skip
+
     def _schedule_vmi(
         self, vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], load: dict[str, int]
     ) -> None:
@@ -325,6 +355,7 @@ class VirtSim:
                 status = {"phase": "Failed", "nodeName": node, "reason": f"cannot start: {exc}"}
                 log.warning("%s VMI %s/%s cannot start on %s: %s", HANDLER_BANNER,
                             meta["namespace"], meta["name"], node, exc)  # fmt: skip
+            self._report_caches(self.launcher)  # what the member fetched, before the phase
         else:
             load[node] = load.get(node, 0) + 1
             status = {"phase": "Running", "nodeName": node}
@@ -390,11 +421,13 @@ class VirtSim:
         elif phase == "Scheduled":
             if self.launcher is not None:  # a real live migration, in a worker thread
                 slow = (meta.get("annotations") or {}).get(SLOW_LINK_ANNOTATION)
+                vspec = vmi.get("spec") or {}
                 self.launcher.migrate(
                     meta["namespace"],
                     spec["vmiName"],
                     state["targetNode"],
                     max_bandwidth=int(slow) if slow and slow.isdigit() else None,
+                    vmi_spec=vspec,
                 )
             write("Running")
         elif phase == "Running" and self.launcher is not None:
@@ -449,13 +482,11 @@ class VirtSim:
 
 
 def _launcher(state: Path) -> Launcher:
-    """Real VMs: the component artifacts built here (cached) back the boxes' images."""
-    from gtvp.local_state import cache_dir
-    from gtvp_local.guest.box import resolver
-    from gtvp_local.guest.build import build_catalogue
+    """Real VMs: members fetch the boxes' images from the pool's registry mirror (its
+    component store, else the component artifacts built here)."""
     from gtvp_local.vmruntime import runtime
 
-    launcher = Launcher(state, with_store(resolver(build_catalogue(cache_dir())), state / STORE))
+    launcher = Launcher(state, pool_mirror(state))
     accel = launcher.runtime.accel(runtime.guest_spec())
     log.info("%s VMs run under qemu (%s), one network namespace per member", HANDLER_BANNER, accel)
     return launcher

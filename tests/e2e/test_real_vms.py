@@ -1,15 +1,19 @@
-"""Lazy Boxes as real VMs: a box boots from its components and is live-migrated for real.
+"""Lazy Boxes as real VMs: a box boots from its components, is live-migrated for real, and
+reboots into a new composition when its application is upgraded.
 
 Real: kube-apiserver + etcd, gtvp-operator, a gtvp-agent per member on its own swtpm, the
 box's components built here from Debian packages (kernel, gtvp's box init, busybox rootfs,
-hello-web application; signed in this test), qemu running the composed VM in its member's
-network namespace, and a qemu live migration over the link between two members.
+hello-web application in versions 1.0.0 and 1.1.0; signed in this test), qemu running the
+composed VM in its member's network namespace, and a qemu live migration over the link
+between two members. Only hello-web 1.0.0 is applied with the pool; the upgrade test, last,
+applies 1.1.0 and removes it again.
 Simulated: Nodes by kwok; KubeVirt's virt-controller and virt-handler/virt-launcher by
 gtvp's stand-in (`gtvp_local.virtsim --vms qemu`, `gtvp_local.vmruntime.launcher`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +22,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +30,15 @@ import pytest
 from gtvp.core import component_signing
 from gtvp.local_state import cache_dir
 from gtvp_local.controlplane import ControlPlane
-from gtvp_local.guest.build import APP_NAME, BuildError, build_catalogue, component_manifest
+from gtvp_local.guest.build import (
+    APP_MARKER,
+    APP_NAME,
+    APP_UPGRADE,
+    APP_VERSION,
+    BuildError,
+    build_catalogue,
+    component_manifest,
+)
 from gtvp_local.pool import Pool
 from gtvp_local.processes import ProcessTable
 from gtvp_local.virtsim import SLOW_LINK_ANNOTATION
@@ -42,9 +55,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
 PUB = Publisher()
 NS = "default"
 UPTIME = re.compile(r"gtvp-uptime (\d+(?:\.\d+)?)")
+APP_SAYS = re.compile(rf"^{APP_MARKER} {APP_NAME} (\S+)\s*$", re.M)
+UPGRADE = f"{APP_NAME}@{APP_UPGRADE}"  # built and signed, applied only by the upgrade test
 
 
-def _signed_catalogue() -> list[dict[str, Any]]:
+def _signed_catalogue() -> dict[str, dict[str, Any]]:
+    """Every component version built here, as signed OSComponents, by `Artifact.key`."""
     missing = [t for t in ("qemu-system-x86_64", "busybox", "mksquashfs") if not shutil.which(t)]
     if missing:
         unavailable(f"real VMs need {', '.join(missing)} (make setup)")
@@ -52,17 +68,26 @@ def _signed_catalogue() -> list[dict[str, Any]]:
         catalogue = build_catalogue(cache_dir())
     except BuildError as exc:
         unavailable(f"cannot build the box components: {exc}")
-    docs = []
-    for artifact in catalogue.values():
+    docs = {}
+    for key, artifact in catalogue.items():
         doc = component_manifest(artifact)
         doc["spec"]["signature"] = component_signing.sign(doc["spec"], PUB.private_pem, PUB.name)
-        docs.append(doc)
+        docs[key] = doc
     return docs
 
 
 @pytest.fixture(scope="module")
-def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    components = _signed_catalogue()
+def components() -> dict[str, dict[str, Any]]:
+    return _signed_catalogue()
+
+
+@pytest.fixture(scope="module")
+def pool(
+    control_plane: ControlPlane,
+    tmp_path_factory: pytest.TempPathFactory,
+    components: dict[str, dict[str, Any]],
+) -> Iterator[Pool]:
+    applied = [doc for key, doc in components.items() if key != UPGRADE]
     policy = {"interval": "2s", "valid_for": "8s", "max_uses": 50, "publisher_keys": PUB.keys}
     try:
         with trusted_pool(
@@ -76,7 +101,7 @@ def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
                 "apply",
                 "-f",
                 "-",
-                input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": components}),
+                input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": applied}),
             ),
         ) as p:
             yield p
@@ -103,18 +128,24 @@ def _uptimes(console: str) -> list[float]:
     return [float(u) for u in UPTIME.findall(console)]
 
 
+def _app_says(console: str) -> list[str]:
+    """The versions the application announced on the console, in order."""
+    return APP_SAYS.findall(console)
+
+
 def _apply_box(pool: Pool, name: str, *, serve: bool = True) -> None:
-    """A box running the hello-web application at level 2 (the real components), its port
-    8080 served on its member's address when `serve` (one box per member may serve it:
-    the members' addresses stand in for pod IPs)."""
+    """A box running the hello-web application (versions >=1.0, upgradePolicy Restart) at
+    level 2 (the real components), its port 8080 served on its member's address when `serve`
+    (one box per member may serve it: the members' addresses stand in for pod IPs)."""
     box = {
         "apiVersion": "gtvp.io/v1alpha1",
         "kind": "LazyBox",
         "metadata": {"name": name, "namespace": NS},
         "spec": {
-            "application": {"name": APP_NAME},
+            "application": {"name": APP_NAME, "versions": ">=1.0"},
             "level": 2,
             "resources": {"cpu": "1", "memory": "192Mi"},
+            "upgradePolicy": "Restart",
             **({"ports": [{"name": "http", "port": 8080}]} if serve else {}),
         },
     }
@@ -169,7 +200,8 @@ def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_sa
     assert box["status"]["node"] == vmi["status"]["nodeName"]
     page = _page(pool, vmi["status"]["nodeName"])  # the service answers from the host
     assert f"gtvp Lazy Box {hello}" in page
-    assert "hello-web 1.0.0" in page
+    assert f"hello-web {APP_VERSION}" in page
+    assert _app_says(console) == [APP_VERSION]  # the application said so itself
 
 
 def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_was(
@@ -265,6 +297,14 @@ def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hel
     assert moved["status"]["phase"] == "Running"
     target = moved["status"]["nodeName"]
     assert f"gtvp Lazy Box {hello}" in _page(pool, target)  # it answers again, where it runs
+    # the target's qemu reads the disks its own member fetched, never the source's files
+    handle = Runtime(pool.dir).handle(vm_id(NS, hello))
+    assert handle is not None
+    assert handle.member == target
+    argv = Path(f"/proc/{handle.process.pid}/cmdline").read_bytes().split(b"\0")
+    drives = [a.decode() for a in argv if a.startswith(b"file=")]
+    assert drives, argv
+    assert all(f"/members/{target}/" in d for d in drives), drives
 
 
 def test_a_disk_the_mirror_altered_stops_the_box_with_the_inits_reason(pool: Pool) -> None:
@@ -298,3 +338,91 @@ def test_a_disk_the_mirror_altered_stops_the_box_with_the_inits_reason(pool: Poo
     finally:
         pool.cp.kubectl("delete", "lazybox", "altered", "-n", NS, "--wait=false", check=False)
         (pool.component_store / digest).unlink(missing_ok=True)
+
+
+def _resolved_app(box: dict[str, Any]) -> str | None:
+    """The application version the box's status says it resolved."""
+    for r in (box.get("status") or {}).get("resolved") or []:
+        if r.get("name") == APP_NAME:
+            return str(r.get("version"))
+    return None
+
+
+def _running_on(pool: Pool, name: str, version: str) -> dict[str, Any] | None:
+    """The box, once it is Running with the application at `version` resolved."""
+    box = _get(pool, "lazybox", name)
+    ok = (box.get("status") or {}).get("phase") == "Running" and _resolved_app(box) == version
+    return box if ok else None
+
+
+def test_a_component_upgrade_reboots_the_box_into_the_new_composition(
+    pool: Pool, hello: str, components: dict[str, dict[str, Any]]
+) -> None:
+    """The box (hello-web >=1.0, upgradePolicy Restart) runs 1.0.0; the publisher's signed
+    1.1.0 appears: the operator recomposes the box and restarts its VMI, the guest boots the
+    new composition (a reboot: its uptime starts over, unlike a migration) and says 1.1.0
+    itself, on its console and its page. Last in the module: 1.1.0 would upgrade every box
+    here; it is removed afterwards and the box rolls back to 1.0.0."""
+    try:
+        _wait("the box Running on 1.0.0", lambda: _running_on(pool, hello, APP_VERSION), 150)
+        old_vmi = _wait(
+            "the box's VMI Running",
+            lambda: (
+                (v := _get(pool, "vmi", hello)).get("status", {}).get("phase") == "Running" and v
+            ),
+            timeout=60,
+        )
+        # counting long enough that a fresh boot's count is clearly lower
+        _wait(
+            "the guest counting past 20 s",
+            lambda: (u := _uptimes(pool.vm_console(NS, hello))) and u[-1] >= 20,
+            timeout=60,
+        )
+    except TimeoutError as exc:
+        raise AssertionError(_diagnosis(pool, hello)) from exc
+    console = pool.vm_console(NS, hello)
+    assert _app_says(console)[-1] == APP_VERSION
+    before = _uptimes(console)[-1]
+    upgrade = components[UPGRADE]
+    pool.cp.kubectl("apply", "-f", "-", input_text=json.dumps(upgrade))
+    try:
+
+        def rebooted() -> tuple[dict[str, Any], str] | None:
+            vmi = _get(pool, "vmi", hello)
+            if vmi.get("metadata", {}).get("uid") in (None, old_vmi["metadata"]["uid"]):
+                return None
+            if vmi.get("status", {}).get("phase") != "Running":
+                return None
+            text = pool.vm_console(NS, hello)
+            said = _app_says(text)
+            if not said or said[-1] != APP_UPGRADE:
+                return None
+            after = text.rsplit(f"{APP_MARKER} {APP_NAME} {APP_UPGRADE}", 1)[1]
+            return (vmi, text) if _uptimes(after) else None
+
+        try:
+            vmi, console = _wait("the guest booted into 1.1.0", rebooted, timeout=180)
+            box = _wait(
+                "the box Running on 1.1.0", lambda: _running_on(pool, hello, APP_UPGRADE), 60
+            )
+        except TimeoutError as exc:
+            raise AssertionError(_diagnosis(pool, hello)) from exc
+        # the guest says it runs the new version: on its console and on its page
+        new_boot = console.rsplit(f"{APP_MARKER} {APP_NAME} {APP_UPGRADE}", 1)[1]
+        assert f"GTVP-READY {hello} {APP_UPGRADE}" in console
+        page = _page(pool, vmi["status"]["nodeName"])
+        assert f"hello-web {APP_UPGRADE}" in page
+        assert f"hello-web {APP_VERSION}" not in page
+        # a reboot, not a migration: the guest's uptime started over
+        assert _uptimes(new_boot)[0] < before, (before, _uptimes(new_boot))
+        # the box records the upgrade, from what to what
+        upgraded = box["status"]["upgrade"]
+        assert f"{APP_NAME} {APP_VERSION}" in upgraded["from"]
+        assert f"{APP_NAME} {APP_UPGRADE}" in upgraded["to"]
+        assert box["status"]["node"] == vmi["status"]["nodeName"]
+    finally:
+        name = upgrade["metadata"]["name"]
+        pool.cp.kubectl("delete", "oscomponent", name, "--wait=false", check=False)
+        # 1.0.0 is the newest again: the box rolls back; leave the module as it was
+        with contextlib.suppress(TimeoutError):
+            _wait("the box back on 1.0.0", lambda: _running_on(pool, hello, APP_VERSION), 150)

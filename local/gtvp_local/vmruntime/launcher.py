@@ -6,7 +6,12 @@ places on a member, and to live-migrate it when a migration reaches its turn:
 - a composed Lazy Box (a kernel-boot VMI) runs the way virt-launcher would run it: the
   kernel, gtvp's box init and one read-only virtio disk per component, translated from the
   VMI spec by `gtvp_local.guest.qemu.machine_spec` with the image references resolved to
-  the component artifacts built here (`gtvp_local.guest.build`);
+  files in the member's component cache (`vmruntime.cache`): before the VM starts, the
+  member fetches the images its cache lacks from the pool's registry mirror (the
+  component store, else the artifacts built here by `gtvp_local.guest.build`) across its
+  own link, as a kubelet pulls a containerDisk before virt-launcher starts; a member that
+  cannot fetch them does not start the VM (the VMI is Failed with the reason). A
+  migration's target fetches them too before the migration starts;
 - any other VMI boots the runtime's tiny test guest (`vmruntime.guest`) with the VMI's
   memory (at least 128 MiB);
 - the VMI is Running only once its console says `GTVP-READY`; a VM that ends (its init
@@ -21,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from gtvp_local.guest import qemu as box_qemu
+from gtvp_local.vmruntime import cache
 from gtvp_local.vmruntime import runtime as rt
 from gtvp_local.vmruntime.machine import MachineSpec
 
@@ -88,6 +95,16 @@ def with_store(resolve: Resolver, store: Path) -> Resolver:
     return resolve_from_store
 
 
+def pool_mirror(state: Path) -> Resolver:
+    """The pool's registry mirror: its component store (`<state>/component-store`), else
+    the component artifacts built here (cached; built on first use)."""
+    from gtvp.local_state import cache_dir
+    from gtvp_local.guest.box import resolver
+    from gtvp_local.guest.build import build_catalogue
+
+    return with_store(resolver(build_catalogue(cache_dir())), state / STORE)
+
+
 def forwarded_ports(vmi_spec: Mapping[str, Any]) -> list[int]:
     """The TCP ports the VMI's masquerade interfaces forward (as virt-launcher's nftables
     rules would), served here on the member's address."""
@@ -122,18 +139,55 @@ def last_words(console: str) -> str:
 
 
 class Launcher:
-    """VMIs (by namespace/name) as VMs of a `Runtime` rooted at `state`."""
+    """VMIs (by namespace/name) as VMs of a `Runtime` rooted at `state`; `resolve` is the
+    pool's registry mirror (`pool_mirror`), what members fetch components from (None: no
+    composed box runs here)."""
 
     def __init__(self, state: Path, resolve: Resolver | None = None) -> None:
         self.runtime = rt.Runtime(state)
         self.resolve = resolve
+        self.mirror = None if resolve is None else cache.Mirror(lambda image: resolve(image, None))
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gtvp-migrate")
         self._migrations: dict[str, Future[rt.MigrationResult]] = {}
+        self._lock = threading.Lock()
+        self._changed = set(cache.members(state))  # reported once at startup
+
+    def fetch(self, member: str, images: Sequence[str]) -> list[cache.FetchReport]:
+        """Fetch the images `member`'s cache lacks (cache.FetchError when one fails)."""
+        if self.mirror is None:
+            raise cache.FetchError(f"{member} cannot fetch components: no registry mirror here")
+        try:
+            return cache.fetch_missing(self.runtime.state, member, images, self.mirror)
+        finally:
+            self.cache_changed(member)
+
+    def cache_changed(self, member: str) -> None:
+        with self._lock:
+            self._changed.add(member)
+
+    def changed_caches(self) -> list[str]:
+        """Members whose cache changed (or was not reported yet) since the last call."""
+        with self._lock:
+            changed, self._changed = sorted(self._changed), set()
+        return changed
+
+    def node_images(self, member: str) -> list[dict[str, Any]]:
+        """`member`'s Node.status.images, from what its component cache holds."""
+        return cache.listing(self.runtime.state, member)
 
     def start(self, namespace: str, name: str, member: str, vmi_spec: Mapping[str, Any]) -> None:
-        """Start the VMI's VM on `member` (raises with the reason when it cannot start)."""
-        spec = machine_for(vmi_spec, self.resolve, rt.guest_spec)
-        self.runtime.start(vm_id(namespace, name), member, spec)
+        """Start the VMI's VM on `member` (raises with the reason when it cannot start); a
+        composed box's components are fetched into the member's cache first, and its
+        disks are the files there."""
+        resolve = self.resolve
+        if resolve is not None and is_composed(vmi_spec):
+            self.fetch(member, cache.images_of(vmi_spec))
+            resolve = cache.resolver(self.runtime.state, member)
+        spec = machine_for(vmi_spec, resolve, rt.guest_spec)
+        vm = vm_id(namespace, name)
+        if self.runtime.running(vm):  # the VM of a VMI this one replaced (a restart)
+            self.stop_vm(vm)
+        self.runtime.start(vm, member, spec)
 
     def known(self) -> set[str]:
         return set(self.runtime.vms())
@@ -156,19 +210,41 @@ class Launcher:
             log.info("[SIMULATED virt-handler] stopped VM %s", vm)
 
     def migrate(
-        self, namespace: str, name: str, target: str, max_bandwidth: int | None = None
+        self,
+        namespace: str,
+        name: str,
+        target: str,
+        max_bandwidth: int | None = None,
+        vmi_spec: Mapping[str, Any] | None = None,
     ) -> Future[rt.MigrationResult]:
-        """The migration of the VMI to `target`, started once (later calls: the same one);
-        `max_bandwidth` (bytes/s) makes the link slow for this migration."""
+        """The migration of the VMI to `target`, started once (later calls: the same one):
+        for a composed box (`vmi_spec`) the target fetches what its cache lacks and its qemu
+        opens the disks in its own cache; then the VM live-migrates. `max_bandwidth`
+        (bytes/s) makes the link slow for this migration."""
         vm = vm_id(namespace, name)
         if vm not in self._migrations:
             self._migrations[vm] = self._pool.submit(
-                self.runtime.migrate, vm, target, 120.0, max_bandwidth=max_bandwidth
+                self._fetch_and_migrate, vm, target, vmi_spec, max_bandwidth
             )
         return self._migrations[vm]
+
+    def _fetch_and_migrate(
+        self,
+        vm: str,
+        target: str,
+        vmi_spec: Mapping[str, Any] | None,
+        max_bandwidth: int | None,
+    ) -> rt.MigrationResult:
+        spec = None
+        if vmi_spec is not None and self.resolve is not None and is_composed(vmi_spec):
+            self.fetch(target, cache.images_of(vmi_spec))
+            spec = machine_for(vmi_spec, cache.resolver(self.runtime.state, target), rt.guest_spec)
+        return self.runtime.migrate(vm, target, 120.0, max_bandwidth=max_bandwidth, spec=spec)
 
     def finish_migration(self, namespace: str, name: str) -> None:
         self._migrations.pop(vm_id(namespace, name), None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.mirror is not None:
+            self.mirror.close()

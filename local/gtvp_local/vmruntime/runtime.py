@@ -306,6 +306,7 @@ class Runtime:
         *,
         max_bandwidth: int | None = None,
         on_progress: Callable[[Mapping[str, Any]], None] | None = None,
+        spec: MachineSpec | None = None,
     ) -> MigrationResult:
         """Live-migrate `vm` to `target_member` over the member link.
 
@@ -315,7 +316,8 @@ class Runtime:
         Completed: the source is stopped and the target is the VM's process. Failed
         (qemu's error, the target gone, or `timeout` → `migrate_cancel`): the target is
         stopped, the source keeps running, the result carries qemu's reason.
-        `max_bandwidth` (bytes/s) limits this migration only.
+        `max_bandwidth` (bytes/s) limits this migration only. `spec`: the same machine with
+        the target's own files (its component cache), else the source's spec.
         """
         h = self.handle(vm)
         if h is None or not h.process.alive():
@@ -323,7 +325,7 @@ class Runtime:
         if target_member == h.member:
             raise ValueError(f"VM {vm} already runs on {target_member}")
         rec = self._record(vm)
-        spec = MachineSpec.from_json(rec["spec"])
+        spec = spec or MachineSpec.from_json(rec["spec"])
         source_net = network.ensure_member(self.state, h.member)
         target_net = network.ensure_member(self.state, target_member)
         gen = h.generation + 1
@@ -370,7 +372,7 @@ class Runtime:
         self.table.stop(names.process_name(vm, h.generation), timeout=5)
         with contextlib.suppress(FileNotFoundError):
             h.qmp.unlink()
-        rec.update(member=target_member, generation=gen)
+        rec.update(member=target_member, generation=gen, spec=spec.to_json())
         self._write(vm, rec)
         ram = info.get("ram") or {}
         return MigrationResult(
