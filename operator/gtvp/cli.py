@@ -27,7 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run a local trusted pool (real control plane on loopback)",
     ),
     "verify-quote": ("gtvp.quote_cli", "verify a tpm2-tools quote with gtvp's verifier"),
-    "component": ("gtvp.component_cli", "sign or verify OSComponent manifests"),
+    "component": (
+        "gtvp.component_cli",
+        "sign or verify OSComponent manifests, build gtvp's guest components",
+    ),
     "status": ("gtvp.status_cli", "a readable summary of the trusted pool"),
 }
 

@@ -155,7 +155,7 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
             ["local"],
             "up, build, tamper, down, status, images or regen-gomod (see gtvp local --help)",
         ),
-        (["component"], "sign or verify (see gtvp component --help)"),
+        (["component"], "sign, verify or build (see gtvp component --help)"),
     ],
 )
 def test_a_missing_command_is_named_in_words(argv: list[str], named: str) -> None:
@@ -167,7 +167,7 @@ def test_a_missing_command_is_named_in_words(argv: list[str], named: str) -> Non
 
 HELPS = [[], ["local"], ["verify-quote"], ["component"], ["status"]]
 HELPS += [["local", c] for c in ("up", "build", "tamper", "down", "status", "regen-gomod")]
-HELPS += [["component", "sign"], ["component", "verify"]]
+HELPS += [["component", "sign"], ["component", "verify"], ["component", "build"]]
 
 
 @pytest.mark.parametrize("argv", HELPS, ids=lambda a: " ".join(a) or "gtvp")

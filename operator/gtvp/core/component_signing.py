@@ -41,7 +41,9 @@ def _deps(items: Any) -> list[dict[str, str]]:
 
 
 def canonical_bytes(spec: Mapping[str, Any]) -> bytes:
-    """The bytes a publisher signs for one component spec (defaults applied, keys sorted)."""
+    """The bytes a publisher signs for one component spec (defaults applied, keys sorted).
+    `diskDigest` is in them only when the spec has one, so a component without it signs
+    the same bytes as before the field existed (its signature stays valid)."""
     try:
         body = {
             "componentName": str(spec["componentName"]),
@@ -56,6 +58,8 @@ def canonical_bytes(spec: Mapping[str, Any]) -> bytes:
             "level": int(spec.get("level", 1)),
             "maxUses": int(spec["maxUses"]) if spec.get("maxUses") is not None else None,
         }
+        if spec.get("diskDigest") is not None:  # absent: the bytes signed before it existed
+            body["diskDigest"] = str(spec["diskDigest"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ComponentSignatureError(
             "MalformedComponent", f"component spec lacks or mistypes a signed field: {exc}"

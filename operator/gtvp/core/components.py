@@ -7,6 +7,7 @@ catalogue entry is reported on that entry and never reaches a box.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from gtvp.core.versions import Version, VersionError, VersionRange
 
 TYPES = ("kernel", "initrd", "rootfs", "library", "application")
+SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")  # the CRD's pattern for diskDigest
 
 
 class ComponentError(ValueError):
@@ -45,6 +47,15 @@ class Component:
     conflicts: tuple[Dependency, ...]
     level: int
     max_uses: int | None
+    disk_digest: str | None = None
+    """`sha256:<hex>` of the disk file the VM sees, when the image's digest is not that
+    (a containerDisk in a registry is pinned by its manifest's digest)."""
+
+    @property
+    def pin(self) -> str:
+        """The digest the box init checks the component's disk against: `disk_digest`,
+        else `digest` (an image that is the disk file itself)."""
+        return self.disk_digest or self.digest
 
     @property
     def label(self) -> str:
@@ -75,6 +86,9 @@ def parse_component(obj: Mapping[str, Any]) -> Component:
         if kind not in TYPES:
             raise ComponentError(f"spec.type {kind!r} is not one of {', '.join(TYPES)}")
         max_uses = spec.get("maxUses")
+        disk_digest = spec.get("diskDigest")
+        if disk_digest is not None and not SHA256.match(str(disk_digest)):
+            raise ComponentError(f"spec.diskDigest {disk_digest!r} is not sha256:<64 hex>")
         return Component(
             object_name=str(meta.get("name", "")),
             name=str(spec["componentName"]),
@@ -88,6 +102,7 @@ def parse_component(obj: Mapping[str, Any]) -> Component:
             conflicts=_deps(spec.get("conflicts"), "conflicts"),
             level=int(spec.get("level", 1)),
             max_uses=int(max_uses) if max_uses is not None else None,
+            disk_digest=str(disk_digest) if disk_digest is not None else None,
         )
     except VersionError as exc:
         raise ComponentError(f"spec.version: {exc}") from exc

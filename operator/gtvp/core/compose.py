@@ -11,8 +11,10 @@ Conventions for component images (docs/lazyboxes.md):
   `/opt/gtvp/<name>/start` is run last;
 - the kernel command line also pins every component disk for gtvp's box init
   (`gtvp.disks=<serial>:<sha256>,…`, rootfs first, application last): the init refuses a
-  disk whose bytes differ from its component's digest and overlays the others read-only,
-  later ones above earlier ones (docs/lazyboxes.md, "How a box boots");
+  disk whose bytes differ from its component's `diskDigest` (a containerDisk in a registry,
+  pinned by its manifest's digest), else its `digest` (an image that is the disk file), and
+  overlays the others read-only, later ones above earlier ones (docs/lazyboxes.md, "How a
+  box boots");
 - the box's `ports`, when it has any, on the pod network's masquerade interface.
 
 The VM carries the trust node selector of the box's level (a hard requirement, so it can
@@ -163,10 +165,11 @@ def overlay_order(components: Sequence[Component]) -> list[Component]:
 
 def kernel_args(box_name: str, components: Sequence[Component]) -> str:
     """The kernel command line: the serial console, and for gtvp's box init the box, the
-    application and every component disk with the sha256 its component pins."""
+    application and every component disk with the sha256 its component pins for the disk
+    file (`Component.pin`: diskDigest, else digest)."""
     app = next((c for c in components if c.type == "application"), None)
     disks = ",".join(
-        f"{_serial(c)}:{c.digest.removeprefix('sha256:')}" for c in overlay_order(components)
+        f"{_serial(c)}:{c.pin.removeprefix('sha256:')}" for c in overlay_order(components)
     )
     words = ["console=ttyS0", "root=/dev/vda", "ro", f"gtvp.box={box_name}"]
     if app is not None:
