@@ -7,7 +7,7 @@ VENV  ?= $(or $(GTVP_VENV),$(CACHE)/venv)
 BIN   := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck down bench bench-scale images
+.PHONY: setup demo test lint typecheck down bench bench-scale images samples
 
 setup:
 	@.ci/setup-machine
@@ -22,6 +22,11 @@ demo: setup
 
 down:
 	@$(BIN)/gtvp local down
+
+# the sample catalogue (crds/samples/oscomponents.yaml): build the real guest components
+# from the pinned Debian packages, sign them with the demo key, rewrite the file
+samples: setup
+	@$(BIN)/python -m gtvp_local.guest.samples --write
 
 # gtvp's container image (operator + agent), built here without a Docker engine: debootstrap,
 # pip, umoci; cached in $(CACHE)/images by a fingerprint of its inputs (docs/images.md).

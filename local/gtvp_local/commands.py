@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,13 @@ from gtvp.core.api_resources import KUBEVIRT_API_VERSION
 from gtvp.core.phases import MemberPhase
 from gtvp_local import images, installation, layout, realnode, realpool, replicas, toolchain
 from gtvp_local.controlplane import ControlPlane, ControlPlaneError, Ports
+from gtvp_local.guest.build import BuildError
 from gtvp_local.polling import wait_for
 from gtvp_local.pool import Pool, PoolError
 from gtvp_local.processes import ProcessTable, Tracked, stop_pid, strays
 from gtvp_local.swtpm import extend_pcr
+from gtvp_local.vmruntime.network import member_net
+from gtvp_local.vmruntime.runtime import cleanup as vmruntime_cleanup
 
 
 def _saved_ports() -> Ports:
@@ -63,12 +68,11 @@ def _say(msg: str) -> None:
 
 DEMO_NAMESPACE = "gtvp-demo"
 BOX_NAMESPACE, BOX_NAME = "gtvp-samples", "web"  # crds/samples/lazybox.yaml
-WARM_COMPONENTS = ("linux 6.6.52", "debian-minimal 12.7.0", "nginx 1.26.2")
 
 
-def _pool(cp: ControlPlane, replicas: int | None = None) -> Pool:
-    """The local pool (its replicas as saved, unless `replicas` says how many to run)."""
-    return Pool(cp, local_state.state_dir() / "pool", replicas=replicas)
+def _pool(cp: ControlPlane, replicas: int | None = None, vms: str | None = None) -> Pool:
+    """The local pool (its replicas and VM runtime as saved, unless told otherwise)."""
+    return Pool(cp, local_state.state_dir() / "pool", replicas=replicas, vms=vms)
 
 
 def _demo_vm(level: int) -> dict[str, object]:
@@ -102,6 +106,17 @@ def _vmi_node(
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _vmi_running_on(
+    cp: ControlPlane, name: str = "demo-web", namespace: str = DEMO_NAMESPACE
+) -> str | None:
+    out = cp.kubectl(
+        "get", "vmi", name, "-n", namespace, "-o", "jsonpath={.status.phase} {.status.nodeName}",
+        check=False,
+    )  # fmt: skip
+    phase, _, node = out.stdout.strip().partition(" ")
+    return node or None if out.returncode == 0 and phase == "Running" else None
+
+
 def _box(cp: ControlPlane) -> dict[str, Any]:
     out = cp.kubectl("get", "lazybox", BOX_NAME, "-n", BOX_NAMESPACE, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else {}
@@ -113,13 +128,15 @@ def _box_running_on(cp: ControlPlane) -> str | None:
     return str(node) if node and _vmi_node(cp, BOX_NAME, BOX_NAMESPACE) == node else None
 
 
-def _sample_images(labels: Sequence[str]) -> list[str]:
+def _warm_components() -> dict[str, str]:
+    """What a warm member caches of the sample catalogue: every component but the
+    applications (the kernel and the root filesystem), label -> image."""
     path = layout.repo_root() / "crds" / "samples" / "oscomponents.yaml"
-    out = []
+    out = {}
     for doc in yaml.safe_load_all(path.read_text()):
         spec = (doc or {}).get("spec") or {}
-        if f"{spec.get('componentName')} {spec.get('version')}" in labels:
-            out.append(str(spec["image"]))
+        if spec and spec.get("type") != "application":
+            out[f"{spec['componentName']} {spec['version']}"] = str(spec["image"])
     return out
 
 
@@ -127,33 +144,78 @@ def _apply_sample(cp: ControlPlane, path: Path) -> None:
     cp.kubectl("apply", "--server-side", "--field-manager=gtvp-samples", "-f", str(path))
 
 
-def start_pool(cp: ControlPlane, members: int, replicas: int = 2) -> Pool:
+def start_pool(cp: ControlPlane, members: int, replicas: int = 2, vms: str = "qemu") -> Pool:
     """Members with their own swtpm and agent (node-1 and node-2 of identity 3, the others
-    2), kwok, the virt-controller stand-in, the operator's `replicas` with their webhooks
-    (behind a SIMULATED Service when there are several); node-2's image cache already holds
-    most of the sample Lazy Box. Waits until every member is Trusted."""
+    2), kwok, the virt-controller stand-in (with `vms="qemu"` real VMs), the operator's
+    `replicas` with their webhooks (behind a SIMULATED Service when there are several);
+    node-2's component cache already holds most of the sample Lazy Box. Waits until every
+    member is Trusted."""
     identities = {f"node-{i}": 3 if i <= 2 else 2 for i in range(1, members + 1)}
     warm = ["node-2"] if members >= 2 else []
 
     def warm_image_cache(pool: Pool) -> None:
+        comps = _warm_components()
         for name in warm:
-            _say(
-                f"  SIMULATION: {name}'s image cache already holds {', '.join(WARM_COMPONENTS)} "
-                "(written into Node status.images as its kubelet would report it)"
-            )
-            pool.set_node_images(name, _sample_images(WARM_COMPONENTS))
+            if vms == "qemu":
+                pool.warm_cache(name, list(comps.values()))
+                _say(
+                    f"  {name}'s component cache already holds {', '.join(comps)} (fetched "
+                    "across its link; Node status.images lists what its cache holds)"
+                )
+            else:
+                _say(
+                    f"  SIMULATION: {name}'s image cache already holds {', '.join(comps)} "
+                    "(written into Node status.images as its kubelet would report it)"
+                )
+                pool.set_node_images(name, list(comps.values()))
 
-    pool = _pool(cp, replicas)
+    pool = _pool(cp, replicas, vms)
     pool.start_trusted(identities, before_start=warm_image_cache, timeout=90, say=_say)
     return pool
 
 
-def _show_box(cp: ControlPlane) -> None:
+BOX_TIMEOUT = 240.0
+"""A box's boot under software emulation, with a cold member's component fetch first,
+on a loaded two-core machine (it takes about 10 s on a quiet one)."""
+GUEST_WORDS = re.compile(r"^(gtvp-init: .*|GTVP-READY .*|gtvp-app .*)$", re.MULTILINE)
+UPTIME = re.compile(r"gtvp-uptime (\d+)")
+
+
+def _guest_uptime(pool: Pool) -> int | None:
+    """The box guest's own uptime, the last its console said (None before it counts)."""
+    found = UPTIME.findall(pool.vm_console(BOX_NAMESPACE, BOX_NAME))
+    return int(found[-1]) if found else None
+
+
+def _box_page(pool: Pool, member: str, timeout: float = 30.0) -> tuple[str, str]:
+    """The box's page as its member serves it (the address, the page's text)."""
+    net = member_net(pool.dir, member)
+    if net is None:
+        raise PoolError(f"{member} has no network namespace")
+    url = f"http://{net.address}:8080/"
+
+    def fetch() -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as answer:
+                html = answer.read().decode(errors="replace")
+        except OSError:
+            return None
+        return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+    return url, str(wait_for(f"the box's page at {url}", fetch, timeout))
+
+
+def _show_box(cp: ControlPlane, pool: Pool) -> None:
+    real = pool.vms == "qemu"
     _say(
-        f"  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} (crds/samples/lazybox.yaml): nginx and its "
-        "dependencies, level 2"
+        f"  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} (crds/samples/lazybox.yaml): hello-web and "
+        "its dependencies, level 2"
     )
-    wait_for(f"Lazy Box {BOX_NAME} to run", lambda: _box_running_on(cp), 60)
+    node = str(
+        wait_for(
+            f"Lazy Box {BOX_NAME} to run", lambda: _box_running_on(cp), BOX_TIMEOUT if real else 60
+        )
+    )
     st = _box(cp)["status"]
     comps = ", ".join(f"{r['name']} {r['version']}" for r in st.get("resolved") or [])
     _say(f"    resolved and verified (signed by the sample publisher): {comps}")
@@ -162,6 +224,13 @@ def _show_box(cp: ControlPlane) -> None:
         "container disks, cloud-init)"
     )
     _say(f"    placed on {st['placement']['reason']}")
+    if not real:
+        return
+    _say(f"    booted under qemu on {node}; the guest's own words (serial console):")
+    for line in GUEST_WORDS.findall(pool.vm_console(BOX_NAMESPACE, BOX_NAME)):
+        _say(f"      | {line.strip()}")
+    url, page = _box_page(pool, node)
+    _say(f"    its page at {url} (from this host): {page}")
 
 
 # ----- gtvp local up, step by step -----------------------------------------------------------
@@ -209,21 +278,26 @@ def _apply_samples(cp: ControlPlane, steps: int, *, with_pool: bool) -> None:
 
 
 def _run_trusted_pool(
-    cp: ControlPlane, members: int, steps: int, *, box: bool, replicas: int
+    cp: ControlPlane, members: int, steps: int, *, box: bool, replicas: int, vms: str
 ) -> None:
     """The pool, a VM that needs level 3 and (with the samples) the sample Lazy Box."""
     _say(
         f"step {steps}/{steps}: the trusted pool: {members} members, {replicas} operator replica(s)"
     )
-    start_pool(cp, members, replicas)
+    pool = start_pool(cp, members, replicas, vms)
     cp.kubectl("create", "namespace", DEMO_NAMESPACE, check=False)
     _say("  a VM that needs level 3 (label gtvp.io/level=3): the webhook adds the trust selector")
     cp.kubectl("apply", "-f", "-", input_text=json.dumps(_demo_vm(3)))
-    node = wait_for("demo-web to run", lambda: _vmi_node(cp), 30)
-    _say(f"  {DEMO_NAMESPACE}/demo-web runs on {node}")
+    node = wait_for(
+        "demo-web to run", lambda: _vmi_running_on(cp), BOX_TIMEOUT if vms == "qemu" else 30
+    )
+    _say(
+        f"  {DEMO_NAMESPACE}/demo-web runs on {node}"
+        + (" (a real VM: qemu booted the runtime's small test guest)" if vms == "qemu" else "")
+    )
     if box:
         _apply_sample(cp, layout.repo_root() / "crds" / "samples" / "lazybox.yaml")
-        _show_box(cp)
+        _show_box(cp, pool)
 
 
 def _show_what_runs(cp: ControlPlane, started: float, *, with_pool: bool) -> None:
@@ -339,6 +413,41 @@ def _up_installed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_guest_components() -> None:
+    """The sample catalogue's components, built here from the pinned Debian packages
+    (cached), and checked against the digests crds/samples/oscomponents.yaml pins."""
+    if os.geteuid() != 0:
+        raise PoolError(
+            "real VMs need root (a network namespace per member); --vms phases runs the pool "
+            "without VMs"
+        )
+    missing = [t for t in ("qemu-system-x86_64", "mksquashfs", "ip") if not shutil.which(t)]
+    if missing:
+        raise PoolError(
+            f"real VMs need {', '.join(missing)} (make setup installs them); "
+            "--vms phases runs the pool without VMs"
+        )
+    from gtvp_local.guest import samples
+
+    try:
+        built = samples.built_docs()
+    except BuildError as exc:
+        raise PoolError(f"cannot build the guest components: {exc}") from None
+    diff = samples.differences(built, samples.load(samples.samples_path()))
+    if diff:
+        raise PoolError(
+            "crds/samples/oscomponents.yaml does not pin what this machine builds ("
+            + "; ".join(diff)
+            + "): `make samples` rewrites it"
+        )
+    for doc in built:
+        spec = doc["spec"]
+        _say(
+            f"  {spec['componentName']} {spec['version']} ({spec['type']}): {spec['digest'][:19]}… "
+            f"{spec['sizeBytes'] / 1e6:.1f} MB, reproducible, as the sample pins it"
+        )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise PoolError("--replicas: the pool runs at least one operator replica")
@@ -348,19 +457,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     shutil.rmtree(_installed_dir(), ignore_errors=True)  # not a helm pool (any more)
     started = time.monotonic()
     with_pool = bool(args.members)
+    real_vms = with_pool and args.vms == "qemu"
     steps = 5 if with_pool else 4
     _say("gtvp local: a trusted pool on this machine (loopback only)")
     _say(
         f"step 1/{steps}: programs (etcd, kube-apiserver, kubectl, kwok, helm), built from "
-        "Go modules"
+        "Go modules" + ("; the sample's guest components" if real_vms else "")
     )
     toolchain.ensure_all()
+    if real_vms:
+        _build_guest_components()
     cp = _start_control_plane(args, steps)
     _install_crds(cp, steps)
     if not args.no_samples:
         _apply_samples(cp, steps, with_pool=with_pool)
     if with_pool:
-        _run_trusted_pool(cp, args.members, steps, box=not args.no_samples, replicas=args.replicas)
+        _run_trusted_pool(
+            cp,
+            args.members,
+            steps,
+            box=not args.no_samples,
+            replicas=args.replicas,
+            vms=args.vms,
+        )
     _show_what_runs(cp, started, with_pool=with_pool)
     _show_how_to_use(cp, with_pool=with_pool)
     return 0
@@ -423,22 +542,54 @@ def _watch_vm(
     _say(f"{elapsed()}  {DEMO_NAMESPACE}/demo-web now runs on {node} (trusted, level 3)")
 
 
-def _watch_box(
-    cp: ControlPlane, member: str, before: str | None, elapsed: Callable[[], str]
-) -> None:
-    """Until the sample Lazy Box left the member, if it ran there."""
-    if before == member:
-        node = wait_for(
+def _watch_box(pool: Pool, member: str, before: str | None, elapsed: Callable[[], str]) -> None:
+    """Until the sample Lazy Box left the member, if it ran there; with real VMs, until the
+    guest counts on at its new member (no reboot) and its page answers there."""
+    cp, real = pool.cp, pool.vms == "qemu"
+    if before != member:
+        if before:
+            _say(f"  (Lazy Box {BOX_NAMESPACE}/{BOX_NAME} runs on {before}, so it stays)")
+        return
+    uptime = _guest_uptime(pool) if real else None
+    node = str(
+        wait_for(
             "the Lazy Box to move",
             lambda: (n := _box_running_on(cp)) != member and n,
-            60,
+            BOX_TIMEOUT if real else 60,
+        )
+    )
+    _say(
+        f"{elapsed()}  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} live-migrated to {node} "
+        "(trusted, level >= 2)"
+        + (": a real qemu live migration between the members" if real else "")
+    )
+    if not real:
+        return
+    moved = _migration_line(pool)
+    if moved:
+        _say(f"{elapsed()}    {moved}")
+    if uptime is not None:
+        later = wait_for(
+            "the guest to count on", lambda: (u := _guest_uptime(pool)) and u > uptime + 1 and u, 30
         )
         _say(
-            f"{elapsed()}  Lazy Box {BOX_NAMESPACE}/{BOX_NAME} live-migrated to {node} "
-            "(trusted, level >= 2)"
+            f"{elapsed()}    the guest did not reboot: its uptime went on from {uptime} s "
+            f"before the tamper to {later} s on {node}"
         )
-    elif before:
-        _say(f"  (Lazy Box {BOX_NAMESPACE}/{BOX_NAME} runs on {before}, so it stays)")
+    url, page = _box_page(pool, node)
+    _say(f"{elapsed()}    its page answers at {url}: {page}")
+
+
+def _migration_line(pool: Pool) -> str | None:
+    """What the SIMULATED virt-handler said of the box's last live migration (its log)."""
+    lines = [
+        ln[ln.index("[SIMULATED") :]
+        for ln in pool.procs.log_tail("virtsim", 200).splitlines()
+        if f"migration of {BOX_NAMESPACE}/{BOX_NAME} " in ln
+        and ": completed" in ln
+        and "[SIMULATED" in ln
+    ]
+    return lines[-1] if lines else None
 
 
 def _tamper_installed(cp: ControlPlane, args: argparse.Namespace) -> int:
@@ -492,7 +643,7 @@ def cmd_tamper(args: argparse.Namespace) -> int:
     pool.extend_pcr(member, args.pcr, b"gtvp local tamper")
     _watch_quarantine(cp, member, elapsed)
     _watch_vm(cp, member, vm_before, elapsed)
-    _watch_box(cp, member, box_before, elapsed)
+    _watch_box(pool, member, box_before, elapsed)
     _say("")
     _say(pool_status.summary(str(cp.admin_kubeconfig)))
     return 0
@@ -535,6 +686,8 @@ def _stop_everything() -> list[str]:
     cp = _control_plane()
     pool_procs = ProcessTable(local_state.state_dir() / "pool")
     stopped = [t.name for t in pool_procs.all() if pool_procs.stop(t.name)]
+    # the pool's VMs, their member namespaces, veths and (once unused) the bridge
+    stopped += vmruntime_cleanup(local_state.state_dir() / "pool")
     if _installed_dir().is_dir():
         stopped += realpool.stop(cp, _installed_dir())  # the node before its API server
     stopped += cp.stop()
@@ -652,6 +805,14 @@ def register(local: argparse.ArgumentParser) -> None:
         help="processes (default): the operator and agents as processes beside kwok Nodes "
         "(simulated); helm: the chart with images built here, its pods on a real kubelet node "
         "of this machine (root; --members does not apply)",
+    )
+    up.add_argument(
+        "--vms",
+        choices=("qemu", "phases"),
+        default="qemu",
+        help="qemu (default): every VMI a real VM (qemu, software emulation unless KVM works) "
+        "in its member's network namespace, migrations real live migrations; phases: the "
+        "stand-in only moves VMIs through their phases (no qemu needed)",
     )
     up.add_argument("--apiserver-port", type=int, help="kube-apiserver port (default 26443)")
     up.add_argument(

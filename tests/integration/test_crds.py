@@ -262,7 +262,7 @@ INVALID: list[tuple[str, Any, list[str]]] = [
     ("box port 0", lambda r: _box(r, ports=[{"port": 0}]), ["spec.ports[0].port"]),
     (
         "box depends on its own application",
-        lambda r: _box(r, dependencies=[{"name": "nginx"}]),
+        lambda r: _box(r, dependencies=[{"name": "hello-web"}]),
         ["spec", "dependencies must not repeat the application"],
     ),
 ]

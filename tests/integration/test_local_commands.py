@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gtvp_local import replicas
 from gtvp_local.polling import wait_for
@@ -28,7 +30,7 @@ def _gtvp(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # `up` with real VMs boots two under software emulation
         check=False,
     )
 
@@ -99,6 +101,18 @@ def test_half_started_run_is_cleaned_and_restarted(pool: tuple[Path, list[str]])
     assert _gtvp(state, "status").returncode == 0
 
 
+def _sample_components() -> list[str]:
+    """`name version` of the newest version of each sample component, in the file's order
+    (kernel, rootfs, application): what the sample box resolves to."""
+    newest: dict[str, tuple[int, ...]] = {}
+    path = Path(__file__).parents[2] / "crds" / "samples" / "oscomponents.yaml"
+    for doc in yaml.safe_load_all(path.read_text()):
+        spec = doc["spec"]
+        version = tuple(int(x) for x in spec["version"].split("."))
+        newest[spec["componentName"]] = max(version, newest.get(spec["componentName"], version))
+    return [f"{name} {'.'.join(map(str, v))}" for name, v in newest.items()]
+
+
 def _assert_two_replicas(state: Path, up: str) -> None:
     """Two operator replicas (the default) behind the SIMULATED Service share the members:
     `up` names them, `status` shows each one ready, its shards, and one leader."""
@@ -132,15 +146,24 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     assert "Members: 3 of 3 trusted" in up.stdout
     assert "SIMULATION: kwok" in up.stdout
     assert "SIMULATION: a stand-in for KubeVirt's virt-controller" in up.stdout
-    assert "SIMULATION: node-2's image cache" in up.stdout
+    assert "SIMULATION of virt-handler/virt-launcher (gtvp_local.vmruntime)" in up.stdout
+    newest = _sample_components()
+    built = [ln for ln in up.stdout.splitlines() if ln.endswith("as the sample pins it")]
+    for comp in newest:  # built here, reproducibly, with the digests the samples pin
+        assert any(ln.startswith(f"  {comp} (") for ln in built), up.stdout[:3000]
+    warm = [c for c in newest if not c.startswith("hello-web")]
+    assert f"node-2's component cache already holds {', '.join(warm)}" in up.stdout
     vm_host = up.stdout.split("gtvp-demo/demo-web runs on ")[1].split()[0]
     assert vm_host in {"node-1", "node-2"}  # level 3: never node-3 (identity 2)
+    assert "(a real VM: qemu booted" in up.stdout
     assert "resolved and verified" in up.stdout
-    assert (
-        "linux 6.6.52, debian-minimal 12.7.0, glibc 2.36.0, openssl 3.3.2, nginx 1.26.2"
-        in up.stdout
-    )
+    assert ", ".join(newest) in up.stdout
     assert "placed on node-2: Trusted at level 3" in up.stdout
+    # the guest booted from the components and says so on its console, verifying each disk
+    assert "| gtvp-init: verified and mounted busybox-base" in up.stdout
+    assert "| GTVP-READY web" in up.stdout
+    page = up.stdout.split("(from this host): ")[1].splitlines()[0]
+    assert f"gtvp Lazy Box web hello-web {newest[-1].split()[1]}" in page
     assert "gtvp local tamper node-2" in up.stdout
     _assert_two_replicas(state, up.stdout)
     host = "node-2"
@@ -151,6 +174,10 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     assert "tainted gtvp.io/untrusted:NoSchedule" in tamper.stdout
     assert "Members: 2 of 3 trusted" in tamper.stdout
     assert "Lazy Box gtvp-samples/web live-migrated to node-" in tamper.stdout
+    assert "a real qemu live migration between the members" in tamper.stdout
+    assert "[SIMULATED virt-handler] migration of gtvp-samples/web to node-" in tamper.stdout
+    assert "the guest did not reboot: its uptime went on from" in tamper.stdout
+    assert "its page answers at http://10.77.0." in tamper.stdout
     assert "Lazy Boxes:" in tamper.stdout
     if vm_host == host:
         assert "evacuation started" in tamper.stdout
@@ -164,9 +191,20 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     )
     assert status.returncode == 0
     assert f"! {host}: PCR 7" in status.stdout
+    members_net = json.loads((state / "pool" / "vmruntime" / "network.json").read_text())
+    assert {"node-1", "node-2"} <= set(members_net)  # members that ran VMs have a namespace
     down = _gtvp(state, "down")
     assert "agent-node-1" in down.stdout
     assert "swtpm-node-1" in down.stdout
+    # the VMs, the members' network namespaces and their links go with the pool
+    ip = ["ip", "-o", "link", "show"], ["ip", "netns", "list"]
+    links, spaces = (
+        subprocess.run(c, capture_output=True, text=True, check=True).stdout for c in ip
+    )
+    for member, octet in members_net.items():
+        assert f"gtvpvm-{member} " not in spaces + " "
+        assert f"gtvpvm-h{octet}@" not in links
+    assert not [p for p in ProcessTable(state / "pool" / "vmruntime").all() if p.alive()]
 
 
 def test_replica_report_names_holders_shards_and_leader() -> None:
