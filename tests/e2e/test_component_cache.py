@@ -30,14 +30,12 @@ from gtvp_local.pool import Pool
 from gtvp_local.vmruntime import cache
 from tests.e2e.test_real_vms import (
     NS,
-    PUB,
-    UPGRADE,
     _apply_box,
     _diagnosis,
     _get,
     _signed_catalogue,
+    real_vm_pool,
 )
-from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
@@ -48,26 +46,10 @@ FETCHED = re.compile(
 
 @pytest.fixture(scope="module")
 def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    components = [doc for key, doc in _signed_catalogue().items() if key != UPGRADE]
-    policy = {"interval": "2s", "valid_for": "8s", "max_uses": 50, "publisher_keys": PUB.keys}
-    try:
-        with trusted_pool(
-            control_plane,
-            tmp_path_factory.mktemp("cache"),
-            tag="cache",
-            identities={"a": 3, "b": 3},
-            policy=policy,
-            vms="qemu",
-            before_start=lambda p: p.cp.kubectl(
-                "apply",
-                "-f",
-                "-",
-                input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": components}),
-            ),
-        ) as p:
-            yield p
-    finally:
-        control_plane.kubectl("delete", "oscomponents", "--all", "--wait=false", check=False)
+    with real_vm_pool(
+        control_plane, tmp_path_factory.mktemp("cache"), "cache", _signed_catalogue()
+    ) as p:
+        yield p
 
 
 def _node_images(pool: Pool, member: str) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ UPGRADE = f"{APP_NAME}@{APP_UPGRADE}"  # built and signed, applied only by the u
 
 def _signed_catalogue() -> dict[str, dict[str, Any]]:
     """Every component version built here, as signed OSComponents, by `Artifact.key`."""
-    missing = [t for t in ("qemu-system-x86_64", "busybox", "mksquashfs") if not shutil.which(t)]
+    missing = [t for t in ("qemu-system-x86_64", "mksquashfs") if not shutil.which(t)]
     if missing:
         unavailable(f"real VMs need {', '.join(missing)} (make setup)")
     try:
@@ -81,19 +81,19 @@ def components() -> dict[str, dict[str, Any]]:
     return _signed_catalogue()
 
 
-@pytest.fixture(scope="module")
-def pool(
-    control_plane: ControlPlane,
-    tmp_path_factory: pytest.TempPathFactory,
-    components: dict[str, dict[str, Any]],
+@contextlib.contextmanager
+def real_vm_pool(
+    control_plane: ControlPlane, directory: Path, tag: str, components: dict[str, dict[str, Any]]
 ) -> Iterator[Pool]:
+    """Two Trusted members of level 3 whose VMIs are real VMs, with every signed component
+    but the hello-web upgrade applied before the operator starts; removed afterwards."""
     applied = [doc for key, doc in components.items() if key != UPGRADE]
     policy = {"interval": "2s", "valid_for": "8s", "max_uses": 50, "publisher_keys": PUB.keys}
     try:
         with trusted_pool(
             control_plane,
-            tmp_path_factory.mktemp("realvms"),
-            tag="vm",
+            directory,
+            tag=tag,
             identities={"a": 3, "b": 3},
             policy=policy,
             vms="qemu",
@@ -107,6 +107,16 @@ def pool(
             yield p
     finally:
         control_plane.kubectl("delete", "oscomponents", "--all", "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def pool(
+    control_plane: ControlPlane,
+    tmp_path_factory: pytest.TempPathFactory,
+    components: dict[str, dict[str, Any]],
+) -> Iterator[Pool]:
+    with real_vm_pool(control_plane, tmp_path_factory.mktemp("realvms"), "vm", components) as p:
+        yield p
 
 
 def _get(pool: Pool, kind: str, name: str) -> dict[str, Any]:

@@ -116,8 +116,8 @@ def test_a_local_pool_error_is_one_line(tmp_path: Path) -> None:
     assert out.stderr == "gtvp local: the local pool is not running: gtvp local up\n"
 
 
-def test_gtvp_local_without_the_gtvp_local_distribution_says_how_to_get_it() -> None:
-    """The operator's image installs only the gtvp distribution: `gtvp local` says so."""
+def run_without_gtvp_local(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`gtvp ARGV` in a Python where gtvp_local cannot be imported (the operator's image)."""
     script = (
         "import importlib.abc, sys\n"
         "class NoLocal(importlib.abc.MetaPathFinder):\n"
@@ -126,11 +126,16 @@ def test_gtvp_local_without_the_gtvp_local_distribution_says_how_to_get_it() -> 
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, NoLocal())\n"
         "from gtvp import cli\n"
-        "sys.exit(cli.main(['local', 'down']))\n"
+        f"sys.exit(cli.main({list(argv)!r}))\n"
     )
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
     )
+
+
+def test_gtvp_local_without_the_gtvp_local_distribution_says_how_to_get_it() -> None:
+    """The operator's image installs only the gtvp distribution: `gtvp local` says so."""
+    out = run_without_gtvp_local("local", "down")
     assert out.returncode == 2
     assert out.stderr.strip() == cli.LOCAL_MISSING
     assert "pip install -e ./local" in out.stderr

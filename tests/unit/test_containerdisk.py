@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from gtvp_local.guest.containerdisk import (
     umoci_steps,
     write_disk_layer,
 )
+from tests.unit.test_cli import run_without_gtvp_local
 
 MANIFEST = "sha256:" + "ab" * 32
 REGISTRY = "registry.example.com:5000/gtvp"
@@ -132,19 +131,7 @@ def test_build_wants_key_and_publisher_together(capsys: pytest.CaptureFixture[st
 def test_build_without_gtvp_local_says_how_to_get_it() -> None:
     """The operator's image has no gtvp-local: `gtvp component build` says so, sign and
     verify still work."""
-    script = (
-        "import importlib.abc, sys\n"
-        "class NoLocal(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'gtvp_local':\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, NoLocal())\n"
-        "from gtvp import cli\n"
-        "sys.exit(cli.main(['component', 'build']))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
-    )
+    out = run_without_gtvp_local("component", "build")
     assert out.returncode == 2
     assert out.stderr.strip() == component_cli.BUILD_MISSING
     assert "pip install -e ./local" in out.stderr

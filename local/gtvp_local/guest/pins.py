@@ -15,11 +15,12 @@ catalogue with the new digests.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from gtvp_local.guest.reproducible import sha256_file
 
 PINS_FILE = "local/gtvp_local/guest/pins.py"
 
@@ -54,17 +55,9 @@ class PinError(RuntimeError):
     """A pinned package cannot be had, or its bytes are not the pinned ones."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check(pin: DebPin, path: Path) -> None:
     """Raise PinError unless `path` holds the pinned bytes."""
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != pin.sha256:
         raise PinError(
             f"{path.name}: sha256 {got}, but {PINS_FILE} pins {pin.package} {pin.version} "
