@@ -93,6 +93,7 @@ def compose_vm(
 ) -> dict[str, Any]:
     """The VirtualMachine for a box (name = box name, in the box's namespace)."""
     kernel, root = _kernel_and_rootfs(components)
+    _distinct_serials(components)
     level = int(spec["level"])
     disks, volumes = _container_disks(root, components)
     dv_templates = _hotplug_disks(box, hotplugged, disks=disks, volumes=volumes)
@@ -137,8 +138,29 @@ def compose_vm(
 _TYPE_RANK = {"rootfs": 0, "library": 1, "application": 2}
 
 
+SERIAL_MAX = 20
+"""virtio-blk serials are at most 20 bytes: the box init finds each disk by its serial."""
+CMDLINE_MAX = 2047
+"""x86 Linux keeps 2048 bytes of kernel command line, its NUL included; longer is cut off,
+and a cut `gtvp.disks=` would leave disks unpinned."""
+
+
 def _serial(c: Component) -> str:
-    return c.name[:20]  # virtio-blk serials are at most 20 bytes
+    return c.name[:SERIAL_MAX]
+
+
+def _distinct_serials(components: Sequence[Component]) -> None:
+    """Two disks with one serial could not be told apart by the box init (it would check
+    one disk's bytes against the other's pin): refuse the composition instead."""
+    seen: dict[str, Component] = {}
+    for c in overlay_order(components):
+        other = seen.setdefault(_serial(c), c)
+        if other is not c:
+            raise CompositionError(
+                f"components {other.name} and {c.name} share the disk serial "
+                f"{_serial(c)!r} (the first {SERIAL_MAX} characters of their names): the box "
+                "init could not tell their disks apart"
+            )
 
 
 def overlay_order(components: Sequence[Component]) -> list[Component]:
@@ -174,7 +196,14 @@ def kernel_args(box_name: str, components: Sequence[Component]) -> str:
     words = ["console=ttyS0", "root=/dev/vda", "ro", f"gtvp.box={box_name}"]
     if app is not None:
         words += [f"gtvp.app={app.name}", f"gtvp.version={app.version}"]
-    return " ".join([*words, f"gtvp.disks={disks}"])
+    line = " ".join([*words, f"gtvp.disks={disks}"])
+    if len(line.encode()) > CMDLINE_MAX:
+        raise CompositionError(
+            f"the kernel command line would be {len(line.encode())} bytes, more than the "
+            f"{CMDLINE_MAX} an x86 kernel keeps: {len(components)} components cannot all be "
+            "pinned on it (fewer components, or shorter names)"
+        )
+    return line
 
 
 def _kernel_and_rootfs(components: Sequence[Component]) -> tuple[Component, Component]:
