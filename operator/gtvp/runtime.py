@@ -132,12 +132,16 @@ class BoxMemory:
     catalogue_version: int = 0
     catalogue_cache: tuple[int, list[Component]] = (-1, [])
     host_cache: dict[str, tuple[tuple[str, str], Any]] = field(default_factory=dict)
+    host_memo: dict[str, tuple[Any, bool, int, int, Any]] = field(default_factory=dict)
+    """Per member: the Host last built (reused while its inputs are the same objects)."""
     request_cache: dict[Key, tuple[str, tuple[int, int]]] = field(default_factory=dict)
     pool_cache: tuple[dt.datetime | None, frozenset[str]] = (None, frozenset())
     resolutions: dict[tuple[str, int, frozenset[str]], list[Component] | Unresolvable] = field(
         default_factory=dict
     )
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
+    unspent: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Placements per member whose verdict use is not written yet (spent per batch)."""
 
 
 @dataclass

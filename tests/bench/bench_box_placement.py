@@ -17,6 +17,7 @@ of the writes). Target: < 60 s for 1,000 boxes.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import threading
@@ -121,6 +122,7 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
                         "kubevirt.io", "v1", "baseline", "virtualmachines", vm
                     )
                 baseline = time.perf_counter() - b0
+                load_before = os.getloadavg()[0]
                 s0 = time.perf_counter()
                 for i in range(boxes):
                     api.create_namespaced_custom_object(
@@ -132,6 +134,7 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
                     time.sleep(1)
                     placed = _placed(api, "boxes")
                 elapsed = time.perf_counter() - s0
+                load_after = os.getloadavg()[0]
                 stop.set()
                 answerer.join(timeout=10)
             items = api.list_namespaced_custom_object(G, V, "boxes", "lazyboxes")["items"]
@@ -149,6 +152,7 @@ def run(members: int, boxes: int, components: int = 500, seed: int = 5) -> dict[
         f"  baseline, same run: {boxes} composed VMs created directly in {baseline:.1f}s; "
         f"ratio {elapsed / baseline:.1f}x"
     )
+    print(f"  load average (1 min) {load_before:.1f} before placing, {load_after:.1f} after")
     mean = sum(cached) / max(len(cached), 1) / 2**20
     print(
         f"  boxes spread over {len(nodes - {None})} members; "

@@ -189,6 +189,18 @@ def test_first_placement_writes_vm_and_status() -> None:
     assert set(d.uses) == {c.object_name for c in COMPS}
 
 
+def test_a_placed_box_is_not_written_again_when_its_vm_appears() -> None:
+    """The VM's own watch event plans the box again: nothing left to write (one status
+    write per placement, not two)."""
+    first = plan_box(inp(), NOW)
+    assert first.vm is not None
+    written = Observed(vm_exists=True, booted=tuple(c.object_name for c in COMPS), vm_node="node-2")
+    again = plan_box(inp(status=first.status, observed=written), NOW + dt.timedelta(seconds=1))
+    assert again.vm is None
+    assert again.event is None
+    assert again.status == first.status
+
+
 def test_waits_pending_without_a_qualified_member() -> None:
     d = plan_box(inp(hosts=[host("node-1", usable=False)]), NOW)
     assert d.vm is None

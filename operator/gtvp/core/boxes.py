@@ -77,6 +77,9 @@ class BoxInput:
     observed: Observed = Observed()
 
 
+STARTING = "the VM is starting"  # a placed box's message until its VMI runs
+
+
 def _resolved(components: Sequence[Component]) -> list[dict[str, Any]]:
     return [
         {
@@ -190,13 +193,14 @@ def _first_placement(
         "Resolved": (True, "Resolved", describe(comps)),
         "Verified": (True, "Verified", "every component verified"),
         "Placed": (True, "Placed", decision.reason),
-        "Ready": (False, "Starting", "the VM is starting"),
+        # as `_observe` reports the VM once written: its watch event then writes nothing
+        "Ready": (False, "Placing", STARTING),
     }
     status = _status(
         inp,
         now,
         "Placing",
-        f"placed on {decision.node}",
+        STARTING,
         conds,
         resolved=resolved,
         vm={"name": inp.ref.name},
@@ -349,7 +353,7 @@ def _observe(inp: BoxInput, now: dt.datetime, blocked: tuple[str, str] | None = 
     elif phase == "Migrating":
         msg = f"live-migrating from {node}"
     else:
-        msg = "the VM is starting"
+        msg = STARTING
     prev = {c.get("type"): c for c in inp.status.get("conditions") or []}
     conds: dict[str, tuple[bool, str, str]] = {}
     for t in ("Resolved", "Verified", "Placed"):

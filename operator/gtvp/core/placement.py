@@ -10,6 +10,7 @@ the shell builds `Host`s from Members, Nodes, boxes and other VMIs (`core.footpr
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,10 +64,19 @@ def place(
 ) -> Placement:
     """Choose a member for a box, or say why none qualifies."""
     total = sum(c.size for c in components)
-    untrusted = [h for h in hosts if not h.usable]
-    low = [h for h in hosts if h.usable and h.level < level]
-    full = [h for h in hosts if h.usable and h.level >= level and not h.fits(cpu, memory)]
-    fit = [h for h in hosts if h.usable and h.level >= level and h.fits(cpu, memory)]
+    untrusted: list[Host] = []
+    low: list[Host] = []
+    full: list[Host] = []
+    fit: list[Host] = []
+    for h in hosts:  # one pass: this runs for every box against every member
+        if not h.usable:
+            untrusted.append(h)
+        elif h.level < level:
+            low.append(h)
+        elif h.cpu_used + cpu <= h.cpu_millis and h.memory_used + memory <= h.memory_bytes:
+            fit.append(h)  # h.fits(cpu, memory), inlined
+        else:
+            full.append(h)
     if not fit:
         why = []
         if not hosts:
@@ -84,24 +94,37 @@ def place(
                 f"({_few(full, _free)})"
             )
         return Placement(None, "no member qualifies: " + "; ".join(why), 0, total)
-    scored = sorted(
-        fit, key=lambda h: (-cached_bytes(components, h.images), h.load_after(cpu, memory), h.name)
-    )
-    best = scored[0]
-    cached = cached_bytes(components, best.images)
+    sizes = _sizes(components)
+    digests = frozenset(sizes)
+
+    def score(i: int) -> tuple[int, float, str, int]:
+        h = fit[i]
+        cached = sum(sizes[d] for d in digests & h.images)  # C-level intersection
+        return (-cached, h.load_after(cpu, memory), h.name, i)
+
+    # the two best (the chosen one and the runner-up), not a sort of the whole pool
+    scored = heapq.nsmallest(2, map(score, range(len(fit))))
+    best = fit[scored[0][3]]
+    cached = -scored[0][0]
     share = f" ({100 * cached // total} %)" if total else ""
     runner = ""
     if len(scored) > 1:
-        nxt = scored[1]
-        runner = (
-            f"; next best {nxt.name} caches {human_bytes(cached_bytes(components, nxt.images))}"
-        )
+        runner = f"; next best {fit[scored[1][3]].name} caches {human_bytes(-scored[1][0])}"
     reason = (
         f"{best.name}: Trusted at level {best.level} (box needs {level}), caches "
         f"{human_bytes(cached)} of {human_bytes(total)}{share}, load after placing "
-        f"{best.load_after(cpu, memory):.0%}; {len(scored)} candidate(s){runner}"
+        f"{best.load_after(cpu, memory):.0%}; {len(fit)} candidate(s){runner}"
     )
     return Placement(best.name, reason, cached, total)
+
+
+def _sizes(components: Sequence[Component]) -> dict[str, int]:
+    """Bytes per distinct digest (a digest counted once, as `cached_bytes` counts it per
+    component: components sharing a digest are summed)."""
+    out: dict[str, int] = {}
+    for c in components:
+        out[c.digest] = out.get(c.digest, 0) + c.size
+    return out
 
 
 def _free(h: Host) -> str:

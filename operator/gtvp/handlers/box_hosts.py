@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from gtvp.cluster_view import Key
 from gtvp.core.components import image_digests
 from gtvp.core.placement import Host
 from gtvp.core.quantity import cpu_millis, memory_bytes
-from gtvp.core.trust import member_view
+from gtvp.core.trust import MemberView, member_view
 from gtvp.runtime import Runtime
 
 POOL_CACHE_SECONDS = 2.0
@@ -36,22 +36,41 @@ def box_requests(rt: Runtime, key: Key, box: Mapping[str, Any]) -> tuple[int, in
     return got
 
 
-def _host_base(rt: Runtime, name: str, body: Mapping[str, Any], node: Mapping[str, Any]) -> Any:
+class HostBase(NamedTuple):
+    """What placement reads of one member, parsed from its Member and Node objects."""
+
+    view: MemberView
+    cpu: int
+    mem: int
+    images: frozenset[str]
+    body: Mapping[str, Any]  # the objects parsed: the same objects need no parsing again
+    node: Mapping[str, Any]
+
+
+def _host_base(
+    rt: Runtime, name: str, body: Mapping[str, Any], node: Mapping[str, Any]
+) -> HostBase:
     """Member view, allocatable and image digests of one member (cached per change)."""
+    hit = rt.boxes.host_cache.get(name)
+    last: HostBase | None = None if hit is None else hit[1]
+    if last is not None and last.body is body and last.node is node:
+        return last  # the very objects parsed last time (the view replaces, never edits)
     rvs = (
         str((body.get("metadata") or {}).get("resourceVersion", "")),
         str((node.get("metadata") or {}).get("resourceVersion", "")),
     )
-    hit = rt.boxes.host_cache.get(name)
-    if hit is not None and hit[0] == rvs:
-        return hit[1]
+    if hit is not None and last is not None and hit[0] == rvs:
+        base = last._replace(body=body, node=node)
+        rt.boxes.host_cache[name] = (rvs, base)
+        return base
     view = member_view(name, body.get("status") or {})
     alloc = (node.get("status") or {}).get("allocatable") or {}
     try:
         cpu, mem = cpu_millis(alloc.get("cpu", "0")), memory_bytes(alloc.get("memory", "0"))
     except ValueError:
         cpu, mem = 0, 0
-    base = (view, cpu, mem, image_digests((node.get("status") or {}).get("images")))
+    images = image_digests((node.get("status") or {}).get("images"))
+    base = HostBase(view, cpu, mem, images, body, node)
     rt.boxes.host_cache[name] = (rvs, base)
     return base
 
@@ -74,26 +93,41 @@ def _used(rt: Runtime, exclude: Key | None) -> dict[str, list[int]]:
 def hosts(rt: Runtime, now: dt.datetime, exclude: Key | None = None) -> list[Host]:
     """Placement hosts from Members, their Nodes and the boxes already placed."""
     used = _used(rt, exclude)
+    unspent = rt.boxes.unspent  # placements whose verdict use is not written yet
+    memo = rt.boxes.host_memo
+    nodes = rt.view.nodes
+    none = [0, 0]
     out = []
     for name, body in list(rt.view.members.items()):
-        node = rt.view.nodes.get(name)
+        node = nodes.get(name)
         if node is None:
             continue
-        view, cpu, mem, images = _host_base(rt, name, body, node)
-        u = used.get(name, [0, 0])
-        out.append(
-            Host(
-                name=name,
-                usable=view.usable(now, 1),
-                phase=view.phase,
-                level=view.level,
-                cpu_millis=cpu,
-                memory_bytes=mem,
-                cpu_used=u[0],
-                memory_used=u[1],
-                images=images,
-            )
+        base = _host_base(rt, name, body, node)
+        u = used.get(name, none)
+        usable = base.view.usable(now, 1) and base.view.uses_left > unspent.get(name, 0)
+        last = memo.get(name)
+        if (
+            last is not None
+            and last[0] is base
+            and last[1] == usable
+            and last[2] == u[0]
+            and last[3] == u[1]
+        ):
+            out.append(last[4])
+            continue
+        host = Host(
+            name=name,
+            usable=usable,
+            phase=base.view.phase,
+            level=base.view.level,
+            cpu_millis=base.cpu,
+            memory_bytes=base.mem,
+            cpu_used=u[0],
+            memory_used=u[1],
+            images=base.images,
         )
+        memo[name] = (base, usable, u[0], u[1], host)
+        out.append(host)
     return out
 
 
@@ -107,9 +141,9 @@ def pool_cache(rt: Runtime, now: dt.datetime) -> frozenset[str]:
     for name, body in list(rt.view.members.items()):
         node = rt.view.nodes.get(name)
         if node is not None:
-            view, _cpu, _mem, images = _host_base(rt, name, body, node)
-            if view.usable(now, 1):
-                sets.append(images)
+            base = _host_base(rt, name, body, node)
+            if base.view.usable(now, 1):
+                sets.append(base.images)
     union = frozenset().union(*sets)
     rt.boxes.pool_cache = (now, union)
     return union

@@ -211,6 +211,9 @@ def _plan(rt: Runtime, key: Key) -> Decision:
                 decision = plan_box(box_input(rt, key, now), now)
         if decision.placement is not None and decision.placement.node:
             rt.boxes.decided_node[key] = decision.placement.node
+            # a use of the member's verdict, spent after the batch: until then hosts()
+            # counts it, so the member is not given more boxes than it has uses left
+            rt.boxes.unspent[decision.placement.node] += 1
     return decision
 
 
@@ -276,19 +279,31 @@ async def box_loop(rt: Runtime, period: float = 5.0) -> None:
         batch = sorted(memory.dirty)
         memory.dirty.clear()
         await asyncio.gather(*(_reconcile_safely(rt, key, limit) for key in batch))
+        await _spend_placements(rt)
 
 
 async def _reconcile_safely(rt: Runtime, key: Key, limit: asyncio.Semaphore) -> None:
     async with limit:
         try:
-            decision = await asyncio.to_thread(reconcile_box, rt, key)
-            if decision is not None and decision.placement is not None:
-                node = decision.placement.node
-                if node:  # a placement is a decision that relies on the member's verdict
-                    await spend_use(rt, node)
+            await asyncio.to_thread(reconcile_box, rt, key)
         except Exception:  # one box must not stop the others
             log.exception("reconciling LazyBox %s/%s failed; retrying", *key)
             rt.boxes.dirty.add(key)
+
+
+async def _spend_placements(rt: Runtime) -> None:
+    """A placement is a decision that relies on the member's verdict: each spends one use,
+    the batch's placements on one member in one write (not one Member write per box)."""
+    unspent = rt.boxes.unspent
+    for node, uses in list(unspent.items()):
+        try:
+            await spend_use(rt, node, uses)
+        except Exception:
+            log.exception("spending %d verdict use(s) of member %s failed", uses, node)
+        finally:
+            unspent[node] -= uses
+            if unspent[node] <= 0:
+                del unspent[node]
 
 
 def _sweep_safely(rt: Runtime) -> None:

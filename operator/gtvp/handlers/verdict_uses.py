@@ -36,19 +36,20 @@ def gated_level(vmi: Mapping[str, Any]) -> int | None:
 SPEND_ATTEMPTS = 8
 
 
-async def spend_use(rt: Runtime, name: str) -> None:
-    """One decision backed by this member's verdict: `usesLeft` - 1, written only if the
-    Member is still as read (its resourceVersion). Another replica's spend, or a new verdict,
-    in between makes the write fail with a conflict; the member is read again and the use
-    spent on what is there now, so no use is spent twice and none is lost."""
+async def spend_use(rt: Runtime, name: str, uses: int = 1) -> None:
+    """`uses` decisions backed by this member's verdict: `usesLeft` - `uses` (not below 0),
+    written only if the Member is still as read (its resourceVersion). Another replica's
+    spend, or a new verdict, in between makes the write fail with a conflict; the member is
+    read again and the uses spent on what is there now, so no use is spent twice and none is
+    lost."""
     async with rt.attestation.lock(name):
-        left = await _spend_on_latest(rt, name)
+        left = await _spend_on_latest(rt, name, uses)
     if left is not None and left <= 0:
         rt.schedule.schedule(name, dt.timedelta(0))
 
 
-async def _spend_on_latest(rt: Runtime, name: str) -> int | None:
-    """The uses left after spending one (None: nothing to spend or the member is gone)."""
+async def _spend_on_latest(rt: Runtime, name: str, uses: int = 1) -> int | None:
+    """The uses left after spending (None: nothing to spend or the member is gone)."""
     body = rt.view.members.get(name)
     for _ in range(SPEND_ATTEMPTS):
         if body is None:
@@ -63,7 +64,7 @@ async def _spend_on_latest(rt: Runtime, name: str) -> int | None:
                 rt.clients,
                 MEMBERS,
                 name,
-                {"trust": {"usesLeft": left - 1}},
+                {"trust": {"usesLeft": max(left - uses, 0)}},
                 resource_version=version,
             )
         except Exception as exc:
@@ -74,7 +75,7 @@ async def _spend_on_latest(rt: Runtime, name: str) -> int | None:
                 rt.view.remember_member(name, body)
             continue
         rt.view.remember_member(name, dict(written) if isinstance(written, Mapping) else body)
-        return left - 1
+        return max(left - uses, 0)
     log.warning("member %s: could not spend a verdict use after %d conflicts", name, SPEND_ATTEMPTS)
     return None
 
