@@ -73,3 +73,40 @@ def test_failover_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert got["orphans"] > 0
     assert got["failover"] > 0
     assert "ratio failover/baseline" in capsys.readouterr().out
+
+
+def _real_vms() -> None:
+    """The box benchmarks need real VMs and the monolithic image's inputs."""
+    from tests.bench import bench_box_boot
+    from tests.prerequisites import unavailable
+
+    missing = bench_box_boot.missing_prerequisites()
+    if missing:
+        unavailable("; ".join(missing))
+
+
+@pytest.mark.controlplane
+@pytest.mark.e2e
+def test_box_boot_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_box_boot
+
+    _real_vms()
+    got = bench_box_boot.run(runs=1)
+    assert all(got[k] > 0 for k in ("box warm", "box cold", "mono warm", "mono cold"))
+    out = capsys.readouterr().out
+    assert "ratio box/monolithic" in out
+    assert "load average" in out
+
+
+@pytest.mark.controlplane
+@pytest.mark.e2e
+def test_box_migration_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_box_migration
+
+    _real_vms()
+    got = bench_box_migration.run(runs=1)
+    assert got["mono_bytes"] > 0
+    assert 0 < got["warm_ratio"] <= got["cold_ratio"]  # a cold target fetches more
+    out = capsys.readouterr().out
+    assert "ratio box-warm/monolithic" in out
+    assert "load average" in out
