@@ -34,7 +34,7 @@ from gtvp_local.guest.build import (
     BuildError,
     guest_cache,
 )
-from gtvp_local.guest.reproducible import SQUASHFS_ALIGN, sha256_file
+from gtvp_local.guest.reproducible import sha256_file, squashfs_dir
 
 SERIAL = "monolithic"
 NAME = f"{APP_NAME}-monolithic"
@@ -190,23 +190,8 @@ def _build(tree: Path, base: Artifact, app: Artifact, out: Path) -> None:
             overlay_copy(unpacked, stage)
         if not (stage / "opt" / "gtvp" / app.name / "start").is_file():
             raise BuildError(f"the merged tree holds no /opt/gtvp/{app.name}/start")
-        partial = out.with_name(out.name + ".part")
-        partial.unlink(missing_ok=True)
-        subprocess.run(
-            [
-                "mksquashfs", str(stage), str(partial),
-                "-noappend", "-reproducible", "-mkfs-time", "0", "-all-time", "0",
-                "-all-root", "-no-xattrs", "-comp", "xz", "-quiet", "-no-progress",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        size = partial.stat().st_size
-        if size % SQUASHFS_ALIGN:
-            with partial.open("ab") as f:
-                f.write(b"\0" * (-size % SQUASHFS_ALIGN))
         out.with_suffix(".bytes").write_text(str(_tree_bytes(stage)))
-        partial.replace(out)
+        squashfs_dir(stage, out, processors=None)
 
 
 def monolithic_vm(

@@ -146,23 +146,33 @@ def squashfs(tree: Tree, out: Path, *, mksquashfs: str = "mksquashfs") -> None:
         root = Path(tmp) / "root"
         root.mkdir()
         _materialise(tree, root)
-        partial = out.with_name(out.name + ".part")
-        partial.unlink(missing_ok=True)
-        subprocess.run(
-            [
-                mksquashfs, str(root), str(partial),
-                "-noappend", "-reproducible", "-mkfs-time", "0", "-all-time", "0",
-                "-all-root", "-no-xattrs", "-comp", "xz", "-processors", "1",
-                "-quiet", "-no-progress",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        size = partial.stat().st_size
-        if size % SQUASHFS_ALIGN:
-            with partial.open("ab") as f:
-                f.write(b"\0" * (-size % SQUASHFS_ALIGN))
-        partial.replace(out)
+        squashfs_dir(root, out, mksquashfs=mksquashfs)
+
+
+def squashfs_dir(
+    root: Path, out: Path, *, mksquashfs: str = "mksquashfs", processors: int | None = 1
+) -> None:
+    """The directory `root` as a reproducible squashfs image at `out` (root-owned, fixed
+    times, xz, padded to a whole number of 4 KiB blocks), written through `.part`.
+    `processors`: mksquashfs's threads (None: all; the image's bytes do not depend on it)."""
+    partial = out.with_name(out.name + ".part")
+    partial.unlink(missing_ok=True)
+    threads = [] if processors is None else ["-processors", str(processors)]
+    subprocess.run(
+        [
+            mksquashfs, str(root), str(partial),
+            "-noappend", "-reproducible", "-mkfs-time", "0", "-all-time", "0",
+            "-all-root", "-no-xattrs", "-comp", "xz", *threads,
+            "-quiet", "-no-progress",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    size = partial.stat().st_size
+    if size % SQUASHFS_ALIGN:
+        with partial.open("ab") as f:
+            f.write(b"\0" * (-size % SQUASHFS_ALIGN))
+    partial.replace(out)
 
 
 def sha256_file(path: Path) -> str:
