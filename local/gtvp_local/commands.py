@@ -98,23 +98,21 @@ def _demo_vm(level: int) -> dict[str, object]:
 
 
 def _vmi_node(
-    cp: ControlPlane, name: str = "demo-web", namespace: str = DEMO_NAMESPACE
+    cp: ControlPlane,
+    name: str = "demo-web",
+    namespace: str = DEMO_NAMESPACE,
+    *,
+    running: bool = False,
 ) -> str | None:
-    out = cp.kubectl(
-        "get", "vmi", name, "-n", namespace, "-o", "jsonpath={.status.nodeName}", check=False
-    )
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _vmi_running_on(
-    cp: ControlPlane, name: str = "demo-web", namespace: str = DEMO_NAMESPACE
-) -> str | None:
+    """The VMI's node (with `running`: only once its phase is Running)."""
     out = cp.kubectl(
         "get", "vmi", name, "-n", namespace, "-o", "jsonpath={.status.phase} {.status.nodeName}",
         check=False,
     )  # fmt: skip
-    phase, _, node = out.stdout.strip().partition(" ")
-    return node or None if out.returncode == 0 and phase == "Running" else None
+    phase, _, node = out.stdout.partition(" ")  # no phase yet: " node-1"
+    if out.returncode != 0 or (running and phase.strip() != "Running"):
+        return None
+    return node.strip() or None
 
 
 def _box(cp: ControlPlane) -> dict[str, Any]:
@@ -289,7 +287,7 @@ def _run_trusted_pool(
     _say("  a VM that needs level 3 (label gtvp.io/level=3): the webhook adds the trust selector")
     cp.kubectl("apply", "-f", "-", input_text=json.dumps(_demo_vm(3)))
     node = wait_for(
-        "demo-web to run", lambda: _vmi_running_on(cp), BOX_TIMEOUT if vms == "qemu" else 30
+        "demo-web to run", lambda: _vmi_node(cp, running=True), BOX_TIMEOUT if vms == "qemu" else 30
     )
     _say(
         f"  {DEMO_NAMESPACE}/demo-web runs on {node}"
