@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sign or verify OSComponent manifests, build gtvp's guest components",
     ),
     "status": ("gtvp.status_cli", "a readable summary of the trusted pool"),
+    "token": ("gtvp.token_cli", "verify, show or rotate the signed verdict tokens (EAR)"),
 }
 
 

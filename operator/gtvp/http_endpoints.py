@@ -11,6 +11,11 @@ is renewed and it is not shutting down, so a Service sends admission requests on
 replica that can judge them. `/healthz` answers 200 while the recheck
 loop keeps turning (it wakes at least every 30 s); a wedged event loop gets the pod
 restarted. Both say why in their body.
+
+Public documents (`public`, see `gtvp.verdict_keys` and docs/tokens.md): the verdict tokens'
+JWKS at `/.well-known/jwks.json` and a member's current token at `/ear/members/<name>`,
+answered like the probes without credentials (both are signed or public material that a
+box VM, which holds no Kubernetes credentials, fetches to check its host).
 """
 
 from __future__ import annotations
@@ -76,6 +81,11 @@ class Refused(Protocol):
 Guard = Callable[[str | None, str, str], Refused | None]
 """(Authorization header, path, method) -> None to serve, else the refusal to answer."""
 
+Public = Callable[[str], tuple[int, str, bytes] | None]
+"""path -> (HTTP status, content type, body) for a public document; None for other paths."""
+
+_REASONS = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}
+
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 """Seconds a TLS connection may sit without sending or taking data (its thread is freed)."""
@@ -108,13 +118,20 @@ def serve(
     *,
     tls: Callable[[], ssl.SSLContext] | None = None,
     guard: Guard | None = None,
+    public: Public | None = None,
 ) -> ThreadingWSGIServer:
     """Serve the three endpoints on a daemon thread; returns the server (for tests).
-    `tls`: serve HTTPS with the context it returns; `guard`: who may read past the probes."""
+    `tls`: serve HTTPS with the context it returns; `guard`: who may read past the probes;
+    `public`: documents served to anyone, like the probes."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
+        document = public(path) if public is not None else None
+        if document is not None:
+            code, content_type, body = document
+            start(f"{code} {_REASONS.get(code, 'Error')}", [("Content-Type", content_type)])
+            return [body]
         got = answer(path, read())
         if got is None and guard is not None:
             refused = guard(

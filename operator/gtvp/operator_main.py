@@ -94,6 +94,11 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="identity (level ceiling) of Members created for new Nodes",
     )
+    p.add_argument(
+        "--token-audience",
+        default=os.environ.get("GTVP_TOKEN_AUDIENCE", "gtvp"),
+        help="the 'aud' of the signed verdict tokens (default: gtvp; docs/tokens.md)",
+    )
     p.add_argument("--log-level", default="INFO")
     _lease_arguments(p)
     return p
@@ -200,11 +205,20 @@ def _fail(message: str) -> int:
 
 def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
     """/metrics, /healthz and /readyz on a thread (OSError when the port is taken or the
-    certificate cannot be read)."""
+    certificate cannot be read), with the verdict tokens' public documents."""
     import time
 
-    from gtvp import http_endpoints, metrics_auth
+    from gtvp import http_endpoints, metrics_auth, verdict_keys
     from gtvp.metrics import METRICS
+
+    issuer = rt.verdict_issuer
+
+    def token_of(name: str) -> str | None:
+        body = rt.view.members.get(name) or {}
+        token = ((body.get("status") or {}).get("trust") or {}).get("token")
+        return str(token) if token else None
+
+    public = verdict_keys.documents(issuer, token_of) if issuer is not None else None
 
     def probe() -> http_endpoints.Probe:
         co = rt.coordination
@@ -224,7 +238,11 @@ def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
     settings = rt.settings
     if not serving.secure or serving.cert is None or serving.key is None:
         http_endpoints.serve(
-            settings.metrics_port, settings.metrics_address, METRICS.registry, probe
+            settings.metrics_port,
+            settings.metrics_address,
+            METRICS.registry,
+            probe,
+            public=public,
         )
         return
     review_token, review_access = metrics_auth.api_reviewer(rt.clients.api)
@@ -236,6 +254,7 @@ def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
         probe,
         tls=metrics_auth.TlsFiles(serving.cert, serving.key).context,
         guard=guard.check,
+        public=public,
     )
 
 
@@ -291,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rt = _runtime(settings)
     except Exception as exc:  # noqa: BLE001 - one clear line for any configuration problem
         return _fail(f"cannot configure the API client: {exc}")
+    from gtvp import verdict_keys
+
+    rt.verdict_issuer = verdict_keys.Issuer(
+        namespace=settings.lease_namespace, audience=args.token_audience
+    )
     if settings.metrics_port:
         try:
             _serve_probes(rt, serving)
@@ -321,6 +345,7 @@ async def _run(rt: Runtime) -> None:
     registry = kopf.OperatorRegistry()
     handlers.register(registry, admission_webhooks=rt.webhook_server is not None)
     rt.stop_flag = asyncio.Event()
+    await _keep_verdict_keys(rt)
     # standalone: kopf's own peering would pause every replica but one; gtvp's replicas
     # divide the work through their Leases instead (gtvp.handlers.leases)
     await kopf.operator(
@@ -330,6 +355,28 @@ async def _run(rt: Runtime) -> None:
         standalone=True,
         stop_flag=rt.stop_flag,
     )
+
+
+async def _keep_verdict_keys(rt: Runtime) -> None:
+    """Load (or create) the verdict signing keys before the first verdict, then keep them
+    current (gtvp.verdict_keys); a failure is logged and retried by the loop."""
+    from gtvp import verdict_keys
+
+    issuer = rt.verdict_issuer
+    if issuer is None:
+        return
+    await verdict_keys.load_once(rt.clients, issuer)
+    task = asyncio.get_running_loop().create_task(
+        verdict_keys.keep(
+            rt.clients,
+            issuer,
+            leader=rt.coordination.leads,
+            retention=lambda: verdict_keys.longest_validity(rt.view.policy),
+            stop=rt.stop,
+        ),
+        name="gtvp-verdict-keys",
+    )
+    rt.tasks.append(task)
 
 
 if __name__ == "__main__":

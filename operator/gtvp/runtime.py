@@ -25,6 +25,7 @@ from gtvp.core.components import Component
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import Unresolvable
 from gtvp.core.shards import SHARDS, LeaseTiming
+from gtvp.verdict_keys import Issuer
 
 if TYPE_CHECKING:  # importing kubernetes fixes its default kubeconfig path (gtvp-operator
     # sets KUBECONFIG from --kubeconfig first, then imports the client)
@@ -183,6 +184,8 @@ class Runtime:
     """kopf's WebhookServer when the admission webhooks are served."""
     coordination: Coordination = field(default_factory=Coordination.sole)
     """Which members' writes and which singleton loops are this replica's now."""
+    verdict_issuer: Issuer | None = None
+    """Signs the verdict tokens (`gtvp.verdict_keys`); None: no tokens are issued."""
     lease_keeper: Any = None
     """`handlers.leases.LeaseKeeper` while Leases are kept."""
     stop_flag: asyncio.Event | None = None

@@ -75,7 +75,7 @@ def test_help_lists_every_command_with_its_one_line_help(
         cli.main(["--help"])
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
-    assert set(cli.COMMANDS) == {"local", "verify-quote", "component", "status"}
+    assert set(cli.COMMANDS) == {"local", "verify-quote", "component", "status", "token"}
     for name, (_, help_text) in cli.COMMANDS.items():
         assert f"{name} {help_text}" in out
 
@@ -155,7 +155,7 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        ([], "local, verify-quote, component or status (see gtvp --help)"),
+        ([], "local, verify-quote, component, status or token (see gtvp --help)"),
         (
             ["local"],
             "up, build, tamper, down, status, images or regen-gomod (see gtvp local --help)",

@@ -22,7 +22,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from gtvp import kube
+from gtvp import kube, verdict_keys
+from gtvp.core import ear
 from gtvp.core.api_resources import MEMBERS
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
@@ -118,6 +119,7 @@ async def _judge(rt: Runtime, name: str) -> None:
     policy = rt.view.policy
     step = _step(rt, name, body, policy) if policy is not None else None
     new = step.status if step is not None else _no_policy_status(rt, body)
+    new = _with_token(rt, name, status, new)
     written = await _write(rt, name, body, new)
     if written is not True:
         # fail closed: the Node loses trust on the verdict reached, even unwritten (not when
@@ -140,6 +142,52 @@ async def _judge(rt: Runtime, name: str) -> None:
     METRICS.set_member(
         name, str(new.get("phase", "")), int(new.get("level", 0) or 0), _verdict_expiry(new)
     )
+
+
+def _policy_id(rt: Runtime, policy: Policy | None) -> ear.PolicyId | None:
+    """The enforced SecurityPolicy's name and the generation the pool runs under."""
+    if policy is None:
+        return None
+    accepted = rt.accepted_policies.get(policy.name)
+    if accepted is not None and accepted[1].policy is policy:
+        return ear.PolicyId(policy.name, accepted[1].generation)
+    return ear.PolicyId(policy.name)
+
+
+def _with_token(
+    rt: Runtime, name: str, old: Mapping[str, Any], new: dict[str, Any]
+) -> dict[str, Any]:
+    """`new` with its signed verdict token (`status.trust.token`, gtvp.core.ear), issued in
+    the same status patch as the verdict and only when the verdict changes; a status that
+    is written anyway and has no token yet gets one. Never a write of its own: a no-op
+    reconcile stays an empty patch. Without a signing key a changed verdict drops the old
+    token (fail closed: no token says more than the status)."""
+    trust = dict(new.get("trust") or {})
+    had = (old.get("trust") or {}).get("token")
+    trust.pop("token", None)
+    without = {**new, "trust": trust}
+    same = ear.verdict_key(old) == ear.verdict_key(new)
+    if had and same:
+        trust["token"] = had
+        return without
+    issuer = rt.verdict_issuer
+    if issuer is None or issuer.signing_key is None:
+        return without
+    if same:
+        before = {k: old.get(k) for k in OPERATOR_FIELDS if k in old}
+        if not kube.merge_patch_for(before, without):
+            return without  # nothing else to write: no write for a token alone
+    policy = rt.view.policy
+    token = issuer.token(
+        name,
+        without,
+        _policy_id(rt, policy),
+        dt.datetime.now(dt.UTC),
+        verdict_keys.longest_validity(policy),
+    )
+    if token is not None:
+        trust["token"] = token
+    return without
 
 
 def _verdict_expiry(status: Mapping[str, Any]) -> float | None:
