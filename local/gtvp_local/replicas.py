@@ -141,7 +141,19 @@ def _bindings(replica: Replica) -> list[dict[str, Any]]:
             "subjects": subject,
             "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "gtvp-operator-leases"},
         },
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": _keys_binding(replica), "namespace": LEASE_NAMESPACE},
+            "subjects": subject,
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "gtvp-operator-verdict-keys"},
+        },
     ]
+
+
+def _keys_binding(replica: Replica) -> str:
+    """The RoleBinding to the verdict-token keys' Role (docs/tokens.md)."""
+    return f"{replica.service_account}-verdict-keys"
 
 
 def issue_credential(cp: ControlPlane, replica: Replica, directory: Path) -> Path:
@@ -175,16 +187,12 @@ def revoke_credential(cp: ControlPlane, replica: Replica) -> None:
 
 
 def remove_credential(cp: ControlPlane, replica: Replica) -> None:
-    for kind in ("serviceaccount", "rolebinding"):
-        cp.kubectl(
-            "delete",
-            kind,
-            replica.service_account,
-            "-n",
-            LEASE_NAMESPACE,
-            "--ignore-not-found",
-            check=False,
-        )
+    for kind, name in (
+        ("serviceaccount", replica.service_account),
+        ("rolebinding", replica.service_account),
+        ("rolebinding", _keys_binding(replica)),
+    ):
+        cp.kubectl("delete", kind, name, "-n", LEASE_NAMESPACE, "--ignore-not-found", check=False)
     cp.kubectl(
         "delete", "clusterrolebinding", replica.service_account, "--ignore-not-found", check=False
     )

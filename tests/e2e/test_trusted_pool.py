@@ -9,6 +9,8 @@ gtvp's stand-in (`gtvp_local.virtsim`).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,6 +81,52 @@ def test_trusted_nodes_carry_labels_and_no_taint(pool: Pool) -> None:
         "labels on c", lambda: (n := _node(pool, c))["metadata"]["labels"].get(TRUSTED_LABEL) and n
     )
     assert "node-restriction.kubernetes.io/gtvp-level-2" not in low["metadata"]["labels"]
+
+
+def test_the_pool_operator_signs_verdict_tokens_that_verify_offline(
+    pool: Pool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The operator process of the local pool (its own RBAC, not an admin's) keeps the
+    signing keys and publishes the JWKS; a member's token read from its status verifies
+    offline with `gtvp token verify`, at its level and not above it."""
+    a, _b, c = _names(pool)
+
+    def token(name: str) -> str:
+        out = pool.cp.kubectl("get", "member", name, "-o", "json").stdout
+        trust = json.loads(out).get("status", {}).get("trust", {})
+        return str(trust.get("token") or "") if trust.get("verdict") == "Trusted" else ""
+
+    tokens = {n: _wait(f"a token for {n}", lambda n=n: token(n)) for n in (a, c)}
+    jwks = tmp_path_factory.mktemp("jwks") / "jwks.json"
+    jwks.write_text(
+        _wait(
+            "the JWKS ConfigMap",
+            lambda: (
+                pool.cp.kubectl(
+                    "get",
+                    "configmap",
+                    "gtvp-verdict-jwks",
+                    "-n",
+                    "gtvp-system",
+                    "-o",
+                    "json",
+                    check=False,
+                ).stdout
+            ),
+        )
+    )
+
+    def verify(tok: str, level: int) -> subprocess.CompletedProcess[str]:
+        argv = ["token", "verify", tok, "--jwks", str(jwks), "--min-level", str(level)]
+        return subprocess.run(
+            [sys.executable, "-m", "gtvp.cli", *argv], capture_output=True, text=True, check=False
+        )
+
+    ok = verify(tokens[a], 3)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    low = verify(tokens[c], 3)  # c is trusted at level 1 only
+    assert low.returncode == 1, low.stdout + low.stderr
+    assert "level" in (low.stdout + low.stderr)
 
 
 def test_vm_lands_only_on_a_trusted_node_of_a_sufficient_level(pool: Pool, namespace: str) -> None:
