@@ -78,3 +78,18 @@ def test_nodes_keep_their_labels_until_deleted() -> None:
     assert not view.observe_node(node, "DELETED")
     assert "n1" not in view.nodes
     assert "n1" not in view.node_labels
+
+
+def test_the_view_keeps_no_managed_fields_and_leaves_the_event_body_alone() -> None:
+    view = ClusterView()
+    managed = [{"manager": "gtvp-agent", "fieldsV1": {"f:status": {"f:agent": {}}}}]
+    member = _member("a", "ek1")
+    member["metadata"]["managedFields"] = managed
+    vmi = _vmi("x", "a")
+    vmi["metadata"]["managedFields"] = managed
+    view.observe_member(member, "ADDED")
+    view.observe_vmi(vmi, "ADDED")
+    assert "managedFields" not in view.members["a"]["metadata"]
+    assert "managedFields" not in view.vmis[("ns", "x")]["metadata"]
+    assert view.members["a"]["status"] == member["status"]  # everything else is kept
+    assert member["metadata"]["managedFields"] is managed  # the watch's body is not changed
