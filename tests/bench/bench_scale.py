@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import heapq
+import json
 import os
 import queue
 import ssl
@@ -76,6 +77,20 @@ def _patch_count(cp: ControlPlane) -> float:
         ):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def _member_sizes(api: Any, sample: int = 50) -> tuple[float, float]:
+    """Mean size in KiB of a Member as the API server serves it (JSON), and of its
+    metadata.managedFields, over the first `sample` members: what every write and every
+    watch event carries."""
+    items = api.list_cluster_custom_object(G, V, P, limit=sample)["items"]
+    whole = sum(len(json.dumps(i, separators=(",", ":"))) for i in items)
+    managed = sum(
+        len(json.dumps(i["metadata"].get("managedFields") or [], separators=(",", ":")))
+        for i in items
+    )
+    n = max(len(items), 1)
+    return whole / n / 1024, managed / n / 1024
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -457,6 +472,7 @@ class _Window:
     def close(self) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start["at"]
         return {
+            "sizes": _member_sizes(_api(self.pool)),
             "elapsed": elapsed,
             "patches": _patch_count(self.pool.cp) - self.start["patches"],
             "cpu": {k: (v - self.start[f"cpu:{k}"]) / elapsed for k, v in self.cpu().items()},
@@ -517,6 +533,7 @@ def _report(
     replicas: int,
     lg: LoadGenerator,
     loads: tuple[str, str],
+    sizes: tuple[float, float],
 ) -> dict[str, float]:
     # a cycle is one verdict: members quote up to 10 % early (the jittered schedule), so they
     # complete slightly more cycles than elapsed / interval; count the cycles themselves
@@ -551,6 +568,10 @@ def _report(
         f"(design: 2, one each way); per member per {interval} s interval: "
         f"{per_member_interval:.2f} (cycles per interval: "
         f"{len(lg.latencies) / (members * elapsed / interval):.2f})"
+    )
+    print(
+        f"  a Member as served: {sizes[0]:.1f} KiB of JSON, {sizes[1]:.1f} KiB of it "
+        "metadata.managedFields"
     )
     print(
         f"  same machine, same window: load generator {cpu['load generator']:.2f} cores, "
