@@ -30,9 +30,15 @@ with the console's last words when the VM ends; a migration is a qemu live migra
 target member's namespace, Succeeded or Failed as qemu reports (the VM stays on the source
 when it fails). Each member then has a component cache (`gtvp_local.vmruntime.cache`): a
 composed box's member fetches the images it lacks over its own link before the VM starts
-(a migration's target before the migration), and the stand-in writes each member's
-`Node.status.images` from what its cache holds, at startup and after each fetch: in place
-of a kubelet (SIMULATION), but truthfully.
+(in a worker thread, the VMI Scheduling meanwhile; a migration's target before the
+migration), and the stand-in writes each member's `Node.status.images` from what its cache
+holds, at startup and after each fetch: in place of a kubelet (SIMULATION), but
+truthfully. A pre-fetch request gtvp writes on a migration's target Node
+(`gtvp.io/prefetch`: image references per VMI, docs/lazyboxes.md) is acted on the same
+way, in place of the kubelet pulling the images of a pre-pull pod: the member fetches the
+images its cache lacks over its link in a worker thread (the stand-in's loop goes on), and
+its `status.images` lists them once they are there. Without real VMs (`--vms phases`) the
+requested images are simply added to the Node's `status.images` (no bytes move).
 
 It is named as a simulation wherever it appears, and the Helm chart never installs it.
 """
@@ -49,6 +55,8 @@ from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.compose import preferred_node
+from gtvp.core.prefetch import MAX_IMAGES, requests_on
+from gtvp_local.vmruntime import cache
 from gtvp_local.vmruntime.launcher import Launcher, pool_mirror, vm_id
 
 log = logging.getLogger("gtvp.virtsim")
@@ -116,6 +124,8 @@ class VirtSim:
         self.delay = step_delay
         self.last_step: dict[str, float] = {}
         self.launcher = launcher
+        self.refused: set[tuple[str, str, tuple[str, ...]]] = set()  # pre-fetches refused
+        self.pulling: dict[tuple[str, str], str] = {}  # VMIs whose member fetches their images
         """With a launcher (`--vms qemu`), VMIs run as real VMs and migrations are real
         live migrations (gtvp_local.vmruntime.launcher); without, phases only."""
 
@@ -128,6 +138,10 @@ class VirtSim:
             self._report_caches(self.launcher)
         # to_dict() is snake_case; every field read here is a single word, so it is the same
         nodes = [n.to_dict() for n in self.core.list_node().items]
+        if self.launcher is not None:
+            self._serve_prefetches(self.launcher, nodes)
+        else:
+            self._pull_requested(nodes)
         vms = self._list("virtualmachines")
         vmis = {
             (i["metadata"]["namespace"], i["metadata"]["name"]): i
@@ -306,6 +320,55 @@ class VirtSim:
         for vm in launcher.known() - present:
             launcher.stop_vm(vm)
 
+    def _serve_prefetches(self, launcher: Launcher, nodes: Sequence[Mapping[str, Any]]) -> None:
+        """SIMULATED kubelet pulling a pre-pull pod's images: each request on a Node whose
+        member's cache lacks some of its images starts a fetch in a worker thread. Only
+        references that pin a sha256 digest are fetched (the mirror serves by digest)."""
+        for node in nodes:
+            member = str((node.get("metadata") or {}).get("name", ""))
+            for vmi, request in sorted(requests_on(node).items()):
+                images = list(request.images[:MAX_IMAGES])
+                try:
+                    lacking = cache.missing(images, cache.held(launcher.runtime.state, member))
+                except ValueError as exc:  # a reference without a digest: nothing to fetch
+                    said = (member, vmi, request.images)
+                    if said not in self.refused:  # once, not every tick
+                        self.refused.add(said)
+                        log.warning("%s node %s: pre-fetch for %s refused: %s",
+                                    KUBELET_BANNER, member, vmi, exc)  # fmt: skip
+                    continue
+                if lacking:
+                    launcher.prefetch(member, lacking, vmi)
+
+    def _pull_requested(self, nodes: Sequence[Mapping[str, Any]]) -> None:
+        """Without real VMs (no component cache): the kubelet's pull of a pre-fetch request
+        is SIMULATED by adding the requested images to the Node's status.images at once
+        (the sizes the request names; no bytes move)."""
+        for node in nodes:
+            status = node.get("status") or {}
+            listed: list[dict[str, Any]] = [  # to_dict() spells it size_bytes
+                {"names": list(i.get("names") or []), "sizeBytes": int(i.get("size_bytes") or 0)}
+                for i in status.get("images") or []
+            ]
+            have = {str(n) for i in listed for n in (i.get("names") or [])}
+            added = []
+            for request in requests_on(node).values():
+                sizes = request.sizes or (0,) * len(request.images)
+                for image, size in zip(request.images[:MAX_IMAGES], sizes, strict=False):
+                    if "@sha256:" in image and image not in have:
+                        have.add(image)
+                        added.append({"names": [image], "sizeBytes": size})
+            if not added:
+                continue
+            name = str((node.get("metadata") or {}).get("name", ""))
+            self.core.patch_node_status(
+                name,
+                {"status": {"images": listed + added}},
+                _content_type="application/merge-patch+json",
+            )
+            log.info("%s node %s: pulled %d pre-fetch image(s) (simulated: no bytes moved)",
+                     KUBELET_BANNER, name, len(added))  # fmt: skip
+
     def _report_caches(self, launcher: Launcher) -> None:
         """SIMULATED kubelet: each member whose component cache changed (or that was not
         reported yet) gets `status.images` from what its cache holds."""
@@ -333,7 +396,8 @@ class VirtSim:
         self, vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], load: dict[str, int]
     ) -> None:
         meta, spec = vmi["metadata"], vmi.get("spec") or {}
-        node = choose_node(
+        key = (meta["namespace"], meta["name"])
+        node = self.pulling.get(key) or choose_node(
             nodes,
             spec.get("nodeSelector") or {},
             spec.get("tolerations") or [],
@@ -347,11 +411,16 @@ class VirtSim:
         elif self.launcher is not None:
             load[node] = load.get(node, 0) + 1
             try:
+                if not self.launcher.prepare(meta["namespace"], meta["name"], node, spec):
+                    self._pulling(vmi, node)  # the member fetches in a worker thread
+                    return
+                self.pulling.pop(key, None)
                 self.launcher.start(meta["namespace"], meta["name"], node, spec)
                 status = {"phase": "Scheduled", "nodeName": node}
                 log.info("%s VMI %s/%s: a VM starts on %s", HANDLER_BANNER, meta["namespace"],
                          meta["name"], node)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - any reason the VM cannot start is its status
+                self.pulling.pop(key, None)
                 status = {"phase": "Failed", "nodeName": node, "reason": f"cannot start: {exc}"}
                 log.warning("%s VMI %s/%s cannot start on %s: %s", HANDLER_BANNER,
                             meta["namespace"], meta["name"], node, exc)  # fmt: skip
@@ -364,6 +433,25 @@ class VirtSim:
             self.api.patch_namespaced_custom_object(
                 *KV, meta["namespace"], "virtualmachineinstances", meta["name"], {"status": status}
             )
+
+    def _pulling(self, vmi: Mapping[str, Any], node: str) -> None:
+        """The VMI waits (Scheduling) while its member fetches its images: it keeps that
+        member (as a pod bound to a node waits for its image pulls); said once."""
+        meta = vmi["metadata"]
+        key = (meta["namespace"], meta["name"])
+        reason = f"{node} is fetching the VM's images (simulated kubelet pull)"
+        first = key not in self.pulling
+        self.pulling[key] = node
+        if (vmi.get("status") or {}).get("reason") == reason and not first:
+            return
+        self.api.patch_namespaced_custom_object(
+            *KV,
+            meta["namespace"],
+            "virtualmachineinstances",
+            meta["name"],
+            {"status": {"phase": "Scheduling", "reason": reason}},
+        )
+        log.info("%s VMI %s/%s: %s", KUBELET_BANNER, *key, reason)
 
     def _advance_migration(
         self,

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from gtvp import __version__
 from gtvp.core.component_checks import COMPONENT_FAILURE_REASONS, COMPONENT_VERIFIED_REASON
 from gtvp.core.errors import ALL_REASONS
+from gtvp.core.prefetch import REASONS as PREFETCH_REASONS
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # a `_created` series per counter doubles the series for nothing
 
@@ -199,6 +200,42 @@ class Metrics:
             "Trusted members above the policy's high watermark (balancing.highWatermark)",
             registry=self.registry,
         )
+        self._prefetch_metrics()
+
+    def _prefetch_metrics(self) -> None:
+        self.prefetch_requests = Counter(
+            "gtvp_prefetch_requests",
+            "Pre-fetch requests gtvp wrote on a Lazy Box's migration target, by reason "
+            "(evacuation, drain, balancing)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.prefetch_bytes = Counter(
+            "gtvp_prefetch_bytes",
+            "Bytes of a box's components missing on its target when gtvp asked it to fetch "
+            "them ahead of the migration, counted when the migration starts, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.prefetch_timeouts = Counter(
+            "gtvp_prefetch_timeouts",
+            "Migrations started although the target had not fetched every component within "
+            "the bound, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.prefetch_wait_seconds = Histogram(
+            "gtvp_prefetch_wait_seconds",
+            "Time a box's migration waited for its target's pre-fetch, by reason",
+            ["reason"],
+            buckets=(1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0),
+            registry=self.registry,
+        )
+        for reason in PREFETCH_REASONS:
+            self.prefetch_requests.labels(reason)
+            self.prefetch_bytes.labels(reason)
+            self.prefetch_timeouts.labels(reason)
+            self.prefetch_wait_seconds.labels(reason)
 
     def _coordination_metrics(self) -> None:
         self.shards_held = Gauge(

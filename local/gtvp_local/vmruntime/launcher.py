@@ -10,8 +10,12 @@ places on a member, and to live-migrate it when a migration reaches its turn:
   member fetches the images its cache lacks from the pool's registry mirror (the
   component store, else the artifacts built here by `gtvp_local.guest.build`) across its
   own link, as a kubelet pulls a containerDisk before virt-launcher starts; a member that
-  cannot fetch them does not start the VM (the VMI is Failed with the reason). A
-  migration's target fetches them too before the migration starts;
+  cannot fetch them does not start the VM (the VMI is Failed with the reason). The fetch
+  runs in a worker thread (`prepare`; the VMI is Scheduling meanwhile), so a slow mirror
+  holds up only the VMIs waiting for it, not the stand-in's loop. A
+  migration's target fetches them too before the migration starts, unless gtvp had it
+  pre-fetch them (`prefetch`: a worker thread per request, off the stand-in's loop, in
+  place of the kubelet pulling the images a pre-pull pod names);
 - any other VMI boots the runtime's tiny test guest (`vmruntime.guest`) with the VMI's
   memory (at least 128 MiB);
 - the VMI is Running only once its console says `GTVP-READY`; a VM that ends (its init
@@ -24,9 +28,11 @@ Only the local pool and the tests use it; the Helm chart never installs it.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +45,7 @@ from gtvp_local.vmruntime.machine import MachineSpec
 
 log = logging.getLogger("gtvp.vmruntime")
 MIN_MEMORY_MIB = 128
+PREFETCH_RETRY_S = 10.0  # a failed pre-fetch is tried again after this long
 Resolver = Callable[[str, "str | None"], Path]
 
 
@@ -151,6 +158,45 @@ class Launcher:
         self._migrations: dict[str, Future[rt.MigrationResult]] = {}
         self._lock = threading.Lock()
         self._changed = set(cache.members(state))  # reported once at startup
+        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gtvp-prefetch")
+        self._prefetches: dict[tuple[str, str], Future[list[cache.FetchReport]]] = {}
+        self._prefetch_failed: dict[tuple[str, str], float] = {}
+
+    def prefetch(self, member: str, images: Sequence[str], why: str) -> bool:
+        """Fetch `images` into `member`'s cache in a worker thread (one at a time per
+        member and request `why`; a failed one is tried again after PREFETCH_RETRY_S).
+        True while one runs. Each image must pin a sha256 digest (the mirror serves by
+        digest)."""
+        key = (member, why)
+        with self._lock:
+            running = self._prefetches.get(key)
+            if running is not None and not running.done():
+                return True
+            if running is not None:
+                del self._prefetches[key]
+            failed = self._prefetch_failed.get(key)
+            if failed is not None and time.monotonic() - failed < PREFETCH_RETRY_S:
+                return False
+            self._prefetches[key] = self._prefetcher.submit(self._prefetch, member, images, why)
+        return True
+
+    def _prefetch(self, member: str, images: Sequence[str], why: str) -> list[cache.FetchReport]:
+        key = (member, why)
+        try:
+            reports = self.fetch(member, images)
+        except (cache.FetchError, ValueError, OSError) as exc:
+            with self._lock:
+                self._prefetch_failed[key] = time.monotonic()
+            log.warning("[SIMULATED kubelet] %s could not pre-fetch for %s: %s", member, why, exc)
+            raise
+        with self._lock:
+            self._prefetch_failed.pop(key, None)
+        done = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        log.info(
+            "[SIMULATED kubelet] %s pre-fetched %d image(s) for %s: %d bytes, done at %s",
+            member, len(reports), why, sum(r.size_bytes for r in reports), done,
+        )  # fmt: skip
+        return reports
 
     def fetch(self, member: str, images: Sequence[str]) -> list[cache.FetchReport]:
         """Fetch the images `member`'s cache lacks (cache.FetchError when one fails)."""
@@ -174,6 +220,34 @@ class Launcher:
     def node_images(self, member: str) -> list[dict[str, Any]]:
         """`member`'s Node.status.images, from what its component cache holds."""
         return cache.listing(self.runtime.state, member)
+
+    def prepare(self, namespace: str, name: str, member: str, vmi_spec: Mapping[str, Any]) -> bool:
+        """Whether the VMI's VM can start on `member` now: True for a VMI that is not a
+        composed box, or once the member's cache holds the box's images; otherwise the
+        member fetches them in a worker thread (the caller asks again later) and, when that
+        failed, its error is raised (cache.FetchError: the VM cannot start)."""
+        if self.resolve is None or self.mirror is None or not is_composed(vmi_spec):
+            return True
+        key = (member, f"{namespace}/{name}")
+        with self._lock:
+            running = self._prefetches.get(key)
+            if running is not None and not running.done():
+                return False
+            if running is not None:
+                del self._prefetches[key]
+                self._prefetch_failed.pop(key, None)
+        failed = running.exception() if running is not None else None
+        if failed is not None:
+            raise failed
+        images = cache.images_of(vmi_spec)
+        lacking = cache.missing(images, cache.held(self.runtime.state, member), self.mirror.etag)
+        if not lacking:
+            return True
+        with self._lock:
+            self._prefetches[key] = self._prefetcher.submit(
+                self._prefetch, member, lacking, f"{namespace}/{name}"
+            )
+        return False
 
     def start(self, namespace: str, name: str, member: str, vmi_spec: Mapping[str, Any]) -> None:
         """Start the VMI's VM on `member` (raises with the reason when it cannot start); a
@@ -246,5 +320,6 @@ class Launcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
         if self.mirror is not None:
             self.mirror.close()

@@ -13,7 +13,9 @@ start (a co-tenant's, which could be created in advance: the names are predictab
 skipped for the next spare name of the same attempt. KubeVirt limits
 parallel migrations per cluster and outbound per node but not inbound, so when the
 caller names the usable targets the plan picks, for each VMI, the eligible target with the
-fewest inbound migrations and pins it (`kubernetes.io/hostname` in `addedNodeSelector`,
+most bytes of its components already cached (a Lazy Box's, by `Node.status.images` as
+placement counts them; 0 for other VMIs), then the one with the fewest inbound
+migrations, and pins it (`kubernetes.io/hostname` in `addedNodeSelector`,
 next to the trust selector); a VMI whose every eligible target is full waits for the next
 plan. A pinned target counts as inbound before KubeVirt records it. The limits are counted
 by `core.migration_budget.MigrationBudget`, which drains and balancing share; they bound
@@ -38,6 +40,7 @@ from gtvp.core.compose import BOX_LABEL
 from gtvp.core.gating import GatingError, level_of
 from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorded_source
 from gtvp.core.policy import MigrationLimits
+from gtvp.core.prefetch import Part, cached_bytes
 from gtvp.core.trust import trust_selector
 
 EVACUATION_LABEL = "gtvp.io/evacuation"  # value: the member gtvp empties
@@ -58,6 +61,7 @@ class Vmi:
     name: str
     node: str
     level: int
+    parts: tuple[Part, ...] = ()  # a Lazy Box's components (digest, size); () otherwise
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,25 @@ class Migration:
     @property
     def inbound_to(self) -> str | None:
         return self.target or self.pinned
+
+
+def best_target(
+    budget: MigrationBudget,
+    eligible: Iterable[str],
+    parts: Sequence[Part],
+    images: Mapping[str, frozenset[str]],
+) -> str | None:
+    """Among the eligible targets that may receive: the one caching most of the bytes of
+    `parts` (a box's components), then the one with the fewest arrivals, then by name."""
+    by_bytes: dict[int, list[str]] = {}
+    for name in eligible:
+        held = cached_bytes(parts, images.get(name, frozenset())) if parts else 0
+        by_bytes.setdefault(held, []).append(name)
+    for held in sorted(by_bytes, reverse=True):
+        target = budget.least_busy(by_bytes[held])
+        if target is not None:
+            return target
+    return None
 
 
 def migration_name(vmi: Vmi, incident: str, attempt: int = 0, spare: int = 0) -> str:
@@ -159,6 +182,7 @@ def plan_evacuation(
     migrations: Sequence[Migration],
     limits: MigrationLimits,
     targets: Sequence[tuple[str, int]] | None = None,
+    images: Mapping[str, frozenset[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """The VirtualMachineInstanceMigration objects to create now for `member`.
 
@@ -166,6 +190,8 @@ def plan_evacuation(
     gtvp's own count against the limits, finished ones of gtvp's number the next attempt,
     and every name is taken). `targets`: the usable members (name, level) that may receive
     VMIs; with them the inbound limit holds and each migration is pinned to one target.
+    `images`: the digests each target's Node lists (`Node.status.images`): a box goes to
+    the eligible target caching most of its bytes.
     """
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
@@ -190,8 +216,11 @@ def plan_evacuation(
         selector = trust_selector(vmi.level)
         target = None
         if targets is not None:
-            target = budget.least_busy(
-                name for name, level in targets if name != member and level >= vmi.level
+            target = best_target(
+                budget,
+                (name for name, level in targets if name != member and level >= vmi.level),
+                vmi.parts,
+                images or {},
             )
             if target is None:
                 continue  # every eligible target is receiving its limit: wait
@@ -311,6 +340,7 @@ class Evacuee:
     node: str
     level: int
     box: bool = False  # a Lazy Box's VMI
+    parts: tuple[Part, ...] = ()  # a box's components (digest, size), from its LazyBox
 
 
 @dataclass(frozen=True)
@@ -321,6 +351,7 @@ class DrainTarget:
     level: int
     trusted: bool  # Trusted with a fresh verdict that has uses left
     cordoned: bool = False  # Node.spec.unschedulable (kubectl cordon / drain)
+    images: frozenset[str] = frozenset()  # digests its Node.status.images lists
 
 
 @dataclass(frozen=True)
@@ -401,13 +432,15 @@ def plan_drains(
 
     `node_of`: where each VMI runs (a migration whose source KubeVirt has not recorded yet
     leaves its VMI's node). Each migration is pinned to the eligible target (Trusted, level
-    at least the VMI's, not cordoned, not the drained node) with the fewest arrivals; the
-    policy's cluster, outbound and inbound limits hold, counting gtvp's active migrations
-    (evacuations, drains, balancing; others are KubeVirt's to queue).
+    at least the VMI's, not cordoned, not the drained node) caching most of a box's
+    component bytes, then with the fewest arrivals; the policy's cluster, outbound and
+    inbound limits hold, counting gtvp's active migrations (evacuations, drains,
+    balancing; others are KubeVirt's to queue).
     A VMI that only the limits hold back is not 'waiting': the next plan moves it.
     """
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     budget = MigrationBudget.of(limits, migrations, recorded_source(node_of))
+    images = {t.name: t.images for t in targets}
     out: list[dict[str, Any]] = []
     waiting: dict[tuple[str, str], str] = {}
     for vmi in sorted(evacuees, key=lambda v: (-v.level, v.namespace, v.name)):
@@ -419,7 +452,7 @@ def plan_drains(
         if why is not None:
             waiting[(vmi.namespace, vmi.name)] = why
             continue
-        target = budget.least_busy(eligible)
+        target = best_target(budget, eligible, vmi.parts, images)
         if target is None or not budget.allows(vmi.node):
             continue  # the limits hold it back: the next plan
         budget.take(vmi.node, target)

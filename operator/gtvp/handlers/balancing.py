@@ -2,7 +2,8 @@
 
 Reads only the operator's in-memory view (members, Nodes, boxes, VMIs, migrations); the
 cool-down survives a restart because it is read from the balancing migrations themselves
-(their creation time), and the overload clock simply starts again.
+(their creation time), and the overload clock simply starts again. A move waits until its
+target has pre-fetched the box's components it lacks (`handlers.prefetch`, bounded).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gtvp.core.balance import BALANCE_LABEL, BalancePlan, Move, PlacedBox, plan_
 from gtvp.core.evacuation import migration_view
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
+from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import box_requests, hosts
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -94,6 +96,9 @@ async def balance_once(rt: Runtime, now: dt.datetime | None = None) -> list[Move
 
 async def _start(rt: Runtime, move: Move) -> None:
     box = move.box
+    fetch = await prefetch.hold(rt, move.migration, "balancing")
+    if prefetch.waits(fetch):
+        return  # the target fetches the box's components first: the next round looks again
     try:
         # False: already started (an earlier run of the same plan); counted as started
         await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, move.migration)
@@ -107,6 +112,7 @@ async def _start(rt: Runtime, move: Move) -> None:
             exc.reason,
         )
         return
+    await prefetch.started(rt, move.migration, fetch)
     METRICS.balancing_moves.inc()
     message = f"moving to {move.target}: {move.reason}"
     log.info("LazyBox %s/%s: %s", box.namespace, box.name, message)

@@ -12,13 +12,16 @@ drain's next eviction attempt succeeds.
 Woken by VMI, migration, member and node events, it plans again every PERIOD seconds while a
 drain is outstanding (and rescans every VMI every IDLE_PERIOD, which also covers a restart).
 A VMI no member can take gets a Warning Event `DrainWaiting` with the reason (on the VMI,
-and on its LazyBox), said once per reason, not every round.
+and on its LazyBox), said once per reason, not every round. A box goes to the eligible
+member caching most of its components, once that member has pre-fetched the rest
+(`handlers.prefetch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 from typing import Any
@@ -28,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from gtvp import kube
 from gtvp.cluster_view import Key, key_of
 from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
+from gtvp.core.components import image_digests
 from gtvp.core.evacuation import (
     DRAIN_LABEL,
     DrainPlan,
@@ -39,6 +43,7 @@ from gtvp.core.evacuation import (
     plan_drains,
 )
 from gtvp.core.trust import member_view
+from gtvp.handlers import prefetch
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -98,7 +103,8 @@ def drain_targets(rt: Runtime, now: dt.datetime) -> list[DrainTarget]:
             continue
         view = member_view(name, body.get("status") or {})
         cordoned = bool((node.get("spec") or {}).get("unschedulable"))
-        out.append(DrainTarget(name, view.level, view.usable(now, 1), cordoned))
+        images = image_digests((node.get("status") or {}).get("images"))
+        out.append(DrainTarget(name, view.level, view.usable(now, 1), cordoned, images))
     return out
 
 
@@ -107,7 +113,9 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
     policy = rt.view.policy
     vmis = rt.view.vmis
     found = [
-        e for k in list(rt.drains.marked) if (e := drain_evacuee(vmis.get(k) or {})) is not None
+        dataclasses.replace(e, parts=prefetch.box_parts(rt.view.boxes.get(k) or {})) if e.box else e
+        for k in list(rt.drains.marked)
+        if (e := drain_evacuee(vmis.get(k) or {})) is not None
     ]
     if policy is None or not found:
         return DrainPlan((), {}), {}
@@ -145,6 +153,9 @@ async def drain_once(rt: Runtime, now: dt.datetime | None = None) -> DrainPlan:
 async def _start(rt: Runtime, obj: dict[str, Any], vmi: Evacuee) -> None:
     name = obj["metadata"]["name"]
     target = obj["spec"]["addedNodeSelector"].get("kubernetes.io/hostname")
+    fetch = await prefetch.hold(rt, obj, "drain")
+    if prefetch.waits(fetch):
+        return  # the target fetches the box's components first: the next round looks again
     try:
         started = await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, obj)
     except ApiException as exc:
@@ -158,8 +169,10 @@ async def _start(rt: Runtime, obj: dict[str, Any], vmi: Evacuee) -> None:
         )
         return
     if not started:  # started before (this plan, before a restart)
+        await prefetch.started(rt, obj, fetch)
         return
     rt.view.observe_migration(obj, "ADDED")  # the next plan counts it before its event
+    await prefetch.started(rt, obj, fetch)
     METRICS.drain_migrations.labels("started").inc()
     message = f"node {vmi.node} is being drained: live-migrating to {target} (migration {name})"
     await _say(rt, vmi, "Normal", "DrainMigration", message)

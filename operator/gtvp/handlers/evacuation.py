@@ -8,7 +8,10 @@ members that lost trust.
   second later) picks another name. A VMI whose last evacuation migrations failed
   (`evacuation_stalled`) waits with a Warning Event instead of a new one every second;
 - a migration seen `Scheduled` or later whose target member is not usable for the VMI's
-  level is aborted by deleting it; a usable target spends one use of its verdict.
+  level is aborted by deleting it; a usable target spends one use of its verdict;
+- a Lazy Box goes to the usable target caching most of its components, and its migration
+  waits until that target has pre-fetched the ones it lacks (`handlers.prefetch`, at most
+  the bound: the next plan, a second later, looks again).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
+from gtvp.core.components import image_digests
+from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import (
     EVACUATION_LABEL,
     Migration,
@@ -32,6 +37,7 @@ from gtvp.core.evacuation import (
     plan_evacuation,
 )
 from gtvp.core.trust import member_view
+from gtvp.handlers import prefetch
 from gtvp.handlers.verdict_uses import gated_level, spend_use
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -41,12 +47,28 @@ RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
 
 
 def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
-    """The gated VMIs on `member` that need more than `keep_level`."""
+    """The gated VMIs on `member` that need more than `keep_level` (a Lazy Box's with its
+    components, so that it goes where they are cached)."""
     return [
-        Vmi(ns, name, member, lvl)
+        Vmi(ns, name, member, lvl, _parts(rt, ns, name, body))
         for (ns, name) in sorted(rt.view.on_node.get(member, ()))
-        if (lvl := gated_level(rt.view.vmis.get((ns, name)) or {})) is not None and lvl > keep_level
+        if (lvl := gated_level(body := rt.view.vmis.get((ns, name)) or {})) is not None
+        and lvl > keep_level
     ]
+
+
+def _parts(rt: Runtime, ns: str, name: str, vmi: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    if BOX_LABEL not in ((vmi.get("metadata") or {}).get("labels") or {}):
+        return ()
+    return prefetch.box_parts(rt.view.boxes.get((ns, name)) or {})
+
+
+def node_images(rt: Runtime, names: list[str]) -> dict[str, frozenset[str]]:
+    """The digests each named Node's status.images lists."""
+    return {
+        n: image_digests(((rt.view.nodes.get(n) or {}).get("status") or {}).get("images"))
+        for n in names
+    }
 
 
 async def evacuate(
@@ -91,6 +113,7 @@ async def evacuate(
         migrations=migrations,
         limits=policy.migration,
         targets=targets,
+        images=node_images(rt, [name for name, _ in targets]),
     ):
         await _start(rt, member, obj)
     return len(on_member)
@@ -125,6 +148,9 @@ async def _say_stalled(
 
 async def _start(rt: Runtime, member: str, obj: dict[str, Any]) -> None:
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    fetch = await prefetch.hold(rt, obj, "evacuation")
+    if prefetch.waits(fetch):
+        return  # the target fetches the box's components first: the next plan looks again
     try:
         started = await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, obj)
         held = (
@@ -136,21 +162,22 @@ async def _start(rt: Runtime, member: str, obj: dict[str, Any]) -> None:
         log.warning("could not start migration %s/%s: %s %s", ns, name, exc.status, exc.reason)
         return
     if not started:
-        if held is not None:
-            _name_held(rt, member, obj, held)
+        if held is not None and _name_held(rt, member, obj, held):
+            await prefetch.started(rt, obj, fetch)
         return  # (gone again: the next plan creates it)
     rt.view.observe_migration(obj, "ADDED")  # a drain planned next sees it at once
+    await prefetch.started(rt, obj, fetch)
     METRICS.evacuation("started")
     log.info("evacuating %s/%s from %s: migration %s", ns, obj["spec"]["vmiName"], member, name)
 
 
-def _name_held(rt: Runtime, member: str, planned: dict[str, Any], held: dict[str, Any]) -> None:
+def _name_held(rt: Runtime, member: str, planned: dict[str, Any], held: dict[str, Any]) -> bool:
     """A planned name exists already. gtvp's own migration of this attempt was started
     before (e.g. by this operator before a restart); anything else is not a migration
-    started, and once in the view the next plan takes another name."""
+    started, and once in the view the next plan takes another name. True: it is gtvp's."""
     rt.view.observe_migration(held, "ADDED")
     if is_planned_migration(held, planned):
-        return
+        return True
     view = migration_view(held)
     log.warning(
         "evacuation of %s/%s off %s: migration name %s is held by a migration gtvp did not "
@@ -164,6 +191,7 @@ def _name_held(rt: Runtime, member: str, planned: dict[str, Any], held: dict[str
         if view.foreign
         else f"gtvp.io/evacuation={view.evacuates or '-'}, attempt {view.attempt}",
     )
+    return False
 
 
 def _stop_vm(rt: Runtime, vmi: Vmi) -> None:
