@@ -75,7 +75,15 @@ def test_help_lists_every_command_with_its_one_line_help(
         cli.main(["--help"])
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
-    assert set(cli.COMMANDS) == {"local", "verify-quote", "component", "status", "token"}
+    assert set(cli.COMMANDS) == {
+        "local",
+        "verify-quote",
+        "component",
+        "status",
+        "token",
+        "policy",
+        "eventlog",
+    }
     for name, (_, help_text) in cli.COMMANDS.items():
         assert f"{name} {help_text}" in out
 
@@ -88,6 +96,8 @@ def test_help_lists_every_command_with_its_one_line_help(
         (["component", "verify", "x.yaml", "--policy", "p.yaml"], "run_verify"),
         (["status"], "run"),
         (["verify-quote", *VERIFY_QUOTE_ARGS], "run"),
+        (["eventlog", "replay", "log.bin"], "run_replay"),
+        (["policy", "learn", "--event-log", "log.bin"], "run_learn"),
     ],
 )
 def test_each_command_registers_its_arguments(argv: list[str], func: str) -> None:
@@ -155,7 +165,7 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        ([], "local, verify-quote, component, status or token (see gtvp --help)"),
+        ([], "local, verify-quote, component, status, token, policy or eventlog (see gtvp --help)"),
         (
             ["local"],
             "up, build, tamper, down, status, images or regen-gomod (see gtvp local --help)",

@@ -61,15 +61,18 @@ from gtvp.core.quote import (
     Expectation,
     QuoteResult,
     quote_reference,
+    replay_event_log,
     verify_quote,
 )
+from gtvp.core.refvalues import ReferenceSet, ReferenceSetExpired, appraise
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import PublicArea, qualified_signer
 
 ENTROPY_BYTES = 64
 RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
-# failures that are no sign of tampering: they never wait for gtvp.io/readmit
-_NOT_TAMPERING = (errors.EvidenceTooLate, errors.UnknownMemberClass)
+# failures that are no sign of tampering: they never wait for gtvp.io/readmit (an expired
+# reference set is the policy's calendar, not the host's doing)
+_NOT_TAMPERING = (errors.EvidenceTooLate, errors.UnknownMemberClass, ReferenceSetExpired)
 
 
 @dataclass(frozen=True)
@@ -429,12 +432,12 @@ class _Cycle:
         issued = parse_ts(self.challenge.get("issuedAt")) or now
         try:
             cls = self.member_class()
-            result = verify_quote(
-                parse_evidence(evidence),
-                self.expectation(keys, nonce, answered_nonces, cls),
-            )
+            parsed = parse_evidence(evidence)
+            result = verify_quote(parsed, self.expectation(keys, nonce, answered_nonces, cls))
+            matched = _reference_set(parsed, result.pcrs, str(self.policy.pcr_bank), cls, now)
             _raise_if_late(issued, mp.attestation.valid_for, now)
         except errors.VerificationError as err:
+            trust.pop("referenceSet", None)  # it matched nothing now
             # a reboot (new clock baseline) or a late answer is asked again at once
             self.challenge = _nonce_challenge(
                 self.policy, self.entropy, now, _retry_at(err, trust, now)
@@ -453,6 +456,12 @@ class _Cycle:
             )
         _record_verdict(trust, result=result, policy=self.policy, mp=mp, now=now, issued=issued)
         trust.update({"memberClass": cls.name, "level": mp.level})
+        # status.trust.referenceSet: the reference set the verdict's event log matched
+        if matched is None:
+            trust.pop("referenceSet", None)
+        else:
+            trust["referenceSet"] = matched.name
+            trust["message"] += f"; reference set {matched.name}"
         spread = JITTER if was_trusted else FIRST_SPREAD
         self.challenge = _nonce_challenge(
             self.policy, self.entropy, now, _next_quote(now, self.interval, self.entropy, spread)
@@ -646,6 +655,27 @@ class _Cycle:
         if not bound and not self.enrollment:
             return MemberPhase.PENDING
         return MemberPhase.ENROLLING
+
+
+def _reference_set(
+    ev: Evidence,
+    quoted: Mapping[int, bytes],
+    bank: str,
+    cls: MemberClass,
+    now: dt.datetime,
+) -> ReferenceSet | None:
+    """The reference set of the member's class that its verified quote's event log matches
+    (None when the class has none); raises why none does (fail closed)."""
+    if not cls.reference_sets:
+        return None
+    if not ev.event_log:
+        raise errors.EventLogMissing(
+            f"member class {cls.name} is judged on the event log (referenceSets) and the agent "
+            "sent none (is /sys/kernel/security/tpm0/binary_bios_measurements readable by the "
+            "agent?)"
+        )
+    log = replay_event_log(ev.event_log)
+    return appraise(log, quoted, bank, cls.reference_sets, now)
 
 
 def _effective_policy(policy: Policy, mp: MemberPolicy) -> dict[str, Any]:

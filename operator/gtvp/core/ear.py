@@ -112,7 +112,10 @@ _VECTOR_BY_REASON: Final[Mapping[str, Mapping[str, int]]] = {
         _UNTRUSTWORTHY_KEY,
     ),
     **dict.fromkeys(("PcrMismatch", "ForbiddenEvent"), _BAD_BOOT),
-    **dict.fromkeys(("UnexplainedPcr", "EventLogMismatch"), _UNRECOGNIZED_BOOT),
+    **dict.fromkeys(
+        ("UnexplainedPcr", "EventLogMismatch", "EventNotAllowed", "ReferenceSetExpired"),
+        _UNRECOGNIZED_BOOT,
+    ),
     "EventLogMissing": _NO_LOG,
 }
 

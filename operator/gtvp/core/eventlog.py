@@ -25,6 +25,72 @@ EV_NO_ACTION = 0x00000003
 SPEC_ID_SIGNATURE = b"Spec ID Event03\0"
 STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\0"
 
+# TCG PC Client Platform Firmware Profile, section 10.4.1: event type -> name
+EVENT_TYPES: Mapping[int, str] = {
+    0x00000000: "EV_PREBOOT_CERT",
+    0x00000001: "EV_POST_CODE",
+    0x00000002: "EV_UNUSED",
+    0x00000003: "EV_NO_ACTION",
+    0x00000004: "EV_SEPARATOR",
+    0x00000005: "EV_ACTION",
+    0x00000006: "EV_EVENT_TAG",
+    0x00000007: "EV_S_CRTM_CONTENTS",
+    0x00000008: "EV_S_CRTM_VERSION",
+    0x00000009: "EV_CPU_MICROCODE",
+    0x0000000A: "EV_PLATFORM_CONFIG_FLAGS",
+    0x0000000B: "EV_TABLE_OF_DEVICES",
+    0x0000000C: "EV_COMPACT_HASH",
+    0x0000000D: "EV_IPL",
+    0x0000000E: "EV_IPL_PARTITION_DATA",
+    0x0000000F: "EV_NONHOST_CODE",
+    0x00000010: "EV_NONHOST_CONFIG",
+    0x00000011: "EV_NONHOST_INFO",
+    0x00000012: "EV_OMIT_BOOT_DEVICE_EVENTS",
+    0x80000000: "EV_EFI_EVENT_BASE",
+    0x80000001: "EV_EFI_VARIABLE_DRIVER_CONFIG",
+    0x80000002: "EV_EFI_VARIABLE_BOOT",
+    0x80000003: "EV_EFI_BOOT_SERVICES_APPLICATION",
+    0x80000004: "EV_EFI_BOOT_SERVICES_DRIVER",
+    0x80000005: "EV_EFI_RUNTIME_SERVICES_DRIVER",
+    0x80000006: "EV_EFI_GPT_EVENT",
+    0x80000007: "EV_EFI_ACTION",
+    0x80000008: "EV_EFI_PLATFORM_FIRMWARE_BLOB",
+    0x80000009: "EV_EFI_HANDOFF_TABLES",
+    0x8000000A: "EV_EFI_PLATFORM_FIRMWARE_BLOB2",
+    0x8000000B: "EV_EFI_HANDOFF_TABLES2",
+    0x8000000C: "EV_EFI_VARIABLE_BOOT2",
+    0x80000010: "EV_EFI_HCRTM_EVENT",
+    0x800000E0: "EV_EFI_VARIABLE_AUTHORITY",
+    0x800000E1: "EV_EFI_SPDM_FIRMWARE_BLOB",
+    0x800000E2: "EV_EFI_SPDM_FIRMWARE_CONFIG",
+}
+EVENT_TYPE_BY_NAME: Mapping[str, int] = {v: k for k, v in EVENT_TYPES.items()}
+# events whose data is a UEFI_VARIABLE_DATA (a variable's GUID, name and contents)
+VARIABLE_EVENTS = frozenset({0x80000001, 0x80000002, 0x8000000C, 0x800000E0})
+EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
+
+
+def event_type_name(event_type: int) -> str:
+    """The TCG name of an event type (`0x...` for one the profile does not name)."""
+    return EVENT_TYPES.get(event_type, f"0x{event_type:08x}")
+
+
+def efi_variable(event: Event) -> tuple[str, bytes] | None:
+    """(name, contents) of a UEFI variable event's UEFI_VARIABLE_DATA; None for another
+    event type or data that does not hold one (a name that is not UTF-16, lengths that
+    overrun the data)."""
+    if event.event_type not in VARIABLE_EVENTS or len(event.data) < 32:
+        return None
+    name_len, data_len = struct.unpack_from("<QQ", event.data, 16)
+    end = 32 + 2 * name_len
+    if name_len > 1024 or end + data_len > len(event.data):
+        return None
+    try:
+        name = event.data[32:end].decode("utf-16-le")
+    except UnicodeDecodeError:
+        return None
+    return name, event.data[end : end + data_len]
+
 
 @dataclass(frozen=True)
 class Event:

@@ -48,6 +48,7 @@ class TrustStatus(TypedDict, total=False):
     readmitToken: str
     memberClass: str  # the member class the Trusted verdict's quote was judged under
     level: int  # the level it was judged at (the published level never exceeds it)
+    referenceSet: str  # the measured-boot reference set its event log matched, if any
 
 
 class CredentialChallenge(TypedDict, total=False):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gtvp.core.eventlog import EVENT_TYPE_BY_NAME, EVENT_TYPES
+from gtvp.core.refvalues import (
+    SECURE_BOOT_PCR,
+    SECURE_BOOT_STATES,
+    EventRule,
+    PcrRule,
+    ReferenceSet,
+)
+from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import HASH_BY_NAME, HASH_SIZES
 from gtvp.core.trust import LEVEL_LABEL, PREFIX, TRUSTED_LABEL
 
@@ -79,6 +89,7 @@ class MemberClass:
     golden: Mapping[int, bytes] = field(default_factory=dict)
     event_log_required: bool = False
     forbidden_digests: frozenset[str] = frozenset()
+    reference_sets: tuple[ReferenceSet, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -277,7 +288,7 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
     """Typed policy from a SecurityPolicy spec; PolicyError names what is unusable."""
     levels = _levels(_get(spec, "levels", []))
     bank, pcrs = _pcr_selection(_get(spec, "pcrSelection", {}))
-    classes = _member_classes(_get(spec, "memberClasses", []), bank)
+    classes = _member_classes(_get(spec, "memberClasses", []), bank, frozenset(pcrs))
     default_class = _known_class(classes, spec.get("defaultMemberClass"), "spec.defaultMemberClass")
     ek = _get(spec, "ekTrust", {})
     bundle = _ca_bundle(str(_get(ek, "caBundle", "")))
@@ -337,7 +348,7 @@ def _pcr_selection(sel: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
     return bank, pcrs
 
 
-def _member_classes(raw: Any, bank: str) -> dict[str, MemberClass]:
+def _member_classes(raw: Any, bank: str, selected: frozenset[int]) -> dict[str, MemberClass]:
     """spec.memberClasses by name: each named once, its digests of the bank's length."""
     size = HASH_SIZES[HASH_BY_NAME[bank]]
     classes: dict[str, MemberClass] = {}
@@ -356,7 +367,9 @@ def _member_classes(raw: Any, bank: str) -> dict[str, MemberClass]:
             dpath = f"{path}.eventLog.forbiddenDigests[{j}]"
             _hex_digest(d, dpath, bank, size, what="event digest", note=", so it would never match")
             forbidden.append(str(d).lower())
-        required = bool(_get(log, "required", False))
+        ref_sets = _reference_sets(_get(mc, "referenceSets", []), path, bank, size, selected)
+        # a reference set is appraised on the event log: it needs one
+        required = bool(_get(log, "required", False)) or bool(ref_sets)
         if not golden and not required:
             raise PolicyError(
                 path,
@@ -370,8 +383,124 @@ def _member_classes(raw: Any, bank: str) -> dict[str, MemberClass]:
             golden=golden,
             event_log_required=required,
             forbidden_digests=frozenset(forbidden),
+            reference_sets=ref_sets,
         )
     return classes
+
+
+def _reference_sets(
+    raw: Any, path: str, bank: str, size: int, selected: frozenset[int]
+) -> tuple[ReferenceSet, ...]:
+    """A member class's referenceSets: uniquely named, on quoted PCRs, known event types,
+    digests of the bank's length, a validity window that is one."""
+    if not isinstance(raw, list):
+        raise PolicyError(f"{path}.referenceSets", "must be a list of reference sets")
+    sets: list[ReferenceSet] = []
+    for i, rs in enumerate(raw):
+        rpath = f"{path}.referenceSets[{i}]"
+        if not isinstance(rs, Mapping):
+            raise PolicyError(rpath, "must be a reference set (name, pcrs, ...)")
+        name = str(_get(rs, "name", ""))
+        if not name:
+            raise PolicyError(f"{rpath}.name", "a reference set needs a name")
+        if any(s.name == name for s in sets):
+            raise PolicyError(f"{rpath}.name", f"reference set {name!r} is defined twice")
+        not_before = _timestamp(rs.get("notBefore"), f"{rpath}.notBefore")
+        not_after = _timestamp(rs.get("notAfter"), f"{rpath}.notAfter")
+        if not_before and not_after and not_after <= not_before:
+            raise PolicyError(
+                f"{rpath}.notAfter",
+                f"{format_ts(not_after)} is not after notBefore {format_ts(not_before)}: the "
+                "set would never match",
+            )
+        secure_boot = rs.get("secureBoot")
+        if secure_boot is not None and secure_boot not in SECURE_BOOT_STATES:
+            raise PolicyError(
+                f"{rpath}.secureBoot", f"{secure_boot!r} is not one of {list(SECURE_BOOT_STATES)}"
+            )
+        if secure_boot is not None and SECURE_BOOT_PCR not in selected:
+            raise PolicyError(
+                f"{rpath}.secureBoot",
+                f"Secure Boot is measured into PCR {SECURE_BOOT_PCR}, which "
+                "spec.pcrSelection.pcrs does not quote: add it there",
+            )
+        rules = _pcr_rules(_get(rs, "pcrs", []), rpath, bank, size, selected)
+        if not rules and secure_boot is None:
+            raise PolicyError(
+                f"{rpath}.pcrs", f"reference set {name!r} governs no PCR: it would accept any log"
+            )
+        sets.append(ReferenceSet(name, rules, secure_boot, not_before, not_after))
+    return tuple(sets)
+
+
+def _timestamp(value: Any, path: str) -> dt.datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):  # YAML read by a client may give a datetime
+        t: dt.datetime | None = value
+    else:
+        t = parse_ts(str(value))
+    if t is None or t.tzinfo is None:
+        raise PolicyError(
+            path, f"{str(value)[:40]!r} is not an RFC 3339 time such as 2026-01-01T00:00:00Z"
+        )
+    return t
+
+
+def _pcr_rules(
+    raw: Any, rpath: str, bank: str, size: int, selected: frozenset[int]
+) -> tuple[PcrRule, ...]:
+    rules: dict[int, PcrRule] = {}
+    for j, pr in enumerate(raw):
+        ppath = f"{rpath}.pcrs[{j}]"
+        if not isinstance(pr, Mapping):
+            raise PolicyError(ppath, "must be a PCR rule: {pcr: N, events: [...]}")
+        try:
+            pcr = int(pr["pcr"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PolicyError(f"{ppath}.pcr", "a PCR index 0 to 23 is needed") from exc
+        if pcr not in selected:
+            raise PolicyError(
+                f"{ppath}.pcr",
+                f"PCR {pcr} is not in spec.pcrSelection.pcrs {sorted(selected)}: the quote "
+                "would not cover it, so its events could not be bound to the TPM",
+            )
+        if pcr in rules:
+            raise PolicyError(f"{ppath}.pcr", f"PCR {pcr} is listed twice in this set")
+        events = []
+        for k, er in enumerate(_get(pr, "events", [])):
+            epath = f"{ppath}.events[{k}]"
+            if not isinstance(er, Mapping) or not isinstance(_get(er, "digests", []), list):
+                raise PolicyError(epath, "must be an event rule: {type: EV_..., digests: [hex]}")
+            etype = _event_type(er.get("type"), f"{epath}.type")
+            digests = frozenset(
+                _hex_digest(d, f"{epath}.digests[{n}]", bank, size, what="event digest").hex()
+                for n, d in enumerate(_get(er, "digests", []))
+            )
+            if not digests:
+                raise PolicyError(f"{epath}.digests", "list at least one allowed digest")
+            variable = er.get("variable")
+            events.append(EventRule(etype, digests, str(variable) if variable else None))
+        rules[pcr] = PcrRule(pcr, tuple(events))
+    return tuple(rules.values())
+
+
+def _event_type(value: Any, path: str) -> int:
+    """An event type by its TCG name (EV_EFI_BOOT_SERVICES_APPLICATION) or as 0x hex."""
+    text = str(value or "")
+    if text in EVENT_TYPE_BY_NAME:
+        return EVENT_TYPE_BY_NAME[text]
+    if text.lower().startswith("0x"):
+        try:
+            return int(text, 16)
+        except ValueError:
+            pass
+    raise PolicyError(
+        path,
+        f"{text[:60]!r} is not a TCG event type: give its name (e.g. "
+        f"EV_EFI_BOOT_SERVICES_APPLICATION; known: {len(EVENT_TYPES)} names, as `gtvp "
+        "eventlog replay` prints them) or 0x followed by its hex value",
+    )
 
 
 def _known_class(classes: Mapping[str, MemberClass], value: Any, path: str) -> str | None:

@@ -330,7 +330,8 @@ def _digest(data: bytes, hash_alg: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=512)
-def _replay(event_log: bytes) -> EventLog:
+def replay_event_log(event_log: bytes) -> EventLog:
+    """The parsed, replayed log (memoized by its bytes: one parse per log per cycle)."""
     return parse_event_log(event_log)
 
 
@@ -373,7 +374,7 @@ def _check_pcr_values(ev: Evidence, exp: Expectation, joined: bytes) -> bool:
 
     log: EventLog | None = None
     if ev.event_log:
-        log = _replay(ev.event_log)
+        log = replay_event_log(ev.event_log)
         if exp.forbidden_digests:
             bad = log.all_digests(exp.pcr_bank) & exp.forbidden_digests
             if bad:
