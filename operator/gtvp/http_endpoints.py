@@ -16,6 +16,10 @@ Public documents (`public`, see `gtvp.verdict_keys` and docs/tokens.md): the ver
 JWKS at `/.well-known/jwks.json` and a member's current token at `/ear/members/<name>`,
 answered like the probes without credentials (both are signed or public material that a
 box VM, which holds no Kubernetes credentials, fetches to check its host).
+
+Key release (`release`, see `gtvp.key_release` and docs/keyrelease.md): `POST
+/keyrelease/v1/release`, answered without Kubernetes credentials (a box VM authenticates
+with its one-time credential and its host's token) and only ever over TLS.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+
+from gtvp.core import keyrelease
 
 STALL_AFTER = 90.0  # seconds without a turn of the recheck loop before /healthz fails
 
@@ -84,7 +90,34 @@ Guard = Callable[[str | None, str, str], Refused | None]
 Public = Callable[[str], tuple[int, str, bytes] | None]
 """path -> (HTTP status, content type, body) for a public document; None for other paths."""
 
-_REASONS = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}
+Release = Callable[[str, bytes], tuple[int, str, bytes]]
+"""(method, request body) -> (HTTP status, content type, body) of the key-release path."""
+RELEASE_PATH = keyrelease.PATH
+RELEASE_MAX_BYTES = keyrelease.MAX_REQUEST_BYTES
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    428: "Precondition Required",
+    503: "Service Unavailable",
+}
+
+
+def _body(environ: dict[str, Any]) -> bytes | None:
+    """The request body (None: longer than RELEASE_MAX_BYTES, or no valid length)."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return None
+    if length < 0 or length > RELEASE_MAX_BYTES:
+        return None
+    data: bytes = environ["wsgi.input"].read(length) if length else b""
+    return data
+
 
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
@@ -119,14 +152,28 @@ def serve(
     tls: Callable[[], ssl.SSLContext] | None = None,
     guard: Guard | None = None,
     public: Public | None = None,
+    release: Release | None = None,
 ) -> ThreadingWSGIServer:
     """Serve the three endpoints on a daemon thread; returns the server (for tests).
     `tls`: serve HTTPS with the context it returns; `guard`: who may read past the probes;
-    `public`: documents served to anyone, like the probes."""
+    `public`: documents served to anyone, like the probes; `release`: the key-release
+    endpoint (only with `tls`: ValueError otherwise)."""
+    if release is not None and tls is None:
+        raise ValueError("the key-release endpoint is served only over TLS")
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
+        if release is not None and path == RELEASE_PATH:
+            raw = _body(environ)
+            method = str(environ.get("REQUEST_METHOD", "GET"))
+            code, content_type, body = (
+                release(method, raw)
+                if raw is not None
+                else (413, "text/plain; charset=utf-8", b"request body too large\n")
+            )
+            start(f"{code} {_REASONS.get(code, 'Error')}", [("Content-Type", content_type)])
+            return [body]
         document = public(path) if public is not None else None
         if document is not None:
             code, content_type, body = document

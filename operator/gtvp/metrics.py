@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from gtvp import __version__
 from gtvp.core.component_checks import COMPONENT_FAILURE_REASONS, COMPONENT_VERIFIED_REASON
 from gtvp.core.errors import ALL_REASONS
+from gtvp.core.keyrelease import RESULTS as KEY_RELEASE_RESULTS
 from gtvp.core.prefetch import REASONS as PREFETCH_REASONS
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # a `_created` series per counter doubles the series for nothing
@@ -101,6 +102,7 @@ class Metrics:
         self._admission_and_migration_metrics()
         self._lazybox_metrics()
         self._coordination_metrics()
+        self._key_release_metrics()
         self.registry.register(_MemberCollector(self))
         self.registry.register(_BoxCollector(self))
 
@@ -236,6 +238,17 @@ class Metrics:
             self.prefetch_bytes.labels(reason)
             self.prefetch_timeouts.labels(reason)
             self.prefetch_wait_seconds.labels(reason)
+
+    def _key_release_metrics(self) -> None:
+        self.key_releases = Counter(
+            "gtvp_key_releases",
+            "Key-release requests of box VMs (docs/keyrelease.md), by result: released, or "
+            "the reason of the refusal",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in KEY_RELEASE_RESULTS:
+            self.key_releases.labels(result)
 
     def _coordination_metrics(self) -> None:
         self.shards_held = Gauge(

@@ -19,11 +19,15 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gtvp import __version__
 from gtvp.coordination import Coordination
 from gtvp.core.shards import SHARDS, LeaseTiming
 from gtvp.runtime import OperatorSettings, Runtime
+
+if TYPE_CHECKING:
+    from gtvp.core.keyrelease import Settings as KeyReleaseSettings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,6 +102,19 @@ def parser() -> argparse.ArgumentParser:
         "--token-audience",
         default=os.environ.get("GTVP_TOKEN_AUDIENCE", "gtvp"),
         help="the 'aud' of the signed verdict tokens (default: gtvp; docs/tokens.md)",
+    )
+    p.add_argument(
+        "--key-release-url",
+        default=os.environ.get("GTVP_KEY_RELEASE_URL"),
+        help="the HTTPS URL box VMs reach this operator's --metrics-port at (e.g. "
+        "https://gtvp-operator.gtvp-system.svc:9090): serves POST /keyrelease/v1/release "
+        "(needs --metrics-secure; docs/keyrelease.md)",
+    )
+    p.add_argument(
+        "--key-release-ca",
+        default=os.environ.get("GTVP_KEY_RELEASE_CA"),
+        help="CA certificate (PEM file) box VMs check that URL's certificate with "
+        "(put in their cloud-init; default: the guest's own trust store)",
     )
     p.add_argument("--log-level", default="INFO")
     _lease_arguments(p)
@@ -245,6 +262,11 @@ def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
             public=public,
         )
         return
+    release = None
+    if rt.key_release is not None:
+        from gtvp import key_release
+
+        release = key_release.Endpoint(rt)
     review_token, review_access = metrics_auth.api_reviewer(rt.clients.api)
     guard = metrics_auth.Guard(review_token, review_access, clock=time.monotonic)
     http_endpoints.serve(
@@ -255,7 +277,33 @@ def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
         tls=metrics_auth.TlsFiles(serving.cert, serving.key).context,
         guard=guard.check,
         public=public,
+        release=release,
     )
+
+
+def key_release_from(
+    args: argparse.Namespace, serving: MetricsServing
+) -> KeyReleaseSettings | None:
+    """Key release as the flags ask (None: not served); ValueError when it could not be
+    served over TLS or its CA file cannot be read."""
+    from gtvp.core.keyrelease import Settings
+
+    if not args.key_release_url:
+        return None
+    if not (serving.secure and args.metrics_port):
+        raise ValueError(
+            "--key-release-url needs --metrics-secure: the key-release endpoint is TLS only"
+        )
+    if not str(args.key_release_url).startswith("https://"):
+        raise ValueError(f"--key-release-url {args.key_release_url}: an https:// URL is needed")
+    ca_pem = None
+    if args.key_release_ca:
+        try:
+            with open(args.key_release_ca, encoding="ascii") as f:
+                ca_pem = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --key-release-ca {args.key_release_ca}: {exc}") from exc
+    return Settings(url=args.key_release_url, ca_pem=ca_pem)
 
 
 def _runtime(settings: OperatorSettings) -> Runtime:
@@ -294,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         serving = metrics_serving_from(args)
+        key_release = key_release_from(args, serving)
     except ValueError as exc:  # inconsistent lease timing, unauthenticated metrics off loopback
         return _fail(str(exc))
     _configure_logging(settings)
@@ -315,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.verdict_issuer = verdict_keys.Issuer(
         namespace=settings.lease_namespace, audience=args.token_audience
     )
+    rt.key_release = key_release
     if settings.metrics_port:
         try:
             _serve_probes(rt, serving)

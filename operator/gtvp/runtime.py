@@ -22,6 +22,7 @@ from gtvp.cluster_view import ClusterView, Key
 from gtvp.coordination import Coordination
 from gtvp.core.component_checks import Check
 from gtvp.core.components import Component
+from gtvp.core.keyrelease import Settings as KeyReleaseSettings
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import Unresolvable
 from gtvp.core.shards import SHARDS, LeaseTiming
@@ -186,6 +187,11 @@ class Runtime:
     """Which members' writes and which singleton loops are this replica's now."""
     verdict_issuer: Issuer | None = None
     """Signs the verdict tokens (`gtvp.verdict_keys`); None: no tokens are issued."""
+    key_release: KeyReleaseSettings | None = None
+    """Where box VMs fetch the Secrets their box names (docs/keyrelease.md); None: not
+    served, and a box that names Secrets fails instead of booting without them."""
+    key_release_armed: set[tuple[str, str, str]] = field(default_factory=set)
+    """Gated VMs (namespace, name, uid) whose key-release credential Secret exists."""
     lease_keeper: Any = None
     """`handlers.leases.LeaseKeeper` while Leases are kept."""
     stop_flag: asyncio.Event | None = None

@@ -22,6 +22,11 @@ only run or migrate onto Trusted members of that level), a *preferred* node affi
 the member placement chose (a hard one would forbid every live migration),
 `evictionStrategy: External` (gtvp owns evacuations), the gtvp level label (so the
 admission webhooks gate it) and an owner reference to the box. Pure: returns a dict.
+
+A box that names Secrets (docs/keyrelease.md) boots from a cloud-init *Secret* instead
+(`with_cloud_init_secret`: `cloudInitNoCloud.secretRef`), whose user data
+(`key_release_user_data`) adds the box's one-time key-release credential and the commands
+that exchange it: the credential never appears in the VM's spec.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES
 from gtvp.core.components import Component
@@ -375,3 +382,103 @@ def preferred_node(template_spec: Mapping[str, Any]) -> str | None:
                 if values:
                     return str(values[0])
     return None
+
+
+# -- key release (docs/keyrelease.md) ------------------------------------------------------
+
+KEY_RELEASE_DIR = "/run/gtvp/keyrelease"
+"""Where the guest keeps the credential (tmpfs: gone at shutdown) and the released Secrets."""
+
+KEY_RELEASE_SCRIPT = r"""set -eu
+umask 077
+d=${GTVP_KEY_RELEASE_DIR:-/run/gtvp/keyrelease}
+. "$d/env"
+tls=""
+[ -s "$d/ca.pem" ] && tls="--cacert $d/ca.pem"
+cred=$(cat "$d/credential")
+ask() {
+  printf '{"namespace":"%s","%s":"%s","credential":"%s","token":"%s"}' \
+    "$GTVP_NAMESPACE" "$GTVP_OBJECT" "$GTVP_NAME" "$cred" "$1" > "$d/request.json"
+  curl -sS $tls --retry 5 --retry-connrefused -X POST -H 'Content-Type: application/json' \
+    --data-binary "@$d/request.json" -o "$d/$2" -w '%{http_code}' "$GTVP_KEY_RELEASE_URL$GTVP_PATH"
+}
+ask "" where.json >/dev/null || true
+member=$(sed -n 's/.*"member": *"\([^"]*\)".*/\1/p' "$d/where.json")
+token=$(curl -fsS $tls "$GTVP_KEY_RELEASE_URL/ear/members/$member")
+code=$(ask "$token" secrets.json)
+rm -f "$d/request.json" "$d/credential"
+[ "$code" = 200 ] || { echo "gtvp key release refused ($code)" >&2; exit 1; }
+"""
+"""The guest's side (POSIX sh, curl): ask where it runs (gtvp answers with the member, the
+credential unused), fetch that member's verdict token, exchange credential and token for the
+Secrets (JSON, base64 values, in /run/gtvp/keyrelease/secrets.json)."""
+
+
+def with_cloud_init_secret(vm: Mapping[str, Any], secret: str) -> tuple[dict[str, Any], str]:
+    """`vm` booting from the cloud-init Secret `secret` (its `userdata` key), and the user
+    data that `vm` carried inline (to go into that Secret). Valid KubeVirt: the NoCloud
+    source's `secretRef` names a Secret of the VM's namespace."""
+    out = json.loads(json.dumps(vm))
+    volumes = out["spec"]["template"]["spec"]["volumes"]
+    for v in volumes:
+        source = v.get("cloudInitNoCloud")
+        if source is not None:
+            user_data = str(source.get("userData", ""))
+            v["cloudInitNoCloud"] = {"secretRef": {"name": secret}}
+            return out, user_data
+    raise CompositionError("the composed VM has no cloud-init volume to carry the credential")
+
+
+def key_release_files(
+    *,
+    credential: str,
+    url: str,
+    path: str,
+    namespace: str,
+    name: str,
+    kind: str = "box",
+    ca_pem: str | None = None,
+) -> dict[str, str]:
+    """The guest's key-release files (file name -> content): the credential, the endpoint
+    (`env`), KEY_RELEASE_SCRIPT (`fetch`) and the CA (`ca.pem`) when given. `kind` is what
+    the request names: "box" (a LazyBox) or "vm" (a gated VirtualMachine)."""
+    env = (
+        f"GTVP_KEY_RELEASE_URL='{url.rstrip('/')}'\nGTVP_PATH='{path}'\n"
+        f"GTVP_NAMESPACE='{namespace}'\nGTVP_OBJECT='{kind}'\nGTVP_NAME='{name}'\n"
+    )
+    files = {"credential": credential, "env": env, "fetch": KEY_RELEASE_SCRIPT}
+    if ca_pem:
+        files["ca.pem"] = ca_pem
+    return files
+
+
+_MODES = {"credential": "0400", "env": "0400", "fetch": "0500", "ca.pem": "0444"}
+
+
+def key_release_user_data(
+    user_data: str,
+    *,
+    credential: str,
+    url: str,
+    path: str,
+    namespace: str,
+    box: str,
+    ca_pem: str | None = None,
+) -> str:
+    """`user_data` (a composed cloud-config) with the key-release files written to
+    KEY_RELEASE_DIR and KEY_RELEASE_SCRIPT run before anything else (the application
+    starts once its Secrets are there)."""
+    doc = yaml.safe_load(user_data) or {}
+    if not isinstance(doc, dict):
+        raise CompositionError("the composed cloud-init is not a cloud-config mapping")
+    files = key_release_files(
+        credential=credential, url=url, path=path, namespace=namespace, name=box, ca_pem=ca_pem
+    )
+    written = [
+        {"path": f"{KEY_RELEASE_DIR}/{name}", "permissions": _MODES[name], "content": content}
+        for name, content in files.items()
+    ]
+    doc["write_files"] = [*(doc.get("write_files") or []), *written]
+    doc["runcmd"] = [["/bin/sh", f"{KEY_RELEASE_DIR}/fetch"], *(doc.get("runcmd") or [])]
+    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    return "#cloud-config\n# composed by gtvp, with its key-release credential\n" + body

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from gtvp import kube
+from gtvp import key_release, kube
 from gtvp.cluster_view import Key, key_of
 from gtvp.core.api_resources import LAZY_BOXES
 from gtvp.core.boxes import (
@@ -222,6 +223,11 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
     if key not in rt.view.boxes:
         return None
     decision = _plan(rt, key)
+    if decision.vm is not None and key_release.names_secrets(rt.view.boxes.get(key) or {}):
+        armed = _arm(rt, key, decision)
+        if armed is None:
+            return decision
+        decision = armed
     if decision.vm is not None and not box_writes.write_vm(rt, key, decision.vm):
         return decision
     if decision.restart:
@@ -248,6 +254,30 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             message=message,
         )
     return decision
+
+
+def _arm(rt: Runtime, key: Key, decision: Decision) -> Decision | None:
+    """A box that names Secrets: its VM boots with a fresh key-release credential
+    (`gtvp.key_release.arm`); None (the box Failed, said once) when it cannot."""
+    armed = key_release.arm(rt, key, decision.vm or {})
+    if not isinstance(armed, str):
+        return dataclasses.replace(decision, vm=armed)
+    message = f"not started: its Secrets could not be released: {armed}"
+    before = (rt.view.boxes.get(key) or {}).get("status") or {}
+    box_writes.write_status(rt, key, {**decision.status, "phase": "Failed", "message": message})
+    if before.get("message") != message:
+        log.warning("box %s/%s: %s", *key, message)
+        kube.post_object_event(
+            rt.clients,
+            LAZY_BOXES,
+            rt.view.boxes.get(key) or {},
+            name=key[1],
+            namespace=key[0],
+            type_="Warning",
+            reason="KeyReleaseUnavailable",
+            message=message,
+        )
+    return None
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -311,3 +341,7 @@ def _sweep_safely(rt: Runtime) -> None:
         box_writes.sweep_orphans(rt)
     except Exception:
         log.exception("sweeping orphan VMs failed")
+    try:
+        key_release.arm_gated_vms(rt)  # gated VMs that name Secrets get their credential
+    except Exception:
+        log.exception("arming the key-release credentials of gated VMs failed")

@@ -1,0 +1,415 @@
+"""Attestation-gated key release: whether a box's VM gets the Secrets its box names.
+
+Pure. A box (`LazyBox.spec.secrets`) names Secrets of its namespace; gtvp gives its VM a
+one-time credential through the VM's cloud-init (a Secret the VM references), and the guest
+sends it, with its host's signed verdict token, to gtvp's key-release endpoint over TLS
+(docs/keyrelease.md). `decide` says release or refuse (with a stable reason code and why)
+from what gtvp itself sees: the box and the SHA-256 of its current credential (its status,
+read fresh from the API server), where the box's VMI really runs (the VMI's
+`status.nodeName` in the operator's view, never what the guest claims), that member's
+verdict *now* (the view's, not only the token's) and the token, verified by the caller
+against the operator's own JWKS. Only hashes of credentials are ever stored or compared;
+no message here quotes a credential, a token or a secret value.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from gtvp.core import ear
+from gtvp.core.timestamps import parse_ts
+
+PATH: Final = "/keyrelease/v1/release"
+"""The endpoint a box's guest POSTs its request to."""
+MAX_REQUEST_BYTES: Final = 32 * 1024
+CREDENTIAL_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{32,128}")
+SECRET_SUFFIX: Final = "-gtvp-cloudinit"  # noqa: S105 - a name, not a secret
+"""The cloud-init Secret of box `b` is `b-gtvp-cloudinit` (its namespace)."""
+VM_SECRET_SUFFIX: Final = "-gtvp-keyrelease"  # noqa: S105 - a name, not a secret
+"""The credential Secret of gated VM `v` is `v-gtvp-keyrelease` (the VM mounts it)."""
+BOX: Final = "box"
+VM: Final = "vm"
+"""What a request names: a LazyBox, or a gated VirtualMachine that is not a box."""
+VM_SECRETS_ANNOTATION: Final = "gtvp.io/secrets"
+"""On a gated VirtualMachine: the Secrets to release to it, as JSON in the form of a
+LazyBox's `spec.secrets` (`[{"name": "db-disk-key", "keys": ["key"]}]`)."""
+CONSUMED_KEPT: Final = 8
+"""How many used credential hashes the cloud-init Secret remembers (a replay is named so)."""
+HASH_ANNOTATION: Final = "gtvp.io/credential-sha256"
+"""On the cloud-init Secret: the SHA-256 (hex) of the credential the next release accepts."""
+CONSUMED_ANNOTATION: Final = "gtvp.io/consumed-sha256"
+"""On the cloud-init Secret: the SHA-256 of the last credentials used, newest first."""
+RELEASES_ANNOTATION: Final = "gtvp.io/releases"
+ISSUED_ANNOTATION: Final = "gtvp.io/credential-issued-at"
+RELEASE_TO_ANNOTATION: Final = "gtvp.io/release-to"
+"""On a Secret to be released: the LazyBoxes (comma-separated names, `*` for any box of
+the namespace) it may be released to. The Secret's writer consents, so being able to create
+a box does not mean being able to read every Secret of the namespace through gtvp."""
+USER_DATA_KEY: Final = "userdata"
+"""The key KubeVirt reads a NoCloud `secretRef`'s user data from."""
+
+_NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+RELEASED: Final = "released"
+TOKEN_REQUIRED: Final = "TokenRequired"  # noqa: S105 - a name, not a secret
+"""Not a refusal but the exchange's first step: a request with this box's valid, unused
+credential and no token is told the member its VM runs on (whose token to fetch); nothing
+is consumed, and it is neither counted nor an Event."""
+# refusal reasons (`gtvp_key_releases_total{result=...}`, the Events' messages)
+NO_SUCH_BOX: Final = "NoSuchBox"
+NOTHING_TO_RELEASE: Final = "NothingToRelease"
+NO_CREDENTIAL: Final = "NoCredentialIssued"
+WRONG_CREDENTIAL: Final = "WrongCredential"
+CREDENTIAL_USED: Final = "CredentialUsed"
+NOT_RUNNING: Final = "NotRunning"
+MEMBER_UNKNOWN: Final = "MemberUnknown"
+MEMBER_NOT_TRUSTED: Final = "MemberNotTrusted"
+VERDICT_EXPIRED: Final = "VerdictExpired"
+LEVEL_TOO_LOW: Final = "LevelTooLow"
+TOKEN_REFUSED: Final = "TokenRefused"  # noqa: S105 - a name, not a secret
+TOKEN_OTHER_MEMBER: Final = "TokenForAnotherMember"  # noqa: S105 - a name, not a secret
+TOKEN_NOT_AFFIRMING: Final = "TokenNotAffirming"  # noqa: S105 - a name, not a secret
+SECRET_NOT_NAMED: Final = "SecretNotNamed"  # noqa: S105 - a name, not a secret
+SECRET_UNAVAILABLE: Final = "SecretUnavailable"  # noqa: S105 - a name, not a secret
+SECRET_NOT_RELEASABLE: Final = "SecretNotReleasable"  # noqa: S105 - a name, not a secret
+REASONS: Final = (
+    NO_SUCH_BOX,
+    NOTHING_TO_RELEASE,
+    NO_CREDENTIAL,
+    WRONG_CREDENTIAL,
+    CREDENTIAL_USED,
+    NOT_RUNNING,
+    MEMBER_UNKNOWN,
+    MEMBER_NOT_TRUSTED,
+    VERDICT_EXPIRED,
+    LEVEL_TOO_LOW,
+    TOKEN_REFUSED,
+    TOKEN_OTHER_MEMBER,
+    TOKEN_NOT_AFFIRMING,
+    SECRET_NOT_NAMED,
+    SECRET_UNAVAILABLE,
+    SECRET_NOT_RELEASABLE,
+)
+RESULTS: Final = (RELEASED, *REASONS)
+
+
+class BadRequest(ValueError):
+    """A request that is not one (HTTP 400); the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the guest is told in its cloud-init: where gtvp's endpoint is and which CA
+    signs its certificate (PEM; None: the guest's own trust store)."""
+
+    url: str
+    ca_pem: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """A guest's request (`POST PATH`, JSON)."""
+
+    namespace: str
+    box: str
+    """The name of the LazyBox, or of the VirtualMachine when `kind` is VM."""
+    credential: str = field(repr=False)
+    token: str = field(default="", repr=False)
+    """Empty: the first step (TOKEN_REQUIRED)."""
+    secrets: tuple[str, ...] | None = None
+    """The Secrets asked for (None: every Secret the box names)."""
+    kind: str = BOX
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise BadRequest(f"{what} must be a Kubernetes object name")
+    return value
+
+
+def parse_request(raw: bytes) -> Request:
+    """The request in `raw` (JSON: namespace, box, credential, token, optional secrets)."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"the request is longer than {MAX_REQUEST_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("the request is not JSON") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("the request is not a JSON object")
+    credential = body.get("credential")
+    if not isinstance(credential, str) or not CREDENTIAL_PATTERN.fullmatch(credential):
+        raise BadRequest("'credential' must be the credential from the VM's cloud-init")
+    token = body.get("token", "")
+    if not isinstance(token, str) or len(token) > ear.MAX_TOKEN_BYTES:
+        raise BadRequest("'token' must be the host's verdict token (GET /ear/members/<host>)")
+    asked = body.get("secrets")
+    secrets: tuple[str, ...] | None = None
+    if asked is not None:
+        if not isinstance(asked, list) or not asked:
+            raise BadRequest("'secrets' must be a non-empty list of Secret names")
+        secrets = tuple(_name(s, "each of 'secrets'") for s in asked)
+    if ("box" in body) == ("vm" in body):
+        raise BadRequest("name either a LazyBox ('box') or a gated VirtualMachine ('vm')")
+    kind = BOX if "box" in body else VM
+    return Request(
+        namespace=_name(body.get("namespace"), "'namespace'"),
+        box=_name(body.get(kind), f"'{kind}'"),
+        credential=credential,
+        token=token.strip(),
+        secrets=secrets,
+        kind=kind,
+    )
+
+
+def credential_hash(credential: str) -> str:
+    """What is stored of a credential: its SHA-256, hex."""
+    return hashlib.sha256(credential.encode("ascii")).hexdigest()
+
+
+def cloud_init_secret(box: str) -> str:
+    """The name of box `box`'s cloud-init Secret."""
+    return (box + SECRET_SUFFIX)[:253]
+
+
+def credential_secret(kind: str, name: str) -> str:
+    """Where the credential of a box (its cloud-init Secret) or a gated VM is kept."""
+    return cloud_init_secret(name) if kind == BOX else (name + VM_SECRET_SUFFIX)[:253]
+
+
+def vm_subject(vm: Mapping[str, Any], level: int) -> dict[str, Any]:
+    """A gated VM (of `level`) seen as a box: its metadata, its level and the Secrets its
+    annotation VM_SECRETS_ANNOTATION names (none when the annotation is not such JSON)."""
+    meta = vm.get("metadata") or {}
+    try:
+        named = json.loads(str((meta.get("annotations") or {}).get(VM_SECRETS_ANNOTATION, "[]")))
+    except ValueError:
+        named = []
+    return {
+        "metadata": meta,
+        "spec": {"level": level, "secrets": named if isinstance(named, list) else []},
+    }
+
+
+@dataclass(frozen=True)
+class Named:
+    """A Secret a box names, and the keys to release of it (None: every key)."""
+
+    name: str
+    keys: tuple[str, ...] | None = None
+
+
+def named_secrets(spec: Mapping[str, Any]) -> tuple[Named, ...]:
+    """The Secrets `spec` (a LazyBox's) names, in its order."""
+    out = []
+    for item in spec.get("secrets") or ():
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            keys = item.get("keys")
+            out.append(Named(item["name"], tuple(str(k) for k in keys) if keys else None))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What gtvp sees when a request arrives."""
+
+    box: Mapping[str, Any] | None
+    """The LazyBox in the operator's view (None: no such box)."""
+    issued: Mapping[str, str] | None
+    """The annotations of the box's cloud-init Secret, read from the API server now (None:
+    no Secret): the one place the credential's hash and the used ones are kept."""
+    vmi: Mapping[str, Any] | None
+    """The box's VMI in the operator's view (None: none)."""
+    member: Mapping[str, Any] | None
+    """The Member the VMI runs on, in the operator's view (None: unknown)."""
+    claims: Mapping[str, Any] | None
+    """The token's claims once verified (None: refused, see `token_refusal`)."""
+    token_refusal: tuple[str, str] | None = None
+    """(reason code, why) when the token did not verify."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Release (reason RELEASED, the Secrets to give) or refuse (a reason of REASONS)."""
+
+    reason: str
+    message: str
+    node: str | None = None
+    secrets: tuple[Named, ...] = ()
+
+    @property
+    def released(self) -> bool:
+        return self.reason == RELEASED
+
+
+def _refuse(reason: str, message: str, node: str | None = None) -> Verdict:
+    return Verdict(reason, message, node)
+
+
+def _credential(req: Request, issued: Mapping[str, str] | None) -> Verdict | None:
+    ann = issued or {}
+    current = ann.get(HASH_ANNOTATION)
+    if not isinstance(current, str) or not current:
+        return _refuse(NO_CREDENTIAL, "no key-release credential was issued to this box")
+    got = credential_hash(req.credential)
+    if hmac.compare_digest(got, current):
+        return None
+    if any(hmac.compare_digest(got, h) for h in _consumed(ann)):
+        return _refuse(CREDENTIAL_USED, "the credential was used already (one release each)")
+    return _refuse(WRONG_CREDENTIAL, "the credential is not this box's")
+
+
+def _running_node(vmi: Mapping[str, Any] | None) -> str | None:
+    status = (vmi or {}).get("status") or {}
+    node = status.get("nodeName")
+    if status.get("phase") != "Running" or not node:
+        return None
+    return str(node)
+
+
+def _member_trusted(
+    member: Mapping[str, Any] | None, node: str, level: int, now: dt.datetime
+) -> Verdict | None:
+    if member is None:
+        return _refuse(MEMBER_UNKNOWN, f"the VM runs on {node}, which is no Member", node)
+    status = member.get("status") or {}
+    trust = status.get("trust") or {}
+    if status.get("phase") != "Trusted" or trust.get("verdict") != "Trusted":
+        why = trust.get("reason") or status.get("phase") or "no verdict"
+        return _refuse(
+            MEMBER_NOT_TRUSTED, f"the VM runs on member {node}, which is not Trusted ({why})", node
+        )
+    expires = parse_ts(trust.get("expiresAt"))
+    if expires is None or expires <= now:
+        return _refuse(
+            VERDICT_EXPIRED, f"the verdict of member {node}, where the VM runs, has expired", node
+        )
+    held = int(status.get("level", 0) or 0)
+    if held < level:
+        return _refuse(
+            LEVEL_TOO_LOW,
+            f"member {node}, where the VM runs, is Trusted at level {held}, the box needs {level}",
+            node,
+        )
+    return None
+
+
+def _token(facts: Facts, node: str, level: int) -> Verdict | None:
+    if facts.claims is None:
+        code, why = facts.token_refusal or ("refused", "the token did not verify")
+        return _refuse(TOKEN_REFUSED, f"the verdict token was refused ({code}): {why}", node)
+    try:
+        found = ear.appraisals(facts.claims)
+    except ear.TokenRefused as exc:
+        return _refuse(TOKEN_REFUSED, f"the verdict token was refused ({exc.reason}): {exc}", node)
+    names = sorted(a.member for a in found)
+    if names != [node]:
+        return _refuse(
+            TOKEN_OTHER_MEMBER,
+            f"the token is about member(s) {', '.join(names)}, the VM runs on {node}",
+            node,
+        )
+    (a,) = found
+    if a.status != ear.AFFIRMING:
+        return _refuse(TOKEN_NOT_AFFIRMING, f"the token's status is {a.status}", node)
+    if a.level < level:
+        return _refuse(
+            LEVEL_TOO_LOW, f"the token states level {a.level}, the box needs {level}", node
+        )
+    return None
+
+
+def _asked(req: Request, named: Sequence[Named], node: str) -> Verdict:
+    if req.secrets is None:
+        asked = tuple(named)
+    else:
+        by_name = {n.name: n for n in named}
+        other = [s for s in req.secrets if s not in by_name]
+        if other:
+            return _refuse(
+                SECRET_NOT_NAMED, f"the box does not name Secret(s) {', '.join(other)}", node
+            )
+        asked = tuple(by_name[s] for s in dict.fromkeys(req.secrets))
+    names = ", ".join(n.name for n in asked)
+    return Verdict(RELEASED, f"released Secret(s) {names} to the VM on member {node}", node, asked)
+
+
+def _box(req: Request, facts: Facts) -> Verdict | None:
+    if facts.box is None:
+        what = "LazyBox" if req.kind == BOX else "gated VirtualMachine"
+        return _refuse(NO_SUCH_BOX, f"no {what} {req.namespace}/{req.box}")
+    if not named_secrets(facts.box.get("spec") or {}):
+        where = "spec.secrets" if req.kind == BOX else f"annotation {VM_SECRETS_ANNOTATION}"
+        return _refuse(NOTHING_TO_RELEASE, f"the {req.kind} names no Secrets ({where})")
+    return _credential(req, facts.issued)
+
+
+def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
+    """Release or refuse (every check must pass; the first that fails is the reason)."""
+    refused = _box(req, facts)
+    if refused is not None or facts.box is None:
+        return refused or _refuse(NO_SUCH_BOX, "no such box")
+    node = _running_node(facts.vmi)
+    if node is None:
+        return _refuse(NOT_RUNNING, "the box's VMI is not Running on a member")
+    spec = facts.box.get("spec") or {}
+    level = int(spec.get("level", 0) or 0)
+    if not req.token:
+        return Verdict(TOKEN_REQUIRED, f"send the verdict token of member {node}", node)
+    refused = _member_trusted(facts.member, node, level, now) or _token(facts, node, level)
+    return refused or _asked(req, named_secrets(spec), node)
+
+
+def _consumed(ann: Mapping[str, str]) -> list[str]:
+    return [h for h in str(ann.get(CONSUMED_ANNOTATION, "")).split(",") if h]
+
+
+def issued_annotations(credential: str, now: str) -> dict[str, str]:
+    """The cloud-init Secret's annotations for a fresh credential (the VM written anew)."""
+    return {HASH_ANNOTATION: credential_hash(credential), ISSUED_ANNOTATION: now}
+
+
+def consumed_annotations(
+    ann: Mapping[str, str], *, used: str, next_credential: str, now: str
+) -> dict[str, str]:
+    """The cloud-init Secret's annotations after a release: the used credential's hash
+    remembered, the next one's current. Written with the Secret's resourceVersion as the
+    precondition, in the same write that puts the next credential in the user data: of two
+    replicas consuming one credential at once, one write fails (409) and that one refuses."""
+    out = dict(ann)
+    consumed = [used, *[h for h in _consumed(ann) if h != used]][:CONSUMED_KEPT]
+    releases = str(ann.get(RELEASES_ANNOTATION, "0"))
+    out.update(
+        {
+            HASH_ANNOTATION: credential_hash(next_credential),
+            ISSUED_ANNOTATION: now,
+            CONSUMED_ANNOTATION: ",".join(consumed),
+            RELEASES_ANNOTATION: str((int(releases) if releases.isdigit() else 0) + 1),
+        }
+    )
+    return out
+
+
+def releasable_to(annotations: Mapping[str, str] | None, box: str, kind: str = BOX) -> bool:
+    """Whether a Secret with these annotations consents to release to box `box` (a gated
+    VM `v` is named `vm/v`; `*` is any box or VM of the namespace)."""
+    allowed = str((annotations or {}).get(RELEASE_TO_ANNOTATION, ""))
+    names = {n.strip() for n in allowed.split(",") if n.strip()}
+    return "*" in names or (box if kind == BOX else f"vm/{box}") in names
+
+
+def select_keys(named: Named, data: Mapping[str, str]) -> dict[str, str] | str:
+    """The Secret's data (base64 values) to release, or why it cannot be (a missing key)."""
+    if named.keys is None:
+        return dict(data)
+    missing = [k for k in named.keys if k not in data]
+    if missing:
+        return f"Secret {named.name} has no key(s) {', '.join(missing)}"
+    return {k: data[k] for k in named.keys}

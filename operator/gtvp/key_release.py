@@ -1,0 +1,420 @@
+"""Attestation-gated key release: the shell around `gtvp.core.keyrelease` (docs/keyrelease.md).
+
+- `arm`: the box loop is about to write the VM of a box that names Secrets. A fresh
+  one-time credential goes into the box's cloud-init Secret (`<box>-gtvp-cloudinit`, owned
+  by the box) with its SHA-256 in the Secret's annotations, and the VM is made to boot from
+  that Secret (`cloudInitNoCloud.secretRef`), never with the credential in its spec.
+- `arm_gated_vms`: a gated VirtualMachine that is not a box names Secrets in its annotation
+  `gtvp.io/secrets`: its credential goes into the Secret `<vm>-gtvp-keyrelease` (owned by
+  the VM), which the VM mounts as a KubeVirt `secret` disk (gtvp does not write its spec).
+- `Endpoint`: `POST /keyrelease/v1/release`, served only over TLS. It reads the cloud-init
+  Secret afresh (the credential's state lives there, written only here), takes where the
+  box's VMI runs and that member's verdict from the operator's view, verifies the token with
+  the operator's own keys, and lets `decide` judge. A release reads the named Secrets, then
+  consumes the credential and arms the next one in *one* write of the cloud-init Secret
+  with its resourceVersion as precondition (a replay, another replica or a restart cannot
+  accept it again), then answers. Every release and refusal is an Event on the box
+  (KeyReleased / KeyReleaseRefused, never a secret value or credential) and counted in
+  `gtvp_key_releases_total{result}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from gtvp import kube
+from gtvp.cluster_view import Key
+from gtvp.core import compose, ear
+from gtvp.core import keyrelease as kr
+from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES, ApiResource
+from gtvp.core.gating import GatingError, vm_level
+from gtvp.core.timestamps import format_ts
+from gtvp.metrics import METRICS
+from gtvp.runtime import Runtime
+
+log = logging.getLogger("gtvp.keyrelease")
+JSON = "application/json"
+RBAC_HINT = (
+    "bind the ClusterRole gtvp-key-release to gtvp-operator in this namespace (a RoleBinding; "
+    "docs/keyrelease.md)"
+)
+
+
+def names_secrets(box: Mapping[str, Any]) -> bool:
+    """Whether the box (a LazyBox body) names Secrets to receive."""
+    return bool(kr.named_secrets(box.get("spec") or {}))
+
+
+def new_credential() -> str:
+    """A fresh credential: 256 random bits, base64url (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def _owner(box: Mapping[str, Any], res: ApiResource = LAZY_BOXES) -> dict[str, Any]:
+    meta = box.get("metadata") or {}
+    return {
+        "apiVersion": res.api_version,
+        "kind": res.kind,
+        "name": str(meta.get("name", "")),
+        "uid": str(meta.get("uid", "")),
+        "controller": True,
+    }
+
+
+def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> dict[str, Any] | str:
+    """The VM to write for box `key` (booting from its freshly armed cloud-init Secret), or
+    why it cannot be armed (the box is then not started without its Secrets)."""
+    settings = rt.key_release
+    if settings is None:
+        return (
+            "the box names Secrets but this gtvp-operator serves no key-release endpoint "
+            "(--key-release-url with --metrics-secure)"
+        )
+    ns, name = key
+    box = rt.view.boxes.get(key) or {}
+    secret_name = kr.cloud_init_secret(name)
+    try:
+        out, user_data = compose.with_cloud_init_secret(vm, secret_name)
+        credential = new_credential()
+        text = compose.key_release_user_data(
+            user_data,
+            credential=credential,
+            url=settings.url,
+            path=kr.PATH,
+            namespace=ns,
+            box=name,
+            ca_pem=settings.ca_pem,
+        )
+    except compose.CompositionError as exc:
+        return str(exc)
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": secret_name,
+            "namespace": ns,
+            "labels": {compose.BOX_LABEL: name},
+            "annotations": kr.issued_annotations(credential, format_ts(dt.datetime.now(dt.UTC))),
+            "ownerReferences": [_owner(box)],
+        },
+        "data": {kr.USER_DATA_KEY: base64.b64encode(text.encode()).decode()},
+    }
+    try:
+        try:
+            rt.clients.core.create_namespaced_secret(ns, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            rt.clients.core.replace_namespaced_secret(secret_name, ns, body)
+    except ApiException as exc:
+        hint = f": {RBAC_HINT}" if exc.status == 403 else ""
+        why = f"{exc.status} {exc.reason}"
+        return f"cannot write the cloud-init Secret {ns}/{secret_name} ({why}){hint}"
+    log.info("box %s/%s: a new key-release credential is in Secret %s", ns, name, secret_name)
+    return out
+
+
+def gated_vm_subject(vm: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A gated VirtualMachine that is not a box, seen as a box (None: not such a VM)."""
+    labels = (vm.get("metadata") or {}).get("labels") or {}
+    if compose.BOX_LABEL in labels:
+        return None
+    try:
+        level = vm_level(vm)
+    except GatingError:
+        return None
+    return None if level is None else kr.vm_subject(vm, level)
+
+
+def arm_gated_vms(rt: Runtime) -> None:
+    """Give each gated VM that names Secrets its credential Secret, once (a Secret that
+    exists is left as it is: the endpoint re-arms it at each release)."""
+    settings = rt.key_release
+    if settings is None:
+        return
+    vms = list(rt.view.vms.items())
+    marks = {(ns, name, str((vm.get("metadata") or {}).get("uid", ""))) for (ns, name), vm in vms}
+    failed = {(ns, name, "!" + uid) for ns, name, uid in marks}
+    rt.key_release_armed &= marks | failed  # forget VMs that are gone
+    for (ns, name), vm in vms:
+        mark = (ns, name, str((vm.get("metadata") or {}).get("uid", "")))
+        subject = None if mark in rt.key_release_armed else gated_vm_subject(vm)
+        if subject is None or not kr.named_secrets(subject["spec"]):
+            continue
+        files = _files(settings, ns, name, kr.VM, new_credential())
+        secret_name = kr.credential_secret(kr.VM, name)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": secret_name,
+                "namespace": ns,
+                "annotations": kr.issued_annotations(
+                    files["credential"], format_ts(dt.datetime.now(dt.UTC))
+                ),
+                "ownerReferences": [_owner(vm, VIRTUAL_MACHINES)],
+            },
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in files.items()},
+        }
+        try:
+            rt.clients.core.create_namespaced_secret(ns, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                _cannot_arm(rt, mark, exc)
+                continue  # tried again at the next sweep
+            if not _owned_by(rt, ns, secret_name, mark[2]):
+                continue  # a deleted VM's of that name, which the garbage collector removes
+        else:
+            log.info(
+                "VirtualMachine %s/%s: a key-release credential is in Secret %s",
+                ns,
+                name,
+                secret_name,
+            )
+        rt.key_release_armed.add(mark)  # created, or armed before (another replica, a restart)
+
+
+def _owned_by(rt: Runtime, ns: str, secret: str, uid: str) -> bool:
+    """Whether the existing Secret is the one armed for the VM of `uid`."""
+    try:
+        got = rt.clients.core.read_namespaced_secret(secret, ns)
+    except ApiException:
+        return False
+    return any(ref.uid == uid for ref in got.metadata.owner_references or ())
+
+
+def _cannot_arm(rt: Runtime, mark: tuple[str, str, str], exc: ApiException) -> None:
+    """Say once per VM why its credential Secret cannot be written."""
+    said = (mark[0], mark[1], "!" + mark[2])
+    if said in rt.key_release_armed:
+        return
+    rt.key_release_armed.add(said)
+    log.warning(
+        "VirtualMachine %s/%s names Secrets but its key-release credential cannot be written "
+        "(%s %s)%s",
+        mark[0],
+        mark[1],
+        exc.status,
+        exc.reason,
+        f": {RBAC_HINT}" if exc.status == 403 else "",
+    )
+
+
+def _files(settings: kr.Settings, ns: str, name: str, kind: str, credential: str) -> dict[str, str]:
+    return compose.key_release_files(
+        credential=credential,
+        url=settings.url,
+        path=kr.PATH,
+        namespace=ns,
+        name=name,
+        kind=kind,
+        ca_pem=settings.ca_pem,
+    )
+
+
+def _json(code: int, body: Mapping[str, Any]) -> tuple[int, str, bytes]:
+    return code, JSON, json.dumps(body, sort_keys=True).encode()
+
+
+class Endpoint:
+    """`POST /keyrelease/v1/release` (`gtvp.http_endpoints.Release`)."""
+
+    def __init__(
+        self, rt: Runtime, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    ) -> None:
+        self.rt = rt
+        self.clock = clock
+
+    def __call__(self, method: str, raw: bytes) -> tuple[int, str, bytes]:
+        if method != "POST":
+            return _json(405, {"error": "POST a JSON request (docs/keyrelease.md)"})
+        try:
+            req = kr.parse_request(raw)
+        except kr.BadRequest as exc:
+            return _json(400, {"error": str(exc)})
+        return self.answer(req)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _cloud_init(self, req: kr.Request) -> Any:
+        """The box's cloud-init Secret, read now (None: absent or not readable)."""
+        try:
+            return self.rt.clients.core.read_namespaced_secret(
+                kr.credential_secret(req.kind, req.box), req.namespace
+            )
+        except ApiException as exc:
+            if exc.status not in (403, 404):
+                raise
+            return None
+
+    def _claims(self, token: str, now: dt.datetime) -> tuple[Any, tuple[str, str] | None]:
+        issuer = self.rt.verdict_issuer
+        if issuer is None or not issuer.keys:
+            return None, ("no-keys", "gtvp has no verdict keys loaded")
+        try:
+            return ear.verify(token, issuer.jwks(), audience=issuer.audience, now=now), None
+        except ear.TokenRefused as exc:
+            return None, (exc.reason, str(exc))
+
+    def facts(self, req: kr.Request, now: dt.datetime) -> tuple[kr.Facts, Any]:
+        view = self.rt.view
+        key = (req.namespace, req.box)
+        if req.kind == kr.BOX:
+            box: Mapping[str, Any] | None = view.boxes.get(key)
+        else:
+            vm = view.vms.get(key)
+            box = gated_vm_subject(vm) if vm is not None else None
+        stored = self._cloud_init(req) if box is not None else None
+        issued = dict((stored.metadata.annotations or {}) if stored is not None else {})
+        vmi = view.vmis.get(key)
+        node = ((vmi or {}).get("status") or {}).get("nodeName")
+        member = view.members.get(str(node)) if node else None
+        claims, refusal = self._claims(req.token, now) if req.token else (None, None)
+        facts = kr.Facts(
+            box=box,
+            issued=issued if stored is not None else None,
+            vmi=vmi,
+            member=member,
+            claims=claims,
+            token_refusal=refusal,
+        )
+        return facts, stored
+
+    # -- answering -------------------------------------------------------------------
+
+    def answer(self, req: kr.Request) -> tuple[int, str, bytes]:
+        now = self.clock()
+        facts, stored = self.facts(req, now)
+        verdict = kr.decide(req, facts, now)
+        if verdict.reason == kr.TOKEN_REQUIRED:
+            return _json(
+                428,
+                {
+                    "member": verdict.node,
+                    "token": f"/ear/members/{verdict.node}",
+                    "message": verdict.message,
+                },
+            )
+        if not verdict.released:
+            return self._refuse(req, facts.box, verdict)
+        released: dict[str, dict[str, str]] = {}
+        for named in verdict.secrets:
+            got = self._read(req, named)
+            if not isinstance(got, dict):
+                message, reason = got if isinstance(got, tuple) else (got, kr.SECRET_UNAVAILABLE)
+                return self._refuse(req, facts.box, kr.Verdict(reason, message, verdict.node))
+            released[named.name] = got
+        problem = self._consume(req, stored, now)
+        if problem is not None:
+            return self._refuse(req, facts.box, problem)
+        self._audit(req, facts.box, "Normal", "KeyReleased", verdict)
+        return _json(200, {"member": verdict.node, "secrets": released})
+
+    def _read(self, req: kr.Request, named: kr.Named) -> dict[str, str] | str | tuple[str, str]:
+        """The Secret's data to release, or why not (a tuple: why and a reason of its own)."""
+        namespace, box = req.namespace, req.box
+        try:
+            secret = self.rt.clients.core.read_namespaced_secret(named.name, namespace)
+        except ApiException as exc:
+            if exc.status == 403:
+                return f"gtvp may not read Secret {named.name}: {RBAC_HINT}"
+            if exc.status == 404:
+                return f"Secret {named.name} does not exist"
+            return f"Secret {named.name} cannot be read ({exc.status} {exc.reason})"
+        if not kr.releasable_to(secret.metadata.annotations, box, req.kind):
+            return (
+                f"Secret {named.name} does not consent to release to {req.kind} {box} "
+                f"(annotation {kr.RELEASE_TO_ANNOTATION})",
+                kr.SECRET_NOT_RELEASABLE,
+            )
+        return kr.select_keys(named, dict(secret.data or {}))
+
+    def _consume(self, req: kr.Request, stored: Any, now: dt.datetime) -> kr.Verdict | None:
+        """Consume the credential and arm the next one in one conditional write."""
+        nxt = new_credential()
+        meta = stored.metadata
+        meta.annotations = kr.consumed_annotations(
+            meta.annotations or {},
+            used=kr.credential_hash(req.credential),
+            next_credential=nxt,
+            now=format_ts(now),
+        )
+        data = {
+            k: base64.b64encode(
+                base64.b64decode(v).replace(req.credential.encode(), nxt.encode())
+            ).decode()
+            for k, v in (stored.data or {}).items()
+        }
+        stored.data = data  # the resourceVersion read stays: the write's precondition
+        try:
+            self.rt.clients.core.replace_namespaced_secret(meta.name, meta.namespace, stored)
+        except ApiException as exc:
+            if exc.status == 409:
+                return kr.Verdict(
+                    kr.CREDENTIAL_USED,
+                    "the credential was used at the same time by another request",
+                )
+            return kr.Verdict(
+                kr.SECRET_UNAVAILABLE,
+                f"the credential could not be consumed ({exc.status} {exc.reason}): "
+                "nothing released",
+            )
+        return None
+
+    def _refuse(
+        self, req: kr.Request, box: Mapping[str, Any] | None, verdict: kr.Verdict
+    ) -> tuple[int, str, bytes]:
+        self._audit(req, box, "Warning", "KeyReleaseRefused", verdict)
+        code = 404 if verdict.reason == kr.NO_SUCH_BOX else 403
+        return _json(code, {"reason": verdict.reason, "message": verdict.message})
+
+    def _audit(
+        self,
+        req: kr.Request,
+        box: Mapping[str, Any] | None,
+        type_: str,
+        reason: str,
+        verdict: kr.Verdict,
+    ) -> None:
+        METRICS.key_releases.labels(verdict.reason).inc()
+        log.info(
+            "key release for %s %s/%s: %s: %s",
+            req.kind,
+            req.namespace,
+            req.box,
+            verdict.reason,
+            verdict.message,
+        )
+        if box is None:
+            return  # no object to tell (and no Event per guessed name)
+        message = verdict.message if verdict.released else f"{verdict.reason}: {verdict.message}"
+        try:
+            kube.post_object_event(
+                self.rt.clients,
+                LAZY_BOXES if req.kind == kr.BOX else VIRTUAL_MACHINES,
+                box,
+                name=req.box,
+                namespace=req.namespace,
+                type_=type_,
+                reason=reason,
+                message=message,
+            )
+        except Exception as exc:  # noqa: BLE001 - the answer stands; the log has it
+            log.warning(
+                "%s %s/%s: cannot post the %s Event: %s",
+                req.kind,
+                req.namespace,
+                req.box,
+                reason,
+                exc,
+            )

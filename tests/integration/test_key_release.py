@@ -1,0 +1,597 @@
+"""Attestation-gated key release on the real API server (docs/keyrelease.md).
+
+The operator's code runs in-process (as in test_verdict_tokens.py): members attested by
+gtvp-agent's code over software TPMs, the verdict keys in a real Secret, the LazyBoxes,
+VMIs and Secrets real objects under the RBAC a namespace opts in with (a RoleBinding of
+the ClusterRole gtvp-key-release). The guest is played by a real TLS client (and once by
+the cloud-init script itself, with curl) against the endpoint served over HTTPS. The
+attacker's requests come first.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import http.client
+import json
+import logging
+import shutil
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from gtvp import http_endpoints, key_release, kube, verdict_keys
+from gtvp.core import compose
+from gtvp.core import keyrelease as kr
+from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES
+from gtvp.metrics import METRICS
+from gtvp.metrics_auth import TlsFiles
+from gtvp.runtime import OperatorSettings, Runtime
+from gtvp_local import pki
+from gtvp_local.controlplane import ControlPlane
+from tests.integration.test_lazybox_vms import _vms
+from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
+    _Member,
+    _until,
+    admin,
+    ca,
+    keys_namespace,
+    members,
+    operator_clients,
+    rt,
+)
+
+pytestmark = [pytest.mark.controlplane]
+
+BOX, OTHER_BOX = "vault", "other"
+DISK_KEY = "disk-key-7f3a9c-DO-NOT-LEAK"
+TLS_KEY = "tls-private-key-5e1b-DO-NOT-LEAK"
+
+
+@dataclass
+class Pool:
+    rt: Runtime
+    namespace: str
+    members: list[_Member]
+    port: int
+    ca_file: Path
+    endpoint: key_release.Endpoint
+    server: Any
+    admin: kube.Clients
+    clock_offset: list[dt.timedelta] = field(default_factory=lambda: [dt.timedelta(0)])
+
+    def credential(self, box: str) -> str:
+        """What the box's guest finds in its cloud-init (the Secret the VM boots with)."""
+        secret = self.rt.clients.core.read_namespaced_secret(
+            kr.cloud_init_secret(box), self.namespace
+        )
+        doc = yaml.safe_load(base64.b64decode(secret.data[kr.USER_DATA_KEY]))
+        files = {f["path"]: f["content"] for f in doc["write_files"]}
+        return str(files[f"{compose.KEY_RELEASE_DIR}/credential"])
+
+    def _conn(self) -> http.client.HTTPSConnection:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        return http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=30)
+
+    def token(self, member: _Member) -> str:
+        conn = self._conn()
+        conn.request("GET", f"/ear/members/{member.name}")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return resp.read().decode()
+
+    def ask(
+        self, box: str, credential: str, token: str = "", kind: str = "box", **extra: Any
+    ) -> tuple[int, Any]:
+        body = {"namespace": self.namespace, kind: box, "credential": credential, "token": token}
+        conn = self._conn()
+        conn.request(
+            "POST",
+            kr.PATH,
+            body=json.dumps({**body, **extra}),
+            headers={"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+
+def _count(result: str) -> float:
+    got = METRICS.registry.get_sample_value("gtvp_key_releases_total", {"result": result})
+    return got or 0.0
+
+
+def _bind_key_release(control_plane: ControlPlane, namespace: str) -> None:
+    rbac = "rbac.authorization.k8s.io"
+    binding = {
+        "apiVersion": f"{rbac}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "gtvp-key-release", "namespace": namespace},
+        "subjects": [{"apiGroup": rbac, "kind": "Group", "name": "gtvp:operators"}],
+        "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "gtvp-key-release"},
+    }
+    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(binding))
+
+
+def _box(name: str, namespace: str, secrets: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": LAZY_BOXES.api_version,
+        "kind": LAZY_BOXES.kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "application": {"name": "nginx"},
+            "level": 2,
+            "resources": {"cpu": "500m", "memory": "512Mi"},
+            "secrets": secrets,
+        },
+    }
+
+
+def _create(clients: kube.Clients, res: Any, body: dict[str, Any]) -> dict[str, Any]:
+    ns = body["metadata"]["namespace"]
+    got: dict[str, Any] = clients.custom.create_namespaced_custom_object(
+        *res.coordinates[:2], ns, res.coordinates[2], body
+    )
+    return got
+
+
+def _vmi(name: str, namespace: str, node: str) -> dict[str, Any]:
+    """A box's VMI as virt-controller leaves it once it runs: Running on `node` (the
+    VMI CRD has no status subresource; virt-handler writes it like this)."""
+    return {
+        "apiVersion": VIRTUAL_MACHINE_INSTANCES.api_version,
+        "kind": VIRTUAL_MACHINE_INSTANCES.kind,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {compose.BOX_LABEL: name, "gtvp.io/level": "2"},
+        },
+        "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}},
+        "status": {"phase": "Running", "nodeName": node},
+    }
+
+
+def _armed_vm(runtime: Runtime, namespace: str, box: str) -> dict[str, Any]:
+    composed = _vms(namespace)[0]
+    composed["metadata"]["name"] = box
+    armed = key_release.arm(runtime, (namespace, box), composed)
+    assert isinstance(armed, dict), armed
+    return armed
+
+
+@pytest.fixture
+def pool(
+    rt: Runtime,  # noqa: F811
+    members: list[_Member],  # noqa: F811
+    control_plane: ControlPlane,
+    admin: kube.Clients,  # noqa: F811
+    namespace: str,
+    tmp_path: Path,
+) -> Iterator[Pool]:
+    _bind_key_release(control_plane, namespace)
+    for name, data, to in (
+        ("disk", {"key": DISK_KEY, "unused": "not asked for"}, BOX),
+        ("tls", {"tls.key": TLS_KEY}, f"{BOX},{OTHER_BOX}"),
+        ("unnamed", {"password": "named by no box"}, "*"),
+        ("unwilling", {"password": "consents to no box"}, None),
+    ):
+        meta: dict[str, Any] = {"name": name}
+        if to is not None:
+            meta["annotations"] = {kr.RELEASE_TO_ANNOTATION: to}
+        admin.core.create_namespaced_secret(namespace, {"metadata": meta, "stringData": data})
+    boxes = [
+        _box(BOX, namespace, [{"name": "disk", "keys": ["key"]}, {"name": "tls"}]),
+        _box(OTHER_BOX, namespace, [{"name": "tls"}, {"name": "disk"}, {"name": "unwilling"}]),
+    ]
+    for b in boxes:
+        rt.view.observe_box(_create(admin, LAZY_BOXES, b), "ADDED")
+    # the operator's HTTPS endpoint, with the verdict tokens' public documents
+    cert_dir = tmp_path / "pki"
+    cert_dir.mkdir()
+    authority = pki.ensure_ca(cert_dir, "gtvp test CA")
+    leaf = pki.issue(authority, cert_dir, "operator", common_name="gtvp", server_ips=("127.0.0.1",))
+    offset = [dt.timedelta(0)]
+    endpoint = key_release.Endpoint(rt, clock=lambda: dt.datetime.now(dt.UTC) + offset[0])
+    issuer = rt.verdict_issuer
+    assert issuer is not None
+    public = verdict_keys.documents(
+        issuer,
+        lambda n: (
+            ((rt.view.members.get(n) or {}).get("status") or {}).get("trust", {}).get("token")
+        ),
+    )
+    server = http_endpoints.serve(
+        0,
+        "127.0.0.1",
+        CollectorRegistry(),
+        lambda: http_endpoints.Probe(loaded=True, loop_started=False, loop_idle_seconds=0),
+        tls=TlsFiles(str(leaf.cert), str(leaf.key)).context,
+        public=public,
+        release=endpoint,
+    )
+    port = server.server_port
+    rt.key_release = kr.Settings(url=f"https://127.0.0.1:{port}", ca_pem=authority.cert.read_text())
+    try:
+        for name in (BOX, OTHER_BOX):
+            _armed_vm(rt, namespace, name)
+        for m in members:
+            _until(rt, m, "QuoteVerified")
+        for name, m in ((BOX, members[0]), (OTHER_BOX, members[1])):
+            vmi = _create(admin, VIRTUAL_MACHINE_INSTANCES, _vmi(name, namespace, m.name))
+            rt.view.observe_vmi(vmi, "ADDED")
+        p = Pool(rt, namespace, members, port, authority.cert, endpoint, server, admin, offset)
+        yield p
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _events(pool: Pool, box: str) -> list[tuple[str, str]]:
+    got = pool.admin.core.list_namespaced_event(
+        pool.namespace, field_selector=f"involvedObject.name={box}"
+    )
+    return [(e.reason, e.message) for e in got.items]
+
+
+def _forge(token: str) -> str:
+    """The token with its level raised and its signature kept (a tampered token)."""
+    head, payload, sig = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for sub in claims["submods"].values():
+        sub["gtvp"]["level"] = 9
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{head}.{forged}.{sig}"
+
+
+# ----- the attacker's requests ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_misdirected_forged_and_stolen_requests_release_nothing_and_consume_nothing(
+    pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    here, elsewhere = pool.members
+    cred, other_cred = pool.credential(BOX), pool.credential(OTHER_BOX)
+    good = pool.token(here)
+    before = {r: _count(r) for r in kr.RESULTS}
+    attempts = [
+        # a valid token of another Trusted member than the one the VMI runs on
+        ((BOX, cred, pool.token(elsewhere)), kr.TOKEN_OTHER_MEMBER),
+        # the right member's token, tampered (a higher level)
+        ((BOX, cred, _forge(good)), kr.TOKEN_REFUSED),
+        # another box's credential
+        ((BOX, other_cred, good), kr.WRONG_CREDENTIAL),
+    ]
+    for (box, credential, token), reason in attempts:
+        status, body = pool.ask(box, credential, token)
+        assert (status, body["reason"]) == (403, reason), body
+        assert "secrets" not in body
+    # a Secret the box does not name (it exists, and gtvp may read it)
+    status, body = pool.ask(BOX, cred, good, secrets=["disk", "unnamed"])
+    assert (status, body["reason"]) == (403, kr.SECRET_NOT_NAMED)
+    # another box names Secrets that do not consent to it: nothing released, nothing used
+    status, body = pool.ask(OTHER_BOX, other_cred, pool.token(elsewhere), secrets=["tls", "disk"])
+    assert (status, body["reason"]) == (403, kr.SECRET_NOT_RELEASABLE)
+    assert "disk" in body["message"]
+    status, body = pool.ask(OTHER_BOX, other_cred, pool.token(elsewhere), secrets=["tls"])
+    assert status == 200, body
+    assert set(body["secrets"]) == {"tls"}
+    # no such box
+    status, body = pool.ask("nobody", cred, good)
+    assert (status, body["reason"]) == (404, kr.NO_SUCH_BOX)
+    # none of it consumed the credential: the box's own request is answered
+    status, body = pool.ask(BOX, cred, good)
+    assert status == 200, body
+    assert body["member"] == here.name
+    assert base64.b64decode(body["secrets"]["disk"]["key"]).decode() == DISK_KEY
+    assert set(body["secrets"]["disk"]) == {"key"}  # only the keys the box names
+    assert base64.b64decode(body["secrets"]["tls"]["tls.key"]).decode() == TLS_KEY
+    # audited: an Event per release and refusal on the box, counted by result
+    events = _events(pool, BOX)
+    refused = [m for r, m in events if r == "KeyReleaseRefused"]
+    assert len(refused) == 4
+    for reason in (
+        kr.TOKEN_OTHER_MEMBER,
+        kr.TOKEN_REFUSED,
+        kr.WRONG_CREDENTIAL,
+        kr.SECRET_NOT_NAMED,
+    ):
+        assert any(m.startswith(reason) for m in refused), (reason, refused)
+    assert [r for r, _ in events].count("KeyReleased") == 1
+    for reason in (
+        kr.TOKEN_OTHER_MEMBER,
+        kr.TOKEN_REFUSED,
+        kr.WRONG_CREDENTIAL,
+        kr.SECRET_NOT_NAMED,
+    ):
+        assert _count(reason) == before[reason] + 1
+    assert _count(kr.NO_SUCH_BOX) == before[kr.NO_SUCH_BOX] + 1
+    assert _count(kr.SECRET_NOT_RELEASABLE) == before[kr.SECRET_NOT_RELEASABLE] + 1
+    assert _count(kr.RELEASED) == before[kr.RELEASED] + 2
+    # nothing secret in the Events nor in the logs
+    said = json.dumps(events) + caplog.text
+    for secret in (DISK_KEY, TLS_KEY, cred, other_cred, good):
+        assert secret not in said
+    assert "KeyReleased" in said or "released Secret(s) disk, tls" in said
+
+
+@pytest.mark.timeout(180)
+def test_a_credential_is_good_once_even_for_two_replicas_at_once(pool: Pool) -> None:
+    here = pool.members[0]
+    cred = pool.credential(BOX)
+    # the first step: where do I run (nothing consumed)
+    status, body = pool.ask(BOX, cred)
+    assert (status, body["member"]) == (428, here.name)
+    token = pool.token(here)
+    status, body = pool.ask(BOX, cred, token)
+    assert status == 200, body
+    # replayed: refused, as such, also by an operator that starts afresh (the state is in
+    # the API server, not in the process)
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.CREDENTIAL_USED)
+    restarted = key_release.Endpoint(pool.rt)
+    got = restarted.answer(kr.Request(pool.namespace, BOX, cred, token))
+    assert (got[0], json.loads(got[2])["reason"]) == (403, kr.CREDENTIAL_USED)
+    # the release armed the next boot's credential; two replicas race for it: one wins
+    nxt = pool.credential(BOX)
+    assert nxt != cred
+    replicas = [key_release.Endpoint(pool.rt), key_release.Endpoint(pool.rt)]
+    barrier = threading.Barrier(2)
+    codes: list[int] = []
+
+    def race(ep: key_release.Endpoint) -> None:
+        barrier.wait()
+        codes.append(ep.answer(kr.Request(pool.namespace, BOX, nxt, token))[0])
+
+    threads = [threading.Thread(target=race, args=(ep,)) for ep in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [200, 403]
+
+
+@pytest.mark.timeout(180)
+def test_an_expired_verdict_gets_no_release(pool: Pool) -> None:
+    here = pool.members[0]
+    cred, token = pool.credential(BOX), pool.token(here)
+    pool.clock_offset[0] = dt.timedelta(minutes=5)  # the verdicts (validFor 30s) ran out
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.VERDICT_EXPIRED)
+    pool.clock_offset[0] = dt.timedelta(0)
+    assert pool.ask(BOX, cred, token)[0] == 200  # not consumed by the refusal
+
+
+@pytest.mark.timeout(180)
+def test_a_member_that_loses_trust_gets_no_more_releases(pool: Pool) -> None:
+    here = pool.members[0]
+    assert pool.ask(BOX, pool.credential(BOX), pool.token(here))[0] == 200
+    here.tpm.extend(7, b"an unsigned bootloader")
+    _until(pool.rt, here, "PcrMismatch")
+    cred = pool.credential(BOX)
+    status, body = pool.ask(BOX, cred, pool.token(here))
+    assert (status, body["reason"]) == (403, kr.MEMBER_NOT_TRUSTED)
+    assert "PcrMismatch" in body["message"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_guests_cloud_init_script_fetches_the_secrets_with_curl(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """The user data's own files and script, run as cloud-init would (in a scratch dir)."""
+    secret = pool.rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(BOX), pool.namespace)
+    doc = yaml.safe_load(base64.b64decode(secret.data[kr.USER_DATA_KEY]))
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    for f in doc["write_files"]:
+        path = guest / Path(f["path"]).name
+        path.write_text(str(f["content"]).replace(compose.KEY_RELEASE_DIR, str(guest)))
+    assert doc["runcmd"][0] == ["/bin/sh", f"{compose.KEY_RELEASE_DIR}/fetch"]
+    out = subprocess.run(
+        ["/bin/sh", str(guest / "fetch")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    released = json.loads((guest / "secrets.json").read_text())
+    assert base64.b64decode(released["secrets"]["disk"]["key"]).decode() == DISK_KEY
+    assert not (guest / "credential").exists()  # used, then removed
+
+
+@pytest.mark.timeout(120)
+def test_the_armed_vm_passes_kubevirts_schema_and_never_holds_the_credential(
+    pool: Pool, control_plane: ControlPlane
+) -> None:
+    vm = _armed_vm(pool.rt, pool.namespace, BOX)
+    volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if v["name"] == "cloudinit")
+    assert volume == {
+        "name": "cloudinit",
+        "cloudInitNoCloud": {"secretRef": {"name": kr.cloud_init_secret(BOX)}},
+    }
+    assert pool.credential(BOX) not in json.dumps(vm)
+    control_plane.kubectl(
+        "create", "--dry-run=server", "--validate=strict", "-f", "-", input_text=json.dumps(vm)
+    )
+
+
+def test_a_namespace_that_did_not_opt_in_gets_no_credential_and_gtvp_reads_none_of_its_secrets(
+    operator_clients: kube.Clients,  # noqa: F811
+    admin: kube.Clients,  # noqa: F811
+    namespace: str,
+) -> None:
+    rt_ = Runtime(settings=OperatorSettings(), clients=operator_clients)
+    rt_.key_release = kr.Settings(url="https://gtvp.example:9090")
+    admin.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "disk"}, "stringData": {"k": "v"}}
+    )
+    box = _create(
+        admin, LAZY_BOXES, _box(f"b-{uuid.uuid4().hex[:6]}", namespace, [{"name": "disk"}])
+    )
+    rt_.view.observe_box(box, "ADDED")
+    composed = _vms(namespace)[0]
+    got = key_release.arm(rt_, (namespace, box["metadata"]["name"]), composed)
+    assert isinstance(got, str)
+    assert "gtvp-key-release" in got
+    assert "403" in got
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as refused:
+        operator_clients.core.read_namespaced_secret("disk", namespace)
+    assert refused.value.status == 403
+
+
+def test_a_box_naming_a_secret_twice_or_a_bad_name_is_refused_by_the_api_server(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    for secrets, says in (
+        ([{"name": "disk"}, {"name": "disk"}], "each Secret appears once"),
+        ([{"name": "Not_A_Name"}], "spec.secrets[0].name"),
+    ):
+        out = control_plane.kubectl(
+            "create",
+            "-f",
+            "-",
+            input_text=json.dumps(_box("twice", namespace, secrets)),
+            check=False,
+        )
+        assert out.returncode != 0
+        assert says in out.stderr
+
+
+def test_a_box_naming_secrets_is_not_started_without_key_release_and_says_why(
+    operator_clients: kube.Clients,  # noqa: F811
+    admin: kube.Clients,  # noqa: F811
+    namespace: str,
+) -> None:
+    from gtvp.core.boxes import Decision
+    from gtvp.handlers import lazyboxes
+
+    rt_ = Runtime(settings=OperatorSettings(), clients=operator_clients)  # no --key-release-url
+    box = _create(admin, LAZY_BOXES, _box("nokeys", namespace, [{"name": "disk"}]))
+    rt_.view.observe_box(box, "ADDED")
+    key = (namespace, "nokeys")
+    decision = Decision({"phase": "Placing", "message": "starting"}, vm=_vms(namespace)[0])
+    assert lazyboxes._arm(rt_, key, decision) is None  # no VM is written
+    status = (kube.get_if_present(admin, LAZY_BOXES, "nokeys", namespace) or {}).get("status") or {}
+    assert status["phase"] == "Failed"
+    assert "--key-release-url" in status["message"]
+    events = admin.core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=nokeys"
+    )
+    assert [e.reason for e in events.items] == ["KeyReleaseUnavailable"]
+
+
+def _gated_vm(
+    name: str, namespace: str, level: str | None, secrets: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A user's VirtualMachine (not a box) that mounts its key-release Secret as a disk."""
+    labels = {"gtvp.io/level": level} if level else {}
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {kr.VM_SECRETS_ANNOTATION: json.dumps(secrets)},
+        },
+        "spec": {
+            "runStrategy": "Always",
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {
+                    "domain": {
+                        "devices": {"disks": [{"name": "keyrelease", "serial": "gtvp-keyrelease"}]},
+                        "memory": {"guest": "64Mi"},
+                    },
+                    "volumes": [
+                        {
+                            "name": "keyrelease",
+                            "secret": {"secretName": kr.credential_secret(kr.VM, name)},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+@pytest.mark.timeout(180)
+def test_a_gated_vm_that_names_secrets_gets_a_credential_once_and_its_guest_fetches_them(
+    pool: Pool, tmp_path: Path, control_plane: ControlPlane
+) -> None:
+    from gtvp.core.api_resources import VIRTUAL_MACHINES
+
+    ns, admin_ = pool.namespace, pool.admin
+    # the VM as docs/keyrelease.md shows it is valid KubeVirt
+    control_plane.kubectl(
+        "create",
+        "--dry-run=server",
+        "--validate=strict",
+        "-f",
+        "-",
+        input_text=json.dumps(_gated_vm("plain", ns, "2", [{"name": "vm-key"}])),
+    )
+    admin_.core.create_namespaced_secret(
+        ns,
+        {
+            "metadata": {"name": "vm-key", "annotations": {kr.RELEASE_TO_ANNOTATION: "vm/plain"}},
+            "stringData": {"key": DISK_KEY},
+        },
+    )
+    for vm in (
+        _gated_vm("plain", ns, "2", [{"name": "vm-key"}]),
+        _gated_vm("ungated", ns, None, [{"name": "vm-key"}]),  # not gated: never armed
+    ):
+        pool.rt.view.observe_vm(_create(admin_, VIRTUAL_MACHINES, vm), "ADDED")
+    key_release.arm_gated_vms(pool.rt)
+    first = pool.rt.clients.core.read_namespaced_secret(kr.credential_secret(kr.VM, "plain"), ns)
+    key_release.arm_gated_vms(pool.rt)  # nothing new: the credential stays
+    pool.rt.key_release_armed.clear()  # as after a restart: the Secret exists, it stays
+    key_release.arm_gated_vms(pool.rt)
+    again = pool.rt.clients.core.read_namespaced_secret(kr.credential_secret(kr.VM, "plain"), ns)
+    assert again.data == first.data
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as absent:
+        admin_.core.read_namespaced_secret(kr.credential_secret(kr.VM, "ungated"), ns)
+    assert absent.value.status == 404
+    vmi = _create(admin_, VIRTUAL_MACHINE_INSTANCES, _vmi("plain", ns, pool.members[0].name))
+    pool.rt.view.observe_vmi(vmi, "ADDED")
+    # the guest: the Secret's files as the mounted disk shows them, the script run with curl
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    for key, value in again.data.items():
+        (guest / key).write_bytes(base64.b64decode(value))
+    env = {"PATH": "/usr/bin:/bin", "GTVP_KEY_RELEASE_DIR": str(guest)}
+    out = subprocess.run(
+        ["/bin/sh", str(guest / "fetch")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    released = json.loads((guest / "secrets.json").read_text())
+    assert base64.b64decode(released["secrets"]["vm-key"]["key"]).decode() == DISK_KEY
+    events = pool.admin.core.list_namespaced_event(ns, field_selector="involvedObject.name=plain")
+    assert [(e.involved_object.kind, e.reason) for e in events.items] == [
+        ("VirtualMachine", "KeyReleased")
+    ]
+    # the guest's credential is spent (the Secret holds the next one); the ungated VM and a
+    # box of that name are not this VM
+    spent = base64.b64decode(first.data["credential"]).decode()
+    token = pool.token(pool.members[0])
+    status, body = pool.ask("plain", spent, token, kind="vm")
+    assert (status, body["reason"]) == (403, kr.CREDENTIAL_USED)
+    assert pool.ask("ungated", spent, token, kind="vm")[0] == 404
+    assert pool.ask("plain", spent, token)[0] == 404

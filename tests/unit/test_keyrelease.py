@@ -1,0 +1,292 @@
+"""The key-release decision (gtvp.core.keyrelease) and the cloud-init it is wired through."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gtvp.core import compose, ear
+from gtvp.core import keyrelease as kr
+
+NOW = dt.datetime(2026, 12, 2, 1, 0, tzinfo=dt.UTC)
+CRED = "c" * 43
+OTHER = "o" * 43
+KEY = ec.generate_private_key(ec.SECP256R1())
+JWKS = ear.jwks([KEY.public_key()])
+
+
+def _member_status(level: int = 3, *, verdict: str = "Trusted", expires: dt.datetime | None = None):  # type: ignore[no-untyped-def]
+    exp = expires or NOW + dt.timedelta(seconds=30)
+    return {
+        "phase": "Trusted" if verdict == "Trusted" else "Untrusted",
+        "level": level if verdict == "Trusted" else 0,
+        "trust": {
+            "verdict": verdict,
+            "reason": "QuoteVerified" if verdict == "Trusted" else "PcrMismatch",
+            "expiresAt": exp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+    }
+
+
+def _token(member: str, status: dict[str, Any]) -> str:
+    claims = ear.verdict_claims(
+        member=member,
+        status=status,
+        policy=None,
+        now=NOW,
+        audience="gtvp",
+        build="test",
+        lifetime=dt.timedelta(seconds=30),
+    )
+    return ear.sign(claims, KEY)
+
+
+def _facts(
+    *,
+    node: str = "m1",
+    member: dict[str, Any] | None = None,
+    token_member: str = "m1",  # noqa: S107 - a member name
+    token: str | None = None,
+    issued: dict[str, str] | None = None,
+    phase: str = "Running",
+) -> tuple[kr.Request, kr.Facts]:
+    status = member if member is not None else _member_status()
+    tok = token if token is not None else _token(token_member, _member_status())
+    req = kr.Request("ns", "box", CRED, tok)
+    try:
+        claims: Any = ear.verify(tok, JWKS, audience="gtvp", now=NOW)
+        refusal = None
+    except ear.TokenRefused as exc:
+        claims, refusal = None, (exc.reason, str(exc))
+    box = {
+        "metadata": {"name": "box", "namespace": "ns"},
+        "spec": {"level": 2, "secrets": [{"name": "disk", "keys": ["key"]}, {"name": "tls"}]},
+    }
+    facts = kr.Facts(
+        box=box,
+        issued=issued if issued is not None else kr.issued_annotations(CRED, "t"),
+        vmi={"status": {"phase": phase, "nodeName": node}},
+        member={"metadata": {"name": node}, "status": status},
+        claims=claims,
+        token_refusal=refusal,
+    )
+    return req, facts
+
+
+def test_a_box_vm_on_a_trusted_member_gets_the_secrets_its_box_names() -> None:
+    req, facts = _facts()
+    v = kr.decide(req, facts, NOW)
+    assert v.released
+    assert v.node == "m1"
+    assert [n.name for n in v.secrets] == ["disk", "tls"]
+    assert v.secrets[0].keys == ("key",)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"member": _member_status(verdict="Untrusted")}, kr.MEMBER_NOT_TRUSTED),
+        ({"member": _member_status(expires=NOW - dt.timedelta(seconds=1))}, kr.VERDICT_EXPIRED),
+        ({"member": _member_status(level=1)}, kr.LEVEL_TOO_LOW),
+        ({"token_member": "m2"}, kr.TOKEN_OTHER_MEMBER),
+        ({"phase": "Scheduling"}, kr.NOT_RUNNING),
+        ({"issued": {}}, kr.NO_CREDENTIAL),
+        ({"issued": kr.issued_annotations(OTHER, "t")}, kr.WRONG_CREDENTIAL),
+    ],
+)
+def test_refusals(change: dict[str, Any], reason: str) -> None:
+    req, facts = _facts(**change)
+    v = kr.decide(req, facts, NOW)
+    assert (v.released, v.reason) == (False, reason), v.message
+
+
+def test_a_tampered_token_is_refused_even_for_the_right_member() -> None:
+    good = _token("m1", _member_status())
+    head, payload, sig = good.split(".")
+    claims = json.loads(ear.b64url_decode(payload, "p"))
+    claims["submods"]["m1"]["gtvp"]["level"] = 9
+    forged = f"{head}.{ear.b64url(json.dumps(claims).encode())}.{sig}"
+    req, facts = _facts(token=forged)
+    v = kr.decide(req, facts, NOW)
+    assert v.reason == kr.TOKEN_REFUSED
+    assert "bad-signature" in v.message
+
+
+def test_a_used_credential_is_named_a_replay_and_the_next_one_is_current() -> None:
+    ann = kr.consumed_annotations(
+        kr.issued_annotations(CRED, "t"),
+        used=kr.credential_hash(CRED),
+        next_credential=OTHER,
+        now="t2",
+    )
+    assert ann[kr.HASH_ANNOTATION] == kr.credential_hash(OTHER)
+    assert ann[kr.RELEASES_ANNOTATION] == "1"
+    req, facts = _facts(issued=ann)
+    assert kr.decide(req, facts, NOW).reason == kr.CREDENTIAL_USED
+    assert CRED not in json.dumps(ann)  # only hashes are kept
+
+
+def test_a_secret_the_box_did_not_name_is_refused() -> None:
+    req, facts = _facts()
+    asked = kr.Request("ns", "box", CRED, req.token, secrets=("disk", "kubeconfig"))
+    v = kr.decide(asked, facts, NOW)
+    assert v.reason == kr.SECRET_NOT_NAMED
+    assert "kubeconfig" in v.message
+    only = kr.Request("ns", "box", CRED, req.token, secrets=("tls",))
+    assert [n.name for n in kr.decide(only, facts, NOW).secrets] == ["tls"]
+
+
+def test_without_a_token_the_guest_is_told_where_it_runs_and_nothing_is_released() -> None:
+    _req, facts = _facts()
+    v = kr.decide(kr.Request("ns", "box", CRED), facts, NOW)
+    assert (v.reason, v.node, v.secrets) == (kr.TOKEN_REQUIRED, "m1", ())
+    # ...but only with the right credential
+    v = kr.decide(kr.Request("ns", "box", OTHER), facts, NOW)
+    assert v.reason == kr.WRONG_CREDENTIAL
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"not json", "not JSON"),
+        (b"[]", "JSON object"),
+        (json.dumps({"namespace": "ns", "box": "b", "credential": "short"}).encode(), "credential"),
+        (json.dumps({"namespace": "NS!", "box": "b", "credential": CRED}).encode(), "namespace"),
+        (
+            json.dumps({"namespace": "ns", "box": "b", "credential": CRED, "secrets": []}).encode(),
+            "secrets",
+        ),
+        (b"x" * (kr.MAX_REQUEST_BYTES + 1), "longer"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(body: bytes, says: str) -> None:
+    with pytest.raises(kr.BadRequest, match=says):
+        kr.parse_request(body)
+
+
+def test_the_request_never_shows_its_credential_or_token() -> None:
+    req = kr.Request("ns", "box", CRED, "tok.en.x")
+    assert CRED not in repr(req)
+    assert "tok.en.x" not in repr(req)
+
+
+def test_the_cloud_init_carries_the_credential_and_runs_the_exchange_first() -> None:
+    base = "#cloud-config\nmounts:\n  - [a, b]\nruncmd:\n  - [/opt/gtvp/app/start]\n"
+    text = compose.key_release_user_data(
+        base,
+        credential=CRED,
+        url="https://gtvp.example:9090/",
+        path=kr.PATH,
+        namespace="ns",
+        box="box",
+        ca_pem="-----BEGIN CERTIFICATE-----\n",
+    )
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    files = {f["path"]: f for f in doc["write_files"]}
+    assert files[f"{compose.KEY_RELEASE_DIR}/credential"]["content"] == CRED
+    assert files[f"{compose.KEY_RELEASE_DIR}/credential"]["permissions"] == "0400"
+    assert (
+        "GTVP_KEY_RELEASE_URL='https://gtvp.example:9090'"
+        in files[f"{compose.KEY_RELEASE_DIR}/env"]["content"]
+    )
+    assert doc["runcmd"] == [
+        ["/bin/sh", f"{compose.KEY_RELEASE_DIR}/fetch"],
+        ["/opt/gtvp/app/start"],
+    ]
+    assert doc["mounts"] == [["a", "b"]]
+
+
+def test_the_vm_references_the_secret_and_never_carries_the_credential() -> None:
+    vm = {
+        "spec": {
+            "template": {
+                "spec": {
+                    "volumes": [
+                        {"name": "rootfs", "containerDisk": {"image": "x"}},
+                        {"name": "cloudinit", "cloudInitNoCloud": {"userData": "#cloud-config\n"}},
+                    ]
+                }
+            }
+        }
+    }
+    out, user_data = compose.with_cloud_init_secret(vm, "box-gtvp-cloudinit")
+    assert user_data == "#cloud-config\n"
+    assert out["spec"]["template"]["spec"]["volumes"][1] == {
+        "name": "cloudinit",
+        "cloudInitNoCloud": {"secretRef": {"name": "box-gtvp-cloudinit"}},
+    }
+    assert "userData" in json.dumps(vm)  # the input is left as it was
+
+
+def test_the_endpoint_is_never_served_in_plain_http() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gtvp import http_endpoints
+
+    with pytest.raises(ValueError, match="only over TLS"):
+        http_endpoints.serve(
+            0,
+            "127.0.0.1",
+            CollectorRegistry(),
+            lambda: http_endpoints.Probe(loaded=True, loop_started=False, loop_idle_seconds=0),
+            release=lambda method, body: (200, "text/plain", b""),
+        )
+
+
+def test_the_operator_refuses_key_release_without_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    from gtvp import operator_main
+
+    argv = ["--key-release-url", "https://gtvp.example:9090", "--webhook-port", "0"]
+    assert operator_main.main(argv) == 2
+    assert "--key-release-url needs --metrics-secure" in capsys.readouterr().err
+    argv = ["--metrics-secure", "--metrics-cert", "c", "--metrics-key", "k"]
+    assert operator_main.main([*argv, "--key-release-url", "http://gtvp.example:9090"]) == 2
+    assert "an https:// URL is needed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("annotations", "ok"),
+    [
+        (None, False),
+        ({}, False),
+        ({kr.RELEASE_TO_ANNOTATION: "other"}, False),
+        ({kr.RELEASE_TO_ANNOTATION: "other, box"}, True),
+        ({kr.RELEASE_TO_ANNOTATION: "*"}, True),
+        ({kr.RELEASE_TO_ANNOTATION: "boxes"}, False),
+    ],
+)
+def test_a_secret_is_released_only_to_the_boxes_it_consents_to(
+    annotations: dict[str, str] | None, ok: bool
+) -> None:
+    assert kr.releasable_to(annotations, "box") is ok
+
+
+def test_a_request_names_either_a_box_or_a_gated_vm() -> None:
+    base = {"namespace": "ns", "credential": CRED}
+    assert kr.parse_request(json.dumps({**base, "vm": "db"}).encode()).kind == kr.VM
+    assert kr.parse_request(json.dumps({**base, "box": "db"}).encode()).kind == kr.BOX
+    for body in (base, {**base, "box": "a", "vm": "b"}):
+        with pytest.raises(kr.BadRequest, match="either a LazyBox"):
+            kr.parse_request(json.dumps(body).encode())
+
+
+def test_a_gated_vm_is_judged_as_a_box_of_its_level_naming_its_annotations_secrets() -> None:
+    vm = {
+        "metadata": {
+            "name": "db",
+            "annotations": {kr.VM_SECRETS_ANNOTATION: '[{"name": "disk", "keys": ["key"]}]'},
+        }
+    }
+    subject = kr.vm_subject(vm, 3)
+    assert subject["spec"]["level"] == 3
+    assert kr.named_secrets(subject["spec"]) == (kr.Named("disk", ("key",)),)
+    broken = {"metadata": {"annotations": {kr.VM_SECRETS_ANNOTATION: "disk"}}}
+    assert kr.named_secrets(kr.vm_subject(broken, 3)["spec"]) == ()
+    assert kr.releasable_to({kr.RELEASE_TO_ANNOTATION: "vm/db"}, "db", kr.VM)
+    assert not kr.releasable_to({kr.RELEASE_TO_ANNOTATION: "db"}, "db", kr.VM)
