@@ -8,6 +8,7 @@ and the SecurityPolicy in force. Bookkeeping only: no I/O, no decisions, no kopf
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,18 +31,39 @@ def name_of(body: Mapping[str, Any]) -> str:
 
 
 def kept(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the view keeps of a body: all of it but `metadata.managedFields`, which no
-    decision reads and which is more than half of a Member in memory (a Member of 5.7 KiB
-    of JSON takes 28 KiB as Python objects, 13 KiB without them), so 10,000 members cost
-    150 MiB less and a full garbage collection walks a third of the objects. A shallow copy:
-    the caller's body is not changed. Omitting managedFields from an update leaves the
-    server's as they are, so a body kept here can still be written back."""
+    """What the view keeps of a body: a copy of all of it but `metadata.managedFields`, which
+    no decision reads, with every key and every short string value interned. A Member of
+    6 KiB of JSON parses into 28 KiB of Python objects; without managedFields 14 KiB, and
+    with its keys and repeated values (field names, phases, reasons, condition messages, a
+    member class's PCR values) shared across members 6.5 KiB: at 10,000 members about
+    200 MiB less, and a full garbage collection walks a fraction of the objects. A deep copy
+    (27 us per Member): the caller's body is not changed, and nothing the caller does to it
+    later changes the view. Omitting managedFields from an update leaves the server's as
+    they are, so a kept body can still be written back."""
     meta = body.get("metadata")
-    if not isinstance(meta, Mapping) or "managedFields" not in meta:
-        return dict(body)
-    slim = dict(body)
-    slim["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
-    return slim
+    copied = {sys.intern(k): _kept(v) for k, v in body.items() if k != "metadata"}
+    if isinstance(meta, Mapping):
+        copied["metadata"] = {
+            sys.intern(k): _kept(v) for k, v in meta.items() if k != "managedFields"
+        }
+    elif "metadata" in body:
+        copied["metadata"] = meta
+    return copied
+
+
+SHARED_STRING = 100
+"""Strings up to this many characters are interned (longer ones are certificates, quotes and
+tokens: one of a kind)."""
+
+
+def _kept(value: Any) -> Any:
+    if isinstance(value, str):
+        return sys.intern(value) if len(value) <= SHARED_STRING else value
+    if isinstance(value, Mapping):
+        return {sys.intern(str(k)): _kept(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_kept(v) for v in value]
+    return value
 
 
 @dataclass

@@ -93,3 +93,19 @@ def test_the_view_keeps_no_managed_fields_and_leaves_the_event_body_alone() -> N
     assert "managedFields" not in view.vmis[("ns", "x")]["metadata"]
     assert view.members["a"]["status"] == member["status"]  # everything else is kept
     assert member["metadata"]["managedFields"] is managed  # the watch's body is not changed
+
+
+def test_the_view_keeps_its_own_copy_with_repeated_strings_shared() -> None:
+    """10,000 members repeat the same field names, phases and messages: the view holds one
+    copy of each (its memory per member), and a caller changing its body later changes
+    nothing in the view."""
+    view = ClusterView()
+    one, two = _member("a", "ek1"), _member("b", "ek2")
+    for m in (one, two):
+        m["status"]["phase"] = "".join(["Trus", "ted"])  # equal strings, distinct objects
+    assert one["status"]["phase"] is not two["status"]["phase"]
+    view.observe_member(one, "ADDED")
+    view.observe_member(two, "ADDED")
+    assert view.members["a"]["status"]["phase"] is view.members["b"]["status"]["phase"]
+    one["status"]["phase"] = "Untrusted"
+    assert view.members["a"]["status"]["phase"] == "Trusted"
