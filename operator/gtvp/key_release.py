@@ -58,6 +58,34 @@ def new_credential() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _credential_secret(
+    namespace: str,
+    name: str,
+    credential: str,
+    *,
+    owner: dict[str, Any],
+    files: dict[str, str],
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Secret a VM boots with: `files` (its cloud-init, or the files of its secret
+    disk) and, in its annotations, only the hash of the credential they hold."""
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "annotations": kr.issued_annotations(credential, format_ts(dt.datetime.now(dt.UTC))),
+        "ownerReferences": [owner],
+    }
+    if labels:
+        meta["labels"] = labels
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": meta,
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in files.items()},
+    }
+
+
 def _owner(box: Mapping[str, Any], res: ApiResource = LAZY_BOXES) -> dict[str, Any]:
     meta = box.get("metadata") or {}
     return {
@@ -95,19 +123,14 @@ def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> dict[str, Any] | str:
         )
     except compose.CompositionError as exc:
         return str(exc)
-    body = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {
-            "name": secret_name,
-            "namespace": ns,
-            "labels": {compose.BOX_LABEL: name},
-            "annotations": kr.issued_annotations(credential, format_ts(dt.datetime.now(dt.UTC))),
-            "ownerReferences": [_owner(box)],
-        },
-        "data": {kr.USER_DATA_KEY: base64.b64encode(text.encode()).decode()},
-    }
+    body = _credential_secret(
+        ns,
+        secret_name,
+        credential,
+        owner=_owner(box),
+        files={kr.USER_DATA_KEY: text},
+        labels={compose.BOX_LABEL: name},
+    )
     try:
         try:
             rt.clients.core.create_namespaced_secret(ns, body)
@@ -152,20 +175,9 @@ def arm_gated_vms(rt: Runtime) -> None:
             continue
         files = _files(settings, ns, name, kr.VM, new_credential())
         secret_name = kr.credential_secret(kr.VM, name)
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {
-                "name": secret_name,
-                "namespace": ns,
-                "annotations": kr.issued_annotations(
-                    files["credential"], format_ts(dt.datetime.now(dt.UTC))
-                ),
-                "ownerReferences": [_owner(vm, VIRTUAL_MACHINES)],
-            },
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in files.items()},
-        }
+        body = _credential_secret(
+            ns, secret_name, files["credential"], owner=_owner(vm, VIRTUAL_MACHINES), files=files
+        )
         try:
             rt.clients.core.create_namespaced_secret(ns, body)
         except ApiException as exc:
