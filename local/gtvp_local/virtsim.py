@@ -115,6 +115,38 @@ def choose_node(
     return best
 
 
+VIEW_EVERY_S = 1.0  # how often the stand-in re-reads Members, policies and OSComponents
+
+
+def chunk_plans(
+    components: Sequence[Mapping[str, Any]], publisher_keys: Mapping[str, str]
+) -> dict[str, cache.ChunkPlan]:
+    """The chunk lists by image of the OSComponents whose signature verifies against a
+    policy's publisher keys (an unsigned or unreadable chunk list is never used)."""
+    from gtvp.core.component_signing import ComponentSignatureError, verify
+    from gtvp.core.components import ComponentError, parse_component
+
+    plans: dict[str, cache.ChunkPlan] = {}
+    for obj in components:
+        try:
+            verify(obj.get("spec") or {}, publisher_keys)
+            c = parse_component(obj)
+        except (ComponentSignatureError, ComponentError):
+            continue
+        if c.chunks is not None and "@sha256:" in c.image:
+            whole = None if c.disk_digest is not None else c.digest
+            plans[c.image] = cache.ChunkPlan(c.chunks.size_bytes, c.chunks.digests, c.size, whole)
+    return plans
+
+
+def trusted_members(members: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    return frozenset(
+        str(m["metadata"]["name"])
+        for m in members
+        if (m.get("status") or {}).get("phase") == "Trusted"
+    )
+
+
 class VirtSim:
     def __init__(
         self, api: Any, core: Any, step_delay: float = 0.3, launcher: Launcher | None = None
@@ -126,6 +158,7 @@ class VirtSim:
         self.launcher = launcher
         self.refused: set[tuple[str, str, tuple[str, ...]]] = set()  # pre-fetches refused
         self.pulling: dict[tuple[str, str], str] = {}  # VMIs whose member fetches their images
+        self.viewed = 0.0
         """With a launcher (`--vms qemu`), VMIs run as real VMs and migrations are real
         live migrations (gtvp_local.vmruntime.launcher); without, phases only."""
 
@@ -133,8 +166,36 @@ class VirtSim:
         items: list[dict[str, Any]] = self.api.list_cluster_custom_object(*KV, plural)["items"]
         return items
 
+    def _gtvp(self, plural: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.api.list_cluster_custom_object(
+            "gtvp.io", "v1alpha1", plural
+        )["items"]
+        return items
+
+    def _view(self, launcher: Launcher) -> None:
+        """Tell the launcher who is Trusted (Members' phase) and the signed chunk lists
+        (OSComponents verified against the SecurityPolicies' publisher keys)."""
+        if time.monotonic() - self.viewed < VIEW_EVERY_S:
+            return
+        self.viewed = time.monotonic()
+        try:
+            self._read_view(launcher)
+        except Exception as exc:  # noqa: BLE001 - no view: the mirror path stands
+            log.warning("%s could not read Members or OSComponents: %s", BANNER, exc)
+
+    def _read_view(self, launcher: Launcher) -> None:
+        keys = {
+            str(pk.get("name", "")): str(pk.get("publicKey", ""))
+            for p in self._gtvp("securitypolicies")
+            for pk in (p.get("spec") or {}).get("publisherKeys") or []
+        }
+        launcher.set_view(
+            trusted_members(self._gtvp("members")), chunk_plans(self._gtvp("oscomponents"), keys)
+        )
+
     def tick(self) -> None:
         if self.launcher is not None:
+            self._view(self.launcher)
             self._report_caches(self.launcher)
         # to_dict() is snake_case; every field read here is a single word, so it is the same
         nodes = [n.to_dict() for n in self.core.list_node().items]

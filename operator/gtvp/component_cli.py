@@ -16,8 +16,10 @@ guest components reproducibly (the Debian cloud kernel with gtvp's box init, the
 busybox-base root filesystem, the hello-web application), packages each as a KubeVirt
 containerDisk OCI image layout under --out (the kernel as a kernel-boot container), prints
 their OSComponent manifests (signed when --key is given) pinning each image by its
-manifest's digest in --registry and its disk file by `diskDigest`, and says how to push
-the layouts there with skopeo (which keeps the digests).
+manifest's digest in --registry and its disk file by `diskDigest`, with the disk file's
+chunk digest list (`spec.chunks`, 1 MiB chunks, covered by the signature: what a member
+fetching it from several peers checks each chunk against), and says how to push the
+layouts there with skopeo (which keeps the digests).
 """
 
 from __future__ import annotations

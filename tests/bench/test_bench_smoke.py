@@ -110,3 +110,15 @@ def test_box_migration_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "ratio box-warm/monolithic" in out
     assert "load average" in out
+
+
+@pytest.mark.controlplane
+@pytest.mark.e2e
+def test_component_fetch_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_component_fetch
+
+    _real_vms()
+    assert bench_component_fetch.main(["--runs", "1", "--uplink-mbit", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "3 peers / 1 peer time:" in out
+    assert "load average" in out

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gtvp.core.components import DEFAULT_CHUNK_BYTES, chunk_digests
 from gtvp.core.versions import Version
 from gtvp_local.guest import pins
 from gtvp_local.guest.initscript import Module, init_script
@@ -383,9 +384,17 @@ def composition(
     return list(chosen.values())
 
 
+def file_chunks(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
+    """`spec.chunks` for the file at `path`: its chunk digest list (docs/lazyboxes.md,
+    "Multi-source transfer")."""
+    with path.open("rb") as f:
+        digests = chunk_digests(iter(lambda: f.read(1 << 20), b""), chunk_bytes)
+    return {"sizeBytes": chunk_bytes, "digests": digests}
+
+
 def component_spec(a: Artifact, *, level: int = 3) -> dict[str, Any]:
-    """The (unsigned) OSComponent spec that pins `a`; sign it with
-    `gtvp.core.component_signing.sign` or `gtvp component sign`."""
+    """The (unsigned) OSComponent spec that pins `a`, with the chunk digest list of its
+    bytes; sign it with `gtvp.core.component_signing.sign` or `gtvp component sign`."""
     spec: dict[str, Any] = {
         "componentName": a.name,
         "version": a.version,
@@ -393,6 +402,7 @@ def component_spec(a: Artifact, *, level: int = 3) -> dict[str, Any]:
         "image": a.image,
         "digest": a.digest,
         "sizeBytes": a.size,
+        "chunks": file_chunks(a.path),
         "level": level,
     }
     if a.provides:

@@ -28,6 +28,11 @@ as a node's image store is to gtvp. What the guest boots is decided inside it: t
 checks every disk against the composition's pin (kernel command line) before mounting it,
 so a cache or mirror serving other bytes stops the box there (tests/e2e/test_real_vms.py
 shows it).
+
+An image whose signed OSComponent carries a chunk digest list is fetched otherwise when a
+Trusted peer holds it: in chunks, in parallel from every such peer, each chunk checked
+against the signed list before it is written (`fetch_chunked`, `PeerServer`, `Schedule`;
+docs/lazyboxes.md, "Multi-source transfer").
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import http.server
 import json
 import logging
 import re
 import shutil
+import socket
 import subprocess
 import tarfile
 import threading
@@ -50,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gtvp.core import components
 from gtvp_local.vmruntime import names, network
 
 log = logging.getLogger("gtvp.vmruntime.cache")
@@ -325,13 +333,21 @@ class Mirror:
                 except Exception as exc:  # noqa: BLE001 - whatever the lookup says: 404
                     self.send_error(404, " ".join(str(exc).split())[:200])
                     return
-                self.send_response(200)
+                span = parse_range(self.headers.get("Range"), size)  # a chunk's bytes
+                start, end = span or (0, size)
+                self.send_response(206 if span else 200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(size))
+                self.send_header("Content-Length", str(end - start))
+                if span:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
                 self.send_header("ETag", etag(image) or '""')
                 self.end_headers()
                 with served.open("rb") as f:
-                    shutil.copyfileobj(f, self.wfile)
+                    if span is None:
+                        shutil.copyfileobj(f, self.wfile)
+                    else:
+                        f.seek(start)
+                        self.wfile.write(f.read(end - start))
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("mirror: " + format, *args)
@@ -416,3 +432,462 @@ def fetch_missing(
     todo = missing(images, held(state, member), mirror.etag)
     reports = [fetch(state, member, i, mirror) for i in todo]
     return [r for r in reports if r is not None]
+
+
+# ----- multi-source transfer: chunks from the Trusted peers that hold the image -----------
+#
+# A member fetching an image whose OSComponent carries a signed chunk digest list
+# (`spec.chunks`) takes its chunks in parallel from every Trusted member whose cache holds
+# it: each peer serves its cache read-only over HTTP (Range requests) on its own namespace
+# address (`PeerServer`), and the fetching member's connections are made inside its own
+# namespace, so the bytes cross both veths. Each chunk is checked against the signed list
+# before it is written; a peer whose chunk is wrong is dropped for the rest of the fetch at
+# that first bad chunk, and the chunk is fetched again from another source (the mirror when
+# every peer failed it). With no peer holding the image, the mirror path above stands.
+
+MIRROR_SOURCE = "mirror"
+FETCHES_FILE = "fetches.jsonl"
+CHUNK_TIMEOUT_S = 60.0
+_CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What a chunked fetch needs: the chunk size, each chunk's signed digest, the image's
+    length, and the whole file's digest when the image pins the file itself (else None)."""
+
+    chunk_bytes: int
+    digests: tuple[str, ...]
+    total: int
+    whole: str | None = None
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return components.chunk_ranges(self.total, self.chunk_bytes)
+
+
+class Schedule:
+    """Which source fetches which chunk (pure: no I/O, no lock; the caller holds one).
+
+    Peer k of P starts at chunk k*n/P (each peer reads a stripe of its own, in order) and
+    then takes the next chunk nobody holds or fetches and it has not failed, wrapping
+    around, so faster peers take more; the mirror takes only chunks every live peer has
+    failed, or any once no peer is left (or there was none). A source that fails a chunk
+    (a bad digest, an error) is dropped for the rest of the fetch."""
+
+    def __init__(self, chunks: int, peers: Sequence[str], *, mirror: bool = True) -> None:
+        self.peers = tuple(sorted({p for p in peers if p != MIRROR_SOURCE}))
+        self.mirror = mirror
+        self.total = chunks
+        self.pending = set(range(chunks))
+        self.in_flight: dict[int, str] = {}
+        self.failed: dict[int, set[str]] = {}
+        self.dropped: dict[str, str] = {}
+        self.got: dict[str, int] = {}  # chunks fetched per source
+        self.bad: list[tuple[str, int]] = []  # (source, chunk) that failed the digest
+
+    def live_peers(self) -> list[str]:
+        return [p for p in self.peers if p not in self.dropped]
+
+    def sources(self) -> list[str]:
+        return [*self.peers, MIRROR_SOURCE] if self.mirror else list(self.peers)
+
+    def take(self, source: str) -> int | None:
+        if source in self.dropped or source not in self.sources():
+            return None
+        live = set(self.live_peers())
+        free = sorted(self.pending - set(self.in_flight))
+        if source in self.peers:
+            start = self.stripe_start(source)
+            free = [i for i in free if i >= start] + [i for i in free if i < start]
+        for i in free:
+            tried = self.failed.get(i, set())
+            if source in tried:
+                continue
+            if source == MIRROR_SOURCE and live - tried:
+                continue  # a live peer may still serve it
+            self.in_flight[i] = source
+            return i
+        return None
+
+    def stripe_start(self, peer: str) -> int:
+        """The chunk `peer` fetches first."""
+        return self.peers.index(peer) * self.total // len(self.peers)
+
+    def done(self, source: str, index: int) -> None:
+        self.in_flight.pop(index, None)
+        self.pending.discard(index)
+        self.got[source] = self.got.get(source, 0) + 1
+
+    def fail(self, source: str, index: int, why: str, *, bad: bool = False) -> None:
+        self.in_flight.pop(index, None)
+        self.failed.setdefault(index, set()).add(source)
+        self.dropped.setdefault(source, why)
+        if bad:
+            self.bad.append((source, index))
+
+    def finished(self) -> bool:
+        return not self.pending
+
+    def stuck(self) -> bool:
+        """Chunks remain that no source will take, and none is being fetched."""
+        if self.finished() or self.in_flight:
+            return False
+        live = [s for s in self.sources() if s not in self.dropped]
+        return all(s in self.failed.get(i, set()) for i in self.pending for s in live) or not live
+
+
+@dataclass(frozen=True)
+class ChunkedReport:
+    """One chunked fetch: bytes and chunks per source, seconds, the bad chunks caught
+    (source, chunk index) and the bytes the fetching member's link carried towards it."""
+
+    member: str
+    image: str
+    size_bytes: int
+    seconds: float
+    link_bytes: int
+    bytes_by_source: Mapping[str, int]
+    chunks_by_source: Mapping[str, int]
+    bad_chunks: tuple[tuple[str, int], ...]
+    dropped: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "member": self.member,
+            "image": self.image,
+            "sizeBytes": self.size_bytes,
+            "seconds": round(self.seconds, 4),
+            "linkBytes": self.link_bytes,
+            "bytesBySource": dict(self.bytes_by_source),
+            "chunksBySource": dict(self.chunks_by_source),
+            "badChunks": [{"source": s, "chunk": i} for s, i in self.bad_chunks],
+            "dropped": dict(self.dropped),
+        }
+
+
+def peer_sources(
+    image: str, me: str, trusted: Iterable[str], holdings: Mapping[str, Iterable[Record]]
+) -> list[str]:
+    """The Trusted members other than `me` whose cache holds `image`'s bytes (by digest)."""
+    want = digest_hex(image)
+    return sorted(
+        m
+        for m in set(trusted)
+        if m != me and any(digest_hex(r.image) == want for r in holdings.get(m, ()))
+    )
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """`Range: bytes=a-b` → (a, b+1) within `size`; None for no or an unusable range."""
+    m = re.fullmatch(r"bytes=(\d+)-(\d*)", (header or "").strip())
+    if m is None:
+        return None
+    start = int(m.group(1))
+    end = int(m.group(2)) + 1 if m.group(2) else size
+    end = min(end, size)
+    return (start, end) if start < end else None
+
+
+def fetch_log(state: Path, member: str) -> list[dict[str, Any]]:
+    """The member's chunked fetch records (oldest first)."""
+    path = member_dir(state, member).parent / FETCHES_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----- sockets inside a member's namespace ---------------------------------------------------
+
+
+def in_netns(netns: str, make: Callable[[], Any]) -> Any:
+    """`make()` run in a thread that joined the network namespace `netns` first: a socket
+    made there stays in that namespace wherever it is used afterwards."""
+    import ctypes
+    import os
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            out["value"] = make()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=run, name=f"gtvp-netns-{netns}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+class _NetnsConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket is made (and connected) in `netns`."""
+
+    def __init__(self, netns: str, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._netns = netns
+
+    def connect(self) -> None:
+        host, port, timeout = self.host, self.port, self.timeout
+        self.sock = in_netns(
+            self._netns, lambda: socket.create_connection((host, port), timeout=timeout)
+        )
+
+
+class PeerServer:
+    """A member's cache served read-only over HTTP (Range requests) on its own namespace
+    address, only while `serving()` says the member may serve (it is Trusted): otherwise
+    every request is refused with 403."""
+
+    def __init__(self, state: Path, member: str, serving: Callable[[], bool]) -> None:
+        self.state, self.member, self.serving = state, member, serving
+        self.net = network.ensure_member(state, member)
+        self.requests = 0
+        self.refused = 0
+        d = ensure(state, member)
+        server_self = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                server_self.requests += 1
+                image = image_of_path(self.path)
+                if not server_self.serving():
+                    server_self.refused += 1
+                    log.warning("[SIMULATED peer mirror] %s refused %s: it is not Trusted",
+                                member, self.path)  # fmt: skip
+                    self._fail(403, f"{member} is not Trusted: it serves nothing")
+                    return
+                try:
+                    if image is None:
+                        raise LookupError(f"not an image path: {self.path}")
+                    blob = d / digest_hex(image)
+                    size = blob.stat().st_size
+                except (LookupError, ValueError, OSError) as exc:
+                    self._fail(404, str(exc))
+                    return
+                span = parse_range(self.headers.get("Range"), size)
+                start, end = span or (0, size)
+                self.send_response(206 if span else 200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(end - start))
+                if span:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+                self.end_headers()
+                with blob.open("rb") as f:
+                    f.seek(start)
+                    left = end - start
+                    while left:
+                        block = f.read(min(left, 1 << 20))
+                        if not block:
+                            break
+                        self.wfile.write(block)
+                        left -= len(block)
+
+            def _fail(self, code: int, why: str) -> None:
+                body = " ".join(why.split())[:200].encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("peer %s: " + format, member, *args)
+
+        address = self.net.address
+        sock = in_netns(self.net.netns, lambda: socket.create_server((address, 0)))
+        server = http.server.ThreadingHTTPServer((address, 0), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        server.server_address = sock.getsockname()
+        server.server_name, server.server_port = address, int(server.server_address[1])
+        server.daemon_threads = True
+        self._server = server
+        threading.Thread(
+            target=server.serve_forever, name=f"gtvp-peer-{member}", daemon=True
+        ).start()
+        log.info("[SIMULATED peer mirror] %s serves its component cache on %s:%d",
+                 member, address, self.port)  # fmt: skip
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _ChunkFetch:
+    """The sources of one chunked fetch, one thread (and one connection) each."""
+
+    def __init__(
+        self, image: str, plan: ChunkPlan, netns: str, where: Mapping[str, tuple[str, int]]
+    ) -> None:
+        self.image, self.plan, self.netns, self.where = image, plan, netns, where
+        self.ranges = plan.ranges()
+        self.check = components.Chunks(plan.chunk_bytes, plan.digests, plan.total).check
+        self.sched = Schedule(
+            len(self.ranges),
+            sorted(s for s in where if s != MIRROR_SOURCE),
+            mirror=MIRROR_SOURCE in where,
+        )
+        self.cond = threading.Condition()
+        self.nbytes: dict[str, int] = {}
+        self.member = ""
+
+    def run(self, member: str, fd: int) -> None:
+        self.member = member
+        threads = [
+            threading.Thread(target=self.work, args=(s, fd), name=f"gtvp-chunks-{s}", daemon=True)
+            for s in self.where
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def get(self, conn: http.client.HTTPConnection, index: int) -> bytes:
+        start, end = self.ranges[index]
+        conn.request(
+            "GET",
+            URL_PREFIX + urllib.parse.quote(self.image, safe=""),
+            headers={"Range": f"bytes={start}-{end - 1}"},
+        )
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status == 200 and len(data) >= end:  # a server that ignores Range
+            return data[start:end]
+        if resp.status not in (200, 206):
+            raise FetchError(f"HTTP {resp.status}: {data[:200].decode(errors='replace')}")
+        return data
+
+    def next_chunk(self, source: str) -> int | None:
+        """The next chunk `source` fetches; None once it has nothing more to do."""
+        sched = self.sched
+        with self.cond:
+            while True:
+                if sched.finished() or source in sched.dropped or sched.stuck():
+                    self.cond.notify_all()
+                    return None
+                index = sched.take(source)
+                if index is not None:
+                    return index
+                self.cond.wait(0.2)  # another source's chunk may fail and be free again
+
+    def work(self, source: str, fd: int) -> None:
+        import os
+
+        host, port = self.where[source]
+        conn = _NetnsConnection(self.netns, host, port, CHUNK_TIMEOUT_S)
+        try:
+            while (index := self.next_chunk(source)) is not None:
+                try:
+                    data = self.get(conn, index)
+                    good = self.check(index, data)
+                    why = "" if good else f"chunk {index} does not match its signed digest"
+                except (OSError, http.client.HTTPException, FetchError) as exc:
+                    data, good, why = b"", False, f"chunk {index}: {exc}"
+                    conn.close()
+                if good:
+                    os.pwrite(fd, data, self.ranges[index][0])
+                with self.cond:
+                    if good:
+                        self.sched.done(source, index)
+                        self.nbytes[source] = self.nbytes.get(source, 0) + len(data)
+                    else:
+                        self.sched.fail(source, index, why, bad=bool(data))
+                        log.warning("[SIMULATED kubelet] %s dropped %s for the rest of its "
+                                    "fetch of %s: %s", self.member, source, self.image,
+                                    why)  # fmt: skip
+                    self.cond.notify_all()
+        finally:
+            conn.close()
+
+
+def _whole_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+def fetch_chunked(
+    state: Path,
+    member: str,
+    image: str,
+    plan: ChunkPlan,
+    peers: Mapping[str, tuple[str, int]],
+    *,
+    mirror: Mirror | None,
+) -> ChunkedReport:
+    """Fetch `image` into `member`'s cache chunk by chunk, in parallel from every peer in
+    `peers` (member → its server's address and port) and from the mirror for chunks every
+    peer failed; each chunk checked against `plan` before it is written (module comment).
+    FetchError when a chunk comes right from no source, or the whole file is not `whole`."""
+    import os
+
+    hexpart = digest_hex(image)
+    d = ensure(state, member)
+    net = network.ensure_member(state, member)
+    blob, part = d / hexpart, d / f"{hexpart}.part"
+    where = dict(peers)
+    if mirror is not None:
+        mirror.start()
+        where[MIRROR_SOURCE] = (mirror.host, mirror.port)
+    job = _ChunkFetch(image, plan, net.netns, where)
+    sched = job.sched
+    with _locked(d):
+        part.unlink(missing_ok=True)
+        _, tx0 = net.link_bytes()
+        t0 = time.monotonic()
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, plan.total)
+            job.run(member, fd)
+        finally:
+            os.close(fd)
+        seconds = time.monotonic() - t0
+        _, tx1 = net.link_bytes()
+        if not sched.finished():
+            part.unlink(missing_ok=True)
+            raise FetchError(
+                f"{member} could not fetch {image}: chunks {sorted(sched.pending)} came right "
+                f"from no source ({'; '.join(f'{s}: {w}' for s, w in sched.dropped.items())})"
+            )
+        if plan.whole is not None and _whole_digest(part) != plan.whole:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{member} fetched {image} in chunks, but the whole file is not "
+                             f"{plan.whole}")  # fmt: skip
+        etag = (mirror.etag(image) if mirror is not None else None) or ""
+        record = d / f"{hexpart}.json"
+        tmp = record.with_name(record.name + ".part")
+        tmp.write_text(json.dumps(Record(image, plan.total, etag).to_json()))
+        part.replace(blob)
+        tmp.replace(record)
+        shutil.rmtree(d / f"{hexpart}.files", ignore_errors=True)
+    report = ChunkedReport(
+        member, image, plan.total, seconds, tx1 - tx0, dict(job.nbytes), dict(sched.got),
+        tuple(sched.bad), dict(sched.dropped),
+    )  # fmt: skip
+    with (d.parent / FETCHES_FILE).open("a") as f:
+        f.write(json.dumps(report.to_json()) + "\n")
+    log.info(
+        "[SIMULATED kubelet] %s fetched %s: %d bytes in %.2fs in chunks from %s, %d bad "
+        "chunk(s) (%d bytes on the link)",
+        member, image, plan.total, seconds,
+        ", ".join(f"{s} {n} bytes" for s, n in sorted(job.nbytes.items())),
+        len(sched.bad), report.link_bytes,
+    )  # fmt: skip
+    return report

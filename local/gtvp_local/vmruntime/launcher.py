@@ -12,7 +12,12 @@ places on a member, and to live-migrate it when a migration reaches its turn:
   own link, as a kubelet pulls a containerDisk before virt-launcher starts; a member that
   cannot fetch them does not start the VM (the VMI is Failed with the reason). The fetch
   runs in a worker thread (`prepare`; the VMI is Scheduling meanwhile), so a slow mirror
-  holds up only the VMIs waiting for it, not the stand-in's loop. A
+  holds up only the VMIs waiting for it, not the stand-in's loop. An image whose signed
+  OSComponent carries a chunk digest list is fetched instead in chunks, in parallel, from
+  every Trusted member whose cache holds it (each member serves its cache read-only over
+  HTTP on its own address: `cache.PeerServer`), each chunk checked against the list
+  (`cache.fetch_chunked`; the stand-in tells the launcher who is Trusted and the chunk
+  lists: `set_view`). A
   migration's target fetches them too before the migration starts, unless gtvp had it
   pre-fetch them (`prefetch`: a worker thread per request, off the stand-in's loop, in
   place of the kubelet pulling the images a pre-pull pod names);
@@ -161,6 +166,29 @@ class Launcher:
         self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gtvp-prefetch")
         self._prefetches: dict[tuple[str, str], Future[list[cache.FetchReport]]] = {}
         self._prefetch_failed: dict[tuple[str, str], float] = {}
+        self.trusted: frozenset[str] = frozenset()
+        self.plans: dict[str, cache.ChunkPlan] = {}
+        self.peers: dict[str, cache.PeerServer] = {}
+
+    def set_view(self, trusted: frozenset[str], plans: Mapping[str, cache.ChunkPlan]) -> None:
+        """Who is Trusted (only they serve their cache or are asked) and the signed chunk
+        lists by image; every member with a cache has a peer server from now on (one that
+        is not Trusted refuses every request)."""
+        self.trusted, self.plans = frozenset(trusted), dict(plans)
+        for member in cache.members(self.runtime.state):
+            self.serve(member)
+
+    def serve(self, member: str) -> cache.PeerServer:
+        """`member`'s peer server (started once; it refuses while the member is not
+        Trusted)."""
+        with self._lock:
+            server = self.peers.get(member)
+            if server is None:
+                server = cache.PeerServer(
+                    self.runtime.state, member, lambda: member in self.trusted
+                )
+                self.peers[member] = server
+        return server
 
     def prefetch(self, member: str, images: Sequence[str], why: str) -> bool:
         """Fetch `images` into `member`'s cache in a worker thread (one at a time per
@@ -202,8 +230,32 @@ class Launcher:
         """Fetch the images `member`'s cache lacks (cache.FetchError when one fails)."""
         if self.mirror is None:
             raise cache.FetchError(f"{member} cannot fetch components: no registry mirror here")
+        state = self.runtime.state
         try:
-            return cache.fetch_missing(self.runtime.state, member, images, self.mirror)
+            mine = cache.held(state, member)
+            have = {cache.digest_hex(r.image) for r in mine}
+            todo = cache.missing(images, mine, self.mirror.etag)
+            reports = []
+            for image in todo:
+                plan = self.plans.get(image)
+                holdings = {m: cache.held(state, m) for m in self.trusted if m != member}
+                sources = cache.peer_sources(image, member, self.trusted, holdings)
+                if plan is None or not sources or cache.digest_hex(image) in have:
+                    # no chunk list, no Trusted peer holds it, or the member holds it and
+                    # the mirror changed it (a test's lying mirror): the mirror path
+                    reports.extend(cache.fetch_missing(state, member, [image], self.mirror))
+                    continue
+                where = {}
+                for peer in sources:
+                    server = self.serve(peer)
+                    where[peer] = (server.net.address, server.port)
+                chunked = cache.fetch_chunked(state, member, image, plan, where, mirror=self.mirror)
+                reports.append(
+                    cache.FetchReport(
+                        member, image, chunked.size_bytes, chunked.seconds, chunked.link_bytes
+                    )
+                )
+            return reports
         finally:
             self.cache_changed(member)
 
@@ -323,3 +375,5 @@ class Launcher:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
         if self.mirror is not None:
             self.mirror.close()
+        for server in self.peers.values():
+            server.close()

@@ -42,8 +42,9 @@ def _deps(items: Any) -> list[dict[str, str]]:
 
 def canonical_bytes(spec: Mapping[str, Any]) -> bytes:
     """The bytes a publisher signs for one component spec (defaults applied, keys sorted).
-    `diskDigest` is in them only when the spec has one, so a component without it signs
-    the same bytes as before the field existed (its signature stays valid)."""
+    `diskDigest` and `chunks` (the chunk digest list, in its order) are in them only when
+    the spec has them, so a component without them signs the same bytes as before the
+    fields existed (its signature stays valid)."""
     try:
         body = {
             "componentName": str(spec["componentName"]),
@@ -60,6 +61,12 @@ def canonical_bytes(spec: Mapping[str, Any]) -> bytes:
         }
         if spec.get("diskDigest") is not None:  # absent: the bytes signed before it existed
             body["diskDigest"] = str(spec["diskDigest"])
+        chunks = spec.get("chunks")
+        if chunks is not None:  # the same: absent, the bytes signed before it existed
+            body["chunks"] = {
+                "sizeBytes": int(chunks["sizeBytes"]),
+                "digests": [str(d) for d in chunks["digests"]],
+            }
     except (KeyError, TypeError, ValueError) as exc:
         raise ComponentSignatureError(
             "MalformedComponent", f"component spec lacks or mistypes a signed field: {exc}"
@@ -145,5 +152,5 @@ def verify(spec: Mapping[str, Any], publisher_keys: Mapping[str, str]) -> None:
         raise ComponentSignatureError(
             "BadSignature",
             f"the signature by {publisher!r} does not match this component's content "
-            "(image, digest, version or dependencies changed after signing)",
+            "(image, digest, chunk list, version or dependencies changed after signing)",
         ) from exc
