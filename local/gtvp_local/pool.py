@@ -14,6 +14,13 @@ The operator runs as `replicas` processes (`gtvp_local.replicas`: each with its 
 ports and ServiceAccount token), sharing the members through Leases. With more than one, a
 SIMULATION of a Service (`gtvp_local.frontend`) listens on the pool's webhook port and sends
 each connection to a ready replica; a single replica serves that port itself, as before.
+
+Key release (docs/keyrelease.md, "On the local pool"): each replica also serves
+`POST /keyrelease/v1/release` and the verdict tokens' public documents on its own HTTPS port
+(`--key-release-port`; its metrics stay plain HTTP on loopback), with a certificate from the
+pool's CA whose SANs are 127.0.0.1 and the VM bridge's 10.77.0.1, listening where the
+members reach it: 127.0.0.1, or 10.77.0.1 with real VMs (`vms="qemu"`). The URL and that
+CA go into the boxes' cloud-init.
 """
 
 from __future__ import annotations
@@ -324,6 +331,39 @@ class Pool:
             self.put(obj)
         self.save()
 
+    @property
+    def key_release_address(self) -> str:
+        """Where members (and their VMs) reach the replicas' key-release ports: the VM
+        bridge's host address with real VMs, else loopback (the members are processes here)."""
+        if self.vms == "qemu":
+            from gtvp_local.vmruntime.names import BRIDGE_ADDRESS
+
+            return BRIDGE_ADDRESS
+        return "127.0.0.1"
+
+    def key_release_url(self, index: int = 0) -> str:
+        """The HTTPS URL of replica `index`'s key-release port (in its boxes' cloud-init)."""
+        return f"https://{self.key_release_address}:{self.replicas[index].key_release_port}"
+
+    @property
+    def key_release_ca(self) -> Path:
+        """The CA certificate (PEM) that signs the key-release certificate."""
+        return pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca").cert
+
+    def key_release_cert(self) -> pki.KeyPair:
+        """The replicas' key-release serving certificate: SANs loopback and the VM bridge."""
+        from gtvp_local.vmruntime.names import BRIDGE_ADDRESS
+
+        ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
+        return pki.issue(
+            ca,
+            self.dir / "pki",
+            "key-release",
+            common_name="gtvp-key-release",
+            server_ips=("127.0.0.1", BRIDGE_ADDRESS),
+            server_dns=("localhost",),
+        )
+
     def webhook_cert(self) -> pki.KeyPair:
         ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
         return pki.issue(
@@ -451,7 +491,7 @@ class Pool:
         n = self.replica_count
         serving = bool(self.webhook_port)
         planned = len(self.replicas) == n and all(
-            bool(r.webhook_port) == serving for r in self.replicas
+            bool(r.webhook_port) == serving and r.key_release_port for r in self.replicas
         )
         if planned and not (metrics_port and metrics_port != self.metrics_port):
             return
@@ -468,6 +508,7 @@ class Pool:
                 rep.process_name(i, n),
                 (metrics_port if i == 0 and metrics_port else free_port()),
                 webhook(i),
+                free_port(),
             )
             for i in range(n)
         ]
@@ -483,6 +524,30 @@ class Pool:
             "--webhook-cert",
             str(cert.cert),
             "--webhook-key",
+            str(cert.key),
+        ]
+
+    def _key_release_args(self, replica: Replica) -> list[str]:
+        """Key release on the replica's own HTTPS port (docs/keyrelease.md)."""
+        if not replica.key_release_port:
+            return []
+        if self.vms == "qemu":
+            from gtvp_local.vmruntime import network
+
+            network.ensure_bridge()  # its address must exist before the replica binds it
+        cert = self.key_release_cert()
+        return [
+            "--key-release-port",
+            str(replica.key_release_port),
+            "--key-release-address",
+            self.key_release_address,
+            "--key-release-url",
+            self.key_release_url(replica.index),
+            "--key-release-ca",
+            str(self.key_release_ca),
+            "--key-release-cert",
+            str(cert.cert),
+            "--key-release-key",
             str(cert.key),
         ]
 
@@ -503,6 +568,7 @@ class Pool:
                 self.policy_name,
                 *_ha_args(replica, self.timings),
                 *self._webhook_args(replica),
+                *self._key_release_args(replica),
             ],
         )
         if wait:
@@ -625,6 +691,11 @@ class Pool:
             f"  gtvp-operator {r.identity} (process {r.process}, metrics on "
             f"127.0.0.1:{r.metrics_port}/metrics"
             + (f", webhooks on 127.0.0.1:{r.webhook_port}" if r.webhook_port else "")
+            + (
+                f", key release on {self.key_release_url(r.index)} (CA {self.key_release_ca})"
+                if r.key_release_port
+                else ""
+            )
             + f", ServiceAccount {rep.LEASE_NAMESPACE}/{r.service_account})"
             for r in self.replicas
         ]

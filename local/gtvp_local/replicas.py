@@ -1,10 +1,12 @@
 """The local pool's gtvp-operator replicas: their credentials, processes, faults and Leases.
 
 Each replica is a `gtvp-operator` process with its own identity (its name in the Leases), its
-own metrics and webhook ports and its own credential: a ServiceAccount
-`gtvp-operator-<identity>` in the lease namespace, bound to the `gtvp-operator` ClusterRole
-and the `gtvp-operator-leases` Role, whose token (TokenRequest API, signed by the local API
-server) is written into that replica's kubeconfig. Deleting the ServiceAccount revokes that
+own metrics, webhook and key-release ports and its own credential: a ServiceAccount
+`gtvp-operator-<identity>` in the lease namespace, bound to the `gtvp-operator` ClusterRole,
+the `gtvp-operator-leases` Role and, in the namespaces that opted in to key release
+(KEY_RELEASE_NAMESPACES, docs/keyrelease.md), the `gtvp-key-release` ClusterRole, whose
+token (TokenRequest API, signed by the local API server) is written into that replica's
+kubeconfig. Deleting the ServiceAccount revokes that
 replica alone: the API server answers its next request with 401.
 
 The replicas share the members through Leases in the lease namespace (see
@@ -29,6 +31,9 @@ from gtvp_local.controlplane import ControlPlane
 
 LEASE_NAMESPACE = "gtvp-system"
 TOKEN_DURATION = "8760h"  # noqa: S105 (a duration, not a secret)
+KEY_RELEASE_NAMESPACES = ("default",)
+"""Where the local pool's replicas may read Secrets to release them (and write the boxes'
+cloud-init Secrets): the namespaces local-bindings.yaml opts in."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class Replica:
     process: str
     metrics_port: int
     webhook_port: int
+    key_release_port: int = 0
+    """Its HTTPS port for key release (0: none; a pool.json from before it had none)."""
 
     @property
     def service_account(self) -> str:
@@ -96,6 +103,7 @@ class Replica:
             "process": self.process,
             "metricsPort": self.metrics_port,
             "webhookPort": self.webhook_port,
+            "keyReleasePort": self.key_release_port,
         }
 
     @classmethod
@@ -106,6 +114,7 @@ class Replica:
             str(data["process"]),
             int(data["metricsPort"]),
             int(data["webhookPort"]),
+            int(data.get("keyReleasePort") or 0),
         )
 
 
@@ -148,12 +157,27 @@ def _bindings(replica: Replica) -> list[dict[str, Any]]:
             "subjects": subject,
             "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "gtvp-operator-verdict-keys"},
         },
+        *(
+            {
+                "apiVersion": f"{rbac}/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": _key_release_binding(replica), "namespace": ns},
+                "subjects": subject,
+                "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "gtvp-key-release"},
+            }
+            for ns in KEY_RELEASE_NAMESPACES
+        ),
     ]
 
 
 def _keys_binding(replica: Replica) -> str:
     """The RoleBinding to the verdict-token keys' Role (docs/tokens.md)."""
     return f"{replica.service_account}-verdict-keys"
+
+
+def _key_release_binding(replica: Replica) -> str:
+    """The RoleBinding to `gtvp-key-release` in each of KEY_RELEASE_NAMESPACES."""
+    return f"{replica.service_account}-key-release"
 
 
 def issue_credential(cp: ControlPlane, replica: Replica, directory: Path) -> Path:
@@ -193,6 +217,16 @@ def remove_credential(cp: ControlPlane, replica: Replica) -> None:
         ("rolebinding", _keys_binding(replica)),
     ):
         cp.kubectl("delete", kind, name, "-n", LEASE_NAMESPACE, "--ignore-not-found", check=False)
+    for ns in KEY_RELEASE_NAMESPACES:
+        cp.kubectl(
+            "delete",
+            "rolebinding",
+            _key_release_binding(replica),
+            "-n",
+            ns,
+            "--ignore-not-found",
+            check=False,
+        )
     cp.kubectl(
         "delete", "clusterrolebinding", replica.service_account, "--ignore-not-found", check=False
     )

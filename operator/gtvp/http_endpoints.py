@@ -19,7 +19,9 @@ box VM, which holds no Kubernetes credentials, fetches to check its host).
 
 Key release (`release`, see `gtvp.key_release` and docs/keyrelease.md): `POST
 /keyrelease/v1/release`, answered without Kubernetes credentials (a box VM authenticates
-with its one-time credential and its host's token) and only ever over TLS.
+with its one-time credential and its host's token) and only ever over TLS. With
+`only_public`, a server answers the key-release path and the public documents and nothing
+else (no metrics, no probes: 404): the operator's own key-release port.
 """
 
 from __future__ import annotations
@@ -153,11 +155,13 @@ def serve(
     guard: Guard | None = None,
     public: Public | None = None,
     release: Release | None = None,
+    only_public: bool = False,
 ) -> ThreadingWSGIServer:
     """Serve the three endpoints on a daemon thread; returns the server (for tests).
     `tls`: serve HTTPS with the context it returns; `guard`: who may read past the probes;
     `public`: documents served to anyone, like the probes; `release`: the key-release
-    endpoint (only with `tls`: ValueError otherwise)."""
+    endpoint (only with `tls`: ValueError otherwise); `only_public`: answer nothing but
+    `release` and `public` (404 for the metrics and the probes)."""
     if release is not None and tls is None:
         raise ValueError("the key-release endpoint is served only over TLS")
     metrics = make_wsgi_app(registry)
@@ -179,6 +183,9 @@ def serve(
             code, content_type, body = document
             start(f"{code} {_REASONS.get(code, 'Error')}", [("Content-Type", content_type)])
             return [body]
+        if only_public:
+            start("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not served on this port: only key release and the public documents\n"]
         got = answer(path, read())
         if got is None and guard is not None:
             refused = guard(

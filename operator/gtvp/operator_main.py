@@ -6,6 +6,10 @@ one replica leads the singleton loops. Serves Prometheus metrics and the /health
 /readyz probes on --metrics-port: plain HTTP on loopback by default; with --metrics-secure,
 HTTPS with every /metrics request's bearer token reviewed by the API server (TokenReview,
 then SubjectAccessReview for `get` on the non-resource URL /metrics).
+
+Key release (docs/keyrelease.md): with --key-release-url, `POST /keyrelease/v1/release` and
+the verdict tokens' public documents are served over HTTPS either on the secure metrics port
+(--metrics-secure) or on their own port (--key-release-port), which answers nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from gtvp.core.shards import SHARDS, LeaseTiming
 from gtvp.runtime import OperatorSettings, Runtime
 
 if TYPE_CHECKING:
+    from gtvp import http_endpoints
     from gtvp.core.keyrelease import Settings as KeyReleaseSettings
 
 
@@ -106,9 +111,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-release-url",
         default=os.environ.get("GTVP_KEY_RELEASE_URL"),
-        help="the HTTPS URL box VMs reach this operator's --metrics-port at (e.g. "
+        help="the HTTPS URL box VMs reach this operator's key-release port at (e.g. "
         "https://gtvp-operator.gtvp-system.svc:9090): serves POST /keyrelease/v1/release "
-        "(needs --metrics-secure; docs/keyrelease.md)",
+        "(needs --metrics-secure or --key-release-port; docs/keyrelease.md)",
+    )
+    p.add_argument(
+        "--key-release-port",
+        type=int,
+        default=int(os.environ.get("GTVP_KEY_RELEASE_PORT", "0")),
+        help="serve key release (and the tokens' public documents, nothing else) over HTTPS "
+        "on this port instead of the secure metrics port (0, the default: on --metrics-port, "
+        "which then needs --metrics-secure)",
+    )
+    p.add_argument(
+        "--key-release-address",
+        default=os.environ.get("GTVP_KEY_RELEASE_ADDRESS", "127.0.0.1"),
+        help="address --key-release-port listens on (0.0.0.0 in a pod)",
+    )
+    p.add_argument(
+        "--key-release-cert",
+        default=os.environ.get("GTVP_KEY_RELEASE_CERT"),
+        help="serving certificate of --key-release-port (default: --webhook-cert)",
+    )
+    p.add_argument(
+        "--key-release-key",
+        default=os.environ.get("GTVP_KEY_RELEASE_KEY"),
+        help="its private key (default: --webhook-key)",
     )
     p.add_argument(
         "--key-release-ca",
@@ -220,13 +248,9 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
-    """/metrics, /healthz and /readyz on a thread (OSError when the port is taken or the
-    certificate cannot be read), with the verdict tokens' public documents."""
-    import time
-
-    from gtvp import http_endpoints, metrics_auth, verdict_keys
-    from gtvp.metrics import METRICS
+def _public_documents(rt: Runtime) -> http_endpoints.Public | None:
+    """The verdict tokens' JWKS and each member's current token (gtvp.verdict_keys)."""
+    from gtvp import verdict_keys
 
     issuer = rt.verdict_issuer
 
@@ -235,7 +259,19 @@ def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
         token = ((body.get("status") or {}).get("trust") or {}).get("token")
         return str(token) if token else None
 
-    public = verdict_keys.documents(issuer, token_of) if issuer is not None else None
+    return verdict_keys.documents(issuer, token_of) if issuer is not None else None
+
+
+def _serve_probes(rt: Runtime, serving: MetricsServing, *, release_here: bool = True) -> None:
+    """/metrics, /healthz and /readyz on a thread (OSError when the port is taken or the
+    certificate cannot be read), with the verdict tokens' public documents, and key release
+    when it is on and `release_here` (not on its own port)."""
+    import time
+
+    from gtvp import http_endpoints, metrics_auth
+    from gtvp.metrics import METRICS
+
+    public = _public_documents(rt)
 
     def probe() -> http_endpoints.Probe:
         co = rt.coordination
@@ -263,7 +299,7 @@ def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
         )
         return
     release = None
-    if rt.key_release is not None:
+    if rt.key_release is not None and release_here:
         from gtvp import key_release
 
         release = key_release.Endpoint(rt)
@@ -281,6 +317,74 @@ def _serve_probes(rt: Runtime, serving: MetricsServing) -> None:
     )
 
 
+def _serve_key_release(rt: Runtime, own: KeyReleaseServing) -> None:
+    """Key release and the public documents, and nothing else, over HTTPS on their own port
+    (OSError when the port is taken or the certificate cannot be read)."""
+    from gtvp import http_endpoints, key_release, metrics_auth
+    from gtvp.metrics import METRICS
+
+    http_endpoints.serve(
+        own.port,
+        own.address,
+        METRICS.registry,
+        lambda: http_endpoints.Probe(loaded=False, loop_started=False, loop_idle_seconds=0),
+        tls=metrics_auth.TlsFiles(own.cert, own.key).context,
+        public=_public_documents(rt),
+        release=key_release.Endpoint(rt),
+        only_public=True,
+    )
+
+
+@dataclass(frozen=True)
+class KeyReleaseServing:
+    """Key release on its own HTTPS port (--key-release-port), apart from the metrics."""
+
+    port: int
+    address: str
+    cert: str
+    key: str
+
+
+def key_release_serving_from(args: argparse.Namespace) -> KeyReleaseServing | None:
+    """Key release's own port as the flags ask (None: none, key release if any is on the
+    secure metrics port); ValueError on flags that do not fit together."""
+    port = int(args.key_release_port or 0)
+    own_cert = bool(args.key_release_cert or args.key_release_key)
+    if not port:
+        if own_cert:
+            raise ValueError(
+                "--key-release-cert and --key-release-key are for --key-release-port: "
+                "give the port too (or leave them out: the metrics port uses --metrics-cert)"
+            )
+        return None
+    if not 0 < port < 65536:
+        raise ValueError(f"--key-release-port {port}: a TCP port (1-65535) is needed")
+    if not args.key_release_url:
+        raise ValueError(
+            "--key-release-port needs --key-release-url: the https:// URL box VMs reach "
+            "that port at (it goes into their cloud-init)"
+        )
+    for flag, taken in (
+        ("--metrics-port", args.metrics_port),
+        ("--webhook-port", args.webhook_port),
+    ):
+        if port == taken:
+            raise ValueError(
+                f"--key-release-port {port} is also the {flag}: key release needs a port "
+                "of its own (or no --key-release-port: served on the secure metrics port)"
+            )
+    if own_cert and not (args.key_release_cert and args.key_release_key):
+        raise ValueError("--key-release-cert and --key-release-key go together: give both")
+    cert = args.key_release_cert or args.webhook_cert
+    key = args.key_release_key or args.webhook_key
+    if not (cert and key):
+        raise ValueError(
+            "--key-release-port needs a serving certificate: --key-release-cert and "
+            "--key-release-key (or --webhook-cert and --webhook-key)"
+        )
+    return KeyReleaseServing(port=port, address=args.key_release_address, cert=cert, key=key)
+
+
 def key_release_from(
     args: argparse.Namespace, serving: MetricsServing
 ) -> KeyReleaseSettings | None:
@@ -290,9 +394,10 @@ def key_release_from(
 
     if not args.key_release_url:
         return None
-    if not (serving.secure and args.metrics_port):
+    if not args.key_release_port and not (serving.secure and args.metrics_port):
         raise ValueError(
-            "--key-release-url needs --metrics-secure: the key-release endpoint is TLS only"
+            "--key-release-url needs --metrics-secure (served on the metrics port) or "
+            "--key-release-port (its own port): the key-release endpoint is TLS only"
         )
     if not str(args.key_release_url).startswith("https://"):
         raise ValueError(f"--key-release-url {args.key_release_url}: an https:// URL is needed")
@@ -343,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
         serving = metrics_serving_from(args)
         key_release = key_release_from(args, serving)
+        own_port = key_release_serving_from(args)
     except ValueError as exc:  # inconsistent lease timing, unauthenticated metrics off loopback
         return _fail(str(exc))
     _configure_logging(settings)
@@ -367,12 +473,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.key_release = key_release
     if settings.metrics_port:
         try:
-            _serve_probes(rt, serving)
+            _serve_probes(rt, serving, release_here=own_port is None)
         except OSError as exc:
             return _fail(
                 f"cannot serve /metrics, /healthz, /readyz on "
                 f"{settings.metrics_address}:{settings.metrics_port}: {exc}"
             )
+    if own_port is not None and key_release is not None:
+        try:
+            _serve_key_release(rt, own_port)
+        except OSError as exc:
+            return _fail(f"cannot serve key release on {own_port.address}:{own_port.port}: {exc}")
     logging.getLogger("gtvp").info(
         "gtvp-operator %s enforcing SecurityPolicy %r as replica %r%s",
         __version__,

@@ -1,0 +1,166 @@
+"""Key release on its own HTTPS port (`--key-release-port`): which flags fit together, and
+what that port answers (key release and the public documents, never metrics or probes)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from gtvp import http_endpoints, operator_main
+from gtvp.core.keyrelease import Settings as KeyReleaseSettings
+from gtvp_local import pki
+
+URL = "https://10.77.0.1:9444"
+CERTS = ["--webhook-cert", "/c/tls.crt", "--webhook-key", "/c/tls.key"]
+
+
+def _flags(
+    *argv: str,
+) -> tuple[KeyReleaseSettings | None, operator_main.KeyReleaseServing | None]:
+    args = operator_main.parser().parse_args(list(argv))
+    serving = operator_main.metrics_serving_from(args)
+    return (
+        operator_main.key_release_from(args, serving),
+        operator_main.key_release_serving_from(args),
+    )
+
+
+def test_its_own_port_serves_key_release_without_secure_metrics() -> None:
+    settings, own = _flags("--key-release-url", URL, "--key-release-port", "9444", *CERTS)
+    assert settings is not None
+    assert settings.url == URL
+    assert own == operator_main.KeyReleaseServing(9444, "127.0.0.1", "/c/tls.crt", "/c/tls.key")
+    args = operator_main.parser().parse_args(["--key-release-port", "9444", *CERTS])
+    assert operator_main.metrics_serving_from(args).secure is False  # metrics stay as they were
+
+
+def test_its_own_certificate_and_address_are_used_when_given() -> None:
+    _, own = _flags(
+        "--key-release-url",
+        URL,
+        "--key-release-port",
+        "9444",
+        "--key-release-address",
+        "10.77.0.1",
+        "--key-release-cert",
+        "/k/c",
+        "--key-release-key",
+        "/k/k",
+        "--webhook-port",
+        "0",
+    )
+    assert own == operator_main.KeyReleaseServing(9444, "10.77.0.1", "/k/c", "/k/k")
+
+
+def test_without_a_port_nothing_changes() -> None:
+    assert _flags() == (None, None)
+    secure = ["--metrics-secure", *CERTS]
+    settings, own = _flags(*secure, "--key-release-url", URL)
+    assert settings is not None
+    assert own is None  # on the secure metrics port, as before
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--key-release-url", URL], "needs --metrics-secure .* or\n?.*--key-release-port"),
+        (["--key-release-port", "9444", *CERTS], "needs --key-release-url"),
+        (
+            ["--key-release-url", URL, "--key-release-port", "9444", "--webhook-port", "0"],
+            "needs a serving certificate",
+        ),
+        (
+            ["--key-release-url", URL, "--key-release-port", "9090", *CERTS],
+            "also the --metrics-port",
+        ),
+        (
+            ["--key-release-url", URL, "--key-release-port", "9444", "--webhook-port", "9444"],
+            "also the --webhook-port",
+        ),
+        (["--key-release-url", URL, "--key-release-port", "70000", *CERTS], "TCP port"),
+        (
+            ["--key-release-url", URL, "--key-release-port", "9444", "--key-release-cert", "/c"],
+            "go together",
+        ),
+        (
+            ["--metrics-secure", *CERTS, "--key-release-url", URL, "--key-release-cert", "/c"],
+            "are for --key-release-port",
+        ),
+        (["--key-release-url", "http://x:1", "--key-release-port", "9444", *CERTS], "https://"),
+    ],
+)
+def test_flags_that_do_not_fit_stop_the_operator_with_a_clear_error(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        _flags(*argv)
+    assert operator_main.main(argv) == 2
+    assert "gtvp-operator: " in capsys.readouterr().err
+
+
+def _tls_server(tmp_path: Path) -> tuple[int, ssl.SSLContext]:
+    ca = pki.ensure_ca(tmp_path, "test-ca")
+    leaf = pki.issue(ca, tmp_path, "kr", common_name="kr", server_ips=("127.0.0.1",))
+    registry = CollectorRegistry()
+    Counter("gtvp_secret_total", "must not show here", registry=registry).inc()
+
+    def tls() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
+        return ctx
+
+    def public(path: str) -> tuple[int, str, bytes] | None:
+        if path == "/.well-known/jwks.json":
+            return 200, "application/json", b'{"keys": []}'
+        return None
+
+    server = http_endpoints.serve(
+        0,
+        "127.0.0.1",
+        registry,
+        lambda: http_endpoints.Probe(loaded=True, loop_started=False, loop_idle_seconds=0),
+        tls=tls,
+        public=public,
+        release=lambda method, body: (428, "application/json", b'{"member": "a"}'),
+        only_public=True,
+    )
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    return int(server.server_port), client
+
+
+def _open(
+    request: urllib.request.Request | str, context: ssl.SSLContext | None = None
+) -> http.client.HTTPResponse:
+    """urllib on the test's own https:// or http:// URLs only."""
+    got: http.client.HTTPResponse = urllib.request.urlopen(request, context=context, timeout=5)  # noqa: S310
+    return got
+
+
+def test_its_port_answers_key_release_and_public_documents_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    port, client = _tls_server(tmp_path)
+    base = f"https://127.0.0.1:{port}"
+    with _open(f"{base}/.well-known/jwks.json", client) as r:
+        assert json.load(r) == {"keys": []}
+    post = urllib.request.Request(  # noqa: S310 (https, the test's own server)
+        f"{base}/keyrelease/v1/release", data=b"{}", method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as got:
+        _open(post, client)
+    assert got.value.code == 428
+    for path in ("/metrics", "/readyz", "/healthz", "/"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _open(f"{base}{path}", client)
+        assert refused.value.code == 404
+        assert b"gtvp_secret_total" not in refused.value.read()
+    plain = urllib.request.Request(f"http://127.0.0.1:{port}/.well-known/jwks.json")
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        _open(plain)  # never answered in plain HTTP
