@@ -320,7 +320,6 @@ def test_box_leaves_a_member_that_stays_overloaded(pool: Pool, namespace: str) -
 
 
 def test_box_leaves_a_member_that_loses_trust(pool: Pool, namespace: str) -> None:
-    a, b, _c = names(pool)[:3]
     pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(box("mover")))
     st = _wait("the box to run", lambda: running(pool, namespace, "mover"))
     source = st["node"]
@@ -332,7 +331,11 @@ def test_box_leaves_a_member_that_loses_trust(pool: Pool, namespace: str) -> Non
         return s if s and s.get("node") != source else None
 
     st = _wait("the box to move", moved, timeout=60)
-    assert st["node"] in {a, b} - {source} or st["node"].endswith("-new")
+    # to any other member trusted at the box's level (which one depends on what it caches
+    # and on the members earlier tests added)
+    target = json.loads(pool.cp.kubectl("get", "member", st["node"], "-o", "json").stdout)
+    assert target["status"]["phase"] == "Trusted"
+    assert target["status"]["level"] >= box("mover")["spec"]["level"]
 
 
 def test_box_is_stopped_when_its_member_is_lost_under_policy_stop(
