@@ -132,6 +132,17 @@ def warm(pool: Pool, catalogue: dict[str, dict[str, Any]]) -> dict[str, str]:
         assert pool.warm_cache(m[peer], images)
     pool.extend_pcr(m["d"], 7, b"rootkit")
     pool.wait_phase(m["d"], "Untrusted", reason="PcrMismatch", timeout=30)
+
+    def d_dropped() -> bool:
+        """The stand-in re-reads the Members each tick: until it has, d still serves (its
+        chunks are checked all the same); the tests start once it no longer counts d."""
+        lines = re.findall(
+            r"\[SIMULATED peer mirror\] trusted peers now: (.*)",
+            pool.procs.log_tail("virtsim", 200_000),
+        )
+        return bool(lines) and m["d"] not in lines[-1].split(", ")
+
+    _wait("the stand-in to stop counting d as trusted", d_dropped, 60)
     return m
 
 

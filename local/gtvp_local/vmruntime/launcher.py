@@ -174,6 +174,8 @@ class Launcher:
         """Who is Trusted (only they serve their cache or are asked) and the signed chunk
         lists by image; every member with a cache has a peer server from now on (one that
         is not Trusted refuses every request)."""
+        if frozenset(trusted) != self.trusted:
+            log.info("[SIMULATED peer mirror] trusted peers now: %s", ", ".join(sorted(trusted)))
         self.trusted, self.plans = frozenset(trusted), dict(plans)
         for member in cache.members(self.runtime.state):
             self.serve(member)
