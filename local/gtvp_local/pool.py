@@ -324,7 +324,7 @@ class Pool:
     def install_webhooks(self) -> None:
         """gtvp's admission webhooks, served by the operator on a loopback port."""
         self.webhook_port = self.webhook_port or free_port()
-        ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
+        ca = self._local_ca()
         for obj in webhook_config.webhook_configurations(
             f"https://127.0.0.1:{self.webhook_port}", ca.cert.read_bytes()
         ):
@@ -345,18 +345,21 @@ class Pool:
         """The HTTPS URL of replica `index`'s key-release port (in its boxes' cloud-init)."""
         return f"https://{self.key_release_address}:{self.replicas[index].key_release_port}"
 
+    def _local_ca(self) -> pki.KeyPair:
+        """The pool's CA: it signs the webhook and the key-release certificates."""
+        return pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
+
     @property
     def key_release_ca(self) -> Path:
         """The CA certificate (PEM) that signs the key-release certificate."""
-        return pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca").cert
+        return self._local_ca().cert
 
     def key_release_cert(self) -> pki.KeyPair:
         """The replicas' key-release serving certificate: SANs loopback and the VM bridge."""
         from gtvp_local.vmruntime.names import BRIDGE_ADDRESS
 
-        ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
         return pki.issue(
-            ca,
+            self._local_ca(),
             self.dir / "pki",
             "key-release",
             common_name="gtvp-key-release",
@@ -365,9 +368,8 @@ class Pool:
         )
 
     def webhook_cert(self) -> pki.KeyPair:
-        ca = pki.ensure_ca(self.cp.pki_dir, "gtvp-local-ca")
         return pki.issue(
-            ca,
+            self._local_ca(),
             self.dir / "pki",
             "webhook",
             common_name="gtvp-webhooks",
