@@ -114,6 +114,16 @@ class Metrics:
         )
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         ProcessCollector(registry=self.registry)
+        self.gc_pause_seconds = Histogram(
+            "gtvp_gc_pause_seconds",
+            "Time the whole process stood still in Python's cyclic garbage collector, by "
+            "generation (2: a full collection over every tracked object)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        for generation in ("0", "1", "2"):
+            self.gc_pause_seconds.labels(generation)
 
     def _attestation_metrics(self) -> None:
         self.attestations = Counter(

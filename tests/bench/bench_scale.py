@@ -426,6 +426,22 @@ def _control_plane_pids(cp: ControlPlane) -> list[int]:
     return [t.pid for t in found if t is not None]
 
 
+def _gc_pauses(pool: Pool) -> tuple[float, float]:
+    """Full (generation 2) collections so far over every replica: their count and their
+    summed pause in seconds (`gtvp_gc_pause_seconds`, scraped from each replica's /metrics)."""
+    count = total = 0.0
+    for replica in pool.replicas:
+        url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith('gtvp_gc_pause_seconds_count{generation="2"}'):
+                count += float(line.split()[-1])
+            elif line.startswith('gtvp_gc_pause_seconds_sum{generation="2"}'):
+                total += float(line.split()[-1])
+    return count, total
+
+
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
@@ -465,13 +481,16 @@ class _Window:
             self.lg.latencies.clear()
             self.lg.echoes.clear()
             self.start = {"at": time.perf_counter(), "patches": _patch_count(self.pool.cp)}
+            self.start["gc:count"], self.start["gc:seconds"] = _gc_pauses(self.pool)
             self.start.update({f"cpu:{k}": v for k, v in self.cpu().items()})
         if self.start and time.perf_counter() >= self.start["at"] + self.seconds:
             stop.set()
 
     def close(self) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start["at"]
+        gc_count, gc_seconds = _gc_pauses(self.pool)
         return {
+            "full_gcs": (gc_count - self.start["gc:count"], gc_seconds - self.start["gc:seconds"]),
             "sizes": _member_sizes(_api(self.pool)),
             "elapsed": elapsed,
             "patches": _patch_count(self.pool.cp) - self.start["patches"],
@@ -534,6 +553,7 @@ def _report(
     lg: LoadGenerator,
     loads: tuple[str, str],
     sizes: tuple[float, float],
+    full_gcs: tuple[float, float],
 ) -> dict[str, float]:
     # a cycle is one verdict: members quote up to 10 % early (the jittered schedule), so they
     # complete slightly more cycles than elapsed / interval; count the cycles themselves
@@ -568,6 +588,11 @@ def _report(
         f"(design: 2, one each way); per member per {interval} s interval: "
         f"{per_member_interval:.2f} (cycles per interval: "
         f"{len(lg.latencies) / (members * elapsed / interval):.2f})"
+    )
+    print(
+        f"  full garbage collections in the operator: {full_gcs[0]:.0f}, "
+        f"{full_gcs[1] * 1000:.0f} ms of pause in all"
+        + (f" ({full_gcs[1] / full_gcs[0] * 1000:.0f} ms each)" if full_gcs[0] else "")
     )
     print(
         f"  a Member as served: {sizes[0]:.1f} KiB of JSON, {sizes[1]:.1f} KiB of it "

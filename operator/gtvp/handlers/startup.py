@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import kopf
 
-from gtvp import kube
+from gtvp import gc_pauses, kube
 from gtvp.core.api_resources import (
     MEMBERS,
     MIGRATIONS,
@@ -62,6 +62,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # gtvp writes its own Events on transitions; kopf's per-handler log events would cost
     # one API write per handler run.
     settings.posting.enabled = False
+    gc_pauses.watch()
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
