@@ -54,21 +54,24 @@ def _phase(obj: Mapping[str, Any]) -> Any:
 
 
 def _members(members: Objects, now: dt.datetime) -> list[str]:
-    rows = [["MEMBER", "PHASE", "LEVEL", "REASON", "VERIFIED", "EXPIRES", "USES LEFT"]]
+    """One row per member; a REFERENCE SET column (the set of the member class's
+    `referenceSets` its verdict's event log matched) only when some member matched one."""
+    sets = any(((m.get("status") or {}).get("trust") or {}).get("referenceSet") for m in members)
+    header = ["MEMBER", "PHASE", "LEVEL", "REASON", "VERIFIED", "EXPIRES", "USES LEFT"]
+    rows = [header + (["REFERENCE SET"] if sets else [])]
     for m in sorted(members, key=lambda m: m["metadata"]["name"]):
         st = m.get("status") or {}
         trust = st.get("trust") or {}
-        rows.append(
-            [
-                m["metadata"]["name"],
-                str(st.get("phase", MemberPhase.PENDING.value)),
-                str(st.get("level", 0)),
-                str(trust.get("reason", "-")),
-                _age(trust.get("verifiedAt"), now),
-                _age(trust.get("expiresAt"), now),
-                str(trust.get("usesLeft", "-")),
-            ]
-        )
+        row = [
+            m["metadata"]["name"],
+            str(st.get("phase", MemberPhase.PENDING.value)),
+            str(st.get("level", 0)),
+            str(trust.get("reason", "-")),
+            _age(trust.get("verifiedAt"), now),
+            _age(trust.get("expiresAt"), now),
+            str(trust.get("usesLeft", "-")),
+        ]
+        rows.append(row + ([str(trust.get("referenceSet", "-"))] if sets else []))
     trusted = sum(1 for m in members if _phase(m) == MemberPhase.TRUSTED)
     out = [f"Members: {trusted} of {len(members)} trusted", _table_or_none(rows)]
     for m in members:
@@ -191,7 +194,7 @@ def _ref(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _member_report(m: Mapping[str, Any]) -> dict[str, Any]:
     st = m.get("status") or {}
     trust = st.get("trust") or {}
-    keep = ("reason", "message", "verifiedAt", "expiresAt", "usesLeft")
+    keep = ("reason", "message", "verifiedAt", "expiresAt", "usesLeft", "referenceSet")
     return {
         "name": m["metadata"]["name"],
         "phase": str(st.get("phase", MemberPhase.PENDING.value)),

@@ -155,3 +155,22 @@ def test_the_same_view_as_data_for_gtvp_status_output_json() -> None:
     ]
     assert data["migrationsFinished"] == 1
     assert data["lazyBoxes"] == []
+
+
+def test_the_matched_reference_set_shows_only_when_a_member_matched_one() -> None:
+    from gtvp.pool_status import report
+
+    members = [
+        _member("a", "Trusted", reason="QuoteVerified", referenceSet="fw-2026-11"),
+        _member("b", "Untrusted", reason="EventNotAllowed", message="PCR 0: an event"),
+    ]
+    out = render(members=members, nodes=[], vmis=[], migrations=[], now=NOW).splitlines()
+    assert out[1].split()[-2:] == ["REFERENCE", "SET"]
+    assert (out[2].split()[0], out[2].split()[-1]) == ("a", "fw-2026-11")
+    assert (out[3].split()[0], out[3].split()[-1]) == ("b", "-")
+    assert (
+        report(members=members, nodes=[], vmis=[], migrations=[])["members"][0]["referenceSet"]
+        == "fw-2026-11"
+    )
+    plain = render(members=members[1:], nodes=[], vmis=[], migrations=[], now=NOW)
+    assert "REFERENCE SET" not in plain
