@@ -1,4 +1,5 @@
-"""SIMULATION of a Kubernetes Service in front of the operator replicas' webhooks.
+"""SIMULATION of a Kubernetes Service in front of the operator replicas' webhooks (and, with
+several replicas, of the Service in front of their key-release ports).
 
 In a cluster the API server calls the webhooks through a Service, and kube-proxy sends each
 new connection to a ready endpoint (a pod whose readiness probe passes). The local pool has
@@ -10,7 +11,9 @@ never retries a request: a connection whose replica dies mid-request fails, as i
 cluster.
 
 Run by `gtvp_local.pool` as `python -m gtvp_local.frontend --listen PORT --backend
-WEBHOOK_PORT:METRICS_PORT ...`; it never runs in a cluster.
+PORT:METRICS_PORT ...` (`--address`: where it listens and the replicas' ports are, loopback
+by default; the VM bridge's address for key release with real VMs, so guests reach it); it
+never runs in a cluster.
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ log = logging.getLogger("gtvp_local.frontend")
 
 @dataclass
 class Backend:
-    """One replica: where its webhooks listen and where its /readyz answers."""
+    """One replica: where its webhooks (or key release) listen and where its /readyz answers
+    (always on loopback)."""
 
     webhook_port: int
     metrics_port: int
     ready: bool = False
+    address: str = "127.0.0.1"
 
     def __str__(self) -> str:
-        return f"127.0.0.1:{self.webhook_port}"
+        return f"{self.address}:{self.webhook_port}"
 
 
 @dataclass
@@ -107,7 +112,7 @@ async def _connect(
     for backend in front.candidates():
         try:
             return await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", backend.webhook_port), CONNECT_TIMEOUT
+                asyncio.open_connection(backend.address, backend.webhook_port), CONNECT_TIMEOUT
             )
         except (OSError, TimeoutError):
             log.info("endpoint %s refused a connection; trying the next", backend)
@@ -128,17 +133,19 @@ async def serve_client(
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
-async def run(port: int, backends: Sequence[Backend]) -> None:
+async def run(port: int, backends: Sequence[Backend], address: str = "127.0.0.1") -> None:
+    for backend in backends:
+        backend.address = address
     front = Front(list(backends))
     server = await asyncio.start_server(
-        lambda r, w: serve_client(front, r, w), "127.0.0.1", port, reuse_address=True
+        lambda r, w: serve_client(front, r, w), address, port, reuse_address=True
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     poller = asyncio.create_task(poll(front))
-    log.info("SIMULATION of a Service: 127.0.0.1:%d -> %s", port, ", ".join(map(str, backends)))
+    log.info("SIMULATION of a Service: %s:%d -> %s", address, port, ", ".join(map(str, backends)))
     async with server:
         await stop.wait()
     poller.cancel()
@@ -151,17 +158,20 @@ def parse_backend(text: str) -> Backend:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gtvp_local.frontend", description=__doc__)
-    p.add_argument("--listen", type=int, required=True, help="the pool's webhook port")
+    p.add_argument("--listen", type=int, required=True, help="the Service's port")
+    p.add_argument(
+        "--address", default="127.0.0.1", help="where it listens and the backends listen"
+    )
     p.add_argument(
         "--backend",
         type=parse_backend,
         action="append",
         required=True,
-        help="WEBHOOK_PORT:METRICS_PORT of one replica (repeat per replica)",
+        help="PORT:METRICS_PORT of one replica (repeat per replica)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    asyncio.run(run(args.listen, args.backend))
+    asyncio.run(run(args.listen, args.backend, args.address))
     return 0
 
 

@@ -133,6 +133,7 @@ def sample_publisher_keys() -> dict[str, str]:
 
 
 FRONTEND = "webhook-frontend"
+KEY_RELEASE_FRONTEND = "key-release-frontend"
 """The process name of the SIMULATED Service in front of the replicas' webhooks."""
 
 
@@ -184,6 +185,9 @@ class Pool:
         self.ca = SwtpmCA(self.dir / "swtpm-ca")
         self.tpms: dict[str, Swtpm] = {}
         self.webhook_port: int | None = None
+        self.key_release_front_port = 0
+        """With several replicas: the port of the SIMULATED Service in front of their
+        key-release ports (0: none; a single replica is reached on its own port)."""
         self.timings = timings or LeaseTimings()
         self.replica_count = replicas or 1
         self.identity_prefix = identity_prefix
@@ -211,6 +215,7 @@ class Pool:
         for name, port in (data.get("tpms") or {}).items():
             self.tpms[name] = Swtpm(name, self.dir / "tpm" / name, self.procs, port=int(port))
         self.webhook_port = data.get("webhookPort")
+        self.key_release_front_port = int(data.get("keyReleaseFrontPort") or 0)
         self.policy_name = data.get("policy", self.policy_name)
         self.vms = data.get("vms", self.vms)
         self.replicas = [Replica.from_json(r) for r in data.get("replicas") or []]
@@ -225,6 +230,7 @@ class Pool:
                 {
                     "tpms": {n: t.port for n, t in self.tpms.items()},
                     "webhookPort": self.webhook_port,
+                    "keyReleaseFrontPort": self.key_release_front_port,
                     "policy": self.policy_name,
                     "replicas": [r.to_json() for r in self.replicas],
                     "identityPrefix": self.identity_prefix,
@@ -342,8 +348,11 @@ class Pool:
         return "127.0.0.1"
 
     def key_release_url(self, index: int = 0) -> str:
-        """The HTTPS URL of replica `index`'s key-release port (in its boxes' cloud-init)."""
-        return f"https://{self.key_release_address}:{self.replicas[index].key_release_port}"
+        """The HTTPS URL the boxes' cloud-init names for key release: with several replicas
+        the SIMULATED Service in front of their key-release ports (a box composed by a
+        replica that died must still reach one that lives), else replica `index`'s port."""
+        port = self.key_release_front_port or self.replicas[index].key_release_port
+        return f"https://{self.key_release_address}:{port}"
 
     def _local_ca(self) -> pki.KeyPair:
         """The pool's CA: it signs the webhook and the key-release certificates."""
@@ -492,8 +501,10 @@ class Pool:
         """Ports and identities, chosen once and kept across restarts (saved in pool.json)."""
         n = self.replica_count
         serving = bool(self.webhook_port)
-        planned = len(self.replicas) == n and all(
-            bool(r.webhook_port) == serving and r.key_release_port for r in self.replicas
+        planned = (
+            len(self.replicas) == n
+            and all(bool(r.webhook_port) == serving and r.key_release_port for r in self.replicas)
+            and bool(self.key_release_front_port) == (n > 1)
         )
         if planned and not (metrics_port and metrics_port != self.metrics_port):
             return
@@ -514,6 +525,7 @@ class Pool:
             )
             for i in range(n)
         ]
+        self.key_release_front_port = free_port() if n > 1 else 0
         self.save()
 
     def _webhook_args(self, replica: Replica) -> list[str]:
@@ -578,19 +590,33 @@ class Pool:
         return replica
 
     def start_frontend(self) -> None:
-        """SIMULATION of a Service in front of the replicas' webhooks (gtvp_local.frontend);
-        only with more than one replica (a single one serves the pool's webhook port)."""
-        if self.replica_count == 1 or not self.webhook_port:
+        """SIMULATION of a Service in front of the replicas' webhooks (gtvp_local.frontend),
+        and one in front of their key-release ports; only with more than one replica (a
+        single one serves the pool's webhook port, and key release on its own port)."""
+        if self.replica_count == 1:
             return
-        backends = [f"{r.webhook_port}:{r.metrics_port}" for r in self.replicas]
+        if self.webhook_port:
+            self._front(FRONTEND, "127.0.0.1", self.webhook_port, "webhook_port")
+        if self.key_release_front_port:
+            self._front(
+                KEY_RELEASE_FRONTEND,
+                self.key_release_address,
+                self.key_release_front_port,
+                "key_release_port",
+            )
+
+    def _front(self, name: str, address: str, port: int, backend_port: str) -> None:
+        backends = [f"{getattr(r, backend_port)}:{r.metrics_port}" for r in self.replicas]
         self.procs.start(
-            FRONTEND,
+            name,
             [
                 sys.executable,
                 "-m",
                 "gtvp_local.frontend",
                 "--listen",
-                str(self.webhook_port),
+                str(port),
+                "--address",
+                address,
                 *(a for b in backends for a in ("--backend", b)),
             ],
         )
@@ -681,6 +707,7 @@ class Pool:
         with ThreadPoolExecutor(max_workers=max(len(self.replicas), 1)) as ex:
             list(ex.map(self.stop_replica, [r.index for r in self.replicas]))
         self.procs.stop(FRONTEND)
+        self.procs.stop(KEY_RELEASE_FRONTEND)
 
     def operator_logs(self, lines: int = 10) -> str:
         return "\n".join(
@@ -705,6 +732,11 @@ class Pool:
             lines.append(
                 f"  SIMULATION: a Service (gtvp_local.frontend) on 127.0.0.1:{self.webhook_port} "
                 f"sends each webhook connection to a ready replica (no kube-proxy here)"
+            )
+        if self.replica_count > 1 and self.key_release_front_port:
+            lines.append(
+                f"  SIMULATION: a Service (gtvp_local.frontend) on {self.key_release_url()} "
+                "sends each key-release connection to a ready replica"
             )
         lines.append(
             f"  {self.replica_count} replica(s) share the members through Leases in "

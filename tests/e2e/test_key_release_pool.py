@@ -57,6 +57,7 @@ def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
         tag="krpool",
         identities={"a": 3},
         policy=policy,
+        replicas=2,  # the boxes' cloud-init names the Service in front of both
         before_start=lambda p: _apply(p, PUB.web_catalogue()),
     ) as p:
         yield p
@@ -164,6 +165,40 @@ def _reason(path: Path) -> str | None:
 
 
 @pytest.mark.timeout(300)
+def test_the_box_still_gets_its_secret_when_the_replica_that_composed_it_died(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """Its cloud-init names the SIMULATED Service in front of every replica's key-release
+    port, not the port of the replica that composed it (which is then killed)."""
+    direct = {f"https://{pool.key_release_address}:{r.key_release_port}" for r in pool.replicas}
+    assert len(direct) == 2
+    assert pool.key_release_url() not in direct
+    with _box_with_secret(pool) as box:
+        host = _wait("the box to run", lambda: _running_on(pool, box), timeout=90)
+        _cloud_init_hands_over(pool, box, tmp_path / "boot")
+        env = (tmp_path / "boot" / "env").read_text()
+        assert f"GTVP_KEY_RELEASE_URL='{pool.key_release_url()}'" in env, env
+        composer = pool.leader()  # the box loop runs on the leader only
+        assert composer is not None
+        index = pool.replica_index(composer)
+        pool.kill_replica(index)
+        try:
+            # the survivor answers (once it holds the member's shard, its verdict is fresh)
+            _wait(
+                "the guest's fetch through the Service",
+                lambda: _guests_fetch(pool, host, tmp_path / "boot").returncode == 0,
+                timeout=60,
+                every=1.0,
+            )
+            released = json.loads((tmp_path / "boot" / "secrets.json").read_text())
+            assert released["secrets"] == {
+                f"{box}-disk": {"key": base64.b64encode(DISK_KEY.encode()).decode()}
+            }
+        finally:
+            pool.start_replica(index)
+
+
+@pytest.mark.timeout(300)
 def test_the_guests_script_gets_the_secret_once_and_a_tampered_host_gets_nothing(
     pool: Pool, tmp_path: Path
 ) -> None:
@@ -185,8 +220,7 @@ def test_the_guests_script_gets_the_secret_once_and_a_tampered_host_gets_nothing
         assert doc["runcmd"][0] == ["/bin/sh", f"{compose.KEY_RELEASE_DIR}/fetch"]
         assert (tmp_path / "boot1" / "fetch").read_text() == compose.KEY_RELEASE_SCRIPT
         env = (tmp_path / "boot1" / "env").read_text()
-        urls = {pool.key_release_url(r.index) for r in pool.replicas}  # the composing replica's
-        assert any(f"GTVP_KEY_RELEASE_URL='{url}'" in env for url in urls), env
+        assert f"GTVP_KEY_RELEASE_URL='{pool.key_release_url()}'" in env, env
         assert (tmp_path / "boot1" / "ca.pem").read_text() == pool.key_release_ca.read_text()
         credential = (tmp_path / "boot1" / "credential").read_text()
         got = _guests_fetch(pool, host, tmp_path / "boot1")
