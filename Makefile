@@ -56,6 +56,7 @@ test: setup lint typecheck
 bench: setup
 	@echo "[bench] figures are ratios against a baseline measured in the same run"
 	@$(BIN)/python -m tests.bench.bench_verify
+	@$(BIN)/python -m tests.bench.bench_member_memory
 	@$(BIN)/python -m tests.bench.bench_quarantine
 	@$(BIN)/python -m tests.bench.bench_box_plan
 	@$(BIN)/python -m tests.bench.bench_box_placement

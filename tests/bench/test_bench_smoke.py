@@ -34,6 +34,15 @@ def test_quarantine_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ratio quarantine/baseline" in capsys.readouterr().out
 
 
+def test_member_memory_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_member_memory
+
+    got = bench_member_memory.run(members=300)
+    assert got["memo"] > 0
+    assert got["baseline"] > 0
+    assert "ratio memo/baseline" in capsys.readouterr().out
+
+
 def test_box_plan_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     from tests.bench import bench_box_plan
 

@@ -141,13 +141,22 @@ def load_bundle(pem: str) -> tuple[x509.Certificate, ...]:
     return tuple(certs)
 
 
-def _load_der(der: bytes, what: str) -> x509.Certificate:
+def _load_der(der: bytes, what: str, *, shared: bool = False) -> x509.Certificate:
+    """Parse a DER certificate (`shared`: through `_shared_certificate`)."""
     if len(der) > 16384:
         raise errors.MalformedEvidence(f"{what} is {len(der)} bytes, more than 16384 allowed")
     try:
-        return x509.load_der_x509_certificate(der)
+        return _shared_certificate(der) if shared else x509.load_der_x509_certificate(der)
     except ValueError as exc:
         raise errors.EkCertificateInvalid(f"{what} is not a DER X.509 certificate: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_certificate(der: bytes) -> x509.Certificate:
+    """A presented (intermediate) certificate, parsed once for every member that presents
+    the same bytes: a fleet's TPMs present the few intermediates of their vendors, and a
+    parsed certificate takes about 8 KiB (failures are not cached)."""
+    return x509.load_der_x509_certificate(der)
 
 
 CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -249,13 +258,13 @@ def check_ek_certificate(
     path = _ek_path(ek_spki, certificate, tuple(presented_chain), ca_bundle_pem)
     if path.leaf_validity is not None:
         path.leaf_validity.check(now)
-    if path.leaf is None:
+    if path.leaf_der is None:
         refusal, message = path.refusal
         raise refusal(message)
     known = path.verified[-1] if path.verified else None
     if known is not None and all(v.holds(now) for v in known.validity):
         return known.anchor
-    chain = _validate_path(path.leaf, path, now)
+    chain = _validate_path(_load_der(path.leaf_der, "the EK certificate"), path, now)
     path.verified[:] = [chain]
     return chain.anchor
 
@@ -272,10 +281,14 @@ class _Chain:
 class _EkPath:
     """What does not depend on the time, per exact bytes: the EK certificate checked as a TCG
     EK certificate for this EK (or the refusal), the parsed anchors and presented
-    certificates, and the last path validated for them (`verified`, at most one)."""
+    certificates, and the last path validated for them (`verified`, at most one).
+
+    The EK certificate is kept as its DER (the cache key's own bytes), not parsed: a parsed
+    certificate takes about 8 KiB, one per member, and it is needed again only when the
+    kept path no longer holds (a CA on it expired) or a validation fails."""
 
     leaf_validity: _Validity | None
-    leaf: x509.Certificate | None
+    leaf_der: bytes | None
     refusal: tuple[type[errors.VerificationError], str] = (errors.EkCertificateUntrusted, "")
     anchors: tuple[x509.Certificate, ...] = ()
     presented: tuple[x509.Certificate, ...] = ()
@@ -298,11 +311,12 @@ def _ek_path(
                 "the policy's ekTrust.caBundle holds no CA (an EK certificate is not an anchor)"
             )
         presented = tuple(
-            _load_der(d, f"presented certificate {i}") for i, d in enumerate(presented_chain)
+            _load_der(d, f"presented certificate {i}", shared=True)
+            for i, d in enumerate(presented_chain)
         )
     except errors.VerificationError as err:
         return _EkPath(leaf_validity, None, (type(err), err.message))
-    return _EkPath(leaf_validity, leaf, anchors=anchors, presented=presented)
+    return _EkPath(leaf_validity, certificate, anchors=anchors, presented=presented)
 
 
 def _check_leaf(leaf: x509.Certificate, ek_spki: bytes) -> None:
