@@ -32,8 +32,14 @@ from gtvp_local.pool import Pool
 from gtvp_local.vmruntime import cache
 from gtvp_local.vmruntime.network import member_net
 from tests.e2e.test_component_cache import _running
-from tests.e2e.test_real_vms import NS, UPGRADE, _apply_box, _get, _signed_catalogue
-from tests.pools import trusted_pool
+from tests.e2e.test_real_vms import (
+    NS,
+    UPGRADE,
+    _apply_box,
+    _get,
+    _signed_catalogue,
+    real_vm_pool,
+)
 from tests.pools import wait_for as _wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
@@ -52,28 +58,10 @@ def pool(
 ) -> Iterator[Pool]:
     """Five Trusted members of level 3 (two warm peers a and b, two cold members c and e,
     and d, made Untrusted once warm), every signed component but the upgrade applied."""
-    from tests.e2e.test_real_vms import PUB
-
-    applied = [doc for key, doc in catalogue.items() if key != UPGRADE]
-    policy = {"interval": "2s", "valid_for": "8s", "max_uses": 50, "publisher_keys": PUB.keys}
-    try:
-        with trusted_pool(
-            control_plane,
-            tmp_path_factory.mktemp("multisource"),
-            tag="multisource",
-            identities={"a": 3, "b": 3, "c": 3, "d": 3, "e": 3},
-            policy=policy,
-            vms="qemu",
-            before_start=lambda p: p.cp.kubectl(
-                "apply",
-                "-f",
-                "-",
-                input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": applied}),
-            ),
-        ) as p:
-            yield p
-    finally:
-        control_plane.kubectl("delete", "oscomponents", "--all", "--wait=false", check=False)
+    identities = {"a": 3, "b": 3, "c": 3, "d": 3, "e": 3}
+    directory = tmp_path_factory.mktemp("multisource")
+    with real_vm_pool(control_plane, directory, "multisource", catalogue, identities) as p:
+        yield p
 
 
 def test_the_api_server_refuses_a_chunk_list_that_does_not_cut_the_artifact(

@@ -83,10 +83,15 @@ def components() -> dict[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def real_vm_pool(
-    control_plane: ControlPlane, directory: Path, tag: str, components: dict[str, dict[str, Any]]
+    control_plane: ControlPlane,
+    directory: Path,
+    tag: str,
+    components: dict[str, dict[str, Any]],
+    identities: dict[str, int] | None = None,
 ) -> Iterator[Pool]:
-    """Two Trusted members of level 3 whose VMIs are real VMs, with every signed component
-    but the hello-web upgrade applied before the operator starts; removed afterwards."""
+    """Trusted members (two of level 3 unless `identities` says) whose VMIs are real VMs,
+    with every signed component but the hello-web upgrade applied before the operator
+    starts; removed afterwards."""
     applied = [doc for key, doc in components.items() if key != UPGRADE]
     policy = {"interval": "2s", "valid_for": "8s", "max_uses": 50, "publisher_keys": PUB.keys}
     try:
@@ -94,7 +99,7 @@ def real_vm_pool(
             control_plane,
             directory,
             tag=tag,
-            identities={"a": 3, "b": 3},
+            identities=identities or {"a": 3, "b": 3},
             policy=policy,
             vms="qemu",
             before_start=lambda p: p.cp.kubectl(
