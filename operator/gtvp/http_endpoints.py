@@ -95,14 +95,20 @@ Public = Callable[[str], tuple[int, str, bytes] | None]
 Release = Callable[[str, bytes], tuple[int, str, bytes]]
 """(method, request body) -> (HTTP status, content type, body) of the key-release path."""
 RELEASE_PATH = keyrelease.PATH
+BoxAttest = Callable[[str, str, str | None, bytes], tuple[int, str, bytes]]
+"""(path, method, Authorization header, request body) -> (HTTP status, content type, body)
+of the box attestation paths (`gtvp.box_attestation.Endpoint`, docs/boxattest.md)."""
+BOX_ATTEST_PREFIX = "/boxattest/"
 RELEASE_MAX_BYTES = keyrelease.MAX_REQUEST_BYTES
 
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     413: "Content Too Large",
     428: "Precondition Required",
     503: "Service Unavailable",
@@ -119,6 +125,22 @@ def _body(environ: dict[str, Any]) -> bytes | None:
         return None
     data: bytes = environ["wsgi.input"].read(length) if length else b""
     return data
+
+
+def _posted(
+    environ: dict[str, Any], path: str, release: Release | None, box_attest: BoxAttest | None
+) -> tuple[int, str, bytes] | None:
+    """The answer of the key-release or a box attestation path (None: another path)."""
+    method = str(environ.get("REQUEST_METHOD", "GET"))
+    too_large = (413, "text/plain; charset=utf-8", b"request body too large\n")
+    if release is not None and path == RELEASE_PATH:
+        raw = _body(environ)
+        return too_large if raw is None else release(method, raw)
+    if box_attest is not None and path.startswith(BOX_ATTEST_PREFIX):
+        raw = _body(environ)
+        auth = environ.get("HTTP_AUTHORIZATION")
+        return too_large if raw is None else box_attest(path, method, auth, raw)
+    return None
 
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -156,26 +178,23 @@ def serve(
     public: Public | None = None,
     release: Release | None = None,
     only_public: bool = False,
+    box_attest: BoxAttest | None = None,
 ) -> ThreadingWSGIServer:
     """Serve the three endpoints on a daemon thread; returns the server (for tests).
     `tls`: serve HTTPS with the context it returns; `guard`: who may read past the probes;
     `public`: documents served to anyone, like the probes; `release`: the key-release
     endpoint (only with `tls`: ValueError otherwise); `only_public`: answer nothing but
-    `release` and `public` (404 for the metrics and the probes)."""
-    if release is not None and tls is None:
+    `release` and `public` (404 for the metrics and the probes); `box_attest`: the box
+    attestation paths, next to `release` (only with `tls` too)."""
+    if (release is not None or box_attest is not None) and tls is None:
         raise ValueError("the key-release endpoint is served only over TLS")
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
-        if release is not None and path == RELEASE_PATH:
-            raw = _body(environ)
-            method = str(environ.get("REQUEST_METHOD", "GET"))
-            code, content_type, body = (
-                release(method, raw)
-                if raw is not None
-                else (413, "text/plain; charset=utf-8", b"request body too large\n")
-            )
+        posted = _posted(environ, path, release, box_attest)
+        if posted is not None:
+            code, content_type, body = posted
             start(f"{code} {_REASONS.get(code, 'Error')}", [("Content-Type", content_type)])
             return [body]
         document = public(path) if public is not None else None

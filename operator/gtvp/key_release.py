@@ -97,9 +97,13 @@ def _owner(box: Mapping[str, Any], res: ApiResource = LAZY_BOXES) -> dict[str, A
     }
 
 
-def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> dict[str, Any] | str:
+def arm(
+    rt: Runtime, key: Key, vm: Mapping[str, Any], *, extra_user_data: str = ""
+) -> dict[str, Any] | str:
     """The VM to write for box `key` (booting from its freshly armed cloud-init Secret), or
-    why it cannot be armed (the box is then not started without its Secrets)."""
+    why it cannot be armed (the box is then not started without its Secrets).
+    `extra_user_data`: a line appended to the user data (the box attestation line,
+    `gtvp.box_attestation.arm`)."""
     settings = rt.key_release
     if settings is None:
         return (
@@ -123,6 +127,8 @@ def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> dict[str, Any] | str:
         )
     except compose.CompositionError as exc:
         return str(exc)
+    if extra_user_data:
+        text = text.rstrip("\n") + "\n" + extra_user_data + "\n"
     body = _credential_secret(
         ns,
         secret_name,

@@ -299,10 +299,12 @@ def _serve_probes(rt: Runtime, serving: MetricsServing, *, release_here: bool = 
         )
         return
     release = None
+    box_attest = None
     if rt.key_release is not None and release_here:
-        from gtvp import key_release
+        from gtvp import box_attestation, key_release
 
         release = key_release.Endpoint(rt)
+        box_attest = box_attestation.Endpoint(rt)
     review_token, review_access = metrics_auth.api_reviewer(rt.clients.api)
     guard = metrics_auth.Guard(review_token, review_access, clock=time.monotonic)
     http_endpoints.serve(
@@ -314,13 +316,14 @@ def _serve_probes(rt: Runtime, serving: MetricsServing, *, release_here: bool = 
         guard=guard.check,
         public=public,
         release=release,
+        box_attest=box_attest,
     )
 
 
 def _serve_key_release(rt: Runtime, own: KeyReleaseServing) -> None:
     """Key release and the public documents, and nothing else, over HTTPS on their own port
     (OSError when the port is taken or the certificate cannot be read)."""
-    from gtvp import http_endpoints, key_release, metrics_auth
+    from gtvp import box_attestation, http_endpoints, key_release, metrics_auth
     from gtvp.metrics import METRICS
 
     http_endpoints.serve(
@@ -331,6 +334,7 @@ def _serve_key_release(rt: Runtime, own: KeyReleaseServing) -> None:
         tls=metrics_auth.TlsFiles(own.cert, own.key).context,
         public=_public_documents(rt),
         release=key_release.Endpoint(rt),
+        box_attest=box_attestation.Endpoint(rt),
         only_public=True,
     )
 

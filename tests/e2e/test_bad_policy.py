@@ -145,6 +145,16 @@ def test_a_good_policy_is_accepted_with_its_level_count_and_generation(pool: Poo
     assert (columns["LEVELS"], columns["ACCEPTED"]) == ("3", "True")
 
 
+def test_the_webhook_refuses_a_box_attestation_ca_that_is_no_certificate(pool: Pool) -> None:
+    """The CRD's rule sees a PEM header; only the operator can tell there is no certificate
+    behind it (a policy whose boxes could then never attest)."""
+    gen = _judged(pool, "True")["metadata"]["generation"]
+    refused = _patch_spec(pool, {"boxAttestation": {"caBundle": BAD_CA}})
+    assert refused.returncode != 0
+    assert "spec.boxAttestation.caBundle: cannot be read as PEM X.509" in refused.stderr
+    assert _policy(pool)["metadata"]["generation"] == gen
+
+
 def test_bad_policy_does_not_quarantine_the_pool(pool: Pool) -> None:
     good = _judged(pool, "True")
     good_gen = good["metadata"]["generation"]

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from gtvp import key_release, kube
+from gtvp import box_attestation, key_release, kube
 from gtvp.cluster_view import Key, key_of
 from gtvp.core.api_resources import LAZY_BOXES
 from gtvp.core.boxes import (
@@ -223,7 +223,13 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
     if key not in rt.view.boxes:
         return None
     decision = _plan(rt, key)
-    if decision.vm is not None and key_release.names_secrets(rt.view.boxes.get(key) or {}):
+    attested = box_attestation.arm(rt, key, decision.vm) if decision.vm is not None else None
+    if attested is not None:
+        armed = _attested(rt, key, decision, attested)
+        if armed is None:
+            return decision
+        decision = armed
+    elif decision.vm is not None and key_release.names_secrets(rt.view.boxes.get(key) or {}):
         armed = _arm(rt, key, decision)
         if armed is None:
             return decision
@@ -254,6 +260,33 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             message=message,
         )
     return decision
+
+
+def _attested(
+    rt: Runtime, key: Key, decision: Decision, armed: box_attestation.Armed | str
+) -> Decision | None:
+    """A box under a policy that attests boxes: its VM boots with its attestation
+    credential (`gtvp.box_attestation.arm`); None (the box Failed, said once) when it
+    cannot."""
+    if not isinstance(armed, str):
+        status = {**decision.status, "attestation": armed.attestation}
+        return dataclasses.replace(decision, vm=armed.vm, status=status)
+    message = f"not started: it cannot be attested: {armed}"
+    before = (rt.view.boxes.get(key) or {}).get("status") or {}
+    box_writes.write_status(rt, key, {**decision.status, "phase": "Failed", "message": message})
+    if before.get("message") != message:
+        log.warning("box %s/%s: %s", *key, message)
+        kube.post_object_event(
+            rt.clients,
+            LAZY_BOXES,
+            rt.view.boxes.get(key) or {},
+            name=key[1],
+            namespace=key[0],
+            type_="Warning",
+            reason="BoxAttestationUnavailable",
+            message=message,
+        )
+    return None
 
 
 def _arm(rt: Runtime, key: Key, decision: Decision) -> Decision | None:

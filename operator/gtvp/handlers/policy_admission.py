@@ -1,6 +1,7 @@
 """Admission webhook for SecurityPolicies: refuse, at the API server, a policy the operator
 could not enforce (what the CRD's CEL rules cannot check: PEM and DER, digest lengths per
-bank, labels a kubelet may set on itself), with `gtvp.core.policy.parse_policy`'s message.
+bank, labels a kubelet may set on itself, a box-attestation CA bundle that is no
+certificate), with `gtvp.core.policy.parse_policy`'s (or `gtvp.core.boxattest`'s) message.
 
 The webhook is an early, clear answer, not the safety net: its configuration is
 `failurePolicy: Ignore` (an operator that is down never keeps an administrator from editing
@@ -16,6 +17,7 @@ from typing import Any
 
 import kopf
 
+from gtvp.core import boxattest
 from gtvp.core.policy import PolicyError, parse_policy
 from gtvp.metrics import METRICS
 
@@ -24,9 +26,11 @@ log = logging.getLogger("gtvp.webhooks")
 
 def validate_policy(body: kopf.Body, **_: Any) -> None:
     name = body.metadata.name or ""
+    spec = dict(body.get("spec") or {})
     try:
-        parse_policy(name, dict(body.get("spec") or {}))
-    except PolicyError as exc:
+        parse_policy(name, spec)
+        boxattest.parse_settings(spec)
+    except (PolicyError, boxattest.SettingsError) as exc:
         METRICS.admission("SecurityPolicy", "denied")
         log.info("denied SecurityPolicy %s: %s", name, exc)
         raise kopf.AdmissionError(

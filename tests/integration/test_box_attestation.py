@@ -1,0 +1,687 @@
+"""Box attestation on the real API server, the guest's vTPM a real swtpm (docs/boxattest.md).
+
+The operator's code runs in-process (as in test_key_release.py): members attested by
+gtvp-agent's code over software TPMs, the LazyBoxes, VMIs, Secrets and migrations real
+objects. The guest is played by this test: it reads its `#gtvp-attest` line from the
+cloud-init Secret gtvp armed, drives its vTPM (an swtpm whose EK certificate the vTPM CA
+issued) with tpm2-pytss (gtvp-agent's Tpm class: an RSA EK, an AK under it), measures the
+composed disks into PCR 13 and talks to the endpoint over HTTPS. The attacker comes first.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import http.client
+import json
+import secrets
+import ssl
+import struct
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gtvp import box_attestation, http_endpoints, kube
+from gtvp.core import boxattest as ba
+from gtvp.core import keyrelease as kr
+from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
+from gtvp.core.components import parse_component
+from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, overlay_order
+from gtvp.core.policy_status import Accepted
+from gtvp.core.resolve import BoxRequest, resolve
+from gtvp.handlers import policies
+from gtvp.metrics import METRICS
+from gtvp.metrics_auth import TlsFiles
+from gtvp.runtime import Runtime
+from gtvp_agent.tpm import Tpm
+from gtvp_local import pki
+from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import pool_policy
+from gtvp_local.swtpm import Swtpm, SwtpmCA
+from tests.catalogue import Publisher
+from tests.integration.test_key_release import _bind_key_release, _create
+from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
+    POLICY,
+    _Member,
+    _until,
+    admin,
+    ca,
+    keys_namespace,
+    members,
+    operator_clients,
+    rt,
+)
+from tests.softmember import Bundle, policy_trusting
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.tpm]
+
+BOX, OTHER_BOX = "attested", "neighbour"
+PUB = Publisher()
+
+
+# ----- the guest ----------------------------------------------------------------------------
+
+
+def _extend(tcti: str, pcr: int, digest: bytes) -> None:
+    """TPM2_PCR_Extend(pcr, sha256: digest), as the box init does for each disk."""
+    from tpm2_pytss import ESAPI, TCTILdr
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+    from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+    name, _, conf = tcti.partition(":")
+    esapi = ESAPI(TCTILdr(name, conf))
+    try:
+        values = TPML_DIGEST_VALUES(
+            [TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))]
+        )
+        esapi.pcr_extend(ESYS_TR.PCR0 + pcr, values)
+    finally:
+        esapi.close()
+
+
+@dataclass
+class Guest:
+    """A box's guest: its cloud-init configuration and its vTPM."""
+
+    config: dict[str, Any]
+    tpm: Swtpm
+    state: Path
+    measured: list[bytes] = field(default_factory=list)
+
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        credential: str | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        url = urllib.parse.urlparse(self.config["url"])
+        ctx = ssl.create_default_context(cadata=self.config["caPem"])
+        conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=ctx, timeout=30)
+        data = raw if raw is not None else json.dumps({"box": self.config["box"], **body}).encode()
+        conn.request(
+            "POST",
+            path,
+            body=data,
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {credential or self.config['credential']}",
+            },
+        )
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def keys(self) -> dict[str, str]:
+        with Tpm.open(self.tpm.tcti, self.state) as t:
+            e = t.enrolment()
+        assert e.ek_certificate is not None
+        return {
+            "ekCertificate": base64.b64encode(e.ek_certificate).decode(),
+            "ekPublic": base64.b64encode(e.ek_public).decode(),
+            "akPublic": base64.b64encode(e.ak_public).decode(),
+        }
+
+    def enrol(self, **override: str) -> tuple[int, dict[str, Any]]:
+        return self.post(ba.ENROL, {**self.keys(), **override})
+
+    def activate(
+        self, answer: dict[str, Any], proof: bytes | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        if proof is None:
+            with Tpm.open(self.tpm.tcti, self.state) as t:
+                proof = t.activate_credential(
+                    base64.b64decode(answer["credentialBlob"]), base64.b64decode(answer["secret"])
+                )
+        body = {"enrolment": answer["enrolment"], "secret": base64.b64encode(proof).decode()}
+        return self.post(ba.ACTIVATE, body)
+
+    def bind(self) -> None:
+        status, answer = self.enrol()
+        assert status == 200, answer
+        status, body = self.activate(answer)
+        assert (status, body) == (200, {"bound": True}), body
+
+    def measure(self, digests: list[bytes]) -> None:
+        for d in digests:
+            _extend(self.tpm.tcti, self.config["pcr"], d)
+            self.measured.append(d)
+
+    def challenge(self) -> dict[str, Any]:
+        status, body = self.post(ba.CHALLENGE, {})
+        assert status == 200, body
+        return body
+
+    def quote_body(self, nonce: str, measurements: list[bytes] | None = None) -> dict[str, Any]:
+        with Tpm.open(self.tpm.tcti, self.state) as t:
+            q = t.quote(bytes.fromhex(nonce), "sha256", [self.config["pcr"]])
+        listed = self.measured if measurements is None else measurements
+        return {
+            "nonce": nonce,
+            "quote": base64.b64encode(q.attest).decode(),
+            "signature": base64.b64encode(q.signature).decode(),
+            "pcrs": {str(self.config["pcr"]): q.pcr_values[self.config["pcr"]].hex()},
+            "measurements": [f"sha256:{m.hex()}" for m in listed],
+        }
+
+    def quote(self, nonce: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+        return self.post(ba.QUOTE, self.quote_body(nonce, **kw))
+
+
+# ----- the pool -----------------------------------------------------------------------------
+
+
+def _composed(namespace: str, name: str, uid: str) -> tuple[dict[str, Any], list[Any]]:
+    cat = [parse_component(o) for o in PUB.web_catalogue()]
+    spec: dict[str, Any] = {
+        "application": {"name": "nginx"},
+        "dependencies": [{"name": "debian-minimal"}],
+        "level": 2,
+        "resources": {"cpu": "500m", "memory": "512Mi"},
+    }
+    comps = resolve(BoxRequest.from_spec(spec), cat)
+    return compose_vm(BoxRef(name, namespace, uid), spec, comps, None), list(comps)
+
+
+@dataclass
+class Pool:
+    rt: Runtime
+    namespace: str
+    members: list[_Member]
+    admin: kube.Clients
+    endpoint: box_attestation.Endpoint
+    guests: dict[str, Guest]
+    disks: dict[str, list[bytes]]
+    clock_offset: list[dt.timedelta]
+
+    def box(self, name: str) -> dict[str, Any]:
+        got = kube.get_if_present(self.admin, LAZY_BOXES, name, self.namespace)
+        assert got is not None
+        return got
+
+    def attestation(self, name: str) -> dict[str, Any]:
+        return dict((self.box(name).get("status") or {}).get("attestation") or {})
+
+    def move(self, name: str, member: _Member) -> None:
+        """The VMI now runs on `member` (as a finished migration leaves it)."""
+        vmi = kube.get_if_present(self.admin, VIRTUAL_MACHINE_INSTANCES, name, self.namespace)
+        assert vmi is not None
+        vmi["status"]["nodeName"] = member.name
+        group, version, plural = VIRTUAL_MACHINE_INSTANCES.coordinates
+        out = self.admin.custom.replace_namespaced_custom_object(
+            group, version, self.namespace, plural, name, vmi
+        )
+        self.rt.view.observe_vmi(out, "MODIFIED")
+
+    def migrations(self, name: str) -> list[dict[str, Any]]:
+        group, version, plural = MIGRATIONS.coordinates
+        got = self.admin.custom.list_namespaced_custom_object(
+            group, version, self.namespace, plural
+        )
+        return [m for m in got["items"] if m["spec"]["vmiName"] == name]
+
+    def events(self, name: str) -> list[tuple[str, str]]:
+        got = self.admin.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return [(e.reason, e.message) for e in got.items]
+
+
+def _vmi(name: str, namespace: str, node: str, vm: dict[str, Any]) -> dict[str, Any]:
+    firmware = vm["spec"]["template"]["spec"]["domain"]["firmware"]
+    return {
+        "apiVersion": VIRTUAL_MACHINE_INSTANCES.api_version,
+        "kind": VIRTUAL_MACHINE_INSTANCES.kind,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {BOX_LABEL: name, "gtvp.io/level": "2"},
+        },
+        "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}, "firmware": firmware}},
+        "status": {"phase": "Running", "nodeName": node},
+    }
+
+
+def _config(runtime: Runtime, namespace: str, box: str) -> dict[str, Any]:
+    """The `#gtvp-attest` line of the box's cloud-init Secret, decoded (what the init greps)."""
+    secret = runtime.clients.core.read_namespaced_secret(kr.cloud_init_secret(box), namespace)
+    text = base64.b64decode(secret.data[kr.USER_DATA_KEY]).decode()
+    (line,) = [x for x in text.splitlines() if x.startswith(ba.LINE_PREFIX)]
+    doc: dict[str, Any] = json.loads(base64.b64decode(line.removeprefix(ba.LINE_PREFIX)))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def vtpm_ca(tpm_dir: Path, make_tpm: Callable[..., Swtpm]) -> SwtpmCA:
+    """The vTPM CA: it certifies the boxes' vTPM EKs (not the members' TPMs)."""
+    authority = SwtpmCA(tpm_dir / "vtpm-ca").ensure()
+    make_tpm(ca=authority)  # its first certificate creates the CA's root and intermediate
+    return authority
+
+
+@pytest.fixture
+def pool(
+    rt: Runtime,  # noqa: F811
+    members: list[_Member],  # noqa: F811
+    control_plane: ControlPlane,
+    admin: kube.Clients,  # noqa: F811
+    namespace: str,
+    tmp_path: Path,
+    make_tpm: Callable[..., Swtpm],
+    vtpm_ca: SwtpmCA,
+) -> Iterator[Pool]:
+    _bind_key_release(control_plane, namespace)  # the operator writes the cloud-init Secrets
+    guest_tpms = {b: make_tpm(ca=vtpm_ca) for b in (BOX, OTHER_BOX)}
+    policy = rt.view.policy
+    assert policy is not None
+    spec = {"boxAttestation": {"caBundle": vtpm_ca.bundle_pem(), "pcr": 13}}
+    rt.accepted_policies[POLICY] = ("uid", Accepted(1, spec, policy))
+    cert_dir = tmp_path / "pki"
+    cert_dir.mkdir()
+    authority = pki.ensure_ca(cert_dir, "gtvp test CA")
+    leaf = pki.issue(authority, cert_dir, "operator", common_name="gtvp", server_ips=("127.0.0.1",))
+    offset = [dt.timedelta(0)]
+    endpoint = box_attestation.Endpoint(rt, clock=lambda: dt.datetime.now(dt.UTC) + offset[0])
+    server = http_endpoints.serve(
+        0,
+        "127.0.0.1",
+        CollectorRegistry(),
+        lambda: http_endpoints.Probe(loaded=True, loop_started=False, loop_idle_seconds=0),
+        tls=TlsFiles(str(leaf.cert), str(leaf.key)).context,
+        box_attest=endpoint,
+    )
+    rt.key_release = kr.Settings(
+        url=f"https://127.0.0.1:{server.server_port}", ca_pem=authority.cert.read_text()
+    )
+    try:
+        for m in members:
+            _until(rt, m, "QuoteVerified")
+        guests, disks = {}, {}
+        for name, m in ((BOX, members[0]), (OTHER_BOX, members[0])):
+            box = _create(
+                admin,
+                LAZY_BOXES,
+                {
+                    "apiVersion": LAZY_BOXES.api_version,
+                    "kind": LAZY_BOXES.kind,
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": {
+                        "application": {"name": "nginx"},
+                        "level": 2,
+                        "resources": {"cpu": "500m", "memory": "512Mi"},
+                    },
+                },
+            )
+            vm, comps = _composed(namespace, name, box["metadata"]["uid"])
+            resolved = [
+                {"name": c.name, "version": str(c.version), "digest": c.digest, "type": c.type}
+                for c in comps
+            ]
+            box = kube.patch_status(admin, LAZY_BOXES, name, {"resolved": resolved}, namespace)
+            rt.view.observe_box(box, "ADDED")
+            armed = box_attestation.arm(rt, (namespace, name), vm)
+            assert isinstance(armed, box_attestation.Armed), armed
+            box = kube.patch_status(
+                admin, LAZY_BOXES, name, {"attestation": armed.attestation}, namespace
+            )
+            rt.view.observe_box(box, "MODIFIED")
+            vmi = _create(admin, VIRTUAL_MACHINE_INSTANCES, _vmi(name, namespace, m.name, armed.vm))
+            rt.view.observe_vmi(vmi, "ADDED")
+            guests[name] = Guest(_config(rt, namespace, name), guest_tpms[name], tmp_path / name)
+            disks[name] = [
+                bytes.fromhex(c.pin.removeprefix("sha256:")) for c in overlay_order(comps)
+            ]
+        yield Pool(rt, namespace, members, admin, endpoint, guests, disks, offset)
+    finally:
+        rt.accepted_policies.pop(POLICY, None)
+        server.shutdown()
+        server.server_close()
+
+
+def _count(result: str) -> float:
+    got = METRICS.registry.get_sample_value("gtvp_box_attestations_total", {"result": result})
+    return got or 0.0
+
+
+def _unrestricted(ak_b64: str) -> str:
+    """The AK's TPM2B_PUBLIC with its `restricted` attribute cleared."""
+    area = bytearray(base64.b64decode(ak_b64))
+    (attrs,) = struct.unpack(">I", area[6:10])
+    area[6:10] = struct.pack(">I", attrs & ~(1 << 16))
+    return base64.b64encode(bytes(area)).decode()
+
+
+# ----- the attacker -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_enrolment_refuses_strangers_foreign_eks_weak_aks_and_wrong_activations(
+    pool: Pool, make_tpm: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    guest, other = pool.guests[BOX], pool.guests[OTHER_BOX]
+    before = pool.attestation(BOX)
+    keys = guest.keys()
+    # no credential, a made-up one, another box's: 401, nothing recorded
+    for credential in ("x" * 43, other.config["credential"]):
+        status, body = guest.post(ba.ENROL, keys, credential=credential)
+        assert (status, body["error"]) == (401, ba.WRONG_CREDENTIAL), body
+    status, body = guest.post(ba.ENROL, {**keys, "box": f"{pool.namespace}/nobody"})
+    assert (status, body["error"]) == (401, ba.WRONG_CREDENTIAL)
+    # malformed: clear 400s
+    status, body = guest.post(ba.ENROL, {}, raw=b"{not json")
+    assert (status, body["error"]) == (400, ba.BAD_REQUEST)
+    assert "not JSON" in body["message"]
+    status, body = guest.post(ba.ENROL, {**keys, "ekCertificate": "%%%not base64"})
+    assert (status, body["error"]) == (400, ba.BAD_REQUEST)
+    assert "'ekCertificate' is not valid base64" in body["message"]
+    status, body = guest.post(ba.ENROL, {**keys, "box": "no-slash"})
+    assert (status, body["error"]) == (400, ba.BAD_REQUEST)
+    assert "<namespace>/<name>" in body["message"]
+    # a TPM whose EK certificate the members' CA issued, not the vTPM CA
+    rogue = Guest(guest.config, make_tpm(), tmp_path / "rogue")
+    status, body = rogue.enrol()
+    assert (status, body["error"]) == (403, ba.EK_NOT_TRUSTED), body
+    assert "vTPM CA" in body["message"]
+    # the right EK with an AK that is not restricted (it could sign a forged quote)
+    status, body = guest.enrol(akPublic=_unrestricted(keys["akPublic"]))
+    assert (status, body["error"]) == (403, ba.AK_INVALID), body
+    assert "restricted" in body["message"]
+    assert pool.attestation(BOX) == before  # nothing of it was recorded
+    # a proper enrolment; an activation answer that is not the TPM's: not bound
+    status, answer = guest.enrol()
+    assert status == 200, answer
+    status, body = guest.activate(answer, proof=secrets.token_bytes(32))
+    assert (status, body["error"]) == (403, ba.ACTIVATION_FAILED), body
+    assert pool.attestation(BOX)["bound"] is False
+    assert guest.challenge()["enrol"] is True
+    # another TPM's (vTPM-CA-certified) answer to this challenge cannot be had; a stale
+    # enrolment id is refused as such
+    status, body = guest.post(ba.ACTIVATE, {"enrolment": "0" * 16, "secret": "AAAA"})
+    assert (status, body["error"]) == (409, ba.STALE_ENROLMENT)
+    status, body = guest.activate(answer)
+    assert (status, body) == (200, {"bound": True})
+    assert any(r == "BoxAttestationRefused" and ba.EK_NOT_TRUSTED in m for r, m in pool.events(BOX))
+    # bound: another certified vTPM (the neighbour's) cannot take over while this VMI runs
+    bound = pool.attestation(BOX)
+    impostor = Guest(guest.config, other.tpm, tmp_path / "impostor")
+    status, body = impostor.enrol()
+    assert (status, body["error"]) == (403, ba.EK_CHANGED), body
+    assert pool.attestation(BOX) == bound
+
+
+@pytest.mark.timeout(240)
+def test_forged_replayed_expired_and_inconsistent_quotes_are_refused(pool: Pool) -> None:
+    guest, other = pool.guests[BOX], pool.guests[OTHER_BOX]
+    guest.bind()
+    other.bind()
+    guest.measure(pool.disks[BOX])
+    other.measure(pool.disks[OTHER_BOX])
+    nonce = guest.challenge()["nonce"]
+    assert len(nonce or "") == 64
+    # signed by another TPM's AK (the neighbour's vTPM, same vTPM CA, same PCR value)
+    forged = other.quote_body(nonce)
+    status, body = guest.post(ba.QUOTE, forged)
+    assert (status, body["error"]) == (403, ba.BAD_SIGNATURE), body
+    assert pool.attestation(BOX)["state"] == ba.PENDING
+    # the PCR is right but the guest's list does not fold to it: not verified, no action
+    status, body = guest.quote(nonce, measurements=list(reversed(pool.disks[BOX])))
+    assert (status, body["verified"], body["reason"]) == (200, False, ba.MEASUREMENTS_MISMATCH)
+    att = pool.attestation(BOX)
+    assert att["state"] == ba.PENDING
+    assert pool.migrations(BOX) == []
+    # the nonce was answered: replaying that quote, or a good one on it, is refused
+    status, body = guest.quote(nonce)
+    assert (status, body["error"]) == (409, ba.NONCE_REPLAYED), body
+    nonce = guest.challenge()["nonce"]
+    good = guest.quote_body(nonce)
+    pool.clock_offset[0] = ba.NONCE_TTL + dt.timedelta(seconds=1)
+    status, body = guest.post(ba.QUOTE, good)
+    assert (status, body["error"]) == (409, ba.NONCE_EXPIRED), body
+    pool.clock_offset[0] = dt.timedelta(0)
+    # malformed quotes: 400, and the nonce is still good afterwards
+    for change, words in (
+        ({"quote": "@@"}, "'quote' is not valid base64"),
+        ({"pcrs": {"7": "00" * 32}}, "exactly PCR 13"),
+        ({"measurements": ["md5:abc"]}, "sha256:<64 hex digits>"),
+    ):
+        status, body = guest.post(ba.QUOTE, {**good, **change})
+        assert (status, body["error"]) == (400, ba.BAD_REQUEST), body
+        assert words in body["message"]
+    status, body = guest.post(ba.QUOTE, good)
+    assert (status, body["verified"], body["reason"]) == (200, True, ba.VERIFIED), body
+    status, body = guest.post(ba.QUOTE, good)
+    assert (status, body["error"]) == (409, ba.NONCE_REPLAYED)
+    assert pool.attestation(BOX)["state"] == ba.VERIFIED
+
+
+@pytest.mark.timeout(240)
+def test_an_extra_component_is_a_mismatch_and_moves_the_box_once(pool: Pool) -> None:
+    guest = pool.guests[BOX]
+    here, elsewhere = pool.members
+    guest.bind()
+    extra = hashlib.sha256(b"a disk the composition does not have").digest()
+    guest.measure([*pool.disks[BOX], extra])
+    before = _count(ba.COMPONENT_MISMATCH)
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["verified"], body["reason"]) == (200, False, ba.COMPONENT_MISMATCH)
+    assert extra.hex()[:16] in body["message"]
+    att = pool.attestation(BOX)
+    assert (att["state"], att["member"]) == (ba.MISMATCH, here.name)
+    assert _count(ba.COMPONENT_MISMATCH) == before + 1
+    # the level (2) says Migrate: one migration off the member
+    (moved,) = pool.migrations(BOX)
+    assert moved["spec"]["vmiName"] == BOX
+    assert any(r == f"BoxAttestation{ba.COMPONENT_MISMATCH}" for r, _ in pool.events(BOX))
+    # nothing new to quote on that member and boot
+    assert guest.challenge()["nonce"] is None
+    # the migration lands: gtvp wants a quote there; the same vTPM shows the same PCR, and
+    # the box is not moved a second time for that mismatch
+    pool.move(BOX, elsewhere)
+    nonce = guest.challenge()["nonce"]
+    assert nonce
+    status, body = guest.quote(nonce)
+    assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+    assert pool.attestation(BOX)["member"] == elsewhere.name
+    assert len(pool.migrations(BOX)) == 1
+
+
+@pytest.mark.timeout(240)
+def test_a_mismatch_stops_the_box_when_its_level_says_stop(pool: Pool) -> None:
+    current = pool.rt.view.policy
+    assert current is not None
+    policy = policy_trusting(current.ca_bundle_pem, name=POLICY, on_untrusted={2: "Stop"})
+    policies.set_policy(pool.rt, POLICY, policy)
+    kept = pool.rt.accepted_policies[POLICY]
+    pool.rt.accepted_policies[POLICY] = (kept[0], Accepted(2, kept[1].spec, policy))
+    guest = pool.guests[OTHER_BOX]
+    guest.bind()
+    guest.measure([hashlib.sha256(b"another rootfs").digest(), *pool.disks[OTHER_BOX][1:]])
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+    assert "component(s) not measured" in body["message"]
+    gone = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, OTHER_BOX, pool.namespace)
+    assert gone is None or gone["metadata"].get("deletionTimestamp")
+    assert pool.migrations(OTHER_BOX) == []
+
+
+# ----- the box that is what gtvp composed ---------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_a_box_attests_after_boot_and_again_after_a_migration(
+    pool: Pool, control_plane: ControlPlane
+) -> None:
+    guest = pool.guests[BOX]
+    here, elsewhere = pool.members
+    assert guest.config["box"] == f"{pool.namespace}/{BOX}"
+    assert guest.config["pcr"] == 13
+    att = pool.attestation(BOX)
+    assert att["credentialHash"] == hashlib.sha256(guest.config["credential"].encode()).hexdigest()
+    assert guest.config["credential"] not in json.dumps(pool.box(BOX))
+    assert guest.challenge() == {"enrol": True, "nonce": None, "retryAfter": 0}
+    guest.bind()
+    guest.measure(pool.disks[BOX])
+    before = _count(ba.VERIFIED)
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["verified"], body["reason"]) == (200, True, ba.VERIFIED), body
+    att = pool.attestation(BOX)
+    assert att["state"] == ba.VERIFIED
+    assert att["member"] == here.name
+    assert att["pcr13"] == ba.fold(pool.disks[BOX]).hex()
+    assert att["components"][0].startswith("debian-minimal@")
+    assert att["components"][-1].startswith("nginx@")
+    assert _count(ba.VERIFIED) == before + 1
+    assert "BoxAttested" in [r for r, _ in pool.events(BOX)]
+    assert guest.challenge()["nonce"] is None  # attested here, for this boot
+    out = control_plane.kubectl("get", "lazybox", BOX, "-n", pool.namespace).stdout
+    assert "ATTESTED" in out.splitlines()[0]
+    assert "Verified" in out
+    # the VMI moves (a migration): gtvp wants a quote from the new member
+    pool.move(BOX, elsewhere)
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["verified"]) == (200, True), body
+    assert pool.attestation(BOX)["member"] == elsewhere.name
+    assert pool.migrations(BOX) == []
+
+
+# ----- the policy ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_api_server_refuses_an_unusable_box_attestation_naming_the_field(
+    control_plane: ControlPlane, cluster_names: list[str], vtpm_ca: SwtpmCA
+) -> None:
+    def policy(box_attestation: dict[str, Any]) -> dict[str, Any]:
+        body = pool_policy(
+            cast(SwtpmCA, Bundle(vtpm_ca.bundle_pem())), name=f"ba-{secrets.token_hex(3)}"
+        )
+        body["spec"]["boxAttestation"] = box_attestation
+        return body
+
+    for raw, words in (
+        (
+            {"caBundle": "a CA"},
+            ["spec.boxAttestation.caBundle", "PEM certificate(s) of the vTPM CA"],
+        ),
+        ({"caBundle": vtpm_ca.bundle_pem(), "pcr": 24}, ["spec.boxAttestation.pcr"]),
+        ({"pcr": 13}, ["spec.boxAttestation.caBundle", "Required"]),
+    ):
+        out = control_plane.kubectl(
+            "create", "-f", "-", input_text=json.dumps(policy(raw)), check=False
+        )
+        assert out.returncode != 0, raw
+        for needle in words:
+            assert needle in out.stderr, (needle, out.stderr)
+    good = policy({"caBundle": vtpm_ca.bundle_pem()})
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(good))
+    cluster_names.append(f"securitypolicy/{good['metadata']['name']}")
+    got = json.loads(
+        control_plane.kubectl(
+            "get", "securitypolicy", good["metadata"]["name"], "-o", "json"
+        ).stdout
+    )
+    assert got["spec"]["boxAttestation"]["pcr"] == 13  # the default
+    assert ba.parse_settings(got["spec"]) == ba.Settings(vtpm_ca.bundle_pem(), 13)
+
+
+# ----- arming -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_the_box_loop_arms_the_credential_next_to_key_release_and_keeps_it(pool: Pool) -> None:
+    from gtvp.core.boxes import Decision
+    from gtvp.core.compose import KEY_RELEASE_DIR
+    from gtvp.handlers import box_writes, lazyboxes
+
+    name, ns = "both", pool.namespace
+    key = (ns, name)
+    box = _create(
+        pool.admin,
+        LAZY_BOXES,
+        {
+            "apiVersion": LAZY_BOXES.api_version,
+            "kind": LAZY_BOXES.kind,
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "application": {"name": "nginx"},
+                "level": 2,
+                "resources": {"cpu": "500m", "memory": "512Mi"},
+                "secrets": [{"name": "disk"}],
+            },
+        },
+    )
+    pool.rt.view.observe_box(box, "ADDED")
+    vm, _ = _composed(ns, name, box["metadata"]["uid"])
+    decision = Decision({"phase": "Placing", "message": "starting"}, vm=vm)
+    first = box_attestation.arm(pool.rt, key, vm)
+    assert first is not None
+    armed = lazyboxes._attested(pool.rt, key, decision, first)
+    assert armed is not None
+    assert armed.vm is not None
+    box_writes.write_status(pool.rt, key, armed.status)
+    config = _config(pool.rt, ns, name)
+    att = pool.attestation(name)
+    assert att == {
+        "state": ba.PENDING,
+        "bound": False,
+        "credentialHash": hashlib.sha256(config["credential"].encode()).hexdigest(),
+    }
+    assert config["credential"] not in json.dumps(armed.vm)
+    volume = next(
+        v for v in armed.vm["spec"]["template"]["spec"]["volumes"] if v["name"] == "cloudinit"
+    )
+    assert volume["cloudInitNoCloud"] == {"secretRef": {"name": kr.cloud_init_secret(name)}}
+    secret = pool.rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(name), ns)
+    text = base64.b64decode(secret.data[kr.USER_DATA_KEY]).decode()
+    assert f"{KEY_RELEASE_DIR}/credential" in text  # the key-release credential is there too
+    # the VM written again (another reason than a new boot): the guest keeps its credential
+    again = box_attestation.arm(pool.rt, key, vm)
+    assert isinstance(again, box_attestation.Armed)
+    assert again.attestation == att
+    assert _config(pool.rt, ns, name)["credential"] == config["credential"]
+    # no endpoint to attest to: the box is not started, and says why
+    pool.rt.key_release = None
+    refused = box_attestation.arm(pool.rt, key, vm)
+    assert isinstance(refused, str)
+    assert lazyboxes._attested(pool.rt, key, decision, refused) is None
+    status = pool.box(name)["status"]
+    assert status["phase"] == "Failed"
+    assert "--key-release-url" in status["message"]
+    assert "BoxAttestationUnavailable" in [r for r, _ in pool.events(name)]
+
+
+@pytest.mark.timeout(180)
+def test_two_replicas_answering_one_quote_at_once_verify_it_once(pool: Pool) -> None:
+    guest = pool.guests[BOX]
+    guest.bind()
+    guest.measure(pool.disks[BOX])
+    raw = json.dumps(
+        {"box": guest.config["box"], **guest.quote_body(guest.challenge()["nonce"])}
+    ).encode()
+    auth = f"Bearer {guest.config['credential']}"
+    replicas = [box_attestation.Endpoint(pool.rt), box_attestation.Endpoint(pool.rt)]
+    barrier = threading.Barrier(2)
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    def answer(ep: box_attestation.Endpoint) -> None:
+        barrier.wait()
+        code, _, body = ep(ba.QUOTE, "POST", auth, raw)
+        answers.append((code, json.loads(body)))
+
+    threads = [threading.Thread(target=answer, args=(ep,)) for ep in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(code for code, _ in answers)
+    assert codes == [200, 409], answers
+    refused = next(body for code, body in answers if code == 409)
+    assert refused["error"] in (ba.CONFLICT, ba.NONCE_REPLAYED)
+    assert pool.attestation(BOX)["state"] == ba.VERIFIED

@@ -1,0 +1,230 @@
+"""The pure core of box attestation (gtvp.core.boxattest): policy settings, the PCR 13 fold,
+the guest's configuration line, requests, nonces and the order of the quote checks. The
+checks against a real vTPM are in tests/integration/test_box_attestation.py."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+from typing import Any
+
+import pytest
+
+from gtvp.core import boxattest as ba
+from gtvp.core.components import parse_component
+from gtvp.core.compose import kernel_args, overlay_order
+from gtvp.core.resolve import BoxRequest, resolve
+from tests.catalogue import Publisher
+from tests.softtpm import SoftCA
+
+NOW = dt.datetime(2026, 12, 2, 4, 0, tzinfo=dt.UTC)
+WHERE = ba.Where("member-a", "uid-1")
+CREDENTIAL = "c" * 43
+
+
+def _settings(**raw: Any) -> ba.Settings | None:
+    return ba.parse_settings({"boxAttestation": raw})
+
+
+def _reason(fn: Any) -> str:
+    with pytest.raises(ba.Refused) as err:
+        fn()
+    return err.value.reason
+
+
+# ----- the policy ---------------------------------------------------------------------------
+
+
+def test_settings_default_to_pcr_13_and_refuse_what_cannot_be_used() -> None:
+    pem = SoftCA().bundle_pem()
+    assert ba.parse_settings({}) is None
+    assert _settings(caBundle=pem) == ba.Settings(pem, 13)
+    assert _settings(caBundle=pem, pcr=16) == ba.Settings(pem, 16)
+    for raw, where, words in (
+        ({"pcr": 13}, "spec.boxAttestation.caBundle", "holds no PEM certificate"),
+        ({"caBundle": "not a certificate"}, "spec.boxAttestation.caBundle", "vTPM"),
+        (
+            {"caBundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"},
+            "spec.boxAttestation.caBundle",
+            "cannot be read",
+        ),
+        ({"caBundle": pem, "pcr": 24}, "spec.boxAttestation.pcr", "0..23"),
+        ({"caBundle": pem, "pcr": "13"}, "spec.boxAttestation.pcr", "0..23"),
+    ):
+        with pytest.raises(ba.SettingsError) as err:
+            _settings(**raw)
+        assert err.value.field == where
+        assert words in err.value.message
+    with pytest.raises(ba.SettingsError):
+        ba.parse_settings({"boxAttestation": "yes"})
+
+
+# ----- measurements -------------------------------------------------------------------------
+
+
+def test_the_expected_pcr_folds_the_composed_disks_in_mount_order() -> None:
+    pub = Publisher()
+    cat = [parse_component(o) for o in pub.web_catalogue()]
+    spec = {"application": {"name": "nginx"}, "dependencies": [{"name": "debian-minimal"}]}
+    comps = resolve(BoxRequest.from_spec({**spec, "level": 2}), cat)
+    disks = ba.disks_of(kernel_args("web", comps))
+    order = overlay_order(comps)
+    assert [d.serial for d in disks] == [c.name[:20] for c in order]
+    pins = [bytes.fromhex(c.pin.removeprefix("sha256:")) for c in order]
+    value = b"\0" * 32
+    for p in pins:
+        value = hashlib.sha256(value + p).digest()
+    assert ba.expected_pcr(disks) == value == ba.fold(pins)
+    assert ba.expected_pcr(tuple(reversed(disks))) != value  # the order matters
+    resolved = [{"name": c.name, "version": str(c.version)} for c in comps]
+    names = ba.component_names(disks, resolved)
+    assert names == [f"{c.name}@{c.version}" for c in order]
+    assert ba.disks_of("console=ttyS0 root=/dev/vda") == ()
+    with pytest.raises(ValueError, match="not <serial>:<sha256 hex>"):
+        ba.disks_of("gtvp.disks=rootfs:abc")
+
+
+# ----- the guest's configuration ------------------------------------------------------------
+
+
+def test_the_attest_line_carries_the_protocols_json_and_only_its_hash_is_kept() -> None:
+    line = ba.attest_line(
+        url="https://gtvp:9443/",
+        namespace="ns",
+        box="web",
+        credential=CREDENTIAL,
+        ca_pem="PEM",
+        pcr=13,
+    )
+    assert line.startswith("#gtvp-attest ")
+    doc = json.loads(base64.b64decode(line.split(" ", 1)[1]))
+    assert doc == {
+        "v": 1,
+        "url": "https://gtvp:9443",
+        "box": "ns/web",
+        "credential": CREDENTIAL,
+        "caPem": "PEM",
+        "pcr": 13,
+    }
+    user_data = ba.with_attest_line("#cloud-config\nruncmd: []\n#gtvp-attest old\n", line)
+    assert user_data == f"#cloud-config\nruncmd: []\n{line}\n"
+    assert ba.credential_of(user_data) == CREDENTIAL
+    assert ba.credential_of("#cloud-config\n") is None
+    fresh = ba.fresh_attestation(CREDENTIAL)
+    assert fresh["credentialHash"] == hashlib.sha256(CREDENTIAL.encode()).hexdigest()
+    assert CREDENTIAL not in json.dumps(fresh)
+
+
+# ----- requests -----------------------------------------------------------------------------
+
+
+def test_requests_are_refused_with_a_clear_reason() -> None:
+    auth = f"Bearer {CREDENTIAL}"
+    body = json.dumps({"box": "ns/web"}).encode()
+    req = ba.parse_request(ba.CHALLENGE, auth, body)
+    assert (req.namespace, req.box, req.credential) == ("ns", "web", CREDENTIAL)
+    for path, header, raw, reason, words in (
+        (ba.CHALLENGE, None, body, ba.WRONG_CREDENTIAL, "Authorization: Bearer"),
+        (ba.CHALLENGE, "Basic abc", body, ba.WRONG_CREDENTIAL, "Bearer"),
+        (ba.CHALLENGE, "Bearer short", body, ba.WRONG_CREDENTIAL, "Bearer"),
+        (ba.CHALLENGE, auth, b"{", ba.BAD_REQUEST, "not JSON"),
+        (ba.CHALLENGE, auth, b"[]", ba.BAD_REQUEST, "not a JSON object"),
+        (ba.CHALLENGE, auth, b'{"box": "web"}', ba.BAD_REQUEST, "<namespace>/<name>"),
+        ("/boxattest/v1/other", auth, body, ba.BAD_REQUEST, "no such endpoint"),
+    ):
+        with pytest.raises(ba.Refused) as err:
+            ba.parse_request(path, header, raw)
+        assert err.value.reason == reason
+        assert words in err.value.message
+    assert ba.Refused(ba.WRONG_CREDENTIAL, "").status == 401
+    assert ba.Refused(ba.BAD_REQUEST, "").status == 400
+    assert ba.Refused(ba.NONCE_REPLAYED, "").status == 409
+    assert ba.Refused(ba.EK_NOT_TRUSTED, "").status == 403
+    att = ba.fresh_attestation(CREDENTIAL)
+    ba.check_credential(CREDENTIAL, att)
+    assert _reason(lambda: ba.check_credential("d" * 43, att)) == ba.WRONG_CREDENTIAL
+    assert _reason(lambda: ba.check_credential(CREDENTIAL, {})) == ba.WRONG_CREDENTIAL
+
+
+# ----- challenges ---------------------------------------------------------------------------
+
+
+def test_a_quote_is_wanted_when_never_attested_moved_or_restarted() -> None:
+    done = {"state": ba.VERIFIED, "member": WHERE.member, "vmiUID": WHERE.vmi_uid}
+    assert ba.wants_quote({}, WHERE)
+    assert ba.wants_quote({"state": ba.PENDING}, WHERE)
+    assert not ba.wants_quote(done, WHERE)
+    assert not ba.wants_quote({**done, "state": ba.MISMATCH}, WHERE)
+    assert ba.wants_quote(done, ba.Where("member-b", WHERE.vmi_uid))  # migrated
+    assert ba.wants_quote(done, ba.Where(WHERE.member, "uid-2"))  # restarted
+
+
+def test_a_pending_nonce_is_reused_only_while_fresh_and_for_this_vmi_here() -> None:
+    att = ba.with_nonce({}, b"\1" * 32, WHERE, NOW)
+    assert ba.pending_nonce(att, WHERE, NOW + dt.timedelta(seconds=60)) == "01" * 32
+    assert ba.pending_nonce(att, WHERE, NOW + ba.NONCE_TTL) is None
+    assert ba.pending_nonce(att, ba.Where("member-b", WHERE.vmi_uid), NOW) is None
+    assert ba.pending_nonce(att, ba.Where(WHERE.member, "uid-2"), NOW) is None
+
+
+# ----- quotes -------------------------------------------------------------------------------
+
+
+def _quote_body(answers: bytes, **changes: Any) -> dict[str, Any]:
+    body = {
+        "nonce": answers.hex(),
+        "quote": base64.b64encode(b"\xff\x54\x43\x47" + b"\0" * 60).decode(),
+        "signature": base64.b64encode(b"\0" * 8).decode(),
+        "pcrs": {"13": "00" * 32},
+        "measurements": [],
+    }
+    body.update(changes)
+    return body
+
+
+def test_the_quote_checks_come_in_order_and_refuse_before_anything_is_recorded() -> None:
+    settings = ba.Settings("unused", 13)
+    nonce = b"\7" * 32
+    bound = {**ba.fresh_attestation(CREDENTIAL), "bound": True, "akPublic": "AAAA"}
+    pending = ba.with_nonce(bound, nonce, WHERE, NOW)
+
+    def check(att: dict[str, Any], body: dict[str, Any], now: dt.datetime = NOW) -> str:
+        return _reason(
+            lambda: ba.check_quote(
+                att, body, settings=settings, disks=(), components=(), where=WHERE, now=now
+            )
+        )
+
+    assert check(pending, _quote_body(nonce, nonce="zz")) == ba.BAD_REQUEST
+    assert check(pending, _quote_body(nonce, pcrs={"13": "00" * 32, "7": "00" * 32})) == (
+        ba.BAD_REQUEST
+    )
+    assert check(pending, _quote_body(nonce, measurements="sha256:00")) == ba.BAD_REQUEST
+    assert check({**pending, "bound": False}, _quote_body(nonce)) == ba.AK_NOT_BOUND
+    assert check(pending, _quote_body(b"\x08" * 32)) == ba.NONCE_UNKNOWN
+    answered = {**pending, "answered": [nonce.hex()]}
+    assert check(answered, _quote_body(nonce)) == ba.NONCE_REPLAYED
+    assert check(pending, _quote_body(nonce), NOW + ba.NONCE_TTL) == ba.NONCE_EXPIRED
+    # past the nonce: the AK must be one (here it is no TPM2B_PUBLIC at all)
+    assert check(pending, _quote_body(nonce)) == ba.QUOTE_INVALID
+
+
+def test_tpm2b_attest_bytes_lose_their_size_and_a_mismatch_acts_once_per_boot() -> None:
+    tpms = b"\xff\x54\x43\x47" + b"\1" * 20
+    assert ba.attest_bytes(tpms) == tpms
+    assert ba.attest_bytes(len(tpms).to_bytes(2, "big") + tpms) == tpms
+    assert ba.act_on_mismatch({}, WHERE)
+    assert not ba.act_on_mismatch({"actedOn": WHERE.vmi_uid}, WHERE)
+    assert ba.act_on_mismatch({"actedOn": WHERE.vmi_uid}, ba.Where("b", "uid-2"))
+
+
+def test_a_bound_vtpm_is_pinned_for_the_life_of_its_vmi() -> None:
+    bound = {"bound": True, "ekSHA256": "a" * 64, "boundVmiUID": WHERE.vmi_uid}
+    ba.check_ek_pin(bound, "a" * 64, WHERE)  # the same EK enrols again
+    assert _reason(lambda: ba.check_ek_pin(bound, "b" * 64, WHERE)) == ba.EK_CHANGED
+    moved = ba.Where("member-b", WHERE.vmi_uid)  # a migration keeps the vTPM
+    assert _reason(lambda: ba.check_ek_pin(bound, "b" * 64, moved)) == ba.EK_CHANGED
+    ba.check_ek_pin(bound, "b" * 64, ba.Where(WHERE.member, "uid-2"))  # a restart
+    ba.check_ek_pin({"bound": False}, "b" * 64, WHERE)
