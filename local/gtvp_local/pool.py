@@ -82,11 +82,13 @@ def pool_policy(
     allow_shared_ek: bool = False,
     on_untrusted: Mapping[int, str] | None = None,
     balancing: Mapping[str, Any] | None = None,
+    box_attestation_ca: str | None = None,
 ) -> dict[str, Any]:
     """A SecurityPolicy for a pool of swtpm members.
 
     Component publishers: `publisher_keys` (name -> PEM public key), by default those of
     the sample policy, so the signed sample catalogue verifies in the local pool.
+    `box_attestation_ca`: the CA of the boxes' vTPMs (PEM): boxes attest (docs/boxattest.md).
     """
     if publisher_keys is None:
         publisher_keys = sample_publisher_keys()
@@ -119,6 +121,11 @@ def pool_policy(
                 {"name": n, "publicKey": pem} for n, pem in sorted(publisher_keys.items())
             ],
             **({"balancing": dict(balancing)} if balancing else {}),
+            **(
+                {"boxAttestation": {"caBundle": box_attestation_ca, "pcr": 13}}
+                if box_attestation_ca
+                else {}
+            ),
         },
     }
 
@@ -269,7 +276,13 @@ class Pool:
             self.cp.kubectl("replace", "-f", "-", input_text=json.dumps(obj))
 
     def apply_policy(self, **kwargs: Any) -> None:
+        """The pool's SecurityPolicy; with real VMs its boxes attest their vTPMs, whose CA
+        is the VM runtime's (gtvp_local.vmruntime.runtime.vtpm_ca_pem)."""
         self.ca.ensure()
+        if self.vms == "qemu" and "box_attestation_ca" not in kwargs:
+            from gtvp_local.vmruntime import runtime
+
+            kwargs["box_attestation_ca"] = runtime.vtpm_ca_pem(self.dir)
         self.put(pool_policy(self.ca, name=self.policy_name, **kwargs))
 
     # ----- members --------------------------------------------------------------------------

@@ -31,9 +31,10 @@ from gtvp_local.controlplane import ControlPlane
 
 LEASE_NAMESPACE = "gtvp-system"
 TOKEN_DURATION = "8760h"  # noqa: S105 (a duration, not a secret)
-KEY_RELEASE_NAMESPACES = ("default",)
+KEY_RELEASE_NAMESPACES = ("default", "gtvp-samples")
 """Where the local pool's replicas may read Secrets to release them (and write the boxes'
-cloud-init Secrets): the namespaces local-bindings.yaml opts in."""
+cloud-init Secrets, with the box-attestation credential): the namespaces
+local-bindings.yaml opts in; `default` for the tests, `gtvp-samples` for the sample box."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,11 @@ def issue_credential(cp: ControlPlane, replica: Replica, directory: Path) -> Pat
         "kind": "ServiceAccount",
         "metadata": {"name": replica.service_account, "namespace": LEASE_NAMESPACE},
     }
-    for obj in (sa, *_bindings(replica)):
+    namespaces = (
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        for ns in KEY_RELEASE_NAMESPACES
+    )
+    for obj in (*namespaces, sa, *_bindings(replica)):
         cp.apply(obj)
     token = cp.kubectl(
         "create",

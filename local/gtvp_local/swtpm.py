@@ -5,7 +5,9 @@ intermediate "swtpm-localca" that issues EK certificates), kept in its own direc
 that tests and pools never share or touch /var/lib/swtpm-localca. `Swtpm` manufactures one
 TPM with `swtpm_setup --create-ek-cert` (EK certificates in NV, issued by that CA) and runs
 it as `swtpm socket` on loopback, tracked like every other local process. State paths are
-absolute (swtpm leaves its working directory).
+absolute (swtpm leaves its working directory). `manufacture` and `vm_tpm_argv` serve the
+VM runtime's vTPMs (one swtpm per box VM on a unix control socket, qemu's tpm-emulator
+backend; their EKs certified by a vTPM CA of their own, another `SwtpmCA`).
 """
 
 from __future__ import annotations
@@ -113,30 +115,7 @@ class Swtpm:
 
     def manufacture(self, ca: SwtpmCA) -> None:
         """Create the TPM's state with RSA and ECC EKs and their certificates (once)."""
-        if (self.state / "tpm2-00.permall").exists():
-            return
-        self.state.mkdir(parents=True, exist_ok=True)
-        ca.ensure()
-        proc = subprocess.run(
-            [
-                _require("swtpm_setup"),
-                "--tpm2",
-                "--tpmstate",
-                str(self.state),
-                "--create-ek-cert",
-                "--config",
-                str(ca.setup_config),
-                "--overwrite",
-                "--pcr-banks",
-                "sha256",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        if proc.returncode != 0:
-            raise SwtpmError(f"swtpm_setup for {self.name} failed: {proc.stderr.strip()[-800:]}")
+        manufacture(self.state, ca, self.name)
 
     def start(self, *, timeout: float = 10.0) -> None:
         tracked = self.procs.get(self.proc_name)
@@ -181,6 +160,51 @@ class Swtpm:
 
     def stop(self) -> None:
         self.procs.stop(self.proc_name)
+
+
+def manufacture(state: Path, ca: SwtpmCA, name: str) -> None:
+    """Create a TPM's state in `state` (absolute) with RSA and ECC EKs and their
+    certificates issued by `ca` (`swtpm_setup --create-ek-cert`); once per state."""
+    state = state.resolve()
+    if (state / "tpm2-00.permall").exists():
+        return
+    state.mkdir(parents=True, exist_ok=True)
+    ca.ensure()
+    proc = subprocess.run(
+        [
+            _require("swtpm_setup"),
+            "--tpm2",
+            "--tpmstate",
+            str(state),
+            "--create-ek-cert",
+            "--config",
+            str(ca.setup_config),
+            "--overwrite",
+            "--pcr-banks",
+            "sha256",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        raise SwtpmError(f"swtpm_setup for {name} failed: {proc.stderr.strip()[-800:]}")
+
+
+def vm_tpm_argv(state: Path, ctrl: Path) -> list[str]:
+    """`swtpm socket` for a VM's vTPM: qemu's tpm-emulator backend talks to it over the
+    unix control socket `ctrl` (commands go over a channel qemu opens through it); the
+    guest starts the TPM itself, and a migration moves its state through qemu."""
+    return [
+        _require("swtpm"),
+        "socket",
+        "--tpm2",
+        "--tpmstate",
+        f"dir={state.resolve()}",
+        "--ctrl",
+        f"type=unixio,path={ctrl}",
+    ]
 
 
 def extend_pcr(tcti: str, pcr: int, data: bytes) -> None:

@@ -630,12 +630,15 @@ class VirtSim:
         )
 
 
-def _launcher(state: Path) -> Launcher:
+def _launcher(state: Path, core: Any) -> Launcher:
     """Real VMs: members fetch the boxes' images from the pool's registry mirror (its
-    component store, else the component artifacts built here)."""
+    component store, else the component artifacts built here); a VMI's cloud-init user data
+    in a Secret (`cloudInitNoCloud.secretRef`) is read through the API, as virt-launcher's
+    cloud-init does."""
     from gtvp_local.vmruntime import runtime
+    from gtvp_local.vmruntime.launcher import secret_reader
 
-    launcher = Launcher(state, pool_mirror(state))
+    launcher = Launcher(state, pool_mirror(state), read_secret=secret_reader(core))
     accel = launcher.runtime.accel(runtime.guest_spec())
     log.info("%s VMs run under qemu (%s), one network namespace per member", HANDLER_BANNER, accel)
     return launcher
@@ -659,10 +662,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.vms == "qemu" and args.state is None:
         p.error("--vms qemu needs --state")
-    launcher = _launcher(args.state) if args.vms == "qemu" else None
     api_client = config.new_client_from_config(config_file=args.kubeconfig)
-    sim = VirtSim(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client),
-                  launcher=launcher)  # fmt: skip
+    core = client.CoreV1Api(api_client)
+    launcher = _launcher(args.state, core) if args.vms == "qemu" else None
+    sim = VirtSim(client.CustomObjectsApi(api_client), core, launcher=launcher)
     log.info("%s started: a SIMULATION of KubeVirt's virt-controller for the local pool", BANNER)
     while True:
         try:

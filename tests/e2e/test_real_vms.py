@@ -183,6 +183,23 @@ def _page(pool: Pool, member: str, deadline_s: float = 30) -> str:
             time.sleep(0.5)
 
 
+def _attested_on(pool: Pool, name: str, member: str, timeout: float = 90) -> dict[str, Any]:
+    """The box's `status.attestation` once gtvp verified a quote of its vTPM taken on
+    `member` (the pool's policy attests boxes: its vTPM CA is the VM runtime's)."""
+
+    def verified() -> dict[str, Any] | None:
+        att = (_get(pool, "lazybox", name).get("status") or {}).get("attestation") or {}
+        return att if att.get("state") == "Verified" and att.get("member") == member else None
+
+    try:
+        got: dict[str, Any] = _wait(f"{name}'s vTPM quote verified on {member}", verified, timeout)
+    except TimeoutError as exc:
+        raise AssertionError(
+            f"{_get(pool, 'lazybox', name).get('status')}\n{pool.vm_console(NS, name)[-3000:]}"
+        ) from exc
+    return got
+
+
 @pytest.fixture(scope="module")
 def hello(pool: Pool) -> Iterator[str]:
     _apply_box(pool, "hello")
@@ -217,6 +234,15 @@ def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_sa
     assert f"gtvp Lazy Box {hello}" in page
     assert f"hello-web {APP_VERSION}" in page
     assert _app_says(console) == [APP_VERSION]  # the application said so itself
+    # its vTPM measured each disk and gtvp verified a fresh quote against the composition
+    att = _attested_on(pool, hello, vmi["status"]["nodeName"])
+    assert att["vmiUID"] == vmi["metadata"]["uid"]
+    # every component disk the init mounted (the kernel is booted directly, not measured)
+    pins = re.findall(r"gtvp\.disks=(\S+)", disks)[0].split(",")
+    resolved = {f"{r['name']}@{r['version']}" for r in box["status"]["resolved"]}
+    assert len(att["components"]) == len(pins)
+    assert set(att["components"]) <= resolved
+    assert re.search(r"GTVP-ATTEST quoted nonce=\S+ verified=true", pool.vm_console(NS, hello))
 
 
 def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_was(
@@ -312,6 +338,9 @@ def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hel
     assert moved["status"]["phase"] == "Running"
     target = moved["status"]["nodeName"]
     assert f"gtvp Lazy Box {hello}" in _page(pool, target)  # it answers again, where it runs
+    # gtvp asked the moved guest for a fresh quote of its vTPM (whose state moved with it)
+    att = _attested_on(pool, hello, target)
+    assert att["vmiUID"] == moved["metadata"]["uid"]  # the same VMI: no reboot, a new quote
     # the target's qemu reads the disks its own member fetched, never the source's files
     handle = Runtime(pool.dir).handle(vm_id(NS, hello))
     assert handle is not None

@@ -5,7 +5,9 @@
 
 - `linux` (kernel): a KubeVirt kernel-boot container's layer, a tar holding the Debian cloud
   kernel (`/boot/vmlinuz`) and the box init initramfs built for it (`/boot/initrd.img`:
-  busybox-static, the generated `/init`, the kernel modules the init needs). The init
+  busybox-static, the generated `/init`, the kernel modules the init needs, and
+  `gtvp-box-attest`, the box's vTPM measurement and attestation client: a static Go
+  program built here from `boxattest/` with github.com/google/go-tpm). The init
   carries that kernel's modules, so it ships with the kernel; the component provides
   `kernel` and `initrd` and compose passes both to the VM.
 - `busybox-base` (rootfs): a squashfs with busybox-static and its applet links, `/etc`
@@ -23,9 +25,12 @@ digest) is the same on every build. Inputs and outputs live in `<cache>/guest`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
+import os
 import re
+import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +40,7 @@ from typing import Any
 from gtvp.core.components import DEFAULT_CHUNK_BYTES, chunk_digests
 from gtvp.core.versions import Version
 from gtvp_local.guest import pins
-from gtvp_local.guest.initscript import Module, init_script
+from gtvp_local.guest.initscript import ATTEST_BINARY, Module, init_script
 from gtvp_local.guest.reproducible import (
     Tree,
     cpio_newc,
@@ -198,7 +203,71 @@ def busybox_links(tree: Tree, busybox: Path) -> None:
         tree.symlink(rel, "../" * depth + "bin/busybox")
 
 
-def initramfs_tree(busybox: Path, modules: list[tuple[str, bytes]]) -> Tree:
+ATTEST_SOURCE = Path(__file__).with_name("boxattest")
+GO = "/usr/local/go/bin/go"
+GO_TOOLCHAIN = "go1.26.8"
+"""The Go release that builds `gtvp-box-attest` whatever Go is installed (GOTOOLCHAIN: the
+go command fetches this release from the module proxy when it is another one), so the
+binary, the box initrd and the sample kernel component's pinned digest are the same on
+every machine."""
+
+
+def _go() -> str:
+    found = GO if Path(GO).exists() else shutil.which("go")
+    if found is None:
+        raise BuildError("Go is missing: the box's attestation client is a Go program")
+    return found
+
+
+def box_attest_binary(gcache: Path) -> Path:
+    """`gtvp-box-attest` (static, CGO_ENABLED=0) built from `boxattest/`, cached under
+    `<cache>/guest/boxattest/<key>` where the key hashes its sources and the Go version:
+    built once, and reproducibly (-trimpath, no build id), so the kernel component's digest
+    does not move between builds."""
+    go = _go()
+    files = sorted(p for p in ATTEST_SOURCE.iterdir() if p.name in ("go.mod", "go.sum", "main.go"))
+    env = dict(
+        os.environ,
+        CGO_ENABLED="0",
+        GOFLAGS="-buildvcs=false",
+        GOOS="linux",
+        GOARCH="amd64",
+        GOTOOLCHAIN=GO_TOOLCHAIN,
+    )
+    version = subprocess.run(
+        [go, "env", "GOVERSION"], env=env, capture_output=True, text=True, check=False
+    )
+    if version.returncode != 0:
+        raise BuildError(
+            f"Go cannot provide {GO_TOOLCHAIN} for the box's attestation client (is the Go "
+            f"module proxy reachable?): {version.stderr.strip()[-1500:]}"
+        )
+    h = hashlib.sha256(version.stdout.strip().encode())
+    for f in files:
+        h.update(b"\0" + f.name.encode() + b"\0" + f.read_bytes())
+    out = gcache / "boxattest" / h.hexdigest()[:16] / "gtvp-box-attest"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f"gtvp-box-attest.{os.getpid()}.part")
+    argv = [go, "build", "-mod=readonly", "-trimpath", "-ldflags", "-s -w -buildid="]
+    proc = subprocess.run(
+        [*argv, "-o", str(part), "."],
+        cwd=ATTEST_SOURCE, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise BuildError(
+            f"building gtvp-box-attest failed (is the Go module proxy reachable?): "
+            f"{proc.stderr.strip()[-1500:]}"
+        )
+    part.replace(out)
+    return out
+
+
+def initramfs_tree(
+    busybox: Path, modules: list[tuple[str, bytes]], attest: Path | None = None
+) -> Tree:
+    """The box init's initramfs; `attest`: the gtvp-box-attest binary (measured boot)."""
     tree = Tree()
     for d in ("proc", "sys", "dev", "lower", "newroot", "rw", "run", "tmp"):
         tree.dir(d)
@@ -207,6 +276,8 @@ def initramfs_tree(busybox: Path, modules: list[tuple[str, bytes]]) -> Tree:
     busybox_links(tree, busybox)
     for name, data in modules:
         tree.file(f"lib/gtvp/{name}.ko", data)
+    if attest is not None:
+        tree.file(ATTEST_BINARY, attest.read_bytes(), 0o755)
     tree.file("init", init_script([Module(n) for n, _ in modules]), 0o755)
     return tree
 
@@ -318,7 +389,8 @@ def build_catalogue(cache: Path, *, busybox: Path | None = None) -> dict[str, Ar
     if not vmlinuz:
         raise BuildError(f"{deb.name} holds no boot/vmlinuz-*")
     kversion = component_version(deb_version(deb))
-    initrd = gzip_fixed(cpio_newc(initramfs_tree(busybox, kernel_modules(kroot))))
+    attest = box_attest_binary(gcache)
+    initrd = gzip_fixed(cpio_newc(initramfs_tree(busybox, kernel_modules(kroot), attest)))
     kernel_files = {"boot/vmlinuz": vmlinuz[0].read_bytes(), "boot/initrd.img": initrd}
     kdir = out / f"linux-{kversion}"
     kdir.mkdir(exist_ok=True)
@@ -354,7 +426,11 @@ def build_catalogue(cache: Path, *, busybox: Path | None = None) -> dict[str, Ar
         apps.append(app)
     catalogue = {a.key: a for a in (kernel, base, *apps)}
     index = {
-        "inputs": {"kernelPackage": deb.name, "busybox": sha256_file(busybox)},
+        "inputs": {
+            "kernelPackage": deb.name,
+            "busybox": sha256_file(busybox),
+            "gtvp-box-attest": sha256_file(attest),
+        },
         "artifacts": {
             n: {"path": str(a.path), "sha256": a.sha256, "size": a.size, "image": a.image}
             for n, a in catalogue.items()

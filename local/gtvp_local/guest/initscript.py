@@ -13,6 +13,13 @@ power off: nothing starts) when one differs from its pin; otherwise it mounts th
 read-only as overlay lowers (later components above earlier ones) under a tmpfs upper,
 switch_roots into the merged root and runs stage 2, which starts the application's
 `/opt/gtvp/<app>/start` and prints `GTVP-READY <box> <version>` on the console.
+
+Measured boot (box attestation protocol v1, docs/boxattest.md): when the VM has a TPM, the
+init extends PCR 13 (sha256 bank) with each disk's digest before checking and mounting it
+(`gtvp-box-attest extend`, in mount order), keeps the digests it extended
+(`/run/gtvp/measurements`: its event log) and prints `GTVP-PCR13 <hex>` after the last one;
+stage 2 starts the attestation client (`gtvp-box-attest run`) in the background once the
+application runs. Without a TPM it says so and boots unmeasured.
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 READY_MARKER = "GTVP-READY"
+PCR_MARKER = "GTVP-PCR13"  # `GTVP-PCR13 <hex>`: PCR 13 after the last component's extend
+ATTEST_MARKER = "GTVP-ATTEST"  # the attestation client's console lines
+MEASURED_PCR = 13
+ATTEST_BINARY = "lib/gtvp/gtvp-box-attest"  # in the initramfs
 REFUSED_MARKER = "gtvp-init: refused"
 SERIAL_MAX = 20  # virtio-blk serials are at most 20 bytes
 _SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")
@@ -83,7 +94,12 @@ def init_script(modules: Sequence[Module], *, disk_wait_s: int = 15) -> str:
         f"insmod /lib/gtvp/{m.name}.ko 2>/dev/null || say 'module {m.name} not loaded'"
         for m in modules
     )
-    return _INIT.replace("@INSMODS@", insmods).replace("@DISK_WAIT@", str(int(disk_wait_s)))
+    return (
+        _INIT.replace("@INSMODS@", insmods)
+        .replace("@DISK_WAIT@", str(int(disk_wait_s)))
+        .replace("@ATTEST@", ATTEST_BINARY)
+        .replace("@PCR@", str(MEASURED_PCR))
+    )
 
 
 _INIT = r"""#!/bin/sh
@@ -111,6 +127,17 @@ for word in $(cat /proc/cmdline); do
 done
 
 [ -n "$DISKS" ] || halt_box "no gtvp.disks= on the kernel command line"
+
+# the vTPM: each disk's digest goes into PCR @PCR@ before the disk is checked and mounted
+ATTEST=/@ATTEST@
+MEASURED=""
+mkdir -p /run/gtvp
+: >/run/gtvp/measurements
+if [ -x "$ATTEST" ] && { [ -e /dev/tpmrm0 ] || [ -e /dev/tpm0 ]; }; then
+  MEASURED=1
+else
+  say "no TPM: the components are not measured"
+fi
 [ -n "$APP" ] || halt_box "no gtvp.app= on the kernel command line"
 
 # find_disk SERIAL: the vd* device whose virtio serial is SERIAL (waits for it to appear)
@@ -135,6 +162,12 @@ for entry in $(echo "$DISKS" | tr ',' ' '); do
   serial="${entry%%:*}"; want="${entry#*:}"
   dev="$(find_disk "$serial")" || halt_box "disk $serial not found"
   got="$(sha256sum "$dev" | cut -d' ' -f1)"
+  if [ -n "$MEASURED" ]; then
+    # a failed extend boots on: PCR @PCR@ then differs from the composition and gtvp's
+    # verification of the next quote says so
+    "$ATTEST" extend @PCR@ "$got" || say "could not measure $serial into PCR @PCR@"
+    echo "sha256:$got" >>/run/gtvp/measurements
+  fi
   if [ "$got" != "$want" ]; then
     echo "gtvp-init: refused $serial: sha256 $got != pinned $want"
     halt_box "disk $serial does not match its pin; nothing was started"
@@ -147,12 +180,17 @@ for entry in $(echo "$DISKS" | tr ',' ' '); do
   if [ -z "$LOWER" ]; then LOWER="/lower/$N"; else LOWER="/lower/$N:$LOWER"; fi
 done
 
+[ -n "$MEASURED" ] && "$ATTEST" pcr @PCR@
+
 mkdir -p /rw /newroot
 mount -t tmpfs -o mode=0755 tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o "lowerdir=$LOWER,upperdir=/rw/upper,workdir=/rw/work" /newroot \
   || halt_box "cannot mount the overlay"
 for d in proc sys dev run tmp etc; do mkdir -p "/newroot/$d"; done
+mkdir -p /newroot/run/gtvp
+cp /run/gtvp/measurements /newroot/run/gtvp/measurements
+[ -n "$MEASURED" ] && cp "$ATTEST" /newroot/run/gtvp/gtvp-box-attest
 [ -x "/newroot/opt/gtvp/$APP/start" ] || halt_box "/opt/gtvp/$APP/start is missing"
 {
   echo "GTVP_BOX='$BOX'"; echo "GTVP_APP='$APP'"; echo "GTVP_VERSION='$VERSION'"
@@ -167,6 +205,10 @@ hostname "$GTVP_BOX" 2>/dev/null
 [ -x /etc/gtvp/net-up ] && /etc/gtvp/net-up
 if "/opt/gtvp/$GTVP_APP/start"; then
   echo "GTVP-READY $GTVP_BOX $GTVP_VERSION"
+  # the attestation client: off without a #gtvp-attest line; never blocks the box
+  if [ -x /run/gtvp/gtvp-box-attest ]; then
+    /run/gtvp/gtvp-box-attest run -measurements /run/gtvp/measurements </dev/null &
+  fi
 else
   echo "gtvp-init: $GTVP_APP start failed"; sync; poweroff -f
 fi

@@ -4,9 +4,11 @@
 and initrd paths and kernelArgs, virtio disks with serials backed by containerDisk volumes,
 CPU and memory) and asks `resolve(image, path)` for the local file behind an image (`path`
 is a file inside a kernel-boot container, or None for a containerDisk's disk image).
-cloudInitNoCloud volumes are not attached: the gtvp init reads its instructions from the
-kernel command line, not from cloud-init. The pod network becomes one virtio NIC on QEMU
-user networking (with host port forwards for tests).
+The gtvp init reads its instructions from the kernel command line, not from cloud-init; the
+cloudInitNoCloud volume's user data is attached only when the caller wrote it to a file
+(`cloud_init`: a raw read-only virtio disk with serial `cloudinit`, where the box's
+attestation client finds its `#gtvp-attest` line). The pod network becomes one virtio NIC
+on QEMU user networking (with host port forwards for tests).
 
 `probe_accel` and `Boot` (below) are the test harness: start one VM, watch its serial console.
 """
@@ -88,6 +90,7 @@ def machine_spec(
     network: bool = True,
     hostfwd: Sequence[tuple[int, int]] = (),
     extra_kernel_args: str = "",
+    cloud_init: Path | None = None,
 ) -> MachineSpec:
     """What qemu runs for a composed VM/VMI (see the module docstring): the runtime
     (`gtvp_local.vmruntime`) adds the console, QMP, acceleration and, for a migration
@@ -114,6 +117,8 @@ def machine_spec(
         if vol is None:
             raise TranslationError(f"disk {disk['name']} has no volume")
         if "cloudInitNoCloud" in vol:
+            if cloud_init is not None:
+                extra += user_data_disk(cloud_init)
             continue
         if "containerDisk" not in vol:
             raise TranslationError(
@@ -142,6 +147,17 @@ def machine_spec(
         machine="q35",
         extra=tuple(extra),
     )
+
+
+USER_DATA_SERIAL = "cloudinit"
+
+
+def user_data_disk(path: Path) -> list[str]:
+    """The user data file as a raw read-only virtio disk with serial `cloudinit`."""
+    return [
+        "-drive", f"file={path},if=none,format=raw,readonly=on,id=d-cloudinit-data",
+        "-device", f"virtio-blk-pci,drive=d-cloudinit-data,serial={USER_DATA_SERIAL}",
+    ]  # fmt: skip
 
 
 def qemu_argv(vm_or_spec: Mapping[str, Any], resolve: Resolver, options: QemuOptions) -> list[str]:

@@ -21,6 +21,11 @@ places on a member, and to live-migrate it when a migration reaches its turn:
   migration's target fetches them too before the migration starts, unless gtvp had it
   pre-fetch them (`prefetch`: a worker thread per request, off the stand-in's loop, in
   place of the kubelet pulling the images a pre-pull pod names);
+- a composed box gets a vTPM (one swtpm per VM process, `runtime.Runtime`), a NIC on the
+  pod network (KubeVirt attaches one unless `autoattachPodInterface: false`) and its
+  cloudInitNoCloud user data as a raw virtio disk with serial `cloudinit` (inline
+  `userData`/`userDataBase64`, or the Secret `secretRef` names, read through
+  `read_secret`), where the box's attestation client finds its `#gtvp-attest` line;
 - any other VMI boots the runtime's tiny test guest (`vmruntime.guest`) with the VMI's
   memory (at least 128 MiB);
 - the VMI is Running only once its console says `GTVP-READY`; a VM that ends (its init
@@ -33,7 +38,11 @@ Only the local pool and the tests use it; the Helm chart never installs it.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import datetime as dt
+import hashlib
 import logging
 import re
 import threading
@@ -52,6 +61,9 @@ log = logging.getLogger("gtvp.vmruntime")
 MIN_MEMORY_MIB = 128
 PREFETCH_RETRY_S = 10.0  # a failed pre-fetch is tried again after this long
 Resolver = Callable[[str, "str | None"], Path]
+SecretReader = Callable[[str, str], "Mapping[str, bytes] | None"]
+"""(namespace, name) → the Secret's data, decoded (None: no such Secret)."""
+USER_DATA_KEYS = ("userdata", "userData")  # the Secret keys KubeVirt reads user data from
 
 
 def vm_id(namespace: str, name: str) -> str:
@@ -65,19 +77,28 @@ def is_composed(vmi_spec: Mapping[str, Any]) -> bool:
 
 
 def machine_for(
-    vmi_spec: Mapping[str, Any], resolve: Resolver | None, test_guest: Callable[[int], MachineSpec]
+    vmi_spec: Mapping[str, Any],
+    resolve: Resolver | None,
+    test_guest: Callable[[int], MachineSpec],
+    cloud_init: Path | None = None,
 ) -> MachineSpec:
     """What qemu runs for this VMI spec (module docstring). A composed box without a
-    resolver (no component artifacts here) is refused with a TranslationError."""
+    resolver (no component artifacts here) is refused with a TranslationError.
+    `cloud_init`: the file holding the box's user data (`write_user_data`)."""
     if is_composed(vmi_spec):
         if resolve is None:
             raise box_qemu.TranslationError("no component store: composed boxes cannot run here")
-        spec = box_qemu.machine_spec({"spec": vmi_spec}, resolve, network=False)
+        spec = box_qemu.machine_spec(
+            {"spec": vmi_spec}, resolve, network=False, cloud_init=cloud_init
+        )
+        devices = (vmi_spec.get("domain") or {}).get("devices") or {}
         return MachineSpec.from_json(
             {
                 **spec.to_json(),
                 "memory_mib": max(spec.memory_mib, MIN_MEMORY_MIB),
                 "forwards": forwarded_ports(vmi_spec),
+                "nic": devices.get("autoattachPodInterface", True) is not False,
+                "tpm": True,
             }
         )
     try:
@@ -85,6 +106,83 @@ def machine_for(
     except box_qemu.TranslationError:
         mib = MIN_MEMORY_MIB
     return test_guest(max(mib, MIN_MEMORY_MIB))
+
+
+class UserDataError(ValueError):
+    """The VMI's cloud-init user data cannot be read (its Secret is missing, say)."""
+
+
+def user_data_source(vmi_spec: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The VMI's cloudInitNoCloud volume source (None without one)."""
+    for vol in vmi_spec.get("volumes") or []:
+        source = vol.get("cloudInitNoCloud")
+        if source is not None:
+            return dict(source)
+    return None
+
+
+def user_data(
+    vmi_spec: Mapping[str, Any], namespace: str, read_secret: SecretReader | None
+) -> bytes | None:
+    """The VMI's cloud-init user data: inline `userData`, `userDataBase64`, or the
+    `userdata` key of the Secret `secretRef` names (in the VMI's namespace); None without
+    a cloudInitNoCloud volume."""
+    source = user_data_source(vmi_spec)
+    if source is None:
+        return None
+    if "userData" in source:
+        return str(source["userData"]).encode()
+    if "userDataBase64" in source:
+        try:
+            return base64.b64decode(str(source["userDataBase64"]), validate=True)
+        except binascii.Error as exc:
+            raise UserDataError(f"cloudInitNoCloud.userDataBase64 is not base64: {exc}") from None
+    ref = (source.get("secretRef") or {}).get("name")
+    if ref:
+        if read_secret is None:
+            raise UserDataError(f"the user data is in Secret {namespace}/{ref}: no API here")
+        data = read_secret(namespace, str(ref))
+        if data is None:
+            raise UserDataError(f"the user data Secret {namespace}/{ref} does not exist")
+        for key in USER_DATA_KEYS:
+            if key in data:
+                return bytes(data[key])
+        raise UserDataError(f"Secret {namespace}/{ref} has no userdata key")
+    return b""
+
+
+def secret_reader(core: Any) -> SecretReader:
+    """A `SecretReader` over a kubernetes CoreV1Api (what virt-launcher's cloud-init
+    does with a `secretRef`): None for a Secret that does not exist."""
+
+    def read(namespace: str, name: str) -> Mapping[str, bytes] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            secret = core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {str(k): base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    return read
+
+
+SECTOR = 512
+
+
+def write_user_data(directory: Path, data: bytes) -> Path:
+    """`data` as a raw disk image under `directory`, named by its content (written once),
+    zero-padded to whole sectors (the padding is zeros: the guest's reader ignores it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{hashlib.sha256(data).hexdigest()[:24]}.img"
+    if not path.exists():
+        padded = data + b"\0" * (-len(data) % SECTOR or (0 if data else SECTOR))
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(padded)
+        tmp.replace(path)
+    return path
 
 
 STORE = "component-store"
@@ -115,6 +213,14 @@ def pool_mirror(state: Path) -> Resolver:
     from gtvp_local.guest.build import build_catalogue
 
     return with_store(resolver(build_catalogue(cache_dir())), state / STORE)
+
+
+def cloud_init_file(extra: Sequence[str]) -> Path | None:
+    """The user data disk's file in a machine's extra qemu arguments (None without one)."""
+    for arg in extra:
+        if arg.startswith("file=") and "id=d-cloudinit-data" in arg:
+            return Path(arg.split(",", 1)[0].removeprefix("file="))
+    return None
 
 
 def forwarded_ports(vmi_spec: Mapping[str, Any]) -> list[int]:
@@ -155,9 +261,13 @@ class Launcher:
     pool's registry mirror (`pool_mirror`), what members fetch components from (None: no
     composed box runs here)."""
 
-    def __init__(self, state: Path, resolve: Resolver | None = None) -> None:
+    def __init__(
+        self, state: Path, resolve: Resolver | None = None, read_secret: SecretReader | None = None
+    ) -> None:
         self.runtime = rt.Runtime(state)
         self.resolve = resolve
+        self.read_secret = read_secret
+        """Reads a Secret (the user data a VMI's `cloudInitNoCloud.secretRef` names)."""
         self.mirror = None if resolve is None else cache.Mirror(lambda image: resolve(image, None))
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gtvp-migrate")
         self._migrations: dict[str, Future[rt.MigrationResult]] = {}
@@ -311,11 +421,36 @@ class Launcher:
         if resolve is not None and is_composed(vmi_spec):
             self.fetch(member, cache.images_of(vmi_spec))
             resolve = cache.resolver(self.runtime.state, member)
-        spec = machine_for(vmi_spec, resolve, rt.guest_spec)
+        cloud_init = self.cloud_init(namespace, member, vmi_spec)
+        spec = machine_for(vmi_spec, resolve, rt.guest_spec, cloud_init)
         vm = vm_id(namespace, name)
         if self.runtime.running(vm):  # the VM of a VMI this one replaced (a restart)
             self.stop_vm(vm)
         self.runtime.start(vm, member, spec)
+
+    def user_data_dir(self, member: str) -> Path:
+        """Where `member` keeps its VMs' user data disks (beside its component cache)."""
+        return cache.member_dir(self.runtime.state, member).parent / "cloudinit"
+
+    def cloud_init(self, namespace: str, member: str, vmi_spec: Mapping[str, Any]) -> Path | None:
+        """The file of a composed box's user data on `member` (None: not a box, or no
+        cloud-init)."""
+        if not is_composed(vmi_spec):
+            return None
+        source = user_data_source(vmi_spec) or {}
+        if "secretRef" in source and self.read_secret is None:
+            # no API client here: the box boots without its user data (its attestation
+            # client says so), as before the runtime attached it
+            log.warning(
+                "[SIMULATED virt-launcher] cannot read the user data Secret %s/%s: no API "
+                "client; the box boots without a cloud-init disk",
+                namespace, source["secretRef"].get("name"),
+            )  # fmt: skip
+            return None
+        data = user_data(vmi_spec, namespace, self.read_secret)
+        if data is None:
+            return None
+        return write_user_data(self.user_data_dir(member), data)
 
     def known(self) -> set[str]:
         return set(self.runtime.vms())
@@ -366,7 +501,17 @@ class Launcher:
         spec = None
         if vmi_spec is not None and self.resolve is not None and is_composed(vmi_spec):
             self.fetch(target, cache.images_of(vmi_spec))
-            spec = machine_for(vmi_spec, cache.resolver(self.runtime.state, target), rt.guest_spec)
+            # the user data disk the source started with, copied to the target's own files
+            # (as the target's virt-launcher makes its own cloud-init disk)
+            cloud_init = None
+            with contextlib.suppress(KeyError):
+                extra = MachineSpec.from_json(self.runtime.vm_record(vm)["spec"]).extra
+                source = cloud_init_file(extra)
+                if source is not None:
+                    cloud_init = write_user_data(self.user_data_dir(target), source.read_bytes())
+            spec = machine_for(
+                vmi_spec, cache.resolver(self.runtime.state, target), rt.guest_spec, cloud_init
+            )
         return self.runtime.migrate(vm, target, 120.0, max_bandwidth=max_bandwidth, spec=spec)
 
     def finish_migration(self, namespace: str, name: str) -> None:

@@ -27,6 +27,12 @@ class MachineSpec:
     forwards: tuple[int, ...] = ()
     """Guest TCP ports served on the member's address (one virtio NIC on qemu's user
     network, `hostfwd` bound to the address of whichever member runs the VM)."""
+    nic: bool = False
+    """A virtio NIC on qemu's user network even without forwards (the pod network a
+    KubeVirt VMI gets by default): the guest reaches the member's network through it."""
+    tpm: bool = False
+    """A TPM 2.0 (tpm-crb) on qemu's tpm-emulator backend: the runtime runs one swtpm per
+    VM process and passes its control socket (`qemu_argv(tpm_socket=...)`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,6 +44,8 @@ class MachineSpec:
             "machine": self.machine,
             "extra": list(self.extra),
             "forwards": list(self.forwards),
+            "nic": self.nic,
+            "tpm": self.tpm,
         }
 
     @classmethod
@@ -52,6 +60,8 @@ class MachineSpec:
             machine=str(data.get("machine", "pc")),
             extra=tuple(str(a) for a in data.get("extra", ())),
             forwards=tuple(int(p) for p in data.get("forwards", ())),
+            nic=bool(data.get("nic", False)),
+            tpm=bool(data.get("tpm", False)),
         )
 
 
@@ -65,13 +75,15 @@ def qemu_argv(
     incoming: str | None = None,
     binary: str = QEMU,
     address: str | None = None,
+    tpm_socket: Path | None = None,
 ) -> list[str]:
     """The qemu command line: no default devices, no reboot (a guest that reboots or panics
     ends its qemu), no display, no NIC; the serial console appended to `console` (a
     migration target appends to the same file, so the VM has one console log), QMP on the
     unix socket `qmp`; `incoming="defer"` for a target that waits for `migrate-incoming`;
     the spec's `forwards` served on `address` (the member's: a migration target binds its
-    own, so the service answers where the VM runs)."""
+    own, so the service answers where the VM runs); a spec with `tpm` gets a tpm-crb device
+    on the swtpm whose control socket is `tpm_socket`."""
     if accel not in ACCELS:
         raise ValueError(f"accel {accel!r} is not one of {ACCELS}")
     if spec.memory_mib < 16 or spec.cpus < 1:
@@ -96,17 +108,30 @@ def qemu_argv(
         argv += ["-initrd", str(spec.initrd)]
     if spec.append:
         argv += ["-append", spec.append]
-    if spec.forwards:
-        if address is None:
+    if spec.forwards or spec.nic:
+        if spec.forwards and address is None:
             raise ValueError("forwarded ports need the member's address")
         fwd = "".join(f",hostfwd=tcp:{address}:{p}-:{p}" for p in spec.forwards)
         argv += ["-netdev", f"user,id=net0{fwd}", "-device", "virtio-net-pci,netdev=net0"]
     else:
         argv += ["-nic", "none"]
+    if spec.tpm:
+        if tpm_socket is None:
+            raise ValueError("a machine with a TPM needs its swtpm's control socket")
+        argv += tpm_args(tpm_socket)
     argv += list(spec.extra)
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv
+
+
+def tpm_args(ctrl: Path) -> list[str]:
+    """qemu's TPM 2.0 on the tpm-emulator backend: the swtpm at control socket `ctrl`."""
+    return [
+        "-chardev", f"socket,id=chrtpm,path={ctrl}",
+        "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+        "-device", "tpm-crb,tpmdev=tpm0",
+    ]  # fmt: skip
 
 
 def in_netns(netns: str, argv: Sequence[str], *, ip: str = "/usr/sbin/ip") -> list[str]:

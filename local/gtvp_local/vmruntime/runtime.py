@@ -5,6 +5,14 @@ State under `<state>/vmruntime/`: `vms/<vm>.json` (member, generation, machine s
 `consoles/<vm>.log` (the serial console, one file across migrations), `pids/` and `logs/`
 (a ProcessTable of its own, so every qemu carries the mark `<state>/vmruntime` and a
 cleanup finds strays by it), and the member network (`network.py`).
+
+A machine with a TPM (`MachineSpec.tpm`: the composed boxes) gets its own vTPM: an swtpm
+per qemu process (`<process>.tpm` in the same table, state in `tpm/<process>/`, control
+socket beside the QMP socket), manufactured for a fresh start with `swtpm_setup
+--create-ek-cert` by the runtime's vTPM CA (`vtpm-ca/`, a `SwtpmCA` of its own, not the
+members' CA: `vtpm_ca_pem` is what a SecurityPolicy trusts for box EKs). A migration
+target's swtpm starts empty before its qemu: qemu carries the TPM state in the migration
+stream; the source's swtpm stops with the source's qemu. Every swtpm stops with its VM.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gtvp_local import swtpm
 from gtvp_local.processes import ProcessTable, Tracked, stop_pid, strays
 from gtvp_local.vmruntime import guest, names, network
 from gtvp_local.vmruntime.machine import QEMU, MachineSpec, in_netns, qemu_argv, tcp_uri
@@ -72,6 +81,26 @@ def socket_dir(state: Path) -> Path:
         return own
     digest = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"{names.PREFIX}-{digest}"
+
+
+def vtpm_ca(state: Path) -> swtpm.SwtpmCA:
+    """The CA that certifies the EKs of this runtime's vTPMs (distinct from the members')."""
+    return swtpm.SwtpmCA(runtime_dir(state) / "vtpm-ca")
+
+
+def vtpm_ca_pem(state: Path) -> str:
+    """The vTPM CA's issuing intermediate and root, PEM (a SecurityPolicy's vTPM CA bundle);
+    the CA is created on first use."""
+    ca = vtpm_ca(state).ensure()
+    if not (ca.dir / "issuercert.pem").exists():  # swtpm_localca makes its CA on first issue
+        swtpm.manufacture(ca.dir / "first-issue", ca, "the vTPM CA's first TPM")
+        shutil.rmtree(ca.dir / "first-issue", ignore_errors=True)
+    return ca.bundle_pem()
+
+
+def tpm_process_name(vm: str, generation: int) -> str:
+    """The swtpm of one qemu process of `vm`."""
+    return f"{names.process_name(vm, generation)}.tpm"
 
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -143,6 +172,10 @@ class Runtime:
             raise KeyError(f"no VM {vm!r} in {self.dir}") from exc
         return data
 
+    def vm_record(self, vm: str) -> dict[str, Any]:
+        """The VM's record (member, generation, machine spec as JSON); KeyError without one."""
+        return self._record(vm)
+
     def _write(self, vm: str, record: Mapping[str, Any]) -> None:
         path = self._record_path(vm)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +185,41 @@ class Runtime:
 
     def _qmp_path(self, vm: str, generation: int) -> Path:
         return socket_dir(self.state) / f"{names.process_name(vm, generation)}.qmp"
+
+    def _tpm_socket(self, vm: str, generation: int) -> Path:
+        return socket_dir(self.state) / f"{names.process_name(vm, generation)}.tpm"
+
+    def _tpm_state(self, vm: str, generation: int) -> Path:
+        return self.dir / "tpm" / names.process_name(vm, generation)
+
+    def tpm_running(self, vm: str, generation: int) -> bool:
+        """Whether the swtpm of `vm`'s qemu process `generation` runs."""
+        t = self.table.get(tpm_process_name(vm, generation))
+        return t is not None and t.alive()
+
+    def _start_tpm(self, vm: str, generation: int, *, manufacture: bool) -> Path:
+        """A fresh swtpm for one qemu process (manufactured by the vTPM CA, or empty for
+        a migration target); its control socket."""
+        self._stop_tpm(vm, generation)
+        state, ctrl = self._tpm_state(vm, generation), self._tpm_socket(vm, generation)
+        state.mkdir(parents=True, exist_ok=True)
+        if manufacture:
+            swtpm.manufacture(state, vtpm_ca(self.state), vm)
+        name = tpm_process_name(vm, generation)
+        tracked = self.table.start(name, swtpm.vm_tpm_argv(state, ctrl))
+        deadline = time.monotonic() + 10
+        while not ctrl.exists():
+            if not tracked.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the vTPM of {vm} did not start: {self.table.log_tail(name)}")
+            time.sleep(0.02)
+        return ctrl
+
+    def _stop_tpm(self, vm: str, generation: int) -> bool:
+        ran = self.table.stop(tpm_process_name(vm, generation), timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            self._tpm_socket(vm, generation).unlink()
+        shutil.rmtree(self._tpm_state(vm, generation), ignore_errors=True)
+        return ran
 
     def console_path(self, vm: str) -> Path:
         return self.dir / "consoles" / f"{names.sanitize(vm, 60)}.log"
@@ -201,6 +269,7 @@ class Runtime:
             qmp.unlink()
         console = self.console_path(vm)
         console.parent.mkdir(parents=True, exist_ok=True)
+        tpm = self._start_tpm(vm, generation, manufacture=incoming is None) if spec.tpm else None
         argv = qemu_argv(
             spec,
             name=vm,
@@ -210,6 +279,7 @@ class Runtime:
             incoming=incoming,
             binary=self.binary,
             address=net.address,
+            tpm_socket=tpm,
         )
         tracked = self.table.start(
             names.process_name(vm, generation), in_netns(net.netns, argv, ip=_IP)
@@ -292,6 +362,7 @@ class Runtime:
                 ran = self.table.stop(names.process_name(vm, g), timeout=5) or ran
                 with contextlib.suppress(FileNotFoundError):
                     self._qmp_path(vm, g).unlink()
+                self._stop_tpm(vm, g)
         with contextlib.suppress(FileNotFoundError):
             self._record_path(vm).unlink()
         return ran
@@ -336,6 +407,7 @@ class Runtime:
             self.table.stop(target_name, timeout=5)
             with contextlib.suppress(FileNotFoundError):
                 self._qmp_path(vm, gen).unlink()
+            self._stop_tpm(vm, gen)
             return MigrationResult(
                 "failed",
                 h.member,
@@ -372,6 +444,7 @@ class Runtime:
         self.table.stop(names.process_name(vm, h.generation), timeout=5)
         with contextlib.suppress(FileNotFoundError):
             h.qmp.unlink()
+        self._stop_tpm(vm, h.generation)
         rec.update(member=target_member, generation=gen, spec=spec.to_json())
         self._write(vm, rec)
         ram = info.get("ram") or {}
@@ -467,8 +540,10 @@ def cleanup(state: Path) -> list[str]:
             stop_pid(pid, timeout=5)
             removed.append(f"stray pid {pid}")
     sockets = socket_dir(state)
-    for sock in sockets.glob("*.qmp") if sockets.is_dir() else ():
-        sock.unlink(missing_ok=True)
+    for pattern in ("*.qmp", "*.tpm"):
+        for sock in sockets.glob(pattern) if sockets.is_dir() else ():
+            sock.unlink(missing_ok=True)
+    shutil.rmtree(rdir / "tpm", ignore_errors=True)
     if sockets.is_dir() and not any(sockets.iterdir()):
         sockets.rmdir()
     for rec in (rdir / "vms").glob("*.json") if (rdir / "vms").is_dir() else ():
