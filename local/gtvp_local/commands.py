@@ -203,6 +203,29 @@ def _box_page(pool: Pool, member: str, timeout: float = 30.0) -> tuple[str, str]
     return url, str(wait_for(f"the box's page at {url}", fetch, timeout))
 
 
+def _say_attestation(cp: ControlPlane, member: str, prefix: str = "    ") -> None:
+    """Wait (bounded) until gtvp verified a quote of the box's vTPM taken on `member`, and
+    say so; or say what its status shows instead (the main job goes on either way)."""
+
+    def verified() -> dict[str, Any]:  # {}: not yet (wait_for waits for a true value)
+        att = (_box(cp).get("status") or {}).get("attestation") or {}
+        return dict(att) if att.get("state") == "Verified" and att.get("member") == member else {}
+
+    try:
+        att = wait_for(f"the box's vTPM quote on {member}", verified, 90)
+    except TimeoutError:
+        att = (_box(cp).get("status") or {}).get("attestation") or {}
+        _say(
+            f"{prefix}its vTPM was NOT attested on {member} yet: state "
+            f"{att.get('state', 'none')} {att.get('reason', '')} {att.get('message', '')}".rstrip()
+        )
+        return
+    _say(
+        f"{prefix}gtvp verified a fresh quote of its vTPM on {member} (docs/boxattest.md): "
+        f"PCR 13 holds exactly its measured disks ({', '.join(att.get('components') or [])})"
+    )
+
+
 def _show_box(cp: ControlPlane, pool: Pool) -> None:
     real = pool.vms == "qemu"
     _say(
@@ -229,6 +252,7 @@ def _show_box(cp: ControlPlane, pool: Pool) -> None:
         _say(f"      | {line.strip()}")
     url, page = _box_page(pool, node)
     _say(f"    its page at {url} (from this host): {page}")
+    _say_attestation(cp, node)
 
 
 # ----- gtvp local up, step by step -----------------------------------------------------------
@@ -576,6 +600,7 @@ def _watch_box(pool: Pool, member: str, before: str | None, elapsed: Callable[[]
         )
     url, page = _box_page(pool, node)
     _say(f"{elapsed()}    its page answers at {url}: {page}")
+    _say_attestation(cp, node, prefix=f"{elapsed()}    ")
 
 
 def _migration_line(pool: Pool) -> str | None:

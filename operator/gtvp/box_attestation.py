@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
-from prometheus_client import CollectorRegistry, Counter
 
 from gtvp import key_release, kube
 from gtvp.cluster_view import Key
@@ -48,21 +47,10 @@ from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.boxattest")
 JSON = "application/json"
-_COUNTERS: dict[int, Counter] = {}
 
 
 def _count(result: str) -> None:
-    registry: CollectorRegistry = METRICS.registry
-    counter = _COUNTERS.get(id(registry))
-    if counter is None:
-        counter = Counter(
-            "gtvp_box_attestations",
-            "Box attestation requests by result (Verified, a mismatch or a refusal's reason)",
-            ["result"],
-            registry=registry,
-        )
-        _COUNTERS[id(registry)] = counter
-    counter.labels(result).inc()
+    METRICS.box_attestations.labels(result).inc()
 
 
 # -- the policy ------------------------------------------------------------------------------
@@ -188,7 +176,7 @@ def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> Armed | str | None:
     if att.get("credentialHash") != ba.credential_hash(credential):
         att = ba.fresh_attestation(credential)
         log.info("box %s/%s: a new attestation credential is in its cloud-init Secret", ns, name)
-    return Armed(out, att)
+    return Armed(ba.with_vtpm(out), att)
 
 
 # -- the endpoint ----------------------------------------------------------------------------

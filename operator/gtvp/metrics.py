@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gtvp import __version__
+from gtvp.core.boxattest import REASONS as BOX_ATTESTATION_REASONS
 from gtvp.core.component_checks import COMPONENT_FAILURE_REASONS, COMPONENT_VERIFIED_REASON
 from gtvp.core.errors import ALL_REASONS
 from gtvp.core.keyrelease import RESULTS as KEY_RELEASE_RESULTS
@@ -259,6 +260,15 @@ class Metrics:
         )
         for result in KEY_RELEASE_RESULTS:
             self.key_releases.labels(result)
+        self.box_attestations = Counter(
+            "gtvp_box_attestations",
+            "Box attestation requests (docs/boxattest.md) by result: Enrolling, Bound, "
+            "Verified, a mismatch or a refusal's reason",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("Enrolling", "Bound", *BOX_ATTESTATION_REASONS):
+            self.box_attestations.labels(result)
 
     def _coordination_metrics(self) -> None:
         self.shards_held = Gauge(

@@ -162,6 +162,8 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     # the guest booted from the components and says so on its console, verifying each disk
     assert "| gtvp-init: verified and mounted busybox-base" in up.stdout
     assert "| GTVP-READY web" in up.stdout
+    # gtvp verified a quote of the box's own vTPM (its disks measured into PCR 13)
+    assert "gtvp verified a fresh quote of its vTPM on node-2" in up.stdout
     page = up.stdout.split("(from this host): ")[1].splitlines()[0]
     assert f"gtvp Lazy Box web hello-web {newest[-1].split()[1]}" in page
     assert "gtvp local tamper node-2" in up.stdout
@@ -178,6 +180,7 @@ def test_main_job_places_a_vm_and_a_tampered_member_is_quarantined(
     assert "[SIMULATED virt-handler] migration of gtvp-samples/web to node-" in tamper.stdout
     assert "the guest did not reboot: its uptime went on from" in tamper.stdout
     assert "its page answers at http://10.77.0." in tamper.stdout
+    assert "gtvp verified a fresh quote of its vTPM on node-" in tamper.stdout  # on its target
     assert "Lazy Boxes:" in tamper.stdout
     if vm_host == host:
         assert "evacuation started" in tamper.stdout

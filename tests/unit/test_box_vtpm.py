@@ -55,8 +55,11 @@ def _argv(spec: MachineSpec, **kw: Any) -> list[str]:
     )
 
 
+VTPM = {"tpm": {"persistent": True}}  # what gtvp.core.boxattest.with_vtpm asks for
+
+
 def test_a_composed_box_gets_a_tpm_on_its_swtpm_and_a_nic() -> None:
-    spec = machine_for(_box(), _resolve, lambda mib: MachineSpec(kernel=Path("/k")))
+    spec = machine_for(_box(**VTPM), _resolve, lambda mib: MachineSpec(kernel=Path("/k")))
     assert spec.tpm
     assert spec.nic
     argv = _argv(spec, tpm_socket=Path("/run/x.tpm"))
@@ -76,9 +79,17 @@ def test_the_test_guest_and_a_box_without_pod_interface_get_neither() -> None:
     joined = " ".join(_argv(guest))
     assert "tpm" not in joined
     assert "-nic none" in joined
-    box = machine_for(_box(autoattachPodInterface=False), _resolve, lambda mib: guest)
+    box = machine_for(_box(autoattachPodInterface=False, **VTPM), _resolve, lambda mib: guest)
     assert not box.nic
     assert box.tpm
+
+
+def test_a_box_gets_a_vtpm_only_when_its_spec_asks_for_one() -> None:
+    """As virt-launcher: `domain.devices.tpm` (gtvp adds it when the policy attests boxes)."""
+    make = lambda mib: MachineSpec(kernel=Path("/k"))  # noqa: E731
+    assert not machine_for(_box(), _resolve, make).tpm
+    assert not machine_for(_box(tpm={"enabled": False}), _resolve, make).tpm
+    assert machine_for(_box(tpm={}), _resolve, make).tpm
 
 
 def test_the_user_data_is_a_raw_disk_with_serial_cloudinit(tmp_path: Path) -> None:

@@ -228,3 +228,15 @@ def test_a_bound_vtpm_is_pinned_for_the_life_of_its_vmi() -> None:
     assert _reason(lambda: ba.check_ek_pin(bound, "b" * 64, moved)) == ba.EK_CHANGED
     ba.check_ek_pin(bound, "b" * 64, ba.Where(WHERE.member, "uid-2"))  # a restart
     ba.check_ek_pin({"bound": False}, "b" * 64, WHERE)
+
+
+def test_an_attested_box_asks_kubevirt_for_a_persistent_vtpm() -> None:
+    from gtvp.core.boxattest import with_vtpm
+
+    vm = {"spec": {"template": {"spec": {"domain": {"devices": {"disks": []}}}}}}
+    out = with_vtpm(vm)
+    assert out["spec"]["template"]["spec"]["domain"]["devices"] == {
+        "disks": [],
+        "tpm": {"persistent": True},
+    }
+    assert "tpm" not in vm["spec"]["template"]["spec"]["domain"]["devices"]  # not modified

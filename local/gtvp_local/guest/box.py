@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gtvp.core.boxattest import with_vtpm
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BoxRef, compose_vm
 from gtvp_local.guest.build import APP_NAME, Artifact, component_manifest, composition
@@ -48,9 +49,11 @@ def compose_box(
     memory: str = "256Mi",
     cpu: str = "1",
     app_version: str | None = None,
+    vtpm: bool = True,
 ) -> dict[str, Any]:
     """The VirtualMachine the operator would compose for a box running the application (at
-    `app_version`, else its newest), with the newest of every other component."""
+    `app_version`, else its newest), with the newest of every other component; `vtpm`: with
+    the vTPM gtvp asks for when its policy attests boxes (`gtvp.core.boxattest.with_vtpm`)."""
     pinned = {} if app_version is None else {APP_NAME: app_version}
     comps = [parse_component(component_manifest(a)) for a in composition(catalogue, pinned)]
     spec = {
@@ -58,6 +61,7 @@ def compose_box(
         "level": 3,
         "resources": {"cpu": cpu, "memory": memory},
     }
-    return compose_vm(
+    vm = compose_vm(
         BoxRef(box, "default", "00000000-0000-4000-8000-000000000000"), spec, comps, None
     )
+    return with_vtpm(vm) if vtpm else vm

@@ -21,7 +21,8 @@ places on a member, and to live-migrate it when a migration reaches its turn:
   migration's target fetches them too before the migration starts, unless gtvp had it
   pre-fetch them (`prefetch`: a worker thread per request, off the stand-in's loop, in
   place of the kubelet pulling the images a pre-pull pod names);
-- a composed box gets a vTPM (one swtpm per VM process, `runtime.Runtime`), a NIC on the
+- a composed box gets a vTPM when its spec asks for one (`domain.devices.tpm`, which gtvp
+  adds to every box it attests; one swtpm per VM process, `runtime.Runtime`), a NIC on the
   pod network (KubeVirt attaches one unless `autoattachPodInterface: false`) and its
   cloudInitNoCloud user data as a raw virtio disk with serial `cloudinit` (inline
   `userData`/`userDataBase64`, or the Secret `secretRef` names, read through
@@ -76,6 +77,13 @@ def is_composed(vmi_spec: Mapping[str, Any]) -> bool:
     return bool((kb.get("container") or {}).get("image"))
 
 
+def wants_vtpm(devices: Mapping[str, Any]) -> bool:
+    """The VMI asks for a vTPM (`domain.devices.tpm`, unless `enabled: false`), as
+    virt-launcher reads it; gtvp asks for one for every box it attests."""
+    tpm = devices.get("tpm")
+    return isinstance(tpm, Mapping) and tpm.get("enabled", True) is not False
+
+
 def machine_for(
     vmi_spec: Mapping[str, Any],
     resolve: Resolver | None,
@@ -98,7 +106,7 @@ def machine_for(
                 "memory_mib": max(spec.memory_mib, MIN_MEMORY_MIB),
                 "forwards": forwarded_ports(vmi_spec),
                 "nic": devices.get("autoattachPodInterface", True) is not False,
-                "tpm": True,
+                "tpm": wants_vtpm(devices),
             }
         )
     try:

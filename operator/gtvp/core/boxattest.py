@@ -357,6 +357,17 @@ def credential_of(user_data: str) -> str | None:
     return None
 
 
+def with_vtpm(vm: Mapping[str, Any]) -> dict[str, Any]:
+    """The composed VirtualMachine with a persistent vTPM (KubeVirt's
+    `domain.devices.tpm: {persistent: true}`: an swtpm per VM whose state is kept, and
+    migrated, with the VM), which the box's init measures its disks into."""
+    out = json.loads(json.dumps(vm))
+    domain = out.setdefault("spec", {}).setdefault("template", {}).setdefault("spec", {})
+    devices = domain.setdefault("domain", {}).setdefault("devices", {})
+    devices["tpm"] = {"persistent": True}
+    return dict(out)
+
+
 def with_attest_line(user_data: str, line: str) -> str:
     """`user_data` with `line` (any earlier attest line replaced), ending in a newline."""
     kept = [x for x in user_data.splitlines() if not x.startswith(LINE_PREFIX)]
