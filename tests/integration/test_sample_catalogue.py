@@ -76,3 +76,23 @@ def test_a_version_debian_does_not_serve_says_how_to_re_pin(tmp_path: Path) -> N
         pins.fetch(gone, tmp_path)
     assert "apt-get download busybox-static=1:0.0.1-1 failed" in str(err.value)
     assert "make samples" in str(err.value)
+
+
+def _build_digests(_: int) -> list[tuple[str, str]]:
+    from gtvp_local.guest.build import build_catalogue
+
+    return sorted((key, a.sha256) for key, a in build_catalogue(cache_dir()).items())
+
+
+def test_builders_at_the_same_time_take_turns_and_build_the_same_bytes(
+    built: list[dict[str, object]],
+) -> None:
+    """The stand-in, a test and a benchmark may build the catalogue at once (into the one
+    cache): none of them fails on another's half-written file."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(3) as workers:
+        got = workers.map(_build_digests, range(3))
+    assert got[0] == got[1] == got[2]
+    pinned = {f"{d['metadata']['name']}": d for d in built}  # type: ignore[index]
+    assert len(got[0]) == len(pinned)

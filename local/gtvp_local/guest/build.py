@@ -25,6 +25,7 @@ digest) is the same on every build. Inputs and outputs live in `<cache>/guest`.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import lzma
@@ -362,7 +363,7 @@ def app_tree(version: str = APP_VERSION) -> Tree:
 def _write(path: Path, data: bytes) -> None:
     if path.exists() and path.read_bytes() == data:
         return
-    part = path.with_name(path.name + ".part")
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
     part.write_bytes(data)
     part.replace(path)
 
@@ -375,8 +376,16 @@ def build_catalogue(cache: Path, *, busybox: Path | None = None) -> dict[str, Ar
     """Build (or rebuild: same bytes) every component version; {`<name>@<version>`:
     artifact} (`Artifact.key`; `composition` picks one per component).
     `busybox`: a binary to build with instead of the pinned one (the digests then differ
-    from the sample catalogue's)."""
+    from the sample catalogue's). Concurrent builders (the stand-in starting while a test or
+    a benchmark builds) take turns on a lock in the cache; a reader of an artifact always
+    sees a whole file (each one is replaced by a rename)."""
     gcache = guest_cache(cache)
+    with (gcache / "catalogue.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_catalogue(gcache, busybox)
+
+
+def _build_catalogue(gcache: Path, busybox: Path | None) -> dict[str, Artifact]:
     if busybox is None:
         busybox = pinned_busybox(gcache)
     elif not busybox.exists():

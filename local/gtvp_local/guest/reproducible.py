@@ -155,7 +155,7 @@ def squashfs_dir(
     """The directory `root` as a reproducible squashfs image at `out` (root-owned, fixed
     times, xz, padded to a whole number of 4 KiB blocks), written through `.part`.
     `processors`: mksquashfs's threads (None: all; the image's bytes do not depend on it)."""
-    partial = out.with_name(out.name + ".part")
+    partial = out.with_name(f"{out.name}.{os.getpid()}.part")
     partial.unlink(missing_ok=True)
     threads = [] if processors is None else ["-processors", str(processors)]
     subprocess.run(
