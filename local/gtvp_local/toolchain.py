@@ -34,6 +34,7 @@ KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
+DESCHEDULER_VERSION = "v0.36.0"
 
 
 class ToolchainError(RuntimeError):
@@ -132,8 +133,27 @@ COMPONENTS: tuple[Component, ...] = (
 )
 
 
+BENCH_COMPONENTS: tuple[Component, ...] = (
+    # the Kubernetes descheduler, only for the balancing benchmark (tests/bench): not part of
+    # `ensure_all`, built on first use by `descheduler()`. Its go.mod carries the module's own
+    # `replace k8s.io/kube-openapi` (a replace in a dependency does not apply to its users,
+    # and the version it requires is not served by the proxy)
+    Component(
+        "descheduler",
+        DESCHEDULER_VERSION,
+        ("sigs.k8s.io/descheduler/cmd/descheduler",),
+        ("descheduler",),
+        (
+            f"-X sigs.k8s.io/descheduler/pkg/version.version={DESCHEDULER_VERSION}",
+            "-X sigs.k8s.io/descheduler/pkg/version.buildDate=1970-01-01T00:00:00Z",
+            f"-X sigs.k8s.io/descheduler/pkg/version.gitsha1=go-module-{DESCHEDULER_VERSION}",
+        ),
+    ),
+)
+
+
 def component(name: str) -> Component:
-    for c in COMPONENTS:
+    for c in COMPONENTS + BENCH_COMPONENTS:
         if c.name == name:
             return c
     raise KeyError(name)
@@ -276,6 +296,12 @@ def _build_locked(comp: Component, *, verbose: bool) -> Path:
     return dest
 
 
+def descheduler(*, verbose: bool = True) -> Path:
+    """The Kubernetes descheduler's binary, built from its Go module on first use (a
+    ToolchainError says why when the build fails)."""
+    return build(component("descheduler"), verbose=verbose) / "descheduler"
+
+
 def ensure_all(*, verbose: bool = True) -> Binaries:
     """Build every missing component (progress on stderr) and return their paths."""
     missing = [c for c in COMPONENTS if not c.is_built()]
@@ -318,6 +344,25 @@ def kubernetes_gomod(
     return "\n".join(lines)
 
 
+def _module_replaces(go: str, comp: Component, cwd: Path) -> str:
+    """The single-line `replace` directives of the built module's own go.mod (the
+    descheduler pins k8s.io/kube-openapi that way): they do not apply to a module that
+    requires it, so the build's go.mod repeats them."""
+    if comp.name != "descheduler":
+        return ""
+    module = comp.packages[0].split("/cmd/")[0]
+    dl = subprocess.run(
+        [go, "mod", "download", "-json", f"{module}@{comp.version}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=cwd,
+    )
+    own = (Path(json.loads(dl.stdout)["Dir"]) / "go.mod").read_text()
+    lines = [ln for ln in own.splitlines() if ln.startswith("replace ") and "=>" in ln]
+    return "".join(f"\n{ln}\n" for ln in lines)
+
+
 def regenerate(comp: Component, destination: Path) -> None:
     """Re-pin one component: write a fresh go.mod (generated, for kubernetes) and go.sum.
 
@@ -340,7 +385,7 @@ def regenerate(comp: Component, destination: Path) -> None:
         kk = Path(json.loads(dl.stdout)["Dir"]) / "go.mod"
         text = kubernetes_gomod(kk.read_text(), version=comp.version, name=comp.name)
     else:
-        text = f"module {module}\n\ngo 1.26.0\n"
+        text = f"module {module}\n\ngo 1.26.0\n" + _module_replaces(go, comp, destination)
     (destination / "go.mod").write_text(text)
     pkgs = [f"{p}@{comp.version}" for p in comp.packages]
     subprocess.run([go, "get", *pkgs], check=True, cwd=destination)

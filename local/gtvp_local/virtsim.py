@@ -40,6 +40,12 @@ images its cache lacks over its link in a worker thread (the stand-in's loop goe
 its `status.images` lists them once they are there. Without real VMs (`--vms phases`) the
 requested images are simply added to the Node's `status.images` (no bytes move).
 
+With `--launcher-pods` (or GTVP_VIRTSIM_LAUNCHER_PODS=1) it also keeps a virt-launcher pod
+per placed VMI and serves virt-api's eviction webhook (`gtvp_local.launcherpods`): an
+eviction of such a pod (the Eviction API, as the Kubernetes descheduler uses it) is refused
+with 429 and marks the VMI's `status.evacuationNodeName`; a marked LiveMigrate VMI then gets
+an evacuation migration whether or not its node is cordoned, as in KubeVirt.
+
 It is named as a simulation wherever it appears, and the Helm chart never installs it.
 """
 
@@ -47,7 +53,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +64,7 @@ from typing import Any
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.compose import preferred_node
 from gtvp.core.prefetch import MAX_IMAGES, requests_on
+from gtvp_local.launcherpods import EvictionWebhook, LauncherPods, request_load
 from gtvp_local.vmruntime import cache
 from gtvp_local.vmruntime.launcher import Launcher, pool_mirror, vm_id
 
@@ -149,8 +158,14 @@ def trusted_members(members: Sequence[Mapping[str, Any]]) -> frozenset[str]:
 
 class VirtSim:
     def __init__(
-        self, api: Any, core: Any, step_delay: float = 0.3, launcher: Launcher | None = None
+        self,
+        api: Any,
+        core: Any,
+        step_delay: float = 0.3,
+        launcher: Launcher | None = None,
+        pods: LauncherPods | None = None,
     ) -> None:
+        self.pods = pods  # virt-launcher pods per placed VMI (None: no pods)
         self.api = api
         self.core = core
         self.delay = step_delay
@@ -208,11 +223,7 @@ class VirtSim:
             (i["metadata"]["namespace"], i["metadata"]["name"]): i
             for i in self._list("virtualmachineinstances")
         }
-        load: dict[str, int] = {}
-        for i in vmis.values():
-            node = (i.get("status") or {}).get("nodeName")
-            if node:
-                load[node] = load.get(node, 0) + 1
+        load = self._loads(vmis, nodes)
         for vm in vms:
             self._reconcile_vm(vm, vmis, nodes, load)
         present = {(v["metadata"]["namespace"], v["metadata"]["name"]) for v in vms}
@@ -236,8 +247,61 @@ class VirtSim:
             self._follow_vms(self.launcher, vmis)
         migrations = self._list("virtualmachineinstancemigrations")
         self._simulate_drains(nodes, vmis, migrations)
+        self._evacuate_marked(nodes, vmis, migrations)
         for mig in migrations:
             self._advance_migration(mig, vmis, nodes, load)
+        self._sync_pods()
+
+    def _loads(
+        self, vmis: Mapping[tuple[str, str], Any], nodes: Sequence[Mapping[str, Any]]
+    ) -> dict[str, int]:
+        """What the stand-in places by, lowest first: VMIs per node, or with launcher pods
+        the requests' commitment per mille (as kube-scheduler scores pods by requests)."""
+        if self.pods is not None:
+            return request_load(vmis.values(), nodes)
+        load: dict[str, int] = {}
+        for i in vmis.values():
+            node = (i.get("status") or {}).get("nodeName")
+            if node:
+                load[node] = load.get(node, 0) + 1
+        return load
+
+    def _sync_pods(self) -> None:
+        """With launcher pods: one per placed VMI (VMIs listed again: placed or landed
+        during this tick)."""
+        if self.pods is not None:
+            self.pods.sync(self._list("virtualmachineinstances"))
+
+    def _evacuate_marked(
+        self,
+        nodes: Sequence[Mapping[str, Any]],
+        vmis: Mapping[tuple[str, str], Any],
+        migrations: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """SIMULATION of virt-controller's evacuation controller: a Running LiveMigrate*
+        VMI marked by an eviction (status.evacuationNodeName) on a node that is not
+        cordoned (those are `_simulate_drains`'s) without a migration in flight gets one;
+        External ones are left to their controller."""
+        if self.pods is None:
+            return
+        cordoned = {
+            n["metadata"]["name"] for n in nodes if (n.get("spec") or {}).get("unschedulable")
+        }
+        migrating = {
+            (m["metadata"]["namespace"], (m.get("spec") or {}).get("vmiName"))
+            for m in migrations
+            if (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        }
+        for key, vmi in vmis.items():
+            status, spec = vmi.get("status") or {}, vmi.get("spec") or {}
+            node = status.get("evacuationNodeName")
+            if not node or status.get("phase") != "Running" or key in migrating:
+                continue
+            if node in cordoned:
+                continue
+            live = spec.get("evictionStrategy") in ("LiveMigrate", "LiveMigrateIfPossible")
+            if live and node == status.get("nodeName"):
+                self._evacuation_migration(key, str(node))
 
     def _simulate_drains(
         self,
@@ -656,6 +720,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs as a VM in its member's network namespace, migrations are live migrations",
     )
     p.add_argument("--state", type=Path, help="with --vms qemu: the runtime's state directory")
+    p.add_argument(
+        "--launcher-pods",
+        action="store_true",
+        default=os.environ.get("GTVP_VIRTSIM_LAUNCHER_PODS") == "1",
+        help="keep a virt-launcher pod per placed VMI and turn its eviction into a live "
+        "migration (virt-api's eviction webhook; gtvp_local.launcherpods)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from kubernetes import client, config
@@ -663,9 +734,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.vms == "qemu" and args.state is None:
         p.error("--vms qemu needs --state")
     api_client = config.new_client_from_config(config_file=args.kubeconfig)
-    core = client.CoreV1Api(api_client)
+    api, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
     launcher = _launcher(args.state, core) if args.vms == "qemu" else None
-    sim = VirtSim(client.CustomObjectsApi(api_client), core, launcher=launcher)
+    pods = None
+    if args.launcher_pods:
+        pki_dir = (args.state or Path(tempfile.mkdtemp(prefix="gtvp-virtsim-"))) / "virt-api-pki"
+        EvictionWebhook(api, core, pki_dir).start()
+        pods = LauncherPods(core)
+    sim = VirtSim(api, core, launcher=launcher, pods=pods)
     log.info("%s started: a SIMULATION of KubeVirt's virt-controller for the local pool", BANNER)
     while True:
         try:
