@@ -63,7 +63,8 @@ bench: setup
 	@$(BIN)/python -m tests.bench.bench_cli_startup
 	@$(BIN)/python -m tests.bench.bench_failover --members 1000
 	@$(BIN)/python -m tests.bench.bench_box_boot --runs 3
-	@$(BIN)/python -m tests.bench.bench_box_migration --runs 3
+	@$(BIN)/python -m tests.bench.bench_box_migration --runs 3 --uplink-mbit 200
+	@$(BIN)/python -m tests.bench.bench_box_migration --runs 3 --uplink-mbit 50
 	@$(BIN)/python -m tests.bench.bench_component_fetch --runs 3 --uplink-mbit 50
 	@$(BIN)/python -m tests.bench.bench_component_fetch --runs 3 --uplink-mbit 200
 	@$(BIN)/python -m tests.bench.bench_balance_trace --trace all --interval 10
