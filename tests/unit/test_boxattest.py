@@ -207,6 +207,18 @@ def test_the_quote_checks_come_in_order_and_refuse_before_anything_is_recorded()
     answered = {**pending, "answered": [nonce.hex()]}
     assert check(answered, _quote_body(nonce)) == ba.NONCE_REPLAYED
     assert check(pending, _quote_body(nonce), NOW + ba.NONCE_TTL) == ba.NONCE_EXPIRED
+    # a nonce issued before the box moved: a quote taken on the source must not count as
+    # the attestation after the move (the guest asks again)
+    moved = ba.Where("another-member", WHERE.vmi_uid)
+    assert (
+        _reason(
+            lambda: ba.check_quote(
+                pending, _quote_body(nonce), settings=settings, disks=(), components=(),
+                where=moved, now=NOW,
+            )
+        )
+        == ba.NONCE_UNKNOWN
+    )  # fmt: skip
     # past the nonce: the AK must be one (here it is no TPM2B_PUBLIC at all)
     assert check(pending, _quote_body(nonce)) == ba.QUOTE_INVALID
 

@@ -562,8 +562,11 @@ def _measurements(body: Mapping[str, Any]) -> list[bytes]:
     return out
 
 
-def _nonce_check(att: Mapping[str, Any], nonce: bytes, now: dt.datetime) -> Mapping[str, Any]:
-    """The outstanding nonce record `nonce` answers (else a 409 refusal)."""
+def _nonce_check(
+    att: Mapping[str, Any], nonce: bytes, now: dt.datetime, where: Where
+) -> Mapping[str, Any]:
+    """The outstanding nonce record `nonce` answers, issued for the VMI where it runs now
+    (else a 409 refusal: a quote taken before a move must not count as one after it)."""
     if nonce.hex() in (att.get("answered") or ()):
         raise Refused(NONCE_REPLAYED, f"nonce {nonce.hex()[:16]}… was answered already")
     pending = att.get("nonce") or {}
@@ -576,6 +579,12 @@ def _nonce_check(att: Mapping[str, Any], nonce: bytes, now: dt.datetime) -> Mapp
         raise Refused(
             NONCE_EXPIRED,
             f"the nonce expired ({int(NONCE_TTL.total_seconds())} s): ask for a new challenge",
+        )
+    if pending.get("member") != where.member or pending.get("vmiUID") != where.vmi_uid:
+        raise Refused(
+            NONCE_UNKNOWN,
+            f"the nonce was issued while the box ran on {pending.get('member')}; it runs on "
+            f"{where.member} now: ask for a new challenge",
         )
     return pending
 
@@ -621,7 +630,7 @@ def check_quote(
     measured = _measurements(body)
     if not att.get("bound") or not isinstance(att.get("akPublic"), str):
         raise Refused(AK_NOT_BOUND, "the box's AK is not bound to its EK: enrol and activate")
-    _nonce_check(att, nonce, now)
+    _nonce_check(att, nonce, now, where)
     try:
         ak = ak_facts(base64.b64decode(str(att["akPublic"])))
         verify_quote(
