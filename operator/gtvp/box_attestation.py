@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -228,14 +229,8 @@ class Endpoint:
 
     def _write(self, box: dict[str, Any], att: Mapping[str, Any]) -> dict[str, Any]:
         """Replace the box's status.attestation, conditional on the box's resourceVersion."""
-        body = json.loads(json.dumps(box))
-        body.setdefault("status", {})["attestation"] = dict(att)
-        meta = body["metadata"]
-        group, version, plural = LAZY_BOXES.coordinates
         try:
-            out: dict[str, Any] = self.rt.clients.custom.replace_namespaced_custom_object_status(
-                group, version, meta["namespace"], plural, meta["name"], body
-            )
+            return replace_attestation(self.rt, box, att)
         except ApiException as exc:
             if exc.status == 409:
                 raise ba.Refused(
@@ -244,16 +239,9 @@ class Endpoint:
             raise ba.Refused(
                 ba.CONFLICT, f"the box's attestation cannot be written ({exc.status}): ask again"
             ) from exc
-        return out
 
     def _where(self, req: ba.Request) -> ba.Where | None:
-        """Where the operator sees the box's VMI run (None: not Running on a member)."""
-        vmi = self.rt.view.vmis.get((req.namespace, req.box)) or {}
-        status = vmi.get("status") or {}
-        node = status.get("nodeName")
-        if status.get("phase") != "Running" or not node:
-            return None
-        return ba.Where(str(node), str((vmi.get("metadata") or {}).get("uid", "")))
+        return where_runs(self.rt, vmi_key(req))
 
     def _settings(self) -> ba.Settings:
         try:
@@ -361,7 +349,7 @@ class Endpoint:
         else:
             self._event(req, box, "Warning", f"BoxAttestation{outcome.reason}", outcome.message)
         if act:
-            self._on_untrusted(req, box, where)
+            on_untrusted(self.rt, vmi_key(req), box, where)
         log.info(
             "box %s/%s attestation on %s: %s: %s",
             req.namespace,
@@ -397,62 +385,6 @@ class Endpoint:
 
     # -- onUntrusted -------------------------------------------------------------------------
 
-    def _on_untrusted(self, req: ba.Request, box: Mapping[str, Any], where: ba.Where) -> None:
-        """What the box's level says for a box on a member that lost trust: Migrate (one
-        migration off the member, planned as an evacuation plans it), Stop, or Keep."""
-        rt = self.rt
-        policy = rt.view.policy
-        level = int((box.get("spec") or {}).get("level", 0) or 0)
-        lv = policy.level(level) if policy is not None else None
-        action = lv.on_untrusted if lv is not None else "Migrate"
-        if action == "Keep" or policy is None:
-            log.warning("box %s/%s: attestation mismatch; its level keeps it", *vmi_key(req))
-            return
-        if action == "Stop":
-            _stop(rt, req)
-            return
-        now = dt.datetime.now(dt.UTC)
-        targets = [
-            (m.name, m.level)
-            for m in rt.view.member_views()
-            if m.name != where.member and m.usable(now, level)
-        ]
-        planned = plan_evacuation(
-            member=where.member,
-            incident=f"attest-{where.vmi_uid[:8]}",
-            vmis=[Vmi(req.namespace, req.box, where.member, level, _parts(box))],
-            migrations=[migration_view(m) for m in list(rt.view.migrations.values())],
-            limits=policy.migration,
-            targets=targets,
-            images={
-                name: image_digests(
-                    ((rt.view.nodes.get(name) or {}).get("status") or {}).get("images")
-                )
-                for name, _ in targets
-            },
-        )
-        if not planned:
-            log.warning(
-                "box %s/%s: attestation mismatch on %s, but no migration can start now "
-                "(no usable target, or the migration limits)",
-                req.namespace,
-                req.box,
-                where.member,
-            )
-        for obj in planned:
-            try:
-                if kube.create_unless_present(rt.clients, MIGRATIONS, obj):
-                    rt.view.observe_migration(obj, "ADDED")
-                    log.info(
-                        "box %s/%s: attestation mismatch on %s: migration %s",
-                        req.namespace,
-                        req.box,
-                        where.member,
-                        obj["metadata"]["name"],
-                    )
-            except ApiException as exc:
-                log.warning("could not start migration %s: %s", obj["metadata"]["name"], exc.reason)
-
     # -- refusals and Events ---------------------------------------------------------------
 
     def _refuse(
@@ -487,6 +419,132 @@ class Endpoint:
             )
 
 
+def on_untrusted(rt: Runtime, key: Key, box: Mapping[str, Any], where: ba.Where) -> None:
+    """What the box's level says for a box on a member that lost trust: Migrate (one
+    migration off the member, planned as an evacuation plans it), Stop, or Keep."""
+    policy = rt.view.policy
+    level = int((box.get("spec") or {}).get("level", 0) or 0)
+    lv = policy.level(level) if policy is not None else None
+    action = lv.on_untrusted if lv is not None else "Migrate"
+    if action == "Keep" or policy is None:
+        log.warning("box %s/%s: attestation mismatch or overdue; its level keeps it", *key)
+        return
+    if action == "Stop":
+        _stop(rt, key)
+        return
+    now = dt.datetime.now(dt.UTC)
+    targets = [
+        (m.name, m.level)
+        for m in rt.view.member_views()
+        if m.name != where.member and m.usable(now, level)
+    ]
+    planned = plan_evacuation(
+        member=where.member,
+        incident=f"attest-{where.vmi_uid[:8]}",
+        vmis=[Vmi(key[0], key[1], where.member, level, _parts(box))],
+        migrations=[migration_view(m) for m in list(rt.view.migrations.values())],
+        limits=policy.migration,
+        targets=targets,
+        images={
+            name: image_digests(((rt.view.nodes.get(name) or {}).get("status") or {}).get("images"))
+            for name, _ in targets
+        },
+    )
+    if not planned:
+        log.warning(
+            "box %s/%s: attestation mismatch on %s, but no migration can start now "
+            "(no usable target, or the migration limits)",
+            key[0],
+            key[1],
+            where.member,
+        )
+    for obj in planned:
+        try:
+            if kube.create_unless_present(rt.clients, MIGRATIONS, obj):
+                rt.view.observe_migration(obj, "ADDED")
+                log.info(
+                    "box %s/%s: attestation mismatch on %s: migration %s",
+                    key[0],
+                    key[1],
+                    where.member,
+                    obj["metadata"]["name"],
+                )
+        except ApiException as exc:
+            log.warning("could not start migration %s: %s", obj["metadata"]["name"], exc.reason)
+
+
+def where_runs(rt: Runtime, key: Key) -> ba.Where | None:
+    """Where the operator sees the box's VMI run (None: not Running on a member)."""
+    vmi = rt.view.vmis.get(key) or {}
+    status = vmi.get("status") or {}
+    node = status.get("nodeName")
+    if status.get("phase") != "Running" or not node:
+        return None
+    return ba.Where(str(node), str((vmi.get("metadata") or {}).get("uid", "")))
+
+
+def replace_attestation(
+    rt: Runtime, box: Mapping[str, Any], att: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Replace the box's status.attestation, conditional on the box's resourceVersion
+    (ApiException 409 when it changed meanwhile: another replica or the guest wrote)."""
+    body = json.loads(json.dumps(box))
+    body.setdefault("status", {})["attestation"] = dict(att)
+    meta = body["metadata"]
+    group, version, plural = LAZY_BOXES.coordinates
+    out: dict[str, Any] = rt.clients.custom.replace_namespaced_custom_object_status(
+        group, version, meta["namespace"], plural, meta["name"], body
+    )
+    return out
+
+
+def sweep_overdue(rt: Runtime, now: dt.datetime | None = None) -> list[Key]:
+    """Start each running box's attestation clock and act on the boxes past the policy's
+    deadline without a verified quote where they run (`gtvp.core.boxattest.overdue_step`);
+    the boxes made Overdue now. Blocking (API writes): the box loop runs it in a thread, on
+    the leader."""
+    try:
+        wanted = settings(rt)
+    except ba.SettingsError:
+        return []  # said where boxes are armed (they turn Failed)
+    if wanted is None:
+        return []
+    now = now or dt.datetime.now(dt.UTC)
+    overdue: list[Key] = []
+    for key, box in list(rt.view.boxes.items()):
+        where = where_runs(rt, key)
+        att = _attestation(box)
+        if where is None or not att.get("credentialHash"):
+            continue  # not running, or not armed under attestation
+        new, act = ba.overdue_step(att, where, now, wanted.deadline)
+        if new is None:
+            continue
+        try:
+            replace_attestation(rt, box, new)
+        except ApiException as exc:
+            log.debug("box %s/%s: attestation clock not written (%s)", *key, exc.status)
+            continue  # changed meanwhile: the next pass looks again
+        if new.get("state") != ba.OVERDUE:
+            continue
+        overdue.append(key)
+        _count(ba.ATTESTATION_OVERDUE)
+        log.warning("box %s/%s: %s", *key, new["message"])
+        with contextlib.suppress(ApiException):
+            kube.post_object_event(
+                rt.clients,
+                LAZY_BOXES,
+                box,
+                name=key[1],
+                namespace=key[0],
+                type_="Warning",
+                reason="BoxAttestationOverdue",
+                message=str(new["message"]),
+            )
+        if act:
+            on_untrusted(rt, key, box, where)
+    return overdue
+
+
 def vmi_key(req: ba.Request) -> tuple[str, str]:
     return req.namespace, req.box
 
@@ -500,22 +558,22 @@ def _parts(box: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _stop(rt: Runtime, req: ba.Request) -> None:
+def _stop(rt: Runtime, key: Key) -> None:
     """Halt the box's VM (its VMI when gtvp sees no VM), as an evacuation under Stop does."""
     try:
-        if (req.namespace, req.box) in rt.view.vms:
+        if key in rt.view.vms:
             kube.patch_object(
                 rt.clients,
                 VIRTUAL_MACHINES,
-                req.box,
+                key[1],
                 {"spec": {"runStrategy": "Halted"}},
-                req.namespace,
+                key[0],
             )
         else:
-            kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, req.box, req.namespace)
-        log.info("box %s/%s: attestation mismatch: stopped (its level says Stop)", *vmi_key(req))
+            kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, key[1], key[0])
+        log.info("box %s/%s: attestation mismatch: stopped (its level says Stop)", *key)
     except ApiException as exc:
-        log.warning("could not stop box %s/%s: %s", req.namespace, req.box, exc.reason)
+        log.warning("could not stop box %s/%s: %s", key[0], key[1], exc.reason)
 
 
 def _attestation(box: Mapping[str, Any]) -> dict[str, Any]:

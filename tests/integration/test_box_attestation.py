@@ -551,6 +551,68 @@ def test_a_box_attests_after_boot_and_again_after_a_migration(
     assert pool.migrations(BOX) == []
 
 
+def _seen(pool: Pool, *names: str) -> None:
+    """The operator's view catches up with the boxes (its watch, in a running operator)."""
+    for name in names:
+        pool.rt.view.observe_box(pool.box(name), "MODIFIED")
+
+
+@pytest.mark.timeout(240)
+def test_a_box_whose_guest_does_not_attest_in_time_is_overdue_and_moves_once(
+    pool: Pool,
+) -> None:
+    """The attacker keeps the guest's channel shut (or the guest runs no client): past the
+    policy's deadline the box is treated as a mismatch, once per boot."""
+    here, elsewhere = pool.members
+    deadline = ba.DEFAULT_DEADLINE
+    t0 = dt.datetime.now(dt.UTC)
+    assert box_attestation.sweep_overdue(pool.rt, t0) == []  # the clocks start
+    _seen(pool, BOX, OTHER_BOX)
+    assert pool.attestation(BOX)["wanted"]["member"] == here.name
+    assert box_attestation.sweep_overdue(pool.rt, t0 + deadline / 2) == []
+    # the other box's guest attests in time: it is never overdue
+    other = pool.guests[OTHER_BOX]
+    other.bind()
+    other.measure(pool.disks[OTHER_BOX])
+    status, body = other.quote(other.challenge()["nonce"])
+    assert (status, body["verified"]) == (200, True), body
+    _seen(pool, BOX, OTHER_BOX)
+    before = _count(ba.ATTESTATION_OVERDUE)
+    late = t0 + deadline + dt.timedelta(seconds=1)
+    assert box_attestation.sweep_overdue(pool.rt, late) == [(pool.namespace, BOX)]
+    att = pool.attestation(BOX)
+    assert (att["state"], att["reason"], att["member"]) == (
+        ba.OVERDUE,
+        ba.ATTESTATION_OVERDUE,
+        here.name,
+    )
+    assert _count(ba.ATTESTATION_OVERDUE) == before + 1
+    assert "BoxAttestationOverdue" in [r for r, _ in pool.events(BOX)]
+    (moved,) = pool.migrations(BOX)  # level 2 says Migrate: off the member, once
+    assert moved["spec"]["vmiName"] == BOX
+    assert pool.migrations(OTHER_BOX) == []
+    _seen(pool, BOX)
+    assert box_attestation.sweep_overdue(pool.rt, late + deadline) == []  # said once
+    # on the next member the clock starts again; overdue there too, it is not moved twice
+    pool.move(BOX, elsewhere)
+    t1 = late + dt.timedelta(seconds=5)
+    assert box_attestation.sweep_overdue(pool.rt, t1) == []
+    _seen(pool, BOX)
+    assert pool.attestation(BOX)["wanted"]["member"] == elsewhere.name
+    assert box_attestation.sweep_overdue(pool.rt, t1 + deadline + dt.timedelta(seconds=1)) == [
+        (pool.namespace, BOX)
+    ]
+    assert pool.attestation(BOX)["member"] == elsewhere.name
+    assert len(pool.migrations(BOX)) == 1
+    # a late quote still counts: an Overdue box is asked, and Verified once it answers
+    guest = pool.guests[BOX]
+    guest.bind()
+    guest.measure(pool.disks[BOX])
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["verified"]) == (200, True), body
+    assert pool.attestation(BOX)["state"] == ba.VERIFIED
+
+
 # ----- the policy ---------------------------------------------------------------------------
 
 

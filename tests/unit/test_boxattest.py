@@ -252,3 +252,46 @@ def test_an_attested_box_asks_kubevirt_for_a_persistent_vtpm() -> None:
         "tpm": {"persistent": True},
     }
     assert "tpm" not in vm["spec"]["template"]["spec"]["domain"]["devices"]  # not modified
+
+
+def test_a_box_without_a_verified_quote_where_it_runs_is_overdue_once_per_boot() -> None:
+    deadline = dt.timedelta(minutes=10)
+    att: dict[str, Any] = ba.fresh_attestation(CREDENTIAL)
+    new, act = ba.overdue_step(att, WHERE, NOW, deadline)  # the clock starts
+    assert new is not None
+    assert not act
+    since = NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert new["wanted"] == {"member": WHERE.member, "vmiUID": WHERE.vmi_uid, "since": since}
+    assert ba.overdue_step(new, WHERE, NOW + deadline / 2, deadline) == (None, False)
+    late, act = ba.overdue_step(new, WHERE, NOW + deadline, deadline)
+    assert late is not None
+    assert act
+    assert (late["state"], late["reason"], late["actedOn"]) == (
+        ba.OVERDUE,
+        ba.ATTESTATION_OVERDUE,
+        WHERE.vmi_uid,
+    )
+    assert ba.overdue_step(late, WHERE, NOW + 2 * deadline, deadline) == (None, False)
+    assert ba.wants_quote(late, WHERE)  # still asked: a late quote makes it Verified
+    moved = ba.Where("another-member", WHERE.vmi_uid)
+    again, act = ba.overdue_step(late, moved, NOW + 2 * deadline, deadline)
+    assert again is not None
+    assert not act
+    assert again["wanted"]["member"] == "another-member"
+    assert again["state"] == ba.PENDING  # the Overdue was the member it left
+    there, act = ba.overdue_step(again, moved, NOW + 3 * deadline, deadline)
+    assert there is not None
+    assert there["state"] == ba.OVERDUE
+    assert not act  # one boot, one action
+    verified = {**att, "state": ba.VERIFIED, "member": WHERE.member, "vmiUID": WHERE.vmi_uid}
+    assert ba.overdue_step(verified, WHERE, NOW + 5 * deadline, deadline) == (None, False)
+
+
+def test_the_deadline_is_the_policys_or_ten_minutes() -> None:
+    pem = SoftCA().bundle_pem()
+    assert _settings(caBundle=pem).deadline == dt.timedelta(minutes=10)
+    got = ba.parse_settings({"boxAttestation": {"caBundle": pem, "deadline": "90s"}})
+    assert got is not None
+    assert got.deadline == dt.timedelta(seconds=90)
+    with pytest.raises(ba.SettingsError, match=r"spec\.boxAttestation\.deadline"):
+        ba.parse_settings({"boxAttestation": {"caBundle": pem, "deadline": "soon"}})

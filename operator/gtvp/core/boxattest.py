@@ -39,6 +39,7 @@ from cryptography import x509
 
 from gtvp.core import errors
 from gtvp.core.enrolment import ak_facts, check_ek_certificate, ek_facts
+from gtvp.core.policy import PolicyError, parse_duration
 from gtvp.core.quote import Evidence, Expectation, verify_quote
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import TPM_GENERATED_VALUE
@@ -53,6 +54,10 @@ MAX_REQUEST_BYTES: Final = 32 * 1024
 DEFAULT_PCR: Final = 13
 BANK: Final = "sha256"
 NONCE_TTL: Final = dt.timedelta(seconds=120)
+DEFAULT_DEADLINE: Final = dt.timedelta(minutes=10)
+"""How long a box may run on a member without a verified quote there (spec.boxAttestation.
+deadline): a guest that never attests, or a host that keeps its channel shut, is then
+treated as a mismatch."""
 RETRY_AFTER: Final = 10
 """Seconds the guest waits before its next challenge when no quote is wanted."""
 ANSWERED_KEPT: Final = 8
@@ -67,10 +72,12 @@ _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 VERIFIED: Final = "Verified"
 MISMATCH: Final = "Mismatch"
 PENDING: Final = "Pending"
+OVERDUE: Final = "Overdue"
 
 # reason codes: quote results and refusals (`gtvp_box_attestations_total{result}`)
 COMPONENT_MISMATCH: Final = "ComponentMismatch"
 MEASUREMENTS_MISMATCH: Final = "MeasurementsMismatch"
+ATTESTATION_OVERDUE: Final = "AttestationOverdue"
 NONCE_REPLAYED: Final = "NonceReplayed"
 NONCE_EXPIRED: Final = "NonceExpired"
 NONCE_UNKNOWN: Final = "NonceUnknown"
@@ -91,6 +98,7 @@ REASONS: Final = (
     VERIFIED,
     COMPONENT_MISMATCH,
     MEASUREMENTS_MISMATCH,
+    ATTESTATION_OVERDUE,
     NONCE_REPLAYED,
     NONCE_EXPIRED,
     NONCE_UNKNOWN,
@@ -156,6 +164,7 @@ class Settings:
 
     ca_bundle_pem: str
     pcr: int = DEFAULT_PCR
+    deadline: dt.timedelta = DEFAULT_DEADLINE
 
 
 def parse_settings(spec: Mapping[str, Any]) -> Settings | None:
@@ -184,7 +193,13 @@ def parse_settings(spec: Mapping[str, Any]) -> Settings | None:
         ) from exc
     if not certs:
         raise SettingsError(f"{path}.caBundle", "holds no PEM certificate")
-    return Settings(ca_bundle_pem=text, pcr=pcr)
+    deadline = DEFAULT_DEADLINE
+    if raw.get("deadline") is not None:
+        try:
+            deadline = parse_duration(str(raw["deadline"]), f"{path}.deadline")
+        except PolicyError as exc:
+            raise SettingsError(exc.field, exc.message) from exc
+    return Settings(ca_bundle_pem=text, pcr=pcr, deadline=deadline)
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -697,6 +712,52 @@ def check_quote(
         }
     )
     return Outcome(VERIFIED, message, out)
+
+
+def overdue_step(
+    att: Mapping[str, Any], where: Where, now: dt.datetime, deadline: dt.timedelta
+) -> tuple[dict[str, Any] | None, bool]:
+    """What the box's attestation becomes while gtvp waits for a quote where its VMI runs
+    (None: nothing to write) and whether the level's onUntrusted applies now.
+
+    The wait starts when gtvp first sees the box want a quote on a member for a VMI
+    (`wanted`); past `deadline` without a verified quote there, the box is `Overdue`
+    (AttestationOverdue): a guest that never attests, or a host that keeps the channel shut,
+    is treated as a mismatch, once per boot as every mismatch. A quote verified later still
+    makes it Verified (an Overdue box is still asked)."""
+    if not wants_quote(att, where):
+        return None, False
+    wanted = att.get("wanted") or {}
+    since = parse_ts(wanted.get("since"))
+    if since is None or (wanted.get("member"), wanted.get("vmiUID")) != (
+        where.member,
+        where.vmi_uid,
+    ):
+        fresh = {"member": where.member, "vmiUID": where.vmi_uid, "since": format_ts(now)}
+        # an Overdue on the member it left is no longer this member's state: Pending here
+        pending = {"state": PENDING} if att.get("state") == OVERDUE else {}
+        return {**att, "wanted": fresh, **pending}, False
+    if now - since < deadline or (
+        att.get("state") == OVERDUE
+        and (att.get("member"), att.get("vmiUID")) == (where.member, where.vmi_uid)
+    ):
+        return None, False
+    act = act_on_mismatch(att, where)
+    message = (
+        f"no verified quote of the box's vTPM {int(deadline.total_seconds())} s after it "
+        f"started to run on {where.member}: its guest does not attest, or its host keeps "
+        "the channel shut"
+    )
+    new = {
+        **att,
+        "state": OVERDUE,
+        "reason": ATTESTATION_OVERDUE,
+        "message": message,
+        "member": where.member,
+        "vmiUID": where.vmi_uid,
+        **({"actedOn": where.vmi_uid} if act else {}),
+    }
+    return new, act
 
 
 def act_on_mismatch(att: Mapping[str, Any], where: Where) -> bool:

@@ -378,3 +378,7 @@ def _sweep_safely(rt: Runtime) -> None:
         key_release.arm_gated_vms(rt)  # gated VMs that name Secrets get their credential
     except Exception:
         log.exception("arming the key-release credentials of gated VMs failed")
+    try:
+        box_attestation.sweep_overdue(rt)  # boxes whose guest does not attest in time
+    except Exception:
+        log.exception("looking for boxes whose attestation is overdue failed")
