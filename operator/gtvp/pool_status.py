@@ -123,24 +123,38 @@ def _gated_vms(vmis: Objects) -> list[str]:
 def _boxes(boxes: Objects) -> str:
     rows = [["BOX", "LEVEL", "PHASE", "NODE", "COMPONENTS"]]
     notes = []
+    attested = any((b.get("status") or {}).get("attestation") for b in boxes)
+    if attested:  # the policy attests boxes (docs/boxattest.md): where the last quote was
+        rows[0].insert(4, "ATTESTED")
     for b in sorted(boxes, key=lambda b: (b["metadata"]["namespace"], b["metadata"]["name"])):
         st = b.get("status") or {}
         name = f"{b['metadata']['namespace']}/{b['metadata']['name']}"
         comps = ", ".join(f"{r.get('name')} {r.get('version')}" for r in st.get("resolved") or [])
-        rows.append(
-            [
-                name,
-                str((b.get("spec") or {}).get("level", "-")),
-                str(st.get("phase", "-")),
-                str(st.get("node", "-")),
-                comps or "-",
-            ]
-        )
+        row = [
+            name,
+            str((b.get("spec") or {}).get("level", "-")),
+            str(st.get("phase", "-")),
+            str(st.get("node", "-")),
+            comps or "-",
+        ]
+        if attested:
+            row.insert(4, _attested(st.get("attestation") or {}))
+        rows.append(row)
+        att = st.get("attestation") or {}
+        if att.get("state") in ("Mismatch", "Overdue"):
+            notes.append(f"  ! {name}: {str(att.get('message', ''))[:300]}")
         if st.get("phase") in ("Pending", "Failed"):
             notes.append(f"  ! {name}: {str(st.get('message', '')).splitlines()[0][:300]}")
         elif (st.get("placement") or {}).get("reason"):
             notes.append(f"  {name} placed on {st['placement']['reason']}")
     return "\n".join([_table(rows), *notes])
+
+
+def _attested(att: Mapping[str, Any]) -> str:
+    """`Verified@member`, `Mismatch@member`, `Overdue@member`, or the state alone."""
+    state = str(att.get("state") or "Pending")
+    member = att.get("member")
+    return f"{state}@{member}" if member and state != "Pending" else state
 
 
 def _migrations(migrations: Objects) -> list[str]:
@@ -218,6 +232,15 @@ def _box_report(b: Mapping[str, Any]) -> dict[str, Any]:
         "node": st.get("node"),
         "components": [f"{r.get('name')} {r.get('version')}" for r in st.get("resolved") or []],
         "message": st.get("message"),
+        **(
+            {
+                "attestation": {
+                    k: att[k] for k in ("state", "member", "verifiedAt", "reason") if k in att
+                }
+            }
+            if (att := st.get("attestation"))
+            else {}
+        ),
     }
 
 

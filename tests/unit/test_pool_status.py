@@ -174,3 +174,37 @@ def test_the_matched_reference_set_shows_only_when_a_member_matched_one() -> Non
     )
     plain = render(members=members[1:], nodes=[], vmis=[], migrations=[], now=NOW)
     assert "REFERENCE SET" not in plain
+
+
+def test_attested_boxes_show_where_their_last_quote_was_judged() -> None:
+    from gtvp.pool_status import report
+
+    def box(name: str, **att: Any) -> dict[str, Any]:
+        status: dict[str, Any] = {"phase": "Running", "node": "a", "resolved": []}
+        if att:
+            status["attestation"] = att
+        return {
+            "metadata": {"name": name, "namespace": "s"},
+            "spec": {"level": 2},
+            "status": status,
+        }
+
+    boxes = [
+        box("good", state="Verified", member="a", verifiedAt="2025-12-31T23:59:00Z"),
+        box("late", state="Overdue", member="a", message="no verified quote of the box's vTPM"),
+        box("new", state="Pending"),
+    ]
+    out = render(members=[], nodes=[], vmis=[], migrations=[], lazyboxes=boxes, now=NOW)
+    lines = out.splitlines()
+    header = next(ln for ln in lines if ln.split()[:1] == ["BOX"])
+    assert header.split() == ["BOX", "LEVEL", "PHASE", "NODE", "ATTESTED", "COMPONENTS"]
+    assert any(ln.split()[:5] == ["s/good", "2", "Running", "a", "Verified@a"] for ln in lines)
+    assert any(ln.split()[:5] == ["s/late", "2", "Running", "a", "Overdue@a"] for ln in lines)
+    assert any(ln.split()[:5] == ["s/new", "2", "Running", "a", "Pending"] for ln in lines)
+    assert "  ! s/late: no verified quote of the box's vTPM" in lines
+    got = report(members=[], nodes=[], vmis=[], migrations=[], lazyboxes=boxes)
+    assert got["lazyBoxes"][0]["attestation"]["state"] == "Verified"
+    plain = [box("b")]
+    assert "ATTESTED" not in render(
+        members=[], nodes=[], vmis=[], migrations=[], lazyboxes=plain, now=NOW
+    )
