@@ -126,18 +126,8 @@ def _write_secret(rt: Runtime, key: Key, vm: Mapping[str, Any], line: str) -> di
             ).decode()
         },
     }
-    try:
-        try:
-            rt.clients.core.create_namespaced_secret(ns, body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            rt.clients.core.replace_namespaced_secret(secret_name, ns, body)
-    except ApiException as exc:
-        hint = f": {key_release.RBAC_HINT}" if exc.status == 403 else ""
-        why = f"{exc.status} {exc.reason}"
-        return f"cannot write the cloud-init Secret {ns}/{secret_name} ({why}){hint}"
-    return out
+    failed = key_release.write_cloud_init_secret(rt, body)
+    return out if failed is None else failed
 
 
 def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> Armed | str | None:

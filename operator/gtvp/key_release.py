@@ -137,6 +137,16 @@ def arm(
         files={kr.USER_DATA_KEY: text},
         labels={compose.BOX_LABEL: name},
     )
+    failed = write_cloud_init_secret(rt, body)
+    if failed is not None:
+        return failed
+    log.info("box %s/%s: a new key-release credential is in Secret %s", ns, name, secret_name)
+    return out
+
+
+def write_cloud_init_secret(rt: Runtime, body: Mapping[str, Any]) -> str | None:
+    """Create or replace a box's cloud-init Secret; why not (None: written)."""
+    ns, secret_name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         try:
             rt.clients.core.create_namespaced_secret(ns, body)
@@ -148,8 +158,7 @@ def arm(
         hint = f": {RBAC_HINT}" if exc.status == 403 else ""
         why = f"{exc.status} {exc.reason}"
         return f"cannot write the cloud-init Secret {ns}/{secret_name} ({why}){hint}"
-    log.info("box %s/%s: a new key-release credential is in Secret %s", ns, name, secret_name)
-    return out
+    return None
 
 
 def gated_vm_subject(vm: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -271,21 +271,13 @@ def _attested(
     if not isinstance(armed, str):
         status = {**decision.status, "attestation": armed.attestation}
         return dataclasses.replace(decision, vm=armed.vm, status=status)
-    message = f"not started: it cannot be attested: {armed}"
-    before = (rt.view.boxes.get(key) or {}).get("status") or {}
-    box_writes.write_status(rt, key, {**decision.status, "phase": "Failed", "message": message})
-    if before.get("message") != message:
-        log.warning("box %s/%s: %s", *key, message)
-        kube.post_object_event(
-            rt.clients,
-            LAZY_BOXES,
-            rt.view.boxes.get(key) or {},
-            name=key[1],
-            namespace=key[0],
-            type_="Warning",
-            reason="BoxAttestationUnavailable",
-            message=message,
-        )
+    _failed(
+        rt,
+        key,
+        decision,
+        f"not started: it cannot be attested: {armed}",
+        "BoxAttestationUnavailable",
+    )
     return None
 
 
@@ -296,6 +288,12 @@ def _arm(rt: Runtime, key: Key, decision: Decision) -> Decision | None:
     if not isinstance(armed, str):
         return dataclasses.replace(decision, vm=armed)
     message = f"not started: its Secrets could not be released: {armed}"
+    _failed(rt, key, decision, message, "KeyReleaseUnavailable")
+    return None
+
+
+def _failed(rt: Runtime, key: Key, decision: Decision, message: str, reason: str) -> None:
+    """The box Failed with `message`; a Warning Event `reason` when the message is new."""
     before = (rt.view.boxes.get(key) or {}).get("status") or {}
     box_writes.write_status(rt, key, {**decision.status, "phase": "Failed", "message": message})
     if before.get("message") != message:
@@ -307,10 +305,9 @@ def _arm(rt: Runtime, key: Key, decision: Decision) -> Decision | None:
             name=key[1],
             namespace=key[0],
             type_="Warning",
-            reason="KeyReleaseUnavailable",
+            reason=reason,
             message=message,
         )
-    return None
 
 
 # -- the loop -----------------------------------------------------------------------------
