@@ -784,7 +784,7 @@ def cmd_status(_args: argparse.Namespace) -> int:
 
 
 def cmd_regen_gomod(args: argparse.Namespace) -> int:
-    for comp in toolchain.COMPONENTS:
+    for comp in toolchain.COMPONENTS + toolchain.BENCH_COMPONENTS:
         if args.component and comp.name != args.component:
             continue
         dest = Path(args.out) / comp.name
