@@ -49,7 +49,10 @@ DISK_KEY = "correct horse battery staple"
 
 @pytest.fixture(scope="module")
 def pool(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    policy = {"interval": "2s", "valid_for": "6s", "max_uses": 50, "publisher_keys": PUB.keys}
+    # validFor - interval (13 s) outlasts a shard handover (lease 4 s + 2 retries + a quote):
+    # a replica killed and restarted here never lets the member's verdict lapse
+    # (gtvp_local.replicas.LeaseTimings)
+    policy = {"interval": "2s", "valid_for": "15s", "max_uses": 50, "publisher_keys": PUB.keys}
     control_plane.kubectl("delete", "oscomponents", "--all", "--wait=false", check=False)
     with trusted_pool(
         control_plane,
