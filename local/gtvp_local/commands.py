@@ -318,6 +318,7 @@ def _run_trusted_pool(
         + (" (a real VM: qemu booted the runtime's small test guest)" if vms == "qemu" else "")
     )
     if box:
+        pool.bind_key_release(BOX_NAMESPACE)  # gtvp writes the box's cloud-init Secret there
         _apply_sample(cp, layout.repo_root() / "crds" / "samples" / "lazybox.yaml")
         _show_box(cp, pool)
 

@@ -710,6 +710,13 @@ class Pool:
             self.stop_replica(replica.index)
             self.start_replica(replica.index, wait=timeout)
 
+    def bind_key_release(self, namespace: str) -> None:
+        """Opt `namespace` in to key release and box attestation for every replica (as the
+        chart's keyRelease.namespaces does): the namespace, and a RoleBinding per replica."""
+        self.cp.kubectl("create", "namespace", namespace, check=False)
+        for replica in self.replicas:
+            self.cp.apply(rep.key_release_binding(replica, namespace))
+
     def revoke_replica(self, index: int) -> None:
         """Revoke one replica's credential (its ServiceAccount is deleted: 401 from then on)."""
         rep.revoke_credential(self.cp, self.replicas[index])

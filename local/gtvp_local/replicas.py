@@ -31,10 +31,10 @@ from gtvp_local.controlplane import ControlPlane
 
 LEASE_NAMESPACE = "gtvp-system"
 TOKEN_DURATION = "8760h"  # noqa: S105 (a duration, not a secret)
-KEY_RELEASE_NAMESPACES = ("default", "gtvp-samples")
+KEY_RELEASE_NAMESPACES = ("default",)
 """Where the local pool's replicas may read Secrets to release them (and write the boxes'
-cloud-init Secrets, with the box-attestation credential): the namespaces
-local-bindings.yaml opts in; `default` for the tests, `gtvp-samples` for the sample box."""
+cloud-init Secrets, with the box-attestation credential); `gtvp local up` opts the sample
+box's namespace in too (`key_release_binding`)."""
 
 
 @dataclass(frozen=True)
@@ -158,17 +158,27 @@ def _bindings(replica: Replica) -> list[dict[str, Any]]:
             "subjects": subject,
             "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "gtvp-operator-verdict-keys"},
         },
-        *(
-            {
-                "apiVersion": f"{rbac}/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": _key_release_binding(replica), "namespace": ns},
-                "subjects": subject,
-                "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "gtvp-key-release"},
-            }
-            for ns in KEY_RELEASE_NAMESPACES
-        ),
+        *(key_release_binding(replica, ns) for ns in KEY_RELEASE_NAMESPACES),
     ]
+
+
+def key_release_binding(replica: Replica, namespace: str) -> dict[str, Any]:
+    """The RoleBinding of the replica's ServiceAccount to `gtvp-key-release` in `namespace`
+    (reading the Secrets a box may be given, writing its cloud-init Secret)."""
+    rbac = "rbac.authorization.k8s.io"
+    return {
+        "apiVersion": f"{rbac}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": _key_release_binding(replica), "namespace": namespace},
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": replica.service_account,
+                "namespace": LEASE_NAMESPACE,
+            }
+        ],
+        "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "gtvp-key-release"},
+    }
 
 
 def _keys_binding(replica: Replica) -> str:
@@ -188,11 +198,7 @@ def issue_credential(cp: ControlPlane, replica: Replica, directory: Path) -> Pat
         "kind": "ServiceAccount",
         "metadata": {"name": replica.service_account, "namespace": LEASE_NAMESPACE},
     }
-    namespaces = (
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
-        for ns in KEY_RELEASE_NAMESPACES
-    )
-    for obj in (*namespaces, sa, *_bindings(replica)):
+    for obj in (sa, *_bindings(replica)):
         cp.apply(obj)
     token = cp.kubectl(
         "create",
