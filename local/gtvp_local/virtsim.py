@@ -156,6 +156,20 @@ def trusted_members(members: Sequence[Mapping[str, Any]]) -> frozenset[str]:
     )
 
 
+def cordoned_nodes(nodes: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The Nodes marked unschedulable (`kubectl cordon`, the first step of a drain)."""
+    return {n["metadata"]["name"] for n in nodes if (n.get("spec") or {}).get("unschedulable")}
+
+
+def migrating_vmis(migrations: Sequence[Mapping[str, Any]]) -> set[tuple[str, Any]]:
+    """(namespace, VMI name) of every migration still in flight."""
+    return {
+        (m["metadata"]["namespace"], (m.get("spec") or {}).get("vmiName"))
+        for m in migrations
+        if (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+    }
+
+
 class VirtSim:
     def __init__(
         self,
@@ -284,14 +298,8 @@ class VirtSim:
         External ones are left to their controller."""
         if self.pods is None:
             return
-        cordoned = {
-            n["metadata"]["name"] for n in nodes if (n.get("spec") or {}).get("unschedulable")
-        }
-        migrating = {
-            (m["metadata"]["namespace"], (m.get("spec") or {}).get("vmiName"))
-            for m in migrations
-            if (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-        }
+        cordoned = cordoned_nodes(nodes)
+        migrating = migrating_vmis(migrations)
         for key, vmi in vmis.items():
             status, spec = vmi.get("status") or {}, vmi.get("spec") or {}
             node = status.get("evacuationNodeName")
@@ -311,16 +319,10 @@ class VirtSim:
     ) -> None:
         """SIMULATION of `kubectl drain` meeting virt-api's pod-eviction webhook (and, for
         LiveMigrate, virt-controller's evacuation controller) on cordoned nodes."""
-        cordoned = {
-            n["metadata"]["name"] for n in nodes if (n.get("spec") or {}).get("unschedulable")
-        }
+        cordoned = cordoned_nodes(nodes)
         if not cordoned:
             return
-        migrating = {
-            (m["metadata"]["namespace"], (m.get("spec") or {}).get("vmiName"))
-            for m in migrations
-            if (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-        }
+        migrating = migrating_vmis(migrations)
         for key, vmi in vmis.items():
             status, spec = vmi.get("status") or {}, vmi.get("spec") or {}
             node = status.get("nodeName")
