@@ -49,7 +49,7 @@ from gtvp_local.controlplane import ControlPlane, agent_identity
 from gtvp_local.polling import wait_for
 from gtvp_local.processes import ProcessTable, Tracked, free_port
 from gtvp_local.replicas import LeaseTable, LeaseTimings, Replica
-from gtvp_local.swtpm import Swtpm, SwtpmCA, extend_pcr
+from gtvp_local.swtpm import Swtpm, SwtpmCA, SwtpmError, extend_pcr
 
 if TYPE_CHECKING:
     from gtvp_local.vmruntime.cache import FetchReport
@@ -834,7 +834,16 @@ class Pool:
 
     def extend_pcr(self, name: str, pcr: int, data: bytes) -> None:
         """Tamper with a member: extend one of its PCRs (`swtpm.extend_pcr`)."""
-        extend_pcr(self.tpm(name).tcti, pcr, data)
+        tpm = self.tpm(name)
+        try:
+            extend_pcr(tpm.tcti, pcr, data)
+        except SwtpmError as exc:
+            tracked = self.procs.get(tpm.proc_name)
+            state = "running" if tracked is not None and tracked.alive() else "not running"
+            raise SwtpmError(
+                f"{exc}; swtpm of {name} is {state}, its log:\n"
+                f"{self.procs.log_tail(tpm.proc_name, 10)}"
+            ) from exc
 
     def delete_members(self) -> None:
         for name in self.tpms:

@@ -207,19 +207,31 @@ def vm_tpm_argv(state: Path, ctrl: Path) -> list[str]:
     ]
 
 
-def extend_pcr(tcti: str, pcr: int, data: bytes) -> None:
+CONNECT_RETRY_S = 15.0
+"""How long `extend_pcr` retries a TCTI that cannot connect."""
+
+
+def extend_pcr(tcti: str, pcr: int, data: bytes, *, retry_s: float = CONNECT_RETRY_S) -> None:
     """Tamper with a TPM: extend one of its sha256 PCRs by sha256(`data`) (as a rogue boot
     component would), with tpm2-tools' tpm2_pcrextend on `tcti`."""
     tool = shutil.which("tpm2_pcrextend")
     if tool is None:
         raise FileNotFoundError("tpm2_pcrextend not found: install Debian's tpm2-tools")
-    out = subprocess.run(
-        [tool, f"{pcr}:sha256={hashlib.sha256(data).hexdigest()}"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TPM2TOOLS_TCTI": tcti, "TSS2_LOG": "all+NONE"},
-        timeout=30,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SwtpmError(f"tpm2_pcrextend on {tcti} failed: {out.stderr.strip()}")
+    # A TCTI that cannot connect ("Could not load tcti": the swtpm not listening, for a
+    # moment or for good) is retried, only that, for `retry_s`; an extend is never retried
+    # once the TPM took it.
+    deadline = time.monotonic() + retry_s
+    while True:
+        out = subprocess.run(
+            [tool, f"{pcr}:sha256={hashlib.sha256(data).hexdigest()}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TPM2TOOLS_TCTI": tcti, "TSS2_LOG": "all+NONE"},
+            timeout=30,
+            check=False,
+        )
+        if out.returncode == 0:
+            return
+        if "Could not load tcti" not in out.stderr or time.monotonic() > deadline:
+            raise SwtpmError(f"tpm2_pcrextend on {tcti} failed: {out.stderr.strip()}")
+        time.sleep(0.2)

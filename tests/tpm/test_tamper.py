@@ -11,6 +11,8 @@ import base64
 import datetime as dt
 import secrets
 import struct
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +34,7 @@ from gtvp.core.enrolment import (
 from gtvp.core.quote import ClockState, verify_quote
 from gtvp.core.tpm_wire import ALG_SHA1, ALG_SHA384, RESTRICTED, parse_public
 from gtvp_agent.tpm import Enrolment, Tpm, TpmUnavailable
-from gtvp_local.swtpm import Swtpm, SwtpmCA
+from gtvp_local.swtpm import Swtpm, SwtpmCA, SwtpmError, extend_pcr
 from tests.tpmkit import PCRS, RealQuote, craft_attest, real_quote, soft_ak, soft_sign
 
 pytestmark = pytest.mark.tpm
@@ -475,3 +477,22 @@ def test_wrong_base64_in_evidence_is_malformed() -> None:
     with pytest.raises(errors.MalformedEvidence, match="not valid base64"):
         _b64("!!not base64!!", "evidence.attest")
     assert _b64(base64.b64encode(b"ok").decode(), "x") == b"ok"
+
+
+def test_tamper_waits_for_a_tpm_that_is_not_listening_yet_and_names_one_that_never_does(
+    make_tpm: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    tpm = make_tpm()
+    tpm.stop()
+    with pytest.raises(SwtpmError, match="Could not load tcti"):
+        extend_pcr(tpm.tcti, 7, b"nobody listens", retry_s=1.0)
+    later = threading.Timer(1.0, tpm.start)
+    later.start()
+    try:
+        started = time.monotonic()
+        extend_pcr(tpm.tcti, 7, b"listens in a second", retry_s=15.0)
+        assert time.monotonic() - started >= 0.9
+    finally:
+        later.join()
+    with Tpm.open(tpm.tcti, tmp_path) as t:
+        assert t.read_pcrs("sha256", [7])[7] != bytes(32)  # the extend reached the TPM
