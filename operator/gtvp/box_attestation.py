@@ -35,13 +35,8 @@ from gtvp.core import compose
 from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import (
     LAZY_BOXES,
-    MIGRATIONS,
-    VIRTUAL_MACHINE_INSTANCES,
-    VIRTUAL_MACHINES,
 )
-from gtvp.core.components import image_digests
 from gtvp.core.enrolment import make_activation_challenge
-from gtvp.core.evacuation import Vmi, migration_view, plan_evacuation
 from gtvp.core.timestamps import format_ts
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -330,7 +325,7 @@ class Endpoint:
         new = outcome.attestation
         act = outcome.reason == ba.COMPONENT_MISMATCH and ba.act_on_mismatch(att, where)
         if act:
-            new = {**new, "actedOn": where.vmi_uid}
+            new = {**new, **ba.acted_on(where)}
         self._write(box, new)  # only the replica whose write succeeded acts
         _count(outcome.reason)
         if outcome.verified:
@@ -339,7 +334,7 @@ class Endpoint:
         else:
             self._event(req, box, "Warning", f"BoxAttestation{outcome.reason}", outcome.message)
         if act:
-            on_untrusted(self.rt, vmi_key(req), box, where)
+            on_untrusted(vmi_key(req), where)
         log.info(
             "box %s/%s attestation on %s: %s: %s",
             req.namespace,
@@ -409,58 +404,19 @@ class Endpoint:
             )
 
 
-def on_untrusted(rt: Runtime, key: Key, box: Mapping[str, Any], where: ba.Where) -> None:
-    """What the box's level says for a box on a member that lost trust: Migrate (one
-    migration off the member, planned as an evacuation plans it), Stop, or Keep."""
-    policy = rt.view.policy
-    level = int((box.get("spec") or {}).get("level", 0) or 0)
-    lv = policy.level(level) if policy is not None else None
-    action = lv.on_untrusted if lv is not None else "Migrate"
-    if action == "Keep" or policy is None:
-        log.warning("box %s/%s: attestation mismatch or overdue; its level keeps it", *key)
-        return
-    if action == "Stop":
-        _stop(rt, key)
-        return
-    now = dt.datetime.now(dt.UTC)
-    targets = [
-        (m.name, m.level)
-        for m in rt.view.member_views()
-        if m.name != where.member and m.usable(now, level)
-    ]
-    planned = plan_evacuation(
-        member=where.member,
-        incident=f"attest-{where.vmi_uid[:8]}",
-        vmis=[Vmi(key[0], key[1], where.member, level, _parts(box))],
-        migrations=[migration_view(m) for m in list(rt.view.migrations.values())],
-        limits=policy.migration,
-        targets=targets,
-        images={
-            name: image_digests(((rt.view.nodes.get(name) or {}).get("status") or {}).get("images"))
-            for name, _ in targets
-        },
+def on_untrusted(key: Key, where: ba.Where) -> None:
+    """The box's vTPM evidence failed on `where` for this boot (recorded on the box:
+    `ba.must_leave`): the leader's box loop, on its next full pass (every 5 s), applies
+    the level's onUntrusted (`handlers.evacuation.evacuate_unattested`: a migration planned
+    and started as every evacuation's, through pre-fetch; Stop; Keep) until the box has
+    left. Called from the endpoint's threads: it only says so."""
+    log.warning(
+        "box %s/%s: vTPM evidence failed on %s (VMI %s): its level's onUntrusted applies",
+        key[0],
+        key[1],
+        where.member,
+        where.vmi_uid[:8],
     )
-    if not planned:
-        log.warning(
-            "box %s/%s: attestation mismatch on %s, but no migration can start now "
-            "(no usable target, or the migration limits)",
-            key[0],
-            key[1],
-            where.member,
-        )
-    for obj in planned:
-        try:
-            if kube.create_unless_present(rt.clients, MIGRATIONS, obj):
-                rt.view.observe_migration(obj, "ADDED")
-                log.info(
-                    "box %s/%s: attestation mismatch on %s: migration %s",
-                    key[0],
-                    key[1],
-                    where.member,
-                    obj["metadata"]["name"],
-                )
-        except ApiException as exc:
-            log.warning("could not start migration %s: %s", obj["metadata"]["name"], exc.reason)
 
 
 def where_runs(rt: Runtime, key: Key) -> ba.Where | None:
@@ -531,39 +487,12 @@ def sweep_overdue(rt: Runtime, now: dt.datetime | None = None) -> list[Key]:
                 message=str(new["message"]),
             )
         if act:
-            on_untrusted(rt, key, box, where)
+            on_untrusted(key, where)
     return overdue
 
 
 def vmi_key(req: ba.Request) -> tuple[str, str]:
     return req.namespace, req.box
-
-
-def _parts(box: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
-    """A LazyBox's resolved components as (digest, size): where its migration prefers to go."""
-    out = []
-    for r in (box.get("status") or {}).get("resolved") or []:
-        size = r.get("sizeBytes", 0)
-        out.append((str(r.get("digest", "")), int(size) if isinstance(size, int) else 0))
-    return tuple(out)
-
-
-def _stop(rt: Runtime, key: Key) -> None:
-    """Halt the box's VM (its VMI when gtvp sees no VM), as an evacuation under Stop does."""
-    try:
-        if key in rt.view.vms:
-            kube.patch_object(
-                rt.clients,
-                VIRTUAL_MACHINES,
-                key[1],
-                {"spec": {"runStrategy": "Halted"}},
-                key[0],
-            )
-        else:
-            kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, key[1], key[0])
-        log.info("box %s/%s: attestation mismatch: stopped (its level says Stop)", *key)
-    except ApiException as exc:
-        log.warning("could not stop box %s/%s: %s", key[0], key[1], exc.reason)
 
 
 def _attestation(box: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,9 @@ composed disks into PCR 13 and talks to the endpoint over HTTPS. The attacker co
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import http.client
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
 from gtvp import box_attestation, http_endpoints, kube
@@ -34,9 +37,10 @@ from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, overlay_order
+from gtvp.core.evacuation import EVACUATION_LABEL, Vmi, migration_name
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import BoxRequest, resolve
-from gtvp.handlers import policies
+from gtvp.handlers import evacuation, policies
 from gtvp.metrics import METRICS
 from gtvp.metrics_auth import TlsFiles
 from gtvp.runtime import Runtime
@@ -220,6 +224,12 @@ class Pool:
         )
         self.rt.view.observe_vmi(out, "MODIFIED")
 
+    def act(self) -> None:
+        """One full pass of the leader's box loop over boxes whose vTPM evidence failed."""
+        for name in (BOX, OTHER_BOX):
+            self.rt.view.observe_box(self.box(name), "MODIFIED")
+        asyncio.run(evacuation.evacuate_unattested(self.rt))
+
     def migrations(self, name: str) -> list[dict[str, Any]]:
         group, version, plural = MIGRATIONS.coordinates
         got = self.admin.custom.list_namespaced_custom_object(
@@ -300,6 +310,9 @@ def pool(
     rt.key_release = kr.Settings(
         url=f"https://127.0.0.1:{server.server_port}", ca_pem=authority.cert.read_text()
     )
+    nodes = [_node(admin, m.name) for m in members]  # where evacuations may go
+    for node in nodes:
+        rt.view.observe_node(node, "ADDED")
     try:
         for m in members:
             _until(rt, m, "QuoteVerified")
@@ -343,6 +356,17 @@ def pool(
         rt.accepted_policies.pop(POLICY, None)
         server.shutdown()
         server.server_close()
+        for node in nodes:
+            with contextlib.suppress(ApiException):
+                admin.core.delete_node(node["metadata"]["name"])
+
+
+def _node(clients: kube.Clients, name: str) -> dict[str, Any]:
+    """A Node object for a member (no kubelet behind it: evacuation only reads it)."""
+    body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    made = clients.core.create_node(body)
+    out: dict[str, Any] = clients.core.api_client.sanitize_for_serialization(made)
+    return out
 
 
 def _count(result: str) -> float:
@@ -475,7 +499,9 @@ def test_an_extra_component_is_a_mismatch_and_moves_the_box_once(pool: Pool) -> 
     att = pool.attestation(BOX)
     assert (att["state"], att["member"]) == (ba.MISMATCH, here.name)
     assert _count(ba.COMPONENT_MISMATCH) == before + 1
-    # the level (2) says Migrate: one migration off the member
+    # the level (2) says Migrate: the box loop's next pass starts one migration off the member
+    assert pool.migrations(BOX) == []
+    pool.act()
     (moved,) = pool.migrations(BOX)
     assert moved["spec"]["vmiName"] == BOX
     assert any(r == f"BoxAttestation{ba.COMPONENT_MISMATCH}" for r, _ in pool.events(BOX))
@@ -489,6 +515,42 @@ def test_an_extra_component_is_a_mismatch_and_moves_the_box_once(pool: Pool) -> 
     status, body = guest.quote(nonce)
     assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
     assert pool.attestation(BOX)["member"] == elsewhere.name
+    pool.act()
+    assert len(pool.migrations(BOX)) == 1
+
+
+@pytest.mark.timeout(240)
+def test_a_migration_squatting_on_the_planned_name_does_not_keep_a_mismatched_box(
+    pool: Pool,
+) -> None:
+    """The VM's owner can read the VMI's uid, so the name gtvp gives the box's move is
+    predictable: a migration created under it beforehand (of another VMI, never to run) is
+    not taken for gtvp's, and the box still leaves the member its vTPM evidence failed on."""
+    guest = pool.guests[BOX]
+    here, _ = pool.members
+    uid = pool.rt.view.vmis[(pool.namespace, BOX)]["metadata"]["uid"]
+    planned = migration_name(Vmi(pool.namespace, BOX, here.name, 2), f"attest-{uid[:8]}")
+    _create(
+        pool.admin,
+        MIGRATIONS,
+        {
+            "apiVersion": MIGRATIONS.api_version,
+            "kind": MIGRATIONS.kind,
+            "metadata": {"name": planned, "namespace": pool.namespace},
+            "spec": {"vmiName": OTHER_BOX},
+        },
+    )
+    guest.bind()
+    guest.measure([*pool.disks[BOX], hashlib.sha256(b"a rootkit's disk").digest()])
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+    pool.act()  # meets the squatter: not gtvp's migration of this box
+    assert pool.migrations(BOX) == []
+    pool.act()  # the next pass plans under another name
+    (moved,) = pool.migrations(BOX)
+    assert moved["metadata"]["name"] != planned
+    assert moved["metadata"]["labels"][EVACUATION_LABEL] == here.name
+    pool.act()  # while it runs, nothing more
     assert len(pool.migrations(BOX)) == 1
 
 
@@ -506,6 +568,7 @@ def test_a_mismatch_stops_the_box_when_its_level_says_stop(pool: Pool) -> None:
     status, body = guest.quote(guest.challenge()["nonce"])
     assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
     assert "component(s) not measured" in body["message"]
+    pool.act()
     gone = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, OTHER_BOX, pool.namespace)
     assert gone is None or gone["metadata"].get("deletionTimestamp")
     assert pool.migrations(OTHER_BOX) == []
@@ -588,6 +651,7 @@ def test_a_box_whose_guest_does_not_attest_in_time_is_overdue_and_moves_once(
     )
     assert _count(ba.ATTESTATION_OVERDUE) == before + 1
     assert "BoxAttestationOverdue" in [r for r, _ in pool.events(BOX)]
+    pool.act()
     (moved,) = pool.migrations(BOX)  # level 2 says Migrate: off the member, once
     assert moved["spec"]["vmiName"] == BOX
     assert pool.migrations(OTHER_BOX) == []
@@ -603,6 +667,7 @@ def test_a_box_whose_guest_does_not_attest_in_time_is_overdue_and_moves_once(
         (pool.namespace, BOX)
     ]
     assert pool.attestation(BOX)["member"] == elsewhere.name
+    pool.act()
     assert len(pool.migrations(BOX)) == 1
     # a late quote still counts: an Overdue box is asked, and Verified once it answers
     guest = pool.guests[BOX]

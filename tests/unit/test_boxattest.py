@@ -272,7 +272,9 @@ def test_a_box_without_a_verified_quote_where_it_runs_is_overdue_once_per_boot()
         WHERE.vmi_uid,
     )
     assert ba.overdue_step(late, WHERE, NOW + 2 * deadline, deadline) == (None, False)
+    assert ba.must_leave(late, WHERE)  # the evacuation loop moves it off, until it left
     assert ba.wants_quote(late, WHERE)  # still asked: a late quote makes it Verified
+    assert not ba.must_leave({**late, "state": ba.VERIFIED}, WHERE)  # ... and then it stays
     moved = ba.Where("another-member", WHERE.vmi_uid)
     again, act = ba.overdue_step(late, moved, NOW + 2 * deadline, deadline)
     assert again is not None
@@ -283,6 +285,8 @@ def test_a_box_without_a_verified_quote_where_it_runs_is_overdue_once_per_boot()
     assert there is not None
     assert there["state"] == ba.OVERDUE
     assert not act  # one boot, one action
+    assert not ba.must_leave(there, moved)  # it left the member it failed on: stays here
+    assert not ba.must_leave(late, ba.Where(WHERE.member, "uid-2"))  # a restart: a new boot
     verified = {**att, "state": ba.VERIFIED, "member": WHERE.member, "vmiUID": WHERE.vmi_uid}
     assert ba.overdue_step(verified, WHERE, NOW + 5 * deadline, deadline) == (None, False)
 

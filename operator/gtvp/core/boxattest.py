@@ -755,7 +755,7 @@ def overdue_step(
         "message": message,
         "member": where.member,
         "vmiUID": where.vmi_uid,
-        **({"actedOn": where.vmi_uid} if act else {}),
+        **(acted_on(where) if act else {}),
     }
     return new, act
 
@@ -765,3 +765,21 @@ def act_on_mismatch(att: Mapping[str, Any], where: Where) -> bool:
     of the box, so a box is never moved twice for one mismatch (the vTPM migrates with it
     and still shows the same PCR on the next member)."""
     return att.get("actedOn") != where.vmi_uid
+
+
+def acted_on(where: Where) -> dict[str, str]:
+    """The fields that record onUntrusted called for on this boot, on this member."""
+    return {"actedOn": where.vmi_uid, "actedOnMember": where.member}
+
+
+def must_leave(att: Mapping[str, Any], where: Where) -> bool:
+    """Whether the box must still leave its member: onUntrusted was called for on this
+    boot on this member (a mismatch, or overdue) and the box runs there still, with no
+    verified quote since (an overdue box that attests after all may stay). The evacuation
+    loop acts on it until it has left (a migration that failed, found no target or met a
+    foreign object holding its name is planned again), then never again for that boot."""
+    return (
+        att.get("state") in (MISMATCH, OVERDUE)
+        and att.get("actedOn") == where.vmi_uid
+        and att.get("actedOnMember") == where.member
+    )

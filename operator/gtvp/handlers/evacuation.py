@@ -11,7 +11,9 @@ members that lost trust.
   level is aborted by deleting it; a usable target spends one use of its verdict;
 - a Lazy Box goes to the usable target caching most of its components, and its migration
   waits until that target has pre-fetched the ones it lacks (`handlers.prefetch`, at most
-  the bound: the next plan, a second later, looks again).
+  the bound: the next plan, a second later, looks again);
+- a Lazy Box whose own vTPM evidence failed on a trusted member (`evacuate_unattested`) is
+  evacuated the same way, alone, until it has left that member.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
+from gtvp.core.boxattest import Where, must_leave
 from gtvp.core.components import image_digests
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import (
@@ -76,24 +79,65 @@ async def evacuate(
 ) -> int:
     """Act on the gated VMIs on `member` that need more than `keep_level` (0: the member is
     not trusted, every gated VMI must go); returns how many of them are still on it."""
-    policy = rt.view.policy
-    if policy is None:
+    if rt.view.policy is None:
         return 0
     on_member = _gated_on(rt, member, keep_level)
-    if not on_member or on_untrusted == "Keep":
-        return len(on_member)
+    await _act(rt, member, incident, on_untrusted, on_member)
+    return len(on_member)
+
+
+async def evacuate_unattested(rt: Runtime) -> None:
+    """Apply its level's onUntrusted to each Lazy Box whose vTPM evidence failed where it
+    runs (a mismatch, or overdue: `boxattest.must_leave`), as an evacuation of that one box
+    off its member: planned, pre-fetched, its name checked, retried on the next pass until
+    the box has left. The leader's box loop calls it on every full pass."""
+    policy = rt.view.policy
+    if policy is None:
+        return
+    for (ns, name), box in sorted(rt.view.boxes.items()):
+        vmi = rt.view.vmis.get((ns, name)) or {}
+        status = vmi.get("status") or {}
+        member = str(status.get("nodeName") or "")
+        if status.get("phase") != "Running" or not member:
+            continue
+        where = Where(member, str((vmi.get("metadata") or {}).get("uid", "")))
+        att = (box.get("status") or {}).get("attestation") or {}
+        if not must_leave(att, where):
+            continue
+        level = gated_level(vmi) or int((box.get("spec") or {}).get("level", 0) or 0)
+        lv = policy.level(level)
+        action = lv.on_untrusted if lv is not None else "Migrate"
+        one = [Vmi(ns, name, member, level, _parts(rt, ns, name, vmi))]
+        await _act(rt, member, f"attest-{where.vmi_uid[:8]}", action, one, topic=f"{ns}/{name}")
+
+
+async def _act(
+    rt: Runtime,
+    member: str,
+    incident: str,
+    on_untrusted: str,
+    on_member: list[Vmi],
+    *,
+    topic: str | None = None,
+) -> None:
+    """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
+    `topic`: the key its waiting messages are said once under (default: the member)."""
+    policy = rt.view.policy
+    if policy is None or not on_member or on_untrusted == "Keep":
+        return
     if on_untrusted == "Stop":
         for vmi in on_member:
             await asyncio.to_thread(_stop_vm, rt, vmi)
-        return len(on_member)
+        return
+    topic = topic or member
     now = dt.datetime.now(dt.UTC)
     members = rt.view.member_views()
     movable = [
         v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
     ]
     stuck = sorted(f"{v.namespace}/{v.name}" for v in on_member if v not in movable)
-    if stuck and rt.evacuation.waiting.get(member) != stuck:
-        rt.evacuation.waiting[member] = stuck  # say it once, not every second
+    if stuck and rt.evacuation.waiting.get(topic) != stuck:
+        rt.evacuation.waiting[topic] = stuck  # say it once, not every second
         log.warning(
             "evacuation of %s waits: no trusted member of a sufficient level can take %s yet",
             member,
@@ -105,7 +149,7 @@ async def evacuate(
         if m.name != member and m.name in rt.view.nodes and m.usable(now, 1)
     ]
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
-    await _say_stalled(rt, member, movable, migrations)
+    await _say_stalled(rt, member, movable, migrations, topic)
     for obj in plan_evacuation(
         member=member,
         incident=incident,
@@ -116,16 +160,15 @@ async def evacuate(
         images=node_images(rt, [name for name, _ in targets]),
     ):
         await _start(rt, member, obj)
-    return len(on_member)
 
 
 async def _say_stalled(
-    rt: Runtime, member: str, vmis: list[Vmi], migrations: list[Migration]
+    rt: Runtime, member: str, vmis: list[Vmi], migrations: list[Migration], topic: str
 ) -> None:
     """A Warning (log and Event on the VMI) for each VMI whose evacuation migrations off
     `member` kept failing, once per change."""
     stalled = evacuation_stalled(member=member, vmis=vmis, migrations=migrations)
-    said_key = f"{member}#failed"  # kept next to the member's own entry in `waiting`
+    said_key = f"{topic}#failed"  # kept next to the topic's own entry in `waiting`
     said = set(rt.evacuation.waiting.pop(said_key, ()))
     if stalled:
         rt.evacuation.waiting[said_key] = sorted(f"{ns}/{name}" for ns, name in stalled)

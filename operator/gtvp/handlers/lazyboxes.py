@@ -35,6 +35,7 @@ from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
 from gtvp.handlers import box_writes
 from gtvp.handlers.box_hosts import hosts, pool_cache
 from gtvp.handlers.components import spend
+from gtvp.handlers.evacuation import evacuate_unattested
 from gtvp.handlers.verdict_uses import spend_use
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -336,6 +337,10 @@ async def box_loop(rt: Runtime, period: float = 5.0) -> None:
             )
             next_full = loop.time() + period
             await asyncio.to_thread(_sweep_safely, rt)
+            try:
+                await evacuate_unattested(rt)  # boxes whose vTPM evidence failed where they run
+            except Exception:
+                log.exception("evacuating boxes whose attestation failed went wrong; next pass")
         batch = sorted(memory.dirty)
         memory.dirty.clear()
         await asyncio.gather(*(_reconcile_safely(rt, key, limit) for key in batch))
