@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gtvp.core.compose import FREED_PAGES_ZEROED
 from gtvp_local.guest.build import (
     APP_NAME,
     APP_VERSION,
@@ -206,7 +207,8 @@ def monolithic_vm(
     """The VirtualMachine booting the monolithic image with the box's kernel and init (one
     pinned disk); `node`: preferred, as a box's placement is (a migration may move it)."""
     args = (
-        f"console=ttyS0 gtvp.box={name} gtvp.app={APP_NAME} gtvp.version={version} "
+        f"console=ttyS0 {FREED_PAGES_ZEROED} gtvp.box={name} gtvp.app={APP_NAME} "
+        f"gtvp.version={version} "
         f"gtvp.disks={SERIAL}:{image.sha256}"
     )
     spec: dict[str, Any] = {
