@@ -113,17 +113,37 @@ _FREE_RANGE = (20000, 32000)
 between choosing it and a server binding it."""
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports this process handed out: a pool picks a port long before its server binds it (the
+webhook port is written into the webhook configuration first), so another pick in between
+must not take it (CI: an operator died on 'address already in use' for its webhook port)."""
+
+
+def reserve_port(port: int) -> bool:
+    """Mark `port` handed out (a server will bind it later); False if it was already."""
+    if port in _HANDED_OUT:
+        return False
+    _HANDED_OUT.add(port)
+    return True
+
+
 def free_port() -> int:
-    """A port nothing listens on right now (for tests that run beside `gtvp local up`)."""
+    """A port nothing listens on right now and this process has not handed out before (for
+    tests that run beside `gtvp local up`)."""
     rng = random.SystemRandom()
+    if len(_HANDED_OUT) > (_FREE_RANGE[1] - _FREE_RANGE[0]) // 2:
+        _HANDED_OUT.clear()  # a long session: the oldest picks are long bound or gone
     for _ in range(200):
         port = rng.randrange(*_FREE_RANGE)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
         if not port_in_use(port):
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError(f"no free loopback port in {_FREE_RANGE}")
 

@@ -19,14 +19,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from gtvp_local.processes import ProcessTable, free_port, port_in_use
+from gtvp_local.processes import ProcessTable, free_port, port_in_use, reserve_port
 
 
 def _port_pair() -> int:
     """A free port whose successor is free too (command and control channel)."""
     for _ in range(100):
         port = free_port()
-        if port < 65535 and not port_in_use(port + 1):
+        if port < 65535 and not port_in_use(port + 1) and reserve_port(port + 1):
             return port
     raise RuntimeError("no two adjacent free loopback ports found")
 

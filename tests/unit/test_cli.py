@@ -253,3 +253,11 @@ def test_the_gtvp_that_local_up_prints_runs_from_the_users_shell(tmp_path: Path)
         )
         assert run.returncode == 0, (path, run.stderr)
         assert run.stdout.startswith("gtvp ")
+
+
+def test_a_port_handed_out_is_not_handed_out_again_before_its_server_binds_it() -> None:
+    from gtvp_local.processes import reserve_port
+
+    picked = {free_port() for _ in range(300)}
+    assert len(picked) == 300  # none bound yet, none repeated
+    assert not any(reserve_port(p) for p in picked)
