@@ -26,8 +26,9 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
+from gtvp.box_attestation import where_runs
 from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
-from gtvp.core.boxattest import Where, must_leave
+from gtvp.core.boxattest import must_leave
 from gtvp.core.components import image_digests
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import (
@@ -95,20 +96,17 @@ async def evacuate_unattested(rt: Runtime) -> None:
     if policy is None:
         return
     for (ns, name), box in sorted(rt.view.boxes.items()):
-        vmi = rt.view.vmis.get((ns, name)) or {}
-        status = vmi.get("status") or {}
-        member = str(status.get("nodeName") or "")
-        if status.get("phase") != "Running" or not member:
-            continue
-        where = Where(member, str((vmi.get("metadata") or {}).get("uid", "")))
+        where = where_runs(rt, (ns, name))
         att = (box.get("status") or {}).get("attestation") or {}
-        if not must_leave(att, where):
+        if where is None or not must_leave(att, where):
             continue
+        vmi = rt.view.vmis.get((ns, name)) or {}
         level = gated_level(vmi) or int((box.get("spec") or {}).get("level", 0) or 0)
         lv = policy.level(level)
         action = lv.on_untrusted if lv is not None else "Migrate"
-        one = [Vmi(ns, name, member, level, _parts(rt, ns, name, vmi))]
-        await _act(rt, member, f"attest-{where.vmi_uid[:8]}", action, one, topic=f"{ns}/{name}")
+        one = [Vmi(ns, name, where.member, level, _parts(rt, ns, name, vmi))]
+        incident = f"attest-{where.vmi_uid[:8]}"
+        await _act(rt, where.member, incident, action, one, topic=f"{ns}/{name}")
 
 
 async def _act(
