@@ -46,7 +46,7 @@ ADMISSION_KINDS = (
 MUTATED_KINDS = ADMISSION_KINDS[:3]
 """The kinds the mutating webhook sees (outcomes `mutated`, `unchanged`)."""
 EVACUATION_STATES = ("started", "finished", "aborted")
-DRAIN_STATES = ("started", "finished")
+DRAIN_STATES = ("started", "finished", "cancelled")
 PLACEMENT_OUTCOMES = ("placed", "pending")
 
 
@@ -165,7 +165,8 @@ class Metrics:
         self.drain_migrations = Counter(
             "gtvp_drain_migrations",
             "Live migrations gtvp started for drained nodes (evacuationNodeName, External), "
-            "by state (started, finished)",
+            "by state (started, finished, cancelled: its target was cordoned or lost trust before "
+            "KubeVirt scheduled it)",
             ["state"],
             registry=self.registry,
         )

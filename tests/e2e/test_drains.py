@@ -15,7 +15,10 @@ drain` would evict nothing: a cordon plus this simulated eviction is what runs).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -143,6 +146,58 @@ def test_drain_of_a_gated_external_vm_waits_for_a_target_then_finishes(
     plain = vmi(pool, namespace, "plain")["status"]
     assert plain["nodeName"] == host
     assert plain["evacuationNodeName"] == host
+
+
+@contextlib.contextmanager
+def frozen_virtsim(pool: Pool) -> Iterator[None]:
+    """SIGSTOP the KubeVirt stand-in: migrations stay where they are (Pending) meanwhile."""
+    tracked = pool.procs.get("virtsim")
+    assert tracked is not None
+    os.kill(tracked.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(tracked.pid, signal.SIGCONT)
+
+
+def test_a_drain_migration_whose_target_is_cordoned_before_it_was_scheduled_is_retargeted(
+    pool: Pool, namespace: str, cordoned: list[str]
+) -> None:
+    """Two nodes drained one after the other: the migration gtvp pinned to the second before
+    KubeVirt scheduled it is cancelled, not left pending on a node that takes nothing."""
+    a, b, low = pool.members()
+    pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm("db", 3)))
+    host = _wait("the VM to run", lambda: node_of(pool, namespace, "db"))
+    _wait("the VMI Running", lambda: vmi(pool, namespace, "db")["status"].get("phase") == "Running")
+    other = b if host == a else a
+    with frozen_virtsim(pool):  # KubeVirt schedules nothing meanwhile
+        cordon(pool, cordoned, host)
+        mark = {"status": {"evacuationNodeName": host}}  # what virt-api does on the drain
+        pool.cp.kubectl(
+            "patch", "vmi", "db", "-n", namespace, "--type", "merge", "-p", json.dumps(mark)
+        )
+        (planned,) = _wait("gtvp's drain migration", lambda: drain_migrations(pool, namespace))
+        assert planned["spec"]["addedNodeSelector"]["kubernetes.io/hostname"] == other
+        assert (planned.get("status") or {}).get("phase", "Pending") == "Pending"
+        cordon(pool, cordoned, other)  # the second drain, before KubeVirt scheduled the first
+        said = _wait(
+            "a DrainRetarget event on the VMI",
+            lambda: events(pool, namespace, "VirtualMachineInstance", "db", "DrainRetarget"),
+        )
+        name = planned["metadata"]["name"]
+        assert f"cancelled migration {name}, its target {other} was cordoned" in said[0]["message"]
+        _wait("the cancelled migration to be gone", lambda: drain_migrations(pool, namespace) == [])
+        waiting = _wait(
+            "a DrainWaiting event on the VMI",
+            lambda: events(pool, namespace, "VirtualMachineInstance", "db", "DrainWaiting"),
+        )
+        assert f"1 cordoned ({other})" in waiting[0]["message"]
+        assert f"1 below level 3 ({low}: level 1)" in waiting[0]["message"]
+    pool.cp.kubectl("uncordon", other)  # a target qualifies again: the VM moves there
+    _wait("the VM to leave the drained node", lambda: node_of(pool, namespace, "db") == other)
+    (mig,) = drain_migrations(pool, namespace)
+    assert mig["metadata"]["uid"] != planned["metadata"]["uid"]  # planned again, not revived
+    assert mig["status"]["phase"] == "Succeeded"
 
 
 def test_drain_of_a_live_migrate_vm_is_left_to_kubevirt(

@@ -279,3 +279,45 @@ def test_plans_keep_every_limit_and_pin_only_eligible_targets(
         planned_in = sum(1 for m in got.migrations if m["spec"]["addedNodeSelector"][HOST] == node)
         already_in = sum(1 for m in busy if m.active and m.inbound_to == node)
         assert planned_in == 0 or planned_in + already_in <= limits.max_inbound_per_node
+
+
+def _pending_drain(phase: str, pinned: str = "t1", target: str | None = None) -> Migration:
+    return Migration(
+        "ns", "gtvp-drain-vm0-x", "vm0", "n1", target, phase, pinned=pinned, drains="n1"
+    )
+
+
+def test_a_drain_migration_whose_target_was_cordoned_before_it_was_scheduled_is_cancelled() -> None:
+    cordoned = [DrainTarget("t1", 3, trusted=True, cordoned=True), DrainTarget("t2", 3, True)]
+    for phase in ("Pending", "Scheduling"):
+        got = plan(evacuees(1), cordoned, migrations=[_pending_drain(phase)])
+        (stale,) = got.cancel
+        assert (stale.namespace, stale.name, stale.vmi) == ("ns", "gtvp-drain-vm0-x", "vm0")
+        assert "its target t1 was cordoned before the migration was scheduled" in stale.why
+        assert got.migrations == ()  # re-planned once the cancelled one is gone
+    lost = [DrainTarget("t1", 3, trusted=False)]
+    (stale,) = plan(evacuees(1), lost, migrations=[_pending_drain("Scheduling")]).cancel
+    assert "t1 is not Trusted" in stale.why
+    gone = plan(evacuees(1), targets(("t2", 3)), migrations=[_pending_drain("Pending")]).cancel
+    assert "t1 has no Node" in gone[0].why
+
+
+def test_a_drain_migration_that_kubevirt_scheduled_or_whose_target_still_qualifies_stays() -> None:
+    cordoned = [DrainTarget("t1", 3, trusted=True, cordoned=True)]
+    for phase in ("Scheduled", "PreparingTarget", "TargetReady", "Running"):
+        assert plan(evacuees(1), cordoned, migrations=[_pending_drain(phase)]).cancel == ()
+    scheduled = _pending_drain("Scheduling", target="t1")  # the target pod has a node
+    assert plan(evacuees(1), cordoned, migrations=[scheduled]).cancel == ()
+    fine = plan(evacuees(1), targets(("t1", 3)), migrations=[_pending_drain("Pending")])
+    assert fine.cancel == ()
+    assert fine.migrations == ()
+    not_ours = Migration("ns", "kubevirt-evacuation-1", "vm0", "n1", None, "Pending", pinned="t1")
+    assert plan(evacuees(1), cordoned, migrations=[not_ours]).cancel == ()
+
+
+def test_the_drain_label_is_read_from_the_migration() -> None:
+    (obj,) = plan(evacuees(1), targets(("t1", 3))).migrations
+    view = migration_view(obj)
+    assert view.drains == "n1"
+    assert view.pinned == "t1"
+    assert view.phase == "Pending"

@@ -76,6 +76,7 @@ class Migration:
     evacuates: str | None = None  # gtvp.io/evacuation: the member gtvp empties with it
     attempt: int = 0  # gtvp.io/evacuation-attempt (0 when absent)
     foreign: bool = False  # none of gtvp's labels: gtvp did not start it
+    drains: str | None = None  # gtvp.io/drain: the drained node gtvp moves the VMI off
 
     @property
     def active(self) -> bool:
@@ -312,6 +313,7 @@ def migration_view(obj: Mapping[str, Any]) -> Migration:
         evacuates=str(labels[EVACUATION_LABEL]) if labels.get(EVACUATION_LABEL) else None,
         attempt=attempt_of(meta, EVACUATION_ATTEMPT_ANNOTATION),
         foreign=not any(label in labels for label in GTVP_MIGRATION_LABELS),
+        drains=str(labels[DRAIN_LABEL]) if labels.get(DRAIN_LABEL) else None,
     )
 
 
@@ -355,9 +357,21 @@ class DrainTarget:
 
 
 @dataclass(frozen=True)
+class Retarget:
+    """A drain migration of gtvp's to cancel: its pinned target can no longer take the VMI
+    and KubeVirt has not scheduled it there yet (it would wait for that node for minutes)."""
+
+    namespace: str
+    name: str  # the migration
+    vmi: str
+    why: str
+
+
+@dataclass(frozen=True)
 class DrainPlan:
     migrations: tuple[dict[str, Any], ...]
     waiting: Mapping[tuple[str, str], str]  # (namespace, VMI) -> why it cannot move yet
+    cancel: tuple[Retarget, ...] = ()
 
 
 def drain_evacuee(vmi: Mapping[str, Any]) -> Evacuee | None:
@@ -437,14 +451,18 @@ def plan_drains(
     inbound limits hold, counting gtvp's active migrations (evacuations, drains,
     balancing; others are KubeVirt's to queue).
     A VMI that only the limits hold back is not 'waiting': the next plan moves it.
+    A drain migration not yet scheduled whose target can no longer take the VMI (cordoned,
+    no longer Trusted since it was planned) is to be cancelled: the next plan re-targets it.
     """
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     budget = MigrationBudget.of(limits, migrations, recorded_source(node_of))
     images = {t.name: t.images for t in targets}
     out: list[dict[str, Any]] = []
     waiting: dict[tuple[str, str], str] = {}
+    cancel: list[Retarget] = []
     for vmi in sorted(evacuees, key=lambda v: (-v.level, v.namespace, v.name)):
         if (vmi.namespace, vmi.name) in busy:
+            cancel.extend(_unschedulable_drains(vmi, migrations, targets))
             continue
         past = sorted(history.get((vmi.namespace, vmi.name, vmi.node), ()))
         eligible = [t.name for t in targets if _can_take(t, vmi)]
@@ -457,16 +475,53 @@ def plan_drains(
             continue  # the limits hold it back: the next plan
         budget.take(vmi.node, target)
         out.append(_drain_migration(vmi, target, max((a for a, _ in past), default=-1) + 1))
-    return DrainPlan(tuple(out), waiting)
+    return DrainPlan(tuple(out), waiting, tuple(cancel))
+
+
+NOT_SCHEDULED = frozenset({"", "Pending", "Scheduling"})  # no target pod placed yet
+
+
+def _unschedulable_drains(
+    vmi: Evacuee, migrations: Sequence[Migration], targets: Sequence[DrainTarget]
+) -> list[Retarget]:
+    """gtvp's drain migrations of `vmi` off its node, not scheduled yet, whose pinned target
+    can no longer take it (KubeVirt would keep the target pod pending for minutes)."""
+    by_name = {t.name: t for t in targets}
+    out = []
+    for m in migrations:
+        if (m.namespace, m.vmi) != (vmi.namespace, vmi.name) or m.drains != vmi.node:
+            continue
+        if m.phase not in NOT_SCHEDULED or m.target or not m.pinned:
+            continue
+        target = by_name.get(m.pinned)
+        why = "has no Node" if target is None else _obstacle(target, vmi)
+        if why is not None:
+            out.append(
+                Retarget(
+                    m.namespace,
+                    m.name,
+                    m.vmi,
+                    f"its target {m.pinned} {why} before the migration was scheduled",
+                )
+            )
+    return out
+
+
+def _obstacle(target: DrainTarget, vmi: Evacuee) -> str | None:
+    """Why `target` cannot take `vmi`, or None when it can."""
+    if target.name == vmi.node:
+        return "is the drained node"
+    if not target.trusted:
+        return "is not Trusted"
+    if target.level < vmi.level:
+        return f"is below level {vmi.level}"
+    if target.cordoned:
+        return "was cordoned"
+    return None
 
 
 def _can_take(target: DrainTarget, vmi: Evacuee) -> bool:
-    return (
-        target.trusted
-        and not target.cordoned
-        and target.name != vmi.node
-        and target.level >= vmi.level
-    )
+    return _obstacle(target, vmi) is None
 
 
 def _failed_too_often(vmi: Evacuee, past: Sequence[tuple[int, str]]) -> str | None:

@@ -14,7 +14,9 @@ drain is outstanding (and rescans every VMI every IDLE_PERIOD, which also covers
 A VMI no member can take gets a Warning Event `DrainWaiting` with the reason (on the VMI,
 and on its LazyBox), said once per reason, not every round. A box goes to the eligible
 member caching most of its components, once that member has pre-fetched the rest
-(`handlers.prefetch`).
+(`handlers.prefetch`). A drain migration KubeVirt has not scheduled yet whose target was
+cordoned or lost trust since gtvp planned it is deleted (Event `DrainRetarget`) and planned
+again, rather than left pending on a node that takes nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gtvp.core.evacuation import (
     DrainPlan,
     DrainTarget,
     Evacuee,
+    Retarget,
     drain_evacuee,
     drain_history,
     migration_view,
@@ -139,6 +142,8 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
 async def drain_once(rt: Runtime, now: dt.datetime | None = None) -> DrainPlan:
     """One round: start the planned migrations, report the VMIs that wait."""
     plan, evacuees = await asyncio.to_thread(plan_now, rt, now or dt.datetime.now(dt.UTC))
+    for stale in plan.cancel:
+        await _cancel(rt, stale, evacuees[(stale.namespace, stale.vmi)])
     for obj in plan.migrations:
         key = (obj["metadata"]["namespace"], obj["spec"]["vmiName"])
         await _start(rt, obj, evacuees[key])
@@ -176,6 +181,33 @@ async def _start(rt: Runtime, obj: dict[str, Any], vmi: Evacuee) -> None:
     METRICS.drain_migrations.labels("started").inc()
     message = f"node {vmi.node} is being drained: live-migrating to {target} (migration {name})"
     await _say(rt, vmi, "Normal", "DrainMigration", message)
+
+
+async def _cancel(rt: Runtime, stale: Retarget, vmi: Evacuee) -> None:
+    """Delete a drain migration whose target can no longer take the VMI (KubeVirt aborts a
+    migration deleted before it completes: the VM stays where it is); the next plan picks
+    another target or says why the VMI waits."""
+    key = (stale.namespace, stale.name)
+    try:
+        await asyncio.to_thread(
+            kube.delete_if_present, rt.clients, MIGRATIONS, stale.name, stale.namespace
+        )
+    except ApiException as exc:
+        log.warning(
+            "drain of %s: could not cancel migration %s/%s: %s %s",
+            vmi.node,
+            *key,
+            exc.status,
+            exc.reason,
+        )
+        return
+    body = rt.view.migrations.get(key)
+    if body is not None:
+        rt.view.observe_migration(body, "DELETED")  # the next plan does not wait for it
+    METRICS.drain_migrations.labels("cancelled").inc()
+    message = f"node {vmi.node} is being drained: cancelled migration {stale.name}, {stale.why}"
+    await _say(rt, vmi, "Normal", "DrainRetarget", message)
+    rt.drains.wake.set()
 
 
 async def _say(rt: Runtime, vmi: Evacuee, type_: str, reason: str, message: str) -> None:
