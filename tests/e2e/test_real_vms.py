@@ -242,7 +242,14 @@ def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_sa
     resolved = {f"{r['name']}@{r['version']}" for r in box["status"]["resolved"]}
     assert len(att["components"]) == len(pins)
     assert set(att["components"]) <= resolved
-    assert re.search(r"GTVP-ATTEST quoted nonce=\S+ verified=true", pool.vm_console(NS, hello))
+    # the guest prints gtvp's answer once it has it (after gtvp recorded the verdict)
+    _wait(
+        "the guest to print gtvp's verdict on its quote",
+        lambda: re.search(
+            r"GTVP-ATTEST quoted nonce=\S+ verified=true", pool.vm_console(NS, hello)
+        ),
+        timeout=30,
+    )
 
 
 def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_was(
