@@ -175,7 +175,7 @@ def start_pool(cp: ControlPlane, members: int, replicas: int = 2, vms: str = "qe
 BOX_TIMEOUT = 240.0
 """A box's boot under software emulation, with a cold member's component fetch first,
 on a loaded two-core machine (it takes about 10 s on a quiet one)."""
-GUEST_WORDS = re.compile(r"^(gtvp-init: .*|GTVP-READY .*|gtvp-app .*)$", re.MULTILINE)
+GUEST_WORDS = re.compile(r"^(gtvp-init: .*|GTVP-READY .*|gtvp-app(?:-lib)? .*)$", re.MULTILINE)
 UPTIME = re.compile(r"gtvp-uptime (\d+)")
 
 

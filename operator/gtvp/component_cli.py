@@ -13,7 +13,8 @@ SecurityPolicy manifest. Exit codes: 0 all verified, 1 a component failed, 2 unu
 
 `build` (needs gtvp-local, the development distribution, and umoci) builds gtvp's real
 guest components reproducibly (the Debian cloud kernel with gtvp's box init, the
-busybox-base root filesystem, the hello-web application), packages each as a KubeVirt
+busybox-base root filesystem, the glibc library layer from Debian's libc6 and libc-bin, the
+hello-web application), packages each as a KubeVirt
 containerDisk OCI image layout under --out (the kernel as a kernel-boot container), prints
 their OSComponent manifests (signed when --key is given) pinning each image by its
 manifest's digest in --registry and its disk file by `diskDigest`, with the disk file's

@@ -5,7 +5,7 @@ Run: `python -m tests.bench.bench_box_boot [--runs 3]` (or `make bench`).
 
 Real: kube-apiserver + etcd, gtvp-operator (resolves, composes and places the box), a
 gtvp-agent per member on its own swtpm (two members), the box's components built here from
-Debian packages and signed here (linux kernel + box init, busybox-base, hello-web), qemu
+Debian packages and signed here (linux kernel + box init, busybox-base, glibc, hello-web), qemu
 (KVM when this machine has it) in each member's network namespace, every image fetched over
 the member's own link from the pool's registry mirror into its component cache. Simulated:
 Nodes by kwok; virt-controller, virt-handler and the kubelet's image pulls by gtvp's
@@ -14,7 +14,7 @@ stand-in (`gtvp_local.virtsim --vms qemu`).
 Measured: from the create call until the guest prints `GTVP-READY <name>` on its serial
 console (the box init hashed every disk against its pin, mounted the overlay and started
 hello-web). Box warm: the members' caches hold the box's components; box cold: both caches
-emptied first, so the member fetches kernel, busybox-base and hello-web before its VM
+emptied first, so the member fetches kernel, busybox-base, glibc and hello-web before its VM
 starts. One VM at a time, 256 MiB of guest memory.
 
 Baseline, same run: the same application as one monolithic VM image
@@ -53,6 +53,7 @@ from gtvp_local.guest.build import (
     APP_UPGRADE,
     APP_VERSION,
     BASE_NAME,
+    LIB_NAME,
     Artifact,
     build_catalogue,
     component_manifest,
@@ -94,21 +95,24 @@ class Catalogue:
     """The built components (the box's, one version each) and the monolithic image."""
 
     kernel: Artifact
-    base: Artifact
-    app: Artifact
+    layers: tuple[Artifact, ...]  # the disks, base first, application last
     mono: MonolithicImage
     signed: list[dict[str, Any]]
 
     @property
+    def components(self) -> tuple[Artifact, ...]:
+        return (self.kernel, *self.layers)
+
+    @property
     def box_images(self) -> list[str]:
-        return [self.kernel.image, self.base.image, self.app.image]
+        return [a.image for a in self.components]
 
     def sizes(self) -> str:
-        parts = [f"{a.name} {a.size / 1e6:.2f} MB" for a in (self.kernel, self.base, self.app)]
+        parts = [f"{a.name} {a.size / 1e6:.2f} MB" for a in self.components]
         return (
             f"components: {', '.join(parts)}; monolithic disk {self.mono.size / 1e6:.1f} MB "
             f"(squashfs xz of {self.mono.tree_bytes / 1e6:.0f} MB of files: "
-            f"{self.mono.base.name} + {BASE_NAME} + {APP_NAME})"
+            f"{self.mono.base.name} + {' + '.join(a.name for a in self.layers)})"
         )
 
 
@@ -118,14 +122,15 @@ def catalogue(pub: Publisher) -> Catalogue:
     chosen = {k: a for k, a in built.items() if k != f"{APP_NAME}@{APP_UPGRADE}"}
     kernel = next(a for a in chosen.values() if a.type == "kernel")
     base = chosen[f"{BASE_NAME}@1.0.0"]
+    lib = next(a for a in chosen.values() if a.name == LIB_NAME)
     app = chosen[f"{APP_NAME}@{APP_VERSION}"]
     signed = []
-    for a in (kernel, base, app):
+    for a in (kernel, base, lib, app):
         doc = component_manifest(a)
         doc["spec"]["signature"] = component_signing.sign(doc["spec"], pub.private_pem, pub.name)
         signed.append(doc)
-    mono = build_monolithic(cache_dir(), base, app)
-    return Catalogue(kernel, base, app, mono, signed)
+    mono = build_monolithic(cache_dir(), (base, lib, app))
+    return Catalogue(kernel, (base, lib, app), mono, signed)
 
 
 # --- the pool --------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def _snapshot(pub: Publisher, into: Path, tries: int = 3) -> tuple[Catalogue, di
     into.mkdir(parents=True, exist_ok=True)
     for _ in range(tries):
         cat = catalogue(pub)
-        pinned = {a.sha256: a.path for a in (cat.kernel, cat.base, cat.app)}
+        pinned = {a.sha256: a.path for a in cat.components}
         pinned[cat.mono.sha256] = cat.mono.path
         files = {}
         for hexpart, path in pinned.items():
@@ -581,7 +581,7 @@ def run(runs: int = 1, uplink_mbit: int = 200, settle: float = SETTLE_S) -> dict
         "cold1_ratio": med["box cold 1 source"] / med["mono"],
         "cold3_ratio": med["box cold 3 sources"] / med["mono"],
         "mono_bytes": med["mono"],
-        "component_size": float(sum(a.size for a in (cat.kernel, cat.base, cat.app))),
+        "component_size": float(sum(a.size for a in cat.components)),
         "warm_component_bytes": _med(rows["box warm"], "component_bytes"),
         "cold1_component_bytes": _med(rows["box cold 1 source"], "component_bytes"),
         "cold3_component_bytes": _med(rows["box cold 3 sources"], "component_bytes"),

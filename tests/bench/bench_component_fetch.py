@@ -4,7 +4,7 @@ mirror only (the whole files, one `wget` each: the path without chunk lists).
 
 Run: `python -m tests.bench.bench_component_fetch [--runs 3] [--uplink-mbit 200]`.
 
-Real: the box's components built here (kernel, busybox-base, hello-web: what the sample
+Real: the box's components built here (kernel, busybox-base, glibc, hello-web: what the sample
 catalogue pins) with their chunk lists, one network namespace and veth per member on the
 local pool's bridge, HTTP between the namespaces (`cache.PeerServer`, `cache.fetch_chunked`,
 `cache.fetch_missing`), the bytes counted on the fetching member's veth. Not here: the

@@ -35,6 +35,7 @@ from gtvp_local.guest.build import (
     APP_NAME,
     APP_UPGRADE,
     APP_VERSION,
+    LIB_NAME,
     BuildError,
     build_catalogue,
     component_manifest,
@@ -233,6 +234,9 @@ def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_sa
     page = _page(pool, vmi["status"]["nodeName"])  # the service answers from the host
     assert f"gtvp Lazy Box {hello}" in page
     assert f"hello-web {APP_VERSION}" in page
+    # the library layer is a component of its own, and its program ran in the guest
+    lib = next(r for r in box["status"]["resolved"] if r["name"] == LIB_NAME)
+    assert f"with glibc {lib['version']}" in page
     assert _app_says(console) == [APP_VERSION]  # the application said so itself
     # its vTPM measured each disk and gtvp verified a fresh quote against the composition
     att = _attested_on(pool, hello, vmi["status"]["nodeName"])

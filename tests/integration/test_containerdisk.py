@@ -238,12 +238,14 @@ def test_a_box_of_registry_components_pins_the_disk_files(
     args = template["domain"]["firmware"]["kernelBoot"]["kernelArgs"].split()
     disks_word = next(w for w in args if w.startswith("gtvp.disks="))
     base = catalogue["busybox-base@1.0.0"]
+    lib = next(a for a in catalogue.values() if a.name == "glibc")
     app = catalogue["hello-web@1.0.0"]
-    assert disks_word == f"gtvp.disks=busybox-base:{base.sha256},hello-web:{app.sha256}"
+    pins = f"busybox-base:{base.sha256},glibc:{lib.sha256},hello-web:{app.sha256}"
+    assert disks_word == f"gtvp.disks={pins}"  # base, the library layer, the application
     images = [v["containerDisk"]["image"] for v in template["volumes"] if "containerDisk" in v]
     by_name = {c.name: c for c in chosen}
-    assert images == [by_name["busybox-base"].image, by_name["hello-web"].image]
-    assert all(base.sha256 not in i and app.sha256 not in i for i in images)
+    assert images == [by_name[n].image for n in ("busybox-base", "glibc", "hello-web")]
+    assert all(a.sha256 not in i for a in (base, lib, app) for i in images)
 
 
 @pytest.mark.controlplane

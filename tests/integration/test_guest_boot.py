@@ -31,6 +31,7 @@ from gtvp_local.guest.build import (
     APP_NAME,
     APP_UPGRADE,
     APP_VERSION,
+    LIB_NAME,
     Artifact,
     BuildError,
     build_catalogue,
@@ -119,6 +120,9 @@ def test_the_composed_box_boots_serves_and_counts(
         page = http_get(port, 20)
         assert "gtvp Lazy Box hello" in page
         assert f"hello-web {APP_UPGRADE}" in page
+        # a program of the library layer, linked against that layer's C library, ran
+        lib = next(a for a in catalogue.values() if a.name == LIB_NAME)
+        assert f"with glibc {lib.version}" in page
         end = time.monotonic() + 15
         while time.monotonic() < end and len(uptimes(boot.text())) < 3:
             time.sleep(0.5)
@@ -128,7 +132,8 @@ def test_the_composed_box_boots_serves_and_counts(
         assert counted[-1] > counted[0], counted
         text = boot.text()
     assert f"{APP_MARKER} {APP_NAME} {APP_UPGRADE}" in text  # the application, in its words
-    for serial in ("busybox-base", "hello-web"):
+    assert f"{APP_MARKER}-lib glibc {lib.version}" in text
+    for serial in ("busybox-base", LIB_NAME, "hello-web"):
         assert f"gtvp-init: verified and mounted {serial}" in text
     assert REFUSED_MARKER not in text
 

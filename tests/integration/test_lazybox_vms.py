@@ -100,7 +100,7 @@ def test_sample_catalogue_verifies_with_the_sample_publisher_key() -> None:
         assert check.ok, (obj["metadata"]["name"], check)
     box = next(d for d in _samples("lazybox.yaml") if d["kind"] == "LazyBox")
     got = resolve(BoxRequest.from_spec(box["spec"]), [parse_component(o) for o in comps])
-    assert [c.name for c in got] == ["linux", "busybox-base", "hello-web"]
+    assert [c.name for c in got] == ["linux", "busybox-base", "glibc", "hello-web"]
 
 
 def _gtvp(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -37,7 +37,7 @@ def test_the_samples_pin_exactly_what_the_pinned_packages_build(
 ) -> None:
     on_file = samples.load(samples.samples_path())
     assert samples.differences(built, on_file) == []  # digests, sizes, images, signatures
-    assert {d["spec"]["type"] for d in on_file} == {"kernel", "rootfs", "application"}
+    assert {d["spec"]["type"] for d in on_file} == {"kernel", "rootfs", "library", "application"}
     keys = sample_publisher_keys()  # the sample policy's demo publisher
     for doc in on_file:
         assert check_component(doc, keys).ok, doc["metadata"]["name"]

@@ -12,10 +12,15 @@
   `kernel` and `initrd` and compose passes both to the VM.
 - `busybox-base` (rootfs): a squashfs with busybox-static and its applet links, `/etc`
   (passwd, group, hosts) and the network bring-up stage 2 runs.
+- `glibc` (library): a squashfs of the GNU C library and its tools exactly as Debian ships
+  them (the pinned `libc6` and `libc-bin` packages, their files minus documentation): the
+  dynamic loader, libc, libm, gconv and programs such as `getconf`, all dynamically linked
+  against the layer itself.
 - `hello-web` (application), in two versions (1.0.0 and its upgrade 1.1.0: the same code,
   the version in `/opt/gtvp/hello-web/VERSION`): a squashfs with `/opt/gtvp/hello-web/start`,
   which announces `gtvp-app hello-web <version>` (read from its VERSION file) on the serial
-  console, starts busybox httpd on port 8080 (a page naming the box and that version) and a
+  console, starts busybox httpd on port 8080 (a page naming the box, that version and the C
+  library the library layer provides, as its `getconf GNU_LIBC_VERSION` says) and a
   counter that prints `gtvp-uptime <seconds>` on the serial console every second.
 
 Every artifact is a pure function of its inputs (the kernel package, busybox-static, this
@@ -53,6 +58,8 @@ from gtvp_local.guest.reproducible import (
 
 IMAGE_REPO = "registry.gtvp.local/gtvp-components"
 BASE_NAME, BASE_VERSION = "busybox-base", "1.0.0"
+LIB_NAME = "glibc"
+LIB_SKIPPED = ("usr/share/doc", "usr/share/lintian", "usr/share/man", "usr/share/info")
 APP_NAME, APP_VERSION, APP_UPGRADE = "hello-web", "1.0.0", "1.1.0"
 APP_VERSIONS = (APP_VERSION, APP_UPGRADE)  # every hello-web built; boxes boot the first
 APP_MARKER = "gtvp-app"  # `gtvp-app <name> <version>`: the application says what it is
@@ -321,6 +328,33 @@ def base_tree(busybox: Path) -> Tree:
     return tree
 
 
+def library_tree(roots: list[Path]) -> Tree:
+    """The files of extracted Debian packages as one tree (documentation left out), with
+    their modes and symlinks as the packages declare them (owners and times fixed)."""
+    tree = Tree()
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if rel == ".done" or any(rel == d or rel.startswith(d + "/") for d in LIB_SKIPPED):
+                continue
+            if path.is_symlink():
+                tree.symlink(rel, os.readlink(path))
+            elif path.is_dir():
+                tree.dir(rel, path.stat().st_mode & 0o7777)
+            elif path.is_file():
+                tree.file(rel, path.read_bytes(), path.stat().st_mode & 0o7777)
+    return tree
+
+
+def pinned_library(gcache: Path) -> tuple[str, list[Path]]:
+    """The C library's version and its extracted packages (`pins.LIBC6`, `pins.LIBC_BIN`)."""
+    try:
+        debs = [pins.fetch(p, gcache / "debs") for p in (pins.LIBC6, pins.LIBC_BIN)]
+    except pins.PinError as exc:
+        raise BuildError(str(exc)) from None
+    return component_version(deb_version(debs[0])), [extract_deb(d, gcache) for d in debs]
+
+
 APP_START = """#!/bin/sh
 # hello-web: says its version (its own VERSION file) on the console, serves a page naming
 # the box and that version on :8080, and prints the guest's uptime every second
@@ -328,10 +362,13 @@ APP_START = """#!/bin/sh
 here=/opt/gtvp/hello-web
 read -r version <"$here/VERSION"
 echo "@MARKER@ hello-web $version" >/dev/console
+# getconf is the library layer's (dynamically linked against that layer's libc)
+libc="$(/usr/bin/getconf GNU_LIBC_VERSION 2>&1)" || libc="no C library ($libc)"
+echo "@MARKER@-lib $libc" >/dev/console
 mkdir -p /run/hello-web
 cat >/run/hello-web/index.html <<EOF
 <html><body><h1>gtvp Lazy Box $GTVP_BOX</h1>
-<p>hello-web $version on $(uname -r)</p></body></html>
+<p>hello-web $version on $(uname -r) with $libc</p></body></html>
 EOF
 httpd -p 8080 -h /run/hello-web || exit 1
 "$here/uptime" </dev/null >/dev/console 2>&1 &
@@ -370,6 +407,13 @@ def _write(path: Path, data: bytes) -> None:
 
 def _artifact(name: str, version: str, kind: str, path: Path, **kw: Any) -> Artifact:
     return Artifact(name, version, kind, path, sha256_file(path), path.stat().st_size, **kw)
+
+
+def _layer(out: Path, tree: Tree, name: str, version: str, kind: str, **kw: Any) -> Artifact:
+    """A file-system component: `tree` as `<out>/<name>-<version>.squashfs`."""
+    path = out / f"{name}-{version}.squashfs"
+    squashfs(tree, path)
+    return _artifact(name, version, kind, path, **kw)
 
 
 def build_catalogue(cache: Path, *, busybox: Path | None = None) -> dict[str, Artifact]:
@@ -415,28 +459,35 @@ def _build_catalogue(gcache: Path, busybox: Path | None) -> dict[str, Artifact]:
         provides=("kernel", "initrd"),
         files={f"/{rel}": kdir / rel for rel in kernel_files},
     )
-    base_path = out / f"{BASE_NAME}-{BASE_VERSION}.squashfs"
-    squashfs(base_tree(busybox), base_path)
-    base = _artifact(
+    base = _layer(
+        out,
+        base_tree(busybox),
         BASE_NAME,
         BASE_VERSION,
         "rootfs",
-        base_path,
         provides=("rootfs", "busybox"),
         requires=(("kernel", ">=5.10"),),
     )
-    apps = []
-    for version in APP_VERSIONS:
-        app_path = out / f"{APP_NAME}-{version}.squashfs"
-        squashfs(app_tree(version), app_path)
-        app = _artifact(
-            APP_NAME, version, "application", app_path, requires=((BASE_NAME, ">=1.0"),)
-        )
-        apps.append(app)
-    catalogue = {a.key: a for a in (kernel, base, *apps)}
+    lib_version, lib_roots = pinned_library(gcache)
+    lib = _layer(
+        out,
+        library_tree(lib_roots),
+        LIB_NAME,
+        lib_version,
+        "library",
+        provides=("libc",),
+        requires=((BASE_NAME, ">=1.0"),),
+    )
+    app_needs = ((BASE_NAME, ">=1.0"), (LIB_NAME, ">=2.36"))
+    apps = [
+        _layer(out, app_tree(v), APP_NAME, v, "application", requires=app_needs)
+        for v in APP_VERSIONS
+    ]
+    catalogue = {a.key: a for a in (kernel, base, lib, *apps)}
     index = {
         "inputs": {
             "kernelPackage": deb.name,
+            "libraryPackages": [p.name for p in lib_roots],
             "busybox": sha256_file(busybox),
             "gtvp-box-attest": sha256_file(attest),
         },

@@ -4,7 +4,7 @@ A traditional VM ships its whole root file system as one disk. This builds that 
 the same application the Lazy Box runs: a Debian minbase root file system (the tree gtvp's
 container image build caches, `<cache>/images/base-<key>`: debootstrap --variant=minbase
 bookworm with python3 and libtss2; when no such tree is cached, debootstrap makes one here
-under `<cache>/guest/monolithic/`, root needed) with the busybox-base and hello-web
+under `<cache>/guest/monolithic/`, root needed) with the busybox-base, glibc and hello-web
 components copied on top (as the box's overlay stacks them: later above earlier, a
 directory that is a symlink in the tree below, usrmerge's /bin -> usr/bin, is followed),
 packed as one squashfs (xz, as the components are) that gtvp's box init mounts as the only
@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,17 +146,18 @@ def _tree_bytes(root: Path) -> int:
 
 
 def build_monolithic(
-    cache: Path, base: Artifact, app: Artifact, *, tree: Path | None = None
+    cache: Path, layers: Sequence[Artifact], *, tree: Path | None = None
 ) -> MonolithicImage:
-    """The monolithic image of `app` on `base` over a Debian minbase tree (`tree`, else
-    `cached_base`, else one made by `debootstrap_base`); built once per fingerprint."""
+    """The monolithic image of the box's disk `layers` (base first, application last) over
+    a Debian minbase tree (`tree`, else `cached_base`, else one made by
+    `debootstrap_base`); built once per fingerprint."""
     tree = tree or cached_base(cache) or debootstrap_base(cache)
     key = hashlib.sha256(
-        "\0".join([RECIPE, str(tree), _made(tree), base.sha256, app.sha256]).encode()
+        "\0".join([RECIPE, str(tree), _made(tree), *(a.sha256 for a in layers)]).encode()
     ).hexdigest()[:16]
     out = monolithic_dir(cache) / f"{NAME}-{key}.squashfs"
     if not out.is_file():
-        _build(tree, base, app, out)
+        _build(tree, layers, out)
     return MonolithicImage(out, sha256_file(out), out.stat().st_size, tree, _merged_bytes(out))
 
 
@@ -173,7 +175,7 @@ def _merged_bytes(image: Path) -> int:
         return 0
 
 
-def _build(tree: Path, base: Artifact, app: Artifact, out: Path) -> None:
+def _build(tree: Path, layers: Sequence[Artifact], out: Path) -> None:
     for tool in ("mksquashfs", "unsquashfs"):
         if shutil.which(tool) is None:
             raise BuildError(f"the monolithic image needs {tool} (squashfs-tools)")
@@ -181,7 +183,7 @@ def _build(tree: Path, base: Artifact, app: Artifact, out: Path) -> None:
         stage = Path(tmp) / "root"
         subprocess.run(["cp", "-a", f"{tree}/.", str(stage)], check=True)
         (stage / ".complete").unlink(missing_ok=True)
-        for layer in (base, app):
+        for layer in layers:
             unpacked = Path(tmp) / layer.name
             subprocess.run(
                 ["unsquashfs", "-q", "-n", "-d", str(unpacked), str(layer.path)],
@@ -189,8 +191,9 @@ def _build(tree: Path, base: Artifact, app: Artifact, out: Path) -> None:
                 stdout=subprocess.DEVNULL,
             )
             overlay_copy(unpacked, stage)
-        if not (stage / "opt" / "gtvp" / app.name / "start").is_file():
-            raise BuildError(f"the merged tree holds no /opt/gtvp/{app.name}/start")
+        app = layers[-1].name
+        if not (stage / "opt" / "gtvp" / app / "start").is_file():
+            raise BuildError(f"the merged tree holds no /opt/gtvp/{app}/start")
         out.with_suffix(".bytes").write_text(str(_tree_bytes(stage)))
         squashfs_dir(stage, out, processors=None)
 

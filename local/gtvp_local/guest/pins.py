@@ -50,6 +50,18 @@ BUSYBOX = DebPin(
     "3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744",
 )
 
+# the library layer (`glibc`): the C library and its tools, exactly as Debian ships them
+LIBC6 = DebPin(
+    "libc6",
+    "2.36-9+deb12u14",
+    "ba4f88f73dbc3ae9055f3c20f4523bfdbaf1ad13ff95e258924f77d20b4fbedf",
+)
+LIBC_BIN = DebPin(
+    "libc-bin",
+    "2.36-9+deb12u14",
+    "e667401af91fad95f15b3ebd25d1abd8373fd18b00dc32219678413170544e84",
+)
+
 
 class PinError(RuntimeError):
     """A pinned package cannot be had, or its bytes are not the pinned ones."""
@@ -100,7 +112,7 @@ def fetch(pin: DebPin, debs: Path) -> Path:
 def candidates() -> list[str]:
     """What Debian serves now for the pinned packages (`apt-cache madison`), to re-pin."""
     lines = []
-    for pin in (KERNEL, BUSYBOX):
+    for pin in (KERNEL, BUSYBOX, LIBC6, LIBC_BIN):
         meta = "linux-image-cloud-amd64" if pin is KERNEL else pin.package
         out = subprocess.run(
             ["apt-cache", "madison", meta], capture_output=True, text=True, check=False
