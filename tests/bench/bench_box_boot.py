@@ -18,9 +18,11 @@ emptied first, so the member fetches kernel, busybox-base, glibc and hello-web b
 starts. One VM at a time, 256 MiB of guest memory.
 
 Baseline, same run: the same application as one monolithic VM image
-(`gtvp_local.guest.monolithic`: Debian bookworm minbase + busybox-base + hello-web in one
+(`gtvp_local.guest.monolithic`: Debian bookworm minbase + busybox-base + glibc + hello-web in one
 squashfs, booted by the same kernel and box init), a plain VirtualMachine created on a
-member that holds its image (warm) and on one that must fetch it first (cold). The box's
+member that holds its image (warm) and on one that must fetch it first (cold). It has a
+vTPM as the box has (the pool's policy attests boxes, so each box VM gets one), so both
+inits measure their disks into it before mounting them: measured boot costs both the same. The box's
 figure includes the operator's resolve/compose/placement, the monolithic VM's does not.
 Prints medians and the box/monolithic ratios; target: a box boots no slower than the
 monolithic image (ratio ≤ 1.0, warm and cold).
@@ -319,7 +321,8 @@ def mono_boot(pool: Pool, cat: Catalogue, name: str, *, warm: bool) -> Boot:
         clear_cache(pool, m)
     if warm:
         pool.warm_cache(member, images)
-    t0 = create(pool, monolithic_vm(name, cat.kernel, cat.mono, memory=MEMORY, node=member))
+    vm = monolithic_vm(name, cat.kernel, cat.mono, memory=MEMORY, node=member, vtpm=True)
+    t0 = create(pool, vm)
     started, ready = wait_ready(pool, name)
     node = node_of(pool, name)
     if f"verified and mounted {SERIAL} " not in Runtime(pool.dir).console(vm_id(NS, name)):

@@ -1,15 +1,15 @@
 """The hello-web box as one monolithic VM image: the benchmarks' baseline (tests/bench).
 
 A traditional VM ships its whole root file system as one disk. This builds that disk for
-the same application the Lazy Box runs: a Debian minbase root file system (the tree gtvp's
-container image build caches, `<cache>/images/base-<key>`: debootstrap --variant=minbase
-bookworm with python3 and libtss2; when no such tree is cached, debootstrap makes one here
-under `<cache>/guest/monolithic/`, root needed) with the busybox-base, glibc and hello-web
-components copied on top (as the box's overlay stacks them: later above earlier, a
-directory that is a symlink in the tree below, usrmerge's /bin -> usr/bin, is followed),
-packed as one squashfs (xz, as the components are) that gtvp's box init mounts as the only
-disk. The image is cached under `<cache>/guest/monolithic/`, named by a fingerprint of its
-inputs.
+the same application the Lazy Box runs: a Debian minbase root file system (`debootstrap
+--variant=minbase bookworm`, made once under `<cache>/guest/monolithic/`, root needed, with
+apt's package lists and caches removed as an image build does) with the busybox-base, glibc
+and hello-web components copied on top (as the box's overlay stacks them: later above
+earlier, a directory that is a symlink in the tree below, usrmerge's /bin -> usr/bin, is
+followed), packed as one squashfs (xz, as the components are) that gtvp's box init mounts
+as the only disk. The image is cached under `<cache>/guest/monolithic/`, named by a
+fingerprint of its inputs. The tree is always this one (not, say, gtvp's container image
+tree), so the baseline does not depend on what else the cache holds.
 
 `monolithic_vm` writes the VirtualMachine that boots it: the box's kernel component, one
 pinned disk (`gtvp.disks=monolithic:<sha256>`), no gtvp level label (it is not a box).
@@ -40,8 +40,10 @@ from gtvp_local.guest.reproducible import sha256_file, squashfs_dir
 
 SERIAL = "monolithic"
 NAME = f"{APP_NAME}-monolithic"
-RECIPE = "monolithic-1"
+RECIPE = "monolithic-2"
 SUITE = "bookworm"
+BASE_DIR = f"debian-{SUITE}-minbase"
+APT_METADATA = ("var/lib/apt/lists/*_*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb")
 
 
 @dataclass(frozen=True)
@@ -67,17 +69,14 @@ def monolithic_dir(cache: Path) -> Path:
 
 
 def cached_base(cache: Path) -> Path | None:
-    """The newest complete Debian minbase tree gtvp's image build cached, if any."""
-    trees = [p.parent for p in (cache / "images").glob("base-*/.complete")]
-    own = monolithic_dir(cache) / f"debian-{SUITE}"
-    if (own / ".complete").is_file():
-        trees.append(own)
-    return max(trees, key=lambda p: (p / ".complete").stat().st_mtime) if trees else None
+    """The Debian minbase tree `debootstrap_base` made, if it is complete."""
+    own = monolithic_dir(cache) / BASE_DIR
+    return own if (own / ".complete").is_file() else None
 
 
 def debootstrap_base(cache: Path, mirror: str | None = None) -> Path:
     """A Debian minbase tree made here (root, debootstrap and the Debian mirror needed)."""
-    target = monolithic_dir(cache) / f"debian-{SUITE}"
+    target = monolithic_dir(cache) / BASE_DIR
     if (target / ".complete").is_file():
         return target
     if os.geteuid() != 0 or shutil.which("debootstrap") is None:
@@ -89,6 +88,9 @@ def debootstrap_base(cache: Path, mirror: str | None = None) -> Path:
     )
     if done.returncode != 0:
         raise BuildError(f"debootstrap failed: {done.stderr.strip()[-500:]}")
+    for metadata in APT_METADATA:  # what an image build removes (`apt-get clean`, lists)
+        for path in sorted(target.glob(metadata)):
+            path.unlink()
     (target / ".complete").touch()
     return target
 
@@ -206,9 +208,12 @@ def monolithic_vm(
     memory: str = "256Mi",
     node: str | None = None,
     version: str = APP_VERSION,
+    vtpm: bool = False,
 ) -> dict[str, Any]:
     """The VirtualMachine booting the monolithic image with the box's kernel and init (one
-    pinned disk); `node`: preferred, as a box's placement is (a migration may move it)."""
+    pinned disk); `node`: preferred, as a box's placement is (a migration may move it);
+    `vtpm`: a virtual TPM as every attested box has (`domain.devices.tpm`), so the init
+    measures the disk into it before mounting it, as it measures a box's disks."""
     args = (
         f"console=ttyS0 {FREED_PAGES_ZEROED} gtvp.box={name} gtvp.app={APP_NAME} "
         f"gtvp.version={version} "
@@ -241,6 +246,8 @@ def monolithic_vm(
             }
         ],
     }
+    if vtpm:
+        spec["domain"]["devices"]["tpm"] = {}
     if node:
         spec["affinity"] = {
             "nodeAffinity": {
