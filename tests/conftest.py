@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,3 +117,36 @@ def make_tpm(tpm_dir: Path, swtpm_ca: SwtpmCA) -> Iterator[Callable[..., Swtpm]]
 def shared_tpm(make_tpm: Callable[..., Swtpm]) -> Swtpm:
     """One swtpm for tests that only read from it (never extend its PCRs here)."""
     return make_tpm("shared")
+
+
+# what a failed test's report shows of the pool it ran against: the processes whose logs
+# explain most failures (the operator replicas, KubeVirt's stand-in)
+FAILURE_LOGS = ("operator", "virtsim")
+FAILURE_LOG_LINES = 60
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On a failure, the tails of the pool's operator and stand-in logs join the report
+    (a CI run keeps nothing else of the pool)."""
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        for title, text in pool_logs(getattr(item, "funcargs", {}).get("pool")):
+            report.sections.append((title, text))
+    return report
+
+
+def pool_logs(pool: object) -> list[tuple[str, str]]:
+    """(title, last lines) of each operator and stand-in log of `pool` (a `Pool`, or
+    anything with a `procs` ProcessTable); [] for anything else."""
+    procs = getattr(pool, "procs", None)
+    if not isinstance(procs, ProcessTable):
+        return []
+    out = []
+    for tracked in procs.all():
+        if tracked.name.startswith(FAILURE_LOGS):
+            tail = procs.log_tail(tracked.name, FAILURE_LOG_LINES)
+            out.append((f"pool log: {tracked.name} (last {FAILURE_LOG_LINES} lines)", tail))
+    return out
