@@ -118,7 +118,9 @@ class EvacuationMemory:
     """Migration uids whose target was checked (`uid`) or whose success was counted
     (`uid/done`)."""
     waiting: dict[str, list[str]] = field(default_factory=dict)
-    """Member -> VMIs no target can take yet (logged once per change)."""
+    """Topic (a member, or `<ns>/<box>` for a box evacuated for its own evidence; with
+    `#failed`, its VMIs whose migrations kept failing) -> VMIs no target can take yet,
+    logged once per change; dropped when nothing waits under the topic any more."""
 
 
 @dataclass

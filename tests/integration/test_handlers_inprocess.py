@@ -23,7 +23,15 @@ from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
 from gtvp.core.shards import SHARDS, shard_of
 from gtvp.core.trust import TRUSTED_LABEL, trust_selector
-from gtvp.handlers import admission, attestation, node_trust, policies, startup, verdict_uses
+from gtvp.handlers import (
+    admission,
+    attestation,
+    evacuation,
+    node_trust,
+    policies,
+    startup,
+    verdict_uses,
+)
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane
 from gtvp_local.pool import manifests, pool_policy
@@ -469,3 +477,30 @@ def test_a_verdict_judged_on_a_stale_body_never_overwrites_a_newer_one(
     assert status["trust"]["reason"] == "WrittenByTheNewHolder"  # 409: not overwritten
     assert status["phase"] == "Trusted"
     assert member in rt.schedule.next_due  # judged again once the newer body arrives
+
+
+def test_an_evacuation_that_waits_is_said_once_and_again_after_it_could_move(
+    rt: Runtime, swtpm_ca: SwtpmCA, shared_tpm: Swtpm, caplog: pytest.LogCaptureFixture
+) -> None:
+    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
+    rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
+    rt.view.observe_vmi({**_vmi("db", 3), "status": {"nodeName": "bad"}}, "ADDED")
+    rt.view.observe_member(_trusted("low", 1), "ADDED")
+
+    def said() -> int:
+        return sum("evacuation of bad waits" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level("WARNING", logger="gtvp.evacuation"):
+        for _ in range(3):  # every pass while nothing can take it: said once
+            asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+        assert said() == 1
+        assert rt.evacuation.waiting["bad"] == ["ns/db"]
+        rt.view.observe_member(_trusted("low", 3), "ADDED")  # a target of its level
+        asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+        assert "bad" not in rt.evacuation.waiting
+        rt.view.observe_member(_trusted("low", 1), "ADDED")  # and gone again before it moved
+        asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+        assert said() == 2  # a new wait is said again
+        rt.view.observe_vmi({**_vmi("db", 3), "status": {"nodeName": "bad"}}, "DELETED")
+        asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    assert rt.evacuation.waiting == {}  # nothing kept for a member with nothing on it

@@ -83,8 +83,17 @@ async def evacuate(
     if rt.view.policy is None:
         return 0
     on_member = _gated_on(rt, member, keep_level)
+    if not on_member:
+        forget(rt, member)
     await _act(rt, member, incident, on_untrusted, on_member)
     return len(on_member)
+
+
+def forget(rt: Runtime, topic: str) -> None:
+    """Nothing waits under `topic` any more (its member is empty, its box left or is gone):
+    drop what was said about it, so memory stays bounded and a new wait is said again."""
+    rt.evacuation.waiting.pop(topic, None)
+    rt.evacuation.waiting.pop(f"{topic}#failed", None)
 
 
 async def evacuate_unattested(rt: Runtime) -> None:
@@ -95,10 +104,15 @@ async def evacuate_unattested(rt: Runtime) -> None:
     policy = rt.view.policy
     if policy is None:
         return
+    boxes = {f"{ns}/{name}" for ns, name in rt.view.boxes}
+    for topic in [t for t in rt.evacuation.waiting if "/" in t]:
+        if topic.removesuffix("#failed") not in boxes:  # a box's topic; the box is gone
+            forget(rt, topic.removesuffix("#failed"))
     for (ns, name), box in sorted(rt.view.boxes.items()):
         where = where_runs(rt, (ns, name))
         att = (box.get("status") or {}).get("attestation") or {}
         if where is None or not must_leave(att, where):
+            forget(rt, f"{ns}/{name}")
             continue
         vmi = rt.view.vmis.get((ns, name)) or {}
         level = gated_level(vmi) or int((box.get("spec") or {}).get("level", 0) or 0)
@@ -134,7 +148,9 @@ async def _act(
         v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
     ]
     stuck = sorted(f"{v.namespace}/{v.name}" for v in on_member if v not in movable)
-    if stuck and rt.evacuation.waiting.get(topic) != stuck:
+    if not stuck:
+        rt.evacuation.waiting.pop(topic, None)  # stuck again later: said again
+    elif rt.evacuation.waiting.get(topic) != stuck:
         rt.evacuation.waiting[topic] = stuck  # say it once, not every second
         log.warning(
             "evacuation of %s waits: no trusted member of a sufficient level can take %s yet",
