@@ -94,7 +94,7 @@ def test_a_cold_member_fetches_the_boxs_components_before_its_vm_starts(pool: Po
     vm = _get(pool, "vm", "cold")
     needed = cache.images_of(vm["spec"]["template"]["spec"])
     built = {a.image: a for a in build_catalogue(cache_dir()).values()}
-    assert len(needed) == 3  # kernel, base, application
+    assert len(needed) == 4  # kernel, base, library, application
     assert set(needed) <= set(built)
     d = cache.member_dir(pool.dir, member)
     for image in needed:  # the bytes are the mirror's, in the member's own directory

@@ -88,7 +88,7 @@ def _by_suffix(pool: Pool) -> dict[str, str]:
 
 
 def _box_images(catalogue: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """image → signed spec of each component the box uses (kernel, base, application)."""
+    """image → signed spec of each component the box uses (kernel, base, library, application)."""
     return {doc["spec"]["image"]: doc["spec"] for key, doc in catalogue.items() if key != UPGRADE}
 
 
