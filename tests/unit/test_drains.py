@@ -9,6 +9,7 @@ receive, and that a VMI nobody can take gets a reason instead of a migration.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hypothesis import given, settings
@@ -311,6 +312,8 @@ def test_a_drain_migration_that_kubevirt_scheduled_or_whose_target_still_qualifi
     fine = plan(evacuees(1), targets(("t1", 3)), migrations=[_pending_drain("Pending")])
     assert fine.cancel == ()
     assert fine.migrations == ()
+    going = dataclasses.replace(_pending_drain("Scheduling"), deleting=True)  # finalizer pending
+    assert plan(evacuees(1), cordoned, migrations=[going]).cancel == ()  # not again
     not_ours = Migration("ns", "kubevirt-evacuation-1", "vm0", "n1", None, "Pending", pinned="t1")
     assert plan(evacuees(1), cordoned, migrations=[not_ours]).cancel == ()
 
@@ -318,6 +321,10 @@ def test_a_drain_migration_that_kubevirt_scheduled_or_whose_target_still_qualifi
 def test_the_drain_label_is_read_from_the_migration() -> None:
     (obj,) = plan(evacuees(1), targets(("t1", 3))).migrations
     view = migration_view(obj)
+    assert not view.deleting
+    assert migration_view(
+        {**obj, "metadata": {**obj["metadata"], "deletionTimestamp": "x"}}
+    ).deleting
     assert view.drains == "n1"
     assert view.pinned == "t1"
     assert view.phase == "Pending"

@@ -77,6 +77,7 @@ class Migration:
     attempt: int = 0  # gtvp.io/evacuation-attempt (0 when absent)
     foreign: bool = False  # none of gtvp's labels: gtvp did not start it
     drains: str | None = None  # gtvp.io/drain: the drained node gtvp moves the VMI off
+    deleting: bool = False  # deletionTimestamp set (KubeVirt's finalizer not done yet)
 
     @property
     def active(self) -> bool:
@@ -314,6 +315,7 @@ def migration_view(obj: Mapping[str, Any]) -> Migration:
         attempt=attempt_of(meta, EVACUATION_ATTEMPT_ANNOTATION),
         foreign=not any(label in labels for label in GTVP_MIGRATION_LABELS),
         drains=str(labels[DRAIN_LABEL]) if labels.get(DRAIN_LABEL) else None,
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
@@ -491,8 +493,8 @@ def _unschedulable_drains(
     for m in migrations:
         if (m.namespace, m.vmi) != (vmi.namespace, vmi.name) or m.drains != vmi.node:
             continue
-        if m.phase not in NOT_SCHEDULED or m.target or not m.pinned:
-            continue
+        if m.phase not in NOT_SCHEDULED or m.target or not m.pinned or m.deleting:
+            continue  # scheduled, or already being deleted (cancelled once is enough)
         target = by_name.get(m.pinned)
         why = "has no Node" if target is None else _obstacle(target, vmi)
         if why is not None:
