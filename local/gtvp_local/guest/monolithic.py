@@ -76,9 +76,10 @@ def cached_base(cache: Path) -> Path | None:
 
 def debootstrap_base(cache: Path, mirror: str | None = None) -> Path:
     """A Debian minbase tree made here (root, debootstrap and the Debian mirror needed)."""
+    made = cached_base(cache)
+    if made is not None:
+        return made
     target = monolithic_dir(cache) / BASE_DIR
-    if (target / ".complete").is_file():
-        return target
     if os.geteuid() != 0 or shutil.which("debootstrap") is None:
         raise BuildError("a Debian minbase tree needs debootstrap, run as root")
     shutil.rmtree(target, ignore_errors=True)
@@ -151,9 +152,9 @@ def build_monolithic(
     cache: Path, layers: Sequence[Artifact], *, tree: Path | None = None
 ) -> MonolithicImage:
     """The monolithic image of the box's disk `layers` (base first, application last) over
-    a Debian minbase tree (`tree`, else `cached_base`, else one made by
-    `debootstrap_base`); built once per fingerprint."""
-    tree = tree or cached_base(cache) or debootstrap_base(cache)
+    a Debian minbase tree (`tree`, else the one `debootstrap_base` made or makes); built
+    once per fingerprint."""
+    tree = tree or debootstrap_base(cache)
     key = hashlib.sha256(
         "\0".join([RECIPE, str(tree), _made(tree), *(a.sha256 for a in layers)]).encode()
     ).hexdigest()[:16]

@@ -496,8 +496,9 @@ def _unschedulable_drains(
         if m.phase not in NOT_SCHEDULED or m.target or not m.pinned or m.deleting:
             continue  # scheduled, or already being deleted (cancelled once is enough)
         target = by_name.get(m.pinned)
-        why = "has no Node" if target is None else _obstacle(target, vmi)
-        if why is not None:
+        kind = "no Node" if target is None else _obstacle(target, vmi)
+        if kind is not None:
+            why = _OBSTACLE_PHRASES[kind].format(level=vmi.level)
             out.append(
                 Retarget(
                     m.namespace,
@@ -509,16 +510,26 @@ def _unschedulable_drains(
     return out
 
 
+_OBSTACLE_PHRASES = {
+    "no Node": "has no Node",
+    "drained": "is the drained node",
+    "not Trusted": "is not Trusted",
+    "below": "is below level {level}",
+    "cordoned": "was cordoned",
+}
+
+
 def _obstacle(target: DrainTarget, vmi: Evacuee) -> str | None:
-    """Why `target` cannot take `vmi`, or None when it can."""
+    """What keeps `target` from taking `vmi` (`drained`, `not Trusted`, `below`,
+    `cordoned`, in that order), or None when it can."""
     if target.name == vmi.node:
-        return "is the drained node"
+        return "drained"
     if not target.trusted:
-        return "is not Trusted"
+        return "not Trusted"
     if target.level < vmi.level:
-        return f"is below level {vmi.level}"
+        return "below"
     if target.cordoned:
-        return "was cordoned"
+        return "cordoned"
     return None
 
 
@@ -544,14 +555,9 @@ def _no_target(vmi: Evacuee, targets: Sequence[DrainTarget]) -> str:
     """Why no member can take `vmi`, one clause per obstacle (names, at most 3 each)."""
     obstacles: dict[str, list[str]] = {"cordoned": [], "not Trusted": [], "below": []}
     for t in sorted(targets, key=lambda t: t.name):
-        if t.name == vmi.node:
-            continue
-        if not t.trusted:
-            obstacles["not Trusted"].append(t.name)
-        elif t.level < vmi.level:
-            obstacles["below"].append(f"{t.name}: level {t.level}")
-        elif t.cordoned:
-            obstacles["cordoned"].append(t.name)
+        kind = _obstacle(t, vmi)
+        if kind in obstacles:
+            obstacles[kind].append(f"{t.name}: level {t.level}" if kind == "below" else t.name)
     clauses = []
     for what, names in obstacles.items():
         if names:
