@@ -914,10 +914,14 @@ class Pool:
             )
 
     def uninstall(self) -> None:
-        """Stop the pool's processes and remove what it put in the cluster: its members, the
-        webhook configurations and its policy (the control plane may serve others next)."""
+        """Stop the pool's processes and remove what it put in the cluster: its members and
+        their Nodes, the webhook configurations and its policy (the control plane may serve
+        others next: a Node left behind would still carry the trust labels this pool's
+        operator wrote, and nobody would run its VMs)."""
         self.stop()
         self.delete_members()
+        for name in self.tpms:
+            self.cp.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false")
         self._remove_replicas()
         for kind, name in (
             ("mutatingwebhookconfiguration", "gtvp"),
