@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from gtvp.core.api_resources import GTVP_API_VERSION
+from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
 from gtvp_local.controlplane import ControlPlane, agent_identity
 from gtvp_local.pool import Pool
-from tests.e2e.test_trusted_pool import _vm, _vmi
+from tests.e2e.test_trusted_pool import _node, _vm, _vmi
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
 from tests.tpmkit import soft_ak
@@ -212,6 +214,55 @@ def test_deleted_node_takes_its_member_along(pool: Pool) -> None:
         lambda: pool.cp.kubectl("get", "member", name, check=False).returncode != 0,
         timeout=15,
     )
+
+
+def test_member_deleted_while_the_operator_is_down_leaves_no_trusted_node(
+    pool: Pool, namespace: str
+) -> None:
+    """An administrator deletes a Member (to enrol its host afresh, or by mistake) while no
+    operator runs: its Node still carries the trust labels gtvp wrote, and KubeVirt would
+    place gated VMs there. Once the operator is back the Node is untrusted until its host
+    enrols again, and the gated VM on it moves."""
+    host = _run_vm(pool, namespace, "orphaned", 3)
+    pool.stop_agent(host)  # the host does not enrol again during the test
+    pool.stop_operator()
+    try:
+        pool.cp.kubectl("delete", "member", host)
+    finally:
+        pool.start_operator()
+
+    def untrusted() -> bool:
+        node = _node(pool, host)
+        taints = node["spec"].get("taints") or []
+        return TRUSTED_LABEL not in node["metadata"].get("labels", {}) and any(
+            t["key"] == TAINT_KEY for t in taints
+        )
+
+    assert _wait(f"{host} untrusted", untrusted, timeout=20)
+    made = pool.cp.kubectl("get", "member", host, "-o", "json", check=False)
+    assert made.returncode == 0, made.stderr  # made again by the operator, for its Node
+    assert json.loads(made.stdout)["metadata"]["labels"]["gtvp.io/node-member"] == "true"
+    moved = _wait(
+        "orphaned moved",
+        lambda: (
+            (n := (_vmi(pool, namespace, "orphaned").get("status") or {}).get("nodeName"))
+            and n != host
+            and n
+        ),
+        timeout=30,
+    )
+    assert pool.member(str(moved))["status"]["phase"] == "Trusted"
+    # the Member as the pool made it (its identity), then its host enrols afresh
+    pool.apply(
+        {
+            "apiVersion": GTVP_API_VERSION,
+            "kind": "Member",
+            "metadata": {"name": host},
+            "spec": {"identity": 3},
+        }
+    )
+    _recover(pool, host)
+    assert pool.member(host)["status"]["level"] == 3
 
 
 def test_a_member_failing_every_cycle_posts_one_event_not_one_a_cycle(pool: Pool) -> None:

@@ -22,16 +22,19 @@ from gtvp.coordination import Coordination
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
 from gtvp.core.shards import SHARDS, shard_of
-from gtvp.core.trust import TRUSTED_LABEL, trust_selector
+from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL, desired_labels, trust_selector
 from gtvp.handlers import (
     admission,
     attestation,
     evacuation,
+    member_event,
+    node_event,
     node_trust,
     policies,
     startup,
     verdict_uses,
 )
+from gtvp.handlers.leases import LeaseKeeper
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane
 from gtvp_local.pool import manifests, pool_policy
@@ -504,3 +507,75 @@ def test_an_evacuation_that_waits_is_said_once_and_again_after_it_could_move(
         rt.view.observe_vmi({**_vmi("db", 3), "status": {"nodeName": "bad"}}, "DELETED")
         asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
     assert rt.evacuation.waiting == {}  # nothing kept for a member with nothing on it
+
+
+# ----- a Node that says it is trusted, with no Member behind it ----------------------------
+
+
+def _trust_labelled_node(control_plane: ControlPlane, cluster_names: list[str]) -> str:
+    """A Node carrying gtvp's level-3 trust labels, untainted, and no Member: what is left
+    when its Member is deleted while no replica writes its Node (the operator down, or its
+    shard between holders)."""
+    name = f"orphan-{uuid.uuid4().hex[:6]}"
+    labels = {k: v for k, v in desired_labels("Trusted", 3).items() if v is not None}
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(node))
+    cluster_names.extend([f"node/{name}", f"member/{name}"])
+    return name
+
+
+def _node(control_plane: ControlPlane, name: str) -> dict[str, Any]:
+    got: dict[str, Any] = json.loads(
+        control_plane.kubectl("get", "node", name, "-o", "json").stdout
+    )
+    return got
+
+
+def _says_untrusted(node: dict[str, Any]) -> bool:
+    labels = node["metadata"].get("labels") or {}
+    taints = (node.get("spec") or {}).get("taints") or []
+    return TRUSTED_LABEL not in labels and any(t["key"] == TAINT_KEY for t in taints)
+
+
+def test_a_trust_labelled_node_without_a_member_is_untrusted_once_its_shard_is_taken(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+) -> None:
+    """The CI run of 1641298 found a gated VM started on such a Node: the replica that
+    started saw it before it held any shard, and taking the shards looked at Members only."""
+    name = _trust_labelled_node(control_plane, cluster_names)
+    co = _replica_holding(rt, shards=set(range(SHARDS)) - {shard_of(name)})
+    node = _node(control_plane, name)
+    asyncio.run(node_event(body=kopf.Body(node), type=None, memo=_memo(rt)))
+    assert not _says_untrusted(_node(control_plane, name))  # not this replica's to write yet
+    co.held.add(shard_of(name))
+    LeaseKeeper(rt)._gained({shard_of(name)})
+    assert name in rt.schedule.next_due
+    asyncio.run(attestation.reconcile(rt, name))
+    assert _says_untrusted(_node(control_plane, name))
+    member = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert member is not None  # every Node is a member: it must enrol to be trusted again
+    assert member["metadata"]["labels"][node_trust.NODE_MEMBER_LABEL] == "true"
+
+
+def test_deleting_a_member_under_a_running_operator_untrusts_its_node_at_once(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+) -> None:
+    name = _trust_labelled_node(control_plane, cluster_names)
+    body = {
+        "apiVersion": MEMBERS.api_version,
+        "kind": MEMBERS.kind,
+        "metadata": {"name": name},
+        "spec": {"identity": 3},
+    }
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    got = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert got is not None
+    trusted = _trusted(name, 3)
+    rt.view.observe_member({**got, "status": trusted["status"]}, "ADDED")
+    rt.view.observe_node(_node(control_plane, name), "ADDED")
+    control_plane.kubectl("delete", "member", name)
+    asyncio.run(member_event(body=kopf.Body(got), type="DELETED", memo=_memo(rt)))
+    assert _says_untrusted(_node(control_plane, name))
+    again = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert again is not None  # made again for its Node: it must enrol afresh
+    assert again["metadata"]["uid"] != got["metadata"]["uid"]

@@ -17,6 +17,7 @@ from gtvp.core.evacuation import (
     migration_name,
     migration_view,
     plan_evacuation,
+    untrusted_actions,
 )
 from gtvp.core.policy import MigrationLimits
 
@@ -273,3 +274,40 @@ def test_inbound_limit_holds_and_targets_are_spread() -> None:
         )
         == 1
     )
+
+
+# ----- onUntrusted per VMI ----------------------------------------------------------------
+
+POLICY_ACTIONS = {1: "Keep", 2: "Migrate", 3: "Stop"}
+
+
+def _names(groups: dict[str, list[Vmi]]) -> dict[str, list[str]]:
+    return {action: [v.name for v in vmis] for action, vmis in groups.items()}
+
+
+def test_the_members_level_decides_for_the_vmis_it_may_hold() -> None:
+    vmis = [Vmi("ns", "low", "bad", 1), Vmi("ns", "mid", "bad", 2)]
+    assert _names(untrusted_actions(vmis, 2, "Keep", POLICY_ACTIONS)) == {"Keep": ["low", "mid"]}
+
+
+def test_a_lower_levels_keep_never_keeps_a_vmi_that_needs_more() -> None:
+    """A level-3 VM on a member now judged at level 1 (its identity lowered, or its Member
+    made again for its Node) does not stay on it untrusted because level 1 says Keep."""
+    vmis = [Vmi("ns", "low", "bad", 1), Vmi("ns", "high", "bad", 2), Vmi("ns", "top", "bad", 3)]
+    got = _names(untrusted_actions(vmis, 1, "Keep", POLICY_ACTIONS))
+    assert got == {"Keep": ["low"], "Migrate": ["high"], "Stop": ["top"]}
+
+
+def test_a_node_without_a_member_holds_no_gated_vmi() -> None:
+    vmis = [Vmi("ns", "low", "bad", 1), Vmi("ns", "top", "bad", 3)]
+    assert _names(untrusted_actions(vmis, 0, "Migrate", {})) == {"Migrate": ["low", "top"]}
+    assert _names(untrusted_actions(vmis, 0, "Migrate", POLICY_ACTIONS)) == {
+        "Migrate": ["low"],
+        "Stop": ["top"],
+    }
+
+
+def test_the_stricter_action_wins_for_a_vmi_above_the_members_level() -> None:
+    vmi = [Vmi("ns", "high", "bad", 3)]
+    assert _names(untrusted_actions(vmi, 1, "Stop", {3: "Keep"})) == {"Stop": ["high"]}
+    assert _names(untrusted_actions(vmi, 1, "Keep", {3: "Keep"})) == {"Migrate": ["high"]}

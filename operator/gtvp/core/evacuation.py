@@ -64,6 +64,35 @@ class Vmi:
     parts: tuple[Part, ...] = ()  # a Lazy Box's components (digest, size); () otherwise
 
 
+ON_UNTRUSTED = ("Keep", "Migrate", "Stop")
+"""A level's `onUntrusted` actions, the weakest first."""
+
+
+def untrusted_actions(
+    vmis: Sequence[Vmi], member_level: int, member_action: str, level_actions: Mapping[int, str]
+) -> dict[str, list[Vmi]]:
+    """What happens to each gated VMI on a member that is not trusted (action -> VMIs).
+
+    The member's level's `onUntrusted` (`member_action`) covers the VMIs that level may hold.
+    A VMI that needs more (`member_level`: the level the member's policy was judged at, 0
+    when it has none, as a Node without a Member) was out of place there already: it moves,
+    or stops when its own level (`level_actions`) says Stop; a lower level's `Keep` never
+    keeps it.
+    """
+    out: dict[str, list[Vmi]] = {}
+    for vmi in vmis:
+        action = member_action
+        if vmi.level > member_level:
+            own = level_actions.get(vmi.level, "Migrate")
+            action = max(("Migrate", own, member_action), key=_strength)
+        out.setdefault(action, []).append(vmi)
+    return out
+
+
+def _strength(action: str) -> int:
+    return ON_UNTRUSTED.index(action) if action in ON_UNTRUSTED else len(ON_UNTRUSTED)
+
+
 @dataclass(frozen=True)
 class Migration:
     namespace: str

@@ -99,10 +99,13 @@ async def migration_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **
 
 async def member_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime_of(memo)
-    if attestation.observe(rt, dict(body), type or ""):
-        await attestation.reconcile(rt, body.metadata.name or "")
-        lazyboxes.touch_waiting(rt)
-        drains.touch(rt)
+    name = body.metadata.name or ""
+    if not attestation.observe(rt, dict(body), type or ""):
+        await attestation.reconcile(rt, name)  # its Node, if any, is trusted no more
+        return
+    await attestation.reconcile(rt, name)
+    lazyboxes.touch_waiting(rt)
+    drains.touch(rt)
 
 
 async def vm_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:

@@ -30,7 +30,7 @@ from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
-from gtvp.handlers.node_trust import sync_node
+from gtvp.handlers.node_trust import ensure_member, sync_node
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -95,23 +95,40 @@ def _already_answered(rt: Runtime, name: str, status: Mapping[str, Any]) -> bool
 
 async def reconcile(rt: Runtime, name: str) -> None:
     """Look at one member: the holder of its shard decides and writes its next status (a
-    no-op when nothing changes); the leader moves the VMs its verdict no longer allows."""
+    no-op when nothing changes); the leader moves the VMs its verdict no longer allows.
+    A Node without a Member (deleted, or never made) has no verdict: it is untrusted."""
     co = rt.coordination
     async with rt.attestation.lock(name):
         if co.holds(name):
             await _judge(rt, name)
-        if co.leads() and name in rt.view.members:
-            status = rt.view.members[name].get("status") or {}
-            if await _move_vms_off(rt, name, status):
+        if co.leads():
+            status = _status_for_moves(rt, name)
+            if status is not None and await _move_vms_off(rt, name, status):
                 rt.schedule.schedule(name, EVACUATION_RECHECK)
 
 
 EVACUATION_RECHECK = dt.timedelta(seconds=1)
 
+NO_MEMBER: Mapping[str, Any] = {
+    "phase": "",
+    "trust": {"reason": "NoMember", "message": "the Node has no Member: nothing attests it"},
+}
+"""What a Node without a Member is judged by: no verdict, so it holds no gated VM."""
+
+
+def _status_for_moves(rt: Runtime, name: str) -> Mapping[str, Any] | None:
+    """The verdict the VMs on `name` are held to (None: neither a Member nor a Node)."""
+    body = rt.view.members.get(name)
+    if body is not None:
+        status: Mapping[str, Any] = body.get("status") or {}
+        return status
+    return NO_MEMBER if name in rt.view.nodes else None
+
 
 async def _judge(rt: Runtime, name: str) -> None:
     body = rt.view.members.get(name)
     if body is None:
+        await _untrust_memberless_node(rt, name)
         return
     status = body.get("status") or {}
     if _already_answered(rt, name, status):
@@ -142,6 +159,17 @@ async def _judge(rt: Runtime, name: str) -> None:
     METRICS.set_member(
         name, str(new.get("phase", "")), int(new.get("level", 0) or 0), _verdict_expiry(new)
     )
+
+
+async def _untrust_memberless_node(rt: Runtime, name: str) -> None:
+    """A Node whose Member is gone keeps no trust label gtvp once wrote (its Member may have
+    been deleted while no replica wrote its Node: the operator down, its shard between
+    holders); every Node gets a Member again, which must enrol afresh."""
+    if name not in rt.view.nodes:
+        return
+    if rt.settings.create_members:
+        await ensure_member(rt, name)
+    await sync_node(rt, name)
 
 
 def _policy_id(rt: Runtime, policy: Policy | None) -> ear.PolicyId | None:
@@ -256,22 +284,24 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
     """Apply onUntrusted to the gated VMs the member may no longer hold: all of them in
     every phase but Trusted (Pending, Enrolling, Untrusted, Maintenance alike), those that
     need more than its level when Trusted at a lower level than before. True when some
-    are still to be moved (look again soon)."""
+    are still to be migrated (look again soon)."""
     phase = str(new.get("phase", ""))
     trust = new.get("trust") or {}
+    covered: int | None = None
     if phase == MemberPhase.TRUSTED:
         keep = int(new.get("level", 0) or 0)
         incident, action = f"level-{keep}", "Migrate"
     else:
         keep = 0
         incident = f"{trust.get('reason') or phase}@{trust.get('verifiedAt') or phase}"
-        action = (
-            "Migrate"
-            if phase == MemberPhase.MAINTENANCE
-            else str((new.get("effectivePolicy") or {}).get("onUntrusted", "Migrate"))
-        )
-    remaining = await evacuate(rt, name, incident, action, keep_level=keep)
-    return bool(remaining) and action == "Migrate"
+        if phase == MemberPhase.MAINTENANCE:
+            action = "Migrate"
+        else:  # its level's onUntrusted, for the VMIs that level may hold
+            effective = new.get("effectivePolicy") or {}
+            action = str(effective.get("onUntrusted", "Migrate"))
+            covered = int(effective.get("level", 0) or 0)
+    remaining = await evacuate(rt, name, incident, action, keep_level=keep, covered_level=covered)
+    return bool(remaining)
 
 
 async def recheck_loop(rt: Runtime) -> None:

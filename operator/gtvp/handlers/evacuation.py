@@ -39,6 +39,7 @@ from gtvp.core.evacuation import (
     is_planned_migration,
     migration_view,
     plan_evacuation,
+    untrusted_actions,
 )
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
@@ -76,17 +77,32 @@ def node_images(rt: Runtime, names: list[str]) -> dict[str, frozenset[str]]:
 
 
 async def evacuate(
-    rt: Runtime, member: str, incident: str, on_untrusted: str, keep_level: int = 0
+    rt: Runtime,
+    member: str,
+    incident: str,
+    on_untrusted: str,
+    keep_level: int = 0,
+    *,
+    covered_level: int | None = None,
 ) -> int:
     """Act on the gated VMIs on `member` that need more than `keep_level` (0: the member is
-    not trusted, every gated VMI must go); returns how many of them are still on it."""
-    if rt.view.policy is None:
+    not trusted, every gated VMI must go): `on_untrusted` for each, or with `covered_level`
+    (an untrusted member's policy level) as `untrusted_actions` says; returns how many of
+    them are still on it to be migrated."""
+    policy = rt.view.policy
+    if policy is None:
         return 0
     on_member = _gated_on(rt, member, keep_level)
     if not on_member:
         forget(rt, member)
-    await _act(rt, member, incident, on_untrusted, on_member)
-    return len(on_member)
+    if covered_level is None:
+        actions = {on_untrusted: on_member}
+    else:
+        own = {lv.level: lv.on_untrusted for lv in policy.levels}
+        actions = untrusted_actions(on_member, covered_level, on_untrusted, own)
+    for action, vmis in actions.items():
+        await _act(rt, member, incident, action, vmis)
+    return len(actions.get("Migrate", ()))
 
 
 def forget(rt: Runtime, topic: str) -> None:

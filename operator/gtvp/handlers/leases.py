@@ -249,9 +249,13 @@ class LeaseKeeper:
         return [m for m in self.rt.view.members if shard_of(m, self.co.shards) in shards]
 
     def _gained(self, shards: set[int]) -> None:
+        """Look at every member and Node of the shards taken now: also a Node whose Member
+        went while nobody held its shard (it must not keep the trust labels it had)."""
         log.info("took shards %s", sorted(shards))
-        for name in self._members_of(shards):
-            self.rt.schedule.schedule(name, dt.timedelta(0))
+        view = self.rt.view
+        for name in sorted(set(view.members) | set(view.nodes)):
+            if shard_of(name, self.co.shards) in shards:
+                self.rt.schedule.schedule(name, dt.timedelta(0))
 
     def _lost(self, shards: set[int]) -> None:
         log.warning("shards %s are held by another replica now", sorted(shards))
@@ -263,7 +267,7 @@ class LeaseKeeper:
         rt.touch_boxes()
         rt.drains.wake.set()
         hosts = {str((v.get("status") or {}).get("nodeName") or "") for v in rt.view.vmis.values()}
-        for name in hosts & set(rt.view.members):
+        for name in hosts & (set(rt.view.members) | set(rt.view.nodes)):
             rt.schedule.schedule(name, dt.timedelta(0))  # evacuations owed while nobody led
 
     # ----- shutdown ---------------------------------------------------------------------
