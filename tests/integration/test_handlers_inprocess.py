@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,7 @@ from gtvp.handlers import (
     policies,
     startup,
     verdict_uses,
+    vmi_event,
 )
 from gtvp.handlers.leases import LeaseKeeper
 from gtvp.runtime import OperatorSettings, Runtime
@@ -579,3 +581,18 @@ def test_deleting_a_member_under_a_running_operator_untrusts_its_node_at_once(
     again = kube.get_if_present(rt.clients, MEMBERS, name)
     assert again is not None  # made again for its Node: it must enrol afresh
     assert again["metadata"]["uid"] != got["metadata"]["uid"]
+
+
+def test_a_gated_vmi_started_on_a_node_without_a_member_gets_that_node_looked_at_now(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+) -> None:
+    """KubeVirt may place a VM in the moment before stale labels go: its start makes the
+    operator look at that Node at once (untrusted, so the VM is moved off it)."""
+    name = _trust_labelled_node(control_plane, cluster_names)
+    rt.view.observe_node(_node(control_plane, name), "ADDED")
+    vmi = {**_vmi("early", 3, selector=True), "status": {"nodeName": name}}
+    vmi["metadata"]["uid"] = str(uuid.uuid4())
+    asyncio.run(vmi_event(body=kopf.Body(vmi), type="ADDED", memo=_memo(rt)))
+    for due in rt.schedule.pop_due(time.monotonic() + 1):  # due now (0.05 s at least)
+        asyncio.run(attestation.reconcile(rt, due))
+    assert _says_untrusted(_node(control_plane, name))

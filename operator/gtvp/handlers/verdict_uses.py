@@ -17,6 +17,7 @@ from typing import Any
 from gtvp import kube
 from gtvp.core.api_resources import MEMBERS
 from gtvp.core.gating import GatingError, admitted_level
+from gtvp.core.trust import member_view
 from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.verdict_uses")
@@ -89,9 +90,16 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
     uid = str(meta.get("uid", ""))
     if event_type == "DELETED" or not node or not uid or uid in rt.spent_starts:
         return
-    if gated_level(body) is None:
+    level = gated_level(body)
+    if level is None:
         return
     rt.spent_starts.add(uid)
+    host = rt.view.members.get(str(node))
+    now = dt.datetime.now(dt.UTC)
+    if host is None or not member_view(str(node), host.get("status") or {}).usable(now, level):
+        # started where no fresh verdict of its level stands (a Node whose labels outlived
+        # its verdict or its Member): its host is looked at now, not at its next turn
+        rt.schedule.schedule(str(node), dt.timedelta(0))
     if rt.coordination.holds(str(node)):  # once across replicas: the member's shard holder
         await spend_use(rt, str(node))
 
