@@ -22,6 +22,7 @@ from gtvp import kube
 from gtvp.coordination import Coordination
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.policy import parse_policy
+from gtvp.core.prefetch import ANNOTATION, Request, render_requests, requests_on
 from gtvp.core.shards import SHARDS, shard_of
 from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL, desired_labels, trust_selector
 from gtvp.handlers import (
@@ -32,6 +33,7 @@ from gtvp.handlers import (
     node_event,
     node_trust,
     policies,
+    prefetch,
     startup,
     verdict_uses,
     vmi_event,
@@ -596,3 +598,25 @@ def test_a_gated_vmi_started_on_a_node_without_a_member_gets_that_node_looked_at
     for due in rt.schedule.pop_due(time.monotonic() + 1):  # due now (0.05 s at least)
         asyncio.run(attestation.reconcile(rt, due))
     assert _says_untrusted(_node(control_plane, name))
+
+
+def test_a_prefetch_request_on_a_target_no_longer_chosen_is_withdrawn(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+) -> None:
+    """A box's evacuation first asked one member to pre-fetch, then chose another (the
+    first lost trust or filled up): the first is not left fetching for nothing."""
+    asked = Request(("i@sha256:" + "a" * 64,), 1, dt.datetime.now(dt.UTC), "evacuation")
+    names = []
+    for keys in (("apps/web", "apps/db"), ("apps/web",)):
+        name = f"fetcher-{uuid.uuid4().hex[:6]}"
+        value = render_requests(dict.fromkeys(keys, asked))
+        node = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "annotations": {ANNOTATION: value}}}  # fmt: skip
+        control_plane.kubectl("create", "-f", "-", input_text=json.dumps(node))
+        cluster_names.append(f"node/{name}")
+        rt.view.observe_node(_node(control_plane, name), "ADDED")
+        names.append(name)
+    old, chosen = names
+    asyncio.run(prefetch.withdraw_elsewhere(rt, "apps/web", chosen))
+    assert set(requests_on(_node(control_plane, old))) == {"apps/db"}  # another box's stays
+    assert set(requests_on(_node(control_plane, chosen))) == {"apps/web"}

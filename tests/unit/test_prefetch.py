@@ -36,6 +36,7 @@ from gtvp.core.prefetch import (
     Accepted,
     Request,
     accepted_images,
+    asked_elsewhere,
     decide,
     parse_requests,
     render_requests,
@@ -307,6 +308,19 @@ def test_unreadable_annotations_read_as_no_request_and_stale_ones_go() -> None:
     assert kept == {"x/new": new}
     assert updated(kept, now=NOW, drop=("x/new",)) == {}
     assert render_requests({}) is None
+
+
+def test_a_request_left_on_a_target_no_longer_chosen_is_found() -> None:
+    asked = Request(("i@sha256:" + "a" * 64,), 1, NOW, "evacuation")
+
+    def node(*keys: str) -> dict[str, object]:
+        value = render_requests(updated({}, now=NOW, add=dict.fromkeys(keys, asked)))
+        return {"metadata": {"annotations": {ANNOTATION: value} if value else {}}}
+
+    nodes = {"old": node("apps/web", "apps/db"), "new": node("apps/web"), "other": node()}
+    assert asked_elsewhere(nodes, "apps/web", "new") == ["old"]
+    assert asked_elsewhere(nodes, "apps/web", "") == ["new", "old"]  # migrated unpinned
+    assert asked_elsewhere(nodes, "apps/db", "old") == []
 
 
 def test_accepted_image_records_size() -> None:

@@ -203,6 +203,12 @@ def requests_on(node: Mapping[str, Any]) -> dict[str, Request]:
     return parse_requests(annotations.get(ANNOTATION))
 
 
+def asked_elsewhere(nodes: Mapping[str, Mapping[str, Any]], key: str, target: str) -> list[str]:
+    """The Nodes other than `target` that hold a request for `key` (a VMI, "ns/name"): asked
+    by an earlier plan whose target is no longer chosen, they would fetch for nothing."""
+    return sorted(n for n, node in nodes.items() if n != target and key in requests_on(node))
+
+
 def render_requests(requests: Mapping[str, Request]) -> str | None:
     """The annotation value (None: remove the annotation)."""
     if not requests:

@@ -8,7 +8,9 @@ lists every component, or the bound has passed (`GTVP_PREFETCH_TIMEOUT_SECONDS`,
 120; 0 turns pre-fetching off), `waits` says no and the caller creates the migration;
 `started` then removes the request and counts the bytes and the wait (and, past the bound,
 says so: a Warning Event `PrefetchTimedOut` on the VMI and its LazyBox, and a log line).
-The request holds its own time, so a restarted operator finds it and goes on waiting.
+The request holds its own time, so a restarted operator finds it and goes on waiting. A
+request for the same VMI on any other Node (an earlier plan's target) is withdrawn when a new
+one is written and when the migration is created.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from gtvp.core.prefetch import (
     Part,
     Request,
     accepted_images,
+    asked_elsewhere,
     decide,
     missing_parts,
     render_requests,
@@ -163,6 +166,7 @@ async def _ask(rt: Runtime, obj: Mapping[str, Any], request: Request, now: dt.da
     vmi = str(obj["spec"]["vmiName"])
     if not await _write(rt, target, now, add={f"{ns}/{vmi}": request}):
         return
+    await withdraw_elsewhere(rt, f"{ns}/{vmi}", target)
     METRICS.prefetch_requests.labels(request.reason).inc()
     await _say(
         rt,
@@ -185,6 +189,7 @@ async def started(rt: Runtime, obj: Mapping[str, Any], decision: Decision | None
     vmi = str(obj["spec"]["vmiName"])
     node = rt.view.nodes.get(target) if target else None
     pending = requests_on(node).get(f"{ns}/{vmi}") if node else None
+    await withdraw_elsewhere(rt, f"{ns}/{vmi}", str(target or ""))
     if pending is None:
         return  # nothing was asked (or a run before a restart counted it)
     if target:
@@ -207,6 +212,17 @@ async def started(rt: Runtime, obj: Mapping[str, Any], decision: Decision | None
     else:
         log.info("%s/%s: %s fetched %d bytes ahead of the migration in %.0f s", ns, vmi, target,
                  pending.bytes, decision.waited.total_seconds())  # fmt: skip
+
+
+async def withdraw_elsewhere(rt: Runtime, key: str, target: str) -> None:
+    """Drop the requests for `key` (a VMI) on every Node but `target`: a plan that chose
+    another target since (a member lost trust, was cordoned or filled up) leaves none behind
+    to fetch for nothing until it goes stale."""
+    now = dt.datetime.now(dt.UTC)
+    for name in asked_elsewhere(rt.view.nodes, key, target):
+        if await _write(rt, name, now, drop=(key,)):
+            log.info("%s: pre-fetch request on %s withdrawn (its migration goes to %s)",
+                     key, name, target or "no pinned member")  # fmt: skip
 
 
 async def _write(
