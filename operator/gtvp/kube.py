@@ -215,6 +215,11 @@ def is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, client.exceptions.ApiException) and exc.status == 409
 
 
+def is_not_found(exc: BaseException) -> bool:
+    """A request about an object that does not exist (HTTP 404)."""
+    return isinstance(exc, client.exceptions.ApiException) and exc.status == 404
+
+
 def patch_status_if_present(
     c: Clients,
     res: ApiResource,

@@ -8,6 +8,7 @@ directly, as kopf would call them, and what they decide is read back from the AP
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -21,6 +22,7 @@ import pytest
 from gtvp import kube
 from gtvp.coordination import Coordination
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
+from gtvp.core.evacuation import EVACUATION_LABEL
 from gtvp.core.policy import parse_policy
 from gtvp.core.prefetch import ANNOTATION, Request, render_requests, requests_on
 from gtvp.core.shards import SHARDS, shard_of
@@ -40,13 +42,15 @@ from gtvp.handlers import (
 )
 from gtvp.handlers.leases import LeaseKeeper
 from gtvp.runtime import OperatorSettings, Runtime
-from gtvp_local.controlplane import OPERATOR, ControlPlane
+from gtvp_local.controlplane import OPERATOR, ControlPlane, Identity
 from gtvp_local.pool import manifests, pool_policy
 from gtvp_local.swtpm import Swtpm, SwtpmCA
 
 pytestmark = [pytest.mark.controlplane]
 
 POLICY = "inprocess"
+NOBODY = Identity("gtvp-test-nobody", (), "nobody")
+"""A client the API server knows but no RBAC rule grants anything."""
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +354,26 @@ def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
 # ----- a verdict the API server will not take ------------------------------------------------
 
 
+def _expired_member_on_a_trusted_node(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime, swtpm_ca: SwtpmCA
+) -> str:
+    """A level-2 trust-labelled Node whose member's verdict (in the view) has expired."""
+    name = f"unwritten-{uuid.uuid4().hex[:6]}"
+    labels = dict.fromkeys(trust_selector(2), "true") | {
+        "node-restriction.kubernetes.io/gtvp-level-1": "true"
+    }
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(node))
+    cluster_names.extend([f"node/{name}", f"member/{name}"])
+    rt.view.nodes[name] = _node(control_plane, name)
+    expired = _trusted(name, 2)
+    expired["status"]["trust"]["expiresAt"] = "2020-01-01T00:00:00Z"
+    rt.view.observe_member(expired, "ADDED")
+    spec = pool_policy(swtpm_ca, name=POLICY)["spec"]
+    assert policies.set_policy(rt, POLICY, parse_policy(POLICY, spec))
+    return name
+
+
 @pytest.mark.tpm
 def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
     control_plane: ControlPlane,
@@ -358,30 +382,42 @@ def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
     swtpm_ca: SwtpmCA,
     shared_tpm: Swtpm,
 ) -> None:
-    """The write of an Untrusted verdict fails (here: the Member is gone on the server, a
-    404; an API server restart or an oversized object fail alike): the Node must not keep
-    its trust labels, and the member must be looked at again (not dropped from the loop)."""
+    """The write of an Untrusted verdict fails (here: refused, 403; an API server restart
+    or an oversized object fail alike): the Node must not keep its trust labels, and the
+    member must be looked at again (not dropped from the loop)."""
     del shared_tpm
-    name = f"unwritten-{uuid.uuid4().hex[:6]}"
-    labels = dict.fromkeys(trust_selector(2), "true") | {
-        "node-restriction.kubernetes.io/gtvp-level-1": "true"
-    }
-    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(node))
-    cluster_names.append(f"node/{name}")
-    rt.view.nodes[name] = json.loads(
-        control_plane.kubectl("get", "node", name, "-o", "json").stdout
-    )
-    expired = _trusted(name, 2)
-    expired["status"]["trust"]["expiresAt"] = "2020-01-01T00:00:00Z"
-    rt.view.observe_member(expired, "ADDED")  # in the view, but not on the server
-    spec = pool_policy(swtpm_ca, name=POLICY)["spec"]
-    assert policies.set_policy(rt, POLICY, parse_policy(POLICY, spec))
+    name = _expired_member_on_a_trusted_node(control_plane, cluster_names, rt, swtpm_ca)
+    body = {"apiVersion": MEMBERS.api_version, "kind": MEMBERS.kind,
+            "metadata": {"name": name}, "spec": {"identity": 2}}  # fmt: skip
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    got = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert got is not None
+    rt.view.remember_member(name, {**got, "status": rt.view.members[name]["status"]})
+    nobody = kube.make_clients(str(control_plane.kubeconfig_for(NOBODY)))
+    rt.clients = dataclasses.replace(rt.clients, custom=nobody.custom)  # Member writes: 403
     asyncio.run(attestation.reconcile(rt, name))  # must not raise
-    got = json.loads(control_plane.kubectl("get", "node", name, "-o", "json").stdout)
-    assert TRUSTED_LABEL not in got["metadata"].get("labels", {})
-    assert any(t["key"] == "gtvp.io/untrusted" for t in got["spec"].get("taints") or [])
+    assert _says_untrusted(_node(control_plane, name))
     assert name in rt.schedule.next_due  # retried soon, not forgotten
+
+
+@pytest.mark.tpm
+def test_a_verdict_for_a_member_gone_on_the_server_untrusts_its_node_at_once(
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+) -> None:
+    """The Member was deleted and the watch has not said so (or lost the event): the write
+    answers 404, and the Node is judged as having no Member at once."""
+    del shared_tpm
+    name = _expired_member_on_a_trusted_node(control_plane, cluster_names, rt, swtpm_ca)
+    asyncio.run(attestation.reconcile(rt, name))  # must not raise
+    assert _says_untrusted(_node(control_plane, name))
+    assert name not in rt.view.members  # forgotten: the next look finds no Member
+    made = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert made is not None  # made again for its Node: it must enrol afresh
+    assert made["metadata"]["labels"][node_trust.NODE_MEMBER_LABEL] == "true"
 
 
 def test_start_up_loads_the_nodes_before_any_member_is_judged(
@@ -620,3 +656,36 @@ def test_a_prefetch_request_on_a_target_no_longer_chosen_is_withdrawn(
     asyncio.run(prefetch.withdraw_elsewhere(rt, "apps/web", chosen))
     assert set(requests_on(_node(control_plane, old))) == {"apps/db"}  # another box's stays
     assert set(requests_on(_node(control_plane, chosen))) == {"apps/web"}
+
+
+@pytest.mark.tpm
+def test_a_gated_vm_on_a_node_without_a_member_is_moved_off_it(
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    operator_clients: kube.Clients,
+    namespace: str,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+) -> None:
+    """One replica that does not make Members (`--no-create-members`): a Node whose Member
+    was deleted while it was down is judged at its next event, and the gated VM there goes."""
+    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
+    settings = OperatorSettings(policy_name=POLICY, create_members=False)
+    rt = Runtime(settings=settings, clients=operator_clients)
+    rt.view.loaded = True
+    rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
+    rt.view.observe_member(_trusted("good", 3), "ADDED")
+    rt.view.observe_node({"metadata": {"name": "good"}}, "ADDED")  # a target
+    name = _trust_labelled_node(control_plane, cluster_names)
+    vmi = {**_vmi("db", 3, selector=True), "status": {"nodeName": name}}
+    vmi["metadata"]["namespace"] = namespace
+    rt.view.observe_vmi(vmi, "ADDED")
+    asyncio.run(node_event(body=kopf.Body(_node(control_plane, name)), type=None, memo=_memo(rt)))
+    assert _says_untrusted(_node(control_plane, name))
+    assert kube.get_if_present(rt.clients, MEMBERS, name) is None  # not made: not asked to
+    moves = json.loads(control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout)[
+        "items"
+    ]
+    assert [(m["spec"]["vmiName"], m["metadata"]["labels"][EVACUATION_LABEL]) for m in moves] == [
+        ("db", name)
+    ]

@@ -206,7 +206,13 @@ def requests_on(node: Mapping[str, Any]) -> dict[str, Request]:
 def asked_elsewhere(nodes: Mapping[str, Mapping[str, Any]], key: str, target: str) -> list[str]:
     """The Nodes other than `target` that hold a request for `key` (a VMI, "ns/name"): asked
     by an earlier plan whose target is no longer chosen, they would fetch for nothing."""
-    return sorted(n for n, node in nodes.items() if n != target and key in requests_on(node))
+    quoted = json.dumps(key)  # cheap test on the raw annotation before parsing it
+
+    def holds(node: Mapping[str, Any]) -> bool:
+        raw = ((node.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
+        return isinstance(raw, str) and quoted in raw and key in requests_on(node)
+
+    return sorted(n for n, node in nodes.items() if n != target and holds(node))
 
 
 def render_requests(requests: Mapping[str, Request]) -> str | None:

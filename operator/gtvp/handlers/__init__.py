@@ -64,15 +64,18 @@ async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
     if not rt.view.observe_node(dict(body), type or ""):
         await node_trust.forget_node(rt, name)
         return
-    if name not in rt.view.members and rt.settings.create_members:
-        await node_trust.ensure_member(rt, name)
-    elif labels_before is not None and rule_labels(labels_before) != rule_labels(
-        rt.view.node_labels.get(name)
-    ):
-        # transition rules read Node labels: a new level or class is judged now (gtvp's
-        # own label writes, which follow each verdict, are not such a change)
-        rt.schedule.schedule(name, dt.timedelta(0))
-    await node_trust.sync_node(rt, name)
+    if name not in rt.view.members:
+        # no Member, no verdict: untrusted, its Member made (if the operator makes them),
+        # its gated VMs moved by the leader
+        await attestation.reconcile(rt, name)
+    else:
+        if labels_before is not None and rule_labels(labels_before) != rule_labels(
+            rt.view.node_labels.get(name)
+        ):
+            # transition rules read Node labels: a new level or class is judged now (gtvp's
+            # own label writes, which follow each verdict, are not such a change)
+            rt.schedule.schedule(name, dt.timedelta(0))
+        await node_trust.sync_node(rt, name)
     lazyboxes.touch_waiting(rt)
     drains.touch(rt)  # a cordon, or a cordoned target freed
 

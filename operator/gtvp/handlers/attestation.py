@@ -29,6 +29,7 @@ from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
+from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, sync_node
 from gtvp.metrics import METRICS
@@ -138,6 +139,9 @@ async def _judge(rt: Runtime, name: str) -> None:
     new = step.status if step is not None else _no_policy_status(rt, body)
     new = _with_token(rt, name, status, new)
     written = await _write(rt, name, body, new)
+    if name not in rt.view.members:  # deleted on the server under us (404)
+        await _untrust_memberless_node(rt, name)
+        return
     if written is not True:
         # fail closed: the Node loses trust on the verdict reached, even unwritten (not when
         # another replica wrote first: it holds the member now, or the body was stale), and
@@ -167,9 +171,17 @@ async def _untrust_memberless_node(rt: Runtime, name: str) -> None:
     holders); every Node gets a Member again, which must enrol afresh."""
     if name not in rt.view.nodes:
         return
+    await sync_node(rt, name)  # first: the labels go before anything else is asked
+    if rt.coordination.holds(name) and _still_says_trusted(rt.view.nodes.get(name) or {}):
+        rt.schedule.schedule(name, WRITE_RETRY)  # the patch failed: fail closed, try again
     if rt.settings.create_members:
         await ensure_member(rt, name)
-    await sync_node(rt, name)
+
+
+def _still_says_trusted(node: Mapping[str, Any]) -> bool:
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    taints = (node.get("spec") or {}).get("taints") or []
+    return TRUSTED_LABEL in labels or not any(t.get("key") == TAINT_KEY for t in taints)
 
 
 def _policy_id(rt: Runtime, policy: Policy | None) -> ear.PolicyId | None:
@@ -254,6 +266,10 @@ async def _write(
         if kube.is_conflict(exc):
             log.debug("member %s changed since it was judged; judging the newer body", name)
             return None
+        if kube.is_not_found(exc):  # deleted, its watch event not seen (yet, or lost)
+            log.info("member %s is gone; its Node is judged as having no Member", name)
+            observe(rt, body, "DELETED")
+            return False
         log.warning(
             "member %s: writing the verdict failed (%s); the Node follows the verdict "
             "anyway when it lowers trust, and the member is looked at again in %ss",

@@ -8,9 +8,11 @@ lists every component, or the bound has passed (`GTVP_PREFETCH_TIMEOUT_SECONDS`,
 120; 0 turns pre-fetching off), `waits` says no and the caller creates the migration;
 `started` then removes the request and counts the bytes and the wait (and, past the bound,
 says so: a Warning Event `PrefetchTimedOut` on the VMI and its LazyBox, and a log line).
-The request holds its own time, so a restarted operator finds it and goes on waiting. A
-request for the same VMI on any other Node (an earlier plan's target) is withdrawn when a new
-one is written and when the migration is created.
+The request holds its own time, so a restarted operator finds it and goes on waiting. Once
+the migration exists, a request for the same VMI on any other Node (an earlier plan's target)
+is withdrawn. Not before: two planners (an evacuation and a drain of one member) may each
+ask their own target meanwhile, and withdrawing each other's requests would restart both
+waits on every pass.
 """
 
 from __future__ import annotations
@@ -166,7 +168,6 @@ async def _ask(rt: Runtime, obj: Mapping[str, Any], request: Request, now: dt.da
     vmi = str(obj["spec"]["vmiName"])
     if not await _write(rt, target, now, add={f"{ns}/{vmi}": request}):
         return
-    await withdraw_elsewhere(rt, f"{ns}/{vmi}", target)
     METRICS.prefetch_requests.labels(request.reason).inc()
     await _say(
         rt,
@@ -189,7 +190,8 @@ async def started(rt: Runtime, obj: Mapping[str, Any], decision: Decision | None
     vmi = str(obj["spec"]["vmiName"])
     node = rt.view.nodes.get(target) if target else None
     pending = requests_on(node).get(f"{ns}/{vmi}") if node else None
-    await withdraw_elsewhere(rt, f"{ns}/{vmi}", str(target or ""))
+    if target:
+        await withdraw_elsewhere(rt, f"{ns}/{vmi}", target)
     if pending is None:
         return  # nothing was asked (or a run before a restart counted it)
     if target:
@@ -215,14 +217,27 @@ async def started(rt: Runtime, obj: Mapping[str, Any], decision: Decision | None
 
 
 async def withdraw_elsewhere(rt: Runtime, key: str, target: str) -> None:
-    """Drop the requests for `key` (a VMI) on every Node but `target`: a plan that chose
-    another target since (a member lost trust, was cordoned or filled up) leaves none behind
-    to fetch for nothing until it goes stale."""
+    """Drop the requests for `key` (a VMI) on every Node but `target`, its migration's: an
+    earlier plan's target (it lost trust, was cordoned or filled up) does not fetch for
+    nothing until the request goes stale. A write refused (409: the Node changed) is tried
+    once more on the Node as read again."""
     now = dt.datetime.now(dt.UTC)
     for name in asked_elsewhere(rt.view.nodes, key, target):
-        if await _write(rt, name, now, drop=(key,)):
+        done = await _write(rt, name, now, drop=(key,))
+        if not done and await _reread_node(rt, name):
+            done = await _write(rt, name, now, drop=(key,))
+        if done:
             log.info("%s: pre-fetch request on %s withdrawn (its migration goes to %s)",
-                     key, name, target or "no pinned member")  # fmt: skip
+                     key, name, target)  # fmt: skip
+
+
+async def _reread_node(rt: Runtime, name: str) -> bool:
+    try:
+        node = await asyncio.to_thread(rt.clients.core.read_node, name)
+    except ApiException:
+        return False
+    rt.view.observe_node(rt.clients.api.sanitize_for_serialization(node), "MODIFIED")
+    return True
 
 
 async def _write(
