@@ -354,10 +354,16 @@ def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
 # ----- a verdict the API server will not take ------------------------------------------------
 
 
-def _expired_member_on_a_trusted_node(
-    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime, swtpm_ca: SwtpmCA
+@pytest.fixture
+def expired_on_trusted_node(
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
 ) -> str:
     """A level-2 trust-labelled Node whose member's verdict (in the view) has expired."""
+    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
     name = f"unwritten-{uuid.uuid4().hex[:6]}"
     labels = dict.fromkeys(trust_selector(2), "true") | {
         "node-restriction.kubernetes.io/gtvp-level-1": "true"
@@ -376,17 +382,12 @@ def _expired_member_on_a_trusted_node(
 
 @pytest.mark.tpm
 def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
-    control_plane: ControlPlane,
-    cluster_names: list[str],
-    rt: Runtime,
-    swtpm_ca: SwtpmCA,
-    shared_tpm: Swtpm,
+    control_plane: ControlPlane, rt: Runtime, expired_on_trusted_node: str
 ) -> None:
     """The write of an Untrusted verdict fails (here: refused, 403; an API server restart
     or an oversized object fail alike): the Node must not keep its trust labels, and the
     member must be looked at again (not dropped from the loop)."""
-    del shared_tpm
-    name = _expired_member_on_a_trusted_node(control_plane, cluster_names, rt, swtpm_ca)
+    name = expired_on_trusted_node
     body = {"apiVersion": MEMBERS.api_version, "kind": MEMBERS.kind,
             "metadata": {"name": name}, "spec": {"identity": 2}}  # fmt: skip
     control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
@@ -402,16 +403,11 @@ def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
 
 @pytest.mark.tpm
 def test_a_verdict_for_a_member_gone_on_the_server_untrusts_its_node_at_once(
-    control_plane: ControlPlane,
-    cluster_names: list[str],
-    rt: Runtime,
-    swtpm_ca: SwtpmCA,
-    shared_tpm: Swtpm,
+    control_plane: ControlPlane, rt: Runtime, expired_on_trusted_node: str
 ) -> None:
     """The Member was deleted and the watch has not said so (or lost the event): the write
     answers 404, and the Node is judged as having no Member at once."""
-    del shared_tpm
-    name = _expired_member_on_a_trusted_node(control_plane, cluster_names, rt, swtpm_ca)
+    name = expired_on_trusted_node
     asyncio.run(attestation.reconcile(rt, name))  # must not raise
     assert _says_untrusted(_node(control_plane, name))
     assert name not in rt.view.members  # forgotten: the next look finds no Member
