@@ -102,13 +102,11 @@ async def migration_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **
 
 async def member_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime_of(memo)
-    name = body.metadata.name or ""
-    if not attestation.observe(rt, dict(body), type or ""):
-        await attestation.reconcile(rt, name)  # its Node, if any, is trusted no more
-        return
-    await attestation.reconcile(rt, name)
-    lazyboxes.touch_waiting(rt)
-    drains.touch(rt)
+    present = attestation.observe(rt, dict(body), type or "")
+    await attestation.reconcile(rt, body.metadata.name or "")  # gone: its Node is untrusted
+    if present:
+        lazyboxes.touch_waiting(rt)
+        drains.touch(rt)
 
 
 async def vm_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:

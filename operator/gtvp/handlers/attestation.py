@@ -29,7 +29,6 @@ from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
-from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, sync_node
 from gtvp.metrics import METRICS
@@ -171,17 +170,10 @@ async def _untrust_memberless_node(rt: Runtime, name: str) -> None:
     holders); every Node gets a Member again, which must enrol afresh."""
     if name not in rt.view.nodes:
         return
-    await sync_node(rt, name)  # first: the labels go before anything else is asked
-    if rt.coordination.holds(name) and _still_says_trusted(rt.view.nodes.get(name) or {}):
+    if not await sync_node(rt, name):  # first: the labels go before anything else is asked
         rt.schedule.schedule(name, WRITE_RETRY)  # the patch failed: fail closed, try again
     if rt.settings.create_members:
         await ensure_member(rt, name)
-
-
-def _still_says_trusted(node: Mapping[str, Any]) -> bool:
-    labels = (node.get("metadata") or {}).get("labels") or {}
-    taints = (node.get("spec") or {}).get("taints") or []
-    return TRUSTED_LABEL in labels or not any(t.get("key") == TAINT_KEY for t in taints)
 
 
 def _policy_id(rt: Runtime, policy: Policy | None) -> ear.PolicyId | None:

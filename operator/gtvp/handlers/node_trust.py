@@ -24,14 +24,15 @@ NODE_MEMBER_LABEL = "gtvp.io/node-member"
 
 async def sync_node(
     rt: Runtime, name: str, status_override: Mapping[str, Any] | None = None
-) -> None:
+) -> bool:
     """Bring the Node's gtvp labels and taint in line with its Member's verdict (or with
     `status_override`: a verdict the operator reached but could not write). Only the
-    replica holding the member's shard writes its Node."""
+    replica holding the member's shard writes its Node. False when the patch failed (the
+    Node is not in line)."""
     node = rt.view.nodes.get(name)
     body = rt.view.members.get(name)
     if node is None or not rt.coordination.holds(name):
-        return
+        return True
     if status_override is not None:
         body = {**(body or {}), "status": status_override}
     status = (body or {}).get("status") or {}
@@ -43,7 +44,7 @@ async def sync_node(
         label_level(status),
     )
     if patch is None:
-        return
+        return True
     try:
         result = await asyncio.to_thread(
             rt.clients.core.patch_node, name, patch, field_manager=rt.clients.field_manager
@@ -52,6 +53,8 @@ async def sync_node(
         log.info("node %s: %s", name, _what_changed(status))
     except ApiException as exc:
         log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
+        return False
+    return True
 
 
 def _what_changed(status: Mapping[str, Any]) -> str:
