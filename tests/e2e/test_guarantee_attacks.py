@@ -51,6 +51,21 @@ def _run_vm(pool: Pool, ns: str, name: str, level: int) -> str:
     )
 
 
+def _moved_off(pool: Pool, ns: str, name: str, host: str) -> str:
+    """Wait until the VMI `name` runs on a member other than `host`; that member."""
+    return str(
+        _wait(
+            f"{name} moved off {host}",
+            lambda: (
+                (n := (_vmi(pool, ns, name).get("status") or {}).get("nodeName"))
+                and n != host
+                and n
+            ),
+            timeout=30,
+        )
+    )
+
+
 def _as_agent(pool: Pool, member: str, patch: dict[str, Any]) -> None:
     """What a root user on `member` can do with its agent's own credentials."""
     out = pool.cp.kubectl(
@@ -81,15 +96,7 @@ def test_agent_that_nulls_its_enrolment_loses_trust_and_its_vm_moves(
     pool.wait_phase(host, "Untrusted", reason="EnrolmentChanged", timeout=10)
     member = pool.member(host)
     assert member["status"]["level"] == 0
-    moved = _wait(
-        "frozen evacuated",
-        lambda: (
-            (n := (_vmi(pool, namespace, "frozen").get("status") or {}).get("nodeName"))
-            and n != host
-            and n
-        ),
-        timeout=30,
-    )
+    moved = _moved_off(pool, namespace, "frozen", host)
     assert moved != host
     _recover(pool, host)
 
@@ -242,16 +249,8 @@ def test_member_deleted_while_the_operator_is_down_leaves_no_trusted_node(
     made = pool.cp.kubectl("get", "member", host, "-o", "json", check=False)
     assert made.returncode == 0, made.stderr  # made again by the operator, for its Node
     assert json.loads(made.stdout)["metadata"]["labels"]["gtvp.io/node-member"] == "true"
-    moved = _wait(
-        "orphaned moved",
-        lambda: (
-            (n := (_vmi(pool, namespace, "orphaned").get("status") or {}).get("nodeName"))
-            and n != host
-            and n
-        ),
-        timeout=30,
-    )
-    assert pool.member(str(moved))["status"]["phase"] == "Trusted"
+    moved = _moved_off(pool, namespace, "orphaned", host)
+    assert pool.member(moved)["status"]["phase"] == "Trusted"
     # the Member as the pool made it (its identity), then its host enrols afresh
     pool.apply(
         {

@@ -200,21 +200,32 @@ def test_migration_of_a_vmi_that_does_not_exist_is_not_gated(rt: Runtime, namesp
 # ----- member reconcile ---------------------------------------------------------------------
 
 
+def _create_member(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    name: str,
+    identity: int,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Create a Member (no agent) on the API server; what the operator's client reads back."""
+    body = {
+        "apiVersion": MEMBERS.api_version,
+        "kind": MEMBERS.kind,
+        "metadata": {"name": name, **({"labels": labels} if labels else {})},
+        "spec": {"identity": identity},
+    }
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    got = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert got is not None
+    return got
+
+
 @pytest.fixture
 def member(control_plane: ControlPlane, rt: Runtime) -> Iterator[str]:
     """A Member on the API server (no agent, no Node), in the runtime's view."""
     name = f"inproc-{uuid.uuid4().hex[:6]}"
-    body = {
-        "apiVersion": MEMBERS.api_version,
-        "kind": MEMBERS.kind,
-        "metadata": {"name": name},
-        "spec": {"identity": 2},
-    }
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
     try:
-        got = kube.get_if_present(rt.clients, MEMBERS, name)
-        assert got is not None
-        attestation.observe(rt, got, "ADDED")
+        attestation.observe(rt, _create_member(control_plane, rt, name, 2), "ADDED")
         yield name
     finally:
         control_plane.kubectl("delete", "member", name, "--ignore-not-found", "--wait=false")
@@ -388,11 +399,7 @@ def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
     or an oversized object fail alike): the Node must not keep its trust labels, and the
     member must be looked at again (not dropped from the loop)."""
     name = expired_on_trusted_node
-    body = {"apiVersion": MEMBERS.api_version, "kind": MEMBERS.kind,
-            "metadata": {"name": name}, "spec": {"identity": 2}}  # fmt: skip
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
-    got = kube.get_if_present(rt.clients, MEMBERS, name)
-    assert got is not None
+    got = _create_member(control_plane, rt, name, 2)
     rt.view.remember_member(name, {**got, "status": rt.view.members[name]["status"]})
     nobody = kube.make_clients(str(control_plane.kubeconfig_for(NOBODY)))
     rt.clients = dataclasses.replace(rt.clients, custom=nobody.custom)  # Member writes: 403
@@ -443,13 +450,7 @@ def test_a_deleted_node_does_not_take_along_the_member_that_pins_its_ek(
     """Deleting the Node must not reset the EK pin: a host returning under that name with
     another TPM would otherwise be enrolled afresh."""
     name = f"pinned-{uuid.uuid4().hex[:6]}"
-    body = {
-        "apiVersion": MEMBERS.api_version,
-        "kind": MEMBERS.kind,
-        "metadata": {"name": name, "labels": {node_trust.NODE_MEMBER_LABEL: "true"}},
-        "spec": {"identity": 1},
-    }
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    _create_member(control_plane, rt, name, 1, {node_trust.NODE_MEMBER_LABEL: "true"})
     try:
         pin = {"status": {"trust": {"ekSHA256": "ab" * 32, "verdict": "Trusted"}}}
         control_plane.kubectl(
@@ -597,15 +598,7 @@ def test_deleting_a_member_under_a_running_operator_untrusts_its_node_at_once(
     control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
 ) -> None:
     name = _trust_labelled_node(control_plane, cluster_names)
-    body = {
-        "apiVersion": MEMBERS.api_version,
-        "kind": MEMBERS.kind,
-        "metadata": {"name": name},
-        "spec": {"identity": 3},
-    }
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
-    got = kube.get_if_present(rt.clients, MEMBERS, name)
-    assert got is not None
+    got = _create_member(control_plane, rt, name, 3)
     trusted = _trusted(name, 3)
     rt.view.observe_member({**got, "status": trusted["status"]}, "ADDED")
     rt.view.observe_node(_node(control_plane, name), "ADDED")
