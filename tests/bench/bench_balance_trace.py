@@ -239,7 +239,10 @@ class Replay:
     # -- gtvp's balancer -------------------------------------------------------------------
     def gtvp_round(self) -> None:
         now = dt.datetime.now(dt.UTC)
-        nodes, vmis, migrations = self._nodes(), self._vmis(), self._migrations()
+        # migrations before VMIs: one that ends between the two reads then shows its VMI on
+        # the target already, never still at its source with the migration finished
+        migrations = self._migrations()
+        nodes, vmis = self._nodes(), self._vmis()
         boxes, used = [], {n["metadata"]["name"]: [0, 0] for n in nodes}
         for v in vmis:
             status = v.get("status") or {}

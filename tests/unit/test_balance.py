@@ -149,6 +149,20 @@ def test_a_box_on_its_way_counts_at_its_target() -> None:
     assert [(m.box.name, m.target) for m in got.moves] == [("small", "c")]
 
 
+def test_a_box_on_its_way_out_counts_as_gone_from_its_source() -> None:
+    """A migration longer than the planner's period (a real live migration takes seconds) must
+    not make the balancer move a second box off a member the first one already relieves."""
+    leaving = [Migration("apps", "m1", "small", "a", "b", "Running")]
+    got = plan([member("a"), member("b"), member("c")], HOT, migrations=leaving)
+    assert got.moves == ()
+    assert "a" not in got.over_since  # at 80 % once the small box has left
+    not_enough = [Migration("apps", "m1", "small", "a", None, "Scheduling", pinned="b")]
+    hot = [*HOT, box("tiny", "a", 900)]  # a at 99 %: 89 % once the small box has left
+    got = plan([member("a"), member("b"), member("c")], hot, migrations=not_enough)
+    assert [(m.box.name, m.target) for m in got.moves] == [("tiny", "c")]
+    assert "a at 89.0%" in got.moves[0].reason
+
+
 def test_only_boxes_move() -> None:
     hot = dataclasses.replace(member("a"), cpu_used=9500)  # ordinary VMs fill it
     got = plan([hot, member("b")], [])
@@ -195,3 +209,28 @@ def test_the_pool_settles_without_moving_a_box_twice(
                 assert load(h.cpu_used, h.memory_used, h) <= 0.60 + 1e-9
     else:
         raise AssertionError("the balancer did not settle")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(200, 4000)),
+        min_size=1,
+        max_size=14,
+    ),
+)
+def test_a_plan_in_flight_is_not_planned_again(sizes: list[tuple[int, int]]) -> None:
+    """The next planning pass while the last plan's migrations still run (boxes still on
+    their sources) starts nothing more: every source those moves relieve counts as relieved."""
+    names = ["m0", "m1", "m2", "m3"]
+    hosts = [member(n) for n in names]
+    boxes = [box(f"b{i}", names[node], cpu) for i, (node, cpu) in enumerate(sizes)]
+    limits = dataclasses.replace(LIMITS, max_parallel=100, max_outbound_per_node=16)
+    limits = dataclasses.replace(limits, max_inbound_per_node=16)
+    first = plan(hosts, boxes, limits=limits)
+    in_flight = [
+        Migration("apps", f"x{i}", mv.box.name, mv.box.node, mv.target, "Running")
+        for i, mv in enumerate(first.moves)
+    ]
+    again = plan(hosts, boxes, limits=limits, migrations=in_flight)
+    assert again.moves == ()

@@ -7,7 +7,9 @@ the policy's high watermark for `sustainFor` is a source; boxes move from it, on
 and smallest first among those whose move alone brings it back under the high watermark
 (else the largest), onto a Trusted member of a sufficient level that stays at or under the
 low watermark with the box, preferring the one that caches most of the box's components,
-then the least loaded, then by name. The gap between the watermarks, the sustain window
+then the least loaded, then by name. A box already on its way (an active migration) counts
+at its target and as gone from its source, so a move outlasting a planning pass is not
+planned twice. The gap between the watermarks, the sustain window
 and a per-box cool-down keep the pool from oscillating; the policy's migration limits
 (cluster, outbound, inbound) are shared with evacuations. Pure and deterministic.
 """
@@ -91,6 +93,8 @@ def plan_balance(
 ) -> BalancePlan:
     """The migrations to start now, and the overload bookkeeping for the next call."""
     loads = _Loads.of(hosts)
+    active = [m for m in migrations if m.active]
+    loads.count_moving(active, {(b.namespace, b.name): b for b in boxes})
     high = settings.high_watermark / 100
     since = {
         h.name: over_since.get(h.name, now)
@@ -101,8 +105,6 @@ def plan_balance(
     }
     if not settings.enabled:
         return BalancePlan((), since, {})
-    active = [m for m in migrations if m.active]
-    loads.count_arrivals(active, {(b.namespace, b.name): b for b in boxes})
     balancer = _Balancer(
         settings=settings,
         now=now,
@@ -129,29 +131,55 @@ def plan_balance(
 
 @dataclass
 class _Loads:
-    """What each member commits (CPU millis, memory bytes), as the plan moves boxes."""
+    """What each member commits (CPU millis, memory bytes), as the plan moves boxes.
+
+    A box on its way (an active migration) counts at its target already and, for whether its
+    source is still overloaded (`load`), as gone from there: a live migration outlasts a
+    planning period, and a second box must not leave a member the first one relieves. As
+    room on its source (`room_for`), it stays until it has left."""
 
     hosts: Mapping[str, Host]
     used: dict[str, list[int]]
+    leaving: dict[str, list[int]]
 
     @classmethod
     def of(cls, hosts: Sequence[Host]) -> _Loads:
-        return cls({h.name: h for h in hosts}, {h.name: [h.cpu_used, h.memory_used] for h in hosts})
+        return cls(
+            {h.name: h for h in hosts},
+            {h.name: [h.cpu_used, h.memory_used] for h in hosts},
+            {h.name: [0, 0] for h in hosts},
+        )
 
     def load(self, name: str) -> float:
-        return load(self.used[name][0], self.used[name][1], self.hosts[name])
+        """What `name` commits once the boxes leaving it have left."""
+        (cpu, mem), (cpu_out, mem_out) = self.used[name], self.leaving[name]
+        return load(cpu - cpu_out, mem - mem_out, self.hosts[name])
+
+    def room_for(self, name: str, box: PlacedBox) -> tuple[float, bool]:
+        """`name`'s load with `box` arriving, and whether it fits at all while the boxes
+        leaving it are still there."""
+        h = self.hosts[name]
+        cpu, mem = self.used[name][0] + box.cpu_millis, self.used[name][1] + box.memory_bytes
+        (cpu_out, mem_out) = self.leaving[name]
+        after = load(cpu - cpu_out, mem - mem_out, h)
+        return after, cpu <= h.cpu_millis and mem <= h.memory_bytes
 
     def add(self, name: str, box: PlacedBox, sign: int = 1) -> None:
         self.used[name][0] += sign * box.cpu_millis
         self.used[name][1] += sign * box.memory_bytes
 
-    def count_arrivals(self, active: Sequence[Migration], boxes: Mapping[Key, PlacedBox]) -> None:
-        """A box on its way counts at its target too (and at its source until it left)."""
+    def count_moving(self, active: Sequence[Migration], boxes: Mapping[Key, PlacedBox]) -> None:
+        """Each box on its way: at its target, and as leaving the member it still runs on."""
         for m in active:
             moving = boxes.get((m.namespace, m.vmi))
             target = m.inbound_to
-            if target and moving is not None and target in self.used and target != moving.node:
+            if moving is None or target == moving.node:
+                continue  # gone, or already where it was going
+            if target in self.used:
                 self.add(target, moving)
+            if moving.node in self.leaving:
+                self.leaving[moving.node][0] += moving.cpu_millis
+                self.leaving[moving.node][1] += moving.memory_bytes
 
 
 class _Balancer:
@@ -261,8 +289,8 @@ def _pick(
         return load(b.cpu_millis, b.memory_bytes, host)
 
     def relieves(b: PlacedBox) -> bool:
-        cpu, mem = loads.used[source]
-        return load(cpu - b.cpu_millis, mem - b.memory_bytes, host) <= high
+        (cpu, mem), (cpu_out, mem_out) = loads.used[source], loads.leaving[source]
+        return load(cpu - cpu_out - b.cpu_millis, mem - mem_out - b.memory_bytes, host) <= high
 
     enough = sorted((b for b in movable if relieves(b)), key=lambda b: (size(b), b.name))
     rest = sorted((b for b in movable if not relieves(b)), key=lambda b: (-size(b), b.name))
@@ -273,9 +301,8 @@ def _pick(
                 continue
             if not budget.receives(name):
                 continue
-            cpu, mem = loads.used[name][0] + box.cpu_millis, loads.used[name][1] + box.memory_bytes
-            after = load(cpu, mem, h)
-            if after > low or cpu > h.cpu_millis or mem > h.memory_bytes:
+            after, fits = loads.room_for(name, box)
+            if after > low or not fits:
                 continue
             score = (-box.cached_on(h.images), after, name)
             if best is None or score < best:
