@@ -1,6 +1,7 @@
 """Benchmark: gtvp's balancer against the real Kubernetes descheduler on recorded load traces.
 
-Run: `python -m tests.bench.bench_balance_trace [--trace synthetic|day|all] [--interval 10]`.
+Run: `python -m tests.bench.bench_balance_trace [--trace synthetic|day|all] [--seeds 7,1,3]
+[--interval 10]` (`--seeds`: the `day` trace drawn with each seed, one replay pair each).
 
 Real: kube-apiserver + etcd with KubeVirt's CRDs, the Kubernetes descheduler v0.36.0 built
 from its Go module (`toolchain.descheduler()`), run as a process every `--interval` seconds
@@ -440,6 +441,7 @@ def _row(r: Result, base: int) -> str:
 
 def run(traces: list[Trace], interval: float) -> int:
     binary = toolchain.descheduler()
+    totals: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="gtvp-bench-balance-") as tmp:
         workdir = Path(tmp)
         with ephemeral_control_plane(workdir / "cp") as cp:
@@ -461,10 +463,37 @@ def run(traces: list[Trace], interval: float) -> int:
                         print(f"  moves: {', '.join(sorted(results[-1].moves)) or 'none'}",
                               file=sys.stderr, flush=True)  # fmt: skip
                     _print(t, base.migrations, base.bytes_moved, results, interval)
+                    for r in results:
+                        _add(totals.setdefault(r.system, Result(r.system)), r)
             finally:
                 stop()
                 webhook.stop()
+    if len(traces) > 1:
+        _print_totals(len(traces), totals["gtvp"], totals["descheduler"])
     return 0
+
+
+def _add(into: Result, r: Result) -> None:
+    into.migrations += r.migrations
+    into.evacuations += r.evacuations
+    into.refused += r.refused
+    into.moved_twice += r.moved_twice
+    into.unconverged += r.unconverged
+    into.bytes_moved += r.bytes_moved
+    into.converge += r.converge
+
+
+def _print_totals(n: int, gtvp: Result, desch: Result) -> None:
+    """Over every trace replayed: balancing migrations, and every migration started (with
+    the evacuations of leaving members, whose number depends on where balancing sent VMs)."""
+    print(f"\n### all {n} traces")
+    print("| system | balancing migrations | bytes | + evacuations = migrations started |")
+    print("| --- | --- | --- | --- |")
+    for r in (gtvp, desch):
+        print(
+            f"| {r.system} | {r.migrations} | {r.bytes_moved / GI:.0f} GiB | "
+            f"{r.migrations + r.evacuations} |"
+        )
 
 
 def _print(t: Trace, base: int, base_bytes: int, results: list[Result], interval: float) -> None:
@@ -500,9 +529,11 @@ def _print(t: Trace, base: int, base_bytes: int, results: list[Result], interval
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--trace", choices=("synthetic", "day", "all"), default="all")
+    p.add_argument("--seeds", default="7", help="the day trace's seeds, comma-separated")
     p.add_argument("--interval", type=float, default=10.0, help="descheduler interval (s)")
     args = p.parse_args(argv)
-    traces = {"synthetic": [synthetic()], "day": [day()], "all": [synthetic(), day()]}
+    days = [day(int(seed)) for seed in args.seeds.split(",")]
+    traces = {"synthetic": [synthetic()], "day": days, "all": [synthetic(), *days]}
     return run(traces[args.trace], args.interval)
 
 

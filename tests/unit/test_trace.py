@@ -21,6 +21,21 @@ def test_an_overload_is_relieved_with_the_fewest_moves_largest_first() -> None:
     assert got.bytes_moved == 2 * GI
 
 
+def test_hindsight_sends_a_vm_where_the_future_leaves_room() -> None:
+    """m2 is the least loaded member when m1 overloads, but six VMs will arrive there: a VM
+    moved to m2 would overload it then and need a second move; m3 stays quiet."""
+    t = _trace(
+        *(_vm(0, f"v{i}", "m1", 1) for i in range(7)),  # m1 at 7/8
+        _vm(0, "x0", "m3", 1),
+        _vm(0, "x1", "m3", 1),
+        *(_vm(10, f"w{i}", "m2", 1) for i in range(6)),  # m2 at 6/8, or 7/8 with the VM
+        members=("m1", "m2", "m3"),
+    )
+    got = hindsight(t)
+    assert got.migrations == 1
+    assert got.bytes_moved == GI
+
+
 def test_an_overload_that_a_deletion_ends_within_the_sustain_window_needs_no_move() -> None:
     t = _trace(*(_vm(0, f"v{i}", "m1", 1) for i in range(7)), Event(2, "delete", "v0"))
     assert hindsight(t, sustain_for=4.0).migrations == 0
