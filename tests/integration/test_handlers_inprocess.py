@@ -22,7 +22,7 @@ import pytest
 from gtvp import kube
 from gtvp.coordination import Coordination
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
-from gtvp.core.evacuation import EVACUATION_LABEL
+from gtvp.core.evacuation import EVACUATION_LABEL, HOSTNAME_LABEL
 from gtvp.core.policy import parse_policy
 from gtvp.core.prefetch import ANNOTATION, Request, render_requests, requests_on
 from gtvp.core.shards import SHARDS, shard_of
@@ -678,3 +678,57 @@ def test_a_gated_vm_on_a_node_without_a_member_is_moved_off_it(
     assert [(m["spec"]["vmiName"], m["metadata"]["labels"][EVACUATION_LABEL]) for m in moves] == [
         ("db", name)
     ]
+
+
+@pytest.mark.tpm
+def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A member filled by someone else's VMs would capture the evacuation (first by name
+    among equals): the scheduler could never place the VM there, KubeVirt fails the
+    migration, and after three such failures the VM stays on the untrusted host."""
+    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
+    rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
+    allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
+    for name in ("a-full", "b-roomy"):
+        rt.view.observe_member(_trusted(name, 3), "ADDED")
+        rt.view.observe_node({"metadata": {"name": name}, "status": {"allocatable": allocatable}},
+                             "ADDED")  # fmt: skip
+    filler = _vmi("filler", 0)
+    filler["metadata"].update(namespace="tenant", labels={})
+    filler["spec"]["domain"]["resources"] = {"requests": {"cpu": "7", "memory": "4Gi"}}
+    rt.view.observe_vmi({**filler, "status": {"nodeName": "a-full", "phase": "Running"}}, "ADDED")
+    db = _vmi("db", 3, selector=True)
+    db["metadata"]["namespace"] = namespace
+    db["spec"]["domain"]["resources"] = {"requests": {"cpu": "2", "memory": "2Gi"}}
+    rt.view.observe_vmi({**db, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
+
+    def pinned() -> list[str]:
+        out = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
+        moves = json.loads(out)["items"]
+        for m in moves:
+            rt.view.observe_migration(m, "ADDED")  # as the operator's watch would
+        return [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in moves]
+
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    assert pinned() == ["b-roomy"]
+
+    more = json.loads(json.dumps(filler))
+    more["metadata"]["name"] = "filler2"
+    more["spec"]["domain"]["resources"] = {"requests": {"cpu": "5", "memory": "4Gi"}}
+    rt.view.observe_vmi({**more, "status": {"nodeName": "b-roomy", "phase": "Running"}}, "ADDED")
+    rt.view.observe_vmi({**db, "metadata": {**db["metadata"], "name": "db2"},
+                         "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")  # fmt: skip
+    with caplog.at_level("WARNING", logger="gtvp.evacuation"):
+        asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    assert pinned() == ["b-roomy"]  # db2 fits nowhere now: it waits, and says why
+    assert any(
+        f"evacuation of {namespace}/db2 off bad waits: no member that may take it has room"
+        in r.getMessage()
+        for r in caplog.records
+    )

@@ -37,10 +37,12 @@ from typing import Any
 
 from gtvp.core.api_resources import MIGRATIONS
 from gtvp.core.compose import BOX_LABEL
+from gtvp.core.footprint import vmi_requests
 from gtvp.core.gating import GatingError, level_of
 from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorded_source
 from gtvp.core.policy import MigrationLimits
 from gtvp.core.prefetch import Part, cached_bytes
+from gtvp.core.target_room import TargetRoom
 from gtvp.core.trust import trust_selector
 
 EVACUATION_LABEL = "gtvp.io/evacuation"  # value: the member gtvp empties
@@ -62,6 +64,8 @@ class Vmi:
     node: str
     level: int
     parts: tuple[Part, ...] = ()  # a Lazy Box's components (digest, size); () otherwise
+    cpu_millis: int = 0  # its requests: it goes only where they fit (`core.target_room`)
+    memory_bytes: int = 0
 
 
 ON_UNTRUSTED = ("Keep", "Migrate", "Stop")
@@ -214,6 +218,7 @@ def plan_evacuation(
     limits: MigrationLimits,
     targets: Sequence[tuple[str, int]] | None = None,
     images: Mapping[str, frozenset[str]] | None = None,
+    room: TargetRoom | None = None,
 ) -> list[dict[str, Any]]:
     """The VirtualMachineInstanceMigration objects to create now for `member`.
 
@@ -222,7 +227,8 @@ def plan_evacuation(
     and every name is taken). `targets`: the usable members (name, level) that may receive
     VMIs; with them the inbound limit holds and each migration is pinned to one target.
     `images`: the digests each target's Node lists (`Node.status.images`): a box goes to
-    the eligible target caching most of its bytes.
+    the eligible target caching most of its bytes. `room`: what each target has not
+    committed; a VMI goes only where its requests fit, and waits when they fit nowhere.
     """
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
@@ -249,12 +255,20 @@ def plan_evacuation(
         if targets is not None:
             target = best_target(
                 budget,
-                (name for name, level in targets if name != member and level >= vmi.level),
+                (
+                    name
+                    for name, level in targets
+                    if name != member
+                    and level >= vmi.level
+                    and (room is None or room.fits(name, vmi.cpu_millis, vmi.memory_bytes))
+                ),
                 vmi.parts,
                 images or {},
             )
             if target is None:
-                continue  # every eligible target is receiving its limit: wait
+                continue  # every eligible target is full or receiving its limit: wait
+            if room is not None:
+                room.take(target, vmi.cpu_millis, vmi.memory_bytes)
             selector = {**selector, HOSTNAME_LABEL: target}
         past = history.get((vmi.namespace, vmi.name, member), ())
         attempt = max((a for a, _, _ in past), default=-1) + 1
@@ -374,6 +388,8 @@ class Evacuee:
     level: int
     box: bool = False  # a Lazy Box's VMI
     parts: tuple[Part, ...] = ()  # a box's components (digest, size), from its LazyBox
+    cpu_millis: int = 0  # its requests: it goes only where they fit (`core.target_room`)
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -429,12 +445,15 @@ def drain_evacuee(vmi: Mapping[str, Any]) -> Evacuee | None:
         level = _STRICTEST
     if level is None:
         return None
+    cpu, memory = vmi_requests(vmi)
     return Evacuee(
         str(meta.get("namespace", "")),
         str(meta.get("name", "")),
         str(node),
         level,
         box=BOX_LABEL in labels,
+        cpu_millis=cpu,
+        memory_bytes=memory,
     )
 
 
@@ -472,6 +491,7 @@ def plan_drains(
     node_of: Mapping[tuple[str, str], str],
     limits: MigrationLimits,
     targets: Sequence[DrainTarget],
+    room: TargetRoom | None = None,
 ) -> DrainPlan:
     """The drain migrations to create now, and why the VMIs that cannot move yet wait.
 
@@ -481,6 +501,8 @@ def plan_drains(
     component bytes, then with the fewest arrivals; the policy's cluster, outbound and
     inbound limits hold, counting gtvp's active migrations (evacuations, drains,
     balancing; others are KubeVirt's to queue).
+    With `room` (what each member has not committed), a VMI goes only where its requests
+    fit; one that fits on no eligible member waits, with what it asks and what is left.
     A VMI that only the limits hold back is not 'waiting': the next plan moves it.
     A drain migration not yet scheduled whose target can no longer take the VMI (cordoned,
     no longer Trusted since it was planned) is to be cancelled: the next plan re-targets it.
@@ -497,14 +519,21 @@ def plan_drains(
             continue
         past = sorted(history.get((vmi.namespace, vmi.name, vmi.node), ()))
         eligible = [t.name for t in targets if _can_take(t, vmi)]
-        why = _failed_too_often(vmi, past) or (None if eligible else _no_target(vmi, targets))
+        roomy = [n for n in eligible if room is None or room.fits(n, *_asks(vmi))]
+        why = _failed_too_often(vmi, past)
+        if why is None and not eligible:
+            why = _no_target(vmi, targets)
+        elif why is None and not roomy and room is not None:
+            why = room.shortfall(eligible, *_asks(vmi))
         if why is not None:
             waiting[(vmi.namespace, vmi.name)] = why
             continue
-        target = best_target(budget, eligible, vmi.parts, images)
+        target = best_target(budget, roomy, vmi.parts, images)
         if target is None or not budget.allows(vmi.node):
             continue  # the limits hold it back: the next plan
         budget.take(vmi.node, target)
+        if room is not None:
+            room.take(target, *_asks(vmi))
         out.append(_drain_migration(vmi, target, max((a for a, _ in past), default=-1) + 1))
     return DrainPlan(tuple(out), waiting, tuple(cancel))
 
@@ -560,6 +589,10 @@ def _obstacle(target: DrainTarget, vmi: Evacuee) -> str | None:
     if target.cordoned:
         return "cordoned"
     return None
+
+
+def _asks(vmi: Evacuee) -> tuple[int, int]:
+    return vmi.cpu_millis, vmi.memory_bytes
 
 
 def _can_take(target: DrainTarget, vmi: Evacuee) -> bool:

@@ -33,13 +33,19 @@ def vmi_footprint(vmi: Mapping[str, Any]) -> Footprint | None:
     node = status.get("nodeName")
     if not node or status.get("phase") in FINISHED:
         return None
+    return Footprint(str(node), *vmi_requests(vmi))
+
+
+def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
+    """(CPU millicores, memory bytes) a VMI asks for: its requests, the guest memory when it
+    requests none; (0, 0) for quantities KubeVirt's own schema refuses."""
     domain = (vmi.get("spec") or {}).get("domain") or {}
     requests = (domain.get("resources") or {}).get("requests") or {}
     memory = requests.get("memory") or (domain.get("memory") or {}).get("guest") or "0"
     try:
-        return Footprint(str(node), cpu_millis(requests.get("cpu") or "0"), memory_bytes(memory))
+        return cpu_millis(requests.get("cpu") or "0"), memory_bytes(memory)
     except ValueError:
-        return Footprint(str(node), 0, 0)  # KubeVirt's own schema refuses such quantities
+        return 0, 0
 
 
 def usage_by_node(footprints: Mapping[Any, Footprint]) -> dict[str, tuple[int, int]]:

@@ -1,6 +1,7 @@
 """Placement hosts from the cluster view: each member's verdict, room and image cache.
 
-Shared by the box loop (where to place a box) and the balancer (where boxes may go). Each
+Shared by the box loop (where to place a box), the balancer (where boxes may go), and
+evacuations and drains (`target_room`: where a VMI's requests fit). Each
 member's and box's parsed values are cached by resourceVersion, so a pool of 10,000 members
 is parsed once per change, not once per decision.
 """
@@ -13,8 +14,11 @@ from typing import Any, NamedTuple
 
 from gtvp.cluster_view import Key
 from gtvp.core.components import image_digests
+from gtvp.core.evacuation import migration_view
+from gtvp.core.footprint import vmi_requests
 from gtvp.core.placement import Host
 from gtvp.core.quantity import cpu_millis, memory_bytes
+from gtvp.core.target_room import TargetRoom
 from gtvp.core.trust import MemberView, member_view
 from gtvp.runtime import Runtime
 
@@ -147,3 +151,17 @@ def pool_cache(rt: Runtime, now: dt.datetime) -> frozenset[str]:
     union = frozenset().union(*sets)
     rt.boxes.pool_cache = (now, union)
     return union
+
+
+def target_room(rt: Runtime, now: dt.datetime) -> TargetRoom:
+    """What each member has not committed: its hosts' room less the VMIs migrating to it."""
+    vmis = rt.view.vmis
+    moving = [migration_view(m) for m in list(rt.view.migrations.values())]
+    keys = {(m.namespace, m.vmi) for m in moving if m.active}
+    requests = {k: vmi_requests(vmis[k]) for k in keys if k in vmis}
+    node_of = {
+        k: str(node)
+        for k in keys
+        if (node := ((vmis.get(k) or {}).get("status") or {}).get("nodeName"))
+    }
+    return TargetRoom.of(hosts(rt, now), moving, requests, node_of)

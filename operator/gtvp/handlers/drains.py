@@ -47,6 +47,7 @@ from gtvp.core.evacuation import (
 )
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
+from gtvp.handlers.box_hosts import target_room
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -135,6 +136,7 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
         node_of=node_of,
         limits=policy.migration,
         targets=drain_targets(rt, now),
+        room=target_room(rt, now),
     )
     return plan, {(e.namespace, e.name): e for e in found}
 

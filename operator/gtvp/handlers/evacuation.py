@@ -41,8 +41,11 @@ from gtvp.core.evacuation import (
     plan_evacuation,
     untrusted_actions,
 )
+from gtvp.core.footprint import vmi_requests
+from gtvp.core.target_room import TargetRoom
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
+from gtvp.handlers.box_hosts import target_room
 from gtvp.handlers.verdict_uses import gated_level, spend_use
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -55,7 +58,7 @@ def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
     """The gated VMIs on `member` that need more than `keep_level` (a Lazy Box's with its
     components, so that it goes where they are cached)."""
     return [
-        Vmi(ns, name, member, lvl, _parts(rt, ns, name, body))
+        Vmi(ns, name, member, lvl, _parts(rt, ns, name, body), *vmi_requests(body))
         for (ns, name) in sorted(rt.view.on_node.get(member, ()))
         if (lvl := gated_level(body := rt.view.vmis.get((ns, name)) or {})) is not None
         and lvl > keep_level
@@ -110,6 +113,7 @@ def forget(rt: Runtime, topic: str) -> None:
     drop what was said about it, so memory stays bounded and a new wait is said again."""
     rt.evacuation.waiting.pop(topic, None)
     rt.evacuation.waiting.pop(f"{topic}#failed", None)
+    rt.evacuation.waiting.pop(f"{topic}#full", None)
 
 
 async def evacuate_unattested(rt: Runtime) -> None:
@@ -122,8 +126,9 @@ async def evacuate_unattested(rt: Runtime) -> None:
         return
     boxes = {f"{ns}/{name}" for ns, name in rt.view.boxes}
     for topic in [t for t in rt.evacuation.waiting if "/" in t]:
-        if topic.removesuffix("#failed") not in boxes:  # a box's topic; the box is gone
-            forget(rt, topic.removesuffix("#failed"))
+        box_topic = topic.removesuffix("#failed").removesuffix("#full")
+        if box_topic not in boxes:  # a box's topic; the box is gone
+            forget(rt, box_topic)
     for (ns, name), box in sorted(rt.view.boxes.items()):
         where = where_runs(rt, (ns, name))
         att = (box.get("status") or {}).get("attestation") or {}
@@ -134,7 +139,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
         level = gated_level(vmi) or int((box.get("spec") or {}).get("level", 0) or 0)
         lv = policy.level(level)
         action = lv.on_untrusted if lv is not None else "Migrate"
-        one = [Vmi(ns, name, where.member, level, _parts(rt, ns, name, vmi))]
+        one = [Vmi(ns, name, where.member, level, _parts(rt, ns, name, vmi), *vmi_requests(vmi))]
         incident = f"attest-{where.vmi_uid[:8]}"
         await _act(rt, where.member, incident, action, one, topic=f"{ns}/{name}")
 
@@ -180,6 +185,8 @@ async def _act(
     ]
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
+    room = target_room(rt, now)
+    _say_full(rt, member, movable, targets=targets, room=room, topic=topic)
     for obj in plan_evacuation(
         member=member,
         incident=incident,
@@ -188,8 +195,39 @@ async def _act(
         limits=policy.migration,
         targets=targets,
         images=node_images(rt, [name for name, _ in targets]),
+        room=room,
     ):
         await _start(rt, member, obj)
+
+
+def _say_full(
+    rt: Runtime,
+    member: str,
+    vmis: list[Vmi],
+    *,
+    targets: list[tuple[str, int]],
+    room: TargetRoom,
+    topic: str,
+) -> None:
+    """A warning, once per change, for the VMIs no target of their level has room for (they
+    wait for room instead of being pinned where the scheduler cannot place them)."""
+    key = f"{topic}#full"
+    full = {
+        f"{v.namespace}/{v.name}": room.shortfall(
+            [n for n, lvl in targets if lvl >= v.level], v.cpu_millis, v.memory_bytes
+        )
+        for v in vmis
+        if not any(
+            lvl >= v.level and room.fits(n, v.cpu_millis, v.memory_bytes) for n, lvl in targets
+        )
+    }
+    said = rt.evacuation.waiting.pop(key, None)
+    if not full:
+        return
+    rt.evacuation.waiting[key] = sorted(full)
+    if said != sorted(full):
+        for vmi, why in sorted(full.items()):
+            log.warning("evacuation of %s off %s waits: %s", vmi, member, why)
 
 
 async def _say_stalled(
