@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gtvp.core.footprint import Footprint, usage_by_node, vmi_footprint
+from gtvp.core.footprint import Footprint, placed_footprint, usage_by_node, vmi_footprint
 from gtvp.core.policy import Policy
 from gtvp.core.trust import MemberView, member_view
 
@@ -94,6 +94,9 @@ class ClusterView:
     # room taken by VMIs that are not Lazy Boxes, and its sum per node (None: to recompute)
     footprints: dict[Key, Footprint] = field(default_factory=dict)
     usage: dict[str, tuple[int, int]] | None = None
+    # room taken by every placed VMI, boxes' too, by its own requests (migration targets)
+    placed: dict[Key, Footprint] = field(default_factory=dict)
+    placed_usage: dict[str, tuple[int, int]] | None = None
 
     # -- members and nodes ----------------------------------------------------------------
 
@@ -158,13 +161,10 @@ class ClusterView:
         gone = event_type == "DELETED"
         node = None if gone else (body.get("status") or {}).get("nodeName")
         self._place(key, str(node) if node else None)
-        fp = None if gone else vmi_footprint(body)
-        if self.footprints.get(key) != fp:
-            if fp is None:
-                del self.footprints[key]
-            else:
-                self.footprints[key] = fp
+        if _replace(self.footprints, key, None if gone else vmi_footprint(body)):
             self.usage = None
+        if _replace(self.placed, key, None if gone else placed_footprint(body)):
+            self.placed_usage = None
 
     @staticmethod
     def _store(store: dict[Key, dict[str, Any]], body: dict[str, Any], event_type: str) -> Key:
@@ -185,6 +185,12 @@ class ClusterView:
         if node:
             self.node_of[key] = node
             self.on_node.setdefault(node, set()).add(key)
+
+    def vmi_usage(self) -> dict[str, tuple[int, int]]:
+        """(CPU millicores, memory bytes) per node taken by every placed VMI."""
+        if self.placed_usage is None:
+            self.placed_usage = usage_by_node(self.placed)
+        return self.placed_usage
 
     def foreign_usage(self) -> dict[str, tuple[int, int]]:
         """(CPU millicores, memory bytes) per node taken by VMIs that are not boxes."""
@@ -233,3 +239,14 @@ class OtherHolders(Mapping[str, str]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+def _replace(store: dict[Key, Footprint], key: Key, fp: Footprint | None) -> bool:
+    """Put `fp` (None: nothing) under `key`; whether that changed anything."""
+    if store.get(key) == fp:
+        return False
+    if fp is None:
+        del store[key]
+    else:
+        store[key] = fp
+    return True

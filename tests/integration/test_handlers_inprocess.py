@@ -22,6 +22,7 @@ import pytest
 from gtvp import kube
 from gtvp.coordination import Coordination
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
+from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import EVACUATION_LABEL, HOSTNAME_LABEL
 from gtvp.core.policy import parse_policy
 from gtvp.core.prefetch import ANNOTATION, Request, render_requests, requests_on
@@ -30,6 +31,7 @@ from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL, desired_labels, trust_sele
 from gtvp.handlers import (
     admission,
     attestation,
+    box_hosts,
     evacuation,
     member_event,
     node_event,
@@ -691,7 +693,8 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
 ) -> None:
     """A member filled by someone else's VMs would capture the evacuation (first by name
     among equals): the scheduler could never place the VM there, KubeVirt fails the
-    migration, and after three such failures the VM stays on the untrusted host."""
+    migration, and after three such failures the VM stays on the untrusted host. The filler
+    wears a Lazy Box's label, which anyone can write: it still counts by its requests."""
     del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
     rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
     allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
@@ -700,7 +703,7 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
         rt.view.observe_node({"metadata": {"name": name}, "status": {"allocatable": allocatable}},
                              "ADDED")  # fmt: skip
     filler = _vmi("filler", 0)
-    filler["metadata"].update(namespace="tenant", labels={})
+    filler["metadata"].update(namespace="tenant", labels={BOX_LABEL: "not-a-box"})
     filler["spec"]["domain"]["resources"] = {"requests": {"cpu": "7", "memory": "4Gi"}}
     rt.view.observe_vmi({**filler, "status": {"nodeName": "a-full", "phase": "Running"}}, "ADDED")
     db = _vmi("db", 3, selector=True)
@@ -732,3 +735,28 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
         in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_a_box_that_migrated_takes_room_where_its_vmi_runs_not_where_it_was_placed(
+    rt: Runtime,
+) -> None:
+    """Placement and balancing count a box on its member; after a live migration that is
+    the member its VMI runs on, not the one the box loop chose when it placed it."""
+    for name in ("a", "b"):
+        rt.view.observe_member(_trusted(name, 3), "ADDED")
+        rt.view.observe_node({"metadata": {"name": name},
+                              "status": {"allocatable": {"cpu": "8", "memory": "32Gi"}}},
+                             "ADDED")  # fmt: skip
+    box = {
+        "metadata": {"namespace": "ns", "name": "web", "resourceVersion": "1"},
+        "spec": {"resources": {"cpu": "6", "memory": "1Gi"}},
+        "status": {"node": "a"},
+    }
+    rt.view.observe_box(box, "ADDED")
+    rt.boxes.decided_node[("ns", "web")] = "a"  # where the box loop placed it
+    vmi = _vmi("web", 3)
+    vmi["metadata"]["labels"][BOX_LABEL] = "web"
+    rt.view.observe_vmi({**vmi, "status": {"nodeName": "b", "phase": "Running"}}, "ADDED")
+    now = dt.datetime.now(dt.UTC)
+    used = {h.name: h.cpu_used for h in box_hosts.hosts(rt, now)}
+    assert used == {"a": 0, "b": 6000}

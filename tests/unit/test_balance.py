@@ -155,12 +155,33 @@ def test_a_box_on_its_way_out_counts_as_gone_from_its_source() -> None:
     leaving = [Migration("apps", "m1", "small", "a", "b", "Running")]
     got = plan([member("a"), member("b"), member("c")], HOT, migrations=leaving)
     assert got.moves == ()
-    assert "a" not in got.over_since  # at 80 % once the small box has left
+    assert got.stuck == {}  # at 80 % once the small box has left
+    assert "a" in got.over_since  # still overloaded until it has: a failed move keeps the clock
     not_enough = [Migration("apps", "m1", "small", "a", None, "Scheduling", pinned="b")]
     hot = [*HOT, box("tiny", "a", 900)]  # a at 99 %: 89 % once the small box has left
     got = plan([member("a"), member("b"), member("c")], hot, migrations=not_enough)
     assert [(m.box.name, m.target) for m in got.moves] == [("tiny", "c")]
     assert "a at 89.0%" in got.moves[0].reason
+
+
+def test_a_tenants_migration_that_goes_nowhere_does_not_hide_an_overload() -> None:
+    """A box's owner may migrate it, pinned to a node that does not exist: it stays Pending
+    and the box never leaves, so its member still needs relief."""
+    tenants = [Migration("apps", "t1", "small", None, None, "Pending", pinned="nowhere",
+                         foreign=True)]  # fmt: skip
+    got = plan([member("a"), member("b")], HOT, migrations=tenants)
+    assert [(m.box.name, m.target) for m in got.moves] == [("mid", "b")]  # small is busy
+    scheduled = [dataclasses.replace(tenants[0], target="b", phase="Running")]
+    assert plan([member("a"), member("b")], HOT, migrations=scheduled).moves == ()
+
+
+def test_a_member_is_judged_as_a_target_by_what_it_holds_until_its_boxes_have_left() -> None:
+    """c is at 90 % with a box on its way out: were that move to fail, a box sent to c now
+    would leave c overloaded."""
+    boxes = [*HOT, box("c-big", "c", 5000), box("c-rest", "c", 4000)]
+    leaving = [Migration("apps", "m1", "c-big", "c", "b", "Running")]
+    got = plan([member("a"), member("b"), member("c")], boxes, migrations=leaving)
+    assert [(m.box.name, m.target) for m in got.moves] == [("small", "b")]
 
 
 def test_only_boxes_move() -> None:

@@ -92,19 +92,22 @@ def plan_balance(
     now: dt.datetime,
 ) -> BalancePlan:
     """The migrations to start now, and the overload bookkeeping for the next call."""
-    loads = _Loads.of(hosts)
-    active = [m for m in migrations if m.active]
-    loads.count_moving(active, {(b.namespace, b.name): b for b in boxes})
     high = settings.high_watermark / 100
     since = {
         h.name: over_since.get(h.name, now)
         for h in hosts
         # members that are not Trusted are emptied by evacuation, not balanced (a Trusted
-        # member waiting for a fresh quote after spending its uses keeps its clock)
-        if h.phase == MemberPhase.TRUSTED and h.cpu_millis > 0 and loads.load(h.name) > high
+        # member waiting for a fresh quote after spending its uses keeps its clock); a box
+        # on its way out still counts here until it has left (a failed move keeps the clock)
+        if h.phase == MemberPhase.TRUSTED
+        and h.cpu_millis > 0
+        and load(h.cpu_used, h.memory_used, h) > high
     }
     if not settings.enabled:
         return BalancePlan((), since, {})
+    loads = _Loads.of(hosts)
+    active = [m for m in migrations if m.active]
+    loads.count_moving(active, {(b.namespace, b.name): b for b in boxes})
     balancer = _Balancer(
         settings=settings,
         now=now,
@@ -134,9 +137,12 @@ class _Loads:
     """What each member commits (CPU millis, memory bytes), as the plan moves boxes.
 
     A box on its way (an active migration) counts at its target already and, for whether its
-    source is still overloaded (`load`), as gone from there: a live migration outlasts a
+    source still needs relief (`load`), as gone from there: a live migration outlasts a
     planning period, and a second box must not leave a member the first one relieves. As
-    room on its source (`room_for`), it stays until it has left."""
+    room on its source (`room_for`), it stays until it has left: a member is judged as a
+    target by what it holds now, so a move that fails leaves nothing overloaded. Only gtvp's
+    own migrations, or one KubeVirt has found a target for, count as leaving: a tenant's
+    migration pinned nowhere must not hide an overload."""
 
     hosts: Mapping[str, Host]
     used: dict[str, list[int]]
@@ -156,13 +162,11 @@ class _Loads:
         return load(cpu - cpu_out, mem - mem_out, self.hosts[name])
 
     def room_for(self, name: str, box: PlacedBox) -> tuple[float, bool]:
-        """`name`'s load with `box` arriving, and whether it fits at all while the boxes
-        leaving it are still there."""
+        """`name`'s load with `box` arriving (the boxes leaving it still there), and whether
+        it fits at all."""
         h = self.hosts[name]
         cpu, mem = self.used[name][0] + box.cpu_millis, self.used[name][1] + box.memory_bytes
-        (cpu_out, mem_out) = self.leaving[name]
-        after = load(cpu - cpu_out, mem - mem_out, h)
-        return after, cpu <= h.cpu_millis and mem <= h.memory_bytes
+        return load(cpu, mem, h), cpu <= h.cpu_millis and mem <= h.memory_bytes
 
     def add(self, name: str, box: PlacedBox, sign: int = 1) -> None:
         self.used[name][0] += sign * box.cpu_millis
@@ -177,7 +181,7 @@ class _Loads:
                 continue  # gone, or already where it was going
             if target in self.used:
                 self.add(target, moving)
-            if moving.node in self.leaving:
+            if moving.node in self.leaving and (not m.foreign or m.target):
                 self.leaving[moving.node][0] += moving.cpu_millis
                 self.leaving[moving.node][1] += moving.memory_bytes
 

@@ -42,7 +42,7 @@ from gtvp.core.gating import GatingError, level_of
 from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorded_source
 from gtvp.core.policy import MigrationLimits
 from gtvp.core.prefetch import Part, cached_bytes
-from gtvp.core.target_room import TargetRoom
+from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.trust import trust_selector
 
 EVACUATION_LABEL = "gtvp.io/evacuation"  # value: the member gtvp empties
@@ -523,8 +523,8 @@ def plan_drains(
         why = _failed_too_often(vmi, past)
         if why is None and not eligible:
             why = _no_target(vmi, targets)
-        elif why is None and not roomy and room is not None:
-            why = room.shortfall(eligible, *_asks(vmi))
+        elif why is None and not roomy:
+            why = shortfall(*_asks(vmi))
         if why is not None:
             waiting[(vmi.namespace, vmi.name)] = why
             continue

@@ -29,6 +29,12 @@ def vmi_footprint(vmi: Mapping[str, Any]) -> Footprint | None:
     meta = vmi.get("metadata") or {}
     if BOX_LABEL in (meta.get("labels") or {}):
         return None
+    return placed_footprint(vmi)
+
+
+def placed_footprint(vmi: Mapping[str, Any]) -> Footprint | None:
+    """The room any VMI takes on its node, a box's too (None: unplaced or finished). What
+    migration targets are judged by: a VMI's own requests, whatever its labels say."""
     status = vmi.get("status") or {}
     node = status.get("nodeName")
     if not node or status.get("phase") in FINISHED:

@@ -6,23 +6,46 @@ caches most of a box's bytes but has no room for the VMI's requests would captur
 scheduler leaves the target pod Pending, KubeVirt fails the migration, the retry picks the
 same member, and after three failures the VMI stays where it is, on the host gtvp is
 emptying. So the plans look only at members where the VMI's requests fit in what is not
-committed yet: allocatable (`Node.status.allocatable`) less the requests of the VMIs and
-boxes placed there (the figure placement and balancing use) and of the VMIs migrating in,
-less what the plan itself has already sent there. That count sees VMIs only, not every pod,
-so it never says "full" where the scheduler would find room; a member whose allocatable is
-unknown is not judged. Pure.
+committed yet: allocatable (`Node.status.allocatable`) less the requests of every VMI placed
+there (each by its own spec, whatever its labels say: a label cannot hide a VM), of the VMIs
+migrating in, and of what the plan itself has already sent there.
+
+A migration migrating in counts when gtvp started it or once KubeVirt has recorded its
+target: a tenant's own migration pinned to a member but never scheduled holds no room there
+(as the migration limits ignore it), so a tenant cannot fill a member with pending migrations
+to keep gtvp's evacuations away. A member whose allocatable is unknown is not judged, and a
+VMI that asks for nothing fits anywhere. Pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from gtvp.core.migration_budget import ActiveMigration
-from gtvp.core.placement import Host
+from gtvp.core.footprint import Footprint
 from gtvp.core.quantity import human_bytes
 
 Key = tuple[str, str]  # namespace, VMI name
+
+
+class Inbound(Protocol):
+    """A VirtualMachineInstanceMigration as the room reads it (core.evacuation.Migration)."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def vmi(self) -> str: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def target(self) -> str | None: ...
+    @property
+    def inbound_to(self) -> str | None: ...
+    @property
+    def foreign(self) -> bool: ...
+    @property
+    def deleting(self) -> bool: ...
 
 
 @dataclass
@@ -34,29 +57,35 @@ class TargetRoom:
     @classmethod
     def of(
         cls,
-        hosts: Iterable[Host],
-        migrations: Sequence[ActiveMigration],
-        requests: Mapping[Key, tuple[int, int]],
-        node_of: Mapping[Key, str],
+        allocatable: Mapping[str, tuple[int, int]],
+        used: Mapping[str, tuple[int, int]],
+        migrations: Iterable[Inbound],
+        placed: Mapping[Key, Footprint],
     ) -> TargetRoom:
-        """From the members' hosts; each active migration's VMI (`requests`) takes its room
-        on the member it goes to, unless it already runs there (`node_of`)."""
+        """`allocatable` and `used` (every placed VMI's requests) per member; `placed`: each
+        VMI's node and requests, for the migrations on their way."""
         free = {
-            h.name: [h.cpu_millis - h.cpu_used, h.memory_bytes - h.memory_used]
-            for h in hosts
-            if h.cpu_millis > 0 and h.memory_bytes > 0
+            name: [cpu - used.get(name, (0, 0))[0], mem - used.get(name, (0, 0))[1]]
+            for name, (cpu, mem) in allocatable.items()
+            if cpu > 0 and mem > 0
         }
         room = cls(free)
         for m in migrations:
-            key = (m.namespace, m.vmi)
             target = m.inbound_to
-            if m.active and target and node_of.get(key) != target:
-                room.take(target, *requests.get(key, (0, 0)))
+            if not m.active or m.deleting or not target or (m.foreign and not m.target):
+                continue
+            on = placed.get((m.namespace, m.vmi))
+            if on is not None and on.node != target:
+                room.take(target, on.cpu_millis, on.memory_bytes)
         return room
 
     def fits(self, name: str, cpu_millis: int, memory_bytes: int) -> bool:
         left = self.free.get(name)
-        return left is None or (cpu_millis <= left[0] and memory_bytes <= left[1])
+        if left is None:
+            return True
+        return (cpu_millis <= 0 or cpu_millis <= left[0]) and (
+            memory_bytes <= 0 or memory_bytes <= left[1]
+        )
 
     def take(self, name: str, cpu_millis: int, memory_bytes: int) -> None:
         left = self.free.get(name)
@@ -64,14 +93,11 @@ class TargetRoom:
             left[0] -= cpu_millis
             left[1] -= memory_bytes
 
-    def shortfall(self, names: Iterable[str], cpu_millis: int, memory_bytes: int) -> str:
-        """Why none of `names` has room: what the VMI asks and what the roomiest has left."""
-        ask = f"{cpu_millis}m CPU and {human_bytes(memory_bytes)}"
-        known = [(n, self.free[n]) for n in sorted(names) if n in self.free]
-        if not known:
-            return f"no member has room for its requests ({ask})"
-        name, (cpu, mem) = max(known, key=lambda kv: (min(kv[1][0], kv[1][1]), kv[0]))
-        return (
-            f"no member that may take it has room for its requests ({ask}); "
-            f"{name} has {max(cpu, 0)}m CPU and {human_bytes(max(mem, 0))} left"
-        )
+
+def shortfall(cpu_millis: int, memory_bytes: int) -> str:
+    """Why a VMI waits when no member that may take it has room (the same words while it
+    asks the same, so a reason said once per change is not said again as room shifts)."""
+    return (
+        f"no member that may take it has room for its requests ({cpu_millis}m CPU and "
+        f"{human_bytes(memory_bytes)})"
+    )

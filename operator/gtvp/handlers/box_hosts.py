@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 from gtvp.cluster_view import Key
 from gtvp.core.components import image_digests
 from gtvp.core.evacuation import migration_view
-from gtvp.core.footprint import vmi_requests
 from gtvp.core.placement import Host
 from gtvp.core.quantity import cpu_millis, memory_bytes
 from gtvp.core.target_room import TargetRoom
@@ -85,7 +84,13 @@ def _used(rt: Runtime, exclude: Key | None) -> dict[str, list[int]]:
     for key, box in list(rt.view.boxes.items()):
         if key == exclude:
             continue
-        node = rt.boxes.decided_node.get(key) or (box.get("status") or {}).get("node")
+        # where its VMI runs (it may have migrated since it was placed), else where the box
+        # loop placed it (no VMI yet)
+        node = (
+            rt.view.node_of.get(key)
+            or rt.boxes.decided_node.get(key)
+            or (box.get("status") or {}).get("node")
+        )
         if node:
             cpu, mem = box_requests(rt, key, box)
             u = used.setdefault(str(node), [0, 0])
@@ -153,15 +158,14 @@ def pool_cache(rt: Runtime, now: dt.datetime) -> frozenset[str]:
     return union
 
 
-def target_room(rt: Runtime, now: dt.datetime) -> TargetRoom:
-    """What each member has not committed: its hosts' room less the VMIs migrating to it."""
-    vmis = rt.view.vmis
+def target_room(rt: Runtime) -> TargetRoom:
+    """What each member has not committed (`core.target_room`): its Node's allocatable less
+    every VMI placed there and the VMIs on their way to it."""
+    allocatable = {}
+    for name, body in list(rt.view.members.items()):
+        node = rt.view.nodes.get(name)
+        if node is not None:
+            base = _host_base(rt, name, body, node)
+            allocatable[name] = (base.cpu, base.mem)
     moving = [migration_view(m) for m in list(rt.view.migrations.values())]
-    keys = {(m.namespace, m.vmi) for m in moving if m.active}
-    requests = {k: vmi_requests(vmis[k]) for k in keys if k in vmis}
-    node_of = {
-        k: str(node)
-        for k in keys
-        if (node := ((vmis.get(k) or {}).get("status") or {}).get("nodeName"))
-    }
-    return TargetRoom.of(hosts(rt, now), moving, requests, node_of)
+    return TargetRoom.of(allocatable, rt.view.vmi_usage(), moving, rt.view.placed)

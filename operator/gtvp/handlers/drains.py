@@ -136,7 +136,7 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
         node_of=node_of,
         limits=policy.migration,
         targets=drain_targets(rt, now),
-        room=target_room(rt, now),
+        room=target_room(rt),
     )
     return plan, {(e.namespace, e.name): e for e in found}
 

@@ -42,7 +42,7 @@ from gtvp.core.evacuation import (
     untrusted_actions,
 )
 from gtvp.core.footprint import vmi_requests
-from gtvp.core.target_room import TargetRoom
+from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
@@ -185,8 +185,10 @@ async def _act(
     ]
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
-    room = target_room(rt, now)
-    _say_full(rt, member, movable, targets=targets, room=room, topic=topic)
+    room = await asyncio.to_thread(target_room, rt)
+    busy = {(m.namespace, m.vmi) for m in migrations if m.active}
+    waiting = [v for v in movable if (v.namespace, v.name) not in busy]
+    _say_full(rt, member, waiting, targets=targets, room=room, topic=topic)
     for obj in plan_evacuation(
         member=member,
         incident=incident,
@@ -209,25 +211,26 @@ def _say_full(
     room: TargetRoom,
     topic: str,
 ) -> None:
-    """A warning, once per change, for the VMIs no target of their level has room for (they
-    wait for room instead of being pinned where the scheduler cannot place them)."""
+    """A warning, once per change, for the VMIs (not migrating) that a target of their level
+    exists for but none with room: they wait for room instead of being pinned where the
+    scheduler cannot place them."""
     key = f"{topic}#full"
-    full = {
-        f"{v.namespace}/{v.name}": room.shortfall(
-            [n for n, lvl in targets if lvl >= v.level], v.cpu_millis, v.memory_bytes
-        )
+    full = sorted(
+        f"{v.namespace}/{v.name}"
         for v in vmis
-        if not any(
+        if any(lvl >= v.level for _, lvl in targets)
+        and not any(
             lvl >= v.level and room.fits(n, v.cpu_millis, v.memory_bytes) for n, lvl in targets
         )
-    }
+    )
     said = rt.evacuation.waiting.pop(key, None)
     if not full:
         return
-    rt.evacuation.waiting[key] = sorted(full)
-    if said != sorted(full):
-        for vmi, why in sorted(full.items()):
-            log.warning("evacuation of %s off %s waits: %s", vmi, member, why)
+    rt.evacuation.waiting[key] = full
+    if said != full:
+        asks = {f"{v.namespace}/{v.name}": (v.cpu_millis, v.memory_bytes) for v in vmis}
+        for vmi in full:
+            log.warning("evacuation of %s off %s waits: %s", vmi, member, shortfall(*asks[vmi]))
 
 
 async def _say_stalled(
