@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gtvp.core.footprint import Footprint, placed_footprint, usage_by_node, vmi_footprint
+from gtvp.core.footprint import Footprint, placed_footprint, usage_by_node
 from gtvp.core.policy import Policy
 from gtvp.core.trust import MemberView, member_view
 
@@ -91,10 +91,8 @@ class ClusterView:
     # which VMIs run on which node (evacuation looks at one node's VMIs)
     on_node: dict[str, set[Key]] = field(default_factory=dict)
     node_of: dict[Key, str] = field(default_factory=dict)
-    # room taken by VMIs that are not Lazy Boxes, and its sum per node (None: to recompute)
-    footprints: dict[Key, Footprint] = field(default_factory=dict)
-    usage: dict[str, tuple[int, int]] | None = None
-    # room taken by every placed VMI, boxes' too, by its own requests (migration targets)
+    # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
+    # (None: to recompute)
     placed: dict[Key, Footprint] = field(default_factory=dict)
     placed_usage: dict[str, tuple[int, int]] | None = None
 
@@ -161,8 +159,6 @@ class ClusterView:
         gone = event_type == "DELETED"
         node = None if gone else (body.get("status") or {}).get("nodeName")
         self._place(key, str(node) if node else None)
-        if _replace(self.footprints, key, None if gone else vmi_footprint(body)):
-            self.usage = None
         if _replace(self.placed, key, None if gone else placed_footprint(body)):
             self.placed_usage = None
 
@@ -191,12 +187,6 @@ class ClusterView:
         if self.placed_usage is None:
             self.placed_usage = usage_by_node(self.placed)
         return self.placed_usage
-
-    def foreign_usage(self) -> dict[str, tuple[int, int]]:
-        """(CPU millicores, memory bytes) per node taken by VMIs that are not boxes."""
-        if self.usage is None:
-            self.usage = usage_by_node(self.footprints)
-        return self.usage
 
     # -- Lazy Boxes and components --------------------------------------------------------
 

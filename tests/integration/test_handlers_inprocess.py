@@ -737,7 +737,7 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     )
 
 
-def test_a_box_that_migrated_takes_room_where_its_vmi_runs_not_where_it_was_placed(
+def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(
     rt: Runtime,
 ) -> None:
     """Placement and balancing count a box on its member; after a live migration that is
@@ -756,7 +756,14 @@ def test_a_box_that_migrated_takes_room_where_its_vmi_runs_not_where_it_was_plac
     rt.boxes.decided_node[("ns", "web")] = "a"  # where the box loop placed it
     vmi = _vmi("web", 3)
     vmi["metadata"]["labels"][BOX_LABEL] = "web"
+    vmi["spec"]["domain"]["resources"] = {"requests": {"cpu": "6", "memory": "1Gi"}}
     rt.view.observe_vmi({**vmi, "status": {"nodeName": "b", "phase": "Running"}}, "ADDED")
     now = dt.datetime.now(dt.UTC)
     used = {h.name: h.cpu_used for h in box_hosts.hosts(rt, now)}
     assert used == {"a": 0, "b": 6000}
+    fake = _vmi("not-a-box", 0)  # a tenant's VM wearing a box's label still takes its room
+    fake["metadata"]["labels"] = {BOX_LABEL: "web"}
+    fake["spec"]["domain"]["resources"] = {"requests": {"cpu": "1", "memory": "1Gi"}}
+    rt.view.observe_vmi({**fake, "status": {"nodeName": "a", "phase": "Running"}}, "ADDED")
+    used = {h.name: h.cpu_used for h in box_hosts.hosts(rt, now)}
+    assert used == {"a": 1000, "b": 6000}

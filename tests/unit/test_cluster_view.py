@@ -52,12 +52,12 @@ def test_vmis_are_indexed_by_the_node_they_run_on() -> None:
 def test_the_room_vmis_take_is_summed_again_only_after_a_change() -> None:
     view = ClusterView()
     view.observe_vmi(_vmi("x", "n1", cpu="2"), "ADDED")
-    first = view.foreign_usage()
-    assert view.foreign_usage() is first  # cached
+    first = view.vmi_usage()
+    assert view.vmi_usage() is first  # cached
     view.observe_vmi(_vmi("x", "n1", cpu="2"), "MODIFIED")  # same footprint: still cached
-    assert view.foreign_usage() is first
+    assert view.vmi_usage() is first
     view.observe_vmi(_vmi("x", "n1", cpu="3"), "MODIFIED")
-    assert view.foreign_usage() is not first
+    assert view.vmi_usage() is not first
 
 
 def test_a_box_status_echo_is_not_a_change() -> None:

@@ -1,10 +1,10 @@
-"""Room taken by VMIs that are not Lazy Boxes: what placement subtracts from a node."""
+"""Room taken by VMIs: what placement and migration targets subtract from a node."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gtvp.core.footprint import Footprint, usage_by_node, vmi_footprint
+from gtvp.core.footprint import Footprint, placed_footprint, usage_by_node
 
 
 def _vmi(
@@ -27,18 +27,19 @@ def _vmi(
 
 
 def test_requests_count_on_the_node_the_vmi_runs_on() -> None:
-    got = vmi_footprint(_vmi(requests={"cpu": "1500m", "memory": "2Gi"}))
+    got = placed_footprint(_vmi(requests={"cpu": "1500m", "memory": "2Gi"}))
     assert got == Footprint("n1", 1500, 2 * 2**30)
 
 
 def test_guest_memory_counts_when_no_memory_is_requested() -> None:
-    assert vmi_footprint(_vmi(guest="512Mi")) == Footprint("n1", 0, 512 * 2**20)
+    assert placed_footprint(_vmi(guest="512Mi")) == Footprint("n1", 0, 512 * 2**20)
 
 
-def test_boxes_unplaced_and_finished_vmis_take_no_extra_room() -> None:
-    assert vmi_footprint(_vmi(labels={"gtvp.io/lazybox": "web"}, guest="1Gi")) is None
-    assert vmi_footprint(_vmi(node=None, guest="1Gi")) is None
-    assert vmi_footprint(_vmi(phase="Succeeded", guest="1Gi")) is None
+def test_unplaced_and_finished_vmis_take_no_room_and_a_box_label_hides_none() -> None:
+    labelled = placed_footprint(_vmi(labels={"gtvp.io/lazybox": "web"}, guest="1Gi"))
+    assert labelled == Footprint("n1", 0, 2**30)  # anyone can write that label
+    assert placed_footprint(_vmi(node=None, guest="1Gi")) is None
+    assert placed_footprint(_vmi(phase="Succeeded", guest="1Gi")) is None
 
 
 def test_usage_sums_per_node() -> None:

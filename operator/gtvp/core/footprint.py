@@ -1,8 +1,9 @@
-"""What a running VMI that is not a Lazy Box takes from its node (for placement's room).
+"""What a running VMI takes from its node (placement's and migration targets' room).
 
-Placement counts the boxes it placed itself; VMs that people run next to them take room
-too. A VMI's footprint is its `spec.domain.resources.requests` (CPU and memory), with the
-guest memory (`spec.domain.memory.guest`) when no memory is requested. Pure.
+A VMI's footprint is its `spec.domain.resources.requests` (CPU and memory), with the guest
+memory (`spec.domain.memory.guest`) when no memory is requested: a Lazy Box's VMI and every
+VM people run next to them alike, each by its own spec, whatever its labels say (anyone who
+creates a VMI can label it as a box; a label must not hide the room it takes). Pure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gtvp.core.compose import BOX_LABEL
 from gtvp.core.quantity import cpu_millis, memory_bytes
 
 FINISHED = frozenset({"Succeeded", "Failed"})
@@ -22,14 +22,6 @@ class Footprint:
     node: str
     cpu_millis: int
     memory_bytes: int
-
-
-def vmi_footprint(vmi: Mapping[str, Any]) -> Footprint | None:
-    """The room a VMI takes on its node; None for a box's VMI, an unplaced or finished one."""
-    meta = vmi.get("metadata") or {}
-    if BOX_LABEL in (meta.get("labels") or {}):
-        return None
-    return placed_footprint(vmi)
 
 
 def placed_footprint(vmi: Mapping[str, Any]) -> Footprint | None:

@@ -79,18 +79,18 @@ def _host_base(
 
 
 def _used(rt: Runtime, exclude: Key | None) -> dict[str, list[int]]:
-    """Room taken per node: VMIs that are not boxes, and the boxes placed there."""
-    used = {node: [cpu, mem] for node, (cpu, mem) in rt.view.foreign_usage().items()}
+    """Room taken per node: every placed VMI by its own requests (a box's VMI where it runs
+    now, after any migration), and the boxes placed there whose VMI is not placed yet; the
+    box `exclude` (being placed again) not at all."""
+    used = {node: [cpu, mem] for node, (cpu, mem) in rt.view.vmi_usage().items()}
+    placed = rt.view.placed
+    own = placed.get(exclude) if exclude is not None else None
+    if own is not None:
+        used[own.node] = [used[own.node][0] - own.cpu_millis, used[own.node][1] - own.memory_bytes]
     for key, box in list(rt.view.boxes.items()):
-        if key == exclude:
+        if key == exclude or key in placed:
             continue
-        # where its VMI runs (it may have migrated since it was placed), else where the box
-        # loop placed it (no VMI yet)
-        node = (
-            rt.view.node_of.get(key)
-            or rt.boxes.decided_node.get(key)
-            or (box.get("status") or {}).get("node")
-        )
+        node = rt.boxes.decided_node.get(key) or (box.get("status") or {}).get("node")
         if node:
             cpu, mem = box_requests(rt, key, box)
             u = used.setdefault(str(node), [0, 0])
