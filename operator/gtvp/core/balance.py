@@ -156,9 +156,11 @@ class _Loads:
             {h.name: [0, 0] for h in hosts},
         )
 
-    def load(self, name: str) -> float:
-        """What `name` commits once the boxes leaving it have left."""
+    def load(self, name: str, without: PlacedBox | None = None) -> float:
+        """What `name` commits once the boxes leaving it (and `without`) have left."""
         (cpu, mem), (cpu_out, mem_out) = self.used[name], self.leaving[name]
+        if without is not None:
+            cpu_out, mem_out = cpu_out + without.cpu_millis, mem_out + without.memory_bytes
         return load(cpu - cpu_out, mem - mem_out, self.hosts[name])
 
     def room_for(self, name: str, box: PlacedBox) -> tuple[float, bool]:
@@ -293,8 +295,7 @@ def _pick(
         return load(b.cpu_millis, b.memory_bytes, host)
 
     def relieves(b: PlacedBox) -> bool:
-        (cpu, mem), (cpu_out, mem_out) = loads.used[source], loads.leaving[source]
-        return load(cpu - cpu_out - b.cpu_millis, mem - mem_out - b.memory_bytes, host) <= high
+        return loads.load(source, without=b) <= high
 
     enough = sorted((b for b in movable if relieves(b)), key=lambda b: (size(b), b.name))
     rest = sorted((b for b in movable if not relieves(b)), key=lambda b: (-size(b), b.name))

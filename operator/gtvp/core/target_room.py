@@ -24,26 +24,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gtvp.core.footprint import Footprint
+from gtvp.core.migration_budget import ActiveMigration
 from gtvp.core.quantity import human_bytes
 
 Key = tuple[str, str]  # namespace, VMI name
 
 
-class Inbound(Protocol):
-    """A VirtualMachineInstanceMigration as the room reads it (core.evacuation.Migration)."""
+class Inbound(ActiveMigration, Protocol):
+    """A VirtualMachineInstanceMigration as the room reads it (core.evacuation.Migration):
+    what the migration budget reads, and the target KubeVirt recorded and the deletion."""
 
     @property
-    def namespace(self) -> str: ...
-    @property
-    def vmi(self) -> str: ...
-    @property
-    def active(self) -> bool: ...
-    @property
     def target(self) -> str | None: ...
-    @property
-    def inbound_to(self) -> str | None: ...
-    @property
-    def foreign(self) -> bool: ...
     @property
     def deleting(self) -> bool: ...
 

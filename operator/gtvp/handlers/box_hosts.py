@@ -9,12 +9,12 @@ is parsed once per change, not once per decision.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from gtvp.cluster_view import Key
 from gtvp.core.components import image_digests
-from gtvp.core.evacuation import migration_view
+from gtvp.core.evacuation import Migration
 from gtvp.core.placement import Host
 from gtvp.core.quantity import cpu_millis, memory_bytes
 from gtvp.core.target_room import TargetRoom
@@ -158,14 +158,14 @@ def pool_cache(rt: Runtime, now: dt.datetime) -> frozenset[str]:
     return union
 
 
-def target_room(rt: Runtime) -> TargetRoom:
+def target_room(rt: Runtime, migrations: Sequence[Migration]) -> TargetRoom:
     """What each member has not committed (`core.target_room`): its Node's allocatable less
-    every VMI placed there and the VMIs on their way to it."""
+    every VMI placed there and the VMIs on their way to it (`migrations`: the caller's view
+    of every migration)."""
     allocatable = {}
     for name, body in list(rt.view.members.items()):
         node = rt.view.nodes.get(name)
         if node is not None:
             base = _host_base(rt, name, body, node)
             allocatable[name] = (base.cpu, base.mem)
-    moving = [migration_view(m) for m in list(rt.view.migrations.values())]
-    return TargetRoom.of(allocatable, rt.view.vmi_usage(), moving, rt.view.placed)
+    return TargetRoom.of(allocatable, rt.view.vmi_usage(), migrations, rt.view.placed)

@@ -124,6 +124,7 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
     if policy is None or not found:
         return DrainPlan((), {}), {}
     raw = list(rt.view.migrations.values())
+    migrations = [migration_view(m) for m in raw]
     node_of = {
         key: str(node)
         for key, body in list(vmis.items())
@@ -131,12 +132,12 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
     }
     plan = plan_drains(
         evacuees=found,
-        migrations=[migration_view(m) for m in raw],
+        migrations=migrations,
         history=drain_history(raw),
         node_of=node_of,
         limits=policy.migration,
         targets=drain_targets(rt, now),
-        room=target_room(rt),
+        room=target_room(rt, migrations),
     )
     return plan, {(e.namespace, e.name): e for e in found}
 

@@ -185,7 +185,7 @@ async def _act(
     ]
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
-    room = await asyncio.to_thread(target_room, rt)
+    room = await asyncio.to_thread(target_room, rt, migrations)
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     waiting = [v for v in movable if (v.namespace, v.name) not in busy]
     _say_full(rt, member, waiting, targets=targets, room=room, topic=topic)
