@@ -88,14 +88,22 @@ def test_operator_killed_mid_evacuation_starts_no_duplicate_and_loses_no_vm(
     pool.procs.stop("virtsim")  # freeze migrations where they are (SIMULATED controller)
     pool.extend_pcr(host, 7, b"rootkit")
     pool.wait_phase(host, "Untrusted", reason="PcrMismatch", timeout=20)
-    first = _wait(
-        "evacuation migrations",
-        lambda: sorted(
-            m["metadata"]["name"]
+
+    def evacuating() -> list[dict[str, Any]]:
+        return [
+            m
             for m in _migrations(pool, namespace)
             if m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
-        ),
+        ]
+
+    # Kill only once the pass has started a migration for every VM on the member: killed
+    # between two of its creates, the restarted operator rightly finishes the pass, and a
+    # comparison with the half-done set would fail with no duplicate anywhere.
+    _wait(
+        "an evacuation migration for every VM on the member",
+        lambda: sorted(m["spec"]["vmiName"] for m in evacuating()) == on_host,
     )
+    first = sorted(m["metadata"]["name"] for m in evacuating())
     operator = pool.procs.get("operator")
     assert operator is not None
     import os
