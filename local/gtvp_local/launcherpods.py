@@ -26,8 +26,9 @@ such as the Kubernetes descheduler, see the VMs as KubeVirt shows them:
 
 How it differs from KubeVirt: the pods run nothing (no kubelet; the VM, when there is one, is
 a qemu process of `gtvp_local.vmruntime`); during a migration KubeVirt already runs the
-target pod (and its requests count on both nodes) while here it appears when the migration
-lands; no PodDisruptionBudget is created (current KubeVirt relies on the webhook too; the
+target pod while here it appears when the migration lands (its requests count at the target
+for the stand-in's own placement decisions from the moment a target is chosen, `NodeLoad`);
+no PodDisruptionBudget is created (current KubeVirt relies on the webhook too; the
 API server runs admission before any PDB check, so a PDB would change nothing here); and the
 webhook looks the pod and the VMI up in the API server on each call instead of an informer.
 """
@@ -149,45 +150,119 @@ def launcher_pod(vmi: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def request_load(
-    vmis: Iterable[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
-) -> dict[str, int]:
-    """Pure: each node's commitment in per mille, the larger of CPU and memory requests of
-    the VMIs on it over its allocatable (kube-scheduler's LeastAllocated scores the same
-    requests; the stand-in sends a VMI or a migration to the lowest). Node dicts as the
-    Kubernetes client's to_dict() gives them."""
+def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
+    """A VMI's `spec.domain.resources.requests` as (CPU millis, memory bytes); 0 for what it
+    does not ask or cannot be read."""
     from gtvp.core.quantity import cpu_millis, memory_bytes
 
-    room: dict[str, tuple[int, int]] = {}
-    for n in nodes:
-        alloc = (n.get("status") or {}).get("allocatable") or {}
-        try:
-            room[str(n["metadata"]["name"])] = (
-                max(cpu_millis(alloc.get("cpu", "0")), 1),
-                max(memory_bytes(alloc.get("memory", "0")), 1),
+    req = (((vmi.get("spec") or {}).get("domain") or {}).get("resources") or {}).get(
+        "requests"
+    ) or {}
+    try:
+        return cpu_millis(req.get("cpu", "0")), memory_bytes(req.get("memory", "0"))
+    except ValueError:
+        return 0, 0
+
+
+MIGRATION_DONE = ("Succeeded", "Failed")
+
+
+@dataclass
+class NodeLoad:
+    """Pure: what the stand-in places VMIs and migration targets by, as kube-scheduler does.
+
+    With requests (`of_requests`, launcher pods): each node's allocatable and the requests of
+    the VMIs on it, and of each VMI migrating to it (KubeVirt runs the target pod, with the
+    same requests, for the whole migration); a node fits a VMI when both requests fit in what
+    is left (NodeResourcesFit), and the lowest commitment per mille, the larger of CPU and
+    memory, wins (LeastAllocated). Without (`of_counts`): VMIs per node, every node fits.
+    `commit` counts a decision at once, as kube-scheduler assumes a pod it has bound: two
+    VMIs placed in one pass do not both go to the node that was emptiest before either."""
+
+    room: dict[str, tuple[int, int]] | None  # None: counting VMIs
+    used: dict[str, list[int]]
+
+    @classmethod
+    def of_counts(cls, vmis: Iterable[Mapping[str, Any]]) -> NodeLoad:
+        load = cls(None, {})
+        for v in vmis:
+            node = (v.get("status") or {}).get("nodeName")
+            if node:
+                load.commit(str(node), v)
+        return load
+
+    @classmethod
+    def of_requests(
+        cls,
+        vmis: Iterable[Mapping[str, Any]],
+        nodes: Sequence[Mapping[str, Any]],
+        migrations: Iterable[Mapping[str, Any]] = (),
+    ) -> NodeLoad:
+        """Node dicts as the Kubernetes client's to_dict() gives them."""
+        from gtvp.core.quantity import cpu_millis, memory_bytes
+
+        room: dict[str, tuple[int, int]] = {}
+        for n in nodes:
+            alloc = (n.get("status") or {}).get("allocatable") or {}
+            try:
+                room[str(n["metadata"]["name"])] = (
+                    cpu_millis(alloc.get("cpu", "0")),
+                    memory_bytes(alloc.get("memory", "0")),
+                )
+            except ValueError:
+                continue
+        load = cls(room, {})
+        by_key = {}
+        for v in vmis:
+            meta = v.get("metadata") or {}
+            by_key[(meta.get("namespace"), meta.get("name"))] = v
+            node = (v.get("status") or {}).get("nodeName")
+            if node:
+                load.commit(str(node), v)
+        for m in migrations:
+            status = m.get("status") or {}
+            target = (status.get("migrationState") or {}).get("targetNode")
+            vmi = by_key.get(
+                ((m.get("metadata") or {}).get("namespace"), (m.get("spec") or {}).get("vmiName"))
             )
-        except ValueError:
-            continue
-    used: dict[str, list[int]] = {}
-    for v in vmis:
-        node = (v.get("status") or {}).get("nodeName")
-        req = (((v.get("spec") or {}).get("domain") or {}).get("resources") or {}).get(
-            "requests"
-        ) or {}
-        if not node:
-            continue
-        try:
-            cpu, mem = cpu_millis(req.get("cpu", "0")), memory_bytes(req.get("memory", "0"))
-        except ValueError:
-            cpu, mem = 0, 0
-        u = used.setdefault(str(node), [0, 0])
-        u[0] += cpu
-        u[1] += mem
-    out = {}
-    for name, (c, m) in room.items():
-        u = used.get(name, [0, 0])
-        out[name] = max(u[0] * 1000 // c, u[1] * 1000 // m)
-    return out
+            if (
+                target
+                and vmi is not None
+                and status.get("phase") not in MIGRATION_DONE
+                and (vmi.get("status") or {}).get("nodeName") != target
+            ):
+                load.commit(str(target), vmi)
+        return load
+
+    def score(self, node: str) -> int:
+        """Lower places first: VMIs, or the commitment per mille."""
+        cpu, mem = self.used.get(node, (0, 0))
+        if self.room is None:
+            return cpu
+        alloc_cpu, alloc_mem = self.room.get(node, (0, 0))
+        return max(cpu * 1000 // max(alloc_cpu, 1), mem * 1000 // max(alloc_mem, 1))
+
+    def per_mille(self) -> dict[str, int]:
+        return {n: self.score(n) for n in (self.room or self.used)}
+
+    def fits(self, node: str, vmi: Mapping[str, Any]) -> bool:
+        if self.room is None:
+            return True
+        if node not in self.room:
+            return False  # no readable allocatable: kube-scheduler would not place there either
+        cpu, mem = vmi_requests(vmi)
+        used_cpu, used_mem = self.used.get(node, (0, 0))
+        alloc_cpu, alloc_mem = self.room[node]
+        return used_cpu + cpu <= alloc_cpu and used_mem + mem <= alloc_mem
+
+    def commit(self, node: str, vmi: Mapping[str, Any]) -> None:
+        used = self.used.setdefault(node, [0, 0])
+        if self.room is None:
+            used[0] += 1
+            return
+        cpu, mem = vmi_requests(vmi)
+        used[0] += cpu
+        used[1] += mem
 
 
 RUNNING_STATUS = {

@@ -64,7 +64,7 @@ from typing import Any
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.compose import preferred_node
 from gtvp.core.prefetch import MAX_IMAGES, requests_on
-from gtvp_local.launcherpods import EvictionWebhook, LauncherPods, request_load
+from gtvp_local.launcherpods import EvictionWebhook, LauncherPods, NodeLoad
 from gtvp_local.vmruntime import cache
 from gtvp_local.vmruntime.launcher import Launcher, pool_mirror, vm_id
 
@@ -107,20 +107,25 @@ def choose_node(
     selector: Mapping[str, str],
     tolerations: Sequence[Mapping[str, Any]],
     exclude: str | None,
-    load: Mapping[str, int],
+    load: NodeLoad,
     *,
+    vmi: Mapping[str, Any],
     preferred: str | None = None,
 ) -> str | None:
+    """The node kube-scheduler would bind `vmi`'s pod to (`NodeLoad`: where it fits, the
+    least loaded), or None."""
     fits = [
         n["metadata"]["name"]
         for n in nodes
-        if n["metadata"]["name"] != exclude and node_fits(n, selector, tolerations)
+        if n["metadata"]["name"] != exclude
+        and node_fits(n, selector, tolerations)
+        and load.fits(n["metadata"]["name"], vmi)
     ]
     if not fits:
         return None
     if preferred in fits:  # a preferred node affinity, as kube-scheduler weighs it
         return preferred
-    best: str = min(fits, key=lambda n: (load.get(n, 0), n))
+    best: str = min(fits, key=lambda n: (load.score(n), n))
     return best
 
 
@@ -237,7 +242,8 @@ class VirtSim:
             (i["metadata"]["namespace"], i["metadata"]["name"]): i
             for i in self._list("virtualmachineinstances")
         }
-        load = self._loads(vmis, nodes)
+        migrations = self._list("virtualmachineinstancemigrations")
+        load = self._loads(vmis, nodes, migrations)
         for vm in vms:
             self._reconcile_vm(vm, vmis, nodes, load)
         present = {(v["metadata"]["namespace"], v["metadata"]["name"]) for v in vms}
@@ -259,7 +265,6 @@ class VirtSim:
                 self._schedule_vmi(vmi, nodes, load)
         if self.launcher is not None:
             self._follow_vms(self.launcher, vmis)
-        migrations = self._list("virtualmachineinstancemigrations")
         self._simulate_drains(nodes, vmis, migrations)
         self._evacuate_marked(nodes, vmis, migrations)
         for mig in migrations:
@@ -267,18 +272,16 @@ class VirtSim:
         self._sync_pods()
 
     def _loads(
-        self, vmis: Mapping[tuple[str, str], Any], nodes: Sequence[Mapping[str, Any]]
-    ) -> dict[str, int]:
-        """What the stand-in places by, lowest first: VMIs per node, or with launcher pods
-        the requests' commitment per mille (as kube-scheduler scores pods by requests)."""
+        self,
+        vmis: Mapping[tuple[str, str], Any],
+        nodes: Sequence[Mapping[str, Any]],
+        migrations: Sequence[Mapping[str, Any]],
+    ) -> NodeLoad:
+        """What the stand-in places by: VMIs per node, or with launcher pods the requests
+        of the VMIs there and migrating there, as kube-scheduler counts pods (`NodeLoad`)."""
         if self.pods is not None:
-            return request_load(vmis.values(), nodes)
-        load: dict[str, int] = {}
-        for i in vmis.values():
-            node = (i.get("status") or {}).get("nodeName")
-            if node:
-                load[node] = load.get(node, 0) + 1
-        return load
+            return NodeLoad.of_requests(vmis.values(), nodes, migrations)
+        return NodeLoad.of_counts(vmis.values())
 
     def _sync_pods(self) -> None:
         """With launcher pods: one per placed VMI (VMIs listed again: placed or landed
@@ -379,7 +382,7 @@ class VirtSim:
         vm: Mapping[str, Any],
         vmis: Mapping[tuple[str, str], Any],
         nodes: Sequence[Mapping[str, Any]],
-        load: dict[str, int],
+        load: NodeLoad,
     ) -> None:
         meta, spec = vm["metadata"], vm.get("spec") or {}
         key = (meta["namespace"], meta["name"])
@@ -520,7 +523,7 @@ class VirtSim:
                      sum(i["sizeBytes"] for i in images))  # fmt: skip
 
     def _schedule_vmi(
-        self, vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], load: dict[str, int]
+        self, vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], load: NodeLoad
     ) -> None:
         meta, spec = vmi["metadata"], vmi.get("spec") or {}
         key = (meta["namespace"], meta["name"])
@@ -530,13 +533,14 @@ class VirtSim:
             spec.get("tolerations") or [],
             None,
             load,
+            vmi=vmi,
             preferred=preferred_node(spec),
         )
         status: dict[str, Any]
         if node is None:
             status = {"phase": "Scheduling", "reason": "no node fits the nodeSelector (simulated)"}
         elif self.launcher is not None:
-            load[node] = load.get(node, 0) + 1
+            load.commit(node, vmi)
             try:
                 if not self.launcher.prepare(meta["namespace"], meta["name"], node, spec):
                     self._pulling(vmi, node)  # the member fetches in a worker thread
@@ -553,7 +557,7 @@ class VirtSim:
                             meta["namespace"], meta["name"], node, exc)  # fmt: skip
             self._report_caches(self.launcher)  # what the member fetched, before the phase
         else:
-            load[node] = load.get(node, 0) + 1
+            load.commit(node, vmi)
             status = {"phase": "Running", "nodeName": node}
             log.info("%s VMI %s/%s runs on %s", BANNER, meta["namespace"], meta["name"], node)
         if (vmi.get("status") or {}).get("phase") != status["phase"] or node:
@@ -585,7 +589,7 @@ class VirtSim:
         mig: Mapping[str, Any],
         vmis: Mapping[tuple[str, str], Any],
         nodes: Sequence[Mapping[str, Any]],
-        load: dict[str, int],
+        load: NodeLoad,
     ) -> None:
         meta, spec = mig["metadata"], mig.get("spec") or {}
         status = dict(mig.get("status") or {})
@@ -630,8 +634,11 @@ class VirtSim:
                 **(vspec.get("nodeSelector") or {}),
                 **(spec.get("addedNodeSelector") or {}),
             }
-            target = choose_node(nodes, selector, vspec.get("tolerations") or [], source, load)
+            target = choose_node(
+                nodes, selector, vspec.get("tolerations") or [], source, load, vmi=vmi
+            )
             if target is not None:
+                load.commit(target, vmi)  # its target pod, for the next decision of this tick
                 write("Scheduled", targetNode=target, sourceNode=source)
         elif phase == "Scheduled":
             if self.launcher is not None:  # a real live migration, in a worker thread

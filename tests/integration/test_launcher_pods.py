@@ -207,6 +207,66 @@ def test_a_vm_without_a_migrating_eviction_strategy_is_evicted_as_a_pod(
     )["items"]
 
 
+def _where(api: Any, namespace: str, names: list[str]) -> dict[str, str | None]:
+    got = {}
+    for n in names:
+        vmi = api.get_namespaced_custom_object(*KV, namespace, "virtualmachineinstances", n)
+        got[n] = (vmi.get("status") or {}).get("nodeName")
+    return got
+
+
+@pytest.mark.usefixtures("standin")
+def test_a_vm_whose_requests_fit_no_node_is_not_placed(
+    clients: tuple[Any, Any], namespace: str, nodes: list[str], pool_label: str
+) -> None:
+    api, _ = clients
+    body = _vmi("huge", nodes[0], "3", "9Gi", "LiveMigrate")  # each node has 8 GiB
+    body["spec"]["nodeSelector"] = {"gtvp.io/test-pool": pool_label}
+    api.create_namespaced_custom_object(*KV, namespace, "virtualmachineinstances", body)
+    fits = _vmi("fits", nodes[0], "3", "6Gi", "LiveMigrate")
+    fits["spec"]["nodeSelector"] = {"gtvp.io/test-pool": pool_label}
+    api.create_namespaced_custom_object(*KV, namespace, "virtualmachineinstances", fits)
+    _wait("the VM that fits placed", lambda: _where(api, namespace, ["fits"])["fits"])
+    time.sleep(1.0)  # several ticks of the stand-in
+    vmi = api.get_namespaced_custom_object(*KV, namespace, "virtualmachineinstances", "huge")
+    assert not (vmi.get("status") or {}).get("nodeName")  # as kube-scheduler: Pending
+    assert vmi["status"]["phase"] == "Scheduling"
+
+
+@pytest.mark.usefixtures("standin")
+def test_a_drained_nodes_vms_are_spread_as_the_scheduler_would_not_piled_on_one(
+    clients: tuple[Any, Any], namespace: str, nodes: list[str], pool_label: str
+) -> None:
+    # each migration's target pod counts before the next is placed; deciding both from one
+    # snapshot sent every VM of a leaving member to the same, then overloaded, member
+    api, core = clients
+    third = f"{pool_label}-n3"
+    room = {"cpu": "4", "memory": "8Gi", "pods": "110"}
+    core.create_node({"metadata": {"name": third, "labels": {"gtvp.io/test-pool": pool_label}}})
+    try:
+        core.patch_node_status(third, {"status": {"allocatable": room, "capacity": room,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Test"}]}})  # fmt: skip
+        everyone = [*nodes, third]
+        _label_hostnames(core, everyone)
+        for n in everyone[1:]:
+            core.patch_node(n, {"spec": {"unschedulable": True}})  # both start on the first
+        names = ["a", "b"]
+        for name in names:
+            body = _vmi(name, nodes[0], "1", "1Gi", "LiveMigrate")
+            body["spec"]["nodeSelector"] = {"gtvp.io/test-pool": pool_label}
+            api.create_namespaced_custom_object(*KV, namespace, "virtualmachineinstances", body)
+        _wait("both on the first node", lambda: set(_where(api, namespace, names).values())
+              == {nodes[0]})  # fmt: skip
+        for n in everyone[1:]:
+            core.patch_node(n, {"spec": {"unschedulable": False}})
+        core.patch_node(nodes[0], {"spec": {"unschedulable": True}})  # drain it
+        _wait("both moved off", lambda: nodes[0] not in _where(api, namespace, names).values()
+              and all(_where(api, namespace, names).values()))  # fmt: skip
+        assert sorted(_where(api, namespace, names).values()) == sorted(everyone[1:])
+    finally:
+        core.delete_node(third)
+
+
 def test_the_descheduler_builds_once_and_runs() -> None:
     binary = toolchain.descheduler(verbose=False)
     before = binary.stat().st_mtime_ns

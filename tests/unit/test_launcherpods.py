@@ -6,11 +6,12 @@ from typing import Any
 
 from gtvp_local.launcherpods import (
     EVICTION_MESSAGE,
+    NodeLoad,
     eviction_verdict,
     launcher_pod,
     plan_pods,
-    request_load,
 )
+from gtvp_local.virtsim import choose_node
 
 
 def _vmi(name: str, node: str | None, phase: str = "Running", **spec: Any) -> dict[str, Any]:
@@ -70,7 +71,56 @@ def test_an_eviction_of_a_migratable_vm_is_refused_and_marks_it_once() -> None:
     assert eviction_verdict({"metadata": {"labels": {}}}, vmi)[0] is True
 
 
+def _nodes(*names: str, cpu: str = "8", memory: str = "8Gi") -> list[dict[str, Any]]:
+    return [
+        {
+            "metadata": {"name": n, "labels": {}},
+            "status": {
+                "allocatable": {"cpu": cpu, "memory": memory},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        for n in names
+    ]
+
+
 def test_request_load_is_the_larger_commitment_per_mille() -> None:
-    nodes = [{"metadata": {"name": n}, "status": {"allocatable": {"cpu": "8", "memory": "8Gi"}}}
-             for n in ("n1", "n2")]  # fmt: skip
-    assert request_load([_vmi("a", "n1"), _vmi("b", "n1")], nodes) == {"n1": 1000, "n2": 0}
+    load = NodeLoad.of_requests([_vmi("a", "n1"), _vmi("b", "n1")], _nodes("n1", "n2"))
+    assert load.per_mille() == {"n1": 1000, "n2": 0}
+
+
+def test_two_vms_scheduled_in_one_pass_do_not_both_go_to_the_emptiest_node() -> None:
+    # kube-scheduler counts a pod it has just bound before the next decision; deciding both
+    # from the same snapshot sent a drained node's every VM to one member (and overloaded it)
+    nodes = _nodes("n1", "n2", "n3")
+    load = NodeLoad.of_requests([_vmi("a", "n1"), _vmi("b", "n2")], nodes)
+    chosen = []
+    for name in ("c", "d"):
+        vmi = _vmi(name, None, phase="Pending")
+        node = choose_node(nodes, {}, [], None, load, vmi=vmi)
+        assert node is not None
+        load.commit(node, vmi)
+        chosen.append(node)
+    assert chosen == ["n3", "n1"]
+
+
+def test_a_vm_goes_to_its_preferred_node_only_where_its_requests_fit() -> None:
+    nodes = _nodes("n1", "n2")
+    full = NodeLoad.of_requests([_vmi("a", "n1"), _vmi("b", "n1"), _vmi("c", "n1")], nodes)
+    vmi = _vmi("d", None, phase="Pending")  # 2 CPUs, 4 GiB: n1 has 2 CPUs and 0 bytes left
+    assert choose_node(nodes, {}, [], None, full, vmi=vmi, preferred="n1") == "n2"
+    assert choose_node(nodes[:1], {}, [], None, full, vmi=vmi, preferred="n1") is None
+
+
+def test_a_migration_in_flight_holds_its_requests_at_the_target() -> None:
+    nodes = _nodes("n1", "n2", "n3")
+    vmis = [_vmi("a", "n1"), _vmi("b", "n3")]
+    migration = {
+        "metadata": {"namespace": "apps", "name": "m"},
+        "spec": {"vmiName": "a"},
+        "status": {"phase": "Running", "migrationState": {"targetNode": "n2"}},
+    }
+    load = NodeLoad.of_requests(vmis, nodes, [migration])
+    assert load.per_mille() == {"n1": 500, "n2": 500, "n3": 500}
+    migration["status"]["phase"] = "Succeeded"  # landed: counted where the VMI now says
+    assert NodeLoad.of_requests(vmis, nodes, [migration]).per_mille()["n2"] == 0
