@@ -45,7 +45,7 @@ ADMISSION_KINDS = (
 """What the admission webhooks judge (`kind` of gtvp_admission_decisions_total)."""
 MUTATED_KINDS = ADMISSION_KINDS[:3]
 """The kinds the mutating webhook sees (outcomes `mutated`, `unchanged`)."""
-EVACUATION_STATES = ("started", "finished", "aborted")
+EVACUATION_STATES = ("started", "finished", "aborted", "cancelled")
 DRAIN_STATES = ("started", "finished", "cancelled")
 PLACEMENT_OUTCOMES = ("placed", "pending")
 

@@ -737,6 +737,64 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     )
 
 
+@pytest.mark.tpm
+def test_an_evacuation_pinned_to_a_member_that_then_fills_up_is_cancelled_and_moved(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+) -> None:
+    """The attack waits for the pin: once gtvp has pinned the evacuation to a member, a
+    tenant fills that member. KubeVirt would keep the target pod Pending, then fail the
+    migration; three such failures and the VM stays on the untrusted host. gtvp cancels the
+    pin before KubeVirt schedules it and pins the VM where it fits."""
+    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
+    rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
+    allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
+
+    def member(name: str) -> None:
+        rt.view.observe_member(_trusted(name, 3), "ADDED")
+        rt.view.observe_node({"metadata": {"name": name}, "status": {"allocatable": allocatable}},
+                             "ADDED")  # fmt: skip
+
+    member("a-first")
+    db = _vmi("db", 3, selector=True)
+    db["metadata"]["namespace"] = namespace
+    db["spec"]["domain"]["resources"] = {"requests": {"cpu": "2", "memory": "2Gi"}}
+    rt.view.observe_vmi({**db, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
+
+    def moves() -> list[dict[str, Any]]:
+        out = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
+        items: list[dict[str, Any]] = json.loads(out)["items"]
+        for m in items:
+            rt.view.observe_migration(m, "ADDED")  # as the operator's watch would
+        return items
+
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    first = moves()
+    assert [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in first] == ["a-first"]
+    filler = _vmi("filler", 0)
+    filler["metadata"]["namespace"] = "tenant"
+    filler["spec"]["domain"]["resources"] = {"requests": {"cpu": "7", "memory": "4Gi"}}
+    rt.view.observe_vmi({**filler, "status": {"nodeName": "a-first", "phase": "Running"}},
+                        "ADDED")  # fmt: skip
+    member("b-later")
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    assert moves() == []  # taken back before KubeVirt scheduled it: no failure counted
+    said = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationRetarget",
+        "-o", "json",
+    )  # fmt: skip
+    events = json.loads(said.stdout)["items"]
+    assert [e["message"] for e in events] == [
+        f"evacuation of bad: cancelled migration {first[0]['metadata']['name']}, its target "
+        "a-first has no room for it any more before the migration was scheduled"
+    ]
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    assert [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in moves()] == ["b-later"]
+
+
 def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(
     rt: Runtime,
 ) -> None:

@@ -19,6 +19,7 @@ from gtvp.core.evacuation import (
     Vmi,
     plan_drains,
     plan_evacuation,
+    stale_evacuations,
 )
 from gtvp.core.footprint import Footprint
 from gtvp.core.policy import MigrationLimits
@@ -156,3 +157,85 @@ def test_a_drain_skips_full_members_and_says_why_it_waits() -> None:
     assert waiting[("ns", "box")] == (
         "no member that may take it has room for its requests (2000m CPU and 2.0 GiB)"
     )
+
+
+# A member fills up after gtvp pinned a migration there: the attacker waits for the pin, then
+# fills the member (or a busy pool does). Left alone, the target pod waits for room until
+# KubeVirt fails the migration; three failures and the VM stays on the untrusted host.
+
+
+def pinned(name: str, vmi: str, to: str, phase: str = "Pending") -> Migration:
+    target = None if phase == "Pending" else to  # scheduled: KubeVirt recorded the target
+    return Migration("ns", name, vmi, "bad", target, phase, pinned=to, evacuates="bad")
+
+
+ON_BAD = {("ns", n): Footprint("bad", 2000, 2 * GI) for n in ("a", "b", "c")}
+
+
+def stale(r: TargetRoom, migrations: list[Migration], targets: list[tuple[str, int]]) -> list[str]:
+    got = stale_evacuations(
+        member="bad",
+        vmis=[box("a"), box("b"), box("c")],
+        migrations=migrations,
+        targets=targets,
+        room=r,
+    )
+    return [f"{s.name}: {s.why}" for s in got]
+
+
+def test_an_evacuation_pinned_to_a_member_that_filled_up_is_taken_back() -> None:
+    migrations = [pinned("ev-a", "a", "cold"), pinned("ev-b", "b", "cold")]
+    roomy = host("cold", cpu_used=1000)  # 7 CPUs left: both fit
+    both = [("cold", 3), ("warm", 3)]
+    assert stale(room(roomy, migrations=tuple(migrations), placed=ON_BAD), migrations, both) == []
+    filled = host("cold", cpu_used=5000)  # a tenant's 4 CPUs landed: room for one of the two
+    got = stale(room(filled, migrations=tuple(migrations), placed=ON_BAD), migrations, both)
+    assert got == [  # the last by name goes back; the other still fits
+        "ev-b: its target cold has no room for it any more before the migration was scheduled"
+    ]
+
+
+def test_only_gtvps_unscheduled_pins_are_taken_back_and_only_for_what_the_member_lacks() -> None:
+    scheduled = pinned("ev-a", "a", "cold", phase="Scheduled")
+    pending = pinned("ev-b", "b", "cold")
+    migrations = [scheduled, pending]
+    over = host("cold", cpu_used=7000, mem_used=0)  # 1 CPU left before either: over by 3
+    got = stale(room(over, migrations=tuple(migrations), placed=ON_BAD), migrations, [("cold", 3)])
+    assert [g.split(":")[0] for g in got] == ["ev-b"]  # the scheduled one stays: KubeVirt has it
+    mem_full = host("cold", cpu_used=0, mem_used=31 * GI)  # memory, not CPU, is what lacks
+    got = stale(room(mem_full, migrations=(pending,), placed=ON_BAD), [pending], [("cold", 3)])
+    assert [g.split(":")[0] for g in got] == ["ev-b"]
+
+
+def test_an_evacuation_pinned_to_a_member_that_lost_trust_is_taken_back() -> None:
+    migrations = [pinned("ev-a", "a", "cold")]
+    r = room(COLD, migrations=tuple(migrations), placed=ON_BAD)
+    assert stale(r, migrations, [("cold", 3)]) == []
+    assert stale(r, migrations, [("cold", 2)]) == [
+        "ev-a: its target cold is no longer a usable member of level 3 before the migration "
+        "was scheduled"
+    ]
+    assert len(stale(r, migrations, [])) == 1  # not usable at all any more
+
+
+def test_a_drain_pinned_to_a_member_that_filled_up_is_cancelled() -> None:
+    evacuee = Evacuee("ns", "a", "bad", 3, cpu_millis=2000, memory_bytes=2 * GI)
+    m = Migration("ns", "dr-a", "a", "bad", None, "Pending", pinned="cold", drains="bad")
+    targets = [DrainTarget("cold", 3, True), DrainTarget("warm", 3, True)]
+
+    def cancelled(cold: Member) -> list[str]:
+        got = plan_drains(
+            evacuees=[evacuee],
+            migrations=[m],
+            history={},
+            node_of={("ns", "a"): "bad"},
+            limits=LIMITS,
+            targets=targets,
+            room=room(cold, host("warm", 0), migrations=(m,), placed=ON_BAD),
+        )
+        return [c.why for c in got.cancel]
+
+    assert cancelled(host("cold", cpu_used=6000)) == []  # exactly full with it: it fits
+    assert cancelled(host("cold", cpu_used=6001)) == [
+        "its target cold has no room for it any more before the migration was scheduled"
+    ]

@@ -55,6 +55,7 @@ EVACUATION_ATTEMPT_ANNOTATION = "gtvp.io/evacuation-attempt"
 MAX_EVACUATION_FAILURES = 3  # failed evacuation migrations of a VMI in a row before it waits
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 FINISHED = {"Succeeded", "Failed"}
+NOT_SCHEDULED = frozenset({"", "Pending", "Scheduling"})  # no target pod placed yet
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,51 @@ def plan_evacuation(
     return out
 
 
+def stale_evacuations(
+    *,
+    member: str,
+    vmis: Sequence[Vmi],
+    migrations: Sequence[Migration],
+    targets: Sequence[tuple[str, int]],
+    room: TargetRoom | None = None,
+) -> list[Retarget]:
+    """gtvp's evacuation migrations off `member`, pinned and not scheduled yet, whose target
+    can no longer take the VMI: no longer a usable member (`targets`, name and level) of its
+    level, or committed beyond its allocatable since (`TargetRoom.overcommitted`). KubeVirt
+    would keep the target pod Pending and then fail the migration, and three failures leave
+    the VMI on the member being emptied; deleted now, it is no failure, and the next plan
+    pins it where it fits."""
+    levels = {(v.namespace, v.name): v.level for v in vmis if v.node == member}
+    pending = [
+        m
+        for m in migrations
+        if m.evacuates == member and _unscheduled_pin(m) and (m.namespace, m.vmi) in levels
+    ]
+    full = room.overcommitted({(m.namespace, m.name) for m in pending}) if room else {}
+    usable = dict(targets)
+    out = []
+    for m in pending:
+        level = levels[(m.namespace, m.vmi)]
+        if usable.get(m.pinned or "", 0) < level:
+            why = f"is no longer a usable member of level {level}"
+        elif (m.namespace, m.name) in full:
+            why = _OBSTACLE_PHRASES["full"]
+        else:
+            continue
+        out.append(_retarget(m, why))
+    return out
+
+
+def _unscheduled_pin(m: Migration) -> bool:
+    """Pinned by gtvp, not scheduled by KubeVirt yet, not being deleted."""
+    return m.phase in NOT_SCHEDULED and not m.target and bool(m.pinned) and not m.deleting
+
+
+def _retarget(m: Migration, why: str) -> Retarget:
+    why = f"its target {m.pinned} {why} before the migration was scheduled"
+    return Retarget(m.namespace, m.name, m.vmi, why)
+
+
 def _evacuation_migration(
     vmi: Vmi, name: str, attempt: int, selector: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -405,8 +451,9 @@ class DrainTarget:
 
 @dataclass(frozen=True)
 class Retarget:
-    """A drain migration of gtvp's to cancel: its pinned target can no longer take the VMI
-    and KubeVirt has not scheduled it there yet (it would wait for that node for minutes)."""
+    """A drain or evacuation migration of gtvp's to cancel: its pinned target can no longer
+    take the VMI and KubeVirt has not scheduled it there yet (it would wait for that node for
+    minutes)."""
 
     namespace: str
     name: str  # the migration
@@ -505,7 +552,8 @@ def plan_drains(
     fit; one that fits on no eligible member waits, with what it asks and what is left.
     A VMI that only the limits hold back is not 'waiting': the next plan moves it.
     A drain migration not yet scheduled whose target can no longer take the VMI (cordoned,
-    no longer Trusted since it was planned) is to be cancelled: the next plan re-targets it.
+    no longer Trusted since it was planned, or, with `room`, committed beyond its
+    allocatable since) is to be cancelled: the next plan re-targets it.
     """
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     budget = MigrationBudget.of(limits, migrations, recorded_source(node_of))
@@ -513,9 +561,16 @@ def plan_drains(
     out: list[dict[str, Any]] = []
     waiting: dict[tuple[str, str], str] = {}
     cancel: list[Retarget] = []
+    full = (
+        room.overcommitted(
+            {(m.namespace, m.name) for m in migrations if m.drains and _unscheduled_pin(m)}
+        )
+        if room is not None
+        else {}
+    )
     for vmi in sorted(evacuees, key=lambda v: (-v.level, v.namespace, v.name)):
         if (vmi.namespace, vmi.name) in busy:
-            cancel.extend(_unschedulable_drains(vmi, migrations, targets))
+            cancel.extend(_unschedulable_drains(vmi, migrations, targets, full))
             continue
         past = sorted(history.get((vmi.namespace, vmi.name, vmi.node), ()))
         eligible = [t.name for t in targets if _can_take(t, vmi)]
@@ -538,33 +593,28 @@ def plan_drains(
     return DrainPlan(tuple(out), waiting, tuple(cancel))
 
 
-NOT_SCHEDULED = frozenset({"", "Pending", "Scheduling"})  # no target pod placed yet
-
-
 def _unschedulable_drains(
-    vmi: Evacuee, migrations: Sequence[Migration], targets: Sequence[DrainTarget]
+    vmi: Evacuee,
+    migrations: Sequence[Migration],
+    targets: Sequence[DrainTarget],
+    full: Mapping[tuple[str, str], str],
 ) -> list[Retarget]:
     """gtvp's drain migrations of `vmi` off its node, not scheduled yet, whose pinned target
-    can no longer take it (KubeVirt would keep the target pod pending for minutes)."""
+    can no longer take it (KubeVirt would keep the target pod pending for minutes); `full`:
+    the migrations whose target is committed beyond its allocatable."""
     by_name = {t.name: t for t in targets}
     out = []
     for m in migrations:
         if (m.namespace, m.vmi) != (vmi.namespace, vmi.name) or m.drains != vmi.node:
             continue
-        if m.phase not in NOT_SCHEDULED or m.target or not m.pinned or m.deleting:
+        if not _unscheduled_pin(m):
             continue  # scheduled, or already being deleted (cancelled once is enough)
-        target = by_name.get(m.pinned)
+        target = by_name.get(m.pinned or "")
         kind = "no Node" if target is None else _obstacle(target, vmi)
+        if kind is None and (m.namespace, m.name) in full:
+            kind = "full"
         if kind is not None:
-            why = _OBSTACLE_PHRASES[kind].format(level=vmi.level)
-            out.append(
-                Retarget(
-                    m.namespace,
-                    m.name,
-                    m.vmi,
-                    f"its target {m.pinned} {why} before the migration was scheduled",
-                )
-            )
+            out.append(_retarget(m, _OBSTACLE_PHRASES[kind].format(level=vmi.level)))
     return out
 
 
@@ -574,6 +624,7 @@ _OBSTACLE_PHRASES = {
     "not Trusted": "is not Trusted",
     "below": "is below level {level}",
     "cordoned": "was cordoned",
+    "full": "has no room for it any more",
 }
 
 

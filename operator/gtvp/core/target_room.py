@@ -14,13 +14,19 @@ A migration migrating in counts when gtvp started it or once KubeVirt has record
 target: a tenant's own migration pinned to a member but never scheduled holds no room there
 (as the migration limits ignore it), so a tenant cannot fill a member with pending migrations
 to keep gtvp's evacuations away. A member whose allocatable is unknown is not judged, and a
-VMI that asks for nothing fits anywhere. Pure.
+VMI that asks for nothing fits anywhere.
+
+A member can fill up after gtvp pinned a migration there (a tenant's VMs land on it in the
+meantime): the target pod would wait for room until KubeVirt fails the migration, and three
+failures in a row leave the VMI where it is. `overcommitted` names the pinned migrations to
+take back from a member committed beyond its allocatable, so the next plan sends them where
+they fit. Pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from gtvp.core.footprint import Footprint
@@ -35,6 +41,8 @@ class Inbound(ActiveMigration, Protocol):
     what the migration budget reads, and the target KubeVirt recorded and the deletion."""
 
     @property
+    def name(self) -> str: ...
+    @property
     def target(self) -> str | None: ...
     @property
     def deleting(self) -> bool: ...
@@ -45,6 +53,8 @@ class TargetRoom:
     """CPU millicores and memory bytes not committed on each member, as a plan spends them."""
 
     free: dict[str, list[int]]
+    inbound: dict[str, list[tuple[Key, int, int]]] = field(default_factory=dict)
+    """Per member, the migrations counted there: (namespace, migration name), CPU, memory."""
 
     @classmethod
     def of(
@@ -69,6 +79,9 @@ class TargetRoom:
             on = placed.get((m.namespace, m.vmi))
             if on is not None and on.node != target:
                 room.take(target, on.cpu_millis, on.memory_bytes)
+                room.inbound.setdefault(target, []).append(
+                    ((m.namespace, m.name), on.cpu_millis, on.memory_bytes)
+                )
         return room
 
     def fits(self, name: str, cpu_millis: int, memory_bytes: int) -> bool:
@@ -78,6 +91,23 @@ class TargetRoom:
         return (cpu_millis <= 0 or cpu_millis <= left[0]) and (
             memory_bytes <= 0 or memory_bytes <= left[1]
         )
+
+    def overcommitted(self, cancellable: Collection[Key]) -> dict[Key, str]:
+        """(namespace, migration) -> the member it is pinned to, for the `cancellable`
+        migrations (gtvp's own, not scheduled yet) to take back from members committed
+        beyond their allocatable: on each, the last by name first, each asking what the
+        member lacks, until the rest fits. Nothing else there is moved to make room."""
+        out: dict[Key, str] = {}
+        for member, left in sorted(self.free.items()):
+            cpu, mem = left
+            pins = sorted(self.inbound.get(member, ()), reverse=True)
+            for key, cpu_asks, mem_asks in pins:
+                if cpu >= 0 and mem >= 0:
+                    break
+                if key in cancellable and ((cpu < 0 < cpu_asks) or (mem < 0 < mem_asks)):
+                    cpu, mem = cpu + cpu_asks, mem + mem_asks
+                    out[key] = member
+        return out
 
     def take(self, name: str, cpu_millis: int, memory_bytes: int) -> None:
         left = self.free.get(name)

@@ -15,8 +15,8 @@ A VMI no member can take gets a Warning Event `DrainWaiting` with the reason (on
 and on its LazyBox), said once per reason, not every round. A box goes to the eligible
 member caching most of its components, once that member has pre-fetched the rest
 (`handlers.prefetch`). A drain migration KubeVirt has not scheduled yet whose target was
-cordoned or lost trust since gtvp planned it is deleted (Event `DrainRetarget`) and planned
-again, rather than left pending on a node that takes nothing.
+cordoned, lost trust or filled up since gtvp planned it is deleted (Event `DrainRetarget`)
+and planned again, rather than left pending on a node that takes nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from gtvp.core.evacuation import (
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
+from gtvp.handlers.evacuation import cancel_migration
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -190,23 +191,8 @@ async def _cancel(rt: Runtime, stale: Retarget, vmi: Evacuee) -> None:
     """Delete a drain migration whose target can no longer take the VMI (KubeVirt aborts a
     migration deleted before it completes: the VM stays where it is); the next plan picks
     another target or says why the VMI waits."""
-    key = (stale.namespace, stale.name)
-    try:
-        await asyncio.to_thread(
-            kube.delete_if_present, rt.clients, MIGRATIONS, stale.name, stale.namespace
-        )
-    except ApiException as exc:
-        log.warning(
-            "drain of %s: could not cancel migration %s/%s: %s %s",
-            vmi.node,
-            *key,
-            exc.status,
-            exc.reason,
-        )
+    if not await cancel_migration(rt, stale, f"drain of {vmi.node}"):
         return
-    body = rt.view.migrations.get(key)
-    if body is not None:
-        rt.view.observe_migration(body, "DELETED")  # the next plan does not wait for it
     METRICS.drain_migrations.labels("cancelled").inc()
     message = f"node {vmi.node} is being drained: cancelled migration {stale.name}, {stale.why}"
     await _say(rt, vmi, "Normal", "DrainRetarget", message)

@@ -9,6 +9,10 @@ members that lost trust.
   (`evacuation_stalled`) waits with a Warning Event instead of a new one every second;
 - a migration seen `Scheduled` or later whose target member is not usable for the VMI's
   level is aborted by deleting it; a usable target spends one use of its verdict;
+- an evacuation migration not scheduled yet whose pinned target has since stopped being a
+  usable member of the VMI's level or filled up (`stale_evacuations`) is cancelled (Event
+  `EvacuationRetarget`) and planned again where the VMI fits: left alone, KubeVirt would fail
+  it after minutes, and three failures stall the evacuation;
 - a Lazy Box goes to the usable target caching most of its components, and its migration
   waits until that target has pre-fetched the ones it lacks (`handlers.prefetch`, at most
   the bound: the next plan, a second later, looks again);
@@ -34,11 +38,13 @@ from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import (
     EVACUATION_LABEL,
     Migration,
+    Retarget,
     Vmi,
     evacuation_stalled,
     is_planned_migration,
     migration_view,
     plan_evacuation,
+    stale_evacuations,
     untrusted_actions,
 )
 from gtvp.core.footprint import vmi_requests
@@ -186,6 +192,12 @@ async def _act(
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
     room = await asyncio.to_thread(target_room, rt, migrations)
+    for stale in stale_evacuations(
+        member=member, vmis=on_member, migrations=migrations, targets=targets, room=room
+    ):
+        if await cancel_migration(rt, stale, f"evacuation of {member}"):
+            METRICS.evacuation("cancelled")
+            await _say_retarget(rt, member, stale)
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     waiting = [v for v in movable if (v.namespace, v.name) not in busy]
     _say_full(rt, member, waiting, targets=targets, room=room, topic=topic)
@@ -233,6 +245,50 @@ def _say_full(
             log.warning("evacuation of %s off %s waits: %s", vmi, member, shortfall(*asks[vmi]))
 
 
+async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
+    """Delete a migration of gtvp's whose pinned target can no longer take its VMI, before
+    KubeVirt scheduled it (a migration deleted before it completes is aborted: the VM stays
+    where it is); the next plan re-targets it. False when it could not be deleted (logged,
+    with `doing`)."""
+    key = (stale.namespace, stale.name)
+    try:
+        await asyncio.to_thread(
+            kube.delete_if_present, rt.clients, MIGRATIONS, stale.name, stale.namespace
+        )
+    except ApiException as exc:
+        log.warning(
+            "%s: could not cancel migration %s/%s: %s %s", doing, *key, exc.status, exc.reason
+        )
+        return False
+    body = rt.view.migrations.get(key)
+    if body is not None:
+        rt.view.observe_migration(body, "DELETED")  # the next plan does not wait for it
+    return True
+
+
+async def _say_retarget(rt: Runtime, member: str, stale: Retarget) -> None:
+    message = f"evacuation of {member}: cancelled migration {stale.name}, {stale.why}"
+    log.info("%s/%s: %s", stale.namespace, stale.vmi, message)
+    await _vmi_event(rt, (stale.namespace, stale.vmi), "Normal", "EvacuationRetarget", message)
+
+
+async def _vmi_event(
+    rt: Runtime, key: tuple[str, str], type_: str, reason: str, message: str
+) -> None:
+    """An Event on a VMI (best effort: `kube.post_event` logs what it could not record)."""
+    await asyncio.to_thread(
+        kube.post_object_event,
+        rt.clients,
+        VIRTUAL_MACHINE_INSTANCES,
+        rt.view.vmis.get(key) or {},
+        name=key[1],
+        namespace=key[0],
+        type_=type_,
+        reason=reason,
+        message=message,
+    )
+
+
 async def _say_stalled(
     rt: Runtime, member: str, vmis: list[Vmi], migrations: list[Migration], topic: str
 ) -> None:
@@ -247,17 +303,7 @@ async def _say_stalled(
         if f"{ns}/{name}" in said:
             continue
         log.warning("evacuation of %s/%s waits: %s", ns, name, why)
-        await asyncio.to_thread(
-            kube.post_object_event,
-            rt.clients,
-            VIRTUAL_MACHINE_INSTANCES,
-            rt.view.vmis.get((ns, name)) or {},
-            name=name,
-            namespace=ns,
-            type_="Warning",
-            reason="EvacuationFailed",
-            message=why,
-        )
+        await _vmi_event(rt, (ns, name), "Warning", "EvacuationFailed", why)
 
 
 async def _start(rt: Runtime, member: str, obj: dict[str, Any]) -> None:
