@@ -735,6 +735,17 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
         in r.getMessage()
         for r in caplog.records
     )
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))  # said once, not per pass
+    said = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationWaiting",
+        "-o", "json",
+    )  # fmt: skip
+    events = json.loads(said.stdout)["items"]
+    assert [(e["involvedObject"]["name"], e["type"], e["message"], e.get("count", 1))
+            for e in events] == [
+        ("db2", "Warning", "evacuation off bad waits: no member that may take it has room for "
+         "its requests (2000m CPU and 2.0 GiB)", 1)
+    ]  # fmt: skip
 
 
 @pytest.mark.tpm

@@ -175,15 +175,21 @@ async def _act(
         v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
     ]
     stuck = sorted(f"{v.namespace}/{v.name}" for v in on_member if v not in movable)
-    if not stuck:
-        rt.evacuation.waiting.pop(topic, None)  # stuck again later: said again
-    elif rt.evacuation.waiting.get(topic) != stuck:
+    said = rt.evacuation.waiting.pop(topic, [])  # stuck again later: said again
+    if stuck:
         rt.evacuation.waiting[topic] = stuck  # say it once, not every second
+    if stuck and said != stuck:
         log.warning(
             "evacuation of %s waits: no trusted member of a sufficient level can take %s yet",
             member,
             ", ".join(stuck),
         )
+    newly = set(stuck) - set(said)
+    for v in on_member:
+        if f"{v.namespace}/{v.name}" in newly:
+            why = f"no Trusted member of level {v.level} or above can take it yet"
+            await _vmi_event(rt, (v.namespace, v.name), "Warning", "EvacuationWaiting",
+                             f"evacuation off {member} waits: {why}")  # fmt: skip
     targets = [
         (m.name, m.level)
         for m in members
@@ -200,7 +206,7 @@ async def _act(
             await _say_retarget(rt, member, stale)
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     waiting = [v for v in movable if (v.namespace, v.name) not in busy]
-    _say_full(rt, member, waiting, targets=targets, room=room, topic=topic)
+    await _say_full(rt, member, waiting, targets=targets, room=room, topic=topic)
     for obj in plan_evacuation(
         member=member,
         incident=incident,
@@ -214,7 +220,7 @@ async def _act(
         await _start(rt, member, obj)
 
 
-def _say_full(
+async def _say_full(
     rt: Runtime,
     member: str,
     vmis: list[Vmi],
@@ -223,9 +229,9 @@ def _say_full(
     room: TargetRoom,
     topic: str,
 ) -> None:
-    """A warning, once per change, for the VMIs (not migrating) that a target of their level
-    exists for but none with room: they wait for room instead of being pinned where the
-    scheduler cannot place them."""
+    """A warning (log, and an Event on the VMI), once per VMI until it no longer waits, for
+    the VMIs (not migrating) that a target of their level exists for but none with room:
+    they wait for room instead of being pinned where the scheduler cannot place them."""
     key = f"{topic}#full"
     full = sorted(
         f"{v.namespace}/{v.name}"
@@ -235,14 +241,17 @@ def _say_full(
             lvl >= v.level and room.fits(n, v.cpu_millis, v.memory_bytes) for n, lvl in targets
         )
     )
-    said = rt.evacuation.waiting.pop(key, None)
+    said = set(rt.evacuation.waiting.pop(key, ()))
     if not full:
         return
     rt.evacuation.waiting[key] = full
-    if said != full:
-        asks = {f"{v.namespace}/{v.name}": (v.cpu_millis, v.memory_bytes) for v in vmis}
-        for vmi in full:
-            log.warning("evacuation of %s off %s waits: %s", vmi, member, shortfall(*asks[vmi]))
+    newly = set(full) - said
+    for v in vmis:
+        if f"{v.namespace}/{v.name}" in newly:
+            why = shortfall(v.cpu_millis, v.memory_bytes)
+            log.warning("evacuation of %s/%s off %s waits: %s", v.namespace, v.name, member, why)
+            await _vmi_event(rt, (v.namespace, v.name), "Warning", "EvacuationWaiting",
+                             f"evacuation off {member} waits: {why}")  # fmt: skip
 
 
 async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
