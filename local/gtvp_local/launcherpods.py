@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
+from gtvp.core.footprint import vmi_requests
 
 log = logging.getLogger("gtvp.virtsim.pods")
 KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
@@ -150,26 +151,13 @@ def launcher_pod(vmi: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
-    """A VMI's `spec.domain.resources.requests` as (CPU millis, memory bytes); 0 for what it
-    does not ask or cannot be read."""
-    from gtvp.core.quantity import cpu_millis, memory_bytes
-
-    req = (((vmi.get("spec") or {}).get("domain") or {}).get("resources") or {}).get(
-        "requests"
-    ) or {}
-    try:
-        return cpu_millis(req.get("cpu", "0")), memory_bytes(req.get("memory", "0"))
-    except ValueError:
-        return 0, 0
-
-
 MIGRATION_DONE = ("Succeeded", "Failed")
 
 
 @dataclass
 class NodeLoad:
     """Pure: what the stand-in places VMIs and migration targets by, as kube-scheduler does.
+    A VMI's requests are its launcher pod's (`gtvp.core.footprint.vmi_requests`).
 
     With requests (`of_requests`, launcher pods): each node's allocatable and the requests of
     the VMIs on it, and of each VMI migrating to it (KubeVirt runs the target pod, with the

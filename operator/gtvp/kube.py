@@ -102,7 +102,9 @@ def _where(res: ApiResource, namespace: str | None) -> tuple[str, ...]:
     return (res.group, res.version, res.plural)
 
 
-def _call(c: Clients, verb: str, res: ApiResource, namespace: str | None, *args: Any) -> Any:
+def _call(
+    c: Clients, verb: str, res: ApiResource, namespace: str | None, *args: Any, **kwargs: Any
+) -> Any:
     """`c.custom.<verb>_{namespaced|cluster}_custom_object[_status](...)` for `res`
     (`verb` "patch_status" patches the status subresource); writes name this process's
     field manager (managedFields tell which replica wrote what)."""
@@ -110,8 +112,8 @@ def _call(c: Clients, verb: str, res: ApiResource, namespace: str | None, *args:
     verb, _, sub = verb.partition("_")
     method = getattr(c.custom, f"{verb}_{scope}_custom_object" + (f"_{sub}" if sub else ""))
     if verb in ("create", "patch", "replace"):
-        return method(*_where(res, namespace), *args, field_manager=c.field_manager)
-    return method(*_where(res, namespace), *args)
+        return method(*_where(res, namespace), *args, field_manager=c.field_manager, **kwargs)
+    return method(*_where(res, namespace), *args, **kwargs)
 
 
 def _namespace_and_name(body: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -187,6 +189,26 @@ def delete_if_present(
         _call(c, "delete", res, namespace, name)
     except client.exceptions.ApiException as exc:
         if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def delete_unchanged(c: Clients, res: ApiResource, body: Mapping[str, Any]) -> bool:
+    """Delete the object only while it is the version `body` is (uid and resourceVersion
+    preconditions); False when it is gone (404) or has changed since (409): the caller
+    decided on that version, and judges the new one on its next pass."""
+    namespace, name = _namespace_and_name(body)
+    meta = body.get("metadata") or {}
+    options = client.V1DeleteOptions(
+        preconditions=client.V1Preconditions(
+            uid=meta.get("uid"), resource_version=meta.get("resourceVersion")
+        )
+    )
+    try:
+        _call(c, "delete", res, namespace, name, body=options)
+    except client.exceptions.ApiException as exc:
+        if exc.status in (404, 409):
             return False
         raise
     return True

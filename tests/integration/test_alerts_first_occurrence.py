@@ -116,6 +116,40 @@ def test_first_evacuation_abort_and_first_failed_component_fire(tmp_path: Path) 
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def test_repeated_evacuation_retargets_fire_and_a_single_one_does_not(tmp_path: Path) -> None:
+    def run(cancels: int) -> subprocess.CompletedProcess[str]:
+        m = Metrics()
+        before = _series(m, "gtvp_evacuation_migrations")
+        for _ in range(cancels):
+            m.evacuation("cancelled")
+        after = _series(m, "gtvp_evacuation_migrations")
+        fired = {
+            "exp_labels": {"severity": "warning", "state": "cancelled"},
+            "exp_annotations": _annotations("GtvpEvacuationRetargeting"),
+        }
+        expected = [fired] if cancels >= 3 else []
+        return _promtool(
+            tmp_path,
+            [
+                {
+                    "interval": "1m",
+                    "input_series": _before_and_after(before, after),
+                    "alert_rule_test": [
+                        {
+                            "eval_time": "6m",
+                            "alertname": "GtvpEvacuationRetargeting",
+                            "exp_alerts": expected,
+                        }
+                    ],
+                }
+            ],
+        )
+
+    for cancels in (1, 3):
+        result = run(cancels)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_operator_absent_fires_when_no_replica_is_scraped(tmp_path: Path) -> None:
     info = _series(Metrics(), "gtvp_build_info")
     assert len(info) == 1

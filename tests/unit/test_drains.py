@@ -85,9 +85,10 @@ def plan(
 
 
 def test_a_marked_gated_external_vmi_is_gtvps_to_move() -> None:
-    assert drain_evacuee(vmi_body()) == Evacuee("ns", "web", "n1", 2)
+    one_vcpu = 100  # no CPU requested: what its launcher pod asks for one vCPU
+    assert drain_evacuee(vmi_body()) == Evacuee("ns", "web", "n1", 2, cpu_millis=one_vcpu)
     box = drain_evacuee(vmi_body(labels={"gtvp.io/level": "3", "gtvp.io/lazybox": "web"}))
-    assert box == Evacuee("ns", "web", "n1", 3, box=True)
+    assert box == Evacuee("ns", "web", "n1", 3, box=True, cpu_millis=one_vcpu)
 
 
 def test_vmis_that_are_not_gtvps_to_move_are_left_alone() -> None:

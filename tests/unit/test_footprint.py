@@ -32,12 +32,27 @@ def test_requests_count_on_the_node_the_vmi_runs_on() -> None:
 
 
 def test_guest_memory_counts_when_no_memory_is_requested() -> None:
-    assert placed_footprint(_vmi(guest="512Mi")) == Footprint("n1", 0, 512 * 2**20)
+    assert placed_footprint(_vmi(guest="512Mi")) == Footprint("n1", 100, 512 * 2**20)
+
+
+def test_without_a_cpu_request_each_vcpu_takes_what_kubevirt_requests_for_it() -> None:
+    """A tenant's VMs with many vCPUs and no CPU request still fill a node for the scheduler
+    (KubeVirt's launcher pod asks 100m per vCPU by default): they must not look free to
+    gtvp, or an evacuation gets pinned where its target pod cannot be placed."""
+    eight = _vmi(guest="1Gi")
+    eight["spec"]["domain"]["cpu"] = {"sockets": 2, "cores": 4}
+    assert placed_footprint(eight) == Footprint("n1", 800, 2**30)
+    limited = _vmi(guest="1Gi")
+    limited["spec"]["domain"]["resources"] = {"limits": {"cpu": "3", "memory": "2Gi"}}
+    assert placed_footprint(limited) == Footprint("n1", 3000, 2 * 2**30)  # limits as requests
+    absurd = _vmi(guest="1Gi")
+    absurd["spec"]["domain"]["cpu"] = {"cores": "many"}
+    assert placed_footprint(absurd) == Footprint("n1", 0, 0)  # refused, as its schema would
 
 
 def test_unplaced_and_finished_vmis_take_no_room_and_a_box_label_hides_none() -> None:
     labelled = placed_footprint(_vmi(labels={"gtvp.io/lazybox": "web"}, guest="1Gi"))
-    assert labelled == Footprint("n1", 0, 2**30)  # anyone can write that label
+    assert labelled == Footprint("n1", 100, 2**30)  # anyone can write that label
     assert placed_footprint(_vmi(node=None, guest="1Gi")) is None
     assert placed_footprint(_vmi(phase="Succeeded", guest="1Gi")) is None
 

@@ -17,6 +17,9 @@ from gtvp.core.evacuation import (
     Evacuee,
     Migration,
     Vmi,
+    drain_history,
+    evacuation_history,
+    evacuation_stalled,
     plan_drains,
     plan_evacuation,
     stale_evacuations,
@@ -239,3 +242,49 @@ def test_a_drain_pinned_to_a_member_that_filled_up_is_cancelled() -> None:
     assert cancelled(host("cold", cpu_used=6001)) == [
         "its target cold has no room for it any more before the migration was scheduled"
     ]
+
+
+def test_a_pin_gtvp_may_not_take_back_is_skipped_not_counted_as_taken_back() -> None:
+    r = room(host("cold", cpu_used=7000))  # 1 CPU left before any pin
+    for name, cpu in (("m-a", 2000), ("m-z", 2000)):  # m-z: a foreign or scheduled one
+        r.take("cold", cpu, GI)
+        r.inbound.setdefault("cold", []).append((("ns", name), cpu, GI))
+    assert r.overcommitted({("ns", "m-a")}) == {("ns", "m-a"): "cold"}  # m-z is not gtvp's
+    assert r.overcommitted(set()) == {}
+
+
+def test_only_pins_that_ask_what_the_member_lacks_go_back() -> None:
+    r = room(host("cold", cpu_used=0, mem_used=31 * GI))  # memory is short, CPU is not
+    r.take("cold", 1000, 0)
+    r.inbound["cold"] = [(("ns", "m-z"), 1000, 0)]  # asks no memory: no help to take back
+    r.take("cold", 1000, 2 * GI)
+    r.inbound["cold"].append((("ns", "m-a"), 1000, 2 * GI))
+    assert r.overcommitted({("ns", "m-a"), ("ns", "m-z")}) == {("ns", "m-a"): "cold"}
+
+
+def test_a_pin_taken_back_on_the_way_that_fits_after_all_stays() -> None:
+    r = room(host("cold", cpu_used=6500))  # 1.5 CPUs left
+    for name, cpu in (("m-a", 2000), ("m-b", 1000)):
+        r.take("cold", cpu, 0)
+        r.inbound.setdefault("cold", []).append((("ns", name), cpu, 0))
+    # over by 1.5 CPUs: m-b (last) goes first and is not enough, m-a too; with m-a gone,
+    # m-b fits again
+    assert r.overcommitted({("ns", "m-a"), ("ns", "m-b")}) == {("ns", "m-a"): "cold"}
+
+
+def test_a_migration_being_deleted_is_no_failed_attempt() -> None:
+    """KubeVirt marks a migration deleted before its hand-off Failed on its way out: one gtvp
+    took back must not count towards the three failures that stall an evacuation."""
+
+    def failed(i: int) -> Migration:
+        return Migration("ns", f"ev-{i}", "a", "bad", None, "Failed", evacuates="bad", attempt=i)
+
+    gone = [dataclasses.replace(failed(i), deleting=True) for i in range(3)]
+    assert evacuation_history(gone) == {}
+    assert evacuation_stalled(member="bad", vmis=[box("a")], migrations=gone) == {}
+    kept = [failed(i) for i in range(3)]
+    assert len(evacuation_stalled(member="bad", vmis=[box("a")], migrations=kept)) == 1
+    drain = {"metadata": {"namespace": "ns", "labels": {"gtvp.io/drain": "bad"},
+                          "deletionTimestamp": "2026-12-02T00:00:00Z"},
+             "spec": {"vmiName": "a"}, "status": {"phase": "Failed"}}  # fmt: skip
+    assert drain_history([drain]) == {}

@@ -158,10 +158,12 @@ History = Mapping[tuple[str, str, str], Sequence[tuple[int, str, str]]]
 
 def evacuation_history(migrations: Iterable[Migration]) -> History:
     """(namespace, VMI, member) -> [(attempt, phase, name)] of gtvp's finished evacuation
-    migrations of that VMI off that member, oldest attempt first."""
+    migrations of that VMI off that member, oldest attempt first. One being deleted is left
+    out: KubeVirt marks a migration deleted before its hand-off Failed on its way out, and a
+    migration gtvp took back (`stale_evacuations`) is no failed attempt."""
     out: dict[tuple[str, str, str], list[tuple[int, str, str]]] = {}
     for m in migrations:
-        if m.evacuates and not m.active:
+        if m.evacuates and not m.active and not m.deleting:
             out.setdefault((m.namespace, m.vmi, m.evacuates), []).append(
                 (m.attempt, m.phase, m.name)
             )
@@ -297,7 +299,7 @@ def stale_evacuations(
     pending = [
         m
         for m in migrations
-        if m.evacuates == member and _unscheduled_pin(m) and (m.namespace, m.vmi) in levels
+        if m.evacuates == member and unscheduled_pin(m) and (m.namespace, m.vmi) in levels
     ]
     full = room.overcommitted({(m.namespace, m.name) for m in pending}) if room else {}
     usable = dict(targets)
@@ -314,8 +316,9 @@ def stale_evacuations(
     return out
 
 
-def _unscheduled_pin(m: Migration) -> bool:
-    """Pinned by gtvp, not scheduled by KubeVirt yet, not being deleted."""
+def unscheduled_pin(m: Migration) -> bool:
+    """Pinned by gtvp, not scheduled by KubeVirt yet, not being deleted: one gtvp may take
+    back (the handler checks again on the latest copy before it deletes)."""
     return m.phase in NOT_SCHEDULED and not m.target and bool(m.pinned) and not m.deleting
 
 
@@ -510,12 +513,13 @@ DrainHistory = Mapping[tuple[str, str, str], Sequence[tuple[int, str]]]
 def drain_history(
     migrations: Iterable[Mapping[str, Any]],
 ) -> dict[tuple[str, str, str], list[tuple[int, str]]]:
-    """(namespace, VMI, drained node) -> [(attempt, phase)] of gtvp's drain migrations."""
+    """(namespace, VMI, drained node) -> [(attempt, phase)] of gtvp's drain migrations, but
+    those being deleted (a cancelled one is no failed attempt: `evacuation_history`)."""
     out: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
     for m in migrations:
         meta = m.get("metadata") or {}
         node = (meta.get("labels") or {}).get(DRAIN_LABEL)
-        if not node:
+        if not node or meta.get("deletionTimestamp"):
             continue
         attempt = attempt_of(meta, DRAIN_ATTEMPT_ANNOTATION)
         key = (str(meta.get("namespace", "")), str((m.get("spec") or {}).get("vmiName", "")), node)
@@ -563,7 +567,7 @@ def plan_drains(
     cancel: list[Retarget] = []
     full = (
         room.overcommitted(
-            {(m.namespace, m.name) for m in migrations if m.drains and _unscheduled_pin(m)}
+            {(m.namespace, m.name) for m in migrations if m.drains and unscheduled_pin(m)}
         )
         if room is not None
         else {}
@@ -607,7 +611,7 @@ def _unschedulable_drains(
     for m in migrations:
         if (m.namespace, m.vmi) != (vmi.namespace, vmi.name) or m.drains != vmi.node:
             continue
-        if not _unscheduled_pin(m):
+        if not unscheduled_pin(m):
             continue  # scheduled, or already being deleted (cancelled once is enough)
         target = by_name.get(m.pinned or "")
         kind = "no Node" if target is None else _obstacle(target, vmi)

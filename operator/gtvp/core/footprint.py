@@ -1,9 +1,15 @@
 """What a running VMI takes from its node (placement's and migration targets' room).
 
-A VMI's footprint is its `spec.domain.resources.requests` (CPU and memory), with the guest
-memory (`spec.domain.memory.guest`) when no memory is requested: a Lazy Box's VMI and every
-VM people run next to them alike, each by its own spec, whatever its labels say (anyone who
-creates a VMI can label it as a box; a label must not hide the room it takes). Pure.
+A VMI's footprint is what KubeVirt's virt-launcher pod for it requests, as far as the VMI's
+spec tells: `spec.domain.resources.requests` (CPU and memory), else the limits (Kubernetes
+requests what a container limits when it requests nothing); without either, the guest memory
+(`spec.domain.memory.guest`) and 100m per vCPU (KubeVirt's default `cpuAllocationRatio` of 10:
+sockets x cores x threads of `spec.domain.cpu`). A Lazy Box's VMI and every VM people run
+next to them alike, each by its own spec, whatever its labels say (anyone who creates a VMI
+can label it as a box; a label must not hide the room it takes). Not counted: KubeVirt's
+per-pod memory overhead (a few hundred MiB, which depends on the cluster's KubeVirt), a
+cluster-wide `cpuAllocationRatio` other than the default, and pods that are not VMs: a member
+can look a little roomier to gtvp than the scheduler finds it. Pure.
 """
 
 from __future__ import annotations
@@ -34,16 +40,35 @@ def placed_footprint(vmi: Mapping[str, Any]) -> Footprint | None:
     return Footprint(str(node), *vmi_requests(vmi))
 
 
+CPU_PER_VCPU_MILLIS = 100  # KubeVirt's default cpuAllocationRatio: 1/10 of a CPU per vCPU
+MAX_TOPOLOGY = 4096  # per sockets/cores/threads: more is no VM that can be scheduled
+
+
 def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
-    """(CPU millicores, memory bytes) a VMI asks for: its requests, the guest memory when it
-    requests none; (0, 0) for quantities KubeVirt's own schema refuses."""
+    """(CPU millicores, memory bytes) a VMI's launcher pod asks for (module docstring); (0, 0)
+    for quantities KubeVirt's own schema refuses."""
     domain = (vmi.get("spec") or {}).get("domain") or {}
-    requests = (domain.get("resources") or {}).get("requests") or {}
-    memory = requests.get("memory") or (domain.get("memory") or {}).get("guest") or "0"
+    resources = domain.get("resources") or {}
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    memory = (
+        requests.get("memory") or limits.get("memory") or (domain.get("memory") or {}).get("guest")
+    )
+    cpu = requests.get("cpu") or limits.get("cpu")
     try:
-        return cpu_millis(requests.get("cpu") or "0"), memory_bytes(memory)
+        millis = cpu_millis(cpu) if cpu else _vcpus(domain.get("cpu") or {}) * CPU_PER_VCPU_MILLIS
+        return millis, memory_bytes(memory or "0")
     except ValueError:
         return 0, 0
+
+
+def _vcpus(topology: Mapping[str, Any]) -> int:
+    count = 1
+    for field in ("sockets", "cores", "threads"):
+        n = topology.get(field, 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_TOPOLOGY:
+            raise ValueError(f"{field}: {n!r}")
+        count *= max(n, 1)
+    return count
 
 
 def usage_by_node(footprints: Mapping[Any, Footprint]) -> dict[str, tuple[int, int]]:

@@ -33,7 +33,7 @@ from gtvp.core.footprint import Footprint
 from gtvp.core.migration_budget import ActiveMigration
 from gtvp.core.quantity import human_bytes
 
-Key = tuple[str, str]  # namespace, VMI name
+Key = tuple[str, str]  # namespace, name (of a VMI, or of a migration in `inbound`)
 
 
 class Inbound(ActiveMigration, Protocol):
@@ -96,16 +96,23 @@ class TargetRoom:
         """(namespace, migration) -> the member it is pinned to, for the `cancellable`
         migrations (gtvp's own, not scheduled yet) to take back from members committed
         beyond their allocatable: on each, the last by name first, each asking what the
-        member lacks, until the rest fits. Nothing else there is moved to make room."""
+        member lacks, until the rest fits; then any of those that fits again after all stays
+        (the first by name first). Nothing else there is moved to make room."""
         out: dict[Key, str] = {}
         for member, left in sorted(self.free.items()):
             cpu, mem = left
-            pins = sorted(self.inbound.get(member, ()), reverse=True)
-            for key, cpu_asks, mem_asks in pins:
+            back = []
+            for pin in sorted(self.inbound.get(member, ()), reverse=True):
+                key, cpu_asks, mem_asks = pin
                 if cpu >= 0 and mem >= 0:
                     break
                 if key in cancellable and ((cpu < 0 < cpu_asks) or (mem < 0 < mem_asks)):
                     cpu, mem = cpu + cpu_asks, mem + mem_asks
+                    back.append(pin)
+            for key, cpu_asks, mem_asks in sorted(back):
+                if cpu_asks <= cpu and mem_asks <= mem:
+                    cpu, mem = cpu - cpu_asks, mem - mem_asks  # it fits after all: it stays
+                else:
                     out[key] = member
         return out
 

@@ -45,6 +45,7 @@ from gtvp.core.evacuation import (
     migration_view,
     plan_evacuation,
     stale_evacuations,
+    unscheduled_pin,
     untrusted_actions,
 )
 from gtvp.core.footprint import vmi_requests
@@ -257,28 +258,30 @@ async def _say_full(
 async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
     """Delete a migration of gtvp's whose pinned target can no longer take its VMI, before
     KubeVirt scheduled it (a migration deleted before it completes is aborted: the VM stays
-    where it is); the next plan re-targets it. False when it could not be deleted (logged,
-    with `doing`)."""
+    where it is); the next plan re-targets it. Only the version the view holds now, and only
+    while that one is still unscheduled: one KubeVirt scheduled since the plan (or that
+    changed on the server meanwhile) is left to the next pass. False when nothing was
+    deleted (a failure logged, with `doing`)."""
     key = (stale.namespace, stale.name)
+    body = rt.view.migrations.get(key)
+    if body is None or not unscheduled_pin(migration_view(body)):
+        return False
     try:
-        await asyncio.to_thread(
-            kube.delete_if_present, rt.clients, MIGRATIONS, stale.name, stale.namespace
-        )
+        deleted = await asyncio.to_thread(kube.delete_unchanged, rt.clients, MIGRATIONS, body)
     except ApiException as exc:
         log.warning(
             "%s: could not cancel migration %s/%s: %s %s", doing, *key, exc.status, exc.reason
         )
         return False
-    body = rt.view.migrations.get(key)
-    if body is not None:
+    if deleted:
         rt.view.observe_migration(body, "DELETED")  # the next plan does not wait for it
-    return True
+    return deleted
 
 
 async def _say_retarget(rt: Runtime, member: str, stale: Retarget) -> None:
     message = f"evacuation of {member}: cancelled migration {stale.name}, {stale.why}"
     log.info("%s/%s: %s", stale.namespace, stale.vmi, message)
-    await _vmi_event(rt, (stale.namespace, stale.vmi), "Normal", "EvacuationRetarget", message)
+    await _vmi_event(rt, (stale.namespace, stale.vmi), "Warning", "EvacuationRetarget", message)
 
 
 async def _vmi_event(
