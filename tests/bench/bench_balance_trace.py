@@ -8,7 +8,9 @@ from its Go module (`toolchain.descheduler()`), run as a process every `--interv
 with LowNodeUtilization on cpu, memory and pods (`gtvp_local.trace_descheduler`: under the
 low watermark a target, over the high one a source, `EvictionsInBackground` on as KubeVirt
 asks). SIMULATED: KubeVirt (the stand-in, `gtvp_local.virtsim` in phases mode, with a
-virt-launcher pod per VMI and virt-api's eviction webhook, `gtvp_local.launcherpods`), and
+virt-launcher pod per VMI and virt-api's eviction webhook, `gtvp_local.launcherpods`; it
+places VMIs and migration targets as kube-scheduler would, `launcherpods.NodeLoad`: where
+the requests fit, least allocated first, each decision counted before the next), and
 the members: plain Node objects with allocatable room, Ready as written (no kwok, no
 kubelet), labelled Trusted (gtvp's trust labels) from the start or, for a member that
 joins, `trust_after` seconds after it joins (as attestation would); a member that leaves is
