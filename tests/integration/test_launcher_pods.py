@@ -176,10 +176,15 @@ def test_an_eviction_is_refused_with_429_and_becomes_a_live_migration(
 
     vmi = _wait("the VMI to migrate off its node", landed)
     assert not vmi["status"].get("evacuationNodeName")
-    migrations = api.list_namespaced_custom_object(
-        *KV, namespace, "virtualmachineinstancemigrations"
-    )["items"]
-    assert [m["status"]["phase"] for m in migrations] == ["Succeeded"]
+
+    def phases() -> list[str]:
+        migrations = api.list_namespaced_custom_object(
+            *KV, namespace, "virtualmachineinstancemigrations"
+        )["items"]
+        return [(m.get("status") or {}).get("phase", "") for m in migrations]
+
+    # the stand-in writes the VMI's new node, then the migration's end: wait for both
+    _wait("the migration to succeed", lambda: phases() == ["Succeeded"])
     moved = _wait(
         "the pod to follow the VMI",
         lambda: [p for p in _pods(core, namespace) if p.spec.node_name != source],
