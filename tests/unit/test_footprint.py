@@ -45,6 +45,11 @@ def test_without_a_cpu_request_each_vcpu_takes_what_kubevirt_requests_for_it() -
     limited = _vmi(guest="1Gi")
     limited["spec"]["domain"]["resources"] = {"limits": {"cpu": "3", "memory": "2Gi"}}
     assert placed_footprint(limited) == Footprint("n1", 3000, 2 * 2**30)  # limits as requests
+    dedicated = _vmi(guest="1Gi")  # KubeVirt limits it to whole CPUs: requested as much
+    dedicated["spec"]["domain"]["cpu"] = {"cores": 4, "dedicatedCpuPlacement": True}
+    assert placed_footprint(dedicated) == Footprint("n1", 4000, 2**30)
+    dedicated["spec"]["domain"]["cpu"]["isolateEmulatorThread"] = True
+    assert placed_footprint(dedicated) == Footprint("n1", 5000, 2**30)
     absurd = _vmi(guest="1Gi")
     absurd["spec"]["domain"]["cpu"] = {"cores": "many"}
     assert placed_footprint(absurd) == Footprint("n1", 0, 0)  # refused, as its schema would

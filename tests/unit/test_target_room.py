@@ -9,17 +9,21 @@ the box stays on the host gtvp is emptying.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
+from gtvp import kube
+from gtvp.core.api_resources import MIGRATIONS
 from gtvp.core.evacuation import (
     DrainTarget,
     Evacuee,
     Migration,
     Vmi,
     drain_history,
-    evacuation_history,
     evacuation_stalled,
+    is_planned_migration,
     plan_drains,
     plan_evacuation,
     stale_evacuations,
@@ -272,19 +276,40 @@ def test_a_pin_taken_back_on_the_way_that_fits_after_all_stays() -> None:
     assert r.overcommitted({("ns", "m-a"), ("ns", "m-b")}) == {("ns", "m-a"): "cold"}
 
 
-def test_a_migration_being_deleted_is_no_failed_attempt() -> None:
+def test_a_migration_being_deleted_is_no_failed_attempt_but_numbers_the_next() -> None:
     """KubeVirt marks a migration deleted before its hand-off Failed on its way out: one gtvp
-    took back must not count towards the three failures that stall an evacuation."""
+    took back must not count towards the three failures that stall an evacuation, and the
+    next attempt must not reuse its name while it is still terminating."""
 
-    def failed(i: int) -> Migration:
-        return Migration("ns", f"ev-{i}", "a", "bad", None, "Failed", evacuates="bad", attempt=i)
+    def failed(i: int, *, deleting: bool = False) -> Migration:
+        return Migration("ns", f"ev-{i}", "a", "bad", None, "Failed", evacuates="bad", attempt=i,
+                         deleting=deleting)  # fmt: skip
 
-    gone = [dataclasses.replace(failed(i), deleting=True) for i in range(3)]
-    assert evacuation_history(gone) == {}
+    gone = [failed(i, deleting=True) for i in range(3)]
     assert evacuation_stalled(member="bad", vmis=[box("a")], migrations=gone) == {}
-    kept = [failed(i) for i in range(3)]
-    assert len(evacuation_stalled(member="bad", vmis=[box("a")], migrations=kept)) == 1
+    again = plan_evacuation(member="bad", incident="i1", vmis=[box("a")], migrations=gone,
+                            limits=LIMITS)  # fmt: skip
+    assert [m["metadata"]["annotations"]["gtvp.io/evacuation-attempt"] for m in again] == ["3"]
+    # failures with a cancelled one in between are still three in a row
+    mixed = [failed(0), failed(1, deleting=True), failed(2), failed(3)]
+    assert len(evacuation_stalled(member="bad", vmis=[box("a")], migrations=mixed)) == 1
+    assert evacuation_stalled(member="bad", vmis=[box("a")], migrations=mixed[1:]) == {}
     drain = {"metadata": {"namespace": "ns", "labels": {"gtvp.io/drain": "bad"},
                           "deletionTimestamp": "2026-12-02T00:00:00Z"},
              "spec": {"vmiName": "a"}, "status": {"phase": "Failed"}}  # fmt: skip
-    assert drain_history([drain]) == {}
+    assert drain_history([drain]) == {("ns", "a", "bad"): [(0, "Cancelled")]}
+
+
+def test_a_name_held_by_a_migration_on_its_way_out_is_not_one_started() -> None:
+    planned = plan_evacuation(member="bad", incident="i1", vmis=[box("a")], migrations=[],
+                              limits=LIMITS)[0]  # fmt: skip
+    held = json.loads(json.dumps(planned))
+    assert is_planned_migration(held, planned)
+    held["metadata"]["deletionTimestamp"] = "2026-12-02T00:00:00Z"  # gtvp took it back
+    assert not is_planned_migration(held, planned)
+
+
+def test_a_delete_is_only_conditional_never_blind() -> None:
+    # a copy gtvp wrote itself (no uid, no resourceVersion) cannot make the delete
+    # conditional: nothing is deleted, no API call is made (no client is needed)
+    assert kube.delete_unchanged(cast(Any, None), MIGRATIONS, {"metadata": {"name": "m"}}) is False

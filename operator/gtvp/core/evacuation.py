@@ -56,6 +56,7 @@ MAX_EVACUATION_FAILURES = 3  # failed evacuation migrations of a VMI in a row be
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 FINISHED = {"Succeeded", "Failed"}
 NOT_SCHEDULED = frozenset({"", "Pending", "Scheduling"})  # no target pod placed yet
+CANCELLED = "Cancelled"  # in the histories: a migration being deleted (no KubeVirt phase)
 
 
 @dataclass(frozen=True)
@@ -158,22 +159,26 @@ History = Mapping[tuple[str, str, str], Sequence[tuple[int, str, str]]]
 
 def evacuation_history(migrations: Iterable[Migration]) -> History:
     """(namespace, VMI, member) -> [(attempt, phase, name)] of gtvp's finished evacuation
-    migrations of that VMI off that member, oldest attempt first. One being deleted is left
-    out: KubeVirt marks a migration deleted before its hand-off Failed on its way out, and a
-    migration gtvp took back (`stale_evacuations`) is no failed attempt."""
+    migrations of that VMI off that member, oldest attempt first. One being deleted counts as
+    `CANCELLED`, whatever its phase: KubeVirt marks a migration deleted before its hand-off
+    Failed on its way out, and one gtvp took back (`stale_evacuations`) is no failed attempt;
+    it still numbers the attempts, so the next one has a name of its own."""
     out: dict[tuple[str, str, str], list[tuple[int, str, str]]] = {}
     for m in migrations:
-        if m.evacuates and not m.active and not m.deleting:
+        if m.evacuates and (m.deleting or not m.active):
             out.setdefault((m.namespace, m.vmi, m.evacuates), []).append(
-                (m.attempt, m.phase, m.name)
+                (m.attempt, CANCELLED if m.deleting else m.phase, m.name)
             )
     return {key: sorted(past) for key, past in out.items()}
 
 
 def _failed_in_a_row(past: Sequence[tuple[int, str, str]]) -> list[str]:
-    """The names of the failed attempts at the end of `past`."""
+    """The names of the failed attempts at the end of `past` (cancelled ones in between are
+    neither failures nor successes)."""
     failed: list[str] = []
     for _, phase, name in reversed(past):
+        if phase == CANCELLED:
+            continue
         if phase != "Failed":
             break
         failed.append(name)
@@ -350,6 +355,8 @@ def is_planned_migration(held: Mapping[str, Any], planned: Mapping[str, Any]) ->
     by gtvp for this VMI and must not pass for it; seen by the next plan, it takes another
     name."""
     h, p = migration_view(held), migration_view(planned)
+    if h.deleting:
+        return False  # one gtvp took back, on its way out: not a migration started
     return h.evacuates is not None and (h.namespace, h.vmi, h.evacuates, h.attempt) == (
         p.namespace,
         p.vmi,
@@ -513,19 +520,20 @@ DrainHistory = Mapping[tuple[str, str, str], Sequence[tuple[int, str]]]
 def drain_history(
     migrations: Iterable[Mapping[str, Any]],
 ) -> dict[tuple[str, str, str], list[tuple[int, str]]]:
-    """(namespace, VMI, drained node) -> [(attempt, phase)] of gtvp's drain migrations, but
-    those being deleted (a cancelled one is no failed attempt: `evacuation_history`)."""
+    """(namespace, VMI, drained node) -> [(attempt, phase)] of gtvp's drain migrations; one
+    being deleted counts as `CANCELLED` (no failed attempt: `evacuation_history`)."""
     out: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
     for m in migrations:
         meta = m.get("metadata") or {}
         node = (meta.get("labels") or {}).get(DRAIN_LABEL)
-        if not node or meta.get("deletionTimestamp"):
+        if not node:
             continue
         attempt = attempt_of(meta, DRAIN_ATTEMPT_ANNOTATION)
         key = (str(meta.get("namespace", "")), str((m.get("spec") or {}).get("vmiName", "")), node)
-        out.setdefault(key, []).append(
-            (attempt, str((m.get("status") or {}).get("phase", "Pending")))
-        )
+        phase = str((m.get("status") or {}).get("phase", "Pending"))
+        if meta.get("deletionTimestamp"):
+            phase = CANCELLED
+        out.setdefault(key, []).append((attempt, phase))
     return out
 
 
@@ -657,6 +665,8 @@ def _can_take(target: DrainTarget, vmi: Evacuee) -> bool:
 def _failed_too_often(vmi: Evacuee, past: Sequence[tuple[int, str]]) -> str | None:
     failed = 0
     for _, phase in reversed(past):
+        if phase == CANCELLED:
+            continue
         if phase != "Failed":
             break
         failed += 1

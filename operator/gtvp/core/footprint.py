@@ -4,9 +4,11 @@ A VMI's footprint is what KubeVirt's virt-launcher pod for it requests, as far a
 spec tells: `spec.domain.resources.requests` (CPU and memory), else the limits (Kubernetes
 requests what a container limits when it requests nothing); without either, the guest memory
 (`spec.domain.memory.guest`) and 100m per vCPU (KubeVirt's default `cpuAllocationRatio` of 10:
-sockets x cores x threads of `spec.domain.cpu`). A Lazy Box's VMI and every VM people run
-next to them alike, each by its own spec, whatever its labels say (anyone who creates a VMI
-can label it as a box; a label must not hide the room it takes). Not counted: KubeVirt's
+sockets x cores x threads of `spec.domain.cpu`; a whole CPU per vCPU with
+`dedicatedCpuPlacement`, and one more for `isolateEmulatorThread`). A Lazy Box's VMI and
+every VM people run next to them alike, each by its own spec, whatever its labels say
+(anyone who creates a VMI can label it as a box; a label must not hide the room it takes).
+Not counted: KubeVirt's
 per-pod memory overhead (a few hundred MiB, which depends on the cluster's KubeVirt), a
 cluster-wide `cpuAllocationRatio` other than the default, and pods that are not VMs: a member
 can look a little roomier to gtvp than the scheduler finds it. Pure.
@@ -55,10 +57,20 @@ def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
     )
     cpu = requests.get("cpu") or limits.get("cpu")
     try:
-        millis = cpu_millis(cpu) if cpu else _vcpus(domain.get("cpu") or {}) * CPU_PER_VCPU_MILLIS
+        millis = cpu_millis(cpu) if cpu else _default_cpu(domain.get("cpu") or {})
         return millis, memory_bytes(memory or "0")
     except ValueError:
         return 0, 0
+
+
+def _default_cpu(topology: Mapping[str, Any]) -> int:
+    """What the launcher pod requests without a CPU request: 100m per vCPU, or a whole CPU per
+    vCPU with dedicated CPUs (KubeVirt sets the limit, Kubernetes requests it), one more for
+    an isolated emulator thread."""
+    if topology.get("dedicatedCpuPlacement") is True:
+        extra = 1 if topology.get("isolateEmulatorThread") is True else 0
+        return (_vcpus(topology) + extra) * 1000
+    return _vcpus(topology) * CPU_PER_VCPU_MILLIS
 
 
 def _vcpus(topology: Mapping[str, Any]) -> int:
