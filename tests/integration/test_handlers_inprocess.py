@@ -223,6 +223,14 @@ def _create_member(
 
 
 @pytest.fixture
+def under_pool_policy(rt: Runtime, swtpm_ca: SwtpmCA, shared_tpm: Swtpm) -> None:
+    """The runtime judges under the local pool's policy, which trusts the swtpm CA (made
+    with `shared_tpm`, so the CA has issued its certificates)."""
+    del shared_tpm
+    rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
+
+
+@pytest.fixture
 def member(control_plane: ControlPlane, rt: Runtime) -> Iterator[str]:
     """A Member on the API server (no agent, no Node), in the runtime's view."""
     name = f"inproc-{uuid.uuid4().hex[:6]}"
@@ -687,16 +695,13 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     control_plane: ControlPlane,
     rt: Runtime,
     namespace: str,
-    swtpm_ca: SwtpmCA,
-    shared_tpm: Swtpm,
+    under_pool_policy: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A member filled by someone else's VMs would capture the evacuation (first by name
     among equals): the scheduler could never place the VM there, KubeVirt fails the
     migration, and after three such failures the VM stays on the untrusted host. The filler
     wears a Lazy Box's label, which anyone can write: it still counts by its requests."""
-    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
-    rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
     allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
     for name in ("a-full", "b-roomy"):
         rt.view.observe_member(_trusted(name, 3), "ADDED")
@@ -748,20 +753,28 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     ]  # fmt: skip
 
 
+def _migrations_seen(
+    control_plane: ControlPlane, rt: Runtime, namespace: str
+) -> list[dict[str, Any]]:
+    """The namespace's migrations on the server, fed to the view as the operator's watch would."""
+    out = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    for m in items:
+        rt.view.observe_migration(m, "ADDED")
+    return items
+
+
 @pytest.mark.tpm
 def test_an_evacuation_pinned_to_a_member_that_then_fills_up_is_cancelled_and_moved(
     control_plane: ControlPlane,
     rt: Runtime,
     namespace: str,
-    swtpm_ca: SwtpmCA,
-    shared_tpm: Swtpm,
+    under_pool_policy: None,
 ) -> None:
     """The attack waits for the pin: once gtvp has pinned the evacuation to a member, a
     tenant fills that member. KubeVirt would keep the target pod Pending, then fail the
     migration; three such failures and the VM stays on the untrusted host. gtvp cancels the
     pin before KubeVirt schedules it and pins the VM where it fits."""
-    del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
-    rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
     allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
 
     def member(name: str) -> None:
@@ -776,11 +789,7 @@ def test_an_evacuation_pinned_to_a_member_that_then_fills_up_is_cancelled_and_mo
     rt.view.observe_vmi({**db, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
 
     def moves() -> list[dict[str, Any]]:
-        out = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
-        items: list[dict[str, Any]] = json.loads(out)["items"]
-        for m in items:
-            rt.view.observe_migration(m, "ADDED")  # as the operator's watch would
-        return items
+        return _migrations_seen(control_plane, rt, namespace)
 
     asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
     first = moves()
@@ -804,6 +813,50 @@ def test_an_evacuation_pinned_to_a_member_that_then_fills_up_is_cancelled_and_mo
     ]
     asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
     assert [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in moves()] == ["b-later"]
+
+
+@pytest.mark.tpm
+def test_an_evacuation_that_failed_on_a_member_is_retried_on_another(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    under_pool_policy: None,
+) -> None:
+    """The attack fills the member gtvp pins the evacuation to with what gtvp does not count
+    (plain pods): gtvp sees room, the scheduler does not, KubeVirt fails the migration. A
+    retry pinned to the same member would fail too, and three failures leave the VM on the
+    untrusted host; the retry goes to a member where no attempt failed."""
+    for name in ("a-first", "b-later"):
+        rt.view.observe_member(_trusted(name, 3), "ADDED")
+        rt.view.observe_node({"metadata": {"name": name},
+                              "status": {"allocatable": {"cpu": "8", "memory": "32Gi"}}},
+                             "ADDED")  # fmt: skip
+    db = _vmi("db", 3, selector=True)
+    db["metadata"]["namespace"] = namespace
+    rt.view.observe_vmi({**db, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
+
+    def moves() -> list[dict[str, Any]]:
+        return _migrations_seen(control_plane, rt, namespace)
+
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    (first,) = moves()
+    assert first["spec"]["addedNodeSelector"][HOSTNAME_LABEL] == "a-first"
+    control_plane.kubectl(
+        "patch",
+        "vmim",
+        "-n",
+        namespace,
+        first["metadata"]["name"],
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"phase": "Failed"}}),
+    )  # fmt: skip  (KubeVirt's pending timeout: the target pod was never scheduled)
+    moves()
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    retry = [m for m in moves() if m["metadata"]["name"] != first["metadata"]["name"]]
+    assert [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in retry] == ["b-later"]
+    assert retry[0]["metadata"]["annotations"]["gtvp.io/evacuation-attempt"] == "1"
 
 
 def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(

@@ -19,6 +19,7 @@ from gtvp.core.evacuation import (
     DRAIN_ATTEMPT_ANNOTATION,
     DRAIN_LABEL,
     MAX_DRAIN_FAILURES,
+    Attempt,
     DrainTarget,
     Evacuee,
     Migration,
@@ -72,7 +73,7 @@ def plan(
     tgts: list[DrainTarget],
     migrations: list[Migration] | None = None,
     limits: MigrationLimits = LIMITS,
-    history: dict[tuple[str, str, str], list[tuple[int, str]]] | None = None,
+    history: dict[tuple[str, str, str], list[Attempt]] | None = None,
 ) -> Any:
     return plan_drains(
         evacuees=vmis,
@@ -177,7 +178,9 @@ def test_names_are_deterministic_and_a_new_attempt_gets_a_new_name() -> None:
     one = plan(evacuees(1), tgts).migrations[0]["metadata"]["name"]
     assert one == plan(evacuees(1), tgts).migrations[0]["metadata"]["name"]  # a restart
     assert one.startswith("gtvp-drain-vm0-")
-    done = {("ns", "vm0", "n1"): [(0, "Succeeded")]}  # it came back and is drained again
+    done = {
+        ("ns", "vm0", "n1"): [Attempt(0, "Succeeded", one, "t1")]
+    }  # it came back and is drained again
     again = plan(evacuees(1), tgts, history=done).migrations[0]
     assert again["metadata"]["name"] != one
     assert again["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "1"
@@ -185,16 +188,39 @@ def test_names_are_deterministic_and_a_new_attempt_gets_a_new_name() -> None:
 
 def test_after_repeated_failures_the_vmi_waits_with_a_reason() -> None:
     tgts = targets(("t1", 3))
-    failures = [(i, "Failed") for i in range(MAX_DRAIN_FAILURES)]
+    failures = [Attempt(i, "Failed", f"d{i}", "t1") for i in range(MAX_DRAIN_FAILURES)]
     stuck = plan(evacuees(1), tgts, history={("ns", "vm0", "n1"): failures})
     assert stuck.migrations == ()
     assert (
         f"the last {MAX_DRAIN_FAILURES} drain migrations off n1 failed"
         in (stuck.waiting[("ns", "vm0")])
     )
-    one_failed = {("ns", "vm0", "n1"): [(0, "Succeeded"), (1, "Failed")]}
+    one_failed = {
+        ("ns", "vm0", "n1"): [Attempt(0, "Succeeded", "d0", "t1"), Attempt(1, "Failed", "d1", "t1")]
+    }
     retry = plan(evacuees(1), tgts, history=one_failed).migrations
     assert retry[0]["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "2"
+
+
+def test_a_retry_goes_where_no_attempt_failed_while_such_a_member_can_take_the_vmi() -> None:
+    """A target the scheduler cannot use (filled by pods gtvp does not count) would fail
+    every retry pinned to it, and three failures leave the VM on the drained node."""
+    tgts = targets(("a-first", 3), ("b-later", 3))
+    first = plan(evacuees(1), tgts).migrations[0]
+    assert first["spec"]["addedNodeSelector"][HOST] == "a-first"
+    failed = [{**first, "status": {"phase": "Failed"}}]
+    retry = plan(evacuees(1), tgts, history=drain_history(failed)).migrations[0]
+    assert retry["spec"]["addedNodeSelector"][HOST] == "b-later"
+    assert retry["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "1"
+    # where every member failed once, the one that failed longest ago is as good as any:
+    # the VMI is retried (up to three failures), not left waiting
+    both = [*failed, {**retry, "status": {"phase": "Failed"}}]
+    third = plan(evacuees(1), tgts, history=drain_history(both)).migrations[0]
+    assert third["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "2"
+    # a success ends the run: its failures no longer steer the next drain
+    ok = [*failed, {**retry, "status": {"phase": "Succeeded"}}]
+    again = plan(evacuees(1), tgts, history=drain_history(ok)).migrations[0]
+    assert again["spec"]["addedNodeSelector"][HOST] == "a-first"
 
 
 def test_a_vmi_already_migrating_is_not_planned_again() -> None:
@@ -206,7 +232,8 @@ def test_history_reads_gtvps_drain_migrations_only() -> None:
     plan_out = plan(evacuees(1), targets(("t1", 3))).migrations[0]
     finished = {**plan_out, "status": {"phase": "Failed"}}
     other = {"metadata": {"namespace": "ns", "name": "x"}, "spec": {"vmiName": "vm0"}}
-    assert drain_history([finished, other]) == {("ns", "vm0", "n1"): [(0, "Failed")]}
+    name = plan_out["metadata"]["name"]
+    assert drain_history([finished, other]) == {("ns", "vm0", "n1"): [(0, "Failed", name, "t1")]}
 
 
 def test_higher_levels_go_first() -> None:

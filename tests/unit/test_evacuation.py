@@ -205,7 +205,7 @@ def test_a_tenants_attempt_annotation_cannot_break_the_plan() -> None:
         body = {**_body("x", "vm0", labels={"gtvp.io/evacuation": "bad"}), "metadata": meta}
         assert migration_view(body).attempt == 0
         drain = {**body, "metadata": {**meta, "labels": {"gtvp.io/drain": "bad"}}}
-        assert drain_history([drain]) == {("", "vm0", "bad"): [(0, "Pending")]}
+        assert drain_history([drain]) == {("", "vm0", "bad"): [(0, "Pending", "", None)]}
 
 
 def test_after_repeated_failures_the_vmi_waits() -> None:
@@ -234,6 +234,38 @@ def test_after_repeated_failures_the_vmi_waits() -> None:
     # a migration gtvp did not start failing does not count against the VMI
     other = [*history[:2], migration_view(_body("mine", "vm0", phase="Failed"))]
     assert plan_evacuation(member="bad", incident="x", vmis=vmis, migrations=other, limits=LIMITS)
+
+
+def test_a_retry_goes_where_no_attempt_failed_while_such_a_member_can_take_the_vmi() -> None:
+    """The attack: fill the member gtvp pins a sensitive VM's evacuation to with what gtvp
+    does not count (plain pods, KubeVirt's per-VM overhead). The scheduler cannot place the
+    target pod there, KubeVirt fails the migration, and were every retry pinned to the same
+    member, three failures would leave the VM on the untrusted host."""
+    targets = [("a-first", 3), ("b-later", 3), ("c-last", 3)]
+
+    def pinned(history: list[Migration]) -> list[str]:
+        plan = plan_evacuation(member="bad", incident="x", vmis=_vmis(1), migrations=history,
+                               limits=LIMITS, targets=targets)  # fmt: skip
+        return [m["spec"]["addedNodeSelector"]["kubernetes.io/hostname"] for m in plan]
+
+    first = plan_evacuation(member="bad", incident="x", vmis=_vmis(1), migrations=[],
+                            limits=LIMITS, targets=targets)  # fmt: skip
+    assert pinned([]) == ["a-first"]
+    history = [_finished(first[0], "Failed")]
+    assert pinned(history) == ["b-later"]
+    second = plan_evacuation(member="bad", incident="x", vmis=_vmis(1), migrations=history,
+                             limits=LIMITS, targets=targets)  # fmt: skip
+    history.append(_finished(second[0], "Failed"))
+    assert pinned(history) == ["c-last"]
+    # where every eligible member failed once, the VMI is still retried (three failures
+    # in a row stall it), not left waiting
+    two = plan_evacuation(member="bad", incident="x", vmis=_vmis(1), migrations=history,
+                          limits=LIMITS, targets=targets[:2])  # fmt: skip
+    assert [m["metadata"]["annotations"][ATTEMPT] for m in two] == ["2"]
+    # the node KubeVirt placed a failed attempt on counts, not only the one gtvp pinned
+    elsewhere = {"phase": "Failed", "migrationState": {"targetNode": "c-last"}}
+    history[1] = migration_view({**second[0], "status": elsewhere})
+    assert pinned(history) == ["b-later"]
 
 
 def test_inbound_limit_holds_and_targets_are_spread() -> None:

@@ -297,7 +297,7 @@ def test_a_migration_being_deleted_is_no_failed_attempt_but_numbers_the_next() -
     drain = {"metadata": {"namespace": "ns", "labels": {"gtvp.io/drain": "bad"},
                           "deletionTimestamp": "2026-12-02T00:00:00Z"},
              "spec": {"vmiName": "a"}, "status": {"phase": "Failed"}}  # fmt: skip
-    assert drain_history([drain]) == {("ns", "a", "bad"): [(0, "Cancelled")]}
+    assert drain_history([drain]) == {("ns", "a", "bad"): [(0, "Cancelled", "", None)]}
 
 
 def test_a_name_held_by_a_migration_on_its_way_out_is_not_one_started() -> None:

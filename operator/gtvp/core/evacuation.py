@@ -8,7 +8,8 @@ deterministic, derived from what is seen: VMI, source member, the incident and t
 restarted halfway never starts the same migration twice (creating it again answers
 AlreadyExists, and `is_planned_migration` tells the one gtvp started), while a failed
 migration is retried under a new name, three times in a row at most
-(`evacuation_stalled` says why a VMI then waits). A name held by an object gtvp did not
+(`evacuation_stalled` says why a VMI then waits), and on a member where no attempt of that
+run failed while one can take the VMI (`least_failed`). A name held by an object gtvp did not
 start (a co-tenant's, which could be created in advance: the names are predictable) is
 skipped for the next spare name of the same attempt. KubeVirt limits
 parallel migrations per cluster and outbound per node but not inbound, so when the
@@ -31,9 +32,10 @@ gets a reason instead of a migration.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gtvp.core.api_resources import MIGRATIONS
 from gtvp.core.compose import BOX_LABEL
@@ -153,36 +155,59 @@ def migration_name(vmi: Vmi, incident: str, attempt: int = 0, spare: int = 0) ->
     return f"gtvp-evac-{vmi.name[:36]}-{digest.hexdigest()[:8]}"
 
 
-History = Mapping[tuple[str, str, str], Sequence[tuple[int, str, str]]]
-"""(namespace, VMI, member) -> [(attempt, phase, name)] of gtvp's finished evacuations."""
+class Attempt(NamedTuple):
+    """One of gtvp's finished (or cancelled) evacuation or drain migrations of a VMI off a
+    member, as the histories list them."""
+
+    number: int  # gtvp.io/evacuation-attempt or gtvp.io/drain-attempt
+    phase: str  # Succeeded, Failed, or CANCELLED (being deleted)
+    name: str
+    target: str | None  # where KubeVirt placed it, else where gtvp pinned it
+
+
+History = Mapping[tuple[str, str, str], Sequence[Attempt]]
+"""(namespace, VMI, member) -> gtvp's finished evacuation (or drain) attempts, oldest first."""
 
 
 def evacuation_history(migrations: Iterable[Migration]) -> History:
-    """(namespace, VMI, member) -> [(attempt, phase, name)] of gtvp's finished evacuation
-    migrations of that VMI off that member, oldest attempt first. One being deleted counts as
-    `CANCELLED`, whatever its phase: KubeVirt marks a migration deleted before its hand-off
-    Failed on its way out, and one gtvp took back (`stale_evacuations`) is no failed attempt;
-    it still numbers the attempts, so the next one has a name of its own."""
-    out: dict[tuple[str, str, str], list[tuple[int, str, str]]] = {}
+    """(namespace, VMI, member) -> gtvp's finished evacuation migrations of that VMI off that
+    member, oldest attempt first. One being deleted counts as `CANCELLED`, whatever its
+    phase: KubeVirt marks a migration deleted before its hand-off Failed on its way out, and
+    one gtvp took back (`stale_evacuations`) is no failed attempt; it still numbers the
+    attempts, so the next one has a name of its own."""
+    out: dict[tuple[str, str, str], list[Attempt]] = {}
     for m in migrations:
         if m.evacuates and (m.deleting or not m.active):
+            phase = CANCELLED if m.deleting else m.phase
             out.setdefault((m.namespace, m.vmi, m.evacuates), []).append(
-                (m.attempt, CANCELLED if m.deleting else m.phase, m.name)
+                Attempt(m.attempt, phase, m.name, m.inbound_to)
             )
     return {key: sorted(past) for key, past in out.items()}
 
 
-def _failed_in_a_row(past: Sequence[tuple[int, str, str]]) -> list[str]:
-    """The names of the failed attempts at the end of `past` (cancelled ones in between are
-    neither failures nor successes)."""
-    failed: list[str] = []
-    for _, phase, name in reversed(past):
-        if phase == CANCELLED:
+def _failed_in_a_row(past: Sequence[Attempt]) -> list[Attempt]:
+    """The failed attempts at the end of `past` (cancelled ones in between are neither
+    failures nor successes), the latest first."""
+    failed: list[Attempt] = []
+    for attempt in reversed(past):
+        if attempt.phase == CANCELLED:
             continue
-        if phase != "Failed":
+        if attempt.phase != "Failed":
             break
-        failed.append(name)
+        failed.append(attempt)
     return failed
+
+
+def least_failed(eligible: Sequence[str], past: Sequence[Attempt]) -> list[str]:
+    """The eligible targets on which the fewest of the VMI's failed attempts in a row went.
+
+    A retry must not go where the last one failed while another member could take the VMI:
+    a target the scheduler cannot use (pods gtvp does not count fill it, say) would fail
+    every retry, and after three failures the VMI stays where it must not run. A target
+    that failed before is tried again only when every eligible one did."""
+    failures = Counter(a.target for a in _failed_in_a_row(past) if a.target)
+    fewest = min((failures[name] for name in eligible), default=0)
+    return [name for name in eligible if failures[name] == fewest]
 
 
 def _free_name(vmi: Vmi, incident: str, attempt: int, taken: set[tuple[str, str]]) -> str:
@@ -209,10 +234,11 @@ def _stalled(member: str, vmis: Sequence[Vmi], history: History) -> dict[tuple[s
     for vmi in vmis:
         failed = _failed_in_a_row(history.get((vmi.namespace, vmi.name, member), ()))
         if vmi.node == member and len(failed) >= MAX_EVACUATION_FAILURES:
+            names = " ".join(sorted(a.name for a in failed))
             out[(vmi.namespace, vmi.name)] = (
                 f"the last {len(failed)} evacuation migrations of {vmi.namespace}/{vmi.name} "
                 f"off {member} failed; gtvp tries again once they are deleted (kubectl delete "
-                f"vmim -n {vmi.namespace} {' '.join(sorted(failed))})"
+                f"vmim -n {vmi.namespace} {names})"
             )
     return out
 
@@ -259,27 +285,23 @@ def plan_evacuation(
         if not budget.allows(member):
             break
         selector = trust_selector(vmi.level)
+        past = history.get((vmi.namespace, vmi.name, member), ())
         target = None
         if targets is not None:
-            target = best_target(
-                budget,
-                (
-                    name
-                    for name, level in targets
-                    if name != member
-                    and level >= vmi.level
-                    and (room is None or room.fits(name, vmi.cpu_millis, vmi.memory_bytes))
-                ),
-                vmi.parts,
-                images or {},
-            )
+            eligible = [
+                name
+                for name, level in targets
+                if name != member
+                and level >= vmi.level
+                and (room is None or room.fits(name, vmi.cpu_millis, vmi.memory_bytes))
+            ]
+            target = best_target(budget, least_failed(eligible, past), vmi.parts, images or {})
             if target is None:
                 continue  # every eligible target is full or receiving its limit: wait
             if room is not None:
                 room.take(target, vmi.cpu_millis, vmi.memory_bytes)
             selector = {**selector, HOSTNAME_LABEL: target}
-        past = history.get((vmi.namespace, vmi.name, member), ())
-        attempt = max((a for a, _, _ in past), default=-1) + 1
+        attempt = max((a.number for a in past), default=-1) + 1
         name = _free_name(vmi, incident, attempt, taken)
         out.append(_evacuation_migration(vmi, name, attempt, selector))
         budget.take(member, target)
@@ -514,26 +536,22 @@ def drain_evacuee(vmi: Mapping[str, Any]) -> Evacuee | None:
     )
 
 
-DrainHistory = Mapping[tuple[str, str, str], Sequence[tuple[int, str]]]
-
-
 def drain_history(
     migrations: Iterable[Mapping[str, Any]],
-) -> dict[tuple[str, str, str], list[tuple[int, str]]]:
-    """(namespace, VMI, drained node) -> [(attempt, phase)] of gtvp's drain migrations; one
-    being deleted counts as `CANCELLED` (no failed attempt: `evacuation_history`)."""
-    out: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
-    for m in migrations:
-        meta = m.get("metadata") or {}
+) -> dict[tuple[str, str, str], list[Attempt]]:
+    """(namespace, VMI, drained node) -> gtvp's drain migrations of that VMI off that node;
+    one being deleted counts as `CANCELLED` (no failed attempt: `evacuation_history`)."""
+    out: dict[tuple[str, str, str], list[Attempt]] = {}
+    for obj in migrations:
+        meta = obj.get("metadata") or {}
         node = (meta.get("labels") or {}).get(DRAIN_LABEL)
         if not node:
             continue
+        m = migration_view(obj)
         attempt = attempt_of(meta, DRAIN_ATTEMPT_ANNOTATION)
-        key = (str(meta.get("namespace", "")), str((m.get("spec") or {}).get("vmiName", "")), node)
-        phase = str((m.get("status") or {}).get("phase", "Pending"))
-        if meta.get("deletionTimestamp"):
-            phase = CANCELLED
-        out.setdefault(key, []).append((attempt, phase))
+        phase = CANCELLED if m.deleting else m.phase
+        key = (m.namespace, m.vmi, str(node))
+        out.setdefault(key, []).append(Attempt(attempt, phase, m.name, m.inbound_to))
     return out
 
 
@@ -546,7 +564,7 @@ def plan_drains(
     *,
     evacuees: Sequence[Evacuee],
     migrations: Sequence[Migration],
-    history: DrainHistory,
+    history: History,
     node_of: Mapping[tuple[str, str], str],
     limits: MigrationLimits,
     targets: Sequence[DrainTarget],
@@ -563,6 +581,8 @@ def plan_drains(
     With `room` (what each member has not committed), a VMI goes only where its requests
     fit; one that fits on no eligible member waits, with what it asks and what is left.
     A VMI that only the limits hold back is not 'waiting': the next plan moves it.
+    A retry goes to an eligible member on which no failed attempt of the run went, while
+    there is one (`least_failed`).
     A drain migration not yet scheduled whose target can no longer take the VMI (cordoned,
     no longer Trusted since it was planned, or, with `room`, committed beyond its
     allocatable since) is to be cancelled: the next plan re-targets it.
@@ -595,13 +615,13 @@ def plan_drains(
         if why is not None:
             waiting[(vmi.namespace, vmi.name)] = why
             continue
-        target = best_target(budget, roomy, vmi.parts, images)
+        target = best_target(budget, least_failed(roomy, past), vmi.parts, images)
         if target is None or not budget.allows(vmi.node):
             continue  # the limits hold it back: the next plan
         budget.take(vmi.node, target)
         if room is not None:
             room.take(target, *_asks(vmi))
-        out.append(_drain_migration(vmi, target, max((a for a, _ in past), default=-1) + 1))
+        out.append(_drain_migration(vmi, target, max((a.number for a in past), default=-1) + 1))
     return DrainPlan(tuple(out), waiting, tuple(cancel))
 
 
@@ -662,14 +682,8 @@ def _can_take(target: DrainTarget, vmi: Evacuee) -> bool:
     return _obstacle(target, vmi) is None
 
 
-def _failed_too_often(vmi: Evacuee, past: Sequence[tuple[int, str]]) -> str | None:
-    failed = 0
-    for _, phase in reversed(past):
-        if phase == CANCELLED:
-            continue
-        if phase != "Failed":
-            break
-        failed += 1
+def _failed_too_often(vmi: Evacuee, past: Sequence[Attempt]) -> str | None:
+    failed = len(_failed_in_a_row(past))
     if failed < MAX_DRAIN_FAILURES:
         return None
     return (
