@@ -7,7 +7,8 @@ such as the Kubernetes descheduler, see the VMs as KubeVirt shows them:
   Running) the stand-in keeps one `virt-launcher-<vmi>-xxxxx` pod bound to that node: labels
   `kubevirt.io=virt-launcher`, `kubevirt.io/created-by=<VMI uid>` and `vm.kubevirt.io/name`,
   an ownerReference to the VMI, the VMI's nodeSelector and tolerations, one `compute`
-  container whose requests are the VMI's `spec.domain.resources.requests`, and status
+  container whose requests are what KubeVirt asks for the VMI (`gtvp.core.footprint`: its
+  requests, else its limits, else the guest memory and 100m per vCPU), and status
   Running as a kubelet would report (kwok runs the Nodes but is not asked to run pods).
   When a migration lands (the VMI's node changes) a pod is created on the target and the
   source's is deleted; a VMI that is gone loses its pod (the garbage collector's job; none
@@ -48,6 +49,7 @@ from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.footprint import vmi_requests
+from gtvp.core.quantity import cpu_quantity, memory_quantity
 
 log = logging.getLogger("gtvp.virtsim.pods")
 KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
@@ -107,7 +109,7 @@ def launcher_pod(vmi: Mapping[str, Any]) -> dict[str, Any]:
     """The virt-launcher pod of a placed VMI, as KubeVirt's virt-controller creates it (the
     parts a scheduler or descheduler reads)."""
     meta, spec = vmi["metadata"], vmi.get("spec") or {}
-    requests = ((spec.get("domain") or {}).get("resources") or {}).get("requests") or {}
+    cpu, memory = vmi_requests(vmi)  # KubeVirt's defaults where the VMI requests nothing
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -141,9 +143,7 @@ def launcher_pod(vmi: Mapping[str, Any]) -> dict[str, Any]:
                     "name": "compute",
                     "image": "quay.io/kubevirt/virt-launcher:simulated",
                     "resources": {
-                        "requests": {
-                            k: str(v) for k, v in requests.items() if k in ("cpu", "memory")
-                        }
+                        "requests": {"cpu": cpu_quantity(cpu), "memory": memory_quantity(memory)}
                     },
                 }
             ],

@@ -57,6 +57,12 @@ def test_the_pod_carries_what_a_descheduler_reads() -> None:
     assert pod["spec"]["nodeName"] == "n1"
     assert pod["spec"]["nodeSelector"] == {"gtvp.io/gtvp-trusted": "true"}
     assert pod["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
+    # without requests, what KubeVirt asks: the guest memory and 100m per vCPU, so a
+    # descheduler reading the pods sees the load the scheduler placed
+    bare = _vmi("b", "n1")
+    bare["spec"]["domain"] = {"cpu": {"cores": 4}, "memory": {"guest": "1Gi"}}
+    asked = launcher_pod(bare)["spec"]["containers"][0]["resources"]["requests"]
+    assert asked == {"cpu": "400m", "memory": "1Gi"}
 
 
 def test_an_eviction_of_a_migratable_vm_is_refused_and_marks_it_once() -> None:

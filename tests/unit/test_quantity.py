@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes.utils import parse_quantity as kubernetes_parse
 
-from gtvp.core.quantity import cpu_millis, memory_bytes, parse_quantity
+from gtvp.core.quantity import (
+    cpu_millis,
+    cpu_quantity,
+    memory_bytes,
+    memory_quantity,
+    parse_quantity,
+)
 
 ACCEPTED = [
     "0", "1", "+1", "-1", ".5", "1.", "1.5", "0.1m", "500m", "100u", "5n", "2k", "1M", "1G",
@@ -82,3 +88,25 @@ def test_cpu_in_millicores_and_memory_in_bytes_rounded_up() -> None:
     assert memory_bytes("1.5Ki") == 1536
     assert memory_bytes(1.5) == 2
     assert parse_quantity("1e-3") == Decimal("0.001")
+
+
+@given(st.integers(0, 10**7))
+def test_cpu_written_back_reads_the_same(millis: int) -> None:
+    written = cpu_quantity(millis)
+    assert cpu_millis(written) == millis
+    assert kubernetes_parse(written) * 1000 == millis
+
+
+@given(st.integers(0, 2**50))
+def test_memory_written_back_reads_the_same_in_its_shortest_binary_form(n: int) -> None:
+    written = memory_quantity(n)
+    assert memory_bytes(written) == n == kubernetes_parse(written)
+
+
+def test_quantities_are_written_as_a_person_would() -> None:
+    assert [memory_quantity(n) for n in (3 * 2**30, 1536 * 2**20, 1000)] == [
+        "3Gi",
+        "1536Mi",
+        "1000",
+    ]
+    assert [cpu_quantity(m) for m in (2000, 100, 1500)] == ["2", "100m", "1500m"]

@@ -63,3 +63,16 @@ def human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def cpu_quantity(millis: int) -> str:
+    """Millicores as Kubernetes writes them: whole CPUs plain, else in m."""
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def memory_quantity(n: int) -> str:
+    """Bytes in the largest binary suffix that divides them (2Gi, 512Mi, 1000)."""
+    for suffix, size in (("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if n and n % size == 0:
+            return f"{n // size}{suffix}"
+    return str(n)
