@@ -186,6 +186,7 @@ def test_a_drain_migration_whose_target_is_cordoned_before_it_was_scheduled_is_r
         )
         name = planned["metadata"]["name"]
         assert f"cancelled migration {name}, its target {other} was cordoned" in said[0]["message"]
+        assert said[0]["type"] == "Warning"  # a drain that cannot finish is news
         _wait("the cancelled migration to be gone", lambda: drain_migrations(pool, namespace) == [])
         waiting = _wait(
             "a DrainWaiting event on the VMI",

@@ -116,16 +116,26 @@ def test_first_evacuation_abort_and_first_failed_component_fire(tmp_path: Path) 
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_repeated_evacuation_retargets_fire_and_a_single_one_does_not(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("metric", "alert"),
+    [
+        ("gtvp_evacuation_migrations", "GtvpEvacuationRetargeting"),
+        ("gtvp_drain_migrations", "GtvpDrainRetargeting"),
+    ],
+)
+def test_repeated_retargets_fire_and_a_single_one_does_not(
+    tmp_path: Path, metric: str, alert: str
+) -> None:
     def run(cancels: int) -> subprocess.CompletedProcess[str]:
         m = Metrics()
-        before = _series(m, "gtvp_evacuation_migrations")
+        before = _series(m, metric)
+        counter = m.evacuations if metric == "gtvp_evacuation_migrations" else m.drain_migrations
         for _ in range(cancels):
-            m.evacuation("cancelled")
-        after = _series(m, "gtvp_evacuation_migrations")
+            counter.labels("cancelled").inc()
+        after = _series(m, metric)
         fired = {
             "exp_labels": {"severity": "warning", "state": "cancelled"},
-            "exp_annotations": _annotations("GtvpEvacuationRetargeting"),
+            "exp_annotations": _annotations(alert),
         }
         expected = [fired] if cancels >= 3 else []
         return _promtool(
@@ -135,11 +145,7 @@ def test_repeated_evacuation_retargets_fire_and_a_single_one_does_not(tmp_path: 
                     "interval": "1m",
                     "input_series": _before_and_after(before, after),
                     "alert_rule_test": [
-                        {
-                            "eval_time": "6m",
-                            "alertname": "GtvpEvacuationRetargeting",
-                            "exp_alerts": expected,
-                        }
+                        {"eval_time": "6m", "alertname": alert, "exp_alerts": expected}
                     ],
                 }
             ],

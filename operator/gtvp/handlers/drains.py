@@ -195,7 +195,7 @@ async def _cancel(rt: Runtime, stale: Retarget, vmi: Evacuee) -> None:
         return
     METRICS.drain_migrations.labels("cancelled").inc()
     message = f"node {vmi.node} is being drained: cancelled migration {stale.name}, {stale.why}"
-    await _say(rt, vmi, "Normal", "DrainRetarget", message)
+    await _say(rt, vmi, "Warning", "DrainRetarget", message)
     rt.drains.wake.set()
 
 

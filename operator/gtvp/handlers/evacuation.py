@@ -280,7 +280,7 @@ async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
 
 async def _say_retarget(rt: Runtime, member: str, stale: Retarget) -> None:
     message = f"evacuation of {member}: cancelled migration {stale.name}, {stale.why}"
-    log.info("%s/%s: %s", stale.namespace, stale.vmi, message)
+    log.warning("%s/%s: %s", stale.namespace, stale.vmi, message)
     await _vmi_event(rt, (stale.namespace, stale.vmi), "Warning", "EvacuationRetarget", message)
 
 
