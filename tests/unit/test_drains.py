@@ -192,7 +192,7 @@ def test_after_repeated_failures_the_vmi_waits_with_a_reason() -> None:
     stuck = plan(evacuees(1), tgts, history={("ns", "vm0", "n1"): failures})
     assert stuck.migrations == ()
     assert (
-        f"the last {MAX_DRAIN_FAILURES} drain migrations off n1 failed"
+        f"the last {MAX_DRAIN_FAILURES} drain migrations off n1 failed (towards t1);"
         in (stuck.waiting[("ns", "vm0")])
     )
     one_failed = {

@@ -223,7 +223,8 @@ def test_after_repeated_failures_the_vmi_waits() -> None:
         == []
     )
     why = evacuation_stalled(member="bad", vmis=vmis, migrations=history)[("ns", "vm0")]
-    assert why.startswith("the last 3 evacuation migrations of ns/vm0 off bad failed")
+    assert why.startswith("the last 3 evacuation migrations of ns/vm0 off bad failed;")
+    # where they went is said when gtvp pinned them (here no targets were given)
     assert all(m.name in why for m in history)  # what to delete to try again
     assert evacuation_stalled(member="bad", vmis=vmis, migrations=history[:2]) == {}
     # a new incident does not reset the count: the host is as untrusted as before
@@ -262,6 +263,9 @@ def test_a_retry_goes_where_no_attempt_failed_while_such_a_member_can_take_the_v
     two = plan_evacuation(member="bad", incident="x", vmis=_vmis(1), migrations=history,
                           limits=LIMITS, targets=targets[:2])  # fmt: skip
     assert [m["metadata"]["annotations"][ATTEMPT] for m in two] == ["2"]
+    stalled = evacuation_stalled(member="bad", vmis=_vmis(1),
+                                 migrations=[*history, _finished(two[0], "Failed")])  # fmt: skip
+    assert "off bad failed (towards a-first, b-later);" in stalled[("ns", "vm0")]
     # the node KubeVirt placed a failed attempt on counts, not only the one gtvp pinned
     elsewhere = {"phase": "Failed", "migrationState": {"targetNode": "c-last"}}
     history[1] = migration_view({**second[0], "status": elsewhere})

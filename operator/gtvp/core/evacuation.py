@@ -198,6 +198,12 @@ def _failed_in_a_row(past: Sequence[Attempt]) -> list[Attempt]:
     return failed
 
 
+def _towards(failed: Sequence[Attempt]) -> str:
+    """' (towards a, b)': where the failed attempts went, for the reason a VMI waits."""
+    targets = sorted({a.target for a in failed if a.target})
+    return f" (towards {', '.join(targets)})" if targets else ""
+
+
 def least_failed(eligible: Sequence[str], past: Sequence[Attempt]) -> list[str]:
     """The eligible targets on which the fewest of the VMI's failed attempts in a row went.
 
@@ -237,8 +243,8 @@ def _stalled(member: str, vmis: Sequence[Vmi], history: History) -> dict[tuple[s
             names = " ".join(sorted(a.name for a in failed))
             out[(vmi.namespace, vmi.name)] = (
                 f"the last {len(failed)} evacuation migrations of {vmi.namespace}/{vmi.name} "
-                f"off {member} failed; gtvp tries again once they are deleted (kubectl delete "
-                f"vmim -n {vmi.namespace} {names})"
+                f"off {member} failed{_towards(failed)}; gtvp tries again once they are deleted "
+                f"(kubectl delete vmim -n {vmi.namespace} {names})"
             )
     return out
 
@@ -683,11 +689,12 @@ def _can_take(target: DrainTarget, vmi: Evacuee) -> bool:
 
 
 def _failed_too_often(vmi: Evacuee, past: Sequence[Attempt]) -> str | None:
-    failed = len(_failed_in_a_row(past))
-    if failed < MAX_DRAIN_FAILURES:
+    failed = _failed_in_a_row(past)
+    if len(failed) < MAX_DRAIN_FAILURES:
         return None
     return (
-        f"the last {failed} drain migrations off {vmi.node} failed; gtvp tries again once "
+        f"the last {len(failed)} drain migrations off {vmi.node} failed{_towards(failed)}; "
+        "gtvp tries again once "
         f"they are deleted (kubectl delete vmim -n {vmi.namespace} -l {DRAIN_LABEL}={vmi.node})"
     )
 
