@@ -129,6 +129,34 @@ def choose_node(
     return best
 
 
+def unschedulable_message(
+    nodes: Sequence[Mapping[str, Any]],
+    selector: Mapping[str, str],
+    tolerations: Sequence[Mapping[str, Any]],
+    load: NodeLoad,
+    *,
+    vmi: Mapping[str, Any],
+) -> str:
+    """Why no node takes `vmi`'s pod, as kube-scheduler says it in the pod's `PodScheduled`
+    condition (which KubeVirt copies onto the VMI): each node's first failing rule, counted."""
+    counts: dict[str, int] = {}
+    for n in nodes:
+        name = n["metadata"]["name"]
+        if not node_fits(n, selector, ()):
+            why = "node(s) didn't match Pod's node affinity/selector"
+            if (n.get("spec") or {}).get("unschedulable"):
+                why = "node(s) were unschedulable"
+        elif not node_fits(n, selector, tolerations):
+            why = "node(s) had untolerated taint"
+        elif not load.fits(name, vmi):
+            why = "Insufficient cpu or memory"
+        else:
+            continue
+        counts[why] = counts.get(why, 0) + 1
+    listed = ", ".join(f"{c} {why}" for why, c in sorted(counts.items()))
+    return f"0/{len(nodes)} nodes are available: {listed}. (simulated)"
+
+
 VIEW_EVERY_S = 1.0  # how often the stand-in re-reads Members, policies and OSComponents
 
 
@@ -537,8 +565,16 @@ class VirtSim:
             preferred=preferred_node(spec),
         )
         status: dict[str, Any]
-        if node is None:
-            status = {"phase": "Scheduling", "reason": "no node fits the nodeSelector (simulated)"}
+        if node is None:  # KubeVirt copies the launcher pod's PodScheduled condition
+            why = unschedulable_message(
+                nodes,
+                spec.get("nodeSelector") or {},
+                spec.get("tolerations") or [],
+                load,
+                vmi=vmi,
+            )
+            condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+            status = {"phase": "Scheduling", "conditions": [{**condition, "message": why}]}
         elif self.launcher is not None:
             load.commit(node, vmi)
             try:
@@ -560,7 +596,14 @@ class VirtSim:
             load.commit(node, vmi)
             status = {"phase": "Running", "nodeName": node}
             log.info("%s VMI %s/%s runs on %s", BANNER, meta["namespace"], meta["name"], node)
-        if (vmi.get("status") or {}).get("phase") != status["phase"] or node:
+        old = vmi.get("status") or {}
+        if node is not None and old.get("conditions"):
+            status.setdefault("conditions", [])  # scheduled: no longer Unschedulable
+        if (
+            old.get("phase") != status["phase"]
+            or old.get("conditions") != status.get("conditions", old.get("conditions"))
+            or node
+        ):
             self.api.patch_namespaced_custom_object(
                 *KV, meta["namespace"], "virtualmachineinstances", meta["name"], {"status": status}
             )
@@ -580,8 +623,8 @@ class VirtSim:
             meta["namespace"],
             "virtualmachineinstances",
             meta["name"],
-            {"status": {"phase": "Scheduling", "reason": reason}},
-        )
+            {"status": {"phase": "Scheduling", "reason": reason, "conditions": []}},
+        )  # bound to a node: no longer Unschedulable, if it was
         log.info("%s VMI %s/%s: %s", KUBELET_BANNER, *key, reason)
 
     def _advance_migration(

@@ -236,6 +236,15 @@ def test_a_vm_whose_requests_fit_no_node_is_not_placed(
     vmi = api.get_namespaced_custom_object(*KV, namespace, "virtualmachineinstances", "huge")
     assert not (vmi.get("status") or {}).get("nodeName")  # as kube-scheduler: Pending
     assert vmi["status"]["phase"] == "Scheduling"
+    # and says why, as KubeVirt copies the launcher pod's PodScheduled condition
+    (cond,) = vmi["status"]["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"]) == (
+        "PodScheduled",
+        "False",
+        "Unschedulable",
+    )
+    assert "Insufficient cpu or memory" in cond["message"]
+    assert cond["message"].endswith("(simulated)")
 
 
 @pytest.mark.usefixtures("standin")

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gtvp.core.boxes import BoxInput, Observed, plan_box
+from gtvp.core.boxes import BoxInput, Observed, plan_box, unschedulable
 from gtvp.core.component_checks import Check, check_component, spend_use
 from gtvp.core.components import Component, parse_component
 from gtvp.core.compose import BoxRef, compose_vm, preferred_node
@@ -278,6 +278,42 @@ def test_unchanged_box_reports_running_without_writing_vm() -> None:
     d = plan_box(inp(observed=_running(COMPS), status={"phase": "Placing"}), NOW)
     assert d.vm is None
     assert d.status["phase"] == "Running"
+
+
+def test_a_box_whose_vm_the_scheduler_cannot_place_says_why_once() -> None:
+    """gtvp places by what it counts; the scheduler also counts KubeVirt's per-VM overhead
+    and pods that are not VMs. A box whose VM's pod fits nowhere said "the VM is starting"
+    forever; it says the scheduler's words, with one Warning, and is Running once placed."""
+    status = plan_box(inp(), NOW).status
+    vmi_status = {
+        "phase": "Scheduling",
+        "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/3 nodes are available: 3 Insufficient memory."}
+        ],
+    }  # fmt: skip
+    stuck = replace(_running(COMPS), vmi_phase="Scheduling", vmi_node=None,
+                    vmi_unschedulable=unschedulable(vmi_status))  # fmt: skip
+    d = plan_box(inp(observed=stuck, status=status), NOW)
+    assert d.status["phase"] == "Placing"
+    assert d.status["message"] == (
+        "the scheduler cannot place the VM on node-2: "
+        "0/3 nodes are available: 3 Insufficient memory."
+    )
+    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Unschedulable")
+    assert d.event == ("Warning", "Unschedulable", d.status["message"])
+    # the scheduler's count changes: the message follows, no second Warning
+    vmi_status["conditions"][0]["message"] = "0/4 nodes are available: 4 Insufficient memory."
+    again = replace(stuck, vmi_unschedulable=unschedulable(vmi_status))
+    later = plan_box(inp(observed=again, status=d.status), NOW)
+    assert later.status["message"].endswith("4 Insufficient memory.")
+    assert later.event is None
+    # scheduled at last: the condition is gone (or the VMI has a node), and the box runs
+    assert unschedulable({**vmi_status, "nodeName": "node-2"}) is None
+    assert unschedulable({"phase": "Scheduling"}) is None
+    running = plan_box(inp(observed=_running(COMPS), status=later.status), NOW)
+    assert running.status["phase"] == "Running"
 
 
 # -- component checks -----------------------------------------------------------------------

@@ -49,6 +49,7 @@ class Observed:
     vmi_phase: str | None = None
     vmi_reason: str | None = None  # why the VMI failed (its status.reason)
     vmi_node: str | None = None
+    vmi_unschedulable: str | None = None  # the scheduler's message while it cannot place it
     migrating: bool = False
     vm_boot: str | None = None  # composition the VM template boots (BOOT_ANNOTATION)
     vmi_boot: str | None = None  # composition the running VMI booted
@@ -78,6 +79,7 @@ class BoxInput:
 
 
 STARTING = "the VM is starting"  # a placed box's message until its VMI runs
+UNSCHEDULABLE = "the scheduler cannot place the VM"  # ... on MEMBER: its message
 
 
 def _resolved(components: Sequence[Component]) -> list[dict[str, Any]]:
@@ -326,6 +328,20 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
     )
 
 
+def unschedulable(vmi_status: Mapping[str, Any]) -> str | None:
+    """The scheduler's word while it cannot place a VMI's launcher pod (KubeVirt copies the
+    pod's `PodScheduled=False` condition onto the VMI), at most 1,000 characters; None once
+    it is scheduled or while nothing says so."""
+    if vmi_status.get("nodeName"):
+        return None
+    for cond in vmi_status.get("conditions") or []:
+        if not isinstance(cond, Mapping) or cond.get("type") != "PodScheduled":
+            continue
+        if cond.get("status") == "False":
+            return str(cond.get("message") or cond.get("reason") or "Unschedulable")[:1000]
+    return None
+
+
 def _running_phase(obs: Observed) -> str:
     if obs.migrating:
         return "Migrating"
@@ -352,6 +368,8 @@ def _observe(inp: BoxInput, now: dt.datetime, blocked: tuple[str, str] | None = 
         msg = f"running on {node}"
     elif phase == "Migrating":
         msg = f"live-migrating from {node}"
+    elif obs.vmi_unschedulable is not None:
+        msg = f"{UNSCHEDULABLE} on {obs.vm_node or node}: {obs.vmi_unschedulable}"
     else:
         msg = STARTING
     prev = {c.get("type"): c for c in inp.status.get("conditions") or []}
@@ -367,7 +385,8 @@ def _observe(inp: BoxInput, now: dt.datetime, blocked: tuple[str, str] | None = 
         conds["Verified"] = (False, blocked[0], blocked[1])
         msg += f"; upgrade blocked: {blocked[1]}"
     ready = phase in ("Running", "Migrating") and obs.vmi_phase == "Running"
-    conds["Ready"] = (ready, phase, msg)
+    unschedulable = phase == "Placing" and obs.vmi_unschedulable is not None
+    conds["Ready"] = (ready, "Unschedulable" if unschedulable else phase, msg)
     if obs.vmi_boot is not None and obs.vm_boot is not None and obs.vmi_boot != obs.vm_boot:
         conds["RestartRequired"] = (
             True,
@@ -380,4 +399,6 @@ def _observe(inp: BoxInput, now: dt.datetime, blocked: tuple[str, str] | None = 
     event = None
     if inp.status.get("phase") != phase or (node and inp.status.get("node") != node):
         event = ("Normal", phase, msg)
+    if unschedulable and not str(inp.status.get("message", "")).startswith(UNSCHEDULABLE):
+        event = ("Warning", "Unschedulable", msg)  # once, not on each new scheduler count
     return Decision(status, event=event)

@@ -28,6 +28,7 @@ from gtvp.core.boxes import (
     Decision,
     Observed,
     plan_box,
+    unschedulable,
 )
 from gtvp.core.components import Component, ComponentError, parse_component
 from gtvp.core.compose import BOOT_ANNOTATION, BOX_LABEL, BoxRef, preferred_node
@@ -173,6 +174,7 @@ def observed(rt: Runtime, key: Key) -> Observed:
         vmi_phase=vmi_status.get("phase") if vmi else None,
         vmi_reason=vmi_status.get("reason") if vmi else None,
         vmi_node=vmi_status.get("nodeName") if vmi else None,
+        vmi_unschedulable=unschedulable(vmi_status),
         migrating=_migrating(rt, key),
         vm_boot=((tmpl.get("metadata") or {}).get("annotations") or {}).get(BOOT_ANNOTATION),
         vmi_boot=vmi_annotations.get(BOOT_ANNOTATION) if vmi else None,
