@@ -212,11 +212,25 @@ def test_a_retry_goes_where_no_attempt_failed_while_such_a_member_can_take_the_v
     retry = plan(evacuees(1), tgts, history=drain_history(failed)).migrations[0]
     assert retry["spec"]["addedNodeSelector"][HOST] == "b-later"
     assert retry["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "1"
-    # where every member failed once, the one that failed longest ago is as good as any:
-    # the VMI is retried (up to three failures), not left waiting
+    # where every member failed once, the usual choice decides among them: the VMI is
+    # retried (up to three failures), not left waiting
     both = [*failed, {**retry, "status": {"phase": "Failed"}}]
     third = plan(evacuees(1), tgts, history=drain_history(both)).migrations[0]
     assert third["metadata"]["annotations"][DRAIN_ATTEMPT_ANNOTATION] == "2"
+    assert third["spec"]["addedNodeSelector"][HOST] == "a-first"
+    # a member that did not fail but is at its inbound limit: the VMI waits for it rather
+    # than spend an attempt where one failed
+    one = MigrationLimits(max_parallel=5, max_outbound_per_node=2, max_inbound_per_node=1)
+    busy = [Migration("other", "in", "x", "n9", "b-later", "Running", "b-later")]
+    held = plan(evacuees(1), tgts, busy, limits=one, history=drain_history(failed))
+    assert held.migrations == ()
+    # a cancelled attempt in between is no success: the run (and what it avoids) goes on
+    cancelled = {
+        **retry,
+        "metadata": {**retry["metadata"], "deletionTimestamp": "2026-12-03T00:00:00Z"},
+    }
+    after = plan(evacuees(1), tgts, history=drain_history([*failed, cancelled])).migrations[0]
+    assert after["spec"]["addedNodeSelector"][HOST] == "b-later"
     # a success ends the run: its failures no longer steer the next drain
     ok = [*failed, {**retry, "status": {"phase": "Succeeded"}}]
     again = plan(evacuees(1), tgts, history=drain_history(ok)).migrations[0]

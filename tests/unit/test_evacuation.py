@@ -263,6 +263,7 @@ def test_a_retry_goes_where_no_attempt_failed_while_such_a_member_can_take_the_v
     two = plan_evacuation(member="bad", incident="x", vmis=_vmis(1), migrations=history,
                           limits=LIMITS, targets=targets[:2])  # fmt: skip
     assert [m["metadata"]["annotations"][ATTEMPT] for m in two] == ["2"]
+    assert two[0]["spec"]["addedNodeSelector"]["kubernetes.io/hostname"] == "a-first"
     stalled = evacuation_stalled(member="bad", vmis=_vmis(1),
                                  migrations=[*history, _finished(two[0], "Failed")])  # fmt: skip
     assert "off bad failed (towards a-first, b-later);" in stalled[("ns", "vm0")]

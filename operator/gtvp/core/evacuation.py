@@ -182,7 +182,13 @@ def evacuation_history(migrations: Iterable[Migration]) -> History:
             out.setdefault((m.namespace, m.vmi, m.evacuates), []).append(
                 Attempt(m.attempt, phase, m.name, m.inbound_to)
             )
-    return {key: sorted(past) for key, past in out.items()}
+    return {key: sorted(past, key=_order) for key, past in out.items()}
+
+
+def _order(a: Attempt) -> tuple[int, str, str]:
+    """Attempts by number; at an equal number (two names of one attempt while another object
+    held the first) by phase, Cancelled < Failed < Succeeded, so a success ends a run."""
+    return a.number, a.phase, a.name
 
 
 def _failed_in_a_row(past: Sequence[Attempt]) -> list[Attempt]:
@@ -610,7 +616,7 @@ def plan_drains(
         if (vmi.namespace, vmi.name) in busy:
             cancel.extend(_unschedulable_drains(vmi, migrations, targets, full))
             continue
-        past = sorted(history.get((vmi.namespace, vmi.name, vmi.node), ()))
+        past = sorted(history.get((vmi.namespace, vmi.name, vmi.node), ()), key=_order)
         eligible = [t.name for t in targets if _can_take(t, vmi)]
         roomy = [n for n in eligible if room is None or room.fits(n, *_asks(vmi))]
         why = _failed_too_often(vmi, past)
