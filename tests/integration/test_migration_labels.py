@@ -6,6 +6,7 @@ the real API server (ValidatingAdmissionPolicy gtvp-migration-labels)."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -29,6 +30,19 @@ def _migration(name: str, labels: dict[str, str]) -> dict[str, Any]:
 def policies_applied(control_plane: ControlPlane) -> None:
     for m in manifests():
         control_plane.kubectl("apply", "-f", str(m))
+    # the API server loads a new or changed policy a moment after the write: wait until a
+    # marked migration is refused (a server-side dry run passes admission, stores nothing)
+    probe = json.dumps(_migration("probe", {"gtvp.io/evacuation": "node-1"}))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out = control_plane.kubectl(
+            "create", "-n", "default", "--dry-run=server", "-f", "-",
+            input_text=probe, check=False,
+        )  # fmt: skip
+        if out.returncode != 0 and "mark the migrations gtvp starts" in out.stderr:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the gtvp-migration-labels policy never took effect")
 
 
 def _create(cp: ControlPlane, ns: str, obj: dict[str, Any], identity: Any = ADMIN) -> Any:
@@ -69,3 +83,46 @@ def test_the_operator_may_and_others_may_not_add_the_mark_later(
         "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", "-p", touch, check=False
     )
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.usefixtures("policies_applied")
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("gtvp.io/evacuation-attempt", "99"),  # would end the run of failures gtvp counts
+        ("kubevirt.io/migrationPendingPodTimeoutSeconds", "0"),  # fails the migration at once
+        ("kubevirt.io/migrationUnschedulablePodTimeoutSeconds", "0"),
+    ],
+)
+def test_only_the_operator_touches_gtvps_annotations_on_its_migrations(
+    control_plane: ControlPlane, namespace: str, key: str, value: str
+) -> None:
+    """Whoever may update the VM's migrations could otherwise rewrite gtvp's attempt numbers
+    (so that a retry forgets where the last ones failed) or make gtvp's evacuation fail at
+    once with KubeVirt's test-only timeouts, three times, and keep the VM where it is."""
+    body = _migration("evac", {"gtvp.io/evacuation": "node-1"})
+    body["metadata"]["annotations"] = {"gtvp.io/evacuation-attempt": "0"}
+    assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
+
+    def patch(annotations: dict[str, Any], identity: Any = ADMIN) -> Any:
+        return control_plane.kubectl(
+            "patch", "vmim", "evac", "-n", namespace, "--type=merge",
+            "-p", json.dumps({"metadata": {"annotations": annotations}}),
+            identity=identity, check=False,
+        )  # fmt: skip
+
+    refused = patch({key: value})
+    assert refused.returncode != 0
+    assert "belong to the operator" in refused.stderr
+    assert "may not set, change or remove them" in refused.stderr
+    removed = patch({"gtvp.io/evacuation-attempt": None})
+    assert removed.returncode != 0
+    assert patch({"kubevirt.io/note": "x"}).returncode == 0  # others' annotations pass
+    assert patch({key: value}, OPERATOR).returncode == 0
+    # a migration that is not gtvp's is its owner's to annotate
+    assert _create(control_plane, namespace, _migration("own", {})).returncode == 0
+    own = control_plane.kubectl(
+        "patch", "vmim", "own", "-n", namespace, "--type=merge",
+        "-p", json.dumps({"metadata": {"annotations": {key: value}}}), check=False,
+    )  # fmt: skip
+    assert own.returncode == 0, own.stderr
