@@ -749,7 +749,7 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     assert [(e["involvedObject"]["name"], e["type"], e["message"], e.get("count", 1))
             for e in events] == [
         ("db2", "Warning", "evacuation off bad waits: no member that may take it has room for "
-         "its requests (2000m CPU and 2.0 GiB)", 1)
+         "what its pod asks (2000m CPU and 2.3 GiB, KubeVirt's overhead included)", 1)
     ]  # fmt: skip
 
 

@@ -87,9 +87,11 @@ def plan(
 
 def test_a_marked_gated_external_vmi_is_gtvps_to_move() -> None:
     one_vcpu = 100  # no CPU requested: what its launcher pod asks for one vCPU
-    assert drain_evacuee(vmi_body()) == Evacuee("ns", "web", "n1", 2, cpu_millis=one_vcpu)
+    overhead = (220 + 8 + 8 + 32) * 2**20  # no guest memory: KubeVirt's overhead alone
+    asks = {"cpu_millis": one_vcpu, "memory_bytes": overhead}
+    assert drain_evacuee(vmi_body()) == Evacuee("ns", "web", "n1", 2, **asks)
     box = drain_evacuee(vmi_body(labels={"gtvp.io/level": "3", "gtvp.io/lazybox": "web"}))
-    assert box == Evacuee("ns", "web", "n1", 3, box=True, cpu_millis=one_vcpu)
+    assert box == Evacuee("ns", "web", "n1", 3, box=True, **asks)
 
 
 def test_vmis_that_are_not_gtvps_to_move_are_left_alone() -> None:

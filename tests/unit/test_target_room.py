@@ -162,7 +162,8 @@ def test_a_drain_skips_full_members_and_says_why_it_waits() -> None:
     moved, waiting = drain(room(WARM_BUT_FULL, host("cold", cpu_used=7000)))
     assert moved == []
     assert waiting[("ns", "box")] == (
-        "no member that may take it has room for its requests (2000m CPU and 2.0 GiB)"
+        "no member that may take it has room for what its pod asks (2000m CPU and 2.0 GiB, "
+        "KubeVirt's overhead included)"
     )
 
 

@@ -28,6 +28,7 @@ from gtvp.core.component_checks import Check
 from gtvp.core.components import Component
 from gtvp.core.compose import BoxRef, CompositionError, compose_vm
 from gtvp.core.conditions import merge_conditions
+from gtvp.core.footprint import box_asks
 from gtvp.core.placement import Host, Placement, place
 from gtvp.core.quantity import cpu_millis, memory_bytes
 from gtvp.core.resolve import describe
@@ -132,7 +133,7 @@ def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     if unverified is not None:
         return unverified
     try:
-        cpu, mem = (
+        cpu, mem = box_asks(  # as its VM's launcher pod will ask the scheduler
             cpu_millis(inp.spec["resources"]["cpu"]),
             memory_bytes(inp.spec["resources"]["memory"]),
         )

@@ -5,13 +5,16 @@ spec tells: `spec.domain.resources.requests` (CPU and memory), else the limits (
 requests what a container limits when it requests nothing); without either, the guest memory
 (`spec.domain.memory.guest`) and 100m per vCPU (KubeVirt's default `cpuAllocationRatio` of 10:
 sockets x cores x threads of `spec.domain.cpu`; a whole CPU per vCPU with
-`dedicatedCpuPlacement`, and one more for `isolateEmulatorThread`). A Lazy Box's VMI and
-every VM people run next to them alike, each by its own spec, whatever its labels say
-(anyone who creates a VMI can label it as a box; a label must not hide the room it takes).
-Not counted: KubeVirt's
-per-pod memory overhead (a few hundred MiB, which depends on the cluster's KubeVirt), a
-cluster-wide `cpuAllocationRatio` other than the default, and pods that are not VMs: a member
-can look a little roomier to gtvp than the scheduler finds it. Pure.
+`dedicatedCpuPlacement`, and one more for `isolateEmulatorThread`); to the memory KubeVirt
+adds its estimate of the pod's own overhead (`launcher_overhead`: page tables, virt-launcher,
+virtqemud, virtlogd and qemu, per vCPU, video, vTPM, ... about 270 MiB for a small VM)
+unless the VMI sets `overcommitGuestOverhead`. A Lazy Box's VMI and every VM people run next
+to them alike, each by its own spec, whatever its labels say (anyone who creates a VMI can
+label it as a box; a label must not hide the room it takes). Not counted: a cluster-wide
+`additionalGuestMemoryOverheadRatio` or `cpuAllocationRatio` other than the defaults, network
+binding plugins' overhead, and pods that are not VMs: a member can look a little roomier to
+gtvp than the scheduler finds it (a box's VM that the scheduler then cannot place says so,
+`core.boxes.unschedulable`). Pure.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gtvp.core.quantity import cpu_millis, memory_bytes
+from gtvp.core.quantity import cpu_millis, memory_bytes, parse_quantity
 
 FINISHED = frozenset({"Succeeded", "Failed"})
 
@@ -58,9 +61,89 @@ def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
     cpu = requests.get("cpu") or limits.get("cpu")
     try:
         millis = cpu_millis(cpu) if cpu else _default_cpu(domain.get("cpu") or {})
-        return millis, memory_bytes(memory or "0")
+        guest = memory_bytes(memory or "0")
+        overhead = (
+            0
+            if resources.get("overcommitGuestOverhead") is True
+            else (launcher_overhead(vmi, guest))
+        )
+        return millis, guest + overhead
     except ValueError:
         return 0, 0
+
+
+def box_asks(cpu: int, memory: int) -> tuple[int, int]:
+    """What the launcher pod of a Lazy Box's VM asking for `cpu` millicores and `memory`
+    bytes will request, before its VMI exists: the same plus KubeVirt's overhead for the
+    composed VM (one vCPU per whole CPU asked; a vTPM's 53 MiB is counted once the VMI
+    exists)."""
+    vmi = {"spec": {"domain": {"resources": {"requests": {"cpu": f"{cpu}m"}}}}}
+    return cpu, memory + launcher_overhead(vmi, memory)
+
+
+MIB = 2**20
+FIXED_OVERHEAD = (25 + 100 + 25 + 40 + 30) * MIB  # virt-launcher-monitor, virt-launcher,
+# virtlogd, virtqemud, qemu (less the guest's RAM): KubeVirt's GetMemoryOverhead
+
+
+def launcher_overhead(vmi: Mapping[str, Any], guest: int) -> int:
+    """The memory KubeVirt adds to a VMI's launcher pod on x86-64 for what runs beside the
+    guest (its GetMemoryOverhead, at the default `additionalGuestMemoryOverheadRatio`):
+    page tables (1/512 of the guest), the fixed processes, 8 MiB per vCPU and for the I/O
+    thread, 32 MiB of video unless `autoattachGraphicsDevice` is false, 1 GiB for VFIO
+    devices, 1 MiB for a downward-metrics disk, exec probes, 256 MiB for SEV, 53 MiB for a
+    vTPM's swtpm, 100 MiB with dedicated CPUs or guaranteed QoS. Raises ValueError on
+    quantities KubeVirt's schema refuses."""
+    spec = vmi.get("spec") or {}
+    domain = spec.get("domain") or {}
+    devices = domain.get("devices") or {}
+    resources = domain.get("resources") or {}
+    total = guest // 512 + FIXED_OVERHEAD + 8 * MIB * _overhead_vcpus(domain) + 8 * MIB
+    if devices.get("autoattachGraphicsDevice") is not False:
+        total += 32 * MIB
+    interfaces = devices.get("interfaces") or []
+    vfio = devices.get("hostDevices") or devices.get("gpus")
+    if vfio or any(isinstance(i, Mapping) and "sriov" in i for i in interfaces):
+        total += 1024 * MIB
+    if any(isinstance(v, Mapping) and "downwardMetrics" in v for v in spec.get("volumes") or []):
+        total += MIB
+    probes = [
+        p for p in (spec.get("livenessProbe"), spec.get("readinessProbe"))
+        if isinstance(p, Mapping) and "exec" in p
+    ]  # fmt: skip
+    total += len(probes) * 10 * MIB + (100 * MIB if probes else 0)
+    security = domain.get("launchSecurity") or {}
+    if isinstance(security, Mapping) and ("sev" in security or "snp" in security):
+        total += 256 * MIB
+    tpm = devices.get("tpm")
+    if isinstance(tpm, Mapping) and tpm.get("enabled", True) is not False:
+        total += 53 * MIB
+    if (domain.get("cpu") or {}).get("dedicatedCpuPlacement") is True or _guaranteed(resources):
+        total += 100 * MIB
+    return total
+
+
+def _overhead_vcpus(domain: Mapping[str, Any]) -> int:
+    """vCPUs as KubeVirt counts them for the overhead: the topology, else the CPU limit or
+    request (whole CPUs), at least 1."""
+    if domain.get("cpu") is not None:
+        return _vcpus(domain.get("cpu") or {})
+    resources = domain.get("resources") or {}
+    cpu = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu")
+    return max(cpu_millis(cpu) // 1000, 1) if cpu else 1
+
+
+def _guaranteed(resources: Mapping[str, Any]) -> bool:
+    """CPU and memory requested, each equal to its limit (KubeVirt's
+    WantsToHaveQOSGuaranteed, read on the VMI as written)."""
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    return all(
+        requests.get(k)
+        and limits.get(k)
+        and parse_quantity(requests[k]) != 0
+        and parse_quantity(requests[k]) == parse_quantity(limits[k])
+        for k in ("cpu", "memory")
+    )
 
 
 def _default_cpu(topology: Mapping[str, Any]) -> int:

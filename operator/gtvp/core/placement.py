@@ -90,8 +90,8 @@ def place(
             )
         if full:
             why.append(
-                f"{len(full)} without room for {cpu}m CPU / {human_bytes(memory)} "
-                f"({_few(full, _free)})"
+                f"{len(full)} without room for {cpu}m CPU / {human_bytes(memory)} with "
+                f"KubeVirt's overhead ({_few(full, _free)})"
             )
         return Placement(None, "no member qualifies: " + "; ".join(why), 0, total)
     sizes = _sizes(components)

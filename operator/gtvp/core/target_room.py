@@ -127,6 +127,6 @@ def shortfall(cpu_millis: int, memory_bytes: int) -> str:
     """Why a VMI waits when no member that may take it has room (the same words while it
     asks the same, so a reason said once per change is not said again as room shifts)."""
     return (
-        f"no member that may take it has room for its requests ({cpu_millis}m CPU and "
-        f"{human_bytes(memory_bytes)})"
+        f"no member that may take it has room for what its pod asks ({cpu_millis}m CPU and "
+        f"{human_bytes(memory_bytes)}, KubeVirt's overhead included)"
     )

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from gtvp.cluster_view import Key
 from gtvp.core.components import image_digests
 from gtvp.core.evacuation import Migration
+from gtvp.core.footprint import box_asks
 from gtvp.core.placement import Host
 from gtvp.core.quantity import cpu_millis, memory_bytes
 from gtvp.core.target_room import TargetRoom
@@ -32,7 +33,7 @@ def box_requests(rt: Runtime, key: Key, box: Mapping[str, Any]) -> tuple[int, in
         return hit[1]
     res = (box.get("spec") or {}).get("resources") or {}
     try:
-        got = cpu_millis(res.get("cpu", "0")), memory_bytes(res.get("memory", "0"))
+        got = box_asks(cpu_millis(res.get("cpu", "0")), memory_bytes(res.get("memory", "0")))
     except ValueError:
         got = (0, 0)
     rt.boxes.request_cache[key] = (rv, got)
