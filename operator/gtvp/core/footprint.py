@@ -14,7 +14,9 @@ label it as a box; a label must not hide the room it takes). Not counted: a clus
 `additionalGuestMemoryOverheadRatio` or `cpuAllocationRatio` other than the defaults, network
 binding plugins' overhead, and pods that are not VMs: a member can look a little roomier to
 gtvp than the scheduler finds it (a box's VM that the scheduler then cannot place says so,
-`core.boxes.unschedulable`). Pure.
+`core.boxes.unschedulable`), the resources of the pod's other containers (console log,
+container disks), and hugepages (KubeVirt asks for a guest on hugepages as its own resource;
+gtvp counts it as memory). Pure.
 """
 
 from __future__ import annotations
@@ -62,12 +64,8 @@ def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
     try:
         millis = cpu_millis(cpu) if cpu else _default_cpu(domain.get("cpu") or {})
         guest = memory_bytes(memory or "0")
-        overhead = (
-            0
-            if resources.get("overcommitGuestOverhead") is True
-            else (launcher_overhead(vmi, guest))
-        )
-        return millis, guest + overhead
+        skip = resources.get("overcommitGuestOverhead") is True
+        return millis, guest + (0 if skip else launcher_overhead(vmi))
     except ValueError:
         return 0, 0
 
@@ -75,30 +73,39 @@ def vmi_requests(vmi: Mapping[str, Any]) -> tuple[int, int]:
 def box_asks(cpu: int, memory: int) -> tuple[int, int]:
     """What the launcher pod of a Lazy Box's VM asking for `cpu` millicores and `memory`
     bytes will request, before its VMI exists: the same plus KubeVirt's overhead for the
-    composed VM (one vCPU per whole CPU asked; a vTPM's 53 MiB is counted once the VMI
-    exists)."""
-    vmi = {"spec": {"domain": {"resources": {"requests": {"cpu": f"{cpu}m"}}}}}
-    return cpu, memory + launcher_overhead(vmi, memory)
+    composed VM, counted with a vTPM (attested boxes have one: 53 MiB more than an
+    unattested box needs, until its VMI counts by its own spec)."""
+    requests = {"cpu": f"{cpu}m", "memory": str(memory)}
+    vmi = {"spec": {"domain": {"resources": {"requests": requests}, "devices": {"tpm": {}}}}}
+    return cpu, memory + launcher_overhead(vmi)
 
 
 MIB = 2**20
 FIXED_OVERHEAD = (25 + 100 + 25 + 40 + 30) * MIB  # virt-launcher-monitor, virt-launcher,
-# virtlogd, virtqemud, qemu (less the guest's RAM): KubeVirt's GetMemoryOverhead
+# virtlogd, virtqemud, qemu (less the guest's RAM): KubeVirt v1.9's GetMemoryOverhead (later
+# releases raise qemu's share; a VMI's status.memory.memoryOverhead is not read: VMI status
+# is not only KubeVirt's to write, and a VM reported bigger than it is would fill members)
 
 
-def launcher_overhead(vmi: Mapping[str, Any], guest: int) -> int:
+def launcher_overhead(vmi: Mapping[str, Any]) -> int:
     """The memory KubeVirt adds to a VMI's launcher pod on x86-64 for what runs beside the
     guest (its GetMemoryOverhead, at the default `additionalGuestMemoryOverheadRatio`):
-    page tables (1/512 of the guest), the fixed processes, 8 MiB per vCPU and for the I/O
-    thread, 32 MiB of video unless `autoattachGraphicsDevice` is false, 1 GiB for VFIO
-    devices, 1 MiB for a downward-metrics disk, exec probes, 256 MiB for SEV, 53 MiB for a
-    vTPM's swtpm, 100 MiB with dedicated CPUs or guaranteed QoS. Raises ValueError on
-    quantities KubeVirt's schema refuses."""
+    page tables (1/512 of the memory requested), the fixed processes, 8 MiB per vCPU and for
+    the I/O thread, 32 MiB of video unless `autoattachGraphicsDevice` is false, 1 GiB for
+    VFIO devices, 1 MiB for a downward-metrics disk, exec probes, 256 MiB for SEV, 53 MiB for
+    a vTPM's swtpm, 100 MiB with dedicated CPUs or guaranteed QoS, and what the VMI reserves
+    itself (`memory.reservedOverhead.addedOverhead`). Raises ValueError on quantities
+    KubeVirt's schema refuses."""
     spec = vmi.get("spec") or {}
     domain = spec.get("domain") or {}
     devices = domain.get("devices") or {}
     resources = domain.get("resources") or {}
-    total = guest // 512 + FIXED_OVERHEAD + 8 * MIB * _overhead_vcpus(domain) + 8 * MIB
+    requested = (resources.get("requests") or {}).get("memory")
+    total = memory_bytes(requested) // 512 if requested else 0
+    total += FIXED_OVERHEAD + 8 * MIB * _overhead_vcpus(domain) + 8 * MIB
+    reserved = ((domain.get("memory") or {}).get("reservedOverhead") or {}).get("addedOverhead")
+    if reserved:
+        total += memory_bytes(reserved)
     if devices.get("autoattachGraphicsDevice") is not False:
         total += 32 * MIB
     interfaces = devices.get("interfaces") or []
@@ -130,20 +137,20 @@ def _overhead_vcpus(domain: Mapping[str, Any]) -> int:
         return _vcpus(domain.get("cpu") or {})
     resources = domain.get("resources") or {}
     cpu = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu")
-    return max(cpu_millis(cpu) // 1000, 1) if cpu else 1
+    return max(-(-cpu_millis(cpu) // 1000), 1) if cpu else 1  # whole CPUs, rounded up
 
 
 def _guaranteed(resources: Mapping[str, Any]) -> bool:
-    """CPU and memory requested, each equal to its limit (KubeVirt's
-    WantsToHaveQOSGuaranteed, read on the VMI as written)."""
+    """CPU and memory limited, each request absent or equal to its limit (KubeVirt's
+    WantsToHaveQOSGuaranteed on the VMI its webhook completed: a CPU limit becomes the CPU
+    request, and a memory limit without a request qualifies)."""
     requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
-    return all(
-        requests.get(k)
-        and limits.get(k)
-        and parse_quantity(requests[k]) != 0
-        and parse_quantity(requests[k]) == parse_quantity(limits[k])
-        for k in ("cpu", "memory")
-    )
+    for k in ("cpu", "memory"):
+        if not limits.get(k) or parse_quantity(limits[k]) == 0:
+            return False
+        if requests.get(k) and parse_quantity(requests[k]) != parse_quantity(limits[k]):
+            return False
+    return True
 
 
 def _default_cpu(topology: Mapping[str, Any]) -> int:
