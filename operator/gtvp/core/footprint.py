@@ -83,8 +83,8 @@ def box_asks(cpu: int, memory: int) -> tuple[int, int]:
 MIB = 2**20
 FIXED_OVERHEAD = (25 + 100 + 25 + 40 + 30) * MIB  # virt-launcher-monitor, virt-launcher,
 # virtlogd, virtqemud, qemu (less the guest's RAM): KubeVirt v1.9's GetMemoryOverhead (later
-# releases raise qemu's share; a VMI's status.memory.memoryOverhead is not read: VMI status
-# is not only KubeVirt's to write, and a VM reported bigger than it is would fill members)
+# releases raise qemu's share). A VMI's status.memory.memoryOverhead is not read: gtvp
+# counts what the spec asks for, not what is written about the VM after it started.
 
 
 def launcher_overhead(vmi: Mapping[str, Any]) -> int:
