@@ -152,6 +152,15 @@ class ClusterView:
         self._store(self.vms, body, event_type)
 
     def observe_migration(self, body: dict[str, Any], event_type: str) -> None:
+        """A watch event, or a migration gtvp just created (`body` as planned, no
+        resourceVersion): the planned copy counts at once, but never replaces the server's
+        copy when the watch delivered it first, so a later conditional delete (uid and
+        resourceVersion) still has them."""
+        had = self.migrations.get(key_of(body)) or {}
+        planned = not (body.get("metadata") or {}).get("resourceVersion")
+        served = bool((had.get("metadata") or {}).get("resourceVersion"))
+        if planned and served and event_type != "DELETED":
+            return
         self._store(self.migrations, body, event_type)
 
     def observe_vmi(self, body: dict[str, Any], event_type: str) -> None:

@@ -109,3 +109,24 @@ def test_the_view_keeps_its_own_copy_with_repeated_strings_shared() -> None:
     assert view.members["a"]["status"]["phase"] is view.members["b"]["status"]["phase"]
     one["status"]["phase"] = "Untrusted"
     assert view.members["a"]["status"]["phase"] == "Trusted"
+
+
+def test_a_planned_migration_never_replaces_the_servers_copy() -> None:
+    """gtvp records a migration it created as planned (no uid, no resourceVersion) so that
+    its next plan counts it at once; when the watch delivered the server's copy first, that
+    copy stays: a later cancel deletes only with its uid and resourceVersion, and with the
+    planned copy in the view it could never cancel (a pin to a cordoned node stayed)."""
+    view = ClusterView()
+    planned = {"metadata": {"namespace": "ns", "name": "m"}, "spec": {"vmiName": "db"}}
+    server = {"metadata": {**planned["metadata"], "uid": "u1", "resourceVersion": "7"},
+              "spec": {"vmiName": "db"}}  # fmt: skip
+    view.observe_migration(server, "ADDED")  # the watch was first
+    view.observe_migration(planned, "ADDED")
+    assert view.migrations[("ns", "m")]["metadata"]["resourceVersion"] == "7"
+    fresh = ClusterView()  # the watch comes second: the planned copy counts meanwhile
+    fresh.observe_migration(planned, "ADDED")
+    assert ("ns", "m") in fresh.migrations
+    fresh.observe_migration(server, "ADDED")
+    assert fresh.migrations[("ns", "m")]["metadata"]["uid"] == "u1"
+    fresh.observe_migration(planned, "DELETED")
+    assert ("ns", "m") not in fresh.migrations
