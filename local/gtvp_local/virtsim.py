@@ -598,11 +598,12 @@ class VirtSim:
             log.info("%s VMI %s/%s runs on %s", BANNER, meta["namespace"], meta["name"], node)
         old = vmi.get("status") or {}
         if node is not None and old.get("conditions"):
-            status.setdefault("conditions", [])  # scheduled: no longer Unschedulable
+            status["conditions"] = []  # scheduled: no longer Unschedulable
+        # placed: always written; still waiting: only when the phase or the reason changed
         if (
-            old.get("phase") != status["phase"]
-            or old.get("conditions") != status.get("conditions", old.get("conditions"))
-            or node
+            node
+            or old.get("phase") != status["phase"]
+            or old.get("conditions") != status.get("conditions")
         ):
             self.api.patch_namespaced_custom_object(
                 *KV, meta["namespace"], "virtualmachineinstances", meta["name"], {"status": status}

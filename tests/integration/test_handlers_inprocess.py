@@ -717,10 +717,7 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     rt.view.observe_vmi({**db, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
 
     def pinned() -> list[str]:
-        out = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
-        moves = json.loads(out)["items"]
-        for m in moves:
-            rt.view.observe_migration(m, "ADDED")  # as the operator's watch would
+        moves = _migrations_seen(control_plane, rt, namespace)
         return [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in moves]
 
     asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))

@@ -700,8 +700,8 @@ def _failed_too_often(vmi: Evacuee, past: Sequence[Attempt]) -> str | None:
         return None
     return (
         f"the last {len(failed)} drain migrations off {vmi.node} failed{_towards(failed)}; "
-        "gtvp tries again once "
-        f"they are deleted (kubectl delete vmim -n {vmi.namespace} -l {DRAIN_LABEL}={vmi.node})"
+        f"gtvp tries again once they are deleted (kubectl delete vmim -n {vmi.namespace} "
+        f"-l {DRAIN_LABEL}={vmi.node})"
     )
 
 
