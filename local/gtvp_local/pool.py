@@ -67,7 +67,13 @@ def manifests() -> list[Path]:
     base = resources.files("gtvp") / "manifests"
     return [
         Path(str(base / n))
-        for n in ("rbac.yaml", "agent-vap.yaml", "migration-labels-vap.yaml", "local-bindings.yaml")
+        for n in (
+            "rbac.yaml",
+            "agent-vap.yaml",
+            "migration-labels-vap.yaml",
+            "migration-deletion-vap.yaml",
+            "local-bindings.yaml",
+        )
     ]
 
 
@@ -81,6 +87,7 @@ def pool_policy(
     publisher_keys: Mapping[str, str] | None = None,
     allow_shared_ek: bool = False,
     on_untrusted: Mapping[int, str] | None = None,
+    migrate_within: Mapping[int, str] | None = None,
     balancing: Mapping[str, Any] | None = None,
     box_attestation_ca: str | None = None,
 ) -> dict[str, Any]:
@@ -89,6 +96,7 @@ def pool_policy(
     Component publishers: `publisher_keys` (name -> PEM public key), by default those of
     the sample policy, so the signed sample catalogue verifies in the local pool.
     `box_attestation_ca`: the CA of the boxes' vTPMs (PEM): boxes attest (docs/boxattest.md).
+    `on_untrusted`, `migrate_within`: per level number, its onUntrusted and migrateWithin.
     """
     if publisher_keys is None:
         publisher_keys = sample_publisher_keys()
@@ -99,6 +107,7 @@ def pool_policy(
             "name": lname,
             "onUntrusted": (on_untrusted or {}).get(n, default),
             "attestation": {"interval": interval, "validFor": valid_for, "maxUses": max_uses},
+            **({"migrateWithin": within} if (within := (migrate_within or {}).get(n)) else {}),
         }
 
     return {

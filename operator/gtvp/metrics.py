@@ -162,6 +162,12 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.deadline_stops = Counter(
+            "gtvp_evacuation_deadline_stops",
+            "Gated VMs stopped because they were not moved off a member that lost trust "
+            "within their level's migrateWithin",
+            registry=self.registry,
+        )
         self.drain_migrations = Counter(
             "gtvp_drain_migrations",
             "Live migrations gtvp started for drained nodes (evacuationNodeName, External), "
@@ -302,6 +308,9 @@ class Metrics:
 
     def evacuation(self, state: str) -> None:
         self.evacuations.labels(state).inc()
+
+    def deadline_stop(self) -> None:
+        self.deadline_stops.inc()
 
     def set_coordination(self, shards: int, leading: bool) -> None:
         self.shards_held.set(shards)

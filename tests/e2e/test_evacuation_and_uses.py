@@ -129,3 +129,53 @@ def test_operator_killed_mid_evacuation_starts_no_duplicate_and_loses_no_vm(
     )
     assert set(_placements(pool, namespace, names)) == set(names)  # no VM lost
     assert len(on_host) >= 1
+
+
+def test_a_vm_not_moved_off_within_its_levels_bound_is_stopped(pool: Pool, namespace: str) -> None:
+    """Whatever holds an evacuation back (here KubeVirt itself: the stand-in is frozen, so
+    the migration never leaves Pending) must not keep a restricted VM on a host that lost
+    trust for ever: past its level's migrateWithin gtvp stops it, says so once, and the VM
+    does not come back on that host."""
+    pool.apply_policy(interval="2s", valid_for="6s", max_uses=50, migrate_within={3: "10s"})
+    try:
+        pool.cp.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(_vm("held", 3)))
+        host = _wait(
+            "held running",
+            lambda: (_vmi(pool, namespace, "held").get("status") or {}).get("nodeName"),
+        )
+        pool.procs.stop("virtsim")  # SIMULATED KubeVirt frozen: no migration makes progress
+        pool.extend_pcr(host, 7, b"rootkit")
+        lost = pool.wait_phase(host, "Untrusted", reason="PcrMismatch", timeout=20)
+        ready = next(c for c in lost["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False"
+        _wait(
+            "an evacuation migration started",
+            lambda: any(
+                m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
+                for m in _migrations(pool, namespace)
+            ),
+        )
+
+        def halted() -> bool:
+            vm = json.loads(pool.cp.kubectl("get", "vm", "held", "-n", namespace,
+                                            "-o", "json").stdout)  # fmt: skip
+            return vm["spec"].get("running") is False
+
+        assert not halted()  # not before the bound
+        _wait("the VM stopped past its bound", halted, timeout=30)
+        out = pool.cp.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationDeadline",
+            "-o", "json",
+        )  # fmt: skip
+        said = json.loads(out.stdout)["items"]
+        assert [(e["involvedObject"]["name"], e["type"], e.get("count", 1)) for e in said] == [
+            ("held", "Warning", 1)
+        ]
+        assert said[0]["message"].startswith(f"still on {host}, which is not trusted, 10s after")
+        assert "level restricted's migrateWithin" in said[0]["message"]
+        pool.start_virtsim()
+        _wait("the VMI gone", lambda: not _vmi(pool, namespace, "held"), timeout=30)
+    finally:
+        if pool.procs.get("virtsim") is None:
+            pool.start_virtsim()
+        pool.apply_policy(interval="2s", valid_for="6s", max_uses=50)

@@ -116,6 +116,40 @@ def test_first_evacuation_abort_and_first_failed_component_fire(tmp_path: Path) 
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def test_the_first_vm_stopped_past_its_bound_fires(tmp_path: Path) -> None:
+    """A VM gtvp stopped because it could not be moved off an untrusted member in time is
+    an outage someone must look at: the first one pages (critical)."""
+    m = Metrics()
+    before = _series(m, "gtvp_evacuation_deadline_stops")
+    assert before == {"gtvp_evacuation_deadline_stops_total{}": 0}  # exposed from the start
+    m.deadline_stop()
+    after = _series(m, "gtvp_evacuation_deadline_stops")
+    fired = {"exp_labels": {"severity": "critical"},
+             "exp_annotations": _annotations("GtvpEvacuationDeadlineStop")}  # fmt: skip
+    run = _promtool(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": _before_and_after(before, after),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "3m",
+                        "alertname": "GtvpEvacuationDeadlineStop",
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "6m",
+                        "alertname": "GtvpEvacuationDeadlineStop",
+                        "exp_alerts": [fired],
+                    },
+                ],
+            }
+        ],
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 @pytest.mark.parametrize(
     ("metric", "alert"),
     [

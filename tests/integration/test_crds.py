@@ -121,6 +121,18 @@ INVALID: list[tuple[str, Any, list[str]]] = [
         ["spec.levels[0].attestation", "validFor must be longer than interval"],
     ),
     (
+        "policy migrateWithin with onUntrusted Keep",
+        lambda r: _policy(
+            r, levels=[_levels()[0] | {"onUntrusted": "Keep", "migrateWithin": "10m"}]
+        ),
+        ["spec.levels[0].migrateWithin", "migrateWithin bounds onUntrusted Migrate only"],
+    ),
+    (
+        "policy migrateWithin too short",
+        lambda r: _policy(r, levels=[_levels()[0] | {"migrateWithin": "1s"}]),
+        ["spec.levels[0].migrateWithin", "between 10s and 72h"],
+    ),
+    (
         "policy interval not a duration",
         lambda r: _policy(r, levels=_levels(interval="soon")),
         ["spec.levels[0].attestation.interval"],

@@ -797,26 +797,31 @@ def test_the_highly_available_operator_is_accepted_by_the_api_server(
             assert f"{applied} serverside-applied (server dry run)" in out.stdout, out.stdout
 
 
+def _policy_pair(name: str, rendered: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """The ValidatingAdmissionPolicy `name` as the chart renders it and as the local pool's
+    copy (operator/gtvp/manifests/`name` less its gtvp- prefix, -vap.yaml) has it."""
+    path = REPO / "operator" / "gtvp" / "manifests" / f"{name.removeprefix('gtvp-')}-vap.yaml"
+    local = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    mine = [
+        d
+        for d in rendered
+        if d["kind"].startswith("ValidatingAdmissionPolicy") and d["metadata"]["name"] == name
+    ]
+    assert {d["kind"] for d in mine} == {
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
+    chart_policy = next(d for d in mine if d["kind"] == "ValidatingAdmissionPolicy")
+    local_policy = next(d for d in local if d["kind"] == "ValidatingAdmissionPolicy")
+    return chart_policy, local_policy
+
+
 def test_chart_reserves_gtvps_migration_labels_as_the_local_pool_does(
     control_plane: ControlPlane,
 ) -> None:
     """The same policy as operator/gtvp/manifests/migration-labels-vap.yaml, exempting the
     release's operator service account instead of the local pool's operator user."""
-    local = [
-        d
-        for d in yaml.safe_load_all(
-            (REPO / "operator" / "gtvp" / "manifests" / "migration-labels-vap.yaml").read_text()
-        )
-        if d
-    ]
-    rendered = [
-        d
-        for d in _render()
-        if d["kind"].startswith("ValidatingAdmissionPolicy")
-        and d["metadata"]["name"] == "gtvp-migration-labels"
-    ]
-    chart_policy = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy")
-    local_policy = next(d for d in local if d["kind"] == "ValidatingAdmissionPolicy")
+    chart_policy, local_policy = _policy_pair("gtvp-migration-labels", _render())
     assert chart_policy["spec"]["matchConditions"] == [
         {
             "name": "not-the-operator",
@@ -826,10 +831,28 @@ def test_chart_reserves_gtvps_migration_labels_as_the_local_pool_does(
     ]
     chart_policy["spec"]["matchConditions"] = local_policy["spec"]["matchConditions"]
     assert chart_policy["spec"] == local_policy["spec"]
-    assert {d["kind"] for d in rendered} == {
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
-    }
+
+
+def test_chart_keeps_gtvps_migrations_from_deletion_as_the_local_pool_does(
+    control_plane: ControlPlane,
+) -> None:
+    """The same policy as operator/gtvp/manifests/migration-deletion-vap.yaml, exempting the
+    release's operator service account and KubeVirt's controllers in kubevirt.namespace."""
+    chart_policy, local_policy = _policy_pair(
+        "gtvp-migration-deletion", _render("kubevirt.namespace=virt")
+    )
+    conditions = chart_policy["spec"]["matchConditions"]
+    assert conditions[0]["expression"] == (
+        "request.userInfo.username != 'system:serviceaccount:gtvp-system:gtvp-operator'"
+    )
+    cleanup = conditions[1]["expression"]
+    assert "'system:serviceaccount:virt:kubevirt-controller'" in cleanup
+    assert "'system:serviceaccount:virt:kubevirt-synchronization-controller'" in cleanup
+    local_conditions = local_policy["spec"]["matchConditions"]
+    assert cleanup.replace(":virt:", ":kubevirt:") == local_conditions[1]["expression"]
+    chart_policy["spec"]["matchConditions"] = local_conditions
+    assert chart_policy["spec"] == local_policy["spec"]
+    assert "/kubevirt/namespace" in _refused("kubevirt.namespace=Not_A_Namespace")
 
 
 # ----- the chart as cert-manager and CloudNativePG users expect it (issue #13, section 4) -----

@@ -1,7 +1,8 @@
 """Only the operator may mark a migration as gtvp's (gtvp.io/evacuation, /drain,
 /balancing): gtvp counts only those against its limits and reads them as its history, so a
-tenant must not be able to fill that budget or pass a migration off as gtvp's. Enforced by
-the real API server (ValidatingAdmissionPolicy gtvp-migration-labels)."""
+tenant must not be able to fill that budget or pass a migration off as gtvp's. Nor may a
+tenant delete one (cancelling each evacuation keeps the VM where it is). Enforced by the
+real API server (ValidatingAdmissionPolicies gtvp-migration-labels, gtvp-migration-deletion)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane
+from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
 from gtvp_local.pool import manifests
 
 pytestmark = [pytest.mark.controlplane]
@@ -30,19 +31,61 @@ def _migration(name: str, labels: dict[str, str]) -> dict[str, Any]:
 def policies_applied(control_plane: ControlPlane) -> None:
     for m in manifests():
         control_plane.kubectl("apply", "-f", str(m))
-    # the API server loads a new or changed policy a moment after the write: wait until a
-    # marked migration is refused (a server-side dry run passes admission, stores nothing)
     probe = json.dumps(_migration("probe", {"gtvp.io/evacuation": "node-1"}))
+    _until_refused(
+        control_plane, "gtvp-migration-labels", "mark the migrations gtvp starts",
+        "create", "-n", "default", "-f", "-", input_text=probe,
+    )  # fmt: skip
+
+
+def _until_refused(cp: ControlPlane, policy: str, needle: str, *args: str, **kwargs: Any) -> None:
+    """The API server loads a new or changed policy a moment after the write: wait until
+    this request (as a server-side dry run, which passes admission and stores nothing) is
+    refused saying `needle`."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        out = control_plane.kubectl(
-            "create", "-n", "default", "--dry-run=server", "-f", "-",
-            input_text=probe, check=False,
-        )  # fmt: skip
-        if out.returncode != 0 and "mark the migrations gtvp starts" in out.stderr:
+        out = cp.kubectl(*args, "--dry-run=server", check=False, **kwargs)
+        if out.returncode != 0 and needle in out.stderr:
             return
         time.sleep(0.2)
-    raise AssertionError("the gtvp-migration-labels policy never took effect")
+    raise AssertionError(f"the {policy} policy never took effect")
+
+
+TENANT = Identity("gtvp-test-tenant", (), "tenant")
+"""A VM user whose role lets it create, update and delete the VM's migrations (as KubeVirt's
+aggregated namespace roles may): the identity the deletion policy stands against."""
+KUBEVIRT = Identity("system:serviceaccount:kubevirt:kubevirt-controller", (), "kv-controller")
+"""The user name KubeVirt's virt-controller has (it deletes the migrations of a deleted VMI)."""
+
+
+@pytest.fixture(scope="module")
+def migration_editors(control_plane: ControlPlane, policies_applied: None) -> None:
+    """RBAC for TENANT and KUBEVIRT on migrations, and the deletion policy loaded."""
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "gtvp-test-migration-editor"},
+        "rules": [{"apiGroups": ["kubevirt.io"], "resources": ["virtualmachineinstancemigrations"],
+                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
+    }  # fmt: skip
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "gtvp-test-migration-editor"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": who.user}
+                     for who in (TENANT, KUBEVIRT)],
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "gtvp-test-migration-editor"},
+    }  # fmt: skip
+    for obj in (role, binding):
+        control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+    probe = _migration("deletion-probe", {"gtvp.io/evacuation": "node-1"})
+    _create(control_plane, "default", probe, OPERATOR)
+    try:
+        _until_refused(
+            control_plane, "gtvp-migration-deletion", "is one gtvp started",
+            "delete", "vmim", "deletion-probe", "-n", "default", identity=TENANT,
+        )  # fmt: skip
+    finally:  # a marked migration left behind would count against later pools' limits
+        control_plane.kubectl("delete", "vmim", "deletion-probe", "-n", "default", check=False)
 
 
 def _create(cp: ControlPlane, ns: str, obj: dict[str, Any], identity: Any = ADMIN) -> Any:
@@ -126,3 +169,68 @@ def test_only_the_operator_touches_gtvps_annotations_on_its_migrations(
         "-p", json.dumps({"metadata": {"annotations": {key: value}}}), check=False,
     )  # fmt: skip
     assert own.returncode == 0, own.stderr
+
+
+def _delete(cp: ControlPlane, ns: str, name: str, identity: Identity) -> Any:
+    return cp.kubectl("delete", "vmim", name, "-n", ns, identity=identity, check=False)
+
+
+@pytest.mark.usefixtures("migration_editors")
+@pytest.mark.parametrize("label", ["gtvp.io/evacuation", "gtvp.io/drain", "gtvp.io/balancing"])
+def test_a_tenant_cannot_delete_a_migration_gtvp_started(
+    control_plane: ControlPlane, namespace: str, label: str
+) -> None:
+    """A deleted migration is no failure: whoever deletes each evacuation gtvp starts (or
+    the failed ones, which are gtvp's record of where retries must not go) would keep the
+    VM on the untrusted member for ever. The tenant may still delete its own migrations."""
+    body = _migration("gtvps", {label: "node-1"})
+    assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
+    refused = _delete(control_plane, namespace, "gtvps", TENANT)
+    assert refused.returncode != 0
+    assert f"migration gtvps is one gtvp started ({label})" in refused.stderr
+    assert "gtvp-test-tenant may not" in refused.stderr
+    assert _create(control_plane, namespace, _migration("own", {}), TENANT).returncode == 0
+    assert _delete(control_plane, namespace, "own", TENANT).returncode == 0
+    gone = _delete(control_plane, namespace, "gtvps", OPERATOR)  # gtvp cancels its own
+    assert gone.returncode == 0, gone.stderr
+
+
+@pytest.mark.usefixtures("migration_editors")
+def test_kubevirt_and_a_break_glass_administrator_may_delete_gtvps_migrations(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """KubeVirt's virt-controller deletes the migrations of a deleted VMI and old finished
+    ones; an administrator in system:masters deletes a stalled evacuation's failed ones (the
+    runbook's remedy)."""
+    for name in ("by-kubevirt", "by-admin"):
+        body = _migration(name, {"gtvp.io/evacuation": "node-1"})
+        assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
+    kubevirt = _delete(control_plane, namespace, "by-kubevirt", KUBEVIRT)
+    assert kubevirt.returncode == 0, kubevirt.stderr
+    admin = _delete(control_plane, namespace, "by-admin", ADMIN)
+    assert admin.returncode == 0, admin.stderr
+
+
+@pytest.mark.usefixtures("migration_editors")
+def test_a_tenant_cannot_have_the_garbage_collector_delete_gtvps_migration(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """The garbage collector may delete gtvp's migrations (it cleans up after deleted
+    owners), so an owner reference pointing at nothing would delete one for the tenant."""
+    body = _migration("gtvps", {"gtvp.io/evacuation": "node-1"})
+    assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "gone",
+             "uid": "00000000-0000-0000-0000-000000000000"}  # fmt: skip
+    patch = json.dumps({"metadata": {"ownerReferences": [owner]}})
+    refused = control_plane.kubectl(
+        "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", "-p", patch,
+        identity=TENANT, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "owner references of a migration gtvp started belong to the operator" in refused.stderr
+    assert _create(control_plane, namespace, _migration("own", {}), TENANT).returncode == 0
+    mine = control_plane.kubectl(
+        "patch", "vmim", "own", "-n", namespace, "--type=merge", "-p", patch,
+        identity=TENANT, check=False,
+    )  # fmt: skip
+    assert mine.returncode == 0, mine.stderr

@@ -27,10 +27,14 @@ Drains (`plan_drains`): gtvp is the external eviction controller for the gated V
 `status.evacuationNodeName` when `kubectl drain` evicts their virt-launcher pod; the same
 limits and pinning apply, cordoned members receive nothing, and a VMI no member can take
 gets a reason instead of a migration.
+
+Deadlines (`past_deadline`): a level's `migrateWithin` bounds how long its VMIs may wait to be
+moved off a member that lost trust; past it they are stopped instead.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -95,6 +99,27 @@ def untrusted_actions(
             action = max(("Migrate", own, member_action), key=_strength)
         out.setdefault(action, []).append(vmi)
     return out
+
+
+def past_deadline(
+    vmis: Sequence[Vmi],
+    *,
+    since: dt.datetime | None,
+    now: dt.datetime,
+    within: Mapping[int, dt.timedelta],
+) -> list[tuple[Vmi, dt.timedelta]]:
+    """The VMIs to stop instead of migrate, each with its bound: those whose own level bounds
+    how long its VMs may wait to be moved off a member that is not trusted (`within`: level
+    -> its `migrateWithin`) and for which that long has passed since the member lost trust
+    (`since`; None, unknown: no VMI). Whatever held the migration back (no room, failed or
+    deleted migrations, no trusted member at all) does not matter: the bound is on time."""
+    if since is None:
+        return []
+    return [
+        (vmi, bound)
+        for vmi in vmis
+        if (bound := within.get(vmi.level)) is not None and now - since >= bound
+    ]
 
 
 def _strength(action: str) -> int:
@@ -249,8 +274,9 @@ def _stalled(member: str, vmis: Sequence[Vmi], history: History) -> dict[tuple[s
             names = " ".join(sorted(a.name for a in failed))
             out[(vmi.namespace, vmi.name)] = (
                 f"the last {len(failed)} evacuation migrations of {vmi.namespace}/{vmi.name} "
-                f"off {member} failed{_towards(failed)}; gtvp tries again once they are deleted "
-                f"(kubectl delete vmim -n {vmi.namespace} {names})"
+                f"off {member} failed{_towards(failed)}; gtvp tries again once a cluster "
+                f"administrator deletes them (group system:masters: kubectl delete vmim -n "
+                f"{vmi.namespace} {names})"
             )
     return out
 
@@ -700,8 +726,8 @@ def _failed_too_often(vmi: Evacuee, past: Sequence[Attempt]) -> str | None:
         return None
     return (
         f"the last {len(failed)} drain migrations off {vmi.node} failed{_towards(failed)}; "
-        f"gtvp tries again once they are deleted (kubectl delete vmim -n {vmi.namespace} "
-        f"-l {DRAIN_LABEL}={vmi.node})"
+        f"gtvp tries again once a cluster administrator deletes them (group system:masters: "
+        f"kubectl delete vmim -n {vmi.namespace} -l {DRAIN_LABEL}={vmi.node})"
     )
 
 

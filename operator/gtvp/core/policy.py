@@ -81,6 +81,7 @@ class Level:
     max_uses: int
     on_untrusted: str = "Migrate"
     auto_recover: bool = True
+    migrate_within: timedelta | None = None  # Migrate: stop a VM not moved off in this time
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,13 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
         valid_for = parse_duration(str(_get(att, "validFor", "")), f"{path}.validFor")
         if valid_for <= interval:
             raise PolicyError(f"{path}.validFor", "must be longer than interval")
+        on_untrusted = str(_get(lv, "onUntrusted", "Migrate"))
+        within = _get(lv, "migrateWithin", None)
+        if within is not None and on_untrusted != "Migrate":
+            raise PolicyError(
+                f"spec.levels[{i}].migrateWithin",
+                f"bounds onUntrusted Migrate only; this level says {on_untrusted}",
+            )
         levels.append(
             Level(
                 level=int(lv["level"]),
@@ -330,8 +338,13 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
                 interval=interval,
                 valid_for=valid_for,
                 max_uses=int(_get(att, "maxUses", 1)),
-                on_untrusted=str(_get(lv, "onUntrusted", "Migrate")),
+                on_untrusted=on_untrusted,
                 auto_recover=bool(_get(lv, "autoRecover", True)),
+                migrate_within=(
+                    None
+                    if within is None
+                    else parse_duration(str(within), f"spec.levels[{i}].migrateWithin")
+                ),
             )
         )
     return tuple(levels)

@@ -23,3 +23,11 @@ def parse_ts(s: Any) -> dt.datetime | None:
         return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def human_duration(d: dt.timedelta) -> str:
+    """A duration as a person writes it in a policy: 45s, 10m, 1h30m."""
+    secs = int(d.total_seconds())
+    h, rest = divmod(secs, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{n}{u}" for n, u in ((h, "h"), (m, "m"), (s, "s")) if n) or "0s"

@@ -121,3 +121,16 @@ def member_view(name: str, status: Mapping[str, Any]) -> MemberView:
         expires_at=parse_ts(trust.get("expiresAt")),
         uses_left=int(trust.get("usesLeft", 0) or 0),
     )
+
+
+def untrusted_since(status: Mapping[str, Any]) -> dt.datetime | None:
+    """When the member stopped being Trusted: the lastTransitionTime of its `Ready`
+    condition while that is False (the operator writes it and moves it only on a flip, so
+    a member going from Untrusted to Enrolling and back keeps its first time); None while it
+    is Ready, or when no such condition was written."""
+    for cond in status.get("conditions") or ():
+        if isinstance(cond, Mapping) and cond.get("type") == "Ready":
+            if cond.get("status") == "True":
+                return None
+            return parse_ts(cond.get("lastTransitionTime"))
+    return None

@@ -29,6 +29,7 @@ from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
+from gtvp.core.trust import untrusted_since
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, sync_node
 from gtvp.metrics import METRICS
@@ -296,6 +297,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
     phase = str(new.get("phase", ""))
     trust = new.get("trust") or {}
     covered: int | None = None
+    since = None  # when it lost trust: its levels' migrateWithin counts from then
     if phase == MemberPhase.TRUSTED:
         keep = int(new.get("level", 0) or 0)
         incident, action = f"level-{keep}", "Migrate"
@@ -308,7 +310,10 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
             effective = new.get("effectivePolicy") or {}
             action = str(effective.get("onUntrusted", "Migrate"))
             covered = int(effective.get("level", 0) or 0)
-    remaining = await evacuate(rt, name, incident, action, keep_level=keep, covered_level=covered)
+            since = untrusted_since(new)
+    remaining = await evacuate(
+        rt, name, incident, action, keep_level=keep, covered_level=covered, since=since
+    )
     return bool(remaining)
 
 

@@ -43,6 +43,7 @@ from gtvp.core.evacuation import (
     evacuation_stalled,
     is_planned_migration,
     migration_view,
+    past_deadline,
     plan_evacuation,
     stale_evacuations,
     unscheduled_pin,
@@ -50,6 +51,7 @@ from gtvp.core.evacuation import (
 )
 from gtvp.core.footprint import vmi_requests
 from gtvp.core.target_room import TargetRoom, shortfall
+from gtvp.core.timestamps import human_duration
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
@@ -94,11 +96,13 @@ async def evacuate(
     keep_level: int = 0,
     *,
     covered_level: int | None = None,
+    since: dt.datetime | None = None,
 ) -> int:
     """Act on the gated VMIs on `member` that need more than `keep_level` (0: the member is
     not trusted, every gated VMI must go): `on_untrusted` for each, or with `covered_level`
-    (an untrusted member's policy level) as `untrusted_actions` says; returns how many of
-    them are still on it to be migrated."""
+    (an untrusted member's policy level) as `untrusted_actions` says; a VMI to migrate
+    whose level's `migrateWithin` has passed since the member lost trust (`since`) is
+    stopped instead. Returns how many of them are still on it to be migrated."""
     policy = rt.view.policy
     if policy is None:
         return 0
@@ -111,7 +115,7 @@ async def evacuate(
         own = {lv.level: lv.on_untrusted for lv in policy.levels}
         actions = untrusted_actions(on_member, covered_level, on_untrusted, own)
     for action, vmis in actions.items():
-        await _act(rt, member, incident, action, vmis)
+        await _act(rt, member, incident, action, vmis, since=since)
     return len(actions.get("Migrate", ()))
 
 
@@ -121,6 +125,7 @@ def forget(rt: Runtime, topic: str) -> None:
     rt.evacuation.waiting.pop(topic, None)
     rt.evacuation.waiting.pop(f"{topic}#failed", None)
     rt.evacuation.waiting.pop(f"{topic}#full", None)
+    rt.evacuation.waiting.pop(f"{topic}#late", None)
 
 
 async def evacuate_unattested(rt: Runtime) -> None:
@@ -159,9 +164,12 @@ async def _act(
     on_member: list[Vmi],
     *,
     topic: str | None = None,
+    since: dt.datetime | None = None,
 ) -> None:
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
-    `topic`: the key its waiting messages are said once under (default: the member)."""
+    `topic`: the key its waiting messages are said once under (default: the member);
+    `since`: when the member lost trust (a VMI still to move after its level's
+    `migrateWithin` is stopped)."""
     policy = rt.view.policy
     if policy is None or not on_member or on_untrusted == "Keep":
         return
@@ -171,6 +179,13 @@ async def _act(
         return
     topic = topic or member
     now = dt.datetime.now(dt.UTC)
+    within = {lv.level: lv.migrate_within for lv in policy.levels if lv.migrate_within}
+    late = past_deadline(on_member, since=since, now=now, within=within)
+    await _stop_late(rt, member, late, topic)
+    stopped = {v for v, _ in late}
+    on_member = [v for v in on_member if v not in stopped]
+    if not on_member:
+        return
     members = rt.view.member_views()
     movable = [
         v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
@@ -366,7 +381,32 @@ def _name_held(rt: Runtime, member: str, planned: dict[str, Any], held: dict[str
     return False
 
 
-def _stop_vm(rt: Runtime, vmi: Vmi) -> None:
+async def _stop_late(
+    rt: Runtime, member: str, late: list[tuple[Vmi, dt.timedelta]], topic: str
+) -> None:
+    """Stop the VMIs (`past_deadline`) not moved off `member` within their level's bound:
+    fail closed. A Warning (log, Event on the VMI) and the metric once per VMI; the stop
+    itself is asked again on every pass until the VMI is gone."""
+    key = f"{topic}#late"
+    said = set(rt.evacuation.waiting.pop(key, ()))
+    if late:
+        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v, _ in late)
+    policy = rt.view.policy
+    for vmi, bound in late:
+        if f"{vmi.namespace}/{vmi.name}" not in said:
+            lv = policy.level(vmi.level) if policy is not None else None
+            why = (
+                f"still on {member}, which is not trusted, {human_duration(bound)} after it "
+                f"lost trust (level {lv.name if lv else vmi.level}'s migrateWithin): gtvp "
+                "stops the VM instead of waiting longer for its migration"
+            )
+            log.warning("%s/%s %s", vmi.namespace, vmi.name, why)
+            METRICS.deadline_stop()
+            await _vmi_event(rt, (vmi.namespace, vmi.name), "Warning", "EvacuationDeadline", why)
+        await asyncio.to_thread(_stop_vm, rt, vmi, "its level's migrateWithin passed")
+
+
+def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> None:
     body = rt.view.vmis.get((vmi.namespace, vmi.name)) or {}
     owners = (body.get("metadata") or {}).get("ownerReferences") or []
     owner = next((o for o in owners if o.get("kind") == "VirtualMachine"), None)
@@ -385,7 +425,7 @@ def _stop_vm(rt: Runtime, vmi: Vmi) -> None:
         else:
             kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
         log.info(
-            "stopped %s/%s on untrusted member %s (policy: Stop)", vmi.namespace, vmi.name, vmi.node
+            "stopped %s/%s on untrusted member %s (%s)", vmi.namespace, vmi.name, vmi.node, why
         )
     except ApiException as exc:
         log.warning("could not stop %s/%s: %s", vmi.namespace, vmi.name, exc.reason)
