@@ -325,7 +325,7 @@ class Endpoint:
         new = outcome.attestation
         act = outcome.reason == ba.COMPONENT_MISMATCH and ba.act_on_mismatch(att, where)
         if act:
-            new = {**new, **ba.acted_on(where)}
+            new = {**new, **ba.acted_on(where, self.clock())}
         self._write(box, new)  # only the replica whose write succeeded acts
         _count(outcome.reason)
         if outcome.verified:

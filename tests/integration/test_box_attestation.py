@@ -40,6 +40,7 @@ from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, overlay_order
 from gtvp.core.evacuation import EVACUATION_LABEL, Vmi, migration_name
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import BoxRequest, resolve
+from gtvp.core.timestamps import parse_ts
 from gtvp.handlers import evacuation, policies
 from gtvp.metrics import METRICS
 from gtvp.metrics_auth import TlsFiles
@@ -572,6 +573,38 @@ def test_a_mismatch_stops_the_box_when_its_level_says_stop(pool: Pool) -> None:
     gone = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, OTHER_BOX, pool.namespace)
     assert gone is None or gone["metadata"].get("deletionTimestamp")
     assert pool.migrations(OTHER_BOX) == []
+
+
+@pytest.mark.timeout(240)
+def test_a_mismatched_box_still_there_past_its_levels_bound_is_stopped(pool: Pool) -> None:
+    """The box's own evidence failed on a trusted member and its migration is held back (here
+    the mismatch was 11 s ago and nothing moved it): past its level's migrateWithin it is
+    stopped rather than left running where its components cannot be vouched for."""
+    current = pool.rt.view.policy
+    assert current is not None
+    policy = policy_trusting(current.ca_bundle_pem, name=POLICY, migrate_within={2: "10s"})
+    policies.set_policy(pool.rt, POLICY, policy)
+    kept = pool.rt.accepted_policies[POLICY]
+    pool.rt.accepted_policies[POLICY] = (kept[0], Accepted(2, kept[1].spec, policy))
+    guest = pool.guests[OTHER_BOX]
+    guest.bind()
+    pool.clock_offset[0] = -dt.timedelta(seconds=11)  # the quote was answered 11 s ago
+    try:
+        guest.measure([hashlib.sha256(b"another rootfs").digest(), *pool.disks[OTHER_BOX][1:]])
+        status, body = guest.quote(guest.challenge()["nonce"])
+    finally:
+        pool.clock_offset[0] = dt.timedelta(0)
+    assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+    acted = parse_ts(pool.attestation(OTHER_BOX)["actedAt"])
+    assert acted is not None
+    assert dt.timedelta(seconds=10) < dt.datetime.now(dt.UTC) - acted < dt.timedelta(seconds=60)
+    pool.act()
+    gone = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, OTHER_BOX, pool.namespace)
+    assert gone is None or gone["metadata"].get("deletionTimestamp")
+    assert pool.migrations(OTHER_BOX) == []
+    (said,) = [m for r, m in pool.events(OTHER_BOX) if r == "EvacuationDeadline"]
+    here = pool.rt.view.vmis.get((pool.namespace, OTHER_BOX), {}).get("status", {}).get("nodeName")
+    assert said.startswith(f"still on {here} 10s after its vTPM evidence failed there")
 
 
 # ----- the box that is what gtvp composed ---------------------------------------------------

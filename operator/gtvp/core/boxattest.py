@@ -755,7 +755,7 @@ def overdue_step(
         "message": message,
         "member": where.member,
         "vmiUID": where.vmi_uid,
-        **(acted_on(where) if act else {}),
+        **(acted_on(where, now) if act else {}),
     }
     return new, act
 
@@ -767,9 +767,10 @@ def act_on_mismatch(att: Mapping[str, Any], where: Where) -> bool:
     return att.get("actedOn") != where.vmi_uid
 
 
-def acted_on(where: Where) -> dict[str, str]:
-    """The fields that record onUntrusted called for on this boot, on this member."""
-    return {"actedOn": where.vmi_uid, "actedOnMember": where.member}
+def acted_on(where: Where, now: dt.datetime) -> dict[str, str]:
+    """The fields that record onUntrusted called for on this boot, on this member, and
+    when (a level's `migrateWithin` counts from then)."""
+    return {"actedOn": where.vmi_uid, "actedOnMember": where.member, "actedAt": format_ts(now)}
 
 
 def must_leave(att: Mapping[str, Any], where: Where) -> bool:

@@ -51,7 +51,7 @@ from gtvp.core.evacuation import (
 )
 from gtvp.core.footprint import vmi_requests
 from gtvp.core.target_room import TargetRoom, shortfall
-from gtvp.core.timestamps import human_duration
+from gtvp.core.timestamps import human_duration, parse_ts
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
@@ -153,7 +153,9 @@ async def evacuate_unattested(rt: Runtime) -> None:
         action = lv.on_untrusted if lv is not None else "Migrate"
         one = [Vmi(ns, name, where.member, level, _parts(rt, ns, name, vmi), *vmi_requests(vmi))]
         incident = f"attest-{where.vmi_uid[:8]}"
-        await _act(rt, where.member, incident, action, one, topic=f"{ns}/{name}")
+        since = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
+        await _act(rt, where.member, incident, action, one, topic=f"{ns}/{name}",
+                   since=since, after="its vTPM evidence failed there")  # fmt: skip
 
 
 async def _act(
@@ -165,11 +167,12 @@ async def _act(
     *,
     topic: str | None = None,
     since: dt.datetime | None = None,
+    after: str = "it lost trust",
 ) -> None:
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
     `topic`: the key its waiting messages are said once under (default: the member);
-    `since`: when the member lost trust (a VMI still to move after its level's
-    `migrateWithin` is stopped)."""
+    `since`: when the member lost trust (`after` says what happened then): a VMI still to
+    move once its level's `migrateWithin` has passed is stopped."""
     policy = rt.view.policy
     if policy is None or not on_member or on_untrusted == "Keep":
         return
@@ -181,7 +184,7 @@ async def _act(
     now = dt.datetime.now(dt.UTC)
     within = {lv.level: lv.migrate_within for lv in policy.levels if lv.migrate_within}
     late = past_deadline(on_member, since=since, now=now, within=within)
-    await _stop_late(rt, member, late, topic)
+    await _stop_late(rt, member, late, topic, after)
     stopped = {v for v, _ in late}
     on_member = [v for v in on_member if v not in stopped]
     if not on_member:
@@ -382,7 +385,7 @@ def _name_held(rt: Runtime, member: str, planned: dict[str, Any], held: dict[str
 
 
 async def _stop_late(
-    rt: Runtime, member: str, late: list[tuple[Vmi, dt.timedelta]], topic: str
+    rt: Runtime, member: str, late: list[tuple[Vmi, dt.timedelta]], topic: str, after: str
 ) -> None:
     """Stop the VMIs (`past_deadline`) not moved off `member` within their level's bound:
     fail closed. A Warning (log, Event on the VMI) and the metric once per VMI; the stop
@@ -396,9 +399,9 @@ async def _stop_late(
         if f"{vmi.namespace}/{vmi.name}" not in said:
             lv = policy.level(vmi.level) if policy is not None else None
             why = (
-                f"still on {member}, which is not trusted, {human_duration(bound)} after it "
-                f"lost trust (level {lv.name if lv else vmi.level}'s migrateWithin): gtvp "
-                "stops the VM instead of waiting longer for its migration"
+                f"still on {member} {human_duration(bound)} after {after} (level "
+                f"{lv.name if lv else vmi.level}'s migrateWithin): gtvp stops the VM instead "
+                "of waiting longer for its migration"
             )
             log.warning("%s/%s %s", vmi.namespace, vmi.name, why)
             METRICS.deadline_stop()
