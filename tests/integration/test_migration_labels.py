@@ -64,7 +64,9 @@ def migration_editors(control_plane: ControlPlane, policies_applied: None) -> No
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": "gtvp-test-migration-editor"},
-        "rules": [{"apiGroups": ["kubevirt.io"], "resources": ["virtualmachineinstancemigrations"],
+        "rules": [{"apiGroups": ["kubevirt.io"],
+                   "resources": ["virtualmachineinstancemigrations",
+                                 "virtualmachineinstancemigrations/status"],
                    "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
     }  # fmt: skip
     binding = {
@@ -102,7 +104,7 @@ def test_a_tenant_cannot_mark_a_migration_as_gtvps(
     out = _create(control_plane, namespace, _migration("fake", {label: "node-1"}))
     assert out.returncode != 0
     assert "mark the migrations gtvp starts" in out.stderr
-    assert "may not set or change them" in out.stderr
+    assert "may not set, change or remove them" in out.stderr
 
 
 @pytest.mark.usefixtures("policies_applied")
@@ -115,7 +117,7 @@ def test_the_operator_may_and_others_may_not_add_the_mark_later(
         "patch", "vmim", "own", "-n", namespace, "--type=merge", "-p", patch, check=False
     )
     assert later.returncode != 0
-    assert "may not set or change them" in later.stderr
+    assert "may not set, change or remove them" in later.stderr
     mine = _create(
         control_plane, namespace, _migration("gtvps", {"gtvp.io/evacuation": "node-1"}), OPERATOR
     )
@@ -227,10 +229,66 @@ def test_a_tenant_cannot_have_the_garbage_collector_delete_gtvps_migration(
         identity=TENANT, check=False,
     )  # fmt: skip
     assert refused.returncode != 0
-    assert "owner references of a migration gtvp started belong to the operator" in refused.stderr
+    assert "is one gtvp started: only gtvp and KubeVirt update it" in refused.stderr
     assert _create(control_plane, namespace, _migration("own", {}), TENANT).returncode == 0
     mine = control_plane.kubectl(
         "patch", "vmim", "own", "-n", namespace, "--type=merge", "-p", patch,
         identity=TENANT, check=False,
     )  # fmt: skip
     assert mine.returncode == 0, mine.stderr
+
+
+@pytest.mark.usefixtures("migration_editors")
+def test_a_tenant_cannot_unmark_gtvps_migration_and_then_delete_it(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """Removing gtvp's label would make the migration an ordinary one, which its owner may
+    delete: the label stays as the operator set it."""
+    body = _migration("gtvps", {"gtvp.io/evacuation": "node-1"})
+    assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
+    unmark = json.dumps({"metadata": {"labels": {"gtvp.io/evacuation": None}}})
+    refused = control_plane.kubectl(
+        "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", "-p", unmark,
+        identity=TENANT, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "may not set, change or remove them" in refused.stderr
+    assert _delete(control_plane, namespace, "gtvps", TENANT).returncode != 0
+
+
+@pytest.mark.usefixtures("migration_editors")
+@pytest.mark.parametrize(
+    ("what", "patch", "subresource"),
+    [
+        ("a finalizer", {"metadata": {"finalizers": ["tenant.example/hold"]}}, None),
+        ("an annotation", {"metadata": {"annotations": {"tenant.example/note": "x"}}}, None),
+        ("a failed phase", {"status": {"phase": "Failed"}}, "status"),
+    ],
+)
+def test_a_tenant_cannot_touch_gtvps_migration_at_all(
+    control_plane: ControlPlane,
+    namespace: str,
+    what: str,
+    patch: dict[str, Any],
+    subresource: str | None,
+) -> None:
+    """Any write changes the migration's resourceVersion, which fails gtvp's conditional
+    cancel of a pin that can no longer be scheduled (so the pin stays until KubeVirt fails
+    it); a Failed written into its status counts as a failed attempt. KubeVirt's own
+    controller still updates it."""
+    body = _migration("gtvps", {"gtvp.io/evacuation": "node-1"})
+    assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
+
+    def write(identity: Identity) -> Any:
+        sub = [f"--subresource={subresource}"] if subresource else []
+        return control_plane.kubectl(
+            "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", *sub,
+            "-p", json.dumps(patch), identity=identity, check=False,
+        )  # fmt: skip
+
+    refused = write(TENANT)
+    assert refused.returncode != 0, f"{what}: {refused.stdout}"
+    assert "is one gtvp started: only gtvp and KubeVirt update it" in refused.stderr
+    if what == "an annotation":  # (a finalizer no controller removes would outlive the test)
+        mine = write(KUBEVIRT)
+        assert mine.returncode == 0, mine.stderr
