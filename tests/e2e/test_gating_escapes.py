@@ -187,6 +187,30 @@ def test_noncanonical_level_is_refused(pool: Pool, namespace: str) -> None:
     assert 'label gtvp.io/level="03" must be a single digit from 1 to 9 (write "3"' in out.stderr
 
 
+def test_a_gated_vmi_cannot_ask_for_days_to_shut_down(pool: Pool, namespace: str) -> None:
+    """When gtvp stops a gated VM on a host that lost trust, KubeVirt asks the guest to shut
+    down and waits its terminationGracePeriodSeconds before killing it: a guest that ignores
+    the request would run on for as long as its user asked. The grace is brought down to
+    180 s at admission, and the user is told; ungated VMIs keep theirs."""
+
+    def vmi(name: str, labels: dict[str, str]) -> dict[str, Any]:
+        return {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstance",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}},
+                     "terminationGracePeriodSeconds": 2000000000},
+        }  # fmt: skip
+
+    out = _create(pool, namespace, vmi("patient", {"gtvp.io/level": "3"}))
+    assert out.returncode == 0, out.stderr
+    assert "terminationGracePeriodSeconds lowered to 180" in out.stderr  # kubectl's Warning:
+    assert _vmi(pool, namespace, "patient")["spec"]["terminationGracePeriodSeconds"] == 180
+    out = _create(pool, namespace, vmi("plain", {}))
+    assert out.returncode == 0, out.stderr
+    assert _vmi(pool, namespace, "plain")["spec"]["terminationGracePeriodSeconds"] == 2000000000
+
+
 def test_migration_of_an_unlabelled_vmi_keeps_its_admitted_level(
     pool: Pool, namespace: str
 ) -> None:

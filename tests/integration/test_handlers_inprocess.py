@@ -199,6 +199,22 @@ def test_migration_of_a_vmi_that_does_not_exist_is_not_gated(rt: Runtime, namesp
     admission.validate_migration(body=kopf.Body(migration), memo=_memo(rt))
 
 
+def test_a_gated_vmi_asking_for_more_than_the_grace_cap_is_refused_if_not_lowered(
+    rt: Runtime,
+) -> None:
+    """The validating hook does not rely on the mutating one having run (webhooks may be
+    reordered or one may be missing): a gated VMI with a longer grace is refused, named."""
+    rt.view.observe_member(_trusted("high", 3), "ADDED")
+    vmi = _vmi("slow", 3, selector=True)
+    vmi["spec"]["terminationGracePeriodSeconds"] = 181
+    with pytest.raises(kopf.AdmissionError) as refused:
+        admission.validate_vmi(body=kopf.Body(vmi), memo=_memo(rt), operation="CREATE", old=None)
+    assert "asks for a terminationGracePeriodSeconds of 181" in str(refused.value)
+    assert "must shut down within 180 s" in str(refused.value)
+    vmi["spec"]["terminationGracePeriodSeconds"] = 180
+    admission.validate_vmi(body=kopf.Body(vmi), memo=_memo(rt), operation="CREATE", old=None)
+
+
 # ----- member reconcile ---------------------------------------------------------------------
 
 
@@ -854,6 +870,61 @@ def test_an_evacuation_that_failed_on_a_member_is_retried_on_another(
     retry = [m for m in moves() if m["metadata"]["name"] != first["metadata"]["name"]]
     assert [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in retry] == ["b-later"]
     assert retry[0]["metadata"]["annotations"]["gtvp.io/evacuation-attempt"] == "1"
+
+
+@pytest.mark.tpm
+@pytest.mark.parametrize("with_controller", [True, False])
+def test_a_stop_ends_the_vmi_whatever_its_owner_references_say(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    under_pool_policy: None,
+    with_controller: bool,
+) -> None:
+    """The VM's user may add owner references to the VMI: one naming a halted decoy VM
+    (not the controller, another uid) must not be what gtvp "stops" while the VMI runs on.
+    The VM that really controls it is halted (KubeVirt would start it again otherwise) and
+    the VMI deleted either way."""
+
+    def create(obj: dict[str, Any]) -> dict[str, Any]:
+        out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                    input_text=json.dumps(obj))  # fmt: skip
+        made: dict[str, Any] = json.loads(out.stdout)
+        return made
+
+    def vm(name: str, running: bool) -> dict[str, Any]:
+        return create({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": name, "labels": {"gtvp.io/level": "3"}},
+            "spec": {"running": running, "template": {
+                "metadata": {"labels": {"gtvp.io/level": "3"}},
+                "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}}}},
+        })  # fmt: skip
+
+    real, decoy = vm("db", True), vm("decoy", False)
+    refs = [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": "decoy",
+             "uid": decoy["metadata"]["uid"]}]  # fmt: skip
+    if with_controller:
+        refs.append({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": "db",
+                     "uid": real["metadata"]["uid"], "controller": True})  # fmt: skip
+    body = _vmi("db", 3, selector=True)
+    body["metadata"].update(namespace=namespace, ownerReferences=refs)
+    vmi = create(body)
+    for obj in (real, decoy):
+        rt.view.observe_vm(obj, "ADDED")
+    rt.view.observe_vmi({**vmi, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
+
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Stop"))
+
+    def get(kind: str, name: str) -> dict[str, Any]:
+        out = control_plane.kubectl("get", kind, name, "-n", namespace, "-o", "json",
+                                    check=False)  # fmt: skip
+        return json.loads(out.stdout) if out.returncode == 0 else {}
+
+    gone = get("vmi", "db")
+    assert not gone or gone["metadata"].get("deletionTimestamp")
+    assert get("vm", "decoy")["metadata"]["resourceVersion"] == decoy["metadata"]["resourceVersion"]
+    assert get("vm", "db")["spec"]["running"] is (not with_controller)
 
 
 def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(

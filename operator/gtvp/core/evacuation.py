@@ -122,6 +122,23 @@ def past_deadline(
     ]
 
 
+def controlling_vm(vmi: Mapping[str, Any], vms: Mapping[tuple[str, str], Any]) -> str | None:
+    """The VirtualMachine that controls `vmi`: its controller owner reference (as KubeVirt
+    writes it), naming a VM `vms` holds with that very uid; None otherwise. Anyone who may
+    update the VMI can add owner references, so a plain one (or one naming a decoy VM by
+    another uid) is never taken for the VMI's VM."""
+    meta = vmi.get("metadata") or {}
+    ns = str(meta.get("namespace", ""))
+    for ref in meta.get("ownerReferences") or ():
+        if ref.get("kind") != "VirtualMachine" or ref.get("controller") is not True:
+            continue
+        vm = vms.get((ns, str(ref.get("name", ""))))
+        uid = ((vm or {}).get("metadata") or {}).get("uid")
+        if uid and uid == ref.get("uid"):
+            return str(ref["name"])
+    return None
+
+
 def _strength(action: str) -> int:
     return ON_UNTRUSTED.index(action) if action in ON_UNTRUSTED else len(ON_UNTRUSTED)
 

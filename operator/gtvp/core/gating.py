@@ -135,6 +135,19 @@ def _describe(members: Sequence[MemberView], now: dt.datetime) -> str:
     return "; ".join(parts)
 
 
+MAX_GRACE_SECONDS = 180
+"""The longest a gated VMI may take to shut down (`terminationGracePeriodSeconds`): when gtvp
+stops it on a host that lost trust, KubeVirt asks the guest to shut down and waits that long
+before it kills it, so the VM's user must not be able to set it to days."""
+
+
+def grace_cap(spec: Mapping[str, Any]) -> int | None:
+    """What a gated VMI's `terminationGracePeriodSeconds` becomes: MAX_GRACE_SECONDS when it
+    asks for more; None when it asks for no more (or sets none: KubeVirt's default is 30)."""
+    asked = spec.get("terminationGracePeriodSeconds")
+    return MAX_GRACE_SECONDS if isinstance(asked, int) and asked > MAX_GRACE_SECONDS else None
+
+
 def validate_instance(
     *,
     name: str,
@@ -142,11 +155,22 @@ def validate_instance(
     node_selector: Mapping[str, str] | None,
     members: Sequence[MemberView],
     now: dt.datetime,
+    grace: Any = None,
 ) -> Decision:
-    """A gated VMI (or VM template) must select trusted nodes and have somewhere to go."""
+    """A gated VMI (or VM template) must select trusted nodes, shut down within
+    MAX_GRACE_SECONDS (`grace`: its terminationGracePeriodSeconds) and have somewhere to go."""
     level = level_of(labels)
     if level is None:
         return Decision(True)
+    if grace_cap({"terminationGracePeriodSeconds": grace}) is not None:
+        return Decision(
+            False,
+            (
+                f"{name} needs level {level} and asks for a terminationGracePeriodSeconds of "
+                f"{grace}: a gated VM must shut down within {MAX_GRACE_SECONDS} s when gtvp "
+                "stops it on a host that lost trust"
+            ),
+        )
     missing = selector_patch(node_selector, level)
     if missing:
         return Decision(

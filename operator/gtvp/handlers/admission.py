@@ -22,9 +22,11 @@ import kopf
 from gtvp import kube
 from gtvp.core.api_resources import VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.gating import (
+    MAX_GRACE_SECONDS,
     Decision,
     GatingError,
     admitted_level,
+    grace_cap,
     level_of,
     selector_patch,
     validate_vm_update,
@@ -117,15 +119,27 @@ def mutate_vm(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     METRICS.admission("VirtualMachine", "mutated" if spec_patch else "unchanged")
 
 
-def mutate_vmi(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Add the trust selector of a gated VMI's level."""
+def mutate_vmi(
+    body: kopf.Body, patch: kopf.Patch, warnings: list[str] | None = None, **_: Any
+) -> None:
+    """Add the trust selector of a gated VMI's level; bring its shutdown grace period down
+    to MAX_GRACE_SECONDS (with a warning to whoever created it)."""
     level = _level(body.metadata.labels, "VirtualMachineInstance")
     if level is None:
         return
     missing = selector_patch(_spec(body).get("nodeSelector"), level)
     if missing:
         patch.spec["nodeSelector"] = missing
-    METRICS.admission("VirtualMachineInstance", "mutated" if missing else "unchanged")
+    cap = grace_cap(_spec(body))
+    if cap is not None:
+        patch.spec["terminationGracePeriodSeconds"] = cap
+        if warnings is not None:
+            warnings.append(
+                f"terminationGracePeriodSeconds lowered to {cap}: a gated VM must shut down "
+                f"within {MAX_GRACE_SECONDS} s when gtvp stops it on a host that lost trust"
+            )
+    changed = bool(missing) or cap is not None
+    METRICS.admission("VirtualMachineInstance", "mutated" if changed else "unchanged")
 
 
 def _migrated_level(vmi: dict[str, Any]) -> int | None:
@@ -193,6 +207,7 @@ def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
             node_selector=_spec(body).get("nodeSelector"),
             members=rt.view.member_views(),
             now=dt.datetime.now(dt.UTC),
+            grace=_spec(body).get("terminationGracePeriodSeconds"),
         ),
     )
 

@@ -40,6 +40,7 @@ from gtvp.core.evacuation import (
     Migration,
     Retarget,
     Vmi,
+    controlling_vm,
     evacuation_stalled,
     is_planned_migration,
     migration_view,
@@ -410,23 +411,22 @@ async def _stop_late(
 
 
 def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> None:
+    """Halt the VMI's VirtualMachine (only the one that controls it: `controlling_vm`), so
+    that KubeVirt does not start it again, and delete the VMI itself either way: a VMI whose
+    owner references name a decoy is stopped all the same."""
     body = rt.view.vmis.get((vmi.namespace, vmi.name)) or {}
-    owners = (body.get("metadata") or {}).get("ownerReferences") or []
-    owner = next((o for o in owners if o.get("kind") == "VirtualMachine"), None)
+    owner = controlling_vm(body, rt.view.vms)
     try:
-        if owner:
-            vm = rt.view.vms.get((vmi.namespace, owner["name"])) or {}
+        if owner is not None:
+            vm = rt.view.vms.get((vmi.namespace, owner)) or {}
             # KubeVirt refuses `running` next to `runStrategy` (gtvp composes with the latter)
             halt = (
                 {"runStrategy": "Halted"}
                 if "runStrategy" in (vm.get("spec") or {})
                 else {"running": False}
             )
-            kube.patch_object(
-                rt.clients, VIRTUAL_MACHINES, owner["name"], {"spec": halt}, vmi.namespace
-            )
-        else:
-            kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
+            kube.patch_object(rt.clients, VIRTUAL_MACHINES, owner, {"spec": halt}, vmi.namespace)
+        kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
         log.info(
             "stopped %s/%s on untrusted member %s (%s)", vmi.namespace, vmi.name, vmi.node, why
         )
