@@ -264,6 +264,39 @@ def _status(rt: Runtime, name: str) -> dict[str, Any]:
     return status
 
 
+@pytest.mark.tpm
+def test_a_lost_trust_is_written_even_when_the_member_changed_since_it_was_judged(
+    control_plane: ControlPlane, rt: Runtime, member: str, under_pool_policy: None
+) -> None:
+    """Root on the node can have its agent rewrite the Member's status without pause: every
+    write is a new resourceVersion, so a verdict written only at the version judged would
+    never land, and the member would stay Trusted on the server (no clock for migrateWithin,
+    Nodes and other replicas reading Trusted). A verdict withdrawing trust lands anyway."""
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    trusted = {
+        "status": {
+            "phase": "Trusted",
+            "level": 2,
+            "trust": {
+                "verdict": "Trusted",
+                "reason": "QuoteVerified",
+                "verifiedAt": past,
+                "expiresAt": past,
+            },
+        }
+    }
+    control_plane.kubectl("patch", "member", member, "--subresource=status", "--type=merge",
+                          "-p", json.dumps(trusted))  # fmt: skip
+    judged = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert judged is not None
+    attestation.observe(rt, judged, "MODIFIED")  # what the operator judges: this version
+    control_plane.kubectl("annotate", "member", member, "agent-was-here=1")  # a newer one
+    asyncio.run(attestation.reconcile(rt, member))
+    status = _status(rt, member)
+    assert status["phase"] == "Untrusted"
+    assert status["trust"]["reason"] == "VerdictExpired"
+
+
 def test_without_a_policy_the_reconcile_writes_untrusted_no_policy(
     rt: Runtime, member: str
 ) -> None:

@@ -1,6 +1,6 @@
 """A level's `migrateWithin` bounds how long its VMs stay on a member that lost trust: past
 it they are stopped instead of waiting longer for a migration, whatever held the migration
-back. The clock is the member's `Ready` condition, which only the operator writes."""
+back. The clock is the member's `Attested` condition, which only the operator writes."""
 
 from __future__ import annotations
 
@@ -20,20 +20,27 @@ T0 = dt.datetime(2026, 12, 3, 8, 0, tzinfo=dt.UTC)
 TEN = dt.timedelta(minutes=10)
 
 
-def _status(ready: str, when: dt.datetime) -> dict[str, Any]:
+def _status(attested: str, when: dt.datetime, ready_since: dt.datetime = T0) -> dict[str, Any]:
     return {
-        "phase": "Untrusted" if ready == "False" else "Trusted",
+        "phase": "Untrusted" if attested == "False" else "Trusted",
         "conditions": [
-            {"type": "Enrolled", "status": "True", "lastTransitionTime": format_ts(T0)},
-            {"type": "Ready", "status": ready, "lastTransitionTime": format_ts(when)},
+            {"type": "Ready", "status": "False", "lastTransitionTime": format_ts(ready_since)},
+            {"type": "Attested", "status": attested, "lastTransitionTime": format_ts(when)},
         ],
     }
 
 
-def test_the_clock_starts_when_the_member_stopped_being_ready() -> None:
+def test_the_clock_starts_when_the_member_lost_its_verdict() -> None:
     assert untrusted_since(_status("False", T0)) == T0
     assert untrusted_since(_status("True", T0)) is None
     assert untrusted_since({"phase": "Untrusted"}) is None  # never written: no clock
+
+
+def test_time_in_maintenance_before_the_verdict_was_lost_does_not_count() -> None:
+    """Ready turned False when the member went into Maintenance an hour ago; its verdict was
+    lost only now: a VM still there is not stopped at once when Maintenance ends."""
+    now = T0 + dt.timedelta(hours=1)
+    assert untrusted_since(_status("False", now, ready_since=T0)) == now
 
 
 def test_only_a_vmi_whose_own_level_bounds_it_is_stopped_and_only_once_the_bound_passed() -> None:

@@ -124,12 +124,13 @@ def member_view(name: str, status: Mapping[str, Any]) -> MemberView:
 
 
 def untrusted_since(status: Mapping[str, Any]) -> dt.datetime | None:
-    """When the member stopped being Trusted: the lastTransitionTime of its `Ready`
-    condition while that is False (the operator writes it and moves it only on a flip, so
-    a member going from Untrusted to Enrolling and back keeps its first time); None while it
-    is Ready, or when no such condition was written."""
+    """When the member stopped holding a trusted verdict: the lastTransitionTime of its
+    `Attested` condition while that is False. The operator writes it and moves it only on a
+    flip, so a member going from Untrusted to Enrolling and back keeps its first time, and
+    Maintenance (which the `Ready` condition counts as not ready) neither starts nor resets
+    it. None while it is attested, or when no such condition was written."""
     for cond in status.get("conditions") or ():
-        if isinstance(cond, Mapping) and cond.get("type") == "Ready":
+        if isinstance(cond, Mapping) and cond.get("type") == "Attested":
             if cond.get("status") == "True":
                 return None
             return parse_ts(cond.get("lastTransitionTime"))

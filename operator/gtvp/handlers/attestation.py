@@ -241,7 +241,12 @@ async def _write(
     """Write the operator's part of the status (nothing when unchanged) at the version that
     was judged. False when the API server refused or failed (said in the log; the caller
     retries); None when the Member changed since (a newer body is on its way) or this
-    replica no longer holds the member's shard (fenced: it writes nothing)."""
+    replica no longer holds the member's shard (fenced: it writes nothing).
+
+    A verdict that takes a Trusted member's trust away is written even when the Member
+    changed since it was judged: whatever its agent wrote meanwhile cannot make the member
+    more trusted than evidence that failed, and an agent that rewrites its status without
+    pause (each write a new resourceVersion) must not keep that verdict off the server."""
     status = body.get("status") or {}
     old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
     patch = kube.merge_patch_for(old, new)
@@ -251,10 +256,20 @@ async def _write(
         return None
     log.debug("member %s: status patch %s", name, patch)
     version = (body.get("metadata") or {}).get("resourceVersion")
+    withdraws = (
+        status.get("phase") == MemberPhase.TRUSTED and new.get("phase") != MemberPhase.TRUSTED
+    )
     try:
-        result = await asyncio.to_thread(
-            kube.patch_member_status, rt.clients, name, patch, resource_version=version
-        )
+        try:
+            result = await asyncio.to_thread(
+                kube.patch_member_status, rt.clients, name, patch, resource_version=version
+            )
+        except Exception as exc:  # sorted below
+            if not (kube.is_conflict(exc) and withdraws):
+                raise
+            log.info("member %s changed since it was judged; its lost trust is written anyway",
+                     name)  # fmt: skip
+            result = await asyncio.to_thread(kube.patch_member_status, rt.clients, name, patch)
     except Exception as exc:  # noqa: BLE001 - any failure: fail closed and retry
         if kube.is_conflict(exc):
             log.debug("member %s changed since it was judged; judging the newer body", name)
