@@ -95,6 +95,8 @@ def test_agent_may_not_write_a_verdict(pool: Pool) -> None:
         {"phase": "Maintenance"},
         {"level": 3},
         {"challenge": {"nonce": "00"}},
+        {"belowSince": None},  # would restart the clock of its levels' migrateWithin
+        {"belowSince": {"3": "2099-01-01T00:00:00Z"}},
     ):
         out = pool.cp.kubectl(
             "patch",

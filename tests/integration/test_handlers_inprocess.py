@@ -27,7 +27,13 @@ from gtvp.core.evacuation import EVACUATION_LABEL, HOSTNAME_LABEL
 from gtvp.core.policy import parse_policy
 from gtvp.core.prefetch import ANNOTATION, Request, render_requests, requests_on
 from gtvp.core.shards import SHARDS, shard_of
-from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL, desired_labels, trust_selector
+from gtvp.core.trust import (
+    TAINT_KEY,
+    TRUSTED_LABEL,
+    below_since,
+    desired_labels,
+    trust_selector,
+)
 from gtvp.handlers import (
     admission,
     attestation,
@@ -958,6 +964,45 @@ def test_a_stop_ends_the_vmi_whatever_its_owner_references_say(
     assert not gone or gone["metadata"].get("deletionTimestamp")
     assert get("vm", "decoy")["metadata"]["resourceVersion"] == decoy["metadata"]["resourceVersion"]
     assert get("vm", "db")["spec"]["running"] is (not with_controller)
+
+
+@pytest.mark.tpm
+def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA
+) -> None:
+    """The member still attests, but at level 2 since 11 s: a level-3 VM there is out of
+    place, and its level's migrateWithin (10 s) bounds that as for a member that lost its
+    verdict; a level-2 VM on it stays."""
+    spec = pool_policy(swtpm_ca, name=POLICY, migrate_within={2: "10s", 3: "10s"})["spec"]
+    rt.view.policy = parse_policy(POLICY, spec)
+    ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=11)
+    status = {"phase": "Trusted", "level": 2, "belowSince": below_since(None, 2, ago)}
+    made = {}
+    for name, level in (("db", 3), ("web", 2)):
+        body = _vmi(name, level, selector=True)
+        body["metadata"]["namespace"] = namespace
+        out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                    input_text=json.dumps(body))  # fmt: skip
+        made[name] = json.loads(out.stdout)
+        rt.view.observe_vmi({**made[name], "status": {"nodeName": "lower", "phase": "Running"}},
+                            "ADDED")  # fmt: skip
+    rt.view.observe_member({"metadata": {"name": "lower"}, "status": status}, "ADDED")
+    asyncio.run(attestation._move_vms_off(rt, "lower", status))
+
+    def present(name: str) -> bool:
+        out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
+                                    check=False)  # fmt: skip
+        return out.returncode == 0 and not json.loads(out.stdout)["metadata"].get(
+            "deletionTimestamp"
+        )
+
+    assert not present("db")
+    assert present("web")
+    said = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationDeadline",
+        "-o", "jsonpath={.items[*].message}",
+    ).stdout  # fmt: skip
+    assert said.startswith("still on lower 10s after its level dropped below theirs")
 
 
 def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(

@@ -1,6 +1,7 @@
 """A level's `migrateWithin` bounds how long its VMs stay on a member that lost trust: past
 it they are stopped instead of waiting longer for a migration, whatever held the migration
-back. The clock is the member's `Attested` condition, which only the operator writes."""
+back. The clock is the member's `status.belowSince` (per level, since when it has held less),
+which only the operator writes."""
 
 from __future__ import annotations
 
@@ -13,48 +14,60 @@ import yaml
 
 from gtvp.core.evacuation import Vmi, past_deadline
 from gtvp.core.policy import PolicyError, parse_policy
-from gtvp.core.timestamps import format_ts, human_duration
-from gtvp.core.trust import untrusted_since
+from gtvp.core.timestamps import human_duration
+from gtvp.core.trust import below_since, below_since_times
 
 T0 = dt.datetime(2026, 12, 3, 8, 0, tzinfo=dt.UTC)
 TEN = dt.timedelta(minutes=10)
 
 
-def _status(attested: str, when: dt.datetime, ready_since: dt.datetime = T0) -> dict[str, Any]:
-    return {
-        "phase": "Untrusted" if attested == "False" else "Trusted",
-        "conditions": [
-            {"type": "Ready", "status": "False", "lastTransitionTime": format_ts(ready_since)},
-            {"type": "Attested", "status": attested, "lastTransitionTime": format_ts(when)},
-        ],
-    }
+def _below(held: int, previous: dict[str, str] | None, now: dt.datetime) -> dict[int, dt.datetime]:
+    return below_since_times({"belowSince": below_since(previous, held, now)})
 
 
-def test_the_clock_starts_when_the_member_lost_its_verdict() -> None:
-    assert untrusted_since(_status("False", T0)) == T0
-    assert untrusted_since(_status("True", T0)) is None
-    assert untrusted_since({"phase": "Untrusted"}) is None  # never written: no clock
+def test_the_clock_of_each_level_starts_when_the_member_stopped_holding_it() -> None:
+    untrusted = below_since(None, 0, T0)  # a member that lost its verdict at T0
+    assert below_since_times({"belowSince": untrusted}) == dict.fromkeys(range(1, 10), T0)
+    # an hour later it is Trusted again, at level 2 only: levels 1 and 2 are held again,
+    # level 3 has been out of reach since T0 without a break
+    later = T0 + dt.timedelta(hours=1)
+    again = _below(2, untrusted, later)
+    assert sorted(again) == [3, 4, 5, 6, 7, 8, 9]
+    assert again[3] == T0
+    # it falls to nothing again: level 3 keeps T0, levels 1 and 2 start now
+    fell = _below(0, below_since(untrusted, 2, later), later + TEN)
+    assert (fell[1], fell[2], fell[3]) == (later + TEN, later + TEN, T0)
+    assert below_since_times({}) == {}  # never written: no clock
 
 
-def test_time_in_maintenance_before_the_verdict_was_lost_does_not_count() -> None:
-    """Ready turned False when the member went into Maintenance an hour ago; its verdict was
-    lost only now: a VM still there is not stopped at once when Maintenance ends."""
-    now = T0 + dt.timedelta(hours=1)
-    assert untrusted_since(_status("False", now, ready_since=T0)) == now
+def test_flapping_between_levels_does_not_restart_the_clock_of_a_level_never_reached() -> None:
+    state = below_since(None, 2, T0)
+    for minute in range(1, 30):  # 1, 2, 1, 2, ...: level 3 is never held
+        state = below_since(state, 1 + minute % 2, T0 + dt.timedelta(minutes=minute))
+    assert below_since_times({"belowSince": state})[3] == T0
 
 
 def test_only_a_vmi_whose_own_level_bounds_it_is_stopped_and_only_once_the_bound_passed() -> None:
     sensitive, standard = Vmi("ns", "db", "bad", 2), Vmi("ns", "web", "bad", 1)
     within = {2: TEN}
-    early = past_deadline([sensitive, standard], since=T0, now=T0 + TEN / 2, within=within)
+    since = dict.fromkeys(range(1, 10), T0)
+    early = past_deadline([sensitive, standard], since=since, now=T0 + TEN / 2, within=within)
     assert early == []
-    late = past_deadline([sensitive, standard], since=T0, now=T0 + TEN, within=within)
+    late = past_deadline([sensitive, standard], since=since, now=T0 + TEN, within=within)
     assert late == [(sensitive, TEN)]
+
+
+def test_a_level_the_member_still_holds_has_no_clock() -> None:
+    """Trusted at level 2 now: a level-2 VM is where it may be; a level-3 one is not."""
+    since = _below(2, None, T0)
+    vmis = [Vmi("ns", "ok", "m", 2), Vmi("ns", "out", "m", 3)]
+    late = past_deadline(vmis, since=since, now=T0 + 2 * TEN, within={2: TEN, 3: TEN})
+    assert [v.name for v, _ in late] == ["out"]
 
 
 def test_an_unknown_time_stops_nothing() -> None:
     vmi = Vmi("ns", "db", "bad", 2)
-    assert past_deadline([vmi], since=None, now=T0 + 100 * TEN, within={2: TEN}) == []
+    assert past_deadline([vmi], since={}, now=T0 + 100 * TEN, within={2: TEN}) == []
 
 
 SAMPLE = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"

@@ -67,6 +67,7 @@ from gtvp.core.quote import (
 from gtvp.core.refvalues import ReferenceSet, ReferenceSetExpired, appraise
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import PublicArea, qualified_signer
+from gtvp.core.trust import below_since
 
 ENTROPY_BYTES = 64
 RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
@@ -337,6 +338,7 @@ class _Cycle:
         self.trust = cast(TrustStatus, dict(status.get("trust") or {}))
         self.challenge = cast(ChallengeStatus, dict(status.get("challenge") or {}))
         self.conditions_before = list(status.get("conditions") or [])
+        self.below_before: Mapping[str, Any] = status.get("belowSince") or {}
         self.maintenance = bool(spec.get("maintenance", False))
         self.interval = mp.attestation.interval
         if mp.member_class is not None:
@@ -617,6 +619,9 @@ class _Cycle:
             "trust": trust,
             "challenge": self.challenge,
             "effectivePolicy": _effective_policy(self.policy, self.mp),
+            "belowSince": below_since(
+                self.below_before, self.published_level() if trusted else 0, now
+            ),
             "conditions": _conditions(
                 self.conditions_before,
                 now,

@@ -104,22 +104,23 @@ def untrusted_actions(
 def past_deadline(
     vmis: Sequence[Vmi],
     *,
-    since: dt.datetime | None,
+    since: Mapping[int, dt.datetime],
     now: dt.datetime,
     within: Mapping[int, dt.timedelta],
 ) -> list[tuple[Vmi, dt.timedelta]]:
     """The VMIs to stop instead of migrate, each with its bound: those whose own level bounds
-    how long its VMs may wait to be moved off a member that is not trusted (`within`: level
-    -> its `migrateWithin`) and for which that long has passed since the member lost trust
-    (`since`; None, unknown: no VMI). Whatever held the migration back (no room, failed or
-    deleted migrations, no trusted member at all) does not matter: the bound is on time."""
-    if since is None:
-        return []
-    return [
-        (vmi, bound)
-        for vmi in vmis
-        if (bound := within.get(vmi.level)) is not None and now - since >= bound
-    ]
+    how long its VMs may wait to be moved off a member that cannot hold them (`within`:
+    level -> its `migrateWithin`) and for which that long has passed since the member
+    stopped holding their level (`since`: level -> time, the member's `status.belowSince`;
+    a level absent, unknown: no VMI of it). Whatever held the migration back (no room,
+    failed or deleted migrations, no trusted member at all) does not matter: the bound is on
+    time."""
+    out = []
+    for vmi in vmis:
+        bound, start = within.get(vmi.level), since.get(vmi.level)
+        if bound is not None and start is not None and now - start >= bound:
+            out.append((vmi, bound))
+    return out
 
 
 def controlling_vm(vmi: Mapping[str, Any], vms: Mapping[tuple[str, str], Any]) -> str | None:

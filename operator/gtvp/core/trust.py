@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gtvp.core.phases import MemberPhase
-from gtvp.core.timestamps import parse_ts
+from gtvp.core.timestamps import format_ts, parse_ts
 
 PREFIX = "node-restriction.kubernetes.io/"
 TRUSTED_LABEL = f"{PREFIX}gtvp-trusted"
@@ -123,15 +123,25 @@ def member_view(name: str, status: Mapping[str, Any]) -> MemberView:
     )
 
 
-def untrusted_since(status: Mapping[str, Any]) -> dt.datetime | None:
-    """When the member stopped holding a trusted verdict: the lastTransitionTime of its
-    `Attested` condition while that is False. The operator writes it and moves it only on a
-    flip, so a member going from Untrusted to Enrolling and back keeps its first time, and
-    Maintenance (which the `Ready` condition counts as not ready) neither starts nor resets
-    it. None while it is attested, or when no such condition was written."""
-    for cond in status.get("conditions") or ():
-        if isinstance(cond, Mapping) and cond.get("type") == "Attested":
-            if cond.get("status") == "True":
-                return None
-            return parse_ts(cond.get("lastTransitionTime"))
-    return None
+def below_since(previous: Mapping[str, Any] | None, held: int, now: dt.datetime) -> dict[str, str]:
+    """The member's `status.belowSince`: for every level above the one it holds (`held`: its
+    verdict's level while that is Trusted, 0 otherwise; Maintenance does not lower it),
+    since when it has held less than that level without a break, kept from `previous` where
+    it already held less, `now` where it has just fallen below. A level's `migrateWithin`
+    counts from here, so trust going away and coming back lower never restarts the clock of
+    a level it did not reach again."""
+    prev = previous or {}
+    return {
+        str(level): str(prev.get(str(level)) or format_ts(now))
+        for level in range(max(held, 0) + 1, MAX_LEVEL + 1)
+    }
+
+
+def below_since_times(status: Mapping[str, Any]) -> dict[int, dt.datetime]:
+    """`status.belowSince` read back (level -> since when the member holds less)."""
+    out = {}
+    for key, value in (status.get("belowSince") or {}).items():
+        when = parse_ts(value)
+        if str(key).isdigit() and when is not None:
+            out[int(key)] = when
+    return out

@@ -29,7 +29,7 @@ from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
-from gtvp.core.trust import untrusted_since
+from gtvp.core.trust import below_since, below_since_times
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, sync_node
 from gtvp.metrics import METRICS
@@ -37,7 +37,15 @@ from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.members")
 
-OPERATOR_FIELDS = ("phase", "level", "trust", "challenge", "effectivePolicy", "conditions")
+OPERATOR_FIELDS = (
+    "phase",
+    "level",
+    "trust",
+    "challenge",
+    "effectivePolicy",
+    "belowSince",
+    "conditions",
+)
 
 
 def observe(rt: Runtime, body: Mapping[str, Any], event_type: str) -> bool:
@@ -65,6 +73,7 @@ def _no_policy_status(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
         "level": 0,
         "trust": trust,
         "challenge": status.get("challenge") or {},
+        "belowSince": below_since(status.get("belowSince"), 0, dt.datetime.now(dt.UTC)),
     }
 
 
@@ -312,7 +321,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
     phase = str(new.get("phase", ""))
     trust = new.get("trust") or {}
     covered: int | None = None
-    since = None  # when it lost trust: its levels' migrateWithin counts from then
+    since = below_since_times(new)  # per level: its migrateWithin counts from then
     if phase == MemberPhase.TRUSTED:
         keep = int(new.get("level", 0) or 0)
         incident, action = f"level-{keep}", "Migrate"
@@ -325,10 +334,11 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
             effective = new.get("effectivePolicy") or {}
             action = str(effective.get("onUntrusted", "Migrate"))
             covered = int(effective.get("level", 0) or 0)
-            since = untrusted_since(new)
+    after = "its level dropped below theirs" if phase == MemberPhase.TRUSTED else "it lost trust"
     remaining = await evacuate(
-        rt, name, incident, action, keep_level=keep, covered_level=covered, since=since
-    )
+        rt, name, incident, action, keep_level=keep, covered_level=covered, since=since,
+        after=after,
+    )  # fmt: skip
     return bool(remaining)
 
 

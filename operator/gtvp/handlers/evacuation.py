@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -97,13 +98,15 @@ async def evacuate(
     keep_level: int = 0,
     *,
     covered_level: int | None = None,
-    since: dt.datetime | None = None,
+    since: Mapping[int, dt.datetime] | None = None,
+    after: str = "it lost trust",
 ) -> int:
     """Act on the gated VMIs on `member` that need more than `keep_level` (0: the member is
     not trusted, every gated VMI must go): `on_untrusted` for each, or with `covered_level`
     (an untrusted member's policy level) as `untrusted_actions` says; a VMI to migrate
-    whose level's `migrateWithin` has passed since the member lost trust (`since`) is
-    stopped instead. Returns how many of them are still on it to be migrated."""
+    whose level's `migrateWithin` has passed since the member stopped holding that level
+    (`since`: level -> time, its `status.belowSince`) is stopped instead. Returns how many
+    of them are still on it to be migrated."""
     policy = rt.view.policy
     if policy is None:
         return 0
@@ -116,7 +119,7 @@ async def evacuate(
         own = {lv.level: lv.on_untrusted for lv in policy.levels}
         actions = untrusted_actions(on_member, covered_level, on_untrusted, own)
     for action, vmis in actions.items():
-        await _act(rt, member, incident, action, vmis, since=since)
+        await _act(rt, member, incident, action, vmis, since=since, after=after)
     return len(actions.get("Migrate", ()))
 
 
@@ -154,7 +157,8 @@ async def evacuate_unattested(rt: Runtime) -> None:
         action = lv.on_untrusted if lv is not None else "Migrate"
         one = [Vmi(ns, name, where.member, level, _parts(rt, ns, name, vmi), *vmi_requests(vmi))]
         incident = f"attest-{where.vmi_uid[:8]}"
-        since = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
+        acted = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
+        since = {level: acted} if acted is not None else {}
         await _act(rt, where.member, incident, action, one, topic=f"{ns}/{name}",
                    since=since, after="its vTPM evidence failed there")  # fmt: skip
 
@@ -167,13 +171,13 @@ async def _act(
     on_member: list[Vmi],
     *,
     topic: str | None = None,
-    since: dt.datetime | None = None,
+    since: Mapping[int, dt.datetime] | None = None,
     after: str = "it lost trust",
 ) -> None:
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
     `topic`: the key its waiting messages are said once under (default: the member);
-    `since`: when the member lost trust (`after` says what happened then): a VMI still to
-    move once its level's `migrateWithin` has passed is stopped."""
+    `since`: per level, since when the member has held less (`after` says what happened
+    then): a VMI still to move once its level's `migrateWithin` has passed is stopped."""
     policy = rt.view.policy
     if policy is None or not on_member or on_untrusted == "Keep":
         return
@@ -184,7 +188,7 @@ async def _act(
     topic = topic or member
     now = dt.datetime.now(dt.UTC)
     within = {lv.level: lv.migrate_within for lv in policy.levels if lv.migrate_within}
-    late = past_deadline(on_member, since=since, now=now, within=within)
+    late = past_deadline(on_member, since=since or {}, now=now, within=within)
     await _stop_late(rt, member, late, topic, after)
     stopped = {v for v, _ in late}
     on_member = [v for v in on_member if v not in stopped]
