@@ -72,6 +72,7 @@ def manifests() -> list[Path]:
             "agent-vap.yaml",
             "migration-labels-vap.yaml",
             "migration-deletion-vap.yaml",
+            "node-trust-labels-vap.yaml",
             "local-bindings.yaml",
         )
     ]

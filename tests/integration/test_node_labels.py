@@ -1,0 +1,98 @@
+"""Only the operator sets gtvp's trust labels on a Node (ValidatingAdmissionPolicy
+gtvp-node-trust-labels, enforced by the real API server).
+
+The NodeRestriction plugin stops a kubelet from writing labels under
+node-restriction.kubernetes.io/, but other identities on a host may patch its Node: KubeVirt's
+virt-handler has `patch` on every Node, CNI daemons often do too. Root on an untrusted host
+holds their tokens; with them it could label its own Node trusted between two of the
+operator's passes, and a gated VM scheduled in that moment would start there."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from gtvp.core.trust import LEVEL_LABEL, TRUSTED_LABEL
+from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
+from gtvp_local.pool import manifests
+
+pytestmark = [pytest.mark.controlplane]
+
+HANDLER = Identity("system:serviceaccount:kubevirt:kubevirt-handler", (), "kv-handler")
+"""What root on a host holds when KubeVirt's virt-handler runs there: `patch` on Nodes."""
+
+
+@pytest.fixture(scope="module")
+def node_patchers(control_plane: ControlPlane) -> None:
+    for m in manifests():
+        control_plane.kubectl("apply", "-f", str(m))
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "gtvp-test-node-patcher"},
+        "rules": [{"apiGroups": [""], "resources": ["nodes"],
+                   "verbs": ["get", "list", "patch", "update"]}],
+    }  # fmt: skip
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "gtvp-test-node-patcher"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                      "name": HANDLER.user}],
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "gtvp-test-node-patcher"},
+    }  # fmt: skip
+    for obj in (role, binding):
+        control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+
+
+@pytest.fixture
+def node(control_plane: ControlPlane, cluster_names: list[str]) -> str:
+    name = f"labels-{uuid.uuid4().hex[:6]}"
+    body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    cluster_names.append(f"node/{name}")
+    return name
+
+
+def _label(cp: ControlPlane, node: str, labels: dict[str, Any], who: Identity) -> Any:
+    patch = json.dumps({"metadata": {"labels": labels}})
+    return cp.kubectl("patch", "node", node, "--type=merge", "-p", patch, identity=who, check=False)
+
+
+def _until_refused(cp: ControlPlane, node: str) -> None:
+    """The API server loads a new policy a moment after the write."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out = cp.kubectl(
+            "patch", "node", node, "--type=merge", "--dry-run=server",
+            "-p", json.dumps({"metadata": {"labels": {TRUSTED_LABEL: "true"}}}),
+            identity=HANDLER, check=False,
+        )  # fmt: skip
+        if out.returncode != 0 and "may remove them but not set or change them" in out.stderr:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the gtvp-node-trust-labels policy never took effect")
+
+
+@pytest.mark.usefixtures("node_patchers")
+def test_another_identity_on_the_host_cannot_label_its_node_trusted(
+    control_plane: ControlPlane, node: str
+) -> None:
+    _until_refused(control_plane, node)
+    for labels in ({TRUSTED_LABEL: "true"}, {f"{LEVEL_LABEL}3": "true"}):
+        refused = _label(control_plane, node, labels, HANDLER)
+        assert refused.returncode != 0, labels
+        assert f"say that gtvp verified Node {node}" in refused.stderr
+        assert "kubevirt-handler may remove them but not set or change them" in refused.stderr
+    assert _label(control_plane, node, {"example.com/rack": "r1"}, HANDLER).returncode == 0
+    ok = _label(control_plane, node, {TRUSTED_LABEL: "true", f"{LEVEL_LABEL}1": "true"}, OPERATOR)
+    assert ok.returncode == 0, ok.stderr
+    changed = _label(control_plane, node, {f"{LEVEL_LABEL}1": "yes"}, HANDLER)
+    assert changed.returncode != 0
+    # taking trust away is always allowed: it only fails closed
+    removed = _label(control_plane, node, {TRUSTED_LABEL: None}, HANDLER)
+    assert removed.returncode == 0, removed.stderr
+    assert _label(control_plane, node, {TRUSTED_LABEL: "true"}, ADMIN).returncode == 0
