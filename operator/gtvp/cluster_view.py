@@ -164,10 +164,11 @@ class ClusterView:
         self._store(self.migrations, body, event_type)
 
     def observe_vmi(self, body: dict[str, Any], event_type: str) -> None:
-        key = self._store(self.vmis, body, event_type)
+        key = key_of(body)
         gone = event_type == "DELETED"
-        node = None if gone else (body.get("status") or {}).get("nodeName")
-        self._place(key, str(node) if node else None)
+        node = None if gone else vmi_node(body, self.node_of.get(key))
+        self._store(self.vmis, body, event_type)
+        self._place(key, node)
         if _replace(self.placed, key, None if gone else placed_footprint(body)):
             self.placed_usage = None
 
@@ -249,3 +250,21 @@ def _replace(store: dict[Key, Footprint], key: Key, fp: Footprint | None) -> boo
     else:
         store[key] = fp
     return True
+
+
+NODE_LABEL = "kubevirt.io/nodeName"  # KubeVirt labels a scheduled VMI with its node too
+ENDED = frozenset({"Succeeded", "Failed"})
+
+
+def vmi_node(body: Mapping[str, Any], before: str | None) -> str | None:
+    """The node a VMI runs on, as gtvp holds it: `status.nodeName`, else KubeVirt's
+    `kubevirt.io/nodeName` label, else, while the VMI has not ended, the node it was last
+    seen on. An update that blanks where a running VMI is (root on its host can write VMIs
+    with that host's virt-handler token) does not hide it from evacuation and its bound: a
+    VMI that really moves names its new node."""
+    status = body.get("status") or {}
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    node = status.get("nodeName") or labels.get(NODE_LABEL)
+    if node:
+        return str(node)
+    return before if status.get("phase") not in ENDED else None

@@ -130,3 +130,23 @@ def test_a_planned_migration_never_replaces_the_servers_copy() -> None:
     assert fresh.migrations[("ns", "m")]["metadata"]["uid"] == "u1"
     fresh.observe_migration(planned, "DELETED")
     assert ("ns", "m") not in fresh.migrations
+
+
+def test_blanking_where_a_running_vmi_is_does_not_hide_it() -> None:
+    """Root on a host can update the VMIs of that host with its virt-handler's token and
+    blank status.nodeName: the VMI keeps running there, and gtvp must still see it there, or
+    it would neither evacuate it nor stop it past its level's bound."""
+    view = ClusterView()
+    view.observe_vmi({**_vmi("x", "bad"), "status": {"nodeName": "bad", "phase": "Running"}},
+                     "ADDED")  # fmt: skip
+    view.observe_vmi({**_vmi("x", None), "status": {"phase": "Running"}}, "MODIFIED")
+    assert view.on_node["bad"] == {("ns", "x")}
+    # KubeVirt's own label names the node too (an operator restarted after the blanking)
+    fresh = ClusterView()
+    labelled = {**_vmi("x", None), "status": {"phase": "Running"}}
+    labelled["metadata"]["labels"] = {"kubevirt.io/nodeName": "bad"}
+    fresh.observe_vmi(labelled, "ADDED")
+    assert fresh.node_of[("ns", "x")] == "bad"
+    # a VMI that ended runs nowhere
+    view.observe_vmi({**_vmi("x", None), "status": {"phase": "Failed"}}, "MODIFIED")
+    assert ("ns", "x") not in view.node_of
