@@ -73,6 +73,7 @@ def manifests() -> list[Path]:
             "migration-labels-vap.yaml",
             "migration-deletion-vap.yaml",
             "node-trust-labels-vap.yaml",
+            "launcher-pods-vap.yaml",
             "local-bindings.yaml",
         )
     ]

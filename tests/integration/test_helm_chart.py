@@ -847,6 +847,22 @@ def test_chart_keeps_nodes_trust_labels_the_operators_as_the_local_pool_does(
     assert chart_policy["spec"] == local_policy["spec"]
 
 
+def test_chart_keeps_launcher_pods_kubevirts_as_the_local_pool_does(
+    control_plane: ControlPlane,
+) -> None:
+    """The same policy as operator/gtvp/manifests/launcher-pods-vap.yaml, for KubeVirt's
+    controller in kubevirt.namespace."""
+    chart_policy, local_policy = _policy_pair(
+        "gtvp-launcher-pods", _render("kubevirt.namespace=virt")
+    )
+    chart_cond = chart_policy["spec"]["matchConditions"][1]["expression"]
+    assert "'system:serviceaccount:virt:kubevirt-controller'" in chart_cond
+    local_cond = local_policy["spec"]["matchConditions"][1]["expression"]
+    assert chart_cond.replace(":virt:", ":kubevirt:") == local_cond
+    chart_policy["spec"]["matchConditions"] = local_policy["spec"]["matchConditions"]
+    assert chart_policy["spec"] == local_policy["spec"]
+
+
 def test_chart_keeps_gtvps_migrations_from_deletion_as_the_local_pool_does(
     control_plane: ControlPlane,
 ) -> None:
