@@ -166,7 +166,9 @@ class ClusterView:
     def observe_vmi(self, body: dict[str, Any], event_type: str) -> None:
         key = key_of(body)
         gone = event_type == "DELETED"
-        node = None if gone else vmi_node(body, self.node_of.get(key))
+        seen = self.vmis.get(key) or {}
+        same = _uid(seen) is not None and _uid(seen) == _uid(body)  # not one made anew
+        node = None if gone else vmi_node(body, self.node_of.get(key) if same else None)
         self._store(self.vmis, body, event_type)
         self._place(key, node)
         if _replace(self.placed, key, None if gone else placed_footprint(body)):
@@ -268,3 +270,8 @@ def vmi_node(body: Mapping[str, Any], before: str | None) -> str | None:
     if node:
         return str(node)
     return before if status.get("phase") not in ENDED else None
+
+
+def _uid(body: Mapping[str, Any]) -> str | None:
+    uid = (body.get("metadata") or {}).get("uid")
+    return str(uid) if uid else None

@@ -136,11 +136,21 @@ def test_blanking_where_a_running_vmi_is_does_not_hide_it() -> None:
     """Root on a host can update the VMIs of that host with its virt-handler's token and
     blank status.nodeName: the VMI keeps running there, and gtvp must still see it there, or
     it would neither evacuate it nor stop it past its level's bound."""
+
+    def vmi(node: str | None, phase: str, uid: str = "u1") -> dict[str, Any]:
+        body = _vmi("x", node)
+        body["metadata"]["uid"] = uid
+        body["status"] = {**body["status"], "phase": phase}
+        return body
+
     view = ClusterView()
-    view.observe_vmi({**_vmi("x", "bad"), "status": {"nodeName": "bad", "phase": "Running"}},
-                     "ADDED")  # fmt: skip
-    view.observe_vmi({**_vmi("x", None), "status": {"phase": "Running"}}, "MODIFIED")
+    view.observe_vmi(vmi("bad", "Running"), "ADDED")
+    view.observe_vmi(vmi(None, "Running"), "MODIFIED")
     assert view.on_node["bad"] == {("ns", "x")}
+    # a VMI made anew under that name (its deletion not seen) is not held to the old node
+    view.observe_vmi(vmi(None, "Pending", uid="u2"), "MODIFIED")
+    assert ("ns", "x") not in view.node_of
+    view.observe_vmi(vmi("bad", "Running", uid="u2"), "MODIFIED")
     # KubeVirt's own label names the node too (an operator restarted after the blanking)
     fresh = ClusterView()
     labelled = {**_vmi("x", None), "status": {"phase": "Running"}}
