@@ -296,10 +296,20 @@ def test_a_lost_trust_is_written_even_when_the_member_changed_since_it_was_judge
     judged = kube.get_if_present(rt.clients, MEMBERS, member)
     assert judged is not None
     attestation.observe(rt, judged, "MODIFIED")  # what the operator judges: this version
-    control_plane.kubectl("annotate", "member", member, "agent-was-here=1")  # a newer one
+    heartbeat = {"status": {"agent": {"heartbeatTime": past, "error": "still here"}}}
+    control_plane.kubectl(
+        "patch",
+        "member",
+        member,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(heartbeat),
+    )  # fmt: skip  (the agent's newer write)
     asyncio.run(attestation.reconcile(rt, member))
     status = _status(rt, member)
     assert status["phase"] == "Untrusted"
+    assert status["agent"]["error"] == "still here"  # the operator's fields only
     assert status["trust"]["reason"] == "VerdictExpired"
 
 
@@ -968,23 +978,25 @@ def test_a_stop_ends_the_vmi_whatever_its_owner_references_say(
 
 @pytest.mark.tpm
 def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
-    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA
+    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
 ) -> None:
     """The member still attests, but at level 2 since 11 s: a level-3 VM there is out of
     place, and its level's migrateWithin (10 s) bounds that as for a member that lost its
-    verdict; a level-2 VM on it stays."""
+    verdict; a level-2 VM on it stays, and so does a level-3 VMI that has ended."""
+    del shared_tpm  # the CA has issued its certificates
     spec = pool_policy(swtpm_ca, name=POLICY, migrate_within={2: "10s", 3: "10s"})["spec"]
     rt.view.policy = parse_policy(POLICY, spec)
     ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=11)
     status = {"phase": "Trusted", "level": 2, "belowSince": below_since(None, 2, ago)}
     made = {}
-    for name, level in (("db", 3), ("web", 2)):
+    for name, level, phase in (("db", 3, "Running"), ("web", 2, "Running"),
+                               ("done", 3, "Succeeded")):  # fmt: skip
         body = _vmi(name, level, selector=True)
         body["metadata"]["namespace"] = namespace
         out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
                                     input_text=json.dumps(body))  # fmt: skip
         made[name] = json.loads(out.stdout)
-        rt.view.observe_vmi({**made[name], "status": {"nodeName": "lower", "phase": "Running"}},
+        rt.view.observe_vmi({**made[name], "status": {"nodeName": "lower", "phase": phase}},
                             "ADDED")  # fmt: skip
     rt.view.observe_member({"metadata": {"name": "lower"}, "status": status}, "ADDED")
     asyncio.run(attestation._move_vms_off(rt, "lower", status))
@@ -998,6 +1010,7 @@ def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
 
     assert not present("db")
     assert present("web")
+    assert present("done")  # it ended: it runs nowhere, nothing to stop
     said = control_plane.kubectl(
         "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationDeadline",
         "-o", "jsonpath={.items[*].message}",

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.controlplane]
 
 TENANT = Identity("gtvp-test-pod-tenant", (), "pod-tenant")
 KUBEVIRT = Identity("system:serviceaccount:kubevirt:kubevirt-controller", (), "kv-controller")
+VMI_UID = "11111111-2222-3333-4444-555555555555"
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +45,24 @@ def pod_creators(control_plane: ControlPlane) -> None:
         control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
 
 
-def _pod(name: str, *, controller: bool | None) -> dict[str, Any]:
+def _pod(
+    name: str, *, controller: bool | None, kind: str = "VirtualMachineInstance", app: bool = True
+) -> dict[str, Any]:
+    """A pod owned by the gated VMI `db` (uid below) of `kind` (KubeVirt compares only the
+    uid), labelled as KubeVirt labels its launchers when `app`."""
     owner: dict[str, Any] = {
         "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachineInstance",
+        "kind": kind,
         "name": "db",
-        "uid": "11111111-2222-3333-4444-555555555555",
+        "uid": VMI_UID,
     }
     if controller is not None:
         owner["controller"] = controller
+    labels = {"kubevirt.io": "virt-launcher"} if app else {}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "ownerReferences": [owner]},
+        "metadata": {"name": name, "labels": labels, "ownerReferences": [owner]},
         "spec": {"nodeName": "an-untrusted-node",
                  "containers": [{"name": "compute", "image": "virt-launcher"}]},
     }  # fmt: skip
@@ -68,6 +74,17 @@ def _create(cp: ControlPlane, ns: str, obj: dict[str, Any], who: Identity) -> An
     )
 
 
+def _patch(cp: ControlPlane, ns: str, name: str, patch: Any, who: Identity) -> Any:
+    kind = "json" if isinstance(patch, list) else "merge"
+    return cp.kubectl(
+        "patch", "pod", name, "-n", ns, f"--type={kind}", "-p", json.dumps(patch),
+        identity=who, check=False,
+    )  # fmt: skip
+
+
+REFUSED = "carries KubeVirt's label kubevirt.io: only KubeVirt makes a VMI's launcher pod"
+
+
 @pytest.mark.usefixtures("pod_creators")
 def test_a_tenant_cannot_make_a_pod_a_vmis_launcher(
     control_plane: ControlPlane, namespace: str
@@ -76,36 +93,39 @@ def test_a_tenant_cannot_make_a_pod_a_vmis_launcher(
     control_plane.kubectl("create", "serviceaccount", "default", "-n", namespace)
     deadline = time.monotonic() + 30  # the API server loads a new policy a moment later
     while True:
-        refused = control_plane.kubectl(
+        probe = control_plane.kubectl(
             "create", "-n", namespace, "--dry-run=server", "-f", "-",
             input_text=json.dumps(_pod("fake-launcher", controller=True)),
             identity=TENANT, check=False,
         )  # fmt: skip
-        if "as its controller" in refused.stderr or time.monotonic() > deadline:
+        if REFUSED in probe.stderr or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert refused.returncode != 0
-    assert "pod fake-launcher names a VirtualMachineInstance as its controller" in refused.stderr
-    assert "gtvp-test-pod-tenant may not" in refused.stderr
-    # a plain owner reference does not make a launcher: allowed, and cannot be made one later
-    assert (
-        _create(control_plane, namespace, _pod("helper", controller=None), TENANT).returncode == 0
-    )
-    claim = [{"op": "add", "path": "/metadata/ownerReferences/0/controller", "value": True}]
-    later = control_plane.kubectl(
-        "patch", "pod", "helper", "-n", namespace, "--type=json", "-p", json.dumps(claim),
-        identity=TENANT, check=False,
-    )  # fmt: skip
-    assert later.returncode != 0
-    assert "names a VirtualMachineInstance as its controller" in later.stderr
+    for kind in ("VirtualMachineInstance", "Pod"):  # KubeVirt compares the uid alone
+        refused = _create(control_plane, namespace, _pod("fake", controller=True, kind=kind),
+                          TENANT)  # fmt: skip
+        assert refused.returncode != 0, kind
+        assert f"pod fake {REFUSED}" in refused.stderr
+        assert "gtvp-test-pod-tenant may not" in refused.stderr
+    # without KubeVirt's label virt-controller never sees the pod: allowed, but the label
+    # cannot be added later
+    plain = _create(control_plane, namespace, _pod("helper", controller=True, app=False), TENANT)
+    assert plain.returncode == 0, plain.stderr
+    app_label = {"metadata": {"labels": {"kubevirt.io": "virt-launcher"}}}
+    labelled = _patch(control_plane, namespace, "helper", app_label, TENANT)
+    assert labelled.returncode != 0
+    assert REFUSED in labelled.stderr
     for who, name in ((KUBEVIRT, "by-kubevirt"), (ADMIN, "by-admin")):
         made = _create(control_plane, namespace, _pod(name, controller=True), who)
         assert made.returncode == 0, made.stderr
-    # others may still update a launcher pod that KubeVirt made (its labels, annotations)
-    touch = json.dumps({"metadata": {"labels": {"example.com/x": "y"}}})
-    ok = control_plane.kubectl(
-        "patch", "pod", "by-kubevirt", "-n", namespace, "--type=merge", "-p", touch,
-        identity=TENANT, check=False,
-    )  # fmt: skip
+    # the launcher KubeVirt made for the tenant's own VMI cannot be pointed at another VMI
+    other = [{"op": "replace", "path": "/metadata/ownerReferences/0/uid",
+              "value": "99999999-2222-3333-4444-555555555555"}]  # fmt: skip
+    moved = _patch(control_plane, namespace, "by-kubevirt", other, TENANT)
+    assert moved.returncode != 0
+    assert REFUSED in moved.stderr
+    # others may still update a launcher pod (its other labels, annotations)
+    touch = {"metadata": {"labels": {"example.com/x": "y"}}}
+    ok = _patch(control_plane, namespace, "by-kubevirt", touch, TENANT)
     assert ok.returncode == 0, ok.stderr
     control_plane.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=false")

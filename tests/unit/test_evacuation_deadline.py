@@ -15,7 +15,7 @@ import yaml
 from gtvp.core.evacuation import Vmi, past_deadline
 from gtvp.core.policy import PolicyError, parse_policy
 from gtvp.core.timestamps import human_duration
-from gtvp.core.trust import below_since, below_since_times
+from gtvp.core.trust import below_since, below_since_times, takes_trust_away
 
 T0 = dt.datetime(2026, 12, 3, 8, 0, tzinfo=dt.UTC)
 TEN = dt.timedelta(minutes=10)
@@ -106,3 +106,27 @@ def test_durations_read_as_written_in_a_policy() -> None:
     assert human_duration(TEN) == "10m"
     assert human_duration(dt.timedelta(minutes=90, seconds=5)) == "1h30m5s"
     assert human_duration(dt.timedelta(seconds=45)) == "45s"
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "away"),
+    [
+        (("Trusted", 3), ("Trusted", 2), True),  # its level dropped
+        (("Trusted", 3), ("Untrusted", 0), True),
+        (("Trusted", 2), ("Maintenance", 0), True),
+        (("Untrusted", 0), ("Trusted", 2), False),
+        (("Trusted", 2), ("Trusted", 3), False),
+        (("Trusted", 2), ("Trusted", 2), False),
+        (("Enrolling", 0), ("Untrusted", 0), False),
+    ],
+)
+def test_which_verdicts_are_written_over_a_newer_member(
+    before: tuple[str, int], after: tuple[str, int], away: bool
+) -> None:
+    """A verdict that takes trust away lands even when the agent wrote since it was judged;
+    one that grants trust waits for the newest body."""
+
+    def status(s: tuple[str, int]) -> dict[str, Any]:
+        return {"phase": s[0], "level": s[1]}
+
+    assert takes_trust_away(status(before), status(after)) is away

@@ -145,3 +145,16 @@ def below_since_times(status: Mapping[str, Any]) -> dict[int, dt.datetime]:
         if str(key).isdigit() and when is not None:
             out[int(key)] = when
     return out
+
+
+def held_level(status: Mapping[str, Any]) -> int:
+    """The level a member's status lets it hold: its level while Trusted, else none."""
+    if status.get("phase") != MemberPhase.TRUSTED:
+        return 0
+    return int(status.get("level", 0) or 0)
+
+
+def takes_trust_away(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Whether status `after` lets the member hold less than `before` did: it lost its
+    verdict, went into Maintenance, or its level dropped."""
+    return held_level(after) < held_level(before)

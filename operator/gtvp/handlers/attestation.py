@@ -29,7 +29,7 @@ from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
-from gtvp.core.trust import below_since, below_since_times
+from gtvp.core.trust import below_since, below_since_times, takes_trust_away
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, sync_node
 from gtvp.metrics import METRICS
@@ -252,10 +252,11 @@ async def _write(
     retries); None when the Member changed since (a newer body is on its way) or this
     replica no longer holds the member's shard (fenced: it writes nothing).
 
-    A verdict that takes a Trusted member's trust away is written even when the Member
-    changed since it was judged: whatever its agent wrote meanwhile cannot make the member
-    more trusted than evidence that failed, and an agent that rewrites its status without
-    pause (each write a new resourceVersion) must not keep that verdict off the server."""
+    A verdict that takes trust away (`takes_trust_away`: it lost its verdict, or holds a
+    lower level than the server says) is written even when the Member changed since it was
+    judged: whatever its agent wrote meanwhile cannot make the member more trusted than
+    evidence that failed, and an agent that rewrites its status without pause (each write a
+    new resourceVersion) must not keep that verdict off the server."""
     status = body.get("status") or {}
     old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
     patch = kube.merge_patch_for(old, new)
@@ -265,9 +266,7 @@ async def _write(
         return None
     log.debug("member %s: status patch %s", name, patch)
     version = (body.get("metadata") or {}).get("resourceVersion")
-    withdraws = (
-        status.get("phase") == MemberPhase.TRUSTED and new.get("phase") != MemberPhase.TRUSTED
-    )
+    withdraws = takes_trust_away(status, new)
     try:
         try:
             result = await asyncio.to_thread(

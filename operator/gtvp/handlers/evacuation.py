@@ -63,16 +63,19 @@ from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.evacuation")
 RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
+ENDED = ("Succeeded", "Failed")  # a VMI's final phases
 
 
 def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
     """The gated VMIs on `member` that need more than `keep_level` (a Lazy Box's with its
-    components, so that it goes where they are cached)."""
+    components, so that it goes where they are cached); a VMI that has ended (Succeeded,
+    Failed) runs nowhere: nothing to move or stop."""
     return [
         Vmi(ns, name, member, lvl, _parts(rt, ns, name, body), *vmi_requests(body))
         for (ns, name) in sorted(rt.view.on_node.get(member, ()))
         if (lvl := gated_level(body := rt.view.vmis.get((ns, name)) or {})) is not None
         and lvl > keep_level
+        and (body.get("status") or {}).get("phase") not in ENDED
     ]
 
 
