@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gtvp.core.footprint import Footprint, placed_footprint, usage_by_node
+from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_node
 from gtvp.core.policy import Policy
 from gtvp.core.trust import MemberView, member_view
 
@@ -255,7 +255,6 @@ def _replace(store: dict[Key, Footprint], key: Key, fp: Footprint | None) -> boo
 
 
 NODE_LABEL = "kubevirt.io/nodeName"  # KubeVirt labels a scheduled VMI with its node too
-ENDED = frozenset({"Succeeded", "Failed"})
 
 
 def vmi_node(body: Mapping[str, Any], before: str | None) -> str | None:
@@ -269,7 +268,7 @@ def vmi_node(body: Mapping[str, Any], before: str | None) -> str | None:
     node = status.get("nodeName") or labels.get(NODE_LABEL)
     if node:
         return str(node)
-    return before if status.get("phase") not in ENDED else None
+    return before if status.get("phase") not in FINISHED else None
 
 
 def _uid(body: Mapping[str, Any]) -> str | None:

@@ -28,6 +28,7 @@ from typing import Any
 from gtvp.core.quantity import cpu_millis, memory_bytes, parse_quantity
 
 FINISHED = frozenset({"Succeeded", "Failed"})
+"""A VMI's final phases: it runs nowhere, takes no room, has nothing to move or stop."""
 
 
 @dataclass(frozen=True)

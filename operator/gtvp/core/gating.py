@@ -141,10 +141,10 @@ stops it on a host that lost trust, KubeVirt asks the guest to shut down and wai
 before it kills it, so the VM's user must not be able to set it to days."""
 
 
-def grace_cap(spec: Mapping[str, Any]) -> int | None:
-    """What a gated VMI's `terminationGracePeriodSeconds` becomes: MAX_GRACE_SECONDS when it
-    asks for more; None when it asks for no more (or sets none: KubeVirt's default is 30)."""
-    asked = spec.get("terminationGracePeriodSeconds")
+def grace_cap(asked: Any) -> int | None:
+    """What a gated VMI's `terminationGracePeriodSeconds` (`asked`) becomes: MAX_GRACE_SECONDS
+    when it asks for more; None when it asks for no more (or sets none: KubeVirt's default
+    is 30)."""
     return MAX_GRACE_SECONDS if isinstance(asked, int) and asked > MAX_GRACE_SECONDS else None
 
 
@@ -162,7 +162,7 @@ def validate_instance(
     level = level_of(labels)
     if level is None:
         return Decision(True)
-    if grace_cap({"terminationGracePeriodSeconds": grace}) is not None:
+    if grace_cap(grace) is not None:
         return Decision(
             False,
             (

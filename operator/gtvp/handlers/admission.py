@@ -130,7 +130,7 @@ def mutate_vmi(
     missing = selector_patch(_spec(body).get("nodeSelector"), level)
     if missing:
         patch.spec["nodeSelector"] = missing
-    cap = grace_cap(_spec(body))
+    cap = grace_cap(_spec(body).get("terminationGracePeriodSeconds"))
     if cap is not None:
         patch.spec["terminationGracePeriodSeconds"] = cap
         if warnings is not None:

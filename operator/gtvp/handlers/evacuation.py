@@ -51,7 +51,7 @@ from gtvp.core.evacuation import (
     unscheduled_pin,
     untrusted_actions,
 )
-from gtvp.core.footprint import vmi_requests
+from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
 from gtvp.core.trust import member_view
@@ -63,7 +63,6 @@ from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.evacuation")
 RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
-ENDED = ("Succeeded", "Failed")  # a VMI's final phases
 
 
 def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
@@ -75,7 +74,7 @@ def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
         for (ns, name) in sorted(rt.view.on_node.get(member, ()))
         if (lvl := gated_level(body := rt.view.vmis.get((ns, name)) or {})) is not None
         and lvl > keep_level
-        and (body.get("status") or {}).get("phase") not in ENDED
+        and (body.get("status") or {}).get("phase") not in FINISHED
     ]
 
 
