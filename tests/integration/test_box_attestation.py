@@ -555,14 +555,19 @@ def test_a_migration_squatting_on_the_planned_name_does_not_keep_a_mismatched_bo
     assert len(pool.migrations(BOX)) == 1
 
 
-@pytest.mark.timeout(240)
-def test_a_mismatch_stops_the_box_when_its_level_says_stop(pool: Pool) -> None:
+def _enforce(pool: Pool, **settings: Any) -> None:
+    """The runtime enforces the pool's policy with these `pool_policy` settings changed."""
     current = pool.rt.view.policy
     assert current is not None
-    policy = policy_trusting(current.ca_bundle_pem, name=POLICY, on_untrusted={2: "Stop"})
+    policy = policy_trusting(current.ca_bundle_pem, name=POLICY, **settings)
     policies.set_policy(pool.rt, POLICY, policy)
     kept = pool.rt.accepted_policies[POLICY]
     pool.rt.accepted_policies[POLICY] = (kept[0], Accepted(2, kept[1].spec, policy))
+
+
+@pytest.mark.timeout(240)
+def test_a_mismatch_stops_the_box_when_its_level_says_stop(pool: Pool) -> None:
+    _enforce(pool, on_untrusted={2: "Stop"})
     guest = pool.guests[OTHER_BOX]
     guest.bind()
     guest.measure([hashlib.sha256(b"another rootfs").digest(), *pool.disks[OTHER_BOX][1:]])
@@ -580,12 +585,7 @@ def test_a_mismatched_box_still_there_past_its_levels_bound_is_stopped(pool: Poo
     """The box's own evidence failed on a trusted member and its migration is held back (here
     the mismatch was 11 s ago and nothing moved it): past its level's migrateWithin it is
     stopped rather than left running where its components cannot be vouched for."""
-    current = pool.rt.view.policy
-    assert current is not None
-    policy = policy_trusting(current.ca_bundle_pem, name=POLICY, migrate_within={2: "10s"})
-    policies.set_policy(pool.rt, POLICY, policy)
-    kept = pool.rt.accepted_policies[POLICY]
-    pool.rt.accepted_policies[POLICY] = (kept[0], Accepted(2, kept[1].spec, policy))
+    _enforce(pool, migrate_within={2: "10s"})
     guest = pool.guests[OTHER_BOX]
     guest.bind()
     pool.clock_offset[0] = -dt.timedelta(seconds=11)  # the quote was answered 11 s ago

@@ -27,6 +27,7 @@ from gtvp.core.evacuation import EVACUATION_LABEL, HOSTNAME_LABEL
 from gtvp.core.policy import parse_policy
 from gtvp.core.prefetch import ANNOTATION, Request, render_requests, requests_on
 from gtvp.core.shards import SHARDS, shard_of
+from gtvp.core.timestamps import format_ts
 from gtvp.core.trust import (
     TAINT_KEY,
     TRUSTED_LABEL,
@@ -263,6 +264,12 @@ def member(control_plane: ControlPlane, rt: Runtime) -> Iterator[str]:
         control_plane.kubectl("delete", "member", name, "--ignore-not-found", "--wait=false")
 
 
+def _patch_status(control_plane: ControlPlane, member: str, status: dict[str, Any]) -> None:
+    """Merge `status` into the Member's status on the server (as an administrator)."""
+    control_plane.kubectl("patch", "member", member, "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": status}))  # fmt: skip
+
+
 def _status(rt: Runtime, name: str) -> dict[str, Any]:
     got = kube.get_if_present(rt.clients, MEMBERS, name)
     assert got is not None
@@ -278,34 +285,15 @@ def test_a_lost_trust_is_written_even_when_the_member_changed_since_it_was_judge
     write is a new resourceVersion, so a verdict written only at the version judged would
     never land, and the member would stay Trusted on the server (no clock for migrateWithin,
     Nodes and other replicas reading Trusted). A verdict withdrawing trust lands anyway."""
-    past = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    trusted = {
-        "status": {
-            "phase": "Trusted",
-            "level": 2,
-            "trust": {
-                "verdict": "Trusted",
-                "reason": "QuoteVerified",
-                "verifiedAt": past,
-                "expiresAt": past,
-            },
-        }
-    }
-    control_plane.kubectl("patch", "member", member, "--subresource=status", "--type=merge",
-                          "-p", json.dumps(trusted))  # fmt: skip
+    past = format_ts(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+    trust = {"verdict": "Trusted", "reason": "QuoteVerified", "verifiedAt": past,
+             "expiresAt": past}  # fmt: skip
+    _patch_status(control_plane, member, {"phase": "Trusted", "level": 2, "trust": trust})
     judged = kube.get_if_present(rt.clients, MEMBERS, member)
     assert judged is not None
     attestation.observe(rt, judged, "MODIFIED")  # what the operator judges: this version
-    heartbeat = {"status": {"agent": {"heartbeatTime": past, "error": "still here"}}}
-    control_plane.kubectl(
-        "patch",
-        "member",
-        member,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(heartbeat),
-    )  # fmt: skip  (the agent's newer write)
+    heartbeat = {"agent": {"heartbeatTime": past, "error": "still here"}}
+    _patch_status(control_plane, member, heartbeat)  # the agent's newer write
     asyncio.run(attestation.reconcile(rt, member))
     status = _status(rt, member)
     assert status["phase"] == "Untrusted"
@@ -390,15 +378,7 @@ def test_two_replicas_spending_at_once_lose_no_use_and_spend_none_twice(
     control_plane: ControlPlane, operator_clients: kube.Clients, member: str
 ) -> None:
     # the member holds a verdict with 20 uses; two operator replicas both saw it that way
-    control_plane.kubectl(
-        "patch",
-        "member",
-        member,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": _trusted(member, 2, uses=20)["status"]}),
-    )
+    _patch_status(control_plane, member, _trusted(member, 2, uses=20)["status"])
     seen = kube.get_if_present(operator_clients, MEMBERS, member)
     assert seen is not None
     replicas = []

@@ -15,6 +15,7 @@ import pytest
 
 from gtvp_local.controlplane import ADMIN, ControlPlane, Identity
 from gtvp_local.pool import manifests
+from tests.rbac import grant
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -27,22 +28,13 @@ VMI_UID = "11111111-2222-3333-4444-555555555555"
 def pod_creators(control_plane: ControlPlane) -> None:
     for m in manifests():
         control_plane.kubectl("apply", "-f", str(m))
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-        "metadata": {"name": "gtvp-test-pod-creator"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"],
-                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
-    }  # fmt: skip
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": "gtvp-test-pod-creator"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": who.user}
-                     for who in (TENANT, KUBEVIRT)],
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "gtvp-test-pod-creator"},
-    }  # fmt: skip
-    for obj in (role, binding):
-        control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+    verbs = ["get", "list", "create", "update", "patch", "delete"]
+    grant(
+        control_plane,
+        "gtvp-test-pod-creator",
+        [{"apiGroups": [""], "resources": ["pods"], "verbs": verbs}],
+        (TENANT, KUBEVIRT),
+    )
 
 
 def _pod(

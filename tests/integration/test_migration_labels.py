@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
 from gtvp_local.pool import manifests
+from tests.rbac import grant
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -61,24 +63,11 @@ KUBEVIRT = Identity("system:serviceaccount:kubevirt:kubevirt-controller", (), "k
 @pytest.fixture(scope="module")
 def migration_editors(control_plane: ControlPlane, policies_applied: None) -> None:
     """RBAC for TENANT and KUBEVIRT on migrations, and the deletion policy loaded."""
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-        "metadata": {"name": "gtvp-test-migration-editor"},
-        "rules": [{"apiGroups": ["kubevirt.io"],
-                   "resources": ["virtualmachineinstancemigrations",
-                                 "virtualmachineinstancemigrations/status"],
-                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
-    }  # fmt: skip
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": "gtvp-test-migration-editor"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": who.user}
-                     for who in (TENANT, KUBEVIRT)],
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "gtvp-test-migration-editor"},
-    }  # fmt: skip
-    for obj in (role, binding):
-        control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+    resources = ["virtualmachineinstancemigrations", "virtualmachineinstancemigrations/status"]
+    verbs = ["get", "list", "create", "update", "patch", "delete"]
+    grant(control_plane, "gtvp-test-migration-editor",
+          [{"apiGroups": ["kubevirt.io"], "resources": resources, "verbs": verbs}],
+          (TENANT, KUBEVIRT))  # fmt: skip
     probe = _migration("deletion-probe", {"gtvp.io/evacuation": "node-1"})
     _create(control_plane, "default", probe, OPERATOR)
     try:
@@ -112,9 +101,8 @@ def test_the_operator_may_and_others_may_not_add_the_mark_later(
     control_plane: ControlPlane, namespace: str
 ) -> None:
     assert _create(control_plane, namespace, _migration("own", {}), ADMIN).returncode == 0
-    patch = json.dumps({"metadata": {"labels": {"gtvp.io/evacuation": "node-1"}}})
-    later = control_plane.kubectl(
-        "patch", "vmim", "own", "-n", namespace, "--type=merge", "-p", patch, check=False
+    later = _patch(
+        control_plane, namespace, "own", {"metadata": {"labels": {"gtvp.io/evacuation": "node-1"}}}
     )
     assert later.returncode != 0
     assert "may not set, change or remove them" in later.stderr
@@ -123,10 +111,8 @@ def test_the_operator_may_and_others_may_not_add_the_mark_later(
     )
     assert mine.returncode == 0, mine.stderr
     # KubeVirt (or anyone) may update gtvp's migration otherwise, labels unchanged
-    touch = json.dumps({"metadata": {"annotations": {"kubevirt.io/note": "x"}}})
-    ok = control_plane.kubectl(
-        "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", "-p", touch, check=False
-    )
+    touch = {"metadata": {"annotations": {"kubevirt.io/note": "x"}}}
+    ok = _patch(control_plane, namespace, "gtvps", touch)
     assert ok.returncode == 0, ok.stderr
 
 
@@ -149,12 +135,10 @@ def test_only_the_operator_touches_gtvps_annotations_on_its_migrations(
     body["metadata"]["annotations"] = {"gtvp.io/evacuation-attempt": "0"}
     assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
 
-    def patch(annotations: dict[str, Any], identity: Any = ADMIN) -> Any:
-        return control_plane.kubectl(
-            "patch", "vmim", "evac", "-n", namespace, "--type=merge",
-            "-p", json.dumps({"metadata": {"annotations": annotations}}),
-            identity=identity, check=False,
-        )  # fmt: skip
+    def patch(annotations: dict[str, Any], identity: Identity = ADMIN) -> Any:
+        return _patch(
+            control_plane, namespace, "evac", {"metadata": {"annotations": annotations}}, identity
+        )
 
     refused = patch({key: value})
     assert refused.returncode != 0
@@ -166,11 +150,23 @@ def test_only_the_operator_touches_gtvps_annotations_on_its_migrations(
     assert patch({key: value}, OPERATOR).returncode == 0
     # a migration that is not gtvp's is its owner's to annotate
     assert _create(control_plane, namespace, _migration("own", {})).returncode == 0
-    own = control_plane.kubectl(
-        "patch", "vmim", "own", "-n", namespace, "--type=merge",
-        "-p", json.dumps({"metadata": {"annotations": {key: value}}}), check=False,
-    )  # fmt: skip
+    own = _patch(control_plane, namespace, "own", {"metadata": {"annotations": {key: value}}})
     assert own.returncode == 0, own.stderr
+
+
+def _patch(
+    cp: ControlPlane,
+    ns: str,
+    name: str,
+    patch: Mapping[str, Any],
+    identity: Identity = ADMIN,
+    *args: str,
+) -> Any:
+    """A merge patch of migration `name` (`args`: e.g. --subresource=status); not checked."""
+    return cp.kubectl(
+        "patch", "vmim", name, "-n", ns, "--type=merge", *args, "-p", json.dumps(patch),
+        identity=identity, check=False,
+    )  # fmt: skip
 
 
 def _delete(cp: ControlPlane, ns: str, name: str, identity: Identity) -> Any:
@@ -223,18 +219,12 @@ def test_a_tenant_cannot_have_the_garbage_collector_delete_gtvps_migration(
     assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
     owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "gone",
              "uid": "00000000-0000-0000-0000-000000000000"}  # fmt: skip
-    patch = json.dumps({"metadata": {"ownerReferences": [owner]}})
-    refused = control_plane.kubectl(
-        "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", "-p", patch,
-        identity=TENANT, check=False,
-    )  # fmt: skip
+    patch = {"metadata": {"ownerReferences": [owner]}}
+    refused = _patch(control_plane, namespace, "gtvps", patch, TENANT)
     assert refused.returncode != 0
     assert "is one gtvp started: only gtvp and KubeVirt update it" in refused.stderr
     assert _create(control_plane, namespace, _migration("own", {}), TENANT).returncode == 0
-    mine = control_plane.kubectl(
-        "patch", "vmim", "own", "-n", namespace, "--type=merge", "-p", patch,
-        identity=TENANT, check=False,
-    )  # fmt: skip
+    mine = _patch(control_plane, namespace, "own", patch, TENANT)
     assert mine.returncode == 0, mine.stderr
 
 
@@ -246,11 +236,8 @@ def test_a_tenant_cannot_unmark_gtvps_migration_and_then_delete_it(
     delete: the label stays as the operator set it."""
     body = _migration("gtvps", {"gtvp.io/evacuation": "node-1"})
     assert _create(control_plane, namespace, body, OPERATOR).returncode == 0
-    unmark = json.dumps({"metadata": {"labels": {"gtvp.io/evacuation": None}}})
-    refused = control_plane.kubectl(
-        "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", "-p", unmark,
-        identity=TENANT, check=False,
-    )  # fmt: skip
+    unmark = {"metadata": {"labels": {"gtvp.io/evacuation": None}}}
+    refused = _patch(control_plane, namespace, "gtvps", unmark, TENANT)
     assert refused.returncode != 0
     assert "may not set, change or remove them" in refused.stderr
     assert _delete(control_plane, namespace, "gtvps", TENANT).returncode != 0
@@ -281,10 +268,7 @@ def test_a_tenant_cannot_touch_gtvps_migration_at_all(
 
     def write(identity: Identity) -> Any:
         sub = [f"--subresource={subresource}"] if subresource else []
-        return control_plane.kubectl(
-            "patch", "vmim", "gtvps", "-n", namespace, "--type=merge", *sub,
-            "-p", json.dumps(patch), identity=identity, check=False,
-        )  # fmt: skip
+        return _patch(control_plane, namespace, "gtvps", patch, identity, *sub)
 
     refused = write(TENANT)
     assert refused.returncode != 0, f"{what}: {refused.stdout}"

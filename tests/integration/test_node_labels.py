@@ -19,6 +19,7 @@ import pytest
 from gtvp.core.trust import LEVEL_LABEL, TRUSTED_LABEL
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
 from gtvp_local.pool import manifests
+from tests.rbac import grant
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -30,22 +31,9 @@ HANDLER = Identity("system:serviceaccount:kubevirt:kubevirt-handler", (), "kv-ha
 def node_patchers(control_plane: ControlPlane) -> None:
     for m in manifests():
         control_plane.kubectl("apply", "-f", str(m))
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-        "metadata": {"name": "gtvp-test-node-patcher"},
-        "rules": [{"apiGroups": [""], "resources": ["nodes", "nodes/status"],
-                   "verbs": ["get", "list", "patch", "update"]}],
-    }  # fmt: skip
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": "gtvp-test-node-patcher"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                      "name": HANDLER.user}],
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "gtvp-test-node-patcher"},
-    }  # fmt: skip
-    for obj in (role, binding):
-        control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+    grant(control_plane, "gtvp-test-node-patcher",
+          [{"apiGroups": [""], "resources": ["nodes", "nodes/status"],
+            "verbs": ["get", "list", "patch", "update"]}], (HANDLER,))  # fmt: skip
 
 
 @pytest.fixture
