@@ -158,6 +158,9 @@ def test_a_box_measures_its_components_attests_and_keeps_its_vtpm_across_a_migra
         assert pcrs[0] == fold(expected), diag()
         _wait("a verified quote after boot", lambda: any(q.verified for q in box.quotes), 120, diag)
         assert box.enrolled == 1
+        # the guest prints its line once the server's answer reached it: after the server
+        # recorded the quote, so wait for the line before reading it
+        _wait("the guest's line on its quote", lambda: bool(QUOTED.findall(console())), 30, diag)
         assert QUOTED.findall(console())[-1][1] == "true"
         quotes_before = len(box.quotes)
         uptime_before = max(int(u) for u in UPTIME.findall(console()))
