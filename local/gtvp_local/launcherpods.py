@@ -49,14 +49,13 @@ from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.footprint import vmi_requests
+from gtvp.core.launchers import APP_LABEL, APP_VALUE, SELECTOR
 from gtvp.core.quantity import cpu_quantity, memory_quantity
 
 log = logging.getLogger("gtvp.virtsim.pods")
 KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
 API_BANNER = "[SIMULATED virt-api]"
 KUBELET_BANNER = "[SIMULATED kubelet]"
-APP_LABEL = "kubevirt.io"
-APP_VALUE = "virt-launcher"
 CREATED_BY = "kubevirt.io/created-by"
 VM_NAME_LABEL = "vm.kubevirt.io/name"
 EVICT_ONLY = "descheduler.alpha.kubernetes.io/request-evict-only"
@@ -304,9 +303,7 @@ class LauncherPods:
     def sync(self, vmis: Sequence[Mapping[str, Any]]) -> None:
         pods = [
             p.to_dict()
-            for p in self.core.list_pod_for_all_namespaces(
-                label_selector=f"{APP_LABEL}={APP_VALUE}"
-            ).items
+            for p in self.core.list_pod_for_all_namespaces(label_selector=SELECTOR).items
         ]
         for p in pods:  # to_dict() is snake_case
             p["metadata"]["deletionTimestamp"] = p["metadata"].get("deletion_timestamp")

@@ -2,8 +2,10 @@
 
 Kept by the watches (`gtvp.handlers` feeds every event here, after a start-up listing), read
 by every decision, so that a decision costs no API call: members and their EK index, nodes,
-VMs, VMIs (indexed by node, with the room they take) and migrations, Lazy Boxes, OSComponents
-and the SecurityPolicy in force. Bookkeeping only: no I/O, no decisions, no kopf.
+VMs, VMIs (indexed by node, with the room they take; a VMI is on the node its status names
+and on every node where its virt-launcher pods are: `gtvp.core.launchers`) and migrations,
+Lazy Boxes, OSComponents and the SecurityPolicy in force. Bookkeeping only: no I/O, no
+decisions, no kopf.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_node
+from gtvp.core.launchers import LauncherPod, launcher_pod, pod_nodes
 from gtvp.core.policy import Policy
 from gtvp.core.trust import MemberView, member_view
 
@@ -88,9 +91,16 @@ class ClusterView:
     # EK fingerprint index: which members are bound to which EK
     ek_of: dict[str, str] = field(default_factory=dict)
     ek_holders: dict[str, set[str]] = field(default_factory=dict)
-    # which VMIs run on which node (evacuation looks at one node's VMIs)
+    # which VMIs run on which node (evacuation looks at one node's VMIs): `node_of` is where
+    # a VMI's status says it runs, `on_node` also counts the nodes of its launcher pods
     on_node: dict[str, set[Key]] = field(default_factory=dict)
     node_of: dict[Key, str] = field(default_factory=dict)
+    launchers: dict[Key, dict[Key, LauncherPod]] = field(default_factory=dict)
+    """VMI -> its launcher pods by (namespace, pod name)."""
+    launcher_vmi: dict[Key, Key] = field(default_factory=dict)
+    """Launcher pod -> the VMI it runs."""
+    nodes_of: dict[Key, frozenset[str]] = field(default_factory=dict)
+    """VMI -> every node `on_node` holds it under."""
     # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
     # (None: to recompute)
     placed: dict[Key, Footprint] = field(default_factory=dict)
@@ -184,15 +194,48 @@ class ClusterView:
         return key
 
     def _place(self, key: Key, node: str | None) -> None:
-        old = self.node_of.get(key)
-        if old == node:
-            return
-        if old is not None:
-            self.on_node.get(old, set()).discard(key)
-            del self.node_of[key]
         if node:
             self.node_of[key] = node
+        else:
+            self.node_of.pop(key, None)
+        self._index(key)
+
+    def observe_pod(self, body: Mapping[str, Any], event_type: str) -> frozenset[str]:
+        """Record a virt-launcher pod event; the nodes its VMI was added to (a host where
+        the VMI runs that its status does not name)."""
+        pod_key = key_of(body)
+        pod = None if event_type == "DELETED" else launcher_pod(body)
+        vmi = self.launcher_vmi.pop(pod_key, None)
+        pods = self.launchers.get(vmi) if vmi is not None else None
+        if vmi is not None and pods is not None:
+            pods.pop(pod_key, None)
+            if not pods:
+                del self.launchers[vmi]
+        if pod is not None:
+            self.launcher_vmi[pod_key] = pod.vmi
+            self.launchers.setdefault(pod.vmi, {})[pod_key] = pod
+        added: frozenset[str] = frozenset()
+        for touched in {k for k in (vmi, pod.vmi if pod else None) if k is not None}:
+            old = self.nodes_of.get(touched, frozenset())
+            added |= self._index(touched) - old
+        return added
+
+    def _index(self, key: Key) -> frozenset[str]:
+        """Put VMI `key` under every node it runs on; those nodes."""
+        old = self.nodes_of.get(key, frozenset())
+        nodes = pod_nodes(self.launchers.get(key, {}).values(), _uid(self.vmis.get(key) or {}))
+        status_node = self.node_of.get(key)
+        if status_node:
+            nodes |= {status_node}
+        for node in old - nodes:
+            self.on_node.get(node, set()).discard(key)
+        for node in nodes - old:
             self.on_node.setdefault(node, set()).add(key)
+        if nodes:
+            self.nodes_of[key] = nodes
+        else:
+            self.nodes_of.pop(key, None)
+        return nodes
 
     def vmi_usage(self) -> dict[str, tuple[int, int]]:
         """(CPU millicores, memory bytes) per node taken by every placed VMI."""

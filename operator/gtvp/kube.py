@@ -14,6 +14,7 @@ from typing import Any
 
 from kubernetes import client, config
 
+from gtvp.core import launchers
 from gtvp.core.api_resources import GTVP_API_VERSION, MEMBERS, SECURITY_POLICIES, ApiResource
 from gtvp.event_recorder import EventRecorder, ObjectRef
 
@@ -91,6 +92,15 @@ def list_all(c: Clients, res: ApiResource) -> list[dict[str, Any]]:
 def list_nodes(c: Clients) -> list[dict[str, Any]]:
     """Every Node, as the plain dicts a watch delivers (camelCase keys)."""
     got = c.api.sanitize_for_serialization(c.core.list_node())
+    items: list[dict[str, Any]] = got.get("items") or []
+    return items
+
+
+def list_launcher_pods(c: Clients) -> list[dict[str, Any]]:
+    """Every KubeVirt virt-launcher pod (by its label), as the plain dicts a watch delivers."""
+    got = c.api.sanitize_for_serialization(
+        c.core.list_pod_for_all_namespaces(label_selector=launchers.SELECTOR)
+    )
     items: list[dict[str, Any]] = got.get("items") or []
     return items
 

@@ -40,6 +40,7 @@ from gtvp.handlers import (
     attestation,
     box_hosts,
     evacuation,
+    launcher_pod_event,
     member_event,
     node_event,
     node_trust,
@@ -54,6 +55,7 @@ from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane, Identity
 from gtvp_local.pool import manifests, pool_policy
 from gtvp_local.swtpm import Swtpm, SwtpmCA
+from tests.launcher_pods import create_launcher_pod
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -702,24 +704,36 @@ def test_a_prefetch_request_on_a_target_no_longer_chosen_is_withdrawn(
     assert set(requests_on(_node(control_plane, chosen))) == {"apps/web"}
 
 
-@pytest.mark.tpm
-def test_a_gated_vm_on_a_node_without_a_member_is_moved_off_it(
-    control_plane: ControlPlane,
-    cluster_names: list[str],
-    operator_clients: kube.Clients,
-    namespace: str,
-    swtpm_ca: SwtpmCA,
-    shared_tpm: Swtpm,
-) -> None:
-    """One replica that does not make Members (`--no-create-members`): a Node whose Member
-    was deleted while it was down is judged at its next event, and the gated VM there goes."""
+@pytest.fixture
+def beside_good(operator_clients: kube.Clients, swtpm_ca: SwtpmCA, shared_tpm: Swtpm) -> Runtime:
+    """One replica that does not make Members, under the pool's policy, that knows one
+    Trusted level-3 member `good` (a target)."""
     del shared_tpm  # made, so the CA has issued its certificates (the policy trusts them)
     settings = OperatorSettings(policy_name=POLICY, create_members=False)
     rt = Runtime(settings=settings, clients=operator_clients)
     rt.view.loaded = True
     rt.view.policy = parse_policy(POLICY, pool_policy(swtpm_ca, name=POLICY)["spec"])
     rt.view.observe_member(_trusted("good", 3), "ADDED")
-    rt.view.observe_node({"metadata": {"name": "good"}}, "ADDED")  # a target
+    rt.view.observe_node({"metadata": {"name": "good"}}, "ADDED")
+    return rt
+
+
+def _evacuations(control_plane: ControlPlane, namespace: str) -> list[tuple[str, str]]:
+    """(VMI, member it leaves) of every evacuation migration in `namespace`."""
+    got = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
+    return [
+        (m["spec"]["vmiName"], m["metadata"]["labels"][EVACUATION_LABEL])
+        for m in json.loads(got)["items"]
+    ]
+
+
+@pytest.mark.tpm
+def test_a_gated_vm_on_a_node_without_a_member_is_moved_off_it(
+    control_plane: ControlPlane, cluster_names: list[str], namespace: str, beside_good: Runtime
+) -> None:
+    """One replica that does not make Members (`--no-create-members`): a Node whose Member
+    was deleted while it was down is judged at its next event, and the gated VM there goes."""
+    rt = beside_good
     name = _trust_labelled_node(control_plane, cluster_names)
     vmi = {**_vmi("db", 3, selector=True), "status": {"nodeName": name}}
     vmi["metadata"]["namespace"] = namespace
@@ -727,12 +741,34 @@ def test_a_gated_vm_on_a_node_without_a_member_is_moved_off_it(
     asyncio.run(node_event(body=kopf.Body(_node(control_plane, name)), type=None, memo=_memo(rt)))
     assert _says_untrusted(_node(control_plane, name))
     assert kube.get_if_present(rt.clients, MEMBERS, name) is None  # not made: not asked to
-    moves = json.loads(control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout)[
-        "items"
-    ]
-    assert [(m["spec"]["vmiName"], m["metadata"]["labels"][EVACUATION_LABEL]) for m in moves] == [
-        ("db", name)
-    ]
+    assert _evacuations(control_plane, namespace) == [("db", name)]
+
+
+@pytest.mark.tpm
+def test_a_gated_vm_whose_status_names_a_trusted_node_is_moved_off_its_launcher_pods_node(
+    control_plane: ControlPlane, cluster_names: list[str], namespace: str, beside_good: Runtime
+) -> None:
+    """Root on an untrusted host rewrites its VM's status.nodeName (virt-handler's token
+    can) to a trusted member's: the VM's launcher pod is still bound to the host, and the
+    operator, reading launcher pods with its own RBAC, moves the VM off it."""
+    rt = beside_good
+    bad = _trust_labelled_node(control_plane, cluster_names)
+    vmi = {**_vmi("db", 3, selector=True), "status": {"nodeName": "good", "phase": "Running"}}
+    vmi["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()))
+    rt.view.observe_vmi(vmi, "ADDED")  # the status as rewritten
+
+    def judge_bad() -> None:
+        body = kopf.Body(_node(control_plane, bad))
+        asyncio.run(node_event(body=body, type=None, memo=_memo(rt)))
+
+    judge_bad()
+    assert _evacuations(control_plane, namespace) == []  # the status alone hides it
+    create_launcher_pod(control_plane, namespace, vmi, bad)
+    for pod in kube.list_launcher_pods(rt.clients):  # what a (re)started operator lists
+        asyncio.run(launcher_pod_event(body=kopf.Body(pod), type="ADDED", memo=_memo(rt)))
+    assert (namespace, "db") in rt.view.on_node[bad]
+    judge_bad()
+    assert _evacuations(control_plane, namespace) == [("db", bad)]
 
 
 @pytest.mark.tpm

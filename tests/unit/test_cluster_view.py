@@ -160,3 +160,111 @@ def test_blanking_where_a_running_vmi_is_does_not_hide_it() -> None:
     # a VMI that ended runs nowhere
     view.observe_vmi({**_vmi("x", None), "status": {"phase": "Failed"}}, "MODIFIED")
     assert ("ns", "x") not in view.node_of
+
+
+def _pod(
+    name: str,
+    node: str | None,
+    *,
+    vmi_uid: str = "u1",
+    created: str = "2026-12-03T10:00:00Z",
+    phase: str = "Running",
+    controller: bool = True,
+    label: str = "virt-launcher",
+) -> dict[str, Any]:
+    owner = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "name": "x",
+             "uid": vmi_uid, "controller": controller}  # fmt: skip
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": name,
+            "creationTimestamp": created,
+            "labels": {"kubevirt.io": label},
+            "ownerReferences": [owner],
+        },
+        "spec": {"nodeName": node} if node else {},
+        "status": {"phase": phase},
+    }
+
+
+def _running(node: str | None, uid: str = "u1") -> dict[str, Any]:
+    body = _vmi("x", node)
+    body["metadata"]["uid"] = uid
+    body["status"]["phase"] = "Running"
+    return body
+
+
+def test_a_vmi_whose_status_names_another_node_is_still_on_its_launcher_pods_node() -> None:
+    """Root on a host can rewrite a VMI's status.nodeName with its virt-handler's token and
+    name a trusted node; its launcher pod stays bound where the VM runs."""
+    view = ClusterView()
+    view.observe_vmi(_running("bad"), "ADDED")
+    assert view.observe_pod(_pod("launcher-a", "bad"), "ADDED") == frozenset()  # known there
+    view.observe_vmi(_running("good"), "MODIFIED")  # the rewrite
+    assert ("ns", "x") in view.on_node["bad"]
+    assert ("ns", "x") in view.on_node["good"]  # never less than the status says
+    assert view.node_of[("ns", "x")] == "good"  # what KubeVirt records (migration budgets)
+    # an operator started after the rewrite: the pod comes after the VMI, and says where
+    fresh = ClusterView()
+    fresh.observe_vmi(_running("good"), "ADDED")
+    assert fresh.observe_pod(_pod("launcher-a", "bad"), "ADDED") == {"bad"}
+    assert ("ns", "x") in fresh.on_node["bad"]
+    # the VMI gone: nowhere, whatever pods linger
+    fresh.observe_vmi(_running("good"), "DELETED")
+    assert ("ns", "x") not in fresh.on_node["bad"]
+
+
+def test_a_launcher_pod_marked_ended_by_its_host_still_holds_the_vmi_there() -> None:
+    """The kubelet on the host (root there too) can write its pod Succeeded: while no pod of
+    the VMI runs, every one of its pods holds it."""
+    view = ClusterView()
+    view.observe_vmi(_running("good"), "ADDED")
+    view.observe_pod(_pod("launcher-a", "bad"), "ADDED")
+    view.observe_pod(_pod("launcher-a", "bad", phase="Succeeded"), "MODIFIED")
+    assert ("ns", "x") in view.on_node["bad"]
+    # a failed migration's target pod, ended, made later, does not free the source
+    view.observe_pod(_pod("target", "good", phase="Failed", created="2026-12-03T10:05:00Z"),
+                     "ADDED")  # fmt: skip
+    assert ("ns", "x") in view.on_node["bad"]
+    view.observe_pod(_pod("target", "good"), "DELETED")
+    view.observe_pod(_pod("launcher-a", "bad"), "DELETED")
+    assert ("ns", "x") not in view.on_node["bad"]
+
+
+def test_after_a_migration_only_the_newest_running_pod_holds_the_vmi() -> None:
+    """KubeVirt makes a migration's target pod after the source's: once it runs, the source
+    pod (Completed, or kept "Running" by its host's kubelet) holds the VMI nowhere; while it
+    is still migrating the status names the source."""
+    view = ClusterView()
+    view.observe_vmi(_running("a"), "ADDED")
+    view.observe_pod(_pod("source", "a"), "ADDED")
+    view.observe_pod(_pod("target", "b", created="2026-12-03T10:05:00Z"), "ADDED")
+    assert view.nodes_of[("ns", "x")] == {"a", "b"}  # migrating: the status names a
+    view.observe_vmi(_running("b"), "MODIFIED")  # landed
+    assert view.nodes_of[("ns", "x")] == {"b"}  # the source pod still "Running"
+    view.observe_pod(_pod("source", "a", phase="Succeeded"), "MODIFIED")
+    assert view.nodes_of[("ns", "x")] == {"b"}
+    # a failed migration's ended target pod, newer than the running pod, holds nothing
+    view.observe_pod(_pod("t2", "c", phase="Failed", created="2026-12-03T10:09:00Z"), "ADDED")
+    assert view.nodes_of[("ns", "x")] == {"b"}
+    assert view.launcher_vmi.keys() == {("ns", "source"), ("ns", "target"), ("ns", "t2")}
+
+
+def test_only_a_vmis_own_bound_launcher_pods_count() -> None:
+    """Pods of another VMI under the same name (another uid), pods not labelled as
+    launchers, pods without the VMI as controller and pods not bound place nothing."""
+    view = ClusterView()
+    view.observe_vmi(_running("good"), "ADDED")
+    for pod in (
+        _pod("old", "bad", vmi_uid="u0"),
+        _pod("tenant", "bad", label="other"),
+        _pod("owned", "bad", controller=False),
+        _pod("pending", None),
+    ):
+        assert view.observe_pod(pod, "ADDED") == frozenset()
+    assert ("ns", "x") not in view.on_node.get("bad", set())
+    assert view.nodes_of[("ns", "x")] == {"good"}
+    # a pod relabelled away from KubeVirt no longer counts
+    view.observe_pod(_pod("p", "bad"), "ADDED")
+    view.observe_pod(_pod("p", "bad", label="other"), "MODIFIED")
+    assert view.nodes_of[("ns", "x")] == {"good"}

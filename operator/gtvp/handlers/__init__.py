@@ -31,6 +31,7 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINE_INSTANCES,
     VIRTUAL_MACHINES,
 )
+from gtvp.core.launchers import APP_LABEL, APP_VALUE
 from gtvp.core.trust import rule_labels
 from gtvp.handlers import (
     admission,
@@ -100,6 +101,14 @@ async def migration_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **
             rt.schedule.schedule(str(source), dt.timedelta(0))  # continue an evacuation
 
 
+async def launcher_pod_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A virt-launcher pod: its node holds its VMI too; a node it adds is looked at now (a
+    gated VMI on a member that does not hold its level is moved or stopped)."""
+    rt = runtime_of(memo)
+    for node in rt.view.observe_pod(dict(body), type or ""):
+        rt.schedule.schedule(node, dt.timedelta(0))
+
+
 async def member_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime_of(memo)
     present = attestation.observe(rt, dict(body), type or "")
@@ -141,6 +150,8 @@ EVENTS = (
     (LAZY_BOXES.coordinates, box_event),
 )
 """The watches, in the order they were registered before (kopf starts them in this order)."""
+LAUNCHER_PODS = (("", "v1", "pods"), {APP_LABEL: APP_VALUE}, launcher_pod_event)
+"""KubeVirt's virt-launcher pods (kopf filters by the label)."""
 
 
 def _operations(hook: Hook) -> list[kopf.Operation]:
@@ -157,6 +168,8 @@ def register(registry: kopf.OperatorRegistry, *, admission_webhooks: bool) -> No
     kopf.on.startup(registry=registry)(startup.configure)
     for (group, version, plural), on_event in EVENTS:
         kopf.on.event(group, version, plural, registry=registry)(on_event)
+    (group, version, plural), labels, on_pod = LAUNCHER_PODS
+    kopf.on.event(group, version, plural, labels=labels, registry=registry)(on_pod)
     kopf.on.startup(registry=registry)(startup.load_pool)
     kopf.on.startup(registry=registry)(startup.start_loops)
     kopf.on.cleanup(registry=registry)(startup.stop_loops)

@@ -85,6 +85,7 @@ async def _list_pool(rt: Runtime) -> dict[str, list[dict[str, Any]]]:
                 for what, res in LISTED.items()
             }
             listed["node"] = await asyncio.to_thread(kube.list_nodes, rt.clients)
+            listed["launcher pod"] = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
             return listed
         except Exception as exc:  # noqa: BLE001 - any failure: say so and try again
             log.warning(
@@ -95,7 +96,8 @@ async def _list_pool(rt: Runtime) -> dict[str, list[dict[str, Any]]]:
 
 
 async def load_pool(memo: kopf.Memo, **_: Any) -> None:
-    """List policies, Nodes, members, VMs, VMIs and migrations before kopf serves the webhooks.
+    """List policies, Nodes, members, VMs, VMIs, migrations and launcher pods before kopf
+    serves the webhooks.
 
     kopf starts its watches and the admission server only after every startup handler has
     finished, so the webhooks never judge against an empty view of the pool (which would
@@ -116,6 +118,8 @@ async def load_pool(memo: kopf.Memo, **_: Any) -> None:
         rt.view.observe_vmi(body, "ADDED")
     for body in listed["migration"]:
         rt.view.observe_migration(body, "ADDED")
+    for body in listed["launcher pod"]:  # where VMIs run, whatever their status says
+        rt.view.observe_pod(body, "ADDED")
     verdict_uses.mark_started(rt, listed["vmi"])
     rt.view.loaded = True
     log.info("loaded %s", ", ".join(f"{len(items)} {what}s" for what, items in listed.items()))
