@@ -306,12 +306,14 @@ class Endpoint:
         vmi = view.vmis.get(key)
         node = ((vmi or {}).get("status") or {}).get("nodeName")
         member = view.members.get(str(node)) if node else None
+        elsewhere = sorted(view.nodes_of.get(key, frozenset()) - {node})
         claims, refusal = self._claims(req.token, now) if req.token else (None, None)
         facts = kr.Facts(
             box=box,
             issued=issued if stored is not None else None,
             vmi=vmi,
             member=member,
+            pod_members={n: view.members.get(n) for n in elsewhere},
             claims=claims,
             token_refusal=refusal,
         )

@@ -49,6 +49,7 @@ from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
     operator_clients,
     rt,
 )
+from tests.launcher_pods import create_launcher_pod
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -381,6 +382,28 @@ def test_a_member_that_loses_trust_gets_no_more_releases(pool: Pool) -> None:
     status, body = pool.ask(BOX, cred, pool.token(here))
     assert (status, body["reason"]) == (403, kr.MEMBER_NOT_TRUSTED)
     assert "PcrMismatch" in body["message"]
+
+
+@pytest.mark.timeout(180)
+def test_a_vm_whose_launcher_pod_is_on_a_host_without_a_verdict_gets_nothing(
+    pool: Pool, control_plane: ControlPlane
+) -> None:
+    """Root on a host rewrote the box VMI's status.nodeName to a Trusted member (its
+    virt-handler's token can) and sends that member's token: the VM's launcher pod, bound
+    to the host, says where it runs, and the host holds no verdict."""
+    here = pool.members[0]
+    vmi = pool.rt.view.vmis[(pool.namespace, BOX)]
+    pod = create_launcher_pod(control_plane, pool.namespace, vmi, "rogue-host")
+    pool.rt.view.observe_pod(pod, "ADDED")  # as the operator's watch delivers it
+    cred = pool.credential(BOX)
+    status, body = pool.ask(BOX, cred, pool.token(here))
+    assert (status, body["reason"]) == (403, kr.MEMBER_UNKNOWN)
+    assert (
+        f"status names member {here.name} but a launcher pod of it is on rogue-host"
+        in (body["message"])
+    )
+    pool.rt.view.observe_pod(pod, "DELETED")  # gone (a migration that landed: the same)
+    assert pool.ask(BOX, cred, pool.token(here))[0] == 200  # not consumed by the refusal
 
 
 @pytest.mark.timeout(180)

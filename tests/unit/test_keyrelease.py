@@ -54,6 +54,7 @@ def _facts(
     token: str | None = None,
     issued: dict[str, str] | None = None,
     phase: str = "Running",
+    pods_on: dict[str, dict[str, Any] | None] | None = None,
 ) -> tuple[kr.Request, kr.Facts]:
     status = member if member is not None else _member_status()
     tok = token if token is not None else _token(token_member, _member_status())
@@ -72,6 +73,10 @@ def _facts(
         issued=issued if issued is not None else kr.issued_annotations(CRED, "t"),
         vmi={"status": {"phase": phase, "nodeName": node}},
         member={"metadata": {"name": node}, "status": status},
+        pod_members={
+            n: None if st is None else {"metadata": {"name": n}, "status": st}
+            for n, st in (pods_on or {}).items()
+        },
         claims=claims,
         token_refusal=refusal,
     )
@@ -103,6 +108,24 @@ def test_refusals(change: dict[str, Any], reason: str) -> None:
     req, facts = _facts(**change)
     v = kr.decide(req, facts, NOW)
     assert (v.released, v.reason) == (False, reason), v.message
+
+
+def test_a_vm_whose_launcher_pod_is_on_an_untrusted_host_gets_nothing() -> None:
+    """Root on a host rewrites the VMI's status.nodeName to a Trusted member (its
+    virt-handler's token can) and sends that member's token (members can read each other's):
+    the VM's launcher pod is still on the host, which must hold the level too."""
+    for pods_on, reason in (
+        ({"bad": _member_status(verdict="Untrusted")}, kr.MEMBER_NOT_TRUSTED),
+        ({"bad": None}, kr.MEMBER_UNKNOWN),
+        ({"bad": _member_status(level=1)}, kr.LEVEL_TOO_LOW),
+    ):
+        req, facts = _facts(pods_on=pods_on)
+        v = kr.decide(req, facts, NOW)
+        assert (v.released, v.reason, v.node) == (False, reason, "bad"), v.message
+        assert "status names member m1 but a launcher pod of it is on bad" in v.message
+    # a migration between two Trusted members of the level (pods on both): released
+    req, facts = _facts(pods_on={"m2": _member_status()})
+    assert kr.decide(req, facts, NOW).released
 
 
 def test_a_tampered_token_is_refused_even_for_the_right_member() -> None:

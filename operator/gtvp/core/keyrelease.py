@@ -6,10 +6,12 @@ sends it, with its host's signed verdict token, to gtvp's key-release endpoint o
 (docs/keyrelease.md). `decide` says release or refuse (with a stable reason code and why)
 from what gtvp itself sees: the box and the SHA-256 of its current credential (its status,
 read fresh from the API server), where the box's VMI really runs (the VMI's
-`status.nodeName` in the operator's view, never what the guest claims), that member's
-verdict *now* (the view's, not only the token's) and the token, verified by the caller
-against the operator's own JWKS. Only hashes of credentials are ever stored or compared;
-no message here quotes a credential, a token or a secret value.
+`status.nodeName` in the operator's view, never what the guest claims, and every other node
+its launcher pods are on: root on a host can rewrite the status with that host's
+virt-handler token, not a pod's node), each such member's verdict *now* (the view's, not
+only the token's) and the token, verified by the caller against the operator's own JWKS.
+Only hashes of credentials are ever stored or compared; no message here quotes a
+credential, a token or a secret value.
 """
 
 from __future__ import annotations
@@ -229,6 +231,9 @@ class Facts:
     """The box's VMI in the operator's view (None: none)."""
     member: Mapping[str, Any] | None
     """The Member the VMI runs on, in the operator's view (None: unknown)."""
+    pod_members: Mapping[str, Mapping[str, Any] | None]
+    """The other nodes the VMI's launcher pods hold it on (`gtvp.core.launchers`) -> their
+    Member in the operator's view (None: no Member). Each must be Trusted at the level too."""
     claims: Mapping[str, Any] | None
     """The token's claims once verified (None: refused, see `token_refusal`)."""
     token_refusal: tuple[str, str] | None = None
@@ -364,7 +369,18 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     if not req.token:
         return Verdict(TOKEN_REQUIRED, f"send the verdict token of member {node}", node)
     refused = _member_trusted(facts.member, node, level, now) or _token(facts, node, level)
+    for other, member in sorted(facts.pod_members.items()):
+        refused = refused or _pod_elsewhere(_member_trusted(member, other, level, now), node)
     return refused or _asked(req, named_secrets(spec), node)
+
+
+def _pod_elsewhere(refused: Verdict | None, node: str) -> Verdict | None:
+    """A refusal about a node where the VM's launcher pod is, though its status names
+    `node`, said so."""
+    if refused is None:
+        return None
+    where = f"the VMI's status names member {node} but a launcher pod of it is on {refused.node}"
+    return Verdict(refused.reason, f"{where}: {refused.message}", refused.node)
 
 
 def _consumed(ann: Mapping[str, str]) -> list[str]:
