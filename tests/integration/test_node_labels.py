@@ -10,8 +10,10 @@ operator's passes, and a gated VM scheduled in that moment would start there."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,3 +92,85 @@ def test_another_identity_on_the_host_cannot_label_its_node_trusted(
     removed = _label(control_plane, node, {TRUSTED_LABEL: None}, HANDLER)
     assert removed.returncode == 0, removed.stderr
     assert _label(control_plane, node, {TRUSTED_LABEL: "true"}, ADMIN).returncode == 0
+
+
+RULE_LABEL = "node-restriction.kubernetes.io/hardware"
+"""A label a SecurityPolicy's transitions may match (a member's class and level)."""
+
+
+def _host_token(cp: ControlPlane, namespace: str, node: str, tmp_path: Path) -> Path:
+    """A kubeconfig holding what root on `node` finds there: the token of a pod's service
+    account (a CNI daemon's, virt-handler's) bound to a pod on that node, which the API
+    server turns into a user naming the node; the account may patch Nodes."""
+    account = "node-daemon"
+    cp.kubectl("create", "serviceaccount", account, "-n", namespace)
+    grant(cp, f"gtvp-test-{namespace}", [{"apiGroups": [""], "resources": ["nodes", "nodes/status"],
+          "verbs": ["get", "patch"]}],
+          (Identity(f"system:serviceaccount:{namespace}:{account}", (), account),))  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "daemon", "namespace": namespace},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": account,
+            "containers": [{"name": "d", "image": "x"}],
+        },
+    }
+    cp.kubectl("create", "-f", "-", input_text=json.dumps(pod))
+    token = cp.kubectl(
+        "create", "token", account, "-n", namespace,
+        "--bound-object-kind=Pod", "--bound-object-name=daemon",
+    ).stdout.strip()  # fmt: skip
+    path = tmp_path / "host.kubeconfig"
+    cp.write_kubeconfig(path, account, {"token": token})
+    return path
+
+
+def _patch_as(
+    cp: ControlPlane, kubeconfig: Path, node: str, labels: dict[str, Any], *sub: str
+) -> Any:
+    return subprocess.run(
+        [str(cp.bin.kubectl), f"--kubeconfig={kubeconfig}", "patch", "node", node, *sub,
+         "--type=merge", "-p", json.dumps({"metadata": {"labels": labels}})],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.usefixtures("node_patchers")
+def test_an_identity_on_the_host_cannot_pick_its_nodes_transition_labels(
+    control_plane: ControlPlane, node: str, namespace: str, tmp_path: Path
+) -> None:
+    """A policy's transitions pick a member's class and level from its Node's labels under
+    node-restriction.kubernetes.io/ (up to its identity's): the kubelet cannot set those,
+    and no other identity of the host may set, change or remove them either."""
+    _until_refused(control_plane, node)
+    assert _label(control_plane, node, {RULE_LABEL: "tdx"}, ADMIN).returncode == 0
+    host = _host_token(control_plane, namespace, node, tmp_path)
+    for labels, sub in (
+        ({RULE_LABEL: "sev"}, ()),
+        ({RULE_LABEL: None}, ()),  # removing one can make a later rule match
+        ({"node-restriction.kubernetes.io/rack": "r1"}, ()),
+        ({RULE_LABEL: "sev"}, ("--subresource=status",)),  # a status write keeps labels
+    ):
+        refused = _patch_as(control_plane, host, node, labels, *sub)
+        assert refused.returncode != 0, (labels, sub)
+        assert (
+            f"decide what a SecurityPolicy's transitions give Node {node}; "
+            f"system:serviceaccount:{namespace}:node-daemon, an identity on node {node}, "
+            "may not set, change or remove them"
+        ) in refused.stderr
+    assert _node_labels(control_plane, node)[RULE_LABEL] == "tdx"
+    # other labels, and the Node's other fields, stay open to it
+    allowed = _patch_as(control_plane, host, node, {"example.com/rack": "r1"})
+    assert allowed.returncode == 0, allowed.stderr
+    # an administrator still sets them; the operator's own trust labels stay the operator's
+    assert _label(control_plane, node, {RULE_LABEL: "sev"}, ADMIN).returncode == 0
+    assert _patch_as(control_plane, host, node, {TRUSTED_LABEL: "true"}).returncode != 0
+
+
+def _node_labels(cp: ControlPlane, node: str) -> dict[str, str]:
+    got: dict[str, str] = json.loads(cp.kubectl("get", "node", node, "-o", "json").stdout)[
+        "metadata"
+    ].get("labels", {})
+    return got
