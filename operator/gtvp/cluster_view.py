@@ -173,16 +173,19 @@ class ClusterView:
             return
         self._store(self.migrations, body, event_type)
 
-    def observe_vmi(self, body: dict[str, Any], event_type: str) -> None:
+    def observe_vmi(self, body: dict[str, Any], event_type: str) -> frozenset[str]:
+        """Record a VMI event; the nodes it was added to."""
         key = key_of(body)
         gone = event_type == "DELETED"
         seen = self.vmis.get(key) or {}
         same = _uid(seen) is not None and _uid(seen) == _uid(body)  # not one made anew
         node = None if gone else vmi_node(body, self.node_of.get(key) if same else None)
+        before = self.nodes_of.get(key, frozenset())
         self._store(self.vmis, body, event_type)
         self._place(key, node)
         if _replace(self.placed, key, None if gone else placed_footprint(body)):
             self.placed_usage = None
+        return self.nodes_of.get(key, frozenset()) - before
 
     @staticmethod
     def _store(store: dict[Key, dict[str, Any]], body: dict[str, Any], event_type: str) -> Key:
@@ -199,6 +202,19 @@ class ClusterView:
         else:
             self.node_of.pop(key, None)
         self._index(key)
+
+    def resync_pods(self, listed: list[dict[str, Any]]) -> frozenset[str]:
+        """The launcher pods as listed now: those gone unseen (a watch that resumed after a
+        gap delivers no DELETED for them) are forgotten. The nodes VMIs were added to."""
+        present = {key_of(p) for p in listed}
+        added: frozenset[str] = frozenset()
+        for pod_key in [k for k in self.launcher_vmi if k not in present]:
+            added |= self.observe_pod(
+                {"metadata": {"namespace": pod_key[0], "name": pod_key[1]}}, "DELETED"
+            )
+        for body in listed:
+            added |= self.observe_pod(body, "ADDED")
+        return added
 
     def observe_pod(self, body: Mapping[str, Any], event_type: str) -> frozenset[str]:
         """Record a virt-launcher pod event; the nodes its VMI was added to (a host where

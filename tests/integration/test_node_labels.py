@@ -105,7 +105,7 @@ def _host_token(cp: ControlPlane, namespace: str, node: str, tmp_path: Path) -> 
     account = "node-daemon"
     cp.kubectl("create", "serviceaccount", account, "-n", namespace)
     grant(cp, f"gtvp-test-{namespace}", [{"apiGroups": [""], "resources": ["nodes", "nodes/status"],
-          "verbs": ["get", "patch"]}],
+          "verbs": ["get", "patch", "delete"]}],
           (Identity(f"system:serviceaccount:{namespace}:{account}", (), account),))  # fmt: skip
     pod = {
         "apiVersion": "v1",
@@ -167,6 +167,14 @@ def test_an_identity_on_the_host_cannot_pick_its_nodes_transition_labels(
     # an administrator still sets them; the operator's own trust labels stay the operator's
     assert _label(control_plane, node, {RULE_LABEL: "sev"}, ADMIN).returncode == 0
     assert _patch_as(control_plane, host, node, {TRUSTED_LABEL: "true"}).returncode != 0
+    # nor may it delete the Node, which would register again without them
+    deleted = subprocess.run(
+        [str(control_plane.bin.kubectl), f"--kubeconfig={host}", "delete", "node", node],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert deleted.returncode != 0
+    assert "nor delete a Node that carries them" in deleted.stderr
+    assert _node_labels(control_plane, node)[RULE_LABEL] == "sev"
 
 
 def _node_labels(cp: ControlPlane, node: str) -> dict[str, str]:

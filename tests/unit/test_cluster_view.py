@@ -222,32 +222,46 @@ def test_a_launcher_pod_marked_ended_by_its_host_still_holds_the_vmi_there() -> 
     view.observe_pod(_pod("launcher-a", "bad"), "ADDED")
     view.observe_pod(_pod("launcher-a", "bad", phase="Succeeded"), "MODIFIED")
     assert ("ns", "x") in view.on_node["bad"]
-    # a failed migration's target pod, ended, made later, does not free the source
-    view.observe_pod(_pod("target", "good", phase="Failed", created="2026-12-03T10:05:00Z"),
-                     "ADDED")  # fmt: skip
+    # a failed migration's target pod, ended, does not free the source
+    view.observe_pod(_pod("target", "good", phase="Failed"), "ADDED")
     assert ("ns", "x") in view.on_node["bad"]
     view.observe_pod(_pod("target", "good"), "DELETED")
     view.observe_pod(_pod("launcher-a", "bad"), "DELETED")
     assert ("ns", "x") not in view.on_node["bad"]
 
 
-def test_after_a_migration_only_the_newest_running_pod_holds_the_vmi() -> None:
-    """KubeVirt makes a migration's target pod after the source's: once it runs, the source
-    pod (Completed, or kept "Running" by its host's kubelet) holds the VMI nowhere; while it
-    is still migrating the status names the source."""
+def test_every_running_launcher_pod_holds_the_vmi() -> None:
+    """While gtvp's own evacuation runs, the target's pod is the newer one and the host's
+    virt-handler token can write the status to name the target: the source pod, running,
+    still holds the VMI on the host. An ended pod beside a running one holds nothing."""
     view = ClusterView()
-    view.observe_vmi(_running("a"), "ADDED")
-    view.observe_pod(_pod("source", "a"), "ADDED")
-    view.observe_pod(_pod("target", "b", created="2026-12-03T10:05:00Z"), "ADDED")
-    assert view.nodes_of[("ns", "x")] == {"a", "b"}  # migrating: the status names a
-    view.observe_vmi(_running("b"), "MODIFIED")  # landed
-    assert view.nodes_of[("ns", "x")] == {"b"}  # the source pod still "Running"
-    view.observe_pod(_pod("source", "a", phase="Succeeded"), "MODIFIED")
-    assert view.nodes_of[("ns", "x")] == {"b"}
-    # a failed migration's ended target pod, newer than the running pod, holds nothing
-    view.observe_pod(_pod("t2", "c", phase="Failed", created="2026-12-03T10:09:00Z"), "ADDED")
-    assert view.nodes_of[("ns", "x")] == {"b"}
+    view.observe_vmi(_running("bad"), "ADDED")
+    view.observe_pod(_pod("source", "bad"), "ADDED")
+    view.observe_pod(_pod("target", "good", created="2026-12-03T10:05:00Z"), "ADDED")
+    view.observe_vmi(_running("good"), "MODIFIED")  # rewritten (or landed)
+    assert view.nodes_of[("ns", "x")] == {"bad", "good"}
+    view.observe_pod(_pod("source", "bad", phase="Succeeded"), "MODIFIED")  # it left
+    assert view.nodes_of[("ns", "x")] == {"good"}
+    # a failed migration's ended target pod holds nothing while a pod runs
+    view.observe_pod(_pod("t2", "c", phase="Failed"), "ADDED")
+    assert view.nodes_of[("ns", "x")] == {"good"}
     assert view.launcher_vmi.keys() == {("ns", "source"), ("ns", "target"), ("ns", "t2")}
+
+
+def test_a_pod_seen_before_its_vmi_places_it_when_the_vmi_comes() -> None:
+    view = ClusterView()
+    assert view.observe_pod(_pod("p", "bad"), "ADDED") == frozenset()  # no VMI yet
+    assert view.observe_vmi(_running("good"), "ADDED") == {"bad", "good"}
+    assert view.observe_vmi(_running("good"), "MODIFIED") == frozenset()
+
+
+def test_a_resync_forgets_pods_deleted_while_the_watch_was_away() -> None:
+    view = ClusterView()
+    view.observe_vmi(_running("good"), "ADDED")
+    view.observe_pod(_pod("gone", "bad"), "ADDED")
+    assert view.resync_pods([_pod("kept", "other")]) == {"other"}
+    assert view.nodes_of[("ns", "x")] == {"good", "other"}
+    assert ("ns", "gone") not in view.launcher_vmi
 
 
 def test_only_a_vmis_own_bound_launcher_pods_count() -> None:

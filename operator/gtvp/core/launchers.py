@@ -11,28 +11,35 @@ gated VMI on every node where one of its launcher pods is, as well as on the nod
 status names. That is never less than before: a pod adds nodes, it never takes the
 status's away.
 
-Which pods count: the newest running launcher pod of the VMI (during a migration the
-target's: KubeVirt makes it after the source's; the source still counts through the
-status, which names it until the migration ends); when none runs, every one of them (its
-kubelet, root on that host too, can write its pod Succeeded or Failed). So a migration's
-source pod that lingers, or that a host keeps "Running", after the VMI really moved holds it
-nowhere, and a host that marks its own pod ended still holds the VMI. What remains: a newer
-running pod exists only while virt-controller runs a migration of the VMI (bounded by
-KubeVirt's migration timeouts), and the host's kubelet may delete its own pod, after which
-virt-controller fails the VMI.
+Which pods count: every launcher pod of the VMI that has not ended; when none runs, every
+one of them (its kubelet, root on that host too, can write its pod Succeeded or Failed).
+A migration's source pod that lingers for a moment after the VMI really moved counts too,
+so evacuation leaves alone, for `SETTLE` after it, a VMI that gtvp's own migration off that
+member brought away (`settled_off`; the time is virt-controller's, on a migration that only
+KubeVirt's controllers may update); a host that keeps such a pod "Running" longer holds the
+VMI again. What remains: the host's kubelet may delete its own pod (virt-controller then
+fails the VMI), and a host may keep an aborted migration's target pod "Running" so that the
+VMI is held there too (gtvp then moves or stops a VM that is elsewhere: fail closed).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from gtvp.core.evacuation import DRAIN_LABEL, EVACUATION_LABEL
+from gtvp.core.timestamps import parse_ts
 
 APP_LABEL = "kubevirt.io"
 APP_VALUE = "virt-launcher"
 SELECTOR = f"{APP_LABEL}={APP_VALUE}"
 """The label selector of KubeVirt's launcher pods (the watch and the start-up listing)."""
 ENDED = frozenset({"Succeeded", "Failed"})
+SETTLE = dt.timedelta(seconds=60)
+"""How long after gtvp's migration of a VMI off a member succeeded its source pod there
+may still run (virt-launcher exits once the VM has left) before it holds the VMI again."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,6 @@ class LauncherPod:
     """(namespace, name) of the VMI it runs."""
     vmi_uid: str
     node: str
-    created: str
-    """Its creationTimestamp (RFC 3339, UTC: ordered as strings)."""
     ended: bool
 
 
@@ -71,19 +76,40 @@ def launcher_pod(body: Mapping[str, Any]) -> LauncherPod | None:
         vmi=(str(meta.get("namespace", "")), str(owner["name"])),
         vmi_uid=str(owner["uid"]),
         node=str(node),
-        created=str(meta.get("creationTimestamp") or ""),
         ended=(body.get("status") or {}).get("phase") in ENDED,
     )
 
 
 def pod_nodes(pods: Iterable[LauncherPod], vmi_uid: str | None) -> frozenset[str]:
     """The nodes the launcher pods of the VMI with `vmi_uid` hold it on (None: a VMI gtvp
-    does not know: none): the newest running pod's, else every pod's. Pods of another VMI
-    under the same name (another uid) never count."""
+    does not know: none): every running pod's, else every pod's. Pods of another VMI under
+    the same name (another uid) never count."""
     if vmi_uid is None:
         return frozenset()
     own = [p for p in pods if p.vmi_uid == vmi_uid]
-    newest = max((p.created for p in own if not p.ended), default=None)
-    if newest is None:
-        return frozenset(p.node for p in own)
-    return frozenset(p.node for p in own if not p.ended and p.created == newest)
+    running = frozenset(p.node for p in own if not p.ended)
+    return running or frozenset(p.node for p in own)
+
+
+def settled_off(
+    migrations: Iterable[Mapping[str, Any]], vmi: str, member: str, now: dt.datetime
+) -> bool:
+    """Whether one of gtvp's evacuations or drains of `member` (labels only the operator may
+    set, on a migration only KubeVirt's controllers may update: gtvp-migration-labels)
+    brought VMI `vmi` off it less than `SETTLE` ago: Succeeded, at the time virt-controller
+    recorded."""
+    for m in migrations:
+        labels = (m.get("metadata") or {}).get("labels") or {}
+        status = m.get("status") or {}
+        if (m.get("spec") or {}).get("vmiName") != vmi or status.get("phase") != "Succeeded":
+            continue
+        if member not in (labels.get(EVACUATION_LABEL), labels.get(DRAIN_LABEL)):
+            continue
+        when = [
+            parse_ts(t.get("phaseTransitionTimestamp"))
+            for t in status.get("phaseTransitionTimestamps") or ()
+            if t.get("phase") == "Succeeded"
+        ]
+        if any(at is not None and now - at < SETTLE for at in when):
+            return True
+    return False

@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import kopf
 
+from gtvp.cluster_view import key_of
 from gtvp.core.api_resources import (
     LAZY_BOXES,
     MEMBERS,
@@ -83,7 +84,8 @@ async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
 
 async def vmi_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     rt, vmi, event_type = runtime_of(memo), dict(body), type or ""
-    rt.view.observe_vmi(vmi, event_type)
+    for node in rt.view.observe_vmi(vmi, event_type) - {rt.view.node_of.get(key_of(vmi))}:
+        rt.schedule.schedule(node, dt.timedelta(0))  # a launcher pod seen before its VMI
     lazyboxes.observe_kubevirt(rt, vmi)
     drains.observe_vmi(rt, vmi, event_type)  # status.evacuationNodeName: a drain
     await verdict_uses.judge_vmi_start(rt, vmi, event_type)

@@ -52,6 +52,7 @@ from gtvp.core.evacuation import (
     untrusted_actions,
 )
 from gtvp.core.footprint import FINISHED, vmi_requests
+from gtvp.core.launchers import settled_off
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
 from gtvp.core.trust import member_view
@@ -68,14 +69,26 @@ RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
 def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
     """The gated VMIs on `member` that need more than `keep_level` (a Lazy Box's with its
     components, so that it goes where they are cached); a VMI that has ended (Succeeded,
-    Failed) runs nowhere: nothing to move or stop."""
+    Failed) runs nowhere: nothing to move or stop. A VMI held on `member` only by a launcher
+    pod is left alone for a moment after gtvp's own migration brought it away
+    (`launchers.settled_off`: its source pod is still ending)."""
+    now = dt.datetime.now(dt.UTC)
     return [
         Vmi(ns, name, member, lvl, _parts(rt, ns, name, body), *vmi_requests(body))
         for (ns, name) in sorted(rt.view.on_node.get(member, ()))
         if (lvl := gated_level(body := rt.view.vmis.get((ns, name)) or {})) is not None
         and lvl > keep_level
         and (body.get("status") or {}).get("phase") not in FINISHED
+        and not _moved_away(rt, (ns, name), member, now)
     ]
+
+
+def _moved_away(rt: Runtime, key: tuple[str, str], member: str, now: dt.datetime) -> bool:
+    if rt.view.node_of.get(key) == member:
+        return False  # its status says it runs there
+    ns, name = key
+    mine = (m for (mns, _), m in list(rt.view.migrations.items()) if mns == ns)
+    return settled_off(mine, name, member, now)
 
 
 def _parts(rt: Runtime, ns: str, name: str, vmi: dict[str, Any]) -> tuple[tuple[str, int], ...]:

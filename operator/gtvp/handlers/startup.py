@@ -4,12 +4,15 @@ background loops (recheck, boxes, balancing, drains) started and stopped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import logging
 from typing import Any, cast
 
 import kopf
 
 from gtvp import gc_pauses, kube
+from gtvp.core import launchers
 from gtvp.core.api_resources import (
     MEMBERS,
     MIGRATIONS,
@@ -70,6 +73,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # webhook configurations are rendered statically (gtvp.webhook_config, the Helm chart);
     # kopf only serves the handlers, it never rewrites or removes the configurations
     settings.admission.managed = None
+    # only KubeVirt's launcher pods, selected by the API server (a pod that loses the label
+    # is then DELETED for the watch; no other pod reaches the operator)
+    settings.watching.label_selectors["", "v1", "pods"] = launchers.SELECTOR
     server = runtime_of(memo).webhook_server
     if server is not None:
         settings.admission.server = server
@@ -138,8 +144,30 @@ async def start_loops(memo: kopf.Memo, **_: Any) -> None:
         lazyboxes.box_loop,
         balancing.balance_loop,
         drains.drain_loop,
+        launcher_pod_resync,
     ):
         rt.tasks.append(asyncio.create_task(loop(rt)))
+
+
+POD_RESYNC = 300.0
+"""Seconds between two listings of the launcher pods (`ClusterView.resync_pods`)."""
+
+
+async def launcher_pod_resync(rt: Runtime, period: float = POD_RESYNC) -> None:
+    """List the launcher pods every `period` s: a pod deleted while the watch was
+    reconnecting is forgotten (kopf's re-listing delivers no DELETED), one missed is seen."""
+    while not rt.stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rt.stop.wait(), timeout=period)
+        if rt.stop.is_set():
+            return
+        try:
+            listed = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
+        except Exception as exc:  # noqa: BLE001 - the watch keeps the view; try next time
+            log.warning("listing the virt-launcher pods failed (%s); retry in %.0fs", exc, period)
+            continue
+        for node in rt.view.resync_pods(listed):
+            rt.schedule.schedule(node, dt.timedelta(0))
 
 
 async def stop_loops(memo: kopf.Memo, **_: Any) -> None:
