@@ -68,6 +68,7 @@ bench: setup
 	@$(BIN)/python -m tests.bench.bench_component_fetch --runs 3 --uplink-mbit 50
 	@$(BIN)/python -m tests.bench.bench_component_fetch --runs 3 --uplink-mbit 200
 	@$(BIN)/python -m tests.bench.bench_balance_trace --trace all --seeds 7,1,3 --interval 10
+	@$(BIN)/python -m tests.bench.bench_balance_model --seeds 1-59
 
 # several minutes each: 1,000 and 10,000 members at a 60 s interval
 bench-scale: setup

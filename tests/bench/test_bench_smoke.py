@@ -138,3 +138,12 @@ def test_component_fetch_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "3 peers / 1 peer time:" in out
     assert "load average" in out
+
+
+def test_balance_model_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import bench_balance_model
+
+    got = bench_balance_model.run([7, 1])
+    assert got["traces"] == 3
+    assert got["ratio"] > 0
+    assert "(MODEL of the replay)" in capsys.readouterr().out
