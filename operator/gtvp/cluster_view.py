@@ -101,6 +101,12 @@ class ClusterView:
     """Launcher pod -> the VMI it runs."""
     nodes_of: dict[Key, frozenset[str]] = field(default_factory=dict)
     """VMI -> every node `on_node` holds it under."""
+    migrating: dict[Key, set[Key]] = field(default_factory=dict)
+    """VMI -> its migrations that have not finished (every launcher pod of it counts)."""
+    pod_events: int = 0
+    """Launcher pod events seen so far; `pod_seen`: at which of them each pod was last (a
+    deleted one until the next resync)."""
+    pod_seen: dict[Key, int] = field(default_factory=dict)
     # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
     # (None: to recompute)
     placed: dict[Key, Footprint] = field(default_factory=dict)
@@ -171,7 +177,20 @@ class ClusterView:
         served = bool((had.get("metadata") or {}).get("resourceVersion"))
         if planned and served and event_type != "DELETED":
             return
-        self._store(self.migrations, body, event_type)
+        key = self._store(self.migrations, body, event_type)
+        vmi = (key[0], str((body.get("spec") or {}).get("vmiName", "")))
+        unfinished = event_type != "DELETED" and (body.get("status") or {}).get("phase") not in (
+            FINISHED
+        )
+        was = key in self.migrating.get(vmi, set())
+        if unfinished != was:
+            if unfinished:
+                self.migrating.setdefault(vmi, set()).add(key)
+            else:
+                self.migrating[vmi].discard(key)
+                if not self.migrating[vmi]:
+                    del self.migrating[vmi]
+            self._index(vmi)
 
     def observe_vmi(self, body: dict[str, Any], event_type: str) -> frozenset[str]:
         """Record a VMI event; the nodes it was added to."""
@@ -203,17 +222,23 @@ class ClusterView:
             self.node_of.pop(key, None)
         self._index(key)
 
-    def resync_pods(self, listed: list[dict[str, Any]]) -> frozenset[str]:
-        """The launcher pods as listed now: those gone unseen (a watch that resumed after a
-        gap delivers no DELETED for them) are forgotten. The nodes VMIs were added to."""
+    def resync_pods(self, listed: list[dict[str, Any]], since: int) -> frozenset[str]:
+        """The launcher pods as listed when `pod_events` was `since`: those gone unseen (a
+        watch that resumed after a gap delivers no DELETED for them) are forgotten, those
+        missed are added; a pod the watch told of after `since` is as the watch says. The
+        nodes VMIs were added to."""
         present = {key_of(p) for p in listed}
+        fresh = {k for k, at in self.pod_seen.items() if at > since}
         added: frozenset[str] = frozenset()
-        for pod_key in [k for k in self.launcher_vmi if k not in present]:
-            added |= self.observe_pod(
-                {"metadata": {"namespace": pod_key[0], "name": pod_key[1]}}, "DELETED"
-            )
+        for pod_key in [k for k in self.launcher_vmi if k not in present and k not in fresh]:
+            meta = {"namespace": pod_key[0], "name": pod_key[1]}
+            added |= self.observe_pod({"metadata": meta}, "DELETED")
         for body in listed:
-            added |= self.observe_pod(body, "ADDED")
+            if key_of(body) not in fresh:
+                added |= self.observe_pod(body, "ADDED")
+        self.pod_seen = {
+            k: at for k, at in self.pod_seen.items() if at > since or k in self.launcher_vmi
+        }
         return added
 
     def observe_pod(self, body: Mapping[str, Any], event_type: str) -> frozenset[str]:
@@ -221,6 +246,8 @@ class ClusterView:
         the VMI runs that its status does not name)."""
         pod_key = key_of(body)
         pod = None if event_type == "DELETED" else launcher_pod(body)
+        self.pod_events += 1
+        self.pod_seen[pod_key] = self.pod_events  # also when gone, until the next resync
         vmi = self.launcher_vmi.pop(pod_key, None)
         pods = self.launchers.get(vmi) if vmi is not None else None
         if vmi is not None and pods is not None:
@@ -239,7 +266,11 @@ class ClusterView:
     def _index(self, key: Key) -> frozenset[str]:
         """Put VMI `key` under every node it runs on; those nodes."""
         old = self.nodes_of.get(key, frozenset())
-        nodes = pod_nodes(self.launchers.get(key, {}).values(), _uid(self.vmis.get(key) or {}))
+        nodes = pod_nodes(
+            self.launchers.get(key, {}).values(),
+            _uid(self.vmis.get(key) or {}),
+            migrating=key in self.migrating,
+        )
         status_node = self.node_of.get(key)
         if status_node:
             nodes |= {status_node}

@@ -99,42 +99,44 @@ def test_operator_killed_mid_evacuation_starts_no_duplicate_and_loses_no_vm(
     host = max(set(placed.values()), key=list(placed.values()).count)
     on_host = sorted(n for n, node in placed.items() if node == host)
     pool.procs.stop("virtsim")  # freeze migrations where they are (SIMULATED controller)
-    pool.extend_pcr(host, 7, b"rootkit")
-    pool.wait_phase(host, "Untrusted", reason="PcrMismatch", timeout=20)
+    try:
+        pool.extend_pcr(host, 7, b"rootkit")
+        pool.wait_phase(host, "Untrusted", reason="PcrMismatch", timeout=20)
 
-    def evacuating() -> list[dict[str, Any]]:
-        return [
-            m
+        def evacuating() -> list[dict[str, Any]]:
+            return [
+                m
+                for m in _migrations(pool, namespace)
+                if m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
+            ]
+
+        # Kill only once the pass has started a migration for every VM on the member: killed
+        # between two of its creates, the restarted operator rightly finishes the pass, and a
+        # comparison with the half-done set would fail with no duplicate anywhere.
+        _wait(
+            "an evacuation migration for every VM on the member",
+            lambda: sorted(m["spec"]["vmiName"] for m in evacuating()) == on_host,
+        )
+        first = sorted(m["metadata"]["name"] for m in evacuating())
+        operator = pool.procs.get("operator")
+        assert operator is not None
+        import os
+
+        os.kill(operator.pid, signal.SIGKILL)  # mid-evacuation, no goodbye
+        pool.procs.stop("operator")
+        pool.start_operator()
+        time.sleep(6)  # the restarted operator re-plans the evacuation
+        again = sorted(
+            m["metadata"]["name"]
             for m in _migrations(pool, namespace)
             if m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
-        ]
-
-    # Kill only once the pass has started a migration for every VM on the member: killed
-    # between two of its creates, the restarted operator rightly finishes the pass, and a
-    # comparison with the half-done set would fail with no duplicate anywhere.
-    _wait(
-        "an evacuation migration for every VM on the member",
-        lambda: sorted(m["spec"]["vmiName"] for m in evacuating()) == on_host,
-    )
-    first = sorted(m["metadata"]["name"] for m in evacuating())
-    operator = pool.procs.get("operator")
-    assert operator is not None
-    import os
-
-    os.kill(operator.pid, signal.SIGKILL)  # mid-evacuation, no goodbye
-    pool.procs.stop("operator")
-    pool.start_operator()
-    time.sleep(6)  # the restarted operator re-plans the evacuation
-    again = sorted(
-        m["metadata"]["name"]
-        for m in _migrations(pool, namespace)
-        if m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
-    )
-    assert again == first  # the same migrations, none started twice
-    assert len({m["spec"]["vmiName"] for m in _migrations(pool, namespace)}) == len(
-        _migrations(pool, namespace)
-    )
-    pool.start_virtsim()
+        )
+        assert again == first  # the same migrations, none started twice
+        assert len({m["spec"]["vmiName"] for m in _migrations(pool, namespace)}) == len(
+            _migrations(pool, namespace)
+        )
+    finally:  # KubeVirt (simulated) back, whatever failed: the next test needs it
+        pool.start_virtsim()
     _wait(
         "every VM off the tampered member",
         lambda: all(node and node != host for node in _placements(pool, namespace, names).values()),

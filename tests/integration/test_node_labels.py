@@ -167,13 +167,13 @@ def test_an_identity_on_the_host_cannot_pick_its_nodes_transition_labels(
     # an administrator still sets them; the operator's own trust labels stay the operator's
     assert _label(control_plane, node, {RULE_LABEL: "sev"}, ADMIN).returncode == 0
     assert _patch_as(control_plane, host, node, {TRUSTED_LABEL: "true"}).returncode != 0
-    # nor may it delete the Node, which would register again without them
+    # nor may it delete its own Node, which would register again without them
     deleted = subprocess.run(
         [str(control_plane.bin.kubectl), f"--kubeconfig={host}", "delete", "node", node],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert deleted.returncode != 0
-    assert "nor delete a Node that carries them" in deleted.stderr
+    assert "an identity on that node, may not delete it" in deleted.stderr
     assert _node_labels(control_plane, node)[RULE_LABEL] == "sev"
 
 

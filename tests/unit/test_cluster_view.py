@@ -259,9 +259,34 @@ def test_a_resync_forgets_pods_deleted_while_the_watch_was_away() -> None:
     view = ClusterView()
     view.observe_vmi(_running("good"), "ADDED")
     view.observe_pod(_pod("gone", "bad"), "ADDED")
-    assert view.resync_pods([_pod("kept", "other")]) == {"other"}
-    assert view.nodes_of[("ns", "x")] == {"good", "other"}
+    since = view.pod_events  # the listing starts
+    view.observe_pod(_pod("new", "third"), "ADDED")  # the watch, while it runs
+    assert view.resync_pods([_pod("kept", "other")], since) == {"other"}
+    assert view.nodes_of[("ns", "x")] == {"good", "other", "third"}  # the watch's pod stays
     assert ("ns", "gone") not in view.launcher_vmi
+    # a pod the watch deleted while the listing ran is not brought back
+    since = view.pod_events
+    view.observe_pod(_pod("kept", "other"), "DELETED")
+    view.resync_pods([_pod("kept", "other"), _pod("new", "third")], since)
+    assert ("ns", "kept") not in view.launcher_vmi
+
+
+def test_while_a_migration_is_unfinished_an_ended_source_pod_still_holds_the_vmi() -> None:
+    """The source host writes its own pod ended once gtvp's evacuation started the target's
+    pod, and the VMI's status names the target: until the migration ends, every pod of the
+    VMI counts."""
+    view = ClusterView()
+    view.observe_vmi(_running("bad"), "ADDED")
+    view.observe_pod(_pod("source", "bad"), "ADDED")
+    migration = {"metadata": {"namespace": "ns", "name": "evac", "resourceVersion": "1"},
+                 "spec": {"vmiName": "x"}, "status": {"phase": "Running"}}  # fmt: skip
+    view.observe_migration(migration, "ADDED")
+    view.observe_pod(_pod("target", "good"), "ADDED")
+    view.observe_pod(_pod("source", "bad", phase="Failed"), "MODIFIED")
+    view.observe_vmi(_running("good"), "MODIFIED")
+    assert view.nodes_of[("ns", "x")] == {"bad", "good"}
+    view.observe_migration({**migration, "status": {"phase": "Succeeded"}}, "MODIFIED")
+    assert view.nodes_of[("ns", "x")] == {"good"}  # KubeVirt says it moved
 
 
 def test_only_a_vmis_own_bound_launcher_pods_count() -> None:

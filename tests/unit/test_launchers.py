@@ -1,11 +1,11 @@
-"""Which migrations let a VMI's lingering source pod rest for a moment (`settled_off`)."""
+"""Which migrations let a VMI's lingering source pod rest for a moment (`settled_until`)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
-from gtvp.core.launchers import SETTLE, settled_off
+from gtvp.core.launchers import SETTLE, settled_until
 
 NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
 
@@ -18,23 +18,35 @@ def _migration(
 ) -> dict[str, Any]:
     at = (NOW - ago).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
-        "metadata": {"labels": {"gtvp.io/evacuation": "bad"} if labels is None else labels},
+        "metadata": {"labels": {"gtvp.io/evacuation": "bad"} if labels is None else labels,
+                     "creationTimestamp": "2026-12-03T11:30:00Z"},
         "spec": {"vmiName": vmi},
         "status": {"phase": phase,
                    "phaseTransitionTimestamps": [{"phase": phase, "phaseTransitionTimestamp": at}]},
     }  # fmt: skip
 
 
+VMI = {"metadata": {"name": "db", "creationTimestamp": "2026-12-03T11:00:00Z"}}
+
+
+def _settled(migrations: list[dict[str, Any]], member: str = "bad") -> bool:
+    return settled_until(migrations, VMI, member, NOW) is not None
+
+
 def test_only_gtvps_own_recent_success_off_that_member_counts() -> None:
-    assert settled_off([_migration()], "db", "bad", NOW)
-    assert settled_off([_migration(labels={"gtvp.io/drain": "bad"})], "db", "bad", NOW)
+    assert settled_until([_migration()], VMI, "bad", NOW) == NOW - dt.timedelta(seconds=5) + SETTLE
+    assert _settled([_migration(labels={"gtvp.io/drain": "bad"})])
     # a tenant's migration (no gtvp mark: its source is virt-handler's word), another
     # member's, another VM's, one not Succeeded, one that succeeded too long ago
-    assert not settled_off([_migration(labels={})], "db", "bad", NOW)
-    assert not settled_off([_migration()], "db", "other", NOW)
-    assert not settled_off([_migration(vmi="web")], "db", "bad", NOW)
-    assert not settled_off([_migration(phase="Running")], "db", "bad", NOW)
-    assert not settled_off([_migration(ago=SETTLE)], "db", "bad", NOW)
+    assert not _settled([_migration(labels={})])
+    assert not _settled([_migration()], "other")
+    assert not _settled([_migration(vmi="web")])
+    assert not _settled([_migration(phase="Running")])
+    assert not _settled([_migration(ago=SETTLE)])
     no_time = _migration()
     del no_time["status"]["phaseTransitionTimestamps"]
-    assert not settled_off([no_time], "db", "bad", NOW)
+    assert not _settled([no_time])
+    # one of an earlier VMI under the same name
+    older = _migration()
+    older["metadata"]["creationTimestamp"] = "2026-12-03T10:00:00Z"
+    assert not _settled([older])

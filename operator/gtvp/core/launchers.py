@@ -15,11 +15,15 @@ Which pods count: every launcher pod of the VMI that has not ended; when none ru
 one of them (its kubelet, root on that host too, can write its pod Succeeded or Failed).
 A migration's source pod that lingers for a moment after the VMI really moved counts too,
 so evacuation leaves alone, for `SETTLE` after it, a VMI that gtvp's own migration off that
-member brought away (`settled_off`; the time is virt-controller's, on a migration that only
+member brought away (`settled_until`; the time is virt-controller's, on a migration that only
 KubeVirt's controllers may update); a host that keeps such a pod "Running" longer holds the
-VMI again. What remains: the host's kubelet may delete its own pod (virt-controller then
-fails the VMI), and a host may keep an aborted migration's target pod "Running" so that the
-VMI is held there too (gtvp then moves or stops a VM that is elsewhere: fail closed).
+VMI again. While a migration of the VMI is unfinished, every one of its pods counts, ended
+or not. What remains (docs/threat-model.md): the host's kubelet may delete its own pod
+(virt-controller then fails the VMI); the source's virt-handler reports how a migration
+ends, so a host can have KubeVirt record gtvp's evacuation as Succeeded, then write its pod
+ended and the VMI on the target, and gtvp believes KubeVirt (only the target's side could
+tell: not done); and a host may keep an aborted migration's target pod "Running" so that
+the VMI is held there too (gtvp then moves or stops a VM that is elsewhere: fail closed).
 """
 
 from __future__ import annotations
@@ -80,36 +84,50 @@ def launcher_pod(body: Mapping[str, Any]) -> LauncherPod | None:
     )
 
 
-def pod_nodes(pods: Iterable[LauncherPod], vmi_uid: str | None) -> frozenset[str]:
+def pod_nodes(
+    pods: Iterable[LauncherPod], vmi_uid: str | None, *, migrating: bool = False
+) -> frozenset[str]:
     """The nodes the launcher pods of the VMI with `vmi_uid` hold it on (None: a VMI gtvp
-    does not know: none): every running pod's, else every pod's. Pods of another VMI under
-    the same name (another uid) never count."""
+    does not know: none): every running pod's; every pod's when none runs, or while a
+    migration of the VMI is unfinished (a source host that writes its own pod ended while
+    the target's pod runs still holds the VMI). Pods of another VMI under the same name
+    (another uid) never count."""
     if vmi_uid is None:
         return frozenset()
     own = [p for p in pods if p.vmi_uid == vmi_uid]
     running = frozenset(p.node for p in own if not p.ended)
-    return running or frozenset(p.node for p in own)
+    if running and not migrating:
+        return running
+    return frozenset(p.node for p in own)
 
 
-def settled_off(
-    migrations: Iterable[Mapping[str, Any]], vmi: str, member: str, now: dt.datetime
-) -> bool:
-    """Whether one of gtvp's evacuations or drains of `member` (labels only the operator may
-    set, on a migration only KubeVirt's controllers may update: gtvp-migration-labels)
-    brought VMI `vmi` off it less than `SETTLE` ago: Succeeded, at the time virt-controller
-    recorded."""
+def settled_until(
+    migrations: Iterable[Mapping[str, Any]],
+    vmi: Mapping[str, Any],
+    member: str,
+    now: dt.datetime,
+) -> dt.datetime | None:
+    """Until when VMI `vmi` counts as just brought off `member` by one of gtvp's evacuations
+    or drains of it (labels only the operator may set, on a migration only KubeVirt's
+    controllers may update: gtvp-migration-labels), made for this VMI (not before it) and
+    Succeeded less than `SETTLE` ago at the time virt-controller recorded; None: not so."""
+    meta = vmi.get("metadata") or {}
+    born = parse_ts(meta.get("creationTimestamp"))
+    until: dt.datetime | None = None
     for m in migrations:
         labels = (m.get("metadata") or {}).get("labels") or {}
         status = m.get("status") or {}
-        if (m.get("spec") or {}).get("vmiName") != vmi or status.get("phase") != "Succeeded":
+        if (m.get("spec") or {}).get("vmiName") != meta.get("name"):
+            continue
+        if status.get("phase") != "Succeeded":
             continue
         if member not in (labels.get(EVACUATION_LABEL), labels.get(DRAIN_LABEL)):
             continue
-        when = [
-            parse_ts(t.get("phaseTransitionTimestamp"))
-            for t in status.get("phaseTransitionTimestamps") or ()
-            if t.get("phase") == "Succeeded"
-        ]
-        if any(at is not None and now - at < SETTLE for at in when):
-            return True
-    return False
+        made = parse_ts((m.get("metadata") or {}).get("creationTimestamp"))
+        if born is not None and (made is None or made < born):
+            continue  # a migration of an earlier VMI under this name
+        for t in status.get("phaseTransitionTimestamps") or ():
+            at = parse_ts(t.get("phaseTransitionTimestamp"))
+            if t.get("phase") == "Succeeded" and at is not None and now - at < SETTLE:
+                until = max(until or at + SETTLE, at + SETTLE)
+    return until

@@ -52,7 +52,7 @@ from gtvp.core.evacuation import (
     untrusted_actions,
 )
 from gtvp.core.footprint import FINISHED, vmi_requests
-from gtvp.core.launchers import settled_off
+from gtvp.core.launchers import settled_until
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
 from gtvp.core.trust import member_view
@@ -71,7 +71,7 @@ def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
     components, so that it goes where they are cached); a VMI that has ended (Succeeded,
     Failed) runs nowhere: nothing to move or stop. A VMI held on `member` only by a launcher
     pod is left alone for a moment after gtvp's own migration brought it away
-    (`launchers.settled_off`: its source pod is still ending)."""
+    (`launchers.settled_until`: its source pod is still ending)."""
     now = dt.datetime.now(dt.UTC)
     return [
         Vmi(ns, name, member, lvl, _parts(rt, ns, name, body), *vmi_requests(body))
@@ -84,11 +84,18 @@ def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
 
 
 def _moved_away(rt: Runtime, key: tuple[str, str], member: str, now: dt.datetime) -> bool:
+    """Whether the VMI is on `member` only by a source pod still ending after gtvp's own
+    migration brought it away (`launchers.settled_until`); the member is looked at again
+    when that ends."""
     if rt.view.node_of.get(key) == member:
         return False  # its status says it runs there
-    ns, name = key
+    ns = key[0]
     mine = (m for (mns, _), m in list(rt.view.migrations.items()) if mns == ns)
-    return settled_off(mine, name, member, now)
+    until = settled_until(mine, rt.view.vmis.get(key) or {}, member, now)
+    if until is None:
+        return False
+    rt.schedule.schedule(member, until - now + dt.timedelta(seconds=1))
+    return True
 
 
 def _parts(rt: Runtime, ns: str, name: str, vmi: dict[str, Any]) -> tuple[tuple[str, int], ...]:

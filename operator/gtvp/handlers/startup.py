@@ -161,12 +161,14 @@ async def launcher_pod_resync(rt: Runtime, period: float = POD_RESYNC) -> None:
             await asyncio.wait_for(rt.stop.wait(), timeout=period)
         if rt.stop.is_set():
             return
+        since = rt.view.pod_events
         try:
             listed = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
+            added = rt.view.resync_pods(listed, since)
         except Exception as exc:  # noqa: BLE001 - the watch keeps the view; try next time
             log.warning("listing the virt-launcher pods failed (%s); retry in %.0fs", exc, period)
             continue
-        for node in rt.view.resync_pods(listed):
+        for node in added:
             rt.schedule.schedule(node, dt.timedelta(0))
 
 
