@@ -266,7 +266,7 @@ class LeaseKeeper:
         rt = self.rt
         rt.touch_boxes()
         rt.drains.wake.set()
-        hosts = {str((v.get("status") or {}).get("nodeName") or "") for v in rt.view.vmis.values()}
+        hosts = {n for nodes in list(rt.view.nodes_of.values()) for n in nodes}  # pods' too
         for name in hosts & (set(rt.view.members) | set(rt.view.nodes)):
             rt.schedule.schedule(name, dt.timedelta(0))  # evacuations owed while nobody led
 
