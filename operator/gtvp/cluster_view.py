@@ -18,6 +18,7 @@ from typing import Any
 from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_node
 from gtvp.core.launchers import LauncherPod, launcher_pod, pod_nodes
 from gtvp.core.policy import Policy
+from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import MemberView, member_view
 
 Key = tuple[str, str]
@@ -101,12 +102,14 @@ class ClusterView:
     """Launcher pod -> the VMI it runs."""
     nodes_of: dict[Key, frozenset[str]] = field(default_factory=dict)
     """VMI -> every node `on_node` holds it under."""
-    migrating: dict[Key, set[Key]] = field(default_factory=dict)
-    """VMI -> its migrations that have not finished (every launcher pod of it counts)."""
+    migrating: dict[Key, dict[Key, int]] = field(default_factory=dict)
+    """VMI -> its unfinished migrations (made for this VMI, not an earlier one under its
+    name), each with the event count when it was first seen unfinished."""
     pod_events: int = 0
-    """Launcher pod events seen so far; `pod_seen`: at which of them each pod was last (a
-    deleted one until the next resync)."""
+    """Launcher pod and migration events seen so far; `pod_seen`: at which of them each pod
+    was last (a deleted one until the next resync); `pod_ended`: first seen ended."""
     pod_seen: dict[Key, int] = field(default_factory=dict)
+    pod_ended: dict[Key, int] = field(default_factory=dict)
     # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
     # (None: to recompute)
     placed: dict[Key, Footprint] = field(default_factory=dict)
@@ -167,30 +170,33 @@ class ClusterView:
     def observe_vm(self, body: dict[str, Any], event_type: str) -> None:
         self._store(self.vms, body, event_type)
 
-    def observe_migration(self, body: dict[str, Any], event_type: str) -> None:
+    def observe_migration(self, body: dict[str, Any], event_type: str) -> frozenset[str]:
         """A watch event, or a migration gtvp just created (`body` as planned, no
         resourceVersion): the planned copy counts at once, but never replaces the server's
         copy when the watch delivered it first, so a later conditional delete (uid and
-        resourceVersion) still has them."""
+        resourceVersion) still has them. The nodes its VMI was added to (`_index`)."""
         had = self.migrations.get(key_of(body)) or {}
         planned = not (body.get("metadata") or {}).get("resourceVersion")
         served = bool((had.get("metadata") or {}).get("resourceVersion"))
         if planned and served and event_type != "DELETED":
-            return
+            return frozenset()
         key = self._store(self.migrations, body, event_type)
         vmi = (key[0], str((body.get("spec") or {}).get("vmiName", "")))
         unfinished = event_type != "DELETED" and (body.get("status") or {}).get("phase") not in (
             FINISHED
         )
-        was = key in self.migrating.get(vmi, set())
-        if unfinished != was:
-            if unfinished:
-                self.migrating.setdefault(vmi, set()).add(key)
-            else:
-                self.migrating[vmi].discard(key)
-                if not self.migrating[vmi]:
-                    del self.migrating[vmi]
-            self._index(vmi)
+        was = key in self.migrating.get(vmi, {})
+        if unfinished == was:
+            return frozenset()
+        self.pod_events += 1
+        if unfinished:
+            self.migrating.setdefault(vmi, {})[key] = self.pod_events
+        else:
+            del self.migrating[vmi][key]
+            if not self.migrating[vmi]:
+                del self.migrating[vmi]
+        old = self.nodes_of.get(vmi, frozenset())
+        return self._index(vmi) - old
 
     def observe_vmi(self, body: dict[str, Any], event_type: str) -> frozenset[str]:
         """Record a VMI event; the nodes it was added to."""
@@ -248,6 +254,10 @@ class ClusterView:
         pod = None if event_type == "DELETED" else launcher_pod(body)
         self.pod_events += 1
         self.pod_seen[pod_key] = self.pod_events  # also when gone, until the next resync
+        if pod is None or not pod.ended:
+            self.pod_ended.pop(pod_key, None)
+        else:
+            self.pod_ended.setdefault(pod_key, self.pod_events)
         vmi = self.launcher_vmi.pop(pod_key, None)
         pods = self.launchers.get(vmi) if vmi is not None else None
         if vmi is not None and pods is not None:
@@ -266,10 +276,16 @@ class ClusterView:
     def _index(self, key: Key) -> frozenset[str]:
         """Put VMI `key` under every node it runs on; those nodes."""
         old = self.nodes_of.get(key, frozenset())
+        pods = self.launchers.get(key, {})
+        began = self._migrating_since(key)
         nodes = pod_nodes(
-            self.launchers.get(key, {}).values(),
+            pods.values(),
             _uid(self.vmis.get(key) or {}),
-            migrating=key in self.migrating,
+            ended_while_migrating=[
+                p
+                for k, p in pods.items()
+                if began is not None and self.pod_ended.get(k, -1) > began
+            ],
         )
         status_node = self.node_of.get(key)
         if status_node:
@@ -283,6 +299,20 @@ class ClusterView:
         else:
             self.nodes_of.pop(key, None)
         return nodes
+
+    def _migrating_since(self, key: Key) -> int | None:
+        """The event count when the VMI's earliest unfinished migration made for it (not
+        for an earlier VMI under its name) was first seen; None: none."""
+        born = parse_ts(((self.vmis.get(key) or {}).get("metadata") or {}).get("creationTimestamp"))
+        since = None
+        for mkey, at in self.migrating.get(key, {}).items():
+            made = parse_ts(
+                ((self.migrations.get(mkey) or {}).get("metadata") or {}).get("creationTimestamp")
+            )
+            if born is not None and made is not None and made < born:
+                continue
+            since = at if since is None else min(since, at)
+        return since
 
     def vmi_usage(self) -> dict[str, tuple[int, int]]:
         """(CPU millicores, memory bytes) per node taken by every placed VMI."""

@@ -84,6 +84,12 @@ class RecheckSchedule:
         if self.wakeup is not None:
             self.wakeup.set()
 
+    def schedule_by(self, name: str, after: dt.timedelta) -> None:
+        """Look at `name` again no later than after `after`: an earlier plan stands."""
+        at = time.monotonic() + max(after.total_seconds(), 0.05)
+        if self.next_due.get(name, at + 1) > at:
+            self.schedule(name, after)
+
     def pop_due(self, now: float) -> set[str]:
         names = set()
         while self.due and self.due[0][0] <= now:

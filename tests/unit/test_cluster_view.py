@@ -289,6 +289,38 @@ def test_while_a_migration_is_unfinished_an_ended_source_pod_still_holds_the_vmi
     assert view.nodes_of[("ns", "x")] == {"good"}  # KubeVirt says it moved
 
 
+def test_a_pod_that_ended_before_a_migration_began_holds_nothing_during_it() -> None:
+    """KubeVirt keeps a VMI's Completed source pods and Failed target pods: they do not
+    bring the VMI back to every node it ever ran on while it migrates again."""
+    view = ClusterView()
+    view.observe_vmi(_running("b"), "ADDED")
+    view.observe_pod(_pod("old", "bad", phase="Succeeded"), "ADDED")  # left bad long ago
+    view.observe_pod(_pod("cur", "b"), "ADDED")
+    migration = {"metadata": {"namespace": "ns", "name": "bal", "resourceVersion": "1"},
+                 "spec": {"vmiName": "x"}, "status": {"phase": "Running"}}  # fmt: skip
+    assert view.observe_migration(migration, "ADDED") == frozenset()
+    view.observe_pod(_pod("target", "c"), "ADDED")
+    assert view.nodes_of[("ns", "x")] == {"b", "c"}
+    # the source ends during the migration: it still counts until the migration ends
+    assert view.observe_migration(migration, "MODIFIED") == frozenset()  # no change: no-op
+    view.observe_pod(_pod("cur", "b", phase="Succeeded"), "MODIFIED")
+    assert view.nodes_of[("ns", "x")] == {"b", "c"}
+    # a migration of an earlier VMI under this name does not count as this one's
+    fresh = ClusterView()
+    made = "2026-12-03T09:00:00Z"
+    older = {**migration, "metadata": {**migration["metadata"], "creationTimestamp": made}}
+    vmi = _running("b")
+    vmi["metadata"]["creationTimestamp"] = "2026-12-03T10:00:00Z"
+    fresh.observe_vmi(vmi, "ADDED")
+    fresh.observe_pod(_pod("cur", "b"), "ADDED")
+    fresh.observe_migration(older, "ADDED")
+    fresh.observe_pod(_pod("target", "c"), "ADDED")
+    fresh.observe_pod(_pod("cur", "b", phase="Failed"), "MODIFIED")
+    assert fresh.nodes_of[("ns", "x")] == {"b", "c"}  # b through its status only
+    fresh.observe_vmi({**vmi, "status": {**vmi["status"], "nodeName": "c"}}, "MODIFIED")
+    assert fresh.nodes_of[("ns", "x")] == {"c"}
+
+
 def test_only_a_vmis_own_bound_launcher_pods_count() -> None:
     """Pods of another VMI under the same name (another uid), pods not labelled as
     launchers, pods without the VMI as controller and pods not bound place nothing."""

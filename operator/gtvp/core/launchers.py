@@ -17,13 +17,14 @@ A migration's source pod that lingers for a moment after the VMI really moved co
 so evacuation leaves alone, for `SETTLE` after it, a VMI that gtvp's own migration off that
 member brought away (`settled_until`; the time is virt-controller's, on a migration that only
 KubeVirt's controllers may update); a host that keeps such a pod "Running" longer holds the
-VMI again. While a migration of the VMI is unfinished, every one of its pods counts, ended
-or not. What remains (docs/threat-model.md): the host's kubelet may delete its own pod
-(virt-controller then fails the VMI); the source's virt-handler reports how a migration
-ends, so a host can have KubeVirt record gtvp's evacuation as Succeeded, then write its pod
-ended and the VMI on the target, and gtvp believes KubeVirt (only the target's side could
-tell: not done); and a host may keep an aborted migration's target pod "Running" so that
-the VMI is held there too (gtvp then moves or stops a VM that is elsewhere: fail closed).
+VMI again. While a migration of the VMI is unfinished, a pod that ended after it began still
+counts. What remains (docs/threat-model.md): the host's kubelet may
+delete its own pod (virt-controller then fails the VMI); the source's virt-handler reports
+how a migration ends, so a host can have KubeVirt record gtvp's evacuation as Succeeded,
+then write its pod ended and the VMI on the target, and gtvp believes KubeVirt (only the
+target's side could tell: not done); and a host may keep an aborted migration's target pod
+"Running" so that the VMI is held there too (gtvp then moves or stops a VM that is
+elsewhere: fail closed).
 """
 
 from __future__ import annotations
@@ -85,20 +86,23 @@ def launcher_pod(body: Mapping[str, Any]) -> LauncherPod | None:
 
 
 def pod_nodes(
-    pods: Iterable[LauncherPod], vmi_uid: str | None, *, migrating: bool = False
+    pods: Iterable[LauncherPod],
+    vmi_uid: str | None,
+    *,
+    ended_while_migrating: Iterable[LauncherPod] = (),
 ) -> frozenset[str]:
     """The nodes the launcher pods of the VMI with `vmi_uid` hold it on (None: a VMI gtvp
-    does not know: none): every running pod's; every pod's when none runs, or while a
-    migration of the VMI is unfinished (a source host that writes its own pod ended while
-    the target's pod runs still holds the VMI). Pods of another VMI under the same name
-    (another uid) never count."""
+    does not know: none): every running pod's, and those of `ended_while_migrating` (pods
+    that ended after the VMI's unfinished migration began: a source host that writes its own
+    pod ended while the target's pod runs still holds the VMI); every pod's when none runs.
+    Pods of another VMI under the same name (another uid) never count."""
     if vmi_uid is None:
         return frozenset()
     own = [p for p in pods if p.vmi_uid == vmi_uid]
     running = frozenset(p.node for p in own if not p.ended)
-    if running and not migrating:
-        return running
-    return frozenset(p.node for p in own)
+    if not running:
+        return frozenset(p.node for p in own)
+    return running | {p.node for p in ended_while_migrating if p.vmi_uid == vmi_uid}
 
 
 def settled_until(

@@ -93,7 +93,8 @@ async def vmi_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any
 
 async def migration_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     rt, migration, event_type = runtime_of(memo), dict(body), type or ""
-    rt.view.observe_migration(migration, event_type)
+    for node in rt.view.observe_migration(migration, event_type):
+        rt.schedule.schedule(node, dt.timedelta(0))  # a pod that ended while it migrates
     lazyboxes.observe_kubevirt(rt, migration)
     drains.observe_migration(rt, migration, event_type)
     if event_type != "DELETED":

@@ -94,7 +94,7 @@ def _moved_away(rt: Runtime, key: tuple[str, str], member: str, now: dt.datetime
     until = settled_until(mine, rt.view.vmis.get(key) or {}, member, now)
     if until is None:
         return False
-    rt.schedule.schedule(member, until - now + dt.timedelta(seconds=1))
+    rt.schedule.schedule_by(member, until - now + dt.timedelta(seconds=1))
     return True
 
 

@@ -122,10 +122,12 @@ async def load_pool(memo: kopf.Memo, **_: Any) -> None:
         rt.view.observe_vm(body, "ADDED")
     for body in listed["vmi"]:
         rt.view.observe_vmi(body, "ADDED")
+    # where VMIs run, whatever their status says; before the migrations, so that a pod
+    # already ended counts as ended before an unfinished migration began
+    for body in listed["launcher pod"]:
+        rt.view.observe_pod(body, "ADDED")
     for body in listed["migration"]:
         rt.view.observe_migration(body, "ADDED")
-    for body in listed["launcher pod"]:  # where VMIs run, whatever their status says
-        rt.view.observe_pod(body, "ADDED")
     verdict_uses.mark_started(rt, listed["vmi"])
     rt.view.loaded = True
     log.info("loaded %s", ", ".join(f"{len(items)} {what}s" for what, items in listed.items()))
