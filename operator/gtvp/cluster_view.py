@@ -110,6 +110,8 @@ class ClusterView:
     was last (a deleted one until the next resync); `pod_ended`: first seen ended."""
     pod_seen: dict[Key, int] = field(default_factory=dict)
     pod_ended: dict[Key, int] = field(default_factory=dict)
+    migration_seen: dict[Key, int] = field(default_factory=dict)
+    """At which event each migration was last told of (a deleted one until the next resync)."""
     # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
     # (None: to recompute)
     placed: dict[Key, Footprint] = field(default_factory=dict)
@@ -180,6 +182,8 @@ class ClusterView:
         served = bool((had.get("metadata") or {}).get("resourceVersion"))
         if planned and served and event_type != "DELETED":
             return frozenset()
+        self.pod_events += 1
+        self.migration_seen[key_of(body)] = self.pod_events
         key = self._store(self.migrations, body, event_type)
         vmi = (key[0], str((body.get("spec") or {}).get("vmiName", "")))
         unfinished = event_type != "DELETED" and (body.get("status") or {}).get("phase") not in (
@@ -197,6 +201,26 @@ class ClusterView:
                 del self.migrating[vmi]
         old = self.nodes_of.get(vmi, frozenset())
         return self._index(vmi) - old
+
+    def resync_migrations(self, listed: list[dict[str, Any]], since: int) -> frozenset[str]:
+        """The migrations as listed when the event count was `since`: one deleted while the
+        watch was away (no DELETED for it) is forgotten, so that it neither keeps its VMI
+        busy nor keeps counting it as migrating; one the watch told of after `since` is as
+        the watch says. The nodes VMIs were added to."""
+        present = {key_of(m) for m in listed}
+        gone = [
+            k
+            for k in self.migrations
+            if k not in present and self.migration_seen.get(k, since) <= since
+        ]
+        added: frozenset[str] = frozenset()
+        for key in gone:
+            body = {**self.migrations[key]}
+            added |= self.observe_migration(body, "DELETED")
+        self.migration_seen = {
+            k: at for k, at in self.migration_seen.items() if at > since or k in self.migrations
+        }
+        return added
 
     def observe_vmi(self, body: dict[str, Any], event_type: str) -> frozenset[str]:
         """Record a VMI event; the nodes it was added to."""

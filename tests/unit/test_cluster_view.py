@@ -339,3 +339,23 @@ def test_only_a_vmis_own_bound_launcher_pods_count() -> None:
     view.observe_pod(_pod("p", "bad"), "ADDED")
     view.observe_pod(_pod("p", "bad", label="other"), "MODIFIED")
     assert view.nodes_of[("ns", "x")] == {"good"}
+
+
+def test_a_resync_forgets_migrations_deleted_while_the_watch_was_away() -> None:
+    """A migration deleted during a watch gap would keep its VMI busy (never evacuated) and
+    migrating for ever; one the watch delivered while the listing ran stays."""
+    view = ClusterView()
+    view.observe_vmi(_running("b"), "ADDED")
+    lost = {"metadata": {"namespace": "ns", "name": "lost", "resourceVersion": "1"},
+            "spec": {"vmiName": "x"}, "status": {"phase": "Running"}}  # fmt: skip
+    view.observe_migration(lost, "ADDED")
+    assert ("ns", "x") in view.migrating
+    since = view.pod_events  # the listing starts
+    new = {**lost, "metadata": {**lost["metadata"], "name": "new"}}
+    view.observe_migration(new, "ADDED")  # the watch, while it runs
+    view.resync_migrations([], since)
+    assert set(view.migrations) == {("ns", "new")}
+    assert set(view.migrating[("ns", "x")]) == {("ns", "new")}
+    view.observe_migration({**new, "status": {"phase": "Failed"}}, "MODIFIED")
+    view.resync_migrations([new], view.pod_events)
+    assert ("ns", "x") not in view.migrating

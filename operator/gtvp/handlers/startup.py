@@ -146,18 +146,19 @@ async def start_loops(memo: kopf.Memo, **_: Any) -> None:
         lazyboxes.box_loop,
         balancing.balance_loop,
         drains.drain_loop,
-        launcher_pod_resync,
+        resync_loop,
     ):
         rt.tasks.append(asyncio.create_task(loop(rt)))
 
 
-POD_RESYNC = 300.0
-"""Seconds between two listings of the launcher pods (`ClusterView.resync_pods`)."""
+RESYNC = 300.0
+"""Seconds between two listings of the launcher pods and migrations (`ClusterView.resync_*`)."""
 
 
-async def launcher_pod_resync(rt: Runtime, period: float = POD_RESYNC) -> None:
-    """List the launcher pods every `period` s: a pod deleted while the watch was
-    reconnecting is forgotten (kopf's re-listing delivers no DELETED), one missed is seen."""
+async def resync_loop(rt: Runtime, period: float = RESYNC) -> None:
+    """List the launcher pods and the migrations every `period` s: one deleted while the
+    watch was reconnecting is forgotten (kopf's re-listing delivers no DELETED), one missed
+    is seen. The event loop applies each listing (no other thread changes the view)."""
     while not rt.stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(rt.stop.wait(), timeout=period)
@@ -165,10 +166,12 @@ async def launcher_pod_resync(rt: Runtime, period: float = POD_RESYNC) -> None:
             return
         since = rt.view.pod_events
         try:
-            listed = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
-            added = rt.view.resync_pods(listed, since)
+            pods = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
+            migrations = await asyncio.to_thread(kube.list_all, rt.clients, MIGRATIONS)
+            added = rt.view.resync_pods(pods, since) | rt.view.resync_migrations(migrations, since)
         except Exception as exc:  # noqa: BLE001 - the watch keeps the view; try next time
-            log.warning("listing the virt-launcher pods failed (%s); retry in %.0fs", exc, period)
+            log.warning("listing launcher pods and migrations failed (%s); retry in %.0fs",
+                        exc, period)  # fmt: skip
             continue
         for node in added:
             rt.schedule.schedule(node, dt.timedelta(0))
