@@ -771,6 +771,35 @@ def test_a_gated_vm_whose_status_names_a_trusted_node_is_moved_off_its_launcher_
     assert _evacuations(control_plane, namespace) == [("db", bad)]
 
 
+def test_the_resync_loop_lists_pods_and_migrations_with_the_operators_rights(
+    control_plane: ControlPlane, namespace: str, rt: Runtime
+) -> None:
+    """What the watch missed (deleted or made while it was reconnecting) is put right by the
+    loop's next listing, read with the operator's own RBAC."""
+    vmi = {**_vmi("db", 3), "status": {"nodeName": "good", "phase": "Running"}}
+    vmi["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()))
+    rt.view.observe_vmi(vmi, "ADDED")
+    gone_pod = create_launcher_pod(control_plane, namespace, vmi, "old")
+    rt.view.observe_pod(gone_pod, "ADDED")
+    control_plane.kubectl("delete", "pod", gone_pod["metadata"]["name"], "-n", namespace,
+                          "--grace-period=0", "--force")  # fmt: skip
+    gone_migration = {"metadata": {"namespace": namespace, "name": "gone", "resourceVersion": "1"},
+                      "spec": {"vmiName": "db"}, "status": {"phase": "Running"}}  # fmt: skip
+    rt.view.observe_migration(gone_migration, "ADDED")
+    create_launcher_pod(control_plane, namespace, vmi, "missed")
+
+    async def one_pass() -> None:
+        loop = asyncio.create_task(startup.resync_loop(rt, period=0.05))
+        await asyncio.sleep(1.5)
+        rt.stop.set()
+        await loop
+
+    asyncio.run(one_pass())
+    assert rt.view.nodes_of[(namespace, "db")] == {"good", "missed"}
+    assert (namespace, "gone") not in rt.view.migrations
+    assert (namespace, "db") not in rt.view.migrating
+
+
 @pytest.mark.tpm
 def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     control_plane: ControlPlane,
