@@ -105,7 +105,7 @@ class ClusterView:
     migrating: dict[Key, dict[Key, int]] = field(default_factory=dict)
     """VMI -> its unfinished migrations (made for this VMI, not an earlier one under its
     name), each with the event count when it was first seen unfinished."""
-    pod_events: int = 0
+    events: int = 0
     """Launcher pod and migration events seen so far; `pod_seen`: at which of them each pod
     was last (a deleted one until the next resync); `pod_ended`: first seen ended."""
     pod_seen: dict[Key, int] = field(default_factory=dict)
@@ -182,8 +182,8 @@ class ClusterView:
         served = bool((had.get("metadata") or {}).get("resourceVersion"))
         if planned and served and event_type != "DELETED":
             return frozenset()
-        self.pod_events += 1
-        self.migration_seen[key_of(body)] = self.pod_events
+        self.events += 1
+        self.migration_seen[key_of(body)] = self.events
         key = self._store(self.migrations, body, event_type)
         vmi = (key[0], str((body.get("spec") or {}).get("vmiName", "")))
         unfinished = event_type != "DELETED" and (body.get("status") or {}).get("phase") not in (
@@ -192,15 +192,13 @@ class ClusterView:
         was = key in self.migrating.get(vmi, {})
         if unfinished == was:
             return frozenset()
-        self.pod_events += 1
         if unfinished:
-            self.migrating.setdefault(vmi, {})[key] = self.pod_events
+            self.migrating.setdefault(vmi, {})[key] = self.events
         else:
             del self.migrating[vmi][key]
             if not self.migrating[vmi]:
                 del self.migrating[vmi]
-        old = self.nodes_of.get(vmi, frozenset())
-        return self._index(vmi) - old
+        return self._index(vmi)
 
     def resync_migrations(self, listed: list[dict[str, Any]], since: int) -> frozenset[str]:
         """The migrations as listed when the event count was `since`: one deleted while the
@@ -229,12 +227,11 @@ class ClusterView:
         seen = self.vmis.get(key) or {}
         same = _uid(seen) is not None and _uid(seen) == _uid(body)  # not one made anew
         node = None if gone else vmi_node(body, self.node_of.get(key) if same else None)
-        before = self.nodes_of.get(key, frozenset())
         self._store(self.vmis, body, event_type)
-        self._place(key, node)
+        added = self._place(key, node)
         if _replace(self.placed, key, None if gone else placed_footprint(body)):
             self.placed_usage = None
-        return self.nodes_of.get(key, frozenset()) - before
+        return added
 
     @staticmethod
     def _store(store: dict[Key, dict[str, Any]], body: dict[str, Any], event_type: str) -> Key:
@@ -245,15 +242,15 @@ class ClusterView:
             store[key] = kept(body)
         return key
 
-    def _place(self, key: Key, node: str | None) -> None:
+    def _place(self, key: Key, node: str | None) -> frozenset[str]:
         if node:
             self.node_of[key] = node
         else:
             self.node_of.pop(key, None)
-        self._index(key)
+        return self._index(key)
 
     def resync_pods(self, listed: list[dict[str, Any]], since: int) -> frozenset[str]:
-        """The launcher pods as listed when `pod_events` was `since`: those gone unseen (a
+        """The launcher pods as listed when `events` was `since`: those gone unseen (a
         watch that resumed after a gap delivers no DELETED for them) are forgotten, those
         missed are added; a pod the watch told of after `since` is as the watch says. The
         nodes VMIs were added to."""
@@ -276,12 +273,12 @@ class ClusterView:
         the VMI runs that its status does not name)."""
         pod_key = key_of(body)
         pod = None if event_type == "DELETED" else launcher_pod(body)
-        self.pod_events += 1
-        self.pod_seen[pod_key] = self.pod_events  # also when gone, until the next resync
+        self.events += 1
+        self.pod_seen[pod_key] = self.events  # also when gone, until the next resync
         if pod is None or not pod.ended:
             self.pod_ended.pop(pod_key, None)
         else:
-            self.pod_ended.setdefault(pod_key, self.pod_events)
+            self.pod_ended.setdefault(pod_key, self.events)
         vmi = self.launcher_vmi.pop(pod_key, None)
         pods = self.launchers.get(vmi) if vmi is not None else None
         if vmi is not None and pods is not None:
@@ -293,12 +290,11 @@ class ClusterView:
             self.launchers.setdefault(pod.vmi, {})[pod_key] = pod
         added: frozenset[str] = frozenset()
         for touched in {k for k in (vmi, pod.vmi if pod else None) if k is not None}:
-            old = self.nodes_of.get(touched, frozenset())
-            added |= self._index(touched) - old
+            added |= self._index(touched)
         return added
 
     def _index(self, key: Key) -> frozenset[str]:
-        """Put VMI `key` under every node it runs on; those nodes."""
+        """Put VMI `key` under every node it runs on; the nodes it was not under before."""
         old = self.nodes_of.get(key, frozenset())
         pods = self.launchers.get(key, {})
         began = self._migrating_since(key)
@@ -322,7 +318,7 @@ class ClusterView:
             self.nodes_of[key] = nodes
         else:
             self.nodes_of.pop(key, None)
-        return nodes
+        return nodes - old
 
     def _migrating_since(self, key: Key) -> int | None:
         """The event count when the VMI's earliest unfinished migration made for it (not

@@ -91,16 +91,17 @@ def list_all(c: Clients, res: ApiResource) -> list[dict[str, Any]]:
 
 def list_nodes(c: Clients) -> list[dict[str, Any]]:
     """Every Node, as the plain dicts a watch delivers (camelCase keys)."""
-    got = c.api.sanitize_for_serialization(c.core.list_node())
-    items: list[dict[str, Any]] = got.get("items") or []
-    return items
+    return _plain_items(c, c.core.list_node())
 
 
 def list_launcher_pods(c: Clients) -> list[dict[str, Any]]:
     """Every KubeVirt virt-launcher pod (by its label), as the plain dicts a watch delivers."""
-    got = c.api.sanitize_for_serialization(
-        c.core.list_pod_for_all_namespaces(label_selector=launchers.SELECTOR)
-    )
+    return _plain_items(c, c.core.list_pod_for_all_namespaces(label_selector=launchers.SELECTOR))
+
+
+def _plain_items(c: Clients, listed: Any) -> list[dict[str, Any]]:
+    """The items of a typed list, as the plain dicts a watch delivers (camelCase keys)."""
+    got = c.api.sanitize_for_serialization(listed)
     items: list[dict[str, Any]] = got.get("items") or []
     return items
 

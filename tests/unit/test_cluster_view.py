@@ -259,13 +259,13 @@ def test_a_resync_forgets_pods_deleted_while_the_watch_was_away() -> None:
     view = ClusterView()
     view.observe_vmi(_running("good"), "ADDED")
     view.observe_pod(_pod("gone", "bad"), "ADDED")
-    since = view.pod_events  # the listing starts
+    since = view.events  # the listing starts
     view.observe_pod(_pod("new", "third"), "ADDED")  # the watch, while it runs
     assert view.resync_pods([_pod("kept", "other")], since) == {"other"}
     assert view.nodes_of[("ns", "x")] == {"good", "other", "third"}  # the watch's pod stays
     assert ("ns", "gone") not in view.launcher_vmi
     # a pod the watch deleted while the listing ran is not brought back
-    since = view.pod_events
+    since = view.events
     view.observe_pod(_pod("kept", "other"), "DELETED")
     view.resync_pods([_pod("kept", "other"), _pod("new", "third")], since)
     assert ("ns", "kept") not in view.launcher_vmi
@@ -350,12 +350,12 @@ def test_a_resync_forgets_migrations_deleted_while_the_watch_was_away() -> None:
             "spec": {"vmiName": "x"}, "status": {"phase": "Running"}}  # fmt: skip
     view.observe_migration(lost, "ADDED")
     assert ("ns", "x") in view.migrating
-    since = view.pod_events  # the listing starts
+    since = view.events  # the listing starts
     new = {**lost, "metadata": {**lost["metadata"], "name": "new"}}
     view.observe_migration(new, "ADDED")  # the watch, while it runs
     view.resync_migrations([], since)
     assert set(view.migrations) == {("ns", "new")}
     assert set(view.migrating[("ns", "x")]) == {("ns", "new")}
     view.observe_migration({**new, "status": {"phase": "Failed"}}, "MODIFIED")
-    view.resync_migrations([new], view.pod_events)
+    view.resync_migrations([new], view.events)
     assert ("ns", "x") not in view.migrating

@@ -164,7 +164,7 @@ async def resync_loop(rt: Runtime, period: float = RESYNC) -> None:
             await asyncio.wait_for(rt.stop.wait(), timeout=period)
         if rt.stop.is_set():
             return
-        since = rt.view.pod_events
+        since = rt.view.events
         try:
             pods = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
             migrations = await asyncio.to_thread(kube.list_all, rt.clients, MIGRATIONS)
