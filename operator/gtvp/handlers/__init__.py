@@ -32,7 +32,6 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINE_INSTANCES,
     VIRTUAL_MACHINES,
 )
-from gtvp.core.launchers import APP_LABEL, APP_VALUE
 from gtvp.core.trust import rule_labels
 from gtvp.handlers import (
     admission,
@@ -153,8 +152,6 @@ EVENTS = (
     (LAZY_BOXES.coordinates, box_event),
 )
 """The watches, in the order they were registered before (kopf starts them in this order)."""
-LAUNCHER_PODS = (("", "v1", "pods"), {APP_LABEL: APP_VALUE}, launcher_pod_event)
-"""KubeVirt's virt-launcher pods (kopf filters by the label)."""
 
 
 def _operations(hook: Hook) -> list[kopf.Operation]:
@@ -171,8 +168,9 @@ def register(registry: kopf.OperatorRegistry, *, admission_webhooks: bool) -> No
     kopf.on.startup(registry=registry)(startup.configure)
     for (group, version, plural), on_event in EVENTS:
         kopf.on.event(group, version, plural, registry=registry)(on_event)
-    (group, version, plural), labels, on_pod = LAUNCHER_PODS
-    kopf.on.event(group, version, plural, labels=labels, registry=registry)(on_pod)
+    # KubeVirt's virt-launcher pods: the API server selects them (`startup.configure`); no
+    # label filter here, which would drop the DELETED a pod that loses the label is sent
+    kopf.on.event("", "v1", "pods", registry=registry)(launcher_pod_event)
     kopf.on.startup(registry=registry)(startup.load_pool)
     kopf.on.startup(registry=registry)(startup.start_loops)
     kopf.on.cleanup(registry=registry)(startup.stop_loops)
