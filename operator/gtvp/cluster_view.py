@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_node
-from gtvp.core.launchers import LauncherPod, launcher_pod, pod_nodes
+from gtvp.core.launchers import LauncherPod, launcher_pod, made_for, pod_nodes
 from gtvp.core.policy import Policy
-from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import MemberView, member_view
 
 Key = tuple[str, str]
@@ -113,9 +112,10 @@ class ClusterView:
     migration_seen: dict[Key, int] = field(default_factory=dict)
     """At which event each migration was last told of (a deleted one until the next resync)."""
     # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
-    # (None: to recompute)
+    # as of a version of `placed` (summed again once `placed_version` moved on)
     placed: dict[Key, Footprint] = field(default_factory=dict)
-    placed_usage: dict[str, tuple[int, int]] | None = None
+    placed_version: int = 0
+    placed_usage: tuple[int, dict[str, tuple[int, int]]] | None = None
 
     # -- members and nodes ----------------------------------------------------------------
 
@@ -230,7 +230,7 @@ class ClusterView:
         self._store(self.vmis, body, event_type)
         added = self._place(key, node)
         if _replace(self.placed, key, None if gone else placed_footprint(body)):
-            self.placed_usage = None
+            self.placed_version += 1
         return added
 
     @staticmethod
@@ -311,7 +311,11 @@ class ClusterView:
         if status_node:
             nodes |= {status_node}
         for node in old - nodes:
-            self.on_node.get(node, set()).discard(key)
+            there = self.on_node.get(node)
+            if there is not None:
+                there.discard(key)
+                if not there:
+                    del self.on_node[node]
         for node in nodes - old:
             self.on_node.setdefault(node, set()).add(key)
         if nodes:
@@ -322,23 +326,27 @@ class ClusterView:
 
     def _migrating_since(self, key: Key) -> int | None:
         """The event count when the VMI's earliest unfinished migration made for it (not
-        for an earlier VMI under its name) was first seen; None: none."""
-        born = parse_ts(((self.vmis.get(key) or {}).get("metadata") or {}).get("creationTimestamp"))
+        for an earlier VMI under its name; an undated one is: this widens what holds the
+        VMI) was first seen; None: none."""
+        vmi = self.vmis.get(key) or {}
         since = None
         for mkey, at in self.migrating.get(key, {}).items():
-            made = parse_ts(
-                ((self.migrations.get(mkey) or {}).get("metadata") or {}).get("creationTimestamp")
-            )
-            if born is not None and made is not None and made < born:
+            if not made_for(self.migrations.get(mkey) or {}, vmi, undated=True):
                 continue
             since = at if since is None else min(since, at)
         return since
 
     def vmi_usage(self) -> dict[str, tuple[int, int]]:
-        """(CPU millicores, memory bytes) per node taken by every placed VMI."""
-        if self.placed_usage is None:
-            self.placed_usage = usage_by_node(self.placed)
-        return self.placed_usage
+        """(CPU millicores, memory bytes) per node taken by every placed VMI. Worker threads
+        call it while the event loop records VMIs: it sums a copy of `placed`, and a sum
+        cached under a version that moved on meanwhile is never returned."""
+        cached = self.placed_usage
+        if cached is not None and cached[0] == self.placed_version:
+            return cached[1]
+        version = self.placed_version  # read before the copy: a later change re-sums
+        usage = usage_by_node(dict(self.placed))
+        self.placed_usage = (version, usage)
+        return usage
 
     # -- Lazy Boxes and components --------------------------------------------------------
 

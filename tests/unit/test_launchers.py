@@ -50,3 +50,7 @@ def test_only_gtvps_own_recent_success_off_that_member_counts() -> None:
     older = _migration()
     older["metadata"]["creationTimestamp"] = "2026-12-03T10:00:00Z"
     assert not _settled([older])
+    # one without a creation time cannot show it was made for this VMI: it loosens nothing
+    undated = _migration()
+    del undated["metadata"]["creationTimestamp"]
+    assert not _settled([undated])

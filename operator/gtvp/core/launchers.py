@@ -105,6 +105,18 @@ def pod_nodes(
     return running | {p.node for p in ended_while_migrating if p.vmi_uid == vmi_uid}
 
 
+def made_for(migration: Mapping[str, Any], vmi: Mapping[str, Any], *, undated: bool) -> bool:
+    """Whether `migration` was made for the VMI `vmi`, not for an earlier VMI under its
+    name: created no earlier than it. `undated` is the answer when either has no
+    creationTimestamp (a migration gtvp planned but has not written yet has none): each
+    caller picks the answer that fails closed for it."""
+    born = parse_ts((vmi.get("metadata") or {}).get("creationTimestamp"))
+    made = parse_ts((migration.get("metadata") or {}).get("creationTimestamp"))
+    if born is None or made is None:
+        return undated
+    return made >= born
+
+
 def settled_until(
     migrations: Iterable[Mapping[str, Any]],
     vmi: Mapping[str, Any],
@@ -113,23 +125,22 @@ def settled_until(
 ) -> dt.datetime | None:
     """Until when VMI `vmi` counts as just brought off `member` by one of gtvp's evacuations
     or drains of it (labels only the operator may set, on a migration only KubeVirt's
-    controllers may update: gtvp-migration-labels), made for this VMI (not before it) and
-    Succeeded less than `SETTLE` ago at the time virt-controller recorded; None: not so."""
-    meta = vmi.get("metadata") or {}
-    born = parse_ts(meta.get("creationTimestamp"))
+    controllers may update: gtvp-migration-labels), made for this VMI (not before it; an
+    undated one is not: this loosens what holds the VMI) and Succeeded less than `SETTLE`
+    ago at the time virt-controller recorded; None: not so."""
+    name = (vmi.get("metadata") or {}).get("name")
     until: dt.datetime | None = None
     for m in migrations:
         labels = (m.get("metadata") or {}).get("labels") or {}
         status = m.get("status") or {}
-        if (m.get("spec") or {}).get("vmiName") != meta.get("name"):
+        if (m.get("spec") or {}).get("vmiName") != name:
             continue
         if status.get("phase") != "Succeeded":
             continue
         if member not in (labels.get(EVACUATION_LABEL), labels.get(DRAIN_LABEL)):
             continue
-        made = parse_ts((m.get("metadata") or {}).get("creationTimestamp"))
-        if born is not None and (made is None or made < born):
-            continue  # a migration of an earlier VMI under this name
+        if not made_for(m, vmi, undated=False):
+            continue  # a migration of an earlier VMI under this name, or undated
         for t in status.get("phaseTransitionTimestamps") or ():
             at = parse_ts(t.get("phaseTransitionTimestamp"))
             if t.get("phase") == "Succeeded" and at is not None and now - at < SETTLE:
