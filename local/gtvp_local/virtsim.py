@@ -6,7 +6,8 @@ server: it creates a VirtualMachineInstance for each VirtualMachine that should 
 "schedules" it onto a Ready node that satisfies its nodeSelector and does not carry an
 untolerated NoSchedule taint (as kube-scheduler would place the virt-launcher pod), and it
 moves each VirtualMachineInstanceMigration through Pending → Scheduling → Scheduled →
-Running → Succeeded, choosing a target node the same way (VMI nodeSelector plus the
+Running → Succeeded (recording when it reached each phase in
+`status.phaseTransitionTimestamps`, as virt-controller does), choosing a target node the same way (VMI nodeSelector plus the
 migration's addedNodeSelector, never the source) and then setting the VMI's node (and
 clearing `status.evacuationNodeName`, as virt-handler does when a migration completes).
 
@@ -52,6 +53,7 @@ It is named as a simulation wherever it appears, and the Helm chart never instal
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import sys
@@ -646,15 +648,21 @@ class VirtSim:
         self.last_step[uid] = time.monotonic()
         vmi = vmis.get((meta["namespace"], spec.get("vmiName", "")))
         state = dict(status.get("migrationState") or {})
+        stamps = list(status.get("phaseTransitionTimestamps") or [])
 
         def write(new_phase: str, **fields: Any) -> None:
             state.update(fields)
+            body: dict[str, Any] = {"phase": new_phase, "migrationState": state}
+            if new_phase != phase:  # as virt-controller records each phase it reaches
+                at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                stamps.append({"phase": new_phase, "phaseTransitionTimestamp": at})
+                body["phaseTransitionTimestamps"] = stamps
             self.api.patch_namespaced_custom_object_status(
                 *KV,
                 meta["namespace"],
                 "virtualmachineinstancemigrations",
                 meta["name"],
-                {"status": {"phase": new_phase, "migrationState": state}},
+                {"status": body},
             )
 
             log.info(

@@ -106,6 +106,9 @@ def test_drain_moves_a_lazy_box_off_the_node(
     assert mig["metadata"]["labels"][DRAIN] == host
     assert mig["spec"]["addedNodeSelector"]["kubernetes.io/hostname"] == other
     assert mig["status"]["phase"] == "Succeeded"
+    # when each phase was reached, as virt-controller records it (gtvp's settle reads it)
+    stamps = mig["status"]["phaseTransitionTimestamps"]
+    assert [t["phase"] for t in stamps][-2:] == ["Running", "Succeeded"]
     said = events(pool, namespace, "LazyBox", "web", "DrainMigration")
     assert f"node {host} is being drained: live-migrating to {other}" in said[0]["message"]
 
