@@ -7,9 +7,10 @@ server: it creates a VirtualMachineInstance for each VirtualMachine that should 
 untolerated NoSchedule taint (as kube-scheduler would place the virt-launcher pod), and it
 moves each VirtualMachineInstanceMigration through Pending → Scheduling → Scheduled →
 Running → Succeeded (recording when it reached each phase in
-`status.phaseTransitionTimestamps`, as virt-controller does), choosing a target node the same way (VMI nodeSelector plus the
-migration's addedNodeSelector, never the source) and then setting the VMI's node (and
-clearing `status.evacuationNodeName`, as virt-handler does when a migration completes).
+`status.phaseTransitionTimestamps`, as virt-controller does), choosing a target node the
+same way (VMI nodeSelector plus the migration's addedNodeSelector, never the source) and
+then setting the VMI's node (and clearing `status.evacuationNodeName`, as virt-handler does
+when a migration completes).
 
 It also SIMULATES what KubeVirt's virt-api does on `kubectl drain`. Here a drain is a cordon:
 kwok nodes run no virt-launcher pods, so `kubectl drain` has nothing to evict. For each VMI
