@@ -37,6 +37,7 @@ from gtvp.core.api_resources import (
     LAZY_BOXES,
 )
 from gtvp.core.enrolment import make_activation_challenge
+from gtvp.core.footprint import FINISHED
 from gtvp.core.timestamps import format_ts
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -226,7 +227,21 @@ class Endpoint:
             ) from exc
 
     def _where(self, req: ba.Request) -> ba.Where | None:
-        return where_runs(self.rt, vmi_key(req))
+        """Where the box runs, for its guest's requests: one member (None while it is held
+        on several, mid-migration or where its status and its pods disagree: the guest
+        asks again; a quote taken before a move must not count as one after it)."""
+        where = where_runs(self.rt, vmi_key(req))
+        return where if where is not None and where.settled else None
+
+    def _running(self, req: ba.Request) -> ba.Where:
+        where = self._where(req)
+        if where is None:
+            raise ba.Refused(
+                ba.NOT_RUNNING,
+                "the box's VMI is not running on one member (not started, ended, or "
+                "migrating): ask again",
+            )
+        return where
 
     def _settings(self) -> ba.Settings:
         try:
@@ -253,7 +268,7 @@ class Endpoint:
     def _enrol(self, req: ba.Request, box: dict[str, Any]) -> tuple[int, str, bytes]:
         now = self.clock()
         checked = ba.check_enrolment(req.body, self._settings(), now)
-        ba.check_ek_pin(_attestation(box), checked.ek_sha256, self._where(req))
+        ba.check_ek_pin(_attestation(box), checked.ek_sha256, self._running(req))
         secret = secrets.token_bytes(32)
         challenge = make_activation_challenge(
             ek_public_area=checked.ek_public, ak_name=checked.ak_name, secret=secret
@@ -283,7 +298,7 @@ class Endpoint:
     def _activate(self, req: ba.Request, box: dict[str, Any]) -> tuple[int, str, bytes]:
         proof = ba.b64_field(req.body, "secret", "the ActivateCredential output", 256)
         att = ba.check_activation(
-            _attestation(box), req.body.get("enrolment"), proof, self._where(req)
+            _attestation(box), req.body.get("enrolment"), proof, self._running(req)
         )
         self._write(box, att)
         _count("Bound")
@@ -308,9 +323,7 @@ class Endpoint:
     def _quote(self, req: ba.Request, box: dict[str, Any]) -> tuple[int, str, bytes]:
         wanted = self._settings()
         att = _attestation(box)
-        where = self._where(req)
-        if where is None:
-            raise ba.Refused(ba.NOT_RUNNING, "the box's VMI is not Running on a member")
+        where = self._running(req)
         disks = self._disks(req)
         resolved = (box.get("status") or {}).get("resolved") or []
         outcome = ba.check_quote(
@@ -420,13 +433,20 @@ def on_untrusted(key: Key, where: ba.Where) -> None:
 
 
 def where_runs(rt: Runtime, key: Key) -> ba.Where | None:
-    """Where the operator sees the box's VMI run (None: not Running on a member)."""
+    """Where the operator holds the box's VMI (None: it has not been placed on a member or
+    has ended): the node its status names as the view keeps it (a blanked status does not
+    hide it), and every node a launcher pod of it holds it on (`ClusterView.nodes_of`).
+    Root on a host can write the VMI's status with that host's virt-handler token: what
+    it writes there neither moves the box's attestation clock to another member nor ends
+    a move gtvp owes (`boxattest.Where.on`). Any phase but an ended one counts once the
+    VMI has a node (a host writing its VMI back to Scheduling does not pause the clock)."""
     vmi = rt.view.vmis.get(key) or {}
-    status = vmi.get("status") or {}
-    node = status.get("nodeName")
-    if status.get("phase") != "Running" or not node:
+    phase = (vmi.get("status") or {}).get("phase")
+    nodes = rt.view.nodes_of.get(key, frozenset())
+    member = rt.view.node_of.get(key) or min(nodes, default=None)
+    if phase in FINISHED or member is None:
         return None
-    return ba.Where(str(node), str((vmi.get("metadata") or {}).get("uid", "")))
+    return ba.Where(member, str((vmi.get("metadata") or {}).get("uid", "")), nodes)
 
 
 def replace_attestation(

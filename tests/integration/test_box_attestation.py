@@ -63,6 +63,7 @@ from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
     operator_clients,
     rt,
 )
+from tests.launcher_pods import create_launcher_pod
 from tests.softmember import Bundle, policy_trusting
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.tpm]
@@ -518,6 +519,35 @@ def test_an_extra_component_is_a_mismatch_and_moves_the_box_once(pool: Pool) -> 
     assert pool.attestation(BOX)["member"] == elsewhere.name
     pool.act()
     assert len(pool.migrations(BOX)) == 1
+
+
+def test_a_host_naming_another_member_in_the_vmis_status_does_not_keep_a_mismatched_box(
+    pool: Pool, control_plane: ControlPlane
+) -> None:
+    """Root on the box's host writes the VMI's status with that host's virt-handler token
+    once the box's vTPM evidence failed there: it names another member. The box's launcher
+    pod (which only KubeVirt makes, and whose node cannot change) still holds it on the
+    host, so the move off the host is still started, and the guest cannot attest while
+    its status and its pod disagree."""
+    guest = pool.guests[BOX]
+    here, elsewhere = pool.members
+    vmi = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, BOX, pool.namespace)
+    assert vmi is not None
+    pod = create_launcher_pod(control_plane, pool.namespace, vmi, here.name)
+    pool.rt.view.observe_pod(pod, "ADDED")
+    guest.bind()
+    guest.measure([*pool.disks[BOX], hashlib.sha256(b"not composed").digest()])
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+    pool.move(BOX, elsewhere)  # the host's lie: its status names the other member
+    assert pool.rt.view.nodes_of[(pool.namespace, BOX)] == {here.name, elsewhere.name}
+    pool.act()
+    (moved,) = pool.migrations(BOX)
+    assert moved["metadata"]["labels"][EVACUATION_LABEL] == here.name
+    # no attestation while it is held on two members: no nonce, and enrolling is refused
+    assert guest.challenge()["nonce"] is None
+    status, body = guest.enrol()
+    assert (status, body["reason"]) == (403, ba.NOT_RUNNING)
 
 
 @pytest.mark.timeout(240)

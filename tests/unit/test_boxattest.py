@@ -131,6 +131,7 @@ def test_requests_are_refused_with_a_clear_reason() -> None:
         (ba.CHALLENGE, "Bearer short", body, ba.WRONG_CREDENTIAL, "Bearer"),
         (ba.CHALLENGE, auth, b"{", ba.BAD_REQUEST, "not JSON"),
         (ba.CHALLENGE, auth, b"[]", ba.BAD_REQUEST, "not a JSON object"),
+        (ba.CHALLENGE, auth, b"[" * 5000, ba.BAD_REQUEST, "nested too deep"),
         (ba.CHALLENGE, auth, b'{"box": "web"}', ba.BAD_REQUEST, "<namespace>/<name>"),
         ("/boxattest/v1/other", auth, body, ba.BAD_REQUEST, "no such endpoint"),
     ):
@@ -299,3 +300,50 @@ def test_the_deadline_is_the_policys_or_ten_minutes() -> None:
     assert got.deadline == dt.timedelta(seconds=90)
     with pytest.raises(ba.SettingsError, match=r"spec\.boxAttestation\.deadline"):
         ba.parse_settings({"boxAttestation": {"caBundle": pem, "deadline": "soon"}})
+
+
+# ----- where the box runs: its status and its launcher pods -------------------------------
+
+
+def test_a_status_naming_another_member_neither_ends_a_move_nor_restarts_the_clock() -> None:
+    """Root on the box's host writes the VMI's status with the host's virt-handler token:
+    it names another member while the box's launcher pod still holds it on the host."""
+    deadline = dt.timedelta(minutes=10)
+    att: dict[str, Any] = ba.fresh_attestation(CREDENTIAL)
+    started, _ = ba.overdue_step(att, WHERE, NOW, deadline)
+    assert started is not None
+    elsewhere = ba.Where("member-b", WHERE.vmi_uid, frozenset({"member-a", "member-b"}))
+    assert not elsewhere.settled
+    # the clock does not start again on member-b: the box is overdue at the first deadline
+    assert ba.overdue_step(started, elsewhere, NOW + deadline / 2, deadline) == (None, False)
+    late, act = ba.overdue_step(started, elsewhere, NOW + deadline, deadline)
+    assert late is not None
+    assert act
+    assert (late["state"], late["actedOnMember"]) == (ba.OVERDUE, WHERE.member)
+    assert ba.must_leave(late, elsewhere)  # the move off member-a is still owed
+    assert not ba.must_leave(late, ba.Where("member-b", WHERE.vmi_uid))  # it really left
+    # and a move owed for a mismatch on member-a the same way
+    mismatch = {"state": ba.MISMATCH, **ba.acted_on(WHERE, NOW)}
+    assert ba.must_leave(mismatch, elsewhere)
+
+
+def test_binding_a_new_ak_does_not_end_a_failed_result_of_this_boot() -> None:
+    """Whoever holds the box's credential (the mismatched guest too) may enrol again: the
+    Mismatch or Overdue that called for the level's onUntrusted stays."""
+    secret = b"s" * 32  # what ActivateCredential gave back
+    pending = {
+        "id": "e1",
+        "secretSHA256": hashlib.sha256(secret).hexdigest(),
+        "akPublic": "QUs=",
+        "ekSHA256": "a" * 64,
+    }
+    for state in (ba.MISMATCH, ba.OVERDUE):
+        failed = {"state": state, "bound": True, "enrolment": pending, **ba.acted_on(WHERE, NOW)}
+        out = ba.check_activation(failed, "e1", secret, WHERE)
+        assert out["state"] == state
+        assert out["bound"]
+        assert ba.must_leave(out, WHERE)
+    # a result of an earlier boot does not stay: the new VMI's first quote is wanted
+    earlier = {"state": ba.MISMATCH, "enrolment": pending, **ba.acted_on(WHERE, NOW)}
+    restarted = ba.Where(WHERE.member, "uid-2")
+    assert ba.check_activation(earlier, "e1", secret, restarted)["state"] == ba.PENDING

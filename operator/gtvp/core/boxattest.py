@@ -295,6 +295,8 @@ def parse_request(path: str, authorization: str | None, raw: bytes) -> Request:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"the request is not JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise _bad("the request is not JSON gtvp reads (nested too deep)") from exc
     if not isinstance(body, dict):
         raise _bad("the request is not a JSON object")
     box = body.get("box")
@@ -441,15 +443,16 @@ def check_enrolment(body: Mapping[str, Any], settings: Settings, now: dt.datetim
     return Enrolment(ek_area, ak_area, ak.public.name, ek.fingerprint)
 
 
-def check_ek_pin(att: Mapping[str, Any], ek_sha256: str, where: Where | None) -> None:
+def check_ek_pin(att: Mapping[str, Any], ek_sha256: str, where: Where) -> None:
     """A bound box keeps its vTPM for the life of its VMI (a migration moves the vTPM's
     state with it): another EK while the VMI that bound the AK still runs is refused
-    (EkChanged). A restarted box (a new VMI, maybe a new vTPM) may bind another."""
+    (EkChanged). A restarted box (a new VMI, maybe a new vTPM) may bind another. The
+    caller refuses to enrol a box whose VMI runs on no one member (`where`): the pin is
+    never skipped."""
     bound_for = att.get("boundVmiUID")
     if (
         att.get("bound")
         and bound_for
-        and where is not None
         and where.vmi_uid == bound_for
         and att.get("ekSHA256") != ek_sha256
     ):
@@ -461,10 +464,12 @@ def check_ek_pin(att: Mapping[str, Any], ek_sha256: str, where: Where | None) ->
 
 
 def check_activation(
-    att: Mapping[str, Any], enrolment_id: Any, proof: bytes, where: Where | None = None
+    att: Mapping[str, Any], enrolment_id: Any, proof: bytes, where: Where
 ) -> dict[str, Any]:
     """status.attestation once the ActivateCredential answer `proof` matches the pending
-    enrolment `enrolment_id`: the AK bound for the VMI `where` runs (and a quote wanted)."""
+    enrolment `enrolment_id`: the AK bound for the VMI `where` runs (and a quote wanted).
+    A failed result of this boot (a mismatch, or overdue, that called for the level's
+    onUntrusted) stays as it is: binding a new AK does not end a move gtvp owes."""
     pending = att.get("enrolment") or {}
     if not isinstance(enrolment_id, str) or enrolment_id != pending.get("id"):
         raise Refused(STALE_ENROLMENT, "no such pending enrolment: enrol again")
@@ -481,10 +486,12 @@ def check_activation(
             "bound": True,
             "akPublic": pending.get("akPublic"),
             "ekSHA256": pending.get("ekSHA256"),
-            "boundVmiUID": where.vmi_uid if where is not None else "",
-            "state": PENDING,
+            "boundVmiUID": where.vmi_uid,
         }
     )
+    if att.get("state") in (MISMATCH, OVERDUE) and att.get("actedOn") == where.vmi_uid:
+        return out  # still failed on this boot: the box must still leave (`must_leave`)
+    out["state"] = PENDING
     for k in ("verifiedAt", "member", "vmiUID"):
         out.pop(k, None)  # a new AK: its first quote is wanted
     return out
@@ -495,10 +502,23 @@ def check_activation(
 
 @dataclass(frozen=True)
 class Where:
-    """Where gtvp sees the box's VMI run (never what the guest says)."""
+    """Where gtvp sees the box's VMI run (never what the guest says): `member`, the node
+    its status names (as gtvp's view keeps it: a blanked status does not hide it), and
+    `nodes`, every node gtvp holds it on (the nodes of its launcher pods too, which root
+    on a host cannot rewrite: `gtvp.core.launchers`)."""
 
     member: str
     vmi_uid: str
+    nodes: frozenset[str] = frozenset()
+
+    def on(self, member: object) -> bool:
+        """Whether gtvp holds the box's VMI on `member`."""
+        return member == self.member or member in self.nodes
+
+    @property
+    def settled(self) -> bool:
+        """On one member only (not mid-migration, and status and pods agree)."""
+        return self.nodes <= {self.member}
 
 
 def wants_quote(att: Mapping[str, Any], where: Where) -> bool:
@@ -506,7 +526,7 @@ def wants_quote(att: Mapping[str, Any], where: Where) -> bool:
     attestation's (a migration), or another VMI (a restart)."""
     if att.get("state") not in (VERIFIED, MISMATCH):
         return True
-    return att.get("member") != where.member or att.get("vmiUID") != where.vmi_uid
+    return not where.on(att.get("member")) or att.get("vmiUID") != where.vmi_uid
 
 
 def pending_nonce(att: Mapping[str, Any], where: Where, now: dt.datetime) -> str | None:
@@ -729,23 +749,25 @@ def overdue_step(
         return None, False
     wanted = att.get("wanted") or {}
     since = parse_ts(wanted.get("since"))
-    if since is None or (wanted.get("member"), wanted.get("vmiUID")) != (
-        where.member,
-        where.vmi_uid,
-    ):
+    # the clock runs on while the VMI is still held on the member it was wanted on: a
+    # status that names another member now (while a launcher pod keeps it there) does not
+    # start it again
+    if since is None or wanted.get("vmiUID") != where.vmi_uid or not where.on(wanted.get("member")):
         fresh = {"member": where.member, "vmiUID": where.vmi_uid, "since": format_ts(now)}
         # an Overdue on the member it left is no longer this member's state: Pending here
         pending = {"state": PENDING} if att.get("state") == OVERDUE else {}
         return {**att, "wanted": fresh, **pending}, False
     if now - since < deadline or (
         att.get("state") == OVERDUE
-        and (att.get("member"), att.get("vmiUID")) == (where.member, where.vmi_uid)
+        and att.get("vmiUID") == where.vmi_uid
+        and where.on(att.get("member"))
     ):
         return None, False
+    member = str(wanted.get("member"))
     act = act_on_mismatch(att, where)
     message = (
         f"no verified quote of the box's vTPM {int(deadline.total_seconds())} s after it "
-        f"started to run on {where.member}: its guest does not attest, or its host keeps "
+        f"started to run on {member}: its guest does not attest, or its host keeps "
         "the channel shut"
     )
     new = {
@@ -753,9 +775,9 @@ def overdue_step(
         "state": OVERDUE,
         "reason": ATTESTATION_OVERDUE,
         "message": message,
-        "member": where.member,
+        "member": member,
         "vmiUID": where.vmi_uid,
-        **(acted_on(where, now) if act else {}),
+        **(acted_on(where, now, member) if act else {}),
     }
     return new, act
 
@@ -767,10 +789,15 @@ def act_on_mismatch(att: Mapping[str, Any], where: Where) -> bool:
     return att.get("actedOn") != where.vmi_uid
 
 
-def acted_on(where: Where, now: dt.datetime) -> dict[str, str]:
-    """The fields that record onUntrusted called for on this boot, on this member, and
-    when (a level's `migrateWithin` counts from then)."""
-    return {"actedOn": where.vmi_uid, "actedOnMember": where.member, "actedAt": format_ts(now)}
+def acted_on(where: Where, now: dt.datetime, member: str | None = None) -> dict[str, str]:
+    """The fields that record onUntrusted called for on this boot, on this member (the
+    one its status names unless said), and when (a level's `migrateWithin` counts from
+    then)."""
+    return {
+        "actedOn": where.vmi_uid,
+        "actedOnMember": member or where.member,
+        "actedAt": format_ts(now),
+    }
 
 
 def must_leave(att: Mapping[str, Any], where: Where) -> bool:
@@ -782,5 +809,5 @@ def must_leave(att: Mapping[str, Any], where: Where) -> bool:
     return (
         att.get("state") in (MISMATCH, OVERDUE)
         and att.get("actedOn") == where.vmi_uid
-        and att.get("actedOnMember") == where.member
+        and where.on(att.get("actedOnMember"))
     )

@@ -177,11 +177,14 @@ async def evacuate_unattested(rt: Runtime) -> None:
         level = gated_level(vmi) or int((box.get("spec") or {}).get("level", 0) or 0)
         lv = policy.level(level)
         action = lv.on_untrusted if lv is not None else "Migrate"
-        one = [Vmi(ns, name, where.member, level, _parts(rt, ns, name, vmi), *vmi_requests(vmi))]
+        # off the member it failed on, which gtvp still holds it on (`must_leave`), even
+        # when its status names another now
+        member = str(att.get("actedOnMember") or where.member)
+        one = [Vmi(ns, name, member, level, _parts(rt, ns, name, vmi), *vmi_requests(vmi))]
         incident = f"attest-{where.vmi_uid[:8]}"
         acted = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
         since = {level: acted} if acted is not None else {}
-        await _act(rt, where.member, incident, action, one, topic=f"{ns}/{name}",
+        await _act(rt, member, incident, action, one, topic=f"{ns}/{name}",
                    since=since, after="its vTPM evidence failed there")  # fmt: skip
 
 
