@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from typing import Any
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gtvp.core import compose, ear
 from gtvp.core import keyrelease as kr
+from gtvp.core.trust import trust_selector
 
 NOW = dt.datetime(2026, 12, 2, 1, 0, tzinfo=dt.UTC)
 CRED = "c" * 43
@@ -55,8 +57,10 @@ def _facts(
     issued: dict[str, str] | None = None,
     phase: str = "Running",
     pods_on: dict[str, dict[str, Any] | None] | None = None,
+    vmi_labels: dict[str, str] | None = None,
 ) -> tuple[kr.Request, kr.Facts]:
     status = member if member is not None else _member_status()
+    labels = {"gtvp.io/level": "2"} if vmi_labels is None else vmi_labels
     tok = token if token is not None else _token(token_member, _member_status())
     req = kr.Request("ns", "box", CRED, tok)
     try:
@@ -71,7 +75,10 @@ def _facts(
     facts = kr.Facts(
         box=box,
         issued=issued if issued is not None else kr.issued_annotations(CRED, "t"),
-        vmi={"status": {"phase": phase, "nodeName": node}},
+        vmi={
+            "metadata": {"name": "box", "labels": labels},
+            "status": {"phase": phase, "nodeName": node},
+        },
         member={"metadata": {"name": node}, "status": status},
         pod_members={
             n: None if st is None else {"metadata": {"name": n}, "status": st}
@@ -185,6 +192,7 @@ def test_without_a_token_the_guest_is_told_where_it_runs_and_nothing_is_released
             "secrets",
         ),
         (b"x" * (kr.MAX_REQUEST_BYTES + 1), "longer"),
+        (b"[" * 5000, "not JSON"),  # nested deeper than the parser goes: 400, not a 500
     ],
 )
 def test_bad_requests_say_what_is_wrong(body: bytes, says: str) -> None:
@@ -313,3 +321,18 @@ def test_a_gated_vm_is_judged_as_a_box_of_its_level_naming_its_annotations_secre
     assert kr.named_secrets(kr.vm_subject(broken, 3)["spec"]) == ()
     assert kr.releasable_to({kr.RELEASE_TO_ANNOTATION: "vm/db"}, "db", kr.VM)
     assert not kr.releasable_to({kr.RELEASE_TO_ANNOTATION: "db"}, "db", kr.VM)
+
+
+def test_a_vmi_of_the_boxs_name_that_gtvp_does_not_hold_at_its_level_gets_nothing() -> None:
+    """A VM user stops the gated VM and starts an ungated VMI under its name on a Trusted
+    member, mounting the VM's credential: gtvp would never move or stop that VMI."""
+    for labels, said in (({}, "not gated"), ({"gtvp.io/level": "1"}, "gated at level 1")):
+        req, facts = _facts(vmi_labels=labels)
+        v = kr.decide(req, facts, NOW)
+        assert not v.released
+        assert v.reason == kr.VMI_NOT_GATED
+        assert f"VMI box is {said}, the box needs 2" in v.message
+    # its trust selector counts as its level, as for gating
+    req, facts = _facts(vmi_labels={})
+    vmi = {**(facts.vmi or {}), "spec": {"nodeSelector": trust_selector(2)}}
+    assert kr.decide(req, dataclasses.replace(facts, vmi=vmi), NOW).released

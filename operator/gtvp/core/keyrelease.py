@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gtvp.core import ear
+from gtvp.core.gating import GatingError, admitted_level
 from gtvp.core.timestamps import parse_ts
 
 PATH: Final = "/keyrelease/v1/release"
@@ -81,6 +82,7 @@ TOKEN_NOT_AFFIRMING: Final = "TokenNotAffirming"  # noqa: S105 - a name, not a s
 SECRET_NOT_NAMED: Final = "SecretNotNamed"  # noqa: S105 - a name, not a secret
 SECRET_UNAVAILABLE: Final = "SecretUnavailable"  # noqa: S105 - a name, not a secret
 SECRET_NOT_RELEASABLE: Final = "SecretNotReleasable"  # noqa: S105 - a name, not a secret
+VMI_NOT_GATED: Final = "VmiNotGated"
 REASONS: Final = (
     NO_SUCH_BOX,
     NOTHING_TO_RELEASE,
@@ -98,6 +100,7 @@ REASONS: Final = (
     SECRET_NOT_NAMED,
     SECRET_UNAVAILABLE,
     SECRET_NOT_RELEASABLE,
+    VMI_NOT_GATED,
 )
 RESULTS: Final = (RELEASED, *REASONS)
 
@@ -142,7 +145,7 @@ def parse_request(raw: bytes) -> Request:
         raise BadRequest(f"the request is longer than {MAX_REQUEST_BYTES} bytes")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nested too deep too
         raise BadRequest("the request is not JSON") from exc
     if not isinstance(body, dict):
         raise BadRequest("the request is not a JSON object")
@@ -192,7 +195,7 @@ def vm_subject(vm: Mapping[str, Any], level: int) -> dict[str, Any]:
     meta = vm.get("metadata") or {}
     try:
         named = json.loads(str((meta.get("annotations") or {}).get(VM_SECRETS_ANNOTATION, "[]")))
-    except ValueError:
+    except (ValueError, RecursionError):
         named = []
     return {
         "metadata": meta,
@@ -277,6 +280,28 @@ def _running_node(vmi: Mapping[str, Any] | None) -> str | None:
     if status.get("phase") != "Running" or not node:
         return None
     return str(node)
+
+
+def _vmi_gated(vmi: Mapping[str, Any] | None, level: int, node: str) -> Verdict | None:
+    """The VMI must be one gtvp holds at the box's level (its level label or trust
+    selector): a VMI of the same name that is not, which gtvp would neither move nor stop
+    when its member loses trust, gets nothing (a VM user could stop the gated VM and start
+    an ungated VMI under its name that mounts its credential)."""
+    meta = (vmi or {}).get("metadata") or {}
+    selector = ((vmi or {}).get("spec") or {}).get("nodeSelector") or {}
+    try:
+        held = admitted_level(meta.get("labels") or {}, selector)
+    except GatingError:
+        held = None
+    if held is not None and held >= level:
+        return None
+    said = "not gated" if held is None else f"gated at level {held}"
+    return _refuse(
+        VMI_NOT_GATED,
+        f"VMI {meta.get('name', '?')} is {said}, the box needs {level}: only a VMI gtvp holds "
+        "at the box's level gets its Secrets",
+        node,
+    )
 
 
 def _member_trusted(
@@ -368,7 +393,11 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     level = int(spec.get("level", 0) or 0)
     if not req.token:
         return Verdict(TOKEN_REQUIRED, f"send the verdict token of member {node}", node)
-    refused = _member_trusted(facts.member, node, level, now) or _token(facts, node, level)
+    refused = (
+        _vmi_gated(facts.vmi, level, node)
+        or _member_trusted(facts.member, node, level, now)
+        or _token(facts, node, level)
+    )
     for other, member in sorted(facts.pod_members.items()):
         refused = refused or _pod_elsewhere(_member_trusted(member, other, level, now), node)
     return refused or _asked(req, named_secrets(spec), node)
