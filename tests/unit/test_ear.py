@@ -231,7 +231,17 @@ def test_a_token_for_another_audience_is_refused(key: ec.EllipticCurvePrivateKey
 
 @pytest.mark.parametrize(
     "token",
-    ["", "abc", "a.b", "a.b.c.d", "!!!.e30.AA", "e30.e30.", "bnVsbA.e30.AA"],
+    [
+        "",
+        "abc",
+        "a.b",
+        "a.b.c.d",
+        "!!!.e30.AA",
+        "e30.e30.",
+        "bnVsbA.e30.AA",
+        # a header nested deeper than the parser goes: refused before any key is looked at
+        base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode() + ".e30.AA",
+    ],
 )
 def test_malformed_tokens_are_refused(key: ec.EllipticCurvePrivateKey, token: str) -> None:
     with pytest.raises(ear.Malformed) as refused:

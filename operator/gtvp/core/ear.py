@@ -343,7 +343,7 @@ class Parsed:
 def _object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nested too deep too
         raise Malformed(f"the {what} is not JSON") from exc
     if not isinstance(value, dict):
         raise Malformed(f"the {what} is not a JSON object")

@@ -172,7 +172,7 @@ def parse_requests(value: Any) -> dict[str, Request]:
     unreadable annotation reads as no request: gtvp asks again)."""
     try:
         raw = json.loads(str(value)) if value else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(raw, dict):
         return {}
