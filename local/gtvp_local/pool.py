@@ -74,6 +74,7 @@ def manifests() -> list[Path]:
             "migration-deletion-vap.yaml",
             "node-trust-labels-vap.yaml",
             "launcher-pods-vap.yaml",
+            "vmi-status-vap.yaml",
             "local-bindings.yaml",
         )
     ]

@@ -863,6 +863,21 @@ def test_chart_keeps_launcher_pods_kubevirts_as_the_local_pool_does(
     assert chart_policy["spec"] == local_policy["spec"]
 
 
+def test_chart_keeps_vmi_status_kubevirts_as_the_local_pool_does(
+    control_plane: ControlPlane,
+) -> None:
+    """The same policy as operator/gtvp/manifests/vmi-status-vap.yaml, for KubeVirt's
+    service accounts in kubevirt.namespace."""
+    chart_policy, local_policy = _policy_pair("gtvp-vmi-status", _render("kubevirt.namespace=virt"))
+    chart_cond = chart_policy["spec"]["matchConditions"][0]["expression"]
+    for account in ("controller", "handler", "apiserver", "synchronization-controller"):
+        assert f"'system:serviceaccount:virt:kubevirt-{account}'" in chart_cond
+    local_cond = local_policy["spec"]["matchConditions"][0]["expression"]
+    assert chart_cond.replace(":virt:", ":kubevirt:") == local_cond
+    chart_policy["spec"]["matchConditions"] = local_policy["spec"]["matchConditions"]
+    assert chart_policy["spec"] == local_policy["spec"]
+
+
 def test_chart_keeps_gtvps_migrations_from_deletion_as_the_local_pool_does(
     control_plane: ControlPlane,
 ) -> None:
