@@ -26,6 +26,8 @@ else (no metrics, no probes: 404): the operator's own key-release port.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 import threading
 import time
@@ -146,25 +148,83 @@ def _posted(
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 """Seconds a TLS connection may sit without sending or taking data (its thread is freed)."""
+CONNECTION_DEADLINE = 30.0
+"""Seconds a TLS connection may last in all (one request each: a client that trickles a
+byte at a time, each within IDLE_TIMEOUT, is cut off then)."""
+MAX_PER_CLIENT = 16
+"""Connections one client address may hold at once; one more is closed unanswered (a
+single slow client cannot take every thread, nor starve the kubelet's probes)."""
+MAX_CONNECTIONS = 256
+"""Connections the server holds at once, from every address together."""
 
 
 class _TlsServer(ThreadingWSGIServer):
     """TLS on each connection's own thread (a slow handshake holds up no other client),
-    with the context asked for again on every connection (a renewed certificate is used)."""
+    with the context asked for again on every connection (a renewed certificate is used);
+    each connection bounded in time (CONNECTION_DEADLINE) and in number (MAX_PER_CLIENT,
+    MAX_CONNECTIONS)."""
 
     tls: Callable[[], ssl.SSLContext]
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(HANDSHAKE_TIMEOUT)
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._held: dict[str, int] = {}
+        self._held_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        host = str(client_address[0]) if isinstance(client_address, tuple) else ""
+        with self._held_lock:
+            every = sum(self._held.values())
+            if self._held.get(host, 0) >= MAX_PER_CLIENT or every >= MAX_CONNECTIONS:
+                self.shutdown_request(request)  # too many at once: closed, unanswered
+                return
+            self._held[host] = self._held.get(host, 0) + 1
         try:
-            wrapped = self.tls().wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError):
-            return  # a client that does not speak TLS (or hangs up): nothing to answer
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(host)
+            raise
+
+    def _release(self, host: str) -> None:
+        with self._held_lock:
+            left = self._held.get(host, 0) - 1
+            if left > 0:
+                self._held[host] = left
+            else:
+                self._held.pop(host, None)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        host = str(client_address[0]) if isinstance(client_address, tuple) else ""
         try:
-            wrapped.settimeout(IDLE_TIMEOUT)
-            super().finish_request(wrapped, client_address)
+            super().process_request_thread(request, client_address)
         finally:
-            wrapped.close()
+            self._release(host)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        live = [request]  # the socket to cut: the TLS one once wrapped (it takes the fd)
+        deadline = threading.Timer(CONNECTION_DEADLINE, _cut, (live,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                wrapped = self.tls().wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                return  # a client that does not speak TLS (or hangs up): nothing to answer
+            live[0] = wrapped
+            try:
+                wrapped.settimeout(IDLE_TIMEOUT)
+                super().finish_request(wrapped, client_address)
+            finally:
+                wrapped.close()
+        finally:
+            deadline.cancel()
+
+
+def _cut(live: list[Any]) -> None:
+    """End a connection past its deadline: its blocked read returns and its thread ends."""
+    with contextlib.suppress(OSError):
+        live[0].shutdown(socket.SHUT_RDWR)
 
 
 def serve(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -164,3 +166,55 @@ def test_its_port_answers_key_release_and_public_documents_and_nothing_else(
     plain = urllib.request.Request(f"http://127.0.0.1:{port}/.well-known/jwks.json")
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         _open(plain)  # never answered in plain HTTP
+
+
+def _trickle(port: int, client: ssl.SSLContext) -> ssl.SSLSocket:
+    """A TLS connection that has sent part of a request and goes on slowly."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    conn = client.wrap_socket(raw, server_hostname="127.0.0.1")
+    conn.sendall(b"POST /keyrelease/v1/release HTTP/1.1\r\nHost: x\r\n")
+    return conn
+
+
+def _closed_by_server(conn: ssl.SSLSocket, within: float) -> bool:
+    """Whether the server ends `conn` within `within` s while it sends a byte now and then."""
+    end = time.monotonic() + within
+    conn.settimeout(0.2)
+    while time.monotonic() < end:
+        try:
+            conn.sendall(b"X")
+            if conn.recv(1) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except (OSError, ssl.SSLError):
+            return True
+    return False
+
+
+def test_a_slow_client_is_cut_off_and_cannot_take_every_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that trickles a byte at a time (each within the idle timeout) is cut off
+    at the connection deadline; one client address holds at most MAX_PER_CLIENT
+    connections, so it cannot take every thread: the server still answers."""
+    monkeypatch.setattr(http_endpoints, "CONNECTION_DEADLINE", 1.0)
+    monkeypatch.setattr(http_endpoints, "MAX_PER_CLIENT", 3)
+    port, client = _tls_server(tmp_path)
+    slow = _trickle(port, client)
+    assert _closed_by_server(slow, within=5.0)
+    held = [_trickle(port, client) for _ in range(3)]
+    extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+    extra.settimeout(2)
+    assert extra.recv(1) == b""  # the fourth at once: closed unanswered
+    for conn in held:
+        conn.close()
+    deadline = time.monotonic() + 5  # their threads end, and the server answers again
+    while True:
+        try:
+            with _open(f"https://127.0.0.1:{port}/.well-known/jwks.json", client) as resp:
+                assert resp.status == 200
+            break
+        except (OSError, urllib.error.URLError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
