@@ -56,10 +56,8 @@ def _count(result: str) -> None:
 def settings(rt: Runtime) -> ba.Settings | None:
     """spec.boxAttestation of the SecurityPolicy in force (None: boxes are not attested);
     SettingsError when it is set but unusable."""
-    kept = rt.accepted_policies.get(rt.settings.policy_name)
-    if kept is None or rt.view.policy is None:
-        return None
-    return ba.parse_settings(kept[1].spec)
+    spec = rt.enforced_spec()
+    return None if spec is None else ba.parse_settings(spec)
 
 
 # -- arming a box's VM -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.cluster_view import Key
+from gtvp.core import boxattest as ba
 from gtvp.core import compose, ear
 from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES, ApiResource
@@ -309,6 +310,7 @@ class Endpoint:
         elsewhere = sorted(view.nodes_of.get(key, frozenset()) - {node})
         claims, refusal = self._claims(req.token, now) if req.token else (None, None)
         facts = kr.Facts(
+            attest_boxes=ba.attests_boxes(self.rt.enforced_spec()),
             box=box,
             issued=issued if stored is not None else None,
             vmi=vmi,

@@ -211,6 +211,13 @@ class Runtime:
         if self.view.policy is None and self.view.policy_error is None:
             self.view.policy_error = f"SecurityPolicy {self.settings.policy_name!r} not seen yet"
 
+    def enforced_spec(self) -> Mapping[str, Any] | None:
+        """The spec of the SecurityPolicy in force, as accepted (None: none is)."""
+        kept = self.accepted_policies.get(self.settings.policy_name)
+        if kept is None or self.view.policy is None:
+            return None
+        return kept[1].spec
+
     def touch_boxes(self, *keys: Key) -> None:
         """Boxes to reconcile again (none named: every box)."""
         self.boxes.dirty.update(keys or self.view.boxes.keys())

@@ -11,6 +11,7 @@ attacker's requests come first.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -19,6 +20,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
     rt,
 )
 from tests.launcher_pods import create_launcher_pod
+from tests.softtpm import SoftCA
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -427,6 +430,69 @@ def test_the_guests_cloud_init_script_fetches_the_secrets_with_curl(
     released = json.loads((guest / "secrets.json").read_text())
     assert base64.b64decode(released["secrets"]["disk"]["key"]).decode() == DISK_KEY
     assert not (guest / "credential").exists()  # used, then removed
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_under_box_attestation_the_guest_waits_for_its_vtpm_to_be_attested_here(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """A policy that attests boxes: the box's Secrets wait until gtvp verified a quote of
+    its vTPM on the member where it runs, for this VMI; the guest's script asks again
+    meanwhile (the credential unused), then gets them."""
+    runtime, here = pool.rt, pool.members[0]
+    policy_name = runtime.settings.policy_name
+    kept = runtime.accepted_policies[policy_name]
+    spec = {**kept[1].spec, "boxAttestation": {"caBundle": SoftCA().bundle_pem()}}
+    runtime.accepted_policies[policy_name] = (kept[0], dataclasses.replace(kept[1], spec=spec))
+    try:
+        secret = runtime.clients.core.read_namespaced_secret(
+            kr.cloud_init_secret(BOX), pool.namespace
+        )
+        doc = yaml.safe_load(base64.b64decode(secret.data[kr.USER_DATA_KEY]))
+        guest = tmp_path / "guest"
+        guest.mkdir()
+        for f in doc["write_files"]:
+            path = guest / Path(f["path"]).name
+            path.write_text(str(f["content"]).replace(compose.KEY_RELEASE_DIR, str(guest)))
+        refused_before = _count(kr.BOX_NOT_ATTESTED)
+        env = {"PATH": "/usr/bin:/bin", "GTVP_ATTEST_PAUSE": "0.3"}
+        script = subprocess.Popen(
+            ["/bin/sh", str(guest / "fetch")], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while _count(kr.BOX_NOT_ATTESTED) < refused_before + 2:  # asked, refused, again
+                assert script.poll() is None, script.communicate()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            box = runtime.view.boxes[(pool.namespace, BOX)]
+            vmi_uid = runtime.view.vmis[(pool.namespace, BOX)]["metadata"]["uid"]
+            # a quote verified on another member, or for an earlier VMI, is not enough
+            for member, uid in (("elsewhere", vmi_uid), (here.name, "an-earlier-vmi")):
+                att = {"state": "Verified", "member": member, "vmiUID": uid}
+                runtime.view.observe_box({**box, "status": {"attestation": att}}, "MODIFIED")
+                seen = _count(kr.BOX_NOT_ATTESTED)
+                while _count(kr.BOX_NOT_ATTESTED) < seen + 1:
+                    assert script.poll() is None, script.communicate()
+                    assert time.monotonic() < deadline + 30
+                    time.sleep(0.1)
+            att = {"state": "Verified", "member": here.name, "vmiUID": vmi_uid}
+            runtime.view.observe_box({**box, "status": {"attestation": att}}, "MODIFIED")
+            _, err = script.communicate(timeout=60)
+        finally:
+            if script.poll() is None:
+                script.kill()
+        assert script.returncode == 0, err
+        released = json.loads((guest / "secrets.json").read_text())
+        assert base64.b64decode(released["secrets"]["disk"]["key"]).decode() == DISK_KEY
+        said = [m for r, m in _events(pool, BOX) if r == "KeyReleaseRefused"]
+        assert any("BoxNotAttested: the box's vTPM is not attested on member" in m for m in said), (
+            said
+        )
+    finally:
+        runtime.accepted_policies[policy_name] = kept
 
 
 @pytest.mark.timeout(120)

@@ -336,3 +336,32 @@ def test_a_vmi_of_the_boxs_name_that_gtvp_does_not_hold_at_its_level_gets_nothin
     req, facts = _facts(vmi_labels={})
     vmi = {**(facts.vmi or {}), "spec": {"nodeSelector": trust_selector(2)}}
     assert kr.decide(req, dataclasses.replace(facts, vmi=vmi), NOW).released
+
+
+def test_under_box_attestation_a_box_gets_its_secrets_only_once_attested_here() -> None:
+    """A policy that attests boxes: the Secrets wait for a quote of the box's vTPM that gtvp
+    verified on the member where it runs, for this VMI (not another member's, not an
+    earlier boot's, not a Pending or Mismatch one)."""
+    req, facts = _facts()
+    vmi = {**(facts.vmi or {}), "metadata": {"name": "box", "uid": "uid-1",
+                                             "labels": {"gtvp.io/level": "2"}}}  # fmt: skip
+    box = dict(facts.box or {})
+
+    def ask(att: dict[str, Any] | None, attest: bool = True) -> kr.Verdict:
+        with_att = {**box, "status": {"attestation": att}} if att is not None else box
+        got = dataclasses.replace(facts, box=with_att, vmi=vmi, attest_boxes=attest)
+        return kr.decide(req, got, NOW)
+
+    verified = {"state": "Verified", "member": "m1", "vmiUID": "uid-1"}
+    assert ask(verified).released
+    assert ask(None, attest=False).released  # a policy that does not attest boxes
+    for att, says in (
+        (None, "(not armed)"),
+        ({"state": "Pending"}, "(Pending)"),
+        ({**verified, "member": "m2"}, "(Verified)"),
+        ({**verified, "vmiUID": "uid-0"}, "(Verified)"),
+        ({"state": "Mismatch", "message": "PCR 13 is 00…"}, "(Mismatch: PCR 13 is 00…)"),
+    ):
+        v = ask(att)
+        assert (v.released, v.reason) == (False, kr.BOX_NOT_ATTESTED), att
+        assert f"not attested on member m1 for this boot {says}" in v.message

@@ -167,6 +167,17 @@ class Settings:
     deadline: dt.timedelta = DEFAULT_DEADLINE
 
 
+def attests_boxes(spec: Mapping[str, Any] | None) -> bool:
+    """Whether a SecurityPolicy (`spec`) attests boxes; one whose boxAttestation is set but
+    unusable does too (its boxes cannot attest: what waits for it waits, fail closed)."""
+    if spec is None:
+        return False
+    try:
+        return parse_settings(spec) is not None
+    except SettingsError:
+        return True
+
+
 def parse_settings(spec: Mapping[str, Any]) -> Settings | None:
     """spec.boxAttestation of a SecurityPolicy spec (None: boxes are not attested)."""
     raw = spec.get("boxAttestation")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gtvp.core import ear
+from gtvp.core.boxattest import VERIFIED
 from gtvp.core.gating import GatingError, admitted_level
 from gtvp.core.timestamps import parse_ts
 
@@ -83,6 +84,7 @@ SECRET_NOT_NAMED: Final = "SecretNotNamed"  # noqa: S105 - a name, not a secret
 SECRET_UNAVAILABLE: Final = "SecretUnavailable"  # noqa: S105 - a name, not a secret
 SECRET_NOT_RELEASABLE: Final = "SecretNotReleasable"  # noqa: S105 - a name, not a secret
 VMI_NOT_GATED: Final = "VmiNotGated"
+BOX_NOT_ATTESTED: Final = "BoxNotAttested"
 REASONS: Final = (
     NO_SUCH_BOX,
     NOTHING_TO_RELEASE,
@@ -101,6 +103,7 @@ REASONS: Final = (
     SECRET_UNAVAILABLE,
     SECRET_NOT_RELEASABLE,
     VMI_NOT_GATED,
+    BOX_NOT_ATTESTED,
 )
 RESULTS: Final = (RELEASED, *REASONS)
 
@@ -241,6 +244,9 @@ class Facts:
     """The token's claims once verified (None: refused, see `token_refusal`)."""
     token_refusal: tuple[str, str] | None = None
     """(reason code, why) when the token did not verify."""
+    attest_boxes: bool = False
+    """The SecurityPolicy attests boxes (spec.boxAttestation, or set but unusable): a box's
+    Secrets then wait until its vTPM is attested where it runs, on this boot."""
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,31 @@ def _box(req: Request, facts: Facts) -> Verdict | None:
     return _credential(req, facts.issued)
 
 
+def _attested(req: Request, facts: Facts, node: str) -> Verdict | None:
+    """Under a policy that attests boxes, a box's Secrets go only to a VM whose vTPM quote
+    gtvp verified on this member for this VMI (docs/boxattest.md): its components, not
+    only its host, are what gtvp composed. Gated VMs (not boxes) have no vTPM to attest."""
+    if not facts.attest_boxes or req.kind != BOX or facts.box is None:
+        return None
+    att = (facts.box.get("status") or {}).get("attestation") or {}
+    uid = ((facts.vmi or {}).get("metadata") or {}).get("uid")
+    if (
+        att.get("state") == VERIFIED
+        and att.get("member") == node
+        and uid is not None
+        and att.get("vmiUID") == uid
+    ):
+        return None
+    state = att.get("state") or "not armed"
+    said = f"{state}: {att['message']}" if att.get("message") else state
+    return _refuse(
+        BOX_NOT_ATTESTED,
+        f"the box's vTPM is not attested on member {node} for this boot ({said}); gtvp "
+        "releases its Secrets once a quote there is verified",
+        node,
+    )
+
+
 def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     """Release or refuse (every check must pass; the first that fails is the reason)."""
     refused = _box(req, facts)
@@ -400,6 +431,7 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     )
     for other, member in sorted(facts.pod_members.items()):
         refused = refused or _pod_elsewhere(_member_trusted(member, other, level, now), node)
+    refused = refused or _attested(req, facts, node)
     return refused or _asked(req, named_secrets(spec), node)
 
 
