@@ -437,7 +437,8 @@ def where_runs(rt: Runtime, key: Key) -> ba.Where | None:
     Root on a host can write the VMI's status with that host's virt-handler token: what
     it writes there neither moves the box's attestation clock to another member nor ends
     a move gtvp owes (`boxattest.Where.on`). Any phase but an ended one counts once the
-    VMI has a node (a host writing its VMI back to Scheduling does not pause the clock)."""
+    VMI has a node (the deadline clock starts at the first Running, `overdue_step`; a host
+    writing its VMI back to an earlier phase does not stop it)."""
     vmi = rt.view.vmis.get(key) or {}
     phase = (vmi.get("status") or {}).get("phase")
     nodes = rt.view.nodes_of.get(key, frozenset())
@@ -480,7 +481,8 @@ def sweep_overdue(rt: Runtime, now: dt.datetime | None = None) -> list[Key]:
         att = _attestation(box)
         if where is None or not att.get("credentialHash"):
             continue  # not running, or not armed under attestation
-        new, act = ba.overdue_step(att, where, now, wanted.deadline)
+        phase = ((rt.view.vmis.get(key) or {}).get("status") or {}).get("phase")
+        new, act = ba.overdue_step(att, where, now, wanted.deadline, running=phase == "Running")
         if new is None:
             continue
         try:

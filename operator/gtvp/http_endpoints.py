@@ -126,6 +126,7 @@ def _body(environ: dict[str, Any]) -> bytes | None:
     if length < 0 or length > RELEASE_MAX_BYTES:
         return None
     data: bytes = environ["wsgi.input"].read(length) if length else b""
+    _read_all()
     return data
 
 
@@ -149,12 +150,14 @@ HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 """Seconds a TLS connection may sit without sending or taking data (its thread is freed)."""
 CONNECTION_DEADLINE = 30.0
-"""Seconds a TLS connection may last in all (one request each: a client that trickles a
-byte at a time, each within IDLE_TIMEOUT, is cut off then)."""
+"""Seconds a TLS connection may take, from its first byte until its request has been read
+(TLS handshake included; one request each): a client that trickles a byte at a time, each
+within IDLE_TIMEOUT, is cut off then. The server's own work on the request is not
+counted (a credential consumed is never followed by a cut answer)."""
 MAX_PER_CLIENT = 16
 """Connections one client address may hold at once; one more is closed unanswered (a
 single slow client cannot take every thread, nor starve the kubelet's probes)."""
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 1024
 """Connections the server holds at once, from every address together."""
 
 
@@ -201,30 +204,45 @@ class _TlsServer(ThreadingWSGIServer):
             self._release(host)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        live = [request]  # the socket to cut: the TLS one once wrapped (it takes the fd)
-        deadline = threading.Timer(CONNECTION_DEADLINE, _cut, (live,))
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:  # the handshake after the wrap: the TLS socket holds the fd the timer cuts
+            wrapped = self.tls().wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+        except (OSError, ssl.SSLError):
+            return
+        deadline = threading.Timer(CONNECTION_DEADLINE, _cut, (wrapped,))
         deadline.daemon = True
+        _connection.deadline = deadline
         deadline.start()
         try:
-            request.settimeout(HANDSHAKE_TIMEOUT)
             try:
-                wrapped = self.tls().wrap_socket(request, server_side=True)
+                wrapped.do_handshake()
             except (OSError, ssl.SSLError):
                 return  # a client that does not speak TLS (or hangs up): nothing to answer
-            live[0] = wrapped
-            try:
-                wrapped.settimeout(IDLE_TIMEOUT)
-                super().finish_request(wrapped, client_address)
-            finally:
-                wrapped.close()
+            wrapped.settimeout(IDLE_TIMEOUT)
+            super().finish_request(wrapped, client_address)
         finally:
             deadline.cancel()
+            _connection.deadline = None
+            wrapped.close()
 
 
-def _cut(live: list[Any]) -> None:
+_connection = threading.local()
+"""The deadline of the connection a handler thread serves (None: none, or read)."""
+
+
+def _read_all() -> None:
+    """The request has been read: the connection's deadline no longer applies."""
+    deadline = getattr(_connection, "deadline", None)
+    if deadline is not None:
+        deadline.cancel()
+
+
+def _cut(sock: Any) -> None:
     """End a connection past its deadline: its blocked read returns and its thread ends."""
     with contextlib.suppress(OSError):
-        live[0].shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def serve(
@@ -252,6 +270,8 @@ def serve(
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
+        if environ.get("REQUEST_METHOD") != "POST":
+            _read_all()  # no body to wait for: what follows is the server's own work
         posted = _posted(environ, path, release, box_attest)
         if posted is not None:
             code, content_type, body = posted

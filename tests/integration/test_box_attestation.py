@@ -550,6 +550,42 @@ def test_a_host_naming_another_member_in_the_vmis_status_does_not_keep_a_mismatc
     assert (status, body["reason"]) == (403, ba.NOT_RUNNING)
 
 
+def test_a_box_moved_off_its_member_is_not_moved_again_while_its_source_pod_ends(
+    pool: Pool, control_plane: ControlPlane
+) -> None:
+    """gtvp's move of a mismatched box succeeded and its status names the target; the
+    source's launcher pod is still ending for a moment (virt-launcher exits once the VM
+    has left): the box is not moved a second time meanwhile."""
+    guest = pool.guests[BOX]
+    here, elsewhere = pool.members
+    vmi = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, BOX, pool.namespace)
+    assert vmi is not None
+    pool.rt.view.observe_pod(create_launcher_pod(control_plane, pool.namespace, vmi, here.name),
+                             "ADDED")  # fmt: skip
+    guest.bind()
+    guest.measure([*pool.disks[BOX], hashlib.sha256(b"not composed").digest()])
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+    pool.act()
+    (moved,) = pool.migrations(BOX)
+    # KubeVirt: the target's pod runs, the migration succeeds, the VMI names the target
+    pool.rt.view.observe_pod(
+        create_launcher_pod(control_plane, pool.namespace, vmi, elsewhere.name), "ADDED"
+    )
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    group, version, plural = MIGRATIONS.coordinates
+    done = pool.admin.custom.patch_namespaced_custom_object_status(
+        group, version, pool.namespace, plural, moved["metadata"]["name"],
+        {"status": {"phase": "Succeeded", "phaseTransitionTimestamps": [
+            {"phase": "Succeeded", "phaseTransitionTimestamp": now}]}},
+    )  # fmt: skip
+    pool.rt.view.observe_migration(done, "MODIFIED")
+    pool.move(BOX, elsewhere)
+    assert pool.rt.view.nodes_of[(pool.namespace, BOX)] == {here.name, elsewhere.name}
+    pool.act()
+    assert len(pool.migrations(BOX)) == 1
+
+
 @pytest.mark.timeout(240)
 def test_a_migration_squatting_on_the_planned_name_does_not_keep_a_mismatched_box(
     pool: Pool,

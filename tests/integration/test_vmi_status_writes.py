@@ -1,10 +1,12 @@
 """Only KubeVirt writes where a VMI runs (ValidatingAdmissionPolicy gtvp-vmi-status,
 enforced by the real API server).
 
-KubeVirt's VirtualMachineInstance has no status subresource, and KubeVirt's own admission
-leaves a VMI's status to anyone who may update the VMI: a VM user could name a member the VM
-is not on (so that gtvp counts room the VM does not take there and no verdict use is spent
-where it starts) or mark it drained (so that gtvp moves it on its own migration budget)."""
+KubeVirt's VirtualMachineInstance has no status subresource: the API server lets anyone who
+may update or create a VMI write its status. KubeVirt's virt-api puts the old status back on
+a user's update, but keeps what a user creates a VMI with (phase forced to Pending), and no
+KubeVirt runs here: the policy is what stops a VM user from naming a member the VM is not on
+(room it does not take; no verdict use spent where it starts) or marking it drained (gtvp
+would move it on its own migration budget)."""
 
 from __future__ import annotations
 

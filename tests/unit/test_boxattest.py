@@ -347,3 +347,17 @@ def test_binding_a_new_ak_does_not_end_a_failed_result_of_this_boot() -> None:
     earlier = {"state": ba.MISMATCH, "enrolment": pending, **ba.acted_on(WHERE, NOW)}
     restarted = ba.Where(WHERE.member, "uid-2")
     assert ba.check_activation(earlier, "e1", secret, restarted)["state"] == ba.PENDING
+
+
+def test_the_clock_starts_at_the_first_running_and_no_later_phase_stops_it() -> None:
+    """Pulling images and starting the launcher do not count against the guest; once the
+    VMI ran, a phase written back (by root on its host) does not pause the clock."""
+    deadline = dt.timedelta(minutes=10)
+    att: dict[str, Any] = ba.fresh_attestation(CREDENTIAL)
+    assert ba.overdue_step(att, WHERE, NOW, deadline, running=False) == (None, False)
+    started, _ = ba.overdue_step(att, WHERE, NOW, deadline, running=True)
+    assert started is not None
+    late, act = ba.overdue_step(started, WHERE, NOW + deadline, deadline, running=False)
+    assert late is not None
+    assert act
+    assert late["state"] == ba.OVERDUE

@@ -176,13 +176,13 @@ def _trickle(port: int, client: ssl.SSLContext) -> ssl.SSLSocket:
     return conn
 
 
-def _closed_by_server(conn: ssl.SSLSocket, within: float) -> bool:
+def _closed_by_server(conn: socket.socket, within: float) -> bool:
     """Whether the server ends `conn` within `within` s while it sends a byte now and then."""
     end = time.monotonic() + within
     conn.settimeout(0.2)
     while time.monotonic() < end:
         try:
-            conn.sendall(b"X")
+            conn.sendall(b"\0")
             if conn.recv(1) == b"":
                 return True
         except TimeoutError:
@@ -203,6 +203,10 @@ def test_a_slow_client_is_cut_off_and_cannot_take_every_connection(
     port, client = _tls_server(tmp_path)
     slow = _trickle(port, client)
     assert _closed_by_server(slow, within=5.0)
+    # the same during the TLS handshake: a record header announcing 16 KiB, then a trickle
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    raw.sendall(b"\x16\x03\x01\x40\x00")
+    assert _closed_by_server(raw, within=5.0)
     held = [_trickle(port, client) for _ in range(3)]
     extra = socket.create_connection(("127.0.0.1", port), timeout=5)
     extra.settimeout(2)

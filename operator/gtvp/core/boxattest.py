@@ -746,7 +746,12 @@ def check_quote(
 
 
 def overdue_step(
-    att: Mapping[str, Any], where: Where, now: dt.datetime, deadline: dt.timedelta
+    att: Mapping[str, Any],
+    where: Where,
+    now: dt.datetime,
+    deadline: dt.timedelta,
+    *,
+    running: bool = True,
 ) -> tuple[dict[str, Any] | None, bool]:
     """What the box's attestation becomes while gtvp waits for a quote where its VMI runs
     (None: nothing to write) and whether the level's onUntrusted applies now.
@@ -755,7 +760,8 @@ def overdue_step(
     (`wanted`); past `deadline` without a verified quote there, the box is `Overdue`
     (AttestationOverdue): a guest that never attests, or a host that keeps the channel shut,
     is treated as a mismatch, once per boot as every mismatch. A quote verified later still
-    makes it Verified (an Overdue box is still asked)."""
+    makes it Verified (an Overdue box is still asked). The clock starts when the VMI is
+    first seen `running` (phase Running) there; once started, no later phase stops it."""
     if not wants_quote(att, where):
         return None, False
     wanted = att.get("wanted") or {}
@@ -764,6 +770,8 @@ def overdue_step(
     # status that names another member now (while a launcher pod keeps it there) does not
     # start it again
     if since is None or wanted.get("vmiUID") != where.vmi_uid or not where.on(wanted.get("member")):
+        if not running:
+            return None, False  # not booted yet (pulling, starting): the clock waits
         fresh = {"member": where.member, "vmiUID": where.vmi_uid, "since": format_ts(now)}
         # an Overdue on the member it left is no longer this member's state: Pending here
         pending = {"state": PENDING} if att.get("state") == OVERDUE else {}

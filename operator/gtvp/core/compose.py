@@ -413,7 +413,7 @@ ask "" where.json >/dev/null || true
 member=$(sed -n 's/.*"member": *"\([^"]*\)".*/\1/p' "$d/where.json")
 waits=${GTVP_ATTEST_WAITS:-120}
 while :; do
-  token=$(curl -fsS $tls "$GTVP_KEY_RELEASE_URL/ear/members/$member")
+  token=$(curl -fsS $tls --retry 5 --retry-connrefused "$GTVP_KEY_RELEASE_URL/ear/members/$member")
   code=$(ask "$token" secrets.json)
   [ "$code" = 403 ] && grep -q '"BoxNotAttested"' "$d/secrets.json" && [ "$waits" -gt 0 ] || break
   waits=$((waits - 1))

@@ -178,8 +178,11 @@ async def evacuate_unattested(rt: Runtime) -> None:
         lv = policy.level(level)
         action = lv.on_untrusted if lv is not None else "Migrate"
         # off the member it failed on, which gtvp still holds it on (`must_leave`), even
-        # when its status names another now
+        # when its status names another now; not while only the source pod of gtvp's own
+        # move off it is still ending (`_moved_away`: looked at again after that)
         member = str(att.get("actedOnMember") or where.member)
+        if _moved_away(rt, (ns, name), member, dt.datetime.now(dt.UTC)):
+            continue
         one = [Vmi(ns, name, member, level, _parts(rt, ns, name, vmi), *vmi_requests(vmi))]
         incident = f"attest-{where.vmi_uid[:8]}"
         acted = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
