@@ -547,7 +547,7 @@ def test_a_host_naming_another_member_in_the_vmis_status_does_not_keep_a_mismatc
     # no attestation while it is held on two members: no nonce, and enrolling is refused
     assert guest.challenge()["nonce"] is None
     status, body = guest.enrol()
-    assert (status, body["reason"]) == (403, ba.NOT_RUNNING)
+    assert (status, body["error"]) == (403, ba.NOT_RUNNING)
 
 
 def test_a_box_moved_off_its_member_is_not_moved_again_while_its_source_pod_ends(

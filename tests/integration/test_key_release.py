@@ -11,7 +11,6 @@ attacker's requests come first.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -35,6 +34,7 @@ from gtvp import http_endpoints, key_release, kube, verdict_keys
 from gtvp.core import compose
 from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES
+from gtvp.core.policy_status import Accepted
 from gtvp.metrics import METRICS
 from gtvp.metrics_auth import TlsFiles
 from gtvp.runtime import OperatorSettings, Runtime
@@ -442,9 +442,11 @@ def test_under_box_attestation_the_guest_waits_for_its_vtpm_to_be_attested_here(
     meanwhile (the credential unused), then gets them."""
     runtime, here = pool.rt, pool.members[0]
     policy_name = runtime.settings.policy_name
-    kept = runtime.accepted_policies[policy_name]
-    spec = {**kept[1].spec, "boxAttestation": {"caBundle": SoftCA().bundle_pem()}}
-    runtime.accepted_policies[policy_name] = (kept[0], dataclasses.replace(kept[1], spec=spec))
+    kept = runtime.accepted_policies.get(policy_name)
+    policy = runtime.view.policy
+    assert policy is not None
+    spec = {"boxAttestation": {"caBundle": SoftCA().bundle_pem()}}
+    runtime.accepted_policies[policy_name] = ("uid", Accepted(1, spec, policy))
     try:
         secret = runtime.clients.core.read_namespaced_secret(
             kr.cloud_init_secret(BOX), pool.namespace
@@ -492,7 +494,10 @@ def test_under_box_attestation_the_guest_waits_for_its_vtpm_to_be_attested_here(
             said
         )
     finally:
-        runtime.accepted_policies[policy_name] = kept
+        if kept is None:
+            runtime.accepted_policies.pop(policy_name, None)
+        else:
+            runtime.accepted_policies[policy_name] = kept
 
 
 @pytest.mark.timeout(120)
