@@ -1,9 +1,11 @@
 """RBAC for the identities the admission-policy tests act as: a ClusterRole and a binding to
-those users, so that what refuses them is the policy under test, not a missing permission."""
+those users, so that what refuses them is the policy under test, not a missing permission;
+and a wait until a policy just applied refuses what it should."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,3 +33,16 @@ def grant(
     }
     for obj in (role, binding):
         cp.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+
+
+def until_refused(cp: ControlPlane, policy: str, needle: str, *args: str, **kwargs: Any) -> None:
+    """The API server loads a new or changed policy a moment after the write: wait until
+    this request (as a server-side dry run, which passes admission and stores nothing) is
+    refused saying `needle`."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out = cp.kubectl(*args, "--dry-run=server", check=False, **kwargs)
+        if out.returncode != 0 and needle in out.stderr:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the {policy} policy never took effect")

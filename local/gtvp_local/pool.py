@@ -80,6 +80,12 @@ def manifests() -> list[Path]:
     ]
 
 
+def apply_manifests(cp: ControlPlane) -> None:
+    """gtvp's RBAC and admission policies (`manifests()`), applied: a rerun changes nothing."""
+    for m in manifests():
+        cp.kubectl("apply", "-f", str(m))
+
+
 def pool_policy(
     ca: SwtpmCA,
     *,
@@ -262,8 +268,7 @@ class Pool:
     def install_access(self) -> None:
         """The lease namespace, RBAC for the operator and agents, and the admission policies."""
         rep.ensure_namespace(self.cp)
-        for m in manifests():
-            self.cp.kubectl("apply", "-f", str(m))
+        apply_manifests(self.cp)
 
     def apply(self, obj: dict[str, Any]) -> None:
         self.cp.apply(obj)

@@ -29,7 +29,7 @@ from gtvp.handlers import evacuation, prefetch
 from gtvp.metrics import METRICS
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane
-from gtvp_local.pool import manifests
+from gtvp_local.pool import apply_manifests
 from tests.catalogue import Publisher
 
 pytestmark = [pytest.mark.controlplane]
@@ -40,8 +40,7 @@ COMPONENTS = [parse_component(o) for o in CATALOGUE]
 
 @pytest.fixture(scope="module")
 def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 

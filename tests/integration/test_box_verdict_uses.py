@@ -20,7 +20,7 @@ from gtvp.core.api_resources import MEMBERS
 from gtvp.handlers import box_hosts, lazyboxes
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane
-from gtvp_local.pool import manifests
+from gtvp_local.pool import apply_manifests
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -28,8 +28,7 @@ pytestmark = [pytest.mark.controlplane]
 @pytest.fixture(scope="module")
 def operator_clients(control_plane: ControlPlane) -> kube.Clients:
     """The operator's identity, with the RBAC the chart and `gtvp local` give it."""
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 

@@ -53,7 +53,7 @@ from gtvp.handlers import (
 from gtvp.handlers.leases import LeaseKeeper
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane, Identity
-from gtvp_local.pool import manifests, pool_policy
+from gtvp_local.pool import apply_manifests, pool_policy
 from gtvp_local.swtpm import Swtpm, SwtpmCA
 from tests.launcher_pods import create_launcher_pod
 
@@ -67,8 +67,7 @@ NOBODY = Identity("gtvp-test-nobody", (), "nobody")
 @pytest.fixture(scope="module")
 def operator_clients(control_plane: ControlPlane) -> kube.Clients:
     """The operator's identity, with the RBAC the chart and `gtvp local` give it."""
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 

@@ -8,14 +8,13 @@ an untrusted node, bypassing the scheduler and the trust selector gtvp put on th
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
 
 from gtvp_local.controlplane import ADMIN, ControlPlane, Identity
-from gtvp_local.pool import manifests
-from tests.rbac import grant
+from gtvp_local.pool import apply_manifests
+from tests.rbac import grant, until_refused
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -26,8 +25,7 @@ VMI_UID = "11111111-2222-3333-4444-555555555555"
 
 @pytest.fixture(scope="module")
 def pod_creators(control_plane: ControlPlane) -> None:
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     verbs = ["get", "list", "create", "update", "patch", "delete"]
     grant(
         control_plane,
@@ -83,16 +81,10 @@ def test_a_tenant_cannot_make_a_pod_a_vmis_launcher(
 ) -> None:
     # no controller manager here makes the namespace's default ServiceAccount
     control_plane.kubectl("create", "serviceaccount", "default", "-n", namespace)
-    deadline = time.monotonic() + 30  # the API server loads a new policy a moment later
-    while True:
-        probe = control_plane.kubectl(
-            "create", "-n", namespace, "--dry-run=server", "-f", "-",
-            input_text=json.dumps(_pod("fake-launcher", controller=True)),
-            identity=TENANT, check=False,
-        )  # fmt: skip
-        if REFUSED in probe.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    until_refused(
+        control_plane, "gtvp-launcher-pods", REFUSED, "create", "-n", namespace, "-f", "-",
+        input_text=json.dumps(_pod("fake-launcher", controller=True)), identity=TENANT,
+    )  # fmt: skip
     for kind in ("VirtualMachineInstance", "Pod"):  # KubeVirt compares the uid alone
         refused = _create(control_plane, namespace, _pod("fake", controller=True, kind=kind),
                           TENANT)  # fmt: skip

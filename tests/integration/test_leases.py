@@ -19,7 +19,7 @@ from gtvp.core.shards import SHARDS, LeaseTiming
 from gtvp.handlers.leases import LeaseKeeper, lease_name
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import OPERATOR, ControlPlane, Identity, agent_identity
-from gtvp_local.pool import manifests
+from gtvp_local.pool import apply_manifests
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -37,8 +37,7 @@ class Clock:
 @pytest.fixture
 def namespace(control_plane: ControlPlane) -> Iterator[str]:
     """A namespace of its own with the operator's Lease rights (as the chart grants them)."""
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     ns = f"gtvp-leases-{uuid.uuid4().hex[:6]}"
     control_plane.kubectl("create", "namespace", ns)
     control_plane.kubectl(

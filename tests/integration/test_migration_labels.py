@@ -7,15 +7,14 @@ real API server (ValidatingAdmissionPolicies gtvp-migration-labels, gtvp-migrati
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
-from gtvp_local.pool import manifests
-from tests.rbac import grant
+from gtvp_local.pool import apply_manifests
+from tests.rbac import grant, until_refused
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -31,26 +30,12 @@ def _migration(name: str, labels: dict[str, str]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def policies_applied(control_plane: ControlPlane) -> None:
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     probe = json.dumps(_migration("probe", {"gtvp.io/evacuation": "node-1"}))
-    _until_refused(
+    until_refused(
         control_plane, "gtvp-migration-labels", "mark the migrations gtvp starts",
         "create", "-n", "default", "-f", "-", input_text=probe,
     )  # fmt: skip
-
-
-def _until_refused(cp: ControlPlane, policy: str, needle: str, *args: str, **kwargs: Any) -> None:
-    """The API server loads a new or changed policy a moment after the write: wait until
-    this request (as a server-side dry run, which passes admission and stores nothing) is
-    refused saying `needle`."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        out = cp.kubectl(*args, "--dry-run=server", check=False, **kwargs)
-        if out.returncode != 0 and needle in out.stderr:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the {policy} policy never took effect")
 
 
 TENANT = Identity("gtvp-test-tenant", (), "tenant")
@@ -71,7 +56,7 @@ def migration_editors(control_plane: ControlPlane, policies_applied: None) -> No
     probe = _migration("deletion-probe", {"gtvp.io/evacuation": "node-1"})
     _create(control_plane, "default", probe, OPERATOR)
     try:
-        _until_refused(
+        until_refused(
             control_plane, "gtvp-migration-deletion", "is one gtvp started",
             "delete", "vmim", "deletion-probe", "-n", "default", identity=TENANT,
         )  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ import pytest
 
 from gtvp.core.trust import LEVEL_LABEL, TRUSTED_LABEL
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
-from gtvp_local.pool import manifests
-from tests.rbac import grant
+from gtvp_local.pool import apply_manifests
+from tests.rbac import grant, until_refused
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -31,8 +30,7 @@ HANDLER = Identity("system:serviceaccount:kubevirt:kubevirt-handler", (), "kv-ha
 
 @pytest.fixture(scope="module")
 def node_patchers(control_plane: ControlPlane) -> None:
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     grant(control_plane, "gtvp-test-node-patcher",
           [{"apiGroups": [""], "resources": ["nodes", "nodes/status"],
             "verbs": ["get", "list", "patch", "update"]}], (HANDLER,))  # fmt: skip
@@ -55,18 +53,11 @@ def _label(cp: ControlPlane, node: str, labels: dict[str, Any], who: Identity, *
 
 
 def _until_refused(cp: ControlPlane, node: str) -> None:
-    """The API server loads a new policy a moment after the write."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        out = cp.kubectl(
-            "patch", "node", node, "--type=merge", "--dry-run=server",
-            "-p", json.dumps({"metadata": {"labels": {TRUSTED_LABEL: "true"}}}),
-            identity=HANDLER, check=False,
-        )  # fmt: skip
-        if out.returncode != 0 and "may remove them but not set or change them" in out.stderr:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the gtvp-node-trust-labels policy never took effect")
+    until_refused(
+        cp, "gtvp-node-trust-labels", "may remove them but not set or change them",
+        "patch", "node", node, "--type=merge",
+        "-p", json.dumps({"metadata": {"labels": {TRUSTED_LABEL: "true"}}}), identity=HANDLER,
+    )  # fmt: skip
 
 
 @pytest.mark.usefixtures("node_patchers")

@@ -28,7 +28,7 @@ from gtvp_agent.agent import Agent, AgentConfig
 from gtvp_agent.tpm import Tpm
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane
 from gtvp_local.polling import wait_for
-from gtvp_local.pool import manifests
+from gtvp_local.pool import apply_manifests
 from tests.softmember import policy_trusting
 from tests.softtpm import SoftCA, SoftTpm
 
@@ -66,8 +66,7 @@ def _chart_role(namespace: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 

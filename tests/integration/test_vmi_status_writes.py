@@ -11,14 +11,13 @@ would move it on its own migration budget)."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
 
 from gtvp_local.controlplane import ADMIN, ControlPlane, Identity
-from gtvp_local.pool import manifests
-from tests.rbac import grant
+from gtvp_local.pool import apply_manifests
+from tests.rbac import grant, until_refused
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -29,8 +28,7 @@ REFUSED = "only KubeVirt"
 
 @pytest.fixture(scope="module")
 def vmi_writers(control_plane: ControlPlane) -> None:
-    for m in manifests():
-        control_plane.kubectl("apply", "-f", str(m))
+    apply_manifests(control_plane)
     verbs = ["get", "list", "create", "update", "patch", "delete"]
     grant(
         control_plane,
@@ -66,26 +64,15 @@ def _patch(cp: ControlPlane, ns: str, name: str, patch: Any, who: Identity) -> A
     )  # fmt: skip
 
 
-def _wait_for_policy(cp: ControlPlane, ns: str) -> None:
-    """The API server loads a new policy a moment after it is applied."""
-    deadline = time.monotonic() + 30
-    while True:
-        probe = cp.kubectl(
-            "create", "-n", ns, "--dry-run=server", "-f", "-",
-            input_text=json.dumps(_vmi("probe", {"nodeName": "x"})),
-            identity=TENANT, check=False,
-        )  # fmt: skip
-        if REFUSED in probe.stderr or time.monotonic() > deadline:
-            return
-        time.sleep(0.2)
-
-
 @pytest.mark.usefixtures("vmi_writers")
 def test_a_tenant_cannot_write_where_a_vmi_runs(
     control_plane: ControlPlane, namespace: str
 ) -> None:
     cp = control_plane
-    _wait_for_policy(cp, namespace)
+    until_refused(
+        cp, "gtvp-vmi-status", REFUSED, "create", "-n", namespace, "-f", "-",
+        input_text=json.dumps(_vmi("probe", {"nodeName": "x"})), identity=TENANT,
+    )  # fmt: skip
     # a VMI that says at creation where it runs, that it migrates, is drained or is running
     for i, status in enumerate(
         (
