@@ -73,14 +73,28 @@ class Pool:
     admin: kube.Clients
     clock_offset: list[dt.timedelta] = field(default_factory=lambda: [dt.timedelta(0)])
 
-    def credential(self, box: str) -> str:
-        """What the box's guest finds in its cloud-init (the Secret the VM boots with)."""
+    def user_data(self, box: str) -> dict[str, Any]:
+        """The cloud-config in the box's cloud-init Secret (the Secret the VM boots with)."""
         secret = self.rt.clients.core.read_namespaced_secret(
             kr.cloud_init_secret(box), self.namespace
         )
-        doc = yaml.safe_load(base64.b64decode(secret.data[kr.USER_DATA_KEY]))
-        files = {f["path"]: f["content"] for f in doc["write_files"]}
+        doc: dict[str, Any] = yaml.safe_load(base64.b64decode(secret.data[kr.USER_DATA_KEY]))
+        return doc
+
+    def credential(self, box: str) -> str:
+        """What the box's guest finds in its cloud-init."""
+        files = {f["path"]: f["content"] for f in self.user_data(box)["write_files"]}
         return str(files[f"{compose.KEY_RELEASE_DIR}/credential"])
+
+    def guest(self, box: str, into: Path) -> dict[str, Any]:
+        """The box's cloud-init files written into `into` as cloud-init would write them
+        (paths in them pointing there); its cloud-config."""
+        doc = self.user_data(box)
+        into.mkdir()
+        for f in doc["write_files"]:
+            path = into / Path(f["path"]).name
+            path.write_text(str(f["content"]).replace(compose.KEY_RELEASE_DIR, str(into)))
+        return doc
 
     def _conn(self) -> http.client.HTTPSConnection:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
@@ -415,13 +429,8 @@ def test_the_guests_cloud_init_script_fetches_the_secrets_with_curl(
     pool: Pool, tmp_path: Path
 ) -> None:
     """The user data's own files and script, run as cloud-init would (in a scratch dir)."""
-    secret = pool.rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(BOX), pool.namespace)
-    doc = yaml.safe_load(base64.b64decode(secret.data[kr.USER_DATA_KEY]))
     guest = tmp_path / "guest"
-    guest.mkdir()
-    for f in doc["write_files"]:
-        path = guest / Path(f["path"]).name
-        path.write_text(str(f["content"]).replace(compose.KEY_RELEASE_DIR, str(guest)))
+    doc = pool.guest(BOX, guest)
     assert doc["runcmd"][0] == ["/bin/sh", f"{compose.KEY_RELEASE_DIR}/fetch"]
     out = subprocess.run(
         ["/bin/sh", str(guest / "fetch")], capture_output=True, text=True, timeout=60, check=False
@@ -448,15 +457,8 @@ def test_under_box_attestation_the_guest_waits_for_its_vtpm_to_be_attested_here(
     spec = {"boxAttestation": {"caBundle": SoftCA().bundle_pem()}}
     runtime.accepted_policies[policy_name] = ("uid", Accepted(1, spec, policy))
     try:
-        secret = runtime.clients.core.read_namespaced_secret(
-            kr.cloud_init_secret(BOX), pool.namespace
-        )
-        doc = yaml.safe_load(base64.b64decode(secret.data[kr.USER_DATA_KEY]))
         guest = tmp_path / "guest"
-        guest.mkdir()
-        for f in doc["write_files"]:
-            path = guest / Path(f["path"]).name
-            path.write_text(str(f["content"]).replace(compose.KEY_RELEASE_DIR, str(guest)))
+        pool.guest(BOX, guest)
         refused_before = _count(kr.BOX_NOT_ATTESTED)
         env = {"PATH": "/usr/bin:/bin", "GTVP_ATTEST_PAUSE": "0.3"}
         script = subprocess.Popen(
