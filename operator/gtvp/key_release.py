@@ -13,9 +13,12 @@
   the operator's own keys, and lets `decide` judge. A release reads the named Secrets, then
   consumes the credential and arms the next one in *one* write of the cloud-init Secret
   with its resourceVersion as precondition (a replay, another replica or a restart cannot
-  accept it again), then answers. Every release and refusal is an Event on the box
-  (KeyReleased / KeyReleaseRefused, never a secret value or credential) and counted in
-  `gtvp_key_releases_total{result}`.
+  accept it again), then answers. When that write fails, the Secret is read again: a
+  write that committed anyway (a 504 after the fact, or this guest's own earlier attempt
+  winning a 409) is the guest's release, and it is answered; the guest that lost an
+  answer asks again with its retry key (`kr.repeatable`). Every release and refusal is an
+  Event on the box (KeyReleased / KeyReleaseRefused, never a secret value or credential)
+  and counted in `gtvp_key_releases_total{result}`.
 """
 
 from __future__ import annotations
@@ -345,9 +348,10 @@ class Endpoint:
                 message, reason = got if isinstance(got, tuple) else (got, kr.SECRET_UNAVAILABLE)
                 return self._refuse(req, facts.box, kr.Verdict(reason, message, verdict.node))
             released[named.name] = got
-        problem = self._consume(req, stored, now)
-        if problem is not None:
-            return self._refuse(req, facts.box, problem)
+        if not verdict.again:
+            problem = self._consume(req, stored, now, kr.vmi_uid(facts.vmi))
+            if problem is not None:
+                return self._refuse(req, facts.box, *problem)
         self._audit(req, facts.box, "Normal", "KeyReleased", verdict)
         return _json(200, {"member": verdict.node, "secrets": released})
 
@@ -370,15 +374,21 @@ class Endpoint:
             )
         return kr.select_keys(named, dict(secret.data or {}))
 
-    def _consume(self, req: kr.Request, stored: Any, now: dt.datetime) -> kr.Verdict | None:
-        """Consume the credential and arm the next one in one conditional write."""
-        nxt = new_credential()
+    def _consume(
+        self, req: kr.Request, stored: Any, now: dt.datetime, vmi: str
+    ) -> tuple[kr.Verdict, int] | None:
+        """Consume the credential and arm the next one in one conditional write (None:
+        consumed by this guest; else the refusal and its HTTP status)."""
+        nxt, write = new_credential(), secrets.token_hex(16)
         meta = stored.metadata
         meta.annotations = kr.consumed_annotations(
             meta.annotations or {},
             used=kr.credential_hash(req.credential),
             next_credential=nxt,
             now=format_ts(now),
+            retry=req.retry,
+            vmi=vmi,
+            write=write,
         )
         data = {
             k: base64.b64encode(
@@ -390,23 +400,57 @@ class Endpoint:
         try:
             self.rt.clients.core.replace_namespaced_secret(meta.name, meta.namespace, stored)
         except ApiException as exc:
-            if exc.status == 409:
-                return kr.Verdict(
-                    kr.CREDENTIAL_USED,
-                    "the credential was used at the same time by another request",
-                )
-            return kr.Verdict(
-                kr.SECRET_UNAVAILABLE,
-                f"the credential could not be consumed ({exc.status} {exc.reason}): "
-                "nothing released",
-            )
+            return self._after_failed_write(req, vmi, write, exc)
         return None
 
+    def _after_failed_write(
+        self, req: kr.Request, vmi: str, write: str, exc: ApiException
+    ) -> tuple[kr.Verdict, int] | None:
+        """The consuming write failed: read the Secret again. This very write committed all
+        the same (its answer lost: a 504 after the fact), or an earlier request of this
+        guest (its retry key) won the race: the guest's release (None). Else the refusal."""
+        why = f"{exc.status} {exc.reason}"
+        try:
+            again = self._cloud_init(req)
+        except Exception as unread:  # noqa: BLE001 - not knowing is answered, not raised
+            log.warning(
+                "%s %s/%s: cannot read back the credential: %s",
+                req.kind,
+                req.namespace,
+                req.box,
+                unread,
+            )
+            return (
+                kr.Verdict(
+                    kr.SECRET_UNAVAILABLE,
+                    f"the credential's write failed ({why}) and whether it was consumed is "
+                    "not known: ask again with the same credential and retry key",
+                ),
+                503,
+            )
+        if again is None:
+            return kr.Verdict(kr.NO_CREDENTIAL, "the box's credential Secret is gone"), 403
+        ann = again.metadata.annotations
+        if kr.written_by(ann, write) or kr.answered(ann, req, vmi):
+            return None
+        if not kr.is_current(ann, req.credential):
+            verdict = kr.Verdict(
+                kr.CREDENTIAL_USED, "the credential was used at the same time by another request"
+            )
+            return verdict, 403
+        said = f"the credential could not be consumed ({why}): nothing released, nothing used"
+        return kr.Verdict(kr.SECRET_UNAVAILABLE, said), 503
+
     def _refuse(
-        self, req: kr.Request, box: Mapping[str, Any] | None, verdict: kr.Verdict
+        self,
+        req: kr.Request,
+        box: Mapping[str, Any] | None,
+        verdict: kr.Verdict,
+        code: int | None = None,
     ) -> tuple[int, str, bytes]:
         self._audit(req, box, "Warning", "KeyReleaseRefused", verdict)
-        code = 404 if verdict.reason == kr.NO_SUCH_BOX else 403
+        if code is None:
+            code = 404 if verdict.reason == kr.NO_SUCH_BOX else 403
         return _json(code, {"reason": verdict.reason, "message": verdict.message})
 
     def _audit(

@@ -149,7 +149,13 @@ def _guests_fetch(pool: Pool, member: str, guest: Path) -> subprocess.CompletedP
         netns = ["ip", "netns", "exec", net.netns]
     return subprocess.run(
         [*netns, "/bin/sh", str(guest / "fetch")],
-        env={"PATH": "/usr/bin:/bin", "GTVP_KEY_RELEASE_DIR": str(guest)},
+        # asking again after a lost answer: 3 times, 1 s apart (the test's own waits retry)
+        env={
+            "PATH": "/usr/bin:/bin",
+            "GTVP_KEY_RELEASE_DIR": str(guest),
+            "GTVP_LOST_WAITS": "3",
+            "GTVP_ATTEST_PAUSE": "1",
+        },
         capture_output=True,
         text=True,
         timeout=90,

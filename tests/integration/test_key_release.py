@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
 from gtvp import http_endpoints, key_release, kube, verdict_keys
@@ -376,6 +377,91 @@ def test_a_credential_is_good_once_even_for_two_replicas_at_once(pool: Pool) -> 
     for t in threads:
         t.join()
     assert sorted(codes) == [200, 403]
+
+
+def _secret_hash(pool: Pool, box: str) -> str:
+    got = pool.admin.core.read_namespaced_secret(kr.cloud_init_secret(box), pool.namespace)
+    return str((got.metadata.annotations or {}).get(kr.HASH_ANNOTATION, ""))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_a_guest_whose_answer_was_lost_gets_its_secrets_again_and_a_thief_does_not(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """The guest's request consumed its credential, but the answer never reached it (the
+    connection gone before gtvp answered). Its fetch script, run again with the retry key
+    it sent, gets the Secrets; the used credential with another retry key gets nothing."""
+    here = pool.members[0]
+    guest = tmp_path / "guest"
+    pool.guest(BOX, guest)
+    retry = "7" * 64
+    (guest / "retry").write_text(retry)  # the key the script made on its first run
+    cred, armed = pool.credential(BOX), _secret_hash(pool, BOX)
+    body = {"namespace": pool.namespace, "box": BOX, "credential": cred, "retry": retry,
+            "token": pool.token(here)}  # fmt: skip
+    conn = pool._conn()
+    conn.request("POST", kr.PATH, body=json.dumps(body),
+                 headers={"Content-Type": "application/json"})  # fmt: skip
+    conn.close()  # gone before the answer
+    deadline = time.monotonic() + 30
+    while _secret_hash(pool, BOX) == armed:  # consumed all the same
+        assert time.monotonic() < deadline, "the request was never served"
+        time.sleep(0.1)
+    # a thief with the used credential and a retry key of its own
+    status, got = pool.ask(BOX, cred, pool.token(here), retry="t" * 64)
+    assert (status, got["reason"]) == (403, kr.CREDENTIAL_USED)
+    again = _count(kr.RELEASED_AGAIN)
+    out = subprocess.run(
+        ["/bin/sh", str(guest / "fetch")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    released = json.loads((guest / "secrets.json").read_text())
+    assert base64.b64decode(released["secrets"]["disk"]["key"]).decode() == DISK_KEY
+    assert _count(kr.RELEASED_AGAIN) == again + 1
+    assert not (guest / "credential").exists()
+    assert not (guest / "retry").exists()
+    said = [m for r, m in _events(pool, BOX) if r == "KeyReleased"]
+    assert any("again" in m and "its answer was lost" in m for m in said), said
+    # nothing more was consumed: the next boot's credential is still the one armed then
+    assert _secret_hash(pool, BOX) != armed
+    assert pool.ask(BOX, pool.credential(BOX), pool.token(here))[0] == 200
+
+
+@pytest.mark.timeout(180)
+def test_a_consuming_write_whose_answer_the_api_server_lost_still_releases_or_keeps_the_credential(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server committed the consuming write but answered it with an error (a 504
+    after the fact): gtvp reads the Secret back, finds its own write and releases. A write
+    that did not commit releases nothing and uses nothing: asked again, it releases."""
+    here = pool.members[0]
+    core = pool.rt.clients.core
+    write = core.replace_namespaced_secret
+
+    def committed_then_lost(*args: Any, **kwargs: Any) -> Any:
+        write(*args, **kwargs)
+        raise ApiException(status=504, reason="Gateway Timeout")
+
+    def never_committed(*_args: Any, **_kwargs: Any) -> Any:
+        raise ApiException(status=504, reason="Gateway Timeout")
+
+    monkeypatch.setattr(core, "replace_namespaced_secret", committed_then_lost)
+    for retry in ("5" * 64, None):  # with a retry key, and from a guest that sends none
+        cred = pool.credential(BOX)
+        extra = {"retry": retry} if retry else {}
+        status, got = pool.ask(BOX, cred, pool.token(here), **extra)
+        assert status == 200, got
+        assert base64.b64decode(got["secrets"]["disk"]["key"]).decode() == DISK_KEY
+        assert pool.credential(BOX) != cred  # consumed, the next one armed
+    monkeypatch.setattr(core, "replace_namespaced_secret", never_committed)
+    cred = pool.credential(BOX)
+    status, got = pool.ask(BOX, cred, pool.token(here))
+    assert (status, got["reason"]) == (503, kr.SECRET_UNAVAILABLE), got
+    assert "nothing released, nothing used" in got["message"]
+    assert pool.credential(BOX) == cred
+    monkeypatch.setattr(core, "replace_namespaced_secret", write)
+    assert pool.ask(BOX, cred, pool.token(here))[0] == 200
 
 
 @pytest.mark.timeout(180)

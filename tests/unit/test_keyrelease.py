@@ -161,6 +161,93 @@ def test_a_used_credential_is_named_a_replay_and_the_next_one_is_current() -> No
     assert CRED not in json.dumps(ann)  # only hashes are kept
 
 
+RETRY = "r" * 64
+
+
+def _consumed_by(retry: str, vmi: str = "vmi-1", at: dt.datetime = NOW) -> dict[str, str]:
+    """The cloud-init Secret's annotations once CRED was consumed by a request with `retry`."""
+    return kr.consumed_annotations(
+        kr.issued_annotations(CRED, "t"),
+        used=kr.credential_hash(CRED),
+        next_credential=OTHER,
+        now=at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        retry=retry,
+        vmi=vmi,
+    )
+
+
+def _asking_again(
+    issued: dict[str, str], retry: str = RETRY, uid: str = "vmi-1", **change: Any
+) -> tuple[kr.Request, kr.Facts]:
+    req, facts = _facts(issued=issued, **change)
+    vmi = {**dict(facts.vmi or {}), "metadata": {**(facts.vmi or {})["metadata"], "uid": uid}}
+    return dataclasses.replace(req, retry=retry), dataclasses.replace(facts, vmi=vmi)
+
+
+def test_the_guest_whose_answer_was_lost_gets_its_secrets_again_and_nobody_else() -> None:
+    """The credential was consumed but the answer never reached the guest (a reset, an
+    operator restart): the same guest (its retry key) asks again and gets the Secrets; a
+    thief of the used credential without that key gets nothing."""
+    issued = _consumed_by(RETRY)
+    assert RETRY not in json.dumps(issued)
+    assert CRED not in json.dumps(issued)
+    req, facts = _asking_again(issued)
+    v = kr.decide(req, facts, NOW + dt.timedelta(seconds=20))
+    assert (v.released, v.again, v.reason) == (True, True, kr.RELEASED_AGAIN), v.message
+    assert [n.name for n in v.secrets] == ["disk", "tls"]
+    assert "again" in v.message
+    # the first step (no token) says where it runs, as for an unused credential
+    bare = dataclasses.replace(req, token="")
+    assert kr.decide(bare, facts, NOW).reason == kr.TOKEN_REQUIRED
+    # every other check still applies to a repeat
+    req_u, facts_u = _asking_again(issued, member=_member_status(verdict="Untrusted"))
+    assert kr.decide(req_u, facts_u, NOW).reason == kr.MEMBER_NOT_TRUSTED
+    for refused_req, refused_facts, at in (
+        (*_asking_again(issued, retry="x" * 64), NOW),  # another retry key: a thief
+        (*_asking_again(issued, retry=""), NOW),  # no retry key
+        (*_asking_again(issued, uid="vmi-2"), NOW),  # the VMI restarted since
+        (*_asking_again(issued), NOW + kr.REPEAT_FOR + dt.timedelta(seconds=1)),  # too late
+        (*_asking_again(_consumed_by("")), NOW),  # consumed by a guest that sent no key
+    ):
+        got = kr.decide(refused_req, refused_facts, at)
+        assert (got.released, got.reason) == (False, kr.CREDENTIAL_USED), got.message
+
+
+def test_a_later_release_forgets_the_earlier_ones_retry_key() -> None:
+    first = _consumed_by(RETRY)
+    later = kr.consumed_annotations(
+        first, used=kr.credential_hash(OTHER), next_credential="n" * 43, now="t3"
+    )
+    req, facts = _asking_again(later)
+    assert kr.decide(req, facts, NOW).reason == kr.CREDENTIAL_USED
+    assert not kr.answered(later, dataclasses.replace(req, retry=RETRY), "vmi-1")
+    assert kr.answered(first, dataclasses.replace(req, retry=RETRY), "vmi-1")
+
+
+def test_the_endpoint_knows_its_own_consuming_write_when_reading_it_back() -> None:
+    ann = kr.consumed_annotations(
+        kr.issued_annotations(CRED, "t"),
+        used=kr.credential_hash(CRED),
+        next_credential=OTHER,
+        now="t2",
+        write="w1",
+    )
+    assert kr.written_by(ann, "w1")
+    assert not kr.written_by(ann, "w2")
+    assert not kr.written_by(ann, "")
+    assert not kr.is_current(ann, CRED)
+    assert kr.is_current(ann, OTHER)
+
+
+def test_a_malformed_retry_key_is_a_bad_request() -> None:
+    body = {"namespace": "ns", "box": "b", "credential": CRED}
+    for bad in ("short", 7, "has space" * 8):
+        with pytest.raises(kr.BadRequest, match="'retry'"):
+            kr.parse_request(json.dumps({**body, "retry": bad}).encode())
+    assert kr.parse_request(json.dumps({**body, "retry": RETRY}).encode()).retry == RETRY
+    assert RETRY not in repr(kr.parse_request(json.dumps({**body, "retry": RETRY}).encode()))
+
+
 def test_a_secret_the_box_did_not_name_is_refused() -> None:
     req, facts = _facts()
     asked = kr.Request("ns", "box", CRED, req.token, secrets=("disk", "kubeconfig"))

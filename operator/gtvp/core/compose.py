@@ -403,30 +403,51 @@ d=${GTVP_KEY_RELEASE_DIR:-/run/gtvp/keyrelease}
 tls=""
 [ -s "$d/ca.pem" ] && tls="--cacert $d/ca.pem"
 cred=$(cat "$d/credential")
+[ -s "$d/retry" ] || od -An -N32 -tx1 /dev/urandom | tr -d ' \n' > "$d/retry"
+retry=$(cat "$d/retry")
 ask() {
-  printf '{"namespace":"%s","%s":"%s","credential":"%s","token":"%s"}' \
-    "$GTVP_NAMESPACE" "$GTVP_OBJECT" "$GTVP_NAME" "$cred" "$1" > "$d/request.json"
+  printf '{"namespace":"%s","%s":"%s","credential":"%s","retry":"%s","token":"%s"}' \
+    "$GTVP_NAMESPACE" "$GTVP_OBJECT" "$GTVP_NAME" "$cred" "$retry" "$1" > "$d/request.json"
   curl -sS $tls --retry 5 --retry-connrefused -X POST -H 'Content-Type: application/json' \
-    --data-binary "@$d/request.json" -o "$d/$2" -w '%{http_code}' "$GTVP_KEY_RELEASE_URL$GTVP_PATH"
+    --data-binary "@$d/request.json" -o "$d/$2" -w '%{http_code}' \
+    "$GTVP_KEY_RELEASE_URL$GTVP_PATH" || true
 }
-ask "" where.json >/dev/null || true
-member=$(sed -n 's/.*"member": *"\([^"]*\)".*/\1/p' "$d/where.json")
 waits=${GTVP_ATTEST_WAITS:-120}
+lost=${GTVP_LOST_WAITS:-12}
 while :; do
-  token=$(curl -fsS $tls --retry 5 --retry-connrefused "$GTVP_KEY_RELEASE_URL/ear/members/$member")
-  code=$(ask "$token" secrets.json)
-  [ "$code" = 403 ] && grep -q '"BoxNotAttested"' "$d/secrets.json" && [ "$waits" -gt 0 ] || break
-  waits=$((waits - 1))
+  code=$(ask "" where.json)
+  if [ "$code" = 428 ]; then
+    member=$(sed -n 's/.*"member": *"\([^"]*\)".*/\1/p' "$d/where.json")
+    if token=$(curl -fsS $tls --retry 5 --retry-connrefused \
+        "$GTVP_KEY_RELEASE_URL/ear/members/$member"); then
+      code=$(ask "$token" secrets.json)
+    else
+      code=000
+    fi
+  fi
+  if [ "$code" = 403 ] && grep -q '"BoxNotAttested"' "$d/secrets.json" && [ "$waits" -gt 0 ]; then
+    waits=$((waits - 1))
+  elif [ "$code" = 000 ] || [ "${code#5}" != "$code" ]; then
+    [ "$lost" -gt 0 ] || break
+    lost=$((lost - 1))
+  else
+    break
+  fi
   sleep "${GTVP_ATTEST_PAUSE:-5}"
 done
-rm -f "$d/request.json" "$d/credential"
+rm -f "$d/request.json"
 [ "$code" = 200 ] || { echo "gtvp key release refused ($code)" >&2; exit 1; }
+rm -f "$d/credential" "$d/retry"
 """
-"""The guest's side (POSIX sh, curl): ask where it runs (gtvp answers with the member, the
-credential unused), fetch that member's verdict token, exchange credential and token for the
-Secrets (JSON, base64 values, in /run/gtvp/keyrelease/secrets.json). Under a policy that
-attests boxes it asks again every 5 s, for up to 10 minutes, while gtvp answers that the
-box's vTPM is not attested yet (BoxNotAttested: the credential is not used)."""
+"""The guest's side (POSIX sh, curl, od): ask where it runs (gtvp answers with the member,
+the credential unused), fetch that member's verdict token, exchange credential and token
+for the Secrets (JSON, base64 values, in /run/gtvp/keyrelease/secrets.json). Each request
+carries a retry key the script makes once (kept in `retry` until the Secrets are there):
+an answer lost after gtvp consumed the credential (no answer, or a 5xx) is asked for again,
+every 5 s up to 12 times, and gtvp gives the Secrets again to that key's holder only. Under
+a policy that attests boxes it asks again every 5 s, for up to 10 minutes, while gtvp
+answers that the box's vTPM is not attested yet (BoxNotAttested: the credential is not
+used). A refusal leaves the credential for a later run (the used one is refused as such)."""
 
 
 def with_cloud_init_secret(vm: Mapping[str, Any], secret: str) -> tuple[dict[str, Any], str]:

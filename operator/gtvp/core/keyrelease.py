@@ -12,6 +12,13 @@ virt-handler token, not a pod's node), each such member's verdict *now* (the vie
 only the token's) and the token, verified by the caller against the operator's own JWKS.
 Only hashes of credentials are ever stored or compared; no message here quotes a
 credential, a token or a secret value.
+
+A guest whose answer was lost after its credential was consumed (a connection reset, an
+operator restart, an API server answering 504 after committing) asks again with the same
+credential and the retry key it sent the first time (a random string only that guest
+knows; its hash is written in the consuming write): within REPEAT_FOR, for the same VMI and
+with every other check passing again, it gets the Secrets again (`RELEASED_AGAIN`, nothing
+consumed). Anyone else holding the used credential is still refused (`CredentialUsed`).
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ CONSUMED_ANNOTATION: Final = "gtvp.io/consumed-sha256"
 """On the cloud-init Secret: the SHA-256 of the last credentials used, newest first."""
 RELEASES_ANNOTATION: Final = "gtvp.io/releases"
 ISSUED_ANNOTATION: Final = "gtvp.io/credential-issued-at"
+ANSWERED_ANNOTATION: Final = "gtvp.io/last-release"
+"""On the cloud-init Secret: who the last release went to, as JSON: the used credential's
+hash, the hash of the retry key sent with it, the VMI's uid and when (`repeatable`), and
+the id of the write that consumed it (`written_by`)."""
+REPEAT_FOR: Final = dt.timedelta(minutes=10)
+"""How long the guest that consumed a credential may ask again for an answer it lost."""
 RELEASE_TO_ANNOTATION: Final = "gtvp.io/release-to"
 """On a Secret to be released: the LazyBoxes (comma-separated names, `*` for any box of
 the namespace) it may be released to. The Secret's writer consents, so being able to create
@@ -62,6 +75,9 @@ USER_DATA_KEY: Final = "userdata"
 _NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 RELEASED: Final = "released"
+RELEASED_AGAIN: Final = "released-again"
+"""Released once more to the guest that consumed the credential (its retry key), whose
+first answer was lost; nothing consumed."""
 TOKEN_REQUIRED: Final = "TokenRequired"  # noqa: S105 - a name, not a secret
 """Not a refusal but the exchange's first step: a request with this box's valid, unused
 credential and no token is told the member its VM runs on (whose token to fetch); nothing
@@ -105,7 +121,7 @@ REASONS: Final = (
     VMI_NOT_GATED,
     BOX_NOT_ATTESTED,
 )
-RESULTS: Final = (RELEASED, *REASONS)
+RESULTS: Final = (RELEASED, RELEASED_AGAIN, *REASONS)
 
 
 class BadRequest(ValueError):
@@ -134,6 +150,9 @@ class Request:
     secrets: tuple[str, ...] | None = None
     """The Secrets asked for (None: every Secret the box names)."""
     kind: str = BOX
+    retry: str = field(default="", repr=False)
+    """A random string the guest made for this exchange (empty: none): with it, and only
+    with it, an answer lost after the credential was consumed can be asked for again."""
 
 
 def _name(value: Any, what: str) -> str:
@@ -164,6 +183,9 @@ def parse_request(raw: bytes) -> Request:
         if not isinstance(asked, list) or not asked:
             raise BadRequest("'secrets' must be a non-empty list of Secret names")
         secrets = tuple(_name(s, "each of 'secrets'") for s in asked)
+    retry = body.get("retry", "")
+    if retry != "" and (not isinstance(retry, str) or not CREDENTIAL_PATTERN.fullmatch(retry)):
+        raise BadRequest("'retry' must be 32 to 128 random letters, digits, '-' or '_'")
     if ("box" in body) == ("vm" in body):
         raise BadRequest("name either a LazyBox ('box') or a gated VirtualMachine ('vm')")
     kind = BOX if "box" in body else VM
@@ -174,6 +196,7 @@ def parse_request(raw: bytes) -> Request:
         token=token.strip(),
         secrets=secrets,
         kind=kind,
+        retry=retry,
     )
 
 
@@ -260,15 +283,22 @@ class Verdict:
 
     @property
     def released(self) -> bool:
-        return self.reason == RELEASED
+        return self.reason in (RELEASED, RELEASED_AGAIN)
+
+    @property
+    def again(self) -> bool:
+        """Released to the guest that consumed the credential already: consume nothing."""
+        return self.reason == RELEASED_AGAIN
 
 
 def _refuse(reason: str, message: str, node: str | None = None) -> Verdict:
     return Verdict(reason, message, node)
 
 
-def _credential(req: Request, issued: Mapping[str, str] | None) -> Verdict | None:
-    ann = issued or {}
+def _credential(req: Request, facts: Facts, now: dt.datetime) -> Verdict | None:
+    """None: the current credential; a RELEASED_AGAIN verdict: the used one, asked again by
+    the guest that used it; else the refusal."""
+    ann = facts.issued or {}
     current = ann.get(HASH_ANNOTATION)
     if not isinstance(current, str) or not current:
         return _refuse(NO_CREDENTIAL, "no key-release credential was issued to this box")
@@ -276,6 +306,8 @@ def _credential(req: Request, issued: Mapping[str, str] | None) -> Verdict | Non
     if hmac.compare_digest(got, current):
         return None
     if any(hmac.compare_digest(got, h) for h in _consumed(ann)):
+        if repeatable(ann, req, vmi_uid(facts.vmi), now):
+            return Verdict(RELEASED_AGAIN, "asked again by the guest that used the credential")
         return _refuse(CREDENTIAL_USED, "the credential was used already (one release each)")
     return _refuse(WRONG_CREDENTIAL, "the credential is not this box's")
 
@@ -362,7 +394,7 @@ def _token(facts: Facts, node: str, level: int) -> Verdict | None:
     return None
 
 
-def _asked(req: Request, named: Sequence[Named], node: str) -> Verdict:
+def _asked(req: Request, named: Sequence[Named], node: str, *, again: bool) -> Verdict:
     if req.secrets is None:
         asked = tuple(named)
     else:
@@ -374,17 +406,20 @@ def _asked(req: Request, named: Sequence[Named], node: str) -> Verdict:
             )
         asked = tuple(by_name[s] for s in dict.fromkeys(req.secrets))
     names = ", ".join(n.name for n in asked)
+    if again:
+        said = f"released Secret(s) {names} again to the VM on member {node} (its answer was lost)"
+        return Verdict(RELEASED_AGAIN, said, node, asked)
     return Verdict(RELEASED, f"released Secret(s) {names} to the VM on member {node}", node, asked)
 
 
-def _box(req: Request, facts: Facts) -> Verdict | None:
+def _box(req: Request, facts: Facts, now: dt.datetime) -> Verdict | None:
     if facts.box is None:
         what = "LazyBox" if req.kind == BOX else "gated VirtualMachine"
         return _refuse(NO_SUCH_BOX, f"no {what} {req.namespace}/{req.box}")
     if not named_secrets(facts.box.get("spec") or {}):
         where = "spec.secrets" if req.kind == BOX else f"annotation {VM_SECRETS_ANNOTATION}"
         return _refuse(NOTHING_TO_RELEASE, f"the {req.kind} names no Secrets ({where})")
-    return _credential(req, facts.issued)
+    return _credential(req, facts, now)
 
 
 def _attested(req: Request, facts: Facts, node: str) -> Verdict | None:
@@ -414,8 +449,9 @@ def _attested(req: Request, facts: Facts, node: str) -> Verdict | None:
 
 def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     """Release or refuse (every check must pass; the first that fails is the reason)."""
-    refused = _box(req, facts)
-    if refused is not None or facts.box is None:
+    refused = _box(req, facts, now)
+    again = refused is not None and refused.again
+    if (refused is not None and not again) or facts.box is None:
         return refused or _refuse(NO_SUCH_BOX, "no such box")
     node = _running_node(facts.vmi)
     if node is None:
@@ -432,7 +468,7 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     for other, member in sorted(facts.pod_members.items()):
         refused = refused or _pod_elsewhere(_member_trusted(member, other, level, now), node)
     refused = refused or _attested(req, facts, node)
-    return refused or _asked(req, named_secrets(spec), node)
+    return refused or _asked(req, named_secrets(spec), node, again=again)
 
 
 def _pod_elsewhere(refused: Verdict | None, node: str) -> Verdict | None:
@@ -453,14 +489,79 @@ def issued_annotations(credential: str, now: str) -> dict[str, str]:
     return {HASH_ANNOTATION: credential_hash(credential), ISSUED_ANNOTATION: now}
 
 
+def vmi_uid(vmi: Mapping[str, Any] | None) -> str:
+    """The VMI's uid ("" when none)."""
+    return str(((vmi or {}).get("metadata") or {}).get("uid") or "")
+
+
+def _answered(ann: Mapping[str, str]) -> dict[str, str]:
+    try:
+        got = json.loads(str(ann.get(ANSWERED_ANNOTATION, "{}")))
+    except (ValueError, RecursionError):
+        return {}
+    return {k: v for k, v in got.items() if isinstance(v, str)} if isinstance(got, dict) else {}
+
+
+def answered(ann: Mapping[str, str] | None, req: Request, uid: str) -> bool:
+    """Whether these annotations say the last release consumed `req`'s credential, for the
+    holder of `req`'s retry key, for the VMI of `uid` (a guest without a retry key: never)."""
+    last = _answered(ann or {})
+    return bool(
+        req.retry
+        and uid
+        and hmac.compare_digest(last.get("credential", ""), credential_hash(req.credential))
+        and hmac.compare_digest(last.get("retry", ""), credential_hash(req.retry))
+        and last.get("vmi") == uid
+    )
+
+
+def is_current(ann: Mapping[str, str] | None, credential: str) -> bool:
+    """Whether `credential` is the one these annotations say the next release accepts."""
+    current = str((ann or {}).get(HASH_ANNOTATION, ""))
+    return hmac.compare_digest(current, credential_hash(credential))
+
+
+def written_by(ann: Mapping[str, str] | None, write: str) -> bool:
+    """Whether the last release recorded in these annotations is the consuming write with
+    id `write` (the endpoint's own, read back after the write's answer was an error)."""
+    last = _answered(ann or {}).get("write", "")
+    return bool(write) and hmac.compare_digest(last, write)
+
+
+def repeatable(ann: Mapping[str, str], req: Request, uid: str, now: dt.datetime) -> bool:
+    """Whether `req` (its credential used) may get the Secrets again: it is the guest that
+    used it (`answered`), asking within REPEAT_FOR of that release."""
+    at = parse_ts(_answered(ann).get("at"))
+    return answered(ann, req, uid) and at is not None and dt.timedelta(0) <= now - at <= REPEAT_FOR
+
+
 def consumed_annotations(
-    ann: Mapping[str, str], *, used: str, next_credential: str, now: str
+    ann: Mapping[str, str],
+    *,
+    used: str,
+    next_credential: str,
+    now: str,
+    retry: str = "",
+    vmi: str = "",
+    write: str = "",
 ) -> dict[str, str]:
     """The cloud-init Secret's annotations after a release: the used credential's hash
-    remembered, the next one's current. Written with the Secret's resourceVersion as the
+    remembered, the next one's current, and who the release went to (hashes of the used
+    credential and of the request's `retry` key, the VMI's uid: `repeatable`; the id of
+    this `write`: `written_by`). Written with the Secret's resourceVersion as the
     precondition, in the same write that puts the next credential in the user data: of two
     replicas consuming one credential at once, one write fails (409) and that one refuses."""
     out = dict(ann)
+    out[ANSWERED_ANNOTATION] = json.dumps(
+        {
+            "credential": used,
+            "retry": credential_hash(retry) if retry else "",
+            "vmi": vmi,
+            "at": now,
+            "write": write,
+        },
+        sort_keys=True,
+    )
     consumed = [used, *[h for h in _consumed(ann) if h != used]][:CONSUMED_KEPT]
     releases = str(ann.get(RELEASES_ANNOTATION, "0"))
     out.update(
