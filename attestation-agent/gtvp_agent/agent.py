@@ -36,6 +36,10 @@ log = logging.getLogger("gtvp_agent")
 GROUP, VERSION, PLURAL = "gtvp.io", "v1alpha1", "members"
 EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 MAX_EVENT_LOG = 1024 * 1024
+API_TIMEOUT = (10.0, 60.0)
+"""Seconds to connect and to wait for each read of an API answer: a call the API server
+never answers (a half-open connection after it restarted) fails and is retried instead of
+stopping the agent's loop for good. A watch waits its own length on top."""
 
 
 def _now() -> dt.datetime:
@@ -83,7 +87,7 @@ class Agent:
     def _get(self) -> Mapping[str, Any] | None:
         try:
             obj: Mapping[str, Any] = self.api.get_cluster_custom_object(
-                GROUP, VERSION, PLURAL, self.cfg.node
+                GROUP, VERSION, PLURAL, self.cfg.node, _request_timeout=API_TIMEOUT
             )
             return obj
         except ApiException as exc:
@@ -94,7 +98,12 @@ class Agent:
     def _patch(self, agent_part: dict[str, Any]) -> None:
         agent_part = {**agent_part, "agentVersion": __version__, "heartbeatTime": format_ts(_now())}
         self.api.patch_cluster_custom_object_status(
-            GROUP, VERSION, PLURAL, self.cfg.node, {"status": {"agent": agent_part}}
+            GROUP,
+            VERSION,
+            PLURAL,
+            self.cfg.node,
+            {"status": {"agent": agent_part}},
+            _request_timeout=API_TIMEOUT,
         )
 
     # ----- one pass -------------------------------------------------------------------------
@@ -216,6 +225,7 @@ class Agent:
         kwargs: dict[str, Any] = {
             "field_selector": f"metadata.name={self.cfg.node}",
             "timeout_seconds": max(1, int(timeout)),
+            "_request_timeout": (API_TIMEOUT[0], max(1, int(timeout)) + API_TIMEOUT[1]),
         }
         if self._resource_version:
             kwargs["resource_version"] = self._resource_version

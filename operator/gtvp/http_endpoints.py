@@ -27,6 +27,8 @@ else (no metrics, no probes: 404): the operator's own key-release port.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import socket
 import ssl
 import threading
@@ -102,6 +104,7 @@ BoxAttest = Callable[[str, str, str | None, bytes], tuple[int, str, bytes]]
 of the box attestation paths (`gtvp.box_attestation.Endpoint`, docs/boxattest.md)."""
 BOX_ATTEST_PREFIX = "/boxattest/"
 RELEASE_MAX_BYTES = keyrelease.MAX_REQUEST_BYTES
+log = logging.getLogger("gtvp.http")
 
 _REASONS = {
     200: "OK",
@@ -138,12 +141,37 @@ def _posted(
     too_large = (413, "text/plain; charset=utf-8", b"request body too large\n")
     if release is not None and path == RELEASE_PATH:
         raw = _body(environ)
-        return too_large if raw is None else release(method, raw)
+        return too_large if raw is None else _unavailable_on_error(path, release, method, raw)
     if box_attest is not None and path.startswith(BOX_ATTEST_PREFIX):
         raw = _body(environ)
         auth = environ.get("HTTP_AUTHORIZATION")
-        return too_large if raw is None else box_attest(path, method, auth, raw)
+        if raw is None:
+            return too_large
+        return _unavailable_on_error(path, box_attest, path, method, auth, raw)
     return None
+
+
+def _unavailable_on_error(
+    path: str, handler: Callable[..., tuple[int, str, bytes]], *args: Any
+) -> tuple[int, str, bytes]:
+    """`handler`'s answer; a 503 that says to ask again when it fails (the API server
+    unreachable or timing out), logged in one line without the request."""
+    try:
+        return handler(*args)
+    except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills a thread
+        log.warning("%s: answered 503 (%s: %s)", path, type(exc).__name__, _first_line(exc))
+        why = "gtvp could not answer now (the API server did not): ask again"
+        said = {"reason": "Unavailable", "message": why, "error": why}
+        return 503, "application/json", json.dumps(said, sort_keys=True).encode()
+
+
+def _first_line(exc: BaseException) -> str:
+    """What went wrong in a line (an API error's status and reason, never its body)."""
+    status = getattr(exc, "status", None)
+    if status is not None:
+        return f"{status} {getattr(exc, 'reason', '')}"
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 HANDSHAKE_TIMEOUT = 10.0

@@ -400,16 +400,18 @@ class Endpoint:
         try:
             self.rt.clients.core.replace_namespaced_secret(meta.name, meta.namespace, stored)
         except ApiException as exc:
-            return self._after_failed_write(req, vmi, write, exc)
+            return self._after_failed_write(req, vmi, write, f"{exc.status} {exc.reason}")
+        except Exception as exc:  # noqa: BLE001 - a timeout: the write may have committed
+            return self._after_failed_write(req, vmi, write, type(exc).__name__)
         return None
 
     def _after_failed_write(
-        self, req: kr.Request, vmi: str, write: str, exc: ApiException
+        self, req: kr.Request, vmi: str, write: str, why: str
     ) -> tuple[kr.Verdict, int] | None:
-        """The consuming write failed: read the Secret again. This very write committed all
-        the same (its answer lost: a 504 after the fact), or an earlier request of this
-        guest (its retry key) won the race: the guest's release (None). Else the refusal."""
-        why = f"{exc.status} {exc.reason}"
+        """The consuming write failed (`why`): read the Secret again. This very write
+        committed all the same (its answer lost: a 504 or a timeout after the fact), or an
+        earlier request of this guest (its retry key) won the race: the guest's release
+        (None). Else the refusal and its HTTP status."""
         try:
             again = self._cloud_init(req)
         except Exception as unread:  # noqa: BLE001 - not knowing is answered, not raised

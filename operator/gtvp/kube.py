@@ -36,6 +36,22 @@ class Clients:
 # (Python's default executor has cpu+4 threads: at 10,000 members the status writes queued
 # behind six of them while the API server had room for more).
 API_THREADS = 32
+API_TIMEOUT = (10.0, 60.0)
+"""Seconds to connect, and to wait for each read of an answer, on every API call that names
+no timeout of its own: a call the API server never answers (a network partition, a
+half-open connection after it restarted) fails instead of holding its thread, and with it
+a handler or an HTTPS connection of the endpoints, forever."""
+
+
+def _with_default_timeout(api: client.ApiClient, timeout: tuple[float, float]) -> None:
+    """Every request of `api` that names no `_request_timeout` gets `timeout`."""
+    rest = api.rest_client
+    request = rest.request
+
+    def bounded(*args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        return request(*args, _request_timeout=_request_timeout or timeout, **kwargs)
+
+    rest.request = bounded
 
 
 def make_clients(kubeconfig: str | None = None, *, field_manager: str = "gtvp-operator") -> Clients:
@@ -47,6 +63,7 @@ def make_clients(kubeconfig: str | None = None, *, field_manager: str = "gtvp-op
         config.load_incluster_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = API_THREADS
     api = client.ApiClient(cfg)
+    _with_default_timeout(api, API_TIMEOUT)
     return Clients(
         api,
         client.CustomObjectsApi(api),

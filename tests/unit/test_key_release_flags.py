@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Counter
 
 from gtvp import http_endpoints, operator_main
@@ -107,7 +108,15 @@ def test_flags_that_do_not_fit_stop_the_operator_with_a_clear_error(
     assert "gtvp-operator: " in capsys.readouterr().err
 
 
-def _tls_server(tmp_path: Path) -> tuple[int, ssl.SSLContext]:
+def _answers_428(_method: str, _body: bytes) -> tuple[int, str, bytes]:
+    return 428, "application/json", b'{"member": "a"}'
+
+
+def _tls_server(
+    tmp_path: Path,
+    release: http_endpoints.Release = _answers_428,
+    box_attest: http_endpoints.BoxAttest | None = None,
+) -> tuple[int, ssl.SSLContext]:
     ca = pki.ensure_ca(tmp_path, "test-ca")
     leaf = pki.issue(ca, tmp_path, "kr", common_name="kr", server_ips=("127.0.0.1",))
     registry = CollectorRegistry()
@@ -130,8 +139,9 @@ def _tls_server(tmp_path: Path) -> tuple[int, ssl.SSLContext]:
         lambda: http_endpoints.Probe(loaded=True, loop_started=False, loop_idle_seconds=0),
         tls=tls,
         public=public,
-        release=lambda method, body: (428, "application/json", b'{"member": "a"}'),
+        release=release,
         only_public=True,
+        box_attest=box_attest,
     )
     client = ssl.create_default_context(cafile=str(ca.cert))
     return int(server.server_port), client
@@ -222,3 +232,35 @@ def test_a_slow_client_is_cut_off_and_cannot_take_every_connection(
         except (OSError, urllib.error.URLError):
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_a_request_gtvp_cannot_answer_now_gets_a_503_to_ask_again_and_the_server_lives_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API server timed out or failed under a key-release or box-attestation request:
+    the guest gets a 503 saying to ask again (its script does), not a 500 with a traceback,
+    and the log line names the path and the error, never the request."""
+    calls: list[str] = []
+
+    def failing(*args: object) -> tuple[int, str, bytes]:
+        calls.append(str(args[0]))
+        raise ApiException(status=504, reason="Gateway Timeout")
+
+    port, client = _tls_server(tmp_path, release=failing, box_attest=failing)
+    base = f"https://127.0.0.1:{port}"
+    for path in ("/keyrelease/v1/release", "/boxattest/v1/quote"):
+        post = urllib.request.Request(  # noqa: S310 (https, the test's own server)
+            f"{base}{path}", data=b'{"credential": "SECRET-IN-REQUEST"}', method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as got:
+            _open(post, client)
+        assert got.value.code == 503
+        body = json.loads(got.value.read())
+        assert body["reason"] == "Unavailable"
+        assert "ask again" in body["message"]
+    assert len(calls) == 2
+    said = caplog.text
+    assert "answered 503 (ApiException: 504 Gateway Timeout)" in said
+    assert "SECRET-IN-REQUEST" not in said
+    with _open(f"{base}/.well-known/jwks.json", client) as r:  # still serving
+        assert json.load(r) == {"keys": []}
