@@ -343,6 +343,32 @@ def serve(
     return server
 
 
+PROBES_ADDRESS = "127.0.0.1"
+"""Where `serve_probes` listens: only processes of the pod itself reach it."""
+
+
+def serve_probes(port: int, read: Callable[[], Probe]) -> ThreadingWSGIServer:
+    """/healthz and /readyz, nothing else, in plain HTTP on PROBES_ADDRESS:`port`, on a
+    daemon thread (the chart's exec probes ask it from inside the container). Nothing outside
+    the pod can reach it, so no client of the HTTPS port (a VM attesting, a scraper, a flood
+    of slow connections) can take the probes' connections and get a replica restarted or
+    unready."""
+
+    def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
+        got = answer(str(environ.get("PATH_INFO", "")), read())
+        if got is None:
+            start("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"only /healthz and /readyz are served on this port\n"]
+        status, text = got
+        reason = "OK" if status == 200 else "Service Unavailable"
+        start(f"{status} {reason}", [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
+
+    server = make_server(PROBES_ADDRESS, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="gtvp-probes", daemon=True).start()
+    return server
+
+
 def idle_since(heartbeat: float) -> float:
     """Seconds since a monotonic heartbeat (0 when it never beat)."""
     return time.monotonic() - heartbeat if heartbeat else 0.0

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve /metrics over HTTPS to callers the API server authenticates and allows "
         "(get on the non-resource URL /metrics); the probes stay open",
+    )
+    p.add_argument(
+        "--probe-port",
+        type=int,
+        default=int(os.environ.get("GTVP_PROBE_PORT", "0")),
+        help="also answer /healthz and /readyz, nothing else, in plain HTTP on "
+        "127.0.0.1:PORT, for probes run inside the pod (0, the default: only on --metrics-port)",
     )
     p.add_argument(
         "--metrics-cert",
@@ -262,16 +269,9 @@ def _public_documents(rt: Runtime) -> http_endpoints.Public | None:
     return verdict_keys.documents(issuer, token_of) if issuer is not None else None
 
 
-def _serve_probes(rt: Runtime, serving: MetricsServing, *, release_here: bool = True) -> None:
-    """/metrics, /healthz and /readyz on a thread (OSError when the port is taken or the
-    certificate cannot be read), with the verdict tokens' public documents, and key release
-    when it is on and `release_here` (not on its own port)."""
-    import time
-
-    from gtvp import http_endpoints, metrics_auth
-    from gtvp.metrics import METRICS
-
-    public = _public_documents(rt)
+def _probe_reader(rt: Runtime) -> Callable[[], http_endpoints.Probe]:
+    """What the probes read, from the runtime, at each probe."""
+    from gtvp import http_endpoints
 
     def probe() -> http_endpoints.Probe:
         co = rt.coordination
@@ -288,6 +288,38 @@ def _serve_probes(rt: Runtime, serving: MetricsServing, *, release_here: bool = 
             ),
         )
 
+    return probe
+
+
+def probe_port_from(args: argparse.Namespace) -> int:
+    """The loopback probe port the flags ask for (0: none); ValueError when it is not a
+    port or is taken by another of the operator's ports."""
+    port = int(args.probe_port or 0)
+    if not port:
+        return 0
+    if not 0 < port < 65536:
+        raise ValueError(f"--probe-port {port}: a TCP port (1-65535) is needed")
+    for flag, taken in (
+        ("--metrics-port", args.metrics_port),
+        ("--webhook-port", args.webhook_port),
+        ("--key-release-port", args.key_release_port),
+    ):
+        if port == taken:
+            raise ValueError(f"--probe-port {port} is also the {flag}: give it a port of its own")
+    return port
+
+
+def _serve_probes(rt: Runtime, serving: MetricsServing, *, release_here: bool = True) -> None:
+    """/metrics, /healthz and /readyz on a thread (OSError when the port is taken or the
+    certificate cannot be read), with the verdict tokens' public documents, and key release
+    when it is on and `release_here` (not on its own port)."""
+    import time
+
+    from gtvp import http_endpoints, metrics_auth
+    from gtvp.metrics import METRICS
+
+    public = _public_documents(rt)
+    probe = _probe_reader(rt)
     settings = rt.settings
     if not serving.secure or serving.cert is None or serving.key is None:
         http_endpoints.serve(
@@ -446,6 +478,38 @@ def _runtime(settings: OperatorSettings) -> Runtime:
     return rt
 
 
+def _serve_http(
+    rt: Runtime, serving: MetricsServing, own_port: KeyReleaseServing | None, probe_port: int
+) -> str | None:
+    """Start the metrics, key-release and probe servers the flags ask for; why one could
+    not start (None: all started)."""
+    from gtvp import http_endpoints
+
+    settings = rt.settings
+    if settings.metrics_port:
+        try:
+            _serve_probes(rt, serving, release_here=own_port is None)
+        except OSError as exc:
+            return (
+                f"cannot serve /metrics, /healthz, /readyz on "
+                f"{settings.metrics_address}:{settings.metrics_port}: {exc}"
+            )
+    if probe_port:
+        try:
+            http_endpoints.serve_probes(probe_port, _probe_reader(rt))
+        except OSError as exc:
+            return (
+                f"cannot serve /healthz, /readyz on "
+                f"{http_endpoints.PROBES_ADDRESS}:{probe_port}: {exc}"
+            )
+    if own_port is not None and rt.key_release is not None:
+        try:
+            _serve_key_release(rt, own_port)
+        except OSError as exc:
+            return f"cannot serve key release on {own_port.address}:{own_port.port}: {exc}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -453,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving = metrics_serving_from(args)
         key_release = key_release_from(args, serving)
         own_port = key_release_serving_from(args)
+        probe_port = probe_port_from(args)
     except ValueError as exc:  # inconsistent lease timing, unauthenticated metrics off loopback
         return _fail(str(exc))
     _configure_logging(settings)
@@ -475,19 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         namespace=settings.lease_namespace, audience=args.token_audience
     )
     rt.key_release = key_release
-    if settings.metrics_port:
-        try:
-            _serve_probes(rt, serving, release_here=own_port is None)
-        except OSError as exc:
-            return _fail(
-                f"cannot serve /metrics, /healthz, /readyz on "
-                f"{settings.metrics_address}:{settings.metrics_port}: {exc}"
-            )
-    if own_port is not None and key_release is not None:
-        try:
-            _serve_key_release(rt, own_port)
-        except OSError as exc:
-            return _fail(f"cannot serve key release on {own_port.address}:{own_port.port}: {exc}")
+    failed = _serve_http(rt, serving, own_port, probe_port)
+    if failed is not None:
+        return _fail(failed)
     logging.getLogger("gtvp").info(
         "gtvp-operator %s enforcing SecurityPolicy %r as replica %r%s",
         __version__,

@@ -61,3 +61,40 @@ def test_metrics_still_served(served: tuple[str, list[Probe]]) -> None:
     code, text = _get(f"{base}/metrics")
     assert code == 200
     assert "gtvp_test_total 3.0" in text
+
+
+def test_the_probe_port_answers_only_the_probes_and_only_on_loopback() -> None:
+    """`--probe-port`: what the chart's exec probes ask, unreachable from outside the pod."""
+    state = [Probe(loaded=False, loop_started=False, loop_idle_seconds=0.0)]
+    port = free_port()
+    server = http_endpoints.serve_probes(port, lambda: state[0])
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        base = f"http://127.0.0.1:{port}"
+        assert _get(f"{base}/readyz")[0] == 503
+        state[0] = Probe(loaded=True, loop_started=True, loop_idle_seconds=1.0)
+        assert _get(f"{base}/readyz") == (200, "ready: members, VMs, VMIs and migrations loaded\n")
+        assert _get(f"{base}/healthz") == (200, "ok\n")
+        status, text = _get(f"{base}/metrics")
+        assert status == 404
+        assert "gtvp_" not in text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--probe-port", "9090"], "--probe-port 9090 is also the --metrics-port"),
+        (["--probe-port", "9443"], "--probe-port 9443 is also the --webhook-port"),
+        (["--probe-port", "70000"], "--probe-port 70000: a TCP port (1-65535) is needed"),
+    ],
+)
+def test_a_probe_port_taken_by_another_port_stops_the_operator_with_a_clear_error(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gtvp import operator_main
+
+    assert operator_main.main(argv) == 2
+    assert says in capsys.readouterr().err
