@@ -440,7 +440,11 @@ class Endpoint:
                 kr.CREDENTIAL_USED, "the credential was used at the same time by another request"
             )
             return verdict, 403
-        said = f"the credential could not be consumed ({why}): nothing released, nothing used"
+        said = (
+            f"the credential's write failed ({why}): nothing released, and the credential was "
+            "still unused when read back (a write that was slow to commit may yet use it): ask "
+            "again with the same credential and retry key"
+        )
         return kr.Verdict(kr.SECRET_UNAVAILABLE, said), 503
 
     def _refuse(

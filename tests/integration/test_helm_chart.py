@@ -4,6 +4,7 @@ and in step with the manifests the tests run against; its alerts checked by prom
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -15,9 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
-from gtvp import webhook_config
+from gtvp import http_endpoints, webhook_config
+from gtvp.http_endpoints import Probe
 from gtvp_local import toolchain
 from gtvp_local.controlplane import ADMIN, ControlPlane
+from gtvp_local.processes import free_port
 
 pytestmark = pytest.mark.controlplane
 
@@ -182,7 +185,7 @@ def test_gates_fail_closed_and_agents_survive_their_own_taint(control_plane: Con
     # network (a VM at the HTTPS port, a flood of slow connections) can reach
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         assert "httpGet" not in container[probe]
-        assert f"http://127.0.0.1:9091{path}" in container[probe]["exec"]["command"][2]
+        assert _probe_asks(container[probe]) == (9091, path)
     assert "--probe-port=9091" in container["args"]
     assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     assert all(p["containerPort"] != 9091 for p in container["ports"])
@@ -681,7 +684,7 @@ def test_each_replica_is_named_by_its_pod_in_the_leases(control_plane: ControlPl
     for flag in ("--lease-duration=15", "--renew-deadline=10", "--retry-period=2"):
         assert flag in args
     assert "--shutdown-grace=5" in args
-    assert "/readyz" in container["readinessProbe"]["exec"]["command"][2]
+    assert _probe_asks(container["readinessProbe"])[1] == "/readyz"
 
     tuned = _operator(
         _render(
@@ -1289,9 +1292,7 @@ def test_plain_metrics_only_on_loopback_for_a_proxy_sidecar(
     assert proxy == sidecar
     assert all(p["name"] != "metrics" for p in operator["ports"])  # nothing on the pod's IP
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        command = operator[probe]["exec"]["command"]
-        assert command[:2] == ["python3", "-c"]
-        assert f"http://127.0.0.1:9091{path}" in command[2]
+        assert _probe_asks(operator[probe]) == (9091, path)
     assert not [d for d in docs if d["metadata"]["name"] == "gtvp-metrics-auth"]
     _one(docs, "ClusterRole", "gtvp-metrics-reader")  # what the proxy checks too
     (endpoint,) = _one(docs, "ServiceMonitor")["spec"]["endpoints"]
@@ -1581,3 +1582,45 @@ def test_every_node_of_a_rig_can_have_its_own_swtpm(
     assert "agent.tpm (" in _refused("agent.tpm=/dev/tpmrm0")
     assert "names a TPM" in _refused("agent.tpmDevice=")
     _lints({"agent": {"tpmPerNode": rig, "tpmDevice": ""}})
+
+
+def _probe_asks(probe: dict[str, Any]) -> tuple[int, str]:
+    """(port, path) the chart's exec probe asks on loopback."""
+    source = probe["exec"]["command"][-1]
+    port = re.search(r"create_connection\(\('127\.0\.0\.1',(\d+)\)", source)
+    path = re.search(r"GET (\S+) HTTP/1\.0", source)
+    assert port is not None, source
+    assert path is not None, source
+    return int(port.group(1)), path.group(1)
+
+
+def test_the_charts_probes_pass_only_while_the_operator_says_ready_and_healthy() -> None:
+    """The rendered exec probes, run as the kubelet runs them, against the operator's own
+    probe server on the port the chart gives it: they fail while it is not ready, pass once
+    it is, and fail when nothing answers."""
+    port = free_port()
+    container = _operator(_render(f"operator.probePort={port}"))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert f"--probe-port={port}" in container["args"]
+    state = [Probe(loaded=False, loop_started=False, loop_idle_seconds=0.0)]
+    server = http_endpoints.serve_probes(port, lambda: state[0])
+
+    def passes(probe: str) -> bool:
+        command = container[probe]["exec"]["command"]
+        assert command[0] == "python3"
+        timeout = int(container[probe]["timeoutSeconds"])
+        got = subprocess.run(command, capture_output=True, timeout=timeout + 5, check=False)
+        return got.returncode == 0
+
+    try:
+        assert not passes("readinessProbe")
+        assert passes("livenessProbe")
+        state[0] = Probe(loaded=True, loop_started=True, loop_idle_seconds=1.0)
+        assert passes("readinessProbe")
+        state[0] = Probe(loaded=True, loop_started=True, loop_idle_seconds=600.0)  # wedged
+        assert not passes("livenessProbe")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not passes("readinessProbe")  # nothing answers

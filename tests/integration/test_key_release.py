@@ -458,7 +458,7 @@ def test_a_consuming_write_whose_answer_the_api_server_lost_still_releases_or_ke
     cred = pool.credential(BOX)
     status, got = pool.ask(BOX, cred, pool.token(here))
     assert (status, got["reason"]) == (503, kr.SECRET_UNAVAILABLE), got
-    assert "nothing released, nothing used" in got["message"]
+    assert "nothing released, and the credential was still unused" in got["message"]
     assert pool.credential(BOX) == cred
     monkeypatch.setattr(core, "replace_namespaced_secret", write)
     assert pool.ask(BOX, cred, pool.token(here))[0] == 200

@@ -213,6 +213,20 @@ def test_the_guest_whose_answer_was_lost_gets_its_secrets_again_and_nobody_else(
         assert (got.released, got.reason) == (False, kr.CREDENTIAL_USED), got.message
 
 
+def test_a_repeat_judged_by_a_replica_whose_clock_runs_behind_is_still_answered() -> None:
+    """The consuming replica's clock ran ahead: its release seems up to a minute in the
+    future to the replica the guest reaches next. Further ahead, or a time without a zone
+    (only a Secret writer could put one there), is no release to repeat."""
+    for ahead, released in ((30, True), (59, True), (120, False)):
+        req, facts = _asking_again(_consumed_by(RETRY, at=NOW + dt.timedelta(seconds=ahead)))
+        assert kr.decide(req, facts, NOW).released is released, ahead
+    naive = dict(_consumed_by(RETRY))
+    last = json.loads(naive[kr.ANSWERED_ANNOTATION])
+    naive[kr.ANSWERED_ANNOTATION] = json.dumps({**last, "at": "2026-12-02T01:00:00"})
+    req, facts = _asking_again(naive)
+    assert kr.decide(req, facts, NOW).reason == kr.CREDENTIAL_USED
+
+
 def test_a_later_release_forgets_the_earlier_ones_retry_key() -> None:
     first = _consumed_by(RETRY)
     later = kr.consumed_annotations(

@@ -402,30 +402,38 @@ d=${GTVP_KEY_RELEASE_DIR:-/run/gtvp/keyrelease}
 . "$d/env"
 tls=""
 [ -s "$d/ca.pem" ] && tls="--cacert $d/ca.pem"
+t="--connect-timeout 10 --max-time 120"
 cred=$(cat "$d/credential")
-[ -s "$d/retry" ] || od -An -N32 -tx1 /dev/urandom | tr -d ' \n' > "$d/retry"
+if [ ! -s "$d/retry" ]; then
+  od -An -N32 -tx1 /dev/urandom | tr -d ' \n' > "$d/retry"
+  chmod 0400 "$d/retry"
+fi
 retry=$(cat "$d/retry")
+[ ${#retry} -ge 32 ] || { echo "gtvp key release: no retry key (od, /dev/urandom)" >&2; exit 1; }
 ask() {
   printf '{"namespace":"%s","%s":"%s","credential":"%s","retry":"%s","token":"%s"}' \
     "$GTVP_NAMESPACE" "$GTVP_OBJECT" "$GTVP_NAME" "$cred" "$retry" "$1" > "$d/request.json"
-  curl -sS $tls --retry 5 --retry-connrefused -X POST -H 'Content-Type: application/json' \
+  curl -sS $tls $t --retry 5 --retry-connrefused -X POST -H 'Content-Type: application/json' \
     --data-binary "@$d/request.json" -o "$d/$2" -w '%{http_code}' \
     "$GTVP_KEY_RELEASE_URL$GTVP_PATH" || true
 }
 waits=${GTVP_ATTEST_WAITS:-120}
 lost=${GTVP_LOST_WAITS:-12}
 while :; do
+  rm -f "$d/where.json" "$d/secrets.json"
+  answer=where.json
   code=$(ask "" where.json)
   if [ "$code" = 428 ]; then
     member=$(sed -n 's/.*"member": *"\([^"]*\)".*/\1/p' "$d/where.json")
-    if token=$(curl -fsS $tls --retry 5 --retry-connrefused \
+    answer=secrets.json
+    if token=$(curl -fsS $tls $t --retry 5 --retry-connrefused \
         "$GTVP_KEY_RELEASE_URL/ear/members/$member"); then
       code=$(ask "$token" secrets.json)
     else
       code=000
     fi
   fi
-  if [ "$code" = 403 ] && grep -q '"BoxNotAttested"' "$d/secrets.json" && [ "$waits" -gt 0 ]; then
+  if [ "$code" = 403 ] && grep -q '"BoxNotAttested"' "$d/$answer" && [ "$waits" -gt 0 ]; then
     waits=$((waits - 1))
   elif [ "$code" = 000 ] || [ "${code#5}" != "$code" ]; then
     [ "$lost" -gt 0 ] || break

@@ -65,6 +65,8 @@ hash, the hash of the retry key sent with it, the VMI's uid and when (`repeatabl
 the id of the write that consumed it (`written_by`)."""
 REPEAT_FOR: Final = dt.timedelta(minutes=10)
 """How long the guest that consumed a credential may ask again for an answer it lost."""
+CLOCK_SKEW: Final = dt.timedelta(seconds=60)
+"""How far another replica's clock may run ahead of this one's for a repeat to be judged."""
 RELEASE_TO_ANNOTATION: Final = "gtvp.io/release-to"
 """On a Secret to be released: the LazyBoxes (comma-separated names, `*` for any box of
 the namespace) it may be released to. The Secret's writer consents, so being able to create
@@ -530,9 +532,11 @@ def written_by(ann: Mapping[str, str] | None, write: str) -> bool:
 
 def repeatable(ann: Mapping[str, str], req: Request, uid: str, now: dt.datetime) -> bool:
     """Whether `req` (its credential used) may get the Secrets again: it is the guest that
-    used it (`answered`), asking within REPEAT_FOR of that release."""
+    used it (`answered`), asking within REPEAT_FOR of that release (by this replica's clock:
+    a release up to CLOCK_SKEW in its future, written by a replica whose clock runs ahead,
+    counts as just made)."""
     at = parse_ts(_answered(ann).get("at"))
-    return answered(ann, req, uid) and at is not None and dt.timedelta(0) <= now - at <= REPEAT_FOR
+    return answered(ann, req, uid) and at is not None and -CLOCK_SKEW <= now - at <= REPEAT_FOR
 
 
 def consumed_annotations(

@@ -16,13 +16,15 @@ def format_ts(t: dt.datetime) -> str:
 
 
 def parse_ts(s: Any) -> dt.datetime | None:
-    """The time in a status field, or None when it is missing or not a timestamp."""
+    """The time in a status field, or None when it is missing or not a timestamp (one
+    without a time zone too: it could not be compared with an aware time)."""
     if not isinstance(s, str):
         return None
     try:
-        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+        got = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
     except ValueError:
         return None
+    return got if got.tzinfo is not None else None
 
 
 def human_duration(d: dt.timedelta) -> str:
