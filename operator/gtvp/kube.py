@@ -376,12 +376,17 @@ def post_object_event(
 
 # ----- Leases (coordination.k8s.io/v1): the replicas' presence, shards and leadership -------
 LEASE_LABEL = "gtvp.io/lease"
+LEASE_TIMEOUT = (5.0, 10.0)
+"""Seconds to connect and per read for the Lease calls: well under a lease duration, so a
+call stuck on a dead connection is retried within the renew deadline, not after a minute."""
 
 
 def list_leases(c: Clients, namespace: str) -> list[dict[str, Any]]:
     """gtvp's Leases in `namespace`, as plain dicts (camelCase keys)."""
     got = c.api.sanitize_for_serialization(
-        c.coordination.list_namespaced_lease(namespace, label_selector=LEASE_LABEL)
+        c.coordination.list_namespaced_lease(
+            namespace, label_selector=LEASE_LABEL, _request_timeout=LEASE_TIMEOUT
+        )
     )
     items: list[dict[str, Any]] = got.get("items") or []
     return items
@@ -391,7 +396,7 @@ def create_lease(c: Clients, namespace: str, body: Mapping[str, Any]) -> dict[st
     """Create a Lease; None when one of that name exists already (409)."""
     try:
         got = c.coordination.create_namespaced_lease(
-            namespace, dict(body), field_manager=c.field_manager
+            namespace, dict(body), field_manager=c.field_manager, _request_timeout=LEASE_TIMEOUT
         )
     except client.exceptions.ApiException as exc:
         if exc.status == 409:
@@ -407,7 +412,11 @@ def replace_lease(c: Clients, namespace: str, body: Mapping[str, Any]) -> dict[s
     name = str(body["metadata"]["name"])
     try:
         got = c.coordination.replace_namespaced_lease(
-            name, namespace, dict(body), field_manager=c.field_manager
+            name,
+            namespace,
+            dict(body),
+            field_manager=c.field_manager,
+            _request_timeout=LEASE_TIMEOUT,
         )
     except client.exceptions.ApiException as exc:
         if exc.status in (404, 409):
@@ -426,6 +435,7 @@ def delete_lease(c: Clients, namespace: str, name: str, resource_version: str) -
             body=client.V1DeleteOptions(
                 preconditions=client.V1Preconditions(resource_version=resource_version)
             ),
+            _request_timeout=LEASE_TIMEOUT,
         )
     except client.exceptions.ApiException as exc:
         if exc.status in (404, 409):
