@@ -158,7 +158,7 @@ def _unavailable_on_error(
     unreachable or timing out), logged in one line without the request."""
     try:
         return handler(*args)
-    except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills a thread
+    except Exception as exc:
         log.warning("%s: answered 503 (%s: %s)", path, type(exc).__name__, _first_line(exc))
         log.debug("%s: what failed", path, exc_info=True)  # a bug, not only the API server
         why = "gtvp could not answer now (the API server did not): ask again"

@@ -590,7 +590,8 @@ def test_a_new_class_is_judged_by_a_fresh_quote(
 ) -> None:
     m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "reclass")
     spec = _policy_spec(swtpm_ca)
-    strict = {"name": "strict", "goldenPCRs": {"0": "11" * 32}}  # this TPM's PCR 0 is zero
+    golden = {str(p): "00" * 32 for p in spec["pcrSelection"]["pcrs"]}
+    strict = {"name": "strict", "goldenPCRs": {**golden, "0": "11" * 32}}  # this PCR 0 is zero
     spec["memberClasses"].append(strict)
     spec["levels"][0]["attestation"] = {"interval": "20s", "validFor": "60s", "maxUses": 5}
     m.policy = parse_policy("default", spec)

@@ -52,7 +52,7 @@ def _refused(spec: dict[str, Any]) -> PolicyError:
 def test_the_sample_policy_parses() -> None:
     policy = parse_policy("example", _sample())
     assert [lv.level for lv in policy.levels] == [1, 2, 3]
-    assert policy.default_member_class == "generic-uefi"
+    assert policy.default_member_class == "uefi-secureboot"
 
 
 def test_golden_value_of_31_bytes_in_a_sha256_bank_is_refused() -> None:
@@ -158,7 +158,7 @@ def test_missing_default_class_is_refused() -> None:
     err = _refused(spec)
     assert err.field == "spec.defaultMemberClass"
     assert "no member class named 'generic-bios'" in err.message
-    assert "generic-uefi" in err.message  # says which classes there are
+    assert "uefi-secureboot" in err.message  # says which classes there are
 
 
 def test_transition_to_a_missing_class_is_refused() -> None:
@@ -174,29 +174,75 @@ VERIFIES_NOTHING: list[dict[str, Any]] = [
     {"name": "lax", "goldenPCRs": {}},
     {"name": "lax", "eventLog": {"required": False}},
     {"name": "lax", "eventLog": {"forbiddenDigests": ["aa" * 32]}},
+    # a required log only shows that the log matches the quote: a modified bootloader's or
+    # kernel's own log, measured faithfully by the firmware, replays just as well
+    {"name": "lax", "eventLog": {"required": True}},
+    {"name": "lax", "eventLog": {"required": True, "forbiddenDigests": ["aa" * 32]}},
 ]
 
 
-@pytest.mark.parametrize("cls", VERIFIES_NOTHING, ids=["bare", "no-golden", "log-optional", "deny"])
+@pytest.mark.parametrize(
+    "cls",
+    VERIFIES_NOTHING,
+    ids=["bare", "no-golden", "log-optional", "deny", "log-required", "log-required-deny"],
+)
 def test_a_member_class_that_would_verify_nothing_is_refused(cls: dict[str, Any]) -> None:
-    # no golden value and no event log required: any self-consistent event log (a modified
-    # bootloader's real one) would "explain" every PCR
     spec = _sample()
     spec["memberClasses"].append(cls)
     err = _refused(spec)
     assert err.field == "spec.memberClasses[1]"
     assert "member class 'lax' verifies nothing" in err.message
     assert "goldenPCRs" in err.message
-    assert "eventLog.required: true" in err.message
+    assert "gtvp policy learn" in err.message
 
 
-def test_a_class_with_golden_values_or_a_required_event_log_is_accepted() -> None:
+def _set_on(*pcrs: int, name: str = "s") -> dict[str, Any]:
+    return {
+        "name": name,
+        "pcrs": [{"pcr": p, "events": [{"type": "EV_SEPARATOR", "digests": ["df" * 32]}]}
+                 for p in pcrs],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cls", "unverified"),
+    [
+        ({"goldenPCRs": {"0": "00" * 32}}, "1, 2, 3, 4, 5, 6, 7"),  # golden PCR 0 only
+        ({"goldenPCRs": {str(p): "00" * 32 for p in range(7)}}, "7"),
+        ({"referenceSets": [_set_on(0, 1, 2, 3, 4, 5, 6)]}, "7"),
+        # a set that checks only the Secure Boot state leaves PCR 7's keys (db, KEK) open
+        ({"referenceSets": [{**_set_on(0, 1, 2, 3, 4, 5, 6), "secureBoot": "Enabled"}]}, "7"),
+        # each set must cover what golden values do not: a second set lacking PCR 4
+        (
+            {"referenceSets": [_set_on(*range(8), name="a"), _set_on(0, 1, 2, 3, 5, 6, 7)]},
+            "4",
+        ),
+    ],
+    ids=["golden-0", "golden-0-6", "set-0-6", "set-secureboot-only", "second-set-lacks-4"],
+)
+def test_a_member_class_leaving_a_quoted_pcr_unverified_is_refused(
+    cls: dict[str, Any], unverified: str
+) -> None:
+    spec = _sample()
+    spec["memberClasses"].append({"name": "partial", **cls})
+    err = _refused(spec)
+    assert err.field == "spec.memberClasses[1]"
+    assert f"member class 'partial' leaves PCR(s) {unverified} unverified" in err.message
+
+
+def test_a_class_verifying_every_quoted_pcr_is_accepted() -> None:
     spec = _sample()
     spec["memberClasses"] += [
-        {"name": "golden", "goldenPCRs": {"0": "00" * 32}},
-        {"name": "logged", "eventLog": {"required": True}},
+        {"name": "golden", "goldenPCRs": {str(p): "00" * 32 for p in range(8)}},
+        {"name": "sets", "referenceSets": [_set_on(*range(8), name="a"), _set_on(*range(8))]},
+        {
+            "name": "both",
+            "goldenPCRs": {str(p): "00" * 32 for p in (1, 3, 5, 6)},
+            "referenceSets": [_set_on(0, 2, 4, 7)],
+        },
     ]
-    assert set(parse_policy("p", spec).member_classes) == {"generic-uefi", "golden", "logged"}
+    names = set(parse_policy("p", spec).member_classes)
+    assert names == {"uefi-secureboot", "golden", "sets", "both"}
 
 
 def test_a_member_class_that_cannot_be_resolved_has_no_class() -> None:
@@ -215,7 +261,7 @@ def test_a_member_class_that_cannot_be_resolved_has_no_class() -> None:
     # the default still resolves
     mp = member_policy(policy, identity=3, member_class=None, labels={})
     assert mp.member_class is not None
-    assert mp.member_class.name == "generic-uefi"
+    assert mp.member_class.name == "uefi-secureboot"
 
 
 KUBELET_SETTABLE = [

@@ -75,12 +75,22 @@ def real(name: str) -> EventLog:
 
 
 def policy_spec(ref_sets: list[dict[str, Any]], pcrs: Sequence[int] = range(8)) -> dict[str, Any]:
+    """A policy whose one class holds `ref_sets`, and golden values for the quoted PCRs that
+    not every set has rules for (a class must verify every quoted PCR)."""
+
+    def ruled(s: dict[str, Any]) -> set[Any]:
+        rules = s.get("pcrs") if isinstance(s, dict) else None
+        return {r.get("pcr") for r in rules or () if isinstance(r, dict)}
+
+    golden = {
+        str(p): "00" * 32 for p in pcrs if not ref_sets or not all(p in ruled(s) for s in ref_sets)
+    }
     return {
         "levels": [
             {"level": 1, "name": "standard", "attestation": {"interval": "30s", "validFor": "90s"}}
         ],
         "pcrSelection": {"hashAlgorithm": "sha256", "pcrs": list(pcrs)},
-        "memberClasses": [{"name": "fleet", "referenceSets": ref_sets}],
+        "memberClasses": [{"name": "fleet", "goldenPCRs": golden, "referenceSets": ref_sets}],
         "defaultMemberClass": "fleet",
         "ekTrust": {"caBundle": _ca_pem()},
     }

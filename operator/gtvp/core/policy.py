@@ -21,7 +21,7 @@ import base64
 import binascii
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -383,14 +383,7 @@ def _member_classes(raw: Any, bank: str, selected: frozenset[int]) -> dict[str, 
         ref_sets = _reference_sets(_get(mc, "referenceSets", []), path, bank, size, selected)
         # a reference set is appraised on the event log: it needs one
         required = bool(_get(log, "required", False)) or bool(ref_sets)
-        if not golden and not required:
-            raise PolicyError(
-                path,
-                f"member class {cname!r} verifies nothing: it has no goldenPCRs and does not "
-                "require an event log, so any self-consistent event log (a modified "
-                "bootloader's or kernel's own) would explain every PCR; give goldenPCRs or "
-                "set eventLog.required: true",
-            )
+        _check_verifies_every_pcr(path, cname, selected, golden, ref_sets)
         classes[cname] = MemberClass(
             name=cname,
             golden=golden,
@@ -399,6 +392,41 @@ def _member_classes(raw: Any, bank: str, selected: frozenset[int]) -> dict[str, 
             reference_sets=ref_sets,
         )
     return classes
+
+
+def _check_verifies_every_pcr(
+    path: str,
+    cname: str,
+    selected: frozenset[int],
+    golden: Mapping[int, bytes],
+    ref_sets: Sequence[ReferenceSet],
+) -> None:
+    """Refuse a member class that leaves a quoted PCR unverified: one with no golden value
+    that some reference set has no rules for. A PCR checked only by replaying the event log
+    is verified by nothing: the log of a modified bootloader or kernel, measured faithfully
+    by the firmware, replays to the quoted value just as well (forbidden digests only deny
+    what is known to be bad)."""
+    unverified = sorted(
+        p
+        for p in selected
+        if p not in golden and not (ref_sets and all(p in s.rule_pcrs for s in ref_sets))
+    )
+    if not unverified:
+        return
+    listed = ", ".join(map(str, unverified))
+    said = (
+        "verifies nothing"
+        if len(unverified) == len(selected)
+        else f"leaves PCR(s) {listed} unverified"
+    )
+    raise PolicyError(
+        path,
+        f"member class {cname!r} {said}: a PCR needs a goldenPCRs value, or rules in every "
+        "one of the class's referenceSets (`gtvp policy learn` proposes them from a host's "
+        "event log); a replayed event log alone only shows that the log matches the quote, "
+        "so a modified bootloader's or kernel's own log would pass (or leave the PCR out of "
+        "spec.pcrSelection)",
+    )
 
 
 def _reference_sets(

@@ -89,6 +89,11 @@ class ReferenceSet:
     not_after: dt.datetime | None = None
 
     @property
+    def rule_pcrs(self) -> frozenset[int]:
+        """The PCRs whose every event this set appraises (its rules)."""
+        return frozenset(r.pcr for r in self.pcrs)
+
+    @property
     def governed(self) -> frozenset[int]:
         """The PCRs the log must reproduce: those with rules, and PCR 7 when the set checks
         Secure Boot (else a SecureBoot event the TPM never measured could be believed)."""
