@@ -335,6 +335,43 @@ def test_second_member_with_the_same_ek_is_refused(
     assert twin.phase == "Trusted"
 
 
+def test_an_activation_presented_with_another_members_ek_binds_nothing(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    """Root on host A enrols with its own EK and AK, activates the credential in its own TPM,
+    then publishes an honest new host B's EK (public area and certificate, readable in B's
+    Member) with that proof, before B is bound: the proof answers a credential made for A's
+    EK, so it binds nothing here (it would pin B's EK to A's Member and lock B out as a
+    duplicate), and B enrols to Trusted."""
+    attacker = Member(make_tpm(), tpm_dir / "agent-a", swtpm_ca)
+    attacker.operator(T0)
+    attacker.agent()
+    assert attacker.operator(T0).phase == "Enrolling"  # a credential for A's AK under A's EK
+    attacker.agent()  # activated in A's own TPM: the proof is in A's status
+    honest = Member(make_tpm(), tpm_dir / "agent-b", swtpm_ca)
+    honest.operator(T0)
+    honest.agent()  # B's enrolment, as its Member shows it to anyone who may read Members
+    copied = honest.status["agent"]["enrollment"]
+    mine = attacker.status["agent"]["enrollment"]
+    mine.update(ekPublic=copied["ekPublic"], ekCertificate=copied["ekCertificate"])
+    step = attacker.operator(T0)
+    assert "AkBound" not in [e.reason for e in step.events]
+    assert not (attacker.status.get("trust") or {}).get("ekSHA256")  # nothing pinned
+    assert attacker.phase != "Trusted"
+    cred = attacker.status["challenge"]["credential"]  # a new one, for B's EK: A cannot answer
+    assert cred["ekSHA256"] != (honest.status.get("trust") or {}).get("ekSHA256", "")
+    # the honest host, judged with every EK other members are bound to, is not a duplicate
+    honest.ek_holders = {
+        str(h): n for n, h in (("a", (attacker.status.get("trust") or {}).get("ekSHA256")),) if h
+    }
+    honest.operator(T0)
+    honest.agent()
+    honest.operator(T0)
+    honest.agent()
+    honest.operator(T0 + dt.timedelta(seconds=1))
+    assert honest.phase == "Trusted", honest.status.get("trust")
+
+
 def test_evidence_that_arrives_after_validfor_asks_again_at_once(
     make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
 ) -> None:

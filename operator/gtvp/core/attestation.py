@@ -394,8 +394,12 @@ class _Cycle:
             )
         cred = self.challenge.get("credential") or {}
         activation = self.enrollment.get("activation") or {}
-        if not cred or activation.get("challengeId") != cred.get("id"):
-            if not cred or cred.get("akName", keys.ak_name) != keys.ak_name:
+        # made for this AK under this EK: a proof from another TPM's activation, presented
+        # with an EK the agent copied from another member, must not bind (it would pin that
+        # EK here and lock its real holder out as a duplicate)
+        made_for = cred.get("akName") == keys.ak_name and cred.get("ekSHA256") == keys.fingerprint
+        if not cred or not made_for or activation.get("challengeId") != cred.get("id"):
+            if not cred or not made_for:
                 self.challenge = {"credential": _credential(keys, self.entropy)}
             return self.finish(
                 reason="AwaitingActivation",
@@ -840,6 +844,7 @@ def _credential(keys: _Keys, entropy: bytes) -> CredentialChallenge:
     return {
         "id": hashlib.sha256(b"id" + entropy).hexdigest()[:32],
         "akName": keys.ak_name,
+        "ekSHA256": keys.fingerprint,
         "credentialBlob": base64.b64encode(ch.credential_blob).decode(),
         "secret": base64.b64encode(ch.encrypted_secret).decode(),
         "secretSHA256": ch.secret_sha256,

@@ -56,6 +56,7 @@ class CredentialChallenge(TypedDict, total=False):
 
     id: str
     akName: str
+    ekSHA256: str
     credentialBlob: str
     secret: str
     secretSHA256: str
