@@ -12,11 +12,12 @@ Pure functions over bytes and `cryptography` objects:
 - `ek_facts` parses and checks an EK public area once (fingerprint, SPKI, TPM name);
   `ak_facts` parses an AK public area and checks its attributes once.
 
-Once per binding, not once per cycle: the leaf checks are worked out once for the exact
-bytes of the EK's key, its certificate, the presented chain and the CA bundle (a bounded
-`functools.lru_cache`, so correctness never depends on what is cached: any other byte in
-any of them is another key and is checked from scratch), and the path validated for them
-is kept with the validity windows of its CAs. What depends on the time is checked against
+Once per binding, not once per cycle: a path validated for the exact bytes of the EK's
+key, its certificate, the presented chain and the CA bundle is kept by their digest
+(`gtvp.core.digest_cache`: bounded; any other byte in any of them is another key and is
+checked from scratch), with the validity windows of its CAs and only the presented
+certificates on it. Nothing is kept of a refused certificate or chain, so an agent writing
+new junk with every evidence leaves nothing behind. What depends on the time is checked against
 `now` on every call: the EK certificate's validity, then the kept path's windows; once one
 of them no longer holds, the path is validated afresh at `now`, so an expired certificate
 is refused the moment it expires, exactly as an uncached check would. A failed path
@@ -35,7 +36,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -52,6 +53,7 @@ from cryptography.x509.verification import (
 )
 
 from gtvp.core import errors
+from gtvp.core.digest_cache import DigestCache, digest_of
 from gtvp.core.quote import check_ak_attributes
 from gtvp.core.tpm_wire import (
     ADMIN_WITH_POLICY,
@@ -92,10 +94,17 @@ class EkFacts:
     name: bytes  # the TPM name (nameAlg || H(TPMT_PUBLIC))
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+_EK_FACTS: DigestCache[EkFacts] = DigestCache(CACHE_SIZE)
+_AK_FACTS: DigestCache[AkFacts] = DigestCache(CACHE_SIZE)
+
+
 def ek_facts(ek_area: bytes) -> EkFacts:
     """Parse an EK public area and check it is a TCG endorsement key; raises as
-    `parse_public` and `check_ek_public` do (failures are not cached)."""
+    `parse_public` and `check_ek_public` do (memoized by its digest; failures are not)."""
+    return _EK_FACTS.get(digest_of(ek_area), lambda: _ek_facts(ek_area))
+
+
+def _ek_facts(ek_area: bytes) -> EkFacts:
     ek = parse_public(ek_area)
     check_ek_public(ek)
     spki = spki_der(ek.key)
@@ -110,10 +119,14 @@ class AkFacts:
     name: str  # hex, as the agent reports it (enrollment.akName)
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
 def ak_facts(ak_area: bytes) -> AkFacts:
     """Parse an AK public area and check it is a restricted signing key that cannot leave
-    its TPM; raises as `parse_public` and `check_ak_attributes` do (not cached)."""
+    its TPM; raises as `parse_public` and `check_ak_attributes` do (memoized by its digest;
+    failures are not)."""
+    return _AK_FACTS.get(digest_of(ak_area), lambda: _ak_facts(ak_area))
+
+
+def _ak_facts(ak_area: bytes) -> AkFacts:
     ak = parse_public(ak_area)
     check_ak_attributes(ak)
     return AkFacts(ak, ak.name.hex())
@@ -255,7 +268,9 @@ def check_ek_certificate(
     `cryptography` built last time for these bytes while each of its certificates is still
     valid at `now`, otherwise a new path validation at `now` (a failed one is never kept).
     """
-    path = _ek_path(ek_spki, certificate, tuple(presented_chain), ca_bundle_pem)
+    key = digest_of(ek_spki, certificate, ca_bundle_pem, *presented_chain)
+    kept = _EK_PATHS.peek(key)
+    path = kept or _ek_path(ek_spki, certificate, tuple(presented_chain), ca_bundle_pem)
     if path.leaf_validity is not None:
         path.leaf_validity.check(now)
     if path.leaf_der is None:
@@ -264,17 +279,25 @@ def check_ek_certificate(
     known = path.verified[-1] if path.verified else None
     if known is not None and all(v.holds(now) for v in known.validity):
         return known.anchor
-    chain = _validate_path(_load_der(path.leaf_der, "the EK certificate"), path, now)
-    path.verified[:] = [chain]
+    try:
+        chain = _validate_path(_load_der(path.leaf_der, "the EK certificate"), path, now)
+    except errors.VerificationError:
+        _EK_PATHS.drop(key)  # kept with the chain's certificates only: try all of them next
+        raise
+    # kept only once validated, with only the presented certificates on the path: what an
+    # agent presents besides (any bytes, each distinct) never stays in memory
+    _EK_PATHS.put(key, replace(path, presented=chain.intermediates, verified=[chain]))
     return chain.anchor
 
 
 @dataclass(frozen=True)
 class _Chain:
-    """A path `cryptography` validated: its anchor and the validity windows of the CAs on it."""
+    """A path `cryptography` validated: its anchor, the validity windows of the CAs on it,
+    and its intermediates (presented certificates on the path)."""
 
     anchor: x509.Certificate
     validity: tuple[_Validity, ...]
+    intermediates: tuple[x509.Certificate, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -295,7 +318,10 @@ class _EkPath:
     verified: list[_Chain] = field(default_factory=list)
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+_EK_PATHS: DigestCache[_EkPath] = DigestCache(CACHE_SIZE)
+"""Validated EK certificate paths, by the digest of the bytes they were judged from."""
+
+
 def _ek_path(
     ek_spki: bytes, certificate: bytes, presented_chain: tuple[bytes, ...], ca_bundle_pem: str
 ) -> _EkPath:
@@ -396,7 +422,11 @@ def _validate_path(leaf: x509.Certificate, path: _EkPath, now: datetime.datetime
             continue
         ca = verified.chain[1:]
         kinds = ["an intermediate CA"] * (len(ca) - 1) + ["the trusted CA"]
-        return _Chain(ca[-1], tuple(_validity(c, k) for c, k in zip(ca, kinds, strict=True)))
+        return _Chain(
+            ca[-1],
+            tuple(_validity(c, k) for c, k in zip(ca, kinds, strict=True)),
+            tuple(ca[:-1]),
+        )
     raise _refusal(leaf, path, now, reason)
 
 

@@ -92,9 +92,9 @@ def efi_variable(event: Event) -> tuple[str, bytes] | None:
     return name, event.data[end : end + data_len]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
-    """One TCG_PCR_EVENT2 record."""
+    """One TCG_PCR_EVENT2 record (slots: a log holds up to MAX_EVENTS of them)."""
 
     pcr: int
     event_type: int

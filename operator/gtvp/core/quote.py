@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from gtvp.core import errors
+from gtvp.core.digest_cache import DigestCache, digest_of
 from gtvp.core.eventlog import EventLog, parse_event_log
 from gtvp.core.tpm_wire import (
     ALG_ECC,
@@ -329,10 +330,15 @@ def _digest(data: bytes, hash_alg: int) -> bytes:
     return digest
 
 
-@functools.lru_cache(maxsize=512)
+EVENT_LOGS_KEPT = 8
+"""Parsed event logs kept (a parsed log of the largest size takes a few MiB)."""
+_EVENT_LOGS: DigestCache[EventLog] = DigestCache(EVENT_LOGS_KEPT)
+
+
 def replay_event_log(event_log: bytes) -> EventLog:
-    """The parsed, replayed log (memoized by its bytes: one parse per log per cycle)."""
-    return parse_event_log(event_log)
+    """The parsed, replayed log (memoized by its digest, a few at a time: the judgement of
+    one quote reads it more than once; a log that does not parse is not kept)."""
+    return _EVENT_LOGS.get(digest_of(event_log), lambda: parse_event_log(event_log))
 
 
 def _check_counters(a: Attest, last: ClockState | None) -> ClockState:
