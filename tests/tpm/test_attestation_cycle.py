@@ -20,7 +20,7 @@ import yaml
 
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.policy import parse_policy
-from gtvp.core.timestamps import format_ts
+from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp_agent.tpm import Tpm
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import Swtpm, SwtpmCA
@@ -301,7 +301,7 @@ def test_strict_level_waits_for_a_human_after_a_failure(
         status=m.status,
         labels={},
         policy=m.policy,
-        now=T0 + dt.timedelta(seconds=42),
+        now=_due(m),
         entropy=secrets.token_bytes(ENTROPY_BYTES),
         readmit="ticket-42",
     )
@@ -333,6 +333,27 @@ def test_second_member_with_the_same_ek_is_refused(
     twin.agent()
     twin.operator(T0 + dt.timedelta(seconds=1))
     assert twin.phase == "Trusted"
+
+
+def test_evidence_written_before_its_time_is_judged_only_when_its_time_comes(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    """An agent that answers every nonce at once, ignoring answerAfter (after each failure a
+    new nonce comes), would have each quote and its event log verified as fast as it writes
+    them: evidence before its time waits, and is judged once its time has come."""
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "eager")
+    before = dict(m.status["trust"])
+    due = _due(m)
+    m.agent()  # at once, long before answerAfter
+    early = due - dt.timedelta(seconds=5)
+    step = m.operator(early)
+    assert step.answered_nonce is None  # not judged
+    assert m.status["trust"]["verifiedAt"] == before["verifiedAt"]
+    assert step.recheck_after <= due - early  # looked at again when its time has come
+    step = m.operator(due - dt.timedelta(seconds=1))  # a node clock a little ahead: judged
+    assert step.answered_nonce is not None
+    assert m.status["trust"]["verifiedAt"] != before["verifiedAt"]
+    assert m.phase == "Trusted"
 
 
 def test_an_activation_presented_with_another_members_ek_binds_nothing(
@@ -557,6 +578,13 @@ def test_a_class_removed_by_a_policy_edit_turns_its_members_untrusted(
 # ----- a new level or class needs a quote judged under it ---------------------------------
 
 
+def _due(m: Member) -> dt.datetime:
+    """When the outstanding nonce may be answered (its answerAfter)."""
+    due = parse_ts(m.status["challenge"]["answerAfter"])
+    assert due is not None
+    return due
+
+
 def _asks_now(m: Member, now: dt.datetime) -> bool:
     return bool(m.status["challenge"]["answerAfter"] <= format_ts(now))
 
@@ -594,10 +622,12 @@ def test_a_node_label_raising_the_level_waits_for_a_fresh_quote(
     m.operator(T0 + dt.timedelta(seconds=2))
     assert (m.phase, m.status["level"]) == ("Trusted", 1)
     m.agent()
-    m.operator(T0 + dt.timedelta(seconds=3))  # judged at level 1 now
+    due = _due(m)  # evidence is judged from its nonce's answerAfter on
+    m.operator(due)  # judged at level 1 now
     assert m.status["level"] == 1
+    assert m.status["trust"]["level"] == 1
     m.labels = {label: "confidential"}
-    now = T0 + dt.timedelta(seconds=4)
+    now = due + dt.timedelta(seconds=1)
     m.operator(now)
     assert (m.phase, m.status["level"]) == ("Trusted", 1)
     assert m.status["trust"]["level"] == 1

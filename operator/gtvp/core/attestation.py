@@ -71,6 +71,8 @@ from gtvp.core.trust import below_since
 
 ENTROPY_BYTES = 64
 RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
+EARLY_TOLERANCE = dt.timedelta(seconds=2)
+"""How far before its `answerAfter` evidence is judged (a node's clock a little ahead)."""
 # failures that are no sign of tampering: they never wait for gtvp.io/readmit (an expired
 # reference set is the policy's calendar, not the host's doing)
 _NOT_TAMPERING = (errors.EvidenceTooLate, errors.UnknownMemberClass, ReferenceSetExpired)
@@ -315,8 +317,12 @@ def attestation_step(
     evidence = (status.get("agent") or {}).get("evidence") or {}
     nonce_hex = cycle.challenge.get("nonce")
     if nonce_hex and evidence.get("nonce") == nonce_hex:
-        return cycle.judge_quote(keys, evidence, answered_nonces, readmit)
-    return cycle.wait()
+        early = cycle.too_early()
+        if early is None:
+            return cycle.judge_quote(keys, evidence, answered_nonces, readmit)
+    else:
+        early = None
+    return cycle.wait(recheck=early)  # evidence before its time: judged once it has come
 
 
 class _Cycle:
@@ -486,8 +492,22 @@ class _Cycle:
             answered=nonce,
         )
 
-    def wait(self) -> Step:
-        """Nothing new from the agent: ask for a first quote, or bring a spent one forward."""
+    def too_early(self) -> dt.timedelta | None:
+        """How long evidence that answers the nonce before its `answerAfter` (less
+        EARLY_TOLERANCE) waits to be judged; None: judge it now. An honest agent quotes no
+        earlier: an agent that answers every nonce at once (after each failure a new one)
+        would have every quote, event log included, verified as fast as it writes them."""
+        _ask_now_if_spent(self.trust, self.challenge, self.now, self.interval)
+        if self.judged_elsewhere():
+            _ask_now(self.challenge, self.now)
+        answer_after = parse_ts(self.challenge.get("answerAfter"))
+        if answer_after is None or self.now >= answer_after - EARLY_TOLERANCE:
+            return None
+        return answer_after - EARLY_TOLERANCE - self.now
+
+    def wait(self, recheck: dt.timedelta | None = None) -> Step:
+        """Nothing new from the agent (or evidence before its time: judged at `recheck`):
+        ask for a first quote, or bring a spent one forward."""
         if not self.challenge.get("nonce"):
             self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
             return self.finish(
@@ -500,6 +520,7 @@ class _Cycle:
             reason=str(self.trust.get("reason", "AwaitingQuote")),
             message=str(self.trust.get("message", "waiting for the next quote")),
             bound=True,
+            recheck=recheck,
         )
 
     # --- shared ------------------------------------------------------------------------------
