@@ -18,8 +18,9 @@ Measured boot (box attestation protocol v1, docs/boxattest.md): when the VM has 
 init extends PCR 13 (sha256 bank) with each disk's digest before checking and mounting it
 (`gtvp-box-attest extend`, in mount order), keeps the digests it extended
 (`/run/gtvp/measurements`: its event log) and prints `GTVP-PCR13 <hex>` after the last one;
-stage 2 starts the attestation client (`gtvp-box-attest run`) in the background once the
-application runs. Without a TPM it says so and boots unmeasured.
+stage 2 starts the attestation client (`gtvp-box-attest run`) in the background before the
+application (an application that waits for its Secrets, which wait for the vTPM's quote,
+must not wait for the client). Without a TPM it says so and boots unmeasured.
 """
 
 from __future__ import annotations
@@ -203,12 +204,14 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 exec </dev/console >/dev/console 2>&1
 hostname "$GTVP_BOX" 2>/dev/null
 [ -x /etc/gtvp/net-up ] && /etc/gtvp/net-up
+# the attestation client, before the application: an application that waits for its Secrets
+# (released once the vTPM is attested) must not wait for it; off without a #gtvp-attest
+# line; it asks again until gtvp answers, and never blocks the box
+if [ -x /run/gtvp/gtvp-box-attest ]; then
+  /run/gtvp/gtvp-box-attest run -measurements /run/gtvp/measurements </dev/null &
+fi
 if "/opt/gtvp/$GTVP_APP/start"; then
   echo "GTVP-READY $GTVP_BOX $GTVP_VERSION"
-  # the attestation client: off without a #gtvp-attest line; never blocks the box
-  if [ -x /run/gtvp/gtvp-box-attest ]; then
-    /run/gtvp/gtvp-box-attest run -measurements /run/gtvp/measurements </dev/null &
-  fi
 else
   echo "gtvp-init: $GTVP_APP start failed"; sync; poweroff -f
 fi
