@@ -356,6 +356,26 @@ def test_evidence_written_before_its_time_is_judged_only_when_its_time_comes(
     assert m.phase == "Trusted"
 
 
+def test_a_policy_edit_adding_a_pcr_asks_for_it_at_once_and_judges_no_quote_without_it(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "edit")
+    m.agent()  # a quote of the selection asked for before the edit
+    spec = _policy_spec(swtpm_ca)
+    spec["pcrSelection"]["pcrs"] = [*spec["pcrSelection"]["pcrs"], 8]
+    spec["memberClasses"][0]["goldenPCRs"]["8"] = "00" * 32
+    m.policy = parse_policy("default", spec)
+    now = _due(m)
+    step = m.operator(now)
+    assert step.answered_nonce is None  # the old selection's quote is not judged
+    assert 8 in m.status["challenge"]["pcrs"]
+    assert _asks_now(m, now)
+    m.agent()
+    step = m.operator(now + dt.timedelta(seconds=1))
+    assert step.answered_nonce is not None
+    assert m.phase == "Trusted"
+
+
 def test_an_activation_presented_with_another_members_ek_binds_nothing(
     make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
 ) -> None:

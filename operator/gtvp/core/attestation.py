@@ -314,6 +314,10 @@ def attestation_step(
     trust = cycle.trust
     if trust.get("akName") != keys.ak_name or trust.get("ekSHA256") != keys.fingerprint:
         return cycle.bind(keys)
+    if cycle.challenge.get("nonce") and not cycle.asks_for_the_policys_pcrs():
+        # a policy edit changed the PCR selection: a quote of the old one is not judged
+        # (it would leave an added PCR unchecked); a new nonce asks for the new one now
+        cycle.challenge = _nonce_challenge(policy, entropy, now, now)
     evidence = (status.get("agent") or {}).get("evidence") or {}
     nonce_hex = cycle.challenge.get("nonce")
     if nonce_hex and evidence.get("nonce") == nonce_hex:
@@ -490,6 +494,13 @@ class _Cycle:
             events=events,
             outcome="Verified",
             answered=nonce,
+        )
+
+    def asks_for_the_policys_pcrs(self) -> bool:
+        """Whether the outstanding challenge asks for the bank and PCRs the policy selects."""
+        asked = tuple(int(p) for p in self.challenge.get("pcrs") or ())
+        return self.challenge.get("pcrBank") == self.policy.pcr_bank and asked == tuple(
+            self.policy.pcrs
         )
 
     def too_early(self) -> dt.timedelta | None:
