@@ -289,3 +289,63 @@ def test_a_ca_without_key_cert_sign_is_refused() -> None:
         match=r"an intermediate CA \(CN=TPM vendor EK CA\) signs the chain but is not a CA",
     ):
         _check(inter, [inter], root)
+
+
+def test_a_renewed_intermediate_presented_beside_an_expired_one_still_verifies() -> None:
+    """The path kept for an EK certificate ran through an intermediate that has expired
+    since; the agent now presents the renewed one (same name and key) as well: judged
+    afresh with everything presented, it verifies, as an uncached check would."""
+    root = _CA("TPM vendor root")
+    inter = _CA("TPM vendor EK CA", root, days=(-1, 10))
+    renewed = (
+        _base(inter.name, inter.key.public_key(), root.name, (-1, 365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(inter.key.public_key()), critical=False
+        )
+        .sign(root.key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    ek = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cert = inter.certify_ek(ek)
+
+    def check(at: dt.datetime, chain: list[bytes]) -> x509.Certificate:
+        return check_ek_certificate(
+            ek_spki=spki_der(ek),
+            certificate=cert,
+            presented_chain=chain,
+            ca_bundle_pem=root.pem(),
+            now=at,
+        )
+
+    assert check(NOW, [inter.der]).subject == root.name  # kept, through `inter`
+    later = NOW + dt.timedelta(days=11)
+    assert check(later, [inter.der, renewed]).subject == root.name
+    assert check(later, [renewed, inter.der]).subject == root.name
+
+
+def test_extra_certificates_presented_beside_an_ek_certificate_keep_one_entry() -> None:
+    """An agent varying what it presents beside its genuine EK certificate (each a new
+    junk certificate) gets each judged, but keeps one cached path, not one per variant."""
+    from gtvp.core import enrolment
+
+    root = _CA("TPM vendor root")
+    inter = _CA("TPM vendor EK CA", root)
+    ek = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cert = inter.certify_ek(ek)
+    before = len(enrolment._EK_PATHS)
+    for i in range(20):
+        junk = _CA(f"junk {i}")
+        got = check_ek_certificate(
+            ek_spki=spki_der(ek),
+            certificate=cert,
+            presented_chain=[inter.der, junk.der],
+            ca_bundle_pem=root.pem(),
+            now=NOW,
+        )
+        assert got.subject == root.name
+    assert len(enrolment._EK_PATHS) <= before + 1

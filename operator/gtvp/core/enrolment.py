@@ -268,8 +268,13 @@ def check_ek_certificate(
     `cryptography` built last time for these bytes while each of its certificates is still
     valid at `now`, otherwise a new path validation at `now` (a failed one is never kept).
     """
-    key = digest_of(ek_spki, certificate, ca_bundle_pem, *presented_chain)
+    # one entry per EK certificate (and bundle), whatever else is presented beside it: an
+    # agent varying the extra certificates it presents neither grows the cache nor evicts
+    # other members' paths
+    key = digest_of(ek_spki, certificate, ca_bundle_pem)
     kept = _EK_PATHS.peek(key)
+    if kept is not None and not kept.path_ders <= frozenset(presented_chain):
+        kept = None  # validated through certificates not presented now: judge afresh
     path = kept or _ek_path(ek_spki, certificate, tuple(presented_chain), ca_bundle_pem)
     if path.leaf_validity is not None:
         path.leaf_validity.check(now)
@@ -279,14 +284,23 @@ def check_ek_certificate(
     known = path.verified[-1] if path.verified else None
     if known is not None and all(v.holds(now) for v in known.validity):
         return known.anchor
+    leaf = _load_der(path.leaf_der, "the EK certificate")
     try:
-        chain = _validate_path(_load_der(path.leaf_der, "the EK certificate"), path, now)
+        chain = _validate_path(leaf, path, now)
     except errors.VerificationError:
-        _EK_PATHS.drop(key)  # kept with the chain's certificates only: try all of them next
-        raise
+        if kept is None:
+            raise
+        # the kept path (a CA on it expired, say) with only its own certificates: every
+        # certificate presented now may still make another path (a renewed intermediate)
+        _EK_PATHS.drop(key)
+        path = _ek_path(ek_spki, certificate, tuple(presented_chain), ca_bundle_pem)
+        chain = _validate_path(leaf, path, now)
     # kept only once validated, with only the presented certificates on the path: what an
     # agent presents besides (any bytes, each distinct) never stays in memory
-    _EK_PATHS.put(key, replace(path, presented=chain.intermediates, verified=[chain]))
+    ders = frozenset(c.public_bytes(serialization.Encoding.DER) for c in chain.intermediates)
+    _EK_PATHS.put(
+        key, replace(path, presented=chain.intermediates, verified=[chain], path_ders=ders)
+    )
     return chain.anchor
 
 
@@ -316,6 +330,9 @@ class _EkPath:
     anchors: tuple[x509.Certificate, ...] = ()
     presented: tuple[x509.Certificate, ...] = ()
     verified: list[_Chain] = field(default_factory=list)
+    path_ders: frozenset[bytes] = frozenset()
+    """Once kept: the DER of the presented certificates on the validated path (a later call
+    uses the kept path only while they are all presented)."""
 
 
 _EK_PATHS: DigestCache[_EkPath] = DigestCache(CACHE_SIZE)
