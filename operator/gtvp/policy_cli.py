@@ -63,7 +63,7 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--pcrs",
         help="PCRs the set governs, e.g. 0-7 or 0,2,4,7 (default: the policy's selection with "
-        "--member, 0-7 with --event-log); PCRs with no events are left out",
+        "--member, 0-7 with --event-log); a PCR with no events gets a rule allowing none",
     )
     r.add_argument("--bank", help="digest bank (default: the policy's; sha256 offline)")
     r.add_argument(

@@ -484,3 +484,22 @@ def test_the_gtvp_column_of_the_keylime_comparison(
     with pytest.raises(EventNotAllowed) as exc:
         appraise(log, quoted(log), "sha256", sets, NOW)
     assert refusal in exc.value.message
+
+
+def test_a_learned_set_rules_every_pcr_it_was_asked_for_even_one_with_no_events() -> None:
+    """A class must verify every quoted PCR: a set learned for PCRs 0-15 rules those that
+    hold no event too (no event allowed there), so the set alone makes a usable class, and
+    the boot it was learned from is accepted."""
+    log = real(SECURE)
+    measured = {e.pcr for e in log.events if e.event_type != 0x3}  # EV_NO_ACTION extends none
+    empty = sorted(set(range(16)) - measured)
+    assert empty  # this firmware measures nothing into some of 8-15
+    learned = learn(log, "sha256", range(16), name="all")
+    ruled = {r["pcr"]: r["events"] for r in learned["pcrs"]}
+    assert set(ruled) == set(range(16))
+    assert all(ruled[p] == [] for p in empty)
+    spec = policy_spec([learned], pcrs=range(16))
+    assert spec["memberClasses"][0]["goldenPCRs"] == {}  # the set alone verifies every PCR
+    sets = parse_policy("p", spec).member_classes["fleet"].reference_sets
+    quoted16 = {p: log.pcrs["sha256"].get(p, b"\0" * 32) for p in range(16)}
+    assert appraise(log, quoted16, "sha256", sets, NOW).name == "all"

@@ -157,8 +157,12 @@ def _next_quote(
     """One interval on, minus a share of it drawn from this step's entropy, so that members
     that enrolled together (a mass reboot, a new cluster) do not quote together forever.
     Only ever earlier: a verdict never outlives validFor because of it."""
-    u = int.from_bytes(hashlib.sha256(b"jitter" + entropy).digest()[:4], "big") / 2**32
-    return now + interval * (1 - spread * u)
+    return now + interval * (1 - spread * _jitter(entropy))
+
+
+def _jitter(entropy: bytes) -> float:
+    """A share in [0, 1) drawn from this step's entropy."""
+    return int.from_bytes(hashlib.sha256(b"jitter" + entropy).digest()[:4], "big") / 2**32
 
 
 def _nonce_challenge(
@@ -316,8 +320,10 @@ def attestation_step(
         return cycle.bind(keys)
     if cycle.challenge.get("nonce") and not cycle.asks_for_the_policys_pcrs():
         # a policy edit changed the PCR selection: a quote of the old one is not judged
-        # (it would leave an added PCR unchecked); a new nonce asks for the new one now
-        cycle.challenge = _nonce_challenge(policy, entropy, now, now)
+        # (it would leave an added PCR unchecked); a new nonce asks for the new one within
+        # half an interval (every member at once would quote in one burst)
+        soon = now + cycle.interval * 0.5 * _jitter(entropy)
+        cycle.challenge = _nonce_challenge(policy, entropy, now, soon)
     evidence = (status.get("agent") or {}).get("evidence") or {}
     nonce_hex = cycle.challenge.get("nonce")
     if nonce_hex and evidence.get("nonce") == nonce_hex:

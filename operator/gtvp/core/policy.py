@@ -422,8 +422,9 @@ def _check_verifies_every_pcr(
     raise PolicyError(
         path,
         f"member class {cname!r} {said}: a PCR needs a goldenPCRs value, or rules in every "
-        "one of the class's referenceSets (`gtvp policy learn` proposes them from a host's "
-        "event log); a replayed event log alone only shows that the log matches the quote, "
+        "one of the class's referenceSets (`gtvp policy learn --event-log FILE` proposes them "
+        "from a host's event log); a replayed event log alone only shows that the log matches "
+        "the quote, "
         "so a modified bootloader's or kernel's own log would pass (or leave the PCR out of "
         "spec.pcrSelection)",
     )

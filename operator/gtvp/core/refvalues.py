@@ -226,7 +226,9 @@ def appraise(
 def learn(log: EventLog, bank: str, pcrs: Iterable[int], *, name: str) -> dict[str, object]:
     """A reference set (as the SecurityPolicy's YAML holds it) that accepts exactly what
     `log` shows on `pcrs`: per PCR, its events' digests grouped by type (and by variable
-    for UEFI variable events), in log order, plus Secure Boot's measured state."""
+    for UEFI variable events), in log order, plus Secure Boot's measured state. A PCR of
+    `pcrs` with no event gets a rule allowing none (the set must rule every PCR its class
+    verifies by the log)."""
     wanted = set(pcrs)
     by_pcr: dict[int, dict[tuple[str, str | None], list[str]]] = {}
     for e in log.events:
@@ -250,6 +252,6 @@ def learn(log: EventLog, bank: str, pcrs: Iterable[int], *, name: str) -> dict[s
                 for (t, v), ds in groups.items()
             ],
         }
-        for p, groups in sorted(by_pcr.items())
+        for p, groups in sorted({p: by_pcr.get(p, {}) for p in wanted}.items())
     ]
     return out
