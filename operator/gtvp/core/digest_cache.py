@@ -38,16 +38,11 @@ class DigestCache(Generic[T]):
         self._entries: OrderedDict[bytes, T] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(
-        self, key: bytes, make: Callable[[], T], *, keep: Callable[[T], bool] | None = None
-    ) -> T:
-        """The result cached under `key`, else `make()` (kept unless `keep` says no)."""
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-        got = make()
-        if keep is None or keep(got):
+    def get(self, key: bytes, make: Callable[[], T]) -> T:
+        """The result cached under `key`, else `make()`, kept (a failure raises, kept not)."""
+        got = self.peek(key)
+        if got is None:
+            got = make()
             self.put(key, got)
         return got
 
@@ -74,7 +69,3 @@ class DigestCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
