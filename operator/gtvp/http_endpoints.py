@@ -226,10 +226,18 @@ class _TlsServer(ThreadingWSGIServer):
                 self._held.pop(host, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        host = str(client_address[0]) if isinstance(client_address, tuple) else ""
+        _connection.held = str(client_address[0]) if isinstance(client_address, tuple) else ""
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """This thread's connection no longer counts (once, whichever comes first: before
+        its socket is closed, so a client that sees the close may connect again at once)."""
+        host: str | None = getattr(_connection, "held", None)
+        if host is not None:
+            _connection.held = None
             self._release(host)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -254,6 +262,7 @@ class _TlsServer(ThreadingWSGIServer):
         finally:
             deadline.cancel()
             _connection.deadline = None
+            self._let_go()
             wrapped.close()
 
 
@@ -269,9 +278,10 @@ def _read_all() -> None:
 
 
 def _cut(sock: Any) -> None:
-    """End a connection past its deadline: its blocked read returns and its thread ends."""
+    """End a connection past its deadline: its blocked read returns and its thread ends,
+    which lets the connection go before closing it (the client sees the close only then)."""
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_RD)
 
 
 def serve(
