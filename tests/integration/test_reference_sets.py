@@ -154,8 +154,14 @@ def test_learn_from_a_trusted_member_proposes_its_boot(fleet: Fleet) -> None:
     assert f"SecurityPolicy {fleet.pool.policy_name}" in out.stdout
     (op,) = yaml.safe_load(out.stdout)
     assert op["path"] == "/spec/memberClasses/0/referenceSets/-"
-    # the policy's selection is 0-7; only PCR 4 holds events in this log
-    assert op["value"]["pcrs"] == _ref_set("x", b"grub-2.12")["pcrs"]
+    # the policy's selection is 0-7: only PCR 4 holds events in this log, and every other
+    # PCR asked for gets a rule allowing no event (a learned set verifies the whole selection)
+    learned = learn(
+        parse_event_log(synth_log(boot(b"grub-2.12"))), "sha256", list(range(8)), name="x"
+    )
+    assert op["value"]["pcrs"] == learned["pcrs"]
+    assert [r["pcr"] for r in op["value"]["pcrs"]] == list(range(8))
+    assert [r["pcr"] for r in op["value"]["pcrs"] if r["events"]] == [4]
     # nothing was applied
     policy = json.loads(
         fleet.pool.cp.kubectl("get", "securitypolicy", fleet.pool.policy_name, "-o", "json").stdout
