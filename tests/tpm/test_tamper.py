@@ -106,6 +106,32 @@ def test_ak_without_restricted_is_rejected(good: RealQuote) -> None:
     )
 
 
+def test_ak_named_with_sha1_is_refused(
+    shared_tpm: Swtpm, tpm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real TPM makes an AK with every right attribute but a SHA-1 name (an agent built
+    to): enrolment refuses it, so no credential is ever bound to a name SHA-1 computed."""
+    import gtvp_agent.tpm as agent_tpm
+    from gtvp.core.enrolment import ak_facts
+
+    real_public = agent_tpm.TPM2B_PUBLIC
+
+    class Sha1Named(real_public):  # type: ignore[misc,valid-type]
+        @classmethod
+        def parse(cls, alg: str = "rsa", **kwargs: object) -> object:
+            return real_public.parse(alg, nameAlg="sha1", **kwargs)
+
+    monkeypatch.setattr(agent_tpm, "TPM2B_PUBLIC", Sha1Named)
+    with Tpm.open(shared_tpm.tcti, tpm_dir / "agent-sha1-name") as tpm:
+        enrolment = tpm.enrolment()
+    ak = parse_public(enrolment.ak_public)
+    assert ak.name_alg == ALG_SHA1
+    assert ak.attributes & RESTRICTED  # everything else about it is right
+    assert _reason(lambda: ak_facts(enrolment.ak_public)) == "AkAttributesInvalid"
+    with pytest.raises(errors.AkAttributesInvalid, match="SHA-1"):
+        ak_facts(enrolment.ak_public)
+
+
 def test_unrestricted_key_cannot_forge_a_quote() -> None:
     """An unrestricted key can sign any bytes, so a verifier must refuse it as an AK."""
     key, ak = soft_ak(attributes=soft_ak()[1].attributes & ~RESTRICTED)

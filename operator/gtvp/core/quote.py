@@ -255,13 +255,22 @@ _FORBIDDEN_MASK = sum(FORBIDDEN_AK_ATTRIBUTES.values())
 
 
 def check_ak_attributes(ak: PublicArea) -> None:
-    """An AK must be a restricted, non-duplicable, TPM-generated signing-only key."""
+    """An AK must be a restricted, non-duplicable, TPM-generated signing-only key, named
+    with SHA-256 or stronger (its name is what a credential and every quote are bound to:
+    a SHA-1 name could be shared by a key crafted to collide with it)."""
     if (
         ak.attributes & _REQUIRED_MASK == _REQUIRED_MASK
         and not ak.attributes & _FORBIDDEN_MASK
         and (ak.type != ALG_RSA or ak.key.key_size >= 2048)
+        and ak.name_alg != ALG_SHA1
     ):
         return
+    if ak.name_alg == ALG_SHA1:
+        raise errors.AkAttributesInvalid(
+            "the AK is named with SHA-1 (its nameAlg): gtvp binds credentials and quotes "
+            "only to AKs named with SHA-256, SHA-384 or SHA-512; re-enrol the agent (it "
+            "creates its AK with a SHA-256 name)"
+        )
     missing = [n for n, bit in REQUIRED_AK_ATTRIBUTES.items() if not ak.attributes & bit]
     extra = [n for n, bit in FORBIDDEN_AK_ATTRIBUTES.items() if ak.attributes & bit]
     if missing or extra:
