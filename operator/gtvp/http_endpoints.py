@@ -27,6 +27,7 @@ else (no metrics, no probes: 404): the operator's own key-release port.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import socket
@@ -74,9 +75,24 @@ def answer(path: str, probe: Probe) -> tuple[int, str] | None:
     return None
 
 
+class _ErrorsInOneLine(io.StringIO):
+    """Where wsgiref prints the traceback of an answer it could not write (the client hung
+    up, or was cut off at its deadline): one line in gtvp's log instead."""
+
+    def flush(self) -> None:
+        lines = [line for line in self.getvalue().splitlines() if line.strip()]
+        self.seek(0)
+        self.truncate()
+        if lines:
+            log.info("an answer could not be written: %s", lines[-1][:200])
+
+
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Probes come every few seconds: no access log."""
+
+    def get_stderr(self) -> io.StringIO:
+        return _ErrorsInOneLine()
 
 
 class Refused(Protocol):
@@ -113,6 +129,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     428: "Precondition Required",
@@ -120,16 +137,25 @@ _REASONS = {
 }
 
 
-def _body(environ: dict[str, Any]) -> bytes | None:
-    """The request body (None: longer than RELEASE_MAX_BYTES, or no valid length)."""
+_TEXT = "text/plain; charset=utf-8"
+_TOO_SLOW = (408, _TEXT, b"the request took too long to arrive: not served, send it again\n")
+
+
+def _body(environ: dict[str, Any]) -> bytes | tuple[int, str, bytes]:
+    """The request body, or the answer to give instead: 413 longer than RELEASE_MAX_BYTES
+    (or no valid length), 408 cut off at the connection's deadline, 400 shorter than its
+    Content-Length (the client hung up)."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
-        return None
+        length = -1
     if length < 0 or length > RELEASE_MAX_BYTES:
-        return None
+        return 413, _TEXT, b"request body too large\n"
     data: bytes = environ["wsgi.input"].read(length) if length else b""
-    _read_all()
+    if not _read_all():
+        return _TOO_SLOW
+    if len(data) != length:
+        return 400, _TEXT, b"request body shorter than its Content-Length\n"
     return data
 
 
@@ -138,15 +164,16 @@ def _posted(
 ) -> tuple[int, str, bytes] | None:
     """The answer of the key-release or a box attestation path (None: another path)."""
     method = str(environ.get("REQUEST_METHOD", "GET"))
-    too_large = (413, "text/plain; charset=utf-8", b"request body too large\n")
     if release is not None and path == RELEASE_PATH:
         raw = _body(environ)
-        return too_large if raw is None else _unavailable_on_error(path, release, method, raw)
+        if not isinstance(raw, bytes):
+            return raw
+        return _unavailable_on_error(path, release, method, raw)
     if box_attest is not None and path.startswith(BOX_ATTEST_PREFIX):
         raw = _body(environ)
+        if not isinstance(raw, bytes):
+            return raw
         auth = environ.get("HTTP_AUTHORIZATION")
-        if raw is None:
-            return too_large
         return _unavailable_on_error(path, box_attest, path, method, auth, raw)
     return None
 
@@ -248,10 +275,8 @@ class _TlsServer(ThreadingWSGIServer):
             )
         except (OSError, ssl.SSLError):
             return
-        deadline = threading.Timer(CONNECTION_DEADLINE, _cut, (wrapped,))
-        deadline.daemon = True
+        deadline = _Deadline(wrapped, CONNECTION_DEADLINE)
         _connection.deadline = deadline
-        deadline.start()
         try:
             try:
                 wrapped.do_handshake()
@@ -266,22 +291,53 @@ class _TlsServer(ThreadingWSGIServer):
             wrapped.close()
 
 
+class _Deadline:
+    """A connection's deadline until its request has been read. When it passes first, the
+    connection's reading is shut (its blocked read returns, its thread ends, lets the
+    connection go and only then closes it: the client sees the close after that); once the
+    request is read it never cuts, and a request cut off is never served. Reading is shut
+    on the socket itself, under the TLS layer, which stays in place: every answer is still
+    encrypted (an SSLSocket's own shutdown() drops its TLS object, after which a write
+    would go out in clear)."""
+
+    def __init__(self, sock: ssl.SSLSocket, seconds: float) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._state = "armed"
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._state != "armed":
+                return
+            self._state = "cut"
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._sock, socket.SHUT_RD)
+
+    def read(self) -> bool:
+        """The request has been read: True when it may be served (it was not cut off)."""
+        with self._lock:
+            if self._state == "cut":
+                return False
+            self._state = "read"
+        self._timer.cancel()
+        return True
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 _connection = threading.local()
 """The deadline of the connection a handler thread serves (None: none, or read)."""
 
 
-def _read_all() -> None:
-    """The request has been read: the connection's deadline no longer applies."""
-    deadline = getattr(_connection, "deadline", None)
-    if deadline is not None:
-        deadline.cancel()
-
-
-def _cut(sock: Any) -> None:
-    """End a connection past its deadline: its blocked read returns and its thread ends,
-    which lets the connection go before closing it (the client sees the close only then)."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RD)
+def _read_all() -> bool:
+    """The request has been read: the connection's deadline no longer applies. False when
+    the deadline cut it off first (it must not be served)."""
+    deadline: _Deadline | None = getattr(_connection, "deadline", None)
+    return deadline is None or deadline.read()
 
 
 def serve(
@@ -309,9 +365,10 @@ def serve(
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
-        if environ.get("REQUEST_METHOD") != "POST":
-            _read_all()  # no body to wait for: what follows is the server's own work
-        posted = _posted(environ, path, release, box_attest)
+        # no body to wait for but a POST's: what follows is the server's own work (a
+        # request cut off at its deadline meanwhile is not served)
+        cut = environ.get("REQUEST_METHOD") != "POST" and not _read_all()
+        posted = _TOO_SLOW if cut else _posted(environ, path, release, box_attest)
         if posted is not None:
             code, content_type, body = posted
             start(f"{code} {_REASONS.get(code, 'Error')}", [("Content-Type", content_type)])

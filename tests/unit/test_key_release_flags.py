@@ -3,6 +3,7 @@ what that port answers (key release and the public documents, never metrics or p
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -232,6 +233,68 @@ def test_a_slow_client_is_cut_off_and_cannot_take_every_connection(
         except (OSError, urllib.error.URLError):
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def _tls_by_hand(
+    port: int, context: ssl.SSLContext
+) -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO]:
+    """A TLS client over memory buffers (its socket, its TLS object and the buffer of what
+    it has to send): what the server sends stays visible as raw bytes."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            incoming.write(raw.recv(65536))
+    raw.sendall(outgoing.read())
+    return raw, tls, outgoing
+
+
+def _records(data: bytes) -> list[int]:
+    """The content types of the TLS records `data` holds (AssertionError on bytes that are
+    not TLS records: an answer written in clear)."""
+    types = []
+    while data:
+        assert len(data) >= 5, data
+        assert data[0] in (20, 21, 22, 23), f"not a TLS record: {data[:40]!r}"
+        length = int.from_bytes(data[3:5], "big")
+        types.append(data[0])
+        data = data[5 + length :]
+    return types
+
+
+def test_a_request_cut_off_at_its_deadline_is_never_served_nor_answered_in_clear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key-release request whose body is still arriving at the connection's deadline is
+    cut off: the release handler never sees it (no credential is consumed for an answer
+    that cannot be sent), and every byte the server sends after the cut is a TLS record,
+    never an answer in clear."""
+    monkeypatch.setattr(http_endpoints, "CONNECTION_DEADLINE", 1.0)
+    served: list[bytes] = []
+
+    def release(_method: str, body: bytes) -> tuple[int, str, bytes]:
+        served.append(body)
+        return 200, "application/json", b'{"secrets": {"disk": "the key"}}'
+
+    port, client = _tls_server(tmp_path, release=release)
+    raw, tls, outgoing = _tls_by_hand(port, client)
+    tls.write(
+        b"POST /keyrelease/v1/release HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        + b"{" * 10
+    )  # 90 bytes still to come when the deadline passes
+    raw.sendall(outgoing.read())
+    sent = b""
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        while chunk := raw.recv(65536):
+            sent += chunk
+    _records(sent)  # whatever came (an alert, a 408), all of it TLS
+    assert served == []
+    raw.close()
 
 
 def test_a_request_gtvp_cannot_answer_now_gets_a_503_to_ask_again_and_the_server_lives_on(
