@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -332,6 +333,41 @@ def test_under_a_policy_a_new_member_is_asked_to_enrol(
     got = kube.get_if_present(rt.clients, MEMBERS, member)
     assert got is not None
     assert got["metadata"]["resourceVersion"] == before
+
+
+@pytest.mark.tpm
+def test_a_member_is_judged_off_the_event_loop(
+    rt: Runtime,
+    member: str,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Judging evidence (an agent's event log of up to 4 MiB to parse, certificate paths,
+    signatures) runs on a thread: the event loop goes on serving admission, the Leases and
+    the other members meanwhile. The judgement here waits for the loop to run something
+    else; on the loop itself it would wait in vain."""
+    del shared_tpm
+    spec = pool_policy(swtpm_ca, name=POLICY)["spec"]
+    assert policies.set_policy(rt, POLICY, parse_policy(POLICY, spec))
+    loop_ran = threading.Event()
+    judge = attestation.attestation_step
+
+    def waiting_for_the_loop(**kwargs: Any) -> Any:
+        assert loop_ran.wait(10), "the event loop stood still while a member was judged"
+        return judge(**kwargs)
+
+    monkeypatch.setattr(attestation, "attestation_step", waiting_for_the_loop)
+
+    async def meanwhile() -> None:
+        await asyncio.sleep(0.05)
+        loop_ran.set()
+
+    async def both() -> None:
+        await asyncio.gather(attestation.reconcile(rt, member), meanwhile())
+
+    asyncio.run(both())
+    assert _status(rt, member)["phase"] == "Pending"
 
 
 def test_a_policy_for_another_name_changes_nothing(rt: Runtime) -> None:

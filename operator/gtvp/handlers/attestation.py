@@ -14,6 +14,7 @@ verdict no longer allows.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import logging
@@ -77,23 +78,44 @@ def _no_policy_status(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _step(rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy) -> Step:
-    """The attestation step for this body under `policy` (pure, timed)."""
+JUDGE_THREADS = 2
+"""Members judged at once: their own threads, never the default executor that the API
+calls (the Leases' renewals among them) use; under the GIL more would not be faster, and
+each holds an agent's event log (up to 4 MiB) while it is parsed."""
+_JUDGES = concurrent.futures.ThreadPoolExecutor(JUDGE_THREADS, thread_name_prefix="gtvp-judge")
+
+
+async def _step(rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy) -> Step:
+    """The attestation step for this body under `policy` (pure, timed), worked out on a
+    judge thread (JUDGE_THREADS): parsing an agent's event log (up to 4 MiB), certificate
+    paths and signatures must not hold up the event loop (admission, every other member,
+    the Leases). Its inputs are taken here, on the loop; the clock is read when the work
+    starts."""
     meta = body.get("metadata") or {}
-    started = time.perf_counter()
-    step = attestation_step(
-        spec=body.get("spec") or {},
-        status=body.get("status") or {},
-        labels=rt.view.node_labels.get(name, meta.get("labels") or {}),
-        policy=policy,
-        now=dt.datetime.now(dt.UTC),
-        entropy=secrets.token_bytes(ENTROPY_BYTES),
-        answered_nonces=frozenset(rt.attestation.seen(name)),
-        readmit=(meta.get("annotations") or {}).get("gtvp.io/readmit"),
-        ek_holders=rt.view.other_ek_holders(name),
-    )
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    labels = rt.view.node_labels.get(name, meta.get("labels") or {})
+    answered = frozenset(rt.attestation.seen(name))
+    readmit = (meta.get("annotations") or {}).get("gtvp.io/readmit")
+    holders = rt.view.other_ek_holders(name)
+
+    def work() -> tuple[Step, float]:
+        started = time.perf_counter()
+        step = attestation_step(
+            spec=spec,
+            status=status,
+            labels=labels,
+            policy=policy,
+            now=dt.datetime.now(dt.UTC),
+            entropy=secrets.token_bytes(ENTROPY_BYTES),
+            answered_nonces=answered,
+            readmit=readmit,
+            ek_holders=holders,
+        )
+        return step, time.perf_counter() - started
+
+    step, took = await asyncio.get_running_loop().run_in_executor(_JUDGES, work)
     if step.outcome is not None:
-        METRICS.observe_attestation(step.outcome, time.perf_counter() - started)
+        METRICS.observe_attestation(step.outcome, took)
     return step
 
 
@@ -144,7 +166,12 @@ async def _judge(rt: Runtime, name: str) -> None:
     if _already_answered(rt, name, status):
         return
     policy = rt.view.policy
-    step = _step(rt, name, body, policy) if policy is not None else None
+    step = await _step(rt, name, body, policy) if policy is not None else None
+    if rt.view.policy is not policy:
+        # the policy changed while the member was judged: a verdict is signed with the
+        # policy it was reached under, so judge it again under the new one
+        rt.schedule.schedule(name, WRITE_RETRY)
+        return
     new = step.status if step is not None else _no_policy_status(rt, body)
     new = _with_token(rt, name, status, new)
     written = await _write(rt, name, body, new)
