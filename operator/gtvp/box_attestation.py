@@ -197,6 +197,9 @@ class Endpoint:
             return self._answer(req, box)
         except ba.Refused as exc:
             return self._refuse(req, box, exc)
+        except Exception:
+            _count(ba.UNAVAILABLE)  # the server answers 503 (ask again) and logs it
+            raise
 
     # -- reading and writing -------------------------------------------------------------
 

@@ -273,7 +273,12 @@ class Endpoint:
             req = kr.parse_request(raw)
         except kr.BadRequest as exc:
             return _json(400, {"error": str(exc)})
-        return self.answer(req)
+        try:
+            return self.answer(req)
+        except Exception:
+            # the server answers 503 (ask again): counted here, logged there
+            METRICS.key_releases.labels(kr.UNAVAILABLE).inc()
+            raise
 
     # -- reading ---------------------------------------------------------------------
 

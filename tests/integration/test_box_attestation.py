@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import urllib3
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
@@ -911,3 +912,29 @@ def test_two_replicas_answering_one_quote_at_once_verify_it_once(pool: Pool) -> 
     refused = next(body for code, body in answers if code == 409)
     assert refused["error"] in (ba.CONFLICT, ba.NONCE_REPLAYED)
     assert pool.attestation(BOX)["state"] == ba.VERIFIED
+
+
+@pytest.mark.timeout(180)
+def test_a_request_the_api_server_times_out_under_is_a_counted_503_to_ask_again(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the box times out (the API server overloaded): the guest is told to ask
+    again (503 Unavailable, which its client does), counted in
+    gtvp_box_attestations_total{result="Unavailable"}; nothing is judged or written."""
+    guest = pool.guests[BOX]
+    guest.bind()
+    custom = pool.rt.clients.custom
+    read = custom.get_namespaced_custom_object
+    before, state = _count(ba.UNAVAILABLE), pool.attestation(BOX)
+
+    def timing_out(*_args: Any, **_kwargs: Any) -> Any:
+        raise urllib3.exceptions.ReadTimeoutError(None, "/apis", "Read timed out. (read=60)")
+
+    monkeypatch.setattr(custom, "get_namespaced_custom_object", timing_out)
+    status, body = guest.post(ba.CHALLENGE, {})
+    assert (status, body["reason"]) == (503, "Unavailable"), body
+    assert "ask again" in body["message"]
+    assert _count(ba.UNAVAILABLE) == before + 1
+    monkeypatch.setattr(custom, "get_namespaced_custom_object", read)
+    assert pool.attestation(BOX) == state
+    assert guest.challenge()["nonce"]

@@ -465,6 +465,31 @@ def test_a_consuming_write_whose_answer_the_api_server_lost_still_releases_or_ke
 
 
 @pytest.mark.timeout(180)
+def test_a_request_the_api_server_fails_under_is_a_counted_503_and_uses_nothing(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server times out reading the box's Secret: the guest is told to ask again
+    (503 Unavailable), the credential stays unused, the failure shows in
+    gtvp_key_releases_total{result="Unavailable"}; asked again, it releases."""
+    here = pool.members[0]
+    core = pool.rt.clients.core
+    read = core.read_namespaced_secret
+
+    def timing_out(*_args: Any, **_kwargs: Any) -> Any:
+        raise ApiException(status=504, reason="Gateway Timeout")
+
+    cred, before = pool.credential(BOX), _count(kr.UNAVAILABLE)
+    monkeypatch.setattr(core, "read_namespaced_secret", timing_out)
+    status, got = pool.ask(BOX, cred, pool.token(here))
+    assert (status, got["reason"]) == (503, kr.UNAVAILABLE), got
+    assert "ask again" in got["message"]
+    assert _count(kr.UNAVAILABLE) == before + 1
+    monkeypatch.setattr(core, "read_namespaced_secret", read)
+    assert pool.credential(BOX) == cred
+    assert pool.ask(BOX, cred, pool.token(here))[0] == 200
+
+
+@pytest.mark.timeout(180)
 def test_an_expired_verdict_gets_no_release(pool: Pool) -> None:
     here = pool.members[0]
     cred, token = pool.credential(BOX), pool.token(here)

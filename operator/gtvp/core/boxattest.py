@@ -94,6 +94,9 @@ NOT_RUNNING: Final = "NotRunning"
 NOT_REQUIRED: Final = "AttestationNotRequired"
 BAD_REQUEST: Final = "BadRequest"
 CONFLICT: Final = "Conflict"
+UNAVAILABLE: Final = "Unavailable"
+"""Not a refusal: gtvp could not answer (the API server failed or timed out under the
+request); a 503 saying to ask again, counted under this result."""
 REASONS: Final = (
     VERIFIED,
     COMPONENT_MISMATCH,
@@ -115,6 +118,7 @@ REASONS: Final = (
     NOT_REQUIRED,
     BAD_REQUEST,
     CONFLICT,
+    UNAVAILABLE,
 )
 HTTP_STATUS: Final = {
     WRONG_CREDENTIAL: 401,

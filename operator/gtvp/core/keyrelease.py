@@ -123,7 +123,10 @@ REASONS: Final = (
     VMI_NOT_GATED,
     BOX_NOT_ATTESTED,
 )
-RESULTS: Final = (RELEASED, RELEASED_AGAIN, *REASONS)
+UNAVAILABLE: Final = "Unavailable"
+"""gtvp could not answer (the API server failed or timed out under the request): a 503
+saying to ask again (a consuming write that failed is read back first: SecretUnavailable)."""
+RESULTS: Final = (RELEASED, RELEASED_AGAIN, *REASONS, UNAVAILABLE)
 
 
 class BadRequest(ValueError):
