@@ -358,7 +358,7 @@ class _Cycle:
         self.maintenance = bool(spec.get("maintenance", False))
         self.interval = mp.attestation.interval
         if mp.member_class is not None:
-            _class_resolved(self.trust, mp.member_class, mp.level)
+            _class_resolved(self.trust, self.challenge, mp.member_class, mp.level, now)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -791,10 +791,18 @@ def _expire_if_due(trust: TrustStatus, mp: MemberPolicy, now: dt.datetime) -> Ev
     return Event("Warning", "VerdictExpired", message)
 
 
-def _class_resolved(trust: TrustStatus, cls: MemberClass, level: int) -> None:
+def _class_resolved(
+    trust: TrustStatus,
+    challenge: ChallengeStatus,
+    cls: MemberClass,
+    level: int,
+    now: dt.datetime,
+) -> None:
     """The member's class resolves: a verdict from before the class and level it was judged
     under were recorded is taken as judged under these; a refusal for want of a class is
-    replaced by waiting for a quote judged under it (the member stays Untrusted)."""
+    replaced by waiting for a quote judged under it (the member stays Untrusted), asked for
+    now: a fixed class or policy brings the member back without waiting for its next
+    routine quote."""
     if trust.get("verdict") == Verdict.TRUSTED:
         trust.setdefault("memberClass", cls.name)
         trust.setdefault("level", level)
@@ -803,6 +811,7 @@ def _class_resolved(trust: TrustStatus, cls: MemberClass, level: int) -> None:
         trust["message"] = (
             f"member class {cls.name!r} applies now; waiting for a quote judged by it"
         )
+        _ask_now(challenge, now)
 
 
 def _ask_now(challenge: ChallengeStatus, now: dt.datetime) -> None:
