@@ -60,6 +60,7 @@ CONTROLLERS = (
     "deployment-controller",
     "replicaset-controller",
     "daemonset-controller",
+    "job-controller",  # the chart's pre-install/pre-upgrade check is a Job
     "disruption-controller",
     "garbage-collector-controller",
     "namespace-controller",

@@ -33,7 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "status": ("gtvp.status_cli", "a readable summary of the trusted pool"),
     "token": ("gtvp.token_cli", "verify, show or rotate the signed verdict tokens (EAR)"),
-    "policy": ("gtvp.policy_cli", "propose a measured-boot reference set (gtvp policy learn)"),
+    "policy": (
+        "gtvp.policy_cli",
+        "propose a measured-boot reference set (learn); judge the live policy (check)",
+    ),
     "eventlog": ("gtvp.eventlog_cli", "replay a TCG event log and print its PCRs and events"),
 }
 

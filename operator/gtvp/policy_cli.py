@@ -1,4 +1,5 @@
-"""`gtvp policy learn`: propose a measured-boot reference set from a member's event log.
+"""`gtvp policy learn`: propose a measured-boot reference set from a member's event log
+(and `gtvp policy check`, in `gtvp.policy_check_cli`).
 
 - `gtvp policy learn --member NAME [--kubeconfig FILE]`: reads the Member; it must be
   Trusted (a boot gtvp has not verified is never proposed), and its latest evidence's event
@@ -26,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gtvp import local_state
+from gtvp import local_state, policy_check_cli
 from gtvp.core.api_resources import MEMBERS, SECURITY_POLICIES
 from gtvp.core.errors import MalformedEvidence, VerificationError
 from gtvp.core.eventlog import EventLog, parse_event_log
@@ -44,7 +45,7 @@ class BadInput(Exception):
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="policy_cmd", metavar="{learn}")
+    sub = p.add_subparsers(dest="policy_cmd", metavar="{learn,check}")
     r = sub.add_parser(
         "learn",
         help="propose a reference set from a Trusted member's event log (never applied)",
@@ -76,6 +77,7 @@ def register(p: argparse.ArgumentParser) -> None:
         "--not-after", help="end of the set's validity window (RFC 3339), e.g. for a canary"
     )
     r.set_defaults(func=run_learn)
+    policy_check_cli.register(sub)
 
 
 def _pcr_list(text: str) -> tuple[int, ...]:

@@ -274,9 +274,36 @@ def _ca_bundles(cluster: Cluster) -> set[str]:
     return {h["clientConfig"]["caBundle"] for i in items for h in i["webhooks"]}
 
 
+def _why_the_check_failed(cluster: Cluster) -> str:
+    """The upgrade check's pods and Events, for a failed upgrade's message."""
+    ns = cluster.inst.namespace
+    pods = cluster.kubectl(
+        "get", "pods", "-n", ns, "-l", "app.kubernetes.io/component=upgrade-check", "-o", "wide",
+        check=False,
+    )  # fmt: skip
+    logs = cluster.kubectl(
+        "logs", "-n", ns, "-l", "app.kubernetes.io/component=upgrade-check", "--tail=20",
+        check=False,
+    )  # fmt: skip
+    events = cluster.kubectl(
+        "get", "events", "-n", ns, "--sort-by=.lastTimestamp", check=False
+    ).stdout.splitlines()[-25:]
+    return "\n".join(["", pods.stdout, pods.stderr, logs.stdout, logs.stderr, *events])
+
+
+def _checks_completed(cluster: Cluster) -> int:
+    """How many runs of the chart's upgrade check Job completed (its Events outlive it)."""
+    said = cluster.get(
+        "events", "-n", cluster.inst.namespace, "--field-selector",
+        f"involvedObject.kind=Job,involvedObject.name={cluster.inst.release}-upgrade-check",
+    )["items"]  # fmt: skip
+    return sum(int(e.get("count") or 1) for e in said if e["reason"] == "Completed")
+
+
 def test_helm_upgrade_rolls_the_operator_without_an_admission_gap(
     cluster: Cluster, ns: str
 ) -> None:
+    checks_before = _checks_completed(cluster)  # the install's (and any earlier upgrade's)
     before_ca = _ca_bundles(cluster)
     before_pods = {p["metadata"]["name"] for p in cluster.pods("operator")}
     failures: list[str] = []
@@ -309,7 +336,7 @@ def test_helm_upgrade_rolls_the_operator_without_an_admission_gap(
             "--timeout",
             "5m",
         )
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == 0, out.stderr + _why_the_check_failed(cluster)
         wait_for(
             "the new operator pods Ready",
             lambda: (
@@ -326,6 +353,14 @@ def test_helm_upgrade_rolls_the_operator_without_an_admission_gap(
     assert admitted > 10
     assert failures == [], f"{len(failures)} of {admitted + len(failures)} refused: {failures[:3]}"
     assert _ca_bundles(cluster) == before_ca  # the webhook CA outlives the upgrade
+    # the pre-upgrade check ran once more on this kubelet, with the new image and its own
+    # account, found the pool's policy accepted by this version, and was deleted as it passed
+    assert _checks_completed(cluster) == checks_before + 1
+    left = cluster.kubectl(
+        "get", "job", f"{cluster.inst.release}-upgrade-check", "-n", cluster.inst.namespace,
+        check=False,
+    )  # fmt: skip
+    assert left.returncode != 0  # deleted once it passed (hook-succeeded)
 
 
 # ----- tamper: the member quarantined, its level gone ---------------------------------------

@@ -4,10 +4,13 @@ and in step with the manifests the tests run against; its alerts checked by prom
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +22,7 @@ import yaml
 from gtvp import http_endpoints, webhook_config
 from gtvp.http_endpoints import Probe
 from gtvp_local import toolchain
-from gtvp_local.controlplane import ADMIN, ControlPlane
+from gtvp_local.controlplane import ADMIN, ControlPlane, Identity
 from gtvp_local.processes import free_port
 
 pytestmark = pytest.mark.controlplane
@@ -56,12 +59,14 @@ def _template(
     api_versions: Sequence[str] = (),
     values: dict[str, Any] | None = None,
     kubeconfig: Path | None = None,
+    upgrade: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """`helm template` of the chart; values go through a values file, a kubeconfig makes it
-    render against that API server (--dry-run=server: the chart's lookups see live objects)."""
-    server: tuple[str, ...] = ()
+    render against that API server (--dry-run=server: the chart's lookups see live objects);
+    `upgrade`: rendered as for an upgrade (else as for an install)."""
+    server: tuple[str, ...] = ("--is-upgrade",) if upgrade else ()
     if kubeconfig is not None:
-        server = ("--dry-run=server", "--kubeconfig", str(kubeconfig))
+        server += ("--dry-run=server", "--kubeconfig", str(kubeconfig))
     with _values_args(values) as values_args:
         return _helm(
             "template",
@@ -1037,7 +1042,7 @@ def test_every_object_carries_the_recommended_labels(
     objects += [
         (d["kind"] + " pods", d["spec"]["template"]["metadata"])
         for d in docs
-        if d["kind"] in ("Deployment", "DaemonSet")
+        if d["kind"] in ("Deployment", "DaemonSet", "Job")
     ]
     for kind, meta in objects:
         labels = meta.get("labels", {})
@@ -1112,6 +1117,8 @@ def test_pods_take_pull_secrets_labels_annotations_placement_and_resources(
     docs = _render_all_on()
     operator = _operator(docs)["spec"]["template"]
     agent = _one(docs, "DaemonSet")["spec"]["template"]
+    check = _one(docs, "Job")["spec"]["template"]  # the pre-upgrade check: the same image
+    assert check["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     for pod in (operator, agent):
         assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
         assert pod["metadata"]["annotations"]["example.com/owner"] == "infra"
@@ -1624,3 +1631,235 @@ def test_the_charts_probes_pass_only_while_the_operator_says_ready_and_healthy()
         server.shutdown()
         server.server_close()
     assert not passes("readinessProbe")  # nothing answers
+
+
+# ----- the pre-upgrade check ----------------------------------------------------------------
+
+
+def _log_only_policy(name: str) -> dict[str, Any]:
+    """A SecurityPolicy an older gtvp accepted and this one refuses: its member class only
+    requires an event log (which replays to any boot)."""
+    sample = next(
+        d for d in yaml.safe_load_all((REPO / "crds/samples/securitypolicy.yaml").read_text()) if d
+    )
+    sample["metadata"] = {"name": name}
+    sample["spec"]["memberClasses"] = [{"name": "generic-uefi", "eventLog": {"required": True}}]
+    sample["spec"]["defaultMemberClass"] = "generic-uefi"
+    return dict(sample)
+
+
+def test_an_upgrade_that_would_lose_the_pools_policy_is_stopped_by_the_check_job(
+    control_plane: ControlPlane, cluster_names: list[str], tmp_path: Path
+) -> None:
+    """The pre-upgrade hook runs `gtvp policy check` on the new image, with an account of
+    its own that may only read the enforced policy, where the operator runs. Run here as
+    rendered and as that account, against the real API server holding a policy the old
+    version accepted and this one refuses, it fails (helm then stops the upgrade) and says
+    why; once the policy is fixed it passes."""
+    name = f"legacy-{uuid.uuid4().hex[:6]}"
+    docs = _render(f"policyName={name}", upgrade=True)
+    hooks = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    assert {d["kind"] for d in hooks} == {
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Job"
+    }  # fmt: skip
+    for hook in hooks:
+        said = hook["metadata"]["annotations"]
+        assert set(said["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+        assert "hook-succeeded" in said["helm.sh/hook-delete-policy"], hook["kind"]
+    weight = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
+    assert weight["ServiceAccount"] < weight["Job"]  # its account exists before it runs
+    assert weight["ClusterRoleBinding"] < weight["Job"]
+    job = _one(docs, "Job", "gtvp-upgrade-check")
+    pod = job["spec"]["template"]["spec"]
+    operator_pod = _operator(docs)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "gtvp-upgrade-check"  # not the operator's
+    assert pod["nodeSelector"] == operator_pod["nodeSelector"]  # never on a member
+    assert pod["tolerations"] == operator_pod["tolerations"]
+    # not an operator pod: the webhook Service must never send admission requests to it
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "upgrade-check"
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command == ["gtvp", "policy", "check", f"--name={name}"]  # an upgrade, same policy
+    as_check = _as_hook(control_plane, docs, "gtvp-system")
+    cluster_names.extend(
+        ["clusterrole/gtvp-upgrade-check", "clusterrolebinding/gtvp-upgrade-check"]
+    )
+    user = "system:serviceaccount:gtvp-system:gtvp-upgrade-check"
+
+    def can(*what: str) -> bool:
+        out = control_plane.kubectl("auth", "can-i", *what, f"--as={user}", check=False)
+        return out.stdout.strip() == "yes"
+
+    assert can("get", f"securitypolicies.gtvp.io/{name}")
+    assert not can("get", "securitypolicies.gtvp.io/another")
+    assert not can("list", "securitypolicies.gtvp.io")
+    assert not can("patch", f"securitypolicies.gtvp.io/{name}", "--subresource=status")
+    assert not can("patch", "members.gtvp.io/node-1", "--subresource=status")
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return _run_check(docs, as_check)
+
+    gone = check()  # no such policy yet: nothing to lose
+    assert gone.returncode == 0, gone.stderr
+    assert f"SecurityPolicy {name}: does not exist" in gone.stdout
+    legacy = _log_only_policy(name)
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(legacy))
+    cluster_names.append(f"securitypolicy/{name}")
+    # what the older operator wrote: it ran the pool under generation 1
+    status = {"status": {"acceptedGeneration": 1, "acceptedSpec": legacy["spec"]}}
+    control_plane.kubectl(
+        "patch", "securitypolicy", name, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+    stopped = check()
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert f"SecurityPolicy {name} (generation 1): this version refuses it" in stopped.stderr
+    assert "verifies nothing" in stopped.stderr
+    assert "would run under none after the upgrade" in stopped.stderr
+    assert "upgradeCheck.enabled=false" in stopped.stderr
+    # fixed as the message says: the class verifies every PCR (the sample's learned set)
+    fixed = next(
+        d for d in yaml.safe_load_all((REPO / "crds/samples/securitypolicy.yaml").read_text()) if d
+    )
+    control_plane.kubectl(
+        "patch", "securitypolicy", name, "--type=merge",
+        "-p", json.dumps({"spec": {k: fixed["spec"][k]
+                                   for k in ("memberClasses", "defaultMemberClass")}}),
+    )  # fmt: skip
+    passed = check()
+    assert passed.returncode == 0, passed.stderr
+    assert f"SecurityPolicy {name} (generation 2): accepted by this version" in passed.stdout
+    # a cluster that cannot be read is not taken for a pass
+    bad = tmp_path / "unreachable"
+    bad.write_text(
+        control_plane.kubeconfig_for(ADMIN)
+        .read_text()
+        .replace(f":{control_plane.ports.apiserver}", f":{free_port()}")
+    )
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "gtvp.cli", *command[1:], "--kubeconfig", str(bad)],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert unreachable.returncode == 2, unreachable.stdout + unreachable.stderr
+    assert "cannot read" in unreachable.stderr
+
+
+def test_the_upgrade_check_can_be_turned_off_and_survives_reused_old_values(
+    control_plane: ControlPlane,
+) -> None:
+    """`upgradeCheck.enabled=false` renders none of it; values from a release older than
+    the check (`helm upgrade --reuse-values` uses only those) still render it, on by
+    default."""
+    off = _render("upgradeCheck.enabled=false")
+    assert not [d for d in off if "upgrade-check" in d["metadata"]["name"]]
+    job = _one(_render("upgradeCheck=null"), "Job", "gtvp-upgrade-check")
+    assert job["spec"]["activeDeadlineSeconds"] == 120
+    # a null that --reuse-values kept in the operator's nodeSelector selects nothing in the
+    # Job, which is created afresh (the Deployment is patched, where null removes the key)
+    kept = {"operator": {"nodeSelector": {"gtvp.io/dropped": None, "pool": "system"}}}
+    job = _one(_render(values=kept), "Job", "gtvp-upgrade-check")
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {
+        "node-role.kubernetes.io/control-plane": "",
+        "pool": "system",
+    }
+
+
+def _as_hook(control_plane: ControlPlane, docs: list[dict[str, Any]], namespace: str) -> Path:
+    """A kubeconfig of the check's own account, its rendered ServiceAccount, ClusterRole and
+    binding applied to the API server first."""
+    hooks = [d for d in docs if "upgrade-check" in d["metadata"]["name"] and d["kind"] != "Job"]
+    control_plane.kubectl("create", "namespace", namespace, check=False)
+    control_plane.kubectl(
+        "apply", "-f", "-", input_text="\n---\n".join(json.dumps(d) for d in hooks)
+    )
+    user = f"system:serviceaccount:{namespace}:gtvp-upgrade-check"
+    groups = ("system:serviceaccounts", f"system:serviceaccounts:{namespace}")
+    return control_plane.kubeconfig_for(Identity(user, groups, f"upgrade-check-{namespace}"))
+
+
+def _run_check(
+    docs: list[dict[str, Any]], kubeconfig: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """The rendered check's command, run here (this repository's gtvp) as `kubeconfig`."""
+    (container,) = _one(docs, "Job", "gtvp-upgrade-check")["spec"]["template"]["spec"]["containers"]
+    return subprocess.run(
+        [sys.executable, "-m", "gtvp.cli", *container["command"][1:], *extra],
+        capture_output=True, text=True, check=False, timeout=120,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+    )  # fmt: skip
+
+
+def test_an_upgrade_that_points_the_operator_at_a_missing_policy_is_stopped(
+    control_plane: ControlPlane, namespace: str, cluster_names: list[str]
+) -> None:
+    """policyName changed (or mistyped) by an upgrade: the chart looks up which policy the
+    running operator enforces, lets the check read both, and the check stops the upgrade
+    while the new name is missing; once it exists and is accepted, the upgrade passes."""
+    old, new = f"old-{uuid.uuid4().hex[:6]}", f"new-{uuid.uuid4().hex[:6]}"
+    sample = next(
+        d for d in yaml.safe_load_all((REPO / "crds/samples/securitypolicy.yaml").read_text()) if d
+    )
+    running = {**sample, "metadata": {"name": old}}
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(running))
+    cluster_names.append(f"securitypolicy/{old}")
+    status = {"status": {"observedGeneration": 1, "acceptedGeneration": 1,
+                         "acceptedSpec": sample["spec"]}}  # fmt: skip
+    control_plane.kubectl(
+        "patch", "securitypolicy", old, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+    live = _operator(_render(f"policyName={old}", namespace=namespace))
+    live["metadata"].pop("annotations", None)
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(live))
+    cluster_names.extend(
+        ["clusterrole/gtvp-upgrade-check", "clusterrolebinding/gtvp-upgrade-check"]
+    )
+    try:
+        kubeconfig = control_plane.kubeconfig_for(ADMIN)
+        docs = _render(
+            f"policyName={new}", upgrade=True, namespace=namespace, kubeconfig=kubeconfig
+        )
+        job = _one(docs, "Job", "gtvp-upgrade-check")
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["command"][3:] == [f"--name={new}", f"--running={old}"]
+        (rule,) = _one(docs, "ClusterRole", "gtvp-upgrade-check")["rules"]
+        assert rule["resourceNames"] == [new, old]
+        as_hook = _as_hook(control_plane, docs, namespace)
+        stopped = _run_check(docs, as_hook)
+        assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+        assert (
+            f"SecurityPolicy {new}, which the upgrade makes the operator enforce instead of "
+            f"{old}: does not exist"
+        ) in stopped.stderr
+        assert "apply it first, or keep policyName" in stopped.stderr
+        control_plane.kubectl(
+            "create", "-f", "-", input_text=json.dumps({**sample, "metadata": {"name": new}})
+        )
+        cluster_names.append(f"securitypolicy/{new}")
+        passed = _run_check(docs, as_hook)
+        assert passed.returncode == 0, passed.stdout + passed.stderr
+        assert "accepted by this version" in passed.stdout
+    finally:
+        control_plane.kubectl("delete", "deployment", "gtvp-operator", "-n", namespace)
+
+
+def test_a_check_that_finds_no_securitypolicies_served_passes_only_a_first_install(
+    control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The API server serves no SecurityPolicies (a first install: the chart's CRDs come
+    after its hooks): nothing to lose then; on an upgrade that is not what a pool looks
+    like, and the check fails rather than pass it (asked of the real API server, for a
+    resource it does not serve)."""
+    from gtvp import policy_check_cli
+    from gtvp.cli import main
+    from gtvp.core.api_resources import ApiResource
+
+    unserved = ApiResource("nothing.gtvp.io", "v1", "securitypolicies", "SecurityPolicy",
+                           namespaced=False)  # fmt: skip
+    monkeypatch.setattr(policy_check_cli, "SECURITY_POLICIES", unserved)
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig_for(ADMIN)))
+    assert main(["policy", "check", "--name=default"]) == 2
+    assert "serves no SecurityPolicies" in capsys.readouterr().err
+    assert main(["policy", "check", "--name=default", "--install"]) == 0
+    assert "a first install" in capsys.readouterr().out

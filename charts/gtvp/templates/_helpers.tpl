@@ -125,3 +125,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $hostPath := and (ne $device "") (not $resource) (not (and $privileged $perNode)) -}}
 {{- toJson (dict "tcti" $tcti "perNode" $perNode "device" $device "privileged" $privileged "eventLog" $eventLog "resource" $resource "hostPath" $hostPath) -}}
 {{- end -}}
+
+{{- /* A label selector map's entries, those set to null left out (YAML lines). */}}
+{{- define "gtvp.selectorWithoutNulls" -}}
+{{- range $k, $v := . }}
+{{- if not (kindIs "invalid" $v) }}
+{{ $k | quote }}: {{ $v | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -82,7 +82,7 @@ def _summary(policy: Policy) -> str:
     )
 
 
-def _last_accepted(
+def last_accepted(
     name: str, status: Mapping[str, Any], remembered: Accepted | None
 ) -> Accepted | None:
     """The newest accepted generation known: in memory, or in status.acceptedSpec."""
@@ -117,7 +117,7 @@ def assess_policy(
         accepted: Accepted | None = Accepted(generation, spec, parse_policy(name, spec))
     except PolicyError as exc:
         error = exc
-        accepted = _last_accepted(name, status, remembered)
+        accepted = last_accepted(name, status, remembered)
     ok = error is None and accepted is not None
     message = _message(generation, accepted, error, enforced=enforced)
     previous = [c for c in (status.get("conditions") or []) if isinstance(c, Mapping)]
