@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -75,16 +76,28 @@ def answer(path: str, probe: Probe) -> tuple[int, str] | None:
     return None
 
 
+_CONNECTION_ERROR = re.compile(
+    r"(ssl\.SSL\w*Error|\w*(Connection|Pipe|Timeout)\w*Error|OSError|socket\.timeout)\b"
+)
+
+
 class _ErrorsInOneLine(io.StringIO):
-    """Where wsgiref prints the traceback of an answer it could not write (the client hung
-    up, or was cut off at its deadline): one line in gtvp's log instead."""
+    """Where wsgiref prints the traceback of a request that failed: an answer that could
+    not be written (the client hung up, or was cut off at its deadline) is one line in
+    gtvp's log; anything else is an error (its traceback at debug level)."""
 
     def flush(self) -> None:
-        lines = [line for line in self.getvalue().splitlines() if line.strip()]
+        text = self.getvalue()
         self.seek(0)
         self.truncate()
-        if lines:
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            return
+        if _CONNECTION_ERROR.match(lines[-1]):
             log.info("an answer could not be written: %s", lines[-1][:200])
+            return
+        log.error("a request failed: %s", lines[-1][:200])
+        log.debug("%s", text)
 
 
 class _Quiet(WSGIRequestHandler):
@@ -162,20 +175,35 @@ def _body(environ: dict[str, Any]) -> bytes | tuple[int, str, bytes]:
 def _posted(
     environ: dict[str, Any], path: str, release: Release | None, box_attest: BoxAttest | None
 ) -> tuple[int, str, bytes] | None:
-    """The answer of the key-release or a box attestation path (None: another path)."""
+    """The answer of the key-release or a box attestation path (None: another path). Only
+    a POST's body is read (within the connection's deadline); another method gets the
+    handler's 405 with no body read."""
     method = str(environ.get("REQUEST_METHOD", "GET"))
     if release is not None and path == RELEASE_PATH:
-        raw = _body(environ)
+        raw = _body(environ) if method == "POST" else b""
         if not isinstance(raw, bytes):
             return raw
         return _unavailable_on_error(path, release, method, raw)
     if box_attest is not None and path.startswith(BOX_ATTEST_PREFIX):
-        raw = _body(environ)
+        raw = _body(environ) if method == "POST" else b""
         if not isinstance(raw, bytes):
             return raw
         auth = environ.get("HTTP_AUTHORIZATION")
         return _unavailable_on_error(path, box_attest, path, method, auth, raw)
     return None
+
+
+def _reads_a_body(
+    environ: dict[str, Any], path: str, release: Release | None, box_attest: BoxAttest | None
+) -> bool:
+    """A POST to the key-release or a box attestation path: its body is read, within the
+    connection's deadline, before anything is done for it. Every other request is served
+    without reading a body."""
+    if environ.get("REQUEST_METHOD") != "POST":
+        return False
+    return (release is not None and path == RELEASE_PATH) or (
+        box_attest is not None and path.startswith(BOX_ATTEST_PREFIX)
+    )
 
 
 def _unavailable_on_error(
@@ -313,8 +341,8 @@ class _Deadline:
             if self._state != "armed":
                 return
             self._state = "cut"
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(self._sock, socket.SHUT_RD)
+            with contextlib.suppress(OSError):  # under the lock: never after cancel()
+                socket.socket.shutdown(self._sock, socket.SHUT_RD)
 
     def read(self) -> bool:
         """The request has been read: True when it may be served (it was not cut off)."""
@@ -326,6 +354,10 @@ class _Deadline:
         return True
 
     def cancel(self) -> None:
+        """The connection ends: no cut after this (its socket is about to be closed)."""
+        with self._lock:
+            if self._state == "armed":
+                self._state = "ended"
         self._timer.cancel()
 
 
@@ -365,9 +397,9 @@ def serve(
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
-        # no body to wait for but a POST's: what follows is the server's own work (a
-        # request cut off at its deadline meanwhile is not served)
-        cut = environ.get("REQUEST_METHOD") != "POST" and not _read_all()
+        # no body to wait for but a key-release or attestation POST's: what follows is the
+        # server's own work (a request cut off at its deadline meanwhile is not served)
+        cut = not _reads_a_body(environ, path, release, box_attest) and not _read_all()
         posted = _TOO_SLOW if cut else _posted(environ, path, release, box_attest)
         if posted is not None:
             code, content_type, body = posted

@@ -297,6 +297,30 @@ def test_a_request_cut_off_at_its_deadline_is_never_served_nor_answered_in_clear
     raw.close()
 
 
+def test_another_method_on_the_key_release_path_is_refused_without_waiting_for_a_body(
+    tmp_path: Path,
+) -> None:
+    """A GET announcing a body it then trickles must not hold a thread past the deadline:
+    only a POST's body is read (within the deadline); anything else gets its 405 at once."""
+    asked: list[tuple[str, bytes]] = []
+
+    def release(method: str, body: bytes) -> tuple[int, str, bytes]:
+        asked.append((method, body))
+        return 405, "application/json", b'{"error": "POST a JSON request"}'
+
+    port, client = _tls_server(tmp_path, release=release)
+    conn = client.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="127.0.0.1"
+    )
+    conn.sendall(
+        b"GET /keyrelease/v1/release HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"{" * 10
+    )
+    conn.settimeout(5)
+    assert conn.recv(4096).startswith(b"HTTP/1.0 405")  # at once, not after 90 more bytes
+    assert asked == [("GET", b"")]  # no body read for it
+    conn.close()
+
+
 def test_a_request_gtvp_cannot_answer_now_gets_a_503_to_ask_again_and_the_server_lives_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
