@@ -5,10 +5,11 @@ one the running operator enforces, when an upgrade changes `policyName`) or ever
 judges it with this version's rules, as the operator of this version would on its start
 (`gtvp.core.policy_upgrade`). One line per policy. Exit 0 when the pool loses no policy; 1
 when it may run under one now and would run under none with this version (every member
-Untrusted); 2 when the cluster cannot be read (never taken for a pass). The chart runs it as
-a pre-install/pre-upgrade hook on the new image (`upgradeCheck.enabled`), so that `helm
-upgrade` stops before such a change. In a pod it uses the pod's service account; elsewhere
-`--kubeconfig` or $KUBECONFIG.
+Untrusted); 2 when the cluster cannot be read or the check fails (never taken for a pass).
+`--operator NAMESPACE/NAME` reads the running operator's --policy from its Deployment. The
+chart runs it as a pre-install/pre-upgrade hook on the new image (`upgradeCheck.enabled`),
+so that `helm upgrade` stops before such a change. In a pod it uses the pod's service
+account; elsewhere `--kubeconfig` or $KUBECONFIG.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from typing import Any
 from gtvp.core.api_resources import SECURITY_POLICIES
 from gtvp.core.policy_upgrade import StoredPolicy, UpgradeJudgement, judge_upgrade
 
-FORBIDDEN_FOR = 15.0
-"""Seconds a 403 is asked again: the hook's own access is made just before it runs."""
+RETRY_FOR = 30.0
+"""Seconds a read is tried again after a 403 (the hook's own access is made just before it
+runs), a 429 or 5xx, or no answer; then the check fails (exit 2), never passes."""
+RETRIED = frozenset({403, 429, 500, 502, 503, 504})
 
 
 class Unreadable(Exception):
@@ -55,6 +58,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --name: the SecurityPolicy the running operator enforces, when another",
     )
     c.add_argument(
+        "--operator",
+        metavar="NAMESPACE/NAME",
+        help="with --name: read --running from this operator Deployment's --policy",
+    )
+    c.add_argument(
         "--install",
         action="store_true",
         help="a first install: SecurityPolicies not served yet (no CRDs) means none to lose",
@@ -64,22 +72,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _read(call: Callable[[], Any], what: str) -> Any:
-    """`call()`; a 403 asked again for FORBIDDEN_FOR seconds; Unreadable or NotServed."""
+    """`call()`, tried again for RETRY_FOR seconds (RETRIED statuses, no answer); a 404
+    raises NotServed (the caller tells a missing object from an unserved resource), any
+    other failure Unreadable."""
     from kubernetes import client
 
-    deadline = time.monotonic() + FORBIDDEN_FOR
+    deadline = time.monotonic() + RETRY_FOR
     while True:
         try:
             return call()
         except client.exceptions.ApiException as exc:
-            if exc.status == 403 and time.monotonic() < deadline:
-                time.sleep(1.0)
-                continue
             if exc.status == 404:
                 raise NotServed(what) from exc
-            raise Unreadable(f"cannot read {what}: {exc.status} {exc.reason}") from exc
-        except Exception as exc:  # an unreachable server, an unusable kubeconfig
-            raise Unreadable(f"cannot read the cluster: {type(exc).__name__}: {exc}") from exc
+            if exc.status not in RETRIED or time.monotonic() >= deadline:
+                raise Unreadable(f"cannot read {what}: {exc.status} {exc.reason}") from exc
+        except Exception as exc:  # no answer, an unusable kubeconfig
+            if time.monotonic() >= deadline:
+                raise Unreadable(f"cannot read the cluster: {type(exc).__name__}: {exc}") from exc
+        time.sleep(1.0)
 
 
 def _names(exc: BaseException, name: str) -> bool:
@@ -105,16 +115,44 @@ def _get(custom: Any, name: str) -> StoredPolicy | None:
     return StoredPolicy.of(got)
 
 
+def _running_policy(apps: Any, where: str) -> str | None:
+    """The SecurityPolicy the operator Deployment `where` (NAMESPACE/NAME) enforces: its
+    operator container's --policy (None: no such Deployment, a first install)."""
+    namespace, _, name = where.partition("/")
+    try:
+        got = _read(lambda: apps.read_namespaced_deployment(name, namespace), f"Deployment {where}")
+    except NotServed as exc:
+        if exc.__cause__ is not None and _names(exc.__cause__, name):
+            return None
+        raise Unreadable(f"cannot read Deployment {where}") from exc
+    containers = list(got.spec.template.spec.containers or [])
+    operator = next((c for c in containers if c.name == "operator"), None)
+    args = list((operator or containers[0]).args or []) if containers else []
+    for i, arg in enumerate(args):
+        if arg.startswith("--policy="):
+            return str(arg.split("=", 1)[1])
+        if arg == "--policy" and i + 1 < len(args):
+            return str(args[i + 1])
+    return "default"  # gtvp-operator's own default
+
+
 def _judgements(args: argparse.Namespace) -> list[UpgradeJudgement]:
+    from kubernetes import client
+
     from gtvp import kube
 
     path = args.kubeconfig or os.environ.get("KUBECONFIG")
     if path is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise Unreadable("no cluster: give --kubeconfig or set KUBECONFIG")
     try:
-        custom = kube.make_clients(path, field_manager="gtvp-policy-check").custom
+        clients = kube.make_clients(path, field_manager="gtvp-policy-check")
     except Exception as exc:
         raise Unreadable(f"cannot use the cluster's configuration: {exc}") from exc
+    custom = clients.custom
+    if args.operator:
+        running = _running_policy(client.AppsV1Api(clients.api), args.operator)
+        if running is not None:
+            args.running = running
     if not args.name:
         listed = _read(
             lambda: custom.list_cluster_custom_object(*SECURITY_POLICIES.coordinates),
@@ -129,6 +167,14 @@ def _judgements(args: argparse.Namespace) -> list[UpgradeJudgement]:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    try:
+        return _check(args)
+    except Exception as exc:  # noqa: BLE001 - a bug: never taken for a pass, nor a lost policy
+        print(f"gtvp policy check: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check(args: argparse.Namespace) -> int:
     try:
         judged = _judgements(args)
     except NotServed:

@@ -1660,7 +1660,7 @@ def test_an_upgrade_that_would_lose_the_pools_policy_is_stopped_by_the_check_job
     docs = _render(f"policyName={name}", upgrade=True)
     hooks = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
     assert {d["kind"] for d in hooks} == {
-        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Job"
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Job"
     }  # fmt: skip
     for hook in hooks:
         said = hook["metadata"]["annotations"]
@@ -1669,6 +1669,7 @@ def test_an_upgrade_that_would_lose_the_pools_policy_is_stopped_by_the_check_job
     weight = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
     assert weight["ServiceAccount"] < weight["Job"]  # its account exists before it runs
     assert weight["ClusterRoleBinding"] < weight["Job"]
+    assert weight["RoleBinding"] < weight["Job"]
     job = _one(docs, "Job", "gtvp-upgrade-check")
     pod = job["spec"]["template"]["spec"]
     operator_pod = _operator(docs)["spec"]["template"]["spec"]
@@ -1680,7 +1681,9 @@ def test_an_upgrade_that_would_lose_the_pools_policy_is_stopped_by_the_check_job
     assert labels["app.kubernetes.io/component"] == "upgrade-check"
     (container,) = pod["containers"]
     command = container["command"]
-    assert command == ["gtvp", "policy", "check", f"--name={name}"]  # an upgrade, same policy
+    assert command == [
+        "gtvp", "policy", "check", f"--name={name}", "--operator=gtvp-system/gtvp-operator"
+    ]  # fmt: skip
     as_check = _as_hook(control_plane, docs, "gtvp-system")
     cluster_names.extend(
         ["clusterrole/gtvp-upgrade-check", "clusterrolebinding/gtvp-upgrade-check"]
@@ -1692,10 +1695,13 @@ def test_an_upgrade_that_would_lose_the_pools_policy_is_stopped_by_the_check_job
         return out.stdout.strip() == "yes"
 
     assert can("get", f"securitypolicies.gtvp.io/{name}")
-    assert not can("get", "securitypolicies.gtvp.io/another")
+    assert can("get", "deployments.apps/gtvp-operator", "-n", "gtvp-system")
+    assert not can("get", "deployments.apps/another", "-n", "gtvp-system")
+    assert not can("get", "deployments.apps/gtvp-operator", "-n", "kube-system")
     assert not can("list", "securitypolicies.gtvp.io")
     assert not can("patch", f"securitypolicies.gtvp.io/{name}", "--subresource=status")
     assert not can("patch", "members.gtvp.io/node-1", "--subresource=status")
+    assert not can("get", "secrets", "-n", "gtvp-system")
 
     def check() -> subprocess.CompletedProcess[str]:
         return _run_check(docs, as_check)
@@ -1766,8 +1772,8 @@ def test_the_upgrade_check_can_be_turned_off_and_survives_reused_old_values(
 
 
 def _as_hook(control_plane: ControlPlane, docs: list[dict[str, Any]], namespace: str) -> Path:
-    """A kubeconfig of the check's own account, its rendered ServiceAccount, ClusterRole and
-    binding applied to the API server first."""
+    """A kubeconfig of the check's own account, its rendered ServiceAccount, roles and
+    bindings applied to the API server first."""
     hooks = [d for d in docs if "upgrade-check" in d["metadata"]["name"] and d["kind"] != "Job"]
     control_plane.kubectl("create", "namespace", namespace, check=False)
     control_plane.kubectl(
@@ -1793,9 +1799,9 @@ def _run_check(
 def test_an_upgrade_that_points_the_operator_at_a_missing_policy_is_stopped(
     control_plane: ControlPlane, namespace: str, cluster_names: list[str]
 ) -> None:
-    """policyName changed (or mistyped) by an upgrade: the chart looks up which policy the
-    running operator enforces, lets the check read both, and the check stops the upgrade
-    while the new name is missing; once it exists and is accepted, the upgrade passes."""
+    """policyName changed (or mistyped) by an upgrade: the check reads which policy the
+    running operator enforces from its Deployment, and stops the upgrade while the new
+    name is missing; once it exists and is accepted, the upgrade passes."""
     old, new = f"old-{uuid.uuid4().hex[:6]}", f"new-{uuid.uuid4().hex[:6]}"
     sample = next(
         d for d in yaml.safe_load_all((REPO / "crds/samples/securitypolicy.yaml").read_text()) if d
@@ -1816,15 +1822,14 @@ def test_an_upgrade_that_points_the_operator_at_a_missing_policy_is_stopped(
         ["clusterrole/gtvp-upgrade-check", "clusterrolebinding/gtvp-upgrade-check"]
     )
     try:
-        kubeconfig = control_plane.kubeconfig_for(ADMIN)
-        docs = _render(
-            f"policyName={new}", upgrade=True, namespace=namespace, kubeconfig=kubeconfig
-        )
+        # rendered without a cluster to look at (helm template, GitOps tools): the check
+        # reads the running operator's --policy from its Deployment itself
+        docs = _render(f"policyName={new}", upgrade=True, namespace=namespace)
         job = _one(docs, "Job", "gtvp-upgrade-check")
         (container,) = job["spec"]["template"]["spec"]["containers"]
-        assert container["command"][3:] == [f"--name={new}", f"--running={old}"]
-        (rule,) = _one(docs, "ClusterRole", "gtvp-upgrade-check")["rules"]
-        assert rule["resourceNames"] == [new, old]
+        assert container["command"][3:] == [
+            f"--name={new}", f"--operator={namespace}/gtvp-operator"
+        ]  # fmt: skip
         as_hook = _as_hook(control_plane, docs, namespace)
         stopped = _run_check(docs, as_hook)
         assert stopped.returncode == 1, stopped.stdout + stopped.stderr
