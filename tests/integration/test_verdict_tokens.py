@@ -22,6 +22,7 @@ import pytest
 from gtvp import cli, kube, verdict_keys
 from gtvp.core import ear
 from gtvp.core.api_resources import MEMBERS
+from gtvp.core.policy_status import Accepted
 from gtvp.handlers import attestation, policies
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_agent.agent import Agent, AgentConfig
@@ -224,6 +225,38 @@ def test_a_trusted_member_gets_an_affirming_token_and_a_tampered_one_a_contraind
     a = _verified(token, jwks)
     assert (a.status, a.level) == ("contraindicated", 0)
     assert a.vector["executables"] == 96
+
+
+@pytest.mark.timeout(120)
+def test_a_new_generation_that_changes_no_rule_is_named_in_the_next_token(
+    rt: Runtime, members: list[_Member], keys_namespace: str, ca: SoftCA
+) -> None:
+    """An edit that changes nothing the rules say (a comment-like field, a re-apply) makes
+    a new generation: members are not judged again for it, but the next token names it as
+    the appraisal policy (the policy the verdict was reached under has that generation)."""
+    m = members[0]
+    first = policy_trusting(ca.bundle_pem(), name=POLICY, interval="1s", valid_for="30s")
+    rt.accepted_policies[POLICY] = ("uid", Accepted(4, {}, first))
+    policies.set_policy(rt, POLICY, first)  # equal to the fixture's: this object in force
+    _until(rt, m, "QuoteVerified")
+    jwks = _jwks_from_configmap(rt.clients, keys_namespace)
+
+    def policy_id() -> str:
+        token = _status(rt, m.name)["trust"]["token"]
+        claims = ear.verify(token, jwks, audience="gtvp", now=dt.datetime.now(dt.UTC))
+        (sub,) = claims["submods"].values()
+        return str(sub["ear.appraisal-policy-id"])
+
+    assert policy_id().endswith(f"/{POLICY}/generation/4")
+    same = policy_trusting(ca.bundle_pem(), name=POLICY, interval="1s", valid_for="30s")
+    assert same == first
+    assert same is not first
+    rt.accepted_policies[POLICY] = ("uid", Accepted(5, {}, same))
+    assert not policies.set_policy(rt, POLICY, same)  # nothing to judge again for it
+    deadline = time.monotonic() + 20
+    while not policy_id().endswith(f"/{POLICY}/generation/5"):
+        assert time.monotonic() < deadline, policy_id()
+        _turn(rt, m)
 
 
 def _token_in_view(rt: Runtime, name: str) -> str | None:

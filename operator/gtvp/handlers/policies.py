@@ -39,6 +39,9 @@ def set_policy(rt: Runtime, name: str, policy: Policy | None, error: str | None 
         return False
     error = None if policy is not None else (error or f"SecurityPolicy {name!r} is unusable")
     if policy == view.policy and error == view.policy_error:
+        # the same rules (a new generation that changed nothing they say): nothing to look
+        # at again, but tokens name the newest generation, found by this very object
+        view.policy = policy
         return False
     view.policy, view.policy_error = policy, error
     if policy is not None:
