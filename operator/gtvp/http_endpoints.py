@@ -172,38 +172,33 @@ def _body(environ: dict[str, Any]) -> bytes | tuple[int, str, bytes]:
     return data
 
 
+def _request_body(environ: dict[str, Any], method: str) -> bytes | tuple[int, str, bytes]:
+    """A POST's body (`_body`); for another method none is read, only the deadline ends
+    (408 when it cut the request off first), and the handler answers the method."""
+    if method == "POST":
+        return _body(environ)
+    return b"" if _read_all() else _TOO_SLOW
+
+
 def _posted(
     environ: dict[str, Any], path: str, release: Release | None, box_attest: BoxAttest | None
 ) -> tuple[int, str, bytes] | None:
-    """The answer of the key-release or a box attestation path (None: another path). Only
-    a POST's body is read (within the connection's deadline); another method gets the
-    handler's 405 with no body read."""
+    """The answer of the key-release or a box attestation path (None: another path, whose
+    request is still within its deadline). Only a POST's body is read (within the
+    connection's deadline); another method gets the handler's 405 with no body read."""
     method = str(environ.get("REQUEST_METHOD", "GET"))
     if release is not None and path == RELEASE_PATH:
-        raw = _body(environ) if method == "POST" else b""
+        raw = _request_body(environ, method)
         if not isinstance(raw, bytes):
             return raw
         return _unavailable_on_error(path, release, method, raw)
     if box_attest is not None and path.startswith(BOX_ATTEST_PREFIX):
-        raw = _body(environ) if method == "POST" else b""
+        raw = _request_body(environ, method)
         if not isinstance(raw, bytes):
             return raw
         auth = environ.get("HTTP_AUTHORIZATION")
         return _unavailable_on_error(path, box_attest, path, method, auth, raw)
     return None
-
-
-def _reads_a_body(
-    environ: dict[str, Any], path: str, release: Release | None, box_attest: BoxAttest | None
-) -> bool:
-    """A POST to the key-release or a box attestation path: its body is read, within the
-    connection's deadline, before anything is done for it. Every other request is served
-    without reading a body."""
-    if environ.get("REQUEST_METHOD") != "POST":
-        return False
-    return (release is not None and path == RELEASE_PATH) or (
-        box_attest is not None and path.startswith(BOX_ATTEST_PREFIX)
-    )
 
 
 def _unavailable_on_error(
@@ -397,10 +392,11 @@ def serve(
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = str(environ.get("PATH_INFO", ""))
-        # no body to wait for but a key-release or attestation POST's: what follows is the
-        # server's own work (a request cut off at its deadline meanwhile is not served)
-        cut = not _reads_a_body(environ, path, release, box_attest) and not _read_all()
-        posted = _TOO_SLOW if cut else _posted(environ, path, release, box_attest)
+        posted = _posted(environ, path, release, box_attest)
+        if posted is None and not _read_all():
+            # no body to wait for: what follows is the server's own work, unless the
+            # request was cut off at its deadline meanwhile (then it is not served)
+            posted = _TOO_SLOW
         if posted is not None:
             code, content_type, body = posted
             start(f"{code} {_REASONS.get(code, 'Error')}", [("Content-Type", content_type)])
