@@ -101,18 +101,25 @@ def _names(exc: BaseException, name: str) -> bool:
     return bool(details.get("name") == name)
 
 
-def _get(custom: Any, name: str) -> StoredPolicy | None:
-    """The SecurityPolicy `name` (None: it does not exist)."""
+def _read_object(call: Callable[[], Any], what: str, name: str) -> Any:
+    """`_read(call)` of the object `name`: None when it does not exist; NotServed when its
+    resource is not served."""
     try:
-        got = _read(
-            lambda: custom.get_cluster_custom_object(*SECURITY_POLICIES.coordinates, name),
-            f"SecurityPolicy {name}",
-        )
+        return _read(call, what)
     except NotServed as exc:
         if exc.__cause__ is not None and _names(exc.__cause__, name):
             return None
         raise
-    return StoredPolicy.of(got)
+
+
+def _get(custom: Any, name: str) -> StoredPolicy | None:
+    """The SecurityPolicy `name` (None: it does not exist)."""
+    got = _read_object(
+        lambda: custom.get_cluster_custom_object(*SECURITY_POLICIES.coordinates, name),
+        f"SecurityPolicy {name}",
+        name,
+    )
+    return None if got is None else StoredPolicy.of(got)
 
 
 def _running_policy(apps: Any, where: str) -> str | None:
@@ -120,11 +127,13 @@ def _running_policy(apps: Any, where: str) -> str | None:
     operator container's --policy (None: no such Deployment, a first install)."""
     namespace, _, name = where.partition("/")
     try:
-        got = _read(lambda: apps.read_namespaced_deployment(name, namespace), f"Deployment {where}")
+        got = _read_object(
+            lambda: apps.read_namespaced_deployment(name, namespace), f"Deployment {where}", name
+        )
     except NotServed as exc:
-        if exc.__cause__ is not None and _names(exc.__cause__, name):
-            return None
         raise Unreadable(f"cannot read Deployment {where}") from exc
+    if got is None:
+        return None
     containers = list(got.spec.template.spec.containers or [])
     operator = next((c for c in containers if c.name == "operator"), None)
     args = list((operator or containers[0]).args or []) if containers else []
@@ -149,10 +158,6 @@ def _judgements(args: argparse.Namespace) -> list[UpgradeJudgement]:
     except Exception as exc:
         raise Unreadable(f"cannot use the cluster's configuration: {exc}") from exc
     custom = clients.custom
-    if args.operator:
-        running = _running_policy(client.AppsV1Api(clients.api), args.operator)
-        if running is not None:
-            args.running = running
     if not args.name:
         listed = _read(
             lambda: custom.list_cluster_custom_object(*SECURITY_POLICIES.coordinates),
@@ -160,9 +165,12 @@ def _judgements(args: argparse.Namespace) -> list[UpgradeJudgement]:
         )
         found = [StoredPolicy.of(obj) for obj in listed.get("items") or []]
         return [judge_upgrade(p.name, p, p) for p in found]
+    running = args.running
+    if args.operator:
+        running = _running_policy(client.AppsV1Api(clients.api), args.operator) or running
     target = _get(custom, args.name)
-    if args.running and args.running != args.name:
-        return [judge_upgrade(args.name, target, _get(custom, args.running))]
+    if running and running != args.name:
+        return [judge_upgrade(args.name, target, _get(custom, running))]
     return [judge_upgrade(args.name, target, target)]
 
 
