@@ -134,3 +134,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{- /* The annotations of one object of the upgrade check (templates/upgrade-check.yaml):
+     a pre-install/pre-upgrade hook of this weight, deleted before the next run and once
+     the check passed. include "gtvp.checkHook" "-10" */}}
+{{- define "gtvp.checkHook" -}}
+helm.sh/hook: pre-install,pre-upgrade
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end -}}
