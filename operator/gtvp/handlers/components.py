@@ -3,11 +3,17 @@
 A component's status is what we wrote, never what we trust: each one is checked again on
 start and whenever the policy's publisher keys change, and a component with `maxUses` is
 re-checked when its uses run out (`spend`, called for each placement that uses it).
+
+Every status write is made at the resourceVersion it was computed from: the view may hold
+an older body than the server (a watch event arriving after our own write, or a check and
+a placement racing), and a verification written from it would give back uses already
+spent. A write refused as stale (409) reads the component again and decides anew.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 from typing import Any
 
@@ -15,7 +21,13 @@ from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.core.api_resources import OS_COMPONENTS
-from gtvp.core.component_checks import Check, check_component, spend_use, verification_status
+from gtvp.core.component_checks import (
+    Check,
+    Use,
+    check_component,
+    spend_use,
+    verification_status,
+)
 from gtvp.core.components import ComponentError, parse_component
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -47,65 +59,147 @@ def _check(rt: Runtime, body: dict[str, Any]) -> Check:
     return check_component(body, policy.publisher_keys)
 
 
+WRITE_ATTEMPTS = 5
+"""Times a status write refused as stale (409) is decided again on a fresh read."""
+
+
 def verify_component(rt: Runtime, name: str, *, force_write: bool = False) -> Check:
-    """Check one component now; write its status when the outcome changed."""
-    body = rt.view.components.get(name)
-    if body is None:
-        return Check("Failed", "Deleted", "the component was deleted")
-    check = _check(rt, body)
+    """Check one component now; write its status when the outcome changed (with
+    `force_write`: always, a fresh verification with all its uses)."""
+    for _ in range(WRITE_ATTEMPTS):
+        body = rt.view.components.get(name)
+        if body is None:
+            return _deleted(rt, name)
+        check = _check(rt, body)
+        rt.boxes.checks[name] = check
+        if check.reason == "NoPolicy":  # the policy is not loaded yet (or gone): no status flaps
+            return check
+        METRICS.components.labels("verified" if check.ok else "failed", check.reason).inc()
+        current = _verification(body)
+        same = (
+            current.get("state") == check.state
+            and current.get("reason") == check.reason
+            and current.get("message") == check.message
+        )
+        if same and not force_write:
+            return check
+        try:
+            max_uses = parse_component(body).max_uses
+        except ComponentError:
+            max_uses = None
+        status = verification_status(check, max_uses, dt.datetime.now(dt.UTC))
+        written = _write_status(rt, body, status)
+        if written is _Written.STALE:
+            continue
+        if written is _Written.GONE:
+            return _deleted(rt, name)
+        if not check.ok:
+            log.warning(
+                "OSComponent %s failed verification: %s: %s", name, check.reason, check.message
+            )
+        return check
+    return _unsettled(rt, name)
+
+
+def _deleted(rt: Runtime, name: str) -> Check:
+    rt.boxes.checks.pop(name, None)
+    return Check("Failed", "Deleted", "the component was deleted")
+
+
+def _unsettled(rt: Runtime, name: str) -> Check:
+    """The component kept changing under every attempt: not usable for now (fail closed)."""
+    check = Check("Failed", "Changing", "the component kept changing while it was checked")
     rt.boxes.checks[name] = check
-    if check.reason == "NoPolicy":  # the policy is not loaded yet (or gone): no status flaps
-        return check
-    METRICS.components.labels("verified" if check.ok else "failed", check.reason).inc()
-    current = (body.get("status") or {}).get("verification") or {}
-    same = (
-        current.get("state") == check.state
-        and current.get("reason") == check.reason
-        and current.get("message") == check.message
-    )
-    if same and not force_write:
-        return check
-    try:
-        max_uses = parse_component(body).max_uses
-    except ComponentError:
-        max_uses = None
-    status = verification_status(check, max_uses, dt.datetime.now(dt.UTC))
-    _write_status(rt, name, status)
-    if not check.ok:
-        log.warning("OSComponent %s failed verification: %s: %s", name, check.reason, check.message)
+    log.warning("OSComponent %s: %s", name, check.message)
     return check
 
 
-def _write_status(rt: Runtime, name: str, verification: dict[str, Any]) -> None:
+def _verification(body: dict[str, Any]) -> dict[str, Any]:
+    got: dict[str, Any] = (body.get("status") or {}).get("verification") or {}
+    return got
+
+
+class _Written(enum.Enum):
+    DONE = "done"
+    STALE = "stale"
+    """The component changed since the body the status was computed from; read again."""
+    GONE = "gone"
+    FAILED = "failed"
+
+
+def _write_status(rt: Runtime, body: dict[str, Any], verification: dict[str, Any]) -> _Written:
+    """Write `verification` if the component is still as `body` (its resourceVersion)."""
+    meta = body.get("metadata") or {}
+    name = str(meta.get("name", ""))
+    version = str(meta.get("resourceVersion") or "") or None
     try:
-        out = kube.patch_status(rt.clients, OS_COMPONENTS, name, {"verification": verification})
-        rt.view.components[name] = out  # a status write changes no resolution input
+        out = kube.patch_status(
+            rt.clients,
+            OS_COMPONENTS,
+            name,
+            {"verification": verification},
+            resource_version=version,
+        )
     except ApiException as exc:
+        if kube.is_conflict(exc):
+            _read_again(rt, name)
+            return _Written.STALE
+        if kube.is_not_found(exc):
+            rt.view.components.pop(name, None)
+            return _Written.GONE
         log.warning("cannot write OSComponent %s status: %s", name, exc.reason)
+        return _Written.FAILED
+    rt.view.components[name] = out  # a status write changes no resolution input
+    return _Written.DONE
+
+
+def _read_again(rt: Runtime, name: str) -> None:
+    """The server's component into the view (gone: out of it)."""
+    try:
+        fresh = kube.get_if_present(rt.clients, OS_COMPONENTS, name)
+    except ApiException as exc:
+        log.warning("cannot read OSComponent %s: %s", name, exc.reason)
+        return
+    if fresh is None:
+        rt.view.components.pop(name, None)
+    else:
+        rt.view.components[name] = fresh
 
 
 def spend(rt: Runtime, names: tuple[str, ...]) -> list[str]:
     """Spend one use of each component; re-verify those with none left. Returns failures."""
-    failed = []
-    for name in names:
-        body = rt.view.components.get(name)
-        if body is None:
-            failed.append(name)
-            continue
-        try:
-            max_uses = parse_component(body).max_uses
-        except ComponentError:
-            failed.append(name)
-            continue
-        ver = (body.get("status") or {}).get("verification") or {}
-        use = spend_use(ver, max_uses)
-        if use.recheck:
-            check = verify_component(rt, name, force_write=True)
-            if not check.ok:
-                failed.append(name)
-                continue
-            ver = (rt.view.components[name].get("status") or {}).get("verification") or {}
-            use = spend_use(ver, max_uses)
-        if use.status is not None:
-            _write_status(rt, name, use.status)
-    return failed
+    return [name for name in names if not _spend_one(rt, name)]
+
+
+def _spend_one(rt: Runtime, name: str) -> bool:
+    """Spend one use of `name`; False: it is not usable."""
+    for _ in range(WRITE_ATTEMPTS):
+        got = _next_use(rt, name)
+        if got is None:
+            return False
+        body, use = got
+        if use.status is None:
+            return True
+        written = _write_status(rt, body, use.status)
+        if written is not _Written.STALE:
+            return written is not _Written.GONE
+    return _unsettled(rt, name).ok
+
+
+def _next_use(rt: Runtime, name: str) -> tuple[dict[str, Any], Use] | None:
+    """The body a use of `name` is decided on and what it writes (verified again first
+    when no use is left); None: not usable."""
+    body = rt.view.components.get(name)
+    if body is None:
+        return None
+    try:
+        max_uses = parse_component(body).max_uses
+    except ComponentError:
+        return None
+    use = spend_use(_verification(body), max_uses)
+    if use.recheck:
+        if not verify_component(rt, name, force_write=True).ok:
+            return None
+        body = rt.view.components[name]
+        use = spend_use(_verification(body), max_uses)
+    return body, use

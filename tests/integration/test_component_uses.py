@@ -1,0 +1,124 @@
+"""A component's `maxUses` holds when the operator's view lags behind the API server.
+
+Against the real API server: the operator's view of an OSComponent can be older than the
+server's (a watch event delivered after the operator's own write, or a check of a new
+component racing the placement that spends it). A decision made on that older body must
+neither give back a use already spent nor spend a use that is no longer there.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gtvp import kube
+from gtvp.core.api_resources import OS_COMPONENTS
+from gtvp.core.policy import parse_policy
+from gtvp.handlers import components
+from gtvp.runtime import OperatorSettings, Runtime
+from gtvp_local.controlplane import OPERATOR, ControlPlane
+from gtvp_local.pool import apply_manifests
+from tests.catalogue import Publisher
+
+pytestmark = [pytest.mark.controlplane]
+
+PUB = Publisher()
+SAMPLE_POLICY = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
+
+
+@pytest.fixture(scope="module")
+def operator_clients(control_plane: ControlPlane) -> kube.Clients:
+    """The operator's identity, with the RBAC the chart and `gtvp local` give it."""
+    apply_manifests(control_plane)
+    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
+
+
+@pytest.fixture
+def rt(operator_clients: kube.Clients) -> Runtime:
+    """A runtime under the sample policy, trusting the test publisher's key."""
+    runtime = Runtime(settings=OperatorSettings(policy_name="uses"), clients=operator_clients)
+    doc = next(d for d in yaml.safe_load_all(SAMPLE_POLICY.read_text()) if d)
+    policy = parse_policy("uses", doc["spec"])
+    runtime.view.policy = dataclasses.replace(policy, publisher_keys=PUB.keys)
+    runtime.view.loaded = True
+    return runtime
+
+
+@pytest.fixture
+def component(control_plane: ControlPlane, rt: Runtime) -> Iterator[str]:
+    """A component with one use per verification, on the server and in the view."""
+    obj = PUB.component(f"c{uuid.uuid4().hex[:8]}", "1.0.0", max_uses=1)
+    name = obj["metadata"]["name"]
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(obj))
+    try:
+        _into_view(rt, _server(rt, name))
+        yield name
+    finally:
+        control_plane.kubectl("delete", "osc", name, "--ignore-not-found", "--wait=false")
+
+
+def _server(rt: Runtime, name: str) -> dict[str, Any]:
+    got = kube.get_if_present(rt.clients, OS_COMPONENTS, name)
+    assert got is not None
+    return got
+
+
+def _into_view(rt: Runtime, body: dict[str, Any]) -> None:
+    """What a watch event carrying `body` leaves in the operator's view."""
+    rt.view.observe_component(copy.deepcopy(body), "MODIFIED")
+
+
+def _verification(rt: Runtime, name: str) -> dict[str, Any]:
+    got: dict[str, Any] = _server(rt, name)["status"]["verification"]
+    return got
+
+
+def test_a_check_on_a_body_older_than_a_spent_use_gives_the_use_not_back(
+    rt: Runtime, component: str
+) -> None:
+    created = _server(rt, component)  # as the component's ADDED event carried it
+    assert components.verify_component(rt, component).ok
+    assert _verification(rt, component)["usesLeft"] == 1
+    assert components.spend(rt, (component,)) == []  # a placement used it
+    assert _verification(rt, component)["usesLeft"] == 0
+    _into_view(rt, created)  # the ADDED event, handled late: no verification in it
+    assert components.verify_component(rt, component).ok
+    assert _verification(rt, component)["usesLeft"] == 0
+
+
+def test_a_use_spent_on_a_stale_view_is_checked_again_not_spent_twice(
+    control_plane: ControlPlane, rt: Runtime, component: str
+) -> None:
+    assert components.verify_component(rt, component).ok
+    old = {"verification": {**_verification(rt, component), "verifiedAt": "2020-01-01T00:00:00Z"}}
+    control_plane.kubectl(
+        "patch", "osc", component, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": old}),
+    )  # fmt: skip
+    one_left = _server(rt, component)
+    _into_view(rt, one_left)
+    assert components.spend(rt, (component,)) == []  # the one use of that verification
+    assert _verification(rt, component)["usesLeft"] == 0
+    _into_view(rt, one_left)  # a late event: the view says one use is left
+    assert components.spend(rt, (component,)) == []
+    again = _verification(rt, component)
+    assert again["verifiedAt"] != "2020-01-01T00:00:00Z"  # the second use had a new check
+    assert again["usesLeft"] == 0
+
+
+def test_a_component_deleted_under_a_stale_view_is_not_usable(
+    control_plane: ControlPlane, rt: Runtime, component: str
+) -> None:
+    assert components.verify_component(rt, component).ok
+    assert components.spend(rt, (component,)) == []
+    control_plane.kubectl("delete", "osc", component)
+    assert components.spend(rt, (component,)) == [component]
+    assert component not in rt.view.components
