@@ -7,8 +7,9 @@ judges it with this version's rules, as the operator of this version would on it
 when it may run under one now and would run under none with this version (every member
 Untrusted); 2 when the cluster cannot be read or the check fails (never taken for a pass).
 `--operator NAMESPACE/NAME` reads the running operator's --policy from its Deployment. The
-chart runs it as a pre-install/pre-upgrade hook on the new image (`upgradeCheck.enabled`),
-so that `helm upgrade` stops before such a change. In a pod it uses the pod's service
+chart runs it as a pre-install/pre-upgrade/pre-rollback hook on the image about to run
+(`upgradeCheck.enabled`), so that `helm upgrade` or `helm rollback` stops before such a
+change. In a pod it uses the pod's service
 account; elsewhere `--kubeconfig` or $KUBECONFIG.
 """
 

@@ -11,7 +11,8 @@ Two rigs run these same tests (`gtvp_local.installation`):
   (`gtvp_local.realpool`, what `gtvp local up --install helm` runs);
 - with `GTVP_E2E_INSTALLATION=<file>` they run against the installation that file describes,
   made by kind/e2e.sh on a Docker host (external-cluster mode).
-Ordered: the tests that only look come first, then helm upgrade, tamper, helm uninstall.
+Ordered: the tests that only look come first, then helm upgrade and rollback, tamper, helm
+uninstall.
 """
 
 from __future__ import annotations
@@ -361,6 +362,18 @@ def test_helm_upgrade_rolls_the_operator_without_an_admission_gap(
         check=False,
     )  # fmt: skip
     assert left.returncode != 0  # deleted once it passed (hook-succeeded)
+
+
+def test_helm_rollback_runs_the_check_before_the_older_revision_returns(cluster: Cluster) -> None:
+    checks_before = _checks_completed(cluster)
+    out = cluster.helm("rollback", cluster.inst.release, "--wait", "--timeout", "5m")
+    assert out.returncode == 0, out.stderr + _why_the_check_failed(cluster)
+    # the revision rolled back to brought its own check (stored with it at install), which
+    # judged the pool's policy with that revision's image before anything was rolled back
+    assert _checks_completed(cluster) == checks_before + 1
+    status = json.loads(cluster.helm("status", cluster.inst.release, "-o", "json").stdout)
+    assert status["info"]["status"] == "deployed"
+    assert "rollback" in status["info"]["description"].lower()
 
 
 # ----- tamper: the member quarantined, its level gone ---------------------------------------

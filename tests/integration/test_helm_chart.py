@@ -60,17 +60,18 @@ def _template(
     values: dict[str, Any] | None = None,
     kubeconfig: Path | None = None,
     upgrade: bool = False,
+    release: str = "gtvp",
 ) -> subprocess.CompletedProcess[str]:
-    """`helm template` of the chart; values go through a values file, a kubeconfig makes it
-    render against that API server (--dry-run=server: the chart's lookups see live objects);
-    `upgrade`: rendered as for an upgrade (else as for an install)."""
+    """`helm template` of the chart as release `release`; values go through a values file,
+    a kubeconfig makes it render against that API server (--dry-run=server: the chart's
+    lookups see live objects); `upgrade`: rendered as for an upgrade (else an install)."""
     server: tuple[str, ...] = ("--is-upgrade",) if upgrade else ()
     if kubeconfig is not None:
         server += ("--dry-run=server", "--kubeconfig", str(kubeconfig))
     with _values_args(values) as values_args:
         return _helm(
             "template",
-            "gtvp",
+            release,
             str(CHART),
             "--namespace",
             namespace,
@@ -156,6 +157,18 @@ def test_rendered_chart_is_accepted_by_the_api_server(control_plane: ControlPlan
     out = _dry_run_apply(control_plane, docs)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("(server dry run)") == len(docs)
+
+
+def test_the_longest_release_name_helm_allows_renders_objects_the_api_server_takes(
+    control_plane: ControlPlane,
+) -> None:
+    release = "r" * 53  # helm refuses longer release names
+    docs = _render(release=release, upgrade=True)
+    out = _dry_run_apply(control_plane, docs)
+    assert out.returncode == 0, out.stderr
+    job = _one(docs, "Job")
+    assert job["metadata"]["name"].startswith("r" * 40)  # which release it checks, readable
+    assert len(job["metadata"]["name"]) <= 63  # the job controller labels its pods with it
 
 
 def test_chart_crds_and_access_rules_match_the_repositorys(control_plane: ControlPlane) -> None:
@@ -1664,7 +1677,8 @@ def test_an_upgrade_that_would_lose_the_pools_policy_is_stopped_by_the_check_job
     }  # fmt: skip
     for hook in hooks:
         said = hook["metadata"]["annotations"]
-        assert set(said["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+        when = set(said["helm.sh/hook"].split(","))
+        assert when == {"pre-install", "pre-upgrade", "pre-rollback"}, hook["kind"]
         assert "hook-succeeded" in said["helm.sh/hook-delete-policy"], hook["kind"]
     weight = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
     assert weight["ServiceAccount"] < weight["Job"]  # its account exists before it runs

@@ -136,10 +136,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- /* The annotations of one object of the upgrade check (templates/upgrade-check.yaml):
-     a pre-install/pre-upgrade hook of this weight, deleted before the next run and once
+     a pre-install/pre-upgrade/pre-rollback hook of this weight, deleted before the next run and once
      the check passed. include "gtvp.checkHook" "-10" */}}
 {{- define "gtvp.checkHook" -}}
-helm.sh/hook: pre-install,pre-upgrade
+helm.sh/hook: pre-install,pre-upgrade,pre-rollback
 helm.sh/hook-weight: {{ . | quote }}
 helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- end -}}
