@@ -168,6 +168,43 @@ def test_an_identity_on_the_host_cannot_pick_its_nodes_transition_labels(
     assert _node_labels(control_plane, node)[RULE_LABEL] == "sev"
 
 
+@pytest.mark.usefixtures("node_patchers")
+def test_an_identity_on_a_host_cannot_take_trust_from_another_hosts_node(
+    control_plane: ControlPlane, cluster_names: list[str], namespace: str, tmp_path: Path
+) -> None:
+    """Root on one host, with a node daemon's token, would otherwise strip the trust labels
+    of every other Node and keep gated VMs off the whole pool (until the operator's next
+    pass, and again after it)."""
+    own, other = (f"labels-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    for name in (own, other):
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+        control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+        cluster_names.append(f"node/{name}")
+    _until_refused(control_plane, own)
+    trusted = {TRUSTED_LABEL: "true", f"{LEVEL_LABEL}2": "true"}
+    for name in (own, other):
+        assert _label(control_plane, name, trusted, OPERATOR).returncode == 0
+    host = _host_token(control_plane, namespace, own, tmp_path)
+    for labels, sub in (
+        ({TRUSTED_LABEL: None}, ()),
+        ({f"{LEVEL_LABEL}2": None}, ("--subresource=status",)),
+    ):
+        refused = _patch_as(control_plane, host, other, labels, *sub)
+        assert refused.returncode != 0, (labels, sub)
+        assert (
+            f"say that gtvp verified Node {other}; system:serviceaccount:{namespace}:node-daemon, "
+            f"an identity on node {own}, may not remove them from another node"
+        ) in refused.stderr
+    assert _node_labels(control_plane, other).items() >= trusted.items()
+    # its own Node's trust it may give up (that only fails closed), other labels stay open
+    assert _patch_as(control_plane, host, own, {TRUSTED_LABEL: None}).returncode == 0
+    assert TRUSTED_LABEL not in _node_labels(control_plane, own)
+    assert _patch_as(control_plane, host, other, {"example.com/rack": "r2"}).returncode == 0
+    # identities that are not on a host (a controller elsewhere, the handler's own user here)
+    # still may remove them anywhere
+    assert _label(control_plane, other, {TRUSTED_LABEL: None}, HANDLER).returncode == 0
+
+
 def _node_labels(cp: ControlPlane, node: str) -> dict[str, str]:
     got: dict[str, str] = json.loads(cp.kubectl("get", "node", node, "-o", "json").stdout)[
         "metadata"
