@@ -348,7 +348,7 @@ class Endpoint:
             return self._refuse(req, facts.box, verdict)
         released: dict[str, dict[str, str]] = {}
         for named in verdict.secrets:
-            got = self._read(req, named)
+            got = self._read(req, named, kr.box_level(facts.box))
             if not isinstance(got, dict):
                 message, reason = got if isinstance(got, tuple) else (got, kr.SECRET_UNAVAILABLE)
                 return self._refuse(req, facts.box, kr.Verdict(reason, message, verdict.node))
@@ -360,8 +360,11 @@ class Endpoint:
         self._audit(req, facts.box, "Normal", "KeyReleased", verdict)
         return _json(200, {"member": verdict.node, "secrets": released})
 
-    def _read(self, req: kr.Request, named: kr.Named) -> dict[str, str] | str | tuple[str, str]:
-        """The Secret's data to release, or why not (a tuple: why and a reason of its own)."""
+    def _read(
+        self, req: kr.Request, named: kr.Named, level: int
+    ) -> dict[str, str] | str | tuple[str, str]:
+        """The Secret's data to release to a box of `level`, or why not (a tuple: why and a
+        reason of its own)."""
         namespace, box = req.namespace, req.box
         try:
             secret = self.rt.clients.core.read_namespaced_secret(named.name, namespace)
@@ -371,12 +374,9 @@ class Endpoint:
             if exc.status == 404:
                 return f"Secret {named.name} does not exist"
             return f"Secret {named.name} cannot be read ({exc.status} {exc.reason})"
-        if not kr.releasable_to(secret.metadata.annotations, box, req.kind):
-            return (
-                f"Secret {named.name} does not consent to release to {req.kind} {box} "
-                f"(annotation {kr.RELEASE_TO_ANNOTATION})",
-                kr.SECRET_NOT_RELEASABLE,
-            )
+        refused = kr.refuses_release(secret.metadata.annotations, box, req.kind, level)
+        if refused is not None:
+            return f"Secret {named.name} {refused}", kr.SECRET_NOT_RELEASABLE
         return kr.select_keys(named, dict(secret.data or {}))
 
     def _consume(

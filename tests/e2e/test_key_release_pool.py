@@ -98,7 +98,13 @@ def _box_with_secret(pool: Pool) -> Iterator[str]:
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": {"name": secret, "annotations": {kr.RELEASE_TO_ANNOTATION: box}},
+                "metadata": {
+                    "name": secret,
+                    "annotations": {
+                        kr.RELEASE_TO_ANNOTATION: box,
+                        kr.MIN_LEVEL_ANNOTATION: "2",
+                    },
+                },
                 "stringData": {"key": DISK_KEY, "other": "not named by the box"},
             },
             {

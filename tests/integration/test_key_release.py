@@ -204,7 +204,7 @@ def pool(
     ):
         meta: dict[str, Any] = {"name": name}
         if to is not None:
-            meta["annotations"] = {kr.RELEASE_TO_ANNOTATION: to}
+            meta["annotations"] = {kr.RELEASE_TO_ANNOTATION: to, kr.MIN_LEVEL_ANNOTATION: "2"}
         admin.core.create_namespaced_secret(namespace, {"metadata": meta, "stringData": data})
     boxes = [
         _box(BOX, namespace, [{"name": "disk", "keys": ["key"]}, {"name": "tls"}]),
@@ -271,6 +271,35 @@ def _forge(token: str) -> str:
 
 
 # ----- the attacker's requests ----------------------------------------------------------------
+
+
+def _set_level(pool: Pool, box: str, level: int) -> None:
+    """What the box's editor does: `kubectl patch lazybox` (the operator's watch sees it)."""
+    got = pool.admin.custom.patch_namespaced_custom_object(
+        *LAZY_BOXES.coordinates[:2], pool.namespace, LAZY_BOXES.coordinates[2], box,
+        {"spec": {"level": level}},
+    )  # fmt: skip
+    pool.rt.view.observe_box(got, "MODIFIED")
+
+
+@pytest.mark.timeout(180)
+def test_a_box_lowered_below_its_secrets_level_gets_nothing(pool: Pool) -> None:
+    """Who may edit a box (not read its Secrets) lowers it to level 1, so that it lands on
+    a host Trusted only at level 1: the Secret's owner named level 2 as its lowest."""
+    here = pool.members[0]
+    cred = pool.credential(BOX)
+    _set_level(pool, BOX, 1)
+    status, body = pool.ask(BOX, cred, pool.token(here), secrets=["disk"])
+    assert (status, body["reason"]) == (403, kr.SECRET_NOT_RELEASABLE), body
+    assert f"Secret disk goes only to level 2 or above, and box {BOX} is of level 1" in (
+        body["message"]
+    )
+    assert "secrets" not in body
+    # nothing was consumed: at its level again, the box's request is answered
+    _set_level(pool, BOX, 2)
+    status, body = pool.ask(BOX, cred, pool.token(here), secrets=["disk"])
+    assert status == 200, body
+    assert base64.b64decode(body["secrets"]["disk"]["key"]).decode() == DISK_KEY
 
 
 @pytest.mark.timeout(180)
@@ -750,7 +779,10 @@ def test_a_gated_vm_that_names_secrets_gets_a_credential_once_and_its_guest_fetc
     admin_.core.create_namespaced_secret(
         ns,
         {
-            "metadata": {"name": "vm-key", "annotations": {kr.RELEASE_TO_ANNOTATION: "vm/plain"}},
+            "metadata": {
+                "name": "vm-key",
+                "annotations": {kr.RELEASE_TO_ANNOTATION: "vm/plain", kr.MIN_LEVEL_ANNOTATION: "2"},
+            },
             "stringData": {"key": DISK_KEY},
         },
     )

@@ -399,6 +399,42 @@ def test_a_secret_is_released_only_to_the_boxes_it_consents_to(
     assert kr.releasable_to(annotations, "box") is ok
 
 
+@pytest.mark.parametrize(
+    ("min_level", "level", "said"),
+    [
+        ("2", 2, None),
+        ("2", 3, None),
+        (" 2 ", 2, None),
+        ("3", 2, "goes only to level 3 or above, and box box is of level 2"),
+        (None, 5, 'must have (annotation gtvp.io/release-min-level, for example "5")'),
+        ("", 2, "names no level"),
+        ("0", 2, "which is not a level"),
+        ("02", 2, "which is not a level"),
+        ("-1", 2, "which is not a level"),
+        ("\u00b3", 5, "which is not a level"),  # a superscript digit: isdigit() says yes
+        ("2.0", 2, "which is not a level"),
+    ],
+)  # fmt: skip
+def test_a_secret_goes_only_to_boxes_of_the_level_its_owner_names(
+    min_level: str | None, level: int, said: str | None
+) -> None:
+    """A box's editor may lower its level (a VM may be created again at a lower one): the
+    Secret's owner names the lowest level its receivers may have, and must name one."""
+    annotations = {kr.RELEASE_TO_ANNOTATION: "box"}
+    if min_level is not None:
+        annotations[kr.MIN_LEVEL_ANNOTATION] = min_level
+    got = kr.refuses_release(annotations, "box", kr.BOX, level)
+    if said is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert said in got
+    # consent by name comes first, whatever the level
+    refused = kr.refuses_release({kr.MIN_LEVEL_ANNOTATION: "1"}, "box", kr.BOX, 5)
+    assert refused is not None
+    assert "does not consent to release to box box" in refused
+
+
 def test_a_request_names_either_a_box_or_a_gated_vm() -> None:
     base = {"namespace": "ns", "credential": CRED}
     assert kr.parse_request(json.dumps({**base, "vm": "db"}).encode()).kind == kr.VM

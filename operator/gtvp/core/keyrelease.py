@@ -71,6 +71,12 @@ RELEASE_TO_ANNOTATION: Final = "gtvp.io/release-to"
 """On a Secret to be released: the LazyBoxes (comma-separated names, `*` for any box of
 the namespace) it may be released to. The Secret's writer consents, so being able to create
 a box does not mean being able to read every Secret of the namespace through gtvp."""
+MIN_LEVEL_ANNOTATION: Final = "gtvp.io/release-min-level"
+"""On a Secret to be released: the lowest security level a box (or VM) receiving it may
+have, so on a host Trusted at least at that level. Required: a box's level is its editor's
+to change (and a VM can be created again at a lower one under the same name), while the
+consent is the Secret owner's; without a level of their own, a box lowered to level 1
+would take a Secret meant for level 5 to a level-1 host."""
 USER_DATA_KEY: Final = "userdata"
 """The key KubeVirt reads a NoCloud `secretRef`'s user data from."""
 
@@ -462,7 +468,7 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     if node is None:
         return _refuse(NOT_RUNNING, "the box's VMI is not Running on a member")
     spec = facts.box.get("spec") or {}
-    level = int(spec.get("level", 0) or 0)
+    level = box_level(facts.box)
     if not req.token:
         return Verdict(TOKEN_REQUIRED, f"send the verdict token of member {node}", node)
     refused = (
@@ -588,6 +594,36 @@ def releasable_to(annotations: Mapping[str, str] | None, box: str, kind: str = B
     allowed = str((annotations or {}).get(RELEASE_TO_ANNOTATION, ""))
     names = {n.strip() for n in allowed.split(",") if n.strip()}
     return "*" in names or (box if kind == BOX else f"vm/{box}") in names
+
+
+_LEVEL = re.compile(r"[1-9][0-9]{0,2}")
+
+
+def refuses_release(
+    annotations: Mapping[str, str] | None, box: str, kind: str, level: int
+) -> str | None:
+    """Why a Secret with these annotations may not go to box (or VM) `box` of security
+    level `level` (None: it consents). Completes "Secret <name> ..."."""
+    ann = annotations or {}
+    what = f"{kind} {box}"
+    if not releasable_to(ann, box, kind):
+        return f"does not consent to release to {what} (annotation {RELEASE_TO_ANNOTATION})"
+    raw = str(ann.get(MIN_LEVEL_ANNOTATION, "")).strip()
+    if not raw:
+        return (
+            f"names no level its receivers must have (annotation {MIN_LEVEL_ANNOTATION}, "
+            f'for example "{max(level, 1)}"): a box\'s level may be lowered by who edits it'
+        )
+    if not _LEVEL.fullmatch(raw):
+        return f"has {MIN_LEVEL_ANNOTATION}={raw!r}, which is not a level (1, 2, ...)"
+    if level < int(raw):
+        return f"goes only to level {raw} or above, and {what} is of level {level}"
+    return None
+
+
+def box_level(box: Mapping[str, Any] | None) -> int:
+    """The security level a box (or the box-like view of a gated VM) asks for."""
+    return int(((box or {}).get("spec") or {}).get("level", 0) or 0)
 
 
 def select_keys(named: Named, data: Mapping[str, str]) -> dict[str, str] | str:
