@@ -291,9 +291,8 @@ def test_a_box_lowered_below_its_secrets_level_gets_nothing(pool: Pool) -> None:
     _set_level(pool, BOX, 1)
     status, body = pool.ask(BOX, cred, pool.token(here), secrets=["disk"])
     assert (status, body["reason"]) == (403, kr.SECRET_NOT_RELEASABLE), body
-    assert f"Secret disk goes only to level 2 or above, and box {BOX} is of level 1" in (
-        body["message"]
-    )
+    said = f"Secret disk goes only to level 2 or above, and box {BOX} is of level 1"
+    assert said in body["message"]
     assert "secrets" not in body
     # nothing was consumed: at its level again, the box's request is answered
     _set_level(pool, BOX, 2)
