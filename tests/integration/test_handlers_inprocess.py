@@ -15,10 +15,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kopf
 import pytest
+import yaml
 
 from gtvp import kube
 from gtvp.coordination import Coordination
@@ -700,6 +702,47 @@ def test_deleting_a_member_under_a_running_operator_untrusts_its_node_at_once(
     again = kube.get_if_present(rt.clients, MEMBERS, name)
     assert again is not None  # made again for its Node: it must enrol afresh
     assert again["metadata"]["uid"] != got["metadata"]["uid"]
+
+
+def test_a_member_the_operator_fails_to_judge_loses_its_verdict_and_its_nodes_trust(
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever makes judging a member fail (here the judgement itself raises, as a parser
+    fault would), its Trusted verdict does not stand until a later judgement succeeds: the
+    Member is written Untrusted and its Node loses its trust labels at once."""
+    name = _trust_labelled_node(control_plane, cluster_names)
+    _create_member(control_plane, rt, name, 3)
+    _patch_status(control_plane, name, _trusted(name, 3)["status"])
+    got = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert got is not None
+    rt.view.observe_member(got, "ADDED")
+    rt.view.observe_node(_node(control_plane, name), "ADDED")
+    rt.view.policy = parse_policy(POLICY, _sample_policy_spec())
+
+    def broken(**_: Any) -> Any:
+        raise ValueError("error parsing asn1 value")
+
+    monkeypatch.setattr(attestation, "attestation_step", broken)
+    asyncio.run(attestation.reconcile(rt, name))
+    status = _status(rt, name)
+    assert (status["phase"], status["level"]) == ("Untrusted", 0)
+    assert status["trust"]["reason"] == "JudgementFailed"
+    assert "expiresAt" not in status["trust"]
+    assert status["trust"]["usesLeft"] == 0
+    assert _says_untrusted(_node(control_plane, name))
+    assert "could not be judged" in caplog.text
+    assert "error parsing asn1 value" in caplog.text  # its traceback
+
+
+def _sample_policy_spec() -> dict[str, Any]:
+    path = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
+    doc = next(d for d in yaml.safe_load_all(path.read_text()) if d)
+    spec: dict[str, Any] = doc["spec"]
+    return spec
 
 
 def test_a_gated_vmi_started_on_a_node_without_a_member_gets_that_node_looked_at_now(

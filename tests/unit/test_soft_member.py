@@ -17,10 +17,14 @@ import struct
 from collections.abc import Iterator, Mapping
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 from tpm2_pytss.types import TPM2B_PUBLIC
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from gtvp.core import attestation as core_attestation
 from gtvp.core import errors
 from gtvp.core.enrolment import check_ek_certificate, ek_facts, make_activation_challenge
 from gtvp.core.policy import Policy
@@ -328,3 +332,100 @@ def _with_golden(policy: Policy, golden: dict[int, bytes]) -> Policy:
     return dataclasses.replace(
         policy, member_classes={"swtpm": dataclasses.replace(cls, golden=golden)}
     )
+
+
+# ----- enrolment data that breaks a parser: fail closed, never a frozen verdict ----------------
+
+
+def _ek_key(m: AgentMember) -> ec.EllipticCurvePublicKey:
+    spki = ek_facts(base64.b64decode(m.status["agent"]["enrollment"]["ekPublic"])).spki
+    key = serialization.load_der_public_key(spki)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
+
+
+def _cert_with_broken_extension(m: AgentMember) -> str:
+    """An 'EK certificate' for the member's own EK, signed by any key, whose basicConstraints
+    is not valid DER (cryptography parses extensions only when they are read)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not an EK CA")])
+    broken = x509.UnrecognizedExtension(ExtensionOID.BASIC_CONSTRAINTS, b"\x30\x03\x01\x01")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(_ek_key(m))
+        .serial_number(7)
+        .not_valid_before(T0 - dt.timedelta(days=1))
+        .not_valid_after(T0 + dt.timedelta(days=9))
+        .add_extension(broken, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+
+
+def _bare_ek_and_another_ak(ca: SoftCA, m: AgentMember) -> None:
+    """The member's EK written without its TPM2B size prefix, and another TPM's AK."""
+    en = m.status["agent"]["enrollment"]
+    ek = base64.b64decode(en["ekPublic"])
+    assert int.from_bytes(ek[:2], "big") == len(ek) - 2
+    en["ekPublic"] = base64.b64encode(ek[2:]).decode()
+    other = AgentMember(SoftTpm(ca), m.policy)
+    other.enrol(T0)
+    en["akPublic"] = other.status["agent"]["enrollment"]["akPublic"]
+    en["akName"] = other.status["agent"]["enrollment"]["akName"]
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        ("broken certificate extension", "EkCertificateInvalid"),
+        ("bare EK with another AK", "EnrolmentChanged"),
+    ],
+)
+def test_enrolment_data_that_breaks_a_parser_untrusts_the_member_and_never_freezes_it(
+    ca: SoftCA, attack: str, reason: str
+) -> None:
+    """Root on a Trusted member writes enrolment data that made a parser or the TPM library
+    raise something other than a verification error: the step raised, nothing was written
+    and the verdict stayed Trusted past its expiry (an attack review's finding)."""
+    m = _trusted(ca)
+    expires = m.status["trust"]["expiresAt"]
+    if attack == "broken certificate extension":
+        m.status["agent"]["enrollment"]["ekCertificate"] = _cert_with_broken_extension(m)
+    else:
+        _bare_ek_and_another_ak(ca, m)
+    step = m.operator(T0 + LATER)
+    assert (m.phase, step.outcome) == ("Untrusted", reason)
+    trust = m.status["trust"]
+    assert "expiresAt" not in trust, trust
+    assert trust["usesLeft"] == 0
+    # and so it stays, long after the old verdict's expiry
+    m.operator(T0 + dt.timedelta(hours=5))
+    assert m.phase == "Untrusted"
+    assert expires not in str(m.status)
+
+
+def test_a_judgement_that_fails_unforeseen_untrusts_the_member(
+    ca: SoftCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever else a parser or library may raise on what an agent wrote (here the
+    enrolment check itself raises, as a fault there would) is a failed check: Untrusted,
+    the AK to be bound again, one Warning, not one every cycle."""
+    m = _trusted(ca)
+
+    def fault(*_: object, **__: object) -> None:
+        raise ValueError("error parsing asn1 value")
+
+    monkeypatch.setattr(core_attestation, "_check_enrolment", fault)
+    step = m.operator(T0 + LATER)
+    assert (m.phase, step.outcome) == ("Untrusted", "EvidenceUnprocessable")
+    trust = m.status["trust"]
+    assert "expiresAt" not in trust, trust
+    assert trust["usesLeft"] == 0
+    assert "akName" not in trust  # bound again once the agent publishes well-formed data
+    assert "could not be processed (ValueError: error parsing asn1 value)" in trust["message"]
+    assert [e.reason for e in step.events] == ["EvidenceUnprocessable"]
+    again = m.operator(T0 + dt.timedelta(hours=5))
+    assert m.phase == "Untrusted"
+    assert again.events == ()

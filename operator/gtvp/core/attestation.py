@@ -304,7 +304,38 @@ def attestation_step(
         member_class=spec.get("memberClass"),
         labels=labels,
     )
-    cycle = _Cycle(spec=spec, status=status, policy=policy, mp=mp, now=now, entropy=entropy)
+
+    def cycle() -> _Cycle:
+        return _Cycle(spec=spec, status=status, policy=policy, mp=mp, now=now, entropy=entropy)
+
+    try:
+        return _next_step(
+            cycle(),
+            status,
+            spec,
+            answered_nonces=answered_nonces,
+            readmit=readmit,
+            ek_holders=ek_holders,
+            entropy=entropy,
+        )
+    except Exception as exc:  # noqa: BLE001 - agent-written data broke a parser or library
+        # fail closed on a fresh cycle (the one that raised may be half rewritten): had the
+        # step raised, nothing would be written and the last verdict would stand, unexpired
+        return cycle().unprocessable(exc)
+
+
+def _next_step(
+    cycle: _Cycle,
+    status: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    *,
+    answered_nonces: frozenset[bytes],
+    readmit: str | None,
+    ek_holders: Mapping[str, str] | None,
+    entropy: bytes,
+) -> Step:
+    """`attestation_step`'s decision, on one cycle (its steps in order)."""
+    policy, mp, now = cycle.policy, cycle.mp, cycle.now
     if mp.member_class is None:  # no reference values: nothing to judge a quote by
         return cycle.unresolved()
     enrollment = cycle.enrollment
@@ -380,6 +411,18 @@ class _Cycle:
             bound=False,
             unbind=True,
         )
+
+    def unprocessable(self, exc: Exception) -> Step:
+        """Untrusted (EvidenceUnprocessable): what the agent published broke a parser or
+        the TPM library. The AK must be bound again once it publishes well-formed data."""
+        self.challenge = {}
+        said = str(exc).splitlines()[0][:300] if str(exc) else ""
+        err = errors.EvidenceUnprocessable(
+            f"the member's enrolment or evidence could not be processed "
+            f"({type(exc).__name__}{': ' + said if said else ''}); the member is Untrusted "
+            "until its agent publishes well-formed data and a fresh quote verifies"
+        )
+        return self.failed(err, bound=False, unbind=True, recheck=RETRY_AFTER_FAILURE)
 
     def unresolved(self) -> Step:
         """The member's class cannot be resolved: Untrusted, and no quote is judged."""

@@ -359,6 +359,9 @@ def _ek_path(
         )
     except errors.VerificationError as err:
         return _EkPath(leaf_validity, None, (type(err), err.message))
+    except ValueError as exc:  # an extension that is not DER: parsed only when it is read
+        said = f"the EK certificate cannot be read: {str(exc)[:200]}"
+        return _EkPath(leaf_validity, None, (errors.EkCertificateInvalid, said))
     return _EkPath(leaf_validity, certificate, anchors=anchors, presented=presented)
 
 
@@ -577,8 +580,16 @@ def make_activation_challenge(
     from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
     from tpm2_pytss.utils import make_credential
 
-    ek_pub, _ = TPM2B_PUBLIC.unmarshal(ek_public_area)
-    blob, enc = make_credential(ek_pub, secret, TPM2B_NAME(ak_name))
+    area = ek_public_area
+    if not (len(area) >= 2 and int.from_bytes(area[:2], "big") == len(area) - 2):
+        area = len(area).to_bytes(2, "big") + area  # a bare TPMT_PUBLIC, as parse_public takes
+    try:
+        ek_pub, _ = TPM2B_PUBLIC.unmarshal(area)
+        blob, enc = make_credential(ek_pub, secret, TPM2B_NAME(ak_name))
+    except (ValueError, TypeError) as exc:
+        raise errors.MalformedEvidence(
+            f"no credential can be made for this EK ({str(exc)[:200]})"
+        ) from exc
     return ActivationChallenge(
         credential_blob=bytes(blob.marshal()),
         encrypted_secret=bytes(enc.marshal()),

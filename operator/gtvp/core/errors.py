@@ -218,6 +218,15 @@ class UnknownMemberClass(VerificationError):
     reason = "UnknownMemberClass"
 
 
+class EvidenceUnprocessable(VerificationError):
+    """What the agent published made a parser or the TPM library fail in a way no check
+    names (a certificate extension that is not DER, a key the library cannot load): the
+    member is Untrusted, as for any failed check, until its agent publishes well-formed
+    data. Never a crash of the cycle, which would leave the last verdict standing."""
+
+    reason = "EvidenceUnprocessable"
+
+
 ALL_REASONS: tuple[str, ...] = tuple(
     sorted(
         c.reason

@@ -62,12 +62,27 @@ def observe(rt: Runtime, body: Mapping[str, Any], event_type: str) -> bool:
 
 def _no_policy_status(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
     """Without a usable policy nothing can be verified: every member is Untrusted."""
+    return _untrusted_status(body, "NoPolicy", f"no usable SecurityPolicy: {rt.view.policy_error}")
+
+
+JUDGEMENT_FAILED = "JudgementFailed"
+
+
+def _unjudged_status(body: Mapping[str, Any], exc: Exception) -> dict[str, Any]:
+    """Judging the member failed (a fault of the operator's, logged): Untrusted, as
+    without a policy, until it can be judged. Never the last verdict left standing."""
+    message = (
+        f"the operator could not judge this member ({type(exc).__name__}, in its log); the "
+        "member is Untrusted until it can"
+    )
+    return _untrusted_status(body, JUDGEMENT_FAILED, message)
+
+
+def _untrusted_status(body: Mapping[str, Any], reason: str, message: str) -> dict[str, Any]:
+    """The member's status with its verdict dropped for `reason` (no level, no uses)."""
     status = dict(body.get("status") or {})
     trust = dict(status.get("trust") or {})
-    message = f"no usable SecurityPolicy: {rt.view.policy_error}"
-    trust.update(
-        verdict=Verdict.UNTRUSTED.value, reason="NoPolicy", message=message[:2000], usesLeft=0
-    )
+    trust.update(verdict=Verdict.UNTRUSTED.value, reason=reason, message=message[:2000], usesLeft=0)
     trust.pop("expiresAt", None)
     return {
         "phase": MemberPhase.UNTRUSTED.value,
@@ -166,13 +181,12 @@ async def _judge(rt: Runtime, name: str) -> None:
     if _already_answered(rt, name, status):
         return
     policy = rt.view.policy
-    step = await _step(rt, name, body, policy) if policy is not None else None
+    step, new = await _verdict(rt, name, body, policy)
     if rt.view.policy is not policy:
         # the policy changed while the member was judged: a verdict is signed with the
         # policy it was reached under, so judge it again under the new one
         rt.schedule.schedule(name, WRITE_RETRY)
         return
-    new = step.status if step is not None else _no_policy_status(rt, body)
     new = _with_token(rt, name, status, new)
     written = await _write(rt, name, body, new)
     if name not in rt.view.members:  # deleted on the server under us (404)
@@ -195,10 +209,25 @@ async def _judge(rt: Runtime, name: str) -> None:
         await _post_events(rt, name, body, step)
         rt.schedule.schedule(name, step.recheck_after)
     else:
-        rt.schedule.schedule(name, dt.timedelta(seconds=30))
+        rt.schedule.schedule(name, dt.timedelta(seconds=30))  # no policy, or it failed
     METRICS.set_member(
         name, str(new.get("phase", "")), int(new.get("level", 0) or 0), _verdict_expiry(new)
     )
+
+
+async def _verdict(
+    rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy | None
+) -> tuple[Step | None, dict[str, Any]]:
+    """The member's attestation step (None without a policy, or when judging it failed)
+    and the status to write: a judgement that fails leaves no verdict standing."""
+    if policy is None:
+        return None, _no_policy_status(rt, body)
+    try:
+        step = await _step(rt, name, body, policy)
+    except Exception as exc:
+        log.exception("member %s could not be judged: Untrusted until it can be", name)
+        return None, _unjudged_status(body, exc)
+    return step, dict(step.status)
 
 
 async def _untrust_memberless_node(rt: Runtime, name: str) -> None:
