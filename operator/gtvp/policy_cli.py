@@ -21,6 +21,8 @@ import argparse
 import base64
 import binascii
 import datetime as dt
+import hashlib
+import hmac
 import os
 import re
 import sys
@@ -200,6 +202,22 @@ def _trusted_log(member: str, status: dict[str, Any], evidence: dict[str, Any]) 
         data = base64.b64decode(str(raw), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise Refused(f"member {member}'s event log is not base64") from exc
+    # the agent may rewrite its evidence at any time: only the log the verdict replayed
+    # against the signed PCRs is the boot gtvp verified
+    verified = trust.get("eventLogSHA256")
+    if not verified:
+        raise Refused(
+            f"member {member}'s verdict names no event log it verified (status.trust."
+            "eventLogSHA256: its last verified quote came without a log that reproduces the "
+            "quoted PCRs): run this again after its next quote"
+        )
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), str(verified)):
+        raise Refused(
+            f"member {member}'s event log (status.agent.evidence.eventLog) is not the one its "
+            "Trusted verdict verified: its agent wrote new evidence since (an answer the "
+            "operator has not judged yet, or a log rewritten after the verdict); run this "
+            "again after its next verified quote"
+        )
     return _parse(data, f"member {member}'s event log")
 
 

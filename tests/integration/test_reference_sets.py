@@ -8,6 +8,7 @@ rollout from grub 2.06 to 2.12); golden values hold the other PCRs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -119,6 +120,8 @@ def test_members_on_either_reference_set_are_trusted_and_status_names_which(flee
         trust = m["status"]["trust"]
         assert trust["referenceSet"] == ref
         assert f"reference set {ref}" in trust["message"]
+        # the log it replayed against the signed PCRs: what `policy learn` may learn from
+        assert trust["eventLogSHA256"] == hashlib.sha256(fleet.logs[key].read_bytes()).hexdigest()
 
 
 def test_a_bootloader_no_set_allows_is_untrusted_with_the_event_named(fleet: Fleet) -> None:
@@ -134,6 +137,7 @@ def test_a_bootloader_no_set_allows_is_untrusted_with_the_event_named(fleet: Fle
 def test_an_allowlisted_log_that_does_not_replay_to_the_quote_is_refused(fleet: Fleet) -> None:
     m = fleet.pool.wait_phase(fleet.names["d"], "Untrusted", reason="EventLogMismatch", timeout=90)
     assert "PCR 4" in m["status"]["trust"]["message"]
+    assert "eventLogSHA256" not in m["status"]["trust"]
 
 
 def test_learn_refuses_an_untrusted_member(fleet: Fleet) -> None:

@@ -64,7 +64,7 @@ from gtvp.core.quote import (
     replay_event_log,
     verify_quote,
 )
-from gtvp.core.refvalues import ReferenceSet, ReferenceSetExpired, appraise
+from gtvp.core.refvalues import ReferenceSet, ReferenceSetExpired, appraise, check_replay
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import PublicArea, qualified_signer
 from gtvp.core.trust import below_since
@@ -502,7 +502,7 @@ class _Cycle:
             matched = _reference_set(parsed, result.pcrs, str(self.policy.pcr_bank), cls, now)
             _raise_if_late(issued, mp.attestation.valid_for, now)
         except errors.VerificationError as err:
-            trust.pop("referenceSet", None)  # it matched nothing now
+            _forget(trust, ("referenceSet", "eventLogSHA256"))  # nothing verified now
             # a reboot (new clock baseline) or a late answer is asked again at once
             self.challenge = _nonce_challenge(
                 self.policy, self.entropy, now, _retry_at(err, trust, now)
@@ -527,6 +527,13 @@ class _Cycle:
         else:
             trust["referenceSet"] = matched.name
             trust["message"] += f"; reference set {matched.name}"
+        # the event log this verdict replayed against the signed PCRs: what `gtvp policy
+        # learn --member` may learn from (the agent can rewrite its evidence at any time)
+        digest = _replayed_log_digest(parsed, result.pcrs, str(self.policy.pcr_bank))
+        if digest is None:
+            trust.pop("eventLogSHA256", None)
+        else:
+            trust["eventLogSHA256"] = digest
         spread = JITTER if was_trusted else FIRST_SPREAD
         self.challenge = _nonce_challenge(
             self.policy, self.entropy, now, _next_quote(now, self.interval, self.entropy, spread)
@@ -768,6 +775,18 @@ def _reference_set(
     return appraise(log, quoted, bank, cls.reference_sets, now)
 
 
+def _replayed_log_digest(ev: Evidence, quoted: Mapping[int, bytes], bank: str) -> str | None:
+    """SHA-256 of the evidence's event log when its replay gives every PCR the verified
+    quote signed (None: no log, or one that is not what the TPM measured)."""
+    if not ev.event_log:
+        return None
+    try:
+        check_replay(replay_event_log(ev.event_log), quoted, bank, quoted)
+    except errors.VerificationError:
+        return None
+    return hashlib.sha256(ev.event_log).hexdigest()
+
+
 def _effective_policy(policy: Policy, mp: MemberPolicy) -> dict[str, Any]:
     if mp.member_class is not None:
         cls = mp.member_class.name
@@ -917,7 +936,9 @@ def _hold_for_readmission(
     return message
 
 
-_TrustKey = Literal["akName", "clock", "resetCount", "restartCount"]
+_TrustKey = Literal[
+    "akName", "clock", "resetCount", "restartCount", "referenceSet", "eventLogSHA256"
+]
 _CLOCK_KEYS: tuple[_TrustKey, ...] = ("clock", "resetCount", "restartCount")
 
 

@@ -49,6 +49,7 @@ class TrustStatus(TypedDict, total=False):
     memberClass: str  # the member class the Trusted verdict's quote was judged under
     level: int  # the level it was judged at (the published level never exceeds it)
     referenceSet: str  # the measured-boot reference set its event log matched, if any
+    eventLogSHA256: str  # the event log it replayed against the signed PCRs, if any
 
 
 class CredentialChallenge(TypedDict, total=False):
