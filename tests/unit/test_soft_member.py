@@ -429,3 +429,41 @@ def test_a_judgement_that_fails_unforeseen_untrusts_the_member(
     again = m.operator(T0 + dt.timedelta(hours=5))
     assert m.phase == "Untrusted"
     assert again.events == ()
+
+
+# ----- a policy edit that revokes what a verdict rested on ------------------------------------
+
+
+def test_revoking_the_values_a_verdict_rested_on_stops_new_decisions_and_asks_at_once(
+    ca: SoftCA,
+) -> None:
+    """An administrator revokes a golden value (a firmware found vulnerable): a member judged
+    under it backs no new placement from the next look on, and its next quote is asked for
+    now, not at its routine time; an agent that withholds it keeps no usable verdict."""
+    m = _trusted(ca)  # its agent has not answered the next nonce yet
+    assert m.status["trust"]["usesLeft"] > 0
+    golden = dict(m.policy.member_classes["swtpm"].golden)
+    golden[7] = b"\x11" * 32
+    m.policy = _with_golden(m.policy, golden)
+    step = m.operator(T0 + LATER)
+    trust = m.status["trust"]
+    assert m.phase == "Trusted"  # until the quote it is asked for is judged
+    assert trust["usesLeft"] == 0  # but no new placement or migration rests on it
+    assert "reference values" in trust["message"]
+    asked = dt.datetime.fromisoformat(m.status["challenge"]["answerAfter"].replace("Z", "+00:00"))
+    assert asked <= T0 + LATER
+    assert [e.reason for e in step.events] == ["ReferencesChanged"]
+    again = m.cycle(T0 + LATER * 2)
+    assert (m.phase, again.outcome) == ("Untrusted", "PcrMismatch")
+
+
+def test_a_policy_edit_that_leaves_a_verdicts_values_alone_keeps_it_usable(ca: SoftCA) -> None:
+    m = _trusted(ca)
+    uses = m.status["trust"]["usesLeft"]
+    cls = m.policy.member_classes["swtpm"]
+    other = dataclasses.replace(cls, name="other", golden={7: b"\x22" * 32})
+    m.policy = dataclasses.replace(m.policy, member_classes={"swtpm": cls, "other": other})
+    step = m.operator(T0 + LATER)
+    assert m.phase == "Trusted"
+    assert m.status["trust"]["usesLeft"] == uses
+    assert step.events == ()

@@ -32,6 +32,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -388,8 +389,10 @@ class _Cycle:
         self.below_before: Mapping[str, Any] = status.get("belowSince") or {}
         self.maintenance = bool(spec.get("maintenance", False))
         self.interval = mp.attestation.interval
+        self.noted: tuple[Event, ...] = ()
         if mp.member_class is not None:
             _class_resolved(self.trust, self.challenge, mp.member_class, mp.level, now)
+            self.noted = _references_kept(self.trust, self.challenge, mp.member_class, now)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -529,6 +532,7 @@ class _Cycle:
             trust["message"] += f"; reference set {matched.name}"
         # the event log this verdict replayed against the signed PCRs: what `gtvp policy
         # learn --member` may learn from (the agent can rewrite its evidence at any time)
+        trust["references"] = relied_on(cls, trust.get("referenceSet"))
         digest = _replayed_log_digest(parsed, result.pcrs, str(self.policy.pcr_bank))
         if digest is None:
             trust.pop("eventLogSHA256", None)
@@ -695,6 +699,7 @@ class _Cycle:
     ) -> Step:
         """The Step: phase from the verdict, expiry applied whatever path led here."""
         now, trust = self.now, self.trust
+        events = (*self.noted, *events)
         # expiry applies in every phase: whatever the agent wrote (or withdrew), a verdict
         # past its expiresAt is Untrusted (fail closed)
         expired = _expire_if_due(trust, self.mp, now)
@@ -874,6 +879,64 @@ def _class_resolved(
             f"member class {cls.name!r} applies now; waiting for a quote judged by it"
         )
         _ask_now(challenge, now)
+
+
+def relied_on(cls: MemberClass, reference_set: str | None) -> str:
+    """SHA-256 (hex) of the reference values a verdict under `cls` rests on: the class's
+    golden values, forbidden digests and whether it needs a log, and the content of the
+    reference set its log matched (another set added beside it changes nothing)."""
+    matched = next((r for r in cls.reference_sets if r.name == reference_set), None)
+    content = {
+        "golden": sorted((p, v.hex()) for p, v in cls.golden.items()),
+        "forbidden": sorted(cls.forbidden_digests),
+        "eventLogRequired": cls.event_log_required,
+        "referenceSet": None if reference_set is None else _set_content(matched),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _set_content(ref: ReferenceSet | None) -> Any:
+    if ref is None:
+        return "removed"
+    return {
+        "name": ref.name,
+        "pcrs": [
+            [
+                rule.pcr,
+                sorted([e.event_type, e.variable or "", sorted(e.digests)] for e in rule.events),
+            ]
+            for rule in ref.pcrs
+        ],
+        "secureBoot": ref.secure_boot,
+        "window": [_iso(ref.not_before), _iso(ref.not_after)],
+    }
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else format_ts(t)
+
+
+def _references_kept(
+    trust: TrustStatus, challenge: ChallengeStatus, cls: MemberClass, now: dt.datetime
+) -> tuple[Event, ...]:
+    """A policy edit changed the reference values a Trusted verdict rested on (a golden
+    value or the matched reference set revoked): no new decision rests on it (its uses
+    are spent) and its next quote is asked for now, to be judged by the new values. A
+    verdict from before they were recorded is taken as resting on the current ones."""
+    if trust.get("verdict") != Verdict.TRUSTED:
+        return ()
+    now_relied = relied_on(cls, trust.get("referenceSet"))
+    if trust.setdefault("references", now_relied) == now_relied:
+        return ()
+    _ask_now(challenge, now)
+    message = (
+        f"the policy changed the reference values of member class {cls.name} this verdict "
+        "rested on: no new placement or migration rests on it until a quote judged by "
+        "them verifies (asked for now)"
+    )
+    first = int(trust.get("usesLeft", 0) or 0) > 0
+    trust.update({"usesLeft": 0, "message": message})
+    return (Event("Normal", "ReferencesChanged", message),) if first else ()
 
 
 def _ask_now(challenge: ChallengeStatus, now: dt.datetime) -> None:

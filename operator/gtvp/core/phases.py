@@ -50,6 +50,7 @@ class TrustStatus(TypedDict, total=False):
     level: int  # the level it was judged at (the published level never exceeds it)
     referenceSet: str  # the measured-boot reference set its event log matched, if any
     eventLogSHA256: str  # the event log it replayed against the signed PCRs, if any
+    references: str  # SHA-256 of the reference values it rested on (`relied_on`)
 
 
 class CredentialChallenge(TypedDict, total=False):
