@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from gtvp import kube
 from gtvp_local import layout
-from gtvp_local.controlplane import ControlPlane, ephemeral_control_plane
+from gtvp_local.controlplane import OPERATOR, ControlPlane, ephemeral_control_plane
+from gtvp_local.pool import apply_manifests
 from gtvp_local.processes import ProcessTable
 from gtvp_local.swtpm import Swtpm, SwtpmCA
 
@@ -44,6 +46,14 @@ def _finalize(cp: ControlPlane, ns: str) -> None:
         input_text=json.dumps(obj),
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def operator_clients(control_plane: ControlPlane) -> kube.Clients:
+    """Clients as the operator's identity, with the RBAC the chart and `gtvp local` give it
+    (its ClusterRoles and bindings applied)."""
+    apply_manifests(control_plane)
+    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 
 @pytest.fixture

@@ -28,20 +28,13 @@ from gtvp.core.prefetch import ANNOTATION, parse_requests
 from gtvp.handlers import evacuation, prefetch
 from gtvp.metrics import METRICS
 from gtvp.runtime import OperatorSettings, Runtime
-from gtvp_local.controlplane import OPERATOR, ControlPlane
-from gtvp_local.pool import apply_manifests
+from gtvp_local.controlplane import ControlPlane
 from tests.catalogue import Publisher
 
 pytestmark = [pytest.mark.controlplane]
 LIMITS = MigrationLimits(max_parallel=5, max_outbound_per_node=2, max_inbound_per_node=2)
 CATALOGUE = Publisher().web_catalogue()[:3]
 COMPONENTS = [parse_component(o) for o in CATALOGUE]
-
-
-@pytest.fixture(scope="module")
-def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    apply_manifests(control_plane)
-    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 
 @pytest.fixture

@@ -19,17 +19,9 @@ from gtvp import kube
 from gtvp.core.api_resources import MEMBERS
 from gtvp.handlers import box_hosts, lazyboxes
 from gtvp.runtime import OperatorSettings, Runtime
-from gtvp_local.controlplane import OPERATOR, ControlPlane
-from gtvp_local.pool import apply_manifests
+from gtvp_local.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.controlplane]
-
-
-@pytest.fixture(scope="module")
-def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    """The operator's identity, with the RBAC the chart and `gtvp local` give it."""
-    apply_manifests(control_plane)
-    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 
 @pytest.fixture

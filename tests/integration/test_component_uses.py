@@ -24,21 +24,13 @@ from gtvp.core.api_resources import OS_COMPONENTS
 from gtvp.core.policy import parse_policy
 from gtvp.handlers import components
 from gtvp.runtime import OperatorSettings, Runtime
-from gtvp_local.controlplane import OPERATOR, ControlPlane
-from gtvp_local.pool import apply_manifests
+from gtvp_local.controlplane import ControlPlane
 from tests.catalogue import Publisher
 
 pytestmark = [pytest.mark.controlplane]
 
 PUB = Publisher()
 SAMPLE_POLICY = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
-
-
-@pytest.fixture(scope="module")
-def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    """The operator's identity, with the RBAC the chart and `gtvp local` give it."""
-    apply_manifests(control_plane)
-    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 
 @pytest.fixture

@@ -15,19 +15,11 @@ import pytest
 
 from gtvp import kube
 from gtvp.event_recorder import EventRecorder, ObjectRef
-from gtvp_local.controlplane import OPERATOR, ControlPlane
-from gtvp_local.pool import apply_manifests
+from gtvp_local.controlplane import ControlPlane
 
 pytestmark = pytest.mark.controlplane
 
 T0 = dt.datetime(2025, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture(scope="module")
-def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    """Clients as the operator: its ClusterRole must allow creating and patching Events."""
-    apply_manifests(control_plane)  # the operator's ClusterRole and its binding
-    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 
 @pytest.fixture(scope="module")

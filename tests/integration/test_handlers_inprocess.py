@@ -55,8 +55,8 @@ from gtvp.handlers import (
 )
 from gtvp.handlers.leases import LeaseKeeper
 from gtvp.runtime import OperatorSettings, Runtime
-from gtvp_local.controlplane import OPERATOR, ControlPlane, Identity
-from gtvp_local.pool import apply_manifests, pool_policy
+from gtvp_local.controlplane import ControlPlane, Identity
+from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import Swtpm, SwtpmCA
 from tests.launcher_pods import create_launcher_pod
 
@@ -65,13 +65,6 @@ pytestmark = [pytest.mark.controlplane]
 POLICY = "inprocess"
 NOBODY = Identity("gtvp-test-nobody", (), "nobody")
 """A client the API server knows but no RBAC rule grants anything."""
-
-
-@pytest.fixture(scope="module")
-def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    """The operator's identity, with the RBAC the chart and `gtvp local` give it."""
-    apply_manifests(control_plane)
-    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 
 @pytest.fixture

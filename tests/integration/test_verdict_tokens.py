@@ -29,7 +29,6 @@ from gtvp_agent.agent import Agent, AgentConfig
 from gtvp_agent.tpm import Tpm
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane
 from gtvp_local.polling import wait_for
-from gtvp_local.pool import apply_manifests
 from tests.softmember import policy_trusting
 from tests.softtpm import SoftCA, SoftTpm
 
@@ -63,12 +62,6 @@ def _chart_role(namespace: str) -> list[dict[str, Any]]:
             "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "gtvp-operator-verdict-keys"},
         },
     ]
-
-
-@pytest.fixture(scope="module")
-def operator_clients(control_plane: ControlPlane) -> kube.Clients:
-    apply_manifests(control_plane)
-    return kube.make_clients(str(control_plane.kubeconfig_for(OPERATOR)))
 
 
 @pytest.fixture(scope="module")
