@@ -61,7 +61,6 @@ from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
     ca,
     keys_namespace,
     members,
-    operator_clients,
     rt,
 )
 from tests.launcher_pods import create_launcher_pod

@@ -49,7 +49,6 @@ from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
     ca,
     keys_namespace,
     members,
-    operator_clients,
     rt,
 )
 from tests.launcher_pods import create_launcher_pod
@@ -658,7 +657,7 @@ def test_the_armed_vm_passes_kubevirts_schema_and_never_holds_the_credential(
 
 
 def test_a_namespace_that_did_not_opt_in_gets_no_credential_and_gtvp_reads_none_of_its_secrets(
-    operator_clients: kube.Clients,  # noqa: F811
+    operator_clients: kube.Clients,
     admin: kube.Clients,  # noqa: F811
     namespace: str,
 ) -> None:
@@ -702,7 +701,7 @@ def test_a_box_naming_a_secret_twice_or_a_bad_name_is_refused_by_the_api_server(
 
 
 def test_a_box_naming_secrets_is_not_started_without_key_release_and_says_why(
-    operator_clients: kube.Clients,  # noqa: F811
+    operator_clients: kube.Clients,
     admin: kube.Clients,  # noqa: F811
     namespace: str,
 ) -> None:
