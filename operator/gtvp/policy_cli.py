@@ -251,9 +251,25 @@ def _from_member(args: argparse.Namespace, now: dt.datetime) -> str:
             raise BadInput(f"cannot read SecurityPolicy {policy_name}: {exc.reason}") from exc
     selection = policy_spec.get("pcrSelection") or {}
     bank = args.bank or str(selection.get("hashAlgorithm") or "sha256")
+    verified_bank = str(trust.get("eventLogBank") or "")
+    if bank != verified_bank:
+        raise Refused(
+            f"member {args.member}'s log was verified in the {verified_bank or '(unknown)'} "
+            f"bank, not {bank}: only digests of the bank its quote signed were checked"
+        )
     if bank not in log.pcrs:
         raise Refused(f"member {args.member}'s event log has no {bank} digests")
     pcrs = _pcr_list(args.pcrs) if args.pcrs else tuple(selection.get("pcrs") or DEFAULT_PCRS)
+    checked = {int(p) for p in trust.get("eventLogPCRs") or ()}
+    unchecked = sorted(set(pcrs) - checked)
+    if unchecked:
+        raise Refused(
+            f"member {args.member}'s verified quote did not cover PCR(s) "
+            f"{', '.join(map(str, unchecked))} (its log was checked on "
+            f"{', '.join(map(str, sorted(checked))) or 'none'}): nothing it logged there was "
+            "verified; run this again after its next quote under the current pcrSelection, "
+            "or narrow --pcrs"
+        )
     reported = {int(p): bytes.fromhex(str(v)) for p, v in (evidence.get("pcrValues") or {}).items()}
     if str(evidence.get("pcrBank") or bank) == bank:
         try:

@@ -122,6 +122,7 @@ def test_members_on_either_reference_set_are_trusted_and_status_names_which(flee
         assert f"reference set {ref}" in trust["message"]
         # the log it replayed against the signed PCRs: what `policy learn` may learn from
         assert trust["eventLogSHA256"] == hashlib.sha256(fleet.logs[key].read_bytes()).hexdigest()
+        assert (trust["eventLogBank"], trust["eventLogPCRs"]) == ("sha256", list(range(8)))
 
 
 def test_a_bootloader_no_set_allows_is_untrusted_with_the_event_named(fleet: Fleet) -> None:
@@ -166,6 +167,17 @@ def test_learn_from_a_trusted_member_proposes_its_boot(fleet: Fleet) -> None:
     assert op["value"]["pcrs"] == learned["pcrs"]
     assert [r["pcr"] for r in op["value"]["pcrs"]] == list(range(8))
     assert [r["pcr"] for r in op["value"]["pcrs"] if r["events"]] == [4]
+    # only what the verified quote covered: no PCR it did not sign, no other bank
+    for extra, said in (
+        (("--pcrs", "4,8"), "did not cover PCR(s) 8"),
+        (("--bank", "sha384"), "was verified in the sha256 bank, not sha384"),
+    ):
+        out = fleet.gtvp(
+            "policy", "learn", "--member", fleet.names["b"], "--kubeconfig", fleet.kubeconfig(),
+            *extra,
+        )  # fmt: skip
+        assert out.returncode == 1, out.stdout
+        assert said in out.stderr
     # nothing was applied
     policy = json.loads(
         fleet.pool.cp.kubectl("get", "securitypolicy", fleet.pool.policy_name, "-o", "json").stdout

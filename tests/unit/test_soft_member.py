@@ -29,6 +29,7 @@ from gtvp.core import errors
 from gtvp.core.enrolment import check_ek_certificate, ek_facts, make_activation_challenge
 from gtvp.core.policy import Policy
 from gtvp.core.quote import Evidence, Expectation, quote_reference, verify_quote
+from gtvp.core.refvalues import PcrRule, ReferenceSet
 from gtvp.core.tpm_wire import parse_public
 from gtvp_agent.tpm import AK_ATTRIBUTES, AK_TEMPLATES
 from tests.softmember import AgentMember, policy_trusting
@@ -467,3 +468,33 @@ def test_a_policy_edit_that_leaves_a_verdicts_values_alone_keeps_it_usable(ca: S
     assert m.phase == "Trusted"
     assert m.status["trust"]["usesLeft"] == uses
     assert step.events == ()
+
+
+def test_a_class_change_is_no_revocation_of_the_old_classs_values(ca: SoftCA) -> None:
+    """A member moved to another class is judged by a fresh quote under it (its verdict
+    kept meanwhile, as the phase machine says), not spent as if its values were revoked."""
+    m = _trusted(ca)
+    uses = m.status["trust"]["usesLeft"]
+    cls = m.policy.member_classes["swtpm"]
+    other = dataclasses.replace(cls, name="other", golden={**cls.golden, 7: b"\x22" * 32})
+    m.policy = dataclasses.replace(m.policy, member_classes={"swtpm": cls, "other": other})
+    m.spec["memberClass"] = "other"
+    step = m.operator(T0 + LATER)
+    assert m.phase == "Trusted"
+    assert m.status["trust"]["usesLeft"] == uses
+    assert "ReferencesChanged" not in [e.reason for e in step.events]
+
+
+def test_a_first_reference_set_added_to_a_class_is_a_change_of_its_values(ca: SoftCA) -> None:
+    """A verdict that matched no set rested on the class having none: once one is added,
+    the member's log must match it, which its next quote must show."""
+    m = _trusted(ca)
+    cls = m.policy.member_classes["swtpm"]
+    first = ReferenceSet(name="fw-1", pcrs=(PcrRule(4, ()),))
+    m.policy = dataclasses.replace(
+        m.policy,
+        member_classes={"swtpm": dataclasses.replace(cls, reference_sets=(first,))},
+    )
+    step = m.operator(T0 + LATER)
+    assert m.status["trust"]["usesLeft"] == 0
+    assert [e.reason for e in step.events] == ["ReferencesChanged"]

@@ -76,7 +76,14 @@ EARLY_TOLERANCE = dt.timedelta(seconds=2)
 """How far before its `answerAfter` evidence is judged (a node's clock a little ahead)."""
 # failures that are no sign of tampering: they never wait for gtvp.io/readmit (an expired
 # reference set is the policy's calendar, not the host's doing)
-_NOT_TAMPERING = (errors.EvidenceTooLate, errors.UnknownMemberClass, ReferenceSetExpired)
+_NOT_TAMPERING = (
+    errors.EvidenceTooLate,
+    errors.UnknownMemberClass,
+    ReferenceSetExpired,
+    # what no named check catches may as well be a fault of gtvp's: never a readmission
+    # of every member of a level for it (the inputs known to be an agent's are named)
+    errors.EvidenceUnprocessable,
+)
 
 
 @dataclass(frozen=True)
@@ -425,7 +432,7 @@ class _Cycle:
             f"({type(exc).__name__}{': ' + said if said else ''}); the member is Untrusted "
             "until its agent publishes well-formed data and a fresh quote verifies"
         )
-        return self.failed(err, bound=False, unbind=True, recheck=RETRY_AFTER_FAILURE)
+        return self.failed(err, bound=False, unbind=True)  # looked at again each interval
 
     def unresolved(self) -> Step:
         """The member's class cannot be resolved: Untrusted, and no quote is judged."""
@@ -505,7 +512,8 @@ class _Cycle:
             matched = _reference_set(parsed, result.pcrs, str(self.policy.pcr_bank), cls, now)
             _raise_if_late(issued, mp.attestation.valid_for, now)
         except errors.VerificationError as err:
-            _forget(trust, ("referenceSet", "eventLogSHA256"))  # nothing verified now
+            # nothing matched or verified now
+            _forget(trust, ("referenceSet", "eventLogSHA256", "eventLogPCRs", "eventLogBank"))
             # a reboot (new clock baseline) or a late answer is asked again at once
             self.challenge = _nonce_challenge(
                 self.policy, self.entropy, now, _retry_at(err, trust, now)
@@ -535,9 +543,11 @@ class _Cycle:
         trust["references"] = relied_on(cls, trust.get("referenceSet"))
         digest = _replayed_log_digest(parsed, result.pcrs, str(self.policy.pcr_bank))
         if digest is None:
-            trust.pop("eventLogSHA256", None)
-        else:
+            _forget(trust, ("eventLogSHA256", "eventLogPCRs", "eventLogBank"))
+        else:  # and the PCRs its replay was checked on (a selection may grow later)
             trust["eventLogSHA256"] = digest
+            trust["eventLogPCRs"] = sorted(result.pcrs)
+            trust["eventLogBank"] = str(self.policy.pcr_bank)
         spread = JITTER if was_trusted else FIRST_SPREAD
         self.challenge = _nonce_challenge(
             self.policy, self.entropy, now, _next_quote(now, self.interval, self.entropy, spread)
@@ -890,7 +900,11 @@ def relied_on(cls: MemberClass, reference_set: str | None) -> str:
         "golden": sorted((p, v.hex()) for p, v in cls.golden.items()),
         "forbidden": sorted(cls.forbidden_digests),
         "eventLogRequired": cls.event_log_required,
-        "referenceSet": None if reference_set is None else _set_content(matched),
+        # no set matched: the class had none (a class with sets refuses a log matching
+        # none), so a first set added is a change of what the verdict rested on
+        "referenceSet": (
+            bool(cls.reference_sets) if reference_set is None else _set_content(matched)
+        ),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -923,8 +937,8 @@ def _references_kept(
     value or the matched reference set revoked): no new decision rests on it (its uses
     are spent) and its next quote is asked for now, to be judged by the new values. A
     verdict from before they were recorded is taken as resting on the current ones."""
-    if trust.get("verdict") != Verdict.TRUSTED:
-        return ()
+    if trust.get("verdict") != Verdict.TRUSTED or trust.get("memberClass") != cls.name:
+        return ()  # another class: `judged_elsewhere` asks for a quote judged by it
     now_relied = relied_on(cls, trust.get("referenceSet"))
     if trust.setdefault("references", now_relied) == now_relied:
         return ()
@@ -1000,7 +1014,14 @@ def _hold_for_readmission(
 
 
 _TrustKey = Literal[
-    "akName", "clock", "resetCount", "restartCount", "referenceSet", "eventLogSHA256"
+    "akName",
+    "clock",
+    "resetCount",
+    "restartCount",
+    "referenceSet",
+    "eventLogSHA256",
+    "eventLogPCRs",
+    "eventLogBank",
 ]
 _CLOCK_KEYS: tuple[_TrustKey, ...] = ("clock", "resetCount", "restartCount")
 

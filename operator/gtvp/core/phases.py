@@ -50,6 +50,8 @@ class TrustStatus(TypedDict, total=False):
     level: int  # the level it was judged at (the published level never exceeds it)
     referenceSet: str  # the measured-boot reference set its event log matched, if any
     eventLogSHA256: str  # the event log it replayed against the signed PCRs, if any
+    eventLogPCRs: list[int]  # the PCRs that replay was checked on
+    eventLogBank: str  # in this bank
     references: str  # SHA-256 of the reference values it rested on (`relied_on`)
 
 
