@@ -39,7 +39,7 @@ from gtvp.core import boxattest as ba
 from gtvp.core import compose, ear
 from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES, ApiResource
-from gtvp.core.gating import GatingError, vm_level
+from gtvp.core.gating import GatingError, box_level, vm_level
 from gtvp.core.timestamps import format_ts
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -348,7 +348,7 @@ class Endpoint:
             return self._refuse(req, facts.box, verdict)
         released: dict[str, dict[str, str]] = {}
         for named in verdict.secrets:
-            got = self._read(req, named, kr.box_level(facts.box))
+            got = self._read(req, named, box_level(facts.box))
             if not isinstance(got, dict):
                 message, reason = got if isinstance(got, tuple) else (got, kr.SECRET_UNAVAILABLE)
                 return self._refuse(req, facts.box, kr.Verdict(reason, message, verdict.node))

@@ -299,6 +299,12 @@ def _title(kind: str, obj: Mapping[str, Any]) -> str:
     return f"{kind} {ns}/{meta.get('name', '')}" if ns else f"{kind} {meta.get('name', '')}"
 
 
+def box_level(box: Mapping[str, Any] | None) -> int:
+    """The security level a LazyBox (or the box-like view of a gated VM) asks for, from
+    its `spec.level` (0 when it names none)."""
+    return int(((box or {}).get("spec") or {}).get("level", 0) or 0)
+
+
 def vm_level(vm: Mapping[str, Any]) -> int | None:
     """The level a VirtualMachine asks for: its own label and its template's (what its
     instances get); GatingError when either is not a level or they disagree."""

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from gtvp.core import ear
 from gtvp.core.boxattest import VERIFIED
-from gtvp.core.gating import GatingError, admitted_level
+from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.timestamps import parse_ts
 
 PATH: Final = "/keyrelease/v1/release"
@@ -619,11 +619,6 @@ def refuses_release(
     if level < int(raw):
         return f"goes only to level {raw} or above, and {what} is of level {level}"
     return None
-
-
-def box_level(box: Mapping[str, Any] | None) -> int:
-    """The security level a box (or the box-like view of a gated VM) asks for."""
-    return int(((box or {}).get("spec") or {}).get("level", 0) or 0)
 
 
 def select_keys(named: Named, data: Mapping[str, str]) -> dict[str, str] | str:

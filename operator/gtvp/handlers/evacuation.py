@@ -52,6 +52,7 @@ from gtvp.core.evacuation import (
     untrusted_actions,
 )
 from gtvp.core.footprint import FINISHED, vmi_requests
+from gtvp.core.gating import box_level
 from gtvp.core.launchers import settled_until
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
@@ -174,7 +175,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
             forget(rt, f"{ns}/{name}")
             continue
         vmi = rt.view.vmis.get((ns, name)) or {}
-        level = gated_level(vmi) or int((box.get("spec") or {}).get("level", 0) or 0)
+        level = gated_level(vmi) or box_level(box)
         lv = policy.level(level)
         action = lv.on_untrusted if lv is not None else "Migrate"
         # off the member it failed on, which gtvp still holds it on (`must_leave`), even
