@@ -63,6 +63,7 @@ from gtvp.core.tpm_wire import (
     RESTRICTED,
     SIGN_ENCRYPT,
     PublicArea,
+    as_tpm2b_public,
     parse_public,
 )
 
@@ -580,11 +581,8 @@ def make_activation_challenge(
     from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
     from tpm2_pytss.utils import make_credential
 
-    area = ek_public_area
-    if not (len(area) >= 2 and int.from_bytes(area[:2], "big") == len(area) - 2):
-        area = len(area).to_bytes(2, "big") + area  # a bare TPMT_PUBLIC, as parse_public takes
     try:
-        ek_pub, _ = TPM2B_PUBLIC.unmarshal(area)
+        ek_pub, _ = TPM2B_PUBLIC.unmarshal(as_tpm2b_public(ek_public_area))
         blob, enc = make_credential(ek_pub, secret, TPM2B_NAME(ak_name))
     except (ValueError, TypeError) as exc:
         raise errors.MalformedEvidence(

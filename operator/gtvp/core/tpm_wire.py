@@ -425,12 +425,18 @@ def _read_scheme(r: Reader) -> tuple[int, int]:
     return scheme, _hash_alg(r.u16(), r.what)
 
 
+def as_tpm2b_public(data: bytes) -> bytes:
+    """A TPM2B_PUBLIC as given (a size prefix that covers exactly the rest), or a bare
+    TPMT_PUBLIC with its size prefix put in front: the two forms `parse_public` takes."""
+    if len(data) >= 2 and struct.unpack(">H", data[:2])[0] == len(data) - 2:
+        return data
+    return struct.pack(">H", len(data)) + data
+
+
 def parse_public(data: bytes) -> PublicArea:
     """Parse a TPM2B_PUBLIC (size-prefixed) or a bare TPMT_PUBLIC."""
     _check_size(data, "TPM2B_PUBLIC")
-    if len(data) >= 2 and struct.unpack(">H", data[:2])[0] == len(data) - 2:
-        # a size prefix that covers exactly the rest: TPM2B_PUBLIC
-        data = data[2:]
+    data = as_tpm2b_public(data)[2:]  # the TPMT_PUBLIC, which the name is a digest of
     r = Reader(data, "TPMT_PUBLIC")
     typ = r.u16()
     name_alg = _hash_alg(r.u16(), "TPMT_PUBLIC nameAlg")
