@@ -9,8 +9,8 @@ Untrusted); 2 when the cluster cannot be read or the check fails (never taken fo
 `--operator NAMESPACE/NAME` reads the running operator's --policy from its Deployment. The
 chart runs it as a pre-install/pre-upgrade/pre-rollback hook on the image about to run
 (`upgradeCheck.enabled`), so that `helm upgrade` or `helm rollback` stops before such a
-change. In a pod it uses the pod's service
-account; elsewhere `--kubeconfig` or $KUBECONFIG.
+change. In a pod it uses the pod's service account; elsewhere `--kubeconfig` or
+$KUBECONFIG.
 """
 
 from __future__ import annotations

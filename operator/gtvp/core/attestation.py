@@ -512,8 +512,7 @@ class _Cycle:
             matched = _reference_set(parsed, result.pcrs, str(self.policy.pcr_bank), cls, now)
             _raise_if_late(issued, mp.attestation.valid_for, now)
         except errors.VerificationError as err:
-            # nothing matched or verified now
-            _forget(trust, ("referenceSet", "eventLogSHA256", "eventLogPCRs", "eventLogBank"))
+            _forget(trust, ("referenceSet", *_LOG_KEYS))  # nothing matched or verified now
             # a reboot (new clock baseline) or a late answer is asked again at once
             self.challenge = _nonce_challenge(
                 self.policy, self.entropy, now, _retry_at(err, trust, now)
@@ -538,12 +537,12 @@ class _Cycle:
         else:
             trust["referenceSet"] = matched.name
             trust["message"] += f"; reference set {matched.name}"
+        trust["references"] = relied_on(cls, trust.get("referenceSet"))
         # the event log this verdict replayed against the signed PCRs: what `gtvp policy
         # learn --member` may learn from (the agent can rewrite its evidence at any time)
-        trust["references"] = relied_on(cls, trust.get("referenceSet"))
         digest = _replayed_log_digest(parsed, result.pcrs, str(self.policy.pcr_bank))
         if digest is None:
-            _forget(trust, ("eventLogSHA256", "eventLogPCRs", "eventLogBank"))
+            _forget(trust, _LOG_KEYS)
         else:  # and the PCRs its replay was checked on (a selection may grow later)
             trust["eventLogSHA256"] = digest
             trust["eventLogPCRs"] = sorted(result.pcrs)
@@ -1024,6 +1023,7 @@ _TrustKey = Literal[
     "eventLogBank",
 ]
 _CLOCK_KEYS: tuple[_TrustKey, ...] = ("clock", "resetCount", "restartCount")
+_LOG_KEYS: tuple[_TrustKey, ...] = ("eventLogSHA256", "eventLogPCRs", "eventLogBank")
 
 
 def _forget(trust: TrustStatus, keys: tuple[_TrustKey, ...]) -> None:

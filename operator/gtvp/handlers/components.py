@@ -183,7 +183,8 @@ def _spend_one(rt: Runtime, name: str) -> bool:
         written = _write_status(rt, body, use.status)
         if written is not _Written.STALE:
             return written is not _Written.GONE
-    return _unsettled(rt, name).ok
+    _unsettled(rt, name)
+    return False
 
 
 def _next_use(rt: Runtime, name: str) -> tuple[dict[str, Any], Use] | None:
