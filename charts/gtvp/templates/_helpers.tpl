@@ -136,8 +136,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- /* The annotations of one object of the upgrade check (templates/upgrade-check.yaml):
-     a pre-install/pre-upgrade/pre-rollback hook of this weight, deleted before the next run and once
-     the check passed. include "gtvp.checkHook" "-10" */}}
+     a pre-install/pre-upgrade/pre-rollback hook of this weight, deleted before the next
+     run and once the check passed. include "gtvp.checkHook" "-10" */}}
 {{- define "gtvp.checkHook" -}}
 helm.sh/hook: pre-install,pre-upgrade,pre-rollback
 helm.sh/hook-weight: {{ . | quote }}
