@@ -13,11 +13,9 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gtvp import kube
 from gtvp.core.api_resources import OS_COMPONENTS
@@ -26,19 +24,18 @@ from gtvp.handlers import components
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import ControlPlane
 from tests.catalogue import Publisher
+from tests.samples import sample_policy_spec
 
 pytestmark = [pytest.mark.controlplane]
 
 PUB = Publisher()
-SAMPLE_POLICY = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
 
 
 @pytest.fixture
 def rt(operator_clients: kube.Clients) -> Runtime:
     """A runtime under the sample policy, trusting the test publisher's key."""
     runtime = Runtime(settings=OperatorSettings(policy_name="uses"), clients=operator_clients)
-    doc = next(d for d in yaml.safe_load_all(SAMPLE_POLICY.read_text()) if d)
-    policy = parse_policy("uses", doc["spec"])
+    policy = parse_policy("uses", sample_policy_spec())
     runtime.view.policy = dataclasses.replace(policy, publisher_keys=PUB.keys)
     runtime.view.loaded = True
     return runtime

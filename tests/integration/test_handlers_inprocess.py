@@ -15,12 +15,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kopf
 import pytest
-import yaml
 
 from gtvp import kube
 from gtvp.coordination import Coordination
@@ -59,6 +57,7 @@ from gtvp_local.controlplane import ControlPlane, Identity
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import Swtpm, SwtpmCA
 from tests.launcher_pods import create_launcher_pod
+from tests.samples import sample_policy_spec
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -714,7 +713,7 @@ def test_a_member_the_operator_fails_to_judge_loses_its_verdict_and_its_nodes_tr
     assert got is not None
     rt.view.observe_member(got, "ADDED")
     rt.view.observe_node(_node(control_plane, name), "ADDED")
-    rt.view.policy = parse_policy(POLICY, _sample_policy_spec())
+    rt.view.policy = parse_policy(POLICY, sample_policy_spec())
 
     def broken(**_: Any) -> Any:
         raise ValueError("error parsing asn1 value")
@@ -729,13 +728,6 @@ def test_a_member_the_operator_fails_to_judge_loses_its_verdict_and_its_nodes_tr
     assert _says_untrusted(_node(control_plane, name))
     assert "could not be judged" in caplog.text
     assert "error parsing asn1 value" in caplog.text  # its traceback
-
-
-def _sample_policy_spec() -> dict[str, Any]:
-    path = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
-    doc = next(d for d in yaml.safe_load_all(path.read_text()) if d)
-    spec: dict[str, Any] = doc["spec"]
-    return spec
 
 
 def test_a_gated_vmi_started_on_a_node_without_a_member_gets_that_node_looked_at_now(

@@ -24,6 +24,7 @@ from gtvp.http_endpoints import Probe
 from gtvp_local import toolchain
 from gtvp_local.controlplane import ADMIN, ControlPlane, Identity
 from gtvp_local.processes import free_port
+from tests.samples import sample_policy
 
 pytestmark = pytest.mark.controlplane
 
@@ -1652,9 +1653,7 @@ def test_the_charts_probes_pass_only_while_the_operator_says_ready_and_healthy()
 def _log_only_policy(name: str) -> dict[str, Any]:
     """A SecurityPolicy an older gtvp accepted and this one refuses: its member class only
     requires an event log (which replays to any boot)."""
-    sample = next(
-        d for d in yaml.safe_load_all((REPO / "crds/samples/securitypolicy.yaml").read_text()) if d
-    )
+    sample = sample_policy()
     sample["metadata"] = {"name": name}
     sample["spec"]["memberClasses"] = [{"name": "generic-uefi", "eventLog": {"required": True}}]
     sample["spec"]["defaultMemberClass"] = "generic-uefi"
@@ -1739,9 +1738,7 @@ def test_an_upgrade_that_would_lose_the_pools_policy_is_stopped_by_the_check_job
     assert "would run under none after the upgrade" in stopped.stderr
     assert "upgradeCheck.enabled=false" in stopped.stderr
     # fixed as the message says: the class verifies every PCR (the sample's learned set)
-    fixed = next(
-        d for d in yaml.safe_load_all((REPO / "crds/samples/securitypolicy.yaml").read_text()) if d
-    )
+    fixed = sample_policy()
     control_plane.kubectl(
         "patch", "securitypolicy", name, "--type=merge",
         "-p", json.dumps({"spec": {k: fixed["spec"][k]
@@ -1817,9 +1814,7 @@ def test_an_upgrade_that_points_the_operator_at_a_missing_policy_is_stopped(
     running operator enforces from its Deployment, and stops the upgrade while the new
     name is missing; once it exists and is accepted, the upgrade passes."""
     old, new = f"old-{uuid.uuid4().hex[:6]}", f"new-{uuid.uuid4().hex[:6]}"
-    sample = next(
-        d for d in yaml.safe_load_all((REPO / "crds/samples/securitypolicy.yaml").read_text()) if d
-    )
+    sample = sample_policy()
     running = {**sample, "metadata": {"name": old}}
     control_plane.kubectl("create", "-f", "-", input_text=json.dumps(running))
     cluster_names.append(f"securitypolicy/{old}")

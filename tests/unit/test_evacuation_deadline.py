@@ -6,16 +6,15 @@ which only the operator writes."""
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gtvp.core.evacuation import Vmi, past_deadline
 from gtvp.core.policy import PolicyError, parse_policy
 from gtvp.core.timestamps import human_duration
 from gtvp.core.trust import below_since, below_since_times, takes_trust_away
+from tests.samples import sample_policy_spec
 
 T0 = dt.datetime(2026, 12, 3, 8, 0, tzinfo=dt.UTC)
 TEN = dt.timedelta(minutes=10)
@@ -70,12 +69,9 @@ def test_an_unknown_time_stops_nothing() -> None:
     assert past_deadline([vmi], since={}, now=T0 + 100 * TEN, within={2: TEN}) == []
 
 
-SAMPLE = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
-
-
 def _policy(level: dict[str, Any]) -> dict[str, Any]:
     """The sample policy with its first level changed by `level`."""
-    spec: dict[str, Any] = next(d for d in yaml.safe_load_all(SAMPLE.read_text()) if d)["spec"]
+    spec = sample_policy_spec()
     spec["levels"][0] = {
         k: v for k, v in spec["levels"][0].items() if k not in ("onUntrusted", "migrateWithin")
     } | level

@@ -8,25 +8,19 @@ refer to other entries, labels a kubelet may set on itself).
 from __future__ import annotations
 
 import base64
-import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gtvp.core.policy import PolicyError, member_policy, parse_policy
-
-SAMPLE = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
+from tests.samples import sample_policy_spec
 
 
 def _sample() -> dict[str, Any]:
-    doc = next(d for d in yaml.safe_load_all(SAMPLE.read_text()) if d)
-    spec: dict[str, Any] = copy.deepcopy(doc["spec"])
-    return spec
+    return sample_policy_spec()
 
 
 def _pem(label: str, der: bytes) -> str:

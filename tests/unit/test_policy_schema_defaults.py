@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from gtvp.core.policy import PolicyError, parse_policy
+from tests.samples import sample_policy_spec
 
 ROOT = Path(__file__).parents[2]
 CRD = ROOT / "crds" / "securitypolicy.yaml"
-SAMPLE = ROOT / "crds" / "samples" / "securitypolicy.yaml"
 
 Path_ = tuple[str, ...]  # keys; "[]" for every item of an array
 
@@ -59,12 +59,6 @@ def _spec_schema() -> dict[str, Any]:
     return spec
 
 
-def _sample() -> dict[str, Any]:
-    doc = next(d for d in yaml.safe_load_all(SAMPLE.read_text()) if d)
-    spec: dict[str, Any] = doc["spec"]
-    return spec
-
-
 def _outcome(spec: dict[str, Any]) -> object:
     try:
         return parse_policy("p", spec)
@@ -81,7 +75,7 @@ def test_the_schema_declares_defaults() -> None:
 
 @pytest.mark.parametrize(("path", "default"), DEFAULTS, ids=[".".join(p) for p, _ in DEFAULTS])
 def test_a_missing_field_parses_as_its_schema_default(path: Path_, default: Any) -> None:
-    sample = _sample()
+    sample = sample_policy_spec()
     key = path[-1]
     holders = list(_parents(sample, path))
     if not holders:  # the sample has no object to hold it: give it one, empty otherwise

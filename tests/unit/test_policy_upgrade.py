@@ -3,21 +3,14 @@ live SecurityPolicy, and when the pool would lose it (the pre-upgrade hook's dec
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gtvp.core.policy_upgrade import StoredPolicy, judge_upgrade
-
-SAMPLE = Path(__file__).parents[2] / "crds" / "samples" / "securitypolicy.yaml"
+from tests.samples import sample_policy_spec
 
 
 def _good() -> dict[str, Any]:
-    doc = next(d for d in yaml.safe_load_all(SAMPLE.read_text()) if d)
-    spec: dict[str, Any] = copy.deepcopy(doc["spec"])
-    return spec
+    return sample_policy_spec()
 
 
 def _log_only() -> dict[str, Any]:
