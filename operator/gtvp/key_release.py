@@ -318,6 +318,7 @@ class Endpoint:
         elsewhere = sorted(view.nodes_of.get(key, frozenset()) - {node})
         claims, refusal = self._claims(req.token, now) if req.token else (None, None)
         facts = kr.Facts(
+            policy=self.rt.view.policy,
             attest_boxes=ba.attests_boxes(self.rt.enforced_spec()),
             box=box,
             issued=issued if stored is not None else None,

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -35,15 +35,23 @@ from gtvp import http_endpoints, key_release, kube, verdict_keys
 from gtvp.core import compose
 from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES
+from gtvp.core.attestation import relied_on
+from gtvp.core.policy import parse_policy
 from gtvp.core.policy_status import Accepted
+from gtvp.handlers import policies
 from gtvp.metrics import METRICS
 from gtvp.metrics_auth import TlsFiles
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local import pki
 from gtvp_local.controlplane import ControlPlane
+from gtvp_local.pool import pool_policy
+from gtvp_local.swtpm import SwtpmCA
 from tests.integration.test_lazybox_vms import _vms
 from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
+    POLICY,
     _Member,
+    _status,
+    _turn,
     _until,
     admin,
     ca,
@@ -52,6 +60,7 @@ from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
     rt,
 )
 from tests.launcher_pods import create_launcher_pod
+from tests.softmember import Bundle
 from tests.softtpm import SoftCA
 
 pytestmark = [pytest.mark.controlplane]
@@ -537,6 +546,37 @@ def test_a_member_that_loses_trust_gets_no_more_releases(pool: Pool) -> None:
     status, body = pool.ask(BOX, cred, pool.token(here))
     assert (status, body["reason"]) == (403, kr.MEMBER_NOT_TRUSTED)
     assert "PcrMismatch" in body["message"]
+
+
+@pytest.mark.timeout(180)
+def test_a_revocation_stops_releases_before_the_member_is_looked_at_again(
+    pool: Pool,
+    ca: SoftCA,  # noqa: F811
+) -> None:
+    """The security team revokes a digest of the member class (a forbidden event digest
+    added): the host's Trusted verdict rested on the old values. Before the operator has
+    looked at the member again (a host that withholds its quote would keep that verdict
+    until it expires), key release refuses, nothing consumed; once a quote judged by the
+    new values verifies, it releases."""
+    here = pool.members[0]
+    cred, token = pool.credential(BOX), pool.token(here)
+    spec = pool_policy(
+        cast(SwtpmCA, Bundle(ca.bundle_pem())), name=POLICY, interval="1s", valid_for="30s"
+    )["spec"]
+    spec["memberClasses"][0]["eventLog"] = {"forbiddenDigests": ["ab" * 32]}
+    revoked = parse_policy(POLICY, spec)
+    assert policies.set_policy(pool.rt, POLICY, revoked)
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.REFERENCES_CHANGED), body
+    assert f"member {here.name}, where the VM runs, is not vouched for" in body["message"]
+    # the operator's look spends the verdict and asks for a quote, judged by the new values
+    now_relied = relied_on(revoked.member_classes["swtpm"], None)
+    deadline = time.monotonic() + 20
+    while (_status(pool.rt, here.name).get("trust") or {}).get("references") != now_relied:
+        assert time.monotonic() < deadline, _status(pool.rt, here.name).get("trust")
+        _turn(pool.rt, here)
+        time.sleep(0.2)
+    assert pool.ask(BOX, cred, pool.token(here))[0] == 200  # not consumed by the refusal
 
 
 @pytest.mark.timeout(180)

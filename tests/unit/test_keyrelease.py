@@ -13,13 +13,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gtvp.core import compose, ear
 from gtvp.core import keyrelease as kr
+from gtvp.core.attestation import relied_on
+from gtvp.core.policy import Policy, parse_policy
 from gtvp.core.trust import trust_selector
+from tests.samples import sample_policy_spec
 
 NOW = dt.datetime(2026, 12, 2, 1, 0, tzinfo=dt.UTC)
 CRED = "c" * 43
 OTHER = "o" * 43
 KEY = ec.generate_private_key(ec.SECP256R1())
 JWKS = ear.jwks([KEY.public_key()])
+POLICY = parse_policy("default", sample_policy_spec())
+CLASS, SET = "uefi-secureboot", "example-host-secureboot"
 
 
 def _member_status(level: int = 3, *, verdict: str = "Trusted", expires: dt.datetime | None = None):  # type: ignore[no-untyped-def]
@@ -58,6 +63,7 @@ def _facts(
     phase: str = "Running",
     pods_on: dict[str, dict[str, Any] | None] | None = None,
     vmi_labels: dict[str, str] | None = None,
+    policy: Policy | None = POLICY,
 ) -> tuple[kr.Request, kr.Facts]:
     status = member if member is not None else _member_status()
     labels = {"gtvp.io/level": "2"} if vmi_labels is None else vmi_labels
@@ -86,6 +92,7 @@ def _facts(
         },
         claims=claims,
         token_refusal=refusal,
+        policy=policy,
     )
     return req, facts
 
@@ -115,6 +122,60 @@ def test_refusals(change: dict[str, Any], reason: str) -> None:
     req, facts = _facts(**change)
     v = kr.decide(req, facts, NOW)
     assert (v.released, v.reason) == (False, reason), v.message
+
+
+def _judged(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` as the operator writes a verdict judged under the sample policy's class."""
+    trust = {
+        **status["trust"],
+        "memberClass": CLASS,
+        "referenceSet": SET,
+        "references": relied_on(POLICY.member_classes[CLASS], SET),
+    }
+    return {**status, "trust": trust}
+
+
+def _policy_with(edit: Any) -> Policy:
+    spec = sample_policy_spec()
+    edit(spec)
+    return parse_policy("default", spec)
+
+
+def _revoke_a_firmware_digest(spec: dict[str, Any]) -> None:
+    (cls,) = spec["memberClasses"]
+    cls["referenceSets"][0]["pcrs"][0]["events"][1]["digests"].pop()
+
+
+def _rename_the_class(spec: dict[str, Any]) -> None:
+    spec["memberClasses"][0]["name"] = spec["defaultMemberClass"] = "uefi-secureboot-2027"
+
+
+def test_nothing_is_released_on_a_verdict_whose_reference_values_were_revoked() -> None:
+    """A security team revokes a firmware digest (or the whole class): a host that withholds
+    its next quote keeps a Trusted verdict until it expires, and the operator spends its
+    uses only at its next look. Key release reads the policy in force itself, so from the
+    edit on no Secret goes to a VM there, nor to one whose launcher pod is there."""
+    req, facts = _facts(member=_judged(_member_status()))
+    assert kr.decide(req, facts, NOW).released  # the verdict rests on the policy in force
+    for policy, said in (
+        (_policy_with(_revoke_a_firmware_digest), "changed the reference values"),
+        (_policy_with(_rename_the_class), "no longer has member class uefi-secureboot"),
+        (None, "no SecurityPolicy is in force"),
+    ):
+        req, facts = _facts(member=_judged(_member_status()), policy=policy)
+        v = kr.decide(req, facts, NOW)
+        assert (v.released, v.reason, v.node) == (False, kr.REFERENCES_CHANGED, "m1"), v.message
+        assert said in v.message
+    # the VM's other launcher pod on a member whose verdict rests on the revoked values
+    policy = _policy_with(_revoke_a_firmware_digest)
+    fresh = _judged(_member_status())
+    fresh["trust"]["references"] = relied_on(policy.member_classes[CLASS], SET)
+    req, facts = _facts(member=fresh, pods_on={"m2": _judged(_member_status())}, policy=policy)
+    v = kr.decide(req, facts, NOW)
+    assert (v.released, v.reason, v.node) == (False, kr.REFERENCES_CHANGED, "m2"), v.message
+    # that member quoted again and was judged by the new values: released again
+    req, facts = _facts(member=fresh, pods_on={"m2": fresh}, policy=policy)
+    assert kr.decide(req, facts, NOW).released
 
 
 def test_a_vm_whose_launcher_pod_is_on_an_untrusted_host_gets_nothing() -> None:

@@ -908,6 +908,32 @@ def relied_on(cls: MemberClass, reference_set: str | None) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def references_revoked(trust: Mapping[str, Any], policy: Policy) -> str | None:
+    """Why a Trusted verdict (`status.trust`) no longer rests on reference values `policy`
+    holds: the member class it was judged under is gone, or the values it recorded as
+    relied on (`references`) changed. None when it still does, when it is not Trusted
+    (other checks refuse it) or when it recorded neither (a verdict from before they were
+    recorded is taken as resting on the current values, as `_references_kept` does).
+
+    Read straight from the policy in force, this holds from the moment the policy changes,
+    before the operator's next look at the member spends the verdict's uses."""
+    if trust.get("verdict") != Verdict.TRUSTED:
+        return None
+    name = trust.get("memberClass")
+    if not isinstance(name, str):
+        return None
+    cls = policy.member_classes.get(name)
+    if cls is None:
+        return f"the policy no longer has member class {name}, which this verdict was judged under"
+    recorded = trust.get("references")
+    if recorded is None or recorded == relied_on(cls, trust.get("referenceSet")):
+        return None
+    return (
+        f"the policy changed the reference values of member class {name} this verdict rested "
+        "on; a quote judged by them has not verified yet"
+    )
+
+
 def _set_content(ref: ReferenceSet | None) -> Any:
     if ref is None:
         return "removed"

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gtvp.core import ear
+from gtvp.core.attestation import references_revoked
 from gtvp.core.boxattest import VERIFIED
 from gtvp.core.gating import GatingError, admitted_level, box_level
+from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
 
 PATH: Final = "/keyrelease/v1/release"
@@ -100,6 +102,10 @@ NOT_RUNNING: Final = "NotRunning"
 MEMBER_UNKNOWN: Final = "MemberUnknown"
 MEMBER_NOT_TRUSTED: Final = "MemberNotTrusted"
 VERDICT_EXPIRED: Final = "VerdictExpired"
+REFERENCES_CHANGED: Final = "ReferencesChanged"
+"""The member's verdict rests on reference values the policy in force no longer holds (a
+golden value or its reference set revoked, its member class removed): nothing is released on
+it until a quote judged by the new values verifies (or no policy is in force at all)."""
 LEVEL_TOO_LOW: Final = "LevelTooLow"
 TOKEN_REFUSED: Final = "TokenRefused"  # noqa: S105 - a name, not a secret
 TOKEN_OTHER_MEMBER: Final = "TokenForAnotherMember"  # noqa: S105 - a name, not a secret
@@ -119,6 +125,7 @@ REASONS: Final = (
     MEMBER_UNKNOWN,
     MEMBER_NOT_TRUSTED,
     VERDICT_EXPIRED,
+    REFERENCES_CHANGED,
     LEVEL_TOO_LOW,
     TOKEN_REFUSED,
     TOKEN_OTHER_MEMBER,
@@ -278,6 +285,9 @@ class Facts:
     """The token's claims once verified (None: refused, see `token_refusal`)."""
     token_refusal: tuple[str, str] | None = None
     """(reason code, why) when the token did not verify."""
+    policy: Policy | None = None
+    """The SecurityPolicy in force, as accepted (None: none is, and nothing is released):
+    each verdict must still rest on reference values it holds."""
     attest_boxes: bool = False
     """The SecurityPolicy attests boxes (spec.boxAttestation, or set but unusable): a box's
     Secrets then wait until its vTPM is attested where it runs, on this boot."""
@@ -354,7 +364,11 @@ def _vmi_gated(vmi: Mapping[str, Any] | None, level: int, node: str) -> Verdict 
 
 
 def _member_trusted(
-    member: Mapping[str, Any] | None, node: str, level: int, now: dt.datetime
+    member: Mapping[str, Any] | None,
+    node: str,
+    level: int,
+    now: dt.datetime,
+    policy: Policy | None,
 ) -> Verdict | None:
     if member is None:
         return _refuse(MEMBER_UNKNOWN, f"the VM runs on {node}, which is no Member", node)
@@ -369,6 +383,15 @@ def _member_trusted(
     if expires is None or expires <= now:
         return _refuse(
             VERDICT_EXPIRED, f"the verdict of member {node}, where the VM runs, has expired", node
+        )
+    revoked = (
+        "no SecurityPolicy is in force" if policy is None else references_revoked(trust, policy)
+    )
+    if revoked is not None:
+        return _refuse(
+            REFERENCES_CHANGED,
+            f"member {node}, where the VM runs, is not vouched for: {revoked}",
+            node,
         )
     held = int(status.get("level", 0) or 0)
     if held < level:
@@ -473,11 +496,13 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
         return Verdict(TOKEN_REQUIRED, f"send the verdict token of member {node}", node)
     refused = (
         _vmi_gated(facts.vmi, level, node)
-        or _member_trusted(facts.member, node, level, now)
+        or _member_trusted(facts.member, node, level, now, facts.policy)
         or _token(facts, node, level)
     )
     for other, member in sorted(facts.pod_members.items()):
-        refused = refused or _pod_elsewhere(_member_trusted(member, other, level, now), node)
+        refused = refused or _pod_elsewhere(
+            _member_trusted(member, other, level, now, facts.policy), node
+        )
     refused = refused or _attested(req, facts, node)
     return refused or _asked(req, named_secrets(spec), node, again=again)
 
