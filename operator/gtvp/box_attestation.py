@@ -325,7 +325,7 @@ class Endpoint:
         wanted = self._settings()
         att = _attestation(box)
         where = self._running(req)
-        disks = self._disks(req)
+        disks = self._disks(req, box)
         resolved = (box.get("status") or {}).get("resolved") or []
         outcome = ba.check_quote(
             att,
@@ -362,25 +362,26 @@ class Endpoint:
             {"verified": outcome.verified, "reason": outcome.reason, "message": outcome.message},
         )
 
-    def _disks(self, req: ba.Request) -> tuple[ba.Disk, ...]:
-        """The component disks the box's VMI booted with (its kernel command line, as gtvp
-        composed it; the VM's when the VMI carries none)."""
-        key = (req.namespace, req.box)
-        for body, path in (
-            (self.rt.view.vmis.get(key), ("spec",)),
-            (self.rt.view.vms.get(key), ("spec", "template", "spec")),
-        ):
-            spec: Any = body or {}
-            for p in path:
-                spec = (spec or {}).get(p) or {}
-            args = ((spec.get("domain") or {}).get("firmware") or {}).get("kernelBoot") or {}
-            line = args.get("kernelArgs")
-            if isinstance(line, str) and "gtvp.disks=" in line:
-                try:
-                    return ba.disks_of(line)
-                except ValueError as exc:
-                    raise ba.Refused(ba.QUOTE_INVALID, f"the composed disks: {exc}") from exc
-        raise ba.Refused(ba.NOT_RUNNING, "the box's VM carries no composed disks (gtvp.disks=)")
+    def _disks(self, req: ba.Request, box: Mapping[str, Any]) -> tuple[ba.Disk, ...]:
+        """The component disks the box's VMI boots, pinned on its kernel command line, when
+        what it boots is a composition gtvp made for the box (`status.composedBoots`):
+        whoever may edit VMs in the namespace could otherwise put disks of their own, with
+        their own pins, on the line the measurements are compared with."""
+        vmi = self.rt.view.vmis.get((req.namespace, req.box))
+        spec: Any = (vmi or {}).get("spec") or {}
+        boots = compose.composed_boot(spec)
+        if boots is None or boots not in ((box.get("status") or {}).get("composedBoots") or ()):
+            raise ba.Refused(
+                ba.NOT_COMPOSED,
+                "the box's VMI does not boot what gtvp composed for it (its kernel, initrd or "
+                "kernel command line were changed outside gtvp); gtvp restarts it onto its "
+                "composition",
+            )
+        line = spec["domain"]["firmware"]["kernelBoot"].get("kernelArgs")
+        try:
+            return ba.disks_of(str(line))
+        except ValueError as exc:
+            raise ba.Refused(ba.QUOTE_INVALID, f"the composed disks: {exc}") from exc
 
     # -- onUntrusted -------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from gtvp.core import boxattest as ba
 from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.components import parse_component
-from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, overlay_order
+from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, composed_boot, overlay_order
 from gtvp.core.evacuation import EVACUATION_LABEL, Vmi, migration_name
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import BoxRequest, resolve
@@ -339,7 +339,14 @@ def pool(
                 {"name": c.name, "version": str(c.version), "digest": c.digest, "type": c.type}
                 for c in comps
             ]
-            box = kube.patch_status(admin, LAZY_BOXES, name, {"resolved": resolved}, namespace)
+            composed = [composed_boot(vm["spec"]["template"]["spec"])]
+            box = kube.patch_status(
+                admin,
+                LAZY_BOXES,
+                name,
+                {"resolved": resolved, "composedBoots": composed},
+                namespace,
+            )
             rt.view.observe_box(box, "ADDED")
             armed = box_attestation.arm(rt, (namespace, name), vm)
             assert isinstance(armed, box_attestation.Armed), armed
@@ -488,6 +495,33 @@ def test_forged_replayed_expired_and_inconsistent_quotes_are_refused(pool: Pool)
 
 
 @pytest.mark.timeout(240)
+def test_a_quote_from_a_vmi_booting_another_composition_is_refused(pool: Pool) -> None:
+    """A tenant who may edit VMs (not the box's Secrets) restarts the box's VMI with a disk of
+    their own pinned on its kernel command line; the init measures and checks that disk
+    against that pin, so the vTPM shows exactly what the line says. gtvp compares with what
+    it composed (status.composedBoots), not with the line: refused, nothing attested."""
+    guest = pool.guests[BOX]
+    guest.bind()
+    theirs = hashlib.sha256(b"the tenant's own application disk").digest()
+    *kept, _app = pool.disks[BOX]
+    group, version, plural = VIRTUAL_MACHINE_INSTANCES.coordinates
+    vmi = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, BOX, pool.namespace)
+    assert vmi is not None
+    boot = vmi["spec"]["domain"]["firmware"]["kernelBoot"]
+    boot["kernelArgs"] = boot["kernelArgs"].replace(_app.hex(), theirs.hex())
+    out = pool.admin.custom.replace_namespaced_custom_object(
+        group, version, pool.namespace, plural, BOX, vmi
+    )
+    pool.rt.view.observe_vmi(out, "MODIFIED")
+    guest.measure([*kept, theirs])
+    before = _count(ba.NOT_COMPOSED)
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["error"]) == (403, ba.NOT_COMPOSED), body
+    assert "does not boot what gtvp composed" in body["message"]
+    assert _count(ba.NOT_COMPOSED) == before + 1
+    assert pool.attestation(BOX).get("state") != ba.VERIFIED
+
+
 def test_an_extra_component_is_a_mismatch_and_moves_the_box_once(pool: Pool) -> None:
     guest = pool.guests[BOX]
     here, elsewhere = pool.members

@@ -170,7 +170,9 @@ def _create(clients: kube.Clients, res: Any, body: dict[str, Any]) -> dict[str, 
     return got
 
 
-def _vmi(name: str, namespace: str, node: str) -> dict[str, Any]:
+def _vmi(
+    name: str, namespace: str, node: str, firmware: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A box's VMI as virt-controller leaves it once it runs: Running on `node` (the
     VMI CRD has no status subresource; virt-handler writes it like this)."""
     return {
@@ -181,7 +183,13 @@ def _vmi(name: str, namespace: str, node: str) -> dict[str, Any]:
             "namespace": namespace,
             "labels": {compose.BOX_LABEL: name, "gtvp.io/level": "2"},
         },
-        "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}},
+        "spec": {
+            "domain": {
+                "devices": {},
+                "memory": {"guest": "64Mi"},
+                **({"firmware": firmware} if firmware else {}),
+            }
+        },
         "status": {"phase": "Running", "nodeName": node},
     }
 
@@ -247,12 +255,18 @@ def pool(
     port = server.server_port
     rt.key_release = kr.Settings(url=f"https://127.0.0.1:{port}", ca_pem=authority.cert.read_text())
     try:
-        for name in (BOX, OTHER_BOX):
-            _armed_vm(rt, namespace, name)
+        armed = {name: _armed_vm(rt, namespace, name) for name in (BOX, OTHER_BOX)}
         for m in members:
             _until(rt, m, "QuoteVerified")
         for name, m in ((BOX, members[0]), (OTHER_BOX, members[1])):
-            vmi = _create(admin, VIRTUAL_MACHINE_INSTANCES, _vmi(name, namespace, m.name))
+            # the composition gtvp made for the box (its status), booted by its VMI
+            tmpl = armed[name]["spec"]["template"]["spec"]
+            booted = {"composedBoots": [compose.composed_boot(tmpl)]}
+            rt.view.observe_box(
+                kube.patch_status(admin, LAZY_BOXES, name, booted, namespace), "MODIFIED"
+            )
+            firmware = tmpl["domain"]["firmware"]
+            vmi = _create(admin, VIRTUAL_MACHINE_INSTANCES, _vmi(name, namespace, m.name, firmware))
             rt.view.observe_vmi(vmi, "ADDED")
         p = Pool(rt, namespace, members, port, authority.cert, endpoint, server, admin, offset)
         yield p
@@ -654,14 +668,18 @@ def test_under_box_attestation_the_guest_waits_for_its_vtpm_to_be_attested_here(
             # a quote verified on another member, or for an earlier VMI, is not enough
             for member, uid in (("elsewhere", vmi_uid), (here.name, "an-earlier-vmi")):
                 att = {"state": "Verified", "member": member, "vmiUID": uid}
-                runtime.view.observe_box({**box, "status": {"attestation": att}}, "MODIFIED")
+                runtime.view.observe_box(
+                    {**box, "status": {**box["status"], "attestation": att}}, "MODIFIED"
+                )
                 seen = _count(kr.BOX_NOT_ATTESTED)
                 while _count(kr.BOX_NOT_ATTESTED) < seen + 1:
                     assert script.poll() is None, script.communicate()
                     assert time.monotonic() < deadline + 30
                     time.sleep(0.1)
             att = {"state": "Verified", "member": here.name, "vmiUID": vmi_uid}
-            runtime.view.observe_box({**box, "status": {"attestation": att}}, "MODIFIED")
+            runtime.view.observe_box(
+                {**box, "status": {**box["status"], "attestation": att}}, "MODIFIED"
+            )
             _, err = script.communicate(timeout=60)
         finally:
             if script.poll() is None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gtvp.core.boxes import BoxInput, Observed, plan_box, unschedulable
 from gtvp.core.component_checks import Check, check_component, spend_use
 from gtvp.core.components import Component, parse_component
-from gtvp.core.compose import BoxRef, compose_vm, preferred_node
+from gtvp.core.compose import BoxRef, compose_vm, composed_boot, preferred_node
 from gtvp.core.placement import Host, place
 from gtvp.core.resolve import BoxRequest, resolve
 from gtvp.core.trust import trust_selector
@@ -194,11 +194,60 @@ def test_a_placed_box_is_not_written_again_when_its_vm_appears() -> None:
     write per placement, not two)."""
     first = plan_box(inp(), NOW)
     assert first.vm is not None
-    written = Observed(vm_exists=True, booted=tuple(c.object_name for c in COMPS), vm_node="node-2")
+    written = Observed(
+        vm_exists=True,
+        booted=tuple(c.object_name for c in COMPS),
+        vm_node="node-2",
+        vm_boots=boots(COMPS),
+    )
     again = plan_box(inp(status=first.status, observed=written), NOW + dt.timedelta(seconds=1))
     assert again.vm is None
     assert again.event is None
     assert again.status == first.status
+
+
+def test_a_box_vm_changed_outside_gtvp_is_written_again_and_its_vmi_restarted() -> None:
+    """Whoever may edit VMs in the namespace pins a disk of their own on the box VM's kernel
+    command line and restarts its VMI: gtvp writes the composition back and restarts the
+    VMI onto it. A VMI still booting what gtvp composed is left alone (the VM alone is
+    written back); one booting an older composition gtvp made (LiveUpdate) too."""
+    placed = plan_box(inp(), NOW)
+    assert placed.vm is not None
+    ours = placed.status["composedBoots"]
+    assert ours == [boots(COMPS)]
+    running = replace(_running(COMPS), vm_boots="theirs", vmi_boots="theirs")
+    d = plan_box(inp(status=placed.status, observed=running), NOW)
+    assert d.vm is not None
+    assert d.restart
+    assert composed_boot(d.vm["spec"]["template"]["spec"]) == ours[0]
+    assert d.event is not None
+    assert d.event[:2] == ("Warning", "CompositionRestored")
+    assert d.status["composedBoots"] == ours
+    # a VMI that boots no kernel at all under the box's name: the same
+    d = plan_box(inp(status=placed.status, observed=replace(running, vmi_boots="")), NOW)
+    assert d.vm is not None
+    assert d.restart
+    # the VM edited, its VMI not restarted yet: the VM written back, the VMI kept
+    d = plan_box(inp(status=placed.status, observed=replace(running, vmi_boots=ours[0])), NOW)
+    assert d.vm is not None
+    assert not d.restart
+    # nothing changed; or the VMI boots an older composition gtvp made
+    same = replace(running, vm_boots=ours[0], vmi_boots="older")
+    assert (
+        plan_box(inp(status=placed.status, observed=replace(same, vmi_boots=ours[0])), NOW).vm
+        is None
+    )
+    with_older = {**placed.status, "composedBoots": [*ours, "older"]}
+    d = plan_box(inp(status=with_older, observed=same), NOW)
+    assert d.vm is None
+    assert not d.restart
+
+
+def test_a_box_placed_by_an_older_gtvp_records_its_composition_without_a_restart() -> None:
+    """A status from before gtvp recorded its compositions: the one resolved now is recorded
+    when the VM boots exactly it; nothing is written to the VM or restarted."""
+    d = plan_box(inp(status={"phase": "Running"}, observed=_running(COMPS)), NOW)
+    assert (d.vm, d.restart, d.status["composedBoots"]) == (None, False, [boots(COMPS)])
 
 
 def test_waits_pending_without_a_qualified_member() -> None:
@@ -218,6 +267,11 @@ def test_failed_component_blocks_the_box_with_its_reason() -> None:
     assert "BadSignature" in d.status["message"]
 
 
+def boots(comps: list[Component]) -> str | None:
+    """What the VM gtvp composes of `comps` boots (`status.composedBoots`)."""
+    return composed_boot(compose_vm(REF, SPEC, comps, "node-2")["spec"]["template"]["spec"])
+
+
 def _running(comps: list[Component]) -> Observed:
     return Observed(
         vm_exists=True,
@@ -227,6 +281,8 @@ def _running(comps: list[Component]) -> Observed:
         vmi_node="node-2",
         vm_boot="x",
         vmi_boot="x",
+        vm_boots=boots(comps),
+        vmi_boots=boots(comps),
     )
 
 

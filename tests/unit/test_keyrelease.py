@@ -25,6 +25,23 @@ KEY = ec.generate_private_key(ec.SECP256R1())
 JWKS = ear.jwks([KEY.public_key()])
 POLICY = parse_policy("default", sample_policy_spec())
 CLASS, SET = "uefi-secureboot", "example-host-secureboot"
+KERNEL = "registry.example/gtvp/linux@sha256:" + "1" * 64
+VMI_SPEC: dict[str, Any] = {
+    "domain": {
+        "firmware": {
+            "kernelBoot": {
+                "container": {
+                    "image": KERNEL,
+                    "kernelPath": "/boot/vmlinuz",
+                    "initrdPath": "/boot/initrd.img",
+                    "imagePullPolicy": "IfNotPresent",
+                },
+                "kernelArgs": "console=ttyS0 gtvp.box=box gtvp.disks=c-app:" + "2" * 64,
+            }
+        }
+    }
+}
+"""What the box's VMI boots: the composition gtvp made for it (`status.composedBoots`)."""
 
 
 def _member_status(level: int = 3, *, verdict: str = "Trusted", expires: dt.datetime | None = None):  # type: ignore[no-untyped-def]
@@ -64,6 +81,8 @@ def _facts(
     pods_on: dict[str, dict[str, Any] | None] | None = None,
     vmi_labels: dict[str, str] | None = None,
     policy: Policy | None = POLICY,
+    vmi_spec: dict[str, Any] | None = None,
+    composed: list[str] | None = None,
 ) -> tuple[kr.Request, kr.Facts]:
     status = member if member is not None else _member_status()
     labels = {"gtvp.io/level": "2"} if vmi_labels is None else vmi_labels
@@ -77,12 +96,16 @@ def _facts(
     box = {
         "metadata": {"name": "box", "namespace": "ns"},
         "spec": {"level": 2, "secrets": [{"name": "disk", "keys": ["key"]}, {"name": "tls"}]},
+        "status": {
+            "composedBoots": composed if composed is not None else [compose.composed_boot(VMI_SPEC)]
+        },
     }
     facts = kr.Facts(
         box=box,
         issued=issued if issued is not None else kr.issued_annotations(CRED, "t"),
         vmi={
             "metadata": {"name": "box", "labels": labels},
+            "spec": VMI_SPEC if vmi_spec is None else vmi_spec,
             "status": {"phase": phase, "nodeName": node},
         },
         member={"metadata": {"name": node}, "status": status},
@@ -532,7 +555,7 @@ def test_a_vmi_of_the_boxs_name_that_gtvp_does_not_hold_at_its_level_gets_nothin
         assert f"VMI box is {said}, the box needs 2" in v.message
     # its trust selector counts as its level, as for gating
     req, facts = _facts(vmi_labels={})
-    vmi = {**(facts.vmi or {}), "spec": {"nodeSelector": trust_selector(2)}}
+    vmi = {**(facts.vmi or {}), "spec": {**VMI_SPEC, "nodeSelector": trust_selector(2)}}
     assert kr.decide(req, dataclasses.replace(facts, vmi=vmi), NOW).released
 
 
@@ -546,7 +569,8 @@ def test_under_box_attestation_a_box_gets_its_secrets_only_once_attested_here() 
     box = dict(facts.box or {})
 
     def ask(att: dict[str, Any] | None, attest: bool = True) -> kr.Verdict:
-        with_att = {**box, "status": {"attestation": att}} if att is not None else box
+        status = {**box["status"], "attestation": att}
+        with_att = {**box, "status": status} if att is not None else box
         got = dataclasses.replace(facts, box=with_att, vmi=vmi, attest_boxes=attest)
         return kr.decide(req, got, NOW)
 
@@ -563,3 +587,30 @@ def test_under_box_attestation_a_box_gets_its_secrets_only_once_attested_here() 
         v = ask(att)
         assert (v.released, v.reason) == (False, kr.BOX_NOT_ATTESTED), att
         assert f"not attested on member m1 for this boot {says}" in v.message
+
+
+def test_a_box_vmi_that_boots_what_gtvp_did_not_compose_gets_nothing() -> None:
+    """Whoever may edit VMs in the box's namespace (not its Secrets) changes the box VM's
+    kernel command line to pin a disk of their own (or its kernel, or starts a VMI of the
+    box's name booting a disk image): the init would check their disk against their pin.
+    Only a VMI booting a composition gtvp made for the box gets its Secrets; an older one
+    it made (a LiveUpdate waiting for a restart) still does; a gated VM has none."""
+    boot = VMI_SPEC["domain"]["firmware"]["kernelBoot"]
+    theirs = {**boot, "kernelArgs": boot["kernelArgs"].replace("2" * 64, "6" * 64)}
+    other_kernel = {**boot, "container": {**boot["container"], "image": KERNEL[:-1] + "7"}}
+    for spec in (
+        {"domain": {"firmware": {"kernelBoot": theirs}}},
+        {"domain": {"firmware": {"kernelBoot": other_kernel}}},
+        {"domain": {"devices": {"disks": [{"name": "root", "disk": {}}]}}},
+    ):
+        req, facts = _facts(vmi_spec=spec)
+        v = kr.decide(req, facts, NOW)
+        assert (v.released, v.reason) == (False, kr.NOT_COMPOSED), v.message
+    req, facts = _facts(composed=[])  # gtvp recorded no composition for the box (yet)
+    assert kr.decide(req, facts, NOW).reason == kr.NOT_COMPOSED
+    newer = compose.composed_boot({"domain": {"firmware": {"kernelBoot": other_kernel}}})
+    req, facts = _facts(composed=[str(newer), str(compose.composed_boot(VMI_SPEC))])
+    assert kr.decide(req, facts, NOW).released
+    req, facts = _facts(vmi_spec={"domain": {}})
+    vm_req = dataclasses.replace(req, kind=kr.VM)
+    assert kr.decide(vm_req, facts, NOW).released

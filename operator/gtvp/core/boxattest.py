@@ -91,6 +91,9 @@ STALE_ENROLMENT: Final = "StaleEnrolment"
 QUOTE_INVALID: Final = "QuoteInvalid"
 WRONG_CREDENTIAL: Final = "WrongCredential"
 NOT_RUNNING: Final = "NotRunning"
+NOT_COMPOSED: Final = "NotComposed"
+"""The box's VMI does not boot a composition gtvp made for the box (`status.composedBoots`):
+its kernel, initrd or kernel command line were changed outside gtvp."""
 NOT_REQUIRED: Final = "AttestationNotRequired"
 BAD_REQUEST: Final = "BadRequest"
 CONFLICT: Final = "Conflict"
@@ -115,6 +118,7 @@ REASONS: Final = (
     QUOTE_INVALID,
     WRONG_CREDENTIAL,
     NOT_RUNNING,
+    NOT_COMPOSED,
     NOT_REQUIRED,
     BAD_REQUEST,
     CONFLICT,

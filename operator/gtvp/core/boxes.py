@@ -26,7 +26,7 @@ from typing import Any
 
 from gtvp.core.component_checks import Check
 from gtvp.core.components import Component
-from gtvp.core.compose import BoxRef, CompositionError, compose_vm
+from gtvp.core.compose import BoxRef, CompositionError, compose_vm, composed_boot, remember_boot
 from gtvp.core.conditions import merge_conditions
 from gtvp.core.footprint import box_asks
 from gtvp.core.placement import Host, Placement, place
@@ -54,6 +54,8 @@ class Observed:
     migrating: bool = False
     vm_boot: str | None = None  # composition the VM template boots (BOOT_ANNOTATION)
     vmi_boot: str | None = None  # composition the running VMI booted
+    vm_boots: str | None = None  # what the VM template boots (`compose.composed_boot`)
+    vmi_boots: str | None = None  # what the VMI boots (None: no VMI, or none read)
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,48 @@ def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     target = {c.object_name for c in comps}
     current = set(inp.observed.booted) | set(inp.observed.hotplugged)
     if inp.observed.vm_exists and target == current:
-        return _observe(inp, now)
+        return _restored(inp, now, comps) or _observe(inp, now)
     if not inp.observed.vm_exists:
         return _first_placement(inp, now, comps, cpu, mem)
     return _upgrade(inp, now, comps)
+
+
+def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:
+    """None while the box's VM boots the composition gtvp last wrote and its VMI one gtvp
+    composed (`status.composedBoots`). Else someone who may edit VMs in the namespace changed
+    the VM's kernel, initrd or kernel command line (or started a VMI of the box's name that
+    boots something else): the VM is written again from the composition, and a VMI booting
+    what gtvp did not compose is restarted onto it. A status from before gtvp recorded its
+    compositions takes the one resolved now, when the VM boots exactly that."""
+    obs = inp.observed
+    known = [b for b in inp.status.get("composedBoots") or () if isinstance(b, str)]
+    if known and obs.vm_boots == known[0] and (obs.vmi_boots is None or obs.vmi_boots in known):
+        return None
+    booted_set = set(obs.booted)
+    booted = [c for c in comps if c.object_name in booted_set] or comps
+    hot = [c for c in comps if c not in booted]
+    try:
+        vm = compose_vm(inp.ref, inp.spec, booted, obs.vmi_node or obs.vm_node, hotplugged=hot)
+    except CompositionError as exc:
+        return _failed(inp, now, "NotBootable", str(exc), "Composed")
+    _annotate(vm, booted, hot)
+    boots = _boots(vm)
+    kept = remember_boot(inp.status, boots)
+    observed = _observe(inp, now)
+    if not known and obs.vm_boots == boots and obs.vmi_boots in (None, boots):
+        return Decision({**observed.status, "composedBoots": kept}, event=observed.event)
+    restart = obs.vmi_boots is not None and obs.vmi_boots not in kept
+    message = (
+        "the VM's kernel, initrd or kernel command line is not what gtvp composed from the "
+        "box's verified components (changed outside gtvp): written again"
+        + ("; its VMI, booting something else, is restarted onto it" if restart else "")
+    )
+    return Decision(
+        {**observed.status, "composedBoots": kept},
+        vm=vm,
+        restart=restart,
+        event=("Warning", "CompositionRestored", message),
+    )
 
 
 def _unverified(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:
@@ -206,6 +246,7 @@ def _first_placement(
         STARTING,
         conds,
         resolved=resolved,
+        composedBoots=remember_boot(inp.status, _boots(vm)),
         vm={"name": inp.ref.name},
         node=decision.node,
         placement={
@@ -222,6 +263,10 @@ def _first_placement(
         event=("Normal", "Placed", f"composed {describe(comps)}; {decision.reason}"),
         placement=decision,
     )
+
+
+def _boots(vm: Mapping[str, Any]) -> str | None:
+    return composed_boot(((vm.get("spec") or {}).get("template") or {}).get("spec"))
 
 
 def _annotate(vm: dict[str, Any], booted: Sequence[Component], hot: Sequence[Component]) -> None:
@@ -316,6 +361,7 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
         f"upgrade {summary}",
         conds,
         resolved=_resolved(comps),
+        composedBoots=remember_boot(inp.status, _boots(vm)),
         vm={"name": inp.ref.name},
         node=node,
         upgrade={"from": change.old_text, "to": change.new_text, "at": format_ts(now)},

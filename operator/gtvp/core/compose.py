@@ -69,6 +69,36 @@ def composition_id(components: Sequence[Component], hotplugged: Sequence[Compone
     return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
 
 
+BOOT_FIELDS = ("image", "kernelPath", "initrdPath")
+"""What of a VMI's `kernelBoot.container` decides what boots (KubeVirt may default the rest,
+such as its imagePullPolicy)."""
+COMPOSED_BOOTS_KEPT = 3
+"""How many compositions a box's status remembers (`status.composedBoots`, newest first): the
+VM's, and those a running VMI may still boot (a LiveUpdate waits for a restart)."""
+
+
+def composed_boot(vmi_spec: Mapping[str, Any] | None) -> str | None:
+    """SHA-256 (hex) of what a VMI spec (or a VM template's spec) boots: its kernel boot
+    container's image (pinned by digest), kernel and initrd paths, and the kernel command
+    line, which pins every component disk the box init mounts (it refuses a disk whose bytes
+    differ). None when it boots no kernel. A box's VM is editable by whoever may edit VMs in
+    its namespace: what runs is compared with what gtvp composed (`status.composedBoots`),
+    never read from the VM as the truth."""
+    firmware = ((vmi_spec or {}).get("domain") or {}).get("firmware") or {}
+    boot = firmware.get("kernelBoot") if isinstance(firmware, Mapping) else None
+    if not isinstance(boot, Mapping) or not isinstance(boot.get("container"), Mapping):
+        return None
+    container = boot["container"]
+    body = [container.get(k) for k in BOOT_FIELDS] + [boot.get("kernelArgs")]
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
+def remember_boot(status: Mapping[str, Any], boot: str | None) -> list[str]:
+    """`status.composedBoots` with `boot` (a composition gtvp just wrote) first."""
+    kept = [b for b in status.get("composedBoots") or () if isinstance(b, str) and b != boot]
+    return ([boot] if boot else []) + kept[: COMPOSED_BOOTS_KEPT - (1 if boot else 0)]
+
+
 def _disk_name(c: Component) -> str:
     return ("c-" + c.name.replace(".", "-"))[:63].rstrip("-")
 

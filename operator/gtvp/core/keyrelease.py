@@ -35,6 +35,7 @@ from typing import Any, Final
 from gtvp.core import ear
 from gtvp.core.attestation import references_revoked
 from gtvp.core.boxattest import VERIFIED
+from gtvp.core.compose import composed_boot
 from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
@@ -114,6 +115,8 @@ SECRET_NOT_NAMED: Final = "SecretNotNamed"  # noqa: S105 - a name, not a secret
 SECRET_UNAVAILABLE: Final = "SecretUnavailable"  # noqa: S105 - a name, not a secret
 SECRET_NOT_RELEASABLE: Final = "SecretNotReleasable"  # noqa: S105 - a name, not a secret
 VMI_NOT_GATED: Final = "VmiNotGated"
+NOT_COMPOSED: Final = "NotComposed"
+"""A box's VMI does not boot a composition gtvp made for the box (`status.composedBoots`)."""
 BOX_NOT_ATTESTED: Final = "BoxNotAttested"
 REASONS: Final = (
     NO_SUCH_BOX,
@@ -134,6 +137,7 @@ REASONS: Final = (
     SECRET_UNAVAILABLE,
     SECRET_NOT_RELEASABLE,
     VMI_NOT_GATED,
+    NOT_COMPOSED,
     BOX_NOT_ATTESTED,
 )
 UNAVAILABLE: Final = "Unavailable"
@@ -363,6 +367,28 @@ def _vmi_gated(vmi: Mapping[str, Any] | None, level: int, node: str) -> Verdict 
     )
 
 
+def _composed(
+    req: Request, box: Mapping[str, Any], vmi: Mapping[str, Any] | None, node: str
+) -> Verdict | None:
+    """A box's VMI must boot a composition gtvp made for the box: its kernel, initrd and
+    kernel command line (which pins every component disk) as `status.composedBoots` records
+    them. Whoever may edit VMs in the namespace could otherwise boot disks of their own
+    under the box's name and take its Secrets. A gated VM that is not a box has no
+    composition: its Secrets consent to the VM by name."""
+    if req.kind != BOX:
+        return None
+    known = (box.get("status") or {}).get("composedBoots") or ()
+    boots = composed_boot((vmi or {}).get("spec"))
+    if boots is not None and boots in known:
+        return None
+    return _refuse(
+        NOT_COMPOSED,
+        "the box's VMI does not boot what gtvp composed for it (its kernel, initrd or kernel "
+        "command line were changed outside gtvp); gtvp restarts it onto its composition",
+        node,
+    )
+
+
 def _member_trusted(
     member: Mapping[str, Any] | None,
     node: str,
@@ -496,6 +522,7 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
         return Verdict(TOKEN_REQUIRED, f"send the verdict token of member {node}", node)
     refused = (
         _vmi_gated(facts.vmi, level, node)
+        or _composed(req, facts.box, facts.vmi, node)
         or _member_trusted(facts.member, node, level, now, facts.policy)
         or _token(facts, node, level)
     )

@@ -20,6 +20,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
+from gtvp.cluster_view import kept
 from gtvp.core.api_resources import OS_COMPONENTS
 from gtvp.core.component_checks import (
     Check,
@@ -149,7 +150,7 @@ def _write_status(rt: Runtime, body: dict[str, Any], verification: dict[str, Any
             return _Written.GONE
         log.warning("cannot write OSComponent %s status: %s", name, exc.reason)
         return _Written.FAILED
-    rt.view.components[name] = out  # a status write changes no resolution input
+    rt.view.components[name] = kept(out)  # a status write changes no resolution input
     return _Written.DONE
 
 
@@ -163,7 +164,7 @@ def _read_again(rt: Runtime, name: str) -> None:
     if fresh is None:
         rt.view.components.pop(name, None)
     else:
-        rt.view.components[name] = fresh
+        rt.view.components[name] = kept(fresh)
 
 
 def spend(rt: Runtime, names: tuple[str, ...]) -> list[str]:

@@ -31,7 +31,7 @@ from gtvp.core.boxes import (
     unschedulable,
 )
 from gtvp.core.components import Component, ComponentError, parse_component
-from gtvp.core.compose import BOOT_ANNOTATION, BOX_LABEL, BoxRef, preferred_node
+from gtvp.core.compose import BOOT_ANNOTATION, BOX_LABEL, BoxRef, composed_boot, preferred_node
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
 from gtvp.handlers import box_writes
 from gtvp.handlers.box_hosts import hosts, pool_cache
@@ -178,6 +178,9 @@ def observed(rt: Runtime, key: Key) -> Observed:
         migrating=_migrating(rt, key),
         vm_boot=((tmpl.get("metadata") or {}).get("annotations") or {}).get(BOOT_ANNOTATION),
         vmi_boot=vmi_annotations.get(BOOT_ANNOTATION) if vmi else None,
+        vm_boots=composed_boot(tmpl.get("spec")),
+        # a VMI that boots no kernel at all is not the composition either ("")
+        vmi_boots=(composed_boot(vmi.get("spec")) or "") if vmi is not None else None,
     )
 
 
