@@ -20,7 +20,7 @@ import pytest
 from gtvp import kube
 from gtvp.core.api_resources import OS_COMPONENTS
 from gtvp.core.policy import parse_policy
-from gtvp.handlers import components
+from gtvp.handlers import components, lazyboxes
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import ControlPlane
 from tests.catalogue import Publisher
@@ -111,3 +111,27 @@ def test_a_component_deleted_under_a_stale_view_is_not_usable(
     control_plane.kubectl("delete", "osc", component)
     assert components.spend(rt, (component,)) == [component]
     assert component not in rt.view.components
+
+
+def test_a_component_whose_publisher_is_revoked_leaves_the_catalogue_boxes_resolve_over(
+    rt: Runtime, component: str
+) -> None:
+    """The security team removes a publisher key: that publisher's components fail their
+    check and are no longer resolved into any box (a running box falls back to what still
+    verifies, or says nothing is vouched for: tests/unit/test_boxes.py), and every box is
+    resolved again; when the key comes back, so do they."""
+    assert components.verify_component(rt, component).ok
+    assert component in {c.object_name for c in lazyboxes._catalogue(rt)}
+    policy = rt.view.policy
+    assert policy is not None
+    version = rt.boxes.catalogue_version
+    rt.view.policy = dataclasses.replace(policy, publisher_keys={})
+    components.verify_all(rt)
+    check = rt.boxes.checks[component]
+    assert (check.ok, check.reason) == (False, "UnknownPublisher")
+    assert _verification(rt, component)["state"] == "Failed"
+    assert component not in {c.object_name for c in lazyboxes._catalogue(rt)}
+    assert rt.boxes.catalogue_version > version
+    rt.view.policy = policy
+    components.verify_all(rt)
+    assert component in {c.object_name for c in lazyboxes._catalogue(rt)}

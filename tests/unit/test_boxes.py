@@ -310,6 +310,40 @@ def test_live_update_keeps_the_vmi_and_says_restart_required() -> None:
     )
 
 
+def test_a_running_component_that_no_longer_verifies_is_replaced_whatever_the_policy() -> None:
+    """The publisher of nginx 1.26.2 is removed from the policy while boxes run it: the box
+    (LiveUpdate, which would wait for a restart) is restarted onto the version that still
+    verifies, and its older compositions are no longer vouched for (only the new one gets
+    Secrets and attestation)."""
+    new = next(c for c in COMPS if c.name == "nginx")
+    old = [c for c in COMPS if c.name != "nginx"] + [
+        next(c for c in CAT if c.label == "nginx 1.22.1")
+    ]
+    revoked = {**OK, new.object_name: Check("Failed", "UnknownPublisher", "key removed")}
+    spec = {**SPEC, "upgradePolicy": "LiveUpdate"}
+    status = {"composedBoots": [boots(COMPS), "an-older-one"]}
+    d = plan_box(
+        inp(spec=spec, components=old, checks=revoked, observed=_running(COMPS), status=status),
+        NOW,
+    )
+    assert d.vm is not None
+    assert d.restart
+    assert d.status["composedBoots"] == [boots(old)]
+    # the same box with nothing left to fall back on: still running, nothing vouched for
+    d = plan_box(
+        inp(spec=spec, components=None, checks=revoked, observed=_running(COMPS), status=status),
+        NOW,
+    )
+    assert (d.vm, d.status["phase"], d.status["composedBoots"]) == (None, "Failed", [])
+    assert d.event is not None
+    assert d.event[:2] == ("Warning", "ComponentRevoked")
+    assert new.object_name in d.event[2]
+    # a check made before the policy was loaded is no revocation
+    unknown = {**OK, new.object_name: Check("Failed", "NoPolicy", "no policy yet")}
+    d = plan_box(inp(components=None, checks=unknown, observed=_running(COMPS), status=status), NOW)
+    assert d.status["composedBoots"] == status["composedBoots"]
+
+
 def test_missing_dependency_hot_plugged_as_datavolume() -> None:
     curl = parse_component(PUB.component("curl", "8.0.0", requires=["libc"]))
     spec = {**SPEC, "onMissingDependency": "HotPlug", "requestedComponents": [{"name": "curl"}]}

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gtvp.core.component_checks import Check
+from gtvp.core.component_checks import Check, resolvable
 from gtvp.core.components import Component
 from gtvp.core.compose import BoxRef, CompositionError, compose_vm, composed_boot, remember_boot
 from gtvp.core.conditions import merge_conditions
@@ -77,6 +77,7 @@ class BoxInput:
     components: Sequence[Component] | None  # None: resolution failed
     failure: tuple[str, str] | None = None  # (reason, message) when resolution failed
     checks: Mapping[str, Check] = field(default_factory=dict)
+    """The checks of the resolved components and of those the VM boots now."""
     hosts: Sequence[Host] = ()
     observed: Observed = Observed()
 
@@ -128,8 +129,7 @@ def _failed(inp: BoxInput, now: dt.datetime, reason: str, message: str, cond: st
 def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     """Decide the box's next status and actions (see the module docstring)."""
     if inp.components is None:
-        reason, message = inp.failure or ("Unsatisfiable", "the box cannot be resolved")
-        return _failed(inp, now, reason, message, "Resolved")
+        return _unresolved(inp, now)
     comps = list(inp.components)
     unverified = _unverified(inp, now, comps)
     if unverified is not None:
@@ -148,6 +148,32 @@ def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     if not inp.observed.vm_exists:
         return _first_placement(inp, now, comps, cpu, mem)
     return _upgrade(inp, now, comps)
+
+
+def _unresolved(inp: BoxInput, now: dt.datetime) -> Decision:
+    """The box cannot be resolved (now)."""
+    reason, message = inp.failure or ("Unsatisfiable", "the box cannot be resolved")
+    failed = _failed(inp, now, reason, message, "Resolved")
+    revoked = _revoked(inp)
+    if not revoked or not inp.observed.vm_exists:
+        return failed
+    # what runs rests on a component that no longer verifies and nothing replaces it: no
+    # composition of the box is vouched for (no Secrets, no box attestation)
+    why = f"{message}; it runs {', '.join(revoked)}, which no longer verifies"
+    return Decision(
+        {**failed.status, "composedBoots": []}, event=("Warning", "ComponentRevoked", why)
+    )
+
+
+def _revoked(inp: BoxInput) -> list[str]:
+    """The components the box's VM boots (or hot-plugged) whose verification now fails: a
+    publisher key removed from the policy, a signature that no longer verifies."""
+    obs = inp.observed
+    return [
+        n
+        for n in (*obs.booted, *obs.hotplugged)
+        if n in inp.checks and not resolvable(inp.checks[n])
+    ]
 
 
 def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:
@@ -285,6 +311,7 @@ class _Change:
     added: tuple[Component, ...]
     hotplug: bool  # attach the added components to the running VM
     restart: bool  # restart the VMI onto the new composition
+    revoked: bool = False  # a component it boots no longer verifies
 
     @property
     def how(self) -> str:
@@ -312,8 +339,13 @@ def _change(inp: BoxInput, comps: list[Component]) -> _Change:
         and obs.vmi_phase == "Running"
     )
     policy = inp.spec.get("upgradePolicy", "Restart")
-    restart = not hotplug and (fault or policy == "Restart") and obs.vmi_phase is not None
-    return _Change(old_text, describe(comps), added, hotplug, restart)
+    # a booted component that no longer verifies is replaced now, whatever upgradePolicy says
+    revoked = bool(_revoked(inp))
+    hotplug = hotplug and not revoked
+    restart = (
+        not hotplug and (fault or revoked or policy == "Restart") and obs.vmi_phase is not None
+    )
+    return _Change(old_text, describe(comps), added, hotplug, restart, revoked)
 
 
 def _upgraded_vm(
@@ -361,7 +393,8 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
         f"upgrade {summary}",
         conds,
         resolved=_resolved(comps),
-        composedBoots=remember_boot(inp.status, _boots(vm)),
+        # an older composition with a component that no longer verifies is not vouched for
+        composedBoots=remember_boot({} if change.revoked else inp.status, _boots(vm)),
         vm={"name": inp.ref.name},
         node=node,
         upgrade={"from": change.old_text, "to": change.new_text, "at": format_ts(now)},

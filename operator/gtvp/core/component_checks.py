@@ -43,6 +43,13 @@ class Check:
         return self.state == "Verified"
 
 
+def resolvable(check: Check | None) -> bool:
+    """Whether a component with this check outcome may be resolved into a box: verified, not
+    judged yet (the box waits for it) or judged without a policy loaded (nothing can be said
+    of it yet); not one that failed (a revoked publisher's, an unsigned one)."""
+    return check is None or check.ok or check.reason == "NoPolicy"
+
+
 def check_component(obj: Mapping[str, Any], publisher_keys: Mapping[str, str]) -> Check:
     """Verify one OSComponent object against the trusted publisher keys."""
     try:

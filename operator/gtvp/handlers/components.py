@@ -26,6 +26,7 @@ from gtvp.core.component_checks import (
     Check,
     Use,
     check_component,
+    resolvable,
     spend_use,
     verification_status,
 )
@@ -45,6 +46,17 @@ def observe(rt: Runtime, body: dict[str, Any], event_type: str) -> str | None:
         rt.boxes.checks.pop(name, None)
         return None
     return name
+
+
+def _set_check(rt: Runtime, name: str, check: Check) -> None:
+    """Keep `check` as `name`'s outcome. A component whose check fails (a publisher key
+    revoked, a signature that does not verify) leaves the catalogue boxes are resolved
+    over, and one that verifies again returns to it: the boxes are resolved again."""
+    before = rt.boxes.checks.get(name)
+    rt.boxes.checks[name] = check
+    if before is None or resolvable(before) != resolvable(check):
+        rt.boxes.catalogue_version += 1
+        rt.touch_boxes()
 
 
 def verify_all(rt: Runtime) -> None:
@@ -72,7 +84,7 @@ def verify_component(rt: Runtime, name: str, *, force_write: bool = False) -> Ch
         if body is None:
             return _deleted(rt, name)
         check = _check(rt, body)
-        rt.boxes.checks[name] = check
+        _set_check(rt, name, check)
         if check.reason == "NoPolicy":  # the policy is not loaded yet (or gone): no status flaps
             return check
         METRICS.components.labels("verified" if check.ok else "failed", check.reason).inc()
@@ -110,7 +122,7 @@ def _deleted(rt: Runtime, name: str) -> Check:
 def _unsettled(rt: Runtime, name: str) -> Check:
     """The component kept changing under every attempt: not usable for now (fail closed)."""
     check = Check("Failed", "Changing", "the component kept changing while it was checked")
-    rt.boxes.checks[name] = check
+    _set_check(rt, name, check)
     log.warning("OSComponent %s: %s", name, check.message)
     return check
 

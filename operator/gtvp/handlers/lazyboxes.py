@@ -30,6 +30,7 @@ from gtvp.core.boxes import (
     plan_box,
     unschedulable,
 )
+from gtvp.core.component_checks import resolvable
 from gtvp.core.components import Component, ComponentError, parse_component
 from gtvp.core.compose import BOOT_ANNOTATION, BOX_LABEL, BoxRef, composed_boot, preferred_node
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
@@ -95,7 +96,9 @@ def observe_kubevirt(rt: Runtime, body: Mapping[str, Any]) -> None:
 
 
 def _catalogue(rt: Runtime) -> list[Component]:
-    """Every readable component (parsed once per change; unreadable ones are never used)."""
+    """Every readable component whose verification did not fail (parsed once per change;
+    unreadable ones are never used, nor failed ones: a revoked publisher's, an unsigned one,
+    so a box falls back to a version that verifies and no failed newer one holds it back)."""
     memory = rt.boxes
     version, cached = memory.catalogue_cache
     if version == memory.catalogue_version:
@@ -111,7 +114,7 @@ def _catalogue(rt: Runtime) -> list[Component]:
                 comp = None  # its status says why
             hit = (rv, comp)
             memory.parsed[name] = hit
-        if hit[1] is not None:
+        if hit[1] is not None and resolvable(memory.checks.get(name)):
             out.append(hit[1])
     out.sort(key=lambda c: c.object_name)
     memory.catalogue_cache = (memory.catalogue_version, out)
@@ -198,13 +201,15 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
         "hosts": [] if seen.vm_exists else hosts(rt, now, exclude=key),
         "observed": seen,
     }
+    checks = rt.boxes.checks
+    running = {n: checks[n] for n in (*seen.booted, *seen.hotplugged) if n in checks}
     try:
         comps = resolve_cached(rt, spec, pool_cache(rt, now))
     except Unresolvable as exc:
-        return BoxInput(components=None, failure=(exc.reason, exc.message), **common)
-    checks = rt.boxes.checks
+        failure = (exc.reason, exc.message)
+        return BoxInput(components=None, failure=failure, checks=running, **common)
     found = {c.object_name: checks[c.object_name] for c in comps if c.object_name in checks}
-    return BoxInput(components=comps, checks=found, **common)
+    return BoxInput(components=comps, checks={**running, **found}, **common)
 
 
 def _plan(rt: Runtime, key: Key) -> Decision:
