@@ -370,7 +370,8 @@ class Endpoint:
         vmi = self.rt.view.vmis.get((req.namespace, req.box))
         spec: Any = (vmi or {}).get("spec") or {}
         boots = compose.composed_boot(spec)
-        if boots is None or boots not in ((box.get("status") or {}).get("composedBoots") or ()):
+        created = ((vmi or {}).get("metadata") or {}).get("creationTimestamp")
+        if not compose.runs_composition(box.get("status") or {}, boots, created):
             raise ba.Refused(
                 ba.NOT_COMPOSED,
                 "the box's VMI does not boot what gtvp composed for it (its kernel, initrd or "

@@ -247,7 +247,7 @@ class Pool:
 
 
 def _vmi(name: str, namespace: str, node: str, vm: dict[str, Any]) -> dict[str, Any]:
-    firmware = vm["spec"]["template"]["spec"]["domain"]["firmware"]
+    """The box's VMI as virt-controller makes it from its VM's template."""
     return {
         "apiVersion": VIRTUAL_MACHINE_INSTANCES.api_version,
         "kind": VIRTUAL_MACHINE_INSTANCES.kind,
@@ -256,7 +256,7 @@ def _vmi(name: str, namespace: str, node: str, vm: dict[str, Any]) -> dict[str, 
             "namespace": namespace,
             "labels": {BOX_LABEL: name, "gtvp.io/level": "2"},
         },
-        "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}, "firmware": firmware}},
+        "spec": vm["spec"]["template"]["spec"],
         "status": {"phase": "Running", "nodeName": node},
     }
 
@@ -339,20 +339,14 @@ def pool(
                 {"name": c.name, "version": str(c.version), "digest": c.digest, "type": c.type}
                 for c in comps
             ]
-            composed = [composed_boot(vm["spec"]["template"]["spec"])]
-            box = kube.patch_status(
-                admin,
-                LAZY_BOXES,
-                name,
-                {"resolved": resolved, "composedBoots": composed},
-                namespace,
-            )
+            box = kube.patch_status(admin, LAZY_BOXES, name, {"resolved": resolved}, namespace)
             rt.view.observe_box(box, "ADDED")
             armed = box_attestation.arm(rt, (namespace, name), vm)
             assert isinstance(armed, box_attestation.Armed), armed
-            box = kube.patch_status(
-                admin, LAZY_BOXES, name, {"attestation": armed.attestation}, namespace
-            )
+            # what gtvp records of the armed VM it writes (lazyboxes.reconcile_box)
+            composed = [composed_boot(armed.vm["spec"]["template"]["spec"])]
+            written = {"attestation": armed.attestation, "composedBoots": composed}
+            box = kube.patch_status(admin, LAZY_BOXES, name, written, namespace)
             rt.view.observe_box(box, "MODIFIED")
             vmi = _create(admin, VIRTUAL_MACHINE_INSTANCES, _vmi(name, namespace, m.name, armed.vm))
             rt.view.observe_vmi(vmi, "ADDED")

@@ -171,7 +171,7 @@ def _create(clients: kube.Clients, res: Any, body: dict[str, Any]) -> dict[str, 
 
 
 def _vmi(
-    name: str, namespace: str, node: str, firmware: dict[str, Any] | None = None
+    name: str, namespace: str, node: str, template: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """A box's VMI as virt-controller leaves it once it runs: Running on `node` (the
     VMI CRD has no status subresource; virt-handler writes it like this)."""
@@ -183,13 +183,8 @@ def _vmi(
             "namespace": namespace,
             "labels": {compose.BOX_LABEL: name, "gtvp.io/level": "2"},
         },
-        "spec": {
-            "domain": {
-                "devices": {},
-                "memory": {"guest": "64Mi"},
-                **({"firmware": firmware} if firmware else {}),
-            }
-        },
+        # a box's VMI: its VM's template spec, as virt-controller makes it
+        "spec": template or {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}},
         "status": {"phase": "Running", "nodeName": node},
     }
 
@@ -265,8 +260,7 @@ def pool(
             rt.view.observe_box(
                 kube.patch_status(admin, LAZY_BOXES, name, booted, namespace), "MODIFIED"
             )
-            firmware = tmpl["domain"]["firmware"]
-            vmi = _create(admin, VIRTUAL_MACHINE_INSTANCES, _vmi(name, namespace, m.name, firmware))
+            vmi = _create(admin, VIRTUAL_MACHINE_INSTANCES, _vmi(name, namespace, m.name, tmpl))
             rt.view.observe_vmi(vmi, "ADDED")
         p = Pool(rt, namespace, members, port, authority.cert, endpoint, server, admin, offset)
         yield p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from dataclasses import replace
 from typing import Any
@@ -74,6 +75,35 @@ def test_vm_boots_the_kernel_and_carries_trust_selector_and_owner() -> None:
     assert "/opt/gtvp/nginx/start" in user_data
     assert "/opt/gtvp/openssl" in user_data
     assert tmpl["domain"]["resources"]["requests"] == {"cpu": "1", "memory": "512Mi"}
+
+
+def test_what_a_composition_boots_ignores_what_kubevirt_defaults_and_nothing_else() -> None:
+    """`composed_boot` is compared with the VMI KubeVirt made from the VM: its defaults (a
+    pull policy) change nothing; a changed kernel argument, an added volume or disk serial,
+    or an SSH key change what it boots."""
+    tmpl = compose_vm(REF, SPEC, COMPS, "node-2")["spec"]["template"]["spec"]
+    ours = composed_boot(tmpl)
+    defaulted = copy.deepcopy(tmpl)
+    for v in defaulted["volumes"]:
+        if "containerDisk" in v:
+            v["containerDisk"]["imagePullPolicy"] = "Always"
+    defaulted["domain"]["firmware"]["kernelBoot"]["container"]["imagePullPolicy"] = "Always"
+    defaulted["domain"]["machine"] = {"type": "q35"}
+    assert composed_boot(defaulted) == ours
+    changes = []
+    for edit in (
+        lambda t: t["domain"]["firmware"]["kernelBoot"].update(kernelArgs="init=/bin/sh"),
+        lambda t: t["volumes"].append(
+            {"name": "x", "secret": {"secretName": "web-gtvp-cloudinit"}}
+        ),
+        lambda t: t["domain"]["devices"]["disks"][0].update(serial="other"),
+        lambda t: t.update(accessCredentials=[{"sshPublicKey": {}}]),
+    ):
+        changed = copy.deepcopy(tmpl)
+        edit(changed)
+        changes.append(composed_boot(changed))
+    assert ours not in changes
+    assert len(set(changes)) == len(changes)
 
 
 def test_the_applications_ports_are_forwarded_by_the_pod_network_interface() -> None:
@@ -232,15 +262,21 @@ def test_a_box_vm_changed_outside_gtvp_is_written_again_and_its_vmi_restarted() 
     assert d.vm is not None
     assert not d.restart
     # nothing changed; or the VMI boots an older composition gtvp made
-    same = replace(running, vm_boots=ours[0], vmi_boots="older")
+    same = replace(running, vm_boots=ours[0], vmi_boots="older", vmi_created="2026-11-29T11:00:00Z")
     assert (
         plan_box(inp(status=placed.status, observed=replace(same, vmi_boots=ours[0])), NOW).vm
         is None
     )
+    assert placed.status["composedAt"] == "2026-11-29T12:00:00Z"
     with_older = {**placed.status, "composedBoots": [*ours, "older"]}
     d = plan_box(inp(status=with_older, observed=same), NOW)
     assert d.vm is None
     assert not d.restart
+    # a VMI created since the newest composition was written (a restart, or one made by
+    # someone else) booting an older one: a rollback, restarted onto the newest
+    rollback = replace(same, vmi_created="2026-11-29T12:00:01Z")
+    d = plan_box(inp(status=with_older, observed=rollback), NOW)
+    assert d.restart
 
 
 def test_a_box_placed_by_an_older_gtvp_records_its_composition_without_a_restart() -> None:

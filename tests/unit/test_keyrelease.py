@@ -83,6 +83,7 @@ def _facts(
     policy: Policy | None = POLICY,
     vmi_spec: dict[str, Any] | None = None,
     composed: list[str] | None = None,
+    composed_at: str | None = None,
 ) -> tuple[kr.Request, kr.Facts]:
     status = member if member is not None else _member_status()
     labels = {"gtvp.io/level": "2"} if vmi_labels is None else vmi_labels
@@ -97,14 +98,21 @@ def _facts(
         "metadata": {"name": "box", "namespace": "ns"},
         "spec": {"level": 2, "secrets": [{"name": "disk", "keys": ["key"]}, {"name": "tls"}]},
         "status": {
-            "composedBoots": composed if composed is not None else [compose.composed_boot(VMI_SPEC)]
+            "composedBoots": composed
+            if composed is not None
+            else [compose.composed_boot(VMI_SPEC)],
+            "composedAt": composed_at,
         },
     }
     facts = kr.Facts(
         box=box,
         issued=issued if issued is not None else kr.issued_annotations(CRED, "t"),
         vmi={
-            "metadata": {"name": "box", "labels": labels},
+            "metadata": {
+                "name": "box",
+                "labels": labels,
+                "creationTimestamp": "2026-12-02T00:00:00Z",
+            },
             "spec": VMI_SPEC if vmi_spec is None else vmi_spec,
             "status": {"phase": phase, "nodeName": node},
         },
@@ -602,15 +610,29 @@ def test_a_box_vmi_that_boots_what_gtvp_did_not_compose_gets_nothing() -> None:
         {"domain": {"firmware": {"kernelBoot": theirs}}},
         {"domain": {"firmware": {"kernelBoot": other_kernel}}},
         {"domain": {"devices": {"disks": [{"name": "root", "disk": {}}]}}},
+        # the composition, and the box's own credential Secret as a disk, or an SSH key
+        {
+            **VMI_SPEC,
+            "volumes": [{"name": "steal", "secret": {"secretName": "box-gtvp-cloudinit"}}],
+        },
+        {
+            **VMI_SPEC,
+            "accessCredentials": [{"sshPublicKey": {"source": {"secret": {"secretName": "k"}}}}],
+        },
     ):
         req, facts = _facts(vmi_spec=spec)
         v = kr.decide(req, facts, NOW)
         assert (v.released, v.reason) == (False, kr.NOT_COMPOSED), v.message
     req, facts = _facts(composed=[])  # gtvp recorded no composition for the box (yet)
     assert kr.decide(req, facts, NOW).reason == kr.NOT_COMPOSED
+    # an older composition gtvp made: for a VMI created before the newest was written (a
+    # LiveUpdate waiting for a restart), not for one created since (a rollback)
     newer = compose.composed_boot({"domain": {"firmware": {"kernelBoot": other_kernel}}})
-    req, facts = _facts(composed=[str(newer), str(compose.composed_boot(VMI_SPEC))])
-    assert kr.decide(req, facts, NOW).released
+    older = [str(newer), str(compose.composed_boot(VMI_SPEC))]
+    for written, released in (("2026-12-02T00:00:01Z", True), ("2026-12-01T23:59:59Z", False)):
+        req, facts = _facts(composed=older, composed_at=written)
+        v = kr.decide(req, facts, NOW)
+        assert (v.released, v.reason) == (released, kr.RELEASED if released else kr.NOT_COMPOSED)
     req, facts = _facts(vmi_spec={"domain": {}})
     vm_req = dataclasses.replace(req, kind=kr.VM)
     assert kr.decide(vm_req, facts, NOW).released

@@ -26,7 +26,14 @@ from typing import Any
 
 from gtvp.core.component_checks import Check, resolvable
 from gtvp.core.components import Component
-from gtvp.core.compose import BoxRef, CompositionError, compose_vm, composed_boot, remember_boot
+from gtvp.core.compose import (
+    BoxRef,
+    CompositionError,
+    compose_vm,
+    composed_boot,
+    remember_boot,
+    runs_composition,
+)
 from gtvp.core.conditions import merge_conditions
 from gtvp.core.footprint import box_asks
 from gtvp.core.placement import Host, Placement, place
@@ -55,7 +62,8 @@ class Observed:
     vm_boot: str | None = None  # composition the VM template boots (BOOT_ANNOTATION)
     vmi_boot: str | None = None  # composition the running VMI booted
     vm_boots: str | None = None  # what the VM template boots (`compose.composed_boot`)
-    vmi_boots: str | None = None  # what the VMI boots (None: no VMI, or none read)
+    vmi_boots: str | None = None  # what the VMI boots (None: no VMI; "": no kernel)
+    vmi_created: str | None = None  # the VMI's creationTimestamp
 
 
 @dataclass(frozen=True)
@@ -185,7 +193,8 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     compositions takes the one resolved now, when the VM boots exactly that."""
     obs = inp.observed
     known = [b for b in inp.status.get("composedBoots") or () if isinstance(b, str)]
-    if known and obs.vm_boots == known[0] and (obs.vmi_boots is None or obs.vmi_boots in known):
+    vmi_ok = obs.vmi_boots is None or runs_composition(inp.status, obs.vmi_boots, obs.vmi_created)
+    if known and obs.vm_boots == known[0] and vmi_ok:
         return None
     booted_set = set(obs.booted)
     booted = [c for c in comps if c.object_name in booted_set] or comps
@@ -196,18 +205,20 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
         return _failed(inp, now, "NotBootable", str(exc), "Composed")
     _annotate(vm, booted, hot)
     boots = _boots(vm)
-    kept = remember_boot(inp.status, boots)
+    kept = remember_boot(inp.status, boots, format_ts(now))
     observed = _observe(inp, now)
     if not known and obs.vm_boots == boots and obs.vmi_boots in (None, boots):
-        return Decision({**observed.status, "composedBoots": kept}, event=observed.event)
-    restart = obs.vmi_boots is not None and obs.vmi_boots not in kept
+        return Decision({**observed.status, **kept}, event=observed.event)
+    restart = obs.vmi_boots is not None and not runs_composition(
+        kept, obs.vmi_boots, obs.vmi_created
+    )
     message = (
         "the VM's kernel, initrd or kernel command line is not what gtvp composed from the "
         "box's verified components (changed outside gtvp): written again"
         + ("; its VMI, booting something else, is restarted onto it" if restart else "")
     )
     return Decision(
-        {**observed.status, "composedBoots": kept},
+        {**observed.status, **kept},
         vm=vm,
         restart=restart,
         event=("Warning", "CompositionRestored", message),
@@ -272,7 +283,7 @@ def _first_placement(
         STARTING,
         conds,
         resolved=resolved,
-        composedBoots=remember_boot(inp.status, _boots(vm)),
+        **remember_boot(inp.status, _boots(vm), format_ts(now)),
         vm={"name": inp.ref.name},
         node=decision.node,
         placement={
@@ -394,7 +405,7 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
         conds,
         resolved=_resolved(comps),
         # an older composition with a component that no longer verifies is not vouched for
-        composedBoots=remember_boot({} if change.revoked else inp.status, _boots(vm)),
+        **remember_boot({} if change.revoked else inp.status, _boots(vm), format_ts(now)),
         vm={"name": inp.ref.name},
         node=node,
         upgrade={"from": change.old_text, "to": change.new_text, "at": format_ts(now)},

@@ -41,6 +41,7 @@ import yaml
 
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES
 from gtvp.core.components import Component
+from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import VM_LEVEL_LABEL, trust_selector
 
 BOX_LABEL = "gtvp.io/lazybox"
@@ -74,29 +75,82 @@ BOOT_FIELDS = ("image", "kernelPath", "initrdPath")
 such as its imagePullPolicy)."""
 COMPOSED_BOOTS_KEPT = 3
 """How many compositions a box's status remembers (`status.composedBoots`, newest first): the
-VM's, and those a running VMI may still boot (a LiveUpdate waits for a restart)."""
+VM's, and those a VMI created before it may still boot (a LiveUpdate waits for a restart)."""
+
+
+def _volume(v: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a volume decides what the guest sees (KubeVirt may default the rest)."""
+    disk = v.get("containerDisk")
+    if isinstance(disk, Mapping):
+        return {"name": v.get("name"), "containerDisk": [disk.get("image"), disk.get("path")]}
+    return dict(v)
 
 
 def composed_boot(vmi_spec: Mapping[str, Any] | None) -> str | None:
-    """SHA-256 (hex) of what a VMI spec (or a VM template's spec) boots: its kernel boot
-    container's image (pinned by digest), kernel and initrd paths, and the kernel command
-    line, which pins every component disk the box init mounts (it refuses a disk whose bytes
-    differ). None when it boots no kernel. A box's VM is editable by whoever may edit VMs in
-    its namespace: what runs is compared with what gtvp composed (`status.composedBoots`),
-    never read from the VM as the truth."""
-    firmware = ((vmi_spec or {}).get("domain") or {}).get("firmware") or {}
+    """SHA-256 (hex) of what a VMI spec (or a VM template's spec) boots and shows its guest:
+    its kernel boot container's image (pinned by digest), kernel and initrd paths and kernel
+    command line (which pins every component disk the box init mounts: it refuses a disk whose
+    bytes differ), its volumes (a container disk by image and path, any other as written: the
+    cloud-init the guest runs, a Secret it could read), its disks' names and serials and its
+    access credentials (SSH keys KubeVirt would put in the guest). None when it boots no
+    kernel. A box's VM is editable by whoever may edit VMs in its namespace: what runs is
+    compared with what gtvp composed (`status.composedBoots`), never read from the VM as
+    the truth."""
+    spec = vmi_spec or {}
+    domain = spec.get("domain") or {}
+    firmware = domain.get("firmware") or {}
     boot = firmware.get("kernelBoot") if isinstance(firmware, Mapping) else None
     if not isinstance(boot, Mapping) or not isinstance(boot.get("container"), Mapping):
         return None
     container = boot["container"]
-    body = [container.get(k) for k in BOOT_FIELDS] + [boot.get("kernelArgs")]
-    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+    disks = (domain.get("devices") or {}).get("disks") or []
+    volumes = [_volume(v) for v in spec.get("volumes") or [] if isinstance(v, Mapping)]
+    body = {
+        "kernel": [*(container.get(k) for k in BOOT_FIELDS), boot.get("kernelArgs")],
+        "volumes": sorted(volumes, key=lambda v: str(v.get("name"))),
+        "disks": sorted(
+            [str(d.get("name")), d.get("serial")] for d in disks if isinstance(d, Mapping)
+        ),
+        "accessCredentials": spec.get("accessCredentials"),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def remember_boot(status: Mapping[str, Any], boot: str | None) -> list[str]:
-    """`status.composedBoots` with `boot` (a composition gtvp just wrote) first."""
-    kept = [b for b in status.get("composedBoots") or () if isinstance(b, str) and b != boot]
-    return ([boot] if boot else []) + kept[: COMPOSED_BOOTS_KEPT - (1 if boot else 0)]
+def remember_boot(status: Mapping[str, Any], boot: str | None, now: str) -> dict[str, Any]:
+    """`status.composedBoots` with `boot` (what a VM gtvp writes now boots) first, and
+    `status.composedAt`: since when the first one is the newest (`now` when it changes)."""
+    known = [b for b in status.get("composedBoots") or () if isinstance(b, str)]
+    if boot is None:
+        return {"composedBoots": known, "composedAt": status.get("composedAt")}
+    same = bool(known) and known[0] == boot
+    kept = [boot, *[b for b in known if b != boot][: COMPOSED_BOOTS_KEPT - 1]]
+    return {"composedBoots": kept, "composedAt": status.get("composedAt") if same else now}
+
+
+def runs_composition(status: Mapping[str, Any], boots: str | None, created: str | None) -> bool:
+    """Whether a VMI (created at `created`, booting `boots`) boots a composition gtvp made for
+    the box whose status is `status`: the newest, or an older one it kept while the VMI was
+    created before the newest was written (a LiveUpdate waiting for a restart). A VMI created
+    since (a restart, a VMI someone else made) must boot the newest: no rollback to an older
+    composition."""
+    known = [b for b in status.get("composedBoots") or () if isinstance(b, str)]
+    if boots is None or boots not in known:
+        return False
+    if boots == known[0]:
+        return True
+    since = parse_ts(status.get("composedAt"))
+    made = parse_ts(created)
+    return since is not None and made is not None and made < since
+
+
+def armed(status: Mapping[str, Any], vm: Mapping[str, Any]) -> dict[str, Any]:
+    """`status` once the VM gtvp composed was armed (its cloud-init moved into a Secret, a
+    vTPM added) before it is written: the newest composition is what the armed VM boots."""
+    known = list(status.get("composedBoots") or ())
+    boots = composed_boot(((vm.get("spec") or {}).get("template") or {}).get("spec"))
+    if not known or boots is None:
+        return dict(status)
+    return {**status, "composedBoots": [boots, *(b for b in known[1:] if b != boots)]}
 
 
 def _disk_name(c: Component) -> str:

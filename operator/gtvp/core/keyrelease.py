@@ -35,7 +35,7 @@ from typing import Any, Final
 from gtvp.core import ear
 from gtvp.core.attestation import references_revoked
 from gtvp.core.boxattest import VERIFIED
-from gtvp.core.compose import composed_boot
+from gtvp.core.compose import composed_boot, runs_composition
 from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
@@ -370,16 +370,17 @@ def _vmi_gated(vmi: Mapping[str, Any] | None, level: int, node: str) -> Verdict 
 def _composed(
     req: Request, box: Mapping[str, Any], vmi: Mapping[str, Any] | None, node: str
 ) -> Verdict | None:
-    """A box's VMI must boot a composition gtvp made for the box: its kernel, initrd and
-    kernel command line (which pins every component disk) as `status.composedBoots` records
-    them. Whoever may edit VMs in the namespace could otherwise boot disks of their own
-    under the box's name and take its Secrets. A gated VM that is not a box has no
+    """A box's VMI must boot a composition gtvp made for the box (`compose.runs_composition`:
+    its kernel, kernel command line, which pins every component disk, volumes and access
+    credentials as `status.composedBoots` records them). Whoever may edit VMs in the
+    namespace could otherwise boot disks of their own under the box's name and take its
+    Secrets. A gated VM that is not a box has no
     composition: its Secrets consent to the VM by name."""
     if req.kind != BOX:
         return None
-    known = (box.get("status") or {}).get("composedBoots") or ()
+    created = ((vmi or {}).get("metadata") or {}).get("creationTimestamp")
     boots = composed_boot((vmi or {}).get("spec"))
-    if boots is not None and boots in known:
+    if runs_composition(box.get("status") or {}, boots, created):
         return None
     return _refuse(
         NOT_COMPOSED,

@@ -33,6 +33,7 @@ from gtvp.core.boxes import (
 from gtvp.core.component_checks import resolvable
 from gtvp.core.components import Component, ComponentError, parse_component
 from gtvp.core.compose import BOOT_ANNOTATION, BOX_LABEL, BoxRef, composed_boot, preferred_node
+from gtvp.core.compose import armed as armed_status
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
 from gtvp.handlers import box_writes
 from gtvp.handlers.box_hosts import hosts, pool_cache
@@ -184,6 +185,7 @@ def observed(rt: Runtime, key: Key) -> Observed:
         vm_boots=composed_boot(tmpl.get("spec")),
         # a VMI that boots no kernel at all is not the composition either ("")
         vmi_boots=(composed_boot(vmi.get("spec")) or "") if vmi is not None else None,
+        vmi_created=((vmi or {}).get("metadata") or {}).get("creationTimestamp"),
     )
 
 
@@ -245,6 +247,8 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
         if armed is None:
             return decision
         decision = armed
+    if decision.vm is not None:  # what the armed VM boots is the composition gtvp vouches for
+        decision = dataclasses.replace(decision, status=armed_status(decision.status, decision.vm))
     if decision.vm is not None and not box_writes.write_vm(rt, key, decision.vm):
         return decision
     if decision.restart:
