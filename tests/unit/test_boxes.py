@@ -398,6 +398,23 @@ def test_missing_dependency_hot_plugged_as_datavolume() -> None:
         curl.digest
     )
     assert d.uses == (curl.object_name,)
+    # under a policy that attests boxes the box init would never measure that disk: the box
+    # is recomposed and restarted instead, every disk pinned and measured
+    d = plan_box(
+        inp(
+            spec=spec,
+            components=[*COMPS, curl],
+            checks=checks,
+            observed=_running(COMPS),
+            attested=True,
+        ),
+        NOW,
+    )
+    assert d.vm is not None
+    assert d.restart
+    assert "dataVolumeTemplates" not in d.vm["spec"]
+    args = d.vm["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]["kernelArgs"]
+    assert curl.pin.removeprefix("sha256:") in args
 
 
 def test_unchanged_box_reports_running_without_writing_vm() -> None:

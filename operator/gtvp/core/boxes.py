@@ -88,6 +88,9 @@ class BoxInput:
     """The checks of the resolved components and of those the VM boots now."""
     hosts: Sequence[Host] = ()
     observed: Observed = Observed()
+    attested: bool = False
+    """The policy attests boxes: a hot-plugged disk, which the box init never measures, would
+    leave the attested composition; missing dependencies are recomposed instead."""
 
 
 STARTING = "the VM is starting"  # a placed box's message until its VMI runs
@@ -345,6 +348,7 @@ def _change(inp: BoxInput, comps: list[Component]) -> _Change:
     fault = not removed and bool(inp.spec.get("requestedComponents"))
     hotplug = (
         fault
+        and not inp.attested
         and inp.spec.get("onMissingDependency") == "HotPlug"
         and all(c.type in ("library", "application") for c in added)
         and obs.vmi_phase == "Running"

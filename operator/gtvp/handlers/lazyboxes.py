@@ -20,6 +20,7 @@ from typing import Any
 
 from gtvp import box_attestation, key_release, kube
 from gtvp.cluster_view import Key, key_of
+from gtvp.core import boxattest as ba
 from gtvp.core.api_resources import LAZY_BOXES
 from gtvp.core.boxes import (
     BOOTED_ANNOTATION,
@@ -189,6 +190,20 @@ def observed(rt: Runtime, key: Key) -> Observed:
     )
 
 
+def _preferred(
+    rt: Runtime, box: Mapping[str, Any], seen: Observed, now: dt.datetime
+) -> frozenset[str]:
+    """The digests whose component names resolution prefers where the choice is free (glibc
+    or musl for libc): for a box not placed yet, what the pool's members cache; for a placed
+    one, what it was composed of (its `status.resolved`, written by gtvp), so that what a
+    member says it caches (its Node's images, which root on it can write) never changes a
+    running box's choice and restarts it."""
+    resolved = ((box.get("status") or {}).get("resolved")) or []
+    if seen.vm_exists and resolved:
+        return frozenset(str(r.get("digest")) for r in resolved if isinstance(r, Mapping))
+    return pool_cache(rt, now)
+
+
 def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
     box = rt.view.boxes[key]
     meta, spec = box.get("metadata") or {}, box.get("spec") or {}
@@ -202,11 +217,13 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
         # placement hosts matter only before the first placement (the costly part)
         "hosts": [] if seen.vm_exists else hosts(rt, now, exclude=key),
         "observed": seen,
+        # a hot-plugged disk is not measured by the box init: recompose instead
+        "attested": ba.attests_boxes(rt.enforced_spec()),
     }
     checks = rt.boxes.checks
     running = {n: checks[n] for n in (*seen.booted, *seen.hotplugged) if n in checks}
     try:
-        comps = resolve_cached(rt, spec, pool_cache(rt, now))
+        comps = resolve_cached(rt, spec, _preferred(rt, box, seen, now))
     except Unresolvable as exc:
         failure = (exc.reason, exc.message)
         return BoxInput(components=None, failure=failure, checks=running, **common)

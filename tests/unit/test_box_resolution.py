@@ -1,0 +1,61 @@
+"""Which components a box resolves to, as the operator's box loop asks (gtvp.handlers.lazyboxes).
+
+Resolution prefers component names the pool's members cache where the choice is free (glibc
+or musl for libc). What a member caches is its Node's `status.images`, which root on that
+member can write: a placed box must not change its choice, and restart, because of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, cast
+
+from gtvp import kube
+from gtvp.core.components import parse_component
+from gtvp.core.compose import BoxRef, compose_vm
+from gtvp.core.resolve import BoxRequest, resolve
+from gtvp.handlers import lazyboxes
+from gtvp.runtime import OperatorSettings, Runtime
+from tests.catalogue import Publisher
+
+PUB = Publisher()
+NOW = dt.datetime(2026, 12, 4, 6, 0, tzinfo=dt.UTC)
+SPEC: dict[str, Any] = {
+    "application": {"name": "nginx"},
+    "dependencies": [{"name": "debian-minimal"}],
+    "level": 2,
+    "resources": {"cpu": "500m", "memory": "512Mi"},
+}
+MUSL = PUB.component("musl", "1.2.5", requires=["rootfs"], provides=["libc"], size=1_000_000)
+
+
+def _runtime(objects: list[dict[str, Any]]) -> Runtime:
+    rt = Runtime(settings=OperatorSettings(policy_name="p"), clients=cast(kube.Clients, None))
+    for obj in objects:
+        rt.view.observe_component(obj, "ADDED")
+    return rt
+
+
+def test_a_members_cache_claim_steers_a_new_box_but_never_a_placed_one() -> None:
+    objects = [*PUB.web_catalogue(), MUSL]
+    catalogue = [parse_component(o) for o in objects]
+    first = resolve(BoxRequest.from_spec(SPEC), catalogue)
+    assert "glibc" in {c.name for c in first}  # by name when nothing is cached
+    rt = _runtime(objects)
+    box = {
+        "metadata": {"name": "web", "namespace": "apps", "uid": "u1", "generation": 1},
+        "spec": SPEC,
+    }
+    rt.view.observe_box(box, "ADDED")
+    # root on a member lists musl among its Node's images
+    rt.boxes.pool_cache = (NOW, frozenset({parse_component(MUSL).digest}))
+    new = lazyboxes.box_input(rt, ("apps", "web"), NOW)
+    assert "musl" in {c.name for c in new.components or ()}  # a new box: the cache counts
+    # the box was placed with glibc: its VM exists and its status says what it resolved to
+    vm = compose_vm(BoxRef("web", "apps", "u1"), SPEC, first, None)
+    vm["metadata"]["annotations"]["gtvp.io/components"] = ",".join(c.object_name for c in first)
+    rt.view.observe_vm(vm, "ADDED")
+    resolved = [{"name": c.name, "version": str(c.version), "digest": c.digest} for c in first]
+    rt.view.observe_box({**box, "status": {"resolved": resolved}}, "MODIFIED")
+    placed = lazyboxes.box_input(rt, ("apps", "web"), NOW)
+    assert {c.name for c in placed.components or ()} == {c.name for c in first}
