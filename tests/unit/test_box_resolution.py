@@ -11,10 +11,11 @@ import datetime as dt
 from typing import Any, cast
 
 from gtvp import kube
+from gtvp.core.component_checks import Check
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BoxRef, compose_vm
 from gtvp.core.resolve import BoxRequest, resolve
-from gtvp.handlers import lazyboxes
+from gtvp.handlers import components, lazyboxes
 from gtvp.runtime import OperatorSettings, Runtime
 from tests.catalogue import Publisher
 
@@ -59,3 +60,20 @@ def test_a_members_cache_claim_steers_a_new_box_but_never_a_placed_one() -> None
     rt.view.observe_box({**box, "status": {"resolved": resolved}}, "MODIFIED")
     placed = lazyboxes.box_input(rt, ("apps", "web"), NOW)
     assert {c.name for c in placed.components or ()} == {c.name for c in first}
+
+
+def test_a_component_created_again_under_its_name_is_not_taken_as_checked() -> None:
+    """An OSComponent deleted and created again (its deletion missed by the watch, a relist)
+    with another spec: the old object's Verified check must not stand for it until it is
+    checked; a status change of the same object keeps its check."""
+    rt = _runtime([])
+    signed = PUB.component("curl", "8.0.0", requires=["libc"])
+    signed["metadata"]["uid"] = "first"
+    assert components.observe(rt, signed, "ADDED") == "curl-8-0-0"
+    rt.boxes.checks["curl-8-0-0"] = Check("Verified", "SignatureValid", "")
+    components.observe(rt, {**signed, "status": {"verification": {}}}, "MODIFIED")
+    assert rt.boxes.checks["curl-8-0-0"].ok
+    other = PUB.component("curl", "8.0.0", requires=["libc"], size=2)
+    other["metadata"]["uid"] = "second"
+    components.observe(rt, other, "MODIFIED")
+    assert "curl-8-0-0" not in rt.boxes.checks

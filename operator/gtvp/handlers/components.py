@@ -40,11 +40,16 @@ log = logging.getLogger("gtvp.lazyboxes")
 def observe(rt: Runtime, body: dict[str, Any], event_type: str) -> str | None:
     """Record a component event (event loop); returns the name to verify, if any."""
     name = str((body.get("metadata") or {}).get("name", ""))
+    before = ((rt.view.components.get(name) or {}).get("metadata") or {}).get("uid")
     rt.boxes.catalogue_version += 1
     rt.touch_boxes()
     if not rt.view.observe_component(body, event_type):
         rt.boxes.checks.pop(name, None)
         return None
+    if before != (body.get("metadata") or {}).get("uid"):
+        # another object under the name (deleted and created again, its deletion missed):
+        # the old one's check says nothing of it; boxes wait until it is checked
+        rt.boxes.checks.pop(name, None)
     return name
 
 
