@@ -98,9 +98,15 @@ def observe_kubevirt(rt: Runtime, body: Mapping[str, Any]) -> None:
 
 
 def _catalogue(rt: Runtime) -> list[Component]:
-    """Every readable component whose verification did not fail (parsed once per change;
-    unreadable ones are never used, nor failed ones: a revoked publisher's, an unsigned one,
-    so a box falls back to a version that verifies and no failed newer one holds it back)."""
+    """Every readable component whose verification did not fail: unreadable ones are never
+    used, nor failed ones (a revoked publisher's, an unsigned one), so a box falls back to a
+    version that verifies and no failed newer one holds it back."""
+    checks = rt.boxes.checks
+    return [c for c in _readable(rt) if resolvable(checks.get(c.object_name))]
+
+
+def _readable(rt: Runtime) -> list[Component]:
+    """Every readable component (parsed once per change)."""
     memory = rt.boxes
     version, cached = memory.catalogue_cache
     if version == memory.catalogue_version:
@@ -116,7 +122,7 @@ def _catalogue(rt: Runtime) -> list[Component]:
                 comp = None  # its status says why
             hit = (rv, comp)
             memory.parsed[name] = hit
-        if hit[1] is not None and resolvable(memory.checks.get(name)):
+        if hit[1] is not None:
             out.append(hit[1])
     out.sort(key=lambda c: c.object_name)
     memory.catalogue_cache = (memory.catalogue_version, out)
@@ -204,6 +210,25 @@ def _preferred(
     return pool_cache(rt, now)
 
 
+def _failed_instead(rt: Runtime, spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why a box that resolves over no verified components would resolve only with a failed
+    one: the component, and its check's reason (None when even those would not do)."""
+    try:
+        comps = resolve(BoxRequest.from_spec(spec), _readable(rt))
+    except Unresolvable:
+        return None
+    checks = rt.boxes.checks
+    for c in comps:
+        check = checks.get(c.object_name)
+        if not resolvable(check) and check is not None:
+            return (
+                "ComponentFailedVerification",
+                f"component {c.label} (OSComponent {c.object_name}) failed verification: "
+                f"{check.reason}: {check.message}; it is never used",
+            )
+    return None
+
+
 def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
     box = rt.view.boxes[key]
     meta, spec = box.get("metadata") or {}, box.get("spec") or {}
@@ -225,7 +250,7 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
     try:
         comps = resolve_cached(rt, spec, _preferred(rt, box, seen, now))
     except Unresolvable as exc:
-        failure = (exc.reason, exc.message)
+        failure = _failed_instead(rt, spec) or (exc.reason, exc.message)
         return BoxInput(components=None, failure=failure, checks=running, **common)
     found = {c.object_name: checks[c.object_name] for c in comps if c.object_name in checks}
     return BoxInput(components=comps, checks={**running, **found}, **common)
