@@ -35,6 +35,7 @@ import yaml
 
 from gtvp.core.component_checks import check_component
 from gtvp.core.component_signing import ComponentSignatureError, sign
+from gtvp.core.policy import PolicyError, PublisherScope, publisher_scopes
 
 
 class InputError(Exception):
@@ -56,8 +57,10 @@ def _read(path: str) -> list[dict[str, Any]]:
     return comps
 
 
-def _keys(args: argparse.Namespace) -> dict[str, str]:
+def _keys(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, PublisherScope]]:
+    """The publisher keys to verify with, and what each may sign (a policy's scopes)."""
     keys: dict[str, str] = {}
+    scopes: dict[str, PublisherScope] = {}
     for item in args.publisher_key or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
@@ -73,11 +76,16 @@ def _keys(args: argparse.Namespace) -> dict[str, str]:
             raise InputError(f"cannot read policy {args.policy}: {exc}") from exc
         for doc in docs:
             if isinstance(doc, dict) and doc.get("kind") == "SecurityPolicy":
-                for pk in (doc.get("spec") or {}).get("publisherKeys") or []:
+                listed = (doc.get("spec") or {}).get("publisherKeys") or []
+                for pk in listed:
                     keys[str(pk.get("name"))] = str(pk.get("publicKey"))
+                try:
+                    scopes.update(publisher_scopes(listed))
+                except PolicyError as exc:
+                    raise InputError(f"policy {args.policy}: {exc}") from exc
     if not keys:
         raise InputError("no publisher keys: give --publisher-key NAME=PATH or --policy FILE")
-    return keys
+    return keys, scopes
 
 
 def run_sign(args: argparse.Namespace) -> int:
@@ -101,13 +109,13 @@ def run_sign(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     try:
         comps = _read(args.manifest)
-        keys = _keys(args)
+        keys, scopes = _keys(args)
     except InputError as exc:
         print(f"gtvp component verify: {exc}", file=sys.stderr)
         return 2
     failed = 0
     for obj in comps:
-        check = check_component(obj, keys)
+        check = check_component(obj, keys, scopes)
         spec = obj.get("spec") or {}
         name = (obj.get("metadata") or {}).get("name")
         what = f"{name} ({spec.get('componentName')} {spec.get('version')})"

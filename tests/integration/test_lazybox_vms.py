@@ -142,3 +142,14 @@ def test_component_sign_and_verify_cli(tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert "nope.yaml" in missing.stderr
+    # a policy that lets acme sign only its kernel: the tool, well signed, is out of its scope
+    out["spec"]["version"] = "1.0.0"
+    signed_path.write_text(yaml.safe_dump(out))
+    policy = tmp_path / "policy.yaml"
+    key_entry = {"name": "acme", "publicKey": PUB.public_pem, "components": ["linux"]}
+    policy.write_text(
+        yaml.safe_dump({"kind": "SecurityPolicy", "spec": {"publisherKeys": [key_entry]}})
+    )
+    scoped = _gtvp("component", "verify", str(signed_path), "--policy", str(policy))
+    assert scoped.returncode == 1
+    assert "OutOfScope: publisher acme may sign only linux" in scoped.stdout

@@ -11,7 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gtvp.core.component_checks import OUT_OF_SCOPE, check_component
 from gtvp.core.component_signing import ComponentSignatureError, canonical_bytes, sign, verify
+from gtvp.core.policy import PolicyError, parse_policy
+from tests.catalogue import Publisher
+from tests.samples import sample_policy_spec
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -137,3 +141,37 @@ def test_canonical_bytes_ignore_order_of_lists() -> None:
     a = _spec() | {"provides": ["x", "y"], "requires": [{"name": "b"}, {"name": "a"}]}
     b = _spec() | {"provides": ["y", "x"], "requires": [{"name": "a"}, {"name": "b"}]}
     assert canonical_bytes(a) == canonical_bytes(b)
+
+
+def test_a_publisher_signs_only_the_components_and_levels_the_policy_lets_it() -> None:
+    """An application team's key (nginx, openssl, up to level 2) is compromised, or the team
+    oversteps: a component it signs under another name, providing libc, or declaring a
+    higher level fails verification (OutOfScope) however good its signature; the same
+    signature verifies under a policy that does not scope the key."""
+    team = Publisher("web-team")
+
+    def policy(**scope: Any) -> Any:
+        spec = sample_policy_spec()
+        spec["publisherKeys"] = [{"name": team.name, "publicKey": team.public_pem, **scope}]
+        return parse_policy("p", spec)
+
+    scoped = policy(components=["nginx", "openssl"], maxLevel=2)
+    nginx = team.component("nginx", "1.26.2", "application", requires=["libc"], level=2)
+    for obj, ok in (
+        (nginx, True),
+        (team.component("openssl", "3.3.2", level=2), True),
+        (team.component("linux", "6.6.52", "kernel", provides=["kernel"], level=1), False),
+        (team.component("openssl", "3.3.3", provides=["libc"], level=2), False),
+        (team.component("nginx", "1.26.3", "application", level=3), False),
+    ):
+        check = check_component(obj, scoped.publisher_keys, scoped.publisher_scopes)
+        assert check.ok == ok, check
+        if not ok:
+            assert check.reason == OUT_OF_SCOPE
+            assert team.name in check.message
+        unscoped = policy()
+        assert check_component(obj, unscoped.publisher_keys, unscoped.publisher_scopes).ok
+    nothing = policy(components=[])
+    assert not check_component(nginx, nothing.publisher_keys, nothing.publisher_scopes).ok
+    with pytest.raises(PolicyError, match=r"publisherKeys\[0\]\.maxLevel"):
+        policy(maxLevel=0)

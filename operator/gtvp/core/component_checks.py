@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gtvp.core.component_signing import ComponentSignatureError, verify
-from gtvp.core.components import ComponentError, parse_component
+from gtvp.core.components import Component, ComponentError, parse_component
+from gtvp.core.policy import PublisherScope
 from gtvp.core.timestamps import format_ts
 
 COMPONENT_VERIFIED_REASON = "SignatureValid"
@@ -50,8 +51,20 @@ def resolvable(check: Check | None) -> bool:
     return check is None or check.ok or check.reason == "NoPolicy"
 
 
-def check_component(obj: Mapping[str, Any], publisher_keys: Mapping[str, str]) -> Check:
-    """Verify one OSComponent object against the trusted publisher keys."""
+OUT_OF_SCOPE = "OutOfScope"
+"""A good signature by a publisher the policy does not let sign that component: its name or
+something it provides is not among the publisher's `components`, or its level is above the
+publisher's `maxLevel` (so an application publisher's key cannot replace every box's kernel
+or libc)."""
+
+
+def check_component(
+    obj: Mapping[str, Any],
+    publisher_keys: Mapping[str, str],
+    scopes: Mapping[str, PublisherScope] | None = None,
+) -> Check:
+    """Verify one OSComponent object against the trusted publisher keys, and what each
+    publisher may sign (`scopes`, by publisher name; none: anything)."""
     try:
         comp = parse_component(obj)
     except ComponentError as exc:
@@ -62,8 +75,31 @@ def check_component(obj: Mapping[str, Any], publisher_keys: Mapping[str, str]) -
         return Check("Failed", exc.reason, exc.message)
     if not comp.image.endswith("@" + comp.digest):
         return Check("Failed", "DigestMismatch", "image is not pinned by spec.digest")
-    publisher = (obj.get("spec") or {}).get("signature", {}).get("publisher", "")
+    publisher = str((obj.get("spec") or {}).get("signature", {}).get("publisher", ""))
+    outside = _out_of_scope(comp, publisher, (scopes or {}).get(publisher))
+    if outside is not None:
+        return Check("Failed", OUT_OF_SCOPE, outside)
     return Check("Verified", COMPONENT_VERIFIED_REASON, f"signed by {publisher}")
+
+
+def _out_of_scope(comp: Component, publisher: str, scope: PublisherScope | None) -> str | None:
+    """Why `publisher` may not sign `comp` (None: it may)."""
+    if scope is None:
+        return None
+    if scope.components is not None:
+        outside = sorted({comp.name, *comp.provides} - scope.components)
+        if outside:
+            allowed = ", ".join(sorted(scope.components)) or "nothing"
+            return (
+                f"publisher {publisher} may sign only {allowed}; this component is or "
+                f"provides {', '.join(outside)}"
+            )
+    if scope.max_level is not None and comp.level > scope.max_level:
+        return (
+            f"publisher {publisher} may sign components up to level {scope.max_level}; "
+            f"this one declares level {comp.level}"
+        )
+    return None
 
 
 def verification_status(check: Check, max_uses: int | None, now: dt.datetime) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from gtvp.core.refvalues import (
 )
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import HASH_BY_NAME, HASH_SIZES
-from gtvp.core.trust import LEVEL_LABEL, PREFIX, TRUSTED_LABEL
+from gtvp.core.trust import LEVEL_LABEL, MAX_LEVEL, PREFIX, TRUSTED_LABEL
 
 
 class PolicyError(ValueError):
@@ -118,6 +118,16 @@ class Balancing:
 
 
 @dataclass(frozen=True)
+class PublisherScope:
+    """What a publisher's key may sign (spec.publisherKeys[].components, .maxLevel): a
+    component whose name or anything it provides is not in `components` (None: any), or whose
+    level is above `max_level` (None: any), fails verification even with a good signature."""
+
+    components: frozenset[str] | None = None
+    max_level: int | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str
     levels: tuple[Level, ...]
@@ -132,6 +142,7 @@ class Policy:
     migration: MigrationLimits
     balancing: Balancing
     allow_shared_ek: bool = False
+    publisher_scopes: Mapping[str, PublisherScope] = field(default_factory=dict)
 
     def level(self, number: int) -> Level | None:
         return next((lv for lv in self.levels if lv.level == number), None)
@@ -294,6 +305,7 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
     ek = _get(spec, "ekTrust", {})
     bundle = _ca_bundle(str(_get(ek, "caBundle", "")))
     keys = _publisher_keys(_get(spec, "publisherKeys", []))
+    scopes = publisher_scopes(_get(spec, "publisherKeys", []))
     transitions = _transitions(_get(spec, "transitions", []), classes)
     return Policy(
         name=name,
@@ -306,6 +318,7 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
         allow_uncertified_with_approval=bool(_get(ek, "allowUncertifiedWithApproval", False)),
         allow_shared_ek=bool(_get(ek, "allowSharedEk", False)),
         publisher_keys=keys,
+        publisher_scopes=scopes,
         transitions=transitions,
         migration=_migration_limits(_get(spec, "migration", {})),
         balancing=_balancing(_get(spec, "balancing", {})),
@@ -567,6 +580,29 @@ def _publisher_keys(raw: Any) -> dict[str, str]:
             str(pk.get("publicKey", "")), f"spec.publisherKeys[{i}].publicKey", pname
         )
     return keys
+
+
+def publisher_scopes(raw: Any) -> dict[str, PublisherScope]:
+    """spec.publisherKeys[].components and .maxLevel, for the publishers that name either."""
+    scopes: dict[str, PublisherScope] = {}
+    for i, pk in enumerate(raw):
+        names, level = pk.get("components"), pk.get("maxLevel")
+        if names is None and level is None:
+            continue
+        if level is not None and (not isinstance(level, int) or not 1 <= level <= MAX_LEVEL):
+            raise PolicyError(
+                f"spec.publisherKeys[{i}].maxLevel", f"must be 1 to {MAX_LEVEL}, not {level!r}"
+            )
+        if names is not None and (
+            not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+        ):
+            raise PolicyError(
+                f"spec.publisherKeys[{i}].components", "must be a list of component names"
+            )
+        scopes[str(pk.get("name", ""))] = PublisherScope(
+            None if names is None else frozenset(names), level
+        )
+    return scopes
 
 
 def _transitions(raw: Any, classes: Mapping[str, MemberClass]) -> tuple[Transition, ...]:

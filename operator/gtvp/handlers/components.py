@@ -74,7 +74,7 @@ def _check(rt: Runtime, body: dict[str, Any]) -> Check:
     policy = rt.view.policy
     if policy is None:
         return Check("Failed", "NoPolicy", "no usable SecurityPolicy names publisher keys")
-    return check_component(body, policy.publisher_keys)
+    return check_component(body, policy.publisher_keys, policy.publisher_scopes)
 
 
 WRITE_ATTEMPTS = 5
