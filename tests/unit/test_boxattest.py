@@ -361,3 +361,16 @@ def test_the_clock_starts_at_the_first_running_and_no_later_phase_stops_it() -> 
     assert late is not None
     assert act
     assert late["state"] == ba.OVERDUE
+
+
+def test_a_box_verified_where_it_was_is_pending_once_it_runs_elsewhere() -> None:
+    """After a migration (or a restart) the box's attestation no longer says Verified, as
+    `kubectl get lazybox` shows it, until a quote where it runs now is verified."""
+    done = {"state": ba.VERIFIED, "member": WHERE.member, "vmiUID": WHERE.vmi_uid}
+    deadline = dt.timedelta(minutes=2)
+    assert ba.overdue_step(done, WHERE, NOW, deadline) == (None, False)  # still there
+    for where in (ba.Where("member-b", WHERE.vmi_uid), ba.Where(WHERE.member, "uid-2")):
+        new, act = ba.overdue_step(done, where, NOW, deadline)
+        assert new is not None
+        assert (new["state"], act) == (ba.PENDING, False)
+        assert (new["wanted"]["member"], new["wanted"]["vmiUID"]) == (where.member, where.vmi_uid)

@@ -781,8 +781,10 @@ def overdue_step(
         if not running:
             return None, False  # not booted yet (pulling, starting): the clock waits
         fresh = {"member": where.member, "vmiUID": where.vmi_uid, "since": format_ts(now)}
-        # an Overdue on the member it left is no longer this member's state: Pending here
-        pending = {"state": PENDING} if att.get("state") == OVERDUE else {}
+        # an Overdue or a Verified on the member it left (or for the VMI before a restart)
+        # is no longer this one's state: Pending here, until a quote here is verified (what
+        # `kubectl get lazybox` shows; key release already asks for this member and VMI)
+        pending = {"state": PENDING} if att.get("state") in (OVERDUE, VERIFIED) else {}
         return {**att, "wanted": fresh, **pending}, False
     if now - since < deadline or (
         att.get("state") == OVERDUE
