@@ -369,8 +369,9 @@ class Endpoint:
         their own pins, on the line the measurements are compared with."""
         vmi = self.rt.view.vmis.get((req.namespace, req.box))
         spec: Any = (vmi or {}).get("spec") or {}
-        boots = compose.composed_boot(spec)
-        created = ((vmi or {}).get("metadata") or {}).get("creationTimestamp")
+        meta = (vmi or {}).get("metadata") or {}
+        boots = compose.composed_boot(spec, meta.get("annotations"))
+        created = meta.get("creationTimestamp")
         if not compose.runs_composition(box.get("status") or {}, boots, created):
             raise ba.Refused(
                 ba.NOT_COMPOSED,

@@ -77,3 +77,8 @@ def test_a_component_created_again_under_its_name_is_not_taken_as_checked() -> N
     other["metadata"]["uid"] = "second"
     components.observe(rt, other, "MODIFIED")
     assert "curl-8-0-0" not in rt.boxes.checks
+    # a check of the first object, finished in its thread after the second arrived, is not
+    # kept for the second
+    stale = Check("Verified", "SignatureValid", "")
+    assert not components._set_check(rt, "curl-8-0-0", stale, signed)
+    assert "curl-8-0-0" not in rt.boxes.checks

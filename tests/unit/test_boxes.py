@@ -14,10 +14,18 @@ from hypothesis import strategies as st
 from gtvp.core.boxes import BoxInput, Observed, plan_box, unschedulable
 from gtvp.core.component_checks import Check, check_component, spend_use
 from gtvp.core.components import Component, parse_component
-from gtvp.core.compose import BoxRef, compose_vm, composed_boot, preferred_node
+from gtvp.core.compose import (
+    BoxRef,
+    compose_vm,
+    composed_boot,
+    preferred_node,
+    template_boots,
+    with_cloud_init_secret,
+)
 from gtvp.core.placement import Host, place
 from gtvp.core.resolve import BoxRequest, resolve
 from gtvp.core.trust import trust_selector
+from gtvp.handlers.lazyboxes import recorded
 from tests.catalogue import Publisher
 
 PUB = Publisher()
@@ -104,6 +112,11 @@ def test_what_a_composition_boots_ignores_what_kubevirt_defaults_and_nothing_els
         changes.append(composed_boot(changed))
     assert ours not in changes
     assert len(set(changes)) == len(changes)
+    # a hook sidecar (KubeVirt's Sidecar feature gate) rewrites the domain it boots
+    vm = compose_vm(REF, SPEC, COMPS, "node-2")
+    hooked = copy.deepcopy(vm)
+    hooked["spec"]["template"]["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"] = "[]"
+    assert template_boots(hooked) != template_boots(vm) == ours
 
 
 def test_the_applications_ports_are_forwarded_by_the_pod_network_interface() -> None:
@@ -224,51 +237,59 @@ def test_a_placed_box_is_not_written_again_when_its_vm_appears() -> None:
     write per placement, not two)."""
     first = plan_box(inp(), NOW)
     assert first.vm is not None
+    status = recorded(first, NOW)  # as the box loop writes it with the VM
     written = Observed(
         vm_exists=True,
         booted=tuple(c.object_name for c in COMPS),
         vm_node="node-2",
-        vm_boots=boots(COMPS),
+        vm_boots=template_boots(first.vm),
     )
-    again = plan_box(inp(status=first.status, observed=written), NOW + dt.timedelta(seconds=1))
+    again = plan_box(inp(status=status, observed=written), NOW + dt.timedelta(seconds=1))
     assert again.vm is None
     assert again.event is None
-    assert again.status == first.status
+    assert again.status == status
 
 
 def test_a_box_vm_changed_outside_gtvp_is_written_again_and_its_vmi_restarted() -> None:
     """Whoever may edit VMs in the namespace pins a disk of their own on the box VM's kernel
     command line and restarts its VMI: gtvp writes the composition back and restarts the
     VMI onto it. A VMI still booting what gtvp composed is left alone (the VM alone is
-    written back); one booting an older composition gtvp made (LiveUpdate) too."""
+    written back); one booting an older composition gtvp made (LiveUpdate) too, if it was
+    created before the newest was written."""
     placed = plan_box(inp(), NOW)
     assert placed.vm is not None
-    ours = placed.status["composedBoots"]
+    status = recorded(placed, NOW)
+    ours = status["composedBoots"]
     assert ours == [boots(COMPS)]
+    assert status["composedAt"] == "2026-11-29T12:00:00Z"
     running = replace(_running(COMPS), vm_boots="theirs", vmi_boots="theirs")
-    d = plan_box(inp(status=placed.status, observed=running), NOW)
+    d = plan_box(inp(status=status, observed=running), NOW)
     assert d.vm is not None
     assert d.restart
-    assert composed_boot(d.vm["spec"]["template"]["spec"]) == ours[0]
+    assert template_boots(d.vm) == ours[0]
     assert d.event is not None
     assert d.event[:2] == ("Warning", "CompositionRestored")
-    assert d.status["composedBoots"] == ours
+    assert recorded(d, NOW)["composedBoots"] == ours  # the same composition, written again
     # a VMI that boots no kernel at all under the box's name: the same
-    d = plan_box(inp(status=placed.status, observed=replace(running, vmi_boots="")), NOW)
+    d = plan_box(inp(status=status, observed=replace(running, vmi_boots="")), NOW)
     assert d.vm is not None
     assert d.restart
     # the VM edited, its VMI not restarted yet: the VM written back, the VMI kept
-    d = plan_box(inp(status=placed.status, observed=replace(running, vmi_boots=ours[0])), NOW)
+    d = plan_box(inp(status=status, observed=replace(running, vmi_boots=ours[0])), NOW)
     assert d.vm is not None
     assert not d.restart
+    # the VM is gtvp's, its VMI not: only the VMI restarts (no VM write, no new credential),
+    # said once while it goes
+    only_vmi = replace(running, vm_boots=ours[0])
+    d = plan_box(inp(status=status, observed=only_vmi), NOW)
+    assert (d.vm, d.restart) == (None, True)
+    assert d.event is not None
+    again = plan_box(inp(status=d.status, observed=only_vmi), NOW)
+    assert (again.vm, again.restart, again.event) == (None, True, None)
     # nothing changed; or the VMI boots an older composition gtvp made
     same = replace(running, vm_boots=ours[0], vmi_boots="older", vmi_created="2026-11-29T11:00:00Z")
-    assert (
-        plan_box(inp(status=placed.status, observed=replace(same, vmi_boots=ours[0])), NOW).vm
-        is None
-    )
-    assert placed.status["composedAt"] == "2026-11-29T12:00:00Z"
-    with_older = {**placed.status, "composedBoots": [*ours, "older"]}
+    assert plan_box(inp(status=status, observed=replace(same, vmi_boots=ours[0])), NOW).vm is None
+    with_older = {**status, "composedBoots": [*ours, "older"]}
     d = plan_box(inp(status=with_older, observed=same), NOW)
     assert d.vm is None
     assert not d.restart
@@ -280,10 +301,18 @@ def test_a_box_vm_changed_outside_gtvp_is_written_again_and_its_vmi_restarted() 
 
 
 def test_a_box_placed_by_an_older_gtvp_records_its_composition_without_a_restart() -> None:
-    """A status from before gtvp recorded its compositions: the one resolved now is recorded
-    when the VM boots exactly it; nothing is written to the VM or restarted."""
+    """A status from before gtvp recorded its compositions: what the VM boots is recorded
+    when it is the composition resolved now, as gtvp writes it (its cloud-init inline, or
+    in the box's Secret once armed for key release or attestation); nothing is written to
+    the VM or restarted."""
     d = plan_box(inp(status={"phase": "Running"}, observed=_running(COMPS)), NOW)
     assert (d.vm, d.restart, d.status["composedBoots"]) == (None, False, [boots(COMPS)])
+    vm = compose_vm(REF, SPEC, COMPS, "node-2")
+    armed_vm = with_cloud_init_secret(vm, "web-gtvp-cloudinit")[0]
+    armed = template_boots(armed_vm)
+    obs = replace(_running(COMPS), vm_boots=armed, vmi_boots=armed)
+    d = plan_box(inp(status={"phase": "Running"}, observed=obs), NOW)
+    assert (d.vm, d.restart, d.status["composedBoots"]) == (None, False, [armed])
 
 
 def test_waits_pending_without_a_qualified_member() -> None:
@@ -364,7 +393,8 @@ def test_a_running_component_that_no_longer_verifies_is_replaced_whatever_the_po
     )
     assert d.vm is not None
     assert d.restart
-    assert d.status["composedBoots"] == [boots(old)]
+    assert d.forget_boots
+    assert recorded(d, NOW)["composedBoots"] == [boots(old)]
     # the same box with nothing left to fall back on: still running, nothing vouched for
     d = plan_box(
         inp(spec=spec, components=None, checks=revoked, observed=_running(COMPS), status=status),

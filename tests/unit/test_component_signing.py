@@ -161,6 +161,8 @@ def test_a_publisher_signs_only_the_components_and_levels_the_policy_lets_it() -
         (nginx, True),
         (team.component("openssl", "3.3.2", level=2), True),
         (team.component("linux", "6.6.52", "kernel", provides=["kernel"], level=1), False),
+        # a kernel under an allowed name: the box's kernel slot is not the team's to fill
+        (team.component("openssl", "9.9.9", "kernel", level=1), False),
         (team.component("openssl", "3.3.3", provides=["libc"], level=2), False),
         (team.component("nginx", "1.26.3", "application", level=3), False),
     ):

@@ -30,12 +30,14 @@ from gtvp.core.compose import (
     BoxRef,
     CompositionError,
     compose_vm,
-    composed_boot,
     remember_boot,
     runs_composition,
+    template_boots,
+    with_cloud_init_secret,
 )
 from gtvp.core.conditions import merge_conditions
 from gtvp.core.footprint import box_asks
+from gtvp.core.keyrelease import cloud_init_secret
 from gtvp.core.placement import Host, Placement, place
 from gtvp.core.quantity import cpu_millis, memory_bytes
 from gtvp.core.resolve import describe
@@ -74,6 +76,10 @@ class Decision:
     uses: tuple[str, ...] = ()  # components whose use to spend (their object names)
     event: tuple[str, str, str] | None = None  # type, reason, message
     placement: Placement | None = None
+    forget_boots: bool = False
+    """The VM written replaces every composition gtvp vouched for (`status.composedBoots`):
+    a component they boot no longer verifies. The shell records what the VM it writes boots
+    once armed (`compose.remember_boot`)."""
 
 
 @dataclass(frozen=True)
@@ -189,16 +195,25 @@ def _revoked(inp: BoxInput) -> list[str]:
 
 def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:
     """None while the box's VM boots the composition gtvp last wrote and its VMI one gtvp
-    composed (`status.composedBoots`). Else someone who may edit VMs in the namespace changed
-    the VM's kernel, initrd or kernel command line (or started a VMI of the box's name that
-    boots something else): the VM is written again from the composition, and a VMI booting
+    composed (`status.composedBoots`, `compose.runs_composition`). Else someone who may edit
+    VMs in the namespace changed the VM (its kernel, command line, volumes, access
+    credentials), or started a VMI of the box's name that boots something else: the VM is
+    written again from the composition (the shell arms and records it), and a VMI booting
     what gtvp did not compose is restarted onto it. A status from before gtvp recorded its
-    compositions takes the one resolved now, when the VM boots exactly that."""
+    compositions takes what the VM boots when that is the one resolved now (as gtvp writes
+    it, armed or not)."""
     obs = inp.observed
     known = [b for b in inp.status.get("composedBoots") or () if isinstance(b, str)]
     vmi_ok = obs.vmi_boots is None or runs_composition(inp.status, obs.vmi_boots, obs.vmi_created)
     if known and obs.vm_boots == known[0] and vmi_ok:
         return None
+    observed = _observe(inp, now)
+    if known and obs.vm_boots == known[0]:
+        # the VM is gtvp's; its VMI is not: restart it (no VM write, no new credential)
+        message = "its VMI boots what gtvp did not compose for the box: restarted onto it"
+        said = inp.status.get("message") == message
+        event = None if said else ("Warning", "CompositionRestored", message)
+        return Decision({**observed.status, "message": message}, restart=True, event=event)
     booted_set = set(obs.booted)
     booted = [c for c in comps if c.object_name in booted_set] or comps
     hot = [c for c in comps if c not in booted]
@@ -207,24 +222,21 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     except CompositionError as exc:
         return _failed(inp, now, "NotBootable", str(exc), "Composed")
     _annotate(vm, booted, hot)
-    boots = _boots(vm)
-    kept = remember_boot(inp.status, boots, format_ts(now))
-    observed = _observe(inp, now)
-    if not known and obs.vm_boots == boots and obs.vmi_boots in (None, boots):
-        return Decision({**observed.status, **kept}, event=observed.event)
-    restart = obs.vmi_boots is not None and not runs_composition(
-        kept, obs.vmi_boots, obs.vmi_created
-    )
+    if known:
+        restart = obs.vmi_boots is not None and not vmi_ok
+    else:
+        ours = (_boots(vm), _boots(with_cloud_init_secret(vm, cloud_init_secret(inp.ref.name))[0]))
+        if obs.vm_boots in ours and obs.vmi_boots in (None, obs.vm_boots):
+            recorded = remember_boot(inp.status, obs.vm_boots, format_ts(now))
+            return Decision({**observed.status, **recorded}, event=observed.event)
+        restart = obs.vmi_boots is not None and obs.vmi_boots not in ours
     message = (
-        "the VM's kernel, initrd or kernel command line is not what gtvp composed from the "
-        "box's verified components (changed outside gtvp): written again"
+        "the VM is not what gtvp composed from the box's verified components (changed "
+        "outside gtvp): written again"
         + ("; its VMI, booting something else, is restarted onto it" if restart else "")
     )
     return Decision(
-        {**observed.status, **kept},
-        vm=vm,
-        restart=restart,
-        event=("Warning", "CompositionRestored", message),
+        observed.status, vm=vm, restart=restart, event=("Warning", "CompositionRestored", message)
     )
 
 
@@ -286,7 +298,6 @@ def _first_placement(
         STARTING,
         conds,
         resolved=resolved,
-        **remember_boot(inp.status, _boots(vm), format_ts(now)),
         vm={"name": inp.ref.name},
         node=decision.node,
         placement={
@@ -306,7 +317,7 @@ def _first_placement(
 
 
 def _boots(vm: Mapping[str, Any]) -> str | None:
-    return composed_boot(((vm.get("spec") or {}).get("template") or {}).get("spec"))
+    return template_boots(vm)
 
 
 def _annotate(vm: dict[str, Any], booted: Sequence[Component], hot: Sequence[Component]) -> None:
@@ -408,8 +419,6 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
         f"upgrade {summary}",
         conds,
         resolved=_resolved(comps),
-        # an older composition with a component that no longer verifies is not vouched for
-        **remember_boot({} if change.revoked else inp.status, _boots(vm), format_ts(now)),
         vm={"name": inp.ref.name},
         node=node,
         upgrade={"from": change.old_text, "to": change.new_text, "at": format_ts(now)},
@@ -420,6 +429,8 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
         restart=change.restart,
         uses=tuple(c.object_name for c in change.added),
         event=("Normal", "Upgrading", summary),
+        # an older composition with a component that no longer verifies is not vouched for
+        forget_boots=change.revoked,
     )
 
 

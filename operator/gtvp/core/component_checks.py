@@ -87,7 +87,9 @@ def _out_of_scope(comp: Component, publisher: str, scope: PublisherScope | None)
     if scope is None:
         return None
     if scope.components is not None:
-        outside = sorted({comp.name, *comp.provides} - scope.components)
+        # a kernel or a rootfs fills the box's one slot of its type, whatever it provides
+        slot = {comp.type} if comp.type in ("kernel", "rootfs") else set()
+        outside = sorted({comp.name, *comp.provides, *slot} - scope.components)
         if outside:
             allowed = ", ".join(sorted(scope.components)) or "nothing"
             return (

@@ -86,7 +86,14 @@ def _volume(v: Mapping[str, Any]) -> dict[str, Any]:
     return dict(v)
 
 
-def composed_boot(vmi_spec: Mapping[str, Any] | None) -> str | None:
+HOOKS_PREFIX = "hooks.kubevirt.io/"
+"""KubeVirt's hook sidecars (`hooks.kubevirt.io/hookSidecars`, with its Sidecar feature gate)
+rewrite the libvirt domain: kernel, command line, disks. Part of what a VMI boots."""
+
+
+def composed_boot(
+    vmi_spec: Mapping[str, Any] | None, annotations: Mapping[str, Any] | None = None
+) -> str | None:
     """SHA-256 (hex) of what a VMI spec (or a VM template's spec) boots and shows its guest:
     its kernel boot container's image (pinned by digest), kernel and initrd paths and kernel
     command line (which pins every component disk the box init mounts: it refuses a disk whose
@@ -112,6 +119,11 @@ def composed_boot(vmi_spec: Mapping[str, Any] | None) -> str | None:
             [str(d.get("name")), d.get("serial")] for d in disks if isinstance(d, Mapping)
         ),
         "accessCredentials": spec.get("accessCredentials"),
+        "hooks": sorted(
+            [str(k), str(v)]
+            for k, v in (annotations or {}).items()
+            if str(k).startswith(HOOKS_PREFIX)
+        ),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -143,14 +155,10 @@ def runs_composition(status: Mapping[str, Any], boots: str | None, created: str 
     return since is not None and made is not None and made < since
 
 
-def armed(status: Mapping[str, Any], vm: Mapping[str, Any]) -> dict[str, Any]:
-    """`status` once the VM gtvp composed was armed (its cloud-init moved into a Secret, a
-    vTPM added) before it is written: the newest composition is what the armed VM boots."""
-    known = list(status.get("composedBoots") or ())
-    boots = composed_boot(((vm.get("spec") or {}).get("template") or {}).get("spec"))
-    if not known or boots is None:
-        return dict(status)
-    return {**status, "composedBoots": [boots, *(b for b in known[1:] if b != boots)]}
+def template_boots(vm: Mapping[str, Any]) -> str | None:
+    """`composed_boot` of a VirtualMachine's template (what its VMIs will boot)."""
+    tmpl = (vm.get("spec") or {}).get("template") or {}
+    return composed_boot(tmpl.get("spec"), (tmpl.get("metadata") or {}).get("annotations"))
 
 
 def _disk_name(c: Component) -> str:

@@ -378,8 +378,9 @@ def _composed(
     composition: its Secrets consent to the VM by name."""
     if req.kind != BOX:
         return None
-    created = ((vmi or {}).get("metadata") or {}).get("creationTimestamp")
-    boots = composed_boot((vmi or {}).get("spec"))
+    meta = (vmi or {}).get("metadata") or {}
+    boots = composed_boot((vmi or {}).get("spec"), meta.get("annotations"))
+    created = meta.get("creationTimestamp")
     if runs_composition(box.get("status") or {}, boots, created):
         return None
     return _refuse(

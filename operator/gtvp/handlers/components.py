@@ -40,28 +40,37 @@ log = logging.getLogger("gtvp.lazyboxes")
 def observe(rt: Runtime, body: dict[str, Any], event_type: str) -> str | None:
     """Record a component event (event loop); returns the name to verify, if any."""
     name = str((body.get("metadata") or {}).get("name", ""))
-    before = ((rt.view.components.get(name) or {}).get("metadata") or {}).get("uid")
+    before = _uid(rt.view.components.get(name))
     rt.boxes.catalogue_version += 1
     rt.touch_boxes()
     if not rt.view.observe_component(body, event_type):
         rt.boxes.checks.pop(name, None)
         return None
-    if before != (body.get("metadata") or {}).get("uid"):
+    if before != _uid(body):
         # another object under the name (deleted and created again, its deletion missed):
         # the old one's check says nothing of it; boxes wait until it is checked
         rt.boxes.checks.pop(name, None)
     return name
 
 
-def _set_check(rt: Runtime, name: str, check: Check) -> None:
-    """Keep `check` as `name`'s outcome. A component whose check fails (a publisher key
-    revoked, a signature that does not verify) leaves the catalogue boxes are resolved
-    over, and one that verifies again returns to it: the boxes are resolved again."""
+def _set_check(rt: Runtime, name: str, check: Check, body: dict[str, Any] | None = None) -> bool:
+    """Keep `check` as `name`'s outcome, if it was made on the object the view holds under
+    that name (`body`'s uid; False: another object came since, made while this one was
+    checked in a thread). A component whose check fails (a publisher key revoked, a
+    signature that does not verify) leaves the catalogue boxes are resolved over, and one
+    that verifies again returns to it: the boxes are resolved again."""
+    if body is not None and _uid(rt.view.components.get(name)) != _uid(body):
+        return False
     before = rt.boxes.checks.get(name)
     rt.boxes.checks[name] = check
     if before is None or resolvable(before) != resolvable(check):
         rt.boxes.catalogue_version += 1
         rt.touch_boxes()
+    return True
+
+
+def _uid(body: dict[str, Any] | None) -> object:
+    return ((body or {}).get("metadata") or {}).get("uid")
 
 
 def verify_all(rt: Runtime) -> None:
@@ -89,7 +98,8 @@ def verify_component(rt: Runtime, name: str, *, force_write: bool = False) -> Ch
         if body is None:
             return _deleted(rt, name)
         check = _check(rt, body)
-        _set_check(rt, name, check)
+        if not _set_check(rt, name, check, body):
+            continue  # another object under the name since: check that one
         if check.reason == "NoPolicy":  # the policy is not loaded yet (or gone): no status flaps
             return check
         METRICS.components.labels("verified" if check.ok else "failed", check.reason).inc()

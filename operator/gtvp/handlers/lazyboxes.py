@@ -33,9 +33,17 @@ from gtvp.core.boxes import (
 )
 from gtvp.core.component_checks import resolvable
 from gtvp.core.components import Component, ComponentError, parse_component
-from gtvp.core.compose import BOOT_ANNOTATION, BOX_LABEL, BoxRef, composed_boot, preferred_node
-from gtvp.core.compose import armed as armed_status
+from gtvp.core.compose import (
+    BOOT_ANNOTATION,
+    BOX_LABEL,
+    BoxRef,
+    composed_boot,
+    preferred_node,
+    remember_boot,
+    template_boots,
+)
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
+from gtvp.core.timestamps import format_ts
 from gtvp.handlers import box_writes
 from gtvp.handlers.box_hosts import hosts, pool_cache
 from gtvp.handlers.components import spend
@@ -189,9 +197,11 @@ def observed(rt: Runtime, key: Key) -> Observed:
         migrating=_migrating(rt, key),
         vm_boot=((tmpl.get("metadata") or {}).get("annotations") or {}).get(BOOT_ANNOTATION),
         vmi_boot=vmi_annotations.get(BOOT_ANNOTATION) if vmi else None,
-        vm_boots=composed_boot(tmpl.get("spec")),
+        vm_boots=template_boots(vm),
         # a VMI that boots no kernel at all is not the composition either ("")
-        vmi_boots=(composed_boot(vmi.get("spec")) or "") if vmi is not None else None,
+        vmi_boots=(
+            (composed_boot(vmi.get("spec"), vmi_annotations) or "") if vmi is not None else None
+        ),
         vmi_created=((vmi or {}).get("metadata") or {}).get("creationTimestamp"),
     )
 
@@ -290,7 +300,8 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             return decision
         decision = armed
     if decision.vm is not None:  # what the armed VM boots is the composition gtvp vouches for
-        decision = dataclasses.replace(decision, status=armed_status(decision.status, decision.vm))
+        now = dt.datetime.now(dt.UTC)
+        decision = dataclasses.replace(decision, status=recorded(decision, now))
     if decision.vm is not None and not box_writes.write_vm(rt, key, decision.vm):
         return decision
     if decision.restart:
@@ -317,6 +328,14 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             message=message,
         )
     return decision
+
+
+def recorded(decision: Decision, now: dt.datetime) -> dict[str, Any]:
+    """The status to write with the VM about to be written (armed): what it boots first in
+    `status.composedBoots` (alone when it replaces them all: `forget_boots`)."""
+    status = decision.status
+    base = {} if decision.forget_boots else status
+    return {**status, **remember_boot(base, template_boots(decision.vm or {}), format_ts(now))}
 
 
 def _attested(
