@@ -311,8 +311,54 @@ def test_a_box_placed_by_an_older_gtvp_records_its_composition_without_a_restart
     armed_vm = with_cloud_init_secret(vm, "web-gtvp-cloudinit")[0]
     armed = template_boots(armed_vm)
     obs = replace(_running(COMPS), vm_boots=armed, vmi_boots=armed)
-    d = plan_box(inp(status={"phase": "Running"}, observed=obs), NOW)
+    d = plan_box(inp(status={"phase": "Running"}, observed=obs, armed=True), NOW)
     assert (d.vm, d.restart, d.status["composedBoots"]) == (None, False, [armed])
+    # a box gtvp never arms (no Secrets, no attestation) moved onto cloud-init from a Secret
+    # someone else wrote is not gtvp's composition: written back, its VMI restarted
+    d = plan_box(inp(status={"phase": "Running"}, observed=obs), NOW)
+    assert d.vm is not None
+    assert d.restart
+    assert template_boots(d.vm) == boots(COMPS)
+
+
+def test_a_vm_gtvp_wrote_whose_record_was_lost_is_recorded_not_restored() -> None:
+    """The box loop wrote the VM of an upgrade but its status write failed: the next pass
+    finds the VM booting what gtvp composes now under an older record. It is recorded
+    (older compositions forgotten: the lost write may have been one that replaced a revoked
+    one), without writing the VM (and its credential) again; only a VMI that does not boot
+    it is restarted."""
+    ours = boots(COMPS)
+    stale = {
+        "phase": "Running",
+        "node": "node-2",
+        "composedBoots": ["before-the-upgrade"],
+        "composedAt": "2026-11-29T10:00:00Z",
+    }
+    fresh = replace(_running(COMPS), vm_boots=ours, vmi_boots=ours)
+    d = plan_box(inp(status=stale, observed=fresh), NOW)
+    assert (d.vm, d.restart, d.event) == (None, False, None)
+    assert (d.status["composedBoots"], d.status["composedAt"]) == ([ours], "2026-11-29T12:00:00Z")
+    old_vmi = replace(fresh, vmi_boots="before-the-upgrade", vmi_created="2026-11-29T11:00:00Z")
+    d = plan_box(inp(status=stale, observed=old_vmi), NOW)
+    assert (d.vm, d.restart) == (None, True)
+
+
+def test_a_restored_vm_takes_no_hot_plug_layout_from_its_own_annotations() -> None:
+    """Someone edits an armed box's VM, and its `gtvp.io/hotplugged` annotation to claim
+    the application hot-plugged (never on the pinned kernel command line): gtvp writes back
+    the layout it would write itself, every component pinned."""
+    app = next(c for c in COMPS if c.type == "application")
+    claimed = replace(
+        _running(COMPS),
+        booted=tuple(c.object_name for c in COMPS if c is not app),
+        hotplugged=(app.object_name,),
+        vm_boots="theirs",
+    )
+    d = plan_box(inp(status={"composedBoots": ["x"]}, observed=claimed, armed=True), NOW)
+    assert d.vm is not None
+    assert "dataVolumeTemplates" not in d.vm["spec"]
+    args = d.vm["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]["kernelArgs"]
+    assert app.pin.removeprefix("sha256:") in args
 
 
 def test_waits_pending_without_a_qualified_member() -> None:
@@ -436,7 +482,7 @@ def test_missing_dependency_hot_plugged_as_datavolume() -> None:
             components=[*COMPS, curl],
             checks=checks,
             observed=_running(COMPS),
-            attested=True,
+            armed=True,
         ),
         NOW,
     )

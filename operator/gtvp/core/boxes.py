@@ -94,9 +94,11 @@ class BoxInput:
     """The checks of the resolved components and of those the VM boots now."""
     hosts: Sequence[Host] = ()
     observed: Observed = Observed()
-    attested: bool = False
-    """The policy attests boxes: a hot-plugged disk, which the box init never measures, would
-    leave the attested composition; missing dependencies are recomposed instead."""
+    armed: bool = False
+    """The box's VM is armed before it is written (its cloud-init moved into the box's
+    Secret): the box names Secrets, or the policy attests boxes. Such a box gets no
+    hot-plugged disk, which the box init neither checks nor measures (and whose source
+    `composedBoots` does not cover): missing dependencies are recomposed instead."""
 
 
 STARTING = "the VM is starting"  # a placed box's message until its VMI runs
@@ -199,9 +201,10 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     VMs in the namespace changed the VM (its kernel, command line, volumes, access
     credentials), or started a VMI of the box's name that boots something else: the VM is
     written again from the composition (the shell arms and records it), and a VMI booting
-    what gtvp did not compose is restarted onto it. A status from before gtvp recorded its
-    compositions takes what the VM boots when that is the one resolved now (as gtvp writes
-    it, armed or not)."""
+    what gtvp did not compose is restarted onto it. A VM that boots exactly what gtvp
+    composes now (as it writes it: armed when the box is) while the record says otherwise
+    is gtvp's own write whose record was lost (a status write that failed), or one recorded
+    by an older gtvp: it is recorded anew, older compositions forgotten."""
     obs = inp.observed
     known = [b for b in inp.status.get("composedBoots") or () if isinstance(b, str)]
     vmi_ok = obs.vmi_boots is None or runs_composition(inp.status, obs.vmi_boots, obs.vmi_created)
@@ -214,22 +217,28 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
         said = inp.status.get("message") == message
         event = None if said else ("Warning", "CompositionRestored", message)
         return Decision({**observed.status, "message": message}, restart=True, event=event)
+    # the layout gtvp itself would write: hot-plugged components only where the box may have
+    # them (never taken from the VM's annotations alone, which its editor can change)
     booted_set = set(obs.booted)
     booted = [c for c in comps if c.object_name in booted_set] or comps
+    if inp.armed or inp.spec.get("onMissingDependency") != "HotPlug":
+        booted = comps
     hot = [c for c in comps if c not in booted]
     try:
         vm = compose_vm(inp.ref, inp.spec, booted, obs.vmi_node or obs.vm_node, hotplugged=hot)
     except CompositionError as exc:
         return _failed(inp, now, "NotBootable", str(exc), "Composed")
     _annotate(vm, booted, hot)
-    if known:
-        restart = obs.vmi_boots is not None and not vmi_ok
-    else:
-        ours = (_boots(vm), _boots(with_cloud_init_secret(vm, cloud_init_secret(inp.ref.name))[0]))
-        if obs.vm_boots in ours and obs.vmi_boots in (None, obs.vm_boots):
-            recorded = remember_boot(inp.status, obs.vm_boots, format_ts(now))
-            return Decision({**observed.status, **recorded}, event=observed.event)
-        restart = obs.vmi_boots is not None and obs.vmi_boots not in ours
+    ours = _boots(vm)
+    if inp.armed:
+        ours = _boots(with_cloud_init_secret(vm, cloud_init_secret(inp.ref.name))[0])
+    if obs.vm_boots == ours:
+        recorded = remember_boot({}, ours, format_ts(now))
+        restart = obs.vmi_boots is not None and not runs_composition(
+            recorded, obs.vmi_boots, obs.vmi_created
+        )
+        return Decision({**observed.status, **recorded}, restart=restart, event=observed.event)
+    restart = obs.vmi_boots is not None and (not vmi_ok if known else obs.vmi_boots != ours)
     message = (
         "the VM is not what gtvp composed from the box's verified components (changed "
         "outside gtvp): written again"
@@ -359,7 +368,7 @@ def _change(inp: BoxInput, comps: list[Component]) -> _Change:
     fault = not removed and bool(inp.spec.get("requestedComponents"))
     hotplug = (
         fault
-        and not inp.attested
+        and not inp.armed
         and inp.spec.get("onMissingDependency") == "HotPlug"
         and all(c.type in ("library", "application") for c in added)
         and obs.vmi_phase == "Running"

@@ -48,7 +48,10 @@ def write_vm(rt: Runtime, key: Key, vm: dict[str, Any]) -> bool:
     except ApiException as exc:
         message = f"the API server refused the composed VirtualMachine: {exc.status} {exc.body}"
         log.error("box %s/%s: %s", *key, message)
-        write_status(rt, key, {"phase": "Failed", "message": message[:4000]})
+        # the rest of the status stays (what the box resolved, the compositions gtvp vouches
+        # for, its attestation): the status is written as a whole, missing keys removed
+        before = (rt.view.boxes.get(key) or {}).get("status") or {}
+        write_status(rt, key, {**before, "phase": "Failed", "message": message[:4000]})
         return False
     rt.view.vms[key] = out
     return True

@@ -252,8 +252,8 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
         # placement hosts matter only before the first placement (the costly part)
         "hosts": [] if seen.vm_exists else hosts(rt, now, exclude=key),
         "observed": seen,
-        # a hot-plugged disk is not measured by the box init: recompose instead
-        "attested": ba.attests_boxes(rt.enforced_spec()),
+        # armed before it is written: the box names Secrets, or the policy attests boxes
+        "armed": ba.attests_boxes(rt.enforced_spec()) or key_release.names_secrets(box),
     }
     checks = rt.boxes.checks
     running = {n: checks[n] for n in (*seen.booted, *seen.hotplugged) if n in checks}

@@ -1,0 +1,69 @@
+"""What the box loop writes when the API server refuses a box's VirtualMachine.
+
+Against the real API server and KubeVirt's real CRDs: a composed VM the server refuses makes
+the box Failed with the server's words, and the rest of its status stays (what it resolved,
+the compositions gtvp vouches for, its attestation): the status is written as a whole, so a
+write of phase and message alone would remove them, and the next pass would take a running
+box for one gtvp never recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gtvp import kube
+from gtvp.core.api_resources import LAZY_BOXES
+from gtvp.core.components import parse_component
+from gtvp.core.compose import BoxRef, compose_vm
+from gtvp.core.resolve import BoxRequest, resolve
+from gtvp.handlers import box_writes
+from gtvp.runtime import OperatorSettings, Runtime
+from gtvp_local.controlplane import ControlPlane
+from tests.catalogue import Publisher
+
+pytestmark = [pytest.mark.controlplane]
+
+SPEC: dict[str, Any] = {
+    "application": {"name": "nginx"},
+    "level": 2,
+    "resources": {"cpu": "500m", "memory": "512Mi"},
+}
+
+
+def test_a_refused_vm_fails_the_box_and_keeps_the_rest_of_its_status(
+    control_plane: ControlPlane, operator_clients: kube.Clients, namespace: str
+) -> None:
+    rt = Runtime(settings=OperatorSettings(policy_name="p"), clients=operator_clients)
+    box = {
+        "apiVersion": LAZY_BOXES.api_version,
+        "kind": LAZY_BOXES.kind,
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": SPEC,
+    }
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(box))
+    kept = {
+        "phase": "Running",
+        "resolved": [{"name": "nginx", "version": "1.26.2", "digest": "sha256:" + "a" * 64}],
+        "composedBoots": ["b" * 64],
+        "composedAt": "2026-12-04T06:00:00Z",
+    }
+    written = kube.patch_status(operator_clients, LAZY_BOXES, "web", kept, namespace)
+    rt.view.observe_box(dict(written), "ADDED")
+    comps = resolve(
+        BoxRequest.from_spec(SPEC), [parse_component(o) for o in Publisher().web_catalogue()]
+    )
+    uid = str(written["metadata"]["uid"])
+    vm = compose_vm(BoxRef("web", namespace, uid), SPEC, comps, None)
+    vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"] = "one"  # not a list: refused
+    assert not box_writes.write_vm(rt, (namespace, "web"), vm)
+    got = kube.get_if_present(operator_clients, LAZY_BOXES, "web", namespace)
+    assert got is not None
+    status = got["status"]
+    assert status["phase"] == "Failed"
+    assert "refused the composed VirtualMachine" in status["message"]
+    assert {k: status.get(k) for k in ("resolved", "composedBoots", "composedAt")} == {
+        k: kept[k] for k in ("resolved", "composedBoots", "composedAt")
+    }
