@@ -368,18 +368,9 @@ class Endpoint:
         whoever may edit VMs in the namespace could otherwise put disks of their own, with
         their own pins, on the line the measurements are compared with."""
         vmi = self.rt.view.vmis.get((req.namespace, req.box))
-        spec: Any = (vmi or {}).get("spec") or {}
-        meta = (vmi or {}).get("metadata") or {}
-        boots = compose.composed_boot(spec, meta.get("annotations"))
-        created = meta.get("creationTimestamp")
-        if not compose.runs_composition(box.get("status") or {}, boots, created):
-            raise ba.Refused(
-                ba.NOT_COMPOSED,
-                "the box's VMI does not boot what gtvp composed for it (its kernel, initrd or "
-                "kernel command line were changed outside gtvp); gtvp restarts it onto its "
-                "composition",
-            )
-        line = spec["domain"]["firmware"]["kernelBoot"].get("kernelArgs")
+        if vmi is None or not compose.vmi_runs_composition(box.get("status") or {}, vmi):
+            raise ba.Refused(ba.NOT_COMPOSED, compose.NOT_COMPOSED_MESSAGE)
+        line = vmi["spec"]["domain"]["firmware"]["kernelBoot"].get("kernelArgs")
         try:
             return ba.disks_of(str(line))
         except ValueError as exc:

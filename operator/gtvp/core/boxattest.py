@@ -92,8 +92,8 @@ QUOTE_INVALID: Final = "QuoteInvalid"
 WRONG_CREDENTIAL: Final = "WrongCredential"
 NOT_RUNNING: Final = "NotRunning"
 NOT_COMPOSED: Final = "NotComposed"
-"""The box's VMI does not boot a composition gtvp made for the box (`status.composedBoots`):
-its kernel, initrd or kernel command line were changed outside gtvp."""
+"""The box's VMI does not boot a composition gtvp made for the box (`status.composedBoots`,
+`compose.NOT_COMPOSED_MESSAGE`)."""
 NOT_REQUIRED: Final = "AttestationNotRequired"
 BAD_REQUEST: Final = "BadRequest"
 CONFLICT: Final = "Conflict"

@@ -30,6 +30,7 @@ from gtvp.core.compose import (
     BoxRef,
     CompositionError,
     compose_vm,
+    composed_boots,
     remember_boot,
     runs_composition,
     template_boots,
@@ -206,7 +207,7 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     is gtvp's own write whose record was lost (a status write that failed), or one recorded
     by an older gtvp: it is recorded anew, older compositions forgotten."""
     obs = inp.observed
-    known = [b for b in inp.status.get("composedBoots") or () if isinstance(b, str)]
+    known = composed_boots(inp.status)
     vmi_ok = obs.vmi_boots is None or runs_composition(inp.status, obs.vmi_boots, obs.vmi_created)
     if known and obs.vm_boots == known[0] and vmi_ok:
         return None
@@ -229,9 +230,9 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     except CompositionError as exc:
         return _failed(inp, now, "NotBootable", str(exc), "Composed")
     _annotate(vm, booted, hot)
-    ours = _boots(vm)
+    ours = template_boots(vm)
     if inp.armed:
-        ours = _boots(with_cloud_init_secret(vm, cloud_init_secret(inp.ref.name))[0])
+        ours = template_boots(with_cloud_init_secret(vm, cloud_init_secret(inp.ref.name))[0])
     if obs.vm_boots == ours:
         recorded = remember_boot({}, ours, format_ts(now))
         restart = obs.vmi_boots is not None and not runs_composition(
@@ -249,6 +250,14 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     )
 
 
+def failed_verification(c: Component, chk: Check) -> str:
+    """What a box says of a component that failed its check."""
+    return (
+        f"component {c.label} (OSComponent {c.object_name}) failed verification: "
+        f"{chk.reason}: {chk.message}; it is never used"
+    )
+
+
 def _unverified(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:
     """The decision while a component waits for verification or failed it (None: every
     component verified)."""
@@ -261,10 +270,7 @@ def _unverified(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Deci
         return None
     c = bad[0]
     chk = inp.checks[c.object_name]
-    message = (
-        f"component {c.label} (OSComponent {c.object_name}) failed verification: "
-        f"{chk.reason}: {chk.message}; it is never used"
-    )
+    message = failed_verification(c, chk)
     if inp.observed.vm_exists:  # keep what runs; the upgrade is blocked
         return _observe(inp, now, blocked=(chk.reason, message))
     return _failed(inp, now, "ComponentFailedVerification", message, "Verified")
@@ -323,10 +329,6 @@ def _first_placement(
         event=("Normal", "Placed", f"composed {describe(comps)}; {decision.reason}"),
         placement=decision,
     )
-
-
-def _boots(vm: Mapping[str, Any]) -> str | None:
-    return template_boots(vm)
 
 
 def _annotate(vm: dict[str, Any], booted: Sequence[Component], hot: Sequence[Component]) -> None:

@@ -128,10 +128,27 @@ def composed_boot(
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+NOT_COMPOSED_MESSAGE = (
+    "the box's VMI does not boot what gtvp composed for it (its kernel, command line, volumes "
+    "or access credentials were changed outside gtvp); gtvp restarts it onto its composition"
+)
+"""Why key release and box attestation refuse such a VMI (`runs_composition`)."""
+
+
+def composed_boots(status: Mapping[str, Any]) -> list[str]:
+    """A box's `status.composedBoots`: what the VMs gtvp wrote for it boot, newest first."""
+    return [b for b in status.get("composedBoots") or () if isinstance(b, str)]
+
+
+def vmi_boots(vmi: Mapping[str, Any]) -> str | None:
+    """`composed_boot` of a VMI: its spec and its annotations."""
+    return composed_boot(vmi.get("spec"), (vmi.get("metadata") or {}).get("annotations"))
+
+
 def remember_boot(status: Mapping[str, Any], boot: str | None, now: str) -> dict[str, Any]:
     """`status.composedBoots` with `boot` (what a VM gtvp writes now boots) first, and
     `status.composedAt`: since when the first one is the newest (`now` when it changes)."""
-    known = [b for b in status.get("composedBoots") or () if isinstance(b, str)]
+    known = composed_boots(status)
     if boot is None:
         return {"composedBoots": known, "composedAt": status.get("composedAt")}
     same = bool(known) and known[0] == boot
@@ -145,7 +162,7 @@ def runs_composition(status: Mapping[str, Any], boots: str | None, created: str 
     created before the newest was written (a LiveUpdate waiting for a restart). A VMI created
     since (a restart, a VMI someone else made) must boot the newest: no rollback to an older
     composition."""
-    known = [b for b in status.get("composedBoots") or () if isinstance(b, str)]
+    known = composed_boots(status)
     if boots is None or boots not in known:
         return False
     if boots == known[0]:
@@ -153,6 +170,14 @@ def runs_composition(status: Mapping[str, Any], boots: str | None, created: str 
     since = parse_ts(status.get("composedAt"))
     made = parse_ts(created)
     return since is not None and made is not None and made < since
+
+
+def vmi_runs_composition(status: Mapping[str, Any], vmi: Mapping[str, Any] | None) -> bool:
+    """`runs_composition` for a VMI as the API server holds it (None: no VMI, so none)."""
+    if vmi is None:
+        return False
+    created = (vmi.get("metadata") or {}).get("creationTimestamp")
+    return runs_composition(status, vmi_boots(vmi), created)
 
 
 def template_boots(vm: Mapping[str, Any]) -> str | None:

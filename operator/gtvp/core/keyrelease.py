@@ -35,7 +35,7 @@ from typing import Any, Final
 from gtvp.core import ear
 from gtvp.core.attestation import references_revoked
 from gtvp.core.boxattest import VERIFIED
-from gtvp.core.compose import composed_boot, runs_composition
+from gtvp.core.compose import NOT_COMPOSED_MESSAGE, vmi_runs_composition
 from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
@@ -374,21 +374,11 @@ def _composed(
     its kernel, kernel command line, which pins every component disk, volumes and access
     credentials as `status.composedBoots` records them). Whoever may edit VMs in the
     namespace could otherwise boot disks of their own under the box's name and take its
-    Secrets. A gated VM that is not a box has no
-    composition: its Secrets consent to the VM by name."""
-    if req.kind != BOX:
+    Secrets. A gated VM that is not a box has no composition: its Secrets consent to the VM
+    by name."""
+    if req.kind != BOX or vmi_runs_composition(box.get("status") or {}, vmi):
         return None
-    meta = (vmi or {}).get("metadata") or {}
-    boots = composed_boot((vmi or {}).get("spec"), meta.get("annotations"))
-    created = meta.get("creationTimestamp")
-    if runs_composition(box.get("status") or {}, boots, created):
-        return None
-    return _refuse(
-        NOT_COMPOSED,
-        "the box's VMI does not boot what gtvp composed for it (its kernel, initrd or kernel "
-        "command line were changed outside gtvp); gtvp restarts it onto its composition",
-        node,
-    )
+    return _refuse(NOT_COMPOSED, NOT_COMPOSED_MESSAGE, node)
 
 
 def _member_trusted(

@@ -304,8 +304,8 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
     default_class = _known_class(classes, spec.get("defaultMemberClass"), "spec.defaultMemberClass")
     ek = _get(spec, "ekTrust", {})
     bundle = _ca_bundle(str(_get(ek, "caBundle", "")))
-    keys = _publisher_keys(_get(spec, "publisherKeys", []))
-    scopes = publisher_scopes(_get(spec, "publisherKeys", []))
+    publishers = _get(spec, "publisherKeys", [])
+    keys, scopes = _publisher_keys(publishers), publisher_scopes(publishers)
     transitions = _transitions(_get(spec, "transitions", []), classes)
     return Policy(
         name=name,

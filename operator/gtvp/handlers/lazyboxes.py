@@ -28,6 +28,7 @@ from gtvp.core.boxes import (
     BoxInput,
     Decision,
     Observed,
+    failed_verification,
     plan_box,
     unschedulable,
 )
@@ -37,10 +38,10 @@ from gtvp.core.compose import (
     BOOT_ANNOTATION,
     BOX_LABEL,
     BoxRef,
-    composed_boot,
     preferred_node,
     remember_boot,
     template_boots,
+    vmi_boots,
 )
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
 from gtvp.core.timestamps import format_ts
@@ -137,20 +138,24 @@ def _readable(rt: Runtime) -> list[Component]:
     return out
 
 
-def resolve_cached(rt: Runtime, spec: Mapping[str, Any], cached: frozenset[str]) -> list[Component]:
-    """`resolve`, remembered per (request, catalogue version, pool cache)."""
+def resolve_cached(
+    rt: Runtime, spec: Mapping[str, Any], cached: frozenset[str], *, with_failed: bool = False
+) -> list[Component]:
+    """`resolve` over the components that did not fail verification (`with_failed`: over
+    every readable one), remembered per (request, catalogue version, pool cache)."""
     request = BoxRequest.from_spec(spec)
     fields = ("application", "dependencies", "requestedComponents", "level")
     key = (
         json.dumps({f: spec.get(f) for f in fields}, sort_keys=True),
         rt.boxes.catalogue_version,
         cached,
+        with_failed,
     )
     resolutions = rt.boxes.resolutions
     hit = resolutions.get(key)
     if hit is None:
         try:
-            hit = resolve(request, _catalogue(rt), cached)
+            hit = resolve(request, _readable(rt) if with_failed else _catalogue(rt), cached)
         except Unresolvable as exc:
             hit = exc
         if len(resolutions) > 4096:
@@ -199,9 +204,7 @@ def observed(rt: Runtime, key: Key) -> Observed:
         vmi_boot=vmi_annotations.get(BOOT_ANNOTATION) if vmi else None,
         vm_boots=template_boots(vm),
         # a VMI that boots no kernel at all is not the composition either ("")
-        vmi_boots=(
-            (composed_boot(vmi.get("spec"), vmi_annotations) or "") if vmi is not None else None
-        ),
+        vmi_boots=(vmi_boots(vmi) or "") if vmi is not None else None,
         vmi_created=((vmi or {}).get("metadata") or {}).get("creationTimestamp"),
     )
 
@@ -224,18 +227,14 @@ def _failed_instead(rt: Runtime, spec: Mapping[str, Any]) -> tuple[str, str] | N
     """Why a box that resolves over no verified components would resolve only with a failed
     one: the component, and its check's reason (None when even those would not do)."""
     try:
-        comps = resolve(BoxRequest.from_spec(spec), _readable(rt))
+        comps = resolve_cached(rt, spec, frozenset(), with_failed=True)
     except Unresolvable:
         return None
     checks = rt.boxes.checks
     for c in comps:
         check = checks.get(c.object_name)
-        if not resolvable(check) and check is not None:
-            return (
-                "ComponentFailedVerification",
-                f"component {c.label} (OSComponent {c.object_name}) failed verification: "
-                f"{check.reason}: {check.message}; it is never used",
-            )
+        if check is not None and not resolvable(check):
+            return "ComponentFailedVerification", failed_verification(c, check)
     return None
 
 
