@@ -113,3 +113,33 @@ def test_a_tenant_cannot_make_a_pod_a_vmis_launcher(
     ok = _patch(control_plane, namespace, "by-kubevirt", touch, TENANT)
     assert ok.returncode == 0, ok.stderr
     control_plane.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=false")
+
+
+@pytest.mark.usefixtures("pod_creators")
+def test_no_one_but_kubevirt_changes_which_migration_a_target_pod_is_for(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """gtvp judges a migration by the node of the target pod KubeVirt made for it (the
+    target the migration records comes from the VMI's status, which hosts write): a tenant
+    may not take the label off that pod, point it at another migration, or add it to
+    another launcher pod."""
+    control_plane.kubectl("create", "serviceaccount", "default", "-n", namespace, check=False)
+    job = "kubevirt.io/migrationJobUID"
+    target = _pod("target", controller=True)
+    target["metadata"]["labels"][job] = "aaaaaaaa-2222-3333-4444-555555555555"
+    made = _create(control_plane, namespace, target, KUBEVIRT)
+    assert made.returncode == 0, made.stderr
+    source = _create(control_plane, namespace, _pod("source", controller=True), KUBEVIRT)
+    assert source.returncode == 0, source.stderr
+    until_refused(
+        control_plane, "gtvp-launcher-pods", REFUSED, "label", "pod", "target", f"{job}-",
+        "-n", namespace, identity=TENANT,
+    )  # fmt: skip
+    for name, patch in (
+        ("target", {"metadata": {"labels": {job: "bbbbbbbb-2222-3333-4444-555555555555"}}}),
+        ("source", {"metadata": {"labels": {job: "aaaaaaaa-2222-3333-4444-555555555555"}}}),
+    ):
+        refused = _patch(control_plane, namespace, name, patch, TENANT)
+        assert refused.returncode != 0, name
+        assert "kubevirt.io/migrationJobUID" in refused.stderr
+    control_plane.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=false")

@@ -41,6 +41,9 @@ APP_LABEL = "kubevirt.io"
 APP_VALUE = "virt-launcher"
 SELECTOR = f"{APP_LABEL}={APP_VALUE}"
 """The label selector of KubeVirt's launcher pods (the watch and the start-up listing)."""
+MIGRATION_JOB_LABEL = "kubevirt.io/migrationJobUID"
+"""On a migration's target launcher pod: the migration's uid (virt-controller's; the
+`gtvp-launcher-pods` admission policy keeps anyone else from changing it)."""
 ENDED = frozenset({"Succeeded", "Failed"})
 SETTLE = dt.timedelta(seconds=60)
 """How long after gtvp's migration of a VMI off a member succeeded its source pod there
@@ -56,6 +59,8 @@ class LauncherPod:
     vmi_uid: str
     node: str
     ended: bool
+    migration_uid: str = ""
+    """The migration it is the target pod of ("": none)."""
 
 
 def launcher_pod(body: Mapping[str, Any]) -> LauncherPod | None:
@@ -82,6 +87,7 @@ def launcher_pod(body: Mapping[str, Any]) -> LauncherPod | None:
         vmi_uid=str(owner["uid"]),
         node=str(node),
         ended=(body.get("status") or {}).get("phase") in ENDED,
+        migration_uid=str((meta.get("labels") or {}).get(MIGRATION_JOB_LABEL) or ""),
     )
 
 

@@ -102,13 +102,18 @@ class MemberView:
     uses_left: int
 
     def usable(self, now: dt.datetime, level: int) -> bool:
-        """Trusted, fresh, with uses left and at least `level`."""
+        """Trusted, fresh, with uses left and at least `level`: a new decision may rest on
+        the verdict."""
+        return self.trusted_at(now, level) and self.uses_left > 0
+
+    def trusted_at(self, now: dt.datetime, level: int) -> bool:
+        """Trusted, not expired and at least `level`, whatever uses are left: a decision
+        already taken on the verdict (a migration under way) still stands."""
         return (
             self.phase == MemberPhase.TRUSTED
             and self.level >= level
             and self.expires_at is not None
             and now < self.expires_at
-            and self.uses_left > 0
         )
 
 

@@ -238,6 +238,7 @@ async def _untrust_memberless_node(rt: Runtime, name: str) -> None:
         return
     if not await sync_node(rt, name):  # first: the labels go before anything else is asked
         rt.schedule.schedule(name, WRITE_RETRY)  # the patch failed: fail closed, try again
+    await rejudge_migrations_to(rt, name)  # no Member, no verdict: migrations there stop
     if rt.settings.create_members:
         await ensure_member(rt, name)
 

@@ -7,8 +7,10 @@ members that lost trust.
   a previous run; anything else holding the name goes into the view, so the next plan (a
   second later) picks another name. A VMI whose last evacuation migrations failed
   (`evacuation_stalled`) waits with a Warning Event instead of a new one every second;
-- a migration seen `Scheduled` or later whose target member is not usable for the VMI's
-  level is aborted by deleting it; a usable target spends one use of its verdict;
+- a migration seen `Scheduled` or later that may be heading for a member that may not hold
+  the VMI's level (its recorded target, its pin, or the node of the target launcher pod
+  KubeVirt made for it: `core.inflight`) is aborted by deleting it; its first judgement
+  spends one use of its target's verdict, which later events do not ask for again;
 - an evacuation migration not scheduled yet whose pinned target has since stopped being a
   usable member of the VMI's level or filled up (`stale_evacuations`) is cancelled (Event
   `EvacuationRetarget`) and planned again where the VMI fits: left alone, KubeVirt would fail
@@ -53,6 +55,7 @@ from gtvp.core.evacuation import (
 )
 from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.gating import box_level
+from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
@@ -468,12 +471,22 @@ def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> None:
 
 
 async def rejudge_migrations_to(rt: Runtime, member: str) -> None:
-    """A member's verdict changed: re-judge the migrations heading there now (an in-flight
-    migration to a member that lost trust is aborted at once, not at its next event)."""
+    """A member's verdict changed: re-judge the migrations that may be heading there now (an
+    in-flight migration to a member that lost trust is aborted at once, not at its next
+    event)."""
     for body in list(rt.view.migrations.values()):
         view = migration_view(body)
-        if view.phase in RUNNING_PHASES and member in (view.target, view.pinned):
+        if view.phase in RUNNING_PHASES and member in heading_for(view, _target_pods(rt, body)):
             await judge_migration(rt, body)
+
+
+def _target_pods(rt: Runtime, body: Mapping[str, Any]) -> list[str]:
+    """The nodes of the target launcher pods KubeVirt made for migration `body`."""
+    uid = str((body.get("metadata") or {}).get("uid", ""))
+    spec = body.get("spec") or {}
+    key = (str((body.get("metadata") or {}).get("namespace", "")), str(spec.get("vmiName", "")))
+    pods = (rt.view.launchers.get(key) or {}).values()
+    return [p.node for p in pods if uid and p.migration_uid == uid]
 
 
 def _count_finished(rt: Runtime, body: dict[str, Any], phase: str) -> None:
@@ -486,32 +499,41 @@ def _count_finished(rt: Runtime, body: dict[str, Any], phase: str) -> None:
 
 
 async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
-    """Abort a migration whose target lost trust; spend one use of a good target's verdict."""
+    """Abort a migration that may be heading for a node that may not receive its VMI; spend
+    one use of its target's verdict at its first judgement (`gtvp.core.inflight`). This
+    replica judges the nodes whose shards it holds (their holders judge the others)."""
     view = migration_view(body)
     uid = str((body.get("metadata") or {}).get("uid", ""))
     if view.phase in ("Succeeded", "Failed"):
         if rt.coordination.leads():  # the leader started the evacuations, it counts them
             _count_finished(rt, body, view.phase)
         return
-    if view.target is None or view.phase not in RUNNING_PHASES:
+    if view.phase not in RUNNING_PHASES:
         return
-    if not rt.coordination.holds(view.target):
-        return  # the replica holding the target's shard judges it (it wrote its verdict)
+    pods = _target_pods(rt, body)
+    heading = [n for n in heading_for(view, pods) if rt.coordination.holds(n)]
+    spender = spend_on(view, pods)
+    if spender is not None and not rt.coordination.holds(spender):
+        spender = None
+    if not heading and spender is None:
+        return  # the replicas holding its nodes judge it (they wrote their verdicts)
     level = gated_level(rt.view.vmis.get((view.namespace, view.vmi)) or {})
     if level is None:
         return
-    target = rt.view.members.get(view.target)
     now = dt.datetime.now(dt.UTC)
-    usable = target is not None and member_view(view.target, target.get("status") or {}).usable(
-        now, level
-    )
-    if not usable:
+    members = {
+        n: member_view(n, m.get("status") or {}) if (m := rt.view.members.get(n)) else None
+        for n in {*heading, *([spender] if spender else [])}
+    }
+    first = uid not in rt.evacuation.judged
+    decision = judge_in_flight(heading, spender, members, level=level, now=now, first=first)
+    if decision.abort is not None:
         log.warning(
-            "aborting migration %s/%s: target %s may not receive a level-%d VM",
+            "aborting migration %s/%s: it may be heading for %s, and %s",
             view.namespace,
             view.name,
-            view.target,
-            level,
+            decision.abort,
+            decision.reason,
         )
         try:
             if await asyncio.to_thread(
@@ -521,6 +543,6 @@ async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
         except ApiException as exc:
             log.warning("could not abort %s: %s", view.name, exc.reason)
         return
-    if uid not in rt.evacuation.judged:
+    if decision.spend is not None:
         rt.evacuation.judged.add(uid)
-        await spend_use(rt, view.target)
+        await spend_use(rt, decision.spend)
