@@ -24,6 +24,7 @@ from gtvp.core.component_checks import Check
 from gtvp.core.components import Component
 from gtvp.core.keyrelease import Settings as KeyReleaseSettings
 from gtvp.core.policy_status import Accepted
+from gtvp.core.prefetch import Request as PrefetchRequest
 from gtvp.core.resolve import Unresolvable
 from gtvp.core.shards import SHARDS, LeaseTiming
 from gtvp.verdict_keys import Issuer
@@ -189,6 +190,9 @@ class Runtime:
     boxes: BoxMemory = field(default_factory=BoxMemory)
     drains: DrainMemory = field(default_factory=DrainMemory)
     balance: BalanceMemory = field(default_factory=BalanceMemory)
+    prefetch_asked: dict[tuple[str, str], PrefetchRequest] = field(default_factory=dict)
+    """(VMI "ns/name", target Node) -> the pre-fetch request gtvp made: its wait counts from
+    here, whatever a host writes in the Node's annotation (`core.prefetch.believed`)."""
     webhook_server: Any = None
     """kopf's WebhookServer when the admission webhooks are served."""
     coordination: Coordination = field(default_factory=Coordination.sole)

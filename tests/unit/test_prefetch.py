@@ -37,6 +37,7 @@ from gtvp.core.prefetch import (
     Request,
     accepted_images,
     asked_elsewhere,
+    believed,
     decide,
     parse_requests,
     render_requests,
@@ -246,6 +247,31 @@ def test_past_the_bound_the_migration_goes_anyway_and_says_why() -> None:
                    now=NOW + dt.timedelta(seconds=11), reason="evacuation",
                    timeout=dt.timedelta(seconds=10))  # fmt: skip
     assert short.timed_out
+
+
+def test_a_host_cannot_move_the_waits_start_nor_start_it_again() -> None:
+    """Attacker: root on the box's untrusted member (or on the target) rewrites the target
+    Node's request (a time in 2099, no images) or removes it, so that gtvp waits for ever
+    and the box never leaves. The wait counts from gtvp's own ask; after a restart of the
+    operator (nothing remembered) a time ahead of its clock counts as now."""
+    asked = decide(parts=PARTS, node_images=SMALL, accepted=ACCEPTED, pending=None, now=NOW,
+                   reason="evacuation").request  # fmt: skip
+    assert asked is not None
+    future = dataclasses.replace(asked, requested_at=NOW + dt.timedelta(days=300))
+    late = NOW + DEFAULT_TIMEOUT
+    for on_node in (future, None, dataclasses.replace(asked, images=())):
+        pending = believed(asked, on_node, late)
+        d = decide(parts=PARTS, node_images=SMALL, accepted=ACCEPTED, pending=pending,
+                   now=late, reason="evacuation")  # fmt: skip
+        assert (d.action, d.timed_out) == ("migrate", True), on_node
+    restarted = believed(None, future, late)
+    assert restarted is not None
+    assert restarted.requested_at == late
+    d = decide(parts=PARTS, node_images=SMALL, accepted=ACCEPTED, pending=restarted,
+               now=late + DEFAULT_TIMEOUT, reason="evacuation")  # fmt: skip
+    assert d.timed_out
+    assert believed(None, asked, late) == asked  # gtvp's own request, read back after a restart
+    assert believed(None, None, late) is None
 
 
 def test_only_images_of_verified_components_pinned_by_their_digest_are_requested() -> None:

@@ -6,9 +6,10 @@ components, gtvp asks it to fetch them: a request in the target Node's `gtvp.io/
 annotation (a JSON object: the VMI `namespace/name` -> the image references, their bytes,
 when it was asked and why). The migration is created once the Node lists every component,
 or, after the bound (`timeout`), anyway: the target then fetches inside the migration, and
-gtvp says so (Event `PrefetchTimedOut`). The request remembers when it was made, so the
-wait survives a restart of the operator and no handler ever sleeps: each plan asks
-`decide` again.
+gtvp says so (Event `PrefetchTimedOut`). The operator remembers when it asked (the Node's
+annotation is only the channel to the host: root on a host may rewrite it, see `believed`);
+the request on the Node also says when, so a restarted operator goes on with the wait, and
+no handler ever sleeps: each plan asks `decide` again.
 
 Only the references of signed OSComponents the policy accepts (`accepted_images`: a
 Verified signature check, an image pinned by the component's own digest) are ever asked
@@ -22,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gtvp.core.components import Component
@@ -110,6 +111,21 @@ def cached_bytes(parts: Sequence[Part], images: frozenset[str]) -> int:
 def missing_parts(parts: Sequence[Part], images: frozenset[str]) -> dict[str, int]:
     """digest -> size of the box's components the node does not hold."""
     return {d: s for d, s in dict(parts).items() if d not in images}
+
+
+def believed(asked: Request | None, on_node: Request | None, now: dt.datetime) -> Request | None:
+    """The request a migration's wait is counted from: the one gtvp made (kept in the
+    operator's memory), else the one on the target's Node (gtvp's before a restart of the
+    operator, but root on a host may write a Node's annotations: a time after `now` is taken
+    as `now`, so a request never moves its wait's start into the future, and a request
+    removed from the Node does not start the wait again while the operator remembers it)."""
+    if asked is not None:
+        return asked
+    if on_node is None:
+        return None
+    if on_node.requested_at > now:
+        return replace(on_node, requested_at=now)
+    return on_node
 
 
 def decide(

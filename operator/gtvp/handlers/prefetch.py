@@ -35,12 +35,14 @@ from gtvp.core.evacuation import HOSTNAME_LABEL
 from gtvp.core.prefetch import (
     ANNOTATION,
     DEFAULT_TIMEOUT,
+    STALE_AFTER,
     Accepted,
     Decision,
     Part,
     Request,
     accepted_images,
     asked_elsewhere,
+    believed,
     decide,
     missing_parts,
     render_requests,
@@ -119,13 +121,22 @@ def _box_of(rt: Runtime, obj: Mapping[str, Any]) -> tuple[str, str, Mapping[str,
     return ns, vmi, box
 
 
+def _pending(
+    rt: Runtime, key: str, target: str, node: Mapping[str, Any], now: dt.datetime
+) -> tuple[Request | None, Request | None]:
+    """(the request the wait counts from, the one the Node shows) for VMI `key` on
+    `target`."""
+    on_node = requests_on(node).get(key)
+    return believed(rt.prefetch_asked.get((key, target)), on_node, now), on_node
+
+
 def plan(rt: Runtime, obj: Mapping[str, Any], reason: str, now: dt.datetime) -> Decision | None:
     """The pre-fetch decision for a planned migration (None: not a box's, or off)."""
     bound = timeout(reason)
     target = _target(obj)
     found = _box_of(rt, obj)
     node = rt.view.nodes.get(target) if target else None
-    if bound <= dt.timedelta(0) or found is None or node is None:
+    if bound <= dt.timedelta(0) or found is None or node is None or target is None:
         return None
     ns, vmi, box = found
     parts = box_parts(box)
@@ -137,7 +148,7 @@ def plan(rt: Runtime, obj: Mapping[str, Any], reason: str, now: dt.datetime) -> 
         parts=parts,
         node_images=images,
         accepted=_accepted(rt, set(lacking)) if lacking else {},
-        pending=requests_on(node).get(f"{ns}/{vmi}"),
+        pending=_pending(rt, f"{ns}/{vmi}", target, node, now)[0],
         now=now,
         reason=reason,
         timeout=bound,
@@ -152,14 +163,34 @@ def waits(decision: Decision | None) -> bool:
 async def hold(rt: Runtime, obj: Mapping[str, Any], reason: str) -> Decision | None:
     """The pre-fetch decision for the planned migration `obj` (None: not a box's migration,
     or pre-fetching is off), after writing the request it calls for; `waits` tells whether
-    the caller creates the migration now."""
+    the caller creates the migration now. The wait counts from gtvp's first ask, kept in
+    memory (`Runtime.prefetch_asked`); a request the Node does not show (a write refused, or
+    a host removed it) is written again with that time."""
     now = dt.datetime.now(dt.UTC)
+    _forget_stale(rt, now)
     decision = plan(rt, obj, reason, now)
     if decision is None or decision.action == "migrate":
         return decision
+    target = str(_target(obj))
+    key = f"{obj['metadata']['namespace']}/{obj['spec']['vmiName']}"
     if decision.action == "request" and decision.request is not None:
+        rt.prefetch_asked[(key, target)] = decision.request
         await _ask(rt, obj, decision.request, now)
+        return decision
+    pending, on_node = _pending(rt, key, target, rt.view.nodes.get(target) or {}, now)
+    if pending is not None:
+        rt.prefetch_asked.setdefault((key, target), pending)  # from a restart: ours now
+        if on_node != pending:
+            await _write(rt, target, now, add={key: pending})
     return decision
+
+
+def _forget_stale(rt: Runtime, now: dt.datetime) -> None:
+    """Drop remembered requests past the bound plus `STALE_AFTER` (the VMI went elsewhere,
+    was deleted, or migrated without gtvp)."""
+    limit = timeout() + STALE_AFTER
+    for k in [k for k, r in rt.prefetch_asked.items() if now - r.requested_at >= limit]:
+        del rt.prefetch_asked[k]
 
 
 async def _ask(rt: Runtime, obj: Mapping[str, Any], request: Request, now: dt.datetime) -> None:
@@ -188,14 +219,18 @@ async def started(rt: Runtime, obj: Mapping[str, Any], decision: Decision | None
     target = _target(obj)
     ns = str(obj["metadata"]["namespace"])
     vmi = str(obj["spec"]["vmiName"])
+    key = f"{ns}/{vmi}"
     node = rt.view.nodes.get(target) if target else None
-    pending = requests_on(node).get(f"{ns}/{vmi}") if node else None
+    now = dt.datetime.now(dt.UTC)
+    pending = _pending(rt, key, target, node, now)[0] if node and target else None
+    for k in [k for k in rt.prefetch_asked if k[0] == key]:
+        del rt.prefetch_asked[k]
     if target:
-        await withdraw_elsewhere(rt, f"{ns}/{vmi}", target)
+        await withdraw_elsewhere(rt, key, target)
     if pending is None:
         return  # nothing was asked (or a run before a restart counted it)
     if target:
-        await _write(rt, target, dt.datetime.now(dt.UTC), drop=(f"{ns}/{vmi}",))
+        await _write(rt, target, now, drop=(key,))
     reason = pending.reason if pending.reason in ("evacuation", "drain", "balancing") else None
     if reason is None:
         return
