@@ -466,6 +466,7 @@ def _runtime(settings: OperatorSettings) -> Runtime:
     )
     rt = Runtime(settings=settings, clients=clients, coordination=coordination)
     if settings.webhook_port:
+        from gtvp.webhook_config import WEBHOOK_IDS
         from gtvp.webhook_server import DrainingWebhookServer
 
         rt.webhook_server = DrainingWebhookServer(
@@ -474,6 +475,7 @@ def _runtime(settings: OperatorSettings) -> Runtime:
             certfile=settings.webhook_cert,
             pkeyfile=settings.webhook_key,
             closing=lambda: rt.coordination.stopping,
+            webhook_ids=WEBHOOK_IDS,
         )
     return rt
 
@@ -568,9 +570,12 @@ async def _run(rt: Runtime) -> None:
     await _keep_verdict_keys(rt)
     # standalone: kopf's own peering would pause every replica but one; gtvp's replicas
     # divide the work through their Leases instead (gtvp.handlers.leases)
+    from gtvp.webhook_server import AdmissionMemories
+
     await kopf.operator(
         registry=registry,
         memo=kopf.Memo(runtime=rt),
+        memories=AdmissionMemories(),
         clusterwide=True,
         standalone=True,
         stop_flag=rt.stop_flag,

@@ -188,3 +188,7 @@ def policy_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
         },
         "webhooks": _hooks((POLICY,), url, ca_pem, OWN_NAMESPACE),
     }
+
+
+WEBHOOK_IDS: frozenset[str] = frozenset(h.id for h in (*MUTATING, *VALIDATING, POLICY))
+"""The paths (after the server's) that the webhook server answers: any other is refused."""
