@@ -22,6 +22,7 @@ from gtvp.core.gating import (
     validate_vm,
     validate_vm_update,
     vm_level,
+    vm_raise_warning,
     vm_template_labels,
 )
 from gtvp.core.trust import MemberView, trust_selector
@@ -336,6 +337,37 @@ def test_raising_a_vmis_level_needs_its_node_to_qualify() -> None:
     assert f"(missing {L}3=true)" in no_selector.message
     gone = _update(_vmi("1", selector=trust_selector(1), node="x"), _vmi("3", both, node="x"))
     assert "runs on x, which may not run a level-3 VM (x: not a member)" in gone.message
+
+
+def test_adding_or_raising_a_vms_level_warns_that_the_running_vmi_keeps_its_own() -> None:
+    """A user labels a running, ungated VM `gtvp.io/level: "3"`: the VM is gated from its
+    next start, but its running instance keeps no label and may stay on an untrusted
+    host; kubectl shows the admission warning saying so."""
+    added = vm_raise_warning(old=_vm(None, None, None), new=_vm("3", "3"))
+    assert added is not None
+    assert "ns/web is now at level 3" in added
+    assert "(ungated)" in added
+    assert "restart the VirtualMachine" in added
+    raised = vm_raise_warning(old=_vm("1", "1", 1), new=_vm("3", "3"))
+    assert raised is not None
+    assert "(level 1)" in raised
+    assert vm_raise_warning(old=_vm("3", "3"), new=_vm("3", "3")) is None
+    assert vm_raise_warning(old=_vm(None, None, None), new=_vm(None, None, None)) is None
+
+
+def test_raising_a_vmis_level_through_its_selector_needs_its_node_to_qualify() -> None:
+    """Attacker: a VM user adds a higher level's entry to a running VMI's trust selector
+    (KubeVirt's LiveUpdate copies a VM template's nodeSelector), its label unchanged: the VMI
+    then counts as needing that level where it runs, and gtvp starts evacuations for it that
+    fill the migration budget ahead of the moves a lost verdict calls for."""
+    on_low = _vmi("1", selector=trust_selector(1), node="low")
+    higher = {**trust_selector(1), **trust_selector(3)}
+    raised = _update(on_low, _vmi("1", selector=higher, node="low"))
+    assert not raised.allowed
+    assert "runs on low, which may not run a level-3 VM (low: Trusted, level 1)" in raised.message
+    on_a = _vmi("1", selector=trust_selector(1), node="a")
+    assert _update(on_a, _vmi("1", selector=higher, node="a")).allowed  # a holds level 3
+    assert _update(on_low, _vmi("1", selector=trust_selector(1), node="low")).allowed
 
 
 def test_vmi_update_to_a_noncanonical_level_is_refused() -> None:

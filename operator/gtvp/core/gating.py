@@ -375,6 +375,28 @@ def validate_vm_update(*, old: Mapping[str, Any], new: Mapping[str, Any]) -> Dec
     return Decision(True)
 
 
+def vm_raise_warning(*, old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """What to tell whoever adds or raises a VM's level: the running instance keeps the
+    level it was admitted with (KubeVirt copies no label to a running VMI), so it is gated
+    at the new level only from its next start. None: no raise."""
+    was = max(
+        (n for n in (_old_level(_labels(old)), _old_level(vm_template_labels(old))) if n),
+        default=0,
+    )
+    try:
+        level = vm_level(new)
+    except GatingError:
+        return None
+    if level is None or level <= was:
+        return None
+    before = f"level {was}" if was else "ungated"
+    return (
+        f"{_title('VirtualMachine', new)} is now at level {level}, but a running instance "
+        f"keeps what it was admitted with ({before}) and may stay where it runs: restart the "
+        "VirtualMachine to run it gated at the new level"
+    )
+
+
 def _trust_entries(selector: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in sorted(selector.items()) if k.startswith(TRUST_KEYS)}
 
@@ -387,8 +409,9 @@ def validate_instance_update(
     now: dt.datetime,
 ) -> Decision:
     """The level a VMI was admitted with sticks: its label may not be removed or lowered, and
-    no entry of its trust selector removed or changed. Raising the level is allowed only when
-    the VMI selects Trusted members of the new level and runs on one now."""
+    no entry of its trust selector removed or changed. Raising the level (its label, or a
+    level's entry added to its trust selector) is allowed only when the VMI selects Trusted
+    members of the new level and runs on one now."""
     title = _title("VirtualMachineInstance", new)
     old_labels, new_labels = _labels(old), _labels(new)
     try:
@@ -400,8 +423,13 @@ def validate_instance_update(
     ) or _trust_selector_changed(title, old=_node_selector(old), new=_node_selector(new))
     if problem is not None:
         return Decision(False, problem)
-    if level is not None and level > (_old_level(old_labels) or 0):
-        return _validate_raise(title, new, level=level, members=members, now=now)
+    # a raise by the label or by the trust selector (a level's entry added to the VMI's
+    # nodeSelector, as KubeVirt's LiveUpdate copies a VM template's): the VMI then counts as
+    # needing that level where it runs, so its node must hold it now
+    raised = max(level or 0, selector_level(_node_selector(new)) or 0)
+    was = max(_old_level(old_labels) or 0, selector_level(_node_selector(old)) or 0)
+    if raised > was:
+        return _validate_raise(title, new, level=raised, members=members, now=now)
     return Decision(True)
 
 

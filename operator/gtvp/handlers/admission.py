@@ -31,6 +31,7 @@ from gtvp.core.gating import (
     selector_patch,
     validate_vm_update,
     vm_level,
+    vm_raise_warning,
 )
 from gtvp.core.gating import (
     validate_instance as judge_instance,
@@ -168,8 +169,9 @@ def mutate_migration(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: A
     METRICS.admission("VirtualMachineInstanceMigration", "mutated" if missing else "unchanged")
 
 
-def validate_vm(body: kopf.Body, **kwargs: Any) -> None:
-    """A gated VM's level is one digit, its template's agrees, and it sticks on UPDATE."""
+def validate_vm(body: kopf.Body, warnings: list[str] | None = None, **kwargs: Any) -> None:
+    """A gated VM's level is one digit, its template's agrees, and it sticks on UPDATE; a
+    level added or raised warns that the running instance keeps its own until a restart."""
     vm = dict(body)
     old = kwargs.get("old")  # kopf passes the request's oldObject (None on CREATE)
     if kwargs.get("operation") == "UPDATE" and old is not None:
@@ -177,6 +179,10 @@ def validate_vm(body: kopf.Body, **kwargs: Any) -> None:
         if not sticky.allowed:
             _decide("VirtualMachine", sticky)
     _decide("VirtualMachine", judge_vm(vm))
+    if kwargs.get("operation") == "UPDATE" and old is not None and warnings is not None:
+        said = vm_raise_warning(old=dict(old), new=vm)
+        if said is not None:
+            warnings.append(said)
 
 
 def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
