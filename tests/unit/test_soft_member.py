@@ -485,6 +485,55 @@ def test_a_class_change_is_no_revocation_of_the_old_classs_values(ca: SoftCA) ->
     assert "ReferencesChanged" not in [e.reason for e in step.events]
 
 
+def test_removing_the_class_a_verdict_was_judged_under_stops_new_decisions_at_once(
+    ca: SoftCA,
+) -> None:
+    """An administrator revokes a firmware by removing its member class and making another
+    the default; the member's agent withholds its next quote. Its verdict, judged under the
+    removed class, backs no new placement from the next look on (key release already
+    refused it), and its next quote is asked for now."""
+    m = _trusted(ca)
+    assert m.status["trust"]["usesLeft"] > 0
+    cls = m.policy.member_classes["swtpm"]
+    new = dataclasses.replace(cls, name="fw-new", golden={**cls.golden, 7: b"\x22" * 32})
+    m.policy = dataclasses.replace(
+        m.policy, member_classes={"fw-new": new}, default_member_class="fw-new"
+    )
+    step = m.operator(T0 + LATER)
+    trust = m.status["trust"]
+    assert m.phase == "Trusted"  # until the quote it is asked for is judged
+    assert trust["usesLeft"] == 0
+    assert "no longer has member class swtpm" in trust["message"]
+    assert [e.reason for e in step.events] == ["ReferencesChanged"]
+    asked = dt.datetime.fromisoformat(m.status["challenge"]["answerAfter"].replace("Z", "+00:00"))
+    assert asked <= T0 + LATER
+
+
+def test_a_shorter_validfor_or_fewer_uses_apply_to_the_standing_verdict_at_once(
+    ca: SoftCA,
+) -> None:
+    """An administrator who suspects the hosts cuts the level's validFor (and maxUses): a
+    compromised agent that withholds its next quote keeps its verdict no longer than the
+    new validFor from when it was verified, not the old one."""
+    m = _trusted(ca)
+    verified = dt.datetime.fromisoformat(m.status["trust"]["verifiedAt"].replace("Z", "+00:00"))
+    before = m.status["trust"]["expiresAt"]
+    short = dt.timedelta(seconds=5)  # from 15 s
+    levels = tuple(
+        dataclasses.replace(lv, valid_for=short, max_uses=1, interval=dt.timedelta(seconds=2))
+        for lv in m.policy.levels
+    )
+    m.policy = dataclasses.replace(m.policy, levels=levels)
+    m.operator(T0 + dt.timedelta(seconds=1))
+    trust = m.status["trust"]
+    assert trust["expiresAt"] != before
+    expires = dt.datetime.fromisoformat(trust["expiresAt"].replace("Z", "+00:00"))
+    assert expires <= verified + short
+    assert trust["usesLeft"] == 1
+    m.operator(verified + short + dt.timedelta(seconds=1))  # the agent stays silent
+    assert (m.phase, m.status["trust"]["reason"]) == ("Untrusted", "VerdictExpired")
+
+
 def test_a_first_reference_set_added_to_a_class_is_a_change_of_its_values(ca: SoftCA) -> None:
     """A verdict that matched no set rested on the class having none: once one is added,
     the member's log must match it, which its next quote must show."""

@@ -71,3 +71,39 @@ def test_pcr_selection_marshalling_round_trips() -> None:
 def test_oversized_structure_is_refused_with_its_size() -> None:
     with pytest.raises(MalformedEvidence, match="more than the 8192 allowed"):
         parse_attest(b"\0" * 9000)
+
+
+def test_a_clock_set_past_what_a_verdict_can_record_is_malformed_evidence() -> None:
+    """Attacker: root with the owner's auth sets the TPM clock forward (TPM2_ClockSet takes
+    up to 0xFFFF000000000000 ms) and answers with a genuine quote: the verdict would carry
+    a clock the API server refuses to store (Member.status.trust.clock is an int64), every
+    new verdict's write would fail, and the last one would stand."""
+    from gtvp.core.quote import ClockState
+
+    _, ak = soft_ak()
+    for clock in (2**63, 0xFFFF000000000000):
+        data = craft_attest(signer=ak.name, nonce=b"n", pcr_values={0: b"\0" * 32},
+                            clock=ClockState(clock, 1, 0))  # fmt: skip
+        with pytest.raises(MalformedEvidence, match=r"clockInfo.clock is \d+ ms, beyond"):
+            parse_attest(data)
+    edge = craft_attest(signer=ak.name, nonce=b"n", pcr_values={0: b"\0" * 32},
+                        clock=ClockState(2**63 - 1, 1, 0))  # fmt: skip
+    assert parse_attest(edge).clock == 2**63 - 1
+
+
+def test_an_ek_whose_aes_key_no_tpm_would_make_is_malformed_evidence() -> None:
+    """Attacker: root publishes its genuine EK's area with a 64-bit AES key: the
+    fingerprint, certificate and pin checks hold (they read the key alone), and building
+    the credential would raise inside tpm2-pytss, an unforeseen error that never asks for
+    readmission. It is a named failure instead."""
+    from gtvp.core.tpm_wire import as_tpm2b_public
+    from tests.softtpm import SoftCA, SoftTpm
+
+    good = SoftTpm(SoftCA()).ek_public  # the TCG EK template, as a TPM makes it
+    aes_128_cfb = struct.pack(">HHH", 0x0006, 128, 0x0043)
+    assert good.count(aes_128_cfb) == 1
+    parse_public(as_tpm2b_public(good))
+    for bits in (64, 0, 512):
+        bad = good.replace(aes_128_cfb, struct.pack(">HHH", 0x0006, bits, 0x0043))
+        with pytest.raises(MalformedEvidence, match=f"AES key of {bits} bits"):
+            parse_public(as_tpm2b_public(bad))

@@ -399,7 +399,8 @@ class _Cycle:
         self.noted: tuple[Event, ...] = ()
         if mp.member_class is not None:
             _class_resolved(self.trust, self.challenge, mp.member_class, mp.level, now)
-            self.noted = _references_kept(self.trust, self.challenge, mp.member_class, now)
+            self.noted = _references_kept(self.trust, self.challenge, mp.member_class, policy, now)
+        _bounds_tightened(self.trust, mp)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -844,6 +845,22 @@ def _record_verdict(
     )
 
 
+def _bounds_tightened(trust: TrustStatus, mp: MemberPolicy) -> None:
+    """A policy edit that shortened the member's level's `validFor` or lowered its
+    `maxUses` applies to the standing verdict at once, not at its next quote (which a
+    compromised agent may withhold): `expiresAt` no later than `verifiedAt` + `validFor`
+    (the nonce it answered was issued before), `usesLeft` no more than `maxUses`."""
+    if trust.get("verdict") != Verdict.TRUSTED:
+        return
+    verified, expires = parse_ts(trust.get("verifiedAt")), parse_ts(trust.get("expiresAt"))
+    if verified is not None and expires is not None:
+        bound = verified + mp.attestation.valid_for
+        if bound < expires:
+            trust["expiresAt"] = format_ts(bound)
+    if int(trust.get("usesLeft", 0) or 0) > mp.attestation.max_uses:
+        trust["usesLeft"] = mp.attestation.max_uses
+
+
 def _expire_if_due(trust: TrustStatus, mp: MemberPolicy, now: dt.datetime) -> Event | None:
     """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`)."""
     expires = parse_ts(trust.get("expiresAt"))
@@ -956,23 +973,50 @@ def _iso(t: dt.datetime | None) -> str | None:
 
 
 def _references_kept(
-    trust: TrustStatus, challenge: ChallengeStatus, cls: MemberClass, now: dt.datetime
+    trust: TrustStatus,
+    challenge: ChallengeStatus,
+    cls: MemberClass,
+    policy: Policy,
+    now: dt.datetime,
 ) -> tuple[Event, ...]:
     """A policy edit changed the reference values a Trusted verdict rested on (a golden
-    value or the matched reference set revoked): no new decision rests on it (its uses
-    are spent) and its next quote is asked for now, to be judged by the new values. A
-    verdict from before they were recorded is taken as resting on the current ones."""
-    if trust.get("verdict") != Verdict.TRUSTED or trust.get("memberClass") != cls.name:
-        return ()  # another class: `judged_elsewhere` asks for a quote judged by it
+    value or the matched reference set revoked, or the member class it was judged under
+    removed): no new decision rests on it (its uses are spent) and its next quote is asked
+    for now, to be judged by the new values. A verdict from before they were recorded is
+    taken as resting on the current ones."""
+    if trust.get("verdict") != Verdict.TRUSTED:
+        return ()
+    judged = trust.get("memberClass")
+    if judged != cls.name:
+        if not isinstance(judged, str) or judged in policy.member_classes:
+            return ()  # another class: `judged_elsewhere` asks for a quote judged by it
+        return _rests_on_nothing(
+            trust,
+            challenge,
+            now,
+            f"the policy no longer has member class {judged}, which this verdict was judged "
+            "under: no new placement or migration rests on it until a quote judged under "
+            f"class {cls.name} verifies (asked for now)",
+        )
     now_relied = relied_on(cls, trust.get("referenceSet"))
     if trust.setdefault("references", now_relied) == now_relied:
         return ()
-    _ask_now(challenge, now)
-    message = (
+    return _rests_on_nothing(
+        trust,
+        challenge,
+        now,
         f"the policy changed the reference values of member class {cls.name} this verdict "
         "rested on: no new placement or migration rests on it until a quote judged by "
-        "them verifies (asked for now)"
+        "them verifies (asked for now)",
     )
+
+
+def _rests_on_nothing(
+    trust: TrustStatus, challenge: ChallengeStatus, now: dt.datetime, message: str
+) -> tuple[Event, ...]:
+    """Spend a revoked verdict's uses and ask for its next quote now; the Event, the first
+    time."""
+    _ask_now(challenge, now)
     first = int(trust.get("usesLeft", 0) or 0) > 0
     trust.update({"usesLeft": 0, "message": message})
     return (Event("Normal", "ReferencesChanged", message),) if first else ()

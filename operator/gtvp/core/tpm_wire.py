@@ -212,6 +212,8 @@ class Attest:
 
 _ATTEST_HEAD = struct.Struct(">IHH")  # magic, type, qualifiedSigner.size
 _CLOCK_INFO = struct.Struct(">QIIBQ")  # clock, resetCount, restartCount, safe, firmware
+MAX_CLOCK = 2**63 - 1
+"""The largest TPM clock (ms) gtvp takes: Member.status.trust.clock is an int64."""
 _U16 = struct.Struct(">H")
 
 
@@ -250,6 +252,14 @@ def parse_attest(data: bytes) -> Attest:
     off += _CLOCK_INFO.size
     if safe > 1:
         raise MalformedEvidence(f"TPMS_ATTEST: clockInfo.safe is {safe}, not a boolean")
+    if clock > MAX_CLOCK:
+        # an owner may set the clock forward (TPM2_ClockSet) up to 0xFFFF000000000000 ms;
+        # a verdict records it in an int64 field the API server would refuse to store,
+        # leaving the last verdict standing while every new one fails to be written
+        raise MalformedEvidence(
+            f"TPMS_ATTEST: clockInfo.clock is {clock} ms, beyond {MAX_CLOCK} ms (the TPM's "
+            "clock was set forward past anything a host runs)"
+        )
     selections: tuple[PcrSelection, ...] = ()
     digest = b""
     if typ == TPM_ST_ATTEST_QUOTE:
@@ -407,7 +417,11 @@ def _read_symmetric(r: Reader) -> int:
         return alg
     if alg not in (ALG_AES,):
         raise UnsupportedAlgorithm(f"{r.what}: symmetric algorithm 0x{alg:04x}")
-    r.u16()  # keyBits
+    bits = r.u16()
+    if bits not in (128, 192, 256):
+        # a TPM never makes such a key; tpm2-pytss would raise building the credential's
+        # wrapping, an unforeseen error that must not stand in for a named failure
+        raise MalformedEvidence(f"{r.what}: AES key of {bits} bits (128, 192 or 256)")
     mode = r.u16()
     if mode != ALG_CFB:
         raise UnsupportedAlgorithm(f"{r.what}: symmetric mode 0x{mode:04x}")
