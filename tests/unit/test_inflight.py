@@ -52,11 +52,12 @@ def test_the_targets_last_use_spent_by_the_migration_does_not_abort_it() -> None
     assert _judge(MIGRATION, ["good"], {"good": spent}, first=False) == InFlight()
 
 
-def test_a_migration_first_judged_on_a_spent_verdict_is_aborted() -> None:
+def test_a_migration_first_seen_after_a_restart_on_a_spent_verdict_is_left_alone() -> None:
+    """A restarted operator (or the new holder of the target's shard) sees a migration
+    whose use the previous process spent, the target's last: it neither aborts it nor
+    spends again."""
     spent = dataclasses.replace(GOOD, uses_left=0)
-    got = _judge(MIGRATION, ["good"], {"good": spent})
-    assert got.abort == "good"
-    assert "no use left" in got.reason
+    assert _judge(MIGRATION, ["good"], {"good": spent}) == InFlight()
 
 
 def test_a_target_that_lost_trust_expired_or_is_too_low_aborts_it() -> None:
@@ -79,6 +80,17 @@ def test_a_forged_recorded_target_does_not_hide_the_real_one() -> None:
     assert _judge(blanked, ["bad"], {"bad": LOST}, first=False).abort == "bad"
 
 
+def test_a_forged_untrusted_target_does_not_abort_a_move_off_an_untrusted_host() -> None:
+    """Root on the host being evacuated names an untrusted node as the migration's target,
+    so that gtvp would abort each of its moves and the VM would stay: once KubeVirt's target
+    pod is known, where it is bound is what counts."""
+    forged = dataclasses.replace(MIGRATION, target="bad", pinned="good")
+    got = _judge(forged, ["good"], {"good": GOOD, "bad": LOST})
+    assert got == InFlight(spend="good")
+    assert heading_for(forged, ["good"]) == frozenset({"good"})
+    assert heading_for(forged, []) == frozenset({"bad", "good"})  # no pod yet: both
+
+
 def test_the_use_is_spent_on_the_node_the_target_pod_is_bound_to() -> None:
     forged = dataclasses.replace(MIGRATION, target="other")
     got = _judge(forged, ["good"], {"other": OTHER, "good": GOOD})
@@ -90,7 +102,5 @@ def test_the_use_is_spent_on_the_node_the_target_pod_is_bound_to() -> None:
 def test_nodes_this_replica_does_not_judge_are_left_to_their_holders() -> None:
     """Only the nodes passed in are judged (the shell passes those whose shards it
     holds); a node the replica does not hold is neither aborted on nor spent."""
-    forged = dataclasses.replace(MIGRATION, target="other")
     got = judge_in_flight(["other"], None, {"other": OTHER}, level=3, now=NOW, first=True)
     assert got == InFlight()
-    assert heading_for(forged, ["bad"]) == frozenset({"other", "bad"})

@@ -532,6 +532,39 @@ def test_a_shorter_validfor_or_fewer_uses_apply_to_the_standing_verdict_at_once(
     assert trust["usesLeft"] == 1
     m.operator(verified + short + dt.timedelta(seconds=1))  # the agent stays silent
     assert (m.phase, m.status["trust"]["reason"]) == ("Untrusted", "VerdictExpired")
+    # verified longer ago than the new validFor: one interval from the edit to answer the
+    # quote asked for now, not expired (nor held for readmission) by the edit alone
+    old = _trusted(ca)
+    old.policy = m.policy
+    edit = T0 + dt.timedelta(seconds=10)
+    old.operator(edit)
+    assert old.phase == "Trusted"
+    expires = dt.datetime.fromisoformat(old.status["trust"]["expiresAt"].replace("Z", "+00:00"))
+    assert edit + dt.timedelta(seconds=1) < expires <= edit + dt.timedelta(seconds=2)
+    asked = dt.datetime.fromisoformat(old.status["challenge"]["answerAfter"].replace("Z", "+00:00"))
+    assert asked <= edit
+
+
+def test_a_raise_to_a_level_with_a_shorter_validfor_does_not_cut_the_standing_verdict(
+    ca: SoftCA,
+) -> None:
+    """A member judged at level 1 is raised to level 3, whose validFor is shorter: its
+    verdict keeps level 1's until the fresh quote judged at level 3 (the phase machine),
+    not cut to level 3's and expired (at a level without autoRecover, held for
+    readmission) by the raise alone."""
+    m = AgentMember(SoftTpm(ca), policy_trusting(ca.bundle_pem()))
+    m.spec["identity"] = 1
+    assert m.enrol(T0).outcome == "Verified"
+    before = m.status["trust"]["expiresAt"]
+    levels = tuple(
+        lv if lv.level < 3 else dataclasses.replace(lv, valid_for=dt.timedelta(seconds=3))
+        for lv in m.policy.levels
+    )
+    m.policy = dataclasses.replace(m.policy, levels=levels)
+    m.spec["identity"] = 3
+    m.operator(T0 + dt.timedelta(seconds=10))
+    assert m.phase == "Trusted"
+    assert m.status["trust"]["expiresAt"] == before
 
 
 def test_a_first_reference_set_added_to_a_class_is_a_change_of_its_values(ca: SoftCA) -> None:

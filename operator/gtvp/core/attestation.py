@@ -400,7 +400,7 @@ class _Cycle:
         if mp.member_class is not None:
             _class_resolved(self.trust, self.challenge, mp.member_class, mp.level, now)
             self.noted = _references_kept(self.trust, self.challenge, mp.member_class, policy, now)
-        _bounds_tightened(self.trust, mp)
+        _bounds_tightened(self.trust, self.challenge, policy, now)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -845,20 +845,30 @@ def _record_verdict(
     )
 
 
-def _bounds_tightened(trust: TrustStatus, mp: MemberPolicy) -> None:
-    """A policy edit that shortened the member's level's `validFor` or lowered its
-    `maxUses` applies to the standing verdict at once, not at its next quote (which a
+def _bounds_tightened(
+    trust: TrustStatus, challenge: ChallengeStatus, policy: Policy, now: dt.datetime
+) -> None:
+    """A policy edit that shortened the `validFor` of the level a standing verdict was
+    judged at, or lowered its `maxUses`, applies at once, not at the next quote (which a
     compromised agent may withhold): `expiresAt` no later than `verifiedAt` + `validFor`
-    (the nonce it answered was issued before), `usesLeft` no more than `maxUses`."""
+    (the nonce it answered was issued before), but never sooner than one `interval` from
+    now, with the next quote asked for now, so that an honest agent answers in time and no
+    member is expired (or held for readmission) by the edit alone; `usesLeft` no more than
+    `maxUses`. The judged level's settings, not the level the member may hold now: a raised
+    level waits for a fresh quote judged at it."""
     if trust.get("verdict") != Verdict.TRUSTED:
         return
+    level = policy.level(int(trust.get("level", 0) or 0))
+    if level is None:
+        return  # a level the policy dropped: the member's published level falls at once
     verified, expires = parse_ts(trust.get("verifiedAt")), parse_ts(trust.get("expiresAt"))
     if verified is not None and expires is not None:
-        bound = verified + mp.attestation.valid_for
+        bound = max(verified + level.valid_for, now + level.interval)
         if bound < expires:
             trust["expiresAt"] = format_ts(bound)
-    if int(trust.get("usesLeft", 0) or 0) > mp.attestation.max_uses:
-        trust["usesLeft"] = mp.attestation.max_uses
+            _ask_now(challenge, now)
+    if int(trust.get("usesLeft", 0) or 0) > level.max_uses:
+        trust["usesLeft"] = level.max_uses
 
 
 def _expire_if_due(trust: TrustStatus, mp: MemberPolicy, now: dt.datetime) -> Event | None:

@@ -391,9 +391,10 @@ def vm_raise_warning(*, old: Mapping[str, Any], new: Mapping[str, Any]) -> str |
         return None
     before = f"level {was}" if was else "ungated"
     return (
-        f"{_title('VirtualMachine', new)} is now at level {level}, but a running instance "
-        f"keeps what it was admitted with ({before}) and may stay where it runs: restart the "
-        "VirtualMachine to run it gated at the new level"
+        f"{_title('VirtualMachine', new)} is now at level {level}, but an instance already "
+        f"running keeps what it was admitted with ({before}) and stays where it runs (a live "
+        "update of its node selector to the new level is refused while its node does not "
+        "hold that level): restart the VirtualMachine to run it gated at the new level"
     )
 
 

@@ -11,12 +11,16 @@ with the migration's uid, bound by the scheduler to a node it can no longer chan
 migration is aborted when any of those nodes may not receive the VM (fail closed: a forged
 target adds a node, it never hides the real one).
 
-A use is a decision: the migration spends one use of its target's verdict the first time it
-is judged (the real target: its launcher pod's node, else the recorded target, else the
-pin). After that, a verdict whose uses ran out (other decisions, or this very spend) does not
-abort it: the decision was taken while uses were left. Only what takes trust away does: the
-phase, the level, the expiry. A migration first judged on a verdict with no use left is a
-decision taken on a spent verdict: aborted. Pure.
+A use is a decision: the migration spends one use of its target's verdict the first time
+this process judges it (the real target: its launcher pod's node, else the recorded target,
+else the pin). After that, a verdict whose uses ran out (other decisions, or this very
+spend) does not abort it: the decision was taken while uses were left. Only what takes
+trust away does: the phase, the level, the expiry. A migration this process sees first on
+a verdict with no use left is not aborted either: after a restart or a shard handover its
+use may well have been spent by the process that judged it before (a new decision on a
+spent verdict cannot reach the node anyway: the trust labels come off with the last use,
+and admission refuses a migration pinned there; what is left is the moment the labels take
+to go, as for VMI starts). Pure.
 """
 
 from __future__ import annotations
@@ -30,9 +34,13 @@ from gtvp.core.trust import MemberView
 
 
 def heading_for(migration: Migration, target_pod_nodes: Iterable[str]) -> frozenset[str]:
-    """Every node `migration` may be bringing its VMI to: its recorded target, its pin and
-    the nodes of the target launcher pods made for it."""
-    named = (migration.target, migration.pinned, *target_pod_nodes)
+    """Every node `migration` may be bringing its VMI to: the nodes of the target launcher
+    pods made for it and its pin; while no such pod is known, its recorded target and its
+    pin. A VM runs only where a launcher pod of it runs, so once the pod is known the
+    recorded target (which root on the source may also write, naming an untrusted node to
+    abort every move off its host) is not read."""
+    pods = frozenset(target_pod_nodes)
+    named = (*pods, migration.pinned) if pods else (migration.target, migration.pinned)
     return frozenset(n for n in named if n)
 
 
@@ -82,8 +90,5 @@ def judge_in_flight(
     if member is None:
         return InFlight(abort=spender, reason="it is no member")
     if member.uses_left <= 0:
-        return InFlight(
-            abort=spender,
-            reason="its verdict had no use left when the migration was first judged",
-        )
+        return InFlight()  # spent before this process saw it, or in the labels' last moment
     return InFlight(spend=spender)
