@@ -12,9 +12,15 @@ from gtvp_local.controlplane import ControlPlane
 
 
 def create_launcher_pod(
-    cp: ControlPlane, namespace: str, vmi: Mapping[str, Any], node: str
+    cp: ControlPlane,
+    namespace: str,
+    vmi: Mapping[str, Any],
+    node: str,
+    *,
+    migration_uid: str | None = None,
 ) -> dict[str, Any]:
-    """A launcher pod of `vmi` (its name and uid) bound to `node`; the pod as created."""
+    """A launcher pod of `vmi` (its name and uid) bound to `node` (the target pod of the
+    migration with `migration_uid`, if given); the pod as created."""
     cp.kubectl("create", "serviceaccount", "default", "-n", namespace, check=False)  # no KCM
     meta = vmi["metadata"]
     owner = {
@@ -30,7 +36,10 @@ def create_launcher_pod(
         "metadata": {
             "generateName": f"virt-launcher-{meta['name']}-",
             "namespace": namespace,
-            "labels": {"kubevirt.io": "virt-launcher"},
+            "labels": {
+                "kubevirt.io": "virt-launcher",
+                **({"kubevirt.io/migrationJobUID": migration_uid} if migration_uid else {}),
+            },
             "ownerReferences": [owner],
         },
         "spec": {"nodeName": node, "containers": [{"name": "compute", "image": "x"}]},

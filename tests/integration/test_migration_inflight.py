@@ -27,7 +27,6 @@ from gtvp.core.api_resources import MEMBERS, MIGRATIONS
 from gtvp.core.component_checks import Check
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import EVACUATION_LABEL, HOSTNAME_LABEL
-from gtvp.core.launchers import MIGRATION_JOB_LABEL
 from gtvp.core.prefetch import ANNOTATION, requests_on
 from gtvp.core.timestamps import format_ts
 from gtvp.handlers import attestation, prefetch
@@ -35,6 +34,7 @@ from gtvp.handlers.evacuation import judge_migration, rejudge_migrations_to
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import ControlPlane
 from tests.catalogue import Publisher
+from tests.launcher_pods import create_launcher_pod
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -120,29 +120,7 @@ def _target_pod(
     node: str,
 ) -> None:  # fmt: skip
     """The target launcher pod KubeVirt makes for `mig`, bound to `node`."""
-    cp.kubectl("create", "serviceaccount", "default", "-n", namespace, check=False)
-    meta = vmi["metadata"]
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "generateName": f"virt-launcher-{meta['name']}-",
-            "namespace": namespace,
-            "labels": {"kubevirt.io": "virt-launcher", MIGRATION_JOB_LABEL: mig["metadata"]["uid"]},
-            "ownerReferences": [
-                {
-                    "apiVersion": "kubevirt.io/v1",
-                    "kind": "VirtualMachineInstance",
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": True,
-                }
-            ],
-        },
-        "spec": {"nodeName": node, "containers": [{"name": "compute", "image": "x"}]},
-    }
-    made = json.loads(cp.kubectl("create", "-o", "json", "-f", "-",
-                                 input_text=json.dumps(pod)).stdout)  # fmt: skip
+    made = create_launcher_pod(cp, namespace, vmi, node, migration_uid=mig["metadata"]["uid"])
     rt.view.observe_pod(made, "ADDED")
 
 
