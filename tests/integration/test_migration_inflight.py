@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import kopf
 import pytest
 
 from gtvp import kube
@@ -29,7 +30,7 @@ from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import EVACUATION_LABEL, HOSTNAME_LABEL
 from gtvp.core.prefetch import ANNOTATION, requests_on
 from gtvp.core.timestamps import format_ts
-from gtvp.handlers import attestation, prefetch
+from gtvp.handlers import attestation, launcher_pod_event, prefetch
 from gtvp.handlers.evacuation import judge_migration, rejudge_migrations_to
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import ControlPlane
@@ -254,4 +255,21 @@ def test_a_migration_to_a_node_whose_member_is_deleted_is_aborted_at_once(
     mig = _migration(control_plane, rt, namespace, "db", phase="Running", target=name)
     _target_pod(control_plane, rt, namespace, vmi, mig, name)
     asyncio.run(attestation._untrust_memberless_node(rt, name))  # judged as a bare Node
+    assert not _exists(rt, mig)
+
+
+def test_a_target_pod_bound_to_an_untrusted_node_aborts_its_migration_at_once(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, members: dict[str, str]
+) -> None:
+    """The migration's last event named a Trusted target (forged in the VMI's status);
+    KubeVirt's target pod is then bound to a host that lost trust: the pod's own event
+    judges the migration by that node, without waiting for the migration's next update."""
+    vmi = _gated_vmi(rt, namespace, "api")
+    mig = _migration(
+        control_plane, rt, namespace, "api", phase="Scheduled", target=members["other"]
+    )
+    made = create_launcher_pod(
+        control_plane, namespace, vmi, members["bad"], migration_uid=mig["metadata"]["uid"]
+    )
+    asyncio.run(launcher_pod_event(body=kopf.Body(made), type="ADDED", memo=kopf.Memo(runtime=rt)))
     assert not _exists(rt, mig)

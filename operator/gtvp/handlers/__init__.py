@@ -32,6 +32,7 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINE_INSTANCES,
     VIRTUAL_MACHINES,
 )
+from gtvp.core.launchers import launcher_pod
 from gtvp.core.trust import rule_labels
 from gtvp.handlers import (
     admission,
@@ -105,10 +106,17 @@ async def migration_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **
 
 async def launcher_pod_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A virt-launcher pod: its node holds its VMI too; a node it adds is looked at now (a
-    gated VMI on a member that does not hold its level is moved or stopped)."""
+    gated VMI on a member that does not hold its level is moved or stopped). A migration's
+    target pod bound to a node gets its migration judged now, by that node (not at the
+    migration's next event)."""
     rt = runtime_of(memo)
     for node in rt.view.observe_pod(dict(body), type or ""):
         rt.schedule.schedule(node, dt.timedelta(0))
+    pod = launcher_pod(dict(body)) if type != "DELETED" else None
+    if pod is not None and pod.migration_uid:
+        for migration in list(rt.view.migrations.values()):
+            if (migration.get("metadata") or {}).get("uid") == pod.migration_uid:
+                await evacuation.judge_migration(rt, migration)
 
 
 async def member_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
