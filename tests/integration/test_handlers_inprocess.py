@@ -923,6 +923,26 @@ def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     ]  # fmt: skip
 
 
+@pytest.mark.tpm
+def test_an_evacuation_is_never_pinned_to_a_cordoned_member(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, under_pool_policy: None
+) -> None:
+    """A cordoned member (first by name, caching as much) would take the evacuation's
+    pin: the scheduler never places the target pod there, KubeVirt fails the migration
+    after minutes, and three such failures leave the VM on the untrusted host."""
+    allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
+    for name, cordoned in (("a-cordoned", True), ("b-open", False)):
+        rt.view.observe_member(_trusted(name, 3), "ADDED")
+        rt.view.observe_node({"metadata": {"name": name}, "spec": {"unschedulable": cordoned},
+                              "status": {"allocatable": allocatable}}, "ADDED")  # fmt: skip
+    db = _vmi("db", 3, selector=True)
+    db["metadata"]["namespace"] = namespace
+    rt.view.observe_vmi({**db, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    moves = _migrations_seen(control_plane, rt, namespace)
+    assert [m["spec"]["addedNodeSelector"][HOSTNAME_LABEL] for m in moves] == ["b-open"]
+
+
 def _migrations_seen(
     control_plane: ControlPlane, rt: Runtime, namespace: str
 ) -> list[dict[str, Any]]:

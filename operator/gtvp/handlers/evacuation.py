@@ -246,10 +246,13 @@ async def _act(
             why = f"no Trusted member of level {v.level} or above can take it yet"
             await _vmi_event(rt, (v.namespace, v.name), "Warning", "EvacuationWaiting",
                              f"evacuation off {member} waits: {why}")  # fmt: skip
-    targets = [
+    targets = [  # a cordoned Node takes nothing the scheduler places (nor a pinned target pod)
         (m.name, m.level)
         for m in members
-        if m.name != member and m.name in rt.view.nodes and m.usable(now, 1)
+        if m.name != member
+        and m.name in rt.view.nodes
+        and m.usable(now, 1)
+        and not ((rt.view.nodes[m.name].get("spec") or {}).get("unschedulable"))
     ]
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
