@@ -15,6 +15,7 @@ identities of their own (its member prefix), so no pool inherits another's Lease
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import uuid
 from collections.abc import Mapping
@@ -48,3 +49,12 @@ def trusted_pool(
     return local_pool.trusted_pool(
         cp, directory, members, policy_name=f"{tag}-{uuid.uuid4().hex[:6]}", **start
     )
+
+
+def verified_since(status: Mapping[str, Any], since: dt.datetime) -> bool:
+    """Whether a Member's verdict was verified at or after `since` (whole seconds, as
+    written): a quote judged under a policy applied at `since`, not one the edit clamped."""
+    at = str((status.get("trust") or {}).get("verifiedAt") or "")
+    if not at:
+        return False
+    return dt.datetime.fromisoformat(at.replace("Z", "+00:00")) >= since
