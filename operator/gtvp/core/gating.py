@@ -101,10 +101,25 @@ def admitted_level(
     """The level an existing VMI was admitted with: its label (read loosely, it may predate
     strict levels) or the level of the trust selector it carries, whichever is higher.
     GatingError when its label cannot be read as a level at all."""
-    label = _old_level(labels)
-    if labels and VM_LEVEL_LABEL in labels and label is None:
+    if labels and VM_LEVEL_LABEL in labels and _old_level(labels) is None:
         _strict(labels[VM_LEVEL_LABEL])  # raises, with the message
-    found = [n for n in (label, selector_level(node_selector)) if n is not None]
+    return _loose_admitted(labels, node_selector)
+
+
+def _loose_admitted(
+    labels: Mapping[str, str] | None, node_selector: Mapping[str, str] | None
+) -> int | None:
+    """`admitted_level` with an unreadable label read as none (it raises nothing)."""
+    found = [n for n in (_old_level(labels), selector_level(node_selector)) if n is not None]
+    return max(found) if found else None
+
+
+def _vm_admitted(vm: Mapping[str, Any]) -> int | None:
+    """The level a VM was admitted with: its label's or its template's, the higher (read
+    loosely, it may predate strict levels); None: neither."""
+    found = [
+        n for n in (_old_level(_labels(vm)), _old_level(vm_template_labels(vm))) if n is not None
+    ]
     return max(found) if found else None
 
 
@@ -348,8 +363,7 @@ def validate_vm_update(*, old: Mapping[str, Any], new: Mapping[str, Any]) -> Dec
     """The level a VM was admitted with sticks: not removed, not lowered (raising is fine:
     its next instance is admitted at the new level, its running one keeps its own)."""
     title = _title("VirtualMachine", new)
-    old_meta, old_tmpl = _old_level(_labels(old)), _old_level(vm_template_labels(old))
-    was = max((n for n in (old_meta, old_tmpl) if n is not None), default=None)
+    old_meta, was = _old_level(_labels(old)), _vm_admitted(old)
     try:
         level = vm_level(new)
     except GatingError as exc:
@@ -379,10 +393,7 @@ def vm_raise_warning(*, old: Mapping[str, Any], new: Mapping[str, Any]) -> str |
     """What to tell whoever adds or raises a VM's level: the running instance keeps the
     level it was admitted with (KubeVirt copies no label to a running VMI), so it is gated
     at the new level only from its next start. None: no raise."""
-    was = max(
-        (n for n in (_old_level(_labels(old)), _old_level(vm_template_labels(old))) if n),
-        default=0,
-    )
+    was = _vm_admitted(old) or 0
     try:
         level = vm_level(new)
     except GatingError:
@@ -428,8 +439,7 @@ def validate_instance_update(
     # nodeSelector, as KubeVirt's LiveUpdate copies a VM template's): the VMI then counts as
     # needing that level where it runs, so its node must hold it now
     raised = max(level or 0, selector_level(_node_selector(new)) or 0)
-    was = max(_old_level(old_labels) or 0, selector_level(_node_selector(old)) or 0)
-    if raised > was:
+    if raised > (_loose_admitted(old_labels, _node_selector(old)) or 0):
         return _validate_raise(title, new, level=raised, members=members, now=now)
     return Decision(True)
 
@@ -443,10 +453,7 @@ def _level_dropped(
 ) -> str | None:
     """Why the VMI's new level label drops the level it was admitted with (None: it keeps
     it): removed, or lowered below its old label or its trust selector's level."""
-    was = max(
-        (n for n in (_old_level(old_labels), selector_level(old_selector)) if n is not None),
-        default=None,
-    )
+    was = _loose_admitted(old_labels, old_selector)
     instead = "; to run it {}, delete it (or its VirtualMachine) and create it again {}"
     if VM_LEVEL_LABEL in old_labels and level is None:
         return (
