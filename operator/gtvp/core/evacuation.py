@@ -526,6 +526,12 @@ class Evacuee:
     memory_bytes: int = 0
 
 
+def cordoned(node: Mapping[str, Any]) -> bool:
+    """Whether a Node is cordoned (`spec.unschedulable`: kubectl cordon / drain): the
+    scheduler places nothing there, a target pod pinned to it included."""
+    return bool((node.get("spec") or {}).get("unschedulable"))
+
+
 @dataclass(frozen=True)
 class DrainTarget:
     """A member that might receive a VMI: its level, verdict and whether it is cordoned."""

@@ -40,6 +40,7 @@ from gtvp.core.evacuation import (
     DrainTarget,
     Evacuee,
     Retarget,
+    cordoned,
     drain_evacuee,
     drain_history,
     migration_view,
@@ -107,9 +108,8 @@ def drain_targets(rt: Runtime, now: dt.datetime) -> list[DrainTarget]:
         if node is None:
             continue
         view = member_view(name, body.get("status") or {})
-        cordoned = bool((node.get("spec") or {}).get("unschedulable"))
         images = image_digests((node.get("status") or {}).get("images"))
-        out.append(DrainTarget(name, view.level, view.usable(now, 1), cordoned, images))
+        out.append(DrainTarget(name, view.level, view.usable(now, 1), cordoned(node), images))
     return out
 
 

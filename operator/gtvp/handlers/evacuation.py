@@ -44,6 +44,7 @@ from gtvp.core.evacuation import (
     Retarget,
     Vmi,
     controlling_vm,
+    cordoned,
     evacuation_stalled,
     is_planned_migration,
     migration_view,
@@ -246,13 +247,13 @@ async def _act(
             why = f"no Trusted member of level {v.level} or above can take it yet"
             await _vmi_event(rt, (v.namespace, v.name), "Warning", "EvacuationWaiting",
                              f"evacuation off {member} waits: {why}")  # fmt: skip
-    targets = [  # a cordoned Node takes nothing the scheduler places (nor a pinned target pod)
+    targets = [
         (m.name, m.level)
         for m in members
         if m.name != member
         and m.name in rt.view.nodes
         and m.usable(now, 1)
-        and not ((rt.view.nodes[m.name].get("spec") or {}).get("unschedulable"))
+        and not cordoned(rt.view.nodes[m.name])
     ]
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
