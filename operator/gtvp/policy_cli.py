@@ -33,6 +33,7 @@ from gtvp import local_state, policy_check_cli
 from gtvp.core.api_resources import MEMBERS, SECURITY_POLICIES
 from gtvp.core.errors import MalformedEvidence, VerificationError
 from gtvp.core.eventlog import EventLog, parse_event_log
+from gtvp.core.policy import resettable_pcrs_message
 from gtvp.core.refvalues import check_replay, learn
 
 DEFAULT_PCRS = tuple(range(8))
@@ -93,6 +94,9 @@ def _pcr_list(text: str) -> tuple[int, ...]:
         if not 0 <= first <= last <= 23:
             raise BadInput(f"--pcrs {text!r}: PCR indices are 0 to 23")
         pcrs.update(range(first, last + 1))
+    resettable = resettable_pcrs_message(tuple(pcrs))
+    if resettable:
+        raise BadInput(f"--pcrs {text!r}: {resettable}")
     return tuple(sorted(pcrs))
 
 

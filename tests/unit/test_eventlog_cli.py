@@ -184,6 +184,11 @@ def test_learn_options(capsys: pytest.CaptureFixture[str]) -> None:
             "PCR indices are 0 to 23",
         ),
         (
+            ["--event-log", str(DATA / "binary_bios_measurements"), "--pcrs", "0-7,16"],
+            2,
+            "PCR 16 (debug) can be reset by any software on the host",
+        ),
+        (
             ["--event-log", str(DATA / "binary_bios_measurements"), "--not-after", "soon"],
             2,
             "not an RFC 3339 time",

@@ -224,6 +224,26 @@ def test_a_member_class_leaving_a_quoted_pcr_unverified_is_refused(
     assert f"member class 'partial' leaves PCR(s) {unverified} unverified" in err.message
 
 
+@pytest.mark.parametrize(
+    ("pcrs", "named"),
+    [
+        ([0, 16], "16 (debug)"),
+        ([23], "23 (application support)"),
+        ([16, 23], "16 (debug), 23 (application support)"),
+    ],
+)
+def test_a_selection_of_pcrs_any_software_can_reset_is_refused(pcrs: list[int], named: str) -> None:
+    """A golden value for PCR 16 or 23 proves nothing: root on the host resets the PCR and
+    extends it to that value before the quote."""
+    spec = _sample()
+    spec["pcrSelection"]["pcrs"] = sorted(set(spec["pcrSelection"]["pcrs"]) | set(pcrs))
+    for cls in spec["memberClasses"]:
+        cls.setdefault("goldenPCRs", {}).update({str(p): "00" * 32 for p in pcrs})
+    err = _refused(spec)
+    assert err.field == "spec.pcrSelection.pcrs"
+    assert f"PCR {named} can be reset by any software on the host" in err.message
+
+
 def test_a_class_verifying_every_quoted_pcr_is_accepted() -> None:
     spec = _sample()
     spec["memberClasses"] += [

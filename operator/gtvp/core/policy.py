@@ -42,6 +42,22 @@ from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import HASH_BY_NAME, HASH_SIZES
 from gtvp.core.trust import LEVEL_LABEL, MAX_LEVEL, PREFIX, TRUSTED_LABEL
 
+RESETTABLE_PCRS = {16: "debug", 23: "application support"}
+"""PCRs that software may reset from locality 0 (TCG PC Client Platform TPM Profile): any
+value there can be replayed at will, so a policy that appraises one proves nothing."""
+
+
+def resettable_pcrs_message(pcrs: Sequence[int]) -> str | None:
+    """Why a selection of these PCRs is refused (None: it has no resettable one)."""
+    reset = [p for p in sorted(set(pcrs)) if p in RESETTABLE_PCRS]
+    if not reset:
+        return None
+    named = ", ".join(f"{p} ({RESETTABLE_PCRS[p]})" for p in reset)
+    return (
+        f"PCR {named} can be reset by any software on the host (locality 0), so whatever "
+        "it holds proves nothing about the boot: leave it out"
+    )
+
 
 class PolicyError(ValueError):
     """The policy cannot be used; `field` names where, the message says why."""
@@ -371,6 +387,9 @@ def _pcr_selection(sel: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
     pcrs = tuple(sorted({int(p) for p in _get(sel, "pcrs", [])}))
     if not pcrs:
         raise PolicyError("spec.pcrSelection.pcrs", "select at least one PCR")
+    resettable = resettable_pcrs_message(pcrs)
+    if resettable:
+        raise PolicyError("spec.pcrSelection.pcrs", resettable)
     return bank, pcrs
 
 
