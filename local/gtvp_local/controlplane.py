@@ -8,6 +8,11 @@ agent per node each with its own identity), service-account tokens are signed.
 There is no kube-controller-manager: no garbage collection and no namespace finalization
 (the test fixtures finalize their namespaces themselves).
 
+The API server authenticates itself to admission webhooks, as docs/chart.md asks of a real
+cluster: its admission configuration gives it a client certificate (common name
+`WEBHOOK_CLIENT_NAME`) from a CA of its own (`webhook_client_ca`), which gtvp's operators are
+told to require. Every webhook here is gtvp's, so the certificate is presented to all ('*').
+
 `ephemeral_control_plane` is the throwaway one the tests and benchmarks run on: free ports,
 its own state directory, gtvp's and KubeVirt's CRDs, stopped when the `with` block ends.
 """
@@ -35,6 +40,8 @@ OPERATOR_USER = "gtvp:operator"
 OPERATOR_GROUP = "gtvp:operators"
 AGENT_GROUP = "gtvp:agents"
 AGENT_USER_PREFIX = "gtvp:agent:"
+WEBHOOK_CLIENT_NAME = "kube-apiserver-webhook-client"
+"""Common name of the client certificate the API server presents to admission webhooks."""
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 
@@ -95,6 +102,58 @@ class ControlPlane:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def webhook_client_ca(self) -> Path:
+        """The CA (PEM) that signs the API server's webhook client certificate: a CA of its
+        own, not the cluster's (whose client certificates other users hold)."""
+        return pki.ensure_ca(self.pki_dir / "webhook-client", "gtvp-local-webhook-client-ca").cert
+
+    def _admission_config(self) -> Path:
+        """The --admission-control-config-file giving the API server its webhook client
+        certificate (kubeconfig user '*': every webhook of this control plane is gtvp's)."""
+        directory = self.pki_dir / "webhook-client"
+        ca = pki.ensure_ca(directory, "gtvp-local-webhook-client-ca")
+        client = pki.issue(ca, directory, "apiserver", common_name=WEBHOOK_CLIENT_NAME)
+        kubeconfig = self.state / "admission-kubeconfig.json"
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "users": [
+                        {
+                            "name": "*",
+                            "user": {
+                                "client-certificate": str(client.cert.resolve()),
+                                "client-key": str(client.key.resolve()),
+                            },
+                        }
+                    ],
+                },
+                indent=2,
+            )
+        )
+        webhook = {
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "WebhookAdmissionConfiguration",
+            "kubeConfigFile": str(kubeconfig.resolve()),
+        }
+        config = self.state / "admission.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "apiserver.config.k8s.io/v1",
+                    "kind": "AdmissionConfiguration",
+                    "plugins": [
+                        {"name": plugin, "configuration": webhook}
+                        for plugin in ("ValidatingAdmissionWebhook", "MutatingAdmissionWebhook")
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return config.resolve()
 
     @property
     def admin_kubeconfig(self) -> Path:
@@ -169,10 +228,12 @@ class ControlPlane:
     def start(self, *, timeout: float = 90.0) -> None:
         """Start etcd and kube-apiserver (cleaning a half-started previous run) and wait."""
         state = self.running()
-        if all(state.values()) and self.ready():
+        current = (self.state / "admission.json").exists()  # else started by an older gtvp
+        if all(state.values()) and self.ready() and current:
             return
         if any(state.values()):
-            # half-started: stop what is left before starting afresh
+            # half-started (or without the webhook client certificate): stop what is left
+            # before starting afresh
             self.stop()
         for name, port in asdict(self.ports).items():
             if port_in_use(port):
@@ -212,6 +273,7 @@ class ControlPlane:
         else:
             network = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"]
         sa_key = pki.ensure_service_account_key(self.pki_dir)
+        admission = self._admission_config()
         self.kubeconfig_for(ADMIN)
         self._start_etcd()
         self._wait(self._etcd_healthy, "etcd", "etcd", timeout)
@@ -234,6 +296,7 @@ class ControlPlane:
                 # system:nodes) may write: never another node, never node-restriction labels
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
+                f"--admission-control-config-file={admission}",
                 # no kube-controller-manager removes the not-ready taint this plugin puts on
                 # new Nodes, so simulated Nodes would never take a VM; gtvp's own taint is
                 # what matters here

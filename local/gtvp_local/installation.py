@@ -72,6 +72,14 @@ def image_values(reference: str) -> dict[str, Any]:
     return {"repository": repo, "tag": tag, "pullPolicy": "Never"}
 
 
+@dataclass(frozen=True)
+class WebhookClient:
+    """The certificate a rig's API server presents to webhooks: its CA (PEM) and names."""
+
+    ca_pem: str
+    names: tuple[str, ...]
+
+
 def chart_values(
     *,
     image: str,
@@ -80,12 +88,14 @@ def chart_values(
     replicas: int = 2,
     policy: str = "default",
     state_host_path: str | None = None,
+    webhook_client: WebhookClient | None = None,
 ) -> dict[str, Any]:
     """The chart values of a test rig: local images (never pulled), the agent on each node's
     swtpm over TCP (test rigs only: the chart's default is the node's /dev/tpmrm0; with no
     device fallback the agent runs unprivileged), and, when `node_selector` is given, the
     operator and agent pods on those nodes instead of the control plane. Everything else is
-    the chart's default."""
+    the chart's default, but for `webhook_client`: when the rig's API server presents a
+    webhook client certificate, the operator requires it (webhooks.clientAuth)."""
     values: dict[str, Any] = {
         "image": image_values(image),
         "policyName": policy,
@@ -104,6 +114,14 @@ def chart_values(
     if replicas < 3:
         # the default budget (minAvailable 2) must stay below replicas (the render checks)
         values["operator"]["podDisruptionBudget"] = {"minAvailable": 1}
+    if webhook_client is not None:
+        values["webhooks"] = {
+            "clientAuth": {
+                "enabled": True,
+                "caBundle": webhook_client.ca_pem,
+                "commonNames": list(webhook_client.names),
+            }
+        }
     return values
 
 
@@ -157,6 +175,7 @@ def install(
     node_selector: Mapping[str, str] | None = None,
     state_host_path: str | None = None,
     rig: str,
+    webhook_client: WebhookClient | None = None,
     timeout: float = 180.0,
     say: Say = lambda _m: None,
 ) -> Installation:
@@ -172,6 +191,7 @@ def install(
         replicas=replicas,
         policy=str(policy["metadata"]["name"]),
         state_host_path=state_host_path,
+        webhook_client=webhook_client,
     )
     helm_install(helm, kubeconfig, values, say=say)
     for node in pod_tpms:

@@ -45,7 +45,7 @@ from gtvp.core.api_resources import GTVP_API_VERSION
 from gtvp.core.phases import MemberPhase
 from gtvp_local import layout, pki
 from gtvp_local import replicas as rep
-from gtvp_local.controlplane import ControlPlane, agent_identity
+from gtvp_local.controlplane import WEBHOOK_CLIENT_NAME, ControlPlane, agent_identity
 from gtvp_local.polling import wait_for
 from gtvp_local.processes import ProcessTable, Tracked, free_port
 from gtvp_local.replicas import LeaseTable, LeaseTimings, Replica
@@ -569,6 +569,11 @@ class Pool:
             str(cert.cert),
             "--webhook-key",
             str(cert.key),
+            # only the API server may call them (its admission configuration's certificate)
+            "--webhook-client-ca",
+            str(self.cp.webhook_client_ca),
+            "--webhook-client-name",
+            WEBHOOK_CLIENT_NAME,
         ]
 
     def _key_release_args(self, replica: Replica) -> list[str]:
@@ -756,7 +761,12 @@ class Pool:
         lines = [
             f"  gtvp-operator {r.identity} (process {r.process}, metrics on "
             f"127.0.0.1:{r.metrics_port}/metrics"
-            + (f", webhooks on 127.0.0.1:{r.webhook_port}" if r.webhook_port else "")
+            + (
+                f", webhooks on 127.0.0.1:{r.webhook_port} for the API server's client "
+                f"certificate only ({WEBHOOK_CLIENT_NAME})"
+                if r.webhook_port
+                else ""
+            )
             + (
                 f", key release on {self.key_release_url(r.index)} (CA {self.key_release_ca})"
                 if r.key_release_port

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gtvp_local import images, installation, layout, realnode, toolchain
-from gtvp_local.controlplane import ControlPlane
+from gtvp_local.controlplane import WEBHOOK_CLIENT_NAME, ControlPlane
 from gtvp_local.pool import pool_policy
 from gtvp_local.processes import ProcessTable
 from gtvp_local.swtpm import Swtpm, SwtpmCA
@@ -78,6 +78,10 @@ def install(
         node_selector={realnode.NODE_LABEL: "true"},
         state_host_path=str(directory / "agent-state"),
         rig="local-real-node",
+        # the control plane presents its webhook client certificate: the operator requires it
+        webhook_client=installation.WebhookClient(
+            cp.webhook_client_ca.read_text(), (WEBHOOK_CLIENT_NAME,)
+        ),
         say=say,
     )
     found.save(directory / "installation.json")

@@ -33,6 +33,7 @@ from gtvp.core.component_checks import COMPONENT_FAILURE_REASONS, COMPONENT_VERI
 from gtvp.core.errors import ALL_REASONS
 from gtvp.core.keyrelease import RESULTS as KEY_RELEASE_RESULTS
 from gtvp.core.prefetch import REASONS as PREFETCH_REASONS
+from gtvp.core.webhook_callers import REFUSALS as WEBHOOK_REFUSALS
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # a `_created` series per counter doubles the series for nothing
 
@@ -156,6 +157,16 @@ class Metrics:
         for kind in MUTATED_KINDS:
             for outcome in ("mutated", "unchanged"):
                 self.admissions.labels(kind, outcome)
+        self.webhook_refusals = Counter(
+            "gtvp_webhook_requests_refused",
+            "Requests to the webhook port refused before any handler read them, by reason "
+            "(caller-not-allowed: a client certificate whose name --webhook-client-name does "
+            "not list; unknown-webhook: a path that names no gtvp webhook)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in WEBHOOK_REFUSALS:
+            self.webhook_refusals.labels(reason)
         self.evacuations = Counter(
             "gtvp_evacuation_migrations",
             "Evacuation migrations by state (started, finished, aborted)",
@@ -305,6 +316,9 @@ class Metrics:
 
     def admission(self, kind: str, outcome: str) -> None:
         self.admissions.labels(kind, outcome).inc()
+
+    def webhook_refused(self, reason: str) -> None:
+        self.webhook_refusals.labels(reason).inc()
 
     def evacuation(self, state: str) -> None:
         self.evacuations.labels(state).inc()

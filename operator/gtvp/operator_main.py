@@ -102,6 +102,22 @@ def parser() -> argparse.ArgumentParser:
         "--webhook-key", default=os.environ.get("GTVP_WEBHOOK_KEY"), help="its private key (PEM)"
     )
     p.add_argument(
+        "--webhook-client-ca",
+        default=os.environ.get("GTVP_WEBHOOK_CLIENT_CA"),
+        help="CA certificate(s) (PEM file) that sign the API server's webhook client "
+        "certificate: callers without a certificate it signed are refused in the TLS "
+        "handshake. A CA kept for this alone, never the cluster CA (docs/chart.md, "
+        "'Only the API server calls the webhooks'); needs --webhook-client-name",
+    )
+    p.add_argument(
+        "--webhook-client-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="common name of a client certificate that may call the webhooks (repeat for "
+        "several API servers' names); others are refused with 403",
+    )
+    p.add_argument(
         "--no-create-members", action="store_true", help="do not create a Member for each Node"
     )
     p.add_argument(
@@ -197,6 +213,8 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         webhook_address=args.webhook_address,
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
+        webhook_client_ca=args.webhook_client_ca,
+        webhook_client_names=tuple(args.webhook_client_name),
         log_level=args.log_level.upper(),
         identity=args.identity,
         lease_namespace=args.lease_namespace,
@@ -205,6 +223,71 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         shutdown_grace=args.shutdown_grace,
         coordinate=not args.no_leases,
     )
+
+
+def check_webhook_clients(args: argparse.Namespace) -> None:
+    """ValueError unless --webhook-client-ca and --webhook-client-name come together and the
+    CA file holds CA certificates (read now: a bad file is a clear error at start, not a
+    listener that kopf retries for ever)."""
+    if not args.webhook_client_ca and not args.webhook_client_name:
+        return
+    if not args.webhook_client_ca:
+        raise ValueError(
+            "--webhook-client-name needs --webhook-client-ca: names are only checked on "
+            "certificates that CA signed"
+        )
+    if not args.webhook_client_name:
+        raise ValueError(
+            "--webhook-client-ca needs --webhook-client-name: the common name of the API "
+            "server's webhook client certificate (any certificate of the CA would pass)"
+        )
+    if not args.webhook_port:
+        raise ValueError(
+            "--webhook-client-ca is for the webhooks, which --webhook-port 0 turns off"
+        )
+    for name in args.webhook_client_name:
+        if not name.strip() or name != name.strip():
+            raise ValueError(f"--webhook-client-name {name!r}: a certificate common name is needed")
+    import re
+
+    from cryptography import x509
+
+    try:
+        with open(args.webhook_client_ca, "rb") as f:
+            pem = f.read()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read --webhook-client-ca {args.webhook_client_ca}: {exc}"
+        ) from exc
+    others = sorted(
+        {
+            label.decode("ascii", "replace")
+            for label in re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", pem)
+            if label != b"CERTIFICATE"
+        }
+    )
+    if others:
+        raise ValueError(
+            f"--webhook-client-ca {args.webhook_client_ca} holds {', '.join(others)} besides "
+            "certificates: give the CA's certificates only (whoever reads a key there can sign "
+            "a certificate the webhooks accept)"
+        )
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise ValueError(
+            f"--webhook-client-ca {args.webhook_client_ca} holds no PEM certificate: {exc}"
+        ) from exc
+    for cert in certs:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ValueError(
+                f"--webhook-client-ca {args.webhook_client_ca}: {cert.subject.rfc4514_string()} "
+                "is not a CA certificate (give the CA that signs the client certificate)"
+            )
 
 
 @dataclass(frozen=True)
@@ -466,6 +549,7 @@ def _runtime(settings: OperatorSettings) -> Runtime:
     )
     rt = Runtime(settings=settings, clients=clients, coordination=coordination)
     if settings.webhook_port:
+        from gtvp.metrics import METRICS
         from gtvp.webhook_config import WEBHOOK_IDS
         from gtvp.webhook_server import DrainingWebhookServer
 
@@ -476,6 +560,9 @@ def _runtime(settings: OperatorSettings) -> Runtime:
             pkeyfile=settings.webhook_key,
             closing=lambda: rt.coordination.stopping,
             webhook_ids=WEBHOOK_IDS,
+            client_ca=settings.webhook_client_ca,
+            client_names=settings.webhook_client_names,
+            refused=METRICS.webhook_refused,
         )
     return rt
 
@@ -516,11 +603,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = settings_from(args)
+        check_webhook_clients(args)
         serving = metrics_serving_from(args)
         key_release = key_release_from(args, serving)
         own_port = key_release_serving_from(args)
         probe_port = probe_port_from(args)
-    except ValueError as exc:  # inconsistent lease timing, unauthenticated metrics off loopback
+    except ValueError as exc:  # inconsistent flags (lease timing, metrics off loopback...)
         return _fail(str(exc))
     _configure_logging(settings)
     if settings.kubeconfig:
@@ -552,8 +640,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.identity,
         f" (Leases in namespace {settings.lease_namespace})" if settings.coordinate else "",
     )
+    if settings.webhook_port:
+        _say_who_may_call(settings)
     asyncio.run(_run(rt))
     return 0
+
+
+def _say_who_may_call(settings: OperatorSettings) -> None:
+    log = logging.getLogger("gtvp")
+    if settings.webhook_client_ca:
+        log.info(
+            "webhooks on port %d answer only client certificates of %s named %s",
+            settings.webhook_port,
+            settings.webhook_client_ca,
+            ", ".join(settings.webhook_client_names),
+        )
+    else:
+        log.warning(
+            "webhooks on port %d answer any caller (no --webhook-client-ca): whoever reaches "
+            "the port can ask about any VMI (docs/chart.md, 'Only the API server calls the "
+            "webhooks')",
+            settings.webhook_port,
+        )
 
 
 async def _run(rt: Runtime) -> None:

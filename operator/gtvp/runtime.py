@@ -55,6 +55,10 @@ class OperatorSettings:
     webhook_cert: str | None = None
     """Serving certificate (PEM) the API server trusts."""
     webhook_key: str | None = None
+    webhook_client_ca: str | None = None
+    """CA (PEM) whose certificates alone may open a connection to the webhooks (None: any)."""
+    webhook_client_names: tuple[str, ...] = ()
+    """Common names of the client certificates whose reviews are answered (empty: any)."""
     log_level: str = "INFO"
     identity: str = "gtvp-operator"
     """This replica's name in the Leases (the pod's name in a cluster)."""

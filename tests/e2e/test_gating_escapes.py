@@ -5,6 +5,7 @@
   Untrusted member stays refused; levels are canonical and a VM's two labels must agree.
 - The webhooks are scoped (namespaceSelector, matchConditions): with the operator down an
   ungated VM is admitted, a gated one is refused (fail closed).
+- Only the API server's webhook client certificate gets an answer from the webhook port.
 
 Same real/simulated split as test_trusted_pool: real API server, agents, swtpms, operator and
 webhooks; Nodes by kwok and virt-controller by gtvp's stand-in (SIMULATED).
@@ -12,14 +13,17 @@ webhooks; Nodes by kwok and virt-controller by gtvp's stand-in (SIMULATED).
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from gtvp.core.trust import TRUSTED_LABEL
-from gtvp_local.controlplane import ControlPlane
+from gtvp_local import pki
+from gtvp_local.controlplane import ControlPlane, agent_identity
 from gtvp_local.pool import Pool
 from tests.e2e.test_trusted_pool import _vm, _vmi, _wait
 from tests.pools import trusted_pool
@@ -251,6 +255,76 @@ def test_migration_of_an_unlabelled_vmi_keeps_its_admitted_level(
 
 
 # ----- blast radius with the operator down (issue #10 item 7) ------------------------------
+
+
+# ----- only the API server calls the webhooks ---------------------------------------------------
+def _post_review(port: int, cert: tuple[str, str] | None, namespace: str = "default") -> int | str:
+    """Post a forged review of a gated VMI to the operator's webhook port, as an attacker
+    would (not checking the server): the HTTP status, or the error the connection ended in."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    vm = _vm("probe", 3)
+    vm["metadata"]["namespace"] = namespace
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "forged",
+            "kind": {"group": "kubevirt.io", "version": "v1", "kind": "VirtualMachine"},
+            "resource": {"group": "kubevirt.io", "version": "v1", "resource": "virtualmachines"},
+            "namespace": namespace,
+            "name": "probe",
+            "operation": "CREATE",
+            "userInfo": {"username": "anyone"},
+            "object": vm,
+            "dryRun": True,
+        },
+    }
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    try:
+        connection.request(
+            "POST",
+            "/gtvp-validate-vm",
+            body=json.dumps(review),
+            headers={"Content-Type": "application/json"},
+        )
+        return connection.getresponse().status
+    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        return type(exc).__name__
+    finally:
+        connection.close()
+
+
+def test_only_the_api_server_gets_an_answer_from_the_webhooks(pool: Pool, namespace: str) -> None:
+    """A pod posts a review with no certificate; root on a member posts one with its agent's
+    client certificate (the cluster CA signed it): both fail in the TLS handshake, while the
+    API server, presenting its webhook client certificate, still gets gated VMs admitted."""
+    assert pool.webhook_port
+    client_ca = pool.cp.pki_dir / "webhook-client"
+    # the port answers the API server's own certificate (the control: the port is up) ...
+    apiserver = (str(client_ca / "apiserver.crt"), str(client_ca / "apiserver.key"))
+    assert _post_review(pool.webhook_port, apiserver, namespace) == 200
+    # ... refuses another name from the same CA before any handler ...
+    other = pki.issue(
+        pki.KeyPair(client_ca / "ca.crt", client_ca / "ca.key"),
+        pool.dir / "attacker",
+        "other-name",
+        common_name="not-the-api-server",
+    )
+    assert _post_review(pool.webhook_port, (str(other.cert), str(other.key)), namespace) == 403
+    # ... and ends the handshake of a caller with no certificate, or with a member's
+    assert isinstance(_post_review(pool.webhook_port, None), str)
+    member = next(iter(pool.members()))
+    pool.cp.kubeconfig_for(agent_identity(member))
+    users = pool.cp.pki_dir / "users"
+    agent_cert = (str(users / f"agent-{member}.crt"), str(users / f"agent-{member}.key"))
+    assert isinstance(_post_review(pool.webhook_port, agent_cert), str)
+    out = _create(pool, namespace, _vm("through-the-api-server", 3))
+    assert out.returncode == 0, out.stderr
+    assert _running(pool, namespace, "through-the-api-server") != _untrusted(pool)
 
 
 @pytest.fixture

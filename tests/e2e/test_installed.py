@@ -267,6 +267,31 @@ def test_metrics_need_a_token_allowed_to_read_them(cluster: Cluster) -> None:
     assert refused.value.code == 401
 
 
+def test_only_the_api_server_gets_an_answer_from_the_webhook_pods(cluster: Cluster) -> None:
+    """A forged review posted straight to an operator pod (as any pod could) fails in the TLS
+    handshake, with no certificate or with a certificate of the cluster's CA; gated VMs are
+    still admitted through the API server (test_gated_vm_is_admitted_with_the_trust_selector)."""
+    if cluster.inst.rig != "local-real-node":
+        pytest.skip("pod IPs are reachable from the tests only on the local real node")
+    operator = cluster.get("deployment", "gtvp-operator", "-n", cluster.inst.namespace)
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--webhook-client-ca=/webhook-client/ca.crt" in args
+    pod_ip = cluster.pods("operator")[0]["status"]["podIP"]
+    admin = Path(cluster.inst.kubeconfig).parent / "pki" / "users"
+    for cert in (None, (str(admin / "admin.crt"), str(admin / "admin.key"))):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
+        request = urllib.request.Request(
+            f"https://{pod_ip}:9443/gtvp-validate-vm",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(request, context=ctx, timeout=10)  # noqa: S310
+
+
 # ----- helm upgrade: a rolling restart with no admission gap, the webhook CA kept -------------
 def _ca_bundles(cluster: Cluster) -> set[str]:
     items = cluster.get(

@@ -21,7 +21,7 @@ import yaml
 
 from gtvp import http_endpoints, webhook_config
 from gtvp.http_endpoints import Probe
-from gtvp_local import toolchain
+from gtvp_local import pki, toolchain
 from gtvp_local.controlplane import ADMIN, ControlPlane, Identity
 from gtvp_local.processes import free_port
 from tests.samples import sample_policy
@@ -595,6 +595,58 @@ def test_a_budget_that_needs_every_replica_is_refused(control_plane: ControlPlan
     assert pdb["spec"]["minAvailable"] == 1
 
 
+def test_the_webhooks_answer_only_the_api_servers_certificate_when_asked(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """webhooks.clientAuth: the operator gets the client CA (a ConfigMap: a CA is public) and
+    the names; a new CA rolls the replicas; values that could not work are refused."""
+    plain = _operator(_render())
+    assert not any(
+        "--webhook-client" in a for a in plain["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert not [d for d in _render() if d["metadata"]["name"].endswith("webhook-client-ca")]
+    ca = control_plane.webhook_client_ca.read_text()
+    asked = {"enabled": True, "caBundle": ca, "commonNames": ["apiserver-a", "apiserver-b"]}
+    docs = _render(values={"webhooks": {"clientAuth": asked}})
+    operator = _operator(docs)
+    pod = operator["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert "--webhook-client-ca=/webhook-client/ca.crt" in args
+    assert {"--webhook-client-name=apiserver-a", "--webhook-client-name=apiserver-b"} <= set(args)
+    assert {"name": "webhook-client-ca", "mountPath": "/webhook-client", "readOnly": True} in pod[
+        "containers"
+    ][0]["volumeMounts"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-client-ca"]
+    config_map = _one(docs, "ConfigMap", volume["configMap"]["name"])
+    assert config_map["data"]["ca.crt"] == ca
+    assert _dry_run_apply(control_plane, docs).returncode == 0
+    # a new CA is a new ConfigMap (the pods roll; the old ReplicaSet keeps reading the old CA)
+    other = pki.ensure_ca(tmp_path, "another-ca")
+    rolled = _operator(
+        _render(values={"webhooks": {"clientAuth": {**asked, "caBundle": other.cert.read_text()}}})
+    )
+    (moved,) = [
+        v for v in rolled["spec"]["template"]["spec"]["volumes"] if v["name"] == volume["name"]
+    ]
+    assert moved["configMap"]["name"] != volume["configMap"]["name"]
+    # a name is one argument, whatever it holds
+    odd = {**asked, "commonNames": ["a: b", "api #1"]}
+    odd_args = _operator(_render(values={"webhooks": {"clientAuth": odd}}))["spec"]["template"][
+        "spec"
+    ]["containers"][0]["args"]
+    assert {"--webhook-client-name=a: b", "--webhook-client-name=api #1"} <= set(odd_args)
+    no_ca = _refused(values={"webhooks": {"clientAuth": {"enabled": True, "commonNames": ["a"]}}})
+    assert "webhooks.clientAuth.enabled needs webhooks.clientAuth.caBundle" in no_ca
+    no_name = _refused(values={"webhooks": {"clientAuth": {"enabled": True, "caBundle": ca}}})
+    assert "webhooks.clientAuth.enabled needs webhooks.clientAuth.commonNames" in no_name
+    with_key = {**asked, "caBundle": ca + other.key.read_text()}
+    leaked = _refused(values={"webhooks": {"clientAuth": with_key}})
+    assert "webhooks.clientAuth.caBundle holds a private key" in leaked
+    # `helm upgrade --reuse-values` from a chart without the value renders (off, with the warning)
+    reused = _template("webhooks.clientAuth=null")
+    assert reused.returncode == 0, reused.stderr
+
+
 def test_the_operator_runs_above_ordinary_workloads(control_plane: ControlPlane) -> None:
     """A preempted operator refuses every gated VM: a PriorityClass the chart creates, or one
     that exists already (then the chart creates none)."""
@@ -1028,6 +1080,8 @@ def test_notes_say_what_was_installed_how_to_check_it_and_what_comes_next(
     # this API server serves no monitoring.coreos.com: the enabled ServiceMonitor was skipped
     assert "ServiceMonitor is enabled but this cluster does not serve" in notes
     assert "PodMonitor is enabled" not in notes
+    # webhooks.clientAuth is off by default: the notes say who can then call the webhooks
+    assert "WARNING: the webhooks answer any caller" in notes
 
 
 def test_every_object_carries_the_recommended_labels(
