@@ -218,6 +218,45 @@ def test_ek_swapped_under_a_known_member_is_refused_until_approved(
     assert m.status["trust"]["ekSHA256"] == fp
 
 
+def test_a_revoked_ek_is_refused_and_untrusts_its_member(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    """A TPM whose EK key leaked (its certificate still chains to the vendor's CA): listed in
+    ekTrust.revokedEKs, its member is Untrusted at the next look, key release refuses the
+    standing verdict from the edit on, an approval does not bring it back, and a fresh
+    enrolment with that TPM is refused before any credential challenge."""
+    from gtvp.core.attestation import references_revoked
+
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "revoked")
+    fp = m.status["trust"]["ekSHA256"]
+    spec = _policy_spec(swtpm_ca)
+    spec["ekTrust"]["revokedEKs"] = [fp, "ab" * 32]
+    m.policy = parse_policy("default", spec)
+    assert references_revoked(m.status["trust"], m.policy) == (
+        "the policy revokes this member's EK (spec.ekTrust.revokedEKs)"
+    )
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=2))
+    assert (m.phase, m.reason) == ("Untrusted", "EkRevoked")
+    assert fp in m.status["trust"]["message"]
+    assert m.status["challenge"] == {}  # nothing is asked of a revoked TPM
+    m.spec["approval"] = {"ekSHA256": fp, "approvedBy": "admin"}
+    m.agent()
+    m.operator(T0 + dt.timedelta(seconds=3))
+    assert (m.phase, m.reason) == ("Untrusted", "EkRevoked")
+    fresh = Member(m.tpm, tpm_dir / "agent-revoked-again", swtpm_ca)
+    fresh.policy = m.policy
+    fresh.agent()
+    fresh.operator(T0)
+    assert (fresh.phase, fresh.reason) == ("Untrusted", "EkRevoked")
+    # the entry taken out (listed by mistake): a clean quote brings the member back
+    m.policy = parse_policy("default", _policy_spec(swtpm_ca))
+    for t in range(4, 8):
+        m.agent()
+        m.operator(T0 + dt.timedelta(seconds=t))
+    assert m.phase == "Trusted", m.status["trust"]
+
+
 def test_agent_answer_with_wrong_secret_fails_activation(
     make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
 ) -> None:

@@ -244,6 +244,16 @@ def test_a_selection_of_pcrs_any_software_can_reset_is_refused(pcrs: list[int], 
     assert f"PCR {named} can be reset by any software on the host" in err.message
 
 
+def test_revoked_eks_are_fingerprints() -> None:
+    spec = _sample()
+    spec["ekTrust"]["revokedEKs"] = ["ab" * 32, "ab" * 32, "cd" * 32]
+    assert parse_policy("p", spec).revoked_eks == {"ab" * 32, "cd" * 32}
+    spec["ekTrust"]["revokedEKs"] = ["AB" * 32]
+    err = _refused(spec)
+    assert err.field == "spec.ekTrust.revokedEKs[0]"
+    assert "is not an EK fingerprint: 64 lowercase hex digits" in err.message
+
+
 def test_a_class_verifying_every_quoted_pcr_is_accepted() -> None:
     spec = _sample()
     spec["memberClasses"] += [

@@ -209,6 +209,11 @@ def _check_enrolment(
     fp = ek.fingerprint
     # one lookup: never `ek_holders or {}`, whose truth test takes len() of a view of the
     # whole pool (the operator passes a lazy Mapping over every member's EK)
+    if fp in policy.revoked_eks:
+        raise errors.EkRevoked(
+            f"the policy revokes this member's EK (SHA-256 {fp}, spec.ekTrust.revokedEKs): "
+            "it proves nothing whatever its certificate or an approval says"
+        )
     holder = ek_holders.get(fp) if ek_holders is not None else None
     if holder is not None and not policy.allow_shared_ek:
         raise errors.DuplicateEk(
@@ -937,8 +942,8 @@ def relied_on(cls: MemberClass, reference_set: str | None) -> str:
 
 def references_revoked(trust: Mapping[str, Any], policy: Policy) -> str | None:
     """Why a Trusted verdict (`status.trust`) no longer rests on reference values `policy`
-    holds: the member class it was judged under is gone, or the values it recorded as
-    relied on (`references`) changed. None when it still does, when it is not Trusted
+    holds: its EK is revoked, the member class it was judged under is gone, or the values
+    it recorded as relied on (`references`) changed. None when it still does, when it is not Trusted
     (other checks refuse it) or when it recorded neither (a verdict from before they were
     recorded is taken as resting on the current values, as `_references_kept` does).
 
@@ -946,6 +951,8 @@ def references_revoked(trust: Mapping[str, Any], policy: Policy) -> str | None:
     before the operator's next look at the member spends the verdict's uses."""
     if trust.get("verdict") != Verdict.TRUSTED:
         return None
+    if trust.get("ekSHA256") in policy.revoked_eks:
+        return "the policy revokes this member's EK (spec.ekTrust.revokedEKs)"
     name = trust.get("memberClass")
     if not isinstance(name, str):
         return None

@@ -99,6 +99,7 @@ _VECTOR_BY_REASON: Final[Mapping[str, Mapping[str, int]]] = {
     **dict.fromkeys(
         (
             "EkChanged",
+            "EkRevoked",
             "DuplicateEk",
             "AkNameMismatch",
             "AkAttributesInvalid",

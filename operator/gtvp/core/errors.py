@@ -189,6 +189,13 @@ class EkChanged(VerificationError):
     reason = "EkChanged"
 
 
+class EkRevoked(VerificationError):
+    """The EK is on the policy's revocation list (spec.ekTrust.revokedEKs): whatever its
+    certificate or an approval says, this TPM proves nothing any more."""
+
+    reason = "EkRevoked"
+
+
 class EvidenceTooLate(VerificationError):
     """Evidence that verified, but arrived after the verdict it would make had expired
     (validFor counts from the nonce's issue); not a sign of tampering."""

@@ -158,6 +158,8 @@ class Policy:
     migration: MigrationLimits
     balancing: Balancing
     allow_shared_ek: bool = False
+    revoked_eks: frozenset[str] = frozenset()
+    """EK fingerprints (SHA-256 of the public key, lowercase hex) no member may present."""
     publisher_scopes: Mapping[str, PublisherScope] = field(default_factory=dict)
 
     def level(self, number: int) -> Level | None:
@@ -333,12 +335,30 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
         ca_bundle_pem=bundle,
         allow_uncertified_with_approval=bool(_get(ek, "allowUncertifiedWithApproval", False)),
         allow_shared_ek=bool(_get(ek, "allowSharedEk", False)),
+        revoked_eks=_revoked_eks(_get(ek, "revokedEKs", [])),
         publisher_keys=keys,
         publisher_scopes=scopes,
         transitions=transitions,
         migration=_migration_limits(_get(spec, "migration", {})),
         balancing=_balancing(_get(spec, "balancing", {})),
     )
+
+
+def _revoked_eks(raw: Any) -> frozenset[str]:
+    """spec.ekTrust.revokedEKs: SHA-256 fingerprints, 64 lowercase hex digits each."""
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise PolicyError("spec.ekTrust.revokedEKs", "must be a list of EK SHA-256 fingerprints")
+    found = set()
+    for i, item in enumerate(raw):
+        text = str(item)
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise PolicyError(
+                f"spec.ekTrust.revokedEKs[{i}]",
+                f"{text[:80]!r} is not an EK fingerprint: 64 lowercase hex digits, the SHA-256 "
+                "a Member shows in status.trust.ekSHA256",
+            )
+        found.add(text)
+    return frozenset(found)
 
 
 def _levels(raw_levels: Any) -> tuple[Level, ...]:
