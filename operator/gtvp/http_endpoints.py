@@ -27,12 +27,14 @@ else (no metrics, no probes: 404): the operator's own key-release port.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import logging
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +48,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from gtvp.core import keyrelease
 
 STALL_AFTER = 90.0  # seconds without a turn of the recheck loop before /healthz fails
+METRICS_PATH = "/metrics"
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,57 @@ class _ErrorsInOneLine(io.StringIO):
         log.debug("%s", text)
 
 
+MAX_HEADER_BYTES = 16384
+"""Bytes a request's line and headers may take together; beyond, 431 (http.client alone
+reads up to 100 headers of 64 KiB each: 6.5 MB held by every connection, enough for a few
+hundred unauthenticated connections to get a replica killed for memory)."""
+
+
+class _HeaderBudget:
+    """A request's reader while its line and headers are read: `left` bytes in all."""
+
+    def __init__(self, raw: Any, left: int) -> None:
+        self.raw, self.left = raw, left
+
+    def readline(self, size: int | None = -1) -> bytes:
+        if self.left <= 0:
+            raise http.client.LineTooLong(f"request line and headers over {MAX_HEADER_BYTES} bytes")
+        limit = self.left if size is None or size < 0 else min(size, self.left)
+        line: bytes = self.raw.readline(limit)
+        self.left -= len(line)
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
 class _Quiet(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _HeaderBudget(self.rfile, MAX_HEADER_BYTES)  # type: ignore[assignment]
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()
+        finally:  # the body is read unbudgeted (each endpoint bounds its own)
+            if isinstance(self.rfile, _HeaderBudget):
+                self.rfile = self.rfile.raw
+
     def log_message(self, format: str, *args: Any) -> None:
         """Probes come every few seconds: no access log."""
 
     def get_stderr(self) -> io.StringIO:
         return _ErrorsInOneLine()
+
+
+class _Server(ThreadingWSGIServer):
+    """A connection that fails outside a request (a malformed one, a client that hangs up
+    mid-way) is one line in the log, not socketserver's traceback on stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        host = client_address[0] if isinstance(client_address, tuple) else client_address
+        log.info("a connection from %s ended: %s", host, error_line(exc) if exc else "?")
 
 
 class Refused(Protocol):
@@ -209,14 +257,14 @@ def _unavailable_on_error(
     try:
         return handler(*args)
     except Exception as exc:
-        log.warning("%s: answered 503 (%s: %s)", path, type(exc).__name__, _first_line(exc))
+        log.warning("%s: answered 503 (%s: %s)", path, type(exc).__name__, error_line(exc))
         log.debug("%s: what failed", path, exc_info=True)  # a bug, not only the API server
         why = "gtvp could not answer now (the API server did not): ask again"
         said = {"reason": "Unavailable", "message": why, "error": why}
         return 503, "application/json", json.dumps(said, sort_keys=True).encode()
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """What went wrong in a line (an API error's status and reason, never its body)."""
     status = getattr(exc, "status", None)
     if status is not None:
@@ -240,7 +288,7 @@ MAX_CONNECTIONS = 1024
 """Connections the server holds at once, from every address together."""
 
 
-class _TlsServer(ThreadingWSGIServer):
+class _TlsServer(_Server):
     """TLS on each connection's own thread (a slow handshake holds up no other client),
     with the context asked for again on every connection (a renewed certificate is used);
     each connection bounded in time (CONNECTION_DEADLINE) and in number (MAX_PER_CLIENT,
@@ -406,10 +454,16 @@ def serve(
             code, content_type, body = document
             start(f"{code} {_REASONS.get(code, 'Error')}", [("Content-Type", content_type)])
             return [body]
-        if only_public:
+        got = None if only_public else answer(path, read())
+        if only_public or (got is None and path != METRICS_PATH):
+            # prometheus_client serves its page on any path: only /metrics is reviewed as
+            # /metrics (a token allowed some other path, /version say, would read it)
             start("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"not served on this port: only key release and the public documents\n"]
-        got = answer(path, read())
+            return [
+                b"not served on this port: only key release and the public documents\n"
+                if only_public
+                else b"not found: /metrics, /healthz, /readyz and the public documents\n"
+            ]
         if got is None and guard is not None:
             refused = guard(
                 environ.get("HTTP_AUTHORIZATION"), path, str(environ.get("REQUEST_METHOD", "GET"))
@@ -429,7 +483,7 @@ def serve(
         return [text.encode()]
 
     if tls is None:
-        server = make_server(address, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        server = make_server(address, port, app, _Server, handler_class=_Quiet)
     else:
         tls()  # a certificate that cannot be loaded fails now, not at the first scrape
         secure = make_server(address, port, app, _TlsServer, handler_class=_Quiet)
@@ -460,7 +514,7 @@ def serve_probes(port: int, read: Callable[[], Probe]) -> ThreadingWSGIServer:
         start(f"{status} {reason}", [("Content-Type", "text/plain; charset=utf-8")])
         return [text.encode()]
 
-    server = make_server(PROBES_ADDRESS, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+    server = make_server(PROBES_ADDRESS, port, app, _Server, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, name="gtvp-probes", daemon=True).start()
     return server
 

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import os
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from gtvp.http_endpoints import error_line
+
+log = logging.getLogger(__name__)
 
 ALLOWED_TTL = 60.0
 """Seconds an allowed token is not reviewed again."""
@@ -182,7 +187,10 @@ class Guard:
             who = authenticated(self.review_token(token_review(token)))
             may = who is not None and allowed(self.review_access(access_review(who, path, verb)))
         except Exception as exc:  # noqa: BLE001 - any failure to review is a refusal, said
-            return Refusal(503, f"cannot review the request with the API server: {exc}\n")
+            # the caller is not authenticated yet: the API error (its headers and body name
+            # the operator's account, the API server, its flow control) goes to the log only
+            log.warning("cannot review a /metrics request with the API server: %s", error_line(exc))
+            return Refusal(503, "cannot review the request with the API server: ask again\n")
         answer = verdict(path, verb, who, may)
         self.cache.put(key, answer, self.clock())
         return answer

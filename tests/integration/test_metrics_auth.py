@@ -9,6 +9,7 @@ at a port nothing listens on) and the HTTPS server the operator runs (probes sta
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import subprocess
 import time
@@ -309,7 +310,7 @@ class Reaching:
 
 
 def test_an_api_server_that_cannot_answer_is_a_503_and_not_remembered(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = json.loads(cluster.operator_kubeconfig.read_text())
     config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"  # nothing
@@ -318,11 +319,13 @@ def test_an_api_server_that_cannot_answer_is_a_503_and_not_remembered(
     api = Reaching(cluster.reviewer(unreachable))
     guard = Guard(api.review_token, api.review_access, Clock())
     prometheus = f"Bearer {cluster.tokens['prometheus']}"
-    down = guard.check(prometheus, "/metrics", "GET")
+    with caplog.at_level(logging.WARNING, logger="gtvp.metrics_auth"):
+        down = guard.check(prometheus, "/metrics", "GET")
     assert down is not None
     assert (down.status, down.reason) == (503, "Service Unavailable")
-    assert down.text.startswith("cannot review the request with the API server: ")
-    assert "Connection refused" in down.text
+    assert down.text == "cannot review the request with the API server: ask again\n"
+    # why, for the operator's log only: the caller is not authenticated yet
+    assert "Connection refused" in caplog.text
     api.reviewer = cluster.reviewer()  # it answers again: the next scrape is served at once
     assert guard.check(prometheus, "/metrics", "GET") is None
 
@@ -386,8 +389,12 @@ def test_metrics_answer_only_a_token_the_api_server_allows_to_get_them(
     code, text, _ = _get(f"{base}/metrics", context, tokens["prometheus"])  # a metrics-reader
     assert code == 200, text
     assert "gtvp_test_total 2.0" in text
-    # allowed to /metrics only (the non-resource URL the role names)
-    assert _get(f"{base}/debug", context, tokens["prometheus"])[0] == 403
+    # the page is served on /metrics only: a path every authenticated caller may get
+    # (/version, system:discovery) does not serve it to a token without the role
+    for path in ("/version", "/livez", "/debug"):
+        code, text, _ = _get(f"{base}{path}", context, tokens["stranger"])
+        assert code == 404, path
+        assert "gtvp_test_total" not in text
     # the kubelet's probes carry no token
     assert _get(f"{base}/readyz", context)[0] == 200
     assert _get(f"{base}/healthz", context)[0] == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -54,6 +55,33 @@ def test_healthz_fails_when_the_recheck_loop_stalls(served: tuple[str, list[Prob
     code, text = _get(f"{base}/healthz")
     assert code == 503
     assert "has not turned for 300s" in text
+
+
+def test_a_request_with_headers_beyond_16_kib_is_refused_before_it_is_held(
+    served: tuple[str, list[Probe]],
+) -> None:
+    """http.client alone would hold 100 headers of 64 KiB each (6.5 MB per connection, a
+    few hundred connections kill a replica): the line and headers get 16 KiB in all."""
+    base, _ = served
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(20)))
+        s.sendall(b"\r\n")
+        answer = s.recv(200)
+    assert answer.startswith(b"HTTP/1.0 431"), answer
+    # a request under the budget is answered as before
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 8000 + b"\r\n\r\n")
+        assert s.recv(200).startswith(b"HTTP/1.0 200")
+
+
+def test_the_metrics_page_is_served_on_its_own_path_only(served: tuple[str, list[Probe]]) -> None:
+    base, _ = served
+    for path in ("/", "/version", "/metricsx"):
+        code, text = _get(f"{base}{path}")
+        assert code == 404, path
+        assert "gtvp_test_total" not in text
 
 
 def test_metrics_still_served(served: tuple[str, list[Probe]]) -> None:
