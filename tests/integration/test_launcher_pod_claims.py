@@ -19,6 +19,9 @@ from tests.rbac import grant, until_refused
 pytestmark = [pytest.mark.controlplane]
 
 TENANT = Identity("gtvp-test-pod-tenant", (), "pod-tenant")
+CNI = Identity("system:serviceaccount:kube-system:multus", (), "cni-daemon")
+"""A host daemon's account that may write pods/status cluster-wide (as Multus' and Calico's
+are): root on any host holds its token."""
 KUBEVIRT = Identity("system:serviceaccount:kubevirt:kubevirt-controller", (), "kv-controller")
 VMI_UID = "11111111-2222-3333-4444-555555555555"
 
@@ -33,6 +36,13 @@ def pod_creators(control_plane: ControlPlane) -> None:
         [{"apiGroups": [""], "resources": ["pods"], "verbs": verbs}],
         (TENANT, KUBEVIRT),
     )
+    grant(
+        control_plane,
+        "gtvp-test-pod-status-writer",
+        [{"apiGroups": [""], "resources": ["pods", "pods/status"],
+          "verbs": ["get", "list", "update", "patch"]}],
+        (CNI,),
+    )  # fmt: skip
 
 
 def _pod(
@@ -142,4 +152,49 @@ def test_no_one_but_kubevirt_changes_which_migration_a_target_pod_is_for(
         refused = _patch(control_plane, namespace, name, patch, TENANT)
         assert refused.returncode != 0, name
         assert "kubevirt.io/migrationJobUID" in refused.stderr
+    control_plane.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=false")
+
+
+@pytest.mark.usefixtures("pod_creators")
+def test_neither_the_status_subresource_nor_an_empty_value_gets_around_the_label(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """Root on a host with a CNI daemon's token (pods/status, cluster-wide) changes the label
+    of a gated VM's launcher pod so that gtvp no longer sees it, while KubeVirt, taking a
+    pod by the label's key, still does; a tenant adds the label with an empty value to a pod
+    its VMI controls, which an absent label would have compared equal to."""
+    control_plane.kubectl("create", "serviceaccount", "default", "-n", namespace, check=False)
+    made = _create(control_plane, namespace, _pod("launcher", controller=True), KUBEVIRT)
+    assert made.returncode == 0, made.stderr
+    hide = {"metadata": {"labels": {"kubevirt.io": "hidden"}}}
+    until_refused(
+        control_plane, "gtvp-launcher-pods", REFUSED, "patch", "pod", "launcher",
+        "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(hide),
+        identity=CNI,
+    )  # fmt: skip
+    job = {
+        "metadata": {
+            "labels": {"kubevirt.io/migrationJobUID": "cccccccc-2222-3333-4444-555555555555"}
+        }
+    }
+    added = control_plane.kubectl(
+        "patch", "pod", "launcher", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps(job), identity=CNI, check=False,
+    )  # fmt: skip
+    assert added.returncode != 0
+    assert REFUSED in added.stderr
+    # its status may still be written (the kubelet's and the daemons' own business)
+    status = {"status": {"message": "ok"}}
+    ok = control_plane.kubectl(
+        "patch", "pod", "launcher", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status), identity=CNI, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    plain = _create(control_plane, namespace, _pod("plain", controller=True, app=False), TENANT)
+    assert plain.returncode == 0, plain.stderr
+    empty = _patch(
+        control_plane, namespace, "plain", {"metadata": {"labels": {"kubevirt.io": ""}}}, TENANT
+    )
+    assert empty.returncode != 0
+    assert REFUSED in empty.stderr
     control_plane.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=false")

@@ -1,11 +1,12 @@
-"""Which migrations let a VMI's lingering source pod rest for a moment (`settled_until`)."""
+"""Which pods are a VMI's launchers (`launcher_pod`), and which migrations let a VMI's
+lingering source pod rest for a moment (`settled_until`)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
-from gtvp.core.launchers import SETTLE, settled_until
+from gtvp.core.launchers import SETTLE, launcher_pod, settled_until
 
 NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
 
@@ -54,3 +55,30 @@ def test_only_gtvps_own_recent_success_off_that_member_counts() -> None:
     undated = _migration()
     del undated["metadata"]["creationTimestamp"]
     assert not _settled([undated])
+
+
+def _pod(labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "virt-launcher-db-x",
+            "namespace": "ns",
+            "labels": labels,
+            "ownerReferences": [
+                {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                 "name": "db", "uid": "u1", "controller": True}
+            ],
+        },
+        "spec": {"nodeName": "bad"},
+        "status": {"phase": "Running"},
+    }  # fmt: skip
+
+
+def test_a_launcher_is_any_pod_kubevirt_would_take_whatever_its_label_value() -> None:
+    """KubeVirt takes any pod carrying the label kubevirt.io that the VMI controls: a value
+    changed to hide the pod from gtvp (through pods/status, which host daemons may write)
+    still places the VMI on that pod's node."""
+    for value in ("virt-launcher", "hidden", ""):
+        got = launcher_pod(_pod({"kubevirt.io": value}))
+        assert got is not None, value
+        assert (got.vmi, got.node) == (("ns", "db"), "bad")
+    assert launcher_pod(_pod({"app": "x"})) is None

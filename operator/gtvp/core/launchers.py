@@ -39,8 +39,12 @@ from gtvp.core.timestamps import parse_ts
 
 APP_LABEL = "kubevirt.io"
 APP_VALUE = "virt-launcher"
-SELECTOR = f"{APP_LABEL}={APP_VALUE}"
-"""The label selector of KubeVirt's launcher pods (the watch and the start-up listing)."""
+"""The value KubeVirt gives its launcher pods' APP_LABEL."""
+SELECTOR = APP_LABEL
+"""The label selector of the pods gtvp looks at (the watch and the start-up listing): every
+pod carrying the label, whatever its value, as KubeVirt takes for a VMI's launcher any pod
+with that label the VMI controls (a pod whose value was changed to hide it from gtvp is
+still KubeVirt's launcher; the gtvp-launcher-pods admission policy refuses the change too)."""
 MIGRATION_JOB_LABEL = "kubevirt.io/migrationJobUID"
 """On a migration's target launcher pod: the migration's uid (virt-controller's; the
 `gtvp-launcher-pods` admission policy keeps anyone else from changing it)."""
@@ -64,10 +68,10 @@ class LauncherPod:
 
 
 def launcher_pod(body: Mapping[str, Any]) -> LauncherPod | None:
-    """The launcher pod `body` is, or None: not labelled as one, no VMI as its controller,
+    """The launcher pod `body` is, or None: no APP_LABEL (any value), no VMI as its controller,
     or not bound to a node yet (then it runs nowhere)."""
     meta = body.get("metadata") or {}
-    if (meta.get("labels") or {}).get(APP_LABEL) != APP_VALUE:
+    if APP_LABEL not in (meta.get("labels") or {}):
         return None
     owner = next(
         (
