@@ -75,6 +75,7 @@ def manifests() -> list[Path]:
             "node-trust-labels-vap.yaml",
             "launcher-pods-vap.yaml",
             "vmi-status-vap.yaml",
+            "status-writes-vap.yaml",
             "local-bindings.yaml",
         )
     ]

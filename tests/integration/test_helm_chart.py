@@ -918,6 +918,20 @@ def test_chart_keeps_nodes_trust_labels_the_operators_as_the_local_pool_does(
     assert chart_policy["spec"] == local_policy["spec"]
 
 
+def test_chart_keeps_gtvps_statuses_the_operators_as_the_local_pool_does(
+    control_plane: ControlPlane,
+) -> None:
+    """The same policy as operator/gtvp/manifests/status-writes-vap.yaml, exempting the
+    release's operator service account instead of the local pool's operator identities."""
+    chart_policy, local_policy = _policy_pair("gtvp-status-writes", _render())
+    conditions = chart_policy["spec"]["matchConditions"]
+    assert conditions[0]["expression"] == (
+        "request.userInfo.username != 'system:serviceaccount:gtvp-system:gtvp-operator'"
+    )
+    chart_policy["spec"]["matchConditions"][0] = local_policy["spec"]["matchConditions"][0]
+    assert chart_policy["spec"] == local_policy["spec"]
+
+
 def test_chart_keeps_launcher_pods_kubevirts_as_the_local_pool_does(
     control_plane: ControlPlane,
 ) -> None:

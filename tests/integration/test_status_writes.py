@@ -1,0 +1,79 @@
+"""Only the operator writes the status of LazyBoxes, OSComponents and SecurityPolicies
+(ValidatingAdmissionPolicy gtvp-status-writes, enforced by the real API server).
+
+Key release and box attestation read a box's status back as gtvp's word (the compositions
+gtvp made for it, its vTPM's pin and state). A role written with wildcards gives a status
+subresource away with the object: the box's owner could declare a VM of their own
+gtvp-composed, or reset a Mismatch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
+from gtvp_local.pool import apply_manifests
+from tests.rbac import grant, until_refused
+
+pytestmark = [pytest.mark.controlplane]
+
+OWNER = Identity("gtvp-test-box-owner", (), "box-owner")
+REFUSED = "is gtvp's to write"
+
+
+@pytest.fixture(scope="module")
+def wildcard_owner(control_plane: ControlPlane) -> None:
+    apply_manifests(control_plane)
+    grant(
+        control_plane,
+        "gtvp-test-box-owner",
+        [{"apiGroups": ["gtvp.io"], "resources": ["*"], "verbs": ["*"]}],
+        (OWNER,),
+    )
+
+
+def _box(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "gtvp.io/v1alpha1",
+        "kind": "LazyBox",
+        "metadata": {"name": name},
+        "spec": {
+            "application": {"name": "nginx"},
+            "level": 2,
+            "resources": {"cpu": "500m", "memory": "512Mi"},
+        },
+    }
+
+
+def _patch_status(cp: ControlPlane, ns: str, status: Any, who: Identity) -> Any:
+    return cp.kubectl(
+        "patch", "lazybox", "box", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}), identity=who, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.usefixtures("wildcard_owner")
+def test_a_box_owner_with_every_right_on_gtvp_io_cannot_write_its_status(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    made = control_plane.kubectl(
+        "create", "-n", namespace, "-f", "-", input_text=json.dumps(_box("box")),
+        identity=OWNER, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr  # the object itself is theirs
+    forged = {"composedBoots": ["a-composition-of-their-own"]}
+    until_refused(
+        control_plane, "gtvp-status-writes", REFUSED, "patch", "lazybox", "box", "-n",
+        namespace, "--subresource=status", "--type=merge", "-p", json.dumps({"status": forged}),
+        identity=OWNER,
+    )  # fmt: skip
+    refused = _patch_status(control_plane, namespace, {"attestation": {"state": "Verified"}}, OWNER)
+    assert refused.returncode != 0
+    assert f"the status of LazyBox box {REFUSED}" in refused.stderr
+    assert "gtvp-test-box-owner may not" in refused.stderr
+    # the operator writes it, and so may a break-glass administrator
+    for who in (OPERATOR, ADMIN):
+        ok = _patch_status(control_plane, namespace, {"phase": "Pending"}, who)
+        assert ok.returncode == 0, (who.user, ok.stderr)
