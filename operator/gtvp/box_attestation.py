@@ -204,7 +204,14 @@ class Endpoint:
     # -- reading and writing -------------------------------------------------------------
 
     def _box(self, req: ba.Request) -> dict[str, Any]:
-        """The LazyBox, read now, once the credential is its current one."""
+        """The LazyBox, read now, once the credential is its current one. A request the
+        view already shows to hold no current credential (no such box, another credential:
+        it is armed once per box) is refused before any API call, so that requests from
+        anyone who reaches the port cost the API server nothing."""
+        seen = self.rt.view.boxes.get((req.namespace, req.box))
+        if seen is None:
+            raise ba.Refused(ba.WRONG_CREDENTIAL, "the credential is not this box's")
+        ba.check_credential(req.credential, _attestation(seen))
         try:
             box = kube.get_if_present(self.rt.clients, LAZY_BOXES, req.box, req.namespace)
         except ApiException as exc:
