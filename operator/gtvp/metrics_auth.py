@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +136,9 @@ class ReviewCache:
     _entries: OrderedDict[tuple[str, str, str], tuple[float, Refusal | None]] = field(
         default_factory=OrderedDict
     )
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    """Each request has its thread: an entry deleted or evicted by one while another moves
+    it would raise (a 500)."""
 
     @staticmethod
     def key(token: str, path: str, verb: str) -> tuple[str, str, str]:
@@ -142,25 +146,28 @@ class ReviewCache:
 
     def get(self, key: tuple[str, str, str], now: float) -> tuple[bool, Refusal | None]:
         """(found, answer): found False when absent or expired."""
-        got = self._entries.get(key)
-        if got is None:
-            return False, None
-        until, answer = got
-        if now >= until:
-            del self._entries[key]
-            return False, None
-        self._entries.move_to_end(key)
-        return True, answer
+        with self._lock:
+            got = self._entries.get(key)
+            if got is None:
+                return False, None
+            until, answer = got
+            if now >= until:
+                del self._entries[key]
+                return False, None
+            self._entries.move_to_end(key)
+            return True, answer
 
     def put(self, key: tuple[str, str, str], answer: Refusal | None, now: float) -> None:
         ttl = ALLOWED_TTL if answer is None else REFUSED_TTL
-        self._entries[key] = (now + ttl, answer)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (now + ttl, answer)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
 
 @dataclass
