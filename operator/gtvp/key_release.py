@@ -302,7 +302,11 @@ class Endpoint:
         except ear.TokenRefused as exc:
             return None, (exc.reason, str(exc))
 
-    def facts(self, req: kr.Request, now: dt.datetime) -> tuple[kr.Facts, Any]:
+    def facts(
+        self, req: kr.Request, now: dt.datetime, *, stored: Any = None
+    ) -> tuple[kr.Facts, Any]:
+        """What `decide` judges, from the view and the box's cloud-init Secret (read now,
+        unless `stored`: the one read for this request already)."""
         view = self.rt.view
         key = (req.namespace, req.box)
         if req.kind == kr.BOX:
@@ -310,7 +314,8 @@ class Endpoint:
         else:
             vm = view.vms.get(key)
             box = gated_vm_subject(vm) if vm is not None else None
-        stored = self._cloud_init(req) if box is not None else None
+        if stored is None:
+            stored = self._cloud_init(req) if box is not None else None
         issued = dict((stored.metadata.annotations or {}) if stored is not None else {})
         vmi = view.vmis.get(key)
         node = ((vmi or {}).get("status") or {}).get("nodeName")
@@ -354,6 +359,12 @@ class Endpoint:
                 message, reason = got if isinstance(got, tuple) else (got, kr.SECRET_UNAVAILABLE)
                 return self._refuse(req, facts.box, kr.Verdict(reason, message, verdict.node))
             released[named.name] = got
+        # the Secrets took a while to read: judge again on the view as it is now (a verdict
+        # that expired, a member that lost trust or a VMI that moved meanwhile stops it)
+        now = self.clock()
+        recheck = kr.decide(req, self.facts(req, now, stored=stored)[0], now)
+        if not recheck.released:
+            return self._refuse(req, facts.box, recheck)
         if not verdict.again:
             problem = self._consume(req, stored, now, kr.vmi_uid(facts.vmi))
             if problem is not None:

@@ -95,6 +95,22 @@ class Pool:
         files = {f["path"]: f["content"] for f in self.user_data(box)["write_files"]}
         return str(files[f"{compose.KEY_RELEASE_DIR}/credential"])
 
+    def reboot(self, box: str) -> None:
+        """The VM's next boot: its VMI deleted and made again (a new uid) on the same member,
+        as the operator's watch would deliver both."""
+        old = self.rt.view.vmis[(self.namespace, box)]
+        group, version, plural = VIRTUAL_MACHINE_INSTANCES.coordinates
+        self.admin.custom.delete_namespaced_custom_object(
+            group, version, self.namespace, plural, box
+        )
+        self.rt.view.observe_vmi(old, "DELETED")
+        node = old["status"]["nodeName"]
+        fresh = _create(
+            self.admin, VIRTUAL_MACHINE_INSTANCES, _vmi(box, self.namespace, node, old["spec"])
+        )
+        assert fresh["metadata"]["uid"] != old["metadata"]["uid"]
+        self.rt.view.observe_vmi(fresh, "ADDED")
+
     def guest(self, box: str, into: Path) -> dict[str, Any]:
         """The box's cloud-init files written into `into` as cloud-init would write them
         (paths in them pointing there); its cloud-config."""
@@ -404,9 +420,14 @@ def test_a_credential_is_good_once_even_for_two_replicas_at_once(pool: Pool) -> 
     restarted = key_release.Endpoint(pool.rt)
     got = restarted.answer(kr.Request(pool.namespace, BOX, cred, token))
     assert (got[0], json.loads(got[2])["reason"]) == (403, kr.CREDENTIAL_USED)
-    # the release armed the next boot's credential; two replicas race for it: one wins
+    # the release armed the next boot's credential: not for the VMI that runs now (root on
+    # its host reads it in the cloud-init Secret, and could use it once the VM moved away)
     nxt = pool.credential(BOX)
     assert nxt != cred
+    status, body = pool.ask(BOX, nxt, token)
+    assert (status, body["reason"]) == (403, kr.CREDENTIAL_FOR_NEXT_BOOT), body
+    # at the next boot two replicas race for it: one wins
+    pool.reboot(BOX)
     replicas = [key_release.Endpoint(pool.rt), key_release.Endpoint(pool.rt)]
     barrier = threading.Barrier(2)
     codes: list[int] = []
@@ -469,6 +490,7 @@ def test_a_guest_whose_answer_was_lost_gets_its_secrets_again_and_a_thief_does_n
     assert any("again" in m and "its answer was lost" in m for m in said), said
     # nothing more was consumed: the next boot's credential is still the one armed then
     assert _secret_hash(pool, BOX) != armed
+    pool.reboot(BOX)
     assert pool.ask(BOX, pool.credential(BOX), pool.token(here))[0] == 200
 
 
@@ -492,6 +514,7 @@ def test_a_consuming_write_whose_answer_the_api_server_lost_still_releases_or_ke
 
     monkeypatch.setattr(core, "replace_namespaced_secret", committed_then_lost)
     for retry in ("5" * 64, None):  # with a retry key, and from a guest that sends none
+        pool.reboot(BOX)  # each release is a boot's own
         cred = pool.credential(BOX)
         extra = {"retry": retry} if retry else {}
         status, got = pool.ask(BOX, cred, pool.token(here), **extra)
@@ -499,6 +522,7 @@ def test_a_consuming_write_whose_answer_the_api_server_lost_still_releases_or_ke
         assert base64.b64decode(got["secrets"]["disk"]["key"]).decode() == DISK_KEY
         assert pool.credential(BOX) != cred  # consumed, the next one armed
     monkeypatch.setattr(core, "replace_namespaced_secret", never_committed)
+    pool.reboot(BOX)
     cred = pool.credential(BOX)
     status, got = pool.ask(BOX, cred, pool.token(here))
     assert (status, got["reason"]) == (503, kr.SECRET_UNAVAILABLE), got
@@ -550,6 +574,7 @@ def test_a_member_that_loses_trust_gets_no_more_releases(pool: Pool) -> None:
     assert pool.ask(BOX, pool.credential(BOX), pool.token(here))[0] == 200
     here.tpm.extend(7, b"an unsigned bootloader")
     _until(pool.rt, here, "PcrMismatch")
+    pool.reboot(BOX)  # the VM's next boot on that member
     cred = pool.credential(BOX)
     status, body = pool.ask(BOX, cred, pool.token(here))
     assert (status, body["reason"]) == (403, kr.MEMBER_NOT_TRUSTED)

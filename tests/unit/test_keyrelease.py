@@ -319,6 +319,21 @@ def test_a_repeat_judged_by_a_replica_whose_clock_runs_behind_is_still_answered(
     assert kr.decide(req, facts, NOW).reason == kr.CREDENTIAL_USED
 
 
+def test_the_next_credential_is_only_for_the_next_boot() -> None:
+    """A release to VMI vmi-1 arms OTHER in the cloud-init Secret, where root on the host
+    that runs vmi-1 reads it. vmi-1 then moves (its host lost trust, or was drained) to a
+    Trusted member: OTHER with that member's token gets nothing while vmi-1 lives; the VM's
+    next boot (a new VMI) gets its Secrets with it."""
+    armed = _consumed_by(RETRY, vmi="vmi-1")
+    stolen = dataclasses.replace(_asking_again(armed, uid="vmi-1")[0], credential=OTHER, retry="")
+    facts = _asking_again(armed, uid="vmi-1", node="m1")[1]
+    got = kr.decide(stolen, facts, NOW)
+    assert (got.released, got.reason) == (False, kr.CREDENTIAL_FOR_NEXT_BOOT), got.message
+    next_boot = _asking_again(armed, uid="vmi-2")[1]
+    got = kr.decide(stolen, next_boot, NOW)
+    assert (got.released, got.reason) == (True, kr.RELEASED), got.message
+
+
 def test_a_later_release_forgets_the_earlier_ones_retry_key() -> None:
     first = _consumed_by(RETRY)
     later = kr.consumed_annotations(

@@ -99,6 +99,10 @@ NOTHING_TO_RELEASE: Final = "NothingToRelease"
 NO_CREDENTIAL: Final = "NoCredentialIssued"
 WRONG_CREDENTIAL: Final = "WrongCredential"
 CREDENTIAL_USED: Final = "CredentialUsed"
+CREDENTIAL_FOR_NEXT_BOOT: Final = "CredentialForNextBoot"
+"""The current credential was armed by a release to the VMI that is running now: it is for
+the VM's next boot. Whoever read it while that VMI ran (root on a host it left, or one that
+lost trust since) cannot use it while the VMI lives on elsewhere."""
 NOT_RUNNING: Final = "NotRunning"
 MEMBER_UNKNOWN: Final = "MemberUnknown"
 MEMBER_NOT_TRUSTED: Final = "MemberNotTrusted"
@@ -124,6 +128,7 @@ REASONS: Final = (
     NO_CREDENTIAL,
     WRONG_CREDENTIAL,
     CREDENTIAL_USED,
+    CREDENTIAL_FOR_NEXT_BOOT,
     NOT_RUNNING,
     MEMBER_UNKNOWN,
     MEMBER_NOT_TRUSTED,
@@ -329,6 +334,14 @@ def _credential(req: Request, facts: Facts, now: dt.datetime) -> Verdict | None:
         return _refuse(NO_CREDENTIAL, "no key-release credential was issued to this box")
     got = credential_hash(req.credential)
     if hmac.compare_digest(got, current):
+        armed_by = _answered(ann).get("vmi", "")
+        uid = vmi_uid(facts.vmi)
+        if armed_by and uid and armed_by == uid:
+            return _refuse(
+                CREDENTIAL_FOR_NEXT_BOOT,
+                "this credential was armed by the release to the VMI that is running now "
+                "(it got its Secrets then): it is for the VM's next boot",
+            )
         return None
     if any(hmac.compare_digest(got, h) for h in _consumed(ann)):
         if repeatable(ann, req, vmi_uid(facts.vmi), now):
