@@ -181,7 +181,7 @@ def _pod(
     created: str = "2026-12-03T10:00:00Z",
     phase: str = "Running",
     controller: bool = True,
-    label: str = "virt-launcher",
+    label: str | None = "virt-launcher",
 ) -> dict[str, Any]:
     owner = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "name": "x",
              "uid": vmi_uid, "controller": controller}  # fmt: skip
@@ -190,7 +190,7 @@ def _pod(
             "namespace": "ns",
             "name": name,
             "creationTimestamp": created,
-            "labels": {"kubevirt.io": label},
+            "labels": {} if label is None else {"kubevirt.io": label},
             "ownerReferences": [owner],
         },
         "spec": {"nodeName": node} if node else {},
@@ -333,22 +333,25 @@ def test_a_pod_that_ended_before_a_migration_began_holds_nothing_during_it() -> 
 
 
 def test_only_a_vmis_own_bound_launcher_pods_count() -> None:
-    """Pods of another VMI under the same name (another uid), pods not labelled as
-    launchers, pods without the VMI as controller and pods not bound place nothing."""
+    """Pods of another VMI under the same name (another uid), pods without KubeVirt's label,
+    pods without the VMI as controller and pods not bound place nothing."""
     view = ClusterView()
     view.observe_vmi(_running("good"), "ADDED")
     for pod in (
         _pod("old", "bad", vmi_uid="u0"),
-        _pod("tenant", "bad", label="other"),
+        _pod("tenant", "bad", label=None),
         _pod("owned", "bad", controller=False),
         _pod("pending", None),
     ):
         assert view.observe_pod(pod, "ADDED") == frozenset()
     assert ("ns", "x") not in view.on_node.get("bad", set())
     assert view.nodes_of[("ns", "x")] == {"good"}
-    # a pod relabelled away from KubeVirt no longer counts
+    # a launcher whose label value changed is still KubeVirt's (it takes the key alone) ...
     view.observe_pod(_pod("p", "bad"), "ADDED")
-    view.observe_pod(_pod("p", "bad", label="other"), "MODIFIED")
+    view.observe_pod(_pod("p", "bad", label="hidden"), "MODIFIED")
+    assert view.nodes_of[("ns", "x")] == {"good", "bad"}
+    # ... one whose label was taken off no longer counts
+    view.observe_pod(_pod("p", "bad", label=None), "MODIFIED")
     assert view.nodes_of[("ns", "x")] == {"good"}
 
 
