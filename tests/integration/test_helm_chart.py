@@ -904,26 +904,14 @@ def test_chart_reserves_gtvps_migration_labels_as_the_local_pool_does(
     assert chart_policy["spec"] == local_policy["spec"]
 
 
-def test_chart_keeps_nodes_trust_labels_the_operators_as_the_local_pool_does(
-    control_plane: ControlPlane,
+@pytest.mark.parametrize("name", ["gtvp-node-trust-labels", "gtvp-status-writes"])
+def test_chart_keeps_the_operators_own_policies_as_the_local_pool_does(
+    control_plane: ControlPlane, name: str
 ) -> None:
-    """The same policy as operator/gtvp/manifests/node-trust-labels-vap.yaml, exempting the
-    release's operator service account instead of the local pool's operator identities."""
-    chart_policy, local_policy = _policy_pair("gtvp-node-trust-labels", _render())
-    conditions = chart_policy["spec"]["matchConditions"]
-    assert conditions[0]["expression"] == (
-        "request.userInfo.username != 'system:serviceaccount:gtvp-system:gtvp-operator'"
-    )
-    chart_policy["spec"]["matchConditions"][0] = local_policy["spec"]["matchConditions"][0]
-    assert chart_policy["spec"] == local_policy["spec"]
-
-
-def test_chart_keeps_gtvps_statuses_the_operators_as_the_local_pool_does(
-    control_plane: ControlPlane,
-) -> None:
-    """The same policy as operator/gtvp/manifests/status-writes-vap.yaml, exempting the
-    release's operator service account instead of the local pool's operator identities."""
-    chart_policy, local_policy = _policy_pair("gtvp-status-writes", _render())
+    """The same policy as operator/gtvp/manifests/<name>-vap.yaml (Nodes' trust labels,
+    gtvp's objects' status), exempting the release's operator service account instead of
+    the local pool's operator identities."""
+    chart_policy, local_policy = _policy_pair(name, _render())
     conditions = chart_policy["spec"]["matchConditions"]
     assert conditions[0]["expression"] == (
         "request.userInfo.username != 'system:serviceaccount:gtvp-system:gtvp-operator'"
