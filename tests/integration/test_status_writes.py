@@ -1,5 +1,6 @@
-"""Only the operator writes the status of LazyBoxes, OSComponents and SecurityPolicies
-(ValidatingAdmissionPolicy gtvp-status-writes, enforced by the real API server).
+"""Only the operator writes the status of LazyBoxes, OSComponents, SecurityPolicies and
+Members (agents their own Member's, under their own policy) (ValidatingAdmissionPolicy
+gtvp-status-writes, enforced by the real API server).
 
 Key release and box attestation read a box's status back as gtvp's word (the compositions
 gtvp made for it, its vTPM's pin and state). A role written with wildcards gives a status
@@ -77,3 +78,34 @@ def test_a_box_owner_with_every_right_on_gtvp_io_cannot_write_its_status(
     for who in (OPERATOR, ADMIN):
         ok = _patch_status(control_plane, namespace, {"phase": "Pending"}, who)
         assert ok.returncode == 0, (who.user, ok.stderr)
+
+
+@pytest.mark.usefixtures("wildcard_owner")
+def test_a_role_on_members_cannot_write_a_verdict(control_plane: ControlPlane) -> None:
+    """A role meant to approve EKs (spec.approval), written as members/*, would otherwise
+    write status.trust: a Trusted verdict that admission reads."""
+    name = "status-writes-member"
+    control_plane.apply(
+        {"apiVersion": "gtvp.io/v1alpha1", "kind": "Member", "metadata": {"name": name},
+         "spec": {"identity": 3}}
+    )  # fmt: skip
+    verdict = {"trust": {"verdict": "Trusted", "expiresAt": "2099-01-01T00:00:00Z"}}
+    until_refused(
+        control_plane, "gtvp-status-writes", REFUSED, "patch", "member", name,
+        "--subresource=status", "--type=merge", "-p", json.dumps({"status": verdict}),
+        identity=OWNER,
+    )  # fmt: skip
+    refused = control_plane.kubectl(
+        "patch", "member", name, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": verdict}), identity=OWNER, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert f"the status of Member {name} {REFUSED}" in refused.stderr
+    # an administrator's spec edit (the approval) is still theirs
+    approve = {"spec": {"approval": {"ekSHA256": "ab" * 32, "approvedBy": "ops"}}}
+    ok = control_plane.kubectl(
+        "patch", "member", name, "--type=merge", "-p", json.dumps(approve),
+        identity=OWNER, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    control_plane.kubectl("delete", "member", name, check=False)
