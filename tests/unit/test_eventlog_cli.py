@@ -186,7 +186,7 @@ def test_learn_options(capsys: pytest.CaptureFixture[str]) -> None:
         (
             ["--event-log", str(DATA / "binary_bios_measurements"), "--pcrs", "0-7,16"],
             2,
-            "PCR 16 (debug) can be reset by any software on the host",
+            "PCR 16 (debug) can be reset by any software on the machine",
         ),
         (
             ["--event-log", str(DATA / "binary_bios_measurements"), "--not-after", "soon"],

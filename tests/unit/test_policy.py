@@ -241,7 +241,7 @@ def test_a_selection_of_pcrs_any_software_can_reset_is_refused(pcrs: list[int], 
         cls.setdefault("goldenPCRs", {}).update({str(p): "00" * 32 for p in pcrs})
     err = _refused(spec)
     assert err.field == "spec.pcrSelection.pcrs"
-    assert f"PCR {named} can be reset by any software on the host" in err.message
+    assert f"PCR {named} can be reset by any software on the machine" in err.message
 
 
 def test_revoked_eks_are_fingerprints() -> None:

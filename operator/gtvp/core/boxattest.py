@@ -39,7 +39,7 @@ from cryptography import x509
 
 from gtvp.core import errors
 from gtvp.core.enrolment import ak_facts, check_ek_certificate, ek_facts
-from gtvp.core.policy import PolicyError, parse_duration
+from gtvp.core.policy import PolicyError, parse_duration, resettable_pcrs_message
 from gtvp.core.quote import Evidence, Expectation, verify_quote
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import TPM_GENERATED_VALUE
@@ -197,6 +197,9 @@ def parse_settings(spec: Mapping[str, Any]) -> Settings | None:
     pcr = raw.get("pcr", DEFAULT_PCR)
     if isinstance(pcr, bool) or not isinstance(pcr, int) or not 0 <= pcr <= 23:
         raise SettingsError(f"{path}.pcr", f"{pcr!r} is not a PCR index 0..23 (the guest uses 13)")
+    resettable = resettable_pcrs_message((pcr,))
+    if resettable:  # the guest's software would reset the fold and replay the expected value
+        raise SettingsError(f"{path}.pcr", resettable)
     text = raw.get("caBundle")
     if not isinstance(text, str) or "-----BEGIN CERTIFICATE-----" not in text:
         raise SettingsError(

@@ -54,7 +54,7 @@ def resettable_pcrs_message(pcrs: Sequence[int]) -> str | None:
         return None
     named = ", ".join(f"{p} ({RESETTABLE_PCRS[p]})" for p in reset)
     return (
-        f"PCR {named} can be reset by any software on the host (locality 0), so whatever "
+        f"PCR {named} can be reset by any software on the machine (locality 0), so whatever "
         "it holds proves nothing about the boot: leave it out"
     )
 
