@@ -359,18 +359,32 @@ class Endpoint:
                 message, reason = got if isinstance(got, tuple) else (got, kr.SECRET_UNAVAILABLE)
                 return self._refuse(req, facts.box, kr.Verdict(reason, message, verdict.node))
             released[named.name] = got
-        # the Secrets took a while to read: judge again on the view as it is now (a verdict
-        # that expired, a member that lost trust or a VMI that moved meanwhile stops it)
         now = self.clock()
-        recheck = kr.decide(req, self.facts(req, now, stored=stored)[0], now)
-        if not recheck.released:
-            return self._refuse(req, facts.box, recheck)
+        changed = self._changed_meanwhile(req, facts, stored, now)
+        if changed is not None:
+            return self._refuse(req, facts.box, changed)
         if not verdict.again:
             problem = self._consume(req, stored, now, kr.vmi_uid(facts.vmi))
             if problem is not None:
                 return self._refuse(req, facts.box, *problem)
         self._audit(req, facts.box, "Normal", "KeyReleased", verdict)
         return _json(200, {"member": verdict.node, "secrets": released})
+
+    def _changed_meanwhile(
+        self, req: kr.Request, facts: kr.Facts, stored: Any, now: dt.datetime
+    ) -> kr.Verdict | None:
+        """The Secrets took a while to read: the release judged again on the view as it is
+        `now` (a verdict that expired, a member that lost trust, a VMI that moved or was
+        replaced meanwhile stops it); None when it still stands."""
+        fresh = self.facts(req, now, stored=stored)[0]
+        recheck = kr.decide(req, fresh, now)
+        if not recheck.released:
+            return recheck
+        if kr.vmi_uid(fresh.vmi) != kr.vmi_uid(facts.vmi):  # the consuming write names it
+            return kr.Verdict(
+                kr.NOT_RUNNING, "the box's VMI was replaced while its Secrets were read"
+            )
+        return None
 
     def _read(
         self, req: kr.Request, named: kr.Named, level: int

@@ -558,6 +558,47 @@ def test_a_request_the_api_server_fails_under_is_a_counted_503_and_uses_nothing(
 
 
 @pytest.mark.timeout(180)
+def test_what_changes_while_the_secrets_are_read_stops_the_release(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict is judged again just before the credential is consumed: one that ran out
+    while the named Secrets were read (each read may take seconds), or a VMI replaced
+    meanwhile, stops the release and consumes nothing."""
+    here = pool.members[0]
+    core = pool.rt.clients.core
+    read = core.read_namespaced_secret
+
+    def slow(late: Any) -> Any:
+        def reading(name: str, namespace: str, **kwargs: Any) -> Any:
+            if name != kr.cloud_init_secret(BOX):  # a named Secret: the world moves on
+                late()
+            return read(name, namespace, **kwargs)
+
+        return reading
+
+    cred, token = pool.credential(BOX), pool.token(here)
+    expire = lambda: pool.clock_offset.__setitem__(0, dt.timedelta(minutes=5))  # noqa: E731
+    monkeypatch.setattr(core, "read_namespaced_secret", slow(expire))
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.VERDICT_EXPIRED), body
+    pool.clock_offset[0] = dt.timedelta(0)
+    replaced: list[bool] = []
+
+    def reboot_once() -> None:
+        if not replaced:
+            replaced.append(True)
+            pool.reboot(BOX)
+
+    monkeypatch.setattr(core, "read_namespaced_secret", slow(reboot_once))
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.NOT_RUNNING), body
+    assert "replaced while its Secrets were read" in body["message"]
+    monkeypatch.setattr(core, "read_namespaced_secret", read)
+    assert pool.credential(BOX) == cred  # nothing consumed
+    assert pool.ask(BOX, cred, token)[0] == 200
+
+
+@pytest.mark.timeout(180)
 def test_an_expired_verdict_gets_no_release(pool: Pool) -> None:
     here = pool.members[0]
     cred, token = pool.credential(BOX), pool.token(here)
