@@ -11,7 +11,8 @@ There is no kube-controller-manager: no garbage collection and no namespace fina
 The API server authenticates itself to admission webhooks, as docs/chart.md asks of a real
 cluster: its admission configuration gives it a client certificate (common name
 `WEBHOOK_CLIENT_NAME`) from a CA of its own (`webhook_client_ca`), which gtvp's operators are
-told to require. Every webhook here is gtvp's, so the certificate is presented to all ('*').
+told to require. It is presented to every webhook here ('*'): gtvp's, and the SIMULATED
+virt-api eviction webhook of the stand-in, which does not ask for it.
 
 `ephemeral_control_plane` is the throwaway one the tests and benchmarks run on: free ports,
 its own state directory, gtvp's and KubeVirt's CRDs, stopped when the `with` block ends.

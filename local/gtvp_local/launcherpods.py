@@ -49,10 +49,12 @@ from typing import Any
 
 from gtvp.core.api_resources import KUBEVIRT_API_VERSION, KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from gtvp.core.footprint import vmi_requests
-from gtvp.core.launchers import APP_LABEL, APP_VALUE, SELECTOR
+from gtvp.core.launchers import APP_LABEL, APP_VALUE
 from gtvp.core.quantity import cpu_quantity, memory_quantity
 
 log = logging.getLogger("gtvp.virtsim.pods")
+OWN_PODS = f"{APP_LABEL}={APP_VALUE}"
+"""The stand-in's own launcher pods (gtvp's view counts any value of the label)."""
 KV = (KUBEVIRT_GROUP, KUBEVIRT_VERSION)
 API_BANNER = "[SIMULATED virt-api]"
 KUBELET_BANNER = "[SIMULATED kubelet]"
@@ -303,7 +305,8 @@ class LauncherPods:
     def sync(self, vmis: Sequence[Mapping[str, Any]]) -> None:
         pods = [
             p.to_dict()
-            for p in self.core.list_pod_for_all_namespaces(label_selector=SELECTOR).items
+            # the stand-in's own pods only (gtvp's view takes any value of the label)
+            for p in self.core.list_pod_for_all_namespaces(label_selector=OWN_PODS).items
         ]
         for p in pods:  # to_dict() is snake_case
             p["metadata"]["deletionTimestamp"] = p["metadata"].get("deletion_timestamp")
