@@ -33,6 +33,8 @@ ALLOWED_TTL = 60.0
 """Seconds an allowed token is not reviewed again."""
 REFUSED_TTL = 10.0
 """Seconds a refused (unauthenticated or forbidden) token is not reviewed again."""
+WARN_EVERY = 30.0
+"""Seconds between two warnings that a review failed (the others are logged at debug)."""
 CACHE_SIZE = 1024
 """Entries kept at most (the oldest go first): a flood of bad tokens cannot grow it."""
 
@@ -178,6 +180,9 @@ class Guard:
     review_access: Review
     clock: Callable[[], float]
     cache: ReviewCache = field(default_factory=ReviewCache)
+    warned_at: float | None = None
+    """When a failed review was last logged as a warning (one each WARN_EVERY seconds: during
+    an API outage anyone reaching the port could write a line per request)."""
 
     def check(self, authorization: str | None, path: str, method: str) -> Refusal | None:
         """None: serve the request. A failed review (API server unreachable...) is a 503
@@ -196,7 +201,15 @@ class Guard:
         except Exception as exc:  # noqa: BLE001 - any failure to review is a refusal, said
             # the caller is not authenticated yet: the API error (its headers and body name
             # the operator's account, the API server, its flow control) goes to the log only
-            log.warning("cannot review a /metrics request with the API server: %s", error_line(exc))
+            now = self.clock()
+            loud = self.warned_at is None or now - self.warned_at >= WARN_EVERY
+            if loud:
+                self.warned_at = now
+            log.log(
+                logging.WARNING if loud else logging.DEBUG,
+                "cannot review a /metrics request with the API server: %s",
+                error_line(exc),
+            )
             return Refusal(503, "cannot review the request with the API server: ask again\n")
         answer = verdict(path, verb, who, may)
         self.cache.put(key, answer, self.clock())
