@@ -41,7 +41,7 @@ def test_settings_default_to_pcr_13_and_refuse_what_cannot_be_used() -> None:
     pem = SoftCA().bundle_pem()
     assert ba.parse_settings({}) is None
     assert _settings(caBundle=pem) == ba.Settings(pem, 13)
-    assert _settings(caBundle=pem, pcr=16) == ba.Settings(pem, 16)
+    assert _settings(caBundle=pem, pcr=14) == ba.Settings(pem, 14)
     for raw, where, words in (
         ({"pcr": 13}, "spec.boxAttestation.caBundle", "holds no PEM certificate"),
         ({"caBundle": "not a certificate"}, "spec.boxAttestation.caBundle", "vTPM"),
