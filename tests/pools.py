@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from gtvp.core.attestation import EARLY_TOLERANCE
 from gtvp_local import pool as local_pool
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.polling import wait_for
@@ -51,10 +52,14 @@ def trusted_pool(
     )
 
 
-def verified_since(status: Mapping[str, Any], since: dt.datetime) -> bool:
-    """Whether a Member's verdict was verified at or after `since` (whole seconds, as
-    written): a quote judged under a policy applied at `since`, not one the edit clamped."""
-    at = str((status.get("trust") or {}).get("verifiedAt") or "")
+def no_quote_for(status: Mapping[str, Any], seconds: float) -> bool:
+    """Whether a Member's next quote is not due for `seconds` from now (its challenge's
+    `answerAfter`, less the operator's early tolerance): a test counting the uses of a
+    verdict must not have a fresh quote reset them mid-count. A verdict written after a
+    policy edit proves nothing on its own: a nonce asked under the old, short interval may
+    still be answered (and reset the uses) a moment after the edit."""
+    at = str((status.get("challenge") or {}).get("answerAfter") or "")
     if not at:
         return False
-    return dt.datetime.fromisoformat(at.replace("Z", "+00:00")) >= since
+    due = dt.datetime.fromisoformat(at.replace("Z", "+00:00")) - EARLY_TOLERANCE
+    return due >= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)

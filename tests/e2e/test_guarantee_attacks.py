@@ -10,7 +10,6 @@ gtvp's stand-in (`gtvp_local.virtsim`, SIMULATED).
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from gtvp.core.trust import TAINT_KEY, TRUSTED_LABEL
 from gtvp_local.controlplane import ControlPlane, agent_identity
 from gtvp_local.pool import Pool
 from tests.e2e.test_trusted_pool import _node, _vm, _vmi
-from tests.pools import trusted_pool, verified_since
+from tests.pools import no_quote_for, trusted_pool
 from tests.pools import wait_for as _wait
 from tests.tpmkit import soft_ak
 
@@ -187,16 +186,16 @@ def test_migration_in_flight_to_a_member_that_loses_trust_is_aborted_at_once(
 
 
 def test_each_vmi_start_spends_a_use_of_its_hosts_verdict(pool: Pool, namespace: str) -> None:
-    since = dt.datetime.now(dt.UTC).replace(microsecond=0)
     pool.apply_policy(interval="60s", valid_for="180s", max_uses=5)
     try:
         # wait until every member answered under the long interval (uses reset to 5; the
-        # edit alone brings them down to 5 at once, before the quote it does not wait for)
+        # edit alone brings them down to 5 at once, and a nonce asked under the old short
+        # interval would reset them mid-count)
         _wait(
             "uses at 5",
             lambda: all(
                 (st := pool.member(n)["status"])["trust"].get("usesLeft") == 5
-                and verified_since(st, since)
+                and no_quote_for(st, 30)
                 for n in pool.members()
             ),
             timeout=20,

@@ -9,7 +9,6 @@ virt-controller by gtvp's stand-in (`gtvp_local.virtsim`).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.pool import Pool
 from tests.catalogue import Publisher
-from tests.pools import trusted_pool, verified_since
+from tests.pools import no_quote_for, trusted_pool
 from tests.pools import wait_for as _wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane, pytest.mark.tpm]
@@ -374,17 +373,16 @@ def test_box_is_stopped_when_its_member_is_lost_under_policy_stop(
 def test_placing_and_starting_a_box_each_spend_a_use(pool: Pool, namespace: str) -> None:
     """Placement and the VMI's start are two decisions resting on the host's verdict."""
     base = {"interval": "2s", "valid_for": "6s", "max_uses": 50, "publisher_keys": PUB.keys}
-    since = dt.datetime.now(dt.UTC).replace(microsecond=0)
     pool.apply_policy(**{**base, "interval": "60s", "valid_for": "180s", "max_uses": 10})
     try:
 
         def trusted_at_10() -> bool:  # earlier tests may have left a member tampered
-            # a verdict quoted under the new policy (the edit alone brings usesLeft down to
-            # 10 at once; the fresh quote already asked for would set it to 10 again later)
+            # quoted under the new policy: the edit alone brings usesLeft down to 10 at once,
+            # but a nonce asked under the old 2 s interval would set it to 10 again mid-count
             statuses = [pool.member(n)["status"] for n in names(pool)]
             trusted = [st for st in statuses if st.get("phase") == "Trusted"]
             return bool(trusted) and all(
-                st["trust"].get("usesLeft") == 10 and verified_since(st, since) for st in trusted
+                st["trust"].get("usesLeft") == 10 and no_quote_for(st, 30) for st in trusted
             )
 
         _wait("uses at 10", trusted_at_10, timeout=20)
