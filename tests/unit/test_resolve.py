@@ -139,11 +139,36 @@ def test_requested_components_join_the_box() -> None:
 
 @pytest.mark.parametrize(
     ("a", "b"),
-    [("6.1", "6.1.0"), ("1.2.0-rc1", "1.2.0"), ("1.2.0", "1.2.0+b1"), ("1.9", "1.10")],
+    [
+        ("6.1", "6.1.0"),
+        ("1.2.0-rc1", "1.2.0"),
+        ("1.2.0", "1.2.0+b1"),
+        ("1.9", "1.10"),
+        ("2.36.0+deb12u9", "2.36.0+deb12u10"),
+        ("1.2.0-rc9", "1.2.0-rc10"),
+        ("1.2.0-beta2", "1.2.0-rc1"),
+        ("2.36.0+deb12u1", "2.36.0+deb12u1.1"),
+    ],
 )
 def test_version_order(a: str, b: str) -> None:
     assert Version.parse(a) <= Version.parse(b)
     assert Version.parse(b) >= Version.parse(a)
+
+
+def test_a_security_rebuild_is_picked_over_the_builds_it_replaces() -> None:
+    """Debian numbers its stable rebuilds +deb12u1 ... +deb12u10: the newest is the one
+    with the highest number, not the one whose suffix sorts last as text."""
+    builds = catalogue(
+        [
+            PUB.component("glibc", f"2.36.0+deb12u{n}", requires=["rootfs"], provides=["libc"])
+            for n in (1, 9, 10)
+        ]
+    )
+    others = [c for c in WEB if c.name != "glibc"]
+    got = resolve(box("nginx", "debian-minimal"), others + builds)
+    assert "glibc 2.36.0+deb12u10" in labels(got)
+    got = resolve(box("nginx", "debian-minimal", "glibc<2.36.0+deb12u10"), others + builds)
+    assert "glibc 2.36.0+deb12u9" in labels(got)
 
 
 def test_version_ranges() -> None:

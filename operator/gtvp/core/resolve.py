@@ -99,10 +99,11 @@ class _Provider(AbstractProvider[Requirement, Candidate, str]):
     def __init__(self, by_ident: Mapping[str, Sequence[Component]], cached: frozenset[str]):
         self.by_ident = by_ident
         self.cached = cached
-        cached_names = {c.name for cs in by_ident.values() for c in cs if c.digest in cached}
-        self.order_key = {
-            c: (c.name not in cached_names, c.name, _neg(c)) for cs in by_ident.values() for c in cs
-        }
+        every = list(dict.fromkeys(c for cs in by_ident.values() for c in cs))
+        cached_names = {c.name for c in every if c.digest in cached}
+        # newest first, by Version's own order (one rank per component, ties in catalogue order)
+        newest = {c: i for i, c in enumerate(sorted(every, key=lambda c: c.version, reverse=True))}
+        self.order_key = {c: (c.name not in cached_names, c.name, newest[c]) for c in every}
 
     def identify(self, requirement_or_candidate: Requirement | Candidate) -> str:
         return requirement_or_candidate.ident
@@ -146,11 +147,6 @@ class _Provider(AbstractProvider[Requirement, Candidate, str]):
         deps += [Forbid(d.name, d.versions) for d in c.conflicts]
         deps += [Exact(i, c) for i in identities(c) if i != candidate.ident]
         return deps
-
-
-def _neg(c: Component) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    v = c.version
-    return (tuple(-n for n in v.numbers), -v.rank, tuple(-ord(ch) for ch in v.suffix))
 
 
 @dataclass(frozen=True)

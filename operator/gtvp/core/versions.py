@@ -3,7 +3,8 @@
 A version is up to four dot-separated numbers with an optional suffix: `6.1.112`,
 `1.2.0-rc1`, `2.36.0+deb12u1`. Ordering is numeric part by part (missing parts count as
 0); a `-suffix` is a pre-release and sorts before the plain version, a `+suffix` or
-`.suffix` is a build of it and sorts after. A range is a comma-separated conjunction of
+`.suffix` is a build of it and sorts after; suffixes compare run by run, runs of digits
+as numbers (`+deb12u9` < `+deb12u10`). A range is a comma-separated conjunction of
 `OP VERSION` clauses with OP one of `==`, `!=`, `>=`, `<=`, `>`, `<`; an empty range
 matches every version. `==6.1` matches `6.1`, `6.1.0` and `6.1.0.0` only.
 
@@ -18,6 +19,7 @@ from functools import total_ordering
 
 _VERSION = re.compile(r"^(\d+(?:\.\d+){0,3})(?:([-+.])([0-9A-Za-z.]+))?$")
 _CLAUSE = re.compile(r"^(==|!=|>=|<=|>|<)\s*(\S+)$")
+_RUNS = re.compile(r"\d+|\D+")
 
 
 class VersionError(ValueError):
@@ -48,8 +50,8 @@ class Version:
         rank = 1 if not sep else (0 if sep == "-" else 2)
         return cls(text.strip(), (padded[0], padded[1], padded[2], padded[3]), rank, suffix)
 
-    def _key(self) -> tuple[tuple[int, int, int, int], int, str]:
-        return (self.numbers, self.rank, self.suffix)
+    def _key(self) -> tuple[tuple[int, int, int, int], int, tuple[tuple[int, int, str], ...]]:
+        return (self.numbers, self.rank, _suffix_key(self.suffix))
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Version):
@@ -66,6 +68,15 @@ class Version:
 
     def __str__(self) -> str:
         return self.text
+
+
+def _suffix_key(suffix: str) -> tuple[tuple[int, int, str], ...]:
+    """A suffix compared run by run, digits as numbers: `deb12u9` < `deb12u10`, `rc9` <
+    `rc10` (as strings, a security rebuild `u10` would sort before the `u9` it replaces);
+    a run of digits sorts after a run of letters, a suffix after its own prefix."""
+    return tuple(
+        (1, int(run), "") if run.isdigit() else (0, 0, run) for run in _RUNS.findall(suffix)
+    )
 
 
 @dataclass(frozen=True)
