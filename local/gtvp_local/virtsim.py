@@ -166,13 +166,22 @@ VIEW_EVERY_S = 1.0  # how often the stand-in re-reads Members, policies and OSCo
 def chunk_plans(
     components: Sequence[Mapping[str, Any]], publisher_keys: Mapping[str, str]
 ) -> dict[str, cache.ChunkPlan]:
-    """The chunk lists by image of the OSComponents whose signature verifies against a
-    policy's publisher keys (an unsigned or unreadable chunk list is never used)."""
+    """The chunk lists by image of the OSComponents gtvp verified (`status.verification`,
+    which only the operator writes: the enforced policy's keys and each publisher's scope)
+    and whose signature verifies here too (an unsigned or unreadable chunk list is never
+    used). An image two such components describe differently gets no list at all: a
+    publisher allowed to sign one application could otherwise sign a component that
+    names the kernel's image with a chunk list of its own, and have members fetch (and
+    serve) its bytes as the kernel's."""
     from gtvp.core.component_signing import ComponentSignatureError, verify
     from gtvp.core.components import ComponentError, parse_component
 
     plans: dict[str, cache.ChunkPlan] = {}
+    disputed: set[str] = set()
     for obj in components:
+        state = ((obj.get("status") or {}).get("verification") or {}).get("state")
+        if state != "Verified":
+            continue
         try:
             verify(obj.get("spec") or {}, publisher_keys)
             c = parse_component(obj)
@@ -180,7 +189,17 @@ def chunk_plans(
             continue
         if c.chunks is not None and "@sha256:" in c.image:
             whole = None if c.disk_digest is not None else c.digest
-            plans[c.image] = cache.ChunkPlan(c.chunks.size_bytes, c.chunks.digests, c.size, whole)
+            plan = cache.ChunkPlan(c.chunks.size_bytes, c.chunks.digests, c.size, whole)
+            if plans.setdefault(c.image, plan) != plan:
+                disputed.add(c.image)
+    for image in sorted(disputed):
+        log.warning(
+            "%s: verified OSComponents give %s different chunk lists: it is fetched whole "
+            "from the component store",
+            BANNER,
+            image,
+        )
+        del plans[image]
     return plans
 
 

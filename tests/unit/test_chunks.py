@@ -74,18 +74,44 @@ def test_a_chunk_list_altered_after_signing_breaks_the_signature() -> None:
         component_signing.verify(dropped["spec"], pub.keys)
 
 
+def _verified(obj: dict[str, Any], state: str = "Verified") -> dict[str, Any]:
+    """As the operator's check leaves it in the component's status."""
+    return {**obj, "status": {"verification": {"state": state}}}
+
+
 def test_the_stand_in_uses_no_chunk_list_whose_signature_does_not_verify() -> None:
     pub, other = Publisher(), Publisher("someone-else")
-    good = _chunked(pub)
+    good = _verified(_chunked(pub))
     forged = copy.deepcopy(good)
     forged["spec"]["chunks"]["digests"][0] = _sha(b"x")
-    foreign = _chunked(other)
+    foreign = _verified(_chunked(other))
     plans = chunk_plans([forged, foreign], pub.keys)
     assert plans == {}
     plans = chunk_plans([good], pub.keys)
     plan = plans[good["spec"]["image"]]
     assert plan.digests == tuple(good["spec"]["chunks"]["digests"])
     assert plan.whole == good["spec"]["digest"]  # the image is the file: checked whole too
+
+
+def test_a_publisher_cannot_vouch_for_another_components_image_with_its_own_chunks() -> None:
+    """A publisher the policy lets sign one application (or any key, for a component gtvp
+    failed: out of its scope) signs a component naming the kernel's image with a chunk
+    list of its own bytes: members must not fetch (and then serve) those as the kernel."""
+    pub = Publisher()
+    kernel = _verified(_chunked(pub))
+    image = kernel["spec"]["image"]
+    evil = _chunked(pub, data=b"my own kernel and init" * 5000)
+    evil["metadata"]["name"] = "zz-app"
+    evil["spec"].update(image=image, digest=kernel["spec"]["digest"])
+    evil["spec"].pop("signature")
+    evil["spec"]["signature"] = component_signing.sign(evil["spec"], pub.private_pem, pub.name)
+    # failed by the operator (out of scope): its list is not used
+    plans = chunk_plans([kernel, _verified(evil, "Failed")], pub.keys)
+    assert plans[image].digests == tuple(kernel["spec"]["chunks"]["digests"])
+    assert chunk_plans([evil], pub.keys) == {}  # never checked by the operator
+    # two verified components disagree on one image: neither list is used, whichever last
+    assert chunk_plans([kernel, _verified(evil)], pub.keys) == {}
+    assert chunk_plans([_verified(evil), kernel], pub.keys) == {}
 
 
 def test_a_component_without_chunks_signs_the_same_bytes_as_before() -> None:
