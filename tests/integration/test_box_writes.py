@@ -19,7 +19,7 @@ from gtvp.core.api_resources import LAZY_BOXES
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BoxRef, compose_vm
 from gtvp.core.resolve import BoxRequest, resolve
-from gtvp.handlers import box_writes
+from gtvp.handlers import box_writes, lazyboxes
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_local.controlplane import ControlPlane
 from tests.catalogue import Publisher
@@ -67,3 +67,67 @@ def test_a_refused_vm_fails_the_box_and_keeps_the_rest_of_its_status(
     assert {k: status.get(k) for k in ("resolved", "composedBoots", "composedAt")} == {
         k: kept[k] for k in ("resolved", "composedBoots", "composedAt")
     }
+
+
+def _plain(kind: str, name: str, namespace: str) -> dict[str, Any]:
+    """A colleague's own VM (or standalone VMI), made without gtvp."""
+    spec: dict[str, Any] = {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}}
+    if kind == "VirtualMachineInstance":
+        return {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"runStrategy": "Always", "template": {"spec": spec}},
+    }
+
+
+@pytest.mark.parametrize("kind", ["VirtualMachine", "VirtualMachineInstance"])
+def test_a_box_named_after_a_colleagues_vm_leaves_that_vm_alone(
+    control_plane: ControlPlane, operator_clients: kube.Clients, namespace: str, kind: str
+) -> None:
+    """Whoever may create LazyBoxes must not get gtvp to replace, restart or delete a VM
+    (or VMI) of that name that is not the box's: the box fails and says why."""
+    theirs = json.loads(
+        control_plane.kubectl(
+            "create", "-o", "json", "-f", "-", input_text=json.dumps(_plain(kind, "db", namespace))
+        ).stdout
+    )
+    box = {
+        "apiVersion": LAZY_BOXES.api_version,
+        "kind": LAZY_BOXES.kind,
+        "metadata": {"name": "db", "namespace": namespace},
+        "spec": SPEC,
+    }
+    made = json.loads(
+        control_plane.kubectl("create", "-o", "json", "-f", "-", input_text=json.dumps(box)).stdout
+    )
+    rt = Runtime(settings=OperatorSettings(policy_name="p"), clients=operator_clients)
+    rt.view.observe_box(made, "ADDED")
+    if kind == "VirtualMachine":
+        rt.view.observe_vm(theirs, "ADDED")
+    else:
+        rt.view.observe_vmi(theirs, "ADDED")
+    key = (namespace, "db")
+    decision = lazyboxes.reconcile_box(rt, key)
+    assert decision is not None
+    assert decision.vm is None
+    assert not decision.restart
+    got = kube.get_if_present(operator_clients, LAZY_BOXES, "db", namespace)
+    assert got is not None
+    assert got["status"]["phase"] == "Failed"
+    assert "not own" in got["status"]["message"] or "controls" in got["status"]["message"]
+    placed = next(c for c in got["status"]["conditions"] if c["type"] == "Placed")
+    assert placed["reason"] == "VMNameTaken"
+    box_writes.delete_vm(rt, key, str(made["metadata"]["uid"]))  # the box deleted
+    resource = "vm" if kind == "VirtualMachine" else "vmi"
+    now = json.loads(
+        control_plane.kubectl("get", resource, "db", "-n", namespace, "-o", "json").stdout
+    )
+    assert now["metadata"]["uid"] == theirs["metadata"]["uid"]
+    assert now["metadata"]["resourceVersion"] == theirs["metadata"]["resourceVersion"]

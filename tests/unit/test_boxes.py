@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gtvp.core.boxes import BoxInput, Observed, plan_box, unschedulable
+from gtvp.core.boxes import BoxInput, Observed, plan_box, someone_elses, unschedulable
 from gtvp.core.component_checks import Check, check_component, spend_use
 from gtvp.core.components import Component, parse_component
 from gtvp.core.compose import (
@@ -590,3 +590,37 @@ def test_missing_dependency_recomposed_restarts_even_with_live_update() -> None:
         d.status["upgrade"]["to"].endswith("curl 8.0.0")
         or "curl 8.0.0" in d.status["upgrade"]["to"]
     )
+
+
+def _owned(kind: str, name: str, uid: str, *, controller: bool = True) -> dict[str, Any]:
+    ref = {"kind": kind, "name": name, "uid": uid, "controller": controller}
+    return {"metadata": {"name": "web", "ownerReferences": [ref]}}
+
+
+def test_a_vm_or_vmi_of_the_boxs_name_that_is_not_its_own_is_left_alone() -> None:
+    """A namespace user names a box after a colleague's VM: gtvp writes no VM over it,
+    restarts nothing and fails the box with why (the VM is written for a box whose VM is
+    its own, as before)."""
+    box_vm = _owned("LazyBox", "web", REF.uid)
+    box_vmi = _owned("VirtualMachine", "web", "vm-uid")
+    assert someone_elses(REF.uid, box_vm, box_vmi) is None
+    assert someone_elses(REF.uid, None, None) is None
+    assert someone_elses(REF.uid, None, box_vmi) is None  # the box's old VM being deleted
+    for vm, vmi in [
+        ({"metadata": {"name": "web"}}, None),  # a plain VM
+        (_owned("LazyBox", "web", "another-box-uid"), None),  # a box deleted and made anew
+        (_owned("LazyBox", "web", REF.uid, controller=False), None),  # a plain reference
+        (None, {"metadata": {"name": "web"}}),  # a standalone VMI
+        (box_vm, _owned("ReplicaSet", "web", "vm-uid")),
+    ]:
+        why = someone_elses(REF.uid, vm, vmi)
+        assert why is not None
+        decision = plan_box(inp(observed=Observed(someone_elses=why)), NOW)
+        assert decision.vm is None
+        assert not decision.restart
+        assert decision.placement is None
+        assert not decision.uses
+        assert decision.status["phase"] == "Failed"
+        assert decision.event is not None
+        assert decision.event[1] == "VMNameTaken"
+    assert plan_box(inp(), NOW).vm is not None

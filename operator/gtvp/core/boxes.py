@@ -67,6 +67,7 @@ class Observed:
     vm_boots: str | None = None  # what the VM template boots (`compose.composed_boot`)
     vmi_boots: str | None = None  # what the VMI boots (None: no VMI; "": no kernel)
     vmi_created: str | None = None  # the VMI's creationTimestamp
+    someone_elses: str | None = None  # a VM/VMI of the box's name is not its (`someone_elses`)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class BoxInput:
     `composedBoots` does not cover): missing dependencies are recomposed instead."""
 
 
+NAME_TAKEN = "VMNameTaken"
 STARTING = "the VM is starting"  # a placed box's message until its VMI runs
 UNSCHEDULABLE = "the scheduler cannot place the VM"  # ... on MEMBER: its message
 
@@ -146,8 +148,49 @@ def _failed(inp: BoxInput, now: dt.datetime, reason: str, message: str, cond: st
     return Decision(status, event=("Warning", reason, message) if changed else None)
 
 
+def _controlled_by(obj: Mapping[str, Any], kind: str, *, uid: str = "", name: str = "") -> bool:
+    """Whether `obj`'s controller owner reference is of `kind` with that uid (or name)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
+        if ref.get("kind") != kind or ref.get("controller") is not True:
+            continue
+        if (uid and ref.get("uid") == uid) or (name and ref.get("name") == name):
+            return True
+    return False
+
+
+def someone_elses(
+    box_uid: str, vm: Mapping[str, Any] | None, vmi: Mapping[str, Any] | None
+) -> str | None:
+    """Why the VirtualMachine or VirtualMachineInstance of the box's name is not the box's
+    (None: the box's own, or absent). A box's VM is the one gtvp composed, controlled by
+    the box (by uid); its VMI is controlled by a VM of the box's name (the current one, or
+    one being deleted: KubeVirt removes its VMI after it). Anyone who may create LazyBoxes
+    could otherwise name one after a colleague's VM and have gtvp replace, restart or
+    delete it, or balance and release Secrets against its VMI."""
+    if vm is not None and not _controlled_by(vm, "LazyBox", uid=box_uid):
+        return "a VirtualMachine of this name exists that this LazyBox does not own"
+    if vmi is not None:
+        name = str((vmi.get("metadata") or {}).get("name", ""))
+        if not _controlled_by(vmi, "VirtualMachine", name=name):
+            return (
+                "a VirtualMachineInstance of this name exists that no VirtualMachine of it controls"
+            )
+    return None
+
+
 def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     """Decide the box's next status and actions (see the module docstring)."""
+    if inp.observed.someone_elses:
+        message = (
+            f"{inp.observed.someone_elses}: gtvp neither replaces nor deletes it; rename "
+            "the box or remove that object"
+        )
+        return _failed(inp, now, NAME_TAKEN, message, "Placed")
+    return _plan_own(inp, now)
+
+
+def _plan_own(inp: BoxInput, now: dt.datetime) -> Decision:
+    """`plan_box` for a box whose VM and VMI, where they exist, are its own."""
     if inp.components is None:
         return _unresolved(inp, now)
     comps = list(inp.components)

@@ -146,7 +146,7 @@ async def box_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any
     rt = runtime_of(memo)
     if lazyboxes.observe_box(rt, dict(body), type or ""):
         key = (body.metadata.namespace or "", body.metadata.name or "")
-        await asyncio.to_thread(box_writes.delete_vm, rt, key)
+        await asyncio.to_thread(box_writes.delete_vm, rt, key, body.metadata.uid or "")
 
 
 EVENTS = (

@@ -19,6 +19,7 @@ from gtvp import kube
 from gtvp.cluster_view import Key
 from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS
 from gtvp.core.balance import BALANCE_LABEL, BalancePlan, Move, PlacedBox, plan_balance
+from gtvp.core.boxes import someone_elses
 from gtvp.core.evacuation import migration_view
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
@@ -41,6 +42,8 @@ def placed_boxes(rt: Runtime) -> list[PlacedBox]:
         node = status.get("nodeName")
         if not node or status.get("phase") != "Running":
             continue
+        if someone_elses(str(box["metadata"].get("uid", "")), rt.view.vms.get(key), vmi):
+            continue  # a VM of the box's name that is not the box's is not moved as one
         cpu, mem = box_requests(rt, key, box)
         resolved = (box.get("status") or {}).get("resolved") or []
         parts = tuple((str(r.get("digest", "")), int(r.get("sizeBytes", 0) or 0)) for r in resolved)

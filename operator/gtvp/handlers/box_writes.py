@@ -77,14 +77,16 @@ def write_status(rt: Runtime, key: Key, status: dict[str, Any]) -> None:
         rt.view.boxes[key] = out
 
 
-def delete_vm(rt: Runtime, key: Key) -> None:
-    """The box is gone: delete its VM (and nothing else)."""
-    vm = rt.view.vms.pop(key, None)
+def delete_vm(rt: Runtime, key: Key, box_uid: str) -> None:
+    """The box (of that uid) is gone: delete its VM (and nothing else: a VM of its name
+    that another box, or nobody, owns stays)."""
+    vm = rt.view.vms.get(key)
     if vm is None:
         return
     owners = (vm.get("metadata") or {}).get("ownerReferences") or []
-    if not any(o.get("kind") == LAZY_BOXES.kind for o in owners):
+    if not any(o.get("kind") == LAZY_BOXES.kind and o.get("uid") == box_uid for o in owners):
         return
+    rt.view.vms.pop(key, None)
     try:
         if kube.delete_if_present(rt.clients, VIRTUAL_MACHINES, key[1], key[0]):
             log.info("LazyBox %s/%s deleted: deleted its VirtualMachine", *key)
@@ -108,4 +110,4 @@ def sweep_orphans(rt: Runtime) -> None:
             continue
         if box is not None and box["metadata"]["uid"] == owners[0].get("uid"):
             continue
-        delete_vm(rt, key)
+        delete_vm(rt, key, str(owners[0].get("uid", "")))

@@ -30,6 +30,7 @@ from gtvp.core.boxes import (
     Observed,
     failed_verification,
     plan_box,
+    someone_elses,
     unschedulable,
 )
 from gtvp.core.component_checks import resolvable
@@ -181,12 +182,16 @@ def _migrating(rt: Runtime, key: Key) -> bool:
 def observed(rt: Runtime, key: Key) -> Observed:
     """What runs for the box: its VM, VMI and migrations, as the planner needs them."""
     vm = rt.view.vms.get(key)
+    vmi = rt.view.vmis.get(key)
+    box_uid = str(((rt.view.boxes.get(key) or {}).get("metadata") or {}).get("uid", ""))
+    foreign = someone_elses(box_uid, vm, vmi)
+    if foreign is not None:
+        return Observed(someone_elses=foreign)
     if vm is None:
         return Observed()
     ann = (vm.get("metadata") or {}).get("annotations") or {}
     spec = vm.get("spec") or {}
     tmpl = spec.get("template") or {}
-    vmi = rt.view.vmis.get(key)
     vmi_status = (vmi or {}).get("status") or {}
     vmi_annotations = ((vmi or {}).get("metadata") or {}).get("annotations") or {}
     return Observed(
@@ -249,7 +254,7 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
         "generation": int(meta.get("generation", 0) or 0),
         "status": box.get("status") or {},
         # placement hosts matter only before the first placement (the costly part)
-        "hosts": [] if seen.vm_exists else hosts(rt, now, exclude=key),
+        "hosts": [] if seen.vm_exists or seen.someone_elses else hosts(rt, now, exclude=key),
         "observed": seen,
         # armed before it is written: the box names Secrets, or the policy attests boxes
         "armed": ba.attests_boxes(rt.enforced_spec()) or key_release.names_secrets(box),
