@@ -349,3 +349,24 @@ def test_extra_certificates_presented_beside_an_ek_certificate_keep_one_entry() 
         )
         assert got.subject == root.name
     assert len(enrolment._EK_PATHS) <= before + 1
+
+
+def test_a_presented_certificate_whose_names_cannot_be_read_is_an_untrusted_chain() -> None:
+    """`cryptography` reads a certificate's names only when asked: an agent presenting one
+    with a subject that is not UTF-8 beside a leaf that fails must get the chain refused
+    (a tampering sign, readmission applies), not an exception gtvp takes for its own fault."""
+    root = _CA("TPM vendor root")
+    stranger = _CA("TPM vendor EK CA")  # self-signed: no path to the bundle
+    garbled = _CA("XXXXXXXXXXXX", root)
+    der = garbled.der.replace(b"XXXXXXXXXXXX", b"\xff\xfe" * 6)
+    with pytest.raises(ValueError, match="subject"):  # as the agent presents it
+        _ = x509.load_der_x509_certificate(der).subject
+    ek = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(errors.EkCertificateUntrusted, match="cannot be read"):
+        check_ek_certificate(
+            ek_spki=spki_der(ek),
+            certificate=stranger.certify_ek(ek),
+            presented_chain=[der],
+            ca_bundle_pem=root.pem(),
+            now=NOW,
+        )

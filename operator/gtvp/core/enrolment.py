@@ -456,9 +456,24 @@ def _refusal(
 ) -> errors.VerificationError:
     """Why the path validation failed, naming the certificate: the path is retraced by
     issuer name and signature and each CA on it checked in turn (validity, cA,
-    pathLenConstraint, name constraints); else `cryptography`'s reason."""
+    pathLenConstraint, name constraints); else `cryptography`'s reason. The certificates
+    are the agent's: one whose names or extensions `cryptography` cannot read (it parses
+    them only when asked) is an untrusted chain too, not a fault of gtvp's (which would be
+    no sign of tampering, and skip readmission)."""
     for prefix in ("validation failed: ", "candidates exhausted: ", "fatal error: "):
         reason = reason.removeprefix(prefix)
+    try:
+        return _explained(leaf, path, now, reason)
+    except ValueError as exc:
+        return errors.EkCertificateUntrusted(
+            f"the EK certificate's path fails X.509 path validation ({reason}), and a "
+            f"certificate presented with it cannot be read: {exc}"
+        )
+
+
+def _explained(
+    leaf: x509.Certificate, path: _EkPath, now: datetime.datetime, reason: str
+) -> errors.VerificationError:
     try:
         steps = _path_to_anchor(leaf, anchors=path.anchors, presented=path.presented)
         for cert, what in steps:
