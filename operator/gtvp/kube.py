@@ -263,6 +263,35 @@ def patch_status(
     return _call(c, "patch_status", res, namespace, name, body)
 
 
+def patch_status_where(
+    c: Clients,
+    res: ApiResource,
+    name: str,
+    tests: Mapping[str, Any],
+    sets: Mapping[str, Any],
+    *,
+    namespace: str | None = None,
+) -> Any:
+    """JSON-Patch (RFC 6902) the status subresource: replace each path in `sets` only if
+    each path in `tests` holds its value (else 422, `is_failed_test`). Conditional on
+    those values alone, not on the object's resourceVersion, which whoever may write
+    another part of the status (a node's agent) moves at will."""
+    ops = [{"op": "test", "path": p, "value": v} for p, v in tests.items()]
+    ops += [{"op": "replace", "path": p, "value": v} for p, v in sets.items()]
+    return _call(
+        c, "patch_status", res, namespace, name, ops, _content_type="application/json-patch+json"
+    )
+
+
+def is_failed_test(exc: BaseException) -> bool:
+    """A JSON Patch refused because one of its `test` operations failed (HTTP 422)."""
+    return (
+        isinstance(exc, client.exceptions.ApiException)
+        and exc.status == 422
+        and "testing value" in str(exc.body or "").lower()
+    )
+
+
 def is_conflict(exc: BaseException) -> bool:
     """A write refused because the object changed since it was read (HTTP 409)."""
     return isinstance(exc, client.exceptions.ApiException) and exc.status == 409

@@ -448,6 +448,36 @@ def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
     assert _status(rt, member)["trust"]["usesLeft"] == 49  # not 2 written over the new 50
 
 
+def test_spends_land_while_the_agent_rewrites_its_status_without_pause(
+    control_plane: ControlPlane, rt: Runtime, member: str
+) -> None:
+    """Root on the host rewrites `status.agent` as fast as it can (each write a new
+    resourceVersion): every decision still spends its use, so the verdict does not back
+    decisions without end."""
+    _patch_status(control_plane, member, _trusted(member, 2, uses=20)["status"])
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    rt.view.remember_member(member, got)
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            beat = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            kube.patch_status(rt.clients, MEMBERS, member, {"agent": {"heartbeatTime": beat}})
+
+    writers = [threading.Thread(target=flood, daemon=True) for _ in range(3)]
+    for w in writers:
+        w.start()
+    try:
+        for _ in range(6):
+            asyncio.run(verdict_uses.spend_use(rt, member))
+    finally:
+        stop.set()
+        for w in writers:
+            w.join(timeout=10)
+    assert _status(rt, member)["trust"]["usesLeft"] == 20 - 6
+
+
 # ----- a verdict the API server will not take ------------------------------------------------
 
 

@@ -309,9 +309,10 @@ async def _write(
     retries); None when the Member changed since (a newer body is on its way) or this
     replica no longer holds the member's shard (fenced: it writes nothing).
 
-    A verdict that takes trust away (`takes_trust_away`: it lost its verdict, or holds a
-    lower level than the server says) is written even when the Member changed since it was
-    judged: whatever its agent wrote meanwhile cannot make the member more trusted than
+    A verdict that takes trust away (`takes_trust_away`: it lost its verdict, holds a
+    lower level than the server says, or has fewer uses left or a sooner expiry: a revoked
+    reference set, a shortened `validFor`) is written even when the Member changed since it
+    was judged: whatever its agent wrote meanwhile cannot make the member more trusted than
     evidence that failed, and an agent that rewrites its status without pause (each write a
     new resourceVersion) must not keep that verdict off the server."""
     status = body.get("status") or {}

@@ -39,10 +39,12 @@ SPEND_ATTEMPTS = 8
 
 async def spend_use(rt: Runtime, name: str, uses: int = 1) -> None:
     """`uses` decisions backed by this member's verdict: `usesLeft` - `uses` (not below 0),
-    written only if the Member is still as read (its resourceVersion). Another replica's
-    spend, or a new verdict, in between makes the write fail with a conflict; the member is
-    read again and the uses spent on what is there now, so no use is spent twice and none is
-    lost."""
+    written only if `usesLeft` is still as read (a JSON Patch `test`). Another replica's
+    spend, or a new verdict, in between makes the write fail; the member is read again and
+    the uses spent on what is there now, so no use is spent twice and none is lost. Not
+    conditional on the Member's resourceVersion: root on the host rewriting its agent's
+    status without pause would otherwise make every spend fail, and its verdict back
+    decisions without end."""
     async with rt.attestation.lock(name):
         left = await _spend_on_latest(rt, name, uses)
     if left is not None and left <= 0:
@@ -58,18 +60,18 @@ async def _spend_on_latest(rt: Runtime, name: str, uses: int = 1) -> int | None:
         left = int((((body.get("status") or {}).get("trust") or {}).get("usesLeft", 0)) or 0)
         if left <= 0:
             return None
-        version = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
+        path = "/status/trust/usesLeft"
         try:
             written = await asyncio.to_thread(
-                kube.patch_status,
+                kube.patch_status_where,
                 rt.clients,
                 MEMBERS,
                 name,
-                {"trust": {"usesLeft": max(left - uses, 0)}},
-                resource_version=version,
+                {path: left},
+                {path: max(left - uses, 0)},
             )
         except Exception as exc:
-            if not kube.is_conflict(exc):
+            if not kube.is_failed_test(exc):
                 raise
             body = await asyncio.to_thread(kube.get_if_present, rt.clients, MEMBERS, name)
             if body is not None:
@@ -77,7 +79,11 @@ async def _spend_on_latest(rt: Runtime, name: str, uses: int = 1) -> int | None:
             continue
         rt.view.remember_member(name, dict(written) if isinstance(written, Mapping) else body)
         return max(left - uses, 0)
-    log.warning("member %s: could not spend a verdict use after %d conflicts", name, SPEND_ATTEMPTS)
+    log.warning(
+        "member %s: could not spend a verdict use: its usesLeft changed %d times meanwhile",
+        name,
+        SPEND_ATTEMPTS,
+    )
     return None
 
 
