@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
+from gtvp.core.enrolment import ek_facts
 from gtvp.core.policy import parse_policy
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp_agent.tpm import Tpm
@@ -255,6 +256,42 @@ def test_a_revoked_ek_is_refused_and_untrusts_its_member(
         m.agent()
         m.operator(T0 + dt.timedelta(seconds=t))
     assert m.phase == "Trusted", m.status["trust"]
+
+
+def test_with_require_approval_only_an_approved_ek_is_bound(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    """ekTrust.requireApproval: a new member's certified EK is not pinned on first use (root
+    on a host could relay its first enrolment to a clean machine of its own); it waits,
+    Untrusted, for an administrator's approval of that very key, and a member bound before
+    the option needs one too (no readmission: a step to do, not tampering)."""
+    spec = _policy_spec(swtpm_ca)
+    spec["ekTrust"]["requireApproval"] = True
+    strict = parse_policy("default", spec)
+    bound = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "bound")
+    fp = bound.status["trust"]["ekSHA256"]
+    bound.policy = strict
+    bound.agent()
+    bound.operator(T0 + dt.timedelta(seconds=2))
+    assert (bound.phase, bound.reason) == ("Untrusted", "EkNotApproved")
+    assert fp in bound.status["trust"]["message"]
+    assert not bound.status["trust"].get("awaitingReadmission")
+    fresh = Member(make_tpm(), tpm_dir / "agent-new", swtpm_ca)
+    fresh.policy = strict
+    fresh.spec["approval"] = {"ekSHA256": fp, "approvedBy": "admin"}  # another TPM's key
+    fresh.agent()
+    fresh.operator(T0)
+    assert (fresh.phase, fresh.reason) == ("Untrusted", "EkNotApproved")
+    assert fresh.status["challenge"] == {}  # nothing asked before the approval
+    assert "ekSHA256" not in fresh.status["trust"]  # and nothing pinned
+    presented = fresh.status["agent"]["enrollment"]["ekPublic"]
+    fresh_fp = ek_facts(base64.b64decode(presented)).fingerprint
+    for m, own in ((bound, fp), (fresh, fresh_fp)):
+        m.spec["approval"] = {"ekSHA256": own, "approvedBy": "admin"}
+        for t in range(3, 9):
+            m.agent()
+            m.operator(T0 + dt.timedelta(seconds=t))
+        assert m.phase == "Trusted", m.status["trust"]
 
 
 def test_agent_answer_with_wrong_secret_fails_activation(

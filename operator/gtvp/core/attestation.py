@@ -78,6 +78,7 @@ EARLY_TOLERANCE = dt.timedelta(seconds=2)
 # reference set is the policy's calendar, not the host's doing)
 _NOT_TAMPERING = (
     errors.EvidenceTooLate,
+    errors.EkNotApproved,
     errors.UnknownMemberClass,
     ReferenceSetExpired,
     # what no named check catches may as well be a fault of gtvp's: never a readmission
@@ -223,6 +224,12 @@ def _check_enrolment(
     approval = spec.get("approval") or {}
     approved = approval.get("ekSHA256") if isinstance(approval, Mapping) else None
     check_ek_pin(pinned=trust.get("ekSHA256"), current=fp, approved=approved)
+    if policy.require_approval and approved != fp:
+        raise errors.EkNotApproved(
+            f"the policy binds only EKs an administrator approved (spec.ekTrust."
+            f"requireApproval), and this member's EK (SHA-256 {fp}) is not: check it against "
+            "your inventory of the hosts' TPMs, then set Member.spec.approval.ekSHA256"
+        )
     cert = enrollment.get("ekCertificate")
     if cert:
         chain = [

@@ -94,7 +94,8 @@ _VECTOR_BY_REASON: Final[Mapping[str, Mapping[str, int]]] = {
         _CRYPTO_FAILED,
     ),
     **dict.fromkeys(
-        ("EkCertificateInvalid", "EkCertificateUntrusted", "EkCertificateMissing"), _UNKNOWN_TPM
+        ("EkCertificateInvalid", "EkCertificateUntrusted", "EkCertificateMissing", "EkNotApproved"),
+        _UNKNOWN_TPM,
     ),
     **dict.fromkeys(
         (

@@ -189,6 +189,13 @@ class EkChanged(VerificationError):
     reason = "EkChanged"
 
 
+class EkNotApproved(VerificationError):
+    """The policy binds only EKs an administrator approved (spec.ekTrust.requireApproval)
+    and this member's is not: a configuration step still to do, no sign of tampering."""
+
+    reason = "EkNotApproved"
+
+
 class EkRevoked(VerificationError):
     """The EK is on the policy's revocation list (spec.ekTrust.revokedEKs): whatever its
     certificate or an approval says, this TPM proves nothing any more."""

@@ -159,6 +159,8 @@ class Policy:
     balancing: Balancing
     allow_shared_ek: bool = False
     revoked_eks: frozenset[str] = frozenset()
+    require_approval: bool = False
+    """Every EK must be approved (Member.spec.approval.ekSHA256), certified or not."""
     """EK fingerprints (SHA-256 of the public key, lowercase hex) no member may present."""
     publisher_scopes: Mapping[str, PublisherScope] = field(default_factory=dict)
 
@@ -336,6 +338,7 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
         allow_uncertified_with_approval=bool(_get(ek, "allowUncertifiedWithApproval", False)),
         allow_shared_ek=bool(_get(ek, "allowSharedEk", False)),
         revoked_eks=_revoked_eks(_get(ek, "revokedEKs", [])),
+        require_approval=bool(_get(ek, "requireApproval", False)),
         publisher_keys=keys,
         publisher_scopes=scopes,
         transitions=transitions,
