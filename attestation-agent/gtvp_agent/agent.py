@@ -35,7 +35,9 @@ log = logging.getLogger("gtvp_agent")
 
 GROUP, VERSION, PLURAL = "gtvp.io", "v1alpha1", "members"
 EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
-MAX_EVENT_LOG = 1024 * 1024
+MAX_EVENT_LOG = 1024 * 1024 // 4 * 3
+"""The largest event log sent: its base64 must fit the Member CRD's 1 MiB for
+`evidence.eventLog` (a larger one would make every evidence write fail)."""
 API_TIMEOUT = (10.0, 60.0)
 """Seconds to connect and to wait for each read of an API answer: a call the API server
 never answers (a half-open connection after it restarted) fails and is retried instead of
