@@ -35,7 +35,7 @@ import yaml
 
 from gtvp.core.component_checks import check_component
 from gtvp.core.component_signing import ComponentSignatureError, sign
-from gtvp.core.policy import PolicyError, PublisherScope, publisher_scopes
+from gtvp.core.policy import PolicyError, PublisherScope, publisher_scopes, revoked_components
 
 
 class InputError(Exception):
@@ -57,10 +57,14 @@ def _read(path: str) -> list[dict[str, Any]]:
     return comps
 
 
-def _keys(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, PublisherScope]]:
-    """The publisher keys to verify with, and what each may sign (a policy's scopes)."""
+def _keys(
+    args: argparse.Namespace,
+) -> tuple[dict[str, str], dict[str, PublisherScope], frozenset[str]]:
+    """The publisher keys to verify with, what each may sign (a policy's scopes) and the
+    component digests a policy revokes."""
     keys: dict[str, str] = {}
     scopes: dict[str, PublisherScope] = {}
+    revoked: set[str] = set()
     for item in args.publisher_key or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
@@ -81,11 +85,12 @@ def _keys(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, Publisher
                     keys[str(pk.get("name"))] = str(pk.get("publicKey"))
                 try:
                     scopes.update(publisher_scopes(listed))
+                    revoked |= revoked_components(doc["spec"].get("revokedComponents") or [])
                 except PolicyError as exc:
                     raise InputError(f"policy {args.policy}: {exc}") from exc
     if not keys:
         raise InputError("no publisher keys: give --publisher-key NAME=PATH or --policy FILE")
-    return keys, scopes
+    return keys, scopes, frozenset(revoked)
 
 
 def run_sign(args: argparse.Namespace) -> int:
@@ -109,13 +114,13 @@ def run_sign(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     try:
         comps = _read(args.manifest)
-        keys, scopes = _keys(args)
+        keys, scopes, revoked = _keys(args)
     except InputError as exc:
         print(f"gtvp component verify: {exc}", file=sys.stderr)
         return 2
     failed = 0
     for obj in comps:
-        check = check_component(obj, keys, scopes)
+        check = check_component(obj, keys, scopes, revoked)
         spec = obj.get("spec") or {}
         name = (obj.get("metadata") or {}).get("name")
         what = f"{name} ({spec.get('componentName')} {spec.get('version')})"

@@ -177,3 +177,33 @@ def test_a_publisher_signs_only_the_components_and_levels_the_policy_lets_it() -
     assert not check_component(nginx, nothing.publisher_keys, nothing.publisher_scopes).ok
     with pytest.raises(PolicyError, match=r"publisherKeys\[0\]\.maxLevel"):
         policy(maxLevel=0)
+
+
+def test_a_revoked_component_fails_whatever_its_signature() -> None:
+    """Deleting an OSComponent is no revocation: anyone who may create OSComponents can
+    apply a saved signed copy of a withdrawn version again, and every box would resolve
+    to it. Listed in the policy's revokedComponents (by its image or disk digest), it fails
+    verification (Revoked); the other versions still verify."""
+    pub = Publisher()
+    bad = pub.component("glibc", "2.36.0+deb12u4", requires=["rootfs"], provides=["libc"])
+    good = pub.component("glibc", "2.36.0+deb12u5", requires=["rootfs"], provides=["libc"])
+    spec = sample_policy_spec()
+    spec["publisherKeys"] = [{"name": pub.name, "publicKey": pub.public_pem}]
+    spec["revokedComponents"] = [bad["spec"]["digest"], bad["spec"]["digest"]]
+    policy = parse_policy("p", spec)
+    assert policy.revoked_components == {bad["spec"]["digest"]}
+
+    def check(obj: dict[str, Any]) -> Any:
+        keys, scopes = policy.publisher_keys, policy.publisher_scopes
+        return check_component(obj, keys, scopes, policy.revoked_components)
+
+    got = check(bad)
+    assert (got.state, got.reason) == ("Failed", "Revoked")
+    assert bad["spec"]["digest"] in got.message
+    assert check(good).ok
+    renamed = copy.deepcopy(bad)  # the same bytes under another object name
+    renamed["metadata"]["name"] = "glibc-again"
+    assert check(renamed).reason == "Revoked"
+    spec["revokedComponents"] = ["SHA256:" + "a" * 64]
+    with pytest.raises(PolicyError, match=r"revokedComponents\[0\].*not a component digest"):
+        parse_policy("p", spec)

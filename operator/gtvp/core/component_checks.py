@@ -26,6 +26,8 @@ COMPONENT_FAILURE_REASONS: tuple[str, ...] = (
     "MalformedComponent",
     "MalformedSignature",
     "MissingSignature",
+    "OutOfScope",
+    "Revoked",
     "UnknownPublisher",
     "UnreadableKey",
     "UnsupportedKey",
@@ -62,13 +64,23 @@ def check_component(
     obj: Mapping[str, Any],
     publisher_keys: Mapping[str, str],
     scopes: Mapping[str, PublisherScope] | None = None,
+    revoked: frozenset[str] = frozenset(),
 ) -> Check:
     """Verify one OSComponent object against the trusted publisher keys, and what each
-    publisher may sign (`scopes`, by publisher name; none: anything)."""
+    publisher may sign (`scopes`, by publisher name; none: anything); a component whose
+    image or disk digest the policy revokes (`revoked`) fails whatever its signature."""
     try:
         comp = parse_component(obj)
     except ComponentError as exc:
         return Check("Failed", "MalformedComponent", str(exc))
+    hit = next((d for d in (comp.digest, comp.disk_digest) if d and d in revoked), None)
+    if hit is not None:
+        return Check(
+            "Failed",
+            "Revoked",
+            f"the policy revokes {hit} (spec.revokedComponents): withdrawn by its publisher "
+            "or found bad; a signed copy applied again stays refused",
+        )
     try:
         verify(obj.get("spec") or {}, publisher_keys)
     except ComponentSignatureError as exc:

@@ -163,6 +163,8 @@ class Policy:
     """Every EK must be approved (Member.spec.approval.ekSHA256), certified or not."""
     """EK fingerprints (SHA-256 of the public key, lowercase hex) no member may present."""
     publisher_scopes: Mapping[str, PublisherScope] = field(default_factory=dict)
+    revoked_components: frozenset[str] = frozenset()
+    """OSComponent digests (`sha256:…`, image or disk) no box may use."""
 
     def level(self, number: int) -> Level | None:
         return next((lv for lv in self.levels if lv.level == number), None)
@@ -338,6 +340,7 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
         allow_uncertified_with_approval=bool(_get(ek, "allowUncertifiedWithApproval", False)),
         allow_shared_ek=bool(_get(ek, "allowSharedEk", False)),
         revoked_eks=_revoked_eks(_get(ek, "revokedEKs", [])),
+        revoked_components=revoked_components(_get(spec, "revokedComponents", [])),
         require_approval=bool(_get(ek, "requireApproval", False)),
         publisher_keys=keys,
         publisher_scopes=scopes,
@@ -359,6 +362,23 @@ def _revoked_eks(raw: Any) -> frozenset[str]:
                 f"spec.ekTrust.revokedEKs[{i}]",
                 f"{text[:80]!r} is not an EK fingerprint: 64 lowercase hex digits, the SHA-256 "
                 "a Member shows in status.trust.ekSHA256",
+            )
+        found.add(text)
+    return frozenset(found)
+
+
+def revoked_components(raw: Any) -> frozenset[str]:
+    """spec.revokedComponents: `sha256:` digests of OSComponent images or disks."""
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise PolicyError("spec.revokedComponents", "must be a list of sha256: digests")
+    found = set()
+    for i, item in enumerate(raw):
+        text = str(item)
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
+            raise PolicyError(
+                f"spec.revokedComponents[{i}]",
+                f"{text[:80]!r} is not a component digest: sha256: and 64 lowercase hex "
+                "digits, an OSComponent's spec.digest or spec.diskDigest",
             )
         found.add(text)
     return frozenset(found)

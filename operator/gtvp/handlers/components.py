@@ -83,7 +83,9 @@ def _check(rt: Runtime, body: dict[str, Any]) -> Check:
     policy = rt.view.policy
     if policy is None:
         return Check("Failed", "NoPolicy", "no usable SecurityPolicy names publisher keys")
-    return check_component(body, policy.publisher_keys, policy.publisher_scopes)
+    return check_component(
+        body, policy.publisher_keys, policy.publisher_scopes, policy.revoked_components
+    )
 
 
 WRITE_ATTEMPTS = 5
