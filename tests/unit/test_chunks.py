@@ -291,3 +291,60 @@ def test_range_requests_are_read_within_the_file() -> None:
     assert cache.parse_range("bytes=100-", 100) is None
     assert cache.parse_range("bytes=-5", 100) is None
     assert cache.parse_range(None, 100) is None
+
+
+def _peer(body: bytes, every: float, status: str = "206 Partial Content") -> tuple[int, Any]:
+    """A peer on 127.0.0.1 that answers each request with `body`, a byte each `every` s."""
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n"
+                conn.sendall(head.encode())
+                for i in range(0, len(body), 1 if every else len(body)):
+                    if stop.is_set():
+                        break
+                    conn.sendall(body[i : i + (1 if every else len(body))])
+                    time.sleep(every)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1], stop
+
+
+def test_a_peer_trickling_a_chunk_is_given_up_within_the_chunk_deadline() -> None:
+    """A lying Trusted peer sends the headers, then a byte now and then (each read well
+    inside the socket timeout): the chunk is given up on after its deadline (and taken from
+    another source), not held, with the member's cache lock, for good."""
+    import http.client
+    import time
+
+    plan = cache.ChunkPlan(CHUNK, tuple(chunk_digests([DATA], CHUNK)), len(DATA), _sha(DATA))
+    fetch = cache._ChunkFetch("registry.example.com/app@" + _sha(DATA), plan, "", {})
+    fetch.chunk_deadline_s = 1.0
+    port, stop = _peer(DATA[:CHUNK], every=0.1)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(cache.FetchError, match="too slow"):
+            fetch.get(http.client.HTTPConnection("127.0.0.1", port, timeout=5), 0)
+        assert time.monotonic() - t0 < 3
+    finally:
+        stop.set()
+    # a peer that ignores Range and sends the whole file: only the chunk's bytes are kept
+    port, stop = _peer(DATA, every=0, status="200 OK")
+    try:
+        got = fetch.get(http.client.HTTPConnection("127.0.0.1", port, timeout=5), 1)
+        assert got == DATA[CHUNK : 2 * CHUNK]
+    finally:
+        stop.set()

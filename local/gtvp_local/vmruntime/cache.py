@@ -745,6 +745,7 @@ class _ChunkFetch:
         self.cond = threading.Condition()
         self.nbytes: dict[str, int] = {}
         self.member = ""
+        self.chunk_deadline_s = CHUNK_TIMEOUT_S
 
     def run(self, member: str, fd: int) -> None:
         self.member = member
@@ -758,6 +759,10 @@ class _ChunkFetch:
             t.join()
 
     def get(self, conn: http.client.HTTPConnection, index: int) -> bytes:
+        """Chunk `index` from one source: at most the bytes it needs (a server that ignores
+        Range sends the file from its start), within `chunk_deadline_s` in all. The socket
+        timeout bounds each read only: a peer trickling a byte now and then would hold the
+        chunk, and the member's cache lock, for good."""
         start, end = self.ranges[index]
         conn.request(
             "GET",
@@ -765,12 +770,29 @@ class _ChunkFetch:
             headers={"Range": f"bytes={start}-{end - 1}"},
         )
         resp = conn.getresponse()
-        data = resp.read()
+        want = end - start if resp.status == 206 else end if resp.status == 200 else 200
+        data = self._read(resp, want)
+        if not resp.isclosed():  # the source has more than it was asked for: start afresh
+            conn.close()
         if resp.status == 200 and len(data) >= end:  # a server that ignores Range
             return data[start:end]
         if resp.status not in (200, 206):
             raise FetchError(f"HTTP {resp.status}: {data[:200].decode(errors='replace')}")
         return data
+
+    def _read(self, resp: http.client.HTTPResponse, want: int) -> bytes:
+        deadline = time.monotonic() + self.chunk_deadline_s
+        out = bytearray()
+        while len(out) < want:
+            if time.monotonic() > deadline:
+                raise FetchError(
+                    f"{len(out)} of {want} bytes in {self.chunk_deadline_s:.0f} s: too slow"
+                )
+            block = resp.read1(min(1 << 16, want - len(out)))
+            if not block:
+                break
+            out += block
+        return bytes(out)
 
     def next_chunk(self, source: str) -> int | None:
         """The next chunk `source` fetches; None once it has nothing more to do."""
