@@ -90,6 +90,25 @@ def merge_patch_for(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str,
     return patch
 
 
+def guarded_json_patch(
+    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str
+) -> list[dict[str, Any]]:
+    """A JSON Patch (RFC 6902) turning the keys of `old` under `prefix` into `new`, each
+    key that `old` holds tested first (`test`: the patch fails, 422, if the server holds
+    another value there): a write conditional on the values it was decided on alone, not
+    on the whole object's resourceVersion. Keys `old` lacks are added untested."""
+    ops: list[dict[str, Any]] = []
+    for k in sorted(set(old) | set(new)):
+        path = f"{prefix}/{k.replace('~', '~0').replace('/', '~1')}"
+        if k in old:
+            ops.append({"op": "test", "path": path, "value": old[k]})
+        if k not in new:
+            ops.append({"op": "remove", "path": path})
+        elif k not in old or old[k] != new[k]:
+            ops.append({"op": "add" if k not in old else "replace", "path": path, "value": new[k]})
+    return ops
+
+
 def list_all(c: Clients, res: ApiResource) -> list[dict[str, Any]]:
     """Every object of a cluster-wide or namespaced custom resource; [] if the API lacks it."""
     try:
@@ -263,33 +282,21 @@ def patch_status(
     return _call(c, "patch_status", res, namespace, name, body)
 
 
-def patch_status_where(
-    c: Clients,
-    res: ApiResource,
-    name: str,
-    tests: Mapping[str, Any],
-    sets: Mapping[str, Any],
-    *,
-    namespace: str | None = None,
+def json_patch_status(
+    c: Clients, res: ApiResource, name: str, ops: list[dict[str, Any]], namespace: str | None = None
 ) -> Any:
-    """JSON-Patch (RFC 6902) the status subresource: replace each path in `sets` only if
-    each path in `tests` holds its value (else 422, `is_failed_test`). Conditional on
-    those values alone, not on the object's resourceVersion, which whoever may write
-    another part of the status (a node's agent) moves at will."""
-    ops = [{"op": "test", "path": p, "value": v} for p, v in tests.items()]
-    ops += [{"op": "replace", "path": p, "value": v} for p, v in sets.items()]
+    """JSON-Patch (RFC 6902) the status subresource; a failed `test` is a 422
+    (`is_failed_test`)."""
     return _call(
         c, "patch_status", res, namespace, name, ops, _content_type="application/json-patch+json"
     )
 
 
 def is_failed_test(exc: BaseException) -> bool:
-    """A JSON Patch refused because one of its `test` operations failed (HTTP 422)."""
-    return (
-        isinstance(exc, client.exceptions.ApiException)
-        and exc.status == 422
-        and "testing value" in str(exc.body or "").lower()
-    )
+    """A JSON Patch the API server could not apply (HTTP 422): a `test` operation failed,
+    or a path it names is not there. kube-apiserver says no more than "the server rejected
+    our request due to an error in our request" for either."""
+    return isinstance(exc, client.exceptions.ApiException) and exc.status == 422
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -471,11 +471,21 @@ def test_spends_land_while_the_agent_rewrites_its_status_without_pause(
     try:
         for _ in range(6):
             asyncio.run(verdict_uses.spend_use(rt, member))
+        assert _status(rt, member)["trust"]["usesLeft"] == 20 - 6
+        # a revocation (the standing verdict's uses spent at once) lands too, judged on a
+        # body the agent has long since rewritten
+        judged = kube.get_if_present(rt.clients, MEMBERS, member)
+        assert judged is not None
+        cut = {k: judged["status"][k] for k in attestation.OPERATOR_FIELDS if k in judged["status"]}
+        cut["trust"] = {**cut["trust"], "usesLeft": 0, "reason": "ReferencesChanged"}
+        time.sleep(0.5)  # the agent writes on meanwhile
+        assert asyncio.run(attestation._write(rt, member, judged, cut)) is True
     finally:
         stop.set()
         for w in writers:
             w.join(timeout=10)
-    assert _status(rt, member)["trust"]["usesLeft"] == 20 - 6
+    trust = _status(rt, member)["trust"]
+    assert (trust["usesLeft"], trust["reason"]) == (0, "ReferencesChanged")
 
 
 # ----- a verdict the API server will not take ------------------------------------------------

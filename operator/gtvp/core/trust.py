@@ -161,13 +161,5 @@ def held_level(status: Mapping[str, Any]) -> int:
 
 def takes_trust_away(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
     """Whether status `after` lets the member hold less than `before` did: it lost its
-    verdict, went into Maintenance, or its level dropped; or its verdict backs fewer
-    decisions (`usesLeft` lower: spent, a revoked reference set, a lowered `maxUses`) or
-    holds for less long (`expiresAt` sooner: a shortened `validFor`)."""
-    if held_level(after) < held_level(before):
-        return True
-    t0, t1 = before.get("trust") or {}, after.get("trust") or {}
-    if int(t1.get("usesLeft", 0) or 0) < int(t0.get("usesLeft", 0) or 0):
-        return True
-    e0, e1 = parse_ts(t0.get("expiresAt")), parse_ts(t1.get("expiresAt"))
-    return e0 is not None and e1 is not None and e1 < e0
+    verdict, went into Maintenance, or its level dropped."""
+    return held_level(after) < held_level(before)

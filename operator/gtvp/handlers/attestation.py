@@ -304,17 +304,20 @@ WRITE_RETRY = dt.timedelta(seconds=2)
 async def _write(
     rt: Runtime, name: str, body: Mapping[str, Any], new: Mapping[str, Any]
 ) -> bool | None:
-    """Write the operator's part of the status (nothing when unchanged) at the version that
-    was judged. False when the API server refused or failed (said in the log; the caller
-    retries); None when the Member changed since (a newer body is on its way) or this
-    replica no longer holds the member's shard (fenced: it writes nothing).
+    """Write the operator's part of the status (nothing when unchanged) only if the server
+    still holds the operator's fields that were judged (a JSON Patch testing each; the
+    first write, with none yet, at the judged resourceVersion). False when the API server
+    refused or failed (said in the log; the caller retries); None when the Member changed
+    since (a newer body is on its way) or this replica no longer holds the member's shard
+    (fenced: it writes nothing).
 
-    A verdict that takes trust away (`takes_trust_away`: it lost its verdict, holds a
-    lower level than the server says, or has fewer uses left or a sooner expiry: a revoked
-    reference set, a shortened `validFor`) is written even when the Member changed since it
-    was judged: whatever its agent wrote meanwhile cannot make the member more trusted than
-    evidence that failed, and an agent that rewrites its status without pause (each write a
-    new resourceVersion) must not keep that verdict off the server."""
+    Not conditional on the resourceVersion once the operator's fields exist: root on the
+    host rewriting its agent's status without pause (each write a new resourceVersion)
+    would otherwise keep every verdict off the server — a revocation's spent uses, a
+    shortened expiry. A verdict that takes trust away (`takes_trust_away`: it lost its
+    verdict, or holds a lower level than the server says) is written even when the
+    operator's own fields changed since it was judged: nothing written meanwhile can make
+    the member more trusted than evidence that failed."""
     status = body.get("status") or {}
     old = {k: status.get(k) for k in OPERATOR_FIELDS if k in status}
     patch = kube.merge_patch_for(old, new)
@@ -327,18 +330,26 @@ async def _write(
     withdraws = takes_trust_away(status, new)
     try:
         try:
-            result = await asyncio.to_thread(
-                kube.patch_member_status, rt.clients, name, patch, resource_version=version
-            )
+            if old:
+                ops = kube.guarded_json_patch(old, new, "/status")
+                result = await asyncio.to_thread(
+                    kube.json_patch_status, rt.clients, MEMBERS, name, ops
+                )
+            else:
+                result = await asyncio.to_thread(
+                    kube.patch_member_status, rt.clients, name, patch, resource_version=version
+                )
         except Exception as exc:  # sorted below
-            if not (kube.is_conflict(exc) and withdraws):
+            changed = kube.is_conflict(exc) or kube.is_failed_test(exc)
+            if not (changed and withdraws):
                 raise
             log.info("member %s changed since it was judged; its lost trust is written anyway",
                      name)  # fmt: skip
             result = await asyncio.to_thread(kube.patch_member_status, rt.clients, name, patch)
     except Exception as exc:  # noqa: BLE001 - any failure: fail closed and retry
-        if kube.is_conflict(exc):
+        if kube.is_conflict(exc) or kube.is_failed_test(exc):
             log.debug("member %s changed since it was judged; judging the newer body", name)
+            await _read_again(rt, name)  # the view may lag behind: the next look is on it
             return None
         if kube.is_not_found(exc):  # deleted, its watch event not seen (yet, or lost)
             log.info("member %s is gone; its Node is judged as having no Member", name)
@@ -354,6 +365,16 @@ async def _write(
         return False
     rt.view.remember_member(name, dict(result) if isinstance(result, Mapping) else dict(body))
     return True
+
+
+async def _read_again(rt: Runtime, name: str) -> None:
+    try:
+        fresh = await asyncio.to_thread(kube.get_if_present, rt.clients, MEMBERS, name)
+    except Exception as exc:  # noqa: BLE001 - the watch brings it anyway; only sooner here
+        log.debug("member %s: reading it again failed: %s", name, exc)
+        return
+    if fresh is not None:
+        rt.view.remember_member(name, fresh)
 
 
 async def _post_events(rt: Runtime, name: str, body: Mapping[str, Any], step: Step) -> None:

@@ -61,14 +61,13 @@ async def _spend_on_latest(rt: Runtime, name: str, uses: int = 1) -> int | None:
         if left <= 0:
             return None
         path = "/status/trust/usesLeft"
+        ops = [
+            {"op": "test", "path": path, "value": left},
+            {"op": "replace", "path": path, "value": max(left - uses, 0)},
+        ]
         try:
             written = await asyncio.to_thread(
-                kube.patch_status_where,
-                rt.clients,
-                MEMBERS,
-                name,
-                {path: left},
-                {path: max(left - uses, 0)},
+                kube.json_patch_status, rt.clients, MEMBERS, name, ops
             )
         except Exception as exc:
             if not kube.is_failed_test(exc):
