@@ -169,14 +169,15 @@ def chunk_plans(
     """The chunk lists by image of the OSComponents gtvp verified (`status.verification`,
     which only the operator writes: the enforced policy's keys and each publisher's scope)
     and whose signature verifies here too (an unsigned or unreadable chunk list is never
-    used). An image two such components describe differently gets no list at all: a
+    used). An image two such components describe differently (one of them with no list
+    at all, say) gets no list: a
     publisher allowed to sign one application could otherwise sign a component that
     names the kernel's image with a chunk list of its own, and have members fetch (and
     serve) its bytes as the kernel's."""
     from gtvp.core.component_signing import ComponentSignatureError, verify
     from gtvp.core.components import ComponentError, parse_component
 
-    plans: dict[str, cache.ChunkPlan] = {}
+    plans: dict[str, cache.ChunkPlan | None] = {}
     disputed: set[str] = set()
     for obj in components:
         state = ((obj.get("status") or {}).get("verification") or {}).get("state")
@@ -187,20 +188,22 @@ def chunk_plans(
             c = parse_component(obj)
         except (ComponentSignatureError, ComponentError):
             continue
-        if c.chunks is not None and "@sha256:" in c.image:
+        if "@sha256:" not in c.image:
+            continue
+        plan = None  # a component without a list says so too: none, or the other's
+        if c.chunks is not None:
             whole = None if c.disk_digest is not None else c.digest
             plan = cache.ChunkPlan(c.chunks.size_bytes, c.chunks.digests, c.size, whole)
-            if plans.setdefault(c.image, plan) != plan:
-                disputed.add(c.image)
+        if plans.setdefault(c.image, plan) != plan:
+            disputed.add(c.image)
     for image in sorted(disputed):
         log.warning(
-            "%s: verified OSComponents give %s different chunk lists: it is fetched whole "
-            "from the component store",
+            "%s: verified OSComponents describe %s differently: it is fetched whole from the "
+            "component store",
             BANNER,
             image,
         )
-        del plans[image]
-    return plans
+    return {i: p for i, p in plans.items() if p is not None and i not in disputed}
 
 
 def trusted_members(members: Sequence[Mapping[str, Any]]) -> frozenset[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,20 +193,37 @@ def create_unless_present(c: Clients, res: ApiResource, body: Mapping[str, Any])
     return True
 
 
+class NotOurs(Exception):
+    """`create_or_replace` found an object of that name that is not the caller's."""
+
+    def __init__(self, found: dict[str, Any]) -> None:
+        super().__init__("an object of that name exists that is not ours")
+        self.found = found
+
+
 def create_or_replace(
     c: Clients,
     res: ApiResource,
     body: dict[str, Any],
     *,
     resource_version: str | None = None,
+    ours: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
     """Create the object, or replace the one of that name.
 
     `resource_version` is that of the version the caller knows (None: it knows none, so
     creating comes first). A conflict (409: it exists, or changed since) reads the object
-    again and replaces that version, once.
+    again and replaces that version, once — only if `ours` says it is the caller's (else
+    `NotOurs`, carrying what was found: someone else's object made meanwhile).
     """
     namespace, name = _namespace_and_name(body)
+
+    def read() -> str:
+        found: dict[str, Any] = _call(c, "get", res, namespace, name)
+        if ours is not None and not ours(found):
+            raise NotOurs(found)
+        return str(found["metadata"]["resourceVersion"])
+
     if resource_version is None:
         try:
             created: dict[str, Any] = _call(c, "create", res, namespace, body)
@@ -215,15 +232,14 @@ def create_or_replace(
                 raise
         else:
             return created
-        resource_version = _call(c, "get", res, namespace, name)["metadata"]["resourceVersion"]
+        resource_version = read()
     body["metadata"]["resourceVersion"] = resource_version
     try:
         replaced: dict[str, Any] = _call(c, "replace", res, namespace, name, body)
     except client.exceptions.ApiException as exc:
         if exc.status != 409:
             raise
-        fresh = _call(c, "get", res, namespace, name)
-        body["metadata"]["resourceVersion"] = fresh["metadata"]["resourceVersion"]
+        body["metadata"]["resourceVersion"] = read()
         replaced = _call(c, "replace", res, namespace, name, body)
     return replaced
 

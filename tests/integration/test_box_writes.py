@@ -121,7 +121,7 @@ def test_a_box_named_after_a_colleagues_vm_leaves_that_vm_alone(
     got = kube.get_if_present(operator_clients, LAZY_BOXES, "db", namespace)
     assert got is not None
     assert got["status"]["phase"] == "Failed"
-    assert "not own" in got["status"]["message"] or "controls" in got["status"]["message"]
+    assert "not own" in got["status"]["message"] or "not control" in got["status"]["message"]
     placed = next(c for c in got["status"]["conditions"] if c["type"] == "Placed")
     assert placed["reason"] == "VMNameTaken"
     box_writes.delete_vm(rt, key, str(made["metadata"]["uid"]))  # the box deleted

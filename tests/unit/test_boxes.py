@@ -602,8 +602,12 @@ def test_a_vm_or_vmi_of_the_boxs_name_that_is_not_its_own_is_left_alone() -> Non
     restarts nothing and fails the box with why (the VM is written for a box whose VM is
     its own, as before)."""
     box_vm = _owned("LazyBox", "web", REF.uid)
+    box_vm["metadata"]["uid"] = "vm-uid"
     box_vmi = _owned("VirtualMachine", "web", "vm-uid")
     assert someone_elses(REF.uid, box_vm, box_vmi) is None
+    leaving = _owned("VirtualMachine", "web", "the-vm-before")  # the VM was made anew
+    leaving["metadata"]["deletionTimestamp"] = "2026-12-04T10:00:00Z"
+    assert someone_elses(REF.uid, box_vm, leaving) is None
     assert someone_elses(REF.uid, None, None) is None
     assert someone_elses(REF.uid, None, box_vmi) is None  # the box's old VM being deleted
     for vm, vmi in [
@@ -612,6 +616,8 @@ def test_a_vm_or_vmi_of_the_boxs_name_that_is_not_its_own_is_left_alone() -> Non
         (_owned("LazyBox", "web", REF.uid, controller=False), None),  # a plain reference
         (None, {"metadata": {"name": "web"}}),  # a standalone VMI
         (box_vm, _owned("ReplicaSet", "web", "vm-uid")),
+        # a VMI of their own naming the box's VM in an owner reference, but not its uid
+        (box_vm, _owned("VirtualMachine", "web", "forged-uid")),
     ]:
         why = someone_elses(REF.uid, vm, vmi)
         assert why is not None
@@ -623,4 +629,5 @@ def test_a_vm_or_vmi_of_the_boxs_name_that_is_not_its_own_is_left_alone() -> Non
         assert decision.status["phase"] == "Failed"
         assert decision.event is not None
         assert decision.event[1] == "VMNameTaken"
+        assert decision.status["composedBoots"] == []  # nothing gtvp composed runs there
     assert plan_box(inp(), NOW).vm is not None

@@ -112,6 +112,12 @@ def test_a_publisher_cannot_vouch_for_another_components_image_with_its_own_chun
     # two verified components disagree on one image: neither list is used, whichever last
     assert chunk_plans([kernel, _verified(evil)], pub.keys) == {}
     assert chunk_plans([_verified(evil), kernel], pub.keys) == {}
+    # the genuine kernel carries no chunk list: the other's is not taken for it either
+    plain = copy.deepcopy(kernel)
+    del plain["spec"]["chunks"]
+    plain["spec"].pop("signature")
+    plain["spec"]["signature"] = component_signing.sign(plain["spec"], pub.private_pem, pub.name)
+    assert chunk_plans([plain, _verified(evil)], pub.keys) == {}
 
 
 def test_a_component_without_chunks_signs_the_same_bytes_as_before() -> None:
@@ -293,8 +299,11 @@ def test_range_requests_are_read_within_the_file() -> None:
     assert cache.parse_range(None, 100) is None
 
 
-def _peer(body: bytes, every: float, status: str = "206 Partial Content") -> tuple[int, Any]:
-    """A peer on 127.0.0.1 that answers each request with `body`, a byte each `every` s."""
+def _peer(
+    body: bytes, every: float, status: str = "206 Partial Content", head_every: float = 0
+) -> tuple[int, Any]:
+    """A peer on 127.0.0.1 that answers each request with `body`, a byte each `every` s
+    (and its headers a byte each `head_every` s)."""
     import socket
     import threading
     import time
@@ -311,8 +320,14 @@ def _peer(body: bytes, every: float, status: str = "206 Partial Content") -> tup
                 continue
             with conn:
                 conn.recv(65536)
-                head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n"
-                conn.sendall(head.encode())
+                head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                for i in range(len(head)) if head_every else ():
+                    if stop.is_set():
+                        break
+                    conn.sendall(head[i : i + 1])
+                    time.sleep(head_every)
+                if not head_every:
+                    conn.sendall(head)
                 for i in range(0, len(body), 1 if every else len(body)):
                     if stop.is_set():
                         break
@@ -334,6 +349,14 @@ def test_a_peer_trickling_a_chunk_is_given_up_within_the_chunk_deadline() -> Non
     fetch = cache._ChunkFetch("registry.example.com/app@" + _sha(DATA), plan, "", {})
     fetch.chunk_deadline_s = 1.0
     port, stop = _peer(DATA[:CHUNK], every=0.1)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(cache.FetchError, match="too slow"):
+            fetch.get(http.client.HTTPConnection("127.0.0.1", port, timeout=5), 0)
+        assert time.monotonic() - t0 < 3
+    finally:
+        stop.set()
+    port, stop = _peer(DATA[:CHUNK], every=0, head_every=0.1)  # headers trickled
     try:
         t0 = time.monotonic()
         with pytest.raises(cache.FetchError, match="too slow"):

@@ -728,6 +728,15 @@ class PeerServer:
         self._server.server_close()
 
 
+def _shut(conn: http.client.HTTPConnection, late: threading.Event) -> None:
+    """Shut `conn`'s socket from another thread: a read blocked on it returns."""
+    late.set()
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 class _ChunkFetch:
     """The sources of one chunked fetch, one thread (and one connection) each."""
 
@@ -764,14 +773,30 @@ class _ChunkFetch:
         timeout bounds each read only: a peer trickling a byte now and then would hold the
         chunk, and the member's cache lock, for good."""
         start, end = self.ranges[index]
-        conn.request(
-            "GET",
-            URL_PREFIX + urllib.parse.quote(self.image, safe=""),
-            headers={"Range": f"bytes={start}-{end - 1}"},
-        )
-        resp = conn.getresponse()
-        want = end - start if resp.status == 206 else end if resp.status == 200 else 200
-        data = self._read(resp, want)
+        # the deadline covers the status line and headers too: past it the socket is shut
+        # (a blocked read returns), whatever the source trickles
+        late = threading.Event()
+        watchdog = threading.Timer(self.chunk_deadline_s, _shut, args=(conn, late))
+        watchdog.start()
+        try:
+            conn.request(
+                "GET",
+                URL_PREFIX + urllib.parse.quote(self.image, safe=""),
+                headers={"Range": f"bytes={start}-{end - 1}"},
+            )
+            resp = conn.getresponse()
+            want = end - start if resp.status == 206 else end if resp.status == 200 else 200
+            data = self._read(resp, want)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if late.is_set():
+                raise FetchError(f"not in {self.chunk_deadline_s:.0f} s: too slow") from exc
+            raise
+        finally:
+            watchdog.cancel()
+        if late.is_set():
+            conn.close()
+            raise FetchError(f"{len(data)} bytes in {self.chunk_deadline_s:.0f} s: too slow")
         if not resp.isclosed():  # the source has more than it was asked for: start afresh
             conn.close()
         if resp.status == 200 and len(data) >= end:  # a server that ignores Range

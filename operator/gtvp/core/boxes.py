@@ -19,6 +19,7 @@ applications with `onMissingDependency: HotPlug` is attached as hot-pluggable Da
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,18 +164,20 @@ def someone_elses(
 ) -> str | None:
     """Why the VirtualMachine or VirtualMachineInstance of the box's name is not the box's
     (None: the box's own, or absent). A box's VM is the one gtvp composed, controlled by
-    the box (by uid); its VMI is controlled by a VM of the box's name (the current one, or
-    one being deleted: KubeVirt removes its VMI after it). Anyone who may create LazyBoxes
+    the box (by uid); its VMI is controlled by that VM (by uid), or, while there is none,
+    by a VM of the box's name (one being deleted: KubeVirt removes its VMI after it); a
+    VMI on its way out (deletionTimestamp) is let be. Anyone who may create LazyBoxes
     could otherwise name one after a colleague's VM and have gtvp replace, restart or
     delete it, or balance and release Secrets against its VMI."""
     if vm is not None and not _controlled_by(vm, "LazyBox", uid=box_uid):
         return "a VirtualMachine of this name exists that this LazyBox does not own"
-    if vmi is not None:
+    if vmi is not None and not (vmi.get("metadata") or {}).get("deletionTimestamp"):
         name = str((vmi.get("metadata") or {}).get("name", ""))
-        if not _controlled_by(vmi, "VirtualMachine", name=name):
-            return (
-                "a VirtualMachineInstance of this name exists that no VirtualMachine of it controls"
-            )
+        vm_uid = str(((vm or {}).get("metadata") or {}).get("uid", ""))
+        # while the box's VM exists, by its uid (an owner reference naming it is anyone's
+        # to write on a VMI they create)
+        if not _controlled_by(vmi, "VirtualMachine", uid=vm_uid, name="" if vm_uid else name):
+            return "a VirtualMachineInstance of this name exists that the box's VM does not control"
     return None
 
 
@@ -185,7 +188,10 @@ def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
             f"{inp.observed.someone_elses}: gtvp neither replaces nor deletes it; rename "
             "the box or remove that object"
         )
-        return _failed(inp, now, NAME_TAKEN, message, "Placed")
+        failed = _failed(inp, now, NAME_TAKEN, message, "Placed")
+        # nothing gtvp composed runs under the name: no Secrets, no box attestation for it
+        status = {k: v for k, v in failed.status.items() if k != "attestation"}
+        return dataclasses.replace(failed, status={**status, "composedBoots": []})
     return _plan_own(inp, now)
 
 

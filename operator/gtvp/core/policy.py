@@ -159,9 +159,9 @@ class Policy:
     balancing: Balancing
     allow_shared_ek: bool = False
     revoked_eks: frozenset[str] = frozenset()
+    """EK fingerprints (SHA-256 of the public key, lowercase hex) no member may present."""
     require_approval: bool = False
     """Every EK must be approved (Member.spec.approval.ekSHA256), certified or not."""
-    """EK fingerprints (SHA-256 of the public key, lowercase hex) no member may present."""
     publisher_scopes: Mapping[str, PublisherScope] = field(default_factory=dict)
     revoked_components: frozenset[str] = frozenset()
     """OSComponent digests (`sha256:…`, image or disk) no box may use."""

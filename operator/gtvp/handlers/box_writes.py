@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from gtvp import kube
 from gtvp.cluster_view import Key
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
+from gtvp.core.boxes import someone_elses
 from gtvp.core.trust import VM_LEVEL_LABEL
 from gtvp.runtime import Runtime
 
@@ -43,8 +44,22 @@ def write_vm(rt: Runtime, key: Key, vm: dict[str, Any]) -> bool:
         rt.view.vms.pop(key, None)
         current = None
     known = None if current is None else str(current["metadata"]["resourceVersion"])
+    box_uid = str(((rt.view.boxes.get(key) or {}).get("metadata") or {}).get("uid", ""))
     try:
-        out = kube.create_or_replace(rt.clients, VIRTUAL_MACHINES, vm, resource_version=known)
+        out = kube.create_or_replace(
+            rt.clients,
+            VIRTUAL_MACHINES,
+            vm,
+            resource_version=known,
+            ours=lambda found: someone_elses(box_uid, found, None) is None,
+        )
+    except kube.NotOurs as exc:
+        # someone else's VM of the box's name, made since the view last saw none: left
+        # alone, and the box's next plan fails it (VMNameTaken)
+        log.warning("box %s/%s: a VirtualMachine of its name is not its own", *key)
+        rt.view.vms[key] = exc.found
+        rt.touch_boxes(key)
+        return False
     except ApiException as exc:
         message = f"the API server refused the composed VirtualMachine: {exc.status} {exc.body}"
         log.error("box %s/%s: %s", *key, message)
@@ -102,8 +117,9 @@ def sweep_orphans(rt: Runtime) -> None:
             for o in (vm.get("metadata") or {}).get("ownerReferences") or []
             if o.get("kind") == LAZY_BOXES.kind
         ]
-        if not owners or key in rt.view.boxes:
-            continue
+        current = ((rt.view.boxes.get(key) or {}).get("metadata") or {}).get("uid")
+        if not owners or current == owners[0].get("uid"):
+            continue  # not a box's, or the box's own
         try:
             box = kube.get_if_present(rt.clients, LAZY_BOXES, owners[0]["name"], key[0])
         except ApiException:
