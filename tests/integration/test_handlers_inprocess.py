@@ -1186,6 +1186,56 @@ def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
     assert said.startswith("still on lower 10s after its level dropped below theirs")
 
 
+@pytest.mark.tpm
+@pytest.mark.parametrize("phase", ["Trusted", "Maintenance"])
+def test_a_vm_whose_level_says_stop_is_stopped_off_a_lowered_or_failed_member(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+    phase: str,
+) -> None:
+    """Level 3 says Stop: its VMs must not be moved off a host that still attests, but
+    at level 2 now (an administrator lowered it), nor off a host in Maintenance whose
+    verdict then failed: stopped at once, as off a host that lost trust (no migrateWithin
+    bounds a Stop level). A level-2 VM on the lowered host stays."""
+    del shared_tpm  # the CA has issued its certificates
+    spec = pool_policy(swtpm_ca, name=POLICY, on_untrusted={2: "Migrate", 3: "Stop"})["spec"]
+    rt.view.policy = parse_policy(POLICY, spec)
+    if phase == "Trusted":
+        status: dict[str, Any] = {"phase": "Trusted", "level": 2}
+    else:
+        status = {
+            "phase": "Maintenance",
+            "level": 0,
+            "trust": {"verdict": "Untrusted", "reason": "PcrMismatch", "verifiedAt": "t"},
+            "effectivePolicy": {"level": 3, "onUntrusted": "Stop"},
+        }
+    for name, level in (("db", 3), ("web", 2)):
+        body = _vmi(name, level, selector=True)
+        body["metadata"]["namespace"] = namespace
+        out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                    input_text=json.dumps(body))  # fmt: skip
+        running = {"nodeName": "lower", "phase": "Running"}
+        rt.view.observe_vmi({**json.loads(out.stdout), "status": running}, "ADDED")
+    rt.view.observe_member({"metadata": {"name": "lower"}, "status": status}, "ADDED")
+    asyncio.run(attestation._move_vms_off(rt, "lower", status))
+
+    def present(name: str) -> bool:
+        out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
+                                    check=False)  # fmt: skip
+        return out.returncode == 0 and not json.loads(out.stdout)["metadata"].get(
+            "deletionTimestamp"
+        )
+
+    assert not present("db")
+    moved = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "name").stdout
+    assert "db" not in moved  # stopped, not migrated
+    if phase == "Trusted":
+        assert present("web")
+
+
 def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(
     rt: Runtime,
 ) -> None:

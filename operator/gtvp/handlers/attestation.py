@@ -393,21 +393,24 @@ async def _post_events(rt: Runtime, name: str, body: Mapping[str, Any], step: St
 
 async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
     """Apply onUntrusted to the gated VMs the member may no longer hold: all of them in
-    every phase but Trusted (Pending, Enrolling, Untrusted, Maintenance alike), those that
-    need more than its level when Trusted at a lower level than before. True when some
-    are still to be migrated (look again soon)."""
+    every phase but Trusted (Pending, Enrolling, Untrusted, Maintenance alike: migrated
+    off a member in Maintenance while its verdict holds), those that need more than its
+    level when Trusted at a lower level than before (migrated, or stopped where their own
+    level says Stop). True when some are still to be migrated (look again soon)."""
     phase = str(new.get("phase", ""))
     trust = new.get("trust") or {}
     covered: int | None = None
     since = below_since_times(new)  # per level: its migrateWithin counts from then
     if phase == MemberPhase.TRUSTED:
         keep = int(new.get("level", 0) or 0)
-        incident, action = f"level-{keep}", "Migrate"
+        # the VMIs above its level were out of place there: each moves, or stops when its
+        # own level says Stop (`untrusted_actions`)
+        incident, action, covered = f"level-{keep}", "Migrate", keep
     else:
         keep = 0
         incident = f"{trust.get('reason') or phase}@{trust.get('verifiedAt') or phase}"
-        if phase == MemberPhase.MAINTENANCE:
-            action = "Migrate"
+        if phase == MemberPhase.MAINTENANCE and trust.get("verdict") == Verdict.TRUSTED.value:
+            action = "Migrate"  # emptied for maintenance while its verdict holds
         else:  # its level's onUntrusted, for the VMIs that level may hold
             effective = new.get("effectivePolicy") or {}
             action = str(effective.get("onUntrusted", "Migrate"))
