@@ -169,7 +169,8 @@ class Metrics:
             self.webhook_refusals.labels(reason)
         self.evacuations = Counter(
             "gtvp_evacuation_migrations",
-            "Evacuation migrations by state (started, finished, aborted)",
+            "Evacuation migrations by state (started, finished, aborted, cancelled; "
+            "stopped-unmovable: a VM that cannot live-migrate stopped instead)",
             ["state"],
             registry=self.registry,
         )

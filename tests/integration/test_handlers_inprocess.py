@@ -1236,6 +1236,51 @@ def test_a_vm_whose_level_says_stop_is_stopped_off_a_lowered_or_failed_member(
         assert present("web")
 
 
+def test_a_vm_that_cannot_live_migrate_is_stopped_off_a_member_that_lost_trust(
+    control_plane: ControlPlane, rt: Runtime, namespace: str
+) -> None:
+    """A gated VM with a ReadWriteOnce volume (KubeVirt: LiveMigratable False) on a member
+    that lost trust, under a level that says Migrate without migrateWithin: KubeVirt would
+    refuse every migration, so waiting would keep it there for good. It is stopped, with
+    an EvacuationImpossible Event saying why; a migratable VM beside it is migrated."""
+    rt.view.policy = parse_policy(POLICY, sample_policy_spec())
+    rt.view.observe_member(_trusted("good", 3), "ADDED")
+    for name, migratable in (("db", False), ("web", True)):
+        body = _vmi(name, 2, selector=True)
+        body["metadata"]["namespace"] = namespace
+        out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                    input_text=json.dumps(body))  # fmt: skip
+        cond = {"type": "LiveMigratable", "status": str(migratable)}
+        if not migratable:
+            cond.update(
+                reason="DisksNotLiveMigratable",
+                message="cannot migrate VMI: PVC data is not shared, live migration requires "
+                "that all PVCs must be shared (using ReadWriteMany access mode)",
+            )
+        status = {"nodeName": "bad", "phase": "Running", "conditions": [cond]}
+        rt.view.observe_vmi({**json.loads(out.stdout), "status": status}, "ADDED")
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+
+    def present(name: str) -> bool:
+        out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
+                                    check=False)  # fmt: skip
+        return out.returncode == 0 and not json.loads(out.stdout)["metadata"].get(
+            "deletionTimestamp"
+        )
+
+    assert not present("db")
+    assert present("web")
+    migrations = json.loads(
+        control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
+    )["items"]
+    assert [m["spec"]["vmiName"] for m in migrations] == ["web"]
+    said = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationImpossible",
+        "-o", "jsonpath={.items[*].message}",
+    ).stdout  # fmt: skip
+    assert "cannot live-migrate (DisksNotLiveMigratable: cannot migrate VMI" in said
+
+
 def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(
     rt: Runtime,
 ) -> None:

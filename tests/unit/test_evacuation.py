@@ -11,6 +11,7 @@ from gtvp.core.evacuation import (
     MAX_EVACUATION_FAILURES,
     Migration,
     Vmi,
+    cannot_migrate,
     drain_history,
     evacuation_stalled,
     is_planned_migration,
@@ -348,3 +349,22 @@ def test_the_stricter_action_wins_for_a_vmi_above_the_members_level() -> None:
     vmi = [Vmi("ns", "high", "bad", 3)]
     assert _names(untrusted_actions(vmi, 1, "Stop", {3: "Keep"})) == {"Stop": ["high"]}
     assert _names(untrusted_actions(vmi, 1, "Keep", {3: "Keep"})) == {"Migrate": ["high"]}
+
+
+def test_kubevirts_word_that_a_vmi_cannot_live_migrate_is_read_from_its_condition() -> None:
+    """A VMI KubeVirt says cannot live-migrate would wait for ever on a member it must
+    leave (every migration refused): the evacuation stops it instead. Only an explicit
+    False counts; no condition (a stand-in, an older KubeVirt) or True is migratable."""
+
+    def vmi(*conds: dict[str, str]) -> dict[str, object]:
+        return {"status": {"conditions": list(conds)}}
+
+    rwo = {"type": "LiveMigratable", "status": "False", "reason": "DisksNotLiveMigratable",
+           "message": "PVC data is not shared"}  # fmt: skip
+    assert cannot_migrate(vmi(rwo)) == "DisksNotLiveMigratable: PVC data is not shared"
+    assert cannot_migrate(vmi({"type": "LiveMigratable", "status": "False"})) == (
+        "not live-migratable"
+    )
+    assert cannot_migrate(vmi({"type": "LiveMigratable", "status": "True"})) is None
+    assert cannot_migrate(vmi({"type": "Ready", "status": "False"})) is None
+    assert cannot_migrate({}) is None

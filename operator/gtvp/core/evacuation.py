@@ -123,6 +123,18 @@ def past_deadline(
     return out
 
 
+def cannot_migrate(vmi: Mapping[str, Any]) -> str | None:
+    """KubeVirt's word that `vmi` cannot live-migrate at all: its `LiveMigratable` condition
+    False (a ReadWriteOnce volume, a bridge on the pod network, a host device), as reason and
+    message; None otherwise. KubeVirt refuses every migration of such a VMI, so waiting for
+    one would keep it on a member that cannot hold it for good."""
+    for cond in (vmi.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == "LiveMigratable" and str(cond.get("status")) == "False":
+            reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
+            return ": ".join(p for p in (reason, message) if p) or "not live-migratable"
+    return None
+
+
 def controlling_vm(vmi: Mapping[str, Any], vms: Mapping[tuple[str, str], Any]) -> str | None:
     """The VirtualMachine that controls `vmi`: its controller owner reference (as KubeVirt
     writes it), naming a VM `vms` holds with that very uid; None otherwise. Anyone who may

@@ -43,6 +43,7 @@ from gtvp.core.evacuation import (
     Migration,
     Retarget,
     Vmi,
+    cannot_migrate,
     controlling_vm,
     cordoned,
     evacuation_stalled,
@@ -157,6 +158,7 @@ def forget(rt: Runtime, topic: str) -> None:
     rt.evacuation.waiting.pop(f"{topic}#failed", None)
     rt.evacuation.waiting.pop(f"{topic}#full", None)
     rt.evacuation.waiting.pop(f"{topic}#late", None)
+    rt.evacuation.waiting.pop(f"{topic}#unmovable", None)
 
 
 async def evacuate_unattested(rt: Runtime) -> None:
@@ -224,6 +226,14 @@ async def _act(
     late = past_deadline(on_member, since=since or {}, now=now, within=within)
     await _stop_late(rt, member, late, topic, after)
     stopped = {v for v, _ in late}
+    unmovable = [
+        (v, why)
+        for v in on_member
+        if v not in stopped
+        and (why := cannot_migrate(rt.view.vmis.get((v.namespace, v.name)) or {}))
+    ]
+    await _stop_unmovable(rt, member, unmovable, topic, after)
+    stopped |= {v for v, _ in unmovable}
     on_member = [v for v in on_member if v not in stopped]
     if not on_member:
         return
@@ -448,6 +458,31 @@ async def _stop_late(
             METRICS.deadline_stop()
             await _vmi_event(rt, (vmi.namespace, vmi.name), "Warning", "EvacuationDeadline", why)
         await asyncio.to_thread(_stop_vm, rt, vmi, "its level's migrateWithin passed")
+
+
+async def _stop_unmovable(
+    rt: Runtime, member: str, unmovable: list[tuple[Vmi, str]], topic: str, after: str
+) -> None:
+    """Stop the VMIs KubeVirt says cannot live-migrate (`cannot_migrate`) that must leave
+    `member`: no migration of theirs would ever start, so waiting (a level without
+    `migrateWithin`) would keep them on it for good: fail closed. A Warning (log, Event on
+    the VMI) and the metric once per VMI; the stop is asked again until the VMI is gone."""
+    key = f"{topic}#unmovable"
+    said = set(rt.evacuation.waiting.pop(key, ()))
+    if unmovable:
+        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v, _ in unmovable)
+    for vmi, why in unmovable:
+        if f"{vmi.namespace}/{vmi.name}" not in said:
+            message = (
+                f"must leave {member} ({after}) but cannot live-migrate ({why}): gtvp stops "
+                "the VM instead of waiting for a migration that cannot start"
+            )
+            log.warning("%s/%s %s", vmi.namespace, vmi.name, message)
+            METRICS.evacuation("stopped-unmovable")
+            await _vmi_event(
+                rt, (vmi.namespace, vmi.name), "Warning", "EvacuationImpossible", message
+            )
+        await asyncio.to_thread(_stop_vm, rt, vmi, "it cannot live-migrate")
 
 
 def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> None:
