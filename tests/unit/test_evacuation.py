@@ -338,7 +338,12 @@ def test_a_lower_levels_keep_never_keeps_a_vmi_that_needs_more() -> None:
 
 def test_a_node_without_a_member_holds_no_gated_vmi() -> None:
     vmis = [Vmi("ns", "low", "bad", 1), Vmi("ns", "top", "bad", 3)]
-    assert _names(untrusted_actions(vmis, 0, "Migrate", {})) == {"Migrate": ["low", "top"]}
+    # levels the policy does not define (removed by an edit): no member can take them
+    assert _names(untrusted_actions(vmis, 0, "Migrate", {})) == {"Stop": ["low", "top"]}
+    assert _names(untrusted_actions(vmis, 0, "Migrate", {1: "Migrate", 2: "Migrate"})) == {
+        "Migrate": ["low"],
+        "Stop": ["top"],
+    }
     assert _names(untrusted_actions(vmis, 0, "Migrate", POLICY_ACTIONS)) == {
         "Migrate": ["low"],
         "Stop": ["top"],

@@ -88,14 +88,16 @@ def untrusted_actions(
     The member's level's `onUntrusted` (`member_action`) covers the VMIs that level may hold.
     A VMI that needs more (`member_level`: the level the member's policy was judged at, 0
     when it has none, as a Node without a Member) was out of place there already: it moves,
-    or stops when its own level (`level_actions`) says Stop; a lower level's `Keep` never
-    keeps it.
+    or stops when its own level (`level_actions`) says Stop or is not in the policy any
+    more; a lower level's `Keep` never keeps it.
     """
     out: dict[str, list[Vmi]] = {}
     for vmi in vmis:
         action = member_action
         if vmi.level > member_level:
-            own = level_actions.get(vmi.level, "Migrate")
+            # a level the policy no longer defines: no member can reach it, so waiting for a
+            # target would keep the VMI here for good (and it has no migrateWithin): stopped
+            own = level_actions.get(vmi.level, "Stop")
             action = max(("Migrate", own, member_action), key=_strength)
         out.setdefault(action, []).append(vmi)
     return out
