@@ -25,6 +25,7 @@ from gtvp.core.evacuation import (
     Migration,
     drain_evacuee,
     drain_history,
+    is_planned_drain,
     migration_view,
     plan_drains,
 )
@@ -372,3 +373,24 @@ def test_the_drain_label_is_read_from_the_migration() -> None:
     assert view.drains == "n1"
     assert view.pinned == "t1"
     assert view.phase == "Pending"
+
+
+def test_a_drain_migrations_name_taken_by_someone_else_gets_a_spare() -> None:
+    """Anyone can compute the name of a drain migration and create one first (a tenant's
+    migration of another VMI): gtvp must not take it for its own and wait for ever (the
+    drain hanging); the next plan uses a spare name, and gtvp's own migration under the
+    first name is still recognised as started."""
+    first = plan(evacuees(1), targets(("t", 2))).migrations[0]
+    name = first["metadata"]["name"]
+    squat = {
+        "metadata": {"namespace": "ns", "name": name},
+        "spec": {"vmiName": "someone-elses"},
+        "status": {"phase": "Succeeded"},
+    }
+    assert not is_planned_drain(squat, first)
+    assert is_planned_drain(first, first)
+    again = plan(evacuees(1), targets(("t", 2)), migrations=[migration_view(squat)])
+    (mig,) = again.migrations
+    assert mig["metadata"]["name"] != name
+    assert mig["metadata"]["name"].startswith("gtvp-drain-vm0-")
+    assert mig["spec"]["vmiName"] == "vm0"

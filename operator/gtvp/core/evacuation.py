@@ -631,9 +631,26 @@ def drain_history(
     return out
 
 
-def drain_migration_name(vmi: Evacuee, attempt: int) -> str:
-    digest = hashlib.sha256(f"{vmi.namespace}/{vmi.name}@{vmi.node}#drain{attempt}".encode())
+def drain_migration_name(vmi: Evacuee, attempt: int, spare: int = 0) -> str:
+    """The drain attempt's migration name (`spare` > 0: its spare names, while an object
+    gtvp did not start holds the first: anyone can compute it and create one first)."""
+    extra = f".{spare}" if spare else ""
+    digest = hashlib.sha256(f"{vmi.namespace}/{vmi.name}@{vmi.node}#drain{attempt}{extra}".encode())
     return f"gtvp-drain-{vmi.name[:36]}-{digest.hexdigest()[:8]}"
+
+
+def is_planned_drain(held: Mapping[str, Any], planned: Mapping[str, Any]) -> bool:
+    """Whether `held`, found under a planned drain migration's name, is that migration
+    started before (the same VMI, node drained and attempt); anything else holding the name
+    must not pass for it (the next plan takes a spare name)."""
+    h, p = migration_view(held), migration_view(planned)
+    h_attempt = attempt_of(held.get("metadata") or {}, DRAIN_ATTEMPT_ANNOTATION)
+    p_attempt = attempt_of(planned.get("metadata") or {}, DRAIN_ATTEMPT_ANNOTATION)
+    return (
+        not h.deleting
+        and h.drains is not None
+        and (h.namespace, h.vmi, h.drains, h_attempt) == (p.namespace, p.vmi, p.drains, p_attempt)
+    )
 
 
 def plan_drains(
@@ -664,6 +681,7 @@ def plan_drains(
     allocatable since) is to be cancelled: the next plan re-targets it.
     """
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
+    taken = {(m.namespace, m.name) for m in migrations}
     budget = MigrationBudget.of(limits, migrations, recorded_source(node_of))
     images = {t.name: t.images for t in targets}
     out: list[dict[str, Any]] = []
@@ -697,7 +715,8 @@ def plan_drains(
         budget.take(vmi.node, target)
         if room is not None:
             room.take(target, *_asks(vmi))
-        out.append(_drain_migration(vmi, target, max((a.number for a in past), default=-1) + 1))
+        attempt = max((a.number for a in past), default=-1) + 1
+        out.append(_drain_migration(vmi, target, attempt, taken))
     return DrainPlan(tuple(out), waiting, tuple(cancel))
 
 
@@ -789,9 +808,14 @@ def _no_target(vmi: Evacuee, targets: Sequence[DrainTarget]) -> str:
     )
 
 
-def _drain_migration(vmi: Evacuee, target: str, attempt: int) -> dict[str, Any]:
+def _drain_migration(
+    vmi: Evacuee, target: str, attempt: int, taken: set[tuple[str, str]]
+) -> dict[str, Any]:
+    spare = 0
+    while (vmi.namespace, drain_migration_name(vmi, attempt, spare)) in taken:
+        spare += 1  # an object gtvp did not start holds the name (its own would be busy)
     obj = migration_object(
-        name=drain_migration_name(vmi, attempt),
+        name=drain_migration_name(vmi, attempt, spare),
         namespace=vmi.namespace,
         vmi=vmi.name,
         label=(DRAIN_LABEL, vmi.node),

@@ -43,6 +43,7 @@ from gtvp.core.evacuation import (
     cordoned,
     drain_evacuee,
     drain_history,
+    is_planned_drain,
     migration_view,
     plan_drains,
 )
@@ -167,6 +168,13 @@ async def _start(rt: Runtime, obj: dict[str, Any], vmi: Evacuee) -> None:
         return  # the target fetches the box's components first: the next round looks again
     try:
         started = await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, obj)
+        held = (
+            None
+            if started
+            else await asyncio.to_thread(
+                kube.get_if_present, rt.clients, MIGRATIONS, name, vmi.namespace
+            )
+        )
     except ApiException as exc:
         log.warning(
             "drain of %s: could not start migration %s/%s: %s %s",
@@ -177,8 +185,20 @@ async def _start(rt: Runtime, obj: dict[str, Any], vmi: Evacuee) -> None:
             exc.reason,
         )
         return
-    if not started:  # started before (this plan, before a restart)
-        await prefetch.started(rt, obj, fetch)
+    if not started:
+        if held is None:
+            return  # gone again: the next plan creates it
+        rt.view.observe_migration(held, "ADDED")  # the next plan sees the name taken
+        if is_planned_drain(held, obj):  # started before (this plan, before a restart)
+            await prefetch.started(rt, obj, fetch)
+        else:
+            log.warning(
+                "drain of %s: migration name %s/%s is held by a migration gtvp did not start "
+                "for it; the next plan uses another name",
+                vmi.node,
+                vmi.namespace,
+                name,
+            )
         return
     rt.view.observe_migration(obj, "ADDED")  # the next plan counts it before its event
     await prefetch.started(rt, obj, fetch)
