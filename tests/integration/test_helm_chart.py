@@ -1933,3 +1933,13 @@ def test_a_check_that_finds_no_securitypolicies_served_passes_only_a_first_insta
     assert "serves no SecurityPolicies" in capsys.readouterr().err
     assert main(["policy", "check", "--name=default", "--install"]) == 0
     assert "a first install" in capsys.readouterr().out
+
+
+def test_the_chart_refuses_a_shared_namespace() -> None:
+    """The webhooks leave the release's namespace out (gtvp's own pods are never gated): in
+    `default` (a `helm install` without -n), every VM there would run ungated."""
+    for shared in ("default", "kube-public"):
+        said = _refused(namespace=shared)
+        assert "install gtvp into a namespace of its own" in said
+        assert "every VM in it would run ungated" in said
+    _render(namespace="gtvp-system")
