@@ -257,19 +257,21 @@ def delete_if_present(
     return True
 
 
-def delete_unchanged(c: Clients, res: ApiResource, body: Mapping[str, Any]) -> bool:
+def delete_unchanged(
+    c: Clients, res: ApiResource, body: Mapping[str, Any], *, any_version: bool = False
+) -> bool:
     """Delete the object only while it is the version `body` is (uid and resourceVersion
-    preconditions); False when it is gone (404) or has changed since (409), or when `body`
-    carries no uid and resourceVersion (not read from the server): the caller decided on
-    that version, and judges the new one on its next pass."""
+    preconditions; `any_version`: the uid alone, for an object whose owner could keep
+    changing it to dodge the delete); False when it is gone (404) or has changed since
+    (409), or when `body` carries no uid and resourceVersion (not read from the server):
+    the caller decided on that version, and judges the new one on its next pass."""
     namespace, name = _namespace_and_name(body)
     meta = body.get("metadata") or {}
     if not meta.get("uid") or not meta.get("resourceVersion"):
         return False  # not a copy the server gave: nothing to make the delete conditional on
+    version = None if any_version else meta.get("resourceVersion")
     options = client.V1DeleteOptions(
-        preconditions=client.V1Preconditions(
-            uid=meta.get("uid"), resource_version=meta.get("resourceVersion")
-        )
+        preconditions=client.V1Preconditions(uid=meta.get("uid"), resource_version=version)
     )
     try:
         _call(c, "delete", res, namespace, name, body=options)

@@ -1281,6 +1281,46 @@ def test_a_vm_that_cannot_live_migrate_is_stopped_off_a_member_that_lost_trust(
     assert "cannot live-migrate (DisksNotLiveMigratable: cannot migrate VMI" in said
 
 
+def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_that_lost_trust(
+    control_plane: ControlPlane, rt: Runtime, namespace: str
+) -> None:
+    """The VM's user migrates it first, pinned where nothing fits, with a pending timeout
+    of a day: gtvp waits for a VMI's active migration, so the VM would stay on the member
+    that lost trust. gtvp deletes that migration (an EvacuationPreempted Event says so) and
+    starts its own."""
+    rt.view.policy = parse_policy(POLICY, sample_policy_spec())
+    rt.view.observe_member(_trusted("good", 3), "ADDED")
+    body = _vmi("db", 2, selector=True)
+    body["metadata"]["namespace"] = namespace
+    out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                input_text=json.dumps(body))  # fmt: skip
+    rt.view.observe_vmi({**json.loads(out.stdout),
+                         "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")  # fmt: skip
+    hold = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {
+            "name": "mine",
+            "namespace": namespace,
+            "annotations": {"kubevirt.io/migrationPendingPodTimeoutSeconds": "86400"},
+        },
+        "spec": {"vmiName": "db", "addedNodeSelector": {"nowhere": "true"}},
+    }
+    out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                input_text=json.dumps(hold))  # fmt: skip
+    rt.view.observe_migration(json.loads(out.stdout), "ADDED")
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    left = json.loads(control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout)
+    names = [m["metadata"]["name"] for m in left["items"]]
+    assert "mine" not in names
+    assert [n for n in names if n.startswith("gtvp-evac-db-")], names
+    said = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationPreempted",
+        "-o", "jsonpath={.items[*].message}",
+    ).stdout  # fmt: skip
+    assert "deleted migration mine" in said
+
+
 def test_a_box_takes_room_where_its_vmi_runs_and_a_box_label_hides_no_vm(
     rt: Runtime,
 ) -> None:

@@ -14,6 +14,7 @@ from gtvp.core.evacuation import (
     cannot_migrate,
     drain_history,
     evacuation_stalled,
+    foreign_holds,
     is_planned_migration,
     migration_name,
     migration_view,
@@ -373,3 +374,28 @@ def test_kubevirts_word_that_a_vmi_cannot_live_migrate_is_read_from_its_conditio
     assert cannot_migrate(vmi({"type": "LiveMigratable", "status": "True"})) is None
     assert cannot_migrate(vmi({"type": "Ready", "status": "False"})) is None
     assert cannot_migrate({}) is None
+
+
+def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_it_must_leave() -> None:
+    """A namespace user creates a migration of their gated VM pinned where nothing fits,
+    with a long pending timeout: gtvp waits for a VMI's active migration, so the VM would
+    stay on a member that lost trust for good. Such a migration, not yet scheduled, is to
+    be deleted; one KubeVirt scheduled (running to a gated target), gtvp's own, and those
+    of VMIs that need not leave are not."""
+    leaving = [Vmi("ns", "db", "bad", 2)]
+
+    def mig(name: str, vmi: str = "db", phase: str = "Scheduling", **kw: Any) -> Migration:
+        return Migration("ns", name, vmi, "bad", kw.pop("target", None), phase, **kw)
+
+    held = [
+        mig("tenant-hold", foreign=True),
+        mig("tenant-pending", phase="Pending", foreign=True),
+        mig("tenant-running", phase="Running", target="good", foreign=True),
+        mig("tenant-other-vmi", vmi="web", foreign=True),
+        mig("tenant-going", foreign=True, deleting=True),
+        mig("gtvp-own", evacuates="bad"),
+    ]
+    got = foreign_holds(leaving, held)
+    assert sorted(r.name for r in got) == ["tenant-hold", "tenant-pending"]
+    assert all(r.vmi == "db" for r in got)
+    assert "did not start" in got[0].why

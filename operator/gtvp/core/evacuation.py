@@ -413,6 +413,25 @@ def stale_evacuations(
     return out
 
 
+def foreign_holds(vmis: Sequence[Vmi], migrations: Sequence[Migration]) -> list[Retarget]:
+    """Migrations gtvp did not start, not scheduled by KubeVirt yet, of VMIs that must leave
+    a member: to delete. Anyone who may create migrations in the namespace could otherwise
+    hold their VM on a member that lost trust for good (gtvp waits for a VMI's active
+    migration): one pinned where nothing fits, with a long pending timeout. One KubeVirt
+    scheduled runs on (its target is gated like any)."""
+    leaving = {(v.namespace, v.name) for v in vmis}
+    why = "a migration gtvp did not start held the VM, unscheduled, on a member it must leave"
+    return [
+        Retarget(m.namespace, m.name, m.vmi, why)
+        for m in migrations
+        if m.foreign
+        and m.phase in NOT_SCHEDULED
+        and not m.target
+        and not m.deleting
+        and (m.namespace, m.vmi) in leaving
+    ]
+
+
 def unscheduled_pin(m: Migration) -> bool:
     """Pinned by gtvp, not scheduled by KubeVirt yet, not being deleted: one gtvp may take
     back (the handler checks again on the latest copy before it deletes)."""

@@ -47,6 +47,7 @@ from gtvp.core.evacuation import (
     controlling_vm,
     cordoned,
     evacuation_stalled,
+    foreign_holds,
     is_planned_migration,
     migration_view,
     past_deadline,
@@ -265,6 +266,8 @@ async def _act(
         and m.usable(now, 1)
         and not cordoned(rt.view.nodes[m.name])
     ]
+    for held in foreign_holds(movable, [migration_view(m) for m in rt.view.migrations.values()]):
+        await _cancel_foreign(rt, member, held)
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
     room = await asyncio.to_thread(target_room, rt, migrations)
@@ -345,6 +348,29 @@ async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
     if deleted:
         rt.view.observe_migration(body, "DELETED")  # the next plan does not wait for it
     return deleted
+
+
+async def _cancel_foreign(rt: Runtime, member: str, held: Retarget) -> None:
+    """Delete a migration gtvp did not start that holds a VMI, unscheduled, on `member`
+    which it must leave (`foreign_holds`): by uid, whatever its owner changed since."""
+    key = (held.namespace, held.name)
+    body = rt.view.migrations.get(key)
+    if body is None:
+        return
+    try:
+        deleted = await asyncio.to_thread(
+            kube.delete_unchanged, rt.clients, MIGRATIONS, body, any_version=True
+        )
+    except ApiException as exc:
+        log.warning("evacuation of %s: could not delete migration %s/%s: %s %s",
+                    member, *key, exc.status, exc.reason)  # fmt: skip
+        return
+    if not deleted:
+        return
+    rt.view.observe_migration(body, "DELETED")
+    message = f"evacuation of {member}: deleted migration {held.name}: {held.why}"
+    log.warning("%s/%s: %s", held.namespace, held.vmi, message)
+    await _vmi_event(rt, (held.namespace, held.vmi), "Warning", "EvacuationPreempted", message)
 
 
 async def _say_retarget(rt: Runtime, member: str, stale: Retarget) -> None:
