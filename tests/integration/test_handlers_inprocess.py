@@ -1245,6 +1245,8 @@ def test_a_vm_that_cannot_live_migrate_is_stopped_off_a_member_that_lost_trust(
     an EvacuationImpossible Event saying why; a migratable VM beside it is migrated."""
     rt.view.policy = parse_policy(POLICY, sample_policy_spec())
     rt.view.observe_member(_trusted("good", 3), "ADDED")
+    room = {"allocatable": {"cpu": "8", "memory": "32Gi"}}
+    rt.view.observe_node({"metadata": {"name": "good"}, "status": room}, "ADDED")
     for name, migratable in (("db", False), ("web", True)):
         body = _vmi(name, 2, selector=True)
         body["metadata"]["namespace"] = namespace
@@ -1290,6 +1292,8 @@ def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_that_los
     starts its own."""
     rt.view.policy = parse_policy(POLICY, sample_policy_spec())
     rt.view.observe_member(_trusted("good", 3), "ADDED")
+    room = {"allocatable": {"cpu": "8", "memory": "32Gi"}}
+    rt.view.observe_node({"metadata": {"name": "good"}, "status": room}, "ADDED")
     body = _vmi("db", 2, selector=True)
     body["metadata"]["namespace"] = namespace
     out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",

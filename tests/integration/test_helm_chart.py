@@ -1935,11 +1935,21 @@ def test_a_check_that_finds_no_securitypolicies_served_passes_only_a_first_insta
     assert "a first install" in capsys.readouterr().out
 
 
-def test_the_chart_refuses_a_shared_namespace() -> None:
-    """The webhooks leave the release's namespace out (gtvp's own pods are never gated): in
-    `default` (a `helm install` without -n), every VM there would run ungated."""
-    for shared in ("default", "kube-public"):
-        said = _refused(namespace=shared)
-        assert "install gtvp into a namespace of its own" in said
-        assert "every VM in it would run ungated" in said
-    _render(namespace="gtvp-system")
+def test_a_release_in_a_shared_namespace_gates_the_vms_there() -> None:
+    """The webhooks leave gtvp's own namespace out; a release in `default` (a `helm
+    install` without -n) must not leave every VM there ungated."""
+
+    def excluded(namespace: str) -> list[list[str]]:
+        docs = _render(namespace=namespace)
+        hooks = [
+            h
+            for d in docs
+            if d["kind"] in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
+            for h in d["webhooks"]
+            if "namespaceSelector" in h
+        ]
+        assert hooks
+        return [h["namespaceSelector"]["matchExpressions"][0]["values"] for h in hooks]
+
+    assert all(v == ["kube-system"] for v in excluded("default"))
+    assert all(v == ["kube-system", "gtvp-system"] for v in excluded("gtvp-system"))

@@ -57,9 +57,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- /* What values.schema.json cannot say (it cannot compare two values): refused at render
      time with a message that says what to change. */}}
 {{- define "gtvp.checkOperatorValues" -}}
-{{- if has .Release.Namespace (list "default" "kube-public" "kube-node-lease") -}}
-{{- fail (printf "install gtvp into a namespace of its own (helm install -n gtvp-system --create-namespace), not %q: the admission webhooks leave the release's namespace out (so that gtvp's own pods are never gated), and every VM in it would run ungated" .Release.Namespace) -}}
-{{- end -}}
 {{- $op := .Values.operator -}}
 {{- $l := $op.leases -}}
 {{- if ge (int64 $l.renewDeadline) (int64 $l.duration) -}}
