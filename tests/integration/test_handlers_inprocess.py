@@ -1144,6 +1144,35 @@ def test_a_stop_ends_the_vmi_whatever_its_owner_references_say(
     assert get("vm", "db")["spec"]["running"] is (not with_controller)
 
 
+def _running_vmi(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    level: int,
+    node: str,
+    **status: Any,
+) -> dict[str, Any]:
+    """A gated VMI made on the server, in the runtime's view as on `node` (Running unless
+    `status` says otherwise)."""
+    body = _vmi(name, level, selector=True)
+    body["metadata"]["namespace"] = namespace
+    out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                input_text=json.dumps(body))  # fmt: skip
+    made: dict[str, Any] = json.loads(out.stdout)
+    rt.view.observe_vmi(
+        {**made, "status": {"nodeName": node, "phase": "Running", **status}}, "ADDED"
+    )
+    return made
+
+
+def _vmi_present(control_plane: ControlPlane, namespace: str, name: str) -> bool:
+    """The VMI exists on the server and is not being deleted."""
+    out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
+                                check=False)  # fmt: skip
+    return out.returncode == 0 and not json.loads(out.stdout)["metadata"].get("deletionTimestamp")
+
+
 @pytest.mark.tpm
 def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
     control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
@@ -1156,25 +1185,14 @@ def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
     rt.view.policy = parse_policy(POLICY, spec)
     ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=11)
     status = {"phase": "Trusted", "level": 2, "belowSince": below_since(None, 2, ago)}
-    made = {}
     for name, level, phase in (("db", 3, "Running"), ("web", 2, "Running"),
                                ("done", 3, "Succeeded")):  # fmt: skip
-        body = _vmi(name, level, selector=True)
-        body["metadata"]["namespace"] = namespace
-        out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
-                                    input_text=json.dumps(body))  # fmt: skip
-        made[name] = json.loads(out.stdout)
-        rt.view.observe_vmi({**made[name], "status": {"nodeName": "lower", "phase": phase}},
-                            "ADDED")  # fmt: skip
+        _running_vmi(control_plane, rt, namespace, name, level, "lower", phase=phase)
     rt.view.observe_member({"metadata": {"name": "lower"}, "status": status}, "ADDED")
     asyncio.run(attestation._move_vms_off(rt, "lower", status))
 
     def present(name: str) -> bool:
-        out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
-                                    check=False)  # fmt: skip
-        return out.returncode == 0 and not json.loads(out.stdout)["metadata"].get(
-            "deletionTimestamp"
-        )
+        return _vmi_present(control_plane, namespace, name)
 
     assert not present("db")
     assert present("web")
@@ -1213,21 +1231,12 @@ def test_a_vm_whose_level_says_stop_is_stopped_off_a_lowered_or_failed_member(
             "effectivePolicy": {"level": 3, "onUntrusted": "Stop"},
         }
     for name, level in (("db", 3), ("web", 2)):
-        body = _vmi(name, level, selector=True)
-        body["metadata"]["namespace"] = namespace
-        out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
-                                    input_text=json.dumps(body))  # fmt: skip
-        running = {"nodeName": "lower", "phase": "Running"}
-        rt.view.observe_vmi({**json.loads(out.stdout), "status": running}, "ADDED")
+        _running_vmi(control_plane, rt, namespace, name, level, "lower")
     rt.view.observe_member({"metadata": {"name": "lower"}, "status": status}, "ADDED")
     asyncio.run(attestation._move_vms_off(rt, "lower", status))
 
     def present(name: str) -> bool:
-        out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
-                                    check=False)  # fmt: skip
-        return out.returncode == 0 and not json.loads(out.stdout)["metadata"].get(
-            "deletionTimestamp"
-        )
+        return _vmi_present(control_plane, namespace, name)
 
     assert not present("db")
     moved = control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "name").stdout
@@ -1248,10 +1257,6 @@ def test_a_vm_that_cannot_live_migrate_is_stopped_off_a_member_that_lost_trust(
     room = {"allocatable": {"cpu": "8", "memory": "32Gi"}}
     rt.view.observe_node({"metadata": {"name": "good"}, "status": room}, "ADDED")
     for name, migratable in (("db", False), ("web", True)):
-        body = _vmi(name, 2, selector=True)
-        body["metadata"]["namespace"] = namespace
-        out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
-                                    input_text=json.dumps(body))  # fmt: skip
         cond = {"type": "LiveMigratable", "status": str(migratable)}
         if not migratable:
             cond.update(
@@ -1259,16 +1264,11 @@ def test_a_vm_that_cannot_live_migrate_is_stopped_off_a_member_that_lost_trust(
                 message="cannot migrate VMI: PVC data is not shared, live migration requires "
                 "that all PVCs must be shared (using ReadWriteMany access mode)",
             )
-        status = {"nodeName": "bad", "phase": "Running", "conditions": [cond]}
-        rt.view.observe_vmi({**json.loads(out.stdout), "status": status}, "ADDED")
+        _running_vmi(control_plane, rt, namespace, name, 2, "bad", conditions=[cond])
     asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
 
     def present(name: str) -> bool:
-        out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
-                                    check=False)  # fmt: skip
-        return out.returncode == 0 and not json.loads(out.stdout)["metadata"].get(
-            "deletionTimestamp"
-        )
+        return _vmi_present(control_plane, namespace, name)
 
     assert not present("db")
     assert present("web")
@@ -1294,12 +1294,7 @@ def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_that_los
     rt.view.observe_member(_trusted("good", 3), "ADDED")
     room = {"allocatable": {"cpu": "8", "memory": "32Gi"}}
     rt.view.observe_node({"metadata": {"name": "good"}, "status": room}, "ADDED")
-    body = _vmi("db", 2, selector=True)
-    body["metadata"]["namespace"] = namespace
-    out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
-                                input_text=json.dumps(body))  # fmt: skip
-    rt.view.observe_vmi({**json.loads(out.stdout),
-                         "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")  # fmt: skip
+    _running_vmi(control_plane, rt, namespace, "db", 2, "bad")
     hold = {
         "apiVersion": "kubevirt.io/v1",
         "kind": "VirtualMachineInstanceMigration",

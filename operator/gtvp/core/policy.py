@@ -352,34 +352,38 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
 
 def _revoked_eks(raw: Any) -> frozenset[str]:
     """spec.ekTrust.revokedEKs: SHA-256 fingerprints, 64 lowercase hex digits each."""
-    if not isinstance(raw, Sequence) or isinstance(raw, str):
-        raise PolicyError("spec.ekTrust.revokedEKs", "must be a list of EK SHA-256 fingerprints")
-    found = set()
-    for i, item in enumerate(raw):
-        text = str(item)
-        if not re.fullmatch(r"[0-9a-f]{64}", text):
-            raise PolicyError(
-                f"spec.ekTrust.revokedEKs[{i}]",
-                f"{text[:80]!r} is not an EK fingerprint: 64 lowercase hex digits, the SHA-256 "
-                "a Member shows in status.trust.ekSHA256",
-            )
-        found.add(text)
-    return frozenset(found)
+    return _listed(
+        raw,
+        "spec.ekTrust.revokedEKs",
+        r"[0-9a-f]{64}",
+        "EK SHA-256 fingerprints",
+        "is not an EK fingerprint: 64 lowercase hex digits, the SHA-256 a Member shows in "
+        "status.trust.ekSHA256",
+    )
 
 
 def revoked_components(raw: Any) -> frozenset[str]:
     """spec.revokedComponents: `sha256:` digests of OSComponent images or disks."""
+    return _listed(
+        raw,
+        "spec.revokedComponents",
+        r"sha256:[0-9a-f]{64}",
+        "sha256: digests",
+        "is not a component digest: sha256: and 64 lowercase hex digits, an OSComponent's "
+        "spec.digest or spec.diskDigest",
+    )
+
+
+def _listed(raw: Any, field: str, pattern: str, what: str, not_one: str) -> frozenset[str]:
+    """A list field of identifiers, each matching `pattern` (the first that does not is
+    named, with `not_one` saying what it should be)."""
     if not isinstance(raw, Sequence) or isinstance(raw, str):
-        raise PolicyError("spec.revokedComponents", "must be a list of sha256: digests")
+        raise PolicyError(field, f"must be a list of {what}")
     found = set()
     for i, item in enumerate(raw):
         text = str(item)
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
-            raise PolicyError(
-                f"spec.revokedComponents[{i}]",
-                f"{text[:80]!r} is not a component digest: sha256: and 64 lowercase hex "
-                "digits, an OSComponent's spec.digest or spec.diskDigest",
-            )
+        if not re.fullmatch(pattern, text):
+            raise PolicyError(f"{field}[{i}]", f"{text[:80]!r} {not_one}")
         found.add(text)
     return frozenset(found)
 
