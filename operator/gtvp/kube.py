@@ -6,9 +6,10 @@ async handlers call it through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,22 +92,48 @@ def merge_patch_for(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str,
 
 
 def guarded_json_patch(
-    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    prefix: str,
+    tested: Sequence[Sequence[str]],
 ) -> list[dict[str, Any]]:
-    """A JSON Patch (RFC 6902) turning the keys of `old` under `prefix` into `new`, each
-    key that `old` holds tested first (`test`: the patch fails, 422, if the server holds
-    another value there): a write conditional on the values it was decided on alone, not
-    on the whole object's resourceVersion. Keys `old` lacks are added untested."""
+    """A JSON Patch (RFC 6902) turning the keys of `old` under `prefix` into `new`, first
+    testing the values `old` holds at the `tested` paths (the patch fails, 422, when the
+    server holds another value there): a write conditional on the values it was decided on,
+    not on the whole object's resourceVersion. Only integers and plain ASCII strings are
+    tested: kube-apiserver compares a test's strings byte for byte as JSON, and Go escapes
+    `<`, `>` and `&` where this client sends them as they are (and the other way round for
+    non-ASCII), so free text (a message) would never match."""
     ops: list[dict[str, Any]] = []
+    for path in tested:
+        value: Any = old
+        for part in path:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if _comparable(value):
+            ops.append({"op": "test", "path": _pointer(prefix, *path), "value": value})
     for k in sorted(set(old) | set(new)):
-        path = f"{prefix}/{k.replace('~', '~0').replace('/', '~1')}"
-        if k in old:
-            ops.append({"op": "test", "path": path, "value": old[k]})
         if k not in new:
-            ops.append({"op": "remove", "path": path})
+            ops.append({"op": "remove", "path": _pointer(prefix, k)})
         elif k not in old or old[k] != new[k]:
-            ops.append({"op": "add" if k not in old else "replace", "path": path, "value": new[k]})
+            op = "add" if k not in old else "replace"
+            ops.append({"op": op, "path": _pointer(prefix, k), "value": new[k]})
     return ops
+
+
+def _comparable(value: Any) -> bool:
+    """A value this client and kube-apiserver encode to the same JSON bytes (an integer, or
+    printable ASCII without the characters Go escapes and Python does not)."""
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, int):
+        return True
+    if not isinstance(value, str):
+        return False
+    return value.isascii() and value.isprintable() and not set(value) & set('<>&\\"')
+
+
+def _pointer(prefix: str, *parts: str) -> str:
+    return prefix + "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 def list_all(c: Clients, res: ApiResource) -> list[dict[str, Any]]:
@@ -313,8 +340,15 @@ def json_patch_status(
 def is_failed_test(exc: BaseException) -> bool:
     """A JSON Patch the API server could not apply (HTTP 422): a `test` operation failed,
     or a path it names is not there. kube-apiserver says no more than "the server rejected
-    our request due to an error in our request" for either."""
-    return isinstance(exc, client.exceptions.ApiException) and exc.status == 422
+    our request due to an error in our request" for either, with no details, where a 422
+    of schema validation names the object and its causes."""
+    if not isinstance(exc, client.exceptions.ApiException) or exc.status != 422:
+        return False
+    try:
+        details = json.loads(exc.body or "{}").get("details") or {}
+    except (ValueError, AttributeError):
+        return False
+    return not details.get("causes") and not details.get("name")
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -38,6 +38,20 @@ from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.members")
 
+JUDGED = (
+    ("phase",),
+    ("level",),
+    ("trust", "verdict"),
+    ("trust", "reason"),
+    ("trust", "verifiedAt"),
+    ("trust", "expiresAt"),
+    ("trust", "usesLeft"),
+    ("challenge", "nonce"),
+    ("challenge", "answerAfter"),
+)
+"""What a verdict write tests the server still holds, as it was judged: what a verdict
+rests on, which a verdict, a spent use or a new nonce changes (a write of conditions alone
+may land over another such write). Free text is not tested (`kube.guarded_json_patch`)."""
 OPERATOR_FIELDS = (
     "phase",
     "level",
@@ -331,7 +345,7 @@ async def _write(
     try:
         try:
             if old:
-                ops = kube.guarded_json_patch(old, new, "/status")
+                ops = kube.guarded_json_patch(old, new, "/status", JUDGED)
                 result = await asyncio.to_thread(
                     kube.json_patch_status, rt.clients, MEMBERS, name, ops
                 )
