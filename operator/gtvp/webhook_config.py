@@ -8,7 +8,8 @@ renders the same hooks against its Service, and a test keeps the two equal) with
 unchecked.
 
 Scope, so that an operator outage stops only what gtvp gates: the API server itself skips
-`kube-system` and gtvp's own namespace (namespaceSelector), and, by `matchConditions`
+`kube-system` (namespaceSelector; gtvp's own namespace is gated too: none of its objects
+is a VM), and, by `matchConditions`
 (CEL, in manifests/webhook-conditions.yaml, which the chart shares), every VM and VMI that
 neither carries nor carried (oldObject, on UPDATE) the label `gtvp.io/level` - on the VM or
 on its template - nor, for a VMI, a trust selector. A VMI UPDATE reaches gtvp only when it
@@ -34,9 +35,6 @@ from gtvp.core.api_resources import (
     ApiResource,
 )
 
-OWN_NAMESPACE = "gtvp-system"
-"""The operator's namespace (the chart's `.Release.Namespace`); the local pool's operator runs
-outside the cluster, so locally it only has to name a namespace no test uses."""
 EXCLUDED_NAMESPACES = ("kube-system",)
 """Namespaces gtvp never gates (besides its own): an outage of gtvp must not stop them."""
 
@@ -85,22 +83,22 @@ VALIDATING: tuple[Hook, ...] = (
 )
 
 
-def namespace_selector(namespace: str = OWN_NAMESPACE) -> dict[str, Any]:
-    """Every namespace but kube-system and gtvp's own (ignored for cluster-scoped objects)."""
+def namespace_selector() -> dict[str, Any]:
+    """Every namespace but kube-system (ignored for cluster-scoped objects). gtvp's own
+    namespace is gated too: none of gtvp's objects is a VM, and a VM that ran there (a
+    release in `default`, a namespace shared with tenants) would otherwise run ungated."""
     return {
         "matchExpressions": [
             {
                 "key": "kubernetes.io/metadata.name",
                 "operator": "NotIn",
-                "values": [*EXCLUDED_NAMESPACES, namespace],
+                "values": [*EXCLUDED_NAMESPACES],
             }
         ]
     }
 
 
-def _hooks(
-    hooks: tuple[Hook, ...], url: str, ca_pem: bytes, namespace: str
-) -> list[dict[str, Any]]:
+def _hooks(hooks: tuple[Hook, ...], url: str, ca_pem: bytes) -> list[dict[str, Any]]:
     cel = match_conditions()
     out = []
     for h in hooks:
@@ -126,7 +124,7 @@ def _hooks(
             ],
         }
         if h.scope == "Namespaced":
-            hook["namespaceSelector"] = namespace_selector(namespace)
+            hook["namespaceSelector"] = namespace_selector()
         if h.match_conditions:
             hook["matchConditions"] = [
                 {"name": name, "expression": cel[name]} for name in h.match_conditions
@@ -135,24 +133,21 @@ def _hooks(
     return out
 
 
-def webhook_configurations(
-    url: str, ca_pem: bytes, *, namespace: str = OWN_NAMESPACE
-) -> list[dict[str, Any]]:
-    """MutatingWebhookConfiguration and ValidatingWebhookConfiguration for `url`; `namespace`
-    is the operator's own (not gated)."""
+def webhook_configurations(url: str, ca_pem: bytes) -> list[dict[str, Any]]:
+    """MutatingWebhookConfiguration and ValidatingWebhookConfiguration for `url`."""
     labels = {"app.kubernetes.io/part-of": "gtvp"}
     return [
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
             "metadata": {"name": "gtvp", "labels": labels},
-            "webhooks": _hooks(MUTATING, url, ca_pem, namespace),
+            "webhooks": _hooks(MUTATING, url, ca_pem),
         },
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingWebhookConfiguration",
             "metadata": {"name": "gtvp", "labels": labels},
-            "webhooks": _hooks(VALIDATING, url, ca_pem, namespace),
+            "webhooks": _hooks(VALIDATING, url, ca_pem),
         },
         policy_webhook_configuration(url, ca_pem),
     ]
@@ -186,7 +181,7 @@ def policy_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
             "name": POLICY_CONFIGURATION,
             "labels": {"app.kubernetes.io/part-of": "gtvp"},
         },
-        "webhooks": _hooks((POLICY,), url, ca_pem, OWN_NAMESPACE),
+        "webhooks": _hooks((POLICY,), url, ca_pem),
     }
 
 

@@ -1264,7 +1264,8 @@ def test_a_vm_that_cannot_live_migrate_is_stopped_off_a_member_that_lost_trust(
                 message="cannot migrate VMI: PVC data is not shared, live migration requires "
                 "that all PVCs must be shared (using ReadWriteMany access mode)",
             )
-        _running_vmi(control_plane, rt, namespace, name, 2, "bad", conditions=[cond])
+        # level 1: the sample policy sets it no migrateWithin, which would bound the wait
+        _running_vmi(control_plane, rt, namespace, name, 1, "bad", conditions=[cond])
     asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
 
     def present(name: str) -> bool:
@@ -1307,7 +1308,10 @@ def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_that_los
     }
     out = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
                                 input_text=json.dumps(hold))  # fmt: skip
-    rt.view.observe_migration(json.loads(out.stdout), "ADDED")
+    made = json.loads(out.stdout)
+    # as the view would hold it past the grace gtvp gives KubeVirt's own queued migrations
+    made["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    rt.view.observe_migration(made, "ADDED")
     asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
     left = json.loads(control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout)
     names = [m["metadata"]["name"] for m in left["items"]]

@@ -4,10 +4,12 @@ under another name."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from gtvp.core.evacuation import (
     EVACUATION_ATTEMPT_ANNOTATION,
+    FOREIGN_HOLD_GRACE,
     MAX_EVACUATION_FAILURES,
     Migration,
     Vmi,
@@ -365,15 +367,20 @@ def test_kubevirts_word_that_a_vmi_cannot_live_migrate_is_read_from_its_conditio
     def vmi(*conds: dict[str, str]) -> dict[str, object]:
         return {"status": {"conditions": list(conds)}}
 
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
     rwo = {"type": "LiveMigratable", "status": "False", "reason": "DisksNotLiveMigratable",
            "message": "PVC data is not shared"}  # fmt: skip
-    assert cannot_migrate(vmi(rwo)) == "DisksNotLiveMigratable: PVC data is not shared"
-    assert cannot_migrate(vmi({"type": "LiveMigratable", "status": "False"})) == (
+    assert cannot_migrate(vmi(rwo), now) == "DisksNotLiveMigratable: PVC data is not shared"
+    assert cannot_migrate(vmi({"type": "LiveMigratable", "status": "False"}), now) == (
         "not live-migratable"
     )
-    assert cannot_migrate(vmi({"type": "LiveMigratable", "status": "True"})) is None
-    assert cannot_migrate(vmi({"type": "Ready", "status": "False"})) is None
-    assert cannot_migrate({}) is None
+    assert cannot_migrate(vmi({"type": "LiveMigratable", "status": "True"}), now) is None
+    assert cannot_migrate(vmi({"type": "Ready", "status": "False"}), now) is None
+    assert cannot_migrate({}, now) is None
+    # False for a moment only (KubeVirt could not tell yet): not believed before it settles
+    fresh = {**rwo, "lastTransitionTime": "2026-12-04T11:59:30Z"}
+    assert cannot_migrate(vmi(fresh), now) is None
+    assert cannot_migrate(vmi(fresh), now + dt.timedelta(seconds=31)) is not None
 
 
 def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_it_must_leave() -> None:
@@ -395,7 +402,11 @@ def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_it_must_
         mig("tenant-going", foreign=True, deleting=True),
         mig("gtvp-own", evacuates="bad"),
     ]
-    got = foreign_holds(leaving, held)
-    assert sorted(r.name for r in got) == ["tenant-hold", "tenant-pending"]
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+    just_made = mig("tenant-queued", foreign=True, created=now - dt.timedelta(seconds=30))
+    got = foreign_holds(leaving, [*held, just_made], now)
+    assert sorted(r.name for r in got) == ["tenant-hold", "tenant-pending"]  # not the new one
+    later = now + FOREIGN_HOLD_GRACE  # queued by KubeVirt that long: a hold after all
+    assert [r.name for r in foreign_holds(leaving, [just_made], later)] == ["tenant-queued"]
     assert all(r.vmi == "db" for r in got)
     assert "did not start" in got[0].why

@@ -49,6 +49,7 @@ from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorde
 from gtvp.core.policy import MigrationLimits
 from gtvp.core.prefetch import Part, cached_bytes
 from gtvp.core.target_room import TargetRoom, shortfall
+from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import trust_selector
 
 EVACUATION_LABEL = "gtvp.io/evacuation"  # value: the member gtvp empties
@@ -125,15 +126,25 @@ def past_deadline(
     return out
 
 
-def cannot_migrate(vmi: Mapping[str, Any]) -> str | None:
+LIVE_MIGRATABLE_SETTLE = dt.timedelta(seconds=60)
+"""How long `LiveMigratable` must have been False before gtvp believes it: KubeVirt reports
+it False for a while when it cannot tell yet (a hot-plugged volume's claim not yet read)."""
+
+
+def cannot_migrate(vmi: Mapping[str, Any], now: dt.datetime) -> str | None:
     """KubeVirt's word that `vmi` cannot live-migrate at all: its `LiveMigratable` condition
-    False (a ReadWriteOnce volume, a bridge on the pod network, a host device), as reason and
-    message; None otherwise. KubeVirt refuses every migration of such a VMI, so waiting for
-    one would keep it on a member that cannot hold it for good."""
+    False (a ReadWriteOnce volume, a bridge on the pod network, a host device) since
+    `LIVE_MIGRATABLE_SETTLE` at least, as reason and message; None otherwise. KubeVirt
+    refuses every migration of such a VMI, so waiting for one would keep it on a member
+    that cannot hold it for good."""
     for cond in (vmi.get("status") or {}).get("conditions") or ():
-        if cond.get("type") == "LiveMigratable" and str(cond.get("status")) == "False":
-            reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
-            return ": ".join(p for p in (reason, message) if p) or "not live-migratable"
+        if cond.get("type") != "LiveMigratable" or str(cond.get("status")) != "False":
+            continue
+        since = parse_ts(cond.get("lastTransitionTime"))
+        if since is not None and now - since < LIVE_MIGRATABLE_SETTLE:
+            return None
+        reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
+        return ": ".join(p for p in (reason, message) if p) or "not live-migratable"
     return None
 
 
@@ -172,6 +183,7 @@ class Migration:
     foreign: bool = False  # none of gtvp's labels: gtvp did not start it
     drains: str | None = None  # gtvp.io/drain: the drained node gtvp moves the VMI off
     deleting: bool = False  # deletionTimestamp set (KubeVirt's finalizer not done yet)
+    created: dt.datetime | None = None  # its creationTimestamp
 
     @property
     def active(self) -> bool:
@@ -413,12 +425,19 @@ def stale_evacuations(
     return out
 
 
-def foreign_holds(vmis: Sequence[Vmi], migrations: Sequence[Migration]) -> list[Retarget]:
-    """Migrations gtvp did not start, not scheduled by KubeVirt yet, of VMIs that must leave
-    a member: to delete. Anyone who may create migrations in the namespace could otherwise
-    hold their VM on a member that lost trust for good (gtvp waits for a VMI's active
-    migration): one pinned where nothing fits, with a long pending timeout. One KubeVirt
-    scheduled runs on (its target is gated like any)."""
+FOREIGN_HOLD_GRACE = dt.timedelta(minutes=2)
+"""How long a migration gtvp did not start may stay unscheduled before gtvp deletes it to
+move the VM itself (KubeVirt queues its own under its parallel-migration limits)."""
+
+
+def foreign_holds(
+    vmis: Sequence[Vmi], migrations: Sequence[Migration], now: dt.datetime
+) -> list[Retarget]:
+    """Migrations gtvp did not start, not scheduled by KubeVirt for `FOREIGN_HOLD_GRACE`
+    since they were made, of VMIs that must leave a member: to delete. Anyone who may create
+    migrations in the namespace could otherwise hold their VM on a member that lost trust
+    for good (gtvp waits for a VMI's active migration): one pinned where nothing fits, with
+    a long pending timeout. One KubeVirt scheduled runs on (its target is gated like any)."""
     leaving = {(v.namespace, v.name) for v in vmis}
     why = "a migration gtvp did not start held the VM, unscheduled, on a member it must leave"
     return [
@@ -429,6 +448,7 @@ def foreign_holds(vmis: Sequence[Vmi], migrations: Sequence[Migration]) -> list[
         and not m.target
         and not m.deleting
         and (m.namespace, m.vmi) in leaving
+        and (m.created is None or now - m.created >= FOREIGN_HOLD_GRACE)
     ]
 
 
@@ -526,6 +546,7 @@ def migration_view(obj: Mapping[str, Any]) -> Migration:
         foreign=not any(label in labels for label in GTVP_MIGRATION_LABELS),
         drains=str(labels[DRAIN_LABEL]) if labels.get(DRAIN_LABEL) else None,
         deleting=bool(meta.get("deletionTimestamp")),
+        created=parse_ts(meta.get("creationTimestamp")),
     )
 
 

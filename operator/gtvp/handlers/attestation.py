@@ -414,6 +414,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
     phase = str(new.get("phase", ""))
     trust = new.get("trust") or {}
     covered: int | None = None
+    planned = False
     since = below_since_times(new)  # per level: its migrateWithin counts from then
     if phase == MemberPhase.TRUSTED:
         keep = int(new.get("level", 0) or 0)
@@ -424,7 +425,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
         keep = 0
         incident = f"{trust.get('reason') or phase}@{trust.get('verifiedAt') or phase}"
         if phase == MemberPhase.MAINTENANCE and trust.get("verdict") == Verdict.TRUSTED.value:
-            action = "Migrate"  # emptied for maintenance while its verdict holds
+            action, planned = "Migrate", True  # emptied for maintenance while its verdict holds
         else:  # its level's onUntrusted, for the VMIs that level may hold
             effective = new.get("effectivePolicy") or {}
             action = str(effective.get("onUntrusted", "Migrate"))
@@ -432,7 +433,7 @@ async def _move_vms_off(rt: Runtime, name: str, new: Mapping[str, Any]) -> bool:
     after = "its level dropped below theirs" if phase == MemberPhase.TRUSTED else "it lost trust"
     remaining = await evacuate(
         rt, name, incident, action, keep_level=keep, covered_level=covered, since=since,
-        after=after,
+        after=after, stop_unmovable=not planned,
     )  # fmt: skip
     return bool(remaining)
 

@@ -129,6 +129,7 @@ async def evacuate(
     covered_level: int | None = None,
     since: Mapping[int, dt.datetime] | None = None,
     after: str = "it lost trust",
+    stop_unmovable: bool = True,
 ) -> int:
     """Act on the gated VMIs on `member` that need more than `keep_level` (0: the member is
     not trusted, every gated VMI must go): `on_untrusted` for each, or with `covered_level`
@@ -148,7 +149,10 @@ async def evacuate(
         own = {lv.level: lv.on_untrusted for lv in policy.levels}
         actions = untrusted_actions(on_member, covered_level, on_untrusted, own)
     for action, vmis in actions.items():
-        await _act(rt, member, incident, action, vmis, since=since, after=after)
+        await _act(
+            rt, member, incident, action, vmis, since=since, after=after,
+            stop_unmovable=stop_unmovable,
+        )  # fmt: skip
     return len(actions.get("Migrate", ()))
 
 
@@ -172,7 +176,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
         return
     boxes = {f"{ns}/{name}" for ns, name in rt.view.boxes}
     for topic in [t for t in rt.evacuation.waiting if "/" in t]:
-        box_topic = topic.removesuffix("#failed").removesuffix("#full")
+        box_topic = topic.split("#", 1)[0]  # #failed, #full, #late, #unmovable
         if box_topic not in boxes:  # a box's topic; the box is gone
             forget(rt, box_topic)
     for (ns, name), box in sorted(rt.view.boxes.items()):
@@ -209,11 +213,13 @@ async def _act(
     topic: str | None = None,
     since: Mapping[int, dt.datetime] | None = None,
     after: str = "it lost trust",
+    stop_unmovable: bool = True,
 ) -> None:
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
     `topic`: the key its waiting messages are said once under (default: the member);
     `since`: per level, since when the member has held less (`after` says what happened
-    then): a VMI still to move once its level's `migrateWithin` has passed is stopped."""
+    then): a VMI still to move once its level's `migrateWithin` has passed is stopped, and
+    (`stop_unmovable`) one KubeVirt says cannot live-migrate whose level sets no bound."""
     policy = rt.view.policy
     if policy is None or not on_member or on_untrusted == "Keep":
         return
@@ -227,11 +233,15 @@ async def _act(
     late = past_deadline(on_member, since=since or {}, now=now, within=within)
     await _stop_late(rt, member, late, topic, after)
     stopped = {v for v, _ in late}
+    # a level with migrateWithin bounds the wait already; a member emptied for maintenance
+    # while its verdict holds is no VM's danger
     unmovable = [
         (v, why)
         for v in on_member
         if v not in stopped
-        and (why := cannot_migrate(rt.view.vmis.get((v.namespace, v.name)) or {}))
+        and stop_unmovable
+        and v.level not in within
+        and (why := cannot_migrate(rt.view.vmis.get((v.namespace, v.name)) or {}, now))
     ]
     await _stop_unmovable(rt, member, unmovable, topic, after)
     stopped |= {v for v, _ in unmovable}
@@ -266,7 +276,8 @@ async def _act(
         and m.usable(now, 1)
         and not cordoned(rt.view.nodes[m.name])
     ]
-    for held in foreign_holds(movable, [migration_view(m) for m in rt.view.migrations.values()]):
+    views = [migration_view(m) for m in list(rt.view.migrations.values())]
+    for held in foreign_holds(movable, views, now):
         await _cancel_foreign(rt, member, held)
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     await _say_stalled(rt, member, movable, migrations, topic)
