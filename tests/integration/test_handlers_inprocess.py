@@ -1166,6 +1166,14 @@ def _running_vmi(
     return made
 
 
+def _event_messages(control_plane: ControlPlane, namespace: str, reason: str) -> str:
+    """The messages of the namespace's Events of `reason`, space-separated."""
+    return control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", f"reason={reason}",
+        "-o", "jsonpath={.items[*].message}",
+    ).stdout  # fmt: skip
+
+
 def _vmi_present(control_plane: ControlPlane, namespace: str, name: str) -> bool:
     """The VMI exists on the server and is not being deleted."""
     out = control_plane.kubectl("get", "vmi", name, "-n", namespace, "-o", "json",
@@ -1197,10 +1205,7 @@ def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
     assert not present("db")
     assert present("web")
     assert present("done")  # it ended: it runs nowhere, nothing to stop
-    said = control_plane.kubectl(
-        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationDeadline",
-        "-o", "jsonpath={.items[*].message}",
-    ).stdout  # fmt: skip
+    said = _event_messages(control_plane, namespace, "EvacuationDeadline")
     assert said.startswith("still on lower 10s after its level dropped below theirs")
 
 
@@ -1277,10 +1282,7 @@ def test_a_vm_that_cannot_live_migrate_is_stopped_off_a_member_that_lost_trust(
         control_plane.kubectl("get", "vmim", "-n", namespace, "-o", "json").stdout
     )["items"]
     assert [m["spec"]["vmiName"] for m in migrations] == ["web"]
-    said = control_plane.kubectl(
-        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationImpossible",
-        "-o", "jsonpath={.items[*].message}",
-    ).stdout  # fmt: skip
+    said = _event_messages(control_plane, namespace, "EvacuationImpossible")
     assert "cannot live-migrate (DisksNotLiveMigratable: cannot migrate VMI" in said
 
 
@@ -1317,10 +1319,7 @@ def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_that_los
     names = [m["metadata"]["name"] for m in left["items"]]
     assert "mine" not in names
     assert [n for n in names if n.startswith("gtvp-evac-db-")], names
-    said = control_plane.kubectl(
-        "get", "events", "-n", namespace, "--field-selector", "reason=EvacuationPreempted",
-        "-o", "jsonpath={.items[*].message}",
-    ).stdout  # fmt: skip
+    said = _event_messages(control_plane, namespace, "EvacuationPreempted")
     assert "deleted migration mine" in said
 
 

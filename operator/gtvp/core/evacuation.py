@@ -37,8 +37,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from gtvp.core.api_resources import MIGRATIONS
@@ -291,15 +292,15 @@ def least_failed(eligible: Sequence[str], past: Sequence[Attempt]) -> list[str]:
     return [name for name in eligible if failures[name] == fewest]
 
 
-def _free_name(vmi: Vmi, incident: str, attempt: int, taken: set[tuple[str, str]]) -> str:
-    """The attempt's name, or its next spare one while an object of that name exists (one
-    gtvp did not start: gtvp's own of this attempt would have ended it or made it busy)."""
+def free_name(namespace: str, taken: set[tuple[str, str]], name_of: Callable[[int], str]) -> str:
+    """An attempt's name (`name_of(0)`), or its next spare one (`name_of(1)`, ...) while an
+    object of that name exists in `namespace` (one gtvp did not start: gtvp's own of this
+    attempt would have ended it or made it busy). Anyone can compute the first and create
+    an object under it first."""
     spare = 0
-    name = migration_name(vmi, incident, attempt)
-    while (vmi.namespace, name) in taken:
+    while (namespace, name_of(spare)) in taken:
         spare += 1
-        name = migration_name(vmi, incident, attempt, spare)
-    return name
+    return name_of(spare)
 
 
 def evacuation_stalled(
@@ -384,7 +385,7 @@ def plan_evacuation(
                 room.take(target, vmi.cpu_millis, vmi.memory_bytes)
             selector = {**selector, HOSTNAME_LABEL: target}
         attempt = max((a.number for a in past), default=-1) + 1
-        name = _free_name(vmi, incident, attempt, taken)
+        name = free_name(vmi.namespace, taken, partial(migration_name, vmi, incident, attempt))
         out.append(_evacuation_migration(vmi, name, attempt, selector))
         budget.take(member, target)
     return out
@@ -851,11 +852,8 @@ def _no_target(vmi: Evacuee, targets: Sequence[DrainTarget]) -> str:
 def _drain_migration(
     vmi: Evacuee, target: str, attempt: int, taken: set[tuple[str, str]]
 ) -> dict[str, Any]:
-    spare = 0
-    while (vmi.namespace, drain_migration_name(vmi, attempt, spare)) in taken:
-        spare += 1  # an object gtvp did not start holds the name (its own would be busy)
     obj = migration_object(
-        name=drain_migration_name(vmi, attempt, spare),
+        name=free_name(vmi.namespace, taken, partial(drain_migration_name, vmi, attempt)),
         namespace=vmi.namespace,
         vmi=vmi.name,
         label=(DRAIN_LABEL, vmi.node),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -159,11 +159,8 @@ async def evacuate(
 def forget(rt: Runtime, topic: str) -> None:
     """Nothing waits under `topic` any more (its member is empty, its box left or is gone):
     drop what was said about it, so memory stays bounded and a new wait is said again."""
-    rt.evacuation.waiting.pop(topic, None)
-    rt.evacuation.waiting.pop(f"{topic}#failed", None)
-    rt.evacuation.waiting.pop(f"{topic}#full", None)
-    rt.evacuation.waiting.pop(f"{topic}#late", None)
-    rt.evacuation.waiting.pop(f"{topic}#unmovable", None)
+    for suffix in ("", "#failed", "#full", "#late", "#unmovable"):
+        rt.evacuation.waiting.pop(f"{topic}{suffix}", None)
 
 
 async def evacuate_unattested(rt: Runtime) -> None:
@@ -276,10 +273,7 @@ async def _act(
         and m.usable(now, 1)
         and not cordoned(rt.view.nodes[m.name])
     ]
-    views = [migration_view(m) for m in list(rt.view.migrations.values())]
-    for held in foreign_holds(movable, views, now):
-        await _cancel_foreign(rt, member, held)
-    migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
+    migrations = await _release_foreign_holds(rt, member, movable, now)
     await _say_stalled(rt, member, movable, migrations, topic)
     room = await asyncio.to_thread(target_room, rt, migrations)
     for stale in stale_evacuations(
@@ -359,6 +353,20 @@ async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
     if deleted:
         rt.view.observe_migration(body, "DELETED")  # the next plan does not wait for it
     return deleted
+
+
+async def _release_foreign_holds(
+    rt: Runtime, member: str, movable: list[Vmi], now: dt.datetime
+) -> list[Migration]:
+    """Delete the migrations gtvp did not start that hold `movable` VMIs on `member`
+    (`foreign_holds`); the migrations the view holds then."""
+    migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
+    holds = foreign_holds(movable, migrations, now)
+    for held in holds:
+        await _cancel_foreign(rt, member, held)
+    if holds:  # the ones deleted are out of the view now
+        migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
+    return migrations
 
 
 async def _cancel_foreign(rt: Runtime, member: str, held: Retarget) -> None:
@@ -476,25 +484,21 @@ async def _stop_late(
     rt: Runtime, member: str, late: list[tuple[Vmi, dt.timedelta]], topic: str, after: str
 ) -> None:
     """Stop the VMIs (`past_deadline`) not moved off `member` within their level's bound:
-    fail closed. A Warning (log, Event on the VMI) and the metric once per VMI; the stop
-    itself is asked again on every pass until the VMI is gone."""
-    key = f"{topic}#late"
-    said = set(rt.evacuation.waiting.pop(key, ()))
-    if late:
-        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v, _ in late)
+    fail closed."""
     policy = rt.view.policy
+    said = []
     for vmi, bound in late:
-        if f"{vmi.namespace}/{vmi.name}" not in said:
-            lv = policy.level(vmi.level) if policy is not None else None
-            why = (
-                f"still on {member} {human_duration(bound)} after {after} (level "
-                f"{lv.name if lv else vmi.level}'s migrateWithin): gtvp stops the VM instead "
-                "of waiting longer for its migration"
-            )
-            log.warning("%s/%s %s", vmi.namespace, vmi.name, why)
-            METRICS.deadline_stop()
-            await _vmi_event(rt, (vmi.namespace, vmi.name), "Warning", "EvacuationDeadline", why)
-        await asyncio.to_thread(_stop_vm, rt, vmi, "its level's migrateWithin passed")
+        lv = policy.level(vmi.level) if policy is not None else None
+        why = (
+            f"still on {member} {human_duration(bound)} after {after} (level "
+            f"{lv.name if lv else vmi.level}'s migrateWithin): gtvp stops the VM instead "
+            "of waiting longer for its migration"
+        )
+        said.append((vmi, why))
+    await _stop_saying_once(
+        rt, f"{topic}#late", said, reason="EvacuationDeadline", count=METRICS.deadline_stop,
+        why="its level's migrateWithin passed",
+    )  # fmt: skip
 
 
 async def _stop_unmovable(
@@ -502,24 +506,42 @@ async def _stop_unmovable(
 ) -> None:
     """Stop the VMIs KubeVirt says cannot live-migrate (`cannot_migrate`) that must leave
     `member`: no migration of theirs would ever start, so waiting (a level without
-    `migrateWithin`) would keep them on it for good: fail closed. A Warning (log, Event on
-    the VMI) and the metric once per VMI; the stop is asked again until the VMI is gone."""
-    key = f"{topic}#unmovable"
+    `migrateWithin`) would keep them on it for good: fail closed."""
+    said = [
+        (
+            vmi,
+            f"must leave {member} ({after}) but cannot live-migrate ({why}): gtvp stops the "
+            "VM instead of waiting for a migration that cannot start",
+        )
+        for vmi, why in unmovable
+    ]
+    await _stop_saying_once(
+        rt, f"{topic}#unmovable", said, reason="EvacuationImpossible",
+        count=lambda: METRICS.evacuation("stopped-unmovable"), why="it cannot live-migrate",
+    )  # fmt: skip
+
+
+async def _stop_saying_once(
+    rt: Runtime,
+    key: str,
+    stops: list[tuple[Vmi, str]],
+    *,
+    reason: str,
+    count: Callable[[], None],
+    why: str,
+) -> None:
+    """Stop each VMI in `stops`, its message said (log, Warning Event `reason` on the VMI)
+    and `count`ed once per VMI while it stays under `key`; the stop itself is asked again
+    on every pass until the VMI is gone."""
     said = set(rt.evacuation.waiting.pop(key, ()))
-    if unmovable:
-        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v, _ in unmovable)
-    for vmi, why in unmovable:
+    if stops:
+        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v, _ in stops)
+    for vmi, message in stops:
         if f"{vmi.namespace}/{vmi.name}" not in said:
-            message = (
-                f"must leave {member} ({after}) but cannot live-migrate ({why}): gtvp stops "
-                "the VM instead of waiting for a migration that cannot start"
-            )
             log.warning("%s/%s %s", vmi.namespace, vmi.name, message)
-            METRICS.evacuation("stopped-unmovable")
-            await _vmi_event(
-                rt, (vmi.namespace, vmi.name), "Warning", "EvacuationImpossible", message
-            )
-        await asyncio.to_thread(_stop_vm, rt, vmi, "it cannot live-migrate")
+            count()
+            await _vmi_event(rt, (vmi.namespace, vmi.name), "Warning", reason, message)
+        await asyncio.to_thread(_stop_vm, rt, vmi, why)
 
 
 def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> None:
