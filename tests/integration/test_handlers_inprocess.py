@@ -25,7 +25,7 @@ from gtvp.coordination import Coordination
 from gtvp.core.api_resources import MEMBERS, VIRTUAL_MACHINES
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import EVACUATION_LABEL, HOSTNAME_LABEL
-from gtvp.core.policy import parse_policy
+from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, parse_policy
 from gtvp.core.prefetch import ANNOTATION, Request, render_requests, requests_on
 from gtvp.core.shards import SHARDS, shard_of
 from gtvp.core.timestamps import format_ts
@@ -1207,6 +1207,30 @@ def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
     assert present("done")  # it ended: it runs nowhere, nothing to stop
     said = _event_messages(control_plane, namespace, "EvacuationDeadline")
     assert said.startswith("still on lower 10s after its level dropped below theirs")
+
+
+@pytest.mark.tpm
+def test_a_level_without_migrate_within_still_bounds_the_wait_for_a_move(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
+) -> None:
+    """No level of the policy sets migrateWithin, yet a Migrate level's VM does not wait for
+    good on a member that lost trust (a tenant deleting each target pod, a pool with no
+    room): past the default bound it is stopped, and the Event says the bound was gtvp's,
+    not the level's. A VM of a level whose migrateWithin is longer still waits."""
+    del shared_tpm  # the CA has issued its certificates
+    spec = pool_policy(swtpm_ca, name=POLICY, migrate_within={3: "3h"})["spec"]
+    rt.view.policy = parse_policy(POLICY, spec)
+    ago = dt.datetime.now(dt.UTC) - DEFAULT_MIGRATE_WITHIN - dt.timedelta(seconds=5)
+    status = {"phase": "Untrusted", "level": 0, "belowSince": below_since(None, 0, ago)}
+    for name, level in (("db", 2), ("vault", 3)):
+        _running_vmi(control_plane, rt, namespace, name, level, "bad")
+    rt.view.observe_member({"metadata": {"name": "bad"}, "status": status}, "ADDED")
+    asyncio.run(attestation._move_vms_off(rt, "bad", status))
+
+    assert not _vmi_present(control_plane, namespace, "db")
+    assert _vmi_present(control_plane, namespace, "vault")
+    said = _event_messages(control_plane, namespace, "EvacuationDeadline")
+    assert said.startswith("still on bad 1h after it lost trust (the bound on a level without")
 
 
 @pytest.mark.tpm

@@ -88,6 +88,10 @@ def parse_duration(text: str, field_path: str = "duration") -> timedelta:
     return timedelta(seconds=total)
 
 
+DEFAULT_MIGRATE_WITHIN = timedelta(hours=1)
+"""The bound on an evacuation of a Migrate level that sets no `migrateWithin`."""
+
+
 @dataclass(frozen=True)
 class Level:
     level: int
@@ -98,6 +102,16 @@ class Level:
     on_untrusted: str = "Migrate"
     auto_recover: bool = True
     migrate_within: timedelta | None = None  # Migrate: stop a VM not moved off in this time
+
+    @property
+    def evacuation_bound(self) -> timedelta | None:
+        """How long a gated VM of this level may stay on a member that no longer holds the
+        level before gtvp stops it: `migrateWithin`, else `DEFAULT_MIGRATE_WITHIN` when the
+        level says Migrate (a wait nothing bounds is one a tenant or a full pool can make
+        last for good); None for Stop (at once) and Keep (never)."""
+        if self.on_untrusted != "Migrate":
+            return None
+        return self.migrate_within or DEFAULT_MIGRATE_WITHIN
 
 
 @dataclass(frozen=True)

@@ -215,8 +215,9 @@ async def _act(
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
     `topic`: the key its waiting messages are said once under (default: the member);
     `since`: per level, since when the member has held less (`after` says what happened
-    then): a VMI still to move once its level's `migrateWithin` has passed is stopped, and
-    (`stop_unmovable`) one KubeVirt says cannot live-migrate whose level sets no bound."""
+    then): a VMI still to move once its level's bound has passed (`migrateWithin`, by
+    default `DEFAULT_MIGRATE_WITHIN`) is stopped, and (`stop_unmovable`) one KubeVirt says
+    cannot live-migrate whose level sets no `migrateWithin`."""
     policy = rt.view.policy
     if policy is None or not on_member or on_untrusted == "Keep":
         return
@@ -226,18 +227,20 @@ async def _act(
         return
     topic = topic or member
     now = dt.datetime.now(dt.UTC)
-    within = {lv.level: lv.migrate_within for lv in policy.levels if lv.migrate_within}
+    within = {lv.level: b for lv in policy.levels if (b := lv.evacuation_bound)}
     late = past_deadline(on_member, since=since or {}, now=now, within=within)
+    chosen = {lv.level for lv in policy.levels if lv.migrate_within}
     await _stop_late(rt, member, late, topic, after)
     stopped = {v for v, _ in late}
-    # a level with migrateWithin bounds the wait already; a member emptied for maintenance
-    # while its verdict holds is no VM's danger
+    # a level whose policy chose its migrateWithin waits that long; the default bound is no
+    # one's choice, so what cannot move goes now; a member emptied for maintenance while
+    # its verdict holds is no VM's danger
     unmovable = [
         (v, why)
         for v in on_member
         if v not in stopped
         and stop_unmovable
-        and v.level not in within
+        and v.level not in chosen
         and (why := cannot_migrate(rt.view.vmis.get((v.namespace, v.name)) or {}, now))
     ]
     await _stop_unmovable(rt, member, unmovable, topic, after)
@@ -489,10 +492,15 @@ async def _stop_late(
     said = []
     for vmi, bound in late:
         lv = policy.level(vmi.level) if policy is not None else None
+        name = lv.name if lv else vmi.level
+        whose = (
+            f"level {name}'s migrateWithin"
+            if lv is not None and lv.migrate_within
+            else f"the bound on a level without migrateWithin, such as {name}"
+        )
         why = (
-            f"still on {member} {human_duration(bound)} after {after} (level "
-            f"{lv.name if lv else vmi.level}'s migrateWithin): gtvp stops the VM instead "
-            "of waiting longer for its migration"
+            f"still on {member} {human_duration(bound)} after {after} ({whose}): gtvp "
+            "stops the VM instead of waiting longer for its migration"
         )
         said.append((vmi, why))
     await _stop_saying_once(
