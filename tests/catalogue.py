@@ -100,8 +100,8 @@ class Publisher:
         """The shape of crds/samples/oscomponents.yaml, signed by this publisher."""
         c = self.component
         return [
-            c("linux", "6.1.112", "kernel", provides=["kernel"], size=14_000_000),
-            c("linux", "6.6.52", "kernel", provides=["kernel"], size=15_500_000),
+            c("linux", "6.1.112", "kernel", provides=["kernel", "initrd"], size=14_000_000),
+            c("linux", "6.6.52", "kernel", provides=["kernel", "initrd"], size=15_500_000),
             c(
                 "debian-minimal",
                 "12.7.0",
@@ -132,7 +132,11 @@ def synthetic(publisher: Publisher, n: int, seed: int = 7) -> list[dict[str, Any
     rnd = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
     out = [
         publisher.component(
-            "linux", f"6.{m}.{rnd.randint(1, 120)}", "kernel", provides=["kernel"], size=15_000_000
+            "linux",
+            f"6.{m}.{rnd.randint(1, 120)}",
+            "kernel",
+            provides=["kernel", "initrd"],
+            size=15_000_000,
         )
         for m in (1, 6, 8, 12)
     ]

@@ -186,13 +186,12 @@ def test_translation_network_and_port_forwards() -> None:
 
 
 def test_kernel_without_initrd_gets_no_initrd() -> None:
-    spec = {
-        **SPEC,
-        "dependencies": [{"name": "debian-minimal"}, {"name": "linux", "versions": "<6.2"}],
-    }
-    vm = compose_vm(BoxRef("w", "a", "u"), spec, resolve(BoxRequest.from_spec(spec), CAT), None)
+    """An ordinary VM (not a box) whose kernel boot names no initrd boots without one."""
+    vm = compose_vm(BoxRef("w", "a", "u"), SPEC, resolve(BoxRequest.from_spec(SPEC), CAT), None)
+    boot = vm["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]
+    del boot["container"]["initrdPath"]
     args = qemu_argv(vm, fake_resolve, QemuOptions(console=Path("/c")))
-    assert value_of(args, "-kernel") == ["/art/linux/boot/vmlinuz"]
+    assert value_of(args, "-kernel") == ["/art/linux-initrd/boot/vmlinuz"]
     assert "-initrd" not in args
 
 

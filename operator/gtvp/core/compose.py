@@ -2,9 +2,10 @@
 
 Conventions for component images (docs/lazyboxes.md):
 - the kernel component's image is a KubeVirt kernel-boot container with the kernel at
-  `/boot/vmlinuz`; KubeVirt loads kernel and initrd from one image, so a kernel that ships
-  its initrd says so by providing `initrd` (then `/boot/initrd.img` is used); a separate
-  initrd component is attached as a container disk for the guest to read;
+  `/boot/vmlinuz` and gtvp's box init at `/boot/initrd.img` (KubeVirt loads kernel and
+  initrd from one image), so it must provide `initrd`: a kernel without it would mount the
+  rootfs with no disk checked and is refused; a separate initrd component is attached as a
+  container disk for the guest to read;
 - the rootfs component is the first container disk and the boot disk (`root=/dev/vda`);
 - every other component is a container disk whose serial is the component name, which
   cloud-init mounts read-only at `/opt/gtvp/<name>`; the application's
@@ -346,7 +347,15 @@ def _kernel_and_rootfs(components: Sequence[Component]) -> tuple[Component, Comp
             f"a box needs exactly one kernel and one rootfs, resolved {len(kernels)} kernel(s) "
             f"and {len(roots)} rootfs"
         )
-    return kernels[0], roots[0]
+    kernel = kernels[0]
+    if "initrd" not in kernel.provides:
+        raise CompositionError(
+            f"kernel component {kernel.name} {kernel.version} does not provide initrd: gtvp's "
+            "box init, which checks each component disk against its pinned digest before "
+            "mounting it, ships as the kernel image's /boot/initrd.img, and without it the "
+            "kernel would mount the rootfs unchecked (docs/lazyboxes.md, How a box boots)"
+        )
+    return kernel, roots[0]
 
 
 def _container_disks(
