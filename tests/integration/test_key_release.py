@@ -11,6 +11,7 @@ attacker's requests come first.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -46,6 +47,7 @@ from gtvp_local import pki
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import SwtpmCA
+from tests.eventlogs import synth_log
 from tests.integration.test_lazybox_vms import _vms
 from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
     POLICY,
@@ -626,13 +628,18 @@ def test_a_member_that_loses_trust_gets_no_more_releases(pool: Pool) -> None:
 def test_a_revocation_stops_releases_before_the_member_is_looked_at_again(
     pool: Pool,
     ca: SoftCA,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """The security team revokes a digest of the member class (a forbidden event digest
     added): the host's Trusted verdict rested on the old values. Before the operator has
     looked at the member again (a host that withholds its quote would keep that verdict
     until it expires), key release refuses, nothing consumed; once a quote judged by the
-    new values verifies, it releases."""
+    new values verifies (with the host's event log: nothing measured, nothing forbidden),
+    it releases."""
     here = pool.members[0]
+    log = tmp_path / "binary_bios_measurements"
+    log.write_bytes(synth_log([]))
+    here.agent.cfg = dataclasses.replace(here.agent.cfg, event_log=log)
     cred, token = pool.credential(BOX), pool.token(here)
     spec = pool_policy(
         cast(SwtpmCA, Bundle(ca.bundle_pem())), name=POLICY, interval="1s", valid_for="30s"

@@ -224,6 +224,19 @@ def test_a_member_class_leaving_a_quoted_pcr_unverified_is_refused(
     assert f"member class 'partial' leaves PCR(s) {unverified} unverified" in err.message
 
 
+def test_a_golden_value_for_a_pcr_no_quote_includes_is_refused() -> None:
+    """Golden values for PCR 8 and 9 (kernel command line, initrd) under a selection of 0-7
+    would check nothing: a host booting a good kernel with `init=/bin/sh` would pass."""
+    spec = _sample()
+    assert 8 not in spec["pcrSelection"]["pcrs"]
+    spec["memberClasses"][0]["goldenPCRs"] = {
+        **spec["memberClasses"][0].get("goldenPCRs", {}), "8": "11" * 32, "9": "22" * 32,
+    }  # fmt: skip
+    err = _refused(spec)
+    assert err.field == "spec.memberClasses[0].goldenPCRs[8]"
+    assert err.message.startswith("PCR 8 is not in spec.pcrSelection.pcrs")
+
+
 @pytest.mark.parametrize(
     ("pcrs", "named"),
     [

@@ -25,6 +25,7 @@ from gtvp.core.refvalues import (
     learn,
     secure_boot_state,
 )
+from tests.eventlogs import synth_log
 
 DATA = Path(__file__).parents[1] / "data" / "uefi-eventlogs"
 PLAIN, SECURE = "binary_bios_measurements", "binary_bios_measurements-secureboot"
@@ -34,24 +35,6 @@ EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
 EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
 EV_EFI_VARIABLE_BOOT = 0x80000002
 ZERO = "00" * 32
-
-
-def synth_log(events: Sequence[tuple[int, int, bytes]], digests: Mapping[int, bytes] = {}) -> bytes:
-    """A crypto-agile log with a sha256 bank only: (pcr, type, data), digest = sha256(data)
-    unless `digests` gives the event's (by index); what `tpm2_pcrextend pcr:sha256=...` of
-    the same digests leaves in a TPM."""
-    spec = (
-        b"Spec ID Event03\0"
-        + struct.pack("<IBBBB", 0, 0, 2, 0, 2)
-        + struct.pack("<I", 1)
-        + struct.pack("<HH", 0x000B, 32)
-        + b"\0"
-    )
-    out = struct.pack("<II", 0, 3) + b"\0" * 20 + struct.pack("<I", len(spec)) + spec
-    for i, (pcr, etype, data) in enumerate(events):
-        out += struct.pack("<III", pcr, etype, 1) + struct.pack("<H", 0x000B)
-        out += digests.get(i, hashlib.sha256(data).digest()) + struct.pack("<I", len(data)) + data
-    return out
 
 
 def boot(bootloader: bytes) -> list[tuple[int, int, bytes]]:

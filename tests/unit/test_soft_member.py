@@ -13,8 +13,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import struct
 from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import cast
 
 import pytest
 from cryptography import x509
@@ -27,12 +30,15 @@ from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 from gtvp.core import attestation as core_attestation
 from gtvp.core import errors
 from gtvp.core.enrolment import check_ek_certificate, ek_facts, make_activation_challenge
-from gtvp.core.policy import Policy
+from gtvp.core.policy import Policy, parse_policy
 from gtvp.core.quote import Evidence, Expectation, quote_reference, verify_quote
 from gtvp.core.refvalues import PcrRule, ReferenceSet
 from gtvp.core.tpm_wire import parse_public
 from gtvp_agent.tpm import AK_ATTRIBUTES, AK_TEMPLATES
-from tests.softmember import AgentMember, policy_trusting
+from gtvp_local.pool import pool_policy
+from gtvp_local.swtpm import SwtpmCA
+from tests.eventlogs import synth_log
+from tests.softmember import AgentMember, Bundle, policy_trusting
 from tests.softtpm import SoftCA, SoftTpm, SoftTpmError
 
 # the operator's clock runs behind the agent's here, so that every answerAfter has passed
@@ -580,3 +586,84 @@ def test_a_first_reference_set_added_to_a_class_is_a_change_of_its_values(ca: So
     step = m.operator(T0 + LATER)
     assert m.status["trust"]["usesLeft"] == 0
     assert [e.reason for e in step.events] == ["ReferencesChanged"]
+
+
+# ----- a log the verdict judges is bound to the quote on every PCR it covers ------------------
+
+SHIM, GRUB, SEPARATOR = b"shim-15.8", b"grub-2.12", b"\0\0\0\0"
+
+
+def _booted_shim(ca: SoftCA, tmp_path: Path, events: list[tuple[int, int, bytes]]) -> AgentMember:
+    """A member whose TPM measured shim, grub and a separator into PCR 4, under a class whose
+    golden PCR 4 is that boot and which forbids the shim (found bad after the golden values
+    were taken); its agent sends `events` as its event log."""
+    tpm = SoftTpm(ca)
+    for data in (SHIM, GRUB, SEPARATOR):
+        tpm.extend(4, data)
+    policy = policy_trusting(ca.bundle_pem())
+    cls = policy.member_classes["swtpm"]
+    golden = {**cls.golden, 4: tpm.pcrs["sha256"][4]}
+    shim = hashlib.sha256(SHIM).hexdigest()
+    cls = dataclasses.replace(cls, golden=golden, forbidden_digests=frozenset({shim}))
+    m = AgentMember(tpm, dataclasses.replace(policy, member_classes={"swtpm": cls}))
+    log_file = tmp_path / "binary_bios_measurements"
+    log_file.write_bytes(synth_log(events))
+    m.agent.cfg = dataclasses.replace(m.agent.cfg, event_log=log_file)
+    return m
+
+
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [
+        ("the log as measured", "ForbiddenEvent"),
+        ("the log without the shim", "EventLogMismatch"),
+        ("a log of no events", "EventLogMismatch"),
+    ],
+)
+def test_a_forbidden_digest_on_a_golden_pcr_cannot_be_hidden_by_editing_the_log(
+    ca: SoftCA, tmp_path: Path, sent: str, reason: str
+) -> None:
+    """Golden PCR 4 still matches the bad boot; only the log shows the forbidden shim. A
+    host that leaves the shim out of its log (or sends an empty one) does not pass: the log
+    a verdict judges must replay to what the TPM signed on every quoted PCR."""
+    measured = [(4, 0x80000003, SHIM), (4, 0x80000003, GRUB), (4, 0x4, SEPARATOR)]
+    events = {
+        "the log as measured": measured,
+        "the log without the shim": measured[1:],
+        "a log of no events": [],
+    }[sent]
+    m = _booted_shim(ca, tmp_path, events)
+    step = m.enrol(T0)
+    assert (m.phase, step.outcome) == ("Untrusted", reason)
+
+
+def test_a_forbidden_digest_is_judged_only_with_a_log(ca: SoftCA, tmp_path: Path) -> None:
+    """The class forbids a digest but does not say `required`: a host that sends no log at
+    all would never be judged by it, so no log is a refusal too."""
+    m = _booted_shim(ca, tmp_path, [])
+    m.agent.cfg = dataclasses.replace(m.agent.cfg, event_log=None)
+    step = m.enrol(T0)
+    assert (m.phase, step.outcome) == ("Untrusted", "EventLogMissing")
+
+
+def test_selecting_another_pcr_spends_a_verdict_that_never_quoted_it(ca: SoftCA) -> None:
+    """The administrator adds PCR 8 (its golden value not what the host measured) to the
+    selection: the standing verdict never showed PCR 8, so no new decision or key release
+    rests on it, and the quote it is asked for fails on PCR 8. (A golden value for PCR 8
+    set before it was selected is refused, so adding it to the selection always changes
+    the class's values.)"""
+    m = _trusted(ca)
+    assert m.status["trust"]["usesLeft"] > 0
+    spec = pool_policy(cast(SwtpmCA, Bundle(ca.bundle_pem())), name="default")["spec"]
+    spec["pcrSelection"]["pcrs"] = [*range(9)]
+    spec["memberClasses"][0]["goldenPCRs"]["8"] = "11" * 32
+    m.policy = parse_policy("default", spec)
+    assert "reference values" in str(
+        core_attestation.references_revoked(m.status["trust"], m.policy)
+    )
+    step = m.operator(T0 + LATER)
+    assert m.phase == "Trusted"  # until the quote it is asked for is judged
+    assert m.status["trust"]["usesLeft"] == 0
+    assert [e.reason for e in step.events] == ["ReferencesChanged"]
+    again = m.cycle(T0 + LATER * 2)
+    assert (m.phase, again.outcome) == ("Untrusted", "PcrMismatch")

@@ -932,7 +932,9 @@ def _class_resolved(
 def relied_on(cls: MemberClass, reference_set: str | None) -> str:
     """SHA-256 (hex) of the reference values a verdict under `cls` rests on: the class's
     golden values, forbidden digests and whether it needs a log, and the content of the
-    reference set its log matched (another set added beside it changes nothing)."""
+    reference set its log matched (another set added beside it changes nothing). A PCR
+    added to the selection changes them too: every class verifies exactly the quoted PCRs
+    (a golden value or a rule of every set for each, none for another: `parse_policy`)."""
     matched = next((r for r in cls.reference_sets if r.name == reference_set), None)
     content = {
         "golden": sorted((p, v.hex()) for p, v in cls.golden.items()),

@@ -467,6 +467,13 @@ def _member_classes(raw: Any, bank: str, selected: frozenset[int]) -> dict[str, 
             int(k): _hex_digest(v, f"{path}.goldenPCRs[{k}]", bank, size, what="PCR value")
             for k, v in _get(mc, "goldenPCRs", {}).items()
         }
+        unselected = sorted(set(golden) - selected)
+        if unselected:
+            raise PolicyError(
+                f"{path}.goldenPCRs[{unselected[0]}]",
+                f"PCR {unselected[0]} is not in spec.pcrSelection.pcrs: no quote includes it, "
+                "so its golden value would check nothing; select it or remove the value",
+            )
         log = _get(mc, "eventLog", {})
         forbidden = []
         for j, d in enumerate(_get(log, "forbiddenDigests", [])):

@@ -383,6 +383,7 @@ def _check_pcr_values(ev: Evidence, exp: Expectation, joined: bytes) -> bool:
         whole is not None
         and not ev.event_log
         and not exp.event_log_required
+        and not exp.forbidden_digests
         and hmac.compare_digest(joined, whole)
     ):
         return False  # the common case: every PCR has its golden value
@@ -396,13 +397,14 @@ def _check_pcr_values(ev: Evidence, exp: Expectation, joined: bytes) -> bool:
                 raise errors.ForbiddenEvent(
                     f"the event log measures {sorted(bad)[0]}, which the policy forbids"
                 )
-    elif exp.event_log_required:
+    elif exp.event_log_required or exp.forbidden_digests:
         raise errors.EventLogMissing(
-            "the policy requires an event log and the agent sent none (is "
+            "the policy "
+            + ("requires an event log" if exp.event_log_required else "forbids event digests")
+            + " and the agent sent none (is "
             "/sys/kernel/security/tpm0/binary_bios_measurements readable by the agent?)"
         )
     used_log = False
-    size = HASH_SIZES[HASH_BY_NAME[exp.pcr_bank]]
     golden = exp.golden or {}
     for p in exp.pcrs:
         got = ev.pcr_values[p]
@@ -412,19 +414,29 @@ def _check_pcr_values(ev: Evidence, exp: Expectation, joined: bytes) -> bool:
                 raise errors.PcrMismatch(
                     f"PCR {p} ({exp.pcr_bank}) is {got.hex()}, the golden value is {want.hex()}"
                 )
+            if log is not None and exp.forbidden_digests:
+                # the log is judged (no forbidden digest in it): it must be the log of what
+                # the TPM signed here too, or a host running a forbidden binary whose PCR
+                # still has its golden value would leave the event out of its log
+                _replays_to(log, p, got, exp.pcr_bank)
             continue
         if log is None:
             raise errors.UnexplainedPcr(f"PCR {p} has no golden value and no event log explains it")
-        if exp.pcr_bank not in log.pcrs:
-            raise errors.EventLogMismatch(f"the event log has no {exp.pcr_bank} digests")
-        replayed = log.pcrs[exp.pcr_bank].get(p, b"\0" * size)
-        if not hmac.compare_digest(got, replayed):
-            raise errors.EventLogMismatch(
-                f"PCR {p} is {got.hex()} but replaying the event log gives {replayed.hex()}: "
-                "something was measured that the log does not show"
-            )
+        _replays_to(log, p, got, exp.pcr_bank)
         used_log = True
     return used_log
+
+
+def _replays_to(log: EventLog, pcr: int, got: bytes, bank: str) -> None:
+    """Replaying `log` on `pcr` gives `got`, the value the TPM signed, or EventLogMismatch."""
+    if bank not in log.pcrs:
+        raise errors.EventLogMismatch(f"the event log has no {bank} digests")
+    replayed = log.pcrs[bank].get(pcr, b"\0" * HASH_SIZES[HASH_BY_NAME[bank]])
+    if not hmac.compare_digest(got, replayed):
+        raise errors.EventLogMismatch(
+            f"PCR {pcr} is {got.hex()} but replaying the event log gives {replayed.hex()}: "
+            "something was measured that the log does not show"
+        )
 
 
 def verify_quote(ev: Evidence, exp: Expectation) -> QuoteResult:
