@@ -759,7 +759,7 @@ def test_a_new_class_is_judged_by_a_fresh_quote(
     golden = {str(p): "00" * 32 for p in spec["pcrSelection"]["pcrs"]}
     strict = {"name": "strict", "goldenPCRs": {**golden, "0": "11" * 32}}  # this PCR 0 is zero
     spec["memberClasses"].append(strict)
-    spec["levels"][0]["attestation"] = {"interval": "20s", "validFor": "60s", "maxUses": 5}
+    spec["levels"][0]["attestation"] = {"interval": "20s", "validFor": "60s", "maxUses": 50}
     m.policy = parse_policy("default", spec)
     m.spec["memberClass"] = "strict"
     m.spec["identity"] = 1  # a lower level, but under a class its verdict was not judged by

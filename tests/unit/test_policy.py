@@ -358,3 +358,61 @@ def test_balancing_durations_name_their_field(
     spec = _sample()
     change(spec)
     assert _refused(spec).field == field
+
+
+@pytest.mark.parametrize(
+    ("looser", "field", "said"),
+    [
+        (
+            {"validFor": "72h"},
+            "validFor",
+            "validFor 72h is looser than level 2 (sensitive)'s 1m30s",
+        ),
+        ({"interval": "60s"}, "interval", "interval 1m is looser than level 2 (sensitive)'s 30s"),
+        (
+            {"maxUses": 1000000},
+            "maxUses",
+            "maxUses 1000000 is looser than level 2 (sensitive)'s 20",
+        ),
+    ],
+)
+def test_a_higher_level_may_not_demand_less_than_the_one_below(
+    looser: dict[str, Any], field: str, said: str
+) -> None:
+    """A level-3 member's verdict backs level-1 and level-2 VMs too: with a 72 h validFor at
+    level 3, a level-1 VM (10 s in its own level) would be placed on a 3-day-old verdict."""
+    spec = _sample()
+    top = spec["levels"][2]
+    assert top["level"] == 3
+    top["attestation"] = {**top["attestation"], **looser}
+    if field == "interval":
+        top["attestation"]["validFor"] = "90s"
+    err = _refused(spec)
+    assert err.field == f"spec.levels[2].attestation.{field}"
+    assert err.message.startswith(said)
+
+
+def test_levels_listed_out_of_order_are_named_by_their_place_in_the_list() -> None:
+    spec = _sample()
+    spec["levels"].reverse()  # restricted (3) first
+    spec["levels"][0]["attestation"]["maxUses"] = 50
+    err = _refused(spec)
+    assert err.field == "spec.levels[0].attestation.maxUses"
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"level": 2}, "level 2 is defined twice"),
+        ({"level": 10}, "10 is not a level from 1 to 9"),
+        ({"attestation": {"interval": "1s", "validFor": "2s", "maxUses": 0}}, "must be at least 1"),
+    ],
+)
+def test_level_numbers_and_uses_the_crd_bounds_are_checked_again(
+    change: dict[str, Any], said: str
+) -> None:
+    """The CRD refuses these; the operator does not rely on it (a policy read from another
+    source, or a CRD an administrator edited)."""
+    spec = _sample()
+    spec["levels"][2].update(change)
+    assert said in _refused(spec).message

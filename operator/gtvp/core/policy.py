@@ -38,7 +38,7 @@ from gtvp.core.refvalues import (
     PcrRule,
     ReferenceSet,
 )
-from gtvp.core.timestamps import format_ts, parse_ts
+from gtvp.core.timestamps import format_ts, human_duration, parse_ts
 from gtvp.core.tpm_wire import HASH_BY_NAME, HASH_SIZES
 from gtvp.core.trust import LEVEL_LABEL, MAX_LEVEL, PREFIX, TRUSTED_LABEL
 
@@ -406,8 +406,14 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
     """spec.levels, lowest first; each level's validFor longer than its interval."""
     if not raw_levels:
         raise PolicyError("spec.levels", "at least one level is needed")
-    levels = []
-    for i, lv in enumerate(sorted(raw_levels, key=lambda x: int(x.get("level", 0)))):
+    levels: list[Level] = []
+    ranked = sorted(enumerate(raw_levels), key=lambda x: int(x[1].get("level", 0)))
+    for i, lv in ranked:
+        rank = int(_get(lv, "level", 0))
+        if not 1 <= rank <= 9:
+            raise PolicyError(f"spec.levels[{i}].level", f"{rank} is not a level from 1 to 9")
+        if levels and levels[-1].level == rank:
+            raise PolicyError(f"spec.levels[{i}].level", f"level {rank} is defined twice")
         att = _get(lv, "attestation", {})
         path = f"spec.levels[{i}].attestation"
         interval = parse_duration(str(_get(att, "interval", "")), f"{path}.interval")
@@ -421,13 +427,18 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
                 f"spec.levels[{i}].migrateWithin",
                 f"bounds onUntrusted Migrate only; this level says {on_untrusted}",
             )
+        max_uses = int(_get(att, "maxUses", 1))
+        if max_uses < 1:
+            raise PolicyError(f"{path}.maxUses", "must be at least 1")
+        if levels:
+            _demands_no_less(levels[-1], i, interval, valid_for, max_uses)
         levels.append(
             Level(
-                level=int(lv["level"]),
-                name=str(lv.get("name", f"level-{lv['level']}")),
+                level=rank,
+                name=str(lv.get("name", f"level-{rank}")),
                 interval=interval,
                 valid_for=valid_for,
-                max_uses=int(_get(att, "maxUses", 1)),
+                max_uses=max_uses,
                 on_untrusted=on_untrusted,
                 auto_recover=bool(_get(lv, "autoRecover", True)),
                 migrate_within=(
@@ -438,6 +449,34 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
             )
         )
     return tuple(levels)
+
+
+def _demands_no_less(
+    lower: Level, i: int, interval: timedelta, valid_for: timedelta, max_uses: int
+) -> None:
+    """A higher level (spec.levels[i]) asks for quotes at least as often, and lets a verdict
+    back decisions no longer and no more often, than the level below it: a member's verdict
+    is kept by the attestation of its own level, and it backs the VMs of every lower level
+    too (a level-1 VM on a level-3 member), which would otherwise rest on looser values
+    than their own level sets."""
+    looser = [
+        (name, f"{name} {ours} is looser than level {lower.level} ({lower.name})'s {theirs}")
+        for name, ours, theirs, bigger in (
+            ("interval", human_duration(interval), human_duration(lower.interval),
+             interval > lower.interval),
+            ("validFor", human_duration(valid_for), human_duration(lower.valid_for),
+             valid_for > lower.valid_for),
+            ("maxUses", max_uses, lower.max_uses, max_uses > lower.max_uses),
+        )
+        if bigger
+    ]  # fmt: skip
+    if looser:
+        name, what = looser[0]
+        raise PolicyError(
+            f"spec.levels[{i}].attestation.{name}",
+            f"{what}: a higher level demands at least as much, since its members' verdicts "
+            "also back the lower levels' VMs",
+        )
 
 
 def _pcr_selection(sel: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
