@@ -61,6 +61,7 @@ def test_golden_value_of_31_bytes_in_a_sha256_bank_is_refused() -> None:
 
 def test_sha1_bank_with_32_byte_golden_values_is_refused() -> None:
     spec = _sample()
+    spec["pcrSelection"]["allowSha1"] = True
     spec["pcrSelection"]["hashAlgorithm"] = "sha1"
     spec["memberClasses"][0]["goldenPCRs"] = {"0": "00" * 32}
     err = _refused(spec)
@@ -416,3 +417,20 @@ def test_level_numbers_and_uses_the_crd_bounds_are_checked_again(
     spec = _sample()
     spec["levels"][2].update(change)
     assert said in _refused(spec).message
+
+
+def test_a_sha1_bank_needs_an_explicit_allowance() -> None:
+    """SHA-1 collisions are practical: a colliding twin of a measured binary extends the
+    same value. The policy says so, or quotes a stronger bank."""
+    spec = _sample()
+    spec["pcrSelection"]["hashAlgorithm"] = "sha1"
+    cls = spec["defaultMemberClass"]
+    spec["memberClasses"] = [
+        {"name": cls, "goldenPCRs": {str(p): "00" * 20 for p in spec["pcrSelection"]["pcrs"]}}
+    ]
+    spec.pop("transitions", None)
+    err = _refused(spec)
+    assert err.field == "spec.pcrSelection.hashAlgorithm"
+    assert err.message.startswith("sha1: collisions are practical")
+    spec["pcrSelection"]["allowSha1"] = True
+    assert parse_policy("p", spec).pcr_bank == "sha1"

@@ -484,6 +484,14 @@ def _pcr_selection(sel: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
     bank = str(_get(sel, "hashAlgorithm", "sha256"))
     if bank not in HASH_BY_NAME:
         raise PolicyError("spec.pcrSelection.hashAlgorithm", f"unknown bank {bank!r}")
+    if bank == "sha1" and _get(sel, "allowSha1", False) is not True:
+        raise PolicyError(
+            "spec.pcrSelection.hashAlgorithm",
+            "sha1: collisions are practical, so a colliding twin of a measured binary would "
+            "extend the same PCR value and match the same golden value or reference digest; "
+            "quote sha256 (or stronger), or set spec.pcrSelection.allowSha1: true for TPMs "
+            "whose firmware enables no other bank",
+        )
     pcrs = tuple(sorted({int(p) for p in _get(sel, "pcrs", [])}))
     if not pcrs:
         raise PolicyError("spec.pcrSelection.pcrs", "select at least one PCR")
