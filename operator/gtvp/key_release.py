@@ -148,21 +148,48 @@ def arm(
     return out
 
 
+REARM_ATTEMPTS = 3
+
+
 def write_cloud_init_secret(rt: Runtime, body: Mapping[str, Any]) -> str | None:
-    """Create or replace a box's cloud-init Secret; why not (None: written)."""
+    """Create or replace a box's cloud-init Secret; why not (None: written). A Secret of the
+    same box that exists keeps its record of releases (`kr.rearmed_annotations`), replaced
+    at the resourceVersion it was read at (a release consuming meanwhile is not lost)."""
     ns, secret_name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         try:
             rt.clients.core.create_namespaced_secret(ns, body)
+            return None
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            rt.clients.core.replace_namespaced_secret(secret_name, ns, body)
+        for _ in range(REARM_ATTEMPTS):
+            existing = rt.clients.core.read_namespaced_secret(secret_name, ns)
+            try:
+                rt.clients.core.replace_namespaced_secret(secret_name, ns, _over(body, existing))
+                return None
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        return f"cannot write the cloud-init Secret {ns}/{secret_name} (it kept changing)"
     except ApiException as exc:
         hint = f": {RBAC_HINT}" if exc.status == 403 else ""
         why = f"{exc.status} {exc.reason}"
         return f"cannot write the cloud-init Secret {ns}/{secret_name} ({why}){hint}"
-    return None
+
+
+def _over(body: Mapping[str, Any], existing: Any) -> dict[str, Any]:
+    """`body` to replace `existing` with: at its resourceVersion, and with its record of
+    releases when it is the same owner's (a deleted box's Secret of the name keeps none)."""
+    meta = dict(body["metadata"])
+    owners = {str(o.get("uid")) for o in meta.get("ownerReferences") or ()}
+    theirs = {str(o.uid) for o in existing.metadata.owner_references or ()}
+    if owners & theirs:
+        meta["annotations"] = kr.rearmed_annotations(
+            existing.metadata.annotations or {}, meta.get("annotations") or {}
+        )
+    meta["resourceVersion"] = existing.metadata.resource_version
+    return {**body, "metadata": meta}
 
 
 def gated_vm_subject(vm: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -486,9 +513,8 @@ class Endpoint:
         code: int | None = None,
     ) -> tuple[int, str, bytes]:
         self._audit(req, box, "Warning", "KeyReleaseRefused", verdict)
-        if code is None:
-            code = 404 if verdict.reason == kr.NO_SUCH_BOX else 403
-        return _json(code, {"reason": verdict.reason, "message": verdict.message})
+        reason, message = kr.told(verdict)
+        return _json(code or 403, {"reason": reason, "message": message})
 
     def _audit(
         self,

@@ -366,9 +366,9 @@ def test_misdirected_forged_and_stolen_requests_release_nothing_and_consume_noth
     status, body = pool.ask(OTHER_BOX, other_cred, pool.token(elsewhere), secrets=["tls"])
     assert status == 200, body
     assert set(body["secrets"]) == {"tls"}
-    # no such box
+    # no such box: answered as a wrong credential (no one learns which boxes exist)
     status, body = pool.ask("nobody", cred, good)
-    assert (status, body["reason"]) == (404, kr.NO_SUCH_BOX)
+    assert (status, body) == (403, {"reason": kr.WRONG_CREDENTIAL, "message": kr.NOT_ISSUED})
     # none of it consumed the credential: the box's own request is answered
     status, body = pool.ask(BOX, cred, good)
     assert status == 200, body
@@ -444,6 +444,58 @@ def test_a_credential_is_good_once_even_for_two_replicas_at_once(pool: Pool) -> 
     for t in threads:
         t.join()
     assert sorted(codes) == [200, 403]
+
+
+def test_a_credential_armed_again_while_the_released_vm_runs_is_for_its_next_boot(
+    pool: Pool,
+) -> None:
+    """gtvp writes the box's VM again while the VMI that got its Secrets runs (a VM user's
+    edit restored, a live update), arming a fresh credential in the cloud-init Secret, which
+    root on the VMI's host reads there. Once the VM moved away, that credential gets nothing
+    while the VMI lives, as the one it replaced; the used one is still reported used; the
+    VM's next boot gets its Secrets with it."""
+    here = pool.members[0]
+    cred, token = pool.credential(BOX), pool.token(here)
+    assert pool.ask(BOX, cred, token)[0] == 200
+    _armed_vm(pool.rt, pool.namespace, BOX)  # the VM written again, its VMI kept
+    fresh = pool.credential(BOX)
+    assert fresh != cred
+    status, body = pool.ask(BOX, fresh, token)
+    assert (status, body["reason"]) == (403, kr.CREDENTIAL_FOR_NEXT_BOOT), body
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.CREDENTIAL_USED), body
+    pool.reboot(BOX)
+    assert pool.ask(BOX, fresh, token)[0] == 200
+
+
+def test_a_client_without_a_credential_cannot_tell_which_boxes_exist(pool: Pool) -> None:
+    """Anyone who reaches the endpoint (any pod, any guest) guesses names: a box that
+    exists, one that does not, a VM that is not gated all get the same answer, and a name
+    that is no box costs the API server no read."""
+    guess = "A" * 43
+    token = pool.token(pool.members[0])
+    reads: list[str] = []
+    real_read = pool.rt.clients.core.read_namespaced_secret
+
+    def counted(name: str, namespace: str, **kw: Any) -> Any:
+        reads.append(name)
+        return real_read(name, namespace, **kw)
+
+    pool.rt.clients.core.read_namespaced_secret = counted  # type: ignore[method-assign]
+    try:
+        answers = {
+            what: pool.ask(name, guess, token, kind=kind)
+            for what, name, kind in (
+                ("a box", BOX, "box"),
+                ("no box", "nobody", "box"),
+                ("no gated VM", "nobody", "vm"),
+            )
+        }
+    finally:
+        pool.rt.clients.core.read_namespaced_secret = real_read  # type: ignore[method-assign]
+    assert len({json.dumps(a, sort_keys=True) for a in answers.values()}) == 1, answers
+    assert answers["no box"] == (403, {"reason": kr.WRONG_CREDENTIAL, "message": kr.NOT_ISSUED})
+    assert reads == [kr.cloud_init_secret(BOX)]  # only the box that exists was looked up
 
 
 def _secret_hash(pool: Pool, box: str) -> str:
@@ -955,5 +1007,5 @@ def test_a_gated_vm_that_names_secrets_gets_a_credential_once_and_its_guest_fetc
     token = pool.token(pool.members[0])
     status, body = pool.ask("plain", spent, token, kind="vm")
     assert (status, body["reason"]) == (403, kr.CREDENTIAL_USED)
-    assert pool.ask("ungated", spent, token, kind="vm")[0] == 404
-    assert pool.ask("plain", spent, token)[0] == 404
+    assert pool.ask("ungated", spent, token, kind="vm")[1]["reason"] == kr.WRONG_CREDENTIAL
+    assert pool.ask("plain", spent, token)[1]["reason"] == kr.WRONG_CREDENTIAL

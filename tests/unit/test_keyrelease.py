@@ -334,6 +334,25 @@ def test_the_next_credential_is_only_for_the_next_boot() -> None:
     assert (got.released, got.reason) == (True, kr.RELEASED), got.message
 
 
+def test_a_credential_armed_anew_while_the_released_vmi_runs_is_for_its_next_boot_too() -> None:
+    """gtvp writes the box's VM again while vmi-1 (which got its Secrets) runs on it (a VM
+    user's edit restored, a live update), and arms a fresh credential: root on that host
+    reads it as it read the one it replaces. It is for the next boot all the same; the used
+    one stays used, and the guest's lost answer can still be asked for again."""
+    armed = _consumed_by(RETRY, vmi="vmi-1")
+    fresh = "f" * 43
+    rearmed = kr.rearmed_annotations(armed, kr.issued_annotations(fresh, "t4"))
+    req, facts = _asking_again(rearmed, uid="vmi-1", node="m1")
+    stolen = dataclasses.replace(req, credential=fresh, retry="")
+    got = kr.decide(stolen, facts, NOW)
+    assert (got.released, got.reason) == (False, kr.CREDENTIAL_FOR_NEXT_BOOT), got.message
+    used = kr.decide(dataclasses.replace(req, retry=""), facts, NOW)
+    assert used.reason == kr.CREDENTIAL_USED
+    assert kr.decide(req, facts, NOW).reason == kr.RELEASED_AGAIN  # the guest's own retry
+    next_boot = _asking_again(rearmed, uid="vmi-2")[1]
+    assert kr.decide(stolen, next_boot, NOW).reason == kr.RELEASED
+
+
 def test_a_later_release_forgets_the_earlier_ones_retry_key() -> None:
     first = _consumed_by(RETRY)
     later = kr.consumed_annotations(
@@ -504,6 +523,16 @@ def test_a_secret_is_released_only_to_the_boxes_it_consents_to(
     annotations: dict[str, str] | None, ok: bool
 ) -> None:
     assert kr.releasable_to(annotations, "box") is ok
+
+
+@pytest.mark.parametrize(
+    ("allowed", "ok"),
+    [("*", False), ("vm/*", True), ("box", False), ("vm/box", True), ("other, vm/box", True)],
+)
+def test_any_box_is_not_any_vm(allowed: str, ok: bool) -> None:
+    """A Secret for any box (`*`: what gtvp composed from signed components) does not go to
+    a gated VM its creator filled with anything; `vm/*` says any gated VM."""
+    assert kr.releasable_to({kr.RELEASE_TO_ANNOTATION: allowed}, "box", kr.VM) is ok
 
 
 @pytest.mark.parametrize(

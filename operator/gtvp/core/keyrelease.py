@@ -321,6 +321,24 @@ class Verdict:
         return self.reason == RELEASED_AGAIN
 
 
+BEFORE_THE_CREDENTIAL = frozenset(
+    {NO_SUCH_BOX, NOTHING_TO_RELEASE, NO_CREDENTIAL, WRONG_CREDENTIAL}
+)
+"""Refusals given before the request's credential was found to be one gtvp issued."""
+NOT_ISSUED = "the credential is not one gtvp issued to this box, or there is no such box"
+
+
+def told(verdict: Verdict) -> tuple[str, str]:
+    """The reason and message a refusal is answered with. Before the credential was found
+    to be one gtvp issued to the box, only that it was not: the same answer for a box that
+    does not exist, names no Secrets or has no credential yet, so that whoever reaches the
+    endpoint without a credential learns nothing of which boxes and gated VMs exist (the
+    log, the metric and the box's Event keep the reason)."""
+    if verdict.reason in BEFORE_THE_CREDENTIAL:
+        return WRONG_CREDENTIAL, NOT_ISSUED
+    return verdict.reason, verdict.message
+
+
 def _refuse(reason: str, message: str, node: str | None = None) -> Verdict:
     return Verdict(reason, message, node)
 
@@ -557,6 +575,21 @@ def issued_annotations(credential: str, now: str) -> dict[str, str]:
     return {HASH_ANNOTATION: credential_hash(credential), ISSUED_ANNOTATION: now}
 
 
+RELEASE_RECORD = (ANSWERED_ANNOTATION, CONSUMED_ANNOTATION, RELEASES_ANNOTATION)
+"""What a credential Secret records of the releases made with it."""
+
+
+def rearmed_annotations(existing: Mapping[str, str], issued: Mapping[str, str]) -> dict[str, str]:
+    """The annotations of a credential Secret armed anew over one that exists (the VM
+    written again while its VMI may run: a drift restored, a live update): the fresh
+    credential's (`issued_annotations`) with the record of the releases made so far. So,
+    while the VMI that got the last release runs, the fresh credential is for its next boot
+    as the one it replaces was (`CredentialForNextBoot`: root on a host it ran on read it
+    there), used credentials stay used, and a lost answer can still be asked again."""
+    kept = {k: str(existing[k]) for k in RELEASE_RECORD if k in existing}
+    return {**kept, **issued}
+
+
 def vmi_uid(vmi: Mapping[str, Any] | None) -> str:
     """The VMI's uid ("" when none)."""
     return str(((vmi or {}).get("metadata") or {}).get("uid") or "")
@@ -647,10 +680,15 @@ def consumed_annotations(
 
 def releasable_to(annotations: Mapping[str, str] | None, box: str, kind: str = BOX) -> bool:
     """Whether a Secret with these annotations consents to release to box `box` (a gated
-    VM `v` is named `vm/v`; `*` is any box or VM of the namespace)."""
+    VM `v` is named `vm/v`). `*` is any box of the namespace, `vm/*` any gated VM: a box
+    boots only what gtvp composed from signed components (and attested, where the policy
+    attests boxes), a gated VM whatever its creator chose, so a Secret meant for any box
+    does not go to any VM."""
     allowed = str((annotations or {}).get(RELEASE_TO_ANNOTATION, ""))
     names = {n.strip() for n in allowed.split(",") if n.strip()}
-    return "*" in names or (box if kind == BOX else f"vm/{box}") in names
+    if kind == BOX:
+        return "*" in names or box in names
+    return "vm/*" in names or f"vm/{box}" in names
 
 
 _LEVEL = re.compile(r"[1-9][0-9]{0,2}")
