@@ -451,9 +451,9 @@ def test_a_credential_armed_again_while_the_released_vm_runs_is_for_its_next_boo
 ) -> None:
     """gtvp writes the box's VM again while the VMI that got its Secrets runs (a VM user's
     edit restored, a live update), arming a fresh credential in the cloud-init Secret, which
-    root on the VMI's host reads there. Once the VM moved away, that credential gets nothing
-    while the VMI lives, as the one it replaced; the used one is still reported used; the
-    VM's next boot gets its Secrets with it."""
+    root on the VMI's host reads there. That credential gets nothing while the VMI lives,
+    wherever it runs (the token of the member it runs on), as the one it replaced; the used
+    one is still reported used; the VM's next boot gets its Secrets with it."""
     here = pool.members[0]
     cred, token = pool.credential(BOX), pool.token(here)
     assert pool.ask(BOX, cred, token)[0] == 200

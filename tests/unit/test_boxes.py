@@ -456,6 +456,22 @@ def test_a_running_component_that_no_longer_verifies_is_replaced_whatever_the_po
     assert d.status["composedBoots"] == status["composedBoots"]
 
 
+def test_a_running_box_whose_kernel_brings_no_box_init_is_vouched_for_by_nothing() -> None:
+    """Composed by an older gtvp from a kernel without initrd (no box init: its disks were
+    never checked), the box runs on: it is Failed and none of its compositions gets Secrets
+    or box attestation any more."""
+    kernel = next(c for c in COMPS if c.type == "kernel")
+    bare = replace(kernel, provides=tuple(p for p in kernel.provides if p != "initrd"))
+    comps = [bare if c is kernel else c for c in COMPS]
+    status = {"composedBoots": [boots(COMPS)]}
+    d = plan_box(inp(components=comps, observed=_running(COMPS), status=status), NOW)
+    assert (d.vm, d.status["phase"]) == (None, "Failed")
+    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NotBootable"
+    assert d.status["composedBoots"] == []
+    assert "does not provide initrd" in d.status["message"]
+
+
 def test_missing_dependency_hot_plugged_as_datavolume() -> None:
     curl = parse_component(PUB.component("curl", "8.0.0", requires=["libc"]))
     spec = {**SPEC, "onMissingDependency": "HotPlug", "requestedComponents": [{"name": "curl"}]}

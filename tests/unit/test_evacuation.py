@@ -326,9 +326,24 @@ def _names(groups: dict[str, list[Vmi]]) -> dict[str, list[str]]:
     return {action: [v.name for v in vmis] for action, vmis in groups.items()}
 
 
-def test_the_members_level_decides_for_the_vmis_it_may_hold() -> None:
+def test_the_members_level_decides_for_the_vmis_it_may_hold_unless_theirs_is_stricter() -> None:
     vmis = [Vmi("ns", "low", "bad", 1), Vmi("ns", "mid", "bad", 2)]
-    assert _names(untrusted_actions(vmis, 2, "Keep", POLICY_ACTIONS)) == {"Keep": ["low", "mid"]}
+    keep_all = {1: "Keep", 2: "Keep", 3: "Keep"}
+    assert _names(untrusted_actions(vmis, 2, "Keep", keep_all)) == {"Keep": ["low", "mid"]}
+    assert _names(untrusted_actions(vmis, 2, "Stop", keep_all)) == {"Stop": ["low", "mid"]}
+    # level 2 says Migrate: its VM does not stay on a member whose level says Keep
+    got = _names(untrusted_actions(vmis, 2, "Keep", POLICY_ACTIONS))
+    assert got == {"Keep": ["low"], "Migrate": ["mid"]}
+
+
+def test_a_vm_whose_own_level_says_stop_stops_off_a_higher_member_that_says_migrate() -> None:
+    """Levels 1 Keep, 2 Stop, 3 Migrate: a level-2 VM on a level-3 member that lost trust
+    is not migrated (and left to wait for a target its level never allowed it to wait for):
+    its own level says Stop."""
+    vmis = [Vmi("ns", "keep", "bad", 1), Vmi("ns", "stop", "bad", 2), Vmi("ns", "go", "bad", 3)]
+    actions = {1: "Keep", 2: "Stop", 3: "Migrate"}
+    got = _names(untrusted_actions(vmis, 3, "Migrate", actions))
+    assert got == {"Migrate": ["keep", "go"], "Stop": ["stop"]}
 
 
 def test_a_lower_levels_keep_never_keeps_a_vmi_that_needs_more() -> None:

@@ -155,6 +155,36 @@ def test_refusals(change: dict[str, Any], reason: str) -> None:
     assert (v.released, v.reason) == (False, reason), v.message
 
 
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("no such box", kr.NO_SUCH_BOX),
+        ("a box naming no Secrets", kr.NOTHING_TO_RELEASE),
+        ("no credential issued", kr.NO_CREDENTIAL),
+        ("another credential", kr.WRONG_CREDENTIAL),
+    ],
+)
+def test_a_refusal_before_the_credential_is_found_good_tells_nothing_of_the_box(
+    case: str, reason: str
+) -> None:
+    """The reason is kept for the log, the metric and the box's Event; the requester is told
+    only that the credential is not one gtvp issued (whoever guesses names learns nothing of
+    which boxes exist, name Secrets or are armed)."""
+    req, facts = _facts(issued=kr.issued_annotations(OTHER, "t") if "another" in case else None)
+    if case == "no such box":
+        facts = dataclasses.replace(facts, box=None)
+    elif case == "a box naming no Secrets":
+        box = dict(facts.box or {})
+        facts = dataclasses.replace(facts, box={**box, "spec": {**box["spec"], "secrets": []}})
+    elif case == "no credential issued":
+        facts = dataclasses.replace(facts, issued={})
+    verdict = kr.decide(req, facts, NOW)
+    assert verdict.reason == reason, verdict.message
+    assert kr.told(verdict) == (kr.WRONG_CREDENTIAL, kr.NOT_ISSUED)
+    used = kr.decide(req, _asking_again(_consumed_by(RETRY), retry="")[1], NOW)
+    assert kr.told(used)[0] == kr.CREDENTIAL_USED  # a credential gtvp issued: said so
+
+
 def _judged(status: dict[str, Any]) -> dict[str, Any]:
     """`status` as the operator writes a verdict judged under the sample policy's class."""
     trust = {

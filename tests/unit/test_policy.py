@@ -393,6 +393,17 @@ def test_a_higher_level_may_not_demand_less_than_the_one_below(
     assert err.message.startswith(said)
 
 
+def test_a_higher_level_may_not_readmit_without_a_person_when_a_lower_one_does_not() -> None:
+    spec = _sample()
+    spec["levels"][0]["autoRecover"] = False
+    err = _refused(spec)
+    assert err.field == "spec.levels[1].autoRecover"
+    assert "level 1 (standard) below it says false" in err.message
+    for lv in spec["levels"]:
+        lv["autoRecover"] = False
+    assert not any(lv.auto_recover for lv in parse_policy("p", spec).levels)
+
+
 def test_levels_listed_out_of_order_are_named_by_their_place_in_the_list() -> None:
     spec = _sample()
     spec["levels"].reverse()  # restricted (3) first

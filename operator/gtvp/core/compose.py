@@ -347,15 +347,27 @@ def _kernel_and_rootfs(components: Sequence[Component]) -> tuple[Component, Comp
             f"a box needs exactly one kernel and one rootfs, resolved {len(kernels)} kernel(s) "
             f"and {len(roots)} rootfs"
         )
-    kernel = kernels[0]
-    if "initrd" not in kernel.provides:
-        raise CompositionError(
-            f"kernel component {kernel.name} {kernel.version} does not provide initrd: gtvp's "
-            "box init, which checks each component disk against its pinned digest before "
-            "mounting it, ships as the kernel image's /boot/initrd.img, and without it the "
-            "kernel would mount the rootfs unchecked (docs/lazyboxes.md, How a box boots)"
-        )
-    return kernel, roots[0]
+    why = no_box_init(kernels)
+    if why is not None:
+        raise CompositionError(why)
+    return kernels[0], roots[0]
+
+
+def no_box_init(components: Sequence[Component]) -> str | None:
+    """Why a box of `components` would boot without gtvp's box init (None: it would not):
+    a kernel component that does not provide `initrd`. The init, which checks each
+    component disk against its pinned digest before mounting it, ships as the kernel
+    image's /boot/initrd.img; without it the kernel would mount the rootfs unchecked."""
+    for kernel in components:
+        if kernel.type == "kernel" and "initrd" not in kernel.provides:
+            return (
+                f"kernel component {kernel.name} {kernel.version} does not provide initrd: "
+                "gtvp's box init, which checks each component disk against its pinned digest "
+                "before mounting it, ships as the kernel image's /boot/initrd.img, and "
+                "without it the kernel would mount the rootfs unchecked (docs/lazyboxes.md, "
+                "How a box boots)"
+            )
+    return None
 
 
 def _container_disks(
@@ -429,10 +441,9 @@ def _template_spec(
     container: dict[str, Any] = {
         "image": kernel.image,
         "kernelPath": "/boot/vmlinuz",
+        "initrdPath": "/boot/initrd.img",  # the box init (`no_box_init`)
         "imagePullPolicy": "IfNotPresent",
     }
-    if "initrd" in kernel.provides:
-        container["initrdPath"] = "/boot/initrd.img"
     devices: dict[str, Any] = {"disks": disks}
     template: dict[str, Any] = {}
     if ports:

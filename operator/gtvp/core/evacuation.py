@@ -87,15 +87,17 @@ def untrusted_actions(
 ) -> dict[str, list[Vmi]]:
     """What happens to each gated VMI on a member that is not trusted (action -> VMIs).
 
-    The member's level's `onUntrusted` (`member_action`) covers the VMIs that level may hold.
-    A VMI that needs more (`member_level`: the level the member's policy was judged at, 0
-    when it has none, as a Node without a Member) was out of place there already: it moves,
-    or stops when its own level (`level_actions`) says Stop or is not in the policy any
-    more; a lower level's `Keep` never keeps it.
+    The member's level's `onUntrusted` (`member_action`) covers the VMIs that level may hold,
+    unless their own level (`level_actions`) says something stricter: a level-1 VM whose
+    level says Stop stops off a level-3 member whose level says Keep or Migrate. A VMI that
+    needs more (`member_level`: the level the member's policy was judged at, 0 when it has
+    none, as a Node without a Member) was out of place there already: it moves, or stops
+    when its own level says Stop or is not in the policy any more; a lower level's `Keep`
+    never keeps it.
     """
     out: dict[str, list[Vmi]] = {}
     for vmi in vmis:
-        action = member_action
+        action = max((member_action, level_actions.get(vmi.level, member_action)), key=_strength)
         if vmi.level > member_level:
             # a level the policy no longer defines: no member can reach it, so waiting for a
             # target would keep the VMI here for good (and it has no migrateWithin): stopped

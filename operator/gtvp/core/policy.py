@@ -105,11 +105,12 @@ class Level:
 
     @property
     def evacuation_bound(self) -> timedelta | None:
-        """How long a gated VM of this level may stay on a member that no longer holds the
-        level before gtvp stops it: `migrateWithin`, else `DEFAULT_MIGRATE_WITHIN` when the
-        level says Migrate (a wait nothing bounds is one a tenant or a full pool can make
-        last for good); None for Stop (at once) and Keep (never)."""
-        if self.on_untrusted != "Migrate":
+        """How long a gated VM of this level, being migrated, may stay on a member that no
+        longer holds the level before gtvp stops it: `migrateWithin`, else
+        `DEFAULT_MIGRATE_WITHIN` (a wait nothing bounds is one a tenant or a full pool can
+        make last for good); None for a level that says Keep (its VMs may stay: migrated
+        only because their member's level says so)."""
+        if self.on_untrusted == "Keep":
             return None
         return self.migrate_within or DEFAULT_MIGRATE_WITHIN
 
@@ -430,8 +431,16 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
         max_uses = int(_get(att, "maxUses", 1))
         if max_uses < 1:
             raise PolicyError(f"{path}.maxUses", "must be at least 1")
+        auto_recover = bool(_get(lv, "autoRecover", True))
         if levels:
             _demands_no_less(levels[-1], i, interval, valid_for, max_uses)
+            if auto_recover and not levels[-1].auto_recover:
+                raise PolicyError(
+                    f"spec.levels[{i}].autoRecover",
+                    f"true, but level {levels[-1].level} ({levels[-1].name}) below it says "
+                    "false: a member readmitted without a person at this level would hold "
+                    "that level's VMs again; set it false here too",
+                )
         levels.append(
             Level(
                 level=rank,
@@ -440,7 +449,7 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
                 valid_for=valid_for,
                 max_uses=max_uses,
                 on_untrusted=on_untrusted,
-                auto_recover=bool(_get(lv, "autoRecover", True)),
+                auto_recover=auto_recover,
                 migrate_within=(
                     None
                     if within is None
