@@ -720,6 +720,28 @@ def test_a_trust_labelled_node_without_a_member_is_untrusted_once_its_shard_is_t
     assert member["metadata"]["labels"][node_trust.NODE_MEMBER_LABEL] == "true"
 
 
+def test_a_node_write_built_on_an_old_read_does_not_land(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+) -> None:
+    """gtvp replaces a Node's taint list whole. An administrator quarantines the host
+    (a NoExecute taint) after the replica read the Node: the untrusted taint built from
+    that read does not erase the quarantine; the Node is read again and both taints are
+    there at the next write. (A patch that waited while another replica took the shard
+    and wrote the Node fails the same way.)"""
+    name = _trust_labelled_node(control_plane, cluster_names)
+    rt.view.observe_node(_node(control_plane, name), "ADDED")
+    quarantine = {"key": "example.com/quarantine", "value": "ir-42", "effect": "NoExecute"}
+    rt.clients.core.patch_node(name, {"spec": {"taints": [quarantine]}})
+    untrusted = {"phase": "Untrusted", "level": 0}
+    assert not asyncio.run(node_trust.sync_node(rt, name, status_override=untrusted))
+    taints = _node(control_plane, name)["spec"]["taints"]
+    assert [t["key"] for t in taints] == ["example.com/quarantine"]  # kept, nothing else yet
+    assert asyncio.run(node_trust.sync_node(rt, name, status_override=untrusted))
+    after = _node(control_plane, name)
+    assert _says_untrusted(after)
+    assert quarantine in after["spec"]["taints"]
+
+
 def test_deleting_a_member_under_a_running_operator_untrusts_its_node_at_once(
     control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
 ) -> None:

@@ -216,7 +216,7 @@ async def _judge(rt: Runtime, name: str) -> None:
         return
     if step is not None and step.answered_nonce is not None:
         rt.attestation.seen(name).append(step.answered_nonce)
-    await sync_node(rt, name)
+    in_line = await sync_node(rt, name)
     if status.get("phase") != new.get("phase") or status.get("level") != new.get("level"):
         await rejudge_migrations_to(rt, name)
     if step is not None:
@@ -224,6 +224,8 @@ async def _judge(rt: Runtime, name: str) -> None:
         rt.schedule.schedule(name, step.recheck_after)
     else:
         rt.schedule.schedule(name, dt.timedelta(seconds=30))  # no policy, or it failed
+    if not in_line:
+        rt.schedule.schedule_by(name, WRITE_RETRY)  # the Node is not in line yet: again soon
     METRICS.set_member(
         name, str(new.get("phase", "")), int(new.get("level", 0) or 0), _verdict_expiry(new)
     )

@@ -27,8 +27,12 @@ async def sync_node(
 ) -> bool:
     """Bring the Node's gtvp labels and taint in line with its Member's verdict (or with
     `status_override`: a verdict the operator reached but could not write). Only the
-    replica holding the member's shard writes its Node. False when the patch failed (the
-    Node is not in line)."""
+    replica holding the member's shard writes its Node, and only over the Node it read (the
+    patch carries that resourceVersion): a patch that waited while another replica took
+    the shard and tainted the Node does not put trust labels back, and one built from a
+    view without an administrator's new taint does not erase it (the taint list is
+    replaced whole). False when the patch failed or the Node changed (read again: the
+    Node is not in line; the caller looks again)."""
     node = rt.view.nodes.get(name)
     body = rt.view.members.get(name)
     if node is None or not rt.coordination.holds(name):
@@ -45,16 +49,36 @@ async def sync_node(
     )
     if patch is None:
         return True
+    if meta.get("resourceVersion"):
+        patch = {**patch, "metadata": {**patch.get("metadata", {}),
+                                       "resourceVersion": meta["resourceVersion"]}}  # fmt: skip
     try:
         result = await asyncio.to_thread(
             rt.clients.core.patch_node, name, patch, field_manager=rt.clients.field_manager
         )
-        rt.view.nodes[name] = result.to_dict() if hasattr(result, "to_dict") else node
-        log.info("node %s: %s", name, _what_changed(status))
     except ApiException as exc:
-        log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
+        if exc.status == 409:
+            log.info("node %s changed since it was read: read again, written next time", name)
+            await asyncio.to_thread(_read_again, rt, name)
+        else:
+            log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
         return False
+    rt.view.observe_node(rt.clients.api.sanitize_for_serialization(result), "MODIFIED")
+    log.info("node %s: %s", name, _what_changed(status))
     return True
+
+
+def _read_again(rt: Runtime, name: str) -> None:
+    """The Node as the server holds it now, into the view (gone: out of it)."""
+    try:
+        got = rt.clients.core.read_node(name)
+    except ApiException as exc:
+        if exc.status == 404:
+            rt.view.observe_node({"metadata": {"name": name}}, "DELETED")
+        else:
+            log.warning("could not read node %s: %s %s", name, exc.status, exc.reason)
+        return
+    rt.view.observe_node(rt.clients.api.sanitize_for_serialization(got), "MODIFIED")
 
 
 def _what_changed(status: Mapping[str, Any]) -> str:
