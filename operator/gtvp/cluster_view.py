@@ -85,6 +85,8 @@ class ClusterView:
     """The generation of the enforced SecurityPolicy the pool runs under (None: none usable)."""
     policy_error: str | None = None
     """Why no policy is usable (every member is Untrusted, NoPolicy)."""
+    policy_version: str | None = None
+    """The enforced SecurityPolicy's resourceVersion as last seen (None: none seen)."""
     loaded: bool = False
     """True once the start-up listing is in: until then the webhooks refuse what needs a
     verdict and /readyz says not ready."""

@@ -38,7 +38,13 @@ from gtvp.cluster_view import Key
 from gtvp.core import boxattest as ba
 from gtvp.core import compose, ear
 from gtvp.core import keyrelease as kr
-from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES, ApiResource
+from gtvp.core.api_resources import (
+    LAZY_BOXES,
+    MEMBERS,
+    SECURITY_POLICIES,
+    VIRTUAL_MACHINES,
+    ApiResource,
+)
 from gtvp.core.gating import GatingError, box_level, vm_level
 from gtvp.core.timestamps import format_ts
 from gtvp.metrics import METRICS
@@ -330,10 +336,11 @@ class Endpoint:
             return None, (exc.reason, str(exc))
 
     def facts(
-        self, req: kr.Request, now: dt.datetime, *, stored: Any = None
+        self, req: kr.Request, now: dt.datetime, *, stored: Any = None, fresh: bool = False
     ) -> tuple[kr.Facts, Any]:
         """What `decide` judges, from the view and the box's cloud-init Secret (read now,
-        unless `stored`: the one read for this request already)."""
+        unless `stored`: the one read for this request already); `fresh`: the Members
+        where the VM runs read from the API server, not the view (which may lag)."""
         view = self.rt.view
         key = (req.namespace, req.box)
         if req.kind == kr.BOX:
@@ -346,7 +353,7 @@ class Endpoint:
         issued = dict((stored.metadata.annotations or {}) if stored is not None else {})
         vmi = view.vmis.get(key)
         node = ((vmi or {}).get("status") or {}).get("nodeName")
-        member = view.members.get(str(node)) if node else None
+        member = self._member(str(node), fresh) if node else None
         elsewhere = sorted(view.nodes_of.get(key, frozenset()) - {node})
         claims, refusal = self._claims(req.token, now) if req.token else (None, None)
         facts = kr.Facts(
@@ -356,11 +363,30 @@ class Endpoint:
             issued=issued if stored is not None else None,
             vmi=vmi,
             member=member,
-            pod_members={n: view.members.get(n) for n in elsewhere},
+            pod_members={n: self._member(n, fresh) for n in elsewhere},
             claims=claims,
             token_refusal=refusal,
         )
         return facts, stored
+
+    def _member(self, name: str, fresh: bool) -> Mapping[str, Any] | None:
+        if not fresh:
+            return self.rt.view.members.get(name)
+        return kube.get_if_present(self.rt.clients, MEMBERS, name)
+
+    def _policy_behind(self) -> kr.Verdict | None:
+        """Why this replica's SecurityPolicy may be older than the server's (None: it is
+        the server's): its watch has not delivered an edit yet (a revocation, a shorter
+        validFor). Asked again, a replica that has caught up answers."""
+        name = self.rt.settings.policy_name
+        got = kube.get_if_present(self.rt.clients, SECURITY_POLICIES, name)
+        version = ((got or {}).get("metadata") or {}).get("resourceVersion")
+        if version is not None and version == self.rt.view.policy_version:
+            return None
+        return kr.Verdict(
+            kr.UNAVAILABLE,
+            f"SecurityPolicy {name} changed since this replica read it: ask again",
+        )
 
     # -- answering -------------------------------------------------------------------
 
@@ -389,7 +415,7 @@ class Endpoint:
         now = self.clock()
         changed = self._changed_meanwhile(req, facts, stored, now)
         if changed is not None:
-            return self._refuse(req, facts.box, changed)
+            return self._refuse(req, facts.box, *changed)
         if not verdict.again:
             problem = self._consume(req, stored, now, kr.vmi_uid(facts.vmi))
             if problem is not None:
@@ -399,18 +425,25 @@ class Endpoint:
 
     def _changed_meanwhile(
         self, req: kr.Request, facts: kr.Facts, stored: Any, now: dt.datetime
-    ) -> kr.Verdict | None:
-        """The Secrets took a while to read: the release judged again on the view as it is
-        `now` (a verdict that expired, a member that lost trust, a VMI that moved or was
-        replaced meanwhile stops it); None when it still stands."""
-        fresh = self.facts(req, now, stored=stored)[0]
+    ) -> tuple[kr.Verdict, int | None] | None:
+        """The release judged again, just before the credential is consumed, `now` and on
+        the Members where the VM runs as the API server holds them (a verdict that expired,
+        a member that lost trust meanwhile, or whose loss this replica's watch has not
+        delivered yet, stops it; so does a VMI that moved or was replaced, and a
+        SecurityPolicy this replica has not seen the latest of: 503, ask again); None
+        when it still stands."""
+        behind = self._policy_behind()
+        if behind is not None:
+            return behind, 503
+        fresh = self.facts(req, now, stored=stored, fresh=True)[0]
         recheck = kr.decide(req, fresh, now)
         if not recheck.released:
-            return recheck
+            return recheck, None
         if kr.vmi_uid(fresh.vmi) != kr.vmi_uid(facts.vmi):  # the consuming write names it
-            return kr.Verdict(
+            verdict = kr.Verdict(
                 kr.NOT_RUNNING, "the box's VMI was replaced while its Secrets were read"
             )
+            return verdict, None
         return None
 
     def _read(

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from gtvp import http_endpoints, key_release, kube, verdict_keys
 from gtvp.core import compose
 from gtvp.core import keyrelease as kr
-from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINE_INSTANCES
+from gtvp.core.api_resources import LAZY_BOXES, SECURITY_POLICIES, VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.attestation import relied_on
 from gtvp.core.policy import parse_policy
 from gtvp.core.policy_status import Accepted
@@ -496,6 +496,37 @@ def test_a_client_without_a_credential_cannot_tell_which_boxes_exist(pool: Pool)
     assert len({json.dumps(a, sort_keys=True) for a in answers.values()}) == 1, answers
     assert answers["no box"] == (403, {"reason": kr.WRONG_CREDENTIAL, "message": kr.NOT_ISSUED})
     assert reads == [kr.cloud_init_secret(BOX)]  # only the box that exists was looked up
+
+
+def test_a_replica_whose_member_watch_lags_releases_nothing(pool: Pool) -> None:
+    """The replica holding the member's shard wrote it Untrusted (its EK revoked); the
+    replica that serves the box's request has not seen that yet (a stalled watch): it asks
+    the API server for the Member before it consumes anything, and refuses."""
+    here = pool.members[0]
+    cred, token = pool.credential(BOX), pool.token(here)
+    untrusted = {"phase": "Untrusted", "level": 0,
+                 "trust": {"verdict": "Untrusted", "reason": "EkRevoked"}}  # fmt: skip
+    kube.patch_member_status(pool.admin, here.name, untrusted)
+    assert (pool.rt.view.members[here.name]["status"]["phase"]) == "Trusted"  # not seen here
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.MEMBER_NOT_TRUSTED), body
+    assert pool.credential(BOX) == cred  # nothing consumed
+
+
+def test_a_replica_that_has_not_seen_the_latest_policy_asks_for_a_retry(pool: Pool) -> None:
+    """The SecurityPolicy was edited (a revocation, a shorter validFor) and this replica's
+    watch has not delivered it: 503, nothing consumed; once it has, the release goes on."""
+    here = pool.members[0]
+    cred, token = pool.credential(BOX), pool.token(here)
+    group, version, plural = SECURITY_POLICIES.coordinates
+    edited = pool.admin.custom.patch_cluster_custom_object(
+        group, version, plural, POLICY, {"metadata": {"annotations": {"example.com/ticket": "42"}}}
+    )
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (503, kr.UNAVAILABLE), body
+    assert pool.credential(BOX) == cred
+    pool.rt.view.policy_version = edited["metadata"]["resourceVersion"]  # the watch caught up
+    assert pool.ask(BOX, cred, token)[0] == 200
 
 
 def _secret_hash(pool: Pool, box: str) -> str:

@@ -21,7 +21,7 @@ import pytest
 
 from gtvp import cli, kube, verdict_keys
 from gtvp.core import ear
-from gtvp.core.api_resources import MEMBERS
+from gtvp.core.api_resources import MEMBERS, SECURITY_POLICIES
 from gtvp.core.policy_status import Accepted
 from gtvp.handlers import attestation, policies
 from gtvp.runtime import OperatorSettings, Runtime
@@ -29,7 +29,9 @@ from gtvp_agent.agent import Agent, AgentConfig
 from gtvp_agent.tpm import Tpm
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane
 from gtvp_local.polling import wait_for
-from tests.softmember import policy_trusting
+from gtvp_local.pool import pool_policy
+from gtvp_local.swtpm import SwtpmCA
+from tests.softmember import Bundle, policy_trusting
 from tests.softtpm import SoftCA, SoftTpm
 
 pytestmark = [pytest.mark.controlplane]
@@ -94,7 +96,9 @@ def ca() -> SoftCA:
 
 
 @pytest.fixture
-def rt(operator_clients: kube.Clients, keys_namespace: str, ca: SoftCA) -> Runtime:
+def rt(
+    operator_clients: kube.Clients, keys_namespace: str, ca: SoftCA, control_plane: ControlPlane
+) -> Runtime:
     runtime = Runtime(settings=OperatorSettings(policy_name=POLICY), clients=operator_clients)
     runtime.view.loaded = True
     issuer = verdict_keys.Issuer(namespace=keys_namespace)
@@ -106,8 +110,15 @@ def rt(operator_clients: kube.Clients, keys_namespace: str, ca: SoftCA) -> Runti
         retention=dt.timedelta(seconds=30),
     )
     runtime.verdict_issuer = issuer
-    policy = policy_trusting(ca.bundle_pem(), name=POLICY, interval="1s", valid_for="30s")
-    assert policies.set_policy(runtime, POLICY, policy)
+    kwargs: dict[str, Any] = {"name": POLICY, "interval": "1s", "valid_for": "30s"}
+    # on the server too, as the operator's watch saw it (key release asks the server whether
+    # the replica's policy is the latest)
+    obj = pool_policy(cast(SwtpmCA, Bundle(ca.bundle_pem())), **kwargs)
+    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+    served = kube.get_if_present(operator_clients, SECURITY_POLICIES, POLICY)
+    assert served is not None
+    runtime.view.policy_version = served["metadata"]["resourceVersion"]
+    assert policies.set_policy(runtime, POLICY, policy_trusting(ca.bundle_pem(), **kwargs))
     return runtime
 
 

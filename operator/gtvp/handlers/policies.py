@@ -64,6 +64,8 @@ async def observe(rt: Runtime, body: Mapping[str, Any], type_: str) -> bool:
     meta = body.get("metadata") or {}
     name, uid = str(meta.get("name", "")), str(meta.get("uid", ""))
     accepted = rt.accepted_policies
+    if name == rt.settings.policy_name:  # what key release compares with the server's
+        rt.view.policy_version = None if type_ == "DELETED" else meta.get("resourceVersion")
     if type_ == "DELETED":
         accepted.pop(name, None)
         return set_policy(rt, name, None, f"SecurityPolicy {name!r} does not exist")
