@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,32 @@ def test_a_replica_the_api_server_refuses_steps_down_with_the_reason(
     assert not a.co.ready()
     assert not a.co.holds_shard(0)
     assert not a.co.leads()
+
+
+def test_a_slow_renewal_does_not_make_a_live_replica_look_dead(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """b lists the Leases while a's renewals have stalled for 8 s, then its own renewal takes
+    7.7 s, during which a renews (just after b's list). Aged by b's clock after its renewal,
+    b's list would show a unchanged for 15.6 s, past the lease duration: b would take a's
+    shards while a, renewed in time, still writes for them. The list is aged when it was
+    taken: a is alive, b takes nothing of a's."""
+    a, b = _replica(control_plane, namespace, "a"), _replica(control_plane, namespace, "b")
+    _round(a, b, a, b)
+    assert len(a.co.held) == len(b.co.held) == SHARDS // 2
+    for _ in range(3):  # a's renewals stall; b looks every 2 s
+        _advance(2, b)
+        _round(b)
+    _advance(1.9, b)
+    renew = b._renew_presence
+
+    async def slow_renewal(lease: Any) -> bool:
+        _advance(7.8, a)
+        await a.round()  # a renews now, after b's list
+        _advance(7.7, b)
+        return await renew(lease)
+
+    b._renew_presence = slow_renewal  # type: ignore[method-assign]
+    _round(b)
+    _assert_one_writer(a, b)
+    assert len(a.co.held) == SHARDS // 2

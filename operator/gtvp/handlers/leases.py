@@ -91,6 +91,7 @@ class LeaseKeeper:
     async def _round(self) -> None:
         co = self.co
         try:
+            listed = co.clock()
             leases = await self._leases()
             sent = co.clock()
             if not await self._renew_presence(leases.get(lease_name(PRESENCE, co.identity))):
@@ -105,7 +106,7 @@ class LeaseKeeper:
             self.said = None
         if co.stopping:
             return
-        alive = self._observe(leases)
+        alive = self._observe(leases, listed=listed, received=sent)
         await self._claim_shards(leases, alive)
         await self._claim_leadership(leases.get(lease_name(LEAD)), alive)
         if co.leads():
@@ -139,16 +140,23 @@ class LeaseKeeper:
             )
             self.said = why
 
-    def _observe(self, leases: Mapping[str, Mapping[str, Any]]) -> set[str]:
-        """Record when each presence Lease last changed; the live replicas (self included)."""
-        now, alive = self.co.clock(), {self.co.identity}
+    def _observe(
+        self, leases: Mapping[str, Mapping[str, Any]], *, listed: float, received: float
+    ) -> set[str]:
+        """Record when each presence Lease last changed; the live replicas (self included).
+        The list shows the Leases as they were between `listed` (the request sent) and
+        `received` (its answer): a change counts from `received`, and a Lease's age is taken
+        at `listed`, not after this replica's own renewal (which may take seconds): a holder
+        that renewed just after the list is not found dead by the time that list grew old."""
+        alive = {self.co.identity}
         for name, lease in leases.items():
             if (lease["metadata"].get("labels") or {}).get(kube.LEASE_LABEL) != PRESENCE:
                 continue
             spec = lease.get("spec") or {}
             holder = _holder(lease)
-            self.seen[name] = observe(self.seen.get(name), holder, str(spec.get("renewTime")), now)
-            if live(self.seen[name], now, self.co.timing.duration):
+            version = str(spec.get("renewTime"))
+            self.seen[name] = observe(self.seen.get(name), holder, version, received)
+            if live(self.seen[name], listed, self.co.timing.duration):
                 alive.add(holder)
         return alive
 
