@@ -95,11 +95,20 @@ def rotate_key(args: argparse.Namespace) -> int:
     from gtvp import kube, verdict_keys
 
     clients = kube.make_clients(args.kubeconfig)
-    kid, published = verdict_keys.rotate(clients, args.namespace, dt.datetime.now(dt.UTC))
+    revoke = bool(args.revoke_previous)
+    kid, published = verdict_keys.rotate(
+        clients, args.namespace, dt.datetime.now(dt.UTC), revoke=revoke
+    )
+    kept = (
+        "every earlier key withdrawn: tokens they signed no longer verify, and each member's "
+        "token is signed anew at its next verdict"
+        if revoke
+        else "a retired key is removed once every token it signed has expired"
+    )
     print(
         f"new verdict signing key {kid}: the operator signs with it within "
         f"{int(verdict_keys.REFRESH.total_seconds())}s; published keys: {', '.join(published)} "
-        "(a retired key is removed once every token it signed has expired)"
+        f"({kept})"
     )
     return 0
 
@@ -121,5 +130,11 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or in-cluster")
     r.add_argument(
         "--namespace", default="gtvp-system", help="the operator's namespace (default: gtvp-system)"
+    )
+    r.add_argument(
+        "--revoke-previous",
+        action="store_true",
+        help="withdraw every earlier key at once (one may be stolen): tokens they signed no "
+        "longer verify",
     )
     r.set_defaults(func=rotate_key)

@@ -104,8 +104,12 @@ def load(text: str) -> list[StoredKey]:
     return keys
 
 
-def rotated(keys: list[StoredKey], now: dt.datetime) -> list[StoredKey]:
-    """`keys` with the signing key retired now and a new one appended (signs from now)."""
+def rotated(keys: list[StoredKey], now: dt.datetime, *, revoke: bool = False) -> list[StoredKey]:
+    """`keys` with the signing key retired now and a new one appended (signs from now);
+    `revoke`: the new key alone (every earlier key withdrawn at once: one may be stolen, and
+    no token it signed verifies any more, issued ones included)."""
+    if revoke:
+        return [new_key(now)]
     old = [k if k.retired is not None else replace(k, retired=now) for k in keys]
     return [*old, new_key(now)]
 
@@ -225,8 +229,11 @@ def publish(clients: Any, namespace: str, keys: list[StoredKey]) -> bool:
     return True
 
 
-def rotate(clients: Any, namespace: str, now: dt.datetime) -> tuple[str, list[str]]:
-    """Add a new signing key (the current one retired); (new kid, kids still published)."""
+def rotate(
+    clients: Any, namespace: str, now: dt.datetime, *, revoke: bool = False
+) -> tuple[str, list[str]]:
+    """Add a new signing key (the current one retired, or with `revoke` every earlier one
+    withdrawn); (new kid, kids still published)."""
     for _ in range(5):
         got = read_keys(clients, namespace)
         if got is None:
@@ -234,7 +241,7 @@ def rotate(clients: Any, namespace: str, now: dt.datetime) -> tuple[str, list[st
             publish(clients, namespace, keys)
             return keys[-1].kid, [k.kid for k in keys]
         keys, version = got
-        new = rotated(keys, now)
+        new = rotated(keys, now, revoke=revoke)
         try:
             write_keys(clients, namespace, new, version)
         except Exception as exc:

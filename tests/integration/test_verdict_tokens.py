@@ -371,3 +371,39 @@ def test_the_operator_may_not_read_other_secrets(
     with pytest.raises(ApiException) as refused:
         operator_clients.core.read_namespaced_secret("someone-elses", keys_namespace)
     assert refused.value.status == 403
+
+
+def test_a_stolen_key_is_withdrawn_at_once_with_revoke_previous(
+    control_plane: ControlPlane, operator_clients: kube.Clients, keys_namespace: str
+) -> None:
+    """A signing key may be stolen (the operator's account can read it): `rotate-key
+    --revoke-previous` publishes the new key alone, so a token the old key signs (a forged
+    one, or one issued before) verifies no more, while the new key's do."""
+    issuer = verdict_keys.Issuer(namespace=keys_namespace)
+    now = dt.datetime.now(dt.UTC)
+    retention = dt.timedelta(hours=72)
+    verdict_keys.refresh(operator_clients, issuer, now=now, leader=True, retention=retention)
+    stolen = issuer.signing_key
+    assert stolen is not None
+    claims = {
+        "eat_profile": ear.EAR_PROFILE,
+        "submods": {"node-9": {"ear.status": "affirming"}},
+        "aud": "gtvp",
+        "iat": int(now.timestamp()),
+        "exp": int(now.timestamp()) + 3600,
+    }
+    forged = ear.sign(claims, stolen.private)
+    kubeconfig = str(control_plane.kubeconfig_for(ADMIN))
+    argv = ["token", "rotate-key", "--kubeconfig", kubeconfig, "--namespace", keys_namespace,
+            "--revoke-previous"]  # fmt: skip
+    assert cli.main(argv) == 0
+    verdict_keys.refresh(operator_clients, issuer, now=now, leader=True, retention=retention)
+    assert issuer.signing_key is not None
+    assert issuer.signing_key.kid != stolen.kid
+    jwks = _jwks_from_configmap(operator_clients, keys_namespace)
+    assert [k["kid"] for k in jwks["keys"]] == [issuer.signing_key.kid]
+    with pytest.raises(ear.TokenRefused) as refused:
+        ear.verify(forged, jwks, audience="gtvp", now=now)
+    assert refused.value.reason == "unknown-key"
+    fresh = ear.sign(claims, issuer.signing_key.private)
+    assert ear.verify(fresh, jwks, audience="gtvp", now=now)["aud"] == "gtvp"
