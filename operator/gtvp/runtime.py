@@ -191,6 +191,9 @@ class Runtime:
     """Policy name -> (uid, the last generation this process accepted)."""
     spent_starts: set[str] = field(default_factory=set)
     """VMI uids whose start spent a verdict use (once per VMI)."""
+    unheld_starts: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """VMI starts seen while this replica did not hold their member's shard: uid -> (node,
+    when, monotonic); spent by this replica if it takes the shard soon after."""
     boxes: BoxMemory = field(default_factory=BoxMemory)
     drains: DrainMemory = field(default_factory=DrainMemory)
     balance: BalanceMemory = field(default_factory=BalanceMemory)

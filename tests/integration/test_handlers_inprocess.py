@@ -430,6 +430,34 @@ def test_two_replicas_spending_at_once_lose_no_use_and_spend_none_twice(
     assert got["status"]["trust"]["usesLeft"] == 20 - 12
 
 
+def test_a_start_during_a_shard_handover_is_spent_by_the_next_holder(
+    control_plane: ControlPlane, rt: Runtime, member: str
+) -> None:
+    """A gated VMI starts on the member while this replica does not hold its shard (nobody
+    may: the former holder crashed): the replica that takes the shard soon after spends
+    that start's use; a start seen long before the handover is not spent again."""
+    _patch_status(control_plane, member, _trusted(member, 2, uses=20)["status"])
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    rt.view.remember_member(member, got)
+    co = _replica_holding(rt, shards=set(range(SHARDS)) - {shard_of(member)})
+
+    def start(uid: str) -> None:
+        vmi = {"metadata": {"uid": uid, "labels": {"gtvp.io/level": "2"}},
+               "status": {"nodeName": member, "phase": "Scheduled"}}  # fmt: skip
+        asyncio.run(verdict_uses.judge_vmi_start(rt, vmi, "ADDED"))
+
+    start("long-ago")
+    rt.unheld_starts["long-ago"] = (member, time.monotonic() - verdict_uses.HANDOVER_WINDOW - 1)
+    start("during-handover")
+    assert _status(rt, member)["trust"]["usesLeft"] == 20  # not this replica's to spend
+    co.held.add(shard_of(member))
+    asyncio.run(verdict_uses.spend_owed(rt, member))
+    assert _status(rt, member)["trust"]["usesLeft"] == 19
+    asyncio.run(verdict_uses.spend_owed(rt, member))  # owed once
+    assert _status(rt, member)["trust"]["usesLeft"] == 19
+
+
 def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
     control_plane: ControlPlane, rt: Runtime, member: str
 ) -> None:

@@ -33,6 +33,7 @@ from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import below_since, below_since_times, takes_trust_away
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, sync_node
+from gtvp.handlers.verdict_uses import spend_owed
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -161,6 +162,7 @@ async def reconcile(rt: Runtime, name: str) -> None:
     co = rt.coordination
     async with rt.attestation.lock(name):
         if co.holds(name):
+            await spend_owed(rt, name)  # starts seen while its shard changed hands
             await _judge(rt, name)
         if co.leads():
             status = _status_for_moves(rt, name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,10 +87,18 @@ async def _spend_on_latest(rt: Runtime, name: str, uses: int = 1) -> int | None:
     return None
 
 
+HANDOVER_WINDOW = 30.0
+"""Seconds a start seen by a replica that did not hold its member's shard stays owed: a
+replica that takes the shard within them spends it (the shard may have had no holder
+then: after a crash, about a lease duration; a start the former holder spent too is spent
+twice, which only asks for a fresh quote sooner)."""
+
+
 async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str) -> None:
     """A gated VMI that KubeVirt scheduled onto a member spends one use of its verdict
     (each start is a decision that relies on it); once per VMI, by the replica holding
-    the member's shard (every replica marks it, so a later holder does not spend again)."""
+    the member's shard (every replica marks it, so a later holder does not spend again;
+    one that did not hold it keeps it owed for `HANDOVER_WINDOW`: `spend_owed`)."""
     meta = body.get("metadata") or {}
     node = (body.get("status") or {}).get("nodeName")
     uid = str(meta.get("uid", ""))
@@ -107,6 +116,28 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
         rt.schedule.schedule(str(node), dt.timedelta(0))
     if rt.coordination.holds(str(node)):  # once across replicas: the member's shard holder
         await spend_use(rt, str(node))
+        return
+    now_m = time.monotonic()
+    for owed, (_, seen) in list(rt.unheld_starts.items()):
+        if now_m - seen > HANDOVER_WINDOW:
+            del rt.unheld_starts[owed]
+    rt.unheld_starts[uid] = (str(node), now_m)
+
+
+async def spend_owed(rt: Runtime, name: str) -> None:
+    """Spend the uses of the starts on member `name` that this replica saw, recently, while
+    another held (or nobody held) its shard, now that it holds it: a start during a
+    handover is spent by someone."""
+    now_m = time.monotonic()
+    owed = [
+        uid
+        for uid, (node, seen) in rt.unheld_starts.items()
+        if node == name and now_m - seen <= HANDOVER_WINDOW
+    ]
+    for uid in owed:
+        del rt.unheld_starts[uid]
+    if owed and rt.coordination.holds(name):
+        await spend_use(rt, name, len(owed))
 
 
 def mark_started(rt: Runtime, bodies: list[dict[str, Any]]) -> None:
