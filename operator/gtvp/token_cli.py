@@ -101,7 +101,7 @@ def rotate_key(args: argparse.Namespace) -> int:
     )
     kept = (
         "every earlier key withdrawn: tokens they signed no longer verify, and each member's "
-        "token is signed anew at its next verdict"
+        "token is signed anew at the operator's next look at it"
         if revoke
         else "a retired key is removed once every token it signed has expired"
     )

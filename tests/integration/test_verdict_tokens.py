@@ -407,3 +407,29 @@ def test_a_stolen_key_is_withdrawn_at_once_with_revoke_previous(
     assert refused.value.reason == "unknown-key"
     fresh = ear.sign(claims, issuer.signing_key.private)
     assert ear.verify(fresh, jwks, audience="gtvp", now=now)["aud"] == "gtvp"
+
+
+def test_a_members_token_signed_by_a_withdrawn_key_is_signed_anew(
+    control_plane: ControlPlane, rt: Runtime, members: list[_Member], keys_namespace: str
+) -> None:
+    """After `rotate-key --revoke-previous` a member's standing token no longer verifies:
+    the operator's next look at it signs it anew with the new key, its verdict unchanged."""
+    m = members[0]
+    _until(rt, m, "QuoteVerified")
+    before = _status(rt, m.name)["trust"]
+    kubeconfig = str(control_plane.kubeconfig_for(ADMIN))
+    argv = ["token", "rotate-key", "--kubeconfig", kubeconfig, "--namespace", keys_namespace,
+            "--revoke-previous"]  # fmt: skip
+    assert cli.main(argv) == 0
+    issuer = rt.verdict_issuer
+    assert issuer is not None
+    now = dt.datetime.now(dt.UTC)
+    verdict_keys.refresh(rt.clients, issuer, now=now, leader=True, retention=dt.timedelta(hours=1))
+    got = kube.get_if_present(rt.clients, MEMBERS, m.name)
+    assert got is not None
+    attestation.observe(rt, got, "MODIFIED")
+    asyncio.run(attestation.reconcile(rt, m.name))  # no new evidence: the same verdict
+    after = _status(rt, m.name)["trust"]
+    assert after["verifiedAt"] == before["verifiedAt"]
+    jwks = _jwks_from_configmap(rt.clients, keys_namespace)
+    assert _verified(after["token"], jwks).status == ear.AFFIRMING

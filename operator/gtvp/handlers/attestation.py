@@ -284,10 +284,10 @@ def _with_token(
     trust.pop("token", None)
     without = {**new, "trust": trust}
     same = ear.verdict_key(old) == ear.verdict_key(new)
-    if had and same:
+    issuer = rt.verdict_issuer
+    if had and same and _signed_by_a_published_key(issuer, str(had)):
         trust["token"] = had
         return without
-    issuer = rt.verdict_issuer
     if issuer is None or issuer.signing_key is None:
         return without
     if same:
@@ -305,6 +305,18 @@ def _with_token(
     if token is not None:
         trust["token"] = token
     return without
+
+
+def _signed_by_a_published_key(issuer: verdict_keys.Issuer | None, token: str) -> bool:
+    """Whether `token` names a key the operator still publishes: one signed by a key
+    withdrawn since (`rotate-key --revoke-previous`, or pruned) is issued anew."""
+    if issuer is None or not issuer.keys:
+        return True  # no keys loaded (yet): the token stays as long as its verdict
+    try:
+        kid = ear.parse(token).header.get("kid")
+    except ear.TokenRefused:
+        return False
+    return any(k.kid == kid for k in issuer.keys)
 
 
 def _verdict_expiry(status: Mapping[str, Any]) -> float | None:
