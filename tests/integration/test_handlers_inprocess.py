@@ -752,22 +752,65 @@ def test_a_node_write_built_on_an_old_read_does_not_land(
     control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
 ) -> None:
     """gtvp replaces a Node's taint list whole. An administrator quarantines the host
-    (a NoExecute taint) after the replica read the Node: the untrusted taint built from
-    that read does not erase the quarantine; the Node is read again and both taints are
-    there at the next write. (A patch that waited while another replica took the shard
-    and wrote the Node fails the same way.)"""
+    (a NoExecute taint) after the replica read the Node: the patch built from that read
+    does not land; the Node is read again and both taints are written. A replica that no
+    longer holds the member's shard when its patch conflicts writes nothing (another took
+    the shard and wrote the Node)."""
     name = _trust_labelled_node(control_plane, cluster_names)
     rt.view.observe_node(_node(control_plane, name), "ADDED")
     quarantine = {"key": "example.com/quarantine", "value": "ir-42", "effect": "NoExecute"}
     rt.clients.core.patch_node(name, {"spec": {"taints": [quarantine]}})
     untrusted = {"phase": "Untrusted", "level": 0}
-    assert not asyncio.run(node_trust.sync_node(rt, name, status_override=untrusted))
-    taints = _node(control_plane, name)["spec"]["taints"]
-    assert [t["key"] for t in taints] == ["example.com/quarantine"]  # kept, nothing else yet
     assert asyncio.run(node_trust.sync_node(rt, name, status_override=untrusted))
     after = _node(control_plane, name)
     assert _says_untrusted(after)
     assert quarantine in after["spec"]["taints"]
+    # a replica whose view is older than the Node, and that has lost the shard by the time
+    # its patch conflicts, leaves the Node as the new holder wrote it
+    stale = _node(control_plane, name)
+    stale["metadata"]["resourceVersion"] = "1"
+    rt.view.observe_node(stale, "MODIFIED")
+    co = _replica_holding(rt, shards=set(range(SHARDS)))
+    real_read = node_trust._read_again
+
+    def read_after_losing_the_shard(runtime: Runtime, node: str) -> None:
+        co.held.discard(shard_of(node))
+        real_read(runtime, node)
+
+    node_trust._read_again = read_after_losing_the_shard  # type: ignore[assignment]
+    try:
+        trusted = _trusted(name, 3)["status"]
+        assert asyncio.run(node_trust.sync_node(rt, name, status_override=trusted))
+    finally:
+        node_trust._read_again = real_read  # type: ignore[assignment]
+    assert _says_untrusted(_node(control_plane, name))
+
+
+def test_a_node_rewritten_without_pause_still_loses_its_trust(
+    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+) -> None:
+    """Root on the host patches its Node without pause (a token that may patch Nodes, such
+    as KubeVirt's virt-handler's), so that every conditional write of gtvp's conflicts:
+    the write that takes trust away lands anyway, at its last attempt."""
+    name = _trust_labelled_node(control_plane, cluster_names)
+    rt.view.observe_node(_node(control_plane, name), "ADDED")
+    real_read = node_trust._read_again
+    beats = iter(range(100))
+
+    def read_then_rewritten(runtime: Runtime, node: str) -> None:
+        real_read(runtime, node)  # the replica reads the Node; the host rewrites it at once
+        runtime.clients.core.patch_node(
+            node, {"metadata": {"annotations": {"example.com/beat": str(next(beats))}}}
+        )
+
+    node_trust._read_again = read_then_rewritten  # type: ignore[assignment]
+    try:
+        rt.clients.core.patch_node(name, {"metadata": {"annotations": {"example.com/beat": "x"}}})
+        untrusted = {"phase": "Untrusted", "level": 0}
+        assert asyncio.run(node_trust.sync_node(rt, name, status_override=untrusted))
+    finally:
+        node_trust._read_again = real_read  # type: ignore[assignment]
+    assert _says_untrusted(_node(control_plane, name))
 
 
 def test_deleting_a_member_under_a_running_operator_untrusts_its_node_at_once(

@@ -13,13 +13,16 @@ from kubernetes.client.exceptions import ApiException
 from gtvp import kube
 from gtvp.core.api_resources import GTVP_API_VERSION, MEMBERS
 from gtvp.core.phases import MemberPhase
-from gtvp.core.trust import label_level, node_patch
+from gtvp.core.trust import TAINT_KEY, label_level, node_patch
 from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.members")
 
 NODE_MEMBER_LABEL = "gtvp.io/node-member"
 """On the Members the operator created for a Node: they leave with their Node."""
+
+
+NODE_WRITE_ATTEMPTS = 3
 
 
 async def sync_node(
@@ -31,41 +34,54 @@ async def sync_node(
     patch carries that resourceVersion): a patch that waited while another replica took
     the shard and tainted the Node does not put trust labels back, and one built from a
     view without an administrator's new taint does not erase it (the taint list is
-    replaced whole). False when the patch failed or the Node changed (read again: the
-    Node is not in line; the caller looks again)."""
-    node = rt.view.nodes.get(name)
-    body = rt.view.members.get(name)
-    if node is None or not rt.coordination.holds(name):
-        return True
-    if status_override is not None:
-        body = {**(body or {}), "status": status_override}
-    status = (body or {}).get("status") or {}
-    meta = node.get("metadata") or {}
-    patch = node_patch(
-        meta.get("labels") or {},
-        (node.get("spec") or {}).get("taints") or [],
-        str(status.get("phase", "")) if body else "",
-        label_level(status),
-    )
-    if patch is None:
-        return True
-    if meta.get("resourceVersion"):
-        patch = {**patch, "metadata": {**patch.get("metadata", {}),
-                                       "resourceVersion": meta["resourceVersion"]}}  # fmt: skip
-    try:
-        result = await asyncio.to_thread(
-            rt.clients.core.patch_node, name, patch, field_manager=rt.clients.field_manager
+    replaced whole). On a conflict the Node is read again and the patch made again, while
+    this replica still holds the shard; a patch that takes trust away is written without
+    the precondition at its last attempt (whoever rewrites the Node without pause, such as
+    root on the host with a token that may patch Nodes, cannot keep it trusted). False
+    when the patch failed (the Node is not in line; the caller looks again)."""
+    for attempt in range(NODE_WRITE_ATTEMPTS):
+        node = rt.view.nodes.get(name)
+        body = rt.view.members.get(name)
+        if node is None or not rt.coordination.holds(name):
+            return True
+        if status_override is not None:
+            body = {**(body or {}), "status": status_override}
+        status = (body or {}).get("status") or {}
+        meta = node.get("metadata") or {}
+        patch = node_patch(
+            meta.get("labels") or {},
+            (node.get("spec") or {}).get("taints") or [],
+            str(status.get("phase", "")) if body else "",
+            label_level(status),
         )
-    except ApiException as exc:
-        if exc.status == 409:
-            log.info("node %s changed since it was read: read again, written next time", name)
+        if patch is None:
+            return True
+        last = attempt == NODE_WRITE_ATTEMPTS - 1
+        if meta.get("resourceVersion") and not (last and _takes_trust_away(patch)):
+            patch = {**patch, "metadata": {**patch.get("metadata", {}),
+                                           "resourceVersion": meta["resourceVersion"]}}  # fmt: skip
+        try:
+            result = await asyncio.to_thread(
+                rt.clients.core.patch_node, name, patch, field_manager=rt.clients.field_manager
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
+                return False
+            log.info("node %s changed since it was read: read again", name)
             await asyncio.to_thread(_read_again, rt, name)
-        else:
-            log.warning("could not update node %s: %s %s", name, exc.status, exc.reason)
-        return False
-    rt.view.observe_node(rt.clients.api.sanitize_for_serialization(result), "MODIFIED")
-    log.info("node %s: %s", name, _what_changed(status))
-    return True
+            continue
+        rt.view.observe_node(rt.clients.api.sanitize_for_serialization(result), "MODIFIED")
+        log.info("node %s: %s", name, _what_changed(status))
+        return True
+    return False
+
+
+def _takes_trust_away(patch: Mapping[str, Any]) -> bool:
+    """Whether a Node patch removes a trust label or adds gtvp's untrusted taint."""
+    labels = (patch.get("metadata") or {}).get("labels") or {}
+    taints = (patch.get("spec") or {}).get("taints") or []
+    return any(v is None for v in labels.values()) or any(t.get("key") == TAINT_KEY for t in taints)
 
 
 def _read_again(rt: Runtime, name: str) -> None:
