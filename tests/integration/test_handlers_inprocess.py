@@ -749,7 +749,10 @@ def test_a_trust_labelled_node_without_a_member_is_untrusted_once_its_shard_is_t
 
 
 def test_a_node_write_built_on_an_old_read_does_not_land(
-    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """gtvp replaces a Node's taint list whole. An administrator quarantines the host
     (a NoExecute taint) after the replica read the Node: the patch built from that read
@@ -777,17 +780,17 @@ def test_a_node_write_built_on_an_old_read_does_not_land(
         co.held.discard(shard_of(node))
         real_read(runtime, node)
 
-    node_trust._read_again = read_after_losing_the_shard  # type: ignore[assignment]
-    try:
-        trusted = _trusted(name, 3)["status"]
-        assert asyncio.run(node_trust.sync_node(rt, name, status_override=trusted))
-    finally:
-        node_trust._read_again = real_read  # type: ignore[assignment]
+    monkeypatch.setattr(node_trust, "_read_again", read_after_losing_the_shard)
+    trusted = _trusted(name, 3)["status"]
+    assert asyncio.run(node_trust.sync_node(rt, name, status_override=trusted))
     assert _says_untrusted(_node(control_plane, name))
 
 
 def test_a_node_rewritten_without_pause_still_loses_its_trust(
-    control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Root on the host patches its Node without pause (a token that may patch Nodes, such
     as KubeVirt's virt-handler's), so that every conditional write of gtvp's conflicts:
@@ -803,13 +806,10 @@ def test_a_node_rewritten_without_pause_still_loses_its_trust(
             node, {"metadata": {"annotations": {"example.com/beat": str(next(beats))}}}
         )
 
-    node_trust._read_again = read_then_rewritten  # type: ignore[assignment]
-    try:
-        rt.clients.core.patch_node(name, {"metadata": {"annotations": {"example.com/beat": "x"}}})
-        untrusted = {"phase": "Untrusted", "level": 0}
-        assert asyncio.run(node_trust.sync_node(rt, name, status_override=untrusted))
-    finally:
-        node_trust._read_again = real_read  # type: ignore[assignment]
+    monkeypatch.setattr(node_trust, "_read_again", read_then_rewritten)
+    rt.clients.core.patch_node(name, {"metadata": {"annotations": {"example.com/beat": "x"}}})
+    untrusted = {"phase": "Untrusted", "level": 0}
+    assert asyncio.run(node_trust.sync_node(rt, name, status_override=untrusted))
     assert _says_untrusted(_node(control_plane, name))
 
 

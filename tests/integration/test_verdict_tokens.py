@@ -332,13 +332,20 @@ def test_two_operators_starting_at_once_create_the_keys_once(
     )
 
 
+def _loaded_issuer(
+    clients: kube.Clients, namespace: str, now: dt.datetime, retention: dt.timedelta
+) -> verdict_keys.Issuer:
+    """A replica's signer with the keys of `namespace` loaded (made when there are none)."""
+    issuer = verdict_keys.Issuer(namespace=namespace)
+    verdict_keys.refresh(clients, issuer, now=now, leader=True, retention=retention)
+    return issuer
+
+
 def test_rotation_signs_with_the_new_key_and_keeps_the_old_one_published(
     control_plane: ControlPlane, operator_clients: kube.Clients, keys_namespace: str
 ) -> None:
-    issuer = verdict_keys.Issuer(namespace=keys_namespace)
-    now = dt.datetime.now(dt.UTC)
-    retention = dt.timedelta(seconds=30)
-    verdict_keys.refresh(operator_clients, issuer, now=now, leader=True, retention=retention)
+    now, retention = dt.datetime.now(dt.UTC), dt.timedelta(seconds=30)
+    issuer = _loaded_issuer(operator_clients, keys_namespace, now, retention)
     old = issuer.signing_key
     assert old is not None
     # `gtvp token rotate-key` as an administrator
@@ -379,10 +386,8 @@ def test_a_stolen_key_is_withdrawn_at_once_with_revoke_previous(
     """A signing key may be stolen (the operator's account can read it): `rotate-key
     --revoke-previous` publishes the new key alone, so a token the old key signs (a forged
     one, or one issued before) verifies no more, while the new key's do."""
-    issuer = verdict_keys.Issuer(namespace=keys_namespace)
-    now = dt.datetime.now(dt.UTC)
-    retention = dt.timedelta(hours=72)
-    verdict_keys.refresh(operator_clients, issuer, now=now, leader=True, retention=retention)
+    now, retention = dt.datetime.now(dt.UTC), dt.timedelta(hours=72)
+    issuer = _loaded_issuer(operator_clients, keys_namespace, now, retention)
     stolen = issuer.signing_key
     assert stolen is not None
     claims = {
