@@ -431,7 +431,7 @@ def test_two_replicas_spending_at_once_lose_no_use_and_spend_none_twice(
 
 
 def test_a_start_during_a_shard_handover_is_spent_by_the_next_holder(
-    control_plane: ControlPlane, rt: Runtime, member: str
+    control_plane: ControlPlane, rt: Runtime, member: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A gated VMI starts on the member while this replica does not hold its shard (nobody
     may: the former holder crashed): the replica that takes the shard soon after spends
@@ -452,9 +452,21 @@ def test_a_start_during_a_shard_handover_is_spent_by_the_next_holder(
     start("during-handover")
     assert _status(rt, member)["trust"]["usesLeft"] == 20  # not this replica's to spend
     co.held.add(shard_of(member))
-    asyncio.run(verdict_uses.spend_owed(rt, member))
+
+    async def judged(*_: Any) -> None:  # this Member has no agent: its judgement is not here
+        return None
+
+    monkeypatch.setattr(attestation, "_judge", judged)
+
+    def look() -> None:  # the new holder's first look at the member (under its lock)
+        async def bounded() -> None:
+            await asyncio.wait_for(attestation.reconcile(rt, member), timeout=20)
+
+        asyncio.run(bounded())
+
+    look()
     assert _status(rt, member)["trust"]["usesLeft"] == 19
-    asyncio.run(verdict_uses.spend_owed(rt, member))  # owed once
+    look()  # owed once
     assert _status(rt, member)["trust"]["usesLeft"] == 19
 
 

@@ -226,8 +226,9 @@ async def _judge(rt: Runtime, name: str) -> None:
         rt.schedule.schedule(name, step.recheck_after)
     else:
         rt.schedule.schedule(name, dt.timedelta(seconds=30))  # no policy, or it failed
-    if not in_line:
-        rt.schedule.schedule_by(name, WRITE_RETRY)  # the Node is not in line yet: again soon
+    if not in_line and (new.get("phase") != MemberPhase.TRUSTED or takes_trust_away(status, new)):
+        # the Node still says more than the verdict: again soon (one that says less waits)
+        rt.schedule.schedule_by(name, WRITE_RETRY)
     METRICS.set_member(
         name, str(new.get("phase", "")), int(new.get("level", 0) or 0), _verdict_expiry(new)
     )

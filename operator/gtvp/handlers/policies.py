@@ -64,8 +64,9 @@ async def observe(rt: Runtime, body: Mapping[str, Any], type_: str) -> bool:
     meta = body.get("metadata") or {}
     name, uid = str(meta.get("name", "")), str(meta.get("uid", ""))
     accepted = rt.accepted_policies
-    if name == rt.settings.policy_name:  # what key release compares with the server's
-        rt.view.policy_version = None if type_ == "DELETED" else meta.get("resourceVersion")
+    enforced = name == rt.settings.policy_name
+    if enforced and type_ == "DELETED":
+        rt.view.policy_version = None  # key release refuses from now on
     if type_ == "DELETED":
         accepted.pop(name, None)
         return set_policy(rt, name, None, f"SecurityPolicy {name!r} does not exist")
@@ -78,11 +79,14 @@ async def observe(rt: Runtime, body: Mapping[str, Any], type_: str) -> bool:
         status=status,
         now=dt.datetime.now(dt.UTC),
         remembered=kept[1] if kept is not None and kept[0] == uid else None,
-        enforced=name == rt.settings.policy_name,
+        enforced=enforced,
     )
     if a.accepted is not None:
         accepted[name] = (uid, a.accepted)
     changed = set_policy(rt, name, a.policy, f"SecurityPolicy {name!r} {a.message}")
+    if enforced:  # what key release compares with the server's: only once the pool runs
+        # under what this version says (a release judged meanwhile is told to ask again)
+        rt.view.policy_version = meta.get("resourceVersion")
     if a.event is not None:
         log.log(
             logging.INFO if a.error is None else logging.ERROR,

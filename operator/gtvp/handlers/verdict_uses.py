@@ -48,6 +48,11 @@ async def spend_use(rt: Runtime, name: str, uses: int = 1) -> None:
     decisions without end."""
     async with rt.attestation.lock(name):
         left = await _spend_on_latest(rt, name, uses)
+    _look_when_spent(rt, name, left)
+
+
+def _look_when_spent(rt: Runtime, name: str, left: int | None) -> None:
+    """A verdict with no use left is looked at again at once (a fresh quote is asked)."""
     if left is not None and left <= 0:
         rt.schedule.schedule(name, dt.timedelta(0))
 
@@ -127,7 +132,8 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
 async def spend_owed(rt: Runtime, name: str) -> None:
     """Spend the uses of the starts on member `name` that this replica saw, recently, while
     another held (or nobody held) its shard, now that it holds it: a start during a
-    handover is spent by someone."""
+    handover is spent by someone. Called under the member's lock (`attestation.reconcile`
+    holds it: taking it again would wait for ever)."""
     now_m = time.monotonic()
     owed = [
         uid
@@ -137,7 +143,7 @@ async def spend_owed(rt: Runtime, name: str) -> None:
     for uid in owed:
         del rt.unheld_starts[uid]
     if owed and rt.coordination.holds(name):
-        await spend_use(rt, name, len(owed))
+        _look_when_spent(rt, name, await _spend_on_latest(rt, name, len(owed)))
 
 
 def mark_started(rt: Runtime, bodies: list[dict[str, Any]]) -> None:
