@@ -1339,6 +1339,32 @@ def test_a_level_without_migrate_within_still_bounds_the_wait_for_a_move(
 
 
 @pytest.mark.tpm
+def test_a_keep_level_vm_moved_by_its_members_level_is_bound_by_that_levels_wait(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
+) -> None:
+    """Level 1 says Keep, level 3 Migrate within 10 s: a level-1 VM on a level-3 member that
+    lost trust is migrated by the member's level, and that level's bound stops it when its
+    move does not happen, as it stops the member's own level-3 VMs."""
+    del shared_tpm  # the CA has issued its certificates
+    spec = pool_policy(swtpm_ca, name=POLICY, migrate_within={3: "10s"})["spec"]
+    rt.view.policy = parse_policy(POLICY, spec)
+    ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=11)
+    status = {
+        "phase": "Untrusted", "level": 0, "belowSince": below_since(None, 0, ago),
+        "trust": {"verdict": "Untrusted", "reason": "PcrMismatch", "verifiedAt": "t"},
+        "effectivePolicy": {"level": 3, "onUntrusted": "Migrate"},
+    }  # fmt: skip
+    _running_vmi(control_plane, rt, namespace, "low", 1, "bad")
+    rt.view.observe_member({"metadata": {"name": "bad"}, "status": status}, "ADDED")
+    asyncio.run(attestation._move_vms_off(rt, "bad", status))
+    assert not _vmi_present(control_plane, namespace, "low")
+    said = _event_messages(control_plane, namespace, "EvacuationDeadline")
+    assert said.startswith(
+        "still on bad 10s after it lost trust (the migrateWithin of bad's level)"
+    )
+
+
+@pytest.mark.tpm
 @pytest.mark.parametrize("phase", ["Trusted", "Maintenance"])
 def test_a_vm_whose_level_says_stop_is_stopped_off_a_lowered_or_failed_member(
     control_plane: ControlPlane,

@@ -456,20 +456,23 @@ def test_a_running_component_that_no_longer_verifies_is_replaced_whatever_the_po
     assert d.status["composedBoots"] == status["composedBoots"]
 
 
-def test_a_running_box_whose_kernel_brings_no_box_init_is_vouched_for_by_nothing() -> None:
-    """Composed by an older gtvp from a kernel without initrd (no box init: its disks were
-    never checked), the box runs on: it is Failed and none of its compositions gets Secrets
-    or box attestation any more."""
+def test_a_new_kernel_without_the_box_init_is_not_booted_and_the_box_keeps_what_runs() -> None:
+    """The newest kernel a box resolves to does not provide initrd (no box init): it is not
+    composed (NotBootable), and the composition that runs, which booted through the box
+    init, stays the one vouched for (Secrets, box attestation)."""
     kernel = next(c for c in COMPS if c.type == "kernel")
-    bare = replace(kernel, provides=tuple(p for p in kernel.provides if p != "initrd"))
+    bare = parse_component(PUB.component(kernel.name, "9.9.9", "kernel", provides=["kernel"]))
     comps = [bare if c is kernel else c for c in COMPS]
     status = {"composedBoots": [boots(COMPS)]}
-    d = plan_box(inp(components=comps, observed=_running(COMPS), status=status), NOW)
-    assert (d.vm, d.status["phase"]) == (None, "Failed")
-    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
-    assert ready["reason"] == "NotBootable"
-    assert d.status["composedBoots"] == []
+    spec = {**SPEC, "upgradePolicy": "Restart"}
+    checks = {**OK, bare.object_name: Check("Verified", "SignatureValid", "")}
+    d = plan_box(
+        inp(spec=spec, components=comps, checks=checks, observed=_running(COMPS), status=status),
+        NOW,
+    )
+    assert (d.vm, d.restart, d.status["phase"]) == (None, False, "Failed")
     assert "does not provide initrd" in d.status["message"]
+    assert d.status["composedBoots"] == [boots(COMPS)]
 
 
 def test_missing_dependency_hot_plugged_as_datavolume() -> None:

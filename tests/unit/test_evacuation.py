@@ -336,6 +336,14 @@ def test_the_members_level_decides_for_the_vmis_it_may_hold_unless_theirs_is_str
     assert got == {"Keep": ["low"], "Migrate": ["mid"]}
 
 
+def test_a_vm_of_a_level_the_policy_no_longer_defines_stops_whatever_the_member() -> None:
+    """Level 2 was removed from between 1 and 3: a level-2 VM on a level-3 member that lost
+    trust has no level any member can be judged at, so no target will ever do: stopped."""
+    vmis = [Vmi("ns", "orphan", "bad", 2)]
+    got = _names(untrusted_actions(vmis, 3, "Migrate", {1: "Keep", 3: "Migrate"}))
+    assert got == {"Stop": ["orphan"]}
+
+
 def test_a_vm_whose_own_level_says_stop_stops_off_a_higher_member_that_says_migrate() -> None:
     """Levels 1 Keep, 2 Stop, 3 Migrate: a level-2 VM on a level-3 member that lost trust
     is not migrated (and left to wait for a target its level never allowed it to wait for):

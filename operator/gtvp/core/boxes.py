@@ -32,7 +32,6 @@ from gtvp.core.compose import (
     CompositionError,
     compose_vm,
     composed_boots,
-    no_box_init,
     remember_boot,
     runs_composition,
     template_boots,
@@ -201,9 +200,9 @@ def _plan_own(inp: BoxInput, now: dt.datetime) -> Decision:
     if inp.components is None:
         return _unresolved(inp, now)
     comps = list(inp.components)
-    refused = _unverified(inp, now, comps) or _without_box_init(inp, now, comps)
-    if refused is not None:
-        return refused
+    unverified = _unverified(inp, now, comps)
+    if unverified is not None:
+        return unverified
     try:
         cpu, mem = box_asks(  # as its VM's launcher pod will ask the scheduler
             cpu_millis(inp.spec["resources"]["cpu"]),
@@ -218,18 +217,6 @@ def _plan_own(inp: BoxInput, now: dt.datetime) -> Decision:
     if not inp.observed.vm_exists:
         return _first_placement(inp, now, comps, cpu, mem)
     return _upgrade(inp, now, comps)
-
-
-def _without_box_init(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:
-    """A box whose kernel brings no box init (`no_box_init`) is not bootable; one that runs
-    so (composed by an older gtvp) is vouched for by nothing (no Secrets, no attestation)."""
-    why = no_box_init(comps)
-    if why is None:
-        return None
-    failed = _failed(inp, now, "NotBootable", why, "Composed")
-    if not inp.observed.vm_exists:
-        return failed
-    return dataclasses.replace(failed, status={**failed.status, "composedBoots": []})
 
 
 def _unresolved(inp: BoxInput, now: dt.datetime) -> Decision:

@@ -97,7 +97,8 @@ def untrusted_actions(
     """
     out: dict[str, list[Vmi]] = {}
     for vmi in vmis:
-        action = max((member_action, level_actions.get(vmi.level, member_action)), key=_strength)
+        # a level the policy no longer defines stops (no member can be judged at it)
+        action = max((member_action, level_actions.get(vmi.level, "Stop")), key=_strength)
         if vmi.level > member_level:
             # a level the policy no longer defines: no member can reach it, so waiting for a
             # target would keep the VMI here for good (and it has no migrateWithin): stopped

@@ -108,8 +108,8 @@ class Level:
         """How long a gated VM of this level, being migrated, may stay on a member that no
         longer holds the level before gtvp stops it: `migrateWithin`, else
         `DEFAULT_MIGRATE_WITHIN` (a wait nothing bounds is one a tenant or a full pool can
-        make last for good); None for a level that says Keep (its VMs may stay: migrated
-        only because their member's level says so)."""
+        make last for good); None for a level that says Keep (its VMs may stay: one that is
+        migrated because its member's level says so is bound by that level's)."""
         if self.on_untrusted == "Keep":
             return None
         return self.migrate_within or DEFAULT_MIGRATE_WITHIN

@@ -60,6 +60,7 @@ from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
+from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
 from gtvp.core.trust import member_view
@@ -143,15 +144,17 @@ async def evacuate(
     on_member = _gated_on(rt, member, keep_level)
     if not on_member:
         forget(rt, member)
+    member_level = None
     if covered_level is None:
         actions = {on_untrusted: on_member}
     else:
         own = {lv.level: lv.on_untrusted for lv in policy.levels}
         actions = untrusted_actions(on_member, covered_level, on_untrusted, own)
+        member_level = policy.level(covered_level)
     for action, vmis in actions.items():
         await _act(
             rt, member, incident, action, vmis, since=since, after=after,
-            stop_unmovable=stop_unmovable,
+            stop_unmovable=stop_unmovable, member_level=member_level,
         )  # fmt: skip
     return len(actions.get("Migrate", ()))
 
@@ -211,6 +214,7 @@ async def _act(
     since: Mapping[int, dt.datetime] | None = None,
     after: str = "it lost trust",
     stop_unmovable: bool = True,
+    member_level: Level | None = None,
 ) -> None:
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
     `topic`: the key its waiting messages are said once under (default: the member);
@@ -227,9 +231,15 @@ async def _act(
         return
     topic = topic or member
     now = dt.datetime.now(dt.UTC)
-    within = {lv.level: b for lv in policy.levels if (b := lv.evacuation_bound)}
+    # each VMI's bound: its own level's, or its member's level's (whose onUntrusted may be
+    # what moves it: a Keep-level VM on a member whose level says Migrate), the tighter
+    theirs = member_level.evacuation_bound if member_level is not None else None
+    bounds = {lv.level: [b for b in (lv.evacuation_bound, theirs) if b] for lv in policy.levels}
+    within = {level: min(b) for level, b in bounds.items() if b}
     late = past_deadline(on_member, since=since or {}, now=now, within=within)
     chosen = {lv.level for lv in policy.levels if lv.migrate_within}
+    if member_level is not None and member_level.migrate_within:
+        chosen = {lv.level for lv in policy.levels}  # the member's level chose its wait
     await _stop_late(rt, member, late, topic, after)
     stopped = {v for v, _ in late}
     # a level whose policy chose its migrateWithin waits that long; the default bound is no
@@ -493,11 +503,12 @@ async def _stop_late(
     for vmi, bound in late:
         lv = policy.level(vmi.level) if policy is not None else None
         name = lv.name if lv else vmi.level
-        whose = (
-            f"level {name}'s migrateWithin"
-            if lv is not None and lv.migrate_within
-            else f"the bound on a level without migrateWithin, such as {name}"
-        )
+        if lv is not None and lv.migrate_within == bound:
+            whose = f"level {name}'s migrateWithin"
+        elif bound == DEFAULT_MIGRATE_WITHIN:
+            whose = f"the bound on a level without migrateWithin, such as {name}"
+        else:  # the member's level's, whose onUntrusted moves it
+            whose = f"the migrateWithin of {member}'s level"
         why = (
             f"still on {member} {human_duration(bound)} after {after} ({whose}): gtvp "
             "stops the VM instead of waiting longer for its migration"
