@@ -1314,6 +1314,25 @@ def test_a_vm_left_on_a_member_whose_level_dropped_is_stopped_past_its_bound(
     assert said.startswith("still on lower 10s after its level dropped below theirs")
 
 
+def _left_on_bad(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    ca: SwtpmCA,
+    migrate_within: dict[int, str],
+    status: dict[str, Any],
+    vmis: dict[str, int],
+) -> None:
+    """Under the pool's policy (with `migrate_within`), gated VMIs (name -> level) running on
+    member `bad`, whose `status` the leader acts on now."""
+    spec = pool_policy(ca, name=POLICY, migrate_within=migrate_within)["spec"]
+    rt.view.policy = parse_policy(POLICY, spec)
+    for name, level in vmis.items():
+        _running_vmi(control_plane, rt, namespace, name, level, "bad")
+    rt.view.observe_member({"metadata": {"name": "bad"}, "status": status}, "ADDED")
+    asyncio.run(attestation._move_vms_off(rt, "bad", status))
+
+
 @pytest.mark.tpm
 def test_a_level_without_migrate_within_still_bounds_the_wait_for_a_move(
     control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
@@ -1323,14 +1342,9 @@ def test_a_level_without_migrate_within_still_bounds_the_wait_for_a_move(
     room): past the default bound it is stopped, and the Event says the bound was gtvp's,
     not the level's. A VM of a level whose migrateWithin is longer still waits."""
     del shared_tpm  # the CA has issued its certificates
-    spec = pool_policy(swtpm_ca, name=POLICY, migrate_within={3: "3h"})["spec"]
-    rt.view.policy = parse_policy(POLICY, spec)
     ago = dt.datetime.now(dt.UTC) - DEFAULT_MIGRATE_WITHIN - dt.timedelta(seconds=5)
     status = {"phase": "Untrusted", "level": 0, "belowSince": below_since(None, 0, ago)}
-    for name, level in (("db", 2), ("vault", 3)):
-        _running_vmi(control_plane, rt, namespace, name, level, "bad")
-    rt.view.observe_member({"metadata": {"name": "bad"}, "status": status}, "ADDED")
-    asyncio.run(attestation._move_vms_off(rt, "bad", status))
+    _left_on_bad(control_plane, rt, namespace, swtpm_ca, {3: "3h"}, status, {"db": 2, "vault": 3})
 
     assert not _vmi_present(control_plane, namespace, "db")
     assert _vmi_present(control_plane, namespace, "vault")
@@ -1346,17 +1360,13 @@ def test_a_keep_level_vm_moved_by_its_members_level_is_bound_by_that_levels_wait
     lost trust is migrated by the member's level, and that level's bound stops it when its
     move does not happen, as it stops the member's own level-3 VMs."""
     del shared_tpm  # the CA has issued its certificates
-    spec = pool_policy(swtpm_ca, name=POLICY, migrate_within={3: "10s"})["spec"]
-    rt.view.policy = parse_policy(POLICY, spec)
     ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=11)
     status = {
         "phase": "Untrusted", "level": 0, "belowSince": below_since(None, 0, ago),
         "trust": {"verdict": "Untrusted", "reason": "PcrMismatch", "verifiedAt": "t"},
         "effectivePolicy": {"level": 3, "onUntrusted": "Migrate"},
     }  # fmt: skip
-    _running_vmi(control_plane, rt, namespace, "low", 1, "bad")
-    rt.view.observe_member({"metadata": {"name": "bad"}, "status": status}, "ADDED")
-    asyncio.run(attestation._move_vms_off(rt, "bad", status))
+    _left_on_bad(control_plane, rt, namespace, swtpm_ca, {3: "10s"}, status, {"low": 1})
     assert not _vmi_present(control_plane, namespace, "low")
     said = _event_messages(control_plane, namespace, "EvacuationDeadline")
     assert said.startswith(
