@@ -116,8 +116,15 @@ class AttestationMemory:
     answered: dict[str, collections.deque[bytes]] = field(default_factory=dict)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
+    spend_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
     def lock(self, name: str) -> asyncio.Lock:
         return self.locks.setdefault(name, asyncio.Lock())
+
+    def spend_lock(self, name: str) -> asyncio.Lock:
+        """One spend of the member's uses at a time in this replica (never held while
+        waiting for another lock: a judgement holding `lock` may spend)."""
+        return self.spend_locks.setdefault(name, asyncio.Lock())
 
     def seen(self, name: str) -> collections.deque[bytes]:
         return self.answered.setdefault(name, collections.deque(maxlen=32))

@@ -470,6 +470,24 @@ def test_a_start_during_a_shard_handover_is_spent_by_the_next_holder(
     assert _status(rt, member)["trust"]["usesLeft"] == 19
 
 
+def test_a_judgement_that_spends_a_use_of_the_member_it_holds_does_not_wait_for_itself(
+    control_plane: ControlPlane, rt: Runtime, member: str
+) -> None:
+    """A look at a member (under its lock) may spend one of its uses (a migration to it
+    judged when its level changes): the spend neither waits for that lock nor loses a use."""
+    _patch_status(control_plane, member, _trusted(member, 2, uses=20)["status"])
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    rt.view.remember_member(member, got)
+
+    async def spend_while_looking() -> None:
+        async with rt.attestation.lock(member):
+            await asyncio.wait_for(verdict_uses.spend_use(rt, member), timeout=10)
+
+    asyncio.run(spend_while_looking())
+    assert _status(rt, member)["trust"]["usesLeft"] == 19
+
+
 def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
     control_plane: ControlPlane, rt: Runtime, member: str
 ) -> None:

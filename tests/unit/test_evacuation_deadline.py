@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from gtvp.core.evacuation import Vmi, past_deadline
-from gtvp.core.policy import PolicyError, parse_policy
+from gtvp.core.evacuation import Vmi, evacuation_bounds, past_deadline
+from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, PolicyError, parse_policy
 from gtvp.core.timestamps import human_duration
 from gtvp.core.trust import below_since, below_since_times, takes_trust_away
 from tests.samples import sample_policy_spec
@@ -126,3 +126,41 @@ def test_which_verdicts_are_written_over_a_newer_member(
         return {"phase": s[0], "level": s[1]}
 
     assert takes_trust_away(status(before), status(after)) is away
+
+
+def _levels(**within: str) -> Any:
+    """The sample policy's levels (1 Keep, 2 Migrate 30m, 3 Migrate 10m), level 1 Migrate
+    too, with these migrateWithin values by level name (`none` drops it)."""
+    spec = sample_policy_spec()
+    for lv in spec["levels"]:
+        lv["onUntrusted"] = "Migrate"
+        got = within.get(lv["name"])
+        if got == "none":
+            lv.pop("migrateWithin", None)
+        elif got is not None:
+            lv["migrateWithin"] = got
+    return parse_policy("p", spec).levels
+
+
+def test_a_vms_bound_is_its_own_levels_or_its_members_levels_for_the_levels_that_covers() -> None:
+    levels = _levels(standard="4h", sensitive="none", restricted="10m")
+    by = {lv.level: lv for lv in levels}
+    # a member judged at level 1 (lowered from 3): its level-3 VMs move because they need
+    # more, so level 1's 4h never shortens or lengthens their 10m; level 1's own VMs keep 4h
+    within, chosen = evacuation_bounds(levels, by[1])
+    assert within == {1: dt.timedelta(hours=4), 2: DEFAULT_MIGRATE_WITHIN, 3: TEN}
+    assert chosen == {1, 3}  # level 2 waits the default: nobody chose it
+    # an untrusted level-3 member (10m) moves VMs of every level it covers: the shorter wins
+    within, chosen = evacuation_bounds(levels, by[3])
+    assert within == {1: TEN, 2: TEN, 3: TEN}
+    assert chosen == {1, 2, 3}
+
+
+def test_a_longer_member_bound_does_not_make_the_default_a_choice() -> None:
+    """The member's level waits 2h, the VM's level sets nothing: the VM's bound is the 1h
+    default, nobody's choice, so a VM that cannot live-migrate stops at once."""
+    levels = _levels(standard="none", sensitive="none", restricted="2h")
+    within, chosen = evacuation_bounds(levels, levels[2])
+    assert within[2] == DEFAULT_MIGRATE_WITHIN
+    assert 2 not in chosen
+    assert 3 in chosen

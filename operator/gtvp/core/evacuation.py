@@ -47,7 +47,7 @@ from gtvp.core.compose import BOX_LABEL
 from gtvp.core.footprint import vmi_requests
 from gtvp.core.gating import GatingError, level_of
 from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorded_source
-from gtvp.core.policy import MigrationLimits
+from gtvp.core.policy import Level, MigrationLimits
 from gtvp.core.prefetch import Part, cached_bytes
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import parse_ts
@@ -128,6 +128,31 @@ def past_deadline(
         if bound is not None and start is not None and now - start >= bound:
             out.append((vmi, bound))
     return out
+
+
+def evacuation_bounds(
+    levels: Sequence[Level], member_level: Level | None
+) -> tuple[dict[int, dt.timedelta], set[int]]:
+    """Per VMI level, how long its VMIs may wait to be moved off (the shorter of its own
+    level's bound and, for the levels the member's level covers, whose `onUntrusted` may
+    be what moves them, that level's: a Keep-level VM on a member whose level says
+    Migrate); and the levels whose bound so found is a `migrateWithin` someone chose (a
+    VMI that cannot live-migrate waits that long; under the default bound it stops at
+    once)."""
+    within: dict[int, dt.timedelta] = {}
+    chosen: set[int] = set()
+    for lv in levels:
+        options = [(lv.evacuation_bound, lv.migrate_within is not None)]
+        if member_level is not None and lv.level <= member_level.level:
+            options.append((member_level.evacuation_bound, member_level.migrate_within is not None))
+        found = [(bound, explicit) for bound, explicit in options if bound is not None]
+        if not found:
+            continue
+        bound, explicit = min(found, key=lambda o: (o[0], not o[1]))
+        within[lv.level] = bound
+        if explicit:
+            chosen.add(lv.level)
+    return within, chosen
 
 
 LIVE_MIGRATABLE_SETTLE = dt.timedelta(seconds=60)

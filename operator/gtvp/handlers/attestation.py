@@ -32,7 +32,7 @@ from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import below_since, below_since_times, takes_trust_away
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
-from gtvp.handlers.node_trust import ensure_member, sync_node
+from gtvp.handlers.node_trust import ensure_member, says_more, sync_node
 from gtvp.handlers.verdict_uses import spend_owed
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -226,7 +226,7 @@ async def _judge(rt: Runtime, name: str) -> None:
         rt.schedule.schedule(name, step.recheck_after)
     else:
         rt.schedule.schedule(name, dt.timedelta(seconds=30))  # no policy, or it failed
-    if not in_line and (new.get("phase") != MemberPhase.TRUSTED or takes_trust_away(status, new)):
+    if not in_line and says_more(rt, name, new):
         # the Node still says more than the verdict: again soon (one that says less waits)
         rt.schedule.schedule_by(name, WRITE_RETRY)
     METRICS.set_member(

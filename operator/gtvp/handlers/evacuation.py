@@ -46,6 +46,7 @@ from gtvp.core.evacuation import (
     cannot_migrate,
     controlling_vm,
     cordoned,
+    evacuation_bounds,
     evacuation_stalled,
     foreign_holds,
     is_planned_migration,
@@ -188,7 +189,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
         vmi = rt.view.vmis.get((ns, name)) or {}
         level = gated_level(vmi) or box_level(box)
         lv = policy.level(level)
-        action = lv.on_untrusted if lv is not None else "Migrate"
+        action = lv.on_untrusted if lv is not None else "Stop"  # a level no longer defined
         # off the member it failed on, which gtvp still holds it on (`must_leave`), even
         # when its status names another now; not while only the source pod of gtvp's own
         # move off it is still ending (`_moved_away`: looked at again after that)
@@ -231,15 +232,8 @@ async def _act(
         return
     topic = topic or member
     now = dt.datetime.now(dt.UTC)
-    # each VMI's bound: its own level's, or its member's level's (whose onUntrusted may be
-    # what moves it: a Keep-level VM on a member whose level says Migrate), the tighter
-    theirs = member_level.evacuation_bound if member_level is not None else None
-    bounds = {lv.level: [b for b in (lv.evacuation_bound, theirs) if b] for lv in policy.levels}
-    within = {level: min(b) for level, b in bounds.items() if b}
+    within, chosen = evacuation_bounds(policy.levels, member_level)
     late = past_deadline(on_member, since=since or {}, now=now, within=within)
-    chosen = {lv.level for lv in policy.levels if lv.migrate_within}
-    if member_level is not None and member_level.migrate_within:
-        chosen = {lv.level for lv in policy.levels}  # the member's level chose its wait
     await _stop_late(rt, member, late, topic, after)
     stopped = {v for v, _ in late}
     # a level whose policy chose its migrateWithin waits that long; the default bound is no

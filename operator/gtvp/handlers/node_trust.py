@@ -77,6 +77,21 @@ async def sync_node(
     return False
 
 
+def says_more(rt: Runtime, name: str, status: Mapping[str, Any]) -> bool:
+    """Whether the Node (as this replica sees it) carries trust `status` does not give: a
+    trust label it must lose, or not the untrusted taint it must have."""
+    node = rt.view.nodes.get(name)
+    if node is None:
+        return False
+    patch = node_patch(
+        (node.get("metadata") or {}).get("labels") or {},
+        (node.get("spec") or {}).get("taints") or [],
+        str(status.get("phase", "")),
+        label_level(status),
+    )
+    return patch is not None and _takes_trust_away(patch)
+
+
 def _takes_trust_away(patch: Mapping[str, Any]) -> bool:
     """Whether a Node patch removes a trust label or adds gtvp's untrusted taint."""
     labels = (patch.get("metadata") or {}).get("labels") or {}

@@ -45,8 +45,13 @@ async def spend_use(rt: Runtime, name: str, uses: int = 1) -> None:
     the uses spent on what is there now, so no use is spent twice and none is lost. Not
     conditional on the Member's resourceVersion: root on the host rewriting its agent's
     status without pause would otherwise make every spend fail, and its verdict back
-    decisions without end."""
-    async with rt.attestation.lock(name):
+    decisions without end. Spends of this replica go one at a time (`spend_lock`: racing
+    each other they would run out of attempts), but not under the member's judgement lock:
+    the `test` keeps a spend right beside a verdict written meanwhile (whose own write
+    tests `usesLeft` too), and a judgement that spends (a migration judged while its
+    target is looked at, under that member's lock, or another's) must not wait for a lock
+    its own task, or one waiting on it, holds."""
+    async with rt.attestation.spend_lock(name):
         left = await _spend_on_latest(rt, name, uses)
     _look_when_spent(rt, name, left)
 
@@ -132,18 +137,22 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
 async def spend_owed(rt: Runtime, name: str) -> None:
     """Spend the uses of the starts on member `name` that this replica saw, recently, while
     another held (or nobody held) its shard, now that it holds it: a start during a
-    handover is spent by someone. Called under the member's lock (`attestation.reconcile`
-    holds it: taking it again would wait for ever)."""
+    handover is spent by someone (still owed if the spend fails: at the next look)."""
     now_m = time.monotonic()
     owed = [
         uid
         for uid, (node, seen) in rt.unheld_starts.items()
         if node == name and now_m - seen <= HANDOVER_WINDOW
     ]
+    if not owed or not rt.coordination.holds(name):
+        return
+    try:
+        await spend_use(rt, name, len(owed))
+    except Exception as exc:  # noqa: BLE001 - kept owed; the member's judgement goes on
+        log.warning("member %s: spending %d owed use(s) failed: %s", name, len(owed), exc)
+        return
     for uid in owed:
-        del rt.unheld_starts[uid]
-    if owed and rt.coordination.holds(name):
-        _look_when_spent(rt, name, await _spend_on_latest(rt, name, len(owed)))
+        rt.unheld_starts.pop(uid, None)
 
 
 def mark_started(rt: Runtime, bodies: list[dict[str, Any]]) -> None:
