@@ -48,12 +48,7 @@ async def sync_node(
             body = {**(body or {}), "status": status_override}
         status = (body or {}).get("status") or {}
         meta = node.get("metadata") or {}
-        patch = node_patch(
-            meta.get("labels") or {},
-            (node.get("spec") or {}).get("taints") or [],
-            str(status.get("phase", "")) if body else "",
-            label_level(status),
-        )
+        patch = _trust_patch(node, status)
         if patch is None:
             return True
         last = attempt == NODE_WRITE_ATTEMPTS - 1
@@ -83,13 +78,19 @@ def says_more(rt: Runtime, name: str, status: Mapping[str, Any]) -> bool:
     node = rt.view.nodes.get(name)
     if node is None:
         return False
-    patch = node_patch(
+    patch = _trust_patch(node, status)
+    return patch is not None and _takes_trust_away(patch)
+
+
+def _trust_patch(node: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The patch bringing `node`'s gtvp labels and taint in line with a Member `status`
+    (none: no verdict, untrusted); None when they are."""
+    return node_patch(
         (node.get("metadata") or {}).get("labels") or {},
         (node.get("spec") or {}).get("taints") or [],
         str(status.get("phase", "")),
         label_level(status),
     )
-    return patch is not None and _takes_trust_away(patch)
 
 
 def _takes_trust_away(patch: Mapping[str, Any]) -> bool:

@@ -127,23 +127,24 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
     if rt.coordination.holds(str(node)):  # once across replicas: the member's shard holder
         await spend_use(rt, str(node))
         return
+    _forget_old_owed(rt)
+    rt.unheld_starts[uid] = (str(node), time.monotonic())
+
+
+def _forget_old_owed(rt: Runtime) -> None:
+    """Drop the owed starts seen longer than `HANDOVER_WINDOW` ago."""
     now_m = time.monotonic()
     for owed, (_, seen) in list(rt.unheld_starts.items()):
         if now_m - seen > HANDOVER_WINDOW:
             del rt.unheld_starts[owed]
-    rt.unheld_starts[uid] = (str(node), now_m)
 
 
 async def spend_owed(rt: Runtime, name: str) -> None:
     """Spend the uses of the starts on member `name` that this replica saw, recently, while
     another held (or nobody held) its shard, now that it holds it: a start during a
     handover is spent by someone (still owed if the spend fails: at the next look)."""
-    now_m = time.monotonic()
-    owed = [
-        uid
-        for uid, (node, seen) in rt.unheld_starts.items()
-        if node == name and now_m - seen <= HANDOVER_WINDOW
-    ]
+    _forget_old_owed(rt)
+    owed = [uid for uid, (node, _) in rt.unheld_starts.items() if node == name]
     if not owed or not rt.coordination.holds(name):
         return
     try:
