@@ -506,6 +506,24 @@ def test_a_spend_after_a_new_verdict_counts_on_the_new_verdict(
     assert _status(rt, member)["trust"]["usesLeft"] == 49  # not 2 written over the new 50
 
 
+def test_a_spend_that_keeps_losing_the_race_spends_the_whole_verdict(
+    control_plane: ControlPlane, rt: Runtime, member: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spend whose `usesLeft` changes under it at every attempt cannot count its use: the
+    verdict backs nothing more and fresh evidence is asked for at once (dropping the spend
+    would let it back one decision more than its maxUses)."""
+    _patch_status(control_plane, member, _trusted(member, 2, uses=3)["status"])
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    rt.view.remember_member(member, got)  # the replica's view: 3 uses left
+    _patch_status(control_plane, member, _trusted(member, 2, uses=50)["status"])
+    monkeypatch.setattr(verdict_uses, "SPEND_ATTEMPTS", 1)  # the one attempt loses
+    rt.schedule.forget(member)
+    asyncio.run(verdict_uses.spend_use(rt, member))
+    assert _status(rt, member)["trust"]["usesLeft"] == 0
+    assert rt.schedule.next_due[member] <= time.monotonic() + 1  # looked at again now
+
+
 def test_spends_land_while_the_agent_rewrites_its_status_without_pause(
     control_plane: ControlPlane, rt: Runtime, member: str
 ) -> None:

@@ -89,12 +89,29 @@ async def _spend_on_latest(rt: Runtime, name: str, uses: int = 1) -> int | None:
             continue
         rt.view.remember_member(name, dict(written) if isinstance(written, Mapping) else body)
         return max(left - uses, 0)
+    return await _spend_all(rt, name)
+
+
+async def _spend_all(rt: Runtime, name: str) -> int | None:
+    """A spend that lost the race `SPEND_ATTEMPTS` times: its use cannot be counted, so the
+    verdict backs nothing more (`usesLeft` 0, unconditional; a verdict written meanwhile
+    loses its uses too, which only asks for a fresh quote) and is looked at again at once.
+    Fails closed: dropping the spend would let the verdict back one decision more."""
     log.warning(
-        "member %s: could not spend a verdict use: its usesLeft changed %d times meanwhile",
+        "member %s: could not spend a verdict use (its usesLeft changed %d times meanwhile):"
+        " the verdict is spent and fresh evidence asked for",
         name,
         SPEND_ATTEMPTS,
     )
-    return None
+    ops = [{"op": "replace", "path": "/status/trust/usesLeft", "value": 0}]
+    try:
+        written = await asyncio.to_thread(kube.json_patch_status, rt.clients, MEMBERS, name, ops)
+    except Exception as exc:  # noqa: BLE001 - no verdict left to spend (or gone): looked at
+        log.warning("member %s: spending its whole verdict failed: %s", name, exc)
+        return 0
+    if isinstance(written, Mapping):
+        rt.view.remember_member(name, dict(written))
+    return 0
 
 
 HANDOVER_WINDOW = 30.0
