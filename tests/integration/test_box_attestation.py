@@ -39,6 +39,7 @@ from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INST
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, composed_boot, overlay_order
 from gtvp.core.evacuation import EVACUATION_LABEL, Vmi, migration_name
+from gtvp.core.policy import Policy, parse_policy
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import BoxRequest, resolve
 from gtvp.core.timestamps import parse_ts
@@ -653,7 +654,11 @@ def _enforce(pool: Pool, **settings: Any) -> None:
     """The runtime enforces the pool's policy with these `pool_policy` settings changed."""
     current = pool.rt.view.policy
     assert current is not None
-    policy = policy_trusting(current.ca_bundle_pem, name=POLICY, **settings)
+    _enforce_policy(pool, policy_trusting(current.ca_bundle_pem, name=POLICY, **settings))
+
+
+def _enforce_policy(pool: Pool, policy: Policy) -> None:
+    """The runtime enforces `policy` (accepted as the pool's next generation)."""
     policies.set_policy(pool.rt, POLICY, policy)
     kept = pool.rt.accepted_policies[POLICY]
     pool.rt.accepted_policies[POLICY] = (kept[0], Accepted(2, kept[1].spec, policy))
@@ -668,6 +673,27 @@ def test_a_mismatch_stops_the_box_when_its_level_says_stop(pool: Pool) -> None:
     status, body = guest.quote(guest.challenge()["nonce"])
     assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
     assert "component(s) not measured" in body["message"]
+    pool.act()
+    gone = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, OTHER_BOX, pool.namespace)
+    assert gone is None or gone["metadata"].get("deletionTimestamp")
+    assert pool.migrations(OTHER_BOX) == []
+
+
+@pytest.mark.timeout(240)
+def test_a_mismatched_box_of_a_level_the_policy_no_longer_defines_is_stopped(pool: Pool) -> None:
+    """The box's evidence failed, and its level (2) has since been removed from the policy:
+    no member can be judged at it, so no target could ever take it, and it has no bound
+    to wait under: it is stopped, not migrated or left running."""
+    guest = pool.guests[OTHER_BOX]
+    guest.bind()
+    guest.measure([hashlib.sha256(b"another rootfs").digest(), *pool.disks[OTHER_BOX][1:]])
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+    current = pool.rt.view.policy
+    assert current is not None
+    spec = pool_policy(cast(SwtpmCA, Bundle(current.ca_bundle_pem)), name=POLICY)["spec"]
+    spec["levels"] = [lv for lv in spec["levels"] if lv["level"] != 2]
+    _enforce_policy(pool, parse_policy(POLICY, spec))
     pool.act()
     gone = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, OTHER_BOX, pool.namespace)
     assert gone is None or gone["metadata"].get("deletionTimestamp")

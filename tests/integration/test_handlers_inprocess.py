@@ -911,6 +911,40 @@ def test_a_member_the_operator_fails_to_judge_loses_its_verdict_and_its_nodes_tr
     assert "error parsing asn1 value" in caplog.text  # its traceback
 
 
+def test_a_node_whose_trust_write_failed_is_looked_at_again_soon(
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The verdict takes trust away and is written, but the Node patch fails (an API server
+    restarting): the Node still carries trust labels, so the member is looked at again in
+    seconds, not at its next turn (30 s after a failed judgement, a level's interval after
+    a quote)."""
+    name = _trust_labelled_node(control_plane, cluster_names)
+    _create_member(control_plane, rt, name, 3)
+    _patch_status(control_plane, name, _trusted(name, 3)["status"])
+    got = kube.get_if_present(rt.clients, MEMBERS, name)
+    assert got is not None
+    rt.view.observe_member(got, "ADDED")
+    rt.view.observe_node(_node(control_plane, name), "ADDED")
+    rt.view.policy = parse_policy(POLICY, sample_policy_spec())
+
+    def broken(**_: Any) -> Any:
+        raise ValueError("error parsing asn1 value")
+
+    async def node_write_fails(*_: Any, **__: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(attestation, "attestation_step", broken)
+    monkeypatch.setattr(attestation, "sync_node", node_write_fails)
+    asyncio.run(attestation.reconcile(rt, name))
+    assert _status(rt, name)["phase"] == "Untrusted"
+    assert not _says_untrusted(_node(control_plane, name))  # the Node write failed
+    soon = time.monotonic() + attestation.WRITE_RETRY.total_seconds() + 1
+    assert rt.schedule.next_due[name] <= soon
+
+
 def test_a_gated_vmi_started_on_a_node_without_a_member_gets_that_node_looked_at_now(
     control_plane: ControlPlane, cluster_names: list[str], rt: Runtime
 ) -> None:
