@@ -328,10 +328,13 @@ class Endpoint:
 
     def _claims(self, token: str, now: dt.datetime) -> tuple[Any, tuple[str, str] | None]:
         issuer = self.rt.verdict_issuer
-        if issuer is None or not issuer.keys:
+        if issuer is None or not issuer.keys or issuer.name is None:
             return None, ("no-keys", "gtvp has no verdict keys loaded")
         try:
-            return ear.verify(token, issuer.jwks(), audience=issuer.audience, now=now), None
+            claims = ear.verify(
+                token, issuer.jwks(), audience=issuer.audience, issuer=issuer.name, now=now
+            )
+            return claims, None
         except ear.TokenRefused as exc:
             return None, (exc.reason, str(exc))
 

@@ -132,6 +132,12 @@ def parser() -> argparse.ArgumentParser:
         help="the 'aud' of the signed verdict tokens (default: gtvp; docs/tokens.md)",
     )
     p.add_argument(
+        "--token-issuer",
+        default=os.environ.get("GTVP_TOKEN_ISSUER") or None,
+        help="the 'iss' of the signed verdict tokens (default: gtvp.io/cluster/<uid of the "
+        "kube-system namespace>; docs/tokens.md)",
+    )
+    p.add_argument(
         "--key-release-url",
         default=os.environ.get("GTVP_KEY_RELEASE_URL"),
         help="the HTTPS URL box VMs reach this operator's key-release port at (e.g. "
@@ -627,7 +633,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gtvp import verdict_keys
 
     rt.verdict_issuer = verdict_keys.Issuer(
-        namespace=settings.lease_namespace, audience=args.token_audience
+        namespace=settings.lease_namespace,
+        audience=args.token_audience,
+        name=args.token_issuer,
     )
     rt.key_release = key_release
     failed = _serve_http(rt, serving, own_port, probe_port)

@@ -1,6 +1,7 @@
 """`gtvp token`: check, read and rotate the operator's signed verdict tokens (docs/tokens.md).
 
-- `gtvp token verify TOKEN... --jwks FILE [--audience AUD] [--min-level N] [--member NAME]`:
+- `gtvp token verify TOKEN... --jwks FILE [--audience AUD] [--issuer ISS] [--min-level N]
+  [--member NAME]`:
   offline, against a JWKS (the ConfigMap gtvp-verdict-jwks, or /.well-known/jwks.json); one
   line per token; exit 0 when every token is valid (and affirming at level >= N with
   --min-level), exit 1 naming the reason otherwise (expired, unknown-key, bad-signature,
@@ -48,7 +49,7 @@ def _check(
 ) -> tuple[bool, str]:
     """(valid, one line): the token's summary, or why it is refused."""
     try:
-        claims = ear.verify(token, key_set, audience=args.audience, now=now)
+        claims = ear.verify(token, key_set, audience=args.audience, issuer=args.issuer, now=now)
         found = ear.appraisals(claims)
     except ear.TokenRefused as refused:
         return False, f"refused ({refused.reason}): {refused}"
@@ -60,7 +61,7 @@ def _check(
     for a in found:
         line = (
             f"{a.member}: {a.status}, level {a.level}, "
-            f"expires {a.expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+            f"expires {a.expires.strftime('%Y-%m-%dT%H:%M:%SZ')}, issuer {claims.get('iss')}"
         )
         if args.min_level is not None and (a.status != ear.AFFIRMING or a.level < args.min_level):
             ok = False
@@ -120,6 +121,11 @@ def register(p: argparse.ArgumentParser) -> None:
     v.add_argument("tokens", nargs="+", metavar="TOKEN", help="a token, or - for stdin")
     v.add_argument("--jwks", required=True, help="JWK Set file (or the ConfigMap as JSON)")
     v.add_argument("--audience", default="gtvp", help="expected 'aud' (default: gtvp)")
+    v.add_argument(
+        "--issuer",
+        help="expected 'iss': the cluster the token must come from (gtvp.io/cluster/<uid of its"
+        " kube-system namespace>; default: not checked)",
+    )
     v.add_argument("--min-level", type=int, help="also require affirming at this level or higher")
     v.add_argument("--member", help="require the token to be about this member")
     v.set_defaults(func=verify)

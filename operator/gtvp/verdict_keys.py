@@ -263,6 +263,9 @@ class Issuer:
 
     namespace: str
     audience: str = DEFAULT_AUDIENCE
+    name: str | None = None
+    """The tokens' `iss` (`--token-issuer`; else named after the cluster at the first
+    refresh, `ear.cluster_issuer`: no token until it is known)."""
     keys: list[StoredKey] = field(default_factory=list)
     build: str = f"gtvp {__version__}"
 
@@ -282,7 +285,7 @@ class Issuer:
         lifetime: dt.timedelta,
     ) -> str | None:
         key = self.signing_key
-        if key is None:
+        if key is None or self.name is None:
             return None
         claims = ear.verdict_claims(
             member=member,
@@ -290,6 +293,7 @@ class Issuer:
             policy=policy,
             now=now,
             audience=self.audience,
+            issuer=self.name,
             build=self.build,
             lifetime=lifetime,
         )
@@ -314,8 +318,12 @@ def longest_validity(policy: Any) -> dt.timedelta:
 def refresh(
     clients: Any, issuer: Issuer, *, now: dt.datetime, leader: bool, retention: dt.timedelta
 ) -> None:
-    """Load the keys (creating them the first time); the leader also drops keys past their
-    retention and keeps the JWKS ConfigMap in step."""
+    """Load the keys (creating them the first time), and the tokens' issuer name the first
+    time when none was set; the leader also drops keys past their retention and keeps the
+    JWKS ConfigMap in step."""
+    if issuer.name is None:
+        issuer.name = read_cluster_issuer(clients)
+        log.info("verdict tokens are issued as %s", issuer.name)
     got = read_keys(clients, issuer.namespace)
     if got is None:
         keys = ensure_keys(clients, issuer.namespace, now)
@@ -340,6 +348,21 @@ def refresh(
         log.info("signing verdict tokens with key %s", keys[-1].kid)
     if leader or got is None:
         publish(clients, issuer.namespace, keys)
+
+
+def read_cluster_issuer(clients: Any) -> str:
+    """`ear.cluster_issuer` of this cluster: the uid of its `kube-system` namespace."""
+    try:
+        got = clients.core.read_namespace("kube-system")
+    except Exception as exc:
+        raise RuntimeError(
+            f"cannot name this cluster's verdict tokens ('iss'): reading namespace kube-system:"
+            f" {_why(exc)}; grant get on it, or set --token-issuer"
+        ) from exc
+    uid = str(getattr(got.metadata, "uid", "") or "")
+    if not uid:
+        raise RuntimeError("namespace kube-system has no uid to name the verdict tokens by")
+    return ear.cluster_issuer(uid)
 
 
 async def load_once(clients: Any, issuer: Issuer) -> bool:

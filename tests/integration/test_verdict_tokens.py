@@ -205,6 +205,9 @@ def test_a_trusted_member_gets_an_affirming_token_and_a_tampered_one_a_contraind
     a = _verified(status["trust"]["token"], jwks)
     assert (a.member, a.status, a.level) == (m.name, "affirming", status["level"])
     assert a.level == 3
+    # issued as this cluster: named by its kube-system namespace's uid
+    cluster = rt.clients.core.read_namespace("kube-system").metadata.uid
+    assert ear.parse(status["trust"]["token"]).claims["iss"] == f"gtvp.io/cluster/{cluster}"
     assert a.expires == dt.datetime.fromisoformat(
         status["trust"]["expiresAt"].replace("Z", "+00:00")
     )

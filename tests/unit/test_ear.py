@@ -20,6 +20,7 @@ from gtvp.handlers import attestation
 from gtvp.runtime import OperatorSettings, Runtime
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
+ISSUER = ear.cluster_issuer("5b0c9e4e-0000-4000-8000-000000000001")
 EXPIRES = NOW + dt.timedelta(minutes=5)
 
 
@@ -54,6 +55,7 @@ def _claims(status: dict[str, Any], **kw: Any) -> dict[str, Any]:
         "policy": ear.PolicyId("default", 4),
         "now": NOW,
         "audience": "gtvp",
+        "issuer": ISSUER,
         "build": "gtvp 0.1.0",
         "lifetime": dt.timedelta(seconds=15),
     }
@@ -229,6 +231,30 @@ def test_a_token_for_another_audience_is_refused(key: ec.EllipticCurvePrivateKey
     assert refused.value.reason == "wrong-audience"
 
 
+def test_a_token_of_another_cluster_is_refused_where_the_issuer_is_checked(
+    key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """Two clusters, a member named node-1 in each, and a relying party holding both
+    clusters' keys: the other cluster's token passes only where the issuer is not asked."""
+    other = ear.cluster_issuer("6e5a1f00-0000-4000-8000-000000000002")
+    theirs = _token(key, issuer=other)
+    assert _verify(theirs, key)["iss"] == other  # same key set, no issuer asked: accepted
+    with pytest.raises(ear.WrongIssuer) as refused:
+        _verify(theirs, key, issuer=ISSUER)
+    assert refused.value.reason == "wrong-issuer"
+    assert other in str(refused.value)
+    assert _verify(_token(key), key, issuer=ISSUER)["iss"] == ISSUER
+
+
+def test_no_token_is_issued_before_the_issuer_is_named() -> None:
+    issuer = verdict_keys.Issuer(namespace="gtvp-system", keys=[verdict_keys.new_key(NOW)])
+    assert issuer.token("node-1", _status("Trusted"), None, NOW, dt.timedelta(minutes=1)) is None
+    issuer.name = ISSUER
+    token = issuer.token("node-1", _status("Trusted"), None, NOW, dt.timedelta(minutes=1))
+    assert token is not None
+    assert ear.parse(token).claims["iss"] == ISSUER
+
+
 @pytest.mark.parametrize(
     "token",
     [
@@ -333,7 +359,9 @@ def _runtime(issuer: verdict_keys.Issuer | None) -> Runtime:
 
 
 def test_a_token_is_issued_with_a_changed_verdict_and_kept_while_it_stands() -> None:
-    issuer = verdict_keys.Issuer(namespace="gtvp-system", keys=[verdict_keys.new_key(NOW)])
+    issuer = verdict_keys.Issuer(
+        namespace="gtvp-system", name=ISSUER, keys=[verdict_keys.new_key(NOW)]
+    )
     rt = _runtime(issuer)
     trusted = _status("Trusted")
     first = attestation._with_token(rt, "node-1", _status(None), trusted)
@@ -354,8 +382,27 @@ def test_a_token_is_issued_with_a_changed_verdict_and_kept_while_it_stands() -> 
     assert claims["submods"]["node-1"]["ear.status"] == "contraindicated"
 
 
+def test_a_standing_token_without_this_clusters_issuer_is_issued_anew() -> None:
+    """A token an older gtvp issued (no `iss`) or one issued under another name is signed
+    anew at the next look, its verdict unchanged: relying parties that check `iss` (and
+    gtvp's own key release) are not refused for a whole validFor after an upgrade."""
+    stored = verdict_keys.new_key(NOW)
+    rt = _runtime(verdict_keys.Issuer(namespace="gtvp-system", name=ISSUER, keys=[stored]))
+    trusted = _status("Trusted")
+    for iss in (None, "gtvp.io/cluster/elsewhere"):
+        claims = _claims(trusted)
+        claims.pop("iss")
+        if iss is not None:
+            claims["iss"] = iss
+        old = {**trusted, "trust": {**trusted["trust"], "token": ear.sign(claims, stored.private)}}
+        again = attestation._with_token(rt, "node-1", old, json.loads(json.dumps(trusted)))
+        assert ear.parse(again["trust"]["token"]).claims["iss"] == ISSUER, iss
+
+
 def test_no_signing_key_means_no_token_and_a_changed_verdict_drops_the_old_one() -> None:
-    issuer = verdict_keys.Issuer(namespace="gtvp-system", keys=[verdict_keys.new_key(NOW)])
+    issuer = verdict_keys.Issuer(
+        namespace="gtvp-system", name=ISSUER, keys=[verdict_keys.new_key(NOW)]
+    )
     first = attestation._with_token(_runtime(issuer), "n", _status(None), _status("Trusted"))
     assert first["trust"]["token"]
     keyless = _runtime(None)
@@ -364,7 +411,9 @@ def test_no_signing_key_means_no_token_and_a_changed_verdict_drops_the_old_one()
 
 
 def test_a_status_with_nothing_else_to_write_gets_no_token_of_its_own() -> None:
-    issuer = verdict_keys.Issuer(namespace="gtvp-system", keys=[verdict_keys.new_key(NOW)])
+    issuer = verdict_keys.Issuer(
+        namespace="gtvp-system", name=ISSUER, keys=[verdict_keys.new_key(NOW)]
+    )
     old = _status("Trusted")  # written by an operator without tokens
     assert (
         "token"
@@ -433,10 +482,12 @@ def test_gtvp_token_verify_exit_codes(
             ear.sign(_now_claims(_status("Trusted")), key), {"ear.status": "warning"}
         ),
         "wrong-audience": ear.sign(_now_claims(_status("Trusted"), audience="x"), key),
+        "wrong-issuer": ear.sign(_now_claims(_status("Trusted"), issuer="gtvp.io/cluster/x"), key),
         "malformed": "not-a-token",
     }
     for reason, token in cases.items():
-        assert cli.main(["token", "verify", token, "--jwks", jwks]) == 1, reason
+        asked = ["--issuer", ISSUER]
+        assert cli.main(["token", "verify", token, "--jwks", jwks, *asked]) == 1, reason
         assert f"refused ({reason})" in capsys.readouterr().err
     # a contraindicated token is valid as a statement, but never passes --min-level
     bad = ear.sign(_now_claims(_status("Untrusted", reason="PcrMismatch")), key)
@@ -468,8 +519,11 @@ def test_pyjwt_verifies_a_token_with_the_published_jwk_and_refuses_a_tampered_on
     jwt = pytest.importorskip("jwt")
     (entry,) = ear.jwks([key.public_key()])["keys"]
     token = ear.sign(_now_claims(_status("Trusted")), key)
-    claims = jwt.decode(token, jwt.PyJWK(entry).key, algorithms=["ES256"], audience="gtvp")
+    key_of = jwt.PyJWK(entry).key
+    claims = jwt.decode(token, key_of, algorithms=["ES256"], audience="gtvp", issuer=ISSUER)
     assert claims["submods"]["node-1"]["ear.status"] == "affirming"
+    with pytest.raises(jwt.InvalidIssuerError):  # another cluster's token, as docs/tokens.md
+        jwt.decode(token, key_of, algorithms=["ES256"], audience="gtvp", issuer="gtvp.io/x")
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(
             _swap_payload(token, {"ear.status": "warning"}),
@@ -504,7 +558,9 @@ def test_the_public_documents_are_served_without_credentials_where_metrics_need_
         text: str = "no\n"
         reason: str = "Unauthorized"
 
-    issuer = verdict_keys.Issuer(namespace="gtvp-system", keys=[verdict_keys.new_key(NOW)])
+    issuer = verdict_keys.Issuer(
+        namespace="gtvp-system", name=ISSUER, keys=[verdict_keys.new_key(NOW)]
+    )
     port = free_port()
     server = http_endpoints.serve(
         port,

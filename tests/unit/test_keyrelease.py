@@ -64,6 +64,7 @@ def _token(member: str, status: dict[str, Any]) -> str:
         policy=None,
         now=NOW,
         audience="gtvp",
+        issuer=ear.cluster_issuer("test"),
         build="test",
         lifetime=dt.timedelta(seconds=30),
     )

@@ -159,6 +159,22 @@ class WrongAudience(TokenRefused):
     reason = "wrong-audience"
 
 
+class WrongIssuer(TokenRefused):
+    """Issued by another operator (another cluster's: its `iss` names another cluster)."""
+
+    reason = "wrong-issuer"
+
+
+ISSUER_PREFIX: Final = "gtvp.io/cluster/"
+
+
+def cluster_issuer(cluster_uid: str) -> str:
+    """The `iss` of a cluster's tokens: named by the uid of its `kube-system` namespace (one
+    per cluster, never reused), so that tokens of two clusters with same-named members do
+    not pass for each other where a relying party holds both clusters' keys."""
+    return f"{ISSUER_PREFIX}{cluster_uid}"
+
+
 # ----- claims -----------------------------------------------------------------------------
 
 
@@ -228,6 +244,7 @@ def verdict_claims(
     policy: PolicyId | None,
     now: dt.datetime,
     audience: str,
+    issuer: str,
     build: str,
     lifetime: dt.timedelta,
 ) -> dict[str, Any]:
@@ -259,6 +276,7 @@ def verdict_claims(
         submod["ear.appraisal-policy-id"] = policy.uri()
     return {
         "eat_profile": EAR_PROFILE,
+        "iss": issuer,
         "iat": _epoch(now),
         "nbf": _epoch(now),
         "exp": max(_epoch(exp), _epoch(now) + 1),
@@ -406,11 +424,12 @@ def verify(
     *,
     audience: str,
     now: dt.datetime,
+    issuer: str | None = None,
     leeway: dt.timedelta = dt.timedelta(seconds=0),
 ) -> dict[str, Any]:
-    """The claims of `token` once its signature, validity and audience are checked against
-    `key_set` (a JWKS); a `TokenRefused` subclass otherwise. Only ES256 is accepted (never
-    `none`, never an HMAC with a public key as its secret)."""
+    """The claims of `token` once its signature, validity, audience and (given `issuer`)
+    issuer are checked against `key_set` (a JWKS); a `TokenRefused` subclass otherwise.
+    Only ES256 is accepted (never `none`, never an HMAC with a public key as its secret)."""
     parsed = parse(token)
     if parsed.header.get("alg") != ALG:
         raise Malformed(f"algorithm {parsed.header.get('alg')!r}: only {ALG} is accepted")
@@ -443,6 +462,10 @@ def verify(
     audiences = aud if isinstance(aud, list) else [aud]
     if audience not in audiences:
         raise WrongAudience(f"issued for audience {aud!r}, not {audience!r}")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise WrongIssuer(
+            f"issued by {claims.get('iss')!r}, not {issuer!r} (another cluster's operator?)"
+        )
     return claims
 
 

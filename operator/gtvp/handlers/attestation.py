@@ -286,10 +286,10 @@ def _with_token(
     without = {**new, "trust": trust}
     same = ear.verdict_key(old) == ear.verdict_key(new)
     issuer = rt.verdict_issuer
-    if had and same and _signed_by_a_published_key(issuer, str(had)):
+    if had and same and _issued_as_now(issuer, str(had)):
         trust["token"] = had
         return without
-    if issuer is None or issuer.signing_key is None:
+    if issuer is None or issuer.signing_key is None or issuer.name is None:
         return without
     if same:
         before = {k: old.get(k) for k in OPERATOR_FIELDS if k in old}
@@ -308,14 +308,19 @@ def _with_token(
     return without
 
 
-def _signed_by_a_published_key(issuer: verdict_keys.Issuer | None, token: str) -> bool:
-    """Whether `token` names a key the operator still publishes: one signed by a key
-    withdrawn since (`rotate-key --revoke-previous`, or pruned) is issued anew."""
+def _issued_as_now(issuer: verdict_keys.Issuer | None, token: str) -> bool:
+    """Whether `token` names a key the operator still publishes and the issuer it signs as
+    now: one signed by a key withdrawn since (`rotate-key --revoke-previous`, or pruned),
+    or issued without this cluster's `iss` (by an older gtvp, or under another
+    `--token-issuer`), is issued anew."""
     if issuer is None or not issuer.keys:
         return True  # no keys loaded (yet): the token stays as long as its verdict
     try:
-        kid = ear.parse(token).header.get("kid")
+        parsed = ear.parse(token)
     except ear.TokenRefused:
+        return False
+    kid = parsed.header.get("kid")
+    if issuer.name is not None and parsed.claims.get("iss") != issuer.name:
         return False
     return any(k.kid == kid for k in issuer.keys)
 
