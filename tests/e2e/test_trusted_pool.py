@@ -116,8 +116,15 @@ def test_the_pool_operator_signs_verdict_tokens_that_verify_offline(
         )
     )
 
-    def verify(tok: str, level: int) -> subprocess.CompletedProcess[str]:
+    cluster = pool.cp.kubectl(
+        "get", "namespace", "kube-system", "-o", "jsonpath={.metadata.uid}"
+    ).stdout.strip()
+
+    def verify(
+        tok: str, level: int, issuer: str = f"gtvp.io/cluster/{cluster}"
+    ) -> subprocess.CompletedProcess[str]:
         argv = ["token", "verify", tok, "--jwks", str(jwks), "--min-level", str(level)]
+        argv += ["--issuer", issuer]
         return subprocess.run(
             [sys.executable, "-m", "gtvp.cli", *argv], capture_output=True, text=True, check=False
         )
@@ -127,6 +134,9 @@ def test_the_pool_operator_signs_verdict_tokens_that_verify_offline(
     low = verify(tokens[c], 3)  # c is trusted at level 1 only
     assert low.returncode == 1, low.stdout + low.stderr
     assert "level" in (low.stdout + low.stderr)
+    elsewhere = verify(tokens[a], 3, issuer="gtvp.io/cluster/another")  # another cluster's
+    assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
+    assert "wrong-issuer" in elsewhere.stderr
 
 
 def test_vm_lands_only_on_a_trusted_node_of_a_sufficient_level(pool: Pool, namespace: str) -> None:
