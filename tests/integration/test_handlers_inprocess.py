@@ -1445,6 +1445,26 @@ def test_a_keep_level_vm_moved_by_its_members_level_is_bound_by_that_levels_wait
 
 
 @pytest.mark.tpm
+def test_a_stop_names_the_members_level_whose_chosen_bound_equals_the_default(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
+) -> None:
+    """The member's level chose migrateWithin 1h, the length of gtvp's default: the Event
+    names that level's choice, not a default nobody chose (an administrator looking for
+    why the VM stopped looks at the right policy field)."""
+    del shared_tpm  # the CA has issued its certificates
+    ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1, seconds=5)
+    status = {
+        "phase": "Untrusted", "level": 0, "belowSince": below_since(None, 0, ago),
+        "trust": {"verdict": "Untrusted", "reason": "PcrMismatch", "verifiedAt": "t"},
+        "effectivePolicy": {"level": 3, "onUntrusted": "Migrate"},
+    }  # fmt: skip
+    _left_on_bad(control_plane, rt, namespace, swtpm_ca, {3: "1h"}, status, {"low": 1})
+    assert not _vmi_present(control_plane, namespace, "low")
+    said = _event_messages(control_plane, namespace, "EvacuationDeadline")
+    assert said.startswith("still on bad 1h after it lost trust (the migrateWithin of bad's level)")
+
+
+@pytest.mark.tpm
 @pytest.mark.parametrize("phase", ["Trusted", "Maintenance"])
 def test_a_vm_whose_level_says_stop_is_stopped_off_a_lowered_or_failed_member(
     control_plane: ControlPlane,

@@ -147,20 +147,33 @@ def test_a_vms_bound_is_its_own_levels_or_its_members_levels_for_the_levels_that
     by = {lv.level: lv for lv in levels}
     # a member judged at level 1 (lowered from 3): its level-3 VMs move because they need
     # more, so level 1's 4h never shortens or lengthens their 10m; level 1's own VMs keep 4h
-    within, chosen = evacuation_bounds(levels, by[1])
+    within, chosen, source = evacuation_bounds(levels, by[1])
     assert within == {1: dt.timedelta(hours=4), 2: DEFAULT_MIGRATE_WITHIN, 3: TEN}
     assert chosen == {1, 3}  # level 2 waits the default: nobody chose it
+    assert source == {1: "own", 2: "default", 3: "own"}
     # an untrusted level-3 member (10m) moves VMs of every level it covers: the shorter wins
-    within, chosen = evacuation_bounds(levels, by[3])
+    within, chosen, source = evacuation_bounds(levels, by[3])
     assert within == {1: TEN, 2: TEN, 3: TEN}
     assert chosen == {1, 2, 3}
+    assert source == {1: "member", 2: "member", 3: "own"}
+
+
+def test_an_explicit_bound_equal_to_the_default_is_named_as_chosen() -> None:
+    """The member's level chose migrateWithin 1h (the default's length), the VM's level
+    chose nothing: the stop names the member's level's choice, not the default."""
+    levels = _levels(standard="none", sensitive="none", restricted="1h")
+    bounds = evacuation_bounds(levels, levels[2])
+    assert bounds.within[1] == DEFAULT_MIGRATE_WITHIN
+    assert bounds.source[1] == "member"
+    assert 1 in bounds.chosen
 
 
 def test_a_longer_member_bound_does_not_make_the_default_a_choice() -> None:
     """The member's level waits 2h, the VM's level sets nothing: the VM's bound is the 1h
     default, nobody's choice, so a VM that cannot live-migrate stops at once."""
     levels = _levels(standard="none", sensitive="none", restricted="2h")
-    within, chosen = evacuation_bounds(levels, levels[2])
+    within, chosen, source = evacuation_bounds(levels, levels[2])
     assert within[2] == DEFAULT_MIGRATE_WITHIN
     assert 2 not in chosen
     assert 3 in chosen
+    assert source[2] == "default"

@@ -130,29 +130,39 @@ def past_deadline(
     return out
 
 
-def evacuation_bounds(
-    levels: Sequence[Level], member_level: Level | None
-) -> tuple[dict[int, dt.timedelta], set[int]]:
+class Bounds(NamedTuple):
+    """How long the VMIs of each level may wait to be moved off a member (`within`), the
+    levels whose bound is a `migrateWithin` someone chose (`chosen`), and whose bound each
+    is (`source`: `own` the VMI's level's, `member` the member's level's, `default`
+    `DEFAULT_MIGRATE_WITHIN`, nobody's choice)."""
+
+    within: dict[int, dt.timedelta]
+    chosen: set[int]
+    source: dict[int, str]
+
+
+def evacuation_bounds(levels: Sequence[Level], member_level: Level | None) -> Bounds:
     """Per VMI level, how long its VMIs may wait to be moved off (the shorter of its own
     level's bound and, for the levels the member's level covers, whose `onUntrusted` may
     be what moves them, that level's: a Keep-level VM on a member whose level says
     Migrate); and the levels whose bound so found is a `migrateWithin` someone chose (a
     VMI that cannot live-migrate waits that long; under the default bound it stops at
-    once)."""
-    within: dict[int, dt.timedelta] = {}
-    chosen: set[int] = set()
+    once). Of two equal bounds, a chosen one wins, then the VMI's own level's."""
+    out = Bounds({}, set(), {})
     for lv in levels:
-        options = [(lv.evacuation_bound, lv.migrate_within is not None)]
+        options = [(lv.evacuation_bound, lv.migrate_within is not None, "own")]
         if member_level is not None and lv.level <= member_level.level:
-            options.append((member_level.evacuation_bound, member_level.migrate_within is not None))
-        found = [(bound, explicit) for bound, explicit in options if bound is not None]
+            member_explicit = member_level.migrate_within is not None
+            options.append((member_level.evacuation_bound, member_explicit, "member"))
+        found = [(bound, explicit, src) for bound, explicit, src in options if bound is not None]
         if not found:
             continue
-        bound, explicit = min(found, key=lambda o: (o[0], not o[1]))
-        within[lv.level] = bound
+        bound, explicit, src = min(found, key=lambda o: (o[0], not o[1]))
+        out.within[lv.level] = bound
+        out.source[lv.level] = src if explicit else "default"
         if explicit:
-            chosen.add(lv.level)
-    return within, chosen
+            out.chosen.add(lv.level)
+    return out
 
 
 LIVE_MIGRATABLE_SETTLE = dt.timedelta(seconds=60)

@@ -61,7 +61,7 @@ from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
-from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level
+from gtvp.core.policy import Level
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
 from gtvp.core.trust import member_view
@@ -232,9 +232,9 @@ async def _act(
         return
     topic = topic or member
     now = dt.datetime.now(dt.UTC)
-    within, chosen = evacuation_bounds(policy.levels, member_level)
-    late = past_deadline(on_member, since=since or {}, now=now, within=within)
-    await _stop_late(rt, member, late, topic, after)
+    bounds = evacuation_bounds(policy.levels, member_level)
+    late = past_deadline(on_member, since=since or {}, now=now, within=bounds.within)
+    await _stop_late(rt, member, late, topic, after, source=bounds.source)
     stopped = {v for v, _ in late}
     # a level whose policy chose its migrateWithin waits that long; the default bound is no
     # one's choice, so what cannot move goes now; a member emptied for maintenance while
@@ -244,7 +244,7 @@ async def _act(
         for v in on_member
         if v not in stopped
         and stop_unmovable
-        and v.level not in chosen
+        and v.level not in bounds.chosen
         and (why := cannot_migrate(rt.view.vmis.get((v.namespace, v.name)) or {}, now))
     ]
     await _stop_unmovable(rt, member, unmovable, topic, after)
@@ -488,21 +488,27 @@ def _name_held(rt: Runtime, member: str, planned: dict[str, Any], held: dict[str
 
 
 async def _stop_late(
-    rt: Runtime, member: str, late: list[tuple[Vmi, dt.timedelta]], topic: str, after: str
+    rt: Runtime,
+    member: str,
+    late: list[tuple[Vmi, dt.timedelta]],
+    topic: str,
+    after: str,
+    *,
+    source: Mapping[int, str],
 ) -> None:
-    """Stop the VMIs (`past_deadline`) not moved off `member` within their level's bound:
-    fail closed."""
+    """Stop the VMIs (`past_deadline`) not moved off `member` within their level's bound
+    (whose bound it is: `source`, from `evacuation_bounds`): fail closed."""
     policy = rt.view.policy
     said = []
     for vmi, bound in late:
         lv = policy.level(vmi.level) if policy is not None else None
         name = lv.name if lv else vmi.level
-        if lv is not None and lv.migrate_within == bound:
-            whose = f"level {name}'s migrateWithin"
-        elif bound == DEFAULT_MIGRATE_WITHIN:
-            whose = f"the bound on a level without migrateWithin, such as {name}"
-        else:  # the member's level's, whose onUntrusted moves it
-            whose = f"the migrateWithin of {member}'s level"
+        whose = {
+            "own": f"level {name}'s migrateWithin",
+            "member": f"the migrateWithin of {member}'s level",
+        }.get(
+            source.get(vmi.level, ""), f"the bound on a level without migrateWithin, such as {name}"
+        )
         why = (
             f"still on {member} {human_duration(bound)} after {after} ({whose}): gtvp "
             "stops the VM instead of waiting longer for its migration"
