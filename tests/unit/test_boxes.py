@@ -19,6 +19,7 @@ from gtvp.core.compose import (
     compose_vm,
     composed_boot,
     preferred_node,
+    runs_composition,
     template_boots,
     with_cloud_init_secret,
 )
@@ -117,6 +118,29 @@ def test_what_a_composition_boots_ignores_what_kubevirt_defaults_and_nothing_els
     hooked = copy.deepcopy(vm)
     hooked["spec"]["template"]["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"] = "[]"
     assert template_boots(hooked) != template_boots(vm) == ours
+
+
+def test_a_vmi_of_the_composition_started_without_the_trust_selector_is_restarted() -> None:
+    """Anyone who may create VMIs in the namespace starts the box's VMI (its VM as controller,
+    the exact composition) without the trust selector, so that it may land on any host: it
+    does not boot what gtvp composed (no Secrets, no box attestation: `runs_composition`),
+    and the box restarts it onto its VM; a higher or lower level's selector is not it either."""
+    vm = compose_vm(REF, SPEC, COMPS, "node-2")
+    tmpl = vm["spec"]["template"]
+    status = {"composedBoots": [template_boots(vm)], "composedAt": "2026-11-29T11:00:00Z"}
+    anywhere = copy.deepcopy(tmpl["spec"])
+    del anywhere["nodeSelector"]
+    lower = {**copy.deepcopy(tmpl["spec"]), "nodeSelector": trust_selector(1)}
+    for spec in (anywhere, lower):
+        ungated = composed_boot(spec, tmpl["metadata"]["annotations"])
+        assert not runs_composition(status, ungated, "2026-11-29T12:30:00Z")
+        seen = replace(_running(COMPS), vmi_boots=ungated, vmi_node="untrusted-9")
+        d = plan_box(inp(observed=seen, status=status), NOW)
+        assert d.restart
+        assert d.vm is None  # the VM is gtvp's: only its VMI is started again
+    assert (
+        composed_boot(tmpl["spec"], tmpl["metadata"]["annotations"]) == status["composedBoots"][0]
+    )
 
 
 def test_the_applications_ports_are_forwarded_by_the_pod_network_interface() -> None:

@@ -636,10 +636,13 @@ def test_a_vmi_of_the_boxs_name_that_gtvp_does_not_hold_at_its_level_gets_nothin
         assert not v.released
         assert v.reason == kr.VMI_NOT_GATED
         assert f"VMI box is {said}, the box needs 2" in v.message
-    # its trust selector counts as its level, as for gating
-    req, facts = _facts(vmi_labels={})
-    vmi = {**(facts.vmi or {}), "spec": {**VMI_SPEC, "nodeSelector": trust_selector(2)}}
-    assert kr.decide(req, dataclasses.replace(facts, vmi=vmi), NOW).released
+    # its trust selector counts as its level, as for gating (a composition gtvp made for a
+    # box confines it so: `status.composedBoots` covers the selector)
+    selected = {**VMI_SPEC, "nodeSelector": trust_selector(2)}
+    req, facts = _facts(
+        vmi_labels={}, vmi_spec=selected, composed=[compose.composed_boot(selected)]
+    )
+    assert kr.decide(req, facts, NOW).released
 
 
 def test_under_box_attestation_a_box_gets_its_secrets_only_once_attested_here() -> None:

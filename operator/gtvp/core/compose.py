@@ -42,6 +42,7 @@ import yaml
 
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES
 from gtvp.core.components import Component
+from gtvp.core.gating import selector_level
 from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import VM_LEVEL_LABEL, trust_selector
 
@@ -101,9 +102,9 @@ def composed_boot(
     bytes differ), its volumes (a container disk by image and path, any other as written: the
     cloud-init the guest runs, a Secret it could read), its disks' names and serials and its
     access credentials (SSH keys KubeVirt would put in the guest). None when it boots no
-    kernel. A box's VM is editable by whoever may edit VMs in its namespace: what runs is
-    compared with what gtvp composed (`status.composedBoots`), never read from the VM as
-    the truth."""
+    kernel. Also the level of the Trusted hosts its nodeSelector confines it to. A box's VM
+    is editable by whoever may edit VMs in its namespace: what runs is compared with what
+    gtvp composed (`status.composedBoots`), never read from the VM as the truth."""
     spec = vmi_spec or {}
     domain = spec.get("domain") or {}
     firmware = domain.get("firmware") or {}
@@ -125,6 +126,10 @@ def composed_boot(
             for k, v in (annotations or {}).items()
             if str(k).startswith(HOOKS_PREFIX)
         ),
+        # the level its nodeSelector keeps it to: a VMI of the box's composition started
+        # without the trust selector (by anyone who may create VMIs in the namespace) could
+        # run on any host, so it is not what gtvp composed
+        "trust": selector_level(spec.get("nodeSelector")),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
