@@ -135,3 +135,29 @@ def test_a_component_whose_publisher_is_revoked_leaves_the_catalogue_boxes_resol
     rt.view.policy = policy
     components.verify_all(rt)
     assert component in {c.object_name for c in lazyboxes._catalogue(rt)}
+
+
+def test_an_image_a_box_boots_is_vouched_for_only_while_a_component_of_it_verifies(
+    control_plane: ControlPlane, rt: Runtime, component: str
+) -> None:
+    """What a running box boots is judged by its images, whatever OSComponent objects are
+    left: one whose component fails its check (a publisher removed) or whose object is
+    deleted is no longer vouched for; one not checked yet is (the box waits for its check)."""
+    image = _server(rt, component)["spec"]["image"]
+    assert lazyboxes.unvouched(rt, [image]) == {}  # not checked yet: not taken as revoked
+    assert components.verify_component(rt, component).ok
+    assert lazyboxes.unvouched(rt, [image]) == {}
+    policy = rt.view.policy
+    assert policy is not None
+    rt.view.policy = dataclasses.replace(policy, publisher_keys={})
+    components.verify_all(rt)
+    assert "UnknownPublisher" in lazyboxes.unvouched(rt, [image])[image]
+    rt.view.policy = policy
+    components.verify_all(rt)
+    assert lazyboxes.unvouched(rt, [image]) == {}
+    body = _server(rt, component)
+    control_plane.kubectl("delete", "osc", component)
+    components.observe(rt, body, "DELETED")  # the watch's event
+    assert "deleted" in lazyboxes.unvouched(rt, [image])[image]
+    rt.view.loaded = False  # before the pool is listed, an absent object says nothing
+    assert lazyboxes.unvouched(rt, [image]) == {}

@@ -21,6 +21,7 @@ from gtvp.core.compose import (
     preferred_node,
     runs_composition,
     template_boots,
+    vm_images,
     with_cloud_init_secret,
 )
 from gtvp.core.placement import Host, place
@@ -408,6 +409,7 @@ def boots(comps: list[Component]) -> str | None:
 
 
 def _running(comps: list[Component]) -> Observed:
+    images = vm_images(compose_vm(REF, SPEC, comps, "node-2"))
     return Observed(
         vm_exists=True,
         booted=tuple(c.object_name for c in comps),
@@ -418,7 +420,96 @@ def _running(comps: list[Component]) -> Observed:
         vmi_boot="x",
         vm_boots=boots(comps),
         vmi_boots=boots(comps),
+        vm_images=images,
+        vmi_images=images,
     )
+
+
+OLD_NGINX = next(c for c in CAT if c.label == "nginx 1.22.1")
+ON_OLD_NGINX = [c for c in COMPS if c.name != "nginx"] + [OLD_NGINX]
+
+
+def _live_update_waiting() -> tuple[Observed, dict[str, Any]]:
+    """A LiveUpdate box whose VM was rewritten for nginx 1.26.2 while its VMI, created
+    before, still boots 1.22.1 (`RestartRequired`): both compositions vouched for."""
+    old_vmi = _running(ON_OLD_NGINX)
+    seen = replace(
+        _running(COMPS),
+        vmi_boots=old_vmi.vmi_boots,
+        vmi_images=old_vmi.vmi_images,
+        vmi_created="2026-11-29T10:00:00Z",
+    )
+    status = {
+        "composedBoots": [boots(COMPS), boots(ON_OLD_NGINX)],
+        "composedAt": "2026-11-29T11:00:00Z",
+    }
+    assert runs_composition(status, seen.vmi_boots, seen.vmi_created)
+    return seen, status
+
+
+def test_a_revoked_component_the_vmi_still_boots_restarts_a_live_update_box() -> None:
+    """nginx 1.22.1, which the VMI of a LiveUpdate box still boots (the VM already names
+    1.26.2), is revoked: that composition is no longer vouched for (no Secrets, no box
+    attestation) and the VMI is restarted onto the VM, not left running it."""
+    seen, status = _live_update_waiting()
+    spec = {**SPEC, "upgradePolicy": "LiveUpdate"}
+    why = "nginx 1.22.1 failed verification: Revoked: the policy revokes it"
+    d = plan_box(
+        inp(spec=spec, observed=seen, status=status, unvouched={OLD_NGINX.image: why}), NOW
+    )
+    assert d.restart
+    assert d.vm is None  # the VM boots 1.26.2 already
+    assert d.status["composedBoots"] == [boots(COMPS)]
+    assert not runs_composition(d.status, seen.vmi_boots, seen.vmi_created)
+    assert d.event is not None
+    assert d.event[1] == "ComponentRevoked"
+    assert "Revoked" in d.event[2]
+    # nothing revoked: the VMI waits for its restart, as LiveUpdate says
+    d = plan_box(inp(spec=spec, observed=seen, status=status), NOW)
+    assert not d.restart
+    assert d.status["composedBoots"] == status["composedBoots"]
+
+
+def test_a_component_whose_object_is_deleted_is_no_longer_vouched_for() -> None:
+    """The OSComponent of nginx 1.26.2, which a LiveUpdate box runs, is deleted (by its
+    publisher tidying up, or an administrator's first reaction to a bad release): what it
+    vouched for cannot be checked any more, so the box is restarted onto what still
+    verifies (1.22.1) and older compositions are forgotten; with nothing in its place it is
+    Failed and nothing it runs is vouched for. Removing the publisher's key afterwards
+    would reach nothing, so the deletion itself counts."""
+    new = next(c for c in COMPS if c.name == "nginx")
+    gone = {new.image: "no OSComponent of this image is left (deleted)"}
+    checks = {k: v for k, v in OK.items() if k != new.object_name}
+    spec = {**SPEC, "upgradePolicy": "LiveUpdate"}
+    status = {"composedBoots": [boots(COMPS)], "composedAt": "2026-11-29T11:00:00Z"}
+    running = _running(COMPS)
+    d = plan_box(
+        inp(spec=spec, components=ON_OLD_NGINX, checks=checks, observed=running,
+            status=status, unvouched=gone),
+        NOW,
+    )  # fmt: skip
+    assert d.vm is not None
+    assert d.restart
+    assert d.forget_boots
+    assert recorded(d, NOW)["composedBoots"] == [boots(ON_OLD_NGINX)]
+    d = plan_box(
+        inp(spec=spec, components=None, checks=checks, observed=running, status=status,
+            unvouched=gone),
+        NOW,
+    )  # fmt: skip
+    assert (d.status["phase"], d.status["composedBoots"]) == ("Failed", [])
+    assert not d.restart  # a restart would boot the same
+    assert d.event is not None
+    assert d.event[1] == "ComponentRevoked"
+    # the object made again under its name with other bytes: the names match, the image
+    # the VM boots is nobody's any more: the VM is written anew from what resolves now
+    other = "sha256:" + "e" * 64
+    again = replace(new, image=f"registry.example.com/other/nginx@{other}", digest=other)
+    now_comps = [again if c is new else c for c in COMPS]
+    d = plan_box(inp(components=now_comps, observed=running, status=status, unvouched=gone), NOW)
+    assert d.vm is not None
+    assert again.image in vm_images(d.vm)
+    assert d.restart
 
 
 def test_component_bump_restarts_onto_the_new_composition() -> None:

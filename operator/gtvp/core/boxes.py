@@ -69,6 +69,8 @@ class Observed:
     vmi_boots: str | None = None  # what the VMI boots (None: no VMI; "": no kernel)
     vmi_created: str | None = None  # the VMI's creationTimestamp
     someone_elses: str | None = None  # a VM/VMI of the box's name is not its (`someone_elses`)
+    vm_images: tuple[str, ...] = ()  # the component images the VM boots (`compose.vm_images`)
+    vmi_images: tuple[str, ...] = ()  # ... and its VMI (`compose.boot_images`)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ class BoxInput:
     """The checks of the resolved components and of those the VM boots now."""
     hosts: Sequence[Host] = ()
     observed: Observed = Observed()
+    unvouched: Mapping[str, str] = field(default_factory=dict)
+    """Of the images the box's VM and VMI boot, those no OSComponent vouches for any more
+    (image -> why): every component of that image failed its check (a revocation, a
+    publisher key removed) or none is left (its object deleted)."""
     armed: bool = False
     """The box's VM is armed before it is written (its cloud-init moved into the box's
     Secret): the box names Secrets, or the policy attests boxes. Such a box gets no
@@ -183,6 +189,11 @@ def someone_elses(
 
 def plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     """Decide the box's next status and actions (see the module docstring)."""
+    decision = _plan_box(inp, now)
+    return _without_unvouched(inp, decision)
+
+
+def _plan_box(inp: BoxInput, now: dt.datetime) -> Decision:
     if inp.observed.someone_elses:
         message = (
             f"{inp.observed.someone_elses}: gtvp neither replaces nor deletes it; rename "
@@ -212,7 +223,10 @@ def _plan_own(inp: BoxInput, now: dt.datetime) -> Decision:
         return _failed(inp, now, "InvalidResources", f"spec.resources: {exc}", "Placed")
     target = {c.object_name for c in comps}
     current = set(inp.observed.booted) | set(inp.observed.hotplugged)
-    if inp.observed.vm_exists and target == current:
+    # an image the VM boots that nothing vouches for any more (its object deleted, or made
+    # again under the same name with other bytes): not current, whatever the names say
+    stale = any(i in inp.unvouched for i in inp.observed.vm_images)
+    if inp.observed.vm_exists and target == current and not stale:
         return _restored(inp, now, comps) or _observe(inp, now)
     if not inp.observed.vm_exists:
         return _first_placement(inp, now, comps, cpu, mem)
@@ -236,13 +250,42 @@ def _unresolved(inp: BoxInput, now: dt.datetime) -> Decision:
 
 def _revoked(inp: BoxInput) -> list[str]:
     """The components the box's VM boots (or hot-plugged) whose verification now fails: a
-    publisher key removed from the policy, a signature that no longer verifies."""
+    publisher key removed from the policy, a signature that no longer verifies; and the
+    images it boots that no component vouches for any more (`BoxInput.unvouched`: also an
+    OSComponent deleted, which its annotation, anyone's to edit, may not name)."""
     obs = inp.observed
-    return [
+    named = [
         n
         for n in (*obs.booted, *obs.hotplugged)
         if n in inp.checks and not resolvable(inp.checks[n])
     ]
+    return named + [i for i in obs.vm_images if i in inp.unvouched]
+
+
+def _without_unvouched(inp: BoxInput, d: Decision) -> Decision:
+    """`d`, where the box's VMI boots an image no component vouches for any more (a
+    LiveUpdate box still on an older composition when a component of it was revoked, or
+    its OSComponent deleted): that composition is no longer vouched for (out of
+    `status.composedBoots`: no Secrets, no box attestation) and the VMI is restarted onto
+    the VM, unless the VM boots such an image too and is not written anew now (a restart
+    would boot the same; the box is Failed, `_unresolved`, or upgraded)."""
+    obs = inp.observed
+    bad = [i for i in obs.vmi_images if i in inp.unvouched]
+    if not bad or obs.vmi_boots is None or "composedBoots" not in d.status:
+        return d
+    vm_bad = any(i in inp.unvouched for i in obs.vm_images)
+    known = composed_boots(d.status)
+    kept = [b for b in known if b != obs.vmi_boots]
+    restart = d.restart or d.vm is not None or (obs.vmi_boots != obs.vm_boots and not vm_bad)
+    if kept == known and restart == d.restart:
+        return d
+    why = "; ".join(f"{i}: {inp.unvouched[i]}" for i in bad)
+    then = "restarted onto its VM" if restart else "no longer vouched for"
+    event = ("Warning", "ComponentRevoked", f"its VMI boots what no component vouches for "
+             f"any more ({why}): {then}")  # fmt: skip
+    return dataclasses.replace(
+        d, status={**d.status, "composedBoots": kept}, restart=restart, event=event
+    )
 
 
 def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decision | None:

@@ -134,6 +134,36 @@ def composed_boot(
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def boot_images(vmi_spec: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The images a VMI spec (or a VM template's spec) boots from: its kernel boot
+    container's and every container disk's, each a component's image pinned by digest."""
+    spec = vmi_spec or {}
+    firmware = (spec.get("domain") or {}).get("firmware") or {}
+    boot = firmware.get("kernelBoot") if isinstance(firmware, Mapping) else None
+    found = []
+    if isinstance(boot, Mapping) and isinstance(boot.get("container"), Mapping):
+        found.append(boot["container"].get("image"))
+    for v in spec.get("volumes") or ():
+        disk = v.get("containerDisk") if isinstance(v, Mapping) else None
+        if isinstance(disk, Mapping):
+            found.append(disk.get("image"))
+    return tuple(sorted({str(i) for i in found if i}))
+
+
+def vm_images(vm: Mapping[str, Any]) -> tuple[str, ...]:
+    """`boot_images` of a VirtualMachine's template, and the images its hot-plugged
+    components' DataVolumes import (`docker://<image>`)."""
+    spec = vm.get("spec") or {}
+    found = set(boot_images((spec.get("template") or {}).get("spec")))
+    for dv in spec.get("dataVolumeTemplates") or ():
+        url = ((((dv or {}).get("spec") or {}).get("source") or {}).get("registry") or {}).get(
+            "url"
+        )
+        if isinstance(url, str) and url.startswith("docker://"):
+            found.add(url.removeprefix("docker://"))
+    return tuple(sorted(found))
+
+
 NOT_COMPOSED_MESSAGE = (
     "the box's VMI does not boot what gtvp composed for it (its kernel, command line, volumes "
     "or access credentials were changed outside gtvp); gtvp restarts it onto its composition"

@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gtvp import box_attestation, key_release, kube
@@ -39,9 +39,11 @@ from gtvp.core.compose import (
     BOOT_ANNOTATION,
     BOX_LABEL,
     BoxRef,
+    boot_images,
     preferred_node,
     remember_boot,
     template_boots,
+    vm_images,
     vmi_boots,
 )
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
@@ -211,7 +213,44 @@ def observed(rt: Runtime, key: Key) -> Observed:
         # a VMI that boots no kernel at all is not the composition either ("")
         vmi_boots=(vmi_boots(vmi) or "") if vmi is not None else None,
         vmi_created=((vmi or {}).get("metadata") or {}).get("creationTimestamp"),
+        vm_images=vm_images(vm),
+        vmi_images=boot_images((vmi or {}).get("spec")) if vmi is not None else (),
     )
+
+
+def unvouched(rt: Runtime, images: Iterable[str]) -> dict[str, str]:
+    """Of `images`, those no OSComponent vouches for now (image -> why): every component of
+    that image failed its check, or none is left (deleted). Nothing until the pool is
+    loaded (the components are listed then, so one not there is gone); a component not
+    checked yet vouches (the box waits for its check, as for resolution)."""
+    if not rt.view.loaded:
+        return {}
+    index = _by_image(rt)
+    out = {}
+    for image in images:
+        comps = index.get(image, [])
+        if not comps:
+            out[image] = "no OSComponent of this image is left (deleted)"
+            continue
+        checks = [rt.boxes.checks.get(c.object_name) for c in comps]
+        if any(resolvable(chk) for chk in checks):
+            continue
+        failed = next(chk for chk in checks if chk is not None)
+        out[image] = f"{comps[0].label} failed verification: {failed.reason}: {failed.message}"
+    return out
+
+
+def _by_image(rt: Runtime) -> dict[str, list[Component]]:
+    """The readable components by image (once per catalogue change)."""
+    memory = rt.boxes
+    version, cached = memory.image_index
+    if version == memory.catalogue_version:
+        return cached
+    index: dict[str, list[Component]] = {}
+    for c in _readable(rt):
+        index.setdefault(c.image, []).append(c)
+    memory.image_index = (memory.catalogue_version, index)
+    return index
 
 
 def _preferred(
@@ -261,6 +300,7 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
     }
     checks = rt.boxes.checks
     running = {n: checks[n] for n in (*seen.booted, *seen.hotplugged) if n in checks}
+    common["unvouched"] = unvouched(rt, {*seen.vm_images, *seen.vmi_images})
     try:
         comps = resolve_cached(rt, spec, _preferred(rt, box, seen, now))
     except Unresolvable as exc:

@@ -16,6 +16,7 @@ from gtvp.core import launchers
 from gtvp.core.api_resources import (
     MEMBERS,
     MIGRATIONS,
+    OS_COMPONENTS,
     SECURITY_POLICIES,
     VIRTUAL_MACHINE_INSTANCES,
     VIRTUAL_MACHINES,
@@ -58,6 +59,7 @@ LISTED: dict[str, ApiResource] = {
     "vm": VIRTUAL_MACHINES,
     "vmi": VIRTUAL_MACHINE_INSTANCES,
     "migration": MIGRATIONS,
+    "component": OS_COMPONENTS,
 }
 
 
@@ -102,8 +104,8 @@ async def _list_pool(rt: Runtime) -> dict[str, list[dict[str, Any]]]:
 
 
 async def load_pool(memo: kopf.Memo, **_: Any) -> None:
-    """List policies, Nodes, members, VMs, VMIs, migrations and launcher pods before kopf
-    serves the webhooks.
+    """List policies, Nodes, members, VMs, VMIs, migrations, launcher pods and OSComponents
+    before kopf serves the webhooks.
 
     kopf starts its watches and the admission server only after every startup handler has
     finished, so the webhooks never judge against an empty view of the pool (which would
@@ -128,6 +130,11 @@ async def load_pool(memo: kopf.Memo, **_: Any) -> None:
         rt.view.observe_pod(body, "ADDED")
     for body in listed["migration"]:
         rt.view.observe_migration(body, "ADDED")
+    # every OSComponent, so that one a running box boots and the view lacks is gone
+    # (`lazyboxes.unvouched`); their watch events check them
+    for body in listed["component"]:
+        rt.view.observe_component(body, "ADDED")
+    rt.boxes.catalogue_version += 1
     verdict_uses.mark_started(rt, listed["vmi"])
     rt.view.loaded = True
     log.info("loaded %s", ", ".join(f"{len(items)} {what}s" for what, items in listed.items()))
