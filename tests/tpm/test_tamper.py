@@ -280,6 +280,43 @@ def test_reboot_is_reported(make_tpm: Callable[..., Swtpm], tpm_dir: Path) -> No
     verify_quote(second.evidence(), second.expectation(last_clock=err.value.clock))
 
 
+def _shutdown_state(tcti: str) -> None:
+    """TPM2_Shutdown(STATE): what an OS sends before a suspend, and root before a reboot
+    that should look like none."""
+    from tpm2_pytss import ESAPI, TCTILdr
+    from tpm2_pytss.constants import TPM2_SU
+
+    name, _, conf = tcti.partition(":")
+    esapi = ESAPI(TCTILdr(name, conf))
+    try:
+        esapi.shutdown(TPM2_SU.STATE)
+    finally:
+        esapi.close()
+
+
+def test_a_reboot_through_a_tpm_restart_is_reported(
+    make_tpm: Callable[..., Swtpm], tpm_dir: Path
+) -> None:
+    """Root sends TPM2_Shutdown(STATE), then reboots; the firmware's Startup(CLEAR) is a TPM
+    Restart: the PCRs are reset and a new boot measured, resetCount stays, restartCount
+    rises. A quote made before (in a brief good boot) and handed in from the new boot must
+    not pass as the running boot's: the reboot is reported, the next quote judged."""
+    tpm = make_tpm()
+    first = real_quote(tpm.tcti, tpm_dir / "agent-restart")
+    result = verify_quote(first.evidence(), first.expectation())
+    _shutdown_state(tpm.tcti)
+    tpm.stop()
+    tpm.start()  # TPM2_Startup(CLEAR) after Shutdown(STATE)
+    second = real_quote(tpm.tcti, tpm_dir / "agent-restart")
+    exp = second.expectation(last_clock=result.clock)
+    with pytest.raises(errors.Rebooted) as err:
+        verify_quote(second.evidence(), exp)
+    assert isinstance(err.value.clock, ClockState)
+    assert err.value.clock.reset_count == result.clock.reset_count  # no TPM Reset
+    assert err.value.clock.restart_count == result.clock.restart_count + 1
+    verify_quote(second.evidence(), second.expectation(last_clock=err.value.clock))
+
+
 # ----- malformed blobs --------------------------------------------------------------------------
 
 

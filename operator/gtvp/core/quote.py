@@ -369,6 +369,16 @@ def _check_counters(a: Attest, last: ClockState | None) -> ClockState:
         raise errors.CounterWentBack(
             f"TPM restartCount went from {last.restart_count} to {a.restart_count}"
         )
+    if a.restart_count > last.restart_count:
+        # a TPM Restart (Shutdown(STATE), then a reboot whose firmware sends Startup(CLEAR))
+        # resets the PCRs and measures a new boot while resetCount stays: a reboot too (a
+        # quote made in a brief good boot, handed in from a bad one, would hide it); a
+        # Resume from suspend also counts here, which costs one more quote
+        raise errors.Rebooted(
+            f"the host rebooted or resumed (TPM restartCount {last.restart_count} -> "
+            f"{a.restart_count}); its new boot is verified by the next quote",
+            clock=now,
+        )
     if a.clock < last.clock:
         raise errors.ClockWentBack(
             f"TPM clock went back from {last.clock} ms to {a.clock} ms without a reset"
