@@ -10,6 +10,10 @@ gtvp-composed, or reset a Mismatch."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,3 +113,61 @@ def test_a_role_on_members_cannot_write_a_verdict(control_plane: ControlPlane) -
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     control_plane.kubectl("delete", "member", name, check=False)
+
+
+@pytest.mark.usefixtures("wildcard_owner")
+def test_a_service_account_named_like_the_agent_elsewhere_is_no_agent(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    """Someone who may create pods in a namespace, and holds a role written as members/*,
+    makes a ServiceAccount `gtvp-agent` there and a pod of it on node X: its token names X,
+    and a name match on `:gtvp-agent` would take it for X's agent, free to withdraw X's
+    enrolment (X Untrusted at once; on an autoRecover: false level until a human readmits
+    it). Only the agents' own account (here: their client certificates) is an agent."""
+    node = f"spoofed-{uuid.uuid4().hex[:6]}"
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}))  # fmt: skip
+    control_plane.apply(
+        {"apiVersion": "gtvp.io/v1alpha1", "kind": "Member", "metadata": {"name": node},
+         "spec": {"identity": 3}}
+    )  # fmt: skip
+    account = "gtvp-agent"
+    control_plane.kubectl("create", "serviceaccount", account, "-n", namespace)
+    user = f"system:serviceaccount:{namespace}:{account}"
+    grant(control_plane, f"gtvp-test-{namespace}-agent",
+          [{"apiGroups": ["gtvp.io"], "resources": ["*"], "verbs": ["*"]}],
+          (Identity(user, (), account),))  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "fake-agent", "namespace": namespace},
+        "spec": {"nodeName": node, "serviceAccountName": account,
+                 "containers": [{"name": "a", "image": "x"}]},
+    }  # fmt: skip
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(pod))
+    token = control_plane.kubectl(
+        "create", "token", account, "-n", namespace,
+        "--bound-object-kind=Pod", "--bound-object-name=fake-agent",
+    ).stdout.strip()  # fmt: skip
+    kubeconfig = tmp_path / "fake-agent.kubeconfig"
+    control_plane.write_kubeconfig(kubeconfig, account, {"token": token})
+    withdrawn = {"status": {"agent": {"enrolment": None, "heartbeatTime": "2026-12-05T00:00:00Z"}}}
+
+    def patch(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(control_plane.bin.kubectl), f"--kubeconfig={kubeconfig}", "patch", "member",
+             node, "--subresource=status", "--type=merge", "-p", json.dumps(withdrawn), *extra],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    try:
+        deadline = time.monotonic() + 15  # a policy just applied loads a moment later
+        while patch("--dry-run=server").returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        refused = patch()
+        assert refused.returncode != 0, refused.stdout
+        assert REFUSED in refused.stderr
+        assert f"{user} may not" in refused.stderr
+    finally:
+        control_plane.kubectl("delete", "member", node, check=False)
+        control_plane.kubectl("delete", "node", node, check=False)
