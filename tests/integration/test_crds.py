@@ -72,6 +72,12 @@ def _policy(repo: Path, **changes: Any) -> dict[str, Any]:
     return p
 
 
+def _with_locality(policy: dict[str, Any], locality: Any) -> dict[str, Any]:
+    """`policy` whose first reference set requires the TPM started at `locality`."""
+    policy["spec"]["memberClasses"][0]["referenceSets"][0]["startupLocality"] = locality
+    return policy
+
+
 def _component(repo: Path, **changes: Any) -> dict[str, Any]:
     c = _unique(_sample(repo, "OSComponent"))
     c["spec"].update(changes)
@@ -233,6 +239,11 @@ INVALID: list[tuple[str, Any, list[str]]] = [
         ["spec.transitions[0].matchLabels", "gtvp writes it from the member's verdict"],
     ),
     (
+        "policy reference set startup locality 7",
+        lambda r: _with_locality(_policy(r), 7),
+        ["startupLocality", "should be less than or equal to 4"],
+    ),
+    (
         "policy balancing sustainFor not a duration",
         lambda r: _policy(r, balancing={"sustainFor": "0s"}),
         ["spec.balancing.sustainFor", "sustainFor must be a positive duration"],
@@ -354,3 +365,21 @@ def test_server_reports_the_built_kubernetes_version(control_plane: ControlPlane
     out = json.loads(control_plane.kubectl("version", "-o", "json").stdout)
     assert out["serverVersion"]["gitVersion"].startswith("v1.36.")
     assert out["clientVersion"]["gitVersion"] == out["serverVersion"]["gitVersion"]
+
+
+def test_a_reference_sets_startup_locality_is_kept_not_pruned(
+    control_plane: ControlPlane, repo: Path
+) -> None:
+    """A field the CRD's schema lacked would be dropped without a word, and the set would
+    check nothing of the TPM's startup locality."""
+    obj = _with_locality(_policy(repo), 3)
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(obj))
+    try:
+        got = json.loads(
+            control_plane.kubectl(
+                "get", "securitypolicy", obj["metadata"]["name"], "-o", "json"
+            ).stdout
+        )
+        assert got["spec"]["memberClasses"][0]["referenceSets"][0]["startupLocality"] == 3
+    finally:
+        control_plane.kubectl("delete", "-f", "-", input_text=json.dumps(obj), check=False)

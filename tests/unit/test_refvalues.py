@@ -157,6 +157,17 @@ def test_ungoverned_pcrs_events_are_not_appraised() -> None:
     assert appraise(log, quoted(log), "sha256", (ref,), NOW).name == "boot-chain"
 
 
+def test_the_startup_locality_is_learned_where_the_firmware_set_it() -> None:
+    """The Lenovo log's TPM was started at locality 3 (an H-CRTM): learned, PCR 0 governed;
+    the other machine's at 0: nothing to learn (software can start a TPM there too)."""
+    learned = learn(real(PLAIN), "sha256", range(8), name="v1")
+    assert learned["startupLocality"] == 3
+    assert "startupLocality" not in learn(real(SECURE), "sha256", range(8), name="v1")
+    assert "startupLocality" not in learn(real(PLAIN), "sha256", [4], name="v1")
+    (ref,) = sets_of([learned])
+    assert ref.startup_locality == 3
+
+
 # ----- attacks ---------------------------------------------------------------------------
 
 
@@ -486,3 +497,40 @@ def test_a_learned_set_rules_every_pcr_it_was_asked_for_even_one_with_no_events(
     sets = parse_policy("p", spec).member_classes["fleet"].reference_sets
     quoted16 = {p: log.pcrs["sha256"].get(p, b"\0" * 32) for p in range(16)}
     assert appraise(log, quoted16, "sha256", sets, NOW).name == "all"
+
+
+def _software_filled(log: EventLog) -> EventLog:
+    """The same boot's events, extended from the OS into a TPM it started itself (the
+    firmware measured nothing: the TPM hidden from it), so no StartupLocality: PCR 0 begins
+    at zero."""
+    events = [(e.pcr, e.event_type, e.data) for e in log.events if e.event_type != 3]
+    digests = {
+        i: e.digests["sha256"] for i, e in enumerate(x for x in log.events if x.event_type != 3)
+    }
+    return parse_event_log(synth_log(events, digests))
+
+
+def test_a_boot_the_firmware_did_not_measure_is_refused_where_it_starts_at_locality_3() -> None:
+    """Root starts the TPM from the OS (at locality 0) on a boot the firmware did not
+    measure, and extends the good boot's events itself: every event is allowed, the log
+    replays to the quote, but PCR 0 began at 0, not at the firmware's locality 3."""
+    genuine = real(PLAIN)
+    sets = sets_of([learn(genuine, "sha256", range(8), name="lenovo")])
+    forged = _software_filled(genuine)
+    assert forged.pcrs["sha256"][4] == genuine.pcrs["sha256"][4]  # the same boot chain
+    with pytest.raises(EventNotAllowed, match="requires a TPM started at locality 3"):
+        appraise(forged, quoted(forged), "sha256", sets, NOW)
+    assert appraise(genuine, quoted(genuine), "sha256", sets, NOW).name == "lenovo"
+
+
+@pytest.mark.parametrize(
+    ("value", "pcrs", "said"),
+    [(5, range(8), "not a locality 0-4"), ("3", range(8), "not a locality 0-4"),
+     (True, range(8), "not a locality 0-4"), (3, [4, 7], "does not quote")],
+)  # fmt: skip
+def test_a_startup_locality_that_checks_nothing_is_refused(
+    value: Any, pcrs: Sequence[int], said: str
+) -> None:
+    learned = learn(real(PLAIN), "sha256", [4], name="v1")
+    with pytest.raises(PolicyError, match=said):
+        sets_of([{**learned, "startupLocality": value}], pcrs)

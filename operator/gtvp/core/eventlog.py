@@ -241,3 +241,21 @@ def _replay(
             raise MalformedEvidence(f"event {index} lacks its {bank} digest")
         current = pcrs[bank].get(event.pcr, b"\0" * dsize)
         pcrs[bank][event.pcr] = hashlib.new(bank, current + event.digests[bank]).digest()
+
+
+def startup_locality(log: EventLog) -> int:
+    """The locality the TPM was started from, as the log's StartupLocality event on PCR 0
+    says (the last one, as the replay takes it); 0 when it has none. A TPM started at
+    locality 3 or 4 (an H-CRTM) begins PCR 0 at that value, which no extend from software
+    can reproduce; one software started itself (firmware that did not measure) begins at 0."""
+    found = 0
+    for e in log.events:
+        data = e.data
+        if (
+            e.event_type == EV_NO_ACTION
+            and e.pcr == 0
+            and data.startswith(STARTUP_LOCALITY_SIGNATURE)
+            and len(data) >= 17
+        ):
+            found = data[16]
+    return found

@@ -622,12 +622,23 @@ def _reference_sets(
                 f"Secure Boot is measured into PCR {SECURE_BOOT_PCR}, which "
                 "spec.pcrSelection.pcrs does not quote: add it there",
             )
+        locality = rs.get("startupLocality")
+        if locality is not None and (
+            isinstance(locality, bool) or not isinstance(locality, int) or not 0 <= locality <= 4
+        ):
+            raise PolicyError(f"{rpath}.startupLocality", f"{locality!r} is not a locality 0-4")
+        if locality is not None and 0 not in selected:
+            raise PolicyError(
+                f"{rpath}.startupLocality",
+                "the startup locality is where PCR 0 begins, which spec.pcrSelection.pcrs does "
+                "not quote: add it there",
+            )
         rules = _pcr_rules(_get(rs, "pcrs", []), rpath, bank, size, selected)
         if not rules and secure_boot is None:
             raise PolicyError(
                 f"{rpath}.pcrs", f"reference set {name!r} governs no PCR: it would accept any log"
             )
-        sets.append(ReferenceSet(name, rules, secure_boot, not_before, not_after))
+        sets.append(ReferenceSet(name, rules, secure_boot, not_before, not_after, locality))
     return tuple(sets)
 
 

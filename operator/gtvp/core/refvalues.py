@@ -13,7 +13,10 @@ appraisal (`appraise`) is pure and fails closed:
    whose rule names a variable, that variable; the first event that is not is named;
 3. `secureBoot: Enabled` (or `Disabled`) needs the log's EV_EFI_VARIABLE_DRIVER_CONFIG
    event for `SecureBoot` on PCR 7 whose data hashes to its digest (so it is what was
-   measured) and says 1 (or 0).
+   measured) and says 1 (or 0);
+4. `startupLocality: N` needs the log's StartupLocality to be N (PCR 0 governed: its
+   replay begins there), so a TPM software started itself on a boot the firmware did not
+   measure (locality 0), with good events extended from the OS, is refused.
 
 A member class may hold several reference sets at once (a staged rollout): the first one
 that accepts the log and whose validity window (notBefore, notAfter) holds now matches,
@@ -39,6 +42,7 @@ from gtvp.core.eventlog import (
     EventLog,
     efi_variable,
     event_type_name,
+    startup_locality,
 )
 
 SECURE_BOOT_PCR = 7
@@ -87,6 +91,9 @@ class ReferenceSet:
     secure_boot: str | None = None  # "Enabled", "Disabled" or None (not checked)
     not_before: dt.datetime | None = None
     not_after: dt.datetime | None = None
+    startup_locality: int | None = None
+    """The locality the TPM must have been started from (the log's StartupLocality, which
+    PCR 0's replay begins at); None: not checked."""
 
     @property
     def rule_pcrs(self) -> frozenset[int]:
@@ -98,6 +105,8 @@ class ReferenceSet:
         """The PCRs the log must reproduce: those with rules, and PCR 7 when the set checks
         Secure Boot (else a SecureBoot event the TPM never measured could be believed)."""
         pcrs = frozenset(r.pcr for r in self.pcrs)
+        if self.startup_locality is not None:
+            pcrs |= {0}  # the locality is what PCR 0's replay starts at
         return pcrs | {SECURE_BOOT_PCR} if self.secure_boot is not None else pcrs
 
     def window_problem(self, now: dt.datetime) -> str | None:
@@ -160,6 +169,14 @@ def set_problem(log: EventLog, bank: str, ref: ReferenceSet) -> str | None:
             continue
         if not _allowed(rule, e, bank):
             return f"{describe(i, e, bank)} is not allowed"
+    if ref.startup_locality is not None:
+        started = startup_locality(log)
+        if started != ref.startup_locality:
+            return (
+                f"it requires a TPM started at locality {ref.startup_locality} (its firmware's "
+                f"StartupLocality), the log shows locality {started}: a boot the firmware did "
+                "not measure, whose PCRs software filled"
+            )
     if ref.secure_boot is not None:
         got = secure_boot_state(log, bank)
         if got != ref.secure_boot:
@@ -241,6 +258,10 @@ def learn(log: EventLog, bank: str, pcrs: Iterable[int], *, name: str) -> dict[s
         if d not in digests:
             digests.append(d)
     out: dict[str, object] = {"name": name}
+    started = startup_locality(log)
+    if started and 0 in wanted:
+        # an H-CRTM starts PCR 0 at its locality: software alone cannot
+        out["startupLocality"] = started
     state = secure_boot_state(log, bank)
     if state is not None and SECURE_BOOT_PCR in wanted:
         out["secureBoot"] = state
