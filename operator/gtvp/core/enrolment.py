@@ -66,6 +66,7 @@ from gtvp.core.tpm_wire import (
     as_tpm2b_public,
     parse_public,
 )
+from gtvp.core.weak_keys import WHY_ROCA, roca_fingerprint
 
 EK_CERTIFICATE_EKU = ObjectIdentifier("2.23.133.8.1")
 MAX_CHAIN = 6
@@ -134,12 +135,19 @@ def _ak_facts(ak_area: bytes) -> AkFacts:
 
 
 def check_ek_public(ek: PublicArea) -> None:
-    """The EK must be a restricted decryption key that cannot leave its TPM."""
+    """The EK must be a restricted decryption key that cannot leave its TPM, and not an RSA
+    key whose private half can be computed from its public one (ROCA)."""
     need = RESTRICTED | DECRYPT | FIXED_TPM | FIXED_PARENT | ADMIN_WITH_POLICY
     if ek.attributes & need != need or ek.attributes & SIGN_ENCRYPT:
         raise errors.EkCertificateInvalid(
             "the reported EK is not a TCG endorsement key (restricted, decrypt, fixedTPM, "
             "fixedParent, adminWithPolicy; not sign)"
+        )
+    if isinstance(ek.key, rsa.RSAPublicKey) and roca_fingerprint(ek.key.public_numbers().n):
+        raise errors.EkCertificateInvalid(
+            f"the EK is refused: {WHY_ROCA}; root on the host could answer gtvp's credential "
+            "without the TPM. Update the TPM's firmware and provision a new EK, or enrol "
+            "with the TPM's ECC EK (gtvp-agent --ek ecc; the chart's agent.ekType: ecc)"
         )
 
 

@@ -50,6 +50,7 @@ from gtvp.core.tpm_wire import (
     parse_attest,
     parse_signature,
 )
+from gtvp.core.weak_keys import WHY_ROCA, roca_fingerprint
 
 _HASHES: dict[int, hashes.HashAlgorithm] = {
     HASH_BY_NAME["sha256"]: hashes.SHA256(),
@@ -257,7 +258,13 @@ _FORBIDDEN_MASK = sum(FORBIDDEN_AK_ATTRIBUTES.values())
 def check_ak_attributes(ak: PublicArea) -> None:
     """An AK must be a restricted, non-duplicable, TPM-generated signing-only key, named
     with SHA-256 or stronger (its name is what a credential and every quote are bound to:
-    a SHA-1 name could be shared by a key crafted to collide with it)."""
+    a SHA-1 name could be shared by a key crafted to collide with it), and not an RSA key
+    whose private half can be computed from its public one (ROCA)."""
+    if isinstance(ak.key, rsa.RSAPublicKey) and roca_fingerprint(ak.key.public_numbers().n):
+        raise errors.AkAttributesInvalid(
+            f"the AK is refused: {WHY_ROCA}; anyone who read it could forge quotes. Update "
+            "the TPM's firmware, or run the agent with its default ECC AK (not --ak rsa)"
+        )
     if (
         ak.attributes & _REQUIRED_MASK == _REQUIRED_MASK
         and not ak.attributes & _FORBIDDEN_MASK

@@ -1,0 +1,80 @@
+"""TPM keys whose private half can be computed from the public one (ROCA, CVE-2017-15361)
+are refused as EKs and AKs; ordinary RSA keys are not."""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gtvp.core import errors
+from gtvp.core.enrolment import check_ek_public
+from gtvp.core.quote import REQUIRED_AK_ATTRIBUTES, check_ak_attributes
+from gtvp.core.tpm_wire import (
+    ADMIN_WITH_POLICY,
+    ALG_NULL,
+    ALG_RSA,
+    ALG_SHA256,
+    DECRYPT,
+    FIXED_PARENT,
+    FIXED_TPM,
+    RESTRICTED,
+    PublicArea,
+)
+from gtvp.core.weak_keys import ROCA_PRIMES, roca_fingerprint
+
+M = math.prod((2, *ROCA_PRIMES))
+
+
+def _roca_prime_form(bits: int) -> int:
+    """A number shaped like the vulnerable generator's primes: k * M + (65537^a mod M) (the
+    fingerprint needs only that shape, not primality)."""
+    a = secrets.randbelow(2**20)
+    k = secrets.randbits(bits - M.bit_length()) | 1 << (bits - M.bit_length() - 1)
+    return k * M + pow(65537, a, M)
+
+
+def _roca_modulus() -> int:
+    """A 2048-bit modulus of two such factors."""
+    while (n := _roca_prime_form(1024) * _roca_prime_form(1025)).bit_length() != 2048:
+        pass
+    return n
+
+
+def _area(n: int, attributes: int) -> PublicArea:
+    key = rsa.RSAPublicNumbers(65537, n).public_key()
+    return PublicArea(ALG_RSA, ALG_SHA256, attributes, ALG_NULL, ALG_NULL, key, ALG_NULL, b"")
+
+
+EK_ATTRIBUTES = RESTRICTED | DECRYPT | FIXED_TPM | FIXED_PARENT | ADMIN_WITH_POLICY
+AK_ATTRIBUTES = sum(REQUIRED_AK_ATTRIBUTES.values())
+
+
+def test_a_modulus_of_the_vulnerable_generators_shape_has_the_fingerprint() -> None:
+    for _ in range(5):
+        assert roca_fingerprint(_roca_modulus())
+
+
+def test_ordinary_rsa_keys_do_not() -> None:
+    for _ in range(8):
+        key = rsa.generate_private_key(65537, 2048)
+        assert not roca_fingerprint(key.public_key().public_numbers().n)
+
+
+@pytest.mark.parametrize("role", ["EK", "AK"])
+def test_a_tpm_key_with_the_fingerprint_is_refused_saying_why(role: str) -> None:
+    """An EK would let root decrypt gtvp's credential and bind a software AK; an AK would let
+    anyone who read it forge quotes, for good."""
+    weak = _roca_modulus()
+    ordinary = rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
+    check, attributes, error = {
+        "EK": (check_ek_public, EK_ATTRIBUTES, errors.EkCertificateInvalid),
+        "AK": (check_ak_attributes, AK_ATTRIBUTES, errors.AkAttributesInvalid),
+    }[role]
+    check(_area(ordinary, attributes))
+    with pytest.raises(error) as refused:
+        check(_area(weak, attributes))
+    assert "ROCA" in refused.value.message
+    assert "CVE-2017-15361" in refused.value.message
