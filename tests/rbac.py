@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from gtvp_local.controlplane import ControlPlane, Identity
@@ -46,3 +47,26 @@ def until_refused(cp: ControlPlane, policy: str, needle: str, *args: str, **kwar
             return
         time.sleep(0.2)
     raise AssertionError(f"the {policy} policy never took effect")
+
+
+def pod_token_kubeconfig(
+    cp: ControlPlane, namespace: str, account: str, node: str, pod: str, path: Path
+) -> Path:
+    """A kubeconfig at `path` holding what root on `node` finds there: the token of
+    `account` (an existing ServiceAccount of `namespace`) bound to a pod `pod` of it on that
+    node, which the API server turns into a user naming the node
+    (`authentication.kubernetes.io/node-name`)."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod, "namespace": namespace},
+        "spec": {"nodeName": node, "serviceAccountName": account,
+                 "containers": [{"name": "c", "image": "x"}]},
+    }  # fmt: skip
+    cp.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    token = cp.kubectl(
+        "create", "token", account, "-n", namespace,
+        "--bound-object-kind=Pod", f"--bound-object-name={pod}",
+    ).stdout.strip()  # fmt: skip
+    cp.write_kubeconfig(path, account, {"token": token})
+    return path

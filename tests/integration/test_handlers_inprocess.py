@@ -877,16 +877,14 @@ def test_deleting_a_member_under_a_running_operator_untrusts_its_node_at_once(
     assert again["metadata"]["uid"] != got["metadata"]["uid"]
 
 
-def test_a_member_the_operator_fails_to_judge_loses_its_verdict_and_its_nodes_trust(
+def _trusted_member_judged_by_a_failing_step(
     control_plane: ControlPlane,
     cluster_names: list[str],
     rt: Runtime,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Whatever makes judging a member fail (here the judgement itself raises, as a parser
-    fault would), its Trusted verdict does not stand until a later judgement succeeds: the
-    Member is written Untrusted and its Node loses its trust labels at once."""
+) -> str:
+    """A Trusted level-3 member on a trust-labelled Node, in the view, whose next judgement
+    raises (as a parser fault would)."""
     name = _trust_labelled_node(control_plane, cluster_names)
     _create_member(control_plane, rt, name, 3)
     _patch_status(control_plane, name, _trusted(name, 3)["status"])
@@ -900,6 +898,20 @@ def test_a_member_the_operator_fails_to_judge_loses_its_verdict_and_its_nodes_tr
         raise ValueError("error parsing asn1 value")
 
     monkeypatch.setattr(attestation, "attestation_step", broken)
+    return name
+
+
+def test_a_member_the_operator_fails_to_judge_loses_its_verdict_and_its_nodes_trust(
+    control_plane: ControlPlane,
+    cluster_names: list[str],
+    rt: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever makes judging a member fail (here the judgement itself raises, as a parser
+    fault would), its Trusted verdict does not stand until a later judgement succeeds: the
+    Member is written Untrusted and its Node loses its trust labels at once."""
+    name = _trusted_member_judged_by_a_failing_step(control_plane, cluster_names, rt, monkeypatch)
     asyncio.run(attestation.reconcile(rt, name))
     status = _status(rt, name)
     assert (status["phase"], status["level"]) == ("Untrusted", 0)
@@ -921,22 +933,11 @@ def test_a_node_whose_trust_write_failed_is_looked_at_again_soon(
     restarting): the Node still carries trust labels, so the member is looked at again in
     seconds, not at its next turn (30 s after a failed judgement, a level's interval after
     a quote)."""
-    name = _trust_labelled_node(control_plane, cluster_names)
-    _create_member(control_plane, rt, name, 3)
-    _patch_status(control_plane, name, _trusted(name, 3)["status"])
-    got = kube.get_if_present(rt.clients, MEMBERS, name)
-    assert got is not None
-    rt.view.observe_member(got, "ADDED")
-    rt.view.observe_node(_node(control_plane, name), "ADDED")
-    rt.view.policy = parse_policy(POLICY, sample_policy_spec())
-
-    def broken(**_: Any) -> Any:
-        raise ValueError("error parsing asn1 value")
+    name = _trusted_member_judged_by_a_failing_step(control_plane, cluster_names, rt, monkeypatch)
 
     async def node_write_fails(*_: Any, **__: Any) -> bool:
         return False
 
-    monkeypatch.setattr(attestation, "attestation_step", broken)
     monkeypatch.setattr(attestation, "sync_node", node_write_fails)
     asyncio.run(attestation.reconcile(rt, name))
     assert _status(rt, name)["phase"] == "Untrusted"

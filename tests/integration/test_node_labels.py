@@ -20,7 +20,7 @@ import pytest
 from gtvp.core.trust import LEVEL_LABEL, TRUSTED_LABEL
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
 from gtvp_local.pool import apply_manifests
-from tests.rbac import grant, until_refused
+from tests.rbac import grant, pod_token_kubeconfig, until_refused
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -98,24 +98,9 @@ def _host_token(cp: ControlPlane, namespace: str, node: str, tmp_path: Path) -> 
     grant(cp, f"gtvp-test-{namespace}", [{"apiGroups": [""], "resources": ["nodes", "nodes/status"],
           "verbs": ["get", "patch", "delete"]}],
           (Identity(f"system:serviceaccount:{namespace}:{account}", (), account),))  # fmt: skip
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "daemon", "namespace": namespace},
-        "spec": {
-            "nodeName": node,
-            "serviceAccountName": account,
-            "containers": [{"name": "d", "image": "x"}],
-        },
-    }
-    cp.kubectl("create", "-f", "-", input_text=json.dumps(pod))
-    token = cp.kubectl(
-        "create", "token", account, "-n", namespace,
-        "--bound-object-kind=Pod", "--bound-object-name=daemon",
-    ).stdout.strip()  # fmt: skip
-    path = tmp_path / "host.kubeconfig"
-    cp.write_kubeconfig(path, account, {"token": token})
-    return path
+    return pod_token_kubeconfig(
+        cp, namespace, account, node, "daemon", tmp_path / "host.kubeconfig"
+    )
 
 
 def _patch_as(

@@ -20,7 +20,7 @@ import pytest
 
 from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
 from gtvp_local.pool import apply_manifests
-from tests.rbac import grant, until_refused
+from tests.rbac import grant, pod_token_kubeconfig, until_refused
 
 pytestmark = [pytest.mark.controlplane]
 
@@ -137,20 +137,9 @@ def test_a_service_account_named_like_the_agent_elsewhere_is_no_agent(
     grant(control_plane, f"gtvp-test-{namespace}-agent",
           [{"apiGroups": ["gtvp.io"], "resources": ["*"], "verbs": ["*"]}],
           (Identity(user, (), account),))  # fmt: skip
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "fake-agent", "namespace": namespace},
-        "spec": {"nodeName": node, "serviceAccountName": account,
-                 "containers": [{"name": "a", "image": "x"}]},
-    }  # fmt: skip
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(pod))
-    token = control_plane.kubectl(
-        "create", "token", account, "-n", namespace,
-        "--bound-object-kind=Pod", "--bound-object-name=fake-agent",
-    ).stdout.strip()  # fmt: skip
-    kubeconfig = tmp_path / "fake-agent.kubeconfig"
-    control_plane.write_kubeconfig(kubeconfig, account, {"token": token})
+    kubeconfig = pod_token_kubeconfig(
+        control_plane, namespace, account, node, "fake-agent", tmp_path / "fake-agent.kubeconfig"
+    )
     withdrawn = {"status": {"agent": {"enrolment": None, "heartbeatTime": "2026-12-05T00:00:00Z"}}}
 
     def patch(*extra: str) -> subprocess.CompletedProcess[str]:
