@@ -765,3 +765,33 @@ def test_a_vm_or_vmi_of_the_boxs_name_that_is_not_its_own_is_left_alone() -> Non
         assert decision.event[1] == "VMNameTaken"
         assert decision.status["composedBoots"] == []  # nothing gtvp composed runs there
     assert plan_box(inp(), NOW).vm is not None
+
+
+def test_a_box_armed_after_a_hot_plug_is_recomposed_onto_pinned_disks() -> None:
+    """A box got a hot-plugged component (no Secrets named, boxes not attested); then it
+    names Secrets, or the policy starts attesting boxes: the disk its init neither checks
+    nor measures is recomposed into its boot disks, the VMI restarted onto them, and the
+    hot-plugged composition no longer vouched for."""
+    curl = parse_component(PUB.component("curl", "8.0.0", requires=["libc"]))
+    spec = {**SPEC, "onMissingDependency": "HotPlug", "requestedComponents": [{"name": "curl"}]}
+    checks = {**OK, curl.object_name: Check("Verified", "SignatureValid", "")}
+    comps = [*COMPS, curl]
+    d = plan_box(inp(spec=spec, components=comps, checks=checks, observed=_running(COMPS)), NOW)
+    assert d.vm is not None
+    assert not d.restart  # hot-plugged
+    status = recorded(d, NOW)
+    hot = template_boots(d.vm)
+    seen = replace(_running(COMPS), hotplugged=(curl.object_name,), vm_boots=hot, vmi_boots=hot)
+    same = plan_box(inp(spec=spec, components=comps, checks=checks, observed=seen,
+                        status=status), NOW)  # fmt: skip
+    assert (same.vm, same.restart) == (None, False)  # not armed: it stays as it is
+    armed = plan_box(inp(spec=spec, components=comps, checks=checks, observed=seen,
+                         status=status, armed=True), NOW)  # fmt: skip
+    assert armed.vm is not None
+    assert armed.restart
+    assert armed.forget_boots
+    assert "c-curl" in {
+        d["name"] for d in armed.vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"]
+    }
+    assert not armed.vm["spec"].get("dataVolumeTemplates")
+    assert not runs_composition(recorded(armed, NOW), hot, None)

@@ -301,9 +301,14 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     obs = inp.observed
     known = composed_boots(inp.status)
     vmi_ok = obs.vmi_boots is None or runs_composition(inp.status, obs.vmi_boots, obs.vmi_created)
-    if known and obs.vm_boots == known[0] and vmi_ok:
+    # hot-plugged while the box was not armed, armed since (it names Secrets now, or the
+    # policy attests boxes): the disks the init neither checks nor measures are recomposed
+    hot_when_armed = inp.armed and bool(obs.hotplugged)
+    if known and obs.vm_boots == known[0] and vmi_ok and not hot_when_armed:
         return None
     observed = _observe(inp, now)
+    if hot_when_armed:
+        return _recompose_hotplugged(inp, now, observed, comps)
     if known and obs.vm_boots == known[0]:
         # the VM is gtvp's; its VMI is not: restart it (no VM write, no new credential)
         message = "its VMI boots what gtvp did not compose for the box: restarted onto it"
@@ -339,6 +344,32 @@ def _restored(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisi
     )
     return Decision(
         observed.status, vm=vm, restart=restart, event=("Warning", "CompositionRestored", message)
+    )
+
+
+def _recompose_hotplugged(
+    inp: BoxInput, now: dt.datetime, observed: Decision, comps: list[Component]
+) -> Decision:
+    """A box armed since it got hot-plugged components: its VM is written anew booting every
+    component from a pinned disk (armed by the shell), its VMI restarted onto it, and the
+    hot-plugged composition no longer vouched for (no Secrets, no box attestation for it)."""
+    node = inp.observed.vmi_node or inp.observed.vm_node
+    try:
+        vm = compose_vm(inp.ref, inp.spec, comps, node)
+    except CompositionError as exc:
+        return _failed(inp, now, "NotBootable", str(exc), "Composed")
+    _annotate(vm, comps, ())
+    message = (
+        "the box is armed now (it names Secrets, or the policy attests boxes): its hot-plugged "
+        f"{', '.join(inp.observed.hotplugged)}, which the box init neither checks nor "
+        "measures, are recomposed into its boot disks; restarting onto them"
+    )
+    return Decision(
+        observed.status,
+        vm=vm,
+        restart=inp.observed.vmi_boots is not None,
+        event=("Normal", "Recomposed", message),
+        forget_boots=True,
     )
 
 
