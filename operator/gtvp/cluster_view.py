@@ -112,6 +112,8 @@ class ClusterView:
     pod_seen: dict[Key, int] = field(default_factory=dict)
     pod_ended: dict[Key, int] = field(default_factory=dict)
     migration_seen: dict[Key, int] = field(default_factory=dict)
+    component_seen: dict[str, int] = field(default_factory=dict)
+    """Per OSComponent name: the event count at its last watch event (`components.resync`)."""
     """At which event each migration was last told of (a deleted one until the next resync)."""
     # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
     # as of a version of `placed` (summed again once `placed_version` moved on)
@@ -366,6 +368,8 @@ class ClusterView:
     def observe_component(self, body: dict[str, Any], event_type: str) -> bool:
         """Record an OSComponent event; False when it is gone."""
         name = name_of(body)
+        self.events += 1
+        self.component_seen[name] = self.events
         if event_type == "DELETED":
             self.components.pop(name, None)
             return False

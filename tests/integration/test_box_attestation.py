@@ -37,7 +37,7 @@ from gtvp.core import boxattest as ba
 from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.components import parse_component
-from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, composed_boot, overlay_order
+from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, overlay_order, template_boots
 from gtvp.core.evacuation import EVACUATION_LABEL, Vmi, migration_name
 from gtvp.core.policy import Policy, parse_policy
 from gtvp.core.policy_status import Accepted
@@ -345,7 +345,7 @@ def pool(
             armed = box_attestation.arm(rt, (namespace, name), vm)
             assert isinstance(armed, box_attestation.Armed), armed
             # what gtvp records of the armed VM it writes (lazyboxes.reconcile_box)
-            composed = [composed_boot(armed.vm["spec"]["template"]["spec"])]
+            composed = [template_boots(armed.vm)]
             written = {"attestation": armed.attestation, "composedBoots": composed}
             box = kube.patch_status(admin, LAZY_BOXES, name, written, namespace)
             rt.view.observe_box(box, "MODIFIED")

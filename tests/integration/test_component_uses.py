@@ -142,22 +142,34 @@ def test_an_image_a_box_boots_is_vouched_for_only_while_a_component_of_it_verifi
 ) -> None:
     """What a running box boots is judged by its images, whatever OSComponent objects are
     left: one whose component fails its check (a publisher removed) or whose object is
-    deleted is no longer vouched for; one not checked yet is (the box waits for its check)."""
-    image = _server(rt, component)["spec"]["image"]
-    assert lazyboxes.unvouched(rt, [image]) == {}  # not checked yet: not taken as revoked
+    deleted is no longer vouched for; one not checked yet is (the box waits for its check).
+    A deletion the watch never reported (it was away) is found by the periodic listing."""
+    spec = _server(rt, component)["spec"]
+    part = (spec["componentName"][:20], spec["digest"])  # a library's disk, by its serial
+    assert lazyboxes.unvouched(rt, [part]) == {}  # not checked yet: not taken as revoked
     assert components.verify_component(rt, component).ok
-    assert lazyboxes.unvouched(rt, [image]) == {}
+    assert lazyboxes.unvouched(rt, [part]) == {}
     policy = rt.view.policy
     assert policy is not None
     rt.view.policy = dataclasses.replace(policy, publisher_keys={})
     components.verify_all(rt)
-    assert "UnknownPublisher" in lazyboxes.unvouched(rt, [image])[image]
+    assert "UnknownPublisher" in lazyboxes.unvouched(rt, [part])[part]
     rt.view.policy = policy
     components.verify_all(rt)
-    assert lazyboxes.unvouched(rt, [image]) == {}
-    body = _server(rt, component)
-    control_plane.kubectl("delete", "osc", component)
-    components.observe(rt, body, "DELETED")  # the watch's event
-    assert "deleted" in lazyboxes.unvouched(rt, [image])[image]
+    assert lazyboxes.unvouched(rt, [part]) == {}
+    since = rt.view.events
+    control_plane.kubectl("delete", "osc", component)  # and the watch misses it
+    listed = kube.list_all(rt.clients, OS_COMPONENTS)
+    assert components.resync(rt, listed, since) == [component]
+    assert "deleted" in lazyboxes.unvouched(rt, [part])[part]
     rt.view.loaded = False  # before the pool is listed, an absent object says nothing
-    assert lazyboxes.unvouched(rt, [image]) == {}
+    assert lazyboxes.unvouched(rt, [part]) == {}
+
+
+def test_a_component_the_watch_told_of_after_the_listing_began_is_not_forgotten(
+    rt: Runtime, component: str
+) -> None:
+    since = rt.view.events
+    _into_view(rt, _server(rt, component))  # a watch event after the listing was asked
+    assert components.resync(rt, [], since) == []
+    assert component in rt.view.components

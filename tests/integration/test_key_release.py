@@ -274,7 +274,7 @@ def pool(
         for name, m in ((BOX, members[0]), (OTHER_BOX, members[1])):
             # the composition gtvp made for the box (its status), booted by its VMI
             tmpl = armed[name]["spec"]["template"]["spec"]
-            booted = {"composedBoots": [compose.composed_boot(tmpl)]}
+            booted = {"composedBoots": [compose.template_boots(armed[name])]}
             rt.view.observe_box(
                 kube.patch_status(admin, LAZY_BOXES, name, booted, namespace), "MODIFIED"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from hypothesis import given, settings
@@ -21,8 +21,11 @@ from gtvp.core.compose import (
     preferred_node,
     runs_composition,
     template_boots,
-    vm_images,
+    vm_parts,
     with_cloud_init_secret,
+)
+from gtvp.core.compose import (
+    vouches as compose_vouches,
 )
 from gtvp.core.placement import Host, place
 from gtvp.core.resolve import BoxRequest, resolve
@@ -89,17 +92,20 @@ def test_vm_boots_the_kernel_and_carries_trust_selector_and_owner() -> None:
 
 def test_what_a_composition_boots_ignores_what_kubevirt_defaults_and_nothing_else() -> None:
     """`composed_boot` is compared with the VMI KubeVirt made from the VM: its defaults (a
-    pull policy) change nothing; a changed kernel argument, an added volume or disk serial,
-    or an SSH key change what it boots."""
-    tmpl = compose_vm(REF, SPEC, COMPS, "node-2")["spec"]["template"]["spec"]
-    ours = composed_boot(tmpl)
+    pull policy, a grace period within gtvp's cap) change nothing; a changed kernel
+    argument, an added volume or disk serial, or an SSH key change what it boots."""
+    vm = compose_vm(REF, SPEC, COMPS, "node-2")
+    tmpl = vm["spec"]["template"]["spec"]
+    labels = vm["spec"]["template"]["metadata"]["labels"]
+    ours = composed_boot(tmpl, None, labels)
     defaulted = copy.deepcopy(tmpl)
     for v in defaulted["volumes"]:
         if "containerDisk" in v:
             v["containerDisk"]["imagePullPolicy"] = "Always"
     defaulted["domain"]["firmware"]["kernelBoot"]["container"]["imagePullPolicy"] = "Always"
     defaulted["domain"]["machine"] = {"type": "q35"}
-    assert composed_boot(defaulted) == ours
+    defaulted["terminationGracePeriodSeconds"] = 30
+    assert composed_boot(defaulted, None, labels) == ours
     changes = []
     for edit in (
         lambda t: t["domain"]["firmware"]["kernelBoot"].update(kernelArgs="init=/bin/sh"),
@@ -111,37 +117,47 @@ def test_what_a_composition_boots_ignores_what_kubevirt_defaults_and_nothing_els
     ):
         changed = copy.deepcopy(tmpl)
         edit(changed)
-        changes.append(composed_boot(changed))
+        changes.append(composed_boot(changed, None, labels))
     assert ours not in changes
     assert len(set(changes)) == len(changes)
     # a hook sidecar (KubeVirt's Sidecar feature gate) rewrites the domain it boots
-    vm = compose_vm(REF, SPEC, COMPS, "node-2")
     hooked = copy.deepcopy(vm)
     hooked["spec"]["template"]["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"] = "[]"
-    assert template_boots(hooked) != template_boots(vm) == ours
+    assert template_boots(hooked) != template_boots(vm)
+    assert composed_boot(tmpl, vm["spec"]["template"]["metadata"]["annotations"], labels) == (
+        template_boots(vm)
+    )
 
 
-def test_a_vmi_of_the_composition_started_without_the_trust_selector_is_restarted() -> None:
+def test_a_vmi_of_the_composition_started_ungated_is_restarted() -> None:
     """Anyone who may create VMIs in the namespace starts the box's VMI (its VM as controller,
-    the exact composition) without the trust selector, so that it may land on any host: it
-    does not boot what gtvp composed (no Secrets, no box attestation: `runs_composition`),
-    and the box restarts it onto its VM; a higher or lower level's selector is not it either."""
+    the exact composition) without what keeps it gated: no trust selector (it may land on
+    any host), another level's, no level label (admission then leaves a grace period of
+    days, and evacuation and drains look past it), a grace period beyond gtvp's cap, or no
+    External eviction. It does not boot what gtvp composed (no Secrets, no box
+    attestation: `runs_composition`), and the box restarts it onto its VM."""
     vm = compose_vm(REF, SPEC, COMPS, "node-2")
     tmpl = vm["spec"]["template"]
+    ann, labels = tmpl["metadata"]["annotations"], tmpl["metadata"]["labels"]
     status = {"composedBoots": [template_boots(vm)], "composedAt": "2026-11-29T11:00:00Z"}
+    assert composed_boot(tmpl["spec"], ann, labels) == status["composedBoots"][0]
     anywhere = copy.deepcopy(tmpl["spec"])
     del anywhere["nodeSelector"]
-    lower = {**copy.deepcopy(tmpl["spec"]), "nodeSelector": trust_selector(1)}
-    for spec in (anywhere, lower):
-        ungated = composed_boot(spec, tmpl["metadata"]["annotations"])
+    unlabelled = {k: v for k, v in labels.items() if k != "gtvp.io/level"}
+    variants = [
+        (anywhere, labels),
+        ({**copy.deepcopy(tmpl["spec"]), "nodeSelector": trust_selector(1)}, labels),
+        (tmpl["spec"], unlabelled),
+        ({**tmpl["spec"], "terminationGracePeriodSeconds": 10**9}, labels),
+        ({k: v for k, v in tmpl["spec"].items() if k != "evictionStrategy"}, labels),
+    ]
+    for spec, meta_labels in variants:
+        ungated = composed_boot(spec, ann, meta_labels)
         assert not runs_composition(status, ungated, "2026-11-29T12:30:00Z")
         seen = replace(_running(COMPS), vmi_boots=ungated, vmi_node="untrusted-9")
         d = plan_box(inp(observed=seen, status=status), NOW)
         assert d.restart
         assert d.vm is None  # the VM is gtvp's: only its VMI is started again
-    assert (
-        composed_boot(tmpl["spec"], tmpl["metadata"]["annotations"]) == status["composedBoots"][0]
-    )
 
 
 def test_the_applications_ports_are_forwarded_by_the_pod_network_interface() -> None:
@@ -405,11 +421,11 @@ def test_failed_component_blocks_the_box_with_its_reason() -> None:
 
 def boots(comps: list[Component]) -> str | None:
     """What the VM gtvp composes of `comps` boots (`status.composedBoots`)."""
-    return composed_boot(compose_vm(REF, SPEC, comps, "node-2")["spec"]["template"]["spec"])
+    return template_boots(compose_vm(REF, SPEC, comps, "node-2"))
 
 
 def _running(comps: list[Component]) -> Observed:
-    images = vm_images(compose_vm(REF, SPEC, comps, "node-2"))
+    parts = vm_parts(compose_vm(REF, SPEC, comps, "node-2"))
     return Observed(
         vm_exists=True,
         booted=tuple(c.object_name for c in comps),
@@ -420,9 +436,15 @@ def _running(comps: list[Component]) -> Observed:
         vmi_boot="x",
         vm_boots=boots(comps),
         vmi_boots=boots(comps),
-        vm_images=images,
-        vmi_images=images,
+        vm_parts=parts,
+        vmi_parts=parts,
+        vm_level=2,
     )
+
+
+def _part(c: Component) -> tuple[str, str]:
+    """What a composed VM boots of component `c` (`compose.boot_parts`)."""
+    return ("kernel" if c.type == "kernel" else c.name[:20], c.digest)
 
 
 OLD_NGINX = next(c for c in CAT if c.label == "nginx 1.22.1")
@@ -436,7 +458,7 @@ def _live_update_waiting() -> tuple[Observed, dict[str, Any]]:
     seen = replace(
         _running(COMPS),
         vmi_boots=old_vmi.vmi_boots,
-        vmi_images=old_vmi.vmi_images,
+        vmi_parts=old_vmi.vmi_parts,
         vmi_created="2026-11-29T10:00:00Z",
     )
     status = {
@@ -455,7 +477,7 @@ def test_a_revoked_component_the_vmi_still_boots_restarts_a_live_update_box() ->
     spec = {**SPEC, "upgradePolicy": "LiveUpdate"}
     why = "nginx 1.22.1 failed verification: Revoked: the policy revokes it"
     d = plan_box(
-        inp(spec=spec, observed=seen, status=status, unvouched={OLD_NGINX.image: why}), NOW
+        inp(spec=spec, observed=seen, status=status, unvouched={_part(OLD_NGINX): why}), NOW
     )
     assert d.restart
     assert d.vm is None  # the VM boots 1.26.2 already
@@ -478,7 +500,7 @@ def test_a_component_whose_object_is_deleted_is_no_longer_vouched_for() -> None:
     Failed and nothing it runs is vouched for. Removing the publisher's key afterwards
     would reach nothing, so the deletion itself counts."""
     new = next(c for c in COMPS if c.name == "nginx")
-    gone = {new.image: "no OSComponent of this image is left (deleted)"}
+    gone = {_part(new): "no OSComponent of it is left (deleted)"}
     checks = {k: v for k, v in OK.items() if k != new.object_name}
     spec = {**SPEC, "upgradePolicy": "LiveUpdate"}
     status = {"composedBoots": [boots(COMPS)], "composedAt": "2026-11-29T11:00:00Z"}
@@ -508,7 +530,7 @@ def test_a_component_whose_object_is_deleted_is_no_longer_vouched_for() -> None:
     now_comps = [again if c is new else c for c in COMPS]
     d = plan_box(inp(components=now_comps, observed=running, status=status, unvouched=gone), NOW)
     assert d.vm is not None
-    assert again.image in vm_images(d.vm)
+    assert _part(again) in vm_parts(d.vm)
     assert d.restart
 
 
@@ -795,3 +817,88 @@ def test_a_box_armed_after_a_hot_plug_is_recomposed_onto_pinned_disks() -> None:
     }
     assert not armed.vm["spec"].get("dataVolumeTemplates")
     assert not runs_composition(recorded(armed, NOW), hot, None)
+
+
+def _view_of(objs: list[dict[str, Any]], checks: dict[str, Check]) -> Any:
+    """A runtime whose loaded view holds these OSComponents with these checks."""
+    from gtvp.runtime import OperatorSettings, Runtime
+
+    rt = Runtime(settings=OperatorSettings(), clients=cast(Any, None))
+    for o in objs:
+        rt.view.observe_component(copy.deepcopy(o), "ADDED")
+    rt.boxes.checks.update(checks)
+    rt.view.loaded = True
+    return rt
+
+
+def test_only_a_component_in_the_role_it_is_booted_in_vouches_for_an_image() -> None:
+    """An application publisher (scoped to `myapp`) publishes an application whose image is
+    the kernel's; the kernel's own component is then revoked, or deleted: the kernel the
+    box boots is no longer vouched for, whatever else carries its digest. Another registry's
+    reference to the same digest, in the same role, still is."""
+    from gtvp.handlers import lazyboxes
+
+    kernel = next(c for c in COMPS if c.type == "kernel")
+    kobj = next(o for o in OBJS if o["metadata"]["name"] == kernel.object_name)
+    squat = copy.deepcopy(kobj)
+    squat["metadata"]["name"] = "myapp-1-0"
+    squat["spec"].update(componentName="myapp", type="application", provides=[])
+    ok = Check("Verified", "SignatureValid", "")
+    part = ("kernel", kernel.digest)
+    assert compose_vouches(kernel, part)
+    assert not compose_vouches(parse_component(squat), part)
+    revoked = Check("Failed", "UnknownPublisher", "key removed")
+    rt = _view_of([kobj, squat], {kernel.object_name: revoked, "myapp-1-0": ok})
+    assert "UnknownPublisher" in lazyboxes.unvouched(rt, [part])[part]
+    rt = _view_of([squat], {"myapp-1-0": ok})  # the kernel's object deleted
+    assert "deleted" in lazyboxes.unvouched(rt, [part])[part]
+    mirrored = copy.deepcopy(kobj)
+    mirrored["spec"]["image"] = "mirror.corp.example/linux@" + kernel.digest
+    rt = _view_of([mirrored], {kernel.object_name: ok})
+    assert lazyboxes.unvouched(rt, [part]) == {}
+    unchecked = _view_of([kobj], {})
+    assert lazyboxes.unvouched(unchecked, [part]) == {}  # not checked yet: it waits
+    unchecked.view.loaded = False
+    assert lazyboxes.unvouched(_view_of([], {}), [part]) != {}
+    assert lazyboxes.unvouched(unchecked, [part]) == {}
+
+
+def test_a_record_of_an_older_gtvp_is_translated_not_restarted() -> None:
+    """A box recorded before 2026-12-05 (its `composedBoots` without the gate): the record is
+    translated for its VM and for a LiveUpdate VMI still on an older composition, both gated
+    at the box's level, so neither is restarted nor refused its Secrets; an ungated VMI's
+    old record is not made the new one's."""
+    from gtvp.core.compose import legacy_boot, translate_legacy
+
+    vm = compose_vm(REF, SPEC, COMPS, "node-2")
+    old_vm = compose_vm(REF, SPEC, ON_OLD_NGINX, "node-2")
+    tmpl, old_tmpl = vm["spec"]["template"], old_vm["spec"]["template"]
+    legacy = {
+        "composedBoots": [legacy_boot(tmpl["spec"], tmpl["metadata"]["annotations"]),
+                          legacy_boot(old_tmpl["spec"], old_tmpl["metadata"]["annotations"])],
+        "composedAt": "2026-11-29T11:00:00Z",
+    }  # fmt: skip
+    vmi = {"metadata": old_tmpl["metadata"], "spec": old_tmpl["spec"]}
+    got = translate_legacy(legacy, 2, tmpl, vmi)
+    assert got["composedBoots"] == [template_boots(vm), template_boots(old_vm)]
+    seen, _ = _live_update_waiting()
+    d = plan_box(inp(spec={**SPEC, "upgradePolicy": "LiveUpdate"}, observed=seen, status=got), NOW)
+    assert (d.vm, d.restart) == (None, False)
+    ungated = {"metadata": {**old_tmpl["metadata"], "labels": {}}, "spec": old_tmpl["spec"]}
+    assert (
+        translate_legacy(legacy, 2, tmpl, ungated)["composedBoots"][1]
+        == (legacy["composedBoots"][1])
+    )
+
+
+def test_a_raised_level_recomposes_the_box_under_its_new_selector() -> None:
+    """`spec.level` raised from 2 to 3 while the resolution stays: the VM is written anew
+    with the level-3 trust selector and the VMI restarted onto a member of that level (else
+    it ran on at level 2 and key release refused it for good)."""
+    seen = _running(COMPS)  # composed at level 2
+    status = {"composedBoots": [boots(COMPS)], "composedAt": "2026-11-29T11:00:00Z"}
+    d = plan_box(inp(spec={**SPEC, "level": 3}, observed=seen, status=status), NOW)
+    assert d.vm is not None
+    assert d.vm["spec"]["template"]["spec"]["nodeSelector"] == trust_selector(3)
+    assert d.restart
+    assert d.forget_boots

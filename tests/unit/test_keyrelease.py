@@ -42,6 +42,8 @@ VMI_SPEC: dict[str, Any] = {
     }
 }
 """What the box's VMI boots: the composition gtvp made for it (`status.composedBoots`)."""
+BOOTED = compose.composed_boot(VMI_SPEC, None, {"gtvp.io/level": "2"})
+"""That composition's record, for the VMI gated at level 2 (its label)."""
 
 
 def _member_status(level: int = 3, *, verdict: str = "Trusted", expires: dt.datetime | None = None):  # type: ignore[no-untyped-def]
@@ -99,9 +101,7 @@ def _facts(
         "metadata": {"name": "box", "namespace": "ns"},
         "spec": {"level": 2, "secrets": [{"name": "disk", "keys": ["key"]}, {"name": "tls"}]},
         "status": {
-            "composedBoots": composed
-            if composed is not None
-            else [compose.composed_boot(VMI_SPEC)],
+            "composedBoots": composed if composed is not None else [BOOTED],
             "composedAt": composed_at,
         },
     }
@@ -640,7 +640,7 @@ def test_a_vmi_of_the_boxs_name_that_gtvp_does_not_hold_at_its_level_gets_nothin
     # box confines it so: `status.composedBoots` covers the selector)
     selected = {**VMI_SPEC, "nodeSelector": trust_selector(2)}
     req, facts = _facts(
-        vmi_labels={}, vmi_spec=selected, composed=[compose.composed_boot(selected)]
+        vmi_labels={}, vmi_spec=selected, composed=[compose.composed_boot(selected, None, {})]
     )
     assert kr.decide(req, facts, NOW).released
 
@@ -706,7 +706,7 @@ def test_a_box_vmi_that_boots_what_gtvp_did_not_compose_gets_nothing() -> None:
     # an older composition gtvp made: for a VMI created before the newest was written (a
     # LiveUpdate waiting for a restart), not for one created since (a rollback)
     newer = compose.composed_boot({"domain": {"firmware": {"kernelBoot": other_kernel}}})
-    older = [str(newer), str(compose.composed_boot(VMI_SPEC))]
+    older = [str(newer), str(BOOTED)]
     for written, released in (("2026-12-02T00:00:01Z", True), ("2026-12-01T23:59:59Z", False)):
         req, facts = _facts(composed=older, composed_at=written)
         v = kr.decide(req, facts, NOW)

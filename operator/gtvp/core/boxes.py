@@ -28,6 +28,7 @@ from typing import Any
 from gtvp.core.component_checks import Check, resolvable
 from gtvp.core.components import Component
 from gtvp.core.compose import (
+    BootPart,
     BoxRef,
     CompositionError,
     compose_vm,
@@ -69,8 +70,9 @@ class Observed:
     vmi_boots: str | None = None  # what the VMI boots (None: no VMI; "": no kernel)
     vmi_created: str | None = None  # the VMI's creationTimestamp
     someone_elses: str | None = None  # a VM/VMI of the box's name is not its (`someone_elses`)
-    vm_images: tuple[str, ...] = ()  # the component images the VM boots (`compose.vm_images`)
-    vmi_images: tuple[str, ...] = ()  # ... and its VMI (`compose.boot_images`)
+    vm_parts: tuple[BootPart, ...] = ()  # the component images the VM boots (`vm_parts`)
+    vmi_parts: tuple[BootPart, ...] = ()  # ... and its VMI (`compose.boot_parts`)
+    vm_level: int | None = None  # the level its template's trust selector keeps it to
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,10 @@ class BoxInput:
     """The checks of the resolved components and of those the VM boots now."""
     hosts: Sequence[Host] = ()
     observed: Observed = Observed()
-    unvouched: Mapping[str, str] = field(default_factory=dict)
+    unvouched: Mapping[BootPart, str] = field(default_factory=dict)
     """Of the images the box's VM and VMI boot, those no OSComponent vouches for any more
-    (image -> why): every component of that image failed its check (a revocation, a
-    publisher key removed) or none is left (its object deleted)."""
+    in the role they have there (part -> why: `compose.vouches`): every such component
+    failed its check (a revocation, a publisher key removed) or none is left (deleted)."""
     armed: bool = False
     """The box's VM is armed before it is written (its cloud-init moved into the box's
     Secret): the box names Secrets, or the policy attests boxes. Such a box gets no
@@ -225,7 +227,10 @@ def _plan_own(inp: BoxInput, now: dt.datetime) -> Decision:
     current = set(inp.observed.booted) | set(inp.observed.hotplugged)
     # an image the VM boots that nothing vouches for any more (its object deleted, or made
     # again under the same name with other bytes): not current, whatever the names say
-    stale = any(i in inp.unvouched for i in inp.observed.vm_images)
+    stale = any(i in inp.unvouched for i in inp.observed.vm_parts)
+    # a box whose level was raised (or lowered) boots under its old trust selector
+    relevel = inp.observed.vm_level is not None and inp.observed.vm_level != int(inp.spec["level"])
+    stale = stale or relevel
     if inp.observed.vm_exists and target == current and not stale:
         return _restored(inp, now, comps) or _observe(inp, now)
     if not inp.observed.vm_exists:
@@ -243,9 +248,10 @@ def _unresolved(inp: BoxInput, now: dt.datetime) -> Decision:
     # what runs rests on a component that no longer verifies and nothing replaces it: no
     # composition of the box is vouched for (no Secrets, no box attestation)
     why = f"{message}; it runs {', '.join(revoked)}, which no longer verifies"
-    return Decision(
-        {**failed.status, "composedBoots": []}, event=("Warning", "ComponentRevoked", why)
-    )
+    # said when it happens, not at every pass while the box stays Failed
+    said = not composed_boots(inp.status) and failed.event is None
+    event = None if said else ("Warning", "ComponentRevoked", why)
+    return Decision({**failed.status, "composedBoots": []}, event=event)
 
 
 def _revoked(inp: BoxInput) -> list[str]:
@@ -259,7 +265,7 @@ def _revoked(inp: BoxInput) -> list[str]:
         for n in (*obs.booted, *obs.hotplugged)
         if n in inp.checks and not resolvable(inp.checks[n])
     ]
-    return named + [i for i in obs.vm_images if i in inp.unvouched]
+    return named + [f"{i[0]} {i[1]}" for i in obs.vm_parts if i in inp.unvouched]
 
 
 def _without_unvouched(inp: BoxInput, d: Decision) -> Decision:
@@ -270,16 +276,16 @@ def _without_unvouched(inp: BoxInput, d: Decision) -> Decision:
     the VM, unless the VM boots such an image too and is not written anew now (a restart
     would boot the same; the box is Failed, `_unresolved`, or upgraded)."""
     obs = inp.observed
-    bad = [i for i in obs.vmi_images if i in inp.unvouched]
+    bad = [i for i in obs.vmi_parts if i in inp.unvouched]
     if not bad or obs.vmi_boots is None or "composedBoots" not in d.status:
         return d
-    vm_bad = any(i in inp.unvouched for i in obs.vm_images)
+    vm_bad = any(i in inp.unvouched for i in obs.vm_parts)
     known = composed_boots(d.status)
     kept = [b for b in known if b != obs.vmi_boots]
     restart = d.restart or d.vm is not None or (obs.vmi_boots != obs.vm_boots and not vm_bad)
     if kept == known and restart == d.restart:
         return d
-    why = "; ".join(f"{i}: {inp.unvouched[i]}" for i in bad)
+    why = "; ".join(f"{i[0]} {i[1]}: {inp.unvouched[i]}" for i in bad)
     then = "restarted onto its VM" if restart else "no longer vouched for"
     event = ("Warning", "ComponentRevoked", f"its VMI boots what no component vouches for "
              f"any more ({why}): {then}")  # fmt: skip
@@ -499,8 +505,10 @@ def _change(inp: BoxInput, comps: list[Component]) -> _Change:
         and obs.vmi_phase == "Running"
     )
     policy = inp.spec.get("upgradePolicy", "Restart")
-    # a booted component that no longer verifies is replaced now, whatever upgradePolicy says
-    revoked = bool(_revoked(inp))
+    # a booted component that no longer verifies, or a level changed (the VM's trust selector
+    # is another level's), is replaced now, whatever upgradePolicy says
+    relevel = obs.vm_level is not None and obs.vm_level != int(inp.spec["level"])
+    revoked = bool(_revoked(inp)) or relevel
     hotplug = hotplug and not revoked
     restart = (
         not hotplug and (fault or revoked or policy == "Restart") and obs.vmi_phase is not None

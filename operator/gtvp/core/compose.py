@@ -42,7 +42,7 @@ import yaml
 
 from gtvp.core.api_resources import LAZY_BOXES, VIRTUAL_MACHINES
 from gtvp.core.components import Component
-from gtvp.core.gating import selector_level
+from gtvp.core.gating import grace_cap, selector_level
 from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import VM_LEVEL_LABEL, trust_selector
 
@@ -94,7 +94,9 @@ rewrite the libvirt domain: kernel, command line, disks. Part of what a VMI boot
 
 
 def composed_boot(
-    vmi_spec: Mapping[str, Any] | None, annotations: Mapping[str, Any] | None = None
+    vmi_spec: Mapping[str, Any] | None,
+    annotations: Mapping[str, Any] | None = None,
+    labels: Mapping[str, Any] | None = None,
 ) -> str | None:
     """SHA-256 (hex) of what a VMI spec (or a VM template's spec) boots and shows its guest:
     its kernel boot container's image (pinned by digest), kernel and initrd paths and kernel
@@ -102,9 +104,34 @@ def composed_boot(
     bytes differ), its volumes (a container disk by image and path, any other as written: the
     cloud-init the guest runs, a Secret it could read), its disks' names and serials and its
     access credentials (SSH keys KubeVirt would put in the guest). None when it boots no
-    kernel. Also the level of the Trusted hosts its nodeSelector confines it to. A box's VM
-    is editable by whoever may edit VMs in its namespace: what runs is compared with what
-    gtvp composed (`status.composedBoots`), never read from the VM as the truth."""
+    kernel. Also what keeps it gated (`_gate`). A box's VM is editable by whoever may edit
+    VMs in its namespace: what runs is compared with what gtvp composed
+    (`status.composedBoots`), never read from the VM as the truth."""
+    body = _boot_body(vmi_spec, annotations)
+    if body is None:
+        return None
+    body["gate"] = _gate(vmi_spec or {}, labels or {})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _gate(spec: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
+    """What keeps a VMI gated as gtvp composed it: the level of Trusted hosts its
+    nodeSelector confines it to, its level label (admission caps its shutdown grace period
+    by it, and evacuation and drains find it by it), a grace period within that cap and
+    `evictionStrategy: External`. A VMI of the box's composition started without them (by
+    anyone who may create VMIs in the namespace) could land on any host, or outlast its
+    stop there, so it is not what gtvp composed."""
+    return {
+        "trust": selector_level(spec.get("nodeSelector")),
+        "level": labels.get(VM_LEVEL_LABEL),
+        "graceWithinCap": grace_cap(spec.get("terminationGracePeriodSeconds")) is None,
+        "eviction": spec.get("evictionStrategy"),
+    }
+
+
+def _boot_body(
+    vmi_spec: Mapping[str, Any] | None, annotations: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
     spec = vmi_spec or {}
     domain = spec.get("domain") or {}
     firmware = domain.get("firmware") or {}
@@ -114,7 +141,7 @@ def composed_boot(
     container = boot["container"]
     disks = (domain.get("devices") or {}).get("disks") or []
     volumes = [_volume(v) for v in spec.get("volumes") or [] if isinstance(v, Mapping)]
-    body = {
+    return {
         "kernel": [*(container.get(k) for k in BOOT_FIELDS), boot.get("kernelArgs")],
         "volumes": sorted(volumes, key=lambda v: str(v.get("name"))),
         "disks": sorted(
@@ -126,42 +153,115 @@ def composed_boot(
             for k, v in (annotations or {}).items()
             if str(k).startswith(HOOKS_PREFIX)
         ),
-        # the level its nodeSelector keeps it to: a VMI of the box's composition started
-        # without the trust selector (by anyone who may create VMIs in the namespace) could
-        # run on any host, so it is not what gtvp composed
-        "trust": selector_level(spec.get("nodeSelector")),
     }
+
+
+def legacy_boot(
+    vmi_spec: Mapping[str, Any] | None, annotations: Mapping[str, Any] | None = None
+) -> str | None:
+    """`composed_boot` as gtvp recorded it before 2026-12-05 (without `_gate`): only to
+    translate such records (`translate_legacy`)."""
+    body = _boot_body(vmi_spec, annotations)
+    if body is None:
+        return None
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def boot_images(vmi_spec: Mapping[str, Any] | None) -> tuple[str, ...]:
-    """The images a VMI spec (or a VM template's spec) boots from: its kernel boot
-    container's and every container disk's, each a component's image pinned by digest."""
+def translate_legacy(
+    status: Mapping[str, Any], level: int, *gated: Mapping[str, Any] | None
+) -> Mapping[str, Any]:
+    """`status` whose `composedBoots` recorded by a gtvp before 2026-12-05 (`legacy_boot`)
+    are recorded as `composed_boot` now says, for each of `gated` (the box's VM template and
+    its VMI: `{"spec", "metadata"}`) that is gated at the box's `level` as gtvp composes it:
+    a box upgraded in place is not restarted, nor refused its Secrets, for it. An entry no
+    such object boots is left as it was (matching nothing now)."""
+    known = composed_boots(status)
+    if not known:
+        return status
+    mapping = {}
+    for obj in gated:
+        if obj is None:
+            continue
+        spec = obj.get("spec") or {}
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        gate = _gate(spec, labels)
+        if gate != {"trust": level, "level": str(level), "graceWithinCap": True,
+                    "eviction": "External"}:  # fmt: skip
+            continue
+        old = legacy_boot(spec, meta.get("annotations"))
+        if old is not None:
+            mapping[old] = composed_boot(spec, meta.get("annotations"), labels)
+    new = [mapping.get(b, b) or b for b in known]
+    return status if new == known else {**status, "composedBoots": new}
+
+
+BootPart = tuple[str, str]
+"""(role, digest) of an image a VM boots: role `kernel` for its kernel boot container, else
+the serial of the disk the image backs (a component's name)."""
+
+
+def boot_parts(
+    vmi_spec: Mapping[str, Any] | None, data_volumes: Mapping[str, str] | None = None
+) -> tuple[BootPart, ...]:
+    """The component images a VMI spec (or a VM template's spec) boots, each as the role it
+    has there and its digest: the kernel boot container's, and every disk's backing image (a
+    container disk's, or a hot-plugged DataVolume's import source from `data_volumes`, name
+    -> image). An image not pinned by digest keeps its whole reference (no component has it)."""
     spec = vmi_spec or {}
     firmware = (spec.get("domain") or {}).get("firmware") or {}
     boot = firmware.get("kernelBoot") if isinstance(firmware, Mapping) else None
-    found = []
+    found: set[BootPart] = set()
     if isinstance(boot, Mapping) and isinstance(boot.get("container"), Mapping):
-        found.append(boot["container"].get("image"))
+        image = boot["container"].get("image")
+        if image:
+            found.add(("kernel", _digest_of(str(image))))
+    serials = {
+        str(d.get("name")): str(d.get("serial") or "")
+        for d in (spec.get("domain") or {}).get("devices", {}).get("disks") or ()
+        if isinstance(d, Mapping)
+    }
     for v in spec.get("volumes") or ():
-        disk = v.get("containerDisk") if isinstance(v, Mapping) else None
-        if isinstance(disk, Mapping):
-            found.append(disk.get("image"))
-    return tuple(sorted({str(i) for i in found if i}))
+        if not isinstance(v, Mapping):
+            continue
+        disk, dv = v.get("containerDisk"), v.get("dataVolume")
+        image = disk.get("image") if isinstance(disk, Mapping) else None
+        if isinstance(dv, Mapping):
+            image = (data_volumes or {}).get(str(dv.get("name")))
+        if image:
+            found.add((serials.get(str(v.get("name")), ""), _digest_of(str(image))))
+    return tuple(sorted(found))
 
 
-def vm_images(vm: Mapping[str, Any]) -> tuple[str, ...]:
-    """`boot_images` of a VirtualMachine's template, and the images its hot-plugged
-    components' DataVolumes import (`docker://<image>`)."""
+def _digest_of(image: str) -> str:
+    """The digest an image reference is pinned by (`…@sha256:…`), else the reference."""
+    return image.rpartition("@")[2] if "@" in image else image
+
+
+def vm_parts(vm: Mapping[str, Any]) -> tuple[BootPart, ...]:
+    """`boot_parts` of a VirtualMachine's template, its hot-plugged components' DataVolumes
+    (imported from `docker://<image>`) included."""
     spec = vm.get("spec") or {}
-    found = set(boot_images((spec.get("template") or {}).get("spec")))
+    data_volumes = {}
     for dv in spec.get("dataVolumeTemplates") or ():
         url = ((((dv or {}).get("spec") or {}).get("source") or {}).get("registry") or {}).get(
             "url"
         )
         if isinstance(url, str) and url.startswith("docker://"):
-            found.add(url.removeprefix("docker://"))
-    return tuple(sorted(found))
+            name = str(((dv or {}).get("metadata") or {}).get("name", ""))
+            data_volumes[name] = url.removeprefix("docker://")
+    return boot_parts((spec.get("template") or {}).get("spec"), data_volumes)
+
+
+def vouches(c: Component, part: BootPart) -> bool:
+    """Whether component `c` is what `part` boots: its digest, in its role (the kernel, or
+    the disk whose serial it gives). A component of another role (an application whose
+    image is the kernel's, signed by a publisher allowed only applications) vouches for
+    nothing there."""
+    role, digest = part
+    if c.digest != digest:
+        return False
+    return c.type == "kernel" if role == "kernel" else c.type != "kernel" and _serial(c) == role
 
 
 NOT_COMPOSED_MESSAGE = (
@@ -177,8 +277,9 @@ def composed_boots(status: Mapping[str, Any]) -> list[str]:
 
 
 def vmi_boots(vmi: Mapping[str, Any]) -> str | None:
-    """`composed_boot` of a VMI: its spec and its annotations."""
-    return composed_boot(vmi.get("spec"), (vmi.get("metadata") or {}).get("annotations"))
+    """`composed_boot` of a VMI: its spec, its annotations and its labels."""
+    meta = vmi.get("metadata") or {}
+    return composed_boot(vmi.get("spec"), meta.get("annotations"), meta.get("labels"))
 
 
 def remember_boot(status: Mapping[str, Any], boot: str | None, now: str) -> dict[str, Any]:
@@ -219,7 +320,8 @@ def vmi_runs_composition(status: Mapping[str, Any], vmi: Mapping[str, Any] | Non
 def template_boots(vm: Mapping[str, Any]) -> str | None:
     """`composed_boot` of a VirtualMachine's template (what its VMIs will boot)."""
     tmpl = (vm.get("spec") or {}).get("template") or {}
-    return composed_boot(tmpl.get("spec"), (tmpl.get("metadata") or {}).get("annotations"))
+    meta = tmpl.get("metadata") or {}
+    return composed_boot(tmpl.get("spec"), meta.get("annotations"), meta.get("labels"))
 
 
 def _disk_name(c: Component) -> str:

@@ -175,7 +175,7 @@ def _write_status(rt: Runtime, body: dict[str, Any], verification: dict[str, Any
             _read_again(rt, name)
             return _Written.STALE
         if kube.is_not_found(exc):
-            rt.view.components.pop(name, None)
+            _forget(rt, name)
             return _Written.GONE
         log.warning("cannot write OSComponent %s status: %s", name, exc.reason)
         return _Written.FAILED
@@ -191,9 +191,33 @@ def _read_again(rt: Runtime, name: str) -> None:
         log.warning("cannot read OSComponent %s: %s", name, exc.reason)
         return
     if fresh is None:
-        rt.view.components.pop(name, None)
+        _forget(rt, name)
     else:
         rt.view.components[name] = kept(fresh)
+
+
+def _forget(rt: Runtime, name: str) -> None:
+    """A component found gone on the server: out of the view and the catalogue (what boxes
+    boot of it is no longer vouched for: `lazyboxes.unvouched`)."""
+    if rt.view.components.pop(name, None) is not None:
+        rt.boxes.checks.pop(name, None)
+        rt.boxes.catalogue_version += 1
+        rt.touch_boxes()
+
+
+def resync(rt: Runtime, listed: list[dict[str, Any]], since: int) -> list[str]:
+    """The components as listed when `rt.view.events` was `since`: one deleted while the
+    watch was away (a watch that resumes after a gap delivers no DELETED) is forgotten;
+    one the watch told of after `since` is as the watch says. The names forgotten."""
+    present = {str((b.get("metadata") or {}).get("name", "")) for b in listed}
+    gone = [
+        n
+        for n in list(rt.view.components)
+        if n not in present and rt.view.component_seen.get(n, since) <= since
+    ]
+    for name in gone:
+        _forget(rt, name)
+    return gone
 
 
 def spend(rt: Runtime, names: tuple[str, ...]) -> list[str]:

@@ -38,14 +38,18 @@ from gtvp.core.components import Component, ComponentError, parse_component
 from gtvp.core.compose import (
     BOOT_ANNOTATION,
     BOX_LABEL,
+    BootPart,
     BoxRef,
-    boot_images,
+    boot_parts,
     preferred_node,
     remember_boot,
     template_boots,
-    vm_images,
+    translate_legacy,
+    vm_parts,
     vmi_boots,
+    vouches,
 )
+from gtvp.core.gating import selector_level
 from gtvp.core.resolve import BoxRequest, Unresolvable, resolve
 from gtvp.core.timestamps import format_ts
 from gtvp.handlers import box_writes
@@ -213,42 +217,65 @@ def observed(rt: Runtime, key: Key) -> Observed:
         # a VMI that boots no kernel at all is not the composition either ("")
         vmi_boots=(vmi_boots(vmi) or "") if vmi is not None else None,
         vmi_created=((vmi or {}).get("metadata") or {}).get("creationTimestamp"),
-        vm_images=vm_images(vm),
-        vmi_images=boot_images((vmi or {}).get("spec")) if vmi is not None else (),
+        vm_parts=vm_parts(vm),
+        vmi_parts=_vmi_parts(vm, vmi),
+        vm_level=selector_level((tmpl.get("spec") or {}).get("nodeSelector")),
     )
 
 
-def unvouched(rt: Runtime, images: Iterable[str]) -> dict[str, str]:
-    """Of `images`, those no OSComponent vouches for now (image -> why): every component of
-    that image failed its check, or none is left (deleted). Nothing until the pool is
-    loaded (the components are listed then, so one not there is gone); a component not
+def _vmi_parts(vm: Mapping[str, Any], vmi: Mapping[str, Any] | None) -> tuple[BootPart, ...]:
+    """`boot_parts` of the box's VMI (its hot-plugged DataVolumes as its VM imports them)."""
+    if vmi is None:
+        return ()
+    imports = {
+        str(((dv or {}).get("metadata") or {}).get("name", "")): image
+        for dv in (vm.get("spec") or {}).get("dataVolumeTemplates") or ()
+        if (image := _import_source(dv)) is not None
+    }
+    return boot_parts(vmi.get("spec"), imports)
+
+
+def _import_source(dv: Mapping[str, Any] | None) -> str | None:
+    url = ((((dv or {}).get("spec") or {}).get("source") or {}).get("registry") or {}).get("url")
+    return (
+        url.removeprefix("docker://")
+        if isinstance(url, str) and url.startswith("docker://")
+        else None
+    )
+
+
+def unvouched(rt: Runtime, parts: Iterable[BootPart]) -> dict[BootPart, str]:
+    """Of `parts` (what a box's VM and VMI boot, `compose.boot_parts`), those no OSComponent
+    vouches for now (part -> why): every component of that digest in that role
+    (`compose.vouches`) failed its check, or none is left (deleted). Nothing until the pool
+    is loaded (the components are listed then, so one not there is gone); a component not
     checked yet vouches (the box waits for its check, as for resolution)."""
     if not rt.view.loaded:
         return {}
-    index = _by_image(rt)
+    index = _by_digest(rt)
     out = {}
-    for image in images:
-        comps = index.get(image, [])
+    for part in parts:
+        comps = [c for c in index.get(part[1], []) if vouches(c, part)]
         if not comps:
-            out[image] = "no OSComponent of this image is left (deleted)"
+            out[part] = "no OSComponent of it is left (deleted)"
             continue
         checks = [rt.boxes.checks.get(c.object_name) for c in comps]
         if any(resolvable(chk) for chk in checks):
             continue
         failed = next(chk for chk in checks if chk is not None)
-        out[image] = f"{comps[0].label} failed verification: {failed.reason}: {failed.message}"
+        out[part] = f"{comps[0].label} failed verification: {failed.reason}: {failed.message}"
     return out
 
 
-def _by_image(rt: Runtime) -> dict[str, list[Component]]:
-    """The readable components by image (once per catalogue change)."""
+def _by_digest(rt: Runtime) -> dict[str, list[Component]]:
+    """The readable components by digest (once per catalogue change)."""
     memory = rt.boxes
     version, cached = memory.image_index
     if version == memory.catalogue_version:
         return cached
     index: dict[str, list[Component]] = {}
     for c in _readable(rt):
-        index.setdefault(c.image, []).append(c)
+        index.setdefault(c.digest, []).append(c)
     memory.image_index = (memory.catalogue_version, index)
     return index
 
@@ -291,7 +318,7 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
         "ref": ref,
         "spec": spec,
         "generation": int(meta.get("generation", 0) or 0),
-        "status": box.get("status") or {},
+        "status": _translated(rt, key, box),
         # placement hosts matter only before the first placement (the costly part)
         "hosts": [] if seen.vm_exists or seen.someone_elses else hosts(rt, now, exclude=key),
         "observed": seen,
@@ -300,7 +327,7 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
     }
     checks = rt.boxes.checks
     running = {n: checks[n] for n in (*seen.booted, *seen.hotplugged) if n in checks}
-    common["unvouched"] = unvouched(rt, {*seen.vm_images, *seen.vmi_images})
+    common["unvouched"] = unvouched(rt, {*seen.vm_parts, *seen.vmi_parts})
     try:
         comps = resolve_cached(rt, spec, _preferred(rt, box, seen, now))
     except Unresolvable as exc:
@@ -308,6 +335,19 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
         return BoxInput(components=None, failure=failure, checks=running, **common)
     found = {c.object_name: checks[c.object_name] for c in comps if c.object_name in checks}
     return BoxInput(components=comps, checks={**running, **found}, **common)
+
+
+def _translated(rt: Runtime, key: Key, box: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The box's status, its compositions recorded by an older gtvp recorded anew for its VM
+    and VMI where they are gated as gtvp composes them (`compose.translate_legacy`)."""
+    status = box.get("status") or {}
+    try:
+        level = int((box.get("spec") or {}).get("level", 0))
+    except (TypeError, ValueError):
+        return status
+    vm = rt.view.vms.get(key) or {}
+    template = (vm.get("spec") or {}).get("template")
+    return translate_legacy(status, level, template, rt.view.vmis.get(key))
 
 
 def _plan(rt: Runtime, key: Key) -> Decision:

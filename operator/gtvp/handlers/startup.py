@@ -25,6 +25,7 @@ from gtvp.core.api_resources import (
 from gtvp.handlers import (
     attestation,
     balancing,
+    components,
     drains,
     lazyboxes,
     leases,
@@ -159,13 +160,15 @@ async def start_loops(memo: kopf.Memo, **_: Any) -> None:
 
 
 RESYNC = 300.0
-"""Seconds between two listings of the launcher pods and migrations (`ClusterView.resync_*`)."""
+"""Seconds between two listings of the launcher pods, migrations (`ClusterView.resync_*`) and
+OSComponents (`components.resync`)."""
 
 
 async def resync_loop(rt: Runtime, period: float = RESYNC) -> None:
-    """List the launcher pods and the migrations every `period` s: one deleted while the
-    watch was reconnecting is forgotten (kopf's re-listing delivers no DELETED), one missed
-    is seen. The event loop applies each listing (no other thread changes the view)."""
+    """List the launcher pods, the migrations and the OSComponents every `period` s: one
+    deleted while the watch was reconnecting is forgotten (kopf's re-listing delivers no
+    DELETED), one missed is seen. The event loop applies each listing (no other thread
+    changes the view)."""
     while not rt.stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(rt.stop.wait(), timeout=period)
@@ -175,11 +178,15 @@ async def resync_loop(rt: Runtime, period: float = RESYNC) -> None:
         try:
             pods = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
             migrations = await asyncio.to_thread(kube.list_all, rt.clients, MIGRATIONS)
+            listed = await asyncio.to_thread(kube.list_all, rt.clients, OS_COMPONENTS)
             added = rt.view.resync_pods(pods, since) | rt.view.resync_migrations(migrations, since)
+            gone = components.resync(rt, listed, since)
         except Exception as exc:  # noqa: BLE001 - the watch keeps the view; try next time
-            log.warning("listing launcher pods and migrations failed (%s); retry in %.0fs",
-                        exc, period)  # fmt: skip
+            log.warning("listing launcher pods, migrations and OSComponents failed (%s); retry "
+                        "in %.0fs", exc, period)  # fmt: skip
             continue
+        if gone:
+            log.info("OSComponents deleted while the watch was away: %s", ", ".join(gone))
         for node in added:
             rt.schedule.schedule(node, dt.timedelta(0))
 
