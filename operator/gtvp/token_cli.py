@@ -72,6 +72,15 @@ def _check(
 
 def verify(args: argparse.Namespace) -> int:
     key_set = _read_jwks(args.jwks)
+    named = key_set.get("issuer")
+    if args.issuer is not None and named is not None and named != args.issuer:
+        print(
+            f"gtvp token verify: --jwks {args.jwks} is the key set of issuer {named!r}, not "
+            f"{args.issuer!r}: verify each cluster's tokens against that cluster's own key "
+            "set (a merged one lets any of them sign as another)",
+            file=sys.stderr,
+        )
+        return 1
     now = dt.datetime.now(dt.UTC)
     rc = 0
     for arg in args.tokens:

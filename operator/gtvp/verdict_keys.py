@@ -121,8 +121,13 @@ def pruned(keys: list[StoredKey], now: dt.datetime, retention: dt.timedelta) -> 
     return [k for k in keys[:-1] if k.retired is None or now < k.retired + keep] + keys[-1:]
 
 
-def public_jwks(keys: list[StoredKey]) -> dict[str, Any]:
-    return ear.jwks([k.private.public_key() for k in keys])
+def public_jwks(keys: list[StoredKey], issuer: str | None = None) -> dict[str, Any]:
+    """The JWK Set of `keys`; with `issuer`, named by the issuer whose tokens they sign (a
+    relying party keeps one key set per issuer: `gtvp token verify --issuer` checks it)."""
+    out = ear.jwks([k.private.public_key() for k in keys])
+    if issuer is not None:
+        out["issuer"] = issuer
+    return out
 
 
 # ----- the Secret and the ConfigMap -------------------------------------------------------
@@ -192,9 +197,9 @@ def write_keys(clients: Any, namespace: str, keys: list[StoredKey], version: str
     )
 
 
-def publish(clients: Any, namespace: str, keys: list[StoredKey]) -> bool:
+def publish(clients: Any, namespace: str, keys: list[StoredKey], issuer: str | None = None) -> bool:
     """Write the JWKS ConfigMap when it differs; True when it was written."""
-    text = json.dumps(public_jwks(keys), indent=1, sort_keys=True)
+    text = json.dumps(public_jwks(keys, issuer), indent=1, sort_keys=True)
     body: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -234,11 +239,15 @@ def rotate(
 ) -> tuple[str, list[str]]:
     """Add a new signing key (the current one retired, or with `revoke` every earlier one
     withdrawn); (new kid, kids still published)."""
+    try:
+        name: str | None = read_cluster_issuer(clients)  # the JWKS keeps naming its issuer
+    except RuntimeError:
+        name = None  # the operator's leader names it again at its next refresh
     for _ in range(5):
         got = read_keys(clients, namespace)
         if got is None:
             keys = ensure_keys(clients, namespace, now)
-            publish(clients, namespace, keys)
+            publish(clients, namespace, keys, name)
             return keys[-1].kid, [k.kid for k in keys]
         keys, version = got
         new = rotated(keys, now, revoke=revoke)
@@ -248,7 +257,7 @@ def rotate(
             if _api_status(exc) == 409:
                 continue
             raise
-        publish(clients, namespace, new)
+        publish(clients, namespace, new, name)
         return new[-1].kid, [k.kid for k in new]
     raise RuntimeError(f"Secret {namespace}/{SECRET} kept changing; try again")
 
@@ -274,7 +283,7 @@ class Issuer:
         return self.keys[-1] if self.keys else None
 
     def jwks(self) -> dict[str, Any]:
-        return public_jwks(self.keys)
+        return public_jwks(self.keys, self.name)
 
     def token(
         self,
@@ -318,12 +327,9 @@ def longest_validity(policy: Any) -> dt.timedelta:
 def refresh(
     clients: Any, issuer: Issuer, *, now: dt.datetime, leader: bool, retention: dt.timedelta
 ) -> None:
-    """Load the keys (creating them the first time), and the tokens' issuer name the first
-    time when none was set; the leader also drops keys past their retention and keeps the
-    JWKS ConfigMap in step."""
-    if issuer.name is None:
-        issuer.name = read_cluster_issuer(clients)
-        log.info("verdict tokens are issued as %s", issuer.name)
+    """Load the keys (creating them the first time), then the tokens' issuer name while none
+    is known (a failure to read it is logged: keys load and publish all the same); the
+    leader also drops keys past their retention and keeps the JWKS ConfigMap in step."""
     got = read_keys(clients, issuer.namespace)
     if got is None:
         keys = ensure_keys(clients, issuer.namespace, now)
@@ -346,8 +352,15 @@ def refresh(
     issuer.keys = keys
     if before != keys[-1].kid:
         log.info("signing verdict tokens with key %s", keys[-1].kid)
+    if issuer.name is None:  # after the keys: they load and publish all the same
+        try:
+            issuer.name = read_cluster_issuer(clients)
+        except RuntimeError as exc:
+            log.warning("%s; no verdict tokens until it is known", exc)
+        else:
+            log.info("verdict tokens are issued as %s", issuer.name)
     if leader or got is None:
-        publish(clients, issuer.namespace, keys)
+        publish(clients, issuer.namespace, keys, issuer.name)
 
 
 def read_cluster_issuer(clients: Any) -> str:

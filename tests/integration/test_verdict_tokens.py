@@ -27,7 +27,7 @@ from gtvp.handlers import attestation, policies
 from gtvp.runtime import OperatorSettings, Runtime
 from gtvp_agent.agent import Agent, AgentConfig
 from gtvp_agent.tpm import Tpm
-from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane
+from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
 from gtvp_local.polling import wait_for
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import SwtpmCA
@@ -441,3 +441,34 @@ def test_a_members_token_signed_by_a_withdrawn_key_is_signed_anew(
     assert after["verifiedAt"] == before["verifiedAt"]
     jwks = _jwks_from_configmap(rt.clients, keys_namespace)
     assert _verified(after["token"], jwks).status == ear.AFFIRMING
+
+
+def test_keys_load_and_publish_even_where_the_cluster_cannot_be_named(
+    control_plane: ControlPlane, keys_namespace: str
+) -> None:
+    """An operator that may not read the kube-system namespace (a narrowed ClusterRole)
+    cannot name its tokens' issuer: it issues none and says why, but its keys still load and
+    the JWKS is still served (tokens it issued before still verify)."""
+    user = Identity("gtvp-test-keys-only", (), "keys-only")
+    rbac = "rbac.authorization.k8s.io"
+    binding = {
+        "apiVersion": f"{rbac}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "gtvp-test-keys-only", "namespace": keys_namespace},
+        "subjects": [{"apiGroup": rbac, "kind": "User", "name": user.user}],
+        "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "gtvp-operator-verdict-keys"},
+    }
+    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(binding))
+    clients = kube.make_clients(str(control_plane.kubeconfig_for(user)))
+    issuer = verdict_keys.Issuer(namespace=keys_namespace)
+    now = dt.datetime.now(dt.UTC)
+    deadline = time.monotonic() + 15  # the API server's RBAC cache takes the binding later
+    while not issuer.keys and time.monotonic() < deadline:
+        try:
+            verdict_keys.refresh(clients, issuer, now=now, leader=True, retention=dt.timedelta(1))
+        except Exception:  # noqa: BLE001 - not bound yet
+            time.sleep(0.3)
+    assert issuer.keys
+    assert issuer.name is None
+    assert issuer.token("m", {"phase": "Trusted"}, None, now, dt.timedelta(minutes=1)) is None
+    assert issuer.jwks()["keys"]

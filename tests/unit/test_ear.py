@@ -607,3 +607,46 @@ def test_gtvp_token_verify_imports_no_kubernetes_client(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.splitlines()[-1] == "[]"
+
+
+def test_key_release_takes_its_own_keys_tokens_with_no_issuer_but_not_anothers() -> None:
+    """Key release verifies against this operator's own keys only, so a token they signed
+    is this cluster's: one an older gtvp issued without `iss` is taken (until re-signed at
+    the next look, after an upgrade, a guest is not refused its Secrets), one naming another
+    issuer is not."""
+    from gtvp import key_release
+
+    stored = verdict_keys.new_key(NOW)
+    rt = _runtime(verdict_keys.Issuer(namespace="gtvp-system", name=ISSUER, keys=[stored]))
+    endpoint = key_release.Endpoint(rt)
+    now = dt.datetime.now(dt.UTC)
+    claims = _now_claims(_status("Trusted"))
+    older = {k: v for k, v in claims.items() if k != "iss"}
+    taken, refusal = endpoint._claims(ear.sign(older, stored.private), now)
+    assert refusal is None
+    assert taken["submods"]
+    elsewhere = {**claims, "iss": "gtvp.io/cluster/other"}
+    taken, refusal = endpoint._claims(ear.sign(elsewhere, stored.private), now)
+    assert taken is None
+    assert refusal is not None
+    assert refusal[0] == "wrong-issuer"
+    assert endpoint._claims(ear.sign(claims, stored.private), now)[1] is None
+
+
+def test_the_jwks_names_its_issuer_and_verify_refuses_another_clusters_key_set(
+    key: ec.EllipticCurvePrivateKey, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`iss` is written by whoever signs: a cluster someone else runs can claim yours. What
+    protects is verifying each cluster's tokens against its own key set; the published key
+    set names its issuer, and `gtvp token verify --issuer` refuses a key set of another."""
+    stored = verdict_keys.new_key(NOW)
+    issuer = verdict_keys.Issuer(namespace="gtvp-system", name=ISSUER, keys=[stored])
+    assert issuer.jwks()["issuer"] == ISSUER
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text(json.dumps(verdict_keys.public_jwks([stored], "gtvp.io/cluster/them")))
+    token = ear.sign(_now_claims(_status("Trusted")), stored.private)
+    assert cli.main(["token", "verify", token, "--jwks", str(theirs), "--issuer", ISSUER]) == 1
+    assert "is the key set of issuer 'gtvp.io/cluster/them'" in capsys.readouterr().err
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps(issuer.jwks()))
+    assert cli.main(["token", "verify", token, "--jwks", str(ours), "--issuer", ISSUER]) == 0

@@ -534,3 +534,17 @@ def test_a_startup_locality_that_checks_nothing_is_refused(
     learned = learn(real(PLAIN), "sha256", [4], name="v1")
     with pytest.raises(PolicyError, match=said):
         sets_of([{**learned, "startupLocality": value}], pcrs)
+
+
+def test_requiring_the_startup_locality_counts_as_a_change_of_the_references() -> None:
+    """A set that starts requiring the locality (the remediation for software-filled boots)
+    changes what standing verdicts rested on: they are spent (`ReferencesChanged`) rather
+    than backing key releases until the next quote; a set that does not require it hashes
+    as before (no verdict of the fleet is spent by the upgrade)."""
+    from gtvp.core.attestation import relied_on
+
+    learned = learn(real(PLAIN), "sha256", range(8), name="lenovo")
+    without = {k: v for k, v in learned.items() if k != "startupLocality"}
+    before = parse_policy("p", policy_spec([without])).member_classes["fleet"]
+    after = parse_policy("p", policy_spec([learned])).member_classes["fleet"]
+    assert relied_on(before, "lenovo") != relied_on(after, "lenovo")

@@ -84,6 +84,9 @@ _NOT_TAMPERING = (
     # what no named check catches may as well be a fault of gtvp's: never a readmission
     # of every member of a level for it (the inputs known to be an agent's are named)
     errors.EvidenceUnprocessable,
+    # a TPM Restart or Resume: a quote made before it makes no verdict anyway (`Rebooted`),
+    # and a resume from suspend is no one's wrongdoing
+    errors.TpmRestarted,
 )
 
 
@@ -980,7 +983,7 @@ def references_revoked(trust: Mapping[str, Any], policy: Policy) -> str | None:
 def _set_content(ref: ReferenceSet | None) -> Any:
     if ref is None:
         return "removed"
-    return {
+    content: dict[str, Any] = {
         "name": ref.name,
         "pcrs": [
             [
@@ -992,6 +995,9 @@ def _set_content(ref: ReferenceSet | None) -> Any:
         "secureBoot": ref.secure_boot,
         "window": [_iso(ref.not_before), _iso(ref.not_after)],
     }
+    if ref.startup_locality is not None:  # only when set: no verdict of a set without it
+        content["startupLocality"] = ref.startup_locality  # changes on an upgrade
+    return content
 
 
 def _iso(t: dt.datetime | None) -> str | None:

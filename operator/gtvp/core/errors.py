@@ -116,6 +116,15 @@ class Rebooted(VerificationError):
         """The TPM's new clock state (a `quote.ClockState`): the baseline for the next quote."""
 
 
+class TpmRestarted(Rebooted):
+    """restartCount increased, resetCount did not: a TPM Restart (TPM2_Shutdown(STATE)
+    before a reboot) or a Resume from suspend. Judged like a reboot (a quote made before it
+    makes no verdict: the next one, of the running boot, does), but no sign of tampering by
+    itself: a level with `autoRecover: false` asks no readmission for it."""
+
+    reason = "Rebooted"
+
+
 class PcrMismatch(VerificationError):
     """A PCR differs from the policy's golden value for the member's class."""
 

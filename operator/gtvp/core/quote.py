@@ -381,7 +381,7 @@ def _check_counters(a: Attest, last: ClockState | None) -> ClockState:
         # resets the PCRs and measures a new boot while resetCount stays: a reboot too (a
         # quote made in a brief good boot, handed in from a bad one, would hide it); a
         # Resume from suspend also counts here, which costs one more quote
-        raise errors.Rebooted(
+        raise errors.TpmRestarted(
             f"the host rebooted or resumed (TPM restartCount {last.restart_count} -> "
             f"{a.restart_count}); its new boot is verified by the next quote",
             clock=now,

@@ -1,0 +1,80 @@
+"""A TPM Restart (Shutdown(STATE) before a reboot) and a Resume from suspend, judged by the
+operator's own attestation step over a software TPM: a quote made before one never makes a
+verdict, and a resume alone asks no human to readmit the host."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import cast
+
+import pytest
+
+from gtvp.core.policy import Policy, parse_policy
+from gtvp_local.pool import pool_policy
+from gtvp_local.swtpm import SwtpmCA
+from tests.softmember import AgentMember, Bundle
+from tests.softtpm import PCR_COUNT, SoftCA, SoftTpm
+
+T0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+LATER = dt.timedelta(seconds=6)
+
+
+def _policy(ca: SoftCA, *, auto_recover: bool) -> Policy:
+    spec = pool_policy(cast(SwtpmCA, Bundle(ca.bundle_pem())), name="default")["spec"]
+    for level in spec["levels"]:
+        level["autoRecover"] = auto_recover
+    return parse_policy("default", spec)
+
+
+def _restart(tpm: SoftTpm, *, good: bool) -> None:
+    """Shutdown(STATE), a reboot, the firmware's Startup(CLEAR): PCRs reset and the boot
+    measured again, restartCount + 1, resetCount as it was."""
+    tpm.pcrs = {"sha256": [bytes(32)] * PCR_COUNT}
+    tpm._clock.restart_count += 1
+    if not good:
+        tpm.extend(7, b"a bootloader the policy does not accept")
+
+
+@pytest.mark.parametrize("auto_recover", [True, False])
+def test_a_quote_made_before_a_tpm_restart_makes_no_verdict(auto_recover: bool) -> None:
+    """Root quotes each nonce in a brief good boot and hands the quote in from a bad one,
+    rebooting through TPM Restarts: never Trusted again."""
+    ca = SoftCA()
+    tpm = SoftTpm(ca)
+    m = AgentMember(tpm, _policy(ca, auto_recover=auto_recover))
+    m.enrol(T0)
+    t = T0 + LATER
+    m.cycle(t)
+    assert m.phase == "Trusted"
+    _restart(tpm, good=False)
+    for _ in range(4):
+        t += LATER
+        _restart(tpm, good=True)
+        m.agent_step()  # quotes the outstanding nonce at once
+        _restart(tpm, good=False)
+        m.operator(t)  # handed in when due
+        assert (m.phase, m.reason) == ("Untrusted", "Rebooted")
+    for _ in range(2):  # asked again at once: quotes of the running (bad) boot
+        t += LATER
+        m.cycle(t)
+        assert m.phase == "Untrusted"
+    assert m.reason == "PcrMismatch"
+
+
+def test_a_resume_from_suspend_asks_no_readmission() -> None:
+    """A resume raises restartCount and keeps the PCRs: `Rebooted` for one quote, then
+    Trusted again on a level with autoRecover: false, with no human asked to readmit."""
+    ca = SoftCA()
+    tpm = SoftTpm(ca)
+    m = AgentMember(tpm, _policy(ca, auto_recover=False))
+    m.enrol(T0)
+    t = T0 + LATER
+    m.cycle(t)
+    assert m.phase == "Trusted"
+    tpm._clock.restart_count += 1  # Shutdown(STATE) ... Startup(STATE): PCRs kept
+    t += LATER
+    m.cycle(t)
+    assert (m.phase, m.reason) == ("Untrusted", "Rebooted")
+    t += LATER
+    m.cycle(t)
+    assert m.phase == "Trusted", m.reason
