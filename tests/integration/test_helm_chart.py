@@ -910,13 +910,21 @@ def test_chart_keeps_the_operators_own_policies_as_the_local_pool_does(
 ) -> None:
     """The same policy as operator/gtvp/manifests/<name>-vap.yaml (Nodes' trust labels,
     gtvp's objects' status), exempting the release's operator service account instead of
-    the local pool's operator identities."""
+    the local pool's operator identities, and for status writes the release's agent service
+    account alone (no user named like a local pool's agent)."""
     chart_policy, local_policy = _policy_pair(name, _render())
     conditions = chart_policy["spec"]["matchConditions"]
     assert conditions[0]["expression"] == (
         "request.userInfo.username != 'system:serviceaccount:gtvp-system:gtvp-operator'"
     )
     chart_policy["spec"]["matchConditions"][0] = local_policy["spec"]["matchConditions"][0]
+    if name == "gtvp-status-writes":
+        (agent,) = [c for c in conditions if c["name"] == "not-an-agent"]
+        assert agent["expression"] == (
+            "request.userInfo.username != 'system:serviceaccount:gtvp-system:gtvp-agent'"
+        )
+        local = [c for c in local_policy["spec"]["matchConditions"] if c["name"] == "not-an-agent"]
+        agent["expression"] = local[0]["expression"]
     assert chart_policy["spec"] == local_policy["spec"]
 
 

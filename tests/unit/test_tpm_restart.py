@@ -78,3 +78,40 @@ def test_a_resume_from_suspend_asks_no_readmission() -> None:
     t += LATER
     m.cycle(t)
     assert m.phase == "Trusted", m.reason
+
+
+def test_binding_a_new_ak_does_not_hide_a_reboot() -> None:
+    """The TPM's counters belong to the TPM, not the AK: a failure that unbinds the AK (here
+    a fault no check names, `EvidenceUnprocessable`, right after a reboot) and a new AK
+    bound under the same EK keep them, so the reboot is still seen (and, on a level with
+    autoRecover: false, still held for readmission)."""
+    import gtvp.core.attestation as steps
+
+    ca = SoftCA()
+    tpm = SoftTpm(ca)
+    m = AgentMember(tpm, _policy(ca, auto_recover=False))
+    m.enrol(T0)
+    t = T0 + LATER
+    m.cycle(t)
+    assert m.phase == "Trusted"
+    tpm._clock.reset_count += 1  # a reboot (TPM Reset)
+    real = steps._check_enrolment
+
+    def unforeseen(*_: object, **__: object) -> object:
+        raise RuntimeError("unforeseen")
+
+    steps._check_enrolment = unforeseen  # type: ignore[assignment]
+    try:
+        t += dt.timedelta(seconds=1)
+        m.operator(t)
+    finally:
+        steps._check_enrolment = real
+    assert m.reason == "EvidenceUnprocessable"
+    assert "resetCount" in m.status["trust"]
+    reasons = []
+    for _ in range(5):
+        t += LATER
+        m.cycle(t)
+        reasons.append(m.reason)
+    assert "Rebooted" in reasons
+    assert m.reason == "AwaitingReadmission"

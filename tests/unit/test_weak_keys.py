@@ -7,6 +7,7 @@ import math
 import secrets
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gtvp.core import errors
@@ -78,3 +79,21 @@ def test_a_tpm_key_with_the_fingerprint_is_refused_saying_why(role: str) -> None
         check(_area(weak, attributes))
     assert "ROCA" in refused.value.message
     assert "CVE-2017-15361" in refused.value.message
+
+
+def test_verify_quote_refuses_a_weak_bare_ak_before_reading_the_quote() -> None:
+    """`gtvp verify-quote --ak-public ak.pem` (a bare key, its TPM attributes unknown): the
+    ROCA check is on the key, so it still applies."""
+    from gtvp.core.quote import Evidence, Expectation, verify_quote
+    from gtvp.quote_cli import load_ak
+
+    weak = rsa.RSAPublicNumbers(65537, _roca_modulus()).public_key()
+    pem = weak.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    area, known = load_ak(pem)
+    assert not known
+    exp = Expectation(ak=area, nonce=b"n", pcr_bank="sha256", pcrs=(0,), signer=None,
+                      ak_attributes_known=False)  # fmt: skip
+    with pytest.raises(errors.AkAttributesInvalid, match="ROCA"):
+        verify_quote(Evidence(attest=b"", signature=b"", pcr_bank="sha256", pcr_values={}), exp)

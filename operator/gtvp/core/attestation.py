@@ -499,7 +499,10 @@ class _Cycle:
         except errors.VerificationError as err:
             self.challenge = {"credential": _credential(keys, self.entropy)}
             return self.failed(err, bound=False, recheck=RETRY_AFTER_FAILURE)
-        _forget(trust, _CLOCK_KEYS)
+        if trust.get("ekSHA256") != keys.fingerprint:
+            # another TPM (a first enrolment, or an EK change allowed): its counters are its
+            # own; the same TPM's stay, so that a new AK cannot hide a reboot
+            _forget(trust, _CLOCK_KEYS)
         trust.update({"akName": keys.ak_name, "ekSHA256": keys.fingerprint})
         self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
         bound_msg = f"AK {keys.ak_name[:16]}… bound to EK {keys.fingerprint[:16]}…"
@@ -701,8 +704,8 @@ class _Cycle:
             }
         )
         trust.pop("expiresAt", None)
-        if unbind:  # the EK pin (ekSHA256) stays: only the AK must be bound again
-            _forget(trust, ("akName", *_CLOCK_KEYS))
+        if unbind:  # the EK pin (ekSHA256) and the TPM's counters stay: only the AK goes
+            _forget(trust, ("akName",))
         return self.finish(
             reason=err.reason,
             message=err.message,

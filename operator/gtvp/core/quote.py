@@ -255,16 +255,21 @@ _REQUIRED_MASK = sum(REQUIRED_AK_ATTRIBUTES.values())
 _FORBIDDEN_MASK = sum(FORBIDDEN_AK_ATTRIBUTES.values())
 
 
-def check_ak_attributes(ak: PublicArea) -> None:
-    """An AK must be a restricted, non-duplicable, TPM-generated signing-only key, named
-    with SHA-256 or stronger (its name is what a credential and every quote are bound to:
-    a SHA-1 name could be shared by a key crafted to collide with it), and not an RSA key
-    whose private half can be computed from its public one (ROCA)."""
+def _check_ak_key(ak: PublicArea) -> None:
+    """The AK is not an RSA key whose private half can be computed from its public one."""
     if isinstance(ak.key, rsa.RSAPublicKey) and roca_fingerprint(ak.key.public_numbers().n):
         raise errors.AkAttributesInvalid(
             f"the AK is refused: {WHY_ROCA}; anyone who read it could forge quotes. Update "
             "the TPM's firmware, or run the agent with its default ECC AK (not --ak rsa)"
         )
+
+
+def check_ak_attributes(ak: PublicArea) -> None:
+    """An AK must be a restricted, non-duplicable, TPM-generated signing-only key, named
+    with SHA-256 or stronger (its name is what a credential and every quote are bound to:
+    a SHA-1 name could be shared by a key crafted to collide with it), and not an RSA key
+    whose private half can be computed from its public one (ROCA)."""
+    _check_ak_key(ak)
     if (
         ak.attributes & _REQUIRED_MASK == _REQUIRED_MASK
         and not ak.attributes & _FORBIDDEN_MASK
@@ -460,6 +465,8 @@ def verify_quote(ev: Evidence, exp: Expectation) -> QuoteResult:
     """Verify one quote against what is expected; raise the first failure."""
     if exp.ak_attributes_known:
         check_ak_attributes(exp.ak)
+    else:  # a bare public key (`gtvp verify-quote --ak-pem`): its attributes are unknown, its
+        _check_ak_key(exp.ak)  # modulus is not
     sig = parse_signature(ev.signature)
     check_signature(exp.ak, sig, ev.attest)
     a = parse_attest(ev.attest)
