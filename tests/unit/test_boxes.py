@@ -902,3 +902,13 @@ def test_a_raised_level_recomposes_the_box_under_its_new_selector() -> None:
     assert d.vm["spec"]["template"]["spec"]["nodeSelector"] == trust_selector(3)
     assert d.restart
     assert d.forget_boots
+
+
+def test_a_box_composed_anew_from_the_same_components_says_why_not_x_to_x() -> None:
+    seen = _running(COMPS)
+    status = {"composedBoots": [boots(COMPS)], "resolved": [
+        {"name": c.name, "version": str(c.version)} for c in COMPS]}  # fmt: skip
+    d = plan_box(inp(spec={**SPEC, "level": 3}, observed=seen, status=status), NOW)
+    assert d.event is not None
+    assert " -> " not in d.event[2]
+    assert "composed anew" in d.event[2]

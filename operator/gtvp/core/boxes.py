@@ -553,7 +553,12 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
             "KubeVirt cannot swap a kernel or container disk in a running VM; restart the box "
             "to boot the new composition",
         )
-    summary = f"{change.old_text} -> {change.new_text}: {change.how}"
+    summary = (
+        f"{change.old_text} -> {change.new_text}: {change.how}"
+        if change.old_text != change.new_text
+        else f"{change.new_text} composed anew (what it ran is no longer vouched for, or its "
+        f"level changed): {change.how}"
+    )
     status = _status(
         inp,
         now,

@@ -257,7 +257,7 @@ def unvouched(rt: Runtime, parts: Iterable[BootPart]) -> dict[BootPart, str]:
     for part in parts:
         comps = [c for c in index.get(part[1], []) if vouches(c, part)]
         if not comps:
-            out[part] = "no OSComponent of it is left (deleted)"
+            out[part] = "no readable OSComponent of it is left (deleted, or no longer readable)"
             continue
         checks = [rt.boxes.checks.get(c.object_name) for c in comps]
         if any(resolvable(chk) for chk in checks):
