@@ -136,12 +136,14 @@ def _pointer(prefix: str, *parts: str) -> str:
     return prefix + "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def list_all(c: Clients, res: ApiResource) -> list[dict[str, Any]]:
-    """Every object of a cluster-wide or namespaced custom resource; [] if the API lacks it."""
+def list_all(c: Clients, res: ApiResource, *, missing_ok: bool = True) -> list[dict[str, Any]]:
+    """Every object of a cluster-wide or namespaced custom resource; [] if the API lacks it
+    (`missing_ok`; else the 404 is raised: for gtvp's own kinds, whose absence from a list
+    would be read as every object deleted, e.g. an API server whose CRDs are not synced)."""
     try:
         got = c.custom.list_cluster_custom_object(*res.coordinates)
     except client.exceptions.ApiException as exc:
-        if exc.status == 404:  # the CRD is not installed (e.g. KubeVirt not yet there)
+        if exc.status == 404 and missing_ok:  # the CRD is not installed (KubeVirt not yet)
             return []
         raise
     items: list[dict[str, Any]] = got.get("items") or []

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
-from gtvp.core.api_resources import OS_COMPONENTS
+from gtvp.core.api_resources import OS_COMPONENTS, ApiResource
 from gtvp.core.policy import parse_policy
 from gtvp.handlers import components, lazyboxes
 from gtvp.runtime import OperatorSettings, Runtime
@@ -160,7 +161,7 @@ def test_an_image_a_box_boots_is_vouched_for_only_while_a_component_of_it_verifi
     since = rt.view.events
     control_plane.kubectl("delete", "osc", component)  # and the watch misses it
     listed = kube.list_all(rt.clients, OS_COMPONENTS)
-    assert components.resync(rt, listed, since) == [component]
+    assert components.resync(rt, listed, since) == ([component], [])
     assert "deleted" in lazyboxes.unvouched(rt, [part])[part]
     rt.view.loaded = False  # before the pool is listed, an absent object says nothing
     assert lazyboxes.unvouched(rt, [part]) == {}
@@ -171,5 +172,27 @@ def test_a_component_the_watch_told_of_after_the_listing_began_is_not_forgotten(
 ) -> None:
     since = rt.view.events
     _into_view(rt, _server(rt, component))  # a watch event after the listing was asked
-    assert components.resync(rt, [], since) == []
+    assert components.resync(rt, [], since) == ([], [])
     assert component in rt.view.components
+
+
+def test_a_listing_that_fails_forgets_nothing_and_one_that_holds_a_missed_component_adds_it(
+    rt: Runtime, component: str
+) -> None:
+    """gtvp's own kinds are never read as empty when the API server answers 404 (its CRDs
+    not synced yet, during a restart): an empty listing would un-vouch every running box.
+    A component the view lost, or never saw, is taken in again from the listing and
+    checked, not only deleted ones forgotten."""
+    missing = ApiResource("gtvp.io", "v1alpha1", "nosuchkinds", "NoSuchKind", False)
+    assert kube.list_all(rt.clients, missing) == []  # KubeVirt not installed (yet): fine
+    with pytest.raises(ApiException) as refused:
+        kube.list_all(rt.clients, missing, missing_ok=False)
+    assert refused.value.status == 404
+    assert components.verify_component(rt, component).ok
+    rt.view.observe_component(_server(rt, component), "DELETED")  # lost, unseen
+    since = rt.view.events
+    listed = kube.list_all(rt.clients, OS_COMPONENTS, missing_ok=False)
+    gone, missed = components.resync(rt, listed, since)
+    assert (gone, missed) == ([], [component])
+    assert component in rt.view.components
+    assert components.verify_component(rt, component).ok

@@ -61,9 +61,11 @@ def test_a_quote_made_before_a_tpm_restart_makes_no_verdict(auto_recover: bool) 
     assert m.reason == "PcrMismatch"
 
 
-def test_a_resume_from_suspend_asks_no_readmission() -> None:
-    """A resume raises restartCount and keeps the PCRs: `Rebooted` for one quote, then
-    Trusted again on a level with autoRecover: false, with no human asked to readmit."""
+def test_a_host_that_restarts_into_a_good_boot_for_each_quote_is_held_for_readmission() -> None:
+    """Root answers from a brief good boot (`Rebooted`: asked again at once), answers that
+    in the same good boot, then restarts into the bad one; on a level with autoRecover:
+    false the first restart already holds it for a human (a resume from suspend is held
+    too: no quote tells the two apart)."""
     ca = SoftCA()
     tpm = SoftTpm(ca)
     m = AgentMember(tpm, _policy(ca, auto_recover=False))
@@ -71,13 +73,21 @@ def test_a_resume_from_suspend_asks_no_readmission() -> None:
     t = T0 + LATER
     m.cycle(t)
     assert m.phase == "Trusted"
-    tpm._clock.restart_count += 1  # Shutdown(STATE) ... Startup(STATE): PCRs kept
-    t += LATER
-    m.cycle(t)
-    assert (m.phase, m.reason) == ("Untrusted", "Rebooted")
-    t += LATER
-    m.cycle(t)
-    assert m.phase == "Trusted", m.reason
+    _restart(tpm, good=False)
+    seen = []
+    for _ in range(3):
+        t += LATER
+        _restart(tpm, good=True)  # a brief good boot
+        m.agent_step()
+        m.operator(t)  # handed in from the good boot
+        seen.append(m.phase)
+        t += dt.timedelta(seconds=1)
+        m.agent_step()  # the nonce asked again at once, quoted in the same good boot
+        _restart(tpm, good=False)
+        m.operator(t)  # handed in from the bad boot
+        seen.append(m.phase)
+    assert "Trusted" not in seen
+    assert m.reason == "AwaitingReadmission"
 
 
 def test_binding_a_new_ak_does_not_hide_a_reboot() -> None:

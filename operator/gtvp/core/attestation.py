@@ -84,9 +84,6 @@ _NOT_TAMPERING = (
     # what no named check catches may as well be a fault of gtvp's: never a readmission
     # of every member of a level for it (the inputs known to be an agent's are named)
     errors.EvidenceUnprocessable,
-    # a TPM Restart or Resume: a quote made before it makes no verdict anyway (`Rebooted`),
-    # and a resume from suspend is no one's wrongdoing
-    errors.TpmRestarted,
 )
 
 

@@ -118,9 +118,10 @@ class Rebooted(VerificationError):
 
 class TpmRestarted(Rebooted):
     """restartCount increased, resetCount did not: a TPM Restart (TPM2_Shutdown(STATE)
-    before a reboot) or a Resume from suspend. Judged like a reboot (a quote made before it
-    makes no verdict: the next one, of the running boot, does), but no sign of tampering by
-    itself: a level with `autoRecover: false` asks no readmission for it."""
+    before a reboot) or a Resume from suspend, judged like a reboot: a quote made before it
+    makes no verdict, the next one (of the running boot) does, and a level with
+    `autoRecover: false` holds the host for readmission (a host that restarts into a good
+    boot for each quote and back into a bad one is told from a resume by no quote)."""
 
     reason = "Rebooted"
 

@@ -205,19 +205,27 @@ def _forget(rt: Runtime, name: str) -> None:
         rt.touch_boxes()
 
 
-def resync(rt: Runtime, listed: list[dict[str, Any]], since: int) -> list[str]:
+def resync(rt: Runtime, listed: list[dict[str, Any]], since: int) -> tuple[list[str], list[str]]:
     """The components as listed when `rt.view.events` was `since`: one deleted while the
-    watch was away (a watch that resumes after a gap delivers no DELETED) is forgotten;
-    one the watch told of after `since` is as the watch says. The names forgotten."""
-    present = {str((b.get("metadata") or {}).get("name", "")) for b in listed}
-    gone = [
-        n
-        for n in list(rt.view.components)
-        if n not in present and rt.view.component_seen.get(n, since) <= since
-    ]
+    watch was away (a watch that resumes after a gap delivers no DELETED) is forgotten, one
+    listed that the view lacks (or holds as another object) is taken in; one the watch told
+    of after `since` is as the watch says. (The names forgotten, the names taken in: to
+    check.)"""
+    by_name = {str((b.get("metadata") or {}).get("name", "")): b for b in listed}
+    fresh = {n for n, at in rt.view.component_seen.items() if at > since}
+    gone = [n for n in list(rt.view.components) if n not in by_name and n not in fresh]
     for name in gone:
         _forget(rt, name)
-    return gone
+    missed = [
+        n
+        for n, body in by_name.items()
+        if n not in fresh and _uid(rt.view.components.get(n)) != _uid(body)
+    ]
+    for name in missed:
+        observe(rt, by_name[name], "ADDED")
+    seen = rt.view.component_seen
+    rt.view.component_seen = {n: at for n, at in seen.items() if at > since or n in by_name}
+    return gone, missed
 
 
 def spend(rt: Runtime, names: tuple[str, ...]) -> list[str]:

@@ -90,7 +90,9 @@ async def _list_pool(rt: Runtime) -> dict[str, list[dict[str, Any]]]:
     while True:
         try:
             listed = {
-                what: await asyncio.to_thread(kube.list_all, rt.clients, res)
+                what: await asyncio.to_thread(
+                    kube.list_all, rt.clients, res, missing_ok=res is not OS_COMPONENTS
+                )
                 for what, res in LISTED.items()
             }
             listed["node"] = await asyncio.to_thread(kube.list_nodes, rt.clients)
@@ -178,15 +180,19 @@ async def resync_loop(rt: Runtime, period: float = RESYNC) -> None:
         try:
             pods = await asyncio.to_thread(kube.list_launcher_pods, rt.clients)
             migrations = await asyncio.to_thread(kube.list_all, rt.clients, MIGRATIONS)
-            listed = await asyncio.to_thread(kube.list_all, rt.clients, OS_COMPONENTS)
+            listed = await asyncio.to_thread(
+                kube.list_all, rt.clients, OS_COMPONENTS, missing_ok=False
+            )
             added = rt.view.resync_pods(pods, since) | rt.view.resync_migrations(migrations, since)
-            gone = components.resync(rt, listed, since)
+            gone, missed = components.resync(rt, listed, since)
         except Exception as exc:  # noqa: BLE001 - the watch keeps the view; try next time
             log.warning("listing launcher pods, migrations and OSComponents failed (%s); retry "
                         "in %.0fs", exc, period)  # fmt: skip
             continue
         if gone:
             log.info("OSComponents deleted while the watch was away: %s", ", ".join(gone))
+        for name in missed:  # in the listing, not in the view: checked as on its event
+            await asyncio.to_thread(components.verify_component, rt, name)
         for node in added:
             rt.schedule.schedule(node, dt.timedelta(0))
 
