@@ -234,15 +234,27 @@ def publish(clients: Any, namespace: str, keys: list[StoredKey], issuer: str | N
     return True
 
 
+def _published_issuer(clients: Any, namespace: str) -> str | None:
+    """The issuer the published JWKS names (the operator's, `--token-issuer` included)."""
+    try:
+        current = clients.core.read_namespaced_config_map(CONFIGMAP, namespace)
+        named = json.loads((current.data or {}).get(JWKS_KEY, "{}")).get("issuer")
+    except Exception:  # noqa: BLE001 - none published yet, or unreadable: derived instead
+        return None
+    return named if isinstance(named, str) and named else None
+
+
 def rotate(
     clients: Any, namespace: str, now: dt.datetime, *, revoke: bool = False
 ) -> tuple[str, list[str]]:
     """Add a new signing key (the current one retired, or with `revoke` every earlier one
     withdrawn); (new kid, kids still published)."""
-    try:
-        name: str | None = read_cluster_issuer(clients)  # the JWKS keeps naming its issuer
-    except RuntimeError:
-        name = None  # the operator's leader names it again at its next refresh
+    name = _published_issuer(clients, namespace)  # the JWKS keeps naming its issuer
+    if name is None:
+        try:
+            name = read_cluster_issuer(clients)
+        except RuntimeError:
+            name = None  # the operator's leader names it again at its next refresh
     for _ in range(5):
         got = read_keys(clients, namespace)
         if got is None:

@@ -131,3 +131,42 @@ def test_a_box_named_after_a_colleagues_vm_leaves_that_vm_alone(
     )
     assert now["metadata"]["uid"] == theirs["metadata"]["uid"]
     assert now["metadata"]["resourceVersion"] == theirs["metadata"]["resourceVersion"]
+
+
+def test_a_vm_still_being_deleted_is_waited_for_not_replaced(
+    control_plane: ControlPlane, operator_clients: kube.Clients, namespace: str
+) -> None:
+    """A box whose level was lowered gets a new VM (its level label cannot go down on an
+    update); KubeVirt keeps the old one, being deleted, while its VMI shuts down. gtvp
+    waits for it to go instead of replacing it (which admission would refuse, failing the
+    box), and creates the new one then."""
+    rt = Runtime(settings=OperatorSettings(policy_name="p"), clients=operator_clients)
+    box = {
+        "apiVersion": LAZY_BOXES.api_version,
+        "kind": LAZY_BOXES.kind,
+        "metadata": {"name": "held", "namespace": namespace},
+        "spec": SPEC,
+    }
+    made = json.loads(
+        control_plane.kubectl("create", "-f", "-", "-o", "json", input_text=json.dumps(box)).stdout
+    )
+    rt.view.observe_box(made, "ADDED")
+    comps = resolve(
+        BoxRequest.from_spec(SPEC), [parse_component(o) for o in Publisher().web_catalogue()]
+    )
+    ref = BoxRef("held", namespace, str(made["metadata"]["uid"]))
+    old = compose_vm(ref, SPEC, comps, None)
+    old["metadata"]["finalizers"] = ["example.com/hold"]  # as KubeVirt's, while its VMI goes
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(old))
+    control_plane.kubectl("delete", "vm", "held", "-n", namespace, "--wait=false")
+    new = compose_vm(ref, SPEC, comps, "node-x")
+    assert not box_writes.write_vm(rt, (namespace, "held"), new)
+    status = (kube.get_if_present(operator_clients, LAZY_BOXES, "held", namespace) or {}).get(
+        "status"
+    ) or {}
+    assert status.get("phase") != "Failed"
+    control_plane.kubectl(
+        "patch", "vm", "held", "-n", namespace, "--type=merge", "-p",
+        json.dumps({"metadata": {"finalizers": None}}),
+    )  # fmt: skip
+    assert box_writes.write_vm(rt, (namespace, "held"), compose_vm(ref, SPEC, comps, "node-x"))

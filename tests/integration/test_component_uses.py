@@ -23,7 +23,7 @@ from gtvp.core.api_resources import OS_COMPONENTS, ApiResource
 from gtvp.core.policy import parse_policy
 from gtvp.handlers import components, lazyboxes
 from gtvp.runtime import OperatorSettings, Runtime
-from gtvp_local.controlplane import ControlPlane
+from gtvp_local.controlplane import ADMIN, ControlPlane
 from tests.catalogue import Publisher
 from tests.samples import sample_policy_spec
 
@@ -146,7 +146,7 @@ def test_an_image_a_box_boots_is_vouched_for_only_while_a_component_of_it_verifi
     deleted is no longer vouched for; one not checked yet is (the box waits for its check).
     A deletion the watch never reported (it was away) is found by the periodic listing."""
     spec = _server(rt, component)["spec"]
-    part = (spec["componentName"][:20], spec["digest"])  # a library's disk, by its serial
+    part = ("c-" + spec["componentName"], spec["digest"])  # a library's disk, by its name
     assert lazyboxes.unvouched(rt, [part]) == {}  # not checked yet: not taken as revoked
     assert components.verify_component(rt, component).ok
     assert lazyboxes.unvouched(rt, [part]) == {}
@@ -177,16 +177,17 @@ def test_a_component_the_watch_told_of_after_the_listing_began_is_not_forgotten(
 
 
 def test_a_listing_that_fails_forgets_nothing_and_one_that_holds_a_missed_component_adds_it(
-    rt: Runtime, component: str
+    control_plane: ControlPlane, rt: Runtime, component: str
 ) -> None:
     """gtvp's own kinds are never read as empty when the API server answers 404 (its CRDs
     not synced yet, during a restart): an empty listing would un-vouch every running box.
     A component the view lost, or never saw, is taken in again from the listing and
     checked, not only deleted ones forgotten."""
     missing = ApiResource("gtvp.io", "v1alpha1", "nosuchkinds", "NoSuchKind", False)
-    assert kube.list_all(rt.clients, missing) == []  # KubeVirt not installed (yet): fine
+    admin = kube.make_clients(str(control_plane.kubeconfig_for(ADMIN)))  # RBAC aside: 404
+    assert kube.list_all(admin, missing) == []  # KubeVirt not installed (yet): fine
     with pytest.raises(ApiException) as refused:
-        kube.list_all(rt.clients, missing, missing_ok=False)
+        kube.list_all(admin, missing, missing_ok=False)
     assert refused.value.status == 404
     assert components.verify_component(rt, component).ok
     rt.view.observe_component(_server(rt, component), "DELETED")  # lost, unseen

@@ -391,6 +391,9 @@ def test_a_stolen_key_is_withdrawn_at_once_with_revoke_previous(
     one, or one issued before) verifies no more, while the new key's do."""
     now, retention = dt.datetime.now(dt.UTC), dt.timedelta(hours=72)
     issuer = _loaded_issuer(operator_clients, keys_namespace, now, retention)
+    # an operator run with --token-issuer: its JWKS names that issuer
+    issuer.name = "gtvp.io/cluster/as-configured"
+    verdict_keys.refresh(operator_clients, issuer, now=now, leader=True, retention=retention)
     stolen = issuer.signing_key
     assert stolen is not None
     claims = {
@@ -405,6 +408,8 @@ def test_a_stolen_key_is_withdrawn_at_once_with_revoke_previous(
     argv = ["token", "rotate-key", "--kubeconfig", kubeconfig, "--namespace", keys_namespace,
             "--revoke-previous"]  # fmt: skip
     assert cli.main(argv) == 0
+    # the rotation keeps the issuer the JWKS names (not the one it would derive)
+    assert _jwks_from_configmap(operator_clients, keys_namespace)["issuer"] == issuer.name
     verdict_keys.refresh(operator_clients, issuer, now=now, leader=True, retention=retention)
     assert issuer.signing_key is not None
     assert issuer.signing_key.kid != stolen.kid

@@ -444,7 +444,11 @@ def _running(comps: list[Component]) -> Observed:
 
 def _part(c: Component) -> tuple[str, str]:
     """What a composed VM boots of component `c` (`compose.boot_parts`)."""
-    return ("kernel" if c.type == "kernel" else c.name[:20], c.digest)
+    if c.type == "kernel":
+        return ("kernel", c.digest)
+    if c.type == "rootfs":
+        return (f"rootfs:{c.name[:20]}", c.digest)
+    return ("c-" + c.name.replace(".", "-"), c.digest)
 
 
 OLD_NGINX = next(c for c in CAT if c.label == "nginx 1.22.1")
@@ -852,6 +856,15 @@ def test_only_a_component_in_the_role_it_is_booted_in_vouches_for_an_image() -> 
     assert "UnknownPublisher" in lazyboxes.unvouched(rt, [part])[part]
     rt = _view_of([squat], {"myapp-1-0": ok})  # the kernel's object deleted
     assert "deleted" in lazyboxes.unvouched(rt, [part])[part]
+    # nor does an application of the rootfs's digest and a name of the same 20 characters
+    root = next(c for c in COMPS if c.type == "rootfs")
+    rootobj = next(o for o in OBJS if o["metadata"]["name"] == root.object_name)
+    tools = copy.deepcopy(rootobj)
+    tools["metadata"]["name"] = "tools-1-0"
+    tools["spec"].update(componentName=root.name + "-tools", type="application", provides=[])
+    assert not compose_vouches(parse_component(tools), _part(root))
+    assert compose_vouches(root, _part(root))
+    assert _part(root) in vm_parts(compose_vm(REF, SPEC, COMPS, "node-2"))
     mirrored = copy.deepcopy(kobj)
     mirrored["spec"]["image"] = "mirror.corp.example/linux@" + kernel.digest
     rt = _view_of([mirrored], {kernel.object_name: ok})

@@ -197,8 +197,9 @@ def translate_legacy(
 
 
 BootPart = tuple[str, str]
-"""(role, digest) of an image a VM boots: role `kernel` for its kernel boot container, else
-the serial of the disk the image backs (a component's name)."""
+"""(role, digest) of an image a VM boots: role `kernel` for its kernel boot container,
+`rootfs:<serial>` for its root disk, else the name of the disk the image backs (`c-<the
+component's name>`)."""
 
 
 def boot_parts(
@@ -229,7 +230,9 @@ def boot_parts(
         if isinstance(dv, Mapping):
             image = (data_volumes or {}).get(str(dv.get("name")))
         if image:
-            found.add((serials.get(str(v.get("name")), ""), _digest_of(str(image))))
+            name = str(v.get("name"))
+            role = f"rootfs:{serials.get(name, '')}" if name == "rootfs" else name
+            found.add((role, _digest_of(str(image))))
     return tuple(sorted(found))
 
 
@@ -254,14 +257,18 @@ def vm_parts(vm: Mapping[str, Any]) -> tuple[BootPart, ...]:
 
 
 def vouches(c: Component, part: BootPart) -> bool:
-    """Whether component `c` is what `part` boots: its digest, in its role (the kernel, or
-    the disk whose serial it gives). A component of another role (an application whose
-    image is the kernel's, signed by a publisher allowed only applications) vouches for
-    nothing there."""
+    """Whether component `c` is what `part` boots: its digest, in its role (the kernel, the
+    root disk, or the disk named after it). A component of another role (an application
+    whose image is the kernel's or the rootfs's, signed by a publisher allowed only
+    applications) vouches for nothing there."""
     role, digest = part
     if c.digest != digest:
         return False
-    return c.type == "kernel" if role == "kernel" else c.type != "kernel" and _serial(c) == role
+    if role == "kernel":
+        return c.type == "kernel"
+    if role.startswith("rootfs:"):
+        return c.type == "rootfs" and _serial(c) == role.removeprefix("rootfs:")
+    return c.type in ("library", "application") and _disk_name(c) == role
 
 
 NOT_COMPOSED_MESSAGE = (

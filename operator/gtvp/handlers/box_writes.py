@@ -29,6 +29,10 @@ def _level_label(vm: Mapping[str, Any]) -> int:
     return int(raw) if raw.isdigit() else 9
 
 
+class _Terminating(Exception):
+    """The box's VM of the name is being deleted (`write_vm` waits for it to go)."""
+
+
 def write_vm(rt: Runtime, key: Key, vm: dict[str, Any]) -> bool:
     """Create or replace the box's VM; False (and the box Failed) when the API server
     refuses it."""
@@ -45,14 +49,21 @@ def write_vm(rt: Runtime, key: Key, vm: dict[str, Any]) -> bool:
         current = None
     known = None if current is None else str(current["metadata"]["resourceVersion"])
     box_uid = str(((rt.view.boxes.get(key) or {}).get("metadata") or {}).get("uid", ""))
+
+    def ours(found: Mapping[str, Any]) -> bool:
+        if (found.get("metadata") or {}).get("deletionTimestamp"):
+            raise _Terminating  # KubeVirt holds it while its VMI shuts down: not replaced
+        return someone_elses(box_uid, found, None) is None
+
     try:
         out = kube.create_or_replace(
-            rt.clients,
-            VIRTUAL_MACHINES,
-            vm,
-            resource_version=known,
-            ours=lambda found: someone_elses(box_uid, found, None) is None,
+            rt.clients, VIRTUAL_MACHINES, vm, resource_version=known, ours=ours
         )
+    except _Terminating:
+        # created once it is gone (its DELETED event looks at the box again); replacing a
+        # VM being deleted would be refused (a lowered level) or undone by its deletion
+        log.info("box %s/%s: its VirtualMachine is still being deleted; written once gone", *key)
+        return False
     except kube.NotOurs as exc:
         # someone else's VM of the box's name, made since the view last saw none: left
         # alone, and the box's next plan fails it (VMNameTaken)
