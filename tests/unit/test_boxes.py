@@ -925,3 +925,20 @@ def test_a_box_composed_anew_from_the_same_components_says_why_not_x_to_x() -> N
     assert d.event is not None
     assert " -> " not in d.event[2]
     assert "composed anew" in d.event[2]
+
+
+def test_a_check_that_concluded_nothing_does_not_restart_running_boxes() -> None:
+    """A component that kept changing while it was checked (`Changing`, as a contended
+    maxUses spend leaves it) is used for nothing new, but takes nothing back from boxes
+    running it: neither the booted one nor the image is treated as revoked."""
+    from gtvp.handlers import lazyboxes
+
+    app = next(c for c in COMPS if c.type == "application")
+    undecided = {**OK, app.object_name: Check("Failed", "Changing", "kept changing")}
+    status = {"composedBoots": [boots(COMPS)], "composedAt": "2026-11-29T11:00:00Z"}
+    d = plan_box(inp(checks=undecided, observed=_running(COMPS), status=status), NOW)
+    assert (d.vm, d.restart) == (None, False)
+    assert d.status["composedBoots"] == status["composedBoots"]
+    aobj = next(o for o in OBJS if o["metadata"]["name"] == app.object_name)
+    rt = _view_of([aobj], {app.object_name: undecided[app.object_name]})
+    assert lazyboxes.unvouched(rt, [_part(app)]) == {}

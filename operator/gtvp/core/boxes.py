@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gtvp.core.component_checks import Check, resolvable
+from gtvp.core.component_checks import Check, revokes
 from gtvp.core.components import Component
 from gtvp.core.compose import (
     BootPart,
@@ -261,9 +261,7 @@ def _revoked(inp: BoxInput) -> list[str]:
     OSComponent deleted, which its annotation, anyone's to edit, may not name)."""
     obs = inp.observed
     named = [
-        n
-        for n in (*obs.booted, *obs.hotplugged)
-        if n in inp.checks and not resolvable(inp.checks[n])
+        n for n in (*obs.booted, *obs.hotplugged) if n in inp.checks and revokes(inp.checks[n])
     ]
     return named + [f"{i[0]} {i[1]}" for i in obs.vm_parts if i in inp.unvouched]
 

@@ -46,6 +46,16 @@ class Check:
         return self.state == "Verified"
 
 
+CHANGING = "Changing"
+"""A check that concluded nothing: the component kept changing while it was checked."""
+
+
+def revokes(check: Check | None) -> bool:
+    """Whether a check takes back what a component vouched for in running boxes: one that
+    failed, not one that concluded nothing (`Changing`: no new use, but no restart)."""
+    return not resolvable(check) and check is not None and check.reason != CHANGING
+
+
 def resolvable(check: Check | None) -> bool:
     """Whether a component with this check outcome may be resolved into a box: verified, not
     judged yet (the box waits for it) or judged without a policy loaded (nothing can be said

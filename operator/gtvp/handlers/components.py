@@ -23,6 +23,7 @@ from gtvp import kube
 from gtvp.cluster_view import kept
 from gtvp.core.api_resources import OS_COMPONENTS
 from gtvp.core.component_checks import (
+    CHANGING,
     Check,
     Use,
     check_component,
@@ -138,7 +139,7 @@ def _deleted(rt: Runtime, name: str) -> Check:
 
 def _unsettled(rt: Runtime, name: str) -> Check:
     """The component kept changing under every attempt: not usable for now (fail closed)."""
-    check = Check("Failed", "Changing", "the component kept changing while it was checked")
+    check = Check("Failed", CHANGING, "the component kept changing while it was checked")
     _set_check(rt, name, check)
     log.warning("OSComponent %s: %s", name, check.message)
     return check

@@ -33,7 +33,7 @@ from gtvp.core.boxes import (
     someone_elses,
     unschedulable,
 )
-from gtvp.core.component_checks import resolvable
+from gtvp.core.component_checks import resolvable, revokes
 from gtvp.core.components import Component, ComponentError, parse_component
 from gtvp.core.compose import (
     BOOT_ANNOTATION,
@@ -260,7 +260,7 @@ def unvouched(rt: Runtime, parts: Iterable[BootPart]) -> dict[BootPart, str]:
             out[part] = "no readable OSComponent of it is left (deleted, or no longer readable)"
             continue
         checks = [rt.boxes.checks.get(c.object_name) for c in comps]
-        if any(resolvable(chk) for chk in checks):
+        if not all(revokes(chk) for chk in checks):  # verified, unchecked, or undecided
             continue
         failed = next(chk for chk in checks if chk is not None)
         out[part] = f"{comps[0].label} failed verification: {failed.reason}: {failed.message}"
