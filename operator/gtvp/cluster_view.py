@@ -365,11 +365,16 @@ class ClusterView:
         self.boxes[key] = kept(body)
         return known is None or (known.get("metadata") or {}).get("resourceVersion") != rv
 
+    def note_component(self, name: str) -> None:
+        """The view's copy of OSComponent `name` changed now (an event, or the operator's own
+        read or write): a listing requested before is not taken over it (`resync`)."""
+        self.events += 1
+        self.component_seen[name] = self.events
+
     def observe_component(self, body: dict[str, Any], event_type: str) -> bool:
         """Record an OSComponent event; False when it is gone."""
         name = name_of(body)
-        self.events += 1
-        self.component_seen[name] = self.events
+        self.note_component(name)
         if event_type == "DELETED":
             self.components.pop(name, None)
             return False

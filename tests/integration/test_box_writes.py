@@ -165,6 +165,7 @@ def test_a_vm_still_being_deleted_is_waited_for_not_replaced(
         "status"
     ) or {}
     assert status.get("phase") != "Failed"
+    assert status.get("message") == box_writes.WAITING_FOR_DELETION  # said, not silent
     control_plane.kubectl(
         "patch", "vm", "held", "-n", namespace, "--type=merge", "-p",
         json.dumps({"metadata": {"finalizers": None}}),

@@ -942,3 +942,25 @@ def test_a_check_that_concluded_nothing_does_not_restart_running_boxes() -> None
     aobj = next(o for o in OBJS if o["metadata"]["name"] == app.object_name)
     rt = _view_of([aobj], {app.object_name: undecided[app.object_name]})
     assert lazyboxes.unvouched(rt, [_part(app)]) == {}
+
+
+def test_a_separate_initrd_components_disk_is_vouched_for() -> None:
+    """A box with an `initrd` component (attached as a disk like libraries): healthy, it is
+    vouched for and left running (not restarted at every pass)."""
+    from gtvp.handlers import lazyboxes
+
+    extra = PUB.component("extra-initrd", "1.0.0", "initrd")
+    comp = parse_component(extra)
+    comps = [*COMPS, comp]
+    vm = compose_vm(REF, SPEC, comps, "node-2")
+    parts = vm_parts(vm)
+    assert _part(comp) in parts
+    ok = Check("Verified", "SignatureValid", "")
+    checks = {**OK, comp.object_name: ok}
+    rt = _view_of([*OBJS, extra], checks)
+    assert lazyboxes.unvouched(rt, parts) == {}
+    seen = replace(_running(comps), vm_parts=parts, vmi_parts=parts, vm_boots=template_boots(vm),
+                   vmi_boots=template_boots(vm))  # fmt: skip
+    status = {"composedBoots": [template_boots(vm)], "composedAt": "2026-11-29T11:00:00Z"}
+    d = plan_box(inp(components=comps, checks=checks, observed=seen, status=status), NOW)
+    assert (d.vm, d.restart) == (None, False)

@@ -268,7 +268,7 @@ def vouches(c: Component, part: BootPart) -> bool:
         return c.type == "kernel"
     if role.startswith("rootfs:"):
         return c.type == "rootfs" and _serial(c) == role.removeprefix("rootfs:")
-    return c.type in ("library", "application") and _disk_name(c) == role
+    return c.type not in ("kernel", "rootfs") and _disk_name(c) == role
 
 
 NOT_COMPOSED_MESSAGE = (

@@ -29,6 +29,12 @@ def _level_label(vm: Mapping[str, Any]) -> int:
     return int(raw) if raw.isdigit() else 9
 
 
+WAITING_FOR_DELETION = (
+    "waiting for its previous VirtualMachine to be deleted (KubeVirt holds it while its VMI "
+    "shuts down) before writing the new one"
+)
+
+
 class _Terminating(Exception):
     """The box's VM of the name is being deleted (`write_vm` waits for it to go)."""
 
@@ -56,6 +62,8 @@ def write_vm(rt: Runtime, key: Key, vm: dict[str, Any]) -> bool:
         return someone_elses(box_uid, found, None) is None
 
     try:
+        if current is not None and (current.get("metadata") or {}).get("deletionTimestamp"):
+            raise _Terminating
         out = kube.create_or_replace(
             rt.clients, VIRTUAL_MACHINES, vm, resource_version=known, ours=ours
         )
@@ -63,6 +71,9 @@ def write_vm(rt: Runtime, key: Key, vm: dict[str, Any]) -> bool:
         # created once it is gone (its DELETED event looks at the box again); replacing a
         # VM being deleted would be refused (a lowered level) or undone by its deletion
         log.info("box %s/%s: its VirtualMachine is still being deleted; written once gone", *key)
+        before = (rt.view.boxes.get(key) or {}).get("status") or {}
+        if before.get("message") != WAITING_FOR_DELETION:
+            write_status(rt, key, {**before, "message": WAITING_FOR_DELETION})
         return False
     except kube.NotOurs as exc:
         # someone else's VM of the box's name, made since the view last saw none: left

@@ -194,12 +194,14 @@ def _read_again(rt: Runtime, name: str) -> None:
     if fresh is None:
         _forget(rt, name)
     else:
+        rt.view.note_component(name)
         rt.view.components[name] = kept(fresh)
 
 
 def _forget(rt: Runtime, name: str) -> None:
     """A component found gone on the server: out of the view and the catalogue (what boxes
     boot of it is no longer vouched for: `lazyboxes.unvouched`)."""
+    rt.view.note_component(name)
     if rt.view.components.pop(name, None) is not None:
         rt.boxes.checks.pop(name, None)
         rt.boxes.catalogue_version += 1
