@@ -35,10 +35,8 @@ def _restart(tpm: SoftTpm, *, good: bool) -> None:
         tpm.extend(7, b"a bootloader the policy does not accept")
 
 
-@pytest.mark.parametrize("auto_recover", [True, False])
-def test_a_quote_made_before_a_tpm_restart_makes_no_verdict(auto_recover: bool) -> None:
-    """Root quotes each nonce in a brief good boot and hands the quote in from a bad one,
-    rebooting through TPM Restarts: never Trusted again."""
+def _trusted_member(*, auto_recover: bool) -> tuple[SoftTpm, AgentMember, dt.datetime]:
+    """A member over a software TPM, enrolled and Trusted after one quote; the time then."""
     ca = SoftCA()
     tpm = SoftTpm(ca)
     m = AgentMember(tpm, _policy(ca, auto_recover=auto_recover))
@@ -46,6 +44,14 @@ def test_a_quote_made_before_a_tpm_restart_makes_no_verdict(auto_recover: bool) 
     t = T0 + LATER
     m.cycle(t)
     assert m.phase == "Trusted"
+    return tpm, m, t
+
+
+@pytest.mark.parametrize("auto_recover", [True, False])
+def test_a_quote_made_before_a_tpm_restart_makes_no_verdict(auto_recover: bool) -> None:
+    """Root quotes each nonce in a brief good boot and hands the quote in from a bad one,
+    rebooting through TPM Restarts: never Trusted again."""
+    tpm, m, t = _trusted_member(auto_recover=auto_recover)
     _restart(tpm, good=False)
     for _ in range(4):
         t += LATER
@@ -66,13 +72,7 @@ def test_a_host_that_restarts_into_a_good_boot_for_each_quote_is_held_for_readmi
     in the same good boot, then restarts into the bad one; on a level with autoRecover:
     false the first restart already holds it for a human (a resume from suspend is held
     too: no quote tells the two apart)."""
-    ca = SoftCA()
-    tpm = SoftTpm(ca)
-    m = AgentMember(tpm, _policy(ca, auto_recover=False))
-    m.enrol(T0)
-    t = T0 + LATER
-    m.cycle(t)
-    assert m.phase == "Trusted"
+    tpm, m, t = _trusted_member(auto_recover=False)
     _restart(tpm, good=False)
     seen = []
     for _ in range(3):
@@ -97,13 +97,7 @@ def test_binding_a_new_ak_does_not_hide_a_reboot() -> None:
     autoRecover: false, still held for readmission)."""
     import gtvp.core.attestation as steps
 
-    ca = SoftCA()
-    tpm = SoftTpm(ca)
-    m = AgentMember(tpm, _policy(ca, auto_recover=False))
-    m.enrol(T0)
-    t = T0 + LATER
-    m.cycle(t)
-    assert m.phase == "Trusted"
+    tpm, m, t = _trusted_member(auto_recover=False)
     tpm._clock.reset_count += 1  # a reboot (TPM Reset)
     real = steps._check_enrolment
 
