@@ -112,9 +112,9 @@ class ClusterView:
     pod_seen: dict[Key, int] = field(default_factory=dict)
     pod_ended: dict[Key, int] = field(default_factory=dict)
     migration_seen: dict[Key, int] = field(default_factory=dict)
-    component_seen: dict[str, int] = field(default_factory=dict)
-    """Per OSComponent name: the event count at its last watch event (`components.resync`)."""
     """At which event each migration was last told of (a deleted one until the next resync)."""
+    component_seen: dict[str, int] = field(default_factory=dict)
+    """Per OSComponent name: the event count at its last change (`note_component`)."""
     # room taken by every placed VMI, boxes' too, by its own requests, and its sum per node
     # as of a version of `placed` (summed again once `placed_version` moved on)
     placed: dict[Key, Footprint] = field(default_factory=dict)

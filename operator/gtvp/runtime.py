@@ -153,7 +153,8 @@ class BoxMemory:
     parsed: dict[str, tuple[str, Component | None]] = field(default_factory=dict)
     catalogue_version: int = 0
     catalogue_cache: tuple[int, list[Component]] = (-1, [])
-    image_index: tuple[int, dict[str, list[Component]]] = (-1, {})
+    digest_index: tuple[int, dict[str, list[Component]]] = (-1, {})
+    """The readable components by digest, as of a catalogue version (`lazyboxes.unvouched`)."""
     host_cache: dict[str, tuple[tuple[str, str], Any]] = field(default_factory=dict)
     host_memo: dict[str, tuple[Any, bool, int, int, Any]] = field(default_factory=dict)
     """Per member: the Host last built (reused while its inputs are the same objects)."""

@@ -251,10 +251,9 @@ def rotate(
     withdrawn); (new kid, kids still published)."""
     name = _published_issuer(clients, namespace)  # the JWKS keeps naming its issuer
     if name is None:
-        try:
+        # else none: the operator's leader names it again at its next refresh
+        with contextlib.suppress(RuntimeError):
             name = read_cluster_issuer(clients)
-        except RuntimeError:
-            name = None  # the operator's leader names it again at its next refresh
     for _ in range(5):
         got = read_keys(clients, namespace)
         if got is None:

@@ -33,17 +33,24 @@ SPEC: dict[str, Any] = {
 }
 
 
+def _box(control_plane: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    """A LazyBox of `name` (SPEC), as the API server made it."""
+    box = {
+        "apiVersion": LAZY_BOXES.api_version,
+        "kind": LAZY_BOXES.kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": SPEC,
+    }
+    out = control_plane.kubectl("create", "-o", "json", "-f", "-", input_text=json.dumps(box))
+    made: dict[str, Any] = json.loads(out.stdout)
+    return made
+
+
 def test_a_refused_vm_fails_the_box_and_keeps_the_rest_of_its_status(
     control_plane: ControlPlane, operator_clients: kube.Clients, namespace: str
 ) -> None:
     rt = Runtime(settings=OperatorSettings(policy_name="p"), clients=operator_clients)
-    box = {
-        "apiVersion": LAZY_BOXES.api_version,
-        "kind": LAZY_BOXES.kind,
-        "metadata": {"name": "web", "namespace": namespace},
-        "spec": SPEC,
-    }
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(box))
+    _box(control_plane, namespace, "web")
     kept = {
         "phase": "Running",
         "resolved": [{"name": "nginx", "version": "1.26.2", "digest": "sha256:" + "a" * 64}],
@@ -98,15 +105,7 @@ def test_a_box_named_after_a_colleagues_vm_leaves_that_vm_alone(
             "create", "-o", "json", "-f", "-", input_text=json.dumps(_plain(kind, "db", namespace))
         ).stdout
     )
-    box = {
-        "apiVersion": LAZY_BOXES.api_version,
-        "kind": LAZY_BOXES.kind,
-        "metadata": {"name": "db", "namespace": namespace},
-        "spec": SPEC,
-    }
-    made = json.loads(
-        control_plane.kubectl("create", "-o", "json", "-f", "-", input_text=json.dumps(box)).stdout
-    )
+    made = _box(control_plane, namespace, "db")
     rt = Runtime(settings=OperatorSettings(policy_name="p"), clients=operator_clients)
     rt.view.observe_box(made, "ADDED")
     if kind == "VirtualMachine":
@@ -141,15 +140,7 @@ def test_a_vm_still_being_deleted_is_waited_for_not_replaced(
     waits for it to go instead of replacing it (which admission would refuse, failing the
     box), and creates the new one then."""
     rt = Runtime(settings=OperatorSettings(policy_name="p"), clients=operator_clients)
-    box = {
-        "apiVersion": LAZY_BOXES.api_version,
-        "kind": LAZY_BOXES.kind,
-        "metadata": {"name": "held", "namespace": namespace},
-        "spec": SPEC,
-    }
-    made = json.loads(
-        control_plane.kubectl("create", "-f", "-", "-o", "json", input_text=json.dumps(box)).stdout
-    )
+    made = _box(control_plane, namespace, "held")
     rt.view.observe_box(made, "ADDED")
     comps = resolve(
         BoxRequest.from_spec(SPEC), [parse_component(o) for o in Publisher().web_catalogue()]

@@ -1424,45 +1424,38 @@ def test_a_level_without_migrate_within_still_bounds_the_wait_for_a_move(
 
 
 @pytest.mark.tpm
+@pytest.mark.parametrize(
+    ("within", "waited", "said"),
+    [("10s", dt.timedelta(seconds=11), "10s"), ("1h", dt.timedelta(hours=1, seconds=5), "1h")],
+)
 def test_a_keep_level_vm_moved_by_its_members_level_is_bound_by_that_levels_wait(
-    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    swtpm_ca: SwtpmCA,
+    shared_tpm: Swtpm,
+    within: str,
+    waited: dt.timedelta,
+    said: str,
 ) -> None:
-    """Level 1 says Keep, level 3 Migrate within 10 s: a level-1 VM on a level-3 member that
-    lost trust is migrated by the member's level, and that level's bound stops it when its
-    move does not happen, as it stops the member's own level-3 VMs."""
+    """Level 1 says Keep, level 3 Migrate within `within`: a level-1 VM on a level-3 member
+    that lost trust is migrated by the member's level, and that level's bound stops it when
+    its move does not happen, as it stops the member's own level-3 VMs. The Event names
+    that level's choice, also when it chose 1h, the length of gtvp's default (an
+    administrator looking for why the VM stopped looks at the right policy field)."""
     del shared_tpm  # the CA has issued its certificates
-    ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=11)
+    ago = dt.datetime.now(dt.UTC) - waited
     status = {
         "phase": "Untrusted", "level": 0, "belowSince": below_since(None, 0, ago),
         "trust": {"verdict": "Untrusted", "reason": "PcrMismatch", "verifiedAt": "t"},
         "effectivePolicy": {"level": 3, "onUntrusted": "Migrate"},
     }  # fmt: skip
-    _left_on_bad(control_plane, rt, namespace, swtpm_ca, {3: "10s"}, status, {"low": 1})
+    _left_on_bad(control_plane, rt, namespace, swtpm_ca, {3: within}, status, {"low": 1})
     assert not _vmi_present(control_plane, namespace, "low")
-    said = _event_messages(control_plane, namespace, "EvacuationDeadline")
-    assert said.startswith(
-        "still on bad 10s after it lost trust (the migrateWithin of bad's level)"
+    message = _event_messages(control_plane, namespace, "EvacuationDeadline")
+    assert message.startswith(
+        f"still on bad {said} after it lost trust (the migrateWithin of bad's level)"
     )
-
-
-@pytest.mark.tpm
-def test_a_stop_names_the_members_level_whose_chosen_bound_equals_the_default(
-    control_plane: ControlPlane, rt: Runtime, namespace: str, swtpm_ca: SwtpmCA, shared_tpm: Swtpm
-) -> None:
-    """The member's level chose migrateWithin 1h, the length of gtvp's default: the Event
-    names that level's choice, not a default nobody chose (an administrator looking for
-    why the VM stopped looks at the right policy field)."""
-    del shared_tpm  # the CA has issued its certificates
-    ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1, seconds=5)
-    status = {
-        "phase": "Untrusted", "level": 0, "belowSince": below_since(None, 0, ago),
-        "trust": {"verdict": "Untrusted", "reason": "PcrMismatch", "verifiedAt": "t"},
-        "effectivePolicy": {"level": 3, "onUntrusted": "Migrate"},
-    }  # fmt: skip
-    _left_on_bad(control_plane, rt, namespace, swtpm_ca, {3: "1h"}, status, {"low": 1})
-    assert not _vmi_present(control_plane, namespace, "low")
-    said = _event_messages(control_plane, namespace, "EvacuationDeadline")
-    assert said.startswith("still on bad 1h after it lost trust (the migrateWithin of bad's level)")
 
 
 @pytest.mark.tpm

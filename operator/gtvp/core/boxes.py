@@ -226,11 +226,9 @@ def _plan_own(inp: BoxInput, now: dt.datetime) -> Decision:
     target = {c.object_name for c in comps}
     current = set(inp.observed.booted) | set(inp.observed.hotplugged)
     # an image the VM boots that nothing vouches for any more (its object deleted, or made
-    # again under the same name with other bytes): not current, whatever the names say
-    stale = any(i in inp.unvouched for i in inp.observed.vm_parts)
-    # a box whose level was raised (or lowered) boots under its old trust selector
-    relevel = inp.observed.vm_level is not None and inp.observed.vm_level != int(inp.spec["level"])
-    stale = stale or relevel
+    # again under the same name with other bytes), or a level changed: not current,
+    # whatever the names say
+    stale = bool(_vm_unvouched(inp)) or _relevelled(inp)
     if inp.observed.vm_exists and target == current and not stale:
         return _restored(inp, now, comps) or _observe(inp, now)
     if not inp.observed.vm_exists:
@@ -263,7 +261,19 @@ def _revoked(inp: BoxInput) -> list[str]:
     named = [
         n for n in (*obs.booted, *obs.hotplugged) if n in inp.checks and revokes(inp.checks[n])
     ]
-    return named + [f"{i[0]} {i[1]}" for i in obs.vm_parts if i in inp.unvouched]
+    return named + [f"{role} {digest}" for role, digest in _vm_unvouched(inp)]
+
+
+def _vm_unvouched(inp: BoxInput) -> list[BootPart]:
+    """The images the box's VM boots that no component vouches for any more."""
+    return [i for i in inp.observed.vm_parts if i in inp.unvouched]
+
+
+def _relevelled(inp: BoxInput) -> bool:
+    """Whether the box's VM boots under another level's trust selector than its spec's (its
+    level was raised or lowered since)."""
+    level = inp.observed.vm_level
+    return level is not None and level != int(inp.spec["level"])
 
 
 def _without_unvouched(inp: BoxInput, d: Decision) -> Decision:
@@ -277,7 +287,7 @@ def _without_unvouched(inp: BoxInput, d: Decision) -> Decision:
     bad = [i for i in obs.vmi_parts if i in inp.unvouched]
     if not bad or obs.vmi_boots is None or "composedBoots" not in d.status:
         return d
-    vm_bad = any(i in inp.unvouched for i in obs.vm_parts)
+    vm_bad = bool(_vm_unvouched(inp))
     known = composed_boots(d.status)
     kept = [b for b in known if b != obs.vmi_boots]
     restart = d.restart or d.vm is not None or (obs.vmi_boots != obs.vm_boots and not vm_bad)
@@ -505,8 +515,7 @@ def _change(inp: BoxInput, comps: list[Component]) -> _Change:
     policy = inp.spec.get("upgradePolicy", "Restart")
     # a booted component that no longer verifies, or a level changed (the VM's trust selector
     # is another level's), is replaced now, whatever upgradePolicy says
-    relevel = obs.vm_level is not None and obs.vm_level != int(inp.spec["level"])
-    revoked = bool(_revoked(inp)) or relevel
+    revoked = bool(_revoked(inp)) or _relevelled(inp)
     hotplug = hotplug and not revoked
     restart = (
         not hotplug and (fault or revoked or policy == "Restart") and obs.vmi_phase is not None

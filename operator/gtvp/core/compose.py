@@ -110,7 +110,10 @@ def composed_boot(
     body = _boot_body(vmi_spec, annotations)
     if body is None:
         return None
-    body["gate"] = _gate(vmi_spec or {}, labels or {})
+    return _hash({**body, "gate": _gate(vmi_spec or {}, labels or {})})
+
+
+def _hash(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -129,17 +132,24 @@ def _gate(spec: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _kernel_boot(spec: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A VMI spec's `domain.firmware.kernelBoot`, when it boots a kernel from a container."""
+    firmware = (spec.get("domain") or {}).get("firmware") or {}
+    boot = firmware.get("kernelBoot") if isinstance(firmware, Mapping) else None
+    if not isinstance(boot, Mapping) or not isinstance(boot.get("container"), Mapping):
+        return None
+    return boot
+
+
 def _boot_body(
     vmi_spec: Mapping[str, Any] | None, annotations: Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
     spec = vmi_spec or {}
-    domain = spec.get("domain") or {}
-    firmware = domain.get("firmware") or {}
-    boot = firmware.get("kernelBoot") if isinstance(firmware, Mapping) else None
-    if not isinstance(boot, Mapping) or not isinstance(boot.get("container"), Mapping):
+    boot = _kernel_boot(spec)
+    if boot is None:
         return None
     container = boot["container"]
-    disks = (domain.get("devices") or {}).get("disks") or []
+    disks = ((spec.get("domain") or {}).get("devices") or {}).get("disks") or []
     volumes = [_volume(v) for v in spec.get("volumes") or [] if isinstance(v, Mapping)]
     return {
         "kernel": [*(container.get(k) for k in BOOT_FIELDS), boot.get("kernelArgs")],
@@ -162,9 +172,7 @@ def legacy_boot(
     """`composed_boot` as gtvp recorded it before 2026-12-05 (without `_gate`): only to
     translate such records (`translate_legacy`)."""
     body = _boot_body(vmi_spec, annotations)
-    if body is None:
-        return None
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return None if body is None else _hash(body)
 
 
 def translate_legacy(
@@ -178,21 +186,19 @@ def translate_legacy(
     known = composed_boots(status)
     if not known:
         return status
+    composed_gate = {"trust": level, "level": str(level), "graceWithinCap": True,
+                     "eviction": "External"}  # fmt: skip
     mapping = {}
     for obj in gated:
         if obj is None:
             continue
         spec = obj.get("spec") or {}
         meta = obj.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        gate = _gate(spec, labels)
-        if gate != {"trust": level, "level": str(level), "graceWithinCap": True,
-                    "eviction": "External"}:  # fmt: skip
-            continue
-        old = legacy_boot(spec, meta.get("annotations"))
-        if old is not None:
-            mapping[old] = composed_boot(spec, meta.get("annotations"), labels)
-    new = [mapping.get(b, b) or b for b in known]
+        gate = _gate(spec, meta.get("labels") or {})
+        body = _boot_body(spec, meta.get("annotations"))
+        if gate == composed_gate and body is not None:
+            mapping[_hash(body)] = _hash({**body, "gate": gate})
+    new = [mapping.get(b, b) for b in known]
     return status if new == known else {**status, "composedBoots": new}
 
 
@@ -210,10 +216,9 @@ def boot_parts(
     container disk's, or a hot-plugged DataVolume's import source from `data_volumes`, name
     -> image). An image not pinned by digest keeps its whole reference (no component has it)."""
     spec = vmi_spec or {}
-    firmware = (spec.get("domain") or {}).get("firmware") or {}
-    boot = firmware.get("kernelBoot") if isinstance(firmware, Mapping) else None
+    boot = _kernel_boot(spec)
     found: set[BootPart] = set()
-    if isinstance(boot, Mapping) and isinstance(boot.get("container"), Mapping):
+    if boot is not None:
         image = boot["container"].get("image")
         if image:
             found.add(("kernel", _digest_of(str(image))))
@@ -241,19 +246,26 @@ def _digest_of(image: str) -> str:
     return image.rpartition("@")[2] if "@" in image else image
 
 
-def vm_parts(vm: Mapping[str, Any]) -> tuple[BootPart, ...]:
-    """`boot_parts` of a VirtualMachine's template, its hot-plugged components' DataVolumes
-    (imported from `docker://<image>`) included."""
-    spec = vm.get("spec") or {}
-    data_volumes = {}
-    for dv in spec.get("dataVolumeTemplates") or ():
+def data_volume_imports(vm: Mapping[str, Any]) -> dict[str, str]:
+    """A VirtualMachine's DataVolume templates (its hot-plugged components) by name, each the
+    image it imports (`docker://<image>`)."""
+    out = {}
+    for dv in (vm.get("spec") or {}).get("dataVolumeTemplates") or ():
         url = ((((dv or {}).get("spec") or {}).get("source") or {}).get("registry") or {}).get(
             "url"
         )
         if isinstance(url, str) and url.startswith("docker://"):
-            name = str(((dv or {}).get("metadata") or {}).get("name", ""))
-            data_volumes[name] = url.removeprefix("docker://")
-    return boot_parts((spec.get("template") or {}).get("spec"), data_volumes)
+            out[str(((dv or {}).get("metadata") or {}).get("name", ""))] = url.removeprefix(
+                "docker://"
+            )
+    return out
+
+
+def vm_parts(vm: Mapping[str, Any]) -> tuple[BootPart, ...]:
+    """`boot_parts` of a VirtualMachine's template, its hot-plugged components' DataVolumes
+    (`data_volume_imports`) included."""
+    template = ((vm.get("spec") or {}).get("template") or {}).get("spec")
+    return boot_parts(template, data_volume_imports(vm))
 
 
 def vouches(c: Component, part: BootPart) -> bool:

@@ -425,11 +425,14 @@ def verify(
     audience: str,
     now: dt.datetime,
     issuer: str | None = None,
+    issuer_may_be_absent: bool = False,
     leeway: dt.timedelta = dt.timedelta(seconds=0),
 ) -> dict[str, Any]:
     """The claims of `token` once its signature, validity, audience and (given `issuer`)
     issuer are checked against `key_set` (a JWKS); a `TokenRefused` subclass otherwise.
-    Only ES256 is accepted (never `none`, never an HMAC with a public key as its secret)."""
+    Only ES256 is accepted (never `none`, never an HMAC with a public key as its secret).
+    `issuer_may_be_absent`: a token with no `iss` at all passes (one a gtvp before
+    2026-12-05 issued, where `key_set` holds one cluster's keys only)."""
     parsed = parse(token)
     if parsed.header.get("alg") != ALG:
         raise Malformed(f"algorithm {parsed.header.get('alg')!r}: only {ALG} is accepted")
@@ -462,7 +465,8 @@ def verify(
     audiences = aud if isinstance(aud, list) else [aud]
     if audience not in audiences:
         raise WrongAudience(f"issued for audience {aud!r}, not {audience!r}")
-    if issuer is not None and claims.get("iss") != issuer:
+    absent = issuer_may_be_absent and "iss" not in claims
+    if issuer is not None and claims.get("iss") != issuer and not absent:
         raise WrongIssuer(
             f"issued by {claims.get('iss')!r}, not {issuer!r} (another cluster's operator?)"
         )

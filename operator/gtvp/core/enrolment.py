@@ -66,7 +66,7 @@ from gtvp.core.tpm_wire import (
     as_tpm2b_public,
     parse_public,
 )
-from gtvp.core.weak_keys import WHY_ROCA, roca_fingerprint
+from gtvp.core.weak_keys import WHY_ROCA, roca_weak
 
 EK_CERTIFICATE_EKU = ObjectIdentifier("2.23.133.8.1")
 MAX_CHAIN = 6
@@ -143,7 +143,7 @@ def check_ek_public(ek: PublicArea) -> None:
             "the reported EK is not a TCG endorsement key (restricted, decrypt, fixedTPM, "
             "fixedParent, adminWithPolicy; not sign)"
         )
-    if isinstance(ek.key, rsa.RSAPublicKey) and roca_fingerprint(ek.key.public_numbers().n):
+    if roca_weak(ek.key):
         raise errors.EkCertificateInvalid(
             f"the EK is refused: {WHY_ROCA}; root on the host could answer gtvp's credential "
             "without the TPM. Update the TPM's firmware and provision a new EK, or enrol "

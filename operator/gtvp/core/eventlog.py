@@ -230,11 +230,11 @@ def _replay(
 ) -> None:
     """Extend each bank's PCR with the event's digest (EV_NO_ACTION extends nothing, but a
     StartupLocality event sets PCR 0's starting value)."""
-    data = event.data
     if event.event_type == EV_NO_ACTION:
-        if data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(data) >= 17 and event.pcr == 0:
+        locality = _startup_locality_of(event)
+        if locality is not None:
             for bank, dsize in banks.items():
-                pcrs[bank][0] = b"\0" * (dsize - 1) + bytes([data[16]])
+                pcrs[bank][0] = b"\0" * (dsize - 1) + bytes([locality])
         return
     for bank, dsize in banks.items():
         if bank not in event.digests:
@@ -250,12 +250,20 @@ def startup_locality(log: EventLog) -> int:
     can reproduce; one software started itself (firmware that did not measure) begins at 0."""
     found = 0
     for e in log.events:
-        data = e.data
-        if (
-            e.event_type == EV_NO_ACTION
-            and e.pcr == 0
-            and data.startswith(STARTUP_LOCALITY_SIGNATURE)
-            and len(data) >= 17
-        ):
-            found = data[16]
+        locality = _startup_locality_of(e)
+        if locality is not None:
+            found = locality
     return found
+
+
+def _startup_locality_of(event: Event) -> int | None:
+    """The locality an EV_NO_ACTION StartupLocality event on PCR 0 gives (None: not one)."""
+    data = event.data
+    if (
+        event.event_type == EV_NO_ACTION
+        and event.pcr == 0
+        and data.startswith(STARTUP_LOCALITY_SIGNATURE)
+        and len(data) >= 17
+    ):
+        return data[16]
+    return None

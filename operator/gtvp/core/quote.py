@@ -50,7 +50,7 @@ from gtvp.core.tpm_wire import (
     parse_attest,
     parse_signature,
 )
-from gtvp.core.weak_keys import WHY_ROCA, roca_fingerprint
+from gtvp.core.weak_keys import WHY_ROCA, roca_weak
 
 _HASHES: dict[int, hashes.HashAlgorithm] = {
     HASH_BY_NAME["sha256"]: hashes.SHA256(),
@@ -257,7 +257,7 @@ _FORBIDDEN_MASK = sum(FORBIDDEN_AK_ATTRIBUTES.values())
 
 def _check_ak_key(ak: PublicArea) -> None:
     """The AK is not an RSA key whose private half can be computed from its public one."""
-    if isinstance(ak.key, rsa.RSAPublicKey) and roca_fingerprint(ak.key.public_numbers().n):
+    if roca_weak(ak.key):
         raise errors.AkAttributesInvalid(
             f"the AK is refused: {WHY_ROCA}; anyone who read it could forge quotes. Update "
             "the TPM's firmware, or run the agent with its default ECC AK (not --ak rsa)"

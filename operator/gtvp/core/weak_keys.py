@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 ROCA_PRIMES = (
     3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89,
     97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167,
@@ -36,6 +38,11 @@ def _powers(p: int) -> frozenset[int]:
 def roca_fingerprint(modulus: int) -> bool:
     """Whether an RSA modulus has the ROCA fingerprint (its private key is computable)."""
     return modulus > 0 and all(modulus % p in _powers(p) for p in ROCA_PRIMES)
+
+
+def roca_weak(key: object) -> bool:
+    """Whether a public key is an RSA key with the ROCA fingerprint (EC keys never are)."""
+    return isinstance(key, rsa.RSAPublicKey) and roca_fingerprint(key.public_numbers().n)
 
 
 WHY_ROCA = (

@@ -41,6 +41,7 @@ from gtvp.core.compose import (
     BootPart,
     BoxRef,
     boot_parts,
+    data_volume_imports,
     preferred_node,
     remember_boot,
     template_boots,
@@ -225,23 +226,7 @@ def observed(rt: Runtime, key: Key) -> Observed:
 
 def _vmi_parts(vm: Mapping[str, Any], vmi: Mapping[str, Any] | None) -> tuple[BootPart, ...]:
     """`boot_parts` of the box's VMI (its hot-plugged DataVolumes as its VM imports them)."""
-    if vmi is None:
-        return ()
-    imports = {
-        str(((dv or {}).get("metadata") or {}).get("name", "")): image
-        for dv in (vm.get("spec") or {}).get("dataVolumeTemplates") or ()
-        if (image := _import_source(dv)) is not None
-    }
-    return boot_parts(vmi.get("spec"), imports)
-
-
-def _import_source(dv: Mapping[str, Any] | None) -> str | None:
-    url = ((((dv or {}).get("spec") or {}).get("source") or {}).get("registry") or {}).get("url")
-    return (
-        url.removeprefix("docker://")
-        if isinstance(url, str) and url.startswith("docker://")
-        else None
-    )
+    return () if vmi is None else boot_parts(vmi.get("spec"), data_volume_imports(vm))
 
 
 def unvouched(rt: Runtime, parts: Iterable[BootPart]) -> dict[BootPart, str]:
@@ -270,13 +255,13 @@ def unvouched(rt: Runtime, parts: Iterable[BootPart]) -> dict[BootPart, str]:
 def _by_digest(rt: Runtime) -> dict[str, list[Component]]:
     """The readable components by digest (once per catalogue change)."""
     memory = rt.boxes
-    version, cached = memory.image_index
+    version, cached = memory.digest_index
     if version == memory.catalogue_version:
         return cached
     index: dict[str, list[Component]] = {}
     for c in _readable(rt):
         index.setdefault(c.digest, []).append(c)
-    memory.image_index = (memory.catalogue_version, index)
+    memory.digest_index = (memory.catalogue_version, index)
     return index
 
 

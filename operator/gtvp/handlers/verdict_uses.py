@@ -92,7 +92,7 @@ async def _spend_on_latest(rt: Runtime, name: str, uses: int = 1) -> int | None:
     return await _spend_all(rt, name)
 
 
-async def _spend_all(rt: Runtime, name: str) -> int | None:
+async def _spend_all(rt: Runtime, name: str) -> int:
     """A spend that lost the race `SPEND_ATTEMPTS` times: its use cannot be counted, so the
     verdict backs nothing more (`usesLeft` 0, unconditional; a verdict written meanwhile
     loses its uses too, which only asks for a fresh quote) and is looked at again at once.
