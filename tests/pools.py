@@ -23,7 +23,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from gtvp.core.attestation import EARLY_TOLERANCE
 from gtvp_local import pool as local_pool
 from gtvp_local.controlplane import ControlPlane
 from gtvp_local.polling import wait_for
@@ -54,12 +53,13 @@ def trusted_pool(
 
 def no_quote_for(status: Mapping[str, Any], seconds: float) -> bool:
     """Whether a Member's next quote is not due for `seconds` from now (its challenge's
-    `answerAfter`, less the operator's early tolerance): a test counting the uses of a
-    verdict must not have a fresh quote reset them mid-count. A verdict written after a
-    policy edit proves nothing on its own: a nonce asked under the old, short interval may
-    still be answered (and reset the uses) a moment after the edit."""
-    at = str((status.get("challenge") or {}).get("answerAfter") or "")
-    if not at:
+    `answerAfter`, when the operator publishes its nonce, and no nonce out): a test
+    counting the uses of a verdict must not have a fresh quote reset them mid-count. A
+    verdict written after a policy edit proves nothing on its own: a quote asked under the
+    old, short interval may still be answered (and reset the uses) a moment after the edit."""
+    challenge = status.get("challenge") or {}
+    at = str(challenge.get("answerAfter") or "")
+    if not at or challenge.get("nonce"):
         return False
-    due = dt.datetime.fromisoformat(at.replace("Z", "+00:00")) - EARLY_TOLERANCE
+    due = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
     return due >= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)

@@ -95,6 +95,13 @@ class AgentMember:
         return step
 
     def cycle(self, now: dt.datetime) -> Step:
+        """The agent answers what is asked, the operator judges it; a quote that is due but
+        not yet asked for (no nonce: the operator publishes it when due) is asked first."""
+        challenge = self.status.get("challenge") or {}
+        if challenge.get("answerAfter") and not challenge.get("nonce"):
+            asked = self.operator(now)
+            if not (self.status.get("challenge") or {}).get("nonce"):
+                return asked  # not due yet: nothing to answer
         self.agent_step()
         return self.operator(now)
 

@@ -348,7 +348,8 @@ def _holder_at(leases: list[tuple[int, float, dict[str, Any]]], lease: str, rv: 
 
 def _two_nonces_in_a_cycle(events: list[tuple[int, float, dict[str, Any]]]) -> list[str]:
     """A cycle is one verdict (trust.verifiedAt, verdict, reason); its nonce is the one
-    written with it. A second nonce before the next verdict is two writers at work."""
+    published when the next quote is due. A second nonce before the next verdict is two
+    writers at work."""
     seen: dict[tuple[str, str, str, str], str] = {}
     bad = []
     for *_, obj in events:

@@ -59,11 +59,11 @@ def test_quotes_keep_coming_and_each_nonce_is_answered_once(pool: Pool) -> None:
     name = _names(pool)[0]
     pool.wait_phase(name, "Trusted", timeout=60)
     first = pool.member(name)["status"]["trust"]["verifiedAt"]
-    nonce = pool.member(name)["status"]["challenge"]["nonce"]
+    answered = pool.member(name)["status"]["agent"]["evidence"]["nonce"]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         st = pool.member(name)["status"]
-        if st["trust"]["verifiedAt"] != first and st["challenge"]["nonce"] != nonce:
+        if st["trust"]["verifiedAt"] != first and st["agent"]["evidence"]["nonce"] != answered:
             break
         time.sleep(0.3)
     else:

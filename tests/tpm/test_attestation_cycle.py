@@ -71,6 +71,12 @@ class Member:
             self.answered.add(step.answered_nonce)
         return step
 
+    def ask(self, now: dt.datetime) -> None:
+        """The operator at `now`, when the next quote is due: it publishes the nonce (a nonce
+        is never out before then)."""
+        self.operator(now)
+        assert (self.status.get("challenge") or {}).get("nonce"), self.status.get("challenge")
+
     def agent(self, *, quote: bool = True) -> None:
         agent = self.status.setdefault("agent", {})
         ch = self.status.get("challenge") or {}
@@ -176,18 +182,21 @@ def test_tampered_member_turns_untrusted_and_recovers_only_by_a_clean_quote(
     m = _enrolled(tpm, tpm_dir, swtpm_ca, "c")
     with Tpm.open(tpm.tcti, m.state) as t:
         t.extend_pcr(4, b"unsigned kernel")
+    m.ask(T0 + dt.timedelta(seconds=12))
     m.agent()
     m.operator(T0 + dt.timedelta(seconds=12))
     assert (m.phase, m.reason) == ("Untrusted", "PcrMismatch")
     assert "PCR 4" in m.status["trust"]["message"]
+    m.ask(T0 + dt.timedelta(seconds=20))
     m.agent()  # every later quote shows the same PCR: it stays Untrusted
-    m.operator(T0 + dt.timedelta(seconds=20))
-    assert m.reason == "PcrMismatch"
+    step = m.operator(T0 + dt.timedelta(seconds=20))
+    assert (m.reason, step.outcome) == ("PcrMismatch", "PcrMismatch")
 
 
 def test_replayed_evidence_is_refused(make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA) -> None:
     m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "d")
     old = dict(m.status["agent"]["evidence"])
+    m.ask(T0 + dt.timedelta(seconds=12))
     # a compromised agent claims the new nonce but sends the old, genuine quote
     m.status["agent"]["evidence"] = {**old, "nonce": m.status["challenge"]["nonce"]}
     m.operator(T0 + dt.timedelta(seconds=12))
@@ -316,6 +325,7 @@ def test_reboot_is_reported_then_trusted_again(
     m = _enrolled(tpm, tpm_dir, swtpm_ca, "g")
     tpm.stop()
     tpm.start()
+    m.ask(T0 + dt.timedelta(seconds=12))
     m.agent()
     m.operator(T0 + dt.timedelta(seconds=12))
     assert (m.phase, m.reason) == ("Untrusted", "Rebooted")
@@ -362,8 +372,10 @@ def test_strict_level_waits_for_a_human_after_a_failure(
     spec = pool_policy(swtpm_ca, interval="10s", valid_for="30s")["spec"]
     spec["levels"][2]["autoRecover"] = False  # level 3, this member's level
     m.policy = parse_policy("default", spec)
-    m.operator(T0 + dt.timedelta(seconds=40))  # verdict expired (e.g. agent was down)
+    m.ask(_due(m))  # the agent is down: nothing answers the nonce
+    m.operator(T0 + dt.timedelta(seconds=40))  # verdict expired
     assert (m.phase, m.reason) == ("Untrusted", "VerdictExpired")
+    assert "did not answer the nonce" in m.status["trust"]["message"]
     m.agent()  # the agent is back, but answers the nonce issued before it went away
     m.operator(T0 + dt.timedelta(seconds=41))
     assert (m.phase, m.reason) == ("Untrusted", "EvidenceTooLate")
@@ -371,6 +383,7 @@ def test_strict_level_waits_for_a_human_after_a_failure(
     m.operator(T0 + dt.timedelta(seconds=41))
     assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
     assert "gtvp.io/readmit" in m.status["trust"]["message"]
+    m.ask(_due(m))
     m.agent()
     step = attestation_step(
         spec=m.spec,
@@ -411,24 +424,76 @@ def test_second_member_with_the_same_ek_is_refused(
     assert twin.phase == "Trusted"
 
 
-def test_evidence_written_before_its_time_is_judged_only_when_its_time_comes(
+def test_no_nonce_is_out_before_its_time_so_none_is_quoted_ahead(
     make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
 ) -> None:
-    """An agent that answers every nonce at once, ignoring answerAfter (after each failure a
-    new nonce comes), would have each quote and its event log verified as fast as it writes
-    them: evidence before its time waits, and is judged once its time has come."""
+    """A nonce handed out with each verdict could be quoted at once from the boot the host is
+    in and handed in, when due, from another boot (and an agent answering every nonce at
+    once would have its quotes verified as fast as it writes them): the next nonce is
+    published only when it is due, and the operator looks again right then."""
     m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "eager")
     before = dict(m.status["trust"])
     due = _due(m)
-    m.agent()  # at once, long before answerAfter
-    early = due - dt.timedelta(seconds=5)
-    step = m.operator(early)
-    assert step.answered_nonce is None  # not judged
-    assert m.status["trust"]["verifiedAt"] == before["verifiedAt"]
-    assert step.recheck_after <= due - early  # looked at again when its time has come
-    step = m.operator(due - dt.timedelta(seconds=1))  # a node clock a little ahead: judged
+    assert "nonce" not in m.status["challenge"]
+    m.agent()  # nothing to quote
+    step = m.operator(due - dt.timedelta(seconds=1))
+    assert "nonce" not in m.status["challenge"]
+    assert step.recheck_after <= dt.timedelta(seconds=1)  # looked at again when due
+    m.ask(due)
+    assert m.status["challenge"]["issuedAt"] == format_ts(due)
+    m.agent()
+    step = m.operator(due + dt.timedelta(milliseconds=200))
     assert step.answered_nonce is not None
     assert m.status["trust"]["verifiedAt"] != before["verifiedAt"]
+    assert m.phase == "Trusted"
+    # after a failure the next nonce comes RETRY_AFTER_FAILURE later, not at once
+    m.ask(_due(m))
+    m.status["agent"]["evidence"] = {**m.status["agent"]["evidence"], "signature": "AAAA"}
+    m.status["agent"]["evidence"]["nonce"] = m.status["challenge"]["nonce"]
+    failed_at = _due(m) + dt.timedelta(seconds=1)
+    m.operator(failed_at)
+    assert m.phase == "Untrusted"
+    assert "nonce" not in m.status["challenge"]
+    assert _due(m) == failed_at + dt.timedelta(seconds=5)
+
+
+def test_a_nonce_an_older_operator_published_ahead_is_asked_again_when_due(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    """After an upgrade, a nonce an older gtvp published with its verdict, an interval ahead,
+    may have been quoted at once and kept: it is withdrawn, and a fresh one asked when due."""
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "upgraded")
+    due = _due(m)
+    m.status["challenge"].update(nonce="ab" * 32, issuedAt=format_ts(T0 + dt.timedelta(seconds=1)))
+    m.agent()  # quoted at once
+    assert m.status["agent"]["evidence"]["nonce"] == "ab" * 32
+    step = m.operator(due)
+    assert step.answered_nonce is None  # not judged
+    fresh = m.status["challenge"]["nonce"]
+    assert fresh != "ab" * 32
+    assert m.status["challenge"]["issuedAt"] == format_ts(due)
+    m.agent()
+    step = m.operator(due + dt.timedelta(seconds=1))
+    assert step.answered_nonce == bytes.fromhex(fresh)
+    assert m.phase == "Trusted"
+
+
+def test_an_expiry_no_nonce_was_asked_for_holds_no_one(
+    make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
+) -> None:
+    """A verdict that expires because the operator published no nonce in time (down, or the
+    API server was) is the operator's doing: VerdictExpired, but on a level without
+    autoRecover no human is needed once a fresh quote verifies."""
+    m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "unasked")
+    spec = pool_policy(swtpm_ca, interval="10s", valid_for="30s")["spec"]
+    spec["levels"][2]["autoRecover"] = False  # level 3, this member's level
+    m.policy = parse_policy("default", spec)
+    m.operator(T0 + dt.timedelta(seconds=40))  # the first look since the verdict
+    assert (m.phase, m.reason) == ("Untrusted", "VerdictExpired")
+    assert "no nonce was asked for in time" in m.status["trust"]["message"]
+    assert not m.status["trust"].get("awaitingReadmission")
+    m.agent()  # the nonce published in that same look
+    m.operator(T0 + dt.timedelta(seconds=41))
     assert m.phase == "Trusted"
 
 
@@ -494,12 +559,13 @@ def test_evidence_that_arrives_after_validfor_asks_again_at_once(
     make_tpm: Any, tpm_dir: Path, swtpm_ca: SwtpmCA
 ) -> None:
     m = _enrolled(make_tpm(), tpm_dir, swtpm_ca, "late")
-    m.agent()  # answers the nonce issued at T0+1s (validFor 30s)
+    m.ask(T0 + dt.timedelta(seconds=10))
+    m.agent()  # answers the nonce issued at T0+10s (validFor 30s)
     late = T0 + dt.timedelta(seconds=45)
     step = m.operator(late)
     assert m.phase == "Untrusted"
     assert m.reason == "EvidenceTooLate"
-    assert "issued 44s ago" in m.status["trust"]["message"]
+    assert "issued 35s ago" in m.status["trust"]["message"]
     assert [e.reason for e in step.events] == ["EvidenceTooLate"]
     assert m.status["challenge"]["answerAfter"] == "2030-01-01T00:00:45Z"  # at once
     assert not m.status["trust"].get("awaitingReadmission")
@@ -580,10 +646,16 @@ def test_the_same_failing_quote_is_one_event_not_one_a_cycle(
     with Tpm.open(tpm.tcti, m.state) as t:
         t.extend_pcr(4, b"unsigned kernel")
     reasons: list[str] = []
+    outcomes: list[str | None] = []
     for i in range(4):
+        now = T0 + dt.timedelta(seconds=12 + 6 * i)
+        m.ask(now)
         m.agent()
-        reasons += [e.reason for e in m.operator(T0 + dt.timedelta(seconds=12 + 6 * i)).events]
+        step = m.operator(now)
+        reasons += [e.reason for e in step.events]
+        outcomes.append(step.outcome)
         assert m.reason == "PcrMismatch"
+    assert outcomes == ["PcrMismatch"] * 4  # judged each time
     assert reasons == ["PcrMismatch"]
 
 
@@ -720,8 +792,9 @@ def test_a_node_label_raising_the_level_waits_for_a_fresh_quote(
     m.policy = parse_policy("default", spec)  # a policy edit lowers it at once
     m.operator(T0 + dt.timedelta(seconds=2))
     assert (m.phase, m.status["level"]) == ("Trusted", 1)
+    due = _due(m)
+    m.ask(due)
     m.agent()
-    due = _due(m)  # evidence is judged from its nonce's answerAfter on
     m.operator(due)  # judged at level 1 now
     assert m.status["level"] == 1
     assert m.status["trust"]["level"] == 1

@@ -149,6 +149,7 @@ def test_tampered_soft_member_is_refused(ca: SoftCA) -> None:
 
 def test_soft_member_evidence_altered_after_signing_is_refused(ca: SoftCA) -> None:
     m = _trusted(ca)
+    m.operator(T0 + LATER)  # the next nonce, when due
     m.agent_step()
     evidence = m.status["agent"]["evidence"]
     attest = bytearray(base64.b64decode(evidence["attest"]))
@@ -161,6 +162,7 @@ def test_soft_member_evidence_altered_after_signing_is_refused(ca: SoftCA) -> No
 def test_soft_member_signing_with_another_key_is_refused(ca: SoftCA) -> None:
     m = _trusted(ca)
     impostor = SoftTpm(ca)
+    m.operator(T0 + LATER)  # the next nonce, when due
     m.agent_step()
     ch = m.status["challenge"]
     q = impostor.quote(bytes.fromhex(ch["nonce"]), ch["pcrBank"], ch["pcrs"])

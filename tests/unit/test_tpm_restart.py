@@ -49,16 +49,19 @@ def _trusted_member(*, auto_recover: bool) -> tuple[SoftTpm, AgentMember, dt.dat
 
 @pytest.mark.parametrize("auto_recover", [True, False])
 def test_a_quote_made_before_a_tpm_restart_makes_no_verdict(auto_recover: bool) -> None:
-    """Root quotes each nonce in a brief good boot and hands the quote in from a bad one,
-    rebooting through TPM Restarts: never Trusted again."""
+    """Root, running a bad boot, answers each nonce from a brief good boot and hands the
+    quote in from the bad one again, rebooting through TPM Restarts: never Trusted again.
+    (No nonce is out between a verdict and its due time, so it cannot be quoted ahead.)"""
     tpm, m, t = _trusted_member(auto_recover=auto_recover)
+    assert "nonce" not in m.status["challenge"]  # nothing to quote ahead of time
     _restart(tpm, good=False)
     for _ in range(4):
         t += LATER
+        m.operator(t)  # the nonce, published when due, finds the host in the bad boot
         _restart(tpm, good=True)
-        m.agent_step()  # quotes the outstanding nonce at once
+        m.agent_step()  # quoted from a brief good boot
         _restart(tpm, good=False)
-        m.operator(t)  # handed in when due
+        m.operator(t + dt.timedelta(seconds=1))  # handed in from the bad one
         assert (m.phase, m.reason) == ("Untrusted", "Rebooted")
     for _ in range(2):  # asked again at once: quotes of the running (bad) boot
         t += LATER
@@ -77,6 +80,7 @@ def test_a_host_that_restarts_into_a_good_boot_for_each_quote_is_held_for_readmi
     seen = []
     for _ in range(3):
         t += LATER
+        m.operator(t)  # the nonce, published when due
         _restart(tpm, good=True)  # a brief good boot
         m.agent_step()
         m.operator(t)  # handed in from the good boot

@@ -2,18 +2,19 @@
 
 Pure: `attestation_step` takes the Member (spec, status, the Node's labels), the parsed
 policy, the time and fresh random bytes, and returns the operator-owned part of the status
-to write (verdict and next challenge together, so a cycle costs one write each way), the
-events to record and when to look again. It never trusts what the agent wrote beyond what
-the TPM signed: the EK certificate path, the credential activation and the quote are all
-checked here.
+to write (the verdict with the next quote's schedule; the next nonce itself only when that
+quote is due), the events to record and when to look again. It never trusts what the agent
+wrote beyond what the TPM signed: the EK certificate path, the credential activation and the
+quote are all checked here.
 
 Cycle: Pending (no agent) -> Enrolling (EK checked, credential challenge, activation) ->
-nonce challenge -> quote verified -> Trusted, with the next nonce whose `answerAfter` is one
-interval away. A verdict expires `validFor` after the nonce it answered was issued; an
-expired verdict is Untrusted whatever the cause (fail closed). A verdict records the member
-class and level it was judged under: another class or a higher level asks for a fresh quote
-at once and is not published before one verifies under it. A member whose class cannot be
-resolved is Untrusted (UnknownMemberClass) and no quote of it is judged.
+nonce challenge -> quote verified -> Trusted, with the next quote due (`answerAfter`) one
+interval away and its nonce published then. A verdict expires `validFor` after the nonce it
+answered was issued; an expired verdict is Untrusted whatever the cause (fail closed). A
+verdict records the member class and level it was judged under: another class or a higher
+level asks for a fresh quote at once and is not published before one verifies under it. A
+member whose class cannot be resolved is Untrusted (UnknownMemberClass) and no quote of it
+is judged.
 
 Per cycle, a quote costs one parse and one signature check: what does not change between
 cycles is worked out once and memoized by its exact content (bounded `functools.lru_cache`
@@ -72,8 +73,6 @@ from gtvp.core.trust import below_since
 
 ENTROPY_BYTES = 64
 RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
-EARLY_TOLERANCE = dt.timedelta(seconds=2)
-"""How far before its `answerAfter` evidence is judged (a node's clock a little ahead)."""
 # failures that are no sign of tampering: they never wait for gtvp.io/readmit (an expired
 # reference set is the policy's calendar, not the host's doing)
 _NOT_TAMPERING = (
@@ -177,13 +176,34 @@ def _jitter(entropy: bytes) -> float:
 def _nonce_challenge(
     policy: Policy, entropy: bytes, now: dt.datetime, answer_after: dt.datetime
 ) -> ChallengeStatus:
+    """The next quote asked for at `answer_after`: its nonce now when it is due, otherwise
+    only the time (the nonce is published when it is due, `_Cycle.publish_if_due`). A nonce
+    handed out ahead could be quoted at once from the boot the host is in, kept, and handed
+    in from another boot: published when due, it is quoted from the boot the host is in
+    then (one that rebooted to answer it shows the reboot in its TPM's counters)."""
+    if answer_after > now:
+        return {
+            "pcrBank": policy.pcr_bank,
+            "pcrs": list(policy.pcrs),
+            "answerAfter": format_ts(answer_after),
+        }
     return {
         "nonce": hashlib.sha256(b"nonce" + entropy).hexdigest(),
         "pcrBank": policy.pcr_bank,
         "pcrs": list(policy.pcrs),
         "issuedAt": format_ts(now),
-        "answerAfter": format_ts(answer_after),
+        "answerAfter": format_ts(now),
     }
+
+
+def _withdraw_early_nonce(challenge: ChallengeStatus) -> None:
+    """A nonce issued before it was due (by a gtvp that published the next nonce with each
+    verdict) is withdrawn: it is asked for again, freshly, when due."""
+    issued = parse_ts(challenge.get("issuedAt"))
+    due = parse_ts(challenge.get("answerAfter"))
+    if challenge.get("nonce") and (issued is None or (due is not None and due > issued)):
+        challenge.pop("nonce", None)
+        challenge.pop("issuedAt", None)
 
 
 @dataclass(frozen=True)
@@ -378,12 +398,8 @@ def _next_step(
     evidence = (status.get("agent") or {}).get("evidence") or {}
     nonce_hex = cycle.challenge.get("nonce")
     if nonce_hex and evidence.get("nonce") == nonce_hex:
-        early = cycle.too_early()
-        if early is None:
-            return cycle.judge_quote(keys, evidence, answered_nonces, readmit)
-    else:
-        early = None
-    return cycle.wait(recheck=early)  # evidence before its time: judged once it has come
+        return cycle.judge_quote(keys, evidence, answered_nonces, readmit)
+    return cycle.wait()
 
 
 class _Cycle:
@@ -404,6 +420,10 @@ class _Cycle:
         self.enrollment: Mapping[str, Any] = (status.get("agent") or {}).get("enrollment") or {}
         self.trust = cast(TrustStatus, dict(status.get("trust") or {}))
         self.challenge = cast(ChallengeStatus, dict(status.get("challenge") or {}))
+        _withdraw_early_nonce(self.challenge)
+        self.asked_at = (
+            parse_ts(self.challenge.get("issuedAt")) if self.challenge.get("nonce") else None
+        )
         self.conditions_before = list(status.get("conditions") or [])
         self.below_before: Mapping[str, Any] = status.get("belowSince") or {}
         self.maintenance = bool(spec.get("maintenance", False))
@@ -588,35 +608,26 @@ class _Cycle:
             self.policy.pcrs
         )
 
-    def too_early(self) -> dt.timedelta | None:
-        """How long evidence that answers the nonce before its `answerAfter` (less
-        EARLY_TOLERANCE) waits to be judged; None: judge it now. An honest agent quotes no
-        earlier: an agent that answers every nonce at once (after each failure a new one)
-        would have every quote, event log included, verified as fast as it writes them."""
+    def wait(self) -> Step:
+        """No answer to judge: bring a spent verdict's next quote forward, and publish the
+        next nonce once it is due (the first one at once). A nonce is only ever handed out
+        when due, so an agent cannot answer ahead of time: after a failure the next one
+        comes RETRY_AFTER_FAILURE later, however fast the agent writes."""
         _ask_now_if_spent(self.trust, self.challenge, self.now, self.interval)
         if self.judged_elsewhere():
             _ask_now(self.challenge, self.now)
-        answer_after = parse_ts(self.challenge.get("answerAfter"))
-        if answer_after is None or self.now >= answer_after - EARLY_TOLERANCE:
-            return None
-        return answer_after - EARLY_TOLERANCE - self.now
-
-    def wait(self, recheck: dt.timedelta | None = None) -> Step:
-        """Nothing new from the agent (or evidence before its time: judged at `recheck`):
-        ask for a first quote, or bring a spent one forward."""
         if not self.challenge.get("nonce"):
-            self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+            due = parse_ts(self.challenge.get("answerAfter"))
+            if due is None or due <= self.now:
+                self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+        if not self.trust.get("verdict"):
             return self.finish(
                 reason="AwaitingQuote", message="waiting for the first quote", bound=True
             )
-        _ask_now_if_spent(self.trust, self.challenge, self.now, self.interval)
-        if self.judged_elsewhere():
-            _ask_now(self.challenge, self.now)
         return self.finish(
             reason=str(self.trust.get("reason", "AwaitingQuote")),
             message=str(self.trust.get("message", "waiting for the next quote")),
             bound=True,
-            recheck=recheck,
         )
 
     # --- shared ------------------------------------------------------------------------------
@@ -727,7 +738,7 @@ class _Cycle:
         events = (*self.noted, *events)
         # expiry applies in every phase: whatever the agent wrote (or withdrew), a verdict
         # past its expiresAt is Untrusted (fail closed)
-        expired = _expire_if_due(trust, self.mp, now)
+        expired = _expire_if_due(trust, self.mp, now, self.asked_at)
         if expired is not None:
             events = (*events, expired)
             outcome = outcome or expired.reason
@@ -767,6 +778,9 @@ class _Cycle:
             ),
         }
         recheck = recheck or self.interval
+        due = parse_ts(self.challenge.get("answerAfter"))
+        if not self.challenge.get("nonce") and due is not None:  # its nonce is published then
+            recheck = min(recheck, max(due - now, dt.timedelta(milliseconds=50)))
         if trusted and expires is not None:
             recheck = min(recheck, max(expires - now, dt.timedelta(seconds=1)))
         return Step(new_status, events, outcome, answered, recheck)
@@ -886,14 +900,29 @@ def _bounds_tightened(
         trust["usesLeft"] = level.max_uses
 
 
-def _expire_if_due(trust: TrustStatus, mp: MemberPolicy, now: dt.datetime) -> Event | None:
-    """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`)."""
+ANSWER_GRACE = dt.timedelta(seconds=5)
+"""How long before a verdict's expiry its next nonce must have been published for the
+expiry to be the host's doing (its agent did not answer in time): a nonce published later,
+or none (the operator was down or late), holds no host for readmission."""
+
+
+def _expire_if_due(
+    trust: TrustStatus, mp: MemberPolicy, now: dt.datetime, asked_at: dt.datetime | None
+) -> Event | None:
+    """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`).
+    `asked_at`: when the nonce outstanding as the step began was issued (None: none was)."""
     expires = parse_ts(trust.get("expiresAt"))
     if trust.get("verdict") != Verdict.TRUSTED or (expires is not None and now < expires):
         return None
-    message = (
-        f"no fresh quote verified within validFor ({mp.attestation.valid_for}): agent "
-        "stopped, network partition, TPM gone or operator down"
+    att = mp.attestation
+    grace = min(ANSWER_GRACE, att.valid_for - att.interval)
+    asked = asked_at is not None and (expires is None or asked_at <= expires - grace)
+    message = f"no fresh quote verified within validFor ({att.valid_for}): " + (
+        "the agent did not answer the nonce it was asked (agent stopped, network "
+        "partition, TPM gone)"
+        if asked
+        else "no nonce was asked for in time (the operator or the API server down or "
+        "late), so this holds no one for readmission"
     )
     trust.update(
         {
@@ -903,7 +932,7 @@ def _expire_if_due(trust: TrustStatus, mp: MemberPolicy, now: dt.datetime) -> Ev
             "usesLeft": 0,
         }
     )
-    if not mp.attestation.auto_recover:
+    if not att.auto_recover and asked:
         trust["awaitingReadmission"] = True
     trust.pop("expiresAt", None)
     return Event("Warning", "VerdictExpired", message)
