@@ -64,6 +64,7 @@ class AgentMember:
         self.status: dict[str, Any] = {}
         self.answered: set[bytes] = set()
         self.ek_holders: dict[str, str] = {}
+        self.boot_id: str | None = None  # the boot its Node reports (kubelet's bootID)
         config = AgentConfig(node=name, tcti="soft", state_dir=Path("/nonexistent"), event_log=None)
         self.agent = Agent(api=None, config=config, tpm_opener=self._tpm)
 
@@ -88,6 +89,7 @@ class AgentMember:
             entropy=secrets.token_bytes(ENTROPY_BYTES),
             answered_nonces=frozenset(self.answered),
             ek_holders=self.ek_holders,
+            boot_id=self.boot_id,
         )
         self.status = {**step.status, "agent": self.status.get("agent", {})}
         if step.answered_nonce:

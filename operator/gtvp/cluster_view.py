@@ -171,6 +171,13 @@ class ClusterView:
         self.nodes[name] = kept(body)
         return True
 
+    def node_boot_id(self, name: str) -> str | None:
+        """The boot the Node's kubelet reports (`status.nodeInfo.bootID`); None when the
+        Node is unknown or reports none."""
+        node = self.nodes.get(name) or {}
+        boot = ((node.get("status") or {}).get("nodeInfo") or {}).get("bootID")
+        return str(boot) if boot else None
+
     # -- KubeVirt -------------------------------------------------------------------------
 
     def observe_vm(self, body: dict[str, Any], event_type: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from gtvp_local.controlplane import ControlPlane, agent_identity
 from gtvp_local.pool import Pool
+from tests.pools import no_quote_for
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.tpm]
 
@@ -209,3 +210,49 @@ def test_operator_metrics_count_attestations(pool: Pool) -> None:
     assert verified
     assert float(verified[0].split()[-1]) >= 1
     assert 'gtvp_members{level="2",phase="Trusted"}' in text
+
+
+def test_a_host_whose_node_reports_a_reboot_is_quoted_again_at_once(pool: Pool) -> None:
+    """With a quote a minute, a host that rebooted kept its verdict until its next quote;
+    its kubelet reports the new boot (`status.nodeInfo.bootID`) as it registers again: the
+    verdict stops backing placements at once and the fresh quote it asks for shows the
+    reboot (and then judges the new boot), seconds after, not a minute."""
+    name = f"{_names(pool)[0].split('-')[0]}-reboot"
+    pool.add_member(name, identity=2, node=True)
+    try:
+        pool.patch_node_status(name, {"nodeInfo": {"bootID": "boot-1"}})
+        pool.apply_policy(interval="60s", valid_for="180s")
+        deadline = time.monotonic() + 60
+        while True:  # Trusted under the long interval, its Node's boot seen
+            st = pool.member(name)["status"]
+            trust = st.get("trust") or {}
+            if (
+                st.get("phase") == "Trusted"
+                and trust.get("nodeBootID") == "boot-1"
+                and no_quote_for(st, 40)
+            ):
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.3)
+        resets = trust["resetCount"]
+        pool.tpm(name).stop()  # the host reboots: a TPM Reset
+        pool.tpm(name).start()
+        started = time.monotonic()
+        pool.patch_node_status(name, {"nodeInfo": {"bootID": "boot-2"}})
+        while True:
+            st = pool.member(name)["status"]
+            trust = st.get("trust") or {}
+            if st.get("phase") == "Trusted" and trust.get("resetCount", resets) > resets:
+                break
+            assert time.monotonic() - started < 20, st
+            time.sleep(0.2)
+        assert trust["nodeBootID"] == "boot-2"
+        events = pool.cp.kubectl(
+            "get", "events", "-n", "default", "-o", "json",
+            "--field-selector", f"involvedObject.name={name}",
+        ).stdout  # fmt: skip
+        reasons = {e["reason"] for e in json.loads(events)["items"]}
+        assert {"NodeRebooted", "Rebooted"} <= reasons
+    finally:
+        pool.apply_policy(interval="2s", valid_for="6s")
+        pool.cp.kubectl("delete", "node", name, "--ignore-not-found")

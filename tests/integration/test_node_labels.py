@@ -195,3 +195,45 @@ def _node_labels(cp: ControlPlane, node: str) -> dict[str, str]:
         "metadata"
     ].get("labels", {})
     return got
+
+
+def _boot_as(cp: ControlPlane, kubeconfig: Path | None, node: str, boot: str) -> Any:
+    """Patch the Node's reported boot as `kubeconfig`'s user (the administrator: None)."""
+    return subprocess.run(
+        [str(cp.bin.kubectl), f"--kubeconfig={kubeconfig or cp.kubeconfig_for(ADMIN)}",
+         "patch", "node", node, "--subresource=status",
+         "--type=merge", "-p", json.dumps({"status": {"nodeInfo": {"bootID": boot}}})],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.usefixtures("node_patchers")
+def test_an_identity_on_a_host_cannot_say_another_host_rebooted(
+    control_plane: ControlPlane, cluster_names: list[str], namespace: str, tmp_path: Path
+) -> None:
+    """A Node's reported boot changing spends its member's verdict until a fresh quote (its
+    Node's labels come off): root on one host, with a node daemon's token, would otherwise
+    keep gated VMs off every other host by rewriting their bootIDs."""
+    own, other = (f"boot-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    for name in (own, other):
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+        control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+        cluster_names.append(f"node/{name}")
+        assert _boot_as(control_plane, None, name, "first").returncode == 0
+    _until_refused(control_plane, own)
+    host = _host_token(control_plane, namespace, own, tmp_path)
+    refused = _boot_as(control_plane, host, other, "forged")
+    assert refused.returncode != 0
+    assert (
+        f"status.nodeInfo.bootID tells gtvp that Node {other} rebooted; "
+        f"system:serviceaccount:{namespace}:node-daemon, an identity on node {own}, may not "
+        "change it on another node"
+    ) in refused.stderr
+    assert _boot(control_plane, other) == "first"
+    assert _boot_as(control_plane, host, own, "second").returncode == 0  # its own, as kubelet
+    assert _boot(control_plane, own) == "second"
+
+
+def _boot(cp: ControlPlane, node: str) -> str:
+    got = json.loads(cp.kubectl("get", "node", node, "-o", "json").stdout)
+    return str(got["status"]["nodeInfo"]["bootID"])

@@ -323,6 +323,7 @@ def attestation_step(
     answered_nonces: frozenset[bytes] = frozenset(),
     readmit: str | None = None,
     ek_holders: Mapping[str, str] | None = None,
+    boot_id: str | None = None,
 ) -> Step:
     """Decide the operator's next write for one member.
 
@@ -331,6 +332,9 @@ def attestation_step(
     (AwaitingReadmission) after clean quotes until an administrator sets a new value.
     `ek_holders` maps the EK fingerprints other members are bound to onto their names: a
     member presenting one of them is refused (DuplicateEk) unless the policy allows sharing.
+    `boot_id` is the boot its Node reports (kubelet's `status.nodeInfo.bootID`; None when
+    unknown): another boot than the one last seen takes a Trusted verdict away at once
+    (`NodeRebooted`) and asks for a fresh quote. The node's word only ever takes trust away.
 
     The steps, in order: no agent (or its enrolment withdrawn), enrolment checks, AK binding
     by credential activation, judging a quote, and otherwise waiting. Expiry is applied on
@@ -357,6 +361,7 @@ def attestation_step(
             readmit=readmit,
             ek_holders=ek_holders,
             entropy=entropy,
+            boot_id=boot_id,
         )
     except Exception as exc:  # noqa: BLE001 - agent-written data broke a parser or library
         # fail closed on a fresh cycle (the one that raised may be half rewritten): had the
@@ -373,6 +378,7 @@ def _next_step(
     readmit: str | None,
     ek_holders: Mapping[str, str] | None,
     entropy: bytes,
+    boot_id: str | None,
 ) -> Step:
     """`attestation_step`'s decision, on one cycle (its steps in order)."""
     policy, mp, now = cycle.policy, cycle.mp, cycle.now
@@ -389,6 +395,7 @@ def _next_step(
     trust = cycle.trust
     if trust.get("akName") != keys.ak_name or trust.get("ekSHA256") != keys.fingerprint:
         return cycle.bind(keys)
+    cycle.node_boot(boot_id)
     if cycle.challenge.get("nonce") and not cycle.asks_for_the_policys_pcrs():
         # a policy edit changed the PCR selection: a quote of the old one is not judged
         # (it would leave an added PCR unchecked); a new nonce asks for the new one within
@@ -629,6 +636,30 @@ class _Cycle:
             message=str(self.trust.get("message", "waiting for the next quote")),
             bound=True,
         )
+
+    def node_boot(self, boot_id: str | None) -> None:
+        """The Node reports another boot (kubelet's bootID) than the one last seen: the host
+        rebooted, or something wrote its Node's status. A fresh nonce is asked for at once,
+        so that no verdict rests on a quote asked for before the boot the host runs now (a
+        quote the old boot made, handed in after the reboot); a standing Trusted verdict is
+        spent (no new placement or migration rests on it; its Node's labels come off) until
+        that quote is judged: the TPM's counters tell whether the host rebooted (`Rebooted`).
+        The node's word takes trust away for one quote, never more: running VMs stay."""
+        if not boot_id:
+            return
+        seen = self.trust.get("nodeBootID")
+        self.trust["nodeBootID"] = boot_id
+        if not seen or seen == boot_id:
+            return  # first seen (a new member, an older gtvp's status): nothing to do
+        self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+        if self.trust.get("verdict") == Verdict.TRUSTED:
+            message = (
+                f"its Node reports another boot (bootID {seen[:36]} -> {boot_id[:36]}): no "
+                "new placement or migration rests on this verdict until a quote of the boot "
+                "it runs now is judged (asked for now)"
+            )
+            self.trust.update({"usesLeft": 0, "message": message})
+            self.noted = (*self.noted, Event("Warning", "NodeRebooted", message))
 
     # --- shared ------------------------------------------------------------------------------
 

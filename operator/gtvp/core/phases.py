@@ -53,6 +53,7 @@ class TrustStatus(TypedDict, total=False):
     eventLogPCRs: list[int]  # the PCRs that replay was checked on
     eventLogBank: str  # in this bank
     references: str  # SHA-256 of the reference values it rested on (`relied_on`)
+    nodeBootID: str  # the Node's boot (kubelet's bootID) the operator last saw
 
 
 class CredentialChallenge(TypedDict, total=False):

@@ -63,6 +63,7 @@ async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
     rt = runtime_of(memo)
     name = body.metadata.name or ""
     labels_before = rt.view.node_labels.get(name)
+    boot_before = rt.view.node_boot_id(name)
     if not rt.view.observe_node(dict(body), type or ""):
         await node_trust.forget_node(rt, name)
         return
@@ -77,6 +78,8 @@ async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
             # transition rules read Node labels: a new level or class is judged now (gtvp's
             # own label writes, which follow each verdict, are not such a change)
             rt.schedule.schedule(name, dt.timedelta(0))
+        if boot_before is not None and rt.view.node_boot_id(name) != boot_before:
+            rt.schedule.schedule(name, dt.timedelta(0))  # a reboot: its verdict goes now
         await node_trust.sync_node(rt, name)
     lazyboxes.touch_waiting(rt)
     drains.touch(rt)  # a cordon, or a cordoned target freed

@@ -127,6 +127,7 @@ async def _step(rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy)
     answered = frozenset(rt.attestation.seen(name))
     readmit = (meta.get("annotations") or {}).get("gtvp.io/readmit")
     holders = rt.view.other_ek_holders(name)
+    boot_id = rt.view.node_boot_id(name)
 
     def work() -> tuple[Step, float]:
         started = time.perf_counter()
@@ -140,6 +141,7 @@ async def _step(rt: Runtime, name: str, body: Mapping[str, Any], policy: Policy)
             answered_nonces=answered,
             readmit=readmit,
             ek_holders=holders,
+            boot_id=boot_id,
         )
         return step, time.perf_counter() - started
 

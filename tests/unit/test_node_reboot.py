@@ -1,0 +1,123 @@
+"""A Node that reports another boot (kubelet's `status.nodeInfo.bootID`), judged by the
+operator's own attestation step over a software TPM: the verdict stops backing new
+placements at once and a fresh quote is asked for; the TPM's counters decide the rest.
+What the node says of itself only ever takes trust away, and only for one quote."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import cast
+
+import pytest
+
+from gtvp.core.policy import Policy, parse_policy
+from gtvp_local.pool import pool_policy
+from gtvp_local.swtpm import SwtpmCA
+from tests.softmember import AgentMember, Bundle
+from tests.softtpm import PCR_COUNT, SoftCA, SoftTpm
+
+T0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+SECOND = dt.timedelta(seconds=1)
+
+
+def _policy(ca: SoftCA, *, auto_recover: bool) -> Policy:
+    spec = pool_policy(cast(SwtpmCA, Bundle(ca.bundle_pem())), name="default")["spec"]
+    for level in spec["levels"]:
+        level["autoRecover"] = auto_recover
+    return parse_policy("default", spec)
+
+
+def _trusted(*, auto_recover: bool = True) -> tuple[SoftTpm, AgentMember]:
+    """A member over a software TPM, Trusted, whose Node reports boot b1."""
+    ca = SoftCA()
+    tpm = SoftTpm(ca)
+    m = AgentMember(tpm, _policy(ca, auto_recover=auto_recover))
+    m.boot_id = "b1"
+    m.enrol(T0)
+    m.operator(T0)
+    assert m.phase == "Trusted"
+    assert m.status["trust"]["nodeBootID"] == "b1"
+    return tpm, m
+
+
+def _reboot(tpm: SoftTpm) -> None:
+    """A TPM Reset: PCRs cleared and the (good) boot measured again, resetCount + 1."""
+    tpm.pcrs = {"sha256": [bytes(32)] * PCR_COUNT}
+    tpm._clock.reset_count += 1
+
+
+def test_a_node_reporting_another_boot_is_not_placed_on_until_a_fresh_quote() -> None:
+    tpm, m = _trusted()
+    uses = m.status["trust"]["usesLeft"]
+    assert uses > 0
+    _reboot(tpm)
+    m.boot_id = "b2"  # kubelet registers again after the reboot
+    step = m.operator(T0 + SECOND)
+    trust = m.status["trust"]
+    assert m.phase == "Trusted"  # running VMs stay: the node's word alone moves nothing
+    assert trust["usesLeft"] == 0  # but no new placement or migration rests on it
+    assert "another boot" in trust["message"]
+    assert [e.reason for e in step.events] == ["NodeRebooted"]
+    assert m.status["challenge"]["nonce"]  # a fresh quote, asked for now
+    step = m.cycle(T0 + 2 * SECOND)
+    assert (m.phase, m.reason) == ("Untrusted", "Rebooted")  # what the TPM says
+    step = m.cycle(T0 + 3 * SECOND)
+    assert (m.phase, m.status["trust"]["usesLeft"]) == ("Trusted", uses)
+    assert m.status["trust"]["nodeBootID"] == "b2"
+    assert m.operator(T0 + 4 * SECOND).events == ()  # said once
+
+
+def test_a_quote_asked_before_the_new_boot_was_seen_makes_no_verdict() -> None:
+    """The nonce was out when the host rebooted; the old boot's quote of it, handed in after
+    the Node reported its new boot, is not judged (it would be a verdict on a boot that is
+    gone)."""
+    tpm, m = _trusted()
+    due = T0 + dt.timedelta(seconds=6)
+    m.operator(due)
+    asked = m.status["challenge"]["nonce"]
+    m.agent_step()  # quoted in the old boot
+    _reboot(tpm)
+    m.boot_id = "b2"
+    step = m.operator(due + SECOND)
+    assert step.answered_nonce is None
+    assert m.status["challenge"]["nonce"] != asked
+    assert m.status["trust"]["usesLeft"] == 0
+
+
+@pytest.mark.parametrize("auto_recover", [True, False])
+def test_another_boot_the_tpm_does_not_show_costs_one_quote(auto_recover: bool) -> None:
+    """Something wrote the Node's bootID, the host did not reboot: one fresh quote, and the
+    member is Trusted with its uses again, without a readmission on a strict level."""
+    _tpm, m = _trusted(auto_recover=auto_recover)
+    m.boot_id = "forged"
+    m.operator(T0 + SECOND)
+    assert m.status["trust"]["usesLeft"] == 0
+    step = m.cycle(T0 + 2 * SECOND)
+    assert (m.phase, step.outcome) == ("Trusted", "Verified")
+    assert m.status["trust"]["usesLeft"] > 0
+    assert not m.status["trust"].get("awaitingReadmission")
+
+
+def test_a_strict_level_holds_a_host_that_rebooted_for_readmission() -> None:
+    tpm, m = _trusted(auto_recover=False)
+    _reboot(tpm)
+    m.boot_id = "b2"
+    m.operator(T0 + SECOND)
+    m.cycle(T0 + 2 * SECOND)
+    m.cycle(T0 + 3 * SECOND)
+    assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
+
+
+def test_a_boot_first_seen_or_not_reported_changes_nothing() -> None:
+    _tpm, m = _trusted()
+    del m.status["trust"]["nodeBootID"]  # a status an older gtvp wrote
+    m.boot_id = "b9"
+    step = m.operator(T0 + SECOND)
+    assert step.events == ()
+    assert m.status["trust"]["usesLeft"] > 0
+    assert m.status["trust"]["nodeBootID"] == "b9"
+    assert "nonce" not in m.status["challenge"]  # nothing asked before it is due
+    m.boot_id = None  # the Node is gone from the view, or reports no boot
+    m.operator(T0 + 2 * SECOND)
+    assert (m.phase, m.status["trust"]["nodeBootID"]) == ("Trusted", "b9")
+    assert m.status["trust"]["usesLeft"] > 0
