@@ -3,8 +3,10 @@
 One `step` reads the Member named after this node and, in one status write at most:
 publishes the enrolment (EK public area and certificate, AK) when it differs, answers an
 outstanding credential challenge with ActivateCredential, and answers an outstanding nonce
-with a quote once `answerAfter` has passed. Between steps it watches its Member (one
-watch, server-side field selector), so an idle agent costs no writes and no polling.
+with a quote at once (the operator publishes each nonce when its quote is due; one an older
+operator published ahead waits for its `answerAfter`). Between steps it watches its Member
+(one watch, server-side field selector), so an idle agent costs no writes and no polling;
+it reads its Member again just after a quote falls due, should the watch miss the nonce.
 
 Restart-safe: the AK is reloaded from its blobs, and a challenge already answered is not
 answered twice. A TPM that disappears is reported in status.agent.error and retried with
@@ -42,6 +44,8 @@ API_TIMEOUT = (10.0, 60.0)
 """Seconds to connect and to wait for each read of an API answer: a call the API server
 never answers (a half-open connection after it restarted) fails and is retried instead of
 stopping the agent's loop for good. A watch waits its own length on top."""
+DUE_SLACK = 1.0
+"""Seconds after a quote's `answerAfter` the agent reads its Member again if no nonce came."""
 
 
 def _now() -> dt.datetime:
@@ -175,9 +179,21 @@ class Agent:
                 }
             nonce = challenge.get("nonce")
             answered = (mine.get("evidence") or {}).get("nonce")
+            after = parse_ts(challenge.get("answerAfter"))
+            if not nonce and after is not None:
+                # the operator publishes the nonce when due: look again then, should the
+                # watch miss that write (a verdict must not wait for an idle watch's end);
+                # while it is late, less and less often (every agent of a pool would poll
+                # an operator that is down)
+                until = (after - _now()).total_seconds()
+                wait = min(wait, until + DUE_SLACK if until > 0 else max(DUE_SLACK, -until))
             if nonce and nonce != answered and nonce not in self._answered:
-                after = parse_ts(challenge.get("answerAfter"))
-                remaining = (after - _now()).total_seconds() if after else 0.0
+                issued = parse_ts(challenge.get("issuedAt"))
+                # a nonce published when due is quoted at once, whatever this node's clock
+                # says; one an older operator published ahead waits for its answerAfter
+                remaining = 0.0
+                if after is not None and (issued is None or after > issued):
+                    remaining = (after - _now()).total_seconds()
                 if remaining > 0:
                     wait = min(wait, remaining)
                 else:

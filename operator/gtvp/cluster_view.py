@@ -18,7 +18,7 @@ from typing import Any
 from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_node
 from gtvp.core.launchers import LauncherPod, launcher_pod, made_for, pod_nodes
 from gtvp.core.policy import Policy
-from gtvp.core.trust import MemberView, member_view
+from gtvp.core.trust import MemberView, member_view, node_boot_id
 
 Key = tuple[str, str]
 """(namespace, name) of a namespaced object."""
@@ -174,9 +174,7 @@ class ClusterView:
     def node_boot_id(self, name: str) -> str | None:
         """The boot the Node's kubelet reports (`status.nodeInfo.bootID`); None when the
         Node is unknown or reports none."""
-        node = self.nodes.get(name) or {}
-        boot = ((node.get("status") or {}).get("nodeInfo") or {}).get("bootID")
-        return str(boot) if boot else None
+        return node_boot_id(self.nodes.get(name) or {})
 
     # -- KubeVirt -------------------------------------------------------------------------
 

@@ -56,3 +56,14 @@ def test_transition_rules_see_every_label_but_gtvps_own() -> None:
     }
     assert rule_labels(node) == {"node-restriction.kubernetes.io/hardware": "tdx"}
     assert rule_labels(None) == {}
+
+
+def test_a_node_reporting_another_boot_than_its_verdict_saw_advertises_no_level() -> None:
+    """Between a reboot and the operator's next look at the member (a Node deleted and made
+    anew, an operator that starts), the Node's labels never say more than the boot its
+    member's verdict saw."""
+    status = {"phase": "Trusted", "level": 3, "trust": {"usesLeft": 5, "nodeBootID": "b1"}}
+    assert label_level(status, "b1") == 3
+    assert label_level(status, None) == 3  # a Node reporting no boot: its verdict's level
+    assert label_level(status, "b2") == 0
+    assert label_level({**status, "trust": {"usesLeft": 5}}, "b2") == 3  # none seen yet

@@ -11,6 +11,7 @@ from typing import cast
 import pytest
 
 from gtvp.core.policy import Policy, parse_policy
+from gtvp.core.timestamps import parse_ts
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import SwtpmCA
 from tests.softmember import AgentMember, Bundle
@@ -121,3 +122,62 @@ def test_a_boot_first_seen_or_not_reported_changes_nothing() -> None:
     m.operator(T0 + 2 * SECOND)
     assert (m.phase, m.status["trust"]["nodeBootID"]) == ("Trusted", "b9")
     assert m.status["trust"]["usesLeft"] > 0
+
+
+def _due(m: AgentMember) -> dt.datetime:
+    due = parse_ts(m.status["challenge"]["answerAfter"])
+    assert due is not None
+    return due
+
+
+def _bad_answer(m: AgentMember) -> None:
+    """Evidence for the outstanding nonce that fails (a judgement all the same)."""
+    nonce = m.status["challenge"]["nonce"]
+    m.status.setdefault("agent", {})["evidence"] = {
+        "nonce": nonce, "attest": "AAAA", "signature": "AAAA", "pcrBank": "sha256",
+        "pcrValues": {},
+    }  # fmt: skip
+
+
+def test_rewriting_the_bootid_without_pause_gets_no_judgement_per_write() -> None:
+    """Root on the host, with its kubelet's token, rewrites its own Node's bootID again and
+    again, answering each fresh nonce with a large quote: one judgement per
+    RETRY_AFTER_FAILURE at most, as after any failure."""
+    _tpm, m = _trusted()
+    t = _due(m)
+    m.operator(t)
+    judged = 0
+    for i in range(20):  # 2 s of writes
+        t += 0.1 * SECOND
+        m.boot_id = f"flip-{i}"
+        m.operator(t)
+        if m.status["challenge"].get("nonce"):
+            _bad_answer(m)
+            judged += m.operator(t).outcome is not None
+    assert judged == 1
+
+
+def test_a_bootid_rewritten_just_before_expiry_does_not_escape_readmission() -> None:
+    """On a level without autoRecover, a host asked for a quote and silent until its verdict
+    expires is held; replacing the nonce by rewriting its Node's bootID just before the
+    expiry does not make the expiry the operator's doing."""
+    _tpm, m = _trusted(auto_recover=False)
+    expires = parse_ts(m.status["trust"]["expiresAt"])
+    assert expires is not None
+    m.operator(_due(m))  # asked: the nonce published when due, never answered
+    m.boot_id = "forged"
+    m.operator(expires - 2 * SECOND)
+    m.operator(expires)
+    assert (m.phase, m.reason) == ("Untrusted", "VerdictExpired")
+    assert m.status["trust"]["awaitingReadmission"] is True
+    assert "did not answer the nonce" in m.status["trust"]["message"]
+
+
+def test_a_member_whose_class_is_gone_is_not_looked_at_in_a_tight_loop() -> None:
+    _tpm, m = _trusted()
+    due = _due(m)
+    m.spec["memberClass"] = "no-such-class"
+    for k in range(3):
+        step = m.operator(due + k * SECOND)
+        assert m.reason == "UnknownMemberClass"
+        assert step.recheck_after >= dt.timedelta(seconds=1)

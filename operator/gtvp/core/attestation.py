@@ -196,6 +196,15 @@ def _nonce_challenge(
     }
 
 
+def _asked_at(challenge: ChallengeStatus) -> dt.datetime | None:
+    """Since when the host has been asked for the quote outstanding (`askedAt`: the first
+    nonce of this round, when one was replaced unanswered); None: nothing is asked."""
+    first = parse_ts(challenge.get("askedAt"))
+    if first is not None:
+        return first
+    return parse_ts(challenge.get("issuedAt")) if challenge.get("nonce") else None
+
+
 def _withdraw_early_nonce(challenge: ChallengeStatus) -> None:
     """A nonce issued before it was due (by a gtvp that published the next nonce with each
     verdict) is withdrawn: it is asked for again, freshly, when due."""
@@ -428,9 +437,8 @@ class _Cycle:
         self.trust = cast(TrustStatus, dict(status.get("trust") or {}))
         self.challenge = cast(ChallengeStatus, dict(status.get("challenge") or {}))
         _withdraw_early_nonce(self.challenge)
-        self.asked_at = (
-            parse_ts(self.challenge.get("issuedAt")) if self.challenge.get("nonce") else None
-        )
+        self.asked_at = _asked_at(self.challenge)
+        self.nonce_before = self.challenge.get("nonce")
         self.conditions_before = list(status.get("conditions") or [])
         self.below_before: Mapping[str, Any] = status.get("belowSince") or {}
         self.maintenance = bool(spec.get("maintenance", False))
@@ -651,7 +659,11 @@ class _Cycle:
         self.trust["nodeBootID"] = boot_id
         if not seen or seen == boot_id:
             return  # first seen (a new member, an older gtvp's status): nothing to do
-        self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+        # asked for now, but no sooner than RETRY_AFTER_FAILURE after the last judgement:
+        # root rewriting its Node's bootID without pause gets no judgement per write
+        last = parse_ts(self.trust.get("verifiedAt"))
+        at = self.now if last is None else max(self.now, last + RETRY_AFTER_FAILURE)
+        self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, at)
         if self.trust.get("verdict") == Verdict.TRUSTED:
             message = (
                 f"its Node reports another boot (bootID {seen[:36]} -> {boot_id[:36]}): no "
@@ -810,8 +822,13 @@ class _Cycle:
         }
         recheck = recheck or self.interval
         due = parse_ts(self.challenge.get("answerAfter"))
-        if not self.challenge.get("nonce") and due is not None:  # its nonce is published then
-            recheck = min(recheck, max(due - now, dt.timedelta(milliseconds=50)))
+        if not self.challenge.get("nonce") and due is not None and due > now:
+            recheck = min(recheck, due - now)  # its nonce is published then
+        replaced = self.challenge.get("nonce") != self.nonce_before
+        if answered is None and self.asked_at is not None and replaced and "pcrs" in self.challenge:
+            # a nonce replaced unanswered (another boot seen, another PCR selection): the
+            # host was asked from the first one on, whatever replaced it
+            self.challenge["askedAt"] = format_ts(self.asked_at)
         if trusted and expires is not None:
             recheck = min(recheck, max(expires - now, dt.timedelta(seconds=1)))
         return Step(new_status, events, outcome, answered, recheck)

@@ -75,4 +75,5 @@ class ChallengeStatus(TypedDict, total=False):
     pcrs: list[int]
     issuedAt: str
     answerAfter: str
+    askedAt: str  # the first nonce of this round, when one was replaced unanswered
     credential: CredentialChallenge

@@ -53,14 +53,33 @@ def rule_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     }
 
 
-def label_level(status: Mapping[str, Any]) -> int:
+def node_boot_id(node: Mapping[str, Any]) -> str | None:
+    """The boot a Node's kubelet reports (`status.nodeInfo.bootID`); None when it reports
+    none."""
+    boot = ((node.get("status") or {}).get("nodeInfo") or {}).get("bootID")
+    return str(boot) if boot else None
+
+
+def label_level(status: Mapping[str, Any], boot_id: str | None = None) -> int:
     """The level a Node's labels may advertise for new placements: the member's level while
     its verdict is Trusted with uses left, else 0. A spent verdict (maxUses decisions made)
     takes the labels off until the fresh quote it asks for verifies, so the scheduler cannot
     keep placing gated VMs on a member whose agent withholds that quote; VMs already there
-    stay (labels only steer scheduling; no taint is set for it)."""
-    uses = int(((status.get("trust") or {}).get("usesLeft", 0)) or 0)
+    stay (labels only steer scheduling; no taint is set for it). So does a Node reporting
+    another boot (`boot_id`) than the one the verdict's member last saw
+    (`trust.nodeBootID`): its host rebooted since, and the member is judged again."""
+    trust = status.get("trust") or {}
+    uses = int(trust.get("usesLeft", 0) or 0)
+    seen = trust.get("nodeBootID")
+    if boot_id and seen and boot_id != seen:
+        return 0
     return int(status.get("level", 0) or 0) if uses > 0 else 0
+
+
+def boot_changed(status: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
+    """Whether `node` reports another boot than its member's `status` last saw."""
+    boot, seen = node_boot_id(node), (status.get("trust") or {}).get("nodeBootID")
+    return bool(boot and seen and boot != seen)
 
 
 def node_patch(

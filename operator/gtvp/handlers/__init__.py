@@ -33,7 +33,7 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINES,
 )
 from gtvp.core.launchers import launcher_pod
-from gtvp.core.trust import rule_labels
+from gtvp.core.trust import boot_changed, rule_labels
 from gtvp.handlers import (
     admission,
     attestation,
@@ -63,13 +63,14 @@ async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
     rt = runtime_of(memo)
     name = body.metadata.name or ""
     labels_before = rt.view.node_labels.get(name)
-    boot_before = rt.view.node_boot_id(name)
     if not rt.view.observe_node(dict(body), type or ""):
         await node_trust.forget_node(rt, name)
         return
-    if name not in rt.view.members:
+    member = rt.view.members.get(name)
+    if member is None or boot_changed(member.get("status") or {}, body):
         # no Member, no verdict: untrusted, its Member made (if the operator makes them),
-        # its gated VMs moved by the leader
+        # its gated VMs moved by the leader; a Node that reports another boot than its
+        # member last saw (a reboot, or the Node made anew) has its verdict spent now
         await attestation.reconcile(rt, name)
     else:
         if labels_before is not None and rule_labels(labels_before) != rule_labels(
@@ -78,8 +79,6 @@ async def node_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
             # transition rules read Node labels: a new level or class is judged now (gtvp's
             # own label writes, which follow each verdict, are not such a change)
             rt.schedule.schedule(name, dt.timedelta(0))
-        if boot_before is not None and rt.view.node_boot_id(name) != boot_before:
-            rt.schedule.schedule(name, dt.timedelta(0))  # a reboot: its verdict goes now
         await node_trust.sync_node(rt, name)
     lazyboxes.touch_waiting(rt)
     drains.touch(rt)  # a cordon, or a cordoned target freed

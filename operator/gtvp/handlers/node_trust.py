@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from gtvp import kube
 from gtvp.core.api_resources import GTVP_API_VERSION, MEMBERS
 from gtvp.core.phases import MemberPhase
-from gtvp.core.trust import TAINT_KEY, label_level, node_patch
+from gtvp.core.trust import TAINT_KEY, label_level, node_boot_id, node_patch
 from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.members")
@@ -89,7 +89,7 @@ def _trust_patch(node: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str
         (node.get("metadata") or {}).get("labels") or {},
         (node.get("spec") or {}).get("taints") or [],
         str(status.get("phase", "")),
-        label_level(status),
+        label_level(status, node_boot_id(node)),
     )
 
 
