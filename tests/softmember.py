@@ -65,6 +65,7 @@ class AgentMember:
         self.answered: set[bytes] = set()
         self.ek_holders: dict[str, str] = {}
         self.boot_id: str | None = None  # the boot its Node reports (kubelet's bootID)
+        self.readmit: str | None = None  # its gtvp.io/readmit annotation
         config = AgentConfig(node=name, tcti="soft", state_dir=Path("/nonexistent"), event_log=None)
         self.agent = Agent(api=None, config=config, tpm_opener=self._tpm)
 
@@ -90,6 +91,7 @@ class AgentMember:
             answered_nonces=frozenset(self.answered),
             ek_holders=self.ek_holders,
             boot_id=self.boot_id,
+            readmit=self.readmit,
         )
         self.status = {**step.status, "agent": self.status.get("agent", {})}
         if step.answered_nonce:

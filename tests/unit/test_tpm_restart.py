@@ -123,3 +123,66 @@ def test_binding_a_new_ak_does_not_hide_a_reboot() -> None:
         reasons.append(m.reason)
     assert "Rebooted" in reasons
     assert m.reason == "AwaitingReadmission"
+
+
+def _clear(tpm: SoftTpm) -> None:
+    """TPM2_Clear (or the TPM's state put back from a copy): its counters back to 0."""
+    tpm._clock.reset_count = 0
+    tpm._clock.restart_count = 0
+
+
+@pytest.mark.parametrize("auto_recover", [True, False])
+def test_a_cleared_tpm_is_refused_until_readmitted_then_judged_from_its_counters(
+    auto_recover: bool,
+) -> None:
+    """Counters that went back fail every quote (no deleting the Member needed to recover):
+    an administrator's readmission takes the TPM's counters as they are now, once."""
+    tpm, m, t = _trusted_member(auto_recover=auto_recover)
+    _clear(tpm)
+    for _ in range(2):
+        t += LATER
+        m.cycle(t)
+        assert (m.phase, m.reason) == ("Untrusted", "CounterWentBack")
+    m.readmit = "ticket-1"
+    t += LATER
+    m.cycle(t)
+    assert m.phase == "Trusted", m.status["trust"]
+    assert (m.status["trust"]["resetCount"], m.status["trust"]["readmitToken"]) == (0, "ticket-1")
+    tpm._clock.reset_count = 3  # rebooted a few times since, then cleared again
+    t += LATER
+    m.cycle(t)
+    assert m.reason in ("Rebooted", "AwaitingReadmission")
+    m.readmit = "ticket-2" if not auto_recover else m.readmit  # a strict level: readmitted
+    for _ in range(2):
+        t += LATER
+        m.cycle(t)
+    assert m.phase == "Trusted"
+    _clear(tpm)
+    for _ in range(2):  # the same readmission resets nothing twice
+        t += LATER
+        m.cycle(t)
+        assert (m.phase, m.reason) == ("Untrusted", "CounterWentBack")
+
+
+def test_a_readmission_set_before_a_failure_does_not_readmit_it() -> None:
+    """A `gtvp.io/readmit` value left on a Member while nothing waited for one (an old
+    ticket, or one set ahead) is used up doing nothing: the failure that comes later still
+    waits for a human."""
+    tpm, m, t = _trusted_member(auto_recover=False)
+    m.readmit = "set-ahead"
+    t += LATER
+    m.cycle(t)
+    assert m.phase == "Trusted"
+    tpm.extend(7, b"a bootloader the policy does not accept")  # then the host is tampered
+    t += LATER
+    m.cycle(t)
+    assert m.reason == "PcrMismatch"
+    _restart(tpm, good=True)  # and boots the good chain again: clean quotes
+    for _ in range(2):
+        t += LATER
+        m.cycle(t)
+    assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
+    m.readmit = "after-checking-the-host"
+    t += LATER
+    m.cycle(t)
+    assert m.phase == "Trusted"

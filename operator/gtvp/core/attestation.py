@@ -391,6 +391,7 @@ def _next_step(
 ) -> Step:
     """`attestation_step`'s decision, on one cycle (its steps in order)."""
     policy, mp, now = cycle.policy, cycle.mp, cycle.now
+    _spend_idle_readmit(cycle.trust, readmit)
     if mp.member_class is None:  # no reference values: nothing to judge a quote by
         return cycle.unresolved()
     enrollment = cycle.enrollment
@@ -556,6 +557,7 @@ class _Cycle:
         mp, now, trust = self.mp, self.now, self.trust
         nonce = bytes.fromhex(str(self.challenge["nonce"]))
         issued = parse_ts(self.challenge.get("issuedAt")) or now
+        _readmit_counters(trust, readmit)
         try:
             cls = self.member_class()
             parsed = parse_evidence(evidence)
@@ -1151,6 +1153,33 @@ def _ask_now_if_spent(
         challenge["answerAfter"] = format_ts(now + interval)
     if trust.get("verdict") == Verdict.TRUSTED and int(trust.get("usesLeft", 0) or 0) <= 0:
         _ask_now(challenge, now)
+
+
+def _spend_idle_readmit(trust: TrustStatus, readmit: str | None) -> None:
+    """A `gtvp.io/readmit` value set while nothing waits for one is taken as used: a
+    readmission answers a failure already seen, it never pre-approves the next one (an
+    annotation left on the Member would otherwise readmit a host that fails later)."""
+    if (
+        readmit
+        and readmit != trust.get("readmitToken")
+        and not trust.get("awaitingReadmission")
+        and trust.get("reason") != errors.CounterWentBack.reason
+    ):
+        trust["readmitToken"] = readmit
+
+
+def _readmit_counters(trust: TrustStatus, readmit: str | None) -> None:
+    """A TPM whose counters went back (TPM2_Clear sets them to 0; so does a TPM state put
+    back from a copy) fails every quote from then on: an administrator's readmission (a new
+    `gtvp.io/readmit` value), after checking the host, takes the TPM's counters as they are
+    now, from this quote on, and readmits the member (consumed here: it resets nothing
+    twice)."""
+    if readmit and readmit != trust.get("readmitToken") and (
+        trust.get("reason") == errors.CounterWentBack.reason
+    ):
+        _forget(trust, _CLOCK_KEYS)
+        trust.pop("awaitingReadmission", None)
+        trust["readmitToken"] = readmit
 
 
 def _hold_for_readmission(
