@@ -158,7 +158,10 @@ class ClusterView:
         return OtherHolders(self, name)
 
     def member_views(self) -> list[MemberView]:
-        return [member_view(n, b.get("status") or {}) for n, b in list(self.members.items())]
+        return [
+            member_view(n, b.get("status") or {}, self.node_boot_id(n))
+            for n, b in list(self.members.items())
+        ]
 
     def observe_node(self, body: Mapping[str, Any], event_type: str) -> bool:
         """Record a Node event; False when the node is gone."""

@@ -3,14 +3,21 @@ an untrusted host; a spent verdict stops new placements without tainting."""
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Any
+
+from gtvp.core.timestamps import format_ts
 from gtvp.core.trust import (
     LEVEL_LABEL,
     TAINT_KEY,
     TRUSTED_LABEL,
     label_level,
+    member_view,
     node_patch,
     rule_labels,
 )
+
+HOUR = dt.timedelta(hours=1)
 
 
 def _trusted(level: int, uses: int) -> dict[str, object]:
@@ -62,8 +69,19 @@ def test_a_node_reporting_another_boot_than_its_verdict_saw_advertises_no_level(
     """Between a reboot and the operator's next look at the member (a Node deleted and made
     anew, an operator that starts), the Node's labels never say more than the boot its
     member's verdict saw."""
-    status = {"phase": "Trusted", "level": 3, "trust": {"usesLeft": 5, "nodeBootID": "b1"}}
+    status: dict[str, Any] = {
+        "phase": "Trusted",
+        "level": 3,
+        "trust": {"usesLeft": 5, "nodeBootID": "b1"},
+    }
     assert label_level(status, "b1") == 3
     assert label_level(status, None) == 3  # a Node reporting no boot: its verdict's level
     assert label_level(status, "b2") == 0
     assert label_level({**status, "trust": {"usesLeft": 5}}, "b2") == 3  # none seen yet
+    # nor does admission rest a new decision on it (a VMI start, a migration's arrival, a
+    # box's placement), while a decision already taken still stands
+    now = dt.datetime.now(dt.UTC)
+    trusted = {**status, "trust": {**status["trust"], "expiresAt": format_ts(now + HOUR)}}
+    assert member_view("m", trusted, "b1").usable(now, 3)
+    assert not member_view("m", trusted, "b2").usable(now, 3)
+    assert member_view("m", trusted, "b2").trusted_at(now, 3)

@@ -6,6 +6,7 @@ What the node says of itself only ever takes trust away, and only for one quote.
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from typing import cast
 
 import pytest
@@ -15,14 +16,17 @@ from gtvp.core.timestamps import parse_ts
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import SwtpmCA
 from tests.softmember import AgentMember, Bundle
-from tests.softtpm import PCR_COUNT, SoftCA, SoftTpm
+from tests.softtpm import PCR_COUNT, TPM_RH_ENDORSEMENT, SoftCA, SoftTpm, _name, _qualified
 
 T0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
 SECOND = dt.timedelta(seconds=1)
+LATER = T0 + 10 * SECOND  # a while after the verdict at T0, before its next quote is due
 
 
 def _policy(ca: SoftCA, *, auto_recover: bool) -> Policy:
-    spec = pool_policy(cast(SwtpmCA, Bundle(ca.bundle_pem())), name="default")["spec"]
+    spec = pool_policy(
+        cast(SwtpmCA, Bundle(ca.bundle_pem())), name="default", interval="60s", valid_for="180s"
+    )["spec"]
     for level in spec["levels"]:
         level["autoRecover"] = auto_recover
     return parse_policy("default", spec)
@@ -41,6 +45,12 @@ def _trusted(*, auto_recover: bool = True) -> tuple[SoftTpm, AgentMember]:
     return tpm, m
 
 
+def _due(m: AgentMember) -> dt.datetime:
+    due = parse_ts(m.status["challenge"]["answerAfter"])
+    assert due is not None
+    return due
+
+
 def _reboot(tpm: SoftTpm) -> None:
     """A TPM Reset: PCRs cleared and the (good) boot measured again, resetCount + 1."""
     tpm.pcrs = {"sha256": [bytes(32)] * PCR_COUNT}
@@ -53,19 +63,19 @@ def test_a_node_reporting_another_boot_is_not_placed_on_until_a_fresh_quote() ->
     assert uses > 0
     _reboot(tpm)
     m.boot_id = "b2"  # kubelet registers again after the reboot
-    step = m.operator(T0 + SECOND)
+    step = m.operator(LATER)
     trust = m.status["trust"]
     assert m.phase == "Trusted"  # running VMs stay: the node's word alone moves nothing
     assert trust["usesLeft"] == 0  # but no new placement or migration rests on it
     assert "another boot" in trust["message"]
     assert [e.reason for e in step.events] == ["NodeRebooted"]
     assert m.status["challenge"]["nonce"]  # a fresh quote, asked for now
-    step = m.cycle(T0 + 2 * SECOND)
+    step = m.cycle(LATER + SECOND)
     assert (m.phase, m.reason) == ("Untrusted", "Rebooted")  # what the TPM says
-    step = m.cycle(T0 + 3 * SECOND)
+    step = m.cycle(LATER + 2 * SECOND)
     assert (m.phase, m.status["trust"]["usesLeft"]) == ("Trusted", uses)
     assert m.status["trust"]["nodeBootID"] == "b2"
-    assert m.operator(T0 + 4 * SECOND).events == ()  # said once
+    assert m.operator(LATER + 3 * SECOND).events == ()  # said once
 
 
 def test_a_quote_asked_before_the_new_boot_was_seen_makes_no_verdict() -> None:
@@ -73,7 +83,7 @@ def test_a_quote_asked_before_the_new_boot_was_seen_makes_no_verdict() -> None:
     the Node reported its new boot, is not judged (it would be a verdict on a boot that is
     gone)."""
     tpm, m = _trusted()
-    due = T0 + dt.timedelta(seconds=6)
+    due = _due(m)
     m.operator(due)
     asked = m.status["challenge"]["nonce"]
     m.agent_step()  # quoted in the old boot
@@ -91,9 +101,9 @@ def test_another_boot_the_tpm_does_not_show_costs_one_quote(auto_recover: bool) 
     member is Trusted with its uses again, without a readmission on a strict level."""
     _tpm, m = _trusted(auto_recover=auto_recover)
     m.boot_id = "forged"
-    m.operator(T0 + SECOND)
+    m.operator(LATER)
     assert m.status["trust"]["usesLeft"] == 0
-    step = m.cycle(T0 + 2 * SECOND)
+    step = m.cycle(LATER + SECOND)
     assert (m.phase, step.outcome) == ("Trusted", "Verified")
     assert m.status["trust"]["usesLeft"] > 0
     assert not m.status["trust"].get("awaitingReadmission")
@@ -103,9 +113,9 @@ def test_a_strict_level_holds_a_host_that_rebooted_for_readmission() -> None:
     tpm, m = _trusted(auto_recover=False)
     _reboot(tpm)
     m.boot_id = "b2"
-    m.operator(T0 + SECOND)
-    m.cycle(T0 + 2 * SECOND)
-    m.cycle(T0 + 3 * SECOND)
+    m.operator(LATER)
+    m.cycle(LATER + SECOND)
+    m.cycle(LATER + 2 * SECOND)
     assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
 
 
@@ -122,12 +132,6 @@ def test_a_boot_first_seen_or_not_reported_changes_nothing() -> None:
     m.operator(T0 + 2 * SECOND)
     assert (m.phase, m.status["trust"]["nodeBootID"]) == ("Trusted", "b9")
     assert m.status["trust"]["usesLeft"] > 0
-
-
-def _due(m: AgentMember) -> dt.datetime:
-    due = parse_ts(m.status["challenge"]["answerAfter"])
-    assert due is not None
-    return due
 
 
 def _bad_answer(m: AgentMember) -> None:
@@ -181,3 +185,43 @@ def test_a_member_whose_class_is_gone_is_not_looked_at_in_a_tight_loop() -> None
         step = m.operator(due + k * SECOND)
         assert m.reason == "UnknownMemberClass"
         assert step.recheck_after >= dt.timedelta(seconds=1)
+
+
+def test_rewriting_the_bootid_of_a_trusted_member_gets_no_judgement_per_write() -> None:
+    """The same, answering each fresh nonce with a good quote: the member is Trusted again
+    after each, and each rewrite spends it; still one judgement per RETRY_AFTER_FAILURE."""
+    _tpm, m = _trusted()
+    t = _due(m)
+    judged = 0
+    for i in range(20):
+        t += 0.1 * SECOND
+        m.boot_id = f"flip-{i}"
+        m.operator(t)
+        if m.status["challenge"].get("nonce"):
+            m.agent_step()
+            judged += m.operator(t).answered_nonce is not None
+    assert judged == 1
+
+
+def _new_ak(m: AgentMember, tpm: SoftTpm) -> None:
+    """The agent makes and publishes another AK (its TPM made a new key)."""
+    fresh = SoftTpm(None)
+    tpm._ak, tpm.ak_public, tpm.ak_name = fresh._ak, fresh.ak_public, fresh.ak_name
+    ek_qn = _qualified(struct.pack(">I", TPM_RH_ENDORSEMENT), _name(tpm.ek_public))
+    tpm.qualified_signer = _qualified(ek_qn, tpm.ak_name)
+    m.agent._enrolment = None
+
+
+def test_binding_ak_after_ak_gets_no_judgement_per_ak() -> None:
+    """An agent that publishes a new AK after each quote (credential activation, bound,
+    quoted, again) gets no quote judged faster than a failure's retry."""
+    tpm, m = _trusted()
+    t = _due(m)
+    judged = 0
+    for _ in range(10):
+        t += 0.1 * SECOND
+        _new_ak(m, tpm)
+        for _step in range(3):  # publish the AK, activate its credential, quote
+            m.agent_step()
+            judged += m.operator(t).answered_nonce is not None
+    assert judged <= 1

@@ -186,3 +186,40 @@ def test_a_readmission_set_before_a_failure_does_not_readmit_it() -> None:
     t += LATER
     m.cycle(t)
     assert m.phase == "Trusted"
+
+
+def test_a_readmission_readmits_only_the_failures_judged_before_it() -> None:
+    """A value set for one failure does not approve another judged after it, before the
+    next clean quote: a counter rollback (TPM2_Clear, or the TPM's state put back with a
+    good boot's PCRs) or a second tampering waits for a value set after it."""
+    tpm, m, t = _trusted_member(auto_recover=False)
+    tpm.extend(7, b"a bootloader the policy does not accept")
+    t += LATER
+    m.cycle(t)
+    assert (m.reason, m.status["trust"]["awaitingReadmission"]) == ("PcrMismatch", True)
+    m.readmit = "checked-the-pcr"
+    _clear(tpm)
+    tpm.pcrs = {"sha256": [bytes(32)] * PCR_COUNT}  # a good boot's PCRs, put back
+    for _ in range(2):
+        t += LATER
+        m.cycle(t)
+        assert (m.phase, m.reason) == ("Untrusted", "CounterWentBack")
+    m.readmit = "checked-the-rollback"
+    t += LATER
+    m.cycle(t)
+    assert m.phase == "Trusted"
+    # a value set for a reboot does not approve a tampering judged before the clean quote
+    _restart(tpm, good=True)
+    t += LATER
+    m.cycle(t)
+    assert (m.reason, m.status["trust"]["awaitingReadmission"]) == ("Rebooted", True)
+    m.readmit = "checked-the-reboot"
+    tpm.extend(7, b"a bootloader the policy does not accept")
+    t += LATER
+    m.cycle(t)
+    assert m.reason == "PcrMismatch"
+    _restart(tpm, good=True)
+    for _ in range(2):
+        t += LATER
+        m.cycle(t)
+    assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")

@@ -359,7 +359,15 @@ def attestation_step(
     )
 
     def cycle() -> _Cycle:
-        return _Cycle(spec=spec, status=status, policy=policy, mp=mp, now=now, entropy=entropy)
+        return _Cycle(
+            spec=spec,
+            status=status,
+            policy=policy,
+            mp=mp,
+            now=now,
+            entropy=entropy,
+            readmit=readmit,
+        )
 
     try:
         return _next_step(
@@ -391,7 +399,6 @@ def _next_step(
 ) -> Step:
     """`attestation_step`'s decision, on one cycle (its steps in order)."""
     policy, mp, now = cycle.policy, cycle.mp, cycle.now
-    _spend_idle_readmit(cycle.trust, readmit)
     if mp.member_class is None:  # no reference values: nothing to judge a quote by
         return cycle.unresolved()
     enrollment = cycle.enrollment
@@ -432,14 +439,15 @@ class _Cycle:
         mp: MemberPolicy,
         now: dt.datetime,
         entropy: bytes,
+        readmit: str | None = None,
     ) -> None:
         self.policy, self.mp, self.now, self.entropy = policy, mp, now, entropy
+        self.readmit = readmit
         self.enrollment: Mapping[str, Any] = (status.get("agent") or {}).get("enrollment") or {}
         self.trust = cast(TrustStatus, dict(status.get("trust") or {}))
         self.challenge = cast(ChallengeStatus, dict(status.get("challenge") or {}))
         _withdraw_early_nonce(self.challenge)
         self.asked_at = _asked_at(self.challenge)
-        self.nonce_before = self.challenge.get("nonce")
         self.conditions_before = list(status.get("conditions") or [])
         self.below_before: Mapping[str, Any] = status.get("belowSince") or {}
         self.maintenance = bool(spec.get("maintenance", False))
@@ -537,7 +545,7 @@ class _Cycle:
             # own; the same TPM's stay, so that a new AK cannot hide a reboot
             _forget(trust, _CLOCK_KEYS)
         trust.update({"akName": keys.ak_name, "ekSHA256": keys.fingerprint})
-        self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+        self.challenge = self.ask()  # an agent binding AK after AK gets no quote judged per AK
         bound_msg = f"AK {keys.ak_name[:16]}… bound to EK {keys.fingerprint[:16]}…"
         return self.finish(
             reason="AkBound",
@@ -636,7 +644,7 @@ class _Cycle:
         if not self.challenge.get("nonce"):
             due = parse_ts(self.challenge.get("answerAfter"))
             if due is None or due <= self.now:
-                self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, self.now)
+                self.challenge = self.ask()
         if not self.trust.get("verdict"):
             return self.finish(
                 reason="AwaitingQuote", message="waiting for the first quote", bound=True
@@ -646,6 +654,18 @@ class _Cycle:
             message=str(self.trust.get("message", "waiting for the next quote")),
             bound=True,
         )
+
+    def ask(self) -> ChallengeStatus:
+        """The next quote asked for now, but no sooner than RETRY_AFTER_FAILURE (or the
+        level's interval, if shorter) after the last judgement (`verifiedAt`): however an
+        agent or its host makes the operator ask again (a spent verdict, a rewritten bootID,
+        a new AK), it gets no quote judged faster than that. A failed judgement's own retry
+        is not held back this way: only a reboot or a late answer asks again at once, and
+        neither can be repeated at will."""
+        last = parse_ts(self.trust.get("verifiedAt"))
+        floor = min(RETRY_AFTER_FAILURE, self.interval)
+        at = self.now if last is None else max(self.now, last + floor)
+        return _nonce_challenge(self.policy, self.entropy, self.now, at)
 
     def node_boot(self, boot_id: str | None) -> None:
         """The Node reports another boot (kubelet's bootID) than the one last seen: the host
@@ -661,11 +681,7 @@ class _Cycle:
         self.trust["nodeBootID"] = boot_id
         if not seen or seen == boot_id:
             return  # first seen (a new member, an older gtvp's status): nothing to do
-        # asked for now, but no sooner than RETRY_AFTER_FAILURE after the last judgement:
-        # root rewriting its Node's bootID without pause gets no judgement per write
-        last = parse_ts(self.trust.get("verifiedAt"))
-        at = self.now if last is None else max(self.now, last + RETRY_AFTER_FAILURE)
-        self.challenge = _nonce_challenge(self.policy, self.entropy, self.now, at)
+        self.challenge = self.ask()  # root rewriting its bootID gets no quote judged per write
         if self.trust.get("verdict") == Verdict.TRUSTED:
             message = (
                 f"its Node reports another boot (bootID {seen[:36]} -> {boot_id[:36]}): no "
@@ -745,8 +761,13 @@ class _Cycle:
         trust = self.trust
         repeat = trust.get("verdict") == Verdict.UNTRUSTED and trust.get("reason") == err.reason
         # lateness and a configuration slip are no sign of tampering: never wait for a human
-        if not self.mp.attestation.auto_recover and not isinstance(err, _NOT_TAMPERING):
+        tampering = not isinstance(err, _NOT_TAMPERING)
+        if not self.mp.attestation.auto_recover and tampering:
             trust["awaitingReadmission"] = True
+        if (tampering and trust.get("awaitingReadmission")) or isinstance(
+            err, errors.CounterWentBack
+        ):
+            self.readmit_used()
         trust.update(
             {
                 "verdict": Verdict.UNTRUSTED.value,
@@ -766,6 +787,13 @@ class _Cycle:
             outcome=err.reason,
             **kw,
         )
+
+    def readmit_used(self) -> None:
+        """A readmission answers a failure already seen: the `gtvp.io/readmit` value on the
+        Member when a failure that waits for one is judged (set ahead, or for an earlier
+        failure) readmits nothing; only a value set after it does."""
+        if self.readmit:
+            self.trust["readmitToken"] = self.readmit
 
     def finish(
         self,
@@ -826,11 +854,17 @@ class _Cycle:
         due = parse_ts(self.challenge.get("answerAfter"))
         if not self.challenge.get("nonce") and due is not None and due > now:
             recheck = min(recheck, due - now)  # its nonce is published then
-        replaced = self.challenge.get("nonce") != self.nonce_before
-        if answered is None and self.asked_at is not None and replaced and "pcrs" in self.challenge:
+        if (
+            answered is None
+            and self.asked_at is not None
+            and "pcrs" in self.challenge
+            and _asked_at(self.challenge) != self.asked_at
+        ):
             # a nonce replaced unanswered (another boot seen, another PCR selection): the
             # host was asked from the first one on, whatever replaced it
             self.challenge["askedAt"] = format_ts(self.asked_at)
+        if expired is not None and trust.get("awaitingReadmission"):
+            self.readmit_used()
         if trusted and expires is not None:
             recheck = min(recheck, max(expires - now, dt.timedelta(seconds=1)))
         return Step(new_status, events, outcome, answered, recheck)
@@ -1155,27 +1189,16 @@ def _ask_now_if_spent(
         _ask_now(challenge, now)
 
 
-def _spend_idle_readmit(trust: TrustStatus, readmit: str | None) -> None:
-    """A `gtvp.io/readmit` value set while nothing waits for one is taken as used: a
-    readmission answers a failure already seen, it never pre-approves the next one (an
-    annotation left on the Member would otherwise readmit a host that fails later)."""
-    if (
-        readmit
-        and readmit != trust.get("readmitToken")
-        and not trust.get("awaitingReadmission")
-        and trust.get("reason") != errors.CounterWentBack.reason
-    ):
-        trust["readmitToken"] = readmit
-
-
 def _readmit_counters(trust: TrustStatus, readmit: str | None) -> None:
     """A TPM whose counters went back (TPM2_Clear sets them to 0; so does a TPM state put
     back from a copy) fails every quote from then on: an administrator's readmission (a new
     `gtvp.io/readmit` value), after checking the host, takes the TPM's counters as they are
     now, from this quote on, and readmits the member (consumed here: it resets nothing
     twice)."""
-    if readmit and readmit != trust.get("readmitToken") and (
-        trust.get("reason") == errors.CounterWentBack.reason
+    if (
+        readmit
+        and readmit != trust.get("readmitToken")
+        and (trust.get("reason") == errors.CounterWentBack.reason)
     ):
         _forget(trust, _CLOCK_KEYS)
         trust.pop("awaitingReadmission", None)

@@ -68,11 +68,7 @@ def label_level(status: Mapping[str, Any], boot_id: str | None = None) -> int:
     stay (labels only steer scheduling; no taint is set for it). So does a Node reporting
     another boot (`boot_id`) than the one the verdict's member last saw
     (`trust.nodeBootID`): its host rebooted since, and the member is judged again."""
-    trust = status.get("trust") or {}
-    uses = int(trust.get("usesLeft", 0) or 0)
-    seen = trust.get("nodeBootID")
-    if boot_id and seen and boot_id != seen:
-        return 0
+    uses = member_view("", status, boot_id).uses_left
     return int(status.get("level", 0) or 0) if uses > 0 else 0
 
 
@@ -136,14 +132,19 @@ class MemberView:
         )
 
 
-def member_view(name: str, status: Mapping[str, Any]) -> MemberView:
+def member_view(name: str, status: Mapping[str, Any], boot_id: str | None = None) -> MemberView:
+    """The member as admission sees it; `boot_id`: the boot its Node reports. A Node that
+    reports another boot than the verdict saw has its verdict spent here already (the
+    operator's next look writes it so): no new decision rests on it."""
     trust = status.get("trust") or {}
+    seen = trust.get("nodeBootID")
+    rebooted = bool(boot_id and seen and boot_id != seen)
     return MemberView(
         name=name,
         phase=str(status.get("phase", "")),
         level=int(status.get("level", 0) or 0),
         expires_at=parse_ts(trust.get("expiresAt")),
-        uses_left=int(trust.get("usesLeft", 0) or 0),
+        uses_left=0 if rebooted else int(trust.get("usesLeft", 0) or 0),
     )
 
 

@@ -67,7 +67,7 @@ def _host_base(
         base = last._replace(body=body, node=node)
         rt.boxes.host_cache[name] = (rvs, base)
         return base
-    view = member_view(name, body.get("status") or {})
+    view = member_view(name, body.get("status") or {}, rt.view.node_boot_id(name))
     alloc = (node.get("status") or {}).get("allocatable") or {}
     try:
         cpu, mem = cpu_millis(alloc.get("cpu", "0")), memory_bytes(alloc.get("memory", "0"))

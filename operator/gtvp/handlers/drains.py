@@ -108,7 +108,7 @@ def drain_targets(rt: Runtime, now: dt.datetime) -> list[DrainTarget]:
         node = rt.view.nodes.get(name)
         if node is None:
             continue
-        view = member_view(name, body.get("status") or {})
+        view = member_view(name, body.get("status") or {}, rt.view.node_boot_id(name))
         images = image_digests((node.get("status") or {}).get("images"))
         out.append(DrainTarget(name, view.level, view.usable(now, 1), cordoned(node), images))
     return out

@@ -639,7 +639,9 @@ async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
         return
     now = dt.datetime.now(dt.UTC)
     members = {
-        n: member_view(n, m.get("status") or {}) if (m := rt.view.members.get(n)) else None
+        n: member_view(n, m.get("status") or {}, rt.view.node_boot_id(n))
+        if (m := rt.view.members.get(n))
+        else None
         for n in {*heading, *([spender] if spender else [])}
     }
     first = uid not in rt.evacuation.judged

@@ -67,7 +67,7 @@ async def sync_node(
             await asyncio.to_thread(_read_again, rt, name)
             continue
         rt.view.observe_node(rt.clients.api.sanitize_for_serialization(result), "MODIFIED")
-        log.info("node %s: %s", name, _what_changed(status))
+        log.info("node %s: %s", name, _what_changed(status, node_boot_id(node)))
         return True
     return False
 
@@ -113,10 +113,10 @@ def _read_again(rt: Runtime, name: str) -> None:
     rt.view.observe_node(rt.clients.api.sanitize_for_serialization(got), "MODIFIED")
 
 
-def _what_changed(status: Mapping[str, Any]) -> str:
+def _what_changed(status: Mapping[str, Any], boot_id: str | None) -> str:
     if status.get("phase") != MemberPhase.TRUSTED:
         return "trust labels removed, tainted gtvp.io/untrusted:NoSchedule"
-    if label_level(status) == 0:
+    if label_level(status, boot_id) == 0:
         return "trust labels removed until a fresh quote verifies (verdict spent)"
     return "trusted labels set"
 

@@ -137,7 +137,9 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
     rt.spent_starts.add(uid)
     host = rt.view.members.get(str(node))
     now = dt.datetime.now(dt.UTC)
-    if host is None or not member_view(str(node), host.get("status") or {}).usable(now, level):
+    if host is None or not member_view(
+        str(node), host.get("status") or {}, rt.view.node_boot_id(str(node))
+    ).usable(now, level):
         # started where no fresh verdict of its level stands (a Node whose labels outlived
         # its verdict or its Member): its host is looked at now, not at its next turn
         rt.schedule.schedule(str(node), dt.timedelta(0))
