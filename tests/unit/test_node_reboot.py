@@ -225,3 +225,24 @@ def test_binding_ak_after_ak_gets_no_judgement_per_ak() -> None:
             m.agent_step()
             judged += m.operator(t).answered_nonce is not None
     assert judged <= 1
+
+
+def test_a_policy_edit_to_a_longer_interval_does_not_hold_back_a_quote_a_verdict_needs() -> None:
+    """Trusted under interval 2 s / validFor 6 s, the policy goes to 60 s / 180 s: the quote
+    due under the old schedule is asked for when due (the floor against asking again
+    without pause would put it past the standing verdict's expiry, less the time an agent
+    is given to answer), and the verdict is renewed without expiring."""
+    ca = SoftCA()
+    short = parse_policy(
+        "default",
+        pool_policy(cast(SwtpmCA, Bundle(ca.bundle_pem())), interval="2s", valid_for="6s")["spec"],
+    )
+    m = AgentMember(SoftTpm(ca), short)
+    m.enrol(T0)
+    assert m.phase == "Trusted"
+    m.policy = _policy(ca, auto_recover=True)  # 60 s / 180 s
+    due = _due(m)
+    m.operator(due)
+    assert m.status["challenge"].get("nonce")  # asked now, not at verifiedAt + 5 s
+    step = m.cycle(due + SECOND)
+    assert (m.phase, step.outcome) == ("Trusted", "Verified")

@@ -661,10 +661,15 @@ class _Cycle:
         agent or its host makes the operator ask again (a spent verdict, a rewritten bootID,
         a new AK), it gets no quote judged faster than that. A failed judgement's own retry
         is not held back this way: only a reboot or a late answer asks again at once, and
-        neither can be repeated at will."""
+        neither can be repeated at will. Nor does it hold a quote back past the time a
+        standing Trusted verdict needs it by (its expiry less the time an agent is given to
+        answer): a policy edit to a longer interval must not expire verdicts."""
         last = parse_ts(self.trust.get("verifiedAt"))
         floor = min(RETRY_AFTER_FAILURE, self.interval)
         at = self.now if last is None else max(self.now, last + floor)
+        expires = parse_ts(self.trust.get("expiresAt"))
+        if self.trust.get("verdict") == Verdict.TRUSTED and expires is not None:
+            at = min(at, max(self.now, expires - _answer_time(self.mp)))
         return _nonce_challenge(self.policy, self.entropy, self.now, at)
 
     def node_boot(self, boot_id: str | None) -> None:
@@ -990,6 +995,13 @@ expiry to be the host's doing (its agent did not answer in time): a nonce publis
 or none (the operator was down or late), holds no host for readmission."""
 
 
+def _answer_time(mp: MemberPolicy) -> dt.timedelta:
+    """The time an agent is given to answer a nonce before a verdict expires: ANSWER_GRACE,
+    or the level's `validFor` - `interval` if shorter."""
+    att = mp.attestation
+    return min(ANSWER_GRACE, att.valid_for - att.interval)
+
+
 def _expire_if_due(
     trust: TrustStatus, mp: MemberPolicy, now: dt.datetime, asked_at: dt.datetime | None
 ) -> Event | None:
@@ -999,8 +1011,7 @@ def _expire_if_due(
     if trust.get("verdict") != Verdict.TRUSTED or (expires is not None and now < expires):
         return None
     att = mp.attestation
-    grace = min(ANSWER_GRACE, att.valid_for - att.interval)
-    asked = asked_at is not None and (expires is None or asked_at <= expires - grace)
+    asked = asked_at is not None and (expires is None or asked_at <= expires - _answer_time(mp))
     message = f"no fresh quote verified within validFor ({att.valid_for}): " + (
         "the agent did not answer the nonce it was asked (agent stopped, network "
         "partition, TPM gone)"
