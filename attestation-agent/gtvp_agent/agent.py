@@ -197,7 +197,14 @@ class Agent:
                 if remaining > 0:
                     wait = min(wait, remaining)
                 else:
-                    patch["evidence"] = self._quote(tpm, challenge)
+                    evidence = self._quote(tpm, challenge)
+                    # a merge patch keeps what it does not name: the values of PCRs no longer
+                    # quoted (the policy's selection shrank) are removed, or every later
+                    # quote would be refused for reporting PCRs it does not cover
+                    before = (mine.get("evidence") or {}).get("pcrValues") or {}
+                    for pcr in set(before) - set(evidence["pcrValues"]):
+                        evidence["pcrValues"][pcr] = None
+                    patch["evidence"] = evidence
                     self._answered.add(str(nonce))
                     if len(self._answered) > 64:
                         self._answered = {str(nonce)}

@@ -16,7 +16,8 @@ Reported: evidence-to-verdict latency (the load generator's evidence write until
 verdict for that nonce) p50/p99; operator CPU (cores, over the measured cycles, every
 operator process) and peak RSS (per process); Member status writes per member per cycle
 (per verdict), counted at the API server (`apiserver_request_total`), against the design's
-2 (one each way); also per member per interval, which is a little higher because the
+3 (the operator publishes each nonce when its quote is due, the agent answers, the operator
+writes the verdict); also per member per interval, which is a little higher because the
 jittered schedule quotes up to 10 % early. Baseline, same run: the load generator's evidence
 write until its own watch delivers that write back (the API server's floor for any round
 trip), as a ratio to evidence-to-verdict. Also printed: the load average before and after,
@@ -585,7 +586,8 @@ def _report(
     )
     print(
         f"  Member status writes per member per cycle: {per_member_cycle:.2f} "
-        f"(design: 2, one each way); per member per {interval} s interval: "
+        f"(design: 3: the nonce when due, the evidence, the verdict); per member per "
+        f"{interval} s interval: "
         f"{per_member_interval:.2f} (cycles per interval: "
         f"{len(lg.latencies) / (members * elapsed / interval):.2f})"
     )

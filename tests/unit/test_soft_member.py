@@ -669,3 +669,22 @@ def test_selecting_another_pcr_spends_a_verdict_that_never_quoted_it(ca: SoftCA)
     assert [e.reason for e in step.events] == ["ReferencesChanged"]
     again = m.cycle(T0 + LATER * 2)
     assert (m.phase, again.outcome) == ("Untrusted", "PcrMismatch")
+
+
+def test_a_pcr_taken_out_of_the_selection_leaves_no_stale_value_behind(ca: SoftCA) -> None:
+    """The agent's evidence is a JSON merge patch, which keeps what it does not name: the
+    value of a PCR no longer quoted is removed, or every later quote would be refused for
+    reporting a PCR it does not cover (PcrSelectionMismatch, held on strict levels)."""
+    m = _trusted(ca)
+    spec = pool_policy(cast(SwtpmCA, Bundle(ca.bundle_pem())), name="default")["spec"]
+    kept = spec["pcrSelection"]["pcrs"][:-1]
+    spec["pcrSelection"]["pcrs"] = kept
+    golden = spec["memberClasses"][0]["goldenPCRs"]
+    spec["memberClasses"][0]["goldenPCRs"] = {k: golden[k] for k in map(str, kept)}
+    m.policy = parse_policy("default", spec)
+    reasons = []
+    for i in range(2, 5):
+        m.cycle(T0 + i * LATER)
+        reasons.append(m.reason)
+    assert m.phase == "Trusted", reasons
+    assert sorted(map(int, m.status["agent"]["evidence"]["pcrValues"])) == kept

@@ -223,3 +223,21 @@ def test_a_readmission_readmits_only_the_failures_judged_before_it() -> None:
         t += LATER
         m.cycle(t)
     assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
+
+
+def test_a_counter_readmission_holds_when_the_reason_was_overwritten_meanwhile() -> None:
+    """The member's reason may change while it waits (the policy briefly unusable, its
+    class renamed): the readmission an administrator sets after seeing CounterWentBack still
+    takes the counters as they are."""
+    tpm, m, t = _trusted_member(auto_recover=True)
+    _clear(tpm)
+    t += LATER
+    m.cycle(t)
+    assert m.reason == "CounterWentBack"
+    m.status["trust"]["reason"] = "NoPolicy"  # as the handler writes it without a policy
+    m.readmit = "after-the-clear"
+    for _ in range(2):
+        t += LATER
+        m.cycle(t)
+    assert m.phase == "Trusted", m.status["trust"]
+    assert "countersWentBack" not in m.status["trust"]

@@ -580,6 +580,7 @@ class _Cycle:
             )
             return self.failed(err, bound=True, answered=nonce, recheck=RETRY_AFTER_FAILURE)
         was_trusted = trust.get("verdict") == Verdict.TRUSTED
+        trust.pop("countersWentBack", None)  # they verified: no longer behind
         held = _hold_for_readmission(trust, readmit, mp, now, result.clock)
         if held is not None:
             self.challenge = _nonce_challenge(self.policy, self.entropy, now, now + self.interval)
@@ -609,9 +610,12 @@ class _Cycle:
             trust["eventLogPCRs"] = sorted(result.pcrs)
             trust["eventLogBank"] = str(self.policy.pcr_bank)
         spread = JITTER if was_trusted else FIRST_SPREAD
-        self.challenge = _nonce_challenge(
-            self.policy, self.entropy, now, _next_quote(now, self.interval, self.entropy, spread)
-        )
+        # one interval on, but never later than the new verdict needs its next quote by (an
+        # agent that answers late must not push the next nonce past the point where its
+        # silence would still hold it for a readmission)
+        needed = issued + mp.attestation.valid_for - _answer_time(mp)
+        at = max(now, min(_next_quote(now, self.interval, self.entropy, spread), needed))
+        self.challenge = _nonce_challenge(self.policy, self.entropy, now, at)
         events = (
             ()
             if was_trusted
@@ -769,6 +773,8 @@ class _Cycle:
         tampering = not isinstance(err, _NOT_TAMPERING)
         if not self.mp.attestation.auto_recover and tampering:
             trust["awaitingReadmission"] = True
+        if isinstance(err, errors.CounterWentBack):
+            trust["countersWentBack"] = True  # until a readmission takes them as they are
         if (tampering and trust.get("awaitingReadmission")) or isinstance(
             err, errors.CounterWentBack
         ):
@@ -1206,12 +1212,9 @@ def _readmit_counters(trust: TrustStatus, readmit: str | None) -> None:
     `gtvp.io/readmit` value), after checking the host, takes the TPM's counters as they are
     now, from this quote on, and readmits the member (consumed here: it resets nothing
     twice)."""
-    if (
-        readmit
-        and readmit != trust.get("readmitToken")
-        and (trust.get("reason") == errors.CounterWentBack.reason)
-    ):
+    if readmit and readmit != trust.get("readmitToken") and trust.get("countersWentBack"):
         _forget(trust, _CLOCK_KEYS)
+        trust.pop("countersWentBack", None)
         trust.pop("awaitingReadmission", None)
         trust["readmitToken"] = readmit
 
