@@ -125,6 +125,22 @@ def test_binding_a_new_ak_does_not_hide_a_reboot() -> None:
     assert m.reason == "AwaitingReadmission"
 
 
+def _refused(m: AgentMember, t: dt.datetime, reason: str) -> dt.datetime:
+    """Two quote cycles after `t`, each refused for `reason`; the time of the last."""
+    for _ in range(2):
+        t = _after(m, t)
+        assert (m.phase, m.reason) == ("Untrusted", reason)
+    return t
+
+
+def _after(m: AgentMember, t: dt.datetime, cycles: int = 1) -> dt.datetime:
+    """`cycles` quote cycles, LATER apart, after `t`; the time of the last."""
+    for _ in range(cycles):
+        t += LATER
+        m.cycle(t)
+    return t
+
+
 def _clear(tpm: SoftTpm) -> None:
     """TPM2_Clear (or the TPM's state put back from a copy): its counters back to 0."""
     tpm._clock.reset_count = 0
@@ -139,23 +155,16 @@ def test_a_cleared_tpm_is_refused_until_readmitted_then_judged_from_its_counters
     an administrator's readmission takes the TPM's counters as they are now, once."""
     tpm, m, t = _trusted_member(auto_recover=auto_recover)
     _clear(tpm)
-    for _ in range(2):
-        t += LATER
-        m.cycle(t)
-        assert (m.phase, m.reason) == ("Untrusted", "CounterWentBack")
+    t = _refused(m, t, "CounterWentBack")
     m.readmit = "ticket-1"
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.phase == "Trusted", m.status["trust"]
     assert (m.status["trust"]["resetCount"], m.status["trust"]["readmitToken"]) == (0, "ticket-1")
     tpm._clock.reset_count = 3  # rebooted a few times since, then cleared again
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.reason in ("Rebooted", "AwaitingReadmission")
     m.readmit = "ticket-2" if not auto_recover else m.readmit  # a strict level: readmitted
-    for _ in range(2):
-        t += LATER
-        m.cycle(t)
+    t = _after(m, t, 2)
     assert m.phase == "Trusted"
     _clear(tpm)
     for _ in range(2):  # the same readmission resets nothing twice
@@ -170,21 +179,16 @@ def test_a_readmission_set_before_a_failure_does_not_readmit_it() -> None:
     waits for a human."""
     tpm, m, t = _trusted_member(auto_recover=False)
     m.readmit = "set-ahead"
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.phase == "Trusted"
     tpm.extend(7, b"a bootloader the policy does not accept")  # then the host is tampered
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.reason == "PcrMismatch"
     _restart(tpm, good=True)  # and boots the good chain again: clean quotes
-    for _ in range(2):
-        t += LATER
-        m.cycle(t)
+    t = _after(m, t, 2)
     assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
     m.readmit = "after-checking-the-host"
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.phase == "Trusted"
 
 
@@ -194,34 +198,25 @@ def test_a_readmission_readmits_only_the_failures_judged_before_it() -> None:
     good boot's PCRs) or a second tampering waits for a value set after it."""
     tpm, m, t = _trusted_member(auto_recover=False)
     tpm.extend(7, b"a bootloader the policy does not accept")
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert (m.reason, m.status["trust"]["awaitingReadmission"]) == ("PcrMismatch", True)
     m.readmit = "checked-the-pcr"
     _clear(tpm)
     tpm.pcrs = {"sha256": [bytes(32)] * PCR_COUNT}  # a good boot's PCRs, put back
-    for _ in range(2):
-        t += LATER
-        m.cycle(t)
-        assert (m.phase, m.reason) == ("Untrusted", "CounterWentBack")
+    t = _refused(m, t, "CounterWentBack")
     m.readmit = "checked-the-rollback"
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.phase == "Trusted"
     # a value set for a reboot does not approve a tampering judged before the clean quote
     _restart(tpm, good=True)
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert (m.reason, m.status["trust"]["awaitingReadmission"]) == ("Rebooted", True)
     m.readmit = "checked-the-reboot"
     tpm.extend(7, b"a bootloader the policy does not accept")
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.reason == "PcrMismatch"
     _restart(tpm, good=True)
-    for _ in range(2):
-        t += LATER
-        m.cycle(t)
+    t = _after(m, t, 2)
     assert (m.phase, m.reason) == ("Untrusted", "AwaitingReadmission")
 
 
@@ -231,13 +226,10 @@ def test_a_counter_readmission_holds_when_the_reason_was_overwritten_meanwhile()
     takes the counters as they are."""
     tpm, m, t = _trusted_member(auto_recover=True)
     _clear(tpm)
-    t += LATER
-    m.cycle(t)
+    t = _after(m, t)
     assert m.reason == "CounterWentBack"
     m.status["trust"]["reason"] = "NoPolicy"  # as the handler writes it without a policy
     m.readmit = "after-the-clear"
-    for _ in range(2):
-        t += LATER
-        m.cycle(t)
+    t = _after(m, t, 2)
     assert m.phase == "Trusted", m.status["trust"]
     assert "countersWentBack" not in m.status["trust"]
