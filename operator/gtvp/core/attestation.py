@@ -177,7 +177,7 @@ def _nonce_challenge(
     policy: Policy, entropy: bytes, now: dt.datetime, answer_after: dt.datetime
 ) -> ChallengeStatus:
     """The next quote asked for at `answer_after`: its nonce now when it is due, otherwise
-    only the time (the nonce is published when it is due, `_Cycle.publish_if_due`). A nonce
+    only the time (the nonce is published when it is due, `_Cycle.wait`). A nonce
     handed out ahead could be quoted at once from the boot the host is in, kept, and handed
     in from another boot: published when due, it is quoted from the boot the host is in
     then (one that rebooted to answer it shows the reboot in its TPM's counters)."""
@@ -342,8 +342,9 @@ def attestation_step(
     `ek_holders` maps the EK fingerprints other members are bound to onto their names: a
     member presenting one of them is refused (DuplicateEk) unless the policy allows sharing.
     `boot_id` is the boot its Node reports (kubelet's `status.nodeInfo.bootID`; None when
-    unknown): another boot than the one last seen takes a Trusted verdict away at once
-    (`NodeRebooted`) and asks for a fresh quote. The node's word only ever takes trust away.
+    unknown): another boot than the one last seen spends a Trusted verdict at once (a
+    `NodeRebooted` Event) and asks for a fresh quote. The node's word only ever takes trust
+    away.
 
     The steps, in order: no agent (or its enrolment withdrawn), enrolment checks, AK binding
     by credential activation, judging a quote, and otherwise waiting. Expiry is applied on
@@ -375,7 +376,6 @@ def attestation_step(
             status,
             spec,
             answered_nonces=answered_nonces,
-            readmit=readmit,
             ek_holders=ek_holders,
             entropy=entropy,
             boot_id=boot_id,
@@ -392,7 +392,6 @@ def _next_step(
     spec: Mapping[str, Any],
     *,
     answered_nonces: frozenset[bytes],
-    readmit: str | None,
     ek_holders: Mapping[str, str] | None,
     entropy: bytes,
     boot_id: str | None,
@@ -422,7 +421,7 @@ def _next_step(
     evidence = (status.get("agent") or {}).get("evidence") or {}
     nonce_hex = cycle.challenge.get("nonce")
     if nonce_hex and evidence.get("nonce") == nonce_hex:
-        return cycle.judge_quote(keys, evidence, answered_nonces, readmit)
+        return cycle.judge_quote(keys, evidence, answered_nonces)
     return cycle.wait()
 
 
@@ -559,10 +558,9 @@ class _Cycle:
         keys: _Keys,
         evidence: Mapping[str, Any],
         answered_nonces: frozenset[bytes],
-        readmit: str | None,
     ) -> Step:
         """Evidence answering the outstanding nonce: verify it and make the verdict."""
-        mp, now, trust = self.mp, self.now, self.trust
+        mp, now, trust, readmit = self.mp, self.now, self.trust, self.readmit
         nonce = bytes.fromhex(str(self.challenge["nonce"]))
         issued = parse_ts(self.challenge.get("issuedAt")) or now
         _readmit_counters(trust, readmit)
@@ -775,9 +773,8 @@ class _Cycle:
             trust["awaitingReadmission"] = True
         if isinstance(err, errors.CounterWentBack):
             trust["countersWentBack"] = True  # until a readmission takes them as they are
-        if (tampering and trust.get("awaitingReadmission")) or isinstance(
-            err, errors.CounterWentBack
-        ):
+            self.readmit_used()
+        elif tampering and trust.get("awaitingReadmission"):
             self.readmit_used()
         trust.update(
             {

@@ -68,14 +68,22 @@ def label_level(status: Mapping[str, Any], boot_id: str | None = None) -> int:
     stay (labels only steer scheduling; no taint is set for it). So does a Node reporting
     another boot (`boot_id`) than the one the verdict's member last saw
     (`trust.nodeBootID`): its host rebooted since, and the member is judged again."""
-    uses = member_view("", status, boot_id).uses_left
+    uses = int(((status.get("trust") or {}).get("usesLeft", 0)) or 0)
+    if _another_boot(status, boot_id):
+        return 0
     return int(status.get("level", 0) or 0) if uses > 0 else 0
+
+
+def _another_boot(status: Mapping[str, Any], boot_id: str | None) -> bool:
+    """Whether `boot_id` (the boot a Node reports) is another than its member's `status`
+    last saw (`trust.nodeBootID`); never when either is unknown."""
+    seen = (status.get("trust") or {}).get("nodeBootID")
+    return bool(boot_id and seen and boot_id != seen)
 
 
 def boot_changed(status: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
     """Whether `node` reports another boot than its member's `status` last saw."""
-    boot, seen = node_boot_id(node), (status.get("trust") or {}).get("nodeBootID")
-    return bool(boot and seen and boot != seen)
+    return _another_boot(status, node_boot_id(node))
 
 
 def node_patch(
@@ -137,8 +145,7 @@ def member_view(name: str, status: Mapping[str, Any], boot_id: str | None = None
     reports another boot than the verdict saw has its verdict spent here already (the
     operator's next look writes it so): no new decision rests on it."""
     trust = status.get("trust") or {}
-    seen = trust.get("nodeBootID")
-    rebooted = bool(boot_id and seen and boot_id != seen)
+    rebooted = _another_boot(status, boot_id)
     return MemberView(
         name=name,
         phase=str(status.get("phase", "")),
