@@ -371,6 +371,7 @@ class Endpoint:
             vmi=vmi,
             member=member,
             pod_members={n: self._member(n, fresh) for n in elsewhere},
+            node_boots={n: view.node_boot_id(n) for n in ([node] if node else []) + elsewhere},
             claims=claims,
             token_refusal=refusal,
         )
@@ -412,68 +413,130 @@ class Endpoint:
             )
         if not verdict.released:
             return self._refuse(req, facts.box, verdict)
-        released: dict[str, dict[str, str]] = {}
-        for named in verdict.secrets:
-            got = self._read(req, named, box_level(facts.box))
-            if not isinstance(got, dict):
-                message, reason = got if isinstance(got, tuple) else (got, kr.SECRET_UNAVAILABLE)
-                return self._refuse(req, facts.box, kr.Verdict(reason, message, verdict.node))
-            released[named.name] = got
-        now = self.clock()
-        changed = self._changed_meanwhile(req, facts, stored, now)
+        got = self._read_all(req, facts, verdict, stored)
+        if isinstance(got, kr.Verdict):
+            return self._refuse(req, facts.box, got)
+        released, versions = got
+        changed, fresh = self._changed_meanwhile(req, facts, stored)
         if changed is not None:
             return self._refuse(req, facts.box, *changed)
         if not verdict.again:
-            problem = self._consume(req, stored, now, kr.vmi_uid(facts.vmi))
+            problem = self._consume_in_time(req, stored, facts, fresh, versions)
             if problem is not None:
                 return self._refuse(req, facts.box, *problem)
         self._audit(req, facts.box, "Normal", "KeyReleased", verdict)
         return _json(200, {"member": verdict.node, "secrets": released})
 
-    def _changed_meanwhile(
-        self, req: kr.Request, facts: kr.Facts, stored: Any, now: dt.datetime
+    def _read_all(
+        self, req: kr.Request, facts: kr.Facts, verdict: kr.Verdict, stored: Any
+    ) -> tuple[dict[str, dict[str, str]], dict[str, str]] | kr.Verdict:
+        """The data of every Secret `verdict` releases and their resourceVersions, or the
+        refusal: one cannot be given, or (a repeat) one changed since the release."""
+        released: dict[str, dict[str, str]] = {}
+        versions: dict[str, str] = {}
+        for named in verdict.secrets:
+            got = self._read(req, named, box_level(facts.box))
+            if isinstance(got, kr.Verdict):
+                return kr.Verdict(got.reason, got.message, verdict.node)
+            released[named.name], versions[named.name] = got
+        newer = (
+            kr.changed_since_release(stored.metadata.annotations or {}, versions)
+            if verdict.again
+            else None
+        )
+        if newer is not None:
+            return kr.Verdict(
+                kr.SECRET_CHANGED,
+                f"Secret {newer} changed since it was released to this guest: a repeat gives "
+                "what was released then, nothing newer (the VM's next boot asks with its next "
+                "credential)",
+                verdict.node,
+            )
+        return released, versions
+
+    def _consume_in_time(
+        self,
+        req: kr.Request,
+        stored: Any,
+        facts: kr.Facts,
+        fresh: kr.Facts,
+        versions: Mapping[str, str],
     ) -> tuple[kr.Verdict, int | None] | None:
-        """The release judged again, just before the credential is consumed, `now` and on
-        the Members where the VM runs as the API server holds them (a verdict that expired,
-        a member that lost trust meanwhile, or whose loss this replica's watch has not
-        delivered yet, stops it; so does a VMI that moved or was replaced, and a
-        SecurityPolicy this replica has not seen the latest of: 503, ask again); None
-        when it still stands."""
+        """Consume the credential (`_consume`), then judge the release once more at the
+        time that write ended: a verdict that ran out while it was written gives nothing,
+        and the guest asks again with the same credential and retry key (a repeat, judged
+        anew). None: release."""
+        problem = self._consume(req, stored, self.clock(), kr.vmi_uid(facts.vmi), versions)
+        if problem is not None:
+            return problem
+        if kr.decide(req, fresh, self.clock()).released:
+            return None
+        verdict = kr.Verdict(
+            kr.UNAVAILABLE,
+            "the release, judged again once the credential was written, no longer stands (a "
+            "verdict ran out meanwhile): nothing released; ask again with the same "
+            "credential and retry key",
+        )
+        return verdict, None
+
+    def _changed_meanwhile(
+        self, req: kr.Request, facts: kr.Facts, stored: Any
+    ) -> tuple[tuple[kr.Verdict, int | None] | None, kr.Facts]:
+        """The release judged again, just before the credential is consumed, on the Members
+        where the VM runs as the API server holds them and at the time those reads ended (a
+        verdict that expired, a member that lost trust meanwhile, or whose loss this
+        replica's watch has not delivered yet, stops it; so does a VMI that moved or was
+        replaced, and a SecurityPolicy this replica has not seen the latest of: 503, ask
+        again); the refusal (None when it still stands) and the facts it was judged on."""
         behind = self._policy_behind()
+        fresh = self.facts(req, self.clock(), stored=stored, fresh=True)[0]
         if behind is not None:
-            return behind, 503
-        fresh = self.facts(req, now, stored=stored, fresh=True)[0]
-        recheck = kr.decide(req, fresh, now)
+            return (behind, 503), fresh
+        recheck = kr.decide(req, fresh, self.clock())  # after the reads, not before them
         if not recheck.released:
-            return recheck, None
+            return (recheck, None), fresh
         if kr.vmi_uid(fresh.vmi) != kr.vmi_uid(facts.vmi):  # the consuming write names it
             verdict = kr.Verdict(
                 kr.NOT_RUNNING, "the box's VMI was replaced while its Secrets were read"
             )
-            return verdict, None
-        return None
+            return (verdict, None), fresh
+        return None, fresh
 
     def _read(
         self, req: kr.Request, named: kr.Named, level: int
-    ) -> dict[str, str] | str | tuple[str, str]:
-        """The Secret's data to release to a box of `level`, or why not (a tuple: why and a
-        reason of its own)."""
+    ) -> tuple[dict[str, str], str] | kr.Verdict:
+        """The Secret's data to release to a box of `level` and its resourceVersion, or the
+        refusal (its node is the caller's to fill in)."""
         namespace, box = req.namespace, req.box
         try:
             secret = self.rt.clients.core.read_namespaced_secret(named.name, namespace)
         except ApiException as exc:
             if exc.status == 403:
-                return f"gtvp may not read Secret {named.name}: {RBAC_HINT}"
-            if exc.status == 404:
-                return f"Secret {named.name} does not exist"
-            return f"Secret {named.name} cannot be read ({exc.status} {exc.reason})"
+                why = f"gtvp may not read Secret {named.name}: {RBAC_HINT}"
+            elif exc.status == 404:
+                why = f"Secret {named.name} does not exist"
+            else:  # the API server failing (a 429 of its fairness limits, a 5xx) says
+                return kr.Verdict(  # nothing about the Secret: nothing consumed, ask again
+                    kr.UNAVAILABLE,
+                    f"Secret {named.name} cannot be read now ({exc.status} {exc.reason}): "
+                    "ask again",
+                )
+            return kr.Verdict(kr.SECRET_UNAVAILABLE, why)
         refused = kr.refuses_release(secret.metadata.annotations, box, req.kind, level)
         if refused is not None:
-            return f"Secret {named.name} {refused}", kr.SECRET_NOT_RELEASABLE
-        return kr.select_keys(named, dict(secret.data or {}))
+            return kr.Verdict(kr.SECRET_NOT_RELEASABLE, f"Secret {named.name} {refused}")
+        data = kr.select_keys(named, dict(secret.data or {}))
+        if isinstance(data, str):
+            return kr.Verdict(kr.SECRET_UNAVAILABLE, data)
+        return data, str(secret.metadata.resource_version or "")
 
     def _consume(
-        self, req: kr.Request, stored: Any, now: dt.datetime, vmi: str
+        self,
+        req: kr.Request,
+        stored: Any,
+        now: dt.datetime,
+        vmi: str,
+        versions: Mapping[str, str],
     ) -> tuple[kr.Verdict, int] | None:
         """Consume the credential and arm the next one in one conditional write (None:
         consumed by this guest; else the refusal and its HTTP status)."""
@@ -487,6 +550,7 @@ class Endpoint:
             retry=req.retry,
             vmi=vmi,
             write=write,
+            versions=versions,
         )
         data = {
             k: base64.b64encode(
@@ -554,7 +618,8 @@ class Endpoint:
     ) -> tuple[int, str, bytes]:
         self._audit(req, box, "Warning", "KeyReleaseRefused", verdict)
         reason, message = kr.told(verdict)
-        return _json(code or 403, {"reason": reason, "message": message})
+        code = code or (503 if verdict.reason in kr.ASK_AGAIN else 403)
+        return _json(code, {"reason": reason, "message": message})
 
     def _audit(
         self,

@@ -643,6 +643,136 @@ def test_a_request_the_api_server_fails_under_is_a_counted_503_and_uses_nothing(
 
 
 @pytest.mark.timeout(180)
+def test_an_api_server_failing_a_named_secrets_read_is_a_503_and_uses_nothing(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The box's credential is read, then the API server throttles (429) or fails (500) the
+    read of a Secret the box names: no final refusal (the guest's script would stop and the
+    box run without its keys), a 503 to ask again, nothing consumed."""
+    here = pool.members[0]
+    core = pool.rt.clients.core
+    read = core.read_namespaced_secret
+
+    def failing(status: int) -> Any:
+        def reading(name: str, namespace: str, **kwargs: Any) -> Any:
+            if name != kr.cloud_init_secret(BOX):
+                raise ApiException(status=status, reason="Too Many Requests")
+            return read(name, namespace, **kwargs)
+
+        return reading
+
+    cred, token = pool.credential(BOX), pool.token(here)
+    for code in (429, 500):
+        monkeypatch.setattr(core, "read_namespaced_secret", failing(code))
+        status, body = pool.ask(BOX, cred, token)
+        assert (status, body["reason"]) == (503, kr.UNAVAILABLE), body
+        assert "ask again" in body["message"]
+        assert pool.credential(BOX) == cred
+    monkeypatch.setattr(core, "read_namespaced_secret", read)
+    assert pool.ask(BOX, cred, token)[0] == 200
+
+
+@pytest.mark.timeout(180)
+def test_a_verdict_that_runs_out_during_the_last_reads_or_the_write_releases_nothing(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release is judged again at the time its last reads (the SecurityPolicy, the
+    Members) end, and once more when the consuming write has ended: each may take seconds,
+    and a verdict that ran out meanwhile gives nothing. Out after the write, the credential
+    is used but nothing was given: the guest asks again with its retry key, and gets the
+    Secrets once its member is Trusted now."""
+    here = pool.members[0]
+    cred, token = pool.credential(BOX), pool.token(here)
+    late = lambda: pool.clock_offset.__setitem__(0, dt.timedelta(minutes=5))  # noqa: E731
+    behind = pool.endpoint._policy_behind
+
+    def slow_policy_read() -> Any:
+        late()
+        return behind()
+
+    monkeypatch.setattr(pool.endpoint, "_policy_behind", slow_policy_read)
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (403, kr.VERDICT_EXPIRED), body
+    assert pool.credential(BOX) == cred  # nothing consumed
+    monkeypatch.setattr(pool.endpoint, "_policy_behind", behind)
+    pool.clock_offset[0] = dt.timedelta(0)
+    core = pool.rt.clients.core
+    write = core.replace_namespaced_secret
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        late()
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(core, "replace_namespaced_secret", slow_write)
+    retry = "5" * 64
+    status, body = pool.ask(BOX, cred, token, retry=retry)
+    assert (status, body["reason"]) == (503, kr.UNAVAILABLE), body
+    assert "ask again with the same credential and retry key" in body["message"]
+    assert DISK_KEY not in json.dumps(body)
+    assert pool.credential(BOX) != cred  # used: the next one is armed
+    monkeypatch.setattr(core, "replace_namespaced_secret", write)
+    status, body = pool.ask(BOX, cred, token, retry=retry)  # still out
+    assert (status, body["reason"]) == (403, kr.VERDICT_EXPIRED), body
+    pool.clock_offset[0] = dt.timedelta(0)
+    status, body = pool.ask(BOX, cred, token, retry=retry)
+    assert status == 200, body
+    assert base64.b64decode(body["secrets"]["disk"]["key"]).decode() == DISK_KEY
+
+
+@pytest.mark.timeout(180)
+def test_a_repeat_does_not_give_a_secret_rotated_since_the_release(pool: Pool) -> None:
+    """The guest's answer was released (and, say, lost); its owner then rotates the Secret,
+    because the host it went to was found bad. Root there, who kept the guest's credential
+    and retry key, asks again within the repeat window: the rotated key is not given."""
+    here = pool.members[0]
+    cred, token, retry = pool.credential(BOX), pool.token(here), "6" * 64
+    assert pool.ask(BOX, cred, token, retry=retry)[0] == 200
+    status, body = pool.ask(BOX, cred, token, retry=retry)  # the same answer again
+    assert status == 200, body
+    rotated = "disk-key-rotated-DO-NOT-LEAK"
+    pool.admin.core.patch_namespaced_secret(
+        "disk", pool.namespace, {"stringData": {"key": rotated}}
+    )
+    status, body = pool.ask(BOX, cred, token, retry=retry)
+    assert (status, body["reason"]) == (403, kr.SECRET_CHANGED), body
+    assert "disk" in body["message"]
+    assert rotated not in json.dumps(body)
+
+
+@pytest.mark.timeout(180)
+def test_a_host_that_booted_again_gets_nothing_until_its_new_boot_is_quoted(pool: Pool) -> None:
+    """The host rebooted (its Node reports another bootID): gtvp spends the verdict for new
+    placements, but key release is no placement. A guest asking at once, before or after
+    the operator looked, is told to ask again (503 MemberRebooted), nothing consumed; once
+    a quote of the new boot verifies, it gets its Secrets."""
+    here = pool.members[0]
+
+    def node_boot(boot: str) -> None:
+        node = {"metadata": {"name": here.name}, "status": {"nodeInfo": {"bootID": boot}}}
+        pool.rt.view.observe_node(node, "MODIFIED")
+
+    node_boot("b1")
+    _until(pool.rt, here, "QuoteVerified")
+    cred, token = pool.credential(BOX), pool.token(here)
+    node_boot("b2")  # before the operator looked
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (503, kr.MEMBER_REBOOTED), body
+    assert "booted again" in body["message"]
+    _turn(pool.rt, here)  # the operator looked: spent, a fresh quote asked for
+    trust = _status(pool.rt, here.name)["trust"]
+    assert (trust["nodeBootID"], trust["usesLeft"]) == ("b2", 0)
+    status, body = pool.ask(BOX, cred, token)
+    assert (status, body["reason"]) == (503, kr.MEMBER_REBOOTED), body
+    assert pool.credential(BOX) == cred
+    deadline = time.monotonic() + 20
+    while _status(pool.rt, here.name)["trust"].get("verdictBootID") != "b2":
+        assert time.monotonic() < deadline
+        _turn(pool.rt, here)
+        time.sleep(0.2)
+    assert pool.ask(BOX, cred, pool.token(here))[0] == 200
+
+
+@pytest.mark.timeout(180)
 def test_what_changes_while_the_secrets_are_read_stops_the_release(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

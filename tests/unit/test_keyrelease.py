@@ -258,6 +258,35 @@ def test_a_vm_whose_launcher_pod_is_on_an_untrusted_host_gets_nothing() -> None:
     assert kr.decide(req, facts, NOW).released
 
 
+def _booted(status: dict[str, Any], seen: str, judged: str) -> dict[str, Any]:
+    """`status` whose verdict was judged in boot `judged`, its Node last seen in `seen`."""
+    return {**status, "trust": {**status["trust"], "nodeBootID": seen, "verdictBootID": judged}}
+
+
+def test_a_host_that_booted_again_since_its_quote_gets_nothing_until_that_boot_is_quoted() -> None:
+    """The host rebooted (into a chain the policy may refuse) and its guest asks at once:
+    the verdict standing on the old boot's quote releases nothing, whether the operator
+    has seen the new boot yet (the view's Node) or has (its Member says so), on the VM's
+    member or where a launcher pod of it is; a quote of the new boot does."""
+    for node, st, boots in (
+        ("m1", _booted(_member_status(), "b1", "b1"), {"m1": "b2"}),  # not looked at yet
+        ("m1", _booted(_member_status(), "b2", "b1"), {"m1": "b2"}),  # looked at: spent
+        ("m1", _booted(_member_status(), "b2", "b1"), {}),  # the Node gone from the view
+    ):
+        req, facts = _facts(member=st)
+        v = kr.decide(req, dataclasses.replace(facts, node_boots=boots), NOW)
+        assert (v.released, v.reason, v.node) == (False, kr.MEMBER_REBOOTED, node), v.message
+        assert "booted again" in v.message
+        assert "ask again" in v.message
+        assert kr.MEMBER_REBOOTED in kr.ASK_AGAIN  # a 503: the fresh quote is on its way
+    req, facts = _facts(pods_on={"m2": _booted(_member_status(), "b7", "b6")})
+    v = kr.decide(req, facts, NOW)
+    assert (v.released, v.reason, v.node) == (False, kr.MEMBER_REBOOTED, "m2"), v.message
+    # quoted in the boot it runs: released
+    req, facts = _facts(member=_booted(_member_status(), "b2", "b2"))
+    assert kr.decide(req, dataclasses.replace(facts, node_boots={"m1": "b2"}), NOW).released
+
+
 def test_a_tampered_token_is_refused_even_for_the_right_member() -> None:
     good = _token("m1", _member_status())
     head, payload, sig = good.split(".")
@@ -334,6 +363,32 @@ def test_the_guest_whose_answer_was_lost_gets_its_secrets_again_and_nobody_else(
     ):
         got = kr.decide(refused_req, refused_facts, at)
         assert (got.released, got.reason) == (False, kr.CREDENTIAL_USED), got.message
+
+
+def test_a_repeat_gives_only_the_secrets_as_they_were_released() -> None:
+    """A repeat gives what the lost answer held: a Secret rotated since (its host found bad
+    meanwhile, and root there kept the guest's credential and retry key), or one the box
+    names only now, is not given again."""
+    issued = kr.consumed_annotations(
+        kr.issued_annotations(CRED, "t"),
+        used=kr.credential_hash(CRED),
+        next_credential=OTHER,
+        now="t",
+        retry=RETRY,
+        vmi="vmi-1",
+        versions={"disk": "11", "tls": "12"},
+    )
+    assert kr.changed_since_release(issued, {"disk": "11", "tls": "12"}) is None
+    assert kr.changed_since_release(issued, {"disk": "11", "tls": "13"}) == "tls"
+    assert kr.changed_since_release(issued, {"disk": "11", "new": "1"}) == "new"
+    # a release an older gtvp recorded holds no versions: not judged so
+    older = dict(issued)
+    record = json.loads(older[kr.ANSWERED_ANNOTATION])
+    del record["secrets"]
+    older[kr.ANSWERED_ANNOTATION] = json.dumps(record)
+    assert kr.changed_since_release(older, {"disk": "99"}) is None
+    assert kr.SECRET_CHANGED in kr.REASONS
+    assert kr.SECRET_CHANGED not in kr.ASK_AGAIN
 
 
 def test_a_repeat_judged_by_a_replica_whose_clock_runs_behind_is_still_answered() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from gtvp.core.policy import Policy, parse_policy
 from gtvp.core.timestamps import parse_ts
+from gtvp.core.trust import boot_unquoted
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import SwtpmCA
 from tests.softmember import AgentMember, Bundle
@@ -76,6 +77,38 @@ def test_a_node_reporting_another_boot_is_not_placed_on_until_a_fresh_quote() ->
     assert (m.phase, m.status["trust"]["usesLeft"]) == ("Trusted", uses)
     assert m.status["trust"]["nodeBootID"] == "b2"
     assert m.operator(LATER + 3 * SECOND).events == ()  # said once
+
+
+def test_a_verdict_says_which_boot_it_was_judged_in_until_that_boot_is_quoted() -> None:
+    """Key release (no placement, so no use spent) asks `boot_unquoted`: the verdict still
+    standing after the Node reported another boot rests on a quote of the old one; a quote
+    of the new boot ends that."""
+    tpm, m = _trusted()
+    assert m.status["trust"]["verdictBootID"] == "b1"
+    assert not boot_unquoted(m.status, "b1")
+    assert boot_unquoted(m.status, "b2")  # the Node says so before the operator looks
+    _reboot(tpm)
+    m.boot_id = "b2"
+    m.operator(LATER)
+    assert m.phase == "Trusted"
+    assert boot_unquoted(m.status, "b2")  # the operator looked: still the old boot's quote
+    assert boot_unquoted(m.status, None)  # whatever the view of the Node says now
+    m.cycle(LATER + SECOND)  # Rebooted
+    m.cycle(LATER + 2 * SECOND)
+    assert m.phase == "Trusted"
+    assert m.status["trust"]["verdictBootID"] == "b2"
+    assert not boot_unquoted(m.status, "b2")
+
+
+def test_an_older_verdict_without_its_boot_is_still_spent_by_a_reboot() -> None:
+    """A verdict an older gtvp recorded (no verdictBootID): the boot seen until the Node
+    reported another stands for it."""
+    _tpm, m = _trusted()
+    del m.status["trust"]["verdictBootID"]
+    m.boot_id = "b2"
+    m.operator(LATER)
+    assert m.status["trust"]["verdictBootID"] == "b1"
+    assert boot_unquoted(m.status, "b2")
 
 
 def test_a_quote_asked_before_the_new_boot_was_seen_makes_no_verdict() -> None:

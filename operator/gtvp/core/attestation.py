@@ -688,6 +688,9 @@ class _Cycle:
         self.trust["nodeBootID"] = boot_id
         if not seen or seen == boot_id:
             return  # first seen (a new member, an older gtvp's status): nothing to do
+        if self.trust.get("verdict") == Verdict.TRUSTED:
+            # an older gtvp's verdict did not record its boot: the one seen until now
+            self.trust.setdefault("verdictBootID", seen)
         self.challenge = self.ask()  # root rewriting its bootID gets no quote judged per write
         if self.trust.get("verdict") == Verdict.TRUSTED:
             message = (
@@ -964,6 +967,10 @@ def _record_verdict(
             "restartCount": result.clock.restart_count,
         }
     )
+    if trust.get("nodeBootID"):  # judged in the boot the Node reports now
+        trust["verdictBootID"] = trust["nodeBootID"]
+    else:
+        trust.pop("verdictBootID", None)
 
 
 def _bounds_tightened(

@@ -39,6 +39,7 @@ from gtvp.core.compose import NOT_COMPOSED_MESSAGE, vmi_runs_composition
 from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
+from gtvp.core.trust import boot_unquoted
 
 PATH: Final = "/keyrelease/v1/release"
 """The endpoint a box's guest POSTs its request to."""
@@ -112,6 +113,10 @@ REFERENCES_CHANGED: Final = "ReferencesChanged"
 golden value or its reference set revoked, its member class removed): nothing is released on
 it until a quote judged by the new values verifies (or no policy is in force at all)."""
 LEVEL_TOO_LOW: Final = "LevelTooLow"
+MEMBER_REBOOTED: Final = "MemberRebooted"
+"""The member's host booted again since the quote its verdict rests on (its Node reports
+another bootID): nothing is released to what runs there until a quote of this boot is
+judged, which gtvp asks for at once. A 503: ask again."""
 TOKEN_REFUSED: Final = "TokenRefused"  # noqa: S105 - a name, not a secret
 TOKEN_OTHER_MEMBER: Final = "TokenForAnotherMember"  # noqa: S105 - a name, not a secret
 TOKEN_NOT_AFFIRMING: Final = "TokenNotAffirming"  # noqa: S105 - a name, not a secret
@@ -122,6 +127,8 @@ VMI_NOT_GATED: Final = "VmiNotGated"
 NOT_COMPOSED: Final = "NotComposed"
 """A box's VMI does not boot a composition gtvp made for the box (`status.composedBoots`)."""
 BOX_NOT_ATTESTED: Final = "BoxNotAttested"
+SECRET_CHANGED: Final = "SecretChanged"  # noqa: S105 - a name, not a secret
+"""A repeat (`RELEASED_AGAIN`) found a Secret changed since the release it repeats."""
 REASONS: Final = (
     NO_SUCH_BOX,
     NOTHING_TO_RELEASE,
@@ -135,6 +142,7 @@ REASONS: Final = (
     VERDICT_EXPIRED,
     REFERENCES_CHANGED,
     LEVEL_TOO_LOW,
+    MEMBER_REBOOTED,
     TOKEN_REFUSED,
     TOKEN_OTHER_MEMBER,
     TOKEN_NOT_AFFIRMING,
@@ -144,11 +152,15 @@ REASONS: Final = (
     VMI_NOT_GATED,
     NOT_COMPOSED,
     BOX_NOT_ATTESTED,
+    SECRET_CHANGED,
 )
 UNAVAILABLE: Final = "Unavailable"
 """gtvp could not answer (the API server failed or timed out under the request): a 503
 saying to ask again (a consuming write that failed is read back first: SecretUnavailable)."""
 RESULTS: Final = (RELEASED, RELEASED_AGAIN, *REASONS, UNAVAILABLE)
+ASK_AGAIN: Final = frozenset({MEMBER_REBOOTED, UNAVAILABLE})
+"""Refusals answered 503: what they wait for comes by itself (a fresh quote, an API server
+that answers); the guest's fetch script asks again. The rest are 403."""
 
 
 class BadRequest(ValueError):
@@ -297,6 +309,9 @@ class Facts:
     policy: Policy | None = None
     """The SecurityPolicy in force, as accepted (None: none is, and nothing is released):
     each verdict must still rest on reference values it holds."""
+    node_boots: Mapping[str, str | None] = field(default_factory=dict)
+    """The boot (kubelet's bootID) each of those members' Node reports, in the operator's
+    view (absent or None: unknown)."""
     attest_boxes: bool = False
     """The SecurityPolicy attests boxes (spec.boxAttestation, or set but unusable): a box's
     Secrets then wait until its vTPM is attested where it runs, on this boot."""
@@ -417,8 +432,9 @@ def _member_trusted(
     node: str,
     level: int,
     now: dt.datetime,
-    policy: Policy | None,
+    facts: Facts,
 ) -> Verdict | None:
+    policy = facts.policy
     if member is None:
         return _refuse(MEMBER_UNKNOWN, f"the VM runs on {node}, which is no Member", node)
     status = member.get("status") or {}
@@ -442,11 +458,24 @@ def _member_trusted(
             f"member {node}, where the VM runs, is not vouched for: {revoked}",
             node,
         )
+    return _member_holds(status, node, level, facts)
+
+
+def _member_holds(status: Mapping[str, Any], node: str, level: int, facts: Facts) -> Verdict | None:
+    """A Trusted member's verdict, in force, holds the box's level for the boot it runs."""
     held = int(status.get("level", 0) or 0)
     if held < level:
         return _refuse(
             LEVEL_TOO_LOW,
             f"member {node}, where the VM runs, is Trusted at level {held}, the box needs {level}",
+            node,
+        )
+    if boot_unquoted(status, facts.node_boots.get(node)):
+        return _refuse(
+            MEMBER_REBOOTED,
+            f"member {node}, where the VM runs, booted again since the quote its verdict "
+            "rests on: nothing is released until a quote of this boot is judged (asked for "
+            "now): ask again",
             node,
         )
     return None
@@ -546,13 +575,11 @@ def decide(req: Request, facts: Facts, now: dt.datetime) -> Verdict:
     refused = (
         _vmi_gated(facts.vmi, level, node)
         or _composed(req, facts.box, facts.vmi, node)
-        or _member_trusted(facts.member, node, level, now, facts.policy)
+        or _member_trusted(facts.member, node, level, now, facts)
         or _token(facts, node, level)
     )
     for other, member in sorted(facts.pod_members.items()):
-        refused = refused or _pod_elsewhere(
-            _member_trusted(member, other, level, now, facts.policy), node
-        )
+        refused = refused or _pod_elsewhere(_member_trusted(member, other, level, now, facts), node)
     refused = refused or _attested(req, facts, node)
     return refused or _asked(req, named_secrets(spec), node, again=again)
 
@@ -638,6 +665,23 @@ def repeatable(ann: Mapping[str, str], req: Request, uid: str, now: dt.datetime)
     return answered(ann, req, uid) and at is not None and -CLOCK_SKEW <= now - at <= REPEAT_FOR
 
 
+def changed_since_release(ann: Mapping[str, str], versions: Mapping[str, str]) -> str | None:
+    """The first Secret (of those about to be given again, name -> resourceVersion now)
+    that is not what the last release gave (another resourceVersion, or not given then);
+    None when all are. A repeat gives the Secrets the lost answer held, not newer ones: a
+    Secret rotated after the release (its host found bad since) does not go to whoever
+    kept that guest's credential and retry key. A release recorded by an older gtvp,
+    without its Secrets' versions, is not judged so."""
+    recorded = _answered(ann).get("secrets")
+    if recorded is None:
+        return None
+    given = dict(p.split("=", 1) for p in recorded.split(",") if "=" in p)
+    for name, version in sorted(versions.items()):
+        if given.get(name) != version:
+            return name
+    return None
+
+
 def consumed_annotations(
     ann: Mapping[str, str],
     *,
@@ -647,11 +691,13 @@ def consumed_annotations(
     retry: str = "",
     vmi: str = "",
     write: str = "",
+    versions: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The cloud-init Secret's annotations after a release: the used credential's hash
     remembered, the next one's current, and who the release went to (hashes of the used
     credential and of the request's `retry` key, the VMI's uid: `repeatable`; the id of
-    this `write`: `written_by`). Written with the Secret's resourceVersion as the
+    this `write`: `written_by`; the resourceVersion of each Secret released:
+    `changed_since_release`). Written with the Secret's resourceVersion as the
     precondition, in the same write that puts the next credential in the user data: of two
     replicas consuming one credential at once, one write fails (409) and that one refuses."""
     out = dict(ann)
@@ -662,6 +708,7 @@ def consumed_annotations(
             "vmi": vmi,
             "at": now,
             "write": write,
+            "secrets": ",".join(f"{n}={v}" for n, v in sorted((versions or {}).items())),
         },
         sort_keys=True,
     )

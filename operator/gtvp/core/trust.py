@@ -81,6 +81,17 @@ def _another_boot(status: Mapping[str, Any], boot_id: str | None) -> bool:
     return bool(boot_id and seen and boot_id != seen)
 
 
+def boot_unquoted(status: Mapping[str, Any], boot_id: str | None) -> bool:
+    """Whether the member's verdict was judged in another boot than the one its Node
+    reports (`boot_id`) or the one the operator last saw (`trust.nodeBootID`): the host
+    rebooted since its quote, and nothing may be handed to what runs there on the old
+    verdict (a reboot spends it for placements, but a key release is no placement). Never
+    when the boots are unknown."""
+    trust = status.get("trust") or {}
+    boots = {b for b in (boot_id, trust.get("nodeBootID"), trust.get("verdictBootID")) if b}
+    return len(boots) > 1
+
+
 def boot_changed(status: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
     """Whether `node` reports another boot than its member's `status` last saw."""
     return _another_boot(status, node_boot_id(node))
