@@ -167,6 +167,37 @@ def test_an_image_a_box_boots_is_vouched_for_only_while_a_component_of_it_verifi
     assert lazyboxes.unvouched(rt, [part]) == {}
 
 
+def test_a_revocation_whose_status_writes_keep_conflicting_still_takes_its_vouching_back(
+    control_plane: ControlPlane, rt: Runtime, component: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may patch OSComponents (labels stay editable; the spec does not) patches the
+    revoked component's labels before each of gtvp's status writes, so the API server
+    answers every one 409: the failure stands all the same (it rests on the immutable spec
+    and the policy), and what the component vouched for in running boxes is taken back; a
+    check that concluded nothing (`Changing`) would take nothing back."""
+    spec = _server(rt, component)["spec"]
+    part = ("c-" + spec["componentName"], spec["digest"])
+    assert components.verify_component(rt, component).ok
+    write = kube.patch_status
+    conflicts = [0]
+
+    def labels_patched_first(clients: Any, res: Any, name: str, *args: Any, **kw: Any) -> Any:
+        if res is OS_COMPONENTS and name == component:
+            conflicts[0] += 1
+            control_plane.kubectl("label", "osc", name, f"n={conflicts[0]}", "--overwrite")
+        return write(clients, res, name, *args, **kw)
+
+    monkeypatch.setattr(kube, "patch_status", labels_patched_first)
+    policy = rt.view.policy
+    assert policy is not None
+    rt.view.policy = dataclasses.replace(policy, revoked_components=frozenset({spec["digest"]}))
+    check = components.verify_component(rt, component)
+    assert conflicts[0] == components.WRITE_ATTEMPTS  # every write met a 409
+    assert (check.ok, check.reason) == (False, "Revoked")
+    assert rt.boxes.checks[component].reason == "Revoked"
+    assert "Revoked" in lazyboxes.unvouched(rt, [part])[part]
+
+
 def test_a_component_the_watch_told_of_after_the_listing_began_is_not_forgotten(
     rt: Runtime, component: str
 ) -> None:

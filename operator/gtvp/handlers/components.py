@@ -28,6 +28,7 @@ from gtvp.core.component_checks import (
     Use,
     check_component,
     resolvable,
+    revokes,
     spend_use,
     verification_status,
 )
@@ -96,13 +97,16 @@ WRITE_ATTEMPTS = 5
 def verify_component(rt: Runtime, name: str, *, force_write: bool = False) -> Check:
     """Check one component now; write its status when the outcome changed (with
     `force_write`: always, a fresh verification with all its uses)."""
+    failed: Check | None = None
     for _ in range(WRITE_ATTEMPTS):
         body = rt.view.components.get(name)
         if body is None:
             return _deleted(rt, name)
         check = _check(rt, body)
         if not _set_check(rt, name, check, body):
+            failed = None
             continue  # another object under the name since: check that one
+        failed = check if revokes(check) else None
         if check.reason == "NoPolicy":  # the policy is not loaded yet (or gone): no status flaps
             return check
         METRICS.components.labels("verified" if check.ok else "failed", check.reason).inc()
@@ -129,7 +133,25 @@ def verify_component(rt: Runtime, name: str, *, force_write: bool = False) -> Ch
                 "OSComponent %s failed verification: %s: %s", name, check.reason, check.message
             )
         return check
-    return _unsettled(rt, name)
+    return _every_write_conflicted(rt, name, failed)
+
+
+def _every_write_conflicted(rt: Runtime, name: str, failed: Check | None) -> Check:
+    """The component changed under every status write. A failure (`failed`) stands: it
+    rests on the object's spec (immutable) and the policy, never on its resourceVersion,
+    and whoever keeps patching its labels so that every write meets a conflict must not
+    turn a revocation into `Changing`, which takes nothing back from running boxes. A
+    check that verified concluded nothing (its uses kept changing): `_unsettled`."""
+    if failed is None:
+        return _unsettled(rt, name)
+    log.warning(
+        "OSComponent %s failed verification (%s: %s); its status could not be written: it "
+        "kept changing",
+        name,
+        failed.reason,
+        failed.message,
+    )
+    return failed
 
 
 def _deleted(rt: Runtime, name: str) -> Check:
