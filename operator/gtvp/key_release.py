@@ -42,10 +42,12 @@ from gtvp.core.api_resources import (
     LAZY_BOXES,
     MEMBERS,
     SECURITY_POLICIES,
+    VIRTUAL_MACHINE_INSTANCES,
     VIRTUAL_MACHINES,
     ApiResource,
 )
 from gtvp.core.gating import GatingError, box_level, vm_level
+from gtvp.core.launchers import launcher_pod, pod_nodes
 from gtvp.core.timestamps import format_ts
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -358,10 +360,14 @@ class Endpoint:
         if stored is None:
             stored = self._cloud_init(req) if box is not None else None
         issued = dict((stored.metadata.annotations or {}) if stored is not None else {})
-        vmi = view.vmis.get(key)
+        vmi: Mapping[str, Any] | None = view.vmis.get(key)
+        nodes = set(view.nodes_of.get(key, frozenset()))
+        if fresh:  # where the VM runs as the API server has it too: a watch may lag
+            vmi = self._vmi_now(req)
+            nodes |= self._pod_nodes_now(req, vmi)
         node = ((vmi or {}).get("status") or {}).get("nodeName")
         member = self._member(str(node), fresh) if node else None
-        elsewhere = sorted(view.nodes_of.get(key, frozenset()) - {node})
+        elsewhere = sorted(nodes - {node})
         claims, refusal = self._claims(req.token, now) if req.token else (None, None)
         facts = kr.Facts(
             policy=self.rt.view.policy,
@@ -376,6 +382,22 @@ class Endpoint:
             token_refusal=refusal,
         )
         return facts, stored
+
+    def _vmi_now(self, req: kr.Request) -> Mapping[str, Any] | None:
+        """The VMI of the request's box or VM, read from the API server now."""
+        return kube.get_if_present(
+            self.rt.clients, VIRTUAL_MACHINE_INSTANCES, req.box, req.namespace
+        )
+
+    def _pod_nodes_now(self, req: kr.Request, vmi: Mapping[str, Any] | None) -> set[str]:
+        """The nodes the VMI's launcher pods hold it on (`launchers.pod_nodes`), listed from
+        the API server now: a replica whose pod watch lags (a migration's target pod just
+        bound to a host that lost trust) judges those hosts too."""
+        uid = ((vmi or {}).get("metadata") or {}).get("uid")
+        if not uid:
+            return set()
+        pods = [launcher_pod(p) for p in kube.list_launcher_pods_in(self.rt.clients, req.namespace)]
+        return set(pod_nodes([p for p in pods if p is not None], str(uid)))
 
     def _member(self, name: str, fresh: bool) -> Mapping[str, Any] | None:
         if not fresh:
@@ -434,8 +456,9 @@ class Endpoint:
         refusal: one cannot be given, or (a repeat) one changed since the release."""
         released: dict[str, dict[str, str]] = {}
         versions: dict[str, str] = {}
+        booted = kr.booted_components(facts.vmi)  # gtvp's composition: `decide` saw to it
         for named in verdict.secrets:
-            got = self._read(req, named, box_level(facts.box))
+            got = self._read(req, named, box_level(facts.box), booted)
             if isinstance(got, kr.Verdict):
                 return kr.Verdict(got.reason, got.message, verdict.node)
             released[named.name], versions[named.name] = got
@@ -503,7 +526,7 @@ class Endpoint:
         return None, fresh
 
     def _read(
-        self, req: kr.Request, named: kr.Named, level: int
+        self, req: kr.Request, named: kr.Named, level: int, booted: tuple[str, ...] | None
     ) -> tuple[dict[str, str], str] | kr.Verdict:
         """The Secret's data to release to a box of `level` and its resourceVersion, or the
         refusal (its node is the caller's to fill in)."""
@@ -522,7 +545,7 @@ class Endpoint:
                     "ask again",
                 )
             return kr.Verdict(kr.SECRET_UNAVAILABLE, why)
-        refused = kr.refuses_release(secret.metadata.annotations, box, req.kind, level)
+        refused = kr.refuses_release(secret.metadata.annotations, box, req.kind, level, booted)
         if refused is not None:
             return kr.Verdict(kr.SECRET_NOT_RELEASABLE, f"Secret {named.name} {refused}")
         data = kr.select_keys(named, dict(secret.data or {}))

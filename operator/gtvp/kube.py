@@ -164,6 +164,12 @@ def list_launcher_pods(c: Clients) -> list[dict[str, Any]]:
     return _plain_items(c, c.core.list_pod_for_all_namespaces(label_selector=launchers.SELECTOR))
 
 
+def list_launcher_pods_in(c: Clients, namespace: str) -> list[dict[str, Any]]:
+    """The virt-launcher pods of one namespace (by their label), as a watch delivers them."""
+    listed = c.core.list_namespaced_pod(namespace, label_selector=launchers.SELECTOR)
+    return _plain_items(c, listed)
+
+
 def _plain_items(c: Clients, listed: Any) -> list[dict[str, Any]]:
     """The items of a typed list, as the plain dicts a watch delivers (camelCase keys)."""
     got = c.api.sanitize_for_serialization(listed)

@@ -657,6 +657,34 @@ def test_a_secret_goes_only_to_boxes_of_the_level_its_owner_names(
     assert "does not consent to release to box box" in refused
 
 
+def test_a_secret_can_bind_its_consent_to_what_the_box_boots() -> None:
+    """Whoever may edit box `db` (not read its Secrets) swaps its application for a signed one
+    that serves files, or adds a requested component, keeping its name and level: a Secret
+    naming the components its receivers may boot goes to neither, nor to a gated VM."""
+    vmi = {"spec": VMI_SPEC}
+    assert kr.booted_components(vmi) == ("c-app",)
+    assert kr.booted_components({"spec": {}}) is None
+    base = {kr.RELEASE_TO_ANNOTATION: "box", kr.MIN_LEVEL_ANNOTATION: "2"}
+    bound = {**base, kr.COMPONENTS_ANNOTATION: "busybox-base, glibc,postgres"}
+    assert (
+        kr.refuses_release(bound, "box", kr.BOX, 2, ("busybox-base", "glibc", "postgres")) is None
+    )
+    assert kr.refuses_release(bound, "box", kr.BOX, 2, ("busybox-base", "postgres")) is None
+    swapped = kr.refuses_release(bound, "box", kr.BOX, 2, ("busybox-base", "glibc", "webdav"))
+    assert swapped is not None
+    assert "boots webdav too" in swapped
+    assert kr.COMPONENTS_ANNOTATION in swapped
+    assert "boots no component" in str(kr.refuses_release(bound, "box", kr.BOX, 2, None))
+    vm = kr.refuses_release({**bound, kr.RELEASE_TO_ANNOTATION: "vm/box"}, "box", kr.VM, 2)
+    assert vm is not None
+    assert "is no box" in vm
+    # a name cut to the disk serial's 20 bytes is that name
+    long = {**base, kr.COMPONENTS_ANNOTATION: "a-very-long-component-name"}
+    assert kr.refuses_release(long, "box", kr.BOX, 2, ("a-very-long-componen",)) is None
+    # without the annotation the consent is to the box by name, whatever it boots
+    assert kr.refuses_release(base, "box", kr.BOX, 2, ("webdav",)) is None
+
+
 def test_a_request_names_either_a_box_or_a_gated_vm() -> None:
     base = {"namespace": "ns", "credential": CRED}
     assert kr.parse_request(json.dumps({**base, "vm": "db"}).encode()).kind == kr.VM

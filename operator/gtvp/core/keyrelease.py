@@ -35,7 +35,7 @@ from typing import Any, Final
 from gtvp.core import ear
 from gtvp.core.attestation import references_revoked
 from gtvp.core.boxattest import VERIFIED
-from gtvp.core.compose import NOT_COMPOSED_MESSAGE, vmi_runs_composition
+from gtvp.core.compose import NOT_COMPOSED_MESSAGE, SERIAL_MAX, vmi_runs_composition
 from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
@@ -75,6 +75,13 @@ RELEASE_TO_ANNOTATION: Final = "gtvp.io/release-to"
 """On a Secret to be released: the LazyBoxes (comma-separated names, `*` for any box of
 the namespace) it may be released to. The Secret's writer consents, so being able to create
 a box does not mean being able to read every Secret of the namespace through gtvp."""
+COMPONENTS_ANNOTATION: Final = "gtvp.io/release-components"
+"""On a Secret to be released (optional): the components, by name, a box receiving it may
+boot (comma-separated); when set, every component disk the box's VMI boots (the composition
+gtvp made for it, which pins each on the kernel command line, `gtvp.disks=`) must be one of
+them, and no gated VM (which boots whatever its creator put in it) gets it. Whoever may edit
+box `db` can change what it runs (its application, its requested components) and keep its
+name and level: without this, the consent is to whatever box `db` runs."""
 MIN_LEVEL_ANNOTATION: Final = "gtvp.io/release-min-level"
 """On a Secret to be released: the lowest security level a box (or VM) receiving it may
 have, so on a host Trusted at least at that level. Required: a box's level is its editor's
@@ -741,11 +748,30 @@ def releasable_to(annotations: Mapping[str, str] | None, box: str, kind: str = B
 _LEVEL = re.compile(r"[1-9][0-9]{0,2}")
 
 
+def booted_components(vmi: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """The component disks a box's VMI boots, by serial (a component's name, cut to
+    SERIAL_MAX), from the `gtvp.disks=` its kernel command line pins them with; None when it
+    pins none. What gtvp composed only once `vmi_runs_composition` holds for the VMI."""
+    spec = (vmi or {}).get("spec") or {}
+    firmware = (spec.get("domain") or {}).get("firmware") or {}
+    args = str((firmware.get("kernelBoot") or {}).get("kernelArgs") or "")
+    for word in args.split():
+        if word.startswith("gtvp.disks="):
+            pins = word.removeprefix("gtvp.disks=").split(",")
+            return tuple(p.split(":", 1)[0] for p in pins if p)
+    return None
+
+
 def refuses_release(
-    annotations: Mapping[str, str] | None, box: str, kind: str, level: int
+    annotations: Mapping[str, str] | None,
+    box: str,
+    kind: str,
+    level: int,
+    booted: Sequence[str] | None = None,
 ) -> str | None:
     """Why a Secret with these annotations may not go to box (or VM) `box` of security
-    level `level` (None: it consents). Completes "Secret <name> ..."."""
+    level `level`, whose VMI boots the component disks `booted` (`booted_components`), None
+    when it consents. Completes "Secret <name> ..."."""
     ann = annotations or {}
     what = f"{kind} {box}"
     if not releasable_to(ann, box, kind):
@@ -760,6 +786,29 @@ def refuses_release(
         return f"has {MIN_LEVEL_ANNOTATION}={raw!r}, which is not a level (1, 2, ...)"
     if level < int(raw):
         return f"goes only to level {raw} or above, and {what} is of level {level}"
+    return _components_refused(ann, what, kind, booted)
+
+
+def _components_refused(
+    ann: Mapping[str, str], what: str, kind: str, booted: Sequence[str] | None
+) -> str | None:
+    """Why the components `booted` are not all ones the Secret names (COMPONENTS_ANNOTATION;
+    None: it names none, or they are)."""
+    if COMPONENTS_ANNOTATION not in ann:
+        return None
+    named = sorted({n.strip() for n in str(ann[COMPONENTS_ANNOTATION]).split(",") if n.strip()})
+    said = (
+        f"goes only to boxes booting components among {', '.join(named) or '(none)'} "
+        f"(annotation {COMPONENTS_ANNOTATION})"
+    )
+    if kind != BOX:
+        return f"{said}, and {what} is no box"
+    if not booted:
+        return f"{said}, and {what} boots no component disk gtvp pinned"
+    allowed = {n[:SERIAL_MAX] for n in named}
+    others = [b for b in booted if b not in allowed]
+    if others:
+        return f"{said}, and {what} boots {', '.join(others)} too"
     return None
 
 
