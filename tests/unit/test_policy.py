@@ -15,7 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gtvp.core.component_checks import check_component
 from gtvp.core.policy import PolicyError, member_policy, parse_policy
+from tests.catalogue import Publisher
 from tests.samples import sample_policy_spec
 
 
@@ -145,6 +147,26 @@ def test_publisher_keys_of_the_supported_types_are_accepted() -> None:
         {"name": "p256", "publicKey": _public_pem(ec.generate_private_key(ec.SECP256R1()))},
     ]
     assert set(parse_policy("p", spec).publisher_keys) == {"ed", "p256"}
+
+
+def test_the_publisher_key_checked_is_the_key_signatures_are_verified_with() -> None:
+    """An editor pastes an old RSA key (`RSA PUBLIC KEY`, not counted as a public key)
+    before the publisher's Ed25519 one: the policy is accepted on the Ed25519 key, and that
+    key, not the first PEM block, verifies the publisher's components."""
+    signer = Publisher("acme")
+    rsa_pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+        .decode()
+    )
+    spec = _sample()
+    spec["publisherKeys"] = [{"name": "acme", "publicKey": rsa_pem + signer.keys["acme"]}]
+    policy = parse_policy("p", spec)
+    assert "RSA PUBLIC KEY" not in policy.publisher_keys["acme"]
+    component = signer.component("nginx", "1.26.2", "application")
+    check = check_component(component, policy.publisher_keys, policy.publisher_scopes)
+    assert (check.ok, check.reason) == (True, "SignatureValid"), check.message
 
 
 def test_missing_default_class_is_refused() -> None:

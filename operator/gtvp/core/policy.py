@@ -260,7 +260,9 @@ def _ca_bundle(text: str) -> str:
 
 
 def _publisher_key(text: str, path: str, publisher: str) -> str:
-    """A publisher's PEM key, once it is one Ed25519 or ECDSA P-256 public key."""
+    """A publisher's key, once `text` holds one Ed25519 or ECDSA P-256 public key: that key
+    alone, as PEM (what is checked is what verifies signatures: other PEM blocks beside it,
+    an `RSA PUBLIC KEY` first, would be what a PEM loader reads)."""
     what = f"publisher {publisher!r}"
     blocks = [b for b in _pem_blocks(text) if b.label == "PUBLIC KEY"]
     if len(blocks) != 1:
@@ -284,10 +286,13 @@ def _publisher_key(text: str, path: str, publisher: str) -> str:
             f"{what}: the PEM block is not a DER SubjectPublicKeyInfo ({_short(exc)}); export "
             "it with `openssl pkey -pubout`",
         ) from exc
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return text
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return text
+    if isinstance(key, ed25519.Ed25519PublicKey) or (
+        isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    ):
+        pem = key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return pem.decode()
     if isinstance(key, ec.EllipticCurvePublicKey):
         kind = f"an ECDSA {key.curve.name}"
     elif isinstance(key, rsa.RSAPublicKey):
