@@ -160,9 +160,9 @@ class BoxMemory:
     """Per member: the Host last built (reused while its inputs are the same objects)."""
     request_cache: dict[Key, tuple[str, tuple[int, int]]] = field(default_factory=dict)
     pool_cache: tuple[dt.datetime | None, frozenset[str]] = (None, frozenset())
-    resolutions: dict[tuple[str, int, frozenset[str], bool], list[Component] | Unresolvable] = (
-        field(default_factory=dict)
-    )
+    resolutions: dict[
+        tuple[str, int, frozenset[str], bool, frozenset[str]], list[Component] | Unresolvable
+    ] = field(default_factory=dict)
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
     unspent: collections.Counter[str] = field(default_factory=collections.Counter)
     """Placements per member whose verdict use is not written yet (spent per batch)."""

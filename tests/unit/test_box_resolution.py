@@ -62,6 +62,35 @@ def test_a_members_cache_claim_steers_a_new_box_but_never_a_placed_one() -> None
     assert {c.name for c in placed.components or ()} == {c.name for c in first}
 
 
+def test_a_signed_copy_under_another_object_name_neither_replaces_nor_restarts_a_placed_box() -> (
+    None
+):
+    """Whoever may create OSComponents applies the box's nginx spec byte for byte as
+    `0000-copy` (an object name that sorts first): the placed box keeps the object its VM
+    boots, so it is not upgraded (restarted, its credential armed anew) to the same bytes,
+    nor again when the copy is deleted. A box not placed yet may take the copy: the bytes
+    are the same."""
+    objects = PUB.web_catalogue()
+    catalogue = [parse_component(o) for o in objects]
+    first = resolve(BoxRequest.from_spec(SPEC), catalogue)
+    nginx = next(o for o in objects if o["metadata"]["name"] == next(
+        c.object_name for c in first if c.name == "nginx"))  # fmt: skip
+    copy = {**nginx, "metadata": {**nginx["metadata"], "name": "0000-copy"}}
+    rt = _runtime([*objects, copy])
+    box = {
+        "metadata": {"name": "web", "namespace": "apps", "uid": "u1", "generation": 1},
+        "spec": SPEC,
+    }
+    rt.view.observe_box(box, "ADDED")
+    new = lazyboxes.box_input(rt, ("apps", "web"), NOW)
+    assert "0000-copy" in {c.object_name for c in new.components or ()}
+    vm = compose_vm(BoxRef("web", "apps", "u1"), SPEC, first, None)
+    vm["metadata"]["annotations"]["gtvp.io/components"] = ",".join(c.object_name for c in first)
+    rt.view.observe_vm(vm, "ADDED")
+    placed = lazyboxes.box_input(rt, ("apps", "web"), NOW)
+    assert {c.object_name for c in placed.components or ()} == {c.object_name for c in first}
+
+
 def test_a_component_created_again_under_its_name_is_not_taken_as_checked() -> None:
     """An OSComponent deleted and created again (its deletion missed by the watch, a relist)
     with another spec: the old object's Verified check must not stand for it until it is

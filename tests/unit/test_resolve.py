@@ -83,6 +83,26 @@ def test_cache_never_beats_newest_version() -> None:
     assert "linux 6.6.52" in labels(got)
 
 
+def test_a_copy_of_what_a_box_runs_under_another_object_name_does_not_replace_it() -> None:
+    """Whoever may create OSComponents applies a signed component's spec byte for byte under
+    an object name that sorts first (`0000-copy`): a box not placed yet may take either, but
+    one that runs the original keeps it (else every such box would restart, and again when
+    the copy is deleted); newer versions still win."""
+    nginx = next(o for o in PUB.web_catalogue() if o["spec"]["componentName"] == "nginx"
+                 and o["spec"]["version"] == "1.26.2")  # fmt: skip
+    copy = {**nginx, "metadata": {**nginx["metadata"], "name": "0000-copy"}}
+    cat = sorted([*WEB, parse_component(copy)], key=lambda c: c.object_name)  # as gtvp sorts
+    request = box("nginx", "debian-minimal")
+    fresh = resolve(request, cat)
+    assert "0000-copy" in {c.object_name for c in fresh}  # catalogue order, nothing runs
+    runs = frozenset(c.object_name for c in resolve(request, WEB))
+    assert nginx["metadata"]["name"] in runs
+    kept = resolve(request, cat, running=runs)
+    assert {c.object_name for c in kept} == runs
+    newer = catalogue([PUB.component("nginx", "1.27.0", "application", requires=["libc"])])
+    assert "nginx 1.27.0" in labels(resolve(request, cat + newer, running=runs))
+
+
 def test_one_kernel_per_box() -> None:
     cat = catalogue(
         [

@@ -96,13 +96,25 @@ def _satisfies(req: Requirement, cand: Candidate) -> bool:
 
 
 class _Provider(AbstractProvider[Requirement, Candidate, str]):
-    def __init__(self, by_ident: Mapping[str, Sequence[Component]], cached: frozenset[str]):
+    def __init__(
+        self,
+        by_ident: Mapping[str, Sequence[Component]],
+        cached: frozenset[str],
+        running: frozenset[str] = frozenset(),
+    ):
         self.by_ident = by_ident
         self.cached = cached
         every = list(dict.fromkeys(c for cs in by_ident.values() for c in cs))
         cached_names = {c.name for c in every if c.digest in cached}
-        # newest first, by Version's own order (one rank per component, ties in catalogue order)
-        newest = {c: i for i, c in enumerate(sorted(every, key=lambda c: c.version, reverse=True))}
+        # newest first, by Version's own order (one rank per component); of one version, the
+        # object the box runs first (a signed copy applied under another object name, or an
+        # older build reusing the version, must not restart it), then catalogue order
+        newest = {
+            c: i
+            for i, c in enumerate(
+                sorted(every, key=lambda c: (c.version, c.object_name in running), reverse=True)
+            )
+        }
         self.order_key = {c: (c.name not in cached_names, c.name, newest[c]) for c in every}
 
     def identify(self, requirement_or_candidate: Requirement | Candidate) -> str:
@@ -190,15 +202,19 @@ def resolve(
     request: BoxRequest,
     catalogue: Sequence[Component],
     cached: frozenset[str] = frozenset(),
+    running: frozenset[str] = frozenset(),
 ) -> list[Component]:
-    """The components of one box, kernel first, application last; or raise Unresolvable."""
+    """The components of one box, kernel first, application last; or raise Unresolvable.
+    `cached`: digests whose component names are preferred where the choice is free;
+    `running`: object names the box's VM boots, preferred over another object of the same
+    name and version."""
     by_ident = index(catalogue, request.level)
     # resolvelib's Resolver.resolve, after resolving, builds a dependency graph with a
     # recursive walk that never ends on a dependency cycle no longer connected to the root
     # (RecursionError; found by the property test in tests/unit/test_resolve.py). gtvp needs
     # only the chosen candidates, so it runs the resolution itself and skips the graph.
     resolution: Resolution[Requirement, Candidate, str] = Resolution(
-        _Provider(by_ident, cached), BaseReporter()
+        _Provider(by_ident, cached, running), BaseReporter()
     )
     try:
         result = resolution.resolve(request.needs, max_rounds=MAX_ROUNDS)

@@ -4,7 +4,7 @@ Boxes are reconciled by one background loop: events mark boxes dirty (a box chan
 component or policy changed, a member or node changed, the box's VM/VMI/migration changed)
 and the loop runs `plan_box` for each, writing only what changed (`box_writes`). The parts
 it plans from: the verified components (`components`), the placement hosts (`box_hosts`)
-and the resolutions, cached per request, catalogue version and pool cache.
+and the resolutions, cached per request, catalogue version, pool cache and what the box runs.
 """
 
 from __future__ import annotations
@@ -147,10 +147,16 @@ def _readable(rt: Runtime) -> list[Component]:
 
 
 def resolve_cached(
-    rt: Runtime, spec: Mapping[str, Any], cached: frozenset[str], *, with_failed: bool = False
+    rt: Runtime,
+    spec: Mapping[str, Any],
+    cached: frozenset[str],
+    *,
+    with_failed: bool = False,
+    running: frozenset[str] = frozenset(),
 ) -> list[Component]:
     """`resolve` over the components that did not fail verification (`with_failed`: over
-    every readable one), remembered per (request, catalogue version, pool cache)."""
+    every readable one), remembered per (request, catalogue version, pool cache, what the
+    box runs)."""
     request = BoxRequest.from_spec(spec)
     fields = ("application", "dependencies", "requestedComponents", "level")
     key = (
@@ -158,12 +164,14 @@ def resolve_cached(
         rt.boxes.catalogue_version,
         cached,
         with_failed,
+        running,
     )
     resolutions = rt.boxes.resolutions
     hit = resolutions.get(key)
     if hit is None:
         try:
-            hit = resolve(request, _readable(rt) if with_failed else _catalogue(rt), cached)
+            catalogue = _readable(rt) if with_failed else _catalogue(rt)
+            hit = resolve(request, catalogue, cached, running)
         except Unresolvable as exc:
             hit = exc
         if len(resolutions) > 4096:
@@ -314,7 +322,9 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
     running = {n: checks[n] for n in (*seen.booted, *seen.hotplugged) if n in checks}
     common["unvouched"] = unvouched(rt, {*seen.vm_parts, *seen.vmi_parts})
     try:
-        comps = resolve_cached(rt, spec, _preferred(rt, box, seen, now))
+        comps = resolve_cached(
+            rt, spec, _preferred(rt, box, seen, now), running=frozenset(seen.booted)
+        )
     except Unresolvable as exc:
         failure = _failed_instead(rt, spec) or (exc.reason, exc.message)
         return BoxInput(components=None, failure=failure, checks=running, **common)
