@@ -43,7 +43,7 @@ from gtvp_local.guest.build import (
 from gtvp_local.pool import Pool
 from gtvp_local.processes import ProcessTable
 from gtvp_local.virtsim import SLOW_LINK_ANNOTATION
-from gtvp_local.vmruntime import names
+from gtvp_local.vmruntime import cache, names
 from gtvp_local.vmruntime.launcher import vm_id
 from gtvp_local.vmruntime.network import member_net
 from gtvp_local.vmruntime.runtime import Runtime, runtime_dir
@@ -311,6 +311,76 @@ def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_
         30,
     )
     pool.cp.kubectl("delete", "vmim", "slow-move", "-n", NS, check=False)
+
+
+def test_a_target_whose_copy_of_a_disk_is_not_the_pinned_one_gets_no_migration(
+    pool: Pool, hello: str
+) -> None:
+    """The box init checked every disk at boot, on the source; a live-migrated guest reads
+    the blocks it had not read yet from the target's copies. The other member's cache holds
+    the application's disk with other bytes under its name (root there, or a cache gone
+    bad): the migration fails with the reason, and the box runs on where it was, the same
+    qemu, its guest counting on."""
+    vmi = _wait(
+        "the box's VMI Running",
+        lambda: (v := _get(pool, "vmi", hello)).get("status", {}).get("phase") == "Running" and v,
+        timeout=150,
+    )
+    source = vmi["status"]["nodeName"]
+    members = json.loads(pool.cp.kubectl("get", "members", "-o", "json").stdout)["items"]
+    others = [m["metadata"]["name"] for m in members if m["metadata"]["name"] != source]
+    assert others
+    volumes = {v["name"]: v for v in vmi["spec"]["volumes"]}
+    disk = next(d for d in vmi["spec"]["domain"]["devices"]["disks"] if d.get("serial") == APP_NAME)
+    image = volumes[disk["name"]]["containerDisk"]["image"]
+    held = cache.member_dir(pool.dir, source) / cache.digest_hex(image)
+    planted: list[Path] = []
+    try:
+        for member in others:
+            there = cache.ensure(pool.dir, member) / held.name
+            bad = bytearray(held.read_bytes())
+            bad[len(bad) // 2] ^= 0xFF  # one byte in a block the guest may not have read
+            there.write_bytes(bytes(bad))
+            shutil.copy(held.with_name(held.name + ".json"), there.with_name(there.name + ".json"))
+            planted += [there, there.with_name(there.name + ".json")]
+        vm = vm_id(NS, hello)
+        runtime = Runtime(pool.dir)
+        handle = runtime.handle(vm)
+        assert handle is not None
+        mig = {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": "onto-other-bytes"},
+            "spec": {"vmiName": hello},
+        }
+        pool.cp.kubectl("create", "-n", NS, "-f", "-", input_text=json.dumps(mig))
+        failed = _wait(
+            "the migration Failed",
+            lambda: (
+                (m := _get(pool, "vmim", "onto-other-bytes").get("status") or {}).get("phase")
+                == "Failed"
+                and m
+            ),
+            timeout=90,
+        )
+        reason = failed["migrationState"]["failureReason"]
+        assert f"disk {APP_NAME}" in reason, reason
+        assert "not migrated onto other bytes" in reason, reason
+        after = _get(pool, "vmi", hello)
+        assert (after["status"]["nodeName"], after["status"]["phase"]) == (source, "Running")
+        still = runtime.handle(vm)
+        assert still is not None
+        assert still.process.pid == handle.process.pid
+        counted = _uptimes(pool.vm_console(NS, hello))[-1]
+        _wait(
+            "the guest still counting on the source",
+            lambda: _uptimes(pool.vm_console(NS, hello))[-1] > counted + 1,
+            30,
+        )
+    finally:
+        pool.cp.kubectl("delete", "vmim", "onto-other-bytes", "-n", NS, check=False)
+        for path in planted:  # the next move fetches the genuine bytes
+            path.unlink(missing_ok=True)
 
 
 def test_tamper_moves_the_box_by_live_migration_without_a_reboot(pool: Pool, hello: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from gtvp_local.vmruntime.launcher import (
     forwarded_ports,
     last_words,
     machine_for,
+    pins_not_held,
     vm_id,
     with_store,
 )
@@ -73,6 +75,50 @@ def test_a_composed_box_without_a_component_store_is_refused() -> None:
     box = {"domain": {"firmware": {"kernelBoot": {"container": {"image": "reg/k@sha256:1"}}}}}
     with pytest.raises(TranslationError, match="no component store"):
         machine_for(box, None, lambda mib: MachineSpec(kernel=Path("/k")))
+
+
+def _box_spec(pins: dict[str, bytes]) -> dict[str, object]:
+    """A composed box's VMI spec pinning each disk (serial -> the bytes it pins)."""
+    words = ",".join(f"{s}:{hashlib.sha256(b).hexdigest()}" for s, b in pins.items())
+    return {
+        "domain": {
+            "firmware": {"kernelBoot": {"kernelArgs": f"console=ttyS0 gtvp.disks={words}"}},
+            "devices": {"disks": [{"name": f"c-{s}", "serial": s} for s in pins]},
+        },
+        "volumes": [
+            {"name": f"c-{s}", "containerDisk": {"image": f"reg/{s}@sha256:{s}"}} for s in pins
+        ],
+    }
+
+
+def test_a_migration_target_whose_copy_of_a_disk_is_not_its_pin_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The box init checked every disk at boot, on the source; after a live migration the
+    guest reads the blocks it had not read yet from the target's files, which no init
+    checks: the target's copies must be the pinned bytes (as a container runtime pulling
+    by digest refuses others), or the VM is not migrated there."""
+    genuine = {"busybox-base": b"rootfs" * 1000, "hello-web": b"app" * 1000}
+    files = {}
+    for serial, data in genuine.items():
+        files[f"reg/{serial}@sha256:{serial}"] = tmp_path / serial
+        (tmp_path / serial).write_bytes(data)
+
+    def resolve(image: str, path: str | None) -> Path:
+        assert path is None
+        if image not in files:
+            raise FileNotFoundError(f"node-2's component cache holds no {image}")
+        return files[image]
+
+    spec = _box_spec(genuine)
+    assert pins_not_held(spec, resolve) is None
+    (tmp_path / "hello-web").write_bytes(b"app" * 999 + b"evil")
+    refused = pins_not_held(spec, resolve)
+    assert refused is not None
+    assert "disk hello-web" in refused
+    assert f"pins sha256:{hashlib.sha256(genuine['hello-web']).hexdigest()}" in refused
+    del files["reg/hello-web@sha256:hello-web"]
+    assert "holds no reg/hello-web" in str(pins_not_held(spec, resolve))
 
 
 def test_vm_names_keep_namespace_and_name() -> None:

@@ -116,6 +116,56 @@ def machine_for(
     return test_guest(max(mib, MIN_MEMORY_MIB))
 
 
+def pins_not_held(vmi_spec: Mapping[str, Any], resolve: Resolver) -> str | None:
+    """Why a migration target's copies of a composed box's disks are not what its
+    composition pins (`gtvp.disks=<serial>:<sha256>` on the kernel command line; None when
+    each is). The box init checks every disk once, at boot; a live-migrated guest goes on
+    reading the blocks it had not read from the target's files, which no init checks. A
+    node's container runtime pulls an image by its digest and refuses other bytes; this
+    is that check, for the member caches the local pool keeps (which deliberately do not
+    check what they fetch, so that the box init's check at boot shows)."""
+    args = str(
+        (
+            (((vmi_spec.get("domain") or {}).get("firmware") or {}).get("kernelBoot") or {}).get(
+                "kernelArgs"
+            )
+        )
+        or ""
+    )
+    pinned = dict(
+        pin.split(":", 1)
+        for word in args.split()
+        if word.startswith("gtvp.disks=")
+        for pin in word.removeprefix("gtvp.disks=").split(",")
+        if ":" in pin
+    )
+    volumes = {v.get("name"): v for v in vmi_spec.get("volumes") or []}
+    for disk in ((vmi_spec.get("domain") or {}).get("devices") or {}).get("disks") or []:
+        want = pinned.get(str(disk.get("serial") or ""))
+        image = ((volumes.get(disk.get("name")) or {}).get("containerDisk") or {}).get("image")
+        if want is None or not image:
+            continue
+        try:
+            path = resolve(str(image), None)
+        except FileNotFoundError as exc:
+            return str(exc)
+        got = _sha256_file(path)
+        if got != want:
+            return (
+                f"the target's copy of disk {disk.get('serial')} ({image}) is sha256:{got}, "
+                f"the composition pins sha256:{want}: not migrated onto other bytes"
+            )
+    return None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class UserDataError(ValueError):
     """The VMI's cloud-init user data cannot be read (its Secret is missing, say)."""
 
@@ -509,6 +559,13 @@ class Launcher:
         spec = None
         if vmi_spec is not None and self.resolve is not None and is_composed(vmi_spec):
             self.fetch(target, cache.images_of(vmi_spec))
+            refused = pins_not_held(vmi_spec, cache.resolver(self.runtime.state, target))
+            if refused is not None:
+                member = str(self.runtime.vm_record(vm).get("member", ""))
+                log.warning(
+                    "[SIMULATED virt-launcher] migration of %s to %s: %s", vm, target, refused
+                )
+                return rt.MigrationResult("failed", member, target, 0.0, reason=refused)
             # the user data disk the source started with, copied to the target's own files
             # (as the target's virt-launcher makes its own cloud-init disk)
             cloud_init = None
