@@ -169,15 +169,16 @@ def chunk_plans(
     """The chunk lists by image of the OSComponents gtvp verified (`status.verification`,
     which only the operator writes: the enforced policy's keys and each publisher's scope)
     and whose signature verifies here too (an unsigned or unreadable chunk list is never
-    used). An image two such components describe differently (one of them with no list
-    at all, say) gets no list: a
-    publisher allowed to sign one application could otherwise sign a component that
-    names the kernel's image with a chunk list of its own, and have members fetch (and
-    serve) its bytes as the kernel's."""
+    used). An image digest two such components describe differently (one of them with no
+    list at all, say), under one image name or several, gets no list: a cache names a file
+    by its digest, so a publisher allowed to sign one application could otherwise sign a
+    component that names the kernel's digest (in its own repository) with a chunk list of
+    its own, and have members fetch (and serve) its bytes as the kernel's."""
     from gtvp.core.component_signing import ComponentSignatureError, verify
     from gtvp.core.components import ComponentError, parse_component
 
     plans: dict[str, cache.ChunkPlan | None] = {}
+    by_digest: dict[str, cache.ChunkPlan | None] = {}  # a cache names a file by its digest
     disputed: set[str] = set()
     for obj in components:
         state = ((obj.get("status") or {}).get("verification") or {}).get("state")
@@ -194,16 +195,18 @@ def chunk_plans(
         if c.chunks is not None:
             whole = None if c.disk_digest is not None else c.digest
             plan = cache.ChunkPlan(c.chunks.size_bytes, c.chunks.digests, c.size, whole)
-        if plans.setdefault(c.image, plan) != plan:
-            disputed.add(c.image)
-    for image in sorted(disputed):
+        plans.setdefault(c.image, plan)
+        digest = cache.digest_hex(c.image)
+        if by_digest.setdefault(digest, plan) != plan:
+            disputed.add(digest)
+    for digest in sorted(disputed):
         log.warning(
-            "%s: verified OSComponents describe %s differently: it is fetched whole from the "
-            "component store",
+            "%s: verified OSComponents describe the image sha256:%s differently (under one "
+            "name or several): it is fetched whole from the component store",
             BANNER,
-            image,
+            digest,
         )
-    return {i: p for i, p in plans.items() if p is not None and i not in disputed}
+    return {i: p for i, p in plans.items() if p is not None and cache.digest_hex(i) not in disputed}
 
 
 def trusted_members(members: Sequence[Mapping[str, Any]]) -> frozenset[str]:

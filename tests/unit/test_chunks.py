@@ -120,6 +120,38 @@ def test_a_publisher_cannot_vouch_for_another_components_image_with_its_own_chun
     assert chunk_plans([plain, _verified(evil)], pub.keys) == {}
 
 
+def test_the_kernels_digest_under_another_image_name_gets_no_chunk_list_either() -> None:
+    """The same, with the kernel's digest under an image name of the attacker's own
+    repository (and a diskDigest, which turns the whole-file check off): a member's cache
+    names the file by its digest, so a fetch of that image would land where the kernel is
+    read from. No list is used for that digest, under either name."""
+    pub = Publisher()
+    plain = _chunked(pub)
+    del plain["spec"]["chunks"]  # the genuine kernel, signed before chunk lists existed
+    plain["spec"].pop("signature")
+    plain["spec"]["signature"] = component_signing.sign(plain["spec"], pub.private_pem, pub.name)
+    kernel = _verified(plain)
+    digest = kernel["spec"]["digest"]
+    own = b"my own kernel and init" * 5000
+    evil = _chunked(pub, data=own, diskDigest=_sha(own))
+    evil["metadata"]["name"] = "zz-app"
+    evil["spec"].update(image=f"evil.example.com/x@{digest}", digest=digest)
+    evil["spec"].pop("signature")
+    evil["spec"]["signature"] = component_signing.sign(evil["spec"], pub.private_pem, pub.name)
+    assert chunk_plans([kernel, _verified(evil)], pub.keys) == {}
+    assert chunk_plans([_verified(evil), kernel], pub.keys) == {}
+    # two names of one digest that agree keep their list (a mirror's name and the origin's)
+    mirrored = copy.deepcopy(_chunked(pub))
+    mirrored["metadata"]["name"] = "app-mirrored"
+    mirrored["spec"]["image"] = mirrored["spec"]["image"].replace("registry", "mirror")
+    mirrored["spec"].pop("signature")
+    mirrored["spec"]["signature"] = component_signing.sign(
+        mirrored["spec"], pub.private_pem, pub.name
+    )
+    both = chunk_plans([_verified(_chunked(pub)), _verified(mirrored)], pub.keys)
+    assert len(both) == 2
+
+
 def test_a_component_without_chunks_signs_the_same_bytes_as_before() -> None:
     spec = Publisher().component("lib", "1.0.0")["spec"]
     assert b"chunks" not in canonical_bytes(spec)
@@ -357,6 +389,22 @@ def test_a_peer_trickling_a_chunk_is_given_up_within_the_chunk_deadline() -> Non
             assert time.monotonic() - t0 < 3
         finally:
             stop.set()
+    # the deadline passes while the connection is made (a SYN-ACK just late), then the
+    # headers trickle: cut off all the same (the watchdog found no socket to shut then)
+
+    class LateConnect(http.client.HTTPConnection):
+        def connect(self) -> None:
+            time.sleep(1.2)
+            super().connect()
+
+    port, stop = _peer(DATA[:CHUNK], every=0.0, head_every=0.1)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(cache.FetchError, match="too slow"):
+            fetch.get(LateConnect("127.0.0.1", port, timeout=5), 0)
+        assert time.monotonic() - t0 < 3
+    finally:
+        stop.set()
     # a peer that ignores Range and sends the whole file: only the chunk's bytes are kept
     port, stop = _peer(DATA, every=0, status="200 OK")
     try:

@@ -58,7 +58,8 @@ def test_a_box_needs_its_kernel_image_and_each_disk_image_once() -> None:
 
 def test_an_image_is_named_in_the_cache_by_its_pinned_digest_only() -> None:
     assert cache.digest_hex(APP) == "c3" * 32
-    for unpinned in (f"{REPO}/hello-web:1.0", f"{REPO}/x@sha256:../../etc", "x@sha256:"):
+    short = f"{REPO}/x@sha256:{'c3' * 4}"  # a prefix could name another image's file
+    for unpinned in (f"{REPO}/hello-web:1.0", f"{REPO}/x@sha256:../../etc", "x@sha256:", short):
         with pytest.raises(ValueError, match="pins no sha256"):
             cache.digest_hex(unpinned)
 

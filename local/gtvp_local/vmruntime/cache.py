@@ -69,7 +69,7 @@ Source = Callable[[str], Path]
 """The registry mirror: an image reference → the file it serves for it (raises if none)."""
 Resolver = Callable[[str, "str | None"], Path]
 
-_HEX = re.compile(r"^[0-9a-f]{1,64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class FetchError(RuntimeError):
@@ -784,6 +784,8 @@ class _ChunkFetch:
                 URL_PREFIX + urllib.parse.quote(self.image, safe=""),
                 headers={"Range": f"bytes={start}-{end - 1}"},
             )
+            if late.is_set():  # the watchdog fired while it connected: no socket to shut then
+                _shut(conn, late)
             resp = conn.getresponse()
             want = end - start if resp.status == 206 else end if resp.status == 200 else 200
             data = self._read(resp, want)
