@@ -103,6 +103,18 @@ def test_a_copy_of_what_a_box_runs_under_another_object_name_does_not_replace_it
     assert "nginx 1.27.0" in labels(resolve(request, cat + newer, running=runs))
 
 
+def test_a_pre_release_is_taken_only_when_no_release_will_do() -> None:
+    """`<6.7` admits 6.7-rc1, which sorts after every 6.6: a box asking for `linux<6.7` gets
+    the newest release, not a release candidate nobody asked for; one whose range only a
+    pre-release meets gets it."""
+    rc = catalogue([PUB.component("linux", "6.7-rc1", "kernel", provides=["kernel", "initrd"])])
+    cat = WEB + rc
+    assert "linux 6.6.52" in labels(resolve(box("nginx", "debian-minimal", "linux<6.7"), cat))
+    assert "linux 6.6.52" in labels(resolve(box("nginx", "debian-minimal"), cat))
+    got = resolve(box("nginx", "debian-minimal", "linux>=6.7-rc1"), cat)
+    assert "linux 6.7-rc1" in labels(got)
+
+
 def test_one_kernel_per_box() -> None:
     cat = catalogue(
         [

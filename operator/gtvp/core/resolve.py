@@ -106,13 +106,19 @@ class _Provider(AbstractProvider[Requirement, Candidate, str]):
         self.cached = cached
         every = list(dict.fromkeys(c for cs in by_ident.values() for c in cs))
         cached_names = {c.name for c in every if c.digest in cached}
-        # newest first, by Version's own order (one rank per component); of one version, the
-        # object the box runs first (a signed copy applied under another object name, or an
-        # older build reusing the version, must not restart it), then catalogue order
+        # releases before pre-releases (a range such as <6.7 admits 6.7-rc1, which nobody
+        # asked for: it is taken only when no release will do), then newest first, by
+        # Version's own order (one rank per component); of one version, the object the box
+        # runs first (a signed copy applied under another object name, or an older build
+        # reusing the version, must not restart it), then catalogue order
         newest = {
             c: i
             for i, c in enumerate(
-                sorted(every, key=lambda c: (c.version, c.object_name in running), reverse=True)
+                sorted(
+                    every,
+                    key=lambda c: (c.version.rank > 0, c.version, c.object_name in running),
+                    reverse=True,
+                )
             )
         }
         self.order_key = {c: (c.name not in cached_names, c.name, newest[c]) for c in every}
