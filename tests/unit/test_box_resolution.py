@@ -87,8 +87,18 @@ def test_a_signed_copy_under_another_object_name_neither_replaces_nor_restarts_a
     vm = compose_vm(BoxRef("web", "apps", "u1"), SPEC, first, None)
     vm["metadata"]["annotations"]["gtvp.io/components"] = ",".join(c.object_name for c in first)
     rt.view.observe_vm(vm, "ADDED")
+    resolved = [{"name": c.name, "version": str(c.version), "digest": c.digest,
+                 "object": c.object_name} for c in first]  # fmt: skip
+    rt.view.observe_box({**box, "status": {"resolved": resolved}}, "MODIFIED")
     placed = lazyboxes.box_input(rt, ("apps", "web"), NOW)
     assert {c.object_name for c in placed.components or ()} == {c.object_name for c in first}
+    # the VM's annotation is its editors' to write: naming the copy there steers nothing
+    vm["metadata"]["annotations"]["gtvp.io/components"] = ",".join(
+        "0000-copy" if c.name == "nginx" else c.object_name for c in first
+    )
+    rt.view.observe_vm(vm, "MODIFIED")
+    steered = lazyboxes.box_input(rt, ("apps", "web"), NOW)
+    assert {c.object_name for c in steered.components or ()} == {c.object_name for c in first}
 
 
 def test_a_component_created_again_under_its_name_is_not_taken_as_checked() -> None:

@@ -125,6 +125,7 @@ def _resolved(components: Sequence[Component]) -> list[dict[str, Any]]:
             "digest": c.digest,
             "type": c.type,
             "sizeBytes": c.size,
+            "object": c.object_name,
         }
         for c in components
     ]

@@ -287,6 +287,19 @@ def _preferred(
     return pool_cache(rt, now)
 
 
+def _runs(box: Mapping[str, Any], seen: Observed) -> frozenset[str]:
+    """The OSComponent objects a placed box was composed of, as gtvp recorded them
+    (`status.resolved[].object`, which only gtvp writes; never the VM's annotation, which
+    whoever may edit the VM could point at another build of the same version, nor grow
+    without bound in the resolution cache's keys)."""
+    resolved = ((box.get("status") or {}).get("resolved")) or []
+    if not seen.vm_exists:
+        return frozenset()
+    return frozenset(
+        str(r["object"]) for r in resolved if isinstance(r, Mapping) and r.get("object")
+    )
+
+
 def _failed_instead(rt: Runtime, spec: Mapping[str, Any]) -> tuple[str, str] | None:
     """Why a box that resolves over no verified components would resolve only with a failed
     one: the component, and its check's reason (None when even those would not do)."""
@@ -322,9 +335,7 @@ def box_input(rt: Runtime, key: Key, now: dt.datetime) -> BoxInput:
     running = {n: checks[n] for n in (*seen.booted, *seen.hotplugged) if n in checks}
     common["unvouched"] = unvouched(rt, {*seen.vm_parts, *seen.vmi_parts})
     try:
-        comps = resolve_cached(
-            rt, spec, _preferred(rt, box, seen, now), running=frozenset(seen.booted)
-        )
+        comps = resolve_cached(rt, spec, _preferred(rt, box, seen, now), running=_runs(box, seen))
     except Unresolvable as exc:
         failure = _failed_instead(rt, spec) or (exc.reason, exc.message)
         return BoxInput(components=None, failure=failure, checks=running, **common)
