@@ -38,6 +38,7 @@ def create_launcher_pod(
             "namespace": namespace,
             "labels": {
                 "kubevirt.io": "virt-launcher",
+                "kubevirt.io/created-by": meta["uid"],
                 **({"kubevirt.io/migrationJobUID": migration_uid} if migration_uid else {}),
             },
             "ownerReferences": [owner],

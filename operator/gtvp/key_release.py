@@ -46,6 +46,7 @@ from gtvp.core.api_resources import (
     VIRTUAL_MACHINES,
     ApiResource,
 )
+from gtvp.core.components import ComponentError, parse_component
 from gtvp.core.gating import GatingError, box_level, vm_level
 from gtvp.core.launchers import launcher_pod, pod_nodes
 from gtvp.core.timestamps import format_ts
@@ -54,6 +55,10 @@ from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.keyrelease")
 JSON = "application/json"
+WRITE_MARGIN = dt.timedelta(seconds=2)
+"""A verdict that runs out sooner than this is not written on: the consuming write and its
+answer take time, and a release judged void after the write has used the credential for
+nothing (the guest's repeat then waits for a fresh verdict)."""
 RBAC_HINT = (
     "bind the ClusterRole gtvp-key-release to gtvp-operator in this namespace (a RoleBinding; "
     "docs/keyrelease.md)"
@@ -396,7 +401,8 @@ class Endpoint:
         uid = ((vmi or {}).get("metadata") or {}).get("uid")
         if not uid:
             return set()
-        pods = [launcher_pod(p) for p in kube.list_launcher_pods_in(self.rt.clients, req.namespace)]
+        listed = kube.list_launcher_pods_of(self.rt.clients, req.namespace, str(uid))
+        pods = [launcher_pod(p) for p in listed]
         return set(pod_nodes([p for p in pods if p is not None], str(uid)))
 
     def _member(self, name: str, fresh: bool) -> Mapping[str, Any] | None:
@@ -438,12 +444,12 @@ class Endpoint:
         got = self._read_all(req, facts, verdict, stored)
         if isinstance(got, kr.Verdict):
             return self._refuse(req, facts.box, got)
-        released, versions = got
+        released, digests = got
         changed, fresh = self._changed_meanwhile(req, facts, stored)
         if changed is not None:
             return self._refuse(req, facts.box, *changed)
         if not verdict.again:
-            problem = self._consume_in_time(req, stored, facts, fresh, versions)
+            problem = self._consume_in_time(req, stored, facts, fresh, digests)
             if problem is not None:
                 return self._refuse(req, facts.box, *problem)
         self._audit(req, facts.box, "Normal", "KeyReleased", verdict)
@@ -452,18 +458,18 @@ class Endpoint:
     def _read_all(
         self, req: kr.Request, facts: kr.Facts, verdict: kr.Verdict, stored: Any
     ) -> tuple[dict[str, dict[str, str]], dict[str, str]] | kr.Verdict:
-        """The data of every Secret `verdict` releases and their resourceVersions, or the
+        """The data of every Secret `verdict` releases and its `released_digests`, or the
         refusal: one cannot be given, or (a repeat) one changed since the release."""
         released: dict[str, dict[str, str]] = {}
-        versions: dict[str, str] = {}
-        booted = kr.booted_components(facts.vmi)  # gtvp's composition: `decide` saw to it
+        booted = self._booted(facts.vmi)  # gtvp's composition: `decide` saw to it
         for named in verdict.secrets:
             got = self._read(req, named, box_level(facts.box), booted)
             if isinstance(got, kr.Verdict):
                 return kr.Verdict(got.reason, got.message, verdict.node)
-            released[named.name], versions[named.name] = got
+            released[named.name] = got
+        digests = kr.released_digests(req.retry, released)
         newer = (
-            kr.changed_since_release(stored.metadata.annotations or {}, versions)
+            kr.changed_since_release(stored.metadata.annotations or {}, digests)
             if verdict.again
             else None
         )
@@ -475,7 +481,7 @@ class Endpoint:
                 "credential)",
                 verdict.node,
             )
-        return released, versions
+        return released, digests
 
     def _consume_in_time(
         self,
@@ -483,13 +489,21 @@ class Endpoint:
         stored: Any,
         facts: kr.Facts,
         fresh: kr.Facts,
-        versions: Mapping[str, str],
+        digests: Mapping[str, str],
     ) -> tuple[kr.Verdict, int | None] | None:
         """Consume the credential (`_consume`), then judge the release once more at the
         time that write ended: a verdict that ran out while it was written gives nothing,
         and the guest asks again with the same credential and retry key (a repeat, judged
-        anew). None: release."""
-        problem = self._consume(req, stored, self.clock(), kr.vmi_uid(facts.vmi), versions)
+        anew). A verdict that runs out within WRITE_MARGIN is not written on at all (503,
+        nothing consumed: the guest asks again once it is renewed). None: release."""
+        if not kr.decide(req, fresh, self.clock() + WRITE_MARGIN).released:
+            verdict = kr.Verdict(
+                kr.UNAVAILABLE,
+                f"a verdict the release rests on runs out within {WRITE_MARGIN.seconds} s: "
+                "nothing consumed; ask again once it is renewed",
+            )
+            return verdict, None
+        problem = self._consume(req, stored, self.clock(), kr.vmi_uid(facts.vmi), digests)
         if problem is not None:
             return problem
         if kr.decide(req, fresh, self.clock()).released:
@@ -525,11 +539,33 @@ class Endpoint:
             return (verdict, None), fresh
         return None, fresh
 
+    def _booted(self, vmi: Mapping[str, Any] | None) -> tuple[frozenset[str], ...] | None:
+        """What each component disk the VMI boots can be: the verified components whose
+        pin is its digest (`kr.disk_names`); None when it pins no disk."""
+        pins = kr.booted_pins(vmi)
+        if pins is None:
+            return None
+        known: list[tuple[str, str]] = []
+        for name, body in list(self.rt.view.components.items()):
+            check = self.rt.boxes.checks.get(name)
+            if check is None or not check.ok:
+                continue
+            try:
+                c = parse_component(body)
+            except ComponentError:
+                continue
+            known.append((c.name, c.pin))
+        return kr.disk_names(pins, known)
+
     def _read(
-        self, req: kr.Request, named: kr.Named, level: int, booted: tuple[str, ...] | None
-    ) -> tuple[dict[str, str], str] | kr.Verdict:
-        """The Secret's data to release to a box of `level` and its resourceVersion, or the
-        refusal (its node is the caller's to fill in)."""
+        self,
+        req: kr.Request,
+        named: kr.Named,
+        level: int,
+        booted: tuple[frozenset[str], ...] | None,
+    ) -> dict[str, str] | kr.Verdict:
+        """The Secret's data to release to a box of `level`, or the refusal (its node is the
+        caller's to fill in)."""
         namespace, box = req.namespace, req.box
         try:
             secret = self.rt.clients.core.read_namespaced_secret(named.name, namespace)
@@ -551,7 +587,7 @@ class Endpoint:
         data = kr.select_keys(named, dict(secret.data or {}))
         if isinstance(data, str):
             return kr.Verdict(kr.SECRET_UNAVAILABLE, data)
-        return data, str(secret.metadata.resource_version or "")
+        return data
 
     def _consume(
         self,
@@ -559,7 +595,7 @@ class Endpoint:
         stored: Any,
         now: dt.datetime,
         vmi: str,
-        versions: Mapping[str, str],
+        digests: Mapping[str, str],
     ) -> tuple[kr.Verdict, int] | None:
         """Consume the credential and arm the next one in one conditional write (None:
         consumed by this guest; else the refusal and its HTTP status)."""
@@ -573,7 +609,7 @@ class Endpoint:
             retry=req.retry,
             vmi=vmi,
             write=write,
-            versions=versions,
+            digests=digests,
         )
         data = {
             k: base64.b64encode(

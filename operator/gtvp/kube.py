@@ -164,10 +164,11 @@ def list_launcher_pods(c: Clients) -> list[dict[str, Any]]:
     return _plain_items(c, c.core.list_pod_for_all_namespaces(label_selector=launchers.SELECTOR))
 
 
-def list_launcher_pods_in(c: Clients, namespace: str) -> list[dict[str, Any]]:
-    """The virt-launcher pods of one namespace (by their label), as a watch delivers them."""
-    listed = c.core.list_namespaced_pod(namespace, label_selector=launchers.SELECTOR)
-    return _plain_items(c, listed)
+def list_launcher_pods_of(c: Clients, namespace: str, vmi_uid: str) -> list[dict[str, Any]]:
+    """The virt-launcher pods KubeVirt made for the VMI of `vmi_uid` (by their labels), as
+    a watch delivers them."""
+    selector = f"{launchers.SELECTOR},{launchers.CREATED_BY_LABEL}={vmi_uid}"
+    return _plain_items(c, c.core.list_namespaced_pod(namespace, label_selector=selector))
 
 
 def _plain_items(c: Clients, listed: Any) -> list[dict[str, Any]]:

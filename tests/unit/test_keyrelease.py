@@ -258,9 +258,11 @@ def test_a_vm_whose_launcher_pod_is_on_an_untrusted_host_gets_nothing() -> None:
     assert kr.decide(req, facts, NOW).released
 
 
-def _booted(status: dict[str, Any], seen: str, judged: str) -> dict[str, Any]:
-    """`status` whose verdict was judged in boot `judged`, its Node last seen in `seen`."""
-    return {**status, "trust": {**status["trust"], "nodeBootID": seen, "verdictBootID": judged}}
+def _booted(status: dict[str, Any], seen: str, unquoted: bool = False) -> dict[str, Any]:
+    """`status` whose Node was last seen in boot `seen`, `unquoted` if the operator saw the
+    host boot again since the verdict's quote."""
+    trust = {**status["trust"], "nodeBootID": seen}
+    return {**status, "trust": {**trust, "bootUnquoted": True} if unquoted else trust}
 
 
 def test_a_host_that_booted_again_since_its_quote_gets_nothing_until_that_boot_is_quoted() -> None:
@@ -269,9 +271,9 @@ def test_a_host_that_booted_again_since_its_quote_gets_nothing_until_that_boot_i
     has seen the new boot yet (the view's Node) or has (its Member says so), on the VM's
     member or where a launcher pod of it is; a quote of the new boot does."""
     for node, st, boots in (
-        ("m1", _booted(_member_status(), "b1", "b1"), {"m1": "b2"}),  # not looked at yet
-        ("m1", _booted(_member_status(), "b2", "b1"), {"m1": "b2"}),  # looked at: spent
-        ("m1", _booted(_member_status(), "b2", "b1"), {}),  # the Node gone from the view
+        ("m1", _booted(_member_status(), "b1"), {"m1": "b2"}),  # not looked at yet
+        ("m1", _booted(_member_status(), "b2", True), {"m1": "b2"}),  # looked at: spent
+        ("m1", _booted(_member_status(), "b2", True), {}),  # the Node gone from the view
     ):
         req, facts = _facts(member=st)
         v = kr.decide(req, dataclasses.replace(facts, node_boots=boots), NOW)
@@ -279,11 +281,11 @@ def test_a_host_that_booted_again_since_its_quote_gets_nothing_until_that_boot_i
         assert "booted again" in v.message
         assert "ask again" in v.message
         assert kr.MEMBER_REBOOTED in kr.ASK_AGAIN  # a 503: the fresh quote is on its way
-    req, facts = _facts(pods_on={"m2": _booted(_member_status(), "b7", "b6")})
+    req, facts = _facts(pods_on={"m2": _booted(_member_status(), "b7", True)})
     v = kr.decide(req, facts, NOW)
     assert (v.released, v.reason, v.node) == (False, kr.MEMBER_REBOOTED, "m2"), v.message
     # quoted in the boot it runs: released
-    req, facts = _facts(member=_booted(_member_status(), "b2", "b2"))
+    req, facts = _facts(member=_booted(_member_status(), "b2"))
     assert kr.decide(req, dataclasses.replace(facts, node_boots={"m1": "b2"}), NOW).released
 
 
@@ -368,7 +370,13 @@ def test_the_guest_whose_answer_was_lost_gets_its_secrets_again_and_nobody_else(
 def test_a_repeat_gives_only_the_secrets_as_they_were_released() -> None:
     """A repeat gives what the lost answer held: a Secret rotated since (its host found bad
     meanwhile, and root there kept the guest's credential and retry key), or one the box
-    names only now, is not given again."""
+    names only now, is not given again; a label added to it changes nothing. What is kept
+    is keyed with the retry key: no guess of a Secret can be tested against it."""
+    given = {"disk": {"key": "czNjcmV0"}, "tls": {"tls.key": "a2V5"}}
+    digests = kr.released_digests(RETRY, given)
+    assert kr.released_digests("", given) == {}  # no retry key, no repeat
+    assert kr.released_digests("x" * 64, given) != digests
+    assert "czNjcmV0" not in json.dumps(digests)
     issued = kr.consumed_annotations(
         kr.issued_annotations(CRED, "t"),
         used=kr.credential_hash(CRED),
@@ -376,17 +384,19 @@ def test_a_repeat_gives_only_the_secrets_as_they_were_released() -> None:
         now="t",
         retry=RETRY,
         vmi="vmi-1",
-        versions={"disk": "11", "tls": "12"},
+        digests=digests,
     )
-    assert kr.changed_since_release(issued, {"disk": "11", "tls": "12"}) is None
-    assert kr.changed_since_release(issued, {"disk": "11", "tls": "13"}) == "tls"
-    assert kr.changed_since_release(issued, {"disk": "11", "new": "1"}) == "new"
-    # a release an older gtvp recorded holds no versions: not judged so
+    assert kr.changed_since_release(issued, kr.released_digests(RETRY, given)) is None
+    rotated = {**given, "tls": {"tls.key": "bmV3"}}
+    assert kr.changed_since_release(issued, kr.released_digests(RETRY, rotated)) == "tls"
+    added = {**given, "new": {"k": "dg=="}}
+    assert kr.changed_since_release(issued, kr.released_digests(RETRY, added)) == "new"
+    # a release an older gtvp recorded holds no digests: not judged so
     older = dict(issued)
     record = json.loads(older[kr.ANSWERED_ANNOTATION])
     del record["secrets"]
     older[kr.ANSWERED_ANNOTATION] = json.dumps(record)
-    assert kr.changed_since_release(older, {"disk": "99"}) is None
+    assert kr.changed_since_release(older, kr.released_digests(RETRY, rotated)) is None
     assert kr.SECRET_CHANGED in kr.REASONS
     assert kr.SECRET_CHANGED not in kr.ASK_AGAIN
 
@@ -661,28 +671,50 @@ def test_a_secret_can_bind_its_consent_to_what_the_box_boots() -> None:
     """Whoever may edit box `db` (not read its Secrets) swaps its application for a signed one
     that serves files, or adds a requested component, keeping its name and level: a Secret
     naming the components its receivers may boot goes to neither, nor to a gated VM."""
-    vmi = {"spec": VMI_SPEC}
-    assert kr.booted_components(vmi) == ("c-app",)
-    assert kr.booted_components({"spec": {}}) is None
+    assert kr.booted_pins({"spec": VMI_SPEC}) == (("c-app", "2" * 64),)
+    assert kr.booted_pins({"spec": {}}) is None
     base = {kr.RELEASE_TO_ANNOTATION: "box", kr.MIN_LEVEL_ANNOTATION: "2"}
     bound = {**base, kr.COMPONENTS_ANNOTATION: "busybox-base, glibc,postgres"}
-    assert (
-        kr.refuses_release(bound, "box", kr.BOX, 2, ("busybox-base", "glibc", "postgres")) is None
-    )
-    assert kr.refuses_release(bound, "box", kr.BOX, 2, ("busybox-base", "postgres")) is None
-    swapped = kr.refuses_release(bound, "box", kr.BOX, 2, ("busybox-base", "glibc", "webdav"))
+
+    def boots(*names: str) -> tuple[frozenset[str], ...]:
+        return tuple(frozenset({n}) for n in names)
+
+    ok = boots("busybox-base", "glibc", "postgres")
+    assert kr.refuses_release(bound, "box", kr.BOX, 2, ok) is None
+    assert kr.refuses_release(bound, "box", kr.BOX, 2, boots("busybox-base", "postgres")) is None
+    swapped = kr.refuses_release(bound, "box", kr.BOX, 2, boots("busybox-base", "webdav"))
     assert swapped is not None
     assert "boots webdav too" in swapped
     assert kr.COMPONENTS_ANNOTATION in swapped
+    unknown = kr.refuses_release(bound, "box", kr.BOX, 2, (frozenset(), *ok))
+    assert "a disk no verified component has" in str(unknown)
     assert "boots no component" in str(kr.refuses_release(bound, "box", kr.BOX, 2, None))
     vm = kr.refuses_release({**bound, kr.RELEASE_TO_ANNOTATION: "vm/box"}, "box", kr.VM, 2)
     assert vm is not None
     assert "is no box" in vm
-    # a name cut to the disk serial's 20 bytes is that name
-    long = {**base, kr.COMPONENTS_ANNOTATION: "a-very-long-component-name"}
-    assert kr.refuses_release(long, "box", kr.BOX, 2, ("a-very-long-componen",)) is None
     # without the annotation the consent is to the box by name, whatever it boots
-    assert kr.refuses_release(base, "box", kr.BOX, 2, ("webdav",)) is None
+    assert kr.refuses_release(base, "box", kr.BOX, 2, boots("webdav")) is None
+
+
+def test_consent_to_a_long_component_name_is_not_consent_to_its_20_byte_siblings() -> None:
+    """Disk serials are names cut to 20 bytes: `postgres-production-server` and
+    `postgres-production-backup` share one. A disk is told by its pinned digest, so consent
+    to one is not consent to the other (found by a review of the first version)."""
+    server, backup = "postgres-production-server", "postgres-production-backup"
+    serial = server[:20]
+    assert backup[:20] == serial
+    catalogue = [(server, "sha256:" + "a" * 64), (backup, "sha256:" + "b" * 64)]
+    booted_backup = kr.disk_names([(serial, "b" * 64)], catalogue)
+    assert booted_backup == (frozenset({backup}),)
+    ann = {kr.RELEASE_TO_ANNOTATION: "box", kr.MIN_LEVEL_ANNOTATION: "2",
+           kr.COMPONENTS_ANNOTATION: server}  # fmt: skip
+    refused = kr.refuses_release(ann, "box", kr.BOX, 2, booted_backup)
+    assert refused is not None
+    assert f"boots {backup} too" in refused
+    booted_server = kr.disk_names([(serial, "a" * 64)], catalogue)
+    assert kr.refuses_release(ann, "box", kr.BOX, 2, booted_server) is None
+    # a component of that digest whose name is not the serial's is not that disk
+    assert kr.disk_names([("other", "a" * 64)], catalogue) == (frozenset(),)
 
 
 def test_a_request_names_either_a_box_or_a_gated_vm() -> None:

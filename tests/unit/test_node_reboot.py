@@ -79,36 +79,38 @@ def test_a_node_reporting_another_boot_is_not_placed_on_until_a_fresh_quote() ->
     assert m.operator(LATER + 3 * SECOND).events == ()  # said once
 
 
-def test_a_verdict_says_which_boot_it_was_judged_in_until_that_boot_is_quoted() -> None:
+def test_a_verdict_stays_unquoted_for_its_boot_until_a_quote_of_that_boot() -> None:
     """Key release (no placement, so no use spent) asks `boot_unquoted`: the verdict still
     standing after the Node reported another boot rests on a quote of the old one; a quote
     of the new boot ends that."""
     tpm, m = _trusted()
-    assert m.status["trust"]["verdictBootID"] == "b1"
     assert not boot_unquoted(m.status, "b1")
     assert boot_unquoted(m.status, "b2")  # the Node says so before the operator looks
     _reboot(tpm)
     m.boot_id = "b2"
     m.operator(LATER)
     assert m.phase == "Trusted"
+    assert m.status["trust"]["bootUnquoted"] is True
     assert boot_unquoted(m.status, "b2")  # the operator looked: still the old boot's quote
     assert boot_unquoted(m.status, None)  # whatever the view of the Node says now
     m.cycle(LATER + SECOND)  # Rebooted
     m.cycle(LATER + 2 * SECOND)
     assert m.phase == "Trusted"
-    assert m.status["trust"]["verdictBootID"] == "b2"
+    assert "bootUnquoted" not in m.status["trust"]
     assert not boot_unquoted(m.status, "b2")
 
 
-def test_an_older_verdict_without_its_boot_is_still_spent_by_a_reboot() -> None:
-    """A verdict an older gtvp recorded (no verdictBootID): the boot seen until the Node
-    reported another stands for it."""
+def test_writing_the_old_bootid_back_does_not_make_the_verdict_good_again() -> None:
+    """Root on the host, with its kubelet's credentials, writes the old bootID back once the
+    operator saw the new one: the verdict still rests on a quote of the old boot (found by
+    a review of the first version, which compared the boots only)."""
     _tpm, m = _trusted()
-    del m.status["trust"]["verdictBootID"]
     m.boot_id = "b2"
     m.operator(LATER)
-    assert m.status["trust"]["verdictBootID"] == "b1"
-    assert boot_unquoted(m.status, "b2")
+    m.boot_id = "b1"
+    m.operator(LATER + SECOND)
+    assert m.status["trust"]["nodeBootID"] == "b1"
+    assert boot_unquoted(m.status, "b1")
 
 
 def test_a_quote_asked_before_the_new_boot_was_seen_makes_no_verdict() -> None:

@@ -689,8 +689,9 @@ class _Cycle:
         if not seen or seen == boot_id:
             return  # first seen (a new member, an older gtvp's status): nothing to do
         if self.trust.get("verdict") == Verdict.TRUSTED:
-            # an older gtvp's verdict did not record its boot: the one seen until now
-            self.trust.setdefault("verdictBootID", seen)
+            # until a quote of this boot verifies, whatever the Node says next (root there
+            # can write its bootID back to the old one): nothing is released on this verdict
+            self.trust["bootUnquoted"] = True
         self.challenge = self.ask()  # root rewriting its bootID gets no quote judged per write
         if self.trust.get("verdict") == Verdict.TRUSTED:
             message = (
@@ -967,10 +968,7 @@ def _record_verdict(
             "restartCount": result.clock.restart_count,
         }
     )
-    if trust.get("nodeBootID"):  # judged in the boot the Node reports now
-        trust["verdictBootID"] = trust["nodeBootID"]
-    else:
-        trust.pop("verdictBootID", None)
+    trust.pop("bootUnquoted", None)  # a quote of the boot the host runs now
 
 
 def _bounds_tightened(

@@ -672,19 +672,35 @@ def repeatable(ann: Mapping[str, str], req: Request, uid: str, now: dt.datetime)
     return answered(ann, req, uid) and at is not None and -CLOCK_SKEW <= now - at <= REPEAT_FOR
 
 
-def changed_since_release(ann: Mapping[str, str], versions: Mapping[str, str]) -> str | None:
-    """The first Secret (of those about to be given again, name -> resourceVersion now)
-    that is not what the last release gave (another resourceVersion, or not given then);
+def released_digests(retry: str, released: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Per Secret released (name -> the data given), an HMAC-SHA256 of that data keyed with
+    the request's retry key: what a repeat compares (`changed_since_release`). Keyed, so
+    that whoever reads the cloud-init Secret's annotations cannot test guesses of a
+    low-entropy Secret against it; of the data, so that a label or an annotation added to a
+    Secret (a GitOps tool, say) changes nothing. Empty without a retry key (no repeat)."""
+    if not retry:
+        return {}
+    return {
+        name: hmac.new(
+            retry.encode(), json.dumps(dict(data), sort_keys=True).encode(), hashlib.sha256
+        ).hexdigest()[:32]
+        for name, data in released.items()
+    }
+
+
+def changed_since_release(ann: Mapping[str, str], digests: Mapping[str, str]) -> str | None:
+    """The first Secret (of those about to be given again: name -> `released_digests` of
+    its data now) whose data is not what the last release gave (or that it did not give);
     None when all are. A repeat gives the Secrets the lost answer held, not newer ones: a
     Secret rotated after the release (its host found bad since) does not go to whoever
     kept that guest's credential and retry key. A release recorded by an older gtvp,
-    without its Secrets' versions, is not judged so."""
+    without its Secrets' digests, is not judged so."""
     recorded = _answered(ann).get("secrets")
     if recorded is None:
         return None
     given = dict(p.split("=", 1) for p in recorded.split(",") if "=" in p)
-    for name, version in sorted(versions.items()):
-        if given.get(name) != version:
+    for name, digest in sorted(digests.items()):
+        if not hmac.compare_digest(given.get(name, ""), digest):
             return name
     return None
 
@@ -698,12 +714,12 @@ def consumed_annotations(
     retry: str = "",
     vmi: str = "",
     write: str = "",
-    versions: Mapping[str, str] | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The cloud-init Secret's annotations after a release: the used credential's hash
     remembered, the next one's current, and who the release went to (hashes of the used
     credential and of the request's `retry` key, the VMI's uid: `repeatable`; the id of
-    this `write`: `written_by`; the resourceVersion of each Secret released:
+    this `write`: `written_by`; the `released_digests` of each Secret released:
     `changed_since_release`). Written with the Secret's resourceVersion as the
     precondition, in the same write that puts the next credential in the user data: of two
     replicas consuming one credential at once, one write fails (409) and that one refuses."""
@@ -715,7 +731,7 @@ def consumed_annotations(
             "vmi": vmi,
             "at": now,
             "write": write,
-            "secrets": ",".join(f"{n}={v}" for n, v in sorted((versions or {}).items())),
+            "secrets": ",".join(f"{n}={v}" for n, v in sorted((digests or {}).items())),
         },
         sort_keys=True,
     )
@@ -748,18 +764,36 @@ def releasable_to(annotations: Mapping[str, str] | None, box: str, kind: str = B
 _LEVEL = re.compile(r"[1-9][0-9]{0,2}")
 
 
-def booted_components(vmi: Mapping[str, Any] | None) -> tuple[str, ...] | None:
-    """The component disks a box's VMI boots, by serial (a component's name, cut to
-    SERIAL_MAX), from the `gtvp.disks=` its kernel command line pins them with; None when it
-    pins none. What gtvp composed only once `vmi_runs_composition` holds for the VMI."""
+def booted_pins(vmi: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...] | None:
+    """The component disks a box's VMI boots, as (serial, sha256 hex) from the `gtvp.disks=`
+    its kernel command line pins them with (a serial is a component's name cut to
+    SERIAL_MAX); None when it pins none. What gtvp composed only once
+    `vmi_runs_composition` holds for the VMI."""
     spec = (vmi or {}).get("spec") or {}
     firmware = (spec.get("domain") or {}).get("firmware") or {}
     args = str((firmware.get("kernelBoot") or {}).get("kernelArgs") or "")
     for word in args.split():
         if word.startswith("gtvp.disks="):
             pins = word.removeprefix("gtvp.disks=").split(",")
-            return tuple(p.split(":", 1)[0] for p in pins if p)
+            return tuple((p.split(":", 1)[0], p.split(":", 1)[1]) for p in pins if ":" in p)
     return None
+
+
+def disk_names(
+    pins: Sequence[tuple[str, str]], components: Sequence[tuple[str, str]]
+) -> tuple[frozenset[str], ...]:
+    """For each pinned disk (serial, sha256 hex), the full names of the verified
+    `components` (name, pin as `sha256:<hex>`) it can be: their pin is its digest and their
+    name cut to SERIAL_MAX is its serial (two names sharing their first 20 characters are
+    told apart by their bytes)."""
+    return tuple(
+        frozenset(
+            name
+            for name, pin in components
+            if pin == f"sha256:{sha}" and name[:SERIAL_MAX] == serial
+        )
+        for serial, sha in pins
+    )
 
 
 def refuses_release(
@@ -767,11 +801,12 @@ def refuses_release(
     box: str,
     kind: str,
     level: int,
-    booted: Sequence[str] | None = None,
+    booted: Sequence[frozenset[str]] | None = None,
 ) -> str | None:
     """Why a Secret with these annotations may not go to box (or VM) `box` of security
-    level `level`, whose VMI boots the component disks `booted` (`booted_components`), None
-    when it consents. Completes "Secret <name> ..."."""
+    level `level`, whose VMI boots component disks each of which is one of the components
+    `booted` names for it (`disk_names`), None when it consents. Completes
+    "Secret <name> ..."."""
     ann = annotations or {}
     what = f"{kind} {box}"
     if not releasable_to(ann, box, kind):
@@ -790,10 +825,10 @@ def refuses_release(
 
 
 def _components_refused(
-    ann: Mapping[str, str], what: str, kind: str, booted: Sequence[str] | None
+    ann: Mapping[str, str], what: str, kind: str, booted: Sequence[frozenset[str]] | None
 ) -> str | None:
-    """Why the components `booted` are not all ones the Secret names (COMPONENTS_ANNOTATION;
-    None: it names none, or they are)."""
+    """Why the component disks `booted` are not all ones the Secret names
+    (COMPONENTS_ANNOTATION; None: it names none, or they are)."""
     if COMPONENTS_ANNOTATION not in ann:
         return None
     named = sorted({n.strip() for n in str(ann[COMPONENTS_ANNOTATION]).split(",") if n.strip()})
@@ -805,10 +840,10 @@ def _components_refused(
         return f"{said}, and {what} is no box"
     if not booted:
         return f"{said}, and {what} boots no component disk gtvp pinned"
-    allowed = {n[:SERIAL_MAX] for n in named}
-    others = [b for b in booted if b not in allowed]
+    others = [names for names in booted if not names & set(named)]
     if others:
-        return f"{said}, and {what} boots {', '.join(others)} too"
+        shown = ", ".join(sorted(others[0])) or "a disk no verified component has"
+        return f"{said}, and {what} boots {shown} too"
     return None
 
 

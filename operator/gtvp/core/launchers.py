@@ -40,6 +40,9 @@ from gtvp.core.timestamps import parse_ts
 APP_LABEL = "kubevirt.io"
 APP_VALUE = "virt-launcher"
 """The value KubeVirt gives its launcher pods' APP_LABEL."""
+CREATED_BY_LABEL = "kubevirt.io/created-by"
+"""The uid of the VMI a launcher pod runs, as KubeVirt labels it (only KubeVirt's
+controllers make launcher pods or change their labels: `gtvp-launcher-pods`)."""
 SELECTOR = APP_LABEL
 """The label selector of the pods gtvp looks at (the watch and the start-up listing): every
 pod carrying the label, whatever its value, as KubeVirt takes for a VMI's launcher any pod

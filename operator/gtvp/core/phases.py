@@ -54,7 +54,7 @@ class TrustStatus(TypedDict, total=False):
     eventLogBank: str  # in this bank
     references: str  # SHA-256 of the reference values it rested on (`relied_on`)
     nodeBootID: str  # the Node's boot (kubelet's bootID) the operator last saw
-    verdictBootID: str  # the Node's boot when the Trusted verdict's quote was judged
+    bootUnquoted: bool  # the Node reported another boot since the Trusted verdict's quote
     countersWentBack: bool  # the TPM's counters went back: a readmission takes them as now
 
 

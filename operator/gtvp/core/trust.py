@@ -82,14 +82,14 @@ def _another_boot(status: Mapping[str, Any], boot_id: str | None) -> bool:
 
 
 def boot_unquoted(status: Mapping[str, Any], boot_id: str | None) -> bool:
-    """Whether the member's verdict was judged in another boot than the one its Node
-    reports (`boot_id`) or the one the operator last saw (`trust.nodeBootID`): the host
-    rebooted since its quote, and nothing may be handed to what runs there on the old
-    verdict (a reboot spends it for placements, but a key release is no placement). Never
-    when the boots are unknown."""
-    trust = status.get("trust") or {}
-    boots = {b for b in (boot_id, trust.get("nodeBootID"), trust.get("verdictBootID")) if b}
-    return len(boots) > 1
+    """Whether the member's host booted again since the quote its verdict rests on: its
+    Node reports (`boot_id`) another boot than the operator last saw, or the operator saw
+    one since that quote (`trust.bootUnquoted`, until a quote verifies, whatever the Node
+    says after: root on the host can write the old bootID back). Nothing may be handed to
+    what runs there on that verdict (a reboot spends it for placements, but a key release
+    is no placement). Only as good as the kubelet's word: root that keeps its Node
+    reporting the old boot is seen by the TPM's counters at the next quote."""
+    return bool((status.get("trust") or {}).get("bootUnquoted")) or _another_boot(status, boot_id)
 
 
 def boot_changed(status: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
