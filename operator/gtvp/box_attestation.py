@@ -36,7 +36,6 @@ from gtvp.core import keyrelease as kr
 from gtvp.core.api_resources import (
     LAZY_BOXES,
 )
-from gtvp.core.enrolment import make_activation_challenge
 from gtvp.core.footprint import FINISHED
 from gtvp.core.timestamps import format_ts
 from gtvp.metrics import METRICS
@@ -73,11 +72,17 @@ class Armed:
 
 def _current_credential(rt: Runtime, key: Key, att: Mapping[str, Any]) -> str | None:
     """The credential the box's cloud-init Secret holds, when it is the recorded one (a VM
-    rewritten for another reason keeps it: the running guest stays authenticated)."""
+    rewritten for another reason keeps it: the running guest stays authenticated). Only a
+    Secret that is not there means none: an API server failing the read (a 5xx, a 429) is
+    raised, and the box is looked at again; taking it for a missing credential would arm a
+    new one and a fresh attestation, dropping a Mismatch, the move it owes and the EK pin,
+    and leave the running guest with a credential no longer accepted."""
     try:
         secret = rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(key[1]), key[0])
-    except ApiException:
-        return None
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
     raw = (secret.data or {}).get(kr.USER_DATA_KEY)
     if not raw:
         return None
@@ -276,11 +281,11 @@ class Endpoint:
     def _enrol(self, req: ba.Request, box: dict[str, Any]) -> tuple[int, str, bytes]:
         now = self.clock()
         checked = ba.check_enrolment(req.body, self._settings(), now)
-        ba.check_ek_pin(_attestation(box), checked.ek_sha256, self._running(req))
-        secret = secrets.token_bytes(32)
-        challenge = make_activation_challenge(
-            ek_public_area=checked.ek_public, ak_name=checked.ak_name, secret=secret
+        ba.check_ek_pin(
+            _attestation(box), checked.ek_sha256, self._running(req), _b64(checked.ak_public)
         )
+        secret = secrets.token_bytes(32)
+        challenge = ba.activation_challenge(checked, secret)
         enrolment = secrets.token_hex(8)
         att = {
             **_attestation(box),
@@ -315,9 +320,9 @@ class Endpoint:
 
     def _challenge(self, req: ba.Request, box: dict[str, Any]) -> tuple[int, str, bytes]:
         att = _attestation(box)
-        if not att.get("bound"):
-            return _json(200, {"enrol": True, "nonce": None, "retryAfter": 0})
         where = self._where(req)
+        if ba.must_enrol(att, where):
+            return _json(200, {"enrol": True, "nonce": None, "retryAfter": 0})
         if where is None or not ba.wants_quote(att, where):
             return _json(200, {"nonce": None, "retryAfter": ba.RETRY_AFTER})
         now = self.clock()

@@ -731,6 +731,42 @@ def test_a_mismatched_box_still_there_past_its_levels_bound_is_stopped(pool: Poo
 
 
 @pytest.mark.timeout(240)
+def test_a_box_restarted_onto_a_new_vtpm_is_told_to_enrol_it_and_attests_again(
+    pool: Pool, make_tpm: Callable[..., Swtpm], vtpm_ca: SwtpmCA, tmp_path: Path
+) -> None:
+    """A restart (gtvp's upgrade, a restored composition, the tenant's) may bring a new vTPM:
+    its guest is told to enrol (the AK bound was the old VMI's) and attests; before, its
+    quotes were refused for good (BadSignature) and the box went Overdue (found by a
+    review)."""
+    guest = pool.guests[BOX]
+    guest.bind()
+    guest.measure(pool.disks[BOX])
+    status, body = guest.quote(guest.challenge()["nonce"])
+    assert (status, body["verified"]) == (200, True), body
+    old = pool.rt.view.vmis[(pool.namespace, BOX)]
+    group, version, plural = VIRTUAL_MACHINE_INSTANCES.coordinates
+    pool.admin.custom.delete_namespaced_custom_object(group, version, pool.namespace, plural, BOX)
+    pool.rt.view.observe_vmi(old, "DELETED")
+    template = {"spec": {"template": {"spec": old["spec"]}}}
+    node = old["status"]["nodeName"]
+    fresh = _create(
+        pool.admin, VIRTUAL_MACHINE_INSTANCES, _vmi(BOX, pool.namespace, node, template)
+    )
+    pool.rt.view.observe_vmi(fresh, "ADDED")
+    restarted = Guest(guest.config, make_tpm(ca=vtpm_ca), tmp_path / "restarted")
+    assert restarted.challenge()["enrol"] is True
+    restarted.bind()
+    restarted.measure(pool.disks[BOX])
+    status, body = restarted.quote(restarted.challenge()["nonce"])
+    assert (status, body["verified"]) == (200, True), body
+    att = pool.attestation(BOX)
+    assert (att["state"], att["vmiUID"]) == (ba.VERIFIED, fresh["metadata"]["uid"])
+    # within that VMI, the old vTPM (whoever kept its state) cannot take it back
+    status, body = guest.enrol()
+    assert (status, body["error"]) == (403, ba.EK_CHANGED), body
+
+
+@pytest.mark.timeout(240)
 def test_a_box_attests_after_boot_and_again_after_a_migration(
     pool: Pool, control_plane: ControlPlane
 ) -> None:
@@ -875,7 +911,9 @@ def test_the_api_server_refuses_an_unusable_box_attestation_naming_the_field(
 
 
 @pytest.mark.timeout(180)
-def test_the_box_loop_arms_the_credential_next_to_key_release_and_keeps_it(pool: Pool) -> None:
+def test_the_box_loop_arms_the_credential_next_to_key_release_and_keeps_it(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gtvp.core.boxes import Decision
     from gtvp.core.compose import KEY_RELEASE_DIR
     from gtvp.handlers import box_writes, lazyboxes
@@ -925,6 +963,21 @@ def test_the_box_loop_arms_the_credential_next_to_key_release_and_keeps_it(pool:
     again = box_attestation.arm(pool.rt, key, vm)
     assert isinstance(again, box_attestation.Armed)
     assert again.attestation == att
+    assert _config(pool.rt, ns, name)["credential"] == config["credential"]
+    # the API server fails the Secret's read while the VM is written again: that is no
+    # missing credential (a new one and a fresh attestation would drop a Mismatch, the move
+    # it owes and the EK pin, and lock the running guest out): raised, looked at again
+    core = pool.rt.clients.core
+    read = core.read_namespaced_secret
+
+    def failing(*_args: Any, **_kwargs: Any) -> Any:
+        raise ApiException(status=500, reason="etcdserver: request timed out")
+
+    monkeypatch.setattr(core, "read_namespaced_secret", failing)
+    with pytest.raises(ApiException):
+        box_attestation.arm(pool.rt, key, vm)
+    monkeypatch.setattr(core, "read_namespaced_secret", read)
+    assert pool.attestation(name) == att
     assert _config(pool.rt, ns, name)["credential"] == config["credential"]
     # no endpoint to attest to: the box is not started, and says why
     pool.rt.key_release = None

@@ -357,13 +357,119 @@ def test_the_clock_starts_at_the_first_running_and_no_later_phase_stops_it() -> 
     VMI ran, a phase written back (by root on its host) does not pause the clock."""
     deadline = dt.timedelta(minutes=10)
     att: dict[str, Any] = ba.fresh_attestation(CREDENTIAL)
-    assert ba.overdue_step(att, WHERE, NOW, deadline, running=False) == (None, False)
+    noted, act = ba.overdue_step(att, WHERE, NOW, deadline, running=False)
+    assert noted is not None
+    assert not act
+    assert "since" not in noted["wanted"]  # only when it was first seen there
+    assert ba.overdue_step(noted, WHERE, NOW + deadline, deadline, running=False) == (None, False)
     started, _ = ba.overdue_step(att, WHERE, NOW, deadline, running=True)
     assert started is not None
     late, act = ba.overdue_step(started, WHERE, NOW + deadline, deadline, running=False)
     assert late is not None
     assert act
     assert late["state"] == ba.OVERDUE
+
+
+def test_a_vmi_its_host_never_reports_running_still_goes_overdue() -> None:
+    """Running is virt-handler's word, and root on the host holds its token: a VMI that
+    runs but stays `Scheduled` for good does not keep the clock from starting; it starts
+    START_ALLOWANCE after the VMI was first held there (found by a review)."""
+    deadline = dt.timedelta(minutes=10)
+    att, _ = ba.overdue_step(ba.fresh_attestation(CREDENTIAL), WHERE, NOW, deadline, running=False)
+    assert att is not None
+    limit = NOW + ba.START_ALLOWANCE + deadline
+    assert ba.overdue_step(
+        att, WHERE, limit - dt.timedelta(seconds=1), deadline, running=False
+    ) == (
+        None,
+        False,
+    )
+    late, act = ba.overdue_step(att, WHERE, limit, deadline, running=False)
+    assert late is not None
+    assert act
+    assert (late["state"], late["reason"]) == (ba.OVERDUE, ba.ATTESTATION_OVERDUE)
+    assert "never reported Running" in late["message"]
+    assert ba.overdue_step(late, WHERE, limit + deadline, deadline, running=False) == (None, False)
+    # reported Running after a while: the clock runs from then, its first sight kept
+    started, _ = ba.overdue_step(att, WHERE, NOW + dt.timedelta(minutes=3), deadline)
+    assert started is not None
+    assert (started["wanted"]["since"], started["wanted"]["seen"]) == (
+        "2026-12-02T04:03:00Z",
+        "2026-12-02T04:00:00Z",
+    )
+
+
+def test_a_box_restarted_onto_a_new_vtpm_is_told_to_enrol_it() -> None:
+    """A restart (gtvp's upgrade, a restored composition, the tenant's) may bring a new vTPM
+    whose AK the bound one is not: the guest is told to enrol for the new VMI, or every
+    quote would be refused and the box go Overdue (and stopped, under Stop) for nothing
+    (found by a review)."""
+    bound = {"bound": True, "ekSHA256": "a" * 64, "boundVmiUID": WHERE.vmi_uid, "akPublic": "QUs="}
+    assert not ba.must_enrol(bound, WHERE)
+    assert ba.must_enrol(bound, ba.Where(WHERE.member, "uid-2"))
+    assert ba.must_enrol({"bound": False}, WHERE)
+    assert ba.must_enrol({"bound": False}, None)
+    assert not ba.must_enrol(bound, None)  # mid-migration: asked again later
+
+
+def test_a_second_ak_of_the_bound_ek_is_refused_and_the_same_one_undoes_nothing() -> None:
+    """Whoever copied the vTPM's state (root on a host the box left) or holds the box's
+    credential enrols another AK of the same EK within the VMI: refused (the guest's client
+    makes the same AK every time). The guest's own AK bound again leaves a Verified as it
+    is (found by a review)."""
+    bound = {"bound": True, "ekSHA256": "a" * 64, "boundVmiUID": WHERE.vmi_uid, "akPublic": "QUs="}
+    ba.check_ek_pin(bound, "a" * 64, WHERE, "QUs=")
+    assert _reason(lambda: ba.check_ek_pin(bound, "a" * 64, WHERE, "T1RIRVI=")) == ba.AK_CHANGED
+    ba.check_ek_pin(bound, "a" * 64, ba.Where(WHERE.member, "uid-2"), "T1RIRVI=")  # a restart
+    secret = b"s" * 32
+    pending = {"id": "e1", "secretSHA256": hashlib.sha256(secret).hexdigest(),
+               "akPublic": "QUs=", "ekSHA256": "a" * 64}  # fmt: skip
+    verified = {**bound, "state": ba.VERIFIED, "member": WHERE.member, "vmiUID": WHERE.vmi_uid,
+                "enrolment": pending}  # fmt: skip
+    out = ba.check_activation(verified, "e1", secret, WHERE)
+    assert (out["state"], out["member"], out["akPublic"]) == (ba.VERIFIED, WHERE.member, "QUs=")
+    assert "enrolment" not in out
+
+
+def test_an_ek_no_credential_can_be_made_for_is_a_bad_request() -> None:
+    """The certified EK key with no symmetric algorithm passes the certificate check, but no
+    credential can be made for it: a 400 naming the field, not a 503 to ask again for ever
+    (found by a review)."""
+    import struct
+
+    from tests.softtpm import (
+        EK_ATTRIBUTES,
+        EK_AUTH_POLICY,
+        TPM_ALG_ECC,
+        TPM_ALG_NULL,
+        TPM_ALG_SHA256,
+        TPM_ECC_NIST_P256,
+        SoftTpm,
+        _point,
+        _tpm2b,
+    )  # fmt: skip
+
+    ca = SoftCA()
+    tpm = SoftTpm(ca)
+    settings = ba.Settings(ca.bundle_pem(), 13)
+    x, y = _point(tpm._ek.public_key())
+    area = struct.pack(">HHI", TPM_ALG_ECC, TPM_ALG_SHA256, EK_ATTRIBUTES)
+    area += _tpm2b(EK_AUTH_POLICY) + struct.pack(">H", TPM_ALG_NULL)  # no symmetric
+    area += struct.pack(">HHH", TPM_ALG_NULL, TPM_ECC_NIST_P256, TPM_ALG_NULL)
+    area += _tpm2b(x) + _tpm2b(y)
+    body = {
+        "ekCertificate": base64.b64encode(tpm.ek_certificate).decode(),
+        "ekPublic": base64.b64encode(_tpm2b(area)).decode(),
+        "akPublic": base64.b64encode(tpm.ak_public).decode(),
+    }
+    now = dt.datetime.now(dt.UTC)  # the software CA's certificates start an hour back
+    checked = ba.check_enrolment(body, settings, now)
+    with pytest.raises(ba.Refused) as refused:
+        ba.activation_challenge(checked, b"s" * 32)
+    assert (refused.value.reason, refused.value.status) == (ba.BAD_REQUEST, 400)
+    assert "'ekPublic'" in str(refused.value)
+    good = {**body, "ekPublic": base64.b64encode(tpm.ek_public).decode()}
+    assert ba.activation_challenge(ba.check_enrolment(good, settings, now), b"s" * 32)
 
 
 def test_a_box_verified_where_it_was_is_pending_once_it_runs_elsewhere() -> None:

@@ -38,7 +38,13 @@ from typing import Any, Final
 from cryptography import x509
 
 from gtvp.core import errors
-from gtvp.core.enrolment import ak_facts, check_ek_certificate, ek_facts
+from gtvp.core.enrolment import (
+    ActivationChallenge,
+    ak_facts,
+    check_ek_certificate,
+    ek_facts,
+    make_activation_challenge,
+)
 from gtvp.core.policy import PolicyError, parse_duration, resettable_pcrs_message
 from gtvp.core.quote import Evidence, Expectation, verify_quote
 from gtvp.core.timestamps import format_ts, parse_ts
@@ -86,6 +92,7 @@ AK_NOT_BOUND: Final = "AkNotBound"
 AK_INVALID: Final = "AkAttributesInvalid"
 EK_NOT_TRUSTED: Final = "EkNotTrusted"
 EK_CHANGED: Final = "EkChanged"
+AK_CHANGED: Final = "AkChanged"
 ACTIVATION_FAILED: Final = "ActivationFailed"
 STALE_ENROLMENT: Final = "StaleEnrolment"
 QUOTE_INVALID: Final = "QuoteInvalid"
@@ -113,6 +120,7 @@ REASONS: Final = (
     AK_INVALID,
     EK_NOT_TRUSTED,
     EK_CHANGED,
+    AK_CHANGED,
     ACTIVATION_FAILED,
     STALE_ENROLMENT,
     QUOTE_INVALID,
@@ -465,23 +473,52 @@ def check_enrolment(body: Mapping[str, Any], settings: Settings, now: dt.datetim
     return Enrolment(ek_area, ak_area, ak.public.name, ek.fingerprint)
 
 
-def check_ek_pin(att: Mapping[str, Any], ek_sha256: str, where: Where) -> None:
+def activation_challenge(checked: Enrolment, secret: bytes) -> ActivationChallenge:
+    """MakeCredential for the enrolling EK and AK: only their one TPM can unwrap `secret`.
+    An EK area no credential can be made for (the certified key with no symmetric algorithm,
+    say) is a bad request, not a failure to ask again about."""
+    try:
+        return make_activation_challenge(
+            ek_public_area=checked.ek_public, ak_name=checked.ak_name, secret=secret
+        )
+    except errors.MalformedEvidence as exc:
+        raise _bad(f"'ekPublic': {exc}") from exc
+
+
+def must_enrol(att: Mapping[str, Any], where: Where | None) -> bool:
+    """Whether the guest is told to enrol (bind its vTPM's AK) before it quotes: nothing is
+    bound, or the AK bound is another VMI's (the box restarted, perhaps onto a new vTPM
+    whose AK the old one's quotes would never verify with: it would go Overdue for good)."""
+    if not att.get("bound"):
+        return True
+    bound_for = att.get("boundVmiUID")
+    return where is not None and bool(bound_for) and where.vmi_uid != bound_for
+
+
+def check_ek_pin(
+    att: Mapping[str, Any], ek_sha256: str, where: Where, ak_public: str | None = None
+) -> None:
     """A bound box keeps its vTPM for the life of its VMI (a migration moves the vTPM's
     state with it): another EK while the VMI that bound the AK still runs is refused
-    (EkChanged). A restarted box (a new VMI, maybe a new vTPM) may bind another. The
-    caller refuses to enrol a box whose VMI runs on no one member (`where`): the pin is
-    never skipped."""
+    (EkChanged), and so is another AK of that EK (AkChanged: the guest's client makes the
+    same AK every time; a second one is someone else's, a host that copied the vTPM's
+    state, say, unbinding the guest's). A restarted box (a new VMI, maybe a new vTPM) may
+    bind another. The caller refuses to enrol a box whose VMI runs on no one member
+    (`where`): the pin is never skipped."""
     bound_for = att.get("boundVmiUID")
-    if (
-        att.get("bound")
-        and bound_for
-        and where.vmi_uid == bound_for
-        and att.get("ekSHA256") != ek_sha256
-    ):
+    if not (att.get("bound") and bound_for and where.vmi_uid == bound_for):
+        return
+    if att.get("ekSHA256") != ek_sha256:
         raise Refused(
             EK_CHANGED,
             f"the box's AK is bound to vTPM EK {str(att.get('ekSHA256'))[:16]}… for this VMI; "
             f"another EK ({ek_sha256[:16]}…) is refused until the box restarts",
+        )
+    if ak_public is not None and att.get("akPublic") != ak_public:
+        raise Refused(
+            AK_CHANGED,
+            "the box's vTPM has an AK bound for this VMI; another AK of its EK is refused "
+            "until the box restarts",
         )
 
 
@@ -503,6 +540,12 @@ def check_activation(
             "the ActivateCredential answer is wrong: the AK and the EK are not in one TPM",
         )
     out = {k: v for k, v in att.items() if k not in ("enrolment", "nonce")}
+    if (
+        att.get("bound")
+        and att.get("boundVmiUID") == where.vmi_uid
+        and att.get("akPublic") == pending.get("akPublic")
+    ):
+        return out  # the AK bound already, bound again: nothing attested is undone
     out.update(
         {
             "bound": True,
@@ -756,6 +799,13 @@ def check_quote(
     return Outcome(VERIFIED, message, out)
 
 
+START_ALLOWANCE: Final = dt.timedelta(minutes=10)
+"""How long a box's VMI may be held on a member without ever being reported Running
+(images pulled, the launcher starting) before the deadline's clock starts all the same:
+Running is virt-handler's word, and root on the host holds virt-handler's token, so a host
+that never says it must not keep the clock from starting."""
+
+
 def overdue_step(
     att: Mapping[str, Any],
     where: Where,
@@ -772,23 +822,21 @@ def overdue_step(
     (AttestationOverdue): a guest that never attests, or a host that keeps the channel shut,
     is treated as a mismatch, once per boot as every mismatch. A quote verified later still
     makes it Verified (an Overdue box is still asked). The clock starts when the VMI is
-    first seen `running` (phase Running) there; once started, no later phase stops it."""
+    first seen `running` (phase Running) there, or START_ALLOWANCE after it was first seen
+    there (`wanted.seen`) if it never is; once started, no later phase stops it."""
     if not wants_quote(att, where):
         return None, False
     wanted = att.get("wanted") or {}
-    since = parse_ts(wanted.get("since"))
     # the clock runs on while the VMI is still held on the member it was wanted on: a
     # status that names another member now (while a launcher pod keeps it there) does not
     # start it again
-    if since is None or wanted.get("vmiUID") != where.vmi_uid or not where.on(wanted.get("member")):
-        if not running:
-            return None, False  # not booted yet (pulling, starting): the clock waits
-        fresh = {"member": where.member, "vmiUID": where.vmi_uid, "since": format_ts(now)}
-        # an Overdue or a Verified on the member it left (or for the VMI before a restart)
-        # is no longer this one's state: Pending here, until a quote here is verified (what
-        # `kubectl get lazybox` shows; key release already asks for this member and VMI)
-        pending = {"state": PENDING} if att.get("state") in (OVERDUE, VERIFIED) else {}
-        return {**att, "wanted": fresh, **pending}, False
+    same = wanted.get("vmiUID") == where.vmi_uid and where.on(wanted.get("member"))
+    since = parse_ts(wanted.get("since")) if same else None
+    seen = parse_ts(wanted.get("seen")) if same else None
+    if since is None:
+        if running or seen is None or now - seen < START_ALLOWANCE:
+            return _clock_waits_or_starts(att, where, now, running, seen), False
+        since = seen + START_ALLOWANCE  # never reported Running: the clock started anyway
     if now - since < deadline or (
         att.get("state") == OVERDUE
         and att.get("vmiUID") == where.vmi_uid
@@ -797,10 +845,15 @@ def overdue_step(
         return None, False
     member = str(wanted.get("member"))
     act = act_on_mismatch(att, where)
+    started = (
+        f"started to run on {member}"
+        if wanted.get("since")
+        else f"was first held on {member} plus {int(START_ALLOWANCE.total_seconds())} s "
+        "to start (its VMI was never reported Running there)"
+    )
     message = (
         f"no verified quote of the box's vTPM {int(deadline.total_seconds())} s after it "
-        f"started to run on {member}: its guest does not attest, or its host keeps "
-        "the channel shut"
+        f"{started}: its guest does not attest, or its host keeps the channel shut"
     )
     new = {
         **att,
@@ -812,6 +865,29 @@ def overdue_step(
         **(acted_on(where, now, member) if act else {}),
     }
     return new, act
+
+
+def _clock_waits_or_starts(
+    att: Mapping[str, Any],
+    where: Where,
+    now: dt.datetime,
+    running: bool,
+    seen: dt.datetime | None,
+) -> dict[str, Any] | None:
+    """`overdue_step` before the clock runs for the VMI where it is: started now that it
+    runs; or, not booted yet (pulling, starting), the first sight of it noted (`seen`), or
+    nothing to write while START_ALLOWANCE has not passed since."""
+    here = {"member": where.member, "vmiUID": where.vmi_uid}
+    if not running:
+        return None if seen is not None else {**att, "wanted": {**here, "seen": format_ts(now)}}
+    fresh = {**here, "since": format_ts(now)}
+    if seen is not None:
+        fresh["seen"] = format_ts(seen)
+    # an Overdue or a Verified on the member it left (or for the VMI before a restart) is
+    # no longer this one's state: Pending here, until a quote here is verified (what
+    # `kubectl get lazybox` shows; key release already asks for this member and VMI)
+    pending = {"state": PENDING} if att.get("state") in (OVERDUE, VERIFIED) else {}
+    return {**att, "wanted": fresh, **pending}
 
 
 def act_on_mismatch(att: Mapping[str, Any], where: Where) -> bool:
