@@ -41,7 +41,7 @@ def test_settings_default_to_pcr_13_and_refuse_what_cannot_be_used() -> None:
     pem = SoftCA().bundle_pem()
     assert ba.parse_settings({}) is None
     assert _settings(caBundle=pem) == ba.Settings(pem, 13)
-    assert _settings(caBundle=pem, pcr=14) == ba.Settings(pem, 14)
+    assert _settings(caBundle=pem, pcr=13) == ba.Settings(pem, 13)
     for raw, where, words in (
         ({"pcr": 13}, "spec.boxAttestation.caBundle", "holds no PEM certificate"),
         ({"caBundle": "not a certificate"}, "spec.boxAttestation.caBundle", "vTPM"),
@@ -55,6 +55,8 @@ def test_settings_default_to_pcr_13_and_refuse_what_cannot_be_used() -> None:
         # software in the guest resets these and replays the expected fold
         ({"caBundle": pem, "pcr": 16}, "spec.boxAttestation.pcr", "can be reset by any software"),
         ({"caBundle": pem, "pcr": 23}, "spec.boxAttestation.pcr", "can be reset by any software"),
+        # the box init measures into 13 only: any other would mismatch every box
+        ({"caBundle": pem, "pcr": 14}, "spec.boxAttestation.pcr", "measures every component"),
     ):
         with pytest.raises(ba.SettingsError) as err:
             _settings(**raw)

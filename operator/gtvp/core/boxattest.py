@@ -208,6 +208,13 @@ def parse_settings(spec: Mapping[str, Any]) -> Settings | None:
     resettable = resettable_pcrs_message((pcr,))
     if resettable:  # the guest's software would reset the fold and replay the expected value
         raise SettingsError(f"{path}.pcr", resettable)
+    if pcr != DEFAULT_PCR:
+        raise SettingsError(
+            f"{path}.pcr",
+            f"is {pcr}, but gtvp's box init measures every component disk into PCR "
+            f"{DEFAULT_PCR}: a quote of PCR {pcr} would show none of them, and every box would "
+            "be a ComponentMismatch (its level's onUntrusted, pool-wide)",
+        )
     text = raw.get("caBundle")
     if not isinstance(text, str) or "-----BEGIN CERTIFICATE-----" not in text:
         raise SettingsError(
