@@ -70,19 +70,26 @@ class Armed:
     attestation: dict[str, Any]
 
 
+class _Unreadable(Exception):
+    """The box's cloud-init Secret could not be read now (the API server failed the read)."""
+
+
 def _current_credential(rt: Runtime, key: Key, att: Mapping[str, Any]) -> str | None:
     """The credential the box's cloud-init Secret holds, when it is the recorded one (a VM
-    rewritten for another reason keeps it: the running guest stays authenticated). Only a
-    Secret that is not there means none: an API server failing the read (a 5xx, a 429) is
-    raised, and the box is looked at again; taking it for a missing credential would arm a
-    new one and a fresh attestation, dropping a Mismatch, the move it owes and the EK pin,
-    and leave the running guest with a credential no longer accepted."""
+    rewritten for another reason keeps it: the running guest stays authenticated). A Secret
+    that is not there (404), or that gtvp may not read (403: its write then fails with the
+    reason), holds none; an API server failing the read (a 5xx, a 429) is `_Unreadable`:
+    taking that for a missing credential would arm a new one and a fresh attestation,
+    dropping a Mismatch, the move it owes and the EK pin, and lock the running guest out."""
     try:
         secret = rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(key[1]), key[0])
     except ApiException as exc:
-        if exc.status == 404:
+        if exc.status in (403, 404):
             return None
-        raise
+        raise _Unreadable(
+            f"cannot read the box's cloud-init Secret now ({exc.status} {exc.reason}): "
+            "looked at again"
+        ) from exc
     raw = (secret.data or {}).get(kr.USER_DATA_KEY)
     if not raw:
         return None
@@ -148,7 +155,10 @@ def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> Armed | str | None:
     ns, name = key
     box = rt.view.boxes.get(key) or {}
     att = dict((box.get("status") or {}).get("attestation") or {})
-    credential = _current_credential(rt, key, att) or key_release.new_credential()
+    try:
+        credential = _current_credential(rt, key, att) or key_release.new_credential()
+    except _Unreadable as exc:
+        return str(exc)
     line = ba.attest_line(
         url=serving.url,
         namespace=ns,

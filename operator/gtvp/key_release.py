@@ -539,6 +539,11 @@ class Endpoint:
             return (verdict, None), fresh
         return None, fresh
 
+    def _unchecked(self) -> bool:
+        """Whether an OSComponent in the view has no check yet (verification pending)."""
+        checks = self.rt.boxes.checks
+        return any(name not in checks for name in list(self.rt.view.components))
+
     def _booted(self, vmi: Mapping[str, Any] | None) -> tuple[frozenset[str], ...] | None:
         """What each component disk the VMI boots can be: the verified components whose
         pin is its digest (`kr.disk_names`); None when it pins no disk."""
@@ -581,7 +586,16 @@ class Endpoint:
                     "ask again",
                 )
             return kr.Verdict(kr.SECRET_UNAVAILABLE, why)
-        refused = kr.refuses_release(secret.metadata.annotations, box, req.kind, level, booted)
+        annotations = secret.metadata.annotations or {}
+        refused = kr.refuses_release(annotations, box, req.kind, level, booted)
+        if refused is not None and kr.COMPONENTS_ANNOTATION in annotations and self._unchecked():
+            # a replica that has not checked every component yet (just started) cannot name
+            # every disk: not a final answer (the guest's script stops on a 403)
+            return kr.Verdict(
+                kr.UNAVAILABLE,
+                f"Secret {named.name} names the components its receivers may boot, and this "
+                "replica has not checked every OSComponent yet: ask again",
+            )
         if refused is not None:
             return kr.Verdict(kr.SECRET_NOT_RELEASABLE, f"Secret {named.name} {refused}")
         data = kr.select_keys(named, dict(secret.data or {}))

@@ -358,6 +358,17 @@ def test_a_secret_bound_to_its_boxs_components_goes_to_no_other_composition(pool
             "disk", pool.namespace, {"metadata": {"annotations": {kr.COMPONENTS_ANNOTATION: names}}}
         )
 
+    bind(",".join(booted))
+    # a replica that has not checked every component yet cannot say: ask again (503), not
+    # a refusal the guest's script would stop on
+    unchecked = {
+        o["metadata"]["name"]: pool.rt.boxes.checks.pop(o["metadata"]["name"])
+        for o in VM_PUB.web_catalogue()
+        if o["spec"]["componentName"] == booted[0]
+    }
+    status, body = pool.ask(BOX, cred, pool.token(here), secrets=["disk"])
+    assert (status, body["reason"]) == (503, kr.UNAVAILABLE), body
+    pool.rt.boxes.checks.update(unchecked)
     bind("postgres")  # what the owner meant the box to run
     status, body = pool.ask(BOX, cred, pool.token(here), secrets=["disk"])
     assert (status, body["reason"]) == (403, kr.SECRET_NOT_RELEASABLE), body

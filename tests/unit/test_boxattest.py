@@ -401,6 +401,23 @@ def test_a_vmi_its_host_never_reports_running_still_goes_overdue() -> None:
     )
 
 
+def test_running_reported_after_the_allowance_does_not_start_the_clock_anew() -> None:
+    """A host that withholds Running until just before the box would go Overdue, then
+    reports it, does not win a second deadline: the clock started when the allowance ran
+    out (found by a review)."""
+    deadline = dt.timedelta(minutes=10)
+    att, _ = ba.overdue_step(ba.fresh_attestation(CREDENTIAL), WHERE, NOW, deadline, running=False)
+    assert att is not None
+    late = NOW + ba.START_ALLOWANCE + deadline - dt.timedelta(seconds=5)
+    started, _ = ba.overdue_step(att, WHERE, late, deadline, running=True)
+    assert started is not None
+    assert started["wanted"]["since"] == "2026-12-02T04:10:00Z"
+    overdue, act = ba.overdue_step(started, WHERE, late + dt.timedelta(seconds=5), deadline)
+    assert overdue is not None
+    assert act
+    assert overdue["state"] == ba.OVERDUE
+
+
 def test_a_box_restarted_onto_a_new_vtpm_is_told_to_enrol_it() -> None:
     """A restart (gtvp's upgrade, a restored composition, the tenant's) may bring a new vTPM
     whose AK the bound one is not: the guest is told to enrol for the new VMI, or every
@@ -426,11 +443,34 @@ def test_a_second_ak_of_the_bound_ek_is_refused_and_the_same_one_undoes_nothing(
     secret = b"s" * 32
     pending = {"id": "e1", "secretSHA256": hashlib.sha256(secret).hexdigest(),
                "akPublic": "QUs=", "ekSHA256": "a" * 64}  # fmt: skip
+    asked = {"value": "ab" * 32, "issuedAt": "2026-12-02T04:00:00Z"}
     verified = {**bound, "state": ba.VERIFIED, "member": WHERE.member, "vmiUID": WHERE.vmi_uid,
-                "enrolment": pending}  # fmt: skip
+                "enrolment": pending, "nonce": asked}  # fmt: skip
     out = ba.check_activation(verified, "e1", secret, WHERE)
     assert (out["state"], out["member"], out["akPublic"]) == (ba.VERIFIED, WHERE.member, "QUs=")
     assert "enrolment" not in out
+    assert out["nonce"] == asked  # the guest's quote in flight still answers it
+
+
+def test_a_box_that_cannot_be_armed_does_not_drain_its_members_uses() -> None:
+    """A box whose VM cannot be armed (its namespace does not let gtvp write its cloud-init
+    Secret, the API server failing) is Failed and planned again every pass: the member's
+    verdict use each plan counts is not spent for a VM never written (found by a review)."""
+    from typing import cast
+
+    from gtvp import kube
+    from gtvp.core.boxes import Decision
+    from gtvp.core.placement import Placement
+    from gtvp.handlers import lazyboxes
+    from gtvp.runtime import OperatorSettings, Runtime
+
+    rt = Runtime(settings=OperatorSettings(), clients=cast(kube.Clients, None))
+    rt.boxes.unspent["m1"] += 1  # what `_plan` counted for this placement
+    decision = Decision({"phase": "Placing"}, vm={}, placement=Placement("m1", "best fit"))
+    assert lazyboxes._not_placed(rt, decision) is decision
+    assert rt.boxes.unspent["m1"] == 0
+    lazyboxes._not_placed(rt, decision)  # never below what was counted
+    assert rt.boxes.unspent["m1"] == 0
 
 
 def test_an_ek_no_credential_can_be_made_for_is_a_bad_request() -> None:

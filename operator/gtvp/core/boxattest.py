@@ -546,13 +546,13 @@ def check_activation(
             ACTIVATION_FAILED,
             "the ActivateCredential answer is wrong: the AK and the EK are not in one TPM",
         )
-    out = {k: v for k, v in att.items() if k not in ("enrolment", "nonce")}
     if (
         att.get("bound")
         and att.get("boundVmiUID") == where.vmi_uid
         and att.get("akPublic") == pending.get("akPublic")
-    ):
-        return out  # the AK bound already, bound again: nothing attested is undone
+    ):  # the AK bound already, bound again: nothing attested, nor asked, is undone
+        return {k: v for k, v in att.items() if k != "enrolment"}
+    out = {k: v for k, v in att.items() if k not in ("enrolment", "nonce")}
     out.update(
         {
             "bound": True,
@@ -887,7 +887,9 @@ def _clock_waits_or_starts(
     here = {"member": where.member, "vmiUID": where.vmi_uid}
     if not running:
         return None if seen is not None else {**att, "wanted": {**here, "seen": format_ts(now)}}
-    fresh = {**here, "since": format_ts(now)}
+    # reported Running only after the allowance: the clock started when it ran out
+    start = now if seen is None else min(now, seen + START_ALLOWANCE)
+    fresh = {**here, "since": format_ts(start)}
     if seen is not None:
         fresh["seen"] = format_ts(seen)
     # an Overdue or a Verified on the member it left (or for the VMI before a restart) is

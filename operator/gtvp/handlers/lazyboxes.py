@@ -382,12 +382,12 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
     if attested is not None:
         armed = _attested(rt, key, decision, attested)
         if armed is None:
-            return decision
+            return _not_placed(rt, decision)
         decision = armed
     elif decision.vm is not None and key_release.names_secrets(rt.view.boxes.get(key) or {}):
         armed = _arm(rt, key, decision)
         if armed is None:
-            return decision
+            return _not_placed(rt, decision)
         decision = armed
     if decision.vm is not None:  # what the armed VM boots is the composition gtvp vouches for
         now = dt.datetime.now(dt.UTC)
@@ -426,6 +426,16 @@ def recorded(decision: Decision, now: dt.datetime) -> dict[str, Any]:
     status = decision.status
     base = {} if decision.forget_boots else status
     return {**status, **remember_boot(base, template_boots(decision.vm or {}), format_ts(now))}
+
+
+def _not_placed(rt: Runtime, decision: Decision) -> Decision:
+    """A placement whose VM could not be armed (so is not written): the member's verdict
+    use `_plan` counted for it is not spent (the box, Failed, is planned again every pass:
+    a box that cannot be armed must not drain its member's uses)."""
+    node = decision.placement.node if decision.placement is not None else None
+    if node and rt.boxes.unspent.get(node, 0) > 0:
+        rt.boxes.unspent[node] -= 1
+    return decision
 
 
 def _attested(
