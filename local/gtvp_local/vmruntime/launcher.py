@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from gtvp_local.guest import qemu as box_qemu
+from gtvp_local.guest.reproducible import sha256_file
 from gtvp_local.vmruntime import cache
 from gtvp_local.vmruntime import runtime as rt
 from gtvp_local.vmruntime.machine import MachineSpec
@@ -149,21 +150,13 @@ def pins_not_held(vmi_spec: Mapping[str, Any], resolve: Resolver) -> str | None:
             path = resolve(str(image), None)
         except FileNotFoundError as exc:
             return str(exc)
-        got = _sha256_file(path)
+        got = sha256_file(path)
         if got != want:
             return (
                 f"the target's copy of disk {disk.get('serial')} ({image}) is sha256:{got}, "
                 f"the composition pins sha256:{want}: not migrated onto other bytes"
             )
     return None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class UserDataError(ValueError):
