@@ -392,9 +392,8 @@ class Endpoint:
         vmi = self.rt.view.vmis.get((req.namespace, req.box))
         if vmi is None or not compose.vmi_runs_composition(box.get("status") or {}, vmi):
             raise ba.Refused(ba.NOT_COMPOSED, compose.NOT_COMPOSED_MESSAGE)
-        line = vmi["spec"]["domain"]["firmware"]["kernelBoot"].get("kernelArgs")
         try:
-            return ba.disks_of(str(line))
+            return ba.disks_booted(vmi.get("spec") or {})
         except ValueError as exc:
             raise ba.Refused(ba.QUOTE_INVALID, f"the composed disks: {exc}") from exc
 

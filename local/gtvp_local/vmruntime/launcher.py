@@ -53,6 +53,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from gtvp.core.boxattest import disks_booted
 from gtvp_local.guest import qemu as box_qemu
 from gtvp_local.guest.reproducible import sha256_file
 from gtvp_local.vmruntime import cache
@@ -125,21 +126,10 @@ def pins_not_held(vmi_spec: Mapping[str, Any], resolve: Resolver) -> str | None:
     node's container runtime pulls an image by its digest and refuses other bytes; this
     is that check, for the member caches the local pool keeps (which deliberately do not
     check what they fetch, so that the box init's check at boot shows)."""
-    args = str(
-        (
-            (((vmi_spec.get("domain") or {}).get("firmware") or {}).get("kernelBoot") or {}).get(
-                "kernelArgs"
-            )
-        )
-        or ""
-    )
-    pinned = dict(
-        pin.split(":", 1)
-        for word in args.split()
-        if word.startswith("gtvp.disks=")
-        for pin in word.removeprefix("gtvp.disks=").split(",")
-        if ":" in pin
-    )
+    try:
+        pinned = {d.serial: d.digest.hex() for d in disks_booted(vmi_spec)}
+    except ValueError as exc:
+        return f"the composition's disk pins cannot be read: {exc}"
     volumes = {v.get("name"): v for v in vmi_spec.get("volumes") or []}
     for disk in ((vmi_spec.get("domain") or {}).get("devices") or {}).get("disks") or []:
         want = pinned.get(str(disk.get("serial") or ""))

@@ -278,6 +278,12 @@ def disks_of(kernel_args: str) -> tuple[Disk, ...]:
     return ()
 
 
+def disks_booted(vmi_spec: Mapping[str, Any]) -> tuple[Disk, ...]:
+    """`disks_of` the kernel command line a VMI spec (or a VM template's) boots with."""
+    firmware = (vmi_spec.get("domain") or {}).get("firmware") or {}
+    return disks_of(str((firmware.get("kernelBoot") or {}).get("kernelArgs") or ""))
+
+
 def expected_pcr(disks: Sequence[Disk]) -> bytes:
     """What the PCR must hold once the init measured every component disk (mount order)."""
     return fold([d.digest for d in disks])

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from gtvp.core import ear
 from gtvp.core.attestation import references_revoked
-from gtvp.core.boxattest import VERIFIED
+from gtvp.core.boxattest import VERIFIED, disks_booted
 from gtvp.core.compose import NOT_COMPOSED_MESSAGE, SERIAL_MAX, vmi_runs_composition
 from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.policy import Policy
@@ -768,15 +768,12 @@ def booted_pins(vmi: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...] | 
     """The component disks a box's VMI boots, as (serial, sha256 hex) from the `gtvp.disks=`
     its kernel command line pins them with (a serial is a component's name cut to
     SERIAL_MAX); None when it pins none. What gtvp composed only once
-    `vmi_runs_composition` holds for the VMI."""
-    spec = (vmi or {}).get("spec") or {}
-    firmware = (spec.get("domain") or {}).get("firmware") or {}
-    args = str((firmware.get("kernelBoot") or {}).get("kernelArgs") or "")
-    for word in args.split():
-        if word.startswith("gtvp.disks="):
-            pins = word.removeprefix("gtvp.disks=").split(",")
-            return tuple((p.split(":", 1)[0], p.split(":", 1)[1]) for p in pins if ":" in p)
-    return None
+    `vmi_runs_composition` holds for the VMI (a line gtvp did not write, malformed: None)."""
+    try:
+        disks = disks_booted((vmi or {}).get("spec") or {})
+    except ValueError:
+        return None
+    return tuple((d.serial, d.digest.hex()) for d in disks) or None
 
 
 def disk_names(
