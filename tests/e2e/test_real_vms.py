@@ -46,7 +46,7 @@ from gtvp_local.virtsim import SLOW_LINK_ANNOTATION
 from gtvp_local.vmruntime import cache, names
 from gtvp_local.vmruntime.launcher import vm_id
 from gtvp_local.vmruntime.network import member_net
-from gtvp_local.vmruntime.runtime import Runtime, runtime_dir
+from gtvp_local.vmruntime.runtime import Runtime, VmHandle, runtime_dir
 from tests.catalogue import Publisher
 from tests.pools import trusted_pool
 from tests.pools import wait_for as _wait
@@ -256,6 +256,54 @@ def test_the_box_boots_from_its_components_and_is_running_only_once_the_guest_sa
     )
 
 
+def _migrate(
+    pool: Pool, vmi: str, name: str, annotations: dict[str, str] | None = None
+) -> tuple[Runtime, str, VmHandle]:
+    """A migration `name` of `vmi` made (by a user: no target named); the runtime, the VM
+    and its qemu as they were just before."""
+    vm = vm_id(NS, vmi)
+    runtime = Runtime(pool.dir)
+    handle = runtime.handle(vm)
+    assert handle is not None
+    meta: dict[str, Any] = {"name": name, **({"annotations": annotations} if annotations else {})}
+    mig = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": meta,
+        "spec": {"vmiName": vmi},
+    }
+    pool.cp.kubectl("create", "-n", NS, "-f", "-", input_text=json.dumps(mig))
+    return runtime, vm, handle
+
+
+def _failed(pool: Pool, name: str, timeout: float) -> dict[str, Any]:
+    """The status of migration `name` once it Failed."""
+    failed: dict[str, Any] = _wait(
+        "the migration Failed",
+        lambda: (m := _get(pool, "vmim", name).get("status") or {}).get("phase") == "Failed" and m,
+        timeout=timeout,
+    )
+    return failed
+
+
+def _still_where_it_was(
+    pool: Pool, vmi: str, source: str, still: VmHandle | None, before: VmHandle
+) -> None:
+    """The VMI runs on `source` as before a failed migration: never left, the same qemu
+    (never restarted), its guest counting on."""
+    after = _get(pool, "vmi", vmi)
+    assert after["status"]["nodeName"] == source  # it never left
+    assert after["status"]["phase"] == "Running"
+    assert still is not None
+    assert still.process.pid == before.process.pid  # the same qemu, never restarted
+    counted = _uptimes(pool.vm_console(NS, vmi))[-1]
+    _wait(
+        "the guest still counting on the source",
+        lambda: _uptimes(pool.vm_console(NS, vmi))[-1] > counted + 1,
+        30,
+    )
+
+
 def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_was(
     pool: Pool, hello: str
 ) -> None:
@@ -265,21 +313,10 @@ def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_
         timeout=150,
     )
     source = vmi["status"]["nodeName"]
-    vm = vm_id(NS, hello)
-    runtime = Runtime(pool.dir)
-    handle = runtime.handle(vm)
-    assert handle is not None
-    mig = {
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachineInstanceMigration",
-        "metadata": {
-            "name": "slow-move",
-            # a slow member link, so the migration is still in flight when its target dies
-            "annotations": {SLOW_LINK_ANNOTATION: str(2 * 1024 * 1024)},
-        },
-        "spec": {"vmiName": hello},
-    }
-    pool.cp.kubectl("create", "-n", NS, "-f", "-", input_text=json.dumps(mig))
+    # a slow member link, so the migration is still in flight when its target dies
+    runtime, vm, handle = _migrate(
+        pool, hello, "slow-move", {SLOW_LINK_ANNOTATION: str(2 * 1024 * 1024)}
+    )
     target_process = names.process_name(vm, handle.generation + 1)
     table = ProcessTable(runtime_dir(pool.dir))
     target = _wait(
@@ -288,28 +325,10 @@ def test_a_migration_whose_target_dies_fails_and_the_box_keeps_running_where_it_
         timeout=60,
     )
     os.kill(target.pid, signal.SIGKILL)  # the target host dies mid-migration
-    failed = _wait(
-        "the migration Failed",
-        lambda: (
-            (m := _get(pool, "vmim", "slow-move").get("status") or {}).get("phase") == "Failed"
-            and m
-        ),
-        timeout=60,
-    )
+    failed = _failed(pool, "slow-move", timeout=60)
     assert failed["migrationState"]["failed"] is True
     assert "target" in failed["migrationState"]["failureReason"]
-    after = _get(pool, "vmi", hello)
-    assert after["status"]["nodeName"] == source  # it never left
-    assert after["status"]["phase"] == "Running"
-    still = runtime.handle(vm)
-    assert still is not None
-    assert still.process.pid == handle.process.pid  # the same qemu, never restarted
-    counted = _uptimes(pool.vm_console(NS, hello))[-1]
-    _wait(
-        "the guest still counting on the source",
-        lambda: _uptimes(pool.vm_console(NS, hello))[-1] > counted + 1,
-        30,
-    )
+    _still_where_it_was(pool, hello, source, runtime.handle(vm), handle)
     pool.cp.kubectl("delete", "vmim", "slow-move", "-n", NS, check=False)
 
 
@@ -343,40 +362,12 @@ def test_a_target_whose_copy_of_a_disk_is_not_the_pinned_one_gets_no_migration(
             there.write_bytes(bytes(bad))
             shutil.copy(held.with_name(held.name + ".json"), there.with_name(there.name + ".json"))
             planted += [there, there.with_name(there.name + ".json")]
-        vm = vm_id(NS, hello)
-        runtime = Runtime(pool.dir)
-        handle = runtime.handle(vm)
-        assert handle is not None
-        mig = {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachineInstanceMigration",
-            "metadata": {"name": "onto-other-bytes"},
-            "spec": {"vmiName": hello},
-        }
-        pool.cp.kubectl("create", "-n", NS, "-f", "-", input_text=json.dumps(mig))
-        failed = _wait(
-            "the migration Failed",
-            lambda: (
-                (m := _get(pool, "vmim", "onto-other-bytes").get("status") or {}).get("phase")
-                == "Failed"
-                and m
-            ),
-            timeout=90,
-        )
+        runtime, vm, handle = _migrate(pool, hello, "onto-other-bytes")
+        failed = _failed(pool, "onto-other-bytes", timeout=90)
         reason = failed["migrationState"]["failureReason"]
         assert f"disk {APP_NAME}" in reason, reason
         assert "not migrated onto other bytes" in reason, reason
-        after = _get(pool, "vmi", hello)
-        assert (after["status"]["nodeName"], after["status"]["phase"]) == (source, "Running")
-        still = runtime.handle(vm)
-        assert still is not None
-        assert still.process.pid == handle.process.pid
-        counted = _uptimes(pool.vm_console(NS, hello))[-1]
-        _wait(
-            "the guest still counting on the source",
-            lambda: _uptimes(pool.vm_console(NS, hello))[-1] > counted + 1,
-            30,
-        )
+        _still_where_it_was(pool, hello, source, runtime.handle(vm), handle)
     finally:
         pool.cp.kubectl("delete", "vmim", "onto-other-bytes", "-n", NS, check=False)
         for path in planted:  # the next move fetches the genuine bytes
