@@ -113,6 +113,11 @@ def _wait(pred: Any, timeout: float, step: float = 0.005) -> float:
     raise TimeoutError("timed out")
 
 
+def _challenge(custom: Any, host: str) -> dict[str, Any]:
+    member = custom.get_cluster_custom_object("gtvp.io", "v1alpha1", "members", host)
+    return dict((member.get("status") or {}).get("challenge") or {})
+
+
 def one_run(pool: Pool, custom: Any, core: Any) -> float:
     host = _wait(lambda: _host(custom), 60) and _host(custom)
     assert host is not None
@@ -120,8 +125,10 @@ def one_run(pool: Pool, custom: Any, core: Any) -> float:
         pool.wait_phase(name, "Trusted", timeout=60)
 
     pool.stop_agent(host)
-    member = custom.get_cluster_custom_object("gtvp.io", "v1alpha1", "members", host)
-    ch = member["status"]["challenge"]
+    # gtvp publishes a nonce only once the next quote is due: wait for it (the agent is
+    # stopped, so nobody answers it before the tampered quote is written)
+    _wait(lambda: bool(_challenge(custom, host).get("nonce")), 120, step=0.05)
+    ch = _challenge(custom, host)
     with Tpm.open(pool.tpm(host).tcti, pool.dir / "agent-state" / host) as t:
         t.extend_pcr(7, b"bench tamper")
         q = t.quote(bytes.fromhex(ch["nonce"]), ch["pcrBank"], ch["pcrs"])
