@@ -76,6 +76,9 @@ class BoxState:
     want_quote: bool = True
     quotes: list[Quoted] = field(default_factory=list)
     enrolled: int = 0
+    enrol_again: bool = False
+    """ask for an enrolment every time (as a replica that has not seen the last one does)"""
+    retry_after: float = 1
 
 
 class Reference:
@@ -102,13 +105,13 @@ class Reference:
             raise Refused(404, "NotFound", path)
 
     def challenge(self) -> dict[str, Any]:
-        if self.s.ak is None:
-            return {"nonce": None, "enrol": True, "retryAfter": 1}
+        if self.s.ak is None or self.s.enrol_again:
+            return {"nonce": None, "enrol": True, "retryAfter": self.s.retry_after}
         if not self.s.want_quote:
-            return {"nonce": None, "retryAfter": 1}
+            return {"nonce": None, "retryAfter": self.s.retry_after}
         nonce = secrets.token_hex(32)
         self.s.nonces.add(nonce)
-        return {"nonce": nonce, "retryAfter": 1}
+        return {"nonce": nonce, "retryAfter": self.s.retry_after}
 
     def enrol(self, body: dict[str, Any]) -> dict[str, Any]:
         try:

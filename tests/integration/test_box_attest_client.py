@@ -116,8 +116,11 @@ def _measure(guest: Guest) -> Path:
     return log
 
 
-def _run_until(guest: Guest, user_data: Path, log: Path, marker: str, timeout: float) -> list[str]:
-    """Run the client until a console line holds `marker`; its lines (then it is stopped)."""
+def _run_until(
+    guest: Guest, user_data: Path, log: Path, marker: str, timeout: float, linger: float = 0
+) -> list[str]:
+    """Run the client until a console line holds `marker` (and `linger` seconds more); its
+    lines (then it is stopped)."""
     out = guest.dir / "console"
     with out.open("w") as console:
         proc = subprocess.Popen(
@@ -131,7 +134,8 @@ def _run_until(guest: Guest, user_data: Path, log: Path, marker: str, timeout: f
         while time.monotonic() < deadline:
             lines = out.read_text().splitlines()
             if any(marker in ln for ln in lines):
-                return lines
+                time.sleep(linger)
+                return out.read_text().splitlines()
             time.sleep(0.1)
         raise AssertionError(f"no {marker!r} within {timeout:.0f}s: {out.read_text()}")
     finally:
@@ -164,6 +168,28 @@ def test_the_client_enrols_and_answers_a_nonce_with_a_quote_of_its_measurements(
     assert box.quotes[-1].pcr13 == fold(DIGESTS)
     quoted = next(ln for ln in lines if "GTVP-ATTEST quoted" in ln)
     assert f"nonce={box.quotes[-1].nonce[:8]} verified=true" in quoted
+
+
+def test_asked_to_enrol_again_straight_after_enrolling_the_client_waits_before_it_does(
+    guest: Guest,
+) -> None:
+    """Replicas that disagree for a moment (one has not seen the enrolment yet) must not
+    turn the client into a loop of enrolments: the one after an enrolment waits."""
+    log = _measure(guest)
+    credential = secrets.token_urlsafe(24)
+    server, box, ca_pem = _server(guest, credential)
+    box.enrol_again, box.retry_after = True, 4
+    user_data = guest.dir / "user-data"
+    user_data.write_text(
+        attest_line(url=server.url, box=BOX, credential=credential, ca_pem=ca_pem) + "\n"
+    )
+    try:
+        # for less than the 4 s the server asks it to wait
+        lines = _run_until(guest, user_data, log, "GTVP-ATTEST enrolled", 30, linger=3)
+    finally:
+        server.close()
+    assert box.enrolled == 1, lines
+    assert "GTVP-ATTEST enrolled" in lines
 
 
 def test_a_wrong_credential_is_refused_and_the_client_says_so(guest: Guest) -> None:

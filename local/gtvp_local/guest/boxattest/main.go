@@ -332,6 +332,7 @@ type challengeRsp struct {
 }
 
 func (c *client) loop() {
+	justEnrolled := false
 	for {
 		wait := 5 * time.Second
 		var ch challengeRsp
@@ -348,13 +349,20 @@ func (c *client) loop() {
 		if ch.RetryAfter != nil && *ch.RetryAfter >= 1 && *ch.RetryAfter <= 300 {
 			wait = time.Duration(*ch.RetryAfter * float64(time.Second))
 		}
+		again := justEnrolled
+		justEnrolled = false
 		switch {
+		case ch.Enrol && again:
+			// asked to enrol again straight after an enrolment (a replica that has not
+			// seen it yet): wait before enrolling, so that this never becomes a loop
+			c.state("asked to enrol again at once; waiting before the next enrolment")
 		case ch.Enrol:
 			if err := c.enrol(); err != nil {
 				c.state(fmt.Sprintf("enrol failed: %v", err))
 			} else {
 				c.last = ""
 				say("enrolled")
+				justEnrolled = true
 				continue // ask again at once: the server wants a quote now
 			}
 		case ch.Nonce != nil:
