@@ -170,7 +170,8 @@ class Metrics:
         self.evacuations = Counter(
             "gtvp_evacuation_migrations",
             "Evacuation migrations by state (started, finished, aborted, cancelled; "
-            "stopped-unmovable: a VM that cannot live-migrate stopped instead)",
+            "stopped-unmovable: a VM that cannot live-migrate stopped instead; "
+            "stopped-no-policy: a gated VM stopped because no SecurityPolicy is in force)",
             ["state"],
             registry=self.registry,
         )

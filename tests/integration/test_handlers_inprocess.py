@@ -1320,6 +1320,97 @@ def test_a_stop_ends_the_vmi_whatever_its_owner_references_say(
     assert get("vm", "db")["spec"]["running"] is (not with_controller)
 
 
+def _kubectl_json(control_plane: ControlPlane, namespace: str, *args: str) -> dict[str, Any]:
+    out = control_plane.kubectl(*args, "-n", namespace, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def _gated_vm_with_vmi(
+    control_plane: ControlPlane,
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    node: str,
+    *,
+    vm_on_server: bool = True,
+) -> None:
+    """A running level-3 VM and the VMI it controls, in the view (on `node`) and on the
+    server (the VM only in the view unless `vm_on_server`)."""
+    vm = {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "labels": {"gtvp.io/level": "3"}},
+        "spec": {"running": True, "template": {
+            "metadata": {"labels": {"gtvp.io/level": "3"}},
+            "spec": {"domain": {"devices": {}, "memory": {"guest": "64Mi"}}}}},
+    }  # fmt: skip
+    if vm_on_server:
+        made = json.loads(control_plane.kubectl(
+            "create", "-n", namespace, "-o", "json", "-f", "-", input_text=json.dumps(vm)
+        ).stdout)  # fmt: skip
+    else:
+        made = {**vm, "metadata": {**vm["metadata"], "namespace": namespace, "uid": "gone"}}
+    rt.view.observe_vm(made, "ADDED")
+    body = _vmi(name, 3, selector=True)
+    body["metadata"].update(namespace=namespace, ownerReferences=[{
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": name,
+        "uid": made["metadata"]["uid"], "controller": True}])  # fmt: skip
+    vmi = json.loads(control_plane.kubectl(
+        "create", "-n", namespace, "-o", "json", "-f", "-", input_text=json.dumps(body)
+    ).stdout)  # fmt: skip
+    rt.view.observe_vmi({**vmi, "status": {"nodeName": node, "phase": "Running"}}, "ADDED")
+
+
+def test_without_a_policy_a_gated_vm_on_an_untrusted_member_is_stopped(
+    control_plane: ControlPlane, rt: Runtime, namespace: str
+) -> None:
+    """The enforced SecurityPolicy deleted (or none of its generations accepted): every
+    member is Untrusted (NoPolicy) and nothing verifies any host, so no gated VM may go on
+    running on one: stopped (VM halted, VMI deleted), with a Warning Event saying why."""
+    assert rt.view.policy is None
+    _gated_vm_with_vmi(control_plane, rt, namespace, "db", "bad")
+    trust = {"verdict": "Untrusted", "reason": "NoPolicy", "verifiedAt": "t"}
+    status = {"phase": "Untrusted", "level": 0, "trust": trust}
+    rt.view.observe_member({"metadata": {"name": "bad"}, "status": status}, "ADDED")
+
+    assert asyncio.run(attestation._move_vms_off(rt, "bad", status)) is False  # nothing left
+    assert not _vmi_present(control_plane, namespace, "db")
+    assert _kubectl_json(control_plane, namespace, "get", "vm", "db")["spec"]["running"] is False
+    said = _event_messages(control_plane, namespace, "NoPolicy")
+    assert "on bad, which nothing verifies: no SecurityPolicy is in force" in said
+
+
+def test_a_stop_whose_halt_is_refused_still_deletes_the_vmi(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, under_pool_policy: None
+) -> None:
+    """Halting the VM can fail (gone already, a webhook, a 5xx): the VMI, what runs on the
+    untrusted host, is deleted all the same."""
+    # the VM gone from the server (its VMI orphaned) while the view still has it: a 404
+    _gated_vm_with_vmi(control_plane, rt, namespace, "db", "bad", vm_on_server=False)
+
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Stop"))
+    assert not _vmi_present(control_plane, namespace, "db")
+
+
+def test_a_stop_the_api_server_refuses_is_looked_at_again_soon(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, under_pool_policy: None
+) -> None:
+    """A Stop that did not land (here the API server refuses the operator's identity) is
+    not forgotten until the member's next event: the caller is told to look again soon."""
+    _gated_vm_with_vmi(control_plane, rt, namespace, "db", "bad")
+    nobody = Runtime(
+        settings=rt.settings,
+        clients=kube.make_clients(str(control_plane.kubeconfig_for(NOBODY))),
+    )
+    nobody.view = rt.view
+    status = {"phase": "Untrusted", "level": 0,
+              "trust": {"verdict": "Untrusted", "reason": "PcrMismatch", "verifiedAt": "t"},
+              "effectivePolicy": {"level": 3, "onUntrusted": "Stop"}}  # fmt: skip
+    assert asyncio.run(attestation._move_vms_off(nobody, "bad", status)) is True
+    assert _vmi_present(control_plane, namespace, "db")
+    assert asyncio.run(attestation._move_vms_off(rt, "bad", status)) is False
+    assert not _vmi_present(control_plane, namespace, "db")
+
+
 def _running_vmi(
     control_plane: ControlPlane,
     rt: Runtime,

@@ -137,14 +137,16 @@ async def evacuate(
     not trusted, every gated VMI must go): `on_untrusted` for each, or with `covered_level`
     (an untrusted member's policy level) as `untrusted_actions` says; a VMI to migrate
     whose level's `migrateWithin` has passed since the member stopped holding that level
-    (`since`: level -> time, its `status.belowSince`) is stopped instead. Returns how many
-    of them are still on it to be migrated."""
+    (`since`: level -> time, its `status.belowSince`) is stopped instead. With no policy in
+    force nothing verifies any member: every gated VMI on it is stopped (fail closed).
+    Returns how many of them are still on it to be migrated, or to be stopped again (a stop
+    that failed): the caller looks again soon while there are any."""
     policy = rt.view.policy
-    if policy is None:
-        return 0
     on_member = _gated_on(rt, member, keep_level)
     if not on_member:
         forget(rt, member)
+    if policy is None:
+        return await _stop_without_policy(rt, member, on_member)
     member_level = None
     if covered_level is None:
         actions = {on_untrusted: on_member}
@@ -152,12 +154,31 @@ async def evacuate(
         own = {lv.level: lv.on_untrusted for lv in policy.levels}
         actions = untrusted_actions(on_member, covered_level, on_untrusted, own)
         member_level = policy.level(covered_level)
+    left = 0
     for action, vmis in actions.items():
-        await _act(
+        left += await _act(
             rt, member, incident, action, vmis, since=since, after=after,
             stop_unmovable=stop_unmovable, member_level=member_level,
         )  # fmt: skip
-    return len(actions.get("Migrate", ()))
+    return left
+
+
+async def _stop_without_policy(rt: Runtime, member: str, on_member: list[Vmi]) -> int:
+    """No SecurityPolicy in force (deleted, or none of its generations accepted): every
+    member is Untrusted (`NoPolicy`) and no level says what to do, so each gated VMI on
+    `member` is stopped, as one whose level is no longer defined; how many stops failed."""
+    said = [
+        (
+            vmi,
+            f"on {member}, which nothing verifies: no SecurityPolicy is in force (NoPolicy); "
+            "gtvp stops the VM (start it again once a policy is accepted)",
+        )
+        for vmi in on_member
+    ]
+    return await _stop_saying_once(
+        rt, f"{member}#nopolicy", said, reason="NoPolicy",
+        count=lambda: METRICS.evacuation("stopped-no-policy"), why="no policy is in force",
+    )  # fmt: skip
 
 
 def forget(rt: Runtime, topic: str) -> None:
@@ -216,20 +237,22 @@ async def _act(
     after: str = "it lost trust",
     stop_unmovable: bool = True,
     member_level: Level | None = None,
-) -> None:
+) -> int:
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
     `topic`: the key its waiting messages are said once under (default: the member);
     `since`: per level, since when the member has held less (`after` says what happened
     then): a VMI still to move once its level's bound has passed (`migrateWithin`, by
     default `DEFAULT_MIGRATE_WITHIN`) is stopped, and (`stop_unmovable`) one KubeVirt says
-    cannot live-migrate whose level sets no `migrateWithin`."""
+    cannot live-migrate whose level sets no `migrateWithin`. Returns how many are still to
+    act on: under Migrate all of them (looked at again soon), under Stop those whose stop
+    failed."""
     policy = rt.view.policy
     if policy is None or not on_member or on_untrusted == "Keep":
-        return
+        return 0
     if on_untrusted == "Stop":
-        for vmi in on_member:
-            await asyncio.to_thread(_stop_vm, rt, vmi)
-        return
+        done = [await asyncio.to_thread(_stop_vm, rt, vmi) for vmi in on_member]
+        return done.count(False)
+    left = len(on_member)
     topic = topic or member
     now = dt.datetime.now(dt.UTC)
     bounds = evacuation_bounds(policy.levels, member_level)
@@ -251,7 +274,7 @@ async def _act(
     stopped |= {v for v, _ in unmovable}
     on_member = [v for v in on_member if v not in stopped]
     if not on_member:
-        return
+        return left
     members = rt.view.member_views()
     movable = [
         v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
@@ -303,6 +326,7 @@ async def _act(
         room=room,
     ):
         await _start(rt, member, obj)
+    return left
 
 
 async def _say_full(
@@ -548,11 +572,12 @@ async def _stop_saying_once(
     reason: str,
     count: Callable[[], None],
     why: str,
-) -> None:
+) -> int:
     """Stop each VMI in `stops`, its message said (log, Warning Event `reason` on the VMI)
     and `count`ed once per VMI while it stays under `key`; the stop itself is asked again
-    on every pass until the VMI is gone."""
+    on every pass until the VMI is gone. Returns how many stops failed."""
     said = set(rt.evacuation.waiting.pop(key, ()))
+    failed = 0
     if stops:
         rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v, _ in stops)
     for vmi, message in stops:
@@ -560,31 +585,39 @@ async def _stop_saying_once(
             log.warning("%s/%s %s", vmi.namespace, vmi.name, message)
             count()
             await _vmi_event(rt, (vmi.namespace, vmi.name), "Warning", reason, message)
-        await asyncio.to_thread(_stop_vm, rt, vmi, why)
+        failed += not await asyncio.to_thread(_stop_vm, rt, vmi, why)
+    return failed
 
 
-def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> None:
+def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> bool:
     """Halt the VMI's VirtualMachine (only the one that controls it: `controlling_vm`), so
     that KubeVirt does not start it again, and delete the VMI itself either way: a VMI whose
-    owner references name a decoy is stopped all the same."""
+    owner references name a decoy, or whose VM refuses the halt (gone, a webhook, a 5xx), is
+    stopped all the same. False: the VMI could not be deleted (asked again soon)."""
     body = rt.view.vmis.get((vmi.namespace, vmi.name)) or {}
     owner = controlling_vm(body, rt.view.vms)
-    try:
-        if owner is not None:
-            vm = rt.view.vms.get((vmi.namespace, owner)) or {}
-            # KubeVirt refuses `running` next to `runStrategy` (gtvp composes with the latter)
-            halt = (
-                {"runStrategy": "Halted"}
-                if "runStrategy" in (vm.get("spec") or {})
-                else {"running": False}
-            )
-            kube.patch_object(rt.clients, VIRTUAL_MACHINES, owner, {"spec": halt}, vmi.namespace)
-        kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
-        log.info(
-            "stopped %s/%s on untrusted member %s (%s)", vmi.namespace, vmi.name, vmi.node, why
+    if owner is not None:
+        vm = rt.view.vms.get((vmi.namespace, owner)) or {}
+        # KubeVirt refuses `running` next to `runStrategy` (gtvp composes with the latter)
+        halt = (
+            {"runStrategy": "Halted"}
+            if "runStrategy" in (vm.get("spec") or {})
+            else {"running": False}
         )
+        try:
+            kube.patch_object(rt.clients, VIRTUAL_MACHINES, owner, {"spec": halt}, vmi.namespace)
+        except ApiException as exc:  # KubeVirt may start it again: the next pass halts it
+            log.warning(
+                "could not halt VM %s/%s (its VMI is deleted all the same): %s",
+                vmi.namespace, owner, exc.reason,
+            )  # fmt: skip
+    try:
+        kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
     except ApiException as exc:
         log.warning("could not stop %s/%s: %s", vmi.namespace, vmi.name, exc.reason)
+        return False
+    log.info("stopped %s/%s on untrusted member %s (%s)", vmi.namespace, vmi.name, vmi.node, why)
+    return True
 
 
 async def rejudge_migrations_to(rt: Runtime, member: str) -> None:
