@@ -13,8 +13,8 @@ is a VM), and, by `matchConditions`
 (CEL, in manifests/webhook-conditions.yaml, which the chart shares), every VM and VMI that
 neither carries nor carried (oldObject, on UPDATE) the label `gtvp.io/level` - on the VM or
 on its template - nor, for a VMI, a trust selector. A VMI UPDATE reaches gtvp only when it
-changes that label or the nodeSelector (KubeVirt writes VMI status through the main
-resource, and those writes must not depend on gtvp). Migrations always reach gtvp: the
+changes that label, the nodeSelector or the shutdown grace period (KubeVirt writes VMI
+status through the main resource, and those writes must not depend on gtvp). Migrations always reach gtvp: the
 level of the migrated VMI is only known there.
 """
 
@@ -78,7 +78,7 @@ MUTATING: tuple[Hook, ...] = (
 )
 VALIDATING: tuple[Hook, ...] = (
     _kubevirt("gtvp-validate-vm", VM, (CREATE, UPDATE), "gated-vm"),
-    _kubevirt("gtvp-validate-vmi", VMI, (CREATE, UPDATE), "gated-vmi", "level-or-selector-change"),
+    _kubevirt("gtvp-validate-vmi", VMI, (CREATE, UPDATE), "gated-vmi", "gating-change"),
     _kubevirt("gtvp-validate-migration", MIGRATION, (CREATE,)),
 )
 

@@ -195,7 +195,9 @@ def test_a_gated_vmi_cannot_ask_for_days_to_shut_down(pool: Pool, namespace: str
     """When gtvp stops a gated VM on a host that lost trust, KubeVirt asks the guest to shut
     down and waits its terminationGracePeriodSeconds before killing it: a guest that ignores
     the request would run on for as long as its user asked. The grace is brought down to
-    180 s at admission, and the user is told; ungated VMIs keep theirs."""
+    180 s at admission, and the user is told; nor may it be raised later (KubeVirt's stop
+    endpoint writes the grace it is given into the VMI, as KubeVirt's own account); ungated
+    VMIs keep theirs."""
 
     def vmi(name: str, labels: dict[str, str]) -> dict[str, Any]:
         return {
@@ -210,6 +212,17 @@ def test_a_gated_vmi_cannot_ask_for_days_to_shut_down(pool: Pool, namespace: str
     assert out.returncode == 0, out.stderr
     assert "terminationGracePeriodSeconds lowered to 180" in out.stderr  # kubectl's Warning:
     assert _vmi(pool, namespace, "patient")["spec"]["terminationGracePeriodSeconds"] == 180
+
+    def grace(seconds: int) -> Any:
+        patch = json.dumps({"spec": {"terminationGracePeriodSeconds": seconds}})
+        return pool.cp.kubectl("patch", "vmi", "patient", "-n", namespace, "--type=merge",
+                               "-p", patch, check=False)  # fmt: skip
+
+    out = grace(10_000_000)
+    assert out.returncode != 0
+    assert "may not raise its terminationGracePeriodSeconds to 10000000" in out.stderr
+    assert grace(60).returncode == 0  # a shorter one is fine
+    assert _vmi(pool, namespace, "patient")["spec"]["terminationGracePeriodSeconds"] == 60
     out = _create(pool, namespace, vmi("plain", {}))
     assert out.returncode == 0, out.stderr
     assert _vmi(pool, namespace, "plain")["spec"]["terminationGracePeriodSeconds"] == 2000000000

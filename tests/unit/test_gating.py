@@ -312,6 +312,29 @@ def test_dropping_the_selector_of_a_vmi_whose_label_is_already_gone_is_refused()
     assert "trust selector" in decision.message
 
 
+def test_raising_a_gated_vmis_shutdown_grace_after_admission_is_refused() -> None:
+    """KubeVirt's stop endpoint writes the grace it is given into the VMI: a guest that then
+    ignores the shutdown would run on for that long after gtvp stops it."""
+
+    def grace(seconds: int | None) -> dict[str, Any]:
+        vmi = _vmi("3")
+        if seconds is not None:
+            vmi["spec"]["terminationGracePeriodSeconds"] = seconds
+        return vmi
+
+    decision = _update(grace(30), grace(10_000_000))
+    assert not decision.allowed
+    assert decision.message == (
+        "VirtualMachineInstance ns/web may not raise its terminationGracePeriodSeconds to "
+        "10000000: a gated VM must shut down within 180 s when gtvp stops it on a host that "
+        "lost trust (stop it with a grace period of at most 180 s)"
+    )
+    assert not _update(grace(None), grace(181)).allowed
+    assert _update(grace(30), grace(180)).allowed
+    assert _update(grace(30), grace(0)).allowed
+    assert _update(grace(1000), grace(1000)).allowed  # admitted before the cap: left alone
+
+
 def test_other_vmi_updates_are_allowed() -> None:
     assert _update(_vmi("3"), _vmi("3")).allowed
     moved = _vmi("3", selector={**trust_selector(3), "kubernetes.io/hostname": "b"})

@@ -60,7 +60,7 @@ def test_vms_and_vmis_are_filtered_and_migrations_always_reach_gtvp() -> None:
     ]
     assert [c["name"] for c in validate_vmi["matchConditions"]] == [
         "gated-vmi",
-        "level-or-selector-change",
+        "gating-change",
     ]
     assert all(h["failurePolicy"] == "Fail" for h in by_name.values())
     assert by_name["gtvp-validate-vm.gtvp.io"]["clientConfig"] == {

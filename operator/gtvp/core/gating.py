@@ -421,7 +421,9 @@ def validate_instance_update(
     now: dt.datetime,
 ) -> Decision:
     """The level a VMI was admitted with sticks: its label may not be removed or lowered, and
-    no entry of its trust selector removed or changed. Raising the level (its label, or a
+    no entry of its trust selector removed or changed; nor may its shutdown grace period be
+    raised above MAX_GRACE_SECONDS (KubeVirt's stop endpoint writes the one it is given).
+    Raising the level (its label, or a
     level's entry added to its trust selector) is allowed only when the VMI selects Trusted
     members of the new level and runs on one now."""
     title = _title("VirtualMachineInstance", new)
@@ -435,6 +437,14 @@ def validate_instance_update(
     ) or _trust_selector_changed(title, old=_node_selector(old), new=_node_selector(new))
     if problem is not None:
         return Decision(False, problem)
+    grace = (new.get("spec") or {}).get("terminationGracePeriodSeconds")
+    if grace != (old.get("spec") or {}).get("terminationGracePeriodSeconds") and grace_cap(grace):
+        return Decision(
+            False,
+            f"{title} may not raise its terminationGracePeriodSeconds to {grace}: a gated VM "
+            f"must shut down within {MAX_GRACE_SECONDS} s when gtvp stops it on a host that lost "
+            f"trust (stop it with a grace period of at most {MAX_GRACE_SECONDS} s)",
+        )
     # a raise by the label or by the trust selector (a level's entry added to the VMI's
     # nodeSelector, as KubeVirt's LiveUpdate copies a VM template's): the VMI then counts as
     # needing that level where it runs, so its node must hold it now
