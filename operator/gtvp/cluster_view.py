@@ -81,6 +81,9 @@ class ClusterView:
     migrations: dict[Key, dict[str, Any]] = field(default_factory=dict)
     boxes: dict[Key, dict[str, Any]] = field(default_factory=dict)
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unwritten: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    """Verdicts taking trust away that could not be stored (`hold_to`): member -> (the
+    stored `status.trust` each was reached over, the verdict)."""
     policy: Policy | None = None
     """The generation of the enforced SecurityPolicy the pool runs under (None: none usable)."""
     policy_error: str | None = None
@@ -128,14 +131,19 @@ class ClusterView:
         name = name_of(body)
         if event_type == "DELETED":
             self.members.pop(name, None)
+            self.unwritten.pop(name, None)
             self._index_ek(name, None)
             return False
         self.remember_member(name, body)
         return True
 
     def remember_member(self, name: str, body: Mapping[str, Any]) -> None:
-        """The latest body of a member (from a watch event or our own write)."""
+        """The latest body of a member (from a watch event or our own write); a verdict
+        stored since one was held to (`hold_to`) ends that hold."""
         self.members[name] = body = kept(body)
+        held = self.unwritten.get(name)
+        if held is not None and ((body.get("status") or {}).get("trust") or {}) != held[0]:
+            del self.unwritten[name]
         ek = ((body.get("status") or {}).get("trust") or {}).get("ekSHA256")
         self._index_ek(name, str(ek) if ek else None)
 
@@ -159,9 +167,37 @@ class ClusterView:
 
     def member_views(self) -> list[MemberView]:
         return [
-            member_view(n, b.get("status") or {}, self.node_boot_id(n))
-            for n, b in list(self.members.items())
+            member_view(n, self.verdict_of(n), self.node_boot_id(n)) for n in list(self.members)
         ]
+
+    def hold_to(self, name: str, over: Mapping[str, Any], verdict: Mapping[str, Any]) -> None:
+        """A verdict that takes trust away which the operator reached over the stored
+        status `over` but could not store (the API server refused the write: an object an
+        agent grew past what etcd takes, a webhook, a 5xx): until the stored verdict
+        changes, the pool is held to it (`verdict_of`), not to the stored one."""
+        self.unwritten[name] = (dict((over or {}).get("trust") or {}), dict(verdict))
+
+    def verdict_of(self, name: str) -> Mapping[str, Any]:
+        """The status a member's Node, its VMs and admission are held to: the verdict the
+        operator reached but could not store (`hold_to`) while there is one, else the
+        stored status."""
+        status: Mapping[str, Any] = (self.member_body(name) or {}).get("status") or {}
+        return status
+
+    def member_body(self, name: str) -> Mapping[str, Any] | None:
+        """The member's body with the status it is held to (`verdict_of`)."""
+        return self.held_body(name, self.members.get(name))
+
+    def held_body(self, name: str, body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """`body` (the member's, from the view or read fresh) with the verdict the pool is
+        held to in place of its status, while that body still stores the verdict the hold
+        was reached over."""
+        held = self.unwritten.get(name)
+        if body is None or held is None:
+            return body
+        if ((body.get("status") or {}).get("trust") or {}) != held[0]:
+            return body
+        return {**body, "status": held[1]}
 
     def observe_node(self, body: Mapping[str, Any], event_type: str) -> bool:
         """Record a Node event; False when the node is gone."""

@@ -155,7 +155,7 @@ class BoxMemory:
     catalogue_cache: tuple[int, list[Component]] = (-1, [])
     digest_index: tuple[int, dict[str, list[Component]]] = (-1, {})
     """The readable components by digest, as of a catalogue version (`lazyboxes.unvouched`)."""
-    host_cache: dict[str, tuple[tuple[str, str], Any]] = field(default_factory=dict)
+    host_cache: dict[str, tuple[tuple[str, str, str], Any]] = field(default_factory=dict)
     host_memo: dict[str, tuple[Any, bool, int, int, Any]] = field(default_factory=dict)
     """Per member: the Host last built (reused while its inputs are the same objects)."""
     request_cache: dict[Key, tuple[str, tuple[int, int]]] = field(default_factory=dict)

@@ -14,8 +14,8 @@ is a VM), and, by `matchConditions`
 neither carries nor carried (oldObject, on UPDATE) the label `gtvp.io/level` - on the VM or
 on its template - nor, for a VMI, a trust selector. A VMI UPDATE reaches gtvp only when it
 changes that label, the nodeSelector or the shutdown grace period (KubeVirt writes VMI
-status through the main resource, and those writes must not depend on gtvp). Migrations always reach gtvp: the
-level of the migrated VMI is only known there.
+status through the main resource, and those writes must not depend on gtvp). Migrations
+always reach gtvp: the level of the migrated VMI is only known there.
 """
 
 from __future__ import annotations

@@ -114,6 +114,38 @@ def test_agent_may_not_write_a_verdict(pool: Pool) -> None:
         assert "may write only status.agent" in out.stderr
 
 
+def test_agent_may_not_grow_its_member_past_what_the_operator_can_store(pool: Pool) -> None:
+    """An agent that makes its Member too big for the API server to store the operator's
+    next verdict (etcd takes 1.5 MiB an object) could keep the last one stored: long keys
+    in pcrValues, or its own status applied under one field manager after another (each
+    keeps an entry in managedFields, even for the same value) are refused."""
+    a = _names(pool)[0]
+    pool.wait_phase(a, "Trusted", timeout=60)
+    who = agent_identity(a)
+    long_key = {"status": {"agent": {"evidence": {"pcrValues": {"7" * 4096: "00" * 32}}}}}
+    out = pool.cp.kubectl("patch", "member", a, "--subresource=status", "--type=merge",
+                          "-p", json.dumps(long_key), identity=who, check=False)  # fmt: skip
+    assert out.returncode != 0
+    assert "pcrValues keys must be PCR indices 0 to 23" in out.stderr
+    member = pool.member(a)
+    ak = member["status"]["agent"]["enrollment"]["akName"]  # the same value, co-owned
+    applied = {"apiVersion": member["apiVersion"], "kind": "Member", "metadata": {"name": a},
+               "status": {"agent": {"enrollment": {"akName": ak}}}}  # fmt: skip
+    refused = None
+    for i in range(40):
+        out = pool.cp.kubectl(
+            "apply", "--server-side", "--subresource=status", f"--field-manager=grow-{i}",
+            "-f", "-", input_text=json.dumps(applied), identity=who, check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            refused = (i, out.stderr)
+            break
+    assert refused is not None, "40 field managers were added"
+    assert "may not add field managers to Member" in refused[1]
+    got = pool.cp.kubectl("get", "member", a, "-o", "json", "--show-managed-fields")
+    assert len(json.loads(got.stdout)["metadata"]["managedFields"]) <= 16
+
+
 def test_agent_may_not_change_spec_or_delete(pool: Pool) -> None:
     a = _names(pool)[0]
     spec = pool.cp.kubectl(

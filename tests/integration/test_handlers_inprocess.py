@@ -604,10 +604,26 @@ def test_a_refused_verdict_write_still_untrusts_the_node_and_is_retried(
     got = _create_member(control_plane, rt, name, 2)
     rt.view.remember_member(name, {**got, "status": rt.view.members[name]["status"]})
     nobody = kube.make_clients(str(control_plane.kubeconfig_for(NOBODY)))
+    allowed = rt.clients
     rt.clients = dataclasses.replace(rt.clients, custom=nobody.custom)  # Member writes: 403
     asyncio.run(attestation.reconcile(rt, name))  # must not raise
     assert _says_untrusted(_node(control_plane, name))
     assert name in rt.schedule.next_due  # retried soon, not forgotten
+    # and the pool is held to it, not to the stored Trusted verdict: the Node's next event
+    # (its kubelet's, or root's) puts no label back, admission and the leader's moves see
+    # the verdict reached
+    rt.view.nodes[name] = _node(control_plane, name)
+    asyncio.run(node_trust.sync_node(rt, name))
+    assert _says_untrusted(_node(control_plane, name))
+    assert not any(m.usable(dt.datetime.now(dt.UTC), 1) for m in rt.view.member_views()
+                   if m.name == name)  # fmt: skip
+    held = attestation._status_for_moves(rt, name)
+    assert held is not None
+    assert held["phase"] != "Trusted"
+    rt.clients = allowed
+    asyncio.run(attestation.reconcile(rt, name))  # stored at last: the hold ends
+    assert name not in rt.view.unwritten
+    assert _status(rt, name)["phase"] == held["phase"]
 
 
 @pytest.mark.tpm

@@ -34,6 +34,37 @@ def test_a_second_member_with_the_same_ek_sees_the_first() -> None:
     assert "a" not in view.members
 
 
+def test_a_verdict_that_could_not_be_stored_holds_until_one_is() -> None:
+    """The operator's write of an Untrusted verdict was refused (an agent grew its Member
+    past what the API server stores): admission, moves and the Node follow that verdict,
+    not the stored Trusted one, whatever the agent writes meanwhile; until the operator
+    (any replica) stores a verdict."""
+    import datetime as dt
+
+    from gtvp.core.timestamps import format_ts
+
+    now = dt.datetime.now(dt.UTC)
+    trust = {"verdict": "Trusted", "usesLeft": 5, "expiresAt": format_ts(now + dt.timedelta(1))}
+    stored = {"metadata": {"name": "m"}, "status": {"phase": "Trusted", "level": 2, "trust": trust}}
+    view = ClusterView()
+    view.observe_member(stored, "ADDED")
+    assert view.member_views()[0].usable(now, 2)
+    lost = {"phase": "Untrusted", "level": 0, "trust": {"verdict": "Untrusted", "reason": "X"}}
+    view.hold_to("m", stored["status"], lost)
+    assert view.verdict_of("m") == lost
+    assert not view.member_views()[0].usable(now, 1)
+    agent = {**stored, "status": {**stored["status"], "agent": {"evidence": {"nonce": "ab"}}}}
+    view.observe_member(agent, "MODIFIED")  # the agent's writes change no verdict
+    assert view.verdict_of("m") == lost
+    assert view.held_body("m", agent) == {**agent, "status": lost}
+    written = {**stored, "status": {**lost, "trust": {**lost["trust"], "verifiedAt": "t"}}}
+    view.observe_member(written, "MODIFIED")  # a verdict stored: the hold ends
+    assert view.verdict_of("m") == written["status"]
+    view.hold_to("m", written["status"], lost)
+    view.observe_member(written, "DELETED")
+    assert "m" not in view.unwritten
+
+
 def test_vmis_are_indexed_by_the_node_they_run_on() -> None:
     view = ClusterView()
     view.observe_vmi(_vmi("x", None), "ADDED")

@@ -18,15 +18,17 @@ from gtvp.core.trust import (
 )
 
 HOUR = dt.timedelta(hours=1)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+LATER = format_ts(NOW + HOUR)
 
 
 def _trusted(level: int, uses: int) -> dict[str, object]:
-    return {"phase": "Trusted", "level": level, "trust": {"usesLeft": uses}}
+    return {"phase": "Trusted", "level": level, "trust": {"usesLeft": uses, "expiresAt": LATER}}
 
 
 def test_a_trusted_member_with_uses_left_advertises_its_level() -> None:
     status = _trusted(3, 5)
-    patch = node_patch({}, [], "Trusted", label_level(status))
+    patch = node_patch({}, [], "Trusted", label_level(status, now=NOW))
     assert patch is not None
     labels = patch["metadata"]["labels"]
     assert labels[TRUSTED_LABEL] == "true"
@@ -39,12 +41,22 @@ def test_a_spent_verdict_takes_the_labels_off_but_taints_nothing() -> None:
     VMs already there stay (no NoSchedule taint, no evacuation)."""
     on = {TRUSTED_LABEL: "true", f"{LEVEL_LABEL}1": "true", f"{LEVEL_LABEL}2": "true"}
     status = _trusted(2, 0)
-    assert label_level(status) == 0
-    patch = node_patch(on, [], "Trusted", label_level(status))
+    assert label_level(status, now=NOW) == 0
+    patch = node_patch(on, [], "Trusted", label_level(status, now=NOW))
     assert patch is not None
     assert all(v is None for v in patch["metadata"]["labels"].values())
     assert "spec" not in patch
     assert not any(t.get("key") == TAINT_KEY for t in patch.get("spec", {}).get("taints", []))
+
+
+def test_a_stored_verdict_past_its_expiry_advertises_no_level() -> None:
+    """The operator could not replace it yet (its write refused: an object an agent grew
+    past what the API server stores, a 5xx): a Node event must not put the labels back on
+    the strength of a verdict that has run out."""
+    status = _trusted(2, 5)
+    assert label_level(status, now=NOW) == 2
+    assert label_level(status, now=NOW + 2 * HOUR) == 0
+    assert label_level({**status, "trust": {"usesLeft": 5}}, now=NOW) == 0  # no expiry: none
 
 
 def test_an_untrusted_member_loses_its_labels_and_is_tainted() -> None:
@@ -72,12 +84,13 @@ def test_a_node_reporting_another_boot_than_its_verdict_saw_advertises_no_level(
     status: dict[str, Any] = {
         "phase": "Trusted",
         "level": 3,
-        "trust": {"usesLeft": 5, "nodeBootID": "b1"},
+        "trust": {"usesLeft": 5, "nodeBootID": "b1", "expiresAt": LATER},
     }
-    assert label_level(status, "b1") == 3
-    assert label_level(status, None) == 3  # a Node reporting no boot: its verdict's level
-    assert label_level(status, "b2") == 0
-    assert label_level({**status, "trust": {"usesLeft": 5}}, "b2") == 3  # none seen yet
+    assert label_level(status, "b1", now=NOW) == 3
+    assert label_level(status, None, now=NOW) == 3  # a Node reporting no boot: its level
+    assert label_level(status, "b2", now=NOW) == 0
+    unseen = {**status, "trust": {"usesLeft": 5, "expiresAt": LATER}}
+    assert label_level(unseen, "b2", now=NOW) == 3  # none seen yet
     # nor does admission rest a new decision on it (a VMI start, a migration's arrival, a
     # box's placement), while a decision already taken still stands
     now = dt.datetime.now(dt.UTC)

@@ -60,16 +60,20 @@ def node_boot_id(node: Mapping[str, Any]) -> str | None:
     return str(boot) if boot else None
 
 
-def label_level(status: Mapping[str, Any], boot_id: str | None = None) -> int:
+def label_level(status: Mapping[str, Any], boot_id: str | None = None, *, now: dt.datetime) -> int:
     """The level a Node's labels may advertise for new placements: the member's level while
-    its verdict is Trusted with uses left, else 0. A spent verdict (maxUses decisions made)
-    takes the labels off until the fresh quote it asks for verifies, so the scheduler cannot
-    keep placing gated VMs on a member whose agent withholds that quote; VMs already there
-    stay (labels only steer scheduling; no taint is set for it). So does a Node reporting
-    another boot (`boot_id`) than the one the verdict's member last saw
-    (`trust.nodeBootID`): its host rebooted since, and the member is judged again."""
-    uses = int(((status.get("trust") or {}).get("usesLeft", 0)) or 0)
-    if _another_boot(status, boot_id):
+    its verdict is Trusted, unexpired at `now`, with uses left, else 0 (a stored verdict
+    past its expiry, which the operator could not replace yet, labels nothing). A spent
+    verdict (maxUses decisions made) takes the labels off until the fresh quote it asks for
+    verifies, so the scheduler cannot keep placing gated VMs on a member whose agent
+    withholds that quote; VMs already there stay (labels only steer scheduling; no taint is
+    set for it). So does a Node reporting another boot (`boot_id`) than the one the
+    verdict's member last saw (`trust.nodeBootID`): its host rebooted since, and the member
+    is judged again."""
+    trust = status.get("trust") or {}
+    uses = int(trust.get("usesLeft", 0) or 0)
+    expires = parse_ts(trust.get("expiresAt"))
+    if _another_boot(status, boot_id) or expires is None or expires <= now:
         return 0
     return int(status.get("level", 0) or 0) if uses > 0 else 0
 

@@ -183,10 +183,8 @@ NO_MEMBER: Mapping[str, Any] = {
 
 def _status_for_moves(rt: Runtime, name: str) -> Mapping[str, Any] | None:
     """The verdict the VMs on `name` are held to (None: neither a Member nor a Node)."""
-    body = rt.view.members.get(name)
-    if body is not None:
-        status: Mapping[str, Any] = body.get("status") or {}
-        return status
+    if name in rt.view.members:
+        return rt.view.verdict_of(name)  # one that could not be stored included
     return NO_MEMBER if name in rt.view.nodes else None
 
 
@@ -215,9 +213,14 @@ async def _judge(rt: Runtime, name: str) -> None:
         # another replica wrote first: it holds the member now, or the body was stale), and
         # the member is looked at again soon (its nonce is not taken as answered)
         if written is False and new.get("phase") != MemberPhase.TRUSTED:
+            # and the pool is held to it (admission, its VMs, its Node on every event)
+            # until a verdict is stored: an agent that grew its Member past what the API
+            # server stores must not keep the last one that could be
+            rt.view.hold_to(name, status, new)
             await sync_node(rt, name, status_override=new)
         rt.schedule.schedule(name, WRITE_RETRY)
         return
+    rt.view.unwritten.pop(name, None)
     if step is not None and step.answered_nonce is not None:
         rt.attestation.seen(name).append(step.answered_nonce)
     in_line = await sync_node(rt, name)

@@ -62,6 +62,7 @@ def _host_base(
     rvs = (
         str((body.get("metadata") or {}).get("resourceVersion", "")),
         str((node.get("metadata") or {}).get("resourceVersion", "")),
+        str(body.get("status") is not (rt.view.members.get(name) or {}).get("status")),
     )
     if hit is not None and last is not None and hit[0] == rvs:
         base = last._replace(body=body, node=node)
@@ -108,11 +109,11 @@ def hosts(rt: Runtime, now: dt.datetime, exclude: Key | None = None) -> list[Hos
     nodes = rt.view.nodes
     none = [0, 0]
     out = []
-    for name, body in list(rt.view.members.items()):
+    for name, stored in list(rt.view.members.items()):
         node = nodes.get(name)
         if node is None:
             continue
-        base = _host_base(rt, name, body, node)
+        base = _host_base(rt, name, rt.view.held_body(name, stored) or stored, node)
         u = used.get(name, none)
         usable = base.view.usable(now, 1) and base.view.uses_left > unspent.get(name, 0)
         last = memo.get(name)
@@ -148,10 +149,10 @@ def pool_cache(rt: Runtime, now: dt.datetime) -> frozenset[str]:
     if at is not None and (now - at).total_seconds() < POOL_CACHE_SECONDS:
         return union
     sets = []
-    for name, body in list(rt.view.members.items()):
+    for name, stored in list(rt.view.members.items()):
         node = rt.view.nodes.get(name)
         if node is not None:
-            base = _host_base(rt, name, body, node)
+            base = _host_base(rt, name, rt.view.held_body(name, stored) or stored, node)
             if base.view.usable(now, 1):
                 sets.append(base.images)
     union = frozenset().union(*sets)

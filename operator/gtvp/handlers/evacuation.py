@@ -672,8 +672,8 @@ async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
         return
     now = dt.datetime.now(dt.UTC)
     members = {
-        n: member_view(n, m.get("status") or {}, rt.view.node_boot_id(n))
-        if (m := rt.view.members.get(n))
+        n: member_view(n, rt.view.verdict_of(n), rt.view.node_boot_id(n))
+        if n in rt.view.members
         else None
         for n in {*heading, *([spender] if spender else [])}
     }

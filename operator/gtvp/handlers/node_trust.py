@@ -4,6 +4,7 @@ Node gets a Member, and the Member the operator made for a Node leaves with it."
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -41,7 +42,7 @@ async def sync_node(
     when the patch failed (the Node is not in line; the caller looks again)."""
     for attempt in range(NODE_WRITE_ATTEMPTS):
         node = rt.view.nodes.get(name)
-        body = rt.view.members.get(name)
+        body = rt.view.member_body(name)  # a verdict reached but not stored included
         if node is None or not rt.coordination.holds(name):
             return True
         if status_override is not None:
@@ -89,7 +90,7 @@ def _trust_patch(node: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str
         (node.get("metadata") or {}).get("labels") or {},
         (node.get("spec") or {}).get("taints") or [],
         str(status.get("phase", "")),
-        label_level(status, node_boot_id(node)),
+        label_level(status, node_boot_id(node), now=dt.datetime.now(dt.UTC)),
     )
 
 
@@ -116,8 +117,8 @@ def _read_again(rt: Runtime, name: str) -> None:
 def _what_changed(status: Mapping[str, Any], boot_id: str | None) -> str:
     if status.get("phase") != MemberPhase.TRUSTED:
         return "trust labels removed, tainted gtvp.io/untrusted:NoSchedule"
-    if label_level(status, boot_id) == 0:
-        return "trust labels removed until a fresh quote verifies (verdict spent)"
+    if label_level(status, boot_id, now=dt.datetime.now(dt.UTC)) == 0:
+        return "trust labels removed until a fresh quote verifies (verdict spent or expired)"
     return "trusted labels set"
 
 
