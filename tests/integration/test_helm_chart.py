@@ -919,11 +919,13 @@ def test_chart_keeps_the_operators_own_policies_as_the_local_pool_does(
     )
     chart_policy["spec"]["matchConditions"][0] = local_policy["spec"]["matchConditions"][0]
     if name == "gtvp-status-writes":
-        (agent,) = [c for c in conditions if c["name"] == "not-an-agent"]
+        cond = "not-an-agent-on-members"
+        (agent,) = [c for c in conditions if c["name"] == cond]
         assert agent["expression"] == (
-            "request.userInfo.username != 'system:serviceaccount:gtvp-system:gtvp-agent'"
+            "!(request.resource.resource == 'members' && "
+            "request.userInfo.username == 'system:serviceaccount:gtvp-system:gtvp-agent')"
         )
-        local = [c for c in local_policy["spec"]["matchConditions"] if c["name"] == "not-an-agent"]
+        local = [c for c in local_policy["spec"]["matchConditions"] if c["name"] == cond]
         agent["expression"] = local[0]["expression"]
     assert chart_policy["spec"] == local_policy["spec"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity
+from gtvp_local.controlplane import ADMIN, OPERATOR, ControlPlane, Identity, agent_identity
 from gtvp_local.pool import apply_manifests
 from tests.rbac import grant, pod_token_kubeconfig, until_refused
 
@@ -82,6 +82,28 @@ def test_a_box_owner_with_every_right_on_gtvp_io_cannot_write_its_status(
     for who in (OPERATOR, ADMIN):
         ok = _patch_status(control_plane, namespace, {"phase": "Pending"}, who)
         assert ok.returncode == 0, (who.user, ok.stderr)
+
+
+def test_an_agent_granted_more_than_its_member_still_writes_no_box_status(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """The agents' exemption is for their Member's status only (gtvp-agent-writes bounds
+    it): root on a host whose agent account some wildcard or aggregated role gives more
+    must still not write a box's composedBoots or attestation, which key release reads."""
+    apply_manifests(control_plane)
+    agent = agent_identity(f"host-{uuid.uuid4().hex[:6]}")
+    grant(control_plane, "gtvp-test-wide-agent",
+          [{"apiGroups": ["gtvp.io"], "resources": ["*"], "verbs": ["*"]}], (agent,))  # fmt: skip
+    control_plane.kubectl("create", "-n", namespace, "-f", "-", input_text=json.dumps(_box("box")))
+    forged = {"composedBoots": ["ab" * 32]}
+    until_refused(
+        control_plane, "gtvp-status-writes", REFUSED, "patch", "lazybox", "box", "-n",
+        namespace, "--subresource=status", "--type=merge", "-p", json.dumps({"status": forged}),
+        identity=agent,
+    )  # fmt: skip
+    refused = _patch_status(control_plane, namespace, forged, agent)
+    assert refused.returncode != 0
+    assert f"the status of LazyBox box {REFUSED}" in refused.stderr
 
 
 @pytest.mark.usefixtures("wildcard_owner")
