@@ -154,6 +154,27 @@ def test_an_identity_on_the_host_cannot_pick_its_nodes_transition_labels(
 
 
 @pytest.mark.usefixtures("node_patchers")
+def test_an_identity_on_the_host_cannot_make_its_node_look_like_the_control_plane(
+    control_plane: ControlPlane, node: str, namespace: str, tmp_path: Path
+) -> None:
+    """The chart runs gtvp's operator, whose token writes verdicts, on nodes labelled
+    node-role.kubernetes.io/control-plane: root on a host that labelled its own Node so
+    would draw the operator there at its next reschedule, and take its token."""
+    _until_refused(control_plane, node)
+    host = _host_token(control_plane, namespace, node, tmp_path)
+    role = "node-role.kubernetes.io/control-plane"
+    for labels, sub in (({role: ""}, ()), ({role: ""}, ("--subresource=status",))):
+        refused = _patch_as(control_plane, host, node, labels, *sub)
+        assert refused.returncode != 0, sub
+        assert "labels under node-role.kubernetes.io/ say which nodes run the control plane" in (
+            refused.stderr
+        )
+    assert role not in _node_labels(control_plane, node)
+    assert _label(control_plane, node, {role: ""}, ADMIN).returncode == 0  # kubeadm's way
+    assert _patch_as(control_plane, host, node, {role: "x"}).returncode != 0
+
+
+@pytest.mark.usefixtures("node_patchers")
 def test_an_identity_on_a_host_cannot_take_trust_from_another_hosts_node(
     control_plane: ControlPlane, cluster_names: list[str], namespace: str, tmp_path: Path
 ) -> None:
