@@ -123,6 +123,16 @@ def test_never_to_an_untrusted_or_lower_level_member() -> None:
     assert "no Trusted member of a sufficient level stays at or under 60 %" in got.stuck["a"]
 
 
+def test_never_to_a_cordoned_member() -> None:
+    """An administrator draining a member empties it, which makes it the most attractive
+    target; the scheduler would never place the box there, and the pending migration would
+    hold the box and the migration budget evacuations share (found by a review)."""
+    drained = dataclasses.replace(member("drained"), cordoned=True)
+    got = plan([member("a"), drained], HOT)
+    assert got.moves == ()
+    assert [m.target for m in plan([member("a"), drained, member("b")], HOT).moves] == ["b"]
+
+
 def test_a_box_moved_recently_stays_put() -> None:
     recent = {("apps", "small"): NOW - dt.timedelta(minutes=1)}
     got = plan([member("a"), member("b")], HOT, last_moved=recent)

@@ -206,13 +206,19 @@ def test_never_an_untrusted_or_lower_level_member() -> None:
 
 
 def test_pending_reason_names_each_obstacle() -> None:
-    hosts = [host("u", usable=False), host("low", level=1), host("full", used=7900)]
+    hosts = [
+        host("u", usable=False),
+        host("low", level=1),
+        host("full", used=7900),
+        replace(host("drained", images=digests("debian-minimal")), cordoned=True),
+    ]
     got = place(COMPS, 2, 1000, 2**29, hosts)
     assert got.node is None
     assert "1 not Trusted (u: Untrusted)" in got.reason
     assert "1 below level 2 (low: level 1)" in got.reason
     assert "1 without room" in got.reason
     assert "full: 100m CPU" in got.reason
+    assert "1 cordoned (drained)" in got.reason  # the scheduler would never start it there
 
 
 @settings(max_examples=50, deadline=None)

@@ -314,3 +314,21 @@ def test_a_delete_is_only_conditional_never_blind() -> None:
     # a copy gtvp wrote itself (no uid, no resourceVersion) cannot make the delete
     # conditional: nothing is deleted, no API call is made (no client is needed)
     assert kube.delete_unchanged(cast(Any, None), MIGRATIONS, {"metadata": {"name": "m"}}) is False
+
+
+def test_gtvps_own_balancing_move_pinned_where_it_cannot_go_is_taken_back_too() -> None:
+    """A balancing (or drain) migration of a VMI on a member that then lost trust, pinned
+    to a target that can no longer take it: the VMI counts as busy, so nothing else moves
+    it until KubeVirt fails that migration minutes later; taken back like an evacuation
+    (found by a review). A tenant's own migration is not gtvp's to take back here."""
+    balancing = Migration("ns", "gtvp-balance-a", "a", None, None, "Pending", pinned="drained")
+    drain = Migration("ns", "gtvp-drain-b", "b", None, None, "Pending", pinned="gone", drains="bad")
+    tenant = Migration("ns", "mine", "c", None, None, "Pending", pinned="gone", foreign=True)
+    migrations = [balancing, drain, tenant]
+    r = room(host("cold", cpu_used=0), migrations=tuple(migrations), placed=ON_BAD)
+    assert stale(r, migrations, [("cold", 3)]) == [
+        "gtvp-balance-a: its target drained is no longer a usable member of level 3 before "
+        "the migration was scheduled",
+        "gtvp-drain-b: its target gone is no longer a usable member of level 3 before the "
+        "migration was scheduled",
+    ]

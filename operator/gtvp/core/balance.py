@@ -302,8 +302,8 @@ def _pick(
     for box in (*enough, *rest):
         best: tuple[int, float, str] | None = None
         for name, h in loads.hosts.items():
-            if name == source or not h.usable or h.level < box.level:
-                continue
+            if name == source or not h.usable or h.cordoned or h.level < box.level:
+                continue  # a cordoned member: the scheduler would never start it there
             if not budget.receives(name):
                 continue
             after, fits = loads.room_for(name, box)

@@ -437,17 +437,20 @@ def stale_evacuations(
     targets: Sequence[tuple[str, int]],
     room: TargetRoom | None = None,
 ) -> list[Retarget]:
-    """gtvp's evacuation migrations off `member`, pinned and not scheduled yet, whose target
-    can no longer take the VMI: no longer a usable member (`targets`, name and level) of its
-    level, or committed beyond its allocatable since (`TargetRoom.overcommitted`). KubeVirt
-    would keep the target pod Pending and then fail the migration, and three failures leave
-    the VMI on the member being emptied; deleted now, it is no failure, and the next plan
-    pins it where it fits."""
+    """gtvp's migrations of VMIs on `member` (its evacuations off it, and its balancing and
+    drain moves of them), pinned and not scheduled yet, whose target can no longer take the
+    VMI: no longer a usable member (`targets`, name and level) of its level, or committed
+    beyond its allocatable since (`TargetRoom.overcommitted`). KubeVirt would keep the
+    target pod Pending and then fail the migration (while it lasts, the VMI counts as busy
+    and no evacuation of it starts), and three failures leave the VMI on the member being
+    emptied; deleted now, it is no failure, and the next plan pins it where it fits."""
     levels = {(v.namespace, v.name): v.level for v in vmis if v.node == member}
     pending = [
         m
         for m in migrations
-        if m.evacuates == member and unscheduled_pin(m) and (m.namespace, m.vmi) in levels
+        if (m.evacuates == member or (m.evacuates is None and not m.foreign))
+        and unscheduled_pin(m)
+        and (m.namespace, m.vmi) in levels
     ]
     full = room.overcommitted({(m.namespace, m.name) for m in pending}) if room else {}
     usable = dict(targets)

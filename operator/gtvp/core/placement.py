@@ -29,6 +29,7 @@ class Host:
     cpu_used: int
     memory_used: int
     images: frozenset[str]
+    cordoned: bool = False  # its Node's spec.unschedulable (kubectl cordon / drain)
 
     def load_after(self, cpu: int, memory: int) -> float:
         return max(
@@ -68,31 +69,29 @@ def place(
     low: list[Host] = []
     full: list[Host] = []
     fit: list[Host] = []
+    cordoned: list[Host] = []
     for h in hosts:  # one pass: this runs for every box against every member
         if not h.usable:
             untrusted.append(h)
         elif h.level < level:
             low.append(h)
+        elif h.cordoned:  # the scheduler would never start the VM there
+            cordoned.append(h)
         elif h.cpu_used + cpu <= h.cpu_millis and h.memory_used + memory <= h.memory_bytes:
             fit.append(h)  # h.fits(cpu, memory), inlined
         else:
             full.append(h)
     if not fit:
-        why = []
-        if not hosts:
-            why.append("the pool has no members")
-        if untrusted:
-            phases = _few(untrusted, lambda h: h.phase or "no verdict")
-            why.append(f"{len(untrusted)} not Trusted ({phases})")
-        if low:
-            why.append(
-                f"{len(low)} below level {level} ({_few(low, lambda h: f'level {h.level}')})"
-            )
-        if full:
-            why.append(
-                f"{len(full)} without room for {cpu}m CPU / {human_bytes(memory)} with "
-                f"KubeVirt's overhead ({_few(full, _free)})"
-            )
+        why = _why_none(
+            level,
+            cpu,
+            memory,
+            pool=hosts,
+            untrusted=untrusted,
+            low=low,
+            cordoned=cordoned,
+            full=full,
+        )
         return Placement(None, "no member qualifies: " + "; ".join(why), 0, total)
     sizes = _sizes(components)
     digests = frozenset(sizes)
@@ -132,6 +131,40 @@ def _free(h: Host) -> str:
         f"{h.cpu_millis - h.cpu_used}m CPU / "
         f"{human_bytes(max(h.memory_bytes - h.memory_used, 0))} free"
     )
+
+
+def _why_none(
+    level: int,
+    cpu: int,
+    memory: int,
+    *,
+    pool: Sequence[Host],
+    untrusted: Sequence[Host],
+    low: Sequence[Host],
+    cordoned: Sequence[Host],
+    full: Sequence[Host],
+) -> list[str]:
+    """What keeps each member that does not qualify from taking the box."""
+    why = []
+    if not pool:
+        why.append("the pool has no members")
+    if untrusted:
+        why.append(f"{len(untrusted)} not Trusted ({_few(untrusted, _phase)})")
+    if low:
+        why.append(f"{len(low)} below level {level} ({_few(low, lambda h: f'level {h.level}')})")
+    if cordoned:
+        more = f", +{len(cordoned) - 3} more" if len(cordoned) > 3 else ""
+        why.append(f"{len(cordoned)} cordoned ({', '.join(h.name for h in cordoned[:3])}{more})")
+    if full:
+        why.append(
+            f"{len(full)} without room for {cpu}m CPU / {human_bytes(memory)} with "
+            f"KubeVirt's overhead ({_few(full, _free)})"
+        )
+    return why
+
+
+def _phase(h: Host) -> str:
+    return h.phase or "no verdict"
 
 
 def _few(hosts: Sequence[Host], what: Callable[[Host], str]) -> str:

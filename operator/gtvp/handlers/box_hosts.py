@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from gtvp.cluster_view import Key
 from gtvp.core.components import image_digests
-from gtvp.core.evacuation import Migration
+from gtvp.core.evacuation import Migration, cordoned
 from gtvp.core.footprint import box_asks
 from gtvp.core.placement import Host
 from gtvp.core.quantity import cpu_millis, memory_bytes
@@ -136,6 +136,7 @@ def hosts(rt: Runtime, now: dt.datetime, exclude: Key | None = None) -> list[Hos
             cpu_used=u[0],
             memory_used=u[1],
             images=base.images,
+            cordoned=cordoned(node),
         )
         memo[name] = (base, usable, u[0], u[1], host)
         out.append(host)
