@@ -104,6 +104,22 @@ def test_vmis_that_are_not_gtvps_to_move_are_left_alone() -> None:
     assert drain_evacuee(vmi_body(phase="Scheduling")) is None
 
 
+def test_a_level_raised_through_the_trust_selector_is_the_level_drained_at() -> None:
+    """A VMI raised live to level 3 through its trust selector (its label still says 1) runs
+    on a level-3 member: planned at level 1, every drain target would be refused by
+    admission, the same each pass, and the drain never ends (found by a review)."""
+    from gtvp.core.trust import trust_selector
+
+    raised = vmi_body(labels={"gtvp.io/level": "1"})
+    raised["spec"]["nodeSelector"] = {**trust_selector(1), **trust_selector(3)}
+    got = drain_evacuee(raised)
+    assert got is not None
+    assert got.level == 3
+    unlabelled = vmi_body(labels={})
+    unlabelled["spec"]["nodeSelector"] = trust_selector(2)  # its label gone, its selector kept
+    assert (drain_evacuee(unlabelled) or Evacuee("", "", "", 0)).level == 2
+
+
 def test_an_unreadable_level_is_treated_as_the_strictest() -> None:
     got = drain_evacuee(vmi_body(labels={"gtvp.io/level": "high"}))
     assert got is not None

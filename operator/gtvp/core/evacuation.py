@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 from gtvp.core.api_resources import MIGRATIONS
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.footprint import vmi_requests
-from gtvp.core.gating import GatingError, level_of
+from gtvp.core.gating import GatingError, admitted_level
 from gtvp.core.migration_budget import ActiveMigration, MigrationBudget, recorded_source
 from gtvp.core.policy import Level, MigrationLimits
 from gtvp.core.prefetch import Part, cached_bytes
@@ -661,10 +661,10 @@ class DrainPlan:
 def drain_evacuee(vmi: Mapping[str, Any]) -> Evacuee | None:
     """The VMI as an Evacuee if gtvp must move it off a node being drained, else None.
 
-    gtvp's: a running VMI with `spec.evictionStrategy: External` that opts in to gating
-    (`gtvp.io/level`; every Lazy Box does) and whose `status.evacuationNodeName` names the
-    node it runs on. Once it runs elsewhere the mark is history (KubeVirt clears it).
-    """
+    gtvp's: a running VMI with `spec.evictionStrategy: External` that is gated (admitted at a
+    level: `gtvp.io/level` or its trust selector, the higher; every Lazy Box is) and whose
+    `status.evacuationNodeName` names the node it runs on. Once it runs elsewhere the mark
+    is history (KubeVirt clears it)."""
     meta = vmi.get("metadata") or {}
     spec = vmi.get("spec") or {}
     status = vmi.get("status") or {}
@@ -676,8 +676,8 @@ def drain_evacuee(vmi: Mapping[str, Any]) -> Evacuee | None:
     if meta.get("deletionTimestamp"):
         return None
     labels = meta.get("labels") or {}
-    try:
-        level = level_of(labels)
+    try:  # the level it was admitted with: a raise through its trust selector counts too
+        level = admitted_level(labels, spec.get("nodeSelector"))
     except GatingError:
         level = _STRICTEST
     if level is None:

@@ -25,6 +25,7 @@ from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import box_requests, hosts
+from gtvp.handlers.verdict_uses import gated_level
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -47,7 +48,9 @@ def placed_boxes(rt: Runtime) -> list[PlacedBox]:
         cpu, mem = box_requests(rt, key, box)
         resolved = (box.get("status") or {}).get("resolved") or []
         parts = tuple((str(r.get("digest", "")), int(r.get("sizeBytes", 0) or 0)) for r in resolved)
-        level = int((box.get("spec") or {}).get("level", 1) or 1)
+        # the level its VMI was admitted with where that is higher (raised live through its
+        # trust selector): a move to a lower member would only be refused by admission
+        level = max(int((box.get("spec") or {}).get("level", 1) or 1), gated_level(vmi) or 0)
         out.append(PlacedBox(key[0], key[1], str(node), level, cpu, mem, parts))
     return out
 
