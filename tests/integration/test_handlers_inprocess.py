@@ -191,6 +191,30 @@ def test_migration_of_a_vmi_the_watch_has_not_delivered_is_judged_on_a_get(
     admission.validate_migration(body=kopf.Body(migration), memo=_memo(rt))
 
 
+def test_migration_is_judged_on_the_servers_vmi_not_a_namesake_in_the_cache(
+    rt: Runtime, control_plane: ControlPlane, namespace: str
+) -> None:
+    """The watch missed a deletion: the view still holds an ungated `db` while a gated `db`
+    runs now. A migration names its VMI by name only; it is gated as the server's VMI is
+    (here: sent out of the pool, which no gated VM may be)."""
+    gated = _vmi("db", 2, selector=True)
+    gated["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(gated))
+    ghost = _vmi("db", 0)
+    ghost["metadata"].update(namespace=namespace, labels={})
+    rt.view.observe_vmi(ghost, "ADDED")
+    rt.view.observe_member(_trusted("target", 2), "ADDED")
+    migration = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": "away", "namespace": namespace},
+        "spec": {"vmiName": "db", "sendTo": {"connectURL": "https://elsewhere:443"}},
+    }
+    with pytest.raises(kopf.AdmissionError) as refused:
+        admission.validate_migration(body=kopf.Body(migration), memo=_memo(rt))
+    assert refused.value.code == 403
+
+
 def test_migration_of_a_vmi_that_does_not_exist_is_not_gated(rt: Runtime, namespace: str) -> None:
     migration = {
         "metadata": {"name": "m", "namespace": namespace},

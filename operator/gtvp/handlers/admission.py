@@ -68,10 +68,9 @@ def _require_loaded(rt: Runtime, kind: str) -> None:
 
 
 def _vmi(rt: Runtime, namespace: str, name: str, kind: str) -> dict[str, Any]:
-    """The migrated VMI (watch cache, else a GET): a VMI not yet seen must not skip gating."""
-    cached = rt.view.vmis.get((namespace, name))
-    if cached is not None:
-        return cached
+    """The migrated VMI, read from the API server (migrations are rare): the watch cache
+    may not have seen it yet, or may still hold a namesake deleted while it was away (a
+    migration names its VMI by name only), and neither may decide how it is gated."""
     try:
         return kube.get_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, name, namespace) or {}
     except Exception as exc:
