@@ -1120,6 +1120,37 @@ def test_the_resync_loop_lists_pods_and_migrations_with_the_operators_rights(
 
 
 @pytest.mark.tpm
+def test_a_vmi_pinned_to_its_host_takes_no_evacuation_slot_from_the_others(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, under_pool_policy: None
+) -> None:
+    """A tenant pins gated VMs to a host (nodeSelector kubernetes.io/hostname, which
+    admission allows): when it loses trust, an evacuation pinned to another member could
+    never be scheduled, and would hold the host's outbound slots until KubeVirt failed it,
+    three times, while the other tenants' VMs waited (found by a review). Such a VM waits,
+    unpinned, and says why; the others move."""
+    allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
+    for name in ("t1", "t2"):
+        rt.view.observe_member(_trusted(name, 3), "ADDED")
+        rt.view.observe_node({"metadata": {"name": name, "labels": {HOSTNAME_LABEL: name}},
+                              "status": {"allocatable": allocatable}}, "ADDED")  # fmt: skip
+    for name in ("aaa-1", "aaa-2", "zzz-victim"):
+        vmi = _vmi(name, 3, selector=True)
+        vmi["metadata"]["namespace"] = namespace
+        if name.startswith("aaa"):
+            vmi["spec"]["nodeSelector"][HOSTNAME_LABEL] = "bad"
+        rt.view.observe_vmi({**vmi, "status": {"nodeName": "bad", "phase": "Running"}}, "ADDED")
+
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Migrate"))
+    moved = [m["spec"]["vmiName"] for m in _migrations_seen(control_plane, rt, namespace)]
+    assert moved == ["zzz-victim"]
+    said = _event_messages(control_plane, namespace, "EvacuationWaiting")
+    assert (
+        "evacuation off bad waits: no Trusted, uncordoned member of level 3 or above is one "
+        "its own nodeSelector or node affinity allows"
+    ) in said
+
+
+@pytest.mark.tpm
 def test_an_evacuation_is_pinned_where_the_vmi_fits_not_to_a_full_member(
     control_plane: ControlPlane,
     rt: Runtime,

@@ -374,6 +374,7 @@ def plan_evacuation(
     targets: Sequence[tuple[str, int]] | None = None,
     images: Mapping[str, frozenset[str]] | None = None,
     room: TargetRoom | None = None,
+    allowed: Mapping[tuple[str, str], frozenset[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """The VirtualMachineInstanceMigration objects to create now for `member`.
 
@@ -384,6 +385,8 @@ def plan_evacuation(
     `images`: the digests each target's Node lists (`Node.status.images`): a box goes to
     the eligible target caching most of its bytes. `room`: what each target has not
     committed; a VMI goes only where its requests fit, and waits when they fit nowhere.
+    `allowed`: for a VMI whose own nodeSelector or node affinity names nodes, the targets
+    those allow (`core.node_affinity`); a pin elsewhere could never be scheduled.
     """
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
@@ -414,6 +417,7 @@ def plan_evacuation(
                 for name, level in targets
                 if name != member
                 and level >= vmi.level
+                and (allowed is None or key not in allowed or name in allowed[key])
                 and (room is None or room.fits(name, vmi.cpu_millis, vmi.memory_bytes))
             ]
             target = best_target(budget, least_failed(eligible, past), vmi.parts, images or {})

@@ -27,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from gtvp import kube
 from gtvp.box_attestation import where_runs
+from gtvp.cluster_view import Key
 from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
 from gtvp.core.boxattest import must_leave
 from gtvp.core.components import image_digests
@@ -61,6 +62,7 @@ from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
+from gtvp.core.node_affinity import allows, constrained
 from gtvp.core.policy import Level
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import human_duration, parse_ts
@@ -276,8 +278,20 @@ async def _act(
     if not on_member:
         return left
     members = rt.view.member_views()
+    targets = [
+        (m.name, m.level)
+        for m in members
+        if m.name != member
+        and m.name in rt.view.nodes
+        and m.usable(now, 1)
+        and not cordoned(rt.view.nodes[m.name])
+    ]
+    allowed = _own_constraints(rt, on_member, targets)
     movable = [
-        v for v in on_member if any(m.name != member and m.usable(now, v.level) for m in members)
+        v
+        for v in on_member
+        if any(m.name != member and m.usable(now, v.level) for m in members)
+        and allowed.get((v.namespace, v.name)) != frozenset()
     ]
     stuck = sorted(f"{v.namespace}/{v.name}" for v in on_member if v not in movable)
     said = rt.evacuation.waiting.pop(topic, [])  # stuck again later: said again
@@ -293,16 +307,13 @@ async def _act(
     for v in on_member:
         if f"{v.namespace}/{v.name}" in newly:
             why = f"no Trusted member of level {v.level} or above can take it yet"
+            if allowed.get((v.namespace, v.name)) == frozenset():
+                why = (
+                    f"no Trusted, uncordoned member of level {v.level} or above is one its own "
+                    "nodeSelector or node affinity allows"
+                )
             await _vmi_event(rt, (v.namespace, v.name), "Warning", "EvacuationWaiting",
                              f"evacuation off {member} waits: {why}")  # fmt: skip
-    targets = [
-        (m.name, m.level)
-        for m in members
-        if m.name != member
-        and m.name in rt.view.nodes
-        and m.usable(now, 1)
-        and not cordoned(rt.view.nodes[m.name])
-    ]
     migrations = await _release_foreign_holds(rt, member, movable, now)
     await _say_stalled(rt, member, movable, migrations, topic)
     room = await asyncio.to_thread(target_room, rt, migrations)
@@ -324,9 +335,30 @@ async def _act(
         targets=targets,
         images=node_images(rt, [name for name, _ in targets]),
         room=room,
+        allowed=allowed,
     ):
         await _start(rt, member, obj)
     return left
+
+
+def _own_constraints(
+    rt: Runtime, vmis: Sequence[Vmi], targets: Sequence[tuple[str, int]]
+) -> dict[Key, frozenset[str]]:
+    """For each VMI whose own nodeSelector or required node affinity names nodes, the
+    targets of its level those allow (`core.node_affinity`; empty: none, it waits unpinned
+    instead of holding a migration slot with a pin that can never be scheduled)."""
+    out = {}
+    for v in vmis:
+        spec = (rt.view.vmis.get((v.namespace, v.name)) or {}).get("spec") or {}
+        if not constrained(spec):
+            continue
+        out[(v.namespace, v.name)] = frozenset(
+            name
+            for name, level in targets
+            if level >= v.level
+            and allows(spec, name, (rt.view.nodes[name].get("metadata") or {}).get("labels") or {})
+        )
+    return out
 
 
 async def _say_full(
