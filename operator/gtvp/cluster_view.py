@@ -10,6 +10,7 @@ decisions, no kopf.
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_node
 from gtvp.core.launchers import LauncherPod, launcher_pod, made_for, pod_nodes
 from gtvp.core.policy import Policy
-from gtvp.core.trust import MemberView, member_view, node_boot_id
+from gtvp.core.trust import MemberView, as_labelled, member_view, node_boot_id
 
 Key = tuple[str, str]
 """(namespace, name) of a namespaced object."""
@@ -83,7 +84,7 @@ class ClusterView:
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     unwritten: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
     """Verdicts taking trust away that could not be stored (`hold_to`): member -> (the
-    stored `status.trust` each was reached over, the verdict)."""
+    stored verdict each was reached over, `_verdict_part`, and the verdict)."""
     policy: Policy | None = None
     """The generation of the enforced SecurityPolicy the pool runs under (None: none usable)."""
     policy_error: str | None = None
@@ -142,7 +143,7 @@ class ClusterView:
         stored since one was held to (`hold_to`) ends that hold."""
         self.members[name] = body = kept(body)
         held = self.unwritten.get(name)
-        if held is not None and ((body.get("status") or {}).get("trust") or {}) != held[0]:
+        if held is not None and _verdict_part(body.get("status") or {}) != held[0]:
             del self.unwritten[name]
         ek = ((body.get("status") or {}).get("trust") or {}).get("ekSHA256")
         self._index_ek(name, str(ek) if ek else None)
@@ -175,29 +176,40 @@ class ClusterView:
         status `over` but could not store (the API server refused the write: an object an
         agent grew past what etcd takes, a webhook, a 5xx): until the stored verdict
         changes, the pool is held to it (`verdict_of`), not to the stored one."""
-        self.unwritten[name] = (dict((over or {}).get("trust") or {}), dict(verdict))
+        self.unwritten[name] = (_verdict_part(over), dict(verdict))
 
     def verdict_of(self, name: str) -> Mapping[str, Any]:
-        """The status a member's Node, its VMs and admission are held to: the verdict the
-        operator reached but could not store (`hold_to`) while there is one, else the
-        stored status."""
+        """The status a member's VMs and admission are held to (`held_body`)."""
         status: Mapping[str, Any] = (self.member_body(name) or {}).get("status") or {}
         return status
 
-    def member_body(self, name: str) -> Mapping[str, Any] | None:
-        """The member's body with the status it is held to (`verdict_of`)."""
-        return self.held_body(name, self.members.get(name))
+    def member_body(self, name: str, *, by_labels: bool = True) -> Mapping[str, Any] | None:
+        """The member's body with the status it is held to (`held_body`)."""
+        return self.held_body(name, self.members.get(name), by_labels=by_labels)
 
-    def held_body(self, name: str, body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-        """`body` (the member's, from the view or read fresh) with the verdict the pool is
-        held to in place of its status, while that body still stores the verdict the hold
-        was reached over."""
+    def held_body(
+        self, name: str, body: Mapping[str, Any] | None, *, by_labels: bool = True
+    ) -> Mapping[str, Any] | None:
+        """`body` (the member's, from the view or read fresh) with the status the pool is
+        held to: the verdict this replica reached but could not store (`hold_to`), while
+        that body still stores the one it was reached over; and (`by_labels`) a stored
+        Trusted verdict no more than its Node's trust labels say (`trust.as_labelled`: the
+        replica that reached a verdict it could not store takes them off; the Node's own
+        writer, that replica, reads it without)."""
+        if body is None:
+            return None
+        status: Mapping[str, Any] = body.get("status") or {}
         held = self.unwritten.get(name)
-        if body is None or held is None:
-            return body
-        if ((body.get("status") or {}).get("trust") or {}) != held[0]:
-            return body
-        return {**body, "status": held[1]}
+        if held is not None and _verdict_part(status) == held[0]:
+            status = held[1]
+        elif by_labels and name in self.nodes:
+            status = as_labelled(
+                status,
+                self.node_labels.get(name),
+                self.node_boot_id(name),
+                dt.datetime.now(dt.UTC),
+            )
+        return body if status is body.get("status") else {**body, "status": status}
 
     def observe_node(self, body: Mapping[str, Any], event_type: str) -> bool:
         """Record a Node event; False when the node is gone."""
@@ -477,3 +489,11 @@ def vmi_node(body: Mapping[str, Any], before: str | None) -> str | None:
 def _uid(body: Mapping[str, Any]) -> str | None:
     uid = (body.get("metadata") or {}).get("uid")
     return str(uid) if uid else None
+
+
+def _verdict_part(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored status's verdict (`status.trust`) less the uses spent on it: a spend is
+    stored even when a verdict is not (it does not grow the Member), and must not end a
+    hold (`ClusterView.hold_to`); only another verdict does."""
+    trust = (status or {}).get("trust") or {}
+    return {k: v for k, v in trust.items() if k != "usesLeft"}

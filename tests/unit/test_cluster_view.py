@@ -52,8 +52,11 @@ def test_a_verdict_that_could_not_be_stored_holds_until_one_is() -> None:
     lost = {"phase": "Untrusted", "level": 0, "trust": {"verdict": "Untrusted", "reason": "X"}}
     view.hold_to("m", stored["status"], lost)
     assert view.verdict_of("m") == lost
+    spend = {**stored, "status": {**stored["status"], "trust": {**trust, "usesLeft": 4}}}
+    view.observe_member(spend, "MODIFIED")  # a spend is stored, the verdict was not
+    assert view.verdict_of("m") == lost
     assert not view.member_views()[0].usable(now, 1)
-    agent = {**stored, "status": {**stored["status"], "agent": {"evidence": {"nonce": "ab"}}}}
+    agent = {**spend, "status": {**spend["status"], "agent": {"evidence": {"nonce": "ab"}}}}
     view.observe_member(agent, "MODIFIED")  # the agent's writes change no verdict
     assert view.verdict_of("m") == lost
     assert view.held_body("m", agent) == {**agent, "status": lost}
@@ -63,6 +66,50 @@ def test_a_verdict_that_could_not_be_stored_holds_until_one_is() -> None:
     view.hold_to("m", written["status"], lost)
     view.observe_member(written, "DELETED")
     assert "m" not in view.unwritten
+
+
+def test_a_replica_that_never_saw_a_held_verdict_goes_by_the_nodes_labels() -> None:
+    """Only the replica holding the member reached the verdict the API server would not
+    store; it took the Node's trust labels off. Another replica (admission, the leader's
+    moves, key release) holds the member to what those labels say once they have had a
+    moment to follow the stored verdict; a spent verdict's bare Node changes nothing."""
+    import datetime as dt
+
+    from gtvp.core.timestamps import format_ts
+    from gtvp.core.trust import desired_labels
+
+    now = dt.datetime.now(dt.UTC)
+    trust = {
+        "verdict": "Trusted",
+        "usesLeft": 5,
+        "expiresAt": format_ts(now + dt.timedelta(hours=1)),
+        "verifiedAt": format_ts(now - dt.timedelta(seconds=30)),
+    }
+    member = {"metadata": {"name": "m"}, "status": {"phase": "Trusted", "level": 3, "trust": trust}}
+    labelled = {k: v for k, v in desired_labels("Trusted", 3).items() if v is not None}
+    other = ClusterView()
+    other.observe_member(member, "ADDED")
+    other.observe_node({"metadata": {"name": "m", "labels": labelled}}, "ADDED")
+    assert other.member_views()[0].usable(now, 3)
+    # the holder could not store its Untrusted verdict and took the labels off
+    other.observe_node({"metadata": {"name": "m", "labels": {}}}, "MODIFIED")
+    assert not other.member_views()[0].usable(now, 1)
+    assert other.verdict_of("m")["phase"] == "Untrusted"
+    lowered = {k: v for k, v in desired_labels("Trusted", 1).items() if v is not None}
+    other.observe_node({"metadata": {"name": "m", "labels": lowered}}, "MODIFIED")
+    assert other.member_views()[0].usable(now, 1)
+    assert not other.member_views()[0].usable(now, 2)
+    # the Node's own writer goes by the verdict, not by the labels it writes
+    assert (other.member_body("m", by_labels=False) or {})["status"]["level"] == 3
+    # a verdict stored a moment ago: its labels may not have followed yet
+    fresh = {**trust, "verifiedAt": format_ts(now)}
+    other.observe_member({**member, "status": {**member["status"], "trust": fresh}}, "MODIFIED")
+    assert other.member_views()[0].usable(now, 3)
+    # a spent verdict takes the labels off by itself: it stays what it is (no evacuation)
+    spent = {**trust, "usesLeft": 0}
+    other.observe_member({**member, "status": {**member["status"], "trust": spent}}, "MODIFIED")
+    other.observe_node({"metadata": {"name": "m", "labels": {}}}, "MODIFIED")
+    assert other.verdict_of("m")["phase"] == "Trusted"
 
 
 def test_vmis_are_indexed_by_the_node_they_run_on() -> None:

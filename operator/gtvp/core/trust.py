@@ -201,6 +201,61 @@ def held_level(status: Mapping[str, Any]) -> int:
     return int(status.get("level", 0) or 0)
 
 
+LABEL_LAG = dt.timedelta(seconds=5)
+"""How long after a verdict is stored its Node's trust labels may still say less (the
+replica holding the member writes them right after the verdict)."""
+
+
+def labelled_level(labels: Mapping[str, str] | None) -> int:
+    """The level a Node's gtvp trust labels advertise (0: not trusted)."""
+    labels = labels or {}
+    if labels.get(TRUSTED_LABEL) != "true":
+        return 0
+    return max(
+        (n for n in range(1, MAX_LEVEL + 1) if labels.get(f"{LEVEL_LABEL}{n}") == "true"),
+        default=0,
+    )
+
+
+def as_labelled(
+    status: Mapping[str, Any],
+    labels: Mapping[str, str] | None,
+    boot_id: str | None,
+    now: dt.datetime,
+) -> Mapping[str, Any]:
+    """A stored Trusted `status` no more than its Node's labels say, once they have had
+    `LABEL_LAG` to follow it. Only the operator sets those labels (a host may remove them
+    from its own Node only), and the replica holding the member takes them off for a verdict
+    the API server refused to store (`ClusterView.hold_to`): the other replicas, which
+    never saw that verdict, hold the member to what the labels say. A Node saying less
+    because its verdict is spent, expired or from another boot changes nothing here
+    (`label_level` is 0 for those already)."""
+    if status.get("phase") != MemberPhase.TRUSTED:
+        return status
+    verified = parse_ts((status.get("trust") or {}).get("verifiedAt"))
+    if verified is None or now - verified < LABEL_LAG:
+        return status
+    labelled = labelled_level(labels)
+    if labelled >= label_level(status, boot_id, now=now):
+        return status
+    if labelled > 0:
+        return {**status, "level": labelled}
+    trust = {**(status.get("trust") or {}), "verdict": "Untrusted", "reason": "NotStored"}
+    return {**status, "phase": MemberPhase.UNTRUSTED.value, "level": 0, "trust": trust}
+
+
+def holds_less(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Whether status `after` backs less than `before` does in any way: trust taken away
+    (`takes_trust_away`), or a Trusted verdict with fewer uses left or an earlier expiry."""
+    if after.get("phase") != MemberPhase.TRUSTED or takes_trust_away(before, after):
+        return True
+    was, now = before.get("trust") or {}, after.get("trust") or {}
+    if int(now.get("usesLeft", 0) or 0) < int(was.get("usesLeft", 0) or 0):
+        return True
+    ends, ended = parse_ts(now.get("expiresAt")), parse_ts(was.get("expiresAt"))
+    return ends is None or (ended is not None and ends < ended)
+
+
 def takes_trust_away(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
     """Whether status `after` lets the member hold less than `before` did: it lost its
     verdict, went into Maintenance, or its level dropped."""

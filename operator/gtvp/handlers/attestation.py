@@ -30,7 +30,7 @@ from gtvp.core.attestation import ENTROPY_BYTES, Step, attestation_step
 from gtvp.core.phases import MemberPhase, Verdict
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
-from gtvp.core.trust import below_since, below_since_times, takes_trust_away
+from gtvp.core.trust import below_since, below_since_times, holds_less, takes_trust_away
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, says_more, sync_node
 from gtvp.handlers.verdict_uses import spend_owed
@@ -212,10 +212,11 @@ async def _judge(rt: Runtime, name: str) -> None:
         # fail closed: the Node loses trust on the verdict reached, even unwritten (not when
         # another replica wrote first: it holds the member now, or the body was stale), and
         # the member is looked at again soon (its nonce is not taken as answered)
-        if written is False and new.get("phase") != MemberPhase.TRUSTED:
+        if written is False and holds_less(status, new):
             # and the pool is held to it (admission, its VMs, its Node on every event)
             # until a verdict is stored: an agent that grew its Member past what the API
-            # server stores must not keep the last one that could be
+            # server stores must not keep the last one that could be (nor a level, uses or
+            # an expiry the new verdict took away)
             rt.view.hold_to(name, status, new)
             await sync_node(rt, name, status_override=new)
         rt.schedule.schedule(name, WRITE_RETRY)
