@@ -351,7 +351,7 @@ def _public_documents(rt: Runtime) -> http_endpoints.Public | None:
     issuer = rt.verdict_issuer
 
     def token_of(name: str) -> str | None:
-        body = rt.view.members.get(name) or {}
+        body = rt.view.member_body(name) or {}  # a verdict held, not the one stored
         token = ((body.get("status") or {}).get("trust") or {}).get("token")
         return str(token) if token else None
 

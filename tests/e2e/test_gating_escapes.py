@@ -392,6 +392,17 @@ def test_gated_vmi_keeps_running_and_updating_with_the_operator_down(
             check=False,
         )
         assert status.returncode == 0, status.stderr
+        # a forced stop (KubeVirt's stop endpoint writes a grace of 0 first) needs no gtvp
+        forced = pool.cp.kubectl(
+            "patch", "vmi", "busy", "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"terminationGracePeriodSeconds": 0}}), check=False,
+        )  # fmt: skip
+        assert forced.returncode == 0, forced.stderr
+        longer = pool.cp.kubectl(
+            "patch", "vmi", "busy", "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"terminationGracePeriodSeconds": 10_000}}), check=False,
+        )  # fmt: skip
+        assert longer.returncode != 0  # a raise above the cap reaches gtvp: refused
         # ... but removing its label still reaches gtvp (oldObject carries it): refused
         unlabel = pool.cp.kubectl(
             "label", "vmi", "busy", "-n", namespace, "gtvp.io/level-", check=False

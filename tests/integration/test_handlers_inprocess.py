@@ -494,6 +494,38 @@ def test_a_start_during_a_shard_handover_is_spent_by_the_next_holder(
     assert _status(rt, member)["trust"]["usesLeft"] == 19
 
 
+def test_a_start_whose_spend_the_api_server_refuses_is_spent_at_the_members_next_look(
+    control_plane: ControlPlane, rt: Runtime, member: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder's spend for a start fails (here refused, 403; a restarting API server or
+    throttling fail alike): the start was marked seen, and kopf does not call an event
+    handler again, so the use was never spent and maxUses could be exceeded (found by a
+    review). It stays owed and is spent at the member's next look."""
+    _patch_status(control_plane, member, _trusted(member, 2, uses=20)["status"])
+    got = kube.get_if_present(rt.clients, MEMBERS, member)
+    assert got is not None
+    rt.view.remember_member(member, got)
+    allowed = rt.clients
+    nobody = kube.make_clients(str(control_plane.kubeconfig_for(NOBODY)))
+    rt.clients = dataclasses.replace(rt.clients, custom=nobody.custom)
+    vmi = {"metadata": {"uid": "refused", "labels": {"gtvp.io/level": "2"}},
+           "status": {"nodeName": member, "phase": "Scheduled"}}  # fmt: skip
+    asyncio.run(verdict_uses.judge_vmi_start(rt, vmi, "ADDED"))  # must not raise
+    rt.clients = allowed
+    assert _status(rt, member)["trust"]["usesLeft"] == 20
+    assert member in rt.schedule.next_due  # looked at again soon
+
+    async def judged(*_: Any) -> None:  # this Member has no agent: its judgement is not here
+        return None
+
+    monkeypatch.setattr(attestation, "_judge", judged)
+    asyncio.run(attestation.reconcile(rt, member))
+    assert _status(rt, member)["trust"]["usesLeft"] == 19
+    asyncio.run(verdict_uses.judge_vmi_start(rt, vmi, "MODIFIED"))  # spent once
+    asyncio.run(attestation.reconcile(rt, member))
+    assert _status(rt, member)["trust"]["usesLeft"] == 19
+
+
 def test_a_judgement_that_spends_a_use_of_the_member_it_holds_does_not_wait_for_itself(
     control_plane: ControlPlane, rt: Runtime, member: str
 ) -> None:

@@ -172,6 +172,11 @@ def test_an_identity_on_the_host_cannot_make_its_node_look_like_the_control_plan
     assert role not in _node_labels(control_plane, node)
     assert _label(control_plane, node, {role: ""}, ADMIN).returncode == 0  # kubeadm's way
     assert _patch_as(control_plane, host, node, {role: "x"}).returncode != 0
+    # nor take it off (from the control plane's Nodes: the operator could run nowhere)
+    removed = _patch_as(control_plane, host, node, {role: None})
+    assert removed.returncode != 0
+    assert "may not set, change or remove them" in removed.stderr
+    assert _node_labels(control_plane, node)[role] == ""
 
 
 @pytest.mark.usefixtures("node_patchers")

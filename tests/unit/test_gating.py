@@ -312,6 +312,27 @@ def test_dropping_the_selector_of_a_vmi_whose_label_is_already_gone_is_refused()
     assert "trust selector" in decision.message
 
 
+def test_a_vmi_gated_by_its_trust_selector_alone_is_held_to_the_grace_cap() -> None:
+    """No level label, a trust selector: gtvp treats it as gated at that level (it is
+    evacuated and stopped as one), so it must shut down within the cap like any (found by
+    a review)."""
+    decision = validate_instance(
+        name="vmi",
+        labels={},
+        node_selector=trust_selector(2),
+        members=POOL,
+        now=NOW,
+        grace=10_000_000,
+    )
+    assert not decision.allowed
+    assert "needs level 2 and asks for a terminationGracePeriodSeconds of 10000000" in (
+        decision.message
+    )
+    plain = validate_instance(name="vmi", labels={}, node_selector={}, members=[], now=NOW,
+                              grace=10_000_000)  # fmt: skip
+    assert plain.allowed
+
+
 def test_raising_a_gated_vmis_shutdown_grace_after_admission_is_refused() -> None:
     """KubeVirt's stop endpoint writes the grace it is given into the VMI: a guest that then
     ignores the shutdown would run on for that long after gtvp stops it."""
@@ -333,6 +354,8 @@ def test_raising_a_gated_vmis_shutdown_grace_after_admission_is_refused() -> Non
     assert _update(grace(30), grace(180)).allowed
     assert _update(grace(30), grace(0)).allowed
     assert _update(grace(1000), grace(1000)).allowed  # admitted before the cap: left alone
+    assert _update(grace(1000), grace(600)).allowed  # and it may come down
+    assert not _update(grace(1000), grace(2000)).allowed
 
 
 def test_other_vmi_updates_are_allowed() -> None:

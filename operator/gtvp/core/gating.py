@@ -173,8 +173,12 @@ def validate_instance(
     grace: Any = None,
 ) -> Decision:
     """A gated VMI (or VM template) must select trusted nodes, shut down within
-    MAX_GRACE_SECONDS (`grace`: its terminationGracePeriodSeconds) and have somewhere to go."""
+    MAX_GRACE_SECONDS (`grace`: its terminationGracePeriodSeconds) and have somewhere to go.
+    Gated: by its label, or without one by a trust selector (gtvp treats it as gated at
+    that level from then on: evacuation, stops)."""
     level = level_of(labels)
+    if level is None:
+        level = selector_level(node_selector)
     if level is None:
         return Decision(True)
     if grace_cap(grace) is not None:
@@ -422,7 +426,8 @@ def validate_instance_update(
 ) -> Decision:
     """The level a VMI was admitted with sticks: its label may not be removed or lowered, and
     no entry of its trust selector removed or changed; nor may its shutdown grace period be
-    raised above MAX_GRACE_SECONDS (KubeVirt's stop endpoint writes the one it is given).
+    raised above MAX_GRACE_SECONDS (KubeVirt's stop endpoint writes the one it is given; a
+    VMI admitted with more before the cap may lower it).
     Raising the level (its label, or a
     level's entry added to its trust selector) is allowed only when the VMI selects Trusted
     members of the new level and runs on one now."""
@@ -438,7 +443,8 @@ def validate_instance_update(
     if problem is not None:
         return Decision(False, problem)
     grace = (new.get("spec") or {}).get("terminationGracePeriodSeconds")
-    if grace != (old.get("spec") or {}).get("terminationGracePeriodSeconds") and grace_cap(grace):
+    was = (old.get("spec") or {}).get("terminationGracePeriodSeconds")
+    if grace_cap(grace) and not (isinstance(was, int) and isinstance(grace, int) and grace <= was):
         return Decision(
             False,
             f"{title} may not raise its terminationGracePeriodSeconds to {grace}: a gated VM "

@@ -238,9 +238,11 @@ def as_labelled(
     labelled = labelled_level(labels)
     if labelled >= label_level(status, boot_id, now=now):
         return status
+    # its token affirms what the labels no longer say: not served with it
+    trust = {k: v for k, v in (status.get("trust") or {}).items() if k != "token"}
     if labelled > 0:
-        return {**status, "level": labelled}
-    trust = {**(status.get("trust") or {}), "verdict": "Untrusted", "reason": "NotStored"}
+        return {**status, "level": labelled, "trust": trust}
+    trust |= {"verdict": "Untrusted", "reason": "NotStored"}
     return {**status, "phase": MemberPhase.UNTRUSTED.value, "level": 0, "trust": trust}
 
 

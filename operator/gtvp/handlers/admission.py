@@ -28,6 +28,7 @@ from gtvp.core.gating import (
     admitted_level,
     grace_cap,
     level_of,
+    selector_level,
     selector_patch,
     validate_vm_update,
     vm_level,
@@ -125,9 +126,9 @@ def mutate_vmi(
     """Add the trust selector of a gated VMI's level; bring its shutdown grace period down
     to MAX_GRACE_SECONDS (with a warning to whoever created it)."""
     level = _level(body.metadata.labels, "VirtualMachineInstance")
-    if level is None:
-        return
-    missing = selector_patch(_spec(body).get("nodeSelector"), level)
+    if level is None and selector_level(_spec(body).get("nodeSelector")) is None:
+        return  # ungated (one with a trust selector alone is gated at its level: capped)
+    missing = selector_patch(_spec(body).get("nodeSelector"), level) if level else {}
     if missing:
         patch.spec["nodeSelector"] = missing
     cap = grace_cap(_spec(body).get("terminationGracePeriodSeconds"))
@@ -190,7 +191,8 @@ def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     rt = runtime_of(memo)
     old = kwargs.get("old")  # kopf passes the request's oldObject (None on CREATE)
     if kwargs.get("operation") == "UPDATE" and old is not None:
-        # only changes of the level or the nodeSelector of a gated VMI get here (matchConditions)
+        # only changes of the level or the nodeSelector of a gated VMI, or a raise of its
+        # shutdown grace period, get here (matchConditions)
         _require_loaded(rt, "VirtualMachineInstance")
         _decide(
             "VirtualMachineInstance",
@@ -202,7 +204,10 @@ def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
             ),
         )
         return
-    if _level(body.metadata.labels, "VirtualMachineInstance") is not None:
+    if (
+        _level(body.metadata.labels, "VirtualMachineInstance") is not None
+        or selector_level(_spec(body).get("nodeSelector")) is not None
+    ):
         _require_loaded(rt, "VirtualMachineInstance")
     _decide(
         "VirtualMachineInstance",

@@ -104,11 +104,11 @@ def rescan(rt: Runtime) -> None:
 def drain_targets(rt: Runtime, now: dt.datetime) -> list[DrainTarget]:
     """Every member with a Node: its level, whether it may receive now, whether cordoned."""
     out = []
-    for name, body in list(rt.view.members.items()):
+    for name in list(rt.view.members):
         node = rt.view.nodes.get(name)
         if node is None:
             continue
-        view = member_view(name, body.get("status") or {}, rt.view.node_boot_id(name))
+        view = member_view(name, rt.view.verdict_of(name), rt.view.node_boot_id(name))
         images = image_digests((node.get("status") or {}).get("images"))
         out.append(DrainTarget(name, view.level, view.usable(now, 1), cordoned(node), images))
     return out

@@ -728,5 +728,12 @@ async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
             log.warning("could not abort %s: %s", view.name, exc.reason)
         return
     if decision.spend is not None:
-        rt.evacuation.judged.add(uid)
-        await spend_use(rt, decision.spend)
+        try:
+            await spend_use(rt, decision.spend)
+        except Exception as exc:  # noqa: BLE001 - judged again, as a first, at its next event
+            log.warning(
+                "migration %s/%s: spending a use of %s's verdict failed (%s); judged again",
+                view.namespace, view.name, decision.spend, exc,
+            )  # fmt: skip
+            return
+        rt.evacuation.judged.add(uid)  # spent: its own spend never aborts it

@@ -538,12 +538,12 @@ async def _spend_placements(rt: Runtime) -> None:
     for node, uses in list(unspent.items()):
         try:
             await spend_use(rt, node, uses)
-        except Exception:
+        except Exception:  # kept unspent (and counted against the member): the next pass
             log.exception("spending %d verdict use(s) of member %s failed", uses, node)
-        finally:
-            unspent[node] -= uses
-            if unspent[node] <= 0:
-                del unspent[node]
+            continue
+        unspent[node] -= uses
+        if unspent[node] <= 0:
+            del unspent[node]
 
 
 def _sweep_safely(rt: Runtime) -> None:

@@ -22,6 +22,8 @@ from gtvp.core.trust import member_view
 from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.verdict_uses")
+SPEND_RETRY = dt.timedelta(seconds=2)
+"""When a member whose spend failed is looked at again (its owed uses spent then)."""
 
 
 def gated_level(vmi: Mapping[str, Any]) -> int | None:
@@ -135,16 +137,20 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
     if level is None:
         return
     rt.spent_starts.add(uid)
-    host = rt.view.members.get(str(node))
     now = dt.datetime.now(dt.UTC)
-    if host is None or not member_view(
-        str(node), host.get("status") or {}, rt.view.node_boot_id(str(node))
+    if str(node) not in rt.view.members or not member_view(
+        str(node), rt.view.verdict_of(str(node)), rt.view.node_boot_id(str(node))
     ).usable(now, level):
         # started where no fresh verdict of its level stands (a Node whose labels outlived
         # its verdict or its Member): its host is looked at now, not at its next turn
         rt.schedule.schedule(str(node), dt.timedelta(0))
     if rt.coordination.holds(str(node)):  # once across replicas: the member's shard holder
-        await spend_use(rt, str(node))
+        try:
+            await spend_use(rt, str(node))
+        except Exception as exc:  # noqa: BLE001 - owed, spent at the member's next look
+            log.warning("member %s: spending a use for a start failed (%s); owed", node, exc)
+            rt.unheld_starts[uid] = (str(node), time.monotonic())
+            rt.schedule.schedule(str(node), SPEND_RETRY)
         return
     _forget_old_owed(rt)
     rt.unheld_starts[uid] = (str(node), time.monotonic())
@@ -170,6 +176,10 @@ async def spend_owed(rt: Runtime, name: str) -> None:
         await spend_use(rt, name, len(owed))
     except Exception as exc:  # noqa: BLE001 - kept owed; the member's judgement goes on
         log.warning("member %s: spending %d owed use(s) failed: %s", name, len(owed), exc)
+        now = time.monotonic()  # owed while the spends fail, not only for HANDOVER_WINDOW
+        for uid in owed:
+            rt.unheld_starts[uid] = (name, now)
+        rt.schedule.schedule(name, SPEND_RETRY)
         return
     for uid in owed:
         rt.unheld_starts.pop(uid, None)
