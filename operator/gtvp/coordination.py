@@ -40,15 +40,28 @@ class Coordination:
     """Shutting down: unready and writing nothing, its Leases about to be handed back."""
     refused: str | None = None
     """Why the API server refuses this replica's renewals (None: it does not)."""
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = field(default_factory=lambda: _boot_clock)
+    """Seconds on a clock that counts time the machine was suspended (CLOCK_BOOTTIME where
+    there is one; CLOCK_MONOTONIC stands still then)."""
+    wall: Callable[[], float] = time.time
+    """The wall clock, asked too: in a guest its hypervisor paused, neither of the above
+    moves, but the wall clock is set forward once the guest learns the time again."""
+    renewed_wall: float = -math.inf
+    """Wall-clock time the last successful presence renewal was sent (estimated)."""
 
     @classmethod
     def sole(cls) -> Coordination:
         return cls(identity="sole", enabled=False)
 
     def fenced(self) -> bool:
-        """Its presence Lease may have expired for the others: no writes until renewed."""
-        return self.enabled and self.clock() - self.renewed_at >= self.timing.renew_deadline
+        """Its presence Lease may have expired for the others: no writes until renewed (by
+        either clock: a replica whose machine was suspended or paused must not write on
+        as holder and leader because its own clock did not see the time go by)."""
+        deadline = self.timing.renew_deadline
+        return self.enabled and (
+            self.clock() - self.renewed_at >= deadline
+            or self.wall() - self.renewed_wall >= deadline
+        )
 
     def active(self) -> bool:
         return not self.stopping and not self.fenced()
@@ -73,10 +86,21 @@ class Coordination:
         older than the renew deadline, the others may have taken this replica's shards and
         leadership meanwhile: everything held is dropped (True) and claimed afresh."""
         first = self.renewed_at == -math.inf
-        lapsed = self.enabled and sent - self.renewed_at >= self.timing.renew_deadline
+        sent_wall = self.wall() - max(self.clock() - sent, 0.0)
+        deadline = self.timing.renew_deadline
+        lapsed = self.enabled and (
+            sent - self.renewed_at >= deadline or sent_wall - self.renewed_wall >= deadline
+        )
         if lapsed:
             self.held.clear()
             self.leading = False
         self.renewed_at = sent
+        self.renewed_wall = sent_wall
         self.refused = None
         return lapsed and not first
+
+
+def _boot_clock() -> float:
+    """CLOCK_BOOTTIME (Linux: counts suspend), else CLOCK_MONOTONIC."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()

@@ -1494,6 +1494,22 @@ def test_a_stop_whose_halt_is_refused_still_deletes_the_vmi(
     assert not _vmi_present(control_plane, namespace, "db")
 
 
+def test_a_stop_deletes_only_the_vmi_it_decided_on(
+    control_plane: ControlPlane, rt: Runtime, namespace: str, under_pool_policy: None
+) -> None:
+    """A leader decided to stop `db` on a host that lost trust, on a view the watch has
+    not brought up to date: the VMI was since deleted and started again under its name
+    (another uid, elsewhere). The delete carries the uid decided on: the new one stays
+    (found by a review)."""
+    _gated_vm_with_vmi(control_plane, rt, namespace, "db", "bad", vm_on_server=False)
+    control_plane.kubectl("delete", "vmi", "db", "-n", namespace, "--wait=false")
+    again = _vmi("db", 3, selector=True)
+    again["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(again))
+    asyncio.run(evacuation.evacuate(rt, "bad", "inc", "Stop"))
+    assert _vmi_present(control_plane, namespace, "db")
+
+
 def test_a_stop_the_api_server_refuses_is_looked_at_again_soon(
     control_plane: ControlPlane, rt: Runtime, namespace: str, under_pool_policy: None
 ) -> None:

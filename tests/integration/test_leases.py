@@ -61,7 +61,8 @@ def _replica(cp: ControlPlane, ns: str, identity: str, *, who: Identity = OPERAT
     clients = kube.make_clients(
         str(cp.kubeconfig_for(who)), field_manager=f"gtvp-operator/{identity}"
     )
-    co = Coordination(identity, namespace=ns, timing=TIMING, clock=Clock())
+    clock = Clock()  # its wall clock too: the test moves time, not the machine
+    co = Coordination(identity, namespace=ns, timing=TIMING, clock=clock, wall=clock)
     rt = Runtime(settings=OperatorSettings(), clients=clients, coordination=co)
     return LeaseKeeper(rt)
 

@@ -136,6 +136,25 @@ def test_a_replica_that_missed_its_renew_deadline_writes_nothing_and_starts_over
     assert not co.holds(member)
 
 
+def test_a_replica_whose_machine_was_paused_is_fenced_though_its_clock_stood_still() -> None:
+    """A hypervisor pauses the replica's VM for a minute: its monotonic (and boot) clock
+    does not see the time go by, the others took its shards and leadership meanwhile; once
+    the guest's wall clock is set forward it must write nothing as holder or leader until
+    it has renewed, and then claim afresh (found by a review)."""
+    clock, wall = Clock(), Clock()
+    co = Coordination("a", timing=LeaseTiming(15, 10, 2), clock=clock, wall=wall)
+    co.renewed(clock.now)
+    co.held.add(shard_of("host-1"))
+    co.leading = True
+    assert co.holds("host-1")
+    wall.now += 60  # paused for a minute
+    clock.now += 0.001
+    assert not co.holds("host-1")
+    assert not co.leads()
+    assert co.renewed(clock.now) is True  # the lapse is noticed: claimed afresh
+    assert not co.held
+
+
 def test_a_stopping_replica_writes_nothing_and_a_sole_replica_holds_everything() -> None:
     clock = Clock()
     co = Coordination("a", clock=clock)

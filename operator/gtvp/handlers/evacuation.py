@@ -626,6 +626,8 @@ def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> bool:
     that KubeVirt does not start it again, and delete the VMI itself either way: a VMI whose
     owner references name a decoy, or whose VM refuses the halt (gone, a webhook, a 5xx), is
     stopped all the same. False: the VMI could not be deleted (asked again soon)."""
+    if not rt.coordination.leads():  # a leader that lost its Lease mid-pass stops nothing
+        return False
     body = rt.view.vmis.get((vmi.namespace, vmi.name)) or {}
     owner = controlling_vm(body, rt.view.vms)
     if owner is not None:
@@ -644,7 +646,13 @@ def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> bool:
                 vmi.namespace, owner, exc.reason,
             )  # fmt: skip
     try:
-        kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
+        meta = body.get("metadata") or {}
+        if meta.get("uid") and meta.get("resourceVersion"):  # a copy the server gave
+            # the VMI decided on, not one started again under its name meanwhile (uid
+            # precondition; gone, or another uid: nothing of this decision left to stop)
+            kube.delete_unchanged(rt.clients, VIRTUAL_MACHINE_INSTANCES, body, any_version=True)
+        else:
+            kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, vmi.name, vmi.namespace)
     except ApiException as exc:
         log.warning("could not stop %s/%s: %s", vmi.namespace, vmi.name, exc.reason)
         return False
