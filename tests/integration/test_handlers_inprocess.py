@@ -1463,23 +1463,36 @@ def _gated_vm_with_vmi(
     rt.view.observe_vmi({**vmi, "status": {"nodeName": node, "phase": "Running"}}, "ADDED")
 
 
-def test_without_a_policy_a_gated_vm_on_an_untrusted_member_is_stopped(
+def test_without_a_policy_a_gated_vm_on_an_untrusted_member_is_stopped_past_the_bound(
     control_plane: ControlPlane, rt: Runtime, namespace: str
 ) -> None:
     """The enforced SecurityPolicy deleted (or none of its generations accepted): every
-    member is Untrusted (NoPolicy) and nothing verifies any host, so no gated VM may go on
-    running on one: stopped (VM halted, VMI deleted), with a Warning Event saying why."""
+    member is Untrusted (NoPolicy), nothing verifies any host and nothing can move. A gated
+    VM does not run on for good (found by a review): it is told when it will be stopped,
+    and stopped once the default migrateWithin (1h) has passed since its member lost its
+    level; its VMI is deleted but its VM not halted, so that it starts again by itself
+    once a policy is back (found by a second review: an accidental deletion stopped every
+    VM at once, for good)."""
     assert rt.view.policy is None
     _gated_vm_with_vmi(control_plane, rt, namespace, "db", "bad")
+    now = dt.datetime.now(dt.UTC)
     trust = {"verdict": "Untrusted", "reason": "NoPolicy", "verifiedAt": "t"}
-    status = {"phase": "Untrusted", "level": 0, "trust": trust}
+    status = {"phase": "Untrusted", "level": 0, "trust": trust,
+              "belowSince": below_since(None, 0, now - dt.timedelta(minutes=5))}  # fmt: skip
     rt.view.observe_member({"metadata": {"name": "bad"}, "status": status}, "ADDED")
 
-    assert asyncio.run(attestation._move_vms_off(rt, "bad", status)) is False  # nothing left
-    assert not _vmi_present(control_plane, namespace, "db")
-    assert _kubectl_json(control_plane, namespace, "get", "vm", "db")["spec"]["running"] is False
+    asyncio.run(attestation._move_vms_off(rt, "bad", status))
+    assert _vmi_present(control_plane, namespace, "db")  # 55 minutes left
     said = _event_messages(control_plane, namespace, "NoPolicy")
-    assert "on bad, which nothing verifies: no SecurityPolicy is in force" in said
+    assert "no SecurityPolicy is in force (NoPolicy); gtvp stops the VM at " in said
+    assert "bad" in rt.schedule.next_due  # looked at again when it is due
+
+    late = {**status, "belowSince": below_since(None, 0, now - dt.timedelta(hours=2))}
+    assert asyncio.run(attestation._move_vms_off(rt, "bad", late)) is False  # nothing left
+    assert not _vmi_present(control_plane, namespace, "db")
+    assert _kubectl_json(control_plane, namespace, "get", "vm", "db")["spec"]["running"] is True
+    said = _event_messages(control_plane, namespace, "NoPolicy")
+    assert "no SecurityPolicy has been in force for 1h" in said
 
 
 def test_a_stop_whose_halt_is_refused_still_deletes_the_vmi(

@@ -63,9 +63,9 @@ from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
 from gtvp.core.node_affinity import allows, constrained
-from gtvp.core.policy import Level
+from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level
 from gtvp.core.target_room import TargetRoom, shortfall
-from gtvp.core.timestamps import human_duration, parse_ts
+from gtvp.core.timestamps import format_ts, human_duration, parse_ts
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
@@ -148,7 +148,7 @@ async def evacuate(
     if not on_member:
         forget(rt, member)
     if policy is None:
-        return await _stop_without_policy(rt, member, on_member)
+        return await _stop_without_policy(rt, member, on_member, since or {})
     member_level = None
     if covered_level is None:
         actions = {on_untrusted: on_member}
@@ -165,22 +165,56 @@ async def evacuate(
     return left
 
 
-async def _stop_without_policy(rt: Runtime, member: str, on_member: list[Vmi]) -> int:
+async def _stop_without_policy(
+    rt: Runtime, member: str, on_member: list[Vmi], since: Mapping[int, dt.datetime]
+) -> int:
     """No SecurityPolicy in force (deleted, or none of its generations accepted): every
-    member is Untrusted (`NoPolicy`) and no level says what to do, so each gated VMI on
-    `member` is stopped, as one whose level is no longer defined; how many stops failed."""
+    member is Untrusted (`NoPolicy`), no level says what to do and nothing can move. Each
+    gated VMI on `member` is stopped once `DEFAULT_MIGRATE_WITHIN` has passed since the
+    member stopped holding its level (`since`), the bound no Migrate level waits past:
+    time to put a policy back after a mistake. Its VMI is deleted but its VM not halted:
+    KubeVirt starts it again, and admission lets it start once a policy is accepted and a
+    member of its level is Trusted. How many stops failed."""
+    now = dt.datetime.now(dt.UTC)
+    due = {v: since.get(v.level, now) + DEFAULT_MIGRATE_WITHIN for v in on_member}
+    waiting = [v for v in on_member if due[v] > now]
+    if waiting:  # looked at again when the first of them is due
+        rt.schedule.schedule_by(member, min(due[v] for v in waiting) - now)
+    await _say_no_policy(rt, member, waiting, due)
     said = [
         (
             vmi,
-            f"on {member}, which nothing verifies: no SecurityPolicy is in force (NoPolicy); "
-            "gtvp stops the VM (start it again once a policy is accepted)",
+            f"on {member}, which nothing verifies: no SecurityPolicy has been in force for "
+            f"{human_duration(DEFAULT_MIGRATE_WITHIN)}; gtvp stops it (its VM starts again "
+            "once a policy is accepted and a member of its level is Trusted)",
         )
         for vmi in on_member
+        if due[vmi] <= now
     ]
     return await _stop_saying_once(
         rt, f"{member}#nopolicy", said, reason="NoPolicy",
         count=lambda: METRICS.evacuation("stopped-no-policy"), why="no policy is in force",
+        halt=False,
     )  # fmt: skip
+
+
+async def _say_no_policy(
+    rt: Runtime, member: str, waiting: list[Vmi], due: Mapping[Vmi, dt.datetime]
+) -> None:
+    """A Warning, once per VMI, that it is stopped at `due` unless a policy is back."""
+    key = f"{member}#nopolicy-wait"
+    said = set(rt.evacuation.waiting.pop(key, ()))
+    if waiting:
+        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v in waiting)
+    for v in waiting:
+        if f"{v.namespace}/{v.name}" in said:
+            continue
+        message = (
+            f"on {member}, which nothing verifies: no SecurityPolicy is in force (NoPolicy); "
+            f"gtvp stops the VM at {format_ts(due[v])} unless a policy is accepted by then"
+        )
+        log.warning("%s/%s %s", v.namespace, v.name, message)
+        await _vmi_event(rt, (v.namespace, v.name), "Warning", "NoPolicy", message)
 
 
 def forget(rt: Runtime, topic: str) -> None:
@@ -604,10 +638,12 @@ async def _stop_saying_once(
     reason: str,
     count: Callable[[], None],
     why: str,
+    halt: bool = True,
 ) -> int:
     """Stop each VMI in `stops`, its message said (log, Warning Event `reason` on the VMI)
     and `count`ed once per VMI while it stays under `key`; the stop itself is asked again
-    on every pass until the VMI is gone. Returns how many stops failed."""
+    on every pass until the VMI is gone (`halt`: its VM halted too). Returns how many stops
+    failed."""
     said = set(rt.evacuation.waiting.pop(key, ()))
     failed = 0
     if stops:
@@ -617,29 +653,30 @@ async def _stop_saying_once(
             log.warning("%s/%s %s", vmi.namespace, vmi.name, message)
             count()
             await _vmi_event(rt, (vmi.namespace, vmi.name), "Warning", reason, message)
-        failed += not await asyncio.to_thread(_stop_vm, rt, vmi, why)
+        failed += not await asyncio.to_thread(_stop_vm, rt, vmi, why, halt=halt)
     return failed
 
 
-def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop") -> bool:
+def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop", *, halt: bool = True) -> bool:
     """Halt the VMI's VirtualMachine (only the one that controls it: `controlling_vm`), so
-    that KubeVirt does not start it again, and delete the VMI itself either way: a VMI whose
-    owner references name a decoy, or whose VM refuses the halt (gone, a webhook, a 5xx), is
-    stopped all the same. False: the VMI could not be deleted (asked again soon)."""
+    that KubeVirt does not start it again (unless `halt` is False), and delete the VMI
+    itself either way: a VMI whose owner references name a decoy, or whose VM refuses the
+    halt (gone, a webhook, a 5xx), is stopped all the same. False: the VMI could not be
+    deleted (asked again soon)."""
     if not rt.coordination.leads():  # a leader that lost its Lease mid-pass stops nothing
         return False
     body = rt.view.vmis.get((vmi.namespace, vmi.name)) or {}
-    owner = controlling_vm(body, rt.view.vms)
+    owner = controlling_vm(body, rt.view.vms) if halt else None
     if owner is not None:
         vm = rt.view.vms.get((vmi.namespace, owner)) or {}
         # KubeVirt refuses `running` next to `runStrategy` (gtvp composes with the latter)
-        halt = (
+        halted: dict[str, Any] = (
             {"runStrategy": "Halted"}
             if "runStrategy" in (vm.get("spec") or {})
             else {"running": False}
         )
         try:
-            kube.patch_object(rt.clients, VIRTUAL_MACHINES, owner, {"spec": halt}, vmi.namespace)
+            kube.patch_object(rt.clients, VIRTUAL_MACHINES, owner, {"spec": halted}, vmi.namespace)
         except ApiException as exc:  # KubeVirt may start it again: the next pass halts it
             log.warning(
                 "could not halt VM %s/%s (its VMI is deleted all the same): %s",
