@@ -75,6 +75,7 @@ def plan(
     migrations: list[Migration] | None = None,
     limits: MigrationLimits = LIMITS,
     history: dict[tuple[str, str, str], list[Attempt]] | None = None,
+    allowed: dict[tuple[str, str], frozenset[str]] | None = None,
 ) -> Any:
     return plan_drains(
         evacuees=vmis,
@@ -83,6 +84,7 @@ def plan(
         node_of={(v.namespace, v.name): v.node for v in vmis},
         limits=limits,
         targets=tgts,
+        allowed=allowed,
     )
 
 
@@ -118,6 +120,21 @@ def test_a_level_raised_through_the_trust_selector_is_the_level_drained_at() -> 
     unlabelled = vmi_body(labels={})
     unlabelled["spec"]["nodeSelector"] = trust_selector(2)  # its label gone, its selector kept
     assert (drain_evacuee(unlabelled) or Evacuee("", "", "", 0)).level == 2
+
+
+def test_a_drain_pins_only_where_the_vmis_own_constraints_allow() -> None:
+    """A drain pinned where the VMI's own nodeSelector or node affinity forbids it could
+    never be scheduled; one they allow nowhere waits and says why (found by a review)."""
+    vmis = [Evacuee("ns", "pinned", "n1", 2), Evacuee("ns", "zoned", "n1", 2)]
+    own = {("ns", "pinned"): frozenset[str](), ("ns", "zoned"): frozenset({"t2"})}
+    got = plan(vmis, targets(("t1", 2), ("t2", 2)), allowed=own)
+    assert [
+        (m["spec"]["vmiName"], m["spec"]["addedNodeSelector"][HOST]) for m in got.migrations
+    ] == [("zoned", "t2")]
+    assert got.waiting[("ns", "pinned")] == (
+        "no Trusted, uncordoned member of level 2 or above is one its own nodeSelector or "
+        "node affinity allows"
+    )
 
 
 def test_an_unreadable_level_is_treated_as_the_strictest() -> None:

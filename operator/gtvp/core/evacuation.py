@@ -748,6 +748,7 @@ def plan_drains(
     limits: MigrationLimits,
     targets: Sequence[DrainTarget],
     room: TargetRoom | None = None,
+    allowed: Mapping[tuple[str, str], frozenset[str]] | None = None,
 ) -> DrainPlan:
     """The drain migrations to create now, and why the VMIs that cannot move yet wait.
 
@@ -765,6 +766,8 @@ def plan_drains(
     A drain migration not yet scheduled whose target can no longer take the VMI (cordoned,
     no longer Trusted since it was planned, or, with `room`, committed beyond its
     allocatable since) is to be cancelled: the next plan re-targets it.
+    `allowed`: for a VMI whose own nodeSelector or node affinity names nodes, the members
+    those allow (`core.node_affinity`); one they allow nowhere waits and says why.
     """
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     taken = {(m.namespace, m.name) for m in migrations}
@@ -785,11 +788,17 @@ def plan_drains(
             cancel.extend(_unschedulable_drains(vmi, migrations, targets, full))
             continue
         past = sorted(history.get((vmi.namespace, vmi.name, vmi.node), ()), key=_order)
-        eligible = [t.name for t in targets if _can_take(t, vmi)]
+        own = (allowed or {}).get((vmi.namespace, vmi.name))
+        eligible = [t.name for t in targets if _can_take(t, vmi) and (own is None or t.name in own)]
         roomy = [n for n in eligible if room is None or room.fits(n, *_asks(vmi))]
         why = _failed_too_often(vmi, past)
         if why is None and not eligible:
             why = _no_target(vmi, targets)
+            if own is not None and any(_can_take(t, vmi) for t in targets):
+                why = (
+                    f"no Trusted, uncordoned member of level {vmi.level} or above is one its "
+                    "own nodeSelector or node affinity allows"
+                )
         elif why is None and not roomy:
             why = shortfall(*_asks(vmi))
         if why is not None:

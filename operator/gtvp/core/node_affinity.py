@@ -21,6 +21,16 @@ def constrained(spec: Mapping[str, Any]) -> bool:
     return bool(_own_selector(spec)) or _required_terms(spec) is not None
 
 
+def allowed_among(
+    spec: Mapping[str, Any], nodes: Mapping[str, Mapping[str, str]]
+) -> frozenset[str] | None:
+    """Of `nodes` (name -> labels), those the VMI's own constraints allow; None when it
+    sets none (every one)."""
+    if not constrained(spec):
+        return None
+    return frozenset(name for name, labels in nodes.items() if allows(spec, name, labels))
+
+
 def allows(spec: Mapping[str, Any], node: str, labels: Mapping[str, str]) -> bool:
     """Whether a VMI with `spec` may be scheduled on Node `node` carrying `labels`."""
     if any(labels.get(k) != v for k, v in _own_selector(spec).items()):

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -47,6 +48,7 @@ from gtvp.core.evacuation import (
     migration_view,
     plan_drains,
 )
+from gtvp.core.node_affinity import allowed_among
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
@@ -132,14 +134,16 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
         for key, body in list(vmis.items())
         if (node := (body.get("status") or {}).get("nodeName"))
     }
+    targets = drain_targets(rt, now)
     plan = plan_drains(
         evacuees=found,
         migrations=migrations,
         history=drain_history(raw),
         node_of=node_of,
         limits=policy.migration,
-        targets=drain_targets(rt, now),
+        targets=targets,
         room=target_room(rt, migrations),
+        allowed=_own_constraints(rt, found, targets),
     )
     return plan, {(e.namespace, e.name): e for e in found}
 
@@ -270,3 +274,18 @@ async def drain_loop(rt: Runtime, period: float = PERIOD) -> None:
             await drain_once(rt)
         except Exception:  # the next round tries again
             log.exception("drain round failed")
+
+
+def _own_constraints(
+    rt: Runtime, evacuees: Sequence[Evacuee], targets: Sequence[DrainTarget]
+) -> dict[tuple[str, str], frozenset[str]]:
+    """For each VMI whose own nodeSelector or required node affinity names nodes, the
+    members those allow (`core.node_affinity`): a drain pinned elsewhere could never be
+    scheduled."""
+    nodes = {t.name: rt.view.node_labels.get(t.name) or {} for t in targets}
+    out = {}
+    for e in evacuees:
+        spec = (rt.view.vmis.get((e.namespace, e.name)) or {}).get("spec") or {}
+        if (among := allowed_among(spec, nodes)) is not None:
+            out[(e.namespace, e.name)] = among
+    return out

@@ -62,7 +62,7 @@ from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
-from gtvp.core.node_affinity import allows, constrained
+from gtvp.core.node_affinity import allowed_among
 from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import format_ts, human_duration, parse_ts
@@ -384,14 +384,9 @@ def _own_constraints(
     out = {}
     for v in vmis:
         spec = (rt.view.vmis.get((v.namespace, v.name)) or {}).get("spec") or {}
-        if not constrained(spec):
-            continue
-        out[(v.namespace, v.name)] = frozenset(
-            name
-            for name, level in targets
-            if level >= v.level
-            and allows(spec, name, (rt.view.nodes[name].get("metadata") or {}).get("labels") or {})
-        )
+        nodes = {n: rt.view.node_labels.get(n) or {} for n, level in targets if level >= v.level}
+        if (among := allowed_among(spec, nodes)) is not None:
+            out[(v.namespace, v.name)] = among
     return out
 
 
