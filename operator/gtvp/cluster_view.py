@@ -87,6 +87,9 @@ class ClusterView:
     stored verdict each was reached over, `_verdict_part`, and the verdict)."""
     policy: Policy | None = None
     """The generation of the enforced SecurityPolicy the pool runs under (None: none usable)."""
+    policy_lost_at: dt.datetime | None = None
+    """Since when no policy has been in force, as this replica saw it (None: one is, or
+    none was seen lost yet)."""
     policy_error: str | None = None
     """Why no policy is usable (every member is Untrusted, NoPolicy)."""
     policy_version: str | None = None
@@ -168,7 +171,8 @@ class ClusterView:
 
     def member_views(self) -> list[MemberView]:
         return [
-            member_view(n, self.verdict_of(n), self.node_boot_id(n)) for n in list(self.members)
+            member_view(n, self.verdict_of(n, by_labels=True), self.node_boot_id(n))
+            for n in list(self.members)
         ]
 
     def hold_to(self, name: str, over: Mapping[str, Any], verdict: Mapping[str, Any]) -> None:
@@ -178,24 +182,28 @@ class ClusterView:
         changes, the pool is held to it (`verdict_of`), not to the stored one."""
         self.unwritten[name] = (_verdict_part(over), dict(verdict))
 
-    def verdict_of(self, name: str) -> Mapping[str, Any]:
-        """The status a member's VMs and admission are held to (`held_body`)."""
-        status: Mapping[str, Any] = (self.member_body(name) or {}).get("status") or {}
+    def verdict_of(self, name: str, *, by_labels: bool = False) -> Mapping[str, Any]:
+        """The status a member is held to (`held_body`)."""
+        body = self.member_body(name, by_labels=by_labels) or {}
+        status: Mapping[str, Any] = body.get("status") or {}
         return status
 
-    def member_body(self, name: str, *, by_labels: bool = True) -> Mapping[str, Any] | None:
+    def member_body(self, name: str, *, by_labels: bool = False) -> Mapping[str, Any] | None:
         """The member's body with the status it is held to (`held_body`)."""
         return self.held_body(name, self.members.get(name), by_labels=by_labels)
 
     def held_body(
-        self, name: str, body: Mapping[str, Any] | None, *, by_labels: bool = True
+        self, name: str, body: Mapping[str, Any] | None, *, by_labels: bool = False
     ) -> Mapping[str, Any] | None:
         """`body` (the member's, from the view or read fresh) with the status the pool is
         held to: the verdict this replica reached but could not store (`hold_to`), while
-        that body still stores the one it was reached over; and (`by_labels`) a stored
-        Trusted verdict no more than its Node's trust labels say (`trust.as_labelled`: the
-        replica that reached a verdict it could not store takes them off; the Node's own
-        writer, that replica, reads it without)."""
+        that body still stores the one it was reached over; and (`by_labels`: for new
+        placements only, admission's and the boxes', which the scheduler would refuse
+        there anyway) a stored Trusted verdict no more than its Node's trust labels say
+        (`trust.as_labelled`: the replica that reached a verdict it could not store takes
+        them off). Never for what moves or stops VMs, aborts migrations or withholds
+        Secrets: labels also lag a verdict for ordinary reasons (a Maintenance ended, a
+        failed Node write), and those must not take running VMs down."""
         if body is None:
             return None
         status: Mapping[str, Any] = body.get("status") or {}

@@ -76,6 +76,7 @@ class Vmi:
     parts: tuple[Part, ...] = ()  # a Lazy Box's components (digest, size); () otherwise
     cpu_millis: int = 0  # its requests: it goes only where they fit (`core.target_room`)
     memory_bytes: int = 0
+    uid: str = ""  # the VMI decided on (a stop touches no other of its name)
 
 
 ON_UNTRUSTED = ("Keep", "Migrate", "Stop")
@@ -624,6 +625,7 @@ class Evacuee:
     parts: tuple[Part, ...] = ()  # a box's components (digest, size), from its LazyBox
     cpu_millis: int = 0  # its requests: it goes only where they fit (`core.target_room`)
     memory_bytes: int = 0
+    uid: str = ""  # the VMI decided on (a stop touches no other of its name)
 
 
 def cordoned(node: Mapping[str, Any]) -> bool:

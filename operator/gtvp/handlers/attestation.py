@@ -33,7 +33,7 @@ from gtvp.core.timestamps import parse_ts
 from gtvp.core.trust import below_since, below_since_times, holds_less, takes_trust_away
 from gtvp.handlers.evacuation import evacuate, rejudge_migrations_to
 from gtvp.handlers.node_trust import ensure_member, says_more, sync_node
-from gtvp.handlers.verdict_uses import spend_owed
+from gtvp.handlers.verdict_uses import SPEND_RETRY, owes, spend_owed
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -166,6 +166,8 @@ async def reconcile(rt: Runtime, name: str) -> None:
         if co.holds(name):
             await spend_owed(rt, name)  # starts seen while its shard changed hands
             await _judge(rt, name)
+            if owes(rt, name):  # a spend failed: again soon, whatever the judgement planned
+                rt.schedule.schedule_by(name, SPEND_RETRY)
         if co.leads():
             status = _status_for_moves(rt, name)
             if status is not None and await _move_vms_off(rt, name, status):

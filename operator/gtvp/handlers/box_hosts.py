@@ -113,7 +113,7 @@ def hosts(rt: Runtime, now: dt.datetime, exclude: Key | None = None) -> list[Hos
         node = nodes.get(name)
         if node is None:
             continue
-        base = _host_base(rt, name, rt.view.held_body(name, stored) or stored, node)
+        base = _host_base(rt, name, rt.view.held_body(name, stored, by_labels=True) or stored, node)
         u = used.get(name, none)
         usable = base.view.usable(now, 1) and base.view.uses_left > unspent.get(name, 0)
         last = memo.get(name)
@@ -153,7 +153,9 @@ def pool_cache(rt: Runtime, now: dt.datetime) -> frozenset[str]:
     for name, stored in list(rt.view.members.items()):
         node = rt.view.nodes.get(name)
         if node is not None:
-            base = _host_base(rt, name, rt.view.held_body(name, stored) or stored, node)
+            base = _host_base(
+                rt, name, rt.view.held_body(name, stored, by_labels=True) or stored, node
+            )
             if base.view.usable(now, 1):
                 sets.append(base.images)
     union = frozenset().union(*sets)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -69,7 +70,7 @@ from gtvp.core.timestamps import format_ts, human_duration, parse_ts
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
-from gtvp.handlers.verdict_uses import gated_level, spend_use
+from gtvp.handlers.verdict_uses import SPEND_RETRY, gated_level, spend_use
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -85,13 +86,17 @@ def _gated_on(rt: Runtime, member: str, keep_level: int) -> list[Vmi]:
     (`launchers.settled_until`: its source pod is still ending)."""
     now = dt.datetime.now(dt.UTC)
     return [
-        Vmi(ns, name, member, lvl, _parts(rt, ns, name, body), *vmi_requests(body))
+        Vmi(ns, name, member, lvl, _parts(rt, ns, name, body), *vmi_requests(body), _uid(body))
         for (ns, name) in sorted(rt.view.on_node.get(member, ()))
         if (lvl := gated_level(body := rt.view.vmis.get((ns, name)) or {})) is not None
         and lvl > keep_level
         and (body.get("status") or {}).get("phase") not in FINISHED
         and not _moved_away(rt, (ns, name), member, now)
     ]
+
+
+def _uid(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("uid") or "")
 
 
 def _moved_away(rt: Runtime, key: tuple[str, str], member: str, now: dt.datetime) -> bool:
@@ -171,12 +176,17 @@ async def _stop_without_policy(
     """No SecurityPolicy in force (deleted, or none of its generations accepted): every
     member is Untrusted (`NoPolicy`), no level says what to do and nothing can move. Each
     gated VMI on `member` is stopped once `DEFAULT_MIGRATE_WITHIN` has passed since the
-    member stopped holding its level (`since`), the bound no Migrate level waits past:
-    time to put a policy back after a mistake. Its VMI is deleted but its VM not halted:
+    member stopped holding its level (`since`) and since the policy was lost, the later
+    (the bound no Migrate level waits past: time to put a policy back after a mistake,
+    even for a VM on a member that has held less for long). Its VMI is deleted but its VM
+    not halted:
     KubeVirt starts it again, and admission lets it start once a policy is accepted and a
     member of its level is Trusted. How many stops failed."""
     now = dt.datetime.now(dt.UTC)
-    due = {v: since.get(v.level, now) + DEFAULT_MIGRATE_WITHIN for v in on_member}
+    if rt.view.policy_lost_at is None:  # none seen lost (started without one): from now
+        rt.view.policy_lost_at = now
+    lost = rt.view.policy_lost_at
+    due = {v: max(since.get(v.level, lost), lost) + DEFAULT_MIGRATE_WITHIN for v in on_member}
     waiting = [v for v in on_member if due[v] > now]
     if waiting:  # looked at again when the first of them is due
         rt.schedule.schedule_by(member, min(due[v] for v in waiting) - now)
@@ -253,7 +263,8 @@ async def evacuate_unattested(rt: Runtime) -> None:
         member = str(att.get("actedOnMember") or where.member)
         if _moved_away(rt, (ns, name), member, dt.datetime.now(dt.UTC)):
             continue
-        one = [Vmi(ns, name, member, level, _parts(rt, ns, name, vmi), *vmi_requests(vmi))]
+        parts = _parts(rt, ns, name, vmi)
+        one = [Vmi(ns, name, member, level, parts, *vmi_requests(vmi), _uid(vmi))]
         incident = f"attest-{where.vmi_uid[:8]}"
         acted = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
         since = {level: acted} if acted is not None else {}
@@ -660,7 +671,12 @@ def _stop_vm(rt: Runtime, vmi: Vmi, why: str = "policy: Stop", *, halt: bool = T
     deleted (asked again soon)."""
     if not rt.coordination.leads():  # a leader that lost its Lease mid-pass stops nothing
         return False
-    body = rt.view.vmis.get((vmi.namespace, vmi.name)) or {}
+    key = (vmi.namespace, vmi.name)
+    body = rt.view.vmis.get(key) or {}
+    if vmi.uid and _uid(body) != vmi.uid:
+        # the view moved on since the decision (stops run one by one): another VMI of its
+        # name now, nothing of this decision to stop (nor its VM to halt)
+        return True
     owner = controlling_vm(body, rt.view.vms) if halt else None
     if owner is not None:
         vm = rt.view.vms.get((vmi.namespace, owner)) or {}
@@ -768,12 +784,13 @@ async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
             log.warning("could not abort %s: %s", view.name, exc.reason)
         return
     if decision.spend is not None:
+        rt.evacuation.judged.add(uid)  # its own spend never aborts it
         try:
             await spend_use(rt, decision.spend)
-        except Exception as exc:  # noqa: BLE001 - judged again, as a first, at its next event
+        except Exception as exc:  # noqa: BLE001 - owed: spent at the target's next look
             log.warning(
-                "migration %s/%s: spending a use of %s's verdict failed (%s); judged again",
+                "migration %s/%s: spending a use of %s's verdict failed (%s); owed",
                 view.namespace, view.name, decision.spend, exc,
             )  # fmt: skip
-            return
-        rt.evacuation.judged.add(uid)  # spent: its own spend never aborts it
+            rt.unheld_starts[f"migration:{uid}"] = (decision.spend, time.monotonic())
+            rt.schedule.schedule(decision.spend, SPEND_RETRY)

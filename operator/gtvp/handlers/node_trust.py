@@ -42,8 +42,7 @@ async def sync_node(
     when the patch failed (the Node is not in line; the caller looks again)."""
     for attempt in range(NODE_WRITE_ATTEMPTS):
         node = rt.view.nodes.get(name)
-        # a verdict reached but not stored included; not its own labels' word: it writes them
-        body = rt.view.member_body(name, by_labels=False)
+        body = rt.view.member_body(name)  # a verdict reached but not stored included
         if node is None or not rt.coordination.holds(name):
             return True
         if status_override is not None:

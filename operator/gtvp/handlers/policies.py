@@ -44,6 +44,7 @@ def set_policy(rt: Runtime, name: str, policy: Policy | None, error: str | None 
         view.policy = policy
         return False
     view.policy, view.policy_error = policy, error
+    view.policy_lost_at = None if policy is not None else dt.datetime.now(dt.UTC)
     if policy is not None:
         log.info(
             "SecurityPolicy %s in force: levels %s, PCRs %s:%s",

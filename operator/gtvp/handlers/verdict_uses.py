@@ -157,11 +157,18 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
 
 
 def _forget_old_owed(rt: Runtime) -> None:
-    """Drop the owed starts seen longer than `HANDOVER_WINDOW` ago."""
+    """Drop the owed starts seen longer than `HANDOVER_WINDOW` ago on members this replica
+    does not hold (their holder spent them); those it holds stay owed until spent (a spend
+    that failed, or one the member's next look has not come to yet)."""
     now_m = time.monotonic()
-    for owed, (_, seen) in list(rt.unheld_starts.items()):
-        if now_m - seen > HANDOVER_WINDOW:
+    for owed, (node, seen) in list(rt.unheld_starts.items()):
+        if now_m - seen > HANDOVER_WINDOW and not rt.coordination.holds(node):
             del rt.unheld_starts[owed]
+
+
+def owes(rt: Runtime, name: str) -> bool:
+    """Whether uses of member `name` are owed here (spent at its next look)."""
+    return any(node == name for node, _ in rt.unheld_starts.values())
 
 
 async def spend_owed(rt: Runtime, name: str) -> None:
