@@ -408,9 +408,10 @@ class Endpoint:
     def _member(self, name: str, fresh: bool) -> Mapping[str, Any] | None:
         """The member's body (read from the server when `fresh`), with a verdict this
         replica reached but could not store in place of the stored one (`held_body`)."""
-        if not fresh:
-            return self.rt.view.member_body(name)
-        return self.rt.view.held_body(name, kube.get_if_present(self.rt.clients, MEMBERS, name))
+        if not fresh:  # and no more than its Node's labels say (MemberUnsettled: ask again)
+            return self.rt.view.member_body(name, by_labels=True)
+        got = kube.get_if_present(self.rt.clients, MEMBERS, name)
+        return self.rt.view.held_body(name, got, by_labels=True)
 
     def _policy_behind(self) -> kr.Verdict | None:
         """Why this replica's SecurityPolicy may be older than the server's (None: it is

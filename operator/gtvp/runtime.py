@@ -203,6 +203,9 @@ class Runtime:
     unheld_starts: dict[str, tuple[str, float]] = field(default_factory=dict)
     """VMI starts seen while this replica did not hold their member's shard: uid -> (node,
     when, monotonic); spent by this replica if it takes the shard soon after."""
+    failed_spends: dict[str, str] = field(default_factory=dict)
+    """Uses this replica failed to spend (a start's or a migration's: key -> member): kept
+    until spent at the member's next look, whatever their age."""
     boxes: BoxMemory = field(default_factory=BoxMemory)
     drains: DrainMemory = field(default_factory=DrainMemory)
     balance: BalanceMemory = field(default_factory=BalanceMemory)

@@ -519,10 +519,9 @@ def test_a_start_whose_spend_the_api_server_refuses_is_spent_at_the_members_next
         return None
 
     monkeypatch.setattr(attestation, "_judge", judged)
-    # its next look may come later than the handover window (the judgement plans its own
-    # next look): a use owed on a member this replica holds is not dropped with age
-    node, _ = rt.unheld_starts["refused"]
-    rt.unheld_starts["refused"] = (node, time.monotonic() - verdict_uses.HANDOVER_WINDOW - 1)
+    # its next look may come later than the handover window: a use this replica failed to
+    # spend is not dropped with age
+    assert rt.failed_spends == {"refused": member}
     asyncio.run(attestation.reconcile(rt, member))
     assert _status(rt, member)["trust"]["usesLeft"] == 19
     asyncio.run(verdict_uses.judge_vmi_start(rt, vmi, "MODIFIED"))  # spent once

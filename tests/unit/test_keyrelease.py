@@ -289,6 +289,22 @@ def test_a_host_that_booted_again_since_its_quote_gets_nothing_until_that_boot_i
     assert kr.decide(req, dataclasses.replace(facts, node_boots={"m1": "b2"}), NOW).released
 
 
+def test_a_member_whose_node_labels_say_less_than_its_stored_verdict_is_asked_again() -> None:
+    """The replica holding the member reached a verdict the API server would not store and
+    took its Node's trust labels off; another replica still reads the stored Trusted one:
+    it releases nothing on it (found by a review), but says ask again (labels also lag a
+    verdict for a moment, and a replica that holds the member answers)."""
+    from gtvp.core.trust import as_labelled
+
+    trust = {**_member_status()["trust"], "usesLeft": 5, "verifiedAt": "2026-12-02T00:59:00Z"}
+    held = as_labelled({**_member_status(), "trust": trust}, {}, None, NOW)  # no labels
+    req, facts = _facts(member=held)
+    v = kr.decide(req, facts, NOW)
+    assert (v.released, v.reason) == (False, kr.MEMBER_UNSETTLED), v.message
+    assert "say less than its stored verdict; ask again" in v.message
+    assert kr.MEMBER_UNSETTLED in kr.ASK_AGAIN
+
+
 def test_a_tampered_token_is_refused_even_for_the_right_member() -> None:
     good = _token("m1", _member_status())
     head, payload, sig = good.split(".")

@@ -625,7 +625,6 @@ class Evacuee:
     parts: tuple[Part, ...] = ()  # a box's components (digest, size), from its LazyBox
     cpu_millis: int = 0  # its requests: it goes only where they fit (`core.target_room`)
     memory_bytes: int = 0
-    uid: str = ""  # the VMI decided on (a stop touches no other of its name)
 
 
 def cordoned(node: Mapping[str, Any]) -> bool:

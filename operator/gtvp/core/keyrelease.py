@@ -39,7 +39,7 @@ from gtvp.core.compose import NOT_COMPOSED_MESSAGE, SERIAL_MAX, vmi_runs_composi
 from gtvp.core.gating import GatingError, admitted_level, box_level
 from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
-from gtvp.core.trust import boot_unquoted
+from gtvp.core.trust import NOT_STORED, boot_unquoted
 
 PATH: Final = "/keyrelease/v1/release"
 """The endpoint a box's guest POSTs its request to."""
@@ -120,6 +120,10 @@ REFERENCES_CHANGED: Final = "ReferencesChanged"
 golden value or its reference set revoked, its member class removed): nothing is released on
 it until a quote judged by the new values verifies (or no policy is in force at all)."""
 LEVEL_TOO_LOW: Final = "LevelTooLow"
+MEMBER_UNSETTLED: Final = "MemberUnsettled"
+"""The member's Node's trust labels say less than its stored verdict (the replica holding it
+reached a verdict it could not store, or the labels have not followed a change yet): a 503,
+ask again (a replica that holds the member, or labels that caught up, answer)."""
 MEMBER_REBOOTED: Final = "MemberRebooted"
 """The member's host booted again since the quote its verdict rests on (its Node reports
 another bootID): nothing is released to what runs there until a quote of this boot is
@@ -150,6 +154,7 @@ REASONS: Final = (
     REFERENCES_CHANGED,
     LEVEL_TOO_LOW,
     MEMBER_REBOOTED,
+    MEMBER_UNSETTLED,
     TOKEN_REFUSED,
     TOKEN_OTHER_MEMBER,
     TOKEN_NOT_AFFIRMING,
@@ -165,7 +170,7 @@ UNAVAILABLE: Final = "Unavailable"
 """gtvp could not answer (the API server failed or timed out under the request): a 503
 saying to ask again (a consuming write that failed is read back first: SecretUnavailable)."""
 RESULTS: Final = (RELEASED, RELEASED_AGAIN, *REASONS, UNAVAILABLE)
-ASK_AGAIN: Final = frozenset({MEMBER_REBOOTED, UNAVAILABLE})
+ASK_AGAIN: Final = frozenset({MEMBER_REBOOTED, MEMBER_UNSETTLED, UNAVAILABLE})
 """Refusals answered 503: what they wait for comes by itself (a fresh quote, an API server
 that answers); the guest's fetch script asks again. The rest are 403."""
 
@@ -446,6 +451,13 @@ def _member_trusted(
         return _refuse(MEMBER_UNKNOWN, f"the VM runs on {node}, which is no Member", node)
     status = member.get("status") or {}
     trust = status.get("trust") or {}
+    if trust.get("reason") == NOT_STORED:
+        return _refuse(
+            MEMBER_UNSETTLED,
+            f"the trust labels of member {node}, where the VM runs, say less than its stored "
+            "verdict; ask again",
+            node,
+        )
     if status.get("phase") != "Trusted" or trust.get("verdict") != "Trusted":
         why = trust.get("reason") or status.get("phase") or "no verdict"
         return _refuse(

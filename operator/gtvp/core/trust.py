@@ -201,6 +201,8 @@ def held_level(status: Mapping[str, Any]) -> int:
     return int(status.get("level", 0) or 0)
 
 
+NOT_STORED = "NotStored"
+"""The reason of a stored Trusted verdict held to less by its Node's labels (`as_labelled`)."""
 LABEL_LAG = dt.timedelta(seconds=5)
 """How long after a verdict is stored its Node's trust labels may still say less (the
 replica holding the member writes them right after the verdict)."""
@@ -240,9 +242,10 @@ def as_labelled(
         return status
     # its token affirms what the labels no longer say: not served with it
     trust = {k: v for k, v in (status.get("trust") or {}).items() if k != "token"}
+    trust["reason"] = NOT_STORED
     if labelled > 0:
         return {**status, "level": labelled, "trust": trust}
-    trust |= {"verdict": "Untrusted", "reason": "NotStored"}
+    trust["verdict"] = "Untrusted"
     return {**status, "phase": MemberPhase.UNTRUSTED.value, "level": 0, "trust": trust}
 
 

@@ -110,7 +110,9 @@ def drain_targets(rt: Runtime, now: dt.datetime) -> list[DrainTarget]:
         node = rt.view.nodes.get(name)
         if node is None:
             continue
-        view = member_view(name, rt.view.verdict_of(name), rt.view.node_boot_id(name))
+        # a new placement: by what its Node's labels say too, as admission judges it
+        verdict = rt.view.verdict_of(name, by_labels=True)
+        view = member_view(name, verdict, rt.view.node_boot_id(name))
         images = image_digests((node.get("status") or {}).get("images"))
         out.append(DrainTarget(name, view.level, view.usable(now, 1), cordoned(node), images))
     return out

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -70,7 +69,7 @@ from gtvp.core.timestamps import format_ts, human_duration, parse_ts
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
-from gtvp.handlers.verdict_uses import SPEND_RETRY, gated_level, spend_use
+from gtvp.handlers.verdict_uses import gated_level, owe, spend_use
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -264,7 +263,8 @@ async def evacuate_unattested(rt: Runtime) -> None:
         if _moved_away(rt, (ns, name), member, dt.datetime.now(dt.UTC)):
             continue
         parts = _parts(rt, ns, name, vmi)
-        one = [Vmi(ns, name, member, level, parts, *vmi_requests(vmi), _uid(vmi))]
+        uid = _uid(vmi) or where.vmi_uid  # the VMI the evidence failed for
+        one = [Vmi(ns, name, member, level, parts, *vmi_requests(vmi), uid)]
         incident = f"attest-{where.vmi_uid[:8]}"
         acted = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
         since = {level: acted} if acted is not None else {}
@@ -792,5 +792,4 @@ async def judge_migration(rt: Runtime, body: dict[str, Any]) -> None:
                 "migration %s/%s: spending a use of %s's verdict failed (%s); owed",
                 view.namespace, view.name, decision.spend, exc,
             )  # fmt: skip
-            rt.unheld_starts[f"migration:{uid}"] = (decision.spend, time.monotonic())
-            rt.schedule.schedule(decision.spend, SPEND_RETRY)
+            owe(rt, f"migration:{uid}", decision.spend)

@@ -44,7 +44,10 @@ def set_policy(rt: Runtime, name: str, policy: Policy | None, error: str | None 
         view.policy = policy
         return False
     view.policy, view.policy_error = policy, error
-    view.policy_lost_at = None if policy is not None else dt.datetime.now(dt.UTC)
+    if policy is not None:
+        view.policy_lost_at = None
+    elif view.policy_lost_at is None:  # lost now (not again at each edit while it stays lost)
+        view.policy_lost_at = dt.datetime.now(dt.UTC)
     if policy is not None:
         log.info(
             "SecurityPolicy %s in force: levels %s, PCRs %s:%s",

@@ -149,26 +149,31 @@ async def judge_vmi_start(rt: Runtime, body: Mapping[str, Any], event_type: str)
             await spend_use(rt, str(node))
         except Exception as exc:  # noqa: BLE001 - owed, spent at the member's next look
             log.warning("member %s: spending a use for a start failed (%s); owed", node, exc)
-            rt.unheld_starts[uid] = (str(node), time.monotonic())
-            rt.schedule.schedule(str(node), SPEND_RETRY)
+            owe(rt, uid, str(node))
         return
     _forget_old_owed(rt)
     rt.unheld_starts[uid] = (str(node), time.monotonic())
 
 
 def _forget_old_owed(rt: Runtime) -> None:
-    """Drop the owed starts seen longer than `HANDOVER_WINDOW` ago on members this replica
-    does not hold (their holder spent them); those it holds stay owed until spent (a spend
-    that failed, or one the member's next look has not come to yet)."""
+    """Drop the owed starts seen longer than `HANDOVER_WINDOW` ago (their holder spent
+    them); this replica's own failed spends (`failed_spends`) stay until spent."""
     now_m = time.monotonic()
-    for owed, (node, seen) in list(rt.unheld_starts.items()):
-        if now_m - seen > HANDOVER_WINDOW and not rt.coordination.holds(node):
+    for owed, (_, seen) in list(rt.unheld_starts.items()):
+        if now_m - seen > HANDOVER_WINDOW:
             del rt.unheld_starts[owed]
 
 
+def owe(rt: Runtime, key: str, name: str) -> None:
+    """A use of member `name` this replica failed to spend: owed until spent, at the
+    member's next look (soon)."""
+    rt.failed_spends[key] = name
+    rt.schedule.schedule_by(name, SPEND_RETRY)
+
+
 def owes(rt: Runtime, name: str) -> bool:
-    """Whether uses of member `name` are owed here (spent at its next look)."""
-    return any(node == name for node, _ in rt.unheld_starts.values())
+    """Whether this replica failed to spend uses of member `name` (spent at its next look)."""
+    return name in rt.failed_spends.values()
 
 
 async def spend_owed(rt: Runtime, name: str) -> None:
@@ -177,19 +182,20 @@ async def spend_owed(rt: Runtime, name: str) -> None:
     handover is spent by someone (still owed if the spend fails: at the next look)."""
     _forget_old_owed(rt)
     owed = [uid for uid, (node, _) in rt.unheld_starts.items() if node == name]
+    owed += [key for key, node in rt.failed_spends.items() if node == name]
     if not owed or not rt.coordination.holds(name):
         return
     try:
         await spend_use(rt, name, len(owed))
     except Exception as exc:  # noqa: BLE001 - kept owed; the member's judgement goes on
         log.warning("member %s: spending %d owed use(s) failed: %s", name, len(owed), exc)
-        now = time.monotonic()  # owed while the spends fail, not only for HANDOVER_WINDOW
-        for uid in owed:
-            rt.unheld_starts[uid] = (name, now)
-        rt.schedule.schedule(name, SPEND_RETRY)
+        for key in owed:  # now this replica's own failure: owed until spent
+            rt.unheld_starts.pop(key, None)
+            owe(rt, key, name)
         return
-    for uid in owed:
-        rt.unheld_starts.pop(uid, None)
+    for key in owed:
+        rt.unheld_starts.pop(key, None)
+        rt.failed_spends.pop(key, None)
 
 
 def mark_started(rt: Runtime, bodies: list[dict[str, Any]]) -> None:
