@@ -25,11 +25,11 @@ from typing import Any
 
 from gtvp.core.phases import MemberPhase
 from gtvp.core.trust import (
-    LEVEL_LABEL,
     MAX_LEVEL,
     PREFIX,
     VM_LEVEL_LABEL,
     MemberView,
+    highest_level,
     trust_selector,
 )
 
@@ -87,12 +87,7 @@ def _old_level(labels: Mapping[str, str] | None) -> int | None:
 
 def selector_level(node_selector: Mapping[str, str] | None) -> int | None:
     """The highest level whose trust label the selector requires, None when it requires none."""
-    levels = [
-        LEVELS[k.removeprefix(LEVEL_LABEL)]
-        for k, v in (node_selector or {}).items()
-        if k.startswith(LEVEL_LABEL) and k.removeprefix(LEVEL_LABEL) in LEVELS and v == "true"
-    ]
-    return max(levels, default=None)
+    return highest_level(node_selector)
 
 
 def admitted_level(

@@ -208,15 +208,21 @@ LABEL_LAG = dt.timedelta(seconds=5)
 replica holding the member writes them right after the verdict)."""
 
 
-def labelled_level(labels: Mapping[str, str] | None) -> int:
-    """The level a Node's gtvp trust labels advertise (0: not trusted)."""
+def highest_level(labels: Mapping[str, str] | None) -> int | None:
+    """The highest level whose trust label (`gtvp-level-N: "true"`) a Node's labels or a
+    nodeSelector carry; None when they carry none."""
     labels = labels or {}
-    if labels.get(TRUSTED_LABEL) != "true":
-        return 0
     return max(
         (n for n in range(1, MAX_LEVEL + 1) if labels.get(f"{LEVEL_LABEL}{n}") == "true"),
-        default=0,
+        default=None,
     )
+
+
+def labelled_level(labels: Mapping[str, str] | None) -> int:
+    """The level a Node's gtvp trust labels advertise (0: not trusted)."""
+    if (labels or {}).get(TRUSTED_LABEL) != "true":
+        return 0
+    return highest_level(labels) or 0
 
 
 def as_labelled(
