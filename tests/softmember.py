@@ -76,8 +76,10 @@ class AgentMember:
     def agent_step(self) -> dict[str, Any]:
         """What the agent writes now (merged into status.agent); returns its patch."""
         mine = self.status.get("agent") or {}
-        patch, _wait = self.agent._answer(mine, self.status.get("challenge") or {})
+        patch, _wait, quoted = self.agent._answer(mine, self.status.get("challenge") or {})
         merge_patch(self.status.setdefault("agent", {}), patch)
+        if quoted:
+            self.agent.stored_answer(quoted)
         return patch
 
     def operator(self, now: dt.datetime) -> Step:

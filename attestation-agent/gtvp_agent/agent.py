@@ -124,7 +124,7 @@ class Agent:
         mine = status.get("agent") or {}
         challenge = status.get("challenge") or {}
         try:
-            patch, wait = self._answer(mine, challenge)
+            patch, wait, quoted = self._answer(mine, challenge)
         except TpmUnavailable as exc:
             message = str(exc)[:2000]
             log.error("TPM unavailable: %s", message)
@@ -140,12 +140,26 @@ class Agent:
             self._last_error = ""
         if patch:
             self._patch(patch)
+        if quoted:
+            self.stored_answer(quoted)
         return wait
+
+    def stored_answer(self, nonce: str) -> None:
+        """The evidence for `nonce` is stored: never quote it again. Only then: a write that
+        failed (an API server restarting, a timeout) is quoted and sent again on the next
+        pass (the operator replaces a nonce only once it is answered, so one lost write
+        would leave it unanswered until the verdict expired)."""
+        self._answered.add(nonce)
+        if len(self._answered) > 64:
+            self._answered = {nonce}
 
     def _answer(
         self, mine: Mapping[str, Any], challenge: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], float]:
+    ) -> tuple[dict[str, Any], float, str | None]:
+        """What to write (the enrolment, an activation, evidence), seconds until the next
+        look, and the nonce quoted (None: none)."""
         patch: dict[str, Any] = {}
+        quoted: str | None = None
         wait = float(self.cfg.idle_watch_seconds)
         with self._open() as tpm:
             if self._enrolment is None:
@@ -205,10 +219,8 @@ class Agent:
                     for pcr in set(before) - set(evidence["pcrValues"]):
                         evidence["pcrValues"][pcr] = None
                     patch["evidence"] = evidence
-                    self._answered.add(str(nonce))
-                    if len(self._answered) > 64:
-                        self._answered = {str(nonce)}
-        return patch, wait
+                    quoted = str(nonce)
+        return patch, wait, quoted
 
     def _quote(self, tpm: Tpm, challenge: Mapping[str, Any]) -> dict[str, Any]:
         nonce = bytes.fromhex(str(challenge["nonce"]))

@@ -28,6 +28,7 @@ from tpm2_pytss.constants import (
     TPM2_ALG,
     TPM2_CAP,
     TPM2_HT,
+    TPM2_RC,
     TPM2_SE,
     TPMA_OBJECT,
 )
@@ -72,6 +73,29 @@ AK_ATTRIBUTES = (
     # after unclean restarts (a crash, a power cut) it would lock the AK out of quoting.
     | TPMA_OBJECT.NODA
 )
+
+
+_FOREIGN_BLOB = frozenset(
+    int(rc)
+    for rc in (
+        TPM2_RC.INTEGRITY,  # its HMAC is another parent's: another TPM, or another EK seed
+        TPM2_RC.BINDING,
+        TPM2_RC.SIZE,
+        TPM2_RC.INSUFFICIENT,
+        TPM2_RC.KEY_SIZE,
+        TPM2_RC.KEY,
+        TPM2_RC.TYPE,
+        TPM2_RC.ATTRIBUTES,
+        TPM2_RC.VALUE,
+    )
+)
+
+
+def _not_this_tpms(exc: TSS2_Exception) -> bool:
+    """Whether a failed TPM2_Load says the blobs are not this TPM's (a format-1 error of the
+    TPM itself about them), not that the TPM cannot load anything now (a warning: retry,
+    testing, out of memory; or the TCTI or ESAPI layer: the TPM gone)."""
+    return exc.rc >> 16 == 0 and bool(exc.fmt1) and exc.error in _FOREIGN_BLOB
 
 
 class TpmUnavailable(RuntimeError):
@@ -237,8 +261,13 @@ class Tpm:
             try:
                 with self._ek_session() as s:
                     ak = self._e.load(ek, priv, pub, session1=s)
-            except TSS2_Exception:
+            except TSS2_Exception as exc:
+                if not _not_this_tpms(exc):
+                    # busy, testing, out of object memory, gone: the enrolled AK is kept (a
+                    # new one would unbind the member: EnrolmentChanged)
+                    raise TpmUnavailable(f"the TPM could not load the AK now: {exc}") from exc
                 # blobs from another TPM (state dir reused) cannot load: make a new AK
+                log.warning("the AK's blobs do not load on this TPM (%s): making a new AK", exc)
                 for f in self._ak_files():
                     f.unlink(missing_ok=True)
                 priv, pub = self._ak_blobs(ek)

@@ -32,7 +32,8 @@ def member() -> AgentMember:
 
 def _answer(m: AgentMember, challenge: dict[str, Any]) -> tuple[dict[str, Any], float]:
     mine = {k: v for k, v in (m.status.get("agent") or {}).items() if k != "evidence"}
-    return m.agent._answer(mine, challenge)
+    patch, wait, _quoted = m.agent._answer(mine, challenge)
+    return patch, wait
 
 
 def _challenge(**times: dt.datetime) -> dict[str, Any]:
