@@ -7,6 +7,7 @@ import datetime as dt
 from dataclasses import replace
 from typing import Any, cast
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from gtvp.core.component_checks import Check, check_component, spend_use
 from gtvp.core.components import Component, parse_component
 from gtvp.core.compose import (
     BoxRef,
+    CompositionError,
     compose_vm,
     composed_boot,
     preferred_node,
@@ -950,23 +952,23 @@ def test_a_check_that_concluded_nothing_does_not_restart_running_boxes() -> None
     assert lazyboxes.unvouched(rt, [_part(app)]) == {}
 
 
-def test_a_separate_initrd_components_disk_is_vouched_for() -> None:
-    """A box with an `initrd` component (attached as a disk like libraries): healthy, it is
-    vouched for and left running (not restarted at every pass)."""
-    from gtvp.handlers import lazyboxes
-
-    extra = PUB.component("extra-initrd", "1.0.0", "initrd")
-    comp = parse_component(extra)
-    comps = [*COMPS, comp]
-    vm = compose_vm(REF, SPEC, comps, "node-2")
-    parts = vm_parts(vm)
-    assert _part(comp) in parts
-    ok = Check("Verified", "SignatureValid", "")
-    checks = {**OK, comp.object_name: ok}
-    rt = _view_of([*OBJS, extra], checks)
-    assert lazyboxes.unvouched(rt, parts) == {}
-    seen = replace(_running(comps), vm_parts=parts, vmi_parts=parts, vm_boots=template_boots(vm),
-                   vmi_boots=template_boots(vm))  # fmt: skip
-    status = {"composedBoots": [template_boots(vm)], "composedAt": "2026-11-29T11:00:00Z"}
-    d = plan_box(inp(components=comps, checks=checks, observed=seen, status=status), NOW)
-    assert (d.vm, d.restart) == (None, False)
+def test_a_box_with_a_separate_initrd_component_is_not_composed() -> None:
+    """An `initrd`-type component would be attached as a disk the box init never checks
+    (only layers are pinned on `gtvp.disks=`), read by the guest, unseen by key release's
+    consent and the box's vTPM: the box is refused (NotBootable), saying why, and keeps
+    the composition that runs. Any publisher may sign one (scope names no initrd slot).
+    Found by a review."""
+    extra = parse_component(PUB.component("extra-initrd", "1.0.0", "initrd"))
+    with pytest.raises(CompositionError, match="extra-initrd of type initrd"):
+        compose_vm(REF, SPEC, [*COMPS, extra], "node-2")
+    checks = {**OK, extra.object_name: Check("Verified", "SignatureValid", "")}
+    status = {"composedBoots": [boots(COMPS)]}
+    spec = {**SPEC, "upgradePolicy": "Restart"}
+    d = plan_box(
+        inp(spec=spec, components=[*COMPS, extra], checks=checks, observed=_running(COMPS),
+            status=status),
+        NOW,
+    )  # fmt: skip
+    assert (d.vm, d.restart, d.status["phase"]) == (None, False, "Failed")
+    assert "never attached" in d.status["message"]
+    assert d.status["composedBoots"] == [boots(COMPS)]

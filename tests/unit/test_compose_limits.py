@@ -61,3 +61,41 @@ def test_a_kernel_that_brings_no_box_init_is_not_composed() -> None:
         compose_vm(BOX, _spec("web-app"), comps, None)
     assert "kernel component linux 6.6.0 does not provide initrd" in str(err.value)
     assert compose_vm(BOX, _spec("web-app"), _resolved([]), None)["kind"] == "VirtualMachine"
+
+
+def test_two_components_whose_volume_names_collide_are_refused() -> None:
+    """`libfoo.so` and `libfoo-so` have distinct serials but one volume name (a '.' is
+    written '-'): KubeVirt would refuse the VM, and the local runtime would give both disks
+    one image. Found by a review."""
+    objs = [
+        PUB.component("linux", "6.6.0", "kernel", provides=["kernel", "initrd"]),
+        PUB.component("debian-minimal", "12.0", "rootfs", provides=["libc"]),
+        PUB.component("libfoo.so", "1.0.0", "library", requires=["libc"]),
+        PUB.component("libfoo-so", "1.0.0", "library", requires=["libc"]),
+        PUB.component("web-app", "1.0.0", "application", requires=["libfoo.so", "libfoo-so"]),
+    ]
+    objs[2]["metadata"]["name"] = "libfoo.so-1.0.0"  # object names of its publisher's choice
+    comps = resolve(BoxRequest.from_spec(_spec("web-app")), [parse_component(o) for o in objs])
+    assert {"libfoo.so", "libfoo-so"} <= {c.name for c in comps}
+    with pytest.raises(CompositionError, match="share the volume name 'c-libfoo-so'"):
+        compose_vm(BOX, _spec("web-app"), comps, None)
+
+
+def test_the_box_starts_its_own_application_not_an_application_it_depends_on() -> None:
+    """A box whose application `web` requires another application-type component
+    (`aaa-agent`, first by name) boots `web`: the init starts it and reports its version.
+    Before, the first application by name was started. Found by a review."""
+    objs = [
+        PUB.component("linux", "6.6.0", "kernel", provides=["kernel", "initrd"]),
+        PUB.component("debian-minimal", "12.0", "rootfs", provides=["libc"]),
+        PUB.component("aaa-agent", "2.0.0", "application", requires=["libc"]),
+        PUB.component("web", "1.0.0", "application", requires=["aaa-agent"]),
+    ]
+    comps = resolve(BoxRequest.from_spec(_spec("web")), [parse_component(o) for o in objs])
+    vm = compose_vm(BOX, _spec("web"), comps, None)
+    spec = vm["spec"]["template"]["spec"]
+    line = spec["domain"]["firmware"]["kernelBoot"]["kernelArgs"]
+    assert "gtvp.app=web gtvp.version=1.0.0" in line
+    user_data = next(v for v in spec["volumes"] if v["name"] == "cloudinit")
+    assert "/opt/gtvp/web/start" in user_data["cloudInitNoCloud"]["userData"]
+    assert "aaa-agent/start" not in user_data["cloudInitNoCloud"]["userData"]

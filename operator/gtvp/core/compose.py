@@ -4,8 +4,8 @@ Conventions for component images (docs/lazyboxes.md):
 - the kernel component's image is a KubeVirt kernel-boot container with the kernel at
   `/boot/vmlinuz` and gtvp's box init at `/boot/initrd.img` (KubeVirt loads kernel and
   initrd from one image), so it must provide `initrd`: a kernel without it would mount the
-  rootfs with no disk checked and is refused; a separate initrd component is attached as a
-  container disk for the guest to read;
+  rootfs with no disk checked and is refused; so is a separate component of type initrd
+  (attached as a disk, nothing would check it against a pinned digest);
 - the rootfs component is the first container disk and the boot disk (`root=/dev/vda`);
 - every other component is a container disk whose serial is the component name, which
   cloud-init mounts read-only at `/opt/gtvp/<name>`; the application's
@@ -347,11 +347,22 @@ def _disk_name(c: Component) -> str:
     return ("c-" + c.name.replace(".", "-"))[:63].rstrip("-")
 
 
-def cloud_init(components: Sequence[Component]) -> str:
+def application_of(components: Sequence[Component], name: str | None) -> Component | None:
+    """The component that answers the box's `spec.application` (`name`), not another
+    application-type component the box depends on; without a name, the first application."""
+    apps = [c for c in components if c.type == "application"]
+    if name is None:
+        return apps[0] if apps else None
+    return next((c for c in apps if c.offers(name)), None) or next(
+        (c for c in components if c.offers(name)), None
+    )
+
+
+def cloud_init(components: Sequence[Component], application: str | None = None) -> str:
     """cloud-config that mounts each component disk and starts the application."""
     mounts = []
     cmds = []
-    app = next((c for c in components if c.type == "application"), None)
+    app = application_of(components, application)
     for c in components:
         if c.type in ("kernel", "rootfs"):
             continue
@@ -374,9 +385,11 @@ def compose_vm(
 ) -> dict[str, Any]:
     """The VirtualMachine for a box (name = box name, in the box's namespace)."""
     kernel, root = _kernel_and_rootfs(components)
+    _only_layers([*components, *hotplugged])
     _distinct_serials(components)
     level = int(spec["level"])
-    disks, volumes = _container_disks(root, components)
+    application = str((spec.get("application") or {}).get("name") or "") or None
+    disks, volumes = _container_disks(root, components, application)
     dv_templates = _hotplug_disks(box, hotplugged, disks=disks, volumes=volumes)
     labels = {VM_LEVEL_LABEL: str(level), BOX_LABEL: box.name}
     template_spec = _template_spec(
@@ -385,7 +398,7 @@ def compose_vm(
         spec.get("resources") or {},
         disks=disks,
         volumes=volumes,
-        cmdline=kernel_args(box.name, components),
+        cmdline=kernel_args(box.name, components, application),
         ports=spec.get("ports") or (),
     )
     if node:
@@ -438,8 +451,10 @@ def _serial(c: Component) -> str:
 
 def _distinct_serials(components: Sequence[Component]) -> None:
     """Two disks with one serial could not be told apart by the box init (it would check
-    one disk's bytes against the other's pin): refuse the composition instead."""
+    one disk's bytes against the other's pin), nor two with one volume name by KubeVirt:
+    refuse the composition instead."""
     seen: dict[str, Component] = {}
+    names: dict[str, Component] = {}
     for c in overlay_order(components):
         other = seen.setdefault(_serial(c), c)
         if other is not c:
@@ -447,6 +462,12 @@ def _distinct_serials(components: Sequence[Component]) -> None:
                 f"components {other.name} and {c.name} share the disk serial "
                 f"{_serial(c)!r} (the first {SERIAL_MAX} characters of their names): the box "
                 "init could not tell their disks apart"
+            )
+        other = names.setdefault(_disk_name(c), c)
+        if other is not c:
+            raise CompositionError(
+                f"components {other.name} and {c.name} share the volume name "
+                f"{_disk_name(c)!r} (a '.' is written '-'): KubeVirt would refuse the VM"
             )
 
 
@@ -472,12 +493,15 @@ def overlay_order(components: Sequence[Component]) -> list[Component]:
     return out
 
 
-def kernel_args(box_name: str, components: Sequence[Component]) -> str:
+def kernel_args(
+    box_name: str, components: Sequence[Component], application: str | None = None
+) -> str:
     """The kernel command line: the serial console, freed pages zeroed
-    (`FREED_PAGES_ZEROED`), and for gtvp's box init the box, the application and every
+    (`FREED_PAGES_ZEROED`), and for gtvp's box init the box, its application (the
+    component answering `application`, the box's `spec.application`) and every
     component disk with the sha256 its component pins for the disk file (`Component.pin`:
     diskDigest, else digest)."""
-    app = next((c for c in components if c.type == "application"), None)
+    app = application_of(components, application)
     disks = ",".join(
         f"{_serial(c)}:{c.pin.removeprefix('sha256:')}" for c in overlay_order(components)
     )
@@ -509,6 +533,19 @@ def _kernel_and_rootfs(components: Sequence[Component]) -> tuple[Component, Comp
     return kernels[0], roots[0]
 
 
+def _only_layers(components: Sequence[Component]) -> None:
+    """Refuse components of a type that is no file system layer (initrd): attached as a
+    disk, nothing would check it against a pinned digest before the guest reads it."""
+    initrds = sorted(c.name for c in components if c.type not in (*_TYPE_RANK, "kernel"))
+    if initrds:
+        raise CompositionError(
+            f"component(s) {', '.join(initrds)} of type initrd: a box's initrd is gtvp's box "
+            "init, in its kernel component's image, and a disk the init does not check "
+            "against a pinned digest is never attached (only rootfs, library and "
+            "application components are disks of a box)"
+        )
+
+
 def no_box_init(components: Sequence[Component]) -> str | None:
     """Why a box of `components` would boot without gtvp's box init (None: it would not):
     a kernel component that does not provide `initrd`. The init, which checks each
@@ -527,7 +564,7 @@ def no_box_init(components: Sequence[Component]) -> str | None:
 
 
 def _container_disks(
-    root: Component, components: Sequence[Component]
+    root: Component, components: Sequence[Component], application: str | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Disks and volumes: the rootfs (boot disk), every other non-kernel component as a
     container disk with its name as serial, then cloud-init."""
@@ -551,7 +588,9 @@ def _container_disks(
             }
         )
     disks.append({"name": "cloudinit", "disk": {"bus": "virtio"}})
-    volumes.append({"name": "cloudinit", "cloudInitNoCloud": {"userData": cloud_init(components)}})
+    volumes.append(
+        {"name": "cloudinit", "cloudInitNoCloud": {"userData": cloud_init(components, application)}}
+    )
     return disks, volumes
 
 
