@@ -1280,6 +1280,34 @@ def _metrics_args(docs: list[dict[str, Any]]) -> list[str]:
     return [a for a in args if a.startswith("--metrics")]
 
 
+def test_guests_are_given_the_ca_of_the_key_release_port_they_must_check() -> None:
+    """With `keyRelease.url`, the operator is told the CA of the certificate that port
+    serves (`--key-release-ca`), so each box's cloud-init carries it: the guest's client
+    trusts only that CA (a guest has no trust store that holds the chart's own CA), and
+    without it no box could attest nor fetch its Secrets. Found by a review: the chart
+    never passed it."""
+    import base64
+
+    from cryptography import x509
+
+    docs = _render("keyRelease.url=https://gtvp-webhook.gtvp-system.svc:9090")
+    container = _operator(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert "--key-release-ca=/certs/ca.crt" in container["args"]
+    mounted = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounted["certs"] == "/certs"
+    secret_name = next(
+        v["secret"]["secretName"]
+        for v in _operator(docs)["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "certs"
+    )
+    data = _one(docs, "Secret", secret_name)["data"]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(data["ca.crt"]))
+    served = x509.load_pem_x509_certificate(base64.b64decode(data["tls.crt"]))
+    served.verify_directly_issued_by(ca)  # the CA the guests are given signed what is served
+    without = _operator(_render())["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in without if a.startswith("--key-release")]
+
+
 def test_metrics_are_served_over_https_to_reviewed_tokens_by_default(
     control_plane: ControlPlane,
 ) -> None:
