@@ -215,9 +215,15 @@ def _read_again(rt: Runtime, name: str) -> None:
         return
     if fresh is None:
         _forget(rt, name)
-    else:
-        rt.view.note_component(name)
-        rt.view.components[name] = kept(fresh)
+        return
+    rt.view.note_component(name)
+    if _uid(rt.view.components.get(name)) != _uid(fresh):
+        # another object under the name (deleted and made again since the view's): the
+        # old one's check says nothing of it, and it leaves the catalogue until checked
+        rt.boxes.checks.pop(name, None)
+        rt.boxes.catalogue_version += 1
+        rt.touch_boxes()
+    rt.view.components[name] = kept(fresh)
 
 
 def _forget(rt: Runtime, name: str) -> None:
@@ -259,12 +265,18 @@ def spend(rt: Runtime, names: tuple[str, ...]) -> list[str]:
 
 
 def _spend_one(rt: Runtime, name: str) -> bool:
-    """Spend one use of `name`; False: it is not usable."""
+    """Spend one use of `name`; False: it is not usable (or another object came under its
+    name while the use was spent: the one planned on is gone)."""
+    spent_on: object = None
     for _ in range(WRITE_ATTEMPTS):
         got = _next_use(rt, name)
         if got is None:
             return False
         body, use = got
+        if spent_on is None:
+            spent_on = _uid(body)
+        elif _uid(body) != spent_on:
+            return False
         if use.status is None:
             return True
         written = _write_status(rt, body, use.status)
