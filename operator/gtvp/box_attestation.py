@@ -291,14 +291,15 @@ class Endpoint:
     def _enrol(self, req: ba.Request, box: dict[str, Any]) -> tuple[int, str, bytes]:
         now = self.clock()
         checked = ba.check_enrolment(req.body, self._settings(), now)
-        ba.check_ek_pin(
-            _attestation(box), checked.ek_sha256, self._running(req), _b64(checked.ak_public)
-        )
+        running = self._running(req)
+        ba.check_ek_pin(_attestation(box), checked.ek_sha256, running, _b64(checked.ak_public))
+        ba.check_enrol_rate(_attestation(box), running, now)
         secret = secrets.token_bytes(32)
         challenge = ba.activation_challenge(checked, secret)
         enrolment = secrets.token_hex(8)
         att = {
             **_attestation(box),
+            "lastEnrolment": {"at": format_ts(now), "vmiUID": running.vmi_uid},
             "enrolment": {
                 "id": enrolment,
                 "secretSHA256": challenge.secret_sha256,
@@ -407,7 +408,10 @@ class Endpoint:
         _count(exc.reason)
         where = f"{req.namespace}/{req.box}" if req is not None else "?"
         log.info("box attestation for %s refused: %s: %s", where, exc.reason, exc.message)
-        if req is not None and box is not None and exc.reason not in (ba.CONFLICT, ba.BAD_REQUEST):
+        # no Event for a conflict, a malformed request or an enrolment too soon: each
+        # would be a write that whoever holds the credential could ask for without pause
+        quiet = (ba.CONFLICT, ba.BAD_REQUEST, ba.ENROL_TOO_SOON)
+        if req is not None and box is not None and exc.reason not in quiet:
             self._event(
                 req, box, "Warning", "BoxAttestationRefused", f"{exc.reason}: {exc.message}"
             )

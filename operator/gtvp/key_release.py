@@ -132,7 +132,7 @@ def arm(
     secret_name = kr.cloud_init_secret(name)
     try:
         out, user_data = compose.with_cloud_init_secret(vm, secret_name)
-        credential = new_credential()
+        credential = _unconsumed(rt, key, box) or new_credential()
         text = compose.key_release_user_data(
             user_data,
             credential=credential,
@@ -157,8 +157,29 @@ def arm(
     failed = write_cloud_init_secret(rt, body)
     if failed is not None:
         return failed
-    log.info("box %s/%s: a new key-release credential is in Secret %s", ns, name, secret_name)
+    log.info("box %s/%s: its key-release credential is in Secret %s", ns, name, secret_name)
     return out
+
+
+def _unconsumed(rt: Runtime, key: Key, box: Mapping[str, Any]) -> str | None:
+    """The key-release credential the box's cloud-init Secret holds, when it is that box's,
+    current and not consumed by a release: a VM written again (a live update, a drift
+    restored) keeps it, so a guest still waiting to fetch with it (the box not attested
+    yet) is not refused `WrongCredential` and left without its Secrets until its next boot.
+    None (a fresh credential) when there is none, or the Secret cannot be read now."""
+    try:
+        secret = rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(key[1]), key[0])
+    except ApiException:
+        return None
+    box_uid = str((box.get("metadata") or {}).get("uid") or "")
+    owners = {str(o.uid) for o in secret.metadata.owner_references or ()}
+    raw = (secret.data or {}).get(kr.USER_DATA_KEY)
+    if not box_uid or box_uid not in owners or not raw:
+        return None
+    got = compose.key_release_credential_of(base64.b64decode(raw).decode(errors="replace"))
+    if got is None or not kr.still_current(secret.metadata.annotations or {}, got):
+        return None
+    return got
 
 
 REARM_ATTEMPTS = 3

@@ -444,6 +444,24 @@ def test_enrolment_refuses_strangers_foreign_eks_weak_aks_and_wrong_activations(
     assert pool.attestation(BOX) == bound
 
 
+def test_a_guest_enrolling_without_pause_gets_one_enrolment_per_ten_seconds(pool: Pool) -> None:
+    """Whoever holds the box's credential (root in its guest, a reader of its cloud-init
+    Secret) enrolled the bound AK again and again: each a status write by the operator's
+    own account (and a MakeCredential), the box's resourceVersion moving so that the
+    deadline's writes met conflicts. Now one enrolment per VMI per 10 s is answered; the
+    others are a 429, with nothing written (no status, no Event). Found by a review."""
+    guest = pool.guests[BOX]
+    guest.bind()
+    box = pool.box(BOX)
+    for _ in range(5):
+        status, body = guest.enrol()
+        assert (status, body["error"]) == (429, ba.ENROL_TOO_SOON), body
+        assert "enrol again in" in body["message"]
+    assert pool.box(BOX)["metadata"]["resourceVersion"] == box["metadata"]["resourceVersion"]
+    assert not [m for r, m in pool.events(BOX) if ba.ENROL_TOO_SOON in m]
+    assert pool.attestation(BOX)["bound"] is True
+
+
 @pytest.mark.timeout(240)
 def test_forged_replayed_expired_and_inconsistent_quotes_are_refused(pool: Pool) -> None:
     guest, other = pool.guests[BOX], pool.guests[OTHER_BOX]

@@ -513,6 +513,20 @@ def test_a_credential_armed_again_while_the_released_vm_runs_is_for_its_next_boo
     assert pool.ask(BOX, fresh, token)[0] == 200
 
 
+def test_a_vm_written_again_before_its_guest_fetched_keeps_the_guests_credential(
+    pool: Pool,
+) -> None:
+    """gtvp writes the box's VM again (a live update, a VM user's edit restored) while its
+    guest waits to fetch (its box not attested yet, up to 10 minutes): the credential in
+    the running guest's cloud-init stays the current one, and the guest gets its Secrets
+    with it. Before, every VM write armed a fresh one and the waiting guest was refused
+    (WrongCredential, its script stops) until its next boot. Found by a review."""
+    cred, token = pool.credential(BOX), pool.token(pool.members[0])
+    _armed_vm(pool.rt, pool.namespace, BOX)
+    assert pool.credential(BOX) == cred
+    assert pool.ask(BOX, cred, token)[0] == 200
+
+
 def test_a_client_without_a_credential_cannot_tell_which_boxes_exist(pool: Pool) -> None:
     """Anyone who reaches the endpoint (any pod, any guest) guesses names: a box that
     exists, one that does not, a VM that is not gated all get the same answer, and a name

@@ -16,6 +16,7 @@ from gtvp.core import boxattest as ba
 from gtvp.core.components import parse_component
 from gtvp.core.compose import kernel_args, overlay_order
 from gtvp.core.resolve import BoxRequest, resolve
+from gtvp.core.timestamps import format_ts
 from tests.catalogue import Publisher
 from tests.softtpm import SoftCA
 
@@ -525,3 +526,18 @@ def test_a_box_verified_where_it_was_is_pending_once_it_runs_elsewhere() -> None
         assert new is not None
         assert (new["state"], act) == (ba.PENDING, False)
         assert (new["wanted"]["member"], new["wanted"]["vmiUID"]) == (where.member, where.vmi_uid)
+
+
+def test_one_enrolment_per_vmi_per_ten_seconds_is_answered() -> None:
+    """Each enrolment is a status write and a MakeCredential: whoever holds the box's
+    credential (root in its guest, a reader of its cloud-init Secret) could otherwise have
+    gtvp write the box without pause, keeping the deadline's own writes in conflict. A
+    restarted box (another VMI) enrols at once. Found by a review."""
+    att = {"lastEnrolment": {"at": format_ts(NOW), "vmiUID": WHERE.vmi_uid}}
+    with pytest.raises(ba.Refused) as refused:
+        ba.check_enrol_rate(att, WHERE, NOW + dt.timedelta(seconds=3))
+    assert (refused.value.reason, refused.value.status) == (ba.ENROL_TOO_SOON, 429)
+    assert "enrol again in 8s" in refused.value.message
+    ba.check_enrol_rate(att, WHERE, NOW + ba.ENROL_EVERY)
+    ba.check_enrol_rate(att, ba.Where("member-a", "uid-2"), NOW + dt.timedelta(seconds=1))
+    ba.check_enrol_rate({}, WHERE, NOW)

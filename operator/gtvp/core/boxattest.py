@@ -66,6 +66,10 @@ deadline): a guest that never attests, or a host that keeps its channel shut, is
 treated as a mismatch."""
 RETRY_AFTER: Final = 10
 """Seconds the guest waits before its next challenge when no quote is wanted."""
+ENROL_EVERY: Final = dt.timedelta(seconds=RETRY_AFTER)
+"""At most one enrolment per VMI this often (`status.attestation.lastEnrolment`): each is a
+status write (and a MakeCredential), and whoever holds the box's credential could
+otherwise have gtvp write the box without pause."""
 ANSWERED_KEPT: Final = 8
 """How many answered nonces a box's status remembers (a replay is named so)."""
 LINE_PREFIX: Final = "#gtvp-attest "
@@ -95,6 +99,7 @@ EK_CHANGED: Final = "EkChanged"
 AK_CHANGED: Final = "AkChanged"
 ACTIVATION_FAILED: Final = "ActivationFailed"
 STALE_ENROLMENT: Final = "StaleEnrolment"
+ENROL_TOO_SOON: Final = "EnrolTooSoon"
 QUOTE_INVALID: Final = "QuoteInvalid"
 WRONG_CREDENTIAL: Final = "WrongCredential"
 NOT_RUNNING: Final = "NotRunning"
@@ -123,6 +128,7 @@ REASONS: Final = (
     AK_CHANGED,
     ACTIVATION_FAILED,
     STALE_ENROLMENT,
+    ENROL_TOO_SOON,
     QUOTE_INVALID,
     WRONG_CREDENTIAL,
     NOT_RUNNING,
@@ -139,6 +145,7 @@ HTTP_STATUS: Final = {
     NONCE_EXPIRED: 409,
     NONCE_UNKNOWN: 409,
     STALE_ENROLMENT: 409,
+    ENROL_TOO_SOON: 429,
     CONFLICT: 409,
 }
 """A refusal's HTTP status (403 for every other reason)."""
@@ -532,6 +539,23 @@ def check_ek_pin(
             AK_CHANGED,
             "the box's vTPM has an AK bound for this VMI; another AK of its EK is refused "
             "until the box restarts",
+        )
+
+
+def check_enrol_rate(att: Mapping[str, Any], where: Where, now: dt.datetime) -> None:
+    """Refuse an enrolment less than `ENROL_EVERY` after the last one for the same VMI
+    (EnrolTooSoon, 429): an honest guest enrols once per boot, and again only when told
+    to; a restarted box (another VMI) enrols at once."""
+    last = att.get("lastEnrolment") or {}
+    at = parse_ts(last.get("at")) if isinstance(last, Mapping) else None
+    if at is None or last.get("vmiUID") != where.vmi_uid:
+        return
+    if dt.timedelta(0) <= now - at < ENROL_EVERY:
+        wait = int((ENROL_EVERY - (now - at)).total_seconds()) + 1
+        raise Refused(
+            ENROL_TOO_SOON,
+            f"the box enrolled {int((now - at).total_seconds())}s ago: one enrolment per VMI "
+            f"per {int(ENROL_EVERY.total_seconds())}s; enrol again in {wait}s",
         )
 
 

@@ -831,6 +831,21 @@ def key_release_files(
 _MODES = {"credential": "0400", "env": "0400", "fetch": "0500", "ca.pem": "0444"}
 
 
+def key_release_credential_of(user_data: str) -> str | None:
+    """The key-release credential a cloud-config written by `key_release_user_data`
+    carries (None: none, or not such a cloud-config)."""
+    try:
+        doc = yaml.safe_load(user_data)
+    except yaml.YAMLError:
+        return None
+    files = doc.get("write_files") if isinstance(doc, dict) else None
+    for f in files if isinstance(files, list) else ():
+        if isinstance(f, dict) and f.get("path") == f"{KEY_RELEASE_DIR}/credential":
+            content = f.get("content")
+            return content if isinstance(content, str) and content else None
+    return None
+
+
 def key_release_user_data(
     user_data: str,
     *,

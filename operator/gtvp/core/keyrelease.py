@@ -616,6 +616,14 @@ def _consumed(ann: Mapping[str, str]) -> list[str]:
     return [h for h in str(ann.get(CONSUMED_ANNOTATION, "")).split(",") if h]
 
 
+def still_current(ann: Mapping[str, str], credential: str) -> bool:
+    """Whether `credential` is the current one of a credential Secret with these
+    annotations and no release consumed it (a VM written again keeps it: a guest still
+    waiting to fetch with it is not locked out)."""
+    digest = credential_hash(credential)
+    return ann.get(HASH_ANNOTATION) == digest and digest not in _consumed(ann)
+
+
 def issued_annotations(credential: str, now: str) -> dict[str, str]:
     """The cloud-init Secret's annotations for a fresh credential (the VM written anew)."""
     return {HASH_ANNOTATION: credential_hash(credential), ISSUED_ANNOTATION: now}

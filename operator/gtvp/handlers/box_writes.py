@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final, Literal
 
 from kubernetes.client.exceptions import ApiException
 
@@ -99,11 +99,33 @@ def restart_vmi(rt: Runtime, key: Key) -> None:
     kube.delete_if_present(rt.clients, VIRTUAL_MACHINE_INSTANCES, key[1], key[0])
 
 
-def write_status(rt: Runtime, key: Key, status: dict[str, Any]) -> None:
-    """Merge-patch the box's status (nothing when unchanged; forgotten when it is gone)."""
+KEEP: Final = "keep"
+"""`write_status(attestation=KEEP)`: `status.attestation` as the view holds it now."""
+
+
+def write_status(
+    rt: Runtime,
+    key: Key,
+    status: dict[str, Any],
+    *,
+    attestation: dict[str, Any] | Literal["keep"] | None = KEEP,
+) -> None:
+    """Merge-patch the box's status (nothing when unchanged; forgotten when it is gone).
+    `status.attestation` is left as the view holds it now (`KEEP`), replaced by a fresh
+    credential's (just armed) or removed (None: nothing gtvp composed runs under the
+    box's name): the endpoint and the sweep write it, each with the resourceVersion it
+    read, and a status planned on an older view must not undo what they wrote meanwhile
+    (a quote judged a mismatch, an answered nonce)."""
     box = rt.view.boxes.get(key)
     if box is None:
         return
+    held = (box.get("status") or {}).get("attestation")
+    status = {k: v for k, v in status.items() if k != "attestation"}
+    if attestation == KEEP:
+        if held is not None:
+            status["attestation"] = held
+    elif attestation is not None:
+        status["attestation"] = attestation
     patch = kube.merge_patch_for(box.get("status") or {}, status)
     if not patch:
         return

@@ -16,7 +16,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from gtvp import box_attestation, key_release, kube
 from gtvp.cluster_view import Key, key_of
@@ -403,7 +403,9 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             METRICS.placement_cached_ratio.observe(decision.placement.cached_bytes / total)
         else:
             METRICS.placements.labels("pending").inc()
-    box_writes.write_status(rt, key, decision.status)
+    box_writes.write_status(
+        rt, key, decision.status, attestation=_attestation(rt, key, decision, attested)
+    )
     METRICS.boxes[f"{key[0]}/{key[1]}"] = str(decision.status.get("phase"))
     if decision.event is not None:
         etype, reason, message = decision.event
@@ -418,6 +420,23 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             message=message,
         )
     return decision
+
+
+def _attestation(
+    rt: Runtime, key: Key, decision: Decision, attested: box_attestation.Armed | str | None
+) -> dict[str, Any] | Literal["keep"] | None:
+    """What the status write does with `status.attestation`: put in place the attestation
+    of a credential this pass armed anew (its hash is not the one the box's status holds),
+    remove it where the plan did (None), else keep what the view holds (the endpoint's
+    and the sweep's writes, made meanwhile)."""
+    if "attestation" not in decision.status:
+        return None
+    if not isinstance(attested, box_attestation.Armed):
+        return box_writes.KEEP
+    held = ((rt.view.boxes.get(key) or {}).get("status") or {}).get("attestation") or {}
+    if attested.attestation.get("credentialHash") != held.get("credentialHash"):
+        return attested.attestation
+    return box_writes.KEEP
 
 
 def recorded(decision: Decision, now: dt.datetime) -> dict[str, Any]:
