@@ -143,6 +143,11 @@ def check_ek_public(ek: PublicArea) -> None:
             "the reported EK is not a TCG endorsement key (restricted, decrypt, fixedTPM, "
             "fixedParent, adminWithPolicy; not sign)"
         )
+    if isinstance(ek.key, rsa.RSAPublicKey) and ek.key.key_size < 2048:
+        raise errors.EkCertificateInvalid(
+            f"the EK is RSA-{ek.key.key_size}; at least 2048 is needed (a smaller key can be "
+            "factored, and its credential answered without the TPM)"
+        )
     if roca_weak(ek.key):
         raise errors.EkCertificateInvalid(
             f"the EK is refused: {WHY_ROCA}; root on the host could answer gtvp's credential "
