@@ -103,7 +103,7 @@ def test_verify_quote_refuses_a_weak_bare_ak_before_reading_the_quote() -> None:
 def test_an_rsa_tpm_key_under_2048_bits_is_refused(role: str) -> None:
     """A 1024-bit EK could be factored and gtvp's credential answered without the TPM (the
     AK had this bound already; the EK had none). Found by a review."""
-    small = rsa.generate_private_key(65537, 1024).public_key().public_numbers().n
+    small = rsa.generate_private_key(65537, 1024).public_key().public_numbers().n  # noqa: S505 - the weak key refused
     check, attributes, error = {
         "EK": (check_ek_public, EK_ATTRIBUTES, errors.EkCertificateInvalid),
         "AK": (check_ak_attributes, AK_ATTRIBUTES, errors.AkAttributesInvalid),
