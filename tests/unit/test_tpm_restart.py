@@ -12,6 +12,7 @@ import pytest
 from gtvp.core.policy import Policy, parse_policy
 from gtvp_local.pool import pool_policy
 from gtvp_local.swtpm import SwtpmCA
+from tests import softtpm
 from tests.softmember import AgentMember, Bundle
 from tests.softtpm import PCR_COUNT, SoftCA, SoftTpm
 
@@ -171,6 +172,32 @@ def test_a_cleared_tpm_is_refused_until_readmitted_then_judged_from_its_counters
         t += LATER
         m.cycle(t)
         assert (m.phase, m.reason) == ("Untrusted", "CounterWentBack")
+
+
+@pytest.mark.parametrize("auto_recover", [True, False])
+def test_a_tpm_whose_firmware_was_rolled_back_is_held_until_readmitted(
+    auto_recover: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root flashes an older TPM firmware (one with a published flaw: the EK survives, and
+    firmware is measured into no PCR) and reboots: the firmware version every quote signs
+    went back, which fails every quote (`FirmwareWentBack`, on every level) until an
+    administrator readmits the host; an upgrade is no rollback. Found by a review: the
+    version was parsed and never compared."""
+    tpm, m, t = _trusted_member(auto_recover=auto_recover)
+    assert m.status["trust"]["firmwareVersion"] == str(softtpm.FIRMWARE_VERSION)
+    older = softtpm.FIRMWARE_VERSION - 0x10000
+    monkeypatch.setattr(softtpm, "FIRMWARE_VERSION", older)
+    tpm._clock.reset_count += 1  # flashed, then rebooted
+    t = _refused(m, t, "FirmwareWentBack")
+    assert "rolled back" in m.status["trust"]["message"]
+    m.readmit = "ticket-1"
+    t = _after(m, t, 2)
+    assert m.phase == "Trusted", m.status["trust"]
+    assert m.status["trust"]["firmwareVersion"] == str(older)
+    monkeypatch.setattr(softtpm, "FIRMWARE_VERSION", older + 0x20000)  # an upgrade
+    t = _after(m, t, 2)
+    assert m.phase == "Trusted", m.status["trust"]
+    assert m.status["trust"]["firmwareVersion"] == str(older + 0x20000)
 
 
 def test_a_readmission_set_before_a_failure_does_not_readmit_it() -> None:

@@ -35,7 +35,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 from gtvp.core import errors
@@ -131,13 +131,7 @@ def _hex(value: Any, what: str) -> bytes:
 def _retry_at(err: errors.VerificationError, trust: TrustStatus, now: dt.datetime) -> dt.datetime:
     """When to ask for the next quote after a failure (records a reboot's new baseline)."""
     if isinstance(err, errors.Rebooted) and isinstance(err.clock, ClockState):
-        trust.update(
-            {
-                "clock": err.clock.clock,
-                "resetCount": err.clock.reset_count,
-                "restartCount": err.clock.restart_count,
-            }
-        )
+        _keep_clock(trust, err.clock)
         return now
     if isinstance(err, errors.EvidenceTooLate):
         return now
@@ -316,9 +310,26 @@ def parse_evidence(raw: Mapping[str, Any]) -> Evidence:
 
 def _last_clock(trust: TrustStatus) -> ClockState | None:
     try:
-        return ClockState(int(trust["clock"]), int(trust["resetCount"]), int(trust["restartCount"]))
+        clock = ClockState(
+            int(trust["clock"]), int(trust["resetCount"]), int(trust["restartCount"])
+        )
     except (KeyError, TypeError, ValueError):
         return None
+    try:
+        firmware = int(str(trust["firmwareVersion"]))
+    except (KeyError, TypeError, ValueError):
+        return clock  # recorded before gtvp kept it: taken from the next quote
+    return replace(clock, firmware=firmware)
+
+
+def _keep_clock(trust: TrustStatus, clock: ClockState) -> None:
+    """Keep a quote's clock state in the trust status, the baseline of the next quote (the
+    firmware version as a decimal string: a UINT64 may not fit the API server's int64)."""
+    trust["clock"] = clock.clock
+    trust["resetCount"] = clock.reset_count
+    trust["restartCount"] = clock.restart_count
+    if clock.firmware is not None:
+        trust["firmwareVersion"] = str(clock.firmware)
 
 
 def attestation_step(
@@ -963,11 +974,9 @@ def _record_verdict(
             "verifiedAt": format_ts(now),
             "expiresAt": format_ts(issued + mp.attestation.valid_for),
             "usesLeft": mp.attestation.max_uses,
-            "clock": result.clock.clock,
-            "resetCount": result.clock.reset_count,
-            "restartCount": result.clock.restart_count,
         }
     )
+    _keep_clock(trust, result.clock)
     trust.pop("bootUnquoted", None)  # a quote of the boot the host runs now
 
 
@@ -1250,11 +1259,9 @@ def _hold_for_readmission(
             "message": message,
             "verifiedAt": format_ts(now),
             "usesLeft": 0,
-            "clock": clock.clock,
-            "resetCount": clock.reset_count,
-            "restartCount": clock.restart_count,
         }
     )
+    _keep_clock(trust, clock)
     trust.pop("expiresAt", None)
     return message
 
@@ -1264,12 +1271,13 @@ _TrustKey = Literal[
     "clock",
     "resetCount",
     "restartCount",
+    "firmwareVersion",
     "referenceSet",
     "eventLogSHA256",
     "eventLogPCRs",
     "eventLogBank",
 ]
-_CLOCK_KEYS: tuple[_TrustKey, ...] = ("clock", "resetCount", "restartCount")
+_CLOCK_KEYS: tuple[_TrustKey, ...] = ("clock", "resetCount", "restartCount", "firmwareVersion")
 _LOG_KEYS: tuple[_TrustKey, ...] = ("eventLogSHA256", "eventLogPCRs", "eventLogBank")
 
 

@@ -110,6 +110,7 @@ _VECTOR_BY_REASON: Final[Mapping[str, Mapping[str, int]]] = {
             "NonceReplayed",
             "ClockWentBack",
             "CounterWentBack",
+            "FirmwareWentBack",
         ),
         _UNTRUSTWORTHY_KEY,
     ),

@@ -104,6 +104,15 @@ class CounterWentBack(VerificationError):
     reason = "CounterWentBack"
 
 
+class FirmwareWentBack(CounterWentBack):
+    """The TPM's firmware version (TPMS_CLOCK_INFO.firmwareVersion, signed in every quote)
+    is lower than in an earlier quote: its firmware was rolled back, perhaps to a version
+    with a known flaw (the EK survives, and firmware is measured into no PCR). Held for an
+    administrator's readmission, as counters that went back."""
+
+    reason = "FirmwareWentBack"
+
+
 class Rebooted(VerificationError):
     """resetCount increased: the host rebooted since the last quote; its new boot chain is
     verified by a fresh quote before it is trusted again."""

@@ -44,6 +44,7 @@ class TrustStatus(TypedDict, total=False):
     resetCount: int
     restartCount: int
     clock: int
+    firmwareVersion: str  # the TPM's firmware version in the last quote (decimal)
     awaitingReadmission: bool
     readmitToken: str
     memberClass: str  # the member class the Trusted verdict's quote was judged under

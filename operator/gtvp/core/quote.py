@@ -67,6 +67,7 @@ class ClockState:
     clock: int
     reset_count: int
     restart_count: int
+    firmware: int | None = None  # the TPM's firmware version (None: not recorded yet)
 
 
 @dataclass(frozen=True)
@@ -363,9 +364,17 @@ def replay_event_log(event_log: bytes) -> EventLog:
 
 
 def _check_counters(a: Attest, last: ClockState | None) -> ClockState:
-    now = ClockState(a.clock, a.reset_count, a.restart_count)
+    now = ClockState(a.clock, a.reset_count, a.restart_count, a.firmware_version)
     if last is None:
         return now
+    if last.firmware is not None and a.firmware_version < last.firmware:
+        # before the reset checks: a rollback comes with a reboot, and a reboot takes the
+        # new firmware version as the baseline
+        raise errors.FirmwareWentBack(
+            f"the TPM's firmware version went back from {last.firmware:#x} to "
+            f"{a.firmware_version:#x}: its firmware was rolled back (to a version with a known "
+            "flaw, perhaps); after checking the host, readmit it"
+        )
     if a.reset_count < last.reset_count:
         raise errors.CounterWentBack(
             f"TPM resetCount went from {last.reset_count} to {a.reset_count}: an old quote or "
