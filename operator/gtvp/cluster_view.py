@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_node
 from gtvp.core.launchers import LauncherPod, launcher_pod, made_for, pod_nodes
+from gtvp.core.node_affinity import allowed_among
 from gtvp.core.policy import Policy
 from gtvp.core.trust import MemberView, as_labelled, member_view, node_boot_id
 
@@ -236,6 +237,13 @@ class ClusterView:
         return node_boot_id(self.nodes.get(name) or {})
 
     # -- KubeVirt -------------------------------------------------------------------------
+
+    def pinnable(self, key: Key, names: Iterable[str]) -> frozenset[str] | None:
+        """Which of the nodes `names` the VMI's own nodeSelector and required node affinity
+        allow (`core.node_affinity`; None: they name no nodes, any will do): a migration
+        pinned elsewhere could never be scheduled."""
+        spec = (self.vmis.get(key) or {}).get("spec") or {}
+        return allowed_among(spec, {n: self.node_labels.get(n) or {} for n in names})
 
     def observe_vm(self, body: dict[str, Any], event_type: str) -> None:
         self._store(self.vms, body, event_type)

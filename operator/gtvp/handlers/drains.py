@@ -48,7 +48,6 @@ from gtvp.core.evacuation import (
     migration_view,
     plan_drains,
 )
-from gtvp.core.node_affinity import allowed_among
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
@@ -282,12 +281,7 @@ def _own_constraints(
     rt: Runtime, evacuees: Sequence[Evacuee], targets: Sequence[DrainTarget]
 ) -> dict[tuple[str, str], frozenset[str]]:
     """For each VMI whose own nodeSelector or required node affinity names nodes, the
-    members those allow (`core.node_affinity`): a drain pinned elsewhere could never be
-    scheduled."""
-    nodes = {t.name: rt.view.node_labels.get(t.name) or {} for t in targets}
-    out = {}
-    for e in evacuees:
-        spec = (rt.view.vmis.get((e.namespace, e.name)) or {}).get("spec") or {}
-        if (among := allowed_among(spec, nodes)) is not None:
-            out[(e.namespace, e.name)] = among
-    return out
+    members those allow: a drain pinned elsewhere could never be scheduled."""
+    names = [t.name for t in targets]
+    pins = {(e.namespace, e.name): rt.view.pinnable((e.namespace, e.name), names) for e in evacuees}
+    return {key: among for key, among in pins.items() if among is not None}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -62,7 +62,6 @@ from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
-from gtvp.core.node_affinity import allowed_among
 from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import format_ts, human_duration, parse_ts
@@ -211,12 +210,9 @@ async def _say_no_policy(
     rt: Runtime, member: str, waiting: list[Vmi], due: Mapping[Vmi, dt.datetime]
 ) -> None:
     """A Warning, once per VMI, that it is stopped at `due` unless a policy is back."""
-    key = f"{member}#nopolicy-wait"
-    said = set(rt.evacuation.waiting.pop(key, ()))
-    if waiting:
-        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v in waiting)
+    newly = _not_said(rt, f"{member}#nopolicy-wait", (f"{v.namespace}/{v.name}" for v in waiting))
     for v in waiting:
-        if f"{v.namespace}/{v.name}" in said:
+        if f"{v.namespace}/{v.name}" not in newly:
             continue
         message = (
             f"on {member}, which nothing verifies: no SecurityPolicy is in force (NoPolicy); "
@@ -224,6 +220,16 @@ async def _say_no_policy(
         )
         log.warning("%s/%s %s", v.namespace, v.name, message)
         await _vmi_event(rt, (v.namespace, v.name), "Warning", "NoPolicy", message)
+
+
+def _not_said(rt: Runtime, key: str, names: Iterable[str]) -> set[str]:
+    """Say-once bookkeeping: the `names` not among those the last call under `key` had
+    (said then); remembers these instead (none: `key` forgotten, a later wait said again)."""
+    now = sorted(set(names))
+    said = set(rt.evacuation.waiting.pop(key, ()))
+    if now:
+        rt.evacuation.waiting[key] = now
+    return set(now) - said
 
 
 def forget(rt: Runtime, topic: str) -> None:
@@ -390,15 +396,15 @@ def _own_constraints(
     rt: Runtime, vmis: Sequence[Vmi], targets: Sequence[tuple[str, int]]
 ) -> dict[Key, frozenset[str]]:
     """For each VMI whose own nodeSelector or required node affinity names nodes, the
-    targets of its level those allow (`core.node_affinity`; empty: none, it waits unpinned
-    instead of holding a migration slot with a pin that can never be scheduled)."""
-    out = {}
-    for v in vmis:
-        spec = (rt.view.vmis.get((v.namespace, v.name)) or {}).get("spec") or {}
-        nodes = {n: rt.view.node_labels.get(n) or {} for n, level in targets if level >= v.level}
-        if (among := allowed_among(spec, nodes)) is not None:
-            out[(v.namespace, v.name)] = among
-    return out
+    targets of its level those allow (empty: none, it waits unpinned instead of holding a
+    migration slot with a pin that can never be scheduled)."""
+    pins = {
+        (v.namespace, v.name): rt.view.pinnable(
+            (v.namespace, v.name), (n for n, level in targets if level >= v.level)
+        )
+        for v in vmis
+    }
+    return {key: among for key, among in pins.items() if among is not None}
 
 
 async def _say_full(
@@ -422,11 +428,7 @@ async def _say_full(
             lvl >= v.level and room.fits(n, v.cpu_millis, v.memory_bytes) for n, lvl in targets
         )
     )
-    said = set(rt.evacuation.waiting.pop(key, ()))
-    if not full:
-        return
-    rt.evacuation.waiting[key] = full
-    newly = set(full) - said
+    newly = _not_said(rt, key, full)
     for v in vmis:
         if f"{v.namespace}/{v.name}" in newly:
             why = shortfall(v.cpu_millis, v.memory_bytes)
@@ -524,12 +526,10 @@ async def _say_stalled(
     """A Warning (log and Event on the VMI) for each VMI whose evacuation migrations off
     `member` kept failing, once per change."""
     stalled = evacuation_stalled(member=member, vmis=vmis, migrations=migrations)
-    said_key = f"{topic}#failed"  # kept next to the topic's own entry in `waiting`
-    said = set(rt.evacuation.waiting.pop(said_key, ()))
-    if stalled:
-        rt.evacuation.waiting[said_key] = sorted(f"{ns}/{name}" for ns, name in stalled)
+    # kept next to the topic's own entry in `waiting`
+    newly = _not_said(rt, f"{topic}#failed", (f"{ns}/{name}" for ns, name in stalled))
     for (ns, name), why in sorted(stalled.items()):
-        if f"{ns}/{name}" in said:
+        if f"{ns}/{name}" not in newly:
             continue
         log.warning("evacuation of %s/%s waits: %s", ns, name, why)
         await _vmi_event(rt, (ns, name), "Warning", "EvacuationFailed", why)
@@ -650,12 +650,10 @@ async def _stop_saying_once(
     and `count`ed once per VMI while it stays under `key`; the stop itself is asked again
     on every pass until the VMI is gone (`halt`: its VM halted too). Returns how many stops
     failed."""
-    said = set(rt.evacuation.waiting.pop(key, ()))
+    newly = _not_said(rt, key, (f"{v.namespace}/{v.name}" for v, _ in stops))
     failed = 0
-    if stops:
-        rt.evacuation.waiting[key] = sorted(f"{v.namespace}/{v.name}" for v, _ in stops)
     for vmi, message in stops:
-        if f"{vmi.namespace}/{vmi.name}" not in said:
+        if f"{vmi.namespace}/{vmi.name}" in newly:
             log.warning("%s/%s %s", vmi.namespace, vmi.name, message)
             count()
             await _vmi_event(rt, (vmi.namespace, vmi.name), "Warning", reason, message)
