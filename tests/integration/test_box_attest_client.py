@@ -170,6 +170,31 @@ def test_the_client_enrols_and_answers_a_nonce_with_a_quote_of_its_measurements(
     assert f"nonce={box.quotes[-1].nonce[:8]} verified=true" in quoted
 
 
+def test_without_a_pinned_ca_the_client_trusts_the_guests_own_store(guest: Guest) -> None:
+    """gtvp-operator run without --key-release-ca writes an empty `caPem`: the client then
+    checks the endpoint against the guest's own trust store (here SSL_CERT_FILE, as Go
+    reads it on Linux), as the flag's help says. Before, it built an empty pool, which
+    trusts no certificate: no box could ever attest. Found by a review."""
+    log = _measure(guest)
+    credential = secrets.token_urlsafe(24)
+    server, box, ca_pem = _server(guest, credential)
+    store = guest.dir / "guest-store.pem"
+    store.write_text(ca_pem)
+    user_data = guest.dir / "user-data"
+    user_data.write_text(
+        attest_line(url=server.url, box=BOX, credential=credential, ca_pem="") + "\n"
+    )
+    try:
+        refused = _run_until(guest, user_data, log, "unreachable", 30)  # no store: refused
+        assert any("certificate" in ln for ln in refused), refused
+        guest.env = {**guest.env, "SSL_CERT_FILE": str(store), "SSL_CERT_DIR": str(guest.dir)}
+        lines = _run_until(guest, user_data, log, "GTVP-ATTEST quoted", 60)
+    finally:
+        server.close()
+    assert box.quotes, lines
+    assert box.quotes[-1].verified, box.quotes[-1].reason
+
+
 def test_asked_to_enrol_again_straight_after_enrolling_the_client_waits_before_it_does(
     guest: Guest,
 ) -> None:

@@ -272,9 +272,15 @@ type client struct {
 }
 
 func newClient(cfg *config, measurements string) (*client, error) {
-	pool := x509.NewCertPool()
-	if cfg.CAPem != "" && !pool.AppendCertsFromPEM([]byte(cfg.CAPem)) {
-		return nil, errors.New("caPem holds no certificate")
+	// caPem pins the endpoint's CA; without one (gtvp-operator run without
+	// --key-release-ca) the guest's own trust store is used: an empty pool would trust
+	// nothing, and no box could ever attest
+	var pool *x509.CertPool
+	if cfg.CAPem != "" {
+		pool = x509.NewCertPool()
+		if !pool.AppendCertsFromPEM([]byte(cfg.CAPem)) {
+			return nil, errors.New("caPem holds no certificate")
+		}
 	}
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
 	return &client{cfg: cfg, http: &http.Client{Transport: tr, Timeout: 20 * time.Second}, measurements: measurements}, nil
