@@ -293,13 +293,17 @@ class Endpoint:
         checked = ba.check_enrolment(req.body, self._settings(), now)
         running = self._running(req)
         ba.check_ek_pin(_attestation(box), checked.ek_sha256, running, _b64(checked.ak_public))
-        ba.check_enrol_rate(_attestation(box), running, now)
+        ba.check_enrol_rate(_attestation(box), running, checked.ek_sha256, now)
         secret = secrets.token_bytes(32)
         challenge = ba.activation_challenge(checked, secret)
         enrolment = secrets.token_hex(8)
         att = {
             **_attestation(box),
-            "lastEnrolment": {"at": format_ts(now), "vmiUID": running.vmi_uid},
+            "lastEnrolment": {
+                "at": format_ts(now),
+                "vmiUID": running.vmi_uid,
+                "ekSHA256": checked.ek_sha256,
+            },
             "enrolment": {
                 "id": enrolment,
                 "secretSHA256": challenge.secret_sha256,

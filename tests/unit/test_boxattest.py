@@ -528,16 +528,20 @@ def test_a_box_verified_where_it_was_is_pending_once_it_runs_elsewhere() -> None
         assert (new["wanted"]["member"], new["wanted"]["vmiUID"]) == (where.member, where.vmi_uid)
 
 
-def test_one_enrolment_per_vmi_per_ten_seconds_is_answered() -> None:
+def test_one_enrolment_per_vtpm_and_vmi_per_ten_seconds_is_answered() -> None:
     """Each enrolment is a status write and a MakeCredential: whoever holds the box's
     credential (root in its guest, a reader of its cloud-init Secret) could otherwise have
     gtvp write the box without pause, keeping the deadline's own writes in conflict. A
-    restarted box (another VMI) enrols at once. Found by a review."""
-    att = {"lastEnrolment": {"at": format_ts(NOW), "vmiUID": WHERE.vmi_uid}}
+    restarted box (another VMI) enrols at once, and so does another EK: an enrolment with
+    someone else's certified vTPM must not keep the box's own guest out (a second review).
+    Found by a review."""
+    ek, theirs = "a" * 64, "b" * 64
+    att = {"lastEnrolment": {"at": format_ts(NOW), "vmiUID": WHERE.vmi_uid, "ekSHA256": ek}}
     with pytest.raises(ba.Refused) as refused:
-        ba.check_enrol_rate(att, WHERE, NOW + dt.timedelta(seconds=3))
+        ba.check_enrol_rate(att, WHERE, ek, NOW + dt.timedelta(seconds=3))
     assert (refused.value.reason, refused.value.status) == (ba.ENROL_TOO_SOON, 429)
     assert "enrol again in 8s" in refused.value.message
-    ba.check_enrol_rate(att, WHERE, NOW + ba.ENROL_EVERY)
-    ba.check_enrol_rate(att, ba.Where("member-a", "uid-2"), NOW + dt.timedelta(seconds=1))
-    ba.check_enrol_rate({}, WHERE, NOW)
+    ba.check_enrol_rate(att, WHERE, ek, NOW + ba.ENROL_EVERY)
+    ba.check_enrol_rate(att, ba.Where("member-a", "uid-2"), ek, NOW + dt.timedelta(seconds=1))
+    ba.check_enrol_rate(att, WHERE, theirs, NOW + dt.timedelta(seconds=1))
+    ba.check_enrol_rate({}, WHERE, ek, NOW)

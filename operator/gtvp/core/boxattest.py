@@ -67,7 +67,8 @@ treated as a mismatch."""
 RETRY_AFTER: Final = 10
 """Seconds the guest waits before its next challenge when no quote is wanted."""
 ENROL_EVERY: Final = dt.timedelta(seconds=RETRY_AFTER)
-"""At most one enrolment per VMI this often (`status.attestation.lastEnrolment`): each is a
+"""At most one enrolment per vTPM EK and VMI this often (`status.attestation.lastEnrolment`):
+each is a
 status write (and a MakeCredential), and whoever holds the box's credential could
 otherwise have gtvp write the box without pause."""
 ANSWERED_KEPT: Final = 8
@@ -542,20 +543,27 @@ def check_ek_pin(
         )
 
 
-def check_enrol_rate(att: Mapping[str, Any], where: Where, now: dt.datetime) -> None:
-    """Refuse an enrolment less than `ENROL_EVERY` after the last one for the same VMI
-    (EnrolTooSoon, 429): an honest guest enrols once per boot, and again only when told
-    to; a restarted box (another VMI) enrols at once."""
+def check_enrol_rate(
+    att: Mapping[str, Any], where: Where, ek_sha256: str, now: dt.datetime
+) -> None:
+    """Refuse an enrolment of the same vTPM EK for the same VMI less than `ENROL_EVERY`
+    after the last one (EnrolTooSoon, 429): an honest guest enrols once per boot, and
+    again only when told to. Another EK is not held back by it (whoever holds the box's
+    credential and another certified vTPM must not keep the box's own guest from
+    enrolling: the EK pin shuts them out once it binds), nor is a restarted box (another
+    VMI)."""
     last = att.get("lastEnrolment") or {}
-    at = parse_ts(last.get("at")) if isinstance(last, Mapping) else None
-    if at is None or last.get("vmiUID") != where.vmi_uid:
+    if not isinstance(last, Mapping):
+        return
+    at = parse_ts(last.get("at"))
+    if at is None or last.get("vmiUID") != where.vmi_uid or last.get("ekSHA256") != ek_sha256:
         return
     if dt.timedelta(0) <= now - at < ENROL_EVERY:
         wait = int((ENROL_EVERY - (now - at)).total_seconds()) + 1
         raise Refused(
             ENROL_TOO_SOON,
-            f"the box enrolled {int((now - at).total_seconds())}s ago: one enrolment per VMI "
-            f"per {int(ENROL_EVERY.total_seconds())}s; enrol again in {wait}s",
+            f"this vTPM enrolled {int((now - at).total_seconds())}s ago: one enrolment per "
+            f"vTPM and VMI per {int(ENROL_EVERY.total_seconds())}s; enrol again in {wait}s",
         )
 
 
