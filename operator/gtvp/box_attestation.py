@@ -136,10 +136,13 @@ def _write_secret(rt: Runtime, key: Key, vm: Mapping[str, Any], line: str) -> di
     return out if failed is None else failed
 
 
-def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> Armed | str | None:
+def arm(
+    rt: Runtime, key: Key, vm: Mapping[str, Any], *, restart: bool = False
+) -> Armed | str | None:
     """The VM to write for box `key` with its attestation credential in its cloud-init
-    Secret (and its key-release credential when it names Secrets), or why it cannot be;
-    None when the policy does not attest boxes."""
+    Secret (and its key-release credential when it names Secrets: `key_release.arm`, told
+    whether the VMI is `restart`ed), or why it cannot be; None when the policy does not
+    attest boxes."""
     try:
         wanted = settings(rt)
     except ba.SettingsError as exc:
@@ -168,7 +171,7 @@ def arm(rt: Runtime, key: Key, vm: Mapping[str, Any]) -> Armed | str | None:
         pcr=wanted.pcr,
     )
     if key_release.names_secrets(box):
-        out = key_release.arm(rt, key, dict(vm), extra_user_data=line)
+        out = key_release.arm(rt, key, dict(vm), extra_user_data=line, restart=restart)
     else:
         out = _write_secret(rt, key, vm, line)
     if isinstance(out, str):

@@ -49,7 +49,7 @@ from gtvp.core.api_resources import (
 from gtvp.core.components import ComponentError, parse_component
 from gtvp.core.gating import GatingError, box_level, vm_level
 from gtvp.core.launchers import launcher_pod, pod_nodes
-from gtvp.core.timestamps import format_ts
+from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -115,12 +115,18 @@ def _owner(box: Mapping[str, Any], res: ApiResource = LAZY_BOXES) -> dict[str, A
 
 
 def arm(
-    rt: Runtime, key: Key, vm: Mapping[str, Any], *, extra_user_data: str = ""
+    rt: Runtime,
+    key: Key,
+    vm: Mapping[str, Any],
+    *,
+    extra_user_data: str = "",
+    restart: bool = False,
 ) -> dict[str, Any] | str:
-    """The VM to write for box `key` (booting from its freshly armed cloud-init Secret), or
-    why it cannot be armed (the box is then not started without its Secrets).
+    """The VM to write for box `key` (booting from its armed cloud-init Secret), or why it
+    cannot be armed (the box is then not started without its Secrets).
     `extra_user_data`: a line appended to the user data (the box attestation line,
-    `gtvp.box_attestation.arm`)."""
+    `gtvp.box_attestation.arm`). The credential is fresh, unless the running VMI booted with
+    the Secret's current one, unused, and is not `restart`ed (`_unconsumed`)."""
     settings = rt.key_release
     if settings is None:
         return (
@@ -130,9 +136,10 @@ def arm(
     ns, name = key
     box = rt.view.boxes.get(key) or {}
     secret_name = kr.cloud_init_secret(name)
+    kept = None if restart else _unconsumed(rt, key, box)
     try:
         out, user_data = compose.with_cloud_init_secret(vm, secret_name)
-        credential = _unconsumed(rt, key, box) or new_credential()
+        credential = kept[0] if kept is not None else new_credential()
         text = compose.key_release_user_data(
             user_data,
             credential=credential,
@@ -154,19 +161,34 @@ def arm(
         files={kr.USER_DATA_KEY: text},
         labels={compose.BOX_LABEL: name},
     )
+    if kept is not None:
+        if _replace_as_read(rt, body, kept[1]):
+            log.info("box %s/%s: its guest keeps its key-release credential", ns, name)
+            return out
+        # the Secret changed since it was read (a release consumed the credential, say):
+        # a fresh one, written as usual
+        return arm(rt, key, vm, extra_user_data=extra_user_data, restart=True)
     failed = write_cloud_init_secret(rt, body)
     if failed is not None:
         return failed
-    log.info("box %s/%s: its key-release credential is in Secret %s", ns, name, secret_name)
+    log.info("box %s/%s: a new key-release credential is in Secret %s", ns, name, secret_name)
     return out
 
 
-def _unconsumed(rt: Runtime, key: Key, box: Mapping[str, Any]) -> str | None:
-    """The key-release credential the box's cloud-init Secret holds, when it is that box's,
-    current and not consumed by a release: a VM written again (a live update, a drift
-    restored) keeps it, so a guest still waiting to fetch with it (the box not attested
-    yet) is not refused `WrongCredential` and left without its Secrets until its next boot.
-    None (a fresh credential) when there is none, or the Secret cannot be read now."""
+def _unconsumed(rt: Runtime, key: Key, box: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """The key-release credential the box's cloud-init Secret holds (and the Secret as
+    read), when the guest that runs now booted with it and no release consumed it: that
+    box's Secret, its current credential issued no later than the running VMI was created.
+    A VM written again (a live update, a drift restored) keeps it, so a guest still waiting
+    to fetch with it (the box not attested yet) is not refused `WrongCredential` and left
+    without its Secrets until its next boot. None (a fresh credential) otherwise: no VMI
+    runs, it booted before the credential was issued (a release's next credential, which
+    root on the host it ran on may have read), or the Secret cannot be read now."""
+    vmi = rt.view.vmis.get(key) or {}
+    started = parse_ts((vmi.get("metadata") or {}).get("creationTimestamp"))
+    if started is None or (vmi.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return None
+    vmi_uid = str((vmi.get("metadata") or {}).get("uid") or "")
     try:
         secret = rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(key[1]), key[0])
     except ApiException:
@@ -174,12 +196,29 @@ def _unconsumed(rt: Runtime, key: Key, box: Mapping[str, Any]) -> str | None:
     box_uid = str((box.get("metadata") or {}).get("uid") or "")
     owners = {str(o.uid) for o in secret.metadata.owner_references or ()}
     raw = (secret.data or {}).get(kr.USER_DATA_KEY)
+    ann = secret.metadata.annotations or {}
     if not box_uid or box_uid not in owners or not raw:
         return None
     got = compose.key_release_credential_of(base64.b64decode(raw).decode(errors="replace"))
-    if got is None or not kr.still_current(secret.metadata.annotations or {}, got):
+    if got is None or not kr.kept_for(ann, got, vmi_uid=vmi_uid, vmi_started=started):
         return None
-    return got
+    return got, secret
+
+
+def _replace_as_read(rt: Runtime, body: Mapping[str, Any], read: Any) -> bool:
+    """Replace the Secret `read` with `body` at the resourceVersion it was read at, keeping
+    its annotations (its credential was kept, so its issue time stays too); False when it
+    changed since (409: a release may have consumed the credential meanwhile)."""
+    meta = dict(_over(body, read)["metadata"])
+    meta["annotations"] = dict(read.metadata.annotations or {})
+    ns, name = meta["namespace"], meta["name"]
+    try:
+        rt.clients.core.replace_namespaced_secret(name, ns, {**body, "metadata": meta})
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+    return True
 
 
 REARM_ATTEMPTS = 3

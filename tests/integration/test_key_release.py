@@ -525,6 +525,44 @@ def test_a_vm_written_again_before_its_guest_fetched_keeps_the_guests_credential
     _armed_vm(pool.rt, pool.namespace, BOX)
     assert pool.credential(BOX) == cred
     assert pool.ask(BOX, cred, token)[0] == 200
+    # released: the next credential (which root on this host can read) is never kept for
+    # a guest that did not boot with it
+    nxt = pool.credential(BOX)
+    _armed_vm(pool.rt, pool.namespace, BOX)
+    assert pool.credential(BOX) not in (cred, nxt)
+
+
+def test_a_vm_restarted_or_a_secret_changed_meanwhile_gets_a_fresh_credential(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A credential is kept only for the guest that booted with it: a rewrite that
+    restarts the VMI (a recomposition) arms a fresh one, and so does one whose Secret
+    changed between its read and its write (a release consuming the credential meanwhile
+    must not make it current again). Found by a review."""
+    cred = pool.credential(BOX)
+    composed = _vms(pool.namespace)[0]
+    composed["metadata"]["name"] = BOX
+    assert isinstance(key_release.arm(pool.rt, (pool.namespace, BOX), composed, restart=True), dict)
+    fresh = pool.credential(BOX)
+    assert fresh != cred
+    core = pool.rt.clients.core
+    replace = core.replace_namespaced_secret
+    calls: list[str] = []
+
+    def changed_meanwhile(name: str, namespace: str, body: Any, **kw: Any) -> Any:
+        calls.append(body["metadata"]["resourceVersion"])
+        if len(calls) == 1:
+            raise ApiException(status=409, reason="Conflict")
+        return replace(name, namespace, body, **kw)
+
+    monkeypatch.setattr(core, "replace_namespaced_secret", changed_meanwhile)
+    # the restarted VMI booted with `fresh`: a rewrite keeps it, unless the Secret moved on
+    vmi = pool.rt.view.vmis[(pool.namespace, BOX)]
+    later = dict(vmi, metadata={**vmi["metadata"], "creationTimestamp": "2099-01-01T00:00:00Z"})
+    pool.rt.view.observe_vmi(later, "MODIFIED")
+    assert isinstance(key_release.arm(pool.rt, (pool.namespace, BOX), composed), dict)
+    assert len(calls) == 2
+    assert pool.credential(BOX) not in (cred, fresh)
 
 
 def test_a_client_without_a_credential_cannot_tell_which_boxes_exist(pool: Pool) -> None:

@@ -845,3 +845,27 @@ def test_a_box_vmi_that_boots_what_gtvp_did_not_compose_gets_nothing() -> None:
     req, facts = _facts(vmi_spec={"domain": {}})
     vm_req = dataclasses.replace(req, kind=kr.VM)
     assert kr.decide(vm_req, facts, NOW).released
+
+
+def test_a_vm_written_again_keeps_only_the_credential_its_running_guest_booted_with() -> None:
+    """A rewrite keeps the current credential for the guest that booted with it (still
+    waiting to fetch); never a next boot's (the last release went to the running VMI, or
+    it was issued after that VMI started: root on a host the box ran on may have read it),
+    nor one consumed, nor with no VMI running. Found by reviews."""
+    first, nxt = "f" * 43, "n" * 43
+    started = NOW + dt.timedelta(seconds=30)
+    issued = kr.issued_annotations(first, "2026-12-02T01:00:00Z")
+    assert kr.kept_for(issued, first, vmi_uid="v1", vmi_started=started)
+    assert not kr.kept_for(issued, first, vmi_uid="", vmi_started=started)
+    assert not kr.kept_for(issued, first, vmi_uid="v1", vmi_started=None)
+    assert not kr.kept_for(issued, first, vmi_uid="v1", vmi_started=NOW - dt.timedelta(seconds=1))
+    assert not kr.kept_for(issued, "o" * 43, vmi_uid="v1", vmi_started=started)
+    released = kr.consumed_annotations(
+        issued, used=kr.credential_hash(first), next_credential=nxt, now="2026-12-02T01:00:40Z",
+        vmi="v1",
+    )  # fmt: skip
+    later = started + dt.timedelta(minutes=5)
+    assert not kr.kept_for(released, nxt, vmi_uid="v1", vmi_started=started)  # a next boot's
+    assert not kr.kept_for(released, first, vmi_uid="v1", vmi_started=started)  # consumed
+    assert not kr.kept_for(released, nxt, vmi_uid="v1", vmi_started=later)  # the release's VMI
+    assert kr.kept_for(released, nxt, vmi_uid="v2", vmi_started=later)  # the next boot's guest

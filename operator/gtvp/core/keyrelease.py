@@ -616,10 +616,21 @@ def _consumed(ann: Mapping[str, str]) -> list[str]:
     return [h for h in str(ann.get(CONSUMED_ANNOTATION, "")).split(",") if h]
 
 
-def still_current(ann: Mapping[str, str], credential: str) -> bool:
-    """Whether `credential` is the current one of a credential Secret with these
-    annotations and no release consumed it (a VM written again keeps it: a guest still
-    waiting to fetch with it is not locked out)."""
+def kept_for(
+    ann: Mapping[str, str], credential: str, *, vmi_uid: str, vmi_started: dt.datetime | None
+) -> bool:
+    """Whether a VM written again keeps `credential`, the current one of a credential
+    Secret with these annotations, for the guest that runs now (VMI `vmi_uid`, created at
+    `vmi_started`): that guest booted with it (issued no later than the VMI was created, and
+    the last release did not go to that VMI: it armed the next boot's), and no release
+    consumed it. A guest still waiting to fetch with it is then not locked out; any other
+    credential (a next boot's, which root on a host the box ran on may have read) is
+    replaced by a fresh one."""
+    issued = parse_ts(ann.get(ISSUED_ANNOTATION))
+    if not vmi_uid or vmi_started is None or issued is None or issued > vmi_started:
+        return False
+    if _answered(ann).get("vmi") == vmi_uid:
+        return False
     digest = credential_hash(credential)
     return ann.get(HASH_ANNOTATION) == digest and digest not in _consumed(ann)
 

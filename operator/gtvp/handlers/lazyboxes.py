@@ -378,7 +378,11 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
     if key not in rt.view.boxes:
         return None
     decision = _plan(rt, key)
-    attested = box_attestation.arm(rt, key, decision.vm) if decision.vm is not None else None
+    attested = (
+        box_attestation.arm(rt, key, decision.vm, restart=decision.restart)
+        if decision.vm is not None
+        else None
+    )
     if attested is not None:
         armed = _attested(rt, key, decision, attested)
         if armed is None:
@@ -479,7 +483,7 @@ def _attested(
 def _arm(rt: Runtime, key: Key, decision: Decision) -> Decision | None:
     """A box that names Secrets: its VM boots with a fresh key-release credential
     (`gtvp.key_release.arm`); None (the box Failed, said once) when it cannot."""
-    armed = key_release.arm(rt, key, decision.vm or {})
+    armed = key_release.arm(rt, key, decision.vm or {}, restart=decision.restart)
     if not isinstance(armed, str):
         return dataclasses.replace(decision, vm=armed)
     message = f"not started: its Secrets could not be released: {armed}"
