@@ -134,12 +134,12 @@ class Agent:
                 self._last_error = message
             self._backoff = min(self._backoff * 2, 60.0)
             return self._backoff
-        self._backoff = 1.0
         if self._last_error:
             patch["error"] = ""
-            self._last_error = ""
         if patch:
-            self._patch(patch)
+            self._patch(patch)  # a failed write keeps the back-off growing (run)
+        self._backoff = 1.0
+        self._last_error = ""
         if quoted:
             self.stored_answer(quoted)
         return wait

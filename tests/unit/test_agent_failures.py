@@ -130,3 +130,28 @@ def test_blobs_another_tpm_made_are_replaced_by_a_new_ak(tmp_path: Path) -> None
         pass
     assert esapi.created == 1
     assert b"a new AK" in priv.read_bytes()
+
+
+def test_an_evidence_write_that_keeps_failing_is_retried_less_and_less_often() -> None:
+    """A write refused every time (a 403 after an RBAC change, a 422 from an admission
+    policy) must not have the agent quote and write once a second for ever: the back-off
+    grows until a write succeeds. Found by a review of the re-answer fix."""
+    start = dt.datetime.now(dt.UTC)
+    ca = SoftCA()
+    m = AgentMember(SoftTpm(ca), policy_trusting(ca.bundle_pem()))
+    m.enrol(start)
+    m.operator(start + dt.timedelta(minutes=10))
+
+    class Refusing(_RestartingApi):
+        def patch_cluster_custom_object_status(self, *args: Any, **_kw: Any) -> None:
+            raise ApiException(status=403, reason="Forbidden")
+
+    m.agent.api = Refusing(m)
+    waits = []
+    for _ in range(4):
+        with pytest.raises(ApiException):
+            m.agent.step()
+        waits.append(m.agent._backoff)
+        m.agent._backoff = min(m.agent._backoff * 2, 30.0)  # what Agent.run does on the error
+    assert waits == sorted(waits)
+    assert waits[-1] >= 8
