@@ -972,3 +972,19 @@ def test_a_box_with_a_separate_initrd_component_is_not_composed() -> None:
     assert (d.vm, d.restart, d.status["phase"]) == (None, False, "Failed")
     assert "never attached" in d.status["message"]
     assert d.status["composedBoots"] == [boots(COMPS)]
+
+
+def test_a_box_already_running_a_separate_initrd_component_is_no_longer_vouched_for() -> None:
+    """A box composed before such compositions were refused boots an initrd-type disk that
+    nothing checks: that composition is no longer vouched for (key release and box
+    attestation refuse it: NotComposed), and the box cannot be composed again with it.
+    Found by a review of the fix."""
+    from gtvp.handlers import lazyboxes
+
+    extra = PUB.component("extra-initrd", "1.0.0", "initrd")
+    comp = parse_component(extra)
+    rt = _view_of([*OBJS, extra], {**OK, comp.object_name: Check("Verified", "SignatureValid", "")})
+    parts = [_part(c) for c in COMPS] + [_part(comp)]
+    got = lazyboxes.unvouched(rt, parts)
+    assert list(got) == [_part(comp)]
+    assert "type initrd" in got[_part(comp)]

@@ -99,3 +99,13 @@ def test_the_box_starts_its_own_application_not_an_application_it_depends_on() -
     user_data = next(v for v in spec["volumes"] if v["name"] == "cloudinit")
     assert "/opt/gtvp/web/start" in user_data["cloudInitNoCloud"]["userData"]
     assert "aaa-agent/start" not in user_data["cloudInitNoCloud"]["userData"]
+
+
+def test_a_hot_plugged_component_whose_volume_name_collides_is_refused() -> None:
+    """The volume-name check covers hot-plugged components too (they use the same names).
+    Found by a review."""
+    comps = _resolved(["libfoo-so"])
+    hot = PUB.component("libfoo.so", "1.0.0", "library", requires=["libc"])
+    hot["metadata"]["name"] = "libfoo.so-1.0.0"
+    with pytest.raises(CompositionError, match="share the volume name 'c-libfoo-so'"):
+        compose_vm(BOX, _spec("web-app"), comps, None, hotplugged=[parse_component(hot)])

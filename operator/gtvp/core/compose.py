@@ -272,7 +272,8 @@ def vouches(c: Component, part: BootPart) -> bool:
     """Whether component `c` is what `part` boots: its digest, in its role (the kernel, the
     root disk, or the disk named after it). A component of another role (an application
     whose image is the kernel's or the rootfs's, signed by a publisher allowed only
-    applications) vouches for nothing there."""
+    applications) vouches for nothing there; nor does a component of type initrd as a disk
+    (nothing checks such a disk: `_only_layers`), in a box composed before that was refused."""
     role, digest = part
     if c.digest != digest:
         return False
@@ -280,7 +281,7 @@ def vouches(c: Component, part: BootPart) -> bool:
         return c.type == "kernel"
     if role.startswith("rootfs:"):
         return c.type == "rootfs" and _serial(c) == role.removeprefix("rootfs:")
-    return c.type not in ("kernel", "rootfs") and _disk_name(c) == role
+    return c.type in ("library", "application") and _disk_name(c) == role
 
 
 NOT_COMPOSED_MESSAGE = (
@@ -386,7 +387,7 @@ def compose_vm(
     """The VirtualMachine for a box (name = box name, in the box's namespace)."""
     kernel, root = _kernel_and_rootfs(components)
     _only_layers([*components, *hotplugged])
-    _distinct_serials(components)
+    _distinct_serials([*components, *hotplugged])
     level = int(spec["level"])
     application = str((spec.get("application") or {}).get("name") or "") or None
     disks, volumes = _container_disks(root, components, application)

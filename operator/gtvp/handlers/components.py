@@ -267,15 +267,13 @@ def spend(rt: Runtime, names: tuple[str, ...]) -> list[str]:
 def _spend_one(rt: Runtime, name: str) -> bool:
     """Spend one use of `name`; False: it is not usable (or another object came under its
     name while the use was spent: the one planned on is gone)."""
-    spent_on: object = None
+    spent_on = _uid(rt.view.components.get(name))  # the object the plan was made on
     for _ in range(WRITE_ATTEMPTS):
         got = _next_use(rt, name)
         if got is None:
             return False
         body, use = got
-        if spent_on is None:
-            spent_on = _uid(body)
-        elif _uid(body) != spent_on:
+        if _uid(body) != spent_on:
             return False
         if use.status is None:
             return True

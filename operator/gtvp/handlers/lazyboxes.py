@@ -249,6 +249,12 @@ def unvouched(rt: Runtime, parts: Iterable[BootPart]) -> dict[BootPart, str]:
     out = {}
     for part in parts:
         comps = [c for c in index.get(part[1], []) if vouches(c, part)]
+        if not comps and any(c.type == "initrd" for c in index.get(part[1], [])):
+            out[part] = (
+                "a component of type initrd attached as a disk, which nothing checks against "
+                "a pinned digest (no longer composed)"
+            )
+            continue
         if not comps:
             out[part] = "no readable OSComponent of it is left (deleted, or no longer readable)"
             continue
