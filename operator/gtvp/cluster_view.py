@@ -20,7 +20,7 @@ from gtvp.core.footprint import FINISHED, Footprint, placed_footprint, usage_by_
 from gtvp.core.launchers import LauncherPod, launcher_pod, made_for, pod_nodes
 from gtvp.core.node_affinity import allowed_among
 from gtvp.core.policy import Policy
-from gtvp.core.trust import MemberView, as_labelled, member_view, node_boot_id
+from gtvp.core.trust import MemberView, as_labelled, labelled_until, member_view, node_boot_id
 
 Key = tuple[str, str]
 """(namespace, name) of a namespaced object."""
@@ -83,6 +83,18 @@ class ClusterView:
     migrations: dict[Key, dict[str, Any]] = field(default_factory=dict)
     boxes: dict[Key, dict[str, Any]] = field(default_factory=dict)
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    labelled_memo: dict[
+        str,
+        tuple[
+            Mapping[str, Any],
+            Mapping[str, str] | None,
+            str | None,
+            dt.datetime,
+            dt.datetime | None,
+            Mapping[str, Any],
+        ],
+    ] = field(default_factory=dict)
+    """Per member: `_as_labelled`'s last answer, with what it was asked on and until when."""
     unwritten: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
     """Verdicts taking trust away that could not be stored (`hold_to`): member -> (the
     stored verdict each was reached over, `_verdict_part`, and the verdict)."""
@@ -136,6 +148,7 @@ class ClusterView:
         name = name_of(body)
         if event_type == "DELETED":
             self.members.pop(name, None)
+            self.labelled_memo.pop(name, None)
             self.unwritten.pop(name, None)
             self._index_ek(name, None)
             return False
@@ -212,13 +225,29 @@ class ClusterView:
         if held is not None and _verdict_part(status) == held[0]:
             status = held[1]
         elif by_labels and name in self.nodes:
-            status = as_labelled(
-                status,
-                self.node_labels.get(name),
-                self.node_boot_id(name),
-                dt.datetime.now(dt.UTC),
-            )
+            status = self._as_labelled(name, status, dt.datetime.now(dt.UTC))
         return body if status is body.get("status") else {**body, "status": status}
+
+    def _as_labelled(
+        self, name: str, status: Mapping[str, Any], now: dt.datetime
+    ) -> Mapping[str, Any]:
+        """`trust.as_labelled` for the member's Node as the view holds it, remembered per
+        (status, labels, boot) objects until the answer may turn (`trust.labelled_until`):
+        admission and every box placement ask it of each member."""
+        labels, boot = self.node_labels.get(name), self.node_boot_id(name)
+        hit = self.labelled_memo.get(name)
+        if (
+            hit is not None
+            and hit[0] is status
+            and hit[1] is labels
+            and hit[2] == boot
+            and hit[3] <= now
+            and (hit[4] is None or now < hit[4])
+        ):
+            return hit[5]
+        got = as_labelled(status, labels, boot, now)
+        self.labelled_memo[name] = (status, labels, boot, now, labelled_until(status, now), got)
+        return got
 
     def observe_node(self, body: Mapping[str, Any], event_type: str) -> bool:
         """Record a Node event; False when the node is gone."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gtvp.cluster_view import ClusterView
 
 
@@ -454,3 +457,58 @@ def test_a_resync_forgets_migrations_deleted_while_the_watch_was_away() -> None:
     view.observe_migration({**new, "status": {"phase": "Failed"}}, "MODIFIED")
     view.resync_migrations([new], view.events)
     assert ("ns", "x") not in view.migrating
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    verified=st.integers(-20, 20),
+    expires=st.integers(-20, 40),
+    level=st.integers(1, 3),
+    labelled=st.integers(0, 3),
+    steps=st.lists(st.integers(-2, 9), min_size=1, max_size=12),
+    relabel_at=st.integers(0, 12),
+)
+def test_the_labelled_verdict_is_remembered_only_while_it_cannot_change(
+    verified: int, expires: int, level: int, labelled: int, steps: list[int], relabel_at: int
+) -> None:
+    """Admission and every box placement ask each member's verdict as its Node's labels
+    hold it (`trust.as_labelled`); the view remembers the answer per Member status, Node
+    labels and boot until it may turn (the label lag's end, the verdict's expiry): at every
+    instant it is what `as_labelled` says then, through relabelling, reboots and a clock
+    that steps back."""
+    import datetime as dt
+
+    from gtvp.core.timestamps import format_ts
+    from gtvp.core.trust import LEVEL_LABEL, TRUSTED_LABEL, as_labelled
+
+    t0 = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
+    view = ClusterView()
+    status = {
+        "phase": "Trusted",
+        "level": level,
+        "trust": {
+            "verdict": "Trusted",
+            "verifiedAt": format_ts(t0 + dt.timedelta(seconds=verified)),
+            "expiresAt": format_ts(t0 + dt.timedelta(seconds=expires)),
+            "usesLeft": 3,
+            "nodeBootID": "boot-1",
+        },
+    }
+    view.observe_member({"metadata": {"name": "m"}, "status": status}, "ADDED")
+
+    def node(n: int, boot: str) -> dict[str, Any]:
+        labels = {TRUSTED_LABEL: "true", **{f"{LEVEL_LABEL}{i}": "true" for i in range(1, n + 1)}}
+        return {
+            "metadata": {"name": "m", "labels": labels if n else {}},
+            "status": {"nodeInfo": {"bootID": boot}},
+        }
+
+    view.observe_node(node(labelled, "boot-1"), "ADDED")
+    now = t0
+    for i, step in enumerate(steps):
+        now += dt.timedelta(seconds=step)
+        if i == relabel_at:
+            view.observe_node(node(level - 1, "boot-2"), "MODIFIED")
+        stored = view.members["m"]["status"]
+        want = as_labelled(stored, view.node_labels["m"], view.node_boot_id("m"), now)
+        assert view._as_labelled("m", stored, now) == want, (i, now)

@@ -255,6 +255,21 @@ def as_labelled(
     return {**status, "phase": MemberPhase.UNTRUSTED.value, "level": 0, "trust": trust}
 
 
+def labelled_until(status: Mapping[str, Any], now: dt.datetime) -> dt.datetime | None:
+    """Until when `as_labelled(status, labels, boot_id, t)` gives for every `t` from `now`
+    what it gives at `now` (the same labels and boot): the next of the instants its answer
+    turns on, the end of `LABEL_LAG` after the verdict and its expiry (None: never)."""
+    if status.get("phase") != MemberPhase.TRUSTED:
+        return None
+    trust = status.get("trust") or {}
+    verified = parse_ts(trust.get("verifiedAt"))
+    turns = [parse_ts(trust.get("expiresAt"))]
+    if verified is not None:
+        turns.append(verified + LABEL_LAG)
+    later = [t for t in turns if t is not None and t > now]
+    return min(later, default=None)
+
+
 def holds_less(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
     """Whether status `after` backs less than `before` does in any way: trust taken away
     (`takes_trust_away`), or a Trusted verdict with fewer uses left or an earlier expiry."""
