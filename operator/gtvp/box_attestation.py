@@ -302,11 +302,10 @@ class Endpoint:
         enrolment = secrets.token_hex(8)
         att = {
             **_attestation(box),
-            "lastEnrolment": {
-                "at": format_ts(now),
-                "vmiUID": running.vmi_uid,
-                "ekSHA256": checked.ek_sha256,
-            },
+            "lastEnrolments": [
+                *ba.recent_enrolments(_attestation(box), now)[-(ba.ENROLS_PER_VMI - 1) :],
+                {"at": format_ts(now), "vmiUID": running.vmi_uid, "ekSHA256": checked.ek_sha256},
+            ],
             "enrolment": {
                 "id": enrolment,
                 "secretSHA256": challenge.secret_sha256,

@@ -135,11 +135,70 @@ def arm(
         )
     ns, name = key
     box = rt.view.boxes.get(key) or {}
+    kept = None
+    if not restart:
+        kept = _keep(rt, key, vm, settings=settings, box=box, extra_user_data=extra_user_data)
+    if kept is not None:
+        return kept
+    got = _armed(key, vm, settings=settings, box=box, credential=new_credential(),
+                 extra_user_data=extra_user_data)  # fmt: skip
+    if isinstance(got, str):
+        return got
+    out, body = got
+    failed = write_cloud_init_secret(rt, body)
+    if failed is not None:
+        return failed
+    log.info("box %s/%s: a new key-release credential is in its cloud-init Secret", ns, name)
+    return out
+
+
+def _keep(
+    rt: Runtime,
+    key: Key,
+    vm: Mapping[str, Any],
+    *,
+    settings: kr.Settings,
+    box: Mapping[str, Any],
+    extra_user_data: str,
+) -> dict[str, Any] | str | None:
+    """The VM armed with the credential its running guest booted with (`_unconsumed`),
+    written at the resourceVersion the Secret was read at (read and decided again when it
+    changed since); why it cannot be; None: a fresh credential is due."""
+    secret_name = kr.cloud_init_secret(key[1])
+    for _ in range(REARM_ATTEMPTS):
+        try:
+            kept = _unconsumed(rt, key, box)
+            if kept is None:
+                return None
+            got = _armed(key, vm, settings=settings, box=box, credential=kept[0],
+                         extra_user_data=extra_user_data)  # fmt: skip
+            if isinstance(got, str):
+                return got
+            if _replace_as_read(rt, got[1], kept[1]):
+                log.info("box %s/%s: its guest keeps its key-release credential", *key)
+                return got[0]
+        except ApiException as exc:
+            if exc.status == 404:
+                return None  # gone meanwhile: a fresh one
+            return _cannot_write(key[0], secret_name, exc, "read or write")
+    return None
+
+
+def _armed(
+    key: Key,
+    vm: Mapping[str, Any],
+    *,
+    settings: kr.Settings,
+    box: Mapping[str, Any],
+    credential: str,
+    extra_user_data: str,
+) -> tuple[dict[str, Any], dict[str, Any]] | str:
+    """The VM booting from the box's cloud-init Secret, and that Secret with `credential`
+    (or why the VM cannot be armed)."""
+    ns, name = key
     secret_name = kr.cloud_init_secret(name)
-    kept = None if restart else _unconsumed(rt, key, box)
     try:
         out, user_data = compose.with_cloud_init_secret(vm, secret_name)
-        credential = kept[0] if kept is not None else new_credential()
         text = compose.key_release_user_data(
             user_data,
             credential=credential,
@@ -161,29 +220,25 @@ def arm(
         files={kr.USER_DATA_KEY: text},
         labels={compose.BOX_LABEL: name},
     )
-    if kept is not None:
-        if _replace_as_read(rt, body, kept[1]):
-            log.info("box %s/%s: its guest keeps its key-release credential", ns, name)
-            return out
-        # the Secret changed since it was read (a release consumed the credential, say):
-        # a fresh one, written as usual
-        return arm(rt, key, vm, extra_user_data=extra_user_data, restart=True)
-    failed = write_cloud_init_secret(rt, body)
-    if failed is not None:
-        return failed
-    log.info("box %s/%s: a new key-release credential is in Secret %s", ns, name, secret_name)
-    return out
+    return out, body
+
+
+def _cannot_write(ns: str, secret_name: str, exc: ApiException, what: str = "write") -> str:
+    hint = f": {RBAC_HINT}" if exc.status == 403 else ""
+    return (
+        f"cannot {what} the cloud-init Secret {ns}/{secret_name} ({exc.status} {exc.reason}){hint}"
+    )
 
 
 def _unconsumed(rt: Runtime, key: Key, box: Mapping[str, Any]) -> tuple[str, Any] | None:
     """The key-release credential the box's cloud-init Secret holds (and the Secret as
-    read), when the guest that runs now booted with it and no release consumed it: that
-    box's Secret, its current credential issued no later than the running VMI was created.
-    A VM written again (a live update, a drift restored) keeps it, so a guest still waiting
-    to fetch with it (the box not attested yet) is not refused `WrongCredential` and left
-    without its Secrets until its next boot. None (a fresh credential) otherwise: no VMI
-    runs, it booted before the credential was issued (a release's next credential, which
-    root on the host it ran on may have read), or the Secret cannot be read now."""
+    read), when the guest that runs now booted with it and no release consumed it
+    (`kr.kept_for`): a VM written again (a live update, a drift restored) keeps it, so a
+    guest still waiting to fetch with it (the box not attested yet) is not refused
+    `WrongCredential` and left without its Secrets until its next boot. None (a fresh
+    credential) otherwise: no VMI runs, or the credential is another boot's, or the Secret
+    is not there; a read the API server fails raises (the box waits: taking it for a
+    missing credential would lock the running guest out)."""
     vmi = rt.view.vmis.get(key) or {}
     started = parse_ts((vmi.get("metadata") or {}).get("creationTimestamp"))
     if started is None or (vmi.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
@@ -191,8 +246,10 @@ def _unconsumed(rt: Runtime, key: Key, box: Mapping[str, Any]) -> tuple[str, Any
     vmi_uid = str((vmi.get("metadata") or {}).get("uid") or "")
     try:
         secret = rt.clients.core.read_namespaced_secret(kr.cloud_init_secret(key[1]), key[0])
-    except ApiException:
-        return None
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
     box_uid = str((box.get("metadata") or {}).get("uid") or "")
     owners = {str(o.uid) for o in secret.metadata.owner_references or ()}
     raw = (secret.data or {}).get(kr.USER_DATA_KEY)
@@ -246,9 +303,7 @@ def write_cloud_init_secret(rt: Runtime, body: Mapping[str, Any]) -> str | None:
                     raise
         return f"cannot write the cloud-init Secret {ns}/{secret_name} (it kept changing)"
     except ApiException as exc:
-        hint = f": {RBAC_HINT}" if exc.status == 403 else ""
-        why = f"{exc.status} {exc.reason}"
-        return f"cannot write the cloud-init Secret {ns}/{secret_name} ({why}){hint}"
+        return _cannot_write(ns, secret_name, exc)
 
 
 def _over(body: Mapping[str, Any], existing: Any) -> dict[str, Any]:

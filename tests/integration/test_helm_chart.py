@@ -1312,14 +1312,15 @@ def test_guests_are_given_the_ca_of_the_key_release_port_they_must_check() -> No
         args = _operator(docs)["spec"]["template"]["spec"]["containers"][0]["args"]
         return [a for a in args if a.startswith("--key-release-ca")]
 
-    # a cert-manager issuer of the user's own (ACME writes no ca.crt): the guests' store
-    own_issuer = ("webhooks.certManager.enabled=true", "webhooks.certManager.issuerRef.name=le")
-    assert ca_args(*own_issuer) == []
-    assert ca_args("webhooks.certManager.enabled=true") == ["--key-release-ca=/certs/ca.crt"]
-    assert ca_args(*own_issuer, "keyRelease.caFile=/ca/root.pem") == [
-        "--key-release-ca=/ca/root.pem"
-    ]
-    assert ca_args("keyRelease.caFile=-") == []
+    # cert-manager, the chart's chain or an issuer of the user's own: its ca.crt (which
+    # the webhooks' CA injection needs too)
+    pinned = ["--key-release-ca=/certs/ca.crt"]
+    assert ca_args("webhooks.certManager.enabled=true") == pinned
+    assert (
+        ca_args("webhooks.certManager.enabled=true", "webhooks.certManager.issuerRef.name=corp-ca")
+        == pinned
+    )
+    assert ca_args("keyRelease.pinCA=false") == []  # a URL the guests' own store vouches for
 
 
 def test_metrics_are_served_over_https_to_reviewed_tokens_by_default(

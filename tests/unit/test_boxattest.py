@@ -528,20 +528,35 @@ def test_a_box_verified_where_it_was_is_pending_once_it_runs_elsewhere() -> None
         assert (new["wanted"]["member"], new["wanted"]["vmiUID"]) == (where.member, where.vmi_uid)
 
 
-def test_one_enrolment_per_vtpm_and_vmi_per_ten_seconds_is_answered() -> None:
+def test_enrolments_per_vtpm_and_per_vmi_are_bounded_every_ten_seconds() -> None:
     """Each enrolment is a status write and a MakeCredential: whoever holds the box's
     credential (root in its guest, a reader of its cloud-init Secret) could otherwise have
-    gtvp write the box without pause, keeping the deadline's own writes in conflict. A
-    restarted box (another VMI) enrols at once, and so does another EK: an enrolment with
-    someone else's certified vTPM must not keep the box's own guest out (a second review).
-    Found by a review."""
-    ek, theirs = "a" * 64, "b" * 64
-    att = {"lastEnrolment": {"at": format_ts(NOW), "vmiUID": WHERE.vmi_uid, "ekSHA256": ek}}
-    with pytest.raises(ba.Refused) as refused:
-        ba.check_enrol_rate(att, WHERE, ek, NOW + dt.timedelta(seconds=3))
-    assert (refused.value.reason, refused.value.status) == (ba.ENROL_TOO_SOON, 429)
-    assert "enrol again in 8s" in refused.value.message
-    ba.check_enrol_rate(att, WHERE, ek, NOW + ba.ENROL_EVERY)
-    ba.check_enrol_rate(att, ba.Where("member-a", "uid-2"), ek, NOW + dt.timedelta(seconds=1))
-    ba.check_enrol_rate(att, WHERE, theirs, NOW + dt.timedelta(seconds=1))
-    ba.check_enrol_rate({}, WHERE, ek, NOW)
+    gtvp write the box without pause, alternating certified vTPMs of their own too (a
+    second review). One enrolment per EK and VMI, and 3 per VMI, are answered in 10 s;
+    another EK than the last one's is not held back by it alone (someone else's vTPM
+    enrolling first must not keep the box's guest out: a review); a restarted box
+    (another VMI) enrols at once. Found by reviews."""
+
+    def enrolled(att: dict[str, Any], ek: str, at: dt.datetime, where: ba.Where = WHERE) -> None:
+        ba.check_enrol_rate(att, where, ek, at)
+        att["lastEnrolments"] = [
+            *ba.recent_enrolments(att, at)[-(ba.ENROLS_PER_VMI - 1) :],
+            {"at": format_ts(at), "vmiUID": where.vmi_uid, "ekSHA256": ek},
+        ]
+
+    def refused(att: dict[str, Any], ek: str, at: dt.datetime, where: ba.Where = WHERE) -> str:
+        with pytest.raises(ba.Refused) as no:
+            ba.check_enrol_rate(att, where, ek, at)
+        assert (no.value.reason, no.value.status) == (ba.ENROL_TOO_SOON, 429)
+        return no.value.message
+
+    s = dt.timedelta(seconds=1)
+    att: dict[str, Any] = {}
+    enrolled(att, "a", NOW)
+    assert "enrol again in 8s" in refused(att, "a", NOW + 3 * s)
+    enrolled(att, "b", NOW + 1 * s)  # another EK: the box's own guest, say
+    enrolled(att, "c", NOW + 2 * s)
+    assert "3 enrolments for this VMI" in refused(att, "d", NOW + 3 * s)  # alternating EKs
+    assert len(att["lastEnrolments"]) == 3
+    enrolled(att, "d", NOW + 3 * s, ba.Where("member-a", "uid-2"))  # a restarted box
+    enrolled(att, "a", NOW + ba.ENROL_EVERY + 2 * s)  # the window moved on

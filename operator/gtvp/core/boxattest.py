@@ -67,10 +67,11 @@ treated as a mismatch."""
 RETRY_AFTER: Final = 10
 """Seconds the guest waits before its next challenge when no quote is wanted."""
 ENROL_EVERY: Final = dt.timedelta(seconds=RETRY_AFTER)
-"""At most one enrolment per vTPM EK and VMI this often (`status.attestation.lastEnrolment`):
-each is a
-status write (and a MakeCredential), and whoever holds the box's credential could
-otherwise have gtvp write the box without pause."""
+"""At most one enrolment per vTPM EK and VMI this often (`status.attestation.lastEnrolments`):
+each is a status write (and a MakeCredential), and whoever holds the box's credential
+could otherwise have gtvp write the box without pause."""
+ENROLS_PER_VMI: Final = 3
+"""At most this many enrolments per VMI, of any EKs, within `ENROL_EVERY`."""
 ANSWERED_KEPT: Final = 8
 """How many answered nonces a box's status remembers (a replay is named so)."""
 LINE_PREFIX: Final = "#gtvp-attest "
@@ -546,25 +547,47 @@ def check_ek_pin(
 def check_enrol_rate(
     att: Mapping[str, Any], where: Where, ek_sha256: str, now: dt.datetime
 ) -> None:
-    """Refuse an enrolment of the same vTPM EK for the same VMI less than `ENROL_EVERY`
-    after the last one (EnrolTooSoon, 429): an honest guest enrols once per boot, and
-    again only when told to. Another EK is not held back by it (whoever holds the box's
-    credential and another certified vTPM must not keep the box's own guest from
-    enrolling: the EK pin shuts them out once it binds), nor is a restarted box (another
-    VMI)."""
-    last = att.get("lastEnrolment") or {}
-    if not isinstance(last, Mapping):
-        return
-    at = parse_ts(last.get("at"))
-    if at is None or last.get("vmiUID") != where.vmi_uid or last.get("ekSHA256") != ek_sha256:
-        return
-    if dt.timedelta(0) <= now - at < ENROL_EVERY:
-        wait = int((ENROL_EVERY - (now - at)).total_seconds()) + 1
+    """Refuse an enrolment (EnrolTooSoon, 429) of a vTPM EK that enrolled for this VMI less
+    than `ENROL_EVERY` ago, or beyond `ENROLS_PER_VMI` enrolments of any EKs for this VMI
+    within `ENROL_EVERY` (`status.attestation.lastEnrolments`): each is a status write and
+    a MakeCredential, and whoever holds the box's credential and certified vTPMs of their
+    own could otherwise alternate EKs and have gtvp write the box without pause. An honest
+    guest enrols once per boot, and again only when told to; a restarted box (another VMI)
+    enrols at once. (Whoever holds the credential can keep the box's guest from binding
+    anyway, by binding a vTPM of their own first: a residual, docs/threat-model.md.)"""
+    recent = [
+        e
+        for e in recent_enrolments(att, now)
+        if isinstance(e, Mapping) and e.get("vmiUID") == where.vmi_uid
+    ]
+    if any(e.get("ekSHA256") == ek_sha256 for e in recent):
         raise Refused(
             ENROL_TOO_SOON,
-            f"this vTPM enrolled {int((now - at).total_seconds())}s ago: one enrolment per "
-            f"vTPM and VMI per {int(ENROL_EVERY.total_seconds())}s; enrol again in {wait}s",
+            f"this vTPM enrolled less than {int(ENROL_EVERY.total_seconds())}s ago for this "
+            f"VMI; enrol again in {_retry_in(recent, now)}s",
         )
+    if len(recent) >= ENROLS_PER_VMI:
+        raise Refused(
+            ENROL_TOO_SOON,
+            f"{len(recent)} enrolments for this VMI in the last "
+            f"{int(ENROL_EVERY.total_seconds())}s; enrol again in {_retry_in(recent, now)}s",
+        )
+
+
+def recent_enrolments(att: Mapping[str, Any], now: dt.datetime) -> list[Mapping[str, Any]]:
+    """The enrolments recorded (`lastEnrolments`) less than `ENROL_EVERY` before `now`."""
+    got = att.get("lastEnrolments")
+    out = []
+    for e in got if isinstance(got, list) else ():
+        at = parse_ts(e.get("at")) if isinstance(e, Mapping) else None
+        if at is not None and dt.timedelta(0) <= now - at < ENROL_EVERY:
+            out.append(e)
+    return out
+
+
+def _retry_in(recent: list[Mapping[str, Any]], now: dt.datetime) -> int:
+    first = min(t for e in recent if (t := parse_ts(e.get("at"))) is not None)
+    return int((ENROL_EVERY - (now - first)).total_seconds()) + 1
 
 
 def check_activation(

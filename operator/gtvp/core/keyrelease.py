@@ -627,8 +627,10 @@ def kept_for(
     credential (a next boot's, which root on a host the box ran on may have read) is
     replaced by a fresh one."""
     issued = parse_ts(ann.get(ISSUED_ANNOTATION))
-    if not vmi_uid or vmi_started is None or issued is None or issued > vmi_started:
+    if not vmi_uid or vmi_started is None or issued is None:
         return False
+    if issued > vmi_started + CLOCK_SKEW:  # the operator's clock may run ahead of the API
+        return False  # server's; a next boot's is kept out by the release's record below
     if _answered(ann).get("vmi") == vmi_uid:
         return False
     digest = credential_hash(credential)
