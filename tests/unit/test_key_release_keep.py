@@ -112,6 +112,19 @@ def test_a_secret_changed_since_its_read_is_read_and_decided_again() -> None:
     assert _credential_in(written) == CREDENTIAL  # kept: still its guest's, unused
 
 
+def test_a_credential_a_release_consumed_meanwhile_is_never_made_current_again() -> None:
+    used = kr.consumed_annotations(
+        ISSUED, used=kr.credential_hash(CREDENTIAL), next_credential="n" * 43,
+        now="2026-12-05T12:00:30Z", vmi="vmi-1",
+    )  # fmt: skip
+    conflict = ApiException(status=409, reason="Conflict")
+    core = _Core([_secret("1", ISSUED), _secret("2", used)], [conflict])
+    assert isinstance(key_release.arm(_runtime(core), KEY, VM), dict)
+    assert not core.replaced
+    (created,) = core.created
+    assert _credential_in(created) not in (None, CREDENTIAL, "n" * 43)
+
+
 def test_a_secret_gone_meanwhile_gets_a_fresh_credential() -> None:
     core = _Core([_secret("1", ISSUED)], [ApiException(status=404, reason="Not Found")])
     assert isinstance(key_release.arm(_runtime(core), KEY, VM), dict)
