@@ -181,7 +181,8 @@ def _keep(
             if exc.status == 404:
                 return None  # gone meanwhile: a fresh one
             return _cannot_write(key[0], secret_name, exc, "read or write")
-    return None
+    # a fresh one would lock the waiting guest out: the box waits, looked at again
+    return f"cannot write the cloud-init Secret {key[0]}/{secret_name} (it kept changing)"
 
 
 def _armed(

@@ -533,6 +533,12 @@ def key_release_from(
                 ca_pem = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read --key-release-ca {args.key_release_ca}: {exc}") from exc
+        if "-----BEGIN CERTIFICATE-----" not in ca_pem:
+            # an empty file would leave every guest trusting its own store, or nothing
+            raise ValueError(
+                f"--key-release-ca {args.key_release_ca} holds no PEM certificate: give the "
+                "CA that signs the key-release port's certificate"
+            )
     return Settings(url=args.key_release_url, ca_pem=ca_pem)
 
 

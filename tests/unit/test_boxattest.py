@@ -560,3 +560,9 @@ def test_enrolments_per_vtpm_and_per_vmi_are_bounded_every_ten_seconds() -> None
     assert len(att["lastEnrolments"]) == 3
     enrolled(att, "d", NOW + 3 * s, ba.Where("member-a", "uid-2"))  # a restarted box
     enrolled(att, "a", NOW + ba.ENROL_EVERY + 2 * s)  # the window moved on
+    # the wait told is the refused vTPM's own; an entry another replica stamped ahead of
+    # this one's clock still counts (review findings)
+    assert "enrol again in 10s" in refused(att, "a", NOW + ba.ENROL_EVERY + 2 * s + s / 2)
+    ahead = {"lastEnrolments": [{"at": format_ts(NOW + 30 * s), "vmiUID": "uid-1",
+                                 "ekSHA256": "a"}]}  # fmt: skip
+    refused(ahead, "a", NOW)

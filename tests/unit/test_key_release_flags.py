@@ -351,3 +351,19 @@ def test_a_request_gtvp_cannot_answer_now_gets_a_503_to_ask_again_and_the_server
     assert "SECRET-IN-REQUEST" not in said
     with _open(f"{base}/.well-known/jwks.json", client) as r:  # still serving
         assert json.load(r) == {"keys": []}
+
+
+def test_a_ca_file_holding_no_certificate_stops_the_operator(tmp_path: Path) -> None:
+    """An empty or wrong --key-release-ca (a Secret whose ca.crt was never filled) would
+    hand every guest no CA to check the port with: refused at start, saying so. Found by a
+    review."""
+    empty = tmp_path / "ca.crt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no PEM certificate"):
+        _flags("--key-release-url", URL, "--key-release-port", "9444", *CERTS,
+               "--key-release-ca", str(empty))  # fmt: skip
+    ca = pki.ensure_ca(tmp_path / "pki", "test CA")
+    settings, _ = _flags("--key-release-url", URL, "--key-release-port", "9444", *CERTS,
+                         "--key-release-ca", str(ca.cert))  # fmt: skip
+    assert settings is not None
+    assert settings.ca_pem is not None

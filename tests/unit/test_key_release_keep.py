@@ -140,3 +140,47 @@ def test_a_secret_the_api_server_fails_on_is_said_and_nothing_is_written(where: 
     assert isinstance(got, str)
     assert "500" in got
     assert not core.created
+
+
+def test_arming_that_fails_without_an_answer_spends_no_verdict_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timeout or a dropped connection while arming (no ApiException) left the use the
+    plan counted for the placement to be spent, on every pass while it lasted: the VM is
+    not written, so nothing is spent, and the box is looked at again. Found by a review."""
+    from gtvp import box_attestation
+    from gtvp.core.boxes import Decision
+    from gtvp.core.placement import Placement
+    from gtvp.handlers import lazyboxes
+
+    rt = _runtime(_Core([_secret("1", ISSUED)], []))
+
+    def plan(rt_: Runtime, _key: Any) -> Decision:
+        rt_.boxes.unspent["m1"] += 1  # as `_plan` counts a placement
+        return Decision({"phase": "Placing"}, vm=copy.deepcopy(VM),
+                        placement=Placement("m1", "cached"))  # fmt: skip
+
+    def timed_out(*_a: Any, **_kw: Any) -> Any:
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(lazyboxes, "_plan", plan)
+    monkeypatch.setattr(box_attestation, "arm", timed_out)
+    with pytest.raises(TimeoutError):
+        lazyboxes.reconcile_box(rt, KEY)
+    assert rt.boxes.unspent["m1"] == 0
+
+
+def test_user_data_that_is_no_yaml_holds_no_credential() -> None:
+    """Whoever may write Secrets in the namespace can put anything in the cloud-init
+    Secret: an impossible date or deep nesting is no credential, not an error."""
+    assert compose.key_release_credential_of("a: 2026-02-30\n") is None
+    assert compose.key_release_credential_of("[" * 5000) is None
+
+
+def test_a_secret_that_keeps_changing_leaves_the_box_waiting_not_its_guest_locked_out() -> None:
+    conflict = ApiException(status=409, reason="Conflict")
+    core = _Core([_secret(str(i), ISSUED) for i in range(4)], [conflict] * 3)
+    got = key_release.arm(_runtime(core), KEY, VM)
+    assert isinstance(got, str)
+    assert "kept changing" in got
+    assert not core.created

@@ -72,6 +72,9 @@ each is a status write (and a MakeCredential), and whoever holds the box's crede
 could otherwise have gtvp write the box without pause."""
 ENROLS_PER_VMI: Final = 3
 """At most this many enrolments per VMI, of any EKs, within `ENROL_EVERY`."""
+ENROL_SKEW: Final = dt.timedelta(seconds=60)
+"""How far ahead of this replica's clock another's may have stamped an enrolment that
+still counts (one stamped ahead is neither ignored nor dropped from the record)."""
 ANSWERED_KEPT: Final = 8
 """How many answered nonces a box's status remembers (a replay is named so)."""
 LINE_PREFIX: Final = "#gtvp-attest "
@@ -560,11 +563,12 @@ def check_enrol_rate(
         for e in recent_enrolments(att, now)
         if isinstance(e, Mapping) and e.get("vmiUID") == where.vmi_uid
     ]
-    if any(e.get("ekSHA256") == ek_sha256 for e in recent):
+    mine = [e for e in recent if e.get("ekSHA256") == ek_sha256]
+    if mine:
         raise Refused(
             ENROL_TOO_SOON,
             f"this vTPM enrolled less than {int(ENROL_EVERY.total_seconds())}s ago for this "
-            f"VMI; enrol again in {_retry_in(recent, now)}s",
+            f"VMI; enrol again in {_retry_in(mine, now)}s",
         )
     if len(recent) >= ENROLS_PER_VMI:
         raise Refused(
@@ -575,19 +579,21 @@ def check_enrol_rate(
 
 
 def recent_enrolments(att: Mapping[str, Any], now: dt.datetime) -> list[Mapping[str, Any]]:
-    """The enrolments recorded (`lastEnrolments`) less than `ENROL_EVERY` before `now`."""
+    """The enrolments recorded (`lastEnrolments`) less than `ENROL_EVERY` before `now`
+    (or up to `ENROL_SKEW` after it: another replica's clock may run ahead)."""
     got = att.get("lastEnrolments")
     out = []
     for e in got if isinstance(got, list) else ():
         at = parse_ts(e.get("at")) if isinstance(e, Mapping) else None
-        if at is not None and dt.timedelta(0) <= now - at < ENROL_EVERY:
+        if at is not None and -ENROL_SKEW <= now - at < ENROL_EVERY:
             out.append(e)
     return out
 
 
 def _retry_in(recent: list[Mapping[str, Any]], now: dt.datetime) -> int:
+    """Seconds until the oldest of `recent` leaves the window."""
     first = min(t for e in recent if (t := parse_ts(e.get("at"))) is not None)
-    return int((ENROL_EVERY - (now - first)).total_seconds()) + 1
+    return max(1, int((ENROL_EVERY - (now - first)).total_seconds()) + 1)
 
 
 def check_activation(

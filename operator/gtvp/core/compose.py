@@ -837,7 +837,7 @@ def key_release_credential_of(user_data: str) -> str | None:
     carries (None: none, or not such a cloud-config)."""
     try:
         doc = yaml.safe_load(user_data)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # an impossible date; deep nesting
         return None
     files = doc.get("write_files") if isinstance(doc, dict) else None
     for f in files if isinstance(files, list) else ():

@@ -616,6 +616,13 @@ def _consumed(ann: Mapping[str, str]) -> list[str]:
     return [h for h in str(ann.get(CONSUMED_ANNOTATION, "")).split(",") if h]
 
 
+ISSUED_SKEW: Final = dt.timedelta(seconds=60)
+"""How far a credential's issue time (the operator's clock) may be after the creation of
+the VMI that booted with it (the API server's clock) for `kept_for`: the operator's clock
+may run ahead, and the guest's cloud-init is made after the VMI; a next boot's credential
+is kept out by the record of the release to the running VMI, not by this."""
+
+
 def kept_for(
     ann: Mapping[str, str], credential: str, *, vmi_uid: str, vmi_started: dt.datetime | None
 ) -> bool:
@@ -629,8 +636,8 @@ def kept_for(
     issued = parse_ts(ann.get(ISSUED_ANNOTATION))
     if not vmi_uid or vmi_started is None or issued is None:
         return False
-    if issued > vmi_started + CLOCK_SKEW:  # the operator's clock may run ahead of the API
-        return False  # server's; a next boot's is kept out by the release's record below
+    if issued > vmi_started + ISSUED_SKEW:
+        return False
     if _answered(ann).get("vmi") == vmi_uid:
         return False
     digest = credential_hash(credential)

@@ -383,22 +383,18 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
     """Plan and carry out one box's next step (blocking: run it in a thread)."""
     if key not in rt.view.boxes:
         return None
-    decision = _plan(rt, key)
-    attested = (
-        box_attestation.arm(rt, key, decision.vm, restart=decision.restart)
-        if decision.vm is not None
-        else None
-    )
-    if attested is not None:
-        armed = _attested(rt, key, decision, attested)
-        if armed is None:
-            return _not_placed(rt, decision)
-        decision = armed
-    elif decision.vm is not None and key_release.names_secrets(rt.view.boxes.get(key) or {}):
-        armed = _arm(rt, key, decision)
-        if armed is None:
-            return _not_placed(rt, decision)
-        decision = armed
+    planned = _plan(rt, key)
+    try:
+        got = _armed(rt, key, planned)
+    except Exception:
+        # arming failed in a way no answer names (a timeout, a connection the API server
+        # dropped): the VM is not written, so the use counted for it is not spent either
+        # (every pass would spend one); the box is looked at again
+        _not_placed(rt, planned)
+        raise
+    if got is None:
+        return _not_placed(rt, planned)
+    decision, attested = got
     if decision.vm is not None:  # what the armed VM boots is the composition gtvp vouches for
         now = dt.datetime.now(dt.UTC)
         decision = dataclasses.replace(decision, status=recorded(decision, now))
@@ -430,6 +426,26 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             message=message,
         )
     return decision
+
+
+def _armed(
+    rt: Runtime, key: Key, decision: Decision
+) -> tuple[Decision, box_attestation.Armed | str | None] | None:
+    """The decision with its VM armed (its attestation credential, its key-release
+    credential: `box_attestation.arm`, `key_release.arm`), and the attestation arming's
+    outcome; None when it cannot be armed (the box Failed, said once)."""
+    attested = (
+        box_attestation.arm(rt, key, decision.vm, restart=decision.restart)
+        if decision.vm is not None
+        else None
+    )
+    if attested is not None:
+        armed = _attested(rt, key, decision, attested)
+        return None if armed is None else (armed, attested)
+    if decision.vm is not None and key_release.names_secrets(rt.view.boxes.get(key) or {}):
+        armed = _arm(rt, key, decision)
+        return None if armed is None else (armed, attested)
+    return decision, attested
 
 
 def _attestation(
