@@ -182,7 +182,7 @@ def _keep(
                 return None  # gone meanwhile: a fresh one
             return _cannot_write(key[0], secret_name, exc, "read or write")
     # a fresh one would lock the waiting guest out: the box waits, looked at again
-    return f"cannot write the cloud-init Secret {key[0]}/{secret_name} (it kept changing)"
+    return _kept_changing(key[0], secret_name)
 
 
 def _armed(
@@ -231,6 +231,10 @@ def _cannot_write(ns: str, secret_name: str, exc: ApiException, what: str = "wri
     )
 
 
+def _kept_changing(ns: str, secret_name: str) -> str:
+    return f"cannot write the cloud-init Secret {ns}/{secret_name} (it kept changing)"
+
+
 def _unconsumed(rt: Runtime, key: Key, box: Mapping[str, Any]) -> tuple[str, Any] | None:
     """The key-release credential the box's cloud-init Secret holds (and the Secret as
     read), when the guest that runs now booted with it and no release consumed it
@@ -267,8 +271,11 @@ def _replace_as_read(rt: Runtime, body: Mapping[str, Any], read: Any) -> bool:
     """Replace the Secret `read` with `body` at the resourceVersion it was read at, keeping
     its annotations (its credential was kept, so its issue time stays too); False when it
     changed since (409: a release may have consumed the credential meanwhile)."""
-    meta = dict(_over(body, read)["metadata"])
-    meta["annotations"] = dict(read.metadata.annotations or {})
+    meta = {
+        **body["metadata"],
+        "annotations": dict(read.metadata.annotations or {}),
+        "resourceVersion": read.metadata.resource_version,
+    }
     ns, name = meta["namespace"], meta["name"]
     try:
         rt.clients.core.replace_namespaced_secret(name, ns, {**body, "metadata": meta})
@@ -302,7 +309,7 @@ def write_cloud_init_secret(rt: Runtime, body: Mapping[str, Any]) -> str | None:
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-        return f"cannot write the cloud-init Secret {ns}/{secret_name} (it kept changing)"
+        return _kept_changing(ns, secret_name)
     except ApiException as exc:
         return _cannot_write(ns, secret_name, exc)
 

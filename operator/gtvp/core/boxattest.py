@@ -558,11 +558,7 @@ def check_enrol_rate(
     guest enrols once per boot, and again only when told to; a restarted box (another VMI)
     enrols at once. (Whoever holds the credential can keep the box's guest from binding
     anyway, by binding a vTPM of their own first: a residual, docs/threat-model.md.)"""
-    recent = [
-        e
-        for e in recent_enrolments(att, now)
-        if isinstance(e, Mapping) and e.get("vmiUID") == where.vmi_uid
-    ]
+    recent = [e for e in recent_enrolments(att, now) if e.get("vmiUID") == where.vmi_uid]
     mine = [e for e in recent if e.get("ekSHA256") == ek_sha256]
     if mine:
         raise Refused(

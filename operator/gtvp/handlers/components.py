@@ -220,9 +220,7 @@ def _read_again(rt: Runtime, name: str) -> None:
     if _uid(rt.view.components.get(name)) != _uid(fresh):
         # another object under the name (deleted and made again since the view's): the
         # old one's check says nothing of it, and it leaves the catalogue until checked
-        rt.boxes.checks.pop(name, None)
-        rt.boxes.catalogue_version += 1
-        rt.touch_boxes()
+        _drop_check(rt, name)
     rt.view.components[name] = kept(fresh)
 
 
@@ -231,9 +229,15 @@ def _forget(rt: Runtime, name: str) -> None:
     boot of it is no longer vouched for: `lazyboxes.unvouched`)."""
     rt.view.note_component(name)
     if rt.view.components.pop(name, None) is not None:
-        rt.boxes.checks.pop(name, None)
-        rt.boxes.catalogue_version += 1
-        rt.touch_boxes()
+        _drop_check(rt, name)
+
+
+def _drop_check(rt: Runtime, name: str) -> None:
+    """What the view held under `name` is no longer there: its check goes, and the boxes
+    are resolved again over a catalogue without it."""
+    rt.boxes.checks.pop(name, None)
+    rt.boxes.catalogue_version += 1
+    rt.touch_boxes()
 
 
 def resync(rt: Runtime, listed: list[dict[str, Any]], since: int) -> tuple[list[str], list[str]]:

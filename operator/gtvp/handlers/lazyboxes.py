@@ -503,8 +503,9 @@ def _attested(
 
 
 def _arm(rt: Runtime, key: Key, decision: Decision) -> Decision | None:
-    """A box that names Secrets: its VM boots with a fresh key-release credential
-    (`gtvp.key_release.arm`); None (the box Failed, said once) when it cannot."""
+    """A box that names Secrets: its VM boots with its key-release credential (fresh, or
+    the one its running guest booted with: `gtvp.key_release.arm`); None (the box Failed,
+    said once) when it cannot."""
     armed = key_release.arm(rt, key, decision.vm or {}, restart=decision.restart)
     if not isinstance(armed, str):
         return dataclasses.replace(decision, vm=armed)
