@@ -28,6 +28,7 @@ from typing import Any
 from gtvp.core.component_checks import Check, revokes
 from gtvp.core.components import Component
 from gtvp.core.compose import (
+    NAMED_DISK_TYPES,
     BootPart,
     BoxRef,
     CompositionError,
@@ -510,7 +511,7 @@ def _change(inp: BoxInput, comps: list[Component]) -> _Change:
         fault
         and not inp.armed
         and inp.spec.get("onMissingDependency") == "HotPlug"
-        and all(c.type in ("library", "application") for c in added)
+        and all(c.type in NAMED_DISK_TYPES for c in added)
         and obs.vmi_phase == "Running"
     )
     policy = inp.spec.get("upgradePolicy", "Restart")

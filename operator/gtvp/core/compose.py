@@ -281,7 +281,7 @@ def vouches(c: Component, part: BootPart) -> bool:
         return c.type == "kernel"
     if role.startswith("rootfs:"):
         return c.type == "rootfs" and _serial(c) == role.removeprefix("rootfs:")
-    return c.type in ("library", "application") and _disk_name(c) == role
+    return c.type in NAMED_DISK_TYPES and _disk_name(c) == role
 
 
 NOT_COMPOSED_MESSAGE = (
@@ -430,7 +430,10 @@ def compose_vm(
     }
 
 
-_TYPE_RANK = {"rootfs": 0, "library": 1, "application": 2}
+NAMED_DISK_TYPES = ("library", "application")
+"""Component types attached as a disk named after the component (`_disk_name`); with the
+rootfs, the only types a box has as disks (`_only_layers`)."""
+_TYPE_RANK = {"rootfs": 0, **{t: rank for rank, t in enumerate(NAMED_DISK_TYPES, 1)}}
 
 
 SERIAL_MAX = 20
@@ -537,7 +540,7 @@ def _kernel_and_rootfs(components: Sequence[Component]) -> tuple[Component, Comp
 def _only_layers(components: Sequence[Component]) -> None:
     """Refuse components of a type that is no file system layer (initrd): attached as a
     disk, nothing would check it against a pinned digest before the guest reads it."""
-    initrds = sorted(c.name for c in components if c.type not in (*_TYPE_RANK, "kernel"))
+    initrds = sorted(c.name for c in components if c.type != "kernel" and c.type not in _TYPE_RANK)
     if initrds:
         raise CompositionError(
             f"component(s) {', '.join(initrds)} of type initrd: a box's initrd is gtvp's box "
