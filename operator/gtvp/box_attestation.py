@@ -64,10 +64,12 @@ def settings(rt: Runtime) -> ba.Settings | None:
 
 @dataclasses.dataclass(frozen=True)
 class Armed:
-    """The VM to write (booting from the cloud-init Secret) and the box's attestation."""
+    """The VM to write (booting from the cloud-init Secret) and the box's attestation;
+    `fresh`: the credential was armed anew (its attestation replaces the status's)."""
 
     vm: dict[str, Any]
     attestation: dict[str, Any]
+    fresh: bool = False
 
 
 class _Unreadable(Exception):
@@ -176,10 +178,11 @@ def arm(
         out = _write_secret(rt, key, vm, line)
     if isinstance(out, str):
         return out
-    if att.get("credentialHash") != ba.credential_hash(credential):
+    fresh = att.get("credentialHash") != ba.credential_hash(credential)
+    if fresh:
         att = ba.fresh_attestation(credential)
         log.info("box %s/%s: a new attestation credential is in its cloud-init Secret", ns, name)
-    return Armed(ba.with_vtpm(out), att)
+    return Armed(ba.with_vtpm(out), att, fresh)
 
 
 # -- the endpoint ----------------------------------------------------------------------------

@@ -409,9 +409,7 @@ def reconcile_box(rt: Runtime, key: Key) -> Decision | None:
             METRICS.placement_cached_ratio.observe(decision.placement.cached_bytes / total)
         else:
             METRICS.placements.labels("pending").inc()
-    box_writes.write_status(
-        rt, key, decision.status, attestation=_attestation(rt, key, decision, attested)
-    )
+    box_writes.write_status(rt, key, decision.status, attestation=_attestation(decision, attested))
     METRICS.boxes[f"{key[0]}/{key[1]}"] = str(decision.status.get("phase"))
     if decision.event is not None:
         etype, reason, message = decision.event
@@ -449,18 +447,15 @@ def _armed(
 
 
 def _attestation(
-    rt: Runtime, key: Key, decision: Decision, attested: box_attestation.Armed | str | None
+    decision: Decision, attested: box_attestation.Armed | str | None
 ) -> dict[str, Any] | Literal["keep"] | None:
     """What the status write does with `status.attestation`: put in place the attestation
-    of a credential this pass armed anew (its hash is not the one the box's status holds),
-    remove it where the plan did (None), else keep what the view holds (the endpoint's
-    and the sweep's writes, made meanwhile)."""
+    of a credential this pass armed anew (`Armed.fresh`), remove it where the plan did
+    (None), else keep what the view holds (the endpoint's and the sweep's writes, made
+    meanwhile)."""
     if "attestation" not in decision.status:
         return None
-    if not isinstance(attested, box_attestation.Armed):
-        return box_writes.KEEP
-    held = ((rt.view.boxes.get(key) or {}).get("status") or {}).get("attestation") or {}
-    if attested.attestation.get("credentialHash") != held.get("credentialHash"):
+    if isinstance(attested, box_attestation.Armed) and attested.fresh:
         return attested.attestation
     return box_writes.KEEP
 
