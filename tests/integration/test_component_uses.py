@@ -66,6 +66,11 @@ def _into_view(rt: Runtime, body: dict[str, Any]) -> None:
     rt.view.observe_component(copy.deepcopy(body), "MODIFIED")
 
 
+def _use(rt: Runtime, name: str) -> tuple[tuple[str, str]]:
+    """A plan's use of `name`: the object the view holds under it."""
+    return ((name, str(rt.view.components[name]["metadata"]["uid"])),)
+
+
 def _verification(rt: Runtime, name: str) -> dict[str, Any]:
     got: dict[str, Any] = _server(rt, name)["status"]["verification"]
     return got
@@ -77,7 +82,7 @@ def test_a_check_on_a_body_older_than_a_spent_use_gives_the_use_not_back(
     created = _server(rt, component)  # as the component's ADDED event carried it
     assert components.verify_component(rt, component).ok
     assert _verification(rt, component)["usesLeft"] == 1
-    assert components.spend(rt, (component,)) == []  # a placement used it
+    assert components.spend(rt, _use(rt, component)) == []  # a placement used it
     assert _verification(rt, component)["usesLeft"] == 0
     _into_view(rt, created)  # the ADDED event, handled late: no verification in it
     assert components.verify_component(rt, component).ok
@@ -95,10 +100,10 @@ def test_a_use_spent_on_a_stale_view_is_checked_again_not_spent_twice(
     )  # fmt: skip
     one_left = _server(rt, component)
     _into_view(rt, one_left)
-    assert components.spend(rt, (component,)) == []  # the one use of that verification
+    assert components.spend(rt, _use(rt, component)) == []  # the one use of that verification
     assert _verification(rt, component)["usesLeft"] == 0
     _into_view(rt, one_left)  # a late event: the view says one use is left
-    assert components.spend(rt, (component,)) == []
+    assert components.spend(rt, _use(rt, component)) == []
     again = _verification(rt, component)
     assert again["verifiedAt"] != "2020-01-01T00:00:00Z"  # the second use had a new check
     assert again["usesLeft"] == 0
@@ -108,9 +113,9 @@ def test_a_component_deleted_under_a_stale_view_is_not_usable(
     control_plane: ControlPlane, rt: Runtime, component: str
 ) -> None:
     assert components.verify_component(rt, component).ok
-    assert components.spend(rt, (component,)) == []
+    assert components.spend(rt, _use(rt, component)) == []
     control_plane.kubectl("delete", "osc", component)
-    assert components.spend(rt, (component,)) == [component]
+    assert components.spend(rt, _use(rt, component)) == [component]
     assert component not in rt.view.components
 
 

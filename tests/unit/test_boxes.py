@@ -278,7 +278,7 @@ def test_first_placement_writes_vm_and_status() -> None:
     assert d.status["phase"] == "Placing"
     assert d.status["node"] == "node-2"
     assert [r["name"] for r in d.status["resolved"]] == [c.name for c in COMPS]
-    assert set(d.uses) == {c.object_name for c in COMPS}
+    assert set(d.uses) == {(c.object_name, c.uid) for c in COMPS}
 
 
 def test_a_placed_box_is_not_written_again_when_its_vm_appears() -> None:
@@ -641,7 +641,7 @@ def test_missing_dependency_hot_plugged_as_datavolume() -> None:
     assert d.vm["spec"]["dataVolumeTemplates"][0]["spec"]["source"]["registry"]["url"].endswith(
         curl.digest
     )
-    assert d.uses == (curl.object_name,)
+    assert d.uses == ((curl.object_name, curl.uid),)
     # under a policy that attests boxes the box init would never measure that disk: the box
     # is recomposed and restarted instead, every disk pinned and measured
     d = plan_box(

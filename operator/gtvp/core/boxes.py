@@ -81,7 +81,7 @@ class Decision:
     status: dict[str, Any]
     vm: dict[str, Any] | None = None  # write (create or replace) this VM
     restart: bool = False  # delete the VMI so that the new template boots
-    uses: tuple[str, ...] = ()  # components whose use to spend (their object names)
+    uses: tuple[tuple[str, str], ...] = ()  # components whose use to spend: (name, uid)
     event: tuple[str, str, str] | None = None  # type, reason, message
     placement: Placement | None = None
     forget_boots: bool = False
@@ -464,7 +464,7 @@ def _first_placement(
     return Decision(
         status,
         vm=vm,
-        uses=tuple(c.object_name for c in comps),
+        uses=tuple((c.object_name, c.uid) for c in comps),
         event=("Normal", "Placed", f"composed {describe(comps)}; {decision.reason}"),
         placement=decision,
     )
@@ -583,7 +583,7 @@ def _upgrade(inp: BoxInput, now: dt.datetime, comps: list[Component]) -> Decisio
         status,
         vm=vm,
         restart=change.restart,
-        uses=tuple(c.object_name for c in change.added),
+        uses=tuple((c.object_name, c.uid) for c in change.added),
         event=("Normal", "Upgrading", summary),
         # an older composition with a component that no longer verifies is not vouched for
         forget_boots=change.revoked,

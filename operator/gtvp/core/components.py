@@ -158,6 +158,8 @@ class Component:
     (a containerDisk in a registry is pinned by its manifest's digest)."""
     chunks: Chunks | None = None
     """The signed chunk digest list of the artifact's bytes, when the publisher gave one."""
+    uid: str = ""
+    """The OSComponent object's metadata.uid: which object of `object_name` this is."""
 
     @property
     def pin(self) -> str:
@@ -202,6 +204,7 @@ def parse_component(obj: Mapping[str, Any]) -> Component:
         chunks = parse_chunks(raw_chunks, size) if raw_chunks is not None else None
         return Component(
             object_name=str(meta.get("name", "")),
+            uid=str(meta.get("uid") or ""),
             name=str(spec["componentName"]),
             version=version,
             type=kind,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -71,8 +72,8 @@ def _set_check(rt: Runtime, name: str, check: Check, body: dict[str, Any] | None
     return True
 
 
-def _uid(body: dict[str, Any] | None) -> object:
-    return ((body or {}).get("metadata") or {}).get("uid")
+def _uid(body: dict[str, Any] | None) -> str:
+    return str(((body or {}).get("metadata") or {}).get("uid") or "")
 
 
 def verify_all(rt: Runtime) -> None:
@@ -263,21 +264,22 @@ def resync(rt: Runtime, listed: list[dict[str, Any]], since: int) -> tuple[list[
     return gone, missed
 
 
-def spend(rt: Runtime, names: tuple[str, ...]) -> list[str]:
-    """Spend one use of each component; re-verify those with none left. Returns failures."""
-    return [name for name in names if not _spend_one(rt, name)]
+def spend(rt: Runtime, uses: Iterable[tuple[str, str]]) -> list[str]:
+    """Spend one use of each component planned on, (object name, uid); re-verify those with
+    none left. Returns the names of those not usable."""
+    return [name for name, uid in uses if not _spend_one(rt, name, uid)]
 
 
-def _spend_one(rt: Runtime, name: str) -> bool:
-    """Spend one use of `name`; False: it is not usable (or another object came under its
-    name while the use was spent: the one planned on is gone)."""
-    spent_on = _uid(rt.view.components.get(name))  # the object the plan was made on
+def _spend_one(rt: Runtime, name: str, planned_uid: str) -> bool:
+    """Spend one use of `name`; False: it is not usable, or it is no longer the object the
+    plan was made on (`planned_uid`: deleted and made again under its name since, by a
+    watch event or a re-read after a 409)."""
     for _ in range(WRITE_ATTEMPTS):
         got = _next_use(rt, name)
         if got is None:
             return False
         body, use = got
-        if _uid(body) != spent_on:
+        if _uid(body) != planned_uid:
             return False
         if use.status is None:
             return True
