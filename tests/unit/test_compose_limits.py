@@ -109,3 +109,25 @@ def test_a_hot_plugged_component_whose_volume_name_collides_is_refused() -> None
     hot["metadata"]["name"] = "libfoo.so-1.0.0"
     with pytest.raises(CompositionError, match="share the volume name 'c-libfoo-so'"):
         compose_vm(BOX, _spec("web-app"), comps, None, hotplugged=[parse_component(hot)])
+
+
+def test_hot_plugged_components_of_a_long_named_box_get_their_own_data_volumes() -> None:
+    """A DataVolume name is cut at 63 characters: two components whose names differ only
+    past the cut would have shared one DataVolume, each disk reading the other's bytes.
+    Found by a review."""
+    box = BoxRef("a-box-whose-name-is-rather-long-for-its-own-good", "apps", "uid-1")
+    comps = _resolved([])
+    hot = []
+    for n in ("libcrypto-extras-one", "libcrypto-extras-two"):
+        obj = PUB.component(n, "1.0.0", "library", requires=["libc"])
+        hot.append(parse_component(obj))
+    vm = compose_vm(box, _spec("web-app"), comps, None, hotplugged=hot)
+    names = [t["metadata"]["name"] for t in vm["spec"]["dataVolumeTemplates"]]
+    assert len(set(names)) == 2
+    assert all(len(n) <= 63 and n.startswith("a-box-whose-name") for n in names)
+    volumes = vm["spec"]["template"]["spec"]["volumes"]
+    assert sorted(v["dataVolume"]["name"] for v in volumes if "dataVolume" in v) == sorted(names)
+    short = compose_vm(BOX, _spec("web-app"), comps, None, hotplugged=hot[:1])
+    assert [t["metadata"]["name"] for t in short["spec"]["dataVolumeTemplates"]] == [
+        "web-c-libcrypto-extras-one"
+    ]

@@ -609,7 +609,7 @@ def _hotplug_disks(
     bus KubeVirt hot-plugs) and volumes."""
     dv_templates: list[dict[str, Any]] = []
     for c in hotplugged:
-        dv_name = f"{box.name}-{_disk_name(c)}"[:63].rstrip("-")
+        dv_name = _data_volume_name(box, c)
         dv_templates.append(
             {
                 "metadata": {"name": dv_name, "labels": {BOX_LABEL: box.name}},
@@ -624,6 +624,21 @@ def _hotplug_disks(
         )
         disks.append({"name": _disk_name(c), "disk": {"bus": "scsi"}, "serial": c.name[:20]})
     return dv_templates
+
+
+DV_NAME_MAX = 63
+"""A DataVolume's name becomes its PVC's and the importer pod's: at most 63 characters."""
+
+
+def _data_volume_name(box: BoxRef, c: Component) -> str:
+    """`<box>-c-<component>`; one that would be longer than `DV_NAME_MAX` is cut and ends in
+    a hash of the whole name, so that two components cut to one prefix never share a
+    DataVolume (each disk would read the other's bytes)."""
+    full = f"{box.name}-{_disk_name(c)}"
+    if len(full) <= DV_NAME_MAX:
+        return full
+    tag = hashlib.sha256(full.encode()).hexdigest()[:10]
+    return f"{full[: DV_NAME_MAX - len(tag) - 1].rstrip('-')}-{tag}"
 
 
 def _template_spec(
