@@ -493,6 +493,28 @@ def test_a_class_change_is_no_revocation_of_the_old_classs_values(ca: SoftCA) ->
     assert "ReferencesChanged" not in [e.reason for e in step.events]
 
 
+def test_a_revocation_in_the_class_a_verdict_was_judged_under_spends_it_after_a_move(
+    ca: SoftCA,
+) -> None:
+    """The member was moved to another class (its verdict stands until a quote judged
+    under it); then the old class's golden value is revoked, and the agent withholds its
+    quote: no new decision rests on the verdict from the next look on. Found by a review:
+    a verdict judged under a class other than the current one was never compared."""
+    m = _trusted(ca)
+    cls = m.policy.member_classes["swtpm"]
+    other = dataclasses.replace(cls, name="other")
+    m.policy = dataclasses.replace(m.policy, member_classes={"swtpm": cls, "other": other})
+    m.spec["memberClass"] = "other"
+    m.operator(T0 + LATER)
+    assert m.status["trust"]["usesLeft"] > 0  # the move alone revokes nothing
+    revoked = dataclasses.replace(cls, golden={**cls.golden, 7: b"\x22" * 32})
+    m.policy = dataclasses.replace(m.policy, member_classes={"swtpm": revoked, "other": other})
+    step = m.operator(T0 + LATER + dt.timedelta(seconds=1))
+    assert m.status["trust"]["usesLeft"] == 0
+    assert "reference values of member class swtpm" in m.status["trust"]["message"]
+    assert [e.reason for e in step.events] == ["ReferencesChanged"]
+
+
 def test_removing_the_class_a_verdict_was_judged_under_stops_new_decisions_at_once(
     ca: SoftCA,
 ) -> None:
@@ -551,6 +573,30 @@ def test_a_shorter_validfor_or_fewer_uses_apply_to_the_standing_verdict_at_once(
     assert edit + dt.timedelta(seconds=1) < expires <= edit + dt.timedelta(seconds=2)
     asked = dt.datetime.fromisoformat(old.status["challenge"]["answerAfter"].replace("Z", "+00:00"))
     assert asked <= edit
+
+
+def test_dropping_the_judged_level_applies_the_bounds_of_the_level_it_falls_to(
+    ca: SoftCA,
+) -> None:
+    """Level 3 is merged into level 2, whose validFor and maxUses are cut in the same edit:
+    the verdict judged at level 3, published at level 2 now, keeps no more than level 2
+    allows (found by a review: it kept level 3's)."""
+    m = _trusted(ca)
+    assert m.status["trust"]["level"] == 3
+    verified = dt.datetime.fromisoformat(m.status["trust"]["verifiedAt"].replace("Z", "+00:00"))
+    short = dt.timedelta(seconds=5)
+    levels = tuple(
+        lv if lv.level < 2 else dataclasses.replace(lv, valid_for=short, max_uses=1,
+                                                    interval=dt.timedelta(seconds=2))
+        for lv in m.policy.levels
+        if lv.level < 3
+    )  # fmt: skip
+    m.policy = dataclasses.replace(m.policy, levels=levels)
+    m.operator(T0 + dt.timedelta(seconds=1))
+    trust = m.status["trust"]
+    expires = dt.datetime.fromisoformat(trust["expiresAt"].replace("Z", "+00:00"))
+    assert expires <= verified + short
+    assert trust["usesLeft"] == 1
 
 
 def test_a_raise_to_a_level_with_a_shorter_validfor_does_not_cut_the_standing_verdict(

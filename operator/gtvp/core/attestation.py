@@ -990,12 +990,16 @@ def _bounds_tightened(
     now, with the next quote asked for now, so that an honest agent answers in time and no
     member is expired (or held for readmission) by the edit alone; `usesLeft` no more than
     `maxUses`. The judged level's settings, not the level the member may hold now: a raised
-    level waits for a fresh quote judged at it."""
+    level waits for a fresh quote judged at it. A judged level the policy dropped: the
+    highest level below it, at which the verdict is published now (found by a review: the
+    verdict kept the dropped level's bounds)."""
     if trust.get("verdict") != Verdict.TRUSTED:
         return
-    level = policy.level(int(trust.get("level", 0) or 0))
-    if level is None:
-        return  # a level the policy dropped: the member's published level falls at once
+    judged = int(trust.get("level", 0) or 0)
+    below = [lv for lv in policy.levels if lv.level <= judged]
+    if not below:
+        return  # no level left at or under it: the member's published level is none
+    level = max(below, key=lambda lv: lv.level)
     verified, expires = parse_ts(trust.get("verifiedAt")), parse_ts(trust.get("expiresAt"))
     if verified is not None and expires is not None:
         bound = max(verified + level.valid_for, now + level.interval)
@@ -1161,16 +1165,22 @@ def _references_kept(
         return ()
     judged = trust.get("memberClass")
     if judged != cls.name:
-        if not isinstance(judged, str) or judged in policy.member_classes:
-            return ()  # another class: `judged_elsewhere` asks for a quote judged by it
-        return _rests_on_nothing(
-            trust,
-            challenge,
-            now,
-            f"the policy no longer has member class {judged}, which this verdict was judged "
-            "under: no new placement or migration rests on it until a quote judged under "
-            f"class {cls.name} verifies (asked for now)",
-        )
+        if not isinstance(judged, str):
+            return ()
+        if judged in policy.member_classes:
+            # another class now (`judged_elsewhere` asks for a quote judged by it): until it
+            # comes, the verdict rests on the values of the class it was judged under, and
+            # a revocation there is one (found by a review: it was let stand)
+            cls = policy.member_classes[judged]
+        else:
+            return _rests_on_nothing(
+                trust,
+                challenge,
+                now,
+                f"the policy no longer has member class {judged}, which this verdict was judged "
+                "under: no new placement or migration rests on it until a quote judged under "
+                f"class {cls.name} verifies (asked for now)",
+            )
     now_relied = relied_on(cls, trust.get("referenceSet"))
     if trust.setdefault("references", now_relied) == now_relied:
         return ()
