@@ -52,11 +52,29 @@ def test_the_store_serves_a_disk_by_its_image_digest_before_the_built_artifact(
 
     store = tmp_path / "store"
     store.mkdir()
-    (store / "ab12").write_bytes(b"other bytes")
+    ab, cd = "ab" * 32, "cd" * 32
+    (store / ab).write_bytes(b"other bytes")
     resolve_ = with_store(resolve, store)
-    assert resolve_("reg/app@sha256:ab12", None) == store / "ab12"
-    assert resolve_("reg/app@sha256:cd34", None) == built  # nothing served: the artifact
-    assert resolve_("reg/kernel@sha256:ab12", "/boot/vmlinuz") == built  # files in a kernel image
+    assert resolve_(f"reg/app@sha256:{ab}", None) == store / ab
+    assert resolve_(f"reg/app@sha256:{cd}", None) == built  # nothing served: the artifact
+    assert resolve_(f"reg/kernel@sha256:{ab}", "/boot/vmlinuz") == built  # a kernel's files
+
+
+def test_the_store_reads_no_file_a_digest_does_not_name(tmp_path: Path) -> None:
+    """The mirror passes any path it is asked for: a "digest" that is a path must not
+    reach a file outside the store (the pool's keys, the host's /etc). Found by a review."""
+
+    def resolve(image: str, path: str | None) -> Path:
+        raise LookupError(f"no artifact for {image}")
+
+    store = tmp_path / "store"
+    store.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("the pool's CA key")
+    resolve_ = with_store(resolve, store)
+    for image in (f"x@sha256:{secret}", "x@sha256:../secret", f"x@sha256:{'ab' * 32}/../../secret"):
+        with pytest.raises(LookupError):
+            resolve_(image, None)
 
 
 def test_an_ordinary_vmi_runs_the_test_guest_with_at_least_128_mib() -> None:

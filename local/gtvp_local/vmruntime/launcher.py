@@ -234,11 +234,16 @@ def with_store(resolve: Resolver, store: Path) -> Resolver:
     """Disk images from the pool's component store first: a file named by the image's
     sha256 hex is what the (possibly lying) registry mirror serves for that image; the
     artifacts built here otherwise. The box init, not this lookup, decides whether the
-    bytes are the pinned ones."""
+    bytes are the pinned ones. Only a digest of 64 hex digits names a file there (the
+    mirror serves whatever path it is asked for: `x@sha256:/etc/shadow` would have read
+    any file of the host; found by a review)."""
 
     def resolve_from_store(image: str, path: str | None) -> Path:
         if path is None and "@sha256:" in image:
-            served = store / image.rsplit("@sha256:", 1)[1]
+            try:
+                served = store / cache.digest_hex(image)
+            except ValueError as exc:
+                raise LookupError(str(exc)) from None
             if served.is_file():
                 return served
         return resolve(image, path)
