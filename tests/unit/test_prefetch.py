@@ -336,6 +336,26 @@ def test_unreadable_annotations_read_as_no_request_and_stale_ones_go() -> None:
     assert render_requests({}) is None
 
 
+def test_a_hosts_own_annotation_cannot_break_the_pass_that_rewrites_it() -> None:
+    """Root on a member writes entries into its Node's annotation that gtvp rewrites when
+    it withdraws a request (after every box migration) or counts what was fetched: a time
+    at the calendar's end (which overflowed when turned to UTC) and negative byte counts
+    (a metrics counter refuses to go down) read as no entry, not an exception that ends
+    the evacuation pass. Found by a review."""
+    image = "i@sha256:" + "a" * 64
+    poisoned = {
+        "a/far": {"images": [image], "bytes": 0, "requestedAt": "9999-12-31T23:59:59-14:00"},
+        "a/early": {"images": [image], "bytes": 0, "requestedAt": "0001-01-01T00:00:00+14:00"},
+        "a/neg": {"images": [image], "bytes": -1, "requestedAt": "2026-12-02T01:00:00Z"},
+        "a/sizes": {"images": [image], "bytes": 5, "sizes": [-5],
+                    "requestedAt": "2026-12-02T01:00:00Z"},
+    }  # fmt: skip
+    got = parse_requests(json.dumps(poisoned))
+    assert sorted(got) == ["a/sizes"]
+    assert got["a/sizes"].sizes == ()
+    render_requests(updated(got, now=NOW, drop=("a/x",)))
+
+
 def test_a_request_left_on_a_target_no_longer_chosen_is_found() -> None:
     asked = Request(("i@sha256:" + "a" * 64,), 1, NOW, "evacuation")
 

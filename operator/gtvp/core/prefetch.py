@@ -200,9 +200,9 @@ def parse_requests(value: Any) -> dict[str, Request]:
         images = entry.get("images")
         size = entry.get("bytes", 0)
         sizes = entry.get("sizes") or []
-        if at is None or not isinstance(images, list) or not isinstance(size, int):
-            continue
-        if not isinstance(sizes, list) or not all(isinstance(n, int) for n in sizes):
+        if at is None or not isinstance(images, list) or not isinstance(size, int) or size < 0:
+            continue  # a host writes its own Node's annotations: a negative count was a crash
+        if not isinstance(sizes, list) or not all(isinstance(n, int) and n >= 0 for n in sizes):
             sizes = []
         out[str(vmi)] = Request(
             tuple(str(i) for i in images),

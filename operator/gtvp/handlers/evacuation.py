@@ -388,7 +388,11 @@ async def _act(
         room=room,
         allowed=allowed,
     ):
-        await _start(rt, member, obj)
+        try:
+            await _start(rt, member, obj)
+        except Exception:  # one VMI's migration must not hold back the others' in this pass
+            name = obj["metadata"]["name"]
+            log.exception("starting evacuation %s off %s failed; next pass", name, member)
     return left
 
 
