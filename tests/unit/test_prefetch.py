@@ -299,6 +299,21 @@ def test_only_images_of_verified_components_pinned_by_their_digest_are_requested
     assert nothing.request is None
 
 
+def test_a_digest_another_publisher_signed_is_fetched_from_the_boxs_own_component() -> None:
+    """A scoped publisher signs `00-app` whose digest is the box's kernel's, its image in
+    the publisher's own registry (it verifies: a digest is no one's alone). The target is
+    sent to the image of the component the box resolved, not the one whose name sorts
+    first. Found by a review."""
+    kernel = COMPONENTS[0]
+    squat = dataclasses.replace(
+        kernel, object_name="00-app", name="00-app", type="application",
+        image=f"evil.example/app@{kernel.digest}",
+    )  # fmt: skip
+    verified = {kernel.object_name: True, squat.object_name: True}
+    got = accepted_images([squat, kernel], verified, resolved={kernel.object_name})
+    assert got[kernel.digest].image == kernel.image
+
+
 def test_an_unknown_reason_is_refused() -> None:
     with pytest.raises(ValueError, match="pre-fetch reason 'tamper'"):
         decide(parts=PARTS, node_images=frozenset(), accepted=ACCEPTED, pending=None, now=NOW,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -88,12 +88,18 @@ class Decision:
 
 
 def accepted_images(
-    components: Iterable[Component], verified: Mapping[str, bool]
+    components: Iterable[Component],
+    verified: Mapping[str, bool],
+    resolved: Collection[str] = (),
 ) -> dict[str, Accepted]:
     """digest -> the image the policy accepts for it: components whose signature check
-    passed (`verified`, by object name) and whose image reference pins their digest."""
+    passed (`verified`, by object name) and whose image reference pins their digest; of
+    several with one digest, the one the box `resolved` (object names). Any publisher may
+    sign a component whose digest is another's (its image in its own registry): the
+    target would be sent there, learning who moves where and slowing each move to the
+    bound (found by a review)."""
     out: dict[str, Accepted] = {}
-    for c in components:
+    for c in sorted(components, key=lambda c: c.object_name not in resolved):
         if not verified.get(c.object_name, False):
             continue
         if not c.digest.startswith("sha256:") or not c.image.endswith("@" + c.digest):

@@ -93,8 +93,9 @@ def box_parts(box: Mapping[str, Any]) -> tuple[Part, ...]:
     return tuple(p for p in out if p[0])
 
 
-def _accepted(rt: Runtime, digests: set[str]) -> dict[str, Accepted]:
-    """The accepted (signature Verified) component images among `digests`."""
+def _accepted(rt: Runtime, digests: set[str], box: Mapping[str, Any]) -> dict[str, Accepted]:
+    """The accepted (signature Verified) component images among `digests`, the box's own
+    resolved components first."""
     comps = []
     for name, body in list(rt.view.components.items()):
         if str((body.get("spec") or {}).get("digest", "")) not in digests:
@@ -104,7 +105,12 @@ def _accepted(rt: Runtime, digests: set[str]) -> dict[str, Accepted]:
             continue
         with contextlib.suppress(ComponentError):
             comps.append(parse_component(body))
-    return accepted_images(comps, {c.object_name: True for c in comps})
+    resolved = {
+        str(r.get("object"))
+        for r in (box.get("status") or {}).get("resolved") or ()
+        if isinstance(r, Mapping) and r.get("object")
+    }
+    return accepted_images(comps, {c.object_name: True for c in comps}, resolved)
 
 
 def _target(obj: Mapping[str, Any]) -> str | None:
@@ -147,7 +153,7 @@ def plan(rt: Runtime, obj: Mapping[str, Any], reason: str, now: dt.datetime) -> 
     return decide(
         parts=parts,
         node_images=images,
-        accepted=_accepted(rt, set(lacking)) if lacking else {},
+        accepted=_accepted(rt, set(lacking), box) if lacking else {},
         pending=_pending(rt, f"{ns}/{vmi}", target, node, now)[0],
         now=now,
         reason=reason,
