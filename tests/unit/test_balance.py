@@ -139,6 +139,18 @@ def test_a_box_moved_recently_stays_put() -> None:
     assert [m.box.name for m in got.moves] == ["mid"]  # small cools down; mid suffices too
 
 
+def test_a_move_that_failed_is_tried_again_under_a_new_name() -> None:
+    """The first balancing migration failed (the target's pod never ran); after the
+    cooldown the box is moved again by a migration of another name, not the Failed one's
+    (which the API server would refuse as existing while gtvp counted a move). Found by a
+    review."""
+    first = plan([member("a"), member("b")], HOT).moves[0]
+    failed_at = NOW - dt.timedelta(minutes=10)
+    again = plan([member("a"), member("b")], HOT, last_moved={("apps", "small"): failed_at})
+    assert [(m.box.name, m.target) for m in again.moves] == [("small", "b")]
+    assert again.moves[0].migration["metadata"]["name"] != first.migration["metadata"]["name"]
+
+
 def test_migration_limits_are_shared_with_evacuations() -> None:
     running = [Migration("apps", f"e{i}", f"e{i}", "z", "y", "Running") for i in range(5)]
     got = plan([member("a"), member("b")], HOT, migrations=running)

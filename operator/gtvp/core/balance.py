@@ -73,9 +73,17 @@ def load(cpu_used: int, memory_used: int, host: Host) -> float:
     return max(cpu_used / host.cpu_millis, memory_used / host.memory_bytes)
 
 
-def migration_name(box: PlacedBox, target: str, since: dt.datetime) -> str:
+def migration_name(
+    box: PlacedBox, target: str, since: dt.datetime, previous: dt.datetime | None = None
+) -> str:
+    """One name per attempt: the box, its move, the overload's start and when the box's
+    `previous` balancing migration was made. Without the last, a move that failed was
+    planned again under its old name once the cooldown passed, met the Failed migration
+    (409), and was counted as started every round without ever moving (found by a
+    review)."""
+    attempt = "" if previous is None else f"^{previous.isoformat()}"
     digest = hashlib.sha256(
-        f"{box.namespace}/{box.name}@{box.node}>{target}#{since.isoformat()}".encode()
+        f"{box.namespace}/{box.name}@{box.node}>{target}#{since.isoformat()}{attempt}".encode()
     )
     return f"gtvp-balance-{box.name[:34]}-{digest.hexdigest()[:8]}"
 
@@ -275,7 +283,8 @@ class _Balancer:
             f"{self.loads.load(target):.1%} with the box, "
             f"{human_bytes(cached)} of its components cached"
         )
-        migration = _migration(box, target, self.since[source], reason)
+        previous = self.last_moved.get((box.namespace, box.name))
+        migration = _migration(box, target, self.since[source], reason, previous)
         self.moves.append(Move(box, target, reason, migration))
 
 
@@ -317,9 +326,11 @@ def _pick(
     return None
 
 
-def _migration(box: PlacedBox, target: str, since: dt.datetime, reason: str) -> dict[str, Any]:
+def _migration(
+    box: PlacedBox, target: str, since: dt.datetime, reason: str, previous: dt.datetime | None
+) -> dict[str, Any]:
     return migration_object(
-        name=migration_name(box, target, since),
+        name=migration_name(box, target, since, previous),
         namespace=box.namespace,
         vmi=box.name,
         label=(BALANCE_LABEL, box.node),

@@ -106,8 +106,9 @@ async def _start(rt: Runtime, move: Move) -> None:
     if prefetch.waits(fetch):
         return  # the target fetches the box's components first: the next round looks again
     try:
-        # False: already started (an earlier run of the same plan); counted as started
-        await asyncio.to_thread(kube.create_unless_present, rt.clients, MIGRATIONS, move.migration)
+        created = await asyncio.to_thread(
+            kube.create_unless_present, rt.clients, MIGRATIONS, move.migration
+        )
     except ApiException as exc:
         log.warning(
             "balancing %s/%s to %s refused: %s %s",
@@ -117,6 +118,8 @@ async def _start(rt: Runtime, move: Move) -> None:
             exc.status,
             exc.reason,
         )
+        return
+    if not created:  # the name exists: a round on a view without it; no move counted twice
         return
     await prefetch.started(rt, move.migration, fetch)
     METRICS.balancing_moves.inc()
