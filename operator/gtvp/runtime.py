@@ -139,6 +139,9 @@ class EvacuationMemory:
     """Topic (a member, or `<ns>/<box>` for a box evacuated for its own evidence; with
     `#failed`, its VMIs whose migrations kept failing) -> VMIs no target can take yet,
     logged once per change; dropped when nothing waits under the topic any more."""
+    retargeted: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    """(namespace, VMI) -> target -> when (monotonic) a pinned migration of it to that
+    target was cancelled (`core.evacuation.retargeted_from`)."""
 
 
 @dataclass

@@ -20,12 +20,14 @@ from gtvp.core.balance import PlacedBox, plan_balance
 from gtvp.core.components import parse_component
 from gtvp.core.evacuation import (
     HOSTNAME_LABEL,
+    RETARGET_MEMORY,
     DrainTarget,
     Evacuee,
     Migration,
     Vmi,
     plan_drains,
     plan_evacuation,
+    retargeted_from,
 )
 from gtvp.core.placement import Host
 from gtvp.core.policy import Balancing, MigrationLimits
@@ -71,6 +73,7 @@ def _evacuate(
     targets: list[tuple[str, int]],
     images: dict[str, frozenset[str]],
     migrations: list[Migration] | None = None,
+    avoid: dict[tuple[str, str], frozenset[str]] | None = None,
 ) -> list[dict[str, object]]:
     return plan_evacuation(
         member="bad",
@@ -80,6 +83,7 @@ def _evacuate(
         limits=LIMITS,
         targets=targets,
         images=images,
+        avoid=avoid,
     )
 
 
@@ -109,6 +113,26 @@ def test_a_full_warm_member_gives_way_to_the_next_warmest() -> None:
     got = _evacuate(boxes, [("cold", 3), ("luke", 3), ("warm", 3)], images)
     # one inbound per member: the first box takes the warm member, the second the next warmest
     assert sorted(_target(m) for m in got) == ["luke", "warm"]
+
+
+def test_a_target_a_pinned_move_was_cancelled_from_is_tried_after_the_others() -> None:
+    """Root on a Trusted member T claims every image and room, is pinned, then fills itself
+    so that the move is cancelled (a cancel is no failure), and claims room again: T was
+    pinned again each pass until the VM was stopped. A target cancelled from lately is
+    tried after the others, and again once none other can take the VMI. Found by a
+    review."""
+    box = Vmi("apps", "web", "bad", 2, PARTS)
+    targets = [("t", 3), ("h", 3)]
+    images = {"t": EVERYTHING, "h": frozenset()}
+    [first] = _evacuate([box], targets, images)
+    assert _target(first) == "t"
+    cancelled = {("apps", "web"): {"t": 1000.0}}
+    avoid = retargeted_from(cancelled, now=1000.0 + 60)
+    again = _evacuate([box], targets, images, avoid=avoid)
+    assert [_target(m) for m in again] == ["h"]
+    alone = _evacuate([box], [("t", 3)], images, avoid=avoid)
+    assert [_target(m) for m in alone] == ["t"]  # the only one left: tried again
+    assert retargeted_from(cancelled, now=1000.0 + RETARGET_MEMORY) == {}
 
 
 def test_other_vmis_still_go_to_the_least_busy_target() -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -319,13 +319,37 @@ def _towards(failed: Sequence[Attempt]) -> str:
     return f" (towards {', '.join(targets)})" if targets else ""
 
 
-def least_failed(eligible: Sequence[str], past: Sequence[Attempt]) -> list[str]:
+RETARGET_MEMORY = 600.0
+"""Seconds for which a target a VMI's pinned migration was cancelled from (`Retarget`) is
+tried after the others."""
+
+
+def retargeted_from(
+    cancelled: Mapping[tuple[str, str], Mapping[str, float]], now: float
+) -> dict[tuple[str, str], frozenset[str]]:
+    """(namespace, VMI) -> the targets its migrations were cancelled from (`Retarget`)
+    within `RETARGET_MEMORY` before `now` (monotonic seconds, as `cancelled` records)."""
+    out = {
+        key: frozenset(t for t, at in targets.items() if now - at < RETARGET_MEMORY)
+        for key, targets in cancelled.items()
+    }
+    return {key: targets for key, targets in out.items() if targets}
+
+
+def least_failed(
+    eligible: Sequence[str], past: Sequence[Attempt], avoid: Collection[str] = ()
+) -> list[str]:
     """The eligible targets on which the fewest of the VMI's failed attempts in a row went.
 
     A retry must not go where the last one failed while another member could take the VMI:
     a target the scheduler cannot use (pods gtvp does not count fill it, say) would fail
     every retry, and after three failures the VMI stays where it must not run. A target
-    that failed before is tried again only when every eligible one did."""
+    that failed before is tried again only when every eligible one did. Likewise a target
+    in `avoid` (one a pinned migration of the VMI was cancelled from lately, as full or no
+    longer usable): root on a Trusted member that claims every image and room, then fills
+    itself once pinned, would otherwise be pinned again every pass, the move cancelled
+    each time (a cancel is no failure) until the VM is stopped (found by a review)."""
+    eligible = [name for name in eligible if name not in avoid] or list(eligible)
     failures = Counter(a.target for a in _failed_in_a_row(past) if a.target)
     fewest = min((failures[name] for name in eligible), default=0)
     return [name for name in eligible if failures[name] == fewest]
@@ -376,6 +400,7 @@ def plan_evacuation(
     images: Mapping[str, frozenset[str]] | None = None,
     room: TargetRoom | None = None,
     allowed: Mapping[tuple[str, str], frozenset[str]] | None = None,
+    avoid: Mapping[tuple[str, str], frozenset[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """The VirtualMachineInstanceMigration objects to create now for `member`.
 
@@ -388,6 +413,7 @@ def plan_evacuation(
     committed; a VMI goes only where its requests fit, and waits when they fit nowhere.
     `allowed`: for a VMI whose own nodeSelector or node affinity names nodes, the targets
     those allow (`core.node_affinity`); a pin elsewhere could never be scheduled.
+    `avoid`: for a VMI, targets tried after the others (`least_failed`).
     """
     active = [m for m in migrations if m.active]
     busy_vmis = {(m.namespace, m.vmi) for m in active}
@@ -421,7 +447,8 @@ def plan_evacuation(
                 and (allowed is None or key not in allowed or name in allowed[key])
                 and (room is None or room.fits(name, vmi.cpu_millis, vmi.memory_bytes))
             ]
-            target = best_target(budget, least_failed(eligible, past), vmi.parts, images or {})
+            fewest = least_failed(eligible, past, (avoid or {}).get(key, frozenset()))
+            target = best_target(budget, fewest, vmi.parts, images or {})
             if target is None:
                 continue  # every eligible target is full or receiving its limit: wait
             if room is not None:
@@ -750,6 +777,7 @@ def plan_drains(
     targets: Sequence[DrainTarget],
     room: TargetRoom | None = None,
     allowed: Mapping[tuple[str, str], frozenset[str]] | None = None,
+    avoid: Mapping[tuple[str, str], frozenset[str]] | None = None,
 ) -> DrainPlan:
     """The drain migrations to create now, and why the VMIs that cannot move yet wait.
 
@@ -769,6 +797,7 @@ def plan_drains(
     allocatable since) is to be cancelled: the next plan re-targets it.
     `allowed`: for a VMI whose own nodeSelector or node affinity names nodes, the members
     those allow (`core.node_affinity`); one they allow nowhere waits and says why.
+    `avoid`: for a VMI, targets tried after the others (`least_failed`).
     """
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     taken = {(m.namespace, m.name) for m in migrations}
@@ -805,7 +834,8 @@ def plan_drains(
         if why is not None:
             waiting[(vmi.namespace, vmi.name)] = why
             continue
-        target = best_target(budget, least_failed(roomy, past), vmi.parts, images)
+        shunned = (avoid or {}).get((vmi.namespace, vmi.name), frozenset())
+        target = best_target(budget, least_failed(roomy, past, shunned), vmi.parts, images)
         if target is None or not budget.allows(vmi.node):
             continue  # the limits hold it back: the next plan
         budget.take(vmi.node, target)

@@ -51,7 +51,7 @@ from gtvp.core.evacuation import (
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
-from gtvp.handlers.evacuation import cancel_migration
+from gtvp.handlers.evacuation import avoided, cancel_migration
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -145,6 +145,7 @@ def plan_now(rt: Runtime, now: dt.datetime) -> tuple[DrainPlan, dict[Key, Evacue
         targets=targets,
         room=target_room(rt, migrations),
         allowed=_own_constraints(rt, found, targets),
+        avoid=avoided(rt),
     )
     return plan, {(e.namespace, e.name): e for e in found}
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ from gtvp.core.evacuation import (
     migration_view,
     past_deadline,
     plan_evacuation,
+    retargeted_from,
     stale_evacuations,
     unscheduled_pin,
     untrusted_actions,
@@ -387,6 +389,7 @@ async def _act(
         images=node_images(rt, [name for name, _ in targets]),
         room=room,
         allowed=allowed,
+        avoid=avoided(rt),
     ):
         try:
             await _start(rt, member, obj)
@@ -461,7 +464,20 @@ async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
         return False
     if deleted:
         rt.view.observe_migration(body, "DELETED")  # the next plan does not wait for it
+        pinned = migration_view(body).pinned
+        if pinned:  # tried after the others for a while (`least_failed`)
+            memory = rt.evacuation.retargeted
+            memory.setdefault((stale.namespace, stale.vmi), {})[pinned] = time.monotonic()
     return deleted
+
+
+def avoided(rt: Runtime) -> dict[tuple[str, str], frozenset[str]]:
+    """The targets each VMI's pinned migrations were cancelled from lately (older records
+    forgotten)."""
+    got = retargeted_from(rt.evacuation.retargeted, time.monotonic())
+    for key in [k for k in rt.evacuation.retargeted if k not in got]:
+        del rt.evacuation.retargeted[key]
+    return got
 
 
 async def _release_foreign_holds(
