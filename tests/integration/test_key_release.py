@@ -863,7 +863,7 @@ def test_a_host_that_booted_again_gets_nothing_until_its_new_boot_is_quoted(pool
     assert "booted again" in body["message"]
     _turn(pool.rt, here)  # the operator looked: spent, a fresh quote asked for
     trust = _status(pool.rt, here.name)["trust"]
-    assert (trust["nodeBootID"], trust["usesLeft"], trust["bootUnquoted"]) == ("b2", 0, True)
+    assert (trust["nodeBootID"], trust["usesLeft"], trust["bootUnquoted"]) == ("b2@", 0, True)
     status, body = pool.ask(BOX, cred, token)
     assert (status, body["reason"]) == (503, kr.MEMBER_REBOOTED), body
     assert pool.credential(BOX) == cred

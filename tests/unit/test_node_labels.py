@@ -13,6 +13,7 @@ from gtvp.core.trust import (
     TRUSTED_LABEL,
     label_level,
     member_view,
+    node_boot_id,
     node_patch,
     rule_labels,
 )
@@ -75,6 +76,29 @@ def test_transition_rules_see_every_label_but_gtvps_own() -> None:
     }
     assert rule_labels(node) == {"node-restriction.kubernetes.io/hardware": "tdx"}
     assert rule_labels(None) == {}
+
+
+def test_a_node_made_again_under_a_trusted_members_name_advertises_no_level() -> None:
+    """A Member that pins an EK outlives its Node. Root on another host, holding a kubelet
+    credential for the name, registers a Node under it (reporting no bootID, or the old
+    one, which the Member's status shows): the verdict was judged beside another Node
+    object, so the labels stay off until a quote of that host verifies. Found by a
+    review: the labels came back at once."""
+    seen = node_boot_id({"metadata": {"uid": "uid-1"}, "status": {"nodeInfo": {"bootID": "b1"}}})
+    status: dict[str, Any] = {
+        "phase": "Trusted",
+        "level": 3,
+        "trust": {"usesLeft": 5, "nodeBootID": seen, "expiresAt": LATER},
+    }
+    same = {"metadata": {"uid": "uid-1"}, "status": {"nodeInfo": {"bootID": "b1"}}}
+    assert label_level(status, node_boot_id(same), now=NOW) == 3
+    for impostor in (
+        {"metadata": {"uid": "uid-2"}, "status": {"nodeInfo": {"bootID": "b1"}}},
+        {"metadata": {"uid": "uid-2"}, "status": {}},
+    ):
+        assert label_level(status, node_boot_id(impostor), now=NOW) == 0
+    legacy = {**status, "trust": {**status["trust"], "nodeBootID": "b1"}}  # an older gtvp's
+    assert label_level(legacy, node_boot_id(same), now=NOW) == 3
 
 
 def test_a_node_reporting_another_boot_than_its_verdict_saw_advertises_no_level() -> None:

@@ -281,3 +281,19 @@ def test_a_policy_edit_to_a_longer_interval_does_not_hold_back_a_quote_a_verdict
     assert m.status["challenge"].get("nonce")  # asked now, not at verifiedAt + 5 s
     step = m.cycle(due + SECOND)
     assert (m.phase, step.outcome) == ("Trusted", "Verified")
+
+
+def test_a_node_made_again_under_the_members_name_spends_the_verdict_until_a_quote() -> None:
+    """The member's Node object is deleted and another registers under its name (same
+    bootID, or none): the verdict was judged beside the old object; nothing new rests on
+    it until a quote verifies, said as another Node object."""
+    _tpm, m = _trusted()
+    m.boot_id = "b1@uid-1"
+    m.operator(LATER)
+    assert m.status["trust"]["usesLeft"] > 0  # the uid added to an older record: same boot
+    m.boot_id = "b1@uid-2"
+    step = m.operator(LATER + SECOND)
+    trust = m.status["trust"]
+    assert trust["usesLeft"] == 0
+    assert "another Node object under its name (uid uid-1 -> uid-2)" in trust["message"]
+    assert [e.reason for e in step.events] == ["NodeRebooted"]

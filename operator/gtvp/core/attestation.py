@@ -69,7 +69,7 @@ from gtvp.core.quote import (
 from gtvp.core.refvalues import ReferenceSet, ReferenceSetExpired, appraise, check_replay
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import PublicArea, qualified_signer
-from gtvp.core.trust import below_since
+from gtvp.core.trust import below_since, boot_parts, other_boot
 
 ENTROPY_BYTES = 64
 RETRY_AFTER_FAILURE = dt.timedelta(seconds=5)
@@ -697,18 +697,23 @@ class _Cycle:
             return
         seen = self.trust.get("nodeBootID")
         self.trust["nodeBootID"] = boot_id
-        if not seen or seen == boot_id:
-            return  # first seen (a new member, an older gtvp's status): nothing to do
+        if not isinstance(seen, str) or not other_boot(seen, boot_id):
+            return  # first seen (a new member, an older gtvp's status), or the same boot
         if self.trust.get("verdict") == Verdict.TRUSTED:
             # until a quote of this boot verifies, whatever the Node says next (root there
             # can write its bootID back to the old one): nothing is released on this verdict
             self.trust["bootUnquoted"] = True
         self.challenge = self.ask()  # root rewriting its bootID gets no quote judged per write
         if self.trust.get("verdict") == Verdict.TRUSTED:
+            (was, was_uid), (now, now_uid) = boot_parts(seen), boot_parts(boot_id)
+            what = (
+                f"another boot (bootID {was[:36]} -> {now[:36]})"
+                if was and now and was != now
+                else f"another Node object under its name (uid {was_uid[:36]} -> {now_uid[:36]})"
+            )
             message = (
-                f"its Node reports another boot (bootID {seen[:36]} -> {boot_id[:36]}): no "
-                "new placement or migration rests on this verdict until a quote of the boot "
-                "it runs now is judged (asked for now)"
+                f"its Node reports {what}: no new placement or migration rests on this verdict "
+                "until a quote of the boot it runs now is judged (asked for now)"
             )
             self.trust.update({"usesLeft": 0, "message": message})
             self.noted = (*self.noted, Event("Warning", "NodeRebooted", message))

@@ -54,10 +54,35 @@ def rule_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def node_boot_id(node: Mapping[str, Any]) -> str | None:
-    """The boot a Node's kubelet reports (`status.nodeInfo.bootID`); None when it reports
-    none."""
+    """The boot a Node reports: its kubelet's `status.nodeInfo.bootID`, then `@` and the
+    Node object's uid (`<bootID>@<uid>`; either part may be empty); None when it tells
+    neither. The uid tells a Node made again under the name of one whose member kept its
+    verdict (a Member that pins an EK outlives its Node) from the one the verdict was
+    judged beside: whoever holds a kubelet credential for the name on another host must
+    not find the trust labels put back (found by a review)."""
     boot = ((node.get("status") or {}).get("nodeInfo") or {}).get("bootID")
-    return str(boot) if boot else None
+    uid = (node.get("metadata") or {}).get("uid")
+    if not boot and not uid:
+        return None
+    # the kubelet's word, cut to fit `status.trust.nodeBootID` (128 characters) with a uid
+    return f"{str(boot or '')[:90]}@{str(uid or '')[:37]}"
+
+
+def boot_parts(seen: str) -> tuple[str, str]:
+    """(bootID, Node uid) of a recorded boot; a record of an older gtvp has no uid."""
+    boot, _, uid = seen.partition("@")
+    return boot, uid
+
+
+def other_boot(seen: str | None, reported: str | None) -> bool:
+    """Whether the boot a Node `reported` (`node_boot_id`) is another than the one `seen`:
+    another bootID, or another Node object, where both tell it."""
+    if not seen or not reported:
+        return False
+    (seen_boot, seen_uid), (boot, uid) = boot_parts(seen), boot_parts(reported)
+    return bool(seen_boot and boot and seen_boot != boot) or bool(
+        seen_uid and uid and seen_uid != uid
+    )
 
 
 def label_level(status: Mapping[str, Any], boot_id: str | None = None, *, now: dt.datetime) -> int:
@@ -82,7 +107,7 @@ def _another_boot(status: Mapping[str, Any], boot_id: str | None) -> bool:
     """Whether `boot_id` (the boot a Node reports) is another than its member's `status`
     last saw (`trust.nodeBootID`); never when either is unknown."""
     seen = (status.get("trust") or {}).get("nodeBootID")
-    return bool(boot_id and seen and boot_id != seen)
+    return other_boot(seen if isinstance(seen, str) else None, boot_id)
 
 
 def boot_unquoted(status: Mapping[str, Any], boot_id: str | None) -> bool:
