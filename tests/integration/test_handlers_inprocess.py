@@ -162,9 +162,43 @@ def test_lowering_a_vms_level_is_refused(rt: Runtime) -> None:
             },
         }
 
+    memo = _memo(rt)
     with pytest.raises(kopf.AdmissionError, match="delete"):
-        admission.validate_vm(body=kopf.Body(vm(1)), operation="UPDATE", old=vm(3))
-    admission.validate_vm(body=kopf.Body(vm(3)), operation="UPDATE", old=vm(1))  # raising it: fine
+        admission.validate_vm(body=kopf.Body(vm(1)), memo=memo, operation="UPDATE", old=vm(3))
+    admission.validate_vm(body=kopf.Body(vm(3)), memo=memo, operation="UPDATE", old=vm(1))
+
+
+def test_a_level_the_policy_does_not_define_is_refused_at_admission(rt: Runtime) -> None:
+    """Under a policy with levels 1 and 3, a VM or VMI labelled 2 was admitted (a level-3
+    member may hold it) and then stopped, not moved, when its member lost trust (level 2
+    has no onUntrusted). It is refused, naming the levels; a VM already at a level a policy
+    edit removed can still be edited (halted, say). Found by a review."""
+    policy = parse_policy(POLICY, sample_policy_spec())
+    levels = tuple(lv for lv in policy.levels if lv.level != 2)
+    assert len(levels) >= 2
+    rt.view.policy = dataclasses.replace(policy, levels=levels)
+    rt.view.observe_member(_trusted("m3", 3), "ADDED")
+    defined = ", ".join(str(lv.level) for lv in levels)
+
+    def vm(level: int, **spec: Any) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "db", "labels": {"gtvp.io/level": str(level)}},
+            "spec": {
+                **spec,
+                "template": {
+                    "metadata": {"labels": {"gtvp.io/level": str(level)}},
+                    "spec": {"nodeSelector": trust_selector(level)},
+                },
+            },
+        }
+
+    memo = _memo(rt)
+    with pytest.raises(kopf.AdmissionError, match=f"does not define \\(its levels: {defined}\\)"):
+        admission.validate_vm(body=kopf.Body(vm(2)), memo=memo, operation="CREATE", old=None)
+    with pytest.raises(kopf.AdmissionError, match="does not define"):
+        _admit_vmi(rt, _vmi("web", 2))
+    halted = vm(2, runStrategy="Halted")
+    admission.validate_vm(body=kopf.Body(halted), memo=memo, operation="UPDATE", old=vm(2))
 
 
 def test_migration_of_a_vmi_the_watch_has_not_delivered_is_judged_on_a_get(

@@ -257,6 +257,23 @@ def test_instance_needs_the_selector_and_a_usable_member() -> None:
     assert ungated.allowed
 
 
+def test_an_instance_of_a_level_the_policy_does_not_define_is_refused() -> None:
+    """Levels 1 and 3 defined: a level-3 member could hold a level-2 VMI, but level 2 has no
+    onUntrusted, so gtvp would stop it rather than move it. Refused, naming the levels."""
+    decided = validate_instance(
+        name="vmi ns/web",
+        labels={"gtvp.io/level": "2"},
+        node_selector=trust_selector(2),
+        members=POOL,
+        now=NOW,
+        levels={1, 3},
+    )
+    assert not decided.allowed
+    assert "does not define (its levels: 1, 3)" in decided.message
+    assert not validate_vm(_vm("2", "2", 2), levels={1, 3}).allowed
+    assert validate_vm(_vm("3", "3"), levels={1, 3}).allowed
+
+
 def test_expired_and_spent_verdicts_are_described() -> None:
     members = [
         MemberView("old", "Trusted", 3, NOW - dt.timedelta(seconds=1), 5),

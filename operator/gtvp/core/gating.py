@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +158,21 @@ def grace_cap(asked: Any) -> int | None:
     return MAX_GRACE_SECONDS if isinstance(asked, int) and asked > MAX_GRACE_SECONDS else None
 
 
+def undefined_level(name: str, level: int, levels: Collection[int] | None) -> str | None:
+    """Why `level` cannot be asked for under a policy whose levels are `levels` (None: no
+    policy known here, nothing said): one it does not define has no `onUntrusted` of its
+    own, so its VMs would be stopped, not moved, when their member loses trust, even where
+    every level says Migrate (found by a review)."""
+    if levels is None or level in levels:
+        return None
+    defined = ", ".join(str(n) for n in sorted(levels)) or "none"
+    return (
+        f"{name} needs level {level}, which the SecurityPolicy in force does not define (its "
+        f"levels: {defined}): gtvp could only stop it, not move it, when its member loses "
+        "trust; label it with a level the policy defines"
+    )
+
+
 def validate_instance(
     *,
     name: str,
@@ -166,9 +181,11 @@ def validate_instance(
     members: Sequence[MemberView],
     now: dt.datetime,
     grace: Any = None,
+    levels: Collection[int] | None = None,
 ) -> Decision:
     """A gated VMI (or VM template) must select trusted nodes, shut down within
-    MAX_GRACE_SECONDS (`grace`: its terminationGracePeriodSeconds) and have somewhere to go.
+    MAX_GRACE_SECONDS (`grace`: its terminationGracePeriodSeconds), ask for a level the
+    policy defines (`levels`, when known: `undefined_level`) and have somewhere to go.
     Gated: by its label, or without one by a trust selector (gtvp treats it as gated at
     that level from then on: evacuation, stops)."""
     level = level_of(labels)
@@ -176,6 +193,9 @@ def validate_instance(
         level = selector_level(node_selector)
     if level is None:
         return Decision(True)
+    undefined = undefined_level(name, level, levels)
+    if undefined is not None:
+        return Decision(False, undefined)
     if grace_cap(grace) is not None:
         return Decision(
             False,
@@ -338,14 +358,18 @@ def vm_level(vm: Mapping[str, Any]) -> int | None:
     return own if own is not None else inner
 
 
-def validate_vm(vm: Mapping[str, Any]) -> Decision:
-    """A gated VM's levels agree and its template selects only Trusted members of its level."""
+def validate_vm(vm: Mapping[str, Any], levels: Collection[int] | None = None) -> Decision:
+    """A gated VM's levels agree, name one the policy defines (`levels`, when known) and its
+    template selects only Trusted members of its level."""
     try:
         level = vm_level(vm)
     except GatingError as exc:
         return Decision(False, str(exc))
     if level is None:
         return Decision(True)
+    undefined = undefined_level(_title("VirtualMachine", vm), level, levels)
+    if undefined is not None:
+        return Decision(False, undefined)
     missing = selector_patch(_template_selector(vm), level)
     if missing:
         return Decision(
@@ -418,6 +442,7 @@ def validate_instance_update(
     new: Mapping[str, Any],
     members: Sequence[MemberView],
     now: dt.datetime,
+    levels: Collection[int] | None = None,
 ) -> Decision:
     """The level a VMI was admitted with sticks: its label may not be removed or lowered, and
     no entry of its trust selector removed or changed; nor may its shutdown grace period be
@@ -451,7 +476,7 @@ def validate_instance_update(
     # needing that level where it runs, so its node must hold it now
     raised = max(level or 0, selector_level(_node_selector(new)) or 0)
     if raised > (_loose_admitted(old_labels, _node_selector(old)) or 0):
-        return _validate_raise(title, new, level=raised, members=members, now=now)
+        return _validate_raise(title, new, level=raised, members=members, now=now, levels=levels)
     return Decision(True)
 
 
@@ -503,14 +528,19 @@ def _validate_raise(
     level: int,
     members: Sequence[MemberView],
     now: dt.datetime,
+    levels: Collection[int] | None = None,
 ) -> Decision:
     """A VMI raising its level must select Trusted members of it and run on one now."""
+    undefined = undefined_level(title, level, levels)
+    if undefined is not None:
+        return Decision(False, undefined)
     decided = validate_instance(
         name=title,
         labels=_labels(new),
         node_selector=_node_selector(new),
         members=members,
         now=now,
+        levels=levels,
     )
     if not decided.allowed:
         return decided

@@ -12,6 +12,7 @@ body and a memo.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
@@ -169,16 +170,23 @@ def mutate_migration(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: A
     METRICS.admission("VirtualMachineInstanceMigration", "mutated" if missing else "unchanged")
 
 
-def validate_vm(body: kopf.Body, warnings: list[str] | None = None, **kwargs: Any) -> None:
-    """A gated VM's level is one digit, its template's agrees, and it sticks on UPDATE; a
-    level added or raised warns that the running instance keeps its own until a restart."""
+def validate_vm(
+    body: kopf.Body, memo: kopf.Memo, warnings: list[str] | None = None, **kwargs: Any
+) -> None:
+    """A gated VM's level is one digit the policy defines, its template's agrees, and it
+    sticks on UPDATE; a level added or raised warns that the running instance keeps its own
+    until a restart."""
     vm = dict(body)
     old = kwargs.get("old")  # kopf passes the request's oldObject (None on CREATE)
+    levels = _levels(runtime_of(memo))
     if kwargs.get("operation") == "UPDATE" and old is not None:
         sticky = validate_vm_update(old=dict(old), new=vm)
         if not sticky.allowed:
             _decide("VirtualMachine", sticky)
-    _decide("VirtualMachine", judge_vm(vm))
+        with contextlib.suppress(GatingError):
+            if vm_level(dict(old)) == vm_level(vm):
+                levels = None  # a level a policy edit removed does not lock the VM's edits
+    _decide("VirtualMachine", judge_vm(vm, levels))
     if kwargs.get("operation") == "UPDATE" and old is not None and warnings is not None:
         said = vm_raise_warning(old=dict(old), new=vm)
         if said is not None:
@@ -201,6 +209,7 @@ def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
                 new=dict(body),
                 members=rt.view.member_views(),
                 now=dt.datetime.now(dt.UTC),
+                levels=_levels(rt),
             ),
         )
         return
@@ -218,8 +227,15 @@ def validate_vmi(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
             members=rt.view.member_views(),
             now=dt.datetime.now(dt.UTC),
             grace=_spec(body).get("terminationGracePeriodSeconds"),
+            levels=_levels(rt),
         ),
     )
+
+
+def _levels(rt: Runtime) -> frozenset[int] | None:
+    """The levels the policy in force defines (None: no policy loaded yet)."""
+    policy = rt.view.policy
+    return None if policy is None else frozenset(lv.level for lv in policy.levels)
 
 
 def _send_to(spec: Mapping[str, Any]) -> str | None:
