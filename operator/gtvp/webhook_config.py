@@ -14,8 +14,10 @@ is a VM), and, by `matchConditions`
 neither carries nor carried (oldObject, on UPDATE) the label `gtvp.io/level` - on the VM or
 on its template - nor, for a VMI, a trust selector. A VMI UPDATE reaches gtvp only when it
 changes that label, the nodeSelector or the shutdown grace period (KubeVirt writes VMI
-status through the main resource, and those writes must not depend on gtvp). Migrations
-always reach gtvp: the level of the migrated VMI is only known there.
+status through the main resource, and those writes must not depend on gtvp); a VM UPDATE
+only when it changes that label or the template (a start or a stop never waits for gtvp).
+Migrations always reach gtvp: the level of the migrated VMI is only known there, so while
+the operator is down no VM migrates, gated or not (KubeVirt's drains of ungated VMs wait).
 """
 
 from __future__ import annotations
@@ -72,12 +74,12 @@ def _kubevirt(
 CREATE, UPDATE = "CREATE", "UPDATE"
 VM, VMI, MIGRATION = VIRTUAL_MACHINES, VIRTUAL_MACHINE_INSTANCES, MIGRATIONS
 MUTATING: tuple[Hook, ...] = (
-    _kubevirt("gtvp-mutate-vm", VM, (CREATE, UPDATE), "gated-vm"),
+    _kubevirt("gtvp-mutate-vm", VM, (CREATE, UPDATE), "gated-vm", "vm-gating-change"),
     _kubevirt("gtvp-mutate-vmi", VMI, (CREATE,), "gated-vmi"),
     _kubevirt("gtvp-mutate-migration", MIGRATION, (CREATE,)),
 )
 VALIDATING: tuple[Hook, ...] = (
-    _kubevirt("gtvp-validate-vm", VM, (CREATE, UPDATE), "gated-vm"),
+    _kubevirt("gtvp-validate-vm", VM, (CREATE, UPDATE), "gated-vm", "vm-gating-change"),
     _kubevirt("gtvp-validate-vmi", VMI, (CREATE, UPDATE), "gated-vmi", "gating-change"),
     _kubevirt("gtvp-validate-migration", MIGRATION, (CREATE,)),
 )

@@ -414,6 +414,20 @@ def test_gated_vmi_keeps_running_and_updating_with_the_operator_down(
         )
         assert unlabel_vm.returncode != 0
         assert 'failed calling webhook "gtvp-mutate-vm.gtvp.io"' in unlabel_vm.stderr
+        # ... as does a change of its template
+        retemplate = pool.cp.kubectl(
+            "patch", "vm", "busy", "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"template": {"metadata": {"labels": {"x": "y"}}}}}),
+            check=False,
+        )  # fmt: skip
+        assert retemplate.returncode != 0
+        # an administrator halts the gated VM the ordinary way (virtctl stop writes the run
+        # strategy): no gtvp needed. Found by a review: every VM update reached gtvp.
+        halt = pool.cp.kubectl(
+            "patch", "vm", "busy", "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"running": None, "runStrategy": "Halted"}}), check=False,
+        )  # fmt: skip
+        assert halt.returncode == 0, halt.stderr
     finally:
         pool.start_operator()
 

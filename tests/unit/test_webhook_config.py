@@ -47,7 +47,8 @@ def test_vms_and_vmis_are_filtered_and_migrations_always_reach_gtvp() -> None:
     assert "matchConditions" not in by_name["gtvp-mutate-migration.gtvp.io"]
     assert "matchConditions" not in by_name["gtvp-validate-migration.gtvp.io"]
     for name in ("gtvp-mutate-vm", "gtvp-validate-vm"):
-        assert [c["name"] for c in by_name[f"{name}.gtvp.io"]["matchConditions"]] == ["gated-vm"]
+        conditions = [c["name"] for c in by_name[f"{name}.gtvp.io"]["matchConditions"]]
+        assert conditions == ["gated-vm", "vm-gating-change"]
     validate_vmi = by_name["gtvp-validate-vmi.gtvp.io"]
     assert validate_vmi["rules"] == [
         {
