@@ -433,3 +433,23 @@ def test_a_tenants_unscheduled_migration_does_not_hold_a_vm_on_a_member_it_must_
     assert [r.name for r in foreign_holds(leaving, [just_made], later)] == ["tenant-queued"]
     assert all(r.vmi == "db" for r in got)
     assert "did not start" in got[0].why
+
+
+def test_a_tenants_unscheduled_migrations_of_other_vms_do_not_hold_the_members_slots() -> None:
+    """KubeVirt counts an unscheduled migration against its source's outbound limit (2): a
+    tenant pins two migrations of small ungated VMs on the member nowhere, so every
+    evacuation off it waited until migrateWithin stopped the gated VMs. The member's other
+    VMIs' unscheduled migrations gtvp did not start are deleted too; elsewhere, none.
+    Found by a review."""
+    leaving = [Vmi("ns", "db", "bad", 2)]
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+    old = now - FOREIGN_HOLD_GRACE
+
+    def mig(name: str, vmi: str) -> Migration:
+        return Migration("ns", name, vmi, None, None, "Scheduling", foreign=True, created=old)
+
+    migrations = [mig("hold-1", "u1"), mig("hold-2", "u2"), mig("elsewhere", "far")]
+    got = foreign_holds(leaving, migrations, now, [("ns", "db"), ("ns", "u1"), ("ns", "u2")])
+    assert sorted(r.name for r in got) == ["hold-1", "hold-2"]
+    assert all("outbound migration slots" in r.why for r in got)
+    assert foreign_holds(leaving, migrations, now) == []

@@ -505,23 +505,35 @@ move the VM itself (KubeVirt queues its own under its parallel-migration limits)
 
 
 def foreign_holds(
-    vmis: Sequence[Vmi], migrations: Sequence[Migration], now: dt.datetime
+    vmis: Sequence[Vmi],
+    migrations: Sequence[Migration],
+    now: dt.datetime,
+    also_on_member: Collection[tuple[str, str]] = (),
 ) -> list[Retarget]:
     """Migrations gtvp did not start, not scheduled by KubeVirt for `FOREIGN_HOLD_GRACE`
     since they were made, of VMIs that must leave a member: to delete. Anyone who may create
     migrations in the namespace could otherwise hold their VM on a member that lost trust
     for good (gtvp waits for a VMI's active migration): one pinned where nothing fits, with
-    a long pending timeout. One KubeVirt scheduled runs on (its target is gated like any)."""
+    a long pending timeout. One KubeVirt scheduled runs on (its target is gated like any).
+    Likewise those of the member's other VMIs (`also_on_member`, ungated ones too): KubeVirt
+    counts an unscheduled migration against its source's outbound limit (2 by default), so
+    two pinned nowhere on small VMs of one's own held every evacuation off the member until
+    `migrateWithin` stopped the gated VMs (found by a review)."""
     leaving = {(v.namespace, v.name) for v in vmis}
+    others = set(also_on_member) - leaving
     why = "a migration gtvp did not start held the VM, unscheduled, on a member it must leave"
+    slot = (
+        "a migration gtvp did not start, unscheduled, held one of KubeVirt's outbound "
+        "migration slots of a member gtvp must empty"
+    )
     return [
-        Retarget(m.namespace, m.name, m.vmi, why)
+        Retarget(m.namespace, m.name, m.vmi, why if (m.namespace, m.vmi) in leaving else slot)
         for m in migrations
         if m.foreign
         and m.phase in NOT_SCHEDULED
         and not m.target
         and not m.deleting
-        and (m.namespace, m.vmi) in leaving
+        and ((m.namespace, m.vmi) in leaving or (m.namespace, m.vmi) in others)
         and (m.created is None or now - m.created >= FOREIGN_HOLD_GRACE)
     ]
 

@@ -483,10 +483,16 @@ def avoided(rt: Runtime) -> dict[tuple[str, str], frozenset[str]]:
 async def _release_foreign_holds(
     rt: Runtime, member: str, movable: list[Vmi], now: dt.datetime
 ) -> list[Migration]:
-    """Delete the migrations gtvp did not start that hold `movable` VMIs on `member`
-    (`foreign_holds`); the migrations the view holds then."""
+    """Delete the migrations gtvp did not start that hold `movable` VMIs on `member`, or
+    KubeVirt's outbound migration slots of it (`foreign_holds`); the migrations the view
+    holds then."""
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
-    holds = foreign_holds(movable, migrations, now)
+    here = [
+        key
+        for key, vmi in list(rt.view.vmis.items())
+        if (vmi.get("status") or {}).get("nodeName") == member
+    ]
+    holds = foreign_holds(movable, migrations, now, here)
     for held in holds:
         await _cancel_foreign(rt, member, held)
     if holds:  # the ones deleted are out of the view now
