@@ -173,6 +173,7 @@ def test_a_dns_name_constraint_the_ek_certificate_violates_is_refused() -> None:
         .add_extension(
             x509.SubjectAlternativeName([x509.DNSName("node1.tpm.example")]), critical=False
         )
+        .add_extension(x509.ExtendedKeyUsage([TCG_EK_CERTIFICATE]), critical=False)
         .sign(inter.key, hashes.SHA256())
     )
     with pytest.raises(
@@ -187,6 +188,39 @@ def test_a_dns_name_constraint_the_ek_certificate_violates_is_refused() -> None:
             ca_bundle_pem=root.pem(),
             now=NOW,
         )
+
+
+def test_a_certificate_of_the_ca_that_is_no_ek_certificate_does_not_enrol() -> None:
+    """The certificate is the only proof that a key lives in a TPM: a CA in the bundle that
+    also issues other certificates (a device's, a server's) must not let root enrol a key
+    held in software. Without the EK extended key usage nor a TPM manufacturer in its
+    subjectAltName, or with a keyUsage for another purpose, it is refused. Found by a
+    review."""
+    root = _CA("TPM vendor root")
+    ek = ec.generate_private_key(ec.SECP256R1()).public_key()
+
+    def check(*extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
+        builder = _base(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]), ek,
+                        root.name, (-1, 365))  # fmt: skip
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical=critical)
+        return check_ek_certificate(
+            ek_spki=spki_der(ek),
+            certificate=builder.sign(root.key, hashes.SHA256()).public_bytes(
+                serialization.Encoding.DER
+            ),
+            presented_chain=[],
+            ca_bundle_pem=root.pem(),
+            now=NOW,
+        )
+
+    with pytest.raises(errors.EkCertificateInvalid, match="no TCG EK certificate"):
+        check()
+    signing = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+    with pytest.raises(errors.EkCertificateInvalid, match="lacks keyAgreement"):
+        check((x509.ExtendedKeyUsage([TCG_EK_CERTIFICATE]), False), (signing, True))
+    # a TPM manufacturer in its subjectAltName marks an EK certificate without an EKU
+    assert check((x509.SubjectAlternativeName([x509.DirectoryName(TPM)]), True))
 
 
 def test_an_expired_intermediate_is_refused() -> None:

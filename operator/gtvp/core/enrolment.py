@@ -37,6 +37,7 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -379,18 +380,49 @@ def _ek_path(
     return _EkPath(leaf_validity, certificate, anchors=anchors, presented=presented)
 
 
+TPM_MANUFACTURER = ObjectIdentifier("2.23.133.2.1")
+"""tcg-at-tpmManufacturer: in an EK certificate's subjectAltName directoryName."""
+
+
+def _extension(leaf: x509.Certificate, oid: x509.ObjectIdentifier) -> Any:
+    try:
+        return leaf.extensions.get_extension_for_oid(oid).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _names_a_tpm(san: Any) -> bool:
+    """Whether a subjectAltName names a TPM manufacturer (a TCG EK certificate's mark)."""
+    if not isinstance(san, x509.SubjectAlternativeName):
+        return False
+    return any(
+        attr.oid == TPM_MANUFACTURER
+        for name in san.get_values_for_type(x509.DirectoryName)
+        for attr in name
+    )
+
+
 def _check_leaf(leaf: x509.Certificate, ek_spki: bytes) -> None:
-    """The leaf is a TCG EK certificate (not a CA; EKU 2.23.133.8.1 when it has an EKU) for
-    exactly this EK. gtvp's own checks: the path validation accepts any EE extensions."""
+    """The leaf is a TCG EK certificate for exactly this EK: not a CA; EKU
+    tcg-kp-EKCertificate (2.23.133.8.1), or without an EKU a TPM manufacturer in its
+    subjectAltName; a keyUsage, if any, for an EK's use (keyEncipherment for RSA,
+    keyAgreement for ECC). The certificate is the only proof that the key lives in a TPM
+    (the EK's attributes are the agent's word): any other certificate of a CA in the
+    bundle (a device's, a server's) would let root enrol a key held in software and forge
+    quotes (found by a review). gtvp's own checks: the path validation accepts any EE
+    extensions."""
     if _is_ca(leaf):
         raise errors.EkCertificateInvalid("the EK certificate is a CA certificate, not an EK's")
-    try:
-        eku = leaf.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
-    except x509.ExtensionNotFound:
-        eku = None
+    eku = _extension(leaf, ExtensionOID.EXTENDED_KEY_USAGE)
     if isinstance(eku, x509.ExtendedKeyUsage) and EK_CERTIFICATE_EKU not in eku:
         raise errors.EkCertificateInvalid(
             "the certificate's extended key usage lacks tcg-kp-EKCertificate (2.23.133.8.1)"
+        )
+    if eku is None and not _names_a_tpm(_extension(leaf, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)):
+        raise errors.EkCertificateInvalid(
+            "the certificate is no TCG EK certificate: it has neither the extended key usage "
+            "tcg-kp-EKCertificate (2.23.133.8.1) nor a TPM manufacturer (2.23.133.2.1) in its "
+            "subjectAltName"
         )
     leaf_key = leaf.public_key()
     if not isinstance(leaf_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) or (
@@ -399,6 +431,15 @@ def _check_leaf(leaf: x509.Certificate, ek_spki: bytes) -> None:
         raise errors.EkCertificateInvalid(
             "the EK certificate certifies another key than the EK the agent reported"
         )
+    usage = _extension(leaf, ExtensionOID.KEY_USAGE)
+    if isinstance(usage, x509.KeyUsage):
+        rsa_key = isinstance(leaf_key, rsa.RSAPublicKey)
+        if not (usage.key_encipherment if rsa_key else usage.key_agreement):
+            needed = "keyEncipherment" if rsa_key else "keyAgreement"
+            raise errors.EkCertificateInvalid(
+                f"the EK certificate's keyUsage lacks {needed}, which an EK's use needs: a "
+                "certificate issued for another purpose"
+            )
 
 
 def _ca_key_usage(_policy: Policy, _cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
