@@ -95,6 +95,28 @@ def test_an_expired_set_quarantines_and_needs_no_human_once_the_policy_accepts_a
     assert _trust(m)["referenceSet"] == "old"
 
 
+def test_a_verdict_ends_with_its_reference_sets_window_even_if_the_agent_is_silent(
+    ca: SoftCA, tmp_path: Path
+) -> None:
+    """notAfter retires an old boot: a verdict whose boot matched the set just before the
+    date holds no longer than the date (before: validFor past it, for an agent that then
+    withheld its quotes), and its end is the policy's calendar (no readmission) on a level
+    without autoRecover. Found by a review."""
+    end_at = T0 + LATER
+    end = end_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    policy = _policy(ca, [_set("old", b"grub-2.06", notAfter=end)], auto_recover=False)
+    m = _member(ca, policy, b"grub-2.06", tmp_path)
+    assert _trust(m)["expiresAt"] == end
+    step = m.operator(end_at + dt.timedelta(seconds=1))  # the agent stays silent
+    assert (m.phase, m.reason) == ("Untrusted", "ReferenceSetExpired")
+    assert (
+        f"reference set old, which this verdict's boot matched, ended at {end}"
+        in (_trust(m)["message"])
+    )
+    assert "ReferenceSetExpired" in [e.reason for e in step.events]
+    assert not _trust(m).get("awaitingReadmission")
+
+
 def test_an_unknown_boot_on_a_level_without_auto_recover_waits_for_a_human(
     ca: SoftCA, tmp_path: Path
 ) -> None:

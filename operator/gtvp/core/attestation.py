@@ -608,6 +608,7 @@ class _Cycle:
         else:
             trust["referenceSet"] = matched.name
             trust["message"] += f"; reference set {matched.name}"
+            _within_window(trust, matched)
         trust["references"] = relied_on(cls, trust.get("referenceSet"))
         # the event log this verdict replayed against the signed PCRs: what `gtvp policy
         # learn --member` may learn from (the agent can rewrite its evidence at any time)
@@ -1028,14 +1029,51 @@ def _answer_time(mp: MemberPolicy) -> dt.timedelta:
     return min(ANSWER_GRACE, att.valid_for - att.interval)
 
 
+def _within_window(trust: TrustStatus, matched: ReferenceSet) -> None:
+    """A verdict resting on a reference set ends with the set's window (`notAfter`: the
+    documented way to retire an old shim or dbx), not `validFor` past it (found by a
+    review: a boot matched just before the date stayed Trusted that much longer)."""
+    expires = parse_ts(trust.get("expiresAt"))
+    if matched.not_after is not None and expires is not None and matched.not_after < expires:
+        trust["expiresAt"] = format_ts(matched.not_after)
+
+
+def _set_ended(trust: TrustStatus, mp: MemberPolicy, expires: dt.datetime) -> str | None:
+    """The message when a verdict's expiry is its reference set's notAfter (None: not)."""
+    name, cls = trust.get("referenceSet"), mp.member_class
+    if not isinstance(name, str) or cls is None:
+        return None
+    ref = next((r for r in cls.reference_sets if r.name == name), None)
+    if ref is None or ref.not_after is None or ref.not_after > expires:
+        return None
+    return (
+        f"reference set {name}, which this verdict's boot matched, ended at "
+        f"{format_ts(ref.not_after)} (notAfter): a quote judged by the policy's current sets "
+        "is asked for; the policy's calendar, not the host's doing: no readmission"
+    )
+
+
 def _expire_if_due(
     trust: TrustStatus, mp: MemberPolicy, now: dt.datetime, asked_at: dt.datetime | None
 ) -> Event | None:
-    """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`).
+    """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`), or
+    ReferenceSetExpired when that was its reference set's notAfter (`_within_window`).
     `asked_at`: when the nonce outstanding as the step began was issued (None: none was)."""
     expires = parse_ts(trust.get("expiresAt"))
     if trust.get("verdict") != Verdict.TRUSTED or (expires is not None and now < expires):
         return None
+    ended = None if expires is None else _set_ended(trust, mp, expires)
+    if ended is not None:
+        trust.update(
+            {
+                "verdict": Verdict.UNTRUSTED.value,
+                "reason": ReferenceSetExpired.reason,
+                "message": ended,
+                "usesLeft": 0,
+            }
+        )
+        trust.pop("expiresAt", None)
+        return Event("Warning", ReferenceSetExpired.reason, ended)
     att = mp.attestation
     asked = asked_at is not None and (expires is None or asked_at <= expires - _answer_time(mp))
     message = f"no fresh quote verified within validFor ({att.valid_for}): " + (
