@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gtvp.core.component_checks import check_component
-from gtvp.core.policy import PolicyError, member_policy, parse_policy
+from gtvp.core.policy import PolicyError, member_policy, parse_policy, policy_weaknesses
 from tests.catalogue import Publisher
 from tests.samples import sample_policy_spec
 
@@ -278,6 +278,43 @@ def test_a_selection_of_pcrs_any_software_can_reset_is_refused(pcrs: list[int], 
     err = _refused(spec)
     assert err.field == "spec.pcrSelection.pcrs"
     assert f"PCR {named} can be reset by any software on the machine" in err.message
+
+
+def test_a_selection_of_pcrs_locality_2_can_reset_is_refused() -> None:
+    """PCRs 20-22 (DRTM) can be reset from locality 2, which the OS may reach: root replays
+    any value there. Found by a review: they were accepted."""
+    spec = _sample()
+    spec["pcrSelection"]["pcrs"] = [*spec["pcrSelection"]["pcrs"], 17, 20, 22]
+    err = _refused(spec)
+    assert err.field == "spec.pcrSelection.pcrs"
+    assert "PCR 20, 22 can be reset from locality 2" in err.message
+
+
+def test_a_policy_that_appraises_no_measured_boot_is_accepted_but_said_weak() -> None:
+    """Secure Boot state alone (PCR 7, a habit from disk encryption) admits any kernel the
+    db keys signed; zeros pinned on PCRs 0-7, or a set allowing no event there, admit only
+    a boot the firmware never measured. A TPM emulator without firmware has exactly that
+    (the local pool), so such a policy is accepted, and each weakness said. Found by a
+    review: nothing said it."""
+    assert policy_weaknesses(parse_policy("p", _sample())) == []
+    only7 = _sample()
+    only7["pcrSelection"]["pcrs"] = [7]
+    only7["memberClasses"] = [{"name": "sb", "goldenPCRs": {"7": "ab" * 32}}]
+    only7["defaultMemberClass"] = "sb"
+    [said] = policy_weaknesses(parse_policy("p", only7))
+    assert "leaves out boot-chain PCR(s) 0: the firmware; 2:" in said
+    assert "4: the boot loader and what it loads" in said
+    zeros = _sample()
+    zeros["memberClasses"] = [
+        {"name": "bare", "goldenPCRs": {str(p): "00" * 32 for p in range(8)}},
+        {"name": "nolog", "referenceSets": [
+            {"name": "empty", "pcrs": [{"pcr": p, "events": []} for p in range(8)]}]},
+    ]  # fmt: skip
+    zeros["defaultMemberClass"] = "bare"
+    said_all = policy_weaknesses(parse_policy("p", zeros))
+    assert any("member class bare pins PCR(s) 0, 1, 2, 3, 4, 5, 6, 7 to their reset" in w
+               for w in said_all)  # fmt: skip
+    assert any("reference set empty, allows no event on PCR(s) 0, 1" in w for w in said_all)
 
 
 def test_revoked_eks_are_fingerprints() -> None:

@@ -167,3 +167,26 @@ def test_the_same_verdict_on_a_later_event_writes_nothing() -> None:
     again = _assess(1, _good(), first.status, now=T0 + dt.timedelta(minutes=3))
     assert again.status == first.status
     assert again.event is None
+
+
+def test_what_an_accepted_policy_leaves_unappraised_is_a_condition_and_one_warning() -> None:
+    """A policy quoting only PCR 7 is accepted; its BootChain condition is False (Weak) and
+    says which boot-chain PCRs it leaves out, with one PolicyWeak Warning (not one per
+    event); the sample policy appraises the whole chain."""
+    good = _assess(1, _good())
+    chain = next(c for c in good.status["conditions"] if c["type"] == "BootChain")
+    assert (chain["status"], chain["reason"]) == ("True", "Appraised")
+    assert good.weak_event is None
+    spec = _good()
+    spec["pcrSelection"]["pcrs"] = [7]
+    spec["memberClasses"] = [{"name": "sb", "goldenPCRs": {"7": "ab" * 32}}]
+    spec["defaultMemberClass"] = "sb"
+    weak = _assess(2, spec, good.status)
+    assert _accepted(weak)["status"] == "True"
+    chain = next(c for c in weak.status["conditions"] if c["type"] == "BootChain")
+    assert (chain["status"], chain["reason"]) == ("False", "Weak")
+    assert "leaves out boot-chain PCR(s) 0: the firmware" in chain["message"]
+    assert weak.weak_event is not None
+    assert (weak.weak_event.type, weak.weak_event.reason) == ("Warning", "PolicyWeak")
+    again = _assess(2, spec, weak.status, now=T0 + dt.timedelta(minutes=1))
+    assert again.weak_event is None

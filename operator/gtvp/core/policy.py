@@ -47,16 +47,31 @@ RESETTABLE_PCRS = {16: "debug", 23: "application support"}
 value there can be replayed at will, so a policy that appraises one proves nothing."""
 
 
+LOCALITY2_PCRS = frozenset({20, 21, 22})
+"""DRTM PCRs that locality 2 may reset (TCG PC Client Platform TPM Profile): the OS reaches
+locality 2 after a dynamic launch, and on chipsets that decode every locality at all; gtvp
+appraises no dynamic launch, so such a value proves no more than PCR 16's."""
+
+
 def resettable_pcrs_message(pcrs: Sequence[int]) -> str | None:
     """Why a selection of these PCRs is refused (None: it has no resettable one)."""
-    reset = [p for p in sorted(set(pcrs)) if p in RESETTABLE_PCRS]
-    if not reset:
-        return None
-    named = ", ".join(f"{p} ({RESETTABLE_PCRS[p]})" for p in reset)
-    return (
-        f"PCR {named} can be reset by any software on the machine (locality 0), so whatever "
-        "it holds proves nothing about the boot: leave it out"
-    )
+    chosen = sorted(set(pcrs))
+    reset = [p for p in chosen if p in RESETTABLE_PCRS]
+    if reset:
+        named = ", ".join(f"{p} ({RESETTABLE_PCRS[p]})" for p in reset)
+        return (
+            f"PCR {named} can be reset by any software on the machine (locality 0), so "
+            "whatever it holds proves nothing about the boot: leave it out"
+        )
+    drtm = [p for p in chosen if p in LOCALITY2_PCRS]
+    if drtm:
+        return (
+            f"PCR {', '.join(map(str, drtm))} can be reset from locality 2, which the OS may "
+            "reach (after a dynamic launch, or on a chipset that decodes every locality), so "
+            "root could replay any value there; gtvp appraises no dynamic (DRTM) launch: "
+            "leave it out"
+        )
+    return None
 
 
 class PolicyError(ValueError):
@@ -837,3 +852,46 @@ def member_policy(
     # default) has no reference values, so it resolves to none and nothing is judged
     cls = policy.member_classes.get(cls_name) if cls_name else None
     return MemberPolicy(level=level, attestation=attestation, member_class=cls, class_name=cls_name)
+
+
+BOOT_CHAIN_PCRS = {
+    0: "the firmware",
+    2: "option ROMs and drivers",
+    4: "the boot loader and what it loads",
+    7: "the Secure Boot state and keys",
+}
+"""The static root of trust's boot chain: a policy that leaves one out appraises less of
+the boot than its name suggests."""
+
+
+def policy_weaknesses(policy: Policy) -> list[str]:
+    """What the policy accepts that a boot the firmware measured would not show, or leaves
+    unappraised: a boot-chain PCR not quoted; a golden value on PCR 0-7 that is the PCR's
+    reset value (all zeros: only a boot the firmware never measured has it; the firmware
+    logs at least a separator into each); a reference set rule allowing no event on PCR
+    0-7 (the same boot). Accepted (a TPM emulator without firmware, the local pool's, has
+    exactly these), but said: a Warning on the policy and in its `BootChain` condition."""
+    out: list[str] = []
+    missing = [p for p in BOOT_CHAIN_PCRS if p not in policy.pcrs]
+    if missing:
+        what = "; ".join(f"{p}: {BOOT_CHAIN_PCRS[p]}" for p in missing)
+        out.append(
+            f"spec.pcrSelection.pcrs leaves out boot-chain PCR(s) {what}: a host is trusted "
+            "whatever it booted there"
+        )
+    for name, cls in sorted(policy.member_classes.items()):
+        zeros = sorted(p for p, v in cls.golden.items() if p < 8 and not any(v))
+        if zeros:
+            out.append(
+                f"member class {name} pins PCR(s) {', '.join(map(str, zeros))} to their reset "
+                "value (all zeros): only a boot the firmware never measured has it"
+            )
+        for ref in cls.reference_sets:
+            empty = sorted(r.pcr for r in ref.pcrs if r.pcr < 8 and not r.events)
+            if empty:
+                out.append(
+                    f"member class {name}, reference set {ref.name}, allows no event on PCR(s) "
+                    f"{', '.join(map(str, empty))}: only a boot the firmware never measured "
+                    "logs none there"
+                )
+    return out

@@ -13,7 +13,10 @@ Pure. `assess_policy` takes one SecurityPolicy as the API server holds it and de
   `acceptedGeneration` + `acceptedSpec`: the last accepted spec itself, so that a restarted
   operator can go on under it (only the operator may write `securitypolicies/status`, and
   `acceptedSpec` is parsed again, like any spec, before it is used);
-- an Event when the verdict for a generation changes (a Warning for an unusable one).
+- an Event when the verdict for a generation changes (a Warning for an unusable one);
+- the `BootChain` condition: False (`Weak`) with what an accepted generation leaves
+  unappraised (`policy_weaknesses`: a boot-chain PCR not quoted, reset values pinned), and
+  a `PolicyWeak` Warning when that changes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gtvp.core.conditions import merge_conditions
-from gtvp.core.policy import Policy, PolicyError, parse_policy
+from gtvp.core.policy import Policy, PolicyError, parse_policy, policy_weaknesses
 
 # the fields of SecurityPolicy.status the operator owns (and compares before writing)
 STATUS_FIELDS = (
@@ -61,6 +64,7 @@ class PolicyAssessment:
     status: dict[str, Any]  # the operator's fields of the next status (STATUS_FIELDS)
     event: PolicyEvent | None  # when the verdict for this generation changed
     message: str  # the Accepted condition's message
+    weak_event: PolicyEvent | None = None  # when what it leaves unappraised changed
 
     @property
     def policy(self) -> Policy | None:
@@ -122,9 +126,16 @@ def assess_policy(
     message = _message(generation, accepted, error, enforced=enforced)
     previous = [c for c in (status.get("conditions") or []) if isinstance(c, Mapping)]
     before = next((c for c in previous if c.get("type") == "Accepted"), None)
-    conditions = merge_conditions(
-        [dict(c) for c in previous], now, {"Accepted": (ok, "Valid" if ok else "Invalid", message)}
-    )
+    wanted = {"Accepted": (ok, "Valid" if ok else "Invalid", message)}
+    weak_event = None
+    if ok and accepted is not None:
+        weak = policy_weaknesses(accepted.policy)
+        said = "; ".join(weak) if weak else "it appraises the whole static boot chain"
+        wanted["BootChain"] = (not weak, "Weak" if weak else "Appraised", said)
+        was = next((c for c in previous if c.get("type") == "BootChain"), None)
+        if weak and (was is None or was.get("message") != said):
+            weak_event = PolicyEvent("Warning", "PolicyWeak", f"generation {generation}: {said}")
+    conditions = merge_conditions([dict(c) for c in previous], now, wanted)
     for c in conditions:
         c["observedGeneration"] = generation
     new: dict[str, Any] = {
@@ -136,15 +147,16 @@ def assess_policy(
         new["acceptedGeneration"] = accepted.generation
         new["acceptedSpec"] = dict(accepted.spec)
     event = None
+    now_accepted = next(c for c in conditions if c.get("type") == "Accepted")
     if (
         before is None
-        or before.get("status") != conditions[0]["status"]
+        or before.get("status") != now_accepted["status"]
         or before.get("observedGeneration") != generation
     ):
         event = PolicyEvent(
             "Normal" if ok else "Warning", "PolicyAccepted" if ok else "PolicyInvalid", message
         )
-    return PolicyAssessment(generation, accepted, error, new, event, message)
+    return PolicyAssessment(generation, accepted, error, new, event, message, weak_event)
 
 
 def _message(

@@ -114,7 +114,11 @@ async def _write(
             await asyncio.to_thread(kube.patch_policy_status, c, name, patch)
         except ApiException as exc:  # the next event (or restart) writes it again
             log.warning("could not write the status of SecurityPolicy %s: %s", name, exc.reason)
-    if a.event is not None and rt.coordination.leads():  # one Event, not one per replica
+    if not rt.coordination.leads():  # one Event, not one per replica
+        return
+    for event in (a.event, a.weak_event):
+        if event is None:
+            continue
         await asyncio.to_thread(
             kube.post_event,
             c,
@@ -122,7 +126,7 @@ async def _write(
             name=name,
             uid=uid,
             namespace=None,
-            type_=a.event.type,
-            reason=a.event.reason,
-            message=f"SecurityPolicy {name} {a.event.message}",
+            type_=event.type,
+            reason=event.reason,
+            message=f"SecurityPolicy {name} {event.message}",
         )

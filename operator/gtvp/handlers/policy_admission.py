@@ -18,17 +18,17 @@ from typing import Any
 import kopf
 
 from gtvp.core import boxattest
-from gtvp.core.policy import PolicyError, parse_policy
+from gtvp.core.policy import PolicyError, parse_policy, policy_weaknesses
 from gtvp.metrics import METRICS
 
 log = logging.getLogger("gtvp.webhooks")
 
 
-def validate_policy(body: kopf.Body, **_: Any) -> None:
+def validate_policy(body: kopf.Body, warnings: list[str] | None = None, **_: Any) -> None:
     name = body.metadata.name or ""
     spec = dict(body.get("spec") or {})
     try:
-        parse_policy(name, spec)
+        policy = parse_policy(name, spec)
         boxattest.parse_settings(spec)
     except (PolicyError, boxattest.SettingsError) as exc:
         METRICS.admission("SecurityPolicy", "denied")
@@ -36,4 +36,6 @@ def validate_policy(body: kopf.Body, **_: Any) -> None:
         raise kopf.AdmissionError(
             f"SecurityPolicy {name} would be unusable, {exc.field}: {exc.message}", code=422
         ) from exc
+    if warnings is not None:  # accepted, but said to whoever applies it (kubectl prints it)
+        warnings.extend(policy_weaknesses(policy))
     METRICS.admission("SecurityPolicy", "allowed")
