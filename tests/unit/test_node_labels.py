@@ -99,6 +99,8 @@ def test_a_node_made_again_under_a_trusted_members_name_advertises_no_level() ->
         assert label_level(status, node_boot_id(impostor), now=NOW) == 0
     legacy = {**status, "trust": {**status["trust"], "nodeBootID": "b1"}}  # an older gtvp's
     assert label_level(legacy, node_boot_id(same), now=NOW) == 3
+    no_boot = {"metadata": {"uid": "uid-2"}, "status": {}}  # cannot be told the same Node
+    assert label_level(legacy, node_boot_id(no_boot), now=NOW) == 0
 
 
 def test_a_node_reporting_another_boot_than_its_verdict_saw_advertises_no_level() -> None:

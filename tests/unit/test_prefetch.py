@@ -21,10 +21,12 @@ from gtvp.core.components import parse_component
 from gtvp.core.evacuation import (
     HOSTNAME_LABEL,
     RETARGET_MEMORY,
+    Attempt,
     DrainTarget,
     Evacuee,
     Migration,
     Vmi,
+    least_failed,
     plan_drains,
     plan_evacuation,
     retargeted_from,
@@ -133,6 +135,10 @@ def test_a_target_a_pinned_move_was_cancelled_from_is_tried_after_the_others() -
     alone = _evacuate([box], [("t", 3)], images, avoid=avoid)
     assert [_target(m) for m in alone] == ["t"]  # the only one left: tried again
     assert retargeted_from(cancelled, now=1000.0 + RETARGET_MEMORY) == {}
+    # a target with fewer failed attempts still comes first: avoided ranks after failures
+    failed = [Attempt(0, "Failed", "e0", "h"), Attempt(1, "Failed", "e1", "h")]
+    assert least_failed(["t", "h"], failed, avoid={"t"}) == ["t"]
+    assert least_failed(["t", "h", "k"], [], avoid={"t"}) == ["h", "k"]
 
 
 def test_other_vmis_still_go_to_the_least_busy_target() -> None:
@@ -386,6 +392,7 @@ def test_a_hosts_own_annotation_cannot_break_the_pass_that_rewrites_it() -> None
         "a/far": {"images": [image], "bytes": 0, "requestedAt": "9999-12-31T23:59:59-14:00"},
         "a/early": {"images": [image], "bytes": 0, "requestedAt": "0001-01-01T00:00:00+14:00"},
         "a/neg": {"images": [image], "bytes": -1, "requestedAt": "2026-12-02T01:00:00Z"},
+        "a/huge": {"images": [image], "bytes": 10**400, "requestedAt": "2026-12-02T01:00:00Z"},
         "a/sizes": {"images": [image], "bytes": 5, "sizes": [-5],
                     "requestedAt": "2026-12-02T01:00:00Z"},
     }  # fmt: skip

@@ -109,12 +109,23 @@ def test_a_verdict_ends_with_its_reference_sets_window_even_if_the_agent_is_sile
     assert _trust(m)["expiresAt"] == end
     step = m.operator(end_at + dt.timedelta(seconds=1))  # the agent stays silent
     assert (m.phase, m.reason) == ("Untrusted", "ReferenceSetExpired")
-    assert (
-        f"reference set old, which this verdict's boot matched, ended at {end}"
-        in (_trust(m)["message"])
-    )
+    said = _trust(m)["message"]
+    assert f"reference set old, the last that accepted this verdict's boot, ended at {end}" in said
     assert "ReferenceSetExpired" in [e.reason for e in step.events]
     assert not _trust(m).get("awaitingReadmission")
+
+
+def test_a_later_set_accepting_the_same_boot_keeps_the_verdict_past_the_first_sets_end(
+    ca: SoftCA, tmp_path: Path
+) -> None:
+    """A rollout's old set ends while a new, overlapping set accepts the same boot: the
+    verdict is bounded by the set that runs longest (none: validFor), not by the first one
+    matched, or every host on that boot would turn Untrusted at once. Found by a review."""
+    end = (T0 + LATER).strftime("%Y-%m-%dT%H:%M:%SZ")
+    sets = [_set("old", b"grub-2.06", notAfter=end), _set("new", b"grub-2.06")]
+    m = _member(ca, _policy(ca, sets, auto_recover=False), b"grub-2.06", tmp_path)
+    assert _trust(m)["referenceSet"] == "old"
+    assert _trust(m)["expiresAt"] > end
 
 
 def test_an_unknown_boot_on_a_level_without_auto_recover_waits_for_a_human(

@@ -66,7 +66,13 @@ from gtvp.core.quote import (
     replay_event_log,
     verify_quote,
 )
-from gtvp.core.refvalues import ReferenceSet, ReferenceSetExpired, appraise, check_replay
+from gtvp.core.refvalues import (
+    ReferenceSet,
+    ReferenceSetExpired,
+    accepted_until,
+    appraise,
+    check_replay,
+)
 from gtvp.core.timestamps import format_ts, parse_ts
 from gtvp.core.tpm_wire import PublicArea, qualified_signer
 from gtvp.core.trust import below_since, boot_parts, other_boot
@@ -608,7 +614,10 @@ class _Cycle:
         else:
             trust["referenceSet"] = matched.name
             trust["message"] += f"; reference set {matched.name}"
-            _within_window(trust, matched)
+            if matched.not_after is not None and parsed.event_log:
+                log = replay_event_log(parsed.event_log)
+                bank = str(self.policy.pcr_bank)
+                _within_window(trust, accepted_until(log, bank, cls.reference_sets, now))
         trust["references"] = relied_on(cls, trust.get("referenceSet"))
         # the event log this verdict replayed against the signed PCRs: what `gtvp policy
         # learn --member` may learn from (the agent can rewrite its evidence at any time)
@@ -840,7 +849,7 @@ class _Cycle:
         events = (*self.noted, *events)
         # expiry applies in every phase: whatever the agent wrote (or withdrew), a verdict
         # past its expiresAt is Untrusted (fail closed)
-        expired = _expire_if_due(trust, self.mp, now, self.asked_at)
+        expired = _expire_if_due(trust, self.mp, now, self.asked_at, self.policy)
         if expired is not None:
             events = (*events, expired)
             outcome = outcome or expired.reason
@@ -1029,32 +1038,43 @@ def _answer_time(mp: MemberPolicy) -> dt.timedelta:
     return min(ANSWER_GRACE, att.valid_for - att.interval)
 
 
-def _within_window(trust: TrustStatus, matched: ReferenceSet) -> None:
-    """A verdict resting on a reference set ends with the set's window (`notAfter`: the
-    documented way to retire an old shim or dbx), not `validFor` past it (found by a
-    review: a boot matched just before the date stayed Trusted that much longer)."""
+def _within_window(trust: TrustStatus, until: dt.datetime | None) -> None:
+    """A verdict resting on reference sets ends when the last set accepting its boot does
+    (`until`, `refvalues.accepted_until`; `notAfter`: the documented way to retire an old
+    shim or dbx), not `validFor` past it (found by a review: a boot matched just before the
+    date stayed Trusted that much longer)."""
     expires = parse_ts(trust.get("expiresAt"))
-    if matched.not_after is not None and expires is not None and matched.not_after < expires:
-        trust["expiresAt"] = format_ts(matched.not_after)
+    if until is not None and expires is not None and until < expires:
+        trust["expiresAt"] = format_ts(until)
 
 
-def _set_ended(trust: TrustStatus, mp: MemberPolicy, expires: dt.datetime) -> str | None:
-    """The message when a verdict's expiry is its reference set's notAfter (None: not)."""
-    name, cls = trust.get("referenceSet"), mp.member_class
-    if not isinstance(name, str) or cls is None:
+def _set_ended(trust: TrustStatus, policy: Policy, expires: dt.datetime) -> str | None:
+    """The message when a verdict's expiry is the end of a reference set of the class it
+    was judged under (`_within_window`; None: not)."""
+    name = trust.get("memberClass")
+    cls = policy.member_classes.get(name) if isinstance(name, str) else None
+    if cls is None:
         return None
-    ref = next((r for r in cls.reference_sets if r.name == name), None)
-    if ref is None or ref.not_after is None or ref.not_after > expires:
+    ended = [
+        r
+        for r in cls.reference_sets
+        if r.not_after is not None and r.not_after.replace(microsecond=0) == expires
+    ]
+    if not ended:
         return None
     return (
-        f"reference set {name}, which this verdict's boot matched, ended at "
-        f"{format_ts(ref.not_after)} (notAfter): a quote judged by the policy's current sets "
-        "is asked for; the policy's calendar, not the host's doing: no readmission"
+        f"reference set {ended[0].name}, the last that accepted this verdict's boot, ended at "
+        f"{format_ts(expires)} (notAfter): a quote judged by the policy's current sets is "
+        "asked for; the policy's calendar, not the host's doing: no readmission"
     )
 
 
 def _expire_if_due(
-    trust: TrustStatus, mp: MemberPolicy, now: dt.datetime, asked_at: dt.datetime | None
+    trust: TrustStatus,
+    mp: MemberPolicy,
+    now: dt.datetime,
+    asked_at: dt.datetime | None,
+    policy: Policy,
 ) -> Event | None:
     """Turn a Trusted verdict past its expiresAt into VerdictExpired (updates `trust`), or
     ReferenceSetExpired when that was its reference set's notAfter (`_within_window`).
@@ -1062,7 +1082,7 @@ def _expire_if_due(
     expires = parse_ts(trust.get("expiresAt"))
     if trust.get("verdict") != Verdict.TRUSTED or (expires is not None and now < expires):
         return None
-    ended = None if expires is None else _set_ended(trust, mp, expires)
+    ended = None if expires is None else _set_ended(trust, policy, expires)
     if ended is not None:
         trust.update(
             {

@@ -349,10 +349,10 @@ def least_failed(
     longer usable): root on a Trusted member that claims every image and room, then fills
     itself once pinned, would otherwise be pinned again every pass, the move cancelled
     each time (a cancel is no failure) until the VM is stopped (found by a review)."""
-    eligible = [name for name in eligible if name not in avoid] or list(eligible)
     failures = Counter(a.target for a in _failed_in_a_row(past) if a.target)
     fewest = min((failures[name] for name in eligible), default=0)
-    return [name for name in eligible if failures[name] == fewest]
+    least = [name for name in eligible if failures[name] == fewest]
+    return [name for name in least if name not in avoid] or least
 
 
 def free_name(namespace: str, taken: set[tuple[str, str]], name_of: Callable[[int], str]) -> str:

@@ -189,6 +189,15 @@ def decide(
 # ----- the annotation ---------------------------------------------------------------------
 
 
+MAX_COUNT = 2**53
+"""Byte counts a float metric adds exactly; a host's larger one (or a negative one) made the
+metrics counter raise in the middle of a pass."""
+
+
+def _count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n < MAX_COUNT
+
+
 def parse_requests(value: Any) -> dict[str, Request]:
     """The requests in a Node's annotation value; unreadable entries are left out (an
     unreadable annotation reads as no request: gtvp asks again)."""
@@ -206,9 +215,9 @@ def parse_requests(value: Any) -> dict[str, Request]:
         images = entry.get("images")
         size = entry.get("bytes", 0)
         sizes = entry.get("sizes") or []
-        if at is None or not isinstance(images, list) or not isinstance(size, int) or size < 0:
-            continue  # a host writes its own Node's annotations: a negative count was a crash
-        if not isinstance(sizes, list) or not all(isinstance(n, int) and n >= 0 for n in sizes):
+        if at is None or not isinstance(images, list) or not _count(size):
+            continue  # a host writes its own Node's annotations: a count a metric refuses
+        if not isinstance(sizes, list) or not all(_count(n) for n in sizes):
             sizes = []
         out[str(vmi)] = Request(
             tuple(str(i) for i in images),

@@ -240,6 +240,22 @@ def appraise(
     )
 
 
+def accepted_until(
+    log: EventLog, bank: str, sets: tuple[ReferenceSet, ...], now: dt.datetime
+) -> dt.datetime | None:
+    """How long the boot in `log` stays accepted: the latest notAfter among the sets that
+    accept it and hold now (None: one of them has no end, or none does). Not only the set
+    `appraise` matched first: a later, overlapping set may run longer."""
+    ends: list[dt.datetime] = []
+    for ref in sets:
+        if ref.window_problem(now) is not None or set_problem(log, bank, ref) is not None:
+            continue
+        if ref.not_after is None:
+            return None
+        ends.append(ref.not_after)
+    return max(ends, default=None)
+
+
 def learn(log: EventLog, bank: str, pcrs: Iterable[int], *, name: str) -> dict[str, object]:
     """A reference set (as the SecurityPolicy's YAML holds it) that accepts exactly what
     `log` shows on `pcrs`: per PCR, its events' digests grouped by type (and by variable

@@ -15,27 +15,21 @@ def format_ts(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
-LATEST = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
-"""Times outside these are not read: a time near the calendar's ends (`9999-12-31T23:59:59
--14:00`, which a host could write in its own annotations) overflows when turned to UTC or
-moved by a duration, an exception in the middle of a pass."""
-
-
 def parse_ts(s: Any) -> dt.datetime | None:
-    """The time in a status field, in UTC, or None when it is missing or not a timestamp
-    (one without a time zone too: it could not be compared with an aware time; one outside
-    `EARLIEST`..`LATEST`)."""
+    """The time in a status field, in UTC, or None when it is missing or not a timestamp (one
+    without a time zone too: it could not be compared with an aware time; one that cannot
+    be told in UTC, at the calendar's ends: `9999-12-31T23:59:59-14:00`, which a host could
+    write in its own annotations, overflowed later when turned to UTC, an exception in the
+    middle of a pass)."""
     if not isinstance(s, str):
         return None
     try:
         got = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
         if got.tzinfo is None:
             return None
-        got = got.astimezone(dt.UTC)
+        return got.astimezone(dt.UTC)
     except (ValueError, OverflowError):
         return None
-    return got if EARLIEST <= got < LATEST else None
 
 
 def human_duration(d: dt.timedelta) -> str:

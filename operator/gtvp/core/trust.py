@@ -80,6 +80,10 @@ def other_boot(seen: str | None, reported: str | None) -> bool:
     if not seen or not reported:
         return False
     (seen_boot, seen_uid), (boot, uid) = boot_parts(seen), boot_parts(reported)
+    if seen_boot and not seen_uid and not boot and uid:
+        # a record of an older gtvp (no uid) against a Node reporting no boot: it cannot
+        # be told the same Node, and a kubelet always reports its boot: another
+        return True
     return bool(seen_boot and boot and seen_boot != boot) or bool(
         seen_uid and uid and seen_uid != uid
     )

@@ -96,7 +96,11 @@ async def balance_once(rt: Runtime, now: dt.datetime | None = None) -> list[Move
             log.warning("member %s stays overloaded: %s", source, why)
     rt.balance.said = dict(plan.stuck)
     for move in plan.moves:
-        await _start(rt, move)
+        try:
+            await _start(rt, move)
+        except Exception:  # one box's move must not hold back the others' in this round
+            log.exception("starting balancing move of %s/%s failed; next round",
+                          move.box.namespace, move.box.name)  # fmt: skip
     return list(plan.moves)
 
 

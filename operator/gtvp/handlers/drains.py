@@ -157,7 +157,10 @@ async def drain_once(rt: Runtime, now: dt.datetime | None = None) -> DrainPlan:
         await _cancel(rt, stale, evacuees[(stale.namespace, stale.vmi)])
     for obj in plan.migrations:
         key = (obj["metadata"]["namespace"], obj["spec"]["vmiName"])
-        await _start(rt, obj, evacuees[key])
+        try:
+            await _start(rt, obj, evacuees[key])
+        except Exception:  # one VMI's migration must not hold back the others' in this round
+            log.exception("starting drain migration %s failed; next round", obj["metadata"]["name"])
     for key, why in plan.waiting.items():
         if rt.drains.said.get(key) != why:
             await _say(rt, evacuees[key], "Warning", "DrainWaiting", why)

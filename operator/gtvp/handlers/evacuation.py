@@ -473,10 +473,13 @@ async def cancel_migration(rt: Runtime, stale: Retarget, doing: str) -> bool:
 
 def avoided(rt: Runtime) -> dict[tuple[str, str], frozenset[str]]:
     """The targets each VMI's pinned migrations were cancelled from lately (older records
-    forgotten)."""
-    got = retargeted_from(rt.evacuation.retargeted, time.monotonic())
-    for key in [k for k in rt.evacuation.retargeted if k not in got]:
-        del rt.evacuation.retargeted[key]
+    forgotten). Called from a drain plan's thread too: works on a copy, and forgets by
+    key (the loop may add records meanwhile)."""
+    memory = rt.evacuation.retargeted
+    copied = {key: dict(targets) for key, targets in list(memory.items())}
+    got = retargeted_from(copied, time.monotonic())
+    for key in copied.keys() - got.keys():
+        memory.pop(key, None)
     return got
 
 
@@ -487,11 +490,7 @@ async def _release_foreign_holds(
     KubeVirt's outbound migration slots of it (`foreign_holds`); the migrations the view
     holds then."""
     migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
-    here = [
-        key
-        for key, vmi in list(rt.view.vmis.items())
-        if (vmi.get("status") or {}).get("nodeName") == member
-    ]
+    here = list(rt.view.on_node.get(member, ()))  # its VMIs, ungated ones too
     holds = foreign_holds(movable, migrations, now, here)
     for held in holds:
         await _cancel_foreign(rt, member, held)
