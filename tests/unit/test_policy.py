@@ -317,6 +317,27 @@ def test_a_policy_that_appraises_no_measured_boot_is_accepted_but_said_weak() ->
     assert any("reference set empty, allows no event on PCR(s) 0, 1" in w for w in said_all)
 
 
+def test_a_ca_bundle_is_read_in_one_pass_and_refused_past_the_crds_length() -> None:
+    """A review posted straight to the webhook is not bound by the CRD's maxLength, and
+    each PEM block's line number was counted from the start of the text: a megabyte of
+    empty blocks cost seconds of the operator's CPU per review (found by a review). Past
+    the CRD's length the bundle is refused before it is read; line numbers still say where
+    a bad block is."""
+    spec = _sample()
+    spec["ekTrust"]["caBundle"] = "-----BEGIN A-----\n-----END A-----\n" * 40_000
+    err = _refused(spec)
+    assert (err.field, err.message) == (
+        "spec.ekTrust.caBundle",
+        "is 1360000 characters long, more than 262144",
+    )
+    good = _sample()["ekTrust"]["caBundle"]
+    spec["ekTrust"]["caBundle"] = good + "\n\n-----BEGIN CERTIFICATE-----\nnot base64!\n"
+    spec["ekTrust"]["caBundle"] += "-----END CERTIFICATE-----\n"
+    err = _refused(spec)
+    lines = good.count("\n") + 3
+    assert f"(line {lines}) is not valid base64" in err.message
+
+
 def test_revoked_eks_are_fingerprints() -> None:
     spec = _sample()
     spec["ekTrust"]["revokedEKs"] = ["ab" * 32, "ab" * 32, "cd" * 32]

@@ -223,7 +223,10 @@ class _PemBlock:
 def _pem_blocks(text: str) -> list[_PemBlock]:
     """The PEM blocks of `text`, in order (text between blocks is ignored, as PEM allows)."""
     blocks = []
+    line, counted = 1, 0  # lines counted up to `counted` (once, not from the start per block)
     for m in _PEM_BLOCK.finditer(text):
+        line += text.count("\n", counted, m.start())
+        counted = m.start()
         label = m.group(1)
         body = "".join(m.group(2).split())
         try:
@@ -233,7 +236,7 @@ def _pem_blocks(text: str) -> list[_PemBlock]:
         blocks.append(
             _PemBlock(
                 label=label,
-                line=text.count("\n", 0, m.start()) + 1,
+                line=line,
                 der=der,
                 terminated=m.group(0).endswith(f"-----END {label}-----"),
             )
@@ -245,9 +248,16 @@ def _short(exc: Exception) -> str:
     return str(exc).split(" See https://")[0].strip()[:200]
 
 
+PEM_MAX = 262144
+"""The CRD's maxLength of a PEM field: longer is refused before it is parsed (a review
+posted straight to the webhook, which the API server never saw, is not bound by the CRD)."""
+
+
 def _ca_bundle(text: str) -> str:
     """The EK trust anchors as given, once every block is a readable X.509 certificate."""
     path = "spec.ekTrust.caBundle"
+    if len(text) > PEM_MAX:
+        raise PolicyError(path, f"is {len(text)} characters long, more than {PEM_MAX}")
     certs = [b for b in _pem_blocks(text) if b.label == "CERTIFICATE"]
     if not certs:
         raise PolicyError(
@@ -279,6 +289,8 @@ def _publisher_key(text: str, path: str, publisher: str) -> str:
     alone, as PEM (what is checked is what verifies signatures: other PEM blocks beside it,
     an `RSA PUBLIC KEY` first, would be what a PEM loader reads)."""
     what = f"publisher {publisher!r}"
+    if len(text) > PEM_MAX:
+        raise PolicyError(path, f"is {len(text)} characters long, more than {PEM_MAX}")
     blocks = [b for b in _pem_blocks(text) if b.label == "PUBLIC KEY"]
     if len(blocks) != 1:
         raise PolicyError(
