@@ -29,13 +29,18 @@ path that names no gtvp webhook is refused (kopf would allow it: no handler, no 
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import collections
 import logging
+import socket
 import ssl
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import aiohttp.web
 import kopf
+from kopf._cogs.structs import reviews
 from kopf._core.reactor.inventory import ResourceMemories
 
 from gtvp.core.webhook_callers import (
@@ -46,6 +51,55 @@ from gtvp.core.webhook_callers import (
 )
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a connection has to finish its TLS handshake (asyncio's default, 60 s, let idle
+sockets each hold a TLS buffer of 256 KiB that long: a flood of them filled the replica's
+memory before any certificate was asked for)."""
+KEEPALIVE_TIMEOUT = 30.0
+"""Seconds an idle connection between reviews is kept (the API server opens another)."""
+REVIEW_DEADLINE = 30.0
+"""Seconds from a review's headers to its answer (its body read included): the API server
+gives up on a webhook after at most 30 s, so a body that trickles in is cut off then."""
+MAX_PER_CLIENT = 128
+"""Connections one address may hold at once (the API server opens one per review in
+flight; through a Service every client may look like one node address)."""
+MAX_CONNECTIONS = 512
+"""Connections the listener holds at once, from every address together."""
+TOO_MANY = "too many connections"
+
+
+def _listen(addr: str | None, port: int) -> socket.socket:
+    """A non-blocking listening socket on `addr` (None: every address, IPv6 too where the
+    host has it, as aiohttp's site listened)."""
+    if addr is None and socket.has_dualstack_ipv6():
+        sock = socket.create_server(
+            ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=True
+        )
+    else:
+        family = socket.AF_INET6 if addr and ":" in addr else socket.AF_INET
+        sock = socket.create_server((addr or "", port), family=family, reuse_port=True)
+    sock.setblocking(False)
+    return sock
+
+
+class _Held:
+    """How many connections each address holds (taken at accept, given back when the
+    connection ends or its handshake fails)."""
+
+    def __init__(self) -> None:
+        self.by_host: collections.Counter[str] = collections.Counter()
+
+    def take(self, host: str) -> bool:
+        if self.by_host[host] >= MAX_PER_CLIENT or self.by_host.total() >= MAX_CONNECTIONS:
+            return False
+        self.by_host[host] += 1
+        return True
+
+    def give(self, host: str) -> None:
+        self.by_host[host] -= 1
+        if self.by_host[host] <= 0:
+            del self.by_host[host]
 
 
 class DrainingWebhookServer(kopf.WebhookServer):
@@ -74,6 +128,118 @@ class DrainingWebhookServer(kopf.WebhookServer):
         self.webhook_ids = frozenset(webhook_ids)
         self.client_names = frozenset(client_names)
         self.refused = refused
+        self.held = _Held()
+
+    async def __call__(self, fn: reviews.WebhookFn) -> AsyncIterator[reviews.WebhookClientConfig]:
+        """kopf's listener loop (a new listener when the certificate files change), with
+        gtvp's own accept loop instead of aiohttp's site: connections counted per address
+        and in all (`MAX_PER_CLIENT`, `MAX_CONNECTIONS`: one more is closed at once), TLS
+        handshakes cut after `HANDSHAKE_TIMEOUT`, idle connections after
+        `KEEPALIVE_TIMEOUT`, no access log line per request (anyone on the pod network may
+        post to this port)."""
+
+        async def serve_fn(request: aiohttp.web.Request) -> aiohttp.web.Response:
+            return await self._serve(fn, request)
+
+        while True:
+            cadata, context = self._build_ssl()
+            path = self.path.rstrip("/") if self.path else ""
+            app = aiohttp.web.Application()
+            app.add_routes([aiohttp.web.post(f"{path}/{{id:.*}}", serve_fn)])
+            runner = aiohttp.web.AppRunner(
+                app,
+                handle_signals=False,
+                keepalive_timeout=KEEPALIVE_TIMEOUT,
+                lingering_time=1.0,  # reading a refused body's rest (aiohttp's default: 10 s)
+                access_log=None,
+            )
+            await runner.setup()
+            listener: socket.socket | None = None
+            accepting: asyncio.Task[None] | None = None
+            try:
+                addr = self.addr or None
+                port = self.port or self._allocate_free_port()
+                listener = _listen(addr, port)
+                server = runner.server
+                if server is None:
+                    raise RuntimeError("aiohttp's runner made no server")
+                accepting = asyncio.create_task(self._accept(listener, server, context))
+                schema = "http" if context is None else "https"
+                host = self.host or self.DEFAULT_HOST or self._get_accessible_addr(self.addr)
+                url = self._build_url(schema, host, port, self.path or "")
+                log.debug("listening for webhooks at %s", url)
+                client_config = reviews.WebhookClientConfig(url=url)
+                if cadata is not None:
+                    client_config["caBundle"] = base64.b64encode(cadata).decode("ascii")
+                yield client_config
+                await self._WebhookServer__sleep_forever_or_until_ssl_files_change()  # type: ignore[attr-defined]
+                log.debug("restarting the webhook listener with renewed certificate files")
+            finally:
+                if accepting is not None:
+                    accepting.cancel()
+                if listener is not None:
+                    listener.close()
+                await runner.cleanup()
+
+    async def _accept(
+        self, listener: socket.socket, server: aiohttp.web.Server, context: ssl.SSLContext | None
+    ) -> None:
+        """Accept connections while the listener lives; each past the limits is closed at
+        once, the others handed to aiohttp after their handshake."""
+        loop = asyncio.get_running_loop()
+        hosts: dict[Any, str] = {}  # aiohttp's handler -> the address it counts against
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            peer = transport.get_extra_info("peername")
+            hosts[handler] = str(peer[0]) if isinstance(peer, tuple) else ""
+            made(handler, transport)
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            host = hosts.pop(handler, None)
+            if host is not None:
+                self.held.give(host)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                conn, peer = await loop.sock_accept(listener)
+                host = str(peer[0]) if isinstance(peer, tuple) else ""
+                if not self.held.take(host):
+                    conn.close()
+                    self.refused(TOO_MANY)
+                    continue
+                task = asyncio.create_task(self._connect(conn, host, server, context))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _connect(
+        self,
+        conn: socket.socket,
+        host: str,
+        server: aiohttp.web.Server,
+        context: ssl.SSLContext | None,
+    ) -> None:
+        """One accepted connection through its handshake to aiohttp (whose handler gives
+        its count back when it ends); a failed or slow handshake gives it back here."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                server,
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
+            )
+        except BaseException:
+            self.held.give(host)
+            conn.close()
+            raise
 
     async def _serve(  # type: ignore[override]  # kopf's is a staticmethod
         self, fn: Any, request: aiohttp.web.Request
@@ -93,7 +259,17 @@ class DrainingWebhookServer(kopf.WebhookServer):
                 {"error": "no such gtvp webhook"}, status=404, reason="No Such Webhook"
             )
         else:
-            response = await kopf.WebhookServer._serve(fn, request)
+            try:
+                response = await asyncio.wait_for(
+                    kopf.WebhookServer._serve(fn, request), REVIEW_DEADLINE
+                )
+            except TimeoutError:
+                response = aiohttp.web.json_response(
+                    {"error": "the review was not read and answered in time"},
+                    status=408,
+                    reason="Request Timeout",
+                )
+                response.force_close()
         if self.closing():
             response.force_close()
         return response

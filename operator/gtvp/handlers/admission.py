@@ -48,6 +48,7 @@ from gtvp.core.gating import (
     validate_vm as judge_vm,
 )
 from gtvp.core.trust import VM_LEVEL_LABEL
+from gtvp.http_endpoints import error_line
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime, runtime_of
 
@@ -78,7 +79,8 @@ def _vmi(rt: Runtime, namespace: str, name: str, kind: str) -> dict[str, Any]:
     except Exception as exc:
         METRICS.admission(kind, "denied")
         raise kopf.AdmissionError(
-            f"cannot read VirtualMachineInstance {namespace}/{name} to judge this migration: {exc}",
+            f"cannot read VirtualMachineInstance {namespace}/{name} to judge this migration "
+            f"({error_line(exc)}): retry",  # the API's status, never its headers or body
             code=503,
         ) from exc
 
@@ -86,7 +88,8 @@ def _vmi(rt: Runtime, namespace: str, name: str, kind: str) -> dict[str, Any]:
 def _decide(kind: str, decision: Decision) -> None:
     METRICS.admission(kind, "allowed" if decision.allowed else "denied")
     if not decision.allowed:
-        log.info("denied %s: %s", kind, decision.message)
+        # one bounded line: the message names objects a forged review may have named
+        log.info("denied %s: %s", kind, " ".join(decision.message.split())[:500])
         raise kopf.AdmissionError(decision.message, code=403)
 
 

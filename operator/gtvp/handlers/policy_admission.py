@@ -32,7 +32,7 @@ def validate_policy(body: kopf.Body, warnings: list[str] | None = None, **_: Any
         boxattest.parse_settings(spec)
     except (PolicyError, boxattest.SettingsError) as exc:
         METRICS.admission("SecurityPolicy", "denied")
-        log.info("denied SecurityPolicy %s: %s", name, exc)
+        log.info("denied SecurityPolicy %s", " ".join(f"{name}: {exc}".split())[:500])
         raise kopf.AdmissionError(
             f"SecurityPolicy {name} would be unusable, {exc.field}: {exc.message}", code=422
         ) from exc

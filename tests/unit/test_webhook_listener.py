@@ -1,0 +1,166 @@
+"""The webhook port's own limits, on a real TLS socket.
+
+Attacker: anyone on the pod network reaches the webhook port (client certificates are
+checked only inside the TLS handshake, and by default not at all). Every gated VM start
+waits for this listener (fail closed), so holding it is a denial of service of the whole
+pool. Found by a review: aiohttp's site kept a connection that never handshakes for 60 s
+with a 256 KiB TLS buffer each, an idle one for an hour, a review whose body trickled in for
+good, and had no cap on connections. Now: handshakes are cut after HANDSHAKE_TIMEOUT,
+connections are counted per address and in all, and a review must be read and answered
+within REVIEW_DEADLINE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gtvp import webhook_server
+from gtvp.webhook_config import WEBHOOK_IDS
+from gtvp.webhook_server import TOO_MANY, DrainingWebhookServer
+from gtvp_local import pki
+from gtvp_local.processes import free_port
+
+REVIEW = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "1"}}
+
+
+class Served:
+    def __init__(self, url: str, port: int, context: ssl.SSLContext, refused: list[str]) -> None:
+        self.url, self.port, self.context, self.refused = url, port, context, refused
+
+    async def review(self) -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{self.url}/gtvp-validate-vm", data=json.dumps(REVIEW), ssl=self.context
+            ) as response,
+        ):
+            await response.read()
+            return response.status
+
+    async def raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection that has sent nothing (no handshake)."""
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+def _serve(tmp_path: Path, test: Callable[[Served], Awaitable[None]]) -> None:
+    ca = pki.ensure_ca(tmp_path / "serving", "serving-ca")
+    cert = pki.issue(ca, tmp_path / "serving", "webhook", common_name="gtvp",
+                     server_ips=("127.0.0.1",))  # fmt: skip
+    refused: list[str] = []
+    server = DrainingWebhookServer(
+        addr="127.0.0.1",
+        port=free_port(),
+        certfile=str(cert.cert),
+        pkeyfile=str(cert.key),
+        closing=lambda: False,
+        webhook_ids=WEBHOOK_IDS,
+        refused=refused.append,
+    )
+
+    async def fn(data: Any, **_: Any) -> Any:
+        return {"response": {"uid": data["request"]["uid"], "allowed": True}}
+
+    async def run() -> None:
+        async with server:
+            config = await server(fn).__anext__()
+            context = ssl.create_default_context(cafile=str(ca.cert))
+            await test(Served(config["url"], server.port or 0, context, refused))
+
+    asyncio.run(run())
+
+
+async def _closed(reader: asyncio.StreamReader, within: float) -> bool:
+    """Whether the server closes the connection within `within` seconds."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_a_connection_that_never_handshakes_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_server, "HANDSHAKE_TIMEOUT", 0.5)
+
+    async def test(s: Served) -> None:
+        reader, writer = await s.raw()
+        assert await _closed(reader, 5)
+        writer.close()
+        assert await s.review() == 200  # its count was given back; reviews go on
+
+    _serve(tmp_path, test)
+
+
+def test_connections_past_the_limit_are_closed_and_counted_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_server, "MAX_PER_CLIENT", 3)
+
+    async def test(s: Served) -> None:
+        held = [await s.raw() for _ in range(3)]
+        await asyncio.sleep(0.2)
+        reader, _writer = await s.raw()
+        assert await _closed(reader, 2)  # the fourth from one address: closed at once
+        assert s.refused == [TOO_MANY]
+        for _r, w in held:
+            w.close()
+        await asyncio.sleep(0.3)
+        assert await s.review() == 200  # the three given back: answered again
+
+    _serve(tmp_path, test)
+
+
+def test_a_review_whose_body_trickles_in_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_server, "REVIEW_DEADLINE", 0.5)
+
+    async def test(s: Served) -> None:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", s.port, ssl=s.context, server_hostname="127.0.0.1"
+        )
+        writer.write(
+            b"POST /gtvp-validate-vm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"apiVersion"'
+        )
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 408")
+        writer.close()
+
+    _serve(tmp_path, test)
+
+
+def test_the_listener_takes_a_socket_of_its_own(tmp_path: Path) -> None:
+    """gtvp's accept loop listens where kopf's site did (the port answers a plain TCP
+    connect) and stops listening when the server stops."""
+    port = free_port()
+
+    async def run() -> None:
+        ca = pki.ensure_ca(tmp_path / "s", "serving-ca")
+        cert = pki.issue(ca, tmp_path / "s", "w", common_name="gtvp", server_ips=("127.0.0.1",))
+        server = DrainingWebhookServer(addr="127.0.0.1", port=port, certfile=str(cert.cert),
+                                       pkeyfile=str(cert.key), closing=lambda: False)  # fmt: skip
+
+        async def fn(data: Any, **_: Any) -> Any:
+            return {}
+
+        async with server:  # kopf's way of closing a server's generators
+            await server(fn).__anext__()
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    asyncio.run(run())
