@@ -67,6 +67,9 @@ flight; through a Service every client may look like one node address)."""
 MAX_CONNECTIONS = 512
 """Connections the listener holds at once, from every address together."""
 TOO_MANY = "too many connections"
+ACCEPT_RETRY = 0.1
+"""Seconds before accepting again after an accept failed (EMFILE: give descriptors time to
+be freed): the loop never ends on its own, or the port would listen and answer nobody."""
 
 
 def _listen(addr: str | None, port: int) -> socket.socket:
@@ -206,7 +209,12 @@ class DrainingWebhookServer(kopf.WebhookServer):
         pending: set[asyncio.Task[None]] = set()
         try:
             while True:
-                conn, peer = await loop.sock_accept(listener)
+                try:
+                    conn, peer = await loop.sock_accept(listener)
+                except OSError as exc:  # out of descriptors, a connection aborted: go on
+                    log.warning("accepting a webhook connection failed: %s; going on", exc)
+                    await asyncio.sleep(ACCEPT_RETRY)
+                    continue
                 host = str(peer[0]) if isinstance(peer, tuple) else ""
                 if not self.held.take(host):
                     conn.close()

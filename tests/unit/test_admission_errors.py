@@ -5,7 +5,7 @@ its headers or body; one bounded log line, whatever the review named. Found by a
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import kopf
 import pytest
@@ -19,7 +19,10 @@ from gtvp.runtime import OperatorSettings, Runtime
 
 class _Response:
     status, reason, data = 500, "Internal Server Error", b'{"secret": "body"}'
-    headers = {"Audit-Id": "4f1c-audit", "X-Kubernetes-Pf-Flowschema-Uid": "fs-uid"}
+    headers: ClassVar[dict[str, str]] = {
+        "Audit-Id": "4f1c-audit",
+        "X-Kubernetes-Pf-Flowschema-Uid": "fs-uid",
+    }
 
     def getheaders(self) -> dict[str, str]:
         return self.headers

@@ -164,3 +164,29 @@ def test_the_listener_takes_a_socket_of_its_own(tmp_path: Path) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
     asyncio.run(run())
+
+
+def test_an_accept_that_fails_does_not_end_the_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors (EMFILE), accept fails: the port must not stay listening
+    with nobody accepting (every gated VM start would time out until a restart)."""
+    monkeypatch.setattr(webhook_server, "ACCEPT_RETRY", 0.05)
+
+    async def test(s: Served) -> None:
+        assert await s.review() == 200
+        loop = asyncio.get_running_loop()
+        original, failed = loop.sock_accept, []
+
+        async def flaky(sock: socket.socket) -> Any:
+            if not failed:
+                failed.append(True)
+                raise OSError(24, "Too many open files")
+            return await original(sock)
+
+        monkeypatch.setattr(loop, "sock_accept", flaky)
+        assert await s.review() == 200  # accepted by the call already waiting
+        assert await s.review() == 200  # accepted after the failure
+        assert failed == [True]
+
+    _serve(tmp_path, test)
