@@ -32,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import errno
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from typing import Any
 
 import aiohttp.web
@@ -56,20 +57,28 @@ HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection has to finish its TLS handshake (asyncio's default, 60 s, let idle
 sockets each hold a TLS buffer of 256 KiB that long: a flood of them filled the replica's
 memory before any certificate was asked for)."""
-KEEPALIVE_TIMEOUT = 30.0
-"""Seconds an idle connection between reviews is kept (the API server opens another)."""
+KEEPALIVE_TIMEOUT = 95.0
+"""Seconds an idle connection between reviews is kept: longer than client-go keeps one
+(90 s), so that the API server, not gtvp, closes it (a review Go writes onto a connection
+gtvp is closing fails, and a POST is not sent again)."""
 REVIEW_DEADLINE = 30.0
 """Seconds from a review's headers to its answer (its body read included): the API server
 gives up on a webhook after at most 30 s, so a body that trickles in is cut off then."""
+MAX_HANDSHAKING_PER_CLIENT = 16
+MAX_HANDSHAKING = 128
+"""Connections still in their TLS handshake, per address and in all: cheap to open and to
+hold, so they get slots of their own and never take those of the connections that
+finished it (the API server's)."""
 MAX_PER_CLIENT = 128
-"""Connections one address may hold at once (the API server opens one per review in
-flight; through a Service every client may look like one node address)."""
+"""Connections past their handshake one address may hold at once (the API server opens one
+per review in flight; through a Service every client may look like one node address)."""
 MAX_CONNECTIONS = 512
-"""Connections the listener holds at once, from every address together."""
+"""Connections past their handshake the listener holds at once, every address together."""
 TOO_MANY = "too many connections"
 ACCEPT_RETRY = 0.1
-"""Seconds before accepting again after an accept failed (EMFILE: give descriptors time to
-be freed): the loop never ends on its own, or the port would listen and answer nobody."""
+"""Seconds before accepting again after accept ran out of descriptors or memory: the loop
+never ends on its own, or the port would listen and answer nobody."""
+_OUT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _listen(addr: str | None, port: int) -> socket.socket:
@@ -87,22 +96,63 @@ def _listen(addr: str | None, port: int) -> socket.socket:
 
 
 class _Held:
-    """How many connections each address holds (taken at accept, given back when the
-    connection ends or its handshake fails)."""
+    """The connections each address holds, in their handshake and past it: a slot is taken
+    at accept (`shake`), moved when the handshake ends (`open`), given back when the
+    connection ends (`give`, once, whichever path sees it end first)."""
 
     def __init__(self) -> None:
-        self.by_host: collections.Counter[str] = collections.Counter()
+        self.shaking: collections.Counter[str] = collections.Counter()
+        self.opened: collections.Counter[str] = collections.Counter()
+        self.state: dict[object, tuple[str, bool]] = {}  # connection -> (address, opened)
 
-    def take(self, host: str) -> bool:
-        if self.by_host[host] >= MAX_PER_CLIENT or self.by_host.total() >= MAX_CONNECTIONS:
+    def shake(self, host: str) -> bool:
+        if (
+            self.shaking[host] >= MAX_HANDSHAKING_PER_CLIENT
+            or self.shaking.total() >= MAX_HANDSHAKING
+        ):
             return False
-        self.by_host[host] += 1
+        self.shaking[host] += 1
         return True
 
-    def give(self, host: str) -> None:
-        self.by_host[host] -= 1
-        if self.by_host[host] <= 0:
-            del self.by_host[host]
+    def track(self, conn: object, host: str) -> None:
+        self.state[conn] = (host, False)
+
+    def open(self, conn: object) -> bool:
+        """The connection finished its handshake; False: no room past it (to close)."""
+        got = self.state.get(conn)
+        if got is None:
+            return False
+        host = got[0]
+        _drop(self.shaking, host)
+        if self.opened[host] >= MAX_PER_CLIENT or self.opened.total() >= MAX_CONNECTIONS:
+            del self.state[conn]
+            return False
+        self.opened[host] += 1
+        self.state[conn] = (host, True)
+        return True
+
+    def give(self, conn: object) -> None:
+        got = self.state.pop(conn, None)
+        if got is not None:
+            host, opened = got
+            _drop(self.opened if opened else self.shaking, host)
+
+    def untracked(self, host: str) -> None:
+        """A slot taken by `shake` whose connection was never tracked."""
+        _drop(self.shaking, host)
+
+
+def _ended(task: asyncio.Task[None]) -> None:
+    """The accept loop of a certificate ended: said, unless on purpose (cancelled)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the webhook accept loop ended: %r; no review is answered until a restart",
+                  task.exception())  # fmt: skip
+
+
+def _drop(counter: collections.Counter[str], host: str) -> None:
+    counter[host] -= 1
+    if counter[host] <= 0:
+        del counter[host]
 
 
 class DrainingWebhookServer(kopf.WebhookServer):
@@ -144,6 +194,25 @@ class DrainingWebhookServer(kopf.WebhookServer):
         async def serve_fn(request: aiohttp.web.Request) -> aiohttp.web.Response:
             return await self._serve(fn, request)
 
+        addr = self.addr or None
+        port = self.port or self._allocate_free_port()
+        listener = _listen(addr, port)  # one socket for the life of the server: no gap
+        listeners = self._listeners(listener, port, serve_fn)
+        try:
+            async for config in listeners:
+                yield config
+        finally:
+            await listeners.aclose()  # its runner cleaned up (`async for` would not close it)
+            listener.close()
+
+    async def _listeners(
+        self,
+        listener: socket.socket,
+        port: int,
+        serve_fn: Callable[[aiohttp.web.Request], Any],
+    ) -> AsyncGenerator[reviews.WebhookClientConfig, None]:
+        """kopf's loop on one socket: an aiohttp runner and an accept loop per certificate
+        (a renewed one starts new ones; connections of the old ones end with them)."""
         while True:
             cadata, context = self._build_ssl()
             path = self.path.rstrip("/") if self.path else ""
@@ -157,16 +226,13 @@ class DrainingWebhookServer(kopf.WebhookServer):
                 access_log=None,
             )
             await runner.setup()
-            listener: socket.socket | None = None
             accepting: asyncio.Task[None] | None = None
             try:
-                addr = self.addr or None
-                port = self.port or self._allocate_free_port()
-                listener = _listen(addr, port)
                 server = runner.server
                 if server is None:
                     raise RuntimeError("aiohttp's runner made no server")
                 accepting = asyncio.create_task(self._accept(listener, server, context))
+                accepting.add_done_callback(_ended)
                 schema = "http" if context is None else "https"
                 host = self.host or self.DEFAULT_HOST or self._get_accessible_addr(self.addr)
                 url = self._build_url(schema, host, port, self.path or "")
@@ -180,28 +246,24 @@ class DrainingWebhookServer(kopf.WebhookServer):
             finally:
                 if accepting is not None:
                     accepting.cancel()
-                if listener is not None:
-                    listener.close()
                 await runner.cleanup()
 
     async def _accept(
         self, listener: socket.socket, server: aiohttp.web.Server, context: ssl.SSLContext | None
     ) -> None:
-        """Accept connections while the listener lives; each past the limits is closed at
-        once, the others handed to aiohttp after their handshake."""
+        """Accept connections while this certificate lasts; one past the limits is closed
+        at once, the others handed to aiohttp after their handshake."""
         loop = asyncio.get_running_loop()
-        hosts: dict[Any, str] = {}  # aiohttp's handler -> the address it counts against
-        made, lost = server.connection_made, server.connection_lost
+        held, made, lost = self.held, server.connection_made, server.connection_lost
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-            peer = transport.get_extra_info("peername")
-            hosts[handler] = str(peer[0]) if isinstance(peer, tuple) else ""
+            if not held.open(handler):
+                self.refused(TOO_MANY)
+                transport.close()
             made(handler, transport)
 
         def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-            host = hosts.pop(handler, None)
-            if host is not None:
-                self.held.give(host)
+            held.give(handler)
             lost(handler, exc)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
@@ -211,12 +273,13 @@ class DrainingWebhookServer(kopf.WebhookServer):
             while True:
                 try:
                     conn, peer = await loop.sock_accept(listener)
-                except OSError as exc:  # out of descriptors, a connection aborted: go on
-                    log.warning("accepting a webhook connection failed: %s; going on", exc)
-                    await asyncio.sleep(ACCEPT_RETRY)
-                    continue
+                except OSError as exc:
+                    if exc.errno in _OUT_OF:  # out of descriptors or memory: wait a little
+                        log.warning("accepting a webhook connection failed: %s; going on", exc)
+                        await asyncio.sleep(ACCEPT_RETRY)
+                    continue  # a connection aborted before it was accepted: the next
                 host = str(peer[0]) if isinstance(peer, tuple) else ""
-                if not self.held.take(host):
+                if not held.shake(host):
                     conn.close()
                     self.refused(TOO_MANY)
                     continue
@@ -235,19 +298,32 @@ class DrainingWebhookServer(kopf.WebhookServer):
         context: ssl.SSLContext | None,
     ) -> None:
         """One accepted connection through its handshake to aiohttp (whose handler gives
-        its count back when it ends); a failed or slow handshake gives it back here."""
+        its slot back when it ends); a failed or slow handshake gives it back here, with a
+        line at debug level only (anyone may open one)."""
         loop = asyncio.get_running_loop()
+        made: list[Any] = []
+
+        def handler() -> Any:
+            made.append(server())
+            self.held.track(made[0], host)
+            return made[0]
+
         try:
             await loop.connect_accepted_socket(
-                server,
+                handler,
                 conn,
                 ssl=context,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
             )
-        except BaseException:
-            self.held.give(host)
+        except BaseException as exc:
+            if made:
+                self.held.give(made[0])
+            else:
+                self.held.untracked(host)
             conn.close()
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.debug("a webhook connection from %s ended in its handshake: %r", host, exc)
 
     async def _serve(  # type: ignore[override]  # kopf's is a staticmethod
         self, fn: Any, request: aiohttp.web.Request

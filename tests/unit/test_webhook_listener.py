@@ -105,7 +105,9 @@ def test_a_connection_that_never_handshakes_is_closed(
 def test_connections_past_the_limit_are_closed_and_counted_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(webhook_server, "MAX_PER_CLIENT", 3)
+    """Connections that never finish their handshake have slots of their own: past them
+    one more is closed at once, and they never take a finished connection's slot."""
+    monkeypatch.setattr(webhook_server, "MAX_HANDSHAKING_PER_CLIENT", 3)
 
     async def test(s: Served) -> None:
         held = [await s.raw() for _ in range(3)]
@@ -117,6 +119,28 @@ def test_connections_past_the_limit_are_closed_and_counted_back(
             w.close()
         await asyncio.sleep(0.3)
         assert await s.review() == 200  # the three given back: answered again
+
+    _serve(tmp_path, test)
+
+
+def test_finished_connections_past_their_limit_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_server, "MAX_PER_CLIENT", 1)
+
+    async def test(s: Served) -> None:
+        _r1, first = await asyncio.open_connection(
+            "127.0.0.1", s.port, ssl=s.context, server_hostname="127.0.0.1"
+        )
+        second, w2 = await asyncio.open_connection(
+            "127.0.0.1", s.port, ssl=s.context, server_hostname="127.0.0.1"
+        )
+        assert await _closed(second, 2)
+        assert s.refused == [TOO_MANY]
+        w2.close()
+        first.close()
+        await asyncio.sleep(0.3)
+        assert await s.review() == 200  # the first one's slot given back
 
     _serve(tmp_path, test)
 
