@@ -969,7 +969,7 @@ def test_the_box_loop_arms_the_credential_next_to_key_release_and_keeps_it(
     assert armed is not None
     assert armed.vm is not None
     # as the box loop writes it: the fresh credential's attestation in place
-    fresh = lazyboxes._attestation(pool.rt, key, armed, first)
+    fresh = lazyboxes._attestation(armed, first)
     assert fresh == armed.status["attestation"]
     box_writes.write_status(pool.rt, key, armed.status, attestation=fresh)
     config = _config(pool.rt, ns, name)
@@ -991,7 +991,7 @@ def test_the_box_loop_arms_the_credential_next_to_key_release_and_keeps_it(
     again = box_attestation.arm(pool.rt, key, vm)
     assert isinstance(again, box_attestation.Armed)
     assert again.attestation == att
-    assert lazyboxes._attestation(pool.rt, key, armed, again) == box_writes.KEEP  # not undone
+    assert lazyboxes._attestation(armed, again) == box_writes.KEEP  # not undone
     assert _config(pool.rt, ns, name)["credential"] == config["credential"]
     # the API server fails the Secret's read while the VM is written again: that is no
     # missing credential (a new one and a fresh attestation would drop a Mismatch, the move
