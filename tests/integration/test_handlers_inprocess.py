@@ -150,18 +150,22 @@ def test_an_operator_still_loading_refuses_gated_vmis_but_not_others(rt: Runtime
     _admit_vmi(rt, ungated)  # no level: nothing to judge, admitted
 
 
-def test_lowering_a_vms_level_is_refused(rt: Runtime) -> None:
-    def vm(level: int) -> dict[str, Any]:
-        return {
-            "metadata": {"name": "db", "labels": {"gtvp.io/level": str(level)}},
-            "spec": {
-                "template": {
-                    "metadata": {"labels": {"gtvp.io/level": str(level)}},
-                    "spec": {"nodeSelector": trust_selector(level)},
-                }
+def _gated_vm(level: int, **spec: Any) -> dict[str, Any]:
+    """A VM `db` of `level`, its template labelled and selecting that level's members."""
+    return {
+        "metadata": {"name": "db", "labels": {"gtvp.io/level": str(level)}},
+        "spec": {
+            **spec,
+            "template": {
+                "metadata": {"labels": {"gtvp.io/level": str(level)}},
+                "spec": {"nodeSelector": trust_selector(level)},
             },
-        }
+        },
+    }
 
+
+def test_lowering_a_vms_level_is_refused(rt: Runtime) -> None:
+    vm = _gated_vm
     memo = _memo(rt)
     with pytest.raises(kopf.AdmissionError, match="delete"):
         admission.validate_vm(body=kopf.Body(vm(1)), memo=memo, operation="UPDATE", old=vm(3))
@@ -179,19 +183,7 @@ def test_a_level_the_policy_does_not_define_is_refused_at_admission(rt: Runtime)
     rt.view.policy = dataclasses.replace(policy, levels=levels)
     rt.view.observe_member(_trusted("m3", 3), "ADDED")
     defined = ", ".join(str(lv.level) for lv in levels)
-
-    def vm(level: int, **spec: Any) -> dict[str, Any]:
-        return {
-            "metadata": {"name": "db", "labels": {"gtvp.io/level": str(level)}},
-            "spec": {
-                **spec,
-                "template": {
-                    "metadata": {"labels": {"gtvp.io/level": str(level)}},
-                    "spec": {"nodeSelector": trust_selector(level)},
-                },
-            },
-        }
-
+    vm = _gated_vm
     memo = _memo(rt)
     with pytest.raises(kopf.AdmissionError, match=f"does not define \\(its levels: {defined}\\)"):
         admission.validate_vm(body=kopf.Body(vm(2)), memo=memo, operation="CREATE", old=None)
