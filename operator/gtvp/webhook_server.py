@@ -202,8 +202,10 @@ class DrainingWebhookServer(kopf.WebhookServer):
             async for config in listeners:
                 yield config
         finally:
-            await listeners.aclose()  # its runner cleaned up (`async for` would not close it)
-            listener.close()
+            try:
+                await listeners.aclose()  # its runner cleaned up (`async for` would not)
+            finally:
+                listener.close()
 
     async def _listeners(
         self,
@@ -259,7 +261,7 @@ class DrainingWebhookServer(kopf.WebhookServer):
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             if not held.open(handler):
                 self.refused(TOO_MANY)
-                transport.close()
+                transport.abort()  # at once: no TLS close to wait 30 s for, no request read
             made(handler, transport)
 
         def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
@@ -277,7 +279,8 @@ class DrainingWebhookServer(kopf.WebhookServer):
                     if exc.errno in _OUT_OF:  # out of descriptors or memory: wait a little
                         log.warning("accepting a webhook connection failed: %s; going on", exc)
                         await asyncio.sleep(ACCEPT_RETRY)
-                    continue  # a connection aborted before it was accepted: the next
+                    await asyncio.sleep(0)  # a connection aborted before it was accepted
+                    continue
                 host = str(peer[0]) if isinstance(peer, tuple) else ""
                 if not held.shake(host):
                     conn.close()
@@ -316,11 +319,11 @@ class DrainingWebhookServer(kopf.WebhookServer):
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
             )
         except BaseException as exc:
-            if made:
+            if made:  # its transport owns the socket and closes it
                 self.held.give(made[0])
             else:
                 self.held.untracked(host)
-            conn.close()
+                conn.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.debug("a webhook connection from %s ended in its handshake: %r", host, exc)
