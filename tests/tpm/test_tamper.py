@@ -433,6 +433,9 @@ def _issue(
         .not_valid_after(now + dt.timedelta(days=days[1]))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
+    if not ca:  # an EK certificate (tcg-kp-EKCertificate), so that its path is what is judged
+        ek_usage = x509.ObjectIdentifier("2.23.133.8.1")
+        b = b.add_extension(x509.ExtendedKeyUsage([ek_usage]), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
