@@ -585,7 +585,9 @@ class _Cycle:
             cls = self.member_class()
             parsed = parse_evidence(evidence)
             result = verify_quote(parsed, self.expectation(keys, nonce, answered_nonces, cls))
-            matched = _reference_set(parsed, result.pcrs, str(self.policy.pcr_bank), cls, now)
+            matched, until = _reference_set(
+                parsed, result.pcrs, str(self.policy.pcr_bank), cls, now
+            )
             _raise_if_late(issued, mp.attestation.valid_for, now)
         except errors.VerificationError as err:
             _forget(trust, ("referenceSet", *_LOG_KEYS))  # nothing matched or verified now
@@ -614,10 +616,7 @@ class _Cycle:
         else:
             trust["referenceSet"] = matched.name
             trust["message"] += f"; reference set {matched.name}"
-            if matched.not_after is not None and parsed.event_log:
-                log = replay_event_log(parsed.event_log)
-                bank = str(self.policy.pcr_bank)
-                _within_window(trust, accepted_until(log, bank, cls.reference_sets, now))
+            _within_window(trust, until)
         trust["references"] = relied_on(cls, trust.get("referenceSet"))
         # the event log this verdict replayed against the signed PCRs: what `gtvp policy
         # learn --member` may learn from (the agent can rewrite its evidence at any time)
@@ -715,11 +714,12 @@ class _Cycle:
             self.trust["bootUnquoted"] = True
         self.challenge = self.ask()  # root rewriting its bootID gets no quote judged per write
         if self.trust.get("verdict") == Verdict.TRUSTED:
-            (was, was_uid), (now, now_uid) = boot_parts(seen), boot_parts(boot_id)
+            (before, before_uid), (after, after_uid) = boot_parts(seen), boot_parts(boot_id)
             what = (
-                f"another boot (bootID {was[:36]} -> {now[:36]})"
-                if was and now and was != now
-                else f"another Node object under its name (uid {was_uid[:36]} -> {now_uid[:36]})"
+                f"another boot (bootID {before[:36]} -> {after[:36]})"
+                if before and after and before != after
+                else f"another Node object under its name (uid {before_uid[:36]} -> "
+                f"{after_uid[:36]})"
             )
             message = (
                 f"its Node reports {what}: no new placement or migration rests on this verdict "
@@ -926,11 +926,12 @@ def _reference_set(
     bank: str,
     cls: MemberClass,
     now: dt.datetime,
-) -> ReferenceSet | None:
+) -> tuple[ReferenceSet | None, dt.datetime | None]:
     """The reference set of the member's class that its verified quote's event log matches
-    (None when the class has none); raises why none does (fail closed)."""
+    (None when the class has none), and until when its boot stays accepted
+    (`refvalues.accepted_until`; None: no end); raises why none does (fail closed)."""
     if not cls.reference_sets:
-        return None
+        return None, None
     if not ev.event_log:
         raise errors.EventLogMissing(
             f"member class {cls.name} is judged on the event log (referenceSets) and the agent "
@@ -938,7 +939,10 @@ def _reference_set(
             "agent?)"
         )
     log = replay_event_log(ev.event_log)
-    return appraise(log, quoted, bank, cls.reference_sets, now)
+    matched = appraise(log, quoted, bank, cls.reference_sets, now)
+    if matched.not_after is None:
+        return matched, None
+    return matched, accepted_until(log, bank, cls.reference_sets, now)
 
 
 def _replayed_log_digest(ev: Evidence, quoted: Mapping[int, bytes], bank: str) -> str | None:
