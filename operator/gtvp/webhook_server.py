@@ -184,12 +184,13 @@ class DrainingWebhookServer(kopf.WebhookServer):
         self.held = _Held()
 
     async def __call__(self, fn: reviews.WebhookFn) -> AsyncIterator[reviews.WebhookClientConfig]:
-        """kopf's listener loop (a new listener when the certificate files change), with
-        gtvp's own accept loop instead of aiohttp's site: connections counted per address
-        and in all (`MAX_PER_CLIENT`, `MAX_CONNECTIONS`: one more is closed at once), TLS
-        handshakes cut after `HANDSHAKE_TIMEOUT`, idle connections after
-        `KEEPALIVE_TIMEOUT`, no access log line per request (anyone on the pod network may
-        post to this port)."""
+        """kopf's listener loop (a new runner when the certificate files change) on one
+        socket of gtvp's own, with gtvp's accept loop instead of aiohttp's site:
+        connections counted per address and in all, in their TLS handshake
+        (`MAX_HANDSHAKING_PER_CLIENT`, `MAX_HANDSHAKING`) and past it (`MAX_PER_CLIENT`,
+        `MAX_CONNECTIONS`; one more is closed at once), handshakes cut after
+        `HANDSHAKE_TIMEOUT`, idle connections after `KEEPALIVE_TIMEOUT`, no access log
+        line per request (anyone on the pod network may post to this port)."""
 
         async def serve_fn(request: aiohttp.web.Request) -> aiohttp.web.Response:
             return await self._serve(fn, request)

@@ -520,7 +520,7 @@ def foreign_holds(
     two pinned nowhere on small VMs of one's own held every evacuation off the member until
     `migrateWithin` stopped the gated VMs (found by a review)."""
     leaving = {(v.namespace, v.name) for v in vmis}
-    others = set(also_on_member) - leaving
+    held = leaving | set(also_on_member)
     why = "a migration gtvp did not start held the VM, unscheduled, on a member it must leave"
     slot = (
         "a migration gtvp did not start, unscheduled, held one of KubeVirt's outbound "
@@ -533,7 +533,7 @@ def foreign_holds(
         and m.phase in NOT_SCHEDULED
         and not m.target
         and not m.deleting
-        and ((m.namespace, m.vmi) in leaving or (m.namespace, m.vmi) in others)
+        and (m.namespace, m.vmi) in held
         and (m.created is None or now - m.created >= FOREIGN_HOLD_GRACE)
     ]
 
