@@ -50,6 +50,12 @@ class Served:
         """A TCP connection that has sent nothing (no handshake)."""
         return await asyncio.open_connection("127.0.0.1", self.port)
 
+    async def tls(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection past its TLS handshake that has sent nothing yet."""
+        return await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=self.context, server_hostname="127.0.0.1"
+        )
+
 
 def _serve(tmp_path: Path, test: Callable[[Served], Awaitable[None]]) -> None:
     ca = pki.ensure_ca(tmp_path / "serving", "serving-ca")
@@ -129,12 +135,8 @@ def test_finished_connections_past_their_limit_are_closed(
     monkeypatch.setattr(webhook_server, "MAX_PER_CLIENT", 1)
 
     async def test(s: Served) -> None:
-        _r1, first = await asyncio.open_connection(
-            "127.0.0.1", s.port, ssl=s.context, server_hostname="127.0.0.1"
-        )
-        second, w2 = await asyncio.open_connection(
-            "127.0.0.1", s.port, ssl=s.context, server_hostname="127.0.0.1"
-        )
+        _r1, first = await s.tls()
+        second, w2 = await s.tls()
         assert await _closed(second, 2)
         assert s.refused == [TOO_MANY]
         w2.close()
@@ -151,9 +153,7 @@ def test_a_review_whose_body_trickles_in_is_cut_off(
     monkeypatch.setattr(webhook_server, "REVIEW_DEADLINE", 0.5)
 
     async def test(s: Served) -> None:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", s.port, ssl=s.context, server_hostname="127.0.0.1"
-        )
+        reader, writer = await s.tls()
         writer.write(
             b"POST /gtvp-validate-vm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b'Content-Length: 1000\r\n\r\n{"apiVersion"'
