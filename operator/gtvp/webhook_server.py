@@ -214,26 +214,38 @@ class DrainingWebhookServer(kopf.WebhookServer):
         port: int,
         serve_fn: Callable[[aiohttp.web.Request], Any],
     ) -> AsyncGenerator[reviews.WebhookClientConfig, None]:
-        """kopf's loop on one socket: an aiohttp runner and an accept loop per certificate
-        (a renewed one starts new ones; connections of the old ones end with them)."""
-        while True:
-            cadata, context = self._build_ssl()
-            path = self.path.rstrip("/") if self.path else ""
-            app = aiohttp.web.Application()
-            app.add_routes([aiohttp.web.post(f"{path}/{{id:.*}}", serve_fn)])
-            runner = aiohttp.web.AppRunner(
-                app,
-                handle_signals=False,
-                keepalive_timeout=KEEPALIVE_TIMEOUT,
-                lingering_time=1.0,  # reading a refused body's rest (aiohttp's default: 10 s)
-                access_log=None,
-            )
-            await runner.setup()
-            accepting: asyncio.Task[None] | None = None
-            try:
-                server = runner.server
+        """kopf's loop on one socket: an aiohttp runner and an accept loop per certificate.
+        A renewed certificate's runner accepts before the old one is cleaned up: the old
+        runner's cleanup waits for the reviews in flight on its connections (up to
+        REVIEW_DEADLINE), and nothing accepting meanwhile failed every gated VM start that
+        came then (found by a review; kopf's own loop has that gap)."""
+        retiring: set[asyncio.Task[None]] = set()
+        runner: aiohttp.web.AppRunner | None = None
+        accepting: asyncio.Task[None] | None = None
+        try:
+            while True:
+                cadata, context = self._build_ssl()
+                path = self.path.rstrip("/") if self.path else ""
+                app = aiohttp.web.Application()
+                app.add_routes([aiohttp.web.post(f"{path}/{{id:.*}}", serve_fn)])
+                fresh = aiohttp.web.AppRunner(
+                    app,
+                    handle_signals=False,
+                    keepalive_timeout=KEEPALIVE_TIMEOUT,
+                    lingering_time=1.0,  # reading a refused body's rest (aiohttp's: 10 s)
+                    access_log=None,
+                )
+                await fresh.setup()
+                server = fresh.server
                 if server is None:
+                    await fresh.cleanup()
                     raise RuntimeError("aiohttp's runner made no server")
+                if accepting is not None:  # one accept loop on the socket at a time
+                    accepting.cancel()
+                    await asyncio.gather(accepting, return_exceptions=True)
+                if runner is not None:  # its connections end with it, in the background
+                    retiring.add(asyncio.create_task(runner.cleanup()))
+                runner = fresh
                 accepting = asyncio.create_task(self._accept(listener, server, context))
                 accepting.add_done_callback(_ended)
                 schema = "http" if context is None else "https"
@@ -246,10 +258,13 @@ class DrainingWebhookServer(kopf.WebhookServer):
                 yield client_config
                 await self._WebhookServer__sleep_forever_or_until_ssl_files_change()  # type: ignore[attr-defined]
                 log.debug("restarting the webhook listener with renewed certificate files")
-            finally:
-                if accepting is not None:
-                    accepting.cancel()
-                await runner.cleanup()
+                retiring = {t for t in retiring if not t.done()}
+        finally:
+            if accepting is not None:
+                accepting.cancel()
+            if runner is not None:
+                retiring.add(asyncio.create_task(runner.cleanup()))
+            await asyncio.gather(*retiring, return_exceptions=True)
 
     async def _accept(
         self, listener: socket.socket, server: aiohttp.web.Server, context: ssl.SSLContext | None

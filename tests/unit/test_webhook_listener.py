@@ -214,3 +214,52 @@ def test_an_accept_that_fails_does_not_end_the_listener(
         assert failed == [True]
 
     _serve(tmp_path, test)
+
+
+def test_a_renewed_certificate_is_served_while_the_old_reviews_finish(tmp_path: Path) -> None:
+    """A renewed serving certificate starts a new runner; the old one's cleanup waits for
+    its reviews in flight (up to REVIEW_DEADLINE). Found by a review: nothing accepted
+    meanwhile, so every gated VM start then waited in the backlog and failed (fail closed).
+    Now the new certificate's runner accepts first, and the old review is still answered."""
+    ca = pki.ensure_ca(tmp_path / "s", "serving-ca")
+    cert = pki.issue(ca, tmp_path / "s", "w", common_name="gtvp", server_ips=("127.0.0.1",))
+    server = DrainingWebhookServer(addr="127.0.0.1", port=free_port(), certfile=str(cert.cert),
+                                   pkeyfile=str(cert.key), closing=lambda: False,
+                                   file_check_interval=0.05)  # fmt: skip
+    held, reviewed = asyncio.Event(), asyncio.Event()
+
+    async def fn(data: Any, **_: Any) -> Any:
+        if data["request"]["uid"] == "held":
+            reviewed.set()
+            await held.wait()
+        return {"response": {"uid": data["request"]["uid"], "allowed": True}}
+
+    async def post(url: str, uid: str, context: ssl.SSLContext) -> int:
+        body = json.dumps({**REVIEW, "request": {"uid": uid}})
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{url}/gtvp-validate-vm", data=body, ssl=context) as response,
+        ):
+            await response.read()
+            return response.status
+
+    async def run() -> None:
+        async with server:
+            listeners = server(fn)
+            url = (await listeners.__anext__())["url"]
+            context = ssl.create_default_context(cafile=str(ca.cert))
+            first = asyncio.create_task(post(url, "held", context))
+            await asyncio.wait_for(reviewed.wait(), 5)
+            renewal = asyncio.create_task(listeners.__anext__())  # kopf waits for the next
+            await asyncio.sleep(0.2)  # its watch has read the files as they were
+            renewed = pki.issue(ca, tmp_path / "s", "w2", common_name="gtvp",
+                                server_ips=("127.0.0.1",))  # fmt: skip
+            cert.cert.write_bytes(renewed.cert.read_bytes())
+            cert.key.write_bytes(renewed.key.read_bytes())
+            await asyncio.wait_for(renewal, 5)  # the renewed runner
+            assert await asyncio.wait_for(post(url, "fresh", context), 5) == 200
+            assert not first.done()  # the old review still in flight, on the old runner
+            held.set()
+            assert await asyncio.wait_for(first, 5) == 200
+
+    asyncio.run(run())
