@@ -10,7 +10,8 @@ migrations (before that its webhooks are not yet served), and only while its pre
 is renewed and it is not shutting down, so a Service sends admission requests only to a
 replica that can judge them. `/healthz` answers 200 while the recheck
 loop keeps turning (it wakes at least every 30 s); a wedged event loop gets the pod
-restarted. Both say why in their body.
+restarted. Both fail when a part that does not recover on its own has stopped (the
+webhook accept loop: the port would listen and answer nobody). Both say why in their body.
 
 Public documents (`public`, see `gtvp.verdict_keys` and docs/tokens.md): the verdict tokens'
 JWKS at `/.well-known/jwks.json` and a member's current token at `/ear/members/<name>`,
@@ -60,23 +61,34 @@ class Probe:
     loop_idle_seconds: float
     unready_because: str | None = None
     """Why this replica must not answer admission although loaded (None: nothing)."""
+    broken: str | None = None
+    """What stopped working for good in this process (None: nothing): unready and
+    unhealthy, so that the kubelet restarts it."""
 
 
 def answer(path: str, probe: Probe) -> tuple[int, str] | None:
     """(HTTP status, text) for a probe path; None for any other path."""
-    if path == "/readyz":
-        if not probe.loaded:
-            return 503, "not ready: still loading the pool from the API server\n"
-        if probe.unready_because is not None:
-            return 503, f"not ready: {probe.unready_because}\n"
-        return 200, "ready: members, VMs, VMIs and migrations loaded\n"
-    if path == "/healthz":
-        if probe.loop_started and probe.loop_idle_seconds > STALL_AFTER:
-            return 503, (
-                f"unhealthy: the recheck loop has not turned for {probe.loop_idle_seconds:.0f}s\n"
-            )
-        return 200, "ok\n"
-    return None
+    if path not in ("/readyz", "/healthz"):
+        return None
+    if probe.broken is not None:
+        return 503, f"unhealthy: {probe.broken}\n"
+    return _ready(probe) if path == "/readyz" else _healthy(probe)
+
+
+def _ready(probe: Probe) -> tuple[int, str]:
+    if not probe.loaded:
+        return 503, "not ready: still loading the pool from the API server\n"
+    if probe.unready_because is not None:
+        return 503, f"not ready: {probe.unready_because}\n"
+    return 200, "ready: members, VMs, VMIs and migrations loaded\n"
+
+
+def _healthy(probe: Probe) -> tuple[int, str]:
+    if probe.loop_started and probe.loop_idle_seconds > STALL_AFTER:
+        return 503, (
+            f"unhealthy: the recheck loop has not turned for {probe.loop_idle_seconds:.0f}s\n"
+        )
+    return 200, "ok\n"
 
 
 _CONNECTION_ERROR = re.compile(

@@ -375,6 +375,7 @@ def _probe_reader(rt: Runtime) -> Callable[[], http_endpoints.Probe]:
                 if co.stopping
                 else co.refused or "its presence Lease is not renewed yet"
             ),
+            broken=None if rt.webhook_server is None else rt.webhook_server.failed,
         )
 
     return probe

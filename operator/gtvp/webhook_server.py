@@ -142,13 +142,6 @@ class _Held:
         _drop(self.shaking, host)
 
 
-def _ended(task: asyncio.Task[None]) -> None:
-    """The accept loop of a certificate ended: said, unless on purpose (cancelled)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the webhook accept loop ended: %r; no review is answered until a restart",
-                  task.exception())  # fmt: skip
-
-
 def _drop(counter: collections.Counter[str], host: str) -> None:
     counter[host] -= 1
     if counter[host] <= 0:
@@ -182,6 +175,17 @@ class DrainingWebhookServer(kopf.WebhookServer):
         self.client_names = frozenset(client_names)
         self.refused = refused
         self.held = _Held()
+        self.failed: str | None = None
+        """Why the accept loop ended on its own (None: it has not): the probes read it."""
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The accept loop of a certificate ended: said and kept for the probes, unless on
+        purpose (cancelled). The port would listen and answer nobody: /readyz takes the
+        replica out of the Service, /healthz gets it restarted."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failed = f"the webhook accept loop ended: {task.exception()!r}"
+        log.error("%s; no review is answered until a restart", self.failed)
 
     async def __call__(self, fn: reviews.WebhookFn) -> AsyncIterator[reviews.WebhookClientConfig]:
         """kopf's listener loop (a new runner when the certificate files change) on one
@@ -247,7 +251,7 @@ class DrainingWebhookServer(kopf.WebhookServer):
                     retiring.add(asyncio.create_task(runner.cleanup()))
                 runner = fresh
                 accepting = asyncio.create_task(self._accept(listener, server, context))
-                accepting.add_done_callback(_ended)
+                accepting.add_done_callback(self._ended)
                 schema = "http" if context is None else "https"
                 host = self.host or self.DEFAULT_HOST or self._get_accessible_addr(self.addr)
                 url = self._build_url(schema, host, port, self.path or "")

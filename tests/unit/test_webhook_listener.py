@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gtvp import webhook_server
+from gtvp import http_endpoints, webhook_server
 from gtvp.webhook_config import WEBHOOK_IDS
 from gtvp.webhook_server import TOO_MANY, DrainingWebhookServer
 from gtvp_local import pki
@@ -33,8 +33,16 @@ REVIEW = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "reque
 
 
 class Served:
-    def __init__(self, url: str, port: int, context: ssl.SSLContext, refused: list[str]) -> None:
+    def __init__(
+        self,
+        url: str,
+        port: int,
+        context: ssl.SSLContext,
+        refused: list[str],
+        server: DrainingWebhookServer,
+    ) -> None:
         self.url, self.port, self.context, self.refused = url, port, context, refused
+        self.server = server
 
     async def review(self) -> int:
         async with (
@@ -79,7 +87,7 @@ def _serve(tmp_path: Path, test: Callable[[Served], Awaitable[None]]) -> None:
         async with server:
             config = await server(fn).__anext__()
             context = ssl.create_default_context(cafile=str(ca.cert))
-            await test(Served(config["url"], server.port or 0, context, refused))
+            await test(Served(config["url"], server.port or 0, context, refused, server))
 
     asyncio.run(run())
 
@@ -263,3 +271,36 @@ def test_a_renewed_certificate_is_served_while_the_old_reviews_finish(tmp_path: 
             assert await asyncio.wait_for(first, 5) == 200
 
     asyncio.run(run())
+
+
+def test_an_accept_loop_that_ends_makes_the_replica_unready_and_unhealthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An accept loop that ended on an error it does not survive left the port listening
+    with nobody answering while the probes said ready (every gated VM start then failed
+    closed on this replica until someone restarted it). Now the server says why, and the
+    probes fail on it (`Probe.broken`: out of the Service, then restarted)."""
+    seen: list[str | None] = []
+
+    async def test(s: Served) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def broken(sock: socket.socket) -> Any:
+            raise RuntimeError("the loop's selector is gone")
+
+        monkeypatch.setattr(loop, "sock_accept", broken)
+        with pytest.raises((aiohttp.ClientError, TimeoutError)):
+            await asyncio.wait_for(s.review(), 2)  # taken by the call already waiting
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if s.server.failed:
+                break
+        seen.append(s.server.failed)
+
+    _serve(tmp_path, test)
+    assert seen[0] is not None
+    assert "selector is gone" in seen[0]
+    probe = http_endpoints.Probe(loaded=True, loop_started=True, loop_idle_seconds=1.0,
+                                 broken=seen[0])  # fmt: skip
+    for path in ("/readyz", "/healthz"):
+        assert http_endpoints.answer(path, probe) == (503, f"unhealthy: {seen[0]}\n")
