@@ -127,8 +127,24 @@ def render(
         ops = [{"op": "add", "path": f"{path_prefix}/referenceSets", "value": [ref_set]}]
     else:
         ops = [{"op": "add", "path": f"{path_prefix}/referenceSets/-", "value": ref_set}]
-    head = "".join(f"# {c}\n" for c in comments)
+    warning = unmeasured(ref_set)
+    head = "".join(f"# {c}\n" for c in [*comments, *([warning] if warning else [])])
     return head + yaml.safe_dump(ops, sort_keys=False, width=200)
+
+
+def unmeasured(ref_set: dict[str, Any]) -> str | None:
+    """A warning when the set allows no event on a boot-chain PCR (0-7): the log came from
+    a boot no firmware measured (a TPM emulator's, or a host whose firmware logged
+    nothing), and applied, the policy accepts such a boot there (it is marked Weak)."""
+    empty = sorted(int(p["pcr"]) for p in ref_set.get("pcrs") or () if p["pcr"] < 8
+                   and not p["events"])  # fmt: skip
+    if not empty:
+        return None
+    return (
+        f"WARNING: the log shows no event on PCR(s) {', '.join(map(str, empty))}: firmware "
+        "logs at least a separator there, so this boot was not measured by one; the set "
+        "accepts any host whose firmware measured nothing there (the policy is marked Weak)"
+    )
 
 
 def _counts(ref_set: dict[str, Any]) -> str:
@@ -318,4 +334,7 @@ def run_learn(args: argparse.Namespace) -> int:
         print(f"gtvp policy learn: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(out)
+    for line in out.splitlines():
+        if line.startswith("# WARNING: "):
+            print(f"gtvp policy learn: {line[2:]}", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ from gtvp import cli
 from gtvp.core.eventlog import parse_event_log
 from gtvp.core.policy import parse_policy
 from gtvp.core.refvalues import appraise
+from tests.eventlogs import synth_log
 from tests.unit.test_refvalues import NOW, policy_spec
 
 DATA = Path(__file__).parents[1] / "data" / "uefi-eventlogs"
@@ -214,3 +215,20 @@ def test_a_class_without_sets_gets_the_list_itself() -> None:
     assert yaml.safe_load(out) == [
         {"op": "add", "path": "/spec/memberClasses/1/referenceSets", "value": [{"name": "x"}]}
     ]
+
+
+def test_learning_a_boot_no_firmware_measured_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A log with nothing on some of PCR 0-7 (a TPM emulator's, or firmware that measured
+    nothing) makes a set that accepts any boot nothing measured there: proposed (the local
+    pool needs it) but said on stderr and in the proposal, as the policy will say once
+    applied (Weak). The real firmware logs above get no such warning."""
+    log = tmp_path / "emulator.log"
+    log.write_bytes(synth_log([(4, 0x80000003, b"kernel"), (7, 0x4, b"\0" * 4)]))
+    rc, out, err = _learn(capsys, "--event-log", str(log))
+    assert rc == 0
+    warning = "the log shows no event on PCR(s) 0, 1, 2, 3, 5, 6"
+    assert warning in err
+    assert f"# WARNING: {warning}" in out
+    assert yaml.safe_load(out)[0]["value"]["pcrs"][0] == {"pcr": 0, "events": []}
