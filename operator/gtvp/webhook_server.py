@@ -37,6 +37,7 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp.web
@@ -79,6 +80,11 @@ ACCEPT_RETRY = 0.1
 """Seconds before accepting again after accept ran out of descriptors or memory: the loop
 never ends on its own, or the port would listen and answer nobody."""
 _OUT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN})
+"""accept errors of one connection (aborted before it was taken, refused by a firewall
+rule): the next accept is tried at once. Any other error (EBADF, EINVAL, ENOTSOCK: the
+socket itself is unusable) ends the loop, which the probes then report, instead of a loop
+that spins and answers nobody (found by a review)."""
 
 
 def _listen(addr: str | None, port: int) -> socket.socket:
@@ -93,6 +99,15 @@ def _listen(addr: str | None, port: int) -> socket.socket:
         sock = socket.create_server((addr or "", port), family=family, reuse_port=True)
     sock.setblocking(False)
     return sock
+
+
+@dataclass
+class _Accepted:
+    """A connection accepted and counted, handed to `_connect` (`started` once it runs)."""
+
+    conn: socket.socket
+    host: str
+    started: bool = False
 
 
 class _Held:
@@ -140,6 +155,15 @@ class _Held:
     def untracked(self, host: str) -> None:
         """A slot taken by `shake` whose connection was never tracked."""
         _drop(self.shaking, host)
+
+
+async def _retire(runner: aiohttp.web.AppRunner) -> None:
+    """Clean up a runner whose certificate was replaced (or the server stopped): its open
+    connections end once their reviews are answered; a failure is said, not raised."""
+    try:
+        await runner.cleanup()
+    except Exception as exc:  # noqa: BLE001 - the listener goes on; said
+        log.warning("cleaning up a webhook listener failed: %r", exc)
 
 
 def _drop(counter: collections.Counter[str], host: str) -> None:
@@ -239,16 +263,19 @@ class DrainingWebhookServer(kopf.WebhookServer):
                     lingering_time=1.0,  # reading a refused body's rest (aiohttp's: 10 s)
                     access_log=None,
                 )
-                await fresh.setup()
-                server = fresh.server
-                if server is None:
+                try:
+                    await fresh.setup()
+                    server = fresh.server
+                    if server is None:
+                        raise RuntimeError("aiohttp's runner made no server")
+                    if accepting is not None:  # one accept loop on the socket at a time
+                        accepting.cancel()
+                        await asyncio.gather(accepting, return_exceptions=True)
+                except BaseException:
                     await fresh.cleanup()
-                    raise RuntimeError("aiohttp's runner made no server")
-                if accepting is not None:  # one accept loop on the socket at a time
-                    accepting.cancel()
-                    await asyncio.gather(accepting, return_exceptions=True)
+                    raise
                 if runner is not None:  # its connections end with it, in the background
-                    retiring.add(asyncio.create_task(runner.cleanup()))
+                    retiring.add(asyncio.create_task(_retire(runner)))
                 runner = fresh
                 accepting = asyncio.create_task(self._accept(listener, server, context))
                 accepting.add_done_callback(self._ended)
@@ -264,11 +291,13 @@ class DrainingWebhookServer(kopf.WebhookServer):
                 log.debug("restarting the webhook listener with renewed certificate files")
                 retiring = {t for t in retiring if not t.done()}
         finally:
+            ending = list(retiring)
             if accepting is not None:
                 accepting.cancel()
+                ending.append(accepting)  # done before the caller closes the socket
             if runner is not None:
-                retiring.add(asyncio.create_task(runner.cleanup()))
-            await asyncio.gather(*retiring, return_exceptions=True)
+                ending.append(asyncio.create_task(_retire(runner)))
+            await asyncio.gather(*ending, return_exceptions=True)
 
     async def _accept(
         self, listener: socket.socket, server: aiohttp.web.Server, context: ssl.SSLContext | None
@@ -290,7 +319,7 @@ class DrainingWebhookServer(kopf.WebhookServer):
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
-        pending: set[asyncio.Task[None]] = set()
+        pending: dict[asyncio.Task[None], _Accepted] = {}
         try:
             while True:
                 try:
@@ -299,6 +328,8 @@ class DrainingWebhookServer(kopf.WebhookServer):
                     if exc.errno in _OUT_OF:  # out of descriptors or memory: wait a little
                         log.warning("accepting a webhook connection failed: %s; going on", exc)
                         await asyncio.sleep(ACCEPT_RETRY)
+                    elif exc.errno not in _GONE:
+                        raise
                     await asyncio.sleep(0)  # a connection aborted before it was accepted
                     continue
                 host = str(peer[0]) if isinstance(peer, tuple) else ""
@@ -306,23 +337,32 @@ class DrainingWebhookServer(kopf.WebhookServer):
                     conn.close()
                     self.refused(TOO_MANY)
                     continue
-                task = asyncio.create_task(self._connect(conn, host, server, context))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+                accepted = _Accepted(conn, host)
+                task = asyncio.create_task(self._connect(accepted, server, context))
+                pending[task] = accepted
+                task.add_done_callback(lambda t: pending.pop(t, None))
         finally:
-            for task in pending:
+            # handshakes still running when the certificate is renewed or the server stops
+            # are cut (their connections closed, slots given back); one cancelled before it
+            # began would skip `_connect`'s own cleanup, so it is done here (found by a
+            # review: its socket and slot were kept)
+            for task, accepted in list(pending.items()):
                 task.cancel()
+                if not accepted.started:
+                    self.held.untracked(accepted.host)
+                    accepted.conn.close()
 
     async def _connect(
         self,
-        conn: socket.socket,
-        host: str,
+        accepted: _Accepted,
         server: aiohttp.web.Server,
         context: ssl.SSLContext | None,
     ) -> None:
         """One accepted connection through its handshake to aiohttp (whose handler gives
         its slot back when it ends); a failed or slow handshake gives it back here, with a
         line at debug level only (anyone may open one)."""
+        accepted.started = True
+        conn, host = accepted.conn, accepted.host
         loop = asyncio.get_running_loop()
         made: list[Any] = []
 

@@ -13,6 +13,7 @@ within REVIEW_DEADLINE.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
 import ssl
@@ -273,33 +274,46 @@ def test_a_renewed_certificate_is_served_while_the_old_reviews_finish(tmp_path: 
     asyncio.run(run())
 
 
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (RuntimeError("the loop's selector is gone"), "selector is gone"),
+        (OSError(errno.EBADF, "Bad file descriptor"), "Bad file descriptor"),
+    ],
+)
 def test_an_accept_loop_that_ends_makes_the_replica_unready_and_unhealthy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, says: str
 ) -> None:
     """An accept loop that ended on an error it does not survive left the port listening
     with nobody answering while the probes said ready (every gated VM start then failed
-    closed on this replica until someone restarted it). Now the server says why, and the
-    probes fail on it (`Probe.broken`: out of the Service, then restarted)."""
+    closed on this replica until someone restarted it); an unusable socket (EBADF) made it
+    spin for good, answering nobody. Now the server says why, and the probes fail on it
+    (`Probe.broken`: out of the Service, then restarted). The connection it had accepted
+    but not yet begun to serve is closed and its slot given back (found by a review)."""
     seen: list[str | None] = []
 
     async def test(s: Served) -> None:
+        await asyncio.sleep(0.05)  # the accept loop waits in the real accept
         loop = asyncio.get_running_loop()
 
         async def broken(sock: socket.socket) -> Any:
-            raise RuntimeError("the loop's selector is gone")
+            raise error
 
         monkeypatch.setattr(loop, "sock_accept", broken)
-        with pytest.raises((aiohttp.ClientError, TimeoutError)):
-            await asyncio.wait_for(s.review(), 2)  # taken by the call already waiting
+        # accepted by the call already waiting; the loop ends at its next accept
+        with pytest.raises(aiohttp.ClientError):
+            await asyncio.wait_for(s.review(), 5)
         for _ in range(50):
             await asyncio.sleep(0.02)
             if s.server.failed:
                 break
         seen.append(s.server.failed)
+        assert not s.server.held.shaking
+        assert not s.server.held.opened
 
     _serve(tmp_path, test)
     assert seen[0] is not None
-    assert "selector is gone" in seen[0]
+    assert says in seen[0]
     probe = http_endpoints.Probe(loaded=True, loop_started=True, loop_idle_seconds=1.0,
                                  broken=seen[0])  # fmt: skip
     for path in ("/readyz", "/healthz"):
