@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import http.client
@@ -39,7 +40,7 @@ from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INST
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, overlay_order, template_boots
 from gtvp.core.evacuation import EVACUATION_LABEL, Vmi, migration_name
-from gtvp.core.policy import Policy, parse_policy
+from gtvp.core.policy import MigrationLimits, Policy, parse_policy
 from gtvp.core.policy_status import Accepted
 from gtvp.core.resolve import BoxRequest, resolve
 from gtvp.core.timestamps import parse_ts
@@ -573,6 +574,33 @@ def test_an_extra_component_is_a_mismatch_and_moves_the_box_once(pool: Pool) -> 
     assert pool.attestation(BOX)["member"] == elsewhere.name
     pool.act()
     assert len(pool.migrations(BOX)) == 1
+
+
+def test_boxes_failing_at_will_take_at_most_half_of_the_migration_budget(pool: Pool) -> None:
+    """A tenant makes its boxes fail their quotes at will (here: two boxes, an extra disk
+    measured in each) and could keep every move long: with the whole budget theirs, a
+    member that lost trust waited for its evacuation until its VMs were stopped (found by
+    a review). Under maxParallel 2, one of the two moves now; the other waits its turn."""
+    policy = pool.rt.view.policy
+    assert policy is not None
+    pool.rt.view.policy = dataclasses.replace(policy, migration=MigrationLimits(max_parallel=2))
+    try:
+        for name in (BOX, OTHER_BOX):
+            guest = pool.guests[name]
+            guest.bind()
+            guest.measure([*pool.disks[name], hashlib.sha256(b"not composed").digest()])
+            status, body = guest.quote(guest.challenge()["nonce"])
+            assert (status, body["reason"]) == (200, ba.COMPONENT_MISMATCH)
+        pool.act()
+        pool.act()
+        started = pool.migrations(BOX) + pool.migrations(OTHER_BOX)
+        assert len(started) == 1
+        # with the whole budget (as before), the second would have started too
+        pool.rt.view.policy = dataclasses.replace(policy, migration=MigrationLimits(max_parallel=4))
+        pool.act()
+        assert len(pool.migrations(BOX) + pool.migrations(OTHER_BOX)) == 2
+    finally:
+        pool.rt.view.policy = policy
 
 
 def test_a_host_naming_another_member_in_the_vmis_status_does_not_keep_a_mismatched_box(

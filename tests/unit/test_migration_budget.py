@@ -13,9 +13,11 @@ from gtvp.core.evacuation import (
     EVACUATION_LABEL,
     GTVP_MIGRATION_LABELS,
     Migration,
+    Vmi,
     migration_view,
+    plan_evacuation,
 )
-from gtvp.core.migration_budget import MigrationBudget, recorded_source
+from gtvp.core.migration_budget import MigrationBudget, recorded_source, tenant_share
 from gtvp.core.policy import MigrationLimits
 
 LIMITS = MigrationLimits(max_parallel=3, max_outbound_per_node=2, max_inbound_per_node=1)
@@ -142,3 +144,36 @@ def test_taking_only_what_is_allowed_keeps_every_limit(
         assert into == 0 or before.arriving(node) + into <= LIMITS.max_inbound_per_node
         assert budget.leaving(node) == before.leaving(node) + out
         assert budget.arriving(node) == before.arriving(node) + into
+
+
+def test_moves_a_tenants_own_evidence_causes_leave_room_for_a_member_that_lost_trust() -> None:
+    """A tenant can make its boxes fail their vTPM quotes at will, and keep each move long
+    (a guest dirtying its memory): with the whole budget theirs, a member that lost trust
+    waited for its evacuation until its VMs were stopped at migrateWithin (found by a
+    review). Such moves now share half of maxParallel; the rest stays for the others."""
+    limits = MigrationLimits(max_parallel=4, max_outbound_per_node=4, max_inbound_per_node=4)
+    targets = [("t1", 2), ("t2", 2)]
+    tenant = [  # two of the tenant's boxes on their way off member a
+        migration_view(obj)
+        for i in range(2)
+        for obj in plan_evacuation(member="a", incident="attest-1",
+                                   vmis=[Vmi("ns", f"box{i}", "a", 2)], migrations=[],
+                                   limits=limits, targets=targets)
+    ]  # fmt: skip
+    assert [m.vmi for m in tenant if m.active and not m.foreign] == ["box0", "box1"]
+    moving = frozenset({("ns", "box0"), ("ns", "box1"), ("ns", "box2")})
+    third = [Vmi("ns", "box2", "a", 2)]
+    # a third waits ...
+    shared = tenant_share(limits, tenant, moving)
+    assert plan_evacuation(member="a", incident="attest-2", vmis=third, migrations=tenant,
+                           limits=shared, targets=targets) == []  # fmt: skip
+    # ... as it would not with the whole budget
+    assert plan_evacuation(member="a", incident="attest-2", vmis=third, migrations=tenant,
+                           limits=limits, targets=targets)  # fmt: skip
+    # a member that lost trust still moves its two VMs
+    lost = [Vmi("ns", "vm1", "b", 2), Vmi("ns", "vm2", "b", 2)]
+    assert len(plan_evacuation(member="b", incident="lost", vmis=lost, migrations=tenant,
+                               limits=limits, targets=targets)) == 2  # fmt: skip
+    # the others' moves do not count against the tenants' share
+    assert tenant_share(limits, tenant, frozenset()).max_parallel == 2 + 2
+    assert tenant_share(MigrationLimits(max_parallel=1), [], moving).max_parallel == 1

@@ -11,12 +11,18 @@ says (`source_of`: KubeVirt's `sourceNode`, or the node its VMI runs on before K
 records one) and arrives at its target, or at the member it is pinned to before KubeVirt
 records a target. A plan `take`s a slot for each migration it starts, so the migrations it
 plans together keep the limits too. Pure; the only mutable state is the plan's own count.
+
+Moves that a tenant's own evidence causes (a Lazy Box whose vTPM quote failed, or that
+stopped quoting) take at most `tenant_share` of `maxParallel`: a tenant can make them at
+will and keep each one long (a guest that dirties its memory), and with the whole budget
+theirs, a member that lost trust would wait for its evacuation until its VMs are stopped
+at `migrateWithin` (found by a review).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from gtvp.core.policy import MigrationLimits
@@ -122,3 +128,18 @@ class MigrationBudget:
             self.outbound[source] = self.outbound.get(source, 0) + 1
         if target:
             self.inbound[target] = self.inbound.get(target, 0) + 1
+
+
+def tenant_share(
+    limits: MigrationLimits,
+    migrations: Iterable[ActiveMigration],
+    tenants_moves: Collection[tuple[str, str]],
+) -> MigrationLimits:
+    """The limits for starting moves of the VMIs in `tenants_moves` ((namespace, name):
+    boxes whose own evidence failed): together they hold at most half of maxParallel (at
+    least one), the rest is kept for evacuations of members that lost trust, drains and
+    balancing. A cluster limit of 1 keeps nothing back."""
+    share = max(1, limits.max_parallel // 2)
+    active = [m for m in migrations if m.active and not m.foreign]
+    theirs = sum(1 for m in active if (m.namespace, m.vmi) in tenants_moves)
+    return replace(limits, max_parallel=min(limits.max_parallel, len(active) - theirs + share))

@@ -37,7 +37,7 @@ from gtvp import kube
 from gtvp.box_attestation import where_runs
 from gtvp.cluster_view import Key
 from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
-from gtvp.core.boxattest import must_leave
+from gtvp.core.boxattest import Where, must_leave
 from gtvp.core.components import image_digests
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import (
@@ -64,6 +64,7 @@ from gtvp.core.footprint import FINISHED, vmi_requests
 from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
+from gtvp.core.migration_budget import tenant_share
 from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import format_ts, human_duration, parse_ts
@@ -254,12 +255,17 @@ async def evacuate_unattested(rt: Runtime) -> None:
         box_topic = topic.split("#", 1)[0]  # #failed, #full, #late, #unmovable
         if box_topic not in boxes:  # a box's topic; the box is gone
             forget(rt, box_topic)
+    leaving: list[tuple[Key, dict[str, Any], Where, dict[str, Any]]] = []
     for (ns, name), box in sorted(rt.view.boxes.items()):
         where = where_runs(rt, (ns, name))
         att = (box.get("status") or {}).get("attestation") or {}
         if where is None or not must_leave(att, where):
             forget(rt, f"{ns}/{name}")
             continue
+        leaving.append(((ns, name), box, where, att))
+    # these moves are the tenants' doing: they share part of the budget (`tenant_share`)
+    theirs = frozenset(key for key, *_ in leaving)
+    for (ns, name), box, where, att in leaving:
         vmi = rt.view.vmis.get((ns, name)) or {}
         level = gated_level(vmi) or box_level(box)
         lv = policy.level(level)
@@ -277,7 +283,8 @@ async def evacuate_unattested(rt: Runtime) -> None:
         acted = parse_ts(att.get("actedAt"))  # migrateWithin counts from the mismatch
         since = {level: acted} if acted is not None else {}
         await _act(rt, member, incident, action, one, topic=f"{ns}/{name}",
-                   since=since, after="its vTPM evidence failed there")  # fmt: skip
+                   since=since, after="its vTPM evidence failed there",
+                   tenants_moves=theirs)  # fmt: skip
 
 
 async def _act(
@@ -292,13 +299,16 @@ async def _act(
     after: str = "it lost trust",
     stop_unmovable: bool = True,
     member_level: Level | None = None,
+    tenants_moves: frozenset[Key] | None = None,
 ) -> int:
     """Move, stop or keep `on_member` (gated VMIs on `member`), as `on_untrusted` says;
     `topic`: the key its waiting messages are said once under (default: the member);
     `since`: per level, since when the member has held less (`after` says what happened
     then): a VMI still to move once its level's bound has passed (`migrateWithin`, by
     default `DEFAULT_MIGRATE_WITHIN`) is stopped, and (`stop_unmovable`) one KubeVirt says
-    cannot live-migrate whose level sets no `migrateWithin`. Returns how many are still to
+    cannot live-migrate whose level sets no `migrateWithin`; `tenants_moves`: the VMIs
+    whose own evidence makes them move, which share part of the budget
+    (`migration_budget.tenant_share`). Returns how many are still to
     act on: under Migrate all of them (looked at again soon), under Stop those whose stop
     failed."""
     policy = rt.view.policy
@@ -384,7 +394,11 @@ async def _act(
         incident=incident,
         vmis=movable,
         migrations=migrations,
-        limits=policy.migration,
+        limits=(
+            policy.migration
+            if tenants_moves is None
+            else tenant_share(policy.migration, migrations, tenants_moves)
+        ),
         targets=targets,
         images=node_images(rt, [name for name, _ in targets]),
         room=room,
