@@ -182,3 +182,38 @@ def test_a_service_account_named_like_the_agent_elsewhere_is_no_agent(
     finally:
         control_plane.kubectl("delete", "member", node, check=False)
         control_plane.kubectl("delete", "node", node, check=False)
+
+
+@pytest.mark.usefixtures("wildcard_owner")
+def test_an_agent_granted_more_cannot_readmit_its_own_member(
+    control_plane: ControlPlane,
+) -> None:
+    """gtvp.io/readmit on a Member is an administrator's word that its host may be judged
+    again after a reboot or a rollback on a level that does not recover on its own: root on
+    a host whose agent account some wildcard role lets update Members wrote it on its own
+    Member (found by a review). Its status (status.agent) is still its own to write."""
+    apply_manifests(control_plane)
+    node = f"host-{uuid.uuid4().hex[:6]}"
+    agent = agent_identity(node)
+    grant(control_plane, "gtvp-test-wide-agent-members",
+          [{"apiGroups": ["gtvp.io"], "resources": ["*"], "verbs": ["*"]}], (agent,))  # fmt: skip
+    control_plane.apply(
+        {"apiVersion": "gtvp.io/v1alpha1", "kind": "Member", "metadata": {"name": node},
+         "spec": {"identity": 3}}
+    )  # fmt: skip
+    try:
+        needle = f"may not change the annotations, labels, finalizers or owners of Member {node}"
+        for what in (("annotate", "member", node, "gtvp.io/readmit=2026-12-05T00:00:00Z"),
+                     ("label", "member", node, "gtvp.io/anything=x")):  # fmt: skip
+            until_refused(control_plane, "gtvp-agent-writes", needle, *what, identity=agent)
+            refused = control_plane.kubectl(*what, identity=agent, check=False)
+            assert refused.returncode != 0
+            assert needle in refused.stderr
+        heartbeat = {"status": {"agent": {"heartbeatTime": "2026-12-05T00:00:00Z"}}}
+        ok = control_plane.kubectl(
+            "patch", "member", node, "--subresource=status", "--type=merge",
+            "-p", json.dumps(heartbeat), identity=agent, check=False,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        control_plane.kubectl("delete", "member", node, check=False)
