@@ -263,3 +263,23 @@ def test_an_identity_on_a_host_cannot_say_another_host_rebooted(
 def _boot(cp: ControlPlane, node: str) -> str:
     got = json.loads(cp.kubectl("get", "node", node, "-o", "json").stdout)
     return str(got["status"]["nodeInfo"]["bootID"])
+
+
+@pytest.mark.usefixtures("node_patchers")
+def test_an_identity_on_a_host_cannot_take_another_hosts_hostname(
+    control_plane: ControlPlane, node: str, namespace: str, tmp_path: Path
+) -> None:
+    """gtvp pins each of its migrations with kubernetes.io/hostname next to the trust
+    labels: a Trusted host that labelled its own Node with another member's hostname
+    (NodeRestriction lets a kubelet set it) drew moves pinned there, charged to the other
+    (found by a review). Its own name, or the value it had, stays allowed."""
+    _until_refused(control_plane, node)
+    host = _host_token(control_plane, namespace, node, tmp_path)
+    hostname = "kubernetes.io/hostname"
+    refused = _patch_as(control_plane, host, node, {hostname: "another-member"})
+    assert refused.returncode != 0
+    assert f"may set it on Node {node} to that name only" in refused.stderr
+    assert _patch_as(control_plane, host, node, {hostname: node}).returncode == 0
+    assert _patch_as(control_plane, host, node, {hostname: node}).returncode == 0  # kept
+    assert _label(control_plane, node, {hostname: "renamed"}, ADMIN).returncode == 0
+    assert _patch_as(control_plane, host, node, {"example.com/rack": "r2"}).returncode == 0
