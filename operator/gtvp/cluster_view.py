@@ -95,6 +95,8 @@ class ClusterView:
         ],
     ] = field(default_factory=dict)
     """Per member: `_as_labelled`'s last answer, with what it was asked on and until when."""
+    boot_memo: dict[str, tuple[Mapping[str, Any] | None, str | None]] = field(default_factory=dict)
+    """Per Node: the object `node_boot_id` last read and what it found."""
     unwritten: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
     """Verdicts taking trust away that could not be stored (`hold_to`): member -> (the
     stored verdict each was reached over, `_verdict_part`, and the verdict)."""
@@ -207,7 +209,12 @@ class ClusterView:
         return self.held_body(name, self.members.get(name), by_labels=by_labels)
 
     def held_body(
-        self, name: str, body: Mapping[str, Any] | None, *, by_labels: bool = False
+        self,
+        name: str,
+        body: Mapping[str, Any] | None,
+        *,
+        by_labels: bool = False,
+        now: dt.datetime | None = None,
     ) -> Mapping[str, Any] | None:
         """`body` (the member's, from the view or read fresh) with the status the pool is
         held to: the verdict this replica reached but could not store (`hold_to`), while
@@ -217,7 +224,8 @@ class ClusterView:
         (`trust.as_labelled`: the replica that reached a verdict it could not store takes
         them off). Never for what moves or stops VMs, aborts migrations or withholds
         Secrets: labels also lag a verdict for ordinary reasons (a Maintenance ended, a
-        failed Node write), and those must not take running VMs down."""
+        failed Node write), and those must not take running VMs down. `now`: the caller's
+        clock (a placement's, asked of every member), else the current time."""
         if body is None:
             return None
         status: Mapping[str, Any] = body.get("status") or {}
@@ -225,7 +233,7 @@ class ClusterView:
         if held is not None and _verdict_part(status) == held[0]:
             status = held[1]
         elif by_labels and name in self.nodes:
-            status = self._as_labelled(name, status, dt.datetime.now(dt.UTC))
+            status = self._as_labelled(name, status, now or dt.datetime.now(dt.UTC))
         return body if status is body.get("status") else {**body, "status": status}
 
     def _as_labelled(
@@ -255,6 +263,7 @@ class ClusterView:
         if event_type == "DELETED":
             self.node_labels.pop(name, None)
             self.nodes.pop(name, None)
+            self.boot_memo.pop(name, None)
             return False
         self.node_labels[name] = dict((body.get("metadata") or {}).get("labels") or {})
         self.nodes[name] = kept(body)
@@ -262,8 +271,15 @@ class ClusterView:
 
     def node_boot_id(self, name: str) -> str | None:
         """The boot the Node's kubelet reports (`status.nodeInfo.bootID`); None when the
-        Node is unknown or reports none."""
-        return node_boot_id(self.nodes.get(name) or {})
+        Node is unknown or reports none. Remembered per Node object (the view replaces a
+        Node, never edits it): every placement asks it of every member."""
+        node = self.nodes.get(name)
+        hit = self.boot_memo.get(name)
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        boot = node_boot_id(node or {})
+        self.boot_memo[name] = (node, boot)
+        return boot
 
     # -- KubeVirt -------------------------------------------------------------------------
 

@@ -113,7 +113,8 @@ def hosts(rt: Runtime, now: dt.datetime, exclude: Key | None = None) -> list[Hos
         node = nodes.get(name)
         if node is None:
             continue
-        base = _host_base(rt, name, rt.view.held_body(name, stored, by_labels=True) or stored, node)
+        held = rt.view.held_body(name, stored, by_labels=True, now=now)
+        base = _host_base(rt, name, held or stored, node)
         u = used.get(name, none)
         usable = base.view.usable(now, 1) and base.view.uses_left > unspent.get(name, 0)
         last = memo.get(name)
