@@ -63,7 +63,7 @@ from gtvp.runtime import Runtime
 
 log = logging.getLogger("gtvp.lazyboxes")
 WAITING_PHASES = (None, "Pending", "Verifying", "Failed", "Resolving")
-WRITERS = 4  # boxes reconciled at once: planning is serialised, API writes overlap
+WRITERS = 8  # boxes reconciled at once: planning is serialised, API writes overlap
 ACTIVE_MIGRATION = (
     "",
     "Pending",
@@ -574,17 +574,24 @@ async def _reconcile_safely(rt: Runtime, key: Key, limit: asyncio.Semaphore) -> 
 
 async def _spend_placements(rt: Runtime) -> None:
     """A placement is a decision that relies on the member's verdict: each spends one use,
-    the batch's placements on one member in one write (not one Member write per box)."""
+    the batch's placements on one member in one write (not one Member write per box), the
+    members' writes at once (WRITERS at a time): one after the other, they held the next
+    batch back for a round trip per member the batch placed on."""
     unspent = rt.boxes.unspent
-    for node, uses in list(unspent.items()):
-        try:
-            await spend_use(rt, node, uses)
-        except Exception:  # kept unspent (and counted against the member): the next pass
-            log.exception("spending %d verdict use(s) of member %s failed", uses, node)
-            continue
+    limit = asyncio.Semaphore(WRITERS)
+
+    async def spend(node: str, uses: int) -> None:
+        async with limit:
+            try:
+                await spend_use(rt, node, uses)
+            except Exception:  # kept unspent (and counted against the member): next pass
+                log.exception("spending %d verdict use(s) of member %s failed", uses, node)
+                return
         unspent[node] -= uses
         if unspent[node] <= 0:
             del unspent[node]
+
+    await asyncio.gather(*(spend(node, uses) for node, uses in list(unspent.items())))
 
 
 def _sweep_safely(rt: Runtime) -> None:
