@@ -603,6 +603,40 @@ def test_boxes_failing_at_will_take_at_most_half_of_the_migration_budget(pool: P
         pool.rt.view.policy = policy
 
 
+def test_a_box_that_attests_once_its_move_began_keeps_holding_the_tenants_share(
+    pool: Pool,
+) -> None:
+    """An overdue box that answers a quote once its move has begun is Verified again, but
+    its move still runs: counted by the box's state now, it left the tenants' share, and a
+    tenant repeating it with box after box took the whole budget (found by a review)."""
+    policy = pool.rt.view.policy
+    assert policy is not None
+    pool.rt.view.policy = dataclasses.replace(policy, migration=MigrationLimits(max_parallel=2))
+    try:
+        first, second = pool.guests[BOX], pool.guests[OTHER_BOX]
+        first.bind()
+        first.measure([*pool.disks[BOX], hashlib.sha256(b"not composed").digest()])
+        assert first.quote(first.challenge()["nonce"])[1]["reason"] == ba.COMPONENT_MISMATCH
+        pool.act()
+        assert len(pool.migrations(BOX)) == 1
+        # the box says Verified again while its move runs (as a late answer to an overdue
+        # challenge leaves it), acted on for this boot all the same
+        att = pool.attestation(BOX)
+        assert att["actedOn"]
+        box = kube.patch_status(
+            pool.admin, LAZY_BOXES, BOX, {"attestation": {**att, "state": ba.VERIFIED}},
+            pool.namespace,
+        )  # fmt: skip
+        pool.rt.view.observe_box(box, "MODIFIED")
+        second.bind()
+        second.measure([*pool.disks[OTHER_BOX], hashlib.sha256(b"not composed").digest()])
+        assert second.quote(second.challenge()["nonce"])[1]["reason"] == ba.COMPONENT_MISMATCH
+        pool.act()
+        assert pool.migrations(OTHER_BOX) == []  # the share (1 of 2) is still the first's
+    finally:
+        pool.rt.view.policy = policy
+
+
 def test_a_host_naming_another_member_in_the_vmis_status_does_not_keep_a_mismatched_box(
     pool: Pool, control_plane: ControlPlane
 ) -> None:

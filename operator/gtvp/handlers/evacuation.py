@@ -256,15 +256,20 @@ async def evacuate_unattested(rt: Runtime) -> None:
         if box_topic not in boxes:  # a box's topic; the box is gone
             forget(rt, box_topic)
     leaving: list[tuple[Key, dict[str, Any], Where, dict[str, Any]]] = []
+    theirs: set[Key] = set()
     for (ns, name), box in sorted(rt.view.boxes.items()):
         where = where_runs(rt, (ns, name))
         att = (box.get("status") or {}).get("attestation") or {}
+        if where is not None and att.get("actedOn") == where.vmi_uid:
+            # moved (or moving) for its own evidence on this boot: the tenants' doing, which
+            # shares part of the budget (`tenant_share`), counted whatever its state is now
+            # (an overdue box that answers once its move began must not free its share
+            # while that move still runs: found by a review)
+            theirs.add((ns, name))
         if where is None or not must_leave(att, where):
             forget(rt, f"{ns}/{name}")
             continue
         leaving.append(((ns, name), box, where, att))
-    # these moves are the tenants' doing: they share part of the budget (`tenant_share`)
-    theirs = frozenset(key for key, *_ in leaving)
     for (ns, name), box, where, att in leaving:
         vmi = rt.view.vmis.get((ns, name)) or {}
         level = gated_level(vmi) or box_level(box)
@@ -284,7 +289,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
         since = {level: acted} if acted is not None else {}
         await _act(rt, member, incident, action, one, topic=f"{ns}/{name}",
                    since=since, after="its vTPM evidence failed there",
-                   tenants_moves=theirs)  # fmt: skip
+                   tenants_moves=frozenset(theirs))  # fmt: skip
 
 
 async def _act(
