@@ -267,19 +267,47 @@ def _boot(cp: ControlPlane, node: str) -> str:
 
 @pytest.mark.usefixtures("node_patchers")
 def test_an_identity_on_a_host_cannot_take_another_hosts_hostname(
-    control_plane: ControlPlane, node: str, namespace: str, tmp_path: Path
+    control_plane: ControlPlane,
+    node: str,
+    cluster_names: list[str],
+    namespace: str,
+    tmp_path: Path,
 ) -> None:
     """gtvp pins each of its migrations with kubernetes.io/hostname next to the trust
     labels: a Trusted host that labelled its own Node with another member's hostname
-    (NodeRestriction lets a kubelet set it) drew moves pinned there, charged to the other
-    (found by a review). Its own name, or the value it had, stays allowed."""
+    (NodeRestriction lets a kubelet set it), or registered its Node again so labelled (a
+    kubelet may delete its own Node), drew moves pinned there, charged to the other; one
+    that took the label off another Node left every move pinned there unschedulable
+    (found by reviews). Its own name, or the value it had, stays allowed."""
     _until_refused(control_plane, node)
     host = _host_token(control_plane, namespace, node, tmp_path)
     hostname = "kubernetes.io/hostname"
+    said = f"may set it on Node {node} to that name only, and take it off its own Node only"
     refused = _patch_as(control_plane, host, node, {hostname: "another-member"})
     assert refused.returncode != 0
-    assert f"may set it on Node {node} to that name only" in refused.stderr
+    assert said in refused.stderr
     assert _patch_as(control_plane, host, node, {hostname: node}).returncode == 0
     assert _patch_as(control_plane, host, node, {hostname: node}).returncode == 0  # kept
     assert _label(control_plane, node, {hostname: "renamed"}, ADMIN).returncode == 0
     assert _patch_as(control_plane, host, node, {"example.com/rack": "r2"}).returncode == 0
+    # another Node's label stays; its own may come off
+    other = f"labels-{uuid.uuid4().hex[:6]}"
+    body = {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": other, "labels": {hostname: other}}}  # fmt: skip
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body))
+    cluster_names.append(f"node/{other}")
+    taken = _patch_as(control_plane, host, other, {hostname: None})
+    assert taken.returncode != 0
+    assert "take it off its own Node only" in taken.stderr
+    assert _patch_as(control_plane, host, node, {hostname: None}).returncode == 0
+    # a kubelet registering its Node again under another member's hostname
+    again = f"labels-{uuid.uuid4().hex[:6]}"
+    kubelet = Identity(f"system:node:{again}", ("system:nodes",), f"kubelet-{again}")
+    for value, ok in ((other, False), (again, True)):
+        body = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": again, "labels": {hostname: value}}}  # fmt: skip
+        made = control_plane.kubectl("create", "-f", "-", input_text=json.dumps(body),
+                                     identity=kubelet, check=False)  # fmt: skip
+        assert (made.returncode == 0) == ok, made.stderr
+        assert ok or f"may set it on Node {again} to that name only" in made.stderr
+    cluster_names.append(f"node/{again}")
