@@ -473,8 +473,9 @@ def _not_placed(rt: Runtime, decision: Decision) -> Decision:
     use `_plan` counted for it is not spent (the box, Failed, is planned again every pass:
     a box that cannot be armed must not drain its member's uses)."""
     node = decision.placement.node if decision.placement is not None else None
-    if node and rt.boxes.unspent.get(node, 0) > 0:
-        rt.boxes.unspent[node] -= 1
+    with rt.boxes.plan_lock:  # `_plan` counts placements under it, from other threads
+        if node and rt.boxes.unspent.get(node, 0) > 0:
+            rt.boxes.unspent[node] -= 1
     return decision
 
 
