@@ -624,7 +624,7 @@ def check_activation(
             "boundVmiUID": where.vmi_uid,
         }
     )
-    if att.get("state") in (MISMATCH, OVERDUE) and att.get("actedOn") == where.vmi_uid:
+    if att.get("state") in (MISMATCH, OVERDUE) and acted_this_boot(att, where):
         return out  # still failed on this boot: the box must still leave (`must_leave`)
     out["state"] = PENDING
     for k in ("verifiedAt", "member", "vmiUID"):
@@ -962,11 +962,17 @@ def _clock_waits_or_starts(
     return {**att, "wanted": fresh, **pending}
 
 
+def acted_this_boot(att: Mapping[str, Any], where: Where) -> bool:
+    """Whether the level's onUntrusted was called for on the boot (VMI uid) the box runs
+    now, whatever its state since (`acted_on` records it)."""
+    return att.get("actedOn") == where.vmi_uid
+
+
 def act_on_mismatch(att: Mapping[str, Any], where: Where) -> bool:
     """Whether a mismatch now calls for the level's onUntrusted: once per boot (VMI uid)
     of the box, so a box is never moved twice for one mismatch (the vTPM migrates with it
     and still shows the same PCR on the next member)."""
-    return att.get("actedOn") != where.vmi_uid
+    return not acted_this_boot(att, where)
 
 
 def acted_on(where: Where, now: dt.datetime, member: str | None = None) -> dict[str, str]:
@@ -988,6 +994,6 @@ def must_leave(att: Mapping[str, Any], where: Where) -> bool:
     foreign object holding its name is planned again), then never again for that boot."""
     return (
         att.get("state") in (MISMATCH, OVERDUE)
-        and att.get("actedOn") == where.vmi_uid
+        and acted_this_boot(att, where)
         and where.on(att.get("actedOnMember"))
     )

@@ -37,7 +37,7 @@ from gtvp import kube
 from gtvp.box_attestation import where_runs
 from gtvp.cluster_view import Key
 from gtvp.core.api_resources import MIGRATIONS, VIRTUAL_MACHINE_INSTANCES, VIRTUAL_MACHINES
-from gtvp.core.boxattest import Where, must_leave
+from gtvp.core.boxattest import Where, acted_this_boot, must_leave
 from gtvp.core.components import image_digests
 from gtvp.core.compose import BOX_LABEL
 from gtvp.core.evacuation import (
@@ -260,7 +260,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
     for (ns, name), box in sorted(rt.view.boxes.items()):
         where = where_runs(rt, (ns, name))
         att = (box.get("status") or {}).get("attestation") or {}
-        if where is not None and att.get("actedOn") == where.vmi_uid:
+        if where is not None and acted_this_boot(att, where):
             # moved (or moving) for its own evidence on this boot: the tenants' doing, which
             # shares part of the budget (`tenant_share`), counted whatever its state is now
             # (an overdue box that answers once its move began must not free its share
@@ -270,6 +270,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
             forget(rt, f"{ns}/{name}")
             continue
         leaving.append(((ns, name), box, where, att))
+    tenants_moves = frozenset(theirs)
     for (ns, name), box, where, att in leaving:
         vmi = rt.view.vmis.get((ns, name)) or {}
         level = gated_level(vmi) or box_level(box)
@@ -289,7 +290,7 @@ async def evacuate_unattested(rt: Runtime) -> None:
         since = {level: acted} if acted is not None else {}
         await _act(rt, member, incident, action, one, topic=f"{ns}/{name}",
                    since=since, after="its vTPM evidence failed there",
-                   tenants_moves=frozenset(theirs))  # fmt: skip
+                   tenants_moves=tenants_moves)  # fmt: skip
 
 
 async def _act(
