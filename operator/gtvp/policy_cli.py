@@ -127,9 +127,18 @@ def render(
         ops = [{"op": "add", "path": f"{path_prefix}/referenceSets", "value": [ref_set]}]
     else:
         ops = [{"op": "add", "path": f"{path_prefix}/referenceSets/-", "value": ref_set}]
-    warning = unmeasured(ref_set)
-    head = "".join(f"# {c}\n" for c in [*comments, *([warning] if warning else [])])
+    head = "".join(f"# {c}\n" for c in comments)
     return head + yaml.safe_dump(ops, sort_keys=False, width=200)
+
+
+def _proposal(
+    ref_set: dict[str, Any], *, path_prefix: str, has_sets: bool | None, comments: list[str]
+) -> tuple[str, str | None]:
+    """The rendered proposal, with `unmeasured`'s warning among its comments, and that
+    warning (for stderr; None: nothing to warn of)."""
+    warning = unmeasured(ref_set)
+    comments = [*comments, *([warning] if warning else [])]
+    return render(ref_set, path_prefix=path_prefix, has_sets=has_sets, comments=comments), warning
 
 
 def unmeasured(ref_set: dict[str, Any]) -> str | None:
@@ -153,7 +162,7 @@ def _counts(ref_set: dict[str, Any]) -> str:
     return f"{n} event digests on PCRs {[p['pcr'] for p in pcrs]}"
 
 
-def _from_file(args: argparse.Namespace, now: dt.datetime) -> str:
+def _from_file(args: argparse.Namespace, now: dt.datetime) -> tuple[str, str | None]:
     try:
         data = Path(args.event_log).read_bytes()
     except OSError as exc:
@@ -165,7 +174,7 @@ def _from_file(args: argparse.Namespace, now: dt.datetime) -> str:
     pcrs = _pcr_list(args.pcrs) if args.pcrs else DEFAULT_PCRS
     ref_set = learn(log, bank, pcrs, name=args.name or _set_name(Path(args.event_log).name, now))
     _window(ref_set, args)
-    return render(
+    return _proposal(
         ref_set,
         path_prefix=f"/spec/memberClasses/{args.class_index}",
         has_sets=None,
@@ -241,7 +250,7 @@ def _trusted_log(member: str, status: dict[str, Any], evidence: dict[str, Any]) 
     return _parse(data, f"member {member}'s event log")
 
 
-def _from_member(args: argparse.Namespace, now: dt.datetime) -> str:
+def _from_member(args: argparse.Namespace, now: dt.datetime) -> tuple[str, str | None]:
     from kubernetes import client, config
 
     kubeconfig = _kubeconfig(args)
@@ -308,7 +317,7 @@ def _from_member(args: argparse.Namespace, now: dt.datetime) -> str:
             f"member {args.member}'s class {class_name or '(none)'} is not in SecurityPolicy "
             f"{policy_name or '(unknown)'}: nothing to add the set to"
         )
-    return render(
+    return _proposal(
         ref_set,
         path_prefix=f"/spec/memberClasses/{index}",
         has_sets=bool(classes[index].get("referenceSets")),
@@ -326,7 +335,9 @@ def _from_member(args: argparse.Namespace, now: dt.datetime) -> str:
 def run_learn(args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.UTC)
     try:
-        out = _from_file(args, now) if args.event_log is not None else _from_member(args, now)
+        out, warning = (
+            _from_file(args, now) if args.event_log is not None else _from_member(args, now)
+        )
     except Refused as exc:
         print(f"gtvp policy learn: {exc}", file=sys.stderr)
         return 1
@@ -334,7 +345,6 @@ def run_learn(args: argparse.Namespace) -> int:
         print(f"gtvp policy learn: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(out)
-    for line in out.splitlines():
-        if line.startswith("# WARNING: "):
-            print(f"gtvp policy learn: {line[2:]}", file=sys.stderr)
+    if warning is not None:
+        print(f"gtvp policy learn: {warning}", file=sys.stderr)
     return 0
