@@ -46,14 +46,7 @@ class Served:
         self.server = server
 
     async def review(self) -> int:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{self.url}/gtvp-validate-vm", data=json.dumps(REVIEW), ssl=self.context
-            ) as response,
-        ):
-            await response.read()
-            return response.status
+        return await _post(self.url, self.context)
 
     async def raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP connection that has sent nothing (no handshake)."""
@@ -64,6 +57,17 @@ class Served:
         return await asyncio.open_connection(
             "127.0.0.1", self.port, ssl=self.context, server_hostname="127.0.0.1"
         )
+
+
+async def _post(url: str, context: ssl.SSLContext, uid: str = "1") -> int:
+    """The status of a review (request `uid`) posted to the VM webhook."""
+    body = json.dumps({**REVIEW, "request": {"uid": uid}})
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/gtvp-validate-vm", data=body, ssl=context) as response,
+    ):
+        await response.read()
+        return response.status
 
 
 def _serve(tmp_path: Path, test: Callable[[Served], Awaitable[None]]) -> None:
@@ -243,21 +247,12 @@ def test_a_renewed_certificate_is_served_while_the_old_reviews_finish(tmp_path: 
             await held.wait()
         return {"response": {"uid": data["request"]["uid"], "allowed": True}}
 
-    async def post(url: str, uid: str, context: ssl.SSLContext) -> int:
-        body = json.dumps({**REVIEW, "request": {"uid": uid}})
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{url}/gtvp-validate-vm", data=body, ssl=context) as response,
-        ):
-            await response.read()
-            return response.status
-
     async def run() -> None:
         async with server:
             listeners = server(fn)
             url = (await listeners.__anext__())["url"]
             context = ssl.create_default_context(cafile=str(ca.cert))
-            first = asyncio.create_task(post(url, "held", context))
+            first = asyncio.create_task(_post(url, context, "held"))
             await asyncio.wait_for(reviewed.wait(), 5)
             renewal = asyncio.create_task(listeners.__anext__())  # kopf waits for the next
             await asyncio.sleep(0.2)  # its watch has read the files as they were
@@ -266,7 +261,7 @@ def test_a_renewed_certificate_is_served_while_the_old_reviews_finish(tmp_path: 
             cert.cert.write_bytes(renewed.cert.read_bytes())
             cert.key.write_bytes(renewed.key.read_bytes())
             await asyncio.wait_for(renewal, 5)  # the renewed runner
-            assert await asyncio.wait_for(post(url, "fresh", context), 5) == 200
+            assert await asyncio.wait_for(_post(url, context, "fresh"), 5) == 200
             assert not first.done()  # the old review still in flight, on the old runner
             held.set()
             assert await asyncio.wait_for(first, 5) == 200
