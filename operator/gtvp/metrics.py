@@ -46,7 +46,7 @@ ADMISSION_KINDS = (
 """What the admission webhooks judge (`kind` of gtvp_admission_decisions_total)."""
 MUTATED_KINDS = ADMISSION_KINDS[:3]
 """The kinds the mutating webhook sees (outcomes `mutated`, `unchanged`)."""
-EVACUATION_STATES = ("started", "finished", "aborted", "cancelled")
+EVACUATION_STATES = ("started", "finished", "aborted", "cancelled", "preempted")
 DRAIN_STATES = ("started", "finished", "cancelled")
 PLACEMENT_OUTCOMES = ("placed", "pending")
 
@@ -170,6 +170,8 @@ class Metrics:
         self.evacuations = Counter(
             "gtvp_evacuation_migrations",
             "Evacuation migrations by state (started, finished, aborted, cancelled; "
+            "preempted: a move a box's own evidence caused, deleted for an evacuation of a "
+            "member that lost trust; "
             "stopped-unmovable: a VM that cannot live-migrate stopped instead; "
             "stopped-no-policy: a gated VM stopped because no SecurityPolicy is in force)",
             ["state"],

@@ -142,6 +142,9 @@ class EvacuationMemory:
     retargeted: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     """(namespace, VMI) -> target -> when (monotonic) a pinned migration of it to that
     target was cancelled (`core.evacuation.retargeted_from`)."""
+    tenants_yield_until: float = 0.0
+    """Until when (monotonic) boxes start no move for their own evidence: an evacuation of a
+    member that lost trust was held back by the limits (`core.preemption`)."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from gtvp import box_attestation, http_endpoints, kube
 from gtvp.core import boxattest as ba
 from gtvp.core import keyrelease as kr
-from gtvp.core.api_resources import LAZY_BOXES, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
+from gtvp.core.api_resources import LAZY_BOXES, MEMBERS, MIGRATIONS, VIRTUAL_MACHINE_INSTANCES
 from gtvp.core.components import parse_component
 from gtvp.core.compose import BOX_LABEL, BoxRef, compose_vm, overlay_order, template_boots
 from gtvp.core.evacuation import EVACUATION_LABEL, Vmi, migration_name
@@ -67,6 +67,7 @@ from tests.integration.test_verdict_tokens import (  # noqa: F401 - fixtures
 )
 from tests.launcher_pods import create_launcher_pod
 from tests.softmember import Bundle, policy_trusting
+from tests.softtpm import SoftCA, SoftTpm
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.tpm]
 
@@ -635,6 +636,89 @@ def test_a_box_that_attests_once_its_move_began_keeps_holding_the_tenants_share(
         assert pool.migrations(OTHER_BOX) == []  # the share (1 of 2) is still the first's
     finally:
         pool.rt.view.policy = policy
+
+
+@pytest.mark.timeout(240)
+def test_a_boxs_own_move_gives_way_to_the_evacuation_of_a_member_that_lost_trust(
+    pool: Pool,
+    control_plane: ControlPlane,
+    ca: SoftCA,  # noqa: F811
+) -> None:
+    """Under maxParallel 1 the tenants' half of the budget is all of it: a tenant failing its
+    box's quotes at will (and keeping each move long) held every evacuation of a member that
+    lost trust until migrateWithin stopped its VMs. The box's move now gives way: it is
+    deleted (the box stays on its Trusted member), the evacuation starts, and the box
+    starts no new move while that evacuation waits for the limits."""
+    policy = pool.rt.view.policy
+    assert policy is not None
+    pool.rt.view.policy = dataclasses.replace(policy, migration=MigrationLimits(max_parallel=1))
+    name = f"tok-{secrets.token_hex(3)}"
+    member_body = {
+        "apiVersion": MEMBERS.api_version,
+        "kind": MEMBERS.kind,
+        "metadata": {"name": name},
+        "spec": {"identity": 3},
+    }
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(member_body))
+    plain = [f"plain-{i}-{secrets.token_hex(3)}" for i in (1, 2)]
+    try:
+        guest = pool.guests[BOX]
+        guest.bind()
+        guest.measure([*pool.disks[BOX], hashlib.sha256(b"not composed").digest()])
+        assert guest.quote(guest.challenge()["nonce"])[1]["reason"] == ba.COMPONENT_MISMATCH
+        pool.act()
+        (theirs,) = pool.migrations(BOX)
+        pool.rt.view.observe_migration(theirs, "MODIFIED")  # as the operator's watch sees it
+        # a third member, Trusted, runs two ordinary gated VMs; then it loses trust
+        lost = _Member(name, SoftTpm(ca), pool.admin)
+        _until(pool.rt, lost, "QuoteVerified")
+        pool.rt.view.observe_node(_node(pool.admin, name), "ADDED")
+        box_vmi = kube.get_if_present(pool.admin, VIRTUAL_MACHINE_INSTANCES, BOX, pool.namespace)
+        assert box_vmi is not None
+        for vm in plain:
+            vmi = {
+                "apiVersion": VIRTUAL_MACHINE_INSTANCES.api_version,
+                "kind": VIRTUAL_MACHINE_INSTANCES.kind,
+                "metadata": {"name": vm, "namespace": pool.namespace,
+                             "labels": {"gtvp.io/level": "2"}},
+                "spec": box_vmi["spec"],
+                "status": {"phase": "Running", "nodeName": name},
+            }  # fmt: skip
+            pool.rt.view.observe_vmi(_create(pool.admin, VIRTUAL_MACHINE_INSTANCES, vmi), "ADDED")
+        before = METRICS.registry.get_sample_value(
+            "gtvp_evacuation_migrations_total", {"state": "preempted"}
+        )
+        asyncio.run(evacuation.evacuate(pool.rt, name, "lost", "Migrate"))
+        (first,) = pool.migrations(plain[0])
+        assert first["metadata"]["labels"][EVACUATION_LABEL] == name
+        assert pool.migrations(BOX) == []  # deleted: KubeVirt aborts it, the box stays
+        assert any(
+            r == "EvacuationPreempted" and theirs["metadata"]["name"] in m
+            for r, m in pool.events(BOX)
+        )
+        after = METRICS.registry.get_sample_value(
+            "gtvp_evacuation_migrations_total", {"state": "preempted"}
+        )
+        assert (after or 0) - (before or 0) == 1
+        # the first VM's move lands, freeing the slot: the box loop's pass comes before the
+        # member's next one, and the box waits for the member's second VM, not the reverse
+        first["status"] = {"phase": "Succeeded"}
+        group, version, plural = MIGRATIONS.coordinates
+        landed = pool.admin.custom.replace_namespaced_custom_object_status(
+            group, version, pool.namespace, plural, first["metadata"]["name"], first
+        )
+        pool.rt.view.observe_migration(landed, "MODIFIED")
+        target = first["spec"]["addedNodeSelector"]["kubernetes.io/hostname"]
+        pool.move(plain[0], next(m for m in pool.members if m.name == target))
+        pool.act()
+        assert pool.migrations(BOX) == []
+        asyncio.run(evacuation.evacuate(pool.rt, name, "lost", "Migrate"))
+        assert len(pool.migrations(plain[1])) == 1
+    finally:
+        pool.rt.view.policy = policy
+        with contextlib.suppress(ApiException):
+            pool.admin.core.delete_node(name)
+        control_plane.kubectl("delete", "member", name, "--ignore-not-found", "--wait=false")
 
 
 def test_a_host_naming_another_member_in_the_vmis_status_does_not_keep_a_mismatched_box(

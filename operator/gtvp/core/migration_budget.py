@@ -16,7 +16,8 @@ Moves that a tenant's own evidence causes (a Lazy Box whose vTPM quote failed, o
 stopped quoting) take at most `tenant_share` of `maxParallel`: a tenant can make them at
 will and keep each one long (a guest that dirties its memory), and with the whole budget
 theirs, a member that lost trust would wait for its evacuation until its VMs are stopped
-at `migrateWithin` (found by a review).
+at `migrateWithin` (found by a review). While such an evacuation is held back by the limits,
+they start none, and one of theirs gives way to it (`core.preemption`).
 """
 
 from __future__ import annotations
@@ -134,12 +135,15 @@ def tenant_share(
     limits: MigrationLimits,
     migrations: Iterable[ActiveMigration],
     tenants_moves: Collection[tuple[str, str]],
+    *,
+    yielding: bool = False,
 ) -> MigrationLimits:
     """The limits for starting moves of the VMIs in `tenants_moves` ((namespace, name):
     boxes whose own evidence failed): together they hold at most half of maxParallel (at
     least one), the rest is kept for evacuations of members that lost trust, drains and
-    balancing. A cluster limit of 1 keeps nothing back."""
-    share = max(1, limits.max_parallel // 2)
+    balancing; none more while `yielding` (such an evacuation waits for a slot: under a
+    cluster limit of 1 the half is the whole budget)."""
+    share = 0 if yielding else max(1, limits.max_parallel // 2)
     active = [m for m in migrations if m.active and not m.foreign]
     theirs = sum(1 for m in active if (m.namespace, m.vmi) in tenants_moves)
     return replace(limits, max_parallel=min(limits.max_parallel, len(active) - theirs + share))

@@ -116,6 +116,13 @@ class TargetRoom:
                     out[key] = member
         return out
 
+    def copy(self) -> TargetRoom:
+        """The same room, to plan against without spending this one."""
+        return TargetRoom(
+            {name: list(left) for name, left in self.free.items()},
+            {name: list(counted) for name, counted in self.inbound.items()},
+        )
+
     def take(self, name: str, cpu_millis: int, memory_bytes: int) -> None:
         left = self.free.get(name)
         if left is not None:

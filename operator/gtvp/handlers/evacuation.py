@@ -65,7 +65,8 @@ from gtvp.core.gating import box_level
 from gtvp.core.inflight import heading_for, judge_in_flight, spend_on
 from gtvp.core.launchers import settled_until
 from gtvp.core.migration_budget import tenant_share
-from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level
+from gtvp.core.policy import DEFAULT_MIGRATE_WITHIN, Level, MigrationLimits
+from gtvp.core.preemption import TENANT_HOLD, preemption
 from gtvp.core.target_room import TargetRoom, shortfall
 from gtvp.core.timestamps import format_ts, human_duration, parse_ts
 from gtvp.core.trust import member_view
@@ -256,21 +257,14 @@ async def evacuate_unattested(rt: Runtime) -> None:
         if box_topic not in boxes:  # a box's topic; the box is gone
             forget(rt, box_topic)
     leaving: list[tuple[Key, dict[str, Any], Where, dict[str, Any]]] = []
-    theirs: set[Key] = set()
     for (ns, name), box in sorted(rt.view.boxes.items()):
         where = where_runs(rt, (ns, name))
         att = (box.get("status") or {}).get("attestation") or {}
-        if where is not None and acted_this_boot(att, where):
-            # moved (or moving) for its own evidence on this boot: the tenants' doing, which
-            # shares part of the budget (`tenant_share`), counted whatever its state is now
-            # (an overdue box that answers once its move began must not free its share
-            # while that move still runs: found by a review)
-            theirs.add((ns, name))
         if where is None or not must_leave(att, where):
             forget(rt, f"{ns}/{name}")
             continue
         leaving.append(((ns, name), box, where, att))
-    tenants_moves = frozenset(theirs)
+    tenants_moves = tenants_moving(rt) if leaving else frozenset()
     for (ns, name), box, where, att in leaving:
         vmi = rt.view.vmis.get((ns, name)) or {}
         level = gated_level(vmi) or box_level(box)
@@ -291,6 +285,40 @@ async def evacuate_unattested(rt: Runtime) -> None:
         await _act(rt, member, incident, action, one, topic=f"{ns}/{name}",
                    since=since, after="its vTPM evidence failed there",
                    tenants_moves=tenants_moves)  # fmt: skip
+
+
+def tenants_moving(rt: Runtime) -> frozenset[Key]:
+    """The boxes moved (or moving) for their own evidence on this boot: the tenants' doing,
+    which shares part of the budget (`tenant_share`), counted whatever its state is now (an
+    overdue box that answers once its move began must not free its share while that move
+    still runs: found by a review)."""
+    return frozenset(_acted_on(rt))
+
+
+def tenants_own_moves(rt: Runtime) -> dict[Key, str]:
+    """Of `tenants_moving`, the boxes whose member (the one their evidence failed on) still
+    holds their level, with that member: their evacuation off it is the tenants' doing,
+    which gives way to an evacuation of a member that lost trust (`core.preemption`); a box
+    whose member lost trust too moves for that member's sake."""
+    now = dt.datetime.now(dt.UTC)
+    views = {m.name: m for m in rt.view.member_views()}
+    return {
+        key: member
+        for key, (member, level) in _acted_on(rt).items()
+        if (view := views.get(member)) is not None and view.usable(now, level)
+    }
+
+
+def _acted_on(rt: Runtime) -> dict[Key, tuple[str, int]]:
+    """Box -> (the member its level's onUntrusted was acted on for on this boot, its level)."""
+    out = {}
+    for key, box in list(rt.view.boxes.items()):
+        where = where_runs(rt, key)
+        att = (box.get("status") or {}).get("attestation") or {}
+        if where is not None and acted_this_boot(att, where):
+            level = gated_level(rt.view.vmis.get(key) or {}) or box_level(box)
+            out[key] = (str(att.get("actedOnMember") or where.member), level)
+    return out
 
 
 async def _act(
@@ -362,27 +390,7 @@ async def _act(
         if any(m.name != member and m.usable(now, v.level) for m in members)
         and allowed.get((v.namespace, v.name)) != frozenset()
     ]
-    stuck = sorted(f"{v.namespace}/{v.name}" for v in on_member if v not in movable)
-    said = rt.evacuation.waiting.pop(topic, [])  # stuck again later: said again
-    if stuck:
-        rt.evacuation.waiting[topic] = stuck  # say it once, not every second
-    if stuck and said != stuck:
-        log.warning(
-            "evacuation of %s waits: no trusted member of a sufficient level can take %s yet",
-            member,
-            ", ".join(stuck),
-        )
-    newly = set(stuck) - set(said)
-    for v in on_member:
-        if f"{v.namespace}/{v.name}" in newly:
-            why = f"no Trusted member of level {v.level} or above can take it yet"
-            if allowed.get((v.namespace, v.name)) == frozenset():
-                why = (
-                    f"no Trusted, uncordoned member of level {v.level} or above is one its own "
-                    "nodeSelector or node affinity allows"
-                )
-            await _vmi_event(rt, (v.namespace, v.name), "Warning", "EvacuationWaiting",
-                             f"evacuation off {member} waits: {why}")  # fmt: skip
+    await _say_stuck(rt, member, topic, [v for v in on_member if v not in movable], allowed)
     migrations = await _release_foreign_holds(rt, member, movable, now)
     await _say_stalled(rt, member, movable, migrations, topic)
     room = await asyncio.to_thread(target_room, rt, migrations)
@@ -395,21 +403,21 @@ async def _act(
     busy = {(m.namespace, m.vmi) for m in migrations if m.active}
     waiting = [v for v in movable if (v.namespace, v.name) not in busy]
     await _say_full(rt, member, waiting, targets=targets, room=room, topic=topic)
-    for obj in plan_evacuation(
-        member=member,
-        incident=incident,
-        vmis=movable,
-        migrations=migrations,
-        limits=(
-            policy.migration
-            if tenants_moves is None
-            else tenant_share(policy.migration, migrations, tenants_moves)
-        ),
-        targets=targets,
-        images=node_images(rt, [name for name, _ in targets]),
-        room=room,
-        allowed=allowed,
-        avoid=avoided(rt),
+    images, avoid = node_images(rt, [name for name, _ in targets]), avoided(rt)
+
+    def plan(about: Sequence[Migration], limits: MigrationLimits) -> list[dict[str, Any]]:
+        return plan_evacuation(member=member, incident=incident, vmis=movable, migrations=about,
+                               limits=limits, targets=targets, images=images, room=room.copy(),
+                               allowed=allowed, avoid=avoid)  # fmt: skip
+
+    if tenants_moves is None and stop_unmovable and waiting:  # a danger, not maintenance
+        migrations = await _preempt(rt, member, plan)
+    yielding = time.monotonic() < rt.evacuation.tenants_yield_until
+    for obj in plan(
+        migrations,
+        policy.migration
+        if tenants_moves is None
+        else tenant_share(policy.migration, migrations, tenants_moves, yielding=yielding),
     ):
         try:
             await _start(rt, member, obj)
@@ -417,6 +425,59 @@ async def _act(
             name = obj["metadata"]["name"]
             log.exception("starting evacuation %s off %s failed; next pass", name, member)
     return left
+
+
+async def _preempt(
+    rt: Runtime, member: str, plan: Callable[..., list[dict[str, Any]]]
+) -> list[Migration]:
+    """Give the evacuation of `member` (it lost trust, or its level dropped) the slot of a
+    move a box's own evidence caused, when that slot is what holds it back, and keep the
+    tenants' new moves back while the cluster limit does (`core.preemption`); the
+    migrations the view holds then (without those cancelled earlier in the pass)."""
+    policy = rt.view.policy
+    migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
+    if policy is None:
+        return migrations
+    got = preemption(
+        plan=plan,
+        migrations=migrations,
+        limits=policy.migration,
+        tenants_moves=tenants_own_moves(rt),
+    )
+    if got.held:
+        rt.evacuation.tenants_yield_until = time.monotonic() + TENANT_HOLD
+    if got.delete is None or not await _delete_migration(rt, member, got.delete):
+        return migrations
+    METRICS.evacuation("preempted")
+    return [migration_view(m) for m in list(rt.view.migrations.values())]
+
+
+async def _say_stuck(
+    rt: Runtime, member: str, topic: str, stuck: list[Vmi], allowed: Mapping[Key, frozenset[str]]
+) -> None:
+    """A warning (log, and an Event on each VMI), once per change, for the VMIs no Trusted
+    member of their level (that their own constraints allow) can take yet."""
+    names = sorted(f"{v.namespace}/{v.name}" for v in stuck)
+    said = rt.evacuation.waiting.pop(topic, [])  # stuck again later: said again
+    if names:
+        rt.evacuation.waiting[topic] = names  # say it once, not every second
+    if names and said != names:
+        log.warning(
+            "evacuation of %s waits: no trusted member of a sufficient level can take %s yet",
+            member,
+            ", ".join(names),
+        )
+    newly = set(names) - set(said)
+    for v in stuck:
+        if f"{v.namespace}/{v.name}" in newly:
+            why = f"no Trusted member of level {v.level} or above can take it yet"
+            if allowed.get((v.namespace, v.name)) == frozenset():
+                why = (
+                    f"no Trusted, uncordoned member of level {v.level} or above is one its own "
+                    "nodeSelector or node affinity allows"
+                )
+            await _vmi_event(rt, (v.namespace, v.name), "Warning", "EvacuationWaiting",
+                             f"evacuation off {member} waits: {why}")  # fmt: skip
 
 
 def _own_constraints(
@@ -513,19 +574,21 @@ async def _release_foreign_holds(
     here = list(rt.view.on_node.get(member, ()))  # its VMIs, ungated ones too
     holds = foreign_holds(movable, migrations, now, here)
     for held in holds:
-        await _cancel_foreign(rt, member, held)
+        await _delete_migration(rt, member, held)
     if holds:  # the ones deleted are out of the view now
         migrations = [migration_view(m) for m in list(rt.view.migrations.values())]
     return migrations
 
 
-async def _cancel_foreign(rt: Runtime, member: str, held: Retarget) -> None:
-    """Delete a migration gtvp did not start that holds a VMI, unscheduled, on `member`
-    which it must leave (`foreign_holds`): by uid, whatever its owner changed since."""
+async def _delete_migration(rt: Runtime, member: str, held: Retarget) -> bool:
+    """Delete a migration that holds back the evacuation of `member`: one gtvp did not
+    start that holds a VMI, unscheduled, on `member` which it must leave (`foreign_holds`),
+    or a move a box's own evidence caused (`core.preemption`): by uid, whatever its owner
+    changed since; the VMI is told why. False when nothing was deleted."""
     key = (held.namespace, held.name)
     body = rt.view.migrations.get(key)
     if body is None:
-        return
+        return False
     try:
         deleted = await asyncio.to_thread(
             kube.delete_unchanged, rt.clients, MIGRATIONS, body, any_version=True
@@ -533,13 +596,14 @@ async def _cancel_foreign(rt: Runtime, member: str, held: Retarget) -> None:
     except ApiException as exc:
         log.warning("evacuation of %s: could not delete migration %s/%s: %s %s",
                     member, *key, exc.status, exc.reason)  # fmt: skip
-        return
+        return False
     if not deleted:
-        return
+        return False
     rt.view.observe_migration(body, "DELETED")
     message = f"evacuation of {member}: deleted migration {held.name}: {held.why}"
     log.warning("%s/%s: %s", held.namespace, held.vmi, message)
     await _vmi_event(rt, (held.namespace, held.vmi), "Warning", "EvacuationPreempted", message)
+    return True
 
 
 async def _say_retarget(rt: Runtime, member: str, stale: Retarget) -> None:
