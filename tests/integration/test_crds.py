@@ -383,3 +383,22 @@ def test_a_reference_sets_startup_locality_is_kept_not_pruned(
         assert got["spec"]["memberClasses"][0]["referenceSets"][0]["startupLocality"] == 3
     finally:
         control_plane.kubectl("delete", "-f", "-", input_text=json.dumps(obj), check=False)
+
+
+def test_a_levels_ek_ca_bundle_is_kept_not_pruned(control_plane: ControlPlane, repo: Path) -> None:
+    """A level that trusts fewer TPMs than the pool (`levels[].ekCaBundle`): without the
+    field in the CRD's schema the API server would drop it without a word, and the level
+    would be held by every TPM the pool admits."""
+    obj = _policy(repo)
+    bundle = obj["spec"]["ekTrust"]["caBundle"]
+    obj["spec"]["levels"][-1]["ekCaBundle"] = bundle
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(obj))
+    try:
+        got = json.loads(
+            control_plane.kubectl(
+                "get", "securitypolicy", obj["metadata"]["name"], "-o", "json"
+            ).stdout
+        )
+        assert got["spec"]["levels"][-1]["ekCaBundle"] == bundle
+    finally:
+        control_plane.kubectl("delete", "-f", "-", input_text=json.dumps(obj), check=False)

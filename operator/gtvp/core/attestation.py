@@ -40,6 +40,7 @@ from typing import Any, Literal, cast
 
 from gtvp.core import errors
 from gtvp.core.conditions import merge_conditions as _conditions
+from gtvp.core.ek_scope import NO_CEILING, ek_ceiling
 from gtvp.core.enrolment import (
     EkFacts,
     ak_facts,
@@ -225,6 +226,30 @@ class _Keys:
     signer: bytes  # the AK's qualified name under this EK
 
 
+def _ek_ceiling(
+    policy: Policy, status: Mapping[str, Any], now: dt.datetime
+) -> tuple[int, str | None]:
+    """The levels the member's EK certificate lets it hold (`ek_scope`); enrolment itself
+    refuses an unreadable enrolment, which holds no level named with an ekCaBundle."""
+    if all(lv.ek_ca_bundle is None for lv in policy.levels):
+        return NO_CEILING
+    enrollment = (status.get("agent") or {}).get("enrollment") or {}
+    spki, certificate, chain = b"", None, []
+    try:
+        spki = ek_facts(_b64(enrollment.get("ekPublic"), "enrollment.ekPublic", 2048)).spki
+        cert = enrollment.get("ekCertificate")
+        certificate = _b64(cert, "enrollment.ekCertificate", 16384) if cert else None
+        chain = [
+            _b64(c, "enrollment.ekCertificateChain[]", 16384)
+            for c in enrollment.get("ekCertificateChain") or []
+        ]
+    except Exception:  # noqa: BLE001 - agent-written data broke a parser or library
+        spki, certificate = b"", None  # as if uncertified (enrolment refuses it anyway)
+    return ek_ceiling(
+        policy.levels, ek_spki=spki, certificate=certificate, presented_chain=chain, now=now
+    )
+
+
 def _check_enrolment(
     enrollment: Mapping[str, Any],
     spec: Mapping[str, Any],
@@ -374,6 +399,7 @@ def attestation_step(
         identity=int(spec.get("identity", 1)),
         member_class=spec.get("memberClass"),
         labels=labels,
+        ek_ceiling=_ek_ceiling(policy, status, now),
     )
 
     def cycle() -> _Cycle:
@@ -470,7 +496,7 @@ class _Cycle:
         self.interval = mp.attestation.interval
         self.noted: tuple[Event, ...] = ()
         if mp.member_class is not None:
-            _class_resolved(self.trust, self.challenge, mp.member_class, mp.level, now)
+            _class_resolved(self.trust, self.challenge, mp.member_class, mp.granted, now)
             self.noted = _references_kept(self.trust, self.challenge, mp.member_class, policy, now)
         _bounds_tightened(self.trust, self.challenge, policy, now)
 
@@ -609,7 +635,9 @@ class _Cycle:
                 answered=nonce,
             )
         _record_verdict(trust, result=result, policy=self.policy, mp=mp, now=now, issued=issued)
-        trust.update({"memberClass": cls.name, "level": mp.level})
+        trust.update({"memberClass": cls.name, "level": mp.granted})
+        if mp.ek_scope is not None:  # why it holds no higher level
+            trust["message"] += f"; held at level {mp.granted}: {mp.ek_scope}"
         # status.trust.referenceSet: the reference set the verdict's event log matched
         if matched is None:
             trust.pop("referenceSet", None)
@@ -637,7 +665,7 @@ class _Cycle:
         events = (
             ()
             if was_trusted
-            else (Event("Normal", "Trusted", f"quote verified; level {mp.level}"),)
+            else (Event("Normal", "Trusted", f"quote verified; level {mp.granted}"),)
         )
         return self.finish(
             reason="QuoteVerified",
@@ -754,7 +782,7 @@ class _Cycle:
     def judged_level(self) -> int:
         """The level the Trusted verdict was judged at (the current one when unrecorded)."""
         try:
-            return int(self.trust.get("level", self.mp.level))
+            return int(self.trust.get("level", self.mp.granted))
         except (TypeError, ValueError):
             return 0
 
@@ -765,12 +793,12 @@ class _Cycle:
         if self.trust.get("verdict") != Verdict.TRUSTED or mc is None:
             return False
         judged_class = self.trust.get("memberClass", mc.name)
-        return judged_class != mc.name or self.mp.level > self.judged_level()
+        return judged_class != mc.name or self.mp.granted > self.judged_level()
 
     def published_level(self) -> int:
         """The member's level while Trusted: never above the level its verdict was judged
         at (a higher one waits for a fresh quote); a lower one applies at once."""
-        ceiling = min(self.mp.level, self.judged_level())
+        ceiling = min(self.mp.granted, self.judged_level())
         return max((lv.level for lv in self.policy.levels if lv.level <= ceiling), default=0)
 
     def expectation(

@@ -117,6 +117,7 @@ class Level:
     on_untrusted: str = "Migrate"
     auto_recover: bool = True
     migrate_within: timedelta | None = None  # Migrate: stop a VM not moved off in this time
+    ek_ca_bundle: str | None = None  # only EKs certified by these CAs hold it (and above)
 
     @property
     def evacuation_bound(self) -> timedelta | None:
@@ -253,9 +254,8 @@ PEM_MAX = 262144
 posted straight to the webhook, which the API server never saw, is not bound by the CRD)."""
 
 
-def _ca_bundle(text: str) -> str:
+def _ca_bundle(text: str, path: str = "spec.ekTrust.caBundle") -> str:
     """The EK trust anchors as given, once every block is a readable X.509 certificate."""
-    path = "spec.ekTrust.caBundle"
     if len(text) > PEM_MAX:
         raise PolicyError(path, f"is {len(text)} characters long, more than {PEM_MAX}")
     certs = [b for b in _pem_blocks(text) if b.label == "CERTIFICATE"]
@@ -486,6 +486,11 @@ def _levels(raw_levels: Any) -> tuple[Level, ...]:
                     None
                     if within is None
                     else parse_duration(str(within), f"spec.levels[{i}].migrateWithin")
+                ),
+                ek_ca_bundle=(
+                    None
+                    if lv.get("ekCaBundle") is None
+                    else _ca_bundle(str(lv["ekCaBundle"]), f"spec.levels[{i}].ekCaBundle")
                 ),
             )
         )
@@ -837,6 +842,8 @@ class MemberPolicy:
     attestation: Level
     member_class: MemberClass | None
     class_name: str | None = None
+    granted: int = 0  # the level a verdict may give it: `level`, or lower by its EK's CA
+    ek_scope: str | None = None  # why its EK's CA holds it below `level`
 
 
 def member_policy(
@@ -845,8 +852,13 @@ def member_policy(
     identity: int,
     member_class: str | None,
     labels: Mapping[str, str],
+    ek_ceiling: tuple[int, str | None] = (9, None),
 ) -> MemberPolicy:
-    """Apply the transition rules (first match) capped by the member's identity."""
+    """Apply the transition rules (first match) capped by the member's identity: its level,
+    whose settings apply (attestation, failure handling: an agent that withdraws its EK
+    certificate must not get a lower level's `autoRecover` or `onUntrusted`), and the level
+    a verdict may grant it, capped again by the levels its EK's CA may hold (`ek_ceiling`:
+    the highest, and why not higher)."""
     rule = next(
         (
             t
@@ -863,7 +875,10 @@ def member_policy(
     # fail closed: a class that is not the policy's (a typo, a class renamed or removed, no
     # default) has no reference values, so it resolves to none and nothing is judged
     cls = policy.member_classes.get(cls_name) if cls_name else None
-    return MemberPolicy(level=level, attestation=attestation, member_class=cls, class_name=cls_name)
+    ceiling, why = ek_ceiling
+    granted = max((lv.level for lv in available if lv.level <= ceiling), default=0)
+    held = why if granted < level else None
+    return MemberPolicy(level, attestation, cls, cls_name, granted, held)
 
 
 BOOT_CHAIN_PCRS = {
