@@ -367,22 +367,27 @@ def test_server_reports_the_built_kubernetes_version(control_plane: ControlPlane
     assert out["clientVersion"]["gitVersion"] == out["serverVersion"]["gitVersion"]
 
 
+def _stored(control_plane: ControlPlane, policy: dict[str, Any]) -> dict[str, Any]:
+    """`policy` as the API server keeps it once created (a field its schema lacks is pruned
+    without a word); the object is deleted again."""
+    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(policy))
+    try:
+        name = policy["metadata"]["name"]
+        got: dict[str, Any] = json.loads(
+            control_plane.kubectl("get", "securitypolicy", name, "-o", "json").stdout
+        )
+        return got
+    finally:
+        control_plane.kubectl("delete", "-f", "-", input_text=json.dumps(policy), check=False)
+
+
 def test_a_reference_sets_startup_locality_is_kept_not_pruned(
     control_plane: ControlPlane, repo: Path
 ) -> None:
     """A field the CRD's schema lacked would be dropped without a word, and the set would
     check nothing of the TPM's startup locality."""
-    obj = _with_locality(_policy(repo), 3)
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(obj))
-    try:
-        got = json.loads(
-            control_plane.kubectl(
-                "get", "securitypolicy", obj["metadata"]["name"], "-o", "json"
-            ).stdout
-        )
-        assert got["spec"]["memberClasses"][0]["referenceSets"][0]["startupLocality"] == 3
-    finally:
-        control_plane.kubectl("delete", "-f", "-", input_text=json.dumps(obj), check=False)
+    got = _stored(control_plane, _with_locality(_policy(repo), 3))
+    assert got["spec"]["memberClasses"][0]["referenceSets"][0]["startupLocality"] == 3
 
 
 def test_a_levels_ek_ca_bundle_is_kept_not_pruned(control_plane: ControlPlane, repo: Path) -> None:
@@ -392,13 +397,4 @@ def test_a_levels_ek_ca_bundle_is_kept_not_pruned(control_plane: ControlPlane, r
     obj = _policy(repo)
     bundle = obj["spec"]["ekTrust"]["caBundle"]
     obj["spec"]["levels"][-1]["ekCaBundle"] = bundle
-    control_plane.kubectl("create", "-f", "-", input_text=json.dumps(obj))
-    try:
-        got = json.loads(
-            control_plane.kubectl(
-                "get", "securitypolicy", obj["metadata"]["name"], "-o", "json"
-            ).stdout
-        )
-        assert got["spec"]["levels"][-1]["ekCaBundle"] == bundle
-    finally:
-        control_plane.kubectl("delete", "-f", "-", input_text=json.dumps(obj), check=False)
+    assert _stored(control_plane, obj)["spec"]["levels"][-1]["ekCaBundle"] == bundle
