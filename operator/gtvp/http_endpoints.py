@@ -40,13 +40,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Any, Protocol, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from gtvp.core import keyrelease
+from gtvp.listen_address import unbound_socket
 
 STALL_AFTER = 90.0  # seconds without a turn of the recheck loop before /healthz fails
 METRICS_PATH = "/metrics"
@@ -300,6 +301,9 @@ MAX_CONNECTIONS = 1024
 """Connections the server holds at once, from every address together."""
 
 
+_S = TypeVar("_S", bound=_Server)
+
+
 class _TlsServer(_Server):
     """TLS on each connection's own thread (a slow handshake holds up no other client),
     with the context asked for again on every connection (a renewed certificate is used);
@@ -495,13 +499,30 @@ def serve(
         return [text.encode()]
 
     if tls is None:
-        server = make_server(address, port, app, _Server, handler_class=_Quiet)
+        server = _make_server(_Server, address, port, app)
     else:
         tls()  # a certificate that cannot be loaded fails now, not at the first scrape
-        secure = make_server(address, port, app, _TlsServer, handler_class=_Quiet)
+        secure = _make_server(_TlsServer, address, port, app)
         secure.tls = tls
         server = secure
     threading.Thread(target=server.serve_forever, name="gtvp-http", daemon=True).start()
+    return server
+
+
+def _make_server(cls: type[_S], address: str, port: int, app: Callable[..., Iterable[bytes]]) -> _S:
+    """wsgiref's `make_server` on a socket of `address`'s family (`listen_address`: an IPv6
+    address, a name, or `*` for every address; wsgiref's servers are IPv4 sockets)."""
+    server = cls(("", port), _Quiet, bind_and_activate=False)
+    server.socket.close()
+    server.socket, (host, _) = unbound_socket(address)
+    server.server_address = (host, port)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
+    server.set_app(app)
     return server
 
 
@@ -526,7 +547,7 @@ def serve_probes(port: int, read: Callable[[], Probe]) -> ThreadingWSGIServer:
         start(f"{status} {reason}", [("Content-Type", "text/plain; charset=utf-8")])
         return [text.encode()]
 
-    server = make_server(PROBES_ADDRESS, port, app, _Server, handler_class=_Quiet)
+    server = _make_server(_Server, PROBES_ADDRESS, port, app)
     threading.Thread(target=server.serve_forever, name="gtvp-probes", daemon=True).start()
     return server
 

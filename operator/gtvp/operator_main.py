@@ -57,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-address",
         default="127.0.0.1",
-        help="address /metrics listens on (default 127.0.0.1; another one needs --metrics-secure)",
+        help="address /metrics listens on (default 127.0.0.1; another one, * for every address "
+        "with IPv6, needs --metrics-secure)",
     )
     p.add_argument(
         "--metrics-secure",
@@ -91,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--webhook-address",
         default="127.0.0.1",
-        help="address the webhooks listen on (0.0.0.0 in a pod)",
+        help="address the webhooks listen on: an IPv4 or IPv6 address, a name, or * for "
+        "every address, IPv6 too (in a pod)",
     )
     p.add_argument(
         "--webhook-cert",
@@ -155,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-release-address",
         default=os.environ.get("GTVP_KEY_RELEASE_ADDRESS", "127.0.0.1"),
-        help="address --key-release-port listens on (0.0.0.0 in a pod)",
+        help="address --key-release-port listens on (* in a pod: every address, IPv6 too)",
     )
     p.add_argument(
         "--key-release-cert",

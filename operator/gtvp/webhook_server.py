@@ -51,6 +51,7 @@ from gtvp.core.webhook_callers import (
     caller_allowed,
     common_names,
 )
+from gtvp.listen_address import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,9 @@ that spins and answers nobody (found by a review)."""
 
 
 def _listen(addr: str | None, port: int) -> socket.socket:
-    """A non-blocking listening socket on `addr` (None: every address, IPv6 too where the
-    host has it, as aiohttp's site listened)."""
-    if addr is None and socket.has_dualstack_ipv6():
-        sock = socket.create_server(
-            ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=True
-        )
-    else:
-        family = socket.AF_INET6 if addr and ":" in addr else socket.AF_INET
-        sock = socket.create_server((addr or "", port), family=family, reuse_port=True)
+    """A non-blocking listening socket on `addr` (None or `*`: every address, IPv6 too
+    where the host has it; `listen_address`)."""
+    sock = listening_socket(addr, port)
     sock.setblocking(False)
     return sock
 

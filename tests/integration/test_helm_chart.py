@@ -1337,7 +1337,7 @@ def test_metrics_are_served_over_https_to_reviewed_tokens_by_default(
         api_versions=_MONITOR_APIS,
     )
     assert _metrics_args(docs) == [
-        "--metrics-address=0.0.0.0",
+        "--metrics-address=*",
         "--metrics-secure",
         "--metrics-port=9090",
     ]
