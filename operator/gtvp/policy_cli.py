@@ -33,7 +33,7 @@ from gtvp import local_state, policy_check_cli
 from gtvp.core.api_resources import MEMBERS, SECURITY_POLICIES
 from gtvp.core.errors import MalformedEvidence, VerificationError
 from gtvp.core.eventlog import EventLog, parse_event_log
-from gtvp.core.policy import resettable_pcrs_message
+from gtvp.core.policy import firmware_measures, resettable_pcrs_message
 from gtvp.core.refvalues import check_replay, learn
 
 DEFAULT_PCRS = tuple(range(8))
@@ -145,8 +145,10 @@ def unmeasured(ref_set: dict[str, Any]) -> str | None:
     """A warning when the set allows no event on a boot-chain PCR (0-7): the log came from
     a boot no firmware measured (a TPM emulator's, or a host whose firmware logged
     nothing), and applied, the policy accepts such a boot there (it is marked Weak)."""
-    empty = sorted(int(p["pcr"]) for p in ref_set.get("pcrs") or () if p["pcr"] < 8
-                   and not p["events"])  # fmt: skip
+    empty = sorted(
+        int(p["pcr"]) for p in ref_set.get("pcrs") or () if firmware_measures(int(p["pcr"]))
+        and not p["events"]
+    )  # fmt: skip
     if not empty:
         return None
     return (

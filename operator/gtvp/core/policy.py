@@ -891,6 +891,12 @@ BOOT_CHAIN_PCRS = {
 the boot than its name suggests."""
 
 
+def firmware_measures(pcr: int) -> bool:
+    """PCR 0-7, where the firmware of a measured boot logs at least a separator: a
+    reset value, or no event in the log, there means no firmware measured the boot."""
+    return 0 <= pcr < 8
+
+
 def policy_weaknesses(policy: Policy) -> list[str]:
     """What the policy accepts that a boot the firmware measured would not show, or leaves
     unappraised: a boot-chain PCR not quoted; a golden value on PCR 0-7 that is the PCR's
@@ -907,14 +913,14 @@ def policy_weaknesses(policy: Policy) -> list[str]:
             "whatever it booted there"
         )
     for name, cls in sorted(policy.member_classes.items()):
-        zeros = sorted(p for p, v in cls.golden.items() if p < 8 and not any(v))
+        zeros = sorted(p for p, v in cls.golden.items() if firmware_measures(p) and not any(v))
         if zeros:
             out.append(
                 f"member class {name} pins PCR(s) {', '.join(map(str, zeros))} to their reset "
                 "value (all zeros): only a boot the firmware never measured has it"
             )
         for ref in cls.reference_sets:
-            empty = sorted(r.pcr for r in ref.pcrs if r.pcr < 8 and not r.events)
+            empty = sorted(r.pcr for r in ref.pcrs if firmware_measures(r.pcr) and not r.events)
             if empty:
                 out.append(
                     f"member class {name}, reference set {ref.name}, allows no event on PCR(s) "
