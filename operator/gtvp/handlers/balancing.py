@@ -25,6 +25,7 @@ from gtvp.core.policy import Policy
 from gtvp.core.timestamps import parse_ts
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import box_requests, hosts
+from gtvp.handlers.start_each import start_each
 from gtvp.handlers.verdict_uses import gated_level
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -95,12 +96,11 @@ async def balance_once(rt: Runtime, now: dt.datetime | None = None) -> list[Move
         if rt.balance.said.get(source) != why:
             log.warning("member %s stays overloaded: %s", source, why)
     rt.balance.said = dict(plan.stuck)
-    for move in plan.moves:
-        try:
-            await _start(rt, move)
-        except Exception:  # one box's move must not hold back the others' in this round
-            log.exception("starting balancing move of %s/%s failed; next round",
-                          move.box.namespace, move.box.name)  # fmt: skip
+    await start_each(
+        plan.moves,
+        lambda move: _start(rt, move),
+        lambda move: f"balancing move of {move.box.namespace}/{move.box.name}",
+    )
     return list(plan.moves)
 
 

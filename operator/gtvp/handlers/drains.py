@@ -52,6 +52,7 @@ from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
 from gtvp.handlers.evacuation import avoided, cancel_migration
+from gtvp.handlers.start_each import start_each
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
 
@@ -155,12 +156,13 @@ async def drain_once(rt: Runtime, now: dt.datetime | None = None) -> DrainPlan:
     plan, evacuees = await asyncio.to_thread(plan_now, rt, now or dt.datetime.now(dt.UTC))
     for stale in plan.cancel:
         await _cancel(rt, stale, evacuees[(stale.namespace, stale.vmi)])
-    for obj in plan.migrations:
-        key = (obj["metadata"]["namespace"], obj["spec"]["vmiName"])
-        try:
-            await _start(rt, obj, evacuees[key])
-        except Exception:  # one VMI's migration must not hold back the others' in this round
-            log.exception("starting drain migration %s failed; next round", obj["metadata"]["name"])
+    await start_each(
+        plan.migrations,
+        lambda obj: _start(
+            rt, obj, evacuees[(obj["metadata"]["namespace"], obj["spec"]["vmiName"])]
+        ),
+        lambda obj: f"drain migration {obj['metadata']['name']}",
+    )
     for key, why in plan.waiting.items():
         if rt.drains.said.get(key) != why:
             await _say(rt, evacuees[key], "Warning", "DrainWaiting", why)

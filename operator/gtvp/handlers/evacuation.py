@@ -72,6 +72,7 @@ from gtvp.core.timestamps import format_ts, human_duration, parse_ts
 from gtvp.core.trust import member_view
 from gtvp.handlers import prefetch
 from gtvp.handlers.box_hosts import target_room
+from gtvp.handlers.start_each import start_each
 from gtvp.handlers.verdict_uses import gated_level, owe, spend_use
 from gtvp.metrics import METRICS
 from gtvp.runtime import Runtime
@@ -413,17 +414,16 @@ async def _act(
     if tenants_moves is None and stop_unmovable and waiting:  # a danger, not maintenance
         migrations = await _preempt(rt, member, plan)
     yielding = time.monotonic() < rt.evacuation.tenants_yield_until
-    for obj in plan(
-        migrations,
+    limits = (
         policy.migration
         if tenants_moves is None
-        else tenant_share(policy.migration, migrations, tenants_moves, yielding=yielding),
-    ):
-        try:
-            await _start(rt, member, obj)
-        except Exception:  # one VMI's migration must not hold back the others' in this pass
-            name = obj["metadata"]["name"]
-            log.exception("starting evacuation %s off %s failed; next pass", name, member)
+        else tenant_share(policy.migration, migrations, tenants_moves, yielding=yielding)
+    )
+    await start_each(
+        plan(migrations, limits),
+        lambda obj: _start(rt, member, obj),
+        lambda obj: f"evacuation {obj['metadata']['name']} off {member}",
+    )
     return left
 
 
