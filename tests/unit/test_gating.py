@@ -380,8 +380,23 @@ def test_other_vmi_updates_are_allowed() -> None:
     moved = _vmi("3", selector={**trust_selector(3), "kubernetes.io/hostname": "b"})
     assert _update(_vmi("3"), moved).allowed  # selector entries added, none removed
     assert _update(_vmi(None, selector={}), _vmi(None, selector={"disk": "ssd"})).allowed
-    # a newly admitted level needs nothing lowered: adding the label is judged as raising
-    assert _update(_vmi(None, selector={}, node=None), _vmi("3", node=None)).allowed
+
+
+def test_a_vmi_not_running_yet_may_not_raise_its_level() -> None:
+    """Its launcher pod may be bound already, by the admitted selector, to a node of a lower
+    level (KubeVirt names the node only once the pod is up: a stalled image pull keeps the
+    window open as long as the tenant likes): a raise then, by the label or by KubeVirt's
+    LiveUpdate of the selector, made a level-3 VM of it on that node (found by a review)."""
+    both = {**trust_selector(1), **trust_selector(3)}
+    scheduling = _vmi("1", selector=trust_selector(1), node=None)
+    by_selector = _update(scheduling, _vmi("1", selector=both, node=None))
+    assert not by_selector.allowed
+    assert "is not running on a node yet" in by_selector.message
+    assert "gtvp.io/level on its VirtualMachine and restart it" in by_selector.message
+    assert not _update(_vmi(None, selector={}, node=None), _vmi("3", node=None)).allowed
+    # once it runs on a member of the level, the raise goes through
+    assert _update(_vmi("1", selector=trust_selector(1), node="a"),
+                   _vmi("3", selector=both, node="a")).allowed  # fmt: skip
 
 
 def test_raising_a_vmis_level_needs_its_node_to_qualify() -> None:

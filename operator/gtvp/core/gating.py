@@ -427,8 +427,8 @@ def vm_raise_warning(*, old: Mapping[str, Any], new: Mapping[str, Any]) -> str |
     return (
         f"{_title('VirtualMachine', new)} is now at level {level}, but an instance already "
         f"running keeps what it was admitted with ({before}) and stays where it runs (a live "
-        "update of its node selector to the new level is refused while its node does not "
-        "hold that level): restart the VirtualMachine to run it gated at the new level"
+        "update of its node selector to the new level is refused unless it runs on a node "
+        "that holds that level): restart the VirtualMachine to run it gated at the new level"
     )
 
 
@@ -546,7 +546,17 @@ def _validate_raise(
         return decided
     node = (new.get("status") or {}).get("nodeName")
     if not node:
-        return Decision(True)
+        # not running yet, but its launcher pod may be made (and bound anywhere the old
+        # selector allows) already: KubeVirt fixes a pod's selector when it makes it, and
+        # names the node only once the pod is up; a raise is judged where the VMI runs
+        # (found by a review: a stalled image pull held the window open)
+        return Decision(
+            False,
+            f"{title} is not running on a node yet, and its launcher pod may already be "
+            f"placed by its admitted selector: its level can be raised once it runs on a "
+            f"member of level {level}, or set {VM_LEVEL_LABEL} on its VirtualMachine and "
+            "restart it",
+        )
     here = [m for m in members if m.name == node]
     if here and here[0].usable(now, level):
         return Decision(True)
