@@ -298,6 +298,44 @@ def test_policy_webhook_refuses_early_but_never_blocks_policy_edits(
     assert ("members", "create") in allowed
 
 
+def test_each_account_is_granted_the_verbs_its_code_calls_and_no_more() -> None:
+    """Found by a review of the chart's RBAC: verbs granted that no code calls. Statuses are
+    patched (a box's also replaced), never read through the subresource; events only
+    through the core API; the one namespace read is kube-system (the tokens' issuer)."""
+    docs = _render()
+    operator = _one(docs, "ClusterRole", "gtvp-operator")["rules"]
+    agent = _one(docs, "ClusterRole", "gtvp-agent")["rules"]
+
+    def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str]]:
+        return {
+            (group, resource, verb, ",".join(rule.get("resourceNames") or ()))
+            for rule in rules
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+
+    ops, ags = grants(operator), grants(agent)
+    assert {v for g, r, v, _ in ags if r == "members/status"} == {"patch"}
+    for plural in ("members", "securitypolicies", "oscomponents"):
+        assert {v for g, r, v, _ in ops if r == f"{plural}/status"} == {"patch"}
+    assert {v for g, r, v, _ in ops if r == "lazyboxes/status"} == {"patch", "update"}
+    assert not [g for g, r, _, _ in ops if g == "events.k8s.io"]
+    assert {(v, names) for g, r, v, names in ops if r == "namespaces"} == {("get", "kube-system")}
+
+
+def test_key_release_may_not_bind_kube_system_or_gtvps_own_namespace() -> None:
+    """A RoleBinding there would give gtvp every Secret of it (bootstrap tokens; its own
+    webhook key and verdict signing key), and no gated VM runs there (found by a review)."""
+    said = _refused("keyRelease.namespaces={tenants,kube-system}")
+    assert "keyRelease.namespaces may not name kube-system" in said
+    said = _refused("keyRelease.namespaces={gtvp-system}", namespace="gtvp-system")
+    assert "keyRelease.namespaces may not name gtvp-system" in said
+    bound = _render("keyRelease.namespaces={tenants}", namespace="gtvp-system")
+    assert [d["metadata"]["namespace"] for d in bound if d["kind"] == "RoleBinding"
+            and d["metadata"]["name"] == "gtvp-key-release"] == ["tenants"]  # fmt: skip
+
+
 def _ha_alert_tests(by_name: dict[str, Any]) -> list[dict[str, Any]]:
     """Three replicas: one dies holding 21 shards and the leadership; nobody takes over."""
     replicas = [
@@ -688,7 +726,7 @@ def test_replicas_may_use_leases_in_their_own_namespace_only(
     assert role["metadata"]["namespace"] == namespace
     assert _lease_rules(role["rules"]) == role["rules"]
     assert [sorted(r["verbs"]) for r in role["rules"]] == [
-        sorted(["get", "list", "watch", "create", "update", "delete"])
+        sorted(["list", "create", "update", "delete"])
     ]
     binding = _one(docs, "RoleBinding", "gtvp-operator-leases")
     assert binding["metadata"]["namespace"] == namespace
@@ -729,9 +767,10 @@ def test_replicas_may_use_leases_in_their_own_namespace_only(
             )
             return out.stdout.strip() == "yes"
 
-        for verb in ("get", "list", "watch", "create", "update", "delete"):
+        for verb in ("list", "create", "update", "delete"):
             assert can(verb, f"-n {namespace}"), verb
-        assert not can("patch", f"-n {namespace}")
+        for verb in ("get", "watch", "patch"):  # never called (kube.py lists, then writes)
+            assert not can(verb, f"-n {namespace}"), verb
         assert not can("update", "-n kube-system")
         assert not can("list", "--all-namespaces")
     finally:
