@@ -34,8 +34,10 @@ def bind_for(address: str | None) -> Bind:
         return Bind("0.0.0.0", socket.AF_INET, False)  # noqa: S104 - asked for every address
     try:
         ip = ipaddress.ip_address(address.removeprefix("[").removesuffix("]"))
-    except ValueError:  # a name: its first address
-        family, *_, sockaddr = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0]
+    except ValueError:  # a name: its IPv4 address if it has one (`localhost` binds
+        # 127.0.0.1, as before: a pod's /etc/hosts lists ::1 for it first), else its first
+        found = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+        family, *_, sockaddr = min(found, key=lambda a: a[0] != socket.AF_INET)
         return Bind(str(sockaddr[0]), family, False)
     if ip.version == 6:
         return Bind(str(ip), socket.AF_INET6, ip.is_unspecified and socket.has_dualstack_ipv6())
@@ -55,6 +57,10 @@ def unbound_socket(address: str | None) -> tuple[socket.socket, tuple[str, int]]
     bind it to (with port 0: the caller's server puts its own)."""
     b = bind_for(address)
     sock = socket.socket(b.family, socket.SOCK_STREAM)
-    if b.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if b.dualstack else 1)
+    try:
+        if b.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if b.dualstack else 1)
+    except OSError:
+        sock.close()
+        raise
     return sock, (b.host, 0)

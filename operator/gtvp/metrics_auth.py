@@ -221,7 +221,7 @@ def plain_http_allowed(address: str) -> bool:
     if address == "localhost":
         return True
     try:
-        return ipaddress.ip_address(address).is_loopback
+        return ipaddress.ip_address(address.removeprefix("[").removesuffix("]")).is_loopback
     except ValueError:
         return False
 

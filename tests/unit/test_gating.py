@@ -399,6 +399,20 @@ def test_a_vmi_not_running_yet_may_not_raise_its_level() -> None:
                    _vmi("3", selector=both, node="a")).allowed  # fmt: skip
 
 
+def test_a_migrating_vmi_may_not_raise_its_level() -> None:
+    """Its target pod is bound already, by the admitted selector: raised while its source
+    qualifies, it landed on a member below the new level (found by a review)."""
+    both = {**trust_selector(1), **trust_selector(3)}
+    on_a = _vmi("1", selector=trust_selector(1), node="a")
+    moving = _vmi("3", selector=both, node="a")
+    moving["status"]["migrationState"] = {"targetNode": "low", "completed": False}
+    refused = _update(on_a, moving)
+    assert not refused.allowed
+    assert "is migrating" in refused.message
+    moving["status"]["migrationState"] = {"targetNode": "b", "completed": True}
+    assert _update(on_a, moving).allowed  # ended: judged where it runs (a qualifies)
+
+
 def test_raising_a_vmis_level_needs_its_node_to_qualify() -> None:
     both = {**trust_selector(1), **trust_selector(3)}  # entries are added, never removed
     on_low = _vmi("1", selector=trust_selector(1), node="low")

@@ -46,10 +46,23 @@ def test_an_address_says_which_family_and_every_address_is_both() -> None:
     assert bind_for("127.0.0.1").family == socket.AF_INET
     assert bind_for("::1").family == socket.AF_INET6
     assert bind_for("[::1]").host == "::1"
-    assert bind_for("localhost").host in {"127.0.0.1", "::1"}
+    assert bind_for("localhost").host == "127.0.0.1"
     if socket.has_dualstack_ipv6():
         assert bind_for("*") == bind_for(None) == bind_for("::")
         assert bind_for("*").dualstack
+
+
+def test_a_name_binds_its_ipv4_address_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod's /etc/hosts lists ::1 for localhost first: `--metrics-address=localhost` with a
+    proxy sidecar talking to 127.0.0.1 must keep binding 127.0.0.1 (found by a review)."""
+    answers = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *_a, **_k: answers)
+    assert bind_for("localhost") == bind_for("127.0.0.1")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *_a, **_k: answers[:1])
+    assert bind_for("ip6-only.example").host == "::1"
 
 
 @needs_ipv6

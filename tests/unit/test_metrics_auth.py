@@ -90,7 +90,7 @@ def test_the_cache_never_holds_the_token_itself() -> None:
 
 
 def test_plain_http_only_on_loopback() -> None:
-    for ok in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+    for ok in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
         assert metrics_auth.plain_http_allowed(ok), ok
     for bad in ("0.0.0.0", "::", "10.0.0.1", "example.com", ""):  # noqa: S104
         assert not metrics_auth.plain_http_allowed(bad), bad

@@ -544,7 +544,17 @@ def _validate_raise(
     )
     if not decided.allowed:
         return decided
-    node = (new.get("status") or {}).get("nodeName")
+    status = new.get("status") or {}
+    moving = status.get("migrationState") or {}
+    if moving and not (moving.get("completed") or moving.get("failed")):
+        # its target pod is bound already, by the admitted selector: the VMI may land on a
+        # member below the new level when the migration ends (found by a review)
+        return Decision(
+            False,
+            f"{title} is migrating, and its target was chosen by its admitted selector: its "
+            f"level can be raised once the migration has ended, on a member of level {level}",
+        )
+    node = status.get("nodeName")
     if not node:
         # not running yet, but its launcher pod may be made (and bound anywhere the old
         # selector allows) already: KubeVirt fixes a pod's selector when it makes it, and
