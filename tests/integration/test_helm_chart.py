@@ -300,8 +300,9 @@ def test_policy_webhook_refuses_early_but_never_blocks_policy_edits(
 
 def test_each_account_is_granted_the_verbs_its_code_calls_and_no_more() -> None:
     """Found by a review of the chart's RBAC: verbs granted that no code calls. Statuses are
-    patched (a box's also replaced), never read through the subresource; events only
-    through the core API; the one namespace read is kube-system (the tokens' issuer)."""
+    patched (a box's also replaced; get on the subresource shows nothing more than get on
+    the object, and kubectl's patch of a subresource reads it first); events only through
+    the core API; the one namespace read is kube-system (the tokens' issuer)."""
     docs = _render()
     operator = _one(docs, "ClusterRole", "gtvp-operator")["rules"]
     agent = _one(docs, "ClusterRole", "gtvp-agent")["rules"]
@@ -316,10 +317,10 @@ def test_each_account_is_granted_the_verbs_its_code_calls_and_no_more() -> None:
         }
 
     ops, ags = grants(operator), grants(agent)
-    assert {v for g, r, v, _ in ags if r == "members/status"} == {"patch"}
+    assert {v for g, r, v, _ in ags if r == "members/status"} == {"get", "patch"}
     for plural in ("members", "securitypolicies", "oscomponents"):
-        assert {v for g, r, v, _ in ops if r == f"{plural}/status"} == {"patch"}
-    assert {v for g, r, v, _ in ops if r == "lazyboxes/status"} == {"patch", "update"}
+        assert {v for g, r, v, _ in ops if r == f"{plural}/status"} == {"get", "patch"}
+    assert {v for g, r, v, _ in ops if r == "lazyboxes/status"} == {"get", "patch", "update"}
     assert not [g for g, r, _, _ in ops if g == "events.k8s.io"]
     assert {(v, names) for g, r, v, names in ops if r == "namespaces"} == {("get", "kube-system")}
 
