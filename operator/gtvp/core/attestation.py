@@ -234,20 +234,32 @@ def _ek_ceiling(
     if all(lv.ek_ca_bundle is None for lv in policy.levels):
         return NO_CEILING
     enrollment = (status.get("agent") or {}).get("enrollment") or {}
-    spki, certificate, chain = b"", None, []
+    spki, certified = b"", None
     try:
-        spki = ek_facts(_b64(enrollment.get("ekPublic"), "enrollment.ekPublic", 2048)).spki
-        cert = enrollment.get("ekCertificate")
-        certificate = _b64(cert, "enrollment.ekCertificate", 16384) if cert else None
-        chain = [
-            _b64(c, "enrollment.ekCertificateChain[]", 16384)
-            for c in enrollment.get("ekCertificateChain") or []
-        ]
+        spki = ek_facts(_ek_area(enrollment)).spki
+        certified = _ek_certificate(enrollment)
     except Exception:  # noqa: BLE001 - agent-written data broke a parser or library
-        spki, certificate = b"", None  # as if uncertified (enrolment refuses it anyway)
+        spki, certified = b"", None  # as if uncertified (enrolment refuses it anyway)
+    certificate, chain = certified or (None, [])
     return ek_ceiling(
         policy.levels, ek_spki=spki, certificate=certificate, presented_chain=chain, now=now
     )
+
+
+def _ek_area(enrollment: Mapping[str, Any]) -> bytes:
+    return _b64(enrollment.get("ekPublic"), "enrollment.ekPublic", 2048)
+
+
+def _ek_certificate(enrollment: Mapping[str, Any]) -> tuple[bytes, list[bytes]] | None:
+    """The EK certificate and the chain the agent presents with it (None: no certificate)."""
+    cert = enrollment.get("ekCertificate")
+    if not cert:
+        return None
+    chain = [
+        _b64(c, "enrollment.ekCertificateChain[]", 16384)
+        for c in enrollment.get("ekCertificateChain") or []
+    ]
+    return _b64(cert, "enrollment.ekCertificate", 16384), chain
 
 
 def _check_enrolment(
@@ -259,7 +271,7 @@ def _check_enrolment(
     *,
     ek_holders: Mapping[str, str] | None = None,
 ) -> _Keys:
-    ek_area = _b64(enrollment.get("ekPublic"), "enrollment.ekPublic", 2048)
+    ek_area = _ek_area(enrollment)
     ek = ek_facts(ek_area)
     fp = ek.fingerprint
     # one lookup: never `ek_holders or {}`, whose truth test takes len() of a view of the
@@ -284,15 +296,12 @@ def _check_enrolment(
             f"requireApproval), and this member's EK (SHA-256 {fp}) is not: check it against "
             "your inventory of the hosts' TPMs, then set Member.spec.approval.ekSHA256"
         )
-    cert = enrollment.get("ekCertificate")
-    if cert:
-        chain = [
-            _b64(c, "enrollment.ekCertificateChain[]", 16384)
-            for c in enrollment.get("ekCertificateChain") or []
-        ]
+    certified = _ek_certificate(enrollment)
+    if certified is not None:
+        certificate, chain = certified
         check_ek_certificate(
             ek_spki=ek.spki,
-            certificate=_b64(cert, "enrollment.ekCertificate", 16384),
+            certificate=certificate,
             presented_chain=chain,
             ca_bundle_pem=policy.ca_bundle_pem,
             now=now,
